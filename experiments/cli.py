@@ -1,0 +1,275 @@
+"""`coxmoe` command line: a thin layer over the library. Bad input is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from sim.errors import SimInputError
+from traces.errors import TraceError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Raised by the parser instead of printing usage; main() prints one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# ---- presets / policies ---------------------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sim.specs import preset_names, show_preset
+
+    if args.show:
+        sys.stdout.write(show_preset(args.show))
+        return 0
+    kinds = ("models", "systems", "gpus", "cpus", "links")
+    if args.json:
+        _emit_json({kind: preset_names(kind) for kind in kinds})
+        return 0
+    for kind in kinds:
+        print(f"{kind}: {', '.join(preset_names(kind))}")
+    print("\n`coxmoe presets --show NAME` prints one as YAML that --model-file / --system-file read back.")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sim.policies import POLICIES
+
+    for name, cls in sorted(POLICIES.items()):
+        print(f"{name}: {cls.summary}")
+        for f in dataclasses.fields(cls.Options):
+            print(f"    {f.name} = {f.default!r}")
+        doc = (cls.Options.__doc__ or "").split("\n")
+        print("    " + " ".join(line.strip() for line in doc if line.strip()))
+    return 0
+
+
+# ---- simulate -------------------------------------------------------------------------------------------------
+def _print_summary(d: dict[str, Any]) -> None:
+    gib = 2**30
+    print(f"{d['model']} on {d['system']} under {d['policy']} ({d['routing']}, seed {d['seed']})")
+    print(f"  knobs: {', '.join(f'{k}={v}' for k, v in d['knobs'].items())}")
+    w = d["workload"]
+    print(f"  batch {w['batch']}, prompt {w['prompt_len_mean']:.0f}, generate {w['gen_len_mean']:.0f} tokens")
+    print(f"  throughput {d['throughput_tok_s']:.1f} generated tok/s; prefill {d['prefill_s']:.3f} s, "
+          f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
+    busy = ", ".join(f"{k} {v:.0%}" for k, v in d["busy_fraction"].items())
+    print(f"  busy: {busy}")
+    print(f"  peak memory: GPU {d['peak_gpu_bytes'] / gib:.2f} GiB, CPU {d['peak_cpu_bytes'] / gib:.2f} GiB")
+    print(f"  {d['num_ops']} ops, {d['events']} events, {d['wall_s']:.2f} s wall")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sim.api import simulate
+    from sim.policies import parse_kv_pairs
+    from sim.timeline import chrome_trace_events, write_chrome_trace
+
+    keep = bool(args.timeline or args.plot)
+    result = simulate(
+        args.model_file or args.model, args.system_file or args.system, args.policy,
+        batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+        policy_options=parse_kv_pairs(args.policy_opt), trace=args.trace, routing=args.routing,
+        reuse_prob=args.reuse_prob, seed=args.seed, keep_plan=keep,
+    )
+    d = result.to_dict()
+    if args.timeline:
+        meta = {k: d[k] for k in ("model", "system", "policy", "knobs", "routing", "seed")}
+        write_chrome_trace(args.timeline, chrome_trace_events(result.plan.ops, result.record.start_ns,
+                                                              result.record.end_ns), meta)
+    if args.plot:
+        from experiments.plots import plot_simulation
+
+        plot_simulation(result, args.plot)
+    if args.json:
+        _emit_json(d)
+    else:
+        _print_summary(d)
+        if args.timeline:
+            print(f"  timeline: {args.timeline} (open in https://ui.perfetto.dev)")
+        if args.plot:
+            print(f"  plot: {args.plot}")
+    return 0
+
+
+# ---- trace ----------------------------------------------------------------------------------------------------
+def cmd_trace_gen(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from traces import SynthConfig, generate_trace, request_lengths, save_trace
+
+    if args.model:
+        from sim.api import resolve_model
+
+        m = resolve_model(args.model)
+        name, layers, experts, top_k = m.name, m.num_moe_layers, m.num_experts, m.top_k
+    else:
+        if not (args.layers and args.experts and args.top_k):
+            raise SimInputError("give --model, or all of --layers, --experts and --top-k")
+        name, layers, experts, top_k = "custom", args.layers, args.experts, args.top_k
+    rng = np.random.default_rng([args.seed, 0x1E25])
+    prompt = request_lengths(args.prompt_len, args.requests, rng, "--prompt-len")
+    gen = request_lengths(args.gen_len, args.requests, rng, "--gen-len")
+    cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed)
+    trace = generate_trace(cfg, prompt, gen, progress=True)
+    save_trace(trace, args.output, compress=args.compress)
+    print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, "
+          f"{layers} MoE layers x {experts} experts, top-{top_k}, routing {args.routing}")
+    return 0
+
+
+def cmd_trace_stats(args: argparse.Namespace) -> int:
+    from traces import format_stats, load_trace, trace_stats
+
+    stats = trace_stats(load_trace(args.file), lru_max_tokens=args.lru_tokens)
+    if args.json:
+        _emit_json(stats.to_dict())
+    else:
+        print(format_stats(stats))
+    return 0
+
+
+def cmd_trace_validate(args: argparse.Namespace) -> int:
+    from traces import load_trace
+
+    t = load_trace(args.file)
+    h = t.header
+    print(f"ok: {args.file}: trace v1, model {h.model}, {t.num_requests} requests, {t.num_tokens} routed tokens, "
+          f"{h.num_layers} MoE layers x {h.num_experts} experts, top-{h.top_k}, source {h.source}")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------------------
+def _add_model_system(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model preset (see `coxmoe presets`)")
+    g.add_argument("--model-file", help="model spec YAML/JSON, or a Hugging Face config.json")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--system", help="system preset (see `coxmoe presets`)")
+    g.add_argument("--system-file", help="system spec YAML/JSON (e.g. edited `presets --show` output)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="coxmoe", description="Simulate CPU-GPU MoE inference policies (CoX-MoE and baselines).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("presets", help="list model and hardware presets, or show one as YAML")
+    p.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
+    p.add_argument("--json", action="store_true", help="print the lists as JSON")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("policies", help="list policies and their options")
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("simulate", help="simulate one model, system, policy and workload")
+    _add_model_system(p)
+    p.add_argument("--policy", default="stream-experts", help="policy name (see `coxmoe policies`)")
+    p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE", help="policy option; repeatable")
+    p.add_argument("--batch", type=_positive_int, help="requests in the batch (default: all of --trace)")
+    p.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per request")
+    p.add_argument("--gen-len", type=_positive_int, help="generated tokens per request")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--trace", help="routing trace file (.npz, format v1); lengths come from it")
+    g.add_argument("--routing", default="uniform", help="synthetic routing: uniform, zipf:ALPHA or table:NAME")
+    p.add_argument("--reuse-prob", type=_probability, default=0.0,
+                   help="synthetic routing: probability a token reuses the previous token's experts")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the synthetic routing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG: busy time per resource and one decode step")
+    p.set_defaults(func=cmd_simulate)
+
+    t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
+    tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
+    p = tsub.add_parser("gen", help="write a synthetic routing trace")
+    p.add_argument("--model", help="model preset or file (sets layers, experts and top-k)")
+    p.add_argument("--layers", type=_positive_int, help="MoE layers (without --model)")
+    p.add_argument("--experts", type=_positive_int, help="experts per layer (without --model)")
+    p.add_argument("--top-k", type=_positive_int, help="experts per token (without --model)")
+    p.add_argument("--requests", type=_positive_int, required=True, help="number of requests")
+    p.add_argument("--prompt-len", required=True, help="N, fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX]")
+    p.add_argument("--gen-len", required=True, help="same forms as --prompt-len")
+    p.add_argument("--routing", default="uniform", help="uniform, zipf:ALPHA or table:NAME")
+    p.add_argument("--reuse-prob", type=_probability, default=0.0, help="probability of reusing the last experts")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--compress", action="store_true", help="deflate the arrays (smaller, slower to write)")
+    p.add_argument("-o", "--output", required=True, help="output .npz file")
+    p.set_defaults(func=cmd_trace_gen)
+    p = tsub.add_parser("stats", help="popularity, entropy, reuse and LRU hit rates of a trace")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--lru-tokens", type=_positive_int, default=200_000,
+                   help="routed tokens replayed for the LRU hit rates (whole requests, from the first)")
+    p.set_defaults(func=cmd_trace_stats)
+    p = tsub.add_parser("validate", help="check a trace file and print its header")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_trace_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except (SimInputError, TraceError) as exc:
+        print(f"coxmoe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"coxmoe: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("coxmoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Figures drawn from simulator output (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sim.api import SimulationResult  # noqa: E402
+from sim.plan import STREAMS, OpKind, Phase  # noqa: E402
+from sim.timeline import TRACK_NAMES  # noqa: E402
+
+KIND_COLORS = {
+    OpKind.EMBED: "#bbbbbb", OpKind.QKV: "#4e79a7", OpKind.ATTENTION: "#f28e2b", OpKind.O_PROJ: "#76b7b2",
+    OpKind.ROUTER: "#59a14f", OpKind.EXPERT: "#e15759", OpKind.SHARED_EXPERT: "#ff9da7",
+    OpKind.DENSE_FFN: "#9c755f", OpKind.LM_HEAD: "#bab0ac", OpKind.COPY: "#b07aa1",
+}
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    """Save through a temporary file so an error never leaves a half-written image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
+
+
+def plot_simulation(result: SimulationResult, path: str | Path) -> None:
+    """Left: busy seconds per resource by op kind. Right: a Gantt chart of the middle decode step."""
+    plan, rec = result.plan, result.record
+    assert plan is not None and rec is not None, "simulate(..., keep_plan=True) keeps what this plot needs"
+    dur = (rec.end_ns - rec.start_ns) / 1e9
+    all_kinds = list(OpKind)
+    kind_idx = np.fromiter((all_kinds.index(op.kind) for op in plan.ops), dtype=np.int64, count=len(plan.ops))
+    stream_idx = np.fromiter((STREAMS.index(op.stream) for op in plan.ops), dtype=np.int64, count=len(plan.ops))
+    busy = np.bincount(kind_idx * len(STREAMS) + stream_idx, weights=dur,
+                       minlength=len(all_kinds) * len(STREAMS)).reshape(len(all_kinds), len(STREAMS))
+    fig, (ax_busy, ax_gantt) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+    labels = [TRACK_NAMES[str(s)] for s in STREAMS]
+    left = np.zeros(len(STREAMS))
+    for ki, kind in enumerate(all_kinds):
+        widths = busy[ki]
+        if widths.any():
+            ax_busy.barh(labels, widths, left=left, color=KIND_COLORS[kind], label=str(kind))
+            left += widths
+    ax_busy.axvline(result.total_s, color="k", lw=0.8, ls="--")
+    ax_busy.set_xlabel("busy time (s); dashed: end to end")
+    ax_busy.invert_yaxis()
+    ax_busy.legend(fontsize=7, loc="lower right")
+    ax_busy.set_title(f"{result.throughput_tok_s:.1f} tok/s, total {result.total_s:.2f} s", fontsize=10)
+
+    steps = sorted({op.step for op in plan.ops if op.phase is Phase.DECODE})
+    phase, step = (Phase.DECODE, steps[len(steps) // 2]) if steps else (Phase.PREFILL, 0)
+    chosen = [op for op in plan.ops if op.phase is phase and op.step == step]
+    t0 = min(rec.start_ns[op.id] for op in chosen)
+    for op in chosen:
+        y = STREAMS.index(op.stream)
+        s = (rec.start_ns[op.id] - t0) / 1e6
+        w = max((rec.end_ns[op.id] - rec.start_ns[op.id]) / 1e6, 1e-6)
+        ax_gantt.barh(y, w, left=s, color=KIND_COLORS[op.kind], edgecolor="none", height=0.7)
+    ax_gantt.set_yticks(range(len(STREAMS)), labels)
+    ax_gantt.invert_yaxis()
+    ax_gantt.set_xlabel("time within the step (ms)")
+    ax_gantt.set_title(f"{phase} step {step}: {result.model} on {result.system}, {result.policy}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)

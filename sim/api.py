@@ -1,0 +1,146 @@
+"""The Python API under the CLI: resolve inputs, build a plan with a policy, simulate it, report metrics.
+
+    from sim.api import simulate
+    result = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", batch=64, prompt_len=128, gen_len=32)
+    result.throughput_tok_s, result.to_dict()
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.cost import CostModel, RooflineCostModel
+from sim.engine import EngineRecord, run_plan
+from sim.errors import SimInputError
+from sim.plan import STREAMS, Phase, Plan
+from sim.policies import PlanContext, make_policy
+from sim.specs import ModelSpec, SystemSpec, load_model, load_system
+from sim.workload import Workload
+from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
+
+
+@dataclass
+class SimulationResult:
+    """Metrics of one simulated run; `to_dict` is the `coxmoe simulate --json` object."""
+
+    model: str
+    system: str
+    policy: str
+    knobs: dict[str, Any]
+    workload: dict[str, Any]
+    routing: str
+    seed: int
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    generated_tokens: int
+    peak_gpu_bytes: int
+    peak_cpu_bytes: int
+    busy_fraction: dict[str, float]
+    busy_s: dict[str, float]
+    static_memory: dict[str, dict[str, int]]
+    num_ops: int
+    events: int
+    wall_s: float
+    plan: Plan | None = field(default=None, repr=False)
+    record: EngineRecord | None = field(default=None, repr=False)
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "system": self.system, "policy": self.policy, "knobs": self.knobs,
+            "workload": self.workload, "routing": self.routing, "seed": self.seed,
+            "throughput_tok_s": self.throughput_tok_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+            "total_s": self.total_s, "generated_tokens": self.generated_tokens,
+            "peak_gpu_bytes": self.peak_gpu_bytes, "peak_cpu_bytes": self.peak_cpu_bytes,
+            "busy_fraction": self.busy_fraction, "busy_s": self.busy_s, "static_memory": self.static_memory,
+            "num_ops": self.num_ops, "events": self.events, "wall_s": self.wall_s,
+        }
+
+
+def resolve_model(model: str | ModelSpec) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else load_model(model)
+
+
+def resolve_system(system: str | SystemSpec) -> SystemSpec:
+    return system if isinstance(system, SystemSpec) else load_system(system)
+
+
+def check_trace_matches(trace: RoutingTrace, model: ModelSpec) -> None:
+    h = trace.header
+    want = (model.num_moe_layers, model.num_experts, model.top_k)
+    if (h.num_layers, h.num_experts, h.top_k) != want:
+        raise SimInputError(
+            f"trace is for {h.num_layers} MoE layers x {h.num_experts} experts, top-{h.top_k}; model {model.name} "
+            f"has {want[0]} MoE layers x {want[1]} experts, top-{want[2]}")
+
+
+def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None, gen_len: int | None,
+                    trace: str | Path | RoutingTrace | None, routing: str, seed: int,
+                    reuse_prob: float = 0.0) -> tuple[Workload, RoutingTrace, str]:
+    """The workload and its routing: from a trace (lengths from the trace), or synthesised for the lengths."""
+    if trace is not None:
+        tr = trace if isinstance(trace, RoutingTrace) else load_trace(trace)
+        check_trace_matches(tr, model)
+        n = tr.num_requests if batch is None else batch
+        if not 1 <= n <= tr.num_requests:
+            raise SimInputError(f"batch {n} needs that many requests; the trace has {tr.num_requests}")
+        wl = Workload(tr.prompt_lens[:n].astype(np.int64), tr.gen_lens[:n].astype(np.int64))
+        for name, given, have in (("prompt length", prompt_len, wl.prompt_lens), ("generation length", gen_len,
+                                                                                 wl.gen_lens)):
+            if given is not None and not (have == given).all():
+                raise SimInputError(f"--{name.replace(' ', '-').replace('generation', 'gen')} {given} conflicts "
+                                    f"with the trace's {name}s (omit it to use the trace's)")
+        return wl, tr, f"trace:{tr.header.source}"
+    if batch is None or prompt_len is None or gen_len is None:
+        raise SimInputError("give batch, prompt length and generation length (or a trace)")
+    wl = Workload.uniform(batch, prompt_len, gen_len)
+    cfg = SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k, routing, reuse_prob, seed)
+    return wl, generate_trace(cfg, wl.prompt_lens, wl.gen_lens), routing
+
+
+def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineRecord, dict[str, Any]]:
+    """Run a built plan; returns the engine record and the phase timing and busy metrics."""
+    cost = cost or RooflineCostModel(plan.system)
+    record = run_plan(plan, cost)
+    total_ns = record.makespan_ns
+    phases = np.fromiter((op.phase is Phase.PREFILL for op in plan.ops), dtype=bool, count=len(plan.ops))
+    prefill_ns = int(record.end_ns[phases].max()) if phases.any() else 0
+    total_s = total_ns / 1e9
+    busy_s = {k: v / 1e9 for k, v in record.busy_ns.items()}
+    metrics = {
+        "prefill_s": prefill_ns / 1e9, "decode_s": (total_ns - prefill_ns) / 1e9, "total_s": total_s,
+        "busy_s": busy_s,
+        "busy_fraction": {str(s): (busy_s[str(s)] / total_s if total_s else 0.0) for s in STREAMS},
+    }
+    return record, metrics
+
+
+def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "stream-experts", *,
+             batch: int | None = None, prompt_len: int | None = None, gen_len: int | None = None,
+             policy_options: dict[str, str] | None = None, trace: str | Path | RoutingTrace | None = None,
+             routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0,
+             cost: CostModel | None = None, keep_plan: bool = False) -> SimulationResult:
+    """Simulate one (model, system, policy, workload) point and return its metrics."""
+    t0 = time.perf_counter()
+    m, s = resolve_model(model), resolve_system(system)
+    pol = make_policy(policy, policy_options)
+    wl, tr, routing_name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
+    plan = pol.build(PlanContext(m, s, wl, tr))
+    record, metrics = simulate_plan(plan, cost)
+    return SimulationResult(
+        model=m.name, system=s.name, policy=pol.name, knobs=plan.knobs, workload=wl.to_dict(),
+        routing=routing_name, seed=seed, generated_tokens=wl.generated_tokens,
+        peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
+        static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events,
+        wall_s=time.perf_counter() - t0, plan=plan if keep_plan else None, record=record if keep_plan else None,
+        **metrics,
+    )

@@ -1,0 +1,132 @@
+"""The plan: engine-neutral list of ops that a policy produces and both engines (SimPy, torch) run.
+
+Semantics, shared by the simulator and the executor:
+- Ops run on a *stream*: `gpu` (compute), `cpu` (compute), `h2d` and `d2h` (the two PCIe copy directions).
+- Ops on one stream run one at a time in plan order (like a CUDA stream or a CPU worker thread).
+- An op starts when its stream is free and every op in `deps` has finished; `deps` only name earlier ops.
+- `alloc` bytes are taken from a memory pool (`gpu` or `cpu`) when an op starts; `free` bytes are returned
+  when it ends. Memory that lives for the whole run is in `Plan.static_memory`.
+See docs/architecture.md for the field-by-field description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim.specs import ModelSpec, SystemSpec
+from sim.workload import Workload
+
+
+class Stream(StrEnum):
+    GPU = "gpu"
+    CPU = "cpu"
+    H2D = "h2d"
+    D2H = "d2h"
+
+
+STREAMS: tuple[Stream, ...] = (Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H)
+
+
+class OpKind(StrEnum):
+    EMBED = "embed"
+    QKV = "qkv"                  # OP0: norm + QKV projection
+    ATTENTION = "attention"      # OP1: attention over the KV cache (appends this step's K/V)
+    O_PROJ = "o_proj"            # OP2: output projection + residual
+    ROUTER = "router"            # norm + gate logits + top-k
+    EXPERT = "expert"            # OP3: one routed expert's gated FFN over its tokens
+    SHARED_EXPERT = "shared_expert"
+    DENSE_FFN = "dense_ffn"      # FFN of a leading dense layer
+    LM_HEAD = "lm_head"
+    COPY = "copy"                # h2d / d2h transfer
+
+
+class Payload(StrEnum):
+    NONE = ""
+    EXPERT_WEIGHTS = "expert_weights"
+    KV = "kv"
+    ACTIVATIONS = "activations"
+
+
+class Phase(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(slots=True)
+class Op:
+    """One unit of work. `tokens` is the batch the op processes; `bytes` is memory traffic (compute ops)
+    or bytes moved (copies); `kv_tokens` is the KV entries attention reads."""
+
+    id: int
+    kind: OpKind
+    stream: Stream
+    phase: Phase
+    step: int
+    layer: int
+    micro_batch: int
+    tokens: int
+    flops: int
+    bytes: int
+    deps: tuple[int, ...] = ()
+    expert: int = -1
+    payload: Payload = Payload.NONE
+    kv_tokens: int = 0
+    alloc: tuple[tuple[str, int], ...] = ()
+    free: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class Plan:
+    """A policy's decisions, made concrete: ops in program order plus static memory and micro-batches."""
+
+    policy: str
+    knobs: dict[str, Any]
+    model: ModelSpec
+    system: SystemSpec
+    workload: Workload
+    ops: list[Op]
+    static_memory: dict[str, dict[str, int]]
+    micro_batches: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def static_bytes(self, pool: str) -> int:
+        return int(sum(self.static_memory.get(pool, {}).values()))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per op (deps as tuples), for inspection, plotting and Parquet export."""
+        cols = ["id", "kind", "stream", "phase", "step", "layer", "micro_batch", "tokens", "expert",
+                "flops", "bytes", "kv_tokens", "payload", "deps"]
+        data = {c: [getattr(op, c) for op in self.ops] for c in cols}
+        for c in ("kind", "stream", "phase", "payload"):
+            data[c] = [str(v) for v in data[c]]
+        return pd.DataFrame(data, columns=cols)
+
+    def validate(self) -> None:
+        """Ids are positions, deps point backwards: together with in-order streams this rules out deadlock."""
+        for i, op in enumerate(self.ops):
+            if op.id != i:
+                raise ValueError(f"plan op at position {i} has id {op.id}")
+            for d in op.deps:
+                if not 0 <= d < i:
+                    raise ValueError(f"plan op {i} depends on op {d}, which is not an earlier op")
+
+
+class PlanBuilder:
+    """Appends ops with ids in program order; policies call `add` and keep the returned ids as handles."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def add(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, *, tokens: int = 0,
+            flops: int = 0, nbytes: int = 0, deps: tuple[int, ...] | list[int] = (), micro_batch: int = -1,
+            expert: int = -1, payload: Payload = Payload.NONE, kv_tokens: int = 0,
+            alloc: tuple[tuple[str, int], ...] = (), free: tuple[tuple[str, int], ...] = ()) -> int:
+        op_id = len(self.ops)
+        clean = tuple(d for d in deps if d >= 0)
+        self.ops.append(Op(op_id, kind, stream, phase, step, layer, micro_batch, int(tokens), int(flops),
+                           int(nbytes), clean, expert, payload, int(kv_tokens), alloc, free))
+        return op_id

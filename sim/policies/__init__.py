@@ -1,0 +1,18 @@
+"""Policies turn (model, system, workload, routing) into a plan. `POLICIES` maps CLI names to classes."""
+
+from sim.errors import SimInputError
+from sim.policies.base import PlanContext, Policy, parse_kv_pairs, parse_options
+from sim.policies.gpu_only import GpuOnlyPolicy
+from sim.policies.stream_experts import StreamExpertsPolicy
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (GpuOnlyPolicy, StreamExpertsPolicy)}
+
+
+def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:
+    """A policy by name with options from KEY=VALUE strings; unknown names are one-line errors."""
+    if name not in POLICIES:
+        raise SimInputError(f"unknown policy {name!r}; choose from {', '.join(sorted(POLICIES))}")
+    return POLICIES[name].from_strings(options or {})
+
+
+__all__ = ["POLICIES", "PlanContext", "Policy", "make_policy", "parse_kv_pairs", "parse_options"]

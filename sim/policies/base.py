@@ -1,0 +1,89 @@
+"""What every policy shares: its inputs (`PlanContext`), typed options from `KEY=VALUE`, and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from sim.cost import OpWork
+from sim.errors import SimInputError
+from sim.plan import Plan
+from sim.specs import ModelSpec, SystemSpec
+from sim.workload import Workload
+from traces import RoutingTrace
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Inputs of a policy: what to run (model, workload, routing) and where (system)."""
+
+    model: ModelSpec
+    system: SystemSpec
+    workload: Workload
+    trace: RoutingTrace
+
+    @property
+    def work(self) -> OpWork:
+        return OpWork(self.model)
+
+
+class Policy:
+    """A plan generator. Subclasses set `name`, `Options` (a dataclass of knobs) and implement `build`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = object
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str]) -> Policy:
+        return cls(parse_options(cls.Options, raw, cls.name))
+
+    def build(self, ctx: PlanContext) -> Plan:
+        raise NotImplementedError
+
+    def knobs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+
+def _convert(value: str, type_name: str, key: str, policy: str) -> Any:
+    try:
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "bool":
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+    except ValueError:
+        raise SimInputError(f"policy {policy}: option {key}={value!r} is not a valid {type_name}") from None
+    return value
+
+
+def parse_options(options_cls: type, raw: dict[str, str], policy: str) -> Any:
+    """Build an options dataclass from strings; unknown keys and bad values are one-line errors."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise SimInputError(f"policy {policy}: unknown option(s) {', '.join(unknown)}; options: {known}")
+    values = {k: _convert(v, str(fields[k].type), k, policy) for k, v in raw.items()}
+    return options_cls(**values)
+
+
+def parse_kv_pairs(pairs: list[str] | None) -> dict[str, str]:
+    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}; a pair without '=' is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SimInputError(f"policy option {pair!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,156 @@
+"""Building blocks that emit the ops of a transformer layer; policies decide placement and order.
+
+A layer is split the CoX-MoE way: `attention_front` emits OP0 (QKV) and OP1 (attention, on the GPU or the CPU,
+with the copies that crossing devices needs); `attention_back_and_ffn` emits OP2 (O projection) and the FFN:
+router plus one op per routed expert that received tokens (OP3), the shared expert, or a dense FFN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from sim.cost import OpWork, Work
+from sim.plan import OpKind, Payload, Phase, PlanBuilder, Stream
+from sim.policies.base import PlanContext
+
+GPU, CPU, H2D, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H
+
+
+def split_by_tokens(requests: np.ndarray, lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Consecutive groups of whole requests with at most `token_budget` tokens (at least one request each)."""
+    groups: list[np.ndarray] = []
+    current: list[int] = []
+    total = 0
+    for r in requests.tolist():
+        n = int(lengths[r])
+        if current and total + n > token_budget:
+            groups.append(np.asarray(current, dtype=np.int64))
+            current, total = [], 0
+        current.append(r)
+        total += n
+    if current:
+        groups.append(np.asarray(current, dtype=np.int64))
+    return groups
+
+
+def split_by_count(requests: np.ndarray, size: int) -> list[np.ndarray]:
+    """Groups of `size` requests (the last may be smaller); size <= 0 means one group."""
+    if size <= 0 or size >= requests.size:
+        return [requests]
+    return [requests[i:i + size] for i in range(0, requests.size, size)]
+
+
+def activation_workspace_bytes(ctx: PlanContext, tokens: int) -> int:
+    """GPU buffers for one micro-batch in flight: hidden states, QKV/attention outputs, expert intermediates."""
+    m = ctx.model
+    per_token = 4 * m.hidden_size + m.qkv_out_width + m.attn_out_width
+    per_token += 2 * m.top_k * m.expert_intermediate_size + 2 * max(m.shared_expert_intermediate_size,
+                                                                    m.dense_intermediate_size)
+    return tokens * per_token * m.bytes_per_param + tokens * m.vocab_size * 4
+
+
+class LayerEmitter:
+    """Emits ops into a PlanBuilder for one model and routing trace."""
+
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder):
+        self.ctx = ctx
+        self.m = ctx.model
+        self.w: OpWork = ctx.work
+        self.b = builder
+
+    def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
+            work: Work, deps: tuple[int, ...], **extra) -> int:
+        return self.b.add(kind, stream, phase, step, layer, tokens=tokens, flops=work.flops, nbytes=work.bytes,
+                          deps=deps, micro_batch=mb, **extra)
+
+    def copy(self, stream: Stream, phase: Phase, step: int, layer: int, mb: int, nbytes: int, payload: Payload,
+             deps: tuple[int, ...], tokens: int = 0) -> int:
+        return self.b.add(OpKind.COPY, stream, phase, step, layer, tokens=tokens, nbytes=nbytes, deps=deps,
+                          micro_batch=mb, payload=payload)
+
+    def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: int = -1) -> int:
+        return self._op(OpKind.EMBED, GPU, phase, step, -1, mb, tokens, self.w.embed(tokens), (dep,))
+
+    def lm_head(self, phase: Phase, step: int, mb: int, tokens: int, dep: int) -> int:
+        return self._op(OpKind.LM_HEAD, GPU, phase, step, self.m.num_layers, mb, tokens, self.w.lm_head(tokens),
+                        (dep,))
+
+    def attention_front(self, phase: Phase, step: int, layer: int, mb: int, tokens: int, kv_attended: int,
+                        kv_read: int, attention_on: Stream, kv_on_cpu: bool, dep: int) -> int:
+        """OP0 on the GPU, then OP1; returns the op after which the attention output is on the GPU."""
+        qkv = self._op(OpKind.QKV, GPU, phase, step, layer, mb, tokens, self.w.qkv(tokens), (dep,))
+        attn_work = self.w.attention(tokens, kv_attended, kv_read)
+        if attention_on is CPU:
+            down = self.copy(D2H, phase, step, layer, mb, self.w.qkv_out_bytes(tokens), Payload.ACTIVATIONS,
+                             (qkv,), tokens)
+            attn = self._op(OpKind.ATTENTION, CPU, phase, step, layer, mb, tokens, attn_work, (down,),
+                            kv_tokens=kv_read)
+            return self.copy(H2D, phase, step, layer, mb, self.w.attn_out_bytes(tokens), Payload.ACTIVATIONS,
+                             (attn,), tokens)
+        attn = self._op(OpKind.ATTENTION, GPU, phase, step, layer, mb, tokens, attn_work, (qkv,),
+                        kv_tokens=kv_read)
+        if kv_on_cpu:
+            # The cache lives in host memory: store this micro-batch's new K/V there (it does not block OP2).
+            self.copy(D2H, phase, step, layer, mb, self.w.kv_bytes(tokens), Payload.KV, (attn,), tokens)
+        return attn
+
+    def attention_back_and_ffn(self, phase: Phase, step: int, layer: int, mb: int, tokens: int,
+                               counts: np.ndarray | None, front: int,
+                               expert_deps: Callable[[int], int] | None = None) -> int:
+        """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert. Returns the last op."""
+        o = self._op(OpKind.O_PROJ, GPU, phase, step, layer, mb, tokens, self.w.o_proj(tokens), (front,))
+        if not self.m.is_moe_layer(layer):
+            return self._op(OpKind.DENSE_FFN, GPU, phase, step, layer, mb, tokens, self.w.dense_ffn(tokens), (o,))
+        last = self._op(OpKind.ROUTER, GPU, phase, step, layer, mb, tokens, self.w.router(tokens), (o,))
+        router = last
+        if self.m.shared_expert_intermediate_size:
+            last = self._op(OpKind.SHARED_EXPERT, GPU, phase, step, layer, mb, tokens,
+                            self.w.shared_expert(tokens), (router,))
+        assert counts is not None
+        for e in np.flatnonzero(counts).tolist():
+            t = int(counts[e])
+            ready = expert_deps(e) if expert_deps else -1
+            last = self._op(OpKind.EXPERT, GPU, phase, step, layer, mb, t, self.w.expert(t), (router, ready),
+                            expert=e)
+        return last
+
+
+class BatchSlice:
+    """The requests one micro-batch runs at one step, with its attention sizes and expert loads."""
+
+    __slots__ = ("phase", "step", "mb", "requests", "tokens", "kv_attended", "kv_read", "counts")
+
+    def __init__(self, phase: Phase, step: int, mb: int, requests: np.ndarray, tokens: int, kv_attended: int,
+                 kv_read: int, counts: np.ndarray):
+        self.phase, self.step, self.mb, self.requests = phase, step, mb, requests
+        self.tokens, self.kv_attended, self.kv_read, self.counts = tokens, kv_attended, kv_read, counts
+
+    def layer_counts(self, ctx: PlanContext, layer: int) -> np.ndarray | None:
+        return self.counts[ctx.model.moe_index(layer)] if ctx.model.is_moe_layer(layer) else None
+
+
+def prefill_slices(ctx: PlanContext, groups: list[np.ndarray]) -> list[BatchSlice]:
+    """Prefill of each group of requests: every prompt token, causal attention within its own prompt."""
+    out = []
+    for mb, reqs in enumerate(groups):
+        s = ctx.workload.prompt_lens[reqs].astype(np.int64)
+        counts = ctx.trace.expert_counts(ctx.trace.prefill_rows(reqs))
+        out.append(BatchSlice(Phase.PREFILL, 0, mb, reqs, int(s.sum()), int((s * (s + 1) // 2).sum()),
+                              int(s.sum()), counts))
+    return out
+
+
+def decode_slices(ctx: PlanContext, step: int, groups: list[np.ndarray]) -> list[BatchSlice]:
+    """Decode step `step` (1-based) of each group: one token per request still generating."""
+    out = []
+    wl = ctx.workload
+    for mb, reqs in enumerate(groups):
+        active = reqs[wl.gen_lens[reqs] > step]
+        if active.size == 0:
+            continue
+        kv = int((wl.prompt_lens[active].astype(np.int64) + step).sum())
+        counts = ctx.trace.expert_counts(ctx.trace.decode_rows(step, active))
+        out.append(BatchSlice(Phase.DECODE, step, mb, active, int(active.size), kv, kv, counts))
+    return out

@@ -1,0 +1,123 @@
+"""`stream-experts`: the plain offloading baseline. Non-expert weights stay in VRAM; every MoE layer's experts
+live in host DRAM and are copied over PCIe into a two-layer double buffer before the GPU runs them.
+
+Layers run layer-major over the micro-batches (FlexGen's zig-zag), so each layer's experts cross PCIe once per
+step. The KV cache stays in VRAM when it fits (`attention=gpu`); otherwise (`attention=cpu`) it lives in DRAM,
+decode attention runs on the CPU and prefill stores each micro-batch's K/V over PCIe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.errors import CapacityError, SimInputError
+from sim.plan import Payload, Phase, Plan, PlanBuilder
+from sim.policies.base import PlanContext, Policy
+from sim.policies.layers import (
+    CPU,
+    GPU,
+    H2D,
+    BatchSlice,
+    LayerEmitter,
+    activation_workspace_bytes,
+    decode_slices,
+    prefill_slices,
+    split_by_count,
+    split_by_tokens,
+)
+
+
+@dataclass(frozen=True)
+class StreamExpertsOptions:
+    """attention: auto | gpu | cpu (decode attention and KV placement; auto = gpu when the KV cache fits);
+    fetch: all | routed (copy every expert of a layer, or only those the step's tokens chose);
+    prefill_tokens: prompt tokens per prefill micro-batch; decode_micro_batch: requests per decode
+    micro-batch (0 = the whole batch)."""
+
+    attention: str = "auto"
+    fetch: str = "all"
+    prefill_tokens: int = 8192
+    decode_micro_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("auto", "gpu", "cpu"):
+            raise SimInputError(f"policy stream-experts: attention must be auto, gpu or cpu, got {self.attention!r}")
+        if self.fetch not in ("all", "routed"):
+            raise SimInputError(f"policy stream-experts: fetch must be all or routed, got {self.fetch!r}")
+        if self.prefill_tokens < 1:
+            raise SimInputError("policy stream-experts: prefill_tokens must be >= 1")
+        if self.decode_micro_batch < 0:
+            raise SimInputError("policy stream-experts: decode_micro_batch must be >= 0")
+
+
+class StreamExpertsPolicy(Policy):
+    name = "stream-experts"
+    summary = "non-expert weights in VRAM, each layer's experts streamed over PCIe into a double buffer"
+    Options = StreamExpertsOptions
+
+    def build(self, ctx: PlanContext) -> Plan:
+        o: StreamExpertsOptions = self.options
+        m, wl, sysm = ctx.model, ctx.workload, ctx.system
+        requests = np.arange(wl.batch)
+        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens)
+        decode_groups = split_by_count(requests, o.decode_micro_batch)
+        max_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups),
+                         max(g.size for g in decode_groups))
+        layer_expert_bytes = m.num_experts * m.expert_bytes
+        gpu = {
+            "non_expert_weights": m.non_expert_params * m.bytes_per_param,
+            "expert_double_buffer": 2 * layer_expert_bytes,
+            "hidden_states": wl.prompt_tokens * m.hidden_size * m.bytes_per_param,
+            "workspace": activation_workspace_bytes(ctx, max_tokens),
+        }
+        kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
+        attention = o.attention
+        if attention == "auto":
+            attention = "gpu" if sum(gpu.values()) + kv_bytes <= sysm.gpu_usable_bytes else "cpu"
+        cpu = {"expert_weights": m.routed_expert_params * m.bytes_per_param}
+        (gpu if attention == "gpu" else cpu)["kv_cache"] = kv_bytes
+        for pool, parts, cap, dev in (("GPU", gpu, sysm.gpu_usable_bytes, sysm.gpu.name),
+                                      ("DRAM", cpu, sysm.dram_usable_bytes, sysm.name)):
+            if sum(parts.values()) > cap:
+                detail = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts.items())
+                raise CapacityError(f"{pool} ({dev}) for stream-experts", sum(parts.values()), cap, detail)
+        knobs = {**self.knobs(), "attention": attention}
+        builder = PlanBuilder()
+        em = LayerEmitter(ctx, builder)
+        decode_on = CPU if attention == "cpu" else GPU
+        layer_done: dict[int, int] = {}
+        seq = 0  # global index of (step, layer) visits: the double buffer alternates on it
+
+        def run(slices: list[BatchSlice], phase: Phase, step: int, attention_on) -> None:
+            nonlocal seq
+            last = [em.embed(phase, step, s.mb, s.tokens) for s in slices]
+            for layer in range(m.num_layers):
+                fetch = -1
+                if m.is_moe_layer(layer):
+                    li = m.moe_index(layer)
+                    n = m.num_experts
+                    if o.fetch == "routed":
+                        n = int(np.count_nonzero(sum(s.counts[li] for s in slices)))
+                    fetch = em.copy(H2D, phase, step, layer, -1, n * m.expert_bytes, Payload.EXPERT_WEIGHTS,
+                                    (layer_done.get(seq - 2, -1),))
+                fronts = [em.attention_front(phase, step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
+                                             attention_on, attention == "cpu", last[i])
+                          for i, s in enumerate(slices)]
+                for i, s in enumerate(slices):
+                    last[i] = em.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens,
+                                                        s.layer_counts(ctx, layer), fronts[i],
+                                                        expert_deps=lambda e, f=fetch: f)
+                layer_done[seq] = last[-1]
+                seq += 1
+            for i, s in enumerate(slices):
+                em.lm_head(phase, step, s.mb, int(s.requests.size), last[i])
+
+        run(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0, GPU)
+        for step in range(1, wl.max_gen_len):
+            slices = decode_slices(ctx, step, decode_groups)
+            if slices:
+                run(slices, Phase.DECODE, step, decode_on)
+        return Plan(self.name, knobs, m, sysm, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
+                    {"prefill": prefill_groups, "decode": decode_groups})

@@ -1,0 +1,168 @@
+"""Preset catalogs (YAML files beside this module) and custom specs from YAML/JSON files.
+
+`load_model`, `load_system` accept a preset name or a file path. `spec_to_yaml` prints a spec in the exact
+shape the file loaders read back, so `coxmoe presets --show NAME > my.yaml` is an editable starting point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.errors import SimInputError
+from sim.specs.hardware import CPUSpec, GPUSpec, LinkSpec, SystemSpec
+from sim.specs.model import ModelSpec
+
+PRESET_DIR = Path(__file__).with_name("presets")
+CATALOGS = {"models": ModelSpec, "gpus": GPUSpec, "cpus": CPUSpec, "links": LinkSpec, "systems": SystemSpec}
+
+
+@cache
+def _raw_catalog(kind: str) -> dict[str, dict[str, Any]]:
+    with open(PRESET_DIR / f"{kind}.yaml", encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    return {name: entry for name, entry in data.items() if not name.startswith("_")}
+
+
+def preset_names(kind: str) -> list[str]:
+    return sorted(_raw_catalog(kind))
+
+
+def _build(cls: type, name: str, entry: dict[str, Any], where: str) -> Any:
+    if not isinstance(entry, dict):
+        raise SimInputError(f"{where}: expected a mapping of fields, got {type(entry).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise SimInputError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
+    fields = dict(entry)
+    fields["name"] = fields.get("name", name)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise SimInputError(f"{where}: missing field(s) {', '.join(missing)}")
+    for f in dataclasses.fields(cls):
+        if f.name in fields and f.type in ("int", "float", "bool"):
+            fields[f.name] = _coerce(fields[f.name], f.type, f"{where}: {f.name}")
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise SimInputError(f"{where}: {exc}") from None
+
+
+def _coerce(value: Any, type_name: str, where: str) -> Any:
+    """Numbers may arrive as strings ('65e12' is a string to YAML 1.1); convert or fail in one line."""
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        raise SimInputError(f"{where}: expected true or false, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SimInputError(f"{where}: expected a number, got {value!r}") from None
+    if type_name == "int":
+        if number != int(number):
+            raise SimInputError(f"{where}: expected an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+def _preset(kind: str, name: str) -> dict[str, Any]:
+    catalog = _raw_catalog(kind)
+    if name not in catalog:
+        singular = kind.rstrip("s")
+        raise SimInputError(f"unknown {singular} preset {name!r}; choose from {', '.join(sorted(catalog))}")
+    return catalog[name]
+
+
+def _component(kind: str, value: Any, where: str) -> Any:
+    cls = CATALOGS[kind]
+    if isinstance(value, str):
+        return _build(cls, value, _preset(kind, value), f"{kind} preset {value}")
+    if isinstance(value, dict):
+        return _build(cls, value.get("name", "custom"), value, where)
+    raise SimInputError(f"{where}: expected a preset name or a mapping")
+
+
+def build_system(name: str, entry: dict[str, Any], where: str) -> SystemSpec:
+    if not isinstance(entry, dict):
+        raise SimInputError(f"{where}: expected a mapping of fields")
+    fields = dict(entry)
+    for key, kind in (("gpu", "gpus"), ("cpu", "cpus"), ("link", "links")):
+        if key not in fields:
+            raise SimInputError(f"{where}: missing field {key}")
+        fields[key] = _component(kind, fields[key], f"{where}: {key}")
+    return _build(SystemSpec, name, fields, where)
+
+
+def model_preset(name: str) -> ModelSpec:
+    return _build(ModelSpec, name, _preset("models", name), f"model preset {name}")
+
+
+def system_preset(name: str) -> SystemSpec:
+    return build_system(name, _preset("systems", name), f"system preset {name}")
+
+
+def component_preset(kind: str, name: str) -> Any:
+    return _component(kind, name, f"{kind} preset {name}")
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping; errors name the file and the problem in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimInputError(f"spec file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SimInputError(f"cannot parse spec file {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise SimInputError(f"spec file {path}: top level must be a mapping")
+    return data
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A model preset by name, or a model spec / Hugging Face config.json file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+        data = read_spec_file(path)
+        if "architectures" in data or "model_type" in data:
+            from sim.specs.hf_config import model_from_hf_config
+
+            return model_from_hf_config(data, name=path.stem if path.stem != "config" else path.parent.name)
+        return _build(ModelSpec, data.get("name", path.stem), data, f"model file {path}")
+    return model_preset(name_or_path)
+
+
+def load_system(name_or_path: str) -> SystemSpec:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+        data = read_spec_file(path)
+        return build_system(data.get("name", path.stem), data, f"system file {path}")
+    return system_preset(name_or_path)
+
+
+def spec_to_yaml(spec: Any) -> str:
+    """YAML that the file loaders accept back unchanged (nested specs written inline)."""
+    return yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False, width=120)
+
+
+def show_preset(name: str) -> str:
+    """YAML for a preset of any catalog; the name is looked up in models, systems, gpus, cpus, links."""
+    for kind in ("models", "systems", "gpus", "cpus", "links"):
+        if name in _raw_catalog(kind):
+            if kind == "models":
+                return spec_to_yaml(model_preset(name))
+            if kind == "systems":
+                return spec_to_yaml(system_preset(name))
+            return spec_to_yaml(component_preset(kind, name))
+    every = sorted(n for kind in CATALOGS for n in _raw_catalog(kind))
+    raise SimInputError(f"unknown preset {name!r}; choose from {', '.join(every)}")

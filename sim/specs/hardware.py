@@ -1,0 +1,138 @@
+"""Hardware specifications: a GPU, a CPU socket, a host link, and the system that composes them.
+
+Every rate and size carries its unit in its name. Peak (datasheet) rates and achievable efficiencies are
+separate fields, so a what-if on the peak never silently changes the measured efficiency. `sources` maps a
+field name to where its number comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from sim.errors import SimInputError
+
+
+def _check_positive(owner: str, obj: object, names: list[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise SimInputError(f"{owner}: {name} must be positive, got {value}")
+
+
+def _check_fraction(owner: str, obj: object, names: list[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0 < value <= 1:
+            raise SimInputError(f"{owner}: {name} must be in (0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One GPU: dense BF16 tensor-core peak, HBM capacity and bandwidth, and achievable fractions."""
+
+    name: str
+    bf16_flops_per_s: float
+    hbm_bytes: int
+    hbm_bytes_per_s: float
+    gemm_efficiency: float
+    hbm_efficiency: float
+    kernel_launch_s: float
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(f"gpu {self.name}", self, ["bf16_flops_per_s", "hbm_bytes", "hbm_bytes_per_s"])
+        _check_fraction(f"gpu {self.name}", self, ["gemm_efficiency", "hbm_efficiency"])
+        if self.kernel_launch_s < 0:
+            raise SimInputError(f"gpu {self.name}: kernel_launch_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class CPUSpec:
+    """One CPU socket: cores, AMX and AVX-512 BF16 peaks, DRAM bandwidth, achievable fractions."""
+
+    name: str
+    cores: int
+    has_amx: bool
+    amx_bf16_flops_per_s: float
+    avx512_bf16_flops_per_s: float
+    dram_bytes_per_s: float
+    amx_efficiency: float
+    avx512_efficiency: float
+    dram_efficiency: float
+    op_overhead_s: float
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(f"cpu {self.name}", self, ["cores", "avx512_bf16_flops_per_s", "dram_bytes_per_s"])
+        _check_fraction(f"cpu {self.name}", self, ["avx512_efficiency", "dram_efficiency"])
+        if self.has_amx:
+            _check_positive(f"cpu {self.name}", self, ["amx_bf16_flops_per_s"])
+            _check_fraction(f"cpu {self.name}", self, ["amx_efficiency"])
+        if self.op_overhead_s < 0:
+            raise SimInputError(f"cpu {self.name}: op_overhead_s must be >= 0")
+
+    @property
+    def gemm_flops_per_s(self) -> float:
+        """Achievable BF16 GEMM rate: AMX where present, else AVX-512."""
+        if self.has_amx:
+            return self.amx_bf16_flops_per_s * self.amx_efficiency
+        return self.avx512_bf16_flops_per_s * self.avx512_efficiency
+
+    @property
+    def vector_flops_per_s(self) -> float:
+        """Achievable AVX-512 BF16 rate (attention's softmax and GEMV-shaped work)."""
+        return self.avx512_bf16_flops_per_s * self.avx512_efficiency
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Host-device link, per direction (PCIe is full duplex)."""
+
+    name: str
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+    h2d_efficiency: float
+    d2h_efficiency: float
+    latency_s: float
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(f"link {self.name}", self, ["h2d_bytes_per_s", "d2h_bytes_per_s"])
+        _check_fraction(f"link {self.name}", self, ["h2d_efficiency", "d2h_efficiency"])
+        if self.latency_s < 0:
+            raise SimInputError(f"link {self.name}: latency_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """A machine: one GPU and one CPU socket joined by a host link, plus DRAM capacity and reservations."""
+
+    name: str
+    gpu: GPUSpec
+    cpu: CPUSpec
+    link: LinkSpec
+    dram_bytes: int
+    gpu_reserved_bytes: int
+    dram_reserved_bytes: int
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(f"system {self.name}", self, ["dram_bytes"])
+        if not 0 <= self.gpu_reserved_bytes < self.gpu.hbm_bytes:
+            raise SimInputError(f"system {self.name}: gpu_reserved_bytes must be in [0, hbm_bytes)")
+        if not 0 <= self.dram_reserved_bytes < self.dram_bytes:
+            raise SimInputError(f"system {self.name}: dram_reserved_bytes must be in [0, dram_bytes)")
+
+    @property
+    def gpu_usable_bytes(self) -> int:
+        return self.gpu.hbm_bytes - self.gpu_reserved_bytes
+
+    @property
+    def dram_usable_bytes(self) -> int:
+        return self.dram_bytes - self.dram_reserved_bytes
+
+
+def to_dict(spec: object) -> dict:
+    """A spec as plain, YAML-ready data (nested specs inline)."""
+    return dataclasses.asdict(spec)

@@ -1,0 +1,213 @@
+"""MoE model specification and the parameter, byte and FLOP counts derived from it.
+
+A `ModelSpec` holds the architecture numbers of a Hugging Face config; every size the simulator needs (weights
+per op, KV bytes per token, FLOPs of an op on t tokens) is derived here, in one place, so policies, the cost
+model and the executor agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sim.errors import SimInputError
+
+AttentionKind = Literal["gqa", "mla"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a decoder-only MoE transformer (counts are plain integers; bytes come from dtype)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    attention: AttentionKind = "gqa"
+    # MLA (DeepSeek-V2/V3); zero for GQA models. q_lora_rank 0 means a plain q projection.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Always-on experts in every MoE layer: their summed intermediate size (0 if none).
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    # Leading layers with a dense FFN instead of experts (DeepSeek's first_k_dense_replace).
+    first_dense_layers: int = 0
+    dense_intermediate_size: int = 0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: Literal["none", "per_head", "full"] = "none"
+    router_bias: bool = False
+    bytes_per_param: int = 2
+    published_total_params: int = 0
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        positive = ["num_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_kv_heads",
+                    "num_experts", "top_k", "expert_intermediate_size", "bytes_per_param"]
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise SimInputError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise SimInputError(f"model {self.name}: top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if self.attention not in ("gqa", "mla"):
+            raise SimInputError(f"model {self.name}: attention must be 'gqa' or 'mla', got {self.attention!r}")
+        if self.attention == "gqa" and self.head_dim <= 0:
+            raise SimInputError(f"model {self.name}: head_dim must be positive for GQA")
+        if self.attention == "mla" and min(self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim) <= 0:
+            raise SimInputError(f"model {self.name}: MLA needs kv_lora_rank, qk_rope_head_dim and v_head_dim")
+        if not 0 <= self.first_dense_layers < self.num_layers:
+            raise SimInputError(f"model {self.name}: first_dense_layers must be in [0, num_layers)")
+        if self.first_dense_layers and self.dense_intermediate_size <= 0:
+            raise SimInputError(f"model {self.name}: dense layers need dense_intermediate_size")
+
+    # ---- layer structure -------------------------------------------------------------------------------
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers
+
+    def moe_index(self, layer: int) -> int:
+        """Index of a model layer among the MoE layers (the trace's layer axis)."""
+        return layer - self.first_dense_layers
+
+    # ---- parameter counts per op ----------------------------------------------------------------------
+    @property
+    def qkv_params(self) -> int:
+        """OP0: every input projection of attention (incl. MLA's low-rank paths, q/k norms and biases)."""
+        h = self.hidden_size
+        if self.attention == "gqa":
+            q = self.num_attention_heads * self.head_dim
+            kv = self.num_kv_heads * self.head_dim
+            params = h * (q + 2 * kv)
+            if self.qkv_bias:
+                params += q + 2 * kv
+            if self.qk_norm == "per_head":
+                params += 2 * self.head_dim
+            elif self.qk_norm == "full":
+                params += q + kv
+            return params
+        qk_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+        n = self.num_attention_heads
+        if self.q_lora_rank:
+            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * qk_head
+        else:
+            q = h * n * qk_head
+        kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv_b = self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv_a + kv_b
+
+    @property
+    def o_proj_params(self) -> int:
+        """OP2: attention output projection."""
+        v = self.v_head_dim if self.attention == "mla" else self.head_dim
+        return self.num_attention_heads * v * self.hidden_size
+
+    @property
+    def attention_params(self) -> int:
+        return self.qkv_params + self.o_proj_params
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        return 2 * self.hidden_size
+
+    @property
+    def router_params(self) -> int:
+        return self.hidden_size * self.num_experts + (self.num_experts if self.router_bias else 0)
+
+    @property
+    def expert_params(self) -> int:
+        """One routed expert: gate, up and down projections."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    @property
+    def shared_expert_params(self) -> int:
+        gate = self.hidden_size if self.shared_expert_gate else 0
+        return 3 * self.hidden_size * self.shared_expert_intermediate_size + gate
+
+    @property
+    def dense_ffn_params(self) -> int:
+        return 3 * self.hidden_size * self.dense_intermediate_size
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def layer_params(self, layer: int) -> int:
+        base = self.attention_params + self.norm_params_per_layer
+        if not self.is_moe_layer(layer):
+            return base + self.dense_ffn_params
+        return base + self.router_params + self.num_experts * self.expert_params + self.shared_expert_params
+
+    @property
+    def total_params(self) -> int:
+        layers = sum(self.layer_params(i) for i in range(self.num_layers))
+        return layers + self.embedding_params + self.lm_head_params + self.hidden_size
+
+    @property
+    def routed_expert_params(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert_params
+
+    @property
+    def non_expert_params(self) -> int:
+        """Everything except routed experts (attention, norms, routers, shared experts, dense FFNs, embeddings)."""
+        return self.total_params - self.routed_expert_params
+
+    # ---- bytes ---------------------------------------------------------------------------------------
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """KV-cache bytes one token adds at one layer (MLA caches the compressed latent and the rope key)."""
+        if self.attention == "mla":
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.bytes_per_param
+        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token_layer * self.num_layers
+
+    @property
+    def qkv_out_width(self) -> int:
+        """Values per token that OP0 hands to attention (q plus the new cache entry)."""
+        if self.attention == "mla":
+            q = self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+            return q + self.kv_lora_rank + self.qk_rope_head_dim
+        return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @property
+    def attn_out_width(self) -> int:
+        v = self.v_head_dim if self.attention == "mla" else self.head_dim
+        return self.num_attention_heads * v
+
+    # ---- attention FLOPs -----------------------------------------------------------------------------
+    def attention_flops(self, q_tokens: int, kv_tokens_attended: int) -> int:
+        """FLOPs of score and value products: `kv_tokens_attended` sums, over query tokens, the keys each sees."""
+        del q_tokens
+        n = self.num_attention_heads
+        if self.attention == "mla":
+            # Absorbed MLA: scores over (latent + rope), values over the latent.
+            per = 2 * (self.kv_lora_rank + self.qk_rope_head_dim) + 2 * self.kv_lora_rank
+        else:
+            per = 4 * self.head_dim
+        return n * per * kv_tokens_attended
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

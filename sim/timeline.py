@@ -1,0 +1,58 @@
+"""Chrome Trace Event JSON (opens in Perfetto / chrome://tracing): one track per stream, one slice per op."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.plan import STREAMS, Op
+
+TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "h2d": "PCIe H2D", "d2h": "PCIe D2H"}
+
+
+def _label(op: Op) -> str:
+    if op.kind == "expert":
+        return f"expert {op.expert} L{op.layer}"
+    if op.kind == "copy":
+        return f"{op.payload} L{op.layer}"
+    return f"{op.kind} L{op.layer}" if op.layer >= 0 else str(op.kind)
+
+
+def chrome_trace_events(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray,
+                        process_name: str = "cox-moe simulation") -> list[dict[str, Any]]:
+    """Complete ('X') events in microseconds, plus metadata naming the process and each stream's track."""
+    events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": process_name}}]
+    for tid, stream in enumerate(STREAMS):
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
+                       "args": {"name": TRACK_NAMES[str(stream)]}})
+    tids = {s: i for i, s in enumerate(STREAMS)}
+    for op in ops:
+        s, e = int(start_ns[op.id]), int(end_ns[op.id])
+        events.append({
+            "name": _label(op), "cat": str(op.kind), "ph": "X", "pid": 0, "tid": tids[op.stream],
+            "ts": s / 1e3, "dur": (e - s) / 1e3,
+            "args": {"id": op.id, "phase": str(op.phase), "step": op.step, "layer": op.layer,
+                     "micro_batch": op.micro_batch, "tokens": op.tokens, "flops": op.flops, "bytes": op.bytes},
+        })
+    return events
+
+
+def write_chrome_trace(path: str | Path, events: list[dict[str, Any]], metadata: dict[str, Any]) -> Path:
+    """Write atomically so an interrupted run never leaves a truncated JSON file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ns", "otherData": metadata}, fh,
+                      separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,178 @@
+"""The `coxmoe` CLI: outputs, files it writes, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from experiments.cli import main
+from traces import SynthConfig, generate_trace, load_trace, save_trace
+
+SIM = ["simulate", "--model", "olmoe-1b-7b", "--system", "a100-80g-8452y", "--batch", "8", "--prompt-len", "16",
+       "--gen-len", "4"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_simulate_json_has_the_documented_fields(capsys):
+    code, out, err = run(capsys, *SIM, "--policy", "gpu-only", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    for key in ("throughput_tok_s", "prefill_s", "decode_s", "total_s", "peak_gpu_bytes", "peak_cpu_bytes",
+                "busy_fraction", "knobs", "events", "wall_s"):
+        assert key in d
+    assert set(d["busy_fraction"]) == {"gpu", "cpu", "h2d", "d2h"}
+    assert d["policy"] == "gpu-only" and d["knobs"]["prefill_tokens"] == 8192
+    assert d["throughput_tok_s"] > 0 and d["events"] > 0
+
+
+def test_simulate_is_deterministic_through_the_cli(capsys):
+    outs = []
+    for _ in range(2):
+        code, out, _ = run(capsys, *SIM, "--routing", "zipf:1.3", "--seed", "7", "--json",
+                           "--policy-opt", "fetch=routed")
+        assert code == 0
+        d = json.loads(out)
+        d.pop("wall_s")
+        outs.append(d)
+    assert outs[0] == outs[1]
+
+
+def test_timeline_and_plot_files(capsys, tmp_path):
+    tl, png = tmp_path / "t.json", tmp_path / "p.png"
+    code, out, err = run(capsys, *SIM, "--timeline", str(tl), "--plot", str(png))
+    assert code == 0, err
+    trace = json.loads(tl.read_text())
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
+    assert names == {"GPU compute", "CPU (AMX) compute", "PCIe H2D", "PCIe D2H"}
+    assert slices and all(e["dur"] >= 0 for e in slices)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "throughput" in out
+
+
+def test_presets_list_and_show_round_trip(capsys, tmp_path):
+    code, out, _ = run(capsys, "presets", "--json")
+    lists = json.loads(out)
+    assert "a100-80g-8452y" in lists["systems"] and "deepseek-v3" in lists["models"]
+    code, out, _ = run(capsys, "presets", "--show", "h100-80g-8452y")
+    assert code == 0 and yaml.safe_load(out)["gpu"]["name"] == "h100-pcie"
+    sys_file = tmp_path / "sys.yaml"
+    sys_file.write_text(out)
+    code, out, _ = run(capsys, "presets", "--show", "olmoe-1b-7b")
+    model_file = tmp_path / "model.yaml"
+    model_file.write_text(out)
+    code, out, err = run(capsys, "simulate", "--model-file", str(model_file), "--system-file", str(sys_file),
+                         "--batch", "4", "--prompt-len", "8", "--gen-len", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["system"] == "h100-80g-8452y"
+
+
+def test_policies_listing(capsys):
+    code, out, _ = run(capsys, "policies")
+    assert code == 0 and "gpu-only" in out and "stream-experts" in out and "decode_micro_batch" in out
+
+
+def test_trace_gen_stats_validate_and_simulate(capsys, tmp_path):
+    path = tmp_path / "t.npz"
+    code, out, err = run(capsys, "trace", "gen", "--model", "mixtral-8x7b", "--requests", "6", "--prompt-len",
+                         "uniform:4:12", "--gen-len", "5", "--routing", "table:mixtral-8x7b", "--reuse-prob", "0.3",
+                         "-o", str(path))
+    assert code == 0, err
+    tr = load_trace(path)
+    assert tr.num_requests == 6 and tr.header.num_experts == 8 and tr.header.model == "mixtral-8x7b"
+    code, out, _ = run(capsys, "trace", "stats", str(path), "--json")
+    stats = json.loads(out)
+    assert len(stats["lru_hit_rate"]) == 32 and len(stats["mean_lru_hit_rate"]) == 8
+    code, out, _ = run(capsys, "trace", "stats", str(path))
+    assert "LRU hit rate" in out
+    code, out, _ = run(capsys, "trace", "validate", str(path))
+    assert code == 0 and out.startswith("ok:")
+    code, out, err = run(capsys, "simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y",
+                         "--trace", str(path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["workload"]["batch"] == 6
+
+
+def test_trace_gen_without_model(capsys, tmp_path):
+    path = tmp_path / "c.npz"
+    code, _, err = run(capsys, "trace", "gen", "--layers", "2", "--experts", "300", "--top-k", "3", "--requests",
+                       "2", "--prompt-len", "3", "--gen-len", "2", "-o", str(path))
+    assert code == 0, err
+    assert load_trace(path).experts.dtype == np.uint16
+
+
+def _bad_trace(tmp_path, kind):
+    cfg = SynthConfig("olmoe-1b-7b", 16, 64, 8, "uniform", 0.0, 0)
+    tr = generate_trace(cfg, np.full(3, 5), np.full(3, 3))
+    path = save_trace(tr, tmp_path / f"{kind}.npz")
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif kind in ("range", "version"):
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        if kind == "range":
+            arrays["experts"][0, 0, 0] = 64
+        else:
+            meta = json.loads(arrays["header"].tobytes())
+            meta["version"] = 9
+            arrays["header"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        np.savez(path, **arrays)
+    return str(path)
+
+
+BAD_INPUTS = [
+    (lambda p: ["trace", "validate", _bad_trace(p, "range")], "expert id 64 out of range"),
+    (lambda p: ["trace", "validate", _bad_trace(p, "truncated")], "truncated"),
+    (lambda p: ["trace", "validate", _bad_trace(p, "version")], "unsupported trace version 9"),
+    (lambda p: ["trace", "stats", str(p / "missing.npz")], "not found"),
+    (lambda p: ["simulate", "--model", "gpt-5", "--system", "a100-80g-8452y", "--batch", "1", "--prompt-len", "1",
+                "--gen-len", "1"], "unknown model preset"),
+    (lambda p: ["simulate", "--model", "olmoe-1b-7b", "--system", "tpu", "--batch", "1", "--prompt-len", "1",
+                "--gen-len", "1"], "unknown system preset"),
+    (lambda p: [*SIM[:-2], "--gen-len", "-4"], "must be >= 1"),
+    (lambda p: [*SIM, "--batch", "zero"], "positive integer"),
+    (lambda p: [*SIM, "--policy", "magic"], "unknown policy"),
+    (lambda p: [*SIM, "--policy-opt", "attention=tpu"], "attention must be"),
+    (lambda p: [*SIM, "--policy-opt", "noequals"], "KEY=VALUE"),
+    (lambda p: [*SIM, "--routing", "zipf:abc"], "zipf needs a number"),
+    (lambda p: [*SIM, "--reuse-prob", "2"], "must be in [0, 1]"),
+    (lambda p: ["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "gpu-only",
+                "--batch", "1", "--prompt-len", "1", "--gen-len", "2"], "memory exceeded"),
+    (lambda p: ["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--trace",
+                _bad_trace(p, "ok")], "trace is for 16 MoE layers"),
+    (lambda p: ["trace", "gen", "--requests", "2", "--prompt-len", "3", "--gen-len", "2", "-o",
+                str(p / "x.npz")], "give --model"),
+    (lambda p: ["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "2", "--prompt-len", "uniform:9:3",
+                "--gen-len", "2", "-o", str(p / "x.npz")], "HI must be >= LO"),
+    (lambda p: ["presets", "--show", "nothing"], "unknown preset"),
+    (lambda p: ["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    code, out, err = run(capsys, *argv(tmp_path))
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert out == ""
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    bad = _bad_trace(tmp_path, "range")
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "trace", "validate", bad],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("coxmoe: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,167 @@
+"""Model and hardware specs: derived sizes, presets, YAML round trips, HF configs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from sim.errors import SimInputError
+from sim.specs import load_model, load_system, preset_names, show_preset
+from sim.specs.hf_config import model_from_hf_config
+
+
+@pytest.mark.parametrize("name", preset_names("models"))
+def test_preset_parameter_count_matches_published_total(name):
+    m = load_model(name)
+    assert m.published_total_params > 0
+    assert abs(m.total_params / m.published_total_params - 1) < 0.02
+
+
+def test_required_presets_exist():
+    assert {"mixtral-8x7b", "mixtral-8x22b", "deepseek-v2-lite", "qwen3-30b-a3b", "dbrx", "qwen1.5-moe-a2.7b",
+            "olmoe-1b-7b", "deepseek-v3"} <= set(preset_names("models"))
+    assert {"t4", "l4", "a10", "rtx6000ada", "a100-40g", "a100-80g-pcie", "h100-pcie", "h100-sxm",
+            "h200"} <= set(preset_names("gpus"))
+    assert {"xeon-8452y", "xeon-8480", "xeon-8592", "xeon-6980p", "xeon-8280"} <= set(preset_names("cpus"))
+    assert {"pcie3x16", "pcie4x16", "pcie5x16"} <= set(preset_names("links"))
+    assert {"rtx6000ada-8452y", "a100-80g-8452y", "h100-80g-8452y"} <= set(preset_names("systems"))
+
+
+def test_mixtral_derived_sizes_match_reference(mixtral):
+    # models.md: 176.2M params and 352 MB per expert, 2.82 GB of experts per layer.
+    assert mixtral.expert_params == 3 * 4096 * 14336
+    assert abs(mixtral.expert_bytes / 1e6 - 352.3) < 0.5
+    assert mixtral.kv_bytes_per_token_layer == 2 * 8 * 128 * 2
+    assert mixtral.num_moe_layers == 32
+
+
+def test_deepseek_v2_lite_structure():
+    m = load_model("deepseek-v2-lite")
+    assert m.attention == "mla" and m.num_moe_layers == 26 and not m.is_moe_layer(0)
+    assert m.kv_bytes_per_token_layer == (512 + 64) * 2  # MLA caches the latent and the rope key
+    assert abs(m.expert_bytes / 1e6 - 17.3) < 0.1  # models.md: 17.3 MB per expert
+
+
+def test_paper_systems_compose_the_right_parts():
+    for name, gpu, link in (("rtx6000ada-8452y", "rtx6000ada", "pcie4x16"), ("a100-80g-8452y", "a100-80g-pcie",
+                            "pcie4x16"), ("h100-80g-8452y", "h100-pcie", "pcie5x16")):
+        s = load_system(name)
+        assert (s.gpu.name, s.cpu.name, s.link.name) == (gpu, "xeon-8452y", link)
+        assert s.cpu.cores == 36 and s.dram_bytes == 512 * 2**30
+        assert abs(s.cpu.dram_bytes_per_s - 307.2e9) < 1
+
+
+@pytest.mark.parametrize("kind", ["gpus", "cpus", "links", "systems", "models"])
+def test_every_number_has_a_source(kind):
+    import dataclasses
+
+    from sim.specs.catalog import component_preset, model_preset, system_preset
+
+    for name in preset_names(kind):
+        if kind in ("models", "systems"):
+            spec = (model_preset if kind == "models" else system_preset)(name)
+        else:
+            spec = component_preset(kind, name)
+        numeric = [f.name for f in dataclasses.fields(spec) if f.type in ("int", "float")]
+        if kind == "models":
+            assert "config" in spec.sources and "published_total_params" in spec.sources
+            continue
+        if kind == "systems":
+            numeric = ["dram_bytes", "gpu_reserved_bytes", "dram_reserved_bytes"]
+        missing = [n for n in numeric if n not in spec.sources]
+        assert not missing, f"{kind} {name} lacks sources for {missing}"
+
+
+@pytest.mark.parametrize("name", ["a100-80g-8452y", "h100-pcie", "xeon-8452y", "pcie5x16", "qwen3-30b-a3b"])
+def test_show_is_yaml_the_loaders_accept_unchanged(tmp_path, name):
+    text = show_preset(name)
+    data = yaml.safe_load(text)
+    assert data["name"] == name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    if name in preset_names("systems"):
+        assert load_system(str(path)) == load_system(name)
+    elif name in preset_names("models"):
+        assert load_model(str(path)) == load_model(name)
+
+
+def test_custom_system_file_with_nested_overrides(tmp_path):
+    data = yaml.safe_load(show_preset("a100-80g-8452y"))
+    data["gpu"]["hbm_bytes"] = 40 * 2**30
+    data["cpu"] = "xeon-8480"
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    s = load_system(str(path))
+    assert s.gpu.hbm_bytes == 40 * 2**30 and s.cpu.name == "xeon-8480"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(bogus=1), "unknown field"),
+    (lambda d: d.pop("dram_bytes"), "missing field"),
+    (lambda d: d["gpu"].update(gemm_efficiency=1.5), "gemm_efficiency"),
+    (lambda d: d["gpu"].update(hbm_bytes="lots"), "expected a number"),
+    (lambda d: d.update(cpu="no-such-cpu"), "unknown cpu preset"),
+])
+def test_bad_system_files_are_one_line_errors(tmp_path, mutate, message):
+    data = yaml.safe_load(show_preset("a100-80g-8452y"))
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SimInputError, match=message) as info:
+        load_system(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_presets_and_files():
+    with pytest.raises(SimInputError, match="unknown model preset"):
+        load_model("mixtral-9x9b")
+    with pytest.raises(SimInputError, match="unknown system preset"):
+        load_system("nope")
+    with pytest.raises(SimInputError, match="not found"):
+        load_system("missing.yaml")
+
+
+def test_unparseable_spec_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("gpu: [unclosed\n")
+    with pytest.raises(SimInputError, match="cannot parse"):
+        load_system(str(path))
+
+
+HF_CONFIGS = {
+    "mixtral-8x7b": {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "intermediate_size": 14336, "tie_word_embeddings": False},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+                      "vocab_size": 151936, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                      "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                      "intermediate_size": 6144, "tie_word_embeddings": False},
+    "deepseek-v2-lite": {"model_type": "deepseek_v2", "hidden_size": 2048, "num_hidden_layers": 27,
+                         "vocab_size": 102400, "num_attention_heads": 16, "num_key_value_heads": 16,
+                         "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                         "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2,
+                         "num_experts_per_tok": 6, "moe_intermediate_size": 1408, "intermediate_size": 10944,
+                         "first_k_dense_replace": 1, "tie_word_embeddings": False},
+    "dbrx": {"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48, "vocab_size": 100352,
+             "attn_config": {"kv_n_heads": 8}, "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4,
+                                                               "ffn_hidden_size": 10752}},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(HF_CONFIGS))
+def test_hf_config_gives_the_preset_parameter_count(tmp_path, preset):
+    path = tmp_path / preset / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(HF_CONFIGS[preset]))
+    m = load_model(str(path))
+    assert m.name == preset
+    assert m.total_params == load_model(preset).total_params
+
+
+def test_hf_config_unsupported_and_incomplete():
+    with pytest.raises(SimInputError, match="not supported"):
+        model_from_hf_config({"model_type": "llama"})
+    with pytest.raises(SimInputError, match="missing field num_local_experts"):
+        model_from_hf_config({k: v for k, v in HF_CONFIGS["mixtral-8x7b"].items() if k != "num_local_experts"})

@@ -1,0 +1,217 @@
+"""Routing trace format v1: round trip, validation errors, synthetic generation, statistics."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from traces import (
+    RoutingTrace,
+    SynthConfig,
+    TraceError,
+    TraceHeader,
+    generate_trace,
+    load_trace,
+    popularity_matrix,
+    request_lengths,
+    save_trace,
+    trace_stats,
+)
+from traces.format import FORMAT_NAME
+from traces.stats import lru_hit_rates
+
+
+def small_trace(routing="uniform", reuse=0.0, seed=0, requests=6, prompt=5, gen=4, layers=3, experts=8, k=2):
+    cfg = SynthConfig("tiny", layers, experts, k, routing, reuse, seed)
+    return generate_trace(cfg, np.full(requests, prompt), np.full(requests, gen))
+
+
+def test_round_trip_preserves_everything(tmp_path):
+    tr = small_trace()
+    gates = np.full(tr.experts.shape, 0.5, dtype=np.float16)
+    tr = RoutingTrace(tr.header, tr.prompt_lens, tr.gen_lens, tr.experts, gates)
+    for compress in (False, True):
+        path = save_trace(tr, tmp_path / f"t{compress}.npz", compress=compress)
+        back = load_trace(path)
+        assert back.header == tr.header
+        for name in ("prompt_lens", "gen_lens", "experts", "gate_weights"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(tr, name))
+
+
+def test_token_layout_and_counts():
+    tr = small_trace(requests=3, prompt=5, gen=4)
+    assert tr.num_tokens == 3 * (5 + 4 - 1)
+    rows = tr.prefill_rows(np.array([1, 2]))
+    np.testing.assert_array_equal(rows, np.r_[8:13, 16:21])
+    np.testing.assert_array_equal(tr.decode_rows(1, np.arange(3)), [5, 13, 21])
+    np.testing.assert_array_equal(tr.decode_rows(3, np.arange(3)), [7, 15, 23])
+    counts = tr.expert_counts(np.arange(tr.num_tokens))
+    assert counts.shape == (3, 8) and (counts.sum(axis=1) == 2 * tr.num_tokens).all()
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    a, b, c = small_trace(seed=3), small_trace(seed=3), small_trace(seed=4)
+    np.testing.assert_array_equal(a.experts, b.experts)
+    assert not np.array_equal(a.experts, c.experts)
+
+
+def test_topk_ids_are_distinct_and_in_range():
+    tr = small_trace("zipf:2.0", requests=50, prompt=20, gen=10, layers=4, experts=16, k=6)
+    srt = np.sort(tr.experts, axis=-1)
+    assert (np.diff(srt.astype(int), axis=-1) > 0).all()
+    assert tr.experts.max() < 16
+
+
+def test_table_routing_reproduces_the_measured_ranking():
+    cfg = SynthConfig("mixtral-8x7b", 32, 8, 2, "table:mixtral-8x7b", 0.0, 0)
+    tr = generate_trace(cfg, np.full(200, 100), np.full(200, 1))
+    shares = tr.expert_counts(np.arange(tr.num_tokens)) / (2 * tr.num_tokens)
+    table = popularity_matrix("table:mixtral-8x7b", 32, 8, 0)
+    # Drawing 2 without replacement flattens the per-pick distribution a little; the ranking survives.
+    hottest_match = (shares.argmax(axis=1) == table.argmax(axis=1)).mean()
+    assert hottest_match > 0.8
+    assert np.abs(shares - table).max() < 0.06
+
+
+def test_zipf_is_permuted_per_layer_and_skewed():
+    p = popularity_matrix("zipf:1.2", 6, 32, seed=1)
+    assert np.allclose(p.sum(axis=1), 1)
+    assert len({int(row.argmax()) for row in p}) > 1
+    assert p.max() > 5 / 32
+
+
+def test_reuse_probability_raises_reuse_and_lru_hits():
+    plain = trace_stats(small_trace(reuse=0.0, requests=40, prompt=30, gen=30))
+    sticky = trace_stats(small_trace(reuse=0.6, requests=40, prompt=30, gen=30))
+    assert np.mean(sticky.reuse_rate) > np.mean(plain.reuse_rate) + 0.3
+    assert np.mean(sticky.lru_hit_rate, axis=0)[1] > np.mean(plain.lru_hit_rate, axis=0)[1] + 0.3
+
+
+def test_lru_hit_rate_on_a_hand_made_sequence():
+    # One request, one layer, top-1 over 3 experts: accesses 0 1 0 2 1 0.
+    ex = np.array([0, 1, 0, 2, 1, 0], dtype=np.uint8).reshape(6, 1, 1)
+    tr = RoutingTrace(TraceHeader("hand", 1, 3, 1), np.array([6]), np.array([1]), ex)
+    hits, tokens = lru_hit_rates(tr)
+    assert tokens == 6
+    # Stack distances: inf, inf, 1, inf, 2, 2  -> hits at c=1: 0, c=2: 1 (the 0 after 1), c=3: 3.
+    np.testing.assert_allclose(hits[0], [0 / 6, 1 / 6, 3 / 6])
+
+
+def test_stats_on_uniform_routing():
+    st = trace_stats(small_trace(requests=100, prompt=50, gen=2, experts=8))
+    assert abs(np.mean(st.entropy_bits) - 3.0) < 0.02
+    # A cache of every expert misses only the first touch of each expert: 8 of 51 x 2 accesses per request.
+    assert st.lru_hit_rate[0][-1] == pytest.approx(1 - 8 / 102, abs=0.005)
+    d = st.to_dict()
+    assert len(d["mean_lru_hit_rate"]) == 8
+
+
+@pytest.mark.parametrize("spec, expect", [("7", [7, 7]), ("fixed:3", [3, 3])])
+def test_fixed_lengths(spec, expect):
+    assert request_lengths(spec, 2, np.random.default_rng(0), "x").tolist() == expect
+
+
+def test_distributed_lengths_stay_in_bounds():
+    rng = np.random.default_rng(0)
+    u = request_lengths("uniform:10:20", 1000, rng, "x")
+    assert u.min() >= 10 and u.max() <= 20
+    ln = request_lengths("lognormal:100:0.5:300", 1000, rng, "x")
+    assert ln.min() >= 1 and ln.max() <= 300 and 80 < np.median(ln) < 120
+
+
+@pytest.mark.parametrize("spec", ["-3", "fixed:0", "uniform:5:2", "normal:3", "abc"])
+def test_bad_length_specs(spec):
+    with pytest.raises(TraceError):
+        request_lengths(spec, 4, np.random.default_rng(0), "--prompt-len")
+
+
+@pytest.mark.parametrize("routing", ["zipf:x", "zipf:-1", "table:nope", "gaussian"])
+def test_bad_routing_specs(routing):
+    with pytest.raises(TraceError):
+        small_trace(routing)
+
+
+def test_table_shape_must_match_the_model():
+    with pytest.raises(TraceError, match="32 layers x 8 experts"):
+        popularity_matrix("table:mixtral-8x7b", 27, 64, 0)
+
+
+# ---- malformed files --------------------------------------------------------------------------------------
+def _write(path, header=None, **arrays):
+    tr = small_trace()
+    meta = {"format": FORMAT_NAME, "version": 1, "model": "tiny", "num_layers": 3, "num_experts": 8, "top_k": 2,
+            "source": "test"}
+    meta.update(header or {})
+    data = {"header": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), "prompt_lens": tr.prompt_lens,
+            "gen_lens": tr.gen_lens, "experts": tr.experts}
+    data.update(arrays)
+    np.savez(path, **{k: v for k, v in data.items() if v is not None})
+    return path
+
+
+def test_expert_id_out_of_range(tmp_path):
+    tr = small_trace()
+    bad = tr.experts.copy()
+    bad[3, 1, 0] = 8
+    with pytest.raises(TraceError, match="expert id 8 out of range"):
+        load_trace(_write(tmp_path / "t.npz", experts=bad))
+
+
+def test_wrong_version(tmp_path):
+    with pytest.raises(TraceError, match="unsupported trace version 2"):
+        load_trace(_write(tmp_path / "t.npz", header={"version": 2}))
+
+
+def test_truncated_file(tmp_path):
+    path = _write(tmp_path / "t.npz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match="cannot read trace"):
+        load_trace(path)
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "t.npz"
+    path.write_text("hello")
+    with pytest.raises(TraceError, match="cannot read trace"):
+        load_trace(path)
+
+
+def test_pickled_arrays_are_refused(tmp_path):
+    path = tmp_path / "t.npz"
+    with zipfile.ZipFile(path, "w") as zf, zf.open("header.npy", "w") as fh:
+        np.lib.format.write_array(fh, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TraceError):
+        load_trace(path)
+
+
+def test_shape_and_length_mismatches(tmp_path):
+    tr = small_trace()
+    with pytest.raises(TraceError, match="expected"):
+        load_trace(_write(tmp_path / "a.npz", experts=tr.experts[:-1]))
+    with pytest.raises(TraceError, match=">= 1"):
+        load_trace(_write(tmp_path / "b.npz", gen_lens=np.zeros_like(tr.gen_lens)))
+    with pytest.raises(TraceError, match="unsigned"):
+        load_trace(_write(tmp_path / "c.npz", experts=tr.experts.astype(np.float32)))
+    with pytest.raises(TraceError, match="missing array"):
+        load_trace(_write(tmp_path / "d.npz", experts=None))
+    with pytest.raises(TraceError, match="not a cox-moe routing trace"):
+        load_trace(_write(tmp_path / "e.npz", header={"format": "other"}))
+
+
+def test_duplicate_expert_in_a_token(tmp_path):
+    tr = small_trace(k=3)
+    bad = tr.experts.copy()
+    bad[0, 0, 1] = bad[0, 0, 0]
+    with pytest.raises(TraceError, match="same expert twice"):
+        RoutingTrace(tr.header, tr.prompt_lens, tr.gen_lens, bad)
+
+
+def test_save_is_atomic_and_checks_suffix(tmp_path):
+    with pytest.raises(TraceError, match=".npz"):
+        save_trace(small_trace(), tmp_path / "t.parquet")
+    save_trace(small_trace(), tmp_path / "t.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]

@@ -1,0 +1,225 @@
+"""Routing trace format v1: per request its lengths, per routed token and MoE layer the top-k expert ids.
+
+File layout (`.npz`, loaded with `allow_pickle=False`):
+- `header`: UTF-8 JSON bytes as a uint8 array: `format`, `version` (1), `model`, `num_layers` (MoE layers),
+  `num_experts`, `top_k`, `source`.
+- `prompt_lens`, `gen_lens`: int32 [R]. Request r routes `prompt_lens[r] + gen_lens[r] - 1` tokens: its prompt
+  (in prefill) and every generated token but the last (each fed back in one decode step).
+- `experts`: uint8 (or uint16 when experts > 256) [T, num_layers, top_k], requests back to back in order.
+- `gate_weights` (optional): float16/float32 [T, num_layers, top_k].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from traces.errors import TraceError
+
+FORMAT_NAME = "cox-moe-routing-trace"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    """What a trace describes: the model's MoE shape and where the routing came from."""
+
+    model: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    source: str = "unknown"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": self.model,
+                "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
+                "source": self.source, "extra": self.extra}
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    """A validated routing trace held in memory (see the module docstring for the layout)."""
+
+    header: TraceHeader
+    prompt_lens: np.ndarray
+    gen_lens: np.ndarray
+    experts: np.ndarray
+    gate_weights: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ---- shape ------------------------------------------------------------------------------------------
+    @property
+    def num_requests(self) -> int:
+        return int(self.prompt_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    @cached_property
+    def routed_lens(self) -> np.ndarray:
+        return self.prompt_lens.astype(np.int64) + self.gen_lens.astype(np.int64) - 1
+
+    @cached_property
+    def token_offsets(self) -> np.ndarray:
+        """offsets[r] is the first token row of request r; offsets[R] == num_tokens."""
+        return np.concatenate([[0], np.cumsum(self.routed_lens)]).astype(np.int64)
+
+    # ---- token selections used by both engines ------------------------------------------------------------
+    def prefill_rows(self, requests: np.ndarray) -> np.ndarray:
+        """Token rows of the prompts of `requests` (request order, then position)."""
+        requests = np.asarray(requests, dtype=np.int64)
+        starts = self.token_offsets[requests]
+        lens = self.prompt_lens[requests].astype(np.int64)
+        if lens.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        first = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+        return first + np.arange(int(lens.sum()), dtype=np.int64)
+
+    def decode_rows(self, step: int, requests: np.ndarray) -> np.ndarray:
+        """Token rows fed at decode step `step` (1-based) by those of `requests` still generating."""
+        requests = np.asarray(requests, dtype=np.int64)
+        active = requests[self.gen_lens[requests] > step]
+        return self.token_offsets[active] + self.prompt_lens[active].astype(np.int64) + (step - 1)
+
+    def expert_counts(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens routed to each expert at each MoE layer over `rows`: int64 [num_layers, num_experts]."""
+        L, E = self.header.num_layers, self.header.num_experts
+        if len(rows) == 0:
+            return np.zeros((L, E), dtype=np.int64)
+        ids = self.experts[rows].astype(np.int64)  # [n, L, k]
+        flat = ids + (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
+
+
+def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:
+    """Whether any token lists one expert twice: a popcount of OR-ed bit masks when ids fit in 64 bits."""
+    k = ex.shape[-1]
+    if k == 2:
+        return bool((ex[..., 0] == ex[..., 1]).any())
+    if num_experts <= 64:
+        masks = np.bitwise_or.reduce(np.left_shift(np.uint64(1), ex.astype(np.uint64)), axis=-1)
+        return bool((np.bitwise_count(masks) != k).any())
+    srt = np.sort(ex, axis=-1)
+    return bool((srt[..., 1:] == srt[..., :-1]).any())
+
+
+def validate(trace: RoutingTrace) -> None:
+    """Raise TraceError naming the first inconsistency; cheap enough for million-token traces."""
+    h = trace.header
+    for name in ("num_layers", "num_experts", "top_k"):
+        value = getattr(h, name)
+        if not isinstance(value, int | np.integer) or value <= 0:
+            raise TraceError(f"trace header: {name} must be a positive integer, got {value!r}")
+    if h.top_k > h.num_experts:
+        raise TraceError(f"trace header: top_k {h.top_k} exceeds num_experts {h.num_experts}")
+    for name in ("prompt_lens", "gen_lens"):
+        arr = getattr(trace, name)
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise TraceError(f"trace: {name} must be a 1-D integer array")
+        if arr.size and int(arr.min()) < 1:
+            raise TraceError(f"trace: {name} must be >= 1 for every request (found {int(arr.min())})")
+    if trace.prompt_lens.shape != trace.gen_lens.shape:
+        raise TraceError("trace: prompt_lens and gen_lens have different lengths")
+    if trace.prompt_lens.size == 0:
+        raise TraceError("trace: no requests")
+    ex = trace.experts
+    if not isinstance(ex, np.ndarray) or ex.dtype.kind != "u":
+        raise TraceError("trace: experts must be an unsigned integer array")
+    expected = (int(trace.routed_lens.sum()), h.num_layers, h.top_k)
+    if ex.shape != expected:
+        raise TraceError(f"trace: experts has shape {ex.shape}, expected {expected} from the lengths and header")
+    if ex.size:
+        top = int(ex.max())
+        if top >= h.num_experts:
+            raise TraceError(f"trace: expert id {top} out of range for {h.num_experts} experts")
+        if h.top_k > 1 and _has_repeats(ex, h.num_experts):
+            raise TraceError("trace: a token lists the same expert twice in its top-k")
+    gw = trace.gate_weights
+    if gw is not None:
+        if not isinstance(gw, np.ndarray) or gw.dtype.kind != "f" or gw.shape != ex.shape:
+            raise TraceError(f"trace: gate_weights must be a float array of shape {ex.shape}")
+        if gw.size and (not np.isfinite(gw).all() or float(gw.min()) < 0 or float(gw.max()) > 1.0 + 1e-3):
+            raise TraceError("trace: gate_weights must be finite and within [0, 1]")
+
+
+def expert_dtype(num_experts: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_experts <= 256 else np.dtype(np.uint16)
+
+
+def save_trace(trace: RoutingTrace, path: str | Path, compress: bool = False) -> Path:
+    """Write atomically (temporary file, then rename) so a crash never leaves a half-written trace."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise TraceError(f"trace files end in .npz, got {path.name}")
+    arrays: dict[str, np.ndarray] = {
+        "header": np.frombuffer(json.dumps(trace.header.to_json()).encode(), dtype=np.uint8),
+        "prompt_lens": trace.prompt_lens.astype(np.int32),
+        "gen_lens": trace.gen_lens.astype(np.int32),
+        "experts": trace.experts,
+    }
+    if trace.gate_weights is not None:
+        arrays["gate_weights"] = trace.gate_weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            (np.savez_compressed if compress else np.savez)(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
+    try:
+        meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        raise TraceError(f"{path}: header is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise TraceError(f"{path}: not a cox-moe routing trace (header format {meta.get('format')!r})"
+                         if isinstance(meta, dict) else f"{path}: header is not a JSON object")
+    if meta.get("version") != FORMAT_VERSION:
+        raise TraceError(f"{path}: unsupported trace version {meta.get('version')!r} (this reader: {FORMAT_VERSION})")
+    try:
+        return TraceHeader(model=str(meta["model"]), num_layers=meta["num_layers"],
+                           num_experts=meta["num_experts"], top_k=meta["top_k"],
+                           source=str(meta.get("source", "unknown")), extra=dict(meta.get("extra") or {}))
+    except KeyError as exc:
+        raise TraceError(f"{path}: header lacks {exc.args[0]}") from None
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    """Load and validate a v1 trace; any problem is one TraceError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"trace file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            missing = {"header", "prompt_lens", "gen_lens", "experts"} - names
+            if missing:
+                raise TraceError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
+            header = _parse_header(npz["header"], path)
+            arrays = {name: npz[name] for name in ("prompt_lens", "gen_lens", "experts")}
+            gates = npz["gate_weights"] if "gate_weights" in names else None
+    except TraceError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        raise TraceError(f"{path}: cannot read trace (truncated or not an .npz file: {type(exc).__name__})") from None
+    try:
+        return RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"], gates)
+    except TraceError as exc:
+        raise TraceError(f"{path}: {str(exc).removeprefix('trace: ')}") from None
