@@ -109,7 +109,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.policies import parse_kv_pairs
     from sim.timeline import chrome_trace_events, write_chrome_trace
 
-    keep = bool(args.timeline or args.plot)
+    keep = bool(args.timeline or args.plot or args.plan_out)
     result = simulate(
         args.model_file or args.model, args.system_file or args.system, args.policy,
         batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
@@ -117,6 +117,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         reuse_prob=args.reuse_prob, seed=args.seed, keep_plan=keep,
     )
     d = result.to_dict()
+    if args.plan_out:
+        from sim.plan_io import save_plan
+
+        save_plan(result.plan, args.plan_out)
     if args.timeline:
         meta = {k: d[k] for k in ("model", "system", "policy", "knobs", "routing", "seed")}
         write_chrome_trace(args.timeline, chrome_trace_events(result.plan.ops, result.record.start_ns,
@@ -133,6 +137,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"  timeline: {args.timeline} (open in https://ui.perfetto.dev)")
         if args.plot:
             print(f"  plot: {args.plot}")
+        if args.plan_out:
+            print(f"  plan: {args.plan_out} (coxmoe run-plan reads it back)")
+    return 0
+
+
+def cmd_run_plan(args: argparse.Namespace) -> int:
+    from sim.api import gc_paused, simulate_plan
+    from sim.plan_io import load_plan
+    from sim.timeline import chrome_trace_events, write_chrome_trace
+
+    plan = load_plan(args.file)
+    with gc_paused():
+        record, metrics = simulate_plan(plan)
+    d = {"policy": plan.policy, "knobs": plan.knobs, "model": plan.model.name, "system": plan.system.name,
+         "throughput_tok_s": plan.workload.generated_tokens / metrics["total_s"] if metrics["total_s"] else 0.0,
+         **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
+         "num_ops": len(plan.ops), "events": record.events}
+    if args.timeline:
+        write_chrome_trace(args.timeline, chrome_trace_events(plan.ops, record.start_ns, record.end_ns),
+                           {"plan": str(args.file)})
+    if args.json:
+        _emit_json(d)
+    else:
+        print(f"{args.file}: {d['policy']} plan of {d['model']} on {d['system']}, {d['num_ops']} ops")
+        print(f"  throughput {d['throughput_tok_s']:.1f} tok/s; prefill {d['prefill_s']:.3f} s, "
+              f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
     return 0
 
 
@@ -221,7 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: busy time per resource and one decode step")
+    p.add_argument("--plan-out", metavar="FILE", help="write the plan as Parquet (engine-neutral; see run-plan)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("run-plan", help="simulate a plan saved with `simulate --plan-out`")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
+    p.set_defaults(func=cmd_run_plan)
 
     t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)

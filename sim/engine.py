@@ -83,6 +83,8 @@ def run_plan(plan: Plan, cost: CostModel) -> EngineRecord:
     for op in ops:
         by_stream[op.stream].append(op.id)
 
+    timeout, new_event = env.timeout, env.event
+
     def stream_process(ids: list[int]):
         for i in ids:
             op = ops[i]
@@ -90,19 +92,23 @@ def run_plan(plan: Plan, cost: CostModel) -> EngineRecord:
                 if end[d] < 0:
                     ev = waiters.get(d)
                     if ev is None:
-                        ev = waiters[d] = env.event()
+                        ev = waiters[d] = new_event()
                     yield ev
-            start[i] = env.now
-            for pool, nbytes in op.alloc:
-                pools.alloc(pool, nbytes, f"op {i} {op.kind} layer {op.layer}")
-            if durations[i]:
-                yield env.timeout(durations[i])
-            end[i] = env.now
-            for pool, nbytes in op.free:
-                pools.free(pool, nbytes)
-            ev = waiters.pop(i, None)
-            if ev is not None:
-                ev.succeed()
+            now = start[i] = env.now
+            if op.alloc:
+                for pool, nbytes in op.alloc:
+                    pools.alloc(pool, nbytes, f"op {i} {op.kind} layer {op.layer}")
+            d = durations[i]
+            if d:
+                yield timeout(d)
+            end[i] = now + d
+            if op.free:
+                for pool, nbytes in op.free:
+                    pools.free(pool, nbytes)
+            if waiters:
+                ev = waiters.pop(i, None)
+                if ev is not None:
+                    ev.succeed()
 
     for ids in by_stream.values():
         if ids:

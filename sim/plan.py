@@ -122,11 +122,13 @@ class PlanBuilder:
         self.ops: list[Op] = []
 
     def add(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, *, tokens: int = 0,
-            flops: int = 0, nbytes: int = 0, deps: tuple[int, ...] | list[int] = (), micro_batch: int = -1,
+            flops: int = 0, nbytes: int = 0, deps: tuple[int, ...] = (), micro_batch: int = -1,
             expert: int = -1, payload: Payload = Payload.NONE, kv_tokens: int = 0,
             alloc: tuple[tuple[str, int], ...] = (), free: tuple[tuple[str, int], ...] = ()) -> int:
+        """Append an op; negative ids in `deps` mean "no dependency" and are dropped. Returns the new id."""
         op_id = len(self.ops)
-        clean = tuple(d for d in deps if d >= 0)
-        self.ops.append(Op(op_id, kind, stream, phase, step, layer, micro_batch, int(tokens), int(flops),
-                           int(nbytes), clean, expert, payload, int(kv_tokens), alloc, free))
+        if deps:
+            deps = tuple([d for d in deps if d >= 0])
+        self.ops.append(Op(op_id, kind, stream, phase, step, layer, micro_batch, tokens, flops, nbytes, deps,
+                           expert, payload, kv_tokens, alloc, free))
         return op_id

@@ -176,3 +176,16 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("coxmoe: error:") and "Traceback" not in proc.stderr
+
+
+def test_plan_out_then_run_plan(capsys, tmp_path):
+    plan = tmp_path / "p.parquet"
+    code, out, err = run(capsys, *SIM, "--plan-out", str(plan), "--json")
+    assert code == 0, err
+    sim = json.loads(out)
+    code, out, err = run(capsys, "run-plan", str(plan), "--json", "--timeline", str(tmp_path / "t.json"))
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["total_s"] == sim["total_s"] and again["events"] == sim["events"]
+    code, _, err = run(capsys, "run-plan", str(tmp_path / "t.json"))
+    assert code == 2 and "not a readable Parquet plan" in err

@@ -210,3 +210,36 @@ def test_bad_policy_options(opt, message):
 def test_unknown_policy():
     with pytest.raises(SimInputError, match="unknown policy"):
         make_policy("flexgen-ish")
+
+
+def test_plan_parquet_round_trip_simulates_identically(tmp_path, tiny_mla_model, paper_system):
+    from sim.plan_io import load_plan, save_plan
+
+    plan, _ = build(tiny_mla_model, paper_system, "stream-experts", {"attention": "cpu", "decode_micro_batch": "3"})
+    path = save_plan(plan, tmp_path / "plan.parquet")
+    back = load_plan(path)
+    assert back.ops == plan.ops
+    assert (back.policy, back.knobs, back.model, back.system) == (plan.policy, plan.knobs, plan.model, plan.system)
+    assert back.static_memory == plan.static_memory
+    np.testing.assert_array_equal(back.workload.prompt_lens, plan.workload.prompt_lens)
+    for a, b in zip(back.micro_batches["decode"], plan.micro_batches["decode"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    r1, m1 = simulate_plan(plan)
+    r2, m2 = simulate_plan(back)
+    assert m1 == m2 and (r1.end_ns == r2.end_ns).all()
+
+
+def test_plan_files_that_are_not_plans(tmp_path):
+    from sim.plan_io import load_plan
+
+    with pytest.raises(SimInputError, match="not found"):
+        load_plan(tmp_path / "none.parquet")
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1 not really")
+    with pytest.raises(SimInputError, match="not a readable Parquet plan"):
+        load_plan(junk)
+    import pandas as pd
+
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(SimInputError, match="not a cox-moe plan"):
+        load_plan(tmp_path / "other.parquet")

@@ -98,8 +98,7 @@ class RoutingTrace:
         L, E = self.header.num_layers, self.header.num_experts
         if len(rows) == 0:
             return np.zeros((L, E), dtype=np.int64)
-        ids = self.experts[rows].astype(np.int64)  # [n, L, k]
-        flat = ids + (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        flat = self.experts[rows] + (np.arange(L, dtype=np.int32) * E)[None, :, None]  # [n, L, k], int32
         return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
 
 

@@ -94,10 +94,11 @@ class _InverseCdf:
         self.cdf = cdf
         self.buckets = max(1024, 4 * cdf.size)
         edges = np.arange(self.buckets, dtype=np.float32) / np.float32(self.buckets)
-        self.guide = np.searchsorted(cdf, edges, side="right")
+        self.guide = np.searchsorted(cdf, edges, side="right").astype(expert_dtype(cdf.size))
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
-        idx = self.guide[(u * self.buckets).astype(np.int64)]
+        u_scaled = u * np.float32(self.buckets)
+        idx = self.guide[u_scaled.astype(np.int32)]
         pending = np.flatnonzero(self.cdf[idx] <= u)
         while pending.size:
             idx[pending] += 1
@@ -108,8 +109,20 @@ class _InverseCdf:
 def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int, num_experts: int,
                  dtype: np.dtype, chunk: int = 1 << 16) -> np.ndarray:
     """k distinct ids per row, drawn one position at a time, redrawing repeats (exact sequential sampling
-    without replacement). A per-row 'taken' mask makes each repeat check O(1); rows go in chunks."""
+    without replacement). Small k compares against earlier columns; larger k keeps a per-row 'taken' mask so
+    each repeat check is O(1), processing rows in chunks to bound memory."""
     out = np.empty((n, k), dtype=dtype)
+    if k <= 4:
+        for j in range(k):
+            draw = draw_ids(rng.random(n, dtype=np.float32))
+            if j:
+                bad = np.flatnonzero(_collides(out[:, :j], draw))
+                while bad.size:
+                    redraw = draw_ids(rng.random(bad.size, dtype=np.float32))
+                    draw[bad] = redraw
+                    bad = bad[_collides(out[bad, :j], redraw)]
+            out[:, j] = draw
+        return out
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         rows = np.arange(m)
@@ -125,6 +138,13 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
             taken[rows, draw] = True
             out[s:s + m, j] = draw
     return out
+
+
+def _collides(earlier: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    hit = earlier[:, 0] == draw
+    for c in range(1, earlier.shape[1]):
+        hit |= earlier[:, c] == draw
+    return hit
 
 
 @dataclass(frozen=True)
@@ -161,13 +181,13 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     dtype = expert_dtype(cfg.num_experts)
     experts = np.empty((n, cfg.num_layers, cfg.top_k), dtype=dtype)
     rng = np.random.default_rng([cfg.seed, 0x7ACE])
-    index = np.arange(n, dtype=np.int64)
+    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     layers = tqdm(range(cfg.num_layers), desc="routing layers", unit="layer", disable=None if progress else True,
                   leave=False)
     for layer in layers:
         fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
         if cfg.reuse_prob > 0:
-            reuse = (rng.random(n) < cfg.reuse_prob) & ~first_token
+            reuse = (rng.random(n, dtype=np.float32) < np.float32(cfg.reuse_prob)) & ~first_token
             # Each reusing token copies the latest fresh token before it in the same request.
             source = np.maximum.accumulate(np.where(reuse, 0, index))
             experts[:, layer, :] = fresh[source]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sim.specs import ModelSpec
 
 
-@dataclass(frozen=True)
-class Work:
+class Work(NamedTuple):
+    """FLOPs an op performs and bytes it moves through memory (or across a link, for copies)."""
+
     flops: int
     bytes: int
 
@@ -19,6 +20,7 @@ class OpWork:
     def __init__(self, model: ModelSpec):
         self.m = model
         self.bpp = model.bytes_per_param
+        self._expert_cache: dict[int, Work] = {}
 
     def _gemm(self, params: int, tokens: int, width_in: int, width_out: int) -> Work:
         return Work(2 * tokens * params, (params + tokens * (width_in + width_out)) * self.bpp)
@@ -41,7 +43,11 @@ class OpWork:
         return self._gemm(self.m.router_params, tokens, self.m.hidden_size, self.m.num_experts)
 
     def expert(self, tokens: int) -> Work:
-        return self._gemm(self.m.expert_params, tokens, self.m.hidden_size, self.m.hidden_size)
+        hit = self._expert_cache.get(tokens)
+        if hit is None:
+            hit = self._expert_cache[tokens] = self._gemm(self.m.expert_params, tokens, self.m.hidden_size,
+                                                          self.m.hidden_size)
+        return hit
 
     def shared_expert(self, tokens: int) -> Work:
         return self._gemm(self.m.shared_expert_params, tokens, self.m.hidden_size, self.m.hidden_size)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from sim.cost import OpWork, Work
-from sim.plan import OpKind, Payload, Phase, PlanBuilder, Stream
+from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
 
 GPU, CPU, H2D, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H
@@ -59,11 +59,16 @@ class LayerEmitter:
         self.m = ctx.model
         self.w: OpWork = ctx.work
         self.b = builder
+        self.ops = builder.ops
 
     def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
-            work: Work, deps: tuple[int, ...], **extra) -> int:
-        return self.b.add(kind, stream, phase, step, layer, tokens=tokens, flops=work.flops, nbytes=work.bytes,
-                          deps=deps, micro_batch=mb, **extra)
+            work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0) -> int:
+        """Append an op directly (this is the hot path of plan building); negative deps are dropped."""
+        ops = self.ops
+        op_id = len(ops)
+        ops.append(Op(op_id, kind, stream, phase, step, layer, mb, tokens, work[0], work[1],
+                      tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
+        return op_id
 
     def copy(self, stream: Stream, phase: Phase, step: int, layer: int, mb: int, nbytes: int, payload: Payload,
              deps: tuple[int, ...], tokens: int = 0) -> int:
