@@ -58,7 +58,7 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
     ax_busy.axvline(result.total_s, color="k", lw=0.8, ls="--")
     ax_busy.set_xlabel("busy time (s); dashed: end to end")
     ax_busy.invert_yaxis()
-    ax_busy.legend(fontsize=7, loc="lower right")
+    ax_busy.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
     ax_busy.set_title(f"{result.throughput_tok_s:.1f} tok/s, total {result.total_s:.2f} s", fontsize=10)
 
     steps = sorted({op.step for op in plan.ops if op.phase is Phase.DECODE})
