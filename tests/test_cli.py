@@ -141,7 +141,7 @@ BAD_INPUTS = [
     (lambda p: ["simulate", "--model", "olmoe-1b-7b", "--system", "tpu", "--batch", "1", "--prompt-len", "1",
                 "--gen-len", "1"], "unknown system preset"),
     (lambda p: [*SIM[:-2], "--gen-len", "-4"], "must be >= 1"),
-    (lambda p: [*SIM, "--batch", "zero"], "positive integer"),
+    (lambda p: [*SIM, "--batch", "zero"], "expected an integer >= 1"),
     (lambda p: [*SIM, "--policy", "magic"], "unknown policy"),
     (lambda p: [*SIM, "--policy-opt", "attention=tpu"], "attention must be"),
     (lambda p: [*SIM, "--policy-opt", "noequals"], "KEY=VALUE"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sim.cost import OpWork
-from sim.errors import SimInputError
+from sim.errors import CapacityError, SimInputError
 from sim.plan import Plan
 from sim.specs import ModelSpec, SystemSpec
 from sim.workload import Workload
@@ -26,6 +26,36 @@ class PlanContext:
     @property
     def work(self) -> OpWork:
         return OpWork(self.model)
+
+
+@dataclass(frozen=True)
+class MicroBatchOptions:
+    """Knobs every policy has. prefill_tokens: prompt tokens per prefill micro-batch (whole requests);
+    decode_micro_batch: requests per decode micro-batch (0 = the whole batch)."""
+
+    policy_name: ClassVar[str] = "policy"
+    prefill_tokens: int = 8192
+    decode_micro_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_tokens < 1:
+            raise SimInputError(f"policy {self.policy_name}: prefill_tokens must be >= 1")
+        if self.decode_micro_batch < 0:
+            raise SimInputError(f"policy {self.policy_name}: decode_micro_batch must be >= 0")
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in allowed:
+            raise SimInputError(f"policy {self.policy_name}: {name} must be one of {', '.join(allowed)}, "
+                                f"got {value!r}")
+
+
+def require_fits(pool: str, device: str, policy: str, parts: dict[str, int], capacity: int) -> None:
+    """Raise CapacityError naming every part when the static parts of a pool exceed its capacity."""
+    need = sum(parts.values())
+    if need > capacity:
+        detail = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts.items())
+        raise CapacityError(f"{pool} ({device}) for {policy}", need, capacity, detail)
 
 
 class Policy:

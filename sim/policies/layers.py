@@ -42,6 +42,17 @@ def split_by_count(requests: np.ndarray, size: int) -> list[np.ndarray]:
     return [requests[i:i + size] for i in range(0, requests.size, size)]
 
 
+def group_requests(ctx: PlanContext, prefill_tokens: int,
+                   decode_micro_batch: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Prefill and decode micro-batches of the workload, and the most tokens any of them holds."""
+    wl = ctx.workload
+    requests = np.arange(wl.batch)
+    prefill = split_by_tokens(requests, wl.prompt_lens, prefill_tokens)
+    decode = split_by_count(requests, decode_micro_batch)
+    max_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill), max(g.size for g in decode))
+    return prefill, decode, max_tokens
+
+
 def activation_workspace_bytes(ctx: PlanContext, tokens: int) -> int:
     """GPU buffers for one micro-batch in flight: hidden states, QKV/attention outputs, expert intermediates."""
     m = ctx.model

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.errors import CapacityError, SimInputError
 from sim.plan import Payload, Phase, Plan, PlanBuilder
-from sim.policies.base import PlanContext, Policy
+from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     CPU,
     GPU,
@@ -23,33 +22,26 @@ from sim.policies.layers import (
     LayerEmitter,
     activation_workspace_bytes,
     decode_slices,
+    group_requests,
     prefill_slices,
-    split_by_count,
-    split_by_tokens,
 )
 
 
 @dataclass(frozen=True)
-class StreamExpertsOptions:
+class StreamExpertsOptions(MicroBatchOptions):
     """attention: auto | gpu | cpu (decode attention and KV placement; auto = gpu when the KV cache fits);
     fetch: all | routed (copy every expert of a layer, or only those the step's tokens chose);
     prefill_tokens: prompt tokens per prefill micro-batch; decode_micro_batch: requests per decode
     micro-batch (0 = the whole batch)."""
 
+    policy_name = "stream-experts"
     attention: str = "auto"
     fetch: str = "all"
-    prefill_tokens: int = 8192
-    decode_micro_batch: int = 0
 
     def __post_init__(self) -> None:
-        if self.attention not in ("auto", "gpu", "cpu"):
-            raise SimInputError(f"policy stream-experts: attention must be auto, gpu or cpu, got {self.attention!r}")
-        if self.fetch not in ("all", "routed"):
-            raise SimInputError(f"policy stream-experts: fetch must be all or routed, got {self.fetch!r}")
-        if self.prefill_tokens < 1:
-            raise SimInputError("policy stream-experts: prefill_tokens must be >= 1")
-        if self.decode_micro_batch < 0:
-            raise SimInputError("policy stream-experts: decode_micro_batch must be >= 0")
+        super().__post_init__()
+        self.choice("attention", ("auto", "gpu", "cpu"))
+        self.choice("fetch", ("all", "routed"))
 
 
 class StreamExpertsPolicy(Policy):
@@ -60,11 +52,7 @@ class StreamExpertsPolicy(Policy):
     def build(self, ctx: PlanContext) -> Plan:
         o: StreamExpertsOptions = self.options
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
-        requests = np.arange(wl.batch)
-        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens)
-        decode_groups = split_by_count(requests, o.decode_micro_batch)
-        max_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups),
-                         max(g.size for g in decode_groups))
+        prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
         layer_expert_bytes = m.num_experts * m.expert_bytes
         gpu = {
             "non_expert_weights": m.non_expert_params * m.bytes_per_param,
@@ -78,11 +66,8 @@ class StreamExpertsPolicy(Policy):
             attention = "gpu" if sum(gpu.values()) + kv_bytes <= sysm.gpu_usable_bytes else "cpu"
         cpu = {"expert_weights": m.routed_expert_params * m.bytes_per_param}
         (gpu if attention == "gpu" else cpu)["kv_cache"] = kv_bytes
-        for pool, parts, cap, dev in (("GPU", gpu, sysm.gpu_usable_bytes, sysm.gpu.name),
-                                      ("DRAM", cpu, sysm.dram_usable_bytes, sysm.name)):
-            if sum(parts.values()) > cap:
-                detail = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts.items())
-                raise CapacityError(f"{pool} ({dev}) for stream-experts", sum(parts.values()), cap, detail)
+        require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
+        require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         knobs = {**self.knobs(), "attention": attention}
         builder = PlanBuilder()
         em = LayerEmitter(ctx, builder)
