@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("stats", help="popularity, entropy, reuse and LRU hit rates of a trace")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--lru-tokens", type=_positive_int, default=200_000,
+    p.add_argument("--lru-tokens", type=_positive_int, default=50_000,
                    help="routed tokens replayed for the LRU hit rates (whole requests, from the first)")
     p.set_defaults(func=cmd_trace_stats)
     p = tsub.add_parser("validate", help="check a trace file and print its header")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from traces.format import RoutingTrace
 
@@ -36,22 +37,26 @@ class TraceStats:
         return data
 
 
-def _reuse(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer: mean overlap of consecutive tokens' top-k sets, and first-choice repeat rate."""
-    ex = trace.experts
+def _reuse(trace: RoutingTrace, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: mean share of a token's top-k chosen by the previous token (same request), and the rate
+    at which the first choice repeats. Tokens go in chunks to bound the [n, L, k, k] comparison."""
+    L, k = trace.header.num_layers, trace.header.top_k
     follows = np.ones(trace.num_tokens, dtype=bool)
-    follows[trace.token_offsets[:-1]] = False  # first token of each request has no predecessor
+    follows[trace.token_offsets[:-1]] = False  # the first token of each request has no predecessor
     idx = np.flatnonzero(follows)
-    if idx.size == 0:
-        zeros = np.zeros(trace.header.num_layers)
-        return zeros, zeros
-    cur, prev = ex[idx], ex[idx - 1]  # [n, L, k]
-    overlap = (cur[..., :, None] == prev[..., None, :]).any(axis=-1).mean(axis=-1)  # [n, L]
-    top1 = cur[..., 0] == prev[..., 0]
-    return overlap.mean(axis=0), top1.mean(axis=0)
+    overlap = np.zeros(L, dtype=np.float64)
+    top1 = np.zeros(L, dtype=np.float64)
+    for s in range(0, idx.size, chunk):
+        rows = idx[s:s + chunk]
+        cur, prev = trace.experts[rows], trace.experts[rows - 1]  # [n, L, k]
+        shared = (cur[..., :, None] == prev[..., None, :]).any(axis=-1).sum(axis=-1)  # [n, L]
+        overlap += shared.sum(axis=0) / k
+        top1 += (cur[..., 0] == prev[..., 0]).sum(axis=0)
+    n = max(idx.size, 1)
+    return overlap / n, top1 / n
 
 
-def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 200_000) -> tuple[np.ndarray, int]:
+def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.ndarray, int]:
     """Hit rate [layers, E] of an LRU cache of c = 1..E experts per layer, replaying each request's tokens.
 
     An access hits a cache of c experts when fewer than c distinct other experts were used since that expert's
@@ -68,7 +73,8 @@ def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 200_000) -> tuple[np.nd
     hist = np.zeros((L, E + 1), dtype=np.int64)  # distance E means "never seen": a miss at every size
     last = np.full((take, L, E), -1, dtype=np.int64)
     rows_l = np.arange(L)[None, :, None]
-    for pos in range(int(lens.max())):
+    positions = tqdm(range(int(lens.max())), desc="LRU replay", unit="pos", disable=None, leave=False)
+    for pos in positions:
         active = np.flatnonzero(lens > pos)
         ids = trace.experts[offsets[active] + pos].astype(np.int64)  # [a, L, k]
         lst = last[active]                                             # [a, L, E]
@@ -86,7 +92,7 @@ def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 200_000) -> tuple[np.nd
     return cum / np.maximum(total, 1), int(lens.sum())
 
 
-def trace_stats(trace: RoutingTrace, lru_max_tokens: int = 200_000) -> TraceStats:
+def trace_stats(trace: RoutingTrace, lru_max_tokens: int = 50_000) -> TraceStats:
     h = trace.header
     L, E = h.num_layers, h.num_experts
     counts = trace.expert_counts(np.arange(trace.num_tokens))

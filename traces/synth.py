@@ -123,19 +123,28 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
                     bad = bad[_collides(out[bad, :j], redraw)]
             out[:, j] = draw
         return out
+    words = (num_experts + 63) // 64
+    one = np.uint64(1)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         rows = np.arange(m)
-        taken = np.zeros((m, num_experts), dtype=bool)
+        taken = np.zeros((m, words), dtype=np.uint64)  # bit e % 64 of word e // 64: expert e already chosen
+
+        def is_taken(r: np.ndarray, ids: np.ndarray, taken: np.ndarray = taken) -> np.ndarray:
+            return ((taken[r, ids >> 6] >> (ids & 63).astype(np.uint64)) & one).astype(bool)
+
         for j in range(k):
-            draw = draw_ids(rng.random(m, dtype=np.float32))
+            draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int64)
             if j:
-                bad = np.flatnonzero(taken[rows, draw])
+                bad = np.flatnonzero(is_taken(rows, draw))
                 while bad.size:
-                    redraw = draw_ids(rng.random(bad.size, dtype=np.float32))
-                    draw[bad] = redraw
-                    bad = bad[taken[bad, redraw]]
-            taken[rows, draw] = True
+                    # Several candidates per rejected row at once; the first one not taken wins.
+                    cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(np.int64).reshape(-1, 4)
+                    free = ~is_taken(bad[:, None], cand)
+                    found = free.any(axis=1)
+                    draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
+                    bad = bad[~found]
+            taken[rows, draw >> 6] |= one << (draw & 63).astype(np.uint64)
             out[s:s + m, j] = draw
     return out
 

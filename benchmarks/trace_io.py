@@ -1,0 +1,47 @@
+"""Trace format v1 speed: synthesise, save, load (with full validation) and summarise a million-token trace.
+
+    python benchmarks/trace_io.py [--model mixtral-8x7b] [--requests 1024] [--prompt-len 800] [--gen-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sim.specs import load_model
+from traces import SynthConfig, generate_trace, load_trace, save_trace, trace_stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mixtral-8x7b")
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--prompt-len", type=int, default=800)
+    parser.add_argument("--gen-len", type=int, default=256)
+    parser.add_argument("--routing", default="table:mixtral-8x7b")
+    args = parser.parse_args()
+    m = load_model(args.model)
+    cfg = SynthConfig(m.name, m.num_moe_layers, m.num_experts, m.top_k, args.routing, 0.2, 0)
+    t0 = time.perf_counter()
+    trace = generate_trace(cfg, np.full(args.requests, args.prompt_len), np.full(args.requests, args.gen_len))
+    t1 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_trace(trace, Path(tmp) / "t.npz")
+        t2 = time.perf_counter()
+        back = load_trace(path)
+        t3 = time.perf_counter()
+        size = path.stat().st_size
+    stats = trace_stats(back)
+    t4 = time.perf_counter()
+    print(f"{m.name}: {trace.num_tokens} routed tokens x {m.num_moe_layers} layers x top-{m.top_k} "
+          f"({trace.experts.nbytes / 1e6:.0f} MB of ids, file {size / 1e6:.0f} MB), routing {args.routing}")
+    print(f"synthesise {t1 - t0:.2f} s, save {t2 - t1:.2f} s, load + validate {t3 - t2:.2f} s, "
+          f"stats {t4 - t3:.2f} s (LRU over {stats.lru_tokens} tokens)")
+
+
+if __name__ == "__main__":
+    main()
