@@ -1,8 +1,10 @@
 """The plan: engine-neutral list of ops that a policy produces and both engines (SimPy, torch) run.
 
 Semantics, shared by the simulator and the executor:
-- Ops run on a *stream*: `gpu` (compute), `cpu` (compute), `h2d` and `d2h` (the two PCIe copy directions).
-- Ops on one stream run one at a time in plan order (like a CUDA stream or a CPU worker thread).
+- Ops run on a *stream*: `gpu` (compute), `cpu` and `cpu_experts` (two CPU workers), `h2d` and `h2d_act`
+  (two host-to-device copy queues) and `d2h`.
+- Ops on one stream run one at a time in plan order (like a CUDA stream or a CPU worker thread). Streams on
+  one device (`DEVICE_OF`) run concurrently and share it: the engine slows each down to its fair share.
 - An op starts when its stream is free and every op in `deps` has finished; `deps` only name earlier ops.
 - `alloc` bytes are taken from a memory pool (`gpu` or `cpu`) when an op starts; `free` bytes are returned
   when it ends. Memory that lives for the whole run is in `Plan.static_memory`.
@@ -23,13 +25,31 @@ from sim.workload import Workload
 
 
 class Stream(StrEnum):
+    """In-order queues. Streams of one device share it: `cpu` and `cpu_experts` share the cores and DRAM
+    bandwidth, `h2d` and `h2d_act` share the PCIe host-to-device direction (see `DEVICE_OF`)."""
+
     GPU = "gpu"
     CPU = "cpu"
+    CPU_EXPERTS = "cpu_experts"
     H2D = "h2d"
+    H2D_ACT = "h2d_act"
     D2H = "d2h"
 
 
-STREAMS: tuple[Stream, ...] = (Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H)
+class Device(StrEnum):
+    """Physical units that streams share: what they contend for."""
+
+    GPU = "gpu"
+    CPU = "cpu"
+    H2D = "pcie_h2d"
+    D2H = "pcie_d2h"
+
+
+STREAMS: tuple[Stream, ...] = tuple(Stream)
+DEVICE_OF: dict[Stream, Device] = {
+    Stream.GPU: Device.GPU, Stream.CPU: Device.CPU, Stream.CPU_EXPERTS: Device.CPU,
+    Stream.H2D: Device.H2D, Stream.H2D_ACT: Device.H2D, Stream.D2H: Device.D2H,
+}
 
 
 class OpKind(StrEnum):

@@ -12,7 +12,8 @@ import numpy as np
 
 from sim.plan import STREAMS, Op
 
-TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "h2d": "PCIe H2D", "d2h": "PCIe D2H"}
+TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "cpu_experts": "CPU (AMX) experts",
+               "h2d": "PCIe H2D weights", "h2d_act": "PCIe H2D activations", "d2h": "PCIe D2H"}
 
 
 def _label(op: Op) -> str:

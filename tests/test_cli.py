@@ -30,7 +30,7 @@ def test_simulate_json_has_the_documented_fields(capsys):
     for key in ("throughput_tok_s", "prefill_s", "decode_s", "total_s", "peak_gpu_bytes", "peak_cpu_bytes",
                 "busy_fraction", "knobs", "events", "wall_s"):
         assert key in d
-    assert set(d["busy_fraction"]) == {"gpu", "cpu", "h2d", "d2h"}
+    assert set(d["busy_fraction"]) == {"gpu", "cpu", "cpu_experts", "h2d", "h2d_act", "d2h"}
     assert d["policy"] == "gpu-only" and d["knobs"]["prefill_tokens"] == 8192
     assert d["throughput_tok_s"] > 0 and d["events"] > 0
 
@@ -54,7 +54,8 @@ def test_timeline_and_plot_files(capsys, tmp_path):
     trace = json.loads(tl.read_text())
     slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     names = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
-    assert names == {"GPU compute", "CPU (AMX) compute", "PCIe H2D", "PCIe D2H"}
+    assert names == {"GPU compute", "CPU (AMX) compute", "CPU (AMX) experts", "PCIe H2D weights",
+                     "PCIe H2D activations", "PCIe D2H"}
     assert slices and all(e["dur"] >= 0 for e in slices)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "throughput" in out

@@ -1,0 +1,100 @@
+"""Streams that share a device slow each other down fairly, and a device never beats its capacity."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.cost import RooflineCostModel
+from sim.engine import max_min_rates, run_plan
+from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.workload import Workload
+
+
+def run(model, system, build):
+    b = PlanBuilder()
+    build(b)
+    plan = Plan("t", {}, model, system, Workload.uniform(1, 1, 2), b.ops, {"gpu": {}, "cpu": {}})
+    cost = RooflineCostModel(system)
+    return plan, run_plan(plan, cost), cost
+
+
+def cpu_gemm(b, stream, flops, nbytes, deps=()):
+    return b.add(OpKind.EXPERT, stream, Phase.DECODE, 1, 0, tokens=64, flops=flops, nbytes=nbytes, deps=deps)
+
+
+def test_max_min_rates():
+    assert max_min_rates([(1.0, 0.2)]) == [1.0]
+    assert max_min_rates([(1.0, 0.1), (1.0, 0.1)]) == pytest.approx([0.5, 0.5])
+    # Complementary jobs (one compute-bound, one memory-bound) both keep most of their speed.
+    r = max_min_rates([(1.0, 0.2), (0.2, 1.0)])
+    assert r == pytest.approx([1 / 1.2, 1 / 1.2])
+    # Three on one resource: a third each; a job that needs little gets full speed, the rest share.
+    assert max_min_rates([(1.0, 0), (1.0, 0), (1.0, 0)]) == pytest.approx([1 / 3] * 3)
+    assert max_min_rates([(0.2, 0), (1.0, 0), (1.0, 0)]) == pytest.approx([1.0, 0.4, 0.4])
+    assert max_min_rates([(0.0, 0.0), (1.0, 1.0)]) == [1.0, 1.0]
+
+
+def test_two_cpu_workers_share_the_cores(tiny_model, paper_system):
+    flops = 10**11  # compute-bound on the 8452Y: ~4.7 ms alone
+    plan, rec, cost = run(tiny_model, paper_system, lambda b: (cpu_gemm(b, Stream.CPU, flops, 10**6),
+                                                                cpu_gemm(b, Stream.CPU_EXPERTS, flops, 10**6)))
+    alone = cost.op_time_ns(plan.ops[0])
+    assert rec.end_ns.tolist() == [2 * alone] * 2  # each takes twice as long as alone; together, capacity
+    assert rec.start_ns.tolist() == [0, 0]
+
+
+def test_copies_in_one_pcie_direction_share_the_link(tiny_model, paper_system):
+    def build(b):
+        b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, nbytes=2 * 10**9)
+        b.add(OpKind.COPY, Stream.H2D_ACT, Phase.DECODE, 1, 0, nbytes=10**9)
+        b.add(OpKind.COPY, Stream.D2H, Phase.DECODE, 1, 0, nbytes=10**9)  # the other direction: unaffected
+
+    plan, rec, cost = run(tiny_model, paper_system, build)
+    big, small, other = (cost.op_time_ns(op) for op in plan.ops)
+    assert rec.end_ns[2] == other
+    # The small copy runs at half speed until it ends; the big one then has the link to itself.
+    assert rec.end_ns[1] == pytest.approx(2 * small, abs=2)
+    assert rec.end_ns[0] == pytest.approx(big + small, abs=2)
+    assert rec.end_ns[0] >= big and rec.end_ns[1] > small
+
+
+def test_late_arrival_slows_the_running_op_from_then_on(tiny_model, paper_system):
+    flops = 10**11
+
+    def build(b):
+        cpu_gemm(b, Stream.CPU, flops, 10**6)
+        gate = b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=0, nbytes=0)
+        cpu_gemm(b, Stream.CPU_EXPERTS, flops, 10**6, deps=(gate,))
+
+    plan, rec, cost = run(tiny_model, paper_system, build)
+    alone = cost.op_time_ns(plan.ops[0])
+    arrival = rec.end_ns[1]
+    assert 0 < arrival < alone
+    # First op: alone until `arrival`, then half speed for what is left.
+    assert rec.end_ns[0] == pytest.approx(arrival + 2 * (alone - arrival), abs=2)
+    # Second op: half speed while both run, then alone.
+    assert rec.end_ns[2] == pytest.approx(arrival + alone + (alone - arrival), abs=2)
+
+
+def test_work_never_exceeds_capacity_and_overlap_helps(tiny_model, paper_system):
+    def build(b):
+        cpu_gemm(b, Stream.CPU, 2 * 10**11, 10**7)            # compute-bound
+        b.add(OpKind.ATTENTION, Stream.CPU_EXPERTS, Phase.DECODE, 1, 0, tokens=64, flops=10**8,
+              nbytes=2 * 10**9)                                 # memory-bound
+
+    plan, rec, cost = run(tiny_model, paper_system, build)
+    alone = [cost.op_time_ns(op) for op in plan.ops]
+    makespan = rec.makespan_ns
+    assert max(alone) <= makespan < sum(alone)  # faster than running one after the other
+    for resource in (0, 1):
+        demanded = sum(cost.usage(op)[resource] * t for op, t in zip(plan.ops, alone, strict=True))
+        assert demanded <= makespan * (1 + 1e-6)
+    assert all(rec.end_ns[i] - rec.start_ns[i] >= alone[i] for i in range(2))
+
+
+def test_same_stream_never_overlaps_itself(tiny_model, paper_system):
+    flops = 10**11
+    plan, rec, cost = run(tiny_model, paper_system, lambda b: (cpu_gemm(b, Stream.CPU, flops, 10**6),
+                                                                cpu_gemm(b, Stream.CPU, flops, 10**6)))
+    alone = cost.op_time_ns(plan.ops[0])
+    assert rec.start_ns.tolist() == [0, alone] and rec.end_ns.tolist() == [alone, 2 * alone]
