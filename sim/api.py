@@ -50,6 +50,7 @@ class SimulationResult:
     num_ops: int
     events: int
     wall_s: float
+    search: dict[str, Any] | None = None
     plan: Plan | None = field(default=None, repr=False)
     record: EngineRecord | None = field(default=None, repr=False)
 
@@ -66,6 +67,7 @@ class SimulationResult:
             "peak_gpu_bytes": self.peak_gpu_bytes, "peak_cpu_bytes": self.peak_cpu_bytes,
             "busy_fraction": self.busy_fraction, "busy_s": self.busy_s, "static_memory": self.static_memory,
             "num_ops": self.num_ops, "events": self.events, "wall_s": self.wall_s,
+            "analytic_total_s": (self.search or {}).get("analytic_total_s"), "search": self.search,
         }
 
 
@@ -80,6 +82,17 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain Python numbers and containers (numpy scalars become floats/ints) for JSON output."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def resolve_model(model: str | ModelSpec) -> ModelSpec:
@@ -123,21 +136,24 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None,
     return wl, generate_trace(cfg, wl.prompt_lens, wl.gen_lens), routing
 
 
-def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineRecord, dict[str, Any]]:
-    """Run a built plan; returns the engine record and the phase timing and busy metrics."""
-    cost = cost or RooflineCostModel(plan.system)
-    record = run_plan(plan, cost)
+def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
+    """Phase times and busy fractions of a simulated plan."""
     total_ns = record.makespan_ns
     phases = np.fromiter((op.phase is Phase.PREFILL for op in plan.ops), dtype=bool, count=len(plan.ops))
     prefill_ns = int(record.end_ns[phases].max()) if phases.any() else 0
     total_s = total_ns / 1e9
     busy_s = {k: v / 1e9 for k, v in record.busy_ns.items()}
-    metrics = {
+    return {
         "prefill_s": prefill_ns / 1e9, "decode_s": (total_ns - prefill_ns) / 1e9, "total_s": total_s,
         "busy_s": busy_s,
         "busy_fraction": {str(s): (busy_s[str(s)] / total_s if total_s else 0.0) for s in STREAMS},
     }
-    return record, metrics
+
+
+def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineRecord, dict[str, Any]]:
+    """Run a built plan; returns the engine record and the phase timing and busy metrics."""
+    record = run_plan(plan, cost or RooflineCostModel(plan.system))
+    return record, plan_metrics(plan, record)
 
 
 def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "stream-experts", *,
@@ -152,12 +168,17 @@ def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "st
     wl, tr, routing_name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
     with gc_paused():
         plan = pol.build(PlanContext(m, s, wl, tr))
-        record, metrics = simulate_plan(plan, cost)
+        record = plan.meta.pop("record", None) if cost is None else None  # a search already simulated it
+        if record is None:
+            record, metrics = simulate_plan(plan, cost)
+        else:
+            metrics = plan_metrics(plan, record)
+    search = _jsonable(plan.meta.get("search"))
     return SimulationResult(
         model=m.name, system=s.name, policy=pol.name, knobs=plan.knobs, workload=wl.to_dict(),
         routing=routing_name, seed=seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
-        static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events,
+        static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, search=search,
         wall_s=time.perf_counter() - t0, plan=plan if keep_plan else None, record=record if keep_plan else None,
         **metrics,
     )

@@ -112,6 +112,8 @@ class Plan:
     ops: list[Op]
     static_memory: dict[str, dict[str, int]]
     micro_batches: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    # Search results and the like (JSON-ready); a searched plan also keeps its simulated record here.
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def static_bytes(self, pool: str) -> int:
         return int(sum(self.static_memory.get(pool, {}).values()))

@@ -29,25 +29,39 @@ class PlanContext:
 
 
 @dataclass(frozen=True)
-class MicroBatchOptions:
-    """Knobs every policy has. prefill_tokens: prompt tokens per prefill micro-batch (whole requests);
-    decode_micro_batch: requests per decode micro-batch (0 = the whole batch)."""
+class OptionsBase:
+    """Validation helpers shared by every policy's options dataclass."""
 
     policy_name: ClassVar[str] = "policy"
-    prefill_tokens: int = 8192
-    decode_micro_batch: int = 0
-
-    def __post_init__(self) -> None:
-        if self.prefill_tokens < 1:
-            raise SimInputError(f"policy {self.policy_name}: prefill_tokens must be >= 1")
-        if self.decode_micro_batch < 0:
-            raise SimInputError(f"policy {self.policy_name}: decode_micro_batch must be >= 0")
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in allowed:
             raise SimInputError(f"policy {self.policy_name}: {name} must be one of {', '.join(allowed)}, "
                                 f"got {value!r}")
+
+    def at_least(self, name: str, low: float) -> None:
+        value = getattr(self, name)
+        if value < low:
+            raise SimInputError(f"policy {self.policy_name}: {name} must be >= {low}, got {value}")
+
+    def fraction(self, name: str) -> None:
+        value = getattr(self, name)
+        if not 0.0 <= value <= 1.0:
+            raise SimInputError(f"policy {self.policy_name}: {name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class MicroBatchOptions(OptionsBase):
+    """Knobs every policy has. prefill_tokens: prompt tokens per prefill micro-batch (whole requests);
+    decode_micro_batch: requests per decode micro-batch (0 = the whole batch)."""
+
+    prefill_tokens: int = 8192
+    decode_micro_batch: int = 0
+
+    def __post_init__(self) -> None:
+        self.at_least("prefill_tokens", 1)
+        self.at_least("decode_micro_batch", 0)
 
 
 def require_fits(pool: str, device: str, policy: str, parts: dict[str, int], capacity: int) -> None:

@@ -8,11 +8,12 @@ router plus one op per routed expert that received tokens (OP3), the shared expe
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
 from sim.cost import OpWork, Work
-from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
+from sim.plan import DEVICE_OF, Device, Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
 
 GPU, CPU, H2D, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H
@@ -62,6 +63,15 @@ def activation_workspace_bytes(ctx: PlanContext, tokens: int) -> int:
     return tokens * per_token * m.bytes_per_param + tokens * m.vocab_size * 4
 
 
+class At(NamedTuple):
+    """Where an op sits in the schedule: phase, step, layer and micro-batch (-1: the whole batch)."""
+
+    phase: Phase
+    step: int
+    layer: int
+    mb: int = -1
+
+
 class LayerEmitter:
     """Emits ops into a PlanBuilder for one model and routing trace."""
 
@@ -71,6 +81,10 @@ class LayerEmitter:
         self.w: OpWork = ctx.work
         self.b = builder
         self.ops = builder.ops
+        w = self.w
+        self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
+                      OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
+                      OpKind.LM_HEAD: w.lm_head}
 
     def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
             work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0) -> int:
@@ -81,10 +95,40 @@ class LayerEmitter:
                       tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
         return op_id
 
+    def op(self, kind: OpKind, stream: Stream, at: At, tokens: int, deps: tuple[int, ...], expert: int = -1) -> int:
+        """A GEMM-shaped op (QKV, O-proj, router, expert, shared expert, dense FFN, embed, LM head)."""
+        return self._op(kind, stream, at.phase, at.step, at.layer, at.mb, tokens, self._work[kind](tokens), deps,
+                        expert)
+
+    def attention(self, stream: Stream, at: At, s: BatchSlice, deps: tuple[int, ...]) -> int:
+        return self._op(OpKind.ATTENTION, stream, at.phase, at.step, at.layer, at.mb, s.tokens,
+                        self.w.attention(s.tokens, s.kv_attended, s.kv_read), deps, kv_tokens=s.kv_read)
+
+    def xfer(self, stream: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
+             tokens: int = 0) -> int:
+        """A copy over PCIe (`h2d`, `h2d_act`, `d2h`), or a host memcpy on a CPU stream (pinned staging)."""
+        flops_bytes = (0, 2 * nbytes) if DEVICE_OF[stream] is Device.CPU else (0, nbytes)
+        ops = self.ops
+        op_id = len(ops)
+        ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
+                      flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
+        return op_id
+
     def copy(self, stream: Stream, phase: Phase, step: int, layer: int, mb: int, nbytes: int, payload: Payload,
              deps: tuple[int, ...], tokens: int = 0) -> int:
-        return self.b.add(OpKind.COPY, stream, phase, step, layer, tokens=tokens, nbytes=nbytes, deps=deps,
-                          micro_batch=mb, payload=payload)
+        return self.xfer(stream, At(phase, step, layer, mb), nbytes, payload, deps, tokens)
+
+    def experts(self, stream: Stream, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
+                deps: tuple[int, ...], ready: Callable[[int], int] | None = None) -> int:
+        """One op per listed expert that received tokens; returns the last op (or -1 if none ran)."""
+        last = -1
+        for e in experts:
+            t = int(counts[e])
+            if t:
+                extra = (ready(e),) if ready else ()
+                last = self._op(OpKind.EXPERT, stream, at.phase, at.step, at.layer, at.mb, t, self.w.expert(t),
+                                deps + extra, expert=int(e))
+        return last
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: int = -1) -> int:
         return self._op(OpKind.EMBED, GPU, phase, step, -1, mb, tokens, self.w.embed(tokens), (dep,))
@@ -116,21 +160,16 @@ class LayerEmitter:
                                counts: np.ndarray | None, front: int,
                                expert_deps: Callable[[int], int] | None = None) -> int:
         """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert. Returns the last op."""
-        o = self._op(OpKind.O_PROJ, GPU, phase, step, layer, mb, tokens, self.w.o_proj(tokens), (front,))
+        at = At(phase, step, layer, mb)
+        o = self.op(OpKind.O_PROJ, GPU, at, tokens, (front,))
         if not self.m.is_moe_layer(layer):
-            return self._op(OpKind.DENSE_FFN, GPU, phase, step, layer, mb, tokens, self.w.dense_ffn(tokens), (o,))
-        last = self._op(OpKind.ROUTER, GPU, phase, step, layer, mb, tokens, self.w.router(tokens), (o,))
-        router = last
+            return self.op(OpKind.DENSE_FFN, GPU, at, tokens, (o,))
+        router = last = self.op(OpKind.ROUTER, GPU, at, tokens, (o,))
         if self.m.shared_expert_intermediate_size:
-            last = self._op(OpKind.SHARED_EXPERT, GPU, phase, step, layer, mb, tokens,
-                            self.w.shared_expert(tokens), (router,))
+            last = self.op(OpKind.SHARED_EXPERT, GPU, at, tokens, (router,))
         assert counts is not None
-        for e in np.flatnonzero(counts).tolist():
-            t = int(counts[e])
-            ready = expert_deps(e) if expert_deps else -1
-            last = self._op(OpKind.EXPERT, GPU, phase, step, layer, mb, t, self.w.expert(t), (router, ready),
-                            expert=e)
-        return last
+        ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,), expert_deps)
+        return ran if ran >= 0 else last
 
 
 class BatchSlice:

@@ -1,0 +1,474 @@
+"""`coxmoe`: CoX-MoE (Son, Chen, Yoo, Choi, Kim; DAC 2026): coalesced experts with CPU-GPU co-execution.
+
+Per layer and phase (prefill and decode decide separately):
+- OP0 (QKV), OP1 (attention over the KV cache), OP2 (O projection) each run wholly on the GPU or the CPU
+  (placement x0 x1 x2, written as three letters of g/c, e.g. "gcg"), in micro-batches of mu requests. The KV
+  cache lives where decode attention runs; QKV on the GPU with attention on the CPU ships the new K/V down.
+- OP3 (the gated experts) runs coalesced on the whole batch. Experts split three ways: E_R resident in VRAM
+  (the hottest per layer), E_M copied over PCIe into a double buffer and run on the GPU, E_C run on the CPU
+  (AMX) while the GPU runs its share. Activations cross PCIe whenever consecutive work changes device.
+
+Search (the paper's "coalescing-aware orchestration"): a roofline model of every op, summed over a layer as
+T = sum T(OP0..OP2 over micro-batches) + max(T_GPU(E_R + E_M, with the E_M fetch), T_CPU(E_C)), evaluated
+over every placement, micro-batch size and residency that fits the VRAM budget (weights of E_R and of the
+non-expert ops placed on the GPU, the E_M buffers, the KV cache if on the GPU, hidden states, activation and
+expert workspace). Per layer, E_M vs E_C comes from ordering the non-resident experts by how much more they
+cost on the CPU than fetched to the GPU, and taking the prefix that minimises the layer's max(T_GPU, T_CPU).
+The best few by this model are then simulated; the fastest simulated plan wins.
+
+Ablation switches: coalesce=off (OP3 per micro-batch), attention=gpu|cpu (forces x1), stratify=off (resident
+experts by index instead of by measured load), split=cpu|gpu (all non-resident experts on one side).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from functools import cache
+
+import numpy as np
+
+from sim.errors import SimInputError
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.base import OptionsBase, PlanContext, Policy
+from sim.policies.layers import (
+    At,
+    BatchSlice,
+    LayerEmitter,
+    activation_workspace_bytes,
+    decode_slices,
+    prefill_slices,
+    split_by_count,
+    split_by_tokens,
+)
+from sim.policies.search import Analytic, Candidate, expected_counts, fixed_then_simulate, search_then_simulate
+
+GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
+                                            Stream.D2H)
+DEVICE_STREAM = {"g": GPU, "c": CPU}
+PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
+EXPERT_CHUNK_TOKENS = 8192  # coalesced expert GEMMs are tiled: workspace for this many tokens at a time
+
+
+@dataclass(frozen=True)
+class CoxMoeOptions(OptionsBase):
+    """prefill_placement / decode_placement: auto, or x0x1x2 as three of g/c (e.g. gcg: QKV on the GPU,
+    attention on the CPU, O-proj on the GPU); attention: auto | gpu | cpu forces x1 in both phases;
+    prefill_micro_batch / decode_micro_batch: requests per micro-batch of OP0-OP2 (-1 = search, 0 = whole
+    batch); resident_experts: E_R per layer (-1 = as many as fit); split: auto | cpu | gpu (where non-resident
+    experts run); coalesce: on | off (off: OP3 per micro-batch); stratify: on | off (off: resident experts by
+    index, not by measured load); rescore: candidates the simulation re-scores."""
+
+    policy_name = "coxmoe"
+    prefill_placement: str = "auto"
+    decode_placement: str = "auto"
+    attention: str = "auto"
+    prefill_micro_batch: int = -1
+    decode_micro_batch: int = -1
+    resident_experts: int = -1
+    split: str = "auto"
+    coalesce: str = "on"
+    stratify: str = "on"
+    rescore: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_placement", "decode_placement"):
+            self.choice(name, ("auto", *PLACEMENTS))
+        self.choice("attention", ("auto", "gpu", "cpu"))
+        self.choice("split", ("auto", "cpu", "gpu"))
+        self.choice("coalesce", ("on", "off"))
+        self.choice("stratify", ("on", "off"))
+        for name in ("prefill_micro_batch", "decode_micro_batch", "resident_experts"):
+            self.at_least(name, -1)
+        self.at_least("rescore", 1)
+        if self.attention != "auto":
+            x1 = self.attention[0]
+            for name in ("prefill_placement", "decode_placement"):
+                value = getattr(self, name)
+                if value != "auto" and value[1] != x1:
+                    raise SimInputError(f"policy coxmoe: attention={self.attention} contradicts {name}={value}")
+
+    @property
+    def searched(self) -> bool:
+        return "auto" in (self.prefill_placement, self.decode_placement) or -1 in (
+            self.prefill_micro_batch, self.decode_micro_batch, self.resident_experts)
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One phase's resolved decisions: placement and micro-batch size; E_M per layer (E_C = the rest)."""
+
+    placement: str
+    micro_batch: int
+    fetched: tuple[tuple[int, ...], ...]   # per MoE layer: E_M
+    on_cpu: tuple[tuple[int, ...], ...]    # per MoE layer: E_C
+
+
+class _Model:
+    """The analytic model of one context: per-phase costs of OP0-OP2 and of OP3, and the VRAM budget."""
+
+    def __init__(self, ctx: PlanContext, opts: CoxMoeOptions):
+        self.ctx, self.opts = ctx, opts
+        m, wl = ctx.model, ctx.workload
+        self.m, self.wl, self.w, self.a = m, wl, ctx.work, Analytic(ctx)
+        self.prefill_counts, self.decode_counts = expected_counts(ctx)
+        load = self.prefill_counts + self.decode_counts * max(wl.max_gen_len - 1, 1)
+        if opts.stratify == "on":
+            self.order = np.argsort(-load, axis=1, kind="stable")  # hottest first, per layer
+        else:
+            self.order = np.tile(np.arange(m.num_experts), (m.num_moe_layers, 1))
+        self.decode_steps = max(wl.max_gen_len - 1, 0)
+        self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
+        self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
+
+    # ---- OP0..OP2 --------------------------------------------------------------------------------------
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def ops012_s(self, phase: Phase, placement: str, mu: int, kv_on_gpu: bool) -> float:
+        """Per-layer time of OP0-OP2, the router and the activation copies, summed over micro-batches."""
+        w, a, wl = self.w, self.a, self.wl
+        batch = wl.batch
+        mu = batch if mu <= 0 else min(mu, batch)
+        n_mb = -(-batch // mu)
+        if phase is Phase.PREFILL:
+            s = float(wl.prompt_lens.mean())
+            tokens = int(round(mu * s))
+            kv_att, kv_read = int(mu * s * (s + 1) / 2), tokens
+        else:
+            tokens = mu
+            kv_att = kv_read = int(mu * self.kv_mean)
+        x0, x1, x2 = (DEVICE_STREAM[c] for c in placement)
+        t = a.t(OpKind.QKV, x0, w.qkv(tokens)) + a.t(OpKind.ATTENTION, x1, w.attention(tokens, kv_att, kv_read))
+        t += a.t(OpKind.O_PROJ, x2, w.o_proj(tokens)) + a.t(OpKind.ROUTER, x2, w.router(tokens))
+        if x0 is CPU:
+            t += a.copy(D2H, w.hidden_bytes(tokens))
+        if x0 != x1:
+            t += a.copy(D2H if x1 is CPU else H2D_ACT, w.qkv_out_bytes(tokens))
+        if x1 != x2:
+            t += a.copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens))
+        if phase is Phase.PREFILL and (x1 is GPU) != kv_on_gpu:
+            t += a.copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens))  # KV store to where decode reads it
+        if x2 is CPU:
+            t += a.copy(H2D_ACT, w.hidden_bytes(tokens))  # the GPU experts need the hidden states too
+        return n_mb * t
+
+    # ---- OP3 -------------------------------------------------------------------------------------------
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def op3(self, phase: Phase, resident: int, mu: int) -> tuple[float, int, tuple, tuple]:
+        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; and E_M, E_C per layer."""
+        m, w, a = self.m, self.w, self.a
+        counts = self.prefill_counts if phase is Phase.PREFILL else self.decode_counts
+        batch = self.wl.batch
+        n_mb = 1 if self.opts.coalesce == "on" or mu <= 0 else -(-batch // min(mu, batch))
+        tokens_total = float(counts.sum(axis=1).max()) / m.top_k if counts.size else 0.0
+        fetch = a.copy(H2D, m.expert_bytes)
+        shared = a.t(OpKind.SHARED_EXPERT, GPU, w.shared_expert(int(tokens_total))) if (
+            m.shared_expert_intermediate_size) else 0.0
+        hidden = w.hidden_bytes(int(tokens_total))
+        hidden_copy = a.copy(D2H, hidden) + a.copy(H2D_ACT, hidden)
+        total, widest, fetched, on_cpu = 0.0, 0, [], []
+        for layer in range(m.num_moe_layers):
+            per = counts[layer] / n_mb
+            gpu = np.array([a.t(OpKind.EXPERT, GPU, w.expert(int(round(c)))) if c >= 0.5 else 0.0 for c in per])
+            cpu = np.array([a.t(OpKind.EXPERT, CPU_EXPERTS, w.expert(int(round(c)))) if c >= 0.5 else 0.0
+                            for c in per]) * n_mb
+            gpu *= n_mb
+            order = self.order[layer]
+            res, rest = order[:resident], order[resident:]
+            base_g = shared + gpu[res].sum()
+            g_cost = gpu[rest] + fetch
+            c_cost = cpu[rest]
+            if self.opts.split == "gpu":
+                k = rest.size
+            elif self.opts.split == "cpu":
+                k = 0
+            else:
+                rank = np.argsort(-(c_cost - g_cost), kind="stable")
+                rest, g_cost, c_cost = rest[rank], g_cost[rank], c_cost[rank]
+                gpu_side = base_g + np.concatenate([[0.0], np.cumsum(g_cost)])
+                cpu_side = np.concatenate([np.cumsum(c_cost[::-1])[::-1], [0.0]])
+                cpu_side = np.where(cpu_side > 0, cpu_side + hidden_copy, 0.0)
+                k = int(np.argmin(np.maximum(gpu_side, cpu_side)))
+            em, ec = rest[:k], rest[k:]
+            t_gpu = base_g + gpu[em].sum() + fetch * em.size
+            t_cpu = cpu[ec].sum() + (hidden_copy if cpu[ec].sum() > 0 else 0.0)
+            total += max(t_gpu, t_cpu)
+            widest = max(widest, int(em.size))
+            fetched.append(tuple(sorted(int(e) for e in em)))
+            on_cpu.append(tuple(sorted(int(e) for e in ec)))
+        dense = (m.num_layers - m.num_moe_layers) * a.t(OpKind.DENSE_FFN, GPU, w.dense_ffn(int(tokens_total)))
+        return total + dense, widest, tuple(fetched), tuple(on_cpu)
+
+    # ---- memory ----------------------------------------------------------------------------------------
+    def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
+        m, wl, bpp = self.m, self.wl, self.m.bytes_per_param
+        weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
+                   + m.num_moe_layers * (m.router_params + m.shared_expert_params)
+                   + (m.num_layers - m.num_moe_layers) * m.dense_ffn_params)
+        if "g" in (pre[0], dec[0]):
+            weights += m.num_layers * m.qkv_params
+        if "g" in (pre[2], dec[2]):
+            weights += m.num_layers * m.o_proj_params
+        batch = wl.batch
+        mb_p = batch if mu_p <= 0 else min(mu_p, batch)
+        mb_d = batch if mu_d <= 0 else min(mu_d, batch)
+        mb_tokens = max(int(wl.prompt_lens[:mb_p].sum()), mb_d)
+        coalesced = wl.prompt_tokens if self.opts.coalesce == "on" else mb_tokens
+        static = {
+            "non_expert_weights": weights * bpp,
+            "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
+            "expert_fetch_buffers": 2 * widest * m.expert_bytes,
+            "hidden_states": 2 * coalesced * m.hidden_size * bpp,
+            "workspace": activation_workspace_bytes(self.ctx, min(max(mb_tokens, 1), EXPERT_CHUNK_TOKENS)),
+        }
+        if dec[1] == "g":
+            static["kv_cache"] = self.kv_bytes
+        return static
+
+    def cpu_static(self, pre: str, dec: str) -> dict[str, int]:
+        m, bpp = self.m, self.m.bytes_per_param
+        static = {"expert_weights": m.routed_expert_params * bpp,
+                  "hidden_states": 2 * self.wl.prompt_tokens * m.hidden_size * bpp}
+        cpu_weights = 0
+        if "c" in (pre[0], dec[0]):
+            cpu_weights += m.num_layers * m.qkv_params
+        if "c" in (pre[2], dec[2]):
+            cpu_weights += m.num_layers * (m.o_proj_params + m.router_params)
+        if cpu_weights:
+            static["non_expert_weights"] = cpu_weights * bpp
+        if dec[1] == "c":
+            static["kv_cache"] = self.kv_bytes
+        return static
+
+
+def _placements(opts: CoxMoeOptions, fixed: str) -> list[str]:
+    if fixed != "auto":
+        return [fixed]
+    out = list(PLACEMENTS)
+    if opts.attention != "auto":
+        out = [p for p in out if p[1] == opts.attention[0]]
+    return out
+
+
+def _micro_batches(ctx: PlanContext, phase: Phase, fixed: int) -> list[int]:
+    if fixed >= 0:
+        return [fixed]
+    batch = ctx.workload.batch
+    if phase is Phase.PREFILL:
+        mean = max(float(ctx.workload.prompt_lens.mean()), 1.0)
+        sizes = {max(1, min(batch, int(tokens // mean))) for tokens in (2048, 4096, 8192, 16384, 32768)}
+    else:
+        sizes = {0} | {batch // d for d in (2, 4, 8, 16) if batch // d >= 8}
+    return sorted(sizes)
+
+
+class CoxMoePolicy(Policy):
+    name = "coxmoe"
+    summary = "CoX-MoE: OP0-OP2 placed per phase in micro-batches, coalesced experts split E_R/E_M/E_C (AMX)"
+    Options = CoxMoeOptions
+
+    def build(self, ctx: PlanContext) -> Plan:
+        o: CoxMoeOptions = self.options
+        model = _Model(ctx, o)
+        candidates = self._candidates(ctx, model)
+        if not o.searched:
+            if not candidates:
+                self._raise_capacity(ctx, model)
+            return fixed_then_simulate(ctx, candidates[0], lambda opts: self._plan(ctx, model, opts))
+        if not candidates:
+            self._raise_capacity(ctx, model)
+        return search_then_simulate(ctx, candidates, lambda opts: self._plan(ctx, model, opts), o.rescore, self.name)
+
+    def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
+        o = self.options
+        pre = o.prefill_placement if o.prefill_placement != "auto" else "gcg"
+        dec = o.decode_placement if o.decode_placement != "auto" else "gcg"
+        static = model.gpu_static(pre, dec, max(o.prefill_micro_batch, 1), max(o.decode_micro_batch, 1),
+                                  max(o.resident_experts, 0), 0)
+        from sim.policies.base import require_fits
+
+        require_fits("GPU", ctx.system.gpu.name, self.name, static, ctx.system.gpu_usable_bytes)
+        raise SimInputError("policy coxmoe: no configuration fits in GPU memory")
+
+    # ---- search ----------------------------------------------------------------------------------------
+    def _candidates(self, ctx: PlanContext, model: _Model) -> list[Candidate]:
+        o: CoxMoeOptions = self.options
+        m = ctx.model
+        cap_gpu, cap_cpu = ctx.system.gpu_usable_bytes, ctx.system.dram_usable_bytes
+        pre_options = [(p, mu) for p in _placements(o, o.prefill_placement)
+                       for mu in _micro_batches(ctx, Phase.PREFILL, o.prefill_micro_batch)]
+        dec_options = [(p, mu) for p in _placements(o, o.decode_placement)
+                       for mu in _micro_batches(ctx, Phase.DECODE, o.decode_micro_batch)]
+        residents = [o.resident_experts] if o.resident_experts >= 0 else list(range(m.num_experts, -1, -1))
+        out: list[Candidate] = []
+        for (pre, mu_p), (dec, mu_d) in itertools.product(pre_options, dec_options):
+            kv_on_gpu = dec[1] == "g"  # the KV cache lives where decode attention runs
+            t_pre = model.ops012_s(Phase.PREFILL, pre, mu_p, kv_on_gpu)
+            t_dec = model.ops012_s(Phase.DECODE, dec, mu_d, kv_on_gpu)
+            if sum(model.cpu_static(pre, dec).values()) > cap_cpu:
+                continue
+            for resident in residents:
+                if resident > m.num_experts:
+                    continue
+                base = model.gpu_static(pre, dec, mu_p, mu_d, resident, 0)
+                if sum(base.values()) > cap_gpu:
+                    continue
+                op3_p = model.op3(Phase.PREFILL, resident, mu_p)
+                op3_d = model.op3(Phase.DECODE, resident, mu_d)
+                widest = max(op3_p[1], op3_d[1])
+                static = model.gpu_static(pre, dec, mu_p, mu_d, resident, widest)
+                if sum(static.values()) > cap_gpu:
+                    continue
+                total = (m.num_layers * t_pre + op3_p[0]) + model.decode_steps * (m.num_layers * t_dec + op3_d[0])
+                opts = replace(o, prefill_placement=pre, decode_placement=dec, prefill_micro_batch=mu_p,
+                               decode_micro_batch=mu_d, resident_experts=resident)
+                detail = {"prefill_s": m.num_layers * t_pre + op3_p[0],
+                          "decode_s": model.decode_steps * (m.num_layers * t_dec + op3_d[0]),
+                          "expert_fetched_per_layer": widest}
+                out.append(Candidate(opts, total, detail))
+                break  # the most residents that fit: fewer never makes OP3 faster
+        return out
+
+    # ---- plan ------------------------------------------------------------------------------------------
+    def _plan(self, ctx: PlanContext, model: _Model, o: CoxMoeOptions) -> Plan:
+        m, wl = ctx.model, ctx.workload
+        resident = o.resident_experts
+        phases = {}
+        for phase, placement, mu in ((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
+                                     (Phase.DECODE, o.decode_placement, o.decode_micro_batch)):
+            _, _, fetched, on_cpu = model.op3(phase, resident, mu)
+            phases[phase] = _Phase(placement, mu, fetched, on_cpu)
+        widest = max((len(f) for p in phases.values() for f in p.fetched), default=0)
+        gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
+                               o.decode_micro_batch, resident, widest)
+        cpu = model.cpu_static(o.prefill_placement, o.decode_placement)
+        requests = np.arange(wl.batch)
+        mean_prompt = max(float(wl.prompt_lens.mean()), 1.0)
+        mu_p = phases[Phase.PREFILL].micro_batch
+        prefill_groups = split_by_tokens(requests, wl.prompt_lens, int(mean_prompt * (mu_p or wl.batch)))
+        decode_groups = split_by_count(requests, phases[Phase.DECODE].micro_batch)
+        residents = [tuple(int(e) for e in model.order[li][:resident]) for li in range(m.num_moe_layers)]
+        builder = PlanBuilder()
+        emit = _Emitter(ctx, builder, residents, kv_on_gpu=o.decode_placement[1] == "g",
+                        coalesce=o.coalesce == "on")
+        emit.step(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0, phases[Phase.PREFILL])
+        for step in range(1, wl.max_gen_len):
+            slices = decode_slices(ctx, step, decode_groups)
+            if slices:
+                emit.step(slices, Phase.DECODE, step, phases[Phase.DECODE])
+        knobs = {**self.knobs(), **{k: getattr(o, k) for k in ("prefill_placement", "decode_placement",
+                                                               "prefill_micro_batch", "decode_micro_batch",
+                                                               "resident_experts")},
+                 "fetched_experts_per_layer": {str(p): [len(f) for f in ph.fetched] for p, ph in phases.items()},
+                 "cpu_experts_per_layer": {str(p): [len(c) for c in ph.on_cpu] for p, ph in phases.items()}}
+        return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
+                    {"prefill": prefill_groups, "decode": decode_groups})
+
+
+class _Emitter(LayerEmitter):
+    """Emits CoX-MoE steps: micro-batched OP0-OP2 on their devices, then OP3 split across GPU and CPU."""
+
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, residents: list[tuple[int, ...]], kv_on_gpu: bool,
+                 coalesce: bool):
+        super().__init__(ctx, builder)
+        self.residents, self.kv_on_gpu, self.coalesce = residents, kv_on_gpu, coalesce
+        self.layer_done: dict[int, int] = {}
+        self.seq = 0
+
+    def step(self, slices: list[BatchSlice], phase: Phase, step: int, plan: _Phase) -> None:
+        m, w = self.m, self.w
+        x0, x1, x2 = (DEVICE_STREAM[c] for c in plan.placement)
+        ready: list[tuple[int, ...]] = [(self.embed(phase, step, s.mb, s.tokens),) for s in slices]
+        for layer in range(m.num_layers):
+            moe = m.is_moe_layer(layer)
+            li = m.moe_index(layer) if moe else -1
+            fetched = plan.fetched[li] if moe else ()
+            on_cpu = plan.on_cpu[li] if moe else ()
+            fetch = -1
+            if fetched:
+                fetch = self.xfer(H2D, At(phase, step, layer), len(fetched) * m.expert_bytes, Payload.EXPERT_WEIGHTS,
+                                  (self.layer_done.get(self.seq - 2, -1),))
+            # OP0 and OP1 for every micro-batch first, so the GPU and the CPU pipeline across micro-batches.
+            attn_out = []
+            for i, s in enumerate(slices):
+                at = At(phase, step, layer, s.mb)
+                deps = ready[i]
+                if x0 is CPU:
+                    deps = (self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, deps, s.tokens),)
+                q = self.op(OpKind.QKV, x0, at, s.tokens, deps)
+                if x1 is not x0:
+                    q = self.xfer(D2H if x1 is CPU else H2D_ACT, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS,
+                                  (q,), s.tokens)
+                a = self.attention(x1, at, s, (q,))
+                if phase is Phase.PREFILL and (x1 is GPU) != self.kv_on_gpu:
+                    self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+                if x2 is not x1:
+                    a = self.xfer(D2H if x2 is CPU else H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS,
+                                  (a,), s.tokens)
+                attn_out.append(a)
+            on_gpu, on_cpu_ready = [], []
+            for i, s in enumerate(slices):
+                at = At(phase, step, layer, s.mb)
+                o = self.op(OpKind.O_PROJ, x2, at, s.tokens, (attn_out[i],))
+                if not moe:
+                    if x2 is CPU:
+                        o = self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (o,), s.tokens)
+                    ready[i] = (self.op(OpKind.DENSE_FFN, GPU, at, s.tokens, (o,)),)
+                    continue
+                r = self.op(OpKind.ROUTER, x2, at, s.tokens, (o,))
+                g = r if x2 is GPU else self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (r,),
+                                                  s.tokens)
+                c = r if x2 is CPU else (self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (r,),
+                                                   s.tokens) if on_cpu else -1)
+                on_gpu.append(g)
+                on_cpu_ready.append(c)
+            if not moe:
+                self.layer_done[self.seq] = ready[-1][0]
+                self.seq += 1
+                continue
+            gpu_experts = self.residents[li] + fetched
+            is_fetched = set(fetched)
+
+            def weights(e: int, f: int = fetch, fetched_set: set = is_fetched) -> int:
+                return f if e in fetched_set else -1
+
+            if self.coalesce:
+                at = At(phase, step, layer)
+                total = sum(s.counts[li] for s in slices)
+                tokens = sum(s.tokens for s in slices)
+                last_gpu = max(on_gpu)
+                if m.shared_expert_intermediate_size:
+                    last_gpu = self.op(OpKind.SHARED_EXPERT, GPU, at, tokens, tuple(on_gpu))
+                ran = self.experts(GPU, at, total, gpu_experts, tuple(on_gpu), weights)
+                last_gpu = max(last_gpu, ran)
+                back = self._cpu_experts(at, total, on_cpu, tuple(on_cpu_ready), tokens)
+                self.layer_done[self.seq] = last_gpu
+                ready = [(last_gpu, back)] * len(slices)
+            else:
+                last_gpu = -1
+                for i, s in enumerate(slices):
+                    at = At(phase, step, layer, s.mb)
+                    lg = on_gpu[i]
+                    if m.shared_expert_intermediate_size:
+                        lg = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (on_gpu[i],))
+                    lg = max(lg, self.experts(GPU, at, s.counts[li], gpu_experts, (on_gpu[i],), weights))
+                    back = self._cpu_experts(at, s.counts[li], on_cpu, (on_cpu_ready[i],), s.tokens)
+                    ready[i] = (lg, back)
+                    last_gpu = max(last_gpu, lg)
+                self.layer_done[self.seq] = last_gpu
+            self.seq += 1
+        for i, s in enumerate(slices):
+            self._lm_head(phase, step, s, ready[i])
+
+    def _cpu_experts(self, at: At, counts: np.ndarray, experts: tuple[int, ...], deps: tuple[int, ...],
+                     tokens: int) -> int:
+        """E_C on the CPU expert worker, then their outputs back to the GPU; -1 when no E_C expert has tokens."""
+        last = self.experts(CPU_EXPERTS, at, counts, experts, deps)
+        if last < 0:
+            return -1
+        routed = int(sum(int(counts[e]) for e in experts))
+        return self.xfer(H2D_ACT, at, self.w.hidden_bytes(min(routed, tokens)), Payload.ACTIVATIONS, (last,),
+                         min(routed, tokens))
+
+    def _lm_head(self, phase: Phase, step: int, s: BatchSlice, deps: tuple[int, ...]) -> None:
+        at = At(phase, step, self.m.num_layers, s.mb)
+        self.op(OpKind.LM_HEAD, GPU, at, int(s.requests.size), deps)
