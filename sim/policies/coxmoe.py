@@ -23,7 +23,7 @@ experts by index instead of by measured load), split=cpu|gpu (all non-resident e
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -355,9 +355,7 @@ class CoxMoePolicy(Policy):
             slices = decode_slices(ctx, step, decode_groups)
             if slices:
                 emit.step(slices, Phase.DECODE, step, phases[Phase.DECODE])
-        knobs = {**self.knobs(), **{k: getattr(o, k) for k in ("prefill_placement", "decode_placement",
-                                                               "prefill_micro_batch", "decode_micro_batch",
-                                                               "resident_experts")},
+        knobs = {**asdict(o),
                  "fetched_experts_per_layer": {str(p): [len(f) for f in ph.fetched] for p, ph in phases.items()},
                  "cpu_experts_per_layer": {str(p): [len(c) for c in ph.on_cpu] for p, ph in phases.items()}}
         return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu},

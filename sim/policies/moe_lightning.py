@@ -1,0 +1,298 @@
+"""`moe-lightning`: MoE-Lightning (Cao et al., ASPLOS'25): CGOPipe with paged expert weights and HRM search.
+
+Decode, per layer and micro-batch k (CGOPipe): the GPU runs pre-attention (norm + QKV) of micro-batch k+2
+while the CPU runs attention of micro-batch k+1 over its CPU-resident KV cache and the GPU runs
+post-attention (O-proj, router, experts) of micro-batch k: micro-batched experts. floor(wg x E) experts of every
+layer stay in VRAM (the first by index: routing is not used); the others of the *next* layer stream over PCIe
+as n_ub pages, one per micro-batch, each copied by a CPU thread into a pinned relay first, into a GPU double
+buffer of two layers. Every non-resident expert moves whatever the routing. Non-expert weights stay in VRAM.
+Prefill runs on the GPU, layer by layer over micro-batches, storing K/V to the CPU and offloading hidden
+states between layers; the next layer's experts arrive as one page.
+
+Search: the paper's hierarchical roofline model as an optimisation over (micro-batch size ubs, number of
+micro-batches n_ub = B / ubs, wg), decode only, per layer T = max(T_ctog, T_cpu, T_gpu) with
+T_ctog = expert bytes x (1 - wg) / PCIe, T_cpu = n_ub x max(attention FLOPs / CPU FLOPS, attention bytes / DRAM
+BW), T_gpu = n_ub x max(MoE FLOPs / GPU FLOPS, MoE bytes / HBM BW) where a micro-batch's MoE bytes read all
+experts; memory limits gpu_home + gpu_w <= 0.86 x VRAM and cpu_home + cpu_w <= 0.8 x DRAM (`fastmoe` LP).
+The best few are then simulated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
+from sim.policies.layers import (
+    At,
+    BatchSlice,
+    LayerEmitter,
+    activation_workspace_bytes,
+    decode_slices,
+    prefill_slices,
+    split_by_count,
+    split_by_tokens,
+)
+from sim.policies.search import Analytic, Candidate, fixed_then_simulate, search_then_simulate
+
+GPU, CPU, RELAY, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
+                                      Stream.D2H)
+GPU_MEMORY_FRACTION = 0.86  # fastmoe policy LP: gpu_home + gpu_w <= 0.86 * gmem
+CPU_MEMORY_FRACTION = 0.8   # fastmoe policy LP: cpu_home + cpu_w <= 0.8 * cmem
+
+
+@dataclass(frozen=True)
+class MoELightningOptions(OptionsBase):
+    """micro_batch: requests per decode micro-batch, ubs (-1 = search); resident_experts: experts per layer
+    kept in VRAM, floor(wg x E) (-1 = search); prefill_tokens: prompt tokens per prefill micro-batch;
+    rescore: candidates the simulation re-scores."""
+
+    policy_name = "moe-lightning"
+    micro_batch: int = -1
+    resident_experts: int = -1
+    prefill_tokens: int = 8192
+    rescore: int = 3
+
+    def __post_init__(self) -> None:
+        self.at_least("micro_batch", -1)
+        self.at_least("resident_experts", -1)
+        self.at_least("prefill_tokens", 1)
+        self.at_least("rescore", 1)
+
+
+def hrm_layer_s(ctx: PlanContext, a: Analytic, ubs: int, resident: int) -> dict[str, float]:
+    """The hierarchical roofline model of one decode layer: its three terms (seconds)."""
+    m, wl, w = ctx.model, ctx.workload, ctx.work
+    batch = wl.batch
+    n_ub = -(-batch // ubs)
+    wi = m.num_experts * m.expert_bytes
+    ctog = wi * (m.num_experts - resident) / m.num_experts / (a.cm.h2d_bw)
+    kv = int(ubs * (wl.prompt_lens.mean() + wl.gen_lens.mean() / 2))
+    attn = w.attention(ubs, kv, kv)
+    cpu = n_ub * max(attn.flops / a.cm.cpu_vector_flops, attn.bytes / a.cm.cpu_bw)
+    mlp_flops = ubs * m.top_k * 2 * m.expert_params
+    mlp_bytes = 2 * ubs * (m.hidden_size + m.expert_intermediate_size) + wi
+    gpu = n_ub * max(mlp_flops / a.cm.gpu_flops, mlp_bytes / a.cm.gpu_bw)
+    return {"ctog": ctog, "cpu": cpu, "gpu": gpu}
+
+
+def hrm_memory(ctx: PlanContext, ubs: int, resident: int) -> tuple[int, int]:
+    """(GPU bytes, CPU bytes) the LP's memory constraints count."""
+    m, wl = ctx.model, ctx.workload
+    bpp = m.bytes_per_param
+    wi = m.num_experts * m.expert_bytes
+    wg = resident / m.num_experts
+    layers = m.num_moe_layers
+    bls = wl.batch
+    s = float(wl.prompt_lens.mean())
+    w_other = m.non_expert_params * bpp
+    inter = 2 * (ubs * m.top_k * m.hidden_size + ubs * m.top_k * 3 * m.expert_intermediate_size) * 1.2
+    gpu = w_other + wi * layers * wg + 2 * 2 * m.hidden_size * bls + 2 * wi * (1 - wg) + inter
+    kv = wl.kv_tokens_total * m.kv_bytes_per_token
+    cpu = wi * layers * (1 - wg) + kv + 2 * m.hidden_size * bls * s + 2 * wi * (1 - wg)
+    return int(gpu), int(cpu)
+
+
+class MoELightningPolicy(Policy):
+    name = "moe-lightning"
+    summary = "MoE-Lightning: CGOPipe (GPU pre/post-attention, CPU attention, paged expert weights), HRM search"
+    Options = MoELightningOptions
+
+    def build(self, ctx: PlanContext) -> Plan:
+        o: MoELightningOptions = self.options
+        candidates = self._candidates(ctx)
+        if o.micro_batch >= 0 and o.resident_experts >= 0:
+            if not candidates:
+                self._require_fits(ctx, o)
+            return fixed_then_simulate(ctx, candidates[0], lambda opts: self._plan(ctx, opts))
+        return search_then_simulate(ctx, candidates, lambda opts: self._plan(ctx, opts), o.rescore, self.name)
+
+    def _candidates(self, ctx: PlanContext) -> list[Candidate]:
+        o: MoELightningOptions = self.options
+        m, wl = ctx.model, ctx.workload
+        a = Analytic(ctx)
+        batch = wl.batch
+        if o.micro_batch > 0:
+            sizes = [min(o.micro_batch, batch)]
+        elif o.micro_batch == 0:
+            sizes = [batch]
+        else:  # the fastmoe search: 1, 2, 3, 4, then steps of 32
+            sizes = sorted({s for s in [1, 2, 3, 4, *range(36, batch + 1, 32), batch] if s <= batch})
+        residents = [o.resident_experts] if o.resident_experts >= 0 else list(range(m.num_experts + 1))
+        steps = max(wl.max_gen_len - 1, 1)
+        out = []
+        gpu_cap = GPU_MEMORY_FRACTION * ctx.system.gpu.hbm_bytes
+        cpu_cap = CPU_MEMORY_FRACTION * ctx.system.dram_bytes
+        for ubs in sizes:
+            for resident in residents:
+                if resident > m.num_experts:
+                    continue
+                gpu_b, cpu_b = hrm_memory(ctx, ubs, resident)
+                if gpu_b > gpu_cap or cpu_b > cpu_cap:
+                    continue
+                terms = hrm_layer_s(ctx, a, ubs, resident)
+                per_layer = max(terms.values())
+                # HRM ranks by decode throughput only (prefill is ignored, as in the paper's LP)
+                out.append(Candidate(replace(o, micro_batch=ubs, resident_experts=resident),
+                                     per_layer * m.num_layers * steps, {**terms, "n_ub": -(-batch // ubs)}))
+        return out
+
+    def _require_fits(self, ctx: PlanContext, o: MoELightningOptions) -> None:
+        gpu_b, _ = hrm_memory(ctx, max(o.micro_batch, 1), o.resident_experts)
+        require_fits("GPU", ctx.system.gpu.name, self.name, {"fastmoe LP estimate": gpu_b},
+                     int(GPU_MEMORY_FRACTION * ctx.system.gpu.hbm_bytes))
+
+    def _static(self, ctx: PlanContext, o: MoELightningOptions, mb_tokens: int) -> dict[str, dict[str, int]]:
+        m, wl = ctx.model, ctx.workload
+        bpp = m.bytes_per_param
+        paged = m.num_experts - o.resident_experts
+        gpu = {"non_expert_weights": m.non_expert_params * bpp,
+               "resident_experts": o.resident_experts * m.num_moe_layers * m.expert_bytes,
+               "expert_page_buffers": 2 * paged * m.expert_bytes,
+               "hidden_states": 2 * wl.batch * m.hidden_size * bpp,
+               "workspace": activation_workspace_bytes(ctx, mb_tokens)}
+        cpu = {"expert_weights": m.routed_expert_params * bpp,
+               "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
+               "pinned_relay": 2 * paged * m.expert_bytes,
+               "hidden_states": wl.prompt_tokens * m.hidden_size * bpp}
+        return {"gpu": gpu, "cpu": cpu}
+
+    def _plan(self, ctx: PlanContext, o: MoELightningOptions) -> Plan:
+        m, wl = ctx.model, ctx.workload
+        requests = np.arange(wl.batch)
+        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens)
+        decode_groups = split_by_count(requests, o.micro_batch)
+        mb_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups), o.micro_batch)
+        static = self._static(ctx, o, mb_tokens)
+        require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
+        require_fits("DRAM", ctx.system.name, self.name, static["cpu"], ctx.system.dram_usable_bytes)
+        emit = _CGOPipe(ctx, PlanBuilder(), o.resident_experts)
+        emit.prefill(prefill_slices(ctx, prefill_groups))
+        steps = [(t, decode_slices(ctx, t, decode_groups)) for t in range(1, wl.max_gen_len)]
+        emit.decode([(t, s) for t, s in steps if s])
+        knobs = {**asdict(o), "n_ub": len(decode_groups),
+                 "wg": o.resident_experts / m.num_experts}
+        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
+                    {"prefill": prefill_groups, "decode": decode_groups})
+
+
+class _CGOPipe(LayerEmitter):
+    """Emits MoE-Lightning's schedule."""
+
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: int):
+        super().__init__(ctx, builder)
+        self.resident = list(range(resident))
+        self.paged = list(range(resident, self.m.num_experts))
+        self.paged_bytes = len(self.paged) * self.m.expert_bytes
+        self.layer_done: dict[int, int] = {}   # visit index -> last GPU op of that layer's experts
+        self.pages_done: dict[int, int] = {}   # visit index -> last page copy of that layer
+        self.seq = 0
+
+    def _fetch(self, at: At, nbytes: int, visit: int, deps: tuple[int, ...]) -> int:
+        """CPU memcpy into the pinned relay, then the copy over PCIe (into the slot of visit - 2)."""
+        if nbytes == 0:
+            return -1
+        pinned = self.xfer(RELAY, at, nbytes, Payload.EXPERT_WEIGHTS, deps)
+        return self.xfer(H2D, at, nbytes, Payload.EXPERT_WEIGHTS, (pinned, self.layer_done.get(visit - 2, -1)))
+
+    def _ffn(self, at: At, s: BatchSlice, front: int, visit: int) -> int:
+        m = self.m
+        o = self.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
+        if not m.is_moe_layer(at.layer):
+            return self.op(OpKind.DENSE_FFN, GPU, at, s.tokens, (o,))
+        last = router = self.op(OpKind.ROUTER, GPU, at, s.tokens, (o,))
+        if m.shared_expert_intermediate_size:
+            last = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (router,))
+        counts = s.counts[m.moe_index(at.layer)]
+        pages = self.pages_done.get(visit, -1)
+        ran = self.experts(GPU, at, counts, self.resident + self.paged, (router,),
+                           lambda e: pages if e >= len(self.resident) else -1)
+        return max(last, ran)
+
+    def prefill(self, slices: list[BatchSlice]) -> None:
+        m, w = self.m, self.w
+        phase = Phase.PREFILL
+        hidden = [self.embed(phase, 0, s.mb, s.tokens) for s in slices]
+        for layer in range(m.num_layers):
+            visit = self.seq
+            if m.is_moe_layer(layer):
+                self.pages_done[visit] = self._fetch(At(phase, 0, layer), self.paged_bytes, visit, ())
+            last = -1
+            for i, s in enumerate(slices):
+                at = At(phase, 0, layer, s.mb)
+                dep = hidden[i]
+                if layer:
+                    dep = self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (dep,), s.tokens)
+                q = self.op(OpKind.QKV, GPU, at, s.tokens, (dep,))
+                a = self.attention(GPU, at, s, (q,))
+                self.xfer(D2H, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+                last = self._ffn(at, s, a, visit)
+                hidden[i] = last
+                if layer < m.num_layers - 1:  # hidden states wait in host memory between layers
+                    hidden[i] = self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (last,), s.tokens)
+            self.layer_done[visit] = last
+            self.seq += 1
+        for i, s in enumerate(slices):
+            self.lm_head(phase, 0, s.mb, int(s.requests.size), hidden[i])
+
+    def decode(self, steps: list[tuple[int, list[BatchSlice]]]) -> None:
+        m, w = self.m, self.w
+        phase = Phase.DECODE
+        # Linear order of (step, layer, micro-batch) tasks; pre-attention runs two tasks ahead.
+        tasks = [(t, layer, i) for t, slices in steps for layer in range(m.num_layers) for i in range(len(slices))]
+        slices_of = dict(steps)
+        visit_of = {}
+        for t, _ in steps:
+            for layer in range(m.num_layers):
+                visit_of[(t, layer)] = self.seq
+                self.seq += 1
+        hidden: dict[tuple[int, int], int] = {}   # (step, micro-batch id) -> op producing its hidden state
+        front: dict[tuple[int, int, int], int] = {}
+        # Two tasks ahead (CGOPipe), but never past the task whose output the look-ahead task needs.
+        ahead = min(2, min((len(slices) for _, slices in steps), default=1))
+
+        def pre(task: tuple[int, int, int]) -> None:
+            t, layer, i = task
+            s = slices_of[t][i]
+            at = At(phase, t, layer, s.mb)
+            if layer == 0:
+                hidden[(t, s.mb)] = self.embed(phase, t, s.mb, s.tokens, hidden.get((t - 1, s.mb), -1))
+            q = self.op(OpKind.QKV, GPU, at, s.tokens, (hidden[(t, s.mb)],))
+            down = self.xfer(D2H, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
+            a = self.attention(CPU, at, s, (down,))
+            front[task] = a
+
+        def page(t: int, layer: int, k: int, n_pages: int) -> None:
+            """Page k of (t, layer)'s paged experts, issued with micro-batch k of the layer before it."""
+            visit = visit_of[(t, layer)]
+            if not m.is_moe_layer(layer) or not self.paged_bytes:
+                return
+            nbytes = self.paged_bytes // n_pages + (self.paged_bytes % n_pages if k == n_pages - 1 else 0)
+            self.pages_done[visit] = self._fetch(At(phase, t, layer, k), nbytes, visit, ())
+
+        first_t = steps[0][0] if steps else 0
+        if steps:  # the first decoded layer's pages: one page after prefill
+            page(first_t, 0, 0, 1)
+        for task in tasks[:ahead]:
+            pre(task)
+        order = {task: j for j, task in enumerate(tasks)}
+        for task in tasks:
+            t, layer, i = task
+            s = slices_of[t][i]
+            at = At(phase, t, layer, s.mb)
+            visit = visit_of[(t, layer)]
+            back = self.xfer(H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (front.pop(task),),
+                             s.tokens)
+            last = self._ffn(at, s, back, visit)
+            hidden[(t, s.mb)] = last
+            if i == len(slices_of[t]) - 1:
+                self.layer_done[visit] = last
+            nxt = (t, layer + 1) if layer + 1 < m.num_layers else (t + 1, 0)
+            if nxt in visit_of:
+                page(nxt[0], nxt[1], i, len(slices_of[t]))
+            if layer == m.num_layers - 1:
+                hidden[(t, s.mb)] = self.lm_head(phase, t, s.mb, int(s.requests.size), last)
+            if order[task] + ahead < len(tasks):
+                pre(tasks[order[task] + ahead])
