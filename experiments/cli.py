@@ -113,7 +113,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         args.model_file or args.model, args.system_file or args.system, args.policy,
         batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
         policy_options=parse_kv_pairs(args.policy_opt), trace=args.trace, routing=args.routing,
-        reuse_prob=args.reuse_prob, seed=args.seed, keep_plan=keep,
+        reuse_prob=args.reuse_prob, seed=args.seed, keep_plan=keep, decode_sample=args.decode_sample,
     )
     d = result.to_dict()
     if args.plan_out:
@@ -143,6 +143,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_run_plan(args: argparse.Namespace) -> int:
     from sim.api import gc_paused, simulate_plan
+    from sim.metrics import throughput_tok_s
     from sim.plan_io import load_plan
     from sim.timeline import chrome_trace_events, write_chrome_trace
 
@@ -150,7 +151,7 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     with gc_paused():
         record, metrics = simulate_plan(plan)
     d = {"policy": plan.policy, "knobs": plan.knobs, "model": plan.model.name, "system": plan.system.name,
-         "throughput_tok_s": plan.workload.generated_tokens / metrics["total_s"] if metrics["total_s"] else 0.0,
+         "throughput_tok_s": throughput_tok_s(plan, metrics),
          **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
          "num_ops": len(plan.ops), "events": record.events}
     if args.timeline:
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-prob", type=_probability, default=0.0,
                    help="synthetic routing: probability a token reuses the previous token's experts")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the synthetic routing")
+    p.add_argument("--decode-sample", type=_nonneg_int, default=0, metavar="N",
+                   help="simulate N evenly spaced decode steps and scale decode time to all (0: every step)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: busy time per resource and one decode step")

@@ -20,7 +20,8 @@ import numpy as np
 from sim.cost import CostModel, RooflineCostModel
 from sim.engine import EngineRecord, run_plan
 from sim.errors import SimInputError
-from sim.plan import STREAMS, Phase, Plan
+from sim.metrics import plan_metrics
+from sim.plan import Plan
 from sim.policies import PlanContext, make_policy
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
@@ -51,6 +52,8 @@ class SimulationResult:
     events: int
     wall_s: float
     search: dict[str, Any] | None = None
+    decode_steps_simulated: int = 0
+    decode_steps_total: int = 0
     plan: Plan | None = field(default=None, repr=False)
     record: EngineRecord | None = field(default=None, repr=False)
 
@@ -68,6 +71,7 @@ class SimulationResult:
             "busy_fraction": self.busy_fraction, "busy_s": self.busy_s, "static_memory": self.static_memory,
             "num_ops": self.num_ops, "events": self.events, "wall_s": self.wall_s,
             "analytic_total_s": (self.search or {}).get("analytic_total_s"), "search": self.search,
+            "decode_steps_simulated": self.decode_steps_simulated, "decode_steps_total": self.decode_steps_total,
         }
 
 
@@ -136,20 +140,6 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None,
     return wl, generate_trace(cfg, wl.prompt_lens, wl.gen_lens), routing
 
 
-def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
-    """Phase times and busy fractions of a simulated plan."""
-    total_ns = record.makespan_ns
-    phases = np.fromiter((op.phase is Phase.PREFILL for op in plan.ops), dtype=bool, count=len(plan.ops))
-    prefill_ns = int(record.end_ns[phases].max()) if phases.any() else 0
-    total_s = total_ns / 1e9
-    busy_s = {k: v / 1e9 for k, v in record.busy_ns.items()}
-    return {
-        "prefill_s": prefill_ns / 1e9, "decode_s": (total_ns - prefill_ns) / 1e9, "total_s": total_s,
-        "busy_s": busy_s,
-        "busy_fraction": {str(s): (busy_s[str(s)] / total_s if total_s else 0.0) for s in STREAMS},
-    }
-
-
 def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineRecord, dict[str, Any]]:
     """Run a built plan; returns the engine record and the phase timing and busy metrics."""
     record = run_plan(plan, cost or RooflineCostModel(plan.system))
@@ -160,14 +150,17 @@ def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "st
              batch: int | None = None, prompt_len: int | None = None, gen_len: int | None = None,
              policy_options: dict[str, str] | None = None, trace: str | Path | RoutingTrace | None = None,
              routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0,
-             cost: CostModel | None = None, keep_plan: bool = False) -> SimulationResult:
+             cost: CostModel | None = None, keep_plan: bool = False, decode_sample: int = 0) -> SimulationResult:
     """Simulate one (model, system, policy, workload) point and return its metrics."""
     t0 = time.perf_counter()
+    if decode_sample < 0:
+        raise SimInputError(f"decode_sample must be >= 0 (0 simulates every step), got {decode_sample}")
     m, s = resolve_model(model), resolve_system(system)
     pol = make_policy(policy, policy_options)
     wl, tr, routing_name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
     with gc_paused():
-        plan = pol.build(PlanContext(m, s, wl, tr))
+        ctx = PlanContext(m, s, wl, tr, decode_sample=decode_sample)
+        plan = pol.build(ctx)
         record = plan.meta.pop("record", None) if cost is None else None  # a search already simulated it
         if record is None:
             record, metrics = simulate_plan(plan, cost)
@@ -179,6 +172,7 @@ def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "st
         routing=routing_name, seed=seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
         static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, search=search,
+        decode_steps_simulated=len(ctx.steps()), decode_steps_total=ctx.decode_steps_total,
         wall_s=time.perf_counter() - t0, plan=plan if keep_plan else None, record=record if keep_plan else None,
         **metrics,
     )

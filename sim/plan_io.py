@@ -51,7 +51,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "policy": plan.policy, "knobs": plan.knobs,
         "model": dataclasses.asdict(plan.model), "system": dataclasses.asdict(plan.system),
         "prompt_lens": plan.workload.prompt_lens.tolist(), "gen_lens": plan.workload.gen_lens.tolist(),
-        "static_memory": plan.static_memory,
+        "static_memory": plan.static_memory, "decode_scale": plan.decode_scale,
         "micro_batches": {k: [g.tolist() for g in v] for k, v in plan.micro_batches.items()},
     }
     table = _table(plan.ops).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
@@ -94,7 +94,8 @@ def load_plan(path: str | Path) -> Plan:
         for i in range(table.num_rows)
     ]
     micro = {k: [np.asarray(g, dtype=np.int64) for g in v] for k, v in meta["micro_batches"].items()}
-    plan = Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro)
+    plan = Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro,
+                decode_scale=float(meta.get("decode_scale", 1.0)))
     try:
         plan.validate()
     except ValueError as exc:

@@ -20,7 +20,7 @@ from traces import (
     save_trace,
     trace_stats,
 )
-from traces.format import FORMAT_NAME
+from traces.format import FORMAT_NAME, validate
 from traces.stats import lru_hit_rates
 
 
@@ -206,8 +206,13 @@ def test_duplicate_expert_in_a_token(tmp_path):
     tr = small_trace(k=3)
     bad = tr.experts.copy()
     bad[0, 0, 1] = bad[0, 0, 0]
+    loose = RoutingTrace(tr.header, tr.prompt_lens, tr.gen_lens, bad)  # construction skips the O(T k^2) check
     with pytest.raises(TraceError, match="same expert twice"):
-        RoutingTrace(tr.header, tr.prompt_lens, tr.gen_lens, bad)
+        validate(loose)
+    np.savez(tmp_path / "dup.npz", header=np.frombuffer(json.dumps(tr.header.to_json()).encode(), dtype=np.uint8),
+             prompt_lens=tr.prompt_lens, gen_lens=tr.gen_lens, experts=bad)
+    with pytest.raises(TraceError, match="same expert twice"):
+        load_trace(tmp_path / "dup.npz")
 
 
 def test_save_is_atomic_and_checks_suffix(tmp_path):

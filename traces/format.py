@@ -56,7 +56,7 @@ class RoutingTrace:
     gate_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate(self, thorough=False)
 
     # ---- shape ------------------------------------------------------------------------------------------
     @property
@@ -93,13 +93,29 @@ class RoutingTrace:
         active = requests[self.gen_lens[requests] > step]
         return self.token_offsets[active] + self.prompt_lens[active].astype(np.int64) + (step - 1)
 
-    def expert_counts(self, rows: np.ndarray) -> np.ndarray:
+    def expert_counts(self, rows: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
         """Tokens routed to each expert at each MoE layer over `rows`: int64 [num_layers, num_experts]."""
         L, E = self.header.num_layers, self.header.num_experts
-        if len(rows) == 0:
-            return np.zeros((L, E), dtype=np.int64)
-        flat = self.experts[rows] + (np.arange(L, dtype=np.int32) * E)[None, :, None]  # [n, L, k], int32
-        return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
+        out = np.zeros(L * E, dtype=np.int64)
+        offsets = (np.arange(L, dtype=np.int32) * E)[None, :, None]
+        for start in range(0, len(rows), chunk):  # chunks bound the int32 temporary
+            flat = self.experts[rows[start:start + chunk]] + offsets  # [n, L, k]
+            out += np.bincount(flat.ravel(), minlength=L * E)
+        return out.reshape(L, E)
+
+    @cached_property
+    def phase_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt, generated) tokens routed to each expert per MoE layer over the whole trace: [L, E] each."""
+        L, E = self.header.num_layers, self.header.num_experts
+        is_prompt = np.zeros(self.num_tokens, dtype=bool)
+        is_prompt[self.prefill_rows(np.arange(self.num_requests))] = True
+        prompt = np.zeros((L, E), dtype=np.int64)
+        total = np.zeros((L, E), dtype=np.int64)
+        for layer in range(L):
+            ids = self.experts[:, layer, :]
+            total[layer] = np.bincount(ids.ravel(), minlength=E)
+            prompt[layer] = np.bincount(ids[is_prompt].ravel(), minlength=E)
+        return prompt, total - prompt
 
 
 def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:
@@ -107,15 +123,15 @@ def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:
     k = ex.shape[-1]
     if k == 2:
         return bool((ex[..., 0] == ex[..., 1]).any())
-    if num_experts <= 64:
-        masks = np.bitwise_or.reduce(np.left_shift(np.uint64(1), ex.astype(np.uint64)), axis=-1)
-        return bool((np.bitwise_count(masks) != k).any())
+    if k <= 8:  # pairwise column compares beat a sort for small k
+        return any(bool((ex[..., i] == ex[..., j]).any()) for i in range(k) for j in range(i + 1, k))
     srt = np.sort(ex, axis=-1)
     return bool((srt[..., 1:] == srt[..., :-1]).any())
 
 
-def validate(trace: RoutingTrace) -> None:
-    """Raise TraceError naming the first inconsistency; cheap enough for million-token traces."""
+def validate(trace: RoutingTrace, thorough: bool = True) -> None:
+    """Raise TraceError naming the first inconsistency. `thorough` also checks every token's top-k for a repeated
+    expert (traces from files and importers; synthesised traces are distinct by construction)."""
     h = trace.header
     for name in ("num_layers", "num_experts", "top_k"):
         value = getattr(h, name)
@@ -143,7 +159,7 @@ def validate(trace: RoutingTrace) -> None:
         top = int(ex.max())
         if top >= h.num_experts:
             raise TraceError(f"trace: expert id {top} out of range for {h.num_experts} experts")
-        if h.top_k > 1 and _has_repeats(ex, h.num_experts):
+        if thorough and h.top_k > 1 and _has_repeats(ex, h.num_experts):
             raise TraceError("trace: a token lists the same expert twice in its top-k")
     gw = trace.gate_weights
     if gw is not None:
@@ -219,6 +235,8 @@ def load_trace(path: str | Path) -> RoutingTrace:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
         raise TraceError(f"{path}: cannot read trace (truncated or not an .npz file: {type(exc).__name__})") from None
     try:
-        return RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"], gates)
+        trace = RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"], gates)
+        validate(trace, thorough=True)
+        return trace
     except TraceError as exc:
         raise TraceError(f"{path}: {str(exc).removeprefix('trace: ')}") from None

@@ -3,12 +3,14 @@
 from sim.errors import SimInputError
 from sim.policies.base import PlanContext, Policy, parse_kv_pairs, parse_options
 from sim.policies.coxmoe import CoxMoePolicy
+from sim.policies.fiddler import FiddlerPolicy
+from sim.policies.flexgen import FlexGenPolicy
 from sim.policies.gpu_only import GpuOnlyPolicy
 from sim.policies.moe_lightning import MoELightningPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, GpuOnlyPolicy, MoELightningPolicy,
-                                                              StreamExpertsPolicy)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
+                                                              FiddlerPolicy, GpuOnlyPolicy, StreamExpertsPolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
+
+import numpy as np
 
 from sim.cost import OpWork
 from sim.errors import CapacityError, SimInputError
@@ -22,10 +24,33 @@ class PlanContext:
     system: SystemSpec
     workload: Workload
     trace: RoutingTrace
+    decode_sample: int = 0  # simulate this many evenly spaced decode steps and scale (0: every step)
 
     @property
     def work(self) -> OpWork:
         return OpWork(self.model)
+
+    @property
+    def decode_steps_total(self) -> int:
+        return max(self.workload.max_gen_len - 1, 0)
+
+    def steps(self) -> list[int]:
+        """Decode steps to emit: all of 1..max_gen-1, or `decode_sample` of them spread evenly (first and last
+        included). The engine scales the simulated decode time by total / emitted."""
+        total = self.decode_steps_total
+        if self.decode_sample <= 0 or self.decode_sample >= total:
+            return list(range(1, total + 1))
+        picks = np.unique(np.round(np.linspace(1, total, self.decode_sample)).astype(int))
+        return [int(t) for t in picks]
+
+    @property
+    def decode_scale(self) -> float:
+        """Workload decode steps per planned decode step."""
+        planned = len(self.steps())
+        return self.decode_steps_total / planned if planned else 1.0
+
+    def with_sample(self, decode_sample: int) -> PlanContext:
+        return replace(self, decode_sample=decode_sample)
 
 
 @dataclass(frozen=True)

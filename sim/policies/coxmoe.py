@@ -165,13 +165,11 @@ class _Model:
             m.shared_expert_intermediate_size) else 0.0
         hidden = w.hidden_bytes(int(tokens_total))
         hidden_copy = a.copy(D2H, hidden) + a.copy(H2D_ACT, hidden)
+        gpu_all = self.a.expert_times(GPU, m, counts / n_mb) * n_mb
+        cpu_all = self.a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb
         total, widest, fetched, on_cpu = 0.0, 0, [], []
         for layer in range(m.num_moe_layers):
-            per = counts[layer] / n_mb
-            gpu = np.array([a.t(OpKind.EXPERT, GPU, w.expert(int(round(c)))) if c >= 0.5 else 0.0 for c in per])
-            cpu = np.array([a.t(OpKind.EXPERT, CPU_EXPERTS, w.expert(int(round(c)))) if c >= 0.5 else 0.0
-                            for c in per]) * n_mb
-            gpu *= n_mb
+            gpu, cpu = gpu_all[layer], cpu_all[layer]
             order = self.order[layer]
             res, rest = order[:resident], order[resident:]
             base_g = shared + gpu[res].sum()
@@ -273,10 +271,10 @@ class CoxMoePolicy(Policy):
         if not o.searched:
             if not candidates:
                 self._raise_capacity(ctx, model)
-            return fixed_then_simulate(ctx, candidates[0], lambda opts: self._plan(ctx, model, opts))
+            return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, model, opts))
         if not candidates:
             self._raise_capacity(ctx, model)
-        return search_then_simulate(ctx, candidates, lambda opts: self._plan(ctx, model, opts), o.rescore, self.name)
+        return search_then_simulate(ctx, candidates, lambda c, opts: self._plan(c, model, opts), o.rescore, self.name)
 
     def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
         o = self.options
@@ -298,7 +296,6 @@ class CoxMoePolicy(Policy):
                        for mu in _micro_batches(ctx, Phase.PREFILL, o.prefill_micro_batch)]
         dec_options = [(p, mu) for p in _placements(o, o.decode_placement)
                        for mu in _micro_batches(ctx, Phase.DECODE, o.decode_micro_batch)]
-        residents = [o.resident_experts] if o.resident_experts >= 0 else list(range(m.num_experts, -1, -1))
         out: list[Candidate] = []
         for (pre, mu_p), (dec, mu_d) in itertools.product(pre_options, dec_options):
             kv_on_gpu = dec[1] == "g"  # the KV cache lives where decode attention runs
@@ -306,9 +303,13 @@ class CoxMoePolicy(Policy):
             t_dec = model.ops012_s(Phase.DECODE, dec, mu_d, kv_on_gpu)
             if sum(model.cpu_static(pre, dec).values()) > cap_cpu:
                 continue
-            for resident in residents:
-                if resident > m.num_experts:
-                    continue
+            if o.resident_experts >= 0:
+                tries = [o.resident_experts] if o.resident_experts <= m.num_experts else []
+            else:
+                free = cap_gpu - sum(model.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
+                most = min(m.num_experts, int(free // (m.num_moe_layers * m.expert_bytes))) if free >= 0 else -1
+                tries = range(most, -1, -1)
+            for resident in tries:
                 base = model.gpu_static(pre, dec, mu_p, mu_d, resident, 0)
                 if sum(base.values()) > cap_gpu:
                     continue
@@ -351,7 +352,7 @@ class CoxMoePolicy(Policy):
         emit = _Emitter(ctx, builder, residents, kv_on_gpu=o.decode_placement[1] == "g",
                         coalesce=o.coalesce == "on")
         emit.step(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0, phases[Phase.PREFILL])
-        for step in range(1, wl.max_gen_len):
+        for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
             if slices:
                 emit.step(slices, Phase.DECODE, step, phases[Phase.DECODE])
@@ -359,7 +360,7 @@ class CoxMoePolicy(Policy):
                  "fetched_experts_per_layer": {str(p): [len(f) for f in ph.fetched] for p, ph in phases.items()},
                  "cpu_experts_per_layer": {str(p): [len(c) for c in ph.on_cpu] for p, ph in phases.items()}}
         return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
-                    {"prefill": prefill_groups, "decode": decode_groups})
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
 
 
 class _Emitter(LayerEmitter):

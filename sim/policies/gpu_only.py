@@ -43,7 +43,7 @@ class GpuOnlyPolicy(Policy):
         b = PlanBuilder()
         em = LayerEmitter(ctx, b)
         slices = prefill_slices(ctx, prefill_groups)
-        for step in range(1, wl.max_gen_len):
+        for step in ctx.steps():
             slices += decode_slices(ctx, step, decode_groups)
         for s in slices:  # micro-batch major: each micro-batch runs every layer before the next starts
             last = em.embed(s.phase, s.step, s.mb, s.tokens)
@@ -54,4 +54,4 @@ class GpuOnlyPolicy(Policy):
                                                  s.layer_counts(ctx, layer), front)
             em.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
         return Plan(self.name, self.knobs(), m, ctx.system, wl, b.ops, static,
-                    {"prefill": prefill_groups, "decode": decode_groups})
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)

@@ -63,6 +63,14 @@ def activation_workspace_bytes(ctx: PlanContext, tokens: int) -> int:
     return tokens * per_token * m.bytes_per_param + tokens * m.vocab_size * 4
 
 
+Deps = int | tuple[int, ...]
+
+
+def as_deps(dep: Deps) -> tuple[int, ...]:
+    """One op id or several, as a deps tuple (negative ids are dropped when the op is added)."""
+    return dep if isinstance(dep, tuple) else (dep,)
+
+
 class At(NamedTuple):
     """Where an op sits in the schedule: phase, step, layer and micro-batch (-1: the whole batch)."""
 
@@ -130,17 +138,17 @@ class LayerEmitter:
                                 deps + extra, expert=int(e))
         return last
 
-    def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: int = -1) -> int:
-        return self._op(OpKind.EMBED, GPU, phase, step, -1, mb, tokens, self.w.embed(tokens), (dep,))
+    def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
+        return self._op(OpKind.EMBED, GPU, phase, step, -1, mb, tokens, self.w.embed(tokens), as_deps(dep))
 
-    def lm_head(self, phase: Phase, step: int, mb: int, tokens: int, dep: int) -> int:
+    def lm_head(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps) -> int:
         return self._op(OpKind.LM_HEAD, GPU, phase, step, self.m.num_layers, mb, tokens, self.w.lm_head(tokens),
-                        (dep,))
+                        as_deps(dep))
 
     def attention_front(self, phase: Phase, step: int, layer: int, mb: int, tokens: int, kv_attended: int,
-                        kv_read: int, attention_on: Stream, kv_on_cpu: bool, dep: int) -> int:
+                        kv_read: int, attention_on: Stream, kv_on_cpu: bool, dep: Deps) -> int:
         """OP0 on the GPU, then OP1; returns the op after which the attention output is on the GPU."""
-        qkv = self._op(OpKind.QKV, GPU, phase, step, layer, mb, tokens, self.w.qkv(tokens), (dep,))
+        qkv = self._op(OpKind.QKV, GPU, phase, step, layer, mb, tokens, self.w.qkv(tokens), as_deps(dep))
         attn_work = self.w.attention(tokens, kv_attended, kv_read)
         if attention_on is CPU:
             down = self.copy(D2H, phase, step, layer, mb, self.w.qkv_out_bytes(tokens), Payload.ACTIVATIONS,
@@ -158,15 +166,17 @@ class LayerEmitter:
 
     def attention_back_and_ffn(self, phase: Phase, step: int, layer: int, mb: int, tokens: int,
                                counts: np.ndarray | None, front: int,
-                               expert_deps: Callable[[int], int] | None = None) -> int:
-        """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert. Returns the last op."""
+                               expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
+        """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert; `routed` the tokens that
+        reach the router when `tokens` counts padding. Returns the last op."""
         at = At(phase, step, layer, mb)
+        routed = tokens if routed is None else routed
         o = self.op(OpKind.O_PROJ, GPU, at, tokens, (front,))
         if not self.m.is_moe_layer(layer):
             return self.op(OpKind.DENSE_FFN, GPU, at, tokens, (o,))
-        router = last = self.op(OpKind.ROUTER, GPU, at, tokens, (o,))
+        router = last = self.op(OpKind.ROUTER, GPU, at, routed, (o,))
         if self.m.shared_expert_intermediate_size:
-            last = self.op(OpKind.SHARED_EXPERT, GPU, at, tokens, (router,))
+            last = self.op(OpKind.SHARED_EXPERT, GPU, at, routed, (router,))
         assert counts is not None
         ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,), expert_deps)
         return ran if ran >= 0 else last
@@ -175,12 +185,13 @@ class LayerEmitter:
 class BatchSlice:
     """The requests one micro-batch runs at one step, with its attention sizes and expert loads."""
 
-    __slots__ = ("phase", "step", "mb", "requests", "tokens", "kv_attended", "kv_read", "counts")
+    __slots__ = ("phase", "step", "mb", "requests", "tokens", "kv_attended", "kv_read", "counts", "routed")
 
     def __init__(self, phase: Phase, step: int, mb: int, requests: np.ndarray, tokens: int, kv_attended: int,
-                 kv_read: int, counts: np.ndarray):
+                 kv_read: int, counts: np.ndarray, routed: int | None = None):
         self.phase, self.step, self.mb, self.requests = phase, step, mb, requests
         self.tokens, self.kv_attended, self.kv_read, self.counts = tokens, kv_attended, kv_read, counts
+        self.routed = tokens if routed is None else routed  # real (unpadded) tokens: what the router sees
 
     def layer_counts(self, ctx: PlanContext, layer: int) -> np.ndarray | None:
         return self.counts[ctx.model.moe_index(layer)] if ctx.model.is_moe_layer(layer) else None

@@ -106,8 +106,8 @@ class MoELightningPolicy(Policy):
         if o.micro_batch >= 0 and o.resident_experts >= 0:
             if not candidates:
                 self._require_fits(ctx, o)
-            return fixed_then_simulate(ctx, candidates[0], lambda opts: self._plan(ctx, opts))
-        return search_then_simulate(ctx, candidates, lambda opts: self._plan(ctx, opts), o.rescore, self.name)
+            return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, opts))
+        return search_then_simulate(ctx, candidates, lambda c, opts: self._plan(c, opts), o.rescore, self.name)
 
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: MoELightningOptions = self.options
@@ -170,12 +170,12 @@ class MoELightningPolicy(Policy):
         require_fits("DRAM", ctx.system.name, self.name, static["cpu"], ctx.system.dram_usable_bytes)
         emit = _CGOPipe(ctx, PlanBuilder(), o.resident_experts)
         emit.prefill(prefill_slices(ctx, prefill_groups))
-        steps = [(t, decode_slices(ctx, t, decode_groups)) for t in range(1, wl.max_gen_len)]
+        steps = [(t, decode_slices(ctx, t, decode_groups)) for t in ctx.steps()]
         emit.decode([(t, s) for t, s in steps if s])
         knobs = {**asdict(o), "n_ub": len(decode_groups),
                  "wg": o.resident_experts / m.num_experts}
         return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
-                    {"prefill": prefill_groups, "decode": decode_groups})
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
 
 
 class _CGOPipe(LayerEmitter):

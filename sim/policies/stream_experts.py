@@ -100,9 +100,9 @@ class StreamExpertsPolicy(Policy):
                 em.lm_head(phase, step, s.mb, int(s.requests.size), last[i])
 
         run(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0, GPU)
-        for step in range(1, wl.max_gen_len):
+        for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
             if slices:
                 run(slices, Phase.DECODE, step, decode_on)
         return Plan(self.name, knobs, m, sysm, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
-                    {"prefill": prefill_groups, "decode": decode_groups})
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)

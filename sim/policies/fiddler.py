@@ -1,0 +1,157 @@
+"""`fiddler`: Fiddler / kTransformers-style expert placement (Kamahori et al., ICLR'25).
+
+Non-expert weights and as many of the most popular experts as fit (offline popularity profiling: here the
+trace's measured load) live in VRAM; the rest stay in DRAM. At every step and layer, after the router, each
+non-resident expert that received tokens either runs on the CPU (its tokens' hidden states go down and the
+outputs come back) or has its weights copied to the GPU and runs there, whichever a latency model of that
+expert's token count says is faster. Attention runs on the GPU with the KV cache in VRAM when it fits,
+otherwise on the CPU over a DRAM cache. The whole batch runs as one (no micro-batching in decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
+from sim.policies.layers import (
+    At,
+    BatchSlice,
+    LayerEmitter,
+    activation_workspace_bytes,
+    decode_slices,
+    prefill_slices,
+    split_by_count,
+    split_by_tokens,
+)
+from sim.policies.search import Analytic, expected_counts
+
+GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
+                                            Stream.D2H)
+FETCH_SLOTS = 2  # on-demand expert copies land in a small GPU pool: one computes while the next arrives
+
+
+@dataclass(frozen=True)
+class FiddlerOptions(OptionsBase):
+    """resident_experts: popular experts per layer in VRAM (-1 = as many as fit); attention: auto | gpu | cpu
+    (auto = the GPU when the KV cache fits); prefill_tokens: prompt tokens per prefill micro-batch."""
+
+    policy_name = "fiddler"
+    resident_experts: int = -1
+    attention: str = "auto"
+    prefill_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        self.at_least("resident_experts", -1)
+        self.choice("attention", ("auto", "gpu", "cpu"))
+        self.at_least("prefill_tokens", 1)
+
+
+class FiddlerPolicy(Policy):
+    name = "fiddler"
+    summary = "Fiddler/kTransformers: popular experts in VRAM, the rest per expert and step on the CPU or fetched"
+    Options = FiddlerOptions
+
+    def build(self, ctx: PlanContext) -> Plan:
+        o: FiddlerOptions = self.options
+        m, wl, sysm = ctx.model, ctx.workload, ctx.system
+        bpp = m.bytes_per_param
+        requests = np.arange(wl.batch)
+        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens)
+        decode_groups = split_by_count(requests, 0)
+        max_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups), wl.batch)
+        kv = wl.kv_tokens_total * m.kv_bytes_per_token
+        base = {"non_expert_weights": m.non_expert_params * bpp,
+                "expert_fetch_pool": FETCH_SLOTS * m.expert_bytes,
+                "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp,
+                "workspace": activation_workspace_bytes(ctx, max_tokens)}
+        free = sysm.gpu_usable_bytes - sum(base.values())
+        attention = o.attention
+        if attention == "auto":
+            attention = "gpu" if kv <= free - m.num_moe_layers * m.expert_bytes else "cpu"
+        if attention == "gpu":
+            base["kv_cache"] = kv
+            free -= kv
+        per_resident = m.num_moe_layers * m.expert_bytes
+        resident = o.resident_experts if o.resident_experts >= 0 else max(0, min(m.num_experts, free // per_resident))
+        gpu = {**base, "resident_experts": resident * per_resident}
+        cpu = {"expert_weights": m.routed_expert_params * bpp,
+               "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
+        if attention == "cpu":
+            cpu["kv_cache"] = kv
+        require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
+        require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
+        prefill, decode = expected_counts(ctx)
+        popular = np.argsort(-(prefill + decode), axis=1, kind="stable")[:, :resident]
+        emit = _Fiddler(ctx, PlanBuilder(), [set(map(int, row)) for row in popular], attention == "gpu")
+        emit.phase(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
+        for step in ctx.steps():
+            slices = decode_slices(ctx, step, decode_groups)
+            if slices:
+                emit.phase(slices, Phase.DECODE, step)
+        knobs = {**asdict(o), "resident_experts": int(resident), "attention": attention,
+                 "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}
+        return Plan(self.name, knobs, m, sysm, wl, emit.b.ops, {"gpu": gpu, "cpu": cpu},
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+
+
+class _Fiddler(LayerEmitter):
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: list[set[int]], kv_on_gpu: bool):
+        super().__init__(ctx, builder)
+        self.resident, self.kv_on_gpu = resident, kv_on_gpu
+        self.a = Analytic(ctx)
+        self.fetch_t = self.a.copy(H2D, self.m.expert_bytes)
+        self.slot_free: list[int] = [-1] * FETCH_SLOTS   # op after which each fetch slot may be overwritten
+        self.fetches = 0
+        self.cpu_runs = self.fetch_runs = 0
+
+    def _cpu_faster(self, tokens: int) -> bool:
+        a, w = self.a, self.w
+        cpu = (a.t(OpKind.EXPERT, CPU_EXPERTS, w.expert(tokens)) + a.copy(D2H, w.hidden_bytes(tokens))
+               + a.copy(H2D_ACT, w.hidden_bytes(tokens)))
+        return cpu <= self.fetch_t + a.t(OpKind.EXPERT, GPU, w.expert(tokens))
+
+    def phase(self, slices: list[BatchSlice], phase: Phase, step: int) -> None:
+        m, w = self.m, self.w
+        hidden: list[int | tuple[int, ...]] = [self.embed(phase, step, s.mb, s.tokens) for s in slices]
+        decode_attention = CPU if (phase is Phase.DECODE and not self.kv_on_gpu) else GPU
+        for layer in range(m.num_layers):
+            for i, s in enumerate(slices):
+                at = At(phase, step, layer, s.mb)
+                front = self.attention_front(phase, step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
+                                             decode_attention, not self.kv_on_gpu, hidden[i])
+                if not m.is_moe_layer(layer):
+                    hidden[i] = self.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens, None, front)
+                    continue
+                o = self.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
+                router = last = self.op(OpKind.ROUTER, GPU, at, s.tokens, (o,))
+                if m.shared_expert_intermediate_size:
+                    last = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (router,))
+                li = m.moe_index(layer)
+                counts = s.counts[li]
+                active = [int(e) for e in np.flatnonzero(counts)]
+                on_gpu = [e for e in active if e in self.resident[li]]
+                offloaded = [e for e in active if e not in self.resident[li]]
+                to_cpu = [e for e in offloaded if self._cpu_faster(int(counts[e]))]
+                fetched = [e for e in offloaded if e not in to_cpu]
+                ran = self.experts(GPU, at, counts, on_gpu, (router,))
+                last = max(last, ran)
+                for e in fetched:  # on demand, after the router: the copy is on the critical path
+                    slot = self.fetches % FETCH_SLOTS
+                    copy = self.xfer(H2D, at, m.expert_bytes, Payload.EXPERT_WEIGHTS, (router, self.slot_free[slot]))
+                    last = self.experts(GPU, at, counts, [e], (router, copy))
+                    self.slot_free[slot] = last
+                    self.fetches += 1
+                    self.fetch_runs += 1
+                back = -1
+                if to_cpu:
+                    routed = int(sum(int(counts[e]) for e in to_cpu))
+                    down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (router,), routed)
+                    cpu_last = self.experts(CPU_EXPERTS, at, counts, to_cpu, (down,))
+                    back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (cpu_last,), routed)
+                    self.cpu_runs += len(to_cpu)
+                hidden[i] = (last, back)  # the next layer waits for both halves of the experts
+        for i, s in enumerate(slices):
+            self.lm_head(phase, step, s.mb, int(s.requests.size), hidden[i])

@@ -1,0 +1,267 @@
+"""`flexgen`: FlexGen (Sheng et al., ICML'23) with its MoE port's rules: zig-zag block schedule, LP search.
+
+The batch of B requests is a block of `num_gpu_batches` GPU batches of `gpu_batch_size` (bls = gbs x ngb).
+Column by column (zig-zag): for each layer, its weights are loaded once per block (the next layer's while the
+current one computes: a double buffer), then every GPU batch runs the whole layer before the next starts.
+Weights are placed by percentage (wg on the GPU, the rest in DRAM and copied for every layer visit), and a
+layer's experts are all loaded whatever the routing. The KV cache lives in DRAM when attention runs on the
+CPU (`cpu_attention=on`, FlexGen's --cpu-cache-compute: q/k/v go down, the output comes back), else on the GPU
+when it fits, else in DRAM with each GPU batch's cache loaded and its new entries stored. Activations between
+layers live on the GPU or in DRAM (act_on_cpu). Prompts are padded to the longest (the padded positions add
+QKV, attention and O-projection work; routing exists only for real tokens). Prefill always runs on the GPU.
+
+Search: FlexGen's cost model, T = l x T_pre + (n - 1) x l x T_gen with
+T_pre = max(T_ctog + T_dtoc, T_gtoc + T_ctod, T_comp) and T_gen = T_ctog + max(T_gtoc, T_comp)
+(load, store and compute of one layer for the whole block, with roofline compute per GPU batch), over
+gpu_batch_size (powers of two), weight placement wg (5% steps) and activation placement, under its memory
+constraints (home + working set <= 0.8 of each memory). The best few are then simulated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from sim.errors import SimInputError
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
+from sim.policies.layers import (
+    At,
+    BatchSlice,
+    LayerEmitter,
+    activation_workspace_bytes,
+    split_by_count,
+)
+from sim.policies.search import Analytic, Candidate, fixed_then_simulate, search_then_simulate
+
+GPU, CPU, H2D, H2D_ACT, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.H2D_ACT, Stream.D2H
+MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxation ratio")
+
+
+@dataclass(frozen=True)
+class FlexGenOptions(OptionsBase):
+    """gpu_batch_size: requests per GPU batch (-1 = search); weights_gpu_percent: share of each layer's weights
+    kept in VRAM (-1 = search); cpu_attention: on | off (decode attention on the CPU over a CPU KV cache);
+    act_on_cpu: auto | on | off (hidden states between layers in DRAM); rescore: candidates simulated."""
+
+    policy_name = "flexgen"
+    gpu_batch_size: int = -1
+    weights_gpu_percent: float = -1.0
+    cpu_attention: str = "on"
+    act_on_cpu: str = "auto"
+    rescore: int = 3
+
+    def __post_init__(self) -> None:
+        self.at_least("gpu_batch_size", -1)
+        if self.weights_gpu_percent != -1.0 and not 0.0 <= self.weights_gpu_percent <= 100.0:
+            raise SimInputError(f"policy flexgen: weights_gpu_percent must be in [0, 100] (or -1 to search), "
+                                f"got {self.weights_gpu_percent}")
+        self.choice("cpu_attention", ("on", "off"))
+        self.choice("act_on_cpu", ("auto", "on", "off"))
+        self.at_least("rescore", 1)
+
+
+class _Layout:
+    """Where FlexGen keeps things for one option set, and what that costs in memory."""
+
+    def __init__(self, ctx: PlanContext, o: FlexGenOptions):
+        m, wl = ctx.model, ctx.workload
+        self.m, self.wl = m, wl
+        bpp = m.bytes_per_param
+        self.gbs = min(max(o.gpu_batch_size, 1), wl.batch)
+        self.ngb = -(-wl.batch // self.gbs)
+        self.wg = o.weights_gpu_percent / 100.0
+        self.layer_bytes = [m.layer_params(layer) * bpp for layer in range(m.num_layers)]
+        self.loaded = [int(round(b * (1 - self.wg))) for b in self.layer_bytes]
+        self.prompt = int(wl.prompt_lens.max())  # padded
+        self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
+        self.cpu_attention = o.cpu_attention == "on"
+        self.act_on_cpu = o.act_on_cpu == "on"
+        other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
+        self.gpu = {"resident_weights": int(sum(self.layer_bytes) * self.wg) + other,
+                    "weight_double_buffer": 2 * max(self.loaded, default=0),
+                    "workspace": activation_workspace_bytes(ctx, self.gbs * self.prompt)}
+        self.cpu = {"weights": sum(self.layer_bytes) - int(sum(self.layer_bytes) * self.wg)}
+        self.kv_on_gpu = not self.cpu_attention and self.kv_bytes + sum(self.gpu.values()) <= (
+            ctx.system.gpu_usable_bytes)
+        (self.gpu if self.kv_on_gpu else self.cpu)["kv_cache"] = self.kv_bytes
+        hidden = wl.batch * self.prompt * m.hidden_size * bpp
+        (self.cpu if self.act_on_cpu else self.gpu)["hidden_states"] = hidden
+
+
+def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
+    """FlexGen's cost model for one option set: per-layer prefill and decode terms and the total (seconds)."""
+    m, wl, w = ctx.model, ctx.workload, ctx.work
+    a = Analytic(ctx)
+    gbs, ngb, s = lay.gbs, lay.ngb, lay.prompt
+    n = wl.max_gen_len
+    loaded = max(lay.loaded, default=0)
+    hidden_p = wl.batch * s * m.hidden_size * m.bytes_per_param
+    hidden_g = wl.batch * m.hidden_size * m.bytes_per_param
+    kv_new_p = wl.batch * s * m.kv_bytes_per_token_layer
+    # Prefill (always on the GPU)
+    tok = gbs * s
+    comp_p = ngb * (a.t(OpKind.QKV, GPU, w.qkv(tok)) + a.t(OpKind.O_PROJ, GPU, w.o_proj(tok))
+                    + a.t(OpKind.ATTENTION, GPU, w.attention(tok, gbs * s * (s + 1) // 2, tok))
+                    + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok))
+    ctog_p = a.copy(H2D, loaded) + (a.copy(H2D_ACT, hidden_p) if lay.act_on_cpu else 0.0)
+    gtoc_p = (a.copy(D2H, kv_new_p) if not lay.kv_on_gpu else 0.0) + (a.copy(D2H, hidden_p) if lay.act_on_cpu
+                                                                       else 0.0)
+    t_pre = max(ctog_p, gtoc_p, comp_p)
+    # Decode, at the mean context length
+    kv = int(gbs * (s + n / 2))
+    attn = w.attention(gbs, kv, kv)
+    if lay.cpu_attention:
+        attn_s = a.t(OpKind.ATTENTION, CPU, attn) + a.copy(D2H, w.qkv_out_bytes(gbs)) + a.copy(
+            H2D_ACT, w.attn_out_bytes(gbs))
+        kv_io = 0.0
+    else:
+        attn_s = a.t(OpKind.ATTENTION, GPU, attn)
+        kv_io = 0.0 if lay.kv_on_gpu else a.copy(H2D_ACT, kv * m.kv_bytes_per_token_layer) + a.copy(
+            D2H, w.kv_bytes(gbs))
+    comp_g = ngb * (a.t(OpKind.QKV, GPU, w.qkv(gbs)) + attn_s + a.t(OpKind.O_PROJ, GPU, w.o_proj(gbs))
+                    + a.t(OpKind.ROUTER, GPU, w.router(gbs)) + _experts_s(ctx, a, gbs) + kv_io)
+    ctog_g = a.copy(H2D, loaded) + (a.copy(H2D_ACT, hidden_g) if lay.act_on_cpu else 0.0)
+    gtoc_g = a.copy(D2H, hidden_g) if lay.act_on_cpu else 0.0
+    t_gen = ctog_g + max(gtoc_g, comp_g)
+    total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen
+    return {"t_pre": t_pre, "t_gen": t_gen, "total": total}
+
+
+def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:
+    """GPU time of one GPU batch's FFN: every expert its expected share of tokens (all are loaded)."""
+    m, w = ctx.model, ctx.work
+    per = tokens * m.top_k / m.num_experts
+    t = m.num_experts * a.t(OpKind.EXPERT, GPU, w.expert(max(int(round(per)), 1)))
+    if m.shared_expert_intermediate_size:
+        t += a.t(OpKind.SHARED_EXPERT, GPU, w.shared_expert(tokens))
+    return t
+
+
+class FlexGenPolicy(Policy):
+    name = "flexgen"
+    summary = "FlexGen: zig-zag block schedule, percentage placement, all experts loaded per layer, LP search"
+    Options = FlexGenOptions
+
+    def build(self, ctx: PlanContext) -> Plan:
+        o: FlexGenOptions = self.options
+        candidates = self._candidates(ctx)
+        if o.gpu_batch_size >= 0 and o.weights_gpu_percent >= 0 and o.act_on_cpu != "auto":
+            if not candidates:
+                lay = _Layout(ctx, o)
+                require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
+                require_fits("DRAM", ctx.system.name, self.name, lay.cpu, ctx.system.dram_usable_bytes)
+            return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, opts))
+        return search_then_simulate(ctx, candidates, lambda c, opts: self._plan(c, opts), o.rescore, self.name)
+
+    def _candidates(self, ctx: PlanContext) -> list[Candidate]:
+        o: FlexGenOptions = self.options
+        batch = ctx.workload.batch
+        if o.gpu_batch_size > 0:
+            sizes = [min(o.gpu_batch_size, batch)]
+        elif o.gpu_batch_size == 0:
+            sizes = [batch]
+        else:
+            sizes = sorted({min(2**k, batch) for k in range(0, 16)})
+        percents = [o.weights_gpu_percent] if o.weights_gpu_percent >= 0 else [5.0 * k for k in range(21)]
+        acts = [o.act_on_cpu] if o.act_on_cpu != "auto" else ["off", "on"]
+        gpu_cap = MEMORY_FRACTION * ctx.system.gpu.hbm_bytes
+        cpu_cap = MEMORY_FRACTION * ctx.system.dram_bytes
+        out = []
+        for gbs in sizes:
+            for act in acts:
+                for wg in percents:
+                    opts = replace(o, gpu_batch_size=gbs, weights_gpu_percent=wg, act_on_cpu=act)
+                    lay = _Layout(ctx, opts)
+                    if sum(lay.gpu.values()) > gpu_cap or sum(lay.cpu.values()) > cpu_cap:
+                        continue
+                    cost = flexgen_cost(ctx, lay)
+                    out.append(Candidate(opts, cost["total"], cost))
+        return out
+
+    def _plan(self, ctx: PlanContext, o: FlexGenOptions) -> Plan:
+        m, wl = ctx.model, ctx.workload
+        lay = _Layout(ctx, o)
+        require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
+        require_fits("DRAM", ctx.system.name, self.name, lay.cpu, ctx.system.dram_usable_bytes)
+        groups = split_by_count(np.arange(wl.batch), lay.gbs)
+        emit = _ZigZag(ctx, PlanBuilder(), lay)
+        emit.phase(_padded_prefill(ctx, groups, lay.prompt), Phase.PREFILL, 0)
+        for step in ctx.steps():
+            slices = _padded_decode(ctx, step, groups, lay.prompt)
+            if slices:
+                emit.phase(slices, Phase.DECODE, step)
+        knobs = {**asdict(o), "num_gpu_batches": lay.ngb, "kv_on_gpu": lay.kv_on_gpu}
+        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, {"gpu": lay.gpu, "cpu": lay.cpu},
+                    {"prefill": groups, "decode": groups}, decode_scale=ctx.decode_scale)
+
+
+def _padded_prefill(ctx: PlanContext, groups: list[np.ndarray], prompt: int) -> list[BatchSlice]:
+    tr = ctx.trace
+    out = []
+    for mb, reqs in enumerate(groups):
+        n = int(reqs.size)
+        counts = tr.expert_counts(tr.prefill_rows(reqs))
+        out.append(BatchSlice(Phase.PREFILL, 0, mb, reqs, n * prompt, n * prompt * (prompt + 1) // 2, n * prompt,
+                              counts, routed=int(ctx.workload.prompt_lens[reqs].sum())))
+    return out
+
+
+def _padded_decode(ctx: PlanContext, step: int, groups: list[np.ndarray], prompt: int) -> list[BatchSlice]:
+    tr, wl = ctx.trace, ctx.workload
+    out = []
+    for mb, reqs in enumerate(groups):
+        active = reqs[wl.gen_lens[reqs] > step]
+        if active.size:
+            kv = int(active.size) * (prompt + step)
+            out.append(BatchSlice(Phase.DECODE, step, mb, active, int(active.size), kv, kv,
+                                  tr.expert_counts(tr.decode_rows(step, active))))
+    return out
+
+
+class _ZigZag(LayerEmitter):
+    """Emits FlexGen's block schedule."""
+
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, lay: _Layout):
+        super().__init__(ctx, builder)
+        self.lay = lay
+        self.layer_done: dict[int, int] = {}
+        self.seq = 0
+
+    def phase(self, slices: list[BatchSlice], phase: Phase, step: int) -> None:
+        m, w, lay = self.m, self.w, self.lay
+        hidden = [self.embed(phase, step, s.mb, s.tokens) for s in slices]
+        attention_on = CPU if (phase is Phase.DECODE and lay.cpu_attention) else GPU
+        for layer in range(m.num_layers):
+            weights = -1
+            if lay.loaded[layer]:
+                weights = self.xfer(H2D, At(phase, step, layer), lay.loaded[layer], Payload.EXPERT_WEIGHTS,
+                                    (self.layer_done.get(self.seq - 2, -1),))
+            last = -1
+            for i, s in enumerate(slices):
+                at = At(phase, step, layer, s.mb)
+                dep = hidden[i]
+                if lay.act_on_cpu and layer:
+                    dep = self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (dep,), s.tokens)
+                q = self.op(OpKind.QKV, GPU, at, s.tokens, (dep, weights))
+                if attention_on is CPU:
+                    down = self.xfer(D2H, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
+                    a = self.attention(CPU, at, s, (down,))
+                    a = self.xfer(H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
+                else:
+                    if phase is Phase.DECODE and not lay.kv_on_gpu:  # load this GPU batch's cache
+                        q = self.xfer(H2D_ACT, at, s.kv_read * m.kv_bytes_per_token_layer, Payload.KV, (q,),
+                                      s.tokens)
+                    a = self.attention(GPU, at, s, (q,))
+                    if not lay.kv_on_gpu:
+                        self.xfer(D2H, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+                last = self.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens, s.layer_counts(self.ctx, layer),
+                                                   a, routed=s.routed)
+                hidden[i] = last
+                if lay.act_on_cpu and layer < m.num_layers - 1:
+                    hidden[i] = self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (last,), s.tokens)
+            self.layer_done[self.seq] = last
+            self.seq += 1
+        for i, s in enumerate(slices):
+            self.lm_head(phase, step, s.mb, int(s.requests.size), hidden[i])
