@@ -45,21 +45,26 @@ CPU_MEMORY_FRACTION = 0.8   # fastmoe policy LP: cpu_home + cpu_w <= 0.8 * cmem
 
 @dataclass(frozen=True)
 class MoELightningOptions(OptionsBase):
-    """micro_batch: requests per decode micro-batch, ubs (-1 = search); resident_experts: experts per layer
-    kept in VRAM, floor(wg x E) (-1 = search); prefill_tokens: prompt tokens per prefill micro-batch;
-    rescore: candidates the simulation re-scores."""
+    """micro_batch: requests per decode micro-batch, ubs (-1 = search); wg: share of each layer's experts
+    pinned in VRAM, floor(wg x E) of them (-1 = search); prefill_tokens: prompt tokens per prefill
+    micro-batch; rescore: candidates the simulation re-scores."""
 
     policy_name = "moe-lightning"
     micro_batch: int = -1
-    resident_experts: int = -1
+    wg: float = -1.0
     prefill_tokens: int = 8192
     rescore: int = 3
 
     def __post_init__(self) -> None:
         self.at_least("micro_batch", -1)
-        self.at_least("resident_experts", -1)
+        if self.wg != -1.0:
+            self.fraction("wg")
         self.at_least("prefill_tokens", 1)
         self.at_least("rescore", 1)
+
+    def resident(self, num_experts: int) -> int:
+        """Experts per layer pinned in VRAM: the floor, as the fastmoe runtime takes it (wg=0.06 of 8 pins 0)."""
+        return int(np.floor(self.wg * num_experts + 1e-9))
 
 
 def hrm_layer_s(ctx: PlanContext, a: Analytic, ubs: int, resident: int) -> dict[str, float]:
@@ -103,7 +108,7 @@ class MoELightningPolicy(Policy):
     def build(self, ctx: PlanContext) -> Plan:
         o: MoELightningOptions = self.options
         candidates = self._candidates(ctx)
-        if o.micro_batch >= 0 and o.resident_experts >= 0:
+        if o.micro_batch >= 0 and o.wg >= 0:
             if not candidates:
                 self._require_fits(ctx, o)
             return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, opts))
@@ -120,7 +125,7 @@ class MoELightningPolicy(Policy):
             sizes = [batch]
         else:  # the fastmoe search: 1, 2, 3, 4, then steps of 32
             sizes = sorted({s for s in [1, 2, 3, 4, *range(36, batch + 1, 32), batch] if s <= batch})
-        residents = [o.resident_experts] if o.resident_experts >= 0 else list(range(m.num_experts + 1))
+        residents = [o.resident(m.num_experts)] if o.wg >= 0 else list(range(m.num_experts + 1))
         steps = max(wl.max_gen_len - 1, 1)
         out = []
         gpu_cap = GPU_MEMORY_FRACTION * ctx.system.gpu.hbm_bytes
@@ -135,21 +140,23 @@ class MoELightningPolicy(Policy):
                 terms = hrm_layer_s(ctx, a, ubs, resident)
                 per_layer = max(terms.values())
                 # HRM ranks by decode throughput only (prefill is ignored, as in the paper's LP)
-                out.append(Candidate(replace(o, micro_batch=ubs, resident_experts=resident),
+                wg = o.wg if o.wg >= 0 else resident / m.num_experts
+                out.append(Candidate(replace(o, micro_batch=ubs, wg=wg),
                                      per_layer * m.num_layers * steps, {**terms, "n_ub": -(-batch // ubs)}))
         return out
 
     def _require_fits(self, ctx: PlanContext, o: MoELightningOptions) -> None:
-        gpu_b, _ = hrm_memory(ctx, max(o.micro_batch, 1), o.resident_experts)
+        gpu_b, _ = hrm_memory(ctx, max(o.micro_batch, 1), o.resident(ctx.model.num_experts))
         require_fits("GPU", ctx.system.gpu.name, self.name, {"fastmoe LP estimate": gpu_b},
                      int(GPU_MEMORY_FRACTION * ctx.system.gpu.hbm_bytes))
 
     def _static(self, ctx: PlanContext, o: MoELightningOptions, mb_tokens: int) -> dict[str, dict[str, int]]:
         m, wl = ctx.model, ctx.workload
         bpp = m.bytes_per_param
-        paged = m.num_experts - o.resident_experts
+        resident = o.resident(m.num_experts)
+        paged = m.num_experts - resident
         gpu = {"non_expert_weights": m.non_expert_params * bpp,
-               "resident_experts": o.resident_experts * m.num_moe_layers * m.expert_bytes,
+               "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
                "expert_page_buffers": 2 * paged * m.expert_bytes,
                "hidden_states": 2 * wl.batch * m.hidden_size * bpp,
                "workspace": activation_workspace_bytes(ctx, mb_tokens)}
@@ -168,12 +175,11 @@ class MoELightningPolicy(Policy):
         static = self._static(ctx, o, mb_tokens)
         require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
         require_fits("DRAM", ctx.system.name, self.name, static["cpu"], ctx.system.dram_usable_bytes)
-        emit = _CGOPipe(ctx, PlanBuilder(), o.resident_experts)
+        emit = _CGOPipe(ctx, PlanBuilder(), o.resident(m.num_experts))
         emit.prefill(prefill_slices(ctx, prefill_groups))
         steps = [(t, decode_slices(ctx, t, decode_groups)) for t in ctx.steps()]
         emit.decode([(t, s) for t, s in steps if s])
-        knobs = {**asdict(o), "n_ub": len(decode_groups),
-                 "wg": o.resident_experts / m.num_experts}
+        knobs = {**asdict(o), "n_ub": len(decode_groups), "resident_experts": o.resident(m.num_experts)}
         return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
 

@@ -1,0 +1,245 @@
+"""Each policy's plan has the op sequence, overlap and memory its paper describes (tiny models, exact checks)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sim.api import resolve_routing, simulate, simulate_plan
+from sim.errors import SimInputError
+from sim.plan import OpKind, Payload, Phase, Stream
+from sim.policies import PlanContext, make_policy
+from sim.policies.moe_lightning import MoELightningOptions
+
+
+def ctx_for(model, system, batch=8, prompt=6, gen=4, routing="zipf:1.0", seed=0, decode_sample=0):
+    wl, tr, _ = resolve_routing(model, batch, prompt, gen, None, routing, seed)
+    return PlanContext(model, system, wl, tr, decode_sample=decode_sample)
+
+
+def ops_of(plan, **where):
+    return [op for op in plan.ops if all(getattr(op, k) == v for k, v in where.items())]
+
+
+# ---- MoE-Lightning ---------------------------------------------------------------------------------------------
+def test_moe_lightning_floor_of_wg_pins_zero_experts_of_eight():
+    assert MoELightningOptions(wg=0.06).resident(8) == 0
+    assert MoELightningOptions(wg=0.25).resident(8) == 2
+
+
+def test_moe_lightning_cgopipe_structure(tiny_model, paper_system):
+    ctx = ctx_for(tiny_model, paper_system, batch=12, gen=3)
+    plan = make_policy("moe-lightning", {"micro_batch": "4", "wg": "0.25"}).build(ctx)
+    n_ub, paged = 3, tiny_model.num_experts - 2
+    decode = [op for op in plan.ops if op.phase is Phase.DECODE]
+    # attention on the CPU, pre- and post-attention on the GPU
+    assert {op.stream for op in decode if op.kind is OpKind.ATTENTION} == {Stream.CPU}
+    assert {op.stream for op in decode if op.kind in (OpKind.QKV, OpKind.O_PROJ, OpKind.EXPERT)} == {Stream.GPU}
+    # every non-resident expert of every layer crosses PCIe each step, routing or not, in n_ub pages
+    pages = [op for op in decode if op.stream is Stream.H2D and op.payload is Payload.EXPERT_WEIGHTS]
+    per_visit: dict[tuple, int] = {}
+    for op in pages:
+        per_visit[(op.step, op.layer)] = per_visit.get((op.step, op.layer), 0) + op.bytes
+    steps = sorted({op.step for op in decode})
+    for t in steps:
+        for layer in range(tiny_model.num_layers):
+            if (t, layer) != (steps[0], 0):  # the first layer's pages arrive in one piece after prefill
+                assert per_visit[(t, layer)] == paged * tiny_model.expert_bytes
+                assert len([p for p in pages if (p.step, p.layer) == (t, layer)]) == n_ub
+    # each page goes through the pinned relay (a CPU memcpy on the second CPU worker) first
+    relay = [op for op in decode if op.stream is Stream.CPU_EXPERTS and op.kind is OpKind.COPY]
+    assert len(relay) == len(pages)
+    # micro-batched experts: one launch per micro-batch per active expert
+    experts = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)
+    assert {op.micro_batch for op in experts} == set(range(n_ub))
+    # the GPU runs pre-attention two micro-batches ahead of post-attention
+    gpu = [op for op in decode if op.stream is Stream.GPU and op.kind in (OpKind.QKV, OpKind.O_PROJ)]
+    first_post = next(i for i, op in enumerate(gpu) if op.kind is OpKind.O_PROJ)
+    assert [op.micro_batch for op in gpu[:first_post]] == [0, 1]
+
+
+def test_moe_lightning_overlaps_cpu_attention_with_gpu_work(tiny_model, paper_system):
+    ctx = ctx_for(tiny_model, paper_system, batch=16, prompt=64, gen=3)
+    plan = make_policy("moe-lightning", {"micro_batch": "4", "wg": "0"}).build(ctx)
+    rec, _ = simulate_plan(plan)
+    attn = [op.id for op in plan.ops if op.kind is OpKind.ATTENTION and op.stream is Stream.CPU]
+    gpu = [op.id for op in plan.ops if op.stream is Stream.GPU and op.phase is Phase.DECODE]
+    overlap = sum(
+        max(0, min(rec.end_ns[a], rec.end_ns[g]) - max(rec.start_ns[a], rec.start_ns[g])) for a in attn for g in gpu)
+    assert overlap > 0
+
+
+# ---- CoX-MoE --------------------------------------------------------------------------------------------------
+def _cox(model, system, **opts):
+    base = {"prefill_placement": "ggg", "decode_placement": "gcg", "prefill_micro_batch": "4",
+            "decode_micro_batch": "4", "resident_experts": "2", "split": "auto"}
+    base.update({k: str(v) for k, v in opts.items()})
+    ctx = ctx_for(model, system, batch=12, prompt=6, gen=3)
+    return make_policy("coxmoe", base).build(ctx), ctx
+
+
+def test_coalesced_op3_launches_each_active_expert_once_per_layer(tiny_model, paper_system):
+    plan, ctx = _cox(tiny_model, paper_system)
+    experts = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)
+    assert {op.micro_batch for op in experts} == {-1}
+    per = {}
+    for op in experts:
+        per[(op.step, op.layer, op.expert)] = per.get((op.step, op.layer, op.expert), 0) + 1
+    assert set(per.values()) == {1}
+    step1 = [op for op in experts if op.step == 1 and op.layer == 0]
+    counts = ctx.trace.expert_counts(ctx.trace.decode_rows(1, np.arange(12)))[0]
+    assert len(step1) == int((counts > 0).sum())
+
+
+def test_micro_batched_op3_launches_once_per_micro_batch(tiny_model, paper_system):
+    plan, ctx = _cox(tiny_model, paper_system, coalesce="off")
+    experts = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE, step=1, layer=0)
+    assert {op.micro_batch for op in experts} == {0, 1, 2}
+    expected = sum(int((ctx.trace.expert_counts(ctx.trace.decode_rows(1, np.arange(i * 4, i * 4 + 4)))[0] > 0).sum())
+                   for i in range(3))
+    assert len(experts) == expected
+
+
+def test_coxmoe_expert_split_is_a_partition_and_runs_in_parallel(tiny_model, paper_system):
+    plan, _ = _cox(tiny_model, paper_system, split="cpu")
+    rec, _ = simulate_plan(plan)
+    E = tiny_model.num_experts
+    decode = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)
+    gpu_e = {(op.step, op.layer, op.expert) for op in decode if op.stream is Stream.GPU}
+    cpu_e = {(op.step, op.layer, op.expert) for op in decode if op.stream is Stream.CPU_EXPERTS}
+    assert not gpu_e & cpu_e
+    for t, layer in {(t, layer) for (t, layer, _) in gpu_e}:  # E_R: at most 2 experts of a layer on the GPU
+        assert len({e for (tt, ll, e) in gpu_e if (tt, ll) == (t, layer)}) <= 2
+    assert all(e < E for (_, _, e) in cpu_e)
+    assert plan.static_memory["gpu"]["resident_experts"] == 2 * tiny_model.num_moe_layers * tiny_model.expert_bytes
+    # GPU experts and CPU experts of one layer overlap in time
+    layer = [op for op in decode if op.step == 2 and op.layer == 1]
+    g = [op.id for op in layer if op.stream is Stream.GPU]
+    c = [op.id for op in layer if op.stream is Stream.CPU_EXPERTS]
+    assert g and c
+    assert min(rec.start_ns[c]) < max(rec.end_ns[g]) and min(rec.start_ns[g]) < max(rec.end_ns[c])
+
+
+def test_coxmoe_device_changes_cost_copies(tiny_model, paper_system):
+    plan, _ = _cox(tiny_model, paper_system, decode_placement="gcg")
+    d = ops_of(plan, phase=Phase.DECODE, step=1, layer=0, micro_batch=0)
+    kinds = [(op.kind, op.stream, op.payload) for op in d]
+    assert (OpKind.QKV, Stream.GPU, Payload.NONE) in kinds
+    assert (OpKind.COPY, Stream.D2H, Payload.ACTIVATIONS) in kinds   # q, k, v down to the CPU (KV store)
+    assert (OpKind.ATTENTION, Stream.CPU, Payload.NONE) in kinds
+    assert (OpKind.COPY, Stream.H2D_ACT, Payload.ACTIVATIONS) in kinds  # attention output back up
+    plan, _ = _cox(tiny_model, paper_system, decode_placement="ggg", prefill_placement="ggg")
+    d = ops_of(plan, phase=Phase.DECODE, step=1, layer=0, micro_batch=0)
+    assert not [op for op in d if op.kind is OpKind.COPY and op.payload is Payload.ACTIVATIONS and op.stream is
+                Stream.D2H and op.tokens and op.bytes == tiny_model.qkv_out_width * 2 * op.tokens]
+    assert "kv_cache" in plan.static_memory["gpu"]
+
+
+def test_coxmoe_prefill_kv_store_when_attention_moves(tiny_model, paper_system):
+    plan, _ = _cox(tiny_model, paper_system, prefill_placement="ggg", decode_placement="gcg")
+    stores = ops_of(plan, phase=Phase.PREFILL, payload=Payload.KV)
+    assert stores and all(op.stream is Stream.D2H for op in stores)
+    assert "kv_cache" in plan.static_memory["cpu"] and "kv_cache" not in plan.static_memory["gpu"]
+
+
+def test_coxmoe_stratify_picks_the_hottest_experts(tiny_model, paper_system):
+    ctx = ctx_for(tiny_model, paper_system, batch=32, prompt=16, gen=4, routing="zipf:2.0")
+    on = make_policy("coxmoe", {"resident_experts": "1", "stratify": "on", "split": "cpu"}).build(ctx)
+    off = make_policy("coxmoe", {"resident_experts": "1", "stratify": "off", "split": "cpu"}).build(ctx)
+    load = sum(ctx.trace.phase_counts)
+
+    def resident_share(plan):
+        gpu = [op for op in plan.ops if op.kind is OpKind.EXPERT and op.stream is Stream.GPU]
+        return sum(op.tokens for op in gpu)
+
+    assert resident_share(on) >= resident_share(off)
+    assert resident_share(on) == int(load.max(axis=1).sum())
+
+
+def test_coxmoe_search_reports_both_estimates(tiny_model, paper_system):
+    r = simulate(tiny_model, paper_system, "coxmoe", batch=16, prompt_len=8, gen_len=4)
+    s = r.search
+    assert s["candidates"] > 10 and 1 <= s["simulated"] <= 3
+    assert s["analytic_total_s"] > 0 and s["simulated_total_s"] == pytest.approx(r.total_s, rel=1e-9)
+    assert len(r.knobs["prefill_placement"]) == 3 and set(r.knobs["decode_placement"]) <= {"g", "c"}
+
+
+def test_coxmoe_bad_options():
+    with pytest.raises(SimInputError, match="prefill_placement"):
+        make_policy("coxmoe", {"prefill_placement": "gxg"})
+    with pytest.raises(SimInputError, match="contradicts"):
+        make_policy("coxmoe", {"attention": "gpu", "decode_placement": "gcg"})
+
+
+# ---- FlexGen --------------------------------------------------------------------------------------------------
+def test_flexgen_zig_zag_loads_each_layer_once_per_block(tiny_model, paper_system):
+    ctx = ctx_for(tiny_model, paper_system, batch=12, gen=3)
+    plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "25", "cpu_attention": "on",
+                                   "act_on_cpu": "off"}).build(ctx)
+    loads = [op for op in plan.ops if op.stream is Stream.H2D and op.payload is Payload.EXPERT_WEIGHTS]
+    visits = {(op.phase, op.step, op.layer) for op in plan.ops if op.layer >= 0 and op.layer < tiny_model.num_layers}
+    assert len(loads) == len(visits)  # once per layer per block, not per GPU batch
+    for op in loads:
+        assert op.bytes == int(round(tiny_model.layer_params(op.layer) * 2 * 0.75))
+    assert {op.stream for op in plan.ops if op.kind is OpKind.ATTENTION and op.phase is Phase.DECODE} == {Stream.CPU}
+    assert {op.stream for op in plan.ops if op.kind is OpKind.ATTENTION and op.phase is Phase.PREFILL} == {Stream.GPU}
+    # every GPU batch runs its own expert launches
+    assert {op.micro_batch for op in ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)} == {0, 1, 2}
+
+
+def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    prompts, gens = np.array([2, 9, 4, 3]), np.array([3, 3, 3, 3])
+    tr = generate_trace(SynthConfig("tiny", 4, 8, 2, "uniform", 0.0, 0), prompts, gens)
+    ctx = PlanContext(tiny_model, paper_system, Workload(prompts, gens), tr)
+    plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "100", "act_on_cpu": "off"}).build(ctx)
+    qkv = ops_of(plan, kind=OpKind.QKV, phase=Phase.PREFILL, layer=0)
+    router = ops_of(plan, kind=OpKind.ROUTER, phase=Phase.PREFILL, layer=0)
+    assert qkv[0].tokens == 4 * 9 and router[0].tokens == int(prompts.sum())
+
+
+# ---- Fiddler ----------------------------------------------------------------------------------------------------
+def test_fiddler_runs_light_experts_on_the_cpu_and_fetches_heavy_ones(mixtral, paper_system):
+    small = dataclasses.replace(paper_system, gpu=dataclasses.replace(paper_system.gpu, hbm_bytes=20 * 2**30))
+    ctx = ctx_for(mixtral, small, batch=64, prompt=128, gen=3, routing="zipf:1.5")
+    plan = make_policy("fiddler", {"attention": "gpu"}).build(ctx)
+    resident = plan.knobs["resident_experts"]
+    assert 0 <= resident < mixtral.num_experts
+    # Decode: few tokens per expert, so the CPU beats a 350 MB copy; prefill: thousands, so fetching wins.
+    assert ops_of(plan, kind=OpKind.EXPERT, stream=Stream.CPU_EXPERTS, phase=Phase.DECODE)
+    fetched = [op for op in plan.ops if op.payload is Payload.EXPERT_WEIGHTS]
+    assert fetched and {op.phase for op in fetched} == {Phase.PREFILL}
+    cpu = ops_of(plan, kind=OpKind.EXPERT, stream=Stream.CPU_EXPERTS)
+    fetched_ids = {op.id for op in fetched}
+    after_fetch = [op for op in plan.ops if op.kind is OpKind.EXPERT and set(op.deps) & fetched_ids]
+    assert max(op.tokens for op in cpu) <= min(op.tokens for op in after_fetch)
+
+
+# ---- gpu-only bound --------------------------------------------------------------------------------------------
+def test_gpu_only_is_the_bound_where_the_model_fits(paper_system):
+    from sim.specs import load_model
+
+    olmoe = load_model("olmoe-1b-7b")
+    kw = dict(batch=64, prompt_len=32, gen_len=4)
+    bound = simulate(olmoe, paper_system, "gpu-only", **kw).throughput_tok_s
+    for policy in ("moe-lightning", "flexgen", "fiddler", "stream-experts"):
+        assert simulate(olmoe, paper_system, policy, **kw).throughput_tok_s <= bound * 1.01, policy
+    # CoX-MoE keeps every expert resident and every op on the GPU when all of it fits
+    cox = simulate(olmoe, paper_system, "coxmoe", **kw)
+    assert cox.knobs["resident_experts"] == olmoe.num_experts and cox.knobs["decode_placement"] == "ggg"
+    assert cox.throughput_tok_s == pytest.approx(bound, rel=0.05)
+
+
+def test_decode_sampling_scales_to_the_whole_generation(tiny_model, paper_system):
+    kw = dict(batch=8, prompt_len=8, gen_len=33, policy_options={"decode_micro_batch": "0"})
+    full = simulate(tiny_model, paper_system, "gpu-only", **kw)
+    sampled = simulate(tiny_model, paper_system, "gpu-only", decode_sample=5, **kw)
+    assert sampled.decode_steps_simulated == 5 and full.decode_steps_simulated == sampled.decode_steps_total == 32
+    assert sampled.num_ops < full.num_ops
+    assert sampled.throughput_tok_s == pytest.approx(full.throughput_tok_s, rel=0.02)
+    ctx = ctx_for(tiny_model, paper_system, gen=33, decode_sample=5)
+    assert ctx.steps() == [1, 9, 16, 24, 32]
