@@ -166,6 +166,46 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compare / ablation ---------------------------------------------------------------------------------------
+def _workload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, trace=args.trace,
+                routing=args.routing, reuse_prob=args.reuse_prob, seed=args.seed, decode_sample=args.decode_sample,
+                progress=True)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sim.compare import COMPARED, compare, compare_table
+
+    policies = tuple(args.policies.split(",")) if args.policies else COMPARED
+    result = compare(args.model_file or args.model, args.system_file or args.system, policies=policies,
+                     **_workload_kwargs(args))
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, prompt {result['prompt_len_mean']:.0f}, "
+          f"generate {result['gen_len_mean']:.0f}, routing {result['routing']}")
+    table = compare_table(result)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from sim.compare import ablation
+
+    result = ablation(args.model_file or args.model, args.system_file or args.system, **_workload_kwargs(args))
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, routing {result['routing']}")
+    rows = [{"step": r["step"], "throughput_tok_s": r.get("throughput_tok_s"),
+             "speedup_over_moe_lightning": r.get("speedup_over_moe_lightning"),
+             "note": "" if r.get("feasible") else r["error"].split(":")[0]} for r in result["steps"]]
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
 # ---- trace ----------------------------------------------------------------------------------------------------
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     import numpy as np
@@ -223,6 +263,20 @@ def _add_model_system(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system-file", help="system spec YAML/JSON (e.g. edited `presets --show` output)")
 
 
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=_positive_int, help="requests in the batch (default: all of --trace)")
+    p.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per request")
+    p.add_argument("--gen-len", type=_positive_int, help="generated tokens per request")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--trace", help="routing trace file (.npz, format v1); lengths come from it")
+    g.add_argument("--routing", default="uniform", help="synthetic routing: uniform, zipf:ALPHA or table:NAME")
+    p.add_argument("--reuse-prob", type=_probability, default=0.0,
+                   help="synthetic routing: probability a token reuses the previous token's experts")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the synthetic routing")
+    p.add_argument("--decode-sample", type=_nonneg_int, default=0, metavar="N",
+                   help="simulate N evenly spaced decode steps and scale decode time to all (0: every step)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coxmoe", description="Simulate CPU-GPU MoE inference policies (CoX-MoE and baselines).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -239,17 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_system(p)
     p.add_argument("--policy", default="stream-experts", help="policy name (see `coxmoe policies`)")
     p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE", help="policy option; repeatable")
-    p.add_argument("--batch", type=_positive_int, help="requests in the batch (default: all of --trace)")
-    p.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per request")
-    p.add_argument("--gen-len", type=_positive_int, help="generated tokens per request")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--trace", help="routing trace file (.npz, format v1); lengths come from it")
-    g.add_argument("--routing", default="uniform", help="synthetic routing: uniform, zipf:ALPHA or table:NAME")
-    p.add_argument("--reuse-prob", type=_probability, default=0.0,
-                   help="synthetic routing: probability a token reuses the previous token's experts")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the synthetic routing")
-    p.add_argument("--decode-sample", type=_nonneg_int, default=0, metavar="N",
-                   help="simulate N evenly spaced decode steps and scale decode time to all (0: every step)")
+    _add_workload(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: busy time per resource and one decode step")
@@ -261,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
     p.set_defaults(func=cmd_run_plan)
+
+    for name, func, help_text in (("compare", cmd_compare, "every policy at its own best configuration, same trace"),
+                                  ("ablation", cmd_ablation, "CoX-MoE's ablation: the paper's steps, features off")):
+        p = sub.add_parser(name, help=help_text)
+        _add_model_system(p)
+        _add_workload(p)
+        if name == "compare":
+            p.add_argument("--policies", help="comma-separated subset (default: all)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=func)
 
     t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)

@@ -1,0 +1,109 @@
+"""Every policy at its own best configuration on one model, system and routing trace; and CoX-MoE's ablation.
+
+`compare` returns, per policy, the same dictionary `simulate --json` prints (or the reason it cannot run),
+plus the speedup of `coxmoe` over each. `ablation` walks the paper's Table 3 steps from MoE-Lightning to the
+full CoX-MoE and switches each CoX-MoE feature off alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from sim.api import resolve_model, resolve_routing, resolve_system, simulate
+from sim.errors import CapacityError
+from sim.specs import ModelSpec, SystemSpec
+from traces import RoutingTrace
+
+COMPARED = ("coxmoe", "moe-lightning", "flexgen", "fiddler", "stream-experts", "gpu-only")
+
+# (label, policy, options): the paper's ablation steps, then CoX-MoE with one feature off at a time.
+ABLATION_STEPS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("MoE-Lightning (baseline)", "moe-lightning", {}),
+    ("+ coalesced experts with AMX co-execution", "coxmoe", {"attention": "gpu", "stratify": "off"}),
+    ("+ attention offload", "coxmoe", {"stratify": "off"}),
+    ("+ hot-expert preload (CoX-MoE)", "coxmoe", {}),
+    ("CoX-MoE without coalescing", "coxmoe", {"coalesce": "off"}),
+    ("CoX-MoE with attention on the GPU", "coxmoe", {"attention": "gpu"}),
+    ("CoX-MoE without hot-expert preload", "coxmoe", {"stratify": "off"}),
+)
+
+
+def _run(model: ModelSpec, system: SystemSpec, policy: str, options: dict[str, str], trace: RoutingTrace,
+         seed: int, decode_sample: int) -> dict[str, Any]:
+    try:
+        r = simulate(model, system, policy, policy_options=options, trace=trace, seed=seed,
+                     decode_sample=decode_sample)
+    except CapacityError as exc:
+        return {"policy": policy, "feasible": False, "error": str(exc)}
+    return {**r.to_dict(), "feasible": True}
+
+
+def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None, prompt_len: int | None,
+             gen_len: int | None, trace: str | Path | RoutingTrace | None, routing: str, reuse_prob: float,
+             seed: int) -> tuple[ModelSpec, SystemSpec, RoutingTrace]:
+    m, s = resolve_model(model), resolve_system(system)
+    wl, tr, _ = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
+    if tr.num_requests != wl.batch:  # keep exactly the batch's requests so every policy sees the same work
+        tr = _head(tr, wl.batch)
+    return m, s, tr
+
+
+def _head(trace: RoutingTrace, n: int) -> RoutingTrace:
+    end = int(trace.token_offsets[n])
+    return RoutingTrace(trace.header, trace.prompt_lens[:n], trace.gen_lens[:n], trace.experts[:end],
+                        None if trace.gate_weights is None else trace.gate_weights[:end])
+
+
+def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
+            prompt_len: int | None = None, gen_len: int | None = None, trace: str | Path | RoutingTrace | None = None,
+            routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0, decode_sample: int = 0,
+            policies: tuple[str, ...] = COMPARED, progress: bool = False) -> dict[str, Any]:
+    """Run each policy with its own search on the same trace; speedups are CoX-MoE's throughput over each."""
+    m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
+    results = {p: _run(m, s, p, {}, tr, seed, decode_sample)
+               for p in tqdm(policies, desc="policies", disable=None if progress else True, leave=False)}
+    cox = results.get("coxmoe", {})
+    speedups = {p: (cox["throughput_tok_s"] / r["throughput_tok_s"]) if cox.get("feasible") and r.get("feasible")
+                and r["throughput_tok_s"] > 0 else None for p, r in results.items() if p != "coxmoe"}
+    return {"model": m.name, "system": s.name, "batch": tr.num_requests,
+            "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
+            "routing": tr.header.source, "seed": seed, "decode_sample": decode_sample,
+            "policies": results, "coxmoe_speedup": speedups}
+
+
+def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
+             prompt_len: int | None = None, gen_len: int | None = None,
+             trace: str | Path | RoutingTrace | None = None, routing: str = "uniform", reuse_prob: float = 0.0,
+             seed: int = 0, decode_sample: int = 0, progress: bool = False) -> dict[str, Any]:
+    """The paper's ablation (Table 3) plus each feature switched off alone; speedups over MoE-Lightning."""
+    m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
+    rows = []
+    for label, policy, options in tqdm(ABLATION_STEPS, desc="ablation", disable=None if progress else True,
+                                       leave=False):
+        rows.append({"step": label, "options": options, **_run(m, s, policy, options, tr, seed, decode_sample)})
+    base = rows[0]
+    for row in rows:
+        ok = row.get("feasible") and base.get("feasible") and base["throughput_tok_s"] > 0
+        row["speedup_over_moe_lightning"] = row["throughput_tok_s"] / base["throughput_tok_s"] if ok else None
+    return {"model": m.name, "system": s.name, "batch": tr.num_requests, "routing": tr.header.source,
+            "decode_sample": decode_sample, "steps": rows}
+
+
+def compare_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per policy: throughput, CoX-MoE's speedup over it, busy seconds per resource, peak VRAM."""
+    rows = []
+    for policy, r in result["policies"].items():
+        if not r.get("feasible"):
+            rows.append({"policy": policy, "throughput_tok_s": None, "coxmoe_speedup": None,
+                         "note": r["error"].split(":")[0]})
+            continue
+        busy = {f"{k}_s": v for k, v in r["busy_s"].items()}
+        rows.append({"policy": policy, "throughput_tok_s": r["throughput_tok_s"],
+                     "coxmoe_speedup": result["coxmoe_speedup"].get(policy), "total_s": r["total_s"],
+                     "prefill_s": r["prefill_s"], "decode_s": r["decode_s"], **busy,
+                     "peak_vram_gib": r["peak_gpu_bytes"] / 2**30, "note": ""})
+    return pd.DataFrame(rows)
