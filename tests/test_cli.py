@@ -190,3 +190,50 @@ def test_plan_out_then_run_plan(capsys, tmp_path):
     assert again["total_s"] == sim["total_s"] and again["events"] == sim["events"]
     code, _, err = run(capsys, "run-plan", str(tmp_path / "t.json"))
     assert code == 2 and "not a readable Parquet plan" in err
+
+
+def _tiny_model_file(tmp_path):
+    import dataclasses
+
+    from sim.specs import ModelSpec
+
+    spec = ModelSpec(name="tiny", num_layers=3, hidden_size=256, vocab_size=1000, num_attention_heads=8,
+                     num_kv_heads=2, head_dim=32, num_experts=8, top_k=2, expert_intermediate_size=512)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(spec)))
+    return str(path)
+
+
+def test_compare_json_has_every_policy_and_speedups(capsys, tmp_path):
+    code, out, err = run(capsys, "compare", "--model-file", _tiny_model_file(tmp_path), "--system",
+                         "a100-80g-8452y", "--batch", "8", "--prompt-len", "6", "--gen-len", "3", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert set(d["policies"]) == {"coxmoe", "moe-lightning", "flexgen", "fiddler", "stream-experts", "gpu-only"}
+    cox = d["policies"]["coxmoe"]
+    for key in ("throughput_tok_s", "busy_fraction", "peak_gpu_bytes", "knobs", "analytic_total_s"):
+        assert key in cox
+    for policy, speedup in d["coxmoe_speedup"].items():
+        assert speedup == pytest.approx(cox["throughput_tok_s"] / d["policies"][policy]["throughput_tok_s"])
+    code, out, _ = run(capsys, "compare", "--model-file", _tiny_model_file(tmp_path), "--system", "a100-80g-8452y",
+                       "--batch", "8", "--prompt-len", "6", "--gen-len", "3", "--policies", "coxmoe,flexgen")
+    assert code == 0 and "flexgen" in out and "fiddler" not in out
+
+
+def test_compare_reports_policies_that_do_not_fit(capsys):
+    code, out, err = run(capsys, "compare", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "2",
+                         "--prompt-len", "4", "--gen-len", "2", "--policies", "gpu-only,stream-experts", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["policies"]["gpu-only"]["feasible"] is False and "memory exceeded" in d["policies"]["gpu-only"]["error"]
+    assert d["policies"]["stream-experts"]["feasible"] is True
+
+
+def test_ablation_steps(capsys, tmp_path):
+    code, out, err = run(capsys, "ablation", "--model-file", _tiny_model_file(tmp_path), "--system",
+                         "rtx6000ada-8452y", "--batch", "8", "--prompt-len", "6", "--gen-len", "3", "--json")
+    assert code == 0, err
+    steps = json.loads(out)["steps"]
+    assert steps[0]["step"].startswith("MoE-Lightning") and steps[0]["speedup_over_moe_lightning"] == 1.0
+    assert [s["options"] for s in steps[1:4]] == [{"attention": "gpu", "stratify": "off"}, {"stratify": "off"}, {}]
+    assert steps[4]["knobs"]["coalesce"] == "off"

@@ -155,7 +155,7 @@ def test_stream_experts_refuses_too_little_dram(mixtral, paper_system):
 def test_auto_attention_moves_kv_to_the_cpu_when_it_does_not_fit(mixtral, paper_system):
     gpu24 = dataclasses.replace(paper_system, gpu=dataclasses.replace(paper_system.gpu, hbm_bytes=24 * 2**30))
     small = simulate(mixtral, gpu24, "stream-experts", batch=8, prompt_len=800, gen_len=2)
-    big = simulate(mixtral, gpu24, "stream-experts", batch=128, prompt_len=800, gen_len=2)
+    big = simulate(mixtral, gpu24, "stream-experts", batch=256, prompt_len=800, gen_len=2)
     assert small.knobs["attention"] == "gpu" and big.knobs["attention"] == "cpu"
     assert big.busy_s["cpu"] > 0 and "kv_cache" in big.static_memory["cpu"]
 

@@ -28,7 +28,7 @@ from functools import cache
 
 import numpy as np
 
-from sim.errors import SimInputError
+from sim.errors import CapacityError, SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.base import OptionsBase, PlanContext, Policy
 from sim.policies.layers import (
@@ -47,7 +47,6 @@ GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_E
                                             Stream.D2H)
 DEVICE_STREAM = {"g": GPU, "c": CPU}
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
-EXPERT_CHUNK_TOKENS = 8192  # coalesced expert GEMMs are tiled: workspace for this many tokens at a time
 
 
 @dataclass(frozen=True)
@@ -216,7 +215,7 @@ class _Model:
             "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
             "expert_fetch_buffers": 2 * widest * m.expert_bytes,
             "hidden_states": 2 * coalesced * m.hidden_size * bpp,
-            "workspace": activation_workspace_bytes(self.ctx, min(max(mb_tokens, 1), EXPERT_CHUNK_TOKENS)),
+            "workspace": activation_workspace_bytes(self.ctx, max(mb_tokens, 1)),
         }
         if dec[1] == "g":
             static["kv_cache"] = self.kv_bytes
@@ -285,7 +284,8 @@ class CoxMoePolicy(Policy):
         from sim.policies.base import require_fits
 
         require_fits("GPU", ctx.system.gpu.name, self.name, static, ctx.system.gpu_usable_bytes)
-        raise SimInputError("policy coxmoe: no configuration fits in GPU memory")
+        raise CapacityError(f"GPU ({ctx.system.gpu.name}) for coxmoe: no configuration of these knobs fits",
+                            sum(static.values()), ctx.system.gpu_usable_bytes, "with the E_M buffers")
 
     # ---- search ----------------------------------------------------------------------------------------
     def _candidates(self, ctx: PlanContext, model: _Model) -> list[Candidate]:

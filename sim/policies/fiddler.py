@@ -36,17 +36,18 @@ FETCH_SLOTS = 2  # on-demand expert copies land in a small GPU pool: one compute
 @dataclass(frozen=True)
 class FiddlerOptions(OptionsBase):
     """resident_experts: popular experts per layer in VRAM (-1 = as many as fit); attention: auto | gpu | cpu
-    (auto = the GPU when the KV cache fits); prefill_tokens: prompt tokens per prefill micro-batch."""
+    (auto = the GPU when the KV cache fits); prefill_tokens: prompt tokens per prefill micro-batch (0 = the whole
+    batch at once, as Fiddler runs a prompt)."""
 
     policy_name = "fiddler"
     resident_experts: int = -1
     attention: str = "auto"
-    prefill_tokens: int = 8192
+    prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.at_least("resident_experts", -1)
         self.choice("attention", ("auto", "gpu", "cpu"))
-        self.at_least("prefill_tokens", 1)
+        self.at_least("prefill_tokens", 0)
 
 
 class FiddlerPolicy(Policy):
@@ -59,7 +60,7 @@ class FiddlerPolicy(Policy):
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
         bpp = m.bytes_per_param
         requests = np.arange(wl.batch)
-        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens)
+        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens or wl.prompt_tokens)
         decode_groups = split_by_count(requests, 0)
         max_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups), wl.batch)
         kv = wl.kv_tokens_total * m.kv_bytes_per_token

@@ -54,13 +54,19 @@ def group_requests(ctx: PlanContext, prefill_tokens: int,
     return prefill, decode, max_tokens
 
 
-def activation_workspace_bytes(ctx: PlanContext, tokens: int) -> int:
-    """GPU buffers for one micro-batch in flight: hidden states, QKV/attention outputs, expert intermediates."""
+EXPERT_CHUNK_TOKENS = 8192  # expert GEMMs over many tokens are tiled: intermediates for this many at a time
+
+
+def activation_workspace_bytes(ctx: PlanContext, tokens: int, requests: int | None = None) -> int:
+    """GPU buffers for one micro-batch in flight: hidden states and QKV/attention outputs of its `tokens`,
+    expert intermediates tiled at EXPERT_CHUNK_TOKENS, and fp32 logits of its last tokens (`requests`)."""
     m = ctx.model
+    requests = min(tokens, ctx.workload.batch) if requests is None else requests
     per_token = 4 * m.hidden_size + m.qkv_out_width + m.attn_out_width
-    per_token += 2 * m.top_k * m.expert_intermediate_size + 2 * max(m.shared_expert_intermediate_size,
-                                                                    m.dense_intermediate_size)
-    return tokens * per_token * m.bytes_per_param + tokens * m.vocab_size * 4
+    ffn = 2 * m.top_k * m.expert_intermediate_size + 2 * max(m.shared_expert_intermediate_size,
+                                                             m.dense_intermediate_size)
+    chunk = min(tokens, EXPERT_CHUNK_TOKENS)
+    return (tokens * per_token + chunk * ffn) * m.bytes_per_param + requests * m.vocab_size * 4
 
 
 Deps = int | tuple[int, ...]

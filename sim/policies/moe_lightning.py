@@ -47,19 +47,20 @@ CPU_MEMORY_FRACTION = 0.8   # fastmoe policy LP: cpu_home + cpu_w <= 0.8 * cmem
 class MoELightningOptions(OptionsBase):
     """micro_batch: requests per decode micro-batch, ubs (-1 = search); wg: share of each layer's experts
     pinned in VRAM, floor(wg x E) of them (-1 = search); prefill_tokens: prompt tokens per prefill
-    micro-batch; rescore: candidates the simulation re-scores."""
+    micro-batch (0 = ubs requests, as the fastmoe runtime runs prefill); rescore: candidates the simulation
+    re-scores."""
 
     policy_name = "moe-lightning"
     micro_batch: int = -1
     wg: float = -1.0
-    prefill_tokens: int = 8192
+    prefill_tokens: int = 0
     rescore: int = 3
 
     def __post_init__(self) -> None:
         self.at_least("micro_batch", -1)
         if self.wg != -1.0:
             self.fraction("wg")
-        self.at_least("prefill_tokens", 1)
+        self.at_least("prefill_tokens", 0)
         self.at_least("rescore", 1)
 
     def resident(self, num_experts: int) -> int:
@@ -169,7 +170,9 @@ class MoELightningPolicy(Policy):
     def _plan(self, ctx: PlanContext, o: MoELightningOptions) -> Plan:
         m, wl = ctx.model, ctx.workload
         requests = np.arange(wl.batch)
-        prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens)
+        ubs = o.micro_batch or wl.batch
+        prefill_groups = (split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens) if o.prefill_tokens
+                          else split_by_count(requests, ubs))
         decode_groups = split_by_count(requests, o.micro_batch)
         mb_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups), o.micro_batch)
         static = self._static(ctx, o, mb_tokens)

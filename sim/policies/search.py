@@ -70,7 +70,7 @@ def expected_counts(ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
     return prefill, decode / max(wl.max_gen_len - 1, 1)
 
 
-RESCORE_DECODE_SAMPLE = 8  # decode steps the re-scoring simulations plan (evenly spaced; scaled to all)
+RESCORE_DECODE_SAMPLE = 4  # decode steps the re-scoring simulations plan (evenly spaced; scaled to all)
 
 
 def _simulated_total_s(plan: Plan, cost: RooflineCostModel) -> tuple[float, Any]:
