@@ -61,10 +61,13 @@ def _head(trace: RoutingTrace, n: int) -> RoutingTrace:
 def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
             prompt_len: int | None = None, gen_len: int | None = None, trace: str | Path | RoutingTrace | None = None,
             routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0, decode_sample: int = 0,
-            policies: tuple[str, ...] = COMPARED, progress: bool = False) -> dict[str, Any]:
-    """Run each policy with its own search on the same trace; speedups are CoX-MoE's throughput over each."""
+            policies: tuple[str, ...] = COMPARED, progress: bool = False,
+            options: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Run each policy with its own search on the same trace (`options` pins knobs per policy); speedups are
+    CoX-MoE's throughput over each."""
     m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
-    results = {p: _run(m, s, p, {}, tr, seed, decode_sample)
+    options = options or {}
+    results = {p: _run(m, s, p, options.get(p, {}), tr, seed, decode_sample)
                for p in tqdm(policies, desc="policies", disable=None if progress else True, leave=False)}
     cox = results.get("coxmoe", {})
     speedups = {p: (cox["throughput_tok_s"] / r["throughput_tok_s"]) if cox.get("feasible") and r.get("feasible")

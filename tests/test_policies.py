@@ -177,7 +177,7 @@ def test_coxmoe_bad_options():
 def test_flexgen_zig_zag_loads_each_layer_once_per_block(tiny_model, paper_system):
     ctx = ctx_for(tiny_model, paper_system, batch=12, gen=3)
     plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "25", "cpu_attention": "on",
-                                   "act_on_cpu": "off"}).build(ctx)
+                                   "act_gpu_percent": "100", "kv_gpu_percent": "0"}).build(ctx)
     loads = [op for op in plan.ops if op.stream is Stream.H2D and op.payload is Payload.EXPERT_WEIGHTS]
     visits = {(op.phase, op.step, op.layer) for op in plan.ops if op.layer >= 0 and op.layer < tiny_model.num_layers}
     assert len(loads) == len(visits)  # once per layer per block, not per GPU batch
@@ -196,10 +196,26 @@ def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):
     prompts, gens = np.array([2, 9, 4, 3]), np.array([3, 3, 3, 3])
     tr = generate_trace(SynthConfig("tiny", 4, 8, 2, "uniform", 0.0, 0), prompts, gens)
     ctx = PlanContext(tiny_model, paper_system, Workload(prompts, gens), tr)
-    plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "100", "act_on_cpu": "off"}).build(ctx)
+    plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "100", "act_gpu_percent": "100",
+                                   "kv_gpu_percent": "0"}).build(ctx)
     qkv = ops_of(plan, kind=OpKind.QKV, phase=Phase.PREFILL, layer=0)
     router = ops_of(plan, kind=OpKind.ROUTER, phase=Phase.PREFILL, layer=0)
     assert qkv[0].tokens == 4 * 9 and router[0].tokens == int(prompts.sum())
+
+
+def test_flexgen_mixed_kv_attends_on_both_devices_and_casts_to_fp32(tiny_model, paper_system):
+    ctx = ctx_for(tiny_model, paper_system, batch=8, prompt=32, gen=3)
+    knobs = {"gpu_batch_size": "8", "weights_gpu_percent": "100", "act_gpu_percent": "100", "kv_gpu_percent": "50"}
+    plan = make_policy("flexgen", knobs).build(ctx)
+    attn = ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
+    gpu, cpu = [op for op in attn if op.stream is Stream.GPU], [op for op in attn if op.stream is Stream.CPU]
+    assert len(gpu) == len(cpu) == 1 and gpu[0].kv_tokens + cpu[0].kv_tokens == 8 * (32 + 1)
+    kv_bytes = cpu[0].kv_tokens * tiny_model.kv_bytes_per_token_layer
+    no_cast = make_policy("flexgen", {**knobs, "fp32_cpu_attention": "off"}).build(ctx)
+    cpu_plain = [op for op in ops_of(no_cast, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
+                 if op.stream is Stream.CPU][0]
+    assert cpu[0].bytes - cpu_plain.bytes == 4 * kv_bytes
+    assert plan.static_memory["gpu"]["kv_cache"] == pytest.approx(plan.static_memory["cpu"]["kv_cache"], abs=1)
 
 
 # ---- Fiddler ----------------------------------------------------------------------------------------------------

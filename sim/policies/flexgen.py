@@ -19,18 +19,22 @@ constraints (home + working set <= 0.8 of each memory). The best few are then si
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from sim.cost import Work
 from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     At,
     BatchSlice,
+    Deps,
     LayerEmitter,
     activation_workspace_bytes,
+    as_deps,
     split_by_count,
 )
 from sim.policies.search import Analytic, Candidate, fixed_then_simulate, search_then_simulate
@@ -39,27 +43,39 @@ GPU, CPU, H2D, H2D_ACT, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.H2D_ACT
 MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxation ratio")
 
 
+FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
+
+
 @dataclass(frozen=True)
 class FlexGenOptions(OptionsBase):
-    """gpu_batch_size: requests per GPU batch (-1 = search); weights_gpu_percent: share of each layer's weights
-    kept in VRAM (-1 = search); cpu_attention: on | off (decode attention on the CPU over a CPU KV cache);
-    act_on_cpu: auto | on | off (hidden states between layers in DRAM); rescore: candidates simulated."""
+    """gpu_batch_size: requests per GPU batch (-1 = search; num_gpu_batches = ceil(B / it));
+    weights_gpu_percent, kv_gpu_percent, act_gpu_percent: shares of each layer's weights, of the KV cache and
+    of the hidden states kept in VRAM, the rest in DRAM (-1 = search); cpu_attention: on | off (FlexGen's
+    --cpu-cache-compute: decode attention over the DRAM part of the cache runs on the CPU); fp32_cpu_attention:
+    on | off (its CPU path casts K/V to fp32 first); rescore: candidates simulated."""
 
     policy_name = "flexgen"
     gpu_batch_size: int = -1
     weights_gpu_percent: float = -1.0
+    kv_gpu_percent: float = -1.0
+    act_gpu_percent: float = -1.0
     cpu_attention: str = "on"
-    act_on_cpu: str = "auto"
+    fp32_cpu_attention: str = "on"
     rescore: int = 3
 
     def __post_init__(self) -> None:
         self.at_least("gpu_batch_size", -1)
-        if self.weights_gpu_percent != -1.0 and not 0.0 <= self.weights_gpu_percent <= 100.0:
-            raise SimInputError(f"policy flexgen: weights_gpu_percent must be in [0, 100] (or -1 to search), "
-                                f"got {self.weights_gpu_percent}")
+        for name in ("weights_gpu_percent", "kv_gpu_percent", "act_gpu_percent"):
+            value = getattr(self, name)
+            if value != -1.0 and not 0.0 <= value <= 100.0:
+                raise SimInputError(f"policy flexgen: {name} must be in [0, 100] (or -1 to search), got {value}")
         self.choice("cpu_attention", ("on", "off"))
-        self.choice("act_on_cpu", ("auto", "on", "off"))
+        self.choice("fp32_cpu_attention", ("on", "off"))
         self.at_least("rescore", 1)
+
+    @property
+    def searched(self) -> bool:
+        return -1 in (self.gpu_batch_size, self.weights_gpu_percent, self.kv_gpu_percent, self.act_gpu_percent)
 
 
 class _Layout:
@@ -71,23 +87,23 @@ class _Layout:
         bpp = m.bytes_per_param
         self.gbs = min(max(o.gpu_batch_size, 1), wl.batch)
         self.ngb = -(-wl.batch // self.gbs)
-        self.wg = o.weights_gpu_percent / 100.0
+        self.wg, self.cg, self.hg = (o.weights_gpu_percent / 100.0, o.kv_gpu_percent / 100.0,
+                                     o.act_gpu_percent / 100.0)
         self.layer_bytes = [m.layer_params(layer) * bpp for layer in range(m.num_layers)]
         self.loaded = [int(round(b * (1 - self.wg))) for b in self.layer_bytes]
         self.prompt = int(wl.prompt_lens.max())  # padded
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
-        self.act_on_cpu = o.act_on_cpu == "on"
+        self.kv_factor = FP32_CPU_ATTENTION_BYTES if o.fp32_cpu_attention == "on" else 1
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
+        hidden = wl.batch * self.prompt * m.hidden_size * bpp
+        kv_gpu = int(self.kv_bytes * self.cg)
         self.gpu = {"resident_weights": int(sum(self.layer_bytes) * self.wg) + other,
                     "weight_double_buffer": 2 * max(self.loaded, default=0),
-                    "workspace": activation_workspace_bytes(ctx, self.gbs * self.prompt)}
-        self.cpu = {"weights": sum(self.layer_bytes) - int(sum(self.layer_bytes) * self.wg)}
-        self.kv_on_gpu = not self.cpu_attention and self.kv_bytes + sum(self.gpu.values()) <= (
-            ctx.system.gpu_usable_bytes)
-        (self.gpu if self.kv_on_gpu else self.cpu)["kv_cache"] = self.kv_bytes
-        hidden = wl.batch * self.prompt * m.hidden_size * bpp
-        (self.cpu if self.act_on_cpu else self.gpu)["hidden_states"] = hidden
+                    "kv_cache": kv_gpu, "hidden_states": int(hidden * self.hg),
+                    "workspace": activation_workspace_bytes(ctx, self.gbs * self.prompt, self.gbs)}
+        self.cpu = {"weights": sum(self.layer_bytes) - int(sum(self.layer_bytes) * self.wg),
+                    "kv_cache": self.kv_bytes - kv_gpu, "hidden_states": hidden - int(hidden * self.hg)}
 
 
 def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
@@ -96,6 +112,7 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     a = Analytic(ctx)
     gbs, ngb, s = lay.gbs, lay.ngb, lay.prompt
     n = wl.max_gen_len
+    cg, hg = lay.cg, lay.hg
     loaded = max(lay.loaded, default=0)
     hidden_p = wl.batch * s * m.hidden_size * m.bytes_per_param
     hidden_g = wl.batch * m.hidden_size * m.bytes_per_param
@@ -105,28 +122,36 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     comp_p = ngb * (a.t(OpKind.QKV, GPU, w.qkv(tok)) + a.t(OpKind.O_PROJ, GPU, w.o_proj(tok))
                     + a.t(OpKind.ATTENTION, GPU, w.attention(tok, gbs * s * (s + 1) // 2, tok))
                     + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok))
-    ctog_p = a.copy(H2D, loaded) + (a.copy(H2D_ACT, hidden_p) if lay.act_on_cpu else 0.0)
-    gtoc_p = (a.copy(D2H, kv_new_p) if not lay.kv_on_gpu else 0.0) + (a.copy(D2H, hidden_p) if lay.act_on_cpu
-                                                                       else 0.0)
+    ctog_p = a.copy(H2D, loaded) + a.copy(H2D_ACT, int(hidden_p * (1 - hg)))
+    gtoc_p = a.copy(D2H, int(kv_new_p * (1 - cg))) + a.copy(D2H, int(hidden_p * (1 - hg)))
     t_pre = max(ctog_p, gtoc_p, comp_p)
-    # Decode, at the mean context length
+    # Decode, at the mean context length, per GPU batch
     kv = int(gbs * (s + n / 2))
-    attn = w.attention(gbs, kv, kv)
+    kv_gpu, kv_cpu = int(kv * cg), kv - int(kv * cg)
+    attn_gpu = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv_gpu, kv_gpu)) if kv_gpu else 0.0
+    kv_io = 0.0
     if lay.cpu_attention:
-        attn_s = a.t(OpKind.ATTENTION, CPU, attn) + a.copy(D2H, w.qkv_out_bytes(gbs)) + a.copy(
-            H2D_ACT, w.attn_out_bytes(gbs))
-        kv_io = 0.0
+        cpu_work = _cpu_attention_work(ctx, lay, gbs, kv_cpu)
+        attn_cpu = (a.t(OpKind.ATTENTION, CPU, cpu_work) + a.copy(D2H, w.qkv_out_bytes(gbs))
+                    + a.copy(H2D_ACT, w.attn_out_bytes(gbs))) if kv_cpu else 0.0
+        attn_s = max(attn_gpu, attn_cpu)
     else:
-        attn_s = a.t(OpKind.ATTENTION, GPU, attn)
-        kv_io = 0.0 if lay.kv_on_gpu else a.copy(H2D_ACT, kv * m.kv_bytes_per_token_layer) + a.copy(
-            D2H, w.kv_bytes(gbs))
+        attn_s = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv, kv))
+        kv_io = a.copy(H2D_ACT, kv_cpu * m.kv_bytes_per_token_layer) + a.copy(D2H, int(w.kv_bytes(gbs) * (1 - cg)))
     comp_g = ngb * (a.t(OpKind.QKV, GPU, w.qkv(gbs)) + attn_s + a.t(OpKind.O_PROJ, GPU, w.o_proj(gbs))
                     + a.t(OpKind.ROUTER, GPU, w.router(gbs)) + _experts_s(ctx, a, gbs) + kv_io)
-    ctog_g = a.copy(H2D, loaded) + (a.copy(H2D_ACT, hidden_g) if lay.act_on_cpu else 0.0)
-    gtoc_g = a.copy(D2H, hidden_g) if lay.act_on_cpu else 0.0
+    ctog_g = a.copy(H2D, loaded) + a.copy(H2D_ACT, int(hidden_g * (1 - hg)))
+    gtoc_g = a.copy(D2H, int(hidden_g * (1 - hg)))
     t_gen = ctog_g + max(gtoc_g, comp_g)
     total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen
     return {"t_pre": t_pre, "t_gen": t_gen, "total": total}
+
+
+def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int) -> Work:
+    """Work of FlexGen's CPU attention over `kv` cached entries (its fp32 cast multiplies the KV bytes)."""
+    base = ctx.work.attention(tokens, kv, kv)
+    kv_bytes = kv * ctx.model.kv_bytes_per_token_layer
+    return Work(base.flops, base.bytes + (lay.kv_factor - 1) * kv_bytes)
 
 
 def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:
@@ -147,7 +172,7 @@ class FlexGenPolicy(Policy):
     def build(self, ctx: PlanContext) -> Plan:
         o: FlexGenOptions = self.options
         candidates = self._candidates(ctx)
-        if o.gpu_batch_size >= 0 and o.weights_gpu_percent >= 0 and o.act_on_cpu != "auto":
+        if not o.searched:
             if not candidates:
                 lay = _Layout(ctx, o)
                 require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
@@ -162,22 +187,26 @@ class FlexGenPolicy(Policy):
             sizes = [min(o.gpu_batch_size, batch)]
         elif o.gpu_batch_size == 0:
             sizes = [batch]
-        else:
+        else:  # FlexGen's search: 1, 2, 4, 8, ... (its cost_model.solve doubles the GPU batch)
             sizes = sorted({min(2**k, batch) for k in range(0, 16)})
-        percents = [o.weights_gpu_percent] if o.weights_gpu_percent >= 0 else [5.0 * k for k in range(21)]
-        acts = [o.act_on_cpu] if o.act_on_cpu != "auto" else ["off", "on"]
+
+        def grid(value: float, step: float) -> list[float]:
+            return [value] if value >= 0 else [step * k for k in range(int(100 / step) + 1)]
+
         gpu_cap = MEMORY_FRACTION * ctx.system.gpu.hbm_bytes
         cpu_cap = MEMORY_FRACTION * ctx.system.dram_bytes
         out = []
-        for gbs in sizes:
-            for act in acts:
-                for wg in percents:
-                    opts = replace(o, gpu_batch_size=gbs, weights_gpu_percent=wg, act_on_cpu=act)
-                    lay = _Layout(ctx, opts)
-                    if sum(lay.gpu.values()) > gpu_cap or sum(lay.cpu.values()) > cpu_cap:
-                        continue
-                    cost = flexgen_cost(ctx, lay)
-                    out.append(Candidate(opts, cost["total"], cost))
+        for gbs, hg, cg in itertools.product(sizes, grid(o.act_gpu_percent, 100.0), grid(o.kv_gpu_percent, 25.0)):
+            for wg in sorted(grid(o.weights_gpu_percent, 5.0), reverse=True):
+                opts = replace(o, gpu_batch_size=gbs, weights_gpu_percent=wg, kv_gpu_percent=cg, act_gpu_percent=hg)
+                lay = _Layout(ctx, opts)
+                if sum(lay.cpu.values()) > cpu_cap:
+                    break  # less on the GPU only moves more to the CPU
+                if sum(lay.gpu.values()) > gpu_cap:
+                    continue
+                cost = flexgen_cost(ctx, lay)
+                out.append(Candidate(opts, cost["total"], cost))
+                break  # the most weights that fit: loading less never slows a step down
         return out
 
     def _plan(self, ctx: PlanContext, o: FlexGenOptions) -> Plan:
@@ -192,7 +221,7 @@ class FlexGenPolicy(Policy):
             slices = _padded_decode(ctx, step, groups, lay.prompt)
             if slices:
                 emit.phase(slices, Phase.DECODE, step)
-        knobs = {**asdict(o), "num_gpu_batches": lay.ngb, "kv_on_gpu": lay.kv_on_gpu}
+        knobs = {**asdict(o), "num_gpu_batches": lay.ngb}
         return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, {"gpu": lay.gpu, "cpu": lay.cpu},
                     {"prefill": groups, "decode": groups}, decode_scale=ctx.decode_scale)
 
@@ -231,8 +260,8 @@ class _ZigZag(LayerEmitter):
 
     def phase(self, slices: list[BatchSlice], phase: Phase, step: int) -> None:
         m, w, lay = self.m, self.w, self.lay
-        hidden = [self.embed(phase, step, s.mb, s.tokens) for s in slices]
-        attention_on = CPU if (phase is Phase.DECODE and lay.cpu_attention) else GPU
+        hidden: list[Deps] = [self.embed(phase, step, s.mb, s.tokens) for s in slices]
+        offload_act = 1.0 - lay.hg
         for layer in range(m.num_layers):
             weights = -1
             if lay.loaded[layer]:
@@ -242,26 +271,47 @@ class _ZigZag(LayerEmitter):
             for i, s in enumerate(slices):
                 at = At(phase, step, layer, s.mb)
                 dep = hidden[i]
-                if lay.act_on_cpu and layer:
-                    dep = self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (dep,), s.tokens)
-                q = self.op(OpKind.QKV, GPU, at, s.tokens, (dep, weights))
-                if attention_on is CPU:
-                    down = self.xfer(D2H, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
-                    a = self.attention(CPU, at, s, (down,))
-                    a = self.xfer(H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
-                else:
-                    if phase is Phase.DECODE and not lay.kv_on_gpu:  # load this GPU batch's cache
-                        q = self.xfer(H2D_ACT, at, s.kv_read * m.kv_bytes_per_token_layer, Payload.KV, (q,),
-                                      s.tokens)
-                    a = self.attention(GPU, at, s, (q,))
-                    if not lay.kv_on_gpu:
-                        self.xfer(D2H, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+                if offload_act and layer:  # load this GPU batch's hidden states (the DRAM share)
+                    dep = self.xfer(H2D_ACT, at, int(w.hidden_bytes(s.tokens) * offload_act), Payload.ACTIVATIONS,
+                                    as_deps(dep), s.tokens)
+                q = self.op(OpKind.QKV, GPU, at, s.tokens, (*as_deps(dep), weights))
+                a = self._attention(phase, at, s, q)
                 last = self.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens, s.layer_counts(self.ctx, layer),
                                                    a, routed=s.routed)
                 hidden[i] = last
-                if lay.act_on_cpu and layer < m.num_layers - 1:
-                    hidden[i] = self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (last,), s.tokens)
+                if offload_act and layer < m.num_layers - 1:  # store the DRAM share of the hidden states
+                    hidden[i] = self.xfer(D2H, at, int(w.hidden_bytes(s.tokens) * offload_act), Payload.ACTIVATIONS,
+                                          (last,), s.tokens)
             self.layer_done[self.seq] = last
             self.seq += 1
         for i, s in enumerate(slices):
             self.lm_head(phase, step, s.mb, int(s.requests.size), hidden[i])
+
+    def _attention(self, phase: Phase, at: At, s: BatchSlice, q: int) -> Deps:
+        """Attention of one GPU batch over its cache, split between VRAM (cg) and DRAM (1 - cg)."""
+        m, w, lay = self.m, self.w, self.lay
+        kv_gpu = int(round(s.kv_read * lay.cg))
+        kv_cpu = s.kv_read - kv_gpu
+        if phase is Phase.PREFILL:  # on the GPU; the DRAM share of the new K/V goes down
+            a = self.attention(GPU, at, s, (q,))
+            if lay.cg < 1:
+                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), Payload.KV, (a,), s.tokens)
+            return a
+        if not lay.cpu_attention:
+            if kv_cpu:  # load the DRAM share of the cache, attend on the GPU, store the new entries' share
+                q = self.xfer(H2D_ACT, at, kv_cpu * m.kv_bytes_per_token_layer, Payload.KV, (q,), s.tokens)
+            a = self.attention(GPU, at, s, (q,))
+            if lay.cg < 1:
+                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), Payload.KV, (a,), s.tokens)
+            return a
+        parts: list[int] = []
+        if kv_gpu:
+            part = BatchSlice(s.phase, s.step, s.mb, s.requests, s.tokens, kv_gpu, kv_gpu, s.counts, s.routed)
+            parts.append(self.attention(GPU, at, part, (q,)))
+        if kv_cpu:  # q, k, v down; the CPU attends over its share (fp32 cast included); the output comes up
+            down = self.xfer(D2H, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
+            cpu_work = _cpu_attention_work(self.ctx, lay, s.tokens, kv_cpu)
+            a = self._op(OpKind.ATTENTION, CPU, at.phase, at.step, at.layer, at.mb, s.tokens, cpu_work, (down,),
+                         kv_tokens=kv_cpu)
+            parts.append(self.xfer(H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens))
+        return tuple(parts)

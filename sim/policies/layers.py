@@ -171,13 +171,13 @@ class LayerEmitter:
         return attn
 
     def attention_back_and_ffn(self, phase: Phase, step: int, layer: int, mb: int, tokens: int,
-                               counts: np.ndarray | None, front: int,
+                               counts: np.ndarray | None, front: Deps,
                                expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
         """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert; `routed` the tokens that
         reach the router when `tokens` counts padding. Returns the last op."""
         at = At(phase, step, layer, mb)
         routed = tokens if routed is None else routed
-        o = self.op(OpKind.O_PROJ, GPU, at, tokens, (front,))
+        o = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
         if not self.m.is_moe_layer(layer):
             return self.op(OpKind.DENSE_FFN, GPU, at, tokens, (o,))
         router = last = self.op(OpKind.ROUTER, GPU, at, routed, (o,))
