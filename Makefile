@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	mkdir -p out
-	$(BIN)/coxmoe simulate --model mixtral-8x7b --system a100-80g-8452y --policy stream-experts \
-		--batch 256 --prompt-len 97 --gen-len 32 --routing table:mixtral-8x7b \
+	$(BIN)/coxmoe simulate --model mixtral-8x7b --system rtx6000ada-8452y --policy coxmoe \
+		--batch 1024 --prompt-len 97 --gen-len 32 --routing table:mixtral-8x7b \
 		--plot out/demo.png --timeline out/demo_timeline.json
 
 test: $(STAMP)

@@ -89,10 +89,23 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 # ---- simulate -------------------------------------------------------------------------------------------------
+def _short(value: Any) -> str:
+    """Knob values for a summary line: per-layer lists become their mean."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple) and len(value) > 4:
+        return f"mean {sum(value) / len(value):.1f} per layer"
+    return str(value)
+
+
 def _print_summary(d: dict[str, Any]) -> None:
     gib = 2**30
     print(f"{d['model']} on {d['system']} under {d['policy']} ({d['routing']}, seed {d['seed']})")
-    print(f"  knobs: {', '.join(f'{k}={v}' for k, v in d['knobs'].items())}")
+    print(f"  knobs: {', '.join(f'{k}={_short(v)}' for k, v in d['knobs'].items())}")
+    if d.get("analytic_total_s") is not None:
+        s = d["search"]
+        print(f"  search: {s['candidates']} candidates, {s['simulated']} simulated, {s['search_s']:.2f} s; "
+              f"analytic estimate {d['analytic_total_s']:.3f} s against simulated {d['total_s']:.3f} s")
     w = d["workload"]
     print(f"  batch {w['batch']}, prompt {w['prompt_len_mean']:.0f}, generate {w['gen_len_mean']:.0f} tokens")
     print(f"  throughput {d['throughput_tok_s']:.1f} generated tok/s; prefill {d['prefill_s']:.3f} s, "
@@ -100,7 +113,9 @@ def _print_summary(d: dict[str, Any]) -> None:
     busy = ", ".join(f"{k} {v:.0%}" for k, v in d["busy_fraction"].items())
     print(f"  busy: {busy}")
     print(f"  peak memory: GPU {d['peak_gpu_bytes'] / gib:.2f} GiB, CPU {d['peak_cpu_bytes'] / gib:.2f} GiB")
-    print(f"  {d['num_ops']} ops, {d['events']} events, {d['wall_s']:.2f} s wall")
+    sampled = "" if d["decode_steps_simulated"] == d["decode_steps_total"] else (
+        f", decode from {d['decode_steps_simulated']} of {d['decode_steps_total']} steps")
+    print(f"  {d['num_ops']} ops, {d['events']} events, {d['wall_s']:.2f} s wall{sampled}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -17,3 +17,11 @@ class CapacityError(SimInputError):
             f"{pool} memory exceeded: needs {needed_bytes / 2**30:.2f} GiB{detail}, "
             f"{available_bytes / 2**30:.2f} GiB available"
         )
+
+
+class NoFeasibleConfig(CapacityError):
+    """A policy's search found no configuration that fits its memory model."""
+
+    def __init__(self, message: str):  # noqa: D107 - the message says it all
+        ValueError.__init__(self, message)
+        self.pool, self.needed_bytes, self.available_bytes = "GPU", 0, 0

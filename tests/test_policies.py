@@ -259,3 +259,17 @@ def test_decode_sampling_scales_to_the_whole_generation(tiny_model, paper_system
     assert sampled.throughput_tok_s == pytest.approx(full.throughput_tok_s, rel=0.02)
     ctx = ctx_for(tiny_model, paper_system, gen=33, decode_sample=5)
     assert ctx.steps() == [1, 9, 16, 24, 32]
+
+
+@pytest.mark.parametrize("policy, opts", [
+    ("flexgen", {"gpu_batch_size": "8", "weights_gpu_percent": "100", "kv_gpu_percent": "0", "act_gpu_percent": "0"}),
+    ("moe-lightning", {"micro_batch": "8", "wg": "1.0"}),
+    ("coxmoe", {"resident_experts": "8", "prefill_placement": "ggg", "decode_placement": "ggg",
+                "prefill_micro_batch": "8", "decode_micro_batch": "0"}),
+])
+def test_explicit_knobs_that_do_not_fit_name_the_memory(mixtral, paper_system, policy, opts):
+    from sim.errors import CapacityError
+
+    with pytest.raises(CapacityError) as info:
+        simulate(mixtral, paper_system, policy, batch=8, prompt_len=16, gen_len=2, policy_options=opts)
+    assert "GiB" in str(info.value) and "\n" not in str(info.value)

@@ -41,7 +41,7 @@ from sim.policies.layers import (
     split_by_count,
     split_by_tokens,
 )
-from sim.policies.search import Analytic, Candidate, expected_counts, fixed_then_simulate, search_then_simulate
+from sim.policies.search import Analytic, Candidate, choose, expected_counts
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
@@ -266,14 +266,9 @@ class CoxMoePolicy(Policy):
     def build(self, ctx: PlanContext) -> Plan:
         o: CoxMoeOptions = self.options
         model = _Model(ctx, o)
-        candidates = self._candidates(ctx, model)
-        if not o.searched:
-            if not candidates:
-                self._raise_capacity(ctx, model)
-            return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, model, opts))
-        if not candidates:
-            self._raise_capacity(ctx, model)
-        return search_then_simulate(ctx, candidates, lambda c, opts: self._plan(c, model, opts), o.rescore, self.name)
+        return choose(ctx, self._candidates(ctx, model), lambda c, opts: self._plan(c, model, opts),
+                      searched=o.searched, rescore=o.rescore, policy=self.name,
+                      explain_empty=lambda: self._raise_capacity(ctx, model))
 
     def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
         o = self.options

@@ -37,7 +37,7 @@ from sim.policies.layers import (
     as_deps,
     split_by_count,
 )
-from sim.policies.search import Analytic, Candidate, fixed_then_simulate, search_then_simulate
+from sim.policies.search import Analytic, Candidate, choose
 
 GPU, CPU, H2D, H2D_ACT, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.H2D_ACT, Stream.D2H
 MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxation ratio")
@@ -171,14 +171,13 @@ class FlexGenPolicy(Policy):
 
     def build(self, ctx: PlanContext) -> Plan:
         o: FlexGenOptions = self.options
-        candidates = self._candidates(ctx)
-        if not o.searched:
-            if not candidates:
-                lay = _Layout(ctx, o)
-                require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
-                require_fits("DRAM", ctx.system.name, self.name, lay.cpu, ctx.system.dram_usable_bytes)
-            return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, opts))
-        return search_then_simulate(ctx, candidates, lambda c, opts: self._plan(c, opts), o.rescore, self.name)
+        return choose(ctx, self._candidates(ctx), lambda c, opts: self._plan(c, opts), searched=o.searched,
+                      rescore=o.rescore, policy=self.name,
+                      explain_empty=None if o.searched else lambda: self._require_fits(ctx, _Layout(ctx, o)))
+
+    def _require_fits(self, ctx: PlanContext, lay: _Layout) -> None:
+        require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
+        require_fits("DRAM", ctx.system.name, self.name, lay.cpu, ctx.system.dram_usable_bytes)
 
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: FlexGenOptions = self.options
@@ -212,8 +211,7 @@ class FlexGenPolicy(Policy):
     def _plan(self, ctx: PlanContext, o: FlexGenOptions) -> Plan:
         m, wl = ctx.model, ctx.workload
         lay = _Layout(ctx, o)
-        require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
-        require_fits("DRAM", ctx.system.name, self.name, lay.cpu, ctx.system.dram_usable_bytes)
+        self._require_fits(ctx, lay)
         groups = split_by_count(np.arange(wl.batch), lay.gbs)
         emit = _ZigZag(ctx, PlanBuilder(), lay)
         emit.phase(_padded_prefill(ctx, groups, lay.prompt), Phase.PREFILL, 0)

@@ -35,7 +35,7 @@ from sim.policies.layers import (
     split_by_count,
     split_by_tokens,
 )
-from sim.policies.search import Analytic, Candidate, fixed_then_simulate, search_then_simulate
+from sim.policies.search import Analytic, Candidate, choose
 
 GPU, CPU, RELAY, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                       Stream.D2H)
@@ -108,12 +108,9 @@ class MoELightningPolicy(Policy):
 
     def build(self, ctx: PlanContext) -> Plan:
         o: MoELightningOptions = self.options
-        candidates = self._candidates(ctx)
-        if o.micro_batch >= 0 and o.wg >= 0:
-            if not candidates:
-                self._require_fits(ctx, o)
-            return fixed_then_simulate(ctx, candidates[0], lambda c, opts: self._plan(c, opts))
-        return search_then_simulate(ctx, candidates, lambda c, opts: self._plan(c, opts), o.rescore, self.name)
+        return choose(ctx, self._candidates(ctx), lambda c, opts: self._plan(c, opts),
+                      searched=o.micro_batch < 0 or o.wg < 0, rescore=o.rescore, policy=self.name,
+                      explain_empty=lambda: self._require_fits(ctx, o) if o.micro_batch >= 0 and o.wg >= 0 else None)
 
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: MoELightningOptions = self.options

@@ -17,7 +17,7 @@ import numpy as np
 
 from sim.cost import RooflineCostModel, Work
 from sim.engine import run_plan
-from sim.errors import CapacityError, SimInputError
+from sim.errors import CapacityError, NoFeasibleConfig, SimInputError
 from sim.metrics import plan_metrics
 from sim.plan import OpKind, Plan, Stream
 from sim.policies.base import PlanContext
@@ -121,6 +121,20 @@ def search_then_simulate(ctx: PlanContext, candidates: list[Candidate], build: C
         "analytic_detail": cand.detail,
     }
     return plan
+
+
+def choose(ctx: PlanContext, candidates: list[Candidate], build: Callable[[PlanContext, Any], Plan], *,
+           searched: bool, rescore: int, policy: str, explain_empty: Callable[[], None] | None = None) -> Plan:
+    """Search-then-simulate when some knob is left to the search, else build the one candidate. With no
+    candidate, `explain_empty` may raise an error naming the bytes; otherwise a generic one is raised."""
+    if not candidates:
+        if explain_empty is not None:
+            explain_empty()
+        raise NoFeasibleConfig(f"policy {policy}: no configuration fits its memory model on {ctx.system.name} "
+                               f"({ctx.system.gpu_usable_bytes / 2**30:.1f} GiB of GPU memory)")
+    if not searched:
+        return fixed_then_simulate(ctx, candidates[0], build)
+    return search_then_simulate(ctx, candidates, build, rescore, policy)
 
 
 def fixed_then_simulate(ctx: PlanContext, cand: Candidate, build: Callable[[PlanContext, Any], Plan]) -> Plan:
