@@ -1,0 +1,146 @@
+"""The math of one decoder layer, op by op, in torch: what the executor runs for each plan op kind.
+
+Inputs are a request's tokens (T rows); attention reads and extends that request's KV cache. Routing is
+forced: callers pass the expert ids (from the trace); gate weights are the softmax of the router logits over
+the chosen experts (or the trace's gate weights when it has them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from executor.weights import LayerWeights, ModelWeights
+from sim.specs import ModelSpec
+
+ROPE_THETA = 10000.0
+
+
+def token_ids(request: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Deterministic stand-in token ids (routing comes from the trace, so the text does not matter)."""
+    return (request * 7919 + positions * 104729 + 12345) % vocab
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding over the last dimension of x [T, heads, d] at `positions` [T]."""
+    half = x.shape[-1] // 2
+    inv = 1.0 / (ROPE_THETA ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Per request and layer: the cached keys and values (GQA) or latent and rope key (MLA), preallocated."""
+
+    def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+        self.spec, self.max_len, self.dtype, self.device = spec, max_len, dtype, device
+        self.store: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.length: dict[tuple[int, int], int] = {}
+
+    def _slot(self, request: int, layer: int) -> list[torch.Tensor]:
+        key = (request, layer)
+        if key not in self.store:
+            s = self.spec
+            if s.attention == "mla":
+                shapes = [(self.max_len, s.kv_lora_rank), (self.max_len, s.qk_rope_head_dim)]
+            else:
+                shapes = [(self.max_len, s.num_kv_heads, s.head_dim)] * 2
+            self.store[key] = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+            self.length[key] = 0
+        return self.store[key]
+
+    def append(self, request: int, layer: int, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append T new entries; return the whole cache so far (views)."""
+        slot = self._slot(request, layer)
+        start = self.length[(request, layer)]
+        end = start + parts[0].shape[0]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of request {request} overflows {self.max_len} entries")
+        for buf, new in zip(slot, parts, strict=True):
+            buf[start:end] = new
+        self.length[(request, layer)] = end
+        return tuple(buf[:end] for buf in slot)
+
+
+def qkv(spec: ModelSpec, lw: LayerWeights, h: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """OP0: norm and input projections (with rope) for T tokens of one request."""
+    x = rms_norm(h, lw.attn_norm)
+    a, n = lw.attn, spec.num_attention_heads
+    if spec.attention == "mla":
+        nope, rp = spec.qk_nope_head_dim, spec.qk_rope_head_dim
+        q = x @ a["wq"].T if "wq" in a else rms_norm(x @ a["wq_a"].T, a["q_norm"]) @ a["wq_b"].T
+        q = q.view(-1, n, nope + rp)
+        q = torch.cat([q[..., :nope], rope(q[..., nope:], positions)], dim=-1)
+        kv = x @ a["wkv_a"].T
+        latent = rms_norm(kv[:, :spec.kv_lora_rank], a["kv_norm"])
+        k_rope = rope(kv[:, None, spec.kv_lora_rank:], positions)[:, 0]
+        return {"q": q, "c": latent, "k_rope": k_rope}
+    d, kvh = spec.head_dim, spec.num_kv_heads
+    q = rope((x @ a["wq"].T).view(-1, n, d), positions)
+    k = rope((x @ a["wk"].T).view(-1, kvh, d), positions)
+    v = (x @ a["wv"].T).view(-1, kvh, d)
+    return {"q": q, "k": k, "v": v}
+
+
+def attention(spec: ModelSpec, lw: LayerWeights, new: dict[str, torch.Tensor], cache: KVCache, request: int,
+              layer: int, positions: torch.Tensor) -> torch.Tensor:
+    """OP1: append this request's new K/V and attend causally over its cache. Returns [T, heads x v_dim]."""
+    n = spec.num_attention_heads
+    q = new["q"]
+    if spec.attention == "mla":
+        latent, k_rope = cache.append(request, layer, new["c"], new["k_rope"])
+        nope, vd = spec.qk_nope_head_dim, spec.v_head_dim
+        kv = (latent @ lw.attn["wkv_b"].T).view(-1, n, nope + vd)
+        k = torch.cat([kv[..., :nope], k_rope[:, None, :].expand(-1, n, -1)], dim=-1)
+        v = kv[..., nope:]
+    else:
+        k, v = cache.append(request, layer, new["k"], new["v"])
+        rep = n // spec.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    keys = torch.arange(k.shape[0], device=q.device)
+    mask = keys[None, :] <= positions[:, None]  # causal: a query sees keys up to its own position
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask[None])
+    return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def o_proj(lw: LayerWeights, attn_out: torch.Tensor) -> torch.Tensor:
+    """OP2: output projection (the caller adds the residual)."""
+    return attn_out @ lw.attn["wo"].T
+
+
+def router_weights(lw: LayerWeights, x_norm: torch.Tensor, ids: torch.Tensor,
+                   gates: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate weights of the forced top-k `ids` [T, k]: the trace's, or the softmax of their router logits."""
+    if gates is not None:
+        return gates.to(x_norm.dtype)
+    logits = (x_norm @ lw.router.T).float()
+    return torch.softmax(torch.gather(logits, 1, ids.long()), dim=-1).to(x_norm.dtype)
+
+
+def expert(lw: LayerWeights, e: int, x: torch.Tensor) -> torch.Tensor:
+    """OP3 for one routed expert: gated FFN (SiLU(x W1) * x W3) W2 over the tokens routed to it."""
+    return (F.silu(x @ lw.w1[e].T) * (x @ lw.w3[e].T)) @ lw.w2[e].T
+
+
+def ffn(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The shared expert or a dense FFN (the shared one optionally scaled by its sigmoid gate)."""
+    y = (F.silu(x @ weights["w1"].T) * (x @ weights["w3"].T)) @ weights["w2"].T
+    if "gate" in weights:
+        y = y * torch.sigmoid(x @ weights["gate"].T)
+    return y
+
+
+def embed(mw: ModelWeights, request: int, positions: torch.Tensor) -> torch.Tensor:
+    return mw.embed[token_ids(request, positions, mw.spec.vocab_size)]
+
+
+def lm_head(mw: ModelWeights, h_last: torch.Tensor) -> torch.Tensor:
+    return rms_norm(h_last, mw.final_norm) @ mw.lm_head.T

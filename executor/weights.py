@@ -1,0 +1,106 @@
+"""Weights of a real MoE decoder stack in torch, built from a `ModelSpec` (seeded random by default).
+
+Layout (per layer, bf16 by default): attention projections (GQA: wq, wk, wv, wo; MLA: wq or wq_a/wq_b,
+wkv_a, kv_norm, wkv_b, wo), two RMSNorm weights, and either a router plus stacked expert matrices
+(w1 = gate, w3 = up: [E, f, h]; w2 = down: [E, h, f]) and an optional shared expert, or a dense FFN.
+Calibration runs use a few real-size layers (`num_layers`), since one Mixtral layer holds 2.8 GB of experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from sim.specs import ModelSpec
+
+INIT_STD = 0.02
+
+
+@dataclass
+class LayerWeights:
+    attn: dict[str, torch.Tensor]
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    router: torch.Tensor | None = None
+    w1: torch.Tensor | None = None
+    w3: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelWeights:
+    spec: ModelSpec
+    embed: torch.Tensor
+    lm_head: torch.Tensor
+    final_norm: torch.Tensor
+    layers: list[LayerWeights]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def to(self, device: str | torch.device) -> ModelWeights:
+        def move(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        layers = [LayerWeights(**{k: ({kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v))
+                                  for k, v in dataclasses.asdict(layer).items()}) for layer in self.layers]
+        return ModelWeights(self.spec, move(self.embed), move(self.lm_head), move(self.final_norm), layers)
+
+
+def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
+    """The first `num_layers` layers of a model (keeping its leading dense layers where they fall)."""
+    if not 1 <= num_layers <= spec.num_layers:
+        raise ValueError(f"num_layers must be in [1, {spec.num_layers}], got {num_layers}")
+    dense = min(spec.first_dense_layers, num_layers - 1) if num_layers > 1 else 0
+    return dataclasses.replace(spec, num_layers=num_layers, first_dense_layers=dense,
+                               name=f"{spec.name}[:{num_layers}]" if num_layers < spec.num_layers else spec.name)
+
+
+def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                   device: str = "cpu") -> ModelWeights:
+    """Seeded N(0, 0.02) weights (norms at 1) for every tensor the spec implies."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * INIT_STD).to(dtype=dtype, device=device)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype, device=device)
+
+    h, n = spec.hidden_size, spec.num_attention_heads
+    layers = []
+    for layer in range(spec.num_layers):
+        if spec.attention == "mla":
+            qk = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+            attn = {"wkv_a": rnd(spec.kv_lora_rank + spec.qk_rope_head_dim, h), "kv_norm": ones(spec.kv_lora_rank),
+                    "wkv_b": rnd(n * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank),
+                    "wo": rnd(h, n * spec.v_head_dim)}
+            if spec.q_lora_rank:
+                attn.update(wq_a=rnd(spec.q_lora_rank, h), q_norm=ones(spec.q_lora_rank),
+                            wq_b=rnd(n * qk, spec.q_lora_rank))
+            else:
+                attn["wq"] = rnd(n * qk, h)
+        else:
+            d, kv = spec.head_dim, spec.num_kv_heads
+            attn = {"wq": rnd(n * d, h), "wk": rnd(kv * d, h), "wv": rnd(kv * d, h), "wo": rnd(h, n * d)}
+        lw = LayerWeights(attn=attn, attn_norm=ones(h), ffn_norm=ones(h))
+        if spec.is_moe_layer(layer):
+            e, f = spec.num_experts, spec.expert_intermediate_size
+            lw.router, lw.w1, lw.w3, lw.w2 = rnd(e, h), rnd(e, f, h), rnd(e, f, h), rnd(e, h, f)
+            if spec.shared_expert_intermediate_size:
+                fs = spec.shared_expert_intermediate_size
+                lw.shared = {"w1": rnd(fs, h), "w3": rnd(fs, h), "w2": rnd(h, fs)}
+                if spec.shared_expert_gate:
+                    lw.shared["gate"] = rnd(1, h)
+        else:
+            f = spec.dense_intermediate_size
+            lw.dense = {"w1": rnd(f, h), "w3": rnd(f, h), "w2": rnd(h, f)}
+        layers.append(lw)
+    embed = rnd(spec.vocab_size, h)
+    lm_head = embed if spec.tie_word_embeddings else rnd(spec.vocab_size, h)
+    return ModelWeights(spec, embed, lm_head, ones(h), layers)

@@ -1,0 +1,82 @@
+"""Every policy's plan, executed op by op on real tensors, equals the plain sequential forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from executor.interpret import PlanInterpreter
+from executor.reference import reference_forward
+from executor.weights import random_weights, truncated
+from sim.policies import PlanContext, make_policy
+from sim.specs import load_model
+from sim.workload import Workload
+from traces import SynthConfig, generate_trace
+
+CASES = [
+    ("gpu-only", {"prefill_tokens": "10", "decode_micro_batch": "2"}),
+    ("stream-experts", {"attention": "cpu", "decode_micro_batch": "3"}),
+    ("coxmoe", {}),
+    ("coxmoe", {"coalesce": "off", "prefill_micro_batch": "2", "decode_micro_batch": "2"}),
+    ("coxmoe", {"prefill_placement": "cgc", "decode_placement": "gcg", "resident_experts": "1", "split": "auto",
+                "prefill_micro_batch": "3", "decode_micro_batch": "0"}),
+    ("moe-lightning", {"micro_batch": "2", "wg": "0.25"}),
+    ("flexgen", {"gpu_batch_size": "2", "weights_gpu_percent": "50", "kv_gpu_percent": "50", "act_gpu_percent": "0"}),
+    ("fiddler", {"attention": "cpu", "resident_experts": "2"}),
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def tiny_specs():
+    from sim.specs import ModelSpec
+
+    gqa = ModelSpec(name="tiny", num_layers=3, hidden_size=64, vocab_size=97, num_attention_heads=4, num_kv_heads=2,
+                    head_dim=16, num_experts=6, top_k=2, expert_intermediate_size=96)
+    mla = ModelSpec(name="tiny-mla", num_layers=3, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                    num_kv_heads=4, head_dim=24, num_experts=8, top_k=3, expert_intermediate_size=32, attention="mla",
+                    q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                    shared_expert_intermediate_size=48, shared_expert_gate=True, first_dense_layers=1,
+                    dense_intermediate_size=80)
+    return {"gqa": gqa, "mla": mla}
+
+
+@pytest.mark.parametrize("policy, opts", CASES)
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_executed_plan_matches_the_reference(tiny_specs, paper_system, policy, opts, kind):
+    spec = tiny_specs[kind]
+    prompts, gens = np.array([5, 3, 7, 4, 6]), np.array([3, 1, 3, 2, 3])
+    trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, spec.num_experts, spec.top_k, "zipf:1.0",
+                                       0.2, 1), prompts, gens)
+    workload = Workload(prompts, gens)
+    plan = make_policy(policy, opts).build(PlanContext(spec, paper_system, workload, trace))
+    weights = random_weights(spec, seed=3)
+    got = PlanInterpreter(plan, weights, trace).run()
+    want = reference_forward(weights, trace, workload)
+    assert got.keys() == want.keys()
+    worst = max(rel_err(got[k], want[k]) for k in want)
+    assert worst < 2e-2, f"{policy} {opts}: relative error {worst:.2e}"
+
+
+def test_the_check_notices_a_wrong_plan(tiny_specs, paper_system):
+    spec = tiny_specs["gqa"]
+    prompts, gens = np.array([4, 4]), np.array([2, 2])
+    trace = generate_trace(SynthConfig("tiny", 3, 6, 2, "uniform", 0.0, 0), prompts, gens)
+    plan = make_policy("gpu-only", {}).build(PlanContext(spec, paper_system, Workload(prompts, gens), trace))
+    weights = random_weights(spec, seed=3)
+    first_expert = next(op for op in plan.ops if op.kind.value == "expert")
+    first_expert.tokens += 1
+    with pytest.raises(ValueError, match="trace routes"):
+        PlanInterpreter(plan, weights, trace).run()
+
+
+def test_truncated_real_model_shapes():
+    spec = truncated(load_model("deepseek-v2-lite"), 2)
+    assert spec.num_layers == 2 and spec.first_dense_layers == 1 and spec.num_moe_layers == 1
+    assert truncated(load_model("mixtral-8x7b"), 1).num_moe_layers == 1
+    with pytest.raises(ValueError):
+        truncated(load_model("mixtral-8x7b"), 0)
