@@ -57,8 +57,11 @@ class KVCache:
         return self.store[key]
 
     def append(self, request: int, layer: int, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Append T new entries; return the whole cache so far (views)."""
+        """Append T new entries; return the whole cache so far (views). The cache follows the device of the
+        new entries (a plan that moves attention between phases moves its cache too)."""
         slot = self._slot(request, layer)
+        if slot[0].device != parts[0].device:
+            slot[:] = [buf.to(parts[0].device) for buf in slot]
         start = self.length[(request, layer)]
         end = start + parts[0].shape[0]
         if end > self.max_len:

@@ -32,6 +32,8 @@ POLICY_CASES = [
     ("flexgen", {"gpu_batch_size": "3", "weights_gpu_percent": "0", "cpu_attention": "on", "act_gpu_percent": "100",
                  "kv_gpu_percent": "25"}),
     ("fiddler", {}),
+    ("cpu-only", {}),
+    ("cpu-only", {"coalesce": "off", "decode_micro_batch": "3", "prefill_tokens": "12"}),
     ("fiddler", {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"}),
     ("coxmoe", {"coalesce": "off", "decode_micro_batch": "4", "prefill_micro_batch": "3"}),
     ("coxmoe", {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2", "split": "auto"}),

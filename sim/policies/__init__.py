@@ -3,6 +3,7 @@
 from sim.errors import SimInputError
 from sim.policies.base import PlanContext, Policy, parse_kv_pairs, parse_options
 from sim.policies.coxmoe import CoxMoePolicy
+from sim.policies.cpu_only import CpuOnlyPolicy
 from sim.policies.fiddler import FiddlerPolicy
 from sim.policies.flexgen import FlexGenPolicy
 from sim.policies.gpu_only import GpuOnlyPolicy
@@ -10,7 +11,8 @@ from sim.policies.moe_lightning import MoELightningPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
-                                                              FiddlerPolicy, GpuOnlyPolicy, StreamExpertsPolicy)}
+                                                              FiddlerPolicy, GpuOnlyPolicy, StreamExpertsPolicy,
+                                                              CpuOnlyPolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:
