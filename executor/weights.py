@@ -67,7 +67,8 @@ def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bf
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * INIT_STD).to(dtype=dtype, device=device)
+        t = torch.randn(*shape, generator=gen, dtype=dtype)  # drawn in the target dtype: no fp32 copy
+        return t.mul_(INIT_STD).to(device)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=dtype, device=device)

@@ -221,6 +221,50 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- execute ----------------------------------------------------------------------------------------------
+def cmd_execute(args: argparse.Namespace) -> int:
+    import torch
+
+    from executor.run import execute_plan
+    from executor.weights import random_weights, truncated
+    from sim.api import resolve_model, resolve_routing, resolve_system
+    from sim.metrics import plan_metrics, throughput_tok_s
+    from sim.policies import PlanContext, make_policy, parse_kv_pairs
+    from sim.timeline import chrome_trace_events, write_chrome_trace
+
+    full = resolve_model(args.model_file or args.model)
+    spec = truncated(full, args.layers or full.num_layers)
+    system = resolve_system(args.system_file or args.system)
+    workload, trace, routing = resolve_routing(spec, args.batch, args.prompt_len, args.gen_len, args.trace,
+                                               args.routing, args.seed, args.reuse_prob)
+    plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
+    use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
+    weights = random_weights(spec, seed=args.seed)
+    for _ in range(args.warmup):
+        execute_plan(plan, weights, trace, use_cuda=use_cuda)
+    result = execute_plan(plan, weights, trace, use_cuda=use_cuda)
+    metrics = plan_metrics(plan, result.record)
+    d = {"model": spec.name, "system": system.name, "policy": plan.policy, "knobs": plan.knobs,
+         "routing": routing, "workload": workload.to_dict(), "measured": True, **result.to_dict(),
+         "throughput_tok_s": throughput_tok_s(plan, metrics), **metrics, "num_ops": len(plan.ops),
+         "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.timeline:
+        name = "cox-moe execution (measured" + (", GPU role on the CPU)" if result.gpu_role_on_cpu else ")")
+        events = chrome_trace_events(plan.ops, result.record.start_ns, result.record.end_ns, process_name=name)
+        write_chrome_trace(args.timeline, events, {"measured": True, **result.to_dict()})
+    if args.json:
+        _emit_json(d)
+        return 0
+    label = " (GPU-role ops ran on the CPU: not GPU timings)" if result.gpu_role_on_cpu else ""
+    print(f"measured: {spec.name} ({spec.num_layers} layers) under {plan.policy} on this machine{label}")
+    print(f"  devices: {', '.join(f'{k}={v}' for k, v in result.devices.items())}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  throughput {d['throughput_tok_s']:.1f} generated tok/s; prefill {d['prefill_s']:.3f} s, "
+          f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s ({len(plan.ops)} ops)")
+    print(f"  busy: {', '.join(f'{k} {v:.0%}' for k, v in d['busy_fraction'].items() if v)}")
+    return 0
+
+
 # ---- trace ----------------------------------------------------------------------------------------------------
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     import numpy as np
@@ -330,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--policies", help="comma-separated subset (default: all)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("execute", help="run a policy's plan for real with torch and report measured times")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model preset (see `coxmoe presets`)")
+    g.add_argument("--model-file", help="model spec YAML/JSON, or a Hugging Face config.json")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--system", default="a100-80g-8452y", help="system the policy plans for (default %(default)s)")
+    g.add_argument("--system-file", help="system spec YAML/JSON")
+    p.add_argument("--layers", type=_positive_int, help="run the first N layers (real size); default all")
+    p.add_argument("--policy", default="cpu-only", help="policy name (default %(default)s)")
+    p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE", help="policy option; repeatable")
+    _add_workload(p)
+    p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto",
+                   help="run GPU-stream ops on CUDA (auto: when available; off: on the CPU, labelled)")
+    p.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed runs first (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", metavar="FILE", help="write the measured Chrome-trace JSON timeline")
+    p.set_defaults(func=cmd_execute)
 
     t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)

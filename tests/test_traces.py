@@ -137,6 +137,10 @@ def test_bad_routing_specs(routing):
 def test_table_shape_must_match_the_model():
     with pytest.raises(TraceError, match="32 layers x 8 experts"):
         popularity_matrix("table:mixtral-8x7b", 27, 64, 0)
+    with pytest.raises(TraceError, match="32 layers x 8 experts"):
+        popularity_matrix("table:mixtral-8x7b", 40, 8, 0)
+    first = popularity_matrix("table:mixtral-8x7b", 2, 8, 0)  # a model cut to its first layers
+    np.testing.assert_array_equal(first, popularity_matrix("table:mixtral-8x7b", 32, 8, 0)[:2])
 
 
 # ---- malformed files --------------------------------------------------------------------------------------

@@ -47,10 +47,10 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int) -
         return probs / probs.sum(axis=1, keepdims=True)
     if kind == "table":
         table = popularity_table(arg)
-        if table.shape != (num_layers, num_experts):
+        if table.shape[1] != num_experts or table.shape[0] < num_layers:
             raise TraceError(f"popularity table {arg} is {table.shape[0]} layers x {table.shape[1]} experts; "
                              f"the model has {num_layers} MoE layers x {num_experts} experts")
-        return table
+        return table[:num_layers]  # a model cut to its first layers takes the table's first rows
     raise TraceError(f"unknown routing {spec!r}; use uniform, zipf:ALPHA or table:NAME")
 
 
