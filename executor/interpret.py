@@ -36,6 +36,23 @@ class _Request:
     gates: torch.Tensor | None = None
     y: torch.Tensor | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # experts on two devices add into y at once
+    pending: list = field(default_factory=list)  # (scope batch, offset, rows): expert outputs to add into y
+
+
+class _ScopeBatch:
+    """The tokens of one expert scope, concatenated once: every expert op of the scope gathers from here."""
+
+    def __init__(self, sts: list[_Request], dev: str):
+        self.x = torch.cat([st.x.to(dev) for st in sts])
+        self.ids = torch.cat([st.ids.to(dev) for st in sts])
+        self.gates = torch.cat([st.gates.to(dev) for st in sts]).float()
+        self.y = torch.zeros(self.x.shape, dtype=torch.float32, device=dev)
+        self.lock = threading.Lock()
+        offset = 0
+        for st in sts:
+            n = st.x.shape[0]
+            st.pending.append((self, offset, n))
+            offset += n
 
 
 class PlanInterpreter:
@@ -54,6 +71,8 @@ class PlanInterpreter:
         self.cache = K.KVCache(weights.spec, int((wl.prompt_lens + wl.gen_lens).max()), weights.dtype)
         self.state: dict[int, _Request] = {}
         self.outputs: Outputs = {}
+        self._scopes: dict[tuple, _ScopeBatch] = {}
+        self._scopes_lock = threading.Lock()
 
     def scope(self, op: Op) -> list[int]:
         """Requests an op works on: its micro-batch (or all), those still generating at a decode step."""
@@ -71,6 +90,9 @@ class PlanInterpreter:
 
     def _finalize(self, st: _Request) -> None:
         if st.y is not None:
+            for batch, offset, n in st.pending:
+                st.y += batch.y[offset:offset + n].to(st.y.device)
+            st.pending = []
             st.h = st.h_attn + st.y.to(device=st.h_attn.device, dtype=st.h_attn.dtype)
             st.y = None
 
@@ -94,64 +116,71 @@ class PlanInterpreter:
                 self.state[r] = _Request(positions, rows, K.embed(mw, r, positions.to(dev)))
             return
         if kind is OpKind.LM_HEAD:
-            for r in requests:
-                st = self.state[r]
+            sts = [self.state[r] for r in requests]
+            for r, st in zip(requests, sts, strict=True):
                 self._finalize(st)
                 self.outputs[(r, str(op.phase), op.step)] = st.h.cpu()
-                K.lm_head(mw, st.h[-1:].to(dev))
+            if sts:  # one GEMM over the scope's last tokens
+                K.lm_head(mw, torch.cat([st.h[-1:].to(dev) for st in sts]))
             return
         lw = mw.layers[op.layer]
         if kind is OpKind.EXPERT:
             self._expert(op, lw, requests, dev)
             return
-        for r in requests:
-            st = self.state[r]
-            if kind is OpKind.QKV:
+        sts = [self.state[r] for r in requests]
+        if not sts:
+            return
+        sizes = [st.positions.shape[0] for st in sts]
+        # GEMM-shaped ops run once over the scope's tokens (as the profile measures them), then split back.
+        if kind is OpKind.QKV:
+            for st in sts:
                 self._finalize(st)
-                st.new = K.qkv(spec, lw, st.h.to(dev), st.positions.to(dev))
-            elif kind is OpKind.ATTENTION:
-                # A plan may split one attention by where its cache lives (FlexGen's mixed KV): the first part
-                # computes it whole here; the others are the same math, merged on real devices.
+            h = torch.cat([st.h.to(dev) for st in sts])
+            new = K.qkv(spec, lw, h, torch.cat([st.positions for st in sts]).to(dev))
+            for st, parts in zip(sts, zip(*(v.split(sizes) for v in new.values()), strict=True), strict=True):
+                st.new = dict(zip(new.keys(), parts, strict=True))
+        elif kind is OpKind.ATTENTION:
+            # Per request: each attends over its own cache. A plan may split one attention by where its cache
+            # lives (FlexGen's mixed KV): the first part computes it whole here; the others are the same math.
+            for r, st in zip(requests, sts, strict=True):
                 if st.new:
                     new = {k: v.to(dev) for k, v in st.new.items()}
                     st.attn_out = K.attention(spec, lw, new, self.cache, r, op.layer, st.positions.to(dev))
                     st.new = {}
-            elif kind is OpKind.O_PROJ:
-                st.h_attn = st.h.to(dev) + K.o_proj(lw, st.attn_out.to(dev))
+        elif kind is OpKind.O_PROJ:
+            out = K.o_proj(lw, torch.cat([st.attn_out.to(dev) for st in sts])).split(sizes)
+            for st, o in zip(sts, out, strict=True):
+                st.h_attn = st.h.to(dev) + o
                 st.x = K.rms_norm(st.h_attn, lw.ffn_norm)
                 st.y = torch.zeros(st.x.shape, dtype=torch.float32, device=dev)
-            elif kind is OpKind.ROUTER:
-                li = spec.moe_index(op.layer)
-                st.ids = torch.from_numpy(self.trace.experts[st.rows, li].astype(np.int64)).to(dev)
-                gates = self.trace.gate_weights
-                st.gates = K.router_weights(lw, st.x.to(dev), st.ids, None if gates is None else
-                                            torch.from_numpy(gates[st.rows, li]).to(dev))
-            elif kind in (OpKind.SHARED_EXPERT, OpKind.DENSE_FFN):
-                out = K.ffn(lw.shared if kind is OpKind.SHARED_EXPERT else lw.dense, st.x.to(dev)).float()
+        elif kind is OpKind.ROUTER:
+            li = spec.moe_index(op.layer)
+            rows = np.concatenate([st.rows for st in sts])
+            ids = torch.from_numpy(self.trace.experts[rows, li].astype(np.int64)).to(dev)
+            gates = self.trace.gate_weights
+            weights = K.router_weights(lw, torch.cat([st.x.to(dev) for st in sts]), ids,
+                                       None if gates is None else torch.from_numpy(gates[rows, li]).to(dev))
+            for st, i, g in zip(sts, ids.split(sizes), weights.split(sizes), strict=True):
+                st.ids, st.gates = i, g
+        elif kind in (OpKind.SHARED_EXPERT, OpKind.DENSE_FFN):
+            out = K.ffn(lw.shared if kind is OpKind.SHARED_EXPERT else lw.dense,
+                        torch.cat([st.x.to(dev) for st in sts])).float().split(sizes)
+            for st, o in zip(sts, out, strict=True):
                 with st.lock:
-                    st.y += out.to(st.y.device)
+                    st.y += o.to(st.y.device)
 
     def _expert(self, op: Op, lw, requests: list[int], dev: str) -> None:
         """Gather the scope's tokens routed to `op.expert`, one GEMM chain, weighted scatter-add back."""
-        picks = []
-        for r in requests:
-            st = self.state[r]
-            t, j = torch.nonzero(st.ids.cpu() == op.expert, as_tuple=True)
-            if t.numel():
-                picks.append((st, t, j))
-        routed = sum(t.numel() for _, t, _ in picks)
+        key = (op.phase, op.step, op.layer, op.micro_batch, dev)
+        with self._scopes_lock:
+            batch = self._scopes.get(key)
+            if batch is None:
+                stale = [k for k in self._scopes if k[:2] != key[:2] or k[2] < op.layer]
+                for k in stale:  # experts of earlier layers and steps are done
+                    del self._scopes[k]
+                batch = self._scopes[key] = _ScopeBatch([self.state[r] for r in requests], dev)
+        with batch.lock:  # two CPU workers may add into one scope's accumulator
+            routed = K.expert_scatter(lw, op.expert, batch.x, batch.ids, batch.gates, batch.y)
         if routed != op.tokens:
             raise ValueError(f"plan op {op.id} runs expert {op.expert} on {op.tokens} tokens; the trace routes "
                              f"{routed} of its scope there")
-        if not picks:
-            return
-        x = torch.cat([st.x[t.to(st.x.device)].to(dev) for st, t, _ in picks])
-        out = K.expert(lw, op.expert, x).float()
-        start = 0
-        for st, t, j in picks:
-            n = t.numel()
-            g = st.gates[t.to(st.gates.device), j.to(st.gates.device)].float().to(st.y.device)
-            part = out[start:start + n].to(st.y.device) * g[:, None]
-            with st.lock:
-                st.y.index_add_(0, t.to(st.y.device), part)
-            start += n

@@ -133,6 +133,16 @@ def expert(lw: LayerWeights, e: int, x: torch.Tensor) -> torch.Tensor:
     return (F.silu(x @ lw.w1[e].T) * (x @ lw.w3[e].T)) @ lw.w2[e].T
 
 
+def expert_scatter(lw: LayerWeights, e: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+                   y: torch.Tensor) -> int:
+    """One expert op as the executor runs it: find the scope's tokens routed to `e` (ids [N, k]), run the
+    expert on them, add the gate-weighted outputs into the fp32 accumulator y [N, h]. Returns the tokens."""
+    t, j = torch.nonzero(ids == e, as_tuple=True)
+    if t.numel():
+        y.index_add_(0, t, expert(lw, e, x[t]).float() * gates[t, j].float()[:, None])
+    return int(t.numel())
+
+
 def ffn(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The shared expert or a dense FFN (the shared one optionally scaled by its sigmoid gate)."""
     y = (F.silu(x @ weights["w1"].T) * (x @ weights["w3"].T)) @ weights["w2"].T

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from sim.errors import SimInputError
@@ -129,6 +130,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
         policy_options=parse_kv_pairs(args.policy_opt), trace=args.trace, routing=args.routing,
         reuse_prob=args.reuse_prob, seed=args.seed, keep_plan=keep, decode_sample=args.decode_sample,
+        profile=args.profile,
     )
     d = result.to_dict()
     if args.plan_out:
@@ -265,6 +267,55 @@ def cmd_execute(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- calibrate ------------------------------------------------------------------------------------------------
+def cmd_calibrate_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from executor.profile import profile
+    from sim.api import resolve_model
+
+    spec = resolve_model(args.model_file or args.model)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    devices = ["cpu", "cuda"] if device == "cuda" else ["cpu"]
+    for d in devices:
+        out = Path(args.out) / d if len(devices) > 1 else Path(args.out)
+        profile(spec, out, device=d, rounds=args.rounds, max_tokens=args.max_tokens)
+        print(f"wrote {out}/profile.json and {out}/timings.csv ({d}, {spec.name}, {args.rounds} rounds)")
+    return 0
+
+
+def cmd_calibrate_validate(args: argparse.Namespace) -> int:
+    from executor.validate import plot_validation, validate_plan
+    from executor.weights import random_weights, truncated
+    from sim.api import resolve_model, resolve_routing, resolve_system
+    from sim.policies import PlanContext, make_policy, parse_kv_pairs
+
+    full = resolve_model(args.model_file or args.model)
+    spec = truncated(full, args.layers or full.num_layers)
+    system = resolve_system(args.system_file or args.system)
+    workload, trace, _ = resolve_routing(spec, args.batch, args.prompt_len, args.gen_len, args.trace, args.routing,
+                                         args.seed, args.reuse_prob)
+    plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
+    use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
+    result = validate_plan(plan, random_weights(spec, seed=args.seed), trace, args.profile, use_cuda, args.warmup)
+    if args.plot:
+        plot_validation(result, args.plot, f"{spec.name} under {plan.policy}, batch {workload.batch}")
+    result.pop("_per_op")
+    if args.json:
+        _emit_json({"model": spec.name, "policy": plan.policy, "knobs": plan.knobs, **result})
+        return 0
+    label = " (GPU-role ops on the CPU)" if result["gpu_role_on_cpu"] else ""
+    print(f"validation: {spec.name} under {plan.policy}, batch {workload.batch}{label}; profile {args.profile} "
+          f"({result['profile_hits']} op times from it, {result['roofline_fallbacks']} from the roofline)")
+    for c, v in result["classes"].items():
+        err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
+        print(f"  {c:12} {v['ops']:6} ops  measured {v['measured_s']:.4f} s  predicted {v['predicted_s']:.4f} s  {err}")
+    for k, v in result["end_to_end"].items():
+        err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
+        print(f"  {k:12} measured {v['measured']:.4f} s  predicted {v['predicted']:.4f} s  {err}")
+    return 0
+
+
 # ---- trace ----------------------------------------------------------------------------------------------------
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     import numpy as np
@@ -357,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: busy time per resource and one decode step")
     p.add_argument("--plan-out", metavar="FILE", help="write the plan as Parquet (engine-neutral; see run-plan)")
+    p.add_argument("--profile", metavar="DIR", help="op times from a measured profile (coxmoe calibrate profile); "
+                   "the roofline outside it")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("run-plan", help="simulate a plan saved with `simulate --plan-out`")
@@ -392,6 +445,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", help="write the measured Chrome-trace JSON timeline")
     p.set_defaults(func=cmd_execute)
+
+    cal = sub.add_parser("calibrate", help="measure this machine (profile) and score the simulator (validate)")
+    csub = cal.add_subparsers(dest="calibrate_command", required=True, parser_class=_Parser)
+    p = csub.add_parser("profile", help="microbenchmark the executor's kernels into a profile directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model preset whose shapes to measure")
+    g.add_argument("--model-file", help="model spec YAML/JSON or Hugging Face config.json")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved repeats per grid point")
+    p.add_argument("--max-tokens", type=_positive_int, default=1024, help="largest tokens per op in the grid")
+    p.set_defaults(func=cmd_calibrate_profile)
+    p = csub.add_parser("validate", help="run a plan for real and in the simulator; errors per op class")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model preset")
+    g.add_argument("--model-file", help="model spec YAML/JSON or Hugging Face config.json")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--system", default="a100-80g-8452y", help="system the policy plans for (default %(default)s)")
+    g.add_argument("--system-file", help="system spec YAML/JSON")
+    p.add_argument("--profile", required=True, metavar="DIR", help="profile of this machine")
+    p.add_argument("--layers", type=_positive_int, help="first N layers (real size)")
+    p.add_argument("--policy", default="cpu-only")
+    p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE")
+    _add_workload(p)
+    p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--warmup", type=_nonneg_int, default=1)
+    p.add_argument("--plot", metavar="FILE", help="write predicted against measured per op (PNG)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate_validate)
 
     t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)

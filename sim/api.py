@@ -150,7 +150,8 @@ def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "st
              batch: int | None = None, prompt_len: int | None = None, gen_len: int | None = None,
              policy_options: dict[str, str] | None = None, trace: str | Path | RoutingTrace | None = None,
              routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0,
-             cost: CostModel | None = None, keep_plan: bool = False, decode_sample: int = 0) -> SimulationResult:
+             cost: CostModel | None = None, keep_plan: bool = False, decode_sample: int = 0,
+             profile: str | Path | None = None) -> SimulationResult:
     """Simulate one (model, system, policy, workload) point and return its metrics."""
     t0 = time.perf_counter()
     if decode_sample < 0:
@@ -158,6 +159,10 @@ def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "st
     m, s = resolve_model(model), resolve_system(system)
     pol = make_policy(policy, policy_options)
     wl, tr, routing_name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
+    if profile is not None and cost is None:
+        from sim.cost.profile import ProfileCostModel
+
+        cost = ProfileCostModel(s, profile, m, float(wl.prompt_lens.mean()))
     with gc_paused():
         ctx = PlanContext(m, s, wl, tr, decode_sample=decode_sample)
         plan = pol.build(ctx)

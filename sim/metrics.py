@@ -35,3 +35,36 @@ def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
 def throughput_tok_s(plan: Plan, metrics: dict[str, Any]) -> float:
     total = metrics["total_s"]
     return plan.workload.generated_tokens / total if total > 0 else 0.0
+
+
+def op_class(op) -> str:
+    """Validation groups ops by what dominates their cost: experts per device, attention, copies, the rest."""
+    from sim.plan import DEVICE_OF, Device, OpKind
+
+    device = DEVICE_OF[op.stream]
+    if op.kind is OpKind.EXPERT:
+        return "gpu_experts" if device is Device.GPU else "cpu_experts"
+    if op.kind is OpKind.ATTENTION:
+        return "attention"
+    if op.kind is OpKind.COPY:
+        return "copies"
+    return "other"
+
+
+def compare_records(plan: Plan, measured: EngineRecord, predicted: EngineRecord) -> dict[str, Any]:
+    """Predicted against measured: summed op time per class and end-to-end, each with its relative error."""
+    classes = [op_class(op) for op in plan.ops]
+    m_dur = (measured.end_ns - measured.start_ns).astype(np.float64)
+    p_dur = (predicted.end_ns - predicted.start_ns).astype(np.float64)
+    out: dict[str, Any] = {"classes": {}}
+    for c in sorted(set(classes)):
+        mask = np.fromiter((k == c for k in classes), dtype=bool, count=len(classes))
+        m, p = float(m_dur[mask].sum()) / 1e9, float(p_dur[mask].sum()) / 1e9
+        out["classes"][c] = {"ops": int(mask.sum()), "measured_s": m, "predicted_s": p,
+                             "error": (p / m - 1.0) if m > 0 else None}
+    mm, pm = plan_metrics(plan, measured), plan_metrics(plan, predicted)
+    out["end_to_end"] = {k: {"measured": mm[k], "predicted": pm[k], "error": (pm[k] / mm[k] - 1.0) if mm[k] else None}
+                         for k in ("prefill_s", "decode_s", "total_s")}
+    ratio = np.where(m_dur > 0, p_dur / np.maximum(m_dur, 1), np.nan)
+    out["per_op_median_abs_error"] = float(np.nanmedian(np.abs(ratio - 1.0))) if len(ratio) else None
+    return out

@@ -1,0 +1,235 @@
+"""Microbenchmarks of the executor's own kernels on this machine, written as a profile the simulator reads.
+
+`coxmoe calibrate profile --model M --out DIR` times, with the exact code the executor runs:
+- expert ops (gather the expert's tokens, gate, up and down projections, gate-weighted scatter-add) over a
+  grid of tokens per expert, with cold weights (copies rotated so the caches cannot hold them, as when many
+  experts are touched);
+- the other GEMM-shaped ops (QKV, O-projection, router, LM head) over the same token grid;
+- decode attention over (batch, KV length);
+- DRAM bandwidth (a large copy);
+- where CUDA exists, the same on the GPU plus host-device copies by size, pinned and pageable.
+Grid points are interleaved round by round (drift hits every point alike) and timed in a worker thread, as
+the executor runs ops; each point keeps the median and the 10th/90th percentiles. DIR gets `profile.json`
+(fingerprint: CPU model and flags, GPU, torch and oneDNN versions, threads; model signature) and
+`timings.csv` (one row per device, kind and grid point).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from executor import kernels as K
+from executor.weights import LayerWeights, random_weights, truncated
+from sim.cost.profile import PROFILE_VERSION, model_signature
+from sim.specs import ModelSpec
+
+TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ATTENTION_BATCH = (1, 4, 16, 64, 256)
+ATTENTION_KV = (16, 64, 256, 1024)
+PREFILL_BATCH = (1, 4, 16)
+PREFILL_LEN = (4, 16, 64, 256)
+
+
+def fingerprint() -> dict:
+    """What these numbers were measured on."""
+    cpu_model, flags = platform.processor() or "unknown", []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name") and cpu_model in ("unknown", "x86_64", ""):
+                cpu_model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("amx", "avx512")))
+                break
+    except OSError:
+        pass
+    config = torch.__config__.show()
+    onednn = next((part.split("v", 1)[1].split()[0] for part in config.split("(") if "MKL-DNN v" in part
+                   or "oneDNN v" in part), None)
+    info = {"cpu_model": cpu_model, "cpu_flags": flags, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onednn": onednn,
+            "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return info
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    if device == "cuda":
+        def timed(fn: Callable[[], object]) -> float:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 1e3
+    else:
+        def timed(fn: Callable[[], object]) -> float:
+            t0 = time.perf_counter_ns()
+            fn()
+            return (time.perf_counter_ns() - t0) / 1e9
+    return timed
+
+
+def _cold_copies(layer: LayerWeights, budget_bytes: int) -> list[LayerWeights]:
+    """Copies of one expert's weights, enough that consecutive calls never reuse cached weights."""
+    one = layer.w1[:1].numel() * 3 * layer.w1.element_size()
+    n = int(max(2, min(8, np.ceil(budget_bytes / max(one, 1)))))
+    return [LayerWeights(attn={}, attn_norm=layer.attn_norm, ffn_norm=layer.ffn_norm, w1=layer.w1[:1].clone(),
+                         w3=layer.w3[:1].clone(), w2=layer.w2[:1].clone()) for _ in range(n)]
+
+
+def profile(spec: ModelSpec, out: str | Path, device: str = "cpu", rounds: int = 3, max_tokens: int = 1024,
+            progress: bool = True, seed: int = 0) -> Path:
+    """Measure the grid and write `profile.json` and `timings.csv` into `out` (atomically per file)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    one = truncated(spec, min(spec.num_layers, spec.first_dense_layers + 1))
+    weights = random_weights(one, seed=seed, device=device)
+    moe = weights.layers[-1]
+    dtype = weights.dtype
+    timed = _timer(device)
+    tokens = [t for t in TOKEN_GRID if t <= max_tokens]
+    cold = _cold_copies(moe, 512 * 2**20)
+    points: list[tuple[str, tuple, Callable[[], object]]] = []
+    for t in tokens:
+        x = torch.randn(t, spec.hidden_size, dtype=dtype, device=device) * 0.02
+        copies = iter(range(10**9))
+        ids = torch.ones(t, spec.top_k, dtype=torch.int64, device=device)
+        ids[:, 0] = 0  # every token routed to expert 0 first, the others elsewhere
+        gates = torch.full((t, spec.top_k), 1.0 / spec.top_k, device=device)
+        y = torch.zeros(t, spec.hidden_size, dtype=torch.float32, device=device)
+        points.append(("expert", (t, 0), lambda x=x, ids=ids, g=gates, y=y, c=copies: K.expert_scatter(
+            cold[next(c) % len(cold)], 0, x, ids, g, y)))
+        points.append(("qkv", (t, 0), lambda x=x: K.qkv(spec, moe, x, torch.arange(x.shape[0], device=device))))
+        points.append(("o_proj", (t, 0), lambda t=t: K.o_proj(moe, torch.randn(
+            t, moe.attn["wo"].shape[1], dtype=dtype, device=device))))
+        points.append(("router", (t, 0), lambda x=x: x @ moe.router.T))
+        points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x)))
+    for b in ATTENTION_BATCH:
+        for kv in ATTENTION_KV:
+            points.append(("attention", (b, kv), _attention_point(spec, moe, b, kv, dtype, device)))
+    for b in PREFILL_BATCH:
+        for length in PREFILL_LEN:
+            points.append(("attention_prefill", (b, length), _prefill_point(spec, moe, b, length, dtype, device)))
+    samples: dict[tuple[str, tuple], list[float]] = {(k, p): [] for k, p, _ in points}
+
+    def measure() -> None:
+        for _, _, fn in points:  # warm-up: oneDNN builds its primitives on first use
+            fn()
+        for _ in tqdm(range(rounds), desc="profile rounds", disable=None if progress else True, leave=False):
+            for kind, point, fn in points:
+                samples[(kind, point)].append(timed(fn))
+
+    # The executor runs every op in a worker thread (one per stream); measure in one too, since torch's
+    # intra-op thread pool behaves differently there than on the main thread.
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _guard(measure, errors), name="profile")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    rows = [{"device": device, "kind": kind, "tokens": point[0], "kv": point[1],
+             "median_s": float(np.median(v)), "p10_s": float(np.percentile(v, 10)),
+             "p90_s": float(np.percentile(v, 90)), "repeats": len(v)} for (kind, point), v in samples.items()]
+    rows.append(_bandwidth_row(device))
+    if device == "cuda":
+        rows.extend(_copy_rows(rounds))
+    frame = pd.DataFrame(rows)
+    _write_atomic(out / "timings.csv", frame.to_csv(index=False))
+    meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
+            "dtype": str(dtype).removeprefix("torch."), "rounds": rounds, "fingerprint": fingerprint()}
+    _write_atomic(out / "profile.json", json.dumps(meta, indent=2))
+    return out
+
+
+def _guard(fn: Callable[[], None], errors: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # re-raised on the calling thread
+        errors.append(exc)
+
+
+def _attention_point(spec: ModelSpec, lw: LayerWeights, batch: int, kv: int, dtype: torch.dtype,
+                     device: str) -> Callable[[], object]:
+    """Decode attention exactly as the executor runs it: per request, over a cache of `kv` entries."""
+    cache = K.KVCache(spec, kv + 1, dtype, device)
+    filler = K.qkv(spec, lw, torch.randn(kv, spec.hidden_size, dtype=dtype, device=device) * 0.02,
+                   torch.arange(kv, device=device))
+    parts = (filler["c"], filler["k_rope"]) if spec.attention == "mla" else (filler["k"], filler["v"])
+    cache.append(0, 0, *parts)
+    new = K.qkv(spec, lw, torch.randn(1, spec.hidden_size, dtype=dtype, device=device) * 0.02,
+                torch.tensor([kv], device=device))
+    length = dict(cache.length)
+
+    def run() -> None:
+        for _ in range(batch):
+            cache.length.update(length)  # every call attends over the same kv entries
+            K.attention(spec, lw, new, cache, 0, 0, torch.tensor([kv], device=device))
+
+    return run
+
+
+def _prefill_point(spec: ModelSpec, lw: LayerWeights, batch: int, length: int, dtype: torch.dtype,
+                   device: str) -> Callable[[], object]:
+    """Prefill attention as the executor runs it: per request, causal over its own `length` prompt tokens."""
+    positions = torch.arange(length, device=device)
+    new = K.qkv(spec, lw, torch.randn(length, spec.hidden_size, dtype=dtype, device=device) * 0.02, positions)
+
+    def run() -> None:
+        cache = K.KVCache(spec, length, dtype, device)
+        for r in range(batch):
+            K.attention(spec, lw, new, cache, r, 0, positions)
+
+    return run
+
+
+def _bandwidth_row(device: str) -> dict:
+    """Copy of 512 MiB (read + write counted): the device's achievable memory bandwidth."""
+    n = 256 * 2**20
+    src = torch.ones(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    timed = _timer(device)
+    dst.copy_(src)
+    times = [timed(lambda: dst.copy_(src)) for _ in range(5)]
+    med = float(np.median(times))
+    return {"device": device, "kind": "memcpy", "tokens": 4 * n, "kv": 0, "median_s": med,
+            "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)), "repeats": 5}
+
+
+COPY_SIZES = (2**20, 16 * 2**20, 256 * 2**20, 2**30)
+
+
+def _copy_rows(rounds: int) -> list[dict]:
+    """Host-device copies by size: pinned and pageable host memory, both directions (CUDA events)."""
+    timed = _timer("cuda")
+    rows = []
+    for nbytes in COPY_SIZES:
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        for pinned in (True, False):
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            for kind, fn in ((f"copy_h2d_{'pinned' if pinned else 'pageable'}", lambda d=dev, h=host: d.copy_(h)),
+                             (f"copy_d2h_{'pinned' if pinned else 'pageable'}", lambda d=dev, h=host: h.copy_(d))):
+                fn()
+                times = [timed(fn) for _ in range(max(rounds, 3))]
+                rows.append({"device": "cuda", "kind": kind, "tokens": nbytes, "kv": 0,
+                             "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
+                             "p90_s": float(np.percentile(times, 90)), "repeats": len(times)})
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,67 @@
+"""Predicted against measured on the same plan and trace: the executor runs it, the simulator (with this
+machine's profile) predicts it, `sim.metrics.compare_records` scores it per op class and end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from executor.run import execute_plan
+from executor.weights import ModelWeights
+from sim.cost.profile import ProfileCostModel
+from sim.engine import run_plan
+from sim.metrics import compare_records, op_class
+from sim.plan import Plan
+from traces import RoutingTrace
+
+
+def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profile_dir: str | Path,
+                  use_cuda: bool | None = None, warmup: int = 1) -> dict[str, Any]:
+    """Measure, predict, compare. The result also carries per-op durations for plotting."""
+    for _ in range(warmup):
+        execute_plan(plan, weights, trace, use_cuda=use_cuda)
+    measured = execute_plan(plan, weights, trace, use_cuda=use_cuda)
+    cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()))
+    predicted = run_plan(plan, cost)
+    result = compare_records(plan, measured.record, predicted)
+    result.update(measured.to_dict())
+    result["profile_hits"], result["roofline_fallbacks"] = cost.hits, cost.misses
+    result["_per_op"] = {
+        "class": [op_class(op) for op in plan.ops],
+        "measured_s": ((measured.record.end_ns - measured.record.start_ns) / 1e9).tolist(),
+        "predicted_s": ((predicted.end_ns - predicted.start_ns) / 1e9).tolist(),
+    }
+    return result
+
+
+def plot_validation(result: dict[str, Any], path: str | Path, title: str) -> None:
+    """Predicted against measured per op (log-log, by class), with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = result["_per_op"]
+    m, p = np.asarray(per["measured_s"]), np.asarray(per["predicted_s"])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c in sorted(set(per["class"])):
+        mask = np.asarray([k == c for k in per["class"]]) & (m > 0) & (p > 0)
+        ax.scatter(m[mask] * 1e3, p[mask] * 1e3, s=10, alpha=0.7, label=c)
+    lo = max(min(m[m > 0].min(), p[p > 0].min()) * 1e3, 1e-3) if (m > 0).any() else 1e-3
+    hi = max(m.max(), p.max()) * 1e3 * 1.2 if len(m) else 1.0
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (ms)")
+    ax.set_ylabel("predicted (ms)")
+    e2e = result["end_to_end"]["total_s"]
+    ax.set_title(f"{title}\nend to end: measured {e2e['measured']:.3f} s, predicted {e2e['predicted']:.3f} s",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

@@ -1,0 +1,142 @@
+"""Cost model from measured profiles: times looked up by interpolation, the roofline outside the grid.
+
+A profile directory (written by `coxmoe calibrate profile`, issue 4) holds `profile.json` (version, model
+signature, machine fingerprint) and `timings.csv` (device, kind, tokens, kv, median_s, ...). GEMM-shaped ops
+interpolate their time over tokens in log-log space; decode attention interpolates over (batch, KV length
+per request). Anything the profile does not cover (other kinds, prefill attention, copies without a CUDA
+profile, token counts beyond the grid) falls back to the roofline. Prefill attention is looked up by
+(requests, prompt length), taking the workload's mean prompt length. This module reads data only: the
+simulator never imports the executor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sim.cost.roofline import RooflineCostModel, seconds_to_ns
+from sim.errors import SimInputError
+from sim.plan import DEVICE_OF, Device, Op, OpKind, Phase
+from sim.specs import ModelSpec, SystemSpec
+
+PROFILE_VERSION = 1
+GEMM_KINDS = (OpKind.EXPERT, OpKind.QKV, OpKind.O_PROJ, OpKind.ROUTER, OpKind.LM_HEAD)
+_TOKEN_TABLES = {*(str(k) for k in GEMM_KINDS), "copy_h2d_pinned", "copy_d2h_pinned"}
+_IGNORED = {"name", "num_layers", "first_dense_layers", "published_total_params", "sources"}
+
+
+def model_signature(spec: ModelSpec) -> str:
+    """Shapes that decide op times (not the name or depth): a model cut to fewer layers keeps its signature."""
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _IGNORED}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class ProfileCostModel:
+    """Measured times where the profile has them; the roofline (and its usages) everywhere else."""
+
+    def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
+                 mean_prompt_len: float | None = None):
+        self.fallback = RooflineCostModel(system)
+        self.dir = Path(profile_dir)
+        meta_path, table_path = self.dir / "profile.json", self.dir / "timings.csv"
+        if not meta_path.is_file() or not table_path.is_file():
+            raise SimInputError(f"{self.dir}: not a profile (needs profile.json and timings.csv)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            frame = pd.read_csv(table_path)
+        except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise SimInputError(f"{self.dir}: unreadable profile ({type(exc).__name__})") from None
+        if self.meta.get("version") != PROFILE_VERSION:
+            raise SimInputError(f"{self.dir}: profile version {self.meta.get('version')!r}, this reader reads "
+                                f"{PROFILE_VERSION}")
+        if self.meta.get("model_signature") != model_signature(model):
+            raise SimInputError(f"{self.dir}: profile measured for {self.meta.get('model')!r}, whose shapes differ "
+                                f"from {model.name}'s")
+        needed = {"device", "kind", "tokens", "kv", "median_s"}
+        if not needed <= set(frame.columns):
+            missing = ", ".join(sorted(needed - set(frame.columns)))
+            raise SimInputError(f"{self.dir}/timings.csv lacks column(s) {missing}")
+        self.mean_prompt_len = mean_prompt_len
+        self.gemm: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.attention: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for (device, kind), rows in frame.groupby(["device", "kind"]):
+            if kind in ("attention", "attention_prefill"):
+                batches, kvs = np.unique(rows["tokens"]), np.unique(rows["kv"])
+                grid = rows.pivot_table(index="tokens", columns="kv", values="median_s").loc[batches, kvs].to_numpy()
+                self.attention[(str(device), str(kind))] = (np.log(batches), np.log(kvs), np.log(grid))
+            elif kind in _TOKEN_TABLES:  # 1-D over tokens (bytes for copies: the executor copies pinned memory)
+                rows = rows.sort_values("tokens")
+                self.gemm[(str(device), str(kind))] = (np.log(rows["tokens"].to_numpy(float)),
+                                                       np.log(rows["median_s"].to_numpy(float)))
+        self._cache: dict[tuple, int] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _device(op: Op) -> str | None:
+        d = DEVICE_OF[op.stream]
+        return "cpu" if d is Device.CPU else ("cuda" if d is Device.GPU else None)
+
+    def _lookup(self, op: Op) -> float | None:
+        if op.kind is OpKind.COPY and DEVICE_OF[op.stream] in (Device.H2D, Device.D2H):
+            kind = "copy_h2d_pinned" if DEVICE_OF[op.stream] is Device.H2D else "copy_d2h_pinned"
+            table = self.gemm.get(("cuda", kind))
+            if table is None or op.bytes <= 0:
+                return None
+            lx, ly = table
+            x = np.log(op.bytes)
+            return float(np.exp(np.interp(x, lx, ly))) if lx[0] <= x <= lx[-1] else None
+        device = self._device(op)
+        if device is None or op.tokens <= 0:
+            return None
+        if op.kind is OpKind.ATTENTION:
+            if op.phase is Phase.DECODE:  # grid: (requests, KV entries per request)
+                grid = self.attention.get((device, "attention"))
+                b, kv = np.log(op.tokens), np.log(max(op.kv_tokens / op.tokens, 1.0))
+            else:  # grid: (requests, prompt length); requests from the workload's mean prompt length
+                grid = self.attention.get((device, "attention_prefill"))
+                if not self.mean_prompt_len:
+                    return None
+                b, kv = np.log(max(op.tokens / self.mean_prompt_len, 1.0)), np.log(self.mean_prompt_len)
+            if grid is None:
+                return None
+            lb, lk, lt = grid
+            if not (lb[0] <= b <= lb[-1] and lk[0] <= kv <= lk[-1]):
+                return None
+            i = min(np.searchsorted(lb, b, side="right") - 1, len(lb) - 2) if len(lb) > 1 else 0
+            j = min(np.searchsorted(lk, kv, side="right") - 1, len(lk) - 2) if len(lk) > 1 else 0
+            fb = (b - lb[i]) / (lb[i + 1] - lb[i]) if len(lb) > 1 else 0.0
+            fk = (kv - lk[j]) / (lk[j + 1] - lk[j]) if len(lk) > 1 else 0.0
+            ib, jk = min(i + 1, len(lb) - 1), min(j + 1, len(lk) - 1)
+            v = ((1 - fb) * (1 - fk) * lt[i, j] + fb * (1 - fk) * lt[ib, j] + (1 - fb) * fk * lt[i, jk]
+                 + fb * fk * lt[ib, jk])
+            return float(np.exp(v))
+        table = self.gemm.get((device, str(op.kind)))
+        if table is None:
+            return None
+        lx, ly = table
+        x = np.log(op.tokens)
+        if not lx[0] <= x <= lx[-1]:
+            return None
+        return float(np.exp(np.interp(x, lx, ly)))
+
+    def op_time_ns(self, op: Op) -> int:
+        key = (op.kind, op.stream, op.phase is Phase.DECODE, op.tokens, op.kv_tokens, op.flops, op.bytes)
+        hit = self._cache.get(key)
+        if hit is None:
+            seconds = self._lookup(op)
+            if seconds is None:
+                self.misses += 1
+                hit = self.fallback.op_time_ns(op)
+            else:
+                self.hits += 1
+                hit = seconds_to_ns(seconds)
+            self._cache[key] = hit
+        return hit
+
+    def usage(self, op: Op) -> tuple[float, float]:
+        return self.fallback.usage(op)
