@@ -36,9 +36,10 @@ from sim.specs import ModelSpec
 
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ATTENTION_BATCH = (1, 4, 16, 64, 256)
-ATTENTION_KV = (16, 64, 256, 1024)
-PREFILL_BATCH = (1, 4, 16)
-PREFILL_LEN = (4, 16, 64, 256)
+ATTENTION_KV = (1, 4, 16, 64, 256, 1024)
+PREFILL_BATCH = (1, 4, 16, 64, 256)
+PREFILL_LEN = (1, 4, 16, 64, 256)
+OVERHEAD_REQUESTS = (1, 16, 64)
 
 
 def fingerprint() -> dict:
@@ -90,11 +91,23 @@ def _cold_copies(layer: LayerWeights, budget_bytes: int) -> list[LayerWeights]:
                          w3=layer.w3[:1].clone(), w2=layer.w2[:1].clone()) for _ in range(n)]
 
 
-def profile(spec: ModelSpec, out: str | Path, device: str = "cpu", rounds: int = 3, max_tokens: int = 1024,
-            progress: bool = True, seed: int = 0) -> Path:
-    """Measure the grid and write `profile.json` and `timings.csv` into `out` (atomically per file)."""
+def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",), rounds: int = 3,
+            max_tokens: int = 1024, progress: bool = True, seed: int = 0) -> Path:
+    """Measure the grid on each device and write one `profile.json` and `timings.csv` into `out`
+    (atomically per file): a plan with CPU and GPU ops reads both devices' rows from one profile."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for device in devices:
+        rows.extend(_measure(spec, device, rounds, max_tokens, progress, seed))
+    _write_atomic(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
+    meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
+            "dtype": "bfloat16", "devices": list(devices), "rounds": rounds, "fingerprint": fingerprint()}
+    _write_atomic(out / "profile.json", json.dumps(meta, indent=2))
+    return out
+
+
+def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progress: bool, seed: int) -> list[dict]:
     one = truncated(spec, min(spec.num_layers, spec.first_dense_layers + 1))
     weights = random_weights(one, seed=seed, device=device)
     moe = weights.layers[-1]
@@ -144,14 +157,11 @@ def profile(spec: ModelSpec, out: str | Path, device: str = "cpu", rounds: int =
              "median_s": float(np.median(v)), "p10_s": float(np.percentile(v, 10)),
              "p90_s": float(np.percentile(v, 90)), "repeats": len(v)} for (kind, point), v in samples.items()]
     rows.append(_bandwidth_row(device))
+    if device == "cpu":
+        rows.extend(_overhead_rows())
     if device == "cuda":
         rows.extend(_copy_rows(rounds))
-    frame = pd.DataFrame(rows)
-    _write_atomic(out / "timings.csv", frame.to_csv(index=False))
-    meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
-            "dtype": str(dtype).removeprefix("torch."), "rounds": rounds, "fingerprint": fingerprint()}
-    _write_atomic(out / "profile.json", json.dumps(meta, indent=2))
-    return out
+    return rows
 
 
 def _guard(fn: Callable[[], None], errors: list[BaseException]) -> None:
@@ -206,6 +216,44 @@ def _bandwidth_row(device: str) -> dict:
     med = float(np.median(times))
     return {"device": device, "kind": "memcpy", "tokens": 4 * n, "kv": 0, "median_s": med,
             "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)), "repeats": 5}
+
+
+def _overhead_rows() -> list[dict]:
+    """The executor's own cost per request in an op's scope (Python loops, splits, small tensor ops),
+    measured by running a plan of a tiny model whose math is negligible, at several batch sizes, and fitting
+    time = a + b x requests per op kind; b is stored as `overhead_<kind>`."""
+    from executor.interpret import PlanInterpreter
+    from sim.policies import PlanContext, make_policy
+    from sim.specs import load_system
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    tiny = ModelSpec(name="overhead-probe", num_layers=2, hidden_size=32, vocab_size=64, num_attention_heads=2,
+                     num_kv_heads=1, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=16)
+    weights = random_weights(tiny, seed=0)
+    samples: dict[str, list[tuple[int, float]]] = {}
+    for requests in OVERHEAD_REQUESTS:
+        prompts, gens = np.full(requests, 2), np.full(requests, 3)
+        trace = generate_trace(SynthConfig(tiny.name, 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
+        plan = make_policy("cpu-only", {}).build(PlanContext(tiny, load_system("a100-80g-8452y"),
+                                                             Workload(prompts, gens), trace))
+        for _ in range(2):  # the second pass is timed
+            interp = PlanInterpreter(plan, weights, trace)
+            times = []
+            for op in plan.ops:
+                t0 = time.perf_counter_ns()
+                interp.step(op)
+                times.append((op, (time.perf_counter_ns() - t0) / 1e9))
+        for op, t in times:
+            samples.setdefault(str(op.kind), []).append((requests, t))  # one scope: every request
+    rows = []
+    for kind, pts in samples.items():
+        x = np.array([p[0] for p in pts], dtype=float)
+        y = np.array([p[1] for p in pts])
+        slope = float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else 0.0
+        rows.append({"device": "cpu", "kind": f"overhead_{kind}", "tokens": 0, "kv": 0,
+                     "median_s": max(slope, 0.0), "p10_s": np.nan, "p90_s": np.nan, "repeats": len(pts)})
+    return rows
 
 
 COPY_SIZES = (2**20, 16 * 2**20, 256 * 2**20, 2**30)

@@ -11,18 +11,30 @@ import numpy as np
 from executor.run import execute_plan
 from executor.weights import ModelWeights
 from sim.cost.profile import ProfileCostModel
-from sim.engine import run_plan
+from sim.engine import EngineRecord, run_plan
 from sim.metrics import compare_records, op_class
 from sim.plan import Plan
 from traces import RoutingTrace
 
 
+def median_record(records: list[EngineRecord]) -> EngineRecord:
+    """Per-op median duration over repeated runs, laid out back to back in each op's median start order:
+    robust to a noisy machine (one slow run does not move the medians)."""
+    start = np.median(np.stack([r.start_ns for r in records]), axis=0).astype(np.int64)
+    dur = np.median(np.stack([r.end_ns - r.start_ns for r in records]), axis=0).astype(np.int64)
+    busy = {k: int(np.median([r.busy_ns[k] for r in records])) for k in records[0].busy_ns}
+    return EngineRecord(start, start + dur, busy, records[0].peak_bytes, 0)
+
+
 def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profile_dir: str | Path,
-                  use_cuda: bool | None = None, warmup: int = 1) -> dict[str, Any]:
-    """Measure, predict, compare. The result also carries per-op durations for plotting."""
+                  use_cuda: bool | None = None, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+    """Measure (median of `repeats` runs after `warmup`), predict, compare. The result also carries per-op
+    durations for plotting."""
     for _ in range(warmup):
         execute_plan(plan, weights, trace, use_cuda=use_cuda)
-    measured = execute_plan(plan, weights, trace, use_cuda=use_cuda)
+    runs = [execute_plan(plan, weights, trace, use_cuda=use_cuda) for _ in range(max(repeats, 1))]
+    measured = runs[0]
+    measured.record = median_record([r.record for r in runs])
     cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()))
     predicted = run_plan(plan, cost)
     result = compare_records(plan, measured.record, predicted)

@@ -275,12 +275,32 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
     from sim.api import resolve_model
 
     spec = resolve_model(args.model_file or args.model)
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    devices = ["cpu", "cuda"] if device == "cuda" else ["cpu"]
-    for d in devices:
-        out = Path(args.out) / d if len(devices) > 1 else Path(args.out)
-        profile(spec, out, device=d, rounds=args.rounds, max_tokens=args.max_tokens)
-        print(f"wrote {out}/profile.json and {out}/timings.csv ({d}, {spec.name}, {args.rounds} rounds)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SimInputError("--device cuda: torch sees no CUDA device")
+    devices = ("cpu", "cuda") if cuda else ("cpu",)
+    out = Path(args.out)
+    profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens)
+    print(f"wrote {out}/profile.json and {out}/timings.csv ({', '.join(devices)}; {spec.name}; {args.rounds} rounds)")
+    return 0
+
+
+def cmd_calibrate_isa(args: argparse.Namespace) -> int:
+    from executor.isa import report
+
+    r = report()
+    if args.json:
+        _emit_json(r)
+        return 0
+    o = r["onednn"]
+    amx = "yes" if o["uses_amx"] else ("no (the CPU has AMX tiles but oneDNN did not use them)"
+                                       if o["amx_tile_supported"] else "no (this CPU has no AMX)")
+    print(f"oneDNN ISA: {o['isa']}")
+    print(f"bf16 GEMM {o['shape'][0]}x{o['shape'][1]}x{o['shape'][2]}: kernel {', '.join(o['kernels']) or 'n/a'}; "
+          f"AMX: {amx}; {o['tflops']:.3f} TFLOP/s ({o['median_s'] * 1e3:.1f} ms)")
+    ipex = r["ipex"]
+    print("intel-extension-for-pytorch: " + (f"available ({ipex['version']})" if ipex["available"]
+                                              else f"not used: {ipex['reason']}"))
     return 0
 
 
@@ -297,7 +317,8 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
                                          args.seed, args.reuse_prob)
     plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
     use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
-    result = validate_plan(plan, random_weights(spec, seed=args.seed), trace, args.profile, use_cuda, args.warmup)
+    result = validate_plan(plan, random_weights(spec, seed=args.seed), trace, args.profile, use_cuda, args.warmup,
+                           args.repeats)
     if args.plot:
         plot_validation(result, args.plot, f"{spec.name} under {plan.policy}, batch {workload.batch}")
     result.pop("_per_op")
@@ -457,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved repeats per grid point")
     p.add_argument("--max-tokens", type=_positive_int, default=1024, help="largest tokens per op in the grid")
     p.set_defaults(func=cmd_calibrate_profile)
+    p = csub.add_parser("isa", help="which oneDNN kernel (AMX or not) runs bf16 GEMMs here, and how fast")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate_isa)
     p = csub.add_parser("validate", help="run a plan for real and in the simulator; errors per op class")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model preset")
@@ -471,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload(p)
     p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--warmup", type=_nonneg_int, default=1)
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs; per-op medians are compared")
     p.add_argument("--plot", metavar="FILE", help="write predicted against measured per op (PNG)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_validate)

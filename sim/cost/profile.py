@@ -5,7 +5,8 @@ signature, machine fingerprint) and `timings.csv` (device, kind, tokens, kv, med
 interpolate their time over tokens in log-log space; decode attention interpolates over (batch, KV length
 per request). Anything the profile does not cover (other kinds, prefill attention, copies without a CUDA
 profile, token counts beyond the grid) falls back to the roofline. Prefill attention is looked up by
-(requests, prompt length), taking the workload's mean prompt length. This module reads data only: the
+(requests, prompt length), taking the workload's mean prompt length. CPU ops add the executor's measured cost
+per request in their scope (`overhead_<kind>` rows). This module reads data only: the
 simulator never imports the executor.
 """
 
@@ -73,6 +74,8 @@ class ProfileCostModel:
                 rows = rows.sort_values("tokens")
                 self.gemm[(str(device), str(kind))] = (np.log(rows["tokens"].to_numpy(float)),
                                                        np.log(rows["median_s"].to_numpy(float)))
+        self.overhead = {str(k).removeprefix("overhead_"): float(v) for k, v in
+                         frame[frame["kind"].str.startswith("overhead_")].groupby("kind")["median_s"].first().items()}
         self._cache: dict[tuple, int] = {}
         self.hits = self.misses = 0
 
@@ -124,6 +127,12 @@ class ProfileCostModel:
             return None
         return float(np.exp(np.interp(x, lx, ly)))
 
+    def _requests(self, op: Op) -> float:
+        """Requests in an op's scope: its tokens in decode; tokens over the mean prompt length in prefill."""
+        if op.phase is Phase.DECODE or not self.mean_prompt_len:
+            return float(op.tokens)
+        return op.tokens / self.mean_prompt_len
+
     def op_time_ns(self, op: Op) -> int:
         key = (op.kind, op.stream, op.phase is Phase.DECODE, op.tokens, op.kv_tokens, op.flops, op.bytes)
         hit = self._cache.get(key)
@@ -135,6 +144,9 @@ class ProfileCostModel:
             else:
                 self.hits += 1
                 hit = seconds_to_ns(seconds)
+            if self._device(op) == "cpu" and op.kind not in (OpKind.EXPERT, OpKind.ATTENTION):
+                # the executor's cost per request in the scope (attention's profile already loops per request)
+                hit += seconds_to_ns(self.overhead.get(str(op.kind), 0.0) * self._requests(op))
             self._cache[key] = hit
         return hit
 

@@ -1,0 +1,125 @@
+"""Profiles as data: the cost model's look-ups and fall-backs; the profile and validate commands end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from experiments.cli import main
+from sim.cost import RooflineCostModel
+from sim.cost.profile import PROFILE_VERSION, ProfileCostModel, model_signature
+from sim.errors import SimInputError
+from sim.plan import Op, OpKind, Phase, Stream
+
+
+def write_profile(path, spec, rows, version=PROFILE_VERSION, signature=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "profile.json").write_text(json.dumps({"version": version, "model": spec.name,
+                                                   "model_signature": signature or model_signature(spec)}))
+    pd.DataFrame(rows).to_csv(path / "timings.csv", index=False)
+    return path
+
+
+def op(kind, stream=Stream.CPU, tokens=1, kv=0, phase=Phase.DECODE, flops=10, nbytes=10):
+    return Op(0, kind, stream, phase, 1, 0, -1, tokens, flops, nbytes, kv_tokens=kv)
+
+
+def test_interpolation_fallback_and_cache(tmp_path, tiny_model, paper_system):
+    rows = [{"device": "cpu", "kind": "expert", "tokens": t, "kv": 0, "median_s": s}
+            for t, s in ((1, 1e-3), (4, 2e-3), (16, 8e-3))]
+    rows += [{"device": "cpu", "kind": "attention", "tokens": b, "kv": kv, "median_s": 1e-4 * b * kv}
+             for b in (1, 4) for kv in (16, 64)]
+    cost = ProfileCostModel(paper_system, write_profile(tmp_path / "p", tiny_model, rows), tiny_model)
+    assert cost.op_time_ns(op(OpKind.EXPERT, tokens=4)) == pytest.approx(2_000_000, abs=1)
+    assert cost.op_time_ns(op(OpKind.EXPERT, tokens=2)) == pytest.approx(np.sqrt(1e-3 * 2e-3) * 1e9, rel=1e-6)
+    # outside the grid, on another device or another kind: the roofline
+    roof = RooflineCostModel(paper_system)
+    for o in (op(OpKind.EXPERT, tokens=64), op(OpKind.EXPERT, Stream.GPU, tokens=4), op(OpKind.QKV, tokens=4)):
+        assert cost.op_time_ns(o) == roof.op_time_ns(o)
+    # decode attention: (requests, kv per request), bilinear in log space (exact on this power law)
+    assert cost.op_time_ns(op(OpKind.ATTENTION, tokens=2, kv=2 * 32)) == pytest.approx(1e-4 * 2 * 32 * 1e9, rel=1e-6)
+    assert cost.op_time_ns(op(OpKind.ATTENTION, tokens=4, kv=4 * 16, phase=Phase.PREFILL)) == roof.op_time_ns(
+        op(OpKind.ATTENTION, tokens=4, kv=4 * 16, phase=Phase.PREFILL))
+    assert cost.hits >= 3 and cost.misses >= 3
+    assert cost.usage(op(OpKind.EXPERT, tokens=4)) == roof.usage(op(OpKind.EXPERT, tokens=4))
+
+
+def test_profiles_that_do_not_fit(tmp_path, tiny_model, paper_system):
+    rows = [{"device": "cpu", "kind": "expert", "tokens": 1, "kv": 0, "median_s": 1e-3}]
+    with pytest.raises(SimInputError, match="not a profile"):
+        ProfileCostModel(paper_system, tmp_path / "none", tiny_model)
+    with pytest.raises(SimInputError, match="version"):
+        ProfileCostModel(paper_system, write_profile(tmp_path / "v", tiny_model, rows, version=99), tiny_model)
+    other = dataclasses.replace(tiny_model, hidden_size=512)
+    with pytest.raises(SimInputError, match="shapes differ"):
+        ProfileCostModel(paper_system, write_profile(tmp_path / "s", other, rows), tiny_model)
+    bad = write_profile(tmp_path / "c", tiny_model, [{"device": "cpu", "kind": "expert"}])
+    with pytest.raises(SimInputError, match="lacks column"):
+        ProfileCostModel(paper_system, bad, tiny_model)
+    # fewer layers keep the signature: a profile of the full model serves a model cut to its first layers
+    assert model_signature(tiny_model) == model_signature(dataclasses.replace(tiny_model, num_layers=1))
+
+
+def _tiny_file(tmp_path):
+    from sim.specs import ModelSpec
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4, num_kv_heads=2,
+                     head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=64)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(spec)))
+    return str(path)
+
+
+def test_profile_validate_and_simulate_with_it(capsys, tmp_path):
+    model = _tiny_file(tmp_path)
+    prof = tmp_path / "prof"
+    assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
+                 "--max-tokens", "8", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    frame = pd.read_csv(prof / "timings.csv")
+    assert {"expert", "qkv", "o_proj", "router", "lm_head", "attention", "attention_prefill", "memcpy"} <= set(
+        frame["kind"]) and (frame["median_s"] > 0).all()
+    meta = json.loads((prof / "profile.json").read_text())
+    assert meta["fingerprint"]["threads"] >= 1 and "cpu_model" in meta["fingerprint"]
+    code = main(["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "4",
+                 "--prompt-len", "4", "--gen-len", "3", "--json", "--plot", str(tmp_path / "v.png")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["profile_hits"] > 0 and set(r["classes"]) >= {"cpu_experts", "attention", "other"}
+    assert r["end_to_end"]["total_s"]["measured"] > 0 and r["end_to_end"]["total_s"]["predicted"] > 0
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    code = main(["simulate", "--model-file", model, "--system", "a100-80g-8452y", "--policy", "cpu-only",
+                 "--batch", "4", "--prompt-len", "4", "--gen-len", "3", "--profile", str(prof), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err and json.loads(out)["total_s"] > 0
+    code = main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "2",
+                 "--prompt-len", "2", "--gen-len", "2", "--profile", str(prof)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "shapes differ" in err
+
+
+def test_execute_command_labels_gpu_role_on_cpu(capsys, tmp_path):
+    code = main(["execute", "--model-file", _tiny_file(tmp_path), "--policy", "coxmoe", "--batch", "4",
+                 "--prompt-len", "4", "--gen-len", "3", "--cuda", "off", "--warmup", "0", "--json",
+                 "--timeline", str(tmp_path / "t.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["measured"] and d["gpu_role_on_cpu"] and d["throughput_tok_s"] > 0
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert "GPU role on the CPU" in trace["traceEvents"][0]["args"]["name"]
+
+
+def test_isa_probe_names_a_kernel():
+    from executor.isa import ipex_status, onednn_isa
+
+    r = onednn_isa(m=16, k=256, n=256, reps=2)
+    assert r["isa"] and r["tflops"] > 0
+    assert r["uses_amx"] == any("amx" in k for k in r["kernels"])
+    assert "available" in ipex_status()
