@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sim.errors import SimInputError
 from sim.specs import ModelSpec
 
 INIT_STD = 0.02
@@ -53,11 +54,13 @@ class ModelWeights:
 
 
 def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
-    """The first `num_layers` layers of a model (keeping its leading dense layers where they fall)."""
-    if not 1 <= num_layers <= spec.num_layers:
-        raise ValueError(f"num_layers must be in [1, {spec.num_layers}], got {num_layers}")
-    dense = min(spec.first_dense_layers, num_layers - 1) if num_layers > 1 else 0
-    return dataclasses.replace(spec, num_layers=num_layers, first_dense_layers=dense,
+    """The first `num_layers` layers of a model, its leading dense layers included (so at least one MoE layer
+    must remain: DeepSeek-V2-Lite needs 2)."""
+    low = spec.first_dense_layers + 1
+    if not low <= num_layers <= spec.num_layers:
+        raise SimInputError(f"{spec.name}: num_layers must be in [{low}, {spec.num_layers}] (its first "
+                         f"{spec.first_dense_layers} layers are dense), got {num_layers}")
+    return dataclasses.replace(spec, num_layers=num_layers,
                                name=f"{spec.name}[:{num_layers}]" if num_layers < spec.num_layers else spec.name)
 
 

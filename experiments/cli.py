@@ -223,12 +223,23 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(spec: Any, args: argparse.Namespace) -> Any:
+    """Seeded random weights, or the model's own from a local safetensors checkpoint (--checkpoint)."""
+    if args.checkpoint:
+        from executor.checkpoint import load_checkpoint
+
+        return load_checkpoint(spec, args.checkpoint, spec.num_layers)
+    from executor.weights import random_weights
+
+    return random_weights(spec, seed=args.seed)
+
+
 # ---- execute ----------------------------------------------------------------------------------------------
 def cmd_execute(args: argparse.Namespace) -> int:
     import torch
 
     from executor.run import execute_plan
-    from executor.weights import random_weights, truncated
+    from executor.weights import truncated
     from sim.api import resolve_model, resolve_routing, resolve_system
     from sim.metrics import plan_metrics, throughput_tok_s
     from sim.policies import PlanContext, make_policy, parse_kv_pairs
@@ -241,7 +252,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
                                                args.routing, args.seed, args.reuse_prob)
     plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
     use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
-    weights = random_weights(spec, seed=args.seed)
+    weights = _weights(spec, args)
     for _ in range(args.warmup):
         execute_plan(plan, weights, trace, use_cuda=use_cuda)
     result = execute_plan(plan, weights, trace, use_cuda=use_cuda)
@@ -306,7 +317,7 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     from executor.validate import plot_validation, validate_plan
-    from executor.weights import random_weights, truncated
+    from executor.weights import truncated
     from sim.api import resolve_model, resolve_routing, resolve_system
     from sim.policies import PlanContext, make_policy, parse_kv_pairs
 
@@ -317,8 +328,7 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
                                          args.seed, args.reuse_prob)
     plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
     use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
-    result = validate_plan(plan, random_weights(spec, seed=args.seed), trace, args.profile, use_cuda, args.warmup,
-                           args.repeats)
+    result = validate_plan(plan, _weights(spec, args), trace, args.profile, use_cuda, args.warmup, args.repeats)
     if args.plot:
         plot_validation(result, args.plot, f"{spec.name} under {plan.policy}, batch {workload.batch}")
     result.pop("_per_op")
@@ -463,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto",
                    help="run GPU-stream ops on CUDA (auto: when available; off: on the CPU, labelled)")
     p.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed runs first (default %(default)s)")
+    p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local Hugging Face safetensors checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", help="write the measured Chrome-trace JSON timeline")
     p.set_defaults(func=cmd_execute)
@@ -496,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--warmup", type=_nonneg_int, default=1)
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs; per-op medians are compared")
+    p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local Hugging Face safetensors checkpoint")
     p.add_argument("--plot", metavar="FILE", help="write predicted against measured per op (PNG)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_validate)

@@ -79,6 +79,8 @@ def test_truncated_real_model_shapes():
     spec = truncated(load_model("deepseek-v2-lite"), 2)
     assert spec.num_layers == 2 and spec.first_dense_layers == 1 and spec.num_moe_layers == 1
     assert truncated(load_model("mixtral-8x7b"), 1).num_moe_layers == 1
+    with pytest.raises(ValueError, match="first 1 layers are dense"):
+        truncated(load_model("deepseek-v2-lite"), 1)
     with pytest.raises(ValueError):
         truncated(load_model("mixtral-8x7b"), 0)
 
