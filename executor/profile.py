@@ -34,7 +34,7 @@ from executor.weights import LayerWeights, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, model_signature
 from sim.specs import ModelSpec
 
-TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 ATTENTION_BATCH = (1, 4, 16, 64, 256)
 ATTENTION_KV = (1, 4, 16, 64, 256, 1024)
 PREFILL_BATCH = (1, 4, 16, 64, 256)
@@ -92,17 +92,28 @@ def _cold_copies(layer: LayerWeights, budget_bytes: int) -> list[LayerWeights]:
 
 
 def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",), rounds: int = 3,
-            max_tokens: int = 1024, progress: bool = True, seed: int = 0) -> Path:
-    """Measure the grid on each device and write one `profile.json` and `timings.csv` into `out`
-    (atomically per file): a plan with CPU and GPU ops reads both devices' rows from one profile."""
+            max_tokens: int = 1024, progress: bool = True, seed: int = 0,
+            threads: tuple[int, ...] | None = None) -> Path:
+    """Measure the grid on each device (CPU rows once per torch thread count in `threads`, default the
+    current one) and write one `profile.json` and `timings.csv` into `out` (atomically per file): a plan
+    with CPU and GPU ops reads both devices' rows from one profile."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    current = torch.get_num_threads()
+    threads = threads or (current,)
     rows: list[dict] = []
-    for device in devices:
-        rows.extend(_measure(spec, device, rounds, max_tokens, progress, seed))
+    try:
+        for device in devices:
+            for n in threads if device == "cpu" else (current,):
+                torch.set_num_threads(n)
+                rows.extend({**row, "threads": n} for row in _measure(spec, device, rounds, max_tokens, progress,
+                                                                      seed))
+    finally:
+        torch.set_num_threads(current)
     _write_atomic(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
     meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
-            "dtype": "bfloat16", "devices": list(devices), "rounds": rounds, "fingerprint": fingerprint()}
+            "dtype": "bfloat16", "devices": list(devices), "threads": list(threads), "rounds": rounds,
+            "fingerprint": fingerprint()}
     _write_atomic(out / "profile.json", json.dumps(meta, indent=2))
     return out
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from executor.run import execute_plan
 from executor.weights import ModelWeights
@@ -35,7 +36,8 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
     runs = [execute_plan(plan, weights, trace, use_cuda=use_cuda) for _ in range(max(repeats, 1))]
     measured = runs[0]
     measured.record = median_record([r.record for r in runs])
-    cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()))
+    cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()),
+                            threads=torch.get_num_threads())
     predicted = run_plan(plan, cost)
     result = compare_records(plan, measured.record, predicted)
     result.update(measured.to_dict())

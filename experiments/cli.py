@@ -224,7 +224,12 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def _weights(spec: Any, args: argparse.Namespace) -> Any:
-    """Seeded random weights, or the model's own from a local safetensors checkpoint (--checkpoint)."""
+    """Seeded random weights, or the model's own from a local safetensors checkpoint (--checkpoint). Also
+    applies --threads, since both execute and validate load weights first."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.checkpoint:
         from executor.checkpoint import load_checkpoint
 
@@ -291,7 +296,13 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
         raise SimInputError("--device cuda: torch sees no CUDA device")
     devices = ("cpu", "cuda") if cuda else ("cpu",)
     out = Path(args.out)
-    profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens)
+    try:
+        threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else None
+    except ValueError:
+        raise SimInputError(f"--threads {args.threads!r}: expected comma-separated integers") from None
+    if threads and min(threads) < 1:
+        raise SimInputError("--threads: counts must be >= 1")
+    profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads)
     print(f"wrote {out}/profile.json and {out}/timings.csv ({', '.join(devices)}; {spec.name}; {args.rounds} rounds)")
     return 0
 
@@ -434,6 +445,7 @@ def _add_real_run(p: argparse.ArgumentParser) -> None:
                    help="run GPU-stream ops on CUDA (auto: when available; off: on the CPU, labelled)")
     p.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed runs first (default %(default)s)")
     p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local Hugging Face safetensors checkpoint")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's own choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved repeats per grid point")
-    p.add_argument("--max-tokens", type=_positive_int, default=1024, help="largest tokens per op in the grid")
+    p.add_argument("--max-tokens", type=_positive_int, default=1024,
+                   help="largest tokens per op in the grid (up to 4096)")
+    p.add_argument("--threads", help="comma-separated torch thread counts to profile the CPU with (default: "
+                   "the current count)")
     p.set_defaults(func=cmd_calibrate_profile)
     p = csub.add_parser("isa", help="which oneDNN kernel (AMX or not) runs bf16 GEMMs here, and how fast")
     p.add_argument("--json", action="store_true")

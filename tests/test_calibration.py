@@ -123,3 +123,20 @@ def test_isa_probe_names_a_kernel():
     assert r["isa"] and r["tflops"] > 0
     assert r["uses_amx"] == any("amx" in k for k in r["kernels"])
     assert "available" in ipex_status()
+
+
+def test_profiles_per_thread_count(capsys, tmp_path, paper_system):
+    from sim.specs import load_model
+
+    model = _tiny_file(tmp_path)
+    prof = tmp_path / "prof"
+    assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
+                 "--max-tokens", "2", "--device", "cpu", "--threads", "1,2"]) == 0
+    frame = pd.read_csv(prof / "timings.csv")
+    assert set(frame["threads"]) == {1, 2}
+    spec = load_model(model)
+    assert ProfileCostModel(paper_system, prof, spec, threads=1).threads == 1
+    assert ProfileCostModel(paper_system, prof, spec).threads == 2
+    with pytest.raises(SimInputError, match="no rows for 3 threads"):
+        ProfileCostModel(paper_system, prof, spec, threads=3)
+    assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--threads", "a"]) == 2

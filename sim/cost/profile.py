@@ -41,7 +41,7 @@ class ProfileCostModel:
     """Measured times where the profile has them; the roofline (and its usages) everywhere else."""
 
     def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
-                 mean_prompt_len: float | None = None):
+                 mean_prompt_len: float | None = None, threads: int | None = None):
         self.fallback = RooflineCostModel(system)
         self.dir = Path(profile_dir)
         meta_path, table_path = self.dir / "profile.json", self.dir / "timings.csv"
@@ -63,6 +63,15 @@ class ProfileCostModel:
             missing = ", ".join(sorted(needed - set(frame.columns)))
             raise SimInputError(f"{self.dir}/timings.csv lacks column(s) {missing}")
         self.mean_prompt_len = mean_prompt_len
+        if "threads" in frame.columns:  # CPU rows per torch thread count: the asked one, else the most
+            available = sorted(int(t) for t in frame["threads"].dropna().unique())
+            chosen = threads if threads is not None else (available[-1] if available else None)
+            if threads is not None and threads not in available:
+                raise SimInputError(f"{self.dir}: no rows for {threads} threads (profiled: {available})")
+            frame = frame[(frame["device"] != "cpu") | (frame["threads"] == chosen)]
+            self.threads = chosen
+        else:
+            self.threads = None
         self.gemm: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.attention: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for (device, kind), rows in frame.groupby(["device", "kind"]):
