@@ -65,8 +65,19 @@ def ipex_status() -> dict:
     return {"available": False, "reason": last}
 
 
-def report() -> dict:
+def gemm_sweep(rows: tuple[int, ...] = (16, 64, 256, 1024), k: int = 4096, n: int = 4096) -> dict:
+    """bf16 GEMM TFLOP/s over the token count (rows); the best is this machine's measured ceiling, and each
+    shape is reported as a fraction of it."""
+    points = {m: onednn_isa(m=m, k=k, n=n, reps=5)["tflops"] for m in rows}
+    ceiling = max(points.values())
+    return {"k": k, "n": n, "tflops": points, "ceiling_tflops": ceiling,
+            "fraction_of_ceiling": {m: v / ceiling for m, v in points.items()}}
+
+
+def report(sweep: bool = True) -> dict:
     t0 = time.perf_counter()
     out = {"onednn": onednn_isa(), "ipex": ipex_status()}
+    if sweep:
+        out["sweep"] = gemm_sweep()
     out["wall_s"] = time.perf_counter() - t0
     return out

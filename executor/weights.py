@@ -45,12 +45,20 @@ class ModelWeights:
         return self.embed.dtype
 
     def to(self, device: str | torch.device) -> ModelWeights:
+        """A copy on `device` (tensors moved one by one; no intermediate host copies)."""
         def move(t):
-            return t.to(device) if isinstance(t, torch.Tensor) else t
+            if isinstance(t, torch.Tensor):
+                return t.to(device)
+            if isinstance(t, dict):
+                return {k: move(v) for k, v in t.items()}
+            return t
 
-        layers = [LayerWeights(**{k: ({kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v))
-                                  for k, v in dataclasses.asdict(layer).items()}) for layer in self.layers]
-        return ModelWeights(self.spec, move(self.embed), move(self.lm_head), move(self.final_norm), layers)
+        layers = [LayerWeights(**{f.name: move(getattr(layer, f.name)) for f in dataclasses.fields(LayerWeights)})
+                  for layer in self.layers]
+        lm_head = move(self.lm_head) if self.lm_head is not self.embed else None
+        embed = move(self.embed)
+        return ModelWeights(self.spec, embed, lm_head if lm_head is not None else embed, move(self.final_norm),
+                            layers)
 
 
 def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:

@@ -320,6 +320,9 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
     print(f"oneDNN ISA: {o['isa']}")
     print(f"bf16 GEMM {o['shape'][0]}x{o['shape'][1]}x{o['shape'][2]}: kernel {', '.join(o['kernels']) or 'n/a'}; "
           f"AMX: {amx}; {o['tflops']:.3f} TFLOP/s ({o['median_s'] * 1e3:.1f} ms)")
+    sw = r["sweep"]
+    print(f"bf16 GEMM [M x {sw['k']}] x [{sw['k']} x {sw['n']}], measured ceiling {sw['ceiling_tflops']:.3f} TFLOP/s: "
+          + ", ".join(f"M={m}: {v:.3f} ({sw['fraction_of_ceiling'][m]:.0%})" for m, v in sw["tflops"].items()))
     ipex = r["ipex"]
     print("intel-extension-for-pytorch: " + (f"available ({ipex['version']})" if ipex["available"]
                                               else f"not used: {ipex['reason']}"))

@@ -117,7 +117,7 @@ def test_execute_command_labels_gpu_role_on_cpu(capsys, tmp_path):
 
 
 def test_isa_probe_names_a_kernel():
-    from executor.isa import ipex_status, onednn_isa
+    from executor.isa import gemm_sweep, ipex_status, onednn_isa
 
     r = onednn_isa(m=16, k=256, n=256, reps=2)
     assert r["isa"] and r["tflops"] > 0
@@ -140,3 +140,10 @@ def test_profiles_per_thread_count(capsys, tmp_path, paper_system):
     with pytest.raises(SimInputError, match="no rows for 3 threads"):
         ProfileCostModel(paper_system, prof, spec, threads=3)
     assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--threads", "a"]) == 2
+
+
+def test_gemm_sweep_reports_fractions_of_its_ceiling():
+    from executor.isa import gemm_sweep
+
+    sw = gemm_sweep(rows=(4, 32), k=256, n=256)
+    assert max(sw["fraction_of_ceiling"].values()) == 1.0 and sw["ceiling_tflops"] > 0

@@ -124,3 +124,10 @@ def test_cuda_execution_matches_the_reference(tiny_specs, paper_system):
     want = reference_forward(weights, trace, workload)
     assert max(rel_err(result.outputs[k], want[k]) for k in want) < 3e-2
     assert not result.gpu_role_on_cpu and "cuda" in result.devices.values()
+
+
+def test_weights_move_without_sharing_or_copying_through_the_host(tiny_specs):
+    w = random_weights(tiny_specs["mla"], seed=1)
+    moved = w.to("cpu")
+    assert torch.equal(moved.layers[1].w1, w.layers[1].w1) and moved.layers[0].dense.keys() == w.layers[0].dense.keys()
+    assert moved.layers[1].shared["gate"].shape == w.layers[1].shared["gate"].shape
