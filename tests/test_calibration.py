@@ -117,7 +117,7 @@ def test_execute_command_labels_gpu_role_on_cpu(capsys, tmp_path):
 
 
 def test_isa_probe_names_a_kernel():
-    from executor.isa import gemm_sweep, ipex_status, onednn_isa
+    from executor.isa import ipex_status, onednn_isa
 
     r = onednn_isa(m=16, k=256, n=256, reps=2)
     assert r["isa"] and r["tflops"] > 0
