@@ -387,6 +387,25 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_import(args: argparse.Namespace) -> int:
+    from traces import import_jsonl, import_switch_csv, read_count_table, save_trace, trace_from_counts
+
+    if args.format == "jsonl":
+        trace = import_jsonl(args.file, model=args.model or "imported", num_experts=args.experts)
+    elif args.format == "switch-csv":
+        trace = import_switch_csv(args.file, model=args.model or "switch-base-32")
+    else:
+        if not args.top_k:
+            raise SimInputError("--format counts needs --top-k (the table counts top-k selections)")
+        trace = trace_from_counts(read_count_table(args.file), args.top_k, model=args.model or "counts",
+                                  seed=args.seed, source=f"counts:{Path(args.file).name}")
+    save_trace(trace, args.output)
+    h = trace.header
+    print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, {h.num_layers} "
+          f"MoE layers x {h.num_experts} experts, top-{h.top_k}, source {h.source}")
+    return 0
+
+
 def cmd_trace_stats(args: argparse.Namespace) -> int:
     from traces import format_stats, load_trace, trace_stats
 
@@ -539,6 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", action="store_true", help="deflate the arrays (smaller, slower to write)")
     p.add_argument("-o", "--output", required=True, help="output .npz file")
     p.set_defaults(func=cmd_trace_gen)
+    p = tsub.add_parser("import", help="convert published routing data into a trace (format v1)")
+    p.add_argument("file")
+    p.add_argument("--format", required=True, choices=("jsonl", "switch-csv", "counts"),
+                   help="jsonl: per-(request, token, layer) records; switch-csv: the Switch-base decoder CSV; "
+                   "counts: a [layers, experts] selection-count table (.csv or .npy)")
+    p.add_argument("--model", help="model name for the trace header")
+    p.add_argument("--experts", type=_positive_int, help="jsonl: experts per layer (default: largest id + 1)")
+    p.add_argument("--top-k", type=_positive_int, help="counts: experts per token")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="counts: seed of the token order")
+    p.add_argument("-o", "--output", required=True, help="output .npz file")
+    p.set_defaults(func=cmd_trace_import)
     p = tsub.add_parser("stats", help="popularity, entropy, reuse and LRU hit rates of a trace")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")

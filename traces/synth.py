@@ -21,10 +21,19 @@ POPULARITY_TABLES = {"mixtral-8x7b": DATA_DIR / "mixtral-8x7b_expert_frequencies
 
 
 def popularity_table(name: str) -> np.ndarray:
-    """A shipped, measured popularity table [layers, experts] (rows sum to 1)."""
-    if name not in POPULARITY_TABLES:
-        raise TraceError(f"unknown popularity table {name!r}; choose from {', '.join(sorted(POPULARITY_TABLES))}")
-    table = np.load(POPULARITY_TABLES[name], allow_pickle=False).astype(np.float64)
+    """A measured popularity table [layers, experts] (rows sum to 1): a shipped one by name, or a count table
+    file (.npy or CSV, as `trace import --format counts` reads)."""
+    if name in POPULARITY_TABLES:
+        table = np.load(POPULARITY_TABLES[name], allow_pickle=False).astype(np.float64)
+    elif Path(name).suffix in (".npy", ".csv"):
+        from traces.importers import read_count_table
+
+        table = read_count_table(name).astype(np.float64)
+        if (table.sum(axis=1) <= 0).any():
+            raise TraceError(f"{name}: a layer has no selections")
+    else:
+        raise TraceError(f"unknown popularity table {name!r}; choose from {', '.join(sorted(POPULARITY_TABLES))} "
+                         "or give a .npy/.csv count table")
     return table / table.sum(axis=1, keepdims=True)
 
 

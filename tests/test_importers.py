@@ -1,0 +1,134 @@
+"""Importers: published routing data into trace format v1, exact on the shared fixtures, strict on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.cli import main
+from traces import (
+    SynthConfig,
+    TraceError,
+    generate_trace,
+    import_jsonl,
+    import_switch_csv,
+    load_trace,
+    read_count_table,
+    save_trace,
+    trace_from_counts,
+)
+from traces.format import validate
+from traces.synth import popularity_matrix
+
+DATA = Path(__file__).parent / "data"
+MIXTRAL_COUNTS = Path(__file__).parents[1] / "traces" / "data" / "mixtral-8x7b_expert_frequencies.npy"
+
+
+def test_switch_csv_matches_the_parsed_fixture(tmp_path):
+    trace = import_switch_csv(DATA / "switch_base_32_cnn_dailymail.csv")
+    derived = json.loads((DATA / "switch_base_32_routing_top1_derived.json").read_text())
+    want = np.array([s["experts_by_decoder_moe_layer"] for seq in derived["sequences"] for s in seq["steps"]])
+    assert (trace.header.num_layers, trace.header.num_experts, trace.header.top_k) == (6, 32, 1)
+    assert trace.gen_lens.tolist() == [len(seq["steps"]) for seq in derived["sequences"]]
+    np.testing.assert_array_equal(trace.experts[:, :, 0], want)
+    assert (trace.gate_weights > 0).all() and (trace.gate_weights <= 1).all()
+    back = load_trace(save_trace(trace, tmp_path / "switch.npz"))
+    np.testing.assert_array_equal(back.experts, trace.experts)
+
+
+def _jsonl_lines(trace):
+    lines = []
+    for r in range(trace.num_requests):
+        start, p = int(trace.token_offsets[r]), int(trace.prompt_lens[r])
+        for t in range(int(trace.routed_lens[r])):
+            for layer in range(trace.header.num_layers):
+                ids = trace.experts[start + t, layer].tolist()
+                lines.append({"request": r, "token": t, "phase": "prefill" if t < p else "decode", "layer": layer,
+                              "experts": ids, "probs": [1.0 / len(ids)] * len(ids)})
+    return lines
+
+
+def _write(path, lines):
+    path.write_text("\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n")
+    return path
+
+
+def test_jsonl_round_trip(tmp_path):
+    src = generate_trace(SynthConfig("m", 3, 8, 2, "zipf:1.0", 0.2, 1), np.array([3, 5]), np.array([2, 4]))
+    lines = _jsonl_lines(src)
+    trace = import_jsonl(_write(tmp_path / "r.jsonl", lines[::-1]), model="m", num_experts=8)  # any order
+    np.testing.assert_array_equal(trace.experts, src.experts)
+    assert trace.prompt_lens.tolist() == [3, 5] and trace.gen_lens.tolist() == [2, 4]
+    assert trace.gate_weights is not None and np.allclose(trace.gate_weights, 0.5)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda ls: ls + ["{not json"], "bad record"),
+    (lambda ls: [x for x in ls if not (x["token"] == 1 and x["layer"] == 2)], "lacks layer"),
+    (lambda ls: ls + [ls[0]], "appears twice"),
+    (lambda ls: [{**x, "experts": [1], "probs": [1.0]} if x["token"] == 0 and x["layer"] == 0 else x for x in ls],
+     "expected 2"),
+    (lambda ls: [{**x, "phase": "decode"} if x["request"] == 0 and x["token"] == 0 else x for x in ls],
+     "prefill tokens first"),
+    (lambda ls: [x for x in ls if x["token"] != 1], "none missing"),
+    (lambda ls: [{**x, "phase": "train"} for x in ls], "phase must be"),
+    (lambda ls: [{**x, "probs": [1.0]} for x in ls], "probs"),
+    (lambda ls: [], "no records"),
+])
+def test_malformed_jsonl(tmp_path, mutate, message):
+    src = generate_trace(SynthConfig("m", 3, 8, 2, "uniform", 0.0, 0), np.array([2, 2]), np.array([2, 1]))
+    with pytest.raises(TraceError, match=message):
+        import_jsonl(_write(tmp_path / "bad.jsonl", mutate(_jsonl_lines(src))))
+
+
+def test_count_tables_reproduce_every_count(tmp_path):
+    table = np.array([[3, 1, 2, 2], [0, 4, 4, 0]])
+    trace = trace_from_counts(table, top_k=2)
+    validate(trace)
+    np.testing.assert_array_equal(trace.expert_counts(np.arange(trace.num_tokens)), table)
+    csv = tmp_path / "c.csv"
+    csv.write_text("layer,e0,e1,e2,e3\n0,3,1,2,2\n1,0,4,4,0\n")
+    np.testing.assert_array_equal(read_count_table(csv), table)
+    np.save(tmp_path / "c.npy", table)
+    p = popularity_matrix(f"table:{tmp_path / 'c.npy'}", 2, 4, 0)
+    assert np.allclose(p.sum(axis=1), 1) and p[1, 0] == 0
+
+
+@pytest.mark.parametrize("text, message", [("layer,a\n0,-1\n", "non-negative"), ("layer,a\n0,x\n", "numbers"),
+                                          ("layer,a\n0,1.5\n", "integers")])
+def test_bad_count_tables(tmp_path, text, message):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=message):
+        read_count_table(path)
+
+
+def test_count_tables_that_no_trace_can_match():
+    with pytest.raises(TraceError, match="same multiple"):
+        trace_from_counts(np.array([[2, 2], [1, 2]]), top_k=2)
+    with pytest.raises(TraceError, match="more often"):
+        trace_from_counts(np.array([[4, 0, 0, 0]]), top_k=2)
+
+
+def test_trace_import_command(capsys, tmp_path):
+    out = tmp_path / "s.npz"
+    assert main(["trace", "import", str(DATA / "switch_base_32_cnn_dailymail.csv"), "--format", "switch-csv",
+                 "-o", str(out)]) == 0
+    assert load_trace(out).num_tokens == 135
+    counts = tmp_path / "counts.npz"
+    mixtral = np.round(np.load(MIXTRAL_COUNTS) * 200).astype(np.int64)  # shares of top-2 picks, 100 tokens
+    mixtral[:, 0] += 200 - mixtral.sum(axis=1)  # rounding: rows sum to exactly k x 100
+    np.save(tmp_path / "mixtral.npy", mixtral)
+    assert main(["trace", "import", str(tmp_path / "mixtral.npy"), "--format", "counts", "--top-k", "2", "-o",
+                 str(counts)]) == 0
+    capsys.readouterr()
+    assert main(["trace", "import", str(tmp_path / "mixtral.npy"), "--format", "counts", "-o", str(counts)]) == 2
+    assert "--top-k" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    assert main(["trace", "import", str(bad), "--format", "jsonl", "-o", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad record" in err and not (tmp_path / "x.npz").exists()

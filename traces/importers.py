@@ -1,0 +1,201 @@
+"""Routing data as others publish it, mapped into trace format v1; anything malformed is one TraceError.
+
+- JSONL, one record per (request, token, layer): `{"request": 0, "token": 5, "phase": "prefill"|"decode",
+  "layer": 3, "experts": [1, 6], "probs": [0.7, 0.3]}` (`probs` optional). A request's prefill tokens come
+  first; it routes prompt_len + gen_len - 1 tokens (its last generated token is never fed back).
+- The Switch-base CSV of `../shared/data/switch-base-32-cnn-dailymail`: one row per article, then per decode
+  step its number, the printed router logits and chosen expert of every decoder MoE layer, and the token id.
+  Each article becomes a request whose routed tokens are its decode steps (prompt length 1: the decoder
+  start token); the gate weight is the softmax probability of the chosen expert.
+- Per-layer count tables ([layers, experts] of top-k selections, CSV with a header or .npy): a trace whose
+  tokens reproduce every count exactly, in a seeded random token order (tables carry no order).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from traces.errors import TraceError
+from traces.format import RoutingTrace, TraceHeader, expert_dtype
+
+_TENSOR = re.compile(r"tensor\(\[([^\]]*)\]\)")
+
+
+def _open_text(path: Path) -> str:
+    if not path.is_file():
+        raise TraceError(f"file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TraceError(f"{path}: not UTF-8 text") from None
+
+
+def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | None = None) -> RoutingTrace:
+    """Per-(request, token, layer) records -> trace v1 (layers, top-k and experts from the data)."""
+    path = Path(path)
+    records: dict[tuple[int, int], dict[int, tuple[list[int], list[float] | None]]] = {}
+    phases: dict[tuple[int, int], str] = {}
+    for n, line in enumerate(_open_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = (int(rec["request"]), int(rec["token"]))
+            layer, experts, phase = int(rec["layer"]), [int(e) for e in rec["experts"]], str(rec["phase"])
+            probs = None if rec.get("probs") is None else [float(p) for p in rec["probs"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise TraceError(f"{path}:{n}: bad record ({type(exc).__name__}: {exc})") from None
+        if phase not in ("prefill", "decode"):
+            raise TraceError(f"{path}:{n}: phase must be prefill or decode, got {phase!r}")
+        if probs is not None and len(probs) != len(experts):
+            raise TraceError(f"{path}:{n}: {len(experts)} experts but {len(probs)} probs")
+        if phases.setdefault(key, phase) != phase:
+            raise TraceError(f"{path}:{n}: request {key[0]} token {key[1]} is both prefill and decode")
+        if layer in records.setdefault(key, {}):
+            raise TraceError(f"{path}:{n}: request {key[0]} token {key[1]} layer {layer} appears twice")
+        records[key][layer] = (experts, probs)
+    if not records:
+        raise TraceError(f"{path}: no records")
+    layers = max(max(v) for v in records.values()) + 1
+    lengths = [len(e) for v in records.values() for e, _ in v.values()]
+    top_k = max(set(lengths), key=lengths.count)  # the usual length; records that differ are reported
+    requests = sorted({r for r, _ in records})
+    if requests != list(range(len(requests))):
+        raise TraceError(f"{path}: request ids must be 0..{len(requests) - 1}")
+    has_probs = any(p is not None for v in records.values() for _, p in v.values())
+    rows, gates, prompt_lens, gen_lens = [], [], [], []
+    for r in requests:
+        tokens = sorted(t for rr, t in records if rr == r)
+        if tokens != list(range(len(tokens))):
+            raise TraceError(f"{path}: request {r} tokens must be 0..{len(tokens) - 1} with none missing")
+        kinds = [phases[(r, t)] for t in tokens]
+        n_prompt = kinds.count("prefill")
+        if n_prompt == 0 or kinds != ["prefill"] * n_prompt + ["decode"] * (len(tokens) - n_prompt):
+            raise TraceError(f"{path}: request {r} needs its prefill tokens first (at least one)")
+        prompt_lens.append(n_prompt)
+        gen_lens.append(len(tokens) - n_prompt + 1)
+        for t in tokens:
+            per = records[(r, t)]
+            if sorted(per) != list(range(layers)):
+                raise TraceError(f"{path}: request {r} token {t} lacks layer(s) "
+                                 f"{sorted(set(range(layers)) - set(per))}")
+            row, grow = [], []
+            for layer in range(layers):
+                experts, probs = per[layer]
+                if len(experts) != top_k:
+                    raise TraceError(f"{path}: request {r} token {t} layer {layer} lists {len(experts)} experts, "
+                                     f"expected {top_k}")
+                row.append(experts)
+                grow.append(probs if probs is not None else [0.0] * top_k)
+            rows.append(row)
+            gates.append(grow)
+    ids = np.asarray(rows, dtype=np.int64)
+    if ids.min() < 0:
+        raise TraceError(f"{path}: negative expert id")
+    experts_n = num_experts or int(ids.max()) + 1
+    header = TraceHeader(model, layers, experts_n, top_k, source=f"jsonl:{path.name}")
+    gate_array = np.asarray(gates, dtype=np.float32) if has_probs else None
+    return RoutingTrace(header, np.asarray(prompt_lens, dtype=np.int32), np.asarray(gen_lens, dtype=np.int32),
+                        ids.astype(expert_dtype(experts_n)), gate_array)
+
+
+def import_switch_csv(path: str | Path, model: str = "switch-base-32") -> RoutingTrace:
+    """The Switch-base decoder routing CSV -> trace v1 (top-1, gate = softmax probability of the choice)."""
+    path = Path(path)
+    text = _open_text(path)
+    experts_rows, gate_rows, gen_lens = [], [], []
+    layers = num_experts = None
+    for n, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row:
+            continue
+        if (len(row) - 1) % 3 or len(row) < 4:
+            raise TraceError(f"{path}:{n}: expected an article id then (step, routing, token) triples")
+        steps = (len(row) - 1) // 3
+        for i in range(steps):
+            cell = row[2 + 3 * i]
+            tensors = [np.array([float(v) for v in m.replace("\n", " ").split(",") if v.strip()])
+                       for m in _TENSOR.findall(cell)]
+            if len(tensors) < 2 or len(tensors) % 2:
+                raise TraceError(f"{path}:{n}: step {i}: expected (logits, choice) tensor pairs")
+            logits, chosen = tensors[0::2], tensors[1::2]
+            if layers is None:
+                layers, num_experts = len(logits), len(logits[0])
+            if len(logits) != layers or any(len(x) != num_experts for x in logits) or any(len(c) != 1 for c in chosen):
+                raise TraceError(f"{path}:{n}: step {i}: every step needs {layers} layers of {num_experts} logits "
+                                 "and one choice")
+            ids = [int(c[0]) for c in chosen]
+            probs = []
+            for x, e in zip(logits, ids, strict=True):
+                p = np.exp(x - x.max())
+                probs.append(float(p[e] / p.sum()))
+            experts_rows.append([[e] for e in ids])
+            gate_rows.append([[p] for p in probs])
+        gen_lens.append(steps)
+    if not gen_lens:
+        raise TraceError(f"{path}: no articles")
+    assert layers is not None and num_experts is not None
+    header = TraceHeader(model, layers, num_experts, 1, source=f"switch-csv:{path.name}")
+    return RoutingTrace(header, np.ones(len(gen_lens), dtype=np.int32), np.asarray(gen_lens, dtype=np.int32),
+                        np.asarray(experts_rows, dtype=expert_dtype(num_experts)),
+                        np.asarray(gate_rows, dtype=np.float32))
+
+
+def read_count_table(path: str | Path) -> np.ndarray:
+    """A [layers, experts] table of selection counts from .npy or CSV (first column may name the layer)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            table = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise TraceError(f"{path}: cannot read ({type(exc).__name__})") from None
+    else:
+        lines = [r for r in csv.reader(_open_text(path).splitlines()) if r]
+        try:
+            body = lines[1:] if lines and not _numeric(lines[0]) else lines
+            values = np.asarray([[float(v) for v in r] for r in body])
+        except ValueError:
+            raise TraceError(f"{path}: counts must be numbers") from None
+        if values.ndim == 2 and lines and not _numeric(lines[0]) and lines[0][0].strip().lower() == "layer":
+            values = values[:, 1:]
+        table = values
+    if table.ndim != 2 or table.size == 0:
+        raise TraceError(f"{path}: expected a 2-D [layers, experts] table")
+    if not np.isfinite(table).all() or (table < 0).any() or (table != np.round(table)).any():
+        raise TraceError(f"{path}: counts must be non-negative integers")
+    return table.astype(np.int64)
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(v) for v in row]
+    except ValueError:
+        return False
+    return True
+
+
+def trace_from_counts(table: np.ndarray, top_k: int, model: str = "counts", seed: int = 0,
+                      source: str = "counts") -> RoutingTrace:
+    """A one-request trace whose tokens reproduce `table` exactly (every layer's row must sum to k x tokens)."""
+    layers, num_experts = table.shape
+    sums = table.sum(axis=1)
+    if (sums % top_k).any() or len(set(sums.tolist())) != 1:
+        raise TraceError(f"every layer's counts must sum to the same multiple of top_k={top_k}; got {sums.tolist()}")
+    tokens = int(sums[0] // top_k)
+    if tokens == 0:
+        raise TraceError("the table holds no selections")
+    if (table > tokens).any():
+        raise TraceError(f"an expert is chosen more often ({int(table.max())}) than there are tokens ({tokens})")
+    rng = np.random.default_rng([seed, 0xC0])
+    ids = np.empty((tokens, layers, top_k), dtype=expert_dtype(num_experts))
+    for layer in range(layers):
+        flat = np.repeat(np.arange(num_experts), table[layer])
+        # Column c takes flat[c*T:(c+1)*T]: an expert's run is at most T long, so no row repeats an expert.
+        ids[:, layer, :] = flat.reshape(top_k, tokens).T
+        ids[:, layer, :] = ids[rng.permutation(tokens), layer, :]
+    header = TraceHeader(model, layers, num_experts, top_k, source=source)
+    return RoutingTrace(header, np.array([tokens], dtype=np.int32), np.array([1], dtype=np.int32), ids)
