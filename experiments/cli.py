@@ -406,6 +406,19 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_record(args: argparse.Namespace) -> int:
+    from executor.record import read_prompts, record_trace
+    from traces import save_trace
+
+    prompts = read_prompts(args.prompts, limit=args.limit)
+    trace = record_trace(args.model_dir, prompts, args.gen_len, args.max_prompt_tokens)
+    save_trace(trace, args.output)
+    h = trace.header
+    print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, {h.num_layers} "
+          f"MoE layers x {h.num_experts} experts, top-{h.top_k}, recorded from {args.model_dir}")
+    return 0
+
+
 def cmd_trace_stats(args: argparse.Namespace) -> int:
     from traces import format_stats, load_trace, trace_stats
 
@@ -569,6 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="counts: seed of the token order")
     p.add_argument("-o", "--output", required=True, help="output .npz file")
     p.set_defaults(func=cmd_trace_import)
+    p = tsub.add_parser("record", help="record routing from a local Hugging Face MoE checkpoint")
+    p.add_argument("--model-dir", required=True, help="local checkpoint directory (config, tokenizer, weights)")
+    p.add_argument("--prompts", required=True, help="JSONL file with a text field per line")
+    p.add_argument("--gen-len", type=_positive_int, default=16, help="tokens to generate greedily per prompt")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, help="truncate prompts to this many tokens")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
+    p.add_argument("-o", "--output", required=True, help="output .npz file")
+    p.set_defaults(func=cmd_trace_record)
     p = tsub.add_parser("stats", help="popularity, entropy, reuse and LRU hit rates of a trace")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
