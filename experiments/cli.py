@@ -379,7 +379,8 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     rng = np.random.default_rng([args.seed, 0x1E25])
     prompt = request_lengths(args.prompt_len, args.requests, rng, "--prompt-len")
     gen = request_lengths(args.gen_len, args.requests, rng, "--gen-len")
-    cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed)
+    cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed,
+                      topics=args.topics, topic_shift=args.topic_shift)
     trace = generate_trace(cfg, prompt, gen, progress=True)
     save_trace(trace, args.output, compress=args.compress)
     print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, "
@@ -403,6 +404,29 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
     h = trace.header
     print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, {h.num_layers} "
           f"MoE layers x {h.num_experts} experts, top-{h.top_k}, source {h.source}")
+    return 0
+
+
+def cmd_eas(args: argparse.Namespace) -> int:
+    from traces import load_trace
+    from traces.eas import eas_map, hit_ratio, oracle_map, save_map
+
+    trace = load_trace(args.trace)
+    if args.vram_experts > trace.header.num_experts:
+        raise SimInputError(f"--vram-experts {args.vram_experts} exceeds the {trace.header.num_experts} experts "
+                            "per layer")
+    features = trace.request_features
+    clusters = args.clusters if features is not None else 1
+    if features is None:
+        print("note: the trace carries no request_features; sampling prototypes uniformly (one cluster)",
+              file=sys.stderr)
+    hot = eas_map(trace, features, clusters=min(clusters, trace.num_requests),
+                  sample=min(args.sample, trace.num_requests), resident=args.vram_experts, seed=args.seed)
+    save_map(hot, args.output)
+    eas_hit, oracle_hit = hit_ratio(trace, hot), hit_ratio(trace, oracle_map(trace, args.vram_experts))
+    print(f"wrote {args.output}: {args.vram_experts} resident experts per layer from {hot.extra['sample']} "
+          f"prototypes in {hot.extra['clusters']} clusters; expert hit ratio on the trace {eas_hit:.3f} "
+          f"(global-frequency oracle {oracle_hit:.3f})")
     return 0
 
 
@@ -555,6 +579,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_validate)
 
+    p = sub.add_parser("eas", help="expert-aware stratification: pick hot experts per layer from probed prototypes")
+    p.add_argument("--trace", required=True, help="routing trace to probe (request_features, if any, are clustered)")
+    p.add_argument("--vram-experts", type=_nonneg_int, required=True, help="resident experts per layer (E_R)")
+    p.add_argument("--clusters", type=_positive_int, default=8, help="k-means clusters of the request features")
+    p.add_argument("--sample", type=_positive_int, default=64, help="prototypes to probe, split by cluster size")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("-o", "--output", required=True, help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
+    p.set_defaults(func=cmd_eas)
+
     t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
     p = tsub.add_parser("gen", help="write a synthetic routing trace")
@@ -568,6 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", default="uniform", help="uniform, zipf:ALPHA or table:NAME")
     p.add_argument("--reuse-prob", type=_probability, default=0.0, help="probability of reusing the last experts")
     p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--topics", type=_nonneg_int, default=0,
+                   help="latent topics, each with its own popularity; requests carry a topic feature vector")
+    p.add_argument("--topic-shift", type=_probability, default=0.5,
+                   help="share of a topic's popularity that is its own (0: topics route alike)")
     p.add_argument("--compress", action="store_true", help="deflate the arrays (smaller, slower to write)")
     p.add_argument("-o", "--output", required=True, help="output .npz file")
     p.set_defaults(func=cmd_trace_gen)

@@ -55,7 +55,8 @@ def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None
 def _head(trace: RoutingTrace, n: int) -> RoutingTrace:
     end = int(trace.token_offsets[n])
     return RoutingTrace(trace.header, trace.prompt_lens[:n], trace.gen_lens[:n], trace.experts[:end],
-                        None if trace.gate_weights is None else trace.gate_weights[:end])
+                        None if trace.gate_weights is None else trace.gate_weights[:end],
+                        None if trace.request_features is None else trace.request_features[:n])
 
 
 def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,

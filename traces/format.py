@@ -7,6 +7,8 @@ File layout (`.npz`, loaded with `allow_pickle=False`):
   (in prefill) and every generated token but the last (each fed back in one decode step).
 - `experts`: uint8 (or uint16 when experts > 256) [T, num_layers, top_k], requests back to back in order.
 - `gate_weights` (optional): float16/float32 [T, num_layers, top_k].
+- `request_features` (optional): float32 [R, D], a per-request feature vector (a prompt embedding, or the topic
+  feature of a synthetic topic-mixture trace) that expert-aware stratification clusters on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RoutingTrace:
     gen_lens: np.ndarray
     experts: np.ndarray
     gate_weights: np.ndarray | None = None
+    request_features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         validate(self, thorough=False)
@@ -167,6 +170,13 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
             raise TraceError(f"trace: gate_weights must be a float array of shape {ex.shape}")
         if gw.size and (not np.isfinite(gw).all() or float(gw.min()) < 0 or float(gw.max()) > 1.0 + 1e-3):
             raise TraceError("trace: gate_weights must be finite and within [0, 1]")
+    feats = trace.request_features
+    if feats is not None:
+        if not isinstance(feats, np.ndarray) or feats.dtype.kind != "f" or feats.ndim != 2 \
+                or feats.shape[0] != trace.prompt_lens.size:
+            raise TraceError(f"trace: request_features must be a float array of shape [{trace.prompt_lens.size}, D]")
+        if not np.isfinite(feats).all():
+            raise TraceError("trace: request_features must be finite")
 
 
 def expert_dtype(num_experts: int) -> np.dtype:
@@ -186,6 +196,8 @@ def save_trace(trace: RoutingTrace, path: str | Path, compress: bool = False) ->
     }
     if trace.gate_weights is not None:
         arrays["gate_weights"] = trace.gate_weights
+    if trace.request_features is not None:
+        arrays["request_features"] = trace.request_features.astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
     try:
@@ -230,12 +242,13 @@ def load_trace(path: str | Path) -> RoutingTrace:
             header = _parse_header(npz["header"], path)
             arrays = {name: npz[name] for name in ("prompt_lens", "gen_lens", "experts")}
             gates = npz["gate_weights"] if "gate_weights" in names else None
+            feats = npz["request_features"] if "request_features" in names else None
     except TraceError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
         raise TraceError(f"{path}: cannot read trace (truncated or not an .npz file: {type(exc).__name__})") from None
     try:
-        trace = RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"], gates)
+        trace = RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"], gates, feats)
         validate(trace, thorough=True)
         return trace
     except TraceError as exc:

@@ -176,6 +176,32 @@ class SynthConfig:
     routing: str = "uniform"
     reuse_prob: float = 0.0
     seed: int = 0
+    topics: int = 0              # latent topics (0: one shared popularity for every request)
+    topic_shift: float = 0.5     # share of a topic's popularity that is its own (a permuted copy of the base)
+    feature_dim: int = 16        # length of the per-request feature vector of a topic mixture
+    feature_noise: float = 0.5   # std of the noise around the topic's centroid (centroids are N(0, I))
+
+
+def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per-topic popularity [T, L, E], request topics [R], request features [R, D]) for a topic mixture.
+    Topic t's popularity is (1 - shift) * base + shift * base with experts permuted per (topic, layer), so the
+    aggregate keeps the base's skew while each topic prefers different experts; features = centroid + noise."""
+    if cfg.topics < 1:
+        raise TraceError(f"topics must be >= 1 for a topic mixture, got {cfg.topics}")
+    if not 0.0 <= cfg.topic_shift <= 1.0:
+        raise TraceError(f"topic shift must be in [0, 1], got {cfg.topic_shift}")
+    if cfg.feature_dim < 1 or cfg.feature_noise < 0:
+        raise TraceError("feature dimension must be >= 1 and feature noise >= 0")
+    rng = np.random.default_rng([cfg.seed, 0x70C1C])
+    L, E = base.shape
+    perms = np.stack([np.stack([rng.permutation(E) for _ in range(L)]) for _ in range(cfg.topics)])  # [T, L, E]
+    own = np.take_along_axis(np.broadcast_to(base, perms.shape), perms, axis=2)
+    probs = (1.0 - cfg.topic_shift) * base[None] + cfg.topic_shift * own
+    probs /= probs.sum(axis=2, keepdims=True)
+    topic_of = rng.integers(cfg.topics, size=requests)
+    centroids = rng.standard_normal((cfg.topics, cfg.feature_dim))
+    features = centroids[topic_of] + cfg.feature_noise * rng.standard_normal((requests, cfg.feature_dim))
+    return probs, topic_of, features.astype(np.float32)
 
 
 def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
@@ -200,10 +226,23 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     experts = np.empty((n, cfg.num_layers, cfg.top_k), dtype=dtype)
     rng = np.random.default_rng([cfg.seed, 0x7ACE])
     index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    features = None
+    if cfg.topics:
+        topic_probs, topic_of, features = topic_mixture(cfg, probs, prompt_lens.size)
+        token_topic = np.repeat(topic_of, routed)
+        groups = [(probs_t, np.flatnonzero(token_topic == t)) for t, probs_t in enumerate(topic_probs)]
+    else:
+        groups = [(probs, None)]
     layers = tqdm(range(cfg.num_layers), desc="routing layers", unit="layer", disable=None if progress else True,
                   leave=False)
     for layer in layers:
-        fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
+        if len(groups) == 1:
+            fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
+        else:
+            fresh = np.empty((n, cfg.top_k), dtype=dtype)
+            for probs_t, rows in groups:
+                fresh[rows] = _sample_topk(rng, _InverseCdf(probs_t[layer]), rows.size, cfg.top_k,
+                                           cfg.num_experts, dtype)
         if cfg.reuse_prob > 0:
             reuse = (rng.random(n, dtype=np.float32) < np.float32(cfg.reuse_prob)) & ~first_token
             # Each reusing token copies the latest fresh token before it in the same request.
@@ -213,5 +252,6 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
             experts[:, layer, :] = fresh
     header = TraceHeader(model=cfg.model, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
                          top_k=cfg.top_k, source=f"synthetic:{cfg.routing}",
-                         extra={"reuse_prob": cfg.reuse_prob, "seed": cfg.seed})
-    return RoutingTrace(header, prompt_lens, gen_lens, experts)
+                         extra={"reuse_prob": cfg.reuse_prob, "seed": cfg.seed,
+                                **({"topics": cfg.topics, "topic_shift": cfg.topic_shift} if cfg.topics else {})})
+    return RoutingTrace(header, prompt_lens, gen_lens, experts, request_features=features)

@@ -42,6 +42,7 @@ from sim.policies.layers import (
     split_by_tokens,
 )
 from sim.policies.search import Analytic, Candidate, choose, expected_counts
+from traces.eas import load_map
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
@@ -56,7 +57,8 @@ class CoxMoeOptions(OptionsBase):
     prefill_micro_batch / decode_micro_batch: requests per micro-batch of OP0-OP2 (-1 = search, 0 = whole
     batch); resident_experts: E_R per layer (-1 = as many as fit); split: auto | cpu | gpu (where non-resident
     experts run); coalesce: on | off (off: OP3 per micro-batch); stratify: on | off (off: resident experts by
-    index, not by measured load); rescore: candidates the simulation re-scores."""
+    index, not by measured load); hot_map: a hot-expert map file (`coxmoe eas`) whose ranking picks E_R instead
+    of the trace's own load; rescore: candidates the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -68,6 +70,7 @@ class CoxMoeOptions(OptionsBase):
     split: str = "auto"
     coalesce: str = "on"
     stratify: str = "on"
+    hot_map: str = ""
     rescore: int = 3
 
     def __post_init__(self) -> None:
@@ -103,6 +106,15 @@ class _Phase:
     on_cpu: tuple[tuple[int, ...], ...]    # per MoE layer: E_C
 
 
+def _map_order(path: str, layers: int, experts: int) -> np.ndarray:
+    """Expert order (hottest first per layer) from a hot-expert map file, checked against the model's shape."""
+    hot = load_map(path)
+    if (hot.num_layers, hot.num_experts) != (layers, experts):
+        raise SimInputError(f"hot-expert map {path} is for {hot.num_layers} layers x {hot.num_experts} experts, "
+                            f"the model has {layers} x {experts}")
+    return hot.ranking.astype(np.int64)
+
+
 class _Model:
     """The analytic model of one context: per-phase costs of OP0-OP2 and of OP3, and the VRAM budget."""
 
@@ -112,7 +124,9 @@ class _Model:
         self.m, self.wl, self.w, self.a = m, wl, ctx.work, Analytic(ctx)
         self.prefill_counts, self.decode_counts = expected_counts(ctx)
         load = self.prefill_counts + self.decode_counts * max(wl.max_gen_len - 1, 1)
-        if opts.stratify == "on":
+        if opts.hot_map:
+            self.order = _map_order(opts.hot_map, m.num_moe_layers, m.num_experts)
+        elif opts.stratify == "on":
             self.order = np.argsort(-load, axis=1, kind="stable")  # hottest first, per layer
         else:
             self.order = np.tile(np.arange(m.num_experts), (m.num_moe_layers, 1))

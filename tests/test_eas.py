@@ -1,0 +1,157 @@
+"""Topic-mixture synthesis, expert-aware stratification, hot-expert map files and the coxmoe hot_map option."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from experiments.cli import main
+from sim.errors import SimInputError
+from sim.plan import OpKind, Stream
+from sim.policies import PlanContext, make_policy
+from traces import SynthConfig, generate_trace, load_trace, save_trace
+from traces.eas import (
+    HotExpertMap,
+    cluster_requests,
+    eas_map,
+    hit_ratio,
+    load_map,
+    oracle_map,
+    random_map,
+    save_map,
+    stratified_sample,
+)
+from traces.errors import TraceError
+
+
+@pytest.fixture(scope="module")
+def topic_trace():
+    """64 experts, top-4, 8 topics that each prefer different experts; 400 requests of 12 prompt tokens."""
+    cfg = SynthConfig("topical", num_layers=3, num_experts=64, top_k=4, routing="zipf:1.0", seed=3, topics=8,
+                      topic_shift=0.8, feature_dim=16, feature_noise=0.3)
+    return generate_trace(cfg, np.full(400, 12), np.full(400, 4))
+
+
+def test_stratified_sample_is_proportional_and_distinct():
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    picked = stratified_sample(labels, 10, np.random.default_rng(0))
+    assert picked.size == np.unique(picked).size == 10
+    assert np.bincount(labels[picked], minlength=3).tolist() == [6, 3, 1]
+    again = stratified_sample(labels, 10, np.random.default_rng(0))
+    assert np.array_equal(picked, again)
+    # Remainders: 7 of [50, 30, 20] -> exact shares 3.5, 2.1, 1.4 -> floors 3, 2, 1, the spare goes to cluster 0.
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    assert np.bincount(labels[stratified_sample(labels, 7, np.random.default_rng(1))]).tolist() == [4, 2, 1]
+    with pytest.raises(TraceError, match="probe sample"):
+        stratified_sample(labels, 101, np.random.default_rng(0))
+
+
+def test_topic_mixture_features_recover_topics(topic_trace):
+    feats = topic_trace.request_features
+    assert feats.shape == (400, 16) and feats.dtype == np.float32
+    cfg = SynthConfig("topical", 3, 64, 4, "zipf:1.0", seed=3, topics=8, topic_shift=0.8, feature_dim=16,
+                      feature_noise=0.3)
+    from traces.synth import popularity_matrix, topic_mixture
+
+    _, topic_of, same = topic_mixture(cfg, popularity_matrix("zipf:1.0", 3, 64, 3), 400)
+    assert np.array_equal(same, feats)  # the trace's features are the mixture's, deterministically
+    labels = cluster_requests(feats, 8, seed=0)
+    assert adjusted_rand_score(topic_of, labels) > 0.95
+
+
+def test_topics_route_differently(topic_trace):
+    """Requests of different topics prefer different experts: per-cluster hot sets overlap far less than fully."""
+    labels = cluster_requests(topic_trace.request_features, 8, seed=0)
+    hot = []
+    for c in range(2):
+        rows = topic_trace.prefill_rows(np.flatnonzero(labels == c))
+        hot.append(set(np.argsort(-topic_trace.expert_counts(rows)[0])[:8].tolist()))
+    assert len(hot[0] & hot[1]) < 6
+
+
+def test_eas_beats_random_and_nears_the_oracle(topic_trace):
+    resident = 16
+    eas = hit_ratio(topic_trace, eas_map(topic_trace, topic_trace.request_features, clusters=8, sample=64,
+                                         resident=resident, seed=0))
+    rand = hit_ratio(topic_trace, random_map(topic_trace, resident, seed=0))
+    oracle = hit_ratio(topic_trace, oracle_map(topic_trace, resident))
+    assert rand == pytest.approx(resident / 64, abs=0.05)  # a random quarter of the experts serves about a quarter
+    assert eas > rand + 0.05
+    assert oracle - 0.03 <= eas <= oracle + 1e-12
+
+
+def test_hit_ratio_counts_resident_assignments(topic_trace):
+    full = HotExpertMap("t", np.tile(np.arange(64, dtype=np.int32), (3, 1)), np.zeros((3, 64)), resident=64)
+    none = HotExpertMap("t", full.ranking, full.load, resident=0)
+    assert hit_ratio(topic_trace, full) == 1.0 and hit_ratio(topic_trace, none) == 0.0
+
+
+def test_traces_keep_request_features(topic_trace, tmp_path):
+    path = save_trace(topic_trace, tmp_path / "t.npz")
+    back = load_trace(path)
+    assert np.array_equal(back.request_features, topic_trace.request_features)
+    plain = generate_trace(SynthConfig("p", 2, 8, 2, "zipf:1.0", seed=1), np.full(5, 3), np.full(5, 2))
+    assert plain.request_features is None
+    with pytest.raises(TraceError, match="request_features"):
+        type(plain)(plain.header, plain.prompt_lens, plain.gen_lens, plain.experts,
+                    request_features=np.zeros((4, 3), np.float32))
+
+
+def test_map_round_trip_and_malformed_maps(topic_trace, tmp_path):
+    hot = eas_map(topic_trace, topic_trace.request_features, clusters=4, sample=20, resident=5, seed=2)
+    back = load_map(save_map(hot, tmp_path / "hot.npz"))
+    assert np.array_equal(back.ranking, hot.ranking) and back.resident == 5 and back.extra["sample"] == 20
+    with pytest.raises(TraceError, match="permutation"):
+        HotExpertMap("x", np.zeros((2, 4), np.int32), np.zeros((2, 4)), resident=1)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(TraceError, match="cannot read"):
+        load_map(bad)
+    with pytest.raises(TraceError, match="not found"):
+        load_map(tmp_path / "missing.npz")
+
+
+def test_eas_cli_writes_a_map_and_rejects_bad_input(topic_trace, tmp_path, capsys):
+    trace = save_trace(topic_trace, tmp_path / "t.npz")
+    out = tmp_path / "hot.npz"
+    assert main(["eas", "--trace", str(trace), "--vram-experts", "8", "--sample", "32", "-o", str(out)]) == 0
+    assert "hit ratio" in capsys.readouterr().out and load_map(out).resident == 8
+    assert main(["eas", "--trace", str(trace), "--vram-experts", "65", "-o", str(tmp_path / "x.npz")]) == 2
+    assert "exceeds" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
+    assert main(["eas", "--trace", str(tmp_path / "nope.npz"), "--vram-experts", "2", "-o", str(out)]) == 2
+
+
+def _ctx(tiny_model, paper_system, trace):
+    from sim.api import resolve_routing
+
+    wl, tr, _ = resolve_routing(tiny_model, 32, 16, 4, trace, "uniform", 0, 0.0)
+    return PlanContext(tiny_model, paper_system, wl, tr)
+
+
+def test_coxmoe_hot_map_sets_the_resident_experts(tiny_model, paper_system, tmp_path):
+    L, E, k = tiny_model.num_moe_layers, tiny_model.num_experts, tiny_model.top_k
+    cfg = SynthConfig(tiny_model.name, L, E, k, "zipf:2.0", seed=0)
+    trace = generate_trace(cfg, np.full(32, 16), np.full(32, 4))
+    ctx = _ctx(tiny_model, paper_system, trace)
+    cold_first = HotExpertMap(tiny_model.name, np.argsort(sum(trace.phase_counts), axis=1, kind="stable")
+                              .astype(np.int32), np.zeros((L, E)), resident=1)
+    path = save_map(cold_first, tmp_path / "cold.npz")
+    opts = {"resident_experts": "1", "split": "cpu"}
+    plan = make_policy("coxmoe", {**opts, "hot_map": str(path)}).build(ctx)
+    resident_experts = {(op.layer, op.expert) for op in plan.ops if op.kind is OpKind.EXPERT
+                        and op.stream is Stream.GPU}
+    assert resident_experts <= {(li, int(cold_first.ranking[li, 0])) for li in range(L)}
+    hot_plan = make_policy("coxmoe", {**opts, "stratify": "on"}).build(ctx)
+    gpu_tokens = [sum(op.tokens for op in p.ops if op.kind is OpKind.EXPERT and op.stream is Stream.GPU)
+                  for p in (plan, hot_plan)]
+    assert gpu_tokens[0] < gpu_tokens[1]
+
+
+def test_coxmoe_hot_map_shape_must_match_the_model(tiny_model, paper_system, tmp_path):
+    wrong = HotExpertMap("x", np.tile(np.arange(3, dtype=np.int32), (1, 1)), np.zeros((1, 3)), resident=1)
+    path = save_map(wrong, tmp_path / "wrong.npz")
+    L, E, k = tiny_model.num_moe_layers, tiny_model.num_experts, tiny_model.top_k
+    trace = generate_trace(SynthConfig(tiny_model.name, L, E, k, seed=0), np.full(32, 16), np.full(32, 4))
+    with pytest.raises(SimInputError, match="hot-expert map"):
+        make_policy("coxmoe", {"hot_map": str(path)}).build(_ctx(tiny_model, paper_system, trace))
