@@ -155,3 +155,21 @@ def test_coxmoe_hot_map_shape_must_match_the_model(tiny_model, paper_system, tmp
     trace = generate_trace(SynthConfig(tiny_model.name, L, E, k, seed=0), np.full(32, 16), np.full(32, 4))
     with pytest.raises(SimInputError, match="hot-expert map"):
         make_policy("coxmoe", {"hot_map": str(path)}).build(_ctx(tiny_model, paper_system, trace))
+
+
+def test_hit_ratio_study_runs_one_small_model():
+    from experiments.hit_ratio_study import study_model
+    from experiments.tables import markdown_table
+
+    hits, runs = study_model("mixtral-8x7b", "table:mixtral-8x7b", batch=48, seeds=1, throughput_sample=8,
+                             decode_sample=2)
+    by = {(h["method"], h["sample"]): h["hit_ratio"] for h in hits}
+    oracle = by[("oracle", 48)]
+    assert all(v <= oracle + 1e-12 for v in by.values())
+    assert by[("random", 0)] < oracle
+    assert {r["method"] for r in runs} == {"oracle", "random", "eas", "uniform"}
+    assert all(r["throughput_tok_s"] > 0 for r in runs)
+    import pandas as pd
+
+    table = markdown_table(pd.DataFrame(runs))
+    assert table.count("\n") == len(runs) + 1 and table.startswith("| model | method |")
