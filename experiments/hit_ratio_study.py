@@ -7,7 +7,8 @@ is the share of all token-expert assignments (prefill and decode) whose expert i
 map's ranking. EAS clusters the requests' feature vectors with k-means (8 clusters) and probes the prefill
 routing of prototypes drawn in proportion to cluster size; "uniform" probes a plain random sample of the same
 size; both are repeated over seeds (mean and std reported). Throughput: `coxmoe` with `hot_map` set to each
-method's map (the policy still searches how many residents fit), decode sampled at 8 steps.
+method's map (the policy still searches how many residents fit), decode sampled at 8 steps; and once more
+with the EAS map plus online re-stratification (`restratify=ema:0.3:4`), which pays a PCIe copy per swap.
 
     python experiments/hit_ratio_study.py --out docs/results [--batch 1024] [--seeds 5]
 """
@@ -29,6 +30,7 @@ MODELS = {"mixtral-8x7b": "table:mixtral-8x7b", "deepseek-v2-lite": "zipf:1.0", 
 SAMPLES = (4, 8, 16, 32, 64, 128)
 SYSTEM = "rtx6000ada-8452y"
 PROMPT, OUTPUT, TOPICS, SHIFT, CLUSTERS = 97, 32, 8, 0.7, 8
+RESTRATIFY = "ema:0.3:4"  # the dynamic alternative: EMA weight 0.3, E_R re-picked every 4 decode steps
 
 
 def study_model(model: str, routing: str, batch: int, seeds: int, throughput_sample: int,
@@ -60,13 +62,17 @@ def study_model(model: str, routing: str, batch: int, seeds: int, throughput_sam
                     maps[method] = hot
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method, hot in maps.items():
+        variants = [(method, hot, "off") for method, hot in maps.items()] + [("eas+" + RESTRATIFY, maps["eas"],
+                                                                                 RESTRATIFY)]
+        for method, hot, restratify in variants:
             path = save_map(hot, Path(tmp) / f"{method}.npz")
-            r = simulate(m, SYSTEM, "coxmoe", trace=trace, policy_options={"hot_map": str(path)},
+            r = simulate(m, SYSTEM, "coxmoe", trace=trace, policy_options={"hot_map": str(path),
+                                                                           "restratify": restratify},
                          decode_sample=decode_sample)
-            runs.append({"model": model, "method": method, "probe_sample": throughput_sample if method in
-                         ("eas", "uniform") else "", "hit_ratio_at_quarter": hit_ratio(trace, hot),
+            runs.append({"model": model, "method": method, "probe_sample": throughput_sample if method.startswith(
+                         ("eas", "uniform")) else "", "hit_ratio_at_quarter": hit_ratio(trace, hot),
                          "resident_per_layer": r.knobs.get("resident_experts"),
+                         "swapped_experts": r.knobs.get("restratify_swaps", 0),
                          "throughput_tok_s": r.generated_tokens / r.total_s})
     return hits, runs
 

@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from experiments.cli import main
 from sim.errors import SimInputError
-from sim.plan import OpKind, Stream
+from sim.plan import OpKind, Payload, Stream
 from sim.policies import PlanContext, make_policy
 from traces import SynthConfig, generate_trace, load_trace, save_trace
 from traces.eas import (
@@ -167,9 +167,61 @@ def test_hit_ratio_study_runs_one_small_model():
     oracle = by[("oracle", 48)]
     assert all(v <= oracle + 1e-12 for v in by.values())
     assert by[("random", 0)] < oracle
-    assert {r["method"] for r in runs} == {"oracle", "random", "eas", "uniform"}
+    assert {r["method"] for r in runs} == {"oracle", "random", "eas", "uniform", "eas+ema:0.3:4"}
     assert all(r["throughput_tok_s"] > 0 for r in runs)
     import pandas as pd
 
     table = markdown_table(pd.DataFrame(runs))
     assert table.count("\n") == len(runs) + 1 and table.startswith("| model | method |")
+
+
+def _shifting_trace(model, requests=16, prompt=8, gen=6):
+    """Prompts route to experts (0, 1) at every layer; generated tokens to (6, 7): the hot set moves in decode."""
+    from traces.format import RoutingTrace, TraceHeader
+
+    L = model.num_moe_layers
+    rows = []
+    for _ in range(requests):
+        rows += [[0, 1]] * prompt + [[6, 7]] * (gen - 1)
+    experts = np.repeat(np.array(rows, dtype=np.uint8)[:, None, :], L, axis=1)
+    header = TraceHeader(model.name, L, model.num_experts, model.top_k, "test:shifting")
+    return RoutingTrace(header, np.full(requests, prompt, np.int32), np.full(requests, gen, np.int32), experts)
+
+
+def test_restratify_follows_a_moving_hot_set(tiny_model, paper_system, tmp_path):
+    trace = _shifting_trace(tiny_model)
+    wl_ctx = _ctx_exact(tiny_model, paper_system, trace)
+    L, E = tiny_model.num_moe_layers, tiny_model.num_experts
+    prefill_hot = HotExpertMap("tiny", np.tile(np.arange(E, dtype=np.int32), (L, 1)), np.zeros((L, E)), 2)
+    path = save_map(prefill_hot, tmp_path / "prefill.npz")
+    base = {"resident_experts": "2", "split": "cpu", "hot_map": str(path), "prefill_micro_batch": "0",
+            "decode_micro_batch": "0", "prefill_placement": "ggg", "decode_placement": "ggg"}
+    static = make_policy("coxmoe", base).build(wl_ctx)
+    dynamic = make_policy("coxmoe", {**base, "restratify": "ema:1:1"}).build(wl_ctx)
+
+    def decode_gpu_tokens(plan):
+        return sum(op.tokens for op in plan.ops if op.kind is OpKind.EXPERT and op.stream is Stream.GPU
+                   and op.step > 0)
+
+    assert decode_gpu_tokens(static) == 0  # experts 6 and 7 never become resident
+    # Step 1 still runs with (0, 1); from step 2 on, (6, 7) are resident: every later decode token hits the GPU.
+    later_steps = trace.header.num_layers * 16 * 2 * (trace.gen_lens[0] - 2)
+    assert decode_gpu_tokens(dynamic) == later_steps
+    swaps = [op for op in dynamic.ops if op.step == 2 and op.kind is OpKind.COPY
+             and op.payload is Payload.EXPERT_WEIGHTS]
+    assert len(swaps) == L and all(op.bytes == 2 * tiny_model.expert_bytes for op in swaps)
+    assert dynamic.knobs["restratify_swaps"] == 2 * L
+
+
+def _ctx_exact(model, system, trace):
+    from sim.api import resolve_routing
+
+    wl, tr, _ = resolve_routing(model, trace.num_requests, int(trace.prompt_lens[0]), int(trace.gen_lens[0]), trace,
+                                "uniform", 0, 0.0)
+    return PlanContext(model, system, wl, tr)
+
+
+@pytest.mark.parametrize("bad", ["ema", "ema:0:1", "ema:0.5:0", "lru:1:1", "ema:x:2"])
+def test_restratify_rejects_bad_specs(bad):
+    with pytest.raises(SimInputError, match="restratify"):
+        make_policy("coxmoe", {"restratify": bad})

@@ -58,7 +58,9 @@ class CoxMoeOptions(OptionsBase):
     batch); resident_experts: E_R per layer (-1 = as many as fit); split: auto | cpu | gpu (where non-resident
     experts run); coalesce: on | off (off: OP3 per micro-batch); stratify: on | off (off: resident experts by
     index, not by measured load); hot_map: a hot-expert map file (`coxmoe eas`) whose ranking picks E_R instead
-    of the trace's own load; rescore: candidates the simulation re-scores."""
+    of the trace's own load; restratify: off, or ema:ALPHA:EVERY (beyond the paper: every EVERY decode steps,
+    make the E_R set the top experts of an exponential moving average, weight ALPHA, of the routing seen so far,
+    and pay the PCIe copy of each expert that enters); rescore: candidates the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -71,6 +73,7 @@ class CoxMoeOptions(OptionsBase):
     coalesce: str = "on"
     stratify: str = "on"
     hot_map: str = ""
+    restratify: str = "off"
     rescore: int = 3
 
     def __post_init__(self) -> None:
@@ -83,12 +86,30 @@ class CoxMoeOptions(OptionsBase):
         for name in ("prefill_micro_batch", "decode_micro_batch", "resident_experts"):
             self.at_least(name, -1)
         self.at_least("rescore", 1)
+        _ = self.ema  # validates restratify
         if self.attention != "auto":
             x1 = self.attention[0]
             for name in ("prefill_placement", "decode_placement"):
                 value = getattr(self, name)
                 if value != "auto" and value[1] != x1:
                     raise SimInputError(f"policy coxmoe: attention={self.attention} contradicts {name}={value}")
+
+    @property
+    def ema(self) -> tuple[float, int] | None:
+        """(alpha, every) of online re-stratification, or None when it is off."""
+        if self.restratify == "off":
+            return None
+        parts = self.restratify.split(":")
+        try:
+            if parts[0] != "ema" or len(parts) != 3:
+                raise ValueError
+            alpha, every = float(parts[1]), int(parts[2])
+        except ValueError:
+            raise SimInputError(
+                f"policy coxmoe: restratify must be off or ema:ALPHA:EVERY, got {self.restratify!r}") from None
+        if not 0 < alpha <= 1 or every < 1:
+            raise SimInputError(f"policy coxmoe: restratify needs 0 < ALPHA <= 1 and EVERY >= 1, got {self.restratify}")
+        return alpha, every
 
     @property
     def searched(self) -> bool:
@@ -360,16 +381,69 @@ class CoxMoePolicy(Policy):
         builder = PlanBuilder()
         emit = _Emitter(ctx, builder, residents, kv_on_gpu=o.decode_placement[1] == "g",
                         coalesce=o.coalesce == "on")
-        emit.step(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0, phases[Phase.PREFILL])
+        first = prefill_slices(ctx, prefill_groups)
+        emit.step(first, Phase.PREFILL, 0, phases[Phase.PREFILL])
+        restrat = _Restratifier(residents, phases[Phase.DECODE], first, o.ema) if o.ema and resident else None
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
-            if slices:
+            if not slices:
+                continue
+            if restrat is None:
                 emit.step(slices, Phase.DECODE, step, phases[Phase.DECODE])
-        knobs = {**asdict(o),
+                continue
+            plan_now, entering = restrat.before(step)
+            emit.residents = restrat.residents
+            emit.step(slices, Phase.DECODE, step, plan_now, entering)
+            restrat.observe(slices)
+        knobs = {**asdict(o), **({"restratify_swaps": restrat.swaps} if restrat else {}),
                  "fetched_experts_per_layer": {str(p): [len(f) for f in ph.fetched] for p, ph in phases.items()},
                  "cpu_experts_per_layer": {str(p): [len(c) for c in ph.on_cpu] for p, ph in phases.items()}}
         return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+
+
+class _Restratifier:
+    """Online re-stratification: an EMA of per-layer expert load over observed routing picks E_R every few decode
+    steps. Experts that leave E_R join E_C (so E_M never outgrows the fetch buffer the VRAM budget was planned
+    with); entering experts leave E_M / E_C and are copied over PCIe into the evicted experts' slots before their
+    layer runs."""
+
+    def __init__(self, residents: list[tuple[int, ...]], static: _Phase, prefill: list[BatchSlice],
+                 ema: tuple[float, int]):
+        self.residents, self.static = list(residents), static
+        self.alpha, self.every = ema
+        self.load = self._share(prefill)
+        self.swaps, self.epoch = 0, 0
+
+    @staticmethod
+    def _share(slices: list[BatchSlice]) -> np.ndarray:
+        counts = sum(s.counts.astype(np.float64) for s in slices)
+        return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+
+    def observe(self, slices: list[BatchSlice]) -> None:
+        self.load = (1.0 - self.alpha) * self.load + self.alpha * self._share(slices)
+
+    def before(self, step: int) -> tuple[_Phase, list[tuple[int, ...]]]:
+        """Decode step `step`'s E_M / E_C and, per MoE layer, the experts entering E_R now (E_R is re-picked when
+        a new block of `every` decode steps begins, counted in workload steps so decode sampling keeps it)."""
+        entering: list[tuple[int, ...]] = [() for _ in self.residents]
+        epoch = (step - 1) // self.every
+        if epoch > self.epoch:
+            self.epoch = epoch
+            count = len(self.residents[0])
+            for li, old in enumerate(self.residents):
+                new = tuple(int(e) for e in np.argsort(-self.load[li], kind="stable")[:count])
+                entering[li] = tuple(sorted(set(new) - set(old)))
+                self.residents[li] = new
+                self.swaps += len(entering[li])
+        fetched, on_cpu = [], []
+        for li, res in enumerate(self.residents):
+            resident = set(res)
+            static_fetched = set(self.static.fetched[li])
+            others = [e for e in range(len(self.load[li])) if e not in resident]
+            fetched.append(tuple(e for e in others if e in static_fetched))
+            on_cpu.append(tuple(e for e in others if e not in static_fetched))
+        return _Phase(self.static.placement, self.static.micro_batch, tuple(fetched), tuple(on_cpu)), entering
 
 
 class _Emitter(LayerEmitter):
@@ -382,7 +456,9 @@ class _Emitter(LayerEmitter):
         self.layer_done: dict[int, int] = {}
         self.seq = 0
 
-    def step(self, slices: list[BatchSlice], phase: Phase, step: int, plan: _Phase) -> None:
+    def step(self, slices: list[BatchSlice], phase: Phase, step: int, plan: _Phase,
+             entering: list[tuple[int, ...]] | None = None) -> None:
+        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first."""
         m, w = self.m, self.w
         x0, x1, x2 = (DEVICE_STREAM[c] for c in plan.placement)
         ready: list[tuple[int, ...]] = [(self.embed(phase, step, s.mb, s.tokens),) for s in slices]
@@ -434,7 +510,11 @@ class _Emitter(LayerEmitter):
                 self.seq += 1
                 continue
             gpu_experts = self.residents[li] + fetched
-            is_fetched = set(fetched)
+            is_fetched = set(fetched) | set(entering[li] if entering else ())
+            if entering and entering[li]:  # swap-in copies share the H2D stream with E_M's fetch
+                swap = self.xfer(H2D, At(phase, step, layer), len(entering[li]) * m.expert_bytes,
+                                 Payload.EXPERT_WEIGHTS, (fetch,) if fetch >= 0 else ())
+                fetch = swap
 
             def weights(e: int, f: int = fetch, fetched_set: set = is_fetched) -> int:
                 return f if e in fetched_set else -1
