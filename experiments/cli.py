@@ -367,6 +367,13 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
 
     from traces import SynthConfig, generate_trace, request_lengths, save_trace
 
+    if args.preset:
+        from traces.synth_presets import synth_preset
+
+        synth_preset(args.preset)  # an unknown preset fails here, naming the presets
+        args.model = args.model or args.preset
+    if args.preset and (args.routing != "uniform" or args.reuse_prob):
+        raise SimInputError("--preset sets the routing and reuse; drop --routing / --reuse-prob")
     if args.model:
         from sim.api import resolve_model
 
@@ -379,12 +386,19 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     rng = np.random.default_rng([args.seed, 0x1E25])
     prompt = request_lengths(args.prompt_len, args.requests, rng, "--prompt-len")
     gen = request_lengths(args.gen_len, args.requests, rng, "--gen-len")
-    cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed,
-                      topics=args.topics, topic_shift=args.topic_shift)
+    if args.preset:
+        from traces.synth_presets import synth_preset
+
+        cfg = synth_preset(args.preset).config(layers, experts, top_k, seed=args.seed, topics=args.topics,
+                                               topic_shift=args.topic_shift)
+    else:
+        cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed,
+                          topics=args.topics, topic_shift=args.topic_shift)
     trace = generate_trace(cfg, prompt, gen, progress=True)
     save_trace(trace, args.output, compress=args.compress)
     print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, "
-          f"{layers} MoE layers x {experts} experts, top-{top_k}, routing {args.routing}")
+          f"{layers} MoE layers x {experts} experts, top-{top_k}, routing {cfg.routing}"
+          + (f" (preset {args.preset})" if args.preset else ""))
     return 0
 
 
@@ -601,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", default="uniform", help="uniform, zipf:ALPHA or table:NAME")
     p.add_argument("--reuse-prob", type=_probability, default=0.0, help="probability of reusing the last experts")
     p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--preset", help="synthesis preset tuned to published routing statistics (mixtral-8x7b, "
+                   "qwen3-30b-a3b, deepseek-v2-lite): popularity and per-layer reuse")
     p.add_argument("--topics", type=_nonneg_int, default=0,
                    help="latent topics, each with its own popularity; requests carry a topic feature vector")
     p.add_argument("--topic-shift", type=_probability, default=0.5,

@@ -176,6 +176,7 @@ class SynthConfig:
     routing: str = "uniform"
     reuse_prob: float = 0.0
     seed: int = 0
+    reuse_by_layer: tuple[float, ...] = ()  # per-layer reuse probabilities; overrides reuse_prob when given
     topics: int = 0              # latent topics (0: one shared popularity for every request)
     topic_shift: float = 0.5     # share of a topic's popularity that is its own (a permuted copy of the base)
     feature_dim: int = 16        # length of the per-request feature vector of a topic mixture
@@ -209,6 +210,9 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     """Draw a trace for requests with the given lengths (a progress bar per layer when `progress` and a TTY)."""
     if not 0.0 <= cfg.reuse_prob <= 1.0:
         raise TraceError(f"reuse probability must be in [0, 1], got {cfg.reuse_prob}")
+    reuse = np.asarray(cfg.reuse_by_layer or [cfg.reuse_prob] * cfg.num_layers, dtype=np.float64)
+    if reuse.shape != (cfg.num_layers,) or not ((reuse >= 0) & (reuse <= 1)).all():
+        raise TraceError(f"reuse_by_layer needs {cfg.num_layers} probabilities in [0, 1], got {reuse.size}")
     probs = popularity_matrix(cfg.routing, cfg.num_layers, cfg.num_experts, cfg.seed)
     if ((probs > 0).sum(axis=1) < cfg.top_k).any():
         raise TraceError(f"routing {cfg.routing!r}: some layer has fewer than top_k={cfg.top_k} experts with "
@@ -243,15 +247,17 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
             for probs_t, rows in groups:
                 fresh[rows] = _sample_topk(rng, _InverseCdf(probs_t[layer]), rows.size, cfg.top_k,
                                            cfg.num_experts, dtype)
-        if cfg.reuse_prob > 0:
-            reuse = (rng.random(n, dtype=np.float32) < np.float32(cfg.reuse_prob)) & ~first_token
+        if reuse[layer] > 0:
+            reusing = (rng.random(n, dtype=np.float32) < np.float32(reuse[layer])) & ~first_token
             # Each reusing token copies the latest fresh token before it in the same request.
-            source = np.maximum.accumulate(np.where(reuse, 0, index))
+            source = np.maximum.accumulate(np.where(reusing, 0, index))
             experts[:, layer, :] = fresh[source]
         else:
             experts[:, layer, :] = fresh
     header = TraceHeader(model=cfg.model, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
                          top_k=cfg.top_k, source=f"synthetic:{cfg.routing}",
                          extra={"reuse_prob": cfg.reuse_prob, "seed": cfg.seed,
+                                **({"reuse_by_layer": [round(float(r), 4) for r in reuse]} if cfg.reuse_by_layer
+                                   else {}),
                                 **({"topics": cfg.topics, "topic_shift": cfg.topic_shift} if cfg.topics else {})})
     return RoutingTrace(header, prompt_lens, gen_lens, experts, request_features=features)
