@@ -422,25 +422,60 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
 
 
 def cmd_eas(args: argparse.Namespace) -> int:
-    from traces import load_trace
-    from traces.eas import eas_map, hit_ratio, oracle_map, save_map
+    """EAS: features (prompt embeddings, or the trace's request features), prototypes, their prefill routing
+    (from the trace, or recorded from a local checkpoint), hot experts per layer."""
+    import numpy as np
 
-    trace = load_trace(args.trace)
-    if args.vram_experts > trace.header.num_experts:
-        raise SimInputError(f"--vram-experts {args.vram_experts} exceeds the {trace.header.num_experts} experts "
-                            "per layer")
-    features = trace.request_features
-    clusters = args.clusters if features is not None else 1
+    from traces import load_trace
+    from traces.eas import HotExpertMap, hit_ratio, oracle_map, pick_prototypes, ranking_from_load, save_map
+
+    if not (args.trace or args.model_dir):
+        raise SimInputError("give --trace (probe recorded routing) or --model-dir (probe the model itself)")
+    if args.model_dir and not args.prompts:
+        raise SimInputError("--model-dir probes prompts: give --prompts")
+    trace = load_trace(args.trace) if args.trace else None
+    features, prompts = None, None
+    if args.prompts:
+        from executor.embed import embed_prompts
+        from executor.record import read_prompts
+
+        prompts = read_prompts(args.prompts)
+        if trace is not None and len(prompts) != trace.num_requests:
+            raise SimInputError(f"{args.prompts} has {len(prompts)} prompts but the trace has "
+                                f"{trace.num_requests} requests; they must be the same requests in order")
+        features = embed_prompts(prompts, args.embedder)
+    elif trace is not None:
+        features = trace.request_features
+    count = len(prompts) if prompts is not None else trace.num_requests
     if features is None:
-        print("note: the trace carries no request_features; sampling prototypes uniformly (one cluster)",
+        print("note: no prompts and no request_features in the trace; sampling prototypes uniformly (one cluster)",
               file=sys.stderr)
-    hot = eas_map(trace, features, clusters=min(clusters, trace.num_requests),
-                  sample=min(args.sample, trace.num_requests), resident=args.vram_experts, seed=args.seed)
+    clusters = min(args.clusters, count) if features is not None else 1
+    picked = pick_prototypes(features, count, clusters=clusters, sample=min(args.sample, count), seed=args.seed)
+    if args.model_dir:
+        from executor.record import record_trace
+
+        probe = record_trace(args.model_dir, [prompts[i] for i in picked], gen_len=1,
+                             max_prompt_tokens=args.max_prompt_tokens)
+        load = probe.expert_counts(np.arange(probe.num_tokens)).astype(np.float64)
+        model, top_k = probe.header.model, probe.header.top_k
+    else:
+        load = trace.expert_counts(trace.prefill_rows(picked)).astype(np.float64)
+        model, top_k = trace.header.model, trace.header.top_k
+    if args.vram_experts > load.shape[1]:
+        raise SimInputError(f"--vram-experts {args.vram_experts} exceeds the {load.shape[1]} experts per layer")
+    extra = {"clusters": clusters, "sample": int(picked.size), "seed": args.seed,
+             "probed_tokens": int(load[0].sum()) // top_k, "probe": "model" if args.model_dir else "trace",
+             "features": "prompt-embeddings" if prompts is not None else
+             ("trace" if features is not None else "none")}
+    hot = HotExpertMap(model, ranking_from_load(load), load, args.vram_experts, "eas", extra)
     save_map(hot, args.output)
-    eas_hit, oracle_hit = hit_ratio(trace, hot), hit_ratio(trace, oracle_map(trace, args.vram_experts))
-    print(f"wrote {args.output}: {args.vram_experts} resident experts per layer from {hot.extra['sample']} "
-          f"prototypes in {hot.extra['clusters']} clusters; expert hit ratio on the trace {eas_hit:.3f} "
-          f"(global-frequency oracle {oracle_hit:.3f})")
+    line = (f"wrote {args.output}: {args.vram_experts} resident experts per layer from {picked.size} prototypes "
+            f"in {clusters} clusters ({extra['probed_tokens']} probed prompt tokens)")
+    if trace is not None:
+        line += (f"; expert hit ratio on the trace {hit_ratio(trace, hot):.3f} (global-frequency oracle "
+                 f"{hit_ratio(trace, oracle_map(trace, args.vram_experts)):.3f})")
+    print(line)
     return 0
 
 
@@ -594,7 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate_validate)
 
     p = sub.add_parser("eas", help="expert-aware stratification: pick hot experts per layer from probed prototypes")
-    p.add_argument("--trace", required=True, help="routing trace to probe (request_features, if any, are clustered)")
+    p.add_argument("--trace", help="routing trace to probe (its request_features are clustered without --prompts)")
+    p.add_argument("--prompts", help="JSONL prompts (a text field per line) to embed and cluster; with --trace, "
+                   "the trace's requests in the same order")
+    p.add_argument("--model-dir", help="probe the prototypes' prefill routing on this local HF MoE checkpoint")
+    p.add_argument("--embedder", help="local sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, help="--model-dir: truncate prompts")
     p.add_argument("--vram-experts", type=_nonneg_int, required=True, help="resident experts per layer (E_R)")
     p.add_argument("--clusters", type=_positive_int, default=8, help="k-means clusters of the request features")
     p.add_argument("--sample", type=_positive_int, default=64, help="prototypes to probe, split by cluster size")

@@ -147,18 +147,26 @@ def stratified_sample(labels: np.ndarray, sample: int, rng: np.random.Generator)
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
 
 
+def pick_prototypes(features: np.ndarray | None, count: int, *, clusters: int, sample: int,
+                    seed: int = 0) -> np.ndarray:
+    """The EAS prototypes among `count` requests: k-means on `features` (None: one cluster), then a sample
+    split across clusters in proportion to their sizes. Sorted request ids."""
+    if features is None:
+        features, clusters = np.zeros((count, 1)), 1
+    features = np.asarray(features)
+    if features.shape[0] != count:
+        raise TraceError(f"features have {features.shape[0]} rows but there are {count} requests")
+    labels = cluster_requests(features, clusters, seed)
+    return stratified_sample(labels, sample, np.random.default_rng(seed))
+
+
 def eas_map(trace: RoutingTrace, features: np.ndarray | None, *, clusters: int, sample: int, resident: int,
             seed: int = 0) -> HotExpertMap:
     """EAS over a trace: cluster on `features` (None: one cluster), probe the sampled requests' prefill routing,
     rank experts by the probe's per-layer counts."""
-    R = trace.num_requests
+    picked = pick_prototypes(features, trace.num_requests, clusters=clusters, sample=sample, seed=seed)
     if features is None:
-        features, clusters = np.zeros((R, 1)), 1
-    features = np.asarray(features)
-    if features.shape[0] != R:
-        raise TraceError(f"features have {features.shape[0]} rows but the trace has {R} requests")
-    labels = cluster_requests(features, clusters, seed)
-    picked = stratified_sample(labels, sample, np.random.default_rng(seed))
+        clusters = 1
     load = trace.expert_counts(trace.prefill_rows(picked)).astype(np.float64)
     probed_tokens = int(load[0].sum()) // trace.header.top_k
     extra = {"clusters": clusters, "sample": int(picked.size), "seed": seed, "probed_tokens": probed_tokens}
