@@ -390,10 +390,10 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
         from traces.synth_presets import synth_preset
 
         cfg = synth_preset(args.preset).config(layers, experts, top_k, seed=args.seed, topics=args.topics,
-                                               topic_shift=args.topic_shift)
+                                               topic_shift=args.topic_shift, affinity=args.affinity)
     else:
         cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed,
-                          topics=args.topics, topic_shift=args.topic_shift)
+                          topics=args.topics, topic_shift=args.topic_shift, affinity=args.affinity)
     trace = generate_trace(cfg, prompt, gen, progress=True)
     save_trace(trace, args.output, compress=args.compress)
     print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, "
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--preset", help="synthesis preset tuned to published routing statistics (mixtral-8x7b, "
                    "qwen3-30b-a3b, deepseek-v2-lite): popularity and per-layer reuse")
+    p.add_argument("--affinity", type=_probability, default=0.0,
+                   help="probability a token's experts follow (rank-matched) from its previous layer's")
     p.add_argument("--topics", type=_nonneg_int, default=0,
                    help="latent topics, each with its own popularity; requests carry a topic feature vector")
     p.add_argument("--topic-shift", type=_probability, default=0.5,

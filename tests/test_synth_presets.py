@@ -62,3 +62,19 @@ def test_preset_cli_errors(tmp_path, capsys):
     assert main([*args, "--preset", "mixtral-8x7b", "--routing", "zipf:1"]) == 2
     assert not out.exists()
     assert main([*args, "--preset", "mixtral-8x7b"]) == 0 and out.exists()
+
+
+def test_cross_layer_affinity_raises_predictability_and_keeps_popularity():
+    from traces.stats import cross_layer_affinity
+
+    lens = np.full(64, 60), np.full(64, 2)
+    base = generate_trace(SynthConfig("x", 6, 16, 2, "zipf:1.0", seed=4), *lens)
+    tied = generate_trace(SynthConfig("x", 6, 16, 2, "zipf:1.0", seed=4, affinity=0.6), *lens)
+    free, linked = cross_layer_affinity(base), cross_layer_affinity(tied)
+    assert linked.shape == (5,) and (linked > free + 0.3).all()
+    # Rank-matched successors keep each layer's popularity (Zipf layers share one shape).
+    pop = [trace_stats(t, lru_max_tokens=1).popularity for t in (base, tied)]
+    assert np.abs(np.asarray(pop[0]) - np.asarray(pop[1])).max() < 0.02
+    assert tied.header.extra["affinity"] == 0.6
+    with pytest.raises(TraceError, match="affinity"):
+        generate_trace(SynthConfig("x", 2, 8, 2, affinity=1.5), np.full(2, 4), np.full(2, 2))

@@ -28,6 +28,9 @@ class TraceStats:
     same_top1_rate: list[float]            # P(first choice equals the previous token's first choice)
     lru_hit_rate: list[list[float]]        # [layer][c-1]: hit rate of a per-layer LRU cache of c experts
     lru_tokens: int                        # routed tokens the LRU simulation replayed
+    cross_layer_affinity: list[float]      # [layer l, for l < L-1]: share of tokens whose first choice at l+1 is
+    #                                        the one most often following their first choice at l (a prefetcher's
+    #                                        best single guess; about the hottest share when layers are independent)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -92,6 +95,19 @@ def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.nda
     return cum / np.maximum(total, 1), int(lens.sum())
 
 
+def cross_layer_affinity(trace: RoutingTrace) -> np.ndarray:
+    """Per adjacent layer pair: share of tokens whose next-layer first choice is the most frequent successor of
+    their first choice (see TraceStats.cross_layer_affinity)."""
+    L, E = trace.header.num_layers, trace.header.num_experts
+    top1 = trace.experts[:, :, 0].astype(np.int64)
+    out = np.zeros(max(L - 1, 0))
+    n = max(trace.num_tokens, 1)
+    for layer in range(L - 1):
+        pairs = np.bincount(top1[:, layer] * E + top1[:, layer + 1], minlength=E * E).reshape(E, E)
+        out[layer] = pairs.max(axis=1).sum() / n
+    return out
+
+
 def trace_stats(trace: RoutingTrace, lru_max_tokens: int = 50_000) -> TraceStats:
     h = trace.header
     L, E = h.num_layers, h.num_experts
@@ -107,6 +123,7 @@ def trace_stats(trace: RoutingTrace, lru_max_tokens: int = 50_000) -> TraceStats
         max_entropy_bits=float(np.log2(E)), hottest_share=shares.max(axis=1).round(6).tolist(),
         coldest_share=shares.min(axis=1).round(6).tolist(), reuse_rate=reuse.round(6).tolist(),
         same_top1_rate=top1.round(6).tolist(), lru_hit_rate=lru.round(6).tolist(), lru_tokens=lru_tokens,
+        cross_layer_affinity=cross_layer_affinity(trace).round(6).tolist(),
     )
 
 
@@ -121,6 +138,8 @@ def format_stats(stats: TraceStats) -> str:
         f"coldest: median {np.median(stats.coldest_share):.3f} (uniform {1 / stats.num_experts:.3f})",
         f"reuse of previous token's experts: mean {d['mean_reuse_rate']:.3f}; "
         f"same first choice: mean {np.mean(stats.same_top1_rate):.3f}",
+        "next layer's first choice predicted from this layer's: mean "
+        f"{np.mean(stats.cross_layer_affinity) if stats.cross_layer_affinity else 0:.3f}",
         f"LRU hit rate per cache size (experts per layer, over {stats.lru_tokens} tokens):",
     ]
     hits = d["mean_lru_hit_rate"]

@@ -177,10 +177,22 @@ class SynthConfig:
     reuse_prob: float = 0.0
     seed: int = 0
     reuse_by_layer: tuple[float, ...] = ()  # per-layer reuse probabilities; overrides reuse_prob when given
+    affinity: float = 0.0        # probability a token's experts at layer l+1 follow from its experts at layer l
     topics: int = 0              # latent topics (0: one shared popularity for every request)
     topic_shift: float = 0.5     # share of a topic's popularity that is its own (a permuted copy of the base)
     feature_dim: int = 16        # length of the per-request feature vector of a topic mixture
     feature_noise: float = 0.5   # std of the noise around the topic's centroid (centroids are N(0, I))
+
+
+def _rank_successors(probs: np.ndarray) -> np.ndarray:
+    """successor[l][e]: the expert at layer l+1 with the popularity rank that e has at layer l. Mapping by rank
+    keeps each layer's popularity when tokens follow their previous layer's experts."""
+    L, E = probs.shape
+    order = np.argsort(-probs, axis=1, kind="stable")
+    succ = np.empty((max(L - 1, 0), E), dtype=expert_dtype(E))
+    for layer in range(L - 1):
+        succ[layer, order[layer]] = order[layer + 1]
+    return succ
 
 
 def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -237,6 +249,9 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
         groups = [(probs_t, np.flatnonzero(token_topic == t)) for t, probs_t in enumerate(topic_probs)]
     else:
         groups = [(probs, None)]
+    if not 0.0 <= cfg.affinity <= 1.0:
+        raise TraceError(f"cross-layer affinity must be in [0, 1], got {cfg.affinity}")
+    successor = _rank_successors(probs) if cfg.affinity > 0 else None
     layers = tqdm(range(cfg.num_layers), desc="routing layers", unit="layer", disable=None if progress else True,
                   leave=False)
     for layer in layers:
@@ -247,6 +262,10 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
             for probs_t, rows in groups:
                 fresh[rows] = _sample_topk(rng, _InverseCdf(probs_t[layer]), rows.size, cfg.top_k,
                                            cfg.num_experts, dtype)
+        if successor is not None and layer > 0:
+            # Cross-layer affinity: some tokens take the rank-matched successors of their previous-layer experts.
+            follow = np.flatnonzero(rng.random(n, dtype=np.float32) < np.float32(cfg.affinity))
+            fresh[follow] = successor[layer - 1][experts[follow, layer - 1, :]]
         if reuse[layer] > 0:
             reusing = (rng.random(n, dtype=np.float32) < np.float32(reuse[layer])) & ~first_token
             # Each reusing token copies the latest fresh token before it in the same request.
@@ -259,5 +278,6 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
                          extra={"reuse_prob": cfg.reuse_prob, "seed": cfg.seed,
                                 **({"reuse_by_layer": [round(float(r), 4) for r in reuse]} if cfg.reuse_by_layer
                                    else {}),
+                                **({"affinity": cfg.affinity} if cfg.affinity else {}),
                                 **({"topics": cfg.topics, "topic_shift": cfg.topic_shift} if cfg.topics else {})})
     return RoutingTrace(header, prompt_lens, gen_lens, experts, request_features=features)
