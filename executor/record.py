@@ -96,8 +96,10 @@ def record_trace(model_dir: str | Path, prompts: list[str], gen_len: int, max_pr
                     w = torch.stack([c[1].reshape(feed.shape[1], -1) for c in captured], dim=1)
                     # step 0 feeds the prompt, step s the token generated at step s - 1; the last generated
                     # token is never fed back, so a request routes prompt + gen_len - 1 tokens
-                    experts.append(idx.numpy())
-                    gates.append(w.float().numpy())
+                    # routers with sorted=False (DeepSeek) list top-k in any order: put the first choice first
+                    by_weight = torch.argsort(w.float(), dim=-1, descending=True, stable=True)
+                    experts.append(torch.gather(idx, -1, by_weight).numpy())
+                    gates.append(torch.gather(w.float(), -1, by_weight).numpy())
                     past = out.past_key_values
                     feed = out.logits[:, -1:].argmax(dim=-1)
                 top_k = idx.shape[-1]

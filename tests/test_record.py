@@ -27,6 +27,13 @@ def tiny_checkpoint(path, family: str):
     if family == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common)
         model = transformers.MixtralForCausalLM(cfg)
+    elif family == "deepseek_v2":  # MLA attention, a shared expert, one leading dense layer
+        cfg = transformers.DeepseekV2Config(intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+                                            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                            qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+                                            **{**common, "num_hidden_layers": 3, "num_key_value_heads": 4})
+        model = transformers.DeepseekV2ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=24, intermediate_size=48, num_experts=8,
                                           num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1, **common)
@@ -39,7 +46,7 @@ def tiny_checkpoint(path, family: str):
     return model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3", "deepseek_v2"])
 def test_recording_matches_the_models_own_router(tmp_path, family):
     model = tiny_checkpoint(tmp_path / "m", family)
     prompts = ["the cat sat on the mat", "a dog ran far away quickly"]
@@ -68,6 +75,7 @@ def test_recording_matches_the_models_own_router(tmp_path, family):
     for h in hooks:
         h.remove()
     assert trace.gate_weights is not None and (trace.gate_weights >= 0).all()
+    assert (np.diff(trace.gate_weights, axis=-1) <= 0).all()  # first choice first, whatever the router's order
 
 
 def test_record_command_and_bad_inputs(capsys, tmp_path):
