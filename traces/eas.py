@@ -13,8 +13,6 @@ num_layers, num_experts, resident, method, extra), `ranking` int32 [L, E] (exper
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from traces.errors import TraceError
-from traces.format import RoutingTrace
+from traces.format import RoutingTrace, write_npz_atomic
 
 MAP_FORMAT = "cox-moe-hot-expert-map"
 MAP_VERSION = 1
@@ -75,17 +73,8 @@ def save_map(hot: HotExpertMap, path: str | Path) -> Path:
         raise TraceError(f"hot-expert map files end in .npz, got {path.name}")
     header = {"format": MAP_FORMAT, "version": MAP_VERSION, "model": hot.model, "num_layers": hot.num_layers,
               "num_experts": hot.num_experts, "resident": hot.resident, "method": hot.method, "extra": hot.extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                     ranking=hot.ranking.astype(np.int32), load=hot.load.astype(np.float64))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_npz_atomic(path, {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                                   "ranking": hot.ranking.astype(np.int32), "load": hot.load.astype(np.float64)})
 
 
 def load_map(path: str | Path) -> HotExpertMap:

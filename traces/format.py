@@ -198,6 +198,11 @@ def save_trace(trace: RoutingTrace, path: str | Path, compress: bool = False) ->
         arrays["gate_weights"] = trace.gate_weights
     if trace.request_features is not None:
         arrays["request_features"] = trace.request_features.astype(np.float32)
+    return write_npz_atomic(path, arrays, compress)
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> Path:
+    """Write an .npz through a temporary file and a rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
     try:
