@@ -479,6 +479,36 @@ def cmd_eas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep.run import default_workers, run_local
+    from experiments.sweep.spec import load_spec
+    from experiments.sweep.store import ResultStore
+
+    points = load_spec(args.spec)
+    store = ResultStore(args.out)
+    try:
+        summary = run_local(points, store, args.workers or default_workers())
+    finally:
+        store.close()
+    print(f"sweep {args.spec}: {summary.total} points, {summary.skipped} already done, {summary.ok} ran, "
+          f"{summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
+    return 0
+
+
+def cmd_sweep_results(args: argparse.Namespace) -> int:
+    from experiments.sweep.store import load_results
+
+    df = load_results(args.dir)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
+             "wall_s", "error"]
+    print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} failed")
+    if len(df):
+        print(df[[c for c in shown if c in df.columns]].to_string(index=False, max_colwidth=60))
+    return 0
+
+
 def cmd_trace_record(args: argparse.Namespace) -> int:
     from executor.record import read_prompts, record_trace
     from traces import save_trace
@@ -641,6 +671,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("-o", "--output", required=True, help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
     p.set_defaults(func=cmd_eas)
+
+    p = sub.add_parser("sweep", help="run every point of a YAML sweep spec, resumably (finished points are skipped)")
+    p.add_argument("spec", help="YAML spec: fixed values and axes (see experiments/sweep/spec.py)")
+    p.add_argument("--out", required=True, help="results directory (results.sqlite, one row per point)")
+    p.add_argument("--workers", type=_positive_int, help="local processes (default: the CPUs this process may use)")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("sweep-results", help="summarise (or export) a sweep's results")
+    p.add_argument("dir", help="a sweep's --out directory")
+    p.add_argument("--csv", help="also write every row to this CSV file")
+    p.set_defaults(func=cmd_sweep_results)
 
     t = sub.add_parser("trace", help="generate, inspect and validate routing traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)

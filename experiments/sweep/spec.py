@@ -1,0 +1,105 @@
+"""Sweep specs: a YAML file of axes and fixed values, expanded into fully resolved, hashed simulation points.
+
+    fixed: {batch: 1024, decode_sample: 16, system: rtx6000ada-8452y}
+    axes:
+      model: [mixtral-8x7b, qwen3-30b-a3b]
+      policy: [coxmoe, moe-lightning, flexgen]
+      workload: [{prompt_len: 97, gen_len: 32}, {prompt_len: 800, gen_len: 256}]
+      policy_options: [{}, {coalesce: "off"}]
+
+An axis value that is a mapping is merged into the point (several keys varied together); any other value sets
+the key named by the axis. Every point is completed with the simulator's defaults, so its hash names exactly
+what ran: two specs that spell the same point differently share its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.errors import SimInputError
+
+# Keys of `sim.api.simulate` a point may set, with the defaults a point is completed with.
+POINT_DEFAULTS: dict[str, Any] = {
+    "model": None, "system": None, "policy": "coxmoe", "batch": None, "prompt_len": None, "gen_len": None,
+    "policy_options": {}, "trace": None, "routing": "uniform", "reuse_prob": 0.0, "seed": 0, "decode_sample": 0,
+    "profile": None,
+}
+REQUIRED = ("model", "system")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One fully resolved simulation and the hash that keys its result."""
+
+    config: dict[str, Any]
+    key: str
+
+
+def point_key(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a resolved config (sorted keys, no whitespace), first 16 hex digits."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def resolve_point(raw: dict[str, Any]) -> SweepPoint:
+    """Check a point's keys, fill the defaults and normalise option values to strings (as the CLI passes them)."""
+    unknown = set(raw) - set(POINT_DEFAULTS)
+    if unknown:
+        raise SimInputError(f"sweep point: unknown key(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(POINT_DEFAULTS)}")
+    config = {**POINT_DEFAULTS, **raw}
+    missing = [k for k in REQUIRED if not config[k]]
+    if missing:
+        raise SimInputError(f"sweep point: {', '.join(missing)} not set (put it in fixed: or axes:)")
+    opts = config["policy_options"] or {}
+    if not isinstance(opts, dict):
+        raise SimInputError(f"sweep point: policy_options must be a mapping, got {opts!r}")
+    config["policy_options"] = {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+                                for k, v in sorted(opts.items())}
+    return SweepPoint(config, point_key(config))
+
+
+def expand(spec: dict[str, Any]) -> list[SweepPoint]:
+    """The grid of a spec mapping, in axis order, with duplicate points (same hash) dropped."""
+    if not isinstance(spec, dict) or set(spec) - {"fixed", "axes"}:
+        raise SimInputError("sweep spec: top level must be a mapping with 'fixed' and/or 'axes'")
+    fixed = spec.get("fixed") or {}
+    axes = spec.get("axes") or {}
+    if not isinstance(fixed, dict) or not isinstance(axes, dict):
+        raise SimInputError("sweep spec: 'fixed' and 'axes' must be mappings")
+    for name, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise SimInputError(f"sweep spec: axis {name!r} must be a non-empty list")
+    points: dict[str, SweepPoint] = {}
+    for combo in itertools.product(*axes.values()):
+        raw = dict(fixed)
+        for name, value in zip(axes, combo, strict=True):
+            if isinstance(value, dict) and name != "policy_options":
+                raw.update(value)
+            else:
+                raw[name] = value
+        point = resolve_point(raw)
+        points.setdefault(point.key, point)
+    return list(points.values())
+
+
+def load_spec(path: str | Path) -> list[SweepPoint]:
+    """Read and expand a YAML (or JSON) sweep spec; any problem is one SimInputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimInputError(f"sweep spec not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SimInputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return expand(spec)
+    except SimInputError as exc:
+        raise SimInputError(f"{path}: {exc}") from None

@@ -1,0 +1,99 @@
+"""Crash-safe sweep results: one SQLite file, one row per point keyed by its config hash.
+
+Why SQLite: it ships with Python, and each finished point is one committed transaction (WAL journal), so a
+sweep killed with -9 keeps every point it had written and never half a row; the primary key makes a rerun's
+write replace rather than duplicate. Only the sweep's main process writes; workers return results to it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sqlite3
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+DB_NAME = "results.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    config TEXT NOT NULL,
+    metrics TEXT,
+    error TEXT,
+    wall_s REAL NOT NULL,
+    versions TEXT NOT NULL,
+    finished_at TEXT NOT NULL
+)
+"""
+# Metrics copied into the DataFrame's columns (the rest stay in the `metrics` JSON column).
+METRIC_COLUMNS = ("throughput_tok_s", "total_s", "prefill_s", "decode_s", "peak_gpu_bytes", "peak_cpu_bytes")
+
+
+def versions() -> dict[str, str]:
+    """What produced a result: this package and the libraries whose behaviour shapes the numbers."""
+    out = {"python": platform.python_version()}
+    for pkg in ("cox-moe", "simpy", "numpy", "pandas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class ResultStore:
+    """The results database of one sweep directory."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / DB_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute(SCHEMA)
+        self.conn.commit()
+        self._versions = json.dumps(versions(), sort_keys=True)
+
+    def finished(self) -> set[str]:
+        """Keys of the points that completed successfully (failed ones are retried)."""
+        return {row[0] for row in self.conn.execute("SELECT key FROM points WHERE status = 'ok'")}
+
+    def record(self, key: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str | None,
+               wall_s: float) -> None:
+        """Write one point and commit at once."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, "ok" if error is None else "failed", json.dumps(config, sort_keys=True),
+                 None if metrics is None else json.dumps(metrics, sort_keys=True), error, wall_s, self._versions,
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def load_results(out_dir: str | Path) -> pd.DataFrame:
+    """Every recorded point as a row: key, status, error, wall_s, the config keys, the headline metrics, and the
+    full `metrics`, `versions` JSON."""
+    path = Path(out_dir) / DB_NAME
+    if not path.is_file():
+        from sim.errors import SimInputError
+
+        raise SimInputError(f"no sweep results in {out_dir} (expected {DB_NAME})")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        raw = pd.read_sql_query("SELECT * FROM points ORDER BY finished_at, key", conn)
+    rows = []
+    for rec in raw.to_dict("records"):
+        config = json.loads(rec["config"])
+        metrics = json.loads(rec["metrics"]) if isinstance(rec["metrics"], str) else {}  # NULL reads as NaN
+        error = rec["error"] if isinstance(rec["error"], str) else None
+        row = {"key": rec["key"], "status": rec["status"], "error": error, "wall_s": rec["wall_s"],
+               **{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in config.items()},
+               **{m: metrics.get(m) for m in METRIC_COLUMNS}, "metrics": rec["metrics"],
+               "versions": rec["versions"], "finished_at": rec["finished_at"]}
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,131 @@
+"""Sweeps: grid expansion and hashing, failure capture, and resuming after a kill -9 without loss or duplicates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from experiments.cli import main
+from experiments.sweep.spec import expand, load_spec
+from experiments.sweep.store import DB_NAME, load_results
+from sim.errors import SimInputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path, spec: dict, name="spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_expansion_merges_mapping_axes_and_dedupes_by_hash():
+    points = expand({"fixed": {"system": "s", "batch": 8},
+                     "axes": {"model": ["a", "b"], "workload": [{"prompt_len": 4, "gen_len": 2},
+                                                                {"prompt_len": 8, "gen_len": 2}],
+                              "policy_options": [{}, {"coalesce": "off"}], "seed": [0, 0]}})
+    assert len(points) == 2 * 2 * 2  # the repeated seed value collapses
+    assert len({p.key for p in points}) == len(points)
+    first = points[0].config
+    assert first["prompt_len"] == 4 and first["gen_len"] == 2 and first["policy"] == "coxmoe"
+    assert points[1].config["policy_options"] == {"coalesce": "off"}
+
+
+def test_hash_names_the_resolved_point():
+    implicit = expand({"fixed": {"model": "m", "system": "s"}})[0]
+    explicit = expand({"fixed": {"model": "m", "system": "s", "policy": "coxmoe", "seed": 0, "routing": "uniform",
+                                 "policy_options": {}}})[0]
+    assert implicit.key == explicit.key and len(implicit.key) == 16
+    other = expand({"fixed": {"model": "m", "system": "s", "seed": 1}})[0]
+    assert other.key != implicit.key
+    bools = expand({"fixed": {"model": "m", "system": "s", "policy_options": {"x": True}}})[0]
+    assert bools.config["policy_options"] == {"x": "true"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"fixed": {"model": "m", "system": "s", "bogus": 1}}, "unknown key"),
+    ({"fixed": {"system": "s"}}, "model not set"),
+    ({"axes": {"model": []}, "fixed": {"system": "s"}}, "non-empty list"),
+    ({"fixed": {"model": "m", "system": "s"}, "extra": 1}, "top level"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(SimInputError, match=message):
+        expand(spec)
+
+
+def test_cli_bad_spec_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("axes: [unclosed")
+    assert main(["sweep", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["sweep-results", str(tmp_path / "nothing")]) == 2
+
+
+def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "batch": 4,
+                                      "prompt_len": 8, "gen_len": 2},
+                            "axes": {"policy": ["fiddler", "no-such-policy", "stream-experts"]}})
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    assert "2 ran, 1 failed" in capsys.readouterr().out.replace("3 points, 0 already done, ", "")
+    df = load_results(out)
+    assert sorted(df["status"]) == ["failed", "ok", "ok"]
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert "no-such-policy" in failed["error"] and pd.isna(failed["throughput_tok_s"])
+    assert (df[df["status"] == "ok"]["throughput_tok_s"] > 0).all()
+    assert '"simpy"' in df["versions"].iloc[0]
+    # A rerun retries only the failed point, replacing its row.
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    assert "2 already done" in capsys.readouterr().out and len(load_results(out)) == 3
+    assert main(["sweep-results", str(out)]) == 0
+    assert "3 points: 2 ok, 1 failed" in capsys.readouterr().out
+
+
+def test_kill_9_mid_sweep_loses_nothing_and_duplicates_nothing(tmp_path):
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "policy": "coxmoe",
+                                      "prompt_len": 16, "gen_len": 3},
+                            "axes": {"batch": [4, 8, 12, 16, 20, 24], "seed": [0, 1, 2, 3]}})
+    total = len(load_spec(spec))
+    out = tmp_path / "out"
+    db = out / DB_NAME
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", str(spec), "--out", str(out),
+                             "--workers", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    rows = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as conn:
+                    rows = conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
+            except sqlite3.OperationalError:
+                rows = 0
+            if rows >= 3:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep finished before it could be killed; make the points slower"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = load_results(out)
+    assert 3 <= len(kept) < total and (kept["status"] == "ok").all()
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    df = load_results(out)
+    assert len(df) == total and df["key"].is_unique and (df["status"] == "ok").all()
+    assert set(kept["key"]) <= set(df["key"])
+
+
+def test_shipped_fig7_spec_expands_to_the_paper_grid():
+    points = load_spec(REPO / "experiments" / "specs" / "fig7.yaml")
+    assert len(points) == 108
+    flexgen = [p.config for p in points if p.config["policy"] == "flexgen"]
+    assert len(flexgen) == 36 and all(c["policy_options"] == {"cpu_attention": "on", "kv_gpu_percent": "0"}
+                                      for c in flexgen)
