@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -505,7 +506,7 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
              "wall_s", "error"]
     print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} failed")
     if len(df):
-        print(df[[c for c in shown if c in df.columns]].to_string(index=False, max_colwidth=60))
+        print(df[[c for c in shown if c in df.columns]].fillna("").to_string(index=False, max_colwidth=60))
     return 0
 
 
@@ -749,6 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SimInputError, TraceError) as exc:
         print(f"coxmoe: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"coxmoe: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE
