@@ -506,7 +506,8 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
              "wall_s", "error"]
     print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} failed")
     if len(df):
-        print(df[[c for c in shown if c in df.columns]].astype(object).fillna("").to_string(index=False, max_colwidth=60))
+        table = df[[c for c in shown if c in df.columns]].astype(object).fillna("")
+        print(table.to_string(index=False, max_colwidth=60))
     return 0
 
 
