@@ -403,8 +403,19 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_and_report(trace, output: str, origin: str) -> int:
+    """Write a trace and print its one-line summary (import and record)."""
+    from traces import save_trace
+
+    save_trace(trace, output)
+    h = trace.header
+    print(f"wrote {output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, {h.num_layers} "
+          f"MoE layers x {h.num_experts} experts, top-{h.top_k}, {origin}")
+    return 0
+
+
 def cmd_trace_import(args: argparse.Namespace) -> int:
-    from traces import import_jsonl, import_switch_csv, read_count_table, save_trace, trace_from_counts
+    from traces import import_jsonl, import_switch_csv, read_count_table, trace_from_counts
 
     if args.format == "jsonl":
         trace = import_jsonl(args.file, model=args.model or "imported", num_experts=args.experts)
@@ -415,11 +426,7 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
             raise SimInputError("--format counts needs --top-k (the table counts top-k selections)")
         trace = trace_from_counts(read_count_table(args.file), args.top_k, model=args.model or "counts",
                                   seed=args.seed, source=f"counts:{Path(args.file).name}")
-    save_trace(trace, args.output)
-    h = trace.header
-    print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, {h.num_layers} "
-          f"MoE layers x {h.num_experts} experts, top-{h.top_k}, source {h.source}")
-    return 0
+    return _save_and_report(trace, args.output, f"source {trace.header.source}")
 
 
 def cmd_eas(args: argparse.Namespace) -> int:
@@ -428,7 +435,7 @@ def cmd_eas(args: argparse.Namespace) -> int:
     import numpy as np
 
     from traces import load_trace
-    from traces.eas import HotExpertMap, hit_ratio, oracle_map, pick_prototypes, ranking_from_load, save_map
+    from traces.eas import hit_ratio, map_from_probe, oracle_map, pick_prototypes, save_map
 
     if not (args.trace or args.model_dir):
         raise SimInputError("give --trace (probe recorded routing) or --model-dir (probe the model itself)")
@@ -465,14 +472,13 @@ def cmd_eas(args: argparse.Namespace) -> int:
         model, top_k = trace.header.model, trace.header.top_k
     if args.vram_experts > load.shape[1]:
         raise SimInputError(f"--vram-experts {args.vram_experts} exceeds the {load.shape[1]} experts per layer")
-    extra = {"clusters": clusters, "sample": int(picked.size), "seed": args.seed,
-             "probed_tokens": int(load[0].sum()) // top_k, "probe": "model" if args.model_dir else "trace",
-             "features": "prompt-embeddings" if prompts is not None else
-             ("trace" if features is not None else "none")}
-    hot = HotExpertMap(model, ranking_from_load(load), load, args.vram_experts, "eas", extra)
+    hot = map_from_probe(model, load, top_k, args.vram_experts, {
+        "clusters": clusters, "sample": int(picked.size), "seed": args.seed,
+        "probe": "model" if args.model_dir else "trace",
+        "features": "prompt-embeddings" if prompts is not None else ("trace" if features is not None else "none")})
     save_map(hot, args.output)
     line = (f"wrote {args.output}: {args.vram_experts} resident experts per layer from {picked.size} prototypes "
-            f"in {clusters} clusters ({extra['probed_tokens']} probed prompt tokens)")
+            f"in {clusters} clusters ({hot.extra['probed_tokens']} probed prompt tokens)")
     if trace is not None:
         line += (f"; expert hit ratio on the trace {hit_ratio(trace, hot):.3f} (global-frequency oracle "
                  f"{hit_ratio(trace, oracle_map(trace, args.vram_experts)):.3f})")
@@ -513,15 +519,10 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
 
 def cmd_trace_record(args: argparse.Namespace) -> int:
     from executor.record import read_prompts, record_trace
-    from traces import save_trace
 
     prompts = read_prompts(args.prompts, limit=args.limit)
     trace = record_trace(args.model_dir, prompts, args.gen_len, args.max_prompt_tokens)
-    save_trace(trace, args.output)
-    h = trace.header
-    print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, {h.num_layers} "
-          f"MoE layers x {h.num_experts} experts, top-{h.top_k}, recorded from {args.model_dir}")
-    return 0
+    return _save_and_report(trace, args.output, f"recorded from {args.model_dir}")
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:

@@ -157,9 +157,14 @@ def eas_map(trace: RoutingTrace, features: np.ndarray | None, *, clusters: int, 
     if features is None:
         clusters = 1
     load = trace.expert_counts(trace.prefill_rows(picked)).astype(np.float64)
-    probed_tokens = int(load[0].sum()) // trace.header.top_k
-    extra = {"clusters": clusters, "sample": int(picked.size), "seed": seed, "probed_tokens": probed_tokens}
-    return HotExpertMap(trace.header.model, ranking_from_load(load), load, resident, "eas", extra)
+    return map_from_probe(trace.header.model, load, trace.header.top_k, resident,
+                          {"clusters": clusters, "sample": int(picked.size), "seed": seed})
+
+
+def map_from_probe(model: str, load: np.ndarray, top_k: int, resident: int, extra: dict[str, Any]) -> HotExpertMap:
+    """The EAS map of a probe's per-layer expert counts; `extra` gains the number of probed tokens."""
+    extra = {**extra, "probed_tokens": int(load[0].sum()) // top_k}
+    return HotExpertMap(model, ranking_from_load(load), load, resident, "eas", extra)
 
 
 def random_map(trace: RoutingTrace, resident: int, seed: int = 0) -> HotExpertMap:

@@ -414,6 +414,7 @@ class _Restratifier:
         self.alpha, self.every = ema
         self.load = self._share(prefill)
         self.swaps, self.epoch = 0, 0
+        self.phase = self._split()
 
     @staticmethod
     def _share(slices: list[BatchSlice]) -> np.ndarray:
@@ -436,6 +437,11 @@ class _Restratifier:
                 entering[li] = tuple(sorted(set(new) - set(old)))
                 self.residents[li] = new
                 self.swaps += len(entering[li])
+            self.phase = self._split()  # the split only changes when E_R does
+        return self.phase, entering
+
+    def _split(self) -> _Phase:
+        """E_M / E_C for the current E_R: the static plan's E_M minus residents; everything else on the CPU."""
         fetched, on_cpu = [], []
         for li, res in enumerate(self.residents):
             resident = set(res)
@@ -443,7 +449,7 @@ class _Restratifier:
             others = [e for e in range(len(self.load[li])) if e not in resident]
             fetched.append(tuple(e for e in others if e in static_fetched))
             on_cpu.append(tuple(e for e in others if e not in static_fetched))
-        return _Phase(self.static.placement, self.static.micro_batch, tuple(fetched), tuple(on_cpu)), entering
+        return _Phase(self.static.placement, self.static.micro_batch, tuple(fetched), tuple(on_cpu))
 
 
 class _Emitter(LayerEmitter):
