@@ -487,18 +487,21 @@ def cmd_eas(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep.run import default_workers, run_local
+    from experiments.sweep.run import default_workers, ray_address, run_local, run_ray
     from experiments.sweep.spec import load_spec
     from experiments.sweep.store import ResultStore
 
     points = load_spec(args.spec)
     store = ResultStore(args.out)
     try:
-        summary = run_local(points, store, args.workers or default_workers())
+        if args.engine == "ray":
+            summary = run_ray(points, store, args.workers, ray_address(args.ray_address))
+        else:
+            summary = run_local(points, store, args.workers or default_workers())
     finally:
         store.close()
-    print(f"sweep {args.spec}: {summary.total} points, {summary.skipped} already done, {summary.ok} ran, "
-          f"{summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
+    print(f"sweep {args.spec} ({args.engine}): {summary.total} points, {summary.skipped} already done, "
+          f"{summary.ok} ran, {summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
     return 0
 
 
@@ -678,7 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run every point of a YAML sweep spec, resumably (finished points are skipped)")
     p.add_argument("spec", help="YAML spec: fixed values and axes (see experiments/sweep/spec.py)")
     p.add_argument("--out", required=True, help="results directory (results.sqlite, one row per point)")
-    p.add_argument("--workers", type=_positive_int, help="local processes (default: the CPUs this process may use)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: a process pool; ray: Ray tasks on a cluster or a local Ray instance")
+    p.add_argument("--workers", type=_positive_int,
+                   help="local processes, or the CPUs of a local Ray instance (default: the CPUs this process may use)")
+    p.add_argument("--ray-address", help="--engine ray: cluster to join (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("sweep-results", help="summarise (or export) a sweep's results")
     p.add_argument("dir", help="a sweep's --out directory")

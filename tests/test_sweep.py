@@ -129,3 +129,32 @@ def test_shipped_fig7_spec_expands_to_the_paper_grid():
     flexgen = [p.config for p in points if p.config["policy"] == "flexgen"]
     assert len(flexgen) == 36 and all(c["policy_options"] == {"cpu_attention": "on", "kv_gpu_percent": "0"}
                                       for c in flexgen)
+
+
+def test_ray_engine_on_a_local_instance_matches_the_local_engine(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "batch": 4,
+                                      "prompt_len": 8, "gen_len": 2},
+                            "axes": {"policy": ["fiddler", "no-such-policy", "stream-experts", "coxmoe"]}})
+    ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+    assert main(["sweep", str(spec), "--out", str(ray_out), "--engine", "ray", "--workers", "2"]) == 0
+    assert "(ray): 4 points, 0 already done, 3 ran, 1 failed" in capsys.readouterr().out
+    assert main(["sweep", str(spec), "--out", str(local_out), "--workers", "1"]) == 0
+    by_ray, by_local = (load_results(d).set_index("key").sort_index() for d in (ray_out, local_out))
+    assert list(by_ray.index) == list(by_local.index)
+    assert list(by_ray["status"]) == list(by_local["status"])
+    pd.testing.assert_series_equal(by_ray["throughput_tok_s"], by_local["throughput_tok_s"])
+    assert "no-such-policy" in by_ray.loc[by_ray["status"] == "failed", "error"].iloc[0]
+    # Resuming through Ray skips the finished points and retries only the failed one.
+    assert main(["sweep", str(spec), "--out", str(ray_out), "--engine", "ray", "--workers", "1"]) == 0
+    assert "3 already done, 0 ran, 1 failed" in capsys.readouterr().out
+
+
+def test_ray_address_comes_from_the_flag_then_the_environment(monkeypatch):
+    from experiments.sweep.run import ray_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert ray_address(None) == "ray://head:10001"
+    assert ray_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert ray_address(None) is None

@@ -1,11 +1,12 @@
-"""Run a sweep's pending points on a local process pool, writing each result the moment it finishes."""
+"""Run a sweep's pending points on a local process pool or a Ray cluster, writing each result the moment it
+finishes."""
 
 from __future__ import annotations
 
 import os
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,10 @@ from tqdm import tqdm
 
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
+from sim.errors import SimInputError
+
+Outcome = tuple[dict[str, Any] | None, str | None, float]
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class SweepSummary:
     wall_s: float
 
 
-def run_point(config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, float]:
+def run_point(config: dict[str, Any]) -> Outcome:
     """Simulate one resolved point: (metrics, None, wall) or (None, one-line error, wall). Never raises, so one
     bad point cannot stop a sweep."""
     t0 = time.perf_counter()
@@ -35,42 +40,99 @@ def run_point(config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None
         result = simulate(**config)
         return result.to_dict(), None, time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - recorded as the point's failure
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{at}", \
-            time.perf_counter() - t0
+        return None, _one_line(exc), time.perf_counter() - t0
+
+
+def _one_line(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{at}"
 
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, progress: bool = True) -> SweepSummary:
-    """Run the points not yet finished in `store`; workers=1 runs them in this process, in order."""
+def _drive(points: Iterable[SweepPoint], store: ResultStore,
+           execute: Callable[[list[SweepPoint]], Iterator[tuple[SweepPoint, Outcome]]],
+           progress: bool, desc: str) -> SweepSummary:
+    """Skip finished points, run the rest through `execute` (which yields outcomes as they complete), and commit
+    each outcome to the store before taking the next."""
     points = list(points)
     done = store.finished()
     pending = [p for p in points if p.key not in done]
     ok = failed = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(pending), desc="sweep", unit="pt", disable=None if progress else True)
-
-    def finish(point: SweepPoint, outcome: tuple[dict[str, Any] | None, str | None, float]) -> None:
-        nonlocal ok, failed
-        metrics, error, wall = outcome
-        store.record(point.key, point.config, metrics, error, wall)
-        ok, failed = ok + (error is None), failed + (error is not None)
-        bar.set_postfix(ok=ok, failed=failed, skipped=len(points) - len(pending))
-        bar.update()
-
+    bar = tqdm(total=len(pending), desc=desc, unit="pt", disable=None if progress else True)
     try:
-        if workers <= 1:
-            for point in pending:
-                finish(point, run_point(point.config))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(run_point, p.config): p for p in pending}
-                for fut in as_completed(futures):
-                    finish(futures[fut], fut.result())
+        for point, (metrics, error, wall) in execute(pending):
+            store.record(point.key, point.config, metrics, error, wall)
+            ok, failed = ok + (error is None), failed + (error is not None)
+            bar.set_postfix(ok=ok, failed=failed, skipped=len(points) - len(pending))
+            bar.update()
     finally:
         bar.close()
     return SweepSummary(len(points), len(points) - len(pending), ok, failed, time.perf_counter() - t0)
+
+
+def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, progress: bool = True) -> SweepSummary:
+    """Run the points not yet finished in `store`; workers=1 runs them in this process, in order."""
+
+    def execute(pending: list[SweepPoint]) -> Iterator[tuple[SweepPoint, Outcome]]:
+        if workers <= 1:
+            for point in pending:
+                yield point, run_point(point.config)
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(run_point, p.config): p for p in pending}
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+
+    return _drive(points, store, execute, progress, "sweep")
+
+
+def ray_address(flag: str | None) -> str | None:
+    """The cluster to join: the --ray-address flag, else RAY_ADDRESS, else None (start a local Ray instance)."""
+    return flag or os.environ.get("RAY_ADDRESS") or None
+
+
+def run_ray(points: Iterable[SweepPoint], store: ResultStore, workers: int | None = None,
+            address: str | None = None, progress: bool = True) -> SweepSummary:
+    """Run the pending points as Ray tasks: join the cluster at `address`, or start a local instance with
+    `workers` CPUs. Results come back to this process, which alone writes the store, so a dead worker or a lost
+    node costs only its unfinished points (recorded as failed, retried by the next run)."""
+    try:
+        import ray
+    except ImportError:
+        raise SimInputError("--engine ray needs Ray: pip install 'cox-moe[ray]'") from None
+    import experiments
+    import sim
+    import traces
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            # Ship this checkout's packages so the cluster's workers run the same code as the driver.
+            ray.init(address=address, log_to_driver=False,
+                     runtime_env={"py_modules": [sim, traces, experiments]})
+        else:
+            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False)
+    remote_point = ray.remote(num_cpus=1, max_retries=1)(run_point)
+
+    def execute(pending: list[SweepPoint]) -> Iterator[tuple[SweepPoint, Outcome]]:
+        refs = {remote_point.remote(p.config): p for p in pending}
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            for ref in ready:
+                try:
+                    outcome = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a worker or node died: the point failed, the sweep goes on
+                    outcome = (None, f"ray: {_one_line(exc)}", 0.0)
+                yield refs[ref], outcome
+
+    try:
+        return _drive(points, store, execute, progress, "sweep[ray]")
+    finally:
+        if started_here:
+            ray.shutdown()
