@@ -505,6 +505,53 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from experiments.reproduce import FIGURES, ReproduceOptions, reproduce
+    from experiments.reproduce.report import reproduce_all
+    from experiments.tables import markdown_table
+
+    options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
+                               ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
+                               record=Path(args.record) if args.record else None, seed=args.seed)
+    if args.name != "all" and args.name not in FIGURES:
+        raise SimInputError(f"unknown figure {args.name!r}; known: {', '.join(FIGURES)}, all")
+    if args.profile and not Path(args.profile, "profile.json").is_file():
+        raise SimInputError(f"--profile {args.profile}: no profile.json there (coxmoe calibrate profile makes one)")
+    if args.record and not Path(args.record).is_file():
+        raise SimInputError(f"--record {args.record}: no such file (coxmoe execute --timeline writes one)")
+    if args.name == "all":
+        results, report = reproduce_all(options)
+    else:
+        results, report = [reproduce(args.name, options)], None
+    for r in results:
+        print(f"== {r.title}\n{markdown_table(r.table.head(40), '{:.4g}')}\npaper: {r.claim}\nhere:  {r.finding}")
+        if r.note:
+            print(f"note:  {r.note}")
+        print("wrote " + ", ".join(str(f) for f in r.files) + "\n")
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from experiments.gantt import gantt_figure, load_chrome_trace
+    from experiments.reproduce.style import paper_style, save_figure
+
+    out = Path(args.out)
+    if out.suffix not in ("", ".png", ".pdf"):
+        raise SimInputError(f"--out {out}: give a stem or a .png/.pdf name (both are written)")
+    timelines = []
+    for path in args.files:
+        events, _ = load_chrome_trace(path)
+        process = next((e["args"]["name"] for e in events if e.get("name") == "process_name"), "timeline")
+        timelines.append((f"{process}: {Path(path).name}", events))
+    with paper_style():
+        fig, steps = gantt_figure(timelines, args.step)
+        files = save_figure(fig, out.parent, out.stem)
+    print(f"decode step(s) {', '.join(map(str, steps))}: wrote {', '.join(map(str, files))}")
+    return 0
+
+
 def cmd_sweep_results(args: argparse.Namespace) -> int:
     from experiments.sweep.store import load_results
 
@@ -565,7 +612,8 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-len", type=_positive_int, help="generated tokens per request")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--trace", help="routing trace file (.npz, format v1); lengths come from it")
-    g.add_argument("--routing", default="uniform", help="synthetic routing: uniform, zipf:ALPHA or table:NAME")
+    g.add_argument("--routing", default="uniform", help="synthetic routing: uniform, zipf:ALPHA, table:NAME or "
+                   "preset:NAME (tuned to published statistics: mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite)")
     p.add_argument("--reuse-prob", type=_probability, default=0.0,
                    help="synthetic routing: probability a token reuses the previous token's experts")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the synthetic routing")
@@ -687,6 +735,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local processes, or the CPUs of a local Ray instance (default: the CPUs this process may use)")
     p.add_argument("--ray-address", help="--engine ray: cluster to join (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_sweep)
+    from experiments.reproduce import FIGURES
+
+    p = sub.add_parser("reproduce", help="the paper's figures (PNG, PDF, CSV and a printed table); all: every one "
+                       "plus a Markdown report")
+    p.add_argument("name", help=f"one of {', '.join(FIGURES)}, or all")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quick", action="store_true", help="small grids that exercise every step in seconds (smoke "
+                   "tests); the numbers are not the paper's setting")
+    p.add_argument("--workers", type=_positive_int, help="fig7: local processes or local Ray CPUs (default 1)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="fig7: sweep engine")
+    p.add_argument("--ray-address", help="fig7 with --engine ray: cluster to join (default: $RAY_ADDRESS)")
+    p.add_argument("--profile", metavar="DIR", help="calibration: an existing `coxmoe calibrate profile` directory "
+                   "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")
+    p.add_argument("--record", metavar="FILE", help="timeline: a measured timeline from `coxmoe execute --timeline`")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("timeline", help="Gantt chart (PNG + PDF) of one decode step from Chrome-trace timelines")
+    p.add_argument("files", nargs="+", help="timelines from simulate/execute --timeline; one panel each")
+    p.add_argument("--out", required=True, help="output stem (writes STEM.png and STEM.pdf)")
+    p.add_argument("--step", type=_nonneg_int, help="decode step to draw (default: each timeline's middle one)")
+    p.set_defaults(func=cmd_timeline)
+
     p = sub.add_parser("sweep-results", help="summarise (or export) a sweep's results")
     p.add_argument("dir", help="a sweep's --out directory")
     p.add_argument("--csv", help="also write every row to this CSV file")

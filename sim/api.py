@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from sim.policies import PlanContext, make_policy
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
+from traces.synth_presets import synth_preset
 
 
 @dataclass
@@ -136,8 +138,22 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None,
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")
     wl = Workload.uniform(batch, prompt_len, gen_len)
-    cfg = SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k, routing, reuse_prob, seed)
-    return wl, generate_trace(cfg, wl.prompt_lens, wl.gen_lens), routing
+    return wl, generate_trace(synth_config(model, routing, reuse_prob, seed), wl.prompt_lens, wl.gen_lens), routing
+
+
+def synth_config(model: ModelSpec, routing: str, reuse_prob: float, seed: int) -> SynthConfig:
+    """Synthesis settings for `routing`: uniform, zipf:ALPHA, table:NAME, or preset:NAME (a synthesis preset's
+    popularity and per-layer reuse, tuned to published routing statistics; see traces/synth_presets.py)."""
+    kind, _, name = routing.partition(":")
+    if kind != "preset":
+        return SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k, routing, reuse_prob,
+                           seed)
+    if reuse_prob:
+        raise SimInputError(f"routing {routing}: the preset sets its own per-layer reuse; drop the reuse probability")
+    preset = synth_preset(name)
+    if model.num_moe_layers < len(preset.same_top1):  # a model cut to its first layers keeps their targets
+        preset = dataclasses.replace(preset, same_top1=preset.same_top1[:model.num_moe_layers])
+    return preset.config(model.num_moe_layers, model.num_experts, model.top_k, seed=seed)
 
 
 def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineRecord, dict[str, Any]]:

@@ -49,6 +49,24 @@ def test_interpolation_fallback_and_cache(tmp_path, tiny_model, paper_system):
     assert cost.usage(op(OpKind.EXPERT, tokens=4)) == roof.usage(op(OpKind.EXPERT, tokens=4))
 
 
+def test_shared_expert_and_dense_ffn_scale_the_measured_expert_time(tmp_path, paper_system):
+    from sim.specs import load_model
+
+    spec = load_model("deepseek-v2-lite")  # two shared experts and a leading dense layer
+    rows = [{"device": "cpu", "kind": "expert", "tokens": t, "kv": 0, "median_s": s}
+            for t, s in ((1, 1e-3), (16, 4e-3))]
+    cost = ProfileCostModel(paper_system, write_profile(tmp_path / "p", spec, rows), spec)
+    expert = cost.op_time_ns(op(OpKind.EXPERT, tokens=16))
+    shared = cost.op_time_ns(op(OpKind.SHARED_EXPERT, tokens=16))
+    dense = cost.op_time_ns(op(OpKind.DENSE_FFN, tokens=16))
+    assert shared == pytest.approx(expert * spec.shared_expert_params / spec.expert_params, rel=1e-6)
+    assert dense == pytest.approx(expert * spec.dense_ffn_params / spec.expert_params, rel=1e-6)
+    assert spec.shared_expert_params > spec.expert_params and cost.misses == 0
+    # outside the expert grid they fall back to the roofline like any op
+    far = op(OpKind.SHARED_EXPERT, tokens=64)
+    assert cost.op_time_ns(far) == RooflineCostModel(paper_system).op_time_ns(far)
+
+
 def test_profiles_that_do_not_fit(tmp_path, tiny_model, paper_system):
     rows = [{"device": "cpu", "kind": "expert", "tokens": 1, "kv": 0, "median_s": 1e-3}]
     with pytest.raises(SimInputError, match="not a profile"):

@@ -78,3 +78,26 @@ def test_cross_layer_affinity_raises_predictability_and_keeps_popularity():
     assert tied.header.extra["affinity"] == 0.6
     with pytest.raises(TraceError, match="affinity"):
         generate_trace(SynthConfig("x", 2, 8, 2, affinity=1.5), np.full(2, 4), np.full(2, 2))
+
+
+def test_preset_routing_in_simulate_equals_the_preset_trace():
+    from sim.api import resolve_routing
+
+    m = load_model("deepseek-v2-lite")
+    _, trace, label = resolve_routing(m, 8, 6, 3, None, "preset:deepseek-v2-lite", 0)
+    direct = _preset_trace("deepseek-v2-lite", 8, 6, 3)
+    assert label == "preset:deepseek-v2-lite" and np.array_equal(trace.experts, direct.experts)
+    from executor.weights import truncated
+
+    _, cut, _ = resolve_routing(truncated(m, 3), 4, 4, 2, None, "preset:deepseek-v2-lite", 0)
+    assert cut.header.num_layers == 2  # a model cut to its first layers keeps those layers' reuse targets
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--routing", "preset:no-such-model"], "unknown synthesis preset"),
+    (["--routing", "preset:qwen3-30b-a3b", "--reuse-prob", "0.2"], "drop the reuse probability"),
+])
+def test_bad_preset_routing_exits_2(extra, message, capsys):
+    code = main(["simulate", "--model", "qwen3-30b-a3b", "--system", "rtx6000ada-8452y", "--batch", "4",
+                 "--prompt-len", "4", "--gen-len", "2", *extra])
+    assert code == 2 and message in capsys.readouterr().err

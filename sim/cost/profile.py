@@ -4,10 +4,11 @@ A profile directory (written by `coxmoe calibrate profile`, issue 4) holds `prof
 signature, machine fingerprint) and `timings.csv` (device, kind, tokens, kv, median_s, ...). GEMM-shaped ops
 interpolate their time over tokens in log-log space; decode attention interpolates over (batch, KV length
 per request). Anything the profile does not cover (other kinds, prefill attention, copies without a CUDA
-profile, token counts beyond the grid) falls back to the roofline. Prefill attention is looked up by
-(requests, prompt length), taking the workload's mean prompt length. CPU ops add the executor's measured cost
-per request in their scope (`overhead_<kind>` rows). This module reads data only: the
-simulator never imports the executor.
+profile, token counts beyond the grid) falls back to the roofline. Shared experts and dense FFNs, which the
+profile does not time, take the routed expert's time at their token count scaled by their parameter count.
+Prefill attention is looked up by (requests, prompt length), taking the workload's mean prompt length. CPU
+ops add the executor's measured cost per request in their scope (`overhead_<kind>` rows). This module reads
+data only: the simulator never imports the executor.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ProfileCostModel:
     def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
                  mean_prompt_len: float | None = None, threads: int | None = None):
         self.fallback = RooflineCostModel(system)
+        self.model = model
         self.dir = Path(profile_dir)
         meta_path, table_path = self.dir / "profile.json", self.dir / "timings.csv"
         if not meta_path.is_file() or not table_path.is_file():
@@ -127,14 +129,21 @@ class ProfileCostModel:
             v = ((1 - fb) * (1 - fk) * lt[i, j] + fb * (1 - fk) * lt[ib, j] + (1 - fb) * fk * lt[i, jk]
                  + fb * fk * lt[ib, jk])
             return float(np.exp(v))
-        table = self.gemm.get((device, str(op.kind)))
-        if table is None:
+        kind, scale = str(op.kind), 1.0
+        if op.kind in (OpKind.SHARED_EXPERT, OpKind.DENSE_FFN) and (device, kind) not in self.gemm:
+            # The same gated-FFN GEMMs as a routed expert, only wider: FLOPs and weight bytes both grow with the
+            # parameter count, so the measured expert time at these tokens scales by it.
+            params = (self.model.shared_expert_params if op.kind is OpKind.SHARED_EXPERT
+                      else self.model.dense_ffn_params)
+            kind, scale = str(OpKind.EXPERT), params / self.model.expert_params
+        table = self.gemm.get((device, kind))
+        if table is None or scale <= 0:
             return None
         lx, ly = table
         x = np.log(op.tokens)
         if not lx[0] <= x <= lx[-1]:
             return None
-        return float(np.exp(np.interp(x, lx, ly)))
+        return scale * float(np.exp(np.interp(x, lx, ly)))
 
     def _requests(self, op: Op) -> float:
         """Requests in an op's scope: its tokens in decode; tokens over the mean prompt length in prefill."""

@@ -1,0 +1,94 @@
+"""Gantt charts of one decode step per resource, drawn from Chrome-trace JSON: the simulator's
+(`simulate --timeline`) and the executor's measured one (`execute --timeline`) share that schema, so one code
+path draws both and they can sit one above the other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
+from experiments.plots import KIND_COLORS
+from sim.errors import SimInputError
+
+Events = list[dict[str, Any]]
+
+
+def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
+    """The events and metadata of a timeline written by cox-moe; a one-line error for anything else."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimInputError(f"timeline {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SimInputError(f"timeline {path}: not JSON ({exc})") from None
+    events = doc.get("traceEvents") if isinstance(doc, dict) else None
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise SimInputError(f"timeline {path}: no traceEvents list (write one with simulate/execute --timeline)")
+    ops = [e for e in events if e.get("ph") == "X"]
+    bad = next((e for e in ops if not isinstance(e.get("args"), dict) or "phase" not in e["args"]
+                or not isinstance(e.get("ts"), int | float) or not isinstance(e.get("dur"), int | float)), None)
+    if bad is not None or not ops:
+        raise SimInputError(f"timeline {path}: op events need ts, dur and args.phase/step (not a cox-moe timeline?)")
+    return events, doc.get("otherData") or {}
+
+
+def track_names(events: Events) -> dict[int, str]:
+    return {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+
+
+def decode_steps(events: Events) -> list[int]:
+    return sorted({e["args"]["step"] for e in events if e.get("ph") == "X" and e["args"].get("phase") == "decode"})
+
+
+def step_events(events: Events, step: int | None = None) -> tuple[int, Events]:
+    """The op events of one decode step (the middle one by default), times shifted to start at 0 (in us)."""
+    steps = decode_steps(events)
+    if not steps:
+        raise SimInputError("timeline has no decode steps")
+    if step is None:
+        step = steps[len(steps) // 2]
+    elif step not in steps:
+        raise SimInputError(f"decode step {step} is not in the timeline (it has {steps[0]}..{steps[-1]})")
+    chosen = [e for e in events if e.get("ph") == "X" and e["args"].get("phase") == "decode"
+              and e["args"].get("step") == step]
+    t0 = min(e["ts"] for e in chosen)
+    return step, [{**e, "ts": e["ts"] - t0} for e in chosen]
+
+
+def draw_gantt(ax: plt.Axes, events: Events, tracks: dict[int, str], title: str) -> set[str]:
+    """One row per resource that did work, one bar per op coloured by kind; returns the kinds drawn."""
+    used = sorted({e["tid"] for e in events})
+    rows = {tid: i for i, tid in enumerate(used)}
+    kinds: set[str] = set()
+    for e in events:
+        kinds.add(e["cat"])
+        ax.barh(rows[e["tid"]], max(e["dur"], 1e-3) / 1e3, left=e["ts"] / 1e3, height=0.7,
+                color=KIND_COLORS.get(e["cat"], "#cccccc"), edgecolor="none")
+    ax.set_yticks(range(len(used)), [tracks.get(t, str(t)) for t in used])
+    ax.invert_yaxis()
+    ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+    ax.grid(axis="y", visible=False)
+    ax.set_xlabel("time within the decode step (ms)")
+    ax.set_title(title)
+    return kinds
+
+
+def gantt_figure(timelines: list[tuple[str, Events]], step: int | None = None) -> tuple[plt.Figure, list[int]]:
+    """Stack one Gantt per (title, events) timeline; each shows decode step `step`, or its own middle one."""
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(7.2, 1.0 + 1.5 * len(timelines)), squeeze=False)
+    kinds: set[str] = set()
+    steps = []
+    for ax, (title, events) in zip(axes[:, 0], timelines, strict=True):
+        chosen, ops = step_events(events, step)
+        steps.append(chosen)
+        span = max(e["ts"] + e["dur"] for e in ops) / 1e3
+        kinds |= draw_gantt(ax, ops, track_names(events), f"{title}: decode step {chosen}, {span:.1f} ms")
+    handles = [Patch(color=KIND_COLORS.get(k, "#cccccc"), label=k) for k in sorted(kinds)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig, steps

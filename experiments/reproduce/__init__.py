@@ -1,0 +1,84 @@
+"""`coxmoe reproduce NAME`: the paper's figures and tables from simulator (and executor) output.
+
+Each module here has `reproduce(options) -> Reproduction`: it runs what it needs, writes PNG + PDF + CSV into
+`options.out`, and returns the numbers with the paper's claim beside them. `report.py` runs them all and writes a
+Markdown report.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sim.errors import SimInputError
+
+if TYPE_CHECKING:  # the CLI reads FIGURES when building its parser; keep that import light
+    import pandas as pd
+
+# name -> (module, one-line description)
+FIGURES: dict[str, tuple[str, str]] = {
+    "fig7": ("fig7", "throughput of FlexGen, MoE-Lightning and CoX-MoE, 3 models x 3 systems x 4 workloads"),
+    "table3": ("table3", "the ablation from MoE-Lightning to CoX-MoE, step by step"),
+    "microbatch": ("microbatch", "expert and non-expert latency against micro-batch size (the motivation)"),
+    "vram": ("vram", "VRAM breakdown with decode attention on the GPU and on the CPU"),
+    "eas": ("eas", "expert hit ratio of expert-aware stratification against random and oracle residency"),
+    "calibration": ("calibration", "simulator predictions against executor measurements on this machine"),
+    "timeline": ("timeline", "Gantt of one decode step per resource (simulated; measured when a record is given)"),
+}
+
+
+@dataclass(frozen=True)
+class ReproduceOptions:
+    out: Path
+    quick: bool = False  # a small grid that still exercises every step (tests, smoke runs)
+    workers: int = 1
+    engine: str = "local"
+    ray_address: str | None = None
+    profile: Path | None = None  # calibration: an existing `coxmoe calibrate profile` directory
+    record: Path | None = None  # timeline: a measured timeline from `coxmoe execute --timeline`
+    seed: int = 0
+
+    def command(self, name: str) -> str:
+        """The command line that makes figure `name` (or `all`) with these options; flags a figure ignores are
+        left out."""
+        uses = {"fig7": ("workers", "engine"), "calibration": ("profile",), "timeline": ("record",)}
+        wanted = {f for fs in uses.values() for f in fs} if name == "all" else set(uses.get(name, ()))
+        parts = ["coxmoe reproduce", name, "--out", str(self.out)]
+        if self.quick:
+            parts.append("--quick")
+        if "workers" in wanted and self.workers != 1:
+            parts += ["--workers", str(self.workers)]
+        if "engine" in wanted and self.engine != "local":
+            parts += ["--engine", self.engine]
+        if "profile" in wanted and self.profile:
+            parts += ["--profile", str(self.profile)]
+        if "record" in wanted and self.record:
+            parts += ["--record", str(self.record)]
+        if self.seed:
+            parts += ["--seed", str(self.seed)]
+        return " ".join(parts)
+
+
+@dataclass
+class Reproduction:
+    """What one figure produced: its table (also the CSV), the files written, and the result beside the claim."""
+
+    name: str
+    title: str
+    claim: str
+    finding: str
+    table: pd.DataFrame
+    files: list[Path] = field(default_factory=list)
+    command: str = ""
+    note: str = ""  # how the numbers were made, when the command's wall time alone would mislead
+
+
+def reproduce(name: str, options: ReproduceOptions) -> Reproduction:
+    if name not in FIGURES:
+        raise SimInputError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}, all")
+    module = importlib.import_module(f"experiments.reproduce.{FIGURES[name][0]}")
+    result: Reproduction = module.reproduce(options)
+    result.command = options.command(name)
+    return result

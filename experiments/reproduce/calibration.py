@@ -1,0 +1,140 @@
+"""Predicted against measured: the executor runs real plans on this machine, the simulator predicts them from a
+profile of this machine's kernels (`coxmoe calibrate profile`) and from the preset's datasheet roofline. With
+`--profile DIR` the plans use that profile's model; without it, this command first profiles DeepSeek-V2-Lite's
+shapes here (small, so it runs in minutes on a laptop-class CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from experiments.reproduce import ReproduceOptions, Reproduction
+from experiments.reproduce.style import paper_style, save_csv, save_figure
+from sim.errors import SimInputError
+
+DEFAULT_MODEL = "deepseek-v2-lite"
+SYSTEM = "a100-80g-8452y"  # a cpu-only plan uses only its DRAM size; the roofline column uses its Xeon 8452Y
+PROMPT, GEN = 4, 4
+CLASS_ORDER = ("cpu_experts", "gpu_experts", "attention", "copies", "other")
+
+
+def _profile_dir(options: ReproduceOptions) -> Path:
+    from executor.profile import profile
+    from sim.api import resolve_model
+
+    if options.profile is not None:
+        meta = options.profile / "profile.json"
+        if not meta.is_file():
+            raise SimInputError(f"--profile {options.profile}: no profile.json (make one with coxmoe calibrate "
+                                "profile)")
+        return options.profile
+    out = options.out / "calibration_profile"
+    if not (out / "profile.json").is_file():
+        profile(resolve_model(DEFAULT_MODEL), out, devices=("cpu",), rounds=1 if options.quick else 3,
+                max_tokens=256 if options.quick else 1024)
+    return out
+
+
+def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    import torch
+
+    from executor.validate import validate_plan
+    from executor.weights import random_weights, truncated
+    from sim.api import resolve_model, resolve_routing, resolve_system
+    from sim.cost.roofline import RooflineCostModel
+    from sim.engine import run_plan
+    from sim.policies import PlanContext, make_policy
+
+    prof = _profile_dir(options)
+    meta = json.loads((prof / "profile.json").read_text())
+    try:
+        full = resolve_model(meta["model"])
+    except SimInputError as exc:
+        raise SimInputError(f"--profile {prof}: its model {meta['model']!r} is not a preset ({exc})") from None
+    moe_layers, batches = (1, (8, 32)) if options.quick else (2, (16, 64, 256))
+    layers = full.num_layers - full.num_moe_layers + moe_layers  # keep any leading dense layers
+    spec = truncated(full, layers)
+    system = resolve_system(SYSTEM)
+    weights = random_weights(spec, seed=options.seed)
+    policies = ["cpu-only"] + (["coxmoe"] if "cuda" in meta["devices"] and torch.cuda.is_available() else [])
+    rows, per_op = [], []
+    for policy in policies:
+        for batch in tqdm(batches, desc=f"calibration {policy}", disable=None):
+            wl, trace, _ = resolve_routing(spec, batch, PROMPT, GEN, None, "uniform", options.seed)
+            plan = make_policy(policy, {}).build(PlanContext(spec, system, wl, trace))
+            r = validate_plan(plan, weights, trace, prof, repeats=1 if options.quick else 3)
+            roof = run_plan(plan, RooflineCostModel(system))
+            roof_s = (roof.end_ns - roof.start_ns) / 1e9
+            classes = r["_per_op"]["class"]
+            for c, stats in r["classes"].items():
+                rows.append({"policy": policy, "batch": batch, "class": c, "measured_s": stats["measured_s"],
+                             "predicted_profile_s": stats["predicted_s"],
+                             "predicted_roofline_s": float(sum(t for k, t in zip(classes, roof_s, strict=True)
+                                                               if k == c)),
+                             "error_profile": stats["error"]})
+            e2e = r["end_to_end"]["total_s"]
+            rows.append({"policy": policy, "batch": batch, "class": "end to end", "measured_s": e2e["measured"],
+                         "predicted_profile_s": e2e["predicted"],
+                         "predicted_roofline_s": float(roof.makespan_ns / 1e9), "error_profile": e2e["error"]})
+            per_op.append(pd.DataFrame({"policy": policy, "batch": batch, "class": classes,
+                                        "measured_s": r["_per_op"]["measured_s"],
+                                        "predicted_profile_s": r["_per_op"]["predicted_s"],
+                                        "predicted_roofline_s": roof_s}))
+    table = pd.DataFrame(rows)
+    table["error_roofline"] = table["predicted_roofline_s"] / table["measured_s"] - 1
+    table.insert(0, "model", f"{spec.name} ({layers} layers)")
+    fp = meta["fingerprint"]
+    machine = {"cpu": fp.get("cpu_model"), "threads": fp.get("threads"), "amx": fp.get("amx_tile"),
+               "torch": fp.get("torch"), "profile": str(prof)}
+    return table, pd.concat(per_op, ignore_index=True), machine
+
+
+def plot(per_op: pd.DataFrame, table: pd.DataFrame, machine: dict, out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    with paper_style():
+        fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
+        for ax, col, title in ((axes[0], "predicted_profile_s", "profile of this machine"),
+                               (axes[1], "predicted_roofline_s", "preset roofline (Xeon 8452Y datasheet)")):
+            m, p = per_op["measured_s"].to_numpy() * 1e3, per_op[col].to_numpy() * 1e3
+            for c in [c for c in CLASS_ORDER if c in set(per_op["class"])]:
+                mask = (per_op["class"] == c).to_numpy() & (m > 0) & (p > 0)
+                ax.scatter(m[mask], p[mask], s=6, alpha=0.7, label=c)
+            pos = np.concatenate([m[m > 0], p[p > 0]])
+            lo, hi = pos.min() / 1.5, pos.max() * 1.5
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("measured per op (ms)")
+            ax.set_ylabel("predicted per op (ms)")
+            e2e = table[table["class"] == "end to end"]
+            err = (e2e[col] / e2e["measured_s"] - 1).abs().median()
+            ax.set_title(f"predicted by the {title}\nmedian end-to-end error {err:.1%}")
+            ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+        axes[0].legend(loc="upper left")
+        fig.suptitle(f"{table['model'].iloc[0]}, measured on {machine['cpu']} ({machine['threads']} threads, "
+                     f"AMX {'yes' if machine['amx'] else 'no'})", fontsize=8)
+        fig.tight_layout()
+        return save_figure(fig, out, "calibration")
+
+
+def finding(table: pd.DataFrame, machine: dict) -> str:
+    e2e = table[table["class"] == "end to end"]
+    return (f"On {machine['cpu']} ({machine['threads']} threads), {len(e2e)} executed plans: median absolute "
+            f"end-to-end error {e2e['error_profile'].abs().median():.1%} with this machine's profile, "
+            f"{e2e['error_roofline'].abs().median():.0%} with the uncalibrated preset roofline (profile: "
+            f"{machine['profile']}).")
+
+
+def reproduce(options: ReproduceOptions) -> Reproduction:
+    table, per_op, machine = run(options)
+    files = [save_csv(table, options.out, "calibration"), save_csv(per_op, options.out, "calibration_per_op"),
+             *plot(per_op, table, machine, options.out)]
+    claim = ("No figure in the paper: the simulator's error against real runs, so its other figures can be trusted "
+             "as far as this error allows.")
+    return Reproduction("calibration", "Simulator against executor (calibration)", claim, finding(table, machine),
+                        table, files)

@@ -1,0 +1,67 @@
+"""One paper style for every reproduced figure: fonts, sizes, policy colours, and PNG + PDF + CSV written
+atomically (an interrupted run never leaves a half-written file)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+POLICY_COLORS = {"coxmoe": "#c0392b", "moe-lightning": "#2e86c1", "flexgen": "#7f8c8d", "fiddler": "#27ae60",
+                 "gpu-only": "#8e44ad", "stream-experts": "#d68910", "cpu-only": "#34495e"}
+POLICY_LABELS = {"coxmoe": "CoX-MoE", "moe-lightning": "MoE-Lightning", "flexgen": "FlexGen", "fiddler": "Fiddler",
+                 "gpu-only": "GPU-resident", "stream-experts": "Stream experts", "cpu-only": "CPU only"}
+MODEL_LABELS = {"mixtral-8x7b": "Mixtral-8x7B", "deepseek-v2-lite": "DeepSeek-V2-Lite",
+                "qwen3-30b-a3b": "Qwen3-30B-A3B"}
+SYSTEM_LABELS = {"rtx6000ada-8452y": "(I) RTX 6000 Ada", "a100-80g-8452y": "(II) A100 80GB",
+                 "h100-80g-8452y": "(III) H100 80GB"}
+PAPER_RC = {
+    "font.family": "DejaVu Sans", "font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7, "legend.frameon": False,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "axes.grid.axis": "y",
+    "grid.linewidth": 0.4, "grid.alpha": 0.5, "axes.linewidth": 0.6, "lines.linewidth": 1.2,
+    "savefig.dpi": 200, "pdf.fonttype": 42, "ps.fonttype": 42,
+}
+
+
+@contextmanager
+def paper_style() -> Iterator[None]:
+    with plt.rc_context(PAPER_RC):
+        yield
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+    """`stem`.png and `stem`.pdf in `out`; closes the figure."""
+    try:
+        return [_atomic(out / f"{stem}.{ext}", lambda tmp, ext=ext: fig.savefig(tmp, format=ext, bbox_inches="tight"))
+                for ext in ("png", "pdf")]
+    finally:
+        plt.close(fig)
+
+
+def save_csv(df: pd.DataFrame, out: Path, stem: str) -> Path:
+    return _atomic(out / f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False))
+
+
+def save_text(text: str, path: Path) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,118 @@
+"""`coxmoe reproduce` (quick grids): every figure writes PNG, PDF and CSV, the report links them, and timelines
+draw simulated and measured decode steps from Chrome-trace JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from experiments.cli import main
+from experiments.reproduce import FIGURES
+from experiments.reproduce.fig7 import summarize
+
+
+@pytest.fixture(scope="module")
+def quick_all(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    code = main(["reproduce", "all", "--out", str(out), "--quick"])
+    return code, out
+
+
+def test_reproduce_all_quick_writes_every_figure_and_the_report(quick_all):
+    code, out = quick_all
+    assert code == 0
+    report = (out / "report.md").read_text()
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            data = (out / f"{name}.{ext}").read_bytes()
+            assert data[:4] == (b"\x89PNG" if ext == "png" else b"%PDF"), name
+        table = pd.read_csv(out / f"{name}.csv")
+        assert len(table) > 0, name
+        assert f"]({name}.png)" in report and f"coxmoe reproduce all --out {out} --quick" in report
+    assert report.count("- **Paper:**") == len(FIGURES)
+
+
+def test_fig7_quick_numbers_are_consistent(quick_all):
+    _, out = quick_all
+    table = pd.read_csv(out / "fig7.csv")
+    assert len(table) == 3 * 2  # quick: 3 models, one system, two workloads
+    assert (table[["flexgen", "moe-lightning", "coxmoe"]] > 0).all().all()
+    pd.testing.assert_series_equal(table["speedup_vs_flexgen"], table["coxmoe"] / table["flexgen"],
+                                   check_names=False)
+    # A rerun reuses the sweep's finished points instead of simulating them again.
+    assert (out / "fig7_sweep" / "results.sqlite").is_file()
+
+
+def test_microbatch_and_vram_show_the_mechanisms(quick_all):
+    _, out = quick_all
+    mb = pd.read_csv(out / "microbatch.csv")
+    micro = mb[mb["op3"] == "micro-batched"].sort_values("micro_batch")
+    coalesced = mb[mb["op3"] == "coalesced"].sort_values("micro_batch")
+    # Smaller micro-batches cost micro-batched experts more; coalesced OP3 does not depend on them.
+    assert micro["expert_s"].is_monotonic_decreasing and micro["expert_s"].iloc[0] > 1.3 * micro["expert_s"].iloc[-1]
+    assert coalesced["expert_s"].max() < 1.05 * coalesced["expert_s"].min()
+    vram = pd.read_csv(out / "vram.csv").set_index("attention")
+    assert vram.loc["cpu", "expert weights_share"] > vram.loc["gpu", "expert weights_share"]
+    assert vram.loc["gpu", "pool_kv_cache_gib"] > 0 and pd.isna(vram.loc["cpu", "pool_kv_cache_gib"])
+
+
+def test_eas_and_calibration_numbers(quick_all):
+    _, out = quick_all
+    eas = pd.read_csv(out / "eas.csv")
+    partial = eas[eas["resident_per_layer"] < eas["experts"]]
+    wide = partial.pivot_table(index=["model", "resident_per_layer"], columns="method", values="hit_ratio")
+    assert (wide["eas"] > wide["random"]).all() and (wide["oracle"] >= wide["eas"] - 0.01).all()
+    cal = pd.read_csv(out / "calibration.csv")
+    e2e = cal[cal["class"] == "end to end"]
+    assert len(e2e) == 2 and (e2e["measured_s"] > 0).all() and (e2e["predicted_profile_s"] > 0).all()
+
+
+def test_timeline_with_a_measured_record(tmp_path, capsys):
+    from tests.test_calibration import _tiny_file
+
+    record = tmp_path / "measured.json"
+    assert main(["execute", "--model-file", _tiny_file(tmp_path), "--policy", "coxmoe", "--batch", "4",
+                 "--prompt-len", "4", "--gen-len", "3", "--cuda", "off", "--warmup", "0", "--timeline",
+                 str(record)]) == 0
+    out = tmp_path / "r"
+    assert main(["reproduce", "timeline", "--out", str(out), "--quick", "--record", str(record)]) == 0
+    table = pd.read_csv(out / "timeline.csv")
+    assert table["timeline"].nunique() == 2 and (table["busy_ms"] > 0).all()
+    sim = json.loads((out / "timeline_sim.json").read_text())
+    assert any(e.get("ph") == "X" for e in sim["traceEvents"])
+    capsys.readouterr()
+    assert main(["timeline", str(out / "timeline_sim.json"), str(record), "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "g.pdf").is_file()
+    assert main(["timeline", str(record), "--out", str(tmp_path / "h"), "--step", "99"]) == 2
+    assert "decode step 99 is not in the timeline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "fig9", "--out", "x"], "unknown figure 'fig9'"),
+    (["reproduce", "calibration", "--out", "x", "--profile", "/nonexistent"], "no profile.json"),
+    (["reproduce", "timeline", "--out", "x", "--record", "/nonexistent.json"], "no such file"),
+    (["timeline", "/nonexistent.json", "--out", "x"], "no such file"),
+])
+def test_bad_reproduce_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    argv = [a if a != "x" else str(tmp_path / "o") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_malformed_timeline_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"traceEvents": [{"ph": "X", "ts": 0}]}))
+    assert main(["timeline", str(bad), "--out", str(tmp_path / "g")]) == 2
+    assert "not a cox-moe timeline" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_summarize_keeps_failed_points_blank():
+    rows = [{"model": "m", "system": "s", "prompt_len": 1, "gen_len": 1, "policy": p, "status": st,
+             "throughput_tok_s": t} for p, st, t in (("coxmoe", "ok", 10.0), ("moe-lightning", "ok", 5.0),
+                                                     ("flexgen", "failed", None))]
+    table = summarize(pd.DataFrame(rows))
+    assert table["speedup_vs_moe-lightning"].iloc[0] == 2.0 and pd.isna(table["speedup_vs_flexgen"].iloc[0])
