@@ -3,7 +3,8 @@
 `coxmoe calibrate profile --model M --out DIR` times, with the exact code the executor runs:
 - expert ops (gather the expert's tokens, gate, up and down projections, gate-weighted scatter-add) over a
   grid of tokens per expert, with cold weights (copies rotated so the caches cannot hold them, as when many
-  experts are touched);
+  experts are touched), timed as a burst over every copy and divided by the calls, since plans run a layer's
+  experts back to back (a lone call after unrelated ops costs up to 2x more for small experts);
 - the other GEMM-shaped ops (QKV, O-projection, router, LM head) over the same token grid;
 - decode attention over (batch, KV length);
 - DRAM bandwidth (a large copy);
@@ -126,35 +127,34 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     timed = _timer(device)
     tokens = [t for t in TOKEN_GRID if t <= max_tokens]
     cold = _cold_copies(moe, 512 * 2**20)
-    points: list[tuple[str, tuple, Callable[[], object]]] = []
+    points: list[tuple[str, tuple, Callable[[], object], int]] = []  # kind, grid point, timed call, ops per call
     for t in tokens:
         x = torch.randn(t, spec.hidden_size, dtype=dtype, device=device) * 0.02
-        copies = iter(range(10**9))
         ids = torch.ones(t, spec.top_k, dtype=torch.int64, device=device)
         ids[:, 0] = 0  # every token routed to expert 0 first, the others elsewhere
         gates = torch.full((t, spec.top_k), 1.0 / spec.top_k, device=device)
         y = torch.zeros(t, spec.hidden_size, dtype=torch.float32, device=device)
-        points.append(("expert", (t, 0), lambda x=x, ids=ids, g=gates, y=y, c=copies: K.expert_scatter(
-            cold[next(c) % len(cold)], 0, x, ids, g, y)))
-        points.append(("qkv", (t, 0), lambda x=x: K.qkv(spec, moe, x, torch.arange(x.shape[0], device=device))))
+        points.append(("expert", (t, 0), lambda x=x, ids=ids, g=gates, y=y: [K.expert_scatter(
+            lw, 0, x, ids, g, y) for lw in cold], len(cold)))
+        points.append(("qkv", (t, 0), lambda x=x: K.qkv(spec, moe, x, torch.arange(x.shape[0], device=device)), 1))
         points.append(("o_proj", (t, 0), lambda t=t: K.o_proj(moe, torch.randn(
-            t, moe.attn["wo"].shape[1], dtype=dtype, device=device))))
-        points.append(("router", (t, 0), lambda x=x: x @ moe.router.T))
-        points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x)))
+            t, moe.attn["wo"].shape[1], dtype=dtype, device=device)), 1))
+        points.append(("router", (t, 0), lambda x=x: x @ moe.router.T, 1))
+        points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x), 1))
     for b in ATTENTION_BATCH:
         for kv in ATTENTION_KV:
-            points.append(("attention", (b, kv), _attention_point(spec, moe, b, kv, dtype, device)))
+            points.append(("attention", (b, kv), _attention_point(spec, moe, b, kv, dtype, device), 1))
     for b in PREFILL_BATCH:
         for length in PREFILL_LEN:
-            points.append(("attention_prefill", (b, length), _prefill_point(spec, moe, b, length, dtype, device)))
-    samples: dict[tuple[str, tuple], list[float]] = {(k, p): [] for k, p, _ in points}
+            points.append(("attention_prefill", (b, length), _prefill_point(spec, moe, b, length, dtype, device), 1))
+    samples: dict[tuple[str, tuple], list[float]] = {(k, p): [] for k, p, _, _ in points}
 
     def measure() -> None:
-        for _, _, fn in points:  # warm-up: oneDNN builds its primitives on first use
+        for _, _, fn, _ in points:  # warm-up: oneDNN builds its primitives on first use
             fn()
         for _ in tqdm(range(rounds), desc="profile rounds", disable=None if progress else True, leave=False):
-            for kind, point, fn in points:
-                samples[(kind, point)].append(timed(fn))
+            for kind, point, fn, calls in points:
+                samples[(kind, point)].append(timed(fn) / calls)
 
     # The executor runs every op in a worker thread (one per stream); measure in one too, since torch's
     # intra-op thread pool behaves differently there than on the main thread.

@@ -44,7 +44,8 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
             row[f"{group}_share"] = sum(pools.get(n, 0) for n in names) / usable
         row.update({f"pool_{k}_gib": v / 2**30 for k, v in pools.items()})
         row.update(peak_gpu_gib=r.peak_gpu_bytes / 2**30, resident_experts_per_layer=r.knobs["resident_experts"],
-                   total_s=r.total_s, throughput_tok_s=r.throughput_tok_s, note="")
+                   total_s=r.total_s, prefill_s=r.prefill_s, decode_s=r.decode_s,
+                   throughput_tok_s=r.throughput_tok_s, note="")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -55,8 +56,8 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     ok = table[table["note"] == ""]
     with paper_style():
         fig, ax = plt.subplots(figsize=(4.2, 2.4))
-        labels = [f"attention on {a.upper()}\n{t:.1f} s end to end" for a, t in zip(ok["attention"], ok["total_s"],
-                                                                                   strict=True)]
+        labels = [f"attention on {a.upper()}\n{t:.1f} s end to end\n{d:.1f} s decode"
+                  for a, t, d in zip(ok["attention"], ok["total_s"], ok["decode_s"], strict=True)]
         left = np.zeros(len(ok))
         for group in [*GROUPS, "free"]:
             share = (1 - left) if group == "free" else ok[f"{group}_share"].to_numpy()
@@ -88,10 +89,13 @@ def finding(table: pd.DataFrame) -> str:
             parts.append(f"attention on the {a.upper()}: does not fit ({r['note']})")
             continue
         parts.append(f"attention on the {a.upper()}: intermediate data {r['intermediate data_share']:.1%}, "
-                     f"expert weights {r['expert weights_share']:.1%} of VRAM, {r['total_s']:.1f} s end to end")
+                     f"expert weights {r['expert weights_share']:.1%} of VRAM, {r['total_s']:.1f} s end to end "
+                     f"({r['decode_s']:.1f} s decode)")
     if not by["gpu"]["note"] and not by["cpu"]["note"]:
         change = by["cpu"]["total_s"] / by["gpu"]["total_s"] - 1
-        parts.append(f"moving attention to the CPU changes total latency by {change:+.0%}")
+        decode = by["cpu"]["decode_s"] / by["gpu"]["decode_s"] - 1
+        parts.append(f"moving decode attention to the CPU changes total latency by {change:+.0%}, decode latency "
+                     f"by {decode:+.0%}")
     return "Simulated: " + "; ".join(parts) + "."
 
 
