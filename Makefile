@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Every paper figure and out/reproduce/report.md (684 s on the 2-vCPU dev VM; reruns reuse the fig7 sweep).
+reproduce: $(STAMP)
+	$(BIN)/coxmoe reproduce all --out out/reproduce --workers 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check sim traces executor experiments tests benchmarks

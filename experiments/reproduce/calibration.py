@@ -81,6 +81,9 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                          "predicted_profile_s": e2e["predicted"],
                          "predicted_roofline_s": float(roof.makespan_ns / 1e9), "error_profile": e2e["error"]})
             per_op.append(pd.DataFrame({"policy": policy, "batch": batch, "class": classes,
+                                        "kind": [str(op.kind) for op in plan.ops],
+                                        "phase": [str(op.phase) for op in plan.ops],
+                                        "tokens": [op.tokens for op in plan.ops],
                                         "measured_s": r["_per_op"]["measured_s"],
                                         "predicted_profile_s": r["_per_op"]["predicted_s"],
                                         "predicted_roofline_s": roof_s}))
