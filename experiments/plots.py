@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -25,15 +23,13 @@ KIND_COLORS = {
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
     """Save through a temporary file so an error never leaves a half-written image."""
+    from experiments.reproduce.style import write_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150,
+                                                  bbox_inches="tight"))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
 
 

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import MODEL_LABELS, paper_style, save_csv, save_figure
 from sim.api import simulate
-from sim.specs import load_model
-from traces import generate_trace
+from sim.specs import ModelSpec, load_model
+from traces import RoutingTrace, generate_trace
 from traces.eas import eas_map, hit_ratio, oracle_map, random_map, save_map
 from traces.synth_presets import synth_preset
 
@@ -29,7 +29,8 @@ METHOD_COLORS = {"eas": "#c0392b", "random": "#7f8c8d", "oracle": "#2c3e50"}
 METHOD_LABELS = {"eas": f"EAS ({PROTOTYPES} prototypes)", "random": "random", "oracle": "oracle (global frequency)"}
 
 
-def _trace(model: str, batch: int, seed: int):
+def _trace(model: str, batch: int, seed: int) -> tuple[ModelSpec, RoutingTrace]:
+    """The model and a topic-mixture trace from its synthesis preset (requests carry feature vectors)."""
     m = load_model(model)
     cfg = synth_preset(model).config(m.num_moe_layers, m.num_experts, m.top_k, seed=seed, topics=TOPICS,
                                      topic_shift=SHIFT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,7 +38,8 @@ def paper_style() -> Iterator[None]:
         yield
 
 
-def _atomic(path: Path, write) -> Path:
+def write_atomic(path: Path, write: Callable[[str], object]) -> Path:
+    """Call `write` on a temporary file beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
@@ -53,15 +54,16 @@ def _atomic(path: Path, write) -> Path:
 def save_figure(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
     """`stem`.png and `stem`.pdf in `out`; closes the figure."""
     try:
-        return [_atomic(out / f"{stem}.{ext}", lambda tmp, ext=ext: fig.savefig(tmp, format=ext, bbox_inches="tight"))
+        return [write_atomic(out / f"{stem}.{ext}",
+                             lambda tmp, ext=ext: fig.savefig(tmp, format=ext, bbox_inches="tight"))
                 for ext in ("png", "pdf")]
     finally:
         plt.close(fig)
 
 
 def save_csv(df: pd.DataFrame, out: Path, stem: str) -> Path:
-    return _atomic(out / f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False))
+    return write_atomic(out / f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False))
 
 
 def save_text(text: str, path: Path) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
