@@ -4,6 +4,7 @@ finishes."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -64,12 +65,21 @@ def _drive(points: Iterable[SweepPoint], store: ResultStore,
     ok = failed = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc=desc, unit="pt", disable=None if progress else True)
+    # Without a terminal (nohup, CI, a batch job) tqdm stays silent: log a line per tenth of the sweep instead.
+    log_every = max(1, len(pending) // 10) if progress and bar.disable else 0
     try:
         for point, (metrics, error, wall) in execute(pending):
             store.record(point.key, point.config, metrics, error, wall)
             ok, failed = ok + (error is None), failed + (error is not None)
             bar.set_postfix(ok=ok, failed=failed, skipped=len(points) - len(pending))
             bar.update()
+            done = ok + failed
+            if log_every and (done % log_every == 0 or done == len(pending)):
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / done * (len(pending) - done)
+                print(f"{desc}: {done}/{len(pending)} done ({ok} ok, {failed} failed, "
+                      f"{len(points) - len(pending)} skipped), {elapsed:.0f} s elapsed, about {eta:.0f} s left",
+                      file=sys.stderr, flush=True)
     finally:
         bar.close()
     return SweepSummary(len(points), len(points) - len(pending), ok, failed, time.perf_counter() - t0)
