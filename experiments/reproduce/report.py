@@ -48,6 +48,12 @@ def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> 
             f"({', '.join(f'{k} {val}' for k, val in sorted(v.items()))}). Every number below comes from this "
             "run: the simulator with the sourced presets (no constant is fitted to the paper's end-to-end "
             "results), and the executor on this machine for the calibration.", "",
+            "Read the comparison with these limits in mind: GPU and PCIe times come from datasheet peaks and "
+            "published efficiencies (the presets name each source), not from a measured GPU; Mixtral-8x7B's "
+            "routing follows its measured per-layer popularity, the other models' routing is synthetic (Zipf(1.0) "
+            "in fig7, the synthesis presets tuned to published statistics elsewhere); the calibration measures "
+            "this machine's CPU, which may lack AMX (its fingerprint says), so it checks the method, not the "
+            "Xeon 8452Y's numbers.", "",
             "| figure | paper | here |", "|---|---|---|"]
     head += [f"| [{r.name}](#{anchor(r.title)}) | {r.claim} | {r.finding} |" for r in results]
     path = save_text("\n".join(head) + "\n\n" + "\n".join(sections), options.out / REPORT)
