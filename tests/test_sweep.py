@@ -161,3 +161,12 @@ def test_ray_address_comes_from_the_flag_then_the_environment(monkeypatch):
     assert ray_address("10.0.0.1:6379") == "10.0.0.1:6379"
     monkeypatch.delenv("RAY_ADDRESS")
     assert ray_address(None) is None
+
+
+def test_shipped_fig7_presets_spec_differs_only_in_routing():
+    base = load_spec(REPO / "experiments" / "specs" / "fig7.yaml")
+    presets = load_spec(REPO / "experiments" / "specs" / "fig7_presets.yaml")
+    assert len(presets) == 108
+    assert all(p.config["routing"] == f"preset:{p.config['model']}" for p in presets)
+    strip = [{k: v for k, v in p.config.items() if k != "routing"} for p in presets]
+    assert strip == [{k: v for k, v in p.config.items() if k != "routing"} for p in base]
