@@ -487,17 +487,14 @@ def cmd_eas(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep.run import default_workers, ray_address, run_local, run_ray
+    from experiments.sweep.run import run_sweep
     from experiments.sweep.spec import load_spec
     from experiments.sweep.store import ResultStore
 
     points = load_spec(args.spec)
     store = ResultStore(args.out)
     try:
-        if args.engine == "ray":
-            summary = run_ray(points, store, args.workers, ray_address(args.ray_address))
-        else:
-            summary = run_local(points, store, args.workers or default_workers())
+        summary = run_sweep(points, store, args.engine, args.workers, args.ray_address)
     finally:
         store.close()
     print(f"sweep {args.spec} ({args.engine}): {summary.total} points, {summary.skipped} already done, "
@@ -506,19 +503,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from experiments.reproduce import FIGURES, ReproduceOptions, reproduce
+    from experiments.reproduce import ReproduceOptions, reproduce
     from experiments.reproduce.report import reproduce_all
     from experiments.tables import markdown_table
 
     options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
                                ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
                                record=Path(args.record) if args.record else None, seed=args.seed)
-    if args.name != "all" and args.name not in FIGURES:
-        raise SimInputError(f"unknown figure {args.name!r}; known: {', '.join(FIGURES)}, all")
-    if args.profile and not Path(args.profile, "profile.json").is_file():
-        raise SimInputError(f"--profile {args.profile}: no profile.json there (coxmoe calibrate profile makes one)")
-    if args.record and not Path(args.record).is_file():
-        raise SimInputError(f"--record {args.record}: no such file (coxmoe execute --timeline writes one)")
     if args.name == "all":
         results, report = reproduce_all(options)
     else:
@@ -534,7 +525,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from experiments.gantt import gantt_figure, load_chrome_trace
+    from experiments.gantt import gantt_figure, load_chrome_trace, process_name
     from experiments.reproduce.style import paper_style, save_figure
 
     out = Path(args.out)
@@ -543,8 +534,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     timelines = []
     for path in args.files:
         events, _ = load_chrome_trace(path)
-        process = next((e["args"]["name"] for e in events if e.get("name") == "process_name"), "timeline")
-        timelines.append((f"{process}: {Path(path).name}", events))
+        timelines.append((f"{process_name(events, 'timeline')}: {Path(path).name}", events))
     with paper_style():
         fig, steps = gantt_figure(timelines, args.step)
         files = save_figure(fig, out.parent, out.stem)
@@ -726,25 +716,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
     p.set_defaults(func=cmd_eas)
 
+    from experiments.reproduce import FIGURES
+    from experiments.sweep import ENGINES
+
     p = sub.add_parser("sweep", help="run every point of a YAML sweep spec, resumably (finished points are skipped)")
     p.add_argument("spec", help="YAML spec: fixed values and axes (see experiments/sweep/spec.py)")
     p.add_argument("--out", required=True, help="results directory (results.sqlite, one row per point)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local: a process pool; ray: Ray tasks on a cluster or a local Ray instance")
     p.add_argument("--workers", type=_positive_int,
                    help="local processes, or the CPUs of a local Ray instance (default: the CPUs this process may use)")
     p.add_argument("--ray-address", help="--engine ray: cluster to join (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_sweep)
-    from experiments.reproduce import FIGURES
-
     p = sub.add_parser("reproduce", help="the paper's figures (PNG, PDF, CSV and a printed table); all: every one "
-                       "plus a Markdown report")
+                       "plus a Markdown report", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="figures:\n" + "\n".join(f"  {k:<12} {v}" for k, v in FIGURES.items()))
     p.add_argument("name", help=f"one of {', '.join(FIGURES)}, or all")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quick", action="store_true", help="small grids that exercise every step in seconds (smoke "
                    "tests); the numbers are not the paper's setting")
     p.add_argument("--workers", type=_positive_int, help="fig7: local processes or local Ray CPUs (default 1)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local", help="fig7: sweep engine")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="fig7: sweep engine")
     p.add_argument("--ray-address", help="fig7 with --engine ray: cluster to join (default: $RAY_ADDRESS)")
     p.add_argument("--profile", metavar="DIR", help="calibration: an existing `coxmoe calibrate profile` directory "
                    "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")

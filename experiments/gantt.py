@@ -37,6 +37,11 @@ def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
     return events, doc.get("otherData") or {}
 
 
+def process_name(events: Events, default: str) -> str:
+    """The timeline's process name ("cox-moe simulation", "cox-moe execution (measured...)"), else `default`."""
+    return next((e["args"]["name"] for e in events if e.get("name") == "process_name"), default)
+
+
 def track_names(events: Events) -> dict[int, str]:
     return {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
 

@@ -170,3 +170,15 @@ def test_shipped_fig7_presets_spec_differs_only_in_routing():
     assert all(p.config["routing"] == f"preset:{p.config['model']}" for p in presets)
     strip = [{k: v for k, v in p.config.items() if k != "routing"} for p in presets]
     assert strip == [{k: v for k, v in p.config.items() if k != "routing"} for p in base]
+
+
+def test_run_sweep_names_an_unknown_engine(tmp_path):
+    from experiments.sweep.run import run_sweep
+    from experiments.sweep.store import ResultStore
+
+    store = ResultStore(tmp_path / "o")
+    try:
+        with pytest.raises(SimInputError, match="unknown sweep engine 'dask'; choose from local, ray"):
+            run_sweep([], store, "dask")
+    finally:
+        store.close()

@@ -17,15 +17,15 @@ from sim.errors import SimInputError
 if TYPE_CHECKING:  # the CLI reads FIGURES when building its parser; keep that import light
     import pandas as pd
 
-# name -> (module, one-line description)
-FIGURES: dict[str, tuple[str, str]] = {
-    "fig7": ("fig7", "throughput of FlexGen, MoE-Lightning and CoX-MoE, 3 models x 3 systems x 4 workloads"),
-    "table3": ("table3", "the ablation from MoE-Lightning to CoX-MoE, step by step"),
-    "microbatch": ("microbatch", "expert and non-expert latency against micro-batch size (the motivation)"),
-    "vram": ("vram", "VRAM breakdown with decode attention on the GPU and on the CPU"),
-    "eas": ("eas", "expert hit ratio of expert-aware stratification against random and oracle residency"),
-    "calibration": ("calibration", "simulator predictions against executor measurements on this machine"),
-    "timeline": ("timeline", "Gantt of one decode step per resource (simulated; measured when a record is given)"),
+# name (also its module here) -> one-line description, shown by `coxmoe reproduce --help`
+FIGURES: dict[str, str] = {
+    "fig7": "throughput of FlexGen, MoE-Lightning and CoX-MoE, 3 models x 3 systems x 4 workloads",
+    "table3": "the ablation from MoE-Lightning to CoX-MoE, step by step",
+    "microbatch": "expert and non-expert latency against micro-batch size (the motivation)",
+    "vram": "VRAM breakdown with decode attention on the GPU and on the CPU",
+    "eas": "expert hit ratio of expert-aware stratification against random and oracle residency",
+    "calibration": "simulator predictions against executor measurements on this machine",
+    "timeline": "Gantt of one decode step per resource (simulated; measured when a record is given)",
 }
 
 
@@ -39,6 +39,14 @@ class ReproduceOptions:
     profile: Path | None = None  # calibration: an existing `coxmoe calibrate profile` directory
     record: Path | None = None  # timeline: a measured timeline from `coxmoe execute --timeline`
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Check the input files up front, so `reproduce all` fails before its long figures, not after."""
+        if self.profile is not None and not (self.profile / "profile.json").is_file():
+            raise SimInputError(f"--profile {self.profile}: no profile.json there (coxmoe calibrate profile makes "
+                                "one)")
+        if self.record is not None and not self.record.is_file():
+            raise SimInputError(f"--record {self.record}: no such file (coxmoe execute --timeline writes one)")
 
     def command(self, name: str) -> str:
         """The command line that makes figure `name` (or `all`) with these options; flags a figure ignores are
@@ -78,7 +86,7 @@ class Reproduction:
 def reproduce(name: str, options: ReproduceOptions) -> Reproduction:
     if name not in FIGURES:
         raise SimInputError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}, all")
-    module = importlib.import_module(f"experiments.reproduce.{FIGURES[name][0]}")
+    module = importlib.import_module(f"experiments.reproduce.{name}")
     result: Reproduction = module.reproduce(options)
     result.command = options.command(name)
     return result

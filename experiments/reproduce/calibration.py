@@ -26,11 +26,7 @@ def _profile_dir(options: ReproduceOptions) -> Path:
     from executor.profile import profile
     from sim.api import resolve_model
 
-    if options.profile is not None:
-        meta = options.profile / "profile.json"
-        if not meta.is_file():
-            raise SimInputError(f"--profile {options.profile}: no profile.json (make one with coxmoe calibrate "
-                                "profile)")
+    if options.profile is not None:  # ReproduceOptions checked that it holds a profile.json
         return options.profile
     out = options.out / "calibration_profile"
     if not (out / "profile.json").is_file():

@@ -20,7 +20,7 @@ from experiments.reproduce.style import (
     save_csv,
     save_figure,
 )
-from experiments.sweep.run import ray_address, run_local, run_ray
+from experiments.sweep.run import run_sweep
 from experiments.sweep.spec import expand
 from experiments.sweep.store import ResultStore, load_results
 
@@ -45,10 +45,7 @@ def run_grid(options: ReproduceOptions) -> tuple[pd.DataFrame, str]:
     sweep_dir = options.out / "fig7_sweep"
     store = ResultStore(sweep_dir)
     try:
-        if options.engine == "ray":
-            summary = run_ray(points, store, options.workers, ray_address(options.ray_address))
-        else:
-            summary = run_local(points, store, options.workers)
+        summary = run_sweep(points, store, options.engine, options.workers, options.ray_address)
     finally:
         store.close()
     df = load_results(sweep_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.gantt import gantt_figure, load_chrome_trace, step_events, track_names
+from experiments.gantt import Events, gantt_figure, load_chrome_trace, process_name, step_events, track_names
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
 from sim.api import simulate
@@ -17,16 +17,17 @@ from sim.timeline import chrome_trace_events, write_chrome_trace
 MODEL, SYSTEM, ROUTING, PROMPT = "mixtral-8x7b", "rtx6000ada-8452y", "table:mixtral-8x7b", 97
 
 
-def simulated_timeline(options: ReproduceOptions) -> tuple[Path, str]:
+def simulated_timeline(options: ReproduceOptions) -> tuple[Path, str, Events]:
+    """Simulate the decode steps and write their Chrome-trace JSON; returns the file, a label and the events."""
     batch, gen = (128, 4) if options.quick else (1024, 32)
     r = simulate(MODEL, SYSTEM, "coxmoe", batch=batch, prompt_len=PROMPT, gen_len=gen, routing=ROUTING,
                  seed=options.seed, decode_sample=4, keep_plan=True)
     assert r.plan is not None and r.record is not None
-    path = write_chrome_trace(options.out / "timeline_sim.json",
-                              chrome_trace_events(r.plan.ops, r.record.start_ns, r.record.end_ns),
+    events = chrome_trace_events(r.plan.ops, r.record.start_ns, r.record.end_ns)
+    path = write_chrome_trace(options.out / "timeline_sim.json", events,
                               {"model": MODEL, "system": SYSTEM, "policy": "coxmoe", "knobs": r.knobs,
                                "batch": batch, "prompt_len": PROMPT, "gen_len": gen, "routing": ROUTING})
-    return path, f"simulated: CoX-MoE, Mixtral-8x7B, RTX 6000 Ada, B={batch}"
+    return path, f"simulated: CoX-MoE, Mixtral-8x7B, RTX 6000 Ada, B={batch}", events
 
 
 def step_table(label: str, events: list[dict], step: int) -> pd.DataFrame:
@@ -42,12 +43,11 @@ def step_table(label: str, events: list[dict], step: int) -> pd.DataFrame:
 
 
 def reproduce(options: ReproduceOptions) -> Reproduction:
-    sim_path, sim_label = simulated_timeline(options)
-    timelines = [(sim_label, load_chrome_trace(sim_path)[0])]
+    sim_path, sim_label, sim_events = simulated_timeline(options)
+    timelines = [(sim_label, sim_events)]
     if options.record is not None:
         events, _ = load_chrome_trace(options.record)
-        process = next((e["args"]["name"] for e in events if e.get("name") == "process_name"), "measured")
-        timelines.append((f"{process}: {options.record.name}", events))
+        timelines.append((f"{process_name(events, 'measured')}: {options.record.name}", events))
     with paper_style():
         fig, steps = gantt_figure(timelines)
         files = [sim_path, *save_figure(fig, options.out, "timeline")]

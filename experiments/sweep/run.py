@@ -14,12 +14,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from experiments.sweep import ENGINES
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
 from sim.errors import SimInputError
 
 Outcome = tuple[dict[str, Any] | None, str | None, float]
-ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,17 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
                 yield futures[fut], fut.result()
 
     return _drive(points, store, execute, progress, "sweep")
+
+
+def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "local", workers: int | None = None,
+              address_flag: str | None = None, progress: bool = True) -> SweepSummary:
+    """Run the pending points on `engine` (one of ENGINES): a local pool of `workers` processes (default: the
+    CPUs this process may use), or Ray at `address_flag`, else $RAY_ADDRESS, else a local Ray instance."""
+    if engine == "ray":
+        return run_ray(points, store, workers, ray_address(address_flag), progress)
+    if engine != "local":
+        raise SimInputError(f"unknown sweep engine {engine!r}; choose from {', '.join(ENGINES)}")
+    return run_local(points, store, workers or default_workers(), progress)
 
 
 def ray_address(flag: str | None) -> str | None:
