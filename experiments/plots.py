@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.api import SimulationResult  # noqa: E402
-from sim.plan import STREAMS, OpKind, Phase  # noqa: E402
+from sim.plan import STREAMS, OpKind, Phase, Plan  # noqa: E402
 from sim.timeline import TRACK_NAMES  # noqa: E402
 
 KIND_COLORS = {
@@ -31,6 +31,12 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
                                                   bbox_inches="tight"))
     finally:
         plt.close(fig)
+
+
+def middle_decode_step(plan: Plan) -> int | None:
+    """The middle of the decode steps a plan simulates (the one figures show), or None without decode."""
+    steps = sorted({op.step for op in plan.ops if op.phase is Phase.DECODE})
+    return steps[len(steps) // 2] if steps else None
 
 
 def plot_simulation(result: SimulationResult, path: str | Path) -> None:
@@ -57,8 +63,8 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
     ax_busy.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5, frameon=False)
     ax_busy.set_title(f"{result.throughput_tok_s:.1f} tok/s, total {result.total_s:.2f} s", fontsize=10)
 
-    steps = sorted({op.step for op in plan.ops if op.phase is Phase.DECODE})
-    phase, step = (Phase.DECODE, steps[len(steps) // 2]) if steps else (Phase.PREFILL, 0)
+    middle = middle_decode_step(plan)
+    phase, step = (Phase.DECODE, middle) if middle is not None else (Phase.PREFILL, 0)
     chosen = [op for op in plan.ops if op.phase is phase and op.step == step]
     t0 = min(rec.start_ns[op.id] for op in chosen)
     for op in chosen:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.plots import middle_decode_step
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
 from sim.api import SimulationResult, simulate
@@ -36,8 +37,7 @@ def step_latencies(result: SimulationResult) -> dict[str, float]:
     expert-weight copies) and on non-expert work (OP0-OP2 and the router), and the step's wall time."""
     plan, rec = result.plan, result.record
     assert plan is not None and rec is not None
-    steps = sorted({op.step for op in plan.ops if op.phase is Phase.DECODE})
-    step = steps[len(steps) // 2]
+    step = middle_decode_step(plan)
     ops = [op for op in plan.ops if op.phase is Phase.DECODE and op.step == step]
     out = {}
     for name, pick in (("expert", lambda op: op.kind in (OpKind.EXPERT, OpKind.SHARED_EXPERT)
