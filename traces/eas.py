@@ -13,7 +13,6 @@ num_layers, num_experts, resident, method, extra), `ranking` int32 [L, E] (exper
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from traces.errors import TraceError
-from traces.format import RoutingTrace, write_npz_atomic
+from traces.format import RoutingTrace, read_npz, write_npz_atomic
 
 MAP_FORMAT = "cox-moe-hot-expert-map"
 MAP_VERSION = 1
@@ -80,18 +79,11 @@ def save_map(hot: HotExpertMap, path: str | Path) -> Path:
 def load_map(path: str | Path) -> HotExpertMap:
     """Load and check a hot-expert map; any problem is one TraceError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"hot-expert map not found: {path}")
+    arrays = read_npz(path, {"header", "ranking", "load"}, (), "hot-expert map")
+    ranking, load = arrays["ranking"], arrays["load"]
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = {"header", "ranking", "load"} - set(npz.files)
-            if missing:
-                raise TraceError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
-            meta = json.loads(npz["header"].astype(np.uint8).tobytes().decode("utf-8"))
-            ranking, load = npz["ranking"], npz["load"]
-    except TraceError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        meta = json.loads(arrays["header"].astype(np.uint8).tobytes().decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
         raise TraceError(f"{path}: cannot read hot-expert map ({type(exc).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != MAP_FORMAT or meta.get("version") != MAP_VERSION:
         raise TraceError(f"{path}: not a v{MAP_VERSION} cox-moe hot-expert map")

@@ -215,6 +215,24 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
     return path
 
 
+def read_npz(path: Path, required: set[str], optional: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """The `required` arrays and whichever `optional` ones exist, read from an .npz without unpickling; a
+    missing file, a missing array or a damaged archive is one TraceError naming the file and `what` it is."""
+    if not path.is_file():
+        raise TraceError(f"{what} not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = required - set(npz.files)
+            if missing:
+                raise TraceError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
+            return {name: npz[name] for name in (*sorted(required), *optional) if name in npz.files}
+    except TraceError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        noun = what.removesuffix(" file")
+        raise TraceError(f"{path}: cannot read {noun} (truncated or not an .npz file: {type(exc).__name__})") from None
+
+
 def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
     try:
         meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
@@ -236,24 +254,12 @@ def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
 def load_trace(path: str | Path) -> RoutingTrace:
     """Load and validate a v1 trace; any problem is one TraceError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"trace file not found: {path}")
+    arrays = read_npz(path, {"header", "prompt_lens", "gen_lens", "experts"}, ("gate_weights", "request_features"),
+                      "trace file")
+    header = _parse_header(arrays["header"], path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            names = set(npz.files)
-            missing = {"header", "prompt_lens", "gen_lens", "experts"} - names
-            if missing:
-                raise TraceError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
-            header = _parse_header(npz["header"], path)
-            arrays = {name: npz[name] for name in ("prompt_lens", "gen_lens", "experts")}
-            gates = npz["gate_weights"] if "gate_weights" in names else None
-            feats = npz["request_features"] if "request_features" in names else None
-    except TraceError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise TraceError(f"{path}: cannot read trace (truncated or not an .npz file: {type(exc).__name__})") from None
-    try:
-        trace = RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"], gates, feats)
+        trace = RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"],
+                             arrays.get("gate_weights"), arrays.get("request_features"))
         validate(trace, thorough=True)
         return trace
     except TraceError as exc:
