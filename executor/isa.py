@@ -45,7 +45,9 @@ def onednn_isa(m: int = 256, k: int = 4096, n: int = 4096, reps: int = 5, timeou
                       for part in line.split(",") if part.startswith(("brg", "gemm", "jit", "ref"))})
     result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
     uses_amx = any("amx" in kernel for kernel in kernels)
-    return {"isa": isa, "kernels": kernels, "uses_amx": uses_amx, "amx_tile_supported": result["amx_tile"],
+    # torch sends bf16 GEMMs to oneDNN only on CPUs with AVX-512; elsewhere (an AVX2-only EPYC) oneDNN is silent.
+    return {"isa": isa, "onednn_used": bool(kernels), "kernels": kernels, "uses_amx": uses_amx,
+            "amx_tile_supported": result["amx_tile"],
             "shape": [m, k, n], "median_s": result["median_s"],
             "tflops": result["flops"] / result["median_s"] / 1e12}
 

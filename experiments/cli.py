@@ -318,7 +318,8 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
     o = r["onednn"]
     amx = "yes" if o["uses_amx"] else ("no (the CPU has AMX tiles but oneDNN did not use them)"
                                        if o["amx_tile_supported"] else "no (this CPU has no AMX)")
-    print(f"oneDNN ISA: {o['isa']}")
+    print(f"oneDNN ISA: {o['isa']}" if o["onednn_used"] else
+          "oneDNN ISA: not used (torch ran this bf16 GEMM outside oneDNN: the CPU lacks AVX-512)")
     print(f"bf16 GEMM {o['shape'][0]}x{o['shape'][1]}x{o['shape'][2]}: kernel {', '.join(o['kernels']) or 'n/a'}; "
           f"AMX: {amx}; {o['tflops']:.3f} TFLOP/s ({o['median_s'] * 1e3:.1f} ms)")
     sw = r["sweep"]
@@ -509,7 +510,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
                                ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
-                               record=Path(args.record) if args.record else None, seed=args.seed)
+                               record=Path(args.record) if args.record else None, seed=args.seed,
+                               keep=tuple(args.keep or ()))
     if args.name == "all":
         results, report = reproduce_all(options)
     else:
@@ -742,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")
     p.add_argument("--record", metavar="FILE", help="timeline: a measured timeline from `coxmoe execute --timeline`")
     p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--keep", action="append", metavar="NAME", help="all: do not rerun figure NAME; carry its "
+                   "summary row and section from the report already in --out (repeatable)")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("timeline", help="Gantt chart (PNG + PDF) of one decode step from Chrome-trace timelines")
     p.add_argument("files", nargs="+", help="timelines from simulate/execute --timeline; one panel each")

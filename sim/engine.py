@@ -1,11 +1,13 @@
 """The SimPy machine: one long-lived process per stream runs that stream's ops in plan order.
 
-Contention: streams on one device (two CPU workers, two host-to-device copy queues) share it. Each running op
-uses some share of its device's two resources when alone (compute and memory, or the link), as the cost model
-reports; while several ops run on one device they progress at rates that share the device fairly (dominant
-resource fairness), so two ops that both need the whole device each take longer, and the device never does
-more work than its capacity. A rate change re-times the affected ops (their processes are interrupted and
-wait anew). An op on a device that only one stream uses takes the fast path: one timeout, no bookkeeping.
+Contention: ops that draw on a common resource share it. The GPU's resources are its SMs and HBM; the host's are
+the CPU cores, host DRAM bandwidth and the two PCIe directions, and host DRAM is one resource that CPU ops and
+the DMA of both PCIe directions all draw from (a copy reads or writes host memory at its link rate). Each
+running op uses some share of its resources when alone, as the cost model reports; while several ops run in one
+group (GPU, or host) they progress at rates that share the resources fairly (dominant resource fairness), so
+two ops that both need a whole resource each take longer, and no resource ever does more work than its
+capacity. A rate change re-times the affected ops (their processes are interrupted and wait anew). An op in a
+group that only one stream uses takes the fast path: one timeout, no bookkeeping.
 
 Cross-stream dependencies wait on an event created only when an op has to wait. Memory pools are counters
 checked at every allocation. The clock is integer nanoseconds; nothing is random.
@@ -75,64 +77,114 @@ class _Pools:
         self.used[pool] -= nbytes
 
 
-def max_min_rates(usages: list[tuple[float, float]]) -> list[float]:
-    """Fair speeds (1 = as fast as alone) of jobs sharing two resources of capacity 1 (dominant resource
+# Resource groups: devices whose ops contend. Host DRAM couples the CPU and both PCIe directions (DMA).
+GROUP_OF: dict[Device, str] = {Device.GPU: "gpu", Device.CPU: "host", Device.H2D: "host", Device.D2H: "host"}
+
+
+def group_usage(device: Device, usage: tuple[float, float]) -> tuple[float, ...]:
+    """An op's usage vector over its group's resources, from the cost model's (own resource, memory) pair:
+    (SMs, HBM) on the GPU; (cores, DRAM, PCIe H2D, PCIe D2H) on the host, where a CPU op fills the first two and
+    a copy its direction and DRAM."""
+    first, memory = usage
+    if device is Device.GPU:
+        return usage
+    if device is Device.CPU:
+        return (first, memory, 0.0, 0.0)
+    if device is Device.H2D:
+        return (0.0, memory, first, 0.0)
+    return (0.0, memory, 0.0, first)
+
+
+def _unsaturated(usages: list[tuple[float, ...]]) -> bool:
+    """True when the jobs together need no resource beyond its capacity."""
+    return all(sum(column) <= 1.0 + _EPS for column in zip(*usages, strict=True))
+
+
+def max_min_rates(usages: list[tuple[float, ...]]) -> list[float]:
+    """Fair speeds (1 = as fast as alone) of jobs sharing resources of capacity 1 (dominant resource
     fairness, by progressive filling).
 
     `usages[i]` is job i's use of each resource when it runs alone. Every unfrozen job's dominant share
     (speed x its larger usage) rises at the same pace until a resource saturates or a job reaches full speed;
-    those jobs freeze and the rest go on. A job that uses nothing runs at full speed.
+    those jobs freeze and the rest go on. A job that uses nothing runs at full speed. (Plain loops: this runs at
+    every start and end of an op while a resource is oversubscribed.)
     """
     n = len(usages)
+    if n == 0 or _unsaturated(usages):  # nothing to share: every job runs as fast as alone
+        return [1.0] * n
+    resources = range(len(usages[0]))
     rates = [0.0] * n
     dominant = [max(u) for u in usages]
-    cap = [1.0, 1.0]
+    per_share: list[list[float]] = []  # usage per unit of dominant share
     active = []
     for i in range(n):
-        if dominant[i] <= _EPS:
+        d = dominant[i]
+        if d <= _EPS:
             rates[i] = 1.0
+            per_share.append([])
         else:
+            per_share.append([x / d for x in usages[i]])
             active.append(i)
+    cap = [1.0 for _ in resources]
     while active:
-        grow = [sum(usages[i][r] / dominant[i] for i in active) for r in (0, 1)]
+        grow = [0.0 for _ in resources]
+        for i in active:
+            v = per_share[i]
+            for r in resources:
+                grow[r] += v[r]
         delta = min((1.0 - rates[i]) * dominant[i] for i in active)
-        for r in (0, 1):
+        for r in resources:
             if grow[r] > _EPS:
                 delta = min(delta, cap[r] / grow[r])
         for i in active:
             rates[i] += delta / dominant[i]
-        for r in (0, 1):
+        full = []
+        for r in resources:
             cap[r] -= delta * grow[r]
-        full = [cap[r] <= _EPS for r in (0, 1)]
-        active = [i for i in active if rates[i] < 1.0 - _EPS
-                  and not any(full[r] and usages[i][r] > _EPS for r in (0, 1))]
+            if cap[r] <= _EPS:
+                full.append(r)
+        active = [i for i in active if rates[i] < 1.0 - _EPS and not any(usages[i][r] > _EPS for r in full)]
     return rates
 
 
 class _Job:
-    __slots__ = ("proc", "usage", "remaining", "rate", "t_last", "finish")
+    """A running op in a shared group: its usage, work left (ns at full speed), speed, and finish time. `wake` is
+    when its process next wakes: a finish that moves later needs no interrupt (the process sleeps again)."""
 
-    def __init__(self, proc: simpy.Process, usage: tuple[float, float], duration: int, now: int):
+    __slots__ = ("proc", "usage", "remaining", "rate", "t_last", "finish", "wake")
+
+    def __init__(self, proc: simpy.Process, usage: tuple[float, ...], duration: int, now: int):
         self.proc, self.usage = proc, usage
         self.remaining, self.rate, self.t_last, self.finish = float(duration), 1.0, now, now + duration
+        self.wake = self.finish
 
 
-class _DeviceShare:
-    """The ops running on one device; re-times them whenever one starts or ends while others run."""
+class _GroupShare:
+    """The ops running in one resource group; re-times them whenever one starts or ends while others run.
 
-    __slots__ = ("jobs",)
+    While no resource is oversubscribed every job runs at full speed, so an arrival that keeps it that way, and
+    any departure, changes nothing: those skip the bookkeeping (a job at full speed needs no progress update)."""
+
+    __slots__ = ("jobs", "saturated", "demand", "_rates")
 
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
+        self.saturated = False  # some running job is slowed down
+        self.demand: list[float] = []  # per resource, the running jobs' usages summed (reset when idle)
+        self._rates: dict[tuple, list[float]] = {}  # fair rates per mix of usages: plans repeat their mixes
 
     def _retime(self, now: int, skip: _Job | None) -> None:
-        rates = max_min_rates([j.usage for j in self.jobs])
+        key = tuple([j.usage for j in self.jobs])
+        rates = self._rates.get(key)
+        if rates is None:
+            rates = self._rates[key] = max_min_rates(list(key))
+        self.saturated = any(rate < 1.0 - _EPS for rate in rates)
         for job, rate in zip(self.jobs, rates, strict=True):
             job.rate = rate
             finish = now + max(0, math.ceil(job.remaining / rate - _EPS))
             if finish != job.finish:
                 job.finish = finish
-                if job is not skip:
+                if finish < job.wake and job is not skip:  # earlier than its process wakes: wake it now
                     job.proc.interrupt()
 
     def _advance(self, now: int) -> None:
@@ -141,16 +193,29 @@ class _DeviceShare:
             job.t_last = now
 
     def admit(self, job: _Job, now: int) -> None:
-        if not self.jobs:
-            self.jobs.append(job)
+        jobs = self.jobs
+        jobs.append(job)
+        if len(jobs) == 1:
+            self.demand = list(job.usage)
+            return
+        demand = self.demand
+        for r, u in enumerate(job.usage):
+            demand[r] += u
+        if not self.saturated and max(demand) <= 1.0 + _EPS:
             return
         self._advance(now)
-        self.jobs.append(job)
         self._retime(now, skip=job)
 
     def release(self, job: _Job, now: int) -> None:
-        self.jobs.remove(job)
-        if self.jobs:
+        jobs = self.jobs
+        jobs.remove(job)
+        if not jobs:
+            self.saturated = False
+            return
+        demand = self.demand
+        for r, u in enumerate(job.usage):
+            demand[r] -= u
+        if self.saturated:
             self._advance(now)
             self._retime(now, skip=None)
 
@@ -169,17 +234,19 @@ def run_plan(plan: Plan, cost: CostModel) -> EngineRecord:
         {"gpu": plan.static_bytes("gpu"), "cpu": plan.static_bytes("cpu")},
     )
     env = simpy.Environment()
-    shares = {device: _DeviceShare() for device in Device}
+    shares = {group: _GroupShare() for group in set(GROUP_OF.values())}
     by_stream: dict[Stream, list[int]] = {s: [] for s in STREAMS}
     for op in ops:
         by_stream[op.stream].append(op.id)
     timeout, new_event, Interrupt = env.timeout, env.event, simpy.Interrupt
 
-    streams_on = {device: sum(1 for s, ids in by_stream.items() if ids and DEVICE_OF[s] is device) for device in Device}
+    streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and GROUP_OF[DEVICE_OF[s]] == group)
+                  for group in shares}
 
     def stream_process(stream: Stream, ids: list[int]):
-        share = shares[DEVICE_OF[stream]]
-        shared = streams_on[DEVICE_OF[stream]] > 1  # a device used by one stream only never contends
+        device = DEVICE_OF[stream]
+        share = shares[GROUP_OF[device]]
+        shared = streams_in[GROUP_OF[device]] > 1  # a group used by one stream only never contends
         proc = env.active_process
         for i in ids:
             op = ops[i]
@@ -197,12 +264,12 @@ def run_plan(plan: Plan, cost: CostModel) -> EngineRecord:
             if d and not shared:
                 yield timeout(d)
             elif d:
-                job = _Job(proc, usage_of(op), d, now)
+                job = _Job(proc, group_usage(device, usage_of(op)), d, now)
                 share.admit(job, now)
-                while True:
+                while env.now < job.finish:  # the finish may move while it runs (later: wakes and sleeps again)
+                    job.wake = job.finish
                     try:
                         yield timeout(job.finish - env.now)
-                        break
                     except Interrupt:
                         continue
                 share.release(job, env.now)

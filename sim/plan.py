@@ -68,6 +68,9 @@ class OpKind(StrEnum):
 class Payload(StrEnum):
     NONE = ""
     EXPERT_WEIGHTS = "expert_weights"
+    # Weights copied from pageable host memory: the driver stages them through a pinned bounce buffer (a CPU
+    # memcpy, then the DMA), so the copy is slower and reads host DRAM twice and writes it once.
+    PAGEABLE_WEIGHTS = "pageable_weights"
     KV = "kv"
     ACTIVATIONS = "activations"
 

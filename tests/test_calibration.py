@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,7 +139,12 @@ def test_isa_probe_names_a_kernel():
     from executor.isa import ipex_status, onednn_isa
 
     r = onednn_isa(m=16, k=256, n=256, reps=2)
-    assert r["isa"] and r["tflops"] > 0
+    assert r["tflops"] > 0
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "avx512f" in flags:  # torch dispatches bf16 GEMMs to oneDNN, which names its ISA and kernel
+        assert r["onednn_used"] and r["isa"] and r["kernels"]
+    else:  # an AVX2-only CPU (this project's EPYC dev VM on some sessions): oneDNN is not involved
+        assert not r["onednn_used"] and r["isa"] is None
     assert r["uses_amx"] == any("amx" in k for k in r["kernels"])
     assert "available" in ipex_status()
 

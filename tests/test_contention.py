@@ -98,3 +98,47 @@ def test_same_stream_never_overlaps_itself(tiny_model, paper_system):
                                                                 cpu_gemm(b, Stream.CPU, flops, 10**6)))
     alone = cost.op_time_ns(plan.ops[0])
     assert rec.start_ns.tolist() == [0, alone] and rec.end_ns.tolist() == [alone, 2 * alone]
+
+
+def test_dma_and_cpu_attention_share_host_dram(tiny_model, paper_system):
+    """Host DRAM is one resource: two DMA directions and a memory-bound CPU attention each slow down together,
+    and the bytes they move per second never exceed the DRAM bandwidth."""
+    def build(b):
+        b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, nbytes=4 * 10**9)
+        b.add(OpKind.COPY, Stream.D2H, Phase.DECODE, 1, 0, nbytes=4 * 10**9)
+        b.add(OpKind.ATTENTION, Stream.CPU, Phase.DECODE, 1, 0, tokens=64, flops=10**8, nbytes=40 * 10**9)
+
+    plan, rec, cost = run(tiny_model, paper_system, build)
+    alone = [cost.op_time_ns(op) for op in plan.ops]
+    took = [int(rec.end_ns[i] - rec.start_ns[i]) for i in range(3)]
+    assert all(t > a * 1.05 for t, a in zip(took, alone, strict=True))  # each is slowed down
+    # The equal copies end together at t1; attention then runs alone at full speed until t2. Over [0, t1] the
+    # DRAM bytes all three moved per second stay within the DRAM bandwidth (and fill it: DRAM is the bottleneck).
+    t1, t2 = rec.end_ns[0] * 1e-9, rec.end_ns[2] * 1e-9
+    assert rec.end_ns[0] == rec.end_ns[1] and t1 < t2
+    attention_alone_rate = plan.ops[2].bytes / (alone[2] * 1e-9)
+    attention_bytes_by_t1 = plan.ops[2].bytes - (t2 - t1) * attention_alone_rate
+    dram_rate = (plan.ops[0].bytes + plan.ops[1].bytes + attention_bytes_by_t1) / t1
+    assert dram_rate <= cost.cpu_bw * (1 + 1e-4)
+    assert dram_rate >= cost.cpu_bw * 0.99
+    # Each resource's demanded work fits in the makespan.
+    usages = [cost.usage(op) for op in plan.ops]
+    dram_work = sum(u[1] * a for u, a in zip(usages, alone, strict=True))
+    assert dram_work <= rec.makespan_ns * (1 + 1e-6)
+
+
+def test_dma_alone_with_a_compute_bound_cpu_op_is_not_slowed(tiny_model, paper_system):
+    """A copy and a compute-bound CPU GEMM use different resources (DRAM has headroom): neither slows down."""
+    def build(b):
+        b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, nbytes=10**9)
+        cpu_gemm(b, Stream.CPU, 10**11, 10**6)
+
+    plan, rec, cost = run(tiny_model, paper_system, build)
+    assert rec.end_ns.tolist() == [cost.op_time_ns(op) for op in plan.ops]
+
+
+def test_max_min_rates_any_number_of_resources():
+    # Host group: (cores, dram, h2d, d2h). A DMA using 1/8 of DRAM and a DRAM-bound CPU op share DRAM.
+    r = max_min_rates([(0.0, 0.125, 1.0, 0.0), (0.1, 1.0, 0.0, 0.0)])
+    assert r[0] * 0.125 + r[1] * 1.0 == pytest.approx(1.0)
+    assert r == pytest.approx([1 / 1.125, 1 / 1.125])

@@ -11,6 +11,7 @@ import pytest
 from experiments.cli import main
 from experiments.reproduce import FIGURES
 from experiments.reproduce.fig7 import summarize
+from sim.errors import SimInputError
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,22 @@ def test_summarize_keeps_failed_points_blank():
                                                      ("flexgen", "failed", None))]
     table = summarize(pd.DataFrame(rows))
     assert table["speedup_vs_moe-lightning"].iloc[0] == 2.0 and pd.isna(table["speedup_vs_flexgen"].iloc[0])
+
+
+def test_keep_carries_a_figure_from_the_earlier_report(tmp_path):
+    from experiments.reproduce import ReproduceOptions
+    from experiments.reproduce.report import kept_parts
+
+    report = tmp_path / "report.md"
+    report.write_text("# CoX-MoE reproduction report\n\n| figure | paper | here |\n|---|---|---|\n"
+                      "| [calibration](#simulator-against-the-executor) | claim | 2.9% |\n\n"
+                      "## Simulator against the executor\n\n- **Here:** 2.9%\n\n## Next section\n\ntext\n")
+    kept = kept_parts(report, ("calibration",))
+    row, section = kept["calibration"]
+    assert row.startswith("| [calibration](") and "2.9%" in row
+    assert section.startswith("## Simulator against the executor") and "Next section" not in section
+    with pytest.raises(SimInputError, match="no section for it"):
+        kept_parts(report, ("fig7",))
+    with pytest.raises(SimInputError, match="unknown figure"):
+        ReproduceOptions(tmp_path, keep=("nope",))
+    assert "--keep calibration" in ReproduceOptions(tmp_path, keep=("calibration",)).command("all")

@@ -26,6 +26,7 @@ FIGURES: dict[str, str] = {
     "eas": "expert hit ratio of expert-aware stratification against random and oracle residency",
     "calibration": "simulator predictions against executor measurements on this machine",
     "timeline": "Gantt of one decode step per resource (simulated; measured when a record is given)",
+    "validation": "predicted against published measurements (MoE-Lightning HELM runs, ...), learned factors held out",
 }
 
 
@@ -39,6 +40,7 @@ class ReproduceOptions:
     profile: Path | None = None  # calibration: an existing `coxmoe calibrate profile` directory
     record: Path | None = None  # timeline: a measured timeline from `coxmoe execute --timeline`
     seed: int = 0
+    keep: tuple[str, ...] = ()  # all: figures not rerun, carried from the report already in `out`
 
     def __post_init__(self) -> None:
         """Check the input files up front, so `reproduce all` fails before its long figures, not after."""
@@ -47,6 +49,9 @@ class ReproduceOptions:
                                 "one)")
         if self.record is not None and not self.record.is_file():
             raise SimInputError(f"--record {self.record}: no such file (coxmoe execute --timeline writes one)")
+        unknown = [k for k in self.keep if k not in FIGURES]
+        if unknown:
+            raise SimInputError(f"--keep {unknown[0]}: unknown figure; known: {', '.join(FIGURES)}")
 
     def command(self, name: str) -> str:
         """The command line that makes figure `name` (or `all`) with these options; flags a figure ignores are
@@ -66,6 +71,8 @@ class ReproduceOptions:
             parts += ["--record", str(self.record)]
         if self.seed:
             parts += ["--seed", str(self.seed)]
+        if name == "all":
+            parts += [f"--keep {k}" for k in self.keep]
         return " ".join(parts)
 
 

@@ -30,8 +30,9 @@ def _profile_dir(options: ReproduceOptions) -> Path:
         return options.profile
     out = options.out / "calibration_profile"
     if not (out / "profile.json").is_file():
+        # quick plans (batch <= 32, prompt 4) run ops of at most 128 tokens: a larger grid only costs time
         profile(resolve_model(DEFAULT_MODEL), out, devices=("cpu",), rounds=1 if options.quick else 3,
-                max_tokens=256 if options.quick else 1024)
+                max_tokens=128 if options.quick else 1024)
     return out
 
 

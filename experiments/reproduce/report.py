@@ -11,6 +11,7 @@ from experiments.reproduce import FIGURES, ReproduceOptions, Reproduction, repro
 from experiments.reproduce.style import save_text
 from experiments.sweep.store import versions
 from experiments.tables import markdown_table
+from sim.errors import SimInputError
 
 REPORT = "report.md"
 
@@ -33,14 +34,37 @@ def _section(r: Reproduction, out: Path, wall_s: float) -> str:
     return "\n".join(lines)
 
 
+def kept_parts(report: Path, names: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """name -> (summary row, section) of figures carried over from an earlier report, unchanged."""
+    if not report.is_file():
+        raise SimInputError(f"--keep needs the earlier report {report}")
+    text = report.read_text(encoding="utf-8")
+    rows = {m.group(1): (m.group(0), m.group(2))
+            for m in re.finditer(r"(?m)^\| \[([\w-]+)\]\(#([^)]+)\) \|.*$", text)}
+    sections = {anchor(part.split("\n", 1)[0]): "## " + part.rstrip("\n") + "\n"
+                for part in re.split(r"(?m)^## ", text)[1:]}
+    out = {}
+    for name in names:
+        if name not in rows or rows[name][1] not in sections:
+            raise SimInputError(f"--keep {name}: {report} has no section for it")
+        out[name] = (rows[name][0], sections[rows[name][1]])
+    return out
+
+
 def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> tuple[list[Reproduction], Path]:
     names = names or list(FIGURES)
-    sections, results = [], []
+    kept = kept_parts(options.out / REPORT, options.keep) if options.keep else {}
+    sections, results, rows = [], [], []
     t_all = time.perf_counter()
     for name in names:
+        if name in kept:
+            rows.append(kept[name][0])
+            sections.append(kept[name][1])
+            continue
         t0 = time.perf_counter()
         r = reproduce(name, options)
         results.append(r)
+        rows.append(f"| [{r.name}](#{anchor(r.title)}) | {r.claim} | {r.finding} |")
         sections.append(_section(r, options.out, time.perf_counter() - t0))
     v = versions()
     head = ["# CoX-MoE reproduction report", "",
@@ -55,6 +79,9 @@ def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> 
             "this machine's CPU, which may lack AMX (its fingerprint says), so it checks the method, not the "
             "Xeon 8452Y's numbers.", "",
             "| figure | paper | here |", "|---|---|---|"]
-    head += [f"| [{r.name}](#{anchor(r.title)}) | {r.claim} | {r.finding} |" for r in results]
+    if kept:
+        head[3:3] = ["", f"Carried unchanged from the earlier report in this folder (not rerun): {', '.join(kept)}; "
+                     "their numbers come from the run that made that report."]
+    head += rows
     path = save_text("\n".join(head) + "\n\n" + "\n".join(sections), options.out / REPORT)
     return results, path

@@ -1,9 +1,10 @@
 """Roofline cost model: time = max(FLOPs / achievable peak, bytes / achievable bandwidth) + fixed overhead.
 
-This is the default `CostModel`. Besides an op's standalone time it reports how much of its device's two
-shared resources the op uses while running alone: (compute, memory) for the GPU (SMs, HBM) and the CPU (cores,
-DRAM), (link, 0) for a PCIe direction. The engine uses these usages to share a device fairly between
-concurrent streams. A measured profile (issue 4) plugs in through the same two methods.
+This is the default `CostModel`. Besides an op's standalone time it reports how much of two shared resources the
+op uses while running alone: (compute, memory) for the GPU (SMs, HBM) and the CPU (cores, host DRAM), (link,
+host DRAM) for a PCIe direction, whose DMA reads or writes host memory at the link's rate. The engine uses these
+usages to share resources fairly between concurrent streams (host DRAM is one resource for the CPU and both
+PCIe directions). A measured profile (issue 4) plugs in through the same two methods.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from sim.plan import DEVICE_OF, Device, Op, OpKind, Stream
+from sim.plan import DEVICE_OF, Device, Op, OpKind, Payload, Stream
 from sim.specs import SystemSpec
 
 _CPU_VECTOR_KINDS = frozenset({OpKind.ATTENTION, OpKind.EMBED})
@@ -40,9 +41,11 @@ class RooflineCostModel:
         self.cpu_gemm_flops = cpu.gemm_flops_per_s
         self.cpu_vector_flops = cpu.vector_flops_per_s
         self.cpu_bw = cpu.dram_bytes_per_s * cpu.dram_efficiency
+        self.cpu_attention_bw = cpu.attention_bytes_per_s
         self.cpu_overhead = cpu.op_overhead_s
         self.h2d_bw = link.h2d_bytes_per_s * link.h2d_efficiency
         self.d2h_bw = link.d2h_bytes_per_s * link.d2h_efficiency
+        self.pageable_h2d_bw = self.h2d_bw * link.pageable_ratio
         self.link_latency = link.latency_s
         self._time: dict[tuple, int] = {}
         self._usage: dict[tuple, tuple[float, float]] = {}
@@ -54,7 +57,8 @@ class RooflineCostModel:
             return flops / self.gpu_flops, nbytes / self.gpu_bw, self.gpu_overhead
         if device is Device.CPU:
             rate = self.cpu_vector_flops if kind in _CPU_VECTOR_KINDS else self.cpu_gemm_flops
-            return flops / rate, nbytes / self.cpu_bw, self.cpu_overhead
+            bw = self.cpu_attention_bw if kind is OpKind.ATTENTION else self.cpu_bw
+            return flops / rate, nbytes / bw, self.cpu_overhead
         bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
         return nbytes / bw, 0.0, self.link_latency
 
@@ -63,21 +67,37 @@ class RooflineCostModel:
         return max(compute, memory) + fixed
 
     def op_time_ns(self, op: Op) -> int:
-        key = (op.kind, op.stream, op.flops, op.bytes)
+        key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._time.get(key)
         if hit is None:
-            hit = self._time[key] = seconds_to_ns(self.seconds(op.kind, op.stream, op.flops, op.bytes))
+            if op.payload is Payload.PAGEABLE_WEIGHTS and DEVICE_OF[op.stream] is Device.H2D:
+                seconds = op.bytes / self.pageable_h2d_bw + self.link_latency
+            else:
+                seconds = self.seconds(op.kind, op.stream, op.flops, op.bytes)
+            hit = self._time[key] = seconds_to_ns(seconds)
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:
         """Shares of the device's (compute, memory) resources the op keeps busy when it runs alone: the
         binding roof at 1, the other in proportion. The fixed overhead scales with the op's speed."""
-        key = (op.kind, op.stream, op.flops, op.bytes)
+        key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._usage.get(key)
         if hit is None:
-            compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
-            top = max(compute, memory)
-            hit = (compute / top, memory / top) if top > 0 else (0.0, 0.0)
+            device = DEVICE_OF[op.stream]
+            if device in (Device.H2D, Device.D2H):  # the link at full rate; DMA draws that rate from host DRAM
+                link_bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
+                dram_bytes_per_s = link_bw
+                if op.payload is Payload.PAGEABLE_WEIGHTS and device is Device.H2D:  # bounce buffer: 3 passes
+                    link_bw = self.pageable_h2d_bw
+                    dram_bytes_per_s = 3 * self.pageable_h2d_bw
+                hit = (link_bw / self.h2d_bw if device is Device.H2D else 1.0,
+                       min(1.0, dram_bytes_per_s / self.cpu_bw)) if op.bytes else (0.0, 0.0)
+            else:
+                compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
+                top = max(compute, memory)
+                if device is Device.CPU:  # the share of the DRAM's capacity, whatever rate the kernel reaches
+                    memory = op.bytes / self.cpu_bw
+                hit = (compute / top, memory / top) if top > 0 else (0.0, 0.0)
             self._usage[key] = hit
         return hit
 

@@ -89,6 +89,16 @@ class MicroBatchOptions(OptionsBase):
         self.at_least("decode_micro_batch", 0)
 
 
+def published_split(policy: str, size_name: str, count_name: str, size: int, count: int, batch: int) -> int:
+    """The per-batch size of a split given as published, `count` batches (of `size` requests, or the even share
+    when size <= 0); an error when that split does not cover `batch` in exactly `count` batches."""
+    size = size if size > 0 else -(-batch // count)
+    if -(-batch // size) != count:
+        raise SimInputError(f"policy {policy}: {size_name} {size} x {count_name} {count} does not cover batch "
+                            f"{batch} in exactly that many")
+    return size
+
+
 def require_fits(pool: str, device: str, policy: str, parts: dict[str, int], capacity: int) -> None:
     """Raise CapacityError naming every part when the static parts of a pool exceed its capacity."""
     need = sum(parts.values())

@@ -27,7 +27,7 @@ import numpy as np
 from sim.cost import Work
 from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
-from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
+from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
 from sim.policies.layers import (
     At,
     BatchSlice,
@@ -48,29 +48,39 @@ FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp
 
 @dataclass(frozen=True)
 class FlexGenOptions(OptionsBase):
-    """gpu_batch_size: requests per GPU batch (-1 = search; num_gpu_batches = ceil(B / it));
+    """gpu_batch_size: requests per GPU batch (-1 = search); num_gpu_batches: GPU batches per block, FlexGen's
+    --num-gpu-batches (0 = ceil(B / gpu_batch_size); given, it must equal that, so the block is the batch);
     weights_gpu_percent, kv_gpu_percent, act_gpu_percent: shares of each layer's weights, of the KV cache and
     of the hidden states kept in VRAM, the rest in DRAM (-1 = search); cpu_attention: on | off (FlexGen's
     --cpu-cache-compute: decode attention over the DRAM part of the cache runs on the CPU); fp32_cpu_attention:
-    on | off (its CPU path casts K/V to fp32 first); rescore: candidates simulated."""
+    on | off (its CPU path casts K/V to fp32 first); pin_weight: on | off (FlexGen's --pin-weight: off keeps the
+    DRAM weights pageable, so each weight load is staged through a bounce buffer); memory_fraction: share of
+    each memory the search may fill (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A
+    configuration with every knob given needs only to fit in memory."""
 
     policy_name = "flexgen"
     gpu_batch_size: int = -1
+    num_gpu_batches: int = 0
     weights_gpu_percent: float = -1.0
     kv_gpu_percent: float = -1.0
     act_gpu_percent: float = -1.0
     cpu_attention: str = "on"
     fp32_cpu_attention: str = "on"
+    pin_weight: str = "on"
+    memory_fraction: float = MEMORY_FRACTION
     rescore: int = 3
 
     def __post_init__(self) -> None:
         self.at_least("gpu_batch_size", -1)
+        self.at_least("num_gpu_batches", 0)
         for name in ("weights_gpu_percent", "kv_gpu_percent", "act_gpu_percent"):
             value = getattr(self, name)
             if value != -1.0 and not 0.0 <= value <= 100.0:
                 raise SimInputError(f"policy flexgen: {name} must be in [0, 100] (or -1 to search), got {value}")
         self.choice("cpu_attention", ("on", "off"))
         self.choice("fp32_cpu_attention", ("on", "off"))
+        self.choice("pin_weight", ("on", "off"))
+        self.fraction("memory_fraction")
         self.at_least("rescore", 1)
 
     @property
@@ -94,6 +104,7 @@ class _Layout:
         self.prompt = int(wl.prompt_lens.max())  # padded
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
+        self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
         self.kv_factor = FP32_CPU_ATTENTION_BYTES if o.fp32_cpu_attention == "on" else 1
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
@@ -182,6 +193,9 @@ class FlexGenPolicy(Policy):
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: FlexGenOptions = self.options
         batch = ctx.workload.batch
+        if o.num_gpu_batches:
+            o = replace(o, gpu_batch_size=published_split(self.name, "gpu_batch_size", "num_gpu_batches",
+                                                          o.gpu_batch_size, o.num_gpu_batches, batch))
         if o.gpu_batch_size > 0:
             sizes = [min(o.gpu_batch_size, batch)]
         elif o.gpu_batch_size == 0:
@@ -192,8 +206,10 @@ class FlexGenPolicy(Policy):
         def grid(value: float, step: float) -> list[float]:
             return [value] if value >= 0 else [step * k for k in range(int(100 / step) + 1)]
 
-        gpu_cap = MEMORY_FRACTION * ctx.system.gpu.hbm_bytes
-        cpu_cap = MEMORY_FRACTION * ctx.system.dram_bytes
+        gpu_cap, cpu_cap = ctx.system.gpu_usable_bytes, ctx.system.dram_usable_bytes
+        if o.searched:  # FlexGen's search relaxes each memory; a forced configuration needs only to fit
+            gpu_cap = min(gpu_cap, o.memory_fraction * ctx.system.gpu.hbm_bytes)
+            cpu_cap = min(cpu_cap, o.memory_fraction * ctx.system.dram_bytes)
         out = []
         for gbs, hg, cg in itertools.product(sizes, grid(o.act_gpu_percent, 100.0), grid(o.kv_gpu_percent, 25.0)):
             for wg in sorted(grid(o.weights_gpu_percent, 5.0), reverse=True):
@@ -263,7 +279,7 @@ class _ZigZag(LayerEmitter):
         for layer in range(m.num_layers):
             weights = -1
             if lay.loaded[layer]:
-                weights = self.xfer(H2D, At(phase, step, layer), lay.loaded[layer], Payload.EXPERT_WEIGHTS,
+                weights = self.xfer(H2D, At(phase, step, layer), lay.loaded[layer], lay.weight_payload,
                                     (self.layer_done.get(self.seq - 2, -1),))
             last = -1
             for i, s in enumerate(slices):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
-from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
+from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
 from sim.policies.layers import (
     At,
     BatchSlice,
@@ -47,20 +47,27 @@ CPU_MEMORY_FRACTION = 0.8   # fastmoe policy LP: cpu_home + cpu_w <= 0.8 * cmem
 class MoELightningOptions(OptionsBase):
     """micro_batch: requests per decode micro-batch, ubs (-1 = search); wg: share of each layer's experts
     pinned in VRAM, floor(wg x E) of them (-1 = search); prefill_tokens: prompt tokens per prefill
-    micro-batch (0 = ubs requests, as the fastmoe runtime runs prefill); rescore: candidates the simulation
-    re-scores."""
+    micro-batch (0 = ubs requests, as the fastmoe runtime runs prefill); num_micro_batches: N/ubs, the
+    artifact's n_ub (0 = ceil(B / ubs); given, it must equal that); memory_fraction: share of each memory the
+    search may fill (-1: the LP's own relaxations, 0.86 of VRAM and 0.8 of DRAM); rescore: candidates the
+    simulation re-scores. A configuration with every knob given needs only to fit in memory."""
 
     policy_name = "moe-lightning"
     micro_batch: int = -1
+    num_micro_batches: int = 0
     wg: float = -1.0
     prefill_tokens: int = 0
+    memory_fraction: float = -1.0
     rescore: int = 3
 
     def __post_init__(self) -> None:
         self.at_least("micro_batch", -1)
+        self.at_least("num_micro_batches", 0)
         if self.wg != -1.0:
             self.fraction("wg")
         self.at_least("prefill_tokens", 0)
+        if self.memory_fraction != -1.0:
+            self.fraction("memory_fraction")
         self.at_least("rescore", 1)
 
     def resident(self, num_experts: int) -> int:
@@ -117,6 +124,9 @@ class MoELightningPolicy(Policy):
         m, wl = ctx.model, ctx.workload
         a = Analytic(ctx)
         batch = wl.batch
+        if o.num_micro_batches:
+            o = replace(o, micro_batch=published_split(self.name, "micro_batch", "num_micro_batches",
+                                                       o.micro_batch, o.num_micro_batches, batch))
         if o.micro_batch > 0:
             sizes = [min(o.micro_batch, batch)]
         elif o.micro_batch == 0:
@@ -126,8 +136,7 @@ class MoELightningPolicy(Policy):
         residents = [o.resident(m.num_experts)] if o.wg >= 0 else list(range(m.num_experts + 1))
         steps = max(wl.max_gen_len - 1, 1)
         out = []
-        gpu_cap = GPU_MEMORY_FRACTION * ctx.system.gpu.hbm_bytes
-        cpu_cap = CPU_MEMORY_FRACTION * ctx.system.dram_bytes
+        gpu_cap, cpu_cap = self._caps(ctx)
         for ubs in sizes:
             for resident in residents:
                 if resident > m.num_experts:
@@ -143,10 +152,22 @@ class MoELightningPolicy(Policy):
                                      per_layer * m.num_layers * steps, {**terms, "n_ub": -(-batch // ubs)}))
         return out
 
+    def _caps(self, ctx: PlanContext) -> tuple[float, float]:
+        """Memory the candidates may use: the LP's relaxed shares when searching, all of it when forced."""
+        o: MoELightningOptions = self.options
+        gpu_cap, cpu_cap = ctx.system.gpu_usable_bytes, ctx.system.dram_usable_bytes
+        if o.micro_batch < 0 or o.wg < 0:
+            gpu_share, cpu_share = ((GPU_MEMORY_FRACTION, CPU_MEMORY_FRACTION) if o.memory_fraction < 0
+                                    else (o.memory_fraction, o.memory_fraction))
+            gpu_cap = min(gpu_cap, gpu_share * ctx.system.gpu.hbm_bytes)
+            cpu_cap = min(cpu_cap, cpu_share * ctx.system.dram_bytes)
+        return gpu_cap, cpu_cap
+
     def _require_fits(self, ctx: PlanContext, o: MoELightningOptions) -> None:
-        gpu_b, _ = hrm_memory(ctx, max(o.micro_batch, 1), o.resident(ctx.model.num_experts))
-        require_fits("GPU", ctx.system.gpu.name, self.name, {"fastmoe LP estimate": gpu_b},
-                     int(GPU_MEMORY_FRACTION * ctx.system.gpu.hbm_bytes))
+        gpu_b, cpu_b = hrm_memory(ctx, max(o.micro_batch, 1), o.resident(ctx.model.num_experts))
+        gpu_cap, cpu_cap = self._caps(ctx)
+        require_fits("GPU", ctx.system.gpu.name, self.name, {"fastmoe LP estimate": gpu_b}, int(gpu_cap))
+        require_fits("DRAM", ctx.system.name, self.name, {"fastmoe LP estimate": cpu_b}, int(cpu_cap))
 
     def _static(self, ctx: PlanContext, o: MoELightningOptions, mb_tokens: int) -> dict[str, dict[str, int]]:
         m, wl = ctx.model, ctx.workload

@@ -62,10 +62,17 @@ class CPUSpec:
     dram_efficiency: float
     op_overhead_s: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    # Decode attention's KV streaming rate as a fraction of the DRAM peak, where a measured kernel reaches less
+    # than the DRAM itself can deliver (0: dram_efficiency). The DRAM's capacity stays dram_efficiency.
+    attention_stream_efficiency: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive(f"cpu {self.name}", self, ["cores", "avx512_bf16_flops_per_s", "dram_bytes_per_s"])
         _check_fraction(f"cpu {self.name}", self, ["avx512_efficiency", "dram_efficiency"])
+        if self.attention_stream_efficiency:
+            _check_fraction(f"cpu {self.name}", self, ["attention_stream_efficiency"])
+            if self.attention_stream_efficiency > self.dram_efficiency:
+                raise SimInputError(f"cpu {self.name}: attention_stream_efficiency cannot exceed dram_efficiency")
         if self.has_amx:
             _check_positive(f"cpu {self.name}", self, ["amx_bf16_flops_per_s"])
             _check_fraction(f"cpu {self.name}", self, ["amx_efficiency"])
@@ -78,6 +85,11 @@ class CPUSpec:
         if self.has_amx:
             return self.amx_bf16_flops_per_s * self.amx_efficiency
         return self.avx512_bf16_flops_per_s * self.avx512_efficiency
+
+    @property
+    def attention_bytes_per_s(self) -> float:
+        """Achievable KV streaming rate of CPU attention."""
+        return self.dram_bytes_per_s * (self.attention_stream_efficiency or self.dram_efficiency)
 
     @property
     def vector_flops_per_s(self) -> float:
@@ -96,10 +108,12 @@ class LinkSpec:
     d2h_efficiency: float
     latency_s: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    # Host-to-device rate from pageable memory as a fraction of the pinned rate (1: no penalty).
+    pageable_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive(f"link {self.name}", self, ["h2d_bytes_per_s", "d2h_bytes_per_s"])
-        _check_fraction(f"link {self.name}", self, ["h2d_efficiency", "d2h_efficiency"])
+        _check_fraction(f"link {self.name}", self, ["h2d_efficiency", "d2h_efficiency", "pageable_ratio"])
         if self.latency_s < 0:
             raise SimInputError(f"link {self.name}: latency_s must be >= 0")
 

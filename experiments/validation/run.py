@@ -1,0 +1,94 @@
+"""Simulate the validation points: each with its published knobs and with its policy's own search.
+
+A row per (point, mode): the predicted and measured metric, their ratio, and the simulated time breakdown
+(prefill, decode, busy seconds per resource), so a disagreement can be explained from where the time goes.
+Unsupported points (no policy models that system yet) are listed with the reason and not simulated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from experiments.validation.schema import ValidationPoint
+from sim.api import SimulationResult, simulate
+from sim.errors import SimInputError
+from sim.plan import Plan
+
+MODES = ("published", "search")
+DECODE_SAMPLE = 8  # decode steps simulated per point (evenly spaced, scaled to the whole generation)
+
+
+def metric_value(result: SimulationResult, metric: str) -> float:
+    """The point's metric from a simulation, as `schema.METRIC_DEFINITIONS` defines it."""
+    prompt = float(result.workload["prompt_tokens"])
+    generated = float(result.generated_tokens)
+    if metric == "e2e_gen_tok_s":
+        return generated / result.total_s
+    if metric == "e2e_total_tok_s":
+        return (prompt + generated) / result.total_s
+    if metric == "prefill_tok_s":
+        return prompt / result.prefill_s
+    if metric == "decode_tok_s":
+        return generated / result.decode_s
+    raise SimInputError(f"unknown metric {metric!r}")
+
+
+def _options(point: ValidationPoint, mode: str) -> dict[str, str]:
+    knobs = point.knobs if mode == "published" else point.search_knobs
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in knobs.items()}
+
+
+def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECODE_SAMPLE,
+                   plans: dict[str, Plan] | None = None) -> dict:
+    """One row: the point simulated in `mode`; a point that cannot run keeps its one-line reason. With `plans`,
+    the published-knob plan is kept there under the point's id (for fitting framework factors)."""
+    wl = point.workload
+    row = {"id": point.id, "group": point.group, "mode": mode, "system": point.system, "model": point.model,
+           "policy": point.policy, "status": point.status, "train": point.train, "metric": point.metric,
+           "measured": point.value, "batch": wl.batch, "prompt_len": wl.prompt_len, "gen_len": wl.gen_len,
+           "options": ",".join(f"{k}={v}" for k, v in _options(point, mode).items()),
+           "published_knobs": point.published_knobs, "source": point.source}
+    if point.status == "unsupported":
+        return {**row, "predicted": np.nan, "error": point.missing}
+    t0 = time.perf_counter()
+    try:
+        r = simulate(point.model, point.system, point.policy, batch=wl.batch, prompt_len=wl.prompt_len,
+                     gen_len=wl.gen_len, policy_options=_options(point, mode), routing=point.routing,
+                     decode_sample=decode_sample, keep_plan=plans is not None and mode == "published")
+    except SimInputError as exc:
+        return {**row, "predicted": np.nan, "error": str(exc)}
+    if r.plan is not None:
+        plans[point.id] = r.plan
+    predicted = metric_value(r, point.metric)
+    busy = {f"busy_{k}_s": v for k, v in sorted(r.busy_s.items())}
+    knobs = {k: v for k, v in r.knobs.items() if not isinstance(v, dict | list)}
+    return {**row, "predicted": predicted, "ratio": predicted / point.value, "error": "",
+            "prefill_s": r.prefill_s, "decode_s": r.decode_s, "total_s": r.total_s,
+            "chosen_knobs": ",".join(f"{k}={v}" for k, v in knobs.items()), **busy,
+            "sim_wall_s": time.perf_counter() - t0}
+
+
+def run_validation(points: Iterable[ValidationPoint], modes: Iterable[str] = MODES,
+                   decode_sample: int = DECODE_SAMPLE, progress: bool = True,
+                   plans: dict[str, Plan] | None = None) -> pd.DataFrame:
+    """Every point in every mode, as one DataFrame (row order: points in file order, modes as given)."""
+    jobs = [(p, m) for p in points for m in modes]
+    rows = [simulate_point(p, m, decode_sample, plans)
+            for p, m in tqdm(jobs, desc="validation points", unit="run", disable=not progress)]
+    return pd.DataFrame(rows)
+
+
+def measured_total_s(point: ValidationPoint) -> float:
+    """The run's wall time implied by its metric and workload (the quantity the factors are fitted to)."""
+    wl = point.workload
+    prompt, generated = wl.batch * wl.prompt_len, wl.batch * wl.gen_len
+    tokens = {"e2e_gen_tok_s": generated, "e2e_total_tok_s": prompt + generated}.get(point.metric)
+    if tokens is None:
+        raise SimInputError(f"point {point.id}: metric {point.metric} is not an end-to-end rate")
+    return tokens / point.value
+

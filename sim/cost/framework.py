@@ -1,0 +1,51 @@
+"""Software efficiency: how far a runtime's own kernels and dispatch fall short of the modelled rates.
+
+The roofline (and a profile) price ops as well-tuned kernels would run them. A real runtime (FlexGen's PyTorch
+MoE loop, MoE-Lightning's kernels) adds Python dispatch, synchronisation and slower kernels. Where that cannot
+be measured, it is one learned factor per device class and runtime: every GPU op of the runtime takes
+`gpu_time_factor` times its modelled time, every CPU op `cpu_time_factor` times. The stretched op moves the same
+bytes over the longer time, so it uses proportionally less of each shared resource. Factors are learned only on
+a declared training subset (`experiments/validation/fit.py`); the validation report gives the error on the
+systems left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sim.cost.roofline import CostModel
+from sim.errors import SimInputError
+from sim.plan import DEVICE_OF, Device, Op
+
+
+@dataclass(frozen=True)
+class FrameworkFactors:
+    """Time multipliers of one runtime's GPU and CPU ops (1 = as modelled)."""
+
+    gpu_time_factor: float = 1.0
+    cpu_time_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_time_factor", "cpu_time_factor"):
+            value = getattr(self, name)
+            if not 0.1 <= value <= 100:
+                raise SimInputError(f"framework factors: {name} must be in [0.1, 100], got {value}")
+
+
+class FrameworkCostModel:
+    """Another cost model's times, stretched per device by a runtime's factors; copies are left as they are."""
+
+    def __init__(self, base: CostModel, factors: FrameworkFactors):
+        self.base = base
+        self.factor = {Device.GPU: factors.gpu_time_factor, Device.CPU: factors.cpu_time_factor,
+                       Device.H2D: 1.0, Device.D2H: 1.0}
+
+    def op_time_ns(self, op: Op) -> int:
+        f = self.factor[DEVICE_OF[op.stream]]
+        t = self.base.op_time_ns(op)
+        return t if f == 1.0 else int(round(t * f))
+
+    def usage(self, op: Op) -> tuple[float, float]:
+        f = self.factor[DEVICE_OF[op.stream]]
+        first, memory = self.base.usage(op)
+        return (first, memory) if f == 1.0 else (min(1.0, first / f), min(1.0, memory / f))
