@@ -32,22 +32,36 @@ def _case(point: ValidationPoint, plan: Plan) -> FitCase:
     return FitCase(point.id, point.system, point.policy, plan, measured_total_s(point), cpu_attention)
 
 
+class _Memo:
+    """Fits per distinct training set and predictions per (case, factors): the declared fit and a
+    leave-one-system-out fold can be the same fit, and then predict the same cases."""
+
+    def __init__(self) -> None:
+        self.fits: dict[frozenset[str], FrameworkFactors] = {}
+        self.totals: dict[tuple[str, FrameworkFactors], float] = {}
+
+    def fit(self, cases: list[FitCase]) -> FrameworkFactors:
+        key = frozenset(c.id for c in cases)
+        if key not in self.fits:
+            self.fits[key] = fit_factors(cases)
+        return self.fits[key]
+
+    def total_s(self, case: FitCase, factors: FrameworkFactors) -> float:
+        key = (case.id, factors)
+        if key not in self.totals:
+            self.totals[key] = predicted_total_s(case, factors)
+        return self.totals[key]
+
+
 def _fit_and_predict(train: list[FitCase], test: list[FitCase],
-                     cache: dict[frozenset[str], FrameworkFactors]) -> tuple[dict[str, FrameworkFactors],
-                                                                              dict[str, float]]:
-    """Per policy: factors fitted on `train` (once per distinct training set), and the predicted/measured rate
-    ratio of every `test` case."""
-    factors = {}
-    for policy in sorted({c.policy for c in train}):
-        mine = [c for c in train if c.policy == policy]
-        key = frozenset(c.id for c in mine)
-        if key not in cache:
-            cache[key] = fit_factors(mine)
-        factors[policy] = cache[key]
+                     memo: _Memo) -> tuple[dict[str, FrameworkFactors], dict[str, float]]:
+    """Per policy: factors fitted on `train`, and the predicted/measured rate ratio of every `test` case."""
+    factors = {policy: memo.fit([c for c in train if c.policy == policy])
+               for policy in sorted({c.policy for c in train})}
     ratios = {}
     for c in test:
         if c.policy in factors:  # time ratio inverted: a rate's predicted/measured
-            ratios[c.id] = c.measured_total_s / predicted_total_s(c, factors[c.policy])
+            ratios[c.id] = c.measured_total_s / memo.total_s(c, factors[c.policy])
     return factors, ratios
 
 
@@ -63,11 +77,11 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
     cases = [_case(by_id[i], plan) for i, plan in plans.items() if by_id[i].status == "complete"]
     fits = []
     columns = {}
-    cache: dict[frozenset[str], FrameworkFactors] = {}
+    memo = _Memo()
     train = [c for c in cases if by_id[c.id].train]
     held = [c for c in cases if not by_id[c.id].train]
     with tqdm(total=1 + len({c.system for c in cases}), desc="fitting framework factors", disable=None) as bar:
-        factors, ratios = _fit_and_predict(train, cases, cache)
+        factors, ratios = _fit_and_predict(train, cases, memo)
         columns["learned_ratio"] = ratios
         fits += [{"fit": "declared training subset", "trained_on": ", ".join(sorted({c.system for c in train})),
                   "policy": k, **vars(v)} for k, v in factors.items()]
@@ -75,7 +89,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
         loso: dict[str, float] = {}
         for system in sorted({c.system for c in cases}):
             others = [c for c in cases if c.system != system]
-            factors, ratios = _fit_and_predict(others, [c for c in cases if c.system == system], cache)
+            factors, ratios = _fit_and_predict(others, [c for c in cases if c.system == system], memo)
             loso.update(ratios)
             fits += [{"fit": f"leave {system} out", "trained_on": ", ".join(sorted({c.system for c in others})),
                       "policy": k, **vars(v)} for k, v in factors.items()]
