@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from executor.weights import LayerWeights, ModelWeights, truncated
+from executor.weights import LayerWeights, ModelWeights, require_executable, truncated
 from sim.errors import SimInputError
 from sim.specs import ModelSpec
 
@@ -52,6 +52,7 @@ class _Tensors:
 def load_checkpoint(spec: ModelSpec, directory: str | Path, num_layers: int | None = None,
                     dtype: torch.dtype = torch.bfloat16) -> ModelWeights:
     """Weights of the first `num_layers` layers (all by default) from a local checkpoint directory."""
+    require_executable(spec)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")

@@ -94,10 +94,13 @@ def _cold_copies(layer: LayerWeights, budget_bytes: int) -> list[LayerWeights]:
 
 def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",), rounds: int = 3,
             max_tokens: int = 1024, progress: bool = True, seed: int = 0,
-            threads: tuple[int, ...] | None = None) -> Path:
+            threads: tuple[int, ...] | None = None, max_requests: int | None = None,
+            max_kv: int | None = None) -> Path:
     """Measure the grid on each device (CPU rows once per torch thread count in `threads`, default the
     current one) and write one `profile.json` and `timings.csv` into `out` (atomically per file): a plan
-    with CPU and GPU ops reads both devices' rows from one profile."""
+    with CPU and GPU ops reads both devices' rows from one profile. `max_requests` / `max_kv` cap the
+    attention grids at the first grid value that covers them (the plans to be priced need no more; the
+    largest decode-attention points cost minutes on a small CPU)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = torch.get_num_threads()
@@ -108,7 +111,7 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
             for n in threads if device == "cpu" else (current,):
                 torch.set_num_threads(n)
                 rows.extend({**row, "threads": n} for row in _measure(spec, device, rounds, max_tokens, progress,
-                                                                      seed))
+                                                                      seed, max_requests, max_kv))
     finally:
         torch.set_num_threads(current)
     _write_atomic(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -119,7 +122,16 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     return out
 
 
-def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progress: bool, seed: int) -> list[dict]:
+def covering(grid: tuple[int, ...], limit: int | None) -> tuple[int, ...]:
+    """The grid values up to the first one >= `limit` (all of them without a limit): lookups stay bracketed."""
+    if limit is None:
+        return grid
+    first_above = next((i for i, v in enumerate(grid) if v >= limit), len(grid) - 1)
+    return grid[:first_above + 1]
+
+
+def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progress: bool, seed: int,
+             max_requests: int | None = None, max_kv: int | None = None) -> list[dict]:
     one = truncated(spec, min(spec.num_layers, spec.first_dense_layers + 1))
     weights = random_weights(one, seed=seed, device=device)
     moe = weights.layers[-1]
@@ -141,11 +153,11 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
             t, moe.attn["wo"].shape[1], dtype=dtype, device=device)), 1))
         points.append(("router", (t, 0), lambda x=x: x @ moe.router.T, 1))
         points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x), 1))
-    for b in ATTENTION_BATCH:
-        for kv in ATTENTION_KV:
+    for b in covering(ATTENTION_BATCH, max_requests):
+        for kv in covering(ATTENTION_KV, max_kv):
             points.append(("attention", (b, kv), _attention_point(spec, moe, b, kv, dtype, device), 1))
-    for b in PREFILL_BATCH:
-        for length in PREFILL_LEN:
+    for b in covering(PREFILL_BATCH, max_requests):
+        for length in covering(PREFILL_LEN, max_kv):
             points.append(("attention_prefill", (b, length), _prefill_point(spec, moe, b, length, dtype, device), 1))
     samples: dict[tuple[str, tuple], list[float]] = {(k, p): [] for k, p, _, _ in points}
 

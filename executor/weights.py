@@ -61,6 +61,13 @@ class ModelWeights:
                             layers)
 
 
+def require_executable(spec: ModelSpec) -> None:
+    """The executor runs gated (SwiGLU) experts without linear biases; dense OPT-style models are simulated only."""
+    if not spec.ffn_gated or spec.linear_bias or spec.learned_position_embeddings:
+        raise SimInputError(f"executor: model {spec.name} is an OPT-style dense model (ReLU FFN, biases, learned "
+                            "positions), which the executor does not implement; simulate it instead")
+
+
 def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
     """The first `num_layers` layers of a model, its leading dense layers included (so at least one MoE layer
     must remain: DeepSeek-V2-Lite needs 2)."""
@@ -75,6 +82,7 @@ def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
 def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                    device: str = "cpu") -> ModelWeights:
     """Seeded N(0, 0.02) weights (norms at 1) for every tensor the spec implies."""
+    require_executable(spec)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:

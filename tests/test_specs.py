@@ -29,6 +29,18 @@ def test_required_presets_exist():
     assert {"rtx6000ada-8452y", "a100-80g-8452y", "h100-80g-8452y"} <= set(preset_names("systems"))
 
 
+def test_dense_opt_is_a_one_expert_model_without_router():
+    m = load_model("opt-6.7b")
+    assert (m.num_experts, m.top_k, m.has_router, m.router_params, m.ffn_matrices) == (1, 1, False, 0, 2)
+    h, f = 4096, 16384
+    # fc1 + fc2 with biases; q, k, v, o with biases; two LayerNorms with weight and bias
+    assert m.expert_params == 2 * h * f + f + h
+    assert m.layer_params(0) == (4 * h * h + 4 * h) + (2 * h * f + f + h) + 4 * h
+    # tied head: the embedding (tokens + 2050 learned positions) is counted once, the head GEMM is vocab x h
+    assert m.lm_head_params == 0 and m.embedding_params == (50272 + 2050) * h
+    assert m.total_params == 6_658_473_984  # transformers' OPTForCausalLM("facebook/opt-6.7b").num_parameters()
+
+
 def test_mixtral_derived_sizes_match_reference(mixtral):
     # models.md: 176.2M params and 352 MB per expert, 2.82 GB of experts per layer.
     assert mixtral.expert_params == 3 * 4096 * 14336
@@ -147,6 +159,9 @@ HF_CONFIGS = {
     "dbrx": {"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48, "vocab_size": 100352,
              "attn_config": {"kv_n_heads": 8}, "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4,
                                                                "ffn_hidden_size": 10752}},
+    "opt-6.7b": {"model_type": "opt", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 50272,
+                 "num_attention_heads": 32, "ffn_dim": 16384, "max_position_embeddings": 2048,
+                 "word_embed_proj_dim": 4096, "enable_bias": True, "do_layer_norm_before": True},
 }
 
 

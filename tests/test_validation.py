@@ -10,18 +10,19 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from experiments.cli import main
 from experiments.validation.microbench import derive
-from experiments.validation.run import measured_total_s, metric_value
-from experiments.validation.schema import load_points, load_points_file
+from experiments.validation.run import measured_total_s, metric_value, simulate_point
+from experiments.validation.schema import ValidationPoint, load_points, load_points_file
 from sim.api import simulate
 from sim.cost import RooflineCostModel
 from sim.cost.framework import FrameworkCostModel, FrameworkFactors
 from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
-from sim.specs import load_system
+from sim.specs import load_model, load_system
 from sim.workload import Workload
 
 
@@ -33,14 +34,25 @@ def test_points_load_with_unique_ids_and_sources():
     assert len(complete) >= 12
     assert all(p.source and p.value > 0 for p in points)
     assert all(p.missing for p in points if p.status != "complete")
-    # Every MoE-Lightning HELM point states batch = micro-batch x number of micro-batches, as published.
+    # Every point with published knobs states batch = micro-batch x number of micro-batches, as published.
     for p in points:
-        if p.group == "moe-lightning-helm":
+        if p.knobs:
             mu = p.knobs.get("gpu_batch_size", p.knobs.get("micro_batch"))
             n = p.knobs.get("num_gpu_batches", p.knobs.get("num_micro_batches"))
             assert mu * n == p.workload.batch, p.id
-    assert {p.system for p in complete} == {"gcp-t4-n1", "gcp-l4-g2"}
+    assert {p.system for p in complete} == {"gcp-t4-n1", "gcp-l4-g2", "gcp-t4-n1-208g"}
+    assert {p.model for p in complete} >= {"mixtral-8x7b", "opt-6.7b", "opt-30b"}
     assert any(p.train for p in complete) and any(not p.train for p in complete)
+    # Learned factors are per implementation: FlexGen's Mixtral port and FlexLLMGen are different frameworks.
+    assert {p.runtime for p in complete} == {"flexgen-moe-port", "moe-lightning", "flexllmgen"}
+    assert not any(p.train for p in complete if p.runtime == "flexllmgen")
+
+
+def test_framework_defaults_to_the_policy():
+    assert ValidationPoint.model_validate(_point()).runtime == "moe-lightning"
+    assert ValidationPoint.model_validate(_point(framework="flexllmgen")).runtime == "flexllmgen"
+    with pytest.raises(ValidationError):
+        ValidationPoint.model_validate(_point(framework="Bad Name"))
 
 
 def _point(**changes) -> dict:
@@ -196,6 +208,57 @@ def test_pin_weight_off_slows_flexgen_weight_loads():
                         **common)
     assert pageable.busy_s["h2d"] == pytest.approx(pinned.busy_s["h2d"] / 0.421, rel=0.02)
     assert pageable.total_s > pinned.total_s
+
+
+def test_sep_layer_loads_each_half_and_holds_one_layer():
+    """FlexGen's --sep-layer: attention and FFN weights load separately (the FFN's during attention), and the
+    double buffer holds the computing half and the next, one layer's worth, instead of two layers."""
+    common = dict(batch=8, prompt_len=32, gen_len=2, routing="uniform", keep_plan=True, decode_sample=0)
+    opts = {"gpu_batch_size": "4", "weights_gpu_percent": "20", "kv_gpu_percent": "0", "act_gpu_percent": "0",
+            "cpu_attention": "off"}
+    whole = simulate("opt-6.7b", "gcp-t4-n1-208g", "flexgen", policy_options=opts, **common)
+    halves = simulate("opt-6.7b", "gcp-t4-n1-208g", "flexgen", policy_options={**opts, "sep_layer": "on"}, **common)
+    m = load_model("opt-6.7b")
+    loaded = m.layer_params(0) * m.bytes_per_param * 0.8
+    assert whole.plan.static_memory["gpu"]["weight_double_buffer"] == pytest.approx(2 * loaded, rel=1e-6)
+    assert halves.plan.static_memory["gpu"]["weight_double_buffer"] == pytest.approx(loaded, rel=1e-6)
+
+    def weight_loads(plan: Plan) -> list:
+        return [op for op in plan.ops if op.kind is OpKind.COPY and op.stream is Stream.H2D and op.micro_batch == -1]
+
+    assert len(weight_loads(halves.plan)) == 2 * len(weight_loads(whole.plan)) > 0
+    assert sum(op.bytes for op in weight_loads(halves.plan)) == pytest.approx(
+        sum(op.bytes for op in weight_loads(whole.plan)), rel=1e-6)
+    # The FFN (the one expert of a dense model) waits for its half's load, not for the attention half's.
+    loads = weight_loads(halves.plan)
+    first_ffn = next(op for op in halves.plan.ops if op.kind is OpKind.EXPERT)
+    assert loads[1].id in first_ffn.deps and loads[0].id not in first_ffn.deps
+
+
+def test_dense_opt_simulates_under_every_policy_and_the_executor_refuses_it():
+    from executor.weights import random_weights
+
+    for policy in ("flexgen", "gpu-only", "coxmoe", "moe-lightning", "fiddler", "stream-experts", "cpu-only"):
+        r = simulate("opt-6.7b", "gcp-t4-n1-208g", policy, batch=4, prompt_len=16, gen_len=2, routing="uniform",
+                     keep_plan=True)
+        assert r.total_s > 0, policy
+        routers = [op for op in r.plan.ops if op.kind is OpKind.ROUTER]
+        assert all(op.flops == 0 and op.bytes == 0 for op in routers), policy  # no gate in a dense model
+    with pytest.raises(SimInputError, match="OPT-style dense model"):
+        random_weights(load_model("opt-6.7b"))
+
+
+def test_a_framework_without_training_points_keeps_the_mechanisms():
+    from experiments.reproduce.validation import UNFITTED, _fit_and_predict, _Memo
+    from experiments.validation.fit import FitCase
+
+    point = next(p for p in load_points() if p.id == "flexllmgen-bench-opt-6.7b")
+    plans: dict[str, Plan] = {}
+    row = simulate_point(point, "published", decode_sample=2, plans=plans)
+    case = FitCase(point.id, point.system, point.runtime, plans[point.id], measured_total_s(point), False)
+    factors, ratios = _fit_and_predict([], [case], _Memo())
+    assert factors == {} and FrameworkFactors() == UNFITTED
+    assert ratios[point.id] == pytest.approx(row["ratio"], rel=1e-9)
 
 
 def test_metric_definitions():

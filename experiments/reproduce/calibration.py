@@ -19,6 +19,7 @@ from sim.errors import SimInputError
 DEFAULT_MODEL = "deepseek-v2-lite"
 SYSTEM = "a100-80g-8452y"  # a cpu-only plan uses only its DRAM size; the roofline column uses its Xeon 8452Y
 PROMPT, GEN = 4, 4
+QUICK_BATCHES = (8, 32)
 CLASS_ORDER = ("cpu_experts", "gpu_experts", "attention", "copies", "other")
 
 
@@ -30,9 +31,11 @@ def _profile_dir(options: ReproduceOptions) -> Path:
         return options.profile
     out = options.out / "calibration_profile"
     if not (out / "profile.json").is_file():
-        # quick plans (batch <= 32, prompt 4) run ops of at most 128 tokens: a larger grid only costs time
+        # quick plans (batch <= 32, prompt 4) run ops of at most 128 tokens and attend over at most
+        # PROMPT + GEN entries: a larger grid only costs time (minutes, on a CPU without AVX-512)
+        quick = dict(max_tokens=128, max_requests=max(QUICK_BATCHES), max_kv=PROMPT + GEN)
         profile(resolve_model(DEFAULT_MODEL), out, devices=("cpu",), rounds=1 if options.quick else 3,
-                max_tokens=128 if options.quick else 1024)
+                **(quick if options.quick else {"max_tokens": 1024}))
     return out
 
 
@@ -52,7 +55,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         full = resolve_model(meta["model"])
     except SimInputError as exc:
         raise SimInputError(f"--profile {prof}: its model {meta['model']!r} is not a preset ({exc})") from None
-    moe_layers, batches = (1, (8, 32)) if options.quick else (2, (16, 64, 256))
+    moe_layers, batches = (1, QUICK_BATCHES) if options.quick else (2, (16, 64, 256))
     layers = full.num_layers - full.num_moe_layers + moe_layers  # keep any leading dense layers
     spec = truncated(full, layers)
     system = resolve_system(SYSTEM)

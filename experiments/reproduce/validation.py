@@ -21,15 +21,17 @@ from sim.plan import Plan
 # Two complete points on two systems (one policy), so the CI subset still fits on one and reports the other.
 QUICK_POINTS = ("mlh-moe-lightning-p-summ-s1", "mlh-moe-lightning-p-summ-s2")
 MEASURED_CPU_KERNELS = frozenset({"moe-lightning"})  # its CPU attention constants come from its own microbenchmark
+UNFITTED = FrameworkFactors()  # a framework without training points keeps the mechanisms alone
 BAND = 0.2
-DISPLAY = ("id", "mode", "system", "policy", "status", "role", "measured", "predicted", "ratio", "learned_ratio",
-           "loso_ratio", "prefill_s", "decode_s", "error")  # printed and in the report; the CSV has every column
+# Printed and in the report; the CSV has every column.
+DISPLAY = ("id", "mode", "system", "policy", "framework", "status", "role", "measured", "predicted", "ratio",
+           "learned_ratio", "loso_ratio", "prefill_s", "decode_s", "error")
 
 
 def _case(point: ValidationPoint, plan: Plan) -> FitCase:
-    cpu_attention = (point.policy not in MEASURED_CPU_KERNELS
+    cpu_attention = (point.runtime not in MEASURED_CPU_KERNELS
                      and str(point.knobs.get("cpu_attention", "")).lower() == "on")
-    return FitCase(point.id, point.system, point.policy, plan, measured_total_s(point), cpu_attention)
+    return FitCase(point.id, point.system, point.runtime, plan, measured_total_s(point), cpu_attention)
 
 
 class _Memo:
@@ -55,13 +57,13 @@ class _Memo:
 
 def _fit_and_predict(train: list[FitCase], test: list[FitCase],
                      memo: _Memo) -> tuple[dict[str, FrameworkFactors], dict[str, float]]:
-    """Per policy: factors fitted on `train`, and the predicted/measured rate ratio of every `test` case."""
-    factors = {policy: memo.fit([c for c in train if c.policy == policy])
-               for policy in sorted({c.policy for c in train})}
+    """Per framework: factors fitted on `train`, and the predicted/measured rate ratio of every `test` case (a
+    framework with no training case keeps factors 1: the mechanisms alone)."""
+    factors = {runtime: memo.fit([c for c in train if c.runtime == runtime])
+               for runtime in sorted({c.runtime for c in train})}
     ratios = {}
-    for c in test:
-        if c.policy in factors:  # time ratio inverted: a rate's predicted/measured
-            ratios[c.id] = c.measured_total_s / memo.total_s(c, factors[c.policy])
+    for c in test:  # time ratio inverted: a rate's predicted/measured
+        ratios[c.id] = c.measured_total_s / memo.total_s(c, factors.get(c.runtime, UNFITTED))
     return factors, ratios
 
 
@@ -84,7 +86,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
         factors, ratios = _fit_and_predict(train, cases, memo)
         columns["learned_ratio"] = ratios
         fits += [{"fit": "declared training subset", "trained_on": ", ".join(sorted({c.system for c in train})),
-                  "policy": k, **vars(v)} for k, v in factors.items()]
+                  "framework": k, **vars(v)} for k, v in factors.items()]
         bar.update()
         loso: dict[str, float] = {}
         for system in sorted({c.system for c in cases}):
@@ -92,7 +94,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
             factors, ratios = _fit_and_predict(others, [c for c in cases if c.system == system], memo)
             loso.update(ratios)
             fits += [{"fit": f"leave {system} out", "trained_on": ", ".join(sorted({c.system for c in others})),
-                      "policy": k, **vars(v)} for k, v in factors.items()]
+                      "framework": k, **vars(v)} for k, v in factors.items()]
             bar.update()
         columns["loso_ratio"] = loso
     published = table["mode"] == "published"
@@ -110,13 +112,19 @@ def _errors(ratios: pd.Series) -> pd.Series:
 def summary(table: pd.DataFrame) -> dict[str, dict]:
     """Median and worst |error| per column, over complete published-knob points (incomplete ones apart)."""
     pub = table[(table["mode"] == "published") & table["predicted"].notna()]
+    complete = pub[pub["status"] == "complete"]
+    views = [("mechanisms only, all complete points", "ratio", complete),
+             ("learned factors, held-out points", "learned_ratio", pub[pub["role"] == "held-out"]),
+             ("learned factors, training points", "learned_ratio", pub[pub["role"] == "train"]),
+             ("leave-one-system-out, all complete points", "loso_ratio", complete),
+             ("mechanisms only, incomplete points", "ratio", pub[pub["status"] == "incomplete"])]
+    groups = sorted(complete["group"].unique())
+    if len(groups) > 1:  # each source apart: one model family and machine set each
+        views += [(f"{g}: mechanisms only", "ratio", complete[complete["group"] == g]) for g in groups]
+        views += [(f"{g}: learned factors, held-out", "learned_ratio",
+                   pub[(pub["role"] == "held-out") & (pub["group"] == g)]) for g in groups]
     out = {}
-    for label, col, rows in (("mechanisms only, all complete points", "ratio", pub[pub["status"] == "complete"]),
-                             ("learned factors, held-out points", "learned_ratio", pub[pub["role"] == "held-out"]),
-                             ("learned factors, training points", "learned_ratio", pub[pub["role"] == "train"]),
-                             ("leave-one-system-out, all complete points", "loso_ratio",
-                              pub[pub["status"] == "complete"]),
-                             ("mechanisms only, incomplete points", "ratio", pub[pub["status"] == "incomplete"])):
+    for label, col, rows in views:
         rows = rows[rows[col].notna()]
         if rows.empty:
             continue

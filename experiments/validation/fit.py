@@ -1,11 +1,12 @@
 """Learned framework factors: fit on a declared training subset, report on the systems left out.
 
-Each runtime (a policy) gets a GPU time factor and, where it runs attention on the CPU with a kernel no
-microbenchmark measured, a CPU time factor (`sim.cost.framework`). The GPU factor is fitted on the runtime's
-training points without such CPU attention, then the CPU factor on the others with the GPU factor fixed; each
-as the root of the mean log ratio of predicted to measured total time over the log factor (Illinois regula
-falsi: the ratio grows with the factor, so a few engine runs suffice). Only the simulation engine re-runs: the
-plans (and their searched knobs) stay as the published-knob run chose.
+Each runtime (a framework: one implementation of a policy, `ValidationPoint.runtime`) gets a GPU time factor
+and, where it runs attention on the CPU with a kernel no microbenchmark measured, a CPU time factor
+(`sim.cost.framework`). The GPU factor is fitted on the runtime's training points without such CPU attention,
+then the CPU factor on the others with the GPU factor fixed; each as the root of the mean log ratio of predicted
+to measured total time over the log factor (Illinois regula falsi: the ratio grows with the factor, so a few
+engine runs suffice). Only the simulation engine re-runs: the plans (and their searched knobs) stay as the
+published-knob run chose.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class FitCase:
 
     id: str
     system: str
-    policy: str
+    runtime: str
     plan: Plan
     measured_total_s: float
     cpu_attention: bool
@@ -75,7 +76,7 @@ def _mean_log_ratio(cases: list[FitCase], factors: FrameworkFactors) -> float:
 
 
 def fit_factors(cases: list[FitCase]) -> FrameworkFactors:
-    """A runtime's factors from its training cases (one policy): the GPU factor on the cases without unmeasured
+    """A runtime's factors from its training cases (one framework): the GPU factor on the cases without unmeasured
     CPU attention, then the CPU factor on those with it (kept at 1 when either set is empty)."""
     plain = [c for c in cases if not c.cpu_attention]
     with_cpu = [c for c in cases if c.cpu_attention]

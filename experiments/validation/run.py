@@ -49,7 +49,8 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
     the published-knob plan is kept there under the point's id (for fitting framework factors)."""
     wl = point.workload
     row = {"id": point.id, "group": point.group, "mode": mode, "system": point.system, "model": point.model,
-           "policy": point.policy, "status": point.status, "train": point.train, "metric": point.metric,
+           "policy": point.policy, "framework": point.runtime, "status": point.status, "train": point.train,
+           "metric": point.metric,
            "measured": point.value, "batch": wl.batch, "prompt_len": wl.prompt_len, "gen_len": wl.gen_len,
            "options": ",".join(f"{k}={v}" for k, v in _options(point, mode).items()),
            "published_knobs": point.published_knobs, "source": point.source}

@@ -58,6 +58,9 @@ class ValidationPoint(_Strict):
     precision: Literal["fp16", "bf16"]
     workload: PointWorkload
     policy: Annotated[str, Field(min_length=1, max_length=64)]
+    # The implementation that measured the point (FlexGen's MoE port and FlexLLMGen are different code under one
+    # policy); learned framework factors are fitted per framework. Empty: the policy's name.
+    framework: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = None
     knobs: dict[str, Knob] = {}
     search_knobs: dict[str, Knob] = {}
     published_knobs: str = ""
@@ -69,6 +72,11 @@ class ValidationPoint(_Strict):
     missing: str = ""
     train: bool = False
     note: str = ""
+
+    @property
+    def runtime(self) -> str:
+        """The framework whose learned factors apply to this point."""
+        return self.framework or self.policy
 
     @model_validator(mode="after")
     def _incomplete_says_why(self) -> ValidationPoint:

@@ -63,6 +63,8 @@ class RooflineCostModel:
         return nbytes / bw, 0.0, self.link_latency
 
     def seconds(self, kind: OpKind, stream: Stream, flops: int, nbytes: int) -> float:
+        if kind is OpKind.ROUTER and not flops and not nbytes:
+            return 0.0  # a dense (one-expert) model's router is a placeholder: no kernel runs, no launch cost
         compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
         return max(compute, memory) + fixed
 

@@ -40,6 +40,8 @@ class OpWork:
         return self._gemm(self.m.o_proj_params, tokens, self.m.attn_out_width, self.m.hidden_size)
 
     def router(self, tokens: int) -> Work:
+        if not self.m.has_router:  # a dense (one-expert) model: the op stays as a placeholder with no work
+            return Work(0, 0)
         return self._gemm(self.m.router_params, tokens, self.m.hidden_size, self.m.num_experts)
 
     def expert(self, tokens: int) -> Work:
@@ -56,7 +58,7 @@ class OpWork:
         return self._gemm(self.m.dense_ffn_params, tokens, self.m.hidden_size, self.m.hidden_size)
 
     def lm_head(self, tokens: int) -> Work:
-        params = self.m.lm_head_params or self.m.embedding_params
+        params = self.m.vocab_size * self.m.hidden_size  # tied or not, the head is vocab x hidden
         return self._gemm(params, tokens, self.m.hidden_size, self.m.vocab_size)
 
     # ---- transfer sizes -------------------------------------------------------------------------------------

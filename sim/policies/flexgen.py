@@ -54,7 +54,10 @@ class FlexGenOptions(OptionsBase):
     of the hidden states kept in VRAM, the rest in DRAM (-1 = search); cpu_attention: on | off (FlexGen's
     --cpu-cache-compute: decode attention over the DRAM part of the cache runs on the CPU); fp32_cpu_attention:
     on | off (its CPU path casts K/V to fp32 first); pin_weight: on | off (FlexGen's --pin-weight: off keeps the
-    DRAM weights pageable, so each weight load is staged through a bounce buffer); memory_fraction: share of
+    DRAM weights pageable, so each weight load is staged through a bounce buffer); sep_layer: on | off
+    (FlexGen's --sep-layer: attention and FFN are separate layers of its schedule, so each half's weights are
+    loaded while the other half computes and the double buffer holds one layer, not two; flex_opt's default is
+    on, the MoE port's printed policies say off); memory_fraction: share of
     each memory the search may fill (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A
     configuration with every knob given needs only to fit in memory."""
 
@@ -67,6 +70,7 @@ class FlexGenOptions(OptionsBase):
     cpu_attention: str = "on"
     fp32_cpu_attention: str = "on"
     pin_weight: str = "on"
+    sep_layer: str = "off"
     memory_fraction: float = MEMORY_FRACTION
     rescore: int = 3
 
@@ -80,6 +84,7 @@ class FlexGenOptions(OptionsBase):
         self.choice("cpu_attention", ("on", "off"))
         self.choice("fp32_cpu_attention", ("on", "off"))
         self.choice("pin_weight", ("on", "off"))
+        self.choice("sep_layer", ("on", "off"))
         self.fraction("memory_fraction")
         self.at_least("rescore", 1)
 
@@ -101,6 +106,16 @@ class _Layout:
                                      o.act_gpu_percent / 100.0)
         self.layer_bytes = [m.layer_params(layer) * bpp for layer in range(m.num_layers)]
         self.loaded = [int(round(b * (1 - self.wg))) for b in self.layer_bytes]
+        # The weight loads of one layer visit: [attention half, FFN half] with sep_layer, else [whole layer];
+        # each half keeps the wg share of its own tensors on the GPU.
+        self.sep_layer = o.sep_layer == "on"
+        attn = (m.attention_params + m.norm_params_per_layer // 2) * bpp
+        self.parts = [[int(round(attn * (1 - self.wg))), loaded - int(round(attn * (1 - self.wg)))]
+                      if self.sep_layer else [loaded] for loaded in self.loaded]
+        flat = [b for layer in self.parts for b in layer]
+        # The part computing and the next one loading share the buffer.
+        double_buffer = (max((a + b for a, b in zip(flat, flat[1:], strict=False)), default=0) if self.sep_layer
+                         else 2 * max(self.loaded, default=0))
         self.prompt = int(wl.prompt_lens.max())  # padded
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
@@ -110,7 +125,7 @@ class _Layout:
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
         self.gpu = {"resident_weights": int(sum(self.layer_bytes) * self.wg) + other,
-                    "weight_double_buffer": 2 * max(self.loaded, default=0),
+                    "weight_double_buffer": double_buffer,
                     "kv_cache": kv_gpu, "hidden_states": int(hidden * self.hg),
                     "workspace": activation_workspace_bytes(ctx, self.gbs * self.prompt, self.gbs)}
         self.cpu = {"weights": sum(self.layer_bytes) - int(sum(self.layer_bytes) * self.wg),
@@ -269,7 +284,7 @@ class _ZigZag(LayerEmitter):
     def __init__(self, ctx: PlanContext, builder: PlanBuilder, lay: _Layout):
         super().__init__(ctx, builder)
         self.lay = lay
-        self.layer_done: dict[int, int] = {}
+        self.layer_done: dict[int, tuple[int, ...]] = {}
         self.seq = 0
 
     def phase(self, slices: list[BatchSlice], phase: Phase, step: int) -> None:
@@ -277,11 +292,12 @@ class _ZigZag(LayerEmitter):
         hidden: list[Deps] = [self.embed(phase, step, s.mb, s.tokens) for s in slices]
         offload_act = 1.0 - lay.hg
         for layer in range(m.num_layers):
-            weights = -1
-            if lay.loaded[layer]:
-                weights = self.xfer(H2D, At(phase, step, layer), lay.loaded[layer], lay.weight_payload,
-                                    (self.layer_done.get(self.seq - 2, -1),))
-            last = -1
+            # One load per part (a whole layer, or its attention then its FFN half with sep_layer); a part's
+            # load waits until the part two before it has finished with the double buffer.
+            loads = [self._load(phase, step, layer, nbytes, k) for k, nbytes in enumerate(lay.parts[layer])]
+            weights, ffn_weights = loads[0], loads[-1]
+            ffn_ready = (lambda e, w=ffn_weights: w) if lay.sep_layer and ffn_weights >= 0 else None
+            last, attention_done = -1, ()
             for i, s in enumerate(slices):
                 at = At(phase, step, layer, s.mb)
                 dep = hidden[i]
@@ -290,16 +306,27 @@ class _ZigZag(LayerEmitter):
                                     as_deps(dep), s.tokens)
                 q = self.op(OpKind.QKV, GPU, at, s.tokens, (*as_deps(dep), weights))
                 a = self._attention(phase, at, s, q)
+                attention_done = as_deps(a)
                 last = self.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens, s.layer_counts(self.ctx, layer),
-                                                   a, routed=s.routed)
+                                                   a, expert_deps=ffn_ready, routed=s.routed)
                 hidden[i] = last
                 if offload_act and layer < m.num_layers - 1:  # store the DRAM share of the hidden states
                     hidden[i] = self.xfer(D2H, at, int(w.hidden_bytes(s.tokens) * offload_act), Payload.ACTIVATIONS,
                                           (last,), s.tokens)
-            self.layer_done[self.seq] = last
+            if lay.sep_layer:
+                self.layer_done[self.seq] = attention_done
+                self.seq += 1
+            self.layer_done[self.seq] = (last,)
             self.seq += 1
         for i, s in enumerate(slices):
             self.lm_head(phase, step, s.mb, int(s.requests.size), hidden[i])
+
+    def _load(self, phase: Phase, step: int, layer: int, nbytes: int, part: int) -> int:
+        """The DRAM share of one part's weights to the GPU (-1 when the part is all resident)."""
+        if not nbytes:
+            return -1
+        return self.xfer(H2D, At(phase, step, layer), nbytes, self.lay.weight_payload,
+                         self.layer_done.get(self.seq + part - 2, ()))
 
     def _attention(self, phase: Phase, at: At, s: BatchSlice, q: int) -> Deps:
         """Attention of one GPU batch over its cache, split between VRAM (cg) and DRAM (1 - cg)."""

@@ -7,7 +7,8 @@ from typing import Any
 from sim.errors import SimInputError
 from sim.specs.model import ModelSpec
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx", "opt")
+OPT_POSITION_OFFSET = 2  # transformers' OPTLearnedPositionalEmbedding keeps 2 extra rows
 
 
 def _get(cfg: dict[str, Any], key: str, model_type: str) -> Any:
@@ -46,6 +47,15 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSp
         num_attention_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), sources=source,
     )
+    if model_type == "opt":
+        # Dense: a one-expert model whose FFN is OPT's ReLU fc1/fc2 (see ModelSpec.has_router).
+        if cfg.get("word_embed_proj_dim", hidden) != hidden:
+            raise SimInputError("config.json (opt): word_embed_proj_dim differs from hidden_size (OPT-350m's "
+                                "projected embeddings are not modelled)")
+        return ModelSpec(**{**common, "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True))},
+                         head_dim=hidden // heads, num_experts=1, top_k=1, expert_intermediate_size=g("ffn_dim"),
+                         ffn_gated=False, linear_bias=bool(cfg.get("enable_bias", True)),
+                         learned_position_embeddings=g("max_position_embeddings") + OPT_POSITION_OFFSET)
     if model_type == "mixtral":
         return ModelSpec(**common, head_dim=cfg.get("head_dim") or hidden // heads,
                          num_experts=g("num_local_experts"), top_k=g("num_experts_per_tok"),

@@ -47,6 +47,13 @@ class ModelSpec:
     qkv_bias: bool = False
     qk_norm: Literal["none", "per_head", "full"] = "none"
     router_bias: bool = False
+    # Dense FFNs of OPT-style models: two matrices (up, down) with a ReLU instead of SwiGLU's three; a dense model
+    # is a one-expert MoE without a router (num_experts 1, top_k 1).
+    ffn_gated: bool = True
+    # Biases on every projection and LayerNorms with a bias (OPT); qkv_bias alone is Qwen2's q/k/v biases.
+    linear_bias: bool = False
+    # Rows of a learned position-embedding table (OPT: max_position_embeddings + its offset of 2); 0 for RoPE.
+    learned_position_embeddings: int = 0
     bytes_per_param: int = 2
     published_total_params: int = 0
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -67,6 +74,8 @@ class ModelSpec:
             raise SimInputError(f"model {self.name}: MLA needs kv_lora_rank, qk_rope_head_dim and v_head_dim")
         if not 0 <= self.first_dense_layers < self.num_layers:
             raise SimInputError(f"model {self.name}: first_dense_layers must be in [0, num_layers)")
+        if self.learned_position_embeddings < 0:
+            raise SimInputError(f"model {self.name}: learned_position_embeddings must be >= 0")
         if self.first_dense_layers and self.dense_intermediate_size <= 0:
             raise SimInputError(f"model {self.name}: dense layers need dense_intermediate_size")
 
@@ -91,7 +100,7 @@ class ModelSpec:
             q = self.num_attention_heads * self.head_dim
             kv = self.num_kv_heads * self.head_dim
             params = h * (q + 2 * kv)
-            if self.qkv_bias:
+            if self.qkv_bias or self.linear_bias:
                 params += q + 2 * kv
             if self.qk_norm == "per_head":
                 params += 2 * self.head_dim
@@ -112,7 +121,7 @@ class ModelSpec:
     def o_proj_params(self) -> int:
         """OP2: attention output projection."""
         v = self.v_head_dim if self.attention == "mla" else self.head_dim
-        return self.num_attention_heads * v * self.hidden_size
+        return self.num_attention_heads * v * self.hidden_size + (self.hidden_size if self.linear_bias else 0)
 
     @property
     def attention_params(self) -> int:
@@ -120,16 +129,32 @@ class ModelSpec:
 
     @property
     def norm_params_per_layer(self) -> int:
-        return 2 * self.hidden_size
+        return (4 if self.linear_bias else 2) * self.hidden_size
+
+    @property
+    def has_router(self) -> bool:
+        """A one-expert model is dense: every token goes to its FFN, no gate is computed."""
+        return self.num_experts > 1
+
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of one FFN: gate, up and down (SwiGLU) or up and down (ReLU, OPT)."""
+        return 3 if self.ffn_gated else 2
+
+    def _ffn_params(self, intermediate: int) -> int:
+        bias = intermediate + self.hidden_size if self.linear_bias else 0
+        return self.ffn_matrices * self.hidden_size * intermediate + bias
 
     @property
     def router_params(self) -> int:
+        if not self.has_router:
+            return 0
         return self.hidden_size * self.num_experts + (self.num_experts if self.router_bias else 0)
 
     @property
     def expert_params(self) -> int:
-        """One routed expert: gate, up and down projections."""
-        return 3 * self.hidden_size * self.expert_intermediate_size
+        """One routed expert (or a dense model's FFN): its projections and any biases."""
+        return self._ffn_params(self.expert_intermediate_size)
 
     @property
     def shared_expert_params(self) -> int:
@@ -138,11 +163,11 @@ class ModelSpec:
 
     @property
     def dense_ffn_params(self) -> int:
-        return 3 * self.hidden_size * self.dense_intermediate_size
+        return self._ffn_params(self.dense_intermediate_size)
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
+        return (self.vocab_size + self.learned_position_embeddings) * self.hidden_size
 
     @property
     def lm_head_params(self) -> int:
@@ -157,7 +182,8 @@ class ModelSpec:
     @property
     def total_params(self) -> int:
         layers = sum(self.layer_params(i) for i in range(self.num_layers))
-        return layers + self.embedding_params + self.lm_head_params + self.hidden_size
+        final_norm = (2 if self.linear_bias else 1) * self.hidden_size
+        return layers + self.embedding_params + self.lm_head_params + final_norm
 
     @property
     def routed_expert_params(self) -> int:

@@ -1,0 +1,34 @@
+"""Golden results: simulate() on one scenario per policy gives exactly the numbers recorded before a
+behaviour-preserving change (tests/data/golden_simulate.json, first written by the code at 3a7e881). A change
+meant to move results re-records them with `write_golden()` in the same commit and says why:
+`PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.api import simulate
+
+GOLDEN = Path(__file__).parent / "data" / "golden_simulate.json"
+RECORDS = json.loads(GOLDEN.read_text())
+
+
+def run_scenario(scenario: list) -> dict:
+    model, system, policy, batch, prompt, gen, options = scenario
+    r = simulate(model, system, policy, batch=batch, prompt_len=prompt, gen_len=gen, policy_options=options,
+                 decode_sample=0)
+    return {"scenario": scenario, "total_s": r.total_s, "prefill_s": r.prefill_s, "decode_s": r.decode_s,
+            "busy_s": dict(sorted(r.busy_s.items()))}
+
+
+def write_golden(path: Path = GOLDEN) -> None:
+    """Re-record every scenario with the code at hand (for a change that is meant to move results)."""
+    path.write_text(json.dumps([run_scenario(r["scenario"]) for r in RECORDS], indent=1) + "\n")
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: f"{r['scenario'][2]}-{r['scenario'][0]}")
+def test_simulation_matches_the_recorded_result_exactly(record):
+    assert run_scenario(record["scenario"]) == record
