@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from executor.weights import LayerWeights, ModelWeights, require_executable, truncated
 from sim.errors import SimInputError
@@ -32,9 +32,13 @@ class _Tensors:
             raise CheckpointError(f"{directory}: no *.safetensors files")
         self.where: dict[str, Path] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as fh:
-                for name in fh.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-                    self.where[name] = path
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    for name in fh.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                        self.where[name] = path
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file "
+                                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
     def has(self, name: str) -> bool:
         return name in self.where
@@ -42,8 +46,12 @@ class _Tensors:
     def get(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name not in self.where:
             raise CheckpointError(f"checkpoint lacks tensor {name}")
-        with safe_open(str(self.where[name]), framework="pt") as fh:
-            t = fh.get_tensor(name).to(dtype)
+        try:
+            with safe_open(str(self.where[name]), framework="pt") as fh:
+                t = fh.get_tensor(name).to(dtype)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.where[name]}: cannot read tensor {name} "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         return t

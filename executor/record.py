@@ -61,9 +61,13 @@ def record_trace(model_dir: str | Path, prompts: list[str], gen_len: int, max_pr
         raise TraceError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     if gen_len < 1:
         raise TraceError(f"gen_len must be >= 1, got {gen_len}")
+    if not any(model_dir.glob("*.safetensors")):
+        raise TraceError(f"{model_dir}: no *.safetensors weights (pickled checkpoints such as pytorch_model.bin are "
+                         "never loaded; convert them to safetensors first)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
+                                                     use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise TraceError(f"{model_dir}: cannot load ({str(exc).splitlines()[0]})") from None
     model.eval()

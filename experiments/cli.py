@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -12,6 +13,8 @@ from typing import Any, NoReturn
 
 from sim.errors import SimInputError
 from traces.errors import TraceError
+from traces.limits import DEFAULT_LIMIT_GIB as LIMIT_DEFAULT
+from traces.limits import LIMIT_ENV
 
 EXIT_USAGE = 2
 
@@ -54,8 +57,56 @@ def _probability(text: str) -> float:
     return value
 
 
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of GiB, got {text!r}")
+    return value
+
+
+IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def _output_file(*suffixes: str) -> Callable[[str], str]:
+    """An argparse type for a file to write: not a directory, with one of `suffixes` (checked before any work,
+    so a long run never ends in an unwritable path)."""
+
+    def parse(text: str) -> str:
+        path = Path(text)
+        if path.is_dir() or text.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+        if path.suffix.lower() not in suffixes:
+            shown = ", ".join(s or "(none)" for s in suffixes)
+            raise argparse.ArgumentTypeError(f"{text}: unsupported file type {path.suffix or '(none)'!r}; "
+                                             f"use {shown}")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: {path.parent} is not a directory")
+        return text
+
+    return parse
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line whatever it quotes (a key with a newline, a multi-line parser message)."""
+    return " ".join(text.split("\n")).replace("\r", " ")
+
+
+def _finite(obj: Any) -> Any:
+    """The same structure with every NaN or infinite float as null: JSON output stays standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    json.dump(_finite(obj), sys.stdout, indent=2, sort_keys=False, allow_nan=False)
     sys.stdout.write("\n")
 
 
@@ -241,6 +292,15 @@ def _weights(spec: Any, args: argparse.Namespace) -> Any:
 
 
 # ---- execute ----------------------------------------------------------------------------------------------
+def _cuda_choice(flag: str) -> bool | None:
+    """--cuda auto|on|off as execute_plan's use_cuda; `on` without a CUDA device is refused before any work."""
+    import torch
+
+    if flag == "on" and not torch.cuda.is_available():
+        raise SimInputError("--cuda on: torch sees no CUDA device (use --cuda auto or off)")
+    return {"auto": None, "on": True, "off": False}[flag]
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     import torch
 
@@ -257,7 +317,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
     workload, trace, routing = resolve_routing(spec, args.batch, args.prompt_len, args.gen_len, args.trace,
                                                args.routing, args.seed, args.reuse_prob)
     plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
-    use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
+    use_cuda = _cuda_choice(args.cuda)
     weights = _weights(spec, args)
     for _ in range(args.warmup):
         execute_plan(plan, weights, trace, use_cuda=use_cuda)
@@ -343,7 +403,7 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     workload, trace, _ = resolve_routing(spec, args.batch, args.prompt_len, args.gen_len, args.trace, args.routing,
                                          args.seed, args.reuse_prob)
     plan = make_policy(args.policy, parse_kv_pairs(args.policy_opt)).build(PlanContext(spec, system, workload, trace))
-    use_cuda = {"auto": None, "on": True, "off": False}[args.cuda]
+    use_cuda = _cuda_choice(args.cuda)
     result = validate_plan(plan, _weights(spec, args), trace, args.profile, use_cuda, args.warmup, args.repeats)
     if args.plot:
         plot_validation(result, args.plot, f"{spec.name} under {plan.policy}, batch {workload.batch}")
@@ -500,6 +560,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         store.close()
     print(f"sweep {args.spec} ({args.engine}): {summary.total} points, {summary.skipped} already done, "
           f"{summary.ok} ran, {summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
+    if summary.failed and not args.allow_failures:
+        print(f"coxmoe sweep: {summary.failed} point(s) failed (see `coxmoe sweep-results {args.out}`; "
+              "--allow-failures exits 0 anyway)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -550,6 +614,9 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
     df = load_results(args.dir)
     if args.csv:
         df.to_csv(args.csv, index=False)
+    if df.empty:  # a sweep stopped before its first point finished
+        print("0 points: the sweep has not finished any point yet")
+        return 0
     shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
              "wall_s", "error"]
     print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} failed")
@@ -650,9 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE", help="policy option; repeatable")
     _add_workload(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG: busy time per resource and one decode step")
-    p.add_argument("--plan-out", metavar="FILE", help="write the plan as Parquet (engine-neutral; see run-plan)")
+    p.add_argument("--timeline", metavar="FILE", type=_output_file(".json"),
+                   help="write a Chrome-trace JSON timeline (Perfetto)")
+    p.add_argument("--plot", metavar="FILE", type=_output_file(*IMAGE_SUFFIXES),
+                   help="write a PNG: busy time per resource and one decode step")
+    p.add_argument("--plan-out", metavar="FILE", type=_output_file(".parquet"),
+                   help="write the plan as Parquet (engine-neutral; see run-plan)")
     p.add_argument("--profile", metavar="DIR", help="op times from a measured profile (coxmoe calibrate profile); "
                    "the roofline outside it")
     p.set_defaults(func=cmd_simulate)
@@ -660,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-plan", help="simulate a plan saved with `simulate --plan-out`")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON timeline (Perfetto)")
+    p.add_argument("--timeline", metavar="FILE", type=_output_file(".json"),
+                   help="write a Chrome-trace JSON timeline (Perfetto)")
     p.set_defaults(func=cmd_run_plan)
 
     for name, func, help_text in (("compare", cmd_compare, "every policy at its own best configuration, same trace"),
@@ -676,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("execute", help="run a policy's plan for real with torch and report measured times")
     _add_real_run(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeline", metavar="FILE", help="write the measured Chrome-trace JSON timeline")
+    p.add_argument("--timeline", metavar="FILE", type=_output_file(".json"),
+                   help="write the measured Chrome-trace JSON timeline")
     p.set_defaults(func=cmd_execute)
 
     cal = sub.add_parser("calibrate", help="measure this machine (profile) and score the simulator (validate)")
@@ -700,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_real_run(p)
     p.add_argument("--profile", required=True, metavar="DIR", help="profile of this machine")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs; per-op medians are compared")
-    p.add_argument("--plot", metavar="FILE", help="write predicted against measured per op (PNG)")
+    p.add_argument("--plot", metavar="FILE", type=_output_file(*IMAGE_SUFFIXES),
+                   help="write predicted against measured per op (PNG)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_validate)
 
@@ -715,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=_positive_int, default=8, help="k-means clusters of the request features")
     p.add_argument("--sample", type=_positive_int, default=64, help="prototypes to probe, split by cluster size")
     p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.add_argument("-o", "--output", required=True, help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
+    p.add_argument("-o", "--output", required=True, type=_output_file(".npz"),
+                   help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
     p.set_defaults(func=cmd_eas)
 
     from experiments.reproduce import FIGURES
@@ -729,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int,
                    help="local processes, or the CPUs of a local Ray instance (default: the CPUs this process may use)")
     p.add_argument("--ray-address", help="--engine ray: cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when some points failed (default: exit 1; failed points are retried next run)")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("reproduce", help="the paper's figures (PNG, PDF, CSV and a printed table); all: every one "
                        "plus a Markdown report", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -780,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic-shift", type=_probability, default=0.5,
                    help="share of a topic's popularity that is its own (0: topics route alike)")
     p.add_argument("--compress", action="store_true", help="deflate the arrays (smaller, slower to write)")
-    p.add_argument("-o", "--output", required=True, help="output .npz file")
+    p.add_argument("-o", "--output", required=True, type=_output_file(".npz"), help="output .npz file")
     p.set_defaults(func=cmd_trace_gen)
     p = tsub.add_parser("import", help="convert published routing data into a trace (format v1)")
     p.add_argument("file")
@@ -791,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=_positive_int, help="jsonl: experts per layer (default: largest id + 1)")
     p.add_argument("--top-k", type=_positive_int, help="counts: experts per token")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="counts: seed of the token order")
-    p.add_argument("-o", "--output", required=True, help="output .npz file")
+    p.add_argument("-o", "--output", required=True, type=_output_file(".npz"), help="output .npz file")
     p.set_defaults(func=cmd_trace_import)
     p = tsub.add_parser("record", help="record routing from a local Hugging Face MoE checkpoint")
     p.add_argument("--model-dir", required=True, help="local checkpoint directory (config, tokenizer, weights)")
@@ -799,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=_positive_int, default=16, help="tokens to generate greedily per prompt")
     p.add_argument("--max-prompt-tokens", type=_positive_int, help="truncate prompts to this many tokens")
     p.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
-    p.add_argument("-o", "--output", required=True, help="output .npz file")
+    p.add_argument("-o", "--output", required=True, type=_output_file(".npz"), help="output .npz file")
     p.set_defaults(func=cmd_trace_record)
     p = tsub.add_parser("stats", help="popularity, entropy, reuse and LRU hit rates of a trace")
     p.add_argument("file")
@@ -810,20 +886,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("validate", help="check a trace file and print its header")
     p.add_argument("file")
     p.set_defaults(func=cmd_trace_validate)
+    _add_limit_option(parser)
     return parser
+
+
+def _add_limit_option(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """`--max-gib` on the top-level parser and on every (sub)command, so it may stand anywhere."""
+    parser.add_argument("--max-gib", type=_positive_gib, default=None if top else argparse.SUPPRESS,
+                        help=f"memory a trace or plan may take before it is refused (default {LIMIT_DEFAULT:g} GiB, "
+                             f"or {LIMIT_ENV})")
+    for action in parser._actions:  # argparse keeps subcommands as a _SubParsersAction's choices
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_limit_option(child, top=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    saved_limit = os.environ.get(LIMIT_ENV)
     try:
         args = parser.parse_args(argv)
+        if args.max_gib is not None:  # read by the guards, here and in sweep workers, for this command only
+            os.environ[LIMIT_ENV] = repr(args.max_gib)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     except (SimInputError, TraceError) as exc:
-        print(f"coxmoe: error: {exc}", file=sys.stderr)
+        print(f"coxmoe: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -834,6 +925,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("coxmoe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if saved_limit is None:
+            os.environ.pop(LIMIT_ENV, None)
+        else:
+            os.environ[LIMIT_ENV] = saved_limit
 
 
 if __name__ == "__main__":

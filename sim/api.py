@@ -123,17 +123,19 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None,
                     reuse_prob: float = 0.0) -> tuple[Workload, RoutingTrace, str]:
     """The workload and its routing: from a trace (lengths from the trace), or synthesised for the lengths."""
     if trace is not None:
+        if reuse_prob:
+            raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
         tr = trace if isinstance(trace, RoutingTrace) else load_trace(trace)
         check_trace_matches(tr, model)
         n = tr.num_requests if batch is None else batch
         if not 1 <= n <= tr.num_requests:
             raise SimInputError(f"batch {n} needs that many requests; the trace has {tr.num_requests}")
         wl = Workload(tr.prompt_lens[:n].astype(np.int64), tr.gen_lens[:n].astype(np.int64))
-        for name, given, have in (("prompt length", prompt_len, wl.prompt_lens), ("generation length", gen_len,
-                                                                                 wl.gen_lens)):
+        for flag, name, given, have in (("--prompt-len", "prompt length", prompt_len, wl.prompt_lens),
+                                        ("--gen-len", "generation length", gen_len, wl.gen_lens)):
             if given is not None and not (have == given).all():
-                raise SimInputError(f"--{name.replace(' ', '-').replace('generation', 'gen')} {given} conflicts "
-                                    f"with the trace's {name}s (omit it to use the trace's)")
+                raise SimInputError(f"{flag} {given} conflicts with the trace's {name}s (omit it to use the "
+                                    "trace's)")
         return wl, tr, f"trace:{tr.header.source}"
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")

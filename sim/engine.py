@@ -222,6 +222,7 @@ class _GroupShare:
 
 def run_plan(plan: Plan, cost: CostModel) -> EngineRecord:
     """Simulate `plan` under `cost`; raise CapacityError if memory runs out, PlanDeadlock if ops starve."""
+    plan.check()
     ops = plan.ops
     n = len(ops)
     durations = [cost.op_time_ns(op) for op in ops]

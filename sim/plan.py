@@ -13,15 +13,18 @@ See docs/architecture.md for the field-by-field description.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
 
+from sim.errors import SimInputError
 from sim.specs import ModelSpec, SystemSpec
 from sim.workload import Workload
+from traces.limits import max_ops, too_many_ops
 
 
 class Stream(StrEnum):
@@ -141,12 +144,56 @@ class Plan:
                 if not 0 <= d < i:
                     raise ValueError(f"plan op {i} depends on op {d}, which is not an earlier op")
 
+    def check(self) -> None:
+        """Everything an engine relies on, as one SimInputError naming the first problem: ids and deps as
+        `validate`; known streams, kinds, phases and payloads; non-negative work within MAX_OP_WORK; memory
+        pools that exist, with non-negative sizes; decode steps the workload has; a finite decode scale."""
+        try:
+            self.validate()
+        except ValueError as exc:
+            raise SimInputError(str(exc)) from None
+        if not (math.isfinite(self.decode_scale) and self.decode_scale >= 1.0):
+            raise SimInputError(f"plan decode_scale must be a finite number >= 1, got {self.decode_scale!r}")
+        max_step = int(self.workload.gen_lens.max()) - 1
+        pools = {"gpu", "cpu"}
+        for pool, parts in self.static_memory.items():
+            if pool not in pools or not isinstance(parts, dict) or any(
+                    isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0 for v in parts.values()):
+                raise SimInputError(f"plan static memory {pool!r}: needs a pool in {sorted(pools)} and sizes >= 0")
+        decode, limit = Phase.DECODE, MAX_OP_WORK
+        for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
+            if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and op.tokens >= 0 and op.kv_tokens >= 0
+                    and (op.phase is not decode or 1 <= op.step <= max_step)) or op.alloc or op.free:
+                self._check_op(op, max_step, pools)
+
+    @staticmethod
+    def _check_op(op: Op, max_step: int, pools: set[str]) -> None:
+        if not (0 <= op.flops <= MAX_OP_WORK and 0 <= op.bytes <= MAX_OP_WORK):
+            raise SimInputError(f"plan op {op.id}: flops and bytes must be in [0, 2^50], got {op.flops} and "
+                                f"{op.bytes}")
+        if op.tokens < 0 or op.kv_tokens < 0:
+            raise SimInputError(f"plan op {op.id}: tokens and kv_tokens must be >= 0")
+        if op.phase is Phase.DECODE and not 1 <= op.step <= max_step:
+            raise SimInputError(f"plan op {op.id}: decode step {op.step} outside the workload's 1..{max_step}")
+        for pool, size in (*op.alloc, *op.free):
+            if pool not in pools or size < 0:
+                raise SimInputError(f"plan op {op.id}: memory ({pool!r}, {size}) needs a pool in {sorted(pools)} "
+                                    "and a size >= 0")
+
+
+MAX_OP_WORK = 1 << 50  # flops or bytes of one op (a petabyte at most: nanosecond clocks stay in int64)
+
 
 class PlanBuilder:
     """Appends ops with ids in program order; policies call `add` and keep the returned ids as handles."""
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
+        self.max_ops = max_ops()  # plans past the memory limit are refused while they are built
+
+    def over_limit(self) -> NoReturn:
+        """Raise the one-line error for a plan that outgrew the memory limit."""
+        raise too_many_ops(len(self.ops))
 
     def add(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, *, tokens: int = 0,
             flops: int = 0, nbytes: int = 0, deps: tuple[int, ...] = (), micro_batch: int = -1,
@@ -154,6 +201,8 @@ class PlanBuilder:
             alloc: tuple[tuple[str, int], ...] = (), free: tuple[tuple[str, int], ...] = ()) -> int:
         """Append an op; negative ids in `deps` mean "no dependency" and are dropped. Returns the new id."""
         op_id = len(self.ops)
+        if op_id >= self.max_ops:
+            self.over_limit()
         if deps:
             deps = tuple([d for d in deps if d >= 0])
         self.ops.append(Op(op_id, kind, stream, phase, step, layer, micro_batch, tokens, flops, nbytes, deps,

@@ -24,6 +24,7 @@ from sim.errors import SimInputError
 from sim.plan import Op, OpKind, Payload, Phase, Plan, Stream
 from sim.specs.catalog import build_system
 from sim.specs.model import ModelSpec
+from sim.specs.schema import validate_spec
 from sim.workload import Workload
 
 PLAN_FORMAT = "cox-moe-plan"
@@ -78,26 +79,86 @@ def load_plan(path: str | Path) -> Plan:
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise SimInputError(f"{path}: not a cox-moe plan (no {PLAN_FORMAT} metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise SimInputError(f"{path}: plan metadata is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise SimInputError(f"{path}: plan metadata must be a JSON object")
     if meta.get("version") != PLAN_VERSION:
         raise SimInputError(f"{path}: unsupported plan version {meta.get('version')!r} (this reader: {PLAN_VERSION})")
-    model = ModelSpec(**meta["model"])
-    system = build_system(meta["system"]["name"], meta["system"], f"plan {path}")
-    workload = Workload(np.asarray(meta["prompt_lens"], dtype=np.int64), np.asarray(meta["gen_lens"], dtype=np.int64))
-    d = table.to_pydict()
-    enums = {c: [_ENUM_COLUMNS[c](v) for v in d[c]] for c in _ENUM_COLUMNS}
+    missing = [c for c in (*_INT_COLUMNS, *_ENUM_COLUMNS, "deps", "alloc_pool", "alloc_bytes", "free_pool",
+                           "free_bytes") if c not in table.column_names]
+    if missing:
+        raise SimInputError(f"{path}: plan lacks column(s) {', '.join(missing)}")
+    try:
+        plan = _decode(meta, table.to_pydict(), table.num_rows, str(path))
+        plan.check()
+    except KeyError as exc:
+        raise SimInputError(f"{path}: plan metadata lacks {exc.args[0]!r}") from None
+    except SimInputError as exc:
+        raise SimInputError(f"{path}: {str(exc).removeprefix(f'plan {path}: ')}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise SimInputError(f"{path}: malformed plan ({(str(exc).splitlines() or [type(exc).__name__])[0]})") \
+            from None
+    return plan
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _enum(kind: str, values: list[Any]) -> list[Any]:
+    cls = _ENUM_COLUMNS[kind]
+    known = {str(m): m for m in cls}
+    out = []
+    for v in values:
+        if v not in known:
+            raise SimInputError(f"unknown {kind} {v!r}; one of {', '.join(known)}")
+        out.append(known[v])
+    return out
+
+
+def _ints(name: str, values: list[Any]) -> list[int]:
+    if any(v is None for v in values):
+        raise SimInputError(f"column {name} has empty cells")
+    return values
+
+
+def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str) -> Plan:
+    """The plan a file's metadata and columns describe (each part checked as it is read)."""
+    for key, kind in (("policy", str), ("knobs", dict), ("model", dict), ("system", dict), ("static_memory", dict),
+                      ("micro_batches", dict), ("prompt_lens", list), ("gen_lens", list)):
+        if not isinstance(meta[key], kind):
+            raise SimInputError(f"metadata {key} must be a JSON {'object' if kind is dict else kind.__name__}")
+    for name, groups in meta["micro_batches"].items():
+        if not isinstance(groups, list) or not all(
+                isinstance(g, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in g) for g in groups):
+            raise SimInputError(f"metadata micro_batches {name!r} must be lists of request ids")
+    model = validate_spec(ModelSpec, meta["model"], f"plan {where}: model")
+    system = build_system(meta["system"]["name"], meta["system"], f"plan {where}: system")
+    lengths = {k: np.asarray(meta[k]) for k in ("prompt_lens", "gen_lens")}
+    for k, arr in lengths.items():
+        if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 1:
+            raise SimInputError(f"metadata {k} must be a non-empty list of integers >= 1")
+    workload = Workload(lengths["prompt_lens"].astype(np.int64), lengths["gen_lens"].astype(np.int64))
+    enums = {c: _enum(c, d[c]) for c in _ENUM_COLUMNS}
+    ints = {c: _ints(c, d[c]) for c in _INT_COLUMNS}
+    for which in ("alloc", "free"):
+        for i in range(rows):
+            if len(d[f"{which}_pool"][i] or ()) != len(d[f"{which}_bytes"][i] or ()):
+                raise SimInputError(f"op {i}: {which}_pool and {which}_bytes differ in length")
     ops = [
-        Op(d["id"][i], enums["kind"][i], enums["stream"][i], enums["phase"][i], d["step"][i], d["layer"][i],
-           d["micro_batch"][i], d["tokens"][i], d["flops"][i], d["bytes"][i], tuple(d["deps"][i]), d["expert"][i],
-           enums["payload"][i], d["kv_tokens"][i], tuple(zip(d["alloc_pool"][i], d["alloc_bytes"][i], strict=True)),
-           tuple(zip(d["free_pool"][i], d["free_bytes"][i], strict=True)))
-        for i in range(table.num_rows)
+        Op(ints["id"][i], enums["kind"][i], enums["stream"][i], enums["phase"][i], ints["step"][i], ints["layer"][i],
+           ints["micro_batch"][i], ints["tokens"][i], ints["flops"][i], ints["bytes"][i], tuple(d["deps"][i] or ()),
+           ints["expert"][i], enums["payload"][i], ints["kv_tokens"][i],
+           tuple(zip(d["alloc_pool"][i] or (), d["alloc_bytes"][i] or (), strict=True)),
+           tuple(zip(d["free_pool"][i] or (), d["free_bytes"][i] or (), strict=True)))
+        for i in range(rows)
     ]
     micro = {k: [np.asarray(g, dtype=np.int64) for g in v] for k, v in meta["micro_batches"].items()}
-    plan = Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro,
-                decode_scale=float(meta.get("decode_scale", 1.0)))
-    try:
-        plan.validate()
-    except ValueError as exc:
-        raise SimInputError(f"{path}: {exc}") from None
-    return plan
+    scale = meta.get("decode_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise SimInputError(f"metadata decode_scale must be a number, got {scale!r}")
+    return Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro,
+                decode_scale=float(scale))

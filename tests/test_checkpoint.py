@@ -112,3 +112,10 @@ def test_execute_with_a_checkpoint_and_bad_layer_counts(capsys, tmp_path):
     assert "first 1 layers are dense" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+    # issue 11: a damaged safetensors file is one line, not a traceback
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:100])
+    assert main([*argv[:-1], str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a readable safetensors file" in err

@@ -66,7 +66,16 @@ def test_jsonl_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda ls: ls + ["{not json"], "bad record"),
+    (lambda ls: ls + ["{not json"], "not JSON"),
+    # issue 11's reproductions: each was a hang, a traceback or a silently coerced value
+    (lambda ls: ls + [{**ls[0], "token": 9, "layer": 1_000_000_000}], "layer: Input should be less than 4096"),
+    (lambda ls: [{**x, "experts": []} for x in ls], "experts: List should have at least 1 item"),
+    (lambda ls: [{**ls[0], "request": 0.7}] + ls[1:], "request: Input should be a valid integer, got 0.7"),
+    (lambda ls: [{**ls[0], "experts": [True, 2]}] + ls[1:], "experts.0: Input should be a valid integer, got True"),
+    (lambda ls: [{**ls[0], "experts": [1, 1]}] + ls[1:], "an expert twice"),
+    (lambda ls: [{**ls[0], "experts": [1, 70000]}] + ls[1:], "experts.1: Input should be less than 65536"),
+    (lambda ls: [{**ls[0], "probs": [float("nan"), 0.5]}] + ls[1:], "probs.0: Input should be a finite number"),
+    (lambda ls: ls + ["[1, 2]"], "JSON object"),
     (lambda ls: [x for x in ls if not (x["token"] == 1 and x["layer"] == 2)], "lacks layer"),
     (lambda ls: ls + [ls[0]], "appears twice"),
     (lambda ls: [{**x, "experts": [1], "probs": [1.0]} if x["token"] == 0 and x["layer"] == 0 else x for x in ls],
@@ -74,7 +83,7 @@ def test_jsonl_round_trip(tmp_path):
     (lambda ls: [{**x, "phase": "decode"} if x["request"] == 0 and x["token"] == 0 else x for x in ls],
      "prefill tokens first"),
     (lambda ls: [x for x in ls if x["token"] != 1], "none missing"),
-    (lambda ls: [{**x, "phase": "train"} for x in ls], "phase must be"),
+    (lambda ls: [{**x, "phase": "train"} for x in ls], "phase: Input should be 'prefill' or 'decode'"),
     (lambda ls: [{**x, "probs": [1.0]} for x in ls], "probs"),
     (lambda ls: [], "no records"),
 ])
@@ -131,4 +140,4 @@ def test_trace_import_command(capsys, tmp_path):
     bad.write_text("{oops\n")
     assert main(["trace", "import", str(bad), "--format", "jsonl", "-o", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "bad record" in err and not (tmp_path / "x.npz").exists()
+    assert err.count("\n") == 1 and "bad.jsonl:1: not JSON" in err and not (tmp_path / "x.npz").exists()

@@ -14,9 +14,12 @@ File layout (`.npz`, loaded with `allow_pickle=False`):
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from traces.errors import TraceError
+from traces.limits import check_experts, check_memory
 
 FORMAT_NAME = "cox-moe-routing-trace"
 FORMAT_VERSION = 1
@@ -138,8 +142,11 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
     h = trace.header
     for name in ("num_layers", "num_experts", "top_k"):
         value = getattr(h, name)
-        if not isinstance(value, int | np.integer) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
             raise TraceError(f"trace header: {name} must be a positive integer, got {value!r}")
+    check_experts(int(h.num_experts), "trace header")
+    if not isinstance(h.extra, dict):
+        raise TraceError(f"trace header: extra must be a JSON object, got {type(h.extra).__name__}")
     if h.top_k > h.num_experts:
         raise TraceError(f"trace header: top_k {h.top_k} exceeds num_experts {h.num_experts}")
     for name in ("prompt_lens", "gen_lens"):
@@ -180,6 +187,7 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
 
 
 def expert_dtype(num_experts: int) -> np.dtype:
+    check_experts(num_experts, "routing")
     return np.dtype(np.uint8) if num_experts <= 256 else np.dtype(np.uint16)
 
 
@@ -218,9 +226,12 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
 def read_npz(path: Path, required: set[str], optional: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
     """The `required` arrays and whichever `optional` ones exist, read from an .npz without unpickling; a
     missing file, a missing array or a damaged archive is one TraceError naming the file and `what` it is."""
+    if path.is_dir():
+        raise TraceError(f"{what} {path} is a directory")
     if not path.is_file():
         raise TraceError(f"{what} not found: {path}")
     try:
+        _check_declared_sizes(path, what)
         with np.load(path, allow_pickle=False) as npz:
             missing = required - set(npz.files)
             if missing:
@@ -228,9 +239,36 @@ def read_npz(path: Path, required: set[str], optional: tuple[str, ...], what: st
             return {name: npz[name] for name in (*sorted(required), *optional) if name in npz.files}
     except TraceError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, EOFError, OSError, ValueError,
+            KeyError, NotImplementedError, RuntimeError, OverflowError) as exc:  # what a damaged archive raises
         noun = what.removesuffix(" file")
         raise TraceError(f"{path}: cannot read {noun} (truncated or not an .npz file: {type(exc).__name__})") from None
+
+
+def _check_declared_sizes(path: Path, what: str) -> None:
+    """Read each member's .npy header (a few bytes of its stream) and refuse, before anything is expanded, an
+    archive whose arrays would exceed the memory limit, or whose declared and stored sizes disagree."""
+    if not zipfile.is_zipfile(path):
+        raise TraceError(f"{path}: cannot read {what.removesuffix(' file')} (not an .npz archive)")
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+            if dtype.hasobject:
+                raise TraceError(f"{path}: array {info.filename} holds Python objects (refused: never unpickled)")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > info.file_size:  # the stored .npy is header + data: it cannot be shorter than its data
+                raise TraceError(f"{path}: array {info.filename} declares {nbytes} bytes but stores "
+                                 f"{info.file_size} (damaged or crafted archive)")
+            total += nbytes
+    check_memory(total, f"{what} {path}")
 
 
 def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
@@ -243,10 +281,13 @@ def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
                          if isinstance(meta, dict) else f"{path}: header is not a JSON object")
     if meta.get("version") != FORMAT_VERSION:
         raise TraceError(f"{path}: unsupported trace version {meta.get('version')!r} (this reader: {FORMAT_VERSION})")
+    extra = meta.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise TraceError(f"{path}: header field extra must be a JSON object, got {type(extra).__name__}")
     try:
         return TraceHeader(model=str(meta["model"]), num_layers=meta["num_layers"],
                            num_experts=meta["num_experts"], top_k=meta["top_k"],
-                           source=str(meta.get("source", "unknown")), extra=dict(meta.get("extra") or {}))
+                           source=str(meta.get("source", "unknown")), extra=extra)
     except KeyError as exc:
         raise TraceError(f"{path}: header lacks {exc.args[0]}") from None
 

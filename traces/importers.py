@@ -17,11 +17,16 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, expert_dtype
+from traces.limits import MAX_EXPERTS, check_memory
+
+MAX_LAYERS = 4096  # MoE layers of an imported trace (the largest models have about a hundred)
 
 _TENSOR = re.compile(r"tensor\(\[([^\]]*)\]\)")
 
@@ -35,6 +40,35 @@ def _open_text(path: Path) -> str:
         raise TraceError(f"{path}: not UTF-8 text") from None
 
 
+class _Record(BaseModel):
+    """One JSONL routing record, validated strictly: JSON integers for ids (not floats, strings or booleans),
+    a non-empty list of distinct expert ids, probabilities in [0, 1] matching the experts."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    request: Annotated[int, Field(ge=0)]
+    token: Annotated[int, Field(ge=0)]
+    phase: Literal["prefill", "decode"]
+    layer: Annotated[int, Field(ge=0, lt=MAX_LAYERS)]
+    experts: Annotated[list[Annotated[int, Field(ge=0, lt=MAX_EXPERTS)]], Field(min_length=1)]
+    probs: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _Record:
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"experts lists an expert twice: {self.experts}")
+        if self.probs is not None and len(self.probs) != len(self.experts):
+            raise ValueError(f"{len(self.experts)} experts but {len(self.probs)} probs")
+        return self
+
+
+def _record_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    got = "" if err["type"] in ("missing", "value_error") else f", got {err.get('input')!r}"
+    return f"{where}: {msg}{got}" if where else f"{msg}{got}"
+
+
 def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | None = None) -> RoutingTrace:
     """Per-(request, token, layer) records -> trace v1 (layers, top-k and experts from the data)."""
     path = Path(path)
@@ -44,16 +78,16 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-            key = (int(rec["request"]), int(rec["token"]))
-            layer, experts, phase = int(rec["layer"]), [int(e) for e in rec["experts"]], str(rec["phase"])
-            probs = None if rec.get("probs") is None else [float(p) for p in rec["probs"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise TraceError(f"{path}:{n}: bad record ({type(exc).__name__}: {exc})") from None
-        if phase not in ("prefill", "decode"):
-            raise TraceError(f"{path}:{n}: phase must be prefill or decode, got {phase!r}")
-        if probs is not None and len(probs) != len(experts):
-            raise TraceError(f"{path}:{n}: {len(experts)} experts but {len(probs)} probs")
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(raw, dict):
+            raise TraceError(f"{path}:{n}: bad record (a record must be a JSON object)")
+        try:
+            rec = _Record.model_validate(raw)
+        except ValidationError as exc:
+            raise TraceError(f"{path}:{n}: bad record ({_record_error(exc)})") from None
+        key, layer, experts, phase, probs = (rec.request, rec.token), rec.layer, rec.experts, rec.phase, rec.probs
         if phases.setdefault(key, phase) != phase:
             raise TraceError(f"{path}:{n}: request {key[0]} token {key[1]} is both prefill and decode")
         if layer in records.setdefault(key, {}):
@@ -62,12 +96,22 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
     if not records:
         raise TraceError(f"{path}: no records")
     layers = max(max(v) for v in records.values()) + 1
+    seen_layers = set().union(*(v.keys() for v in records.values()))
+    if len(seen_layers) != layers:
+        missing = sorted(set(range(layers)) - seen_layers)
+        raise TraceError(f"{path}: layers must be 0..{layers - 1} with none missing; no record has layer(s) "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
     lengths = [len(e) for v in records.values() for e, _ in v.values()]
     top_k = max(set(lengths), key=lengths.count)  # the usual length; records that differ are reported
     requests = sorted({r for r, _ in records})
     if requests != list(range(len(requests))):
         raise TraceError(f"{path}: request ids must be 0..{len(requests) - 1}")
     has_probs = any(p is not None for v in records.values() for _, p in v.values())
+    check_memory(len(records) * layers * top_k * 16.0, f"{path}: {len(records):,} tokens x {layers} layers")
+    if num_experts is not None:
+        top_id = max(e for v in records.values() for ex, _ in v.values() for e in ex)
+        if top_id >= num_experts:
+            raise TraceError(f"{path}: expert id {top_id} is out of range for --experts {num_experts}")
     rows, gates, prompt_lens, gen_lens = [], [], [], []
     for r in requests:
         tokens = sorted(t for rr, t in records if rr == r)
@@ -95,8 +139,6 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
             rows.append(row)
             gates.append(grow)
     ids = np.asarray(rows, dtype=np.int64)
-    if ids.min() < 0:
-        raise TraceError(f"{path}: negative expert id")
     experts_n = num_experts or int(ids.max()) + 1
     header = TraceHeader(model, layers, experts_n, top_k, source=f"jsonl:{path.name}")
     gate_array = np.asarray(gates, dtype=np.float32) if has_probs else None

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, expert_dtype
+from traces.limits import MAX_LENGTH, check_memory
 
 DATA_DIR = Path(__file__).with_name("data")
 POPULARITY_TABLES = {"mixtral-8x7b": DATA_DIR / "mixtral-8x7b_expert_frequencies.npy"}
@@ -67,20 +68,29 @@ def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what:
     """Lengths for `count` requests: N, 'fixed:N', 'uniform:LO:HI' or 'lognormal:MEDIAN:SIGMA[:MAX]'."""
     text = str(spec)
     parts = text.split(":")
+
+    def length(raw: str, name: str) -> int:
+        value = int(raw)
+        if not 1 <= value <= MAX_LENGTH:
+            raise TraceError(f"{what} {text!r}: {name} must be in [1, {MAX_LENGTH:,}], got {value:,}")
+        return value
+
     try:
         if len(parts) == 1 or parts[0] == "fixed":
-            value = int(parts[-1])
+            value = length(parts[-1], "the length")
             lens = np.full(count, value, dtype=np.int64)
         elif parts[0] == "uniform" and len(parts) == 3:
-            lo, hi = int(parts[1]), int(parts[2])
+            lo, hi = length(parts[1], "LO"), length(parts[2], "HI")
             if hi < lo:
                 raise TraceError(f"{what} {text!r}: HI must be >= LO")
             lens = rng.integers(lo, hi + 1, size=count)
         elif parts[0] == "lognormal" and len(parts) in (3, 4):
             median, sigma = float(parts[1]), float(parts[2])
-            cap = int(parts[3]) if len(parts) == 4 else None
-            lens = np.rint(median * np.exp(sigma * rng.standard_normal(count))).astype(np.int64)
-            lens = np.maximum(lens, 1) if cap is None else np.clip(lens, 1, cap)
+            if not (np.isfinite(median) and median > 0 and np.isfinite(sigma) and sigma >= 0):
+                raise TraceError(f"{what} {text!r}: MEDIAN must be positive and SIGMA >= 0, both finite")
+            cap = length(parts[3], "MAX") if len(parts) == 4 else MAX_LENGTH
+            draws = np.rint(median * np.exp(sigma * rng.standard_normal(count)))
+            lens = np.clip(draws, 1, cap).astype(np.int64)
         else:
             raise TraceError(f"{what} {text!r}: use N, fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX]")
     except TraceError:
@@ -97,6 +107,7 @@ class _InverseCdf:
     several times faster than a binary search for millions of draws."""
 
     def __init__(self, probs: np.ndarray):
+        self.probs = np.asarray(probs, dtype=np.float64) / float(np.sum(probs))  # exact, for the fallback
         cdf = np.cumsum(probs, dtype=np.float64)
         cdf = (cdf / cdf[-1]).astype(np.float32)
         cdf[-1] = 1.0  # draws are < 1, so every index stays below the number of experts
@@ -115,21 +126,45 @@ class _InverseCdf:
         return idx
 
 
+REDRAW_ROUNDS = 64  # redraws of a repeated expert before the exact fallback (a skewed table repeats forever)
+FALLBACK_ROWS = 4096  # rows per block of the fallback's [rows, experts] probability table
+
+
+def _exclusive_draw(rng: np.random.Generator, probs: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """One id per row of `chosen` (the ids it already holds), drawn from `probs` without those ids, in float64:
+    the exact next step of sampling without replacement, for rows whose redraws keep repeating (a Zipf table
+    so skewed that float32 draws reach only its first expert)."""
+    out = np.empty(chosen.shape[0], dtype=np.int64)
+    for s in range(0, chosen.shape[0], FALLBACK_ROWS):
+        block = chosen[s:s + FALLBACK_ROWS].astype(np.int64)
+        p = np.broadcast_to(probs, (block.shape[0], probs.size)).copy()
+        np.put_along_axis(p, block, 0.0, axis=1)
+        cdf = np.cumsum(p, axis=1)
+        u = rng.random(block.shape[0]) * cdf[:, -1]
+        out[s:s + block.shape[0]] = np.minimum((cdf <= u[:, None]).sum(axis=1), probs.size - 1)
+    return out
+
+
 def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int, num_experts: int,
                  dtype: np.dtype, chunk: int = 1 << 16) -> np.ndarray:
     """k distinct ids per row, drawn one position at a time, redrawing repeats (exact sequential sampling
     without replacement). Small k compares against earlier columns; larger k keeps a per-row 'taken' mask so
-    each repeat check is O(1), processing rows in chunks to bound memory."""
+    each repeat check is O(1), processing rows in chunks to bound memory. Rows still repeating after
+    REDRAW_ROUNDS redraws take the exact float64 draw without their chosen ids (bounded time, same law)."""
     out = np.empty((n, k), dtype=dtype)
     if k <= 4:
         for j in range(k):
             draw = draw_ids(rng.random(n, dtype=np.float32))
             if j:
                 bad = np.flatnonzero(_collides(out[:, :j], draw))
-                while bad.size:
+                for _ in range(REDRAW_ROUNDS):
+                    if not bad.size:
+                        break
                     redraw = draw_ids(rng.random(bad.size, dtype=np.float32))
                     draw[bad] = redraw
                     bad = bad[_collides(out[bad, :j], redraw)]
+                if bad.size:
+                    draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[bad, :j])
             out[:, j] = draw
         return out
     words = (num_experts + 63) // 64
@@ -146,13 +181,17 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
             draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int64)
             if j:
                 bad = np.flatnonzero(is_taken(rows, draw))
-                while bad.size:
+                for _ in range(REDRAW_ROUNDS):
+                    if not bad.size:
+                        break
                     # Several candidates per rejected row at once; the first one not taken wins.
                     cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(np.int64).reshape(-1, 4)
                     free = ~is_taken(bad[:, None], cand)
                     found = free.any(axis=1)
                     draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
                     bad = bad[~found]
+                if bad.size:
+                    draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[s + bad, :j])
             taken[rows, draw >> 6] |= one << (draw & 63).astype(np.uint64)
             out[s:s + m, j] = draw
     return out
@@ -229,12 +268,20 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     if ((probs > 0).sum(axis=1) < cfg.top_k).any():
         raise TraceError(f"routing {cfg.routing!r}: some layer has fewer than top_k={cfg.top_k} experts with "
                          "non-zero probability")
-    prompt_lens = np.asarray(prompt_lens, dtype=np.int32)
-    gen_lens = np.asarray(gen_lens, dtype=np.int32)
+    prompt_lens, gen_lens = np.asarray(prompt_lens), np.asarray(gen_lens)
     if prompt_lens.size == 0 or prompt_lens.min() < 1 or gen_lens.min() < 1:
         raise TraceError("every request needs prompt and generation lengths >= 1")
+    if max(int(prompt_lens.max()), int(gen_lens.max())) > MAX_LENGTH:
+        raise TraceError(f"request lengths must be at most {MAX_LENGTH:,} tokens, got "
+                         f"{max(int(prompt_lens.max()), int(gen_lens.max())):,}")
+    prompt_lens = prompt_lens.astype(np.int32)
+    gen_lens = gen_lens.astype(np.int32)
     routed = prompt_lens.astype(np.int64) + gen_lens - 1
     n = int(routed.sum())
+    itemsize = expert_dtype(cfg.num_experts).itemsize
+    # the trace itself, one layer's fresh draws, and per-token bookkeeping (index, flags, uniform draws)
+    check_memory(n * (cfg.num_layers * cfg.top_k * itemsize + cfg.top_k * 8 + 16),
+                 f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
     starts = np.concatenate([[0], np.cumsum(routed)[:-1]])
     first_token = np.zeros(n, dtype=bool)
     first_token[starts] = True

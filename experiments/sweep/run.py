@@ -3,7 +3,9 @@ finishes."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import time
 import traceback
@@ -85,6 +87,22 @@ def _drive(points: Iterable[SweepPoint], store: ResultStore,
     return SweepSummary(len(points), len(points) - len(pending), ok, failed, time.perf_counter() - t0)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Pool-worker initializer: on Linux, ask the kernel to SIGTERM this worker when its parent dies, so a sweep
+    killed with SIGKILL leaves no workers running its points (elsewhere a worker ends at its next task)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # no prctl: the worker exits when the pool's pipe closes
+            pass
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, progress: bool = True) -> SweepSummary:
     """Run the points not yet finished in `store`; workers=1 runs them in this process, in order."""
 
@@ -93,7 +111,7 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
             for point in pending:
                 yield point, run_point(point.config)
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
             futures = {pool.submit(run_point, p.config): p for p in pending}
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()

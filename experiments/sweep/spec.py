@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
     """Check a point's keys, fill the defaults and normalise option values to strings (as the CLI passes them)."""
     unknown = set(raw) - set(POINT_DEFAULTS)
     if unknown:
-        raise SimInputError(f"sweep point: unknown key(s) {', '.join(sorted(unknown))}; "
+        raise SimInputError(f"sweep point: unknown key(s) {', '.join(repr(k) for k in sorted(unknown, key=str))}; "
                             f"known: {', '.join(POINT_DEFAULTS)}")
     config = {**POINT_DEFAULTS, **raw}
     missing = [k for k in REQUIRED if not config[k]]
@@ -66,8 +67,31 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
     return SweepPoint(config, point_key(config))
 
 
+JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any, where: str) -> None:
+    """Spec values are JSON data (they are hashed as JSON): YAML's dates, binary blobs or non-finite numbers are
+    refused here, naming where they sit."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise SimInputError(f"sweep spec: {where}: keys must be strings, got {k!r}")
+            _plain(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain(v, f"{where}[{i}]")
+    elif not isinstance(value, JSON_SCALARS):
+        raise SimInputError(f"sweep spec: {where}: {type(value).__name__} values are not allowed (quote it as a "
+                            f"string?), got {value!r}"[:300])
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise SimInputError(f"sweep spec: {where}: must be a finite number, got {value!r}")
+
+
 def expand(spec: dict[str, Any]) -> list[SweepPoint]:
     """The grid of a spec mapping, in axis order, with duplicate points (same hash) dropped."""
+    if isinstance(spec, dict):
+        _plain(spec, "spec")
     if not isinstance(spec, dict) or set(spec) - {"fixed", "axes"}:
         raise SimInputError("sweep spec: top level must be a mapping with 'fixed' and/or 'axes'")
     fixed = spec.get("fixed") or {}
@@ -96,7 +120,9 @@ def load_spec(path: str | Path) -> list[SweepPoint]:
     if not path.is_file():
         raise SimInputError(f"sweep spec not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SimInputError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise SimInputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:

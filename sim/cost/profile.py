@@ -38,6 +38,31 @@ def model_signature(spec: ModelSpec) -> str:
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
+    """Timings as numbers: grid points >= 0 and times finite and positive (a measured op never takes 0 s;
+    per-request overheads may be 0). One SimInputError names the first bad row."""
+    if frame.empty:
+        raise SimInputError(f"{where}: no timings")
+    out = frame.copy()
+    for col in ("tokens", "kv", "median_s"):
+        values = pd.to_numeric(out[col], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.to_numpy(float))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise SimInputError(f"{where}: row {row + 2}: {col} must be a finite number, got {frame[col].iloc[row]!r}")
+        out[col] = values
+    kind = out["kind"].astype(str)
+    overhead, attention = kind.str.startswith("overhead_"), kind.str.startswith("attention")
+    bad = ((out["tokens"] < 0) | (out["kv"] < 0) | (out["median_s"] < 0)
+           | (~overhead & ((out["median_s"] <= 0) | (out["tokens"] < 1))) | (attention & (out["kv"] < 1)))
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        got = f"{kind.iloc[row]} tokens {out['tokens'].iloc[row]}, kv {out['kv'].iloc[row]}"
+        raise SimInputError(f"{where}: row {row + 2}: a measured op needs tokens >= 1 (and kv >= 1 for attention) "
+                            f"and median_s > 0 (overheads: >= 0); got {got}, median_s {out['median_s'].iloc[row]}")
+    return out
+
+
 class ProfileCostModel:
     """Measured times where the profile has them; the roofline (and its usages) everywhere else."""
 
@@ -52,8 +77,10 @@ class ProfileCostModel:
         try:
             self.meta = json.loads(meta_path.read_text())
             frame = pd.read_csv(table_path)
-        except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise SimInputError(f"{self.dir}: unreadable profile ({type(exc).__name__})") from None
+        if not isinstance(self.meta, dict):
+            raise SimInputError(f"{self.dir}/profile.json: must be a JSON object")
         if self.meta.get("version") != PROFILE_VERSION:
             raise SimInputError(f"{self.dir}: profile version {self.meta.get('version')!r}, this reader reads "
                                 f"{PROFILE_VERSION}")
@@ -64,6 +91,7 @@ class ProfileCostModel:
         if not needed <= set(frame.columns):
             missing = ", ".join(sorted(needed - set(frame.columns)))
             raise SimInputError(f"{self.dir}/timings.csv lacks column(s) {missing}")
+        frame = _checked_timings(frame, self.dir / "timings.csv")
         self.mean_prompt_len = mean_prompt_len
         if "threads" in frame.columns:  # CPU rows per torch thread count: the asked one, else the most
             available = sorted(int(t) for t in frame["threads"].dropna().unique())

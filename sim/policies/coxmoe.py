@@ -28,7 +28,7 @@ from functools import cache
 
 import numpy as np
 
-from sim.errors import CapacityError, SimInputError
+from sim.errors import NoFeasibleConfig, SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.base import OptionsBase, PlanContext, Policy
 from sim.policies.layers import (
@@ -306,16 +306,25 @@ class CoxMoePolicy(Policy):
                       explain_empty=lambda: self._raise_capacity(ctx, model))
 
     def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
-        o = self.options
-        pre = o.prefill_placement if o.prefill_placement != "auto" else "gcg"
-        dec = o.decode_placement if o.decode_placement != "auto" else "gcg"
-        static = model.gpu_static(pre, dec, max(o.prefill_micro_batch, 1), max(o.decode_micro_batch, 1),
-                                  max(o.resident_experts, 0), 0)
+        """Say which pool overflows, with its parts, for the configuration the given knobs pin down (the
+        search's first placement and micro-batch where a knob is left to it)."""
         from sim.policies.base import require_fits
 
-        require_fits("GPU", ctx.system.gpu.name, self.name, static, ctx.system.gpu_usable_bytes)
-        raise CapacityError(f"GPU ({ctx.system.gpu.name}) for coxmoe: no configuration of these knobs fits",
-                            sum(static.values()), ctx.system.gpu_usable_bytes, "with the E_M buffers")
+        o, m = self.options, ctx.model
+        pre = o.prefill_placement if o.prefill_placement != "auto" else "gcg"
+        dec = o.decode_placement if o.decode_placement != "auto" else "gcg"
+        mu_p = max(o.prefill_micro_batch, 1)
+        mu_d = max(o.decode_micro_batch, 1)
+        if o.resident_experts > m.num_experts:
+            raise SimInputError(f"policy coxmoe: resident_experts {o.resident_experts} exceeds the model's "
+                                f"{m.num_experts} experts per layer")
+        require_fits("DRAM", ctx.system.name, self.name, model.cpu_static(pre, dec), ctx.system.dram_usable_bytes)
+        resident = max(o.resident_experts, 0)
+        widest = max(model.op3(Phase.PREFILL, resident, mu_p)[1], model.op3(Phase.DECODE, resident, mu_d)[1])
+        require_fits("GPU", ctx.system.gpu.name, self.name, model.gpu_static(pre, dec, mu_p, mu_d, resident, widest),
+                     ctx.system.gpu_usable_bytes)
+        raise NoFeasibleConfig(f"policy coxmoe: no configuration of these knobs fits on {ctx.system.name} (each "
+                               "placement and micro-batch the search may still choose overflows GPU or DRAM)")
 
     # ---- search ----------------------------------------------------------------------------------------
     def _candidates(self, ctx: PlanContext, model: _Model) -> list[Candidate]:

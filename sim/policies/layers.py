@@ -95,6 +95,7 @@ class LayerEmitter:
         self.w: OpWork = ctx.work
         self.b = builder
         self.ops = builder.ops
+        self._max_ops = builder.max_ops
         w = self.w
         self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
@@ -105,6 +106,8 @@ class LayerEmitter:
         """Append an op directly (this is the hot path of plan building); negative deps are dropped."""
         ops = self.ops
         op_id = len(ops)
+        if op_id >= self._max_ops:
+            self.b.over_limit()
         ops.append(Op(op_id, kind, stream, phase, step, layer, mb, tokens, work[0], work[1],
                       tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
         return op_id
@@ -124,6 +127,8 @@ class LayerEmitter:
         flops_bytes = (0, 2 * nbytes) if DEVICE_OF[stream] is Device.CPU else (0, nbytes)
         ops = self.ops
         op_id = len(ops)
+        if op_id >= self._max_ops:
+            self.b.over_limit()
         ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
                       flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
         return op_id

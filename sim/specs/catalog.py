@@ -17,6 +17,7 @@ import yaml
 from sim.errors import SimInputError
 from sim.specs.hardware import CPUSpec, GPUSpec, LinkSpec, SystemSpec
 from sim.specs.model import ModelSpec
+from sim.specs.schema import validate_spec
 
 PRESET_DIR = Path(__file__).with_name("presets")
 CATALOGS = {"models": ModelSpec, "gpus": GPUSpec, "cpus": CPUSpec, "links": LinkSpec, "systems": SystemSpec}
@@ -36,41 +37,7 @@ def preset_names(kind: str) -> list[str]:
 def _build(cls: type, name: str, entry: dict[str, Any], where: str) -> Any:
     if not isinstance(entry, dict):
         raise SimInputError(f"{where}: expected a mapping of fields, got {type(entry).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise SimInputError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
-    fields = dict(entry)
-    fields["name"] = fields.get("name", name)
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [f for f in required if f not in fields]
-    if missing:
-        raise SimInputError(f"{where}: missing field(s) {', '.join(missing)}")
-    for f in dataclasses.fields(cls):
-        if f.name in fields and f.type in ("int", "float", "bool"):
-            fields[f.name] = _coerce(fields[f.name], f.type, f"{where}: {f.name}")
-    try:
-        return cls(**fields)
-    except TypeError as exc:
-        raise SimInputError(f"{where}: {exc}") from None
-
-
-def _coerce(value: Any, type_name: str, where: str) -> Any:
-    """Numbers may arrive as strings ('65e12' is a string to YAML 1.1); convert or fail in one line."""
-    if type_name == "bool":
-        if isinstance(value, bool):
-            return value
-        raise SimInputError(f"{where}: expected true or false, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SimInputError(f"{where}: expected a number, got {value!r}") from None
-    if type_name == "int":
-        if number != int(number):
-            raise SimInputError(f"{where}: expected an integer, got {value!r}")
-        return int(number)
-    return number
+    return validate_spec(cls, {**entry, "name": entry.get("name", name)}, where)
 
 
 def _preset(kind: str, name: str) -> dict[str, Any]:
@@ -116,6 +83,8 @@ def component_preset(kind: str, name: str) -> Any:
 def read_spec_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping; errors name the file and the problem in one line."""
     path = Path(path)
+    if path.is_dir():
+        raise SimInputError(f"spec file {path} is a directory")
     if not path.is_file():
         raise SimInputError(f"spec file not found: {path}")
     try:
@@ -129,10 +98,17 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _is_path(name_or_path: str) -> bool:
+    """A spec file rather than a preset name: a file, a spec suffix, or a path with a separator (preset names
+    have none), so a directory given as a spec file is named as one."""
+    path = Path(name_or_path)
+    return path.suffix in (".yaml", ".yml", ".json") or "/" in name_or_path or path.is_file()
+
+
 def load_model(name_or_path: str) -> ModelSpec:
     """A model preset by name, or a model spec / Hugging Face config.json file by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+    if _is_path(name_or_path):
         data = read_spec_file(path)
         if "architectures" in data or "model_type" in data:
             from sim.specs.hf_config import model_from_hf_config
@@ -144,7 +120,7 @@ def load_model(name_or_path: str) -> ModelSpec:
 
 def load_system(name_or_path: str) -> SystemSpec:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+    if _is_path(name_or_path):
         data = read_spec_file(path)
         return build_system(data.get("name", path.stem), data, f"system file {path}")
     return system_preset(name_or_path)

@@ -11,6 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from sim.errors import SimInputError
+from sim.specs.config import SPEC_CONFIG
+
+# What physics (and int64 nanosecond clocks) allow, by unit: a number outside is a typo, not a machine.
+RANGES = {"flops_per_s": (1e6, 1e18), "bytes_per_s": (1e3, 1e16), "bytes": (1, 2**60), "cores": (1, 65536),
+          "_s": (0.0, 1.0)}
+
+
+def _range_of(name: str) -> tuple[float, float]:
+    for suffix, bounds in RANGES.items():
+        if name.endswith(suffix):
+            return bounds
+    raise KeyError(name)
 
 
 def _check_positive(owner: str, obj: object, names: list[str]) -> None:
@@ -18,6 +30,9 @@ def _check_positive(owner: str, obj: object, names: list[str]) -> None:
         value = getattr(obj, name)
         if not value > 0:
             raise SimInputError(f"{owner}: {name} must be positive, got {value}")
+        low, high = _range_of(name)
+        if not low <= value <= high:
+            raise SimInputError(f"{owner}: {name} must be in [{low:g}, {high:g}], got {value:g}")
 
 
 def _check_fraction(owner: str, obj: object, names: list[str]) -> None:
@@ -31,6 +46,8 @@ def _check_fraction(owner: str, obj: object, names: list[str]) -> None:
 class GPUSpec:
     """One GPU: dense BF16 tensor-core peak, HBM capacity and bandwidth, and achievable fractions."""
 
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
+
     name: str
     bf16_flops_per_s: float
     hbm_bytes: int
@@ -43,13 +60,15 @@ class GPUSpec:
     def __post_init__(self) -> None:
         _check_positive(f"gpu {self.name}", self, ["bf16_flops_per_s", "hbm_bytes", "hbm_bytes_per_s"])
         _check_fraction(f"gpu {self.name}", self, ["gemm_efficiency", "hbm_efficiency"])
-        if self.kernel_launch_s < 0:
-            raise SimInputError(f"gpu {self.name}: kernel_launch_s must be >= 0")
+        if not 0 <= self.kernel_launch_s <= 1:
+            raise SimInputError(f"gpu {self.name}: kernel_launch_s must be in [0, 1] s")
 
 
 @dataclass(frozen=True)
 class CPUSpec:
     """One CPU socket: cores, AMX and AVX-512 BF16 peaks, DRAM bandwidth, achievable fractions."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 
     name: str
     cores: int
@@ -76,8 +95,8 @@ class CPUSpec:
         if self.has_amx:
             _check_positive(f"cpu {self.name}", self, ["amx_bf16_flops_per_s"])
             _check_fraction(f"cpu {self.name}", self, ["amx_efficiency"])
-        if self.op_overhead_s < 0:
-            raise SimInputError(f"cpu {self.name}: op_overhead_s must be >= 0")
+        if not 0 <= self.op_overhead_s <= 1:
+            raise SimInputError(f"cpu {self.name}: op_overhead_s must be in [0, 1] s")
 
     @property
     def gemm_flops_per_s(self) -> float:
@@ -101,6 +120,8 @@ class CPUSpec:
 class LinkSpec:
     """Host-device link, per direction (PCIe is full duplex)."""
 
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
+
     name: str
     h2d_bytes_per_s: float
     d2h_bytes_per_s: float
@@ -114,13 +135,15 @@ class LinkSpec:
     def __post_init__(self) -> None:
         _check_positive(f"link {self.name}", self, ["h2d_bytes_per_s", "d2h_bytes_per_s"])
         _check_fraction(f"link {self.name}", self, ["h2d_efficiency", "d2h_efficiency", "pageable_ratio"])
-        if self.latency_s < 0:
-            raise SimInputError(f"link {self.name}: latency_s must be >= 0")
+        if not 0 <= self.latency_s <= 1:
+            raise SimInputError(f"link {self.name}: latency_s must be in [0, 1] s")
 
 
 @dataclass(frozen=True)
 class SystemSpec:
     """A machine: one GPU and one CPU socket joined by a host link, plus DRAM capacity and reservations."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 
     name: str
     gpu: GPUSpec

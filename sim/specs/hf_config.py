@@ -1,4 +1,8 @@
-"""Build a `ModelSpec` from a Hugging Face `config.json` (read locally; no network)."""
+"""Build a `ModelSpec` from a Hugging Face `config.json` (read locally; no network).
+
+The config's fields are mapped onto `ModelSpec` fields and the result goes through the same boundary as every
+spec (`sim.specs.schema.validate_spec`): a string, a list, a null or a fraction where a count belongs is one
+line naming the config field."""
 
 from __future__ import annotations
 
@@ -6,78 +10,113 @@ from typing import Any
 
 from sim.errors import SimInputError
 from sim.specs.model import ModelSpec
+from sim.specs.schema import validate_spec
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx", "opt")
 OPT_POSITION_OFFSET = 2  # transformers' OPTLearnedPositionalEmbedding keeps 2 extra rows
+# ModelSpec field -> the config key it came from, so an error names the key the user wrote.
+_COMMON = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok"}
+ALIASES: dict[str, dict[str, str]] = {
+    "mixtral": {**_COMMON, "num_experts": "num_local_experts", "expert_intermediate_size": "intermediate_size"},
+    "qwen2_moe": {**_COMMON, "expert_intermediate_size": "moe_intermediate_size"},
+    "deepseek_v2": {**_COMMON, "num_experts": "n_routed_experts", "expert_intermediate_size": "moe_intermediate_size",
+                    "dense_intermediate_size": "intermediate_size", "first_dense_layers": "first_k_dense_replace"},
+    "dbrx": {"num_layers": "n_layers", "num_experts": "ffn_config.moe_num_experts", "top_k": "ffn_config.moe_top_k",
+             "expert_intermediate_size": "ffn_config.ffn_hidden_size", "num_kv_heads": "attn_config.kv_n_heads",
+             "hidden_size": "d_model", "num_attention_heads": "n_heads"},
+    "opt": {**_COMMON, "expert_intermediate_size": "ffn_dim", "linear_bias": "enable_bias"},
+}
+ALIASES["qwen3_moe"] = ALIASES["olmoe"] = ALIASES["qwen2_moe"]
+ALIASES["deepseek_v3"] = ALIASES["deepseek_v2"]
 
 
-def _get(cfg: dict[str, Any], key: str, model_type: str) -> Any:
+def _get(cfg: dict[str, Any], key: str, where: str) -> Any:
     if key not in cfg:
-        raise SimInputError(f"config.json ({model_type}): missing field {key}")
+        raise SimInputError(f"{where}: missing field {key}")
     return cfg[key]
 
 
+def _count(cfg: dict[str, Any], key: str, where: str) -> int:
+    """A positive integer field (used before it can reach the spec: heads divide the hidden size)."""
+    value = _get(cfg, key, where)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SimInputError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _section(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = _get(cfg, key, where)
+    if not isinstance(value, dict):
+        raise SimInputError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
 def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
-    """Map the fields of the supported MoE families onto `ModelSpec`."""
+    """Map the fields of the supported MoE families (and dense OPT) onto `ModelSpec`."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
         raise SimInputError(f"config.json: model_type {model_type!r} not supported; supported: {', '.join(SUPPORTED)}")
+    where = f"config.json ({model_type})"
+    return validate_spec(ModelSpec, _fields(cfg, model_type, name, where), where, ALIASES[model_type])
+
+
+def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict[str, Any]:
     source = {"config": f"Hugging Face config.json (model_type {model_type})"}
     if model_type == "dbrx":
-        attn = _get(cfg, "attn_config", model_type)
-        ffn = _get(cfg, "ffn_config", model_type)
-        heads = _get(cfg, "n_heads", model_type)
-        hidden = _get(cfg, "d_model", model_type)
-        return ModelSpec(
-            name=name, num_layers=_get(cfg, "n_layers", model_type), hidden_size=hidden,
-            vocab_size=_get(cfg, "vocab_size", model_type), num_attention_heads=heads,
-            num_kv_heads=attn.get("kv_n_heads", heads), head_dim=hidden // heads,
-            num_experts=ffn["moe_num_experts"], top_k=ffn["moe_top_k"],
-            expert_intermediate_size=ffn["ffn_hidden_size"],
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), sources=source,
-        )
+        attn, ffn = _section(cfg, "attn_config", where), _section(cfg, "ffn_config", where)
+        heads, hidden = _count(cfg, "n_heads", where), _count(cfg, "d_model", where)
+        return dict(name=name, num_layers=_get(cfg, "n_layers", where), hidden_size=hidden,
+                    vocab_size=_get(cfg, "vocab_size", where), num_attention_heads=heads,
+                    num_kv_heads=attn.get("kv_n_heads", heads), head_dim=hidden // heads,
+                    num_experts=_get(ffn, "moe_num_experts", f"{where} ffn_config"),
+                    top_k=_get(ffn, "moe_top_k", f"{where} ffn_config"),
+                    expert_intermediate_size=_get(ffn, "ffn_hidden_size", f"{where} ffn_config"),
+                    tie_word_embeddings=cfg.get("tie_word_embeddings", False), sources=source)
 
     def g(key: str) -> Any:
-        return _get(cfg, key, model_type)
+        return _get(cfg, key, where)
 
-    hidden = g("hidden_size")
-    heads = g("num_attention_heads")
+    hidden, heads = _count(cfg, "hidden_size", where), _count(cfg, "num_attention_heads", where)
     common: dict[str, Any] = dict(
         name=name, num_layers=g("num_hidden_layers"), hidden_size=hidden, vocab_size=g("vocab_size"),
         num_attention_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), sources=source,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False), sources=source,
     )
     if model_type == "opt":
         # Dense: a one-expert model whose FFN is OPT's ReLU fc1/fc2 (see ModelSpec.has_router).
         if cfg.get("word_embed_proj_dim", hidden) != hidden:
-            raise SimInputError("config.json (opt): word_embed_proj_dim differs from hidden_size (OPT-350m's "
-                                "projected embeddings are not modelled)")
-        return ModelSpec(**{**common, "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True))},
-                         head_dim=hidden // heads, num_experts=1, top_k=1, expert_intermediate_size=g("ffn_dim"),
-                         ffn_gated=False, linear_bias=bool(cfg.get("enable_bias", True)),
-                         learned_position_embeddings=g("max_position_embeddings") + OPT_POSITION_OFFSET)
+            raise SimInputError(f"{where}: word_embed_proj_dim differs from hidden_size (OPT-350m's projected "
+                                "embeddings are not modelled)")
+        positions = _count(cfg, "max_position_embeddings", where)
+        return {**common, "tie_word_embeddings": cfg.get("tie_word_embeddings", True), "head_dim": hidden // heads,
+                "num_experts": 1, "top_k": 1, "expert_intermediate_size": g("ffn_dim"), "ffn_gated": False,
+                "linear_bias": cfg.get("enable_bias", True),
+                "learned_position_embeddings": positions + OPT_POSITION_OFFSET}
     if model_type == "mixtral":
-        return ModelSpec(**common, head_dim=cfg.get("head_dim") or hidden // heads,
-                         num_experts=g("num_local_experts"), top_k=g("num_experts_per_tok"),
-                         expert_intermediate_size=g("intermediate_size"))
+        return {**common, "head_dim": cfg.get("head_dim") or hidden // heads, "num_experts": g("num_local_experts"),
+                "top_k": g("num_experts_per_tok"), "expert_intermediate_size": g("intermediate_size")}
     if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
         shared = cfg.get("shared_expert_intermediate_size", 0) or 0
         qk_norm = {"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none")
-        return ModelSpec(**common, head_dim=cfg.get("head_dim") or hidden // heads,
-                         num_experts=g("num_experts"), top_k=g("num_experts_per_tok"),
-                         expert_intermediate_size=cfg.get("moe_intermediate_size") or g("intermediate_size"),
-                         shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared),
-                         qkv_bias=model_type == "qwen2_moe", qk_norm=qk_norm)
+        return {**common, "head_dim": cfg.get("head_dim") or hidden // heads, "num_experts": g("num_experts"),
+                "top_k": g("num_experts_per_tok"),
+                "expert_intermediate_size": cfg.get("moe_intermediate_size") or g("intermediate_size"),
+                "shared_expert_intermediate_size": shared, "shared_expert_gate": bool(shared),
+                "qkv_bias": model_type == "qwen2_moe", "qk_norm": qk_norm}
     # deepseek_v2 / deepseek_v3: MLA, shared experts, leading dense layers.
     n_shared = cfg.get("n_shared_experts") or 0
     moe_inter = g("moe_intermediate_size")
-    return ModelSpec(
-        **common, attention="mla", head_dim=g("qk_nope_head_dim") + g("qk_rope_head_dim"),
-        num_experts=g("n_routed_experts"), top_k=g("num_experts_per_tok"), expert_intermediate_size=moe_inter,
-        q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=g("kv_lora_rank"),
-        qk_nope_head_dim=g("qk_nope_head_dim"), qk_rope_head_dim=g("qk_rope_head_dim"),
-        v_head_dim=g("v_head_dim"), shared_expert_intermediate_size=n_shared * moe_inter,
-        first_dense_layers=cfg.get("first_k_dense_replace", 0) or 0,
-        dense_intermediate_size=g("intermediate_size"),
-        router_bias=cfg.get("topk_method") == "noaux_tc",
-    )
+    if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:
+        raise SimInputError(f"{where}: n_shared_experts must be an integer >= 0, got {n_shared!r}")
+    if not isinstance(moe_inter, int) or isinstance(moe_inter, bool):
+        raise SimInputError(f"{where}: moe_intermediate_size must be an integer, got {moe_inter!r}")
+    nope, rope = g("qk_nope_head_dim"), g("qk_rope_head_dim")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (nope, rope)):
+        raise SimInputError(f"{where}: qk_nope_head_dim and qk_rope_head_dim must be integers")
+    return {**common, "attention": "mla", "head_dim": nope + rope, "num_experts": g("n_routed_experts"),
+            "top_k": g("num_experts_per_tok"), "expert_intermediate_size": moe_inter,
+            "q_lora_rank": cfg.get("q_lora_rank") or 0, "kv_lora_rank": g("kv_lora_rank"),
+            "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": g("v_head_dim"),
+            "shared_expert_intermediate_size": n_shared * moe_inter,
+            "first_dense_layers": cfg.get("first_k_dense_replace", 0) or 0,
+            "dense_intermediate_size": g("intermediate_size"), "router_bias": cfg.get("topk_method") == "noaux_tc"}

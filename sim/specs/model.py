@@ -12,13 +12,25 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sim.errors import SimInputError
+from sim.specs.config import SPEC_CONFIG
+from traces.limits import check_experts
 
 AttentionKind = Literal["gqa", "mla"]
+# Largest values a model may declare (about 100x today's largest models): beyond them a number is a typo, and
+# loops over layers or arrays sized by these counts would run away.
+MODEL_MAXIMA = {"num_layers": 4096, "hidden_size": 1 << 20, "vocab_size": 1 << 24, "num_attention_heads": 1 << 14,
+                "num_kv_heads": 1 << 14, "head_dim": 1 << 14, "expert_intermediate_size": 1 << 22,
+                "q_lora_rank": 1 << 16, "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 1 << 14,
+                "qk_rope_head_dim": 1 << 14, "v_head_dim": 1 << 14, "shared_expert_intermediate_size": 1 << 24,
+                "dense_intermediate_size": 1 << 24, "learned_position_embeddings": 1 << 24, "bytes_per_param": 16,
+                "published_total_params": 1 << 50}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture of a decoder-only MoE transformer (counts are plain integers; bytes come from dtype)."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 
     name: str
     num_layers: int
@@ -66,6 +78,19 @@ class ModelSpec:
                 raise SimInputError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
             raise SimInputError(f"model {self.name}: top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if self.num_kv_heads > self.num_attention_heads or self.num_attention_heads % self.num_kv_heads:
+            raise SimInputError(f"model {self.name}: num_attention_heads {self.num_attention_heads} must be a "
+                                f"multiple of num_kv_heads {self.num_kv_heads}")
+        check_experts(self.num_experts, f"model {self.name}")
+        for name, high in MODEL_MAXIMA.items():
+            if int(getattr(self, name)) > high:
+                raise SimInputError(f"model {self.name}: {name} must be at most {high:,}, got {getattr(self, name):,}")
+        non_negative = ["head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                        "v_head_dim", "shared_expert_intermediate_size", "first_dense_layers",
+                        "dense_intermediate_size", "published_total_params"]
+        for name in non_negative:
+            if int(getattr(self, name)) < 0:
+                raise SimInputError(f"model {self.name}: {name} must be >= 0, got {getattr(self, name)}")
         if self.attention not in ("gqa", "mla"):
             raise SimInputError(f"model {self.name}: attention must be 'gqa' or 'mla', got {self.attention!r}")
         if self.attention == "gqa" and self.head_dim <= 0:

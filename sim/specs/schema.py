@@ -1,0 +1,84 @@
+"""The boundary of every spec: a mapping from a preset, a YAML/JSON file or a Hugging Face config becomes a
+dataclass only through `validate_spec`, which checks it with pydantic against the dataclass's own annotations
+(integers without a fraction, finite numbers, the literal choices, mappings of strings) and then runs the
+dataclass's physical checks. Any problem is one `SimInputError` line naming where, which field and why; an
+unknown field is named with the nearest known one."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from functools import cache
+from typing import Any, TypeVar, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
+
+from sim.errors import SimInputError
+
+T = TypeVar("T")
+
+
+@cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+@cache
+def _numeric_fields(cls: type) -> dict[str, type]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in (int, float)}
+
+
+def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """YAML 1.1 reads `65e12` as a string: numeric strings become numbers (then validated like any number);
+    a boolean is never a number."""
+    out = dict(fields)
+    for name, kind in _numeric_fields(cls).items():
+        value = out.get(name)
+        if isinstance(value, bool):
+            raise SimInputError(f"{where}: {name}: expected a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise SimInputError(f"{where}: {name}: expected a number, got {value!r}") from None
+            if not math.isfinite(number):
+                raise SimInputError(f"{where}: {name}: must be a finite number, got {value!r}")
+            out[name] = int(number) if kind is int and number == int(number) else number
+    return out
+
+
+def _message(exc: ValidationError, cls: type, where: str, aliases: dict[str, str]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(aliases.get(str(p), str(p)) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "unexpected_keyword_argument":
+        known = [f.name for f in dataclasses.fields(cls)]
+        near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        return f"{where}: unknown field {loc} for {cls.__name__}{hint}"
+    if err["type"] in ("missing", "missing_argument"):
+        return f"{where}: missing field {loc}"
+    if err["type"] == "value_error":  # the dataclass's own physical check, already worded
+        return f"{where}: {msg}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) else f", got {got!r}"
+    return f"{where}: {loc}: {msg}{shown}"
+
+
+def validate_spec(cls: type[T], fields: dict[str, Any], where: str, aliases: dict[str, str] | None = None) -> T:
+    """`cls` built from `fields`, checked at the boundary (see the module docstring). `aliases` names a field
+    in messages as its input called it (a Hugging Face config's keys)."""
+    if not isinstance(fields, dict):
+        raise SimInputError(f"{where}: expected a mapping of fields, got {type(fields).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in fields:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise SimInputError(f"{where}: unknown field {key!r} for {cls.__name__}{hint}")
+    try:
+        return _adapter(cls).validate_python(_normalise(cls, fields, where))
+    except ValidationError as exc:
+        raise SimInputError(_message(exc, cls, where, aliases or {})) from None

@@ -1,0 +1,364 @@
+"""Issue 11's reproductions, each a regression test: a bad or extreme input gets one line on stderr and exit
+status 2 (no traceback, no hang, no runaway allocation, nothing silently wrong). Each case runs in-process with
+the memory limit lowered where it guards an allocation, so a regression fails fast instead of eating the box."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from experiments.cli import main
+from traces import SynthConfig, generate_trace, load_trace, save_trace
+from traces.limits import LIMIT_ENV
+
+SYS = ["--system", "a100-80g-8452y"]
+WL = ["--batch", "4", "--prompt-len", "8", "--gen-len", "2"]
+
+
+def fails_cleanly(capsys, argv: list[str], message: str) -> str:
+    """Exit 2 with one line naming the problem (the CLI prints no traceback)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    return err
+
+
+# ---- hangs and runaway memory -----------------------------------------------------------------------------
+@pytest.mark.parametrize("routing", ["zipf:40", "zipf:300"])
+def test_extreme_zipf_terminates(capsys, tmp_path, routing):
+    out = tmp_path / "z.npz"
+    code = main(["trace", "gen", "--model", "mixtral-8x7b", "--requests", "8", "--prompt-len", "8", "--gen-len", "2",
+                 "--routing", routing, "-o", str(out)])
+    err = capsys.readouterr().err
+    if code == 0:  # zipf:40: every token still gets two distinct experts, drawn exactly
+        trace = load_trace(out)
+        assert (trace.experts[..., 0] != trace.experts[..., 1]).all()
+    else:  # zipf:300 underflows every expert but one to probability 0: refused, not looped on
+        assert code == 2 and "fewer than top_k" in err
+
+
+def test_skewed_zipf_on_many_experts_in_simulate(capsys):
+    code = main(["simulate", "--model", "qwen3-30b-a3b", *SYS, *WL, "--routing", "zipf:6"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_expert_counts_beyond_the_id_type_are_refused(capsys, tmp_path):
+    fails_cleanly(capsys, ["trace", "gen", "--layers", "2", "--experts", "70000", "--top-k", "2", "--requests", "2",
+                           "--prompt-len", "4", "--gen-len", "2", "-o", str(tmp_path / "e.npz")],
+                  "at most 65536 are supported")
+
+
+def test_a_huge_batch_is_refused_before_allocating(capsys, monkeypatch):
+    monkeypatch.setenv(LIMIT_ENV, "0.5")
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, "--batch", "10000000", "--prompt-len", "8",
+                           "--gen-len", "2"], "above the 0.5 GiB limit (raise it with --max-gib")
+
+
+def test_a_plan_past_the_limit_is_refused_while_built(capsys):
+    fails_cleanly(capsys, ["--max-gib", "0.0001", "simulate", "--model", "mixtral-8x7b", *SYS, *WL],
+                  "a plan of more than")
+
+
+def test_max_gib_stands_anywhere_and_is_checked(capsys):
+    assert main(["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--max-gib", "1"]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--max-gib", "nan"],
+                  "positive, finite number of GiB")
+
+
+def test_deflated_archive_declaring_a_huge_array_is_refused_before_expansion(capsys, tmp_path, monkeypatch):
+    """A small .npz whose members expand past the limit: declared sizes are read from the .npy headers (the
+    limit is lowered so the archive stays small here; issue 11's was 1.9 MB declaring 10^9 tokens)."""
+    monkeypatch.setenv(LIMIT_ENV, "0.01")
+    trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(4, 4), np.full(4, 2))
+    path = save_trace(trace, tmp_path / "t.npz", compress=True)
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename == "experts.npy":
+                header = {"descr": "|u1", "fortran_order": False, "shape": (10_000_000, 2, 2)}
+                with dst.open("experts.npy", "w") as out:
+                    np.lib.format.write_array_header_1_0(out, header)
+                    out.write(bytes(40_000_000))
+            else:
+                dst.writestr(info, src.read(info))
+    assert bomb.stat().st_size < 2**20
+    fails_cleanly(capsys, ["trace", "validate", str(bomb)], "above the 0.01 GiB limit")
+    # the same header over too few bytes is a damaged archive, found without expanding it either
+    short = tmp_path / "short.npz"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(short, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename == "experts.npy":
+                with dst.open("experts.npy", "w") as out:
+                    np.lib.format.write_array_header_1_0(out, header)
+                    out.write(bytes(1000))
+            else:
+                dst.writestr(info, src.read(info))
+    fails_cleanly(capsys, ["trace", "validate", str(short)], "damaged or crafted archive")
+
+
+def test_an_import_record_with_an_absurd_layer_is_refused(capsys, tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"request": 0, "token": 0, "phase": "prefill", "layer": 10**9, "experts": [1, 2]}))
+    fails_cleanly(capsys, ["trace", "import", "--format", "jsonl", str(path), "-o", str(tmp_path / "o.npz")],
+                  "layer: Input should be less than 4096")
+
+
+# ---- spec files --------------------------------------------------------------------------------------------
+def _system_file(tmp_path: Path, edit) -> str:
+    from sim.specs import show_preset
+
+    data = yaml.safe_load(show_preset("a100-80g-8452y"))
+    edit(data)
+    path = tmp_path / "sys.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _model_file(tmp_path: Path, **changes) -> str:
+    from sim.specs import show_preset
+
+    data = {**yaml.safe_load(show_preset("mixtral-8x7b")), **changes}
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["gpu"].update(bf16_flops_per_s=float("inf")), "bf16_flops_per_s: Input should be a finite number"),
+    (lambda d: d["cpu"].update(dram_bytes_per_s=float("nan")), "dram_bytes_per_s: Input should be a finite number"),
+    (lambda d: [d[k].update({f: float("inf") for f in d[k] if f.endswith("_per_s")}) for k in ("gpu", "cpu", "link")],
+     "finite number"),
+    (lambda d: d["gpu"].update(hbm_bytes=-5), "hbm_bytes must be positive"),
+    (lambda d: d["link"].update(latency_s="soon"), "latency_s: expected a number"),
+    (lambda d: d["cpu"].update(cores=True), "cores: expected a number, got True"),
+    (lambda d: d["gpu"].update(gemm_eficiency=0.5), "did you mean gemm_efficiency?"),
+])
+def test_bad_system_files(capsys, tmp_path, edit, message):
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", _system_file(tmp_path, edit), *WL],
+                  message)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_size": 4096.7}, "hidden_size: Input should be a valid integer"),
+    ({"qk_norm": "per-head"}, "qk_norm: Input should be 'none', 'per_head' or 'full'"),
+    ({"num_kv_heads": 64}, "must be a multiple of num_kv_heads 64"),
+    ({"shared_expert_intermediate_size": -2}, "shared_expert_intermediate_size must be >= 0"),
+    ({"num_experts": 100_000, "top_k": 2}, "at most 65536"),
+    ({"hiden_size": 4096}, "did you mean hidden_size?"),
+])
+def test_bad_model_files(capsys, tmp_path, changes, message):
+    fails_cleanly(capsys, ["simulate", "--model-file", _model_file(tmp_path, **changes), *SYS, *WL], message)
+
+
+MIXTRAL_HF = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+              "intermediate_size": 14336}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**MIXTRAL_HF, "hidden_size": "4096"}, "hidden_size must be a positive integer, got '4096'"),
+    ({**MIXTRAL_HF, "num_hidden_layers": None}, "num_hidden_layers: Input should be a valid integer"),
+    ({**MIXTRAL_HF, "num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({**MIXTRAL_HF, "num_experts_per_tok": 1.5}, "num_experts_per_tok: Input should be a valid integer"),
+    ({**MIXTRAL_HF, "intermediate_size": [14336]}, "intermediate_size: Input should be a valid integer"),
+    ({"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48, "vocab_size": 100352,
+      "attn_config": {"kv_n_heads": 8}, "ffn_config": {"moe_top_k": 4}}, "missing field moe_num_experts"),
+    ({"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48, "vocab_size": 100352,
+      "attn_config": [], "ffn_config": {}}, "attn_config must be a mapping"),
+    ({"model_type": "deepseek_v2", "hidden_size": 2048, "num_hidden_layers": 27, "vocab_size": 102400,
+      "num_attention_heads": 16, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+      "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": -2, "num_experts_per_tok": 6,
+      "moe_intermediate_size": 1408, "intermediate_size": 10944}, "n_shared_experts must be an integer >= 0"),
+])
+def test_bad_hf_configs(capsys, tmp_path, config, message):
+    path = tmp_path / "m" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(config))
+    fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], message)
+
+
+def test_a_directory_given_as_a_spec_file_is_named_as_one(capsys, tmp_path):
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", str(tmp_path), *WL],
+                  "is a directory")
+
+
+# ---- traces ----------------------------------------------------------------------------------------------
+def test_trace_header_extra_must_be_an_object(capsys, tmp_path):
+    trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(2, 4), np.full(2, 2))
+    path = save_trace(trace, tmp_path / "t.npz")
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(arrays["header"].tobytes())
+    header["extra"] = [1, 2]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    fails_cleanly(capsys, ["trace", "validate", str(tmp_path / "bad.npz")], "extra must be a JSON object")
+
+
+def test_a_npy_renamed_npz(capsys, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(4))
+    (tmp_path / "x.npy").rename(tmp_path / "x.npz")
+    fails_cleanly(capsys, ["trace", "validate", str(tmp_path / "x.npz")], "not an .npz archive")
+
+
+@pytest.mark.parametrize("length, message", [
+    ("lognormal:nan:0.5", "MEDIAN must be positive and SIGMA >= 0"),
+    ("4294967297", "must be in [1, 16,777,216], got 4,294,967,297"),
+    ("uniform:0:4", "LO must be in [1"),
+])
+def test_length_specs(capsys, tmp_path, length, message):
+    fails_cleanly(capsys, ["trace", "gen", "--model", "mixtral-8x7b", "--requests", "4", "--prompt-len", length,
+                           "--gen-len", "2", "-o", str(tmp_path / "l.npz")], message)
+
+
+def test_reuse_prob_with_a_trace_is_refused_not_ignored(capsys, tmp_path):
+    trace = generate_trace(SynthConfig("mixtral-8x7b", 32, 8, 2), np.full(4, 8), np.full(4, 2))
+    path = save_trace(trace, tmp_path / "t.npz")
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, "--trace", str(path), "--reuse-prob", "0.5"],
+                  "--reuse-prob shapes synthetic routing")
+    err = fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, "--trace", str(path),
+                                 "--prompt-len", "9"], "--prompt-len 9 conflicts")
+    assert "--prompt-length" not in err
+
+
+# ---- plans -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_plan(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("plan") / "p.parquet"
+    assert main(["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--plan-out", str(path)]) == 0
+    return path
+
+
+def _rewrite(src: Path, dst: Path, column=None, meta=None) -> Path:
+    table = pq.read_table(src)
+    if column is not None:
+        table = column(table)
+    raw = json.loads(table.schema.metadata[b"cox-moe-plan"])
+    text = meta if isinstance(meta, str) else json.dumps(meta(raw) if meta is not None else raw)
+    pq.write_table(table.replace_schema_metadata({b"cox-moe-plan": text.encode()}), dst)
+    return dst
+
+
+def _set(table: pa.Table, name: str, values) -> pa.Table:
+    i = table.column_names.index(name)
+    return table.set_column(i, name, pa.array(values, table.schema.field(name).type
+                                              if not pa.types.is_dictionary(table.schema.field(name).type)
+                                              else pa.string()))
+
+
+@pytest.mark.parametrize("column, meta, message", [
+    (lambda t: _set(t, "stream", ["warp"] * t.num_rows), None, "unknown stream 'warp'"),
+    (lambda t: _set(t, "kind", ["magic"] * t.num_rows), None, "unknown kind 'magic'"),
+    (lambda t: _set(t, "phase", ["training"] * t.num_rows), None, "unknown phase 'training'"),
+    (lambda t: t.drop_columns(["tokens"]), None, "lacks column(s) tokens"),
+    (lambda t: _set(t, "bytes", [2**62] * t.num_rows), None, "flops and bytes must be in [0, 2^50]"),
+    (lambda t: _set(t, "flops", [-1] * t.num_rows), None, "flops and bytes must be in [0, 2^50]"),
+    (lambda t: _set(t, "alloc_bytes", [[1, 2]] * t.num_rows), None, "alloc_pool and alloc_bytes differ"),
+    (None, "{not json", "plan metadata is not valid JSON"),
+    (None, lambda m: {**m, "decode_scale": -3.0}, "decode_scale must be a finite number >= 1"),
+    (None, lambda m: {**m, "gen_lens": [1] * len(m["gen_lens"])}, "outside the workload's"),
+    (None, lambda m: {**m, "model": {**m["model"], "hidden_size": 4096.5}}, "hidden_size"),
+    (None, lambda m: {k: v for k, v in m.items() if k != "static_memory"}, "lacks 'static_memory'"),
+])
+def test_bad_plans(capsys, tmp_path, saved_plan, column, meta, message):
+    bad = _rewrite(saved_plan, tmp_path / "bad.parquet", column, meta)
+    fails_cleanly(capsys, ["run-plan", str(bad)], message)
+
+
+def test_a_nan_decode_scale_is_refused(capsys, tmp_path, saved_plan):
+    bad = tmp_path / "nan.parquet"
+    table = pq.read_table(saved_plan)
+    text = table.schema.metadata[b"cox-moe-plan"].decode().replace('"decode_scale": 1.0', '"decode_scale": NaN')
+    pq.write_table(table.replace_schema_metadata({b"cox-moe-plan": text.encode()}), bad)
+    fails_cleanly(capsys, ["run-plan", str(bad)], "NaN is not a number JSON allows")
+
+
+# ---- outputs, devices and process hygiene -------------------------------------------------------------------
+@pytest.mark.parametrize("target, message", [("out.xyz", "unsupported file type '.xyz'"), ("", "is a directory")])
+def test_plot_paths_are_checked_before_the_run(capsys, tmp_path, target, message):
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--plot", str(tmp_path / target)],
+                  message)
+
+
+def test_cuda_on_without_cuda_is_refused_before_any_work(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --cuda on is valid here")
+    fails_cleanly(capsys, ["execute", "--model", "mixtral-8x7b", "--layers", "1", "--policy", "cpu-only", *WL,
+                           "--cuda", "on"], "torch sees no CUDA device")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("fixed: {model: mixtral-8x7b, when: 2024-01-02}\n", "date values are not allowed"),
+    ("fixed: {model: !!binary aGVsbG8=}\n", "bytes values are not allowed"),
+    ("fixed: {batch: .nan}\n", "must be a finite number"),
+])
+def test_bad_sweep_specs(capsys, tmp_path, body, message):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(body)
+    fails_cleanly(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o")], message)
+
+
+def test_sweep_results_of_a_sweep_that_finished_nothing(capsys, tmp_path):
+    from experiments.sweep.store import ResultStore
+
+    ResultStore(tmp_path / "o").close()  # what a sweep killed before its first point leaves
+    assert main(["sweep-results", str(tmp_path / "o")]) == 0
+    assert "0 points" in capsys.readouterr().out
+
+
+def test_json_output_has_no_nan(capsys):
+    from experiments.cli import _finite
+
+    assert json.dumps(_finite({"a": float("nan"), "b": [1.0, float("inf")], "c": (2, "x")}), allow_nan=False) == \
+        '{"a": null, "b": [1.0, null], "c": [2, "x"]}'
+
+
+# ---- profiles ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory) -> tuple[Path, Path]:
+    """A real (tiny-model) profile and the model file it was measured for."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from executor.profile import profile
+    from sim.specs import ModelSpec
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=128, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=32)
+    root = tmp_path_factory.mktemp("prof")
+    model = root / "tiny.yaml"
+    model.write_text(yaml.safe_dump(dataclasses.asdict(spec)))
+    out = profile(spec, root / "p", rounds=1, max_tokens=16, progress=False, max_requests=4, max_kv=4)
+    return out, model
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.assign(median_s=-t["median_s"]), "median_s > 0"),
+    (lambda t: t.assign(median_s=0.0), "median_s > 0"),
+    (lambda t: t.assign(median_s="fast"), "median_s must be a finite number, got 'fast'"),
+    (lambda t: t.iloc[0:0], "no timings"),
+    (lambda t: t.assign(tokens=float("nan")), "tokens must be a finite number"),
+])
+def test_bad_profile_timings(capsys, tmp_path, tiny_profile, edit, message):
+    import shutil
+
+    import pandas as pd
+
+    src, model = tiny_profile
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    edit(pd.read_csv(src / "timings.csv")).to_csv(bad / "timings.csv", index=False)
+    fails_cleanly(capsys, ["simulate", "--model-file", str(model), *SYS, *WL, "--policy", "cpu-only",
+                           "--profile", str(bad)], message)

@@ -1,0 +1,236 @@
+"""Property-based fuzzing of every loader (issue 11): valid inputs load, broken ones raise the loader's one typed
+error (`SimInputError` / `TraceError`), nothing else escapes. Inputs are valid documents with random mutations
+(a field deleted, renamed, or set to a value of another type, a non-finite number, a huge or negative number),
+so most examples reach deep into each loader instead of failing at the first byte."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sim.errors import SimInputError
+from sim.specs import CPUSpec, GPUSpec, LinkSpec, ModelSpec, show_preset
+from sim.specs.catalog import build_system
+from sim.specs.hf_config import model_from_hf_config
+from sim.specs.schema import validate_spec
+from traces import SynthConfig, generate_trace
+from traces.errors import TraceError
+
+FAST = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                         HealthCheck.function_scoped_fixture])
+FEWER = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                         HealthCheck.function_scoped_fixture])
+
+# Values of every kind a document might hold by mistake.
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["4096", "65e12", ".inf", "nan", "-1", "1e400", "per-head", "gqa", "mla", ""]),
+    st.lists(st.integers(min_value=-5, max_value=5), max_size=3), st.dictionaries(st.text(max_size=4),
+                                                                                  st.integers(), max_size=2),
+)
+
+
+@st.composite
+def mutated(draw, base: dict) -> dict:
+    """`base` with one to three mutations: a key set to an odd value, deleted, or a stray key added."""
+    doc = dict(base)
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        action = draw(st.sampled_from(["set", "set", "delete", "add"]))
+        keys = sorted(doc)
+        if action == "set" and keys:
+            doc[draw(st.sampled_from(keys))] = draw(ODD_VALUES)
+        elif action == "delete" and keys:
+            doc.pop(draw(st.sampled_from(keys)))
+        else:
+            doc[draw(st.text(min_size=1, max_size=10))] = draw(ODD_VALUES)
+    return doc
+
+
+def _preset_dict(name: str) -> dict:
+    return yaml.safe_load(show_preset(name))
+
+
+MODEL = _preset_dict("deepseek-v2-lite")
+SYSTEM = _preset_dict("a100-80g-8452y")
+COMPONENTS = {GPUSpec: _preset_dict("a100-80g-pcie"), CPUSpec: _preset_dict("xeon-8452y"),
+              LinkSpec: _preset_dict("pcie4x16")}
+
+
+@FAST
+@given(mutated(MODEL))
+def test_model_specs(doc):
+    try:
+        spec = validate_spec(ModelSpec, doc, "fuzz")
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert spec.total_params > 0 and spec.top_k <= spec.num_experts
+
+
+@FAST
+@given(st.sampled_from(["gpu", "cpu", "link", None]), st.data())
+def test_system_specs(part, data):
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in SYSTEM.items()}
+    if part is None:
+        doc = data.draw(mutated(doc))
+    else:
+        doc[part] = data.draw(mutated(doc[part]))
+    try:
+        system = build_system("fuzz", doc, "fuzz")
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    for value in (system.gpu.bf16_flops_per_s, system.cpu.dram_bytes_per_s, system.link.h2d_bytes_per_s):
+        assert math.isfinite(value) and value > 0
+
+
+@FAST
+@given(st.sampled_from([GPUSpec, CPUSpec, LinkSpec]), st.data())
+def test_component_specs(cls, data):
+    doc = data.draw(mutated(COMPONENTS[cls]))
+    try:
+        spec = validate_spec(cls, doc, "fuzz")
+    except SimInputError:
+        return
+    assert all(not isinstance(v, float) or math.isfinite(v) for v in dataclasses.asdict(spec).values())
+
+
+HF = {
+    "mixtral": {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "intermediate_size": 14336},
+    "deepseek_v2": {"model_type": "deepseek_v2", "hidden_size": 2048, "num_hidden_layers": 27, "vocab_size": 102400,
+                    "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+                    "n_shared_experts": 2, "num_experts_per_tok": 6, "moe_intermediate_size": 1408,
+                    "intermediate_size": 10944, "first_k_dense_replace": 1},
+    "dbrx": {"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48, "vocab_size": 100352,
+             "attn_config": {"kv_n_heads": 8}, "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4,
+                                                               "ffn_hidden_size": 10752}},
+    "opt": {"model_type": "opt", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 50272,
+            "num_attention_heads": 32, "ffn_dim": 16384, "max_position_embeddings": 2048},
+}
+
+
+@FAST
+@given(st.sampled_from(sorted(HF)), st.data())
+def test_hf_configs(family, data):
+    doc = data.draw(mutated(HF[family]))
+    try:
+        spec = model_from_hf_config(doc)
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert spec.total_params > 0
+
+
+# ---- traces and imports -------------------------------------------------------------------------------------
+def _trace_bytes() -> bytes:
+    trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(3, 4), np.full(3, 2))
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(trace.header.to_json()).encode(), np.uint8),
+             prompt_lens=trace.prompt_lens, gen_lens=trace.gen_lens, experts=trace.experts)
+    return buf.getvalue()
+
+
+TRACE_BYTES = _trace_bytes()
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=len(TRACE_BYTES) - 1),
+                          st.integers(min_value=0, max_value=255)), max_size=6),
+       st.integers(min_value=0, max_value=len(TRACE_BYTES)))
+def test_trace_files(tmp_path_factory, flips, cut):
+    from traces import load_trace
+
+    data = bytearray(TRACE_BYTES)
+    for pos, value in flips:
+        data[pos] = value
+    path = tmp_path_factory.getbasetemp() / "fuzz.npz"
+    path.write_bytes(bytes(data[:cut]) if cut else bytes(data))
+    try:
+        trace = load_trace(path)
+    except TraceError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert int(trace.experts.max()) < trace.header.num_experts
+
+
+RECORD = {"request": 0, "token": 0, "phase": "prefill", "layer": 0, "experts": [1, 2], "probs": [0.6, 0.4]}
+
+
+@FAST
+@given(st.lists(mutated(RECORD), min_size=1, max_size=4))
+def test_jsonl_imports(tmp_path_factory, records):
+    from traces import import_jsonl
+
+    path = tmp_path_factory.getbasetemp() / "fuzz.jsonl"
+    path.write_text("\n".join(json.dumps(r, default=str) for r in records))
+    try:
+        trace = import_jsonl(path)
+    except TraceError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert trace.num_tokens >= 1
+
+
+# ---- sweep specs and plans ----------------------------------------------------------------------------------
+SWEEP = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4, "prompt_len": 8, "gen_len": 2},
+         "axes": {"policy": ["coxmoe", "flexgen"]}}
+
+
+@FAST
+@given(st.sampled_from(["fixed", "axes", None]), st.data())
+def test_sweep_specs(part, data):
+    from experiments.sweep.spec import expand
+
+    spec = {k: dict(v) for k, v in SWEEP.items()}
+    if part is None:
+        spec = data.draw(mutated(spec))
+    else:
+        spec[part] = data.draw(mutated(spec[part]))
+    try:
+        points = expand(spec)
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert points and all(p.key for p in points)
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory) -> Path:
+    from experiments.cli import main
+
+    path = tmp_path_factory.mktemp("fuzzplan") / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", "--system", "a100-80g-8452y", "--batch", "2",
+                 "--prompt-len", "4", "--gen-len", "2", "--plan-out", str(path)]) == 0
+    return path
+
+
+@FEWER
+@given(st.data())
+def test_plan_files(plan_file, tmp_path_factory, data):
+    from sim.plan_io import load_plan
+
+    table = pq.read_table(plan_file)
+    meta = json.loads(table.schema.metadata[b"cox-moe-plan"])
+    meta = data.draw(mutated(meta))
+    path = tmp_path_factory.getbasetemp() / "fuzz.parquet"
+    pq.write_table(table.replace_schema_metadata({b"cox-moe-plan": json.dumps(meta, default=str).encode()}), path)
+    try:
+        plan = load_plan(path)
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    plan.check()

@@ -1,0 +1,65 @@
+"""Resource guards: what an input or a build will allocate is estimated before it is allocated, and refused
+above a limit with an error that names the estimate and how to raise the limit.
+
+The limit is `COXMOE_MAX_GIB` (GiB, default 8: a third of the 24 GiB development machine); the CLI's
+`--max-gib` sets it for one command. Every guard reports in the same words, so a user sees one rule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from traces.errors import TraceError
+
+LIMIT_ENV = "COXMOE_MAX_GIB"
+DEFAULT_LIMIT_GIB = 8.0
+MAX_EXPERTS = 65536  # expert ids are stored as uint8 or uint16
+MAX_LENGTH = 1 << 24  # tokens of one request's prompt or generation (lengths are stored as int32)
+BYTES_PER_OP = 400  # a planned op held in memory (its record, dependencies and engine state), measured roughly
+
+
+class ResourceLimitError(TraceError):
+    """An input or a build would need more memory than the configured limit."""
+
+
+def memory_limit_bytes() -> int:
+    """The configured limit in bytes (`COXMOE_MAX_GIB`); a malformed value is itself an error."""
+    raw = os.environ.get(LIMIT_ENV)
+    if raw is None or raw == "":
+        return int(DEFAULT_LIMIT_GIB * 2**30)
+    try:
+        gib = float(raw)
+    except ValueError:
+        raise TraceError(f"{LIMIT_ENV}={raw!r}: not a number of GiB") from None
+    if not math.isfinite(gib) or gib <= 0:
+        raise TraceError(f"{LIMIT_ENV}={raw!r}: must be a positive, finite number of GiB")
+    return int(gib * 2**30)
+
+
+def check_memory(estimate_bytes: float, what: str) -> None:
+    """Refuse a build whose estimated memory exceeds the limit, before anything is allocated."""
+    limit = memory_limit_bytes()
+    if not estimate_bytes <= limit:  # also refuses NaN
+        raise ResourceLimitError(f"{what} would need about {estimate_bytes / 2**30:.2f} GiB, above the "
+                                 f"{limit / 2**30:.3g} GiB limit (raise it with --max-gib or {LIMIT_ENV})")
+
+
+def max_ops() -> int:
+    """The most ops a plan may hold under the memory limit."""
+    return max(1, memory_limit_bytes() // BYTES_PER_OP)
+
+
+def too_many_ops(count: int) -> ResourceLimitError:
+    """The error for a plan that reached `max_ops()` ops while being built."""
+    limit = memory_limit_bytes()
+    return ResourceLimitError(f"a plan of more than {count:,} ops would need more than {limit / 2**30:.3g} GiB "
+                              f"(about {BYTES_PER_OP} bytes an op); use --decode-sample, a smaller batch, or raise "
+                              f"the limit with --max-gib or {LIMIT_ENV}")
+
+
+def check_experts(num_experts: int, where: str) -> None:
+    """Expert ids must fit the trace's id type."""
+    if num_experts > MAX_EXPERTS:
+        raise TraceError(f"{where}: {num_experts} experts; at most {MAX_EXPERTS} are supported (expert ids are "
+                         "stored as 16-bit integers)")
