@@ -47,6 +47,13 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _length(text: str) -> int | str:
+    """A length: a positive integer, or a distribution spec (checked when the lengths are drawn)."""
+    if text.split(":", 1)[0] in ("fixed", "uniform", "lognormal"):
+        return text
+    return _positive_int(text)
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -667,8 +674,10 @@ def _add_model_system(p: argparse.ArgumentParser) -> None:
 
 def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive_int, help="requests in the batch (default: all of --trace)")
-    p.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per request")
-    p.add_argument("--gen-len", type=_positive_int, help="generated tokens per request")
+    p.add_argument("--prompt-len", type=_length, help="prompt tokens per request: N, or a distribution "
+                   "uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX] (drawn per request, seeded by --seed)")
+    p.add_argument("--gen-len", type=_length, help="generated tokens per request, same forms as --prompt-len "
+                   "(a distribution: requests finish at different steps)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--trace", help="routing trace file (.npz, format v1); lengths come from it")
     g.add_argument("--routing", default="uniform", help="synthetic routing: uniform, zipf:ALPHA, table:NAME or "

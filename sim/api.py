@@ -27,7 +27,10 @@ from sim.policies import PlanContext, make_policy
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
+from traces.synth import request_lengths
 from traces.synth_presets import synth_preset
+
+LENGTH_STREAM = 0x1E46  # seeds the per-request length draws apart from the routing's stream
 
 
 @dataclass
@@ -118,10 +121,12 @@ def check_trace_matches(trace: RoutingTrace, model: ModelSpec) -> None:
             f"has {want[0]} MoE layers x {want[1]} experts, top-{want[2]}")
 
 
-def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None, gen_len: int | None,
+def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
                     trace: str | Path | RoutingTrace | None, routing: str, seed: int,
                     reuse_prob: float = 0.0) -> tuple[Workload, RoutingTrace, str]:
-    """The workload and its routing: from a trace (lengths from the trace), or synthesised for the lengths."""
+    """The workload and its routing: from a trace (lengths from the trace), or synthesised for the lengths. A
+    length may be a distribution spec (`traces.synth.request_lengths`: uniform:LO:HI, lognormal:...), drawn per
+    request from `seed`: prompts of different lengths, requests that finish at different steps."""
     if trace is not None:
         if reuse_prob:
             raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
@@ -133,13 +138,22 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | None,
         wl = Workload(tr.prompt_lens[:n].astype(np.int64), tr.gen_lens[:n].astype(np.int64))
         for flag, name, given, have in (("--prompt-len", "prompt length", prompt_len, wl.prompt_lens),
                                         ("--gen-len", "generation length", gen_len, wl.gen_lens)):
+            if isinstance(given, str):
+                raise SimInputError(f"{flag} {given}: a trace brings its own {name}s (omit {flag})")
             if given is not None and not (have == given).all():
                 raise SimInputError(f"{flag} {given} conflicts with the trace's {name}s (omit it to use the "
                                     "trace's)")
         return wl, tr, f"trace:{tr.header.source}"
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")
-    wl = Workload.uniform(batch, prompt_len, gen_len)
+    if isinstance(prompt_len, str) or isinstance(gen_len, str):
+        rng = np.random.default_rng([seed, LENGTH_STREAM])
+        if batch < 1:
+            raise SimInputError("workload: batch must be at least 1")
+        wl = Workload(request_lengths(prompt_len, batch, rng, "--prompt-len").astype(np.int64),
+                      request_lengths(gen_len, batch, rng, "--gen-len").astype(np.int64))
+    else:
+        wl = Workload.uniform(batch, prompt_len, gen_len)
     return wl, generate_trace(synth_config(model, routing, reuse_prob, seed), wl.prompt_lens, wl.gen_lens), routing
 
 
@@ -165,7 +179,7 @@ def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineReco
 
 
 def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "stream-experts", *,
-             batch: int | None = None, prompt_len: int | None = None, gen_len: int | None = None,
+             batch: int | None = None, prompt_len: int | str | None = None, gen_len: int | str | None = None,
              policy_options: dict[str, str] | None = None, trace: str | Path | RoutingTrace | None = None,
              routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0,
              cost: CostModel | None = None, keep_plan: bool = False, decode_sample: int = 0,

@@ -237,3 +237,24 @@ def test_ablation_steps(capsys, tmp_path):
     assert steps[0]["step"].startswith("MoE-Lightning") and steps[0]["speedup_over_moe_lightning"] == 1.0
     assert [s["options"] for s in steps[1:4]] == [{"attention": "gpu", "stratify": "off"}, {"stratify": "off"}, {}]
     assert steps[4]["knobs"]["coalesce"] == "off"
+
+
+def test_length_distributions_and_requests_that_finish_at_different_steps(capsys):
+    """--prompt-len / --gen-len take a distribution: lengths drawn per request (seeded), and a batch whose
+    requests finish at different steps decodes for its longest request with a shrinking batch."""
+    base = ["simulate", "--model", "olmoe-1b-7b", "--system", "a100-80g-8452y", "--policy", "coxmoe", "--batch", "64",
+            "--prompt-len", "lognormal:64:0.5:256", "--json"]
+    runs = {}
+    for gen in ("16", "lognormal:12:0.9:64"):
+        code, out, err = run(capsys, *base, "--gen-len", gen)
+        assert code == 0, err
+        runs[gen] = json.loads(out)
+    fixed, spread = runs["16"], runs["lognormal:12:0.9:64"]
+    assert fixed["workload"]["prompt_tokens"] == spread["workload"]["prompt_tokens"]  # same seed, same prompts
+    assert fixed["workload"]["prompt_len_max"] > fixed["workload"]["prompt_len_mean"] > 40
+    assert spread["workload"]["gen_len_max"] > 2 * spread["workload"]["gen_len_mean"]
+    # decode runs until the longest request ends, with fewer requests per step than at the start
+    assert spread["decode_s"] / spread["workload"]["generated_tokens"] > \
+        fixed["decode_s"] / fixed["workload"]["generated_tokens"]
+    code, _, err = run(capsys, *base, "--gen-len", "lognormal:12:-1")
+    assert code == 2 and "SIGMA >= 0" in err
