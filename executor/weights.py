@@ -64,8 +64,8 @@ class ModelWeights:
 def require_executable(spec: ModelSpec) -> None:
     """The executor runs gated (SwiGLU) experts without linear biases; dense OPT-style models are simulated only."""
     if not spec.ffn_gated or spec.linear_bias or spec.learned_position_embeddings:
-        raise SimInputError(f"executor: model {spec.name} is an OPT-style dense model (ReLU FFN, biases, learned "
-                            "positions), which the executor does not implement; simulate it instead")
+        raise SimInputError(f"executor: model {spec.name} has a non-gated FFN, linear biases or learned positions "
+                            "(OPT-style), which the executor does not implement; simulate it instead")
 
 
 def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:

@@ -220,9 +220,12 @@ class _GroupShare:
             self._retime(now, skip=None)
 
 
-def run_plan(plan: Plan, cost: CostModel) -> EngineRecord:
-    """Simulate `plan` under `cost`; raise CapacityError if memory runs out, PlanDeadlock if ops starve."""
-    plan.check()
+def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
+    """Simulate `plan` under `cost`; raise CapacityError if memory runs out, PlanDeadlock if ops starve.
+    `check=False` skips `Plan.check()` for a plan built moments ago in this process (a search's candidates;
+    the plan finally chosen is checked when it runs)."""
+    if check:
+        plan.check()
     ops = plan.ops
     n = len(ops)
     durations = [cost.op_time_ns(op) for op in ops]

@@ -159,7 +159,8 @@ class Plan:
         for pool, parts in self.static_memory.items():
             if pool not in pools or not isinstance(parts, dict) or any(
                     isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0 for v in parts.values()):
-                raise SimInputError(f"plan static memory {pool!r}: needs a pool in {sorted(pools)} and sizes >= 0")
+                raise SimInputError(f"plan static memory {pool!r}: needs a pool in {sorted(pools)} and integer sizes "
+                                    ">= 0")
         decode, limit = Phase.DECODE, MAX_OP_WORK
         for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
             if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and op.tokens >= 0 and op.kv_tokens >= 0

@@ -155,9 +155,16 @@ def test_bad_system_files(capsys, tmp_path, edit, message):
     ({"shared_expert_intermediate_size": -2}, "shared_expert_intermediate_size must be >= 0"),
     ({"num_experts": 100_000, "top_k": 2}, "at most 65536"),
     ({"hiden_size": 4096}, "did you mean hidden_size?"),
+    ({"qkv_bias": "yes"}, "qkv_bias: expected true or false, got 'yes'"),
+    ({"num_layers": 2**70}, "num_layers must be at most 4,096"),
 ])
 def test_bad_model_files(capsys, tmp_path, changes, message):
     fails_cleanly(capsys, ["simulate", "--model-file", _model_file(tmp_path, **changes), *SYS, *WL], message)
+
+
+def test_a_source_note_may_be_a_number(capsys, tmp_path):
+    path = _model_file(tmp_path, sources={"config": "x", "year": 2023})
+    assert main(["simulate", "--model-file", path, *SYS, *WL]) == 0, capsys.readouterr().err
 
 
 MIXTRAL_HF = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000,

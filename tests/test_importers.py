@@ -76,6 +76,7 @@ def test_jsonl_round_trip(tmp_path):
     (lambda ls: [{**ls[0], "experts": [1, 70000]}] + ls[1:], "experts.1: Input should be less than 65536"),
     (lambda ls: [{**ls[0], "probs": [float("nan"), 0.5]}] + ls[1:], "probs.0: Input should be a finite number"),
     (lambda ls: ls + ["[1, 2]"], "JSON object"),
+    (lambda ls: [{**ls[0], "prob": [0.5, 0.5]}] + ls[1:], r"unknown field 'prob' \(did you mean probs\?\)"),
     (lambda ls: [x for x in ls if not (x["token"] == 1 and x["layer"] == 2)], "lacks layer"),
     (lambda ls: ls + [ls[0]], "appears twice"),
     (lambda ls: [{**x, "experts": [1], "probs": [1.0]} if x["token"] == 0 and x["layer"] == 0 else x for x in ls],

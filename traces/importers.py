@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import re
 from pathlib import Path
@@ -44,7 +45,7 @@ class _Record(BaseModel):
     """One JSONL routing record, validated strictly: JSON integers for ids (not floats, strings or booleans),
     a non-empty list of distinct expert ids, probabilities in [0, 1] matching the experts."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     request: Annotated[int, Field(ge=0)]
     token: Annotated[int, Field(ge=0)]
     phase: Literal["prefill", "decode"]
@@ -64,6 +65,9 @@ class _Record(BaseModel):
 def _record_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(where, list(_Record.model_fields), n=1)
+        return f"unknown field {where!r}" + (f" (did you mean {near[0]}?)" if near else "")
     msg = str(err["msg"]).removeprefix("Value error, ")
     got = "" if err["type"] in ("missing", "value_error") else f", got {err.get('input')!r}"
     return f"{where}: {msg}{got}" if where else f"{msg}{got}"

@@ -127,7 +127,7 @@ class _InverseCdf:
 
 
 REDRAW_ROUNDS = 64  # redraws of a repeated expert before the exact fallback (a skewed table repeats forever)
-FALLBACK_ROWS = 4096  # rows per block of the fallback's [rows, experts] probability table
+FALLBACK_BYTES = 1 << 24  # the fallback's [rows, experts] float64 tables, per block
 
 
 def _exclusive_draw(rng: np.random.Generator, probs: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -135,8 +135,9 @@ def _exclusive_draw(rng: np.random.Generator, probs: np.ndarray, chosen: np.ndar
     the exact next step of sampling without replacement, for rows whose redraws keep repeating (a Zipf table
     so skewed that float32 draws reach only its first expert)."""
     out = np.empty(chosen.shape[0], dtype=np.int64)
-    for s in range(0, chosen.shape[0], FALLBACK_ROWS):
-        block = chosen[s:s + FALLBACK_ROWS].astype(np.int64)
+    rows = max(1, FALLBACK_BYTES // (8 * probs.size))  # 16 MiB a table whatever the number of experts
+    for s in range(0, chosen.shape[0], rows):
+        block = chosen[s:s + rows].astype(np.int64)
         p = np.broadcast_to(probs, (block.shape[0], probs.size)).copy()
         np.put_along_axis(p, block, 0.0, axis=1)
         cdf = np.cumsum(p, axis=1)

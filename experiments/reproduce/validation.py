@@ -21,7 +21,6 @@ from sim.plan import Plan
 # Two complete points on two systems (one policy), so the CI subset still fits on one and reports the other.
 QUICK_POINTS = ("mlh-moe-lightning-p-summ-s1", "mlh-moe-lightning-p-summ-s2")
 MEASURED_CPU_KERNELS = frozenset({"moe-lightning"})  # its CPU attention constants come from its own microbenchmark
-UNFITTED = FrameworkFactors()  # a framework without training points keeps the mechanisms alone
 BAND = 0.2
 # Printed and in the report; the CSV has every column.
 DISPLAY = ("id", "mode", "system", "policy", "framework", "status", "role", "measured", "predicted", "ratio",
@@ -57,13 +56,15 @@ class _Memo:
 
 def _fit_and_predict(train: list[FitCase], test: list[FitCase],
                      memo: _Memo) -> tuple[dict[str, FrameworkFactors], dict[str, float]]:
-    """Per framework: factors fitted on `train`, and the predicted/measured rate ratio of every `test` case (a
-    framework with no training case keeps factors 1: the mechanisms alone)."""
+    """Per framework: factors fitted on `train`, and the predicted/measured rate ratio of every `test` case whose
+    framework has a fit (one with no training case has no learned-factor prediction: its mechanisms-only ratio
+    is its only one, and it is reported there, not as a learned result)."""
     factors = {runtime: memo.fit([c for c in train if c.runtime == runtime])
                for runtime in sorted({c.runtime for c in train})}
     ratios = {}
     for c in test:  # time ratio inverted: a rate's predicted/measured
-        ratios[c.id] = c.measured_total_s / memo.total_s(c, factors.get(c.runtime, UNFITTED))
+        if c.runtime in factors:
+            ratios[c.id] = c.measured_total_s / memo.total_s(c, factors[c.runtime])
     return factors, ratios
 
 
@@ -114,15 +115,15 @@ def summary(table: pd.DataFrame) -> dict[str, dict]:
     pub = table[(table["mode"] == "published") & table["predicted"].notna()]
     complete = pub[pub["status"] == "complete"]
     views = [("mechanisms only, all complete points", "ratio", complete),
-             ("learned factors, held-out points", "learned_ratio", pub[pub["role"] == "held-out"]),
+             ("learned factors, held-out points of fitted frameworks", "learned_ratio", pub[pub["role"] == "held-out"]),
              ("learned factors, training points", "learned_ratio", pub[pub["role"] == "train"]),
-             ("leave-one-system-out, all complete points", "loso_ratio", complete),
+             ("leave-one-system-out, points of fitted frameworks", "loso_ratio", complete),
              ("mechanisms only, incomplete points", "ratio", pub[pub["status"] == "incomplete"])]
     groups = sorted(complete["group"].unique())
     if len(groups) > 1:  # each source apart: one model family and machine set each
         views += [(f"{g}: mechanisms only", "ratio", complete[complete["group"] == g]) for g in groups]
         views += [(f"{g}: learned factors, held-out", "learned_ratio",
-                   pub[(pub["role"] == "held-out") & (pub["group"] == g)]) for g in groups]
+                   pub[(pub["role"] == "held-out") & (pub["group"] == g)]) for g in groups]  # empty: no fit, skipped
     out = {}
     for label, col, rows in views:
         rows = rows[rows[col].notna()]

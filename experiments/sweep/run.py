@@ -20,6 +20,7 @@ from experiments.sweep import ENGINES
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
 from sim.errors import SimInputError
+from traces.limits import LIMIT_ENV
 
 Outcome = tuple[dict[str, Any] | None, str | None, float]
 
@@ -149,13 +150,16 @@ def run_ray(points: Iterable[SweepPoint], store: ResultStore, workers: int | Non
     import traces
 
     started_here = not ray.is_initialized()
+    # The memory limit (--max-gib) travels as an environment variable, to remote workers too.
+    env_vars = {LIMIT_ENV: os.environ[LIMIT_ENV]} if os.environ.get(LIMIT_ENV) else {}
     if started_here:
         if address:
             # Ship this checkout's packages so the cluster's workers run the same code as the driver.
             ray.init(address=address, log_to_driver=False,
-                     runtime_env={"py_modules": [sim, traces, experiments]})
+                     runtime_env={"py_modules": [sim, traces, experiments], "env_vars": env_vars})
         else:
-            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env_vars})
     remote_point = ray.remote(num_cpus=1, max_retries=1)(run_point)
 
     def execute(pending: list[SweepPoint]) -> Iterator[tuple[SweepPoint, Outcome]]:

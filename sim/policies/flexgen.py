@@ -296,7 +296,7 @@ class _ZigZag(LayerEmitter):
             # load waits until the part two before it has finished with the double buffer.
             loads = [self._load(phase, step, layer, nbytes, k) for k, nbytes in enumerate(lay.parts[layer])]
             weights, ffn_weights = loads[0], loads[-1]
-            ffn_ready = (lambda e, w=ffn_weights: w) if lay.sep_layer and ffn_weights >= 0 else None
+            ffn_dep = ffn_weights if lay.sep_layer else -1  # the router or dense FFN waits for its half's load
             last, attention_done = -1, ()
             for i, s in enumerate(slices):
                 at = At(phase, step, layer, s.mb)
@@ -306,9 +306,9 @@ class _ZigZag(LayerEmitter):
                                     as_deps(dep), s.tokens)
                 q = self.op(OpKind.QKV, GPU, at, s.tokens, (*as_deps(dep), weights))
                 a = self._attention(phase, at, s, q)
-                attention_done = as_deps(a)
                 last = self.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens, s.layer_counts(self.ctx, layer),
-                                                   a, expert_deps=ffn_ready, routed=s.routed)
+                                                   a, routed=s.routed, ffn_dep=ffn_dep)
+                attention_done = (self.last_o_proj,)  # the O projection is the attention half's last use
                 hidden[i] = last
                 if offload_act and layer < m.num_layers - 1:  # store the DRAM share of the hidden states
                     hidden[i] = self.xfer(D2H, at, int(w.hidden_bytes(s.tokens) * offload_act), Payload.ACTIVATIONS,

@@ -96,6 +96,7 @@ class LayerEmitter:
         self.b = builder
         self.ops = builder.ops
         self._max_ops = builder.max_ops
+        self.last_o_proj = -1
         w = self.w
         self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
@@ -177,15 +178,17 @@ class LayerEmitter:
 
     def attention_back_and_ffn(self, phase: Phase, step: int, layer: int, mb: int, tokens: int,
                                counts: np.ndarray | None, front: Deps,
-                               expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
+                               expert_deps: Callable[[int], int] | None = None, routed: int | None = None,
+                               ffn_dep: int = -1) -> int:
         """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert; `routed` the tokens that
-        reach the router when `tokens` counts padding. Returns the last op."""
+        reach the router when `tokens` counts padding; `ffn_dep` an op the FFN's first op (router or dense
+        FFN) also waits for (its weights' load). Returns the last op; `last_o_proj` keeps OP2's id."""
         at = At(phase, step, layer, mb)
         routed = tokens if routed is None else routed
-        o = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
+        o = self.last_o_proj = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
         if not self.m.is_moe_layer(layer):
-            return self.op(OpKind.DENSE_FFN, GPU, at, tokens, (o,))
-        router = last = self.op(OpKind.ROUTER, GPU, at, routed, (o,))
+            return self.op(OpKind.DENSE_FFN, GPU, at, tokens, (o, ffn_dep))
+        router = last = self.op(OpKind.ROUTER, GPU, at, routed, (o, ffn_dep))
         if self.m.shared_expert_intermediate_size:
             last = self.op(OpKind.SHARED_EXPERT, GPU, at, routed, (router,))
         assert counts is not None

@@ -35,9 +35,8 @@ def preset_names(kind: str) -> list[str]:
 
 
 def _build(cls: type, name: str, entry: dict[str, Any], where: str) -> Any:
-    if not isinstance(entry, dict):
-        raise SimInputError(f"{where}: expected a mapping of fields, got {type(entry).__name__}")
-    return validate_spec(cls, {**entry, "name": entry.get("name", name)}, where)
+    fields = {**entry, "name": entry.get("name", name)} if isinstance(entry, dict) else entry
+    return validate_spec(cls, fields, where)
 
 
 def _preset(kind: str, name: str) -> dict[str, Any]:
@@ -100,7 +99,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 def _is_path(name_or_path: str) -> bool:
     """A spec file rather than a preset name: a file, a spec suffix, or a path with a separator (preset names
-    have none), so a directory given as a spec file is named as one."""
+    have none), so `--system-file ./dir` is named as a directory (a bare `dir` is looked up as a preset)."""
     path = Path(name_or_path)
     return path.suffix in (".yaml", ".yml", ".json") or "/" in name_or_path or path.is_file()
 

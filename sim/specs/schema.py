@@ -25,15 +25,25 @@ def _adapter(cls: type) -> TypeAdapter:
 
 
 @cache
-def _numeric_fields(cls: type) -> dict[str, type]:
+def _typed_fields(cls: type, kinds: tuple[type, ...]) -> dict[str, type]:
     hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in (int, float)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in kinds}
+
+
+def _numeric_fields(cls: type) -> dict[str, type]:
+    return _typed_fields(cls, (int, float))
 
 
 def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
     """YAML 1.1 reads `65e12` as a string: numeric strings become numbers (then validated like any number);
-    a boolean is never a number."""
+    a boolean is never a number and a flag is only true or false (not "yes" or 1); `sources` notes may be
+    numbers (a year) and are kept as text."""
     out = dict(fields)
+    for name in _typed_fields(cls, (bool,)):
+        if name in out and not isinstance(out[name], bool):
+            raise SimInputError(f"{where}: {name}: expected true or false, got {out[name]!r}")
+    if isinstance(out.get("sources"), dict):
+        out["sources"] = {str(k): v if isinstance(v, str) else str(v) for k, v in out["sources"].items()}
     for name, kind in _numeric_fields(cls).items():
         value = out.get(name)
         if isinstance(value, bool):
@@ -53,11 +63,6 @@ def _message(exc: ValidationError, cls: type, where: str, aliases: dict[str, str
     err = exc.errors()[0]
     loc = ".".join(aliases.get(str(p), str(p)) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "unexpected_keyword_argument":
-        known = [f.name for f in dataclasses.fields(cls)]
-        near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        return f"{where}: unknown field {loc} for {cls.__name__}{hint}"
     if err["type"] in ("missing", "missing_argument"):
         return f"{where}: missing field {loc}"
     if err["type"] == "value_error":  # the dataclass's own physical check, already worded
