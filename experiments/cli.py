@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from sim.errors import SimInputError
 from traces.errors import TraceError
 from traces.limits import DEFAULT_LIMIT_GIB as LIMIT_DEFAULT
-from traces.limits import LIMIT_ENV
+from traces.limits import LIMIT_ENV, parse_gib
 
 EXIT_USAGE = 2
 
@@ -66,12 +66,9 @@ def _probability(text: str) -> float:
 
 def _positive_gib(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive, finite number of GiB, got {text!r}")
-    return value
+        return parse_gib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")

@@ -234,3 +234,42 @@ def test_plan_files(plan_file, tmp_path_factory, data):
         assert "\n" not in str(exc)
         return
     plan.check()
+
+
+# ---- profiles -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory) -> tuple[Path, ModelSpec]:
+    pytest.importorskip("torch")
+    from executor.profile import profile
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=128, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=32)
+    out = profile(spec, tmp_path_factory.mktemp("fuzzprof") / "p", rounds=1, max_tokens=8, progress=False,
+                  max_requests=4, max_kv=4)
+    return out, spec
+
+
+@FEWER
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), st.sampled_from(["tokens", "kv", "median_s",
+                                                                                        "kind", "device"]),
+                          ODD_VALUES), min_size=1, max_size=3))
+def test_profiles(tiny_profile, tmp_path_factory, edits):
+    import shutil
+
+    import pandas as pd
+
+    from sim.cost.profile import ProfileCostModel
+    from sim.specs import load_system
+
+    src, spec = tiny_profile
+    table = pd.read_csv(src / "timings.csv").astype(object)
+    for row, col, value in edits:
+        table.loc[row % len(table), col] = value if not isinstance(value, list | dict) else str(value)
+    bad = tmp_path_factory.getbasetemp() / "fuzzprof_case"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(src, bad)
+    table.to_csv(bad / "timings.csv", index=False)
+    try:
+        ProfileCostModel(load_system("a100-80g-8452y"), bad, spec)
+    except SimInputError as exc:
+        assert "\n" not in str(exc)

@@ -23,18 +23,26 @@ class ResourceLimitError(TraceError):
     """An input or a build would need more memory than the configured limit."""
 
 
+def parse_gib(text: str) -> float:
+    """A memory size in GiB: a positive, finite number (ValueError naming the problem otherwise)."""
+    try:
+        gib = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of GiB, got {text!r}") from None
+    if not math.isfinite(gib) or gib <= 0:
+        raise ValueError(f"must be a positive, finite number of GiB, got {text!r}")
+    return gib
+
+
 def memory_limit_bytes() -> int:
     """The configured limit in bytes (`COXMOE_MAX_GIB`); a malformed value is itself an error."""
     raw = os.environ.get(LIMIT_ENV)
     if raw is None or raw == "":
         return int(DEFAULT_LIMIT_GIB * 2**30)
     try:
-        gib = float(raw)
-    except ValueError:
-        raise TraceError(f"{LIMIT_ENV}={raw!r}: not a number of GiB") from None
-    if not math.isfinite(gib) or gib <= 0:
-        raise TraceError(f"{LIMIT_ENV}={raw!r}: must be a positive, finite number of GiB")
-    return int(gib * 2**30)
+        return int(parse_gib(raw) * 2**30)
+    except ValueError as exc:
+        raise TraceError(f"{LIMIT_ENV}: {exc}") from None
 
 
 def check_memory(estimate_bytes: float, what: str) -> None:
