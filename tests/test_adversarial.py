@@ -369,3 +369,10 @@ def test_bad_profile_timings(capsys, tmp_path, tiny_profile, edit, message):
     edit(pd.read_csv(src / "timings.csv")).to_csv(bad / "timings.csv", index=False)
     fails_cleanly(capsys, ["simulate", "--model-file", str(model), *SYS, *WL, "--policy", "cpu-only",
                            "--profile", str(bad)], message)
+
+
+def test_a_sweep_with_absurdly_many_workers_is_refused(capsys, tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, batch: 4, prompt_len: 8, gen_len: 2}\n")
+    fails_cleanly(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o"), "--workers", "100000"],
+                  "--workers 100000: this machine has")

@@ -53,6 +53,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{at}"
 
 
+MAX_WORKERS_PER_CPU = 4  # local sweep processes beyond this only add memory (each holds a simulation)
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -128,7 +131,11 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
         return run_ray(points, store, workers, ray_address(address_flag), progress)
     if engine != "local":
         raise SimInputError(f"unknown sweep engine {engine!r}; choose from {', '.join(ENGINES)}")
-    return run_local(points, store, workers or default_workers(), progress)
+    cpus = default_workers()
+    if workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
+        raise SimInputError(f"--workers {workers}: this machine has {cpus} CPUs for sweeps; at most "
+                            f"{MAX_WORKERS_PER_CPU * cpus} local workers (each simulation takes up to a few GB)")
+    return run_local(points, store, workers or cpus, progress)
 
 
 def ray_address(flag: str | None) -> str | None:
