@@ -146,8 +146,8 @@ class Plan:
 
     def check(self) -> None:
         """Everything an engine relies on, as one SimInputError naming the first problem: ids and deps as
-        `validate`; known streams, kinds, phases and payloads; non-negative work within MAX_OP_WORK; memory
-        pools that exist, with non-negative sizes; decode steps the workload has; a finite decode scale."""
+        `validate`; non-negative work within MAX_OP_WORK; memory pools that exist, with non-negative sizes, and
+        every dynamic allocation freed exactly once; decode steps the workload has; a finite decode scale."""
         try:
             self.validate()
         except ValueError as exc:
@@ -162,10 +162,29 @@ class Plan:
                 raise SimInputError(f"plan static memory {pool!r}: needs a pool in {sorted(pools)} and integer sizes "
                                     ">= 0")
         decode, limit = Phase.DECODE, MAX_OP_WORK
+        dynamic = False
         for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
             if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and op.tokens >= 0 and op.kv_tokens >= 0
                     and (op.phase is not decode or 1 <= op.step <= max_step)) or op.alloc or op.free:
                 self._check_op(op, max_step, pools)
+                dynamic = dynamic or bool(op.alloc or op.free)
+        if dynamic:
+            self._check_alloc_balance()
+
+    def _check_alloc_balance(self) -> None:
+        """Every dynamic allocation is freed exactly once: no pool frees more than it has allocated at any
+        point, and every pool is back to zero at the end."""
+        held: dict[str, int] = {}
+        for op in self.ops:
+            for pool, size in op.alloc:
+                held[pool] = held.get(pool, 0) + size
+            for pool, size in op.free:
+                held[pool] = held.get(pool, 0) - size
+                if held[pool] < 0:
+                    raise SimInputError(f"plan op {op.id}: frees {size} bytes of {pool!r} that were not allocated")
+        left = {pool: size for pool, size in held.items() if size}
+        if left:
+            raise SimInputError(f"plan allocations never freed: {left}")
 
     @staticmethod
     def _check_op(op: Op, max_step: int, pools: set[str]) -> None:

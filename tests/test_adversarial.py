@@ -376,3 +376,19 @@ def test_a_sweep_with_absurdly_many_workers_is_refused(capsys, tmp_path):
     spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, batch: 4, prompt_len: 8, gen_len: 2}\n")
     fails_cleanly(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o"), "--workers", "100000"],
                   "--workers 100000: this machine has")
+
+
+def test_plan_allocations_must_balance(capsys, tmp_path, saved_plan):
+    def alloc_without_free(t: pa.Table) -> pa.Table:
+        pools = [["gpu"]] + [[]] * (t.num_rows - 1)
+        sizes = [[1024]] + [[]] * (t.num_rows - 1)
+        return _set(_set(t, "alloc_pool", pools), "alloc_bytes", sizes)
+
+    def free_without_alloc(t: pa.Table) -> pa.Table:
+        return _set(_set(t, "free_pool", [["cpu"]] + [[]] * (t.num_rows - 1)), "free_bytes",
+                    [[8]] + [[]] * (t.num_rows - 1))
+
+    fails_cleanly(capsys, ["run-plan", str(_rewrite(saved_plan, tmp_path / "a.parquet", alloc_without_free))],
+                  "plan allocations never freed")
+    fails_cleanly(capsys, ["run-plan", str(_rewrite(saved_plan, tmp_path / "f.parquet", free_without_alloc))],
+                  "that were not allocated")
