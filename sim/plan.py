@@ -147,7 +147,7 @@ class Plan:
     def check(self) -> None:
         """Everything an engine relies on, as one SimInputError naming the first problem: ids and deps as
         `validate`; non-negative work within MAX_OP_WORK; memory pools that exist, with non-negative sizes, and
-        every dynamic allocation freed exactly once; decode steps the workload has; a finite decode scale."""
+        no allocation freed twice; decode steps the workload has; a finite decode scale."""
         try:
             self.validate()
         except ValueError as exc:
@@ -172,8 +172,8 @@ class Plan:
             self._check_alloc_balance()
 
     def _check_alloc_balance(self) -> None:
-        """Every dynamic allocation is freed exactly once: no pool frees more than it has allocated at any
-        point, and every pool is back to zero at the end."""
+        """No dynamic allocation is freed twice: no pool frees more than it holds at any point (an allocation
+        may be held to the end of the run, as a growing KV cache is)."""
         held: dict[str, int] = {}
         for op in self.ops:
             for pool, size in op.alloc:
@@ -181,10 +181,8 @@ class Plan:
             for pool, size in op.free:
                 held[pool] = held.get(pool, 0) - size
                 if held[pool] < 0:
-                    raise SimInputError(f"plan op {op.id}: frees {size} bytes of {pool!r} that were not allocated")
-        left = {pool: size for pool, size in held.items() if size}
-        if left:
-            raise SimInputError(f"plan allocations never freed: {left}")
+                    raise SimInputError(f"plan op {op.id}: frees {size} bytes of {pool!r} that were not allocated "
+                                        "(or were freed already)")
 
     @staticmethod
     def _check_op(op: Op, max_step: int, pools: set[str]) -> None:

@@ -378,17 +378,18 @@ def test_a_sweep_with_absurdly_many_workers_is_refused(capsys, tmp_path):
                   "--workers 100000: this machine has")
 
 
-def test_plan_allocations_must_balance(capsys, tmp_path, saved_plan):
-    def alloc_without_free(t: pa.Table) -> pa.Table:
-        pools = [["gpu"]] + [[]] * (t.num_rows - 1)
-        sizes = [[1024]] + [[]] * (t.num_rows - 1)
-        return _set(_set(t, "alloc_pool", pools), "alloc_bytes", sizes)
+def test_plan_frees_must_match_allocations(capsys, tmp_path, saved_plan):
+    def free_twice(t: pa.Table) -> pa.Table:
+        n = t.num_rows
+        t = _set(_set(t, "alloc_pool", [["gpu"]] + [[]] * (n - 1)), "alloc_bytes", [[1024]] + [[]] * (n - 1))
+        return _set(_set(t, "free_pool", [[], ["gpu"], ["gpu"]] + [[]] * (n - 3)), "free_bytes",
+                    [[], [1024], [1024]] + [[]] * (n - 3))
 
     def free_without_alloc(t: pa.Table) -> pa.Table:
         return _set(_set(t, "free_pool", [["cpu"]] + [[]] * (t.num_rows - 1)), "free_bytes",
                     [[8]] + [[]] * (t.num_rows - 1))
 
-    fails_cleanly(capsys, ["run-plan", str(_rewrite(saved_plan, tmp_path / "a.parquet", alloc_without_free))],
-                  "plan allocations never freed")
+    fails_cleanly(capsys, ["run-plan", str(_rewrite(saved_plan, tmp_path / "a.parquet", free_twice))],
+                  "plan op 2: frees 1024 bytes of 'gpu' that were not allocated (or were freed already)")
     fails_cleanly(capsys, ["run-plan", str(_rewrite(saved_plan, tmp_path / "f.parquet", free_without_alloc))],
                   "that were not allocated")
