@@ -77,7 +77,7 @@ def _plain(value: Any, where: str) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise SimInputError(f"sweep spec: {where}: keys must be strings, got {k!r}")
-            _plain(v, f"{where}.{k}")
+            _plain(v, f"{where}[{k!r}]")
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _plain(v, f"{where}[{i}]")

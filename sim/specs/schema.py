@@ -59,7 +59,7 @@ def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _message(exc: ValidationError, cls: type, where: str, aliases: dict[str, str]) -> str:
+def _message(exc: ValidationError, where: str, aliases: dict[str, str]) -> str:
     err = exc.errors()[0]
     loc = ".".join(aliases.get(str(p), str(p)) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
@@ -86,4 +86,4 @@ def validate_spec(cls: type[T], fields: dict[str, Any], where: str, aliases: dic
     try:
         return _adapter(cls).validate_python(_normalise(cls, fields, where))
     except ValidationError as exc:
-        raise SimInputError(_message(exc, cls, where, aliases or {})) from None
+        raise SimInputError(_message(exc, where, aliases or {})) from None
