@@ -14,6 +14,7 @@ See docs/architecture.md for the field-by-field description.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NoReturn
@@ -147,7 +148,8 @@ class Plan:
     def check(self) -> None:
         """Everything an engine relies on, as one SimInputError naming the first problem: ids and deps as
         `validate`; non-negative work within MAX_OP_WORK; memory pools that exist, with non-negative sizes, and
-        no allocation freed twice; decode steps the workload has; a finite decode scale."""
+        no allocation freed twice; decode steps, layers, experts and micro-batches the workload, model and plan
+        have; tokens and KV entries no more than the workload holds; a finite decode scale."""
         try:
             self.validate()
         except ValueError as exc:
@@ -162,11 +164,17 @@ class Plan:
                 raise SimInputError(f"plan static memory {pool!r}: needs a pool in {sorted(pools)} and integer sizes "
                                     ">= 0")
         decode, limit = Phase.DECODE, MAX_OP_WORK
+        bounds = _ScopeBounds.of(self)
+        layers, experts, groups = bounds.layers, bounds.experts, bounds.groups
+        tokens_max, kv_max = bounds.tokens, bounds.kv
         dynamic = False
         for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
-            if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and op.tokens >= 0 and op.kv_tokens >= 0
-                    and (op.phase is not decode or 1 <= op.step <= max_step)) or op.alloc or op.free:
-                self._check_op(op, max_step, pools)
+            d = op.phase is decode
+            if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and 0 <= op.tokens <= tokens_max[d]
+                    and 0 <= op.kv_tokens <= kv_max[d] and (not d or 1 <= op.step <= max_step)
+                    and -1 <= op.layer <= layers and -1 <= op.expert < experts
+                    and -1 <= op.micro_batch < groups[d]) or op.alloc or op.free:
+                self._check_op(op, max_step, pools, bounds)
                 dynamic = dynamic or bool(op.alloc or op.free)
         if dynamic:
             self._check_alloc_balance()
@@ -185,7 +193,7 @@ class Plan:
                                         "(or were freed already)")
 
     @staticmethod
-    def _check_op(op: Op, max_step: int, pools: set[str]) -> None:
+    def _check_op(op: Op, max_step: int, pools: set[str], bounds: _ScopeBounds) -> None:
         if not (0 <= op.flops <= MAX_OP_WORK and 0 <= op.bytes <= MAX_OP_WORK):
             raise SimInputError(f"plan op {op.id}: flops and bytes must be in [0, 2^50], got {op.flops} and "
                                 f"{op.bytes}")
@@ -193,10 +201,47 @@ class Plan:
             raise SimInputError(f"plan op {op.id}: tokens and kv_tokens must be >= 0")
         if op.phase is Phase.DECODE and not 1 <= op.step <= max_step:
             raise SimInputError(f"plan op {op.id}: decode step {op.step} outside the workload's 1..{max_step}")
+        d = op.phase is Phase.DECODE
+        for name, value, top, owner in (("layer", op.layer, bounds.layers + 1, "the model's layers and head"),
+                                         ("expert", op.expert, bounds.experts, "the model's experts"),
+                                         ("micro_batch", op.micro_batch, bounds.groups[d],
+                                          f"the plan's {op.phase} micro-batches")):
+            if not -1 <= value < top:
+                raise SimInputError(f"plan op {op.id}: {name} {value} outside {owner} (-1..{top - 1})")
+        for name, value, top in (("tokens", op.tokens, bounds.tokens[d]), ("kv_tokens", op.kv_tokens, bounds.kv[d])):
+            if value > top:
+                raise SimInputError(f"plan op {op.id}: {name} {value} exceeds the {top} a {op.phase} op of this "
+                                    "workload can hold")
         for pool, size in (*op.alloc, *op.free):
             if pool not in pools or size < 0:
                 raise SimInputError(f"plan op {op.id}: memory ({pool!r}, {size}) needs a pool in {sorted(pools)} "
                                     "and a size >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class _ScopeBounds:
+    """What an op of a plan may name, indexed by `phase is decode`: tokens (a prefill op covers at most every
+    request's prompt, padded to the longest, a decode op one token per request, each times top-k, since a copy
+    may carry every routed assignment of its tokens), KV entries read (the padded
+    prefill's causal triangle; every request's full context), micro-batch indices, and the model's layers (the
+    LM head is layer `num_layers`, the embedding -1) and experts."""
+
+    layers: int
+    experts: int
+    tokens: tuple[int, int]
+    kv: tuple[int, int]
+    groups: tuple[int, int]
+
+    @classmethod
+    def of(cls, plan: Plan) -> _ScopeBounds:
+        wl, m = plan.workload, plan.model
+        batch, prompt = wl.batch, int(wl.prompt_lens.max())
+        context = prompt + int(wl.gen_lens.max())
+        groups = tuple(len(plan.micro_batches[p]) if p in plan.micro_batches else 1 << 62
+                       for p in ("prefill", "decode"))
+        k = max(m.top_k, 1)  # a copy may carry every routed assignment of its tokens
+        return cls(m.num_layers, max(m.num_experts, 1), (batch * prompt * k, batch * k),
+                   (batch * prompt * (prompt + 1) // 2, batch * context), (groups[0], groups[1]))
 
 
 MAX_OP_WORK = 1 << 50  # flops or bytes of one op (a petabyte at most: nanosecond clocks stay in int64)
@@ -205,13 +250,36 @@ MAX_OP_WORK = 1 << 50  # flops or bytes of one op (a petabyte at most: nanosecon
 class PlanBuilder:
     """Appends ops with ids in program order; policies call `add` and keep the returned ids as handles."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode_step_sizes: Sequence[int] = ()) -> None:
+        """`decode_step_sizes`: active requests of each decode step the policy will emit, in order; with them,
+        a plan whose first decode step extrapolates past the memory limit is refused at once, not after
+        building most of it (steps shrink as requests finish, so the estimate scales by requests)."""
         self.ops: list[Op] = []
         self.max_ops = max_ops()  # plans past the memory limit are refused while they are built
+        self._sizes = [int(n) for n in decode_step_sizes]
+        self.step = 0  # step of the last op added (prefill 0, decode >= 1); emitters call `new_step` on a change
+        self._first_start = -1  # index of the first decode step's first op, then -2 once estimated
 
     def over_limit(self) -> NoReturn:
         """Raise the one-line error for a plan that outgrew the memory limit."""
         raise too_many_ops(len(self.ops))
+
+    def new_step(self, step: int) -> None:
+        """Called when the step of the ops being added changes: at the end of the first decode step,
+        extrapolate the plan's size and refuse it if it cannot fit."""
+        self.step = step
+        if self._first_start == -1:
+            if step >= 1 and self._sizes:
+                self._first_start = len(self.ops)
+            return
+        if self._first_start >= 0:
+            first_ops = len(self.ops) - self._first_start
+            self._first_start = -2
+            first = max(self._sizes[0], 1)
+            rest = sum(self._sizes[1:]) / first
+            estimate = int(len(self.ops) + first_ops * rest)
+            if estimate > self.max_ops:
+                raise too_many_ops(estimate, estimated=True)
 
     def add(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, *, tokens: int = 0,
             flops: int = 0, nbytes: int = 0, deps: tuple[int, ...] = (), micro_batch: int = -1,
@@ -221,6 +289,8 @@ class PlanBuilder:
         op_id = len(self.ops)
         if op_id >= self.max_ops:
             self.over_limit()
+        if step != self.step:
+            self.new_step(step)
         if deps:
             deps = tuple([d for d in deps if d >= 0])
         self.ops.append(Op(op_id, kind, stream, phase, step, layer, micro_batch, tokens, flops, nbytes, deps,

@@ -68,6 +68,27 @@ def test_a_plan_past_the_limit_is_refused_while_built(capsys):
                   "a plan of more than")
 
 
+def test_a_plan_too_big_for_the_limit_is_refused_after_its_first_decode_step(tiny_model, monkeypatch):
+    """One micro-batch per request and experts per micro-batch: 199 decode steps of about 1,660 ops (about 0.12
+    GiB in all) against a 0.02 GiB limit (53,687 ops); the estimate refuses it once the first decode step is
+    built (1,714 ops), not at the limit."""
+    import sim.plan as plan_module
+    from sim.api import simulate
+    from traces.limits import ResourceLimitError
+
+    monkeypatch.setenv(LIMIT_ENV, "0.02")
+    built: list[int] = []
+    original = plan_module.PlanBuilder.new_step
+    monkeypatch.setattr(plan_module.PlanBuilder, "new_step",
+                        lambda self, step: (built.append(len(self.ops)), original(self, step))[1])
+    with pytest.raises(ResourceLimitError, match=r"a plan of about [\d,]+ ops \(its first decode step times"):
+        simulate(tiny_model, "a100-80g-8452y", "coxmoe", batch=64, prompt_len=4, gen_len=200,
+                 policy_options={"decode_micro_batch": "1", "coalesce": "off", "prefill_micro_batch": "0",
+                                 "decode_placement": "ggg", "prefill_placement": "ggg", "resident_experts": "8"})
+    limit_ops = int(0.02 * 2**30) // 400
+    assert built and max(built) < limit_ops // 4  # refused long before the plan reached the limit
+
+
 def test_max_gib_stands_anywhere_and_is_checked(capsys):
     assert main(["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--max-gib", "1"]) == 0
     capsys.readouterr()
@@ -276,6 +297,13 @@ def _set(table: pa.Table, name: str, values) -> pa.Table:
     (None, lambda m: {**m, "gen_lens": [1] * len(m["gen_lens"])}, "outside the workload's"),
     (None, lambda m: {**m, "model": {**m["model"], "hidden_size": 4096.5}}, "hidden_size"),
     (None, lambda m: {k: v for k, v in m.items() if k != "static_memory"}, "lacks 'static_memory'"),
+    # scopes: what an op names must exist in the model, workload and plan
+    (lambda t: _set(t, "layer", [99] * t.num_rows), None, "layer 99 outside the model's layers and head"),
+    (lambda t: _set(t, "expert", [8] * t.num_rows), None, "expert 8 outside the model's experts"),
+    (lambda t: _set(t, "micro_batch", [50] * t.num_rows), None, "micro_batch 50 outside the plan's"),
+    (lambda t: _set(t, "tokens", [10**6] * t.num_rows), None, "tokens 1000000 exceeds the"),
+    (lambda t: _set(t, "kv_tokens", [10**9] * t.num_rows), None, "kv_tokens 1000000000 exceeds the"),
+    (None, lambda m: {**m, "prompt_lens": [1] * len(m["prompt_lens"])}, "exceeds the"),
 ])
 def test_bad_plans(capsys, tmp_path, saved_plan, column, meta, message):
     bad = _rewrite(saved_plan, tmp_path / "bad.parquet", column, meta)

@@ -13,7 +13,7 @@ from sim.workload import Workload
 def run(model, system, build):
     b = PlanBuilder()
     build(b)
-    plan = Plan("t", {}, model, system, Workload.uniform(1, 1, 2), b.ops, {"gpu": {}, "cpu": {}})
+    plan = Plan("t", {}, model, system, Workload.uniform(64, 1, 2), b.ops, {"gpu": {}, "cpu": {}})  # 64-token ops fit
     cost = RooflineCostModel(system)
     return plan, run_plan(plan, cost), cost
 

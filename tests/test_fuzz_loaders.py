@@ -28,8 +28,8 @@ from traces.errors import TraceError
 
 FAST = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.function_scoped_fixture])
-FEWER = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.function_scoped_fixture])
+# The plan loader is fuzzed by two tests (metadata and columns), each with half of its 1,000 inputs.
+HALF = settings(FAST, max_examples=500)
 
 # Values of every kind a document might hold by mistake.
 ODD_VALUES = st.one_of(
@@ -208,26 +208,25 @@ def test_sweep_specs(part, data):
     assert points and all(p.key for p in points)
 
 
+TINY = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=128, num_attention_heads=4, num_kv_heads=2,
+                 head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=32)
+
+
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory) -> Path:
-    from experiments.cli import main
+    """A small plan on disk (a two-layer model, so that one example takes milliseconds)."""
+    from sim.api import simulate
+    from sim.plan_io import save_plan
 
-    path = tmp_path_factory.mktemp("fuzzplan") / "p.parquet"
-    assert main(["simulate", "--model", "olmoe-1b-7b", "--system", "a100-80g-8452y", "--batch", "2",
-                 "--prompt-len", "4", "--gen-len", "2", "--plan-out", str(path)]) == 0
-    return path
+    result = simulate(TINY, "a100-80g-8452y", "coxmoe", batch=3, prompt_len=4, gen_len=3, keep_plan=True)
+    return save_plan(result.plan, tmp_path_factory.mktemp("fuzzplan") / "p.parquet")
 
 
-@FEWER
-@given(st.data())
-def test_plan_files(plan_file, tmp_path_factory, data):
+def _load_fuzzed_plan(table, path: Path) -> None:
+    """Write `table` and load it: a broken plan is one SimInputError line, a loaded one passes its check."""
     from sim.plan_io import load_plan
 
-    table = pq.read_table(plan_file)
-    meta = json.loads(table.schema.metadata[b"cox-moe-plan"])
-    meta = data.draw(mutated(meta))
-    path = tmp_path_factory.getbasetemp() / "fuzz.parquet"
-    pq.write_table(table.replace_schema_metadata({b"cox-moe-plan": json.dumps(meta, default=str).encode()}), path)
+    pq.write_table(table, path)
     try:
         plan = load_plan(path)
     except SimInputError as exc:
@@ -236,40 +235,110 @@ def test_plan_files(plan_file, tmp_path_factory, data):
     plan.check()
 
 
+@HALF
+@given(st.data())
+def test_plan_metadata(plan_file, tmp_path_factory, data):
+    table = pq.read_table(plan_file)
+    meta = json.loads(table.schema.metadata[b"cox-moe-plan"])
+    meta = data.draw(mutated(meta))
+    _load_fuzzed_plan(table.replace_schema_metadata({b"cox-moe-plan": json.dumps(meta, default=str).encode()}),
+                      tmp_path_factory.getbasetemp() / "fuzz_meta.parquet")
+
+
+# A plan column replaced by: cells of the same type with odd values, a column of another type, or nothing.
+_CELL_VALUES = {
+    "int": st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.sampled_from([-1, 0, 2**50 + 1])),
+    "str": st.one_of(st.text(max_size=8), st.sampled_from(["gpu", "cpu", "h2d", "decode", "prefill", "expert",
+                                                           "kv", "", "GPU"])),
+    "list_int": st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=3),
+    "list_str": st.lists(st.sampled_from(["gpu", "cpu", "dram", "", "x"]), max_size=3),
+}
+
+
+def _kind_of(field_type) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_list(field_type):
+        return "list_str" if pa.types.is_string(field_type.value_type) else "list_int"
+    if pa.types.is_dictionary(field_type) or pa.types.is_string(field_type):
+        return "str"
+    return "int"
+
+
+@HALF
+@given(st.data())
+def test_plan_columns(plan_file, tmp_path_factory, data):
+    import pyarrow as pa
+
+    table = pq.read_table(plan_file)
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+        name = data.draw(st.sampled_from(table.column_names))
+        index = table.column_names.index(name)
+        action = data.draw(st.sampled_from(["cells", "cells", "retype", "drop"]))
+        if action == "drop":
+            table = table.remove_column(index)
+            continue
+        kind = _kind_of(table.schema.field(name).type)
+        if action == "retype":
+            kind = data.draw(st.sampled_from(sorted(set(_CELL_VALUES) - {kind})))
+            values = data.draw(st.lists(_CELL_VALUES[kind], min_size=table.num_rows, max_size=table.num_rows))
+        else:
+            values = table.column(name).to_pylist()
+            for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+                values[data.draw(st.integers(min_value=0, max_value=table.num_rows - 1))] = data.draw(
+                    st.one_of(st.none(), _CELL_VALUES[kind]))
+        pa_type = {"int": pa.int64(), "str": pa.string(), "list_int": pa.list_(pa.int64()),
+                   "list_str": pa.list_(pa.string())}[kind]
+        table = table.set_column(index, name, pa.array(values, pa_type))
+    _load_fuzzed_plan(table, tmp_path_factory.getbasetemp() / "fuzz_cols.parquet")
+
+
 # ---- profiles -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory) -> tuple[Path, ModelSpec]:
     pytest.importorskip("torch")
     from executor.profile import profile
 
-    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=128, num_attention_heads=4,
-                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=32)
+    spec = TINY
     out = profile(spec, tmp_path_factory.mktemp("fuzzprof") / "p", rounds=1, max_tokens=8, progress=False,
                   max_requests=4, max_kv=4)
     return out, spec
 
 
-@FEWER
-@given(st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), st.sampled_from(["tokens", "kv", "median_s",
-                                                                                        "kind", "device"]),
-                          ODD_VALUES), min_size=1, max_size=3))
-def test_profiles(tiny_profile, tmp_path_factory, edits):
+@pytest.fixture(scope="module")
+def profile_case(tiny_profile, tmp_path_factory) -> Path:
+    """A copy of the tiny profile whose files each example overwrites."""
     import shutil
 
+    case = tmp_path_factory.mktemp("fuzzprof_case") / "p"
+    shutil.copytree(tiny_profile[0], case)
+    return case
+
+
+PROFILE_TABLE: dict = {}  # the tiny profile's timings and metadata, read once
+PROFILE_EDIT = st.tuples(st.integers(min_value=0, max_value=10_000),
+                         st.sampled_from(["tokens", "kv", "median_s", "kind", "device", "threads"]), ODD_VALUES)
+
+
+@FAST
+@given(st.lists(PROFILE_EDIT, max_size=3), st.booleans(), st.data())
+def test_profiles(tiny_profile, profile_case, edits, mutate_meta, data):
     import pandas as pd
 
     from sim.cost.profile import ProfileCostModel
     from sim.specs import load_system
 
     src, spec = tiny_profile
-    table = pd.read_csv(src / "timings.csv").astype(object)
+    table = PROFILE_TABLE.setdefault("timings", pd.read_csv(src / "timings.csv").astype(object)).copy()
     for row, col, value in edits:
-        table.loc[row % len(table), col] = value if not isinstance(value, list | dict) else str(value)
-    bad = tmp_path_factory.getbasetemp() / "fuzzprof_case"
-    shutil.rmtree(bad, ignore_errors=True)
-    shutil.copytree(src, bad)
-    table.to_csv(bad / "timings.csv", index=False)
+        if col in table.columns:
+            table.loc[row % len(table), col] = value if not isinstance(value, list | dict) else str(value)
+    table.to_csv(profile_case / "timings.csv", index=False)
+    meta = PROFILE_TABLE.setdefault("meta", json.loads((src / "profile.json").read_text()))
+    if mutate_meta:
+        meta = data.draw(mutated(meta))
+    (profile_case / "profile.json").write_text(json.dumps(meta, default=str))
     try:
-        ProfileCostModel(load_system("a100-80g-8452y"), bad, spec)
+        ProfileCostModel(load_system("a100-80g-8452y"), profile_case, spec)
     except SimInputError as exc:
         assert "\n" not in str(exc)

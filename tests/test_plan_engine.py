@@ -110,7 +110,7 @@ def test_roofline_times_are_exact_on_a_hand_built_plan(tiny_model, paper_system)
     copy = b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, nbytes=2 * 10**9)
     cpu = b.add(OpKind.EXPERT, Stream.CPU, Phase.DECODE, 1, 0, tokens=4, flops=10**9, nbytes=10**10,
                 deps=(gemm, copy))
-    wl = Workload.uniform(1, 1, 2)
+    wl = Workload.uniform(4, 1, 2)  # four requests: the expert ops' four decode tokens
     plan = Plan("hand", {}, tiny_model, paper_system, wl, b.ops, {"gpu": {}, "cpu": {}})
     rec = run_plan(plan, RooflineCostModel(paper_system))
     g, c, link = paper_system.gpu, paper_system.cpu, paper_system.link

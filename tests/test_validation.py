@@ -127,7 +127,7 @@ def _plan(system, build) -> Plan:
 
     b = PlanBuilder()
     build(b)
-    return Plan("t", {}, load_model("mixtral-8x7b"), system, Workload.uniform(1, 1, 2), b.ops,
+    return Plan("t", {}, load_model("mixtral-8x7b"), system, Workload.uniform(64, 1, 2), b.ops,
                 {"gpu": {}, "cpu": {}})
 
 

@@ -58,12 +58,15 @@ def max_ops() -> int:
     return max(1, memory_limit_bytes() // BYTES_PER_OP)
 
 
-def too_many_ops(count: int) -> ResourceLimitError:
-    """The error for a plan that reached `max_ops()` ops while being built."""
+def too_many_ops(count: int, estimated: bool = False) -> ResourceLimitError:
+    """The error for a plan that reached `max_ops()` ops while being built, or whose first decode step
+    extrapolates past it (`estimated`)."""
     limit = memory_limit_bytes()
-    return ResourceLimitError(f"a plan of more than {count:,} ops would need more than {limit / 2**30:.3g} GiB "
-                              f"(about {BYTES_PER_OP} bytes an op); use --decode-sample, a smaller batch, or raise "
-                              f"the limit with --max-gib or {LIMIT_ENV}")
+    size = (f"of about {count:,} ops (its first decode step times the steps planned) would need about "
+            f"{count * BYTES_PER_OP / 2**30:.2f} GiB, above the {limit / 2**30:.3g} GiB limit" if estimated else
+            f"of more than {count:,} ops would need more than {limit / 2**30:.3g} GiB")
+    return ResourceLimitError(f"a plan {size} (about {BYTES_PER_OP} bytes an op); use --decode-sample, a smaller "
+                              f"batch, or raise the limit with --max-gib or {LIMIT_ENV}")
 
 
 def check_experts(num_experts: int, where: str) -> None:

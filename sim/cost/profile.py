@@ -51,6 +51,17 @@ def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise SimInputError(f"{where}: row {row + 2}: {col} must be a finite number, got {frame[col].iloc[row]!r}")
         out[col] = values
+    if "threads" in out.columns:  # CPU rows name their torch thread count; other rows leave it empty
+        values = pd.to_numeric(out["threads"], errors="coerce")
+        given, number = out["threads"].notna().to_numpy(), values.to_numpy(float)
+        whole = np.isfinite(number) & (number >= 1)
+        whole[whole] = number[whole] % 1 == 0
+        bad = given & ~whole
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SimInputError(f"{where}: row {row + 2}: threads must be an integer >= 1 (or empty), got "
+                                f"{frame['threads'].iloc[row]!r}")
+        out["threads"] = values
     kind = out["kind"].astype(str)
     overhead, attention = kind.str.startswith("overhead_"), kind.str.startswith("attention")
     bad = ((out["tokens"] < 0) | (out["kv"] < 0) | (out["median_s"] < 0)
@@ -61,6 +72,18 @@ def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
         raise SimInputError(f"{where}: row {row + 2}: a measured op needs tokens >= 1 (and kv >= 1 for attention) "
                             f"and median_s > 0 (overheads: >= 0); got {got}, median_s {out['median_s'].iloc[row]}")
     return out
+
+
+def _mean_grid(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, kv, mean median_s over rows at each (tokens, kv); NaN where none was measured)."""
+    batches, b = np.unique(rows["tokens"].to_numpy(), return_inverse=True)
+    kvs, k = np.unique(rows["kv"].to_numpy(), return_inverse=True)
+    sums = np.zeros((batches.size, kvs.size))
+    counts = np.zeros_like(sums)
+    np.add.at(sums, (b, k), rows["median_s"].to_numpy(float))
+    np.add.at(counts, (b, k), 1.0)
+    with np.errstate(invalid="ignore"):
+        return batches, kvs, sums / counts
 
 
 class ProfileCostModel:
@@ -106,8 +129,7 @@ class ProfileCostModel:
         self.attention: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for (device, kind), rows in frame.groupby(["device", "kind"]):
             if kind in ("attention", "attention_prefill"):
-                batches, kvs = np.unique(rows["tokens"]), np.unique(rows["kv"])
-                grid = rows.pivot_table(index="tokens", columns="kv", values="median_s").loc[batches, kvs].to_numpy()
+                batches, kvs, grid = _mean_grid(rows)
                 self.attention[(str(device), str(kind))] = (np.log(batches), np.log(kvs), np.log(grid))
             elif kind in _TOKEN_TABLES:  # 1-D over tokens (bytes for copies: the executor copies pinned memory)
                 rows = rows.sort_values("tokens")

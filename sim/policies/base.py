@@ -10,7 +10,7 @@ import numpy as np
 
 from sim.cost import OpWork
 from sim.errors import CapacityError, SimInputError
-from sim.plan import Plan
+from sim.plan import Plan, PlanBuilder
 from sim.specs import ModelSpec, SystemSpec
 from sim.workload import Workload
 from traces import RoutingTrace
@@ -33,6 +33,13 @@ class PlanContext:
     @property
     def decode_steps_total(self) -> int:
         return max(self.workload.max_gen_len - 1, 0)
+
+    def builder(self) -> PlanBuilder:
+        """A plan builder that knows the decode steps to come (active requests of each), so a plan too big
+        for the memory limit is refused after its first decode step."""
+        gen = np.sort(self.workload.gen_lens)
+        active = gen.size - np.searchsorted(gen, np.asarray(self.steps()), side="right")
+        return PlanBuilder(active.tolist())
 
     def steps(self) -> list[int]:
         """Decode steps to emit: all of 1..max_gen-1, or `decode_sample` of them spread evenly (first and last

@@ -387,7 +387,7 @@ class CoxMoePolicy(Policy):
         prefill_groups = split_by_tokens(requests, wl.prompt_lens, int(mean_prompt * (mu_p or wl.batch)))
         decode_groups = split_by_count(requests, phases[Phase.DECODE].micro_batch)
         residents = [tuple(int(e) for e in model.order[li][:resident]) for li in range(m.num_moe_layers)]
-        builder = PlanBuilder()
+        builder = ctx.builder()
         emit = _Emitter(ctx, builder, residents, kv_on_gpu=o.decode_placement[1] == "g",
                         coalesce=o.coalesce == "on")
         first = prefill_slices(ctx, prefill_groups)

@@ -41,7 +41,7 @@ class CpuOnlyPolicy(Policy):
                "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * m.bytes_per_param}
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
-        emit = _CpuEmitter(ctx, PlanBuilder(), o.coalesce == "on")
+        emit = _CpuEmitter(ctx, ctx.builder(), o.coalesce == "on")
         emit.step(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)

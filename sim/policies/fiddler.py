@@ -86,7 +86,7 @@ class FiddlerPolicy(Policy):
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         prefill, decode = expected_counts(ctx)
         popular = np.argsort(-(prefill + decode), axis=1, kind="stable")[:, :resident]
-        emit = _Fiddler(ctx, PlanBuilder(), [set(map(int, row)) for row in popular], attention == "gpu")
+        emit = _Fiddler(ctx, ctx.builder(), [set(map(int, row)) for row in popular], attention == "gpu")
         emit.phase(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)

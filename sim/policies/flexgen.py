@@ -244,7 +244,7 @@ class FlexGenPolicy(Policy):
         lay = _Layout(ctx, o)
         self._require_fits(ctx, lay)
         groups = split_by_count(np.arange(wl.batch), lay.gbs)
-        emit = _ZigZag(ctx, PlanBuilder(), lay)
+        emit = _ZigZag(ctx, ctx.builder(), lay)
         emit.phase(_padded_prefill(ctx, groups, lay.prompt), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = _padded_decode(ctx, step, groups, lay.prompt)

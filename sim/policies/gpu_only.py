@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sim.plan import Plan, PlanBuilder
+from sim.plan import Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     GPU,
@@ -40,7 +40,7 @@ class GpuOnlyPolicy(Policy):
             "cpu": {},
         }
         require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
-        b = PlanBuilder()
+        b = ctx.builder()
         em = LayerEmitter(ctx, b)
         slices = prefill_slices(ctx, prefill_groups)
         for step in ctx.steps():

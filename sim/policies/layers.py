@@ -107,8 +107,11 @@ class LayerEmitter:
         """Append an op directly (this is the hot path of plan building); negative deps are dropped."""
         ops = self.ops
         op_id = len(ops)
+        b = self.b
         if op_id >= self._max_ops:
-            self.b.over_limit()
+            b.over_limit()
+        if step != b.step:
+            b.new_step(step)
         ops.append(Op(op_id, kind, stream, phase, step, layer, mb, tokens, work[0], work[1],
                       tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
         return op_id
@@ -128,8 +131,11 @@ class LayerEmitter:
         flops_bytes = (0, 2 * nbytes) if DEVICE_OF[stream] is Device.CPU else (0, nbytes)
         ops = self.ops
         op_id = len(ops)
+        b = self.b
         if op_id >= self._max_ops:
-            self.b.over_limit()
+            b.over_limit()
+        if at.step != b.step:
+            b.new_step(at.step)
         ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
                       flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
         return op_id

@@ -196,7 +196,7 @@ class MoELightningPolicy(Policy):
         static = self._static(ctx, o, mb_tokens)
         require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
         require_fits("DRAM", ctx.system.name, self.name, static["cpu"], ctx.system.dram_usable_bytes)
-        emit = _CGOPipe(ctx, PlanBuilder(), o.resident(m.num_experts))
+        emit = _CGOPipe(ctx, ctx.builder(), o.resident(m.num_experts))
         emit.prefill(prefill_slices(ctx, prefill_groups))
         steps = [(t, decode_slices(ctx, t, decode_groups)) for t in ctx.steps()]
         emit.decode([(t, s) for t, s in steps if s])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.plan import Payload, Phase, Plan, PlanBuilder
+from sim.plan import Payload, Phase, Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     CPU,
@@ -69,7 +69,7 @@ class StreamExpertsPolicy(Policy):
         require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         knobs = {**self.knobs(), "attention": attention}
-        builder = PlanBuilder()
+        builder = ctx.builder()
         em = LayerEmitter(ctx, builder)
         decode_on = CPU if attention == "cpu" else GPU
         layer_done: dict[int, int] = {}
