@@ -76,7 +76,13 @@ class Payload(StrEnum):
     # memcpy, then the DMA), so the copy is slower and reads host DRAM twice and writes it once.
     PAGEABLE_WEIGHTS = "pageable_weights"
     KV = "kv"
+    # KV cache entries copied to or from pageable host memory (FlexGen allocates its DRAM cache unpinned):
+    # staged through a pinned buffer like pageable weights, in either direction.
+    PAGEABLE_KV = "pageable_kv"
     ACTIVATIONS = "activations"
+
+
+PAGEABLE_PAYLOADS = frozenset({Payload.PAGEABLE_WEIGHTS, Payload.PAGEABLE_KV})
 
 
 class Phase(StrEnum):

@@ -3,6 +3,7 @@ published knobs, learned framework factors, and `coxmoe reproduce validation` on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from experiments.validation.schema import ValidationPoint, load_points, load_poi
 from sim.api import simulate
 from sim.cost import RooflineCostModel
 from sim.cost.framework import FrameworkCostModel, FrameworkFactors
+from sim.cost.profile import model_signature
 from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
@@ -143,6 +145,54 @@ def test_pageable_weights_copy_slower_and_draw_more_dram():
     (_, dram_pinned), (_, dram_pageable) = (cost.usage(op) for op in plan.ops)
     # Three DRAM passes at the lower rate: 3 x 0.421 = 1.26 times the pinned copy's DRAM share.
     assert dram_pageable == pytest.approx(dram_pinned * 3 * system.link.pageable_ratio, rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [Stream.H2D_ACT, Stream.D2H])
+def test_pageable_kv_copies_are_staged_in_either_direction(stream):
+    system = load_system("gcp-t4-n1")
+    plan = _plan(system, lambda b: (b.add(OpKind.COPY, stream, Phase.DECODE, 1, 0, nbytes=10**9, payload=Payload.KV),
+                                    b.add(OpKind.COPY, stream, Phase.DECODE, 1, 0, nbytes=10**9,
+                                          payload=Payload.PAGEABLE_KV)))
+    cost = RooflineCostModel(system)
+    pinned, pageable = (cost.op_time_ns(op) for op in plan.ops)
+    assert pageable / pinned == pytest.approx(1 / system.link.pageable_ratio, rel=0.01)
+    (link_pinned, dram_pinned), (link_pageable, dram_pageable) = (cost.usage(op) for op in plan.ops)
+    assert link_pinned == 1.0 and link_pageable == pytest.approx(system.link.pageable_ratio)
+    assert dram_pageable == pytest.approx(dram_pinned * 3 * system.link.pageable_ratio, rel=1e-6)
+
+
+def test_flexgen_moves_its_dram_kv_cache_as_pageable_memory():
+    """FlexGen allocates the DRAM share of its KV cache unpinned, so its loads and stores are staged copies;
+    MoE-Lightning's pinned cache copies are not."""
+    opts = {"gpu_batch_size": "4", "weights_gpu_percent": "5", "kv_gpu_percent": "0", "act_gpu_percent": "100",
+            "cpu_attention": "off", "memory_fraction": "1.0"}
+    r = simulate("mixtral-8x7b", "gcp-t4-n1", "flexgen", batch=8, prompt_len=16, gen_len=3, policy_options=opts,
+                 keep_plan=True)
+    kv_copies = [op for op in r.plan.ops if op.payload in (Payload.KV, Payload.PAGEABLE_KV)]
+    streams = {op.stream for op in kv_copies}
+    assert streams == {Stream.H2D_ACT, Stream.D2H}  # decode loads and stores, prefill stores
+    assert all(op.payload is Payload.PAGEABLE_KV for op in kv_copies)
+    r = simulate("mixtral-8x7b", "gcp-l4-g2", "moe-lightning", batch=8, prompt_len=16, gen_len=3, keep_plan=True)
+    assert not any(op.payload is Payload.PAGEABLE_KV for op in r.plan.ops)
+
+
+def test_a_profile_prices_pageable_copies_with_the_roofline(tmp_path):
+    """A profile measures pinned copies only; a staged (pageable) copy keeps the roofline's pageable rate."""
+    from sim.cost.profile import ProfileCostModel
+
+    system = load_system("gcp-t4-n1")
+    model = load_model("mixtral-8x7b")
+    (tmp_path / "profile.json").write_text(json.dumps({"version": 1, "model_signature": model_signature(model)}))
+    (tmp_path / "timings.csv").write_text("device,kind,tokens,kv,median_s\n"
+                                          "cuda,copy_h2d_pinned,1000,0,1e-7\ncuda,copy_h2d_pinned,2000000000,0,0.2\n")
+    cost = ProfileCostModel(system, tmp_path, model)
+    plan = _plan(system, lambda b: (b.add(OpKind.COPY, Stream.H2D_ACT, Phase.DECODE, 1, 0, nbytes=10**9,
+                                          payload=Payload.KV),
+                                    b.add(OpKind.COPY, Stream.H2D_ACT, Phase.DECODE, 1, 0, nbytes=10**9,
+                                          payload=Payload.PAGEABLE_KV)))
+    pinned, pageable = (cost.op_time_ns(op) for op in plan.ops)
+    assert pinned == pytest.approx(0.1e9, rel=1e-6)  # the measured table: 10 GB/s
+    assert pageable == RooflineCostModel(system).op_time_ns(plan.ops[1])
 
 
 def test_cpu_attention_uses_its_stream_rate():

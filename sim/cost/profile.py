@@ -23,7 +23,7 @@ import pandas as pd
 
 from sim.cost.roofline import RooflineCostModel, seconds_to_ns
 from sim.errors import SimInputError
-from sim.plan import DEVICE_OF, Device, Op, OpKind, Phase
+from sim.plan import DEVICE_OF, PAGEABLE_PAYLOADS, Device, Op, OpKind, Phase
 from sim.specs import ModelSpec, SystemSpec
 
 PROFILE_VERSION = 1
@@ -147,6 +147,8 @@ class ProfileCostModel:
 
     def _lookup(self, op: Op) -> float | None:
         if op.kind is OpKind.COPY and DEVICE_OF[op.stream] in (Device.H2D, Device.D2H):
+            if op.payload in PAGEABLE_PAYLOADS:  # the executor measures pinned copies only: the roofline prices these
+                return None
             kind = "copy_h2d_pinned" if DEVICE_OF[op.stream] is Device.H2D else "copy_d2h_pinned"
             table = self.gemm.get(("cuda", kind))
             if table is None or op.bytes <= 0:
@@ -202,7 +204,7 @@ class ProfileCostModel:
         return op.tokens / self.mean_prompt_len
 
     def op_time_ns(self, op: Op) -> int:
-        key = (op.kind, op.stream, op.phase is Phase.DECODE, op.tokens, op.kv_tokens, op.flops, op.bytes)
+        key = (op.kind, op.stream, op.phase is Phase.DECODE, op.tokens, op.kv_tokens, op.flops, op.bytes, op.payload)
         hit = self._cache.get(key)
         if hit is None:
             seconds = self._lookup(op)

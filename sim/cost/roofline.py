@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from sim.plan import DEVICE_OF, Device, Op, OpKind, Payload, Stream
+from sim.plan import DEVICE_OF, PAGEABLE_PAYLOADS, Device, Op, OpKind, Payload, Stream
 from sim.specs import SystemSpec
 
 _CPU_VECTOR_KINDS = frozenset({OpKind.ATTENTION, OpKind.EMBED})
@@ -46,6 +46,7 @@ class RooflineCostModel:
         self.h2d_bw = link.h2d_bytes_per_s * link.h2d_efficiency
         self.d2h_bw = link.d2h_bytes_per_s * link.d2h_efficiency
         self.pageable_h2d_bw = self.h2d_bw * link.pageable_ratio
+        self.pageable_d2h_bw = self.d2h_bw * link.pageable_ratio
         self.link_latency = link.latency_s
         self._time: dict[tuple, int] = {}
         self._usage: dict[tuple, tuple[float, float]] = {}
@@ -62,21 +63,26 @@ class RooflineCostModel:
         bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
         return nbytes / bw, 0.0, self.link_latency
 
-    def seconds(self, kind: OpKind, stream: Stream, flops: int, nbytes: int) -> float:
+    def seconds(self, kind: OpKind, stream: Stream, flops: int, nbytes: int,
+                payload: Payload = Payload.NONE) -> float:
         if kind is OpKind.ROUTER and not flops and not nbytes:
             return 0.0  # a dense (one-expert) model's router is a placeholder: no kernel runs, no launch cost
+        if payload in PAGEABLE_PAYLOADS and kind is OpKind.COPY:
+            bw = self._pageable_bw(DEVICE_OF[stream])
+            if bw:
+                return nbytes / bw + self.link_latency
         compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
         return max(compute, memory) + fixed
+
+    def _pageable_bw(self, device: Device) -> float:
+        """A copy's rate when host memory is pageable (0 for devices that are not a PCIe direction)."""
+        return {Device.H2D: self.pageable_h2d_bw, Device.D2H: self.pageable_d2h_bw}.get(device, 0.0)
 
     def op_time_ns(self, op: Op) -> int:
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._time.get(key)
         if hit is None:
-            if op.payload is Payload.PAGEABLE_WEIGHTS and DEVICE_OF[op.stream] is Device.H2D:
-                seconds = op.bytes / self.pageable_h2d_bw + self.link_latency
-            else:
-                seconds = self.seconds(op.kind, op.stream, op.flops, op.bytes)
-            hit = self._time[key] = seconds_to_ns(seconds)
+            hit = self._time[key] = seconds_to_ns(self.seconds(op.kind, op.stream, op.flops, op.bytes, op.payload))
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:
@@ -87,13 +93,12 @@ class RooflineCostModel:
         if hit is None:
             device = DEVICE_OF[op.stream]
             if device in (Device.H2D, Device.D2H):  # the link at full rate; DMA draws that rate from host DRAM
-                link_bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
-                dram_bytes_per_s = link_bw
-                if op.payload is Payload.PAGEABLE_WEIGHTS and device is Device.H2D:  # bounce buffer: 3 passes
-                    link_bw = self.pageable_h2d_bw
-                    dram_bytes_per_s = 3 * self.pageable_h2d_bw
-                hit = (link_bw / self.h2d_bw if device is Device.H2D else 1.0,
-                       min(1.0, dram_bytes_per_s / self.cpu_bw)) if op.bytes else (0.0, 0.0)
+                full_bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
+                link_bw = dram_bytes_per_s = full_bw
+                if op.payload in PAGEABLE_PAYLOADS:  # bounce buffer: 3 passes over DRAM (memcpy read + write, DMA)
+                    link_bw = self._pageable_bw(device)
+                    dram_bytes_per_s = 3 * link_bw
+                hit = (link_bw / full_bw, min(1.0, dram_bytes_per_s / self.cpu_bw)) if op.bytes else (0.0, 0.0)
             else:
                 compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
                 top = max(compute, memory)

@@ -6,7 +6,8 @@ current one computes: a double buffer), then every GPU batch runs the whole laye
 Weights are placed by percentage (wg on the GPU, the rest in DRAM and copied for every layer visit), and a
 layer's experts are all loaded whatever the routing. The KV cache lives in DRAM when attention runs on the
 CPU (`cpu_attention=on`, FlexGen's --cpu-cache-compute: q/k/v go down, the output comes back), else on the GPU
-when it fits, else in DRAM with each GPU batch's cache loaded and its new entries stored. Activations between
+when it fits, else in DRAM with each GPU batch's cache loaded and its new entries stored; FlexGen allocates that
+DRAM cache unpinned, so its loads and stores are staged copies at the link's pageable rate. Activations between
 layers live on the GPU or in DRAM (act_on_cpu). Prompts are padded to the longest (the padded positions add
 QKV, attention and O-projection work; routing exists only for real tokens). Prefill always runs on the GPU.
 
@@ -43,6 +44,10 @@ GPU, CPU, H2D, H2D_ACT, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.H2D_ACT
 MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxation ratio")
 
 
+# FlexGen allocates the DRAM share of its KV cache unpinned (`init_cache_one_gpu_batch`: "disable pin_memory
+# due to high memory overhead", in FlexLLMGen and its Mixtral port alike), so every cache copy between GPU and
+# DRAM is staged through a pinned buffer.
+KV_HOME = Payload.PAGEABLE_KV
 FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
 
 
@@ -148,8 +153,8 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     comp_p = ngb * (a.t(OpKind.QKV, GPU, w.qkv(tok)) + a.t(OpKind.O_PROJ, GPU, w.o_proj(tok))
                     + a.t(OpKind.ATTENTION, GPU, w.attention(tok, gbs * s * (s + 1) // 2, tok))
                     + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok))
-    ctog_p = a.copy(H2D, loaded) + a.copy(H2D_ACT, int(hidden_p * (1 - hg)))
-    gtoc_p = a.copy(D2H, int(kv_new_p * (1 - cg))) + a.copy(D2H, int(hidden_p * (1 - hg)))
+    ctog_p = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_p * (1 - hg)))
+    gtoc_p = a.copy(D2H, int(kv_new_p * (1 - cg)), KV_HOME) + a.copy(D2H, int(hidden_p * (1 - hg)))
     t_pre = max(ctog_p, gtoc_p, comp_p)
     # Decode, at the mean context length, per GPU batch
     kv = int(gbs * (s + n / 2))
@@ -163,10 +168,11 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
         attn_s = max(attn_gpu, attn_cpu)
     else:
         attn_s = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv, kv))
-        kv_io = a.copy(H2D_ACT, kv_cpu * m.kv_bytes_per_token_layer) + a.copy(D2H, int(w.kv_bytes(gbs) * (1 - cg)))
+        kv_io = (a.copy(H2D_ACT, kv_cpu * m.kv_bytes_per_token_layer, KV_HOME)
+                 + a.copy(D2H, int(w.kv_bytes(gbs) * (1 - cg)), KV_HOME))
     comp_g = ngb * (a.t(OpKind.QKV, GPU, w.qkv(gbs)) + attn_s + a.t(OpKind.O_PROJ, GPU, w.o_proj(gbs))
                     + a.t(OpKind.ROUTER, GPU, w.router(gbs)) + _experts_s(ctx, a, gbs) + kv_io)
-    ctog_g = a.copy(H2D, loaded) + a.copy(H2D_ACT, int(hidden_g * (1 - hg)))
+    ctog_g = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_g * (1 - hg)))
     gtoc_g = a.copy(D2H, int(hidden_g * (1 - hg)))
     t_gen = ctog_g + max(gtoc_g, comp_g)
     total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen
@@ -336,14 +342,14 @@ class _ZigZag(LayerEmitter):
         if phase is Phase.PREFILL:  # on the GPU; the DRAM share of the new K/V goes down
             a = self.attention(GPU, at, s, (q,))
             if lay.cg < 1:
-                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), Payload.KV, (a,), s.tokens)
+                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), KV_HOME, (a,), s.tokens)
             return a
         if not lay.cpu_attention:
             if kv_cpu:  # load the DRAM share of the cache, attend on the GPU, store the new entries' share
-                q = self.xfer(H2D_ACT, at, kv_cpu * m.kv_bytes_per_token_layer, Payload.KV, (q,), s.tokens)
+                q = self.xfer(H2D_ACT, at, kv_cpu * m.kv_bytes_per_token_layer, KV_HOME, (q,), s.tokens)
             a = self.attention(GPU, at, s, (q,))
             if lay.cg < 1:
-                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), Payload.KV, (a,), s.tokens)
+                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), KV_HOME, (a,), s.tokens)
             return a
         parts: list[int] = []
         if kv_gpu:

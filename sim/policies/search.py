@@ -19,7 +19,7 @@ from sim.cost import RooflineCostModel, Work
 from sim.engine import run_plan
 from sim.errors import CapacityError, NoFeasibleConfig, SimInputError
 from sim.metrics import plan_metrics
-from sim.plan import OpKind, Plan, Stream
+from sim.plan import OpKind, Payload, Plan, Stream
 from sim.policies.base import PlanContext
 from sim.specs import ModelSpec
 
@@ -42,8 +42,8 @@ class Analytic:
     def t(self, kind: OpKind, stream: Stream, work: Work) -> float:
         return self.cm.seconds(kind, stream, work.flops, work.bytes)
 
-    def copy(self, stream: Stream, nbytes: int) -> float:
-        return self.cm.seconds(OpKind.COPY, stream, 0, nbytes) if nbytes else 0.0
+    def copy(self, stream: Stream, nbytes: int, payload: Payload = Payload.NONE) -> float:
+        return self.cm.seconds(OpKind.COPY, stream, 0, nbytes, payload) if nbytes else 0.0
 
     def expert_times(self, stream: Stream, model: ModelSpec, tokens: np.ndarray) -> np.ndarray:
         """Roofline seconds of one expert per element of `tokens` (rounded; 0 where no token is routed)."""
