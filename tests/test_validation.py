@@ -176,6 +176,28 @@ def test_flexgen_moves_its_dram_kv_cache_as_pageable_memory():
     assert not any(op.payload is Payload.PAGEABLE_KV for op in r.plan.ops)
 
 
+def test_flexgen_prefill_attention_is_eager_unless_told_otherwise():
+    """FlexGen computes every s x s score and moves the score tensor through HBM (12 bytes a score); `off` is a
+    fused causal kernel, the work every other policy's prefill attention has."""
+    from sim.policies.flexgen import EAGER_SCORE_BYTES
+
+    model = load_model("opt-6.7b")
+    opts = {"gpu_batch_size": "2", "weights_gpu_percent": "100", "kv_gpu_percent": "100", "act_gpu_percent": "100",
+            "cpu_attention": "off", "memory_fraction": "1.0"}
+
+    def prefill_attention(eager: str):
+        r = simulate(model, "gcp-t4-n1-208g", "flexgen", batch=2, prompt_len=512, gen_len=2, keep_plan=True,
+                     policy_options={**opts, "eager_attention": eager})
+        ops = [op for op in r.plan.ops if op.kind is OpKind.ATTENTION and op.phase is Phase.PREFILL]
+        return ops[0], r.prefill_s
+
+    (eager, eager_s), (fused, fused_s) = prefill_attention("on"), prefill_attention("off")
+    s, heads = 512, model.num_attention_heads
+    assert eager.flops == pytest.approx(fused.flops * 2 * s / (s + 1), rel=1e-3)  # the full square, not the triangle
+    assert eager.bytes - fused.bytes == EAGER_SCORE_BYTES * 2 * heads * s * s
+    assert eager_s > fused_s
+
+
 def test_a_profile_prices_pageable_copies_with_the_roofline(tmp_path):
     """A profile measures pinned copies only; a staged (pageable) copy keeps the roofline's pageable rate."""
     from sim.cost.profile import ProfileCostModel

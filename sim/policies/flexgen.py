@@ -48,7 +48,12 @@ MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxa
 # due to high memory overhead", in FlexLLMGen and its Mixtral port alike), so every cache copy between GPU and
 # DRAM is staged through a pinned buffer.
 KV_HOME = Payload.PAGEABLE_KV
-FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
+FP32_CPU_ATTENTION_BYTES = 5
+# FlexGen's prefill attention is eager (flex_opt `mha`, and the Mixtral port's `MixtralAttention_Prefill`): it
+# computes every one of the s x s scores per head (the causal mask is applied after the product) and moves the
+# score tensor through GPU memory: written by the first bmm, read and written by the mask (`torch.where`), read
+# and written by the softmax, read by the second bmm; 6 passes of 2 bytes in FlexLLMGen's fp16 code.
+EAGER_SCORE_BYTES = 12  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,9 @@ class FlexGenOptions(OptionsBase):
     DRAM weights pageable, so each weight load is staged through a bounce buffer); sep_layer: on | off
     (FlexGen's --sep-layer: attention and FFN are separate layers of its schedule, so each half's weights are
     loaded while the other half computes and the double buffer holds one layer, not two; flex_opt's default is
-    on, the MoE port's printed policies say off); memory_fraction: share of
+    on, the MoE port's printed policies say off); eager_attention: on | off (on: prefill attention as FlexGen
+    computes it, every s x s score with the causal mask applied afterwards and the score tensor moved through
+    GPU memory six times; off: a fused causal kernel); memory_fraction: share of
     each memory the search may fill (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A
     configuration with every knob given needs only to fit in memory."""
 
@@ -76,6 +83,7 @@ class FlexGenOptions(OptionsBase):
     fp32_cpu_attention: str = "on"
     pin_weight: str = "on"
     sep_layer: str = "off"
+    eager_attention: str = "on"
     memory_fraction: float = MEMORY_FRACTION
     rescore: int = 3
 
@@ -90,6 +98,7 @@ class FlexGenOptions(OptionsBase):
         self.choice("fp32_cpu_attention", ("on", "off"))
         self.choice("pin_weight", ("on", "off"))
         self.choice("sep_layer", ("on", "off"))
+        self.choice("eager_attention", ("on", "off"))
         self.fraction("memory_fraction")
         self.at_least("rescore", 1)
 
@@ -126,6 +135,7 @@ class _Layout:
         self.cpu_attention = o.cpu_attention == "on"
         self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
         self.kv_factor = FP32_CPU_ATTENTION_BYTES if o.fp32_cpu_attention == "on" else 1
+        self.eager_attention = o.eager_attention == "on"
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
@@ -151,7 +161,7 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     # Prefill (always on the GPU)
     tok = gbs * s
     comp_p = ngb * (a.t(OpKind.QKV, GPU, w.qkv(tok)) + a.t(OpKind.O_PROJ, GPU, w.o_proj(tok))
-                    + a.t(OpKind.ATTENTION, GPU, w.attention(tok, gbs * s * (s + 1) // 2, tok))
+                    + a.t(OpKind.ATTENTION, GPU, prefill_attention_work(ctx, lay, gbs))
                     + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok))
     ctog_p = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_p * (1 - hg)))
     gtoc_p = a.copy(D2H, int(kv_new_p * (1 - cg)), KV_HOME) + a.copy(D2H, int(hidden_p * (1 - hg)))
@@ -177,6 +187,18 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     t_gen = ctog_g + max(gtoc_g, comp_g)
     total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen
     return {"t_pre": t_pre, "t_gen": t_gen, "total": total}
+
+
+def prefill_attention_work(ctx: PlanContext, lay: _Layout, requests: int) -> Work:
+    """Work of one GPU batch's prefill attention over its padded prompts: a fused causal kernel, or FlexGen's
+    eager one (every score computed, the score tensor moved through GPU memory)."""
+    s = lay.prompt
+    tokens = requests * s
+    if not lay.eager_attention:
+        return ctx.work.attention(tokens, requests * s * (s + 1) // 2, tokens)
+    base = ctx.work.attention(tokens, requests * s * s, tokens)
+    scores = requests * ctx.model.num_attention_heads * s * s
+    return Work(base.flops, base.bytes + EAGER_SCORE_BYTES * scores)
 
 
 def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int) -> Work:
@@ -340,7 +362,8 @@ class _ZigZag(LayerEmitter):
         kv_gpu = int(round(s.kv_read * lay.cg))
         kv_cpu = s.kv_read - kv_gpu
         if phase is Phase.PREFILL:  # on the GPU; the DRAM share of the new K/V goes down
-            a = self.attention(GPU, at, s, (q,))
+            a = self._op(OpKind.ATTENTION, GPU, at.phase, at.step, at.layer, at.mb, s.tokens,
+                         prefill_attention_work(self.ctx, lay, int(s.requests.size)), (q,), kv_tokens=s.kv_read)
             if lay.cg < 1:
                 self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), KV_HOME, (a,), s.tokens)
             return a
