@@ -196,9 +196,9 @@ def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "st
 
         cost = ProfileCostModel(s, profile, m, float(wl.prompt_lens.mean()))
     with gc_paused():
-        ctx = PlanContext(m, s, wl, tr, decode_sample=decode_sample)
+        ctx = PlanContext(m, s, wl, tr, decode_sample=decode_sample, cost=cost)
         plan = pol.build(ctx)
-        record = plan.meta.pop("record", None) if cost is None else None  # a search already simulated it
+        record = plan.meta.pop("record", None)  # a search already simulated it, with this cost model
         if record is None:
             record, metrics = simulate_plan(plan, cost)
         else:

@@ -364,3 +364,17 @@ def test_reproduce_validation_quick_subset(tmp_path, capsys):
     assert set(factors["fit"]) == {"declared training subset", "leave gcp-l4-g2 out", "leave gcp-t4-n1 out"}
     assert (tmp_path / "validation.png").read_bytes()[:4] == b"\x89PNG"
     assert Path(tmp_path / "validation.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_a_search_rescores_with_the_cost_model_it_reports_in():
+    """`simulate(cost=...)` (a profile, learned factors): the search's re-scoring simulations use that cost model,
+    so the plan it picks is the best under the costs reported, and its simulated total is the reported one."""
+    factors = FrameworkFactors(gpu_time_factor=8.0, cpu_time_factor=1.0)
+    system = load_system("a100-80g-8452y")
+    kwargs = dict(batch=64, prompt_len=32, gen_len=4, decode_sample=0)  # 3 decode steps: the probe is the run
+    roofline = simulate("mixtral-8x7b", system, "coxmoe", **kwargs)
+    stretched = simulate("mixtral-8x7b", system, "coxmoe", cost=FrameworkCostModel(RooflineCostModel(system), factors),
+                         **kwargs)
+    assert stretched.search["simulated_total_s"] == pytest.approx(stretched.total_s, rel=1e-9)
+    assert roofline.search["simulated_total_s"] == pytest.approx(roofline.total_s, rel=1e-9)
+    assert stretched.total_s > roofline.total_s

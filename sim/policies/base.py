@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sim.cost import OpWork
+from sim.cost import CostModel, OpWork
 from sim.errors import CapacityError, SimInputError
 from sim.plan import Plan, PlanBuilder
 from sim.specs import ModelSpec, SystemSpec
@@ -25,6 +25,9 @@ class PlanContext:
     workload: Workload
     trace: RoutingTrace
     decode_sample: int = 0  # simulate this many evenly spaced decode steps and scale (0: every step)
+    # The cost model the plan will be simulated with (a profile, learned factors); a search re-scores its
+    # candidates with it, so it picks the best plan under the costs it reports. None: the roofline.
+    cost: CostModel | None = None
 
     @property
     def work(self) -> OpWork:

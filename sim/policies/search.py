@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.cost import RooflineCostModel, Work
+from sim.cost import CostModel, RooflineCostModel, Work
 from sim.engine import run_plan
 from sim.errors import CapacityError, NoFeasibleConfig, SimInputError
 from sim.metrics import plan_metrics
@@ -73,8 +73,8 @@ def expected_counts(ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
 RESCORE_DECODE_SAMPLE = 4  # decode steps the re-scoring simulations plan (evenly spaced; scaled to all)
 
 
-def _simulated_total_s(plan: Plan, cost: RooflineCostModel) -> tuple[float, Any]:
-    record = run_plan(plan, cost, check=False)  # a candidate built here; the chosen plan is checked when run
+def _simulated_total_s(plan: Plan, cost: CostModel, check: bool = False) -> tuple[float, Any]:
+    record = run_plan(plan, cost, check=check)  # candidates built here skip the check; the chosen plan has it
     return plan_metrics(plan, record)["total_s"], record
 
 
@@ -87,7 +87,7 @@ def search_then_simulate(ctx: PlanContext, candidates: list[Candidate], build: C
         raise CapacityError(f"GPU ({ctx.system.gpu.name}) for {policy}: no configuration fits", 0,
                             ctx.system.gpu_usable_bytes, "every candidate of the search")
     ranked = sorted(candidates, key=lambda c: c.analytic_s)
-    cost = RooflineCostModel(ctx.system)
+    cost = ctx.cost or RooflineCostModel(ctx.system)  # re-score with the costs the result will be reported in
     sample = RESCORE_DECODE_SAMPLE if ctx.decode_sample <= 0 else min(ctx.decode_sample, RESCORE_DECODE_SAMPLE)
     probe_ctx = ctx.with_sample(sample)
     best: tuple[float, Candidate] | None = None
@@ -112,7 +112,7 @@ def search_then_simulate(ctx: PlanContext, candidates: list[Candidate], build: C
     if probe_ctx.steps() == ctx.steps():
         total, record = probe_total, None
     else:
-        total, record = _simulated_total_s(plan, cost)
+        total, record = _simulated_total_s(plan, cost, check=True)
     if record is not None:
         plan.meta["record"] = record
     plan.meta["search"] = {
