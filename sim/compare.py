@@ -15,10 +15,11 @@ from tqdm import tqdm
 
 from sim.api import resolve_model, resolve_routing, resolve_system, simulate
 from sim.errors import CapacityError
+from sim.policies import POLICIES
 from sim.specs import ModelSpec, SystemSpec
 from traces import RoutingTrace
 
-COMPARED = ("coxmoe", "moe-lightning", "flexgen", "fiddler", "stream-experts", "gpu-only")
+COMPARED = tuple(name for name, cls in POLICIES.items() if cls.compared)  # registry order, coxmoe first
 
 # (label, policy, options): the paper's ablation steps, then CoX-MoE with one feature off at a time.
 ABLATION_STEPS: tuple[tuple[str, str, dict[str, str]], ...] = (

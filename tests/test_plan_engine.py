@@ -42,6 +42,17 @@ POLICY_CASES = [
 ]
 
 
+def test_every_registered_policy_is_covered_here_and_labelled():
+    """The registry is the one list of policies: a new one fails here until these plan tests cover it and
+    it names how reports show it."""
+    from sim.policies import POLICIES
+
+    assert {name for name, _ in POLICY_CASES} == set(POLICIES)
+    for cls in POLICIES.values():
+        assert cls.label and cls.color.startswith("#") and len(cls.color) == 7, cls.name
+    assert len({cls.color for cls in POLICIES.values()}) == len(POLICIES)  # distinguishable in every plot
+
+
 def build(model, system, policy, opts, batch=10, prompt=7, gen=5, routing="zipf:1.0", seed=0, lens=None):
     if lens is None:
         wl, tr, _ = resolve_routing(model, batch, prompt, gen, None, routing, seed)

@@ -15,10 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-POLICY_COLORS = {"coxmoe": "#c0392b", "moe-lightning": "#2e86c1", "flexgen": "#7f8c8d", "fiddler": "#27ae60",
-                 "gpu-only": "#8e44ad", "stream-experts": "#d68910", "cpu-only": "#34495e"}
-POLICY_LABELS = {"coxmoe": "CoX-MoE", "moe-lightning": "MoE-Lightning", "flexgen": "FlexGen", "fiddler": "Fiddler",
-                 "gpu-only": "GPU-resident", "stream-experts": "Stream experts", "cpu-only": "CPU only"}
+from sim.policies import POLICIES  # noqa: E402
+
+POLICY_COLORS = {name: cls.color for name, cls in POLICIES.items()}  # each policy class names its own
+POLICY_LABELS = {name: cls.label for name, cls in POLICIES.items()}
 MODEL_LABELS = {"mixtral-8x7b": "Mixtral-8x7B", "deepseek-v2-lite": "DeepSeek-V2-Lite",
                 "qwen3-30b-a3b": "Qwen3-30B-A3B"}
 SYSTEM_LABELS = {"rtx6000ada-8452y": "(I) RTX 6000 Ada", "a100-80g-8452y": "(II) A100 80GB",

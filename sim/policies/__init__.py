@@ -10,8 +10,10 @@ from sim.policies.gpu_only import GpuOnlyPolicy
 from sim.policies.moe_lightning import MoELightningPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
 
+# The one list of policies: the CLI, `compare` (those with `compared`), plot labels and colours read it. Its
+# order is the order of `compare`'s table.
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
-                                                              FiddlerPolicy, GpuOnlyPolicy, StreamExpertsPolicy,
+                                                              FiddlerPolicy, StreamExpertsPolicy, GpuOnlyPolicy,
                                                               CpuOnlyPolicy)}
 
 

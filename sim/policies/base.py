@@ -118,11 +118,17 @@ def require_fits(pool: str, device: str, policy: str, parts: dict[str, int], cap
 
 
 class Policy:
-    """A plan generator. Subclasses set `name`, `Options` (a dataclass of knobs) and implement `build`."""
+    """A plan generator. Subclasses set `name`, `Options` (a dataclass of knobs), their display `label` and
+    `color`, and implement `build`; adding the class to `POLICIES` registers it everywhere."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = object
+    # How reports show it (figure legends, tables) and its colour in every plot; `compared`: whether
+    # `coxmoe compare` runs it by default (a GPU-less `cpu-only` run would only add noise there).
+    label: ClassVar[str] = ""
+    color: ClassVar[str] = "#555555"
+    compared: ClassVar[bool] = True
 
     def __init__(self, options: Any):
         self.options = options

@@ -295,6 +295,8 @@ def _micro_batches(ctx: PlanContext, phase: Phase, fixed: int) -> list[int]:
 
 class CoxMoePolicy(Policy):
     name = "coxmoe"
+    label = "CoX-MoE"
+    color = "#c0392b"
     summary = "CoX-MoE: OP0-OP2 placed per phase in micro-batches, coalesced experts split E_R/E_M/E_C (AMX)"
     Options = CoxMoeOptions
 

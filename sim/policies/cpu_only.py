@@ -30,6 +30,9 @@ class CpuOnlyOptions(MicroBatchOptions):
 
 class CpuOnlyPolicy(Policy):
     name = "cpu-only"
+    label = "CPU only"
+    color = "#34495e"
+    compared = False
     summary = "every op on the CPU (AMX), weights and KV in DRAM: what a GPU-less machine can run for real"
     Options = CpuOnlyOptions
 

@@ -52,6 +52,8 @@ class FiddlerOptions(OptionsBase):
 
 class FiddlerPolicy(Policy):
     name = "fiddler"
+    label = "Fiddler"
+    color = "#27ae60"
     summary = "Fiddler/kTransformers: popular experts in VRAM, the rest per expert and step on the CPU or fetched"
     Options = FiddlerOptions
 

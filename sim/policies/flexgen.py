@@ -220,6 +220,8 @@ def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:
 
 class FlexGenPolicy(Policy):
     name = "flexgen"
+    label = "FlexGen"
+    color = "#7f8c8d"
     summary = "FlexGen: zig-zag block schedule, percentage placement, all experts loaded per layer, LP search"
     Options = FlexGenOptions
 

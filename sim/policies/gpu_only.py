@@ -26,6 +26,8 @@ class GpuOnlyOptions(MicroBatchOptions):
 
 class GpuOnlyPolicy(Policy):
     name = "gpu-only"
+    label = "GPU-resident"
+    color = "#8e44ad"
     summary = "all weights and KV in VRAM, every op on the GPU (fails when the model does not fit)"
     Options = GpuOnlyOptions
 

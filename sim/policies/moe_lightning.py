@@ -110,6 +110,8 @@ def hrm_memory(ctx: PlanContext, ubs: int, resident: int) -> tuple[int, int]:
 
 class MoELightningPolicy(Policy):
     name = "moe-lightning"
+    label = "MoE-Lightning"
+    color = "#2e86c1"
     summary = "MoE-Lightning: CGOPipe (GPU pre/post-attention, CPU attention, paged expert weights), HRM search"
     Options = MoELightningOptions
 

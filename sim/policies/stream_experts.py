@@ -46,6 +46,8 @@ class StreamExpertsOptions(MicroBatchOptions):
 
 class StreamExpertsPolicy(Policy):
     name = "stream-experts"
+    label = "Stream experts"
+    color = "#d68910"
     summary = "non-expert weights in VRAM, each layer's experts streamed over PCIe into a double buffer"
     Options = StreamExpertsOptions
 
