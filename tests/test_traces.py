@@ -224,3 +224,20 @@ def test_save_is_atomic_and_checks_suffix(tmp_path):
         save_trace(small_trace(), tmp_path / "t.parquet")
     save_trace(small_trace(), tmp_path / "t.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]
+
+
+@pytest.mark.parametrize("table_bytes", [64 << 20, 0])  # per-request table kept, and the direct count
+def test_prefill_counts_equal_counting_the_prompt_rows(monkeypatch, table_bytes):
+    import traces.format as trace_format
+
+    monkeypatch.setattr(trace_format, "REQUEST_TABLE_BYTES", table_bytes)
+    lens = np.array([5, 1, 40_000, 7, 3, 12])  # one prompt longer than a counting group
+    trace = generate_trace(SynthConfig("m", 3, 16, 2, routing="zipf:1.0", seed=2), lens, np.full(6, 4))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        requests = rng.permutation(6)[: rng.integers(1, 7)]
+        assert (trace.prefill_counts(requests) == trace.expert_counts(trace.prefill_rows(requests))).all()
+    prompt, generated = trace.phase_counts
+    every_row = trace.expert_counts(np.arange(trace.num_tokens))
+    assert (prompt == trace.expert_counts(trace.prefill_rows(np.arange(6)))).all()
+    assert (prompt + generated == every_row).all()

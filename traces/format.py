@@ -51,6 +51,9 @@ class TraceHeader:
                 "source": self.source, "extra": self.extra}
 
 
+REQUEST_TABLE_BYTES = 64 << 20  # per-request prefill counts (RoutingTrace.prefill_counts) are kept up to this
+
+
 @dataclass(frozen=True, eq=False)
 class RoutingTrace:
     """A validated routing trace held in memory (see the module docstring for the layout)."""
@@ -110,19 +113,45 @@ class RoutingTrace:
             out += np.bincount(flat.ravel(), minlength=L * E)
         return out.reshape(L, E)
 
+    def prefill_counts(self, requests: np.ndarray) -> np.ndarray:
+        """`expert_counts(prefill_rows(requests))`, summed from per-request counts when those are kept: a
+        search builds many plans whose micro-batches group the same prompts differently."""
+        table = self._request_prefill_counts
+        if table is None:
+            return self.expert_counts(self.prefill_rows(requests))
+        return table[np.asarray(requests, dtype=np.int64)].sum(axis=0, dtype=np.int64)
+
+    @cached_property
+    def _request_prefill_counts(self) -> np.ndarray | None:
+        """Each request's prompt tokens routed to each expert per layer, int32 [R, L, E], counted in one pass
+        over the prompts; None when the table would exceed REQUEST_TABLE_BYTES."""
+        R, L, E = self.num_requests, self.header.num_layers, self.header.num_experts
+        if R * L * E * 4 > REQUEST_TABLE_BYTES:
+            return None
+        out = np.zeros((R, L * E), dtype=np.int32)
+        offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        lens = self.prompt_lens.astype(np.int64)
+        first = 0
+        while first < R:  # requests in groups of about 2^15 prompt tokens (at least one request)
+            last = int(np.searchsorted(np.cumsum(lens[first:]), 1 << 15, side="right")) + first
+            last = min(max(last, first + 1), R)
+            group = np.arange(first, last)
+            slot = np.repeat(np.arange(last - first, dtype=np.int64) * (L * E), lens[first:last])
+            flat = self.experts[self.prefill_rows(group)] + offsets + slot[:, None, None]
+            out[first:last] = np.bincount(flat.ravel(), minlength=(last - first) * L * E).reshape(last - first, -1)
+            first = last
+        return out.reshape(R, L, E)
+
     @cached_property
     def phase_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt, generated) tokens routed to each expert per MoE layer over the whole trace: [L, E] each."""
         L, E = self.header.num_layers, self.header.num_experts
-        is_prompt = np.zeros(self.num_tokens, dtype=bool)
-        is_prompt[self.prefill_rows(np.arange(self.num_requests))] = True
-        prompt = np.zeros((L, E), dtype=np.int64)
-        total = np.zeros((L, E), dtype=np.int64)
-        for layer in range(L):
-            ids = self.experts[:, layer, :]
-            total[layer] = np.bincount(ids.ravel(), minlength=E)
-            prompt[layer] = np.bincount(ids[is_prompt].ravel(), minlength=E)
-        return prompt, total - prompt
+        prompt = self.prefill_counts(np.arange(self.num_requests))
+        total = np.zeros(L * E, dtype=np.int64)
+        offsets = (np.arange(L, dtype=np.int32) * E)[None, :, None]
+        for start in range(0, self.num_tokens, 1 << 15):  # every row, in order: slices, no gather
+            total += np.bincount((self.experts[start:start + (1 << 15)] + offsets).ravel(), minlength=L * E)
+        return prompt, total.reshape(L, E) - prompt
 
 
 def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:

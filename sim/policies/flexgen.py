@@ -290,7 +290,7 @@ def _padded_prefill(ctx: PlanContext, groups: list[np.ndarray], prompt: int) -> 
     out = []
     for mb, reqs in enumerate(groups):
         n = int(reqs.size)
-        counts = tr.expert_counts(tr.prefill_rows(reqs))
+        counts = tr.prefill_counts(reqs)
         out.append(BatchSlice(Phase.PREFILL, 0, mb, reqs, n * prompt, n * prompt * (prompt + 1) // 2, n * prompt,
                               counts, routed=int(ctx.workload.prompt_lens[reqs].sum())))
     return out

@@ -222,7 +222,7 @@ def prefill_slices(ctx: PlanContext, groups: list[np.ndarray]) -> list[BatchSlic
     out = []
     for mb, reqs in enumerate(groups):
         s = ctx.workload.prompt_lens[reqs].astype(np.int64)
-        counts = ctx.trace.expert_counts(ctx.trace.prefill_rows(reqs))
+        counts = ctx.trace.prefill_counts(reqs)
         out.append(BatchSlice(Phase.PREFILL, 0, mb, reqs, int(s.sum()), int((s * (s + 1) // 2).sum()),
                               int(s.sum()), counts))
     return out

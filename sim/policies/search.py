@@ -64,7 +64,7 @@ def expected_counts(ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
         prefill, decode = (c.astype(np.float64) for c in tr.phase_counts)
     else:
         requests = np.arange(wl.batch)
-        prefill = tr.expert_counts(tr.prefill_rows(requests)).astype(np.float64)
+        prefill = tr.prefill_counts(requests).astype(np.float64)
         rows = [tr.decode_rows(t, requests) for t in range(1, wl.max_gen_len)]
         decode = tr.expert_counts(np.concatenate(rows) if rows else np.zeros(0, np.int64)).astype(np.float64)
     return prefill, decode / max(wl.max_gen_len - 1, 1)
