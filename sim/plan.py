@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -266,9 +266,15 @@ class PlanBuilder:
         self.step = 0  # step of the last op added (prefill 0, decode >= 1); emitters call `new_step` on a change
         self._first_start = -1  # index of the first decode step's first op, then -2 once estimated
 
-    def over_limit(self) -> NoReturn:
-        """Raise the one-line error for a plan that outgrew the memory limit."""
-        raise too_many_ops(len(self.ops))
+    def next_id(self, step: int) -> int:
+        """The id the next op gets, after the memory guards: the op limit, and the size estimate when a new
+        step begins. Every path that appends ops (here and the emitters' fast paths) calls it first."""
+        op_id = len(self.ops)
+        if op_id >= self.max_ops:
+            raise too_many_ops(op_id)
+        if step != self.step:
+            self.new_step(step)
+        return op_id
 
     def new_step(self, step: int) -> None:
         """Called when the step of the ops being added changes: at the end of the first decode step,
@@ -292,11 +298,7 @@ class PlanBuilder:
             expert: int = -1, payload: Payload = Payload.NONE, kv_tokens: int = 0,
             alloc: tuple[tuple[str, int], ...] = (), free: tuple[tuple[str, int], ...] = ()) -> int:
         """Append an op; negative ids in `deps` mean "no dependency" and are dropped. Returns the new id."""
-        op_id = len(self.ops)
-        if op_id >= self.max_ops:
-            self.over_limit()
-        if step != self.step:
-            self.new_step(step)
+        op_id = self.next_id(step)
         if deps:
             deps = tuple([d for d in deps if d >= 0])
         self.ops.append(Op(op_id, kind, stream, phase, step, layer, micro_batch, tokens, flops, nbytes, deps,

@@ -220,3 +220,19 @@ def test_pool_workers_end_with_a_killed_parent(tmp_path):
         alive = [c for c in children if _running(c)]
         time.sleep(0.1)
     assert not alive, f"workers {alive} outlived the killed sweep"
+
+
+def test_a_sweep_point_can_set_every_simulate_argument():
+    """POINT_DEFAULTS lists what a sweep point may set: every keyword of `simulate()` but the two that are not
+    data (a cost-model object, keeping the plan in memory). A new `simulate()` argument fails here until the
+    sweep knows it; a default that differs from simulate's is a deliberate sweep default, listed here."""
+    import inspect
+
+    from experiments.sweep.spec import POINT_DEFAULTS
+    from sim.api import simulate
+
+    params = inspect.signature(simulate).parameters
+    assert set(POINT_DEFAULTS) == set(params) - {"cost", "keep_plan"}
+    differ = {k for k, v in POINT_DEFAULTS.items()
+              if params[k].default is not inspect.Parameter.empty and params[k].default != v}
+    assert differ == {"policy", "policy_options"}  # sweeps default to coxmoe and to {} (hashed as JSON)

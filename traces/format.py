@@ -145,13 +145,8 @@ class RoutingTrace:
     @cached_property
     def phase_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt, generated) tokens routed to each expert per MoE layer over the whole trace: [L, E] each."""
-        L, E = self.header.num_layers, self.header.num_experts
         prompt = self.prefill_counts(np.arange(self.num_requests))
-        total = np.zeros(L * E, dtype=np.int64)
-        offsets = (np.arange(L, dtype=np.int32) * E)[None, :, None]
-        for start in range(0, self.num_tokens, 1 << 15):  # every row, in order: slices, no gather
-            total += np.bincount((self.experts[start:start + (1 << 15)] + offsets).ravel(), minlength=L * E)
-        return prompt, total.reshape(L, E) - prompt
+        return prompt, self.expert_counts(np.arange(self.num_tokens)) - prompt
 
 
 def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:

@@ -95,7 +95,6 @@ class LayerEmitter:
         self.w: OpWork = ctx.work
         self.b = builder
         self.ops = builder.ops
-        self._max_ops = builder.max_ops
         self.last_o_proj = -1
         w = self.w
         self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
@@ -105,15 +104,9 @@ class LayerEmitter:
     def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
             work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0) -> int:
         """Append an op directly (this is the hot path of plan building); negative deps are dropped."""
-        ops = self.ops
-        op_id = len(ops)
-        b = self.b
-        if op_id >= self._max_ops:
-            b.over_limit()
-        if step != b.step:
-            b.new_step(step)
-        ops.append(Op(op_id, kind, stream, phase, step, layer, mb, tokens, work[0], work[1],
-                      tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
+        op_id = self.b.next_id(step)
+        self.ops.append(Op(op_id, kind, stream, phase, step, layer, mb, tokens, work[0], work[1],
+                           tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
         return op_id
 
     def op(self, kind: OpKind, stream: Stream, at: At, tokens: int, deps: tuple[int, ...], expert: int = -1) -> int:
@@ -129,15 +122,9 @@ class LayerEmitter:
              tokens: int = 0) -> int:
         """A copy over PCIe (`h2d`, `h2d_act`, `d2h`), or a host memcpy on a CPU stream (pinned staging)."""
         flops_bytes = (0, 2 * nbytes) if DEVICE_OF[stream] is Device.CPU else (0, nbytes)
-        ops = self.ops
-        op_id = len(ops)
-        b = self.b
-        if op_id >= self._max_ops:
-            b.over_limit()
-        if at.step != b.step:
-            b.new_step(at.step)
-        ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
-                      flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
+        op_id = self.b.next_id(at.step)
+        self.ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
+                           flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
         return op_id
 
     def copy(self, stream: Stream, phase: Phase, step: int, layer: int, mb: int, nbytes: int, payload: Payload,
