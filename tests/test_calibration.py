@@ -102,7 +102,11 @@ def test_profile_validate_and_simulate_with_it(capsys, tmp_path):
     capsys.readouterr()
     frame = pd.read_csv(prof / "timings.csv")
     assert {"expert", "qkv", "o_proj", "router", "lm_head", "attention", "attention_prefill", "memcpy"} <= set(
-        frame["kind"]) and (frame["median_s"] > 0).all()
+        frame["kind"])
+    # Measured ops take time; a per-request overhead is a difference of two timings, clipped at 0, and is 0 when
+    # noise hides it (a busy 2-vCPU runner did that to two of them).
+    overhead = frame["kind"].str.startswith("overhead_")
+    assert (frame.loc[~overhead, "median_s"] > 0).all() and (frame.loc[overhead, "median_s"] >= 0).all()
     meta = json.loads((prof / "profile.json").read_text())
     assert meta["fingerprint"]["threads"] >= 1 and "cpu_model" in meta["fingerprint"]
     code = main(["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "4",
