@@ -115,32 +115,44 @@ class RoutingTrace:
 
     def prefill_counts(self, requests: np.ndarray) -> np.ndarray:
         """`expert_counts(prefill_rows(requests))`, summed from per-request counts when those are kept: a
-        search builds many plans whose micro-batches group the same prompts differently."""
-        table = self._request_prefill_counts
+        search builds many plans whose micro-batches group the same prompts differently. The table covers
+        requests 0..n-1 only, n growing (at least doubling) as later requests are asked for, so a small batch
+        from a large trace counts no more than it uses."""
+        requests = np.asarray(requests, dtype=np.int64)
+        if requests.size == 0:
+            return self.expert_counts(np.zeros(0, dtype=np.int64))
+        table = self._prefill_table(int(requests.max()) + 1)
         if table is None:
             return self.expert_counts(self.prefill_rows(requests))
-        return table[np.asarray(requests, dtype=np.int64)].sum(axis=0, dtype=np.int64)
+        return table[requests].sum(axis=0, dtype=np.int64)
 
-    @cached_property
-    def _request_prefill_counts(self) -> np.ndarray | None:
-        """Each request's prompt tokens routed to each expert per layer, int32 [R, L, E], counted in one pass
-        over the prompts; None when the table would exceed REQUEST_TABLE_BYTES."""
-        R, L, E = self.num_requests, self.header.num_layers, self.header.num_experts
-        if R * L * E * 4 > REQUEST_TABLE_BYTES:
+    def _prefill_table(self, needed: int) -> np.ndarray | None:
+        """Per-request prompt counts, int32 [n, L, E] with n >= `needed` (kept on the trace and grown by
+        recounting when a later request is needed); None when [needed, L, E] would exceed REQUEST_TABLE_BYTES."""
+        L, E = self.header.num_layers, self.header.num_experts
+        table = self.__dict__.get("_prefill_counts_table")
+        if table is not None and table.shape[0] >= needed:
+            return table
+        if needed * L * E * 4 > REQUEST_TABLE_BYTES:
             return None
-        out = np.zeros((R, L * E), dtype=np.int32)
+        have = 0 if table is None else table.shape[0]
+        n = min(max(needed, 2 * have), self.num_requests, max(REQUEST_TABLE_BYTES // (L * E * 4), needed))
+        out = np.zeros((n, L * E), dtype=np.int32)
         offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-        lens = self.prompt_lens.astype(np.int64)
+        lens = self.prompt_lens[:n].astype(np.int64)
+        ends = np.cumsum(lens)
         first = 0
-        while first < R:  # requests in groups of about 2^15 prompt tokens (at least one request)
-            last = int(np.searchsorted(np.cumsum(lens[first:]), 1 << 15, side="right")) + first
-            last = min(max(last, first + 1), R)
+        while first < n:  # requests in groups of about 2^15 prompt tokens (at least one request)
+            done = int(ends[first - 1]) if first else 0
+            last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)
             group = np.arange(first, last)
             slot = np.repeat(np.arange(last - first, dtype=np.int64) * (L * E), lens[first:last])
             flat = self.experts[self.prefill_rows(group)] + offsets + slot[:, None, None]
             out[first:last] = np.bincount(flat.ravel(), minlength=(last - first) * L * E).reshape(last - first, -1)
             first = last
-        return out.reshape(R, L, E)
+        table = out.reshape(n, L, E)
+        self.__dict__["_prefill_counts_table"] = table  # a cache on a frozen dataclass, as cached_property does
+        return table
 
     @cached_property
     def phase_counts(self) -> tuple[np.ndarray, np.ndarray]:

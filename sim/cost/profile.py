@@ -54,7 +54,8 @@ def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
     if "threads" in out.columns:  # CPU rows name their torch thread count; other rows leave it empty
         values = pd.to_numeric(out["threads"], errors="coerce")
         given, number = out["threads"].notna().to_numpy(), values.to_numpy(float)
-        whole = np.isfinite(number) & (number >= 1)
+        flag = np.array([isinstance(v, bool | np.bool_) for v in out["threads"]], dtype=bool)
+        whole = np.isfinite(number) & (number >= 1) & ~flag
         whole[whole] = number[whole] % 1 == 0
         bad = given & ~whole
         if bad.any():

@@ -48,12 +48,12 @@ MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxa
 # due to high memory overhead", in FlexLLMGen and its Mixtral port alike), so every cache copy between GPU and
 # DRAM is staged through a pinned buffer.
 KV_HOME = Payload.PAGEABLE_KV
-FP32_CPU_ATTENTION_BYTES = 5
+FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
 # FlexGen's prefill attention is eager (flex_opt `mha`, and the Mixtral port's `MixtralAttention_Prefill`): it
 # computes every one of the s x s scores per head (the causal mask is applied after the product) and moves the
 # score tensor through GPU memory: written by the first bmm, read and written by the mask (`torch.where`), read
 # and written by the softmax, read by the second bmm; 6 passes of 2 bytes in FlexLLMGen's fp16 code.
-EAGER_SCORE_BYTES = 12  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
+EAGER_SCORE_BYTES = 12
 
 
 @dataclass(frozen=True)
