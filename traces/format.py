@@ -127,8 +127,8 @@ class RoutingTrace:
         return table[requests].sum(axis=0, dtype=np.int64)
 
     def _prefill_table(self, needed: int) -> np.ndarray | None:
-        """Per-request prompt counts, int32 [n, L, E] with n >= `needed` (kept on the trace and grown by
-        recounting when a later request is needed); None when [needed, L, E] would exceed REQUEST_TABLE_BYTES."""
+        """Per-request prompt counts, int32 [n, L, E] with n >= `needed` (kept on the trace; grown by counting
+        only the requests it lacked); None when [needed, L, E] would exceed REQUEST_TABLE_BYTES."""
         L, E = self.header.num_layers, self.header.num_experts
         table = self.__dict__.get("_prefill_counts_table")
         if table is not None and table.shape[0] >= needed:
@@ -136,12 +136,14 @@ class RoutingTrace:
         if needed * L * E * 4 > REQUEST_TABLE_BYTES:
             return None
         have = 0 if table is None else table.shape[0]
-        n = min(max(needed, 2 * have), self.num_requests, max(REQUEST_TABLE_BYTES // (L * E * 4), needed))
+        n = min(max(needed, 2 * have), self.num_requests, REQUEST_TABLE_BYTES // (L * E * 4))
         out = np.zeros((n, L * E), dtype=np.int32)
+        if table is not None:
+            out[:have] = table.reshape(have, L * E)
         offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
         lens = self.prompt_lens[:n].astype(np.int64)
         ends = np.cumsum(lens)
-        first = 0
+        first = have
         while first < n:  # requests in groups of about 2^15 prompt tokens (at least one request)
             done = int(ends[first - 1]) if first else 0
             last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)

@@ -47,6 +47,7 @@ class RooflineCostModel:
         self.d2h_bw = link.d2h_bytes_per_s * link.d2h_efficiency
         self.pageable_h2d_bw = self.h2d_bw * link.pageable_ratio
         self.pageable_d2h_bw = self.d2h_bw * link.pageable_ratio
+        self._pageable = {Device.H2D: self.pageable_h2d_bw, Device.D2H: self.pageable_d2h_bw}
         self.link_latency = link.latency_s
         self._time: dict[tuple, int] = {}
         self._usage: dict[tuple, tuple[float, float]] = {}
@@ -76,7 +77,7 @@ class RooflineCostModel:
 
     def _pageable_bw(self, device: Device) -> float:
         """A copy's rate when host memory is pageable (0 for devices that are not a PCIe direction)."""
-        return {Device.H2D: self.pageable_h2d_bw, Device.D2H: self.pageable_d2h_bw}.get(device, 0.0)
+        return self._pageable.get(device, 0.0)
 
     def op_time_ns(self, op: Op) -> int:
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
