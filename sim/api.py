@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from sim.config import SimConfig
 from sim.cost import CostModel, RooflineCostModel
 from sim.engine import EngineRecord, run_plan
 from sim.errors import SimInputError
 from sim.metrics import plan_metrics
 from sim.plan import Plan
 from sim.policies import PlanContext, make_policy
+from sim.search import plan_policy, simulate_with
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
@@ -178,35 +180,41 @@ def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineReco
     return record, plan_metrics(plan, record)
 
 
-def simulate(model: str | ModelSpec, system: str | SystemSpec, policy: str = "stream-experts", *,
-             batch: int | None = None, prompt_len: int | str | None = None, gen_len: int | str | None = None,
-             policy_options: dict[str, str] | None = None, trace: str | Path | RoutingTrace | None = None,
-             routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0,
-             cost: CostModel | None = None, keep_plan: bool = False, decode_sample: int = 0,
-             profile: str | Path | None = None) -> SimulationResult:
-    """Simulate one (model, system, policy, workload) point and return its metrics."""
+def simulate(*args: Any, cost: CostModel | None = None, keep_plan: bool = False, **settings: Any) -> SimulationResult:
+    """Simulate one point and return its metrics. The point is a `SimConfig`, or its fields as arguments
+    (`simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=64, ...)`); `cost` overrides the cost model
+    (default: the config's profile, else the roofline) and `keep_plan` keeps the plan and engine record."""
+    if len(args) == 1 and isinstance(args[0], SimConfig) and not settings:
+        config = args[0]
+    else:
+        config = SimConfig(*args, **settings)
+    return simulate_config(config, cost=cost, keep_plan=keep_plan)
+
+
+def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan: bool = False) -> SimulationResult:
+    """`simulate` for a `SimConfig`."""
     t0 = time.perf_counter()
-    if decode_sample < 0:
-        raise SimInputError(f"decode_sample must be >= 0 (0 simulates every step), got {decode_sample}")
-    m, s = resolve_model(model), resolve_system(system)
-    pol = make_policy(policy, policy_options)
-    wl, tr, routing_name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
-    if profile is not None and cost is None:
+    c = config
+    m, s = resolve_model(c.model), resolve_system(c.system)
+    pol = make_policy(c.policy, dict(c.policy_options))
+    wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
+                                           c.reuse_prob)
+    if c.profile is not None and cost is None:
         from sim.cost.profile import ProfileCostModel
 
-        cost = ProfileCostModel(s, profile, m, float(wl.prompt_lens.mean()))
+        cost = ProfileCostModel(s, c.profile, m, float(wl.prompt_lens.mean()))
     with gc_paused():
-        ctx = PlanContext(m, s, wl, tr, decode_sample=decode_sample, cost=cost)
-        plan = pol.build(ctx)
-        record = plan.meta.pop("record", None)  # a search already simulated it, with this cost model
+        ctx = PlanContext(m, s, wl, tr, decode_sample=c.decode_sample, cost=cost)
+        planned = plan_policy(pol, ctx, simulate_with(ctx))
+        plan, record = planned.plan, planned.record  # a record: the search already simulated it, same costs
         if record is None:
             record, metrics = simulate_plan(plan, cost)
         else:
             metrics = plan_metrics(plan, record)
-    search = _jsonable(plan.meta.get("search"))
+    search = _jsonable(planned.search.to_dict()) if planned.search is not None else None
     return SimulationResult(
         model=m.name, system=s.name, policy=pol.name, knobs=plan.knobs, workload=wl.to_dict(),
-        routing=routing_name, seed=seed, generated_tokens=wl.generated_tokens,
+        routing=routing_name, seed=c.seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
         static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, search=search,
         decode_steps_simulated=len(ctx.steps()), decode_steps_total=ctx.decode_steps_total,

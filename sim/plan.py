@@ -127,8 +127,6 @@ class Plan:
     micro_batches: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # Decode steps in the workload per decode step in `ops` (> 1 when only a sample of steps was planned).
     decode_scale: float = 1.0
-    # Search results and the like (JSON-ready); a searched plan also keeps its simulated record here.
-    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def static_bytes(self, pool: str) -> int:
         return int(sum(self.static_memory.get(pool, {}).values()))

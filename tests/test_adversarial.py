@@ -368,7 +368,7 @@ def test_sweep_results_of_a_sweep_that_finished_nothing(capsys, tmp_path):
 
 
 def test_json_output_has_no_nan(capsys):
-    from experiments.cli import _finite
+    from experiments.cli.common import finite as _finite
 
     assert json.dumps(_finite({"a": float("nan"), "b": [1.0, float("inf")], "c": (2, "x")}), allow_nan=False) == \
         '{"a": null, "b": [1.0, null], "c": [2, "x"]}'

@@ -222,17 +222,16 @@ def test_pool_workers_end_with_a_killed_parent(tmp_path):
     assert not alive, f"workers {alive} outlived the killed sweep"
 
 
-def test_a_sweep_point_can_set_every_simulate_argument():
-    """POINT_DEFAULTS lists what a sweep point may set: every keyword of `simulate()` but the two that are not
-    data (a cost-model object, keeping the plan in memory). A new `simulate()` argument fails here until the
-    sweep knows it; a default that differs from simulate's is a deliberate sweep default, listed here."""
-    import inspect
+def test_a_sweep_point_can_set_every_simulation_setting():
+    """A sweep point's keys are `SimConfig`'s fields (generated, not copied): a new setting is a new sweep key,
+    and the only default a sweep changes is its policy (sweeps study CoX-MoE)."""
+    from experiments.sweep.spec import POINT_DEFAULTS, resolve_point
+    from sim.config import DEFAULTS, FIELD_NAMES
 
-    from experiments.sweep.spec import POINT_DEFAULTS
-    from sim.api import simulate
-
-    params = inspect.signature(simulate).parameters
-    assert set(POINT_DEFAULTS) == set(params) - {"cost", "keep_plan"}
-    differ = {k for k, v in POINT_DEFAULTS.items()
-              if params[k].default is not inspect.Parameter.empty and params[k].default != v}
-    assert differ == {"policy", "policy_options"}  # sweeps default to coxmoe and to {} (hashed as JSON)
+    assert tuple(POINT_DEFAULTS) == FIELD_NAMES
+    assert {k for k in FIELD_NAMES if POINT_DEFAULTS[k] != DEFAULTS[k]} == {"policy"}
+    point = resolve_point({"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8, "prompt_len": 16,
+                           "gen_len": 4, "policy_options": {"coalesce": False}})
+    assert point.sim_config().policy_options == {"coalesce": "false"}  # as the CLI passes it
+    with pytest.raises(SimInputError, match="reuse_prob must be a number in"):
+        resolve_point({"model": "m", "system": "s", "reuse_prob": 3})

@@ -40,8 +40,9 @@ def run_point(config: dict[str, Any]) -> Outcome:
     t0 = time.perf_counter()
     try:
         from sim.api import simulate
+        from sim.config import SimConfig
 
-        result = simulate(**config)
+        result = simulate(SimConfig.from_point(config))
         return result.to_dict(), None, time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - recorded as the point's failure
         return None, _one_line(exc), time.perf_counter() - t0

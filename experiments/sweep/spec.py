@@ -24,14 +24,12 @@ from typing import Any
 
 import yaml
 
+from sim.config import DEFAULTS, SimConfig
 from sim.errors import SimInputError
 
-# Keys of `sim.api.simulate` a point may set, with the defaults a point is completed with.
-POINT_DEFAULTS: dict[str, Any] = {
-    "model": None, "system": None, "policy": "coxmoe", "batch": None, "prompt_len": None, "gen_len": None,
-    "policy_options": {}, "trace": None, "routing": "uniform", "reuse_prob": 0.0, "seed": 0, "decode_sample": 0,
-    "profile": None,
-}
+# What a point may set: every `SimConfig` field, completed with its defaults; sweeps default to CoX-MoE.
+SWEEP_DEFAULTS: dict[str, Any] = {"policy": "coxmoe"}
+POINT_DEFAULTS: dict[str, Any] = {**DEFAULTS, **SWEEP_DEFAULTS}
 REQUIRED = ("model", "system")
 
 
@@ -42,6 +40,9 @@ class SweepPoint:
     config: dict[str, Any]
     key: str
 
+    def sim_config(self) -> SimConfig:
+        return SimConfig.from_point(self.config)
+
 
 def point_key(config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a resolved config (sorted keys, no whitespace), first 16 hex digits."""
@@ -50,7 +51,8 @@ def point_key(config: dict[str, Any]) -> str:
 
 
 def resolve_point(raw: dict[str, Any]) -> SweepPoint:
-    """Check a point's keys, fill the defaults and normalise option values to strings (as the CLI passes them)."""
+    """Check a point's keys and values (as `SimConfig` does), fill the defaults and normalise option values to
+    strings (as the CLI passes them)."""
     unknown = set(raw) - set(POINT_DEFAULTS)
     if unknown:
         raise SimInputError(f"sweep point: unknown key(s) {', '.join(repr(k) for k in sorted(unknown, key=str))}; "
@@ -59,11 +61,12 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
     missing = [k for k in REQUIRED if not config[k]]
     if missing:
         raise SimInputError(f"sweep point: {', '.join(missing)} not set (put it in fixed: or axes:)")
-    opts = config["policy_options"] or {}
-    if not isinstance(opts, dict):
-        raise SimInputError(f"sweep point: policy_options must be a mapping, got {opts!r}")
-    config["policy_options"] = {str(k): str(v).lower() if isinstance(v, bool) else str(v)
-                                for k, v in sorted(opts.items())}
+    if not isinstance(config["policy_options"] or {}, dict):
+        raise SimInputError(f"sweep point: policy_options must be a mapping, got {config['policy_options']!r}")
+    try:
+        config = SimConfig.from_point(config).point()
+    except SimInputError as exc:
+        raise SimInputError(f"sweep point: {exc}") from None
     return SweepPoint(config, point_key(config))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from sim.plan import Plan, PlanBuilder
 from sim.specs import ModelSpec, SystemSpec
 from sim.workload import Workload
 from traces import RoutingTrace
+
+if TYPE_CHECKING:
+    from sim.policies.analytic import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,19 @@ class Policy:
     def from_strings(cls, raw: dict[str, str]) -> Policy:
         return cls(parse_options(cls.Options, raw, cls.name))
 
+    def search_space(self, ctx: PlanContext) -> SearchSpace | None:
+        """A searching policy's candidates and how to build them (`sim/search.py` picks); None: `build` makes
+        the one plan."""
+        return None
+
     def build(self, ctx: PlanContext) -> Plan:
-        raise NotImplementedError
+        """The plan for `ctx`. A searching policy's is the search's pick, scored with the context's cost model
+        (`sim.search.plan_policy`, which also returns the search's report and record)."""
+        if type(self).search_space is Policy.search_space:
+            raise NotImplementedError(f"policy {self.name}: implement build() or search_space()")
+        from sim.search import plan_policy  # the search sits above the policies
+
+        return plan_policy(self, ctx).plan
 
     def knobs(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)

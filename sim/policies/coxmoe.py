@@ -30,6 +30,7 @@ import numpy as np
 
 from sim.errors import NoFeasibleConfig, SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.analytic import Analytic, Candidate, SearchSpace, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy
 from sim.policies.layers import (
     At,
@@ -41,7 +42,6 @@ from sim.policies.layers import (
     split_by_count,
     split_by_tokens,
 )
-from sim.policies.search import Analytic, Candidate, choose, expected_counts
 from traces.eas import load_map
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
@@ -300,12 +300,12 @@ class CoxMoePolicy(Policy):
     summary = "CoX-MoE: OP0-OP2 placed per phase in micro-batches, coalesced experts split E_R/E_M/E_C (AMX)"
     Options = CoxMoeOptions
 
-    def build(self, ctx: PlanContext) -> Plan:
+    def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: CoxMoeOptions = self.options
         model = _Model(ctx, o)
-        return choose(ctx, self._candidates(ctx, model), lambda c, opts: self._plan(c, model, opts),
-                      searched=o.searched, rescore=o.rescore, policy=self.name,
-                      explain_empty=lambda: self._raise_capacity(ctx, model))
+        return SearchSpace(self._candidates(ctx, model), lambda c, opts: self._plan(c, model, opts),
+                           searched=o.searched, rescore=o.rescore,
+                           explain_empty=lambda: self._raise_capacity(ctx, model))
 
     def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
         """Say which pool overflows, with its parts, for the configuration the given knobs pin down (the

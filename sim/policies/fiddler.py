@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.analytic import Analytic, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     At,
@@ -26,7 +27,6 @@ from sim.policies.layers import (
     split_by_count,
     split_by_tokens,
 )
-from sim.policies.search import Analytic, expected_counts
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)

@@ -28,6 +28,7 @@ import numpy as np
 from sim.cost import Work
 from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.analytic import Analytic, Candidate, SearchSpace
 from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
 from sim.policies.layers import (
     At,
@@ -38,7 +39,6 @@ from sim.policies.layers import (
     as_deps,
     split_by_count,
 )
-from sim.policies.search import Analytic, Candidate, choose
 
 GPU, CPU, H2D, H2D_ACT, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.H2D_ACT, Stream.D2H
 MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxation ratio")
@@ -225,11 +225,11 @@ class FlexGenPolicy(Policy):
     summary = "FlexGen: zig-zag block schedule, percentage placement, all experts loaded per layer, LP search"
     Options = FlexGenOptions
 
-    def build(self, ctx: PlanContext) -> Plan:
+    def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: FlexGenOptions = self.options
-        return choose(ctx, self._candidates(ctx), lambda c, opts: self._plan(c, opts), searched=o.searched,
-                      rescore=o.rescore, policy=self.name,
-                      explain_empty=None if o.searched else lambda: self._require_fits(ctx, _Layout(ctx, o)))
+        return SearchSpace(self._candidates(ctx), lambda c, opts: self._plan(c, opts), searched=o.searched,
+                           rescore=o.rescore,
+                           explain_empty=None if o.searched else lambda: self._require_fits(ctx, _Layout(ctx, o)))
 
     def _require_fits(self, ctx: PlanContext, lay: _Layout) -> None:
         require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)

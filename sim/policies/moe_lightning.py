@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.policies.analytic import Analytic, Candidate, SearchSpace
 from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
 from sim.policies.layers import (
     At,
@@ -35,7 +36,6 @@ from sim.policies.layers import (
     split_by_count,
     split_by_tokens,
 )
-from sim.policies.search import Analytic, Candidate, choose
 
 GPU, CPU, RELAY, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                       Stream.D2H)
@@ -115,11 +115,12 @@ class MoELightningPolicy(Policy):
     summary = "MoE-Lightning: CGOPipe (GPU pre/post-attention, CPU attention, paged expert weights), HRM search"
     Options = MoELightningOptions
 
-    def build(self, ctx: PlanContext) -> Plan:
+    def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: MoELightningOptions = self.options
-        return choose(ctx, self._candidates(ctx), lambda c, opts: self._plan(c, opts),
-                      searched=o.micro_batch < 0 or o.wg < 0, rescore=o.rescore, policy=self.name,
-                      explain_empty=lambda: self._require_fits(ctx, o) if o.micro_batch >= 0 and o.wg >= 0 else None)
+        return SearchSpace(self._candidates(ctx), lambda c, opts: self._plan(c, opts),
+                           searched=o.micro_batch < 0 or o.wg < 0, rescore=o.rescore,
+                           explain_empty=lambda: self._require_fits(ctx, o) if o.micro_batch >= 0 and o.wg >= 0
+                           else None)
 
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: MoELightningOptions = self.options

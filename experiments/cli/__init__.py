@@ -1,0 +1,66 @@
+"""`coxmoe` command line: a thin layer over the library, one module per command group. Bad input is one line on
+stderr and exit status 2.
+
+    common.py        the one-line usage error, argument types, JSON output, --max-gib
+    config_flags.py  flags generated from `sim.config.SimConfig` (simulate, compare, ablation, execute, ...)
+    sim_cmds.py      presets, policies, simulate, run-plan, compare, ablation
+    real_cmds.py     execute, calibrate profile / isa / validate
+    trace_cmds.py    trace gen / import / record / stats / validate, eas
+    study_cmds.py    sweep, sweep-results, reproduce, timeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from experiments.cli import real_cmds, sim_cmds, study_cmds, trace_cmds
+from experiments.cli.common import EXIT_USAGE, Parser, UsageError, add_limit_option, one_line
+from sim.errors import SimInputError
+from traces.errors import TraceError
+from traces.limits import LIMIT_ENV
+
+COMMAND_GROUPS = (sim_cmds, real_cmds, trace_cmds, study_cmds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="coxmoe", description="Simulate CPU-GPU MoE inference policies (CoX-MoE and baselines).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    add_limit_option(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    saved_limit = os.environ.get(LIMIT_ENV)
+    try:
+        args = parser.parse_args(argv)
+        if args.max_gib is not None:  # read by the guards, here and in sweep workers, for this command only
+            os.environ[LIMIT_ENV] = repr(args.max_gib)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except (SimInputError, TraceError) as exc:
+        print(f"coxmoe: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        print(f"coxmoe: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("coxmoe: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if saved_limit is None:
+            os.environ.pop(LIMIT_ENV, None)
+        else:
+            os.environ[LIMIT_ENV] = saved_limit
+

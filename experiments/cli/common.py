@@ -1,0 +1,95 @@
+"""What every `coxmoe` command shares: the one-line usage error, argument types, JSON output, `--max-gib`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from experiments.cli.config_flags import arg_type
+from sim.config import int_at_least, length, probability
+from traces.limits import DEFAULT_LIMIT_GIB as LIMIT_DEFAULT
+from traces.limits import LIMIT_ENV, parse_gib
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Raised by the parser instead of printing usage; main() prints one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+positive_int = arg_type(int_at_least(1))
+nonneg_int = arg_type(int_at_least(0))
+length_arg = arg_type(length)
+probability_arg = arg_type(probability)
+
+
+def positive_gib(text: str) -> float:
+    try:
+        return parse_gib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def output_file(*suffixes: str) -> Callable[[str], str]:
+    """An argparse type for a file to write: not a directory, with one of `suffixes` (checked before any work,
+    so a long run never ends in an unwritable path)."""
+
+    def parse(text: str) -> str:
+        path = Path(text)
+        if path.is_dir() or text.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+        if path.suffix.lower() not in suffixes:
+            shown = ", ".join(s or "(none)" for s in suffixes)
+            raise argparse.ArgumentTypeError(f"{text}: unsupported file type {path.suffix or '(none)'!r}; "
+                                             f"use {shown}")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: {path.parent} is not a directory")
+        return text
+
+    return parse
+
+
+def one_line(text: str) -> str:
+    """An error message as one line whatever it quotes (a key with a newline, a multi-line parser message)."""
+    return " ".join(text.split("\n")).replace("\r", " ")
+
+
+def finite(obj: Any) -> Any:
+    """The same structure with every NaN or infinite float as null: JSON output stays standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(finite(obj), sys.stdout, indent=2, sort_keys=False, allow_nan=False)
+    sys.stdout.write("\n")
+
+
+def add_limit_option(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """`--max-gib` on the top-level parser and on every (sub)command, so it may stand anywhere."""
+    parser.add_argument("--max-gib", type=positive_gib, default=None if top else argparse.SUPPRESS,
+                        help=f"memory a trace or plan may take before it is refused (default {LIMIT_DEFAULT:g} GiB, "
+                             f"or {LIMIT_ENV})")
+    for action in parser._actions:  # argparse keeps subcommands as a _SubParsersAction's choices
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                add_limit_option(child, top=False)

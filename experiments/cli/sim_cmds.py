@@ -1,0 +1,203 @@
+"""Simulation commands: presets, policies, simulate, run-plan, compare, ablation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from experiments.cli.common import IMAGE_SUFFIXES, emit_json, output_file
+from experiments.cli.config_flags import add_config_flags, config_from_args, workload_kwargs
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sim.specs import preset_names, show_preset
+
+    if args.show:
+        sys.stdout.write(show_preset(args.show))
+        return 0
+    kinds = ("models", "systems", "gpus", "cpus", "links")
+    if args.json:
+        emit_json({kind: preset_names(kind) for kind in kinds})
+        return 0
+    for kind in kinds:
+        print(f"{kind}: {', '.join(preset_names(kind))}")
+    print("\n`coxmoe presets --show NAME` prints one as YAML that --model-file / --system-file read back.")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sim.policies import POLICIES
+
+    for name, cls in sorted(POLICIES.items()):
+        print(f"{name}: {cls.summary}")
+        for f in dataclasses.fields(cls.Options):
+            print(f"    {f.name} = {f.default!r}")
+        doc = (cls.Options.__doc__ or "").split("\n")
+        print("    " + " ".join(line.strip() for line in doc if line.strip()))
+    return 0
+
+
+# ---- simulate -------------------------------------------------------------------------------------------------
+def _short(value: Any) -> str:
+    """Knob values for a summary line: per-layer lists become their mean."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple) and len(value) > 4:
+        return f"mean {sum(value) / len(value):.1f} per layer"
+    return str(value)
+
+
+def _print_summary(d: dict[str, Any]) -> None:
+    gib = 2**30
+    print(f"{d['model']} on {d['system']} under {d['policy']} ({d['routing']}, seed {d['seed']})")
+    print(f"  knobs: {', '.join(f'{k}={_short(v)}' for k, v in d['knobs'].items())}")
+    if d.get("analytic_total_s") is not None:
+        s = d["search"]
+        print(f"  search: {s['candidates']} candidates, {s['simulated']} simulated, {s['search_s']:.2f} s; "
+              f"analytic estimate {d['analytic_total_s']:.3f} s against simulated {d['total_s']:.3f} s")
+    w = d["workload"]
+    print(f"  batch {w['batch']}, prompt {w['prompt_len_mean']:.0f}, generate {w['gen_len_mean']:.0f} tokens")
+    print(f"  throughput {d['throughput_tok_s']:.1f} generated tok/s; prefill {d['prefill_s']:.3f} s, "
+          f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
+    busy = ", ".join(f"{k} {v:.0%}" for k, v in d["busy_fraction"].items())
+    print(f"  busy: {busy}")
+    print(f"  peak memory: GPU {d['peak_gpu_bytes'] / gib:.2f} GiB, CPU {d['peak_cpu_bytes'] / gib:.2f} GiB")
+    sampled = "" if d["decode_steps_simulated"] == d["decode_steps_total"] else (
+        f", decode from {d['decode_steps_simulated']} of {d['decode_steps_total']} steps")
+    print(f"  {d['num_ops']} ops, {d['events']} events, {d['wall_s']:.2f} s wall{sampled}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sim.api import simulate
+    from sim.timeline import chrome_trace_events, write_chrome_trace
+
+    keep = bool(args.timeline or args.plot or args.plan_out)
+    result = simulate(config_from_args(args), keep_plan=keep)
+    d = result.to_dict()
+    if args.plan_out:
+        from sim.plan_io import save_plan
+
+        save_plan(result.plan, args.plan_out)
+    if args.timeline:
+        meta = {k: d[k] for k in ("model", "system", "policy", "knobs", "routing", "seed")}
+        write_chrome_trace(args.timeline, chrome_trace_events(result.plan.ops, result.record.start_ns,
+                                                              result.record.end_ns), meta)
+    if args.plot:
+        from experiments.plots import plot_simulation
+
+        plot_simulation(result, args.plot)
+    if args.json:
+        emit_json(d)
+    else:
+        _print_summary(d)
+        if args.timeline:
+            print(f"  timeline: {args.timeline} (open in https://ui.perfetto.dev)")
+        if args.plot:
+            print(f"  plot: {args.plot}")
+        if args.plan_out:
+            print(f"  plan: {args.plan_out} (coxmoe run-plan reads it back)")
+    return 0
+
+
+def cmd_run_plan(args: argparse.Namespace) -> int:
+    from sim.api import gc_paused, simulate_plan
+    from sim.metrics import throughput_tok_s
+    from sim.plan_io import load_plan
+    from sim.timeline import chrome_trace_events, write_chrome_trace
+
+    plan = load_plan(args.file)
+    with gc_paused():
+        record, metrics = simulate_plan(plan)
+    d = {"policy": plan.policy, "knobs": plan.knobs, "model": plan.model.name, "system": plan.system.name,
+         "throughput_tok_s": throughput_tok_s(plan, metrics),
+         **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
+         "num_ops": len(plan.ops), "events": record.events}
+    if args.timeline:
+        write_chrome_trace(args.timeline, chrome_trace_events(plan.ops, record.start_ns, record.end_ns),
+                           {"plan": str(args.file)})
+    if args.json:
+        emit_json(d)
+    else:
+        print(f"{args.file}: {d['policy']} plan of {d['model']} on {d['system']}, {d['num_ops']} ops")
+        print(f"  throughput {d['throughput_tok_s']:.1f} tok/s; prefill {d['prefill_s']:.3f} s, "
+              f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
+    return 0
+
+
+# ---- compare / ablation ---------------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sim.compare import COMPARED, compare, compare_table
+
+    policies = tuple(args.policies.split(",")) if args.policies else COMPARED
+    config = config_from_args(args)
+    result = compare(config.model, config.system, policies=policies, progress=True, **workload_kwargs(config))
+    if args.json:
+        emit_json(result)
+        return 0
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, prompt {result['prompt_len_mean']:.0f}, "
+          f"generate {result['gen_len_mean']:.0f}, routing {result['routing']}")
+    table = compare_table(result)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from sim.compare import ablation
+
+    config = config_from_args(args)
+    result = ablation(config.model, config.system, progress=True, **workload_kwargs(config))
+    if args.json:
+        emit_json(result)
+        return 0
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, routing {result['routing']}")
+    rows = [{"step": r["step"], "throughput_tok_s": r.get("throughput_tok_s"),
+             "speedup_over_moe_lightning": r.get("speedup_over_moe_lightning"),
+             "note": "" if r.get("feasible") else r["error"].split(":")[0]} for r in result["steps"]]
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """presets, policies, simulate, run-plan, compare, ablation."""
+    p = sub.add_parser("presets", help="list model and hardware presets, or show one as YAML")
+    p.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
+    p.add_argument("--json", action="store_true", help="print the lists as JSON")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("policies", help="list policies and their options")
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("simulate", help="simulate one model, system, policy and workload")
+    add_config_flags(p, ("target", "policy", "workload", "cost"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", metavar="FILE", type=output_file(".json"),
+                   help="write a Chrome-trace JSON timeline (Perfetto)")
+    p.add_argument("--plot", metavar="FILE", type=output_file(*IMAGE_SUFFIXES),
+                   help="write a PNG: busy time per resource and one decode step")
+    p.add_argument("--plan-out", metavar="FILE", type=output_file(".parquet"),
+                   help="write the plan as Parquet (engine-neutral; see run-plan)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("run-plan", help="simulate a plan saved with `simulate --plan-out`")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", metavar="FILE", type=output_file(".json"),
+                   help="write a Chrome-trace JSON timeline (Perfetto)")
+    p.set_defaults(func=cmd_run_plan)
+
+    for name, func, help_text in (("compare", cmd_compare, "every policy at its own best configuration, same trace"),
+                                  ("ablation", cmd_ablation, "CoX-MoE's ablation: the paper's steps, features off")):
+        p = sub.add_parser(name, help=help_text)
+        add_config_flags(p, ("target", "workload"))
+        if name == "compare":
+            p.add_argument("--policies", help="comma-separated subset (default: all)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=func)
+

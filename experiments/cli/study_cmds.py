@@ -1,0 +1,137 @@
+"""Studies over many points: sweep, sweep-results, reproduce (the paper's figures), timeline (Gantt charts)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.cli.common import nonneg_int, positive_int
+from sim.errors import SimInputError
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep.run import run_sweep
+    from experiments.sweep.spec import load_spec
+    from experiments.sweep.store import ResultStore
+
+    points = load_spec(args.spec)
+    store = ResultStore(args.out)
+    try:
+        summary = run_sweep(points, store, args.engine, args.workers, args.ray_address)
+    finally:
+        store.close()
+    print(f"sweep {args.spec} ({args.engine}): {summary.total} points, {summary.skipped} already done, "
+          f"{summary.ok} ran, {summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
+    if summary.failed and not args.allow_failures:
+        print(f"coxmoe sweep: {summary.failed} point(s) failed (see `coxmoe sweep-results {args.out}`; "
+              "--allow-failures exits 0 anyway)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from experiments.reproduce import ReproduceOptions, reproduce
+    from experiments.reproduce.report import reproduce_all
+    from experiments.tables import markdown_table
+
+    options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
+                               ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
+                               record=Path(args.record) if args.record else None, seed=args.seed,
+                               keep=tuple(args.keep or ()))
+    if args.name == "all":
+        results, report = reproduce_all(options)
+    else:
+        results, report = [reproduce(args.name, options)], None
+    for r in results:
+        print(f"== {r.title}\n{markdown_table(r.table.head(40), '{:.4g}')}\npaper: {r.claim}\nhere:  {r.finding}")
+        if r.note:
+            print(f"note:  {r.note}")
+        print("wrote " + ", ".join(str(f) for f in r.files) + "\n")
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from experiments.gantt import gantt_figure, load_chrome_trace, process_name
+    from experiments.reproduce.style import paper_style, save_figure
+
+    out = Path(args.out)
+    if out.suffix not in ("", ".png", ".pdf"):
+        raise SimInputError(f"--out {out}: give a stem or a .png/.pdf name (both are written)")
+    timelines = []
+    for path in args.files:
+        events, _ = load_chrome_trace(path)
+        timelines.append((f"{process_name(events, 'timeline')}: {Path(path).name}", events))
+    with paper_style():
+        fig, steps = gantt_figure(timelines, args.step)
+        files = save_figure(fig, out.parent, out.stem)
+    print(f"decode step(s) {', '.join(map(str, steps))}: wrote {', '.join(map(str, files))}")
+    return 0
+
+
+def cmd_sweep_results(args: argparse.Namespace) -> int:
+    from experiments.sweep.store import load_results
+
+    df = load_results(args.dir)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    if df.empty:  # a sweep stopped before its first point finished
+        print("0 points: the sweep has not finished any point yet")
+        return 0
+    shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
+             "wall_s", "error"]
+    print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} failed")
+    if len(df):
+        table = df[[c for c in shown if c in df.columns]].astype(object).fillna("")
+        print(table.to_string(index=False, max_colwidth=60))
+    return 0
+
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """sweep, sweep-results, reproduce, timeline."""
+    from experiments.reproduce import FIGURES
+    from experiments.sweep import ENGINES
+
+    p = sub.add_parser("sweep", help="run every point of a YAML sweep spec, resumably (finished points are skipped)")
+    p.add_argument("spec", help="YAML spec: fixed values and axes (see experiments/sweep/spec.py)")
+    p.add_argument("--out", required=True, help="results directory (results.sqlite, one row per point)")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: a process pool; ray: Ray tasks on a cluster or a local Ray instance")
+    p.add_argument("--workers", type=positive_int,
+                   help="local processes, or the CPUs of a local Ray instance (default: the CPUs this process may use)")
+    p.add_argument("--ray-address", help="--engine ray: cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when some points failed (default: exit 1; failed points are retried next run)")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("reproduce", help="the paper's figures (PNG, PDF, CSV and a printed table); all: every one "
+                       "plus a Markdown report", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="figures:\n" + "\n".join(f"  {k:<12} {v}" for k, v in FIGURES.items()))
+    p.add_argument("name", help=f"one of {', '.join(FIGURES)}, or all")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quick", action="store_true", help="small grids that exercise every step in seconds (smoke "
+                   "tests); the numbers are not the paper's setting")
+    p.add_argument("--workers", type=positive_int, help="fig7: local processes or local Ray CPUs (default 1)")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="fig7: sweep engine")
+    p.add_argument("--ray-address", help="fig7 with --engine ray: cluster to join (default: $RAY_ADDRESS)")
+    p.add_argument("--profile", metavar="DIR", help="calibration: an existing `coxmoe calibrate profile` directory "
+                   "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")
+    p.add_argument("--record", metavar="FILE", help="timeline: a measured timeline from `coxmoe execute --timeline`")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--keep", action="append", metavar="NAME", help="all: do not rerun figure NAME; carry its "
+                   "summary row and section from the report already in --out (repeatable)")
+    p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("timeline", help="Gantt chart (PNG + PDF) of one decode step from Chrome-trace timelines")
+    p.add_argument("files", nargs="+", help="timelines from simulate/execute --timeline; one panel each")
+    p.add_argument("--out", required=True, help="output stem (writes STEM.png and STEM.pdf)")
+    p.add_argument("--step", type=nonneg_int, help="decode step to draw (default: each timeline's middle one)")
+    p.set_defaults(func=cmd_timeline)
+
+    p = sub.add_parser("sweep-results", help="summarise (or export) a sweep's results")
+    p.add_argument("dir", help="a sweep's --out directory")
+    p.add_argument("--csv", help="also write every row to this CSV file")
+    p.set_defaults(func=cmd_sweep_results)
+

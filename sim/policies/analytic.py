@@ -1,0 +1,85 @@
+"""A policy's side of the search: its analytic model (roofline seconds of ops and copies, expected tokens per
+expert) and the `SearchSpace` it hands `sim/search.py`, which ranks, simulates and picks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sim.cost import RooflineCostModel, Work
+from sim.errors import SimInputError
+from sim.plan import OpKind, Payload, Plan, Stream
+from sim.policies.base import PlanContext
+from sim.specs import ModelSpec
+
+
+@dataclass
+class Candidate:
+    """A fully specified option set and the analytic model's estimate of its total time."""
+
+    options: Any
+    analytic_s: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Analytic:
+    """Seconds of ops and copies on this system, from the same roofline as the simulator's default costs."""
+
+    def __init__(self, ctx: PlanContext):
+        self.cm = RooflineCostModel(ctx.system)
+
+    def t(self, kind: OpKind, stream: Stream, work: Work) -> float:
+        return self.cm.seconds(kind, stream, work.flops, work.bytes)
+
+    def copy(self, stream: Stream, nbytes: int, payload: Payload = Payload.NONE) -> float:
+        return self.cm.seconds(OpKind.COPY, stream, 0, nbytes, payload) if nbytes else 0.0
+
+    def expert_times(self, stream: Stream, model: ModelSpec, tokens: np.ndarray) -> np.ndarray:
+        """Roofline seconds of one expert per element of `tokens` (rounded; 0 where no token is routed)."""
+        t = np.rint(np.asarray(tokens, dtype=np.float64))
+        bpp = model.bytes_per_param
+        flops = 2.0 * t * model.expert_params
+        nbytes = (model.expert_params + t * 2 * model.hidden_size) * bpp
+        compute, memory, fixed = self.cm.roofs(OpKind.EXPERT, stream, 1, 1)
+        # roofs() is linear in flops and bytes apart from the fixed overhead
+        out = np.maximum(flops * compute, nbytes * memory) + fixed
+        return np.where(t >= 1, out, 0.0)
+
+
+def expected_counts(ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens per expert per MoE layer: over the whole prefill, and per decode step on average."""
+    tr, wl = ctx.trace, ctx.workload
+    if wl.batch == tr.num_requests:
+        prefill, decode = (c.astype(np.float64) for c in tr.phase_counts)
+    else:
+        requests = np.arange(wl.batch)
+        prefill = tr.prefill_counts(requests).astype(np.float64)
+        rows = [tr.decode_rows(t, requests) for t in range(1, wl.max_gen_len)]
+        decode = tr.expert_counts(np.concatenate(rows) if rows else np.zeros(0, np.int64)).astype(np.float64)
+    return prefill, decode / max(wl.max_gen_len - 1, 1)
+
+
+@dataclass
+class SearchSpace:
+    """What a searching policy hands the search (`sim/search.py`): its candidates, each a full option set with
+    its analytic estimate; how to build one as a plan; whether any knob was left to the search (if not, the one
+    candidate is built as given); how many of the best-ranked to re-score by simulation; and, when no candidate
+    fits, a check that raises an error naming the overflowing memory."""
+
+    candidates: list[Candidate]
+    build: Callable[[PlanContext, Any], Plan]
+    searched: bool
+    rescore: int
+    explain_empty: Callable[[], None] | None = None
+
+
+def options_dict(options: Any) -> dict[str, Any]:
+    return asdict(options)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SimInputError(message)
