@@ -21,8 +21,9 @@ import torch
 from executor.interpret import PlanInterpreter
 from executor.reference import Outputs
 from executor.weights import ModelWeights
-from sim.engine import EngineRecord
-from sim.plan import DEVICE_OF, STREAMS, Device, Op, OpKind, Plan, Stream
+from sim.engine import EngineRecord, busy_by_stream
+from sim.plan import Op, OpKind, Plan
+from sim.topology import Topology, UnitKind, topology_of
 from traces import RoutingTrace
 
 
@@ -64,9 +65,11 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("CUDA was asked for but torch sees no CUDA device")
-    device_of = {s: ("cuda" if cuda and DEVICE_OF[s] is Device.GPU else "cpu") for s in STREAMS}
-    interp = PlanInterpreter(plan, weights, trace,
-                             weights_on={"cuda": weights.to("cuda")} if cuda else {}, device_of=device_of)
+    topo = topology_of(plan.system)
+    streams = topo.stream_order()
+    device_of = {s: _torch_device(topo, s, cuda) for s in streams}
+    used = sorted({d for d in device_of.values() if d != "cpu"})
+    interp = PlanInterpreter(plan, weights, trace, weights_on={d: weights.to(d) for d in used}, device_of=device_of)
     ops = plan.ops
     n = len(ops)
     done = [threading.Event() for _ in range(n)]
@@ -74,12 +77,12 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     end = np.zeros(n, dtype=np.int64)
     errors: list[BaseException] = []
     timer = _CudaTimer() if cuda else None
-    cuda_streams = {s: torch.cuda.Stream() for s in STREAMS if device_of[s] == "cuda" or (
-        cuda and DEVICE_OF[s] in (Device.H2D, Device.D2H))} if cuda else {}
+    cuda_streams = {s: torch.cuda.Stream(device=_link_device(topo, s, device_of)) for s in streams
+                    if device_of[s] != "cpu" or topo.streams[s].kind is UnitKind.LINK} if cuda else {}
     gpu_done_event: dict[int, Any] = {}
     t0 = time.perf_counter_ns()
 
-    def run_stream(stream: Stream, ids: list[int]) -> None:
+    def run_stream(stream: str, ids: list[int]) -> None:
         try:
             for i in ids:
                 op = ops[i]
@@ -100,7 +103,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
             for ev in done:
                 ev.set()
 
-    def _run_cuda_op(op: Op, i: int, stream: Stream) -> None:
+    def _run_cuda_op(op: Op, i: int, stream: str) -> None:
         cs = cuda_streams[stream]
         for d in op.deps:
             if d in gpu_done_event:
@@ -119,19 +122,26 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     pinned: dict[int, torch.Tensor] = {}
 
     def _copy(op: Op) -> None:
-        """Move op.bytes between pinned host memory and the GPU, in the op's direction."""
+        """Move op.bytes in the op's direction: between pinned host memory and a GPU, or GPU to GPU."""
         nbytes = max(op.bytes, 1)
-        host = pinned.get(nbytes)
-        if host is None:
-            host = pinned[nbytes] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        if DEVICE_OF[op.stream] is Device.H2D:
-            dev.copy_(host, non_blocking=True)
-        else:
-            host.copy_(dev, non_blocking=True)
+        direction = topo.streams[op.stream].spec
+        src, dst = (_pool_device(topo, p, cuda) for p in (direction.src, direction.dst))
+        if src == "cpu" or dst == "cpu":
+            host = pinned.get(nbytes)
+            if host is None:
+                host = pinned[nbytes] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=dst if src == "cpu" else src)
+            if src == "cpu":
+                dev.copy_(host, non_blocking=True)
+            else:
+                host.copy_(dev, non_blocking=True)
+            return
+        a = torch.empty(nbytes, dtype=torch.uint8, device=src)
+        torch.empty(nbytes, dtype=torch.uint8, device=dst).copy_(a, non_blocking=True)
 
-    by_stream: dict[Stream, list[int]] = {s: [] for s in STREAMS}
+    by_stream: dict[str, list[int]] = {s: [] for s in streams}
     for op in ops:
+        topo.unit_of(op.stream)  # a stream the system lacks is named, not a KeyError
         by_stream[op.stream].append(op.id)
     threads = [threading.Thread(target=run_stream, args=(s, ids), name=f"stream-{s}", daemon=True)
                for s, ids in by_stream.items() if ids]
@@ -145,10 +155,33 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     if timer is not None:
         timer.resolve(start, end, t0)
     wall = time.perf_counter() - wall0
-    streams = np.asarray([STREAMS.index(op.stream) for op in ops], dtype=np.int64)
-    busy = np.bincount(streams, weights=end - start, minlength=len(STREAMS)) if n else np.zeros(len(STREAMS))
-    record = EngineRecord(start_ns=start, end_ns=end, busy_ns={str(s): int(busy[k]) for k, s in enumerate(STREAMS)},
-                          peak_bytes={"gpu": plan.static_bytes("gpu"), "cpu": plan.static_bytes("cpu")}, events=0)
+    record = EngineRecord(start_ns=start, end_ns=end, busy_ns=busy_by_stream(ops, start, end, streams),
+                          peak_bytes={p: plan.static_bytes(p) for p in topo.pools}, events=0)
     devices = {str(s): device_of[s] for s, ids in by_stream.items() if ids}
-    gpu_role_on_cpu = not cuda and any(DEVICE_OF[s] is Device.GPU for s, ids in by_stream.items() if ids)
+    gpu_role_on_cpu = not cuda and any(topo.streams[s].kind is UnitKind.GPU for s, ids in by_stream.items() if ids)
     return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs)
+
+
+def _pool_device(topo: Topology, pool: str, cuda: bool) -> str:
+    """The torch device of a memory pool: host memory on the CPU; the n-th GPU's on cuda:n when torch sees that
+    many devices, else on the last one it sees (several modelled GPUs then share one real GPU)."""
+    if pool == "cpu" or not cuda:
+        return "cpu"
+    gpus = [name for name, unit in topo.units.items() if unit.kind is UnitKind.GPU]
+    return f"cuda:{min(gpus.index(pool), torch.cuda.device_count() - 1)}"
+
+
+def _torch_device(topo: Topology, stream: str, cuda: bool) -> str:
+    """Where a stream's compute ops run: a GPU stream on its GPU's torch device (the CPU without CUDA, labelled
+    `gpu_role_on_cpu`); CPU streams and copy queues on the CPU (copies move bytes on their own CUDA stream)."""
+    unit = topo.streams[stream]
+    return _pool_device(topo, unit.pool, cuda) if unit.kind is UnitKind.GPU else "cpu"
+
+
+def _link_device(topo: Topology, stream: str, device_of: dict[str, str]) -> str:
+    """The CUDA device that owns a stream's queue: its GPU, or for a copy the GPU end of the link."""
+    unit = topo.streams[stream]
+    if unit.kind is not UnitKind.LINK:
+        return device_of[stream]
+    end = unit.spec.dst if unit.spec.dst != "cpu" else unit.spec.src
+    return _pool_device(topo, end, True)

@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.api import SimulationResult  # noqa: E402
-from sim.plan import STREAMS, OpKind, Phase, Plan  # noqa: E402
-from sim.timeline import TRACK_NAMES  # noqa: E402
+from sim.plan import OpKind, Phase, Plan, streams_of  # noqa: E402
+from sim.timeline import track_name  # noqa: E402
 
 KIND_COLORS = {
     OpKind.EMBED: "#bbbbbb", OpKind.QKV: "#4e79a7", OpKind.ATTENTION: "#f28e2b", OpKind.O_PROJ: "#76b7b2",
@@ -46,12 +46,14 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
     dur = (rec.end_ns - rec.start_ns) / 1e9
     all_kinds = list(OpKind)
     kind_idx = np.fromiter((all_kinds.index(op.kind) for op in plan.ops), dtype=np.int64, count=len(plan.ops))
-    stream_idx = np.fromiter((STREAMS.index(op.stream) for op in plan.ops), dtype=np.int64, count=len(plan.ops))
-    busy = np.bincount(kind_idx * len(STREAMS) + stream_idx, weights=dur,
-                       minlength=len(all_kinds) * len(STREAMS)).reshape(len(all_kinds), len(STREAMS))
+    order = streams_of(plan.ops)
+    index = {s: k for k, s in enumerate(order)}
+    stream_idx = np.fromiter((index[op.stream] for op in plan.ops), dtype=np.int64, count=len(plan.ops))
+    busy = np.bincount(kind_idx * len(order) + stream_idx, weights=dur,
+                       minlength=len(all_kinds) * len(order)).reshape(len(all_kinds), len(order))
     fig, (ax_busy, ax_gantt) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 2]})
-    labels = [TRACK_NAMES[str(s)] for s in STREAMS]
-    left = np.zeros(len(STREAMS))
+    labels = [track_name(s) for s in order]
+    left = np.zeros(len(order))
     for ki, kind in enumerate(all_kinds):
         widths = busy[ki]
         if widths.any():
@@ -68,11 +70,11 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
     chosen = [op for op in plan.ops if op.phase is phase and op.step == step]
     t0 = min(rec.start_ns[op.id] for op in chosen)
     for op in chosen:
-        y = STREAMS.index(op.stream)
+        y = index[op.stream]
         s = (rec.start_ns[op.id] - t0) / 1e6
         w = max((rec.end_ns[op.id] - rec.start_ns[op.id]) / 1e6, 1e-6)
         ax_gantt.barh(y, w, left=s, color=KIND_COLORS[op.kind], edgecolor="none", height=0.7)
-    ax_gantt.set_yticks(range(len(STREAMS)), labels)
+    ax_gantt.set_yticks(range(len(order)), labels)
     ax_gantt.invert_yaxis()
     ax_gantt.set_xlabel("time within the step (ms)")
     ax_gantt.set_title(f"{phase} step {step}: {result.model} on {result.system}, {result.policy}", fontsize=10)

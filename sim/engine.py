@@ -24,7 +24,8 @@ from simpy.core import EmptySchedule
 
 from sim.cost import CostModel
 from sim.errors import CapacityError
-from sim.plan import DEVICE_OF, STREAMS, Device, Plan, Stream
+from sim.plan import Op, Plan
+from sim.topology import topology_of
 
 _EPS = 1e-9
 
@@ -46,6 +47,16 @@ class EngineRecord:
     @property
     def makespan_ns(self) -> int:
         return int(self.end_ns.max()) if self.end_ns.size else 0
+
+
+def busy_by_stream(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray, streams: tuple[str, ...]) -> dict[str, int]:
+    """Busy nanoseconds per stream (every stream of the machine listed, idle ones at 0), in `streams` order."""
+    index = {s: k for k, s in enumerate(streams)}
+    if not ops:
+        return {s: 0 for s in streams}
+    which = np.fromiter((index[op.stream] for op in ops), dtype=np.int64, count=len(ops))
+    busy = np.bincount(which, weights=end_ns - start_ns, minlength=len(streams))
+    return {s: int(busy[k]) for k, s in enumerate(streams)}
 
 
 class _Abort(Exception):
@@ -76,23 +87,6 @@ class _Pools:
     def free(self, pool: str, nbytes: int) -> None:
         self.used[pool] -= nbytes
 
-
-# Resource groups: devices whose ops contend. Host DRAM couples the CPU and both PCIe directions (DMA).
-GROUP_OF: dict[Device, str] = {Device.GPU: "gpu", Device.CPU: "host", Device.H2D: "host", Device.D2H: "host"}
-
-
-def group_usage(device: Device, usage: tuple[float, float]) -> tuple[float, ...]:
-    """An op's usage vector over its group's resources, from the cost model's (own resource, memory) pair:
-    (SMs, HBM) on the GPU; (cores, DRAM, PCIe H2D, PCIe D2H) on the host, where a CPU op fills the first two and
-    a copy its direction and DRAM."""
-    first, memory = usage
-    if device is Device.GPU:
-        return usage
-    if device is Device.CPU:
-        return (first, memory, 0.0, 0.0)
-    if device is Device.H2D:
-        return (0.0, memory, first, 0.0)
-    return (0.0, memory, 0.0, first)
 
 
 def _unsaturated(usages: list[tuple[float, ...]]) -> bool:
@@ -233,24 +227,26 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
     start = [-1] * n
     end = [-1] * n
     waiters: dict[int, simpy.Event] = {}
-    pools = _Pools(
-        {"gpu": plan.system.gpu_usable_bytes, "cpu": plan.system.dram_usable_bytes},
-        {"gpu": plan.static_bytes("gpu"), "cpu": plan.static_bytes("cpu")},
-    )
+    topo = topology_of(plan.system)
+    pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
     env = simpy.Environment()
-    shares = {group: _GroupShare() for group in set(GROUP_OF.values())}
-    by_stream: dict[Stream, list[int]] = {s: [] for s in STREAMS}
+    shares = {group: _GroupShare() for group in topo.group_sizes}
+    by_stream: dict[str, list[int]] = {s: [] for s in topo.streams}
     for op in ops:
-        by_stream[op.stream].append(op.id)
+        ids = by_stream.get(op.stream)
+        if ids is None:
+            topo.unit_of(op.stream)  # names the streams the system has
+        ids.append(op.id)
     timeout, new_event, Interrupt = env.timeout, env.event, simpy.Interrupt
 
-    streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and GROUP_OF[DEVICE_OF[s]] == group)
+    streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
                   for group in shares}
 
-    def stream_process(stream: Stream, ids: list[int]):
-        device = DEVICE_OF[stream]
-        share = shares[GROUP_OF[device]]
-        shared = streams_in[GROUP_OF[device]] > 1  # a group used by one stream only never contends
+    def stream_process(stream: str, ids: list[int]):
+        unit = topo.streams[stream]
+        share = shares[unit.group]
+        size = topo.group_sizes[unit.group]
+        shared = streams_in[unit.group] > 1  # a group used by one stream only never contends
         proc = env.active_process
         for i in ids:
             op = ops[i]
@@ -268,7 +264,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
             if d and not shared:
                 yield timeout(d)
             elif d:
-                job = _Job(proc, group_usage(device, usage_of(op)), d, now)
+                job = _Job(proc, unit.usage_vector(usage_of(op), size), d, now)
                 share.admit(job, now)
                 while env.now < job.finish:  # the finish may move while it runs (later: wakes and sleeps again)
                     job.wake = job.finish
@@ -305,10 +301,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
         first = int(np.flatnonzero(end_arr < 0)[0])
         raise PlanDeadlock(f"plan deadlocked: op {first} ({ops[first].kind} on {ops[first].stream}) never ran")
     start_arr = np.asarray(start, dtype=np.int64)
-    streams = np.asarray([STREAMS.index(op.stream) for op in ops], dtype=np.int64)
-    busy = np.bincount(streams, weights=end_arr - start_arr, minlength=len(STREAMS)) if n else np.zeros(len(STREAMS))
     return EngineRecord(
-        start_ns=start_arr, end_ns=end_arr,
-        busy_ns={str(s): int(busy[k]) for k, s in enumerate(STREAMS)},
+        start_ns=start_arr, end_ns=end_arr, busy_ns=busy_by_stream(ops, start_arr, end_arr, topo.stream_order()),
         peak_bytes=dict(pools.peak), events=events,
     )

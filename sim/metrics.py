@@ -11,21 +11,24 @@ from typing import Any
 import numpy as np
 
 from sim.engine import EngineRecord
-from sim.plan import STREAMS, Phase, Plan
+from sim.plan import Phase, Plan
+from sim.topology import topology_of
 
 
 def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
     """Phase times, busy time and busy fraction per stream of a simulated (or measured) plan."""
     n = len(plan.ops)
     is_prefill = np.fromiter((op.phase is Phase.PREFILL for op in plan.ops), dtype=bool, count=n)
-    stream = np.fromiter((STREAMS.index(op.stream) for op in plan.ops), dtype=np.int64, count=n)
+    order = topology_of(plan.system).stream_order()
+    index = {st: k for k, st in enumerate(order)}
+    stream = np.fromiter((index[op.stream] for op in plan.ops), dtype=np.int64, count=n)
     prefill_ns = int(record.end_ns[is_prefill].max()) if is_prefill.any() else 0
     decode_ns = (record.makespan_ns - prefill_ns) * plan.decode_scale
     duration = (record.end_ns - record.start_ns).astype(np.float64)
     weight = np.where(is_prefill, 1.0, plan.decode_scale)
-    busy = np.bincount(stream, weights=duration * weight, minlength=len(STREAMS)) if n else np.zeros(len(STREAMS))
+    busy = np.bincount(stream, weights=duration * weight, minlength=len(order)) if n else np.zeros(len(order))
     total_s = (prefill_ns + decode_ns) / 1e9
-    busy_s = {str(s): float(busy[k]) / 1e9 for k, s in enumerate(STREAMS)}
+    busy_s = {str(s): float(busy[k]) / 1e9 for k, s in enumerate(order)}
     return {
         "prefill_s": prefill_ns / 1e9, "decode_s": decode_ns / 1e9, "total_s": total_s,
         "busy_s": busy_s, "busy_fraction": {k: (v / total_s if total_s else 0.0) for k, v in busy_s.items()},
@@ -39,11 +42,10 @@ def throughput_tok_s(plan: Plan, metrics: dict[str, Any]) -> float:
 
 def op_class(op) -> str:
     """Validation groups ops by what dominates their cost: experts per device, attention, copies, the rest."""
-    from sim.plan import DEVICE_OF, Device, OpKind
+    from sim.plan import OpKind
 
-    device = DEVICE_OF[op.stream]
     if op.kind is OpKind.EXPERT:
-        return "gpu_experts" if device is Device.GPU else "cpu_experts"
+        return "cpu_experts" if op.stream in ("cpu", "cpu_experts") else "gpu_experts"
     if op.kind is OpKind.ATTENTION:
         return "attention"
     if op.kind is OpKind.COPY:

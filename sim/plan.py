@@ -24,6 +24,7 @@ import pandas as pd
 
 from sim.errors import SimInputError
 from sim.specs import ModelSpec, SystemSpec
+from sim.topology import topology_of
 from sim.workload import Workload
 from traces.limits import max_ops, too_many_ops
 
@@ -50,6 +51,14 @@ class Device(StrEnum):
 
 
 STREAMS: tuple[Stream, ...] = tuple(Stream)
+
+
+def streams_of(ops: Sequence[Op]) -> tuple[str, ...]:
+    """Track order for reports: the one-GPU machine's streams, then any other stream the ops use (a second GPU,
+    a peer link) in order of first use."""
+    extra = dict.fromkeys(op.stream for op in ops if op.stream not in _STANDARD)
+    return (*STREAMS, *extra)
+_STANDARD = frozenset(STREAMS)
 DEVICE_OF: dict[Stream, Device] = {
     Stream.GPU: Device.GPU, Stream.CPU: Device.CPU, Stream.CPU_EXPERTS: Device.CPU,
     Stream.H2D: Device.H2D, Stream.H2D_ACT: Device.H2D, Stream.D2H: Device.D2H,
@@ -97,7 +106,7 @@ class Op:
 
     id: int
     kind: OpKind
-    stream: Stream
+    stream: str  # a `Stream` on the one-GPU machine; any stream of the system's topology (sim/topology.py)
     phase: Phase
     step: int
     layer: int
@@ -161,7 +170,8 @@ class Plan:
         if not (math.isfinite(self.decode_scale) and self.decode_scale >= 1.0):
             raise SimInputError(f"plan decode_scale must be a finite number >= 1, got {self.decode_scale!r}")
         max_step = int(self.workload.gen_lens.max()) - 1
-        pools = {"gpu", "cpu"}
+        topo = topology_of(self.system)
+        pools, streams = set(topo.pools), topo.streams
         for pool, parts in self.static_memory.items():
             if pool not in pools or not isinstance(parts, dict) or any(
                     isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0 for v in parts.values()):
@@ -177,8 +187,9 @@ class Plan:
             if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and 0 <= op.tokens <= tokens_max[d]
                     and 0 <= op.kv_tokens <= kv_max[d] and (not d or 1 <= op.step <= max_step)
                     and -1 <= op.layer <= layers and -1 <= op.expert < experts
-                    and -1 <= op.micro_batch < groups[d]) or op.alloc or op.free:
+                    and -1 <= op.micro_batch < groups[d] and op.stream in streams) or op.alloc or op.free:
                 self._check_op(op, max_step, pools, bounds)
+                topo.unit_of(op.stream)  # a stream the system lacks is named
                 dynamic = dynamic or bool(op.alloc or op.free)
         if dynamic:
             self._check_alloc_balance()
@@ -294,7 +305,7 @@ class PlanBuilder:
             if estimate > ESTIMATE_MARGIN * self.max_ops:
                 raise too_many_ops(estimate, estimated=True)
 
-    def add(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, *, tokens: int = 0,
+    def add(self, kind: OpKind, stream: str, phase: Phase, step: int, layer: int, *, tokens: int = 0,
             flops: int = 0, nbytes: int = 0, deps: tuple[int, ...] = (), micro_batch: int = -1,
             expert: int = -1, payload: Payload = Payload.NONE, kv_tokens: int = 0,
             alloc: tuple[tuple[str, int], ...] = (), free: tuple[tuple[str, int], ...] = ()) -> int:

@@ -22,9 +22,11 @@ import pyarrow.parquet as pq
 
 from sim.errors import SimInputError
 from sim.plan import Op, OpKind, Payload, Phase, Plan, Stream
+from sim.specs import SystemSpec
 from sim.specs.catalog import build_system
 from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
+from sim.topology import topology_of
 from sim.workload import Workload
 
 PLAN_FORMAT = "cox-moe-plan"
@@ -119,6 +121,21 @@ def _enum(kind: str, values: list[Any]) -> list[Any]:
     return out
 
 
+def _streams(system: SystemSpec, values: list[Any]) -> list[str]:
+    """Stream names, each one the plan's system has (the one-GPU machine's as `Stream` members)."""
+    known: dict[Any, str] = {str(m): m for m in Stream}
+    streams = topology_of(system).streams
+    out = []
+    for v in values:
+        hit = known.get(v)
+        if hit is None:
+            if v not in streams:
+                raise SimInputError(f"unknown stream {v!r}; the plan's system has {', '.join(streams)}")
+            hit = known[v] = v
+        out.append(hit)
+    return out
+
+
 def _ints(name: str, values: list[Any]) -> list[int]:
     if any(v is None for v in values):
         raise SimInputError(f"column {name} has empty cells")
@@ -142,7 +159,8 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
         if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 1:
             raise SimInputError(f"metadata {k} must be a non-empty list of integers >= 1")
     workload = Workload(lengths["prompt_lens"].astype(np.int64), lengths["gen_lens"].astype(np.int64))
-    enums = {c: _enum(c, d[c]) for c in _ENUM_COLUMNS}
+    enums = {c: _enum(c, d[c]) for c in _ENUM_COLUMNS if c != "stream"}
+    enums["stream"] = _streams(system, d["stream"])
     ints = {c: _ints(c, d[c]) for c in _INT_COLUMNS}
     for which in ("alloc", "free"):
         for i in range(rows):

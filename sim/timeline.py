@@ -10,10 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from sim.plan import STREAMS, Op
+from sim.plan import Op, streams_of
 
 TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "cpu_experts": "CPU (AMX) experts",
                "h2d": "PCIe H2D weights", "h2d_act": "PCIe H2D activations", "d2h": "PCIe D2H"}
+
+
+def track_name(stream: str) -> str:
+    """A stream's track label: the one-GPU machine's own names; other streams (gpu1, p2p_gpu_gpu1) as named."""
+    return TRACK_NAMES.get(str(stream), str(stream))
 
 
 def _label(op: Op) -> str:
@@ -28,10 +33,11 @@ def chrome_trace_events(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray,
                         process_name: str = "cox-moe simulation") -> list[dict[str, Any]]:
     """Complete ('X') events in microseconds, plus metadata naming the process and each stream's track."""
     events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": process_name}}]
-    for tid, stream in enumerate(STREAMS):
+    order = streams_of(ops)
+    for tid, stream in enumerate(order):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
-                       "args": {"name": TRACK_NAMES[str(stream)]}})
-    tids = {s: i for i, s in enumerate(STREAMS)}
+                       "args": {"name": track_name(stream)}})
+    tids = {s: i for i, s in enumerate(order)}
     for op in ops:
         s, e = int(start_ns[op.id]), int(end_ns[op.id])
         events.append({

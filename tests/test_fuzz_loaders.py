@@ -63,6 +63,7 @@ def _preset_dict(name: str) -> dict:
 
 MODEL = _preset_dict("deepseek-v2-lite")
 SYSTEM = _preset_dict("a100-80g-8452y")
+TWO_GPU_SYSTEM = _preset_dict("2x-h100-sxm-nvlink-8480")
 COMPONENTS = {GPUSpec: _preset_dict("a100-80g-pcie"), CPUSpec: _preset_dict("xeon-8452y"),
               LinkSpec: _preset_dict("pcie4x16")}
 
@@ -93,6 +94,27 @@ def test_system_specs(part, data):
         return
     for value in (system.gpu.bf16_flops_per_s, system.cpu.dram_bytes_per_s, system.link.h2d_bytes_per_s):
         assert math.isfinite(value) and value > 0
+
+
+@FAST
+@given(st.sampled_from(["extra_gpus", "peer_links", None]), st.data())
+def test_multi_gpu_system_specs(part, data):
+    """The two-GPU preset with its extra GPU or peer link entry (or the top level) mutated: one-line errors, or
+    a system whose topology builds."""
+    from sim.topology import topology_of
+
+    doc = {k: [dict(e) for e in v] if isinstance(v, list) else v for k, v in TWO_GPU_SYSTEM.items()}
+    if part is None:
+        doc = data.draw(mutated(doc))
+    else:
+        doc[part][0] = data.draw(mutated(doc[part][0]))
+    try:
+        system = build_system("fuzz", doc, "fuzz")
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    topo = topology_of(system)
+    assert all(capacity > 0 for capacity in topo.pools.values()) and set(system.gpu_names) <= set(topo.pools)
 
 
 @FAST

@@ -11,9 +11,10 @@ from sim.api import resolve_routing, simulate, simulate_plan
 from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
-from sim.plan import STREAMS, OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
 from sim.policies import PlanContext, make_policy
 from sim.specs import load_system
+from sim.topology import topology_of
 from sim.workload import Workload
 
 POLICY_CASES = [
@@ -39,7 +40,17 @@ POLICY_CASES = [
     ("coxmoe", {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2", "split": "auto"}),
     ("coxmoe", {"prefill_placement": "cgc", "decode_placement": "cgg", "resident_experts": "0", "split": "gpu",
                 "decode_micro_batch": "3", "prefill_micro_batch": "2"}),
+    ("expert-parallel", {}),
+    ("expert-parallel", {"decode_micro_batch": "3", "prefill_tokens": "20"}),
 ]
+MULTI_GPU = {"expert-parallel"}  # policies that need a system with two or more GPUs
+
+
+def system_for(policy: str, paper_system):
+    return load_system(TWO_GPU_SYSTEM) if policy in MULTI_GPU else paper_system
+
+
+TWO_GPU_SYSTEM = "2x-h100-sxm-nvlink-8480"
 
 
 def test_every_registered_policy_is_covered_here_and_labelled():
@@ -70,7 +81,7 @@ def build(model, system, policy, opts, batch=10, prompt=7, gen=5, routing="zipf:
 def test_every_assignment_is_computed_exactly_once(request, paper_system, policy, opts, which):
     model = request.getfixturevalue(which)
     lens = (np.array([3, 9, 5, 7, 4, 6, 8, 2, 5, 6]), np.array([5, 1, 4, 5, 2, 5, 3, 5, 5, 4]))
-    plan, tr = build(model, paper_system, policy, opts, lens=lens)
+    plan, tr = build(model, system_for(policy, paper_system), policy, opts, lens=lens)
     plan.validate()
     L, E = model.num_moe_layers, model.num_experts
     got = np.zeros((L, E), dtype=np.int64)
@@ -99,18 +110,21 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
 
 @pytest.mark.parametrize("policy, opts", POLICY_CASES)
 def test_engine_respects_streams_deps_and_capacity(tiny_model, paper_system, policy, opts):
-    plan, _ = build(tiny_model, paper_system, policy, opts)
-    rec = run_plan(plan, RooflineCostModel(paper_system))
+    system = system_for(policy, paper_system)
+    plan, _ = build(tiny_model, system, policy, opts)
+    rec = run_plan(plan, RooflineCostModel(system))
     assert (rec.end_ns >= rec.start_ns).all()
     for op in plan.ops:
         for d in op.deps:
             assert rec.start_ns[op.id] >= rec.end_ns[d]
-    for stream in STREAMS:
-        ids = [op.id for op in plan.ops if op.stream is stream]
+    topo = topology_of(system)
+    assert {op.stream for op in plan.ops} <= set(topo.streams)
+    for stream in topo.streams:
+        ids = [op.id for op in plan.ops if op.stream == stream]
         starts, ends = rec.start_ns[ids], rec.end_ns[ids]
         assert (starts[1:] >= ends[:-1]).all(), f"{stream} ran two ops at once"
-    assert rec.peak_bytes["gpu"] <= paper_system.gpu_usable_bytes
-    assert rec.peak_bytes["cpu"] <= paper_system.dram_usable_bytes
+    for pool, capacity in topo.pools.items():
+        assert rec.peak_bytes[pool] <= capacity
     busy = sum(rec.busy_ns.values())
     assert busy == int((rec.end_ns - rec.start_ns).sum())
 

@@ -15,7 +15,8 @@ from experiments.plots import middle_decode_step
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
 from sim.api import SimulationResult, simulate
-from sim.plan import DEVICE_OF, OpKind, Payload, Phase
+from sim.plan import OpKind, Payload, Phase
+from sim.topology import topology_of
 
 MODEL, SYSTEM, ROUTING, PROMPT = "qwen3-30b-a3b", "rtx6000ada-8452y", "preset:qwen3-30b-a3b", 512
 NON_EXPERT = {OpKind.QKV, OpKind.ATTENTION, OpKind.O_PROJ, OpKind.ROUTER}
@@ -39,13 +40,14 @@ def step_latencies(result: SimulationResult) -> dict[str, float]:
     assert plan is not None and rec is not None
     step = middle_decode_step(plan)
     ops = [op for op in plan.ops if op.phase is Phase.DECODE and op.step == step]
+    topo = topology_of(plan.system)
     out = {}
     for name, pick in (("expert", lambda op: op.kind in (OpKind.EXPERT, OpKind.SHARED_EXPERT)
                         or op.payload is Payload.EXPERT_WEIGHTS),
                        ("non_expert", lambda op: op.kind in NON_EXPERT)):
         per_device = {}
         for op in filter(pick, ops):
-            per_device.setdefault(DEVICE_OF[op.stream], []).append(op.id)
+            per_device.setdefault(topo.unit_of(op.stream).name, []).append(op.id)
         out[f"{name}_s"] = max((_union_s(rec.start_ns[ids], rec.end_ns[ids]) for ids in per_device.values()),
                                default=0.0)
     ids = [op.id for op in ops]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from sim.cost.roofline import CostModel
 from sim.errors import SimInputError
-from sim.plan import DEVICE_OF, Device, Op
+from sim.plan import Op
+from sim.topology import UnitKind
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,16 @@ class FrameworkCostModel:
 
     def __init__(self, base: CostModel, factors: FrameworkFactors):
         self.base = base
-        self.factor = {Device.GPU: factors.gpu_time_factor, Device.CPU: factors.cpu_time_factor,
-                       Device.H2D: 1.0, Device.D2H: 1.0}
+        self.topology = base.topology
+        by_kind = {UnitKind.GPU: factors.gpu_time_factor, UnitKind.CPU: factors.cpu_time_factor, UnitKind.LINK: 1.0}
+        self.factor = {stream: by_kind[unit.kind] for stream, unit in self.topology.streams.items()}
 
     def op_time_ns(self, op: Op) -> int:
-        f = self.factor[DEVICE_OF[op.stream]]
+        f = self.factor[op.stream]
         t = self.base.op_time_ns(op)
         return t if f == 1.0 else int(round(t * f))
 
     def usage(self, op: Op) -> tuple[float, float]:
-        f = self.factor[DEVICE_OF[op.stream]]
+        f = self.factor[op.stream]
         first, memory = self.base.usage(op)
         return (first, memory) if f == 1.0 else (min(1.0, first / f), min(1.0, memory / f))

@@ -23,8 +23,9 @@ import pandas as pd
 
 from sim.cost.roofline import RooflineCostModel, seconds_to_ns
 from sim.errors import SimInputError
-from sim.plan import DEVICE_OF, PAGEABLE_PAYLOADS, Device, Op, OpKind, Phase
+from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Phase
 from sim.specs import ModelSpec, SystemSpec
+from sim.topology import UnitKind
 
 PROFILE_VERSION = 1
 GEMM_KINDS = (OpKind.EXPERT, OpKind.QKV, OpKind.O_PROJ, OpKind.ROUTER, OpKind.LM_HEAD)
@@ -93,6 +94,7 @@ class ProfileCostModel:
     def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
                  mean_prompt_len: float | None = None, threads: int | None = None):
         self.fallback = RooflineCostModel(system)
+        self.topology = self.fallback.topology
         self.model = model
         self.dir = Path(profile_dir)
         meta_path, table_path = self.dir / "profile.json", self.dir / "timings.csv"
@@ -141,16 +143,16 @@ class ProfileCostModel:
         self._cache: dict[tuple, int] = {}
         self.hits = self.misses = 0
 
-    @staticmethod
-    def _device(op: Op) -> str | None:
-        d = DEVICE_OF[op.stream]
-        return "cpu" if d is Device.CPU else ("cuda" if d is Device.GPU else None)
+    def _device(self, op: Op) -> str | None:
+        kind = self.topology.unit_of(op.stream).kind
+        return "cpu" if kind is UnitKind.CPU else ("cuda" if kind is UnitKind.GPU else None)
 
     def _lookup(self, op: Op) -> float | None:
-        if op.kind is OpKind.COPY and DEVICE_OF[op.stream] in (Device.H2D, Device.D2H):
-            if op.payload in PAGEABLE_PAYLOADS:  # the executor measures pinned copies only: the roofline prices these
+        unit = self.topology.unit_of(op.stream)
+        if op.kind is OpKind.COPY and unit.kind is UnitKind.LINK:
+            if op.payload in PAGEABLE_PAYLOADS or unit.memory < 0:  # measured: pinned host copies only
                 return None
-            kind = "copy_h2d_pinned" if DEVICE_OF[op.stream] is Device.H2D else "copy_d2h_pinned"
+            kind = "copy_h2d_pinned" if unit.spec.src == "cpu" else "copy_d2h_pinned"
             table = self.gemm.get(("cuda", kind))
             if table is None or op.bytes <= 0:
                 return None

@@ -12,14 +12,17 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from sim.plan import DEVICE_OF, PAGEABLE_PAYLOADS, Device, Op, OpKind, Payload, Stream
+from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Payload
 from sim.specs import SystemSpec
+from sim.topology import Topology, Unit, UnitKind, topology_of
 
 _CPU_VECTOR_KINDS = frozenset({OpKind.ATTENTION, OpKind.EMBED})
 
 
 class CostModel(Protocol):
-    """Anything that prices an op in integer nanoseconds and says what it uses of its device."""
+    """Anything that prices an op in integer nanoseconds and says what it uses of its unit, on a topology."""
+
+    topology: Topology
 
     def op_time_ns(self, op: Op) -> int: ...
 
@@ -30,54 +33,90 @@ def seconds_to_ns(seconds: float) -> int:
     return int(math.ceil(seconds * 1e9))
 
 
+class _Rates:
+    """Achievable rates of the unit one stream runs on, computed once per stream."""
+
+    __slots__ = ("kind", "flops", "vector_flops", "bw", "attention_bw", "overhead", "pageable_bw", "memory_bw")
+
+    def __init__(self, unit: Unit, host_bw: float):
+        self.kind = unit.kind
+        self.pageable_bw = 0.0
+        self.memory_bw = host_bw  # the host DRAM a host-link DMA draws from
+        spec = unit.spec
+        if unit.kind is UnitKind.GPU:
+            self.flops = self.vector_flops = spec.bf16_flops_per_s * spec.gemm_efficiency
+            self.bw = self.attention_bw = spec.hbm_bytes_per_s * spec.hbm_efficiency
+            self.overhead = spec.kernel_launch_s
+        elif unit.kind is UnitKind.CPU:
+            self.flops, self.vector_flops = spec.gemm_flops_per_s, spec.vector_flops_per_s
+            self.bw, self.attention_bw = spec.dram_bytes_per_s * spec.dram_efficiency, spec.attention_bytes_per_s
+            self.overhead = spec.op_overhead_s
+        else:
+            self.flops = self.vector_flops = 0.0
+            self.bw = self.attention_bw = spec.achievable_bytes_per_s
+            self.overhead = spec.latency_s
+            if unit.memory >= 0:  # a host link: pageable host memory is staged through a pinned buffer
+                self.pageable_bw = self.bw * spec.pageable_ratio
+            else:  # a peer link draws no host DRAM
+                self.memory_bw = 0.0
+
+
 class RooflineCostModel:
-    """Prices ops from the system spec; look-ups are memoised on (kind, stream, flops, bytes)."""
+    """Prices ops from the system's topology (each stream's unit and its spec); look-ups are memoised on
+    (kind, stream, flops, bytes, payload)."""
 
     def __init__(self, system: SystemSpec):
-        gpu, cpu, link = system.gpu, system.cpu, system.link
-        self.gpu_flops = gpu.bf16_flops_per_s * gpu.gemm_efficiency
-        self.gpu_bw = gpu.hbm_bytes_per_s * gpu.hbm_efficiency
-        self.gpu_overhead = gpu.kernel_launch_s
-        self.cpu_gemm_flops = cpu.gemm_flops_per_s
-        self.cpu_vector_flops = cpu.vector_flops_per_s
-        self.cpu_bw = cpu.dram_bytes_per_s * cpu.dram_efficiency
-        self.cpu_attention_bw = cpu.attention_bytes_per_s
-        self.cpu_overhead = cpu.op_overhead_s
-        self.h2d_bw = link.h2d_bytes_per_s * link.h2d_efficiency
-        self.d2h_bw = link.d2h_bytes_per_s * link.d2h_efficiency
-        self.pageable_h2d_bw = self.h2d_bw * link.pageable_ratio
-        self.pageable_d2h_bw = self.d2h_bw * link.pageable_ratio
-        self._pageable = {Device.H2D: self.pageable_h2d_bw, Device.D2H: self.pageable_d2h_bw}
-        self.link_latency = link.latency_s
+        topo = topology_of(system)
+        self.topology = topo
+        self._rates = {stream: _Rates(unit, topo.host_memory_bytes_per_s) for stream, unit in topo.streams.items()}
+        self.cpu_bw = topo.host_memory_bytes_per_s
         self._time: dict[tuple, int] = {}
         self._usage: dict[tuple, tuple[float, float]] = {}
 
-    def roofs(self, kind: OpKind, stream: Stream, flops: int, nbytes: int) -> tuple[float, float, float]:
-        """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone."""
-        device = DEVICE_OF[stream]
-        if device is Device.GPU:
-            return flops / self.gpu_flops, nbytes / self.gpu_bw, self.gpu_overhead
-        if device is Device.CPU:
-            rate = self.cpu_vector_flops if kind in _CPU_VECTOR_KINDS else self.cpu_gemm_flops
-            bw = self.cpu_attention_bw if kind is OpKind.ATTENTION else self.cpu_bw
-            return flops / rate, nbytes / bw, self.cpu_overhead
-        bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
-        return nbytes / bw, 0.0, self.link_latency
+    # The first GPU's, the CPU's and the first host link's rates, for analytic models of one-GPU machines.
+    @property
+    def gpu_flops(self) -> float:
+        return self._rates["gpu"].flops
 
-    def seconds(self, kind: OpKind, stream: Stream, flops: int, nbytes: int,
+    @property
+    def gpu_bw(self) -> float:
+        return self._rates["gpu"].bw
+
+    @property
+    def cpu_vector_flops(self) -> float:
+        return self._rates["cpu"].vector_flops
+
+    @property
+    def h2d_bw(self) -> float:
+        return self._rates["h2d"].bw
+
+    def rates(self, stream: str) -> _Rates:
+        r = self._rates.get(stream)
+        if r is None:
+            self.topology.unit_of(stream)  # raises, naming the system's streams
+        return r
+
+    def roofs(self, kind: OpKind, stream: str, flops: int, nbytes: int) -> tuple[float, float, float]:
+        """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone."""
+        r = self.rates(stream)
+        if r.kind is UnitKind.GPU:
+            return flops / r.flops, nbytes / r.bw, r.overhead
+        if r.kind is UnitKind.CPU:
+            rate = r.vector_flops if kind in _CPU_VECTOR_KINDS else r.flops
+            bw = r.attention_bw if kind is OpKind.ATTENTION else r.bw
+            return flops / rate, nbytes / bw, r.overhead
+        return nbytes / r.bw, 0.0, r.overhead
+
+    def seconds(self, kind: OpKind, stream: str, flops: int, nbytes: int,
                 payload: Payload = Payload.NONE) -> float:
         if kind is OpKind.ROUTER and not flops and not nbytes:
             return 0.0  # a dense (one-expert) model's router is a placeholder: no kernel runs, no launch cost
         if payload in PAGEABLE_PAYLOADS and kind is OpKind.COPY:
-            bw = self._pageable_bw(DEVICE_OF[stream])
-            if bw:
-                return nbytes / bw + self.link_latency
+            r = self.rates(stream)
+            if r.pageable_bw:
+                return nbytes / r.pageable_bw + r.overhead
         compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
         return max(compute, memory) + fixed
-
-    def _pageable_bw(self, device: Device) -> float:
-        """A copy's rate when host memory is pageable (0 for devices that are not a PCIe direction)."""
-        return self._pageable.get(device, 0.0)
 
     def op_time_ns(self, op: Op) -> int:
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
@@ -87,31 +126,31 @@ class RooflineCostModel:
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:
-        """Shares of the device's (compute, memory) resources the op keeps busy when it runs alone: the
-        binding roof at 1, the other in proportion. The fixed overhead scales with the op's speed."""
+        """Shares of the unit's (own, memory) resources the op keeps busy when it runs alone: the binding roof
+        at 1, the other in proportion. The fixed overhead scales with the op's speed."""
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._usage.get(key)
         if hit is None:
-            device = DEVICE_OF[op.stream]
-            if device in (Device.H2D, Device.D2H):  # the link at full rate; DMA draws that rate from host DRAM
-                full_bw = self.h2d_bw if device is Device.H2D else self.d2h_bw
-                link_bw = dram_bytes_per_s = full_bw
-                if op.payload in PAGEABLE_PAYLOADS:  # bounce buffer: 3 passes over DRAM (memcpy read + write, DMA)
-                    link_bw = self._pageable_bw(device)
+            r = self.rates(op.stream)
+            if r.kind is UnitKind.LINK:  # the link at full rate; a host DMA draws that rate from host DRAM
+                link_bw = dram_bytes_per_s = r.bw
+                if op.payload in PAGEABLE_PAYLOADS and r.pageable_bw:  # bounce buffer: 3 passes over DRAM
+                    link_bw = r.pageable_bw
                     dram_bytes_per_s = 3 * link_bw
-                hit = (link_bw / full_bw, min(1.0, dram_bytes_per_s / self.cpu_bw)) if op.bytes else (0.0, 0.0)
+                memory = min(1.0, dram_bytes_per_s / r.memory_bw) if r.memory_bw else 0.0
+                hit = (link_bw / r.bw, memory) if op.bytes else (0.0, 0.0)
             else:
                 compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
                 top = max(compute, memory)
-                if device is Device.CPU:  # the share of the DRAM's capacity, whatever rate the kernel reaches
-                    memory = op.bytes / self.cpu_bw
+                if r.kind is UnitKind.CPU:  # the share of the DRAM's capacity, whatever rate the kernel reaches
+                    memory = op.bytes / r.bw
                 hit = (compute / top, memory / top) if top > 0 else (0.0, 0.0)
             self._usage[key] = hit
         return hit
 
     def bound(self, op: Op) -> str:
         """'compute', 'memory' or 'transfer': which roof sets the op's time."""
-        if DEVICE_OF[op.stream] in (Device.H2D, Device.D2H):
+        if self.rates(op.stream).kind is UnitKind.LINK:
             return "transfer"
         compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
         return "compute" if compute >= memory else "memory"

@@ -4,6 +4,7 @@ from sim.errors import SimInputError
 from sim.policies.base import PlanContext, Policy, parse_kv_pairs, parse_options
 from sim.policies.coxmoe import CoxMoePolicy
 from sim.policies.cpu_only import CpuOnlyPolicy
+from sim.policies.expert_parallel import ExpertParallelPolicy
 from sim.policies.fiddler import FiddlerPolicy
 from sim.policies.flexgen import FlexGenPolicy
 from sim.policies.gpu_only import GpuOnlyPolicy
@@ -14,7 +15,7 @@ from sim.policies.stream_experts import StreamExpertsPolicy
 # order is the order of `compare`'s table.
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
                                                               FiddlerPolicy, StreamExpertsPolicy, GpuOnlyPolicy,
-                                                              CpuOnlyPolicy)}
+                                                              CpuOnlyPolicy, ExpertParallelPolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:

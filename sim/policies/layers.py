@@ -13,10 +13,11 @@ from typing import NamedTuple
 import numpy as np
 
 from sim.cost import OpWork, Work
-from sim.plan import DEVICE_OF, Device, Op, OpKind, Payload, Phase, PlanBuilder, Stream
+from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
 
 GPU, CPU, H2D, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H
+CPU_STREAMS = frozenset({Stream.CPU, Stream.CPU_EXPERTS})  # a copy there is a host memcpy (read + write)
 
 
 def split_by_tokens(requests: np.ndarray, lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
@@ -118,10 +119,10 @@ class LayerEmitter:
         return self._op(OpKind.ATTENTION, stream, at.phase, at.step, at.layer, at.mb, s.tokens,
                         self.w.attention(s.tokens, s.kv_attended, s.kv_read), deps, kv_tokens=s.kv_read)
 
-    def xfer(self, stream: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
+    def xfer(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
              tokens: int = 0) -> int:
         """A copy over PCIe (`h2d`, `h2d_act`, `d2h`), or a host memcpy on a CPU stream (pinned staging)."""
-        flops_bytes = (0, 2 * nbytes) if DEVICE_OF[stream] is Device.CPU else (0, nbytes)
+        flops_bytes = (0, 2 * nbytes) if stream in CPU_STREAMS else (0, nbytes)
         op_id = self.b.next_id(at.step)
         self.ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
                            flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
@@ -131,7 +132,7 @@ class LayerEmitter:
              deps: tuple[int, ...], tokens: int = 0) -> int:
         return self.xfer(stream, At(phase, step, layer, mb), nbytes, payload, deps, tokens)
 
-    def experts(self, stream: Stream, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
+    def experts(self, stream: str, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
                 deps: tuple[int, ...], ready: Callable[[int], int] | None = None) -> int:
         """One op per listed expert that received tokens; returns the last op (or -1 if none ran)."""
         last = -1

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from sim.errors import SimInputError
-from sim.specs.hardware import CPUSpec, GPUSpec, LinkSpec, SystemSpec
+from sim.specs.hardware import CPUSpec, ExtraGPUSpec, GPUSpec, LinkSpec, PeerLinkSpec, SystemSpec
 from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 
@@ -64,7 +64,37 @@ def build_system(name: str, entry: dict[str, Any], where: str) -> SystemSpec:
         if key not in fields:
             raise SimInputError(f"{where}: missing field {key}")
         fields[key] = _component(kind, fields[key], f"{where}: {key}")
+    fields["extra_gpus"] = tuple(_extra_gpu(e, f"{where}: extra_gpus[{i}]")
+                                 for i, e in enumerate(_entries(fields, "extra_gpus", where)))
+    fields["peer_links"] = tuple(_peer_link(e, f"{where}: peer_links[{i}]")
+                                 for i, e in enumerate(_entries(fields, "peer_links", where)))
     return _build(SystemSpec, name, fields, where)
+
+
+def _entries(fields: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    value = fields.get(key) or []
+    if not isinstance(value, list | tuple) or not all(isinstance(e, dict) for e in value):
+        raise SimInputError(f"{where}: {key} must be a list of mappings")
+    return list(value)
+
+
+def _extra_gpu(entry: dict[str, Any], where: str) -> ExtraGPUSpec:
+    """{name: gpu1, gpu: PRESET-or-mapping, link: PRESET-or-mapping, reserved_bytes: N}."""
+    fields = dict(entry)
+    for key, kind in (("gpu", "gpus"), ("link", "links")):
+        if key not in fields:
+            raise SimInputError(f"{where}: missing field {key}")
+        fields[key] = _component(kind, fields[key], f"{where}: {key}")
+    return validate_spec(ExtraGPUSpec, fields, where)
+
+
+def _peer_link(entry: dict[str, Any], where: str) -> PeerLinkSpec:
+    """{src: gpu, dst: gpu1, link: PRESET-or-mapping}."""
+    fields = dict(entry)
+    if "link" not in fields:
+        raise SimInputError(f"{where}: missing field link")
+    fields["link"] = _component("links", fields["link"], f"{where}: link")
+    return validate_spec(PeerLinkSpec, fields, where)
 
 
 def model_preset(name: str) -> ModelSpec:

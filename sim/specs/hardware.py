@@ -8,6 +8,7 @@ field name to where its number comes from.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from sim.errors import SimInputError
@@ -140,8 +141,41 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class ExtraGPUSpec:
+    """A GPU beyond the first: its name (its stream and memory pool), its spec, its own host link (each GPU of
+    a multi-GPU server has its own x16 slot) and the memory its runtime reserves."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
+
+    name: str
+    gpu: GPUSpec
+    link: LinkSpec
+    reserved_bytes: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reserved_bytes < self.gpu.hbm_bytes:
+            raise SimInputError(f"extra gpu {self.name}: reserved_bytes must be in [0, hbm_bytes)")
+
+
+@dataclass(frozen=True)
+class PeerLinkSpec:
+    """A GPU-to-GPU link (NVLink, or PCIe peer-to-peer through a switch): `link.h2d_*` is the src -> dst
+    direction and `link.d2h_*` the dst -> src one."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
+
+    src: str
+    dst: str
+    link: LinkSpec
+
+
+GPU_NAME = r"gpu[1-9][0-9]?"  # the first GPU is "gpu"; more are gpu1, gpu2, ...
+
+
+@dataclass(frozen=True)
 class SystemSpec:
-    """A machine: one GPU and one CPU socket joined by a host link, plus DRAM capacity and reservations."""
+    """A machine: one GPU and one CPU socket joined by a host link, plus DRAM capacity and reservations;
+    optionally more GPUs (each with its own host link) and peer links between GPUs (`sim/topology.py`)."""
 
     __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 
@@ -153,9 +187,26 @@ class SystemSpec:
     gpu_reserved_bytes: int
     dram_reserved_bytes: int
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    extra_gpus: tuple[ExtraGPUSpec, ...] = ()
+    peer_links: tuple[PeerLinkSpec, ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive(f"system {self.name}", self, ["dram_bytes"])
+        gpus = ["gpu"]
+        for extra in self.extra_gpus:
+            if not re.fullmatch(GPU_NAME, extra.name) or extra.name in gpus:
+                raise SimInputError(f"system {self.name}: extra GPU name {extra.name!r} must be gpu1, gpu2, ... "
+                                    "and unique")
+            gpus.append(extra.name)
+        pairs = set()
+        for peer in self.peer_links:
+            if peer.src not in gpus or peer.dst not in gpus or peer.src == peer.dst:
+                raise SimInputError(f"system {self.name}: peer link {peer.src} -> {peer.dst} must join two of its "
+                                    f"GPUs ({', '.join(gpus)})")
+            pair = frozenset((peer.src, peer.dst))
+            if pair in pairs:
+                raise SimInputError(f"system {self.name}: two peer links join {peer.src} and {peer.dst}")
+            pairs.add(pair)
         if not 0 <= self.gpu_reserved_bytes < self.gpu.hbm_bytes:
             raise SimInputError(f"system {self.name}: gpu_reserved_bytes must be in [0, hbm_bytes)")
         if not 0 <= self.dram_reserved_bytes < self.dram_bytes:
@@ -164,6 +215,10 @@ class SystemSpec:
     @property
     def gpu_usable_bytes(self) -> int:
         return self.gpu.hbm_bytes - self.gpu_reserved_bytes
+
+    @property
+    def gpu_names(self) -> tuple[str, ...]:
+        return ("gpu", *(extra.name for extra in self.extra_gpus))
 
     @property
     def dram_usable_bytes(self) -> int:

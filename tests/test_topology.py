@@ -1,0 +1,145 @@
+"""The machine as a topology: the one-GPU machine keeps its streams and groups; extra GPUs and peer links are
+streams, pools and resource groups that the engine, the cost model and plan files handle without special cases."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sim.api import simulate
+from sim.cost import RooflineCostModel
+from sim.engine import run_plan
+from sim.errors import CapacityError, SimInputError
+from sim.plan import STREAMS, OpKind, Payload, Phase, Plan, PlanBuilder
+from sim.policies.expert_parallel import expert_blocks
+from sim.specs import load_system
+from sim.specs.catalog import build_system
+from sim.topology import UnitKind, topology_of
+from sim.workload import Workload
+
+TWO_GPU = "2x-h100-sxm-nvlink-8480"
+
+
+def _two_gpu_fields(**changes):
+    base = {"gpu": "a100-80g-pcie", "cpu": "xeon-8452y", "link": "pcie4x16", "dram_bytes": 2**39,
+            "gpu_reserved_bytes": 2**30, "dram_reserved_bytes": 2**34,
+            "extra_gpus": [{"name": "gpu1", "gpu": "a100-80g-pcie", "link": "pcie4x16", "reserved_bytes": 2**30}]}
+    return {**base, **changes}
+
+
+def test_the_one_gpu_machine_keeps_its_streams_groups_and_pools(paper_system):
+    topo = topology_of(paper_system)
+    assert topo.stream_order() == tuple(str(s) for s in STREAMS)
+    assert topo.group_sizes == {"gpu": 2, "host": 4}  # (SMs, HBM); (cores, DRAM, PCIe H2D, PCIe D2H)
+    assert topo.pools == {"gpu": paper_system.gpu_usable_bytes, "cpu": paper_system.dram_usable_bytes}
+    # the usage vectors the engine used before the topology: a copy fills its direction and host DRAM
+    assert topo.unit_of("h2d_act").usage_vector((0.5, 0.25), 4) == (0.0, 0.25, 0.5, 0.0)
+    assert topo.unit_of("d2h").usage_vector((0.5, 0.25), 4) == (0.0, 0.25, 0.0, 0.5)
+    assert topo.unit_of("cpu_experts").usage_vector((1.0, 0.3), 4) == (1.0, 0.3, 0.0, 0.0)
+    with pytest.raises(SimInputError, match="stream 'gpu1' does not exist on system a100-80g-8452y"):
+        topo.unit_of("gpu1")
+
+
+def test_a_second_gpu_is_a_stream_a_pool_and_a_group():
+    system = load_system(TWO_GPU)
+    topo = topology_of(system)
+    assert system.gpu_names == ("gpu", "gpu1")
+    assert {"gpu1", "h2d_gpu1", "d2h_gpu1", "p2p_gpu_gpu1", "p2p_gpu1_gpu"} <= set(topo.streams)
+    assert topo.group_sizes["gpu1"] == 2 and topo.group_sizes["host"] == 6  # its host link draws host DRAM too
+    assert topo.unit_of("gpu1").kind is UnitKind.GPU and topo.pools["gpu1"] == topo.pools["gpu"]
+    peer = topo.unit_of("p2p_gpu_gpu1")
+    assert peer.kind is UnitKind.LINK and peer.memory == -1 and (peer.spec.src, peer.spec.dst) == ("gpu", "gpu1")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"extra_gpus": [{"name": "gpu", "gpu": "t4", "link": "pcie3x16", "reserved_bytes": 0}]}, "gpu1, gpu2"),
+    ({"extra_gpus": [{"name": "gpu1", "gpu": "t4", "link": "pcie3x16", "reserved_bytes": 0}] * 2}, "unique"),
+    ({"peer_links": [{"src": "gpu", "dst": "gpu7", "link": "pcie4x16"}]}, "must join two of its GPUs"),
+    ({"peer_links": [{"src": "gpu", "dst": "gpu1", "link": "pcie4x16"},
+                     {"src": "gpu1", "dst": "gpu", "link": "pcie4x16"}]}, "two peer links join"),
+    ({"peer_links": [{"src": "gpu", "dst": "gpu1"}]}, "missing field link"),
+    ({"extra_gpus": "gpu1"}, "extra_gpus must be a list of mappings"),
+    ({"extra_gpus": [{"name": "gpu1", "gpu": "t4", "link": "pcie3x16", "reserved_bytes": 2**40}]},
+     "reserved_bytes must be in"),
+])
+def test_bad_multi_gpu_systems_are_one_line_errors(changes, message):
+    with pytest.raises(SimInputError, match=message):
+        build_system("bad", _two_gpu_fields(**changes), "test system")
+
+
+def _hand_plan(model, system, ops_spec, gen=2):
+    b = PlanBuilder()
+    for stream, kind, nbytes, flops in ops_spec:
+        b.add(kind, stream, Phase.DECODE, 1, 0, tokens=4 if kind is not OpKind.COPY else 0, flops=flops,
+              nbytes=nbytes, payload=Payload.ACTIVATIONS if kind is OpKind.COPY else Payload.NONE)
+    return Plan("hand", {}, model, system, Workload.uniform(4, 1, gen), b.ops, {"gpu": {}, "cpu": {}})
+
+
+def test_two_gpus_run_side_by_side_and_their_host_links_share_dram(tiny_model):
+    system = load_system(TWO_GPU)
+    cost = RooflineCostModel(system)
+    alone = _hand_plan(tiny_model, system, [("gpu", OpKind.EXPERT, 10**9, 10**12)])
+    both = _hand_plan(tiny_model, system, [("gpu", OpKind.EXPERT, 10**9, 10**12),
+                                           ("gpu1", OpKind.EXPERT, 10**9, 10**12)])
+    t_alone = run_plan(alone, cost).end_ns[0]
+    rec = run_plan(both, cost)
+    assert rec.end_ns.tolist() == [t_alone, t_alone]  # separate groups: no contention
+    # two host links copying at once: each at its own link's rate while host DRAM has room for both
+    nbytes = 10**9
+    one = run_plan(_hand_plan(tiny_model, system, [("h2d", OpKind.COPY, nbytes, 0)]), cost).end_ns[0]
+    two = run_plan(_hand_plan(tiny_model, system, [("h2d", OpKind.COPY, nbytes, 0),
+                                                   ("h2d_gpu1", OpKind.COPY, nbytes, 0)]), cost)
+    assert two.end_ns.tolist() == [one, one]
+    dram_use = cost.usage(two_plan_op := _hand_plan(tiny_model, system, [("h2d_gpu1", OpKind.COPY, nbytes, 0)]).ops[0])
+    assert dram_use[1] > 0 and two_plan_op.stream == "h2d_gpu1"
+    # ... and a peer copy draws no host DRAM
+    peer_op = _hand_plan(tiny_model, system, [("p2p_gpu_gpu1", OpKind.COPY, nbytes, 0)]).ops[0]
+    assert cost.usage(peer_op) == (1.0, 0.0)
+    peer = topology_of(system).unit_of("p2p_gpu_gpu1").spec
+    assert cost.op_time_ns(peer_op) == int(np.ceil((nbytes / peer.achievable_bytes_per_s + peer.latency_s) * 1e9))
+
+
+def test_a_plan_on_a_stream_the_system_lacks_is_refused(tiny_model, paper_system):
+    plan = _hand_plan(tiny_model, paper_system, [("gpu1", OpKind.EXPERT, 10, 10)])
+    with pytest.raises(SimInputError, match="stream 'gpu1' does not exist on system a100-80g-8452y"):
+        plan.check()
+
+
+def test_expert_parallel_uses_the_peer_link_or_stages_through_the_host(tiny_model, tmp_path):
+    """The peer link when there is one; without it D2H then the other GPU's H2D (and back). Plans on a two-GPU
+    system save and load (the extra GPU and peer link travel in the file's system spec)."""
+    from sim.plan_io import load_plan, save_plan
+
+    with_link = load_system(TWO_GPU)
+    without = dataclasses.replace(with_link, name="no-peer", peer_links=())
+    kw = dict(batch=6, prompt_len=5, gen_len=3, routing="uniform", keep_plan=True)
+    linked = simulate(tiny_model, with_link, "expert-parallel", **kw)
+    staged = simulate(tiny_model, without, "expert-parallel", **kw)
+    streams = {op.stream for op in linked.plan.ops}
+    assert {"gpu1", "p2p_gpu_gpu1", "p2p_gpu1_gpu"} <= streams and "d2h" not in streams
+    assert {"gpu1", "d2h", "h2d_gpu1", "d2h_gpu1", "h2d"} <= {op.stream for op in staged.plan.ops}
+    assert linked.total_s < staged.total_s  # NVLink beats two PCIe hops
+    assert set(linked.static_memory) == {"gpu", "cpu", "gpu1"} and linked.busy_s["gpu1"] > 0
+    path = tmp_path / "ep.parquet"
+    save_plan(linked.plan, path)
+    back = load_plan(path)
+    assert [op.stream for op in back.ops] == [op.stream for op in linked.plan.ops]
+    assert back.system == with_link
+
+
+def test_expert_parallel_refuses_one_gpu_and_names_the_full_gpu(tiny_model, paper_system, mixtral):
+    with pytest.raises(SimInputError, match="has one GPU"):
+        simulate(tiny_model, paper_system, "expert-parallel", batch=2, prompt_len=2, gen_len=2)
+    small = build_system("2x-t4", _two_gpu_fields(gpu="t4", extra_gpus=[
+        {"name": "gpu1", "gpu": "t4", "link": "pcie3x16", "reserved_bytes": 2**30}]), "test")
+    with pytest.raises(CapacityError, match=r"GPU \(t4\) for expert-parallel"):
+        simulate(mixtral, small, "expert-parallel", batch=2, prompt_len=2, gen_len=2)
+
+
+def test_expert_blocks_cover_every_expert_once():
+    for experts, gpus in ((8, 2), (60, 4), (5, 3), (128, 8)):
+        blocks = expert_blocks(experts, tuple(f"g{i}" for i in range(gpus)))
+        assert np.array_equal(np.sort(np.concatenate(blocks)), np.arange(experts))
+        assert max(b.size for b in blocks) - min(b.size for b in blocks) <= 1
