@@ -75,13 +75,9 @@ class PlanInterpreter:
         self._scopes_lock = threading.Lock()
 
     def scope(self, op: Op) -> list[int]:
-        """Requests an op works on: its micro-batch (or all), those still generating at a decode step."""
-        wl = self.plan.workload
-        group = (self.plan.micro_batches[str(op.phase)][op.micro_batch] if op.micro_batch >= 0
-                 else np.arange(wl.batch))
-        if op.phase is Phase.DECODE:
-            group = group[wl.gen_lens[group] > op.step]
-        return [int(r) for r in group]
+        """Requests an op works on (`Plan.scope_of`: its explicit scope, else its micro-batch or all), those
+        still generating at a decode step."""
+        return [int(r) for r in self.plan.scope_of(op)[0]]
 
     def run(self) -> Outputs:
         for op in self.plan.ops:
@@ -170,8 +166,9 @@ class PlanInterpreter:
                     st.y += o.to(st.y.device)
 
     def _expert(self, op: Op, lw, requests: list[int], dev: str) -> None:
-        """Gather the scope's tokens routed to `op.expert`, one GEMM chain, weighted scatter-add back."""
-        key = (op.phase, op.step, op.layer, op.micro_batch, dev)
+        """Gather the scope's tokens routed to `op.expert` (the op's shard of them), one GEMM chain, weighted
+        scatter-add back."""
+        key = (op.phase, op.step, op.layer, op.micro_batch, op.scope, dev)
         with self._scopes_lock:
             batch = self._scopes.get(key)
             if batch is None:
@@ -180,7 +177,8 @@ class PlanInterpreter:
                     del self._scopes[k]
                 batch = self._scopes[key] = _ScopeBatch([self.state[r] for r in requests], dev)
         with batch.lock:  # two CPU workers may add into one scope's accumulator
-            routed = K.expert_scatter(lw, op.expert, batch.x, batch.ids, batch.gates, batch.y)
+            _, shard, shards = self.plan.scope_of(op)
+            routed = K.expert_scatter(lw, op.expert, batch.x, batch.ids, batch.gates, batch.y, shard, shards)
         if routed != op.tokens:
             raise ValueError(f"plan op {op.id} runs expert {op.expert} on {op.tokens} tokens; the trace routes "
                              f"{routed} of its scope there")

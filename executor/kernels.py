@@ -7,6 +7,7 @@ the chosen experts (or the trace's gate weights when it has them).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -134,10 +135,14 @@ def expert(lw: LayerWeights, e: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def expert_scatter(lw: LayerWeights, e: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
-                   y: torch.Tensor) -> int:
-    """One expert op as the executor runs it: find the scope's tokens routed to `e` (ids [N, k]), run the
-    expert on them, add the gate-weighted outputs into the fp32 accumulator y [N, h]. Returns the tokens."""
+                   y: torch.Tensor, shard: int = 0, shards: int = 1) -> int:
+    """One expert op as the executor runs it: find the scope's tokens routed to `e` (ids [N, k]), take shard
+    `shard` of `shards` of them (contiguous, sizes as np.array_split), run the expert on them, add the
+    gate-weighted outputs into the fp32 accumulator y [N, h]. Returns the tokens."""
     t, j = torch.nonzero(ids == e, as_tuple=True)
+    if shards > 1:
+        part = torch.from_numpy(np.array_split(np.arange(t.numel()), shards)[shard]).to(t.device)
+        t, j = t[part], j[part]
     if t.numel():
         y.index_add_(0, t, expert(lw, e, x[t]).float() * gates[t, j].float()[:, None])
     return int(t.numel())

@@ -222,6 +222,9 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
         plan.check()
     ops = plan.ops
     n = len(ops)
+    prepare = getattr(cost, "prepare", None)  # a cost model that reads scopes from the plan (profiles)
+    if prepare is not None:
+        prepare(plan)
     durations = [cost.op_time_ns(op) for op in ops]
     usage_of = cost.usage
     start = [-1] * n

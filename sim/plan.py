@@ -120,6 +120,28 @@ class Op:
     kv_tokens: int = 0
     alloc: tuple[tuple[str, int], ...] = ()
     free: tuple[tuple[str, int], ...] = ()
+    scope: int = -1  # index into Plan.scopes; -1: the op's micro-batch (all requests for -1) at its step
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The tokens an op works on, named explicitly: a phase and step, a set of requests (at a decode step, those
+    still generating; in prefill, their prompts), and for an expert op shard `shard` of `shards` of the tokens
+    those requests route to its expert (contiguous parts in (row, slot) order, sizes as `np.array_split`).
+    Explicit scopes let one expert's tokens be split between devices and experts batch differently from
+    attention (several micro-batches' tokens in one expert op)."""
+
+    phase: Phase
+    step: int
+    requests: np.ndarray
+    shard: int = 0
+    shards: int = 1
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scope) and (self.phase, self.step, self.shard, self.shards) == (
+            other.phase, other.step, other.shard, other.shards) and np.array_equal(self.requests, other.requests)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -136,6 +158,22 @@ class Plan:
     micro_batches: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # Decode steps in the workload per decode step in `ops` (> 1 when only a sample of steps was planned).
     decode_scale: float = 1.0
+    scopes: list[Scope] = field(default_factory=list)  # explicit scopes ops point at (Op.scope)
+
+    def scope_of(self, op: Op) -> tuple[np.ndarray, int, int]:
+        """(requests, shard, shards) of an op, the one definition both engines use: its explicit scope, else its
+        micro-batch (every request for -1); at a decode step only the requests still generating."""
+        wl = self.workload
+        if op.scope >= 0:
+            sc = self.scopes[op.scope]
+            group, shard, shards = sc.requests, sc.shard, sc.shards
+        else:
+            group = (self.micro_batches[str(op.phase)][op.micro_batch] if op.micro_batch >= 0
+                     else np.arange(wl.batch))
+            shard, shards = 0, 1
+        if op.phase is Phase.DECODE:
+            group = group[wl.gen_lens[group] > op.step]
+        return group, shard, shards
 
     def static_bytes(self, pool: str) -> int:
         return int(sum(self.static_memory.get(pool, {}).values()))
@@ -181,18 +219,45 @@ class Plan:
         bounds = _ScopeBounds.of(self)
         layers, experts, groups = bounds.layers, bounds.experts, bounds.groups
         tokens_max, kv_max = bounds.tokens, bounds.kv
+        self._check_scopes(max_step)
         dynamic = False
         for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
             d = op.phase is decode
             if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and 0 <= op.tokens <= tokens_max[d]
                     and 0 <= op.kv_tokens <= kv_max[d] and (not d or 1 <= op.step <= max_step)
                     and -1 <= op.layer <= layers and -1 <= op.expert < experts
-                    and -1 <= op.micro_batch < groups[d] and op.stream in streams) or op.alloc or op.free:
+                    and -1 <= op.micro_batch < groups[d] and op.stream in streams and op.scope < 0) \
+                    or op.alloc or op.free:
                 self._check_op(op, max_step, pools, bounds)
                 topo.unit_of(op.stream)  # a stream the system lacks is named
+                self._check_op_scope(op)
                 dynamic = dynamic or bool(op.alloc or op.free)
         if dynamic:
             self._check_alloc_balance()
+
+    def _check_scopes(self, max_step: int) -> None:
+        batch = self.workload.batch
+        for k, sc in enumerate(self.scopes):
+            r = np.asarray(sc.requests)
+            if not isinstance(sc.phase, Phase) or r.ndim != 1 or r.dtype.kind not in "iu" or r.size == 0 or (
+                    r.min() < 0 or r.max() >= batch or np.unique(r).size != r.size):
+                raise SimInputError(f"plan scope {k}: needs a phase and distinct request ids in 0..{batch - 1}")
+            if not (0 <= sc.shard < sc.shards) or (sc.phase is Phase.DECODE and not 1 <= sc.step <= max_step) or (
+                    sc.phase is Phase.PREFILL and sc.step != 0):
+                raise SimInputError(f"plan scope {k}: shard {sc.shard} of {sc.shards} at {sc.phase} step {sc.step} "
+                                    f"is not a shard of a step the workload has")
+
+    def _check_op_scope(self, op: Op) -> None:
+        if op.scope < 0:
+            return
+        if op.scope >= len(self.scopes):
+            raise SimInputError(f"plan op {op.id}: scope {op.scope} does not exist ({len(self.scopes)} scopes)")
+        sc = self.scopes[op.scope]
+        if (sc.phase, sc.step) != (op.phase, op.step):
+            raise SimInputError(f"plan op {op.id}: at {op.phase} step {op.step}, its scope {op.scope} at "
+                                f"{sc.phase} step {sc.step}")
+        if sc.shards > 1 and op.kind is not OpKind.EXPERT:
+            raise SimInputError(f"plan op {op.id}: only expert ops work on a shard of their scope's tokens")
 
     def _check_alloc_balance(self) -> None:
         """No dynamic allocation is freed twice: no pool frees more than it holds at any point (an allocation

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.errors import SimInputError
-from sim.plan import Op, OpKind, Payload, Phase, Plan, Stream
+from sim.plan import Op, OpKind, Payload, Phase, Plan, Scope, Stream
 from sim.specs import SystemSpec
 from sim.specs.catalog import build_system
 from sim.specs.model import ModelSpec
@@ -40,6 +40,7 @@ def _table(ops: list[Op]) -> pa.Table:
     cols: dict[str, Any] = {c: pa.array([getattr(op, c) for op in ops], pa.int64()) for c in _INT_COLUMNS}
     for c in _ENUM_COLUMNS:
         cols[c] = pa.array([str(getattr(op, c)) for op in ops], pa.string()).dictionary_encode()
+    cols["scope"] = pa.array([op.scope for op in ops], pa.int64())
     cols["deps"] = pa.array([list(op.deps) for op in ops], pa.list_(pa.int64()))
     for which in ("alloc", "free"):
         cols[f"{which}_pool"] = pa.array([[p for p, _ in getattr(op, which)] for op in ops], pa.list_(pa.string()))
@@ -56,6 +57,8 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
         "prompt_lens": plan.workload.prompt_lens.tolist(), "gen_lens": plan.workload.gen_lens.tolist(),
         "static_memory": plan.static_memory, "decode_scale": plan.decode_scale,
         "micro_batches": {k: [g.tolist() for g in v] for k, v in plan.micro_batches.items()},
+        "scopes": [{"phase": str(sc.phase), "step": sc.step, "requests": np.asarray(sc.requests).tolist(),
+                    "shard": sc.shard, "shards": sc.shards} for sc in plan.scopes],
     }
     table = _table(plan.ops).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +165,7 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
     enums = {c: _enum(c, d[c]) for c in _ENUM_COLUMNS if c != "stream"}
     enums["stream"] = _streams(system, d["stream"])
     ints = {c: _ints(c, d[c]) for c in _INT_COLUMNS}
+    ints["scope"] = _ints("scope", d["scope"]) if "scope" in d else [-1] * rows  # files before scopes: none
     for which in ("alloc", "free"):
         for i in range(rows):
             if len(d[f"{which}_pool"][i] or ()) != len(d[f"{which}_bytes"][i] or ()):
@@ -171,7 +175,7 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
            ints["micro_batch"][i], ints["tokens"][i], ints["flops"][i], ints["bytes"][i], tuple(d["deps"][i] or ()),
            ints["expert"][i], enums["payload"][i], ints["kv_tokens"][i],
            tuple(zip(d["alloc_pool"][i] or (), d["alloc_bytes"][i] or (), strict=True)),
-           tuple(zip(d["free_pool"][i] or (), d["free_bytes"][i] or (), strict=True)))
+           tuple(zip(d["free_pool"][i] or (), d["free_bytes"][i] or (), strict=True)), ints["scope"][i])
         for i in range(rows)
     ]
     micro = {k: [np.asarray(g, dtype=np.int64) for g in v] for k, v in meta["micro_batches"].items()}
@@ -179,4 +183,22 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise SimInputError(f"metadata decode_scale must be a number, got {scale!r}")
     return Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro,
-                decode_scale=float(scale))
+                decode_scale=float(scale), scopes=_scopes(meta.get("scopes", [])))
+
+
+def _scopes(raw: Any) -> list[Scope]:
+    """Explicit scopes from the metadata: each a phase, a step, request ids and a shard (checked by Plan.check)."""
+    if not isinstance(raw, list):
+        raise SimInputError("metadata scopes must be a list")
+    out = []
+    for k, sc in enumerate(raw):
+        ok = isinstance(sc, dict) and set(sc) == {"phase", "step", "requests", "shard", "shards"} and all(
+            isinstance(sc[f], int) and not isinstance(sc[f], bool) for f in ("step", "shard", "shards")) and \
+            isinstance(sc["requests"], list) and all(isinstance(r, int) and not isinstance(r, bool)
+                                                     for r in sc["requests"]) and sc["phase"] in ("prefill", "decode")
+        if not ok:
+            raise SimInputError(f"metadata scope {k}: needs phase (prefill/decode), step, requests (ids), shard and "
+                                "shards (integers)")
+        out.append(Scope(Phase(sc["phase"]), sc["step"], np.asarray(sc["requests"], dtype=np.int64), sc["shard"],
+                         sc["shards"]))
+    return out

@@ -192,6 +192,23 @@ def test_plan_out_then_run_plan(capsys, tmp_path):
     assert code == 2 and "not a readable Parquet plan" in err
 
 
+def test_run_plan_verifies_a_plan_against_its_trace(capsys, tmp_path):
+    traces = {}
+    for seed in (0, 1):
+        traces[seed] = str(tmp_path / f"t{seed}.npz")
+        code, _, err = run(capsys, "trace", "gen", "--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "16",
+                           "--gen-len", "4", "--seed", str(seed), "-o", traces[seed])
+        assert code == 0, err
+    plan = tmp_path / "p.parquet"
+    code, _, err = run(capsys, "simulate", "--model", "olmoe-1b-7b", "--system", "a100-80g-8452y", "--policy",
+                       "coxmoe", "--trace", traces[0], "--plan-out", str(plan))
+    assert code == 0, err
+    code, out, err = run(capsys, "run-plan", str(plan), "--verify", traces[0])
+    assert code == 0 and "every assignment of" in out, err
+    code, _, err = run(capsys, "run-plan", str(plan), "--verify", traces[1])  # another routing: counts disagree
+    assert code == 2 and "its scope routes" in err
+
+
 def _tiny_model_file(tmp_path):
     import dataclasses
 

@@ -12,6 +12,7 @@ from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
 from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.plan_verify import verify_assignments
 from sim.policies import PlanContext, make_policy
 from sim.specs import load_system
 from sim.topology import topology_of
@@ -83,6 +84,7 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
     lens = (np.array([3, 9, 5, 7, 4, 6, 8, 2, 5, 6]), np.array([5, 1, 4, 5, 2, 5, 3, 5, 5, 4]))
     plan, tr = build(model, system_for(policy, paper_system), policy, opts, lens=lens)
     plan.validate()
+    verify_assignments(plan, tr)  # per scope: each token's k assignments once, at every step the plan runs
     L, E = model.num_moe_layers, model.num_experts
     got = np.zeros((L, E), dtype=np.int64)
     per_visit: dict[tuple, int] = {}

@@ -109,6 +109,11 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     from sim.timeline import chrome_trace_events, write_chrome_trace
 
     plan = load_plan(args.file)
+    if args.verify:
+        from sim.plan_verify import verify_assignments
+        from traces import load_trace
+
+        verify_assignments(plan, load_trace(args.verify))
     with gc_paused():
         record, metrics = simulate_plan(plan)
     d = {"policy": plan.policy, "knobs": plan.knobs, "model": plan.model.name, "system": plan.system.name,
@@ -121,7 +126,8 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(d)
     else:
-        print(f"{args.file}: {d['policy']} plan of {d['model']} on {d['system']}, {d['num_ops']} ops")
+        print(f"{args.file}: {d['policy']} plan of {d['model']} on {d['system']}, {d['num_ops']} ops"
+              + (f"; every assignment of {args.verify} computed once" if args.verify else ""))
         print(f"  throughput {d['throughput_tok_s']:.1f} tok/s; prefill {d['prefill_s']:.3f} s, "
               f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
     return 0
@@ -187,6 +193,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("run-plan", help="simulate a plan saved with `simulate --plan-out`")
     p.add_argument("file")
+    p.add_argument("--verify", metavar="TRACE", help="first prove the plan computes every expert assignment of this "
+                   "routing trace exactly once (split and merged scopes included)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", type=output_file(".json"),
                    help="write a Chrome-trace JSON timeline (Perfetto)")

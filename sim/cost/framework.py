@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sim.cost.roofline import CostModel
 from sim.errors import SimInputError
-from sim.plan import Op
+from sim.plan import Op, Plan
 from sim.topology import UnitKind
 
 
@@ -41,6 +41,11 @@ class FrameworkCostModel:
         self.topology = base.topology
         by_kind = {UnitKind.GPU: factors.gpu_time_factor, UnitKind.CPU: factors.cpu_time_factor, UnitKind.LINK: 1.0}
         self.factor = {stream: by_kind[unit.kind] for stream, unit in self.topology.streams.items()}
+
+    def prepare(self, plan: Plan) -> None:
+        prepare = getattr(self.base, "prepare", None)
+        if prepare is not None:
+            prepare(plan)
 
     def op_time_ns(self, op: Op) -> int:
         f = self.factor[op.stream]

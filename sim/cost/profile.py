@@ -6,8 +6,9 @@ interpolate their time over tokens in log-log space; decode attention interpolat
 per request). Anything the profile does not cover (other kinds, prefill attention, copies without a CUDA
 profile, token counts beyond the grid) falls back to the roofline. Shared experts and dense FFNs, which the
 profile does not time, take the routed expert's time at their token count scaled by their parameter count.
-Prefill attention is looked up by (requests, prompt length), taking the workload's mean prompt length. CPU
-ops add the executor's measured cost per request in their scope (`overhead_<kind>` rows). This module reads
+Prefill attention is looked up by (requests, mean prompt length) of the op's scope (`Plan.scope_of`, read when
+the engine calls `prepare(plan)`; the workload's mean prompt length without a plan). CPU ops add the
+executor's measured cost per request in their scope (`overhead_<kind>` rows). This module reads
 data only: the simulator never imports the executor.
 """
 
@@ -23,7 +24,7 @@ import pandas as pd
 
 from sim.cost.roofline import RooflineCostModel, seconds_to_ns
 from sim.errors import SimInputError
-from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Phase
+from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Phase, Plan
 from sim.specs import ModelSpec, SystemSpec
 from sim.topology import UnitKind
 
@@ -141,6 +142,9 @@ class ProfileCostModel:
         self.overhead = {str(k).removeprefix("overhead_"): float(v) for k, v in
                          frame[frame["kind"].str.startswith("overhead_")].groupby("kind")["median_s"].first().items()}
         self._cache: dict[tuple, int] = {}
+        self._prefill_cache: dict[tuple, int] = {}
+        self._scope_stats: dict[tuple, tuple[float, float]] = {}
+        self._plan: Plan | None = None
         self.hits = self.misses = 0
 
     def _device(self, op: Op) -> str | None:
@@ -166,11 +170,12 @@ class ProfileCostModel:
             if op.phase is Phase.DECODE:  # grid: (requests, KV entries per request)
                 grid = self.attention.get((device, "attention"))
                 b, kv = np.log(op.tokens), np.log(max(op.kv_tokens / op.tokens, 1.0))
-            else:  # grid: (requests, prompt length); requests from the workload's mean prompt length
+            else:  # grid: (requests, prompt length) of the op's scope (else from the workload's mean length)
                 grid = self.attention.get((device, "attention_prefill"))
-                if not self.mean_prompt_len:
+                stats = self._prefill_scope(op)
+                if stats is None:
                     return None
-                b, kv = np.log(max(op.tokens / self.mean_prompt_len, 1.0)), np.log(self.mean_prompt_len)
+                b, kv = np.log(max(stats[0], 1.0)), np.log(stats[1])
             if grid is None:
                 return None
             lb, lk, lt = grid
@@ -200,15 +205,43 @@ class ProfileCostModel:
             return None
         return scale * float(np.exp(np.interp(x, lx, ly)))
 
+    def prepare(self, plan: Plan) -> None:
+        """Called by the engine before it prices `plan`'s ops: prefill ops then read their requests and prompt
+        lengths from their scopes (`Plan.scope_of`). A new plan drops the prefill prices of the last one."""
+        if plan is not self._plan:
+            self._plan = plan
+            self._prefill_cache.clear()
+            self._scope_stats.clear()
+
+    def _prefill_scope(self, op: Op) -> tuple[float, float] | None:
+        """(requests, mean prompt length) of a prefill op's scope; without a plan, the tokens over the
+        workload's mean prompt length."""
+        if self._plan is None:
+            if not self.mean_prompt_len:
+                return None
+            return op.tokens / self.mean_prompt_len, self.mean_prompt_len
+        key = (op.micro_batch, op.scope)
+        hit = self._scope_stats.get(key)
+        if hit is None:
+            requests = self._plan.scope_of(op)[0]
+            lens = self._plan.workload.prompt_lens[requests]
+            hit = self._scope_stats[key] = (float(requests.size), float(lens.mean()) if lens.size else 1.0)
+        return hit
+
     def _requests(self, op: Op) -> float:
-        """Requests in an op's scope: its tokens in decode; tokens over the mean prompt length in prefill."""
-        if op.phase is Phase.DECODE or not self.mean_prompt_len:
+        """Requests in an op's scope: its tokens in decode (one per request); its scope's in prefill."""
+        if op.phase is Phase.DECODE:
             return float(op.tokens)
-        return op.tokens / self.mean_prompt_len
+        stats = self._prefill_scope(op)
+        return float(op.tokens) if stats is None else stats[0]
 
     def op_time_ns(self, op: Op) -> int:
-        key = (op.kind, op.stream, op.phase is Phase.DECODE, op.tokens, op.kv_tokens, op.flops, op.bytes, op.payload)
-        hit = self._cache.get(key)
+        decode = op.phase is Phase.DECODE
+        key = (op.kind, op.stream, op.tokens, op.kv_tokens, op.flops, op.bytes, op.payload)
+        if not decode:  # a prefill op's price depends on its scope's requests and prompt lengths
+            key += (op.micro_batch, op.scope)
+        cache = self._cache if decode else self._prefill_cache
+        hit = cache.get(key)
         if hit is None:
             seconds = self._lookup(op)
             if seconds is None:
@@ -220,7 +253,7 @@ class ProfileCostModel:
             if self._device(op) == "cpu" and op.kind not in (OpKind.EXPERT, OpKind.ATTENTION):
                 # the executor's cost per request in the scope (attention's profile already loops per request)
                 hit += seconds_to_ns(self.overhead.get(str(op.kind), 0.0) * self._requests(op))
-            self._cache[key] = hit
+            cache[key] = hit
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:

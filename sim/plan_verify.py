@@ -1,0 +1,70 @@
+"""Proof that a plan computes what its routing trace asks: every token's k expert assignments, at every step the
+plan holds, exactly once, including assignments of one expert split between ops (scope shards).
+
+`Plan.check()` is the cheap per-op check that runs before every simulation; this one replays the trace and is
+run on demand (tests, `coxmoe run-plan PLAN --verify TRACE`). Each expert op's assignments are the ones the executor
+computes: its scope's token rows in request order, the (row, slot) pairs routed to its expert in row-major
+order, and of those the op's shard (contiguous parts, sizes as `np.array_split`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim.errors import SimInputError
+from sim.plan import OpKind, Phase, Plan
+from traces import RoutingTrace
+
+
+def scope_rows(plan: Plan, trace: RoutingTrace, phase: Phase, step: int, requests: np.ndarray) -> np.ndarray:
+    """Token rows of `requests` at (phase, step), in request order (prompt positions in prefill)."""
+    return trace.prefill_rows(requests) if phase is Phase.PREFILL else trace.decode_rows(step, requests)
+
+
+def shard_assignments(plan: Plan, trace: RoutingTrace, op) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, slots) of the assignments an expert op computes (see the module docstring)."""
+    requests, shard, shards = plan.scope_of(op)
+    rows = scope_rows(plan, trace, op.phase, op.step, requests)
+    li = plan.model.moe_index(op.layer)
+    t, j = np.nonzero(trace.experts[rows, li] == op.expert)
+    if shards > 1:
+        part = np.array_split(np.arange(t.size), shards)[shard]
+        t, j = t[part], j[part]
+    return rows[t], j
+
+
+def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
+    """Raise SimInputError naming the first assignment computed twice, never, or by an op whose token count
+    disagrees with its shard."""
+    m = plan.model
+    if trace.num_requests < plan.workload.batch:
+        raise SimInputError(f"trace has {trace.num_requests} requests; the plan's workload {plan.workload.batch}")
+    hits = np.zeros((trace.num_tokens, m.num_moe_layers, m.top_k), dtype=np.int16)
+    steps: set[tuple[Phase, int]] = set()
+    for op in plan.ops:
+        if op.kind is OpKind.ROUTER:
+            steps.add((op.phase, op.step))
+        if op.kind is not OpKind.EXPERT:
+            continue
+        rows, slots = shard_assignments(plan, trace, op)
+        if rows.size != op.tokens:
+            raise SimInputError(f"plan op {op.id}: expert {op.expert} layer {op.layer} says {op.tokens} tokens; its "
+                                f"scope routes {rows.size} there")
+        np.add.at(hits, (rows, m.moe_index(op.layer), slots), 1)
+    every = np.arange(plan.workload.batch)
+    expected = np.zeros(trace.num_tokens, dtype=bool)
+    for phase, step in steps:
+        expected[scope_rows(plan, trace, phase, step, every)] = True
+    twice = np.argwhere(hits > 1)
+    if twice.size:
+        row, layer, slot = twice[0]
+        raise SimInputError(f"token row {row}, MoE layer {layer}, slot {slot}: computed {hits[row, layer, slot]} "
+                            "times")
+    missing = np.argwhere(expected[:, None, None] & (hits == 0))
+    if missing.size:
+        row, layer, slot = missing[0]
+        raise SimInputError(f"token row {row}, MoE layer {layer}, slot {slot} (expert "
+                            f"{trace.experts[row, layer, slot]}): never computed")
+    stray = np.argwhere(~expected[:, None, None] & (hits > 0))
+    if stray.size:
+        raise SimInputError(f"token row {stray[0][0]}: computed at a step the plan does not run")
