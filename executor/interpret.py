@@ -168,7 +168,9 @@ class PlanInterpreter:
     def _expert(self, op: Op, lw, requests: list[int], dev: str) -> None:
         """Gather the scope's tokens routed to `op.expert` (the op's shard of them), one GEMM chain, weighted
         scatter-add back."""
-        key = (op.phase, op.step, op.layer, op.micro_batch, op.scope, dev)
+        # CPU workers share a scope's batch (under its lock); each GPU stream has its own, so modelled GPUs that
+        # share one real device never read a batch another CUDA stream is still filling.
+        key = (op.phase, op.step, op.layer, op.micro_batch, op.scope, dev, "cpu" if dev == "cpu" else op.stream)
         with self._scopes_lock:
             batch = self._scopes.get(key)
             if batch is None:

@@ -2,6 +2,7 @@
 
 Compute ops run the layer math (`executor.interpret`) on the device their stream names: CPU streams on the
 CPU (oneDNN picks AMX for bf16 GEMMs where the CPU has it); GPU-stream ops on CUDA when it is available.
+Near-memory (NDP) ops always run emulated on the CPU, and the result says so (`ndp_emulated`).
 Without CUDA, GPU-stream ops run on the CPU and the result says so (`gpu_role_on_cpu`): such timings are
 never GPU timings. Copies move buffers of the plan's byte counts (pinned host memory to and from the GPU)
 on their own CUDA streams; without CUDA they take no time and are recorded as such. Times come from
@@ -36,27 +37,35 @@ class ExecutionResult:
     gpu_role_on_cpu: bool
     wall_s: float
     outputs: Outputs
+    ndp_emulated: bool = False  # near-memory DIMM ops ran on the CPU: not NDP timings
 
     def to_dict(self) -> dict[str, Any]:
-        return {"devices": self.devices, "gpu_role_on_cpu": self.gpu_role_on_cpu, "wall_s": self.wall_s}
+        return {"devices": self.devices, "gpu_role_on_cpu": self.gpu_role_on_cpu, "ndp_emulated": self.ndp_emulated,
+                "wall_s": self.wall_s}
 
 
 class _CudaTimer:
-    """CUDA events around GPU work, resolved to host nanoseconds after a final synchronize."""
+    """CUDA events around GPU work, resolved to host nanoseconds after a final synchronize. Events can only be
+    compared on one device, so each device in use gets its own base event and host time."""
 
-    def __init__(self) -> None:
-        torch.cuda.synchronize()
-        self.base_event = torch.cuda.Event(enable_timing=True)
-        self.base_event.record()
-        torch.cuda.synchronize()
-        self.base_ns = time.perf_counter_ns()
-        self.pairs: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
+    def __init__(self, devices: list[str]) -> None:
+        self.base: dict[str, tuple[torch.cuda.Event, int]] = {}
+        for dev in devices:
+            with torch.cuda.device(dev):
+                torch.cuda.synchronize()
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                torch.cuda.synchronize()
+                self.base[dev] = (event, time.perf_counter_ns())
+        self.pairs: dict[int, tuple[str, torch.cuda.Event, torch.cuda.Event]] = {}
 
     def resolve(self, start: np.ndarray, end: np.ndarray, t0: int) -> None:
-        torch.cuda.synchronize()
-        for i, (a, b) in self.pairs.items():
-            start[i] = int(self.base_event.elapsed_time(a) * 1e6) + self.base_ns - t0
-            end[i] = int(self.base_event.elapsed_time(b) * 1e6) + self.base_ns - t0
+        for dev in self.base:
+            torch.cuda.synchronize(dev)
+        for i, (dev, a, b) in self.pairs.items():
+            base_event, base_ns = self.base[dev]
+            start[i] = int(base_event.elapsed_time(a) * 1e6) + base_ns - t0
+            end[i] = int(base_event.elapsed_time(b) * 1e6) + base_ns - t0
 
 
 def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cuda: bool | None = None,
@@ -76,9 +85,10 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     start = np.zeros(n, dtype=np.int64)
     end = np.zeros(n, dtype=np.int64)
     errors: list[BaseException] = []
-    timer = _CudaTimer() if cuda else None
-    cuda_streams = {s: torch.cuda.Stream(device=_link_device(topo, s, device_of)) for s in streams
-                    if device_of[s] != "cpu" or topo.streams[s].kind is UnitKind.LINK} if cuda else {}
+    stream_device = {s: _link_device(topo, s, device_of) for s in streams
+                     if device_of[s] != "cpu" or topo.streams[s].kind is UnitKind.LINK} if cuda else {}
+    cuda_streams = {s: torch.cuda.Stream(device=d) for s, d in stream_device.items()}
+    timer = _CudaTimer(sorted(set(stream_device.values()))) if cuda else None
     gpu_done_event: dict[int, Any] = {}
     t0 = time.perf_counter_ns()
 
@@ -116,7 +126,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
             else:
                 interp.step(op)
             b.record(cs)
-        timer.pairs[i] = (a, b)
+        timer.pairs[i] = (stream_device[stream], a, b)
         gpu_done_event[i] = b
 
     pinned: dict[int, torch.Tensor] = {}
@@ -124,7 +134,13 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     def _copy(op: Op) -> None:
         """Move op.bytes in the op's direction: between pinned host memory and a GPU, or GPU to GPU."""
         nbytes = max(op.bytes, 1)
-        direction = topo.streams[op.stream].spec
+        unit = topo.streams[op.stream]
+        if unit.kind is not UnitKind.LINK:  # a copy within one GPU (a staging buffer)
+            dev = _pool_device(topo, unit.pool, cuda)
+            torch.empty(nbytes, dtype=torch.uint8, device=dev).copy_(torch.empty(nbytes, dtype=torch.uint8,
+                                                                                 device=dev))
+            return
+        direction = unit.spec
         src, dst = (_pool_device(topo, p, cuda) for p in (direction.src, direction.dst))
         if src == "cpu" or dst == "cpu":
             host = pinned.get(nbytes)
@@ -159,21 +175,23 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
                           peak_bytes={p: plan.static_bytes(p) for p in topo.pools}, events=0)
     devices = {str(s): device_of[s] for s, ids in by_stream.items() if ids}
     gpu_role_on_cpu = not cuda and any(topo.streams[s].kind is UnitKind.GPU for s, ids in by_stream.items() if ids)
-    return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs)
+    ndp = any(topo.streams[s].kind is UnitKind.NDP for s, ids in by_stream.items() if ids)
+    return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs, ndp_emulated=ndp)
 
 
 def _pool_device(topo: Topology, pool: str, cuda: bool) -> str:
-    """The torch device of a memory pool: host memory on the CPU; the n-th GPU's on cuda:n when torch sees that
-    many devices, else on the last one it sees (several modelled GPUs then share one real GPU)."""
+    """The torch device of a memory pool: host memory on the CPU; GPU `gpu` on cuda:0 and `gpuN` on cuda:N when
+    torch sees that many devices, else on the last one it sees (several modelled GPUs then share one real GPU)."""
     if pool == "cpu" or not cuda:
         return "cpu"
-    gpus = [name for name, unit in topo.units.items() if unit.kind is UnitKind.GPU]
-    return f"cuda:{min(gpus.index(pool), torch.cuda.device_count() - 1)}"
+    index = int(pool.removeprefix("gpu") or 0)
+    return f"cuda:{min(index, torch.cuda.device_count() - 1)}"
 
 
 def _torch_device(topo: Topology, stream: str, cuda: bool) -> str:
     """Where a stream's compute ops run: a GPU stream on its GPU's torch device (the CPU without CUDA, labelled
-    `gpu_role_on_cpu`); CPU streams and copy queues on the CPU (copies move bytes on their own CUDA stream)."""
+    `gpu_role_on_cpu`); CPU streams, NDP streams (emulated, `ndp_emulated`) and copy queues on the CPU (copies
+    move bytes on their own CUDA stream)."""
     unit = topo.streams[stream]
     return _pool_device(topo, unit.pool, cuda) if unit.kind is UnitKind.GPU else "cpu"
 

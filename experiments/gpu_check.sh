@@ -12,7 +12,7 @@ import torch
 assert torch.cuda.is_available(), "no CUDA device"
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))
 PY
-python -m pytest -q -p no:cacheprovider tests/test_executor_numerics.py 2>&1 | tee "$OUT/pytest_executor.txt"
+python -m pytest -q -p no:cacheprovider tests/test_executor_numerics.py "tests/test_topology.py::test_the_executor_runs_a_two_gpu_plan" 2>&1 | tee "$OUT/pytest_executor.txt"
 python -m experiments.cli calibrate isa --json > "$OUT/isa.json"
 python -m experiments.cli calibrate profile --model mixtral-8x7b --out "$OUT/profile" --device cuda \
     --rounds 3 --max-tokens 1024 2>&1 | tee "$OUT/profile.txt"

@@ -63,6 +63,7 @@ class SimulationResult:
     decode_steps_total: int = 0
     plan: Plan | None = field(default=None, repr=False)
     record: EngineRecord | None = field(default=None, repr=False)
+    peak_bytes: dict[str, int] = field(default_factory=dict)  # every memory pool's peak (extra GPUs too)
 
     @property
     def throughput_tok_s(self) -> float:
@@ -75,6 +76,7 @@ class SimulationResult:
             "throughput_tok_s": self.throughput_tok_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
             "total_s": self.total_s, "generated_tokens": self.generated_tokens,
             "peak_gpu_bytes": self.peak_gpu_bytes, "peak_cpu_bytes": self.peak_cpu_bytes,
+            "peak_bytes": self.peak_bytes,
             "busy_fraction": self.busy_fraction, "busy_s": self.busy_s, "static_memory": self.static_memory,
             "num_ops": self.num_ops, "events": self.events, "wall_s": self.wall_s,
             "analytic_total_s": (self.search or {}).get("analytic_total_s"), "search": self.search,
@@ -184,7 +186,9 @@ def simulate(*args: Any, cost: CostModel | None = None, keep_plan: bool = False,
     """Simulate one point and return its metrics. The point is a `SimConfig`, or its fields as arguments
     (`simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=64, ...)`); `cost` overrides the cost model
     (default: the config's profile, else the roofline) and `keep_plan` keeps the plan and engine record."""
-    if len(args) == 1 and isinstance(args[0], SimConfig) and not settings:
+    if args and isinstance(args[0], SimConfig):
+        if len(args) > 1 or settings:
+            raise TypeError("simulate() takes a SimConfig or its fields, not both (use config.replace(...))")
         config = args[0]
     else:
         config = SimConfig(*args, **settings)
@@ -216,6 +220,7 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
         model=m.name, system=s.name, policy=pol.name, knobs=plan.knobs, workload=wl.to_dict(),
         routing=routing_name, seed=c.seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
+        peak_bytes=dict(record.peak_bytes),
         static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, search=search,
         decode_steps_simulated=len(ctx.steps()), decode_steps_total=ctx.decode_steps_total,
         wall_s=time.perf_counter() - t0, plan=plan if keep_plan else None, record=record if keep_plan else None,

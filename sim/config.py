@@ -12,12 +12,15 @@ front end knows it. Each field's metadata carries:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sim.errors import SimInputError
 
@@ -72,7 +75,7 @@ def _setting(default: Any = dataclasses.MISSING, *, help: str, group: str, parse
     return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class SimConfig:
     """A (model, system, policy, workload, routing, cost model) point. Names are preset names or file paths
     (specs and traces as objects are accepted too, for the Python API); `point()` is its JSON form."""
@@ -115,29 +118,65 @@ class SimConfig:
         opts = self.policy_options or {}
         if not isinstance(opts, Mapping):
             raise SimInputError(f"policy options must be a mapping of KEY to VALUE, got {opts!r}")
-        object.__setattr__(self, "policy_options", {str(k): str(v).lower() if isinstance(v, bool) else str(v)
-                                                    for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
+        for key, value in opts.items():
+            if value is None or isinstance(value, Mapping | list | tuple):
+                raise SimInputError(f"policy option {key}: needs a value (a string, number or boolean), got "
+                                    f"{value!r}")
+        self._set("policy_options", {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+                                     for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
         for name in ("batch", "seed", "decode_sample"):
             low = 1 if name == "batch" else 0
             value = getattr(self, name)
             if value is None and name == "batch":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise SimInputError(f"{name} must be an integer >= {low}, got {value!r}")
+            self._set(name, self._integer(name, value, low, f"an integer >= {low}"))
         for name in ("prompt_len", "gen_len"):
             value = getattr(self, name)
             if value is None or isinstance(value, str) and value.split(":", 1)[0] in LENGTH_FORMS:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SimInputError(f"{name} must be an integer >= 1 or a distribution "
-                                    f"({', '.join(f + ':...' for f in LENGTH_FORMS)}), got {value!r}")
+            forms = ", ".join(f + ":..." for f in LENGTH_FORMS)
+            self._set(name, self._integer(name, value, 1, f"an integer >= 1 or a distribution ({forms})"))
         rp = self.reuse_prob
+        if isinstance(rp, str):
+            with contextlib.suppress(ValueError):  # not a number: refused below, naming it
+                rp = probability(rp)
+        if isinstance(rp, np.integer | np.floating):
+            rp = float(rp)
         if isinstance(rp, bool) or not isinstance(rp, int | float) or not math.isfinite(rp) or not 0 <= rp <= 1:
-            raise SimInputError(f"reuse_prob must be a number in [0, 1], got {rp!r}")
+            raise SimInputError(f"reuse_prob must be a number in [0, 1], got {self.reuse_prob!r}")
+        self._set("reuse_prob", rp)
         if not isinstance(self.policy, str) or not self.policy:
             raise SimInputError(f"policy must be a policy name, got {self.policy!r}")
         if not isinstance(self.routing, str):
             raise SimInputError(f"routing must be a string, got {self.routing!r}")
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # normalising a field of a frozen instance while it is built
+
+    @staticmethod
+    def _integer(name: str, value: Any, low: int, rule: str) -> int:
+        """An integer setting: Python or NumPy integers, or their decimal text ("128" from a sweep file)."""
+        if isinstance(value, np.integer):
+            value = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+").isascii() and value.strip().lstrip("+").isdigit():
+            with contextlib.suppress(ValueError):  # past Python's digit limit: stays text, refused below
+                value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SimInputError(f"{name} must be {rule}, got {value!r}")
+        return value
+
+    def __hash__(self) -> int:
+        """Hashable although `policy_options` is a dict (and a trace object may stand in a field)."""
+        def frozen(v: Any) -> Any:
+            if isinstance(v, Mapping):
+                return tuple(sorted(v.items()))
+            try:
+                hash(v)
+            except TypeError:
+                return id(v)
+            return v
+
+        return hash(tuple(frozen(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def replace(self, **changes: Any) -> SimConfig:
         """A copy with some fields changed (checked again)."""
@@ -162,10 +201,15 @@ class SimConfig:
     @classmethod
     def from_point(cls, data: Mapping[str, Any]) -> SimConfig:
         """A config from a mapping of field names (a sweep point, a JSON object): unknown keys are refused."""
+        if not isinstance(data, Mapping):
+            raise SimInputError(f"a simulation point must be a mapping of settings, got {type(data).__name__}")
         unknown = set(data) - set(FIELD_NAMES)
         if unknown:
             raise SimInputError(f"unknown setting(s) {', '.join(repr(k) for k in sorted(unknown, key=str))}; "
                                 f"known: {', '.join(FIELD_NAMES)}")
+        missing = [k for k in ("model", "system") if k not in data]
+        if missing:
+            raise SimInputError(f"a simulation point needs {' and '.join(missing)}")
         return cls(**data)
 
 

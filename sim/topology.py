@@ -8,7 +8,8 @@ links between GPUs) becomes a `Topology`:
 - a *stream* runs on one unit (`gpu`, `cpu` and `cpu_experts` on the cores, `h2d` and `h2d_act` on the host
   link's host-to-device direction, ...), one op at a time in plan order;
 - a *group* is the set of resources its units' ops share at fair rates: each GPU with its HBM; the host, whose
-  DRAM the CPU cores and every host-link DMA draw from; each peer link;
+  DRAM the CPU cores and every host-link DMA draw from; each peer link; a near-memory DIMM tier (`ndp`), whose
+  cores read their own ranks (the traffic on the host's memory channels is not charged to it);
 - a *pool* is a memory capacity ops allocate from (`gpu`, `gpu1`, ..., `cpu`).
 
 The one-GPU machine has the streams, units and groups the plan format always had, in the same order, so plans
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cache
+from functools import lru_cache
 from typing import Any
 
 from sim.errors import SimInputError
@@ -31,6 +32,7 @@ class UnitKind(StrEnum):
     GPU = "gpu"
     CPU = "cpu"
     LINK = "link"
+    NDP = "ndp"  # near-memory compute on DIMMs: its own cores and rank bandwidth; its memory is host DRAM
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,9 @@ def _host_link(gpu_pool: str, suffix: str, link: LinkSpec) -> tuple[LinkDirectio
     return h2d, d2h
 
 
-@cache
+@lru_cache(maxsize=64)
 def topology_of(system: SystemSpec) -> Topology:
-    """The topology of a system (cached: specs are frozen)."""
+    """The topology of a system (cached: specs are frozen; a sweep over many systems keeps the last 64)."""
     units: dict[str, Unit] = {}
     streams: dict[str, Unit] = {}
     groups: dict[str, int] = {"gpu": 2, "host": 2}  # (SMs, HBM); (cores, DRAM) + one entry per link direction
@@ -153,5 +155,8 @@ def topology_of(system: SystemSpec) -> Topology:
             stream = f"p2p_{direction.src}_{direction.dst}"
             units[stream] = Unit(stream, UnitKind.LINK, group, index, -1, direction.dst, direction)
             streams[stream] = units[stream]
+    if system.ndp is not None:  # weights it computes on live in host DRAM (the `cpu` pool)
+        groups["ndp"] = 2  # (cores, rank bandwidth): inside the DIMMs, apart from the host's channels
+        units["ndp"] = streams["ndp"] = Unit("ndp", UnitKind.NDP, "ndp", 0, 1, "cpu", system.ndp)
     host_bw = system.cpu.dram_bytes_per_s * system.cpu.dram_efficiency
     return Topology(system.name, units, streams, groups, pools, host_bw)

@@ -178,3 +178,22 @@ def test_calibrate_validate_searches_with_the_profile(tmp_path, monkeypatch):
                                       "4", "--gen-len", "3"])
     _real_run(args)
     assert seen[1] is None  # execute has no profile: its search uses the roofline
+
+
+def test_numpy_scalars_and_numeric_text_are_settings_too():
+    """What a notebook or a sweep file passes: NumPy integers and floats, and decimal text."""
+    import numpy as np
+
+    c = SimConfig(**BASE, batch=np.int64(8), seed=np.int32(2), prompt_len="16", gen_len=np.int64(4),
+                  reuse_prob=np.float32(0.5), policy_options={"rescore": 2})
+    assert (c.batch, c.seed, c.prompt_len, c.gen_len, c.reuse_prob) == (8, 2, 16, 4, 0.5)
+    assert all(type(v) in (int, float) for v in (c.batch, c.seed, c.prompt_len, c.gen_len, c.reuse_prob))
+    assert hash(c) == hash(SimConfig(**BASE, batch=8, seed=2, prompt_len=16, gen_len=4, reuse_prob=0.5,
+                                     policy_options={"rescore": "2"}))
+    for bad in ({"batch": "²"}, {"batch": "9" * 5000}, {"batch": "2.5"}, {"policy_options": {"a": None}}):
+        with pytest.raises(SimInputError):
+            SimConfig(**BASE, **bad)
+    with pytest.raises(SimInputError, match="needs model"):
+        SimConfig.from_point({"system": "x"})
+    with pytest.raises(TypeError, match="not both"):
+        simulate(SimConfig(**BASE), batch=4)

@@ -64,6 +64,7 @@ def _preset_dict(name: str) -> dict:
 MODEL = _preset_dict("deepseek-v2-lite")
 SYSTEM = _preset_dict("a100-80g-8452y")
 TWO_GPU_SYSTEM = _preset_dict("2x-h100-sxm-nvlink-8480")
+NDP_SYSTEM = _preset_dict("a100-80g-8452y-ndp8")
 COMPONENTS = {GPUSpec: _preset_dict("a100-80g-pcie"), CPUSpec: _preset_dict("xeon-8452y"),
               LinkSpec: _preset_dict("pcie4x16")}
 
@@ -115,6 +116,20 @@ def test_multi_gpu_system_specs(part, data):
         return
     topo = topology_of(system)
     assert all(capacity > 0 for capacity in topo.pools.values()) and set(system.gpu_names) <= set(topo.pools)
+
+
+@FAST
+@given(st.data())
+def test_ndp_system_specs(data):
+    """The NDP tier's mapping mutated: one-line errors, or a tier whose rates are finite and positive."""
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in NDP_SYSTEM.items()}
+    doc["ndp"] = data.draw(mutated(doc["ndp"]))
+    try:
+        system = build_system("fuzz", doc, "fuzz")
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert math.isfinite(system.ndp.flops_per_s) and system.ndp.internal_bytes_per_s > 0
 
 
 @FAST

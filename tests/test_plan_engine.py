@@ -43,15 +43,15 @@ POLICY_CASES = [
                 "decode_micro_batch": "3", "prefill_micro_batch": "2"}),
     ("expert-parallel", {}),
     ("expert-parallel", {"decode_micro_batch": "3", "prefill_tokens": "20"}),
+    ("ndp-experts", {}),
+    ("ndp-experts", {"decode_micro_batch": "4", "prefill_tokens": "16"}),
 ]
-MULTI_GPU = {"expert-parallel"}  # policies that need a system with two or more GPUs
+# Policies that need another machine shape: two GPUs, a near-memory DIMM tier.
+SYSTEM_FOR = {"expert-parallel": "2x-h100-sxm-nvlink-8480", "ndp-experts": "a100-80g-8452y-ndp8"}
 
 
 def system_for(policy: str, paper_system):
-    return load_system(TWO_GPU_SYSTEM) if policy in MULTI_GPU else paper_system
-
-
-TWO_GPU_SYSTEM = "2x-h100-sxm-nvlink-8480"
+    return load_system(SYSTEM_FOR[policy]) if policy in SYSTEM_FOR else paper_system
 
 
 def test_every_registered_policy_is_covered_here_and_labelled():

@@ -143,3 +143,115 @@ def test_expert_blocks_cover_every_expert_once():
         blocks = expert_blocks(experts, tuple(f"g{i}" for i in range(gpus)))
         assert np.array_equal(np.sort(np.concatenate(blocks)), np.arange(experts))
         assert max(b.size for b in blocks) - min(b.size for b in blocks) <= 1
+
+
+def test_expert_parallel_memory_names_the_extra_gpu_and_counts_host_staging(tiny_model):
+    """A full second GPU is named by its model; without a peer link the states are staged in host memory."""
+    system = load_system(TWO_GPU)
+    t4 = load_system("gcp-t4-n1").gpu
+    small = dataclasses.replace(system, name="small-gpu1", extra_gpus=(
+        dataclasses.replace(system.extra_gpus[0], gpu=dataclasses.replace(t4, hbm_bytes=2 * 2**30)),))
+    kw = dict(batch=4, prompt_len=4, gen_len=2)
+    from sim.specs import load_model
+
+    with pytest.raises(CapacityError, match=r"GPU1 \(t4\) for expert-parallel"):
+        simulate(load_model("mixtral-8x7b"), small, "expert-parallel", **kw)
+    linked = simulate(tiny_model, system, "expert-parallel", **kw)
+    staged = simulate(tiny_model, dataclasses.replace(system, name="no-peer", peer_links=()), "expert-parallel", **kw)
+    assert linked.static_memory["cpu"] == {} and staged.static_memory["cpu"]["staging"] > 0
+    assert set(linked.peak_bytes) == {"gpu", "cpu", "gpu1"} and linked.peak_bytes["gpu1"] > 0
+
+
+@pytest.mark.parametrize("use_cuda", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA (a second GPU is folded onto the first)"))])
+def test_the_executor_runs_a_two_gpu_plan(use_cuda):
+    """Every stream of the two-GPU topology gets a device (GPU streams on the CPU without CUDA, labelled), and the
+    numbers equal the sequential reference forward pass."""
+    from executor.reference import reference_forward
+    from executor.run import execute_plan
+    from executor.weights import random_weights
+    from sim.specs import ModelSpec
+    from traces import SynthConfig, generate_trace
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=48)
+    prompts, gens = np.array([5, 3, 4]), np.array([3, 2, 3])
+    trace = generate_trace(SynthConfig("tiny", 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
+    r = simulate(spec, load_system(TWO_GPU), "expert-parallel", trace=trace, keep_plan=True)
+    weights = random_weights(spec, seed=3)
+    result = execute_plan(r.plan, weights, trace, use_cuda=use_cuda)
+    assert result.gpu_role_on_cpu is not use_cuda and {"gpu", "gpu1"} <= set(result.devices)
+    want = reference_forward(weights, trace, Workload(prompts, gens))
+    worst = max(float((result.outputs[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
+    assert worst < 2e-2
+
+
+NDP_SYSTEM = "a100-80g-8452y-ndp8"
+
+
+def test_a_near_memory_tier_is_a_unit_with_its_own_rates(tiny_model):
+    """NDP ops are priced from the tier's spec and contend with neither the GPU nor the host's cores."""
+    system = load_system(NDP_SYSTEM)
+    topo = topology_of(system)
+    unit = topo.unit_of("ndp")
+    assert unit.kind is UnitKind.NDP and unit.group == "ndp" and unit.pool == "cpu"
+    cost = RooflineCostModel(system)
+    ndp = system.ndp
+    op = _hand_plan(tiny_model, system, [("ndp", OpKind.EXPERT, 10**9, 10**9)]).ops[0]
+    want = max(1e9 / ndp.flops_per_s, 1e9 / ndp.internal_bytes_per_s) + ndp.launch_s
+    assert cost.op_time_ns(op) == int(np.ceil(want * 1e9))
+    alone = run_plan(_hand_plan(tiny_model, system, [("ndp", OpKind.EXPERT, 10**9, 10**9)]), cost).end_ns[0]
+    both = run_plan(_hand_plan(tiny_model, system, [("ndp", OpKind.EXPERT, 10**9, 10**9),
+                                                    ("cpu", OpKind.EXPERT, 10**9, 10**9)]), cost)
+    assert both.end_ns[0] == alone
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"ndp": {"name": "x", "dimms": 0, "dimm_bytes": 2**30, "dimm_flops_per_s": 1e11,
+              "dimm_internal_bytes_per_s": 1e11, "compute_efficiency": 1, "internal_efficiency": 1,
+              "launch_s": 0}}, "dimms must be in"),
+    ({"ndp": "hermes-ndp-dimm-x8", "dram_bytes": 2**37}, "more than its 128 GiB of DRAM"),
+    ({"ndp": "no-such-tier"}, "unknown ndp preset"),
+])
+def test_bad_ndp_tiers_are_one_line_errors(changes, message):
+    fields = {k: v for k, v in _two_gpu_fields(**changes).items() if k != "extra_gpus"}
+    with pytest.raises(SimInputError, match=message):
+        build_system("bad", fields, "test system")
+
+
+def test_ndp_experts_decode_on_the_dimms_and_prefill_on_the_gpu(tiny_model, paper_system, mixtral):
+    system = load_system(NDP_SYSTEM)
+    r = simulate(tiny_model, system, "ndp-experts", batch=6, prompt_len=5, gen_len=3, keep_plan=True)
+    where = {(op.phase, op.stream) for op in r.plan.ops if op.kind is OpKind.EXPERT}
+    assert where == {(Phase.PREFILL, "gpu"), (Phase.DECODE, "ndp")}
+    on_dimms = simulate(tiny_model, system, "ndp-experts", batch=6, prompt_len=5, gen_len=3,
+                        policy_options={"prefill": "ndp"}, keep_plan=True)
+    assert {op.stream for op in on_dimms.plan.ops if op.kind is OpKind.EXPERT} == {"ndp"}
+    with pytest.raises(SimInputError, match="has no NDP tier"):
+        simulate(tiny_model, paper_system, "ndp-experts", batch=2, prompt_len=2, gen_len=2)
+    one_dimm = dataclasses.replace(system, name="one-dimm", ndp=dataclasses.replace(system.ndp, dimms=1))
+    with pytest.raises(CapacityError, match=r"NDP \(hermes-ndp-dimm-x8\) for ndp-experts"):
+        simulate(mixtral, one_dimm, "ndp-experts", batch=2, prompt_len=2, gen_len=2)
+    with pytest.raises(SimInputError, match="prefill must be gpu or ndp"):
+        simulate(tiny_model, system, "ndp-experts", batch=2, prompt_len=2, gen_len=2,
+                 policy_options={"prefill": "cpu"})
+
+
+def test_the_executor_emulates_the_ndp_tier_on_the_cpu_and_says_so():
+    from executor.reference import reference_forward
+    from executor.run import execute_plan
+    from executor.weights import random_weights
+    from sim.specs import ModelSpec
+    from traces import SynthConfig, generate_trace
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=48)
+    prompts, gens = np.array([5, 3, 4]), np.array([3, 2, 3])
+    trace = generate_trace(SynthConfig("tiny", 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
+    r = simulate(spec, load_system(NDP_SYSTEM), "ndp-experts", trace=trace, keep_plan=True)
+    weights = random_weights(spec, seed=3)
+    result = execute_plan(r.plan, weights, trace, use_cuda=False)
+    assert result.ndp_emulated and result.devices["ndp"] == "cpu" and result.to_dict()["ndp_emulated"]
+    want = reference_forward(weights, trace, Workload(prompts, gens))
+    worst = max(float((result.outputs[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
+    assert worst < 2e-2

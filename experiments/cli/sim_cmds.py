@@ -16,7 +16,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.show:
         sys.stdout.write(show_preset(args.show))
         return 0
-    kinds = ("models", "systems", "gpus", "cpus", "links")
+    kinds = ("models", "systems", "gpus", "cpus", "links", "ndps")
     if args.json:
         emit_json({kind: preset_names(kind) for kind in kinds})
         return 0
@@ -64,7 +64,9 @@ def _print_summary(d: dict[str, Any]) -> None:
           f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
     busy = ", ".join(f"{k} {v:.0%}" for k, v in d["busy_fraction"].items())
     print(f"  busy: {busy}")
-    print(f"  peak memory: GPU {d['peak_gpu_bytes'] / gib:.2f} GiB, CPU {d['peak_cpu_bytes'] / gib:.2f} GiB")
+    extra = "".join(f", {pool.upper()} {v / gib:.2f} GiB" for pool, v in d.get("peak_bytes", {}).items()
+                    if pool not in ("gpu", "cpu"))
+    print(f"  peak memory: GPU {d['peak_gpu_bytes'] / gib:.2f} GiB, CPU {d['peak_cpu_bytes'] / gib:.2f} GiB{extra}")
     sampled = "" if d["decode_steps_simulated"] == d["decode_steps_total"] else (
         f", decode from {d['decode_steps_simulated']} of {d['decode_steps_total']} steps")
     print(f"  {d['num_ops']} ops, {d['events']} events, {d['wall_s']:.2f} s wall{sampled}")

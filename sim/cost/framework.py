@@ -39,7 +39,8 @@ class FrameworkCostModel:
     def __init__(self, base: CostModel, factors: FrameworkFactors):
         self.base = base
         self.topology = base.topology
-        by_kind = {UnitKind.GPU: factors.gpu_time_factor, UnitKind.CPU: factors.cpu_time_factor, UnitKind.LINK: 1.0}
+        by_kind = {UnitKind.GPU: factors.gpu_time_factor, UnitKind.CPU: factors.cpu_time_factor, UnitKind.LINK: 1.0,
+                   UnitKind.NDP: 1.0}
         self.factor = {stream: by_kind[unit.kind] for stream, unit in self.topology.streams.items()}
 
     def prepare(self, plan: Plan) -> None:

@@ -47,6 +47,10 @@ class _Rates:
             self.flops = self.vector_flops = spec.bf16_flops_per_s * spec.gemm_efficiency
             self.bw = self.attention_bw = spec.hbm_bytes_per_s * spec.hbm_efficiency
             self.overhead = spec.kernel_launch_s
+        elif unit.kind is UnitKind.NDP:
+            self.flops = self.vector_flops = spec.flops_per_s
+            self.bw = self.attention_bw = spec.internal_bytes_per_s
+            self.overhead = spec.launch_s
         elif unit.kind is UnitKind.CPU:
             self.flops, self.vector_flops = spec.gemm_flops_per_s, spec.vector_flops_per_s
             self.bw, self.attention_bw = spec.dram_bytes_per_s * spec.dram_efficiency, spec.attention_bytes_per_s
@@ -99,7 +103,7 @@ class RooflineCostModel:
     def roofs(self, kind: OpKind, stream: str, flops: int, nbytes: int) -> tuple[float, float, float]:
         """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone."""
         r = self.rates(stream)
-        if r.kind is UnitKind.GPU:
+        if r.kind is UnitKind.GPU or r.kind is UnitKind.NDP:
             return flops / r.flops, nbytes / r.bw, r.overhead
         if r.kind is UnitKind.CPU:
             rate = r.vector_flops if kind in _CPU_VECTOR_KINDS else r.flops

@@ -9,13 +9,15 @@ from sim.policies.fiddler import FiddlerPolicy
 from sim.policies.flexgen import FlexGenPolicy
 from sim.policies.gpu_only import GpuOnlyPolicy
 from sim.policies.moe_lightning import MoELightningPolicy
+from sim.policies.ndp_experts import NdpExpertsPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
 
 # The one list of policies: the CLI, `compare` (those with `compared`), plot labels and colours read it. Its
 # order is the order of `compare`'s table.
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
                                                               FiddlerPolicy, StreamExpertsPolicy, GpuOnlyPolicy,
-                                                              CpuOnlyPolicy, ExpertParallelPolicy)}
+                                                              CpuOnlyPolicy, ExpertParallelPolicy,
+                                                              NdpExpertsPolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:

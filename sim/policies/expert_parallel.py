@@ -21,6 +21,7 @@ from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
 from sim.policies.layers import (
+    EXPERT_CHUNK_TOKENS,
     GPU,
     At,
     LayerEmitter,
@@ -67,21 +68,28 @@ class ExpertParallelPolicy(Policy):
         blocks = expert_blocks(m.num_experts, gpus)
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
         expert_bytes = m.expert_params * m.bytes_per_param * m.num_moe_layers
+        # Hidden states of the routed tokens a micro-batch sends to another GPU and receives back, and on that GPU
+        # its experts' intermediates, tiled like every expert GEMM (activation_workspace_bytes).
+        routed_max = max_tokens * m.top_k
+        states = routed_max * m.hidden_size * m.bytes_per_param
+        intermediates = min(routed_max, EXPERT_CHUNK_TOKENS) * 2 * m.expert_intermediate_size * m.bytes_per_param
+        peer = {f"p2p_gpu_{name}" in topo.streams for name in gpus[1:]}
         static: dict[str, dict[str, int]] = {
             "gpu": {"weights": (m.total_params - m.routed_expert_params) * m.bytes_per_param
                     + blocks[0].size * expert_bytes,
                     "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
-                    "workspace": activation_workspace_bytes(ctx, max_tokens)},
-            "cpu": {},
+                    "workspace": activation_workspace_bytes(ctx, max_tokens),
+                    "returned_states": states},
+            # without a peer link, states are staged through pinned host buffers (out and back)
+            "cpu": {} if all(peer) else {"staging": 2 * states},
         }
-        per_token = 2 * m.expert_intermediate_size * m.bytes_per_param  # gate and up outputs of one routed token
         for g, name in enumerate(gpus[1:], start=1):
-            routed_max = max_tokens * m.top_k
             static[name] = {"expert_weights": blocks[g].size * expert_bytes,
-                            "workspace": routed_max * (2 * m.hidden_size * m.bytes_per_param + per_token)}
+                            "workspace": 2 * states + intermediates}
+        gpu_models = {"gpu": system.gpu.name, **{e.name: e.gpu.name for e in system.extra_gpus}}
         for pool, parts in static.items():
-            device = system.gpu.name if pool == "gpu" else pool
-            require_fits("DRAM" if pool == "cpu" else pool.upper(), device, self.name, parts, topo.pools[pool])
+            label = "DRAM" if pool == "cpu" else "GPU" if pool == "gpu" else pool.upper()
+            require_fits(label, gpu_models.get(pool, system.name), self.name, parts, topo.pools[pool])
         b = ctx.builder()
         em = LayerEmitter(ctx, b)
         slices = prefill_slices(ctx, prefill_groups)

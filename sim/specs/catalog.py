@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 from sim.errors import SimInputError
-from sim.specs.hardware import CPUSpec, ExtraGPUSpec, GPUSpec, LinkSpec, PeerLinkSpec, SystemSpec
+from sim.specs.hardware import CPUSpec, ExtraGPUSpec, GPUSpec, LinkSpec, NDPSpec, PeerLinkSpec, SystemSpec
 from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 
 PRESET_DIR = Path(__file__).with_name("presets")
-CATALOGS = {"models": ModelSpec, "gpus": GPUSpec, "cpus": CPUSpec, "links": LinkSpec, "systems": SystemSpec}
+CATALOGS = {"models": ModelSpec, "gpus": GPUSpec, "cpus": CPUSpec, "links": LinkSpec, "ndps": NDPSpec,
+            "systems": SystemSpec}
 
 
 @cache
@@ -64,6 +65,8 @@ def build_system(name: str, entry: dict[str, Any], where: str) -> SystemSpec:
         if key not in fields:
             raise SimInputError(f"{where}: missing field {key}")
         fields[key] = _component(kind, fields[key], f"{where}: {key}")
+    if fields.get("ndp") is not None:
+        fields["ndp"] = _component("ndps", fields["ndp"], f"{where}: ndp")
     fields["extra_gpus"] = tuple(_extra_gpu(e, f"{where}: extra_gpus[{i}]")
                                  for i, e in enumerate(_entries(fields, "extra_gpus", where)))
     fields["peer_links"] = tuple(_peer_link(e, f"{where}: peer_links[{i}]")
@@ -161,8 +164,8 @@ def spec_to_yaml(spec: Any) -> str:
 
 
 def show_preset(name: str) -> str:
-    """YAML for a preset of any catalog; the name is looked up in models, systems, gpus, cpus, links."""
-    for kind in ("models", "systems", "gpus", "cpus", "links"):
+    """YAML for a preset of any catalog; the name is looked up in models, systems, gpus, cpus, links, ndps."""
+    for kind in ("models", "systems", "gpus", "cpus", "links", "ndps"):
         if name in _raw_catalog(kind):
             if kind == "models":
                 return spec_to_yaml(model_preset(name))

@@ -1,4 +1,4 @@
-"""Hardware specifications: a GPU, a CPU socket, a host link, and the system that composes them.
+"""Hardware specifications: a GPU, a CPU socket, a host link, an NDP DIMM tier, and the system that composes them.
 
 Every rate and size carries its unit in its name. Peak (datasheet) rates and achievable efficiencies are
 separate fields, so a what-if on the peak never silently changes the measured efficiency. `sources` maps a
@@ -141,6 +141,48 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class NDPSpec:
+    """A near-memory-processing DIMM tier: `dimms` modules in host DIMM slots (their memory is part of host DRAM),
+    each with a compute core that reads its own ranks at `dimm_internal_bytes_per_s`, faster together than
+    the host's channels. An op on the tier uses every DIMM (weights interleaved across them)."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
+
+    name: str
+    dimms: int
+    dimm_bytes: int
+    dimm_flops_per_s: float
+    dimm_internal_bytes_per_s: float
+    compute_efficiency: float
+    internal_efficiency: float
+    launch_s: float
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(f"ndp {self.name}", self, ["dimm_bytes", "dimm_flops_per_s",
+                                                   "dimm_internal_bytes_per_s"])
+        if not 1 <= self.dimms <= 64:
+            raise SimInputError(f"ndp {self.name}: dimms must be in [1, 64], got {self.dimms}")
+        _check_fraction(f"ndp {self.name}", self, ["compute_efficiency", "internal_efficiency"])
+        if not 0 <= self.launch_s <= 1:
+            raise SimInputError(f"ndp {self.name}: launch_s must be in [0, 1] s")
+
+    @property
+    def flops_per_s(self) -> float:
+        """Achievable compute of the whole tier."""
+        return self.dimms * self.dimm_flops_per_s * self.compute_efficiency
+
+    @property
+    def internal_bytes_per_s(self) -> float:
+        """Achievable near-memory bandwidth of the whole tier."""
+        return self.dimms * self.dimm_internal_bytes_per_s * self.internal_efficiency
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.dimms * self.dimm_bytes
+
+
+@dataclass(frozen=True)
 class ExtraGPUSpec:
     """A GPU beyond the first: its name (its stream and memory pool), its spec, its own host link (each GPU of
     a multi-GPU server has its own x16 slot) and the memory its runtime reserves."""
@@ -189,6 +231,7 @@ class SystemSpec:
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     extra_gpus: tuple[ExtraGPUSpec, ...] = ()
     peer_links: tuple[PeerLinkSpec, ...] = ()
+    ndp: NDPSpec | None = None  # a near-memory DIMM tier in the host's slots
 
     def __post_init__(self) -> None:
         _check_positive(f"system {self.name}", self, ["dram_bytes"])
@@ -207,6 +250,9 @@ class SystemSpec:
             if pair in pairs:
                 raise SimInputError(f"system {self.name}: two peer links join {peer.src} and {peer.dst}")
             pairs.add(pair)
+        if self.ndp is not None and self.ndp.capacity_bytes > self.dram_bytes:
+            raise SimInputError(f"system {self.name}: its NDP DIMMs hold {self.ndp.capacity_bytes / 2**30:.0f} GiB, "
+                                f"more than its {self.dram_bytes / 2**30:.0f} GiB of DRAM (they are part of it)")
         if not 0 <= self.gpu_reserved_bytes < self.gpu.hbm_bytes:
             raise SimInputError(f"system {self.name}: gpu_reserved_bytes must be in [0, hbm_bytes)")
         if not 0 <= self.dram_reserved_bytes < self.dram_bytes:

@@ -1,0 +1,118 @@
+"""`ndp-experts`: routed experts computed where their weights live, on a near-memory DIMM tier.
+
+Needs a system with an `ndp` tier (e.g. `a100-80g-8452y-ndp8`). Non-expert weights and the KV cache stay in
+VRAM and attention, the router and any shared expert run on the GPU (as Hermes-base does for the layers whose
+weights are on the GPU). Every routed expert's weights live on the NDP DIMMs (part of host DRAM). Prefill's
+compute-heavy experts run on the GPU by default, each layer's experts streamed over PCIe into a double buffer
+(Hermes runs prompting on the GPU); in decode the weights never cross PCIe: per layer and micro-batch, after the
+router, the hidden states of the routed tokens go down
+(GPU -> host memory, where the DIMMs read them), the tier runs each expert with tokens (bandwidth-bound at the
+DIMMs' rank-parallel rate, not the host channels'), and the results come back up before the next layer. Copy
+sizes count routed assignments. This is the cold tier of TriMoE's hot/warm/cold split with no hot or warm
+experts; it exists to exercise the NDP unit of the topology (`sim/topology.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sim.errors import SimInputError
+from sim.plan import OpKind, Payload, Phase, Plan
+from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
+from sim.policies.layers import (
+    D2H,
+    GPU,
+    H2D,
+    At,
+    LayerEmitter,
+    activation_workspace_bytes,
+    decode_slices,
+    group_requests,
+    prefill_slices,
+)
+
+NDP = "ndp"
+
+
+@dataclass(frozen=True)
+class NdpExpertsOptions(MicroBatchOptions):
+    """prefill: gpu | ndp (where prefill's experts run: on the GPU with each layer's experts streamed over PCIe
+    into a double buffer, as Hermes runs prompting on the GPU, or on the DIMMs); prefill_tokens: prompt tokens per
+    prefill micro-batch; decode_micro_batch: requests per decode micro-batch (0 = the whole batch)."""
+
+    policy_name = "ndp-experts"
+    prefill: str = "gpu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefill not in ("gpu", "ndp"):
+            raise SimInputError(f"policy ndp-experts: prefill must be gpu or ndp, got {self.prefill!r}")
+
+
+class NdpExpertsPolicy(Policy):
+    name = "ndp-experts"
+    label = "NDP-DIMM experts"
+    color = "#1abc9c"
+    summary = "near-memory DIMMs: routed experts computed on the DIMMs that hold them, the rest on the GPU"
+    Options = NdpExpertsOptions
+    compared = False  # needs a system with an NDP tier
+
+    def build(self, ctx: PlanContext) -> Plan:
+        o: NdpExpertsOptions = self.options
+        m, wl, system = ctx.model, ctx.workload, ctx.system
+        if system.ndp is None:
+            raise SimInputError(f"policy {self.name}: system {system.name} has no NDP tier; give a system with "
+                                "`ndp` (e.g. a100-80g-8452y-ndp8)")
+        prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
+        expert_weights = m.routed_expert_params * m.bytes_per_param
+        require_fits("NDP", system.ndp.name, self.name, {"expert_weights": expert_weights},
+                     system.ndp.capacity_bytes)
+        states = max_tokens * m.top_k * m.hidden_size * m.bytes_per_param  # routed tokens down, results up
+        layer_experts = m.num_experts * m.expert_params * m.bytes_per_param
+        static = {
+            "gpu": {"weights": (m.total_params - m.routed_expert_params) * m.bytes_per_param,
+                    "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
+                    "workspace": activation_workspace_bytes(ctx, max_tokens), "returned_states": states,
+                    "expert_buffers": 2 * layer_experts if o.prefill == "gpu" else 0},
+            "cpu": {"expert_weights": expert_weights, "ndp_buffers": 2 * states},
+        }
+        require_fits("GPU", system.gpu.name, self.name, static["gpu"], system.gpu_usable_bytes)
+        require_fits("DRAM", system.name, self.name, static["cpu"], system.dram_usable_bytes)
+        b = ctx.builder()
+        em = LayerEmitter(ctx, b)
+        slices = prefill_slices(ctx, prefill_groups)
+        for step in ctx.steps():
+            slices += decode_slices(ctx, step, decode_groups)
+        token_bytes = m.hidden_size * m.bytes_per_param
+        for s in slices:
+            last = em.embed(s.phase, s.step, s.mb, s.tokens)
+            on_gpu = o.prefill == "gpu" and s.phase is Phase.PREFILL
+            ran_in: dict[int, int] = {}  # MoE layer -> its last expert op (frees that layer's GPU buffer)
+            for layer in range(m.num_layers):
+                front = em.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
+                                           GPU, False, last)
+                counts = s.layer_counts(ctx, layer)
+                if counts is None:
+                    last = em.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
+                    continue
+                at = At(s.phase, s.step, layer, s.mb)
+                o_proj = em.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
+                router = local = em.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
+                if m.shared_expert_intermediate_size:
+                    local = em.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
+                experts = [int(e) for e in counts.nonzero()[0]]
+                li = m.moe_index(layer)
+                if on_gpu:  # the layer's experts into the buffer the layer before last has finished with
+                    fetch = em.xfer(H2D, at, layer_experts, Payload.EXPERT_WEIGHTS, (ran_in.get(li - 2, -1),))
+                    ran = em.experts(GPU, at, counts, experts, (router, fetch))
+                    ran_in[li] = ran
+                    last = (ran, local)
+                    continue
+                routed = int(counts.sum())
+                down = em.xfer(D2H, at, routed * token_bytes, Payload.ACTIVATIONS, (router,), routed)
+                ran = em.experts(NDP, at, counts, experts, (down,))
+                up = em.xfer(H2D, at, routed * token_bytes, Payload.ACTIVATIONS, (ran,), routed)
+                last = (up, local)
+            em.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
+        return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
