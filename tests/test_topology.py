@@ -167,23 +167,8 @@ def test_expert_parallel_memory_names_the_extra_gpu_and_counts_host_staging(tiny
 def test_the_executor_runs_a_two_gpu_plan(use_cuda):
     """Every stream of the two-GPU topology gets a device (GPU streams on the CPU without CUDA, labelled), and the
     numbers equal the sequential reference forward pass."""
-    from executor.reference import reference_forward
-    from executor.run import execute_plan
-    from executor.weights import random_weights
-    from sim.specs import ModelSpec
-    from traces import SynthConfig, generate_trace
-
-    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
-                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=48)
-    prompts, gens = np.array([5, 3, 4]), np.array([3, 2, 3])
-    trace = generate_trace(SynthConfig("tiny", 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
-    r = simulate(spec, load_system(TWO_GPU), "expert-parallel", trace=trace, keep_plan=True)
-    weights = random_weights(spec, seed=3)
-    result = execute_plan(r.plan, weights, trace, use_cuda=use_cuda)
+    result = _execute_tiny(TWO_GPU, "expert-parallel", use_cuda)
     assert result.gpu_role_on_cpu is not use_cuda and {"gpu", "gpu1"} <= set(result.devices)
-    want = reference_forward(weights, trace, Workload(prompts, gens))
-    worst = max(float((result.outputs[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
-    assert worst < 2e-2
 
 
 NDP_SYSTEM = "a100-80g-8452y-ndp8"
@@ -238,6 +223,12 @@ def test_ndp_experts_decode_on_the_dimms_and_prefill_on_the_gpu(tiny_model, pape
 
 
 def test_the_executor_emulates_the_ndp_tier_on_the_cpu_and_says_so():
+    result = _execute_tiny(NDP_SYSTEM, "ndp-experts", False)
+    assert result.ndp_emulated and result.devices["ndp"] == "cpu" and result.to_dict()["ndp_emulated"]
+
+
+def _execute_tiny(system: str, policy: str, use_cuda: bool):
+    """A tiny model's plan under `policy` on `system`, executed; its outputs must equal the reference forward."""
     from executor.reference import reference_forward
     from executor.run import execute_plan
     from executor.weights import random_weights
@@ -248,10 +239,10 @@ def test_the_executor_emulates_the_ndp_tier_on_the_cpu_and_says_so():
                      num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=48)
     prompts, gens = np.array([5, 3, 4]), np.array([3, 2, 3])
     trace = generate_trace(SynthConfig("tiny", 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
-    r = simulate(spec, load_system(NDP_SYSTEM), "ndp-experts", trace=trace, keep_plan=True)
+    r = simulate(spec, load_system(system), policy, trace=trace, keep_plan=True)
     weights = random_weights(spec, seed=3)
-    result = execute_plan(r.plan, weights, trace, use_cuda=False)
-    assert result.ndp_emulated and result.devices["ndp"] == "cpu" and result.to_dict()["ndp_emulated"]
+    result = execute_plan(r.plan, weights, trace, use_cuda=use_cuda)
     want = reference_forward(weights, trace, Workload(prompts, gens))
     worst = max(float((result.outputs[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
     assert worst < 2e-2
+    return result

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.errors import SimInputError
-from sim.plan import OpKind, Payload, Plan
+from sim.plan import Payload, Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     EXPERT_CHUNK_TOKENS,
     GPU,
     At,
+    Deps,
     LayerEmitter,
     activation_workspace_bytes,
     decode_slices,
@@ -96,31 +97,20 @@ class ExpertParallelPolicy(Policy):
         for step in ctx.steps():
             slices += decode_slices(ctx, step, decode_groups)
         token_bytes = m.hidden_size * m.bytes_per_param
-        for s in slices:
-            last = em.embed(s.phase, s.step, s.mb, s.tokens)
-            for layer in range(m.num_layers):
-                front = em.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
-                                           GPU, False, last)
-                counts = s.layer_counts(ctx, layer)
-                if counts is None:
-                    last = em.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
+
+        def routed(s, at: At, counts, router: int, shared: int) -> Deps:
+            ran = em.experts(GPU, at, counts, blocks[0].tolist(), (router,))
+            done = [max(ran, shared)]
+            for g, name in enumerate(gpus[1:], start=1):
+                tokens = int(counts[blocks[g]].sum())
+                if not tokens:
                     continue
-                at = At(s.phase, s.step, layer, s.mb)
-                o_proj = em.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
-                router = local = em.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
-                if m.shared_expert_intermediate_size:
-                    local = em.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
-                ran = em.experts(GPU, at, counts, blocks[0].tolist(), (router,))
-                done = [max(ran, local)]
-                for g, name in enumerate(gpus[1:], start=1):
-                    tokens = int(counts[blocks[g]].sum())
-                    if not tokens:
-                        continue
-                    there = self._send(em, topo, at, "gpu", name, tokens, tokens * token_bytes, router)
-                    ran = em.experts(name, at, counts, blocks[g].tolist(), (there,))
-                    done.append(self._send(em, topo, at, name, "gpu", tokens, tokens * token_bytes, ran))
-                last = tuple(done) if len(done) > 1 else done[0]
-            em.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
+                there = self._send(em, topo, at, "gpu", name, tokens, tokens * token_bytes, router)
+                ran = em.experts(name, at, counts, blocks[g].tolist(), (there,))
+                done.append(self._send(em, topo, at, name, "gpu", tokens, tokens * token_bytes, ran))
+            return tuple(done) if len(done) > 1 else done[0]
+
+        em.through_layers(slices, routed)
         return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
 

@@ -71,6 +71,8 @@ def activation_workspace_bytes(ctx: PlanContext, tokens: int, requests: int | No
 
 
 Deps = int | tuple[int, ...]
+# (slice, where, tokens per expert, router op, shared-expert op) -> what the next layer waits for
+RoutedExperts = Callable[["BatchSlice", "At", np.ndarray, int, int], Deps]
 
 
 def as_deps(dep: Deps) -> tuple[int, ...]:
@@ -188,6 +190,29 @@ class LayerEmitter:
         assert counts is not None
         ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,), expert_deps)
         return ran if ran >= 0 else last
+
+
+    def through_layers(self, slices: list[BatchSlice], routed: RoutedExperts) -> None:
+        """Every slice through every layer, micro-batch by micro-batch, with embedding, attention, O-projection,
+        router, shared expert and dense FFNs on the GPU; `routed(s, at, counts, router, shared)` emits an MoE
+        layer's routed experts wherever the policy places them and returns what the next layer waits for."""
+        m, ctx = self.m, self.ctx
+        for s in slices:
+            last: Deps = self.embed(s.phase, s.step, s.mb, s.tokens)
+            for layer in range(m.num_layers):
+                front = self.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
+                                             GPU, False, last)
+                counts = s.layer_counts(ctx, layer)
+                if counts is None:
+                    last = self.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
+                    continue
+                at = At(s.phase, s.step, layer, s.mb)
+                o_proj = self.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
+                router = shared = self.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
+                if m.shared_expert_intermediate_size:
+                    shared = self.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
+                last = routed(s, at, counts, router, shared)
+            self.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
 
 
 class BatchSlice:

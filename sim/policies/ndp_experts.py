@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sim.errors import SimInputError
-from sim.plan import OpKind, Payload, Phase, Plan
+from sim.plan import Payload, Phase, Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
 from sim.policies.layers import (
     D2H,
     GPU,
     H2D,
     At,
+    Deps,
     LayerEmitter,
     activation_workspace_bytes,
     decode_slices,
@@ -84,35 +85,20 @@ class NdpExpertsPolicy(Policy):
         for step in ctx.steps():
             slices += decode_slices(ctx, step, decode_groups)
         token_bytes = m.hidden_size * m.bytes_per_param
-        for s in slices:
-            last = em.embed(s.phase, s.step, s.mb, s.tokens)
-            on_gpu = o.prefill == "gpu" and s.phase is Phase.PREFILL
-            ran_in: dict[int, int] = {}  # MoE layer -> its last expert op (frees that layer's GPU buffer)
-            for layer in range(m.num_layers):
-                front = em.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
-                                           GPU, False, last)
-                counts = s.layer_counts(ctx, layer)
-                if counts is None:
-                    last = em.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
-                    continue
-                at = At(s.phase, s.step, layer, s.mb)
-                o_proj = em.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
-                router = local = em.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
-                if m.shared_expert_intermediate_size:
-                    local = em.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
-                experts = [int(e) for e in counts.nonzero()[0]]
-                li = m.moe_index(layer)
-                if on_gpu:  # the layer's experts into the buffer the layer before last has finished with
-                    fetch = em.xfer(H2D, at, layer_experts, Payload.EXPERT_WEIGHTS, (ran_in.get(li - 2, -1),))
-                    ran = em.experts(GPU, at, counts, experts, (router, fetch))
-                    ran_in[li] = ran
-                    last = (ran, local)
-                    continue
-                routed = int(counts.sum())
-                down = em.xfer(D2H, at, routed * token_bytes, Payload.ACTIVATIONS, (router,), routed)
-                ran = em.experts(NDP, at, counts, experts, (down,))
-                up = em.xfer(H2D, at, routed * token_bytes, Payload.ACTIVATIONS, (ran,), routed)
-                last = (up, local)
-            em.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
+        ran_in: dict[tuple, int] = {}  # (micro-batch, MoE layer) -> its last expert op (frees its GPU buffer)
+
+        def routed(s, at: At, counts, router: int, shared: int) -> Deps:
+            experts = [int(e) for e in counts.nonzero()[0]]
+            li = m.moe_index(at.layer)
+            if o.prefill == "gpu" and s.phase is Phase.PREFILL:  # into the buffer layer li - 2 is done with
+                fetch = em.xfer(H2D, at, layer_experts, Payload.EXPERT_WEIGHTS, (ran_in.get((s.mb, li - 2), -1),))
+                ran = ran_in[(s.mb, li)] = em.experts(GPU, at, counts, experts, (router, fetch))
+                return ran, shared
+            tokens = int(counts.sum())
+            down = em.xfer(D2H, at, tokens * token_bytes, Payload.ACTIVATIONS, (router,), tokens)
+            ran = em.experts(NDP, at, counts, experts, (down,))
+            return em.xfer(H2D, at, tokens * token_bytes, Payload.ACTIVATIONS, (ran,), tokens), shared
+
+        em.through_layers(slices, routed)
         return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
