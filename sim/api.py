@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +160,66 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
                       request_lengths(gen_len, batch, rng, "--gen-len").astype(np.int64))
     else:
         wl = Workload.uniform(batch, prompt_len, gen_len)
-    return wl, generate_trace(synth_config(model, routing, reuse_prob, seed), wl.prompt_lens, wl.gen_lens), routing
+    cfg = synth_config(model, routing, reuse_prob, seed)
+    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len), lambda: generate_trace(
+        cfg, wl.prompt_lens, wl.gen_lens)), routing
+
+
+class TraceCache:
+    """Synthetic traces built once per process for a (synthesis config, batch, lengths) and shared: every
+    policy of a `compare`, every point of a sweep worker with the same model and workload (fig7: 12 traces for
+    108 points). Synthesis is deterministic, so a hit is the trace a rebuild would give; cached traces are
+    read-only. Holds at most `max_bytes` of routing arrays (default 512 MiB, or $COXMOE_TRACE_CACHE_MIB; 0 turns
+    it off), least recently used out first."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[tuple, RoutingTrace] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @property
+    def max_bytes(self) -> int:
+        """The byte budget: as given, else $COXMOE_TRACE_CACHE_MIB (read at each use, checked), else 512 MiB."""
+        if self._max_bytes is not None:
+            return self._max_bytes
+        raw = os.environ.get("COXMOE_TRACE_CACHE_MIB", "512")
+        try:
+            mib = float(raw)
+        except ValueError:
+            mib = float("nan")
+        if not 0 <= mib <= 2**20:
+            raise SimInputError(f"COXMOE_TRACE_CACHE_MIB={raw!r}: expected MiB in [0, 1048576]")
+        return int(mib * 2**20)
+
+    @staticmethod
+    def _nbytes(trace: RoutingTrace) -> int:
+        return sum(a.nbytes for a in (trace.experts, trace.gate_weights, trace.request_features) if a is not None)
+
+    def get(self, key: tuple, build: Callable[[], RoutingTrace]) -> RoutingTrace:
+        trace = self._items.get(key)
+        if trace is not None:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return trace
+        self.misses += 1
+        budget = self.max_bytes
+        trace = build()
+        size = self._nbytes(trace)
+        if size > budget:
+            return trace  # too big to keep: built each time
+        for array in (trace.prompt_lens, trace.gen_lens, trace.experts, trace.gate_weights, trace.request_features):
+            if array is not None:
+                array.flags.writeable = False
+        self._items[key] = trace
+        while sum(self._nbytes(t) for t in self._items.values()) > budget:
+            self._items.popitem(last=False)
+        return trace
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+TRACE_CACHE = TraceCache()
 
 
 def synth_config(model: ModelSpec, routing: str, reuse_prob: float, seed: int) -> SynthConfig:

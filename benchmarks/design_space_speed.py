@@ -1,0 +1,118 @@
+"""Design-space speed (issue 13): each figure the issue names, next to its target and a bare SimPy loop.
+
+Runs, in one process each (a fresh interpreter per case, so no case profits from another's trace cache):
+  standard   Mixtral-8x7B, a100-80g-8452y, coxmoe, 1,024 x (800 + 256), default routing, full decode, search
+             included                                                     target < 1 s (goal 0.5 s)
+  qwen-4096  Qwen3-30B-A3B, B=4096, 800/256, coxmoe, full decode       target < 15 s and < 1 GB peak RSS
+  compare    `compare` Qwen3-30B-A3B, B=1024, 800/256, full decode      target < 20 s
+  engine     the standard scenario's plan through the engine alone: events/s against a bare SimPy loop's
+                                                                        target >= 0.5 of the bare loop
+and, with --fig7, the fig7 sweep from scratch on 2 local workers       target < 60 s.
+
+    python benchmarks/design_space_speed.py [--cases standard,engine] [--fig7]
+
+Prints one line per case: wall seconds, peak resident memory of its process, the simulated result (so a change
+that moves it shows), and whether the target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "standard": ("from sim.api import simulate\n"
+                 "r = simulate('mixtral-8x7b', 'a100-80g-8452y', 'coxmoe', batch=1024, prompt_len=800, gen_len=256)\n"
+                 "out = {'throughput_tok_s': r.throughput_tok_s, 'events': r.events, 'ops': r.num_ops}", 1.0, None),
+    "qwen-4096": ("from sim.api import simulate\n"
+                  "r = simulate('qwen3-30b-a3b', 'a100-80g-8452y', 'coxmoe', batch=4096, prompt_len=800, "
+                  "gen_len=256)\n"
+                  "out = {'throughput_tok_s': r.throughput_tok_s, 'events': r.events, 'ops': r.num_ops}", 15.0, 1.0),
+    "compare": ("from sim.compare import compare\n"
+                "r = compare('qwen3-30b-a3b', 'a100-80g-8452y', batch=1024, prompt_len=800, gen_len=256)\n"
+                "out = {p: v.get('throughput_tok_s') for p, v in r['policies'].items()}", 20.0, None),
+    "engine": ("import time, simpy\n"
+               "from sim.api import gc_paused, resolve_model, resolve_routing, resolve_system, simulate_plan\n"
+               "from sim.policies import PlanContext, make_policy\n"
+               "m, s = resolve_model('mixtral-8x7b'), resolve_system('a100-80g-8452y')\n"
+               "wl, tr, _ = resolve_routing(m, 1024, 800, 256, None, 'uniform', 0)\n"
+               "with gc_paused():\n"
+               "    plan = make_policy('coxmoe').build(PlanContext(m, s, wl, tr))\n"
+               "    t = time.perf_counter(); rec, _ = simulate_plan(plan); engine_s = time.perf_counter() - t\n"
+               "env = simpy.Environment()\n"
+               "def loop():\n"
+               "    for _ in range(rec.events):\n"
+               "        yield env.timeout(1)\n"
+               "env.process(loop()); t = time.perf_counter(); env.run(); bare_s = time.perf_counter() - t\n"
+               "out = {'events': rec.events, 'engine_events_per_s': rec.events / engine_s,\n"
+               "       'bare_events_per_s': rec.events / bare_s, 'ratio': bare_s / engine_s}", None, None),
+}
+
+RUNNER = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+{code}
+out['wall_s'] = time.perf_counter() - t0
+out['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print('RESULT ' + json.dumps(out))
+"""
+
+
+def run_case(name: str) -> dict:
+    code, _, _ = CASES[name]
+    proc = subprocess.run([sys.executable, "-c", RUNNER.format(code=code)], cwd=ROOT, capture_output=True,
+                          text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"{name}: failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def fig7_sweep() -> dict:
+    """The fig7 grid from scratch on 2 local workers (a fresh results directory)."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "experiments/specs/fig7.yaml",
+                               "--out", out, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"wall_s": wall, "peak_rss_gb": peak, "ok": proc.returncode == 0, "tail": proc.stdout.strip()[-200:]}
+
+
+def verdict(value: float, target: float | None) -> str:
+    return "" if target is None else ("meets" if value < target else "misses") + f" < {target:g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--fig7", action="store_true", help="also the fig7 sweep from scratch (minutes)")
+    args = parser.parse_args()
+    names = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    for name in names:
+        r = run_case(name)
+        _, wall_target, rss_target = CASES[name]
+        extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                 if k not in ("wall_s", "peak_rss_gb")}
+        print(f"{name:10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], wall_target):12} peak RSS "
+              f"{r['peak_rss_gb']:.2f} GB {verdict(r['peak_rss_gb'], rss_target):12} {extra}")
+    if args.fig7:
+        r = fig7_sweep()
+        print(f"{'fig7':10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], 60.0):12} peak RSS (one worker) "
+              f"{r['peak_rss_gb']:.2f} GB  {'ok' if r['ok'] else 'FAILED'}: {r['tail']}")
+
+
+if __name__ == "__main__":
+    main()
