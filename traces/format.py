@@ -20,6 +20,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -156,11 +157,49 @@ class RoutingTrace:
         self.__dict__["_prefill_counts_table"] = table  # a cache on a frozen dataclass, as cached_property does
         return table
 
+    def decode_step_counts(self, groups: Sequence[np.ndarray]) -> np.ndarray | None:
+        """Tokens routed per (decode step, group, MoE layer, expert), int32 [S, G, L, E]: entry [t - 1, g] is
+        `expert_counts(decode_rows(t, groups[g]))`. One pass over the groups' decode rows, where asking step by
+        step gathers and counts each step's rows apart. Kept on the trace for the last few groupings (a search
+        plans several); None when the table would exceed REQUEST_TABLE_BYTES."""
+        L, E = self.header.num_layers, self.header.num_experts
+        groups = [np.asarray(g, dtype=np.int64) for g in groups]
+        sizes = np.array([g.size for g in groups], dtype=np.int64)
+        requests = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+        key = (tuple(sizes.tolist()), requests.tobytes())
+        cache = self.__dict__.setdefault("_decode_step_tables", {})
+        if key in cache:
+            return cache[key]
+        steps = self.gen_lens[requests].astype(np.int64) - 1  # decode rows per request (steps 1..gen-1)
+        S, G = (int(steps.max()) if steps.size else 0), len(groups)
+        if S * G * L * E * 4 > REQUEST_TABLE_BYTES:
+            return None
+        n = int(steps.sum())
+        first = np.concatenate([[0], np.cumsum(steps)[:-1]]) if steps.size else steps
+        local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
+        rows = np.repeat(self.token_offsets[requests] + self.prompt_lens[requests].astype(np.int64), steps) + local
+        slot = (local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)) * (L * E)
+        offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        out = np.zeros(max(S * G * L * E, 1), dtype=np.int64)
+        chunk = 1 << 15
+        for start in range(0, n, chunk):  # chunks bound the int64 temporary
+            flat = self.experts[rows[start:start + chunk]] + offsets + slot[start:start + chunk, None, None]
+            out += np.bincount(flat.ravel(), minlength=out.size)
+        table = out[:S * G * L * E].astype(np.int32).reshape(S, G, L, E)
+        if len(cache) >= 4:  # the last few groupings only
+            cache.pop(next(iter(cache)))
+        cache[key] = table
+        return table
+
     @cached_property
     def phase_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt, generated) tokens routed to each expert per MoE layer over the whole trace: [L, E] each."""
-        prompt = self.prefill_counts(np.arange(self.num_requests))
-        return prompt, self.expert_counts(np.arange(self.num_tokens)) - prompt
+        every = np.arange(self.num_requests)
+        prompt = self.prefill_counts(every)
+        steps = self.decode_step_counts([every])  # counts only the decode rows (and keeps them per step)
+        if steps is None:
+            return prompt, self.expert_counts(np.arange(self.num_tokens)) - prompt
+        return prompt, steps.sum(axis=(0, 1), dtype=np.int64)
 
 
 def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:

@@ -62,6 +62,14 @@ class PlanContext:
         planned = len(self.steps())
         return self.decode_steps_total / planned if planned else 1.0
 
+    def decode_counts(self, groups: list[np.ndarray]) -> np.ndarray | None:
+        """Per (decode step, micro-batch) expert loads of `groups` in one pass over the trace
+        (`RoutingTrace.decode_step_counts`), when the plan emits enough of the steps to pay for counting them
+        all (a quarter or more); None: count step by step."""
+        if 4 * len(self.steps()) < self.decode_steps_total:
+            return None
+        return self.trace.decode_step_counts(groups)
+
     def with_sample(self, decode_sample: int) -> PlanContext:
         return replace(self, decode_sample=decode_sample)
 

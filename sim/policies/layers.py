@@ -245,11 +245,13 @@ def decode_slices(ctx: PlanContext, step: int, groups: list[np.ndarray]) -> list
     """Decode step `step` (1-based) of each group: one token per request still generating."""
     out = []
     wl = ctx.workload
+    table = ctx.decode_counts(groups)
     for mb, reqs in enumerate(groups):
         active = reqs[wl.gen_lens[reqs] > step]
         if active.size == 0:
             continue
         kv = int((wl.prompt_lens[active].astype(np.int64) + step).sum())
-        counts = ctx.trace.expert_counts(ctx.trace.decode_rows(step, active))
+        counts = (table[step - 1, mb].astype(np.int64) if table is not None
+                  else ctx.trace.expert_counts(ctx.trace.decode_rows(step, active)))
         out.append(BatchSlice(Phase.DECODE, step, mb, active, int(active.size), kv, kv, counts))
     return out
