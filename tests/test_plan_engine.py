@@ -13,53 +13,26 @@ from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
 from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
 from sim.plan_verify import verify_assignments
-from sim.policies import PlanContext, make_policy
+from sim.policies import POLICIES, PlanContext, make_policy
 from sim.specs import load_system
 from sim.topology import topology_of
 from sim.workload import Workload
 
-POLICY_CASES = [
-    ("gpu-only", {}),
-    ("gpu-only", {"decode_micro_batch": "3", "prefill_tokens": "20"}),
-    ("stream-experts", {}),
-    ("stream-experts", {"attention": "cpu", "decode_micro_batch": "4", "prefill_tokens": "16"}),
-    ("stream-experts", {"attention": "gpu", "fetch": "routed"}),
-    ("coxmoe", {}),
-    ("moe-lightning", {}),
-    ("moe-lightning", {"micro_batch": "3", "wg": "0.25", "prefill_tokens": "16"}),
-    ("moe-lightning", {"micro_batch": "0", "wg": "0"}),
-    ("flexgen", {}),
-    ("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "30", "cpu_attention": "off", "act_gpu_percent": "0",
-                 "kv_gpu_percent": "50"}),
-    ("flexgen", {"gpu_batch_size": "3", "weights_gpu_percent": "0", "cpu_attention": "on", "act_gpu_percent": "100",
-                 "kv_gpu_percent": "25"}),
-    ("fiddler", {}),
-    ("cpu-only", {}),
-    ("cpu-only", {"coalesce": "off", "decode_micro_batch": "3", "prefill_tokens": "12"}),
-    ("fiddler", {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"}),
-    ("coxmoe", {"coalesce": "off", "decode_micro_batch": "4", "prefill_micro_batch": "3"}),
-    ("coxmoe", {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2", "split": "auto"}),
-    ("coxmoe", {"prefill_placement": "cgc", "decode_placement": "cgg", "resident_experts": "0", "split": "gpu",
-                "decode_micro_batch": "3", "prefill_micro_batch": "2"}),
-    ("expert-parallel", {}),
-    ("expert-parallel", {"decode_micro_batch": "3", "prefill_tokens": "20"}),
-    ("ndp-experts", {}),
-    ("ndp-experts", {"decode_micro_batch": "4", "prefill_tokens": "16"}),
-]
-# Policies that need another machine shape: two GPUs, a near-memory DIMM tier.
-SYSTEM_FOR = {"expert-parallel": "2x-h100-sxm-nvlink-8480", "ndp-experts": "a100-80g-8452y-ndp8"}
+# Every registered policy with each option set it names as exercising its branches (Policy.example_options).
+POLICY_CASES = [(name, opts) for name, cls in POLICIES.items() for opts in cls.example_options]
 
 
 def system_for(policy: str, paper_system):
-    return load_system(SYSTEM_FOR[policy]) if policy in SYSTEM_FOR else paper_system
+    """The paper's A100 machine, or the machine shape the policy needs (two GPUs, a near-memory DIMM tier)."""
+    needs = POLICIES[policy].example_system
+    return load_system(needs) if needs else paper_system
 
 
 def test_every_registered_policy_is_covered_here_and_labelled():
-    """The registry is the one list of policies: a new one fails here until these plan tests cover it and
-    it names how reports show it."""
-    from sim.policies import POLICIES
-
+    """The registry is the one list of policies: a new one is in these plan tests through its example options,
+    and names how reports show it."""
     assert {name for name, _ in POLICY_CASES} == set(POLICIES)
+    assert all(cls.example_options for cls in POLICIES.values())
     for cls in POLICIES.values():
         assert cls.label and cls.color.startswith("#") and len(cls.color) == 7, cls.name
     assert len({cls.color for cls in POLICIES.values()}) == len(POLICIES)  # distinguishable in every plot

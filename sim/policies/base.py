@@ -130,7 +130,8 @@ def require_fits(pool: str, device: str, policy: str, parts: dict[str, int], cap
 
 class Policy:
     """A plan generator. Subclasses set `name`, `Options` (a dataclass of knobs), their display `label` and
-    `color`, and implement `build`; adding the class to `POLICIES` registers it everywhere."""
+    `color`, their `example_options` (and `example_system` when they need another machine shape), and implement
+    `build` or `search_space`; adding the class to `POLICIES` registers it everywhere, tests included."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -140,6 +141,10 @@ class Policy:
     label: ClassVar[str] = ""
     color: ClassVar[str] = "#555555"
     compared: ClassVar[bool] = True
+    # Option sets that exercise the policy's branches: the plan-invariant tests (tests/test_plan_engine.py) run
+    # each on a tiny model; `example_system`: a preset of the machine shape it needs (None: any one-GPU system).
+    example_options: ClassVar[tuple[dict[str, str], ...]] = ({},)
+    example_system: ClassVar[str | None] = None
 
     def __init__(self, options: Any):
         self.options = options

@@ -299,6 +299,11 @@ class CoxMoePolicy(Policy):
     color = "#c0392b"
     summary = "CoX-MoE: OP0-OP2 placed per phase in micro-batches, coalesced experts split E_R/E_M/E_C (AMX)"
     Options = CoxMoeOptions
+    example_options = ({}, {"coalesce": "off", "decode_micro_batch": "4", "prefill_micro_batch": "3"},
+                       {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2",
+                        "split": "auto"},
+                       {"prefill_placement": "cgc", "decode_placement": "cgg", "resident_experts": "0",
+                        "split": "gpu", "decode_micro_batch": "3", "prefill_micro_batch": "2"})
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: CoxMoeOptions = self.options

@@ -35,6 +35,7 @@ class CpuOnlyPolicy(Policy):
     compared = False
     summary = "every op on the CPU (AMX), weights and KV in DRAM: what a GPU-less machine can run for real"
     Options = CpuOnlyOptions
+    example_options = ({}, {"coalesce": "off", "decode_micro_batch": "3", "prefill_tokens": "12"})
 
     def build(self, ctx: PlanContext) -> Plan:
         o: CpuOnlyOptions = self.options

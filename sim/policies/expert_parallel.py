@@ -54,6 +54,8 @@ class ExpertParallelPolicy(Policy):
     color = "#16a085"
     summary = "multi-GPU: everything in VRAM, experts split across the GPUs, tokens sent over peer links"
     Options = ExpertParallelOptions
+    example_options = ({}, {"decode_micro_batch": "3", "prefill_tokens": "20"})
+    example_system = "2x-h100-sxm-nvlink-8480"
     compared = False  # needs a system with two or more GPUs
 
     def build(self, ctx: PlanContext) -> Plan:
@@ -62,7 +64,7 @@ class ExpertParallelPolicy(Policy):
         gpus = system.gpu_names
         if len(gpus) < 2:
             raise SimInputError(f"policy {self.name}: system {system.name} has one GPU; give a system with "
-                                "extra_gpus (e.g. 2x-h100-sxm-nvlink-8480)")
+                                f"extra_gpus (e.g. {self.example_system})")
         if not m.num_experts > 1:
             raise SimInputError(f"policy {self.name}: model {m.name} has no routed experts to split")
         topo = topology_of(system)

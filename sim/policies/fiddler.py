@@ -56,6 +56,7 @@ class FiddlerPolicy(Policy):
     color = "#27ae60"
     summary = "Fiddler/kTransformers: popular experts in VRAM, the rest per expert and step on the CPU or fetched"
     Options = FiddlerOptions
+    example_options = ({}, {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"})
 
     def build(self, ctx: PlanContext) -> Plan:
         o: FiddlerOptions = self.options

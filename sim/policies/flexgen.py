@@ -224,6 +224,10 @@ class FlexGenPolicy(Policy):
     color = "#7f8c8d"
     summary = "FlexGen: zig-zag block schedule, percentage placement, all experts loaded per layer, LP search"
     Options = FlexGenOptions
+    example_options = ({}, {"gpu_batch_size": "4", "weights_gpu_percent": "30", "cpu_attention": "off",
+                            "act_gpu_percent": "0", "kv_gpu_percent": "50"},
+                       {"gpu_batch_size": "3", "weights_gpu_percent": "0", "cpu_attention": "on",
+                        "act_gpu_percent": "100", "kv_gpu_percent": "25"})
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: FlexGenOptions = self.options

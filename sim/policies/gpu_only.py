@@ -30,6 +30,7 @@ class GpuOnlyPolicy(Policy):
     color = "#8e44ad"
     summary = "all weights and KV in VRAM, every op on the GPU (fails when the model does not fit)"
     Options = GpuOnlyOptions
+    example_options = ({}, {"decode_micro_batch": "3", "prefill_tokens": "20"})
 
     def build(self, ctx: PlanContext) -> Plan:
         o: GpuOnlyOptions = self.options

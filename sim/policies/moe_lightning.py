@@ -114,6 +114,7 @@ class MoELightningPolicy(Policy):
     color = "#2e86c1"
     summary = "MoE-Lightning: CGOPipe (GPU pre/post-attention, CPU attention, paged expert weights), HRM search"
     Options = MoELightningOptions
+    example_options = ({}, {"micro_batch": "3", "wg": "0.25", "prefill_tokens": "16"}, {"micro_batch": "0", "wg": "0"})
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: MoELightningOptions = self.options

@@ -56,6 +56,8 @@ class NdpExpertsPolicy(Policy):
     color = "#1abc9c"
     summary = "near-memory DIMMs: routed experts computed on the DIMMs that hold them, the rest on the GPU"
     Options = NdpExpertsOptions
+    example_options = ({}, {"decode_micro_batch": "4", "prefill_tokens": "16"}, {"prefill": "ndp"})
+    example_system = "a100-80g-8452y-ndp8"
     compared = False  # needs a system with an NDP tier
 
     def build(self, ctx: PlanContext) -> Plan:
@@ -63,7 +65,7 @@ class NdpExpertsPolicy(Policy):
         m, wl, system = ctx.model, ctx.workload, ctx.system
         if system.ndp is None:
             raise SimInputError(f"policy {self.name}: system {system.name} has no NDP tier; give a system with "
-                                "`ndp` (e.g. a100-80g-8452y-ndp8)")
+                                f"`ndp` (e.g. {self.example_system})")
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
         expert_weights = m.routed_expert_params * m.bytes_per_param
         require_fits("NDP", system.ndp.name, self.name, {"expert_weights": expert_weights},

@@ -50,6 +50,8 @@ class StreamExpertsPolicy(Policy):
     color = "#d68910"
     summary = "non-expert weights in VRAM, each layer's experts streamed over PCIe into a double buffer"
     Options = StreamExpertsOptions
+    example_options = ({}, {"attention": "cpu", "decode_micro_batch": "4", "prefill_tokens": "16"},
+                       {"attention": "gpu", "fetch": "routed"})
 
     def build(self, ctx: PlanContext) -> Plan:
         o: StreamExpertsOptions = self.options
