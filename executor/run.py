@@ -22,7 +22,7 @@ import torch
 from executor.interpret import PlanInterpreter
 from executor.reference import Outputs
 from executor.weights import ModelWeights
-from sim.engine import EngineRecord, busy_by_stream
+from sim.engine import EngineRecord, busy_by_stream, ops_by_stream
 from sim.plan import Op, OpKind, Plan
 from sim.topology import Topology, UnitKind, topology_of
 from traces import RoutingTrace
@@ -155,10 +155,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
         a = torch.empty(nbytes, dtype=torch.uint8, device=src)
         torch.empty(nbytes, dtype=torch.uint8, device=dst).copy_(a, non_blocking=True)
 
-    by_stream: dict[str, list[int]] = {s: [] for s in streams}
-    for op in ops:
-        topo.unit_of(op.stream)  # a stream the system lacks is named, not a KeyError
-        by_stream[op.stream].append(op.id)
+    by_stream = ops_by_stream(ops, topo)
     threads = [threading.Thread(target=run_stream, args=(s, ids), name=f"stream-{s}", daemon=True)
                for s, ids in by_stream.items() if ids]
     wall0 = time.perf_counter()

@@ -25,7 +25,7 @@ from simpy.core import EmptySchedule
 from sim.cost import CostModel
 from sim.errors import CapacityError
 from sim.plan import Op, Plan
-from sim.topology import topology_of
+from sim.topology import Topology, topology_of
 
 _EPS = 1e-9
 
@@ -47,6 +47,18 @@ class EngineRecord:
     @property
     def makespan_ns(self) -> int:
         return int(self.end_ns.max()) if self.end_ns.size else 0
+
+
+def ops_by_stream(ops: list[Op], topo: Topology) -> dict[str, list[int]]:
+    """Op ids per stream in plan order, every stream of the machine listed in its order: how both engines walk
+    a plan (one SimPy process, or one host thread, per stream with ops). A stream the system lacks is named."""
+    by_stream: dict[str, list[int]] = {s: [] for s in topo.streams}
+    for op in ops:
+        ids = by_stream.get(op.stream)
+        if ids is None:
+            topo.unit_of(op.stream)  # raises, naming the system's streams
+        ids.append(op.id)
+    return by_stream
 
 
 def busy_by_stream(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray, streams: tuple[str, ...]) -> dict[str, int]:
@@ -234,12 +246,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
     pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
     env = simpy.Environment()
     shares = {group: _GroupShare() for group in topo.group_sizes}
-    by_stream: dict[str, list[int]] = {s: [] for s in topo.streams}
-    for op in ops:
-        ids = by_stream.get(op.stream)
-        if ids is None:
-            topo.unit_of(op.stream)  # names the streams the system has
-        ids.append(op.id)
+    by_stream = ops_by_stream(ops, topo)
     timeout, new_event, Interrupt = env.timeout, env.event, simpy.Interrupt
 
     streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
