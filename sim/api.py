@@ -193,13 +193,18 @@ class TraceCache:
 
     @staticmethod
     def _nbytes(trace: RoutingTrace) -> int:
-        return sum(a.nbytes for a in (trace.experts, trace.gate_weights, trace.request_features) if a is not None)
+        """Its arrays and the count tables it has gathered since (prompt table, per-step decode tables)."""
+        arrays = [trace.experts, trace.gate_weights, trace.request_features,
+                  trace.__dict__.get("_prefill_counts_table"),
+                  *trace.__dict__.get("_decode_step_tables", {}).values()]
+        return sum(a.nbytes for a in arrays if a is not None)
 
     def get(self, key: tuple, build: Callable[[], RoutingTrace]) -> RoutingTrace:
         trace = self._items.get(key)
         if trace is not None:
             self.hits += 1
             self._items.move_to_end(key)
+            self._evict(self.max_bytes, keep=key)  # its tables may have grown since it was cached
             return trace
         self.misses += 1
         budget = self.max_bytes
@@ -211,9 +216,16 @@ class TraceCache:
             if array is not None:
                 array.flags.writeable = False
         self._items[key] = trace
-        while sum(self._nbytes(t) for t in self._items.values()) > budget:
-            self._items.popitem(last=False)
+        self._evict(budget, keep=key)
         return trace
+
+    def _evict(self, budget: int, keep: tuple) -> None:
+        """Least recently used out until the held bytes fit (the trace in use stays, whatever its size)."""
+        while len(self._items) > 1 and sum(self._nbytes(t) for t in self._items.values()) > budget:
+            oldest = next(iter(self._items))
+            if oldest == keep:
+                break
+            self._items.popitem(last=False)
 
     def clear(self) -> None:
         self._items.clear()

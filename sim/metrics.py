@@ -45,7 +45,9 @@ def op_class(op) -> str:
     from sim.plan import OpKind
 
     if op.kind is OpKind.EXPERT:
-        return "cpu_experts" if op.stream in ("cpu", "cpu_experts") else "gpu_experts"
+        if op.stream in ("cpu", "cpu_experts"):
+            return "cpu_experts"
+        return "ndp_experts" if op.stream == "ndp" else "gpu_experts"
     if op.kind is OpKind.ATTENTION:
         return "attention"
     if op.kind is OpKind.COPY:

@@ -137,6 +137,9 @@ class Scope:
     shard: int = 0
     shards: int = 1
 
+    def __post_init__(self) -> None:  # request ids as an int64 array whatever they were given as
+        object.__setattr__(self, "requests", np.asarray(self.requests, dtype=np.int64))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Scope) and (self.phase, self.step, self.shard, self.shards) == (
             other.phase, other.step, other.shard, other.shards) and np.array_equal(self.requests, other.requests)
@@ -226,7 +229,7 @@ class Plan:
             if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and 0 <= op.tokens <= tokens_max[d]
                     and 0 <= op.kv_tokens <= kv_max[d] and (not d or 1 <= op.step <= max_step)
                     and -1 <= op.layer <= layers and -1 <= op.expert < experts
-                    and -1 <= op.micro_batch < groups[d] and op.stream in streams and op.scope < 0) \
+                    and -1 <= op.micro_batch < groups[d] and op.stream in streams and op.scope == -1) \
                     or op.alloc or op.free:
                 self._check_op(op, max_step, pools, bounds)
                 topo.unit_of(op.stream)  # a stream the system lacks is named
@@ -242,22 +245,23 @@ class Plan:
             if not isinstance(sc.phase, Phase) or r.ndim != 1 or r.dtype.kind not in "iu" or r.size == 0 or (
                     r.min() < 0 or r.max() >= batch or np.unique(r).size != r.size):
                 raise SimInputError(f"plan scope {k}: needs a phase and distinct request ids in 0..{batch - 1}")
-            if not (0 <= sc.shard < sc.shards) or (sc.phase is Phase.DECODE and not 1 <= sc.step <= max_step) or (
+            if not (0 <= sc.shard < sc.shards <= MAX_SHARDS) or (
+                    sc.phase is Phase.DECODE and not 1 <= sc.step <= max_step) or (
                     sc.phase is Phase.PREFILL and sc.step != 0):
                 raise SimInputError(f"plan scope {k}: shard {sc.shard} of {sc.shards} at {sc.phase} step {sc.step} "
                                     f"is not a shard of a step the workload has")
 
     def _check_op_scope(self, op: Op) -> None:
-        if op.scope < 0:
+        if op.scope == -1:
             return
-        if op.scope >= len(self.scopes):
+        if not 0 <= op.scope < len(self.scopes):
             raise SimInputError(f"plan op {op.id}: scope {op.scope} does not exist ({len(self.scopes)} scopes)")
         sc = self.scopes[op.scope]
         if (sc.phase, sc.step) != (op.phase, op.step):
             raise SimInputError(f"plan op {op.id}: at {op.phase} step {op.step}, its scope {op.scope} at "
                                 f"{sc.phase} step {sc.step}")
-        if sc.shards > 1 and op.kind is not OpKind.EXPERT:
-            raise SimInputError(f"plan op {op.id}: only expert ops work on a shard of their scope's tokens")
+        if sc.shards > 1 and op.kind not in (OpKind.EXPERT, OpKind.COPY):
+            raise SimInputError(f"plan op {op.id}: only expert ops (and copies of their tokens) work on a shard")
 
     def _check_alloc_balance(self) -> None:
         """No dynamic allocation is freed twice: no pool frees more than it holds at any point (an allocation
@@ -325,6 +329,7 @@ class _ScopeBounds:
 
 
 ESTIMATE_MARGIN = 1.25  # a plan is refused early only when its estimate exceeds the op limit by this factor
+MAX_SHARDS = 4096  # parts one scope's expert tokens may be split into
 MAX_OP_WORK = 1 << 50  # flops or bytes of one op (a petabyte at most: nanosecond clocks stay in int64)
 
 

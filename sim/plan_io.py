@@ -57,8 +57,8 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
         "prompt_lens": plan.workload.prompt_lens.tolist(), "gen_lens": plan.workload.gen_lens.tolist(),
         "static_memory": plan.static_memory, "decode_scale": plan.decode_scale,
         "micro_batches": {k: [g.tolist() for g in v] for k, v in plan.micro_batches.items()},
-        "scopes": [{"phase": str(sc.phase), "step": sc.step, "requests": np.asarray(sc.requests).tolist(),
-                    "shard": sc.shard, "shards": sc.shards} for sc in plan.scopes],
+        "scopes": [{"phase": str(sc.phase), "step": int(sc.step), "requests": np.asarray(sc.requests).tolist(),
+                    "shard": int(sc.shard), "shards": int(sc.shards)} for sc in plan.scopes],
     }
     table = _table(plan.ops).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,10 @@
 """Proof that a plan computes what its routing trace asks: every token's k expert assignments, at every step the
 plan holds, exactly once, including assignments of one expert split between ops (scope shards).
 
+It also refuses an expert op nothing waits for (no op depends on it and none follows it on its stream): its
+output would never reach the next layer. Ordering beyond that is not proven: the policy's dependencies (or an
+op's stream order) must make its consumers wait.
+
 `Plan.check()` is the cheap per-op check that runs before every simulation; this one replays the trace and is
 run on demand (tests, `coxmoe run-plan PLAN --verify TRACE`). Each expert op's assignments are the ones the executor
 computes: its scope's token rows in request order, the (row, slot) pairs routed to its expert in row-major
@@ -36,9 +40,15 @@ def shard_assignments(plan: Plan, trace: RoutingTrace, op) -> tuple[np.ndarray, 
 def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
     """Raise SimInputError naming the first assignment computed twice, never, or by an op whose token count
     disagrees with its shard."""
-    m = plan.model
-    if trace.num_requests < plan.workload.batch:
-        raise SimInputError(f"trace has {trace.num_requests} requests; the plan's workload {plan.workload.batch}")
+    m, wl, h = plan.model, plan.workload, trace.header
+    if (h.num_layers, h.num_experts, h.top_k) != (m.num_moe_layers, m.num_experts, m.top_k):
+        raise SimInputError(f"the trace is for {h.num_layers} MoE layers x {h.num_experts} experts, top-{h.top_k}; the "
+                            f"plan's model {m.name} has {m.num_moe_layers} x {m.num_experts}, top-{m.top_k}")
+    n = wl.batch
+    if trace.num_requests < n or not (np.array_equal(trace.prompt_lens[:n], wl.prompt_lens)
+                                      and np.array_equal(trace.gen_lens[:n], wl.gen_lens)):
+        raise SimInputError(f"the trace's requests do not match the plan's workload ({n} requests and their prompt "
+                            "and generation lengths): not the trace the plan was built from")
     hits = np.zeros((trace.num_tokens, m.num_moe_layers, m.top_k), dtype=np.int16)
     steps: set[tuple[Phase, int]] = set()
     for op in plan.ops:
@@ -51,6 +61,12 @@ def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
             raise SimInputError(f"plan op {op.id}: expert {op.expert} layer {op.layer} says {op.tokens} tokens; its "
                                 f"scope routes {rows.size} there")
         np.add.at(hits, (rows, m.moe_index(op.layer), slots), 1)
+    awaited = {d for op in plan.ops for d in op.deps}
+    last_on_stream = {op.stream: op.id for op in plan.ops}
+    for op in plan.ops:
+        if op.kind is OpKind.EXPERT and op.id not in awaited and last_on_stream[op.stream] == op.id:
+            raise SimInputError(f"plan op {op.id}: expert {op.expert} layer {op.layer} on {op.stream}: nothing waits "
+                                "for its output (no op depends on it, none follows it on its stream)")
     every = np.arange(plan.workload.batch)
     expected = np.zeros(trace.num_tokens, dtype=bool)
     for phase, step in steps:

@@ -207,6 +207,16 @@ def test_run_plan_verifies_a_plan_against_its_trace(capsys, tmp_path):
     assert code == 0 and "every assignment of" in out, err
     code, _, err = run(capsys, "run-plan", str(plan), "--verify", traces[1])  # another routing: counts disagree
     assert code == 2 and "its scope routes" in err
+    other = str(tmp_path / "other.npz")
+    for extra, message in ((["--gen-len", "5"], "not the trace the plan was built from"),
+                           (["--model", "mixtral-8x7b"], "MoE layers")):
+        args = ["--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "16", "--gen-len", "4"]
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            args[args.index(flag) + 1] = value
+        code, _, err = run(capsys, "trace", "gen", *args, "-o", other)
+        assert code == 0, err
+        code, _, err = run(capsys, "run-plan", str(plan), "--verify", other)
+        assert code == 2 and message in err, err
 
 
 def _tiny_model_file(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from executor.interpret import PlanInterpreter
 from executor.reference import reference_forward
+from executor.run import execute_plan
 from executor.weights import random_weights
 from sim.cost import RooflineCostModel
 from sim.engine import run_plan
@@ -54,7 +55,11 @@ def rewrite(plan: Plan, replace: dict[int, list[Op]], scopes: list[Scope], alias
 
 
 def expert_ops(plan: Plan, phase: Phase, min_tokens: int = 2) -> list[Op]:
-    return [op for op in plan.ops if op.kind is OpKind.EXPERT and op.phase is phase and op.tokens >= min_tokens]
+    """Expert ops with tokens to split that a later op depends on (splitting one moves that dependency onto both
+    shards; a shard moved to another stream with nothing waiting for it would be a broken plan)."""
+    awaited = {d for op in plan.ops for d in op.deps}
+    return [op for op in plan.ops if op.kind is OpKind.EXPERT and op.phase is phase and op.tokens >= min_tokens
+            and op.id in awaited]
 
 
 def split(plan: Plan, op: Op, streams=(Stream.GPU, Stream.CPU)) -> Plan:
@@ -87,9 +92,25 @@ def test_a_split_expert_is_verified_executed_and_saved(case, tmp_path):
     assert got.keys() == want.keys()
     worst = max(float((got[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
     assert worst < 2e-2
+    for _ in range(3):  # the threaded executor: the CPU shard on its own thread, its consumer waiting for it
+        ran = execute_plan(out, weights, trace, use_cuda=False).outputs
+        worst = max(float((ran[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
+        assert worst < 2e-2
+    dangling = rewrite(out, {}, [])
+    cpu_shard = [op for op in dangling.ops if op.stream == Stream.CPU][-1]  # the last op on the CPU stream
+    assert cpu_shard.scope >= 0
+    for op in dangling.ops:  # drop every dependency on it: nothing waits for it any more
+        if cpu_shard.id in op.deps:
+            op.deps = tuple(d for d in op.deps if d != cpu_shard.id)
+    with pytest.raises(SimInputError, match="nothing waits for its output"):
+        verify_assignments(dangling, trace)
     path = save_plan(out, tmp_path / "split.parquet")
     back = load_plan(path)
     assert back.scopes == out.scopes and [op.scope for op in back.ops] == [op.scope for op in out.ops]
+    numpy_ints = dataclasses.replace(out, scopes=[Scope(sc.phase, np.int64(sc.step), list(sc.requests),
+                                                        np.int64(sc.shard), np.int64(sc.shards))
+                                                  for sc in out.scopes])
+    assert load_plan(save_plan(numpy_ints, tmp_path / "np.parquet")).scopes == out.scopes
 
 
 def test_experts_batched_over_two_attention_micro_batches(case, paper_system):
@@ -149,7 +170,7 @@ def test_the_cheap_check_refuses_bad_scopes(case):
         shard.phase, shard.step, shard.layer, shard.micro_batch))
     bad = {
         "scope 99 does not exist": rewrite(out, {shard.id: [dataclasses.replace(shard, scope=99)]}, []),
-        "only expert ops work on a shard": rewrite(
+        r"only expert ops \(and copies of their tokens\) work on a shard": rewrite(
             out, {router.id: [dataclasses.replace(router, scope=shard.scope)]}, []),
         "its scope .* at decode step": rewrite(
             out, {shard.id: [dataclasses.replace(shard, step=shard.step + 1)]}, []),
@@ -158,6 +179,9 @@ def test_the_cheap_check_refuses_bad_scopes(case):
         "is not a shard of a step": dataclasses.replace(out, scopes=[
             dataclasses.replace(sc, shard=sc.shards) for sc in out.scopes]),
     }
+    bad["scope -7 does not exist"] = rewrite(out, {shard.id: [dataclasses.replace(shard, scope=-7)]}, [])
+    bad["shard 0 of 5000"] = dataclasses.replace(out, scopes=[
+        dataclasses.replace(sc, shards=5000) for sc in out.scopes])
     for message, broken in bad.items():
         with pytest.raises(SimInputError, match=message):
             broken.check()

@@ -180,3 +180,15 @@ def test_hf_config_unsupported_and_incomplete():
         model_from_hf_config({"model_type": "llama"})
     with pytest.raises(SimInputError, match="missing field num_local_experts"):
         model_from_hf_config({k: v for k, v in HF_CONFIGS["mixtral-8x7b"].items() if k != "num_local_experts"})
+
+
+def test_a_name_that_would_break_the_one_line_error_is_refused():
+    """Names are quoted in every later message: one with a newline or another control character is refused first
+    (found by the system-spec fuzz: a GPU named '\\n' with a zero peak gave a two-line error)."""
+    from sim.specs.catalog import build_system
+
+    for bad in ("a\nb", "tab\there", "\x00"):
+        with pytest.raises(SimInputError, match="name must be printable text on one line") as exc:
+            build_system("x", {"gpu": {"name": bad, "bf16_flops_per_s": 0}, "cpu": "xeon-8452y", "link": "pcie4x16",
+                               "dram_bytes": 2**39, "gpu_reserved_bytes": 0, "dram_reserved_bytes": 0}, "f")
+        assert "\n" not in str(exc.value)

@@ -246,3 +246,18 @@ def _execute_tiny(system: str, policy: str, use_cuda: bool):
     worst = max(float((result.outputs[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
     assert worst < 2e-2
     return result
+
+
+def test_ndp_prefill_streams_through_two_buffers_shared_by_every_micro_batch(tiny_model):
+    """Each layer fetch reuses the buffer of the fetch before last, across micro-batches too: at most two layers'
+    experts are on the GPU at once, as `expert_buffers` reserves."""
+    from sim.plan import Payload
+
+    r = simulate(tiny_model, load_system(NDP_SYSTEM), "ndp-experts", batch=8, prompt_len=16, gen_len=2,
+                 policy_options={"prefill_tokens": "32"}, keep_plan=True)
+    ops = r.plan.ops
+    fetches = [op for op in ops if op.payload is Payload.EXPERT_WEIGHTS]
+    assert len({op.micro_batch for op in fetches}) > 1
+    consumer = {f.id: next(op.id for op in ops if op.kind is OpKind.EXPERT and f.id in op.deps) for f in fetches}
+    for k in range(2, len(fetches)):  # waits for the experts that read the buffer it overwrites
+        assert max(fetches[k].deps) >= consumer[fetches[k - 2].id]

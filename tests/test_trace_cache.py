@@ -42,3 +42,24 @@ def test_cached_traces_are_read_only_and_the_cache_is_bounded():
     assert cache.get(("a",), build(0)) is not a and cache.misses == 4
     tiny = TraceCache(max_bytes=1)
     assert tiny.get(("x",), build(0)).experts.flags.writeable  # too big to keep: not cached, left writable
+
+
+def test_the_budget_counts_the_tables_a_trace_gathers():
+    from traces import SynthConfig, generate_trace
+
+    trace = generate_trace(SynthConfig("m", 2, 8, 2, "uniform", 0.0, 0), np.full(40, 10), np.full(40, 4))
+    before = TraceCache._nbytes(trace)
+    trace.prefill_counts(np.arange(40))
+    trace.decode_step_counts([np.arange(40)])
+    assert TraceCache._nbytes(trace) == before + 40 * 2 * 8 * 4 + 3 * 1 * 2 * 8 * 4
+
+
+def test_the_budget_comes_from_the_environment(monkeypatch):
+    from sim.errors import SimInputError
+
+    monkeypatch.setenv("COXMOE_TRACE_CACHE_MIB", "2")
+    assert TraceCache().max_bytes == 2 * 2**20
+    for bad in ("x", "nan", "-1", "1e9"):
+        monkeypatch.setenv("COXMOE_TRACE_CACHE_MIB", bad)
+        with pytest.raises(SimInputError, match="COXMOE_TRACE_CACHE_MIB"):
+            TraceCache().max_bytes  # noqa: B018 - the property checks the variable when it is read

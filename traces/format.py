@@ -186,6 +186,7 @@ class RoutingTrace:
             flat = self.experts[rows[start:start + chunk]] + offsets + slot[start:start + chunk, None, None]
             out += np.bincount(flat.ravel(), minlength=out.size)
         table = out[:S * G * L * E].astype(np.int32).reshape(S, G, L, E)
+        table.flags.writeable = False  # shared by every plan of a search
         if len(cache) >= 4:  # the last few groupings only
             cache.pop(next(iter(cache)))
         cache[key] = table

@@ -220,12 +220,16 @@ class ProfileCostModel:
             if not self.mean_prompt_len:
                 return None
             return op.tokens / self.mean_prompt_len, self.mean_prompt_len
-        key = (op.micro_batch, op.scope)
+        key = (op.micro_batch, op.scope, op.tokens)
         hit = self._scope_stats.get(key)
         if hit is None:
             requests = self._plan.scope_of(op)[0]
             lens = self._plan.workload.prompt_lens[requests]
-            hit = self._scope_stats[key] = (float(requests.size), float(lens.mean()) if lens.size else 1.0)
+            mean = float(lens.mean()) if lens.size else 1.0
+            # a policy that pads prompts to the longest (FlexGen) carries the padded tokens: that is the length
+            # its attention computes over
+            padded = op.tokens / requests.size if requests.size else mean
+            hit = self._scope_stats[key] = (float(requests.size), max(mean, padded))
         return hit
 
     def _requests(self, op: Op) -> float:

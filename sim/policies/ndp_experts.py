@@ -68,9 +68,12 @@ class NdpExpertsPolicy(Policy):
                                 f"`ndp` (e.g. {self.example_system})")
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
         expert_weights = m.routed_expert_params * m.bytes_per_param
-        require_fits("NDP", system.ndp.name, self.name, {"expert_weights": expert_weights},
+        # routed tokens' hidden states down and results up: sized by decode micro-batches unless prefill runs on
+        # the DIMMs too
+        ndp_tokens = max_tokens if o.prefill == "ndp" else max(g.size for g in decode_groups)
+        states = ndp_tokens * m.top_k * m.hidden_size * m.bytes_per_param
+        require_fits("NDP", system.ndp.name, self.name, {"expert_weights": expert_weights, "ndp_buffers": 2 * states},
                      system.ndp.capacity_bytes)
-        states = max_tokens * m.top_k * m.hidden_size * m.bytes_per_param  # routed tokens down, results up
         layer_experts = m.num_experts * m.expert_params * m.bytes_per_param
         static = {
             "gpu": {"weights": (m.total_params - m.routed_expert_params) * m.bytes_per_param,
@@ -87,14 +90,15 @@ class NdpExpertsPolicy(Policy):
         for step in ctx.steps():
             slices += decode_slices(ctx, step, decode_groups)
         token_bytes = m.hidden_size * m.bytes_per_param
-        ran_in: dict[tuple, int] = {}  # (micro-batch, MoE layer) -> its last expert op (frees its GPU buffer)
+        buffer_done: list[int] = []  # per layer fetch, in order: the expert op after which its buffer is free
 
         def routed(s, at: At, counts, router: int, shared: int) -> Deps:
             experts = [int(e) for e in counts.nonzero()[0]]
-            li = m.moe_index(at.layer)
-            if o.prefill == "gpu" and s.phase is Phase.PREFILL:  # into the buffer layer li - 2 is done with
-                fetch = em.xfer(H2D, at, layer_experts, Payload.EXPERT_WEIGHTS, (ran_in.get((s.mb, li - 2), -1),))
-                ran = ran_in[(s.mb, li)] = em.experts(GPU, at, counts, experts, (router, fetch))
+            if o.prefill == "gpu" and s.phase is Phase.PREFILL:  # two buffers shared by every micro-batch's fetches:
+                free = buffer_done[-2] if len(buffer_done) >= 2 else -1  # the fetch before last is done with its
+                fetch = em.xfer(H2D, at, layer_experts, Payload.EXPERT_WEIGHTS, (free,))
+                ran = em.experts(GPU, at, counts, experts, (router, fetch))
+                buffer_done.append(max(ran, fetch))
                 return ran, shared
             tokens = int(counts.sum())
             down = em.xfer(D2H, at, tokens * token_bytes, Payload.ACTIVATIONS, (router,), tokens)

@@ -39,6 +39,9 @@ def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
     a boolean is never a number and a flag is only true or false (not "yes" or 1); `sources` notes may be
     numbers (a year) and are kept as text."""
     out = dict(fields)
+    label = out.get("name")
+    if isinstance(label, str) and not label.isprintable():  # it is quoted in every later message
+        raise SimInputError(f"{where}: name must be printable text on one line, got {label!r}")
     for name in _typed_fields(cls, (bool,)):
         if name in out and not isinstance(out[name], bool):
             raise SimInputError(f"{where}: {name}: expected true or false, got {out[name]!r}")
