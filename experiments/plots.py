@@ -11,8 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.api import SimulationResult  # noqa: E402
-from sim.plan import OpKind, Phase, Plan, streams_of  # noqa: E402
+from sim.plan import STREAMS, OpKind, Phase, Plan, streams_of  # noqa: E402
 from sim.timeline import track_name  # noqa: E402
+from sim.topology import topology_of  # noqa: E402
+
+STREAM_NAMES = frozenset(str(s) for s in STREAMS)  # the one-GPU machine's tracks are always drawn
 
 KIND_COLORS = {
     OpKind.EMBED: "#bbbbbb", OpKind.QKV: "#4e79a7", OpKind.ATTENTION: "#f28e2b", OpKind.O_PROJ: "#76b7b2",
@@ -46,7 +49,8 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
     dur = (rec.end_ns - rec.start_ns) / 1e9
     all_kinds = list(OpKind)
     kind_idx = np.fromiter((all_kinds.index(op.kind) for op in plan.ops), dtype=np.int64, count=len(plan.ops))
-    order = streams_of(plan.ops)
+    used = set(streams_of(plan.ops))  # the machine's streams in its topology's order
+    order = [s for s in topology_of(plan.system).stream_order() if s in used or s in STREAM_NAMES]
     index = {s: k for k, s in enumerate(order)}
     stream_idx = np.fromiter((index[op.stream] for op in plan.ops), dtype=np.int64, count=len(plan.ops))
     busy = np.bincount(kind_idx * len(order) + stream_idx, weights=dur,

@@ -17,8 +17,20 @@ TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "cpu_experts": 
 
 
 def track_name(stream: str) -> str:
-    """A stream's track label: the one-GPU machine's own names; other streams (gpu1, p2p_gpu_gpu1) as named."""
-    return TRACK_NAMES.get(str(stream), str(stream))
+    """A stream's track label: the one-GPU machine's own names, then the topology's other streams by pattern
+    (gpu1, h2d_gpu1, d2h_gpu1, p2p_gpu_gpu1, ndp)."""
+    name = str(stream)
+    if name in TRACK_NAMES:
+        return TRACK_NAMES[name]
+    if name == "ndp":
+        return "NDP DIMMs compute"
+    kind, _, rest = name.partition("_")
+    if kind in ("h2d", "d2h") and rest:
+        return f"PCIe {kind.upper()} {rest}"
+    if kind == "p2p" and "_" in rest:
+        src, dst = rest.split("_", 1)
+        return f"peer {src} -> {dst}"
+    return f"{name.upper()} compute" if name.startswith("gpu") else name
 
 
 def _label(op: Op) -> str:

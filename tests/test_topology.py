@@ -261,3 +261,13 @@ def test_ndp_prefill_streams_through_two_buffers_shared_by_every_micro_batch(tin
     consumer = {f.id: next(op.id for op in ops if op.kind is OpKind.EXPERT and f.id in op.deps) for f in fetches}
     for k in range(2, len(fetches)):  # waits for the experts that read the buffer it overwrites
         assert max(fetches[k].deps) >= consumer[fetches[k - 2].id]
+
+
+def test_every_stream_of_a_topology_gets_a_readable_track():
+    from sim.timeline import track_name
+
+    names = {s: track_name(s) for s in topology_of(load_system(TWO_GPU)).streams}
+    names.update(ndp=track_name("ndp"))
+    assert names["gpu"] == "GPU compute" and names["gpu1"] == "GPU1 compute"
+    assert names["h2d_gpu1"] == "PCIe H2D gpu1" and names["p2p_gpu1_gpu"] == "peer gpu1 -> gpu"
+    assert names["ndp"] == "NDP DIMMs compute" and len(set(names.values())) == len(names)
