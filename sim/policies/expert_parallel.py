@@ -27,9 +27,8 @@ from sim.policies.layers import (
     Deps,
     LayerEmitter,
     activation_workspace_bytes,
-    decode_slices,
+    all_slices,
     group_requests,
-    prefill_slices,
 )
 from sim.topology import topology_of
 
@@ -95,9 +94,7 @@ class ExpertParallelPolicy(Policy):
             require_fits(label, gpu_models.get(pool, system.name), self.name, parts, topo.pools[pool])
         b = ctx.builder()
         em = LayerEmitter(ctx, b)
-        slices = prefill_slices(ctx, prefill_groups)
-        for step in ctx.steps():
-            slices += decode_slices(ctx, step, decode_groups)
+        slices = all_slices(ctx, prefill_groups, decode_groups)
         token_bytes = m.hidden_size * m.bytes_per_param
 
         def routed(s, at: At, counts, router: int, shared: int) -> Deps:

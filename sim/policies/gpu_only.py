@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from sim.plan import Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
-from sim.policies.layers import (
-    GPU,
-    LayerEmitter,
-    activation_workspace_bytes,
-    decode_slices,
-    group_requests,
-    prefill_slices,
-)
+from sim.policies.layers import GPU, At, LayerEmitter, activation_workspace_bytes, all_slices, group_requests
 
 
 @dataclass(frozen=True)
@@ -45,16 +40,12 @@ class GpuOnlyPolicy(Policy):
         require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
         b = ctx.builder()
         em = LayerEmitter(ctx, b)
-        slices = prefill_slices(ctx, prefill_groups)
-        for step in ctx.steps():
-            slices += decode_slices(ctx, step, decode_groups)
-        for s in slices:  # micro-batch major: each micro-batch runs every layer before the next starts
-            last = em.embed(s.phase, s.step, s.mb, s.tokens)
-            for layer in range(m.num_layers):
-                front = em.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
-                                           GPU, False, last)
-                last = em.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens,
-                                                 s.layer_counts(ctx, layer), front)
-            em.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
+
+        def routed(s, at: At, counts, router: int, shared: int) -> int:  # every routed expert on the GPU too
+            ran = em.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,))
+            return ran if ran >= 0 else shared
+
+        # micro-batch major: each micro-batch runs every layer before the next starts
+        em.through_layers(all_slices(ctx, prefill_groups, decode_groups), routed)
         return Plan(self.name, self.knobs(), m, ctx.system, wl, b.ops, static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)

@@ -241,6 +241,14 @@ def prefill_slices(ctx: PlanContext, groups: list[np.ndarray]) -> list[BatchSlic
     return out
 
 
+def all_slices(ctx: PlanContext, prefill_groups: list[np.ndarray], decode_groups: list[np.ndarray]) -> list[BatchSlice]:
+    """Every prefill micro-batch, then every decode micro-batch of every step the plan emits, in that order."""
+    slices = prefill_slices(ctx, prefill_groups)
+    for step in ctx.steps():
+        slices += decode_slices(ctx, step, decode_groups)
+    return slices
+
+
 def decode_slices(ctx: PlanContext, step: int, groups: list[np.ndarray]) -> list[BatchSlice]:
     """Decode step `step` (1-based) of each group: one token per request still generating."""
     out = []

@@ -27,9 +27,8 @@ from sim.policies.layers import (
     Deps,
     LayerEmitter,
     activation_workspace_bytes,
-    decode_slices,
+    all_slices,
     group_requests,
-    prefill_slices,
 )
 
 NDP = "ndp"
@@ -86,9 +85,7 @@ class NdpExpertsPolicy(Policy):
         require_fits("DRAM", system.name, self.name, static["cpu"], system.dram_usable_bytes)
         b = ctx.builder()
         em = LayerEmitter(ctx, b)
-        slices = prefill_slices(ctx, prefill_groups)
-        for step in ctx.steps():
-            slices += decode_slices(ctx, step, decode_groups)
+        slices = all_slices(ctx, prefill_groups, decode_groups)
         token_bytes = m.hidden_size * m.bytes_per_param
         buffer_done: list[int] = []  # per layer fetch, in order: the expert op after which its buffer is free
 
