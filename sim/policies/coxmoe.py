@@ -29,24 +29,25 @@ from functools import cache
 import numpy as np
 
 from sim.errors import NoFeasibleConfig, SimInputError
-from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.plan import OpKind, Phase, Plan
+from sim.policies import compose
 from sim.policies.analytic import Analytic, Candidate, SearchSpace, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy
-from sim.policies.layers import (
-    At,
-    BatchSlice,
-    LayerEmitter,
-    activation_workspace_bytes,
-    decode_slices,
-    prefill_slices,
-    split_by_count,
-    split_by_tokens,
+from sim.policies.compose import (
+    CPU,
+    CPU_EXPERTS,
+    D2H,
+    DEVICE_STREAM,
+    GPU,
+    H2D,
+    H2D_ACT,
+    Layout,
+    LayoutEmitter,
+    Schedule,
 )
+from sim.policies.layers import BatchSlice, decode_slices, prefill_slices
 from traces.eas import load_map
 
-GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
-                                            Stream.D2H)
-DEVICE_STREAM = {"g": GPU, "c": CPU}
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
 
 
@@ -115,16 +116,6 @@ class CoxMoeOptions(OptionsBase):
     def searched(self) -> bool:
         return "auto" in (self.prefill_placement, self.decode_placement) or -1 in (
             self.prefill_micro_batch, self.decode_micro_batch, self.resident_experts)
-
-
-@dataclass(frozen=True)
-class _Phase:
-    """One phase's resolved decisions: placement and micro-batch size; E_M per layer (E_C = the rest)."""
-
-    placement: str
-    micro_batch: int
-    fetched: tuple[tuple[int, ...], ...]   # per MoE layer: E_M
-    on_cpu: tuple[tuple[int, ...], ...]    # per MoE layer: E_C
 
 
 def _map_order(path: str, layers: int, experts: int) -> np.ndarray:
@@ -232,44 +223,18 @@ class _Model:
 
     # ---- memory ----------------------------------------------------------------------------------------
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
-        m, wl, bpp = self.m, self.wl, self.m.bytes_per_param
-        weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
-                   + m.num_moe_layers * (m.router_params + m.shared_expert_params)
-                   + (m.num_layers - m.num_moe_layers) * m.dense_ffn_params)
-        if "g" in (pre[0], dec[0]):
-            weights += m.num_layers * m.qkv_params
-        if "g" in (pre[2], dec[2]):
-            weights += m.num_layers * m.o_proj_params
+        """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with
+        OP3's hidden states for the whole prompt when coalesced and for one micro-batch otherwise."""
+        wl = self.wl
         batch = wl.batch
         mb_p = batch if mu_p <= 0 else min(mu_p, batch)
         mb_d = batch if mu_d <= 0 else min(mu_d, batch)
         mb_tokens = max(int(wl.prompt_lens[:mb_p].sum()), mb_d)
-        coalesced = wl.prompt_tokens if self.opts.coalesce == "on" else mb_tokens
-        static = {
-            "non_expert_weights": weights * bpp,
-            "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
-            "expert_fetch_buffers": 2 * widest * m.expert_bytes,
-            "hidden_states": 2 * coalesced * m.hidden_size * bpp,
-            "workspace": activation_workspace_bytes(self.ctx, max(mb_tokens, 1)),
-        }
-        if dec[1] == "g":
-            static["kv_cache"] = self.kv_bytes
-        return static
+        expert_tokens = wl.prompt_tokens if self.opts.coalesce == "on" else mb_tokens
+        return compose.gpu_static(self.ctx, pre, dec, mb_tokens, expert_tokens, resident, widest)
 
     def cpu_static(self, pre: str, dec: str) -> dict[str, int]:
-        m, bpp = self.m, self.m.bytes_per_param
-        static = {"expert_weights": m.routed_expert_params * bpp,
-                  "hidden_states": 2 * self.wl.prompt_tokens * m.hidden_size * bpp}
-        cpu_weights = 0
-        if "c" in (pre[0], dec[0]):
-            cpu_weights += m.num_layers * m.qkv_params
-        if "c" in (pre[2], dec[2]):
-            cpu_weights += m.num_layers * (m.o_proj_params + m.router_params)
-        if cpu_weights:
-            static["non_expert_weights"] = cpu_weights * bpp
-        if dec[1] == "c":
-            static["kv_cache"] = self.kv_bytes
-        return static
+        return compose.cpu_static(self.ctx, pre, dec)
 
 
 def _placements(opts: CoxMoeOptions, fixed: str) -> list[str]:
@@ -379,43 +344,41 @@ class CoxMoePolicy(Policy):
     def _plan(self, ctx: PlanContext, model: _Model, o: CoxMoeOptions) -> Plan:
         m, wl = ctx.model, ctx.workload
         resident = o.resident_experts
-        phases = {}
+        residents = tuple(tuple(int(e) for e in model.order[li][:resident]) for li in range(m.num_moe_layers))
+        layouts = {}
         for phase, placement, mu in ((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
                                      (Phase.DECODE, o.decode_placement, o.decode_micro_batch)):
             _, _, fetched, on_cpu = model.op3(phase, resident, mu)
-            phases[phase] = _Phase(placement, mu, fetched, on_cpu)
-        widest = max((len(f) for p in phases.values() for f in p.fetched), default=0)
+            layouts[phase] = Layout(placement, residents, fetched, on_cpu)
+        widest = max(lay.widest_fetch for lay in layouts.values())
         gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
                                o.decode_micro_batch, resident, widest)
         cpu = model.cpu_static(o.prefill_placement, o.decode_placement)
-        requests = np.arange(wl.batch)
         mean_prompt = max(float(wl.prompt_lens.mean()), 1.0)
-        mu_p = phases[Phase.PREFILL].micro_batch
-        prefill_groups = split_by_tokens(requests, wl.prompt_lens, int(mean_prompt * (mu_p or wl.batch)))
-        decode_groups = split_by_count(requests, phases[Phase.DECODE].micro_batch)
-        residents = [tuple(int(e) for e in model.order[li][:resident]) for li in range(m.num_moe_layers)]
+        mu_p = o.prefill_micro_batch
+        schedule = Schedule.split(ctx, int(mean_prompt * (mu_p or wl.batch)), o.decode_micro_batch,
+                                  expert_batch=0 if o.coalesce == "on" else 1)
         builder = ctx.builder()
-        emit = _Emitter(ctx, builder, residents, kv_on_gpu=o.decode_placement[1] == "g",
-                        coalesce=o.coalesce == "on")
-        first = prefill_slices(ctx, prefill_groups)
-        emit.step(first, Phase.PREFILL, 0, phases[Phase.PREFILL])
-        restrat = _Restratifier(residents, phases[Phase.DECODE], first, o.ema) if o.ema and resident else None
+        emit = LayoutEmitter(ctx, builder, kv_on_gpu=o.decode_placement[1] == "g",
+                             expert_batch=schedule.expert_batch)
+        first = prefill_slices(ctx, schedule.prefill)
+        emit.step(first, Phase.PREFILL, 0, layouts[Phase.PREFILL])
+        restrat = _Restratifier(layouts[Phase.DECODE], first, o.ema) if o.ema and resident else None
         for step in ctx.steps():
-            slices = decode_slices(ctx, step, decode_groups)
+            slices = decode_slices(ctx, step, schedule.decode)
             if not slices:
                 continue
             if restrat is None:
-                emit.step(slices, Phase.DECODE, step, phases[Phase.DECODE])
+                emit.step(slices, Phase.DECODE, step, layouts[Phase.DECODE])
                 continue
-            plan_now, entering = restrat.before(step)
-            emit.residents = restrat.residents
-            emit.step(slices, Phase.DECODE, step, plan_now, entering)
+            layout_now, entering = restrat.before(step)
+            emit.step(slices, Phase.DECODE, step, layout_now, entering)
             restrat.observe(slices)
         knobs = {**asdict(o), **({"restratify_swaps": restrat.swaps} if restrat else {}),
-                 "fetched_experts_per_layer": {str(p): [len(f) for f in ph.fetched] for p, ph in phases.items()},
-                 "cpu_experts_per_layer": {str(p): [len(c) for c in ph.on_cpu] for p, ph in phases.items()}}
-        return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+                 "fetched_experts_per_layer": {str(p): [len(f) for f in lay.fetched] for p, lay in layouts.items()},
+                 "cpu_experts_per_layer": {str(p): [len(c) for c in lay.on_cpu] for p, lay in layouts.items()}}
+        return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu}, schedule.groups(),
+                    decode_scale=ctx.decode_scale, scopes=emit.scopes)
 
 
 class _Restratifier:
@@ -424,13 +387,12 @@ class _Restratifier:
     with); entering experts leave E_M / E_C and are copied over PCIe into the evicted experts' slots before their
     layer runs."""
 
-    def __init__(self, residents: list[tuple[int, ...]], static: _Phase, prefill: list[BatchSlice],
-                 ema: tuple[float, int]):
-        self.residents, self.static = list(residents), static
+    def __init__(self, static: Layout, prefill: list[BatchSlice], ema: tuple[float, int]):
+        self.residents, self.static = list(static.resident), static
         self.alpha, self.every = ema
         self.load = self._share(prefill)
         self.swaps, self.epoch = 0, 0
-        self.phase = self._split()
+        self.layout = self._split()
 
     @staticmethod
     def _share(slices: list[BatchSlice]) -> np.ndarray:
@@ -440,7 +402,7 @@ class _Restratifier:
     def observe(self, slices: list[BatchSlice]) -> None:
         self.load = (1.0 - self.alpha) * self.load + self.alpha * self._share(slices)
 
-    def before(self, step: int) -> tuple[_Phase, list[tuple[int, ...]]]:
+    def before(self, step: int) -> tuple[Layout, tuple[tuple[int, ...], ...]]:
         """Decode step `step`'s E_M / E_C and, per MoE layer, the experts entering E_R now (E_R is re-picked when
         a new block of `every` decode steps begins, counted in workload steps so decode sampling keeps it)."""
         entering: list[tuple[int, ...]] = [() for _ in self.residents]
@@ -453,10 +415,10 @@ class _Restratifier:
                 entering[li] = tuple(sorted(set(new) - set(old)))
                 self.residents[li] = new
                 self.swaps += len(entering[li])
-            self.phase = self._split()  # the split only changes when E_R does
-        return self.phase, entering
+            self.layout = self._split()  # the split only changes when E_R does
+        return self.layout, tuple(entering)
 
-    def _split(self) -> _Phase:
+    def _split(self) -> Layout:
         """E_M / E_C for the current E_R: the static plan's E_M minus residents; everything else on the CPU."""
         fetched, on_cpu = [], []
         for li, res in enumerate(self.residents):
@@ -465,120 +427,4 @@ class _Restratifier:
             others = [e for e in range(len(self.load[li])) if e not in resident]
             fetched.append(tuple(e for e in others if e in static_fetched))
             on_cpu.append(tuple(e for e in others if e not in static_fetched))
-        return _Phase(self.static.placement, self.static.micro_batch, tuple(fetched), tuple(on_cpu))
-
-
-class _Emitter(LayerEmitter):
-    """Emits CoX-MoE steps: micro-batched OP0-OP2 on their devices, then OP3 split across GPU and CPU."""
-
-    def __init__(self, ctx: PlanContext, builder: PlanBuilder, residents: list[tuple[int, ...]], kv_on_gpu: bool,
-                 coalesce: bool):
-        super().__init__(ctx, builder)
-        self.residents, self.kv_on_gpu, self.coalesce = residents, kv_on_gpu, coalesce
-        self.layer_done: dict[int, int] = {}
-        self.seq = 0
-
-    def step(self, slices: list[BatchSlice], phase: Phase, step: int, plan: _Phase,
-             entering: list[tuple[int, ...]] | None = None) -> None:
-        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first."""
-        m, w = self.m, self.w
-        x0, x1, x2 = (DEVICE_STREAM[c] for c in plan.placement)
-        ready: list[tuple[int, ...]] = [(self.embed(phase, step, s.mb, s.tokens),) for s in slices]
-        for layer in range(m.num_layers):
-            moe = m.is_moe_layer(layer)
-            li = m.moe_index(layer) if moe else -1
-            fetched = plan.fetched[li] if moe else ()
-            on_cpu = plan.on_cpu[li] if moe else ()
-            fetch = -1
-            if fetched:
-                fetch = self.xfer(H2D, At(phase, step, layer), len(fetched) * m.expert_bytes, Payload.EXPERT_WEIGHTS,
-                                  (self.layer_done.get(self.seq - 2, -1),))
-            # OP0 and OP1 for every micro-batch first, so the GPU and the CPU pipeline across micro-batches.
-            attn_out = []
-            for i, s in enumerate(slices):
-                at = At(phase, step, layer, s.mb)
-                deps = ready[i]
-                if x0 is CPU:
-                    deps = (self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, deps, s.tokens),)
-                q = self.op(OpKind.QKV, x0, at, s.tokens, deps)
-                if x1 is not x0:
-                    q = self.xfer(D2H if x1 is CPU else H2D_ACT, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS,
-                                  (q,), s.tokens)
-                a = self.attention(x1, at, s, (q,))
-                if phase is Phase.PREFILL and (x1 is GPU) != self.kv_on_gpu:
-                    self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
-                if x2 is not x1:
-                    a = self.xfer(D2H if x2 is CPU else H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS,
-                                  (a,), s.tokens)
-                attn_out.append(a)
-            on_gpu, on_cpu_ready = [], []
-            for i, s in enumerate(slices):
-                at = At(phase, step, layer, s.mb)
-                o = self.op(OpKind.O_PROJ, x2, at, s.tokens, (attn_out[i],))
-                if not moe:
-                    if x2 is CPU:
-                        o = self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (o,), s.tokens)
-                    ready[i] = (self.op(OpKind.DENSE_FFN, GPU, at, s.tokens, (o,)),)
-                    continue
-                r = self.op(OpKind.ROUTER, x2, at, s.tokens, (o,))
-                g = r if x2 is GPU else self.xfer(H2D_ACT, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (r,),
-                                                  s.tokens)
-                c = r if x2 is CPU else (self.xfer(D2H, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (r,),
-                                                   s.tokens) if on_cpu else -1)
-                on_gpu.append(g)
-                on_cpu_ready.append(c)
-            if not moe:
-                self.layer_done[self.seq] = ready[-1][0]
-                self.seq += 1
-                continue
-            gpu_experts = self.residents[li] + fetched
-            is_fetched = set(fetched) | set(entering[li] if entering else ())
-            if entering and entering[li]:  # swap-in copies share the H2D stream with E_M's fetch
-                swap = self.xfer(H2D, At(phase, step, layer), len(entering[li]) * m.expert_bytes,
-                                 Payload.EXPERT_WEIGHTS, (fetch,) if fetch >= 0 else ())
-                fetch = swap
-
-            def weights(e: int, f: int = fetch, fetched_set: set = is_fetched) -> int:
-                return f if e in fetched_set else -1
-
-            if self.coalesce:
-                at = At(phase, step, layer)
-                total = sum(s.counts[li] for s in slices)
-                tokens = sum(s.tokens for s in slices)
-                last_gpu = max(on_gpu)
-                if m.shared_expert_intermediate_size:
-                    last_gpu = self.op(OpKind.SHARED_EXPERT, GPU, at, tokens, tuple(on_gpu))
-                ran = self.experts(GPU, at, total, gpu_experts, tuple(on_gpu), weights)
-                last_gpu = max(last_gpu, ran)
-                back = self._cpu_experts(at, total, on_cpu, tuple(on_cpu_ready), tokens)
-                self.layer_done[self.seq] = last_gpu
-                ready = [(last_gpu, back)] * len(slices)
-            else:
-                last_gpu = -1
-                for i, s in enumerate(slices):
-                    at = At(phase, step, layer, s.mb)
-                    lg = on_gpu[i]
-                    if m.shared_expert_intermediate_size:
-                        lg = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (on_gpu[i],))
-                    lg = max(lg, self.experts(GPU, at, s.counts[li], gpu_experts, (on_gpu[i],), weights))
-                    back = self._cpu_experts(at, s.counts[li], on_cpu, (on_cpu_ready[i],), s.tokens)
-                    ready[i] = (lg, back)
-                    last_gpu = max(last_gpu, lg)
-                self.layer_done[self.seq] = last_gpu
-            self.seq += 1
-        for i, s in enumerate(slices):
-            self._lm_head(phase, step, s, ready[i])
-
-    def _cpu_experts(self, at: At, counts: np.ndarray, experts: tuple[int, ...], deps: tuple[int, ...],
-                     tokens: int) -> int:
-        """E_C on the CPU expert worker, then their outputs back to the GPU; -1 when no E_C expert has tokens."""
-        last = self.experts(CPU_EXPERTS, at, counts, experts, deps)
-        if last < 0:
-            return -1
-        routed = int(sum(int(counts[e]) for e in experts))
-        return self.xfer(H2D_ACT, at, self.w.hidden_bytes(min(routed, tokens)), Payload.ACTIVATIONS, (last,),
-                         min(routed, tokens))
-
-    def _lm_head(self, phase: Phase, step: int, s: BatchSlice, deps: tuple[int, ...]) -> None:
-        at = At(phase, step, self.m.num_layers, s.mb)
-        self.op(OpKind.LM_HEAD, GPU, at, int(s.requests.size), deps)
+        return Layout(self.static.placement, tuple(self.residents), tuple(fetched), tuple(on_cpu))

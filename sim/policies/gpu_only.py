@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from sim.plan import Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
-from sim.policies.layers import GPU, At, LayerEmitter, activation_workspace_bytes, all_slices, group_requests
+from sim.policies.compose import Layout, Schedule, all_experts, compose_plan, no_experts
+from sim.policies.layers import activation_workspace_bytes, group_requests
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,7 @@ class GpuOnlyPolicy(Policy):
         o: GpuOnlyOptions = self.options
         m, wl = ctx.model, ctx.workload
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
+        schedule = Schedule(prefill_groups, decode_groups, expert_batch=1)
         static = {
             "gpu": {"weights": m.total_params * m.bytes_per_param,
                     "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
@@ -38,14 +38,5 @@ class GpuOnlyPolicy(Policy):
             "cpu": {},
         }
         require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
-        b = ctx.builder()
-        em = LayerEmitter(ctx, b)
-
-        def routed(s, at: At, counts, router: int, shared: int) -> int:  # every routed expert on the GPU too
-            ran = em.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,))
-            return ran if ran >= 0 else shared
-
-        # micro-batch major: each micro-batch runs every layer before the next starts
-        em.through_layers(all_slices(ctx, prefill_groups, decode_groups), routed)
-        return Plan(self.name, self.knobs(), m, ctx.system, wl, b.ops, static,
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+        layout = Layout("ggg", all_experts(m), no_experts(m), no_experts(m))  # all resident: nothing crosses PCIe
+        return compose_plan(ctx, self.name, self.knobs(), schedule, layout, layout, static, kv_on_gpu=True)

@@ -105,11 +105,11 @@ class LayerEmitter:
                       OpKind.LM_HEAD: w.lm_head}
 
     def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
-            work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0) -> int:
+            work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0, scope: int = -1) -> int:
         """Append an op directly (this is the hot path of plan building); negative deps are dropped."""
         op_id = self.b.next_id(step)
         self.ops.append(Op(op_id, kind, stream, phase, step, layer, mb, tokens, work[0], work[1],
-                           tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), ()))
+                           tuple([d for d in deps if d >= 0]), expert, Payload.NONE, kv_tokens, (), (), scope))
         return op_id
 
     def op(self, kind: OpKind, stream: Stream, at: At, tokens: int, deps: tuple[int, ...], expert: int = -1) -> int:
@@ -135,15 +135,16 @@ class LayerEmitter:
         return self.xfer(stream, At(phase, step, layer, mb), nbytes, payload, deps, tokens)
 
     def experts(self, stream: str, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
-                deps: tuple[int, ...], ready: Callable[[int], int] | None = None) -> int:
-        """One op per listed expert that received tokens; returns the last op (or -1 if none ran)."""
+                deps: tuple[int, ...], ready: Callable[[int], int] | None = None, scope: int = -1) -> int:
+        """One op per listed expert that received tokens (over `scope`'s tokens when one is named); returns the
+        last op (or -1 if none ran)."""
         last = -1
         for e in experts:
             t = int(counts[e])
             if t:
                 extra = (ready(e),) if ready else ()
                 last = self._op(OpKind.EXPERT, stream, at.phase, at.step, at.layer, at.mb, t, self.w.expert(t),
-                                deps + extra, expert=int(e))
+                                deps + extra, expert=int(e), scope=scope)
         return last
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:

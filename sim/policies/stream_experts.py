@@ -10,21 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from sim.plan import Payload, Phase, Plan
+from sim.plan import Plan
 from sim.policies.base import MicroBatchOptions, PlanContext, Policy, require_fits
-from sim.policies.layers import (
-    CPU,
-    GPU,
-    H2D,
-    BatchSlice,
-    LayerEmitter,
-    activation_workspace_bytes,
-    decode_slices,
-    group_requests,
-    prefill_slices,
-)
+from sim.policies.compose import Layout, Schedule, all_experts, compose_plan, no_experts
+from sim.policies.layers import activation_workspace_bytes, group_requests
 
 
 @dataclass(frozen=True)
@@ -57,6 +46,7 @@ class StreamExpertsPolicy(Policy):
         o: StreamExpertsOptions = self.options
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
+        schedule = Schedule(prefill_groups, decode_groups, expert_batch=1)
         layer_expert_bytes = m.num_experts * m.expert_bytes
         gpu = {
             "non_expert_weights": m.non_expert_params * m.bytes_per_param,
@@ -73,40 +63,7 @@ class StreamExpertsPolicy(Policy):
         require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         knobs = {**self.knobs(), "attention": attention}
-        builder = ctx.builder()
-        em = LayerEmitter(ctx, builder)
-        decode_on = CPU if attention == "cpu" else GPU
-        layer_done: dict[int, int] = {}
-        seq = 0  # global index of (step, layer) visits: the double buffer alternates on it
-
-        def run(slices: list[BatchSlice], phase: Phase, step: int, attention_on) -> None:
-            nonlocal seq
-            last = [em.embed(phase, step, s.mb, s.tokens) for s in slices]
-            for layer in range(m.num_layers):
-                fetch = -1
-                if m.is_moe_layer(layer):
-                    li = m.moe_index(layer)
-                    n = m.num_experts
-                    if o.fetch == "routed":
-                        n = int(np.count_nonzero(sum(s.counts[li] for s in slices)))
-                    fetch = em.copy(H2D, phase, step, layer, -1, n * m.expert_bytes, Payload.EXPERT_WEIGHTS,
-                                    (layer_done.get(seq - 2, -1),))
-                fronts = [em.attention_front(phase, step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
-                                             attention_on, attention == "cpu", last[i])
-                          for i, s in enumerate(slices)]
-                for i, s in enumerate(slices):
-                    last[i] = em.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens,
-                                                        s.layer_counts(ctx, layer), fronts[i],
-                                                        expert_deps=lambda e, f=fetch: f)
-                layer_done[seq] = last[-1]
-                seq += 1
-            for i, s in enumerate(slices):
-                em.lm_head(phase, step, s.mb, int(s.requests.size), last[i])
-
-        run(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0, GPU)
-        for step in ctx.steps():
-            slices = decode_slices(ctx, step, decode_groups)
-            if slices:
-                run(slices, Phase.DECODE, step, decode_on)
-        return Plan(self.name, knobs, m, sysm, wl, builder.ops, {"gpu": gpu, "cpu": cpu},
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+        none, every, routed = no_experts(m), all_experts(m), o.fetch == "routed"
+        decode = Layout("gcg" if attention == "cpu" else "ggg", none, every, none, fetch_routed=routed)
+        return compose_plan(ctx, self.name, knobs, schedule, Layout("ggg", none, every, none, fetch_routed=routed),
+                            decode, {"gpu": gpu, "cpu": cpu}, kv_on_gpu=attention == "gpu")

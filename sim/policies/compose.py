@@ -1,0 +1,311 @@
+"""Composed policies: a policy picks a schedule and a placement; this module turns them into ops and memory.
+
+- `Schedule`: which scopes exist: prefill micro-batches (whole requests up to a token budget), decode micro-batches
+  (a request count), and how many attention micro-batches one expert run gathers (`expert_batch`: 1 = per
+  micro-batch, 0 = the whole step coalesced, k = module batching over k micro-batches).
+- `Layout`: one phase's placement: where OP0 (QKV), OP1 (attention) and OP2 (O projection and router) run, which
+  device holds the residual stream between layers (`home`), and per MoE layer which experts are resident in
+  VRAM (E_R), copied over PCIe on every visit (E_M), or run on the CPU (E_C).
+- `LayoutEmitter`: one walk over a step's layers that emits every op where the layout puts it and inserts a copy
+  whenever data changes device (hidden states, QKV and attention outputs, new K/V, expert inputs and outputs).
+- `gpu_static` / `cpu_static`: the static memory a placement implies (weights where their ops run, the KV cache
+  where decode attention runs, fetch buffers, hidden states and workspace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream
+from sim.policies.base import PlanContext
+from sim.policies.layers import (
+    At,
+    BatchSlice,
+    LayerEmitter,
+    activation_workspace_bytes,
+    decode_slices,
+    prefill_slices,
+    split_by_count,
+    split_by_tokens,
+)
+from sim.specs import ModelSpec
+
+GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
+                                            Stream.D2H)
+DEVICE_STREAM = {"g": GPU, "c": CPU}
+ON_CPU = frozenset({CPU, CPU_EXPERTS})
+
+
+def on_cpu(stream: Stream) -> bool:
+    return stream in ON_CPU
+
+
+Experts = tuple[tuple[int, ...], ...]  # per MoE layer, expert ids
+
+
+def no_experts(m: ModelSpec) -> Experts:
+    """No expert in any MoE layer (an empty E_R, E_M or E_C)."""
+    return ((),) * m.num_moe_layers
+
+
+def all_experts(m: ModelSpec) -> Experts:
+    """Every expert of every MoE layer."""
+    return (tuple(range(m.num_experts)),) * m.num_moe_layers
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One phase's placement. `placement` is x0 x1 x2 as three letters of g/c (QKV, attention, O projection and
+    router); `home` is where the residual stream and the layer's combine live (embedding, dense FFN, shared
+    expert, LM head); experts per MoE layer are `resident` (E_R), `fetched` (E_M) or `on_cpu` (E_C), and
+    `cpu_lane` is the CPU stream that runs E_C (its own worker next to OP0-OP2's, or the same one)."""
+
+    placement: str
+    resident: Experts
+    fetched: Experts
+    on_cpu: Experts
+    home: Stream = GPU
+    cpu_lane: Stream = CPU_EXPERTS
+    fetch_routed: bool = False  # copy only the E_M experts the step's tokens chose (else all of E_M)
+
+    @property
+    def streams(self) -> tuple[Stream, Stream, Stream]:
+        return DEVICE_STREAM[self.placement[0]], DEVICE_STREAM[self.placement[1]], DEVICE_STREAM[self.placement[2]]
+
+    @property
+    def widest_fetch(self) -> int:
+        return max((len(f) for f in self.fetched), default=0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The micro-batches of each phase and how many of them one expert run gathers (0: all of a step's)."""
+
+    prefill: list[np.ndarray]
+    decode: list[np.ndarray]
+    expert_batch: int = 0
+
+    @classmethod
+    def split(cls, ctx: PlanContext, prefill_tokens: int, decode_micro_batch: int, expert_batch: int = 0) -> Schedule:
+        """Prefill in groups of whole requests of at most `prefill_tokens` prompt tokens; decode in groups of
+        `decode_micro_batch` requests (0: the whole batch)."""
+        requests = np.arange(ctx.workload.batch)
+        return cls(split_by_tokens(requests, ctx.workload.prompt_lens, prefill_tokens),
+                   split_by_count(requests, decode_micro_batch), expert_batch)
+
+    def groups(self) -> dict[str, list[np.ndarray]]:
+        return {"prefill": self.prefill, "decode": self.decode}
+
+
+# ---- static memory from placement ----------------------------------------------------------------------------
+
+def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_tokens: int, resident: int,
+               widest: int) -> dict[str, int]:
+    """VRAM a placement holds: non-expert weights of the ops placed on the GPU in either phase (embedding, LM head,
+    norms, routers, shared experts and dense FFNs always), `resident` experts per MoE layer, a double buffer of
+    `widest` fetched experts, hidden states of `expert_tokens` (what one expert run gathers), the workspace of the
+    largest micro-batch (`mb_tokens`), and the KV cache when decode attention runs on the GPU."""
+    m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
+    weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
+               + m.num_moe_layers * (m.router_params + m.shared_expert_params)
+               + (m.num_layers - m.num_moe_layers) * m.dense_ffn_params)
+    if "g" in (pre[0], dec[0]):
+        weights += m.num_layers * m.qkv_params
+    if "g" in (pre[2], dec[2]):
+        weights += m.num_layers * m.o_proj_params
+    static = {
+        "non_expert_weights": weights * bpp,
+        "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
+        "expert_fetch_buffers": 2 * widest * m.expert_bytes,
+        "hidden_states": 2 * expert_tokens * m.hidden_size * bpp,
+        "workspace": activation_workspace_bytes(ctx, max(mb_tokens, 1)),
+    }
+    if dec[1] == "g":
+        static["kv_cache"] = wl.kv_tokens_total * m.kv_bytes_per_token
+    return static
+
+
+def cpu_static(ctx: PlanContext, pre: str, dec: str) -> dict[str, int]:
+    """DRAM a placement holds: every routed expert's weights (the copy E_M is fetched from and E_C runs on),
+    hidden states of the whole prompt, QKV / O-projection and router weights where those ops run on the CPU,
+    and the KV cache when decode attention runs on the CPU."""
+    m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
+    static = {"expert_weights": m.routed_expert_params * bpp,
+              "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
+    cpu_weights = 0
+    if "c" in (pre[0], dec[0]):
+        cpu_weights += m.num_layers * m.qkv_params
+    if "c" in (pre[2], dec[2]):
+        cpu_weights += m.num_layers * (m.o_proj_params + m.router_params)
+    if cpu_weights:
+        static["non_expert_weights"] = cpu_weights * bpp
+    if dec[1] == "c":
+        static["kv_cache"] = wl.kv_tokens_total * m.kv_bytes_per_token
+    return static
+
+
+class _WeightsReady:
+    """The op an expert's weights wait for on the GPU: the layer's fetch for E_M (and experts swapped in)."""
+
+    def __init__(self, fetched: set[int], fetch: int):
+        self.fetched, self.fetch = fetched, fetch
+
+    def __call__(self, expert: int) -> int:
+        return self.fetch if expert in self.fetched else -1
+
+
+# ---- the emitter ---------------------------------------------------------------------------------------------
+
+class LayoutEmitter(LayerEmitter):
+    """Emits steps of a layout: OP0 and OP1 for every micro-batch first (so GPU and CPU pipeline across
+    micro-batches), then OP2 and the router, then OP3 once per expert batch, split across E_R / E_M on the GPU
+    and E_C on the CPU; E_M's weights are copied over PCIe into a double buffer (the copy for a layer waits until
+    the layer two visits back is done with its half)."""
+
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, kv_on_gpu: bool, expert_batch: int = 0):
+        super().__init__(ctx, builder)
+        self.kv_on_gpu, self.expert_batch = kv_on_gpu, expert_batch
+        self.layer_done: dict[int, int] = {}
+        self.seq = 0  # (step, layer) visits so far: the fetch double buffer alternates on it
+        self.scopes: list[Scope] = []
+
+    # ---- copies ------------------------------------------------------------------------------------------
+    def move(self, src: Stream, dst: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
+             tokens: int) -> tuple[int, ...]:
+        """What `dst` waits for to have data made on `src`: `deps` itself on the same device, else a copy."""
+        if on_cpu(src) == on_cpu(dst):
+            return deps
+        return (self.xfer(D2H if on_cpu(dst) else H2D_ACT, at, nbytes, payload, deps, tokens),)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def step(self, slices: list[BatchSlice], phase: Phase, step: int, layout: Layout,
+             entering: Experts | None = None) -> None:
+        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first."""
+        m, w = self.m, self.w
+        x0, x1, x2 = layout.streams
+        home = layout.home
+        ready: list[tuple[int, ...]] = [(self._home_op(OpKind.EMBED, home, At(phase, step, -1, s.mb), s.tokens, ()),)
+                                        for s in slices]
+        for layer in range(m.num_layers):
+            moe = m.is_moe_layer(layer)
+            li = m.moe_index(layer) if moe else -1
+            fetched = layout.fetched[li] if moe else ()
+            cpu_experts = layout.on_cpu[li] if moe else ()
+            fetch = -1
+            if fetched and layout.fetch_routed:
+                routed = sum(s.counts[li] for s in slices)
+                fetched = tuple(e for e in fetched if routed[e])
+            if fetched:
+                fetch = self.xfer(H2D, At(phase, step, layer), len(fetched) * m.expert_bytes, Payload.EXPERT_WEIGHTS,
+                                  (self.layer_done.get(self.seq - 2, -1),))
+            attn_out = [self._front(phase, step, layer, s, ready[i], layout) for i, s in enumerate(slices)]
+            to_gpu, to_cpu = [], []
+            for i, s in enumerate(slices):  # OP2 and the router of every micro-batch, then OP3
+                at = At(phase, step, layer, s.mb)
+                o = self.op(OpKind.O_PROJ, x2, at, s.tokens, (attn_out[i],))
+                if not moe:
+                    deps = self.move(x2, home, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (o,), s.tokens)
+                    ready[i] = (self._home_op(OpKind.DENSE_FFN, home, at, s.tokens, deps),)
+                    continue
+                r = self.op(OpKind.ROUTER, x2, at, s.tokens, (o,))
+                hidden = w.hidden_bytes(s.tokens)
+                to_gpu.append(self.move(x2, GPU, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
+                              if not on_cpu(home) or layout.resident[li] or fetched else r)
+                to_cpu.append(self.move(x2, layout.cpu_lane, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
+                              if cpu_experts else (r if on_cpu(x2) else -1))
+            if not moe:
+                self.layer_done[self.seq] = ready[-1][0]
+                self.seq += 1
+                continue
+            if entering and entering[li]:  # swap-in copies share the H2D stream with E_M's fetch
+                fetch = self.xfer(H2D, At(phase, step, layer), len(entering[li]) * m.expert_bytes,
+                                  Payload.EXPERT_WEIGHTS, (fetch,) if fetch >= 0 else ())
+            weights = _WeightsReady(set(fetched) | set(entering[li] if entering else ()), fetch)
+            last_gpu = -1
+            for group in self._expert_groups(len(slices)):
+                members = [slices[i] for i in group]
+                if len(group) == 1 and len(slices) > 1 or self.expert_batch == 1:
+                    at, scope = At(phase, step, layer, members[0].mb), -1
+                elif len(group) == len(slices):
+                    at, scope = At(phase, step, layer), -1
+                else:  # module batching: one expert run over several micro-batches, scoped to their requests
+                    at = At(phase, step, layer)
+                    scope = self._scope(phase, step, np.concatenate([s.requests for s in members]))
+                done = self._experts(at, layout, li, members, tuple(to_gpu[i] for i in group),
+                                     tuple(to_cpu[i] for i in group), layout.resident[li] + fetched, cpu_experts,
+                                     weights, scope)
+                last_gpu = max(last_gpu, done[0])
+                for i in group:
+                    ready[i] = done
+            self.layer_done[self.seq] = last_gpu
+            self.seq += 1
+        for i, s in enumerate(slices):
+            self._home_op(OpKind.LM_HEAD, home, At(phase, step, m.num_layers, s.mb), int(s.requests.size), ready[i])
+
+    def _expert_groups(self, n: int) -> list[list[int]]:
+        """Indices of the micro-batches each expert run gathers."""
+        k = n if self.expert_batch <= 0 else self.expert_batch
+        return [list(range(i, min(i + k, n))) for i in range(0, n, k)]
+
+    def _scope(self, phase: Phase, step: int, requests: np.ndarray) -> int:
+        self.scopes.append(Scope(phase, step, requests))
+        return len(self.scopes) - 1
+
+    def _home_op(self, kind: OpKind, home: Stream, at: At, tokens: int, deps: tuple[int, ...]) -> int:
+        return self.op(kind, home, at, tokens, deps)
+
+    def _front(self, phase: Phase, step: int, layer: int, s: BatchSlice, ready: tuple[int, ...],
+               layout: Layout) -> int:
+        """OP0 and OP1 of one micro-batch with the copies between them; returns what OP2 waits for."""
+        w = self.w
+        x0, x1, x2 = layout.streams
+        at = At(phase, step, layer, s.mb)
+        deps = self.move(layout.home, x0, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, ready, s.tokens)
+        q = self.op(OpKind.QKV, x0, at, s.tokens, deps)
+        (q,) = self.move(x0, x1, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
+        a = self.attention(x1, at, s, (q,))
+        if phase is Phase.PREFILL and (x1 is GPU) != self.kv_on_gpu:  # store K/V where decode attention reads it
+            self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+        (a,) = self.move(x1, x2, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
+        return a
+
+    def _experts(self, at: At, layout: Layout, li: int, members: list[BatchSlice], gpu_in: tuple[int, ...],
+                 cpu_in: tuple[int, ...], gpu_experts: tuple[int, ...], cpu_experts: tuple[int, ...],
+                 weights: _WeightsReady, scope: int) -> tuple[int, int]:
+        """OP3 of one expert batch: the shared expert and E_R + E_M on the GPU, E_C on the CPU lane with its
+        outputs copied back when the residual stream lives on the GPU. Returns (last GPU op, last CPU-side op)."""
+        m = self.m
+        counts = members[0].counts[li] if len(members) == 1 else sum(s.counts[li] for s in members)
+        tokens = sum(s.tokens for s in members)
+        home_cpu = on_cpu(layout.home)
+        last_gpu = max(gpu_in)
+        if m.shared_expert_intermediate_size:
+            last_gpu = self._shared(layout.home, at, tokens, cpu_in if home_cpu else gpu_in, scope)
+        ran = self.experts(GPU, at, counts, gpu_experts, gpu_in, weights, scope=scope)
+        last_gpu = max(last_gpu, ran)
+        ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_experts, cpu_in, scope=scope)
+        if ran_cpu < 0 or home_cpu:
+            back = ran_cpu
+        else:
+            routed = min(int(sum(int(counts[e]) for e in cpu_experts)), tokens)
+            back = self.xfer(H2D_ACT, at, self.w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu,), routed)
+        return last_gpu, back
+
+    def _shared(self, home: Stream, at: At, tokens: int, deps: tuple[int, ...], scope: int) -> int:
+        return self._op(OpKind.SHARED_EXPERT, home, at.phase, at.step, at.layer, at.mb, tokens,
+                        self.w.shared_expert(tokens), deps, scope=scope)
+
+
+def compose_plan(ctx: PlanContext, policy: str, knobs: dict, schedule: Schedule, prefill: Layout, decode: Layout,
+                 static: dict[str, dict[str, int]], kv_on_gpu: bool) -> Plan:
+    """The plan of a schedule and one layout per phase: prefill, then every decode step the context plans."""
+    emit = LayoutEmitter(ctx, ctx.builder(), kv_on_gpu=kv_on_gpu, expert_batch=schedule.expert_batch)
+    emit.step(prefill_slices(ctx, schedule.prefill), Phase.PREFILL, 0, prefill)
+    for step in ctx.steps():
+        slices = decode_slices(ctx, step, schedule.decode)
+        if slices:
+            emit.step(slices, Phase.DECODE, step, decode)
+    return Plan(policy, knobs, ctx.model, ctx.system, ctx.workload, emit.b.ops, static, schedule.groups(),
+                decode_scale=ctx.decode_scale, scopes=emit.scopes)
