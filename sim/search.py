@@ -1,5 +1,7 @@
 """Search, then simulate: rank a policy's candidate configurations by its own analytic model, re-score the best
 few with the discrete-event simulation (through a callback that carries the run's cost model), keep the fastest.
+Where a policy names candidate families, the re-scored few are the best of distinct families (e.g. CoX-MoE's
+decode configurations) rather than the winner's near-copies that differ in a knob the model already ranks well.
 
 Sits above the policies: a policy declares its `SearchSpace` (`sim/policies/analytic.py`) and this module picks.
 `plan_policy` returns a typed `Planned`: the plan, its engine record when the search already simulated it as
@@ -85,10 +87,11 @@ def _total_s(plan: Plan, record: EngineRecord) -> float:
 
 
 def _search_then_simulate(ctx: PlanContext, space: SearchSpace, simulate: Simulate, policy: str) -> Planned:
-    """Simulate the `rescore` best-ranked candidates that fit in memory (on a sample of decode steps, scaled
-    to the whole generation); rebuild the fastest for `ctx` and simulate it once more."""
+    """Simulate the `rescore` best-ranked candidates that fit in memory (the best of each family first; on a
+    sample of decode steps, scaled to the whole generation); rebuild the fastest for `ctx` and simulate it once
+    more."""
     t0 = time.perf_counter()
-    ranked = sorted(space.candidates, key=lambda c: c.analytic_s)
+    ranked = space.rescore_order()
     sample = RESCORE_DECODE_SAMPLE if ctx.decode_sample <= 0 else min(ctx.decode_sample, RESCORE_DECODE_SAMPLE)
     probe_ctx = ctx.with_sample(sample)
     best: tuple[float, Candidate] | None = None

@@ -126,8 +126,8 @@ def test_search_scores_candidates_through_the_callback(tiny_model, paper_system)
     assert [check for _, check in calls] == [False, False, False, True]  # 6 decode steps > the 4 re-scored
     assert planned.record is not None and planned.record.end_ns.size == len(planned.plan.ops)
     assert planned.search.to_dict()["simulated_total_s"] == pytest.approx(planned.search.simulated_total_s)
-    # a callback that makes every plan but the analytic runner-up slow picks the runner-up
-    ranked = sorted(policy.search_space(_ctx(tiny_model, paper_system)).candidates, key=lambda c: c.analytic_s)
+    # a callback that makes every plan but the second one re-scored slow picks that one
+    ranked = policy.search_space(_ctx(tiny_model, paper_system)).rescore_order()
     runner_up = policy.search_space(_ctx(tiny_model, paper_system)).build(
         _ctx(tiny_model, paper_system, 4), ranked[1].options).knobs
 

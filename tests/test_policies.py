@@ -166,6 +166,30 @@ def test_coxmoe_search_reports_both_estimates(tiny_model, paper_system):
     assert len(r.knobs["prefill_placement"]) == 3 and set(r.knobs["decode_placement"]) <= {"g", "c"}
 
 
+def test_rescoring_simulates_the_best_of_distinct_families_first():
+    """The re-scored few are family leaders in analytic order, then the rest; without families, analytic order."""
+    from sim.policies.analytic import Candidate, SearchSpace
+
+    cands = [Candidate(opts, t) for opts, t in [(("a", 1), 1.0), (("a", 2), 1.1), (("b", 1), 1.2), (("a", 3), 1.3),
+                                                   (("c", 1), 1.4), (("b", 2), 1.5)]]
+    space = SearchSpace(cands, lambda c, o: None, searched=True, rescore=3, family=lambda o: o[0])
+    assert [c.options for c in space.rescore_order()] == [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("a", 3), ("b", 2)]
+    space.family = None
+    assert [c.analytic_s for c in space.rescore_order()] == sorted(c.analytic_s for c in cands)
+
+
+def test_coxmoe_rescores_distinct_decode_configurations(tiny_model, paper_system):
+    """CoX-MoE's search simulates different decode configurations, not the winner's prefill variants."""
+    from sim.policies.coxmoe import decode_family
+
+    ctx = ctx_for(tiny_model, paper_system, batch=32, prompt=16, gen=4)
+    space = make_policy("coxmoe", {}).search_space(ctx)
+    first = space.rescore_order()[:space.rescore]
+    assert len({decode_family(c.options) for c in first}) == len(first) == 3
+    ranked = sorted(space.candidates, key=lambda c: c.analytic_s)
+    assert first[0] is ranked[0]
+
+
 def test_coxmoe_bad_options():
     with pytest.raises(SimInputError, match="prefill_placement"):
         make_policy("coxmoe", {"prefill_placement": "gxg"})

@@ -3,7 +3,7 @@ expert) and the `SearchSpace` it hands `sim/search.py`, which ranks, simulates a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,14 +66,31 @@ def expected_counts(ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
 class SearchSpace:
     """What a searching policy hands the search (`sim/search.py`): its candidates, each a full option set with
     its analytic estimate; how to build one as a plan; whether any knob was left to the search (if not, the one
-    candidate is built as given); how many of the best-ranked to re-score by simulation; and, when no candidate
-    fits, a check that raises an error naming the overflowing memory."""
+    candidate is built as given); how many of the best-ranked to re-score by simulation; when no candidate
+    fits, a check that raises an error naming the overflowing memory; and optionally each candidate's `family`:
+    candidates of one family differ only in knobs the analytic model ranks as the simulation does, so the
+    re-scoring simulates the best of each family first instead of near-copies of the winner."""
 
     candidates: list[Candidate]
     build: Callable[[PlanContext, Any], Plan]
     searched: bool
     rescore: int
     explain_empty: Callable[[], None] | None = None
+    family: Callable[[Any], Hashable] | None = None
+
+    def rescore_order(self) -> list[Candidate]:
+        """Candidates in the order the re-scoring tries them: by analytic estimate, the best of each family
+        first (when families are given), then the others."""
+        ranked = sorted(self.candidates, key=lambda c: c.analytic_s)
+        if self.family is None:
+            return ranked
+        seen: set[Hashable] = set()
+        leaders, rest = [], []
+        for cand in ranked:
+            key = self.family(cand.options)
+            (rest if key in seen else leaders).append(cand)
+            seen.add(key)
+        return leaders + rest
 
 
 def options_dict(options: Any) -> dict[str, Any]:

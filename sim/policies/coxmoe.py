@@ -258,6 +258,14 @@ def _micro_batches(ctx: PlanContext, phase: Phase, fixed: int) -> list[int]:
     return sorted(sizes)
 
 
+def decode_family(o: CoxMoeOptions) -> tuple[str, int, int]:
+    """Candidates sharing the decode configuration. The analytic model ranks prefill micro-batches as the
+    simulation does, but sums micro-batched OP0-OP2 serially where the engine overlaps GPU and CPU work across
+    decode micro-batches (it over-rates the whole batch by 2-5% on the paper's grid), so the re-scoring
+    simulates distinct decode configurations."""
+    return o.decode_placement, o.decode_micro_batch, o.resident_experts
+
+
 class CoxMoePolicy(Policy):
     name = "coxmoe"
     label = "CoX-MoE"
@@ -275,7 +283,7 @@ class CoxMoePolicy(Policy):
         model = _Model(ctx, o)
         return SearchSpace(self._candidates(ctx, model), lambda c, opts: self._plan(c, model, opts),
                            searched=o.searched, rescore=o.rescore,
-                           explain_empty=lambda: self._raise_capacity(ctx, model))
+                           explain_empty=lambda: self._raise_capacity(ctx, model), family=decode_family)
 
     def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
         """Say which pool overflows, with its parts, for the configuration the given knobs pin down (the
