@@ -46,7 +46,7 @@ def test_points_load_with_unique_ids_and_sources():
     assert {p.model for p in complete} >= {"mixtral-8x7b", "opt-6.7b", "opt-30b"}
     assert any(p.train for p in complete) and any(not p.train for p in complete)
     # Learned factors are per implementation: FlexGen's Mixtral port and FlexLLMGen are different frameworks.
-    assert {p.runtime for p in complete} == {"flexgen-moe-port", "moe-lightning", "flexllmgen"}
+    assert {p.runtime for p in complete} == {"flexgen-moe-port", "moe-lightning", "flexllmgen", "zero-inference"}
     assert not any(p.train for p in complete if p.runtime == "flexllmgen")
 
 

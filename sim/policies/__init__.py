@@ -11,13 +11,14 @@ from sim.policies.gpu_only import GpuOnlyPolicy
 from sim.policies.moe_lightning import MoELightningPolicy
 from sim.policies.ndp_experts import NdpExpertsPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
+from sim.policies.zero_inference import ZeroInferencePolicy
 
 # The one list of policies: the CLI, `compare` (those with `compared`), plot labels and colours read it. Its
 # order is the order of `compare`'s table.
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
                                                               FiddlerPolicy, StreamExpertsPolicy, GpuOnlyPolicy,
                                                               CpuOnlyPolicy, ExpertParallelPolicy,
-                                                              NdpExpertsPolicy)}
+                                                              NdpExpertsPolicy, ZeroInferencePolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:
