@@ -58,6 +58,19 @@ def test_generation_is_deterministic_and_seed_dependent():
     assert not np.array_equal(a.experts, c.experts)
 
 
+def test_byte_and_bit_masks_of_chosen_experts_give_the_same_trace(monkeypatch):
+    """Top-k > 4 keeps a per-row set of chosen experts: bytes for few experts, packed bits for many. The two
+    consume the same random numbers and decide the same redraws, so the trace is the same either way (and is the
+    trace the bit masks always gave: synthesis bytes do not move with the representation)."""
+    import traces.synth as synth
+
+    kwargs = dict(routing="zipf:1.0", requests=40, prompt=30, gen=6, layers=3, experts=128, k=8)
+    as_bytes = small_trace(**kwargs)
+    monkeypatch.setattr(synth, "TAKEN_BYTES_PER_ROW", 0)
+    as_bits = small_trace(**kwargs)
+    np.testing.assert_array_equal(as_bytes.experts, as_bits.experts)
+
+
 def test_topk_ids_are_distinct_and_in_range():
     tr = small_trace("zipf:2.0", requests=50, prompt=20, gen=10, layers=4, experts=16, k=6)
     srt = np.sort(tr.experts, axis=-1)

@@ -168,16 +168,10 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
                     draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[bad, :j])
             out[:, j] = draw
         return out
-    words = (num_experts + 63) // 64
-    one = np.uint64(1)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         rows = np.arange(m)
-        taken = np.zeros((m, words), dtype=np.uint64)  # bit e % 64 of word e // 64: expert e already chosen
-
-        def is_taken(r: np.ndarray, ids: np.ndarray, taken: np.ndarray = taken) -> np.ndarray:
-            return ((taken[r, ids >> 6] >> (ids & 63).astype(np.uint64)) & one).astype(bool)
-
+        is_taken, mark = _taken_mask(m, num_experts)
         for j in range(k):
             draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int64)
             if j:
@@ -193,9 +187,37 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
                     bad = bad[~found]
                 if bad.size:
                     draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[s + bad, :j])
-            taken[rows, draw >> 6] |= one << (draw & 63).astype(np.uint64)
+            mark(rows, draw)
             out[s:s + m, j] = draw
     return out
+
+
+TAKEN_BYTES_PER_ROW = 1024  # a byte per expert up to this many experts, a bit per expert beyond
+
+
+def _taken_mask(rows: int, num_experts: int):
+    """(is_taken(r, ids), mark(r, ids)) over a per-row set of chosen experts: a byte per (row, expert) read by one
+    flat gather when the experts are few (the common case), else a bit per expert packed in 64-bit words."""
+    if num_experts <= TAKEN_BYTES_PER_ROW:
+        flat = np.zeros(rows * num_experts, dtype=bool)
+
+        def is_taken(r: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            return flat[r * num_experts + ids]
+
+        def mark(r: np.ndarray, ids: np.ndarray) -> None:
+            flat[r * num_experts + ids] = True
+
+        return is_taken, mark
+    one = np.uint64(1)
+    taken = np.zeros((rows, (num_experts + 63) // 64), dtype=np.uint64)  # bit e % 64 of word e // 64
+
+    def is_taken_bits(r: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return ((taken[r, ids >> 6] >> (ids & 63).astype(np.uint64)) & one).astype(bool)
+
+    def mark_bits(r: np.ndarray, ids: np.ndarray) -> None:
+        taken[r, ids >> 6] |= one << (ids & 63).astype(np.uint64)
+
+    return is_taken_bits, mark_bits
 
 
 def _collides(earlier: np.ndarray, draw: np.ndarray) -> np.ndarray:
