@@ -31,6 +31,7 @@ from sim.search import plan_policy, simulate_with
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
+from traces.disk_cache import disk_cache_from_env
 from traces.synth import request_lengths
 from traces.synth_presets import synth_preset
 
@@ -161,8 +162,16 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     else:
         wl = Workload.uniform(batch, prompt_len, gen_len)
     cfg = synth_config(model, routing, reuse_prob, seed)
-    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len), lambda: generate_trace(
-        cfg, wl.prompt_lens, wl.gen_lens)), routing
+    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len), lambda: synthesise(cfg, wl)), routing
+
+
+def synthesise(cfg: SynthConfig, wl: Workload) -> RoutingTrace:
+    """A synthetic trace for the workload's lengths, through the on-disk cache when $COXMOE_TRACE_DIR names one
+    (`traces/disk_cache.py`; sweeps set it to their directory's `traces/`)."""
+    disk = disk_cache_from_env()
+    if disk is None:
+        return generate_trace(cfg, wl.prompt_lens, wl.gen_lens)
+    return disk.get(cfg, wl.prompt_lens, wl.gen_lens, lambda: generate_trace(cfg, wl.prompt_lens, wl.gen_lens))
 
 
 class TraceCache:

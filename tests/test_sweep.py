@@ -87,6 +87,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     assert "no-such-policy" in failed["error"] and pd.isna(failed["throughput_tok_s"])
     assert (df[df["status"] == "ok"]["throughput_tok_s"] > 0).all()
     assert '"simpy"' in df["versions"].iloc[0]
+    assert len(list((out / "traces").glob("*.npz"))) == 1  # the points' one workload, synthesised once, kept
     # A rerun retries only the failed point, replacing its row (--allow-failures: exit 0 all the same).
     assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", "--allow-failures"]) == 0
     assert "2 already done" in capsys.readouterr().out and len(load_results(out)) == 3

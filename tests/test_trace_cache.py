@@ -63,3 +63,85 @@ def test_the_budget_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv("COXMOE_TRACE_CACHE_MIB", bad)
         with pytest.raises(SimInputError, match="COXMOE_TRACE_CACHE_MIB"):
             TraceCache().max_bytes  # noqa: B018 - the property checks the variable when it is read
+
+
+# ---- on disk ---------------------------------------------------------------------------------------------------
+def _synth(seed: int = 0, requests: int = 6):
+    from traces import SynthConfig
+
+    cfg = SynthConfig("tiny", 3, 16, 4, "zipf:1.0", 0.2, seed)
+    return cfg, np.full(requests, 7), np.full(requests, 3)
+
+
+def test_disk_cache_returns_the_trace_synthesis_gives_and_builds_it_once(tmp_path):
+    from traces import generate_trace
+    from traces.disk_cache import DiskTraceCache
+
+    cache = DiskTraceCache(tmp_path, 1 << 30)
+    cfg, p, g = _synth()
+    calls = []
+
+    def build():
+        calls.append(1)
+        return generate_trace(cfg, p, g)
+
+    first = cache.get(cfg, p, g, build)
+    again = DiskTraceCache(tmp_path, 1 << 30).get(cfg, p, g, build)  # another process would see the same file
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.npz"))) == 1
+    for name in ("experts", "prompt_lens", "gen_lens"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    assert again.header == first.header
+    # another seed, another request count: other keys, other files
+    for other in (_synth(seed=1), _synth(requests=7)):
+        cache.get(*other, lambda o=other: generate_trace(*o))
+    assert len(list(tmp_path.glob("*.npz"))) == 3 and len(calls) == 1
+
+
+def test_a_damaged_cache_file_is_rebuilt_and_the_directory_is_capped(tmp_path):
+    from traces import generate_trace
+    from traces.disk_cache import DiskTraceCache
+
+    cfg, p, g = _synth()
+    cache = DiskTraceCache(tmp_path, 1 << 30)
+    cache.get(cfg, p, g, lambda: generate_trace(cfg, p, g))
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(b"not a trace")
+    rebuilt = cache.get(cfg, p, g, lambda: generate_trace(cfg, p, g))
+    np.testing.assert_array_equal(rebuilt.experts, generate_trace(cfg, p, g).experts)
+    assert cache.misses == 2 and path.stat().st_size > 100
+    small = DiskTraceCache(tmp_path, path.stat().st_size)  # room for one file: the newest stays
+    small.get(*_synth(seed=5), lambda: generate_trace(*_synth(seed=5)))
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and not path.exists()
+
+
+def test_disk_cache_setting_comes_from_the_environment_and_sweeps_default_to_their_directory(tmp_path, monkeypatch):
+    from sim.api import simulate
+    from traces.disk_cache import TRACE_DIR_ENV, default_trace_dir, disk_cache_from_env
+    from traces.errors import TraceError
+
+    monkeypatch.delenv(TRACE_DIR_ENV, raising=False)
+    assert disk_cache_from_env() is None
+    monkeypatch.setenv(TRACE_DIR_ENV, "off")
+    assert disk_cache_from_env() is None
+    with default_trace_dir(tmp_path / "sweep"):  # the user's setting wins
+        assert disk_cache_from_env() is None
+    monkeypatch.delenv(TRACE_DIR_ENV)
+    with default_trace_dir(tmp_path / "sweep"):
+        assert disk_cache_from_env().directory == tmp_path / "sweep"
+    assert disk_cache_from_env() is None  # restored after the block
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path / "d"))
+    monkeypatch.setenv("COXMOE_TRACE_DIR_GIB", "lots")
+    with pytest.raises(TraceError, match="COXMOE_TRACE_DIR_GIB"):
+        disk_cache_from_env()
+    monkeypatch.setenv("COXMOE_TRACE_DIR_GIB", "1")
+    TRACE_CACHE.clear()
+    kw = dict(batch=8, prompt_len=16, gen_len=3, routing="zipf:1.0", seed=9)
+    cached = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
+    assert len(list((tmp_path / "d").glob("*.npz"))) == 1
+    TRACE_CACHE.clear()
+    from_disk = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
+    monkeypatch.delenv(TRACE_DIR_ENV)
+    TRACE_CACHE.clear()
+    fresh = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
+    assert cached.total_s == from_disk.total_s == fresh.total_s
+    TRACE_CACHE.clear()

@@ -20,6 +20,7 @@ from experiments.sweep import ENGINES
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
 from sim.errors import SimInputError
+from traces.disk_cache import TRACE_DIR_ENV, TRACE_DIR_GIB_ENV, default_trace_dir
 from traces.limits import LIMIT_ENV
 
 Outcome = tuple[dict[str, Any] | None, str | None, float]
@@ -128,15 +129,17 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
               address_flag: str | None = None, progress: bool = True) -> SweepSummary:
     """Run the pending points on `engine` (one of ENGINES): a local pool of `workers` processes (default: the
     CPUs this process may use), or Ray at `address_flag`, else $RAY_ADDRESS, else a local Ray instance."""
-    if engine == "ray":
-        return run_ray(points, store, workers, ray_address(address_flag), progress)
-    if engine != "local":
+    if engine not in ENGINES:
         raise SimInputError(f"unknown sweep engine {engine!r}; choose from {', '.join(ENGINES)}")
     cpus = default_workers()
-    if workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
+    if engine == "local" and workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
         raise SimInputError(f"--workers {workers}: this machine has {cpus} CPUs for sweeps; at most "
                             f"{MAX_WORKERS_PER_CPU * cpus} local workers (each simulation takes up to a few GB)")
-    return run_local(points, store, workers or cpus, progress)
+    # Workers share synthesised traces through the sweep directory (and a rerun finds them there).
+    with default_trace_dir(store.path.parent / "traces"):
+        if engine == "ray":
+            return run_ray(points, store, workers, ray_address(address_flag), progress)
+        return run_local(points, store, workers or cpus, progress)
 
 
 def ray_address(flag: str | None) -> str | None:
@@ -158,8 +161,9 @@ def run_ray(points: Iterable[SweepPoint], store: ResultStore, workers: int | Non
     import traces
 
     started_here = not ray.is_initialized()
-    # The memory limit (--max-gib) travels as an environment variable, to remote workers too.
-    env_vars = {LIMIT_ENV: os.environ[LIMIT_ENV]} if os.environ.get(LIMIT_ENV) else {}
+    # The memory limit (--max-gib) and the trace cache travel as environment variables, to remote workers too.
+    env_vars = {name: os.environ[name] for name in (LIMIT_ENV, TRACE_DIR_ENV, TRACE_DIR_GIB_ENV)
+                if os.environ.get(name)}
     if started_here:
         if address:
             # Ship this checkout's packages so the cluster's workers run the same code as the driver.

@@ -1,0 +1,132 @@
+"""A content-addressed cache of synthesised traces on disk, shared by processes (a sweep's workers) and runs.
+
+A trace is keyed by everything that determines its bytes: the synthesis config, the request lengths, and a
+digest of the code and shipped popularity tables that draw it; so a hit is the trace synthesis would give, and a
+change to the synthesis code misses instead of returning a stale trace. Files are v1 traces written atomically
+and read with `allow_pickle=False`; one that fails to load is rebuilt. The directory is capped (least recently
+used out first). `COXMOE_TRACE_DIR` turns it on for any command (`off` or empty: off); sweeps use
+`<sweep dir>/traces` unless it is set. `COXMOE_TRACE_DIR_GIB` caps it (default 8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from traces.errors import TraceError
+from traces.format import RoutingTrace, load_trace, save_trace
+from traces.synth import DATA_DIR, SynthConfig
+
+TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
+TRACE_DIR_GIB_ENV = "COXMOE_TRACE_DIR_GIB"
+DEFAULT_GIB = 8.0
+_CODE = ("synth.py", "format.py", "synth_presets.py")
+
+
+@cache
+def synthesis_digest() -> str:
+    """Digest of the code and data that turn a config into trace bytes."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE:
+        h.update((here / name).read_bytes())
+    for table in sorted(DATA_DIR.glob("*.npy")):
+        h.update(table.name.encode())
+        h.update(table.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray) -> str:
+    h = hashlib.sha256(synthesis_digest().encode())
+    h.update(json.dumps(asdict(cfg), sort_keys=True, default=list).encode())
+    for lens in (prompt_lens, gen_lens):
+        h.update(np.ascontiguousarray(lens, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:32]
+
+
+class DiskTraceCache:
+    """Synthesised traces under `directory`, at most `max_bytes` of files (least recently used out first)."""
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.hits = self.misses = 0
+
+    def get(self, cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
+            build: Callable[[], RoutingTrace]) -> RoutingTrace:
+        path = self.directory / f"{cache_key(cfg, prompt_lens, gen_lens)}.npz"
+        if path.exists():
+            try:
+                trace = load_trace(path, thorough=False)
+                os.utime(path)  # recently used
+                self.hits += 1
+                return trace
+            except (TraceError, OSError):  # half-deleted by another process's eviction, or damaged: rebuild
+                path.unlink(missing_ok=True)
+        self.misses += 1
+        trace = build()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_trace(trace, path)
+            self._evict(keep=path)
+        except OSError:  # a full or read-only disk costs the cache, not the run
+            pass
+        return trace
+
+    def _evict(self, keep: Path) -> None:
+        files = []
+        for f in self.directory.glob("*.npz"):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size
+
+
+def _gib_cap() -> int:
+    raw = os.environ.get(TRACE_DIR_GIB_ENV, str(DEFAULT_GIB))
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = float("nan")
+    if not 0 <= gib <= 2**20:
+        raise TraceError(f"{TRACE_DIR_GIB_ENV}={raw!r}: expected GiB in [0, 1048576]")
+    return int(gib * 2**30)
+
+
+def disk_cache_from_env() -> DiskTraceCache | None:
+    """The cache $COXMOE_TRACE_DIR names, or None when it is unset, empty or `off`."""
+    where = os.environ.get(TRACE_DIR_ENV, "").strip()
+    if not where or where.lower() == "off":
+        return None
+    return DiskTraceCache(where, _gib_cap())
+
+
+@contextmanager
+def default_trace_dir(directory: str | Path) -> Iterator[None]:
+    """Within the block, $COXMOE_TRACE_DIR is `directory` unless the user set it (a sweep's default); child
+    processes started inside inherit it."""
+    if TRACE_DIR_ENV in os.environ:
+        yield
+        return
+    os.environ[TRACE_DIR_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        os.environ.pop(TRACE_DIR_ENV, None)
