@@ -301,8 +301,8 @@ def test_explicit_knobs_that_do_not_fit_name_the_memory(mixtral, paper_system, p
 
 # ---- ZeRO-Inference --------------------------------------------------------------------------------------------
 def test_zero_inference_gathers_each_module_before_it_runs(tiny_mla_model, paper_system):
-    """Every step gathers the embedding, each layer's attention/router/dense weights, the experts its tokens chose
-    and the LM head: exactly the weights the step uses, each copy waiting for the work before it."""
+    """Every step gathers the embedding, each layer's attention/router/dense weights, all its experts (whatever
+    the routing) and the LM head: the whole model, each copy waiting for the work before it."""
     m = tiny_mla_model
     ctx = ctx_for(m, paper_system, batch=6, prompt=5, gen=3)
     plan = make_policy("zero-inference").build(ctx)
@@ -310,11 +310,7 @@ def test_zero_inference_gathers_each_module_before_it_runs(tiny_mla_model, paper
     for phase, step in {(op.phase, op.step) for op in plan.ops}:
         ops = [op for op in plan.ops if op.phase is phase and op.step == step]
         copied = sum(op.bytes for op in ops if op.stream is Stream.H2D)
-        experts = {(op.layer, op.expert) for op in ops if op.kind is OpKind.EXPERT}
-        layers = sum(m.attention_params + m.norm_params_per_layer
-                     + (m.router_params + m.shared_expert_params if m.is_moe_layer(i) else m.dense_ffn_params)
-                     for i in range(m.num_layers))
-        want = layers + len(experts) * m.expert_params + m.embedding_params + m.lm_head_params
+        want = sum(m.layer_params(i) for i in range(m.num_layers)) + m.embedding_params + m.lm_head_params
         assert copied == want * m.bytes_per_param
     for op in plan.ops:  # compute never waits on a copy issued later, and every copy but the first waits on work
         if op.kind is OpKind.QKV or op.kind is OpKind.EXPERT:

@@ -124,6 +124,8 @@ def summary(table: pd.DataFrame) -> dict[str, dict]:
         views += [(f"{g}: mechanisms only", "ratio", complete[complete["group"] == g]) for g in groups]
         views += [(f"{g}: learned factors, held-out", "learned_ratio",
                    pub[(pub["role"] == "held-out") & (pub["group"] == g)]) for g in groups]  # empty: no fit, skipped
+    views += [(f"{g}: mechanisms only, incomplete points", "ratio", pub[pub["group"] == g])
+              for g in sorted(set(pub["group"]) - set(groups))]  # sources with no complete point
     out = {}
     for label, col, rows in views:
         rows = rows[rows[col].notna()]
@@ -144,8 +146,8 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     pub = table[(table["mode"] == "published") & table["predicted"].notna()]
     systems = sorted(pub["system"].unique())
     colors = dict(zip(systems, ("#2e86c1", "#c0392b", "#27ae60", "#8e44ad", "#d35400"), strict=False))
-    markers = {"flexgen": "s", "moe-lightning": "o", "fiddler": "^", "coxmoe": "D"}
-    panels = (("mechanisms only (no learned term)", "ratio"),
+    markers = {"flexgen": "s", "moe-lightning": "o", "zero-inference": "v", "fiddler": "^", "coxmoe": "D"}
+    panels = (("mechanisms only (incomplete points open)", "ratio"),
               ("learned factors: train filled, held-out open", "learned_ratio"))
     with paper_style():
         fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.3))
