@@ -238,8 +238,22 @@ def test_flexgen_mixed_kv_attends_on_both_devices_and_casts_to_fp32(tiny_model, 
     no_cast = make_policy("flexgen", {**knobs, "fp32_cpu_attention": "off"}).build(ctx)
     cpu_plain = [op for op in ops_of(no_cast, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
                  if op.stream is Stream.CPU][0]
-    assert cpu[0].bytes - cpu_plain.bytes == 4 * kv_bytes
+    g = tiny_model.num_attention_heads // tiny_model.num_kv_heads  # the port repeats each KV head g times
+    assert cpu[0].bytes - cpu_plain.bytes == ((1 + 6 * g) - (1 + 2 * g)) * kv_bytes  # the fp32 cast of g copies
     assert plan.static_memory["gpu"]["kv_cache"] == pytest.approx(plan.static_memory["cpu"]["kv_cache"], abs=1)
+
+
+def test_flexgen_cpu_attention_traffic_follows_the_code_that_ran():
+    """FlexLLMGen's OPT attention (one KV head per query head) moves 5 B per cached byte in fp32; the Mixtral
+    port repeats each of Mixtral's 8 KV heads 4 times before the cast: 25; MLA keeps the MHA factor."""
+    from sim.policies.flexgen import cpu_attention_kv_factor
+    from sim.specs import load_model
+
+    assert cpu_attention_kv_factor(load_model("opt-30b"), fp32=True) == 5
+    assert cpu_attention_kv_factor(load_model("opt-30b"), fp32=False) == 1
+    assert cpu_attention_kv_factor(load_model("mixtral-8x7b"), fp32=True) == 25
+    assert cpu_attention_kv_factor(load_model("mixtral-8x7b"), fp32=False) == 9
+    assert cpu_attention_kv_factor(load_model("deepseek-v2-lite"), fp32=True) == 5
 
 
 # ---- Fiddler ----------------------------------------------------------------------------------------------------

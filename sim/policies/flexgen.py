@@ -49,6 +49,22 @@ MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxa
 # DRAM is staged through a pinned buffer.
 KV_HOME = Payload.PAGEABLE_KV
 FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
+
+
+def cpu_attention_kv_factor(model, fp32: bool) -> int:
+    """DRAM bytes FlexGen's CPU decode attention moves per byte of fp16 KV cache it attends over.
+
+    FlexLLMGen's `mha_gen` (OPT, one KV head per query head) casts K and V to fp32 (`k.float()`: read 2 B, write
+    4 B per element) and its bmm reads the fp32 copies (4 B): 10 B per 2 B cached, a factor 5. The Mixtral port's
+    `mha_gen` (FLG-MoE `flexgen/moe_pytorch_backend.py`) first repeats each of the g = heads / KV heads groups
+    (`unsqueeze(2).expand(...).reshape(src_s, b * n_head, head_dim)`: read 2 B, write 2g B), then casts the
+    expanded copies (read 2g, write 4g) and its bmm reads them (4g): 2 + 12g B per 2 B cached, a factor 1 + 6g
+    (25 for Mixtral's g = 4). Without the fp32 cast (`fp32_cpu_attention=off`) the bmm reads the fp16 copies:
+    1 (no expansion) or 1 + 2g. MLA caches a latent that is not expanded this way: the MHA factor."""
+    g = model.num_attention_heads // model.num_kv_heads if model.attention == "gqa" else 1
+    if g <= 1:
+        return FP32_CPU_ATTENTION_BYTES if fp32 else 1
+    return 1 + 6 * g if fp32 else 1 + 2 * g
 # FlexGen's prefill attention is eager (flex_opt `mha`, and the Mixtral port's `MixtralAttention_Prefill`): it
 # computes every one of the s x s scores per head (the causal mask is applied after the product) and moves the
 # score tensor through GPU memory: written by the first bmm, read and written by the mask (`torch.where`), read
@@ -134,7 +150,7 @@ class _Layout:
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
         self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
-        self.kv_factor = FP32_CPU_ATTENTION_BYTES if o.fp32_cpu_attention == "on" else 1
+        self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on")
         self.eager_attention = o.eager_attention == "on"
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
