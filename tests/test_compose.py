@@ -140,3 +140,32 @@ def test_fetch_routed_copies_only_the_experts_a_step_chose(paper_system):
                 chose = {e.expert for e in plan.ops if e.kind is OpKind.EXPERT and e.phase is op.phase
                          and e.step == op.step and e.layer == op.layer}
                 assert op.bytes == (len(chose) if routed else SPEC.num_experts) * SPEC.expert_bytes
+
+
+@pytest.mark.parametrize("home", [Stream.GPU, Stream.CPU])
+@pytest.mark.parametrize("placement", ["ggg", "gcg", "cgc", "ccc"])
+def test_data_crosses_devices_only_through_copies(paper_system, tiny_mla_model, placement, home):
+    """Whatever the layout and wherever the residual lives, a compute op waits on compute ops of its own device
+    only: data made elsewhere reaches it through a copy (hidden states, attention outputs, expert outputs)."""
+    m = tiny_mla_model
+    ctx = context(paper_system, spec=m, prompts=(4, 6, 5), gens=(3, 3, 2))
+    schedule = Schedule.split(ctx, prefill_tokens=64, decode_micro_batch=2, expert_batch=1)
+    rest = tuple(range(2, m.num_experts))
+    layout = Layout(placement, ((0,),) * m.num_moe_layers, ((1,),) * m.num_moe_layers,
+                    (rest,) * m.num_moe_layers, home=home)
+    plan = compose_plan(ctx, "composed", {}, schedule, layout, layout, {"gpu": {}, "cpu": {}},
+                        kv_on_gpu=placement[1] == "g")
+    plan.check()
+    verify_assignments(plan, ctx.trace)
+    by_id = {op.id: op for op in plan.ops}
+    cpu_side = {Stream.CPU, Stream.CPU_EXPERTS}
+    for op in plan.ops:
+        if op.kind is OpKind.COPY:
+            continue
+        for d in op.deps:
+            dep = by_id[d]
+            if dep.kind is not OpKind.COPY:
+                assert (op.stream in cpu_side) == (dep.stream in cpu_side), (op.kind, op.stream, dep.kind, dep.stream)
+    shared = [op for op in plan.ops if op.kind is OpKind.SHARED_EXPERT]
+    assert shared and all(op.deps for op in shared) and {op.stream for op in shared} == {home}
+    run_plan(plan, RooflineCostModel(paper_system), check=True)

@@ -227,7 +227,7 @@ def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):
     assert qkv[0].tokens == 4 * 9 and router[0].tokens == int(prompts.sum())
 
 
-def test_flexgen_mixed_kv_attends_on_both_devices_and_casts_to_fp32(tiny_model, paper_system):
+def test_flexgen_mixed_kv_attends_on_both_devices_over_the_fp16_halves(tiny_model, paper_system):
     ctx = ctx_for(tiny_model, paper_system, batch=8, prompt=32, gen=3)
     knobs = {"gpu_batch_size": "8", "weights_gpu_percent": "100", "act_gpu_percent": "100", "kv_gpu_percent": "50"}
     plan = make_policy("flexgen", knobs).build(ctx)
@@ -238,8 +238,18 @@ def test_flexgen_mixed_kv_attends_on_both_devices_and_casts_to_fp32(tiny_model, 
     no_cast = make_policy("flexgen", {**knobs, "fp32_cpu_attention": "off"}).build(ctx)
     cpu_plain = [op for op in ops_of(no_cast, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
                  if op.stream is Stream.CPU][0]
-    g = tiny_model.num_attention_heads // tiny_model.num_kv_heads  # the port repeats each KV head g times
-    assert cpu[0].bytes - cpu_plain.bytes == ((1 + 6 * g) - (1 + 2 * g)) * kv_bytes  # the fp32 cast of g copies
+    assert cpu[0].bytes == cpu_plain.bytes  # the mixed-device path casts only q: no repeated or fp32 K/V
+    assert kv_bytes > 0
+    # the whole cache in DRAM: the port repeats each KV head g times and casts those copies to fp32
+    all_cpu = {**knobs, "kv_gpu_percent": "0", "cpu_attention": "on"}
+    fp32 = [op for op in ops_of(make_policy("flexgen", all_cpu).build(ctx), kind=OpKind.ATTENTION,
+                                phase=Phase.DECODE, step=1, layer=0) if op.stream is Stream.CPU]
+    fp16 = [op for op in ops_of(make_policy("flexgen", {**all_cpu, "fp32_cpu_attention": "off"}).build(ctx),
+                                kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0) if op.stream is Stream.CPU]
+    g = tiny_model.num_attention_heads // tiny_model.num_kv_heads
+    whole = fp32[0].kv_tokens * tiny_model.kv_bytes_per_token_layer
+    assert len(fp32) == len(fp16) == 1  # one GPU batch: one CPU attention op per layer
+    assert fp32[0].bytes - fp16[0].bytes == ((1 + 6 * g) - (1 + 2 * g)) * whole
     assert plan.static_memory["gpu"]["kv_cache"] == pytest.approx(plan.static_memory["cpu"]["kv_cache"], abs=1)
 
 

@@ -145,3 +145,60 @@ def test_disk_cache_setting_comes_from_the_environment_and_sweeps_default_to_the
     fresh = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
     assert cached.total_s == from_disk.total_s == fresh.total_s
     TRACE_CACHE.clear()
+
+
+def test_a_count_table_file_is_keyed_by_its_bytes_not_its_name(tmp_path):
+    from traces import SynthConfig, generate_trace
+    from traces.disk_cache import DiskTraceCache, cache_key
+
+    table = tmp_path / "counts.npy"
+    np.save(table, np.tile(np.array([[1.0, 1.0, 1.0, 50.0]]), (2, 1)), allow_pickle=False)
+    cfg = SynthConfig("tiny", 2, 4, 1, f"table:{table}", 0.0, 0)
+    p, g = np.full(20, 8), np.full(20, 2)
+    cache = DiskTraceCache(tmp_path / "cache", 1 << 30)
+    first = cache.get(cfg, p, g, lambda: generate_trace(cfg, p, g))
+    key = cache_key(cfg, p, g)
+    np.save(table, np.tile(np.array([[50.0, 1.0, 1.0, 1.0]]), (2, 1)), allow_pickle=False)  # same name, new table
+    assert cache_key(cfg, p, g) != key
+    second = cache.get(cfg, p, g, lambda: generate_trace(cfg, p, g))
+    np.testing.assert_array_equal(second.experts, generate_trace(cfg, p, g).experts)
+    assert np.bincount(first.experts.ravel(), minlength=4).argmax() == 3
+    assert np.bincount(second.experts.ravel(), minlength=4).argmax() == 0
+    table.unlink()  # unreadable: no key, so the synthesis runs uncached and names the problem itself
+    assert cache_key(cfg, p, g) is None
+
+
+def test_a_read_only_cache_still_serves_and_never_fails_a_run(tmp_path, monkeypatch):
+    import os
+
+    from traces import generate_trace
+    from traces.disk_cache import DiskTraceCache
+
+    cfg, p, g = _synth()
+    cache = DiskTraceCache(tmp_path, 1 << 30)
+    cache.get(cfg, p, g, lambda: generate_trace(cfg, p, g))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    monkeypatch.setattr("pathlib.Path.unlink", refuse)
+    hit = cache.get(cfg, p, g, lambda: pytest.fail("a readable file must be served"))
+    np.testing.assert_array_equal(hit.experts, generate_trace(cfg, p, g).experts)
+    monkeypatch.setattr("traces.disk_cache.save_trace", refuse)
+    other = _synth(seed=7)
+    built = cache.get(*other, lambda: generate_trace(*other))  # cannot write: built, returned, not cached
+    assert built.experts.size and cache.misses == 2
+
+
+def test_a_sweep_with_a_bad_cache_setting_is_one_error(tmp_path, monkeypatch, capsys):
+    from experiments.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, batch: 4, prompt_len: 8, gen_len: 2}\n"
+                    "axes: {policy: [stream-experts]}\n")
+    monkeypatch.delenv("COXMOE_TRACE_DIR", raising=False)
+    monkeypatch.setenv("COXMOE_TRACE_DIR_GIB", "abc")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "COXMOE_TRACE_DIR_GIB" in err[0]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -23,12 +23,12 @@ import numpy as np
 
 from traces.errors import TraceError
 from traces.format import RoutingTrace, load_trace, save_trace
-from traces.synth import DATA_DIR, SynthConfig
+from traces.synth import DATA_DIR, POPULARITY_TABLES, SynthConfig
 
 TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
 TRACE_DIR_GIB_ENV = "COXMOE_TRACE_DIR_GIB"
 DEFAULT_GIB = 8.0
-_CODE = ("synth.py", "format.py", "synth_presets.py")
+_CODE = ("synth.py", "format.py", "synth_presets.py", "importers.py")
 
 
 @cache
@@ -41,12 +41,21 @@ def synthesis_digest() -> str:
     for table in sorted(DATA_DIR.glob("*.npy")):
         h.update(table.name.encode())
         h.update(table.read_bytes())
+    h.update(np.__version__.encode())  # the random streams the draws come from
     return h.hexdigest()
 
 
-def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray) -> str:
+def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray) -> str | None:
+    """The file name of a trace, or None when it cannot be keyed (a count-table file that cannot be read: the
+    synthesis then runs uncached and reports the problem itself)."""
     h = hashlib.sha256(synthesis_digest().encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True, default=list).encode())
+    kind, _, name = cfg.routing.partition(":")
+    if kind == "table" and name not in POPULARITY_TABLES:  # a user's count table: its bytes, not its name
+        try:
+            h.update(Path(name).read_bytes())
+        except OSError:
+            return None
     for lens in (prompt_lens, gen_lens):
         h.update(np.ascontiguousarray(lens, dtype=np.int64).tobytes())
         h.update(b"|")
@@ -63,15 +72,21 @@ class DiskTraceCache:
 
     def get(self, cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
             build: Callable[[], RoutingTrace]) -> RoutingTrace:
-        path = self.directory / f"{cache_key(cfg, prompt_lens, gen_lens)}.npz"
+        key = cache_key(cfg, prompt_lens, gen_lens)
+        if key is None:
+            return build()
+        path = self.directory / f"{key}.npz"
         if path.exists():
             try:
                 trace = load_trace(path, thorough=False)
-                os.utime(path)  # recently used
+            except (TraceError, OSError):  # half-deleted by another process's eviction, or damaged: rebuild
+                with suppress(OSError):
+                    path.unlink(missing_ok=True)
+            else:
+                with suppress(OSError):  # recently used (a read-only cache still serves)
+                    os.utime(path)
                 self.hits += 1
                 return trace
-            except (TraceError, OSError):  # half-deleted by another process's eviction, or damaged: rebuild
-                path.unlink(missing_ok=True)
         self.misses += 1
         trace = build()
         try:
@@ -95,7 +110,8 @@ class DiskTraceCache:
             if total <= self.max_bytes:
                 break
             if f != keep:
-                f.unlink(missing_ok=True)
+                with suppress(OSError):
+                    f.unlink(missing_ok=True)
                 total -= size
 
 
@@ -115,7 +131,7 @@ def disk_cache_from_env() -> DiskTraceCache | None:
     where = os.environ.get(TRACE_DIR_ENV, "").strip()
     if not where or where.lower() == "off":
         return None
-    return DiskTraceCache(where, _gib_cap())
+    return DiskTraceCache(Path(where).expanduser(), _gib_cap())
 
 
 @contextmanager
@@ -125,7 +141,7 @@ def default_trace_dir(directory: str | Path) -> Iterator[None]:
     if TRACE_DIR_ENV in os.environ:
         yield
         return
-    os.environ[TRACE_DIR_ENV] = str(directory)
+    os.environ[TRACE_DIR_ENV] = str(Path(directory).resolve())  # the same directory for workers elsewhere
     try:
         yield
     finally:

@@ -20,7 +20,7 @@ from experiments.sweep import ENGINES
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
 from sim.errors import SimInputError
-from traces.disk_cache import TRACE_DIR_ENV, TRACE_DIR_GIB_ENV, default_trace_dir
+from traces.disk_cache import TRACE_DIR_ENV, TRACE_DIR_GIB_ENV, default_trace_dir, disk_cache_from_env
 from traces.limits import LIMIT_ENV
 
 Outcome = tuple[dict[str, Any] | None, str | None, float]
@@ -137,6 +137,7 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
                             f"{MAX_WORKERS_PER_CPU * cpus} local workers (each simulation takes up to a few GB)")
     # Workers share synthesised traces through the sweep directory (and a rerun finds them there).
     with default_trace_dir(store.path.parent / "traces"):
+        disk_cache_from_env()  # a bad setting is one error here, not a failure in every worker
         if engine == "ray":
             return run_ray(points, store, workers, ray_address(address_flag), progress)
         return run_local(points, store, workers or cpus, progress)

@@ -146,6 +146,16 @@ def cpu_static(ctx: PlanContext, pre: str, dec: str) -> dict[str, int]:
     return static
 
 
+@dataclass(frozen=True)
+class _ExpertInputs:
+    """Per micro-batch of an expert batch, what its experts wait for: hidden states on the GPU, on the E_C lane,
+    and (residual on the CPU) at home."""
+
+    gpu: tuple[int, ...]
+    cpu: tuple[int, ...]
+    home: tuple[int, ...]
+
+
 class _WeightsReady:
     """The op an expert's weights wait for on the GPU: the layer's fetch for E_M (and experts swapped in)."""
 
@@ -170,6 +180,7 @@ class LayoutEmitter(LayerEmitter):
         self.layer_done: dict[int, int] = {}
         self.seq = 0  # (step, layer) visits so far: the fetch double buffer alternates on it
         self.scopes: list[Scope] = []
+        self._scope_index: dict[tuple, int] = {}
 
     # ---- copies ------------------------------------------------------------------------------------------
     def move(self, src: Stream, dst: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
@@ -201,7 +212,8 @@ class LayoutEmitter(LayerEmitter):
                 fetch = self.xfer(H2D, At(phase, step, layer), len(fetched) * m.expert_bytes, Payload.EXPERT_WEIGHTS,
                                   (self.layer_done.get(self.seq - 2, -1),))
             attn_out = [self._front(phase, step, layer, s, ready[i], layout) for i, s in enumerate(slices)]
-            to_gpu, to_cpu = [], []
+            to_gpu, to_cpu, to_home = [], [], []
+            home_cpu = on_cpu(home)
             for i, s in enumerate(slices):  # OP2 and the router of every micro-batch, then OP3
                 at = At(phase, step, layer, s.mb)
                 o = self.op(OpKind.O_PROJ, x2, at, s.tokens, (attn_out[i],))
@@ -211,10 +223,15 @@ class LayoutEmitter(LayerEmitter):
                     continue
                 r = self.op(OpKind.ROUTER, x2, at, s.tokens, (o,))
                 hidden = w.hidden_bytes(s.tokens)
+                if home_cpu:  # the residual (and the shared expert) on the CPU; E_C reads the same copy
+                    to_home.append(self.move(x2, home, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0])
                 to_gpu.append(self.move(x2, GPU, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
-                              if not on_cpu(home) or layout.resident[li] or fetched else r)
-                to_cpu.append(self.move(x2, layout.cpu_lane, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
-                              if cpu_experts else (r if on_cpu(x2) else -1))
+                              if not home_cpu or layout.resident[li] or fetched else r)
+                if home_cpu:
+                    to_cpu.append(to_home[-1] if cpu_experts else -1)
+                else:
+                    to_cpu.append(self.move(x2, layout.cpu_lane, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
+                                  if cpu_experts else (r if on_cpu(x2) else -1))
             if not moe:
                 self.layer_done[self.seq] = ready[-1][0]
                 self.seq += 1
@@ -233,10 +250,11 @@ class LayoutEmitter(LayerEmitter):
                 else:  # module batching: one expert run over several micro-batches, scoped to their requests
                     at = At(phase, step, layer)
                     scope = self._scope(phase, step, np.concatenate([s.requests for s in members]))
-                done = self._experts(at, layout, li, members, tuple(to_gpu[i] for i in group),
-                                     tuple(to_cpu[i] for i in group), layout.resident[li] + fetched, cpu_experts,
-                                     weights, scope)
-                last_gpu = max(last_gpu, done[0])
+                ins = _ExpertInputs(tuple(to_gpu[i] for i in group), tuple(to_cpu[i] for i in group),
+                                    tuple(to_home[i] for i in group) if home_cpu else ())
+                gpu_done, done = self._experts(at, layout, li, members, ins, layout.resident[li] + fetched,
+                                               cpu_experts, weights, scope)
+                last_gpu = max(last_gpu, gpu_done)
                 for i in group:
                     ready[i] = done
             self.layer_done[self.seq] = last_gpu
@@ -250,8 +268,13 @@ class LayoutEmitter(LayerEmitter):
         return [list(range(i, min(i + k, n))) for i in range(0, n, k)]
 
     def _scope(self, phase: Phase, step: int, requests: np.ndarray) -> int:
-        self.scopes.append(Scope(phase, step, requests))
-        return len(self.scopes) - 1
+        """The index of the scope of these requests at this step (one per group, shared by its layers)."""
+        key = (phase, step, requests.tobytes())
+        index = self._scope_index.get(key)
+        if index is None:
+            index = self._scope_index[key] = len(self.scopes)
+            self.scopes.append(Scope(phase, step, requests))
+        return index
 
     def _home_op(self, kind: OpKind, home: Stream, at: At, tokens: int, deps: tuple[int, ...]) -> int:
         return self.op(kind, home, at, tokens, deps)
@@ -271,27 +294,37 @@ class LayoutEmitter(LayerEmitter):
         (a,) = self.move(x1, x2, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
         return a
 
-    def _experts(self, at: At, layout: Layout, li: int, members: list[BatchSlice], gpu_in: tuple[int, ...],
-                 cpu_in: tuple[int, ...], gpu_experts: tuple[int, ...], cpu_experts: tuple[int, ...],
-                 weights: _WeightsReady, scope: int) -> tuple[int, int]:
-        """OP3 of one expert batch: the shared expert and E_R + E_M on the GPU, E_C on the CPU lane with its
-        outputs copied back when the residual stream lives on the GPU. Returns (last GPU op, last CPU-side op)."""
-        m = self.m
+    def _experts(self, at: At, layout: Layout, li: int, members: list[BatchSlice], ins: _ExpertInputs,
+                 gpu_experts: tuple[int, ...], cpu_experts: tuple[int, ...], weights: _WeightsReady,
+                 scope: int) -> tuple[int, tuple[int, ...]]:
+        """OP3 of one expert batch: the shared expert where the residual lives, E_R + E_M on the GPU, E_C on the
+        CPU lane, and the outputs copied to the residual's device. Returns (last GPU op, what the next layer
+        waits for)."""
+        m, w = self.m, self.w
         counts = members[0].counts[li] if len(members) == 1 else sum(s.counts[li] for s in members)
         tokens = sum(s.tokens for s in members)
-        home_cpu = on_cpu(layout.home)
-        last_gpu = max(gpu_in)
+        if on_cpu(layout.home):
+            last_home = max(ins.home)
+            if m.shared_expert_intermediate_size:
+                last_home = self._shared(layout.home, at, tokens, ins.home, scope)
+            ran = self.experts(GPU, at, counts, gpu_experts, ins.gpu, weights, scope=scope)
+            down = -1
+            if ran >= 0:  # the GPU experts' outputs join the residual on the CPU
+                routed = min(int(sum(int(counts[e]) for e in gpu_experts)), tokens)
+                down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran,), routed)
+            ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_experts, ins.cpu, scope=scope)
+            return ran, (last_home, down, ran_cpu)
+        last_gpu = max(ins.gpu)
         if m.shared_expert_intermediate_size:
-            last_gpu = self._shared(layout.home, at, tokens, cpu_in if home_cpu else gpu_in, scope)
-        ran = self.experts(GPU, at, counts, gpu_experts, gpu_in, weights, scope=scope)
+            last_gpu = self._shared(layout.home, at, tokens, ins.gpu, scope)
+        ran = self.experts(GPU, at, counts, gpu_experts, ins.gpu, weights, scope=scope)
         last_gpu = max(last_gpu, ran)
-        ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_experts, cpu_in, scope=scope)
-        if ran_cpu < 0 or home_cpu:
-            back = ran_cpu
-        else:
+        ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_experts, ins.cpu, scope=scope)
+        back = ran_cpu
+        if ran_cpu >= 0:  # E_C's outputs back to the residual on the GPU
             routed = min(int(sum(int(counts[e]) for e in cpu_experts)), tokens)
-            back = self.xfer(H2D_ACT, at, self.w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu,), routed)
-        return last_gpu, back
+            back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu,), routed)
+        return last_gpu, (last_gpu, back)
 
     def _shared(self, home: Stream, at: At, tokens: int, deps: tuple[int, ...], scope: int) -> int:
         return self._op(OpKind.SHARED_EXPERT, home, at.phase, at.step, at.layer, at.mb, tokens,

@@ -435,4 +435,4 @@ class _Restratifier:
             others = [e for e in range(len(self.load[li])) if e not in resident]
             fetched.append(tuple(e for e in others if e in static_fetched))
             on_cpu.append(tuple(e for e in others if e not in static_fetched))
-        return Layout(self.static.placement, tuple(self.residents), tuple(fetched), tuple(on_cpu))
+        return replace(self.static, resident=tuple(self.residents), fetched=tuple(fetched), on_cpu=tuple(on_cpu))

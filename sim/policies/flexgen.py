@@ -60,7 +60,8 @@ def cpu_attention_kv_factor(model, fp32: bool) -> int:
     (`unsqueeze(2).expand(...).reshape(src_s, b * n_head, head_dim)`: read 2 B, write 2g B), then casts the
     expanded copies (read 2g, write 4g) and its bmm reads them (4g): 2 + 12g B per 2 B cached, a factor 1 + 6g
     (25 for Mixtral's g = 4). Without the fp32 cast (`fp32_cpu_attention=off`) the bmm reads the fp16 copies:
-    1 (no expansion) or 1 + 2g. MLA caches a latent that is not expanded this way: the MHA factor."""
+    1 (no expansion) or 1 + 2g. MLA caches a latent that is not expanded this way: the MHA factor. (A cache split
+    between GPU and DRAM runs `_mixed_device_attention` instead, which neither repeats nor casts K/V: factor 1.)"""
     g = model.num_attention_heads // model.num_kv_heads if model.attention == "gqa" else 1
     if g <= 1:
         return FP32_CPU_ATTENTION_BYTES if fp32 else 1
@@ -150,7 +151,10 @@ class _Layout:
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
         self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
-        self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on")
+        # A cache split between GPU and DRAM takes FlexGen's mixed-device path, which attends over the fp16 halves
+        # as they are (it casts only q): the repeated-head fp32 traffic belongs to an all-DRAM cache.
+        mixed = 0.0 < self.cg < 1.0
+        self.kv_factor = 1 if mixed else cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on")
         self.eager_attention = o.eager_attention == "on"
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
