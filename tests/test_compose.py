@@ -169,3 +169,35 @@ def test_data_crosses_devices_only_through_copies(paper_system, tiny_mla_model, 
     shared = [op for op in plan.ops if op.kind is OpKind.SHARED_EXPERT]
     assert shared and all(op.deps for op in shared) and {op.stream for op in shared} == {home}
     run_plan(plan, RooflineCostModel(paper_system), check=True)
+
+
+def test_coxmoe_split_tokens_shares_an_expert_between_gpu_and_cpu(paper_system):
+    """split_tokens=on: per layer one expert's tokens in eighths, some on the GPU and the rest on the CPU lane;
+    together they are the expert's tokens, every assignment is computed once, and both executors match the
+    reference forward pass."""
+    from sim.policies import make_policy
+
+    ctx = context(paper_system, prompts=(5, 3, 7, 4, 6), gens=(3, 2, 3, 3, 3))
+    plan = make_policy("coxmoe", {"split_tokens": "on"}).build(ctx)
+    assert sum(sum(v) for v in plan.knobs["split_experts_per_layer"].values()) > 0
+    plan.check()
+    verify_assignments(plan, ctx.trace)
+    shards = [op for op in plan.ops if op.kind is OpKind.EXPERT and op.scope >= 0 and plan.scopes[op.scope].shards > 1]
+    assert {op.stream for op in shards} == {Stream.GPU, Stream.CPU_EXPERTS}
+    by_visit: dict[tuple, dict] = {}
+    for op in shards:
+        sides = by_visit.setdefault((op.phase, op.step, op.layer, op.expert), {})
+        sides[op.stream] = sides.get(op.stream, 0) + op.tokens
+    for (phase, step, layer, expert), sides in by_visit.items():
+        assert Stream.GPU in sides  # the first shards (the larger ones) run on the GPU
+        whole = [op for op in plan.ops if op.kind is OpKind.EXPERT and (op.phase, op.step, op.layer, op.expert)
+                 == (phase, step, layer, expert) and op.scope < 0]
+        assert not whole  # a split expert runs as shards only
+    weights = random_weights(SPEC, seed=3)
+    want = reference_forward(weights, ctx.trace, ctx.workload)
+    for got in (PlanInterpreter(plan, weights, ctx.trace).run(),
+                execute_plan(plan, weights, ctx.trace, use_cuda=False).outputs):
+        worst = max(float((got[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
+        assert worst < 2e-2
+    off = make_policy("coxmoe", {"split_tokens": "off"}).build(ctx)
+    assert "split_experts_per_layer" not in off.knobs and not any(op.scope >= 0 for op in off.ops)

@@ -75,8 +75,9 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
     for v in visits:  # per (phase, step, layer): every routed token's k assignments, once
         assert sum(t for k, t in per_visit.items() if k[:3] == v) == model.top_k * sum(
             t for k, t in tokens_in.items() if k[:3] == v)
-    # An expert runs at most once per (step, layer, micro-batch), on one device.
-    seen = [(op.phase, op.step, op.layer, op.micro_batch, op.expert) for op in plan.ops if op.kind is OpKind.EXPERT]
+    # An expert runs at most once per (step, layer, micro-batch, shard of its tokens), on one device.
+    seen = [(op.phase, op.step, op.layer, op.micro_batch, op.expert, plan.scope_of(op)[1:]) for op in plan.ops
+            if op.kind is OpKind.EXPERT]
     assert len(seen) == len(set(seen))
     # Every generated token: one LM head row per request per step.
     lm = sum(op.tokens for op in plan.ops if op.kind is OpKind.LM_HEAD)

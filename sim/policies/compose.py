@@ -69,14 +69,26 @@ class Layout:
     home: Stream = GPU
     cpu_lane: Stream = CPU_EXPERTS
     fetch_routed: bool = False  # copy only the E_M experts the step's tokens chose (else all of E_M)
+    # per MoE layer, (expert, GPU shards, shards): the expert's tokens in `shards` parts, the first `GPU shards` on
+    # the GPU and the rest on the CPU lane (an E_C expert split this way is fetched for its GPU share)
+    splits: tuple[tuple[tuple[int, int, int], ...], ...] = ()
 
     @property
     def streams(self) -> tuple[Stream, Stream, Stream]:
         return DEVICE_STREAM[self.placement[0]], DEVICE_STREAM[self.placement[1]], DEVICE_STREAM[self.placement[2]]
 
+    def split_of(self, li: int) -> dict[int, tuple[int, int]]:
+        """Layer `li`'s split experts: expert -> (GPU shards, shards)."""
+        return {e: (g, n) for e, g, n in self.splits[li]} if self.splits else {}
+
+    def fetched_for_gpu(self, li: int) -> tuple[int, ...]:
+        """What crosses PCIe for layer `li`: E_M and the E_C experts split onto the GPU."""
+        on_cpu = set(self.on_cpu[li])
+        return self.fetched[li] + tuple(e for e in self.split_of(li) if e in on_cpu)
+
     @property
     def widest_fetch(self) -> int:
-        return max((len(f) for f in self.fetched), default=0)
+        return max((len(self.fetched_for_gpu(li)) for li in range(len(self.fetched))), default=0)
 
 
 @dataclass(frozen=True)
@@ -202,8 +214,9 @@ class LayoutEmitter(LayerEmitter):
         for layer in range(m.num_layers):
             moe = m.is_moe_layer(layer)
             li = m.moe_index(layer) if moe else -1
-            fetched = layout.fetched[li] if moe else ()
+            fetched = layout.fetched_for_gpu(li) if moe else ()
             cpu_experts = layout.on_cpu[li] if moe else ()
+            split = layout.split_of(li) if moe else {}
             fetch = -1
             if fetched and layout.fetch_routed:
                 routed = sum(s.counts[li] for s in slices)
@@ -226,12 +239,12 @@ class LayoutEmitter(LayerEmitter):
                 if home_cpu:  # the residual (and the shared expert) on the CPU; E_C reads the same copy
                     to_home.append(self.move(x2, home, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0])
                 to_gpu.append(self.move(x2, GPU, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
-                              if not home_cpu or layout.resident[li] or fetched else r)
+                              if not home_cpu or layout.resident[li] or fetched or split else r)
                 if home_cpu:
-                    to_cpu.append(to_home[-1] if cpu_experts else -1)
+                    to_cpu.append(to_home[-1] if cpu_experts or split else -1)
                 else:
                     to_cpu.append(self.move(x2, layout.cpu_lane, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
-                                  if cpu_experts else (r if on_cpu(x2) else -1))
+                                  if cpu_experts or split else (r if on_cpu(x2) else -1))
             if not moe:
                 self.layer_done[self.seq] = ready[-1][0]
                 self.seq += 1
@@ -253,7 +266,7 @@ class LayoutEmitter(LayerEmitter):
                 ins = _ExpertInputs(tuple(to_gpu[i] for i in group), tuple(to_cpu[i] for i in group),
                                     tuple(to_home[i] for i in group) if home_cpu else ())
                 gpu_done, done = self._experts(at, layout, li, members, ins, layout.resident[li] + fetched,
-                                               cpu_experts, weights, scope)
+                                               cpu_experts, weights, scope, split)
                 last_gpu = max(last_gpu, gpu_done)
                 for i in group:
                     ready[i] = done
@@ -267,13 +280,14 @@ class LayoutEmitter(LayerEmitter):
         k = n if self.expert_batch <= 0 else self.expert_batch
         return [list(range(i, min(i + k, n))) for i in range(0, n, k)]
 
-    def _scope(self, phase: Phase, step: int, requests: np.ndarray) -> int:
-        """The index of the scope of these requests at this step (one per group, shared by its layers)."""
-        key = (phase, step, requests.tobytes())
+    def _scope(self, phase: Phase, step: int, requests: np.ndarray, shard: int = 0, shards: int = 1) -> int:
+        """The index of the scope of these requests (and shard) at this step, one per group, shared by its
+        layers."""
+        key = (phase, step, requests.tobytes(), shard, shards)
         index = self._scope_index.get(key)
         if index is None:
             index = self._scope_index[key] = len(self.scopes)
-            self.scopes.append(Scope(phase, step, requests))
+            self.scopes.append(Scope(phase, step, requests, shard, shards))
         return index
 
     def _home_op(self, kind: OpKind, home: Stream, at: At, tokens: int, deps: tuple[int, ...]) -> int:
@@ -296,33 +310,58 @@ class LayoutEmitter(LayerEmitter):
 
     def _experts(self, at: At, layout: Layout, li: int, members: list[BatchSlice], ins: _ExpertInputs,
                  gpu_experts: tuple[int, ...], cpu_experts: tuple[int, ...], weights: _WeightsReady,
-                 scope: int) -> tuple[int, tuple[int, ...]]:
+                 scope: int, split: dict[int, tuple[int, int]]) -> tuple[int, tuple[int, ...]]:
         """OP3 of one expert batch: the shared expert where the residual lives, E_R + E_M on the GPU, E_C on the
-        CPU lane, and the outputs copied to the residual's device. Returns (last GPU op, what the next layer
-        waits for)."""
+        CPU lane, a split expert's shards on each, and the outputs copied to the residual's device. Returns (last
+        GPU op, what the next layer waits for)."""
         m, w = self.m, self.w
         counts = members[0].counts[li] if len(members) == 1 else sum(s.counts[li] for s in members)
         tokens = sum(s.tokens for s in members)
+        gpu_list = tuple(e for e in gpu_experts if e not in split)
+        cpu_list = tuple(e for e in cpu_experts if e not in split)
+        gpu_tokens = int(sum(int(counts[e]) for e in gpu_list))
+        cpu_tokens = int(sum(int(counts[e]) for e in cpu_list))
+        requests = members[0].requests if len(members) == 1 else np.concatenate([s.requests for s in members])
+
+        def run_split(stream: Stream, on_gpu: bool, deps: tuple[int, ...], last: int) -> tuple[int, int]:
+            """The split experts' shards on one side: (last op, tokens)."""
+            moved = 0
+            for e, (g, n) in split.items():
+                c = int(counts[e])
+                for i in range(g) if on_gpu else range(g, n):
+                    t = c // n + (1 if i < c % n else 0)  # np.array_split's part sizes
+                    if t:
+                        extra = (weights(e),) if on_gpu else ()
+                        last = self._op(OpKind.EXPERT, stream, at.phase, at.step, at.layer, at.mb, t,
+                                        w.expert(t), deps + extra, expert=e,
+                                        scope=self._scope(at.phase, at.step, requests, i, n))
+                        moved += t
+            return last, moved
+
         if on_cpu(layout.home):
             last_home = max(ins.home)
             if m.shared_expert_intermediate_size:
                 last_home = self._shared(layout.home, at, tokens, ins.home, scope)
-            ran = self.experts(GPU, at, counts, gpu_experts, ins.gpu, weights, scope=scope)
+            ran = self.experts(GPU, at, counts, gpu_list, ins.gpu, weights, scope=scope)
+            ran, moved = run_split(GPU, True, ins.gpu, ran)
             down = -1
             if ran >= 0:  # the GPU experts' outputs join the residual on the CPU
-                routed = min(int(sum(int(counts[e]) for e in gpu_experts)), tokens)
+                routed = min(gpu_tokens + moved, tokens)
                 down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran,), routed)
-            ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_experts, ins.cpu, scope=scope)
+            ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_list, ins.cpu, scope=scope)
+            ran_cpu, _ = run_split(layout.cpu_lane, False, ins.cpu, ran_cpu)
             return ran, (last_home, down, ran_cpu)
         last_gpu = max(ins.gpu)
         if m.shared_expert_intermediate_size:
             last_gpu = self._shared(layout.home, at, tokens, ins.gpu, scope)
-        ran = self.experts(GPU, at, counts, gpu_experts, ins.gpu, weights, scope=scope)
+        ran = self.experts(GPU, at, counts, gpu_list, ins.gpu, weights, scope=scope)
+        ran, _ = run_split(GPU, True, ins.gpu, ran)
         last_gpu = max(last_gpu, ran)
-        ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_experts, ins.cpu, scope=scope)
+        ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_list, ins.cpu, scope=scope)
+        ran_cpu, moved = run_split(layout.cpu_lane, False, ins.cpu, ran_cpu)
         back = ran_cpu
         if ran_cpu >= 0:  # E_C's outputs back to the residual on the GPU
-            routed = min(int(sum(int(counts[e]) for e in cpu_experts)), tokens)
+            routed = min(cpu_tokens + moved, tokens)
             back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu,), routed)
         return last_gpu, (last_gpu, back)
 

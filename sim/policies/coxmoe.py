@@ -49,6 +49,7 @@ from sim.policies.layers import BatchSlice, decode_slices, prefill_slices
 from traces.eas import load_map
 
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
+SPLIT_SHARDS = 8  # a split expert's tokens are shared between GPU and CPU in eighths
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class CoxMoeOptions(OptionsBase):
     index, not by measured load); hot_map: a hot-expert map file (`coxmoe eas`) whose ranking picks E_R instead
     of the trace's own load; restratify: off, or ema:ALPHA:EVERY (beyond the paper: every EVERY decode steps,
     make the E_R set the top experts of an exponential moving average, weight ALPHA, of the routing seen so far,
-    and pay the PCIe copy of each expert that enters); rescore: candidates the simulation re-scores."""
+    and pay the PCIe copy of each expert that enters); split_tokens: on | off (beyond the paper: per layer, one
+    expert's tokens shared between GPU and CPU in eighths, the share the search's model balances best);
+    rescore: candidates the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -75,6 +78,7 @@ class CoxMoeOptions(OptionsBase):
     stratify: str = "on"
     hot_map: str = ""
     restratify: str = "off"
+    split_tokens: str = "off"
     rescore: int = 3
 
     def __post_init__(self) -> None:
@@ -84,6 +88,10 @@ class CoxMoeOptions(OptionsBase):
         self.choice("split", ("auto", "cpu", "gpu"))
         self.choice("coalesce", ("on", "off"))
         self.choice("stratify", ("on", "off"))
+        self.choice("split_tokens", ("on", "off"))
+        if self.split_tokens == "on" and self.restratify != "off":
+            raise SimInputError("policy coxmoe: split_tokens=on does not combine with restratify (a split names one "
+                                "layer's expert for the whole run)")
         for name in ("prefill_micro_batch", "decode_micro_batch", "resident_experts"):
             self.at_least(name, -1)
         self.at_least("rescore", 1)
@@ -178,8 +186,8 @@ class _Model:
 
     # ---- OP3 -------------------------------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def op3(self, phase: Phase, resident: int, mu: int) -> tuple[float, int, tuple, tuple]:
-        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; and E_M, E_C per layer."""
+    def op3(self, phase: Phase, resident: int, mu: int) -> tuple[float, int, tuple, tuple, tuple]:
+        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer."""
         m, w, a = self.m, self.w, self.a
         counts = self.prefill_counts if phase is Phase.PREFILL else self.decode_counts
         batch = self.wl.batch
@@ -192,7 +200,7 @@ class _Model:
         hidden_copy = a.copy(D2H, hidden) + a.copy(H2D_ACT, hidden)
         gpu_all = self.a.expert_times(GPU, m, counts / n_mb) * n_mb
         cpu_all = self.a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb
-        total, widest, fetched, on_cpu = 0.0, 0, [], []
+        total, widest, fetched, on_cpu, splits = 0.0, 0, [], [], []
         for layer in range(m.num_moe_layers):
             gpu, cpu = gpu_all[layer], cpu_all[layer]
             order = self.order[layer]
@@ -214,12 +222,44 @@ class _Model:
             em, ec = rest[:k], rest[k:]
             t_gpu = base_g + gpu[em].sum() + fetch * em.size
             t_cpu = cpu[ec].sum() + (hidden_copy if cpu[ec].sum() > 0 else 0.0)
-            total += max(t_gpu, t_cpu)
-            widest = max(widest, int(em.size))
+            split: tuple[tuple[int, int, int], ...] = ()
+            layer_t = max(t_gpu, t_cpu)
+            if self.opts.split_tokens == "on":
+                layer_t, split = self._split(counts[layer] / n_mb, n_mb, np.concatenate([res, em]), ec, t_gpu,
+                                             t_cpu, fetch, hidden_copy, gpu, cpu)
+            total += layer_t
+            widest = max(widest, int(em.size) + sum(1 for e, _, _ in split if int(e) in set(ec.tolist())))
             fetched.append(tuple(sorted(int(e) for e in em)))
             on_cpu.append(tuple(sorted(int(e) for e in ec)))
+            splits.append(split)
         dense = (m.num_layers - m.num_moe_layers) * a.t(OpKind.DENSE_FFN, GPU, w.dense_ffn(int(tokens_total)))
-        return total + dense, widest, tuple(fetched), tuple(on_cpu)
+        return total + dense, widest, tuple(fetched), tuple(on_cpu), tuple(splits)
+
+    def _split(self, tokens: np.ndarray, n_mb: int, on_gpu: np.ndarray, ec: np.ndarray, t_gpu: float, t_cpu: float,
+               fetch: float, hidden_copy: float, gpu: np.ndarray, cpu: np.ndarray
+               ) -> tuple[float, tuple[tuple[int, int, int], ...]]:
+        """The busier side hands eighths of its heaviest expert's tokens to the other: a GPU expert's to the CPU
+        (its weights are in DRAM anyway), or an E_C expert's to the GPU (its weights then cross PCIe). Returns the
+        layer's time and (expert, GPU shards, shards) when a share beats the unsplit layer."""
+        n = SPLIT_SHARDS
+        best, pick = max(t_gpu, t_cpu), ()
+        share = np.arange(1, n) / n  # the GPU's share of the expert's tokens
+        if t_gpu > t_cpu and on_gpu.size:
+            e = int(on_gpu[np.argmax(gpu[on_gpu])])
+            g = self.a.expert_times(GPU, self.m, tokens[e] * share) * n_mb
+            c = self.a.expert_times(CPU_EXPERTS, self.m, tokens[e] * (1 - share)) * n_mb
+            side = np.maximum(t_gpu - gpu[e] + g, t_cpu + c + (hidden_copy if t_cpu == 0 else 0.0))
+        elif t_cpu > t_gpu and ec.size:
+            e = int(ec[np.argmax(cpu[ec])])
+            g = self.a.expert_times(GPU, self.m, tokens[e] * share) * n_mb + fetch
+            c = self.a.expert_times(CPU_EXPERTS, self.m, tokens[e] * (1 - share)) * n_mb
+            side = np.maximum(t_gpu + g, t_cpu - cpu[e] + c)
+        else:
+            return best, pick
+        j = int(np.argmin(side))
+        if side[j] < best * (1 - 1e-9):
+            best, pick = float(side[j]), ((e, j + 1, n),)
+        return best, pick
 
     # ---- memory ----------------------------------------------------------------------------------------
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
@@ -276,7 +316,9 @@ class CoxMoePolicy(Policy):
                        {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2",
                         "split": "auto"},
                        {"prefill_placement": "cgc", "decode_placement": "cgg", "resident_experts": "0",
-                        "split": "gpu", "decode_micro_batch": "3", "prefill_micro_batch": "2"})
+                        "split": "gpu", "decode_micro_batch": "3", "prefill_micro_batch": "2"},
+                       {"split_tokens": "on"},
+                       {"split_tokens": "on", "coalesce": "off", "decode_micro_batch": "4", "prefill_micro_batch": "3"})
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: CoxMoeOptions = self.options
@@ -356,9 +398,9 @@ class CoxMoePolicy(Policy):
         layouts = {}
         for phase, placement, mu in ((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
                                      (Phase.DECODE, o.decode_placement, o.decode_micro_batch)):
-            _, _, fetched, on_cpu = model.op3(phase, resident, mu)
-            layouts[phase] = Layout(placement, residents, fetched, on_cpu)
-        widest = max(lay.widest_fetch for lay in layouts.values())
+            _, _, fetched, on_cpu, splits = model.op3(phase, resident, mu)
+            layouts[phase] = Layout(placement, residents, fetched, on_cpu, splits=splits)
+        widest = max(lay.widest_fetch for lay in layouts.values())  # E_M and E_C experts split onto the GPU
         gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
                                o.decode_micro_batch, resident, widest)
         cpu = model.cpu_static(o.prefill_placement, o.decode_placement)
@@ -384,7 +426,9 @@ class CoxMoePolicy(Policy):
             restrat.observe(slices)
         knobs = {**asdict(o), **({"restratify_swaps": restrat.swaps} if restrat else {}),
                  "fetched_experts_per_layer": {str(p): [len(f) for f in lay.fetched] for p, lay in layouts.items()},
-                 "cpu_experts_per_layer": {str(p): [len(c) for c in lay.on_cpu] for p, lay in layouts.items()}}
+                 "cpu_experts_per_layer": {str(p): [len(c) for c in lay.on_cpu] for p, lay in layouts.items()},
+                 **({"split_experts_per_layer": {str(p): [len(x) for x in lay.splits] for p, lay in layouts.items()}}
+                    if o.split_tokens == "on" else {})}
         return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu}, schedule.groups(),
                     decode_scale=ctx.decode_scale, scopes=emit.scopes)
 
