@@ -209,7 +209,7 @@ class LayoutEmitter(LayerEmitter):
         m, w = self.m, self.w
         x0, x1, x2 = layout.streams
         home = layout.home
-        ready: list[tuple[int, ...]] = [(self._home_op(OpKind.EMBED, home, At(phase, step, -1, s.mb), s.tokens, ()),)
+        ready: list[tuple[int, ...]] = [(self.op(OpKind.EMBED, home, At(phase, step, -1, s.mb), s.tokens, ()),)
                                         for s in slices]
         for layer in range(m.num_layers):
             moe = m.is_moe_layer(layer)
@@ -232,7 +232,7 @@ class LayoutEmitter(LayerEmitter):
                 o = self.op(OpKind.O_PROJ, x2, at, s.tokens, (attn_out[i],))
                 if not moe:
                     deps = self.move(x2, home, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, (o,), s.tokens)
-                    ready[i] = (self._home_op(OpKind.DENSE_FFN, home, at, s.tokens, deps),)
+                    ready[i] = (self.op(OpKind.DENSE_FFN, home, at, s.tokens, deps),)
                     continue
                 r = self.op(OpKind.ROUTER, x2, at, s.tokens, (o,))
                 hidden = w.hidden_bytes(s.tokens)
@@ -273,7 +273,7 @@ class LayoutEmitter(LayerEmitter):
             self.layer_done[self.seq] = last_gpu
             self.seq += 1
         for i, s in enumerate(slices):
-            self._home_op(OpKind.LM_HEAD, home, At(phase, step, m.num_layers, s.mb), int(s.requests.size), ready[i])
+            self.op(OpKind.LM_HEAD, home, At(phase, step, m.num_layers, s.mb), int(s.requests.size), ready[i])
 
     def _expert_groups(self, n: int) -> list[list[int]]:
         """Indices of the micro-batches each expert run gathers."""
@@ -289,9 +289,6 @@ class LayoutEmitter(LayerEmitter):
             index = self._scope_index[key] = len(self.scopes)
             self.scopes.append(Scope(phase, step, requests, shard, shards))
         return index
-
-    def _home_op(self, kind: OpKind, home: Stream, at: At, tokens: int, deps: tuple[int, ...]) -> int:
-        return self.op(kind, home, at, tokens, deps)
 
     def _front(self, phase: Phase, step: int, layer: int, s: BatchSlice, ready: tuple[int, ...],
                layout: Layout) -> int:
