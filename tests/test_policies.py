@@ -351,3 +351,29 @@ def test_zero_inference_copies_and_compute_do_not_overlap(mixtral):
                  routing="table:mixtral-8x7b")
     assert r.total_s == pytest.approx(r.busy_s["h2d"] + r.busy_s["gpu"], rel=1e-3)
     assert r.busy_s["h2d"] > 0.9 * r.total_s  # weight streaming dominates at this batch
+
+
+# ---- TriMoE -----------------------------------------------------------------------------------------------------
+def test_trimoe_puts_light_experts_on_the_dimms_and_needs_an_ndp_tier(mixtral):
+    """With little VRAM, decode's light experts go to the DIMMs (their weights never cross a channel), the
+    three tiers partition each layer's non-resident experts, and every assignment is computed once."""
+    from sim.plan_verify import verify_assignments
+    from sim.policies.compose import NDP
+    from sim.specs import load_system
+
+    ndp = load_system("a100-80g-8452y-ndp8")
+    small = dataclasses.replace(ndp, gpu=dataclasses.replace(ndp.gpu, hbm_bytes=24 * 2**30))
+    ctx = ctx_for(mixtral, small, batch=32, prompt=16, gen=3, routing="table:mixtral-8x7b")
+    plan = make_policy("trimoe").build(ctx)
+    verify_assignments(plan, ctx.trace)
+    assert ops_of(plan, kind=OpKind.EXPERT, stream=NDP, phase=Phase.DECODE)
+    k = plan.knobs
+    resident = k["resident_experts"]
+    for phase in ("prefill", "decode"):
+        per_layer = zip(k["fetched_experts_per_layer"][phase], k["cpu_experts_per_layer"][phase],
+                        k["ndp_experts_per_layer"][phase], strict=True)
+        assert all(f + c + n + resident == mixtral.num_experts for f, c, n in per_layer)
+    with pytest.raises(SimInputError, match="no NDP tier"):
+        make_policy("trimoe").build(ctx_for(mixtral, load_system("a100-80g-8452y"), batch=4, prompt=8, gen=2))
+    with pytest.raises(SimInputError, match="does not apply"):
+        make_policy("trimoe", {"split_tokens": "on"})

@@ -11,6 +11,7 @@ from sim.policies.gpu_only import GpuOnlyPolicy
 from sim.policies.moe_lightning import MoELightningPolicy
 from sim.policies.ndp_experts import NdpExpertsPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
+from sim.policies.trimoe import TriMoePolicy
 from sim.policies.zero_inference import ZeroInferencePolicy
 
 # The one list of policies: the CLI, `compare` (those with `compared`), plot labels and colours read it. Its
@@ -18,7 +19,7 @@ from sim.policies.zero_inference import ZeroInferencePolicy
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
                                                               FiddlerPolicy, StreamExpertsPolicy, GpuOnlyPolicy,
                                                               CpuOnlyPolicy, ExpertParallelPolicy,
-                                                              NdpExpertsPolicy, ZeroInferencePolicy)}
+                                                              NdpExpertsPolicy, ZeroInferencePolicy, TriMoePolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:

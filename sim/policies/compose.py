@@ -34,8 +34,9 @@ from sim.specs import ModelSpec
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
+NDP = "ndp"  # the near-memory tier's stream (sim/topology.py), when the system has one
 DEVICE_STREAM = {"g": GPU, "c": CPU}
-ON_CPU = frozenset({CPU, CPU_EXPERTS})
+ON_CPU = frozenset({CPU, CPU_EXPERTS, NDP})  # host side: the DIMMs compute on host memory
 
 
 def on_cpu(stream: Stream) -> bool:
@@ -72,6 +73,7 @@ class Layout:
     # per MoE layer, (expert, GPU shards, shards): the expert's tokens in `shards` parts, the first `GPU shards` on
     # the GPU and the rest on the CPU lane (an E_C expert split this way is fetched for its GPU share)
     splits: tuple[tuple[tuple[int, int, int], ...], ...] = ()
+    on_ndp: Experts = ()  # per MoE layer, experts run on a near-memory DIMM tier (E_N; their weights live there)
 
     @property
     def streams(self) -> tuple[Stream, Stream, Stream]:
@@ -217,6 +219,8 @@ class LayoutEmitter(LayerEmitter):
             fetched = layout.fetched_for_gpu(li) if moe else ()
             cpu_experts = layout.on_cpu[li] if moe else ()
             split = layout.split_of(li) if moe else {}
+            ndp_experts = layout.on_ndp[li] if moe and layout.on_ndp else ()
+            host_side = bool(cpu_experts or split or ndp_experts)  # hidden states needed in host memory
             fetch = -1
             if fetched and layout.fetch_routed:
                 routed = sum(s.counts[li] for s in slices)
@@ -241,10 +245,10 @@ class LayoutEmitter(LayerEmitter):
                 to_gpu.append(self.move(x2, GPU, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
                               if not home_cpu or layout.resident[li] or fetched or split else r)
                 if home_cpu:
-                    to_cpu.append(to_home[-1] if cpu_experts or split else -1)
+                    to_cpu.append(to_home[-1] if host_side else -1)
                 else:
                     to_cpu.append(self.move(x2, layout.cpu_lane, at, hidden, Payload.ACTIVATIONS, (r,), s.tokens)[0]
-                                  if cpu_experts or split else (r if on_cpu(x2) else -1))
+                                  if host_side else (r if on_cpu(x2) else -1))
             if not moe:
                 self.layer_done[self.seq] = ready[-1][0]
                 self.seq += 1
@@ -266,7 +270,7 @@ class LayoutEmitter(LayerEmitter):
                 ins = _ExpertInputs(tuple(to_gpu[i] for i in group), tuple(to_cpu[i] for i in group),
                                     tuple(to_home[i] for i in group) if home_cpu else ())
                 gpu_done, done = self._experts(at, layout, li, members, ins, layout.resident[li] + fetched,
-                                               cpu_experts, weights, scope, split)
+                                               cpu_experts, weights, scope, split, ndp_experts)
                 last_gpu = max(last_gpu, gpu_done)
                 for i in group:
                     ready[i] = done
@@ -307,7 +311,8 @@ class LayoutEmitter(LayerEmitter):
 
     def _experts(self, at: At, layout: Layout, li: int, members: list[BatchSlice], ins: _ExpertInputs,
                  gpu_experts: tuple[int, ...], cpu_experts: tuple[int, ...], weights: _WeightsReady,
-                 scope: int, split: dict[int, tuple[int, int]]) -> tuple[int, tuple[int, ...]]:
+                 scope: int, split: dict[int, tuple[int, int]], ndp_experts: tuple[int, ...] = ()
+                 ) -> tuple[int, tuple[int, ...]]:
         """OP3 of one expert batch: the shared expert where the residual lives, E_R + E_M on the GPU, E_C on the
         CPU lane, a split expert's shards on each, and the outputs copied to the residual's device. Returns (last
         GPU op, what the next layer waits for)."""
@@ -317,7 +322,7 @@ class LayoutEmitter(LayerEmitter):
         gpu_list = tuple(e for e in gpu_experts if e not in split)
         cpu_list = tuple(e for e in cpu_experts if e not in split)
         gpu_tokens = int(sum(int(counts[e]) for e in gpu_list))
-        cpu_tokens = int(sum(int(counts[e]) for e in cpu_list))
+        cpu_tokens = int(sum(int(counts[e]) for e in cpu_list + ndp_experts))  # E_C and E_N: host side
         requests = members[0].requests if len(members) == 1 else np.concatenate([s.requests for s in members])
 
         def run_split(stream: Stream, on_gpu: bool, deps: tuple[int, ...], last: int) -> tuple[int, int]:
@@ -347,7 +352,8 @@ class LayoutEmitter(LayerEmitter):
                 down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran,), routed)
             ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_list, ins.cpu, scope=scope)
             ran_cpu, _ = run_split(layout.cpu_lane, False, ins.cpu, ran_cpu)
-            return ran, (last_home, down, ran_cpu)
+            ran_ndp = self.experts(NDP, at, counts, ndp_experts, ins.cpu, scope=scope)
+            return ran, (last_home, down, ran_cpu, ran_ndp)
         last_gpu = max(ins.gpu)
         if m.shared_expert_intermediate_size:
             last_gpu = self._shared(layout.home, at, tokens, ins.gpu, scope)
@@ -356,10 +362,11 @@ class LayoutEmitter(LayerEmitter):
         last_gpu = max(last_gpu, ran)
         ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_list, ins.cpu, scope=scope)
         ran_cpu, moved = run_split(layout.cpu_lane, False, ins.cpu, ran_cpu)
+        ran_ndp = self.experts(NDP, at, counts, ndp_experts, ins.cpu, scope=scope)
         back = ran_cpu
-        if ran_cpu >= 0:  # E_C's outputs back to the residual on the GPU
+        if ran_cpu >= 0 or ran_ndp >= 0:  # E_C's (and E_N's) outputs back to the residual on the GPU
             routed = min(cpu_tokens + moved, tokens)
-            back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu,), routed)
+            back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu, ran_ndp), routed)
         return last_gpu, (last_gpu, back)
 
     def _shared(self, home: Stream, at: At, tokens: int, deps: tuple[int, ...], scope: int) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, replace
 from functools import cache
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -135,6 +136,18 @@ def _map_order(path: str, layers: int, experts: int) -> np.ndarray:
     return hot.ranking.astype(np.int64)
 
 
+class Op3(NamedTuple):
+    """OP3 of one phase under a residency: summed layer time, the widest fetch, and per MoE layer E_M, E_C, token
+    splits and (three tiers) the experts on a near-memory tier."""
+
+    total_s: float
+    widest: int
+    fetched: tuple
+    on_cpu: tuple
+    splits: tuple
+    on_ndp: tuple = ()
+
+
 class _Model:
     """The analytic model of one context: per-phase costs of OP0-OP2 and of OP3, and the VRAM budget."""
 
@@ -186,7 +199,7 @@ class _Model:
 
     # ---- OP3 -------------------------------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def op3(self, phase: Phase, resident: int, mu: int) -> tuple[float, int, tuple, tuple, tuple]:
+    def op3(self, phase: Phase, resident: int, mu: int) -> Op3:
         """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer."""
         m, w, a = self.m, self.w, self.a
         counts = self.prefill_counts if phase is Phase.PREFILL else self.decode_counts
@@ -233,7 +246,7 @@ class _Model:
             on_cpu.append(tuple(sorted(int(e) for e in ec)))
             splits.append(split)
         dense = (m.num_layers - m.num_moe_layers) * a.t(OpKind.DENSE_FFN, GPU, w.dense_ffn(int(tokens_total)))
-        return total + dense, widest, tuple(fetched), tuple(on_cpu), tuple(splits)
+        return Op3(total + dense, widest, tuple(fetched), tuple(on_cpu), tuple(splits))
 
     def _split(self, tokens: np.ndarray, n_mb: int, on_gpu: np.ndarray, ec: np.ndarray, t_gpu: float, t_cpu: float,
                fetch: float, hidden_copy: float, gpu: np.ndarray, cpu: np.ndarray
@@ -312,6 +325,7 @@ class CoxMoePolicy(Policy):
     color = "#c0392b"
     summary = "CoX-MoE: OP0-OP2 placed per phase in micro-batches, coalesced experts split E_R/E_M/E_C (AMX)"
     Options = CoxMoeOptions
+    Model: ClassVar[type] = _Model  # the analytic model the search ranks with (a variant swaps its OP3 rule)
     example_options = ({}, {"coalesce": "off", "decode_micro_batch": "4", "prefill_micro_batch": "3"},
                        {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2",
                         "split": "auto"},
@@ -322,7 +336,7 @@ class CoxMoePolicy(Policy):
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: CoxMoeOptions = self.options
-        model = _Model(ctx, o)
+        model = self.Model(ctx, o)
         return SearchSpace(self._candidates(ctx, model), lambda c, opts: self._plan(c, model, opts),
                            searched=o.searched, rescore=o.rescore,
                            explain_empty=lambda: self._raise_capacity(ctx, model), family=decode_family)
@@ -398,8 +412,9 @@ class CoxMoePolicy(Policy):
         layouts = {}
         for phase, placement, mu in ((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
                                      (Phase.DECODE, o.decode_placement, o.decode_micro_batch)):
-            _, _, fetched, on_cpu, splits = model.op3(phase, resident, mu)
-            layouts[phase] = Layout(placement, residents, fetched, on_cpu, splits=splits)
+            choice = model.op3(phase, resident, mu)
+            layouts[phase] = Layout(placement, residents, choice.fetched, choice.on_cpu, splits=choice.splits,
+                                    on_ndp=choice.on_ndp)
         widest = max(lay.widest_fetch for lay in layouts.values())  # E_M and E_C experts split onto the GPU
         gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
                                o.decode_micro_batch, resident, widest)
@@ -428,7 +443,9 @@ class CoxMoePolicy(Policy):
                  "fetched_experts_per_layer": {str(p): [len(f) for f in lay.fetched] for p, lay in layouts.items()},
                  "cpu_experts_per_layer": {str(p): [len(c) for c in lay.on_cpu] for p, lay in layouts.items()},
                  **({"split_experts_per_layer": {str(p): [len(x) for x in lay.splits] for p, lay in layouts.items()}}
-                    if o.split_tokens == "on" else {})}
+                    if o.split_tokens == "on" else {}),
+                 **({"ndp_experts_per_layer": {str(p): [len(x) for x in lay.on_ndp] for p, lay in layouts.items()}}
+                    if any(lay.on_ndp for lay in layouts.values()) else {})}
         return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu}, schedule.groups(),
                     decode_scale=ctx.decode_scale, scopes=emit.scopes)
 
