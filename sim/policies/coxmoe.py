@@ -148,6 +148,19 @@ class Op3(NamedTuple):
     on_ndp: tuple = ()
 
 
+class Op3Terms(NamedTuple):
+    """The per-phase inputs of an OP3 rule (`_Model.op3_terms`)."""
+
+    counts: np.ndarray
+    n_mb: int
+    fetch_s: float
+    shared_s: float
+    hidden_copy_s: float
+    gpu_s: np.ndarray
+    cpu_s: np.ndarray
+    dense_s: float
+
+
 class _Model:
     """The analytic model of one context: per-phase costs of OP0-OP2 and of OP3, and the VRAM budget."""
 
@@ -198,21 +211,29 @@ class _Model:
         return n_mb * t
 
     # ---- OP3 -------------------------------------------------------------------------------------------
-    @cache  # noqa: B019 - one model per search; the cache dies with it
-    def op3(self, phase: Phase, resident: int, mu: int) -> Op3:
-        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer."""
+    def op3_terms(self, phase: Phase, mu: int) -> Op3Terms:
+        """What every OP3 rule prices a layer with: expected tokens per expert, micro-batches per OP3, one
+        expert's PCIe copy, the shared expert, the hidden states' copy down and back, and every expert's time on
+        the GPU and on the CPU (summed over the OP3 runs of a step)."""
         m, w, a = self.m, self.w, self.a
         counts = self.prefill_counts if phase is Phase.PREFILL else self.decode_counts
         batch = self.wl.batch
         n_mb = 1 if self.opts.coalesce == "on" or mu <= 0 else -(-batch // min(mu, batch))
         tokens_total = float(counts.sum(axis=1).max()) / m.top_k if counts.size else 0.0
-        fetch = a.copy(H2D, m.expert_bytes)
         shared = a.t(OpKind.SHARED_EXPERT, GPU, w.shared_expert(int(tokens_total))) if (
             m.shared_expert_intermediate_size) else 0.0
         hidden = w.hidden_bytes(int(tokens_total))
-        hidden_copy = a.copy(D2H, hidden) + a.copy(H2D_ACT, hidden)
-        gpu_all = self.a.expert_times(GPU, m, counts / n_mb) * n_mb
-        cpu_all = self.a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb
+        dense = (m.num_layers - m.num_moe_layers) * a.t(OpKind.DENSE_FFN, GPU, w.dense_ffn(int(tokens_total)))
+        return Op3Terms(counts, n_mb, a.copy(H2D, m.expert_bytes), shared,
+                        a.copy(D2H, hidden) + a.copy(H2D_ACT, hidden),
+                        a.expert_times(GPU, m, counts / n_mb) * n_mb,
+                        a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb, dense)
+
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def op3(self, phase: Phase, resident: int, mu: int) -> Op3:
+        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer."""
+        m = self.m
+        counts, n_mb, fetch, shared, hidden_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
         total, widest, fetched, on_cpu, splits = 0.0, 0, [], [], []
         for layer in range(m.num_moe_layers):
             gpu, cpu = gpu_all[layer], cpu_all[layer]
@@ -245,7 +266,6 @@ class _Model:
             fetched.append(tuple(sorted(int(e) for e in em)))
             on_cpu.append(tuple(sorted(int(e) for e in ec)))
             splits.append(split)
-        dense = (m.num_layers - m.num_moe_layers) * a.t(OpKind.DENSE_FFN, GPU, w.dense_ffn(int(tokens_total)))
         return Op3(total + dense, widest, tuple(fetched), tuple(on_cpu), tuple(splits))
 
     def _split(self, tokens: np.ndarray, n_mb: int, on_gpu: np.ndarray, ec: np.ndarray, t_gpu: float, t_cpu: float,

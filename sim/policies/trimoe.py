@@ -23,9 +23,9 @@ from functools import cache
 import numpy as np
 
 from sim.errors import SimInputError
-from sim.plan import OpKind, Phase
+from sim.plan import Phase
 from sim.policies.base import PlanContext, require_fits
-from sim.policies.compose import CPU_EXPERTS, D2H, GPU, H2D, H2D_ACT, NDP
+from sim.policies.compose import NDP
 from sim.policies.coxmoe import CoxMoeOptions, CoxMoePolicy, Op3, _Model
 
 
@@ -58,19 +58,9 @@ class _TriModel(_Model):
         return self._three_tiers(phase, resident, mu)
 
     def _three_tiers(self, phase: Phase, resident: int, mu: int) -> Op3:
-        m, w, a = self.m, self.w, self.a
-        counts = self.prefill_counts if phase is Phase.PREFILL else self.decode_counts
-        batch = self.wl.batch
-        n_mb = 1 if self.opts.coalesce == "on" or mu <= 0 else -(-batch // min(mu, batch))
-        tokens_total = float(counts.sum(axis=1).max()) / m.top_k if counts.size else 0.0
-        fetch = a.copy(H2D, m.expert_bytes)
-        shared = a.t(OpKind.SHARED_EXPERT, GPU, w.shared_expert(int(tokens_total))) if (
-            m.shared_expert_intermediate_size) else 0.0
-        hidden = w.hidden_bytes(int(tokens_total))
-        host_copy = a.copy(D2H, hidden) + a.copy(H2D_ACT, hidden)
-        gpu_all = a.expert_times(GPU, m, counts / n_mb) * n_mb
-        cpu_all = a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb
-        ndp_all = a.expert_times(NDP, m, counts / n_mb) * n_mb
+        m = self.m
+        counts, n_mb, fetch, shared, host_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
+        ndp_all = self.a.expert_times(NDP, m, counts / n_mb) * n_mb
         total, widest, fetched, on_cpu, on_ndp = 0.0, 0, [], [], []
         for layer in range(m.num_moe_layers):
             order = self.order[layer]
@@ -91,7 +81,6 @@ class _TriModel(_Model):
             fetched.append(tuple(sorted(tiers[0])))
             on_cpu.append(tuple(sorted(tiers[1])))
             on_ndp.append(tuple(sorted(tiers[2])))
-        dense = (m.num_layers - m.num_moe_layers) * a.t(OpKind.DENSE_FFN, GPU, w.dense_ffn(int(tokens_total)))
         return Op3(total + dense, widest, tuple(fetched), tuple(on_cpu), ((),) * m.num_moe_layers, tuple(on_ndp))
 
 
