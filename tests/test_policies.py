@@ -377,3 +377,17 @@ def test_trimoe_puts_light_experts_on_the_dimms_and_needs_an_ndp_tier(mixtral):
         make_policy("trimoe").build(ctx_for(mixtral, load_system("a100-80g-8452y"), batch=4, prompt=8, gen=2))
     with pytest.raises(SimInputError, match="does not apply"):
         make_policy("trimoe", {"split_tokens": "on"})
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"])
+def test_trimoe_and_split_tokens_run_end_to_end_on_the_paper_models(model):
+    """Both beyond-the-paper designs simulate each paper model end to end, every assignment computed once."""
+    from sim.plan_verify import verify_assignments
+
+    for system, policy, opts in (("a100-80g-8452y-ndp8", "trimoe", {}), ("a100-80g-8452y", "coxmoe",
+                                                                      {"split_tokens": "on"})):
+        r = simulate(model, system, policy, batch=48, prompt_len=24, gen_len=3, routing="zipf:1.0", keep_plan=True,
+                     policy_options=opts)
+        assert r.throughput_tok_s > 0
+        wl, tr, _ = resolve_routing(r.plan.model, 48, 24, 3, None, "zipf:1.0", 0)
+        verify_assignments(r.plan, tr)
