@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
 from traces.disk_cache import disk_cache_from_env
+from traces.limits import env_size_bytes
 from traces.synth import request_lengths
 from traces.synth_presets import synth_preset
 
@@ -191,14 +191,7 @@ class TraceCache:
         """The byte budget: as given, else $COXMOE_TRACE_CACHE_MIB (read at each use, checked), else 512 MiB."""
         if self._max_bytes is not None:
             return self._max_bytes
-        raw = os.environ.get("COXMOE_TRACE_CACHE_MIB", "512")
-        try:
-            mib = float(raw)
-        except ValueError:
-            mib = float("nan")
-        if not 0 <= mib <= 2**20:
-            raise SimInputError(f"COXMOE_TRACE_CACHE_MIB={raw!r}: expected MiB in [0, 1048576]")
-        return int(mib * 2**20)
+        return env_size_bytes("COXMOE_TRACE_CACHE_MIB", 512, 2**20, "MiB", SimInputError)
 
     @staticmethod
     def _nbytes(trace: RoutingTrace) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from traces.errors import TraceError
 from traces.format import RoutingTrace, load_trace, save_trace
+from traces.limits import env_size_bytes
 from traces.synth import DATA_DIR, POPULARITY_TABLES, SynthConfig
 
 TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
@@ -115,23 +116,12 @@ class DiskTraceCache:
                 total -= size
 
 
-def _gib_cap() -> int:
-    raw = os.environ.get(TRACE_DIR_GIB_ENV, str(DEFAULT_GIB))
-    try:
-        gib = float(raw)
-    except ValueError:
-        gib = float("nan")
-    if not 0 <= gib <= 2**20:
-        raise TraceError(f"{TRACE_DIR_GIB_ENV}={raw!r}: expected GiB in [0, 1048576]")
-    return int(gib * 2**30)
-
-
 def disk_cache_from_env() -> DiskTraceCache | None:
     """The cache $COXMOE_TRACE_DIR names, or None when it is unset, empty or `off`."""
     where = os.environ.get(TRACE_DIR_ENV, "").strip()
     if not where or where.lower() == "off":
         return None
-    return DiskTraceCache(Path(where).expanduser(), _gib_cap())
+    return DiskTraceCache(Path(where).expanduser(), env_size_bytes(TRACE_DIR_GIB_ENV, DEFAULT_GIB, 2**30, "GiB"))
 
 
 @contextmanager

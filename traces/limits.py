@@ -34,6 +34,20 @@ def parse_gib(text: str) -> float:
     return gib
 
 
+def env_size_bytes(name: str, default: float, unit: int, unit_name: str,
+                   error: type[Exception] = TraceError) -> int:
+    """A size setting from the environment in bytes: a number of `unit_name` (`unit` bytes each) in [0, 2^20],
+    0 meaning off; anything else is one `error` naming the variable."""
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 2**20:
+        raise error(f"{name}={raw!r}: expected {unit_name} in [0, 1048576]")
+    return int(value * unit)
+
+
 def memory_limit_bytes() -> int:
     """The configured limit in bytes (`COXMOE_MAX_GIB`); a malformed value is itself an error."""
     raw = os.environ.get(LIMIT_ENV)
