@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,9 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
 def synthesise(cfg: SynthConfig, wl: Workload) -> RoutingTrace:
     """A synthetic trace for the workload's lengths, through the on-disk cache when $COXMOE_TRACE_DIR names one
     (`traces/disk_cache.py`; sweeps set it to their directory's `traces/`)."""
+    build = partial(generate_trace, cfg, wl.prompt_lens, wl.gen_lens)
     disk = disk_cache_from_env()
-    if disk is None:
-        return generate_trace(cfg, wl.prompt_lens, wl.gen_lens)
-    return disk.get(cfg, wl.prompt_lens, wl.gen_lens, lambda: generate_trace(cfg, wl.prompt_lens, wl.gen_lens))
+    return build() if disk is None else disk.get(cfg, wl.prompt_lens, wl.gen_lens, build)
 
 
 class TraceCache:

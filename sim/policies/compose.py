@@ -21,20 +21,23 @@ import numpy as np
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream
 from sim.policies.base import PlanContext
 from sim.policies.layers import (
+    CPU,
+    CPU_EXPERTS,
+    D2H,
+    GPU,
+    H2D,
+    H2D_ACT,
+    NDP,
     At,
     BatchSlice,
     LayerEmitter,
     activation_workspace_bytes,
     decode_slices,
+    group_requests,
     prefill_slices,
-    split_by_count,
-    split_by_tokens,
 )
 from sim.specs import ModelSpec
 
-GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
-                                            Stream.D2H)
-NDP = "ndp"  # the near-memory tier's stream (sim/topology.py), when the system has one
 DEVICE_STREAM = {"g": GPU, "c": CPU}
 ON_CPU = frozenset({CPU, CPU_EXPERTS, NDP})  # host side: the DIMMs compute on host memory
 
@@ -104,10 +107,9 @@ class Schedule:
     @classmethod
     def split(cls, ctx: PlanContext, prefill_tokens: int, decode_micro_batch: int, expert_batch: int = 0) -> Schedule:
         """Prefill in groups of whole requests of at most `prefill_tokens` prompt tokens; decode in groups of
-        `decode_micro_batch` requests (0: the whole batch)."""
-        requests = np.arange(ctx.workload.batch)
-        return cls(split_by_tokens(requests, ctx.workload.prompt_lens, prefill_tokens),
-                   split_by_count(requests, decode_micro_batch), expert_batch)
+        `decode_micro_batch` requests (0: the whole batch): `group_requests`' micro-batches."""
+        prefill, decode, _ = group_requests(ctx, prefill_tokens, decode_micro_batch)
+        return cls(prefill, decode, expert_batch)
 
     def groups(self) -> dict[str, list[np.ndarray]]:
         return {"prefill": self.prefill, "decode": self.decode}

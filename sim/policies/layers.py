@@ -16,7 +16,9 @@ from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
 
-GPU, CPU, H2D, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.D2H
+GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
+                                            Stream.D2H)
+NDP = "ndp"  # the near-memory tier's stream (sim/topology.py), when the system has one
 CPU_STREAMS = frozenset({Stream.CPU, Stream.CPU_EXPERTS})  # a copy there is a host memcpy (read + write)
 
 

@@ -23,6 +23,7 @@ from sim.policies.layers import (
     D2H,
     GPU,
     H2D,
+    NDP,
     At,
     Deps,
     LayerEmitter,
@@ -30,8 +31,6 @@ from sim.policies.layers import (
     all_slices,
     group_requests,
 )
-
-NDP = "ndp"
 
 
 @dataclass(frozen=True)
