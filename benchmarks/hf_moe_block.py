@@ -1,12 +1,21 @@
-"""The executor's CPU expert path against Hugging Face transformers' Mixtral expert block, same shapes, same
-routing, same weights, on this machine, in one run.
+"""The executor's CPU expert paths against Hugging Face transformers' Mixtral expert block and this machine's
+ceiling, same shapes, same routing, same weights, in one run.
 
-    pip install -e ".[bench]"      # transformers (optional: the project itself never needs it)
-    python benchmarks/hf_moe_block.py [--tokens 16 64 256] [--repeats 5]
+    pip install -e ".[bench]"      # transformers (optional: without it the HF column reads n/a)
+    python benchmarks/hf_moe_block.py [--tokens 16 64 256 1024] [--repeats 5]
 
-For each token count: both paths compute one Mixtral-8x7B MoE layer's experts (8 x 4096 x 14336, bf16) on the
-same hidden states with the same forced top-2 routing (Mixtral's measured per-layer popularity, layer 0);
-the outputs are checked to agree, and the median time of each is printed with the ratio.
+For each token count, every path computes one Mixtral-8x7B MoE layer's experts (8 x 4096 x 14336) on the same
+hidden states with the same forced top-2 routing (Mixtral's measured per-layer popularity, layer 0):
+- `bf16`: the executor's default CPU path (executor/cpu_experts.py: weights prepacked for oneDNN, gate and up
+  fused, tokens grouped by expert once);
+- `plain`: the executor's generic path (three row-major GEMMs per expert, the reference's math);
+- `int8`: per-channel INT8 weights, per-token dynamic INT8 activations, oneDNN's u8 x s8 GEMM (AMX-INT8 where
+  present);
+- `HF`: transformers' `MixtralExperts` (bf16); `ipex`: the IPEX backend, only when it is importable;
+- `ceiling`: this machine's best time for the block's work, max(FLOPs / the measured bf16 GEMM ceiling, bytes the
+  block must read / the measured DRAM copy bandwidth), both measured at the start of the run.
+Outputs are checked against the plain path (bf16 paths within 5% of the output's largest value, int8's relative
+error printed); times are medians of interleaved repeats.
 """
 
 from __future__ import annotations
@@ -14,42 +23,98 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from executor import cpu_experts as C
 from executor import kernels as K
 from executor.weights import LayerWeights
 from sim.specs import load_model
 from traces import SynthConfig, generate_trace
 
+CEILING_M = 1024  # tokens of the GEMM that measures the bf16 ceiling (the largest the block's experts see)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """DRAM copy bandwidth in bytes/s, read and write both counted (a copy far larger than the caches)."""
+    a = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    return 2 * a.nbytes / min(_median_time(lambda: b.copy_(a), 1) for _ in range(repeats))
+
+
+def gemm_ceiling(h: int, f: int, repeats: int = 3) -> float:
+    """The best bf16 GEMM rate (FLOP/s) of an expert-shaped [M x h] x [h x 2f] product, weights prepacked and
+    hot, over the plain and the prepacked kernel (so the ceiling never flatters the executor)."""
+    x = torch.randn(CEILING_M, h, dtype=torch.bfloat16)
+    w = torch.randn(2 * f, h, dtype=torch.bfloat16) * 0.02
+    flops = 2 * CEILING_M * h * 2 * f
+    best = _median_time(lambda: torch.nn.functional.linear(x, w), repeats)
+    if C.onednn_bf16():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, CEILING_M)
+        best = min(best, _median_time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                                      repeats))
+    return flops / best
+
+
+def _hf_block(h: int, f: int, e: int, w13: torch.Tensor, w2: torch.Tensor):
     try:
-        import transformers
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts
     except ImportError:
-        raise SystemExit("transformers with MixtralExperts (3-D expert tensors, transformers >= 5) is needed: "
-                         "pip install -e '.[bench]'") from None
-    spec = load_model("mixtral-8x7b")
-    h, f, e = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts
+        return None
     cfg = MixtralConfig(hidden_size=h, intermediate_size=f, num_local_experts=e, num_experts_per_tok=2)
     hf = MixtralExperts(cfg).to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        hf.gate_up_proj.copy_(torch.randn(e, 2 * f, h, generator=g, dtype=torch.bfloat16) * 0.02)
-        hf.down_proj.copy_(torch.randn(e, h, f, generator=g, dtype=torch.bfloat16) * 0.02)
-    # The executor's layout: gate (w1) and up (w3) [E, f, h], down (w2) [E, h, f]; views, no copies.
-    lw = LayerWeights(attn={}, attn_norm=torch.ones(h), ffn_norm=torch.ones(h), w1=hf.gate_up_proj.data[:, :f],
-                      w3=hf.gate_up_proj.data[:, f:], w2=hf.down_proj.data)
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"Mixtral-8x7B expert block, bf16")
-    print(f"{'tokens':>7} {'executor ms':>12} {'HF ms':>9} {'HF / executor':>14} {'max abs diff':>13}")
+        hf.gate_up_proj.copy_(w13)
+        hf.down_proj.copy_(w2)
+    return hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    spec = load_model("mixtral-8x7b")
+    h, f, e = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(e, 2 * f, h, generator=g, dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(e, h, f, generator=g, dtype=torch.bfloat16) * 0.02
+    hf = _hf_block(h, f, e, w13, w2)
+    with torch.no_grad():  # the executor's layout: gate (w1) and up (w3) [E, f, h], down (w2) [E, h, f]; views
+        w1, w3 = w13[:, :f], w13[:, f:]
+
+    def layer(backend: str, precision: str) -> LayerWeights:
+        lw = LayerWeights(attn={}, attn_norm=torch.ones(h), ffn_norm=torch.ones(h), w1=w1, w3=w3, w2=w2)
+        lw.cpu_experts = C.CpuExperts(w1, w3, w2, precision, backend)
+        return lw
+
+    paths = {"bf16": layer("auto", "bf16"), "plain": layer("plain", "bf16")}
+    if C.onednn_int8():
+        paths["int8"] = layer("auto", "int8")
+    if C._ipex() is not None:
+        paths["ipex"] = layer("ipex", "bf16")
+    bw, peak = copy_bandwidth(), gemm_ceiling(h, f)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU expert backend "
+          f"{C.backend()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX tiles "
+          f"{'yes' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'no'}")
+    print(f"ceiling inputs, measured now: DRAM copy {bw / 1e9:.1f} GB/s (read + write), bf16 GEMM "
+          f"{peak / 1e12:.3f} TFLOP/s ([{CEILING_M} x {h}] x [{h} x {2 * f}], hot prepacked weights)")
+    print("Mixtral-8x7B expert block (8 x 4096 x 14336), top-2; times in ms (medians); ratios are speed-ups")
+    cols = ["tokens", *paths, "HF", "ceiling", "bound", "bf16/HF", "bf16/ceil", "int8/bf16", "int8 err"]
+    print(" ".join(f"{c:>9}" for c in cols))
     for tokens in args.tokens:
         trace = generate_trace(SynthConfig("mixtral-8x7b", 1, e, 2, "table:mixtral-8x7b", 0.0, tokens),
                                np.array([tokens]), np.array([1]))
@@ -57,29 +122,46 @@ def main() -> None:
         x = torch.randn(tokens, h, generator=g, dtype=torch.bfloat16) * 0.5
         gates = torch.softmax(torch.randn(tokens, 2, generator=g), dim=-1)
 
-        def executor_path(x=x, ids=ids, gates=gates) -> torch.Tensor:
+        def run(lw: LayerWeights, x=x, ids=ids, gates=gates) -> torch.Tensor:
             y = torch.zeros(x.shape, dtype=torch.float32)
+            routed = K.RoutedTokens(x, ids, e)
             for expert in torch.unique(ids).tolist():
-                K.expert_scatter(lw, expert, x, ids, gates, y)
+                K.expert_scatter(lw, expert, x, ids, gates, y, routed=routed)
             return y
 
-        def hf_path(x=x, ids=ids, gates=gates) -> torch.Tensor:
-            with torch.no_grad():
-                return hf(x, ids, gates.to(torch.bfloat16))
-
-        ours, theirs = executor_path(), hf_path()
-        diff = float((ours - theirs.float()).abs().max())
-        assert diff < 0.05 * float(theirs.float().abs().max()) + 1e-3, f"outputs differ by {diff}"
-        t_ours, t_hf = [], []
-        for _ in range(args.repeats):  # interleaved, so drift hits both alike
-            t0 = time.perf_counter()
-            executor_path()
-            t_ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            hf_path()
-            t_hf.append(time.perf_counter() - t0)
-        a, b = statistics.median(t_ours), statistics.median(t_hf)
-        print(f"{tokens:>7} {a * 1e3:>12.1f} {b * 1e3:>9.1f} {b / a:>14.2f} {diff:>13.4f}")
+        calls = {name: (lambda lw=lw: run(lw)) for name, lw in paths.items()}
+        if hf is not None:
+            calls["HF"] = lambda x=x, ids=ids, gates=gates: hf(x, ids, gates.to(torch.bfloat16))
+        with torch.no_grad():
+            want = calls["plain"]()
+            scale, int8_err = float(want.abs().max()), float("nan")
+            for name, fn in calls.items():
+                got = fn().float()
+                err = float((got - want).norm() / want.norm())
+                if name != "int8" and float((got - want).abs().max()) > 0.05 * scale + 1e-3:
+                    raise SystemExit(f"{name} disagrees with the plain path at {tokens} tokens")
+                if name == "int8":
+                    int8_err = err
+            times: dict[str, list[float]] = {name: [] for name in calls}  # the check above was the warm-up
+            for _ in range(args.repeats):  # interleaved, so drift hits every path alike
+                for name, fn in calls.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        used = torch.unique(ids).numel()
+        flops = 2 * 3 * h * f * ids.numel()
+        nbytes = used * 3 * h * f * 2 + 2 * tokens * h * 2
+        compute, memory = flops / peak, nbytes / bw
+        ceiling = max(compute, memory)
+        row = [f"{tokens:>9}", *(f"{med[n] * 1e3:>9.1f}" for n in paths),
+               f"{med['HF'] * 1e3:>9.1f}" if "HF" in med else f"{'n/a':>9}", f"{ceiling * 1e3:>9.1f}",
+               f"{'compute' if compute >= memory else 'DRAM':>9}",
+               f"{med['HF'] / med['bf16']:>9.2f}" if "HF" in med else f"{'n/a':>9}",
+               f"{ceiling / med['bf16']:>9.2f}",
+               f"{med['bf16'] / med['int8']:>9.2f}" if "int8" in med else f"{'n/a':>9}",
+               f"{int8_err:>9.4f}" if "int8" in med else f"{'n/a':>9}"]
+        print(" ".join(row), flush=True)
 
 
 if __name__ == "__main__":

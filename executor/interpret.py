@@ -48,6 +48,7 @@ class _ScopeBatch:
         self.gates = torch.cat([st.gates.to(dev) for st in sts]).float()
         self.y = torch.zeros(self.x.shape, dtype=torch.float32, device=dev)
         self.lock = threading.Lock()
+        self.routed: K.RoutedTokens | None = None  # tokens grouped by expert, built by the scope's first expert op
         offset = 0
         for st in sts:
             n = st.x.shape[0]
@@ -178,9 +179,13 @@ class PlanInterpreter:
                 for k in stale:  # experts of earlier layers and steps are done
                     del self._scopes[k]
                 batch = self._scopes[key] = _ScopeBatch([self.state[r] for r in requests], dev)
-        with batch.lock:  # two CPU workers may add into one scope's accumulator
-            _, shard, shards = self.plan.scope_of(op)
-            routed = K.expert_scatter(lw, op.expert, batch.x, batch.ids, batch.gates, batch.y, shard, shards)
+        with batch.lock:
+            if batch.routed is None:
+                batch.routed = K.RoutedTokens(batch.x, batch.ids, self.mw.spec.num_experts)
+        _, shard, shards = self.plan.scope_of(op)
+        # Two CPU workers compute their experts at once; only the add into the scope's accumulator is serialised.
+        routed = K.expert_scatter(lw, op.expert, batch.x, batch.ids, batch.gates, batch.y, shard, shards,
+                                  batch.routed, batch.lock)
         if routed != op.tokens:
             raise ValueError(f"plan op {op.id} runs expert {op.expert} on {op.tokens} tokens; the trace routes "
                              f"{routed} of its scope there")

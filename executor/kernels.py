@@ -7,10 +7,13 @@ the chosen experts (or the trace's gate weights when it has them).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from executor.cpu_experts import CpuExperts
 from executor.weights import LayerWeights, ModelWeights
 from sim.specs import ModelSpec
 
@@ -134,17 +137,72 @@ def expert(lw: LayerWeights, e: int, x: torch.Tensor) -> torch.Tensor:
     return (F.silu(x @ lw.w1[e].T) * (x @ lw.w3[e].T)) @ lw.w2[e].T
 
 
+_CPU_EXPERTS_LOCK = threading.Lock()
+
+
+def cpu_experts(lw: LayerWeights, precision: str = "bf16", backend: str | None = None) -> CpuExperts:
+    """The layer's CPU expert runner: the one set on it (`use_cpu_experts`), else a bf16 one on the default
+    backend, made once."""
+    if lw.cpu_experts is None:
+        with _CPU_EXPERTS_LOCK:
+            if lw.cpu_experts is None:
+                lw.cpu_experts = CpuExperts(lw.w1, lw.w3, lw.w2, precision, backend)
+    return lw.cpu_experts
+
+
+def use_cpu_experts(mw: ModelWeights, precision: str = "bf16", backend: str | None = None) -> ModelWeights:
+    """Run every MoE layer's CPU experts at `precision` on `backend` (see executor.cpu_experts); returns mw."""
+    for lw in mw.layers:
+        if lw.w1 is not None and lw.w1.device.type == "cpu":
+            lw.cpu_experts = CpuExperts(lw.w1, lw.w3, lw.w2, precision, backend)
+    return mw
+
+
+class RoutedTokens:
+    """A scope's (token, slot) pairs grouped by expert once (stable, so each expert keeps the row-major order
+    `nonzero` gives), and the tokens gathered once in that order: every expert op slices its rows from here."""
+
+    def __init__(self, x: torch.Tensor, ids: torch.Tensor, num_experts: int):
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        self.token, self.slot = order // k, order % k
+        self.x = x[self.token]
+
+    def rows(self, e: int) -> slice:
+        return slice(self.starts[e], self.starts[e + 1]) if e + 1 < len(self.starts) else slice(0, 0)
+
+
 def expert_scatter(lw: LayerWeights, e: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
-                   y: torch.Tensor, shard: int = 0, shards: int = 1) -> int:
-    """One expert op as the executor runs it: find the scope's tokens routed to `e` (ids [N, k]), take shard
-    `shard` of `shards` of them (contiguous, sizes as np.array_split), run the expert on them, add the
-    gate-weighted outputs into the fp32 accumulator y [N, h]. Returns the tokens."""
-    t, j = torch.nonzero(ids == e, as_tuple=True)
+                   y: torch.Tensor, shard: int = 0, shards: int = 1, routed: RoutedTokens | None = None,
+                   lock: threading.Lock | None = None) -> int:
+    """One expert op as the executor runs it: find the scope's tokens routed to `e` (ids [N, k]; `routed`, when
+    given, has them grouped already), take shard `shard` of `shards` of them (contiguous, sizes as
+    np.array_split), run the expert on them (on the CPU through `cpu_experts`), add the gate-weighted outputs
+    into the fp32 accumulator y [N, h] (under `lock` when given). Returns the tokens."""
+    if routed is None:
+        t, j = torch.nonzero(ids == e, as_tuple=True)
+        xs = None
+    else:
+        rows = routed.rows(e)
+        t, j, xs = routed.token[rows], routed.slot[rows], routed.x[rows]
     if shards > 1:
-        part = torch.from_numpy(np.array_split(np.arange(t.numel()), shards)[shard]).to(t.device)
-        t, j = t[part], j[part]
+        part = np.array_split(np.arange(t.numel()), shards)[shard]
+        lo, hi = (int(part[0]), int(part[-1]) + 1) if part.size else (0, 0)
+        t, j = t[lo:hi], j[lo:hi]
+        xs = None if xs is None else xs[lo:hi]
     if t.numel():
-        y.index_add_(0, t, expert(lw, e, x[t]).float() * gates[t, j].float()[:, None])
+        if xs is None:
+            xs = x[t]
+        out = cpu_experts(lw)(e, xs) if xs.device.type == "cpu" else expert(lw, e, xs)
+        weighted = out.float() * gates[t, j].float()[:, None]
+        if lock is None:
+            y.index_add_(0, t, weighted)
+        else:
+            with lock:
+                y.index_add_(0, t, weighted)
     return int(t.numel())
 
 

@@ -4,7 +4,9 @@
 - expert ops (gather the expert's tokens, gate, up and down projections, gate-weighted scatter-add) over a
   grid of tokens per expert, with cold weights (copies rotated so the caches cannot hold them, as when many
   experts are touched), timed as a burst over every copy and divided by the calls, since plans run a layer's
-  experts back to back (a lone call after unrelated ops costs up to 2x more for small experts);
+  experts back to back (a lone call after unrelated ops costs up to 2x more for small experts); on the CPU
+  through `executor.cpu_experts` (prepacked where oneDNN runs bf16; the backend is in the fingerprint), packed
+  during the warm-up, as the executor packs an expert on its first call;
 - the other GEMM-shaped ops (QKV, O-projection, router, LM head) over the same token grid;
 - decode attention over (batch, KV length);
 - DRAM bandwidth (a large copy);
@@ -31,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from executor import kernels as K
+from executor.cpu_experts import backend as cpu_experts_backend
 from executor.weights import LayerWeights, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, model_signature
 from sim.specs import ModelSpec
@@ -62,6 +65,7 @@ def fingerprint() -> dict:
     info = {"cpu_model": cpu_model, "cpu_flags": flags, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "onednn": onednn,
             "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "cpu_experts": cpu_experts_backend(),  # the CPU expert path the expert rows timed
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return info

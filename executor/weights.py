@@ -30,6 +30,9 @@ class LayerWeights:
     w2: torch.Tensor | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The routed experts as the CPU runs them (executor.cpu_experts.CpuExperts), packed on first use; a copy of
+    # the weights on another device starts without one.
+    cpu_experts: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -53,8 +56,8 @@ class ModelWeights:
                 return {k: move(v) for k, v in t.items()}
             return t
 
-        layers = [LayerWeights(**{f.name: move(getattr(layer, f.name)) for f in dataclasses.fields(LayerWeights)})
-                  for layer in self.layers]
+        layers = [LayerWeights(**{f.name: move(getattr(layer, f.name)) for f in dataclasses.fields(LayerWeights)
+                                  if f.name != "cpu_experts"}) for layer in self.layers]
         lm_head = move(self.lm_head) if self.lm_head is not self.embed else None
         embed = move(self.embed)
         return ModelWeights(self.spec, embed, lm_head if lm_head is not None else embed, move(self.final_norm),

@@ -194,10 +194,10 @@ class Plan:
         """Ids are positions, deps point backwards: together with in-order streams this rules out deadlock."""
         for i, op in enumerate(self.ops):
             if op.id != i:
-                raise ValueError(f"plan op at position {i} has id {op.id}")
+                raise ValueError(f"plan op at position {i} has id {op.id!r}")
             for d in op.deps:
                 if not 0 <= d < i:
-                    raise ValueError(f"plan op {i} depends on op {d}, which is not an earlier op")
+                    raise ValueError(f"plan op {i} depends on op {d!r}, which is not an earlier op")
 
     def check(self) -> None:
         """Everything an engine relies on, as one SimInputError naming the first problem: ids and deps as
