@@ -44,9 +44,22 @@ def onednn_bf16() -> bool:
         return False
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()  # noqa: SIM115 - one read
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
 @functools.cache
 def onednn_int8() -> bool:
-    """Whether oneDNN's quantised linear runs here (AMX-INT8 or VNNI where present): probed with a tiny call."""
+    """Whether oneDNN's quantised linear runs here at full precision: the CPU needs VNNI or AMX-INT8 (without
+    them oneDNN's u8 x s8 products saturate in 16 bits: 9-13% error measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE),
+    and a tiny call must run."""
+    if not _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return False
     try:
         w = torch.ops.onednn.qlinear_prepack(torch.ones(4, 8, dtype=torch.int8), [2, 8])
         torch.ops.onednn.qlinear_pointwise(torch.full((2, 8), _ACT_ZERO_POINT, dtype=torch.uint8), 1.0,
@@ -144,7 +157,6 @@ class _Epilogue:
         self.fn = scale_silu_mul_quantize
         if mode == "compile" or (mode == "auto" and compiler):
             self.fn = torch.compile(scale_silu_mul_quantize, dynamic=True)
-        self.lock = threading.Lock()
 
     def __call__(self, a: torch.Tensor, scale: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fn is scale_silu_mul_quantize:
@@ -160,6 +172,11 @@ class _Epilogue:
 @functools.cache
 def int8_epilogue() -> _Epilogue:
     return _Epilogue()
+
+
+def warm_int8_epilogue() -> None:
+    """Compile INT8's middle step now (on a tiny input; the compiled loop serves every token count)."""
+    int8_epilogue()(torch.zeros(2, 4, dtype=torch.bfloat16), torch.ones(2, 1), 2)
 
 
 class _Int8Packed:
@@ -224,8 +241,11 @@ class CpuExperts:
             raise SimInputError(f"CPU expert precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.w1, self.w3, self.w2 = w1, w3, w2
         self.precision, self.backend = precision, backend(backend_name)
+        if precision == "bf16" and w1.dtype != torch.bfloat16:
+            self.backend = "plain"  # packing would cast other weights to bf16: keep their own precision
         if precision == "int8" and not onednn_int8():
-            raise SimInputError("INT8 CPU experts need oneDNN's quantised linear, missing from this torch build")
+            raise SimInputError("INT8 CPU experts need oneDNN's quantised linear on a CPU with VNNI or AMX-INT8; "
+                                "this machine or torch build has neither")
         self.tokens_hint = tokens_hint
         self._packed: dict[int, object] = {}
         self._lock = threading.Lock()

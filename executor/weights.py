@@ -31,7 +31,7 @@ class LayerWeights:
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     # The routed experts as the CPU runs them (executor.cpu_experts.CpuExperts), packed on first use; a copy of
-    # the weights on another device starts without one.
+    # the weights on another device starts without one (packed bf16 doubles the memory of every CPU-run expert).
     cpu_experts: object | None = field(default=None, repr=False, compare=False)
 
 
@@ -56,8 +56,13 @@ class ModelWeights:
                 return {k: move(v) for k, v in t.items()}
             return t
 
-        layers = [LayerWeights(**{f.name: move(getattr(layer, f.name)) for f in dataclasses.fields(LayerWeights)
-                                  if f.name != "cpu_experts"}) for layer in self.layers]
+        layers = []
+        for layer in self.layers:
+            moved = LayerWeights(**{f.name: move(getattr(layer, f.name)) for f in dataclasses.fields(LayerWeights)
+                                    if f.name != "cpu_experts"})
+            if moved.w1 is not None and moved.w1 is layer.w1:  # same tensors (already there): same packed experts
+                moved.cpu_experts = layer.cpu_experts
+            layers.append(moved)
         lm_head = move(self.lm_head) if self.lm_head is not self.embed else None
         embed = move(self.embed)
         return ModelWeights(self.spec, embed, lm_head if lm_head is not None else embed, move(self.final_norm),

@@ -130,8 +130,8 @@ def test_each_expert_is_packed_once_even_from_two_threads():
     assert len(got) == 4 and all(p is got[0] for p in got) and set(experts._packed) == {1}
 
 
-@needs_int8
-@pytest.mark.parametrize("precision, low, high", [("bf16", 0.0, 2e-2), ("int8", 1e-4, 0.1)])
+@pytest.mark.parametrize("precision, low, high", [("bf16", 0.0, 2e-2),
+                                                   pytest.param("int8", 1e-4, 0.1, marks=needs_int8)])
 def test_a_plan_runs_end_to_end_near_the_reference(paper_system, precision, low, high):
     """The whole timed executor with the CPU expert path set per precision: outputs within the path's tolerance
     of the plain bf16 reference (int8 measurably different from it)."""
@@ -198,3 +198,15 @@ def test_the_fuse_mode_is_checked(monkeypatch):
         C._Epilogue()
     monkeypatch.setenv(C.ENV_FUSE, "eager")
     assert C._Epilogue().fn is C.scale_silu_mul_quantize
+
+
+def test_packing_keeps_other_weight_dtypes_and_same_device_copies_keep_their_experts():
+    lw = _layer()
+    w1, w3, w2 = lw.w1.float(), lw.w3.float(), lw.w2.float()
+    fp32 = C.CpuExperts(w1, w3, w2, "bf16")
+    assert fp32.backend == "plain" and fp32(1, torch.ones(2, H)).dtype == torch.float32
+    weights = random_weights(__import__("sim.specs", fromlist=["ModelSpec"]).ModelSpec(
+        name="t", num_layers=1, hidden_size=16, vocab_size=11, num_attention_heads=2, num_kv_heads=1, head_dim=8,
+        num_experts=2, top_k=1, expert_intermediate_size=8))
+    runner = K.cpu_experts(weights.layers[0])
+    assert weights.to("cpu").layers[0].cpu_experts is runner
