@@ -30,6 +30,7 @@ import torch
 
 from executor import cpu_experts as C
 from executor import kernels as K
+from executor.profile import bandwidth_row
 from executor.weights import LayerWeights
 from sim.specs import load_model
 from traces import SynthConfig, generate_trace
@@ -45,13 +46,6 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """DRAM copy bandwidth in bytes/s, read and write both counted (a copy far larger than the caches)."""
-    a = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    return 2 * a.nbytes / min(_median_time(lambda: b.copy_(a), 1) for _ in range(repeats))
 
 
 def gemm_ceiling(h: int, f: int, repeats: int = 3) -> float:
@@ -106,7 +100,8 @@ def main() -> None:
         paths["int8"] = layer("auto", "int8")
     if C._ipex() is not None:
         paths["ipex"] = layer("ipex", "bf16")
-    bw, peak = copy_bandwidth(), gemm_ceiling(h, f)
+    copy = bandwidth_row("cpu")  # the profile's own DRAM measurement: a 512 MiB copy, read and write counted
+    bw, peak = copy["tokens"] / copy["median_s"], gemm_ceiling(h, f)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU expert backend "
           f"{C.backend()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX tiles "
           f"{'yes' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'no'}")

@@ -31,6 +31,7 @@ PRECISIONS = ("bf16", "int8")
 BACKENDS = ("auto", "onednn", "plain", "ipex")
 ENV_BACKEND = "COXMOE_CPU_EXPERTS"
 ENV_FUSE = "COXMOE_CPU_FUSE"  # auto | compile | eager: how INT8's epilogue (scale, SiLU x up, quantise) runs
+PACK_TOKENS_HINT = 64  # tokens oneDNN lays packed weights out for (hints 16-256 timed alike within the VM's noise)
 _INT8_MAX = 127.0
 _ACT_ZERO_POINT = 128  # symmetric int8 activations shifted into oneDNN's u8 input
 
@@ -44,7 +45,8 @@ def onednn_bf16() -> bool:
         return False
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is no such file)."""
     try:
         text = open("/proc/cpuinfo").read()  # noqa: SIM115 - one read
     except OSError:
@@ -58,7 +60,7 @@ def onednn_int8() -> bool:
     """Whether oneDNN's quantised linear runs here at full precision: the CPU needs VNNI or AMX-INT8 (without
     them oneDNN's u8 x s8 products saturate in 16 bits: 9-13% error measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE),
     and a tiny call must run."""
-    if not _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+    if not cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         return False
     try:
         w = torch.ops.onednn.qlinear_prepack(torch.ones(4, 8, dtype=torch.int8), [2, 8])
@@ -93,6 +95,12 @@ def backend(requested: str | None = None) -> str:
     return name
 
 
+def gated_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The plain math of a gated FFN, (SiLU(x W1) * x W3) W2, with row-major weights: the reference's and the
+    fallback of every path here."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
 def silu_mul(a: torch.Tensor, f: int) -> torch.Tensor:
     """SiLU(gate) * up over the fused [T, 2f] projection, computed into the gate half's new buffer."""
     g = F.silu(a[:, :f])
@@ -122,11 +130,11 @@ class _Bf16Packed:
 
     __slots__ = ("w13", "w2", "f")
 
-    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tokens_hint: int):
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
         self.f = w1.shape[0]
         w13 = torch.cat([w1, w3]).to(torch.bfloat16).contiguous()
-        self.w13 = torch.ops.mkldnn._reorder_linear_weight(w13, tokens_hint)
-        self.w2 = torch.ops.mkldnn._reorder_linear_weight(w2.to(torch.bfloat16).contiguous(), tokens_hint)
+        self.w13 = torch.ops.mkldnn._reorder_linear_weight(w13, PACK_TOKENS_HINT)
+        self.w2 = torch.ops.mkldnn._reorder_linear_weight(w2.to(torch.bfloat16).contiguous(), PACK_TOKENS_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lin = torch.ops.mkldnn._linear_pointwise
@@ -138,10 +146,7 @@ def scale_silu_mul_quantize(a: torch.Tensor, scale: torch.Tensor, f: int) -> tup
     """INT8's middle step on the gate+up GEMM output a [T, 2f] (before its token scales `scale` [T, 1]):
     SiLU(gate) * up, then per-token quantisation as in `quantize_rows_u8`: (u8 input of the down GEMM, scales)."""
     a = a.float() * scale
-    h = F.silu(a[:, :f]) * a[:, f:]
-    amax = h.abs().amax(dim=1, keepdim=True)
-    s = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))
-    return (h / s + (_ACT_ZERO_POINT + 0.5)).to(torch.uint8), s
+    return quantize_rows_u8(F.silu(a[:, :f]) * a[:, f:])
 
 
 class _Epilogue:
@@ -184,15 +189,15 @@ class _Int8Packed:
 
     __slots__ = ("w13", "s13", "w2", "s2", "zp13", "zp2", "f")
 
-    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tokens_hint: int):
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
         self.f = w1.shape[0]
         q13, s13 = quantize_rows(torch.cat([w1, w3]))
         q2, s2 = quantize_rows(w2)
         self.s13, self.s2 = s13.view(-1).contiguous(), s2.view(-1).contiguous()
         self.zp13 = torch.zeros(q13.shape[0], dtype=torch.int64)
         self.zp2 = torch.zeros(q2.shape[0], dtype=torch.int64)
-        self.w13 = torch.ops.onednn.qlinear_prepack(q13, [tokens_hint, q13.shape[1]])
-        self.w2 = torch.ops.onednn.qlinear_prepack(q2, [tokens_hint, q2.shape[1]])
+        self.w13 = torch.ops.onednn.qlinear_prepack(q13, [PACK_TOKENS_HINT, q13.shape[1]])
+        self.w2 = torch.ops.onednn.qlinear_prepack(q2, [PACK_TOKENS_HINT, q2.shape[1]])
 
     @staticmethod
     def _gemm(u8: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor) -> torch.Tensor:
@@ -211,7 +216,7 @@ class _IpexPacked:
 
     __slots__ = ("w13", "w2", "f")
 
-    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, tokens_hint: int):
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
         ipex = _ipex()
         self.f = w1.shape[0]
         lin13 = torch.nn.Linear(w1.shape[1], 2 * self.f, bias=False, dtype=torch.bfloat16)
@@ -236,7 +241,7 @@ class CpuExperts:
     copy is the backend's own memory, beside the plain weights the GPU paths and the reference read)."""
 
     def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, precision: str = "bf16",
-                 backend_name: str | None = None, tokens_hint: int = 64):
+                 backend_name: str | None = None):
         if precision not in PRECISIONS:
             raise SimInputError(f"CPU expert precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.w1, self.w3, self.w2 = w1, w3, w2
@@ -246,26 +251,25 @@ class CpuExperts:
         if precision == "int8" and not onednn_int8():
             raise SimInputError("INT8 CPU experts need oneDNN's quantised linear on a CPU with VNNI or AMX-INT8; "
                                 "this machine or torch build has neither")
-        self.tokens_hint = tokens_hint
+        self._packer = _PACKERS.get((self.backend, self.precision))
         self._packed: dict[int, object] = {}
         self._lock = threading.Lock()
 
     def pack(self, e: int):
         """Expert `e` in the backend's layout (built once; thread-safe)."""
+        if self._packer is None:  # the plain path keeps no copy
+            return None
         hit = self._packed.get(e)
         if hit is None:
             with self._lock:
                 hit = self._packed.get(e)
                 if hit is None:
-                    packer = _PACKERS.get((self.backend, self.precision))
-                    hit = (None if packer is None else
-                           packer(self.w1[e], self.w3[e], self.w2[e], self.tokens_hint))
-                    self._packed[e] = hit
+                    hit = self._packed[e] = self._packer(self.w1[e], self.w3[e], self.w2[e])
         return hit
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e`'s gated FFN over the rows of x [T, h] (bf16 out)."""
         packed = self.pack(e)
         if packed is None:  # plain bf16: three row-major GEMMs, as the reference computes them
-            return (F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)) @ self.w2[e].T
+            return gated_ffn(x, self.w1[e], self.w3[e], self.w2[e])
         return packed(x)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from executor.cpu_experts import CpuExperts
+from executor.cpu_experts import CpuExperts, gated_ffn
 from executor.weights import LayerWeights, ModelWeights
+from sim.plan import shard_bounds
 from sim.specs import ModelSpec
 
 ROPE_THETA = 10000.0
@@ -134,19 +135,19 @@ def router_weights(lw: LayerWeights, x_norm: torch.Tensor, ids: torch.Tensor,
 
 def expert(lw: LayerWeights, e: int, x: torch.Tensor) -> torch.Tensor:
     """OP3 for one routed expert: gated FFN (SiLU(x W1) * x W3) W2 over the tokens routed to it."""
-    return (F.silu(x @ lw.w1[e].T) * (x @ lw.w3[e].T)) @ lw.w2[e].T
+    return gated_ffn(x, lw.w1[e], lw.w3[e], lw.w2[e])
 
 
 _CPU_EXPERTS_LOCK = threading.Lock()
 
 
-def cpu_experts(lw: LayerWeights, precision: str = "bf16", backend: str | None = None) -> CpuExperts:
+def cpu_experts(lw: LayerWeights) -> CpuExperts:
     """The layer's CPU expert runner: the one set on it (`use_cpu_experts`), else a bf16 one on the default
     backend, made once."""
     if lw.cpu_experts is None:
         with _CPU_EXPERTS_LOCK:
             if lw.cpu_experts is None:
-                lw.cpu_experts = CpuExperts(lw.w1, lw.w3, lw.w2, precision, backend)
+                lw.cpu_experts = CpuExperts(lw.w1, lw.w3, lw.w2)
     return lw.cpu_experts
 
 
@@ -189,8 +190,7 @@ def expert_scatter(lw: LayerWeights, e: int, x: torch.Tensor, ids: torch.Tensor,
         rows = routed.rows(e)
         t, j, xs = routed.token[rows], routed.slot[rows], routed.x[rows]
     if shards > 1:
-        part = np.array_split(np.arange(t.numel()), shards)[shard]
-        lo, hi = (int(part[0]), int(part[-1]) + 1) if part.size else (0, 0)
+        lo, hi = shard_bounds(t.numel(), shard, shards)
         t, j = t[lo:hi], j[lo:hi]
         xs = None if xs is None else xs[lo:hi]
     if t.numel():
@@ -208,7 +208,7 @@ def expert_scatter(lw: LayerWeights, e: int, x: torch.Tensor, ids: torch.Tensor,
 
 def ffn(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The shared expert or a dense FFN (the shared one optionally scaled by its sigmoid gate)."""
-    y = (F.silu(x @ weights["w1"].T) * (x @ weights["w3"].T)) @ weights["w2"].T
+    y = gated_ffn(x, weights["w1"], weights["w3"], weights["w2"])
     if "gate" in weights:
         y = y * torch.sigmoid(x @ weights["gate"].T)
     return y

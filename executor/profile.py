@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from executor import kernels as K
 from executor.cpu_experts import backend as cpu_experts_backend
+from executor.cpu_experts import cpu_flags
 from executor.weights import LayerWeights, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, model_signature
 from sim.specs import ModelSpec
@@ -48,15 +49,13 @@ OVERHEAD_REQUESTS = (1, 16, 64)
 
 def fingerprint() -> dict:
     """What these numbers were measured on."""
-    cpu_model, flags = platform.processor() or "unknown", []
+    cpu_model = platform.processor() or "unknown"
+    flags = sorted(f for f in cpu_flags() if f.startswith(("amx", "avx512")))
     try:
         text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and cpu_model in ("unknown", "x86_64", ""):
-                cpu_model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("amx", "avx512")))
-                break
+        line = next((ln for ln in text.splitlines() if ln.startswith("model name")), None)
+        if line is not None and cpu_model in ("unknown", "x86_64", ""):
+            cpu_model = line.split(":", 1)[1].strip()
     except OSError:
         pass
     config = torch.__config__.show()
@@ -183,7 +182,7 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     rows = [{"device": device, "kind": kind, "tokens": point[0], "kv": point[1],
              "median_s": float(np.median(v)), "p10_s": float(np.percentile(v, 10)),
              "p90_s": float(np.percentile(v, 90)), "repeats": len(v)} for (kind, point), v in samples.items()]
-    rows.append(_bandwidth_row(device))
+    rows.append(bandwidth_row(device))
     if device == "cpu":
         rows.extend(_overhead_rows())
     if device == "cuda":
@@ -232,7 +231,7 @@ def _prefill_point(spec: ModelSpec, lw: LayerWeights, batch: int, length: int, d
     return run
 
 
-def _bandwidth_row(device: str) -> dict:
+def bandwidth_row(device: str) -> dict:
     """Copy of 512 MiB (read + write counted): the device's achievable memory bandwidth."""
     n = 256 * 2**20
     src = torch.ones(n, dtype=torch.bfloat16, device=device)

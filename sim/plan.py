@@ -123,6 +123,14 @@ class Op:
     scope: int = -1  # index into Plan.scopes; -1: the op's micro-batch (all requests for -1) at its step
 
 
+def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
+    """[lo, hi) of part `shard` of `shards` contiguous parts of n items, sized as `np.array_split` sizes them
+    (the first n % shards parts one larger): how an expert op's shard picks its tokens."""
+    base, extra = divmod(n, shards)
+    lo = shard * base + min(shard, extra)
+    return lo, lo + base + (1 if shard < extra else 0)
+
+
 @dataclass(frozen=True)
 class Scope:
     """The tokens an op works on, named explicitly: a phase and step, a set of requests (at a decode step, those

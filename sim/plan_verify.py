@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim.errors import SimInputError
-from sim.plan import OpKind, Phase, Plan
+from sim.plan import OpKind, Phase, Plan, shard_bounds
 from traces import RoutingTrace
 
 
@@ -32,8 +32,8 @@ def shard_assignments(plan: Plan, trace: RoutingTrace, op) -> tuple[np.ndarray, 
     li = plan.model.moe_index(op.layer)
     t, j = np.nonzero(trace.experts[rows, li] == op.expert)
     if shards > 1:
-        part = np.array_split(np.arange(t.size), shards)[shard]
-        t, j = t[part], j[part]
+        lo, hi = shard_bounds(t.size, shard, shards)
+        t, j = t[lo:hi], j[lo:hi]
     return rows[t], j
 
 

@@ -16,7 +16,7 @@ from executor.weights import random_weights
 from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.errors import SimInputError
-from sim.plan import Op, OpKind, Phase, Plan, Scope, Stream
+from sim.plan import Op, OpKind, Phase, Plan, Scope, Stream, shard_bounds
 from sim.plan_io import load_plan, save_plan
 from sim.plan_verify import verify_assignments
 from sim.policies import PlanContext, make_policy
@@ -213,3 +213,13 @@ def test_a_profile_prices_prefill_by_the_scopes_requests(case, tmp_path):
     base = RooflineCostModel(plan.system).op_time_ns(cpu_qkv)
     assert exact.op_time_ns(cpu_qkv) == base + int(np.ceil(requests * 1e-3 * 1e9))
     assert guess.op_time_ns(cpu_qkv) != exact.op_time_ns(cpu_qkv)  # prompts 5, 3: 8 tokens / mean 4.75
+
+
+def test_shard_bounds_are_np_array_splits_parts():
+    """One definition of a shard's tokens serves the policies (sizes), the verifier and the executor (bounds)."""
+    for n in range(0, 23):
+        for shards in range(1, 9):
+            parts = np.array_split(np.arange(n), shards)
+            for shard in range(shards):
+                lo, hi = shard_bounds(n, shard, shards)
+                assert list(range(lo, hi)) == parts[shard].tolist(), (n, shard, shards)

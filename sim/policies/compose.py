@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream, shard_bounds
 from sim.policies.base import PlanContext
 from sim.policies.layers import (
     CPU,
@@ -333,7 +333,8 @@ class LayoutEmitter(LayerEmitter):
             for e, (g, n) in split.items():
                 c = int(counts[e])
                 for i in range(g) if on_gpu else range(g, n):
-                    t = c // n + (1 if i < c % n else 0)  # np.array_split's part sizes
+                    lo, hi = shard_bounds(c, i, n)
+                    t = hi - lo
                     if t:
                         extra = (weights(e),) if on_gpu else ()
                         last = self._op(OpKind.EXPERT, stream, at.phase, at.step, at.layer, at.mb, t,
