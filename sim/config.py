@@ -24,7 +24,7 @@ import numpy as np
 
 from sim.errors import SimInputError
 
-LENGTH_FORMS = ("fixed", "uniform", "lognormal")
+LENGTH_FORMS = ("fixed", "uniform", "lognormal", "preset")
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -89,8 +89,8 @@ class SimConfig:
                                  parse=positive_int)
     prompt_len: int | str | None = _setting(
         None, group="workload", parse=length,
-        help="prompt tokens per request: N, or a distribution uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX] "
-             "(drawn per request, seeded by --seed)")
+        help="prompt tokens per request: N, or a distribution uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or "
+             "preset:NAME of a published workload (`coxmoe presets --lengths`; drawn per request, seeded by --seed)")
     gen_len: int | str | None = _setting(
         None, group="workload", parse=length,
         help="generated tokens per request, same forms as --prompt-len (a distribution: requests finish at "

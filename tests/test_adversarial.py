@@ -257,6 +257,8 @@ def test_a_npy_renamed_npz(capsys, tmp_path):
     ("lognormal:nan:0.5", "MEDIAN must be positive and SIGMA >= 0"),
     ("4294967297", "must be in [1, 16,777,216], got 4,294,967,297"),
     ("uniform:0:4", "LO must be in [1"),
+    ("preset:nope", "unknown length preset 'nope'; known: mtbench-prompt"),
+    ("preset:mtbench-prompt:3", "use preset:NAME"),
 ])
 def test_length_specs(capsys, tmp_path, length, message):
     fails_cleanly(capsys, ["trace", "gen", "--model", "mixtral-8x7b", "--requests", "4", "--prompt-len", length,

@@ -135,7 +135,23 @@ def test_distributed_lengths_stay_in_bounds():
     assert ln.min() >= 1 and ln.max() <= 300 and 80 < np.median(ln) < 120
 
 
-@pytest.mark.parametrize("spec", ["-3", "fixed:0", "uniform:5:2", "normal:3", "abc"])
+def test_length_presets_reproduce_the_statistics_they_were_solved_from():
+    """Each preset's lognormal, drawn, gives back its two published statistics (within sampling error)."""
+    from traces.length_presets import PRESETS, expected_max_z
+
+    rng = np.random.default_rng(0)
+    mt = request_lengths("preset:mtbench-prompt", 200_000, rng, "x")
+    assert mt.mean() == pytest.approx(77, rel=0.03) and mt.max() == 418  # mean 77; the cap is the padding length
+    maxima = [request_lengths("preset:mtbench-prompt", 80, np.random.default_rng(s), "x").max() for s in range(300)]
+    assert 330 < np.median(maxima) <= 418  # the longest of 80 questions: 418 (capped; about half the draws hit it)
+    assert expected_max_z(80) == pytest.approx(2.42, abs=0.01)  # tabulated E[max of 80 N(0,1)] = 2.42
+    for part, median, p90 in (("prompt", 1730, 5696), ("output", 415, 834)):
+        x = request_lengths(f"preset:sharegpt4-{part}", 200_000, rng, "x")
+        assert np.median(x) == pytest.approx(median, rel=0.02) and np.quantile(x, 0.9) == pytest.approx(p90, rel=0.03)
+    assert all(p.source and p.statistics for p in PRESETS.values())  # every preset says where it comes from
+
+
+@pytest.mark.parametrize("spec", ["-3", "fixed:0", "uniform:5:2", "normal:3", "abc", "preset:nope", "preset:"])
 def test_bad_length_specs(spec):
     with pytest.raises(TraceError):
         request_lengths(spec, 4, np.random.default_rng(0), "--prompt-len")

@@ -65,9 +65,16 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int) -
 
 
 def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what: str) -> np.ndarray:
-    """Lengths for `count` requests: N, 'fixed:N', 'uniform:LO:HI' or 'lognormal:MEDIAN:SIGMA[:MAX]'."""
+    """Lengths for `count` requests: N, 'fixed:N', 'uniform:LO:HI', 'lognormal:MEDIAN:SIGMA[:MAX]' or
+    'preset:NAME' (a published workload's lognormal, `traces.length_presets`)."""
     text = str(spec)
     parts = text.split(":")
+    if parts[0] == "preset":
+        from traces.length_presets import length_preset
+
+        if len(parts) != 2:
+            raise TraceError(f"{what} {text!r}: use preset:NAME")
+        return request_lengths(length_preset(parts[1], f"{what} {text!r}").spec, count, rng, what)
 
     def length(raw: str, name: str) -> int:
         value = int(raw)
@@ -92,7 +99,8 @@ def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what:
             draws = np.rint(median * np.exp(sigma * rng.standard_normal(count)))
             lens = np.clip(draws, 1, cap).astype(np.int64)
         else:
-            raise TraceError(f"{what} {text!r}: use N, fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX]")
+            raise TraceError(f"{what} {text!r}: use N, fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or "
+                             "preset:NAME")
     except TraceError:
         raise
     except ValueError:

@@ -12,16 +12,22 @@ from experiments.cli.config_flags import add_config_flags, config_from_args, wor
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from sim.specs import preset_names, show_preset
+    from traces.length_presets import PRESETS
 
+    if args.lengths:
+        for p in PRESETS.values():
+            print(f"{p.name}: {p.spec}\n    from {p.statistics}\n    source: {p.source}")
+        return 0
     if args.show:
         sys.stdout.write(show_preset(args.show))
         return 0
     kinds = ("models", "systems", "gpus", "cpus", "links", "ndps")
     if args.json:
-        emit_json({kind: preset_names(kind) for kind in kinds})
+        emit_json({**{kind: preset_names(kind) for kind in kinds}, "lengths": sorted(PRESETS)})
         return 0
     for kind in kinds:
         print(f"{kind}: {', '.join(preset_names(kind))}")
+    print(f"lengths: {', '.join(sorted(PRESETS))} (--prompt-len/--gen-len preset:NAME; `--lengths` for sources)")
     print("\n`coxmoe presets --show NAME` prints one as YAML that --model-file / --system-file read back.")
     return 0
 
@@ -177,6 +183,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list model and hardware presets, or show one as YAML")
     p.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
     p.add_argument("--json", action="store_true", help="print the lists as JSON")
+    p.add_argument("--lengths", action="store_true",
+                   help="list the request-length presets (--prompt-len/--gen-len preset:NAME) with their sources")
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("policies", help="list policies and their options")

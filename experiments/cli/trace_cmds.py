@@ -190,7 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=positive_int, help="experts per layer (without --model)")
     p.add_argument("--top-k", type=positive_int, help="experts per token (without --model)")
     p.add_argument("--requests", type=positive_int, required=True, help="number of requests")
-    p.add_argument("--prompt-len", required=True, help="N, fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA[:MAX]")
+    p.add_argument("--prompt-len", required=True,
+                   help="N, fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or preset:NAME")
     p.add_argument("--gen-len", required=True, help="same forms as --prompt-len")
     p.add_argument("--routing", default="uniform", help="uniform, zipf:ALPHA or table:NAME")
     p.add_argument("--reuse-prob", type=probability_arg, default=0.0, help="probability of reusing the last experts")

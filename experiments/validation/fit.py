@@ -1,12 +1,14 @@
 """Learned framework factors: fit on a declared training subset, report on the systems left out.
 
-Each runtime (a framework: one implementation of a policy, `ValidationPoint.runtime`) gets a GPU time factor
-and, where it runs attention on the CPU with a kernel no microbenchmark measured, a CPU time factor
-(`sim.cost.framework`). The GPU factor is fitted on the runtime's training points without such CPU attention,
-then the CPU factor on the others with the GPU factor fixed; each as the root of the mean log ratio of predicted
-to measured total time over the log factor (Illinois regula falsi: the ratio grows with the factor, so a few
-engine runs suffice). Only the simulation engine re-runs: the plans (and their searched knobs) stay as the
-published-knob run chose.
+Each runtime (a framework: one implementation of a policy, `ValidationPoint.runtime`) gets, per machine parts
+(GPU and CPU presets) it has training points on, a GPU time factor (one runtime's kernels sit at different
+distances from the roofline on different parts) and, where it runs attention on the CPU with a kernel no
+microbenchmark measured, a CPU time factor (`sim.cost.framework`); on parts it has no training point on, its
+factors pooled over all its training points. The GPU factor is fitted on the training points without such CPU
+attention, then the CPU factor on the others with the GPU factor fixed; each as the root of the mean log ratio
+of predicted to measured total time over the log factor (Illinois regula falsi: the ratio grows with the factor,
+so a few engine runs suffice). Only the simulation engine re-runs: the plans (and their searched knobs) stay as
+the published-knob run chose.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ class FitCase:
     plan: Plan
     measured_total_s: float
     cpu_attention: bool
+
+
+    @property
+    def parts(self) -> str:
+        """The machine's parts (GPU and CPU presets): factors are per runtime and parts, and two systems built
+        from the same parts (FlexGen's and MoE-Lightning's GCP T4 VMs) share them."""
+        return f"{self.plan.system.gpu.name}+{self.plan.system.cpu.name}"
 
 
 def predicted_total_s(case: FitCase, factors: FrameworkFactors) -> float:
