@@ -25,6 +25,7 @@ from executor.interpret import PlanInterpreter
 from executor.reference import Outputs
 from executor.weights import ModelWeights
 from sim.engine import EngineRecord, busy_by_stream, ops_by_stream
+from sim.errors import SimInputError
 from sim.plan import Op, OpKind, Plan
 from sim.topology import Topology, UnitKind, topology_of
 from traces import RoutingTrace
@@ -85,6 +86,20 @@ def prepack_cpu_experts(plan: Plan, weights: ModelWeights, device_of: dict[str, 
         warm_int8_epilogue()
 
 
+def _at_plan_precision(plan: Plan, weights: ModelWeights, device_of: dict[str, str]) -> ModelWeights:
+    """The weights as the plan's experts run them: INT8 CPU experts through oneDNN (`executor.cpu_experts`); a
+    precision the executor has no kernels for is refused before anything runs."""
+    precision = plan.model.expert_precision
+    if precision == "native":
+        return weights
+    on_gpu = any(op.kind is OpKind.EXPERT and device_of.get(op.stream) != "cpu" for op in plan.ops)
+    if precision != "int8" or on_gpu:
+        where = "GPU" if precision == "int8" else "any"
+        raise SimInputError(f"the executor has no {precision} expert kernels on {where} device (simulate this plan; "
+                            "INT8 experts run on the CPU only)")
+    return K.use_cpu_experts(weights, "int8")
+
+
 def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cuda: bool | None = None,
                  timeout_s: float = 3600.0) -> ExecutionResult:
     """Execute `plan` with real tensors; returns measured start/end per op and the final hidden states."""
@@ -95,6 +110,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     streams = topo.stream_order()
     device_of = {s: _torch_device(topo, s, cuda) for s in streams}
     used = sorted({d for d in device_of.values() if d != "cpu"})
+    weights = _at_plan_precision(plan, weights, device_of)
     interp = PlanInterpreter(plan, weights, trace, weights_on={d: weights.to(d) for d in used}, device_of=device_of)
     ops = plan.ops
     n = len(ops)

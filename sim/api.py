@@ -275,6 +275,8 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
     t0 = time.perf_counter()
     c = config
     m, s = resolve_model(c.model), resolve_system(c.system)
+    if c.expert_precision != "native":  # otherwise a model file's own expert_precision stands
+        m = dataclasses.replace(m, expert_precision=c.expert_precision)
     pol = make_policy(c.policy, dict(c.policy_options))
     wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
                                            c.reuse_prob)

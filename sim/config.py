@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from sim.errors import SimInputError
+from sim.specs.model import EXPERT_PRECISIONS
 
 LENGTH_FORMS = ("fixed", "uniform", "lognormal", "preset")
+_OMITTED_AT_DEFAULT = frozenset({"expert_precision"})
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -111,6 +113,10 @@ class SimConfig:
         help="simulate N evenly spaced decode steps and scale decode time to all (0: every step)")
     profile: Any = _setting(None, group="cost", metavar="DIR",
                             help="op times from a measured profile (coxmoe calibrate profile); the roofline outside it")
+    expert_precision: str = _setting(
+        "native", group="target", metavar="{native,int8,int4}",
+        help="routed experts' weights: the model's dtype, INT8 (W8A8: AMX-INT8 / INT8 tensor cores) or INT4 "
+             "(weight-only, group 128); bytes and compute rates follow, accuracy is out of scope")
 
     def __post_init__(self) -> None:
         if self.model is None or self.system is None or self.model == "" or self.system == "":
@@ -149,6 +155,9 @@ class SimConfig:
             raise SimInputError(f"policy must be a policy name, got {self.policy!r}")
         if not isinstance(self.routing, str):
             raise SimInputError(f"routing must be a string, got {self.routing!r}")
+        if self.expert_precision not in EXPERT_PRECISIONS:
+            raise SimInputError(f"expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, got "
+                                f"{self.expert_precision!r}")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalising a field of a frozen instance while it is built
@@ -188,6 +197,8 @@ class SimConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in _OMITTED_AT_DEFAULT and value == f.default:
+                continue  # settings added later hash as before while at their default
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, Mapping):

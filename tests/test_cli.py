@@ -236,7 +236,8 @@ def test_compare_json_has_every_policy_and_speedups(capsys, tmp_path):
                          "a100-80g-8452y", "--batch", "8", "--prompt-len", "6", "--gen-len", "3", "--json")
     assert code == 0, err
     d = json.loads(out)
-    assert set(d["policies"]) == {"coxmoe", "moe-lightning", "flexgen", "fiddler", "stream-experts", "gpu-only"}
+    assert set(d["policies"]) == {"coxmoe", "moe-lightning", "flexgen", "fiddler", "stream-experts", "gpu-only",
+                                  "moe-gen"}
     cox = d["policies"]["coxmoe"]
     for key in ("throughput_tok_s", "busy_fraction", "peak_gpu_bytes", "knobs", "analytic_total_s"):
         assert key in cox

@@ -47,7 +47,8 @@ def test_config_normalises_and_round_trips_as_json():
                   policy_options={"coalesce": False, "rescore": 2})
     assert c.policy_options == {"coalesce": "false", "rescore": "2"}  # strings, as --policy-opt gives them
     point = c.point()
-    assert list(point) == list(FIELD_NAMES) and SimConfig.from_point(point) == c
+    # every setting, except those added later while at their default (old sweep points keep their hash)
+    assert list(point) == [f for f in FIELD_NAMES if f != "expert_precision"] and SimConfig.from_point(point) == c
     with pytest.raises(SimInputError, match="unknown setting"):
         SimConfig.from_point({**point, "bacth": 4})
     with pytest.raises(SimInputError, match="no JSON form"):

@@ -379,6 +379,32 @@ def test_trimoe_puts_light_experts_on_the_dimms_and_needs_an_ndp_tier(mixtral):
         make_policy("trimoe", {"split_tokens": "on"})
 
 
+def test_moe_gen_batches_modules_with_every_expert_on_the_gpu(mixtral, paper_system):
+    """MoE-Gen's design: decode attention on the CPU over a host-memory KV cache, prefill on the GPU, every
+    non-resident expert fetched and run on the GPU once per layer and step (coalesced), none on the CPU; its
+    design knobs are pinned and changing one is a one-line error."""
+    from sim.plan_verify import verify_assignments
+
+    small = dataclasses.replace(paper_system, gpu=dataclasses.replace(paper_system.gpu, hbm_bytes=40 * 2**30))
+    ctx = ctx_for(mixtral, small, batch=32, prompt=16, gen=3, routing="table:mixtral-8x7b")
+    plan = make_policy("moe-gen").build(ctx)
+    verify_assignments(plan, ctx.trace)
+    assert not ops_of(plan, kind=OpKind.EXPERT, stream=Stream.CPU_EXPERTS)  # no AMX experts
+    assert ops_of(plan, kind=OpKind.ATTENTION, stream=Stream.CPU, phase=Phase.DECODE)
+    assert not ops_of(plan, kind=OpKind.ATTENTION, stream=Stream.GPU, phase=Phase.DECODE)
+    assert not ops_of(plan, kind=OpKind.ATTENTION, stream=Stream.CPU, phase=Phase.PREFILL)
+    assert "kv_cache" not in plan.static_memory["gpu"] and "kv_cache" in plan.static_memory["cpu"]
+    k = plan.knobs
+    assert all(c == 0 for c in k["cpu_experts_per_layer"]["decode"])
+    assert all(f + k["resident_experts"] == mixtral.num_experts for f in k["fetched_experts_per_layer"]["decode"])
+    decode_experts = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)
+    assert {op.micro_batch for op in decode_experts} == {-1}  # coalesced: one run per expert for the whole batch
+    with pytest.raises(SimInputError, match="split is fixed to 'gpu' by MoE-Gen's design"):
+        make_policy("moe-gen", {"split": "cpu"})
+    with pytest.raises(SimInputError, match="decode_placement is fixed"):
+        make_policy("moe-gen", {"decode_placement": "ggg"})
+
+
 @pytest.mark.parametrize("model", ["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"])
 def test_trimoe_and_split_tokens_run_end_to_end_on_the_paper_models(model):
     """Both beyond-the-paper designs simulate each paper model end to end, every assignment computed once."""

@@ -59,6 +59,19 @@ def test_microbatch_and_vram_show_the_mechanisms(quick_all):
     assert vram.loc["gpu", "pool_kv_cache_gib"] > 0 and pd.isna(vram.loc["cpu", "pool_kv_cache_gib"])
 
 
+def test_beyond_compares_designs_at_every_precision(quick_all):
+    """Quick grid: CoX-MoE and MoE-Gen at native, INT8 and INT4 experts; INT8 experts are faster (fewer bytes,
+    twice the compute rate) and the table is normalised to CoX-MoE at native precision."""
+    _, out = quick_all
+    table = pd.read_csv(out / "beyond.csv")
+    assert set(table["precision"]) == {"native", "int8", "int4"} and set(table["design"]) == {"coxmoe", "moe-gen"}
+    assert table["throughput_tok_s"].notna().all()
+    by = table.set_index(["design", "precision"])["throughput_tok_s"]
+    assert by[("coxmoe", "int8")] > by[("coxmoe", "native")] and by[("moe-gen", "int8")] > by[("moe-gen", "native")]
+    base = table[(table["design"] == "coxmoe") & (table["precision"] == "native")]["vs_coxmoe_native"]
+    assert float(base.iloc[0]) == pytest.approx(1.0)
+
+
 def test_eas_and_calibration_numbers(quick_all):
     _, out = quick_all
     eas = pd.read_csv(out / "eas.csv")

@@ -141,10 +141,11 @@ def test_length_presets_reproduce_the_statistics_they_were_solved_from():
 
     rng = np.random.default_rng(0)
     mt = request_lengths("preset:mtbench-prompt", 200_000, rng, "x")
-    assert mt.mean() == pytest.approx(77, rel=0.03) and mt.max() == 418  # mean 77; the cap is the padding length
+    assert mt.mean() == pytest.approx(77, rel=0.03)  # mean 77
+    assert 0.001 < (mt == 418).mean() < 0.01  # the cap (the padding length) clips only the far tail
     maxima = [request_lengths("preset:mtbench-prompt", 80, np.random.default_rng(s), "x").max() for s in range(300)]
     assert 330 < np.median(maxima) <= 418  # the longest of 80 questions: 418 (capped; about half the draws hit it)
-    assert expected_max_z(80) == pytest.approx(2.42, abs=0.01)  # tabulated E[max of 80 N(0,1)] = 2.42
+    assert expected_max_z(80) == pytest.approx(2.427, abs=0.01)  # E[max of 80 N(0,1)] = 2.427
     for part, median, p90 in (("prompt", 1730, 5696), ("output", 415, 834)):
         x = request_lengths(f"preset:sharegpt4-{part}", 200_000, rng, "x")
         assert np.median(x) == pytest.approx(median, rel=0.02) and np.quantile(x, 0.9) == pytest.approx(p90, rel=0.03)

@@ -357,6 +357,36 @@ def test_a_framework_without_training_points_gets_no_learned_prediction():
     assert factors == {} and ratios == {}
 
 
+def test_learned_factors_are_per_parts_with_a_pooled_fallback_and_loso_leaves_out_the_parts():
+    """A held-out case takes the factors of its runtime on its own parts where there are any, else the runtime's
+    pooled factors; a runtime with no training case gets none; only runtimes the test set has are fitted."""
+    from types import SimpleNamespace
+
+    from experiments.reproduce.validation import POOLED, _fit_and_predict
+    from experiments.validation.fit import FitCase
+    from sim.cost.framework import FrameworkFactors
+
+    def case(cid, runtime, gpu, cpu="c", system=None):
+        plan = SimpleNamespace(system=SimpleNamespace(gpu=SimpleNamespace(name=gpu), cpu=SimpleNamespace(name=cpu)))
+        return FitCase(cid, system or gpu, runtime, plan, 10.0, False)
+
+    class Memo:  # a fit's factor is the number of cases it saw: pooled and per-parts fits differ
+        def fit(self, cases):
+            return FrameworkFactors(float(len(cases)))
+
+        def total_s(self, c, factors):
+            return c.measured_total_s * factors.gpu_time_factor
+
+    train = [case("a1", "rt", "l4"), case("a2", "rt", "t4"), case("a3", "rt", "t4"), case("b1", "other", "l4")]
+    test = [case("x", "rt", "t4"), case("y", "rt", "h100"), case("z", "none", "l4")]
+    fits, ratios = _fit_and_predict(train, test, Memo())
+    assert ratios["x"] == (pytest.approx(1 / 2), "t4+c")  # its parts' fit (2 T4 cases)
+    assert ratios["y"] == (pytest.approx(1 / 3), POOLED)  # no H100 case: pooled over all 3
+    assert "z" not in ratios  # its runtime never trained
+    assert ("other", POOLED) not in fits  # a runtime the test set lacks is not fitted
+    assert fits[("rt", "t4+c")].trained_on == ("t4",) and fits[("rt", POOLED)].trained_on == ("l4", "t4")
+
+
 def test_metric_definitions():
     r = simulate("mixtral-8x7b", "gcp-l4-g2", "moe-lightning", batch=8, prompt_len=16, gen_len=3,
                  policy_options={"micro_batch": "4", "wg": "0"})

@@ -14,6 +14,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from sim.specs import preset_names, show_preset
     from traces.length_presets import PRESETS
 
+    if args.lengths and args.json:
+        emit_json({p.name: {"spec": p.spec, "statistics": p.statistics, "source": p.source} for p in PRESETS.values()})
+        return 0
     if args.lengths:
         for p in PRESETS.values():
             print(f"{p.name}: {p.spec}\n    from {p.statistics}\n    source: {p.source}")

@@ -27,6 +27,7 @@ FIGURES: dict[str, str] = {
     "calibration": "simulator predictions against executor measurements on this machine",
     "timeline": "Gantt of one decode step per resource (simulated; measured when a record is given)",
     "validation": "predicted against published measurements (MoE-Lightning HELM runs, ...), learned factors held out",
+    "beyond": "beyond the paper: split experts, MoE-Gen, TriMoE, MoE-Lightning at native, INT8 and INT4 experts",
 }
 
 

@@ -1,9 +1,10 @@
 """Predicted against published measurements: every validation point (experiments/validation/points) simulated
 with its published knobs and with its policy's own search, then with framework factors learned on the declared
-training subset (reported on the held-out systems, and leave-one-system-out both ways)."""
+training subset per runtime and machine parts (reported on the held-out points, and leave-one-system-out)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,24 +60,39 @@ class _Memo:
 POOLED = "any"  # the factors' `parts` for a runtime's fit over all its training points
 
 
+@dataclass(frozen=True)
+class Fit:
+    """Factors fitted for one (runtime, parts) key, and the systems of the cases they were fitted on."""
+
+    factors: FrameworkFactors
+    trained_on: tuple[str, ...]
+
+
 def _fit_and_predict(train: list[FitCase], test: list[FitCase],
-                     memo: _Memo) -> tuple[dict[tuple[str, str], FrameworkFactors], dict[str, float]]:
-    """Factors fitted on `train` per (runtime, machine parts) and per runtime pooled over its parts, and the
-    predicted/measured rate ratio of every `test` case whose runtime has a fit: with its parts' factors where the
-    runtime was trained on those parts, else the pooled ones. A case whose runtime has no training case gets no
-    learned-factor prediction (its mechanisms-only ratio is its only one, reported there)."""
-    factors: dict[tuple[str, str], FrameworkFactors] = {}
-    for runtime in sorted({c.runtime for c in train}):
+                     memo: _Memo) -> tuple[dict[tuple[str, str], Fit], dict[str, tuple[float, str]]]:
+    """Factors fitted on `train` per (runtime, machine parts) and per runtime pooled over its parts, for the
+    runtimes `test` has; and per `test` case whose runtime has a fit, its predicted/measured rate ratio and the
+    parts whose factors gave it (its own where the runtime was trained on those parts, else `POOLED`). A case
+    whose runtime has no training case gets no learned-factor prediction (its mechanisms-only ratio is its only
+    one, reported there)."""
+    fits: dict[tuple[str, str], Fit] = {}
+    wanted = {c.runtime for c in test}
+    for runtime in sorted({c.runtime for c in train} & wanted):
         mine = [c for c in train if c.runtime == runtime]
-        factors[(runtime, POOLED)] = memo.fit(mine)
-        for parts in sorted({c.parts for c in mine}):
-            factors[(runtime, parts)] = memo.fit([c for c in mine if c.parts == parts])
+        groups = {POOLED: mine, **{p: [c for c in mine if c.parts == p] for p in sorted({c.parts for c in mine})}}
+        for parts, cases in groups.items():
+            fits[(runtime, parts)] = Fit(memo.fit(cases), tuple(sorted({c.system for c in cases})))
     ratios = {}
     for c in test:  # time ratio inverted: a rate's predicted/measured
-        f = factors.get((c.runtime, c.parts), factors.get((c.runtime, POOLED)))
-        if f is not None:
-            ratios[c.id] = c.measured_total_s / memo.total_s(c, f)
-    return factors, ratios
+        key = (c.runtime, c.parts) if (c.runtime, c.parts) in fits else (c.runtime, POOLED)
+        if key in fits:
+            ratios[c.id] = (c.measured_total_s / memo.total_s(c, fits[key].factors), key[1])
+    return fits, ratios
+
+
+def _rows(label: str, fits: dict[tuple[str, str], Fit]) -> list[dict]:
+    return [{"fit": label, "trained_on": ", ".join(f.trained_on), "framework": runtime, "parts": parts,
+             **vars(f.factors)} for (runtime, parts), f in fits.items()]
 
 
 def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -89,29 +105,27 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
                            decode_sample=2 if options.quick else DECODE_SAMPLE, plans=plans)
     by_id = {p.id: p for p in points}
     cases = [_case(by_id[i], plan) for i, plan in plans.items() if by_id[i].status == "complete"]
-    fits = []
-    columns = {}
+    fits: list[dict] = []
     memo = _Memo()
     train = [c for c in cases if by_id[c.id].train]
     held = [c for c in cases if not by_id[c.id].train]
     with tqdm(total=1 + len({c.system for c in cases}), desc="fitting framework factors", disable=None) as bar:
-        factors, ratios = _fit_and_predict(train, cases, memo)
-        columns["learned_ratio"] = ratios
-        fits += [{"fit": "declared training subset", "trained_on": ", ".join(sorted({c.system for c in train})),
-                  "framework": k, "parts": g, **vars(v)} for (k, g), v in factors.items()]
+        declared, learned = _fit_and_predict(train, cases, memo)
+        fits += _rows("declared training subset", declared)
         bar.update()
-        loso: dict[str, float] = {}
+        loso: dict[str, tuple[float, str]] = {}
         for system in sorted({c.system for c in cases}):
-            others = [c for c in cases if c.system != system]
-            factors, ratios = _fit_and_predict(others, [c for c in cases if c.system == system], memo)
+            left = [c for c in cases if c.system == system]
+            parts = {c.parts for c in left}  # nothing built from the left-out machine's parts trains
+            others = [c for c in cases if c.parts not in parts]
+            fold, ratios = _fit_and_predict(others, left, memo)
             loso.update(ratios)
-            fits += [{"fit": f"leave {system} out", "trained_on": ", ".join(sorted({c.system for c in others})),
-                      "framework": k, "parts": g, **vars(v)} for (k, g), v in factors.items()]
+            fits += _rows(f"leave {system} out", fold)
             bar.update()
-        columns["loso_ratio"] = loso
     published = table["mode"] == "published"
-    for name, values in columns.items():
-        table[name] = np.where(published, table["id"].map(values), np.nan)
+    for name, values in (("learned", learned), ("loso", loso)):
+        table[f"{name}_ratio"] = np.where(published, table["id"].map({k: v[0] for k, v in values.items()}), np.nan)
+        table[f"{name}_from"] = np.where(published, table["id"].map({k: v[1] for k, v in values.items()}), None)
     table["role"] = np.where(table["id"].isin([c.id for c in held]), "held-out",
                              np.where(table["id"].isin([c.id for c in train]), "train", ""))
     return table, pd.DataFrame(fits)

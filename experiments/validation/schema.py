@@ -59,7 +59,7 @@ class ValidationPoint(_Strict):
     workload: PointWorkload
     policy: Annotated[str, Field(min_length=1, max_length=64)]
     # The implementation that measured the point (FlexGen's MoE port and FlexLLMGen are different code under one
-    # policy); learned framework factors are fitted per framework. Empty: the policy's name.
+    # policy); learned framework factors are fitted per framework and machine parts. Empty: the policy's name.
     framework: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = None
     knobs: dict[str, Knob] = {}
     search_knobs: dict[str, Knob] = {}

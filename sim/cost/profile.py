@@ -37,6 +37,8 @@ _IGNORED = {"name", "num_layers", "first_dense_layers", "published_total_params"
 def model_signature(spec: ModelSpec) -> str:
     """Shapes that decide op times (not the name or depth): a model cut to fewer layers keeps its signature."""
     fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _IGNORED}
+    if fields.get("expert_precision") == "native":  # profiles written before precision existed keep their match
+        del fields["expert_precision"]
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -94,6 +96,9 @@ class ProfileCostModel:
 
     def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
                  mean_prompt_len: float | None = None, threads: int | None = None):
+        if model.expert_precision != "native":
+            raise SimInputError(f"a profile times the executor's native-precision experts; {model.expert_precision} "
+                                "experts have no profile rows yet (simulate them with the roofline)")
         self.fallback = RooflineCostModel(system)
         self.topology = self.fallback.topology
         self.model = model

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Payload
-from sim.specs import SystemSpec
+from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Payload, Plan
+from sim.specs import ModelSpec, SystemSpec
 from sim.topology import Topology, Unit, UnitKind, topology_of
 
 _CPU_VECTOR_KINDS = frozenset({OpKind.ATTENTION, OpKind.EMBED})
@@ -36,7 +36,8 @@ def seconds_to_ns(seconds: float) -> int:
 class _Rates:
     """Achievable rates of the unit one stream runs on, computed once per stream."""
 
-    __slots__ = ("kind", "flops", "vector_flops", "bw", "attention_bw", "overhead", "pageable_bw", "memory_bw")
+    __slots__ = ("kind", "flops", "int8_flops", "vector_flops", "bw", "attention_bw", "overhead", "pageable_bw",
+                 "memory_bw")
 
     def __init__(self, unit: Unit, host_bw: float):
         self.kind = unit.kind
@@ -45,18 +46,20 @@ class _Rates:
         spec = unit.spec
         if unit.kind is UnitKind.GPU:
             self.flops = self.vector_flops = spec.bf16_flops_per_s * spec.gemm_efficiency
+            self.int8_flops = spec.int8_gemm_ops_per_s
             self.bw = self.attention_bw = spec.hbm_bytes_per_s * spec.hbm_efficiency
             self.overhead = spec.kernel_launch_s
         elif unit.kind is UnitKind.NDP:
-            self.flops = self.vector_flops = spec.flops_per_s
+            self.flops = self.vector_flops = self.int8_flops = spec.flops_per_s  # no INT8 rate published for NDP
             self.bw = self.attention_bw = spec.internal_bytes_per_s
             self.overhead = spec.launch_s
         elif unit.kind is UnitKind.CPU:
             self.flops, self.vector_flops = spec.gemm_flops_per_s, spec.vector_flops_per_s
+            self.int8_flops = spec.int8_gemm_ops_per_s
             self.bw, self.attention_bw = spec.dram_bytes_per_s * spec.dram_efficiency, spec.attention_bytes_per_s
             self.overhead = spec.op_overhead_s
         else:
-            self.flops = self.vector_flops = 0.0
+            self.flops = self.vector_flops = self.int8_flops = 0.0
             self.bw = self.attention_bw = spec.achievable_bytes_per_s
             self.overhead = spec.latency_s
             if unit.memory >= 0:  # a host link: pageable host memory is staged through a pinned buffer
@@ -76,6 +79,21 @@ class RooflineCostModel:
         self.cpu_bw = topo.host_memory_bytes_per_s
         self._time: dict[tuple, int] = {}
         self._usage: dict[tuple, tuple[float, float]] = {}
+        self.int8_experts = False
+
+    def use_model(self, model: ModelSpec) -> None:
+        """Price routed experts at the model's expert precision: INT8 experts (W8A8) compute at each unit's INT8
+        rate; INT4 experts (weight-only, dequantised to the activations' dtype as they load) at the BF16 rate.
+        Their bytes come from the ops (`ModelSpec.expert_bytes`)."""
+        int8 = model.expert_precision == "int8"
+        if int8 != self.int8_experts:
+            self.int8_experts = int8
+            self._time.clear()
+            self._usage.clear()
+
+    def prepare(self, plan: Plan) -> None:
+        """Called by the engine before it prices `plan`'s ops."""
+        self.use_model(plan.model)
 
     # The first GPU's, the CPU's and the first host link's rates, for analytic models of one-GPU machines.
     @property
@@ -103,6 +121,8 @@ class RooflineCostModel:
     def roofs(self, kind: OpKind, stream: str, flops: int, nbytes: int) -> tuple[float, float, float]:
         """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone."""
         r = self.rates(stream)
+        if kind is OpKind.EXPERT and self.int8_experts and r.int8_flops:  # a routed expert, INT8 weights
+            return flops / r.int8_flops, nbytes / r.bw, r.overhead
         if r.kind is UnitKind.GPU or r.kind is UnitKind.NDP:
             return flops / r.flops, nbytes / r.bw, r.overhead
         if r.kind is UnitKind.CPU:

@@ -47,8 +47,9 @@ class OpWork:
     def expert(self, tokens: int) -> Work:
         hit = self._expert_cache.get(tokens)
         if hit is None:
-            hit = self._expert_cache[tokens] = self._gemm(self.m.expert_params, tokens, self.m.hidden_size,
-                                                          self.m.hidden_size)
+            m = self.m  # the weights at the experts' precision; activations in the model's dtype
+            hit = self._expert_cache[tokens] = Work(2 * tokens * m.expert_params,
+                                                    m.expert_bytes + tokens * 2 * m.hidden_size * self.bpp)
         return hit
 
     def shared_expert(self, tokens: int) -> Work:

@@ -8,6 +8,7 @@ from sim.policies.expert_parallel import ExpertParallelPolicy
 from sim.policies.fiddler import FiddlerPolicy
 from sim.policies.flexgen import FlexGenPolicy
 from sim.policies.gpu_only import GpuOnlyPolicy
+from sim.policies.moe_gen import MoEGenPolicy
 from sim.policies.moe_lightning import MoELightningPolicy
 from sim.policies.ndp_experts import NdpExpertsPolicy
 from sim.policies.stream_experts import StreamExpertsPolicy
@@ -19,7 +20,8 @@ from sim.policies.zero_inference import ZeroInferencePolicy
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (CoxMoePolicy, MoELightningPolicy, FlexGenPolicy,
                                                               FiddlerPolicy, StreamExpertsPolicy, GpuOnlyPolicy,
                                                               CpuOnlyPolicy, ExpertParallelPolicy,
-                                                              NdpExpertsPolicy, ZeroInferencePolicy, TriMoePolicy)}
+                                                              NdpExpertsPolicy, ZeroInferencePolicy, TriMoePolicy,
+                                                              MoEGenPolicy)}
 
 
 def make_policy(name: str, options: dict[str, str] | None = None) -> Policy:

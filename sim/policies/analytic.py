@@ -30,6 +30,7 @@ class Analytic:
 
     def __init__(self, ctx: PlanContext):
         self.cm = RooflineCostModel(ctx.system)
+        self.cm.use_model(ctx.model)
 
     def t(self, kind: OpKind, stream: Stream, work: Work) -> float:
         return self.cm.seconds(kind, stream, work.flops, work.bytes)
@@ -42,7 +43,7 @@ class Analytic:
         t = np.rint(np.asarray(tokens, dtype=np.float64))
         bpp = model.bytes_per_param
         flops = 2.0 * t * model.expert_params
-        nbytes = (model.expert_params + t * 2 * model.hidden_size) * bpp
+        nbytes = model.expert_bytes + t * 2 * model.hidden_size * bpp
         compute, memory, fixed = self.cm.roofs(OpKind.EXPERT, stream, 1, 1)
         # roofs() is linear in flops and bytes apart from the fixed overhead
         out = np.maximum(flops * compute, nbytes * memory) + fixed

@@ -148,7 +148,7 @@ def cpu_static(ctx: PlanContext, pre: str, dec: str) -> dict[str, int]:
     hidden states of the whole prompt, QKV / O-projection and router weights where those ops run on the CPU,
     and the KV cache when decode attention runs on the CPU."""
     m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
-    static = {"expert_weights": m.routed_expert_params * bpp,
+    static = {"expert_weights": m.routed_expert_bytes,
               "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
     cpu_weights = 0
     if "c" in (pre[0], dec[0]):

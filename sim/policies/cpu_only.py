@@ -42,7 +42,7 @@ class CpuOnlyPolicy(Policy):
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
         schedule = Schedule.split(ctx, o.prefill_tokens, o.decode_micro_batch,
                                   expert_batch=0 if o.coalesce == "on" else 1)
-        cpu = {"weights": m.total_params * m.bytes_per_param,
+        cpu = {"weights": m.weight_bytes,
                "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * m.bytes_per_param}
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)

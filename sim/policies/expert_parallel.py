@@ -69,7 +69,7 @@ class ExpertParallelPolicy(Policy):
         topo = topology_of(system)
         blocks = expert_blocks(m.num_experts, gpus)
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
-        expert_bytes = m.expert_params * m.bytes_per_param * m.num_moe_layers
+        expert_bytes = m.expert_bytes * m.num_moe_layers
         # Hidden states of the routed tokens a micro-batch sends to another GPU and receives back, and on that GPU
         # its experts' intermediates, tiled like every expert GEMM (activation_workspace_bytes).
         routed_max = max_tokens * m.top_k
@@ -77,7 +77,7 @@ class ExpertParallelPolicy(Policy):
         intermediates = min(routed_max, EXPERT_CHUNK_TOKENS) * 2 * m.expert_intermediate_size * m.bytes_per_param
         peer = {f"p2p_gpu_{name}" in topo.streams for name in gpus[1:]}
         static: dict[str, dict[str, int]] = {
-            "gpu": {"weights": (m.total_params - m.routed_expert_params) * m.bytes_per_param
+            "gpu": {"weights": m.non_expert_bytes
                     + blocks[0].size * expert_bytes,
                     "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                     "workspace": activation_workspace_bytes(ctx, max_tokens),

@@ -81,7 +81,7 @@ class FiddlerPolicy(Policy):
         per_resident = m.num_moe_layers * m.expert_bytes
         resident = o.resident_experts if o.resident_experts >= 0 else max(0, min(m.num_experts, free // per_resident))
         gpu = {**base, "resident_experts": resident * per_resident}
-        cpu = {"expert_weights": m.routed_expert_params * bpp,
+        cpu = {"expert_weights": m.routed_expert_bytes,
                "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
         if attention == "cpu":
             cpu["kv_cache"] = kv

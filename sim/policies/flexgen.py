@@ -135,7 +135,7 @@ class _Layout:
         self.ngb = -(-wl.batch // self.gbs)
         self.wg, self.cg, self.hg = (o.weights_gpu_percent / 100.0, o.kv_gpu_percent / 100.0,
                                      o.act_gpu_percent / 100.0)
-        self.layer_bytes = [m.layer_params(layer) * bpp for layer in range(m.num_layers)]
+        self.layer_bytes = [m.layer_bytes(layer) for layer in range(m.num_layers)]
         self.loaded = [int(round(b * (1 - self.wg))) for b in self.layer_bytes]
         # The weight loads of one layer visit: [attention half, FFN half] with sep_layer, else [whole layer];
         # each half keeps the wg share of its own tensors on the GPU.

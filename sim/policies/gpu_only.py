@@ -32,7 +32,7 @@ class GpuOnlyPolicy(Policy):
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
         schedule = Schedule(prefill_groups, decode_groups, expert_batch=1)
         static = {
-            "gpu": {"weights": m.total_params * m.bytes_per_param,
+            "gpu": {"weights": m.weight_bytes,
                     "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                     "workspace": activation_workspace_bytes(ctx, max_tokens)},
             "cpu": {},

@@ -183,7 +183,7 @@ class MoELightningPolicy(Policy):
                "expert_page_buffers": 2 * paged * m.expert_bytes,
                "hidden_states": 2 * wl.batch * m.hidden_size * bpp,
                "workspace": activation_workspace_bytes(ctx, mb_tokens)}
-        cpu = {"expert_weights": m.routed_expert_params * bpp,
+        cpu = {"expert_weights": m.routed_expert_bytes,
                "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                "pinned_relay": 2 * paged * m.expert_bytes,
                "hidden_states": wl.prompt_tokens * m.hidden_size * bpp}

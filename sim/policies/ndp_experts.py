@@ -65,16 +65,16 @@ class NdpExpertsPolicy(Policy):
             raise SimInputError(f"policy {self.name}: system {system.name} has no NDP tier; give a system with "
                                 f"`ndp` (e.g. {self.example_system})")
         prefill_groups, decode_groups, max_tokens = group_requests(ctx, o.prefill_tokens, o.decode_micro_batch)
-        expert_weights = m.routed_expert_params * m.bytes_per_param
+        expert_weights = m.routed_expert_bytes
         # routed tokens' hidden states down and results up: sized by decode micro-batches unless prefill runs on
         # the DIMMs too
         ndp_tokens = max_tokens if o.prefill == "ndp" else max(g.size for g in decode_groups)
         states = ndp_tokens * m.top_k * m.hidden_size * m.bytes_per_param
         require_fits("NDP", system.ndp.name, self.name, {"expert_weights": expert_weights, "ndp_buffers": 2 * states},
                      system.ndp.capacity_bytes)
-        layer_experts = m.num_experts * m.expert_params * m.bytes_per_param
+        layer_experts = m.num_experts * m.expert_bytes
         static = {
-            "gpu": {"weights": (m.total_params - m.routed_expert_params) * m.bytes_per_param,
+            "gpu": {"weights": m.non_expert_bytes,
                     "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                     "workspace": activation_workspace_bytes(ctx, max_tokens), "returned_states": states,
                     "expert_buffers": 2 * layer_experts if o.prefill == "gpu" else 0},

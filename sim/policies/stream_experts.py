@@ -58,7 +58,7 @@ class StreamExpertsPolicy(Policy):
         attention = o.attention
         if attention == "auto":
             attention = "gpu" if sum(gpu.values()) + kv_bytes <= sysm.gpu_usable_bytes else "cpu"
-        cpu = {"expert_weights": m.routed_expert_params * m.bytes_per_param}
+        cpu = {"expert_weights": m.routed_expert_bytes}
         (gpu if attention == "gpu" else cpu)["kv_cache"] = kv_bytes
         require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)

@@ -101,6 +101,6 @@ class TriMoePolicy(CoxMoePolicy):
             raise SimInputError(f"policy {self.name}: system {ctx.system.name} has no NDP tier; give a system with "
                                 f"`ndp` (e.g. {self.example_system})")
         m = ctx.model
-        need = {"expert_weights": m.routed_expert_params * m.bytes_per_param}
+        need = {"expert_weights": m.routed_expert_bytes}
         require_fits("NDP", ctx.system.ndp.name, self.name, need, ctx.system.ndp.capacity_bytes)
         return super().search_space(ctx)

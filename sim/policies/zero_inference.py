@@ -45,11 +45,11 @@ class ZeroInferencePolicy(Policy):
     def build(self, ctx: PlanContext) -> Plan:
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
         requests = np.arange(wl.batch)
-        widest_layer = max((m.layer_params(layer) for layer in range(m.num_layers)), default=0)
-        gpu = {"layer_weights": (widest_layer + max(m.embedding_params, m.lm_head_params)) * m.bytes_per_param,
+        widest_layer = max((m.layer_bytes(layer) for layer in range(m.num_layers)), default=0)
+        gpu = {"layer_weights": widest_layer + max(m.embedding_params, m.lm_head_params) * m.bytes_per_param,
                "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                "workspace": activation_workspace_bytes(ctx, max(wl.prompt_tokens, 1))}
-        cpu = {"weights": m.total_params * m.bytes_per_param}
+        cpu = {"weights": m.weight_bytes}
         require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         emit = _Gather(ctx, ctx.builder())
@@ -62,8 +62,10 @@ class ZeroInferencePolicy(Policy):
 class _Gather(LayerEmitter):
     """One step of the whole batch: every module's weights copied in right before it runs."""
 
-    def gather(self, at: At, params: int, after: int) -> int:
-        return self.xfer(H2D, at, params * self.m.bytes_per_param, Payload.EXPERT_WEIGHTS, (after,))
+    def gather(self, at: At, params: int, after: int, nbytes: int | None = None) -> int:
+        """Copy a module's weights in: `params` in the model's dtype, or `nbytes` given (experts' precision)."""
+        size = params * self.m.bytes_per_param if nbytes is None else nbytes
+        return self.xfer(H2D, at, size, Payload.EXPERT_WEIGHTS, (after,))
 
     def step(self, s: BatchSlice) -> None:
         m, phase, step = self.m, s.phase, s.step
@@ -85,7 +87,7 @@ class _Gather(LayerEmitter):
             if m.shared_expert_intermediate_size:
                 done = self.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
             counts = s.layer_counts(self.ctx, layer)
-            experts = self.gather(at, m.num_experts * m.expert_params, done)
+            experts = self.gather(at, 0, done, m.num_experts * m.expert_bytes)
             ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router, experts))
             last = ran if ran >= 0 else done
         head = self.gather(At(phase, step, m.num_layers, s.mb), m.lm_head_params, last)

@@ -57,12 +57,28 @@ class GPUSpec:
     hbm_efficiency: float
     kernel_launch_s: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    # Dense INT8 tensor-core peak (0: no INT8 path; INT8 experts then run at the BF16 rate).
+    int8_ops_per_s: float = 0.0
+
+    @property
+    def int8_gemm_ops_per_s(self) -> float:
+        """Achievable INT8 GEMM rate: the INT8 peak at the BF16 GEMM's measured fraction ([assumed]: no INT8
+        GEMM measurement per part), or the BF16 rate where the part has no INT8 path."""
+        return (self.int8_ops_per_s or self.bf16_flops_per_s) * self.gemm_efficiency
 
     def __post_init__(self) -> None:
         _check_positive(f"gpu {self.name}", self, ["bf16_flops_per_s", "hbm_bytes", "hbm_bytes_per_s"])
+        if self.int8_ops_per_s < 0:
+            raise SimInputError(f"gpu {self.name}: int8_ops_per_s must be >= 0")
         _check_fraction(f"gpu {self.name}", self, ["gemm_efficiency", "hbm_efficiency"])
         if not 0 <= self.kernel_launch_s <= 1:
             raise SimInputError(f"gpu {self.name}: kernel_launch_s must be in [0, 1] s")
+
+
+# Intel's ISA: AMX's TDPBUSD does 1024 INT8 multiply-adds per cycle per core against TDPBF16PS's 512, and AVX-512
+# VNNI's VPDPBUSD four INT8 products per 32-bit lane against VDPBF16PS's two: INT8 GEMMs run at twice the BF16 rate
+# on both paths (at the BF16 path's measured efficiency, [assumed]).
+CPU_INT8_OVER_BF16 = 2.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,11 @@ class CPUSpec:
         if self.has_amx:
             return self.amx_bf16_flops_per_s * self.amx_efficiency
         return self.avx512_bf16_flops_per_s * self.avx512_efficiency
+
+    @property
+    def int8_gemm_ops_per_s(self) -> float:
+        """Achievable INT8 GEMM rate: CPU_INT8_OVER_BF16 times the BF16 GEMM rate (AMX-INT8, or AVX-512 VNNI)."""
+        return CPU_INT8_OVER_BF16 * self.gemm_flops_per_s
 
     @property
     def attention_bytes_per_s(self) -> float:

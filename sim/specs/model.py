@@ -16,6 +16,12 @@ from sim.specs.config import SPEC_CONFIG
 from traces.limits import check_experts
 
 AttentionKind = Literal["gqa", "mla"]
+# Weights of the routed experts: the model's own dtype, INT8 with a 16-bit scale per output channel, or 4-bit with a
+# 16-bit scale per group of INT4_GROUP_SIZE input weights (GPTQ / AWQ / Marlin layout). Accuracy is out of scope.
+ExpertPrecision = Literal["native", "int8", "int4"]
+EXPERT_PRECISIONS = ("native", "int8", "int4")
+INT4_GROUP_SIZE = 128
+SCALE_BYTES = 2
 # Largest values a model may declare (about 100x today's largest models): beyond them a number is a typo, and
 # loops over layers or arrays sized by these counts would run away.
 MODEL_MAXIMA = {"num_layers": 4096, "hidden_size": 1 << 20, "vocab_size": 1 << 24, "num_attention_heads": 1 << 14,
@@ -67,6 +73,7 @@ class ModelSpec:
     # Rows of a learned position-embedding table (OPT: max_position_embeddings + its offset of 2); 0 for RoPE.
     learned_position_embeddings: int = 0
     bytes_per_param: int = 2
+    expert_precision: ExpertPrecision = "native"
     published_total_params: int = 0
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -103,6 +110,9 @@ class ModelSpec:
             raise SimInputError(f"model {self.name}: learned_position_embeddings must be >= 0")
         if self.first_dense_layers and self.dense_intermediate_size <= 0:
             raise SimInputError(f"model {self.name}: dense layers need dense_intermediate_size")
+        if self.expert_precision not in EXPERT_PRECISIONS:
+            raise SimInputError(f"model {self.name}: expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, "
+                                f"got {self.expert_precision!r}")
 
     # ---- layer structure -------------------------------------------------------------------------------
     @property
@@ -220,9 +230,43 @@ class ModelSpec:
         return self.total_params - self.routed_expert_params
 
     # ---- bytes ---------------------------------------------------------------------------------------
+    def _matrix_bytes(self, rows: int, cols: int) -> int:
+        """One expert weight matrix (`rows` outputs x `cols` inputs) at the experts' precision, scales included."""
+        if self.expert_precision == "int8":
+            return rows * cols + SCALE_BYTES * rows
+        if self.expert_precision == "int4":
+            return -(-rows * cols // 2) + SCALE_BYTES * rows * -(-cols // INT4_GROUP_SIZE)
+        return rows * cols * self.bytes_per_param
+
     @property
     def expert_bytes(self) -> int:
-        return self.expert_params * self.bytes_per_param
+        """One routed expert's weights at `expert_precision` (biases stay in the model's dtype)."""
+        if self.expert_precision == "native":
+            return self.expert_params * self.bytes_per_param
+        h, i = self.hidden_size, self.expert_intermediate_size
+        matrices = (self.ffn_matrices - 1) * self._matrix_bytes(i, h) + self._matrix_bytes(h, i)
+        bias = (i + h) * self.bytes_per_param if self.linear_bias else 0
+        return matrices + bias
+
+    @property
+    def routed_expert_bytes(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert_bytes
+
+    @property
+    def non_expert_bytes(self) -> int:
+        return self.non_expert_params * self.bytes_per_param
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every weight of the model: routed experts at their precision, the rest in the model's dtype."""
+        return self.non_expert_bytes + self.routed_expert_bytes
+
+    def layer_bytes(self, layer: int) -> int:
+        """One decoder layer's weights (a MoE layer's routed experts at their precision)."""
+        if not self.is_moe_layer(layer):
+            return self.layer_params(layer) * self.bytes_per_param
+        other = self.layer_params(layer) - self.num_experts * self.expert_params
+        return other * self.bytes_per_param + self.num_experts * self.expert_bytes
 
     @property
     def kv_bytes_per_token_layer(self) -> int:

@@ -1,0 +1,161 @@
+"""Expert precision (issue 14): INT8 and INT4 routed experts change bytes everywhere weights are counted or moved,
+INT8 experts compute at each unit's INT8 rate, native plans are unchanged, and the executor runs what it has
+kernels for (INT8 on the CPU) and refuses the rest in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from sim.api import simulate
+from sim.config import SimConfig
+from sim.cost import RooflineCostModel
+from sim.errors import SimInputError
+from sim.plan import Op, OpKind, Phase
+from sim.specs import load_model, load_system
+
+
+def _precise(model, precision):
+    return dataclasses.replace(model, expert_precision=precision)
+
+
+def test_expert_bytes_per_precision_count_weights_and_scales(mixtral):
+    h, i = mixtral.hidden_size, mixtral.expert_intermediate_size
+    params = mixtral.expert_params
+    assert mixtral.expert_bytes == 2 * params
+    # INT8: one byte a weight and a 16-bit scale per output row (gate and up: i rows, down: h rows).
+    assert _precise(mixtral, "int8").expert_bytes == params + 2 * (2 * i + h)
+    # INT4: half a byte a weight and a 16-bit scale per 128 inputs of each row.
+    assert _precise(mixtral, "int4").expert_bytes == params // 2 + 2 * (2 * i * (h // 128) + h * (i // 128))
+    m8 = _precise(mixtral, "int8")
+    assert m8.routed_expert_bytes == m8.num_moe_layers * m8.num_experts * m8.expert_bytes
+    assert m8.weight_bytes == mixtral.non_expert_bytes + m8.routed_expert_bytes
+    assert sum(m8.layer_bytes(layer) for layer in range(m8.num_layers)) < mixtral.weight_bytes
+    with pytest.raises(SimInputError, match="expert_precision must be one of native, int8, int4"):
+        _precise(mixtral, "fp8")
+
+
+def _expert_op(model, tokens, stream):
+    from sim.cost import OpWork
+
+    w = OpWork(model).expert(tokens)
+    return Op(0, OpKind.EXPERT, stream, Phase.PREFILL, 0, 0, 0, tokens, w.flops, w.bytes)
+
+
+@pytest.mark.parametrize("stream", ["gpu", "cpu_experts"])
+def test_int8_experts_compute_at_twice_the_rate_and_int4_at_the_bf16_rate(mixtral, paper_system, stream):
+    """A compute-bound expert (many tokens) halves its compute roof in INT8; INT4 (weight-only) keeps the BF16
+    rate; a memory-bound one (one token) follows its bytes."""
+    times = {}
+    for precision in ("native", "int8", "int4"):
+        model = _precise(mixtral, precision)
+        cm = RooflineCostModel(paper_system)
+        cm.use_model(model)
+        big, small = _expert_op(model, 4096, stream), _expert_op(model, 1, stream)
+        assert cm.bound(big) == "compute" and cm.bound(small) == "memory"
+        times[precision] = (cm.roofs(big.kind, stream, big.flops, big.bytes)[0],
+                            cm.roofs(small.kind, stream, small.flops, small.bytes)[1])
+    assert times["int8"][0] == pytest.approx(times["native"][0] / 2, rel=0.01)
+    assert times["int4"][0] == pytest.approx(times["native"][0])
+    assert times["int8"][1] == pytest.approx(times["native"][1] / 2, rel=0.01)
+    assert times["int4"][1] == pytest.approx(times["native"][1] * 0.516 / 2, rel=0.01)  # 0.516 B a weight
+
+
+def test_the_cost_model_reprices_when_the_plan_changes_precision(mixtral, paper_system):
+    cm = RooflineCostModel(paper_system)
+    op = _expert_op(mixtral, 4096, "gpu")
+    native = cm.op_time_ns(op)
+    cm.use_model(_precise(mixtral, "int8"))
+    assert cm.op_time_ns(op) < 0.6 * native  # the memo was dropped, not reused
+    cm.use_model(mixtral)
+    assert cm.op_time_ns(op) == native
+    qkv = dataclasses.replace(op, kind=OpKind.QKV)  # only routed experts change precision
+    cm.use_model(_precise(mixtral, "int8"))
+    t8 = cm.op_time_ns(qkv)
+    cm.use_model(mixtral)
+    assert cm.op_time_ns(qkv) == t8
+
+
+def test_int8_experts_fit_more_residents_and_run_faster_end_to_end():
+    runs = {p: simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=256, prompt_len=128, gen_len=8,
+                        decode_sample=4, expert_precision=p) for p in ("native", "int8", "int4")}
+    static = {p: r.static_memory for p, r in runs.items()}
+    assert static["int8"]["cpu"]["expert_weights"] < 0.51 * static["native"]["cpu"]["expert_weights"]
+    assert static["int4"]["cpu"]["expert_weights"] < 0.27 * static["native"]["cpu"]["expert_weights"]
+    resident = {p: r.knobs["resident_experts"] for p, r in runs.items()}
+    assert resident["native"] < resident["int8"] <= resident["int4"] == 8
+    assert runs["int8"].throughput_tok_s > runs["native"].throughput_tok_s
+
+
+def test_native_precision_keeps_sweep_points_and_profiles_matching():
+    """A point at the default precision hashes as it did before the setting existed; another precision is part
+    of the point; a profile (timed at native precision) refuses INT8 experts in one line."""
+    native = SimConfig("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=8, prompt_len=4, gen_len=2)
+    assert "expert_precision" not in native.point()
+    int8 = native.replace(expert_precision="int8")
+    assert int8.point()["expert_precision"] == "int8"
+    assert SimConfig.from_point(json.loads(json.dumps(int8.point()))).expert_precision == "int8"
+    with pytest.raises(SimInputError, match="expert_precision must be one of"):
+        native.replace(expert_precision="int2")
+    from sim.cost.profile import ProfileCostModel, model_signature
+
+    mixtral = load_model("mixtral-8x7b")
+    assert model_signature(mixtral) != model_signature(_precise(mixtral, "int8"))
+    with pytest.raises(SimInputError, match="int8 experts have no profile rows yet"):
+        ProfileCostModel(load_system("a100-80g-8452y"), "nowhere", _precise(mixtral, "int8"))
+
+
+def test_the_cli_takes_a_precision_and_refuses_a_bad_one(capsys):
+    from experiments.cli import main
+
+    assert main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "cpu-only",
+                 "--batch", "4", "--prompt-len", "8", "--gen-len", "2", "--expert-precision", "int4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["static_memory"]["cpu"]["weights"] < load_model("mixtral-8x7b").weight_bytes / 3
+    assert main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "4",
+                 "--prompt-len", "8", "--gen-len", "2", "--expert-precision", "fp4"]) == 2
+    err = capsys.readouterr().err
+    assert "expert_precision must be one of native, int8, int4" in err and len(err.strip().splitlines()) == 1
+
+
+def _tiny_plan(precision, policy="cpu-only"):
+    from sim.policies import PlanContext, make_policy
+    from sim.specs import ModelSpec
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=6, top_k=2, expert_intermediate_size=96,
+                     expert_precision=precision)
+    prompts, gens = np.array([5, 3, 7]), np.array([3, 1, 2])
+    trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, spec.num_experts, spec.top_k, "zipf:1.0",
+                                       0.2, 1), prompts, gens)
+    workload = Workload(prompts, gens)
+    plan = make_policy(policy, {}).build(PlanContext(spec, load_system("a100-80g-8452y"), workload, trace))
+    return spec, plan, trace, workload
+
+
+def test_the_executor_runs_int8_cpu_experts_and_refuses_int4():
+    torch = pytest.importorskip("torch")
+    from executor import cpu_experts as C
+    from executor.reference import reference_forward
+    from executor.run import execute_plan
+    from executor.weights import random_weights
+
+    spec, plan, trace, workload = _tiny_plan("int4")
+    with pytest.raises(SimInputError, match="no int4 expert kernels"):
+        execute_plan(plan, random_weights(dataclasses.replace(spec, expert_precision="native"), seed=3), trace,
+                     use_cuda=False)
+    if not C.onednn_int8():
+        pytest.skip("INT8 experts need VNNI or AMX-INT8 (oneDNN quantised linear)")
+    spec, plan, trace, workload = _tiny_plan("int8")
+    weights = random_weights(dataclasses.replace(spec, expert_precision="native"), seed=3)
+    want = reference_forward(weights, trace, workload)
+    got = execute_plan(plan, weights, trace, use_cuda=False).outputs
+    assert all(lw.cpu_experts is not None and lw.cpu_experts.precision == "int8" for lw in weights.layers)
+    worst = max(float((got[k].float() - want[k].float()).norm() / want[k].float().norm()) for k in want)
+    assert 0 < worst < 0.05  # INT8's stated tolerance (docs/executor.md); not bit-equal to bf16
+    del torch
