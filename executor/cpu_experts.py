@@ -1,4 +1,4 @@
-"""CPU expert FFNs at the machine's limit: weights prepacked once for oneDNN, gate and up fused, optional INT8.
+"""CPU expert FFNs at the machine's limit: weights prepacked once for oneDNN, gate and up fused; INT8 or INT4.
 
 The plain path (`kernels.expert`) hands oneDNN row-major bf16 weights on every call, three GEMMs per expert.
 Here each expert's weights are reordered once, on first use, into the blocked layout oneDNN's AMX / AVX-512
@@ -6,8 +6,10 @@ kernels read (`torch.ops.mkldnn._reorder_linear_weight`, stock torch), with the 
 projections stacked into one [2f, h] matrix so the tokens are read once for both. SiLU and the gating product
 run in place on the GEMM's output. INT8 (`precision="int8"`) quantises each weight row symmetrically with its
 own scale (per output channel) and each token's activations dynamically with its own scale (per token), and runs
-oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`: AMX-INT8 where the CPU has it); accuracy is
-checked against the bf16 reference in tests, never assumed.
+oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`: AMX-INT8 where the CPU has it). INT4
+(`precision="int4"`, weight-only) stores 4-bit weights with a bf16 scale per group of 128 inputs and dequantises
+an expert per call (reference numerics, not a fused kernel's speed). Accuracy is checked against the bf16
+reference in tests, never assumed.
 
 INT8's middle step (token scales, SiLU x up, quantisation) is one torch.compile'd loop where a C++ compiler
 exists (`COXMOE_CPU_FUSE`). Backends (`COXMOE_CPU_EXPERTS`): `auto` (default: `onednn` where oneDNN runs bf16
@@ -27,7 +29,9 @@ import torch.nn.functional as F
 
 from sim.errors import SimInputError
 
-PRECISIONS = ("bf16", "int8")
+PRECISIONS = ("bf16", "int8", "int4")
+INT4_GROUP = 128  # weights per 16-bit scale along each row's inputs (sim.specs.model.INT4_GROUP_SIZE)
+_INT4_MAX = 7.0
 BACKENDS = ("auto", "onednn", "plain", "ipex")
 ENV_BACKEND = "COXMOE_CPU_EXPERTS"
 ENV_FUSE = "COXMOE_CPU_FUSE"  # auto | compile | eager: how INT8's epilogue (scale, SiLU x up, quantise) runs
@@ -113,6 +117,36 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = tf.abs().amax(dim=1, keepdim=True).div_(_INT8_MAX)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.round(tf / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
+
+
+def quantize_groups_int4(t: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit quantisation per group of `group` inputs of each row (the last group may be short): (two
+    values a byte, low nibble first, [rows, ceil(cols / 2)] uint8; bf16 scale per group [rows, groups])."""
+    rows, cols = t.shape
+    groups = -(-cols // group)
+    padded = torch.zeros(rows, groups * group, dtype=torch.float32)
+    padded[:, :cols] = t.float()
+    g = padded.view(rows, groups, group)
+    scale = g.abs().amax(dim=2, keepdim=True).div_(_INT4_MAX)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.bfloat16)
+    q = torch.round(g / scale.float()).clamp_(-_INT4_MAX - 1, _INT4_MAX).to(torch.int16).add_(8)
+    q = q.view(rows, -1)[:, :cols]
+    if cols % 2:
+        q = torch.cat([q, torch.full((rows, 1), 8, dtype=torch.int16)], dim=1)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return packed, scale.view(rows, groups)
+
+
+def dequantize_groups_int4(packed: torch.Tensor, scale: torch.Tensor, cols: int,
+                           group: int = INT4_GROUP) -> torch.Tensor:
+    """The bf16 [rows, cols] weights `quantize_groups_int4` stored: unpack the nibbles, scale each group."""
+    rows = packed.shape[0]
+    q = torch.stack([packed & 0x0F, packed >> 4], dim=2).view(rows, -1)[:, :cols].float().sub_(8)
+    groups = scale.shape[1]
+    padded = torch.zeros(rows, groups * group, dtype=torch.float32)
+    padded[:, :cols] = q
+    return (padded.view(rows, groups, group) * scale.float().unsqueeze(2)).view(rows, -1)[:, :cols].to(
+        torch.bfloat16)
 
 
 def quantize_rows_u8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +245,24 @@ class _Int8Packed:
         return self._gemm(h8, self.w2, self.s2, self.zp2).mul_(h_scale)
 
 
+class _Int4Packed:
+    """One expert in 4-bit weights, a 16-bit scale per group of INT4_GROUP inputs (the GPTQ / AWQ layout the
+    simulator counts). Each call dequantises the expert's weights to bf16 and runs the plain GEMMs: the reference
+    numerics of weight-only INT4 (its bytes at rest are what shrink), not a fused 4-bit kernel's speed."""
+
+    __slots__ = ("q1", "s1", "q3", "s3", "q2", "s2", "h", "f")
+
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+        self.f, self.h = w1.shape
+        (self.q1, self.s1), (self.q3, self.s3), (self.q2, self.s2) = (quantize_groups_int4(w) for w in (w1, w3, w2))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w1 = dequantize_groups_int4(self.q1, self.s1, self.h)
+        w3 = dequantize_groups_int4(self.q3, self.s3, self.h)
+        w2 = dequantize_groups_int4(self.q2, self.s2, self.f)
+        return gated_ffn(x.to(torch.bfloat16), w1, w3, w2)
+
+
 class _IpexPacked:
     """One expert through IPEX's prepacked linear (optional backend, compared in the benchmark)."""
 
@@ -233,7 +285,8 @@ class _IpexPacked:
 
 
 _PACKERS = {("onednn", "bf16"): _Bf16Packed, ("onednn", "int8"): _Int8Packed, ("plain", "int8"): _Int8Packed,
-            ("ipex", "bf16"): _IpexPacked, ("ipex", "int8"): _Int8Packed}
+            ("ipex", "bf16"): _IpexPacked, ("ipex", "int8"): _Int8Packed,
+            **{(b, "int4"): _Int4Packed for b in BACKENDS}}
 
 
 class CpuExperts:

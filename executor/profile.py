@@ -6,7 +6,8 @@
   experts are touched), timed as a burst over every copy and divided by the calls, since plans run a layer's
   experts back to back (a lone call after unrelated ops costs up to 2x more for small experts); on the CPU
   through `executor.cpu_experts` (prepacked where oneDNN runs bf16; the backend is in the fingerprint), packed
-  during the warm-up, as the executor packs an expert on its first call;
+  during the warm-up, as the executor packs an expert on its first call; on the CPU also with INT8 weights (where
+  oneDNN's quantised linear runs) and INT4 weights (`expert_int8`, `expert_int4` rows);
 - the other GEMM-shaped ops (QKV, O-projection, router, LM head) over the same token grid;
 - decode attention over (batch, KV length);
 - DRAM bandwidth (a large copy);
@@ -19,6 +20,7 @@ the executor runs ops; each point keeps the median and the 10th/90th percentiles
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -33,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from executor import kernels as K
+from executor.cpu_experts import CpuExperts, cpu_flags, onednn_int8
 from executor.cpu_experts import backend as cpu_experts_backend
-from executor.cpu_experts import cpu_flags
 from executor.weights import LayerWeights, random_weights, truncated
-from sim.cost.profile import PROFILE_VERSION, model_signature
+from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
 
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -142,6 +144,9 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     timed = _timer(device)
     tokens = [t for t in TOKEN_GRID if t <= max_tokens]
     cold = _cold_copies(moe, 512 * 2**20)
+    quantized = {} if device != "cpu" else {  # each cold copy with its own quantised runner, packed at warm-up
+        p: [dataclasses.replace(lw, cpu_experts=CpuExperts(lw.w1, lw.w3, lw.w2, p)) for lw in cold]
+        for p in QUANTIZED_EXPERT_KINDS if p != "int8" or onednn_int8()}
     points: list[tuple[str, tuple, Callable[[], object], int]] = []  # kind, grid point, timed call, ops per call
     for t in tokens:
         x = torch.randn(t, spec.hidden_size, dtype=dtype, device=device) * 0.02
@@ -156,6 +161,9 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
             t, moe.attn["wo"].shape[1], dtype=dtype, device=device)), 1))
         points.append(("router", (t, 0), lambda x=x: x @ moe.router.T, 1))
         points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x), 1))
+        for precision, copies in quantized.items():  # the same expert op with INT8 / INT4 weights
+            points.append((QUANTIZED_EXPERT_KINDS[precision], (t, 0), lambda x=x, ids=ids, g=gates, y=y, c=copies: [
+                K.expert_scatter(lw, 0, x, ids, g, y) for lw in c], len(copies)))
     for b in covering(ATTENTION_BATCH, max_requests):
         for kv in covering(ATTENTION_KV, max_kv):
             points.append(("attention", (b, kv), _attention_point(spec, moe, b, kv, dtype, device), 1))

@@ -11,6 +11,7 @@ on their own CUDA streams; without CUDA they take no time and are recorded as su
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -86,18 +87,23 @@ def prepack_cpu_experts(plan: Plan, weights: ModelWeights, device_of: dict[str, 
         warm_int8_epilogue()
 
 
-def _at_plan_precision(plan: Plan, weights: ModelWeights, device_of: dict[str, str]) -> ModelWeights:
-    """The weights as the plan's experts run them: INT8 CPU experts through oneDNN (`executor.cpu_experts`); a
-    precision the executor has no kernels for is refused before anything runs."""
+def _at_plan_precision(plan: Plan, weights: ModelWeights) -> ModelWeights:
+    """The weights as the plan's experts run them: INT8 (oneDNN) or INT4 (dequantised per group) CPU experts
+    (`executor.cpu_experts`); quantised experts on a GPU stream have no kernels here and are refused before
+    anything runs."""
     precision = plan.model.expert_precision
     if precision == "native":
         return weights
-    on_gpu = any(op.kind is OpKind.EXPERT and device_of.get(op.stream) != "cpu" for op in plan.ops)
-    if precision != "int8" or on_gpu:
-        where = "GPU" if precision == "int8" else "any"
-        raise SimInputError(f"the executor has no {precision} expert kernels on {where} device (simulate this plan; "
-                            "INT8 experts run on the CPU only)")
-    return K.use_cpu_experts(weights, "int8")
+    topo = topology_of(plan.system)  # a GPU stream's experts run the plain kernels, on whatever device: refuse
+    if any(op.kind is OpKind.EXPERT and topo.streams[op.stream].kind is not UnitKind.CPU for op in plan.ops):
+        raise SimInputError(f"the executor runs {precision} experts on the CPU only; this plan runs experts on a GPU "
+                            "(simulate it, or pick a plan whose experts run on the CPU)")
+    current = [lw.cpu_experts for lw in weights.layers if lw.cpu_experts is not None]
+    if current and all(e.precision == precision for e in current):
+        return weights  # already at the plan's precision (packed experts kept across runs)
+    # A copy of the layer records (tensors shared) with their own runners: the caller's weights keep theirs.
+    copy = dataclasses.replace(weights, layers=[dataclasses.replace(lw, cpu_experts=None) for lw in weights.layers])
+    return K.use_cpu_experts(copy, precision)
 
 
 def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cuda: bool | None = None,
@@ -110,7 +116,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     streams = topo.stream_order()
     device_of = {s: _torch_device(topo, s, cuda) for s in streams}
     used = sorted({d for d in device_of.values() if d != "cpu"})
-    weights = _at_plan_precision(plan, weights, device_of)
+    weights = _at_plan_precision(plan, weights)
     interp = PlanInterpreter(plan, weights, trace, weights_on={d: weights.to(d) for d in used}, device_of=device_of)
     ops = plan.ops
     n = len(ops)

@@ -68,6 +68,7 @@ class SimulationResult:
     plan: Plan | None = field(default=None, repr=False)
     record: EngineRecord | None = field(default=None, repr=False)
     peak_bytes: dict[str, int] = field(default_factory=dict)  # every memory pool's peak (extra GPUs too)
+    expert_precision: str = "native"
 
     @property
     def throughput_tok_s(self) -> float:
@@ -75,7 +76,8 @@ class SimulationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "system": self.system, "policy": self.policy, "knobs": self.knobs,
+            "model": self.model, "expert_precision": self.expert_precision, "system": self.system,
+            "policy": self.policy, "knobs": self.knobs,
             "workload": self.workload, "routing": self.routing, "seed": self.seed,
             "throughput_tok_s": self.throughput_tok_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
             "total_s": self.total_s, "generated_tokens": self.generated_tokens,
@@ -114,6 +116,14 @@ def _jsonable(value: Any) -> Any:
 
 def resolve_model(model: str | ModelSpec) -> ModelSpec:
     return model if isinstance(model, ModelSpec) else load_model(model)
+
+
+def config_model(config: SimConfig) -> ModelSpec:
+    """The config's model with its `expert_precision` applied (the default, native, keeps a model file's own)."""
+    m = resolve_model(config.model)
+    if config.expert_precision != "native":
+        m = dataclasses.replace(m, expert_precision=config.expert_precision)
+    return m
 
 
 def resolve_system(system: str | SystemSpec) -> SystemSpec:
@@ -274,9 +284,7 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
     """`simulate` for a `SimConfig`."""
     t0 = time.perf_counter()
     c = config
-    m, s = resolve_model(c.model), resolve_system(c.system)
-    if c.expert_precision != "native":  # otherwise a model file's own expert_precision stands
-        m = dataclasses.replace(m, expert_precision=c.expert_precision)
+    m, s = config_model(c), resolve_system(c.system)
     pol = make_policy(c.policy, dict(c.policy_options))
     wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
                                            c.reuse_prob)
@@ -294,7 +302,8 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
             metrics = plan_metrics(plan, record)
     search = _jsonable(planned.search.to_dict()) if planned.search is not None else None
     return SimulationResult(
-        model=m.name, system=s.name, policy=pol.name, knobs=plan.knobs, workload=wl.to_dict(),
+        model=m.name, expert_precision=m.expert_precision, system=s.name, policy=pol.name, knobs=plan.knobs,
+        workload=wl.to_dict(),
         routing=routing_name, seed=c.seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
         peak_bytes=dict(record.peak_bytes),

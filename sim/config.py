@@ -26,7 +26,7 @@ from sim.errors import SimInputError
 from sim.specs.model import EXPERT_PRECISIONS
 
 LENGTH_FORMS = ("fixed", "uniform", "lognormal", "preset")
-_OMITTED_AT_DEFAULT = frozenset({"expert_precision"})
+OMITTED_DEFAULTS = {"expert_precision": "native"}  # what `point()` leaves out, for readers of stored points
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -197,7 +197,7 @@ class SimConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _OMITTED_AT_DEFAULT and value == f.default:
+            if f.name in OMITTED_DEFAULTS and value == f.default:
                 continue  # settings added later hash as before while at their default
             if isinstance(value, Path):
                 value = str(value)

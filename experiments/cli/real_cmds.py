@@ -27,7 +27,7 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
     """Apply --threads, then build the plan. With `profile`, the policy's search scores its candidates with the
     profile's op times (the cost model the run is compared against), not the roofline."""
     from executor.weights import truncated
-    from sim.api import resolve_model, resolve_routing, resolve_system
+    from sim.api import config_model, resolve_routing, resolve_system
     from sim.policies import PlanContext, make_policy
 
     if args.threads:
@@ -35,7 +35,7 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
 
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    full = resolve_model(config.model)
+    full = config_model(config)
     spec = truncated(full, args.layers or full.num_layers)
     system = resolve_system(config.system)
     workload, trace, routing = resolve_routing(spec, config.batch, config.prompt_len, config.gen_len, config.trace,

@@ -87,8 +87,10 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         raw = pd.read_sql_query("SELECT * FROM points ORDER BY finished_at, key", conn)
     rows = []
+    from sim.config import OMITTED_DEFAULTS
+
     for rec in raw.to_dict("records"):
-        config = json.loads(rec["config"])
+        config = {**OMITTED_DEFAULTS, **json.loads(rec["config"])}  # settings a point leaves out at their default
         metrics = json.loads(rec["metrics"]) if isinstance(rec["metrics"], str) else {}  # NULL reads as NaN
         error = rec["error"] if isinstance(rec["error"], str) else None
         row = {"key": rec["key"], "status": rec["status"], "error": error, "wall_s": rec["wall_s"],

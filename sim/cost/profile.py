@@ -30,15 +30,17 @@ from sim.topology import UnitKind
 
 PROFILE_VERSION = 1
 GEMM_KINDS = (OpKind.EXPERT, OpKind.QKV, OpKind.O_PROJ, OpKind.ROUTER, OpKind.LM_HEAD)
-_TOKEN_TABLES = {*(str(k) for k in GEMM_KINDS), "copy_h2d_pinned", "copy_d2h_pinned"}
-_IGNORED = {"name", "num_layers", "first_dense_layers", "published_total_params", "sources"}
+QUANTIZED_EXPERT_KINDS = {"int8": "expert_int8", "int4": "expert_int4"}  # CPU rows of quantised expert ops
+_TOKEN_TABLES = {*(str(k) for k in GEMM_KINDS), *QUANTIZED_EXPERT_KINDS.values(), "copy_h2d_pinned",
+                 "copy_d2h_pinned"}
+# expert_precision: a profile's rows cover each precision by kind (`expert`, `expert_int8`, ...), and profiles
+# written before the field existed keep their signature.
+_IGNORED = {"name", "num_layers", "first_dense_layers", "published_total_params", "sources", "expert_precision"}
 
 
 def model_signature(spec: ModelSpec) -> str:
     """Shapes that decide op times (not the name or depth): a model cut to fewer layers keeps its signature."""
     fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _IGNORED}
-    if fields.get("expert_precision") == "native":  # profiles written before precision existed keep their match
-        del fields["expert_precision"]
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -96,10 +98,8 @@ class ProfileCostModel:
 
     def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
                  mean_prompt_len: float | None = None, threads: int | None = None):
-        if model.expert_precision != "native":
-            raise SimInputError(f"a profile times the executor's native-precision experts; {model.expert_precision} "
-                                "experts have no profile rows yet (simulate them with the roofline)")
         self.fallback = RooflineCostModel(system)
+        self.fallback.use_model(model)
         self.topology = self.fallback.topology
         self.model = model
         self.dir = Path(profile_dir)
@@ -144,6 +144,11 @@ class ProfileCostModel:
                 rows = rows.sort_values("tokens")
                 self.gemm[(str(device), str(kind))] = (np.log(rows["tokens"].to_numpy(float)),
                                                        np.log(rows["median_s"].to_numpy(float)))
+        self.expert_kind = QUANTIZED_EXPERT_KINDS.get(model.expert_precision, str(OpKind.EXPERT))
+        if model.expert_precision != "native" and ("cpu", self.expert_kind) not in self.gemm:
+            raise SimInputError(f"{self.dir}: no {self.expert_kind} rows for the model's {model.expert_precision} "
+                                "experts (profile again with this version; a GPU's quantised experts use the "
+                                "roofline)")
         self.overhead = {str(k).removeprefix("overhead_"): float(v) for k, v in
                          frame[frame["kind"].str.startswith("overhead_")].groupby("kind")["median_s"].first().items()}
         self._cache: dict[tuple, int] = {}
@@ -195,6 +200,8 @@ class ProfileCostModel:
                  + fb * fk * lt[ib, jk])
             return float(np.exp(v))
         kind, scale = str(op.kind), 1.0
+        if op.kind is OpKind.EXPERT:  # routed experts at the model's precision; shared ones stay native
+            kind = self.expert_kind
         if op.kind in (OpKind.SHARED_EXPERT, OpKind.DENSE_FFN) and (device, kind) not in self.gemm:
             # The same gated-FFN GEMMs as a routed expert, only wider: FLOPs and weight bytes both grow with the
             # parameter count, so the measured expert time at these tokens scales by it.
@@ -213,6 +220,10 @@ class ProfileCostModel:
     def prepare(self, plan: Plan) -> None:
         """Called by the engine before it prices `plan`'s ops: prefill ops then read their requests and prompt
         lengths from their scopes (`Plan.scope_of`). A new plan drops the prefill prices of the last one."""
+        if plan.model.expert_precision != self.model.expert_precision:
+            raise SimInputError(f"this profile cost model prices {self.model.expert_precision} experts; the plan's "
+                                f"are {plan.model.expert_precision} (build it for the plan's model)")
+        self.fallback.prepare(plan)
         if plan is not self._plan:
             self._plan = plan
             self._prefill_cache.clear()

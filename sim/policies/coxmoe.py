@@ -91,8 +91,8 @@ class CoxMoeOptions(OptionsBase):
         self.choice("stratify", ("on", "off"))
         self.choice("split_tokens", ("on", "off"))
         if self.split_tokens == "on" and self.restratify != "off":
-            raise SimInputError("policy coxmoe: split_tokens=on does not combine with restratify (a split names one "
-                                "layer's expert for the whole run)")
+            raise SimInputError(f"policy {self.policy_name}: split_tokens=on does not combine with restratify (a split "
+                                "names one layer's expert for the whole run)")
         for name in ("prefill_micro_batch", "decode_micro_batch", "resident_experts"):
             self.at_least(name, -1)
         self.at_least("rescore", 1)
@@ -102,7 +102,8 @@ class CoxMoeOptions(OptionsBase):
             for name in ("prefill_placement", "decode_placement"):
                 value = getattr(self, name)
                 if value != "auto" and value[1] != x1:
-                    raise SimInputError(f"policy coxmoe: attention={self.attention} contradicts {name}={value}")
+                    raise SimInputError(f"policy {self.policy_name}: attention={self.attention} contradicts "
+                                        f"{name}={value}")
 
     @property
     def ema(self) -> tuple[float, int] | None:
@@ -116,9 +117,11 @@ class CoxMoeOptions(OptionsBase):
             alpha, every = float(parts[1]), int(parts[2])
         except ValueError:
             raise SimInputError(
-                f"policy coxmoe: restratify must be off or ema:ALPHA:EVERY, got {self.restratify!r}") from None
+                f"policy {self.policy_name}: restratify must be off or ema:ALPHA:EVERY, got {self.restratify!r}"
+            ) from None
         if not 0 < alpha <= 1 or every < 1:
-            raise SimInputError(f"policy coxmoe: restratify needs 0 < ALPHA <= 1 and EVERY >= 1, got {self.restratify}")
+            raise SimInputError(f"policy {self.policy_name}: restratify needs 0 < ALPHA <= 1 and EVERY >= 1, got "
+                                f"{self.restratify}")
         return alpha, every
 
     @property
@@ -372,14 +375,14 @@ class CoxMoePolicy(Policy):
         mu_p = max(o.prefill_micro_batch, 1)
         mu_d = max(o.decode_micro_batch, 1)
         if o.resident_experts > m.num_experts:
-            raise SimInputError(f"policy coxmoe: resident_experts {o.resident_experts} exceeds the model's "
+            raise SimInputError(f"policy {self.name}: resident_experts {o.resident_experts} exceeds the model's "
                                 f"{m.num_experts} experts per layer")
         require_fits("DRAM", ctx.system.name, self.name, model.cpu_static(pre, dec), ctx.system.dram_usable_bytes)
         resident = max(o.resident_experts, 0)
         widest = max(model.op3(Phase.PREFILL, resident, mu_p)[1], model.op3(Phase.DECODE, resident, mu_d)[1])
         require_fits("GPU", ctx.system.gpu.name, self.name, model.gpu_static(pre, dec, mu_p, mu_d, resident, widest),
                      ctx.system.gpu_usable_bytes)
-        raise NoFeasibleConfig(f"policy coxmoe: no configuration of these knobs fits on {ctx.system.name} (each "
+        raise NoFeasibleConfig(f"policy {self.name}: no configuration of these knobs fits on {ctx.system.name} (each "
                                "placement and micro-batch the search may still choose overflows GPU or DRAM)")
 
     # ---- search ----------------------------------------------------------------------------------------

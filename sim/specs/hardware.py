@@ -75,9 +75,10 @@ class GPUSpec:
             raise SimInputError(f"gpu {self.name}: kernel_launch_s must be in [0, 1] s")
 
 
-# Intel's ISA: AMX's TDPBUSD does 1024 INT8 multiply-adds per cycle per core against TDPBF16PS's 512, and AVX-512
-# VNNI's VPDPBUSD four INT8 products per 32-bit lane against VDPBF16PS's two: INT8 GEMMs run at twice the BF16 rate
-# on both paths (at the BF16 path's measured efficiency, [assumed]).
+# Intel's ISA: AMX's TDPBUSD does 1024 INT8 multiply-adds per cycle per core against TDPBF16PS's 512: INT8 GEMMs run
+# at twice the BF16 rate (at the BF16 path's measured efficiency, [assumed]). Without AMX an INT8 GEMM keeps the
+# preset's GEMM rate: AVX-512 VNNI would double native AVX512-BF16, but the non-AMX presets (Haswell, Cascade Lake)
+# have no native BF16 to double, and no INT8 measurement of them was found.
 CPU_INT8_OVER_BF16 = 2.0
 
 
@@ -124,8 +125,8 @@ class CPUSpec:
 
     @property
     def int8_gemm_ops_per_s(self) -> float:
-        """Achievable INT8 GEMM rate: CPU_INT8_OVER_BF16 times the BF16 GEMM rate (AMX-INT8, or AVX-512 VNNI)."""
-        return CPU_INT8_OVER_BF16 * self.gemm_flops_per_s
+        """Achievable INT8 GEMM rate: CPU_INT8_OVER_BF16 times the BF16 GEMM rate with AMX, else the GEMM rate."""
+        return (CPU_INT8_OVER_BF16 if self.has_amx else 1.0) * self.gemm_flops_per_s
 
     @property
     def attention_bytes_per_s(self) -> float:
