@@ -62,6 +62,16 @@ def gemm_ceiling(h: int, f: int, repeats: int = 3) -> float:
     return flops / best
 
 
+def int8_gemm_ceiling(h: int, f: int, repeats: int = 3) -> float:
+    """The INT8 rate (ops/s) of the same expert-shaped product through the executor's INT8 kernel (oneDNN's u8 x s8
+    linear), weights prepacked and hot: with the bf16 ceiling, the most INT8 can gain on this machine."""
+    w = torch.randn(2 * f, h, dtype=torch.bfloat16) * 0.02
+    packed = C._Int8Packed(w[:f], w[f:], torch.zeros(1, f, dtype=torch.bfloat16))
+    u8, _ = C.quantize_rows_u8(torch.randn(CEILING_M, h, dtype=torch.bfloat16))
+    seconds = _median_time(lambda: packed._gemm(u8, packed.w13, packed.s13, packed.zp13), repeats)
+    return 2 * CEILING_M * h * 2 * f / seconds
+
+
 def _hf_block(h: int, f: int, e: int, w13: torch.Tensor, w2: torch.Tensor):
     try:
         from transformers import MixtralConfig
@@ -107,6 +117,10 @@ def main() -> None:
           f"{'yes' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'no'}")
     print(f"ceiling inputs, measured now: DRAM copy {bw / 1e9:.1f} GB/s (read + write), bf16 GEMM "
           f"{peak / 1e12:.3f} TFLOP/s ([{CEILING_M} x {h}] x [{h} x {2 * f}], hot prepacked weights)")
+    if "int8" in paths:
+        peak8 = int8_gemm_ceiling(h, f)
+        print(f"INT8 GEMM, same shape, hot: {peak8 / 1e12:.3f} TOPS: int8/bf16 can gain at most {peak8 / peak:.2f}x "
+              "where the block is compute-bound")
     print("Mixtral-8x7B expert block (8 x 4096 x 14336), top-2; times in ms (medians); ratios are speed-ups")
     cols = ["tokens", *paths, "HF", "ceiling", "bound", "bf16/HF", "bf16/ceil", "int8/bf16", "int8 err"]
     print(" ".join(f"{c:>9}" for c in cols))
