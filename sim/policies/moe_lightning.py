@@ -87,8 +87,8 @@ def hrm_layer_s(ctx: PlanContext, a: Analytic, ubs: int, resident: int) -> dict[
     cpu = n_ub * max(attn.flops / a.cm.cpu_vector_flops, attn.bytes / a.cm.cpu_bw)
     mlp_flops = ubs * m.top_k * 2 * m.expert_params
     mlp_bytes = 2 * ubs * (m.hidden_size + m.expert_intermediate_size) + wi
-    flops_rate = a.cm.rates("gpu").int8_flops if m.expert_precision == "int8" else a.cm.gpu_flops
-    gpu = n_ub * max(mlp_flops / flops_rate, mlp_bytes / a.cm.gpu_bw)
+    compute, memory, _ = a.cm.roofs(OpKind.EXPERT, GPU, mlp_flops, mlp_bytes)  # at the experts' precision
+    gpu = n_ub * max(compute, memory)
     return {"ctog": ctog, "cpu": cpu, "gpu": gpu}
 
 
