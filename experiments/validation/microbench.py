@@ -55,7 +55,7 @@ def derive(path: Path = MICROBENCH_FILE) -> dict[str, float | LinearFit]:
                 seconds.append(t)
         out[key] = _fit(np.asarray(nbytes, float), np.asarray(seconds, float))
     # The smallest micro-batch's FFN is the most purely weight-bound: every expert of the layer is read once.
-    expert_bytes = model.num_experts * model.expert_params * model.bytes_per_param
+    expert_bytes = model.num_experts * model.expert_bytes
     smallest = min(data["moe_ffn_s"], key=int)
     out["moe_ffn_hbm_bytes_per_s"] = expert_bytes / data["moe_ffn_s"][smallest]
     return out
