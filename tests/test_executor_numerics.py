@@ -25,6 +25,7 @@ CASES = [
     ("flexgen", {"gpu_batch_size": "2", "weights_gpu_percent": "50", "kv_gpu_percent": "50", "act_gpu_percent": "0"}),
     ("fiddler", {"attention": "cpu", "resident_experts": "2"}),
     ("moe-gen", {"resident_experts": "1", "prefill_micro_batch": "2", "decode_micro_batch": "2"}),
+    ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "attention_split": "0.5"}),
     ("cpu-only", {"coalesce": "off", "decode_micro_batch": "2", "prefill_tokens": "9"}),
 ]
 

@@ -379,6 +379,35 @@ def test_trimoe_puts_light_experts_on_the_dimms_and_needs_an_ndp_tier(mixtral):
         make_policy("trimoe", {"split_tokens": "on"})
 
 
+def test_attention_split_shares_decode_attention_and_its_kv_cache_between_gpu_and_cpu(mixtral, paper_system):
+    """attention_split: the first share of decode micro-batches attend on the CPU over host-memory K/V, the rest on
+    the GPU; the KV pools split by request, prefill stores exactly the CPU requests' K/V down, and the knob needs
+    decode attention on the GPU."""
+    from sim.policies.layers import split_by_count
+
+    ctx = ctx_for(mixtral, paper_system, batch=8, prompt=6, gen=3, routing="table:mixtral-8x7b")
+    plan = make_policy("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "attention_split": "0.5",
+                                  "prefill_placement": "ggg"}).build(ctx)
+    groups = split_by_count(np.arange(8), 2)  # 4 decode micro-batches: the first 2 attend on the CPU
+    for op in ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE):
+        assert op.stream == (Stream.CPU if op.micro_batch in (0, 1) else Stream.GPU), op
+    wl, m = ctx.workload, mixtral
+    cpu_requests = np.concatenate(groups[:2])
+    kv_cpu = int((wl.prompt_lens[cpu_requests] + wl.gen_lens[cpu_requests] - 1).sum())
+    assert plan.static_memory["cpu"]["kv_cache"] == kv_cpu * m.kv_bytes_per_token
+    assert plan.static_memory["gpu"]["kv_cache"] == (wl.kv_tokens_total - kv_cpu) * m.kv_bytes_per_token
+    stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.PREFILL, payload=Payload.KV)
+    assert sum(op.bytes for op in stores) == int(wl.prompt_lens[cpu_requests].sum()) * m.kv_bytes_per_token_layer \
+        * m.num_layers
+    with pytest.raises(SimInputError, match="attention_split must be in"):
+        make_policy("coxmoe", {"attention_split": "1"})
+    with pytest.raises(SimInputError, match="needs decode attention on the GPU"):
+        make_policy("coxmoe", {"attention_split": "0.5", "decode_placement": "gcg"})
+    default = make_policy("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2",
+                                     "prefill_placement": "ggg"}).build(ctx)
+    assert not ops_of(default, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.CPU)  # off by default
+
+
 def test_moe_gen_batches_modules_with_every_expert_on_the_gpu(mixtral, paper_system):
     """MoE-Gen's design: decode attention on the CPU over a host-memory KV cache, prefill on the GPU, every
     non-resident expert fetched and run on the GPU once per layer and step (coalesced), none on the CPU; its

@@ -77,6 +77,9 @@ class Layout:
     # the GPU and the rest on the CPU lane (an E_C expert split this way is fetched for its GPU share)
     splits: tuple[tuple[tuple[int, int, int], ...], ...] = ()
     on_ndp: Experts = ()  # per MoE layer, experts run on a near-memory DIMM tier (E_N; their weights live there)
+    # decode micro-batches (indices) whose attention runs on the CPU over a host-memory KV cache while the others
+    # attend where the placement says (the GPU): one attention batch shared by both devices
+    attention_cpu_mbs: frozenset[int] = frozenset()
 
     @property
     def streams(self) -> tuple[Stream, Stream, Stream]:
@@ -118,11 +121,12 @@ class Schedule:
 # ---- static memory from placement ----------------------------------------------------------------------------
 
 def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_tokens: int, resident: int,
-               widest: int) -> dict[str, int]:
+               widest: int, kv_cpu_tokens: int = 0) -> dict[str, int]:
     """VRAM a placement holds: non-expert weights of the ops placed on the GPU in either phase (embedding, LM head,
     norms, routers, shared experts and dense FFNs always), `resident` experts per MoE layer, a double buffer of
     `widest` fetched experts, hidden states of `expert_tokens` (what one expert run gathers), the workspace of the
-    largest micro-batch (`mb_tokens`), and the KV cache when decode attention runs on the GPU."""
+    largest micro-batch (`mb_tokens`), and the KV cache when decode attention runs on the GPU (less the
+    `kv_cpu_tokens` entries of requests whose attention runs on the CPU instead)."""
     m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
     weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
                + m.num_moe_layers * (m.router_params + m.shared_expert_params)
@@ -139,14 +143,15 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
         "workspace": activation_workspace_bytes(ctx, max(mb_tokens, 1)),
     }
     if dec[1] == "g":
-        static["kv_cache"] = wl.kv_tokens_total * m.kv_bytes_per_token
+        static["kv_cache"] = (wl.kv_tokens_total - kv_cpu_tokens) * m.kv_bytes_per_token
     return static
 
 
-def cpu_static(ctx: PlanContext, pre: str, dec: str) -> dict[str, int]:
+def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0) -> dict[str, int]:
     """DRAM a placement holds: every routed expert's weights (the copy E_M is fetched from and E_C runs on),
     hidden states of the whole prompt, QKV / O-projection and router weights where those ops run on the CPU,
-    and the KV cache when decode attention runs on the CPU."""
+    and the KV cache when decode attention runs on the CPU (or the `kv_cpu_tokens` entries of the requests that
+    attend there while the others attend on the GPU)."""
     m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
     static = {"expert_weights": m.routed_expert_bytes,
               "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
@@ -159,6 +164,8 @@ def cpu_static(ctx: PlanContext, pre: str, dec: str) -> dict[str, int]:
         static["non_expert_weights"] = cpu_weights * bpp
     if dec[1] == "c":
         static["kv_cache"] = wl.kv_tokens_total * m.kv_bytes_per_token
+    elif kv_cpu_tokens:
+        static["kv_cache"] = kv_cpu_tokens * m.kv_bytes_per_token
     return static
 
 
@@ -190,9 +197,12 @@ class LayoutEmitter(LayerEmitter):
     and E_C on the CPU; E_M's weights are copied over PCIe into a double buffer (the copy for a layer waits until
     the layer two visits back is done with its half)."""
 
-    def __init__(self, ctx: PlanContext, builder: PlanBuilder, kv_on_gpu: bool, expert_batch: int = 0):
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, kv_on_gpu: bool, expert_batch: int = 0,
+                 kv_on_cpu: np.ndarray | None = None):
         super().__init__(ctx, builder)
         self.kv_on_gpu, self.expert_batch = kv_on_gpu, expert_batch
+        # per request, whether its KV cache is in host memory when that differs by request (a split attention)
+        self.kv_on_cpu = kv_on_cpu
         self.layer_done: dict[int, int] = {}
         self.seq = 0  # (step, layer) visits so far: the fetch double buffer alternates on it
         self.scopes: list[Scope] = []
@@ -304,12 +314,24 @@ class LayoutEmitter(LayerEmitter):
         at = At(phase, step, layer, s.mb)
         deps = self.move(layout.home, x0, at, w.hidden_bytes(s.tokens), Payload.ACTIVATIONS, ready, s.tokens)
         q = self.op(OpKind.QKV, x0, at, s.tokens, deps)
+        if phase is Phase.DECODE and s.mb in layout.attention_cpu_mbs:
+            x1 = CPU
         (q,) = self.move(x0, x1, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
         a = self.attention(x1, at, s, (q,))
-        if phase is Phase.PREFILL and (x1 is GPU) != self.kv_on_gpu:  # store K/V where decode attention reads it
-            self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+        if phase is Phase.PREFILL:  # store K/V where decode attention reads it
+            stored = self._kv_elsewhere(s, x1 is GPU)
+            if stored:
+                self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(stored), Payload.KV, (a,), stored)
         (a,) = self.move(x1, x2, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
         return a
+
+    def _kv_elsewhere(self, s: BatchSlice, on_gpu: bool) -> int:
+        """Prompt tokens of a prefill slice whose KV cache lives on the other device than its attention ran on."""
+        if self.kv_on_cpu is None:
+            return s.tokens if on_gpu != self.kv_on_gpu else 0
+        lens = self.ctx.workload.prompt_lens[s.requests]
+        cpu = self.kv_on_cpu[s.requests]
+        return int(lens[cpu].sum()) if on_gpu else int(lens[~cpu].sum())
 
     def _experts(self, at: At, layout: Layout, li: int, members: list[BatchSlice], ins: _ExpertInputs,
                  gpu_experts: tuple[int, ...], cpu_experts: tuple[int, ...], weights: _WeightsReady,

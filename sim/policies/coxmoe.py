@@ -46,7 +46,7 @@ from sim.policies.compose import (
     LayoutEmitter,
     Schedule,
 )
-from sim.policies.layers import BatchSlice, decode_slices, prefill_slices
+from sim.policies.layers import BatchSlice, decode_slices, prefill_slices, split_by_count
 from traces.eas import load_map
 
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
@@ -65,7 +65,9 @@ class CoxMoeOptions(OptionsBase):
     make the E_R set the top experts of an exponential moving average, weight ALPHA, of the routing seen so far,
     and pay the PCIe copy of each expert that enters); split_tokens: on | off (beyond the paper: per layer, one
     expert's tokens shared between GPU and CPU in eighths, the share the search's model balances best);
-    rescore: candidates the simulation re-scores."""
+    attention_split: beyond the paper, the share of decode micro-batches whose attention runs on the CPU over a
+    host-memory KV cache while the rest attend on the GPU (0: off; decode placements with attention on the GPU
+    only); rescore: candidates the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -80,6 +82,7 @@ class CoxMoeOptions(OptionsBase):
     hot_map: str = ""
     restratify: str = "off"
     split_tokens: str = "off"
+    attention_split: float = 0.0
     rescore: int = 3
 
     def __post_init__(self) -> None:
@@ -93,6 +96,13 @@ class CoxMoeOptions(OptionsBase):
         if self.split_tokens == "on" and self.restratify != "off":
             raise SimInputError(f"policy {self.policy_name}: split_tokens=on does not combine with restratify (a split "
                                 "names one layer's expert for the whole run)")
+        if not 0.0 <= float(self.attention_split) < 1.0:
+            raise SimInputError(f"policy {self.policy_name}: attention_split must be in [0, 1), got "
+                                f"{self.attention_split}")
+        if self.attention_split and (self.attention == "cpu" or self.decode_placement not in ("auto",)
+                                     and self.decode_placement[1] != "g"):
+            raise SimInputError(f"policy {self.policy_name}: attention_split shares decode attention of a GPU "
+                                "placement with the CPU; it needs decode attention on the GPU")
         for name in ("prefill_micro_batch", "decode_micro_batch", "resident_experts"):
             self.at_least(name, -1)
         self.at_least("rescore", 1)
@@ -182,6 +192,44 @@ class _Model:
         self.decode_steps = max(wl.max_gen_len - 1, 0)
         self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
+
+    # ---- a split decode attention ---------------------------------------------------------------------
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def attention_split(self, mu: int) -> tuple[int, int, int]:
+        """(decode micro-batches, how many of them attend on the CPU, KV entries their requests hold): the first
+        `attention_split` share of the micro-batches, at least one left on the GPU."""
+        wl = self.wl
+        n = len(split_by_count(np.arange(wl.batch), mu))
+        n_cpu = min(n - 1, int(round(float(self.opts.attention_split) * n)))
+        if n_cpu <= 0:
+            return n, 0, 0
+        cpu = self.cpu_requests(mu)
+        return n, n_cpu, int((wl.prompt_lens[cpu] + wl.gen_lens[cpu] - 1).sum())
+
+    def cpu_requests(self, mu: int) -> np.ndarray:
+        """Per request, whether its decode attention (and KV cache) is on the CPU under `attention_split`."""
+        wl = self.wl
+        groups = split_by_count(np.arange(wl.batch), mu)
+        n_cpu = min(len(groups) - 1, int(round(float(self.opts.attention_split) * len(groups))))
+        mask = np.zeros(wl.batch, dtype=bool)
+        for g in groups[:max(n_cpu, 0)]:
+            mask[g] = True
+        return mask
+
+    def ops012_split_s(self, phase: Phase, placement: str, mu_d: int, mu: int) -> float:
+        """`ops012_s` with `attention_split`: decode mixes the CPU- and GPU-attention micro-batches (summed, as the
+        paper's model sums micro-batches: it does not credit their overlap); prefill stores each request's K/V
+        where its decode attention reads it."""
+        n, n_cpu, _ = self.attention_split(mu_d)
+        if not n_cpu:
+            return self.ops012_s(phase, placement, mu, placement[1] == "g" if phase is Phase.DECODE else True)
+        cpu_share = n_cpu / n
+        if phase is Phase.DECODE:
+            cpu_placement = placement[0] + "c" + placement[2]
+            return (cpu_share * self.ops012_s(phase, cpu_placement, mu, False)
+                    + (1 - cpu_share) * self.ops012_s(phase, placement, mu, True))
+        return (cpu_share * self.ops012_s(phase, placement, mu, False)
+                + (1 - cpu_share) * self.ops012_s(phase, placement, mu, True))
 
     # ---- OP0..OP2 --------------------------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
@@ -307,18 +355,22 @@ class _Model:
         mb_d = batch if mu_d <= 0 else min(mu_d, batch)
         mb_tokens = max(int(wl.prompt_lens[:mb_p].sum()), mb_d)
         expert_tokens = wl.prompt_tokens if self.opts.coalesce == "on" else mb_tokens
-        return compose.gpu_static(self.ctx, pre, dec, mb_tokens, expert_tokens, resident, widest)
+        kv_cpu = self.attention_split(mu_d)[2] if self.opts.attention_split and dec[1] == "g" else 0
+        return compose.gpu_static(self.ctx, pre, dec, mb_tokens, expert_tokens, resident, widest, kv_cpu)
 
-    def cpu_static(self, pre: str, dec: str) -> dict[str, int]:
-        return compose.cpu_static(self.ctx, pre, dec)
+    def cpu_static(self, pre: str, dec: str, mu_d: int = 0) -> dict[str, int]:
+        kv_cpu = self.attention_split(mu_d)[2] if self.opts.attention_split and dec[1] == "g" else 0
+        return compose.cpu_static(self.ctx, pre, dec, kv_cpu)
 
 
-def _placements(opts: CoxMoeOptions, fixed: str) -> list[str]:
+def _placements(opts: CoxMoeOptions, fixed: str, decode: bool = False) -> list[str]:
     if fixed != "auto":
         return [fixed]
     out = list(PLACEMENTS)
     if opts.attention != "auto":
         out = [p for p in out if p[1] == opts.attention[0]]
+    if decode and opts.attention_split:  # a share of GPU attention moves to the CPU
+        out = [p for p in out if p[1] == "g"]
     return out
 
 
@@ -377,7 +429,8 @@ class CoxMoePolicy(Policy):
         if o.resident_experts > m.num_experts:
             raise SimInputError(f"policy {self.name}: resident_experts {o.resident_experts} exceeds the model's "
                                 f"{m.num_experts} experts per layer")
-        require_fits("DRAM", ctx.system.name, self.name, model.cpu_static(pre, dec), ctx.system.dram_usable_bytes)
+        require_fits("DRAM", ctx.system.name, self.name, model.cpu_static(pre, dec, mu_d),
+                     ctx.system.dram_usable_bytes)
         resident = max(o.resident_experts, 0)
         widest = max(model.op3(Phase.PREFILL, resident, mu_p)[1], model.op3(Phase.DECODE, resident, mu_d)[1])
         require_fits("GPU", ctx.system.gpu.name, self.name, model.gpu_static(pre, dec, mu_p, mu_d, resident, widest),
@@ -392,14 +445,18 @@ class CoxMoePolicy(Policy):
         cap_gpu, cap_cpu = ctx.system.gpu_usable_bytes, ctx.system.dram_usable_bytes
         pre_options = [(p, mu) for p in _placements(o, o.prefill_placement)
                        for mu in _micro_batches(ctx, Phase.PREFILL, o.prefill_micro_batch)]
-        dec_options = [(p, mu) for p in _placements(o, o.decode_placement)
+        dec_options = [(p, mu) for p in _placements(o, o.decode_placement, decode=True)
                        for mu in _micro_batches(ctx, Phase.DECODE, o.decode_micro_batch)]
         out: list[Candidate] = []
         for (pre, mu_p), (dec, mu_d) in itertools.product(pre_options, dec_options):
             kv_on_gpu = dec[1] == "g"  # the KV cache lives where decode attention runs
-            t_pre = model.ops012_s(Phase.PREFILL, pre, mu_p, kv_on_gpu)
-            t_dec = model.ops012_s(Phase.DECODE, dec, mu_d, kv_on_gpu)
-            if sum(model.cpu_static(pre, dec).values()) > cap_cpu:
+            if o.attention_split:
+                t_pre = model.ops012_split_s(Phase.PREFILL, pre, mu_d, mu_p)
+                t_dec = model.ops012_split_s(Phase.DECODE, dec, mu_d, mu_d)
+            else:
+                t_pre = model.ops012_s(Phase.PREFILL, pre, mu_p, kv_on_gpu)
+                t_dec = model.ops012_s(Phase.DECODE, dec, mu_d, kv_on_gpu)
+            if sum(model.cpu_static(pre, dec, mu_d).values()) > cap_cpu:
                 continue
             if o.resident_experts >= 0:
                 tries = [o.resident_experts] if o.resident_experts <= m.num_experts else []
@@ -436,19 +493,22 @@ class CoxMoePolicy(Policy):
         for phase, placement, mu in ((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
                                      (Phase.DECODE, o.decode_placement, o.decode_micro_batch)):
             choice = model.op3(phase, resident, mu)
+            n_cpu = model.attention_split(mu)[1] if phase is Phase.DECODE and o.attention_split else 0
             layouts[phase] = Layout(placement, residents, choice.fetched, choice.on_cpu, splits=choice.splits,
-                                    on_ndp=choice.on_ndp)
+                                    on_ndp=choice.on_ndp, attention_cpu_mbs=frozenset(range(n_cpu)))
         widest = max(lay.widest_fetch for lay in layouts.values())  # E_M and E_C experts split onto the GPU
         gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
                                o.decode_micro_batch, resident, widest)
-        cpu = model.cpu_static(o.prefill_placement, o.decode_placement)
+        cpu = model.cpu_static(o.prefill_placement, o.decode_placement, o.decode_micro_batch)
         mean_prompt = max(float(wl.prompt_lens.mean()), 1.0)
         mu_p = o.prefill_micro_batch
         schedule = Schedule.split(ctx, int(mean_prompt * (mu_p or wl.batch)), o.decode_micro_batch,
                                   expert_batch=0 if o.coalesce == "on" else 1)
         builder = ctx.builder()
+        split_kv = layouts[Phase.DECODE].attention_cpu_mbs
         emit = LayoutEmitter(ctx, builder, kv_on_gpu=o.decode_placement[1] == "g",
-                             expert_batch=schedule.expert_batch)
+                             expert_batch=schedule.expert_batch,
+                             kv_on_cpu=model.cpu_requests(o.decode_micro_batch) if split_kv else None)
         first = prefill_slices(ctx, schedule.prefill)
         emit.step(first, Phase.PREFILL, 0, layouts[Phase.PREFILL])
         restrat = _Restratifier(layouts[Phase.DECODE], first, o.ema) if o.ema and resident else None
