@@ -379,26 +379,56 @@ def test_trimoe_puts_light_experts_on_the_dimms_and_needs_an_ndp_tier(mixtral):
         make_policy("trimoe", {"split_tokens": "on"})
 
 
-def test_attention_split_shares_decode_attention_and_its_kv_cache_between_gpu_and_cpu(mixtral, paper_system):
-    """attention_split: the first share of decode micro-batches attend on the CPU over host-memory K/V, the rest on
-    the GPU; the KV pools split by request, prefill stores exactly the CPU requests' K/V down, and the knob needs
-    decode attention on the GPU."""
+@pytest.mark.parametrize("prefill", ["ggg", "gcg"])
+def test_attention_split_shares_decode_attention_and_its_kv_cache_between_gpu_and_cpu(mixtral, paper_system,
+                                                                                     prefill):
+    """attention_split: the first floor(S n + 1/2) decode micro-batches attend on the CPU over host-memory K/V, the
+    rest on the GPU, at every step (requests of different lengths finish at different steps); the KV pools split
+    by request; prefill stores exactly the K/V of the requests whose decode attention is on the other device, over
+    the link towards it; the knob needs decode attention on the GPU."""
     from sim.policies.layers import split_by_count
 
-    ctx = ctx_for(mixtral, paper_system, batch=8, prompt=6, gen=3, routing="table:mixtral-8x7b")
-    plan = make_policy("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "attention_split": "0.5",
-                                  "prefill_placement": "ggg"}).build(ctx)
-    groups = split_by_count(np.arange(8), 2)  # 4 decode micro-batches: the first 2 attend on the CPU
-    for op in ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE):
+    prompts, gens = np.array([5, 9, 3, 7, 4, 8, 6, 2, 5, 7]), np.array([3, 1, 4, 2, 3, 3, 1, 4, 2, 3])
+    wl, tr, _ = resolve_routing(mixtral, 10, None, None, _trace(mixtral, prompts, gens), "uniform", 0)
+    ctx = PlanContext(mixtral, paper_system, wl, tr)
+    plan = make_policy("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "3", "attention_split": "0.5",
+                                  "prefill_placement": prefill}).build(ctx)
+    groups = split_by_count(np.arange(10), 3)  # 4 decode micro-batches: floor(0.5 x 4 + 0.5) = 2 on the CPU
+    assert plan.knobs["attention_cpu_micro_batches"] == 2
+    decode_attention = ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE)
+    assert {op.step for op in decode_attention} == set(range(1, int(gens.max())))
+    for op in decode_attention:
         assert op.stream == (Stream.CPU if op.micro_batch in (0, 1) else Stream.GPU), op
-    wl, m = ctx.workload, mixtral
+    m = mixtral
     cpu_requests = np.concatenate(groups[:2])
-    kv_cpu = int((wl.prompt_lens[cpu_requests] + wl.gen_lens[cpu_requests] - 1).sum())
+    gpu_requests = np.concatenate(groups[2:])
+    kv_cpu = int((prompts[cpu_requests] + gens[cpu_requests] - 1).sum())
     assert plan.static_memory["cpu"]["kv_cache"] == kv_cpu * m.kv_bytes_per_token
     assert plan.static_memory["gpu"]["kv_cache"] == (wl.kv_tokens_total - kv_cpu) * m.kv_bytes_per_token
     stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.PREFILL, payload=Payload.KV)
-    assert sum(op.bytes for op in stores) == int(wl.prompt_lens[cpu_requests].sum()) * m.kv_bytes_per_token_layer \
-        * m.num_layers
+    moved = cpu_requests if prefill[1] == "g" else gpu_requests  # the K/V that leaves its prefill device
+    assert sum(op.bytes for op in stores) == int(prompts[moved].sum()) * m.kv_bytes_per_token
+    assert {op.stream for op in stores} == {Stream.D2H if prefill[1] == "g" else Stream.H2D_ACT}
+
+
+def _trace(model, prompts, gens):
+    from traces import SynthConfig, generate_trace
+
+    return generate_trace(SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k,
+                                      "table:mixtral-8x7b", 0.0, 3), prompts, gens)
+
+
+def test_attention_split_is_searched_around_and_refused_where_it_cannot_apply(mixtral, paper_system):
+    """Left to the search, the share still moves attention to the CPU (micro-batch sizes that would leave none there
+    are not candidates); a fixed size that leaves none, a share outside [0, 1) and a CPU-attention placement are
+    one-line errors."""
+    ctx = ctx_for(mixtral, paper_system, batch=16, prompt=8, gen=3, routing="table:mixtral-8x7b")
+    plan = make_policy("coxmoe", {"attention_split": "0.5"}).build(ctx)
+    assert plan.knobs["attention_cpu_micro_batches"] >= 1
+    assert ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.CPU)
+    assert ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.GPU)
+    with pytest.raises(SimInputError, match="puts no decode micro-batch on the CPU at decode_micro_batch=0"):
+        make_policy("coxmoe", {"attention_split": "0.5", "decode_micro_batch": "0"}).build(ctx)
     with pytest.raises(SimInputError, match="attention_split must be in"):
         make_policy("coxmoe", {"attention_split": "1"})
     with pytest.raises(SimInputError, match="needs decode attention on the GPU"):

@@ -197,39 +197,38 @@ class _Model:
     @cache  # noqa: B019 - one model per search; the cache dies with it
     def attention_split(self, mu: int) -> tuple[int, int, int]:
         """(decode micro-batches, how many of them attend on the CPU, KV entries their requests hold): the first
-        `attention_split` share of the micro-batches, at least one left on the GPU."""
+        floor(S n + 1/2) of the n micro-batches for `attention_split` S, at least one left on the GPU."""
         wl = self.wl
+        mask = self.cpu_requests(mu)
         n = len(split_by_count(np.arange(wl.batch), mu))
-        n_cpu = min(n - 1, int(round(float(self.opts.attention_split) * n)))
-        if n_cpu <= 0:
-            return n, 0, 0
-        cpu = self.cpu_requests(mu)
-        return n, n_cpu, int((wl.prompt_lens[cpu] + wl.gen_lens[cpu] - 1).sum())
+        n_cpu = _cpu_micro_batches(float(self.opts.attention_split), n)
+        return n, n_cpu, int((wl.prompt_lens[mask] + wl.gen_lens[mask] - 1).sum())
 
+    @cache  # noqa: B019 - one model per search; the cache dies with it
     def cpu_requests(self, mu: int) -> np.ndarray:
         """Per request, whether its decode attention (and KV cache) is on the CPU under `attention_split`."""
-        wl = self.wl
-        groups = split_by_count(np.arange(wl.batch), mu)
-        n_cpu = min(len(groups) - 1, int(round(float(self.opts.attention_split) * len(groups))))
-        mask = np.zeros(wl.batch, dtype=bool)
-        for g in groups[:max(n_cpu, 0)]:
+        groups = split_by_count(np.arange(self.wl.batch), mu)
+        mask = np.zeros(self.wl.batch, dtype=bool)
+        for g in groups[:_cpu_micro_batches(float(self.opts.attention_split), len(groups))]:
             mask[g] = True
         return mask
 
     def ops012_split_s(self, phase: Phase, placement: str, mu_d: int, mu: int) -> float:
-        """`ops012_s` with `attention_split`: decode mixes the CPU- and GPU-attention micro-batches (summed, as the
-        paper's model sums micro-batches: it does not credit their overlap); prefill stores each request's K/V
-        where its decode attention reads it."""
-        n, n_cpu, _ = self.attention_split(mu_d)
-        if not n_cpu:
-            return self.ops012_s(phase, placement, mu, placement[1] == "g" if phase is Phase.DECODE else True)
-        cpu_share = n_cpu / n
+        """`ops012_s` with `attention_split`: decode mixes the two fronts by the CPU requests' share, prefill its
+        K/V stores by the CPU requests' share of prompt tokens (each request's K/V goes where its decode attention
+        reads it). Summed, as the paper's model sums micro-batches: it does not credit their overlap."""
+        cpu = self.cpu_requests(mu_d)
+        if not cpu.any():
+            return self.ops012_s(phase, placement, mu, True)
         if phase is Phase.DECODE:
+            share = float(cpu.mean())
             cpu_placement = placement[0] + "c" + placement[2]
-            return (cpu_share * self.ops012_s(phase, cpu_placement, mu, False)
-                    + (1 - cpu_share) * self.ops012_s(phase, placement, mu, True))
-        return (cpu_share * self.ops012_s(phase, placement, mu, False)
-                + (1 - cpu_share) * self.ops012_s(phase, placement, mu, True))
+            return (share * self.ops012_s(phase, cpu_placement, mu, False)
+                    + (1 - share) * self.ops012_s(phase, placement, mu, True))
+        lens = self.wl.prompt_lens
+        share = float(lens[cpu].sum() / max(lens.sum(), 1))
+        return share * self.ops012_s(phase, placement, mu, False) + (1 - share) * self.ops012_s(phase, placement, mu,
+                                                                                               True)
 
     # ---- OP0..OP2 --------------------------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
@@ -363,6 +362,12 @@ class _Model:
         return compose.cpu_static(self.ctx, pre, dec, kv_cpu)
 
 
+def _cpu_micro_batches(share: float, n: int) -> int:
+    """Decode micro-batches whose attention `attention_split` puts on the CPU: floor(share n + 1/2), at least one
+    left on the GPU."""
+    return max(0, min(n - 1, int(np.floor(share * n + 0.5)))) if share > 0 else 0
+
+
 def _placements(opts: CoxMoeOptions, fixed: str, decode: bool = False) -> list[str]:
     if fixed != "auto":
         return [fixed]
@@ -422,10 +427,12 @@ class CoxMoePolicy(Policy):
         from sim.policies.base import require_fits
 
         o, m = self.options, ctx.model
+        gpu_attention = o.attention_split or o.attention == "gpu"  # the search tried GPU decode attention only
         pre = o.prefill_placement if o.prefill_placement != "auto" else "gcg"
-        dec = o.decode_placement if o.decode_placement != "auto" else "gcg"
+        dec = o.decode_placement if o.decode_placement != "auto" else ("ggg" if gpu_attention else "gcg")
         mu_p = max(o.prefill_micro_batch, 1)
-        mu_d = max(o.decode_micro_batch, 1)
+        mu_d = o.decode_micro_batch if o.attention_split and o.decode_micro_batch >= 0 else max(o.decode_micro_batch,
+                                                                                                 1)
         if o.resident_experts > m.num_experts:
             raise SimInputError(f"policy {self.name}: resident_experts {o.resident_experts} exceeds the model's "
                                 f"{m.num_experts} experts per layer")
@@ -448,6 +455,12 @@ class CoxMoePolicy(Policy):
         dec_options = [(p, mu) for p in _placements(o, o.decode_placement, decode=True)
                        for mu in _micro_batches(ctx, Phase.DECODE, o.decode_micro_batch)]
         out: list[Candidate] = []
+        if o.attention_split:  # only micro-batch sizes that put some decode attention on the CPU
+            dec_options = [(p, mu) for p, mu in dec_options if model.attention_split(mu)[1]]
+            if not dec_options:
+                raise SimInputError(f"policy {self.name}: attention_split={o.attention_split} puts no decode "
+                                    f"micro-batch on the CPU at decode_micro_batch={o.decode_micro_batch} (batch "
+                                    f"{ctx.workload.batch}); use smaller micro-batches or a larger share")
         for (pre, mu_p), (dec, mu_d) in itertools.product(pre_options, dec_options):
             kv_on_gpu = dec[1] == "g"  # the KV cache lives where decode attention runs
             if o.attention_split:
@@ -523,6 +536,8 @@ class CoxMoePolicy(Policy):
             emit.step(slices, Phase.DECODE, step, layout_now, entering)
             restrat.observe(slices)
         knobs = {**asdict(o), **({"restratify_swaps": restrat.swaps} if restrat else {}),
+                 **({"attention_cpu_micro_batches": len(layouts[Phase.DECODE].attention_cpu_mbs)}
+                    if o.attention_split else {}),
                  "fetched_experts_per_layer": {str(p): [len(f) for f in lay.fetched] for p, lay in layouts.items()},
                  "cpu_experts_per_layer": {str(p): [len(c) for c in lay.on_cpu] for p, lay in layouts.items()},
                  **({"split_experts_per_layer": {str(p): [len(x) for x in lay.splits] for p, lay in layouts.items()}}
