@@ -7,6 +7,8 @@ full CoX-MoE and switches each CoX-MoE feature off alone.
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +62,40 @@ def _head(trace: RoutingTrace, n: int) -> RoutingTrace:
                         None if trace.request_features is None else trace.request_features[:n])
 
 
+def _run_all(m: ModelSpec, s: SystemSpec, jobs: list[tuple[str, dict[str, str]]], tr: RoutingTrace, seed: int,
+             decode_sample: int, workers: int, progress: bool, desc: str) -> list[dict[str, Any]]:
+    """`_run` for every (policy, options) job, in order; on `workers` processes when more than one (each job is
+    independent and deterministic, so the results are the same either way)."""
+    bar = tqdm(total=len(jobs), desc=desc, disable=None if progress else True, leave=False)
+    if workers <= 1 or len(jobs) <= 1:
+        out = []
+        for policy, opts in jobs:
+            out.append(_run(m, s, policy, opts, tr, seed, decode_sample))
+            bar.update()
+        bar.close()
+        return out
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        futures = [pool.submit(_run, m, s, policy, opts, tr, seed, decode_sample) for policy, opts in jobs]
+        for _ in as_completed(futures):
+            bar.update()
+    bar.close()
+    return [f.result() for f in futures]
+
+
 def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
             prompt_len: int | None = None, gen_len: int | None = None, trace: str | Path | RoutingTrace | None = None,
             routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0, decode_sample: int = 0,
             policies: tuple[str, ...] = COMPARED, progress: bool = False,
-            options: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
-    """Run each policy with its own search on the same trace (`options` pins knobs per policy); speedups are
-    CoX-MoE's throughput over each."""
+            options: dict[str, dict[str, str]] | None = None, workers: int = 1) -> dict[str, Any]:
+    """Run each policy with its own search on the same trace (`options` pins knobs per policy), on `workers`
+    processes; speedups are CoX-MoE's throughput over each."""
     m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
     options = options or {}
-    results = {p: _run(m, s, p, options.get(p, {}), tr, seed, decode_sample)
-               for p in tqdm(policies, desc="policies", disable=None if progress else True, leave=False)}
+    runs = _run_all(m, s, [(p, options.get(p, {})) for p in policies], tr, seed, decode_sample, workers, progress,
+                    "policies")
+    results = dict(zip(policies, runs, strict=True))
     cox = results.get("coxmoe", {})
     speedups = {p: (cox["throughput_tok_s"] / r["throughput_tok_s"]) if cox.get("feasible") and r.get("feasible")
                 and r["throughput_tok_s"] > 0 else None for p, r in results.items() if p != "coxmoe"}
@@ -83,13 +108,14 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
 def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
              prompt_len: int | None = None, gen_len: int | None = None,
              trace: str | Path | RoutingTrace | None = None, routing: str = "uniform", reuse_prob: float = 0.0,
-             seed: int = 0, decode_sample: int = 0, progress: bool = False) -> dict[str, Any]:
-    """The paper's ablation (Table 3) plus each feature switched off alone; speedups over MoE-Lightning."""
+             seed: int = 0, decode_sample: int = 0, progress: bool = False, workers: int = 1) -> dict[str, Any]:
+    """The paper's ablation (Table 3) plus each feature switched off alone, on `workers` processes; speedups over
+    MoE-Lightning."""
     m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
-    rows = []
-    for label, policy, options in tqdm(ABLATION_STEPS, desc="ablation", disable=None if progress else True,
-                                       leave=False):
-        rows.append({"step": label, "options": options, **_run(m, s, policy, options, tr, seed, decode_sample)})
+    runs = _run_all(m, s, [(policy, options) for _, policy, options in ABLATION_STEPS], tr, seed, decode_sample,
+                    workers, progress, "ablation")
+    rows = [{"step": label, "options": options, **run}
+            for (label, _, options), run in zip(ABLATION_STEPS, runs, strict=True)]
     base = rows[0]
     for row in rows:
         ok = row.get("feasible") and base.get("feasible") and base["throughput_tok_s"] > 0

@@ -231,6 +231,20 @@ def _tiny_model_file(tmp_path):
     return str(path)
 
 
+def test_compare_on_two_workers_gives_the_same_results(capsys, tmp_path):
+    """`compare --workers 2` runs the policies in two processes; every result but the wall times is the same."""
+    base = ["compare", "--model-file", _tiny_model_file(tmp_path), "--system", "a100-80g-8452y", "--batch", "8",
+            "--prompt-len", "6", "--gen-len", "3", "--policies", "coxmoe,moe-lightning,fiddler", "--json"]
+    outs = []
+    for workers in ("1", "2"):
+        code, out, err = run(capsys, *base, "--workers", workers)
+        assert code == 0, err
+        d = json.loads(out)
+        outs.append({p: {k: v for k, v in r.items() if k not in ("wall_s", "search")}
+                     for p, r in d["policies"].items()})
+    assert outs[0] == outs[1] and list(outs[0]) == ["coxmoe", "moe-lightning", "fiddler"]
+
+
 def test_compare_json_has_every_policy_and_speedups(capsys, tmp_path):
     code, out, err = run(capsys, "compare", "--model-file", _tiny_model_file(tmp_path), "--system",
                          "a100-80g-8452y", "--batch", "8", "--prompt-len", "6", "--gen-len", "3", "--json")

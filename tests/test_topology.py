@@ -57,6 +57,7 @@ def test_a_second_gpu_is_a_stream_a_pool_and_a_group():
     ({"extra_gpus": [{"name": "gpu", "gpu": "t4", "link": "pcie3x16", "reserved_bytes": 0}]}, "gpu1, gpu2"),
     ({"extra_gpus": [{"name": "gpu1", "gpu": "t4", "link": "pcie3x16", "reserved_bytes": 0}] * 2}, "unique"),
     ({"peer_links": [{"src": "gpu", "dst": "gpu7", "link": "pcie4x16"}]}, "must join two of its GPUs"),
+    ({"peer_links": [{"src": "gpu", "dst": "\n", "link": "pcie4x16"}]}, r"'gpu' -> '\\n' must join"),  # one line
     ({"peer_links": [{"src": "gpu", "dst": "gpu1", "link": "pcie4x16"},
                      {"src": "gpu1", "dst": "gpu", "link": "pcie4x16"}]}, "two peer links join"),
     ({"peer_links": [{"src": "gpu", "dst": "gpu1"}]}, "missing field link"),
@@ -65,8 +66,9 @@ def test_a_second_gpu_is_a_stream_a_pool_and_a_group():
      "reserved_bytes must be in"),
 ])
 def test_bad_multi_gpu_systems_are_one_line_errors(changes, message):
-    with pytest.raises(SimInputError, match=message):
+    with pytest.raises(SimInputError, match=message) as err:
         build_system("bad", _two_gpu_fields(**changes), "test system")
+    assert "\n" not in str(err.value)
 
 
 def _hand_plan(model, system, ops_spec, gen=2):

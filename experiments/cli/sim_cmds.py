@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from experiments.cli.common import IMAGE_SUFFIXES, emit_json, output_file
+from experiments.cli.common import IMAGE_SUFFIXES, emit_json, output_file, positive_int
 from experiments.cli.config_flags import add_config_flags, config_from_args, workload_kwargs
 
 
@@ -152,7 +152,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sim.api import config_model
 
     config = config_from_args(args)
-    result = compare(config_model(config), config.system, policies=policies, progress=True,
+    result = compare(config_model(config), config.system, policies=policies, progress=True, workers=args.workers,
                      **workload_kwargs(config))
     if args.json:
         emit_json(result)
@@ -171,7 +171,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     from sim.compare import ablation
 
     config = config_from_args(args)
-    result = ablation(config_model(config), config.system, progress=True, **workload_kwargs(config))
+    result = ablation(config_model(config), config.system, progress=True, workers=args.workers,
+                      **workload_kwargs(config))
     if args.json:
         emit_json(result)
         return 0
@@ -223,6 +224,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_flags(p, ("target", "workload"))
         if name == "compare":
             p.add_argument("--policies", help="comma-separated subset (default: all)")
+        p.add_argument("--workers", type=positive_int, default=1,
+                       help="processes running the policies side by side (results do not depend on it)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=func)
 

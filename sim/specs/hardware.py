@@ -266,8 +266,8 @@ class SystemSpec:
         pairs = set()
         for peer in self.peer_links:
             if peer.src not in gpus or peer.dst not in gpus or peer.src == peer.dst:
-                raise SimInputError(f"system {self.name}: peer link {peer.src} -> {peer.dst} must join two of its "
-                                    f"GPUs ({', '.join(gpus)})")
+                raise SimInputError(f"system {self.name}: peer link {peer.src!r} -> {peer.dst!r} must join two of "
+                                    f"its GPUs ({', '.join(gpus)})")
             pair = frozenset((peer.src, peer.dst))
             if pair in pairs:
                 raise SimInputError(f"system {self.name}: two peer links join {peer.src} and {peer.dst}")
