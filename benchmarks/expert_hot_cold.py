@@ -9,25 +9,14 @@ in the same run: the DRAM copy bandwidth (the profile's own 512 MiB copy) and th
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from hf_moe_block import _median_time  # the sibling benchmark's timer (run as a script, benchmarks/ is on sys.path)
 
 from executor import cpu_experts as C
 from executor.profile import bandwidth_row
 
 H, F, EXPERTS = 4096, 14336, 8
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,8 +36,8 @@ def main() -> None:
     print(f"DRAM copy {bw / 1e9:.1f} GB/s; expert weights {weight_bytes / 1e6:.0f} MB")
     for m in args.rows:
         x = torch.randn(m, H, generator=g, dtype=torch.bfloat16)
-        per_expert = _median_s(lambda x=x: [e(x) for e in experts], args.repeats) / EXPERTS
-        hot = _median_s(lambda x=x: [torch.ops.mkldnn._linear_pointwise(x, small, None, "none", [], "")
+        per_expert = _median_time(lambda x=x: [e(x) for e in experts], args.repeats) / EXPERTS
+        hot = _median_time(lambda x=x: [torch.ops.mkldnn._linear_pointwise(x, small, None, "none", [], "")
                                      for _ in range(20)], args.repeats) / 20
         kernel = 2 * m * H * H / hot
         flops = 2 * m * 3 * H * F / per_expert

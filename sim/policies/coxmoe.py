@@ -195,23 +195,25 @@ class _Model:
 
     # ---- a split decode attention ---------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def attention_split(self, mu: int) -> tuple[int, int, int]:
-        """(decode micro-batches, how many of them attend on the CPU, KV entries their requests hold): the first
+    def _split_requests(self, mu: int) -> tuple[int, int, np.ndarray]:
+        """(decode micro-batches, how many attend on the CPU, per request whether it is one of theirs): the first
         floor(S n + 1/2) of the n micro-batches for `attention_split` S, at least one left on the GPU."""
+        groups = split_by_count(np.arange(self.wl.batch), mu)
+        n_cpu = _cpu_micro_batches(float(self.opts.attention_split), len(groups))
+        mask = np.zeros(self.wl.batch, dtype=bool)
+        for g in groups[:n_cpu]:
+            mask[g] = True
+        return len(groups), n_cpu, mask
+
+    def attention_split(self, mu: int) -> tuple[int, int, int]:
+        """(decode micro-batches, how many of them attend on the CPU, KV entries their requests hold)."""
+        n, n_cpu, mask = self._split_requests(mu)
         wl = self.wl
-        mask = self.cpu_requests(mu)
-        n = len(split_by_count(np.arange(wl.batch), mu))
-        n_cpu = _cpu_micro_batches(float(self.opts.attention_split), n)
         return n, n_cpu, int((wl.prompt_lens[mask] + wl.gen_lens[mask] - 1).sum())
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
     def cpu_requests(self, mu: int) -> np.ndarray:
         """Per request, whether its decode attention (and KV cache) is on the CPU under `attention_split`."""
-        groups = split_by_count(np.arange(self.wl.batch), mu)
-        mask = np.zeros(self.wl.batch, dtype=bool)
-        for g in groups[:_cpu_micro_batches(float(self.opts.attention_split), len(groups))]:
-            mask[g] = True
-        return mask
+        return self._split_requests(mu)[2]
 
     def ops012_split_s(self, phase: Phase, placement: str, mu_d: int, mu: int) -> float:
         """`ops012_s` with `attention_split`: decode mixes the two fronts by the CPU requests' share, prefill its
