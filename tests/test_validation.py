@@ -47,7 +47,11 @@ def test_points_load_with_unique_ids_and_sources():
     assert any(p.train for p in complete) and any(not p.train for p in complete)
     # Learned factors are per implementation: FlexGen's Mixtral port and FlexLLMGen are different frameworks.
     assert {p.runtime for p in complete} == {"flexgen-moe-port", "moe-lightning", "flexllmgen", "zero-inference"}
-    assert not any(p.train for p in complete if p.runtime == "flexllmgen")
+    # FlexLLMGen's declared training subset: the data-wrangling tasks other than entity matching, both models.
+    flexllmgen = [p for p in complete if p.runtime == "flexllmgen"]
+    assert {p.id for p in flexllmgen if p.train} == {f"flexllmgen-dw-opt-{m}-{t}" for m in ("6.7b", "30b")
+                                                     for t in ("di-restaurant", "di-buy", "ed-hospital")}
+    assert all("-em-" in p.id or "-bench-" in p.id for p in flexllmgen if not p.train)
 
 
 def test_framework_defaults_to_the_policy():
@@ -344,7 +348,8 @@ def test_dense_opt_simulates_under_every_policy_and_the_executor_refuses_it():
 
 
 def test_a_framework_without_training_points_gets_no_learned_prediction():
-    """FlexLLMGen has no training point: its points are reported mechanisms-only, never as 'learned'."""
+    """A runtime with no training point is reported mechanisms-only, never as 'learned' (FlexLLMGen's point with an
+    empty training set)."""
     from experiments.reproduce.validation import _fit_and_predict, _Memo
     from experiments.validation.fit import FitCase
 
