@@ -322,16 +322,101 @@ def test_sep_layer_loads_each_half_and_holds_one_layer():
     assert len(weight_loads(halves.plan)) == 2 * len(weight_loads(whole.plan)) > 0
     assert sum(op.bytes for op in weight_loads(halves.plan)) == pytest.approx(
         sum(op.bytes for op in weight_loads(whole.plan)), rel=1e-6)
-    # The FFN's first op (the router; the one expert follows it) waits for its half's load, not the attention's.
+    # The FFN half's load runs while the attention half computes: the first router waits for it, the first QKV
+    # does not (it waits for the attention half's own load).
     loads = weight_loads(halves.plan)
     first_ffn = next(op for op in halves.plan.ops if op.kind is OpKind.ROUTER)
-    assert loads[1].id in first_ffn.deps and loads[0].id not in first_ffn.deps
+    first_qkv = next(op for op in halves.plan.ops if op.kind is OpKind.QKV)
+    assert loads[1].id in _ancestors(halves.plan, first_ffn.id) and loads[0].id in _ancestors(halves.plan, first_qkv.id)
+    assert loads[1].id not in _ancestors(halves.plan, first_qkv.id)
     # A model with dense layers and shared experts: every FFN op has its weights' load among its ancestors.
     ds = simulate("deepseek-v2-lite", "gcp-t4-n1", "flexgen", batch=4, prompt_len=8, gen_len=2, keep_plan=True,
                   policy_options={**opts, "sep_layer": "on", "weights_gpu_percent": "0"}).plan
-    loads = {op.id for op in weight_loads(ds)}
+    halves_of: dict[tuple, list[int]] = {}  # (phase, step, layer) -> [attention half's load, FFN half's load]
+    for op in weight_loads(ds):
+        halves_of.setdefault((op.phase, op.step, op.layer), []).append(op.id)
+    qkv = {(op.phase, op.step, op.layer): op.id for op in reversed(ds.ops) if op.kind is OpKind.QKV}  # first batch
     ffn_heads = [op for op in ds.ops if op.kind in (OpKind.DENSE_FFN, OpKind.ROUTER)]
-    assert ffn_heads and all(loads & set(op.deps) for op in ffn_heads)
+    assert ffn_heads and all(len(v) == 2 for v in halves_of.values())
+    for op in ffn_heads:  # its own half's load before it; that load not before the layer's attention starts
+        attention_load, ffn_load = halves_of[(op.phase, op.step, op.layer)]
+        assert ffn_load in _ancestors(ds, op.id), op
+        first_qkv = qkv[(op.phase, op.step, op.layer)]
+        assert attention_load in _ancestors(ds, first_qkv) and ffn_load not in _ancestors(ds, first_qkv), op
+
+
+def _ancestors(plan: Plan, op_id: int) -> set[int]:
+    """Every op `op_id` waits for, directly or through others."""
+    index = {op.id: op for op in plan.ops}
+    seen: set[int] = set()
+    todo = list(index[op_id].deps)
+    while todo:
+        d = todo.pop()
+        if d not in seen:
+            seen.add(d)
+            todo.extend(index[d].deps)
+    return seen
+
+
+def test_flexgen_synchronises_after_every_layer_and_gpu_batch():
+    """FlexGen's overlap loop issues a layer's weight load in the first GPU batch's iteration only and calls
+    `torch.cuda.synchronize` after every (layer, GPU batch): the load overlaps that batch's compute alone, so with
+    the weights in DRAM a decode layer takes its load plus the other batches' compute, and no op of one iteration
+    starts before the iteration before has ended."""
+    from sim.cost import RooflineCostModel
+    from sim.engine import run_plan
+
+    opts = {"gpu_batch_size": "2", "num_gpu_batches": "4", "weights_gpu_percent": "0", "kv_gpu_percent": "100",
+            "act_gpu_percent": "100", "cpu_attention": "off"}
+    plan = simulate("mixtral-8x7b", "gcp-t4-n1", "flexgen", batch=8, prompt_len=16, gen_len=3, routing="uniform",
+                    keep_plan=True, decode_sample=0, policy_options=opts).plan
+    rec = run_plan(plan, RooflineCostModel(plan.system))
+    ops = plan.ops
+    start = {op.id: int(rec.start_ns[i]) for i, op in enumerate(ops)}
+    end = {op.id: int(rec.end_ns[i]) for i, op in enumerate(ops)}
+    step, layer = 1, 5
+    load = next(op for op in ops if op.stream is Stream.H2D and op.step == step and op.layer == layer + 1)
+    compute = [op for op in ops if op.stream is Stream.GPU and op.step == step and op.layer == layer]
+    first_batch = [op for op in compute if op.micro_batch == 0]
+    later = [op for op in compute if op.micro_batch > 0]
+    assert len({op.micro_batch for op in later}) == 3
+    # The load starts with the first GPU batch's compute and every later batch waits for it.
+    assert start[load.id] <= min(start[op.id] for op in first_batch) < end[load.id]
+    assert min(start[op.id] for op in later) >= end[load.id]
+    # Batch k + 1 of a layer starts only when batch k's iteration (its compute and the load) has ended.
+    for k in range(1, 4):
+        before = [op for op in compute if op.micro_batch == k - 1] + ([load] if k == 1 else [])
+        assert min(start[op.id] for op in compute if op.micro_batch == k) >= max(end[op.id] for op in before)
+    # The layer takes the load plus three batches' compute: the load is not hidden behind the whole layer.
+    layer_s = max(end[op.id] for op in compute) - min(start[op.id] for op in compute)
+    busy_later = sum(end[op.id] - start[op.id] for op in later)
+    assert layer_s >= (end[load.id] - start[load.id]) + busy_later - 1
+
+
+@pytest.mark.parametrize("gpu_batches", [1, 2, 3])
+def test_flexgen_hidden_states_in_dram_come_up_after_they_went_down(gpu_batches):
+    """With activations in DRAM, each unit's output goes down and the next unit's input comes up on the default
+    stream, in order with the compute: a load never starts before the store of what it reads has ended, for the
+    single-batch loop (K = 1) as for the multi-batch one; the cache's DRAM share is prefetched beside them."""
+    from sim.cost import RooflineCostModel
+    from sim.engine import run_plan
+
+    opts = {"gpu_batch_size": str(8 // gpu_batches if gpu_batches != 3 else 3), "weights_gpu_percent": "50",
+            "kv_gpu_percent": "50", "act_gpu_percent": "0", "cpu_attention": "off"}
+    batch = 9 if gpu_batches == 3 else 8
+    plan = simulate("opt-6.7b", "gcp-t4-n1-208g", "flexgen", batch=batch, prompt_len=16, gen_len=3,
+                    routing="uniform", keep_plan=True, decode_sample=0, policy_options=opts).plan
+    assert plan.knobs["num_gpu_batches"] == gpu_batches
+    rec = run_plan(plan, RooflineCostModel(plan.system))
+    hidden = [(i, op) for i, op in enumerate(plan.ops) if op.payload is Payload.ACTIVATIONS]
+    stores = {(op.phase, op.step, op.layer, op.micro_batch): i for i, op in hidden if op.stream is Stream.D2H}
+    loads = [(i, op) for i, op in hidden if op.stream is Stream.H2D_ACT]
+    assert stores and loads and any(op.payload is Payload.PAGEABLE_KV for op in plan.ops)
+    for i, op in loads:  # the input of layer l comes from the output of the unit before (l - 1; -1: embedding)
+        store = stores[(op.phase, op.step, op.layer - 1, op.micro_batch)]
+        assert rec.start_ns[i] >= rec.end_ns[store], op
+        consumers = [j for j, c in enumerate(plan.ops) if i in c.deps and c.stream is Stream.GPU]
+        assert consumers, op  # the compute waits for it
 
 
 def test_dense_opt_simulates_under_every_policy_and_the_executor_refuses_it():

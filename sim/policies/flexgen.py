@@ -1,8 +1,9 @@
 """`flexgen`: FlexGen (Sheng et al., ICML'23) with its MoE port's rules: zig-zag block schedule, LP search.
 
 The batch of B requests is a block of `num_gpu_batches` GPU batches of `gpu_batch_size` (bls = gbs x ngb).
-Column by column (zig-zag): for each layer, its weights are loaded once per block (the next layer's while the
-current one computes: a double buffer), then every GPU batch runs the whole layer before the next starts.
+Column by column (zig-zag): for each layer, its weights are loaded once per block (the next layer's during the
+current layer's first GPU batch: a double buffer), then every GPU batch runs the whole layer before the next
+starts, with a synchronisation after every (layer, GPU batch) as FlexGen's overlap loop has.
 Weights are placed by percentage (wg on the GPU, the rest in DRAM and copied for every layer visit), and a
 layer's experts are all loaded whatever the routing. The KV cache lives in DRAM when attention runs on the
 CPU (`cpu_attention=on`, FlexGen's --cpu-cache-compute: q/k/v go down, the output comes back), else on the GPU
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -159,6 +161,9 @@ class _Layout:
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
+        # Not counted apart: the buffer GPU decode attention reads a DRAM share of the cache into (two GPU batches'
+        # of one layer with the prefetch): with it, two of FlexLLMGen's published OPT-30B runs would not fit by
+        # 0.1 GiB, so the other terms' estimates (workspace, CUDA context) already cover it.
         self.gpu = {"resident_weights": int(sum(self.layer_bytes) * self.wg) + other,
                     "weight_double_buffer": double_buffer,
                     "kv_cache": kv_gpu, "hidden_states": int(hidden * self.hg),
@@ -332,74 +337,126 @@ def _padded_decode(ctx: PlanContext, step: int, groups: list[np.ndarray], prompt
     return out
 
 
+class _Unit(NamedTuple):
+    """One layer of FlexGen's loop: the input embedding, a decoder layer's attention and/or FFN (halves with
+    sep_layer), or the output layer; `load` is the bytes of its weights copied from DRAM per visit."""
+
+    layer: int
+    attention: bool = False
+    ffn: bool = False
+    load: int = 0
+
+
 class _ZigZag(LayerEmitter):
-    """Emits FlexGen's block schedule."""
+    """Emits FlexGen's block schedule as its overlap loop runs it (`generation_loop_overlap_multi_batch`): for
+    each layer j of its loop and each GPU batch k, one iteration issues the next layer's weight load (only at
+    k = 0: a layer's `load_weight` copies for the first GPU batch alone), the next position's cache and hidden
+    loads, the previous position's hidden and cache stores and batch k's compute, then synchronises (`sync()`:
+    `torch.cuda.synchronize`). So a weight load overlaps only the first GPU batch's compute, and nothing of one
+    iteration overlaps the next."""
 
     def __init__(self, ctx: PlanContext, builder: PlanBuilder, lay: _Layout):
         super().__init__(ctx, builder)
         self.lay = lay
-        self.layer_done: dict[int, tuple[int, ...]] = {}
-        self.seq = 0
+        m = ctx.model
+        units = [_Unit(-1)]
+        for layer, parts in enumerate(lay.parts):
+            if lay.sep_layer:
+                units += [_Unit(layer, attention=True, load=parts[0]), _Unit(layer, ffn=True, load=parts[1])]
+            else:
+                units.append(_Unit(layer, attention=True, ffn=True, load=parts[0]))
+        self.units = units + [_Unit(m.num_layers)]
+        self.barrier: tuple[int, ...] = ()  # the last op per stream of the iteration before
 
     def phase(self, slices: list[BatchSlice], phase: Phase, step: int) -> None:
-        m, w, lay = self.m, self.w, self.lay
-        hidden: list[Deps] = [self.embed(phase, step, s.mb, s.tokens) for s in slices]
-        offload_act = 1.0 - lay.hg
-        for layer in range(m.num_layers):
-            # One load per part (a whole layer, or its attention then its FFN half with sep_layer); a part's
-            # load waits until the part two before it has finished with the double buffer.
-            loads = [self._load(phase, step, layer, nbytes, k) for k, nbytes in enumerate(lay.parts[layer])]
-            weights, ffn_weights = loads[0], loads[-1]
-            ffn_dep = ffn_weights if lay.sep_layer else -1  # the router or dense FFN waits for its half's load
-            last, attention_done = -1, ()
-            for i, s in enumerate(slices):
-                at = At(phase, step, layer, s.mb)
-                dep = hidden[i]
-                if offload_act and layer:  # load this GPU batch's hidden states (the DRAM share)
-                    dep = self.xfer(H2D_ACT, at, int(w.hidden_bytes(s.tokens) * offload_act), Payload.ACTIVATIONS,
-                                    as_deps(dep), s.tokens)
-                q = self.op(OpKind.QKV, GPU, at, s.tokens, (*as_deps(dep), weights))
-                a = self._attention(phase, at, s, q)
-                last = self.attention_back_and_ffn(phase, step, layer, s.mb, s.tokens, s.layer_counts(self.ctx, layer),
-                                                   a, routed=s.routed, ffn_dep=ffn_dep)
-                attention_done = (self.last_o_proj,)  # the O projection is the attention half's last use
-                hidden[i] = last
-                if offload_act and layer < m.num_layers - 1:  # store the DRAM share of the hidden states
-                    hidden[i] = self.xfer(D2H, at, int(w.hidden_bytes(s.tokens) * offload_act), Payload.ACTIVATIONS,
-                                          (last,), s.tokens)
-            if lay.sep_layer:
-                self.layer_done[self.seq] = attention_done
-                self.seq += 1
-            self.layer_done[self.seq] = (last,)
-            self.seq += 1
-        for i, s in enumerate(slices):
-            self.lm_head(phase, step, s.mb, int(s.requests.size), hidden[i])
+        units, n = self.units, len(slices)
+        positions = [(u, k) for u in range(len(units)) for k in range(n)]
+        out: list[Deps] = [-1] * n  # each GPU batch's last compute op
+        kv_stores: list[tuple[At, int, int]] = []  # the previous position's, issued one iteration on
+        held: tuple[_Unit, BatchSlice] | None = None  # the position whose hidden states go down next
+        single = n == 1  # FlexGen's single-batch loop: this layer's hidden in, compute, out
+        for idx, (u, k) in enumerate(positions):
+            unit, s, bar = units[u], slices[k], self.barrier
+            nxt = positions[idx + 1] if idx + 1 < len(positions) else None
+            first = len(self.ops)
+            if k == 0 and u + 1 < len(units) and units[u + 1].load:
+                self.xfer(H2D, At(phase, step, units[u + 1].layer), units[u + 1].load, self.lay.weight_payload, bar)
+            # Hidden-state copies run on the default CUDA stream in program order with the compute: the previous
+            # position's store, then the next position's load, then this batch's compute. The cache copies run on
+            # their own CUDA streams beside them; emitted after the (small) hidden copies that share their link's
+            # queue here, they do not hold the compute up.
+            chain = bar + as_deps(out[k])
+            if single:
+                chain += (self._hidden(H2D_ACT, phase, step, unit, s, chain),)
+            else:
+                if held is not None:
+                    chain += (self._hidden(D2H, phase, step, *held, chain),)
+                if nxt is not None:
+                    chain += (self._hidden(H2D_ACT, phase, step, units[nxt[0]], slices[nxt[1]], chain),)
+            if nxt is not None:
+                self._kv_prefetch(phase, step, units[nxt[0]], slices[nxt[1]], bar)
+            for at, nbytes, tokens in kv_stores:
+                self.xfer(D2H, at, nbytes, KV_HOME, bar, tokens)
+            kv_stores = []
+            out[k] = self._compute(phase, step, unit, s, chain, kv_stores)
+            held = (unit, s)
+            if single:
+                out[k] = max(out[k], self._hidden(D2H, phase, step, unit, s, as_deps(out[k])))
+                held = None
+            last: dict[str, int] = {}
+            for op in self.ops[first:]:
+                last[op.stream] = op.id
+            self.barrier = tuple(last.values())
 
-    def _load(self, phase: Phase, step: int, layer: int, nbytes: int, part: int) -> int:
-        """The DRAM share of one part's weights to the GPU (-1 when the part is all resident)."""
-        if not nbytes:
+    def _hidden(self, stream: str, phase: Phase, step: int, unit: _Unit, s: BatchSlice,
+                deps: tuple[int, ...]) -> int:
+        """The DRAM share of a unit's input coming up (`h2d_act`: not for the embedding, whose input is token
+        ids) or of its output going down (`d2h`: not for the output layer); -1 when there is none."""
+        lay = self.lay
+        if lay.hg >= 1 or (stream == H2D_ACT and unit.layer < 0) or (stream == D2H and unit.layer >= self.m.num_layers):
             return -1
-        return self.xfer(H2D, At(phase, step, layer), nbytes, self.lay.weight_payload,
-                         self.layer_done.get(self.seq + part - 2, ()))
+        return self.xfer(stream, At(phase, step, unit.layer, s.mb), int(self.w.hidden_bytes(s.tokens) * (1 - lay.hg)),
+                         Payload.ACTIVATIONS, deps, s.tokens)
+
+    def _kv_prefetch(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, bar: tuple[int, ...]) -> None:
+        """For GPU decode attention, the DRAM share of the next position's cache (on its own copy stream)."""
+        lay = self.lay
+        if unit.attention and phase is Phase.DECODE and not lay.cpu_attention:
+            kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg))
+            if kv_cpu:
+                self.xfer(H2D_ACT, At(phase, step, unit.layer, s.mb), kv_cpu * self.m.kv_bytes_per_token_layer,
+                          KV_HOME, bar, s.tokens)
+
+    def _compute(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, deps: tuple[int, ...],
+                 kv_stores: list[tuple[At, int, int]]) -> int:
+        """One GPU batch through one unit after `deps`; appends the cache store the next iteration issues."""
+        lay, w, m = self.lay, self.w, self.m
+        at = At(phase, step, unit.layer, s.mb)
+        if unit.layer < 0:
+            return self.embed(phase, step, s.mb, s.tokens, deps)
+        if unit.layer >= m.num_layers:
+            return self.lm_head(phase, step, s.mb, int(s.requests.size), deps)
+        if unit.attention:
+            q = self.op(OpKind.QKV, GPU, at, s.tokens, deps)
+            a = self._attention(phase, at, s, q)
+            deps = (self.op(OpKind.O_PROJ, GPU, at, s.tokens, as_deps(a)),)
+            if lay.cg < 1 and (phase is Phase.PREFILL or not lay.cpu_attention):  # new entries' DRAM share
+                kv_stores.append((at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), s.tokens))
+        if not unit.ffn:
+            return deps[0]
+        return self.ffn(at, s.tokens, s.layer_counts(self.ctx, unit.layer), deps, routed=s.routed)
 
     def _attention(self, phase: Phase, at: At, s: BatchSlice, q: int) -> Deps:
-        """Attention of one GPU batch over its cache, split between VRAM (cg) and DRAM (1 - cg)."""
-        m, w, lay = self.m, self.w, self.lay
+        """Attention of one GPU batch over its cache, split between VRAM (cg) and DRAM (1 - cg); prefill and GPU
+        decode attention run on the GPU (the DRAM share of the cache was loaded an iteration earlier)."""
+        lay, w = self.lay, self.w
+        if phase is Phase.PREFILL:
+            return self._op(OpKind.ATTENTION, GPU, at.phase, at.step, at.layer, at.mb, s.tokens,
+                            prefill_attention_work(self.ctx, lay, int(s.requests.size)), (q,), kv_tokens=s.kv_read)
+        if not lay.cpu_attention:
+            return self.attention(GPU, at, s, (q,))
         kv_gpu = int(round(s.kv_read * lay.cg))
         kv_cpu = s.kv_read - kv_gpu
-        if phase is Phase.PREFILL:  # on the GPU; the DRAM share of the new K/V goes down
-            a = self._op(OpKind.ATTENTION, GPU, at.phase, at.step, at.layer, at.mb, s.tokens,
-                         prefill_attention_work(self.ctx, lay, int(s.requests.size)), (q,), kv_tokens=s.kv_read)
-            if lay.cg < 1:
-                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), KV_HOME, (a,), s.tokens)
-            return a
-        if not lay.cpu_attention:
-            if kv_cpu:  # load the DRAM share of the cache, attend on the GPU, store the new entries' share
-                q = self.xfer(H2D_ACT, at, kv_cpu * m.kv_bytes_per_token_layer, KV_HOME, (q,), s.tokens)
-            a = self.attention(GPU, at, s, (q,))
-            if lay.cg < 1:
-                self.xfer(D2H, at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), KV_HOME, (a,), s.tokens)
-            return a
         parts: list[int] = []
         if kv_gpu:
             part = BatchSlice(s.phase, s.step, s.mb, s.requests, s.tokens, kv_gpu, kv_gpu, s.counts, s.routed)

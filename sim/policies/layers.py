@@ -183,11 +183,17 @@ class LayerEmitter:
         reach the router when `tokens` counts padding; `ffn_dep` an op the FFN's first op (router or dense
         FFN) also waits for (its weights' load). Returns the last op; `last_o_proj` keeps OP2's id."""
         at = At(phase, step, layer, mb)
-        routed = tokens if routed is None else routed
         o = self.last_o_proj = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
-        if not self.m.is_moe_layer(layer):
-            return self.op(OpKind.DENSE_FFN, GPU, at, tokens, (o, ffn_dep))
-        router = last = self.op(OpKind.ROUTER, GPU, at, routed, (o, ffn_dep))
+        return self.ffn(at, tokens, counts, (o, ffn_dep), expert_deps, routed)
+
+    def ffn(self, at: At, tokens: int, counts: np.ndarray | None, deps: tuple[int, ...],
+            expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
+        """The FFN on the GPU after `deps`: the router, shared expert and one op per expert that received tokens
+        (`counts`), or a dense FFN. Returns the last op."""
+        routed = tokens if routed is None else routed
+        if not self.m.is_moe_layer(at.layer):
+            return self.op(OpKind.DENSE_FFN, GPU, at, tokens, deps)
+        router = last = self.op(OpKind.ROUTER, GPU, at, routed, deps)
         if self.m.shared_expert_intermediate_size:
             last = self.op(OpKind.SHARED_EXPERT, GPU, at, routed, (router,))
         assert counts is not None
