@@ -175,3 +175,14 @@ def test_gemm_sweep_reports_fractions_of_its_ceiling():
 
     sw = gemm_sweep(rows=(4, 32), k=256, n=256)
     assert max(sw["fraction_of_ceiling"].values()) == 1.0 and sw["ceiling_tflops"] > 0
+
+
+def test_the_committed_calibration_profile_still_loads_for_its_model():
+    """docs/reproduce/calibration_profile is what `coxmoe reproduce calibration` validates against: a change to the
+    model presets or to the signature must keep it readable (or re-record it), else the reproduction fails."""
+    from sim.api import resolve_model, resolve_system
+
+    prof = Path(__file__).parent.parent / "docs" / "reproduce" / "calibration_profile"
+    meta = json.loads((prof / "profile.json").read_text())
+    cost = ProfileCostModel(resolve_system("a100-80g-8452y"), prof, resolve_model(meta["model"]))
+    assert cost.meta["model"] == meta["model"]

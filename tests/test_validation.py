@@ -519,3 +519,23 @@ def test_a_search_rescores_with_the_cost_model_it_reports_in():
     assert stretched.search["simulated_total_s"] == pytest.approx(stretched.total_s, rel=1e-9)
     assert roofline.search["simulated_total_s"] == pytest.approx(roofline.total_s, rel=1e-9)
     assert stretched.total_s > roofline.total_s
+
+
+def test_a_profile_signature_ignores_fields_at_their_default():
+    """A model's profile signature hashes the shape fields that are not at ModelSpec's defaults: a field added later
+    with a default (as the OPT fields were) leaves every older profile readable; a changed shape still changes it."""
+    import dataclasses
+
+    from sim.specs import ModelSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class LaterModelSpec(ModelSpec):  # ModelSpec as a later version might extend it
+        sliding_window: int = 0
+
+    model = load_model("deepseek-v2-lite")
+    later = LaterModelSpec(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+    assert model_signature(later) == model_signature(model)
+    assert model_signature(dataclasses.replace(later, sliding_window=4096)) != model_signature(model)
+    assert model_signature(dataclasses.replace(model, qkv_bias=True)) != model_signature(model)
+    assert model_signature(dataclasses.replace(model, hidden_size=model.hidden_size * 2)) != model_signature(model)
+    assert model_signature(dataclasses.replace(model, name="x", num_layers=3)) == model_signature(model)

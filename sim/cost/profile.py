@@ -39,8 +39,17 @@ _IGNORED = {"name", "num_layers", "first_dense_layers", "published_total_params"
 
 
 def model_signature(spec: ModelSpec) -> str:
-    """Shapes that decide op times (not the name or depth): a model cut to fewer layers keeps its signature."""
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _IGNORED}
+    """Shapes that decide op times (not the name or depth): a model cut to fewer layers keeps its signature. A field
+    at its default is left out, so a field added to ModelSpec later (with a default) keeps older profiles valid."""
+    values = dataclasses.asdict(spec)
+    fields = {}
+    for f in dataclasses.fields(spec):
+        if f.name in _IGNORED:
+            continue
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING or getattr(spec, f.name) != default:
+            fields[f.name] = values[f.name]
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
