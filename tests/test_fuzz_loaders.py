@@ -357,6 +357,23 @@ PROFILE_EDIT = st.tuples(st.integers(min_value=0, max_value=10_000),
                          st.sampled_from(["tokens", "kv", "median_s", "kind", "device", "threads"]), ODD_VALUES)
 
 
+def test_a_profile_kind_with_a_newline_is_a_one_line_error(tiny_profile, profile_case):
+    """Found by the fuzz below: an op kind holding a newline was quoted raw, so its error took two lines."""
+    import pandas as pd
+
+    from sim.cost.profile import ProfileCostModel
+    from sim.specs import load_system
+
+    src, spec = tiny_profile
+    table = pd.read_csv(src / "timings.csv").astype(object)
+    table.loc[len(table) - 1, "kind"] = "\n"
+    table.to_csv(profile_case / "timings.csv", index=False)
+    (profile_case / "profile.json").write_text((src / "profile.json").read_text())
+    with pytest.raises(SimInputError) as err:
+        ProfileCostModel(load_system("a100-80g-8452y"), profile_case, spec)
+    assert "\n" not in str(err.value) and "'\\n'" in str(err.value)
+
+
 @FAST
 @given(st.lists(PROFILE_EDIT, max_size=3), st.booleans(), st.data())
 def test_profiles(tiny_profile, profile_case, edits, mutate_meta, data):

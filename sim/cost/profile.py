@@ -84,7 +84,7 @@ def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
            | (~overhead & ((out["median_s"] <= 0) | (out["tokens"] < 1))) | (attention & (out["kv"] < 1)))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        got = f"{kind.iloc[row]} tokens {out['tokens'].iloc[row]}, kv {out['kv'].iloc[row]}"
+        got = f"{kind.iloc[row]!r} tokens {out['tokens'].iloc[row]}, kv {out['kv'].iloc[row]}"  # repr: one line
         raise SimInputError(f"{where}: row {row + 2}: a measured op needs tokens >= 1 (and kv >= 1 for attention) "
                             f"and median_s > 0 (overheads: >= 0); got {got}, median_s {out['median_s'].iloc[row]}")
     return out
