@@ -400,8 +400,9 @@ class _ZigZag(LayerEmitter):
             kv_stores = []
             out[k] = self._compute(phase, step, unit, s, chain, kv_stores)
             held = (unit, s)
-            if single:
-                out[k] = max(out[k], self._hidden(D2H, phase, step, unit, s, as_deps(out[k])))
+            if single:  # this position's output goes down before the loop synchronises
+                store = self._hidden(D2H, phase, step, unit, s, as_deps(out[k]))
+                out[k] = store if store >= 0 else out[k]
                 held = None
             last: dict[str, int] = {}
             for op in self.ops[first:]:

@@ -100,7 +100,6 @@ class LayerEmitter:
         self.w: OpWork = ctx.work
         self.b = builder
         self.ops = builder.ops
-        self.last_o_proj = -1
         w = self.w
         self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
@@ -177,14 +176,12 @@ class LayerEmitter:
 
     def attention_back_and_ffn(self, phase: Phase, step: int, layer: int, mb: int, tokens: int,
                                counts: np.ndarray | None, front: Deps,
-                               expert_deps: Callable[[int], int] | None = None, routed: int | None = None,
-                               ffn_dep: int = -1) -> int:
+                               expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
         """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert; `routed` the tokens that
-        reach the router when `tokens` counts padding; `ffn_dep` an op the FFN's first op (router or dense
-        FFN) also waits for (its weights' load). Returns the last op; `last_o_proj` keeps OP2's id."""
+        reach the router when `tokens` counts padding. Returns the last op."""
         at = At(phase, step, layer, mb)
-        o = self.last_o_proj = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
-        return self.ffn(at, tokens, counts, (o, ffn_dep), expert_deps, routed)
+        o = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
+        return self.ffn(at, tokens, counts, (o,), expert_deps, routed)
 
     def ffn(self, at: At, tokens: int, counts: np.ndarray | None, deps: tuple[int, ...],
             expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
