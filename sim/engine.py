@@ -1,4 +1,7 @@
-"""The SimPy machine: one long-lived process per stream runs that stream's ops in plan order.
+"""The SimPy machine: each stream runs its ops in plan order, driven by SimPy events. A stream is a small state
+machine whose continuation is an event callback (an op's timeout, a dependency's end, a start or a re-timing
+wake-up), not a generator process: the same events in the same order as one process per stream would schedule
+(the same times and event count), without resuming a generator for each.
 
 Contention: ops that draw on a common resource share it. The GPU's resources are its SMs and HBM; the host's are
 the CPU cores, host DRAM bandwidth and the two PCIe directions, and host DRAM is one resource that CPU ops and
@@ -6,7 +9,7 @@ the DMA of both PCIe directions all draw from (a copy reads or writes host memor
 running op uses some share of its resources when alone, as the cost model reports; while several ops run in one
 group (GPU, or host) they progress at rates that share the resources fairly (dominant resource fairness), so
 two ops that both need a whole resource each take longer, and no resource ever does more work than its
-capacity. A rate change re-times the affected ops (their processes are interrupted and wait anew). An op in a
+capacity. A rate change re-times the affected ops (an urgent event wakes each, as an interrupt would). An op in a
 group that only one stream uses takes the fast path: one timeout, no bookkeeping.
 
 Cross-stream dependencies wait on an event created only when an op has to wait. Memory pools are counters
@@ -16,11 +19,13 @@ checked at every allocation. The clock is integer nanoseconds; nothing is random
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import simpy
 from simpy.core import EmptySchedule
+from simpy.events import NORMAL, URGENT
 
 from sim.cost import CostModel
 from sim.errors import CapacityError
@@ -157,10 +162,10 @@ class _Job:
     """A running op in a shared group: its usage, work left (ns at full speed), speed, and finish time. `wake` is
     when its process next wakes: a finish that moves later needs no interrupt (the process sleeps again)."""
 
-    __slots__ = ("proc", "usage", "remaining", "rate", "t_last", "finish", "wake")
+    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake")
 
-    def __init__(self, proc: simpy.Process, usage: tuple[float, ...], duration: int, now: int):
-        self.proc, self.usage = proc, usage
+    def __init__(self, interrupt: Callable[[], None], usage: tuple[float, ...], duration: int, now: int):
+        self.interrupt, self.usage = interrupt, usage
         self.remaining, self.rate, self.t_last, self.finish = float(duration), 1.0, now, now + duration
         self.wake = self.finish
 
@@ -177,21 +182,24 @@ class _GroupShare:
         self.jobs: list[_Job] = []
         self.saturated = False  # some running job is slowed down
         self.demand: list[float] = []  # per resource, the running jobs' usages summed (reset when idle)
-        self._rates: dict[tuple, list[float]] = {}  # fair rates per mix of usages: plans repeat their mixes
+        # fair rates per mix of usages, and whether any is slowed: plans repeat their mixes
+        self._rates: dict[tuple, tuple[list[float], bool]] = {}
 
     def _retime(self, now: int, skip: _Job | None) -> None:
         key = tuple([j.usage for j in self.jobs])
-        rates = self._rates.get(key)
-        if rates is None:
-            rates = self._rates[key] = max_min_rates(list(key))
-        self.saturated = any(rate < 1.0 - _EPS for rate in rates)
+        hit = self._rates.get(key)
+        if hit is None:
+            rates = max_min_rates(list(key))
+            hit = self._rates[key] = rates, any(rate < 1.0 - _EPS for rate in rates)
+        rates, self.saturated = hit
+        ceil = math.ceil
         for job, rate in zip(self.jobs, rates, strict=True):
             job.rate = rate
-            finish = now + max(0, math.ceil(job.remaining / rate - _EPS))
+            finish = now + max(0, ceil(job.remaining / rate - _EPS))
             if finish != job.finish:
                 job.finish = finish
                 if finish < job.wake and job is not skip:  # earlier than its process wakes: wake it now
-                    job.proc.interrupt()
+                    job.interrupt()
 
     def _advance(self, now: int) -> None:
         for job in self.jobs:
@@ -247,54 +255,108 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
     env = simpy.Environment()
     shares = {group: _GroupShare() for group in topo.group_sizes}
     by_stream = ops_by_stream(ops, topo)
-    timeout, new_event, Interrupt = env.timeout, env.event, simpy.Interrupt
+    schedule, Event, Timeout = env.schedule, simpy.Event, simpy.Timeout
 
     streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
                   for group in shares}
 
-    def stream_process(stream: str, ids: list[int]):
+    def fired(callback: Callable[[simpy.Event], None] | None, priority: int = NORMAL) -> None:
+        """Schedule an event that calls `callback` now: a stream's start, its interruption, its end."""
+        ev = Event(env)
+        ev._ok, ev._value = True, None
+        if callback is not None:
+            ev.callbacks.append(callback)
+        schedule(ev, priority)
+
+    def launch(stream: str, ids: list[int]) -> None:
+        """Start one stream: a state machine driven by event callbacks (op k waits for its dependencies, runs,
+        ends, and the next starts), so no generator is resumed per event."""
         unit = topo.streams[stream]
         share = shares[unit.group]
         size = topo.group_sizes[unit.group]
         shared = streams_in[unit.group] > 1  # a group used by one stream only never contends
-        proc = env.active_process
-        for i in ids:
-            op = ops[i]
-            for d in op.deps:
-                if end[d] < 0:
-                    ev = waiters.get(d)
-                    if ev is None:
-                        ev = waiters[d] = new_event()
-                    yield ev
-            now = start[i] = env.now
-            if op.alloc:
-                for pool, nbytes in op.alloc:
-                    pools.alloc(pool, nbytes, f"op {i} {op.kind} layer {op.layer}")
-            d = durations[i]
-            if d and not shared:
-                yield timeout(d)
-            elif d:
-                job = _Job(proc, unit.usage_vector(usage_of(op), size), d, now)
-                share.admit(job, now)
-                while env.now < job.finish:  # the finish may move while it runs (later: wakes and sleeps again)
-                    job.wake = job.finish
-                    try:
-                        yield timeout(job.finish - env.now)
-                    except Interrupt:
-                        continue
-                share.release(job, env.now)
-            end[i] = env.now
-            if op.free:
-                for pool, nbytes in op.free:
-                    pools.free(pool, nbytes)
-            if waiters:
-                ev = waiters.pop(i, None)
-                if ev is not None:
-                    ev.succeed()
+        count = len(ids)
+        k = 0  # position in `ids` of the op waiting or running
+        job: _Job | None = None
+        target: simpy.Event | None = None  # the event whose callbacks hold this stream's continuation
+
+        def proceed(_event: simpy.Event | None = None) -> None:
+            """From op k on: wait for a dependency (resumed when it ends), or start the op; an op of zero
+            duration ends at once and the next follows."""
+            nonlocal k, job, target
+            while k < count:
+                i = ids[k]
+                op = ops[i]
+                for d in op.deps:
+                    if end[d] < 0:
+                        ev = waiters.get(d)
+                        if ev is None:
+                            ev = waiters[d] = Event(env)
+                        ev.callbacks.append(proceed)
+                        target = ev
+                        return
+                now = start[i] = env.now
+                if op.alloc:
+                    for pool, nbytes in op.alloc:
+                        pools.alloc(pool, nbytes, f"op {i} {op.kind} layer {op.layer}")
+                d = durations[i]
+                if d and not shared:
+                    target = Timeout(env, d)
+                    target.callbacks.append(finished)
+                    return
+                if d:
+                    job = _Job(interrupt, unit.usage_vector(usage_of(op), size), d, now)
+                    share.admit(job, now)
+                    sleep()
+                    return
+                complete(i, now)
+                k += 1
+            fired(None)  # the stream's end, one event as a SimPy process's end is
+
+        def sleep(_event: simpy.Event | None = None) -> None:
+            """Wait until the shared job's finish, which may move while it runs (later: it wakes and sleeps
+            again; earlier: `interrupt`)."""
+            nonlocal target
+            now = env.now
+            if now < job.finish:
+                job.wake = job.finish
+                target = Timeout(env, job.finish - now)
+                target.callbacks.append(sleep)
+                return
+            share.release(job, now)
+            finished()
+
+        def interrupted(_event: simpy.Event) -> None:
+            target.callbacks.remove(sleep)
+            sleep()
+
+        def interrupt() -> None:
+            """The job's finish moved earlier: wake it through an urgent event, as a SimPy interrupt would."""
+            fired(interrupted, URGENT)
+
+        def finished(_event: simpy.Event | None = None) -> None:
+            nonlocal k
+            complete(ids[k], env.now)
+            k += 1
+            proceed()
+
+        fired(proceed, URGENT)  # started by an urgent event, as a SimPy process is
+
+    def complete(i: int, now: int) -> None:
+        """Op i ends: its memory is freed and the streams waiting for it are woken (through its event)."""
+        end[i] = now
+        op = ops[i]
+        if op.free:
+            for pool, nbytes in op.free:
+                pools.free(pool, nbytes)
+        if waiters:
+            ev = waiters.pop(i, None)
+            if ev is not None:
+                ev.succeed()
 
     for stream, ids in by_stream.items():
         if ids:
-            env.process(stream_process(stream, ids))
+            launch(stream, ids)
     events = 0
     step = env.step
     try:

@@ -271,3 +271,32 @@ def test_prefill_counts_equal_counting_the_prompt_rows(monkeypatch, table_bytes)
     every_row = trace.expert_counts(np.arange(trace.num_tokens))
     assert (prompt == trace.expert_counts(trace.prefill_rows(np.arange(6)))).all()
     assert (prompt + generated == every_row).all()
+
+
+@pytest.mark.parametrize("num_experts", [2, 8, 64, 128, 256])
+def test_uniform_inverse_cdf_shortcut_gives_the_guide_tables_ids(num_experts):
+    """Uniform popularity over a power-of-two number of experts takes floor(u E); the guide table and its
+    fix-ups must give the same id for every draw, including draws on and just below each CDF step."""
+    from traces.synth import _InverseCdf
+
+    steps = np.arange(num_experts + 1, dtype=np.float32) / np.float32(num_experts)
+    below = np.nextafter(steps, np.float32(0))
+    above = np.nextafter(steps, np.float32(1))
+    rng = np.random.default_rng(7)
+    u = np.concatenate([steps[:-1], below[1:], above[:-1], rng.random(100_000, dtype=np.float32),
+                        np.array([np.nextafter(np.float32(1), np.float32(0))])]).astype(np.float32)
+    shortcut = _InverseCdf(np.full(num_experts, 1.0 / num_experts))
+    assert shortcut.linear
+    guided = _InverseCdf(np.full(num_experts, 1.0 / num_experts))
+    guided.linear = False
+    ids = shortcut(u)
+    assert ids.dtype == guided(u).dtype
+    np.testing.assert_array_equal(ids, guided(u))
+    assert ids.min() == 0 and ids.max() == num_experts - 1
+
+
+def test_inverse_cdf_shortcut_only_for_exact_uniform_steps():
+    from traces.synth import _InverseCdf
+
+    assert not _InverseCdf(np.full(60, 1 / 60)).linear  # steps of 1/60 are not exact in float32
+    assert not _InverseCdf(np.arange(1.0, 9.0)).linear  # skewed

@@ -112,7 +112,9 @@ def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what:
 
 class _InverseCdf:
     """Inverse-CDF sampling with a guide table (Chen and Asau): one table look-up plus rare fix-up steps,
-    several times faster than a binary search for millions of draws."""
+    several times faster than a binary search for millions of draws. Uniform popularity over a power-of-two
+    number of experts has its CDF steps at exact float32 multiples of 1/E, so there the id is floor(u E): the
+    same ids, about ten times faster."""
 
     def __init__(self, probs: np.ndarray):
         self.probs = np.asarray(probs, dtype=np.float64) / float(np.sum(probs))  # exact, for the fallback
@@ -123,8 +125,13 @@ class _InverseCdf:
         self.buckets = max(1024, 4 * cdf.size)
         edges = np.arange(self.buckets, dtype=np.float32) / np.float32(self.buckets)
         self.guide = np.searchsorted(cdf, edges, side="right").astype(expert_dtype(cdf.size))
+        size = cdf.size
+        steps = np.arange(1, size + 1, dtype=np.float64) / size
+        self.linear = size & (size - 1) == 0 and bool((cdf.astype(np.float64) == steps).all())
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
+        if self.linear:  # u * E is exact in float32, and u < (j + 1) / E exactly when floor(u * E) <= j
+            return (u * np.float32(self.cdf.size)).astype(self.guide.dtype)
         u_scaled = u * np.float32(self.buckets)
         idx = self.guide[u_scaled.astype(np.int32)]
         pending = np.flatnonzero(self.cdf[idx] <= u)
