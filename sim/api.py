@@ -31,7 +31,7 @@ from sim.search import plan_policy, simulate_with
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
-from traces.disk_cache import disk_cache_from_env
+from traces.disk_cache import cache_key, disk_cache_from_env
 from traces.limits import env_size_bytes
 from traces.synth import request_lengths
 from traces.synth_presets import synth_preset
@@ -164,6 +164,14 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
         return wl, tr, f"trace:{tr.header.source}"
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")
+    wl, cfg = synthetic_inputs(model, batch, prompt_len, gen_len, routing, seed, reuse_prob)
+    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len), lambda: synthesise(cfg, wl)), routing
+
+
+def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_len: int | str, routing: str,
+                     seed: int, reuse_prob: float = 0.0) -> tuple[Workload, SynthConfig]:
+    """The workload (lengths drawn from `seed` when given as distributions) and the synthesis settings of a
+    point without a trace: everything that determines its synthetic trace's bytes."""
     if isinstance(prompt_len, str) or isinstance(gen_len, str):
         rng = np.random.default_rng([seed, LENGTH_STREAM])
         if batch < 1:
@@ -172,8 +180,45 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
                       request_lengths(gen_len, batch, rng, "--gen-len").astype(np.int64))
     else:
         wl = Workload.uniform(batch, prompt_len, gen_len)
-    cfg = synth_config(model, routing, reuse_prob, seed)
-    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len), lambda: synthesise(cfg, wl)), routing
+    return wl, synth_config(model, routing, reuse_prob, seed)
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    """A synthetic trace a sweep point will read from the on-disk cache: its cache key and its size (routed
+    tokens x layers x top-k, the work of drawing it), so a sweep can build each once, largest first."""
+
+    key: str
+    size: int
+
+
+def trace_job(config: SimConfig) -> TraceJob | None:
+    """The synthetic trace `config` would read through the on-disk cache, or None (a trace file, no cache, the
+    trace already on disk, or a point its own run will reject)."""
+    disk = disk_cache_from_env()
+    if disk is None or config.trace is not None:
+        return None
+    try:
+        model = config_model(config)
+        wl, cfg = synthetic_inputs(model, config.batch, config.prompt_len, config.gen_len, config.routing,
+                                   config.seed, config.reuse_prob)
+        key = cache_key(cfg, wl.prompt_lens, wl.gen_lens)
+    except Exception:  # noqa: BLE001 - the point's own run reports it
+        return None
+    if key is None or (disk.directory / f"{key}.npz").exists():
+        return None
+    routed = int((wl.prompt_lens + wl.gen_lens - 1).sum())
+    return TraceJob(key, routed * cfg.num_layers * cfg.top_k)
+
+
+def build_trace(config: SimConfig) -> None:
+    """Synthesise `config`'s trace into the on-disk cache (a sweep's first pass); errors are left to the point."""
+    try:
+        model = config_model(config)
+        resolve_routing(model, config.batch, config.prompt_len, config.gen_len, None, config.routing, config.seed,
+                        config.reuse_prob)
+    except Exception:  # noqa: BLE001 - the point's own run reports it
+        pass
 
 
 def synthesise(cfg: SynthConfig, wl: Workload) -> RoutingTrace:

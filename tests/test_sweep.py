@@ -239,3 +239,26 @@ def test_a_sweep_point_can_set_every_simulation_setting():
     assert point.sim_config().policy_options == {"coalesce": "false"}  # as the CLI passes it
     with pytest.raises(SimInputError, match="reuse_prob must be a number in"):
         resolve_point({"model": "m", "system": "s", "reuse_prob": 3})
+
+
+def test_a_sweep_draws_each_missing_synthetic_trace_once_largest_first(tmp_path, monkeypatch):
+    """Points sharing a workload share one trace build; a point with a trace file, one whose trace is already on
+    disk, or one that cannot run adds none; the largest trace (routed tokens x layers x top-k) comes first."""
+    from experiments.sweep.run import trace_builds
+    from sim.api import TRACE_CACHE, build_trace
+    from sim.config import SimConfig
+
+    monkeypatch.setenv("COXMOE_TRACE_DIR", str(tmp_path / "traces"))
+    base = {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4, "gen_len": 2}
+    points = expand({"fixed": base, "axes": {"prompt_len": [8, 64], "policy": ["coxmoe", "moe-lightning"]}})
+    assert len(points) == 4
+    builds = trace_builds(points)
+    assert [b["prompt_len"] for b in builds] == [64, 8]  # two workloads, the longer prompts first
+    bad = expand({"fixed": {**base, "prompt_len": 8, "model": "no-such-model"}, "axes": {"policy": ["coxmoe"]}})
+    assert trace_builds(bad) == []
+    TRACE_CACHE.clear()
+    build_trace(SimConfig.from_point(builds[0]))
+    assert len(list((tmp_path / "traces").glob("*.npz"))) == 1
+    assert [b["prompt_len"] for b in trace_builds(points)] == [8]  # the one on disk is not drawn again
+    monkeypatch.setenv("COXMOE_TRACE_DIR", "off")
+    assert trace_builds(points) == []  # no disk cache: nothing to share between workers

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -202,3 +206,48 @@ def test_a_sweep_with_a_bad_cache_setting_is_one_error(tmp_path, monkeypatch, ca
     assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "COXMOE_TRACE_DIR_GIB" in err[0]
+
+
+def _build_in_child(directory: str, log: str, started: str) -> None:
+    """A process asking the disk cache for the _synth() trace; each build it runs appends a line to `log`."""
+    from traces import generate_trace
+    from traces.disk_cache import DiskTraceCache
+
+    cfg, p, g = _synth()
+
+    def slow_build():
+        with open(log, "a") as f:
+            f.write("built\n")
+        Path(started).touch()
+        time.sleep(1.0)  # long enough for the other process to ask meanwhile
+        return generate_trace(cfg, p, g)
+
+    DiskTraceCache(directory, 1 << 30).get(cfg, p, g, slow_build)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to share the test's functions with a child")
+def test_two_processes_asking_for_one_trace_build_it_once(tmp_path):
+    """The second process waits for the first's file instead of drawing the same trace again."""
+    import multiprocessing
+
+    from traces import generate_trace
+    from traces.disk_cache import DiskTraceCache
+
+    log, started = tmp_path / "builds.log", tmp_path / "started"
+    ctx = multiprocessing.get_context("fork")
+    first = ctx.Process(target=_build_in_child, args=(str(tmp_path / "cache"), str(log), str(started)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:  # the first is building (and holds the lock)
+        time.sleep(0.01)
+    second = ctx.Process(target=_build_in_child, args=(str(tmp_path / "cache"), str(log), str(started)))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert first.exitcode == 0 and second.exitcode == 0
+    assert log.read_text() == "built\n"
+    cfg, p, g = _synth()
+    cache = DiskTraceCache(tmp_path / "cache", 1 << 30)
+    got = cache.get(cfg, p, g, lambda: pytest.fail("the trace is on disk"))
+    np.testing.assert_array_equal(got.experts, generate_trace(cfg, p, g).experts)
+    assert cache.hits == 1 and cache.misses == 0

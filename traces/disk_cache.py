@@ -5,7 +5,8 @@ digest of the code and shipped popularity tables that draw it; so a hit is the t
 change to the synthesis code misses instead of returning a stale trace. Files are v1 traces written atomically
 and read with `allow_pickle=False`; one that fails to load is rebuilt. The directory is capped (least recently
 used out first). `COXMOE_TRACE_DIR` turns it on for any command (`off` or empty: off); sweeps use
-`<sweep dir>/traces` unless it is set. `COXMOE_TRACE_DIR_GIB` caps it (default 8).
+`<sweep dir>/traces` unless it is set. `COXMOE_TRACE_DIR_GIB` caps it (default 8). One process builds a given
+trace at a time (a lock file beside it); the others wait for its file.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from traces.errors import TraceError
 from traces.format import RoutingTrace, load_trace, save_trace
 from traces.limits import env_size_bytes
 from traces.synth import DATA_DIR, POPULARITY_TABLES, SynthConfig
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: concurrent builds of one trace are then possible (and harmless)
+    fcntl = None  # type: ignore[assignment]
 
 TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
 TRACE_DIR_GIB_ENV = "COXMOE_TRACE_DIR_GIB"
@@ -73,30 +79,63 @@ class DiskTraceCache:
 
     def get(self, cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
             build: Callable[[], RoutingTrace]) -> RoutingTrace:
+        """The cached trace, else `build()`'s, saved. One process builds a given trace at a time: another that
+        asks for it meanwhile waits for the file instead of drawing it again (a sweep's workers often start
+        several points of one workload together)."""
         key = cache_key(cfg, prompt_lens, gen_lens)
         if key is None:
             return build()
         path = self.directory / f"{key}.npz"
-        if path.exists():
-            try:
-                trace = load_trace(path, thorough=False)
-            except (TraceError, OSError):  # half-deleted by another process's eviction, or damaged: rebuild
-                with suppress(OSError):
-                    path.unlink(missing_ok=True)
-            else:
-                with suppress(OSError):  # recently used (a read-only cache still serves)
-                    os.utime(path)
-                self.hits += 1
+        trace = self._load(path)
+        if trace is not None:
+            return trace
+        with self._build_lock(key):
+            trace = self._load(path)  # built by the process that held the lock
+            if trace is not None:
                 return trace
-        self.misses += 1
-        trace = build()
+            self.misses += 1
+            trace = build()
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                save_trace(trace, path)
+                self._evict(keep=path)
+            except OSError:  # a full or read-only disk costs the cache, not the run
+                pass
+        return trace
+
+    def _load(self, path: Path) -> RoutingTrace | None:
+        if not path.exists():
+            return None
+        try:
+            trace = load_trace(path, thorough=False)
+        except (TraceError, OSError):  # half-deleted by another process's eviction, or damaged: rebuild
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
+            return None
+        with suppress(OSError):  # recently used (a read-only cache still serves)
+            os.utime(path)
+        self.hits += 1
+        return trace
+
+    @contextmanager
+    def _build_lock(self, key: str) -> Iterator[None]:
+        """An exclusive lock on `<key>.lock` while one process builds that trace (released by the OS if the
+        process dies); no lock where the platform or the directory has none."""
+        if fcntl is None:
+            yield
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            save_trace(trace, path)
-            self._evict(keep=path)
-        except OSError:  # a full or read-only disk costs the cache, not the run
-            pass
-        return trace
+            handle = open(self.directory / f"{key}.lock", "a+b")  # noqa: SIM115 - held across the yield
+        except OSError:
+            yield
+            return
+        with handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def _evict(self, keep: Path) -> None:
         files = []
@@ -113,6 +152,7 @@ class DiskTraceCache:
             if f != keep:
                 with suppress(OSError):
                     f.unlink(missing_ok=True)
+                    f.with_suffix(".lock").unlink(missing_ok=True)
                 total -= size
 
 

@@ -11,6 +11,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from experiments.sweep import ENGINES
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
+from sim.config import SimConfig
 from sim.errors import SimInputError
 from traces.disk_cache import TRACE_DIR_ENV, TRACE_DIR_GIB_ENV, default_trace_dir, disk_cache_from_env
 from traces.limits import LIMIT_ENV
@@ -47,6 +49,31 @@ def run_point(config: dict[str, Any]) -> Outcome:
         return result.to_dict(), None, time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - recorded as the point's failure
         return None, _one_line(exc), time.perf_counter() - t0
+
+
+def trace_builds(points: Iterable[SweepPoint]) -> list[dict[str, Any]]:
+    """One point's config per synthetic trace the points will read from the on-disk cache and that is not there
+    yet, the largest trace first: a pool builds them in parallel before the points run, instead of two workers
+    drawing the same trace at once or one worker drawing the biggest last."""
+    from sim.api import trace_job
+
+    jobs: dict[str, tuple[int, dict[str, Any]]] = {}
+    for point in points:
+        try:
+            job = trace_job(SimConfig.from_point(point.config))
+        except Exception:  # noqa: BLE001 - the point's own run reports it
+            job = None
+        if job is not None and job.key not in jobs:
+            jobs[job.key] = (job.size, point.config)
+    return [config for _, config in sorted(jobs.values(), key=lambda j: -j[0])]
+
+
+def build_trace(config: dict[str, Any]) -> None:
+    """Pool task: synthesise a point's trace into the on-disk cache (errors are left to the point's own run)."""
+    from sim.api import build_trace as build
+
+    with suppress(Exception):  # the point's own run reports it
+        build(SimConfig.from_point(config))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -118,6 +145,12 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
                 yield point, run_point(point.config)
             return
         with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
+            builds = trace_builds(pending)  # each synthetic trace once, largest first, before the points
+            if builds and progress:
+                print(f"sweep: drawing {len(builds)} synthetic trace(s) first, one per workload", file=sys.stderr,
+                      flush=True)
+            for config in builds:
+                pool.submit(build_trace, config)
             futures = {pool.submit(run_point, p.config): p for p in pending}
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
