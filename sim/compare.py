@@ -74,14 +74,29 @@ def _run_all(m: ModelSpec, s: SystemSpec, jobs: list[tuple[str, dict[str, str]]]
             bar.update()
         bar.close()
         return out
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        futures = [pool.submit(_run, m, s, policy, opts, tr, seed, decode_sample) for policy, opts in jobs]
-        for _ in as_completed(futures):
-            bar.update()
+    forked = "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if forked else "spawn")
+    if forked:  # workers inherit the trace (copy-on-write) instead of unpickling a copy per job
+        _FORKED_TRACE[:] = [tr]
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = [pool.submit(_run_forked, m, s, policy, opts, seed, decode_sample) if forked else
+                       pool.submit(_run, m, s, policy, opts, tr, seed, decode_sample) for policy, opts in jobs]
+            for _ in as_completed(futures):
+                bar.update()
+    finally:
+        _FORKED_TRACE.clear()
     bar.close()
     return [f.result() for f in futures]
+
+
+_FORKED_TRACE: list[RoutingTrace] = []  # the trace of the jobs in flight, for workers forked from this process
+
+
+def _run_forked(m: ModelSpec, s: SystemSpec, policy: str, options: dict[str, str], seed: int,
+                decode_sample: int) -> dict[str, Any]:
+    """`_run` on the trace this worker inherited from the process that forked it."""
+    return _run(m, s, policy, options, _FORKED_TRACE[0], seed, decode_sample)
 
 
 def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,

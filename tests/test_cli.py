@@ -245,6 +245,23 @@ def test_compare_on_two_workers_gives_the_same_results(capsys, tmp_path):
     assert outs[0] == outs[1] and list(outs[0]) == ["coxmoe", "moe-lightning", "fiddler"]
 
 
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
+def test_compare_workers_inherit_the_trace_instead_of_unpickling_it(tmp_path, monkeypatch):
+    """Forked workers read the parent's trace (copy-on-write): a trace that cannot be pickled still runs, and
+    the parent keeps no reference to it once the jobs are done."""
+    from sim import compare as compare_module
+    from traces import RoutingTrace
+
+    def refuse(self):
+        raise AssertionError("the trace was pickled for a worker")
+
+    monkeypatch.setattr(RoutingTrace, "__reduce__", refuse, raising=False)
+    r = compare_module.compare(_tiny_model_file(tmp_path), "a100-80g-8452y", batch=8, prompt_len=6, gen_len=3,
+                               policies=("coxmoe", "fiddler"), workers=2)
+    assert all(v["feasible"] for v in r["policies"].values())
+    assert compare_module._FORKED_TRACE == []
+
+
 def test_compare_json_has_every_policy_and_speedups(capsys, tmp_path):
     code, out, err = run(capsys, "compare", "--model-file", _tiny_model_file(tmp_path), "--system",
                          "a100-80g-8452y", "--batch", "8", "--prompt-len", "6", "--gen-len", "3", "--json")
