@@ -327,8 +327,10 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True) -> EngineRecord:
             finished()
 
         def interrupted(_event: simpy.Event) -> None:
-            target.callbacks.remove(sleep)
-            sleep()
+            callbacks = target.callbacks
+            if callbacks is not None and sleep in callbacks:  # still sleeping on this job (not a stale wake-up)
+                callbacks.remove(sleep)
+                sleep()
 
         def interrupt() -> None:
             """The job's finish moved earlier: wake it through an urgent event, as a SimPy interrupt would."""
