@@ -207,8 +207,14 @@ def run_ray(points: Iterable[SweepPoint], store: ResultStore, workers: int | Non
             ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": env_vars})
     remote_point = ray.remote(num_cpus=1, max_retries=1)(run_point)
+    # A local instance's workers share this machine's trace directory: draw each trace once, first (as the local
+    # pool does). A cluster's nodes may not share it, so there each point draws or reads its own.
+    remote_build = ray.remote(num_cpus=1, max_retries=0)(build_trace) if started_here and not address else None
 
     def execute(pending: list[SweepPoint]) -> Iterator[tuple[SweepPoint, Outcome]]:
+        if remote_build is not None:
+            for config in trace_builds(pending):
+                remote_build.remote(config)
         refs = {remote_point.remote(p.config): p for p in pending}
         waiting = list(refs)
         while waiting:
