@@ -9,7 +9,7 @@ Runs, in one process each (a fresh interpreter per case, so no case profits from
                                                                         target >= 0.5 of the bare loop
 and, with --fig7, the fig7 sweep from scratch on 2 local workers       target < 60 s.
 
-    python benchmarks/design_space_speed.py [--cases standard,engine] [--fig7]
+    python benchmarks/design_space_speed.py [--cases standard,engine] [--fig7] [--breakdown]
 
 Prints one line per case: wall seconds, peak resident memory of its process, the simulated result (so a change
 that moves it shows), and whether the target is met.
@@ -59,17 +59,64 @@ CASES = {
 
 RUNNER = """
 import json, resource, sys, time
+{prologue}
 t0 = time.perf_counter()
 {code}
 out['wall_s'] = time.perf_counter() - t0
 out['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+{epilogue}
 print('RESULT ' + json.dumps(out))
 """
 
+# --breakdown: wall seconds per stage, by wrapping the functions each stage runs through (no profiler, so the
+# split is not skewed toward Python-heavy stages): trace synthesis; the policy's analytic ranking (its search
+# space, including the trace counts it needs); plan building (the search's time less ranking and engine runs);
+# the engine; the rest (metrics, checks outside the search, start-up of the point).
+BREAKDOWN_PROLOGUE = """
+import sim.api as _api, sim.search as _search
+from sim.policies import POLICIES as _POLICIES
+_split = {'trace_s': 0.0, 'ranking_s': 0.0, 'search_s': 0.0, 'engine_s': 0.0, 'engine_in_search_s': 0.0,
+          'engine_runs': 0}
+_in_search = [False]
+def _timed(owner, name, key, engine=False, search=False):
+    f = getattr(owner, name)
+    def g(*a, **k):
+        _in_search[0] |= search
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            dt = time.perf_counter() - t
+            _split[key] += dt
+            if engine:
+                _split['engine_runs'] += 1
+                if _in_search[0]:
+                    _split['engine_in_search_s'] += dt
+            if search:
+                _in_search[0] = False
+    setattr(owner, name, g)
+_timed(_api, 'synthesise', 'trace_s')
+_timed(_search, 'run_plan', 'engine_s', engine=True)
+_timed(_api, 'run_plan', 'engine_s', engine=True)
+_timed(_api, 'plan_policy', 'search_s', search=True)
+for _cls in set(_POLICIES.values()):
+    if 'search_space' in vars(_cls):
+        _timed(_cls, 'search_space', 'ranking_s')
+"""
+BREAKDOWN_EPILOGUE = """
+_builds = _split['search_s'] - _split['ranking_s'] - _split['engine_in_search_s']
+out['split_s'] = {'trace': _split['trace_s'], 'ranking': _split['ranking_s'], 'plan_builds': _builds,
+                  'engine': _split['engine_s'], 'engine_runs': _split['engine_runs'],
+                  'other': out['wall_s'] - _split['trace_s'] - _split['search_s'] - _split['engine_s']
+                           + _split['engine_in_search_s']}
+"""
 
-def run_case(name: str) -> dict:
+
+def run_case(name: str, breakdown: bool = False) -> dict:
     code, _, _ = CASES[name]
-    proc = subprocess.run([sys.executable, "-c", RUNNER.format(code=code)], cwd=ROOT, capture_output=True,
+    runner = RUNNER.format(code=code, prologue=BREAKDOWN_PROLOGUE if breakdown else "",
+                           epilogue=BREAKDOWN_EPILOGUE if breakdown else "")
+    proc = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, capture_output=True,
                           text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -96,16 +143,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--fig7", action="store_true", help="also the fig7 sweep from scratch (minutes)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also each case's wall seconds by stage: trace synthesis, analytic ranking, plan "
+                             "builds, engine runs, the rest")
     args = parser.parse_args()
     names = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(names) - set(CASES))
     if unknown:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     for name in names:
-        r = run_case(name)
+        r = run_case(name, args.breakdown)
         _, wall_target, rss_target = CASES[name]
         extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                 if k not in ("wall_s", "peak_rss_gb")}
+                 if k not in ("wall_s", "peak_rss_gb", "split_s")}
+        if "split_s" in r:
+            extra["split_s"] = {k: round(v, 2) for k, v in r["split_s"].items()}
         print(f"{name:10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], wall_target):12} peak RSS "
               f"{r['peak_rss_gb']:.2f} GB {verdict(r['peak_rss_gb'], rss_target):12} {extra}")
     if args.fig7:

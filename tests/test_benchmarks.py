@@ -1,0 +1,35 @@
+"""The speed benchmarks' own instrumentation (the figures themselves are measured by running the scripts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_design_space_breakdown_splits_a_point_into_stages_that_add_up():
+    bench = _load("design_space_speed")
+    code = ("from sim.api import simulate\n"
+            "r = simulate('mixtral-8x7b', 'a100-80g-8452y', 'coxmoe', batch=8, prompt_len=16, gen_len=4)\n"
+            "out = {'throughput_tok_s': r.throughput_tok_s}")
+    runner = bench.RUNNER.format(code=code, prologue=bench.BREAKDOWN_PROLOGUE, epilogue=bench.BREAKDOWN_EPILOGUE)
+    proc = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")).removeprefix("RESULT "))
+    split = out["split_s"]
+    assert out["throughput_tok_s"] > 0
+    assert split["engine_runs"] >= 2  # the search's re-scoring runs and the chosen plan's full run
+    stages = [split[k] for k in ("trace", "ranking", "plan_builds", "engine", "other")]
+    assert all(v >= 0 for v in stages[:4]) and split["trace"] > 0 and split["engine"] > 0
+    assert abs(sum(stages) - out["wall_s"]) < 1e-6 * max(1.0, out["wall_s"])
