@@ -1,5 +1,7 @@
-"""Golden results: simulate() on one scenario per policy gives exactly the numbers recorded before a
-behaviour-preserving change (tests/data/golden_simulate.json, first written by the code at 3a7e881). A change
+"""Golden results: simulate() on scenarios covering every policy and three models (Mixtral-8x7B, Qwen3-30B-A3B
+with top-8 of 128 experts, DeepSeek-V2-Lite) gives exactly the numbers recorded before a behaviour-preserving
+change (tests/data/golden_simulate.json, first written by the code at 3a7e881; the zero-inference,
+expert-parallel, ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe records added at 3e17794's results). A change
 meant to move results re-records them with `write_golden()` in the same commit and says why:
 `PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
 
