@@ -300,3 +300,32 @@ def test_inverse_cdf_shortcut_only_for_exact_uniform_steps():
 
     assert not _InverseCdf(np.full(60, 1 / 60)).linear  # steps of 1/60 are not exact in float32
     assert not _InverseCdf(np.arange(1.0, 9.0)).linear  # skewed
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf:1.0", "zipf:3.0"])
+@pytest.mark.parametrize("top_k", [5, 8])
+def test_repeat_checks_by_columns_and_by_table_draw_the_same_ids(routing, top_k, monkeypatch):
+    """Top-k > 4 checks repeats against the row's chosen columns when popularity is flat and against a per-row
+    table of every expert when it is skewed; either way the same random numbers give the same ids."""
+    from traces import synth
+
+    cfg = synth.SynthConfig("m", 3, 64, top_k, routing, 0.0, 11)
+    lens = np.full(40, 50), np.full(40, 9)
+    drawn = []
+    for threshold in (0.0, 2.0):  # the table always, the columns always
+        monkeypatch.setattr(synth, "COMPARE_MAX_TOP_MASS", threshold)
+        drawn.append(synth.generate_trace(cfg, *lens).experts)
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    assert (np.sort(drawn[0], axis=-1)[..., 1:] != np.sort(drawn[0], axis=-1)[..., :-1]).all()  # distinct ids
+
+
+def test_repeat_checks_agree_across_chunks(monkeypatch):
+    from traces import synth
+
+    probs = synth.popularity_matrix("zipf:0.8", 1, 32, 0)[0]
+    drawn = []
+    for threshold in (0.0, 2.0):
+        monkeypatch.setattr(synth, "COMPARE_MAX_TOP_MASS", threshold)
+        drawn.append(synth._sample_topk(np.random.default_rng(3), synth._InverseCdf(probs), 1000, 6, 32,
+                                        np.dtype(np.uint8), chunk=128))
+    np.testing.assert_array_equal(drawn[0], drawn[1])

@@ -150,7 +150,8 @@ class RoutingTrace:
             last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)
             group = np.arange(first, last)
             slot = np.repeat(np.arange(last - first, dtype=np.int64) * (L * E), lens[first:last])
-            flat = self.experts[self.prefill_rows(group)] + offsets + slot[:, None, None]
+            flat = self.experts[self.prefill_rows(group)] + offsets  # one int64 temporary, summed in place
+            flat += slot[:, None, None]
             out[first:last] = np.bincount(flat.ravel(), minlength=(last - first) * L * E).reshape(last - first, -1)
             first = last
         table = out.reshape(n, L, E)
@@ -183,7 +184,8 @@ class RoutingTrace:
         out = np.zeros(max(S * G * L * E, 1), dtype=np.int64)
         chunk = 1 << 15
         for start in range(0, n, chunk):  # chunks bound the int64 temporary
-            flat = self.experts[rows[start:start + chunk]] + offsets + slot[start:start + chunk, None, None]
+            flat = self.experts[rows[start:start + chunk]] + offsets  # one int64 temporary, summed in place
+            flat += slot[start:start + chunk, None, None]
             out += np.bincount(flat.ravel(), minlength=out.size)
         table = out[:S * G * L * E].astype(np.int32).reshape(S, G, L, E)
         table.flags.writeable = False  # shared by every plan of a search

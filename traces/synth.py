@@ -164,9 +164,11 @@ def _exclusive_draw(rng: np.random.Generator, probs: np.ndarray, chosen: np.ndar
 def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int, num_experts: int,
                  dtype: np.dtype, chunk: int = 1 << 16) -> np.ndarray:
     """k distinct ids per row, drawn one position at a time, redrawing repeats (exact sequential sampling
-    without replacement). Small k compares against earlier columns; larger k keeps a per-row 'taken' mask so
-    each repeat check is O(1), processing rows in chunks to bound memory. Rows still repeating after
-    REDRAW_ROUNDS redraws take the exact float64 draw without their chosen ids (bounded time, same law)."""
+    without replacement). Small k compares against earlier columns; larger k processes rows in chunks to bound
+    memory, checking repeats against the chunk's chosen columns when popularity is flat, or against a per-row
+    'taken' table (an O(1) check) when it is skewed enough that most rows redraw (`_compare_columns`). Rows
+    still repeating after REDRAW_ROUNDS redraws take the exact float64 draw without their chosen ids (bounded
+    time, same law)."""
     out = np.empty((n, k), dtype=dtype)
     if k <= 4:
         for j in range(k):
@@ -183,10 +185,11 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
                     draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[bad, :j])
             out[:, j] = draw
         return out
+    compare = _compare_columns(draw_ids.probs, k)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         rows = np.arange(m)
-        is_taken, mark = _taken_mask(m, num_experts)
+        is_taken, mark = _taken_columns(m, k, dtype) if compare else _taken_mask(m, num_experts)
         for j in range(k):
             draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int64)
             if j:
@@ -208,6 +211,38 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
 
 
 TAKEN_BYTES_PER_ROW = 1024  # a byte per expert up to this many experts, a bit per expert beyond
+COMPARE_MAX_TOP_MASS = 0.25  # compare against the chosen columns while the k likeliest experts hold less mass
+
+
+def _compare_columns(probs: np.ndarray, k: int) -> bool:
+    """Whether repeats are checked against the row's chosen ids (k contiguous byte columns, cache-resident)
+    rather than a per-row table of every expert: cheaper unless repeats are so likely (a skewed popularity)
+    that most rows redraw many times, where the table's O(1) check wins. Both give the same ids."""
+    return float(np.sort(probs)[-k:].sum()) < COMPARE_MAX_TOP_MASS
+
+
+def _taken_columns(rows: int, k: int, dtype: np.dtype):
+    """(is_taken(r, ids), mark(r, ids)) over each row's chosen ids kept as columns [k, rows]: `mark` fills the
+    next column (rows in order, as `_sample_topk` marks them); `is_taken` compares with the filled ones."""
+    chosen = np.empty((k, rows), dtype=dtype)
+    filled = [0]
+
+    def is_taken(r: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        j = filled[0]
+        if r.ndim == 1 and r.size == rows:  # every row: compare whole columns
+            ids = ids.astype(dtype)
+            hit = chosen[0] == ids
+            for c in range(1, j):
+                hit |= chosen[c] == ids
+            return hit
+        picked = chosen[:j, r.reshape(-1)].reshape((j, *r.shape))  # [j, *r.shape]: those rows' chosen ids
+        return (picked == ids[None]).any(axis=0)  # broadcast as the table's look-up would be
+
+    def mark(r: np.ndarray, ids: np.ndarray) -> None:
+        chosen[filled[0]] = ids
+        filled[0] += 1
+
+    return is_taken, mark
 
 
 def _taken_mask(rows: int, num_experts: int):
