@@ -264,3 +264,17 @@ def test_plan_files_that_are_not_plans(tmp_path):
     pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "other.parquet")
     with pytest.raises(SimInputError, match="not a cox-moe plan"):
         load_plan(tmp_path / "other.parquet")
+
+
+def test_memoised_op_work_equals_the_computation(tiny_model):
+    """OpWork keeps each kind's work per arguments; a hit is what the method computes, arguments apart."""
+    from sim.cost.work import OpWork
+
+    w = OpWork(tiny_model)
+    for name in OpWork._MEMOISED:
+        args = (5, 40, 40) if name == "attention" else (5,)
+        other = (6, 48, 48) if name == "attention" else (6,)
+        first = getattr(w, name)(*args)
+        assert first == getattr(OpWork, name)(w, *args)  # the class's method: computed afresh
+        assert getattr(w, name)(*args) is first  # kept
+        assert getattr(w, name)(*other) == getattr(OpWork, name)(w, *other)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -32,8 +33,9 @@ class PlanContext:
     # candidates with it, so it picks the best plan under the costs it reports. None: the roofline.
     cost: CostModel | None = None
 
-    @property
+    @cached_property
     def work(self) -> OpWork:
+        """The model's op work, built once per context (its per-kind caches shared by every plan built here)."""
         return OpWork(self.model)
 
     @property
