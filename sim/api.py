@@ -212,13 +212,10 @@ def trace_job(config: SimConfig) -> TraceJob | None:
 
 
 def build_trace(config: SimConfig) -> None:
-    """Synthesise `config`'s trace into the on-disk cache (a sweep's first pass); errors are left to the point."""
-    try:
-        model = config_model(config)
-        resolve_routing(model, config.batch, config.prompt_len, config.gen_len, None, config.routing, config.seed,
-                        config.reuse_prob)
-    except Exception:  # noqa: BLE001 - the point's own run reports it
-        pass
+    """Synthesise `config`'s trace into the on-disk cache when one is on (a sweep's first pass), as its run
+    would."""
+    resolve_routing(config_model(config), config.batch, config.prompt_len, config.gen_len, None, config.routing,
+                    config.seed, config.reuse_prob)
 
 
 def synthesise(cfg: SynthConfig, wl: Workload) -> RoutingTrace:
