@@ -29,7 +29,7 @@ from traces.synth import DATA_DIR, POPULARITY_TABLES, SynthConfig
 
 try:
     import fcntl
-except ImportError:  # not on Windows: concurrent builds of one trace are then possible (and harmless)
+except ImportError:  # Windows has no fcntl: two processes may then build one trace at once (harmless)
     fcntl = None  # type: ignore[assignment]
 
 TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
