@@ -329,3 +329,17 @@ def test_repeat_checks_agree_across_chunks(monkeypatch):
         drawn.append(synth._sample_topk(np.random.default_rng(3), synth._InverseCdf(probs), 1000, 6, 32,
                                         np.dtype(np.uint8), chunk=128))
     np.testing.assert_array_equal(drawn[0], drawn[1])
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 40 * 2, 1 << 30])  # one layer, three layers at a time, all
+def test_layers_written_in_blocks_give_the_same_trace(block_bytes, monkeypatch):
+    """Layers are gathered in blocks before they are written into the trace; cross-layer affinity reads the
+    previous layer from the block. Every block size gives the trace of writing one layer at a time."""
+    from traces import synth
+
+    cfg = synth.SynthConfig("m", 7, 16, 2, "zipf:1.0", 0.3, 5, affinity=0.5, topics=3)
+    lens = np.full(4, 6), np.full(4, 5)  # 40 routed tokens
+    monkeypatch.setattr(synth, "LAYER_BLOCK_BYTES", 0)
+    one_by_one = synth.generate_trace(cfg, *lens).experts
+    monkeypatch.setattr(synth, "LAYER_BLOCK_BYTES", block_bytes)
+    np.testing.assert_array_equal(synth.generate_trace(cfg, *lens).experts, one_by_one)

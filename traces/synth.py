@@ -277,6 +277,41 @@ def _collides(earlier: np.ndarray, draw: np.ndarray) -> np.ndarray:
     return hit
 
 
+LAYER_BLOCK_BYTES = 64 << 20  # layers gathered before one write into the [tokens, layers, k] trace
+
+
+class _LayerBlocks:
+    """Writes a trace's layers in blocks: a layer's ids fill one k-wide slice of every token's row, so writing
+    them one layer at a time streams the whole trace through memory once per layer; a block of layers (at
+    most LAYER_BLOCK_BYTES) goes in with one transposed copy."""
+
+    def __init__(self, experts: np.ndarray):
+        self.experts = experts
+        n, layers, k = experts.shape
+        size = max(1, min(layers, LAYER_BLOCK_BYTES // max(1, n * k * experts.itemsize)))
+        self.buffer = np.empty((size, n, k), dtype=experts.dtype) if size > 1 else None
+        self.first = 0  # the first layer held in the buffer
+        self.held = 0
+
+    def put(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """Store layer `layer`'s ids [n, k] (layers in order); returns them as stored."""
+        if self.buffer is None:
+            self.experts[:, layer, :] = ids
+            return self.experts[:, layer, :]
+        if self.held == len(self.buffer):
+            self.flush()
+        if not self.held:
+            self.first = layer
+        self.buffer[self.held] = ids
+        self.held += 1
+        return self.buffer[self.held - 1]
+
+    def flush(self) -> None:
+        if self.buffer is not None and self.held:
+            self.experts[:, self.first:self.first + self.held, :] = self.buffer[:self.held].transpose(1, 0, 2)
+            self.held = 0
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Everything that determines a synthetic trace; same config and seed give the same bytes."""
@@ -374,6 +409,8 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     successor = _rank_successors(probs) if cfg.affinity > 0 else None
     layers = tqdm(range(cfg.num_layers), desc="routing layers", unit="layer", disable=None if progress else True,
                   leave=False)
+    layers_out = _LayerBlocks(experts)
+    previous = None  # the last layer's ids, [n, k]
     for layer in layers:
         if len(groups) == 1:
             fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
@@ -385,14 +422,14 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
         if successor is not None and layer > 0:
             # Cross-layer affinity: some tokens take the rank-matched successors of their previous-layer experts.
             follow = np.flatnonzero(rng.random(n, dtype=np.float32) < np.float32(cfg.affinity))
-            fresh[follow] = successor[layer - 1][experts[follow, layer - 1, :]]
+            fresh[follow] = successor[layer - 1][previous[follow]]
         if reuse[layer] > 0:
             reusing = (rng.random(n, dtype=np.float32) < np.float32(reuse[layer])) & ~first_token
             # Each reusing token copies the latest fresh token before it in the same request.
             source = np.maximum.accumulate(np.where(reusing, 0, index))
-            experts[:, layer, :] = fresh[source]
-        else:
-            experts[:, layer, :] = fresh
+            fresh = fresh[source]
+        previous = layers_out.put(layer, fresh)
+    layers_out.flush()
     header = TraceHeader(model=cfg.model, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
                          top_k=cfg.top_k, source=f"synthetic:{cfg.routing}",
                          extra={"reuse_prob": cfg.reuse_prob, "seed": cfg.seed,
