@@ -229,12 +229,8 @@ def _taken_columns(rows: int, k: int, dtype: np.dtype):
 
     def is_taken(r: np.ndarray, ids: np.ndarray) -> np.ndarray:
         j = filled[0]
-        if r.ndim == 1 and r.size == rows:  # every row: compare whole columns
-            ids = ids.astype(dtype)
-            hit = chosen[0] == ids
-            for c in range(1, j):
-                hit |= chosen[c] == ids
-            return hit
+        if r.ndim == 1 and r.size == rows:  # every row: compare whole columns, as the small-k path does
+            return _collides(chosen[:j].T, ids.astype(dtype))
         picked = chosen[:j, r.reshape(-1)].reshape((j, *r.shape))  # [j, *r.shape]: those rows' chosen ids
         return (picked == ids[None]).any(axis=0)  # broadcast as the table's look-up would be
 

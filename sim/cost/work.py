@@ -33,12 +33,11 @@ class OpWork:
     """Work of the ops of one model; `bytes` counts weights read plus activations in and out. Each op kind's
     work is memoised per argument (a plan asks for the same micro-batch sizes at every layer and step)."""
 
-    _MEMOISED = ("embed", "qkv", "attention", "o_proj", "router", "shared_expert", "dense_ffn", "lm_head")
+    _MEMOISED = ("embed", "qkv", "attention", "o_proj", "router", "expert", "shared_expert", "dense_ffn", "lm_head")
 
     def __init__(self, model: ModelSpec):
         self.m = model
         self.bpp = model.bytes_per_param
-        self._expert_cache: dict[int, Work] = {}
         for name in self._MEMOISED:  # instance attributes shadow the methods: one small cache per kind
             setattr(self, name, _memoised(getattr(self, name)))
 
@@ -65,12 +64,8 @@ class OpWork:
         return self._gemm(self.m.router_params, tokens, self.m.hidden_size, self.m.num_experts)
 
     def expert(self, tokens: int) -> Work:
-        hit = self._expert_cache.get(tokens)
-        if hit is None:
-            m = self.m  # the weights at the experts' precision; activations in the model's dtype
-            hit = self._expert_cache[tokens] = Work(2 * tokens * m.expert_params,
-                                                    m.expert_bytes + tokens * 2 * m.hidden_size * self.bpp)
-        return hit
+        m = self.m  # the weights at the experts' precision; activations in the model's dtype
+        return Work(2 * tokens * m.expert_params, m.expert_bytes + tokens * 2 * m.hidden_size * self.bpp)
 
     def shared_expert(self, tokens: int) -> Work:
         return self._gemm(self.m.shared_expert_params, tokens, self.m.hidden_size, self.m.hidden_size)
