@@ -72,6 +72,26 @@ def fingerprint() -> dict:
     return info
 
 
+# Fingerprint fields that change what an op costs; when or with which Python it was measured does not.
+MACHINE_FIELDS = ("cpu_model", "cpu_flags", "cpus", "torch", "onednn", "cpu_experts", "cuda")
+
+
+def recorded_fingerprint(profile_dir: str | Path) -> dict:
+    """The fingerprint a profile directory recorded (empty for a profile without one)."""
+    meta = json.loads((Path(profile_dir) / "profile.json").read_text())
+    recorded = meta.get("fingerprint") if isinstance(meta, dict) else None
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def machine_differences(recorded: dict, here: dict | None = None) -> list[str]:
+    """How the machine a profile was measured on differs from this one: 'field: recorded -> here' for each
+    of MACHINE_FIELDS that differs (a field the profile did not record counts as differing). A profile
+    from another machine prices that machine's kernels, so a validation with it checks nothing here."""
+    here = fingerprint() if here is None else here
+    return [f"{k}: {recorded.get(k, 'not recorded')!r} -> {here.get(k)!r}" for k in MACHINE_FIELDS
+            if recorded.get(k, "not recorded") != here.get(k)]
+
+
 def _timer(device: str) -> Callable[[Callable[[], object]], float]:
     if device == "cuda":
         def timed(fn: Callable[[], object]) -> float:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from executor.profile import machine_differences, recorded_fingerprint
 from executor.run import execute_plan
 from executor.weights import ModelWeights
 from sim.cost.profile import ProfileCostModel
@@ -30,7 +31,7 @@ def median_record(records: list[EngineRecord]) -> EngineRecord:
 def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profile_dir: str | Path,
                   use_cuda: bool | None = None, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Measure (median of `repeats` runs after `warmup`), predict, compare. The result also carries per-op
-    durations for plotting."""
+    durations for plotting, and how the profile's machine differs from this one (empty when it is this one)."""
     for _ in range(warmup):
         execute_plan(plan, weights, trace, use_cuda=use_cuda)
     runs = [execute_plan(plan, weights, trace, use_cuda=use_cuda) for _ in range(max(repeats, 1))]
@@ -42,6 +43,7 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
     result = compare_records(plan, measured.record, predicted)
     result.update(measured.to_dict())
     result["profile_hits"], result["roofline_fallbacks"] = cost.hits, cost.misses
+    result["profile_machine_differences"] = machine_differences(recorded_fingerprint(profile_dir))
     result["_per_op"] = {
         "class": [op_class(op) for op in plan.ops],
         "measured_s": ((measured.record.end_ns - measured.record.start_ns) / 1e9).tolist(),

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from executor.profile import profile
+from executor.profile import fingerprint, machine_differences, profile, recorded_fingerprint
 from executor.validate import plot_validation, validate_plan
 from executor.weights import random_weights, truncated
 from sim.api import resolve_model, resolve_routing, resolve_system
@@ -83,13 +84,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     assert last is not None
     plot_validation(last, out / "cpu_validation.png", f"{spec.name}, cpu-only, decode batch {BATCHES[-1]}")
-    import json
-
-    fp = json.loads((prof / "profile.json").read_text())["fingerprint"]
+    fp = fingerprint()
+    differences = machine_differences(recorded_fingerprint(prof), fp)
+    elsewhere = (" The profile was measured on another machine, so the predictions price its kernels: "
+                 + "; ".join(differences) + ".") if differences else ""
     header = (f"Made by `python experiments/cpu_validation.py --out {args.out} --profile {args.profile} --layers "
               f"{args.layers}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} ({fp['cpus']} CPUs, "
-              f"{fp['threads']} threads, torch {fp['torch']}, AMX {'yes' if fp['amx_tile'] else 'no'}). "
-              f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table.\n\n")
+              f"{torch.get_num_threads()} threads, torch {fp['torch']}, AMX {'yes' if fp['amx_tile'] else 'no'}). "
+              f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table.{elsewhere}\n\n")
     text = header + "\n".join(lines) + "\n"
     (out / "cpu_validation.md").write_text(text)
     print(text)

@@ -116,6 +116,7 @@ def test_profile_validate_and_simulate_with_it(capsys, tmp_path):
     r = json.loads(out)
     assert r["profile_hits"] > 0 and set(r["classes"]) >= {"cpu_experts", "attention", "other"}
     assert r["end_to_end"]["total_s"]["measured"] > 0 and r["end_to_end"]["total_s"]["predicted"] > 0
+    assert r["profile_machine_differences"] == []  # profiled and validated here
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
     code = main(["simulate", "--model-file", model, "--system", "a100-80g-8452y", "--policy", "cpu-only",
                  "--batch", "4", "--prompt-len", "4", "--gen-len", "3", "--profile", str(prof), "--json"])
@@ -186,3 +187,65 @@ def test_the_committed_calibration_profile_still_loads_for_its_model():
     meta = json.loads((prof / "profile.json").read_text())
     cost = ProfileCostModel(resolve_system("a100-80g-8452y"), prof, resolve_model(meta["model"]))
     assert cost.meta["model"] == meta["model"]
+
+
+def test_machine_differences_name_what_changed():
+    from executor.profile import MACHINE_FIELDS, fingerprint, machine_differences
+
+    here = fingerprint()
+    assert machine_differences(dict(here), here) == []
+    assert machine_differences({**here, "measured_at": "another day", "python": "3.0"}, here) == []
+    other = machine_differences({**here, "cpu_model": "AMD EPYC 7B13", "torch": "2.0"}, here)
+    assert len(other) == 2 and other[0].startswith("cpu_model: 'AMD EPYC 7B13' -> ") and other[1].startswith("torch")
+    older = {k: v for k, v in here.items() if k != "cpu_experts"}  # a profile made before the field existed
+    assert machine_differences(older, here) == [f"cpu_experts: 'not recorded' -> {here['cpu_experts']!r}"]
+    assert "measured_at" not in MACHINE_FIELDS
+
+
+def test_validate_says_when_the_profile_is_from_another_machine(capsys, tmp_path):
+    """A profile measured elsewhere prices that machine's kernels: `calibrate validate` still runs (a user may
+    want the cross-machine error) but says so, with the fields that differ."""
+    model = _tiny_file(tmp_path)
+    prof = tmp_path / "prof"
+    assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
+                 "--max-tokens", "4", "--device", "cpu"]) == 0
+    meta = json.loads((prof / "profile.json").read_text())
+    meta["fingerprint"]["cpu_model"] = "AMD EPYC 7B13 elsewhere"
+    (prof / "profile.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
+            "2", "--gen-len", "2", "--warmup", "0", "--repeats", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: the profile was measured on another machine" in out and "AMD EPYC 7B13 elsewhere" in out
+    assert main([*args, "--json"]) == 0
+    (difference,) = json.loads(capsys.readouterr().out)["profile_machine_differences"]
+    assert difference.startswith("cpu_model: 'AMD EPYC 7B13 elsewhere' -> ")
+
+
+def test_reproduce_calibration_reprofiles_a_kept_profile_from_another_machine(tmp_path, monkeypatch, capsys):
+    """The profile kept in the output folder is reused only if this machine measured it; one from another
+    machine (a committed report's, say) is measured again here rather than priced against this machine's runs."""
+    import executor.profile as profile_module
+    from experiments.reproduce import ReproduceOptions
+    from experiments.reproduce.calibration import _profile_dir
+
+    calls = []
+
+    def fake_profile(spec, out, **kwargs):
+        calls.append(spec.name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps({"fingerprint": profile_module.fingerprint()}))
+        return out
+
+    monkeypatch.setattr(profile_module, "profile", fake_profile)
+    options = ReproduceOptions(out=tmp_path, quick=True)
+    kept = tmp_path / "calibration_profile"
+    assert _profile_dir(options) == kept and calls == ["deepseek-v2-lite"]  # none kept: profiled
+    assert _profile_dir(options) == kept and len(calls) == 1  # this machine's: reused
+    meta = json.loads((kept / "profile.json").read_text())
+    meta["fingerprint"]["cpu_model"] = "AMD EPYC 7B13 elsewhere"
+    (kept / "profile.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert _profile_dir(options) == kept and len(calls) == 2  # another machine's: profiled again
+    assert "measured on another machine (cpu_model: 'AMD EPYC 7B13 elsewhere'" in capsys.readouterr().err

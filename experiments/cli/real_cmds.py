@@ -171,6 +171,9 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     label = " (GPU-role ops on the CPU)" if result["gpu_role_on_cpu"] else ""
     print(f"validation: {spec.name} under {plan.policy}, batch {workload.batch}{label}; profile {args.profile} "
           f"({result['profile_hits']} op times from it, {result['roofline_fallbacks']} from the roofline)")
+    if result["profile_machine_differences"]:
+        print("  note: the profile was measured on another machine, so these predictions price its kernels, not "
+              "this machine's (" + "; ".join(result["profile_machine_differences"]) + ")")
     for c, v in result["classes"].items():
         err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
         print(f"  {c:12} {v['ops']:6} ops  measured {v['measured_s']:.4f} s  predicted {v['predicted_s']:.4f} s  {err}")

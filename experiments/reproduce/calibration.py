@@ -6,6 +6,7 @@ shapes here (small, so it runs in minutes on a laptop-class CPU)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,20 @@ CLASS_ORDER = ("cpu_experts", "gpu_experts", "attention", "copies", "other")
 
 
 def _profile_dir(options: ReproduceOptions) -> Path:
-    from executor.profile import profile
+    """`--profile` as given; else the profile kept in the output folder if this machine measured it, else a new
+    one (a kept profile from another machine would price that machine's kernels against this one's runs)."""
+    from executor.profile import machine_differences, profile, recorded_fingerprint
     from sim.api import resolve_model
 
     if options.profile is not None:  # ReproduceOptions checked that it holds a profile.json
         return options.profile
     out = options.out / "calibration_profile"
-    if not (out / "profile.json").is_file():
+    kept = (out / "profile.json").is_file()
+    differences = machine_differences(recorded_fingerprint(out)) if kept else []
+    if differences:
+        print(f"calibration: the profile kept in {out} was measured on another machine ({'; '.join(differences)}); "
+              "profiling this one", file=sys.stderr)
+    if not kept or differences:
         # quick plans (batch <= 32, prompt 4) run ops of at most 128 tokens and attend over at most
         # PROMPT + GEN entries: a larger grid only costs time (minutes, on a CPU without AVX-512)
         quick = dict(max_tokens=128, max_requests=max(QUICK_BATCHES), max_kv=PROMPT + GEN)
@@ -42,6 +50,7 @@ def _profile_dir(options: ReproduceOptions) -> Path:
 def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     import torch
 
+    from executor.profile import fingerprint, machine_differences
     from executor.validate import validate_plan
     from executor.weights import random_weights, truncated
     from sim.api import resolve_model, resolve_routing, resolve_system
@@ -90,9 +99,10 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     table = pd.DataFrame(rows)
     table["error_roofline"] = table["predicted_roofline_s"] / table["measured_s"] - 1
     table.insert(0, "model", f"{spec.name} ({layers} layers)")
-    fp = meta["fingerprint"]
-    machine = {"cpu": fp.get("cpu_model"), "threads": fp.get("threads"), "amx": fp.get("amx_tile"),
-               "torch": fp.get("torch"), "profile": str(prof)}
+    here, recorded = fingerprint(), meta.get("fingerprint", {})
+    machine = {"cpu": here["cpu_model"], "threads": torch.get_num_threads(), "amx": here["amx_tile"],
+               "torch": here["torch"], "profile": str(prof), "profile_cpu": recorded.get("cpu_model"),
+               "profile_differences": machine_differences(recorded, here)}
     return table, pd.concat(per_op, ignore_index=True), machine
 
 
@@ -101,7 +111,7 @@ def plot(per_op: pd.DataFrame, table: pd.DataFrame, machine: dict, out: Path) ->
 
     with paper_style():
         fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
-        for ax, col, title in ((axes[0], "predicted_profile_s", "profile of this machine"),
+        for ax, col, title in ((axes[0], "predicted_profile_s", _whose_profile(machine)),
                                (axes[1], "predicted_roofline_s", "preset roofline (Xeon 8452Y datasheet)")):
             m, p = per_op["measured_s"].to_numpy() * 1e3, per_op[col].to_numpy() * 1e3
             for c in [c for c in CLASS_ORDER if c in set(per_op["class"])]:
@@ -128,9 +138,21 @@ def plot(per_op: pd.DataFrame, table: pd.DataFrame, machine: dict, out: Path) ->
 def finding(table: pd.DataFrame, machine: dict) -> str:
     e2e = table[table["class"] == "end to end"]
     return (f"On {machine['cpu']} ({machine['threads']} threads), {len(e2e)} executed plans: median absolute "
-            f"end-to-end error {e2e['error_profile'].abs().median():.1%} with this machine's profile, "
+            f"end-to-end error {e2e['error_profile'].abs().median():.1%} with {_whose_profile(machine)}, "
             f"{e2e['error_roofline'].abs().median():.0%} with the uncalibrated preset roofline (profile: "
-            f"{machine['profile']}).")
+            f"{machine['profile']}{_measured_elsewhere(machine)}).")
+
+
+def _whose_profile(machine: dict) -> str:
+    return "another machine's profile" if machine.get("profile_differences") else "this machine's profile"
+
+
+def _measured_elsewhere(machine: dict) -> str:
+    """A warning for the finding when `--profile` came from another machine: its predictions price that one."""
+    if not machine.get("profile_differences"):
+        return ""
+    return (f", measured on another machine, {machine.get('profile_cpu')}: "
+            + "; ".join(machine["profile_differences"]))
 
 
 def reproduce(options: ReproduceOptions) -> Reproduction:
