@@ -20,6 +20,7 @@ def test_one_pass_equals_step_by_step(trace):
     groups = [np.arange(0, 25), np.arange(25, 26), np.arange(40, 60), np.arange(26, 40)]  # any order, any size
     table = trace.decode_step_counts(groups)
     assert table.shape == (int(trace.gen_lens.max()) - 1, 4, 3, 8)
+    assert table.dtype == np.uint8  # at most 25 requests x top-2 per entry
     for step in range(1, table.shape[0] + 1):
         for g, requests in enumerate(groups):
             np.testing.assert_array_equal(table[step - 1, g], trace.expert_counts(trace.decode_rows(step, requests)))

@@ -273,6 +273,31 @@ def test_prefill_counts_equal_counting_the_prompt_rows(monkeypatch, table_bytes)
     assert (prompt + generated == every_row).all()
 
 
+def test_count_tables_take_the_narrowest_type_that_holds_their_counts():
+    from traces.format import count_dtype
+
+    assert [count_dtype(b) for b in (0, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32)] == [
+        np.uint8, np.uint8, np.uint16, np.uint16, np.uint32, np.uint32, np.int64]
+
+
+@pytest.mark.parametrize("longest, dtype", [(30, np.uint8), (300, np.uint16)])
+def test_a_narrow_prefill_table_fits_where_int32_would_not(monkeypatch, longest, dtype):
+    """A request's count of one expert is at most its prompt length times top-k, so the per-request table is
+    kept in that many bits; a batch whose int32 table would pass the budget keeps one (B=4096 Qwen3 at 16 bits)
+    and counts the same."""
+    import traces.format as trace_format
+
+    lens = np.array([5, 1, longest, 7, 3, 12] * 4)
+    trace = generate_trace(SynthConfig("m", 3, 16, 2, routing="zipf:1.0", seed=2), lens, np.full(lens.size, 4))
+    monkeypatch.setattr(trace_format, "REQUEST_TABLE_BYTES", lens.size * 3 * 16 * np.dtype(dtype).itemsize)
+    for requests in (np.array([3, 0, 17]), np.arange(lens.size)):
+        assert (trace.prefill_counts(requests) == trace.expert_counts(trace.prefill_rows(requests))).all()
+    table = trace.__dict__["_prefill_counts_table"]
+    assert table.dtype == dtype and table.shape == (lens.size, 3, 16)
+    prompt, _ = trace.phase_counts
+    assert prompt.dtype == np.int64 and (prompt == trace.expert_counts(trace.prefill_rows(np.arange(lens.size)))).all()
+
+
 @pytest.mark.parametrize("num_experts", [2, 8, 64, 128, 256])
 def test_uniform_inverse_cdf_shortcut_gives_the_guide_tables_ids(num_experts):
     """Uniform popularity over a power-of-two number of experts takes floor(u E); the guide table and its

@@ -128,17 +128,21 @@ class RoutingTrace:
         return table[requests].sum(axis=0, dtype=np.int64)
 
     def _prefill_table(self, needed: int) -> np.ndarray | None:
-        """Per-request prompt counts, int32 [n, L, E] with n >= `needed` (kept on the trace; grown by counting
-        only the requests it lacked); None when [needed, L, E] would exceed REQUEST_TABLE_BYTES."""
+        """Per-request prompt counts [n, L, E] with n >= `needed`, in the narrowest unsigned type that holds a
+        request's count (`count_dtype`: 16 bits for prompts up to 8,191 tokens at top-8), kept on the trace and
+        grown by counting only the requests it lacked; None when [needed, L, E] would exceed
+        REQUEST_TABLE_BYTES."""
         L, E = self.header.num_layers, self.header.num_experts
         table = self.__dict__.get("_prefill_counts_table")
         if table is not None and table.shape[0] >= needed:
             return table
-        if needed * L * E * 4 > REQUEST_TABLE_BYTES:
+        dtype = count_dtype(int(self.prompt_lens.max(initial=0)) * self.header.top_k)
+        row_bytes = L * E * dtype.itemsize
+        if needed * row_bytes > REQUEST_TABLE_BYTES:
             return None
         have = 0 if table is None else table.shape[0]
-        n = min(max(needed, 2 * have), self.num_requests, REQUEST_TABLE_BYTES // (L * E * 4))
-        out = np.zeros((n, L * E), dtype=np.int32)
+        n = min(max(needed, 2 * have), self.num_requests, REQUEST_TABLE_BYTES // row_bytes)
+        out = np.zeros((n, L * E), dtype=dtype)
         if table is not None:
             out[:have] = table.reshape(have, L * E)
         offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
@@ -150,8 +154,7 @@ class RoutingTrace:
             last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)
             group = np.arange(first, last)
             slot = np.repeat(np.arange(last - first, dtype=np.int64) * (L * E), lens[first:last])
-            flat = self.experts[self.prefill_rows(group)] + offsets  # one int64 temporary, summed in place
-            flat += slot[:, None, None]
+            flat = self.experts[self.prefill_rows(group)] + (slot[:, None, None] + offsets)  # one int64 pass
             out[first:last] = np.bincount(flat.ravel(), minlength=(last - first) * L * E).reshape(last - first, -1)
             first = last
         table = out.reshape(n, L, E)
@@ -159,7 +162,8 @@ class RoutingTrace:
         return table
 
     def decode_step_counts(self, groups: Sequence[np.ndarray]) -> np.ndarray | None:
-        """Tokens routed per (decode step, group, MoE layer, expert), int32 [S, G, L, E]: entry [t - 1, g] is
+        """Tokens routed per (decode step, group, MoE layer, expert), [S, G, L, E] in the narrowest unsigned type
+        that holds them (`count_dtype`; widen before adding entries up): entry [t - 1, g] is
         `expert_counts(decode_rows(t, groups[g]))`. One pass over the groups' decode rows, where asking step by
         step gathers and counts each step's rows apart. Kept on the trace for the last few groupings (a search
         plans several); None when the table would exceed REQUEST_TABLE_BYTES."""
@@ -173,21 +177,27 @@ class RoutingTrace:
             return cache[key]
         steps = self.gen_lens[requests].astype(np.int64) - 1  # decode rows per request (steps 1..gen-1)
         S, G = (int(steps.max()) if steps.size else 0), len(groups)
-        if S * G * L * E * 4 > REQUEST_TABLE_BYTES:
+        dtype = count_dtype(int(sizes.max(initial=0)) * self.header.top_k)  # a group's tokens at one step, top-k
+        if S * G * L * E * dtype.itemsize > REQUEST_TABLE_BYTES:
             return None
         n = int(steps.sum())
         first = np.concatenate([[0], np.cumsum(steps)[:-1]]) if steps.size else steps
         local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
         rows = np.repeat(self.token_offsets[requests] + self.prompt_lens[requests].astype(np.int64), steps) + local
-        slot = (local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)) * (L * E)
+        slot = local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)  # its (step, group)
+        order = np.argsort(slot, kind="stable")  # step-major: a chunk of rows covers a narrow band of slots
+        rows, slot = rows[order], slot[order]
+        LE = L * E
         offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-        out = np.zeros(max(S * G * L * E, 1), dtype=np.int64)
+        out = np.zeros(max(S * G * LE, 1), dtype=dtype)
         chunk = 1 << 15
-        for start in range(0, n, chunk):  # chunks bound the int64 temporary
-            flat = self.experts[rows[start:start + chunk]] + offsets  # one int64 temporary, summed in place
-            flat += slot[start:start + chunk, None, None]
-            out += np.bincount(flat.ravel(), minlength=out.size)
-        table = out[:S * G * L * E].astype(np.int32).reshape(S, G, L, E)
+        for start in range(0, n, chunk):  # chunks bound the int64 temporary; each counts into its band only
+            stop = min(start + chunk, n)
+            lo, hi = int(slot[start]), int(slot[stop - 1]) + 1
+            flat = self.experts[rows[start:stop]] + ((slot[start:stop, None, None] - lo) * LE + offsets)
+            band = out[lo * LE:hi * LE]
+            np.add(band, np.bincount(flat.ravel(), minlength=(hi - lo) * LE), out=band, casting="unsafe")
+        table = out[:S * G * LE].reshape(S, G, L, E)
         table.flags.writeable = False  # shared by every plan of a search
         if len(cache) >= 4:  # the last few groupings only
             cache.pop(next(iter(cache)))
@@ -203,6 +213,15 @@ class RoutingTrace:
         if steps is None:
             return prompt, self.expert_counts(np.arange(self.num_tokens)) - prompt
         return prompt, steps.sum(axis=(0, 1), dtype=np.int64)
+
+
+def count_dtype(bound: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds counts up to `bound` (count tables: a request's or a
+    group's tokens times top-k bounds any one expert's count, even in a trace that repeats an expert)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if bound <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
 
 
 def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:
