@@ -364,7 +364,17 @@ def test_layers_written_in_blocks_give_the_same_trace(block_bytes, monkeypatch):
 
     cfg = synth.SynthConfig("m", 7, 16, 2, "zipf:1.0", 0.3, 5, affinity=0.5, topics=3)
     lens = np.full(4, 6), np.full(4, 5)  # 40 routed tokens
+    monkeypatch.setattr(synth, "LAYER_BLOCK_SHARE", 1 << 40)  # blocks sized by LAYER_BLOCK_BYTES alone
     monkeypatch.setattr(synth, "LAYER_BLOCK_BYTES", 0)
     one_by_one = synth.generate_trace(cfg, *lens).experts
     monkeypatch.setattr(synth, "LAYER_BLOCK_BYTES", block_bytes)
     np.testing.assert_array_equal(synth.generate_trace(cfg, *lens).experts, one_by_one)
+
+
+def test_a_large_trace_is_written_in_a_few_layer_blocks():
+    """Blocks hold 64 MB of layers, or an eighth of a larger trace: a layer written alone touches every token's
+    row, so a 1.66 GB trace (Qwen3, 4,096 x 1,055 tokens) goes in 8 passes instead of 48."""
+    from traces.synth import LAYER_BLOCK_BYTES, layer_block_bytes
+
+    assert layer_block_bytes(10 << 20) == LAYER_BLOCK_BYTES == 64 << 20
+    assert layer_block_bytes(1_660_000_000) == 1_660_000_000 // 8

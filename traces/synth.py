@@ -188,8 +188,11 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
     compare = _compare_columns(draw_ids.probs, k)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
+        if compare:
+            out[s:s + m] = _topk_by_columns(rng, draw_ids, m, k, dtype)
+            continue
         rows = np.arange(m)
-        is_taken, mark = _taken_columns(m, k, dtype) if compare else _taken_mask(m, num_experts)
+        is_taken, mark = _taken_mask(m, num_experts)
         for j in range(k):
             draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int64)
             if j:
@@ -221,24 +224,33 @@ def _compare_columns(probs: np.ndarray, k: int) -> bool:
     return float(np.sort(probs)[-k:].sum()) < COMPARE_MAX_TOP_MASS
 
 
-def _taken_columns(rows: int, k: int, dtype: np.dtype):
-    """(is_taken(r, ids), mark(r, ids)) over each row's chosen ids kept as columns [k, rows]: `mark` fills the
-    next column (rows in order, as `_sample_topk` marks them); `is_taken` compares with the filled ones."""
-    chosen = np.empty((k, rows), dtype=dtype)
-    filled = [0]
-
-    def is_taken(r: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        j = filled[0]
-        if r.ndim == 1 and r.size == rows:  # every row: compare whole columns, as the small-k path does
-            return _collides(chosen[:j].T, ids.astype(dtype))
-        picked = chosen[:j, r.reshape(-1)].reshape((j, *r.shape))  # [j, *r.shape]: those rows' chosen ids
-        return (picked == ids[None]).any(axis=0)  # broadcast as the table's look-up would be
-
-    def mark(r: np.ndarray, ids: np.ndarray) -> None:
-        chosen[filled[0]] = ids
-        filled[0] += 1
-
-    return is_taken, mark
+def _topk_by_columns(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int,
+                     dtype: np.dtype) -> np.ndarray:
+    """One chunk of `_sample_topk` where popularity is flat: each row's chosen ids are kept as columns [k, m] in
+    the trace's dtype (cache-resident), repeats checked against the filled columns, and the chunk is returned as
+    [m, k] for one transposed write. The same draws, in the same order, as the taken table's path."""
+    chosen = np.empty((k, m), dtype=dtype)
+    for j in range(k):
+        draw = draw_ids(rng.random(m, dtype=np.float32)).astype(dtype, copy=False)
+        if j:
+            bad = np.flatnonzero(_collides(chosen[:j].T, draw))
+            for _ in range(REDRAW_ROUNDS):
+                if not bad.size:
+                    break
+                # Several candidates per rejected row at once; the first one not taken wins.
+                cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(dtype, copy=False).reshape(-1, 4)
+                picked = chosen[:j, bad]  # [j, rows]: the rejected rows' chosen ids
+                taken = picked[0][:, None] == cand
+                for c in range(1, j):
+                    taken |= picked[c][:, None] == cand
+                free = ~taken
+                found = free.any(axis=1)
+                draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
+                bad = bad[~found]
+            if bad.size:
+                draw[bad] = _exclusive_draw(rng, draw_ids.probs, chosen[:j, bad].T)
+        chosen[j] = draw
+    return chosen.T
 
 
 def _taken_mask(rows: int, num_experts: int):
@@ -273,18 +285,24 @@ def _collides(earlier: np.ndarray, draw: np.ndarray) -> np.ndarray:
     return hit
 
 
-LAYER_BLOCK_BYTES = 64 << 20  # layers gathered before one write into the [tokens, layers, k] trace
+LAYER_BLOCK_BYTES = 64 << 20  # layers gathered before one write into the [tokens, layers, k] trace ...
+LAYER_BLOCK_SHARE = 8  # ... or an eighth of the trace, if that is more: a large trace is written in 8 passes
+
+
+def layer_block_bytes(trace_bytes: int) -> int:
+    """The most a trace of `trace_bytes` gathers in layer blocks before writing them."""
+    return max(LAYER_BLOCK_BYTES, trace_bytes // LAYER_BLOCK_SHARE)
 
 
 class _LayerBlocks:
     """Writes a trace's layers in blocks: a layer's ids fill one k-wide slice of every token's row, so writing
     them one layer at a time streams the whole trace through memory once per layer; a block of layers (at
-    most LAYER_BLOCK_BYTES) goes in with one transposed copy."""
+    most `layer_block_bytes`) goes in with one transposed copy."""
 
     def __init__(self, experts: np.ndarray):
         self.experts = experts
         n, layers, k = experts.shape
-        size = max(1, min(layers, LAYER_BLOCK_BYTES // max(1, n * k * experts.itemsize)))
+        size = max(1, min(layers, layer_block_bytes(experts.nbytes) // max(1, n * k * experts.itemsize)))
         self.buffer = np.empty((size, n, k), dtype=experts.dtype) if size > 1 else None
         self.first = 0  # the first layer held in the buffer
         self.held = 0
@@ -383,8 +401,9 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     routed = prompt_lens.astype(np.int64) + gen_lens - 1
     n = int(routed.sum())
     itemsize = expert_dtype(cfg.num_experts).itemsize
-    # the trace itself, one layer's fresh draws, and per-token bookkeeping (index, flags, uniform draws)
-    check_memory(n * (cfg.num_layers * cfg.top_k * itemsize + cfg.top_k * 8 + 16),
+    # the trace itself, its layer blocks, one layer's fresh draws, per-token bookkeeping (index, flags, draws)
+    trace_bytes = n * cfg.num_layers * cfg.top_k * itemsize
+    check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 8 + 16),
                  f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
     starts = np.concatenate([[0], np.cumsum(routed)[:-1]])
     first_token = np.zeros(n, dtype=bool)
