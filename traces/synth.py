@@ -190,27 +190,37 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
         m = min(chunk, n - s)
         if compare:
             out[s:s + m] = _topk_by_columns(rng, draw_ids, m, k, dtype)
-            continue
-        rows = np.arange(m)
-        is_taken, mark = _taken_mask(m, num_experts)
-        for j in range(k):
-            draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int64)
-            if j:
-                bad = np.flatnonzero(is_taken(rows, draw))
-                for _ in range(REDRAW_ROUNDS):
-                    if not bad.size:
-                        break
-                    # Several candidates per rejected row at once; the first one not taken wins.
-                    cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(np.int64).reshape(-1, 4)
-                    free = ~is_taken(bad[:, None], cand)
-                    found = free.any(axis=1)
-                    draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
-                    bad = bad[~found]
-                if bad.size:
-                    draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[s + bad, :j])
-            mark(rows, draw)
-            out[s:s + m, j] = draw
+        else:
+            out[s:s + m] = _topk_by_table(rng, draw_ids, m, k, num_experts, dtype)
     return out
+
+
+def _topk_by_table(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int, num_experts: int,
+                   dtype: np.dtype) -> np.ndarray:
+    """One chunk of `_sample_topk` where popularity is skewed: repeats checked against a per-row table of taken
+    experts (`_taken_mask`; int32 indices: a chunk's rows x experts stay below 2^31), the chosen ids kept as
+    columns [k, m] and returned as [m, k] for one transposed write."""
+    chosen = np.empty((k, m), dtype=dtype)
+    rows = np.arange(m, dtype=np.int32)
+    is_taken, mark = _taken_mask(m, num_experts)
+    for j in range(k):
+        draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int32)
+        if j:
+            bad = np.flatnonzero(is_taken(rows, draw))
+            for _ in range(REDRAW_ROUNDS):
+                if not bad.size:
+                    break
+                # Several candidates per rejected row at once; the first one not taken wins.
+                cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(np.int32).reshape(-1, 4)
+                free = ~is_taken(bad[:, None], cand)
+                found = free.any(axis=1)
+                draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
+                bad = bad[~found]
+            if bad.size:
+                draw[bad] = _exclusive_draw(rng, draw_ids.probs, chosen[:j, bad].T)
+        mark(rows, draw)
+        chosen[j] = draw
+    return chosen.T
 
 
 TAKEN_BYTES_PER_ROW = 1024  # a byte per expert up to this many experts, a bit per expert beyond
