@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from sim.errors import SimInputError
@@ -214,8 +215,9 @@ class ModelSpec:
             return base + self.dense_ffn_params
         return base + self.router_params + self.num_experts * self.expert_params + self.shared_expert_params
 
-    @property
+    @cached_property
     def total_params(self) -> int:
+        """Every parameter (kept once computed: searches ask it per candidate, and it sums every layer)."""
         layers = sum(self.layer_params(i) for i in range(self.num_layers))
         final_norm = (2 if self.linear_bias else 1) * self.hidden_size
         return layers + self.embedding_params + self.lm_head_params + final_norm
