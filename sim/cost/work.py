@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import NamedTuple
 
 from sim.specs import ModelSpec
@@ -15,20 +15,6 @@ class Work(NamedTuple):
     bytes: int
 
 
-def _memoised(method: Callable[..., Work]) -> Callable[..., Work]:
-    """`method` with its results kept per positional arguments (work depends on nothing else)."""
-    cache: dict[tuple[int, ...], Work] = {}
-
-    def work(*args: int) -> Work:
-        hit = cache.get(args)
-        if hit is None:
-            hit = cache[args] = method(*args)
-        return hit
-
-    work.__doc__ = method.__doc__
-    return work
-
-
 class OpWork:
     """Work of the ops of one model; `bytes` counts weights read plus activations in and out. Each op kind's
     work is memoised per argument (a plan asks for the same micro-batch sizes at every layer and step)."""
@@ -38,8 +24,8 @@ class OpWork:
     def __init__(self, model: ModelSpec):
         self.m = model
         self.bpp = model.bytes_per_param
-        for name in self._MEMOISED:  # instance attributes shadow the methods: one small cache per kind
-            setattr(self, name, _memoised(getattr(self, name)))
+        for name in self._MEMOISED:  # instance attributes shadow the methods: one cache per kind (C-level look-up)
+            setattr(self, name, functools.cache(getattr(self, name)))
 
     def _gemm(self, params: int, tokens: int, width_in: int, width_out: int) -> Work:
         return Work(2 * tokens * params, (params + tokens * (width_in + width_out)) * self.bpp)

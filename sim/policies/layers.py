@@ -138,14 +138,26 @@ class LayerEmitter:
     def experts(self, stream: str, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
                 deps: tuple[int, ...], ready: Callable[[int], int] | None = None, scope: int = -1) -> int:
         """One op per listed expert that received tokens (over `scope`'s tokens when one is named); returns the
-        last op (or -1 if none ran)."""
+        last op (or -1 if none ran). The hot loop of plan building (a plan's ops are mostly experts): the same
+        ops as `_op` would append, with per-call look-ups hoisted."""
+        loads = counts.tolist() if isinstance(counts, np.ndarray) else counts
+        ids = experts.tolist() if isinstance(experts, np.ndarray) else experts
+        base = tuple([d for d in deps if d >= 0])
+        next_id, append, work, expert_kind = self.b.next_id, self.ops.append, self.w.expert, OpKind.EXPERT
+        phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
         last = -1
-        for e in experts:
-            t = int(counts[e])
+        for e in ids:
+            t = int(loads[e])
             if t:
-                extra = (ready(e),) if ready else ()
-                last = self._op(OpKind.EXPERT, stream, at.phase, at.step, at.layer, at.mb, t, self.w.expert(t),
-                                deps + extra, expert=int(e), scope=scope)
+                if ready is None:
+                    op_deps = base
+                else:
+                    extra = ready(e)
+                    op_deps = base + (extra,) if extra >= 0 else base
+                last = next_id(step)
+                flops, nbytes = work(t)
+                append(Op(last, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, int(e), none,
+                          0, (), (), scope))
         return last
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
