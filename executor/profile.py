@@ -77,8 +77,12 @@ MACHINE_FIELDS = ("cpu_model", "cpu_flags", "cpus", "torch", "onednn", "cpu_expe
 
 
 def recorded_fingerprint(profile_dir: str | Path) -> dict:
-    """The fingerprint a profile directory recorded (empty for a profile without one)."""
-    meta = json.loads((Path(profile_dir) / "profile.json").read_text())
+    """The fingerprint a profile directory recorded (empty for a profile without one, or one that cannot be
+    read: it then differs from every machine)."""
+    try:
+        meta = json.loads((Path(profile_dir) / "profile.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
     recorded = meta.get("fingerprint") if isinstance(meta, dict) else None
     return recorded if isinstance(recorded, dict) else {}
 

@@ -249,3 +249,25 @@ def test_reproduce_calibration_reprofiles_a_kept_profile_from_another_machine(tm
     capsys.readouterr()
     assert _profile_dir(options) == kept and len(calls) == 2  # another machine's: profiled again
     assert "measured on another machine (cpu_model: 'AMD EPYC 7B13 elsewhere'" in capsys.readouterr().err
+    (kept / "profile.json").write_text("{damaged")
+    assert _profile_dir(options) == kept and len(calls) == 3  # unreadable: profiled again
+
+
+@pytest.mark.parametrize("text", ['{"model": "tiny", "fingerprint": null}', '[1, 2]', "{not json", ""])
+def test_an_unreadable_fingerprint_counts_as_another_machine(tmp_path, text):
+    from executor.profile import machine_differences, recorded_fingerprint
+
+    (tmp_path / "profile.json").write_text(text)
+    assert recorded_fingerprint(tmp_path) == {}
+    assert "cpu_model: 'not recorded' -> " in machine_differences({})[0]
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', "{not json", '{"fingerprint": {}}', '{"model": 7}'])
+def test_reproduce_calibration_refuses_a_profile_that_is_not_one(capsys, tmp_path, text):
+    """Before any plan is measured: one line naming the file, exit status 2."""
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    (prof / "profile.json").write_text(text)
+    assert main(["reproduce", "calibration", "--out", str(tmp_path / "out"), "--profile", str(prof)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "profile.json is not a profile" in err and len(err.splitlines()) == 1

@@ -16,7 +16,9 @@ def trace():
     return generate_trace(SynthConfig("m", 3, 8, 2, "zipf:1.0", 0.2, 0), prompts, gens)
 
 
-def test_one_pass_equals_step_by_step(trace):
+@pytest.mark.parametrize("band_bytes", [16 << 20, 1])  # one band; a band of one (step, group) slot per call
+def test_one_pass_equals_step_by_step(trace, monkeypatch, band_bytes):
+    monkeypatch.setattr(fmt, "BAND_BYTES", band_bytes)
     groups = [np.arange(0, 25), np.arange(25, 26), np.arange(40, 60), np.arange(26, 40)]  # any order, any size
     table = trace.decode_step_counts(groups)
     assert table.shape == (int(trace.gen_lens.max()) - 1, 4, 3, 8)

@@ -53,6 +53,7 @@ class TraceHeader:
 
 
 REQUEST_TABLE_BYTES = 64 << 20  # per-request prefill counts (RoutingTrace.prefill_counts) are kept up to this
+BAND_BYTES = 16 << 20  # a decode table is counted in bands of (step, group) slots of at most this many int64 bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,13 +191,16 @@ class RoutingTrace:
         LE = L * E
         offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
         out = np.zeros(max(S * G * LE, 1), dtype=dtype)
-        chunk = 1 << 15
-        for start in range(0, n, chunk):  # chunks bound the int64 temporary; each counts into its band only
-            stop = min(start + chunk, n)
-            lo, hi = int(slot[start]), int(slot[stop - 1]) + 1
+        chunk, band_slots = 1 << 15, max(1, BAND_BYTES // (8 * LE))
+        start = 0
+        while start < n:  # chunks bound the int64 temporaries: rows, and the band of slots they count into
+            lo = int(slot[start])
+            stop = min(start + chunk, int(np.searchsorted(slot, lo + band_slots, side="left")))
+            hi = int(slot[stop - 1]) + 1
             flat = self.experts[rows[start:stop]] + ((slot[start:stop, None, None] - lo) * LE + offsets)
             band = out[lo * LE:hi * LE]
             np.add(band, np.bincount(flat.ravel(), minlength=(hi - lo) * LE), out=band, casting="unsafe")
+            start = stop
         table = out[:S * G * LE].reshape(S, G, L, E)
         table.flags.writeable = False  # shared by every plan of a search
         if len(cache) >= 4:  # the last few groupings only

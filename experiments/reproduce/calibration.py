@@ -50,7 +50,7 @@ def _profile_dir(options: ReproduceOptions) -> Path:
 def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     import torch
 
-    from executor.profile import fingerprint, machine_differences
+    from executor.profile import fingerprint, machine_differences, recorded_fingerprint
     from executor.validate import validate_plan
     from executor.weights import random_weights, truncated
     from sim.api import resolve_model, resolve_routing, resolve_system
@@ -59,17 +59,25 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     from sim.policies import PlanContext, make_policy
 
     prof = _profile_dir(options)
-    meta = json.loads((prof / "profile.json").read_text())
     try:
-        full = resolve_model(meta["model"])
+        meta = json.loads((prof / "profile.json").read_text())
+        name = meta["model"]
+        if not isinstance(name, str):
+            raise TypeError(f"model {name!r} is not a name")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise SimInputError(f"--profile {prof}: profile.json is not a profile ({type(exc).__name__}: {exc})") from None
+    try:
+        full = resolve_model(name)
     except SimInputError as exc:
-        raise SimInputError(f"--profile {prof}: its model {meta['model']!r} is not a preset ({exc})") from None
+        raise SimInputError(f"--profile {prof}: its model {name!r} is not a preset ({exc})") from None
     moe_layers, batches = (1, QUICK_BATCHES) if options.quick else (2, (16, 64, 256))
     layers = full.num_layers - full.num_moe_layers + moe_layers  # keep any leading dense layers
     spec = truncated(full, layers)
     system = resolve_system(SYSTEM)
     weights = random_weights(spec, seed=options.seed)
-    policies = ["cpu-only"] + (["coxmoe"] if "cuda" in meta["devices"] and torch.cuda.is_available() else [])
+    devices = meta.get("devices")
+    gpu_rows = isinstance(devices, list) and "cuda" in devices
+    policies = ["cpu-only"] + (["coxmoe"] if gpu_rows and torch.cuda.is_available() else [])
     rows, per_op = [], []
     for policy in policies:
         for batch in tqdm(batches, desc=f"calibration {policy}", disable=None):
@@ -99,7 +107,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     table = pd.DataFrame(rows)
     table["error_roofline"] = table["predicted_roofline_s"] / table["measured_s"] - 1
     table.insert(0, "model", f"{spec.name} ({layers} layers)")
-    here, recorded = fingerprint(), meta.get("fingerprint", {})
+    here, recorded = fingerprint(), recorded_fingerprint(prof)
     machine = {"cpu": here["cpu_model"], "threads": torch.get_num_threads(), "amx": here["amx_tile"],
                "torch": here["torch"], "profile": str(prof), "profile_cpu": recorded.get("cpu_model"),
                "profile_differences": machine_differences(recorded, here)}
