@@ -143,23 +143,24 @@ class RoutingTrace:
             return None
         have = 0 if table is None else table.shape[0]
         n = min(max(needed, 2 * have), self.num_requests, REQUEST_TABLE_BYTES // row_bytes)
-        out = np.zeros((n, L * E), dtype=dtype)
+        out = np.zeros((n, L, E), dtype=dtype)
         if table is not None:
-            out[:have] = table.reshape(have, L * E)
-        offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+            out[:have] = table
         lens = self.prompt_lens[:n].astype(np.int64)
         ends = np.cumsum(lens)
         first = have
         while first < n:  # requests in groups of about 2^15 prompt tokens (at least one request)
             done = int(ends[first - 1]) if first else 0
             last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)
-            group = np.arange(first, last)
-            slot = np.repeat(np.arange(last - first, dtype=np.int64) * (L * E), lens[first:last])
-            flat = self.experts[self.prefill_rows(group)] + (slot[:, None, None] + offsets)  # one int64 pass
-            out[first:last] = np.bincount(flat.ravel(), minlength=(last - first) * L * E).reshape(last - first, -1)
+            size = last - first
+            # a layer's ids contiguous ([L, rows, k]), each layer counted into [requests, E] bins that stay cached
+            ids = self.experts[self.prefill_rows(np.arange(first, last))].transpose(1, 0, 2).copy()
+            slot = np.repeat(np.arange(size, dtype=np.int64) * E, lens[first:last])[:, None]
+            for layer in range(L):
+                counts = np.bincount((ids[layer] + slot).ravel(), minlength=size * E)
+                out[first:last, layer, :] = counts.reshape(size, E)
             first = last
-        table = out.reshape(n, L, E)
-        self.__dict__["_prefill_counts_table"] = table  # a cache on a frozen dataclass, as cached_property does
+        self.__dict__["_prefill_counts_table"] = table = out  # a cache on a frozen dataclass, as cached_property does
         return table
 
     def decode_step_counts(self, groups: Sequence[np.ndarray]) -> np.ndarray | None:
