@@ -188,37 +188,55 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
     compare = _compare_columns(draw_ids.probs, k)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
-        if compare:
-            out[s:s + m] = _topk_by_columns(rng, draw_ids, m, k, dtype)
-        else:
-            out[s:s + m] = _topk_by_table(rng, draw_ids, m, k, num_experts, dtype)
+        out[s:s + m] = _topk_chunk(rng, draw_ids, m, k, num_experts, dtype, by_columns=compare)
     return out
 
 
-def _topk_by_table(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int, num_experts: int,
-                   dtype: np.dtype) -> np.ndarray:
-    """One chunk of `_sample_topk` where popularity is skewed: repeats checked against a per-row table of taken
-    experts (`_taken_mask`; int32 indices: a chunk's rows x experts stay below 2^31), the chosen ids kept as
-    columns [k, m] and returned as [m, k] for one transposed write."""
+def _topk_chunk(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int, num_experts: int,
+                dtype: np.dtype, by_columns: bool) -> np.ndarray:
+    """One chunk of `_sample_topk`: ids drawn a column at a time; a repeat is redrawn four candidates at a time
+    (the first one not taken wins) and, after REDRAW_ROUNDS, drawn exactly without the row's ids. The chosen ids
+    are kept as columns [k, m] and returned as [m, k] for one transposed write. A repeat is found by comparing
+    with the row's filled columns (`by_columns`: flat popularity, few redraws; ids in the trace's dtype) or in a
+    per-row table of taken experts (`_taken_mask`: skewed popularity, many redraws; int32 indices, as a chunk's
+    rows x experts stay below 2^31). Both find the same repeats, so they draw the same ids."""
     chosen = np.empty((k, m), dtype=dtype)
-    rows = np.arange(m, dtype=np.int32)
-    is_taken, mark = _taken_mask(m, num_experts)
+    if by_columns:
+        id_dtype = dtype
+
+        def taken(j: int, rows: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
+            if rows is None:  # every row: compare whole columns
+                return _collides(chosen[:j].T, ids)
+            picked = chosen[:j, rows]  # [j, rows]: those rows' chosen ids, against their [rows, 4] candidates
+            hit = picked[0][:, None] == ids
+            for c in range(1, j):
+                hit |= picked[c][:, None] == ids
+            return hit
+    else:
+        id_dtype = np.dtype(np.int32)
+        every = np.arange(m, dtype=np.int32)
+        is_taken, mark = _taken_mask(m, num_experts)
+
+        def taken(j: int, rows: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
+            return is_taken(every if rows is None else rows[:, None], ids)
+
     for j in range(k):
-        draw = draw_ids(rng.random(m, dtype=np.float32)).astype(np.int32)
+        draw = draw_ids(rng.random(m, dtype=np.float32)).astype(id_dtype, copy=False)
         if j:
-            bad = np.flatnonzero(is_taken(rows, draw))
+            bad = np.flatnonzero(taken(j, None, draw))
             for _ in range(REDRAW_ROUNDS):
                 if not bad.size:
                     break
-                # Several candidates per rejected row at once; the first one not taken wins.
-                cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(np.int32).reshape(-1, 4)
-                free = ~is_taken(bad[:, None], cand)
+                cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(id_dtype, copy=False)
+                cand = cand.reshape(-1, 4)
+                free = ~taken(j, bad, cand)
                 found = free.any(axis=1)
                 draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
                 bad = bad[~found]
             if bad.size:
                 draw[bad] = _exclusive_draw(rng, draw_ids.probs, chosen[:j, bad].T)
-        mark(rows, draw)
+        if not by_columns:
+            mark(every, draw)
         chosen[j] = draw
     return chosen.T
 
@@ -232,35 +250,6 @@ def _compare_columns(probs: np.ndarray, k: int) -> bool:
     rather than a per-row table of every expert: cheaper unless repeats are so likely (a skewed popularity)
     that most rows redraw many times, where the table's O(1) check wins. Both give the same ids."""
     return float(np.sort(probs)[-k:].sum()) < COMPARE_MAX_TOP_MASS
-
-
-def _topk_by_columns(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int,
-                     dtype: np.dtype) -> np.ndarray:
-    """One chunk of `_sample_topk` where popularity is flat: each row's chosen ids are kept as columns [k, m] in
-    the trace's dtype (cache-resident), repeats checked against the filled columns, and the chunk is returned as
-    [m, k] for one transposed write. The same draws, in the same order, as the taken table's path."""
-    chosen = np.empty((k, m), dtype=dtype)
-    for j in range(k):
-        draw = draw_ids(rng.random(m, dtype=np.float32)).astype(dtype, copy=False)
-        if j:
-            bad = np.flatnonzero(_collides(chosen[:j].T, draw))
-            for _ in range(REDRAW_ROUNDS):
-                if not bad.size:
-                    break
-                # Several candidates per rejected row at once; the first one not taken wins.
-                cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(dtype, copy=False).reshape(-1, 4)
-                picked = chosen[:j, bad]  # [j, rows]: the rejected rows' chosen ids
-                taken = picked[0][:, None] == cand
-                for c in range(1, j):
-                    taken |= picked[c][:, None] == cand
-                free = ~taken
-                found = free.any(axis=1)
-                draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
-                bad = bad[~found]
-            if bad.size:
-                draw[bad] = _exclusive_draw(rng, draw_ids.probs, chosen[:j, bad].T)
-        chosen[j] = draw
-    return chosen.T
 
 
 def _taken_mask(rows: int, num_experts: int):
