@@ -53,7 +53,7 @@ class TraceHeader:
 
 
 REQUEST_TABLE_BYTES = 64 << 20  # per-request prefill counts (RoutingTrace.prefill_counts) are kept up to this
-BAND_BYTES = 16 << 20  # a decode table is counted in bands of (step, group) slots of at most this many int64 bytes
+BAND_BYTES = 16 << 20  # a decode table's layer is counted in bands of (step, group) slots of this many int64 bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,20 +189,21 @@ class RoutingTrace:
         slot = local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)  # its (step, group)
         order = np.argsort(slot, kind="stable")  # step-major: a chunk of rows covers a narrow band of slots
         rows, slot = rows[order], slot[order]
-        LE = L * E
-        offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-        out = np.zeros(max(S * G * LE, 1), dtype=dtype)
-        chunk, band_slots = 1 << 15, max(1, BAND_BYTES // (8 * LE))
+        out = np.zeros((S * G, L, E), dtype=dtype)
+        chunk, band_slots = 1 << 15, max(1, BAND_BYTES // (8 * E))
         start = 0
         while start < n:  # chunks bound the int64 temporaries: rows, and the band of slots they count into
             lo = int(slot[start])
             stop = min(start + chunk, int(np.searchsorted(slot, lo + band_slots, side="left")))
             hi = int(slot[stop - 1]) + 1
-            flat = self.experts[rows[start:stop]] + ((slot[start:stop, None, None] - lo) * LE + offsets)
-            band = out[lo * LE:hi * LE]
-            np.add(band, np.bincount(flat.ravel(), minlength=(hi - lo) * LE), out=band, casting="unsafe")
+            ids = self.experts[rows[start:stop]].transpose(1, 0, 2).copy()  # a layer's ids contiguous
+            local = (slot[start:stop, None] - lo) * E
+            for layer in range(L):  # each layer into [slots, E] bins that stay cached
+                band = out[lo:hi, layer, :]
+                counts = np.bincount((ids[layer] + local).ravel(), minlength=(hi - lo) * E)
+                np.add(band, counts.reshape(hi - lo, E), out=band, casting="unsafe")
             start = stop
-        table = out[:S * G * LE].reshape(S, G, L, E)
+        table = out.reshape(S, G, L, E)
         table.flags.writeable = False  # shared by every plan of a search
         if len(cache) >= 4:  # the last few groupings only
             cache.pop(next(iter(cache)))
