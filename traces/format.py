@@ -20,7 +20,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -153,12 +153,9 @@ class RoutingTrace:
             done = int(ends[first - 1]) if first else 0
             last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)
             size = last - first
-            # a layer's ids contiguous ([L, rows, k]), each layer counted into [requests, E] bins that stay cached
-            ids = self.experts[self.prefill_rows(np.arange(first, last))].transpose(1, 0, 2).copy()
-            slot = np.repeat(np.arange(size, dtype=np.int64) * E, lens[first:last])[:, None]
-            for layer in range(L):
-                counts = np.bincount((ids[layer] + slot).ravel(), minlength=size * E)
-                out[first:last, layer, :] = counts.reshape(size, E)
+            request_of_row = np.repeat(np.arange(size, dtype=np.int64), lens[first:last])
+            for layer, counts in self._layer_counts(self.prefill_rows(np.arange(first, last)), request_of_row, size):
+                out[first:last, layer, :] = counts
             first = last
         self.__dict__["_prefill_counts_table"] = table = out  # a cache on a frozen dataclass, as cached_property does
         return table
@@ -196,12 +193,9 @@ class RoutingTrace:
             lo = int(slot[start])
             stop = min(start + chunk, int(np.searchsorted(slot, lo + band_slots, side="left")))
             hi = int(slot[stop - 1]) + 1
-            ids = self.experts[rows[start:stop]].transpose(1, 0, 2).copy()  # a layer's ids contiguous
-            local = (slot[start:stop, None] - lo) * E
-            for layer in range(L):  # each layer into [slots, E] bins that stay cached
+            for layer, counts in self._layer_counts(rows[start:stop], slot[start:stop] - lo, hi - lo):
                 band = out[lo:hi, layer, :]
-                counts = np.bincount((ids[layer] + local).ravel(), minlength=(hi - lo) * E)
-                np.add(band, counts.reshape(hi - lo, E), out=band, casting="unsafe")
+                np.add(band, counts, out=band, casting="unsafe")
             start = stop
         table = out.reshape(S, G, L, E)
         table.flags.writeable = False  # shared by every plan of a search
@@ -209,6 +203,16 @@ class RoutingTrace:
             cache.pop(next(iter(cache)))
         cache[key] = table
         return table
+
+    def _layer_counts(self, rows: np.ndarray, bin_of_row: np.ndarray, bins: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(layer, int64 [bins, E]) for each MoE layer: the tokens of `rows` routed to each expert, summed per bin
+        (`bin_of_row`). The rows' ids are transposed once so each layer's are contiguous and count into bins that
+        stay cached (the count tables' kernel)."""
+        ids = self.experts[rows].transpose(1, 0, 2).copy()  # [L, rows, k]
+        E = self.header.num_experts
+        base = bin_of_row[:, None] * E
+        for layer in range(self.header.num_layers):
+            yield layer, np.bincount((ids[layer] + base).ravel(), minlength=bins * E).reshape(bins, E)
 
     @cached_property
     def phase_counts(self) -> tuple[np.ndarray, np.ndarray]:
