@@ -15,6 +15,7 @@ import numpy as np
 from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
+from traces.limits import too_many_ops
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
@@ -142,22 +143,27 @@ class LayerEmitter:
         ops as `_op` would append, with per-call look-ups hoisted."""
         loads = counts.tolist() if isinstance(counts, np.ndarray) else counts
         ids = experts.tolist() if isinstance(experts, np.ndarray) else experts
+        run = [e for e in ids if loads[e]]
+        if not run:
+            return -1
         base = tuple([d for d in deps if d >= 0])
-        next_id, append, work, expert_kind = self.b.next_id, self.ops.append, self.w.expert, OpKind.EXPERT
+        b = self.b
+        first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
+        last = first + len(run) - 1
+        if last >= b.max_ops:
+            raise too_many_ops(b.max_ops)
+        append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
-        last = -1
-        for e in ids:
+        for op_id, e in enumerate(run, first):
             t = int(loads[e])
-            if t:
-                if ready is None:
-                    op_deps = base
-                else:
-                    extra = ready(e)
-                    op_deps = base + (extra,) if extra >= 0 else base
-                last = next_id(step)
-                flops, nbytes = work(t)
-                append(Op(last, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, int(e), none,
-                          0, (), (), scope))
+            if ready is None:
+                op_deps = base
+            else:
+                extra = ready(e)
+                op_deps = base + (extra,) if extra >= 0 else base
+            flops, nbytes = work(t)
+            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, int(e), none, 0,
+                      (), (), scope))
         return last
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:

@@ -239,8 +239,8 @@ class _CGOPipe(LayerEmitter):
             last = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (router,))
         counts = s.counts[m.moe_index(at.layer)]
         pages = self.pages_done.get(visit, -1)
-        ran = self.experts(GPU, at, counts, self.resident + self.paged, (router,),
-                           lambda e: pages if e >= len(self.resident) else -1)
+        ran = self.experts(GPU, at, counts, self.resident, (router,))
+        ran = max(ran, self.experts(GPU, at, counts, self.paged, (router, pages)))  # paged ones wait for their pages
         return max(last, ran)
 
     def prefill(self, slices: list[BatchSlice]) -> None:

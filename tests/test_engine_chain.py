@@ -1,0 +1,126 @@
+"""Ops on an uncontended stream share one timeout while nobody observes their ends in between: the chained run
+must give every op the start and end of the reference run (one timeout per op), the same peaks and busy times,
+in no more events."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.cost import RooflineCostModel
+from sim.engine import run_plan
+from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.specs import ModelSpec, load_system
+from sim.workload import Workload
+
+MODEL = ModelSpec(name="tiny", num_layers=4, hidden_size=256, vocab_size=1000, num_attention_heads=8,
+                  num_kv_heads=2, head_dim=32, num_experts=8, top_k=2, expert_intermediate_size=512)
+SYSTEM = load_system("a100-80g-8452y")
+COST = RooflineCostModel(SYSTEM)
+
+
+def plan_of(b: PlanBuilder) -> Plan:
+    return Plan("t", {}, MODEL, SYSTEM, Workload.uniform(64, 1, 2), b.ops, {"gpu": {}, "cpu": {}})
+
+
+def gpu_expert(b: PlanBuilder, flops: int, deps=(), **kw) -> int:
+    return b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=flops, nbytes=10**6, deps=deps,
+                 **kw)
+
+
+def both(plan: Plan):
+    return run_plan(plan, COST, chain=True), run_plan(plan, COST, chain=False)
+
+
+def assert_same(chained, reference) -> None:
+    assert chained.start_ns.tolist() == reference.start_ns.tolist()
+    assert chained.end_ns.tolist() == reference.end_ns.tolist()
+    assert chained.peak_bytes == reference.peak_bytes and chained.busy_ns == reference.busy_ns
+    assert chained.events <= reference.events
+
+
+def test_a_run_of_unobserved_gpu_ops_is_one_timeout():
+    b = PlanBuilder()
+    for k in range(5):
+        gpu_expert(b, 10**9 * (k + 1))
+    chained, reference = both(plan_of(b))
+    assert_same(chained, reference)
+    durations = [COST.op_time_ns(op) for op in b.ops]
+    assert chained.end_ns.tolist() == np.cumsum(durations).tolist()
+    assert reference.events - chained.events == 4  # five timeouts became one
+
+
+def test_an_op_another_stream_waits_for_ends_the_run_there():
+    """The CPU op depends on the second GPU op: it starts exactly when that op ends, so the run splits there."""
+    b = PlanBuilder()
+    gpu_expert(b, 10**9)
+    watched = gpu_expert(b, 10**9)
+    gpu_expert(b, 10**9)
+    cpu = b.add(OpKind.EXPERT, Stream.CPU, Phase.DECODE, 1, 0, tokens=64, flops=10**8, nbytes=10**6, deps=(watched,))
+    chained, reference = both(plan_of(b))
+    assert_same(chained, reference)
+    assert chained.start_ns[cpu] == chained.end_ns[watched]
+    assert reference.events - chained.events == 1  # ops 0-1 share a timeout, op 2 has its own
+
+
+def test_memory_is_taken_and_returned_when_each_op_would():
+    """A free ends a run and an allocation starts one: the peak is the reference's, not the sum of both."""
+    b = PlanBuilder()
+    gpu_expert(b, 10**9, alloc=(("gpu", 3 << 30),))
+    gpu_expert(b, 10**9, free=(("gpu", 3 << 30),))
+    gpu_expert(b, 10**9, alloc=(("gpu", 5 << 30),))
+    gpu_expert(b, 10**9, free=(("gpu", 5 << 30),))
+    chained, reference = both(plan_of(b))
+    assert_same(chained, reference)
+    static = plan_of(b).static_bytes("gpu")
+    assert chained.peak_bytes["gpu"] == static + (5 << 30)
+
+
+def test_a_dependency_still_running_ends_the_run():
+    """The third GPU op waits for a long CPU op: it must not start at its predecessor's end."""
+    b = PlanBuilder()
+    slow = b.add(OpKind.EXPERT, Stream.CPU, Phase.DECODE, 1, 0, tokens=64, flops=10**12, nbytes=10**6)
+    gpu_expert(b, 10**9)
+    gpu_expert(b, 10**9)
+    late = gpu_expert(b, 10**9, deps=(slow,))
+    chained, reference = both(plan_of(b))
+    assert_same(chained, reference)
+    assert chained.start_ns[late] == chained.end_ns[slow] > chained.end_ns[late - 1]
+
+
+STREAMS = (Stream.GPU, Stream.GPU, Stream.GPU, Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.D2H)
+
+
+@st.composite
+def random_plans(draw) -> Plan:
+    """Plans of up to 40 ops, most on the GPU (the uncontended stream), with random dependencies on earlier ops,
+    zero-cost ops, and allocations freed by a later op."""
+    b = PlanBuilder()
+    held: list[tuple[int, int]] = []  # (bytes, op that allocated)
+    for i in range(draw(st.integers(1, 40))):
+        stream = draw(st.sampled_from(STREAMS))
+        deps = tuple(draw(st.lists(st.integers(0, i - 1), max_size=2))) if i else ()
+        alloc = free = ()
+        if draw(st.integers(0, 5)) == 0:
+            size = draw(st.integers(1, 1 << 30))
+            alloc = (("gpu", size),)
+            held.append((size, i))
+        elif held and draw(st.booleans()):
+            size, _ = held.pop(draw(st.integers(0, len(held) - 1)))
+            free = (("gpu", size),)
+        if stream in (Stream.H2D, Stream.D2H):
+            b.add(OpKind.COPY, stream, Phase.DECODE, 1, 0, nbytes=draw(st.integers(0, 10**9)), deps=deps,
+                  alloc=alloc, free=free)
+        elif stream is Stream.GPU and draw(st.integers(0, 4)) == 0:  # a zero-cost op (a dense model's router)
+            b.add(OpKind.ROUTER, stream, Phase.DECODE, 1, 0, tokens=64, deps=deps, alloc=alloc, free=free)
+        else:
+            b.add(OpKind.EXPERT, stream, Phase.DECODE, 1, 0, tokens=64, flops=draw(st.integers(0, 10**12)),
+                  nbytes=draw(st.integers(0, 10**9)), deps=deps, alloc=alloc, free=free)
+    return plan_of(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(random_plans())
+def test_chained_runs_equal_the_reference_on_random_plans(plan):
+    assert_same(*both(plan))
