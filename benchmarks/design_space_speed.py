@@ -7,8 +7,9 @@ Runs, in one process each (a fresh interpreter per case, so no case profits from
   compare    `compare` Qwen3-30B-A3B, B=1024, 800/256, full decode      target < 20 s
   engine     the standard scenario's plan through the engine alone: events/s against a bare SimPy loop's
                                                                         target >= 0.5 of the bare loop
-             (and ops/s against the bare loop's events/s: a run of unobserved ops on an uncontended stream
-             shares one event, so ops, not events, are the engine's work)
+             (and `ops_per_bare_event`: ops simulated per second over the bare loop's events per second, 1 for
+             an engine that spent one bare timeout per op; a run of unobserved ops on an uncontended stream shares
+             one event, so events alone undercount the engine's work there)
 and, with --fig7, the fig7 sweep from scratch on 2 local workers       target < 60 s.
 
     python benchmarks/design_space_speed.py [--cases standard,engine] [--fig7] [--breakdown]
