@@ -1,7 +1,7 @@
 """The SimPy machine: each stream runs its ops in plan order, driven by SimPy events. A stream is a small state
 machine whose continuation is an event callback (an op's timeout, a dependency's end, a start or a re-timing
-wake-up), not a generator process: the same events in the same order as one process per stream would schedule,
-without resuming a generator for each.
+wake-up), not a generator process: the events one process per stream would schedule, without resuming a
+generator for each.
 
 Contention: ops that draw on a common resource share it. The GPU's resources are its SMs and HBM; the host's are
 the CPU cores, host DRAM bandwidth and the two PCIe directions, and host DRAM is one resource that CPU ops and
@@ -13,10 +13,15 @@ capacity. A rate change re-times the affected ops (an urgent event wakes each, a
 group that only one stream uses takes the fast path: one timeout, no bookkeeping; and consecutive such ops whose
 ends in between nobody observes (no op depends on them, none frees memory, none after the first allocates, each
 one's dependencies have ended when the run starts) share one timeout: every op starts and ends when it would
-alone (`run_plan(chain=False)` is the reference), in far fewer events (MoE-Lightning's per-expert GPU ops).
+with one timeout each (`run_plan(chain=False)` is the reference), in far fewer events (MoE-Lightning's
+per-expert GPU ops). The run's timeout is scheduled earlier than its last op's would be, so events at one
+nanosecond may fire in another order; nothing observable depends on that order: a memory pool is judged once per
+instant, after all of its allocations and frees (so an op that frees and one that allocates at the same time never
+count as holding both), and a group's fair rates are computed over its running ops in op order.
 
-Cross-stream dependencies wait on an event created only when an op has to wait. Memory pools are counters
-checked at every allocation. The clock is integer nanoseconds; nothing is random.
+Cross-stream dependencies wait on an event created only when an op has to wait. Memory pools are counters,
+judged against their capacity at the end of every instant that allocated. The clock is integer nanoseconds;
+nothing is random.
 """
 
 from __future__ import annotations
@@ -84,27 +89,48 @@ class _Abort(Exception):
 
 
 class _Pools:
-    """Byte counters per memory pool with capacity checks and peak tracking."""
+    """Byte counters per memory pool with capacity checks and peak tracking.
+
+    A pool's level is judged once per instant, after every allocation and free of that nanosecond: an op that
+    frees memory and one that allocates at the same time do not count as holding both, whatever order their
+    events fire in (SimPy orders equal-time events by when they were scheduled, an artefact of the engine). So
+    peaks and capacity errors do not depend on how events at one instant are ordered."""
 
     def __init__(self, capacity: dict[str, int], static: dict[str, int]):
         self.capacity = capacity
         self.error: CapacityError | None = None
         self.used = dict(static)
         self.peak = dict(static)
+        self.now = -1  # the instant whose allocations are not yet judged
+        self.allocated: dict[str, tuple[int, str]] = {}  # pool -> (lowest op id, its name) allocating at `now`
         for pool, used in static.items():
             if used > capacity[pool]:
                 raise CapacityError(pool.upper(), used, capacity[pool], "static allocations")
 
-    def alloc(self, pool: str, nbytes: int, what: str) -> None:
-        used = self.used[pool] + nbytes
-        if used > self.capacity[pool]:
-            self.error = CapacityError(pool.upper(), used, self.capacity[pool], what)
-            raise _Abort(str(self.error))
-        self.used[pool] = used
-        if used > self.peak[pool]:
-            self.peak[pool] = used
+    def settle(self) -> None:
+        """Judge the pools allocated at the last instant: fail if over capacity, else raise their peaks."""
+        for pool, (_, what) in self.allocated.items():
+            used = self.used[pool]
+            if used > self.capacity[pool]:
+                self.error = CapacityError(pool.upper(), used, self.capacity[pool], what)
+                raise _Abort(str(self.error))
+            if used > self.peak[pool]:
+                self.peak[pool] = used
+        self.allocated.clear()
 
-    def free(self, pool: str, nbytes: int) -> None:
+    def alloc(self, pool: str, nbytes: int, now: int, op: int, what: str) -> None:
+        if now != self.now:
+            self.settle()
+            self.now = now
+        self.used[pool] += nbytes
+        first = self.allocated.get(pool)
+        if first is None or op < first[0]:
+            self.allocated[pool] = (op, what)
+
+    def free(self, pool: str, nbytes: int, now: int) -> None:
+        if now != self.now:
+            self.settle()
+            self.now = now
         self.used[pool] -= nbytes
 
 
@@ -163,14 +189,19 @@ def max_min_rates(usages: list[tuple[float, ...]]) -> list[float]:
 
 class _Job:
     """A running op in a shared group: its usage, work left (ns at full speed), speed, and finish time. `wake` is
-    when its process next wakes: a finish that moves later needs no interrupt (the process sleeps again)."""
+    when its process next wakes: a finish that moves later needs no interrupt (the process sleeps again). `op`
+    orders a group's jobs, so their fair rates are computed in one order whatever order they arrived in."""
 
-    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake")
+    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake", "op")
 
-    def __init__(self, interrupt: Callable[[], None], usage: tuple[float, ...], duration: int, now: int):
-        self.interrupt, self.usage = interrupt, usage
+    def __init__(self, interrupt: Callable[[], None], usage: tuple[float, ...], duration: int, now: int, op: int):
+        self.interrupt, self.usage, self.op = interrupt, usage, op
         self.remaining, self.rate, self.t_last, self.finish = float(duration), 1.0, now, now + duration
         self.wake = self.finish
+
+
+def _job_op(job: _Job) -> int:
+    return job.op
 
 
 class _GroupShare:
@@ -212,6 +243,8 @@ class _GroupShare:
     def admit(self, job: _Job, now: int) -> None:
         jobs = self.jobs
         jobs.append(job)
+        if len(jobs) > 1 and jobs[-2].op > job.op:  # in op order (a few jobs at most)
+            jobs.sort(key=_job_op)
         if len(jobs) == 1:
             self.demand = list(job.usage)
             return
@@ -313,7 +346,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                 now = start[i] = env.now
                 if op.alloc:
                     for pool, nbytes in op.alloc:
-                        pools.alloc(pool, nbytes, f"op {i} {op.kind} layer {op.layer}")
+                        pools.alloc(pool, nbytes, now, i, f"op {i} {op.kind} layer {op.layer}")
                 d = durations[i]
                 if d and not shared:
                     # Alone on its device, op i ends at now + d; so do the ops after it, one after another,
@@ -339,7 +372,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                     target.callbacks.append(finished)
                     return
                 if d:
-                    job = _Job(interrupt, unit.usage_vector(usage_of(op), size), d, now)
+                    job = _Job(interrupt, unit.usage_vector(usage_of(op), size), d, now, i)
                     share.admit(job, now)
                     sleep()
                     return
@@ -384,7 +417,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         op = ops[i]
         if op.free:
             for pool, nbytes in op.free:
-                pools.free(pool, nbytes)
+                pools.free(pool, nbytes, now)
         if waiters:
             ev = waiters.pop(i, None)
             if ev is not None:
@@ -396,11 +429,12 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     events = 0
     step = env.step
     try:
-        while True:
-            step()
-            events += 1
-    except EmptySchedule:
-        pass
+        try:
+            while True:
+                step()
+                events += 1
+        except EmptySchedule:
+            pools.settle()  # the last instant's allocations
     except _Abort:
         assert pools.error is not None
         raise pools.error from None

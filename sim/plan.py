@@ -7,7 +7,9 @@ Semantics, shared by the simulator and the executor:
   one device (`DEVICE_OF`) run concurrently and share it: the engine slows each down to its fair share.
 - An op starts when its stream is free and every op in `deps` has finished; `deps` only name earlier ops.
 - `alloc` bytes are taken from a memory pool (`gpu` or `cpu`) when an op starts; `free` bytes are returned
-  when it ends. Memory that lives for the whole run is in `Plan.static_memory`.
+  when it ends; a pool's level counts once all allocations and frees of an instant are done (an op ending and
+  one starting at the same time never hold memory together). Memory that lives for the whole run is in
+  `Plan.static_memory`.
 See docs/architecture.md for the field-by-field description.
 """
 

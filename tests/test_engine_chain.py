@@ -1,6 +1,8 @@
 """Ops on an uncontended stream share one timeout while nobody observes their ends in between: the chained run
 must give every op the start and end of the reference run (one timeout per op), the same peaks and busy times,
-in no more events."""
+in no more events. Events at one instant may fire in another order when a run's single timeout was scheduled
+earlier than its last op's would have been, so memory is judged once per instant and a group's fair rates are
+computed in op order: ties (common with the stub costs below) must not change anything."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
 from sim.specs import ModelSpec, load_system
+from sim.topology import topology_of
 from sim.workload import Workload
 
 MODEL = ModelSpec(name="tiny", num_layers=4, hidden_size=256, vocab_size=1000, num_attention_heads=8,
@@ -20,8 +23,8 @@ SYSTEM = load_system("a100-80g-8452y")
 COST = RooflineCostModel(SYSTEM)
 
 
-def plan_of(b: PlanBuilder) -> Plan:
-    return Plan("t", {}, MODEL, SYSTEM, Workload.uniform(64, 1, 2), b.ops, {"gpu": {}, "cpu": {}})
+def plan_of(b: PlanBuilder, system=SYSTEM) -> Plan:
+    return Plan("t", {}, MODEL, system, Workload.uniform(64, 1, 2), b.ops, {"gpu": {}, "cpu": {}})
 
 
 def gpu_expert(b: PlanBuilder, flops: int, deps=(), **kw) -> int:
@@ -29,8 +32,8 @@ def gpu_expert(b: PlanBuilder, flops: int, deps=(), **kw) -> int:
                  **kw)
 
 
-def both(plan: Plan):
-    return run_plan(plan, COST, chain=True), run_plan(plan, COST, chain=False)
+def both(plan: Plan, cost=COST):
+    return run_plan(plan, cost, chain=True), run_plan(plan, cost, chain=False)
 
 
 def assert_same(chained, reference) -> None:
@@ -124,3 +127,103 @@ def random_plans(draw) -> Plan:
 @given(random_plans())
 def test_chained_runs_equal_the_reference_on_random_plans(plan):
     assert_same(*both(plan))
+
+
+class TieCost:
+    """Durations of a few whole microseconds (`flops`) and usages from a short list (`bytes`): equal-time events
+    on several streams at once, where event order could leak into results."""
+
+    USAGES = ((1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (1.0, 1.0))
+
+    def __init__(self, system):
+        self.topology = topology_of(system)
+
+    def op_time_ns(self, op) -> int:
+        return 1000 * op.flops
+
+    def usage(self, op) -> tuple[float, float]:
+        return self.USAGES[op.bytes % len(self.USAGES)]
+
+
+TIE_COST = TieCost(SYSTEM)
+
+
+def test_a_free_and_an_allocation_at_one_instant_do_not_stack():
+    """A GPU run frees F when it ends; a copy that allocates A starts at that same nanosecond (the copy before
+    it lasts exactly as long as the run). Whatever order the two events fire in, the level after the instant is
+    A, not F + A (the run's single timeout is scheduled before the copy's; one timeout per op, after)."""
+    b = PlanBuilder()
+    F, A = 3 << 30, 4 << 30
+    b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=1, alloc=(("gpu", F),))
+    b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=1, free=(("gpu", F),))
+    b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, flops=2)
+    b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, flops=1, alloc=(("gpu", A),), free=(("gpu", A),))
+    plan = plan_of(b)
+    chained, reference = both(plan, TIE_COST)
+    assert_same(chained, reference)
+    assert chained.start_ns[3] == chained.end_ns[1] == 2000
+    assert chained.peak_bytes["gpu"] == plan.static_bytes("gpu") + max(F, A)
+
+
+def test_an_allocation_after_a_run_and_a_free_at_one_instant_do_not_stack():
+    b = PlanBuilder()
+    F, A = 3 << 30, 4 << 30
+    b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, flops=2, alloc=(("gpu", F),), free=(("gpu", F),))
+    b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=1)
+    b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=1)
+    b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=1, alloc=(("gpu", A),))
+    plan = plan_of(b)
+    chained, reference = both(plan, TIE_COST)
+    assert_same(chained, reference)
+    assert chained.peak_bytes["gpu"] == plan.static_bytes("gpu") + max(F, A)
+
+
+def test_memory_held_for_no_time_is_not_a_peak():
+    """An op of zero duration that allocates and frees: the level after its instant is unchanged."""
+    b = PlanBuilder()
+    b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=0, alloc=(("gpu", 5 << 30),),
+          free=(("gpu", 5 << 30),))
+    plan = plan_of(b)
+    chained, reference = both(plan, TIE_COST)
+    assert chained.peak_bytes == reference.peak_bytes == {"gpu": plan.static_bytes("gpu"),
+                                                          "cpu": plan.static_bytes("cpu")}
+
+
+@st.composite
+def tie_plans(draw, streams=STREAMS, pools=("gpu", "cpu")) -> Plan:
+    """Up to 30 ops of 0-3 us on random streams with random dependencies, allocations freed later by ops on any
+    stream, in both pools; under TieCost most ends coincide with some other event."""
+    b = PlanBuilder()
+    held: list[tuple[str, int]] = []
+    for i in range(draw(st.integers(1, 30))):
+        stream = draw(st.sampled_from(streams))
+        deps = tuple(draw(st.lists(st.integers(0, i - 1), max_size=2))) if i else ()
+        alloc = free = ()
+        if draw(st.integers(0, 3)) == 0:
+            pool = draw(st.sampled_from(pools))
+            size = draw(st.integers(1, 1 << 30))
+            alloc = ((pool, size),)
+            held.append((pool, size))
+        elif held and draw(st.booleans()):
+            free = (held.pop(draw(st.integers(0, len(held) - 1))),)
+        kind = OpKind.COPY if stream in (Stream.H2D, Stream.D2H) else OpKind.EXPERT
+        b.add(kind, stream, Phase.DECODE, 1, 0, tokens=64, flops=draw(st.integers(0, 3)),
+              nbytes=draw(st.integers(0, 3)), deps=deps, alloc=alloc, free=free)
+    return plan_of(b)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tie_plans())
+def test_chained_runs_equal_the_reference_when_events_tie(plan):
+    assert_same(*both(plan, TIE_COST))
+
+
+TWO_GPUS = load_system("2x-h100-sxm-nvlink-8480")
+
+
+@settings(max_examples=150, deadline=None)
+@given(tie_plans(streams=("gpu", "gpu", "gpu1", "gpu1", Stream.CPU, Stream.H2D)))
+def test_two_uncontended_gpus_chain_alike(plan):
+    """Two GPUs whose streams both chain and whose equal durations tie at every step."""
+    plan = Plan("t", {}, MODEL, TWO_GPUS, plan.workload, plan.ops, {"gpu": {}, "cpu": {}})
+    assert_same(*both(plan, TieCost(TWO_GPUS)))
