@@ -17,7 +17,7 @@ import torch
 from executor import kernels as K
 from executor.reference import Outputs
 from executor.weights import ModelWeights
-from sim.plan import Op, OpKind, Phase, Plan
+from sim.plan import Op, OpKind, Phase, Plan, member_ops
 from traces import RoutingTrace
 
 
@@ -184,8 +184,10 @@ class PlanInterpreter:
                 batch.routed = K.RoutedTokens(batch.x, batch.ids, self.mw.spec.num_experts)
         _, shard, shards = self.plan.scope_of(op)
         # Two CPU workers compute their experts at once; only the add into the scope's accumulator is serialised.
-        routed = K.expert_scatter(lw, op.expert, batch.x, batch.ids, batch.gates, batch.y, shard, shards,
-                                  batch.routed, batch.lock)
-        if routed != op.tokens:
-            raise ValueError(f"plan op {op.id} runs expert {op.expert} on {op.tokens} tokens; the trace routes "
-                             f"{routed} of its scope there")
+        # A grouped op runs its member experts one after another, as the ops it stands for would.
+        for member in member_ops(op):
+            routed = K.expert_scatter(lw, member.expert, batch.x, batch.ids, batch.gates, batch.y, shard, shards,
+                                      batch.routed, batch.lock)
+            if routed != member.tokens:
+                raise ValueError(f"plan op {op.id} runs expert {member.expert} on {member.tokens} tokens; the trace "
+                                 f"routes {routed} of its scope there")

@@ -27,7 +27,7 @@ from executor.reference import Outputs
 from executor.weights import ModelWeights
 from sim.engine import EngineRecord, busy_by_stream, ops_by_stream
 from sim.errors import SimInputError
-from sim.plan import Op, OpKind, Plan
+from sim.plan import Op, OpKind, Plan, member_ops
 from sim.topology import Topology, UnitKind, topology_of
 from traces import RoutingTrace
 
@@ -81,7 +81,8 @@ def prepack_cpu_experts(plan: Plan, weights: ModelWeights, device_of: dict[str, 
             lw = weights.layers[op.layer]
             if lw.w1 is not None:
                 experts = K.cpu_experts(lw)
-                experts.pack(op.expert)
+                for member in member_ops(op):
+                    experts.pack(member.expert)
                 int8 |= experts.precision == "int8"
     if int8:  # torch.compile builds INT8's quantisation step on its first call: not inside the timed run
         warm_int8_epilogue()

@@ -35,7 +35,7 @@ import simpy
 from simpy.core import EmptySchedule
 from simpy.events import NORMAL, URGENT
 
-from sim.cost import CostModel
+from sim.cost import CostModel, GroupPrices
 from sim.errors import CapacityError
 from sim.plan import Op, Plan
 from sim.topology import Topology, topology_of
@@ -292,7 +292,8 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     prepare = getattr(cost, "prepare", None)  # a cost model that reads scopes from the plan (profiles)
     if prepare is not None:
         prepare(plan)
-    durations = [cost.op_time_ns(op) for op in ops]
+    price, group_price = cost.op_time_ns, GroupPrices(cost)  # a grouped expert op: the sum of its members' prices
+    durations = [group_price(op) if op.members else price(op) for op in ops]
     chainable = _chainable(ops) if chain else [False] * n
     usage_of = cost.usage
     start = [-1] * n

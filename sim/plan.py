@@ -15,6 +15,7 @@ See docs/architecture.md for the field-by-field description.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class OpKind(StrEnum):
     ATTENTION = "attention"      # OP1: attention over the KV cache (appends this step's K/V)
     O_PROJ = "o_proj"            # OP2: output projection + residual
     ROUTER = "router"            # norm + gate logits + top-k
-    EXPERT = "expert"            # OP3: one routed expert's gated FFN over its tokens
+    EXPERT = "expert"            # OP3: one routed expert's gated FFN over its tokens (or several: `Op.members`)
     SHARED_EXPERT = "shared_expert"
     DENSE_FFN = "dense_ffn"      # FFN of a leading dense layer
     LM_HEAD = "lm_head"
@@ -123,6 +124,39 @@ class Op:
     alloc: tuple[tuple[str, int], ...] = ()
     free: tuple[tuple[str, int], ...] = ()
     scope: int = -1  # index into Plan.scopes; -1: the op's micro-batch (all requests for -1) at its step
+    # A grouped expert op: the routed experts it runs one after another, each (expert, tokens, flops, bytes);
+    # `expert` is then -1 and tokens, flops and bytes are the members' sums (see `member_ops`).
+    members: tuple[tuple[int, int, int, int], ...] = ()
+
+
+def member_ops(op: Op) -> list[Op]:
+    """What a grouped expert op runs, one op per member expert in order (the op itself when it is not grouped):
+    how cost models price a group (the sum of its members' times) and how the executor runs it. A group stands
+    for consecutive expert ops on one stream with the same dependencies whose ends in between nobody observes,
+    on a stream alone in its resource group, so it ends when the last of those ops would (issue 13)."""
+    if not op.members:
+        return [op]
+    return [Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps, e,
+               op.payload, op.kv_tokens, (), (), op.scope) for e, t, f, b in op.members]
+
+
+def ungroup(plan: Plan) -> Plan:
+    """The same plan with every grouped expert op split into one op per member (ids renumbered in order; a
+    dependency on a group becomes one on its last member): the plan as built before groups existed, which the
+    engine must time identically (a group starts with its first member and ends with its last)."""
+    if not any(op.members for op in plan.ops):
+        return plan
+    ops: list[Op] = []
+    last_of: list[int] = []  # old id -> new id of the op (or last member) that stands for it
+    for op in plan.ops:
+        deps = tuple(last_of[d] for d in op.deps)
+        parts = member_ops(op)
+        for k, part in enumerate(parts):
+            ops.append(Op(len(ops), part.kind, part.stream, part.phase, part.step, part.layer, part.micro_batch,
+                          part.tokens, part.flops, part.bytes, deps, part.expert, part.payload, part.kv_tokens,
+                          op.alloc if k == 0 else (), op.free if k == len(parts) - 1 else (), part.scope))
+        last_of.append(len(ops) - 1)
+    return dataclasses.replace(plan, ops=ops)
 
 
 def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
@@ -192,9 +226,9 @@ class Plan:
         return int(sum(self.static_memory.get(pool, {}).values()))
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per op (deps as tuples), for inspection, plotting and Parquet export."""
+        """One row per op (deps and a grouped op's members as tuples), for inspection and plotting."""
         cols = ["id", "kind", "stream", "phase", "step", "layer", "micro_batch", "tokens", "expert",
-                "flops", "bytes", "kv_tokens", "payload", "deps"]
+                "flops", "bytes", "kv_tokens", "payload", "deps", "members"]
         data = {c: [getattr(op, c) for op in self.ops] for c in cols}
         for c in ("kind", "stream", "phase", "payload"):
             data[c] = [str(v) for v in data[c]]
@@ -240,8 +274,10 @@ class Plan:
                     and 0 <= op.kv_tokens <= kv_max[d] and (not d or 1 <= op.step <= max_step)
                     and -1 <= op.layer <= layers and -1 <= op.expert < experts
                     and -1 <= op.micro_batch < groups[d] and op.stream in streams and op.scope == -1) \
-                    or op.alloc or op.free:
+                    or op.alloc or op.free or op.members:
                 self._check_op(op, max_step, pools, bounds)
+                if op.members:
+                    _check_members(op, bounds.experts, topo.solo_streams)
                 topo.unit_of(op.stream)  # a stream the system lacks is named
                 self._check_op_scope(op)
                 dynamic = dynamic or bool(op.alloc or op.free)
@@ -310,6 +346,33 @@ class Plan:
             if pool not in pools or size < 0:
                 raise SimInputError(f"plan op {op.id}: memory ({pool!r}, {size}) needs a pool in {sorted(pools)} "
                                     "and a size >= 0")
+
+
+def _check_members(op: Op, experts: int, solo_streams: frozenset[str]) -> None:
+    """A grouped expert op: two or more distinct experts, each with tokens, summing to the op's tokens, FLOPs and
+    bytes, on a stream alone in its resource group (elsewhere its members would share rates one by one)."""
+    where = f"plan op {op.id}: grouped expert op"
+    if op.kind is not OpKind.EXPERT or op.expert != -1:
+        raise SimInputError(f"{where}: needs kind expert and expert -1 (its members name the experts)")
+    if op.stream not in solo_streams:
+        raise SimInputError(f"{where} on stream {op.stream}: groups run only on a stream alone in its resource "
+                            f"group ({', '.join(sorted(solo_streams))})")
+    members = op.members
+    if len(members) < 2 or set(map(len, members)) != {4}:
+        raise SimInputError(f"{where}: needs two or more members of (expert, tokens, flops, bytes)")
+    ids, tokens, flops, nbytes = zip(*members, strict=True)
+    if not (min(ids) >= 0 and max(ids) < experts and min(tokens) >= 1 and min(flops) >= 0 and min(nbytes) >= 0
+            and max(flops) <= MAX_OP_WORK and max(nbytes) <= MAX_OP_WORK):
+        e, t, f, b = next(m for m in members if not (0 <= m[0] < experts and m[1] >= 1 and 0 <= m[2] <= MAX_OP_WORK
+                                                     and 0 <= m[3] <= MAX_OP_WORK))
+        raise SimInputError(f"{where}: member (expert {e}, tokens {t}, flops {f}, bytes {b}) needs an expert in "
+                            f"0..{experts - 1}, tokens >= 1 and work in [0, 2^50]")
+    if len(set(ids)) != len(ids):
+        raise SimInputError(f"{where}: an expert appears twice among its members")
+    sums = (sum(tokens), sum(flops), sum(nbytes))
+    if sums != (op.tokens, op.flops, op.bytes):
+        raise SimInputError(f"{where}: its members sum to {sums[0]} tokens, {sums[1]} flops and {sums[2]} bytes; "
+                            f"the op says {op.tokens}, {op.flops} and {op.bytes}")
 
 
 @dataclass(frozen=True, slots=True)

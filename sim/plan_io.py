@@ -2,7 +2,9 @@
 
 The executor (and any other engine) reads the same file, so a plan made by a policy here can be run for real
 on another machine. Columns: id, kind, stream, phase, step, layer, micro_batch, tokens, expert, flops, bytes,
-kv_tokens, payload, deps (list<int64>), alloc_pool / alloc_bytes and free_pool / free_bytes (parallel lists).
+kv_tokens, payload, deps (list<int64>), alloc_pool / alloc_bytes and free_pool / free_bytes (parallel lists),
+member_expert / member_tokens / member_flops / member_bytes (parallel lists: a grouped expert op's members, empty
+for other ops; a file without them has none).
 Metadata key `cox-moe-plan` holds JSON: format version, policy, knobs, model and system specs, per-request
 lengths, static memory and micro-batch membership.
 """
@@ -33,6 +35,7 @@ PLAN_FORMAT = "cox-moe-plan"
 PLAN_VERSION = 1
 _META_KEY = PLAN_FORMAT.encode()
 _INT_COLUMNS = ("id", "step", "layer", "micro_batch", "tokens", "expert", "flops", "bytes", "kv_tokens")
+_MEMBER_COLUMNS = ("member_expert", "member_tokens", "member_flops", "member_bytes")
 _ENUM_COLUMNS = {"kind": OpKind, "stream": Stream, "phase": Phase, "payload": Payload}
 
 
@@ -45,6 +48,8 @@ def _table(ops: list[Op]) -> pa.Table:
     for which in ("alloc", "free"):
         cols[f"{which}_pool"] = pa.array([[p for p, _ in getattr(op, which)] for op in ops], pa.list_(pa.string()))
         cols[f"{which}_bytes"] = pa.array([[b for _, b in getattr(op, which)] for op in ops], pa.list_(pa.int64()))
+    for k, name in enumerate(_MEMBER_COLUMNS):
+        cols[name] = pa.array([[m[k] for m in op.members] for op in ops], pa.list_(pa.int64()))
     return pa.table(cols)
 
 
@@ -170,12 +175,13 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
         for i in range(rows):
             if len(d[f"{which}_pool"][i] or ()) != len(d[f"{which}_bytes"][i] or ()):
                 raise SimInputError(f"op {i}: {which}_pool and {which}_bytes differ in length")
+    members = _members(d, rows)
     ops = [
         Op(ints["id"][i], enums["kind"][i], enums["stream"][i], enums["phase"][i], ints["step"][i], ints["layer"][i],
            ints["micro_batch"][i], ints["tokens"][i], ints["flops"][i], ints["bytes"][i], tuple(d["deps"][i] or ()),
            ints["expert"][i], enums["payload"][i], ints["kv_tokens"][i],
            tuple(zip(d["alloc_pool"][i] or (), d["alloc_bytes"][i] or (), strict=True)),
-           tuple(zip(d["free_pool"][i] or (), d["free_bytes"][i] or (), strict=True)), ints["scope"][i])
+           tuple(zip(d["free_pool"][i] or (), d["free_bytes"][i] or (), strict=True)), ints["scope"][i], members[i])
         for i in range(rows)
     ]
     micro = {k: [np.asarray(g, dtype=np.int64) for g in v] for k, v in meta["micro_batches"].items()}
@@ -184,6 +190,24 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
         raise SimInputError(f"metadata decode_scale must be a number, got {scale!r}")
     return Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro,
                 decode_scale=float(scale), scopes=_scopes(meta.get("scopes", [])))
+
+
+def _members(d: dict[str, list[Any]], rows: int) -> list[tuple[tuple[int, int, int, int], ...]]:
+    """Each op's grouped-expert members from the four parallel list columns (all or none; files written before
+    grouped ops have none); `Plan.check` judges their values."""
+    present = [c for c in _MEMBER_COLUMNS if c in d]
+    if not present:
+        return [()] * rows
+    if len(present) != len(_MEMBER_COLUMNS):
+        raise SimInputError(f"plan has {', '.join(present)} but lacks "
+                            f"{', '.join(c for c in _MEMBER_COLUMNS if c not in d)}")
+    out = []
+    for i in range(rows):
+        parts = [d[c][i] or () for c in _MEMBER_COLUMNS]
+        if len({len(p) for p in parts}) != 1 or any(v is None for p in parts for v in p):
+            raise SimInputError(f"op {i}: the member columns differ in length or have empty cells")
+        out.append(tuple(zip(*parts, strict=True)))
+    return out
 
 
 def _scopes(raw: Any) -> list[Scope]:

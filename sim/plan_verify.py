@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim.errors import SimInputError
-from sim.plan import OpKind, Phase, Plan, shard_bounds
+from sim.plan import OpKind, Phase, Plan, member_ops, shard_bounds
 from traces import RoutingTrace
 
 
@@ -56,16 +56,18 @@ def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
             steps.add((op.phase, op.step))
         if op.kind is not OpKind.EXPERT:
             continue
-        rows, slots = shard_assignments(plan, trace, op)
-        if rows.size != op.tokens:
-            raise SimInputError(f"plan op {op.id}: expert {op.expert} layer {op.layer} says {op.tokens} tokens; its "
-                                f"scope routes {rows.size} there")
-        np.add.at(hits, (rows, m.moe_index(op.layer), slots), 1)
+        for member in member_ops(op):  # a grouped op computes each of its experts' assignments
+            rows, slots = shard_assignments(plan, trace, member)
+            if rows.size != member.tokens:
+                raise SimInputError(f"plan op {op.id}: expert {member.expert} layer {op.layer} says {member.tokens} "
+                                    f"tokens; its scope routes {rows.size} there")
+            np.add.at(hits, (rows, m.moe_index(op.layer), slots), 1)
     awaited = {d for op in plan.ops for d in op.deps}
     last_on_stream = {op.stream: op.id for op in plan.ops}
     for op in plan.ops:
         if op.kind is OpKind.EXPERT and op.id not in awaited and last_on_stream[op.stream] == op.id:
-            raise SimInputError(f"plan op {op.id}: expert {op.expert} layer {op.layer} on {op.stream}: nothing waits "
+            what = f"experts {', '.join(str(e) for e, *_ in op.members)}" if op.members else f"expert {op.expert}"
+            raise SimInputError(f"plan op {op.id}: {what} layer {op.layer} on {op.stream}: nothing waits "
                                 "for its output (no op depends on it, none follows it on its stream)")
     every = np.arange(plan.workload.batch)
     expected = np.zeros(trace.num_tokens, dtype=bool)

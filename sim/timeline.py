@@ -35,6 +35,8 @@ def track_name(stream: str) -> str:
 
 def _label(op: Op) -> str:
     if op.kind == "expert":
+        if op.members:  # a grouped op: its experts run one after another
+            return f"experts {','.join(str(m[0]) for m in op.members)} L{op.layer}"
         return f"expert {op.expert} L{op.layer}"
     if op.kind == "copy":
         return f"{op.payload} L{op.layer}"

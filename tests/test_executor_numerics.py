@@ -9,6 +9,7 @@ import torch
 from executor.interpret import PlanInterpreter
 from executor.reference import reference_forward
 from executor.weights import random_weights, truncated
+from sim.plan import ungroup
 from sim.policies import PlanContext, make_policy
 from sim.specs import load_model
 from sim.workload import Workload
@@ -71,6 +72,7 @@ def test_the_check_notices_a_wrong_plan(tiny_specs, paper_system):
     trace = generate_trace(SynthConfig("tiny", 3, 6, 2, "uniform", 0.0, 0), prompts, gens)
     plan = make_policy("gpu-only", {}).build(PlanContext(spec, paper_system, Workload(prompts, gens), trace))
     weights = random_weights(spec, seed=3)
+    plan = ungroup(plan)  # one op per expert (a group's members: tests/test_grouped_experts.py)
     first_expert = next(op for op in plan.ops if op.kind.value == "expert")
     first_expert.tokens += 1
     with pytest.raises(ValueError, match="trace routes"):

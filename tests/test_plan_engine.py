@@ -11,7 +11,7 @@ from sim.api import resolve_routing, simulate, simulate_plan
 from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
-from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream, member_ops
 from sim.plan_verify import verify_assignments
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.specs import load_system
@@ -64,7 +64,8 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
     tokens_in: dict[tuple, int] = {}
     for op in plan.ops:
         if op.kind is OpKind.EXPERT:
-            got[model.moe_index(op.layer), op.expert] += op.tokens
+            for member in member_ops(op):  # a grouped op's experts, each with its tokens
+                got[model.moe_index(op.layer), member.expert] += member.tokens
             key = (op.phase, op.step, op.layer, op.micro_batch)
             per_visit[key] = per_visit.get(key, 0) + op.tokens
         elif op.kind is OpKind.ROUTER:
@@ -76,8 +77,8 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
         assert sum(t for k, t in per_visit.items() if k[:3] == v) == model.top_k * sum(
             t for k, t in tokens_in.items() if k[:3] == v)
     # An expert runs at most once per (step, layer, micro-batch, shard of its tokens), on one device.
-    seen = [(op.phase, op.step, op.layer, op.micro_batch, op.expert, plan.scope_of(op)[1:]) for op in plan.ops
-            if op.kind is OpKind.EXPERT]
+    seen = [(op.phase, op.step, op.layer, op.micro_batch, m.expert, plan.scope_of(op)[1:]) for op in plan.ops
+            if op.kind is OpKind.EXPERT for m in member_ops(op)]
     assert len(seen) == len(set(seen))
     # Every generated token: one LM head row per request per step.
     lm = sum(op.tokens for op in plan.ops if op.kind is OpKind.LM_HEAD)

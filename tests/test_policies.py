@@ -9,7 +9,7 @@ import pytest
 
 from sim.api import resolve_routing, simulate, simulate_plan
 from sim.errors import SimInputError
-from sim.plan import OpKind, Payload, Phase, Stream
+from sim.plan import OpKind, Payload, Phase, Stream, ungroup
 from sim.policies import PlanContext, make_policy
 from sim.policies.moe_lightning import MoELightningOptions
 
@@ -82,6 +82,7 @@ def _cox(model, system, **opts):
 
 def test_coalesced_op3_launches_each_active_expert_once_per_layer(tiny_model, paper_system):
     plan, ctx = _cox(tiny_model, paper_system)
+    plan = ungroup(plan)  # one op per expert (the GPU's are grouped in the plan)
     experts = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)
     assert {op.micro_batch for op in experts} == {-1}
     per = {}
@@ -95,6 +96,7 @@ def test_coalesced_op3_launches_each_active_expert_once_per_layer(tiny_model, pa
 
 def test_micro_batched_op3_launches_once_per_micro_batch(tiny_model, paper_system):
     plan, ctx = _cox(tiny_model, paper_system, coalesce="off")
+    plan = ungroup(plan)  # one op per expert (the GPU's are grouped in the plan)
     experts = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE, step=1, layer=0)
     assert {op.micro_batch for op in experts} == {0, 1, 2}
     expected = sum(int((ctx.trace.expert_counts(ctx.trace.decode_rows(1, np.arange(i * 4, i * 4 + 4)))[0] > 0).sum())

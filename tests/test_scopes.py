@@ -16,7 +16,7 @@ from executor.weights import random_weights
 from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.errors import SimInputError
-from sim.plan import Op, OpKind, Phase, Plan, Scope, Stream, shard_bounds
+from sim.plan import Op, OpKind, Phase, Plan, Scope, Stream, shard_bounds, ungroup
 from sim.plan_io import load_plan, save_plan
 from sim.plan_verify import verify_assignments
 from sim.policies import PlanContext, make_policy
@@ -35,7 +35,7 @@ def case(paper_system):
     workload = Workload(prompts, gens)
     plan = make_policy("gpu-only", {"prefill_tokens": "9", "decode_micro_batch": "2"}).build(
         PlanContext(SPEC, paper_system, workload, trace))
-    return plan, trace, workload
+    return ungroup(plan), trace, workload  # one op per expert: these tests split and re-scope single experts
 
 
 def rewrite(plan: Plan, replace: dict[int, list[Op]], scopes: list[Scope], alias: dict[int, int] | None = None) -> Plan:
@@ -120,6 +120,7 @@ def test_experts_batched_over_two_attention_micro_batches(case, paper_system):
     plan = make_policy("coxmoe", {"coalesce": "off", "decode_micro_batch": "2", "prefill_micro_batch": "2",
                                   "decode_placement": "ggg", "prefill_placement": "ggg", "split": "gpu"}).build(
         PlanContext(SPEC, paper_system, workload, trace))
+    plan = ungroup(plan)  # one op per (micro-batch, expert) to merge
     step, layer = 1, 0
     group = {(op.micro_batch, op.expert): op for op in plan.ops if op.kind is OpKind.EXPERT
              and op.phase is Phase.DECODE and op.step == step and op.layer == layer}

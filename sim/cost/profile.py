@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.cost.roofline import RooflineCostModel, seconds_to_ns
+from sim.cost.roofline import RooflineCostModel, grouped_op_error, seconds_to_ns
 from sim.errors import SimInputError
 from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Phase, Plan
 from sim.specs import ModelSpec, SystemSpec
@@ -265,6 +265,8 @@ class ProfileCostModel:
         return float(op.tokens) if stats is None else stats[0]
 
     def op_time_ns(self, op: Op) -> int:
+        if op.members:
+            raise grouped_op_error(op)
         decode = op.phase is Phase.DECODE
         key = (op.kind, op.stream, op.tokens, op.kv_tokens, op.flops, op.bytes, op.payload)
         if not decode:  # a prefill op's price depends on its scope's requests and prompt lengths

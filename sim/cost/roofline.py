@@ -29,6 +29,11 @@ class CostModel(Protocol):
     def usage(self, op: Op) -> tuple[float, float]: ...
 
 
+def grouped_op_error(op: Op) -> ValueError:
+    """A cost model prices single ops; a grouped expert op is priced member by member (`sim.cost.op_time_ns`)."""
+    return ValueError(f"op {op.id} is a grouped expert op: price it with sim.cost.op_time_ns (its members' sum)")
+
+
 def seconds_to_ns(seconds: float) -> int:
     return int(math.ceil(seconds * 1e9))
 
@@ -143,6 +148,8 @@ class RooflineCostModel:
         return max(compute, memory) + fixed
 
     def op_time_ns(self, op: Op) -> int:
+        if op.members:
+            raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._time.get(key)
         if hit is None:

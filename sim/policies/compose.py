@@ -345,8 +345,9 @@ class LayoutEmitter(LayerEmitter):
         tokens = sum(s.tokens for s in members)
         gpu_list = tuple(e for e in gpu_experts if e not in split)
         cpu_list = tuple(e for e in cpu_experts if e not in split)
-        gpu_tokens = int(sum(int(counts[e]) for e in gpu_list))
-        cpu_tokens = int(sum(int(counts[e]) for e in cpu_list + ndp_experts))  # E_C and E_N: host side
+        gpu_tokens = int(counts[list(gpu_list)].sum()) if gpu_list else 0
+        host = cpu_list + ndp_experts
+        cpu_tokens = int(counts[list(host)].sum()) if host else 0  # E_C and E_N: host side
         requests = members[0].requests if len(members) == 1 else np.concatenate([s.requests for s in members])
 
         def run_split(stream: Stream, on_gpu: bool, deps: tuple[int, ...], last: int) -> tuple[int, int]:

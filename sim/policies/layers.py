@@ -2,7 +2,8 @@
 
 A layer is split the CoX-MoE way: `attention_front` emits OP0 (QKV) and OP1 (attention, on the GPU or the CPU,
 with the copies that crossing devices needs); `attention_back_and_ffn` emits OP2 (O projection) and the FFN:
-router plus one op per routed expert that received tokens (OP3), the shared expert, or a dense FFN.
+router plus the routed experts that received tokens (OP3: one op each, or one grouped op per run of them on a
+GPU), the shared expert, or a dense FFN.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
+from sim.topology import topology_of
 from traces.limits import too_many_ops
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
@@ -102,6 +104,7 @@ class LayerEmitter:
         self.b = builder
         self.ops = builder.ops
         w = self.w
+        self.solo_streams = topology_of(ctx.system).solo_streams  # where expert ops are grouped
         self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
                       OpKind.LM_HEAD: w.lm_head}
@@ -138,32 +141,53 @@ class LayerEmitter:
 
     def experts(self, stream: str, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
                 deps: tuple[int, ...], ready: Callable[[int], int] | None = None, scope: int = -1) -> int:
-        """One op per listed expert that received tokens (over `scope`'s tokens when one is named); returns the
-        last op (or -1 if none ran). The hot loop of plan building (a plan's ops are mostly experts): the same
-        ops as `_op` would append, with per-call look-ups hoisted."""
+        """The listed experts that received tokens (over `scope`'s tokens when one is named), in order; returns
+        the last op (or -1 if none ran). On a stream alone in its resource group (`Topology.solo_streams`),
+        consecutive experts with the same dependencies form one grouped op (`Op.members`): nothing but the next
+        layer waits for them, so the group ends when its last expert would and the plan holds one op, not one per
+        expert. Elsewhere (CPU streams share host DRAM with the copies) one op per expert. The hot loop of plan
+        building: the same ops as `_op` would append, with per-call look-ups hoisted."""
         loads = counts.tolist() if isinstance(counts, np.ndarray) else counts
         ids = experts.tolist() if isinstance(experts, np.ndarray) else experts
-        run = [e for e in ids if loads[e]]
+        run = [int(e) for e in ids if loads[e]]
         if not run:
             return -1
         base = tuple([d for d in deps if d >= 0])
+        # (deps, experts) per op to append, in order: consecutive experts with the same deps share one op on a
+        # solo stream, each has its own elsewhere
+        if ready is None:
+            ops = [(base, run)] if stream in self.solo_streams else [(base, [e]) for e in run]
+        else:
+            ops = []
+            group = stream in self.solo_streams
+            for e in run:
+                extra = ready(e)
+                op_deps = base + (extra,) if extra >= 0 else base
+                if group and ops and ops[-1][0] == op_deps:
+                    ops[-1][1].append(e)
+                else:
+                    ops.append((op_deps, [e]))
         b = self.b
         first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
-        last = first + len(run) - 1
+        last = first + len(ops) - 1
         if last >= b.max_ops:
             raise too_many_ops(b.max_ops)
         append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
-        for op_id, e in enumerate(run, first):
-            t = int(loads[e])
-            if ready is None:
-                op_deps = base
-            else:
-                extra = ready(e)
-                op_deps = base + (extra,) if extra >= 0 else base
-            flops, nbytes = work(t)
-            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, int(e), none, 0,
-                      (), (), scope))
+        for op_id, (op_deps, members) in enumerate(ops, first):
+            if len(members) == 1:
+                e = members[0]
+                t = int(loads[e])
+                flops, nbytes = work(t)
+                append(Op(op_id, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, e, none, 0,
+                          (), (), scope))
+                continue
+            tokens = [int(loads[e]) for e in members]
+            works = [work(t) for t in tokens]
+            flops = [w[0] for w in works]
+            nbytes = [w[1] for w in works]
+            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, sum(tokens), sum(flops), sum(nbytes), op_deps,
+                      -1, none, 0, (), (), scope, tuple(zip(members, tokens, flops, nbytes, strict=True))))
         return last
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
