@@ -1,7 +1,8 @@
 """Run a plan's ops, in plan order, on real tensors: the executor's numerics, device-agnostic.
 
 Each op acts on the requests its (phase, step, micro-batch) names; expert ops gather every token of that
-scope routed to their expert, run one GEMM chain, and scatter the weighted result back. The residual add of
+scope routed to their expert, run one GEMM chain, and scatter the weighted result back (a grouped expert op
+does that for each of its members in order). The residual add of
 a layer's FFN happens when the request's next op needs its hidden state. Copies move no data here (one
 device); `executor.run` times the same ops on their streams. Plans must hold every decode step.
 """
@@ -167,8 +168,8 @@ class PlanInterpreter:
                     st.y += o.to(st.y.device)
 
     def _expert(self, op: Op, lw, requests: list[int], dev: str) -> None:
-        """Gather the scope's tokens routed to `op.expert` (the op's shard of them), one GEMM chain, weighted
-        scatter-add back."""
+        """For each expert the op runs (`op.expert`, or a grouped op's members in order): gather the scope's tokens
+        routed to it (the op's shard of them), one GEMM chain, weighted scatter-add back."""
         # CPU workers share a scope's batch (under its lock); each GPU stream has its own, so modelled GPUs that
         # share one real device never read a batch another CUDA stream is still filling.
         key = (op.phase, op.step, op.layer, op.micro_batch, op.scope, dev, "cpu" if dev == "cpu" else op.stream)

@@ -276,9 +276,9 @@ class Plan:
                     and -1 <= op.micro_batch < groups[d] and op.stream in streams and op.scope == -1) \
                     or op.alloc or op.free or op.members:
                 self._check_op(op, max_step, pools, bounds)
+                topo.unit_of(op.stream)  # a stream the system lacks is named
                 if op.members:
                     _check_members(op, bounds.experts, topo.solo_streams)
-                topo.unit_of(op.stream)  # a stream the system lacks is named
                 self._check_op_scope(op)
                 dynamic = dynamic or bool(op.alloc or op.free)
         if dynamic:
@@ -324,7 +324,8 @@ class Plan:
 
     @staticmethod
     def _check_op(op: Op, max_step: int, pools: set[str], bounds: _ScopeBounds) -> None:
-        if not (0 <= op.flops <= MAX_OP_WORK and 0 <= op.bytes <= MAX_OP_WORK):
+        # a grouped op's work is its members' sum: each member is bounded (`_check_members`), the sum need not be
+        if not op.members and not (0 <= op.flops <= MAX_OP_WORK and 0 <= op.bytes <= MAX_OP_WORK):
             raise SimInputError(f"plan op {op.id}: flops and bytes must be in [0, 2^50], got {op.flops} and "
                                 f"{op.bytes}")
         if op.tokens < 0 or op.kv_tokens < 0:
@@ -415,19 +416,24 @@ class PlanBuilder:
         building most of it (steps shrink as requests finish, so the estimate scales by requests)."""
         self.ops: list[Op] = []
         self.max_ops = max_ops()  # plans past the memory limit are refused while they are built
+        self.member_load = 0.0  # grouped ops' members, in ops' worth of memory (MEMBER_OP_SHARE each)
         self._sizes = [int(n) for n in decode_step_sizes]
         self.step = 0  # step of the last op added (prefill 0, decode >= 1); emitters call `new_step` on a change
-        self._first_start = -1  # index of the first decode step's first op, then -2 once estimated
+        self._first_start = -1  # the load when the first decode step began, then -2 once estimated
 
     def next_id(self, step: int) -> int:
         """The id the next op gets, after the memory guards: the op limit, and the size estimate when a new
         step begins. Every path that appends ops (here and the emitters' fast paths) calls it first."""
         op_id = len(self.ops)
-        if op_id >= self.max_ops:
-            raise too_many_ops(op_id)
+        if op_id + self.member_load >= self.max_ops:
+            raise too_many_ops(int(op_id + self.member_load))
         if step != self.step:
             self.new_step(step)
         return op_id
+
+    def load(self) -> float:
+        """The plan's memory so far in ops' worth: its ops, and its grouped ops' members at MEMBER_OP_SHARE."""
+        return len(self.ops) + self.member_load
 
     def new_step(self, step: int) -> None:
         """Called when the step of the ops being added changes: at the end of the first decode step,
@@ -435,14 +441,14 @@ class PlanBuilder:
         self.step = step
         if self._first_start == -1:
             if step >= 1 and self._sizes:
-                self._first_start = len(self.ops)
+                self._first_start = self.load()
             return
         if self._first_start >= 0:
-            first_ops = len(self.ops) - self._first_start
+            first_ops = self.load() - self._first_start
             self._first_start = -2
             first = max(self._sizes[0], 1)
             rest = sum(self._sizes[1:]) / first
-            estimate = int(len(self.ops) + first_ops * rest)
+            estimate = int(self.load() + first_ops * rest)
             # Routing varies by step, so the estimate can run a little high (1.5% at most over ~4,700 plans of
             # every policy); only a clear overflow is refused here, a close call is left to the op limit.
             if estimate > ESTIMATE_MARGIN * self.max_ops:

@@ -204,8 +204,9 @@ def _members(d: dict[str, list[Any]], rows: int) -> list[tuple[tuple[int, int, i
     out = []
     for i in range(rows):
         parts = [d[c][i] or () for c in _MEMBER_COLUMNS]
-        if len({len(p) for p in parts}) != 1 or any(v is None for p in parts for v in p):
-            raise SimInputError(f"op {i}: the member columns differ in length or have empty cells")
+        if len({len(p) for p in parts}) != 1 or any(type(v) is not int for p in parts for v in p):
+            raise SimInputError(f"op {i}: the member columns differ in length or hold something other than "
+                                "integers")
         out.append(tuple(zip(*parts, strict=True)))
     return out
 

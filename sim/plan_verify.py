@@ -8,7 +8,8 @@ op's stream order) must make its consumers wait.
 `Plan.check()` is the cheap per-op check that runs before every simulation; this one replays the trace and is
 run on demand (tests, `coxmoe run-plan PLAN --verify TRACE`). Each expert op's assignments are the ones the executor
 computes: its scope's token rows in request order, the (row, slot) pairs routed to its expert in row-major
-order, and of those the op's shard (contiguous parts, sizes as `np.array_split`).
+order, and of those the op's shard (contiguous parts, sizes as `np.array_split`); a grouped op's, those of each
+member expert.
 """
 
 from __future__ import annotations

@@ -202,3 +202,56 @@ def test_the_executor_checks_each_members_tokens(paper_system):
     wrong = _with(plan, group, members=(*group.members[:-1], (e, t + 1, f, b)), tokens=group.tokens + 1)
     with pytest.raises(ValueError, match=f"runs expert {e} on {t + 1} tokens; the trace routes {t}"):
         PlanInterpreter(wrong, random_weights(TINY, seed=3), trace).run()
+
+
+def test_a_group_may_sum_past_the_per_op_work_limit(paper_system):
+    """The 2^50 bound keeps one op's clock in range; a group's work is its members' sum, each bounded (review:
+    DBRX's coalesced prefill at B=1024, prompt 1400, grouped nine fetched experts past 2^50 FLOPs)."""
+    from sim.plan import MAX_OP_WORK
+
+    plan, _, _ = tiny_case(paper_system)
+    group = next(op for op in plan.ops if op.members)
+    big = MAX_OP_WORK // 2 + 1
+    members = tuple((e, t, big, b) for e, t, _, b in group.members)
+    huge = _with(plan, group, members=members, flops=big * len(members))
+    huge.check()
+    cost = RooflineCostModel(paper_system)
+    assert op_time_ns(cost, huge.ops[group.id]) == sum(cost.op_time_ns(m) for m in member_ops(huge.ops[group.id]))
+    with pytest.raises(SimInputError, match="work in"):
+        _with(plan, group, members=((group.members[0][0], 1, MAX_OP_WORK + 1, 0), *group.members[1:]),
+              flops=MAX_OP_WORK + 1 + sum(m[2] for m in group.members[1:]),
+              tokens=1 + sum(m[1] for m in group.members[1:]), bytes=sum(m[3] for m in group.members[1:])).check()
+
+
+def test_the_memory_guard_charges_a_groups_members(paper_system, monkeypatch):
+    """Members cost memory as ops do (about 150 bytes each): a plan whose ops fit but whose members do not is
+    refused while it is built."""
+    import math
+
+    import sim.plan as plan_module
+    from traces.limits import MEMBER_OP_SHARE, ResourceLimitError
+
+    plan, _, _ = tiny_case(paper_system)
+    members = sum(len(op.members) for op in plan.ops)
+    assert members
+    load = len(plan.ops) + members * MEMBER_OP_SHARE
+    monkeypatch.setattr(plan_module, "max_ops", lambda: math.ceil(load))
+    again, _, _ = tiny_case(paper_system)
+    assert len(again.ops) == len(plan.ops)
+    monkeypatch.setattr(plan_module, "max_ops", lambda: len(plan.ops) + 1)  # the ops alone would fit
+    with pytest.raises(ResourceLimitError, match="a grouped op's expert"):
+        tiny_case(paper_system)
+
+
+def test_member_columns_must_hold_integers(paper_system, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plan, _, _ = tiny_case(paper_system)
+    table = pq.read_table(save_plan(plan, tmp_path / "p.parquet"))
+    k = table.column_names.index("member_expert")
+    floats = pa.array([[float(v) + 0.5 for v in row] for row in table["member_expert"].to_pylist()],
+                      pa.list_(pa.float64()))
+    pq.write_table(table.set_column(k, "member_expert", floats), tmp_path / "f.parquet")
+    with pytest.raises(SimInputError, match="other than integers"):
+        load_plan(tmp_path / "f.parquet")

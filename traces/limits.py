@@ -17,6 +17,10 @@ DEFAULT_LIMIT_GIB = 8.0
 MAX_EXPERTS = 65536  # expert ids are stored as uint8 or uint16
 MAX_LENGTH = 1 << 24  # tokens of one request's prompt or generation (lengths are stored as int32)
 BYTES_PER_OP = 400  # a planned op held in memory (its record, dependencies and engine state), measured roughly
+# a grouped expert op's member (expert, tokens, flops, bytes): 149 bytes measured with tracemalloc (64-member
+# groups, distinct FLOP and byte counts; AMX Xeon dev VM, 2026-12-03), charged as this share of an op
+BYTES_PER_MEMBER = 150
+MEMBER_OP_SHARE = BYTES_PER_MEMBER / BYTES_PER_OP
 
 
 class ResourceLimitError(TraceError):
@@ -74,12 +78,13 @@ def max_ops() -> int:
 
 def too_many_ops(count: int, estimated: bool = False) -> ResourceLimitError:
     """The error for a plan that reached `max_ops()` ops while being built, or whose first decode step
-    extrapolates past it (`estimated`)."""
+    extrapolates past it (`estimated`); `count` charges a grouped op's experts at MEMBER_OP_SHARE of an op."""
     limit = memory_limit_bytes()
     size = (f"of about {count:,} ops (its first decode step times the steps planned) would need about "
             f"{count * BYTES_PER_OP / 2**30:.2f} GiB, above the {limit / 2**30:.3g} GiB limit" if estimated else
             f"of more than {count:,} ops would need more than {limit / 2**30:.3g} GiB")
-    return ResourceLimitError(f"a plan {size} (about {BYTES_PER_OP} bytes an op); use --decode-sample, a smaller "
+    return ResourceLimitError(f"a plan {size} (about {BYTES_PER_OP} bytes an op, {BYTES_PER_MEMBER} a grouped op's "
+                              f"expert); use --decode-sample, a smaller "
                               f"batch, or raise the limit with --max-gib or {LIMIT_ENV}")
 
 

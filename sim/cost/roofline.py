@@ -20,7 +20,11 @@ _CPU_VECTOR_KINDS = frozenset({OpKind.ATTENTION, OpKind.EMBED})
 
 
 class CostModel(Protocol):
-    """Anything that prices an op in integer nanoseconds and says what it uses of its unit, on a topology."""
+    """Anything that prices an op in integer nanoseconds and says what it uses of its unit, on a topology. An op
+    is priced by its kind, stream, phase, micro-batch, scope, payload, tokens, KV entries, FLOPs and bytes, not
+    by its id, step, layer, expert or dependencies: the engine prices a grouped op's members once per distinct
+    shape (`sim.cost.GroupPrices`). Cost models price single ops; a grouped op goes through
+    `sim.cost.op_time_ns`."""
 
     topology: Topology
 
@@ -159,6 +163,8 @@ class RooflineCostModel:
     def usage(self, op: Op) -> tuple[float, float]:
         """Shares of the unit's (own, memory) resources the op keeps busy when it runs alone: the binding roof
         at 1, the other in proportion. The fixed overhead scales with the op's speed."""
+        if op.members:  # groups run on solo streams only, where no usage is asked
+            raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._usage.get(key)
         if hit is None:
@@ -181,6 +187,8 @@ class RooflineCostModel:
 
     def bound(self, op: Op) -> str:
         """'compute', 'memory' or 'transfer': which roof sets the op's time."""
+        if op.members:
+            raise grouped_op_error(op)
         if self.rates(op.stream).kind is UnitKind.LINK:
             return "transfer"
         compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)

@@ -17,7 +17,7 @@ from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
 from sim.topology import topology_of
-from traces.limits import too_many_ops
+from traces.limits import MEMBER_OP_SHARE, too_many_ops
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
@@ -170,8 +170,10 @@ class LayerEmitter:
         b = self.b
         first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
         last = first + len(ops) - 1
-        if last >= b.max_ops:
-            raise too_many_ops(b.max_ops)
+        if len(ops) < len(run):  # grouped: charge the members' memory too
+            b.member_load += sum([len(members) for _, members in ops if len(members) > 1]) * MEMBER_OP_SHARE
+        if last + b.member_load >= b.max_ops:
+            raise too_many_ops(int(last + b.member_load))
         append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
         for op_id, (op_deps, members) in enumerate(ops, first):
@@ -227,8 +229,8 @@ class LayerEmitter:
 
     def ffn(self, at: At, tokens: int, counts: np.ndarray | None, deps: tuple[int, ...],
             expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
-        """The FFN on the GPU after `deps`: the router, shared expert and one op per expert that received tokens
-        (`counts`), or a dense FFN. Returns the last op."""
+        """The FFN on the GPU after `deps`: the router, shared expert and the experts that received tokens
+        (`counts`; one grouped op on a solo GPU stream, see `experts`), or a dense FFN. Returns the last op."""
         routed = tokens if routed is None else routed
         if not self.m.is_moe_layer(at.layer):
             return self.op(OpKind.DENSE_FFN, GPU, at, tokens, deps)
