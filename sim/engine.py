@@ -327,12 +327,13 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         count = len(ids)
         k = 0  # position in `ids` of the op waiting or running
         job: _Job | None = None
+        later: list[tuple[int, tuple[float, float]]] = []  # a running group's members still to run, last first
         target: simpy.Event | None = None  # the event whose callbacks hold this stream's continuation
 
         def proceed(_event: simpy.Event | None = None) -> None:
             """From op k on: wait for a dependency (resumed when it ends), or start the op; an op of zero
             duration ends at once and the next follows."""
-            nonlocal k, job, target
+            nonlocal k, job, target, later
             while k < count:
                 i = ids[k]
                 op = ops[i]
@@ -373,7 +374,13 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                     target.callbacks.append(finished)
                     return
                 if d:
-                    job = _Job(interrupt, unit.usage_vector(usage_of(op), size), d, now, i)
+                    if op.members:  # a group on a shared stream: its members run in turn, each at its own rate
+                        later = [p for p in group_price.parts(op) if p[0]]  # a member of no time ends at once
+                        later.reverse()
+                        d, usage = later.pop()
+                    else:
+                        usage = usage_of(op)
+                    job = _Job(interrupt, unit.usage_vector(usage, size), d, now, i)
                     share.admit(job, now)
                     sleep()
                     return
@@ -384,7 +391,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         def sleep(_event: simpy.Event | None = None) -> None:
             """Wait until the shared job's finish, which may move while it runs (later: it wakes and sleeps
             again; earlier: `interrupt`)."""
-            nonlocal target
+            nonlocal target, job
             now = env.now
             if now < job.finish:
                 job.wake = job.finish
@@ -392,6 +399,12 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                 target.callbacks.append(sleep)
                 return
             share.release(job, now)
+            if later:  # the next member of a grouped op starts as its own op would: at once, with its own usage
+                d, usage = later.pop()
+                job = _Job(interrupt, unit.usage_vector(usage, size), d, now, job.op)
+                share.admit(job, now)
+                sleep()
+                return
             finished()
 
         def interrupted(_event: simpy.Event) -> None:

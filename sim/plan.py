@@ -131,9 +131,10 @@ class Op:
 
 def member_ops(op: Op) -> list[Op]:
     """What a grouped expert op runs, one op per member expert in order (the op itself when it is not grouped):
-    how cost models price a group (the sum of its members' times) and how the executor runs it. A group stands
-    for consecutive expert ops on one stream with the same dependencies whose ends in between nobody observes,
-    on a stream alone in its resource group, so it ends when the last of those ops would (issue 13)."""
+    how cost models price a group and how the executor runs it. A group stands for consecutive expert ops on one
+    stream with the same dependencies whose ends in between nobody observes, so it ends when the last of those
+    ops would: alone in its resource group, after the sum of their times; sharing it, after each member ran at
+    its own fair rate in turn (issue 13)."""
     if not op.members:
         return [op]
     return [Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps, e,
@@ -278,7 +279,7 @@ class Plan:
                 self._check_op(op, max_step, pools, bounds)
                 topo.unit_of(op.stream)  # a stream the system lacks is named
                 if op.members:
-                    _check_members(op, bounds.experts, topo.solo_streams)
+                    _check_members(op, bounds.experts)
                 self._check_op_scope(op)
                 dynamic = dynamic or bool(op.alloc or op.free)
         if dynamic:
@@ -349,15 +350,12 @@ class Plan:
                                     "and a size >= 0")
 
 
-def _check_members(op: Op, experts: int, solo_streams: frozenset[str]) -> None:
+def _check_members(op: Op, experts: int) -> None:
     """A grouped expert op: two or more distinct experts, each with tokens, summing to the op's tokens, FLOPs and
-    bytes, on a stream alone in its resource group (elsewhere its members would share rates one by one)."""
+    bytes."""
     where = f"plan op {op.id}: grouped expert op"
     if op.kind is not OpKind.EXPERT or op.expert != -1:
         raise SimInputError(f"{where}: needs kind expert and expert -1 (its members name the experts)")
-    if op.stream not in solo_streams:
-        raise SimInputError(f"{where} on stream {op.stream}: groups run only on a stream alone in its resource "
-                            f"group ({', '.join(sorted(solo_streams))})")
     members = op.members
     if len(members) < 2 or set(map(len, members)) != {4}:
         raise SimInputError(f"{where}: needs two or more members of (expert, tokens, flops, bytes)")

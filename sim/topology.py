@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any
 
 from sim.errors import SimInputError
@@ -97,16 +97,6 @@ class Topology:
 
     def stream_order(self) -> tuple[str, ...]:
         return tuple(self.streams)
-
-    @cached_property
-    def solo_streams(self) -> frozenset[str]:
-        """Streams alone in their resource group (each GPU's compute stream, a near-memory tier's): an op there
-        never shares rates with another stream's, so its time is its cost model's price whatever runs elsewhere
-        (where grouped expert ops may run)."""
-        per_group: dict[str, int] = {}
-        for unit in self.streams.values():
-            per_group[unit.group] = per_group.get(unit.group, 0) + 1
-        return frozenset(s for s, unit in self.streams.items() if per_group[unit.group] == 1)
 
 
 

@@ -62,8 +62,9 @@ def test_module_batching_runs_each_expert_once_per_group_of_micro_batches(paper_
     # at most one op per (step, layer, expert, group): two groups
     per_key: dict[tuple, int] = {}
     for op in decode_experts:
-        key = (op.step, op.layer, op.expert)
-        per_key[key] = per_key.get(key, 0) + 1
+        for member in member_ops(op):
+            key = (op.step, op.layer, member.expert)
+            per_key[key] = per_key.get(key, 0) + 1
     assert max(per_key.values()) <= 2
     run_plan(plan, RooflineCostModel(paper_system), check=True)
     weights = random_weights(SPEC, seed=3)
@@ -186,12 +187,13 @@ def test_coxmoe_split_tokens_shares_an_expert_between_gpu_and_cpu(paper_system):
     assert {op.stream for op in shards} == {Stream.GPU, Stream.CPU_EXPERTS}
     by_visit: dict[tuple, dict] = {}
     for op in shards:
+        assert not op.members  # a shard is one expert's
         sides = by_visit.setdefault((op.phase, op.step, op.layer, op.expert), {})
         sides[op.stream] = sides.get(op.stream, 0) + op.tokens
     for (phase, step, layer, expert), sides in by_visit.items():
         assert Stream.GPU in sides  # the first shards (the larger ones) run on the GPU
-        whole = [op for op in plan.ops if op.kind is OpKind.EXPERT and (op.phase, op.step, op.layer, op.expert)
-                 == (phase, step, layer, expert) and op.scope < 0]
+        whole = [op for op in plan.ops if op.kind is OpKind.EXPERT and op.scope < 0 for m in member_ops(op)
+                 if (op.phase, op.step, op.layer, m.expert) == (phase, step, layer, expert)]
         assert not whole  # a split expert runs as shards only
     weights = random_weights(SPEC, seed=3)
     want = reference_forward(weights, ctx.trace, ctx.workload)

@@ -51,6 +51,6 @@ def test_plans_are_the_same_with_and_without_the_table(trace, paper_system, monk
     with_table = make_policy("coxmoe", opts).build(PlanContext(spec, paper_system, wl, trace))
     monkeypatch.setattr(PlanContext, "decode_counts", lambda self, groups: None)
     without = make_policy("coxmoe", opts).build(PlanContext(spec, paper_system, wl, trace))
-    assert [(op.kind, op.stream, op.tokens, op.expert) for op in with_table.ops] == [
-        (op.kind, op.stream, op.tokens, op.expert) for op in without.ops]
+    assert [(op.kind, op.stream, op.tokens, op.expert, op.members) for op in with_table.ops] == [
+        (op.kind, op.stream, op.tokens, op.expert, op.members) for op in without.ops]
     assert simulate_plan(with_table)[1]["total_s"] == simulate_plan(without)[1]["total_s"]

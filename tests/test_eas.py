@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from experiments.cli import main
 from sim.errors import SimInputError
-from sim.plan import OpKind, Payload, Stream
+from sim.plan import OpKind, Payload, Stream, member_ops
 from sim.policies import PlanContext, make_policy
 from traces import SynthConfig, generate_trace, load_trace, save_trace
 from traces.eas import (
@@ -139,8 +139,8 @@ def test_coxmoe_hot_map_sets_the_resident_experts(tiny_model, paper_system, tmp_
     path = save_map(cold_first, tmp_path / "cold.npz")
     opts = {"resident_experts": "1", "split": "cpu"}
     plan = make_policy("coxmoe", {**opts, "hot_map": str(path)}).build(ctx)
-    resident_experts = {(op.layer, op.expert) for op in plan.ops if op.kind is OpKind.EXPERT
-                        and op.stream is Stream.GPU}
+    resident_experts = {(op.layer, m.expert) for op in plan.ops if op.kind is OpKind.EXPERT
+                        and op.stream is Stream.GPU for m in member_ops(op)}
     assert resident_experts <= {(li, int(cold_first.ranking[li, 0])) for li in range(L)}
     hot_plan = make_policy("coxmoe", {**opts, "stratify": "on"}).build(ctx)
     gpu_tokens = [sum(op.tokens for op in p.ops if op.kind is OpKind.EXPERT and op.stream is Stream.GPU)

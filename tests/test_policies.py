@@ -9,7 +9,7 @@ import pytest
 
 from sim.api import resolve_routing, simulate, simulate_plan
 from sim.errors import SimInputError
-from sim.plan import OpKind, Payload, Phase, Stream, ungroup
+from sim.plan import OpKind, Payload, Phase, Stream, member_ops, ungroup
 from sim.policies import PlanContext, make_policy
 from sim.policies.moe_lightning import MoELightningOptions
 
@@ -109,8 +109,10 @@ def test_coxmoe_expert_split_is_a_partition_and_runs_in_parallel(tiny_model, pap
     rec, _ = simulate_plan(plan)
     E = tiny_model.num_experts
     decode = ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)
-    gpu_e = {(op.step, op.layer, op.expert) for op in decode if op.stream is Stream.GPU}
-    cpu_e = {(op.step, op.layer, op.expert) for op in decode if op.stream is Stream.CPU_EXPERTS}
+    gpu_e = {(op.step, op.layer, m.expert) for op in decode if op.stream is Stream.GPU for m in member_ops(op)}
+    cpu_e = {(op.step, op.layer, m.expert) for op in decode if op.stream is Stream.CPU_EXPERTS
+             for m in member_ops(op)}
+    assert gpu_e and cpu_e and -1 not in {e for *_, e in gpu_e | cpu_e}
     assert not gpu_e & cpu_e
     for t, layer in {(t, layer) for (t, layer, _) in gpu_e}:  # E_R: at most 2 experts of a layer on the GPU
         assert len({e for (tt, ll, e) in gpu_e if (tt, ll) == (t, layer)}) <= 2
@@ -282,7 +284,8 @@ def test_fiddler_runs_light_experts_on_the_cpu_and_fetches_heavy_ones(mixtral, p
     cpu = ops_of(plan, kind=OpKind.EXPERT, stream=Stream.CPU_EXPERTS)
     fetched_ids = {op.id for op in fetched}
     after_fetch = [op for op in plan.ops if op.kind is OpKind.EXPERT and set(op.deps) & fetched_ids]
-    assert max(op.tokens for op in cpu) <= min(op.tokens for op in after_fetch)
+    assert max(m.tokens for op in cpu for m in member_ops(op)) <= min(m.tokens for op in after_fetch
+                                                                      for m in member_ops(op))
 
 
 # ---- gpu-only bound --------------------------------------------------------------------------------------------

@@ -23,6 +23,24 @@ class GroupPrices:
     def __init__(self, cost: CostModel):
         self.cost = cost
         self.memo: dict[tuple, int] = {}
+        self.parts_memo: dict[tuple, tuple[int, tuple[float, float]]] = {}
+
+    def parts(self, op: Op) -> list[tuple[int, tuple[float, float]]]:
+        """(time, usage) of each member of a grouped op, in order: what the engine runs one after another on a
+        stream that shares its resource group (each member at its own fair rate, as its own op would)."""
+        memo = self.parts_memo
+        shared = (op.kind, op.stream, op.phase, op.micro_batch, op.scope, op.payload, op.kv_tokens)
+        out = []
+        for member in op.members:
+            key = (shared, member[1], member[2], member[3])
+            hit = memo.get(key)
+            if hit is None:
+                e, t, f, b = member
+                single = Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps,
+                            e, op.payload, op.kv_tokens, (), (), op.scope)
+                hit = memo[key] = (self.cost.op_time_ns(single), self.cost.usage(single))
+            out.append(hit)
+        return out
 
     def __call__(self, op: Op) -> int:
         if not op.members:

@@ -163,7 +163,7 @@ class RooflineCostModel:
     def usage(self, op: Op) -> tuple[float, float]:
         """Shares of the unit's (own, memory) resources the op keeps busy when it runs alone: the binding roof
         at 1, the other in proportion. The fixed overhead scales with the op's speed."""
-        if op.members:  # groups run on solo streams only, where no usage is asked
+        if op.members:  # a group's usage is its members' in turn (`GroupPrices.parts`)
             raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
         hit = self._usage.get(key)

@@ -2,8 +2,8 @@
 
 A layer is split the CoX-MoE way: `attention_front` emits OP0 (QKV) and OP1 (attention, on the GPU or the CPU,
 with the copies that crossing devices needs); `attention_back_and_ffn` emits OP2 (O projection) and the FFN:
-router plus the routed experts that received tokens (OP3: one op each, or one grouped op per run of them on a
-GPU), the shared expert, or a dense FFN.
+router plus the routed experts that received tokens (OP3: one grouped op per run of them with the same
+dependencies), the shared expert, or a dense FFN.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import numpy as np
 from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
-from sim.topology import topology_of
 from traces.limits import MEMBER_OP_SHARE, too_many_ops
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
@@ -104,7 +103,6 @@ class LayerEmitter:
         self.b = builder
         self.ops = builder.ops
         w = self.w
-        self.solo_streams = topology_of(ctx.system).solo_streams  # where expert ops are grouped
         self._work = {OpKind.EMBED: w.embed, OpKind.QKV: w.qkv, OpKind.O_PROJ: w.o_proj, OpKind.ROUTER: w.router,
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
                       OpKind.LM_HEAD: w.lm_head}
@@ -142,28 +140,26 @@ class LayerEmitter:
     def experts(self, stream: str, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
                 deps: tuple[int, ...], ready: Callable[[int], int] | None = None, scope: int = -1) -> int:
         """The listed experts that received tokens (over `scope`'s tokens when one is named), in order; returns
-        the last op (or -1 if none ran). On a stream alone in its resource group (`Topology.solo_streams`),
-        consecutive experts with the same dependencies form one grouped op (`Op.members`): nothing but the next
-        layer waits for them, so the group ends when its last expert would and the plan holds one op, not one per
-        expert. Elsewhere (CPU streams share host DRAM with the copies) one op per expert. The hot loop of plan
-        building: the same ops as `_op` would append, with per-call look-ups hoisted."""
+        the last op (or -1 if none ran). Consecutive experts with the same dependencies form one grouped op
+        (`Op.members`): only later work waits for them, on the last, so the group ends when its last expert
+        would, and the plan holds one op instead of one per expert (the engine runs the members in turn where the
+        stream shares its resources). The hot loop of plan building: the same work as `_op` would append, with
+        per-call look-ups hoisted."""
         loads = counts.tolist() if isinstance(counts, np.ndarray) else counts
         ids = experts.tolist() if isinstance(experts, np.ndarray) else experts
         run = [int(e) for e in ids if loads[e]]
         if not run:
             return -1
         base = tuple([d for d in deps if d >= 0])
-        # (deps, experts) per op to append, in order: consecutive experts with the same deps share one op on a
-        # solo stream, each has its own elsewhere
+        # (deps, experts) per op to append, in order: consecutive experts with the same deps share one op
         if ready is None:
-            ops = [(base, run)] if stream in self.solo_streams else [(base, [e]) for e in run]
+            ops = [(base, run)]
         else:
             ops = []
-            group = stream in self.solo_streams
             for e in run:
                 extra = ready(e)
                 op_deps = base + (extra,) if extra >= 0 else base
-                if group and ops and ops[-1][0] == op_deps:
+                if ops and ops[-1][0] == op_deps:
                     ops[-1][1].append(e)
                 else:
                     ops.append((op_deps, [e]))
@@ -230,7 +226,7 @@ class LayerEmitter:
     def ffn(self, at: At, tokens: int, counts: np.ndarray | None, deps: tuple[int, ...],
             expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
         """The FFN on the GPU after `deps`: the router, shared expert and the experts that received tokens
-        (`counts`; one grouped op on a solo GPU stream, see `experts`), or a dense FFN. Returns the last op."""
+        (`counts`; grouped, see `experts`), or a dense FFN. Returns the last op."""
         routed = tokens if routed is None else routed
         if not self.m.is_moe_layer(at.layer):
             return self.op(OpKind.DENSE_FFN, GPU, at, tokens, deps)
