@@ -137,8 +137,15 @@ def member_ops(op: Op) -> list[Op]:
     its own fair rate in turn (issue 13)."""
     if not op.members:
         return [op]
-    return [Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps, e,
-               op.payload, op.kv_tokens, (), (), op.scope) for e, t, f, b in op.members]
+    return [member_op(op, member) for member in op.members]
+
+
+def member_op(op: Op, member: tuple[int, int, int, int]) -> Op:
+    """The op one member (expert, tokens, flops, bytes) of grouped op `op` stands for: the group's fields, the
+    member's expert and work, no memory of its own."""
+    e, t, f, b = member
+    return Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps, e, op.payload,
+              op.kv_tokens, (), (), op.scope)
 
 
 def ungroup(plan: Plan) -> Plan:

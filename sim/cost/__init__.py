@@ -2,7 +2,7 @@
 
 from sim.cost.roofline import CostModel, RooflineCostModel, seconds_to_ns
 from sim.cost.work import OpWork, Work
-from sim.plan import Op, member_ops
+from sim.plan import Op, member_op, member_ops
 
 
 def op_time_ns(cost: CostModel, op: Op) -> int:
@@ -22,41 +22,27 @@ class GroupPrices:
 
     def __init__(self, cost: CostModel):
         self.cost = cost
-        self.memo: dict[tuple, int] = {}
-        self.parts_memo: dict[tuple, tuple[int, tuple[float, float]]] = {}
+        self.memo: dict[tuple, tuple[int, tuple[float, float]]] = {}  # member shape -> (time, usage)
 
     def parts(self, op: Op) -> list[tuple[int, tuple[float, float]]]:
         """(time, usage) of each member of a grouped op, in order: what the engine runs one after another on a
         stream that shares its resource group (each member at its own fair rate, as its own op would)."""
-        memo = self.parts_memo
+        memo, cost = self.memo, self.cost
         shared = (op.kind, op.stream, op.phase, op.micro_batch, op.scope, op.payload, op.kv_tokens)
         out = []
         for member in op.members:
             key = (shared, member[1], member[2], member[3])
             hit = memo.get(key)
             if hit is None:
-                e, t, f, b = member
-                single = Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps,
-                            e, op.payload, op.kv_tokens, (), (), op.scope)
-                hit = memo[key] = (self.cost.op_time_ns(single), self.cost.usage(single))
+                single = member_op(op, member)
+                hit = memo[key] = (cost.op_time_ns(single), cost.usage(single))
             out.append(hit)
         return out
 
     def __call__(self, op: Op) -> int:
         if not op.members:
             return self.cost.op_time_ns(op)
-        memo, shared = self.memo, (op.kind, op.stream, op.phase, op.micro_batch, op.scope, op.payload, op.kv_tokens)
-        total = 0
-        for member in op.members:
-            key = (shared, member[1], member[2], member[3])
-            price = memo.get(key)
-            if price is None:
-                e, t, f, b = member
-                price = memo[key] = self.cost.op_time_ns(
-                    Op(op.id, op.kind, op.stream, op.phase, op.step, op.layer, op.micro_batch, t, f, b, op.deps, e,
-                       op.payload, op.kv_tokens, (), (), op.scope))
-            total += price
-        return total
+        return sum([time for time, _ in self.parts(op)])
 
 
 __all__ = ["CostModel", "GroupPrices", "OpWork", "RooflineCostModel", "Work", "op_time_ns", "seconds_to_ns"]
