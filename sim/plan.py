@@ -29,7 +29,7 @@ from sim.errors import SimInputError
 from sim.specs import ModelSpec, SystemSpec
 from sim.topology import topology_of
 from sim.workload import Workload
-from traces.limits import max_ops, too_many_ops
+from traces.limits import MEMBER_OP_SHARE, max_ops, too_many_ops
 
 
 class Stream(StrEnum):
@@ -160,9 +160,8 @@ def ungroup(plan: Plan) -> Plan:
         deps = tuple(last_of[d] for d in op.deps)
         parts = member_ops(op)
         for k, part in enumerate(parts):
-            ops.append(Op(len(ops), part.kind, part.stream, part.phase, part.step, part.layer, part.micro_batch,
-                          part.tokens, part.flops, part.bytes, deps, part.expert, part.payload, part.kv_tokens,
-                          op.alloc if k == 0 else (), op.free if k == len(parts) - 1 else (), part.scope))
+            ops.append(dataclasses.replace(part, id=len(ops), deps=deps, alloc=op.alloc if k == 0 else (),
+                                           free=op.free if k == len(parts) - 1 else ()))
         last_of.append(len(ops) - 1)
     return dataclasses.replace(plan, ops=ops)
 
@@ -435,6 +434,13 @@ class PlanBuilder:
         if step != self.step:
             self.new_step(step)
         return op_id
+
+    def reserve(self, last: int, members: int) -> None:
+        """Emitters that append several ops at once (ids up to `last`, with `members` grouped-op members): charge
+        the members and apply the op limit once for all of them."""
+        self.member_load += members * MEMBER_OP_SHARE
+        if last + self.member_load >= self.max_ops:
+            raise too_many_ops(int(last + self.member_load))
 
     def load(self) -> float:
         """The plan's memory so far in ops' worth: its ops, and its grouped ops' members at MEMBER_OP_SHARE."""

@@ -16,7 +16,6 @@ import numpy as np
 from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
-from traces.limits import MEMBER_OP_SHARE, too_many_ops
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
@@ -166,10 +165,7 @@ class LayerEmitter:
         b = self.b
         first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
         last = first + len(ops) - 1
-        if len(ops) < len(run):  # grouped: charge the members' memory too
-            b.member_load += sum([len(members) for _, members in ops if len(members) > 1]) * MEMBER_OP_SHARE
-        if last + b.member_load >= b.max_ops:
-            raise too_many_ops(int(last + b.member_load))
+        b.reserve(last, sum([len(members) for _, members in ops if len(members) > 1]) if len(ops) < len(run) else 0)
         append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
         for op_id, (op_deps, members) in enumerate(ops, first):
