@@ -78,6 +78,26 @@ def test_the_emitter_groups_experts_with_the_same_deps_only():
     assert ops[-1].expert == 6 and not ops[-1].members
 
 
+@pytest.mark.parametrize("fetched,fetch", [({6, 7}, 9), (set(), 9), ({0, 2, 3, 6, 7}, 9), ({2, 6}, 9),
+                                           ({2}, -1)])
+def test_a_ready_that_answers_for_many_experts_builds_the_same_ops(fetched, fetch):
+    """CoX-MoE's weights-ready look-up answers for an array of experts at once (`many`); the ops must equal
+    those built by asking it expert by expert."""
+    from sim.policies.compose import _WeightsReady
+
+    system = load_system("a100-80g-8452y")
+    _, trace, workload = tiny_case(system)
+    counts = np.array([3, 0, 2, 5, 1, 0, 4, 2], dtype=np.uint16)  # count tables use narrow types
+    weights = _WeightsReady(fetched, fetch)
+    built = []
+    for ready in (weights, lambda e: weights(e)):
+        emit = LayerEmitter(PlanContext(TINY, system, workload, trace), PlanBuilder())
+        emit.experts(Stream.GPU, At(Phase.DECODE, 1, 1, 0), counts, [0, 1, 2, 3, 6, 7], (5,), ready=ready)
+        built.append(emit.b.ops)
+    assert built[0] == built[1] and sum(max(len(op.members), 1) for op in built[0]) == 5
+    assert all(type(v) is int for op in built[0] for m in op.members for v in m)  # plain ints, as plan files hold
+
+
 @pytest.mark.parametrize("system,policy,knobs", [
     ("a100-80g-8452y", "gpu-only", {"prefill_tokens": "9", "decode_micro_batch": "2"}),
     ("a100-80g-8452y", "moe-lightning", {}),

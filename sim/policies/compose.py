@@ -188,6 +188,13 @@ class _WeightsReady:
     def __call__(self, expert: int) -> int:
         return self.fetch if expert in self.fetched else -1
 
+    def many(self, experts: list[int]) -> list[int] | None:
+        """`self(e)` for each of `experts` at once (as `LayerEmitter.experts` asks), or None when none waits."""
+        fetched, fetch = self.fetched, self.fetch
+        if fetch < 0 or not fetched:
+            return None
+        return [fetch if e in fetched else -1 for e in experts]
+
 
 # ---- the emitter ---------------------------------------------------------------------------------------------
 
@@ -343,8 +350,8 @@ class LayoutEmitter(LayerEmitter):
         m, w = self.m, self.w
         counts = members[0].counts[li] if len(members) == 1 else sum(s.counts[li] for s in members)
         tokens = sum(s.tokens for s in members)
-        gpu_list = tuple(e for e in gpu_experts if e not in split)
-        cpu_list = tuple(e for e in cpu_experts if e not in split)
+        gpu_list = tuple(e for e in gpu_experts if e not in split) if split else tuple(gpu_experts)
+        cpu_list = tuple(e for e in cpu_experts if e not in split) if split else tuple(cpu_experts)
         gpu_tokens = int(counts[list(gpu_list)].sum()) if gpu_list else 0
         host = cpu_list + ndp_experts
         cpu_tokens = int(counts[list(host)].sum()) if host else 0  # E_C and E_N: host side

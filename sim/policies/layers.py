@@ -92,6 +92,13 @@ class At(NamedTuple):
     mb: int = -1
 
 
+def _extras(ready: Callable[[int], int], experts: list[int]) -> list[int] | None:
+    """Per expert, the op its weights wait for (-1: none), or None when none waits for any."""
+    many = getattr(ready, "many", None)
+    extras = many(experts) if many is not None else [max(ready(e), -1) for e in experts]
+    return extras if extras is not None and max(extras) >= 0 else None
+
+
 class LayerEmitter:
     """Emits ops into a PlanBuilder for one model and routing trace."""
 
@@ -136,52 +143,47 @@ class LayerEmitter:
              deps: tuple[int, ...], tokens: int = 0) -> int:
         return self.xfer(stream, At(phase, step, layer, mb), nbytes, payload, deps, tokens)
 
-    def experts(self, stream: str, at: At, counts: np.ndarray, experts: np.ndarray | list[int],
+    def experts(self, stream: str, at: At, counts: np.ndarray | list[int], experts: np.ndarray | list[int] | tuple,
                 deps: tuple[int, ...], ready: Callable[[int], int] | None = None, scope: int = -1) -> int:
         """The listed experts that received tokens (over `scope`'s tokens when one is named), in order; returns
         the last op (or -1 if none ran). Consecutive experts with the same dependencies form one grouped op
         (`Op.members`): only later work waits for them, on the last, so the group ends when its last expert
         would, and the plan holds one op instead of one per expert (the engine runs the members in turn where the
-        stream shares its resources). The hot loop of plan building: the same work as `_op` would append, with
-        per-call look-ups hoisted."""
-        loads = counts.tolist() if isinstance(counts, np.ndarray) else counts
+        stream shares its resources). `ready(e)` names the op expert e's weights wait for (-1: none); a `ready`
+        with a `many(ids)` method answers for a list of experts at once (no call per expert). The hot loop of
+        plan building: each op is appended as `_op` would, with look-ups hoisted."""
+        loads = counts.tolist() if isinstance(counts, np.ndarray) else [int(c) for c in counts]  # plain ints
         ids = experts.tolist() if isinstance(experts, np.ndarray) else experts
         run = [int(e) for e in ids if loads[e]]
-        if not run:
+        n = len(run)
+        if not n:
             return -1
+        ts = [loads[e] for e in run]
         base = tuple([d for d in deps if d >= 0])
-        # (deps, experts) per op to append, in order: consecutive experts with the same deps share one op
-        if ready is None:
-            ops = [(base, run)]
-        else:
-            ops = []
-            for e in run:
-                extra = ready(e)
-                op_deps = base + (extra,) if extra >= 0 else base
-                if ops and ops[-1][0] == op_deps:
-                    ops[-1][1].append(e)
-                else:
-                    ops.append((op_deps, [e]))
+        extras = None if ready is None else _extras(ready, run)
+        if extras is None:  # one run, one set of dependencies
+            spans = [(0, n, base)]
+        else:  # a new run wherever the extra dependency changes
+            cuts = [0, *[i for i in range(1, n) if extras[i] != extras[i - 1]], n]
+            spans = [(lo, hi, base if extras[lo] < 0 else base + (extras[lo],))
+                     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
         b = self.b
         first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
-        last = first + len(ops) - 1
-        b.reserve(last, sum([len(members) for _, members in ops if len(members) > 1]) if len(ops) < len(run) else 0)
+        last = first + len(spans) - 1
+        b.reserve(last, sum([hi - lo for lo, hi, _ in spans if hi - lo > 1]) if len(spans) < n else 0)
         append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
-        for op_id, (op_deps, members) in enumerate(ops, first):
-            if len(members) == 1:
-                e = members[0]
-                t = int(loads[e])
+        for op_id, (lo, hi, op_deps) in enumerate(spans, first):
+            if hi - lo == 1:
+                t = ts[lo]
                 flops, nbytes = work(t)
-                append(Op(op_id, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, e, none, 0,
-                          (), (), scope))
+                append(Op(op_id, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, run[lo], none,
+                          0, (), (), scope))
                 continue
-            tokens = [int(loads[e]) for e in members]
-            works = [work(t) for t in tokens]
-            flops = [w[0] for w in works]
-            nbytes = [w[1] for w in works]
-            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, sum(tokens), sum(flops), sum(nbytes), op_deps,
-                      -1, none, 0, (), (), scope, tuple(zip(members, tokens, flops, nbytes, strict=True))))
+            tokens = ts[lo:hi]
+            flops, nbytes = zip(*map(work, tokens), strict=True)
+            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, sum(tokens), sum(flops), sum(nbytes),
+                      op_deps, -1, none, 0, (), (), scope, tuple(zip(run[lo:hi], tokens, flops, nbytes, strict=True))))
         return last
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
