@@ -11,13 +11,14 @@ group (GPU, or host) they progress at rates that share the resources fairly (dom
 two ops that both need a whole resource each take longer, and no resource ever does more work than its
 capacity. A rate change re-times the affected ops (an urgent event wakes each, as an interrupt would). An op in a
 group that only one stream uses takes the fast path: one timeout, no bookkeeping; and consecutive such ops whose
-ends in between nobody observes (no op depends on them, none frees memory, none after the first allocates, each
-one's dependencies have ended when the run starts) share one timeout: every op starts and ends when it would
-with one timeout each (`run_plan(chain=False)` is the reference), in far fewer events (MoE-Lightning's
-per-expert GPU ops). The run's timeout is scheduled earlier than its last op's would be, so events at one
-nanosecond may fire in another order; nothing observable depends on that order: a memory pool is judged once per
-instant, after all of its allocations and frees (so an op that frees and one that allocates at the same time never
-count as holding both), and a group's fair rates are computed over its running ops in op order.
+ends in between nobody observes (no op of another stream depends on them, none frees memory, none after the
+first allocates, each one's dependencies have ended when the run starts) share one timeout: every op starts
+and ends when it would with one timeout each (`run_plan(chain=False)` is the reference), in far fewer events
+(MoE-Lightning's per-expert GPU ops; an O-projection and the router after it). The run's timeout is scheduled
+earlier than its last op's would be, so events at one nanosecond may fire in another order; nothing observable
+depends on that order: a memory pool is judged once per instant, after all of its allocations and frees (so
+an op that frees and one that allocates at the same time never count as holding both), and a group's fair rates
+are computed over its running ops in op order.
 
 Cross-stream dependencies wait on an event created only when an op has to wait. Memory pools are counters,
 judged against their capacity at the end of every instant that allocated. The clock is integer nanoseconds;
@@ -272,11 +273,14 @@ class _GroupShare:
 
 def _chainable(ops: list[Op]) -> list[bool]:
     """Per op: whether its end is unobservable, so that the op after it on an uncontended stream may start
-    without an event of its own: no op depends on it and it frees no memory."""
+    without an event of its own: it frees no memory and no op of another stream depends on it (a later op of its
+    own stream that names it waits for it anyway, by stream order: the O-projection before its router)."""
     ok = [not op.free for op in ops]
     for op in ops:
+        stream = op.stream
         for d in op.deps:
-            ok[d] = False
+            if ops[d].stream != stream:
+                ok[d] = False
     return ok
 
 
@@ -361,7 +365,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                         if op.alloc:
                             break
                         for x in op.deps:
-                            if end[x] < 0:
+                            if end[x] < 0 and x != i:  # op i, ending as op nxt starts, is the one not yet marked
                                 break
                         else:
                             end[i] = start[nxt] = t

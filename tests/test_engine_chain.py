@@ -67,6 +67,21 @@ def test_an_op_another_stream_waits_for_ends_the_run_there():
     assert reference.events - chained.events == 1  # ops 0-1 share a timeout, op 2 has its own
 
 
+def test_a_dependency_within_the_stream_does_not_end_the_run():
+    """The router names the O-projection before it on the same stream, which waits for it anyway: both share one
+    timeout, and an op of another stream naming the router still ends the run there."""
+    b = PlanBuilder()
+    o_proj = gpu_expert(b, 10**9)
+    router = gpu_expert(b, 10**9, deps=(o_proj,))
+    after = gpu_expert(b, 10**9, deps=(o_proj, router))
+    cpu = b.add(OpKind.EXPERT, Stream.CPU, Phase.DECODE, 1, 0, tokens=64, flops=10**8, nbytes=10**6, deps=(after,))
+    gpu_expert(b, 10**9, deps=(after,))
+    chained, reference = both(plan_of(b))
+    assert_same(chained, reference)
+    assert chained.start_ns[router] == chained.end_ns[o_proj] and chained.start_ns[cpu] == chained.end_ns[after]
+    assert reference.events - chained.events == 2  # ops 0-2 share a timeout, op 4 has its own
+
+
 def test_memory_is_taken_and_returned_when_each_op_would():
     """A free ends a run and an allocation starts one: the peak is the reference's, not the sum of both."""
     b = PlanBuilder()
