@@ -145,7 +145,9 @@ def test_cost_models_refuse_a_group_and_the_helper_sums_its_members(paper_system
     memo = GroupPrices(cost)  # the engine's: members priced once per shape
     for op in plan.ops:
         assert memo(op) == op_time_ns(cost, op)
-    assert memo.memo
+        if op.members:  # the (time, usage) parts agree with the member ops' own prices and usages
+            assert memo.parts(op) == [(cost.op_time_ns(m), cost.usage(m)) for m in member_ops(op)]
+    assert memo.times_memo and memo.parts_memo
     assert [m.expert for m in member_ops(group)] == [m[0] for m in group.members]
 
 
