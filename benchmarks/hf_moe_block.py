@@ -9,6 +9,8 @@ hidden states with the same forced top-2 routing (Mixtral's measured per-layer p
 - `bf16`: the executor's default CPU path (executor/cpu_experts.py: weights prepacked for oneDNN, gate and up
   fused, tokens grouped by expert once);
 - `plain`: the executor's generic path (three row-major GEMMs per expert, the reference's math);
+- `packed`: the prepacked path at every call, shown when `COXMOE_CPU_PACKED_TOKENS` narrows `bf16` to a band; the
+  run ends by saying at which sizes the packed weights beat the plain ones, and the band to set;
 - `int8`: per-channel INT8 weights, per-token dynamic INT8 activations, oneDNN's u8 x s8 GEMM (AMX-INT8 where
   present);
 - `HF`: transformers' `MixtralExperts` (bf16); `ipex`: the IPEX backend, only when it is importable;
@@ -100,12 +102,18 @@ def main() -> None:
     with torch.no_grad():  # the executor's layout: gate (w1) and up (w3) [E, f, h], down (w2) [E, h, f]; views
         w1, w3 = w13[:, :f], w13[:, f:]
 
-    def layer(backend: str, precision: str) -> LayerWeights:
+    def layer(backend: str, precision: str, packed_tokens: tuple[int, int] | None = None) -> LayerWeights:
         lw = LayerWeights(attn={}, attn_norm=torch.ones(h), ffn_norm=torch.ones(h), w1=w1, w3=w3, w2=w2)
-        lw.cpu_experts = C.CpuExperts(w1, w3, w2, precision, backend)
+        lw.cpu_experts = C.CpuExperts(w1, w3, w2, precision, backend, packed_tokens)
         return lw
 
     paths = {"bf16": layer("auto", "bf16"), "plain": layer("plain", "bf16")}
+    # the packed layout at every call, to say where it beats the plain weights (the bf16 column is that path
+    # unless $COXMOE_CPU_PACKED_TOKENS narrows it)
+    packed = "bf16" if C.packed_tokens_band() == C.EVERY_CALL else "packed"
+    if packed == "packed" and C.onednn_bf16():
+        paths["packed"] = layer("onednn", "bf16", C.EVERY_CALL)
+    wins: list[tuple[float, bool]] = []  # (mean tokens per expert call, packed faster than plain)
     if C.onednn_int8():
         paths["int8"] = layer("auto", "int8")
     if C._ipex() is not None:
@@ -171,6 +179,15 @@ def main() -> None:
                f"{med['bf16'] / med['int8']:>9.2f}" if "int8" in med else f"{'n/a':>9}",
                f"{int8_err:>9.4f}" if "int8" in med else f"{'n/a':>9}"]
         print(" ".join(row), flush=True)
+        if C.onednn_bf16() and packed in med:
+            wins.append((ids.numel() / used, med[packed] < med["plain"]))
+    if wins:
+        won = [t for t, w in wins if w]
+        print(f"packed bf16 weights beat the plain ones at {len(won)} of {len(wins)} sizes (mean tokens per expert "
+              f"call: {', '.join(f'{t:.0f}' + ('*' if w else '') for t, w in wins)}; * = packed faster)")
+        if won and len(won) < len(wins):
+            print(f"to use the packed copy only there: {C.ENV_PACKED_TOKENS}={int(min(won))}:{int(max(won))} "
+                  "(check the band holds over a few runs; per-call token counts spread around these means)")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ The plain path (`kernels.expert`) hands oneDNN row-major bf16 weights on every c
 Here each expert's weights are reordered once, on first use, into the blocked layout oneDNN's AMX / AVX-512
 kernels read (`torch.ops.mkldnn._reorder_linear_weight`, stock torch), with the gate (w1) and up (w3)
 projections stacked into one [2f, h] matrix so the tokens are read once for both. SiLU and the gating product
-run in place on the GEMM's output. INT8 (`precision="int8"`) quantises each weight row symmetrically with its
-own scale (per output channel) and each token's activations dynamically with its own scale (per token), and runs
-oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`: AMX-INT8 where the CPU has it). INT4
-(`precision="int4"`, weight-only) stores 4-bit weights with a bf16 scale per group of 128 inputs and dequantises
-an expert per call (reference numerics, not a fused kernel's speed). Accuracy is checked against the bf16
-reference in tests, never assumed.
+run in place on the GEMM's output. Where oneDNN reads the plain weights faster for some token counts (a machine's
+trait: `benchmarks/hf_moe_block.py` says), `COXMOE_CPU_PACKED_TOKENS=LO:HI` keeps the packed copy for calls of LO
+to HI tokens only. INT8 (`precision="int8"`)
+quantises each weight row symmetrically with its own scale (per output channel) and each token's activations
+dynamically with its own scale (per token), and runs oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`:
+AMX-INT8 where the CPU has it). INT4 (`precision="int4"`, weight-only) stores 4-bit weights with a bf16 scale per
+group of 128 inputs and dequantises an expert per call (reference numerics, not a fused kernel's speed). Accuracy
+is checked against the bf16 reference in tests, never assumed.
 
 INT8's middle step (token scales, SiLU x up, quantisation) is one torch.compile'd loop where a C++ compiler
 exists (`COXMOE_CPU_FUSE`). Backends (`COXMOE_CPU_EXPERTS`): `auto` (default: `onednn` where oneDNN runs bf16
@@ -36,6 +38,12 @@ BACKENDS = ("auto", "onednn", "plain", "ipex")
 ENV_BACKEND = "COXMOE_CPU_EXPERTS"
 ENV_FUSE = "COXMOE_CPU_FUSE"  # auto | compile | eager: how INT8's epilogue (scale, SiLU x up, quantise) runs
 PACK_TOKENS_HINT = 64  # tokens oneDNN lays packed weights out for (hints 16-256 timed alike within the VM's noise)
+# Tokens per bf16 expert call that run on the prepacked weights, as LO:HI; other calls take the plain row-major
+# GEMMs (the same weights, kept anyway for the GPU paths and the reference). Default: every call packed. Where the
+# packed layout wins depends on the machine (benchmarks/hf_moe_block.py measures both and prints the band): on
+# the AMX Xeon VM of docs/executor.md it won at every size, on the slower one of 2026-12-03 only near its hint.
+ENV_PACKED_TOKENS = "COXMOE_CPU_PACKED_TOKENS"
+EVERY_CALL = (0, 1 << 62)
 _INT8_MAX = 127.0
 _ACT_ZERO_POINT = 128  # symmetric int8 activations shifted into oneDNN's u8 input
 
@@ -97,6 +105,31 @@ def backend(requested: str | None = None) -> str:
     if name == "ipex" and _ipex() is None:
         raise SimInputError("CPU expert backend 'ipex' needs intel-extension-for-pytorch, which is not installed")
     return name
+
+def packed_tokens_band(text: str | None = None) -> tuple[int, int]:
+    """The token counts (LO, HI) of bf16 expert calls that use the packed weights: `text` or
+    $COXMOE_CPU_PACKED_TOKENS as LO:HI, else every call."""
+    text = (os.environ.get(ENV_PACKED_TOKENS) or "") if text is None else text
+    if not text.strip():
+        return EVERY_CALL
+    lo, sep, hi = text.strip().partition(":")
+    try:
+        band = (int(lo), int(hi)) if sep else None
+    except ValueError:
+        band = None
+    if band is None or not 0 <= band[0] <= band[1]:
+        raise SimInputError(f"{ENV_PACKED_TOKENS}: give LO:HI with 0 <= LO <= HI (tokens per expert call), got "
+                            f"{text!r}")
+    return band
+
+
+def describe(backend_name: str) -> str:
+    """The CPU expert path as a profile's fingerprint records it: the backend, and the packed band when set."""
+    band = packed_tokens_band()
+    if backend_name != "onednn" or band == EVERY_CALL:
+        return backend_name
+    return f"{backend_name} packed {band[0]}:{band[1]}"
+
 
 
 def gated_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -294,7 +327,7 @@ class CpuExperts:
     copy is the backend's own memory, beside the plain weights the GPU paths and the reference read)."""
 
     def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, precision: str = "bf16",
-                 backend_name: str | None = None):
+                 backend_name: str | None = None, packed_tokens: tuple[int, int] | None = None):
         if precision not in PRECISIONS:
             raise SimInputError(f"CPU expert precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.w1, self.w3, self.w2 = w1, w3, w2
@@ -305,6 +338,10 @@ class CpuExperts:
             raise SimInputError("INT8 CPU experts need oneDNN's quantised linear on a CPU with VNNI or AMX-INT8; "
                                 "this machine or torch build has neither")
         self._packer = _PACKERS.get((self.backend, self.precision))
+        # a call of T tokens uses the packed copy when lo <= T <= hi; oneDNN bf16 only (ENV_PACKED_TOKENS), as
+        # the other packed paths compute at their own precision
+        self.packed_tokens = ((packed_tokens or packed_tokens_band()) if (self.backend, precision) == ("onednn", "bf16")
+                              else EVERY_CALL)
         self._packed: dict[int, object] = {}
         self._lock = threading.Lock()
 
@@ -321,8 +358,10 @@ class CpuExperts:
         return hit
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e`'s gated FFN over the rows of x [T, h] (bf16 out)."""
-        packed = self.pack(e)
-        if packed is None:  # plain bf16: three row-major GEMMs, as the reference computes them
+        """Expert `e`'s gated FFN over the rows of x [T, h] (bf16 out): on its packed copy when T is in
+        `packed_tokens`, else (and on the plain backend) three row-major GEMMs, as the reference computes them."""
+        lo, hi = self.packed_tokens
+        packed = self.pack(e) if lo <= x.shape[0] <= hi else None
+        if packed is None:
             return gated_ffn(x, self.w1[e], self.w3[e], self.w2[e])
         return packed(x)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from executor import kernels as K
 from executor.cpu_experts import CpuExperts, cpu_flags, onednn_int8
 from executor.cpu_experts import backend as cpu_experts_backend
+from executor.cpu_experts import describe as describe_cpu_experts
 from executor.weights import LayerWeights, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
@@ -66,7 +67,7 @@ def fingerprint() -> dict:
     info = {"cpu_model": cpu_model, "cpu_flags": flags, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "onednn": onednn,
             "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-            "cpu_experts": cpu_experts_backend(),  # the CPU expert path the expert rows timed
+            "cpu_experts": describe_cpu_experts(cpu_experts_backend()),  # the CPU expert path the rows timed
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return info

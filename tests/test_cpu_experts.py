@@ -39,12 +39,33 @@ needs_int8 = pytest.mark.skipif(not C.onednn_int8(), reason="this torch build ha
 def test_prepacked_bf16_with_fused_gate_up_matches_the_plain_path(tokens):
     lw = _layer()
     x = torch.randn(tokens, H, dtype=torch.bfloat16)
-    packed = C.CpuExperts(lw.w1, lw.w3, lw.w2, "bf16", "onednn")
+    packed = C.CpuExperts(lw.w1, lw.w3, lw.w2, "bf16", "onednn", packed_tokens=(1, 64))  # packed at every size
     for e in range(E):
         want = K.expert(lw, e, x)
         got = packed(e, x)
         assert got.dtype == torch.bfloat16 and got.shape == want.shape
         assert _rel(got, want) < 1e-2, f"expert {e}: {_rel(got, want):.2e}"
+
+
+@needs_bf16
+def test_bf16_calls_outside_the_packed_band_take_the_plain_weights(monkeypatch):
+    """The packed layout is used for token counts in `packed_tokens` only; other calls compute the reference's
+    three GEMMs (bit-identical to the plain backend) and pack nothing."""
+    lw = _layer()
+    experts = C.CpuExperts(lw.w1, lw.w3, lw.w2, "bf16", "onednn", packed_tokens=(4, 8))
+    plain = C.CpuExperts(lw.w1, lw.w3, lw.w2, "bf16", "plain")
+    monkeypatch.delenv(C.ENV_PACKED_TOKENS, raising=False)
+    assert plain.packed_tokens == C.EVERY_CALL  # the default: every call on the packed copy
+    assert C.CpuExperts(lw.w1, lw.w3, lw.w2, "bf16", "onednn").packed_tokens == C.EVERY_CALL
+    monkeypatch.setenv(C.ENV_PACKED_TOKENS, "24:128")
+    assert C.CpuExperts(lw.w1, lw.w3, lw.w2, "bf16", "onednn").packed_tokens == (24, 128)
+    assert C.describe("onednn") == "onednn packed 24:128" and C.describe("plain") == "plain"
+    for tokens in (3, 9):
+        x = torch.randn(tokens, H, dtype=torch.bfloat16)
+        assert torch.equal(experts(0, x), plain(0, x))
+    assert not experts._packed
+    x = torch.randn(6, H, dtype=torch.bfloat16)
+    assert _rel(experts(1, x), plain(1, x)) < 1e-2 and set(experts._packed) == {1}
 
 
 @needs_int8
@@ -92,6 +113,13 @@ def test_tokens_grouped_once_give_the_same_expert_outputs(shards):
             n2 = K.expert_scatter(lw, e, x, ids, gates, b, shard, shards, routed, threading.Lock())
             assert n1 == n2 and torch.equal(a, b)
     assert sum(routed.rows(e).stop - routed.rows(e).start for e in range(E)) == ids.numel()
+
+
+@pytest.mark.parametrize("text", ["24", "a:b", "128:24", "-1:5", "1:2:3"])
+def test_a_malformed_packed_band_is_named(monkeypatch, text):
+    monkeypatch.setenv(C.ENV_PACKED_TOKENS, text)
+    with pytest.raises(SimInputError, match=C.ENV_PACKED_TOKENS):
+        C.packed_tokens_band()
 
 
 def test_unknown_or_unavailable_backends_are_named():
