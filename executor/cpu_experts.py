@@ -6,12 +6,12 @@ kernels read (`torch.ops.mkldnn._reorder_linear_weight`, stock torch), with the 
 projections stacked into one [2f, h] matrix so the tokens are read once for both. SiLU and the gating product
 run in place on the GEMM's output. Where oneDNN reads the plain weights faster for some token counts (a machine's
 trait: `benchmarks/hf_moe_block.py` says), `COXMOE_CPU_PACKED_TOKENS=LO:HI` keeps the packed copy for calls of LO
-to HI tokens only. INT8 (`precision="int8"`)
-quantises each weight row symmetrically with its own scale (per output channel) and each token's activations
-dynamically with its own scale (per token), and runs oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`:
-AMX-INT8 where the CPU has it). INT4 (`precision="int4"`, weight-only) stores 4-bit weights with a bf16 scale per
-group of 128 inputs and dequantises an expert per call (reference numerics, not a fused kernel's speed). Accuracy
-is checked against the bf16 reference in tests, never assumed.
+to HI tokens only. INT8 (`precision="int8"`) quantises each weight row symmetrically with its own scale (per
+output channel) and each token's activations dynamically with its own scale (per token), and runs oneDNN's
+u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`: AMX-INT8 where the CPU has it). INT4 (`precision="int4"`,
+weight-only) stores 4-bit weights with a bf16 scale per group of 128 inputs and dequantises an expert per call
+(reference numerics, not a fused kernel's speed). Accuracy is checked against the bf16 reference in tests, never
+assumed.
 
 INT8's middle step (token scales, SiLU x up, quantisation) is one torch.compile'd loop where a C++ compiler
 exists (`COXMOE_CPU_FUSE`). Backends (`COXMOE_CPU_EXPERTS`): `auto` (default: `onednn` where oneDNN runs bf16
@@ -106,6 +106,7 @@ def backend(requested: str | None = None) -> str:
         raise SimInputError("CPU expert backend 'ipex' needs intel-extension-for-pytorch, which is not installed")
     return name
 
+
 def packed_tokens_band(text: str | None = None) -> tuple[int, int]:
     """The token counts (LO, HI) of bf16 expert calls that use the packed weights: `text` or
     $COXMOE_CPU_PACKED_TOKENS as LO:HI, else every call."""
@@ -129,7 +130,6 @@ def describe(backend_name: str) -> str:
     if backend_name != "onednn" or band == EVERY_CALL:
         return backend_name
     return f"{backend_name} packed {band[0]}:{band[1]}"
-
 
 
 def gated_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -23,39 +23,39 @@ class GroupPrices:
 
     def __init__(self, cost: CostModel):
         self.cost = cost
+        self.times_memo: dict[tuple, dict[tuple, int]] = {}  # group shape -> member work -> time
         self.parts_memo: dict[tuple, dict[tuple, tuple[int, tuple[float, float]]]] = {}  # -> (time, usage)
-        self.times_memo: dict[tuple, dict[tuple, int]] = {}  # the same, time only (an uncontended group's need)
 
     @staticmethod
-    def _shape(op: Op) -> tuple:
-        return op.kind, op.stream, op.phase, op.micro_batch, op.scope, op.payload, op.kv_tokens
+    def _memo(table: dict[tuple, dict], op: Op) -> dict:
+        """The member memo of `op`'s group shape in `table` (made on first use)."""
+        shape = (op.kind, op.stream, op.phase, op.micro_batch, op.scope, op.payload, op.kv_tokens)
+        memo = table.get(shape)
+        if memo is None:
+            memo = table[shape] = {}
+        return memo
 
     def parts(self, op: Op) -> list[tuple[int, tuple[float, float]]]:
         """(time, usage) of each member of a grouped op, in order: what the engine runs one after another on a
         stream that shares its resource group (each member at its own fair rate, as its own op would)."""
-        shape = self._shape(op)
-        memo = self.parts_memo.get(shape)
-        if memo is None:
-            memo = self.parts_memo[shape] = {}
-        cost = self.cost
+        memo, times, cost = self._memo(self.parts_memo, op), self._memo(self.times_memo, op), self.cost
         out = []
         for member in op.members:
             work = member[1:]
             hit = memo.get(work)
             if hit is None:
                 single = member_op(op, member)
-                hit = memo[work] = (cost.op_time_ns(single), cost.usage(single))
+                time = times.get(work)
+                if time is None:  # not yet priced for the engine's durations
+                    time = times[work] = cost.op_time_ns(single)
+                hit = memo[work] = (time, cost.usage(single))
             out.append(hit)
         return out
 
     def __call__(self, op: Op) -> int:
         if not op.members:
             return self.cost.op_time_ns(op)
-        shape = self._shape(op)
-        memo = self.times_memo.get(shape)
-        if memo is None:
-            memo = self.times_memo[shape] = {}
-        price = self.cost.op_time_ns
+        memo, price = self._memo(self.times_memo, op), self.cost.op_time_ns
         total = 0
         for member in op.members:
             work = member[1:]
