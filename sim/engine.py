@@ -20,9 +20,10 @@ depends on that order: a memory pool is judged once per instant, after all of it
 an op that frees and one that allocates at the same time never count as holding both), and a group's fair rates
 are computed over its running ops in op order.
 
-Cross-stream dependencies wait on an event created only when an op has to wait. Memory pools are counters,
-judged against their capacity at the end of every instant that allocated. The clock is integer nanoseconds;
-nothing is random.
+A stream that waits for another stream's op resumes inside that op's end, without an event of its own (it
+starts at that instant either way; the order of one instant's starts is unobservable, as above). Memory pools
+are counters, judged against their capacity at the end of every instant that allocated. The clock is integer
+nanoseconds; nothing is random.
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     usage_of = cost.usage
     start = [-1] * n
     end = [-1] * n
-    waiters: dict[int, simpy.Event] = {}
+    waiters: dict[int, list[Callable[[], None]]] = {}  # op id -> the continuations of streams waiting for it
     topo = topology_of(plan.system)
     pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
     env = simpy.Environment()
@@ -343,11 +344,11 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                 op = ops[i]
                 for d in op.deps:
                     if end[d] < 0:
-                        ev = waiters.get(d)
-                        if ev is None:
-                            ev = waiters[d] = Event(env)
-                        ev.callbacks.append(proceed)
-                        target = ev
+                        woken = waiters.get(d)
+                        if woken is None:
+                            woken = waiters[d] = []
+                        woken.append(proceed)
+                        target = None
                         return
                 now = start[i] = env.now
                 if op.alloc:
@@ -412,7 +413,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
             finished()
 
         def interrupted(_event: simpy.Event) -> None:
-            callbacks = target.callbacks
+            callbacks = None if target is None else target.callbacks
             if callbacks is not None and sleep in callbacks:  # still sleeping on this job (not a stale wake-up)
                 callbacks.remove(sleep)
                 sleep()
@@ -430,16 +431,19 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         fired(proceed, URGENT)  # started by an urgent event, as a SimPy process is
 
     def complete(i: int, now: int) -> None:
-        """Op i ends: its memory is freed and the streams waiting for it are woken (through its event)."""
+        """Op i ends: its memory is freed and the streams waiting for it resume at once, in the order they began
+        to wait (no event: they start at this instant either way, and nothing observable depends on the order of
+        one instant's starts; see the module docstring)."""
         end[i] = now
         op = ops[i]
         if op.free:
             for pool, nbytes in op.free:
                 pools.free(pool, nbytes, now)
         if waiters:
-            ev = waiters.pop(i, None)
-            if ev is not None:
-                ev.succeed()
+            woken = waiters.pop(i, None)
+            if woken is not None:
+                for resume in woken:
+                    resume()
 
     for stream, ids in by_stream.items():
         if ids:

@@ -82,6 +82,20 @@ def test_a_dependency_within_the_stream_does_not_end_the_run():
     assert reference.events - chained.events == 2  # ops 0-2 share a timeout, op 4 has its own
 
 
+def test_streams_waiting_for_an_op_resume_at_its_end_without_an_event():
+    """Two streams wait for one GPU op: both start the nanosecond it ends, and the waits cost no event (each stream
+    has its start, its op's timeout and its end: six events for the waiting pair and the GPU op's stream)."""
+    b = PlanBuilder()
+    gate = gpu_expert(b, 10**9)
+    # a compute-bound CPU op and a copy: together they oversubscribe nothing, so neither is re-timed
+    cpu = b.add(OpKind.EXPERT, Stream.CPU, Phase.DECODE, 1, 0, tokens=64, flops=10**11, nbytes=10**6, deps=(gate,))
+    copy = b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0, nbytes=10**5, deps=(gate,))
+    chained, reference = both(plan_of(b))
+    assert_same(chained, reference)
+    assert chained.start_ns[cpu] == chained.start_ns[copy] == chained.end_ns[gate] > 0
+    assert chained.events == 3 * 3
+
+
 def test_memory_is_taken_and_returned_when_each_op_would():
     """A free ends a run and an allocation starts one: the peak is the reference's, not the sum of both."""
     b = PlanBuilder()

@@ -110,12 +110,18 @@ class _Fiddler(LayerEmitter):
         self.slot_free: list[int] = [-1] * FETCH_SLOTS   # op after which each fetch slot may be overwritten
         self.fetches = 0
         self.cpu_runs = self.fetch_runs = 0
+        self._cpu_faster_memo: dict[int, bool] = {}  # per token count: a plan asks the same few counts again
 
     def _cpu_faster(self, tokens: int) -> bool:
-        a, w = self.a, self.w
-        cpu = (a.t(OpKind.EXPERT, CPU_EXPERTS, w.expert(tokens)) + a.copy(D2H, w.hidden_bytes(tokens))
-               + a.copy(H2D_ACT, w.hidden_bytes(tokens)))
-        return cpu <= self.fetch_t + a.t(OpKind.EXPERT, GPU, w.expert(tokens))
+        """Fiddler's per-expert choice: run on the CPU when that (with its activations' round trip) beats
+        fetching the weights and running on the GPU."""
+        hit = self._cpu_faster_memo.get(tokens)
+        if hit is None:
+            a, w = self.a, self.w
+            cpu = (a.t(OpKind.EXPERT, CPU_EXPERTS, w.expert(tokens)) + a.copy(D2H, w.hidden_bytes(tokens))
+                   + a.copy(H2D_ACT, w.hidden_bytes(tokens)))
+            hit = self._cpu_faster_memo[tokens] = cpu <= self.fetch_t + a.t(OpKind.EXPERT, GPU, w.expert(tokens))
+        return hit
 
     def phase(self, slices: list[BatchSlice], phase: Phase, step: int) -> None:
         m, w = self.m, self.w
