@@ -141,10 +141,12 @@ def check_trace_matches(trace: RoutingTrace, model: ModelSpec) -> None:
 
 def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
                     trace: str | Path | RoutingTrace | None, routing: str, seed: int,
-                    reuse_prob: float = 0.0) -> tuple[Workload, RoutingTrace, str]:
+                    reuse_prob: float = 0.0, prompt_counts: bool = False) -> tuple[Workload, RoutingTrace, str]:
     """The workload and its routing: from a trace (lengths from the trace), or synthesised for the lengths. A
     length may be a distribution spec (`traces.synth.request_lengths`: uniform:LO:HI, lognormal:...), drawn per
-    request from `seed`: prompts of different lengths, requests that finish at different steps."""
+    request from `seed`: prompts of different lengths, requests that finish at different steps. `prompt_counts`
+    synthesises the simulator's form, prompts kept as per-request counts (`RoutingTrace.prompt_counts`: the same
+    counts in a quarter of the memory at 800/256); the executor needs every row (the default)."""
     if trace is not None:
         if reuse_prob:
             raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
@@ -165,7 +167,8 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")
     wl, cfg = synthetic_inputs(model, batch, prompt_len, gen_len, routing, seed, reuse_prob)
-    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len), lambda: synthesise(cfg, wl)), routing
+    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len, prompt_counts),
+                               lambda: synthesise(cfg, wl, prompt_counts)), routing
 
 
 def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_len: int | str, routing: str,
@@ -202,12 +205,12 @@ def trace_job(config: SimConfig) -> TraceJob | None:
         model = config_model(config)
         wl, cfg = synthetic_inputs(model, config.batch, config.prompt_len, config.gen_len, config.routing,
                                    config.seed, config.reuse_prob)
-        key = cache_key(cfg, wl.prompt_lens, wl.gen_lens)
+        key = cache_key(cfg, wl.prompt_lens, wl.gen_lens, prompt_counts=True)  # as its run asks (`build_trace`)
     except Exception:  # noqa: BLE001 - the point's own run reports it
         return None
     if key is None or (disk.directory / f"{key}.npz").exists():
         return None
-    routed = int((wl.prompt_lens + wl.gen_lens - 1).sum())
+    routed = int((wl.prompt_lens + wl.gen_lens - 1).sum())  # the work of drawing it: every token's draws
     return TraceJob(key, routed * cfg.num_layers * cfg.top_k)
 
 
@@ -215,15 +218,15 @@ def build_trace(config: SimConfig) -> None:
     """Synthesise `config`'s trace into the on-disk cache when one is on (a sweep's first pass), as its run
     would."""
     resolve_routing(config_model(config), config.batch, config.prompt_len, config.gen_len, None, config.routing,
-                    config.seed, config.reuse_prob)
+                    config.seed, config.reuse_prob, prompt_counts=True)
 
 
-def synthesise(cfg: SynthConfig, wl: Workload) -> RoutingTrace:
-    """A synthetic trace for the workload's lengths, through the on-disk cache when $COXMOE_TRACE_DIR names one
-    (`traces/disk_cache.py`; sweeps set it to their directory's `traces/`)."""
-    build = partial(generate_trace, cfg, wl.prompt_lens, wl.gen_lens)
+def synthesise(cfg: SynthConfig, wl: Workload, prompt_counts: bool = False) -> RoutingTrace:
+    """A synthetic trace for the workload's lengths (prompts as counts when `prompt_counts`), through the on-disk
+    cache when $COXMOE_TRACE_DIR names one (`traces/disk_cache.py`; sweeps set it to their directory's `traces/`)."""
+    build = partial(generate_trace, cfg, wl.prompt_lens, wl.gen_lens, prompt_counts=prompt_counts)
     disk = disk_cache_from_env()
-    return build() if disk is None else disk.get(cfg, wl.prompt_lens, wl.gen_lens, build)
+    return build() if disk is None else disk.get(cfg, wl.prompt_lens, wl.gen_lens, build, prompt_counts)
 
 
 class TraceCache:
@@ -248,7 +251,7 @@ class TraceCache:
     @staticmethod
     def _nbytes(trace: RoutingTrace) -> int:
         """Its arrays and the count tables it has gathered since (prompt table, per-step decode tables)."""
-        arrays = [trace.experts, trace.gate_weights, trace.request_features,
+        arrays = [trace.experts, trace.gate_weights, trace.request_features, trace.prompt_counts,
                   trace.__dict__.get("_prefill_counts_table"),
                   *trace.__dict__.get("_decode_step_tables", {}).values()]
         return sum(a.nbytes for a in arrays if a is not None)
@@ -266,7 +269,8 @@ class TraceCache:
         size = self._nbytes(trace)
         if size > budget:
             return trace  # too big to keep: built each time
-        for array in (trace.prompt_lens, trace.gen_lens, trace.experts, trace.gate_weights, trace.request_features):
+        for array in (trace.prompt_lens, trace.gen_lens, trace.experts, trace.gate_weights, trace.request_features,
+                      trace.prompt_counts):
             if array is not None:
                 array.flags.writeable = False
         self._items[key] = trace
@@ -329,7 +333,7 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
     m, s = config_model(c), resolve_system(c.system)
     pol = make_policy(c.policy, dict(c.policy_options))
     wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
-                                           c.reuse_prob)
+                                           c.reuse_prob, prompt_counts=True)
     if c.profile is not None and cost is None:
         from sim.cost.profile import ProfileCostModel
 

@@ -49,17 +49,10 @@ def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None
              gen_len: int | None, trace: str | Path | RoutingTrace | None, routing: str, reuse_prob: float,
              seed: int) -> tuple[ModelSpec, SystemSpec, RoutingTrace]:
     m, s = resolve_model(model), resolve_system(system)
-    wl, tr, _ = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob)
+    wl, tr, _ = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob, prompt_counts=True)
     if tr.num_requests != wl.batch:  # keep exactly the batch's requests so every policy sees the same work
-        tr = _head(tr, wl.batch)
+        tr = tr.head(wl.batch)
     return m, s, tr
-
-
-def _head(trace: RoutingTrace, n: int) -> RoutingTrace:
-    end = int(trace.token_offsets[n])
-    return RoutingTrace(trace.header, trace.prompt_lens[:n], trace.gen_lens[:n], trace.experts[:end],
-                        None if trace.gate_weights is None else trace.gate_weights[:end],
-                        None if trace.request_features is None else trace.request_features[:n])
 
 
 def _run_all(m: ModelSpec, s: SystemSpec, jobs: list[tuple[str, dict[str, str]]], tr: RoutingTrace, seed: int,

@@ -42,6 +42,9 @@ def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
     """Raise SimInputError naming the first assignment computed twice, never, or by an op whose token count
     disagrees with its shard."""
     m, wl, h = plan.model, plan.workload, trace.header
+    if not trace.has_prompt_rows:
+        raise SimInputError("plan verification needs every prompt token's experts; the trace keeps its prompts as "
+                            "per-request counts (write a full one with `coxmoe trace gen`)")
     if (h.num_layers, h.num_experts, h.top_k) != (m.num_moe_layers, m.num_experts, m.top_k):
         raise SimInputError(f"the trace is for {h.num_layers} MoE layers x {h.num_experts} experts, top-{h.top_k}; the "
                             f"plan's model {m.name} has {m.num_moe_layers} x {m.num_experts}, top-{m.top_k}")

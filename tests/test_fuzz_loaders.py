@@ -173,25 +173,42 @@ def test_hf_configs(family, data):
 
 
 # ---- traces and imports -------------------------------------------------------------------------------------
-def _trace_bytes() -> bytes:
-    trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(3, 4), np.full(3, 2))
+def _trace_bytes(prompt_counts: bool = False) -> bytes:
+    trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(3, 4), np.full(3, 3), prompt_counts=prompt_counts)
     buf = io.BytesIO()
+    extra = {"prompt_counts": trace.prompt_counts} if prompt_counts else {}
     np.savez(buf, header=np.frombuffer(json.dumps(trace.header.to_json()).encode(), np.uint8),
-             prompt_lens=trace.prompt_lens, gen_lens=trace.gen_lens, experts=trace.experts)
+             prompt_lens=trace.prompt_lens, gen_lens=trace.gen_lens, experts=trace.experts, **extra)
     return buf.getvalue()
 
 
 TRACE_BYTES = _trace_bytes()
+COUNTED_TRACE_BYTES = _trace_bytes(prompt_counts=True)  # prompts as per-request counts (the simulator's form)
+
+
+def _damage(data: bytes):
+    """Up to six byte overwrites and a truncation point (0: none) of `data`."""
+    return (st.lists(st.tuples(st.integers(min_value=0, max_value=len(data) - 1),
+                               st.integers(min_value=0, max_value=255)), max_size=6),
+            st.integers(min_value=0, max_value=len(data)))
 
 
 @FAST
-@given(st.lists(st.tuples(st.integers(min_value=0, max_value=len(TRACE_BYTES) - 1),
-                          st.integers(min_value=0, max_value=255)), max_size=6),
-       st.integers(min_value=0, max_value=len(TRACE_BYTES)))
+@given(*_damage(TRACE_BYTES))
 def test_trace_files(tmp_path_factory, flips, cut):
+    _fuzz_trace(tmp_path_factory, TRACE_BYTES, flips, cut)
+
+
+@FAST
+@given(*_damage(COUNTED_TRACE_BYTES))
+def test_trace_files_with_prompt_counts(tmp_path_factory, flips, cut):
+    _fuzz_trace(tmp_path_factory, COUNTED_TRACE_BYTES, flips, cut)
+
+
+def _fuzz_trace(tmp_path_factory, original: bytes, flips, cut) -> None:
     from traces import load_trace
 
-    data = bytearray(TRACE_BYTES)
+    data = bytearray(original)
     for pos, value in flips:
         data[pos] = value
     path = tmp_path_factory.getbasetemp() / "fuzz.npz"
@@ -201,7 +218,9 @@ def test_trace_files(tmp_path_factory, flips, cut):
     except TraceError as exc:
         assert "\n" not in str(exc)
         return
-    assert int(trace.experts.max()) < trace.header.num_experts
+    assert trace.experts.size == 0 or int(trace.experts.max()) < trace.header.num_experts
+    if trace.prompt_counts is not None:  # what loaded is consistent: each request's prompt, top-k per layer
+        assert (trace.prompt_counts.sum(axis=2) == trace.prompt_lens[:, None] * trace.header.top_k).all()
 
 
 RECORD = {"request": 0, "token": 0, "phase": "prefill", "layer": 0, "experts": [1, 2], "probs": [0.6, 0.4]}

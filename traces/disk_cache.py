@@ -52,10 +52,13 @@ def synthesis_digest() -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray) -> str | None:
-    """The file name of a trace, or None when it cannot be keyed (a count-table file that cannot be read: the
-    synthesis then runs uncached and reports the problem itself)."""
+def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
+              prompt_counts: bool = False) -> str | None:
+    """The file name of a trace (in full, or with its prompts as counts), or None when it cannot be keyed (a
+    count-table file that cannot be read: the synthesis then runs uncached and reports the problem itself)."""
     h = hashlib.sha256(synthesis_digest().encode())
+    if prompt_counts:
+        h.update(b"prompt_counts|")
     h.update(json.dumps(asdict(cfg), sort_keys=True, default=list).encode())
     kind, _, name = cfg.routing.partition(":")
     if kind == "table" and name not in POPULARITY_TABLES:  # a user's count table: its bytes, not its name
@@ -78,11 +81,11 @@ class DiskTraceCache:
         self.hits = self.misses = 0
 
     def get(self, cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
-            build: Callable[[], RoutingTrace]) -> RoutingTrace:
-        """The cached trace, else `build()`'s, saved. One process builds a given trace at a time: another that
-        asks for it meanwhile waits for the file instead of drawing it again (a sweep's workers often start
-        several points of one workload together)."""
-        key = cache_key(cfg, prompt_lens, gen_lens)
+            build: Callable[[], RoutingTrace], prompt_counts: bool = False) -> RoutingTrace:
+        """The cached trace (prompts as counts when `prompt_counts`, as `build` draws it), else `build()`'s,
+        saved. One process builds a given trace at a time: another that asks for it meanwhile waits for the file
+        instead of drawing it again (a sweep's workers often start several points of one workload together)."""
+        key = cache_key(cfg, prompt_lens, gen_lens, prompt_counts)
         if key is None:
             return build()
         path = self.directory / f"{key}.npz"

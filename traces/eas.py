@@ -148,7 +148,7 @@ def eas_map(trace: RoutingTrace, features: np.ndarray | None, *, clusters: int, 
     picked = pick_prototypes(features, trace.num_requests, clusters=clusters, sample=sample, seed=seed)
     if features is None:
         clusters = 1
-    load = trace.expert_counts(trace.prefill_rows(picked)).astype(np.float64)
+    load = trace.prefill_counts(picked).astype(np.float64)
     return map_from_probe(trace.header.model, load, trace.header.top_k, resident,
                           {"clusters": clusters, "sample": int(picked.size), "seed": seed})
 
@@ -175,11 +175,12 @@ def oracle_map(trace: RoutingTrace, resident: int) -> HotExpertMap:
 
 
 def hit_ratio(trace: RoutingTrace, hot: HotExpertMap, rows: np.ndarray | None = None) -> float:
-    """Share of token-expert assignments (over `rows`, default all tokens) whose expert is resident."""
+    """Share of token-expert assignments (over `rows` of `trace.experts`, default every routed token, prompts
+    included) whose expert is resident."""
     if (hot.num_layers, hot.num_experts) != (trace.header.num_layers, trace.header.num_experts):
         raise TraceError(f"map is for {hot.num_layers} layers x {hot.num_experts} experts, trace is "
                          f"{trace.header.num_layers} x {trace.header.num_experts}")
-    counts = trace.expert_counts(np.arange(trace.num_tokens) if rows is None else np.asarray(rows))
+    counts = sum(trace.phase_counts) if rows is None else trace.expert_counts(np.asarray(rows))
     resident = np.zeros(counts.shape, dtype=bool)
     np.put_along_axis(resident, hot.resident_sets().astype(np.int64), True, axis=1)
     total = counts.sum()

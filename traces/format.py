@@ -9,6 +9,11 @@ File layout (`.npz`, loaded with `allow_pickle=False`):
 - `gate_weights` (optional): float16/float32 [T, num_layers, top_k].
 - `request_features` (optional): float32 [R, D], a per-request feature vector (a prompt embedding, or the topic
   feature of a synthetic topic-mixture trace) that expert-aware stratification clusters on.
+- `prompt_counts` (optional): unsigned [R, num_layers, num_experts], each request's prompt tokens routed to each
+  expert. A trace with it keeps its prompts only as these counts (what the simulator reads; a quarter of the
+  bytes at 800 prompt and 256 generated tokens): `experts` (and `gate_weights`) then hold the generated tokens'
+  rows alone, `gen_lens[r] - 1` per request. The executor, routing statistics and plan verification need every
+  row and refuse such a trace.
 """
 
 from __future__ import annotations
@@ -66,9 +71,21 @@ class RoutingTrace:
     experts: np.ndarray
     gate_weights: np.ndarray | None = None
     request_features: np.ndarray | None = None
+    prompt_counts: np.ndarray | None = None  # prompts as per-request counts; `experts` then holds decode rows only
 
     def __post_init__(self) -> None:
         validate(self, thorough=False)
+
+    @property
+    def has_prompt_rows(self) -> bool:
+        """Whether every routed token has its row (False: the prompts are kept as per-request counts)."""
+        return self.prompt_counts is None
+
+    def require_prompt_rows(self, what: str) -> None:
+        """Refuse, naming `what`, a trace that keeps its prompts only as counts."""
+        if self.prompt_counts is not None:
+            raise TraceError(f"{what} needs every prompt token's experts; this trace keeps its prompts as "
+                             "per-request counts (the simulator's form): write a full one with `coxmoe trace gen`")
 
     # ---- shape ------------------------------------------------------------------------------------------
     @property
@@ -77,6 +94,7 @@ class RoutingTrace:
 
     @property
     def num_tokens(self) -> int:
+        """Rows of `experts`: every routed token, or the generated ones alone when prompts are counts."""
         return int(self.experts.shape[0])
 
     @cached_property
@@ -86,11 +104,27 @@ class RoutingTrace:
     @cached_property
     def token_offsets(self) -> np.ndarray:
         """offsets[r] is the first token row of request r; offsets[R] == num_tokens."""
-        return np.concatenate([[0], np.cumsum(self.routed_lens)]).astype(np.int64)
+        lens = self.routed_lens if self.prompt_counts is None else self.gen_lens.astype(np.int64) - 1
+        return np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+
+    @cached_property
+    def decode_offsets(self) -> np.ndarray:
+        """decode_offsets[r] is the row of request r's first generated token fed back (decode step 1)."""
+        first = self.token_offsets[:-1]
+        return first + self.prompt_lens.astype(np.int64) if self.prompt_counts is None else first
+
+    def head(self, n: int) -> RoutingTrace:
+        """The first `n` requests as a trace of their own (views, no copies)."""
+        end = int(self.token_offsets[n])
+        return RoutingTrace(self.header, self.prompt_lens[:n], self.gen_lens[:n], self.experts[:end],
+                            None if self.gate_weights is None else self.gate_weights[:end],
+                            None if self.request_features is None else self.request_features[:n],
+                            None if self.prompt_counts is None else self.prompt_counts[:n])
 
     # ---- token selections used by both engines ------------------------------------------------------------
     def prefill_rows(self, requests: np.ndarray) -> np.ndarray:
         """Token rows of the prompts of `requests` (request order, then position)."""
+        self.require_prompt_rows("prompt rows")
         requests = np.asarray(requests, dtype=np.int64)
         starts = self.token_offsets[requests]
         lens = self.prompt_lens[requests].astype(np.int64)
@@ -103,7 +137,7 @@ class RoutingTrace:
         """Token rows fed at decode step `step` (1-based) by those of `requests` still generating."""
         requests = np.asarray(requests, dtype=np.int64)
         active = requests[self.gen_lens[requests] > step]
-        return self.token_offsets[active] + self.prompt_lens[active].astype(np.int64) + (step - 1)
+        return self.decode_offsets[active] + (step - 1)
 
     def expert_counts(self, rows: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
         """Tokens routed to each expert at each MoE layer over `rows`: int64 [num_layers, num_experts]."""
@@ -123,6 +157,8 @@ class RoutingTrace:
         requests = np.asarray(requests, dtype=np.int64)
         if requests.size == 0:
             return self.expert_counts(np.zeros(0, dtype=np.int64))
+        if self.prompt_counts is not None:
+            return self.prompt_counts[requests].sum(axis=0, dtype=np.int64)
         table = self._prefill_table(int(requests.max()) + 1)
         if table is None:
             return self.expert_counts(self.prefill_rows(requests))
@@ -182,7 +218,7 @@ class RoutingTrace:
         n = int(steps.sum())
         first = np.concatenate([[0], np.cumsum(steps)[:-1]]) if steps.size else steps
         local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
-        rows = np.repeat(self.token_offsets[requests] + self.prompt_lens[requests].astype(np.int64), steps) + local
+        rows = np.repeat(self.decode_offsets[requests], steps) + local
         slot = local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)  # its (step, group)
         order = np.argsort(slot, kind="stable")  # step-major: a chunk of rows covers a narrow band of slots
         rows, slot = rows[order], slot[order]
@@ -221,7 +257,8 @@ class RoutingTrace:
         prompt = self.prefill_counts(every)
         steps = self.decode_step_counts([every])  # counts only the decode rows (and keeps them per step)
         if steps is None:
-            return prompt, self.expert_counts(np.arange(self.num_tokens)) - prompt
+            every_row = self.expert_counts(np.arange(self.num_tokens))
+            return prompt, every_row - prompt if self.prompt_counts is None else every_row
         return prompt, steps.sum(axis=(0, 1), dtype=np.int64)
 
 
@@ -271,9 +308,14 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
     ex = trace.experts
     if not isinstance(ex, np.ndarray) or ex.dtype.kind != "u":
         raise TraceError("trace: experts must be an unsigned integer array")
-    expected = (int(trace.routed_lens.sum()), h.num_layers, h.top_k)
+    counted = trace.prompt_counts is not None
+    rows = int(trace.routed_lens.sum()) - (int(trace.prompt_lens.astype(np.int64).sum()) if counted else 0)
+    expected = (rows, h.num_layers, h.top_k)
     if ex.shape != expected:
-        raise TraceError(f"trace: experts has shape {ex.shape}, expected {expected} from the lengths and header")
+        raise TraceError(f"trace: experts has shape {ex.shape}, expected {expected} from the lengths and header"
+                         + (" (generated tokens only: the prompts are counts)" if counted else ""))
+    if counted:
+        _validate_prompt_counts(trace, thorough)
     if ex.size:
         top = int(ex.max())
         if top >= h.num_experts:
@@ -293,6 +335,23 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
             raise TraceError(f"trace: request_features must be a float array of shape [{trace.prompt_lens.size}, D]")
         if not np.isfinite(feats).all():
             raise TraceError("trace: request_features must be finite")
+
+
+def _validate_prompt_counts(trace: RoutingTrace, thorough: bool) -> None:
+    """Per-request prompt counts: unsigned [R, L, E], each (request, layer) summing to its prompt's tokens times
+    top-k; `thorough` also bounds every entry by its prompt's length (no token lists an expert twice)."""
+    h, pc = trace.header, trace.prompt_counts
+    shape = (trace.num_requests, h.num_layers, h.num_experts)
+    if not isinstance(pc, np.ndarray) or pc.dtype.kind != "u" or pc.shape != shape:
+        raise TraceError(f"trace: prompt_counts must be an unsigned integer array of shape {shape}")
+    lens = trace.prompt_lens.astype(np.int64)
+    sums = pc.sum(axis=2, dtype=np.int64)
+    if not (sums == (lens * h.top_k)[:, None]).all():
+        r, layer = np.argwhere(sums != (lens * h.top_k)[:, None])[0]
+        raise TraceError(f"trace: prompt_counts of request {r} at layer {layer} sum to {sums[r, layer]}, expected "
+                         f"its {lens[r]} prompt tokens x top-{h.top_k}")
+    if thorough and pc.size and (pc > lens[:, None, None]).any():
+        raise TraceError("trace: a prompt_counts entry exceeds its prompt's length (a token lists an expert twice)")
 
 
 def expert_dtype(num_experts: int) -> np.dtype:
@@ -315,6 +374,8 @@ def save_trace(trace: RoutingTrace, path: str | Path, compress: bool = False) ->
         arrays["gate_weights"] = trace.gate_weights
     if trace.request_features is not None:
         arrays["request_features"] = trace.request_features.astype(np.float32)
+    if trace.prompt_counts is not None:
+        arrays["prompt_counts"] = trace.prompt_counts
     return write_npz_atomic(path, arrays, compress)
 
 
@@ -405,12 +466,12 @@ def load_trace(path: str | Path, thorough: bool = True) -> RoutingTrace:
     """Load and validate a v1 trace; any problem is one TraceError naming the file. `thorough=False` skips the
     per-token repeated-expert scan (for a file this tool synthesised and wrote, as the trace cache does)."""
     path = Path(path)
-    arrays = read_npz(path, {"header", "prompt_lens", "gen_lens", "experts"}, ("gate_weights", "request_features"),
-                      "trace file")
+    arrays = read_npz(path, {"header", "prompt_lens", "gen_lens", "experts"},
+                      ("gate_weights", "request_features", "prompt_counts"), "trace file")
     header = _parse_header(arrays["header"], path)
     try:
         trace = RoutingTrace(header, arrays["prompt_lens"], arrays["gen_lens"], arrays["experts"],
-                             arrays.get("gate_weights"), arrays.get("request_features"))
+                             arrays.get("gate_weights"), arrays.get("request_features"), arrays.get("prompt_counts"))
         validate(trace, thorough=thorough)
         return trace
     except TraceError as exc:

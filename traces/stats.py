@@ -41,6 +41,7 @@ class TraceStats:
 
 
 def _reuse(trace: RoutingTrace, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+    trace.require_prompt_rows("reuse statistics")
     """Per layer: mean share of a token's top-k chosen by the previous token (same request), and the rate
     at which the first choice repeats. Tokens go in chunks to bound the [n, L, k, k] comparison."""
     L, k = trace.header.num_layers, trace.header.top_k
@@ -60,6 +61,7 @@ def _reuse(trace: RoutingTrace, chunk: int = 1 << 14) -> tuple[np.ndarray, np.nd
 
 
 def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.ndarray, int]:
+    trace.require_prompt_rows("LRU hit rates")
     """Hit rate [layers, E] of an LRU cache of c = 1..E experts per layer, replaying each request's tokens.
 
     An access hits a cache of c experts when fewer than c distinct other experts were used since that expert's
@@ -98,6 +100,7 @@ def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.nda
 def cross_layer_affinity(trace: RoutingTrace) -> np.ndarray:
     """Per adjacent layer pair: share of tokens whose next-layer first choice is the most frequent successor of
     their first choice (see TraceStats.cross_layer_affinity)."""
+    trace.require_prompt_rows("cross-layer affinity")
     L, E = trace.header.num_layers, trace.header.num_experts
     top1 = trace.experts[:, :, 0].astype(np.int64)
     out = np.zeros(max(L - 1, 0))
@@ -109,6 +112,7 @@ def cross_layer_affinity(trace: RoutingTrace) -> np.ndarray:
 
 
 def trace_stats(trace: RoutingTrace, lru_max_tokens: int = 50_000) -> TraceStats:
+    trace.require_prompt_rows("routing statistics")
     h = trace.header
     L, E = h.num_layers, h.num_experts
     counts = trace.expert_counts(np.arange(trace.num_tokens))
