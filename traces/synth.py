@@ -474,33 +474,36 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
 class _PromptCounts:
     """Per-request prompt counts [R, L, E] gathered layer by layer during synthesis, and the rows (in trace
     order) of the generated tokens the trace keeps. Requests are counted in groups of about 2^16 prompt tokens,
-    so each bincount's bins (the group's requests x experts) stay small."""
+    each over its requests' contiguous rows: a prompt row's key is its request's bin base plus the expert id, a
+    generated row's a spare bin block past the group's (dropped), so no rows are gathered and each bincount's bins
+    (the group's requests x experts) stay small; int32 keys halve the temporary."""
 
     GROUP_TOKENS = 1 << 16
 
     def __init__(self, prompt_lens: np.ndarray, gen_lens: np.ndarray, layers: int, experts: int, top_k: int):
         plens, routed = prompt_lens.astype(np.int64), prompt_lens.astype(np.int64) + gen_lens - 1
-        first = np.concatenate([[0], np.cumsum(routed)[:-1]])
-        is_prompt = np.zeros(int(routed.sum()), dtype=bool)
-        within = np.arange(int(plens.sum()), dtype=np.int64) - np.repeat(np.cumsum(plens) - plens, plens)
-        self.prompt_idx = np.repeat(first, plens) + within  # prompt rows in trace order, request by request
-        is_prompt[self.prompt_idx] = True
+        first = np.concatenate([[0], np.cumsum(routed)])  # each request's first row; the last entry: every row
+        position = np.arange(int(first[-1]), dtype=np.int64) - np.repeat(first[:-1], routed)  # row within request
+        is_prompt = position < np.repeat(plens, routed)
         self.decode_idx = np.flatnonzero(~is_prompt)
         self.experts = experts
         self.table = np.zeros((plens.size, layers, experts), dtype=count_dtype(int(plens.max(initial=0)) * top_k))
         ends = np.cumsum(plens)
-        self.groups = []  # (first request, last request + 1, first prompt row, last prompt row + 1)
+        self.groups = []  # (first request, last request + 1, first row, last row + 1, each row's key base)
         lo = 0
         while lo < plens.size:
             done = int(ends[lo - 1]) if lo else 0
             hi = min(max(int(np.searchsorted(ends, done + self.GROUP_TOKENS, side="right")), lo + 1), plens.size)
-            local = np.repeat(np.arange(hi - lo, dtype=np.int64) * experts, plens[lo:hi])
-            self.groups.append((lo, hi, done, int(ends[hi - 1]), local))
+            a, b = int(first[lo]), int(first[hi])
+            base = np.repeat(np.arange(hi - lo, dtype=np.int32) * np.int32(experts), routed[lo:hi])
+            base[~is_prompt[a:b]] = (hi - lo) * experts  # generated rows: the spare block
+            self.groups.append((lo, hi, a, b, base[:, None]))
             lo = hi
 
     def add(self, layer: int, ids: np.ndarray) -> None:
         """Count layer `layer`'s ids [rows, k] of every routed token into the requests' prompt counts."""
         E = self.experts
-        for lo, hi, start, stop, local in self.groups:
-            keys = ids[self.prompt_idx[start:stop]] + local[:, None]
-            self.table[lo:hi, layer, :] = np.bincount(keys.ravel(), minlength=(hi - lo) * E).reshape(hi - lo, E)
+        for lo, hi, a, b, base in self.groups:
+            keys = np.add(ids[a:b], base, dtype=np.int32)
+            counts = np.bincount(keys.ravel(), minlength=(hi - lo + 1) * E)
+            self.table[lo:hi, layer, :] = counts[:(hi - lo) * E].reshape(hi - lo, E)
