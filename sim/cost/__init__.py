@@ -1,5 +1,7 @@
 """Cost of an op: its work (FLOPs, bytes) from the model, its time from a cost model of the machine."""
 
+import operator
+
 from sim.cost.roofline import CostModel, RooflineCostModel, seconds_to_ns
 from sim.cost.work import OpWork, Work
 from sim.plan import Op, member_op, member_ops
@@ -12,6 +14,9 @@ def op_time_ns(cost: CostModel, op: Op) -> int:
         return cost.op_time_ns(op)
     price = cost.op_time_ns
     return sum([price(m) for m in member_ops(op)])
+
+
+_WORK = operator.itemgetter(slice(1, None))  # a member's (tokens, FLOPs, bytes): what its price depends on
 
 
 class GroupPrices:
@@ -55,7 +60,12 @@ class GroupPrices:
     def __call__(self, op: Op) -> int:
         if not op.members:
             return self.cost.op_time_ns(op)
-        memo, price = self._memo(self.times_memo, op), self.cost.op_time_ns
+        memo = self._memo(self.times_memo, op)
+        try:  # every member's work priced before: one C-level pass (plans repeat a few token counts)
+            return sum(map(memo.__getitem__, map(_WORK, op.members)))
+        except KeyError:
+            pass
+        price = self.cost.op_time_ns
         total = 0
         for member in op.members:
             work = member[1:]

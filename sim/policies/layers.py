@@ -9,6 +9,7 @@ dependencies), the shared expert, or a dense FFN.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import compress
 from typing import NamedTuple
 
 import numpy as np
@@ -154,11 +155,11 @@ class LayerEmitter:
         plan building: each op is appended as `_op` would, with look-ups hoisted."""
         loads = counts.tolist() if isinstance(counts, np.ndarray) else [int(c) for c in counts]  # plain ints
         ids = experts.tolist() if isinstance(experts, np.ndarray) else experts
-        run = [int(e) for e in ids if loads[e]]
+        run = list(compress(map(int, ids), map(loads.__getitem__, ids)))  # those with tokens (C-level passes)
         n = len(run)
         if not n:
             return -1
-        ts = [loads[e] for e in run]
+        ts = list(map(loads.__getitem__, run))
         base = tuple([d for d in deps if d >= 0])
         extras = None if ready is None else _extras(ready, run)
         if extras is None:  # one run, one set of dependencies
