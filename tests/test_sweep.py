@@ -98,6 +98,30 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     assert "3 points: 2 ok, 1 failed" in capsys.readouterr().out
 
 
+def test_points_finished_by_other_code_are_simulated_again(tmp_path, capsys):
+    """A store keeps results across runs; a point recorded by other simulator code (or library versions) is not
+    reused, so a changed simulator never reports the old code's numbers as its own."""
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "batch": 4,
+                                      "prompt_len": 8, "gen_len": 2},
+                            "axes": {"policy": ["fiddler", "stream-experts"]}})
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    before = load_results(out)
+    assert '"code"' in before["versions"].iloc[0]
+    with sqlite3.connect(out / DB_NAME) as conn:  # as if an older simulator had recorded the first point
+        conn.execute("UPDATE points SET versions = ?, metrics = ? WHERE key = ?",
+                     ('{"code": "older"}', '{"throughput_tok_s": 1.0}', before["key"].iloc[0]))
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "1 already done, 1 ran (of them 1 finished before by other code or library versions)" in captured.out
+    assert "1 point(s) finished earlier by other code" in captured.err
+    after = load_results(out).set_index("key")
+    assert after.loc[before["key"].iloc[0], "throughput_tok_s"] == before["throughput_tok_s"].iloc[0]
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0  # now current: reused
+    assert "2 already done, 0 ran," in capsys.readouterr().out
+
+
 def test_kill_9_mid_sweep_loses_nothing_and_duplicates_nothing(tmp_path):
     spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "policy": "coxmoe",
                                       "prompt_len": 16, "gen_len": 3},

@@ -21,8 +21,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         summary = run_sweep(points, store, args.engine, args.workers, args.ray_address)
     finally:
         store.close()
+    rerun = f" (of them {summary.stale} finished before by other code or library versions)" if summary.stale else ""
     print(f"sweep {args.spec} ({args.engine}): {summary.total} points, {summary.skipped} already done, "
-          f"{summary.ok} ran, {summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
+          f"{summary.ok} ran{rerun}, {summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")
     if summary.failed and not args.allow_failures:
         print(f"coxmoe sweep: {summary.failed} point(s) failed (see `coxmoe sweep-results {args.out}`; "
               "--allow-failures exits 0 anyway)", file=sys.stderr)

@@ -35,6 +35,7 @@ class SweepSummary:
     ok: int
     failed: int
     wall_s: float
+    stale: int = 0  # points finished earlier by other code or library versions, simulated again
 
 
 def run_point(config: dict[str, Any]) -> Outcome:
@@ -97,6 +98,10 @@ def _drive(points: Iterable[SweepPoint], store: ResultStore,
     points = list(points)
     done = store.finished()
     pending = [p for p in points if p.key not in done]
+    stale = len(store.stale() & {p.key for p in pending})
+    if stale and progress:
+        print(f"{desc}: {stale} point(s) finished earlier by other code or library versions: simulating them again",
+              file=sys.stderr, flush=True)
     ok = failed = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc=desc, unit="pt", disable=None if progress else True)
@@ -117,7 +122,7 @@ def _drive(points: Iterable[SweepPoint], store: ResultStore,
                       file=sys.stderr, flush=True)
     finally:
         bar.close()
-    return SweepSummary(len(points), len(points) - len(pending), ok, failed, time.perf_counter() - t0)
+    return SweepSummary(len(points), len(points) - len(pending), ok, failed, time.perf_counter() - t0, stale)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -1,5 +1,9 @@
 """Crash-safe sweep results: one SQLite file, one row per point keyed by its config hash.
 
+A point counts as finished only when it was recorded by the same code and library versions (`versions()`: a
+digest of the simulator's sources and presets, and the versions of the libraries that shape the numbers): a rerun
+after a change to the simulator simulates every point again instead of reusing numbers the old code produced.
+
 Why SQLite: it ships with Python, and each finished point is one committed transaction (WAL journal), so a
 sweep killed with -9 keeps every point it had written and never half a row; the primary key makes a rerun's
 write replace rather than duplicate. Only the sweep's main process writes; workers return results to it.
@@ -7,6 +11,8 @@ write replace rather than duplicate. Only the sweep's main process writes; worke
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import platform
 import sqlite3
@@ -34,9 +40,27 @@ CREATE TABLE IF NOT EXISTS points (
 METRIC_COLUMNS = ("throughput_tok_s", "total_s", "prefill_s", "decode_s", "peak_gpu_bytes", "peak_cpu_bytes")
 
 
+SOURCES = ("sim", "traces")  # what turns a point's config into its numbers
+SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".npy", ".csv")
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of the simulator's sources, presets and shipped data (`sim/`, `traces/`)."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for top in SOURCES:
+        for path in sorted((root / top).rglob("*")):
+            if path.suffix in SOURCE_SUFFIXES and path.is_file():
+                h.update(path.relative_to(root).as_posix().encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def versions() -> dict[str, str]:
-    """What produced a result: this package and the libraries whose behaviour shapes the numbers."""
-    out = {"python": platform.python_version()}
+    """What produced a result: the simulator's code (a digest), this package and the libraries whose behaviour
+    shapes the numbers."""
+    out = {"code": code_digest(), "python": platform.python_version()}
     for pkg in ("cox-moe", "simpy", "numpy", "pandas"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -59,8 +83,15 @@ class ResultStore:
         self._versions = json.dumps(versions(), sort_keys=True)
 
     def finished(self) -> set[str]:
-        """Keys of the points that completed successfully (failed ones are retried)."""
-        return {row[0] for row in self.conn.execute("SELECT key FROM points WHERE status = 'ok'")}
+        """Keys of the points that completed successfully with this code and these library versions (failed
+        ones, and ones another version recorded, run again)."""
+        return {key for key, made_by in self.conn.execute("SELECT key, versions FROM points WHERE status = 'ok'")
+                if made_by == self._versions}
+
+    def stale(self) -> set[str]:
+        """Keys of successful points that other code or library versions recorded."""
+        return {key for key, made_by in self.conn.execute("SELECT key, versions FROM points WHERE status = 'ok'")
+                if made_by != self._versions}
 
     def record(self, key: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str | None,
                wall_s: float) -> None:
