@@ -43,7 +43,12 @@ class GroupPrices:
     def parts(self, op: Op) -> list[tuple[int, tuple[float, float]]]:
         """(time, usage) of each member of a grouped op, in order: what the engine runs one after another on a
         stream that shares its resource group (each member at its own fair rate, as its own op would)."""
-        memo, times, cost = self._memo(self.parts_memo, op), self._memo(self.times_memo, op), self.cost
+        memo = self._memo(self.parts_memo, op)
+        try:  # every member's shape seen before: one C-level pass
+            return list(map(memo.__getitem__, map(_WORK, op.members)))
+        except KeyError:
+            pass
+        times, cost = self._memo(self.times_memo, op), self.cost
         out = []
         for member in op.members:
             work = member[1:]
