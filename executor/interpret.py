@@ -64,9 +64,7 @@ class PlanInterpreter:
                  weights_on: dict[str, ModelWeights] | None = None, device_of: dict | None = None):
         if plan.decode_scale != 1.0:
             raise ValueError("the executor needs a plan with every decode step (it was built with decode_sample)")
-        if not trace.has_prompt_rows:
-            raise ValueError("the executor routes every prompt token as its trace says; this trace keeps its prompts "
-                             "as per-request counts (synthesise it in full: resolve_routing(..., prompt_counts=False))")
+        trace.require_prompt_rows("the executor")  # it routes every prompt token as the trace says
         if weights.spec.num_layers != plan.model.num_layers:
             raise ValueError(f"weights have {weights.spec.num_layers} layers, the plan {plan.model.num_layers}")
         self.plan, self.mw, self.trace = plan, weights, trace

@@ -63,7 +63,8 @@ def test_a_counted_trace_round_trips_and_keeps_its_head(tmp_path):
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda pc: pc[:, :, :-1], "shape"),
-    (lambda pc: pc.astype(np.int32), "unsigned"),
+    (lambda pc: pc.astype(np.int32), "uint8, uint16 or uint32"),
+    (lambda pc: pc.astype(np.uint64), "uint8, uint16 or uint32"),
     (lambda pc: pc + np.uint16(1), "sum to"),
 ])
 def test_malformed_prompt_counts_are_named(change, message):
@@ -130,3 +131,42 @@ def test_the_disk_cache_keys_the_two_forms_apart():
     cfg, prompts, gens = CONFIGS[0]
     p, g = np.array(prompts), np.array(gens)
     assert cache_key(cfg, p, g) != cache_key(cfg, p, g, prompt_counts=True)
+
+
+def test_the_executor_and_trace_commands_read_a_counted_file_as_such(tmp_path, capsys):
+    """A counted trace file (as a sweep's cache writes them): `execute` refuses it in one line before planning,
+    `eas` probes its prompt counts, `trace validate` reports its routed tokens and its form."""
+    from experiments.cli import main
+
+    cfg = SynthConfig("mixtral-8x7b", 1, 8, 2, "zipf:1.0", 0.0, 0)  # as `--layers 1` cuts the model
+    counted = generate_trace(cfg, np.full(4, 5), np.full(4, 3), prompt_counts=True)
+    path = save_trace(counted, tmp_path / "counted.npz")
+    code = main(["execute", "--model", "mixtral-8x7b", "--layers", "1", "--policy", "cpu-only", "--trace", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the executor needs every prompt token's experts" in err, err
+    assert main(["trace", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "28 routed tokens (prompts as per-request counts: 8 generated-token rows)" in out, out
+    assert main(["eas", "--trace", str(path), "--vram-experts", "2", "--sample", "2", "--out",
+                 str(tmp_path / "map.npz")]) == 0
+
+
+def test_prompt_counting_keeps_its_keys_and_bins_bounded(monkeypatch):
+    """Many short prompts of a wide model: a counting group holds at most GROUP_BINS (request, expert) bins, so the
+    int32 keys cannot overflow, and the counts equal the full trace's."""
+    monkeypatch.setattr(synth._PromptCounts, "GROUP_BINS", 64)  # 4 requests of 16 experts a group
+    full, counted = both(SynthConfig("m", 2, 16, 2, "uniform", 0.0, 5), [1] * 23, [2] * 23)
+    for r in range(23):
+        np.testing.assert_array_equal(counted.prompt_counts[r].astype(np.int64), full.prefill_counts(np.array([r])))
+    pc = synth._PromptCounts(np.full(10, 1), np.full(10, 2), 1, 16, 2)
+    assert max(hi - lo for lo, hi, *_ in pc.groups) == 4
+
+
+def test_a_counted_prompt_longer_than_any_request_may_hold_is_refused():
+    _, counted = both(*CONFIGS[0])
+    lens = counted.prompt_lens.astype(np.int64).copy()
+    lens[0] = 1 << 25
+    pc = counted.prompt_counts.astype(np.uint32)
+    pc[0, :, 0] += np.uint32(((1 << 25) - int(counted.prompt_lens[0])) * 2)
+    with pytest.raises(TraceError, match="exceeds the 16,777,216"):
+        RoutingTrace(counted.header, lens, counted.gen_lens, counted.experts, prompt_counts=pc)

@@ -120,6 +120,11 @@ def test_points_finished_by_other_code_are_simulated_again(tmp_path, capsys):
     assert after.loc[before["key"].iloc[0], "throughput_tok_s"] == before["throughput_tok_s"].iloc[0]
     assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0  # now current: reused
     assert "2 already done, 0 ran," in capsys.readouterr().out
+    with sqlite3.connect(out / DB_NAME) as conn:  # an interrupted rerun leaves an old point: listed as such
+        conn.execute("UPDATE points SET versions = ? WHERE key = ?", ('{"code": "older"}', before["key"].iloc[0]))
+    assert load_results(out)["stale"].tolist().count(True) == 1
+    assert main(["sweep-results", str(out)]) == 0
+    assert "2 points: 2 ok, 0 failed (1 recorded by other code or library versions" in capsys.readouterr().out
 
 
 def test_kill_9_mid_sweep_loses_nothing_and_duplicates_nothing(tmp_path):

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from traces.errors import TraceError
-from traces.limits import check_experts, check_memory
+from traces.limits import MAX_LENGTH, check_experts, check_memory
 
 FORMAT_NAME = "cox-moe-routing-trace"
 FORMAT_VERSION = 1
@@ -342,9 +342,11 @@ def _validate_prompt_counts(trace: RoutingTrace, thorough: bool) -> None:
     top-k; `thorough` also bounds every entry by its prompt's length (no token lists an expert twice)."""
     h, pc = trace.header, trace.prompt_counts
     shape = (trace.num_requests, h.num_layers, h.num_experts)
-    if not isinstance(pc, np.ndarray) or pc.dtype.kind != "u" or pc.shape != shape:
-        raise TraceError(f"trace: prompt_counts must be an unsigned integer array of shape {shape}")
+    if not isinstance(pc, np.ndarray) or pc.dtype.kind != "u" or pc.dtype.itemsize > 4 or pc.shape != shape:
+        raise TraceError(f"trace: prompt_counts must be a uint8, uint16 or uint32 array of shape {shape}")
     lens = trace.prompt_lens.astype(np.int64)
+    if lens.size and int(lens.max()) > MAX_LENGTH:  # no rows bound them here, as they do in the full form
+        raise TraceError(f"trace: a prompt of {int(lens.max()):,} tokens exceeds the {MAX_LENGTH:,} a request may hold")
     sums = pc.sum(axis=2, dtype=np.int64)
     if not (sums == (lens * h.top_k)[:, None]).all():
         r, layer = np.argwhere(sums != (lens * h.top_k)[:, None])[0]

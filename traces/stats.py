@@ -41,9 +41,9 @@ class TraceStats:
 
 
 def _reuse(trace: RoutingTrace, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
-    trace.require_prompt_rows("reuse statistics")
     """Per layer: mean share of a token's top-k chosen by the previous token (same request), and the rate
     at which the first choice repeats. Tokens go in chunks to bound the [n, L, k, k] comparison."""
+    trace.require_prompt_rows("reuse statistics")
     L, k = trace.header.num_layers, trace.header.top_k
     follows = np.ones(trace.num_tokens, dtype=bool)
     follows[trace.token_offsets[:-1]] = False  # the first token of each request has no predecessor
@@ -61,7 +61,6 @@ def _reuse(trace: RoutingTrace, chunk: int = 1 << 14) -> tuple[np.ndarray, np.nd
 
 
 def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.ndarray, int]:
-    trace.require_prompt_rows("LRU hit rates")
     """Hit rate [layers, E] of an LRU cache of c = 1..E experts per layer, replaying each request's tokens.
 
     An access hits a cache of c experts when fewer than c distinct other experts were used since that expert's
@@ -69,6 +68,7 @@ def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.nda
     so a cache smaller than top_k cannot hold a whole token's set. Requests are
     replayed in order until `max_tokens` routed tokens are covered, vectorised across requests.
     """
+    trace.require_prompt_rows("LRU hit rates")
     L, E = trace.header.num_layers, trace.header.num_experts
     lens = trace.routed_lens
     take = int(np.searchsorted(np.cumsum(lens), max_tokens, side="right"))

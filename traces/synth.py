@@ -479,6 +479,7 @@ class _PromptCounts:
     (the group's requests x experts) stay small; int32 keys halve the temporary."""
 
     GROUP_TOKENS = 1 << 16
+    GROUP_BINS = 1 << 22  # and at most this many (request, expert) bins a group: int32 keys, a 32 MiB bincount
 
     def __init__(self, prompt_lens: np.ndarray, gen_lens: np.ndarray, layers: int, experts: int, top_k: int):
         plens, routed = prompt_lens.astype(np.int64), prompt_lens.astype(np.int64) + gen_lens - 1
@@ -493,7 +494,8 @@ class _PromptCounts:
         lo = 0
         while lo < plens.size:
             done = int(ends[lo - 1]) if lo else 0
-            hi = min(max(int(np.searchsorted(ends, done + self.GROUP_TOKENS, side="right")), lo + 1), plens.size)
+            hi = int(np.searchsorted(ends, done + self.GROUP_TOKENS, side="right"))
+            hi = min(max(min(hi, lo + self.GROUP_BINS // experts), lo + 1), plens.size)
             a, b = int(first[lo]), int(first[hi])
             base = np.repeat(np.arange(hi - lo, dtype=np.int32) * np.int32(experts), routed[lo:hi])
             base[~is_prompt[a:b]] = (hi - lo) * experts  # generated rows: the spare block

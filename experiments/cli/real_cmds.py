@@ -40,6 +40,7 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
     system = resolve_system(config.system)
     workload, trace, routing = resolve_routing(spec, config.batch, config.prompt_len, config.gen_len, config.trace,
                                                config.routing, config.seed, config.reuse_prob)
+    trace.require_prompt_rows("the executor")  # before the plan search: it routes every prompt token as traced
     cost = None
     if profile is not None:
         import torch

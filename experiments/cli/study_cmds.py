@@ -83,7 +83,11 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
         return 0
     shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
              "wall_s", "error"]
-    print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} failed")
+    stale = int(df["stale"].sum())
+    note = f" ({stale} recorded by other code or library versions: a rerun of the sweep simulates them again)" \
+        if stale else ""
+    print(f"{len(df)} points: {int((df['status'] == 'ok').sum())} ok, {int((df['status'] == 'failed').sum())} "
+          f"failed{note}")
     if len(df):
         table = df[[c for c in shown if c in df.columns]].astype(object).fillna("")
         print(table.to_string(index=False, max_colwidth=60))

@@ -101,7 +101,9 @@ def cmd_trace_validate(args: argparse.Namespace) -> int:
 
     t = load_trace(args.file)
     h = t.header
-    print(f"ok: {args.file}: trace v1, model {h.model}, {t.num_requests} requests, {t.num_tokens} routed tokens, "
+    routed = int(t.routed_lens.sum())
+    form = "" if t.has_prompt_rows else f" (prompts as per-request counts: {t.num_tokens} generated-token rows)"
+    print(f"ok: {args.file}: trace v1, model {h.model}, {t.num_requests} requests, {routed} routed tokens{form}, "
           f"{h.num_layers} MoE layers x {h.num_experts} experts, top-{h.top_k}, source {h.source}")
     return 0
 
@@ -145,7 +147,7 @@ def cmd_eas(args: argparse.Namespace) -> int:
         load = probe.expert_counts(np.arange(probe.num_tokens)).astype(np.float64)
         model, top_k = probe.header.model, probe.header.top_k
     else:
-        load = trace.expert_counts(trace.prefill_rows(picked)).astype(np.float64)
+        load = trace.prefill_counts(picked).astype(np.float64)
         model, top_k = trace.header.model, trace.header.top_k
     if args.vram_experts > load.shape[1]:
         raise SimInputError(f"--vram-experts {args.vram_experts} exceeds the {load.shape[1]} experts per layer")

@@ -108,8 +108,8 @@ class ResultStore:
 
 
 def load_results(out_dir: str | Path) -> pd.DataFrame:
-    """Every recorded point as a row: key, status, error, wall_s, the config keys, the headline metrics, and the
-    full `metrics`, `versions` JSON."""
+    """Every recorded point as a row: key, status, error, wall_s, the config keys, the headline metrics, the
+    full `metrics`, `versions` JSON, and `stale` (recorded by other code or library versions than these)."""
     path = Path(out_dir) / DB_NAME
     if not path.is_file():
         from sim.errors import SimInputError
@@ -120,6 +120,7 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     rows = []
     from sim.config import OMITTED_DEFAULTS
 
+    current = json.dumps(versions(), sort_keys=True)
     for rec in raw.to_dict("records"):
         config = {**OMITTED_DEFAULTS, **json.loads(rec["config"])}  # settings a point leaves out at their default
         metrics = json.loads(rec["metrics"]) if isinstance(rec["metrics"], str) else {}  # NULL reads as NaN
@@ -127,6 +128,6 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         row = {"key": rec["key"], "status": rec["status"], "error": error, "wall_s": rec["wall_s"],
                **{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in config.items()},
                **{m: metrics.get(m) for m in METRIC_COLUMNS}, "metrics": rec["metrics"],
-               "versions": rec["versions"], "finished_at": rec["finished_at"]}
+               "versions": rec["versions"], "stale": rec["versions"] != current, "finished_at": rec["finished_at"]}
         rows.append(row)
     return pd.DataFrame(rows)
