@@ -170,3 +170,12 @@ def test_a_counted_prompt_longer_than_any_request_may_hold_is_refused():
     pc[0, :, 0] += np.uint32(((1 << 25) - int(counted.prompt_lens[0])) * 2)
     with pytest.raises(TraceError, match="exceeds the 16,777,216"):
         RoutingTrace(counted.header, lens, counted.gen_lens, counted.experts, prompt_counts=pc)
+
+
+def test_the_count_table_is_sized_before_it_is_made():
+    """A batch whose prompt table alone would pass the memory limit is refused before anything is allocated."""
+    from traces.limits import ResourceLimitError
+
+    cfg = SynthConfig("m", 48, 128, 8, "uniform", 0.0, 0)
+    with pytest.raises(ResourceLimitError, match="routing trace"):
+        generate_trace(cfg, np.full(3_000_000, 1), np.full(3_000_000, 1), prompt_counts=True)

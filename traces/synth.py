@@ -407,14 +407,17 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     routed = prompt_lens.astype(np.int64) + gen_lens - 1
     n = int(routed.sum())
     itemsize = expert_dtype(cfg.num_experts).itemsize
+    rows = int(gen_lens.astype(np.int64).sum()) - gen_lens.size if prompt_counts else n  # rows the trace keeps
+    # the trace itself, its layer blocks, one layer's fresh draws, per-token bookkeeping (index, flags, draws);
+    # prompts as counts: their table and each row's key base and position
+    trace_bytes = rows * cfg.num_layers * cfg.top_k * itemsize
+    table_bytes = prompt_lens.size * cfg.num_layers * cfg.num_experts * \
+        count_dtype(int(prompt_lens.max()) * cfg.top_k).itemsize if prompt_counts else 0
+    check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 8 + 16)
+                 + (table_bytes + n * 16 if prompt_counts else 0),
+                 f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
     counts = _PromptCounts(prompt_lens, gen_lens, cfg.num_layers, cfg.num_experts, cfg.top_k) if prompt_counts \
         else None
-    rows = n if counts is None else counts.decode_idx.size  # rows the trace keeps
-    # the trace itself, its layer blocks, one layer's fresh draws, per-token bookkeeping (index, flags, draws)
-    trace_bytes = rows * cfg.num_layers * cfg.top_k * itemsize
-    check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 8 + 16)
-                 + (0 if counts is None else counts.table.nbytes + n * 16),
-                 f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
     starts = np.concatenate([[0], np.cumsum(routed)[:-1]])
     first_token = np.zeros(n, dtype=bool)
     first_token[starts] = True

@@ -82,16 +82,19 @@ class ResultStore:
         self.conn.commit()
         self._versions = json.dumps(versions(), sort_keys=True)
 
+    def _ok_points(self, current: bool) -> set[str]:
+        """Keys of the successful points recorded by these versions (`current`) or by others."""
+        return {key for key, made_by in self.conn.execute("SELECT key, versions FROM points WHERE status = 'ok'")
+                if (made_by == self._versions) is current}
+
     def finished(self) -> set[str]:
         """Keys of the points that completed successfully with this code and these library versions (failed
         ones, and ones another version recorded, run again)."""
-        return {key for key, made_by in self.conn.execute("SELECT key, versions FROM points WHERE status = 'ok'")
-                if made_by == self._versions}
+        return self._ok_points(current=True)
 
     def stale(self) -> set[str]:
         """Keys of successful points that other code or library versions recorded."""
-        return {key for key, made_by in self.conn.execute("SELECT key, versions FROM points WHERE status = 'ok'")
-                if made_by != self._versions}
+        return self._ok_points(current=False)
 
     def record(self, key: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str | None,
                wall_s: float) -> None:
