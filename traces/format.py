@@ -183,16 +183,11 @@ class RoutingTrace:
         if table is not None:
             out[:have] = table
         lens = self.prompt_lens[:n].astype(np.int64)
-        ends = np.cumsum(lens)
-        first = have
-        while first < n:  # requests in groups of about 2^15 prompt tokens (at least one request)
-            done = int(ends[first - 1]) if first else 0
-            last = min(max(int(np.searchsorted(ends, done + (1 << 15), side="right")), first + 1), n)
+        for first, last in request_groups(lens, 1 << 15, start=have):
             size = last - first
             request_of_row = np.repeat(np.arange(size, dtype=np.int64), lens[first:last])
             for layer, counts in self._layer_counts(self.prefill_rows(np.arange(first, last)), request_of_row, size):
                 out[first:last, layer, :] = counts
-            first = last
         self.__dict__["_prefill_counts_table"] = table = out  # a cache on a frozen dataclass, as cached_property does
         return table
 
@@ -260,6 +255,22 @@ class RoutingTrace:
             every_row = self.expert_counts(np.arange(self.num_tokens))
             return prompt, every_row - prompt if self.prompt_counts is None else every_row
         return prompt, steps.sum(axis=(0, 1), dtype=np.int64)
+
+
+def request_groups(prompt_lens: np.ndarray, tokens: int, start: int = 0,
+                   max_requests: int | None = None) -> Iterator[tuple[int, int]]:
+    """(first, last + 1) of consecutive requests from `start` on, each group holding about `tokens` prompt tokens
+    (at least one request, at most `max_requests`): how the count tables bound their temporaries."""
+    ends = np.cumsum(prompt_lens, dtype=np.int64)
+    n, first = len(ends), start
+    while first < n:
+        done = int(ends[first - 1]) if first else 0
+        last = int(np.searchsorted(ends, done + tokens, side="right"))
+        if max_requests is not None:
+            last = min(last, first + max_requests)
+        last = min(max(last, first + 1), n)
+        yield first, last
+        first = last
 
 
 def count_dtype(bound: int) -> np.dtype:

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from traces.errors import TraceError
-from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype
+from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, request_groups
 from traces.limits import MAX_LENGTH, check_memory
 
 DATA_DIR = Path(__file__).with_name("data")
@@ -492,18 +492,12 @@ class _PromptCounts:
         self.decode_idx = np.flatnonzero(~is_prompt)
         self.experts = experts
         self.table = np.zeros((plens.size, layers, experts), dtype=count_dtype(int(plens.max(initial=0)) * top_k))
-        ends = np.cumsum(plens)
         self.groups = []  # (first request, last request + 1, first row, last row + 1, each row's key base)
-        lo = 0
-        while lo < plens.size:
-            done = int(ends[lo - 1]) if lo else 0
-            hi = int(np.searchsorted(ends, done + self.GROUP_TOKENS, side="right"))
-            hi = min(max(min(hi, lo + self.GROUP_BINS // experts), lo + 1), plens.size)
+        for lo, hi in request_groups(plens, self.GROUP_TOKENS, max_requests=self.GROUP_BINS // experts):
             a, b = int(first[lo]), int(first[hi])
             base = np.repeat(np.arange(hi - lo, dtype=np.int32) * np.int32(experts), routed[lo:hi])
             base[~is_prompt[a:b]] = (hi - lo) * experts  # generated rows: the spare block
             self.groups.append((lo, hi, a, b, base[:, None]))
-            lo = hi
 
     def add(self, layer: int, ids: np.ndarray) -> None:
         """Count layer `layer`'s ids [rows, k] of every routed token into the requests' prompt counts."""
