@@ -327,7 +327,13 @@ def simulate(*args: Any, cost: CostModel | None = None, keep_plan: bool = False,
 
 
 def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan: bool = False) -> SimulationResult:
-    """`simulate` for a `SimConfig`."""
+    """`simulate` for a `SimConfig`. The collector stays paused until the point's plans and engine records are
+    gone (unless kept): collecting them when it resumes took 0.17 s of the 6.2 s standard point, for nothing."""
+    with gc_paused():
+        return _simulate_config(config, cost, keep_plan)
+
+
+def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool) -> SimulationResult:
     t0 = time.perf_counter()
     c = config
     m, s = config_model(c), resolve_system(c.system)
@@ -338,14 +344,13 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
         from sim.cost.profile import ProfileCostModel
 
         cost = ProfileCostModel(s, c.profile, m, float(wl.prompt_lens.mean()))
-    with gc_paused():
-        ctx = PlanContext(m, s, wl, tr, decode_sample=c.decode_sample, cost=cost)
-        planned = plan_policy(pol, ctx, simulate_with(ctx))
-        plan, record = planned.plan, planned.record  # a record: the search already simulated it, same costs
-        if record is None:
-            record, metrics = simulate_plan(plan, cost)
-        else:
-            metrics = plan_metrics(plan, record)
+    ctx = PlanContext(m, s, wl, tr, decode_sample=c.decode_sample, cost=cost)
+    planned = plan_policy(pol, ctx, simulate_with(ctx))
+    plan, record = planned.plan, planned.record  # a record: the search already simulated it, same costs
+    if record is None:
+        record, metrics = simulate_plan(plan, cost)
+    else:
+        metrics = plan_metrics(plan, record)
     search = _jsonable(planned.search.to_dict()) if planned.search is not None else None
     return SimulationResult(
         model=m.name, expert_precision=m.expert_precision, system=s.name, policy=pol.name, knobs=plan.knobs,

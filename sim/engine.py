@@ -450,6 +450,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
             launch(stream, ids)
     events = 0
     step = env.step
+    plan_ops = ops
     try:
         try:
             while True:
@@ -460,12 +461,18 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     except _Abort:
         assert pools.error is not None
         raise pools.error from None
+    finally:
+        # The stream closures refer to each other (a reference cycle the collector frees later): unhook the plan's
+        # ops from them, so the ops die with the plan instead of waiting for a collection (0.2-0.3 s of objects
+        # after a full-decode point).
+        ops = None
     end_arr = np.asarray(end, dtype=np.int64)
     if n and (end_arr < 0).any():
         first = int(np.flatnonzero(end_arr < 0)[0])
-        raise PlanDeadlock(f"plan deadlocked: op {first} ({ops[first].kind} on {ops[first].stream}) never ran")
+        raise PlanDeadlock(f"plan deadlocked: op {first} ({plan_ops[first].kind} on {plan_ops[first].stream}) "
+                           "never ran")
     start_arr = np.asarray(start, dtype=np.int64)
     return EngineRecord(
-        start_ns=start_arr, end_ns=end_arr, busy_ns=busy_by_stream(ops, start_arr, end_arr, topo.stream_order()),
+        start_ns=start_arr, end_ns=end_arr, busy_ns=busy_by_stream(plan_ops, start_arr, end_arr, topo.stream_order()),
         peak_bytes=dict(pools.peak), events=events,
     )

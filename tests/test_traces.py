@@ -320,6 +320,45 @@ def test_uniform_inverse_cdf_shortcut_gives_the_guide_tables_ids(num_experts):
     assert ids.min() == 0 and ids.max() == num_experts - 1
 
 
+def _skewed_popularities():
+    from traces.synth import popularity_table
+
+    rng = np.random.default_rng(11)
+    zipf = [1.0 / np.arange(1, e + 1) ** a for e, a in ((8, 0.5), (64, 1.0), (128, 1.0), (160, 1.2), (384, 0.8))]
+    with_zeros = rng.random(64)
+    with_zeros[[0, 5, 6, 7, 40, 63]] = 0.0  # zero-popularity experts: repeated CDF values
+    table = popularity_table("mixtral-8x7b")
+    return [*zipf, rng.dirichlet(np.full(128, 0.3)), with_zeros, *table[:4], 1.0 / np.arange(1, 257) ** 3.0]
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_one_step_inverse_cdf_gives_the_guide_tables_ids(index):
+    """The one-step table (one look-up, one comparison) must give the first id whose CDF exceeds the draw, as
+    the guide table with its fix-up loop does, for every draw: on, just below and just above each CDF step and
+    each bucket edge, and random ones; a table too skewed for 2^16 buckets keeps the loop."""
+    from traces.synth import ONE_STEP_BUCKETS_MAX, _InverseCdf
+
+    probs = _skewed_popularities()[index]
+    draw = _InverseCdf(probs)
+    loop = _InverseCdf(probs)
+    loop.one_step = None
+    cdf = draw.cdf
+    edges = np.arange(ONE_STEP_BUCKETS_MAX, dtype=np.float32) / np.float32(ONE_STEP_BUCKETS_MAX)
+    points = np.concatenate([cdf[:-1], edges[1:]]).astype(np.float32)
+    u = np.concatenate([points, np.nextafter(points, np.float32(0)), np.nextafter(points, np.float32(1)),
+                        np.random.default_rng(index).random(200_000, dtype=np.float32),
+                        np.array([0.0, np.nextafter(np.float32(1), np.float32(0))], dtype=np.float32)])
+    u = u[(u >= 0) & (u < 1)].astype(np.float32)
+    ids = draw(u)
+    assert ids.dtype == loop(u).dtype
+    np.testing.assert_array_equal(ids, np.searchsorted(cdf, u, side="right"))
+    np.testing.assert_array_equal(ids, loop(u))
+    if index == 11:  # Zipf 3.0 over 256 experts: steps closer than 2^-16
+        assert draw.one_step is None
+    elif index < 4:
+        assert draw.one_step is not None
+
+
 def test_inverse_cdf_shortcut_only_for_exact_uniform_steps():
     from traces.synth import _InverseCdf
 
