@@ -16,6 +16,7 @@ from tqdm import tqdm
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, request_groups
 from traces.limits import MAX_LENGTH, check_memory
+from traces.rng_words import random_f32, words32
 
 DATA_DIR = Path(__file__).with_name("data")
 POPULARITY_TABLES = {"mixtral-8x7b": DATA_DIR / "mixtral-8x7b_expert_frequencies.npy"}
@@ -153,6 +154,19 @@ class _InverseCdf:
                 return
             buckets *= 2
 
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Ids for n new draws: exactly `self(rng.random(n, dtype=np.float32))`, the numbers read from the
+        generator's words (`traces.rng_words`); a power-of-two uniform table takes each word's top bits (floor(u E)
+        is w >> (32 - log2 E), as u = (w >> 8) / 2^24)."""
+        if self.linear:
+            words = words32(rng, n)
+            if words is not None:
+                bits = self.cdf.size.bit_length() - 1
+                if not bits:  # one expert
+                    return np.zeros(n, dtype=self.guide.dtype)
+                return (words >> np.uint32(32 - bits)).astype(self.guide.dtype)
+        return self(random_f32(rng, n))
+
     def __call__(self, u: np.ndarray) -> np.ndarray:
         if self.linear:  # u * E is exact in float32, and u < (j + 1) / E exactly when floor(u * E) <= j
             return (u * np.float32(self.cdf.size)).astype(self.guide.dtype)
@@ -200,13 +214,13 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
     out = np.empty((n, k), dtype=dtype)
     if k <= 4:
         for j in range(k):
-            draw = draw_ids(rng.random(n, dtype=np.float32))
+            draw = draw_ids.draw(rng, n)
             if j:
                 bad = np.flatnonzero(_collides(out[:, :j], draw))
                 for _ in range(REDRAW_ROUNDS):
                     if not bad.size:
                         break
-                    redraw = draw_ids(rng.random(bad.size, dtype=np.float32))
+                    redraw = draw_ids.draw(rng, bad.size)
                     draw[bad] = redraw
                     bad = bad[_collides(out[bad, :j], redraw)]
                 if bad.size:
@@ -249,13 +263,13 @@ def _topk_chunk(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int,
             return is_taken(every if rows is None else rows[:, None], ids)
 
     for j in range(k):
-        draw = draw_ids(rng.random(m, dtype=np.float32)).astype(id_dtype, copy=False)
+        draw = draw_ids.draw(rng, m).astype(id_dtype, copy=False)
         if j:
             bad = np.flatnonzero(taken(j, None, draw))
             for _ in range(REDRAW_ROUNDS):
                 if not bad.size:
                     break
-                cand = draw_ids(rng.random(bad.size * 4, dtype=np.float32)).astype(id_dtype, copy=False)
+                cand = draw_ids.draw(rng, bad.size * 4).astype(id_dtype, copy=False)
                 cand = cand.reshape(-1, 4)
                 free = ~taken(j, bad, cand)
                 found = free.any(axis=1)
