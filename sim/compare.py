@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from sim.api import resolve_model, resolve_routing, resolve_system, simulate
+from sim.config import default_workers
 from sim.errors import CapacityError
 from sim.policies import POLICIES
 from sim.specs import ModelSpec, SystemSpec
@@ -56,9 +57,10 @@ def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None
 
 
 def _run_all(m: ModelSpec, s: SystemSpec, jobs: list[tuple[str, dict[str, str]]], tr: RoutingTrace, seed: int,
-             decode_sample: int, workers: int, progress: bool, desc: str) -> list[dict[str, Any]]:
-    """`_run` for every (policy, options) job, in order; on `workers` processes when more than one (each job is
-    independent and deterministic, so the results are the same either way)."""
+             decode_sample: int, workers: int | None, progress: bool, desc: str) -> list[dict[str, Any]]:
+    """`_run` for every (policy, options) job, in order; on `workers` processes when more than one (default: one
+    per CPU; each job is independent and deterministic, so the results are the same either way)."""
+    workers = default_workers() if workers is None else workers
     bar = tqdm(total=len(jobs), desc=desc, disable=None if progress else True, leave=False)
     if workers <= 1 or len(jobs) <= 1:
         out = []
@@ -96,9 +98,9 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
             prompt_len: int | None = None, gen_len: int | None = None, trace: str | Path | RoutingTrace | None = None,
             routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0, decode_sample: int = 0,
             policies: tuple[str, ...] = COMPARED, progress: bool = False,
-            options: dict[str, dict[str, str]] | None = None, workers: int = 1) -> dict[str, Any]:
+            options: dict[str, dict[str, str]] | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run each policy with its own search on the same trace (`options` pins knobs per policy), on `workers`
-    processes; speedups are CoX-MoE's throughput over each."""
+    processes (default: one per CPU); speedups are CoX-MoE's throughput over each."""
     m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
     options = options or {}
     runs = _run_all(m, s, [(p, options.get(p, {})) for p in policies], tr, seed, decode_sample, workers, progress,
@@ -116,7 +118,8 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
 def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
              prompt_len: int | None = None, gen_len: int | None = None,
              trace: str | Path | RoutingTrace | None = None, routing: str = "uniform", reuse_prob: float = 0.0,
-             seed: int = 0, decode_sample: int = 0, progress: bool = False, workers: int = 1) -> dict[str, Any]:
+             seed: int = 0, decode_sample: int = 0, progress: bool = False,
+             workers: int | None = None) -> dict[str, Any]:
     """The paper's ablation (Table 3) plus each feature switched off alone, on `workers` processes; speedups over
     MoE-Lightning."""
     m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,12 @@ import numpy as np
 
 from sim.errors import SimInputError
 from sim.specs.model import EXPERT_PRECISIONS
+
+
+def default_workers() -> int:
+    """The CPUs this process may use: how many processes `compare`, `ablation` and local sweeps run by default."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
 
 LENGTH_FORMS = ("fixed", "uniform", "lognormal", "preset")
 OMITTED_DEFAULTS = {"expert_precision": "native"}  # what `point()` leaves out, for readers of stored points

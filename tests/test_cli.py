@@ -245,6 +245,29 @@ def test_compare_on_two_workers_gives_the_same_results(capsys, tmp_path):
     assert outs[0] == outs[1] and list(outs[0]) == ["coxmoe", "moe-lightning", "fiddler"]
 
 
+def test_compare_runs_one_process_per_cpu_by_default(tmp_path, monkeypatch):
+    """Without `workers`, `compare` (and the CLI without --workers) runs the policies on one process per CPU the
+    process may use, at most one per policy."""
+    from sim import compare as compare_module
+
+    pools = []
+
+    class Spy(compare_module.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(compare_module, "ProcessPoolExecutor", Spy)
+    monkeypatch.setattr(compare_module, "default_workers", lambda: 3)
+    r = compare_module.compare(_tiny_model_file(tmp_path), "a100-80g-8452y", batch=8, prompt_len=6, gen_len=3,
+                               policies=("coxmoe", "fiddler"))
+    assert pools == [2] and all(v["feasible"] for v in r["policies"].values())
+    monkeypatch.setattr(compare_module, "default_workers", lambda: 1)
+    compare_module.compare(_tiny_model_file(tmp_path), "a100-80g-8452y", batch=8, prompt_len=6, gen_len=3,
+                           policies=("coxmoe", "fiddler"))
+    assert pools == [2]  # one CPU: in this process
+
+
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
 def test_compare_workers_inherit_the_trace_instead_of_unpickling_it(tmp_path, monkeypatch):
     """Forked workers read the parent's trace (copy-on-write): a trace that cannot be pickled still runs, and

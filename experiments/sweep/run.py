@@ -20,7 +20,7 @@ from tqdm import tqdm
 from experiments.sweep import ENGINES
 from experiments.sweep.spec import SweepPoint
 from experiments.sweep.store import ResultStore
-from sim.config import SimConfig
+from sim.config import SimConfig, default_workers
 from sim.errors import SimInputError
 from traces.disk_cache import TRACE_DIR_ENV, TRACE_DIR_GIB_ENV, default_trace_dir, disk_cache_from_env
 from traces.limits import LIMIT_ENV
@@ -84,10 +84,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 MAX_WORKERS_PER_CPU = 4  # local sweep processes beyond this only add memory (each holds a simulation)
-
-
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _drive(points: Iterable[SweepPoint], store: ResultStore,
