@@ -54,7 +54,8 @@ def run_point(model: str, system: str, prompt: int, gen: int, trace: str, seed: 
 
     t0 = time.perf_counter()
     result = compare(model, system, trace=trace, seed=seed, decode_sample=decode_sample, policies=POLICIES,
-                     options={"flexgen": {"cpu_attention": "on", "kv_gpu_percent": "0"}})
+                     options={"flexgen": {"cpu_attention": "on", "kv_gpu_percent": "0"}},
+                     workers=1)  # the grid's own --workers run points side by side
     rows = []
     for policy, r in result["policies"].items():
         row = {"model": model, "system": system, "prompt": prompt, "gen": gen, "policy": policy,

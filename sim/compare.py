@@ -8,6 +8,7 @@ full CoX-MoE and switches each CoX-MoE feature off alone.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from sim.errors import CapacityError
 from sim.policies import POLICIES
 from sim.specs import ModelSpec, SystemSpec
 from traces import RoutingTrace
+from traces.limits import memory_limit_bytes
 
 COMPARED = tuple(name for name, cls in POLICIES.items() if cls.compared)  # registry order, coxmoe first
 
@@ -34,6 +36,20 @@ ABLATION_STEPS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("CoX-MoE with attention on the GPU", "coxmoe", {"attention": "gpu"}),
     ("CoX-MoE without hot-expert preload", "coxmoe", {"stratify": "off"}),
 )
+
+
+def default_compare_workers(jobs: int) -> int:
+    """Processes for `jobs` policies when none are asked for: one per CPU, one per job at most, and no more than
+    the machine's memory holds at the per-process memory limit (`COXMOE_MAX_GIB`, each process checks its own);
+    one where processes cannot fork (spawned workers would re-run a caller's unguarded script)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        memory = 0
+    by_memory = memory // max(memory_limit_bytes(), 1) if memory > 0 else jobs
+    return max(1, min(default_workers(), jobs, by_memory))
 
 
 def _run(model: ModelSpec, system: SystemSpec, policy: str, options: dict[str, str], trace: RoutingTrace,
@@ -58,9 +74,10 @@ def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None
 
 def _run_all(m: ModelSpec, s: SystemSpec, jobs: list[tuple[str, dict[str, str]]], tr: RoutingTrace, seed: int,
              decode_sample: int, workers: int | None, progress: bool, desc: str) -> list[dict[str, Any]]:
-    """`_run` for every (policy, options) job, in order; on `workers` processes when more than one (default: one
-    per CPU; each job is independent and deterministic, so the results are the same either way)."""
-    workers = default_workers() if workers is None else workers
+    """`_run` for every (policy, options) job, in order; on `workers` processes when more than one (default:
+    `default_compare_workers`; each job is independent and deterministic, so the results are the same either
+    way)."""
+    workers = default_compare_workers(len(jobs)) if workers is None else workers
     bar = tqdm(total=len(jobs), desc=desc, disable=None if progress else True, leave=False)
     if workers <= 1 or len(jobs) <= 1:
         out = []
@@ -100,7 +117,7 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
             policies: tuple[str, ...] = COMPARED, progress: bool = False,
             options: dict[str, dict[str, str]] | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run each policy with its own search on the same trace (`options` pins knobs per policy), on `workers`
-    processes (default: one per CPU); speedups are CoX-MoE's throughput over each."""
+    processes (default: one per CPU, as memory allows); speedups are CoX-MoE's throughput over each."""
     m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
     options = options or {}
     runs = _run_all(m, s, [(p, options.get(p, {})) for p in policies], tr, seed, decode_sample, workers, progress,

@@ -259,6 +259,7 @@ def test_compare_runs_one_process_per_cpu_by_default(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare_module, "ProcessPoolExecutor", Spy)
     monkeypatch.setattr(compare_module, "default_workers", lambda: 3)
+    monkeypatch.setenv("COXMOE_MAX_GIB", "0.001")  # any machine holds three processes of 1 MiB
     r = compare_module.compare(_tiny_model_file(tmp_path), "a100-80g-8452y", batch=8, prompt_len=6, gen_len=3,
                                policies=("coxmoe", "fiddler"))
     assert pools == [2] and all(v["feasible"] for v in r["policies"].values())
@@ -266,6 +267,13 @@ def test_compare_runs_one_process_per_cpu_by_default(tmp_path, monkeypatch):
     compare_module.compare(_tiny_model_file(tmp_path), "a100-80g-8452y", batch=8, prompt_len=6, gen_len=3,
                            policies=("coxmoe", "fiddler"))
     assert pools == [2]  # one CPU: in this process
+    monkeypatch.setattr(compare_module, "default_workers", lambda: 64)
+    monkeypatch.setenv("COXMOE_MAX_GIB", str(2**20))  # no machine holds two processes of 1 PiB
+    assert compare_module.default_compare_workers(7) == 1
+    monkeypatch.setenv("COXMOE_MAX_GIB", "0.001")
+    assert compare_module.default_compare_workers(7) == 7
+    monkeypatch.setattr(compare_module.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    assert compare_module.default_compare_workers(7) == 1  # no fork: a caller's unguarded script stays safe
 
 
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")

@@ -54,3 +54,46 @@ def test_inverse_cdf_draw_gives_the_ids_of_rng_random(probs, n):
     np.testing.assert_array_equal(ids, want)
     assert fast.bit_generator.state == plain.bit_generator.state
     assert ids.max() < probs.size
+
+
+def _held_elsewhere(lock) -> bool:
+    """Whether some other thread holds `lock` (a Lock or an RLock): this one cannot take it without waiting."""
+    import threading
+
+    free = []
+
+    def probe():
+        got = lock.acquire(blocking=False)
+        free.append(got)
+        if got:
+            lock.release()
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return not free[0]
+
+
+def test_the_words_are_drawn_under_the_generators_lock():
+    """Reading, advancing and writing back the state happen under the generator's lock, as numpy's own draws do,
+    so another thread's draws in between are neither lost nor repeated."""
+    from traces.rng_words import _words
+
+    seen = []
+
+    class Spy(np.random.PCG64):
+        @property
+        def state(self):
+            seen.append(("get", _held_elsewhere(self.lock)))
+            return {**np.random.PCG64.state.__get__(self), "bit_generator": "PCG64"}
+
+        @state.setter
+        def state(self, value):
+            seen.append(("set", _held_elsewhere(self.lock)))
+            np.random.PCG64.state.__set__(self, {**value, "bit_generator": "Spy"})
+
+    rng = np.random.Generator(Spy(0))
+    words = _words(rng, 20_001)
+    assert seen and all(held for _, held in seen[1:]) and seen[-1][0] == "set"  # [0]: Generator's own look
+    want = np.random.Generator(np.random.PCG64(0)).random(20_001, dtype=np.float32)
+    np.testing.assert_array_equal((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24), want)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 
 import numpy as np
 
@@ -34,27 +35,39 @@ def random_f32(rng: np.random.Generator, n: int) -> np.ndarray:
     words = words32(rng, n)
     if words is None:
         return rng.random(n, dtype=np.float32)
-    out = (words >> np.uint32(8)).astype(np.float32)
+    np.right_shift(words, np.uint32(8), out=words)
+    out = words.astype(np.float32)
     out *= np.float32(2.0 ** -24)
     return out
 
 
+_PRIVATE = threading.local()  # a PCG64 per thread that draws on a copy of the caller's state
+
+
 def _words(rng: np.random.Generator, n: int) -> np.ndarray:
+    """The words, drawn under the generator's lock as numpy's own draws are (so another thread's draws are not
+    lost): on a private PCG64 set to the generator's state (`random_raw` would take the held lock again), whose
+    advanced state is written back with the half-output buffer as numpy's own draws leave it."""
     bits = rng.bit_generator
-    state = bits.state
-    head = None
-    if state["has_uint32"]:  # the high half of the last output, not yet handed out: the first word
-        head, n = state["uinteger"], n - 1
-    words = bits.random_raw((n + 1) // 2).view(np.uint32)
-    state = bits.state  # the outputs advanced; the half-output buffer as numpy's own draws leave it:
-    if n % 2:  # an odd count leaves the last output's high half for the next word
-        state["has_uint32"], state["uinteger"] = 1, int(words[-1])
-        words = words[:-1]
-    else:  # the last high half handed out (or only the buffered word taken: the buffer keeps its stale value)
-        state["has_uint32"] = 0
-        if n:
-            state["uinteger"] = int(words[-1])
-    bits.state = state
+    private = getattr(_PRIVATE, "bits", None)
+    if private is None:
+        private = _PRIVATE.bits = np.random.PCG64(0)
+    with bits.lock:
+        state = bits.state
+        head = None
+        if state["has_uint32"]:  # the high half of the last output, not yet handed out: the first word
+            head, n = state["uinteger"], n - 1
+        private.state = state
+        words = private.random_raw((n + 1) // 2).view(np.uint32)
+        state = private.state
+        if n % 2:  # an odd count leaves the last output's high half for the next word
+            state["has_uint32"], state["uinteger"] = 1, int(words[-1])
+            words = words[:-1]
+        else:  # the last high half handed out (or only the buffered word taken: the buffer keeps its stale value)
+            state["has_uint32"] = 0
+            if n:
+                state["uinteger"] = int(words[-1])
+        bits.state = state
     if head is not None:
         words = np.concatenate([np.array([head], dtype=np.uint32), words])
     return words
@@ -67,9 +80,9 @@ def _raw_words_match() -> bool:
     if sys.byteorder != "little":
         return False
     plain, raw = np.random.default_rng(20261203), np.random.default_rng(20261203)
-    for n in (3, 4, 5, 2, 7):
+    for n in (3, 4, 5, 2, 7, RAW_MIN_NUMBERS + 1, RAW_MIN_NUMBERS):  # a bulk fill too, if numpy had its own
         want = plain.random(n, dtype=np.float32)
         got = (_words(raw, n) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-        if not np.array_equal(want, got):
+        if not np.array_equal(want, got) or plain.bit_generator.state != raw.bit_generator.state:
             return False
     return plain.random() == raw.random()

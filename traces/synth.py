@@ -7,6 +7,7 @@ models the temporal locality measured on real MoE models. Everything is vectoris
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,16 +112,18 @@ def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what:
     return lens.astype(np.int32)
 
 
-ONE_STEP_BUCKETS_MAX = 1 << 16  # the finest one-step guide table tried (64 K entries stay in cache)
+ONE_STEP_BUCKETS_MAX = 1 << 16  # the finest one-step guide table (64 K entries stay in cache)
+ONE_STEP_MIN_DRAWS = 16_384  # built on the first call with this many draws: fewer do not repay its cost
 
 
 class _InverseCdf:
     """Inverse-CDF sampling with a guide table (Chen and Asau): one table look-up plus rare fix-up steps,
     several times faster than a binary search for millions of draws. Uniform popularity over a power-of-two
     number of experts has its CDF steps at exact float32 multiples of 1/E, so there the id is floor(u E): the
-    same ids, about ten times faster. Otherwise, where a finer power-of-two table holds at most one CDF step
-    per bucket, one look-up and one comparison give the id (the first with cdf > u, as the fix-up loop finds):
-    Zipf 1.0 over 128 experts 11.2 -> 7.6 ns an id (AMX Xeon dev VM, 2026-12-03)."""
+    same ids, about ten times faster. Otherwise, where the guide table has a power-of-two size (up to 256
+    experts) and a power-of-two table of at most 2^16 buckets holds at most one CDF step per bucket, one look-up
+    and one comparison give the id the guide table and its fix-ups give (the first with cdf > u): Zipf 1.0 over
+    128 experts 11.2 -> 7.6 ns an id (AMX Xeon dev VM, 2026-12-03)."""
 
     def __init__(self, probs: np.ndarray):
         self.probs = np.asarray(probs, dtype=np.float64) / float(np.sum(probs))  # exact, for the fallback
@@ -136,23 +139,28 @@ class _InverseCdf:
         self.linear = size & (size - 1) == 0 and bool((cdf.astype(np.float64) == steps).all())
         self.one_step: np.ndarray | None = None  # guide table of `one_step_buckets` entries, one fix-up at most
         self.one_step_buckets = 0
-        if not self.linear and self.buckets & (self.buckets - 1) == 0:
-            self._one_step_table()
+        self.one_step_tried = self.linear or self.buckets & (self.buckets - 1) != 0  # not built: not wanted
 
     def _one_step_table(self) -> None:
-        """The coarsest power-of-two guide table (from `buckets` up to ONE_STEP_BUCKETS_MAX) whose every bucket
-        [j / B, (j + 1) / B) holds at most one CDF step strictly inside: its entry is then the answer or one
-        below it. Power-of-two scaling is exact in float32, so floor(u B) is the bucket u lies in, and the entry
-        (the first id with cdf > j / B) is never past the answer."""
-        cdf, buckets = self.cdf, self.buckets
-        while buckets <= ONE_STEP_BUCKETS_MAX:
-            lo = np.arange(buckets, dtype=np.float32) / np.float32(buckets)
-            hi = np.arange(1, buckets + 1, dtype=np.float32) / np.float32(buckets)
-            first = np.searchsorted(cdf, lo, side="right")
-            if int((np.searchsorted(cdf, hi, side="left") - first).max()) <= 1:
-                self.one_step, self.one_step_buckets = first.astype(self.guide.dtype), buckets
-                return
-            buckets *= 2
+        """A power-of-two guide table (at least `buckets`, at most ONE_STEP_BUCKETS_MAX entries) whose every
+        bucket (j / B, (j + 1) / B) holds at most one CDF step strictly inside: its entry is then the answer or
+        one below it. Power-of-two scaling is exact in float32, so floor(u B) is the bucket u lies in, and the
+        entry (the first id with cdf > j / B) is never past the answer. B is the first size whose bucket is no
+        wider than the closest two steps; the count of steps per bucket decides (repeated steps, from experts of
+        zero popularity, pass only on a bucket edge); no table when B would pass the limit."""
+        self.one_step_tried = True
+        cdf = self.cdf
+        steps = cdf[(cdf > 0) & (cdf < 1)]
+        gaps = np.diff(steps)
+        closest = float(gaps[gaps > 0].min()) if (gaps > 0).any() else 1.0
+        buckets = max(self.buckets, 1 << max(0, math.ceil(math.log2(1.0 / closest))))
+        if buckets > ONE_STEP_BUCKETS_MAX:
+            return
+        lo = np.arange(buckets, dtype=np.float32) / np.float32(buckets)
+        hi = np.arange(1, buckets + 1, dtype=np.float32) / np.float32(buckets)
+        first = np.searchsorted(cdf, lo, side="right")
+        if int((np.searchsorted(cdf, hi, side="left") - first).max()) <= 1:
+            self.one_step, self.one_step_buckets = first.astype(self.guide.dtype), buckets
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Ids for n new draws: exactly `self(rng.random(n, dtype=np.float32))`, the numbers read from the
@@ -170,6 +178,8 @@ class _InverseCdf:
     def __call__(self, u: np.ndarray) -> np.ndarray:
         if self.linear:  # u * E is exact in float32, and u < (j + 1) / E exactly when floor(u * E) <= j
             return (u * np.float32(self.cdf.size)).astype(self.guide.dtype)
+        if not self.one_step_tried and u.size >= ONE_STEP_MIN_DRAWS:
+            self._one_step_table()
         if self.one_step is not None:
             idx = self.one_step[(u * np.float32(self.one_step_buckets)).astype(np.int32)]
             idx += self.cdf[idx] <= u

@@ -225,8 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "compare":
             p.add_argument("--policies", help="comma-separated subset (default: all)")
         p.add_argument("--workers", type=positive_int,
-                       help="processes running the policies side by side (default: one per CPU; results do not "
-                            "depend on it)")
+                       help="processes running the policies side by side (default: one per CPU, as many as "
+                            "memory holds at --max-gib each; results do not depend on it)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=func)
 
