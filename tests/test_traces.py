@@ -363,6 +363,24 @@ def test_one_step_inverse_cdf_gives_the_guide_tables_ids(index):
         assert few.one_step is None and not few.one_step_tried  # built only for a call with many draws
 
 
+@pytest.mark.parametrize("num_experts", [300, 384, 1000])
+def test_guide_table_gives_the_inverse_cdf_for_any_number_of_experts(num_experts):
+    """The guide table has a power-of-two size for any number of experts, so every float32 draw maps to the first
+    id whose CDF exceeds it (a 1200-bucket table for 300 experts gave u = 0.45333332 id 136, not 135)."""
+    from traces.synth import _InverseCdf
+
+    probs = np.full(num_experts, 1.0 / num_experts)
+    table = _InverseCdf(probs)
+    assert table.buckets & (table.buckets - 1) == 0
+    loop = _InverseCdf(probs)
+    loop.one_step_tried = True
+    u = np.concatenate([np.random.default_rng(1).random(1 << 21, dtype=np.float32), table.cdf[:-1],
+                        np.nextafter(table.cdf[:-1], np.float32(0)), np.array([0.45333332], dtype=np.float32)])
+    want = np.searchsorted(table.cdf, u, side="right")
+    np.testing.assert_array_equal(loop(u), want)
+    np.testing.assert_array_equal(table(u), want)
+
+
 def test_one_step_table_costs_one_check_where_it_cannot_help():
     """A table whose steps lie closer than 2^-16 (or repeat off the bucket edges) gives up after one pass over its
     CDF, not after trying every table size (that made Zipf 2.0 over 4096 experts cost 7.5 ms a table, and topic
