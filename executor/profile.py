@@ -15,7 +15,8 @@
 Grid points are interleaved round by round (drift hits every point alike) and timed in a worker thread, as
 the executor runs ops; each point keeps the median and the 10th/90th percentiles. DIR gets `profile.json`
 (fingerprint: CPU model and flags, GPU, torch and oneDNN versions, threads; model signature) and
-`timings.csv` (one row per device, kind and grid point).
+`timings.csv` (one row per device, kind and grid point), and a reading of the machine's speed before and after
+the measurements (`executor.speed_probe`), which a validation compares with its own.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from executor import kernels as K
 from executor.cpu_experts import CpuExperts, cpu_flags, onednn_int8
 from executor.cpu_experts import backend as cpu_experts_backend
 from executor.cpu_experts import describe as describe_cpu_experts
+from executor.speed_probe import speed_probe
 from executor.weights import LayerWeights, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
@@ -136,6 +138,7 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     current = torch.get_num_threads()
     threads = threads or (current,)
     rows: list[dict] = []
+    speed_before = speed_probe()  # the machine's speed around the measurements (drift between them shows)
     try:
         for device in devices:
             for n in threads if device == "cpu" else (current,):
@@ -147,7 +150,7 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     _write_atomic(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
     meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
             "dtype": "bfloat16", "devices": list(devices), "threads": list(threads), "rounds": rounds,
-            "fingerprint": fingerprint()}
+            "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()}}
     _write_atomic(out / "profile.json", json.dumps(meta, indent=2))
     return out
 

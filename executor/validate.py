@@ -11,6 +11,7 @@ import torch
 
 from executor.profile import machine_differences, recorded_fingerprint
 from executor.run import execute_plan
+from executor.speed_probe import drift, mean_reading, recorded_speed, speed_probe
 from executor.weights import ModelWeights
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
@@ -29,12 +30,17 @@ def median_record(records: list[EngineRecord]) -> EngineRecord:
 
 
 def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profile_dir: str | Path,
-                  use_cuda: bool | None = None, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+                  use_cuda: bool | None = None, warmup: int = 1, repeats: int = 3,
+                  probe: bool = True) -> dict[str, Any]:
     """Measure (median of `repeats` runs after `warmup`), predict, compare. The result also carries per-op
-    durations for plotting, and how the profile's machine differs from this one (empty when it is this one)."""
+    durations for plotting, how the profile's machine differs from this one (empty when it is this one), and
+    (`probe`) the machine's speed now against when the profile was measured (`machine_speed`: the readings and
+    their ratios, None where the profile has no reading), so drift between the two is told from model error."""
     for _ in range(warmup):
         execute_plan(plan, weights, trace, use_cuda=use_cuda)
+    before = speed_probe() if probe else None
     runs = [execute_plan(plan, weights, trace, use_cuda=use_cuda) for _ in range(max(repeats, 1))]
+    now = mean_reading([before, speed_probe()]) if probe else None
     measured = runs[0]
     measured.record = median_record([r.record for r in runs])
     cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()),
@@ -44,6 +50,9 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
     result.update(measured.to_dict())
     result["profile_hits"], result["roofline_fallbacks"] = cost.hits, cost.misses
     result["profile_machine_differences"] = machine_differences(recorded_fingerprint(profile_dir))
+    if now is not None:
+        at_profile = recorded_speed(profile_dir)
+        result["machine_speed"] = {"profile": at_profile, "validation": now, "ratios": drift(at_profile, now)}
     result["_per_op"] = {
         "class": [op_class(op) for op in plan.ops],
         "measured_s": ((measured.record.end_ns - measured.record.start_ns) / 1e9).tolist(),

@@ -5,6 +5,8 @@
    decode dominates): measured by the executor, predicted by the simulator with that profile.
 3. Coalesced against micro-batched experts (batch 256, micro-batch 32): the measured ratio of expert time
    beside the simulator's predicted ratio.
+Each batch's row also gives the machine's speed during its runs over its speed when profiled (a bf16 GEMM and
+a copy, `executor.speed_probe`), so a drifting VM's share of an error shows.
 
     python experiments/cpu_validation.py --out docs/results [--profile out/profile-mixtral] [--layers 2]
 
@@ -29,6 +31,15 @@ from sim.policies import PlanContext, make_policy
 BATCHES = (16, 64, 256)
 
 
+def _speed(result: dict) -> str:
+    """The machine's speed during a validation over its speed when profiled: on a drifting VM, the part of an
+    error that is the machine's."""
+    ratios = (result.get("machine_speed") or {}).get("ratios")
+    if ratios is None:
+        return "n/a (no reading in the profile)"
+    return f"{ratios['gemm_tflops_ratio']:.2f}x, {ratios['copy_gb_s_ratio']:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results")
@@ -47,7 +58,8 @@ def main() -> None:
     system = resolve_system("a100-80g-8452y")  # only its DRAM size matters to a cpu-only plan
     weights = random_weights(spec, seed=0)
     lines = ["| decode batch | ops | measured total s | predicted total s | error | decode error | "
-             "expert error | attention error | other error |", "|---|---|---|---|---|---|---|---|---|"]
+             "expert error | attention error | other error | machine speed vs profiling (GEMM, copy) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     errors = []
     last = None
     for batch in BATCHES:
@@ -62,7 +74,8 @@ def main() -> None:
 
         lines.append(f"| {batch} | {len(plan.ops)} | {e2e['total_s']['measured']:.3f} | "
                      f"{e2e['total_s']['predicted']:.3f} | {e2e['total_s']['error']:+.1%} | "
-                     f"{e2e['decode_s']['error']:+.1%} | {pct('cpu_experts')} | {pct('attention')} | {pct('other')} |")
+                     f"{e2e['decode_s']['error']:+.1%} | {pct('cpu_experts')} | {pct('attention')} | {pct('other')} | "
+                     f"{_speed(r)} |")
         last = r
     lines.append(f"\nMedian absolute end-to-end error: {np.median(errors):.1%} over {len(errors)} batches.")
     # Coalesced against micro-batched experts at batch 256, micro-batch 32.

@@ -117,6 +117,11 @@ def test_profile_validate_and_simulate_with_it(capsys, tmp_path):
     assert r["profile_hits"] > 0 and set(r["classes"]) >= {"cpu_experts", "attention", "other"}
     assert r["end_to_end"]["total_s"]["measured"] > 0 and r["end_to_end"]["total_s"]["predicted"] > 0
     assert r["profile_machine_differences"] == []  # profiled and validated here
+    for when in ("before", "after"):  # the machine's speed around the profile's measurements
+        assert meta["speed"][when]["gemm_tflops"] > 0 and meta["speed"][when]["copy_gb_s"] > 0
+    speed = r["machine_speed"]  # ... and around the validation's runs, with their ratios
+    assert speed["validation"]["gemm_tflops"] > 0 and speed["ratios"]["gemm_tflops_ratio"] == pytest.approx(
+        speed["validation"]["gemm_tflops"] / speed["profile"]["gemm_tflops"])
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
     code = main(["simulate", "--model-file", model, "--system", "a100-80g-8452y", "--policy", "cpu-only",
                  "--batch", "4", "--prompt-len", "4", "--gen-len", "3", "--profile", str(prof), "--json"])
@@ -221,6 +226,47 @@ def test_validate_says_when_the_profile_is_from_another_machine(capsys, tmp_path
     assert main([*args, "--json"]) == 0
     (difference,) = json.loads(capsys.readouterr().out)["profile_machine_differences"]
     assert difference.startswith("cpu_model: 'AMD EPYC 7B13 elsewhere' -> ")
+
+
+def test_validate_reports_the_machines_speed_against_profiling_time(capsys, tmp_path):
+    """`calibrate validate` reads the machine's speed around its runs and prints it against the profile's
+    readings, with a note when either moved by more than 10% (a drifting VM, not the cost model); a profile
+    without readings (older ones) says so and still validates."""
+    model = _tiny_file(tmp_path)
+    prof = tmp_path / "prof"
+    assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
+                 "--max-tokens", "4", "--device", "cpu"]) == 0
+    meta = json.loads((prof / "profile.json").read_text())
+    for when in ("before", "after"):  # as if the machine had been three times faster when profiled
+        meta["speed"][when] = {k: 3 * v for k, v in meta["speed"][when].items()}
+    (prof / "profile.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
+            "2", "--gen-len", "2", "--warmup", "0", "--repeats", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: this machine's speed moved since profiling" in out and "of their speed when the profile" in out
+    del meta["speed"]
+    (prof / "profile.json").write_text(json.dumps(meta))
+    assert main([*args, "--json"]) == 0
+    speed = json.loads(capsys.readouterr().out)["machine_speed"]
+    assert speed["profile"] is None and speed["ratios"] is None and speed["validation"]["copy_gb_s"] > 0
+    assert main(args) == 0
+    assert "no speed reading in the profile" in capsys.readouterr().out
+
+
+def test_speed_ratios_and_when_they_count_as_drift():
+    from executor.speed_probe import describe, drift, drifted, mean_reading
+
+    at_profile = mean_reading([{"gemm_tflops": 1.0, "copy_gb_s": 20.0}, {"gemm_tflops": 0.8, "copy_gb_s": 20.0}])
+    assert at_profile == {"gemm_tflops": 0.9, "copy_gb_s": 20.0}
+    assert mean_reading([{"gemm_tflops": 1.0, "copy_gb_s": 20.0}, None]) is None  # a reading missing
+    assert mean_reading([{"gemm_tflops": "fast", "copy_gb_s": 20.0}]) is None
+    ratios = drift(at_profile, {"gemm_tflops": 0.855, "copy_gb_s": 21.0})
+    assert ratios == pytest.approx({"gemm_tflops_ratio": 0.95, "copy_gb_s_ratio": 1.05})
+    assert not drifted(ratios) and "GEMM 0.95x, copy 1.05x" in describe(ratios)
+    assert drifted(drift(at_profile, {"gemm_tflops": 0.7, "copy_gb_s": 20.0}))
+    assert drift(None, {"gemm_tflops": 1.0, "copy_gb_s": 1.0}) is None and not drifted(None)
 
 
 def test_reproduce_calibration_reprofiles_a_kept_profile_from_another_machine(tmp_path, monkeypatch, capsys):

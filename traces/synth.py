@@ -120,10 +120,10 @@ class _InverseCdf:
     """Inverse-CDF sampling with a guide table (Chen and Asau): one table look-up plus rare fix-up steps,
     several times faster than a binary search for millions of draws. Uniform popularity over a power-of-two
     number of experts has its CDF steps at exact float32 multiples of 1/E, so there the id is floor(u E): the
-    same ids, about ten times faster. Otherwise, where the guide table has a power-of-two size (up to 256
-    experts) and a power-of-two table of at most 2^16 buckets holds at most one CDF step per bucket, one look-up
-    and one comparison give the id the guide table and its fix-ups give (the first with cdf > u): Zipf 1.0 over
-    128 experts 11.2 -> 7.6 ns an id (AMX Xeon dev VM, 2026-12-03)."""
+    same ids, about ten times faster. Otherwise, where a power-of-two table of at most 2^16 buckets holds at
+    most one CDF step per bucket, one look-up and one comparison give the id the guide table and its fix-ups
+    give (the first with cdf > u): Zipf 1.0 over 128 experts 11.2 -> 7.6 ns an id (AMX Xeon dev VM,
+    2026-12-03)."""
 
     def __init__(self, probs: np.ndarray):
         self.probs = np.asarray(probs, dtype=np.float64) / float(np.sum(probs))  # exact, for the fallback
@@ -141,7 +141,7 @@ class _InverseCdf:
         self.linear = size & (size - 1) == 0 and bool((cdf.astype(np.float64) == steps).all())
         self.one_step: np.ndarray | None = None  # guide table of `one_step_buckets` entries, one fix-up at most
         self.one_step_buckets = 0
-        self.one_step_tried = self.linear or self.buckets & (self.buckets - 1) != 0  # not built: not wanted
+        self.one_step_tried = self.linear  # a uniform power-of-two table needs none
 
     def _one_step_table(self) -> None:
         """A power-of-two guide table (at least `buckets`, at most ONE_STEP_BUCKETS_MAX entries) whose every

@@ -158,6 +158,7 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
+    from executor.speed_probe import describe, drifted
     from executor.validate import plot_validation, validate_plan
 
     spec, _, workload, trace, _, plan = _real_run(args, profile=args.profile)
@@ -175,6 +176,12 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     if result["profile_machine_differences"]:
         print("  note: the profile was measured on another machine, so these predictions price its kernels, not "
               "this machine's (" + "; ".join(result["profile_machine_differences"]) + ")")
+    speed = result.get("machine_speed")
+    if speed is not None:
+        ratios = speed["ratios"]
+        note = "  note: this machine's speed moved since profiling, so part of each error is its drift; " \
+            if drifted(ratios) else "  "
+        print(f"{note}machine speed now: {describe(ratios)}")
     for c, v in result["classes"].items():
         err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
         print(f"  {c:12} {v['ops']:6} ops  measured {v['measured_s']:.4f} s  predicted {v['predicted_s']:.4f} s  {err}")
