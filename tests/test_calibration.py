@@ -207,19 +207,25 @@ def test_machine_differences_name_what_changed():
     assert "measured_at" not in MACHINE_FIELDS
 
 
-def test_validate_says_when_the_profile_is_from_another_machine(capsys, tmp_path):
-    """A profile measured elsewhere prices that machine's kernels: `calibrate validate` still runs (a user may
-    want the cross-machine error) but says so, with the fields that differ."""
+def _small_profile(tmp_path):
+    """A one-round profile of the tiny model: (its directory, its profile.json as read, the arguments of a short
+    `calibrate validate` with it)."""
     model = _tiny_file(tmp_path)
     prof = tmp_path / "prof"
     assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
                  "--max-tokens", "4", "--device", "cpu"]) == 0
-    meta = json.loads((prof / "profile.json").read_text())
+    args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
+            "2", "--gen-len", "2", "--warmup", "0", "--repeats", "1"]
+    return prof, json.loads((prof / "profile.json").read_text()), args
+
+
+def test_validate_says_when_the_profile_is_from_another_machine(capsys, tmp_path):
+    """A profile measured elsewhere prices that machine's kernels: `calibrate validate` still runs (a user may
+    want the cross-machine error) but says so, with the fields that differ."""
+    prof, meta, args = _small_profile(tmp_path)
     meta["fingerprint"]["cpu_model"] = "AMD EPYC 7B13 elsewhere"
     (prof / "profile.json").write_text(json.dumps(meta))
     capsys.readouterr()
-    args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
-            "2", "--gen-len", "2", "--warmup", "0", "--repeats", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "note: the profile was measured on another machine" in out and "AMD EPYC 7B13 elsewhere" in out
@@ -232,17 +238,11 @@ def test_validate_reports_the_machines_speed_against_profiling_time(capsys, tmp_
     """`calibrate validate` reads the machine's speed around its runs and prints it against the profile's
     readings, with a note when either moved by more than 10% (a drifting VM, not the cost model); a profile
     without readings (older ones) says so and still validates."""
-    model = _tiny_file(tmp_path)
-    prof = tmp_path / "prof"
-    assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
-                 "--max-tokens", "4", "--device", "cpu"]) == 0
-    meta = json.loads((prof / "profile.json").read_text())
+    prof, meta, args = _small_profile(tmp_path)
     for when in ("before", "after"):  # as if the machine had been three times faster when profiled
         meta["speed"][when] = {k: 3 * v for k, v in meta["speed"][when].items()}
     (prof / "profile.json").write_text(json.dumps(meta))
     capsys.readouterr()
-    args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
-            "2", "--gen-len", "2", "--warmup", "0", "--repeats", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "note: this machine's speed moved since profiling" in out and "of their speed when the profile" in out
