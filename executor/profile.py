@@ -39,7 +39,7 @@ from executor import kernels as K
 from executor.cpu_experts import CpuExperts, cpu_flags, onednn_int8
 from executor.cpu_experts import backend as cpu_experts_backend
 from executor.cpu_experts import describe as describe_cpu_experts
-from executor.speed_probe import speed_probe
+from executor.speed_probe import mean_reading, speed_probe
 from executor.weights import LayerWeights, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
@@ -79,15 +79,28 @@ def fingerprint() -> dict:
 MACHINE_FIELDS = ("cpu_model", "cpu_flags", "cpus", "torch", "onednn", "cpu_experts", "cuda")
 
 
-def recorded_fingerprint(profile_dir: str | Path) -> dict:
-    """The fingerprint a profile directory recorded (empty for a profile without one, or one that cannot be
-    read: it then differs from every machine)."""
+def _recorded(profile_dir: str | Path, key: str) -> dict | None:
+    """The object a profile directory's `profile.json` records under `key` (None when it records none, or the
+    file cannot be read)."""
     try:
         meta = json.loads((Path(profile_dir) / "profile.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    recorded = meta.get("fingerprint") if isinstance(meta, dict) else None
-    return recorded if isinstance(recorded, dict) else {}
+        return None
+    recorded = meta.get(key) if isinstance(meta, dict) else None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def recorded_fingerprint(profile_dir: str | Path) -> dict:
+    """The fingerprint a profile directory recorded (empty for a profile without one, or one that cannot be
+    read: it then differs from every machine)."""
+    return _recorded(profile_dir, "fingerprint") or {}
+
+
+def recorded_speed(profile_dir: str | Path) -> dict[str, float] | None:
+    """The mean of the machine-speed readings a profile directory recorded before and after its measurements
+    (None when it recorded none, or cannot be read)."""
+    speed = _recorded(profile_dir, "speed")
+    return None if speed is None else mean_reading([speed.get("before"), speed.get("after")])
 
 
 def machine_differences(recorded: dict, here: dict | None = None) -> list[str]:

@@ -8,10 +8,8 @@ rather than the cost model's. Nothing is corrected with it: it is reported besid
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,15 +71,3 @@ def drifted(ratios: dict[str, float] | None) -> bool:
     """Whether either reading moved by more than DRIFT_NOTE since profiling."""
     return ratios is not None and any(abs(r - 1.0) > DRIFT_NOTE for r in ratios.values())
 
-
-def recorded_speed(profile_dir: str | Path) -> dict[str, float] | None:
-    """The mean of the readings a profile directory recorded before and after its measurements (None when it
-    recorded none, or cannot be read)."""
-    try:
-        meta = json.loads((Path(profile_dir) / "profile.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    speed = meta.get("speed") if isinstance(meta, dict) else None
-    if not isinstance(speed, dict):
-        return None
-    return mean_reading([speed.get("before"), speed.get("after")])

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from executor.profile import machine_differences, recorded_fingerprint
+from executor.profile import machine_differences, recorded_fingerprint, recorded_speed
 from executor.run import execute_plan
-from executor.speed_probe import drift, mean_reading, recorded_speed, speed_probe
+from executor.speed_probe import drift, mean_reading, speed_probe
 from executor.weights import ModelWeights
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
