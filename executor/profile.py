@@ -12,9 +12,12 @@
 - decode attention over (batch, KV length);
 - DRAM bandwidth (a large copy);
 - where CUDA exists, the same on the GPU plus host-device copies by size, pinned and pageable.
-Grid points are interleaved round by round (drift hits every point alike) and timed in a worker thread, as
-the executor runs ops; each point keeps the median and the 10th/90th percentiles. DIR gets `profile.json`
-(fingerprint: CPU model and flags, GPU, torch and oneDNN versions, threads; model signature) and
+Every round times every grid point (drift over rounds hits every point alike), kind by kind, each kind's block
+led by an untimed call of its own kind (what ran just before a call moves its time), the GEMMs that reuse their
+weights (QKV, O-projection, router, LM head) each after a cache flush, as in a plan where expert weights stream
+between them, in a worker thread, as the executor runs ops; each point keeps the median and the 10th/90th
+percentiles. DIR gets `profile.json` (fingerprint: CPU model and flags, GPU, torch and oneDNN versions, threads;
+model signature) and
 `timings.csv` (one row per device, kind and grid point), and a reading of the machine's speed before and after
 the measurements (`executor.speed_probe`), which a validation compares with its own.
 """
@@ -50,6 +53,11 @@ ATTENTION_KV = (1, 4, 16, 64, 256, 1024)
 PREFILL_BATCH = (1, 4, 16, 64, 256)
 PREFILL_LEN = (1, 4, 16, 64, 256)
 OVERHEAD_REQUESTS = (1, 16, 64)
+# Kinds whose grid points reuse one set of weights on every call: each timed call follows a cache flush of
+# FLUSH_BYTES (beyond any last-level cache of the VMs in use), since in a plan gigabytes of expert weights
+# stream between two of them. Expert points rotate cold copies instead (`_cold_copies`).
+COLD_CACHE_KINDS = frozenset({"qkv", "o_proj", "router", "lm_head"})
+FLUSH_BYTES = 256 * 2**20
 
 
 def fingerprint() -> dict:
@@ -140,12 +148,14 @@ def _cold_copies(layer: LayerWeights, budget_bytes: int) -> list[LayerWeights]:
 def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",), rounds: int = 3,
             max_tokens: int = 1024, progress: bool = True, seed: int = 0,
             threads: tuple[int, ...] | None = None, max_requests: int | None = None,
-            max_kv: int | None = None) -> Path:
+            max_kv: int | None = None, between_rounds: Callable[[int], object] | None = None) -> Path:
     """Measure the grid on each device (CPU rows once per torch thread count in `threads`, default the
     current one) and write one `profile.json` and `timings.csv` into `out` (atomically per file): a plan
     with CPU and GPU ops reads both devices' rows from one profile. `max_requests` / `max_kv` cap the
     attention grids at the first grid value that covers them (the plans to be priced need no more; the
-    largest decode-attention points cost minutes on a small CPU)."""
+    largest decode-attention points cost minutes on a small CPU). `between_rounds(r)` is called after each
+    timed round r (on the measuring thread): a paired validation runs its plans there, so drift hits both
+    alike."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = torch.get_num_threads()
@@ -157,7 +167,7 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
             for n in threads if device == "cpu" else (current,):
                 torch.set_num_threads(n)
                 rows.extend({**row, "threads": n} for row in _measure(spec, device, rounds, max_tokens, progress,
-                                                                      seed, max_requests, max_kv))
+                                                                      seed, max_requests, max_kv, between_rounds))
     finally:
         torch.set_num_threads(current)
     _write_atomic(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -177,7 +187,8 @@ def covering(grid: tuple[int, ...], limit: int | None) -> tuple[int, ...]:
 
 
 def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progress: bool, seed: int,
-             max_requests: int | None = None, max_kv: int | None = None) -> list[dict]:
+             max_requests: int | None = None, max_kv: int | None = None,
+             between_rounds: Callable[[int], object] | None = None) -> list[dict]:
     one = truncated(spec, min(spec.num_layers, spec.first_dense_layers + 1))
     weights = random_weights(one, seed=seed, device=device)
     moe = weights.layers[-1]
@@ -212,13 +223,26 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
         for length in covering(PREFILL_LEN, max_kv):
             points.append(("attention_prefill", (b, length), _prefill_point(spec, moe, b, length, dtype, device), 1))
     samples: dict[tuple[str, tuple], list[float]] = {(k, p): [] for k, p, _, _ in points}
+    # Kind by kind, each kind's block led by one untimed call of its first point: every timed call follows a call
+    # of its own kind, as an op in a plan mostly follows ops like it. What runs before a call moves its time: on
+    # the 2-vCPU AMD VM a bf16 expert call of 64 tokens took 27 ms after another and 33 ms after an INT4 one
+    # (which allocates and frees its dequantised weights), and the grid once put INT4 before every bf16 point.
+    kinds = dict.fromkeys(kind for kind, _, _, _ in points)  # in the grid's order
+    blocks = [[p for p in points if p[0] == kind] for kind in kinds]
+    flush = _cache_flush(device)
 
     def measure() -> None:
         for _, _, fn, _ in points:  # warm-up: oneDNN builds its primitives on first use
             fn()
-        for _ in tqdm(range(rounds), desc="profile rounds", disable=None if progress else True, leave=False):
-            for kind, point, fn, calls in points:
-                samples[(kind, point)].append(timed(fn) / calls)
+        for r in tqdm(range(rounds), desc="profile rounds", disable=None if progress else True, leave=False):
+            for block in blocks:
+                block[0][2]()
+                for kind, point, fn, calls in block:
+                    if kind in COLD_CACHE_KINDS:
+                        flush()
+                    samples[(kind, point)].append(timed(fn) / calls)
+            if between_rounds is not None:
+                between_rounds(r)
 
     # The executor runs every op in a worker thread (one per stream); measure in one too, since torch's
     # intra-op thread pool behaves differently there than on the main thread.
@@ -237,6 +261,14 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     if device == "cuda":
         rows.extend(_copy_rows(rounds))
     return rows
+
+
+def _cache_flush(device: str) -> Callable[[], None]:
+    """An untimed pass over FLUSH_BYTES of the device's memory (read and written, so it goes through the caches):
+    afterwards no cache holds the next call's weights, as in a plan where the experts stream gigabytes between
+    two calls of a kind that reuses its weights."""
+    buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    return lambda: buf.add_(1)
 
 
 def _guard(fn: Callable[[], None], errors: list[BaseException]) -> None:

@@ -3,20 +3,22 @@ machine's profile) predicts it, `sim.metrics.compare_records` scores it per op c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from executor.profile import machine_differences, recorded_fingerprint, recorded_speed
-from executor.run import execute_plan
+from executor.profile import machine_differences, profile, recorded_fingerprint, recorded_speed
+from executor.run import ExecutionResult, execute_plan
 from executor.speed_probe import drift, mean_reading, speed_probe
 from executor.weights import ModelWeights
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
 from sim.metrics import compare_records, op_class
 from sim.plan import Plan
+from sim.specs import ModelSpec
 from traces import RoutingTrace
 
 
@@ -41,6 +43,42 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
     before = speed_probe() if probe else None
     runs = [execute_plan(plan, weights, trace, use_cuda=use_cuda) for _ in range(max(repeats, 1))]
     now = mean_reading([before, speed_probe()]) if probe else None
+    result = compare_runs(plan, runs, profile_dir)
+    if now is not None:
+        at_profile = recorded_speed(profile_dir)
+        result["machine_speed"] = {"profile": at_profile, "validation": now, "ratios": drift(at_profile, now)}
+    return result
+
+
+def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWeights, spec: ModelSpec,
+                    profile_dir: str | Path, rounds: int = 5, **profile_options: Any) -> list[dict[str, Any]]:
+    """Profile this machine into `profile_dir` and validate every (plan, trace) case against it, interleaved:
+    after each profile round every plan runs once (after one untimed run each before the profile starts), so
+    a shared machine's drift over minutes hits the profile's timings and the plans' measurements alike, and
+    what is left of an error is the cost model's. CPU only. One result per case, as `validate_plan` gives,
+    with `paired: True`; the machine-speed readings are the profile's own (before and after)."""
+    for plan, trace in cases:
+        execute_plan(plan, weights, trace, use_cuda=False)
+    runs: list[list[ExecutionResult]] = [[] for _ in cases]
+
+    def run_cases(_round: int) -> None:
+        for k, (plan, trace) in enumerate(cases):
+            runs[k].append(execute_plan(plan, weights, trace, use_cuda=False))
+
+    profile(spec, profile_dir, devices=("cpu",), rounds=rounds, between_rounds=run_cases, **profile_options)
+    speed = recorded_speed(profile_dir)
+    results = []
+    for (plan, _), measured in zip(cases, runs, strict=True):
+        result = compare_runs(plan, measured, profile_dir)
+        result["paired"] = True
+        if speed is not None:
+            result["machine_speed"] = {"profile": speed, "validation": speed, "ratios": drift(speed, speed)}
+        results.append(result)
+    return results
+
+
+def compare_runs(plan: Plan, runs: list[ExecutionResult], profile_dir: str | Path) -> dict[str, Any]:
+    """The median of measured `runs` of `plan` against the simulator's prediction with the profile."""
     measured = runs[0]
     measured.record = median_record([r.record for r in runs])
     cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()),
@@ -48,11 +86,9 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
     predicted = run_plan(plan, cost)
     result = compare_records(plan, measured.record, predicted)
     result.update(measured.to_dict())
+    result["runs"] = len(runs)
     result["profile_hits"], result["roofline_fallbacks"] = cost.hits, cost.misses
     result["profile_machine_differences"] = machine_differences(recorded_fingerprint(profile_dir))
-    if now is not None:
-        at_profile = recorded_speed(profile_dir)
-        result["machine_speed"] = {"profile": at_profile, "validation": now, "ratios": drift(at_profile, now)}
     result["_per_op"] = {
         "class": [op_class(op) for op in plan.ops],
         "measured_s": ((measured.record.end_ns - measured.record.start_ns) / 1e9).tolist(),

@@ -1,12 +1,15 @@
 """Predicted against measured on this machine: CPU-only plans of real-size Mixtral-8x7B layers.
 
-1. Profile this machine's kernels for Mixtral-8x7B shapes (skipped if --profile already holds one).
-2. Validate `cpu-only` plans of the first --layers layers at decode batch 16, 64 and 256 (short prompts, so
-   decode dominates): measured by the executor, predicted by the simulator with that profile.
-3. Coalesced against micro-batched experts (batch 256, micro-batch 32): the measured ratio of expert time
+1. Validate `cpu-only` plans of the first --layers layers at decode batch 16, 64 and 256 (short prompts, so
+   decode dominates): measured by the executor, predicted by the simulator with a profile of this machine's
+   kernels for Mixtral-8x7B shapes.
+2. Coalesced against micro-batched experts (batch 256, micro-batch 32): the measured ratio of expert time
    beside the simulator's predicted ratio.
-Each batch's row also gives the machine's speed during its runs over its speed when profiled (a bf16 GEMM and
-a copy, `executor.speed_probe`), so a drifting VM's share of an error shows.
+Paired (the default, when --profile holds no profile yet): the profile is measured now and every plan runs once
+after each of its --rounds rounds, so a shared VM's drift (its memory bandwidth moved 2x within minutes on the
+development VMs) hits the profile and the measurements alike. With an existing --profile the plans run after
+it, and each batch's row gives the machine's speed during its runs over its speed when profiled (a bf16 GEMM
+and a copy, `executor.speed_probe`), so a drifting VM's share of an error shows.
 
     python experiments/cpu_validation.py --out docs/results [--profile out/profile-mixtral] [--layers 2]
 
@@ -22,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from executor.profile import fingerprint, machine_differences, profile, recorded_fingerprint
-from executor.validate import plot_validation, validate_plan
+from executor.profile import fingerprint, machine_differences, recorded_fingerprint
+from executor.validate import plot_validation, validate_paired, validate_plan
 from executor.weights import random_weights, truncated
 from sim.api import resolve_model, resolve_routing, resolve_system
 from sim.policies import PlanContext, make_policy
@@ -48,24 +51,33 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=4)
     parser.add_argument("--gen-len", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="profile rounds, and runs of each plan between them (when --profile is profiled now)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     model = resolve_model("mixtral-8x7b")
     prof = Path(args.profile)
-    if not (prof / "profile.json").exists():
-        profile(model, prof, devices=("cpu",), max_tokens=args.max_tokens)
     spec = truncated(model, args.layers)
     system = resolve_system("a100-80g-8452y")  # only its DRAM size matters to a cpu-only plan
     weights = random_weights(spec, seed=0)
+
+    def case(batch: int, options: dict[str, str]) -> tuple:
+        wl, trace, _ = resolve_routing(spec, batch, args.prompt_len, args.gen_len, None, "table:mixtral-8x7b", 0)
+        return make_policy("cpu-only", options).build(PlanContext(spec, system, wl, trace)), trace
+
+    cases = [case(batch, {}) for batch in BATCHES]
+    ratio_names = ("coalesced", "micro-batched")
+    cases += [case(256, {"decode_micro_batch": "32", "coalesce": c}) for c in ("on", "off")]
+    paired = not (prof / "profile.json").exists()
+    if paired:  # profile now, the plans run between its rounds
+        results = validate_paired(cases, weights, model, prof, rounds=args.rounds, max_tokens=args.max_tokens)
+    else:  # an existing profile: the plans run now, the speed readings tell the drift since it was measured
+        results = [validate_plan(plan, weights, trace, prof, use_cuda=False) for plan, trace in cases]
     lines = ["| decode batch | ops | measured total s | predicted total s | error | decode error | "
              "expert error | attention error | other error | machine speed vs profiling (GEMM, copy) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     errors = []
-    last = None
-    for batch in BATCHES:
-        wl, trace, _ = resolve_routing(spec, batch, args.prompt_len, args.gen_len, None, "table:mixtral-8x7b", 0)
-        plan = make_policy("cpu-only", {}).build(PlanContext(spec, system, wl, trace))
-        r = validate_plan(plan, weights, trace, prof, use_cuda=False)
+    for batch, (plan, _), r in zip(BATCHES, cases, results, strict=False):
         e2e, cls = r["end_to_end"], r["classes"]
         errors.append(abs(e2e["total_s"]["error"]))
 
@@ -75,17 +87,12 @@ def main() -> None:
         lines.append(f"| {batch} | {len(plan.ops)} | {e2e['total_s']['measured']:.3f} | "
                      f"{e2e['total_s']['predicted']:.3f} | {e2e['total_s']['error']:+.1%} | "
                      f"{e2e['decode_s']['error']:+.1%} | {pct('cpu_experts')} | {pct('attention')} | {pct('other')} | "
-                     f"{_speed(r)} |")
-        last = r
+                     f"{'paired (same rounds)' if paired else _speed(r)} |")
+    last = results[len(BATCHES) - 1]
     lines.append(f"\nMedian absolute end-to-end error: {np.median(errors):.1%} over {len(errors)} batches.")
     # Coalesced against micro-batched experts at batch 256, micro-batch 32.
-    wl, trace, _ = resolve_routing(spec, 256, args.prompt_len, args.gen_len, None, "table:mixtral-8x7b", 0)
-    ratio_rows = {}
-    for name, opts in (("coalesced", {"decode_micro_batch": "32", "coalesce": "on"}),
-                       ("micro-batched", {"decode_micro_batch": "32", "coalesce": "off"})):
-        plan = make_policy("cpu-only", opts).build(PlanContext(spec, system, wl, trace))
-        r = validate_plan(plan, weights, trace, prof, use_cuda=False)
-        ratio_rows[name] = r["classes"]["cpu_experts"]
+    ratio_rows = {name: r["classes"]["cpu_experts"] for name, r in zip(ratio_names, results[len(BATCHES):],
+                                                                        strict=True)}
     m_ratio = ratio_rows["micro-batched"]["measured_s"] / ratio_rows["coalesced"]["measured_s"]
     p_ratio = ratio_rows["micro-batched"]["predicted_s"] / ratio_rows["coalesced"]["predicted_s"]
     co, mb = ratio_rows["coalesced"], ratio_rows["micro-batched"]
@@ -95,16 +102,20 @@ def main() -> None:
                  f"{mb['predicted_s']:.3f} s).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    assert last is not None
     plot_validation(last, out / "cpu_validation.png", f"{spec.name}, cpu-only, decode batch {BATCHES[-1]}")
     fp = fingerprint()
     differences = machine_differences(recorded_fingerprint(prof), fp)
     elsewhere = (" The profile was measured on another machine, so the predictions price its kernels: "
                  + "; ".join(differences) + ".") if differences else ""
+    mode = (f"Paired: the profile was measured in this run, each plan ran once after each of its {args.rounds} "
+            "rounds (per-op medians)." if paired else
+            "The profile was measured before this run; each plan ran 3 times after a warm-up (per-op medians).")
     header = (f"Made by `python experiments/cpu_validation.py --out {args.out} --profile {args.profile} --layers "
-              f"{args.layers}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} ({fp['cpus']} CPUs, "
+              f"{args.layers} --rounds {args.rounds}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} "
+              f"({fp['cpus']} CPUs, "
               f"{torch.get_num_threads()} threads, torch {fp['torch']}, AMX {'yes' if fp['amx_tile'] else 'no'}). "
-              f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table.{elsewhere}\n\n")
+              f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table. {mode}"
+              f"{elsewhere}\n\n")
     text = header + "\n".join(lines) + "\n"
     (out / "cpu_validation.md").write_text(text)
     print(text)

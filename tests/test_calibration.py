@@ -317,3 +317,84 @@ def test_reproduce_calibration_refuses_a_profile_that_is_not_one(capsys, tmp_pat
     assert main(["reproduce", "calibration", "--out", str(tmp_path / "out"), "--profile", str(prof)]) == 2
     err = capsys.readouterr().err.strip()
     assert "profile.json is not a profile" in err and len(err.splitlines()) == 1
+
+
+def test_paired_validation_runs_every_plan_between_the_profile_rounds(tmp_path, monkeypatch):
+    """`validate_paired` measures the profile and the plans in the same rounds (each plan once after each timed
+    round, after one untimed run before the profile), so drift over minutes hits both alike; each result is a
+    normal validation of its plan, marked paired, with the profile's own speed readings (ratio 1)."""
+    import executor.validate as V
+    from executor.weights import random_weights
+    from sim.policies import PlanContext, make_policy
+    from sim.specs import ModelSpec, load_system
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=64)
+    cases = []
+    for batch in (2, 3):
+        prompts, gens = np.full(batch, 2), np.full(batch, 2)
+        trace = generate_trace(SynthConfig(spec.name, 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
+        plan = make_policy("cpu-only", {}).build(PlanContext(spec, load_system("a100-80g-8452y"),
+                                                             Workload(prompts, gens), trace))
+        cases.append((plan, trace))
+    events: list[str] = []
+    real_execute, real_profile = V.execute_plan, V.profile
+
+    def execute(plan, *args, **kwargs):
+        events.append(f"run {plan.workload.batch}")
+        return real_execute(plan, *args, **kwargs)
+
+    def profile(*args, between_rounds, **kwargs):
+        def between(r):
+            events.append(f"round {r}")
+            between_rounds(r)
+        return real_profile(*args, between_rounds=between, **kwargs)
+
+    monkeypatch.setattr(V, "execute_plan", execute)
+    monkeypatch.setattr(V, "profile", profile)
+    results = V.validate_paired(cases, random_weights(spec, seed=0), spec, tmp_path / "prof", rounds=2,
+                                max_tokens=4, progress=False, max_requests=4, max_kv=8)
+    assert events == ["run 2", "run 3", "round 0", "run 2", "run 3", "round 1", "run 2", "run 3"]
+    assert (tmp_path / "prof" / "profile.json").exists()
+    for r in results:
+        assert r["paired"] and r["runs"] == 2 and r["profile_hits"] > 0
+        assert r["end_to_end"]["total_s"]["measured"] > 0 and r["end_to_end"]["total_s"]["predicted"] > 0
+        assert r["machine_speed"]["ratios"] == {"gemm_tflops_ratio": 1.0, "copy_gb_s_ratio": 1.0}
+
+
+def test_profile_times_each_kind_after_a_call_of_its_own_kind(tmp_path, monkeypatch):
+    """What ran just before a call moves its time (a bf16 expert call after an INT4 one, which allocates and frees
+    its dequantised weights, ran 10-25% slower), so a round times the grid kind by kind, each block led by one
+    untimed call of its kind: within a round, the calls of a kind are one contiguous run."""
+    import executor.profile as P
+    from sim.specs import ModelSpec
+
+    spec = ModelSpec(name="tiny", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=64)
+    log: list[str] = []
+    real_scatter, real_qkv, real_lm = P.K.expert_scatter, P.K.qkv, P.K.lm_head
+
+    def scatter(lw, *args, **kwargs):
+        log.append(f"expert {lw.cpu_experts.precision if lw.cpu_experts is not None else 'bf16'}")
+        return real_scatter(lw, *args, **kwargs)
+
+    def qkv(*args, **kwargs):
+        log.append("qkv")
+        return real_qkv(*args, **kwargs)
+
+    def lm_head(*args, **kwargs):
+        log.append("lm_head")
+        return real_lm(*args, **kwargs)
+
+    monkeypatch.setattr(P.K, "expert_scatter", scatter)
+    monkeypatch.setattr(P.K, "qkv", qkv)
+    monkeypatch.setattr(P.K, "lm_head", lm_head)
+    P.profile(spec, tmp_path / "p", rounds=2, max_tokens=4, progress=False, max_requests=1, max_kv=4,
+              between_rounds=lambda r: log.append(f"round {r}"))
+    second = log[log.index("round 0") + 1:log.index("round 1")]
+    runs = [kind for i, kind in enumerate(second) if i == 0 or second[i - 1] != kind]
+    assert len(runs) == len(set(runs)) and {"expert bf16", "qkv", "lm_head"} <= set(runs)
+    for kind in ("qkv", "lm_head"):  # three grid points (1, 2, 4 tokens), each block led by an untimed call
+        assert second.count(kind) == 4
