@@ -154,8 +154,8 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     with CPU and GPU ops reads both devices' rows from one profile. `max_requests` / `max_kv` cap the
     attention grids at the first grid value that covers them (the plans to be priced need no more; the
     largest decode-attention points cost minutes on a small CPU). `between_rounds(r)` is called after each
-    timed round r (on the measuring thread): a paired validation runs its plans there, so drift hits both
-    alike."""
+    timed round r of each device and thread count (on the measuring thread): a paired validation runs its plans
+    there, so drift hits both alike."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = torch.get_num_threads()
@@ -231,15 +231,21 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     blocks = [[p for p in points if p[0] == kind] for kind in kinds]
     flush = _cache_flush(device)
 
+    def settled(fn: Callable[[], object]) -> None:
+        """An untimed call, finished before the next timed one starts (on a GPU, queued work would overlap it)."""
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def measure() -> None:
         for _, _, fn, _ in points:  # warm-up: oneDNN builds its primitives on first use
             fn()
         for r in tqdm(range(rounds), desc="profile rounds", disable=None if progress else True, leave=False):
             for block in blocks:
-                block[0][2]()
+                settled(block[0][2])
                 for kind, point, fn, calls in block:
                     if kind in COLD_CACHE_KINDS:
-                        flush()
+                        settled(flush)
                     samples[(kind, point)].append(timed(fn) / calls)
             if between_rounds is not None:
                 between_rounds(r)
@@ -263,12 +269,12 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     return rows
 
 
-def _cache_flush(device: str) -> Callable[[], None]:
-    """An untimed pass over FLUSH_BYTES of the device's memory (read and written, so it goes through the caches):
-    afterwards no cache holds the next call's weights, as in a plan where the experts stream gigabytes between
-    two calls of a kind that reuses its weights."""
-    buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-    return lambda: buf.add_(1)
+def _cache_flush(device: str) -> Callable[[], object]:
+    """An untimed read of FLUSH_BYTES of the device's memory: afterwards no cache holds the next call's weights,
+    as in a plan where the experts' weights stream through between two calls of a kind that reuses its own. A
+    read, not a write: the experts leave clean lines, and dirty ones would add write-backs to the timed call."""
+    buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    return lambda: buf.sum()
 
 
 def _guard(fn: Callable[[], None], errors: list[BaseException]) -> None:

@@ -16,6 +16,7 @@ from executor.speed_probe import drift, mean_reading, speed_probe
 from executor.weights import ModelWeights
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
+from sim.errors import SimInputError
 from sim.metrics import compare_records, op_class
 from sim.plan import Plan
 from sim.specs import ModelSpec
@@ -45,18 +46,26 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
     now = mean_reading([before, speed_probe()]) if probe else None
     result = compare_runs(plan, runs, profile_dir)
     if now is not None:
-        at_profile = recorded_speed(profile_dir)
-        result["machine_speed"] = {"profile": at_profile, "validation": now, "ratios": drift(at_profile, now)}
+        result["machine_speed"] = _machine_speed(recorded_speed(profile_dir), now)
     return result
 
 
+def _machine_speed(at_profile: dict[str, float] | None, now: dict[str, float]) -> dict[str, Any]:
+    """The readings when profiled and when validated, and their ratios (None without a profile reading)."""
+    return {"profile": at_profile, "validation": now, "ratios": drift(at_profile, now)}
+
+
 def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWeights, spec: ModelSpec,
-                    profile_dir: str | Path, rounds: int = 5, **profile_options: Any) -> list[dict[str, Any]]:
-    """Profile this machine into `profile_dir` and validate every (plan, trace) case against it, interleaved:
-    after each profile round every plan runs once (after one untimed run each before the profile starts), so
-    a shared machine's drift over minutes hits the profile's timings and the plans' measurements alike, and
-    what is left of an error is the cost model's. CPU only. One result per case, as `validate_plan` gives,
-    with `paired: True`; the machine-speed readings are the profile's own (before and after)."""
+                    profile_dir: str | Path, rounds: int = 5, max_tokens: int = 1024, progress: bool = True,
+                    max_requests: int | None = None, max_kv: int | None = None) -> list[dict[str, Any]]:
+    """Profile this machine's CPU (at torch's current thread count) into `profile_dir` and validate every
+    (plan, trace) case against it, interleaved: after each profile round every plan runs once (after one
+    untimed run each before the profile starts), so a shared machine's drift over minutes hits the profile's
+    timings and the plans' measurements alike, and what is left of an error is the cost model's. One result
+    per case, as `validate_plan` gives, with `paired: True`; the machine-speed readings are the profile's own
+    (before and after its rounds, the same window as the runs)."""
+    if rounds < 1:
+        raise SimInputError(f"a paired validation needs at least one round, got {rounds}")
     for plan, trace in cases:
         execute_plan(plan, weights, trace, use_cuda=False)
     runs: list[list[ExecutionResult]] = [[] for _ in cases]
@@ -65,14 +74,15 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
         for k, (plan, trace) in enumerate(cases):
             runs[k].append(execute_plan(plan, weights, trace, use_cuda=False))
 
-    profile(spec, profile_dir, devices=("cpu",), rounds=rounds, between_rounds=run_cases, **profile_options)
+    profile(spec, profile_dir, devices=("cpu",), rounds=rounds, max_tokens=max_tokens, progress=progress,
+            max_requests=max_requests, max_kv=max_kv, between_rounds=run_cases)
     speed = recorded_speed(profile_dir)
     results = []
     for (plan, _), measured in zip(cases, runs, strict=True):
         result = compare_runs(plan, measured, profile_dir)
         result["paired"] = True
         if speed is not None:
-            result["machine_speed"] = {"profile": speed, "validation": speed, "ratios": drift(speed, speed)}
+            result["machine_speed"] = _machine_speed(speed, speed)
         results.append(result)
     return results
 

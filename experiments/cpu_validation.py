@@ -5,13 +5,13 @@
    kernels for Mixtral-8x7B shapes.
 2. Coalesced against micro-batched experts (batch 256, micro-batch 32): the measured ratio of expert time
    beside the simulator's predicted ratio.
-Paired (the default, when --profile holds no profile yet): the profile is measured now and every plan runs once
-after each of its --rounds rounds, so a shared VM's drift (its memory bandwidth moved 2x within minutes on the
-development VMs) hits the profile and the measurements alike. With an existing --profile the plans run after
-it, and each batch's row gives the machine's speed during its runs over its speed when profiled (a bf16 GEMM
-and a copy, `executor.speed_probe`), so a drifting VM's share of an error shows.
+Paired (the default; --profile must name a folder without a profile): the profile is measured now and every plan
+runs once after each of its --rounds rounds, so a shared VM's drift (its memory bandwidth moved 2x within
+minutes on the development VMs) hits the profile and the measurements alike. With --reuse-profile the plans run
+after the profile already in --profile, and each batch's row gives the machine's speed during its runs over its
+speed when profiled (a bf16 GEMM and a copy, `executor.speed_probe`), so a drifting VM's share of an error shows.
 
-    python experiments/cpu_validation.py --out docs/results [--profile out/profile-mixtral] [--layers 2]
+    python experiments/cpu_validation.py --out docs/results [--profile out/profile-paired] [--layers 2]
 
 Writes cpu_validation.md and cpu_validation.png into --out, and prints the tables.
 """
@@ -43,20 +43,35 @@ def _speed(result: dict) -> str:
     return f"{ratios['gemm_tflops_ratio']:.2f}x, {ratios['copy_gb_s_ratio']:.2f}x"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--profile", default="out/profile-mixtral")
+    parser.add_argument("--profile", default="out/profile-paired")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=4)
     parser.add_argument("--gen-len", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="profile rounds, and runs of each plan between them (when --profile is profiled now)")
+    parser.add_argument("--rounds", type=_positive, default=5,
+                        help="profile rounds, and runs of each plan between them (paired)")
+    parser.add_argument("--reuse-profile", action="store_true",
+                        help="validate against the profile already in --profile (unpaired: the plans run after it)")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    model = resolve_model("mixtral-8x7b")
     prof = Path(args.profile)
+    paired = not args.reuse_profile
+    if paired and (prof / "profile.json").exists():
+        parser.exit(2, f"cpu_validation.py: {prof} already holds a profile: name a new folder to profile and "
+                       "validate together, or pass --reuse-profile to validate against it\n")
+    if not paired and not (prof / "profile.json").exists():
+        parser.exit(2, f"cpu_validation.py: --reuse-profile, but {prof} holds no profile.json\n")
+    model = resolve_model("mixtral-8x7b")
     spec = truncated(model, args.layers)
     system = resolve_system("a100-80g-8452y")  # only its DRAM size matters to a cpu-only plan
     weights = random_weights(spec, seed=0)
@@ -68,7 +83,6 @@ def main() -> None:
     cases = [case(batch, {}) for batch in BATCHES]
     ratio_names = ("coalesced", "micro-batched")
     cases += [case(256, {"decode_micro_batch": "32", "coalesce": c}) for c in ("on", "off")]
-    paired = not (prof / "profile.json").exists()
     if paired:  # profile now, the plans run between its rounds
         results = validate_paired(cases, weights, model, prof, rounds=args.rounds, max_tokens=args.max_tokens)
     else:  # an existing profile: the plans run now, the speed readings tell the drift since it was measured
@@ -77,7 +91,7 @@ def main() -> None:
              "expert error | attention error | other error | machine speed vs profiling (GEMM, copy) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     errors = []
-    for batch, (plan, _), r in zip(BATCHES, cases, results, strict=False):
+    for batch, (plan, _), r in zip(BATCHES, cases[:len(BATCHES)], results[:len(BATCHES)], strict=True):
         e2e, cls = r["end_to_end"], r["classes"]
         errors.append(abs(e2e["total_s"]["error"]))
 
@@ -110,8 +124,9 @@ def main() -> None:
     mode = (f"Paired: the profile was measured in this run, each plan ran once after each of its {args.rounds} "
             "rounds (per-op medians)." if paired else
             "The profile was measured before this run; each plan ran 3 times after a warm-up (per-op medians).")
+    how = f"--rounds {args.rounds}" if paired else "--reuse-profile"
     header = (f"Made by `python experiments/cpu_validation.py --out {args.out} --profile {args.profile} --layers "
-              f"{args.layers} --rounds {args.rounds}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} "
+              f"{args.layers} {how}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} "
               f"({fp['cpus']} CPUs, "
               f"{torch.get_num_threads()} threads, torch {fp['torch']}, AMX {'yes' if fp['amx_tile'] else 'no'}). "
               f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table. {mode}"
