@@ -194,12 +194,13 @@ class _Job:
     when its process next wakes: a finish that moves later needs no interrupt (the process sleeps again). `op`
     orders a group's jobs, so their fair rates are computed in one order whatever order they arrived in."""
 
-    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake", "op")
+    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake", "op", "left")
 
     def __init__(self, interrupt: Callable[[], None], usage: tuple[float, ...], duration: int, now: int, op: int):
         self.interrupt, self.usage, self.op = interrupt, usage, op
         self.remaining, self.rate, self.t_last, self.finish = float(duration), 1.0, now, now + duration
         self.wake = self.finish
+        self.left = False  # released early: it ended at the instant another job arrived (see _GroupShare.admit)
 
 
 def _job_op(job: _Job) -> int:
@@ -255,10 +256,20 @@ class _GroupShare:
             demand[r] += u
         if not self.saturated and max(demand) <= 1.0 + _EPS:
             return
+        # Jobs that end at this very instant (their wake-up is due now, maybe after this arrival's) leave first:
+        # they have no work left, so counting them would slow the arrival for no time and re-time it when they
+        # leave a moment later, the same instant (same starts and ends either way, two events fewer).
+        for old in [j for j in jobs if j.finish <= now and j is not job]:
+            self.release(old, now)
+            old.left = True
+        if len(jobs) == 1:
+            return
         self._advance(now)
         self._retime(now, skip=job)
 
     def release(self, job: _Job, now: int) -> None:
+        if job.left:  # already released when it ended, at the instant another job arrived
+            return
         jobs = self.jobs
         jobs.remove(job)
         if not jobs:

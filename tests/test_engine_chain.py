@@ -241,6 +241,22 @@ def tie_plans(draw, streams=STREAMS, pools=("gpu", "cpu")) -> Plan:
     return plan_of(b)
 
 
+def test_a_job_ending_as_another_arrives_does_not_share_with_it():
+    """Hypothesis found this: the CPU op (2 us) and the GPU run ending at 2 us (one timeout for ops 2 and 3)
+    tie; the chained run's timeout was scheduled first, so the CPU-experts op (waiting for op 3) arrived in the
+    host group before the CPU op's end fired, was slowed for no time, then sped up again by an interrupt: 11
+    events against the reference's 10. A job that ends at the arrival's instant now leaves first."""
+    b = PlanBuilder()
+    for stream, flops, deps, alloc in [("gpu", 0, (), ()), ("gpu", 0, (), ()), ("gpu", 1, (), (("gpu", 1),)),
+                                       ("gpu", 1, (), ()), ("gpu", 0, (), (("gpu", 1),)),
+                                       ("cpu_experts", 1, (3,), (("gpu", 1),)), ("gpu", 0, (), (("gpu", 1),)),
+                                       ("gpu", 0, (), (("gpu", 1),)), ("cpu", 2, (), ())]:
+        b.add(OpKind.EXPERT, Stream(stream), Phase.DECODE, 1, 0, tokens=64, flops=flops, deps=deps, alloc=alloc)
+    chained, reference = both(plan_of(b), TIE_COST)
+    assert_same(chained, reference)
+    assert chained.end_ns[5] == 3000 and (chained.events, reference.events) == (9, 10)
+
+
 @settings(max_examples=400, deadline=None)
 @given(tie_plans())
 def test_chained_runs_equal_the_reference_when_events_tie(plan):
