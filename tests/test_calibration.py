@@ -415,3 +415,23 @@ def test_profile_times_each_kind_after_a_call_of_its_own_kind(tmp_path, monkeypa
     assert not any(k.startswith("expert") and second[i - 1] == "flush" for i, k in enumerate(second) if i)
     frame = pd.read_csv(tmp_path / "p" / "timings.csv")  # the lead calls are not timed: two samples a point
     assert (frame.loc[frame["kind"].isin(["qkv", "o_proj", "lm_head", "expert"]), "repeats"] == 2).all()
+
+
+def test_calibrate_validate_paired_profiles_and_validates_together(capsys, tmp_path):
+    """`calibrate validate --paired` profiles into a new folder in the same rounds as its timed runs and says
+    so; a folder that already holds a profile, or --cuda on, is refused in one line before any work."""
+    model = _tiny_file(tmp_path)
+    prof = tmp_path / "paired"
+    args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
+            "2", "--gen-len", "2", "--repeats", "2", "--paired"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["paired"] and r["runs"] == 2 and r["profile_hits"] > 0 and r["profile_machine_differences"] == []
+    frame = pd.read_csv(prof / "timings.csv")
+    assert (frame.loc[frame["kind"] == "expert", "repeats"] == 2).all()
+    assert frame.loc[frame["kind"] == "expert", "tokens"].max() == 4  # the grid covers the plan's 2 x 2 prompts
+    assert main(args) == 2
+    assert "already holds a profile" in capsys.readouterr().err
+    assert main([*args[:5], str(tmp_path / "other"), *args[6:], "--cuda", "on"]) == 2
+    assert "CPU only" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -159,11 +159,26 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     from executor.speed_probe import describe, drifted
-    from executor.validate import plot_validation, validate_plan
+    from executor.validate import plot_validation, validate_paired, validate_plan
 
-    spec, _, workload, trace, _, plan = _real_run(args, profile=args.profile)
-    use_cuda = _cuda_choice(args.cuda)
-    result = validate_plan(plan, _weights(spec, args), trace, args.profile, use_cuda, args.warmup, args.repeats)
+    if args.paired:
+        if (Path(args.profile) / "profile.json").exists():
+            raise SimInputError(f"--paired profiles into --profile, but {args.profile} already holds a profile "
+                                "(name a new folder, or drop --paired to validate against it)")
+        if args.cuda == "on":
+            raise SimInputError("--paired validates on the CPU only (drop --cuda on)")
+    # Paired, there is no profile yet: a searched policy picks its plan with the roofline.
+    spec, _, workload, trace, _, plan = _real_run(args, profile=None if args.paired else args.profile)
+    if args.paired:  # the plan's op sizes bound the grid (each up to the first grid value covering them)
+        from executor.profile import TOKEN_GRID, covering
+
+        tokens = covering(TOKEN_GRID, int(workload.prompt_lens.sum()))[-1]  # no op holds more than every prompt
+        longest = int(workload.prompt_lens.max() + workload.gen_lens.max())
+        result, = validate_paired([(plan, trace)], _weights(spec, args), spec, args.profile, rounds=args.repeats,
+                                  max_tokens=tokens, max_requests=workload.batch, max_kv=longest)
+    else:
+        result = validate_plan(plan, _weights(spec, args), trace, args.profile, _cuda_choice(args.cuda),
+                               args.warmup, args.repeats)
     if args.plot:
         plot_validation(result, args.plot, f"{spec.name} under {plan.policy}, batch {workload.batch}")
     result.pop("_per_op")
@@ -177,7 +192,9 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
         print("  note: the profile was measured on another machine, so these predictions price its kernels, not "
               "this machine's (" + "; ".join(result["profile_machine_differences"]) + ")")
     speed = result.get("machine_speed")
-    if speed is not None:
+    if result.get("paired"):
+        print(f"  paired: {args.profile} was profiled in the same {args.repeats} rounds as the runs (drift hits both)")
+    elif speed is not None:
         ratios = speed["ratios"]
         note = "  note: this machine's speed moved since profiling, so part of each error is its drift; " \
             if drifted(ratios) else "  "
@@ -235,8 +252,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = csub.add_parser("validate", help="run a plan for real and in the simulator; errors per op class")
     _add_real_run(p)
     p.add_argument("--profile", required=True, metavar="DIR", help="profile of this machine (the policy's search "
-                   "scores its candidates with it too)")
+                   "scores its candidates with it too); with --paired, the new folder to profile into")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; per-op medians are compared")
+    p.add_argument("--paired", action="store_true",
+                   help="profile this machine into --profile (a new folder) in the same rounds as the timed runs "
+                   "(one run after each of --repeats profile rounds), so a drifting machine hits both alike; CPU "
+                   "only; a searched policy then picks its plan with the roofline")
     p.add_argument("--plot", metavar="FILE", type=output_file(*IMAGE_SUFFIXES),
                    help="write predicted against measured per op (PNG)")
     p.add_argument("--json", action="store_true")
