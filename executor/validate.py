@@ -66,6 +66,7 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
     (before and after its rounds, the same window as the runs)."""
     if rounds < 1:
         raise SimInputError(f"a paired validation needs at least one round, got {rounds}")
+    require_unprofiled(profile_dir, "a paired validation profiles into a new folder")
     for plan, trace in cases:
         execute_plan(plan, weights, trace, use_cuda=False)
     runs: list[list[ExecutionResult]] = [[] for _ in cases]
@@ -85,6 +86,13 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
             result["machine_speed"] = _machine_speed(speed, speed)
         results.append(result)
     return results
+
+
+def require_unprofiled(profile_dir: str | Path, hint: str) -> None:
+    """Refuse a folder that already holds a profile where a paired validation would profile into it (and so
+    overwrite it); `hint` says what to do instead."""
+    if (Path(profile_dir) / "profile.json").exists():
+        raise SimInputError(f"{profile_dir} already holds a profile: {hint}")
 
 
 def compare_runs(plan: Plan, runs: list[ExecutionResult], profile_dir: str | Path) -> dict[str, Any]:

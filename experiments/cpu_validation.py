@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from executor.profile import fingerprint, machine_differences, recorded_fingerprint
-from executor.validate import plot_validation, validate_paired, validate_plan
+from executor.validate import plot_validation, require_unprofiled, validate_paired, validate_plan
 from executor.weights import random_weights, truncated
 from sim.api import resolve_model, resolve_routing, resolve_system
+from sim.errors import SimInputError
 from sim.policies import PlanContext, make_policy
 
 BATCHES = (16, 64, 256)
@@ -66,9 +67,12 @@ def main() -> None:
     t0 = time.perf_counter()
     prof = Path(args.profile)
     paired = not args.reuse_profile
-    if paired and (prof / "profile.json").exists():
-        parser.exit(2, f"cpu_validation.py: {prof} already holds a profile: name a new folder to profile and "
-                       "validate together, or pass --reuse-profile to validate against it\n")
+    if paired:
+        try:
+            require_unprofiled(prof, "name a new folder to profile and validate together, or pass --reuse-profile "
+                               "to validate against it")
+        except SimInputError as exc:
+            parser.exit(2, f"cpu_validation.py: {exc}\n")
     if not paired and not (prof / "profile.json").exists():
         parser.exit(2, f"cpu_validation.py: --reuse-profile, but {prof} holds no profile.json\n")
     model = resolve_model("mixtral-8x7b")

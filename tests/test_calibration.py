@@ -369,6 +369,8 @@ def test_paired_validation_runs_every_plan_between_the_profile_rounds(tmp_path, 
             {k: (speed["before"][k] + speed["after"][k]) / 2 for k in speed["before"]})
     with pytest.raises(SimInputError, match="at least one round, got 0"):
         V.validate_paired(cases, random_weights(spec, seed=0), spec, tmp_path / "none", rounds=0)
+    with pytest.raises(SimInputError, match="already holds a profile"):  # it would overwrite the profile
+        V.validate_paired(cases, random_weights(spec, seed=0), spec, tmp_path / "prof", rounds=1)
 
 
 def test_profile_times_each_kind_after_a_call_of_its_own_kind(tmp_path, monkeypatch):

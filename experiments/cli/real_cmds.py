@@ -159,12 +159,11 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     from executor.speed_probe import describe, drifted
-    from executor.validate import plot_validation, validate_paired, validate_plan
+    from executor.validate import plot_validation, require_unprofiled, validate_paired, validate_plan
 
     if args.paired:
-        if (Path(args.profile) / "profile.json").exists():
-            raise SimInputError(f"--paired profiles into --profile, but {args.profile} already holds a profile "
-                                "(name a new folder, or drop --paired to validate against it)")
+        require_unprofiled(args.profile, "--paired profiles into --profile (name a new folder, or drop --paired "
+                           "to validate against it)")
         if args.cuda == "on":
             raise SimInputError("--paired validates on the CPU only (drop --cuda on)")
     # Paired, there is no profile yet: a searched policy picks its plan with the roofline.
