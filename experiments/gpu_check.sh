@@ -1,30 +1,99 @@
 #!/usr/bin/env bash
-# GPU checks of the executor (issue 4), as one prepared script for an NVIDIA machine; run from the repo root.
-# It needs torch with CUDA there (the project's other dependencies install from PyPI or travel as wheels).
-# Writes everything under ${OUT:-out/gpu_check}: the device, the CUDA tests, a CPU+CUDA profile of
-# Mixtral-8x7B shapes, and validations of GPU plans on two real-size layers. Budget: a few minutes.
-set -euo pipefail
+# GPU checks of the executor and the machine (issues 4 and 10), as one prepared script for an NVIDIA machine; run
+# from the repo root. Every step has its own time limit and the script goes on after a failing step, so one call
+# returns as much as it can; the whole run stops starting steps after DEADLINE_S seconds.
+#   1. the machine: nvidia-smi, lscpu, memory, torch/CUDA versions, oneDNN's ISA (`calibrate isa`);
+#   2. `executor.machine_bench`: GEMMs by shape on the GPU, device and host-device copies (pinned / pageable,
+#      duplex), host DRAM shared between PCIe DMA and a CPU copy;
+#   3. the CUDA tests (every policy's plan executed on CUDA against the reference forward pass);
+#   4. a CPU + CUDA profile of Mixtral-8x7B's shapes, then validations of two CPU+GPU plans against it;
+#   5. measured end-to-end points: `coxmoe execute` of Mixtral-8x7B's first two layers (real size) under forced
+#      knobs, so the simulator can build the very same plans elsewhere (experiments/validation/points/own_h200.yaml).
+# Everything lands in $OUT/gpu_check/ and is packed into $OUT/gpu_check.tar.gz (the device tool returns at most 8
+# files). Python packages the machine lacks travel as wheels in .whl/ (see /work/.library/device/README.md).
+# Overrides for a dry run on a CPU machine: CUDA_FLAG (on/off), PROFILE_DEVICE (cuda/auto), MB_ARGS (--quick),
+# DEADLINE_S, PYTHON.
+set -uo pipefail
 OUT=${OUT:-out/gpu_check}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-python - <<'PY' | tee "$OUT/device.txt"
-import torch
-assert torch.cuda.is_available(), "no CUDA device"
-print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))
-PY
-python -m pytest -q -p no:cacheprovider tests/test_executor_numerics.py "tests/test_topology.py::test_the_executor_runs_a_two_gpu_plan" 2>&1 | tee "$OUT/pytest_executor.txt"
-python -m experiments.cli calibrate isa --json > "$OUT/isa.json"
-python -m experiments.cli calibrate profile --model mixtral-8x7b --out "$OUT/profile" --device cuda \
-    --rounds 3 --max-tokens 1024 2>&1 | tee "$OUT/profile.txt"
-for policy in coxmoe moe-lightning; do
-  for batch in 64 256; do
-    python -m experiments.cli calibrate validate --model mixtral-8x7b --layers 2 --profile "$OUT/profile" \
-        --system h200-8452y --policy "$policy" --batch "$batch" --prompt-len 16 --gen-len 4 \
-        --routing table:mixtral-8x7b --cuda on --json --plot "$OUT/validate_${policy}_${batch}.png" \
-        > "$OUT/validate_${policy}_${batch}.json"
-  done
-done
-python -m experiments.cli execute --model mixtral-8x7b --layers 2 --system h200-8452y --policy coxmoe \
-    --batch 256 --prompt-len 16 --gen-len 4 --routing table:mixtral-8x7b --cuda on --json \
-    --timeline "$OUT/execute_timeline.json" > "$OUT/execute.json"
-echo "done: $OUT"
+W="$OUT/gpu_check"
+mkdir -p "$W"
+MODEL=mixtral-8x7b
+CUDA_FLAG=${CUDA_FLAG:-on}
+PROFILE_DEVICE=${PROFILE_DEVICE:-cuda}
+DEADLINE_S=${DEADLINE_S:-500}
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+
+if ! "$PY" -c "import simpy, pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+COXMOE=("$PY" -m experiments.cli)
+
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $W/NAME.log, one line in steps.txt
+  local name=$1 limit=$2 t left rc
+  shift 2
+  t=$(date +%s)
+  left=$(( DEADLINE_S - (t - T0) ))
+  if (( left < 20 )); then
+    echo "$name skipped (deadline)" | tee -a "$W/steps.txt"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  timeout --kill-after=10 "$limit" "$@" > "$W/$name.log" 2>&1
+  rc=$?
+  printf '%-34s rc=%-3s %4ss  (at %ss)\n' "$name" "$rc" "$(( $(date +%s) - t ))" "$(( $(date +%s) - T0 ))" \
+    | tee -a "$W/steps.txt"
+  if (( rc != 0 )); then tail -n 4 "$W/$name.log" | cut -c1-300; fi
+}
+
+# 1. the machine
+step env 30 bash -c "nvidia-smi; nvidia-smi -q -d CLOCK,POWER,PERFORMANCE; lscpu; free -g; nproc; \
+  \"$PY\" -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and \
+  torch.cuda.get_device_name(0)); print(torch.__config__.show())'"
+step isa 60 "${COXMOE[@]}" calibrate isa --json
+# 2. the machine's own numbers
+step machine_bench 120 "$PY" -m executor.machine_bench --out "$W/machine_bench.json" ${MB_ARGS:-}
+# 3. the CUDA path against the reference
+step pytest_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_executor_numerics.py \
+  "tests/test_topology.py::test_the_executor_runs_a_two_gpu_plan" tests/test_machine_bench.py
+
+# coxmoe with forced knobs: OP0-OP2 on the GPU, whole-batch micro-batches, two resident experts per layer
+CX="prefill_placement=ggg decode_placement=ggg prefill_micro_batch=0 decode_micro_batch=0 resident_experts=2"
+
+# 4. profile (CPU and CUDA rows), then validate two CPU+GPU plans against it
+step profile 200 "${COXMOE[@]}" calibrate profile --model "$MODEL" --out "$W/profile" --device "$PROFILE_DEVICE" \
+  --rounds 2 --max-tokens 1024
+VAL=(--model "$MODEL" --layers 2 --system h200-8452y --batch 128 --prompt-len 8 --gen-len 8
+     --routing table:mixtral-8x7b --cuda "$CUDA_FLAG" --profile "$W/profile" --json)
+# shellcheck disable=SC2086
+step validate_coxmoe_cpu 90 "${COXMOE[@]}" calibrate validate "${VAL[@]}" --policy coxmoe \
+  $(for k in $CX split=cpu; do printf -- '--policy-opt %s ' "$k"; done) --plot "$W/validate_coxmoe_cpu.png"
+step validate_moe_lightning 90 "${COXMOE[@]}" calibrate validate "${VAL[@]}" --policy moe-lightning \
+  --policy-opt micro_batch=32 --policy-opt num_micro_batches=4 --policy-opt wg=0.25 \
+  --plot "$W/validate_moe_lightning.png"
+
+# 5. measured end-to-end points (Mixtral's first two layers, real size): forced knobs, one run after a warm-up
+POINT=(--model "$MODEL" --layers 2 --system h200-8452y --prompt-len 32 --gen-len 8 --routing table:mixtral-8x7b
+       --cuda "$CUDA_FLAG" --json)
+own() {  # own NAME BATCH POLICY KNOB=VALUE...
+  local name=$1 batch=$2 policy=$3 opts=() k
+  shift 3
+  for k in "$@"; do opts+=(--policy-opt "$k"); done
+  step "own_$name" 90 "${COXMOE[@]}" execute "${POINT[@]}" --batch "$batch" --policy "$policy" "${opts[@]}"
+  if [ -s "$W/own_$name.log" ]; then cp "$W/own_$name.log" "$W/own_$name.json"; fi
+}
+own gpu_only_b128 128 gpu-only
+# shellcheck disable=SC2086
+own coxmoe_cpu_b128 128 coxmoe $CX split=cpu
+# shellcheck disable=SC2086
+own coxmoe_gpu_b128 128 coxmoe $CX split=gpu
+own moe_lightning_b128 128 moe-lightning micro_batch=32 num_micro_batches=4 wg=0.25
+own flexgen_b128 128 flexgen gpu_batch_size=32 num_gpu_batches=4 weights_gpu_percent=50 kv_gpu_percent=0 \
+  act_gpu_percent=100
+
+tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" gpu_check
+cp "$W/steps.txt" "$OUT/steps.txt"
+echo "done in $(( $(date +%s) - T0 )) s: $OUT/gpu_check.tar.gz"
+cat "$W/steps.txt"

@@ -114,20 +114,29 @@ def test_timed_execution_matches_the_reference_and_records_every_op(tiny_specs, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_execution_matches_the_reference(tiny_specs, paper_system):
+@pytest.mark.parametrize("policy, opts", [c for c in CASES if c[0] != "cpu-only"])
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_cuda_execution_matches_the_reference(tiny_specs, paper_system, policy, opts, kind):
+    """Every policy's plan, timed on CUDA streams (copies on their own, CPU ops beside them), computes the reference's
+    numbers, and each op's measured interval respects its dependencies."""
     from executor.run import execute_plan
 
-    spec = tiny_specs["gqa"]
+    spec = tiny_specs[kind]
     prompts, gens = np.array([5, 3, 6, 4]), np.array([3, 2, 3, 3])
     trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, spec.num_experts, spec.top_k, "zipf:1.0",
                                        0.0, 2), prompts, gens)
     workload = Workload(prompts, gens)
-    plan = make_policy("coxmoe", {}).build(PlanContext(spec, paper_system, workload, trace))
+    plan = make_policy(policy, opts).build(PlanContext(spec, paper_system, workload, trace))
     weights = random_weights(spec, seed=5)
     result = execute_plan(plan, weights, trace, use_cuda=True)
     want = reference_forward(weights, trace, workload)
-    assert max(rel_err(result.outputs[k], want[k]) for k in want) < 3e-2
+    worst = max(rel_err(result.outputs[k], want[k]) for k in want)
+    assert worst < 3e-2, f"{policy} {opts}: relative error {worst:.2e}"
     assert not result.gpu_role_on_cpu and any(d.startswith("cuda") for d in result.devices.values())
+    rec = result.record
+    for op in plan.ops:
+        for d in op.deps:
+            assert rec.start_ns[op.id] >= rec.end_ns[d], f"{policy}: op {op.id} started before its dep {d} ended"
 
 
 def test_weights_move_without_sharing_or_copying_through_the_host(tiny_specs):
