@@ -8,6 +8,8 @@ models the temporal locality measured on real MoE models. Everything is vectoris
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,6 +437,30 @@ def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np
     return probs, topic_of, features.astype(np.float32)
 
 
+def _draw_layer(cfg: SynthConfig, rng: np.random.Generator, groups: list, probs: np.ndarray, layer: int, n: int,
+                dtype: np.dtype, successor: list | None, previous: np.ndarray | None, reuse: np.ndarray,
+                first_token: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """One layer's expert ids [n, k] for every routed token: fresh top-k draws (per topic), then cross-layer
+    affinity and within-request reuse, in the order that keeps a seed's bytes."""
+    if len(groups) == 1:
+        fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
+    else:
+        fresh = np.empty((n, cfg.top_k), dtype=dtype)
+        for probs_t, rows in groups:
+            fresh[rows] = _sample_topk(rng, _InverseCdf(probs_t[layer]), rows.size, cfg.top_k, cfg.num_experts,
+                                       dtype)
+    if successor is not None and layer > 0:
+        # Cross-layer affinity: some tokens take the rank-matched successors of their previous-layer experts.
+        follow = np.flatnonzero(rng.random(n, dtype=np.float32) < np.float32(cfg.affinity))
+        fresh[follow] = successor[layer - 1][previous[follow]]
+    if reuse[layer] > 0:
+        reusing = (rng.random(n, dtype=np.float32) < np.float32(reuse[layer])) & ~first_token
+        # Each reusing token copies the latest fresh token before it in the same request.
+        source = np.maximum.accumulate(np.where(reusing, 0, index))
+        fresh = fresh[source]
+    return fresh
+
+
 def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
                    progress: bool = False, prompt_counts: bool = False) -> RoutingTrace:
     """Draw a trace for requests with the given lengths (a progress bar per layer when `progress` and a TTY).
@@ -493,29 +519,34 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
                   leave=False)
     layers_out = _LayerBlocks(experts)
     previous = None  # the last layer's ids, [n, k]
-    for layer in layers:
-        if len(groups) == 1:
-            fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
-        else:
-            fresh = np.empty((n, cfg.top_k), dtype=dtype)
-            for probs_t, rows in groups:
-                fresh[rows] = _sample_topk(rng, _InverseCdf(probs_t[layer]), rows.size, cfg.top_k,
-                                           cfg.num_experts, dtype)
-        if successor is not None and layer > 0:
-            # Cross-layer affinity: some tokens take the rank-matched successors of their previous-layer experts.
-            follow = np.flatnonzero(rng.random(n, dtype=np.float32) < np.float32(cfg.affinity))
-            fresh[follow] = successor[layer - 1][previous[follow]]
-        if reuse[layer] > 0:
-            reusing = (rng.random(n, dtype=np.float32) < np.float32(reuse[layer])) & ~first_token
-            # Each reusing token copies the latest fresh token before it in the same request.
-            source = np.maximum.accumulate(np.where(reusing, 0, index))
-            fresh = fresh[source]
+    # Storing a layer (and counting its prompt rows) runs in a worker thread while the next layer is drawn (numpy's
+    # copies and bincount run mostly outside the GIL): each layer's draws are a new array that nothing changes
+    # afterwards, and one worker keeps the layers in order.
+    def store(layer: int, fresh: np.ndarray) -> None:
         if counts is None:
-            previous = layers_out.put(layer, fresh)
+            layers_out.put(layer, fresh)
         else:  # count the prompt rows, keep the generated ones
             counts.add(layer, fresh)
             layers_out.put(layer, fresh[counts.decode_idx])
+
+    worker = ThreadPoolExecutor(max_workers=1) if (os.cpu_count() or 1) > 1 else None
+    stored = None
+    try:
+        for layer in layers:
+            fresh = _draw_layer(cfg, rng, groups, probs, layer, n, dtype, successor, previous, reuse, first_token,
+                                index)
+            if stored is not None:
+                stored.result()
+            if worker is None:
+                store(layer, fresh)
+            else:
+                stored = worker.submit(store, layer, fresh)
             previous = fresh
+        if stored is not None:
+            stored.result()
+    finally:
+        if worker is not None:
+            worker.shutdown(wait=True)
     layers_out.flush()
     header = TraceHeader(model=cfg.model, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
                          top_k=cfg.top_k, source=f"synthetic:{cfg.routing}",

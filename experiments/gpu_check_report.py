@@ -1,0 +1,177 @@
+"""Summarise one run of `experiments/gpu_check.sh` as markdown, next to what the simulator predicts for it.
+
+`python -m experiments.gpu_check_report DIR --out docs/results/gpu_check.md [--gemm-yaml FILE]` reads the folder
+the script wrote (unpacked from gpu_check.tar.gz) and reports:
+- each step's exit status and seconds, the machine (GPU, host CPU, torch / CUDA);
+- GEMMs by shape measured on the GPU against the GPU preset's roofline (the same pricing as
+  `experiments/validation/gpu_ops.py`), and, with `--gemm-yaml`, the measured set in `gpu_ops.yaml`'s format;
+- copies (host-device by size, pinned and pageable; duplex) and host DRAM shared by a DMA loop and a CPU copy;
+- the CUDA tests' summary line; each validation's end-to-end and per-class errors against the profile;
+- each measured end-to-end point (`own_*.json`, forced knobs) against the simulator's prediction of the very same
+  plan on the script's system preset, with the roofline (no profile): the cost model's own error on this machine.
+Nothing here runs a GPU: it is the half of the check that needs none, so a lent machine's minutes go to measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from experiments.validation.gpu_ops import _gemm_rows
+from sim.errors import SimInputError
+
+GPU_PRESET = "h200"  # the lent machine's GPU in sim/specs/presets/gpus.yaml
+
+
+def _json(path: Path) -> Any | None:
+    """A JSON file's object, or None when it is missing or not JSON (a failed step leaves its error text)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def steps(folder: Path) -> list[str]:
+    path = folder / "steps.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def gemm_set(bench: dict, gpu: str = GPU_PRESET) -> dict:
+    """The measured GEMMs as one `gemm_sets` entry of `gpu_ops.yaml` (seconds per call)."""
+    mach = bench["machine"]
+    return {"id": f"own-{gpu}-matmul", "gpu": gpu, "bytes_per_element": 2,
+            "source": (f"measured here: executor.machine_bench on the lent {mach.get('gpu', '?')} "
+                       f"({mach.get('measured_at', '?')}, torch {mach.get('torch', '?')}, "
+                       f"CUDA {mach.get('cuda', '?')}):"
+                       " bf16 x @ w.T, each call alone between CUDA events, median over rotated operand copies"),
+            "gemms": [[r["m"], r["n"], r["k"], float(f"{r['seconds']:.4e}")] for r in bench["gemm"]]}
+
+
+def gemm_table(bench: dict, gpu: str = GPU_PRESET) -> pd.DataFrame:
+    """Measured against predicted seconds per GEMM, priced as `gpu_ops.py` prices its published sets."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "set.yaml"
+        path.write_text(yaml.safe_dump({"gemm_sets": [gemm_set(bench, gpu)]}))
+        table = pd.DataFrame(_gemm_rows(path))
+    table["ratio"] = table["predicted_s"] / table["measured_s"]
+    table["measured_tflops"] = [2 * r["m"] * r["n"] * r["k"] / r["seconds"] / 1e12 for r in bench["gemm"]]
+    return table[["shape", "measured_s", "predicted_s", "ratio", "bound", "measured_tflops"]]
+
+
+def own_points(folder: Path, system: str = "h200-8452y") -> pd.DataFrame:
+    """Each measured end-to-end point against the simulation of the same plan (same model truncation, policy,
+    knobs, lengths, routing and seed) on `system` with the roofline."""
+    from executor.weights import truncated
+    from sim.api import simulate
+    from sim.policies import POLICIES
+    from sim.specs import load_model
+
+    rows = []
+    for path in sorted(folder.glob("own_*.json")):
+        run = _json(path)
+        if not isinstance(run, dict) or "total_s" not in run:
+            rows.append({"point": path.stem[4:], "note": "no measurement (the step failed; see its log)"})
+            continue
+        name, layers = re.fullmatch(r"(.+?)(?:\[:(\d+)\])?", run["model"]).groups()
+        spec = load_model(name)
+        if layers:
+            spec = truncated(spec, int(layers))
+        options = POLICIES[run["policy"]].Options.__dataclass_fields__  # forced knobs only: not derived fields
+        knobs = {k: str(v) for k, v in run["knobs"].items() if k in options}
+        wl = run["workload"]
+        sim = simulate(spec, system, run["policy"], batch=wl["batch"], prompt_len=wl["prompt_len_max"],
+                       gen_len=wl["gen_len_max"], routing=run["routing"], policy_options=knobs)
+        tokens = wl["generated_tokens"]
+        rows.append({"point": path.stem[4:], "policy": run["policy"], "batch": wl["batch"],
+                     "measured_tok_s": tokens / run["total_s"], "simulated_tok_s": sim.throughput_tok_s,
+                     "ratio": sim.throughput_tok_s * run["total_s"] / tokens,
+                     "measured_prefill_s": run["prefill_s"], "simulated_prefill_s": sim.prefill_s,
+                     "measured_decode_s": run["decode_s"], "simulated_decode_s": sim.decode_s,
+                     "devices": ", ".join(sorted(set(run.get("devices", {}).values())))})
+    return pd.DataFrame(rows)
+
+
+def _md(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    if df.empty:
+        return "(none)\n"
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    body = "".join("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in row)
+                   + " |\n" for row in df.itertuples(index=False))
+    return head + body
+
+
+def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> str:
+    """The whole report as markdown."""
+    out = [f"# GPU check: `{folder.name}`\n", "Steps (experiments/gpu_check.sh; exit status, seconds):\n", "```"]
+    out += steps(folder) or ["(no steps.txt)"]
+    out.append("```\n")
+    bench = _json(folder / "machine_bench.json")
+    if isinstance(bench, dict):
+        m = bench["machine"]
+        out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
+                   f"threads, torch {m.get('torch')}, CUDA {m.get('cuda')}, measured {m.get('measured_at')}.\n")
+        if bench.get("gemm_device") == "cuda":
+            out += [f"## GEMMs by shape against the `{gpu}` preset's roofline\n", _md(gemm_table(bench, gpu))]
+        else:
+            out.append("GEMMs ran on the CPU (no CUDA): not priced against a GPU preset.\n")
+        if "host_copies" in bench:
+            copies = pd.DataFrame(bench["host_copies"])
+            out += ["## Host-device copies\n", _md(copies[["direction", "pinned", "bytes", "gb_per_s"]]),
+                    f"Device-to-device copy: {bench['d2d_copy']['gb_per_s']:.0f} GB/s (read + write). "
+                    f"Duplex: {json.dumps({k: round(v, 1) for k, v in bench['duplex'].items()})}.\n"]
+        out.append(f"Host DRAM sharing: {json.dumps({k: round(v, 2) for k, v in bench['dram_sharing'].items()})}\n")
+    tests = (folder / "pytest_cuda.log")
+    if tests.exists():
+        last = [ln for ln in tests.read_text().splitlines() if ln.strip()][-1:] or ["(empty)"]
+        out.append(f"CUDA tests: `{last[0]}`\n")
+    vals = []
+    for path in sorted(folder.glob("validate_*.log")):
+        v = _json(path)
+        if isinstance(v, dict) and "end_to_end" in v:
+            row = {"plan": path.stem[9:], **{f"{k} error": v["end_to_end"][k]["error"] for k in v["end_to_end"]},
+                   **{f"{c} error": d["error"] for c, d in v["classes"].items()}}
+            vals.append(row)
+        else:
+            vals.append({"plan": path.stem[9:], "total_s error": "failed (see its log)"})
+    out += ["## Validations against the profile (predicted / measured - 1)\n", _md(pd.DataFrame(vals), "+.1%")]
+    out += [f"## Measured end-to-end points against the simulator (`{system}`, roofline)\n",
+            _md(own_points(folder, system))]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", help="the gpu_check folder (unpacked from gpu_check.tar.gz)")
+    p.add_argument("--out", help="markdown file to write (default: print)")
+    p.add_argument("--gemm-yaml", help="also write the measured GEMMs as a gpu_ops.yaml gemm set")
+    p.add_argument("--system", default="h200-8452y", help="system preset the script's plans were built for")
+    args = p.parse_args(argv)
+    folder = Path(args.folder)
+    try:
+        if not folder.is_dir():
+            raise SimInputError(f"{folder}: not a folder")
+        text = render(folder, args.system)
+        bench = _json(folder / "machine_bench.json")
+        if args.gemm_yaml:
+            if not isinstance(bench, dict) or bench.get("gemm_device") != "cuda":
+                raise SimInputError(f"{folder}: no GPU GEMMs measured (machine_bench.json missing or CPU-only)")
+            Path(args.gemm_yaml).write_text(yaml.safe_dump({"gemm_sets": [gemm_set(bench)]}, sort_keys=False))
+    except SimInputError as exc:
+        print(f"gpu_check_report: {exc}")
+        return 2
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
