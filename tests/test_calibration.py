@@ -272,34 +272,40 @@ def test_speed_ratios_and_when_they_count_as_drift():
     assert drift(None, {"gemm_tflops": 1.0, "copy_gb_s": 1.0}) is None and not drifted(None)
 
 
-def test_reproduce_calibration_reprofiles_a_kept_profile_from_another_machine(tmp_path, monkeypatch, capsys):
-    """The profile kept in the output folder is reused only if this machine measured it; one from another
-    machine (a committed report's, say) is measured again here rather than priced against this machine's runs."""
-    import executor.profile as profile_module
+def test_reproduce_calibration_profiles_paired_and_replaces_its_kept_profile_only_when_done(tmp_path, monkeypatch):
+    """Without --profile, the reproduction profiles this machine in the same rounds as its runs
+    (`validate_paired`, quick grid), into a fresh folder that replaces the kept profile once it is complete; a run
+    that fails leaves the kept profile as it was."""
+    import executor.validate as validate_module
     from experiments.reproduce import ReproduceOptions
-    from experiments.reproduce.calibration import _profile_dir
+    from experiments.reproduce.calibration import _into_fresh, run
 
-    calls = []
-
-    def fake_profile(spec, out, **kwargs):
-        calls.append(spec.name)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.json").write_text(json.dumps({"fingerprint": profile_module.fingerprint()}))
-        return out
-
-    monkeypatch.setattr(profile_module, "profile", fake_profile)
-    options = ReproduceOptions(out=tmp_path, quick=True)
     kept = tmp_path / "calibration_profile"
-    assert _profile_dir(options) == kept and calls == ["deepseek-v2-lite"]  # none kept: profiled
-    assert _profile_dir(options) == kept and len(calls) == 1  # this machine's: reused
-    meta = json.loads((kept / "profile.json").read_text())
-    meta["fingerprint"]["cpu_model"] = "AMD EPYC 7B13 elsewhere"
-    (kept / "profile.json").write_text(json.dumps(meta))
-    capsys.readouterr()
-    assert _profile_dir(options) == kept and len(calls) == 2  # another machine's: profiled again
-    assert "measured on another machine (cpu_model: 'AMD EPYC 7B13 elsewhere'" in capsys.readouterr().err
-    (kept / "profile.json").write_text("{damaged")
-    assert _profile_dir(options) == kept and len(calls) == 3  # unreadable: profiled again
+    kept.mkdir()
+    (kept / "profile.json").write_text('{"old": true}')
+    seen = {}
+
+    def failing(cases, weights, spec, profile_dir, **grid):
+        seen.update(cases=len(cases), spec=spec.name, dir=profile_dir, **grid)
+        profile_dir.mkdir()
+        (profile_dir / "profile.json").write_text('{"half": true}')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validate_module, "validate_paired", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run(ReproduceOptions(out=tmp_path, quick=True))
+    assert seen == {"cases": 2, "spec": "deepseek-v2-lite", "dir": tmp_path / "calibration_profile.new",
+                    "rounds": 1, "max_tokens": 128, "max_requests": 32, "max_kv": 8}
+    assert (kept / "profile.json").read_text() == '{"old": true}'
+
+    def measure(new):
+        new.mkdir()
+        (new / "profile.json").write_text('{"new": true}')
+        return "result"
+
+    assert _into_fresh(kept, measure) == "result"
+    assert (kept / "profile.json").read_text() == '{"new": true}'
+    assert not (tmp_path / "calibration_profile.new").exists()
 
 
 @pytest.mark.parametrize("text", ['{"model": "tiny", "fingerprint": null}', '[1, 2]', "{not json", ""])
