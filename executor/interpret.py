@@ -140,12 +140,16 @@ class PlanInterpreter:
                 st.new = dict(zip(new.keys(), parts, strict=True))
         elif kind is OpKind.ATTENTION:
             # Per request: each attends over its own cache. A plan may split one attention by where its cache
-            # lives (FlexGen's mixed KV): the first part computes it whole here; the others are the same math.
+            # lives (FlexGen's mixed KV): the part that claims the request first computes it whole; the others
+            # (the same math, with no dependency between the parts, so possibly at the same time on another
+            # stream) find it claimed. The claim is taken under the request's lock: checked and cleared apart, both
+            # parts could append the new tokens to the cache.
             for r, st in zip(requests, sts, strict=True):
-                if st.new:
-                    new = {k: v.to(dev) for k, v in st.new.items()}
+                with st.lock:
+                    claimed, st.new = st.new, {}
+                if claimed:
+                    new = {k: v.to(dev) for k, v in claimed.items()}
                     st.attn_out = K.attention(spec, lw, new, self.cache, r, op.layer, st.positions.to(dev))
-                    st.new = {}
         elif kind is OpKind.O_PROJ:
             out = K.o_proj(lw, torch.cat([st.attn_out.to(dev) for st in sts])).split(sizes)
             for st, o in zip(sts, out, strict=True):

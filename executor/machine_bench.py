@@ -75,8 +75,14 @@ def gemm_sweep(shapes: list[tuple[int, int, int]], device: str, repeats: int = 5
             call()
         times = [timed(call) for _ in range(repeats) for call in calls]
         seconds = _median(times)
+        # back to back: a pass over the copies timed whole, per call (launches overlap the previous kernel)
+        def one_pass(pass_calls: list[Callable[[], object]] = calls) -> None:
+            for call in pass_calls:
+                call()
+
+        burst = _median([timed(one_pass) / len(calls) for _ in range(repeats)])
         rows.append({"m": m, "n": n, "k": k, "seconds": seconds, "tflops": 2 * m * n * k / seconds / 1e12,
-                     "calls": len(times), "copies": copies})
+                     "seconds_back_to_back": burst, "calls": len(times), "copies": copies})
         del xs, ws, outs, calls
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -171,12 +177,18 @@ def dram_sharing(nbytes: int = 512 * 2**20, seconds: float = 2.0, cuda: bool = T
     h2d = lambda: dev.copy_(host, non_blocking=True)  # noqa: E731
     h2d()
     torch.cuda.synchronize()
-    out["h2d_alone_gb_per_s"] = _loop_rate(h2d, nbytes, seconds, sync=torch.cuda.synchronize) / 1e9
+
+    def wait() -> None:  # a blocking event: the waiting thread sleeps instead of spinning on a core the copy needs
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
+
+    out["h2d_alone_gb_per_s"] = _loop_rate(h2d, nbytes, seconds, sync=wait) / 1e9
     rates: dict[str, float] = {}
     stop = threading.Event()
 
     def dma() -> None:
-        rates["h2d"] = _loop_rate(h2d, nbytes, seconds * 10, stop, sync=torch.cuda.synchronize)
+        rates["h2d"] = _loop_rate(h2d, nbytes, seconds * 10, stop, sync=wait)
 
     worker = threading.Thread(target=dma)
     worker.start()
@@ -205,21 +217,31 @@ def machine() -> dict:
     return info
 
 
-def run(gemm_device: str, quick: bool = False) -> dict:
-    """Every benchmark this machine can run (quick: small shapes only, for tests)."""
+def run(gemm_device: str, quick: bool = False, save: Callable[[dict], None] | None = None) -> dict:
+    """Every benchmark this machine can run (quick: small shapes and sizes, for tests). Each part that fails is
+    recorded as its error and the others still run; `save(result)` is called after each part, so a run cut short
+    keeps what it measured."""
     cuda = torch.cuda.is_available()
     shapes = LLMCOMPASS_SHAPES + [(m, n, k) for n, k in MIXTRAL_NK.values() for m in MIXTRAL_M]
     if quick:
         shapes = [(m, n, k) for m, n, k in shapes if m * n * k <= 64 * 4096 * 4096 and n <= 4096]
-    result: dict = {"machine": machine(), "gemm_device": gemm_device,
-                    "gemm": gemm_sweep(shapes, gemm_device, repeats=2 if quick else 5,
-                                       rotate_bytes=2**20 if quick else ROTATE_BYTES)}
+    big = (16 if quick else 1024) * 2**20
+    parts: list[tuple[str, Callable[[], object]]] = [
+        ("gemm", lambda: gemm_sweep(shapes, gemm_device, repeats=2 if quick else 5,
+                                    rotate_bytes=2**20 if quick else ROTATE_BYTES))]
     if cuda:
-        result["d2d_copy"] = d2d_copy()
-        result["host_copies"] = host_copies()
-        result["duplex"] = duplex()
-    result["dram_sharing"] = dram_sharing(nbytes=(16 if quick else 512) * 2**20,
-                                          seconds=0.2 if quick else 2.0, cuda=cuda)
+        parts += [("d2d_copy", lambda: d2d_copy(big)),
+                  ("host_copies", lambda: host_copies(tuple(c for c in COPY_SIZES if c <= big))),
+                  ("duplex", lambda: duplex(big))]
+    parts.append(("dram_sharing", lambda: dram_sharing(nbytes=big // 2, seconds=0.2 if quick else 2.0, cuda=cuda)))
+    result: dict = {"machine": machine(), "gemm_device": gemm_device, "errors": {}}
+    for name, part in parts:
+        try:
+            result[name] = part()
+        except Exception as exc:  # noqa: BLE001 - one broken part must not cost the others their numbers
+            result["errors"][name] = f"{type(exc).__name__}: {exc}"
+        if save is not None:
+            save(result)
     return result
 
 
@@ -235,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("machine_bench: --gemm-device cuda: torch sees no CUDA device")
         return 2
-    result = run(device, quick=args.quick)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    for r in result["gemm"]:
+    out = Path(args.out)
+    result = run(device, quick=args.quick, save=lambda r: out.write_text(json.dumps(r, indent=1)))
+    for name, error in result["errors"].items():
+        print(f"machine_bench: {name} failed: {error}")
+    for r in result.get("gemm", []):
         print(f"gemm M={r['m']} N={r['n']} K={r['k']}: {r['seconds'] * 1e6:.1f} us, {r['tflops']:.1f} TFLOP/s")
     for key in ("d2d_copy", "duplex", "dram_sharing"):
         if key in result:

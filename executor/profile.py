@@ -262,8 +262,7 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
              "median_s": float(np.median(v)), "p10_s": float(np.percentile(v, 10)),
              "p90_s": float(np.percentile(v, 90)), "repeats": len(v)} for (kind, point), v in samples.items()]
     rows.append(bandwidth_row(device))
-    if device == "cpu":
-        rows.extend(_overhead_rows())
+    rows.extend(_overhead_rows(device))
     if device == "cuda":
         rows.extend(_copy_rows(rounds))
     return rows
@@ -331,31 +330,42 @@ def bandwidth_row(device: str) -> dict:
             "p10_s": float(np.percentile(times, 10)), "p90_s": float(np.percentile(times, 90)), "repeats": 5}
 
 
-def _overhead_rows() -> list[dict]:
-    """The executor's own cost per request in an op's scope (Python loops, splits, small tensor ops),
-    measured by running a plan of a tiny model whose math is negligible, at several batch sizes, and fitting
-    time = a + b x requests per op kind; b is stored as `overhead_<kind>`."""
+def _overhead_rows(device: str = "cpu", gpu_plan: bool | None = None) -> list[dict]:
+    """The executor's own cost per request in an op's scope (Python loops, splits, small tensor ops, per-request
+    moves), measured by running a plan of a tiny model whose math is negligible, at several batch sizes, and
+    fitting time = a + b x requests per op kind; b is stored as `overhead_<kind>` for `device`. The CPU's rows
+    come from a cpu-only plan; a GPU's from a gpu-only plan whose GPU streams run on `device`, each op followed
+    by a synchronize (its launches and host work are the cost; the math is negligible). `gpu_plan` forces the
+    gpu-only plan (a test runs it on the CPU; its rows are labelled `cuda`)."""
     from executor.interpret import PlanInterpreter
     from sim.policies import PlanContext, make_policy
     from sim.specs import load_system
+    from sim.topology import UnitKind, topology_of
     from sim.workload import Workload
     from traces import SynthConfig, generate_trace
 
     tiny = ModelSpec(name="overhead-probe", num_layers=2, hidden_size=32, vocab_size=64, num_attention_heads=2,
                      num_kv_heads=1, head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=16)
     weights = random_weights(tiny, seed=0)
+    system = load_system("a100-80g-8452y")
+    topo = topology_of(system)
+    on_gpu = device != "cpu" if gpu_plan is None else gpu_plan
+    device_of = {s: device if on_gpu and topo.streams[s].kind is UnitKind.GPU else "cpu" for s in topo.stream_order()}
+    weights_on = {device: weights.to(device)} if device != "cpu" else None
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     samples: dict[str, list[tuple[int, float]]] = {}
     for requests in OVERHEAD_REQUESTS:
         prompts, gens = np.full(requests, 2), np.full(requests, 3)
         trace = generate_trace(SynthConfig(tiny.name, 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
-        plan = make_policy("cpu-only", {}).build(PlanContext(tiny, load_system("a100-80g-8452y"),
-                                                             Workload(prompts, gens), trace))
+        plan = make_policy("gpu-only" if on_gpu else "cpu-only", {}).build(
+            PlanContext(tiny, system, Workload(prompts, gens), trace))
         for _ in range(2):  # the second pass is timed
-            interp = PlanInterpreter(plan, weights, trace)
+            interp = PlanInterpreter(plan, weights, trace, weights_on=weights_on, device_of=device_of)
             times = []
             for op in plan.ops:
                 t0 = time.perf_counter_ns()
                 interp.step(op)
+                sync()
                 times.append((op, (time.perf_counter_ns() - t0) / 1e9))
         for op, t in times:
             samples.setdefault(str(op.kind), []).append((requests, t))  # one scope: every request
@@ -364,7 +374,7 @@ def _overhead_rows() -> list[dict]:
         x = np.array([p[0] for p in pts], dtype=float)
         y = np.array([p[1] for p in pts])
         slope = float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else 0.0
-        rows.append({"device": "cpu", "kind": f"overhead_{kind}", "tokens": 0, "kv": 0,
+        rows.append({"device": "cuda" if on_gpu else "cpu", "kind": f"overhead_{kind}", "tokens": 0, "kv": 0,
                      "median_s": max(slope, 0.0), "p10_s": np.nan, "p90_s": np.nan, "repeats": len(pts)})
     return rows
 
@@ -379,7 +389,7 @@ def _copy_rows(rounds: int) -> list[dict]:
     for nbytes in COPY_SIZES:
         dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         for pinned in (True, False):
-            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)  # written: untouched pages read as zeros
             for kind, fn in ((f"copy_h2d_{'pinned' if pinned else 'pageable'}", lambda d=dev, h=host: d.copy_(h)),
                              (f"copy_d2h_{'pinned' if pinned else 'pageable'}", lambda d=dev, h=host: h.copy_(d))):
                 fn()

@@ -5,7 +5,9 @@ CPU (oneDNN picks AMX for bf16 GEMMs where the CPU has it); GPU-stream ops on CU
 Near-memory (NDP) ops always run emulated on the CPU, and the result says so (`ndp_emulated`).
 Without CUDA, GPU-stream ops run on the CPU and the result says so (`gpu_role_on_cpu`): such timings are
 never GPU timings. Copies move buffers of the plan's byte counts (pinned host memory to and from the GPU)
-on their own CUDA streams; without CUDA they take no time and are recorded as such. Times come from
+on their own CUDA streams; without CUDA they take no time and are recorded as such. A copy on a CPU stream (a
+host-side staging copy, as MoE-Lightning pages expert weights into pinned memory) copies its bytes between two
+host buffers, on any machine. Times come from
 `time.perf_counter_ns` around CPU ops and CUDA events around GPU ops, in the simulator's record schema.
 """
 
@@ -58,9 +60,12 @@ class _CudaTimer:
             with torch.cuda.device(dev):
                 torch.cuda.synchronize()
                 event = torch.cuda.Event(enable_timing=True)
+                # the host time just before the record: GPU times then read at most a launch early, never later
+                # than they were (a CPU op that waited for a GPU op must not appear to start before it ended)
+                host_ns = time.perf_counter_ns()
                 event.record()
                 torch.cuda.synchronize()
-                self.base[dev] = (event, time.perf_counter_ns())
+                self.base[dev] = (event, host_ns)
         self.pairs: dict[int, tuple[str, torch.cuda.Event, torch.cuda.Event]] = {}
 
     def resolve(self, start: np.ndarray, end: np.ndarray, t0: int) -> None:
@@ -127,11 +132,16 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     errors: list[BaseException] = []
     stream_device = {s: _link_device(topo, s, device_of) for s in streams
                      if device_of[s] != "cpu" or topo.streams[s].kind is UnitKind.LINK} if cuda else {}
-    cuda_streams = {s: torch.cuda.Stream(device=d) for s, d in stream_device.items()}
-    timer = _CudaTimer(sorted(set(stream_device.values()))) if cuda else None
+    cuda_streams = {s: _cuda_stream(s, d) for s, d in stream_device.items()}
     gpu_done_event: dict[int, Any] = {}
     prepack_cpu_experts(plan, weights, device_of)
-    pinned = _pinned_staging(ops, topo, cuda)  # before the clock starts: pinning locks every page
+    # Staging buffers before the clock starts: pinning host memory locks every page, and a device buffer allocated
+    # inside a copy would be a cudaMalloc in the timed op. Their bytes do not matter: every copy reuses them.
+    pinned = _pinned_staging(ops, topo, cuda)
+    on_device = {d: torch.empty(pinned.numel(), dtype=torch.uint8, device=d)
+                 for d in sorted(set(stream_device.values()))} if pinned.numel() else {}
+    host_src, host_dst = _host_staging(ops, topo, pinned)
+    timer = _CudaTimer(sorted(set(stream_device.values()))) if cuda else None
     t0 = time.perf_counter_ns()
 
     def run_stream(stream: str, ids: list[int]) -> None:
@@ -147,7 +157,10 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
                     _run_cuda_op(op, i, stream)
                 else:
                     start[i] = time.perf_counter_ns() - t0
-                    interp.step(op)
+                    if op.kind is OpKind.COPY and topo.streams[op.stream].kind is UnitKind.CPU:
+                        host_dst[:op.bytes].copy_(host_src[:op.bytes])
+                    else:
+                        interp.step(op)
                     end[i] = time.perf_counter_ns() - t0
                 done[i].set()
         except BaseException as exc:  # surface the first failure to the caller, unblock everyone
@@ -160,7 +173,8 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
         for d in op.deps:
             if d in gpu_done_event:
                 cs.wait_event(gpu_done_event[d])
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # `b` blocks: a CPU thread waiting for it sleeps rather than spinning on a core its CPU ops need
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True)
         with torch.cuda.stream(cs):
             a.record(cs)
             if op.kind is OpKind.COPY:
@@ -183,8 +197,8 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
         direction = unit.spec
         src, dst = (_pool_device(topo, p, cuda) for p in (direction.src, direction.dst))
         if src == "cpu" or dst == "cpu":
-            host = pinned[:nbytes]  # the bytes' values do not matter: one buffer serves every copy
-            dev = torch.empty(nbytes, dtype=torch.uint8, device=dst if src == "cpu" else src)
+            host = pinned[:nbytes]
+            dev = on_device[dst if src == "cpu" else src][:nbytes]
             if src == "cpu":
                 dev.copy_(host, non_blocking=True)
             else:
@@ -212,6 +226,31 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     gpu_role_on_cpu = not cuda and any(topo.streams[s].kind is UnitKind.GPU for s, ids in by_stream.items() if ids)
     ndp = any(topo.streams[s].kind is UnitKind.NDP for s, ids in by_stream.items() if ids)
     return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs, ndp_emulated=ndp)
+
+
+_STREAMS: dict[tuple[str, str], Any] = {}
+
+
+def _cuda_stream(name: str, device: str) -> Any:
+    """The CUDA stream of a plan stream on a device, the same one in every run of the process: the caching
+    allocator reuses a freed block only on the stream that allocated it, so fresh streams per run would send
+    every timed run's allocations back to cudaMalloc, warm-up or not."""
+    key = (name, device)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device=device)
+    return _STREAMS[key]
+
+
+def _host_staging(ops: list[Op], topo: Topology, pinned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and destination of the plan's copies on CPU streams (host-side staging), as large as the largest:
+    a written pageable source, and the pinned staging buffer as destination where it is large enough (the copy
+    fills what the link then moves), else a pageable one. Empty without such copies."""
+    sizes = [op.bytes for op in ops if op.kind is OpKind.COPY and topo.streams[op.stream].kind is UnitKind.CPU]
+    if not sizes:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)
+    largest = max(max(sizes), 1)
+    dst = pinned if pinned.numel() >= largest else torch.empty(largest, dtype=torch.uint8)
+    return torch.ones(largest, dtype=torch.uint8), dst
 
 
 def _pinned_staging(ops: list[Op], topo: Topology, cuda: bool) -> torch.Tensor:

@@ -117,16 +117,20 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> s
         m = bench["machine"]
         out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
                    f"threads, torch {m.get('torch')}, CUDA {m.get('cuda')}, measured {m.get('measured_at')}.\n")
-        if bench.get("gemm_device") == "cuda":
+        for part, error in bench.get("errors", {}).items():
+            out.append(f"machine_bench part `{part}` failed: {error}\n")
+        if bench.get("gemm_device") == "cuda" and bench.get("gemm"):
             out += [f"## GEMMs by shape against the `{gpu}` preset's roofline\n", _md(gemm_table(bench, gpu))]
         else:
             out.append("GEMMs ran on the CPU (no CUDA): not priced against a GPU preset.\n")
-        if "host_copies" in bench:
+        if all(k in bench for k in ("host_copies", "d2d_copy", "duplex")):
             copies = pd.DataFrame(bench["host_copies"])
             out += ["## Host-device copies\n", _md(copies[["direction", "pinned", "bytes", "gb_per_s"]]),
                     f"Device-to-device copy: {bench['d2d_copy']['gb_per_s']:.0f} GB/s (read + write). "
                     f"Duplex: {json.dumps({k: round(v, 1) for k, v in bench['duplex'].items()})}.\n"]
-        out.append(f"Host DRAM sharing: {json.dumps({k: round(v, 2) for k, v in bench['dram_sharing'].items()})}\n")
+        if "dram_sharing" in bench:
+            shared = {k: round(v, 2) for k, v in bench["dram_sharing"].items()}
+            out.append(f"Host DRAM sharing: {json.dumps(shared)}\n")
     tests = (folder / "pytest_cuda.log")
     if tests.exists():
         last = [ln for ln in tests.read_text().splitlines() if ln.strip()][-1:] or ["(empty)"]
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         text = render(folder, args.system)
         bench = _json(folder / "machine_bench.json")
         if args.gemm_yaml:
-            if not isinstance(bench, dict) or bench.get("gemm_device") != "cuda":
+            if not isinstance(bench, dict) or bench.get("gemm_device") != "cuda" or not bench.get("gemm"):
                 raise SimInputError(f"{folder}: no GPU GEMMs measured (machine_bench.json missing or CPU-only)")
             Path(args.gemm_yaml).write_text(yaml.safe_dump({"gemm_sets": [gemm_set(bench)]}, sort_keys=False))
     except SimInputError as exc:

@@ -47,3 +47,15 @@ def test_cuda_copies_and_dram_sharing_are_measured():
     assert shared["h2d_alone_gb_per_s"] > 0 and shared["h2d_with_cpu_copy_gb_per_s"] > 0
     duplex = machine_bench.duplex(nbytes=16 * 2**20, repeats=2)
     assert duplex["h2d_with_d2h_gb_per_s"] > 0 and duplex["d2h_with_h2d_gb_per_s"] > 0
+
+
+def test_a_failing_part_is_recorded_and_the_rest_still_measured_and_saved(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuBLAS said no")
+
+    monkeypatch.setattr(machine_bench, "gemm_sweep", broken)
+    saved = []
+    result = machine_bench.run("cpu", quick=True, save=lambda r: saved.append(sorted(r)))
+    assert result["errors"] == {"gemm": "RuntimeError: cuBLAS said no"} and "gemm" not in result
+    assert result["dram_sharing"]["cpu_copy_alone_gb_per_s"] > 0
+    assert len(saved) == (5 if torch.cuda.is_available() else 2)  # after every part, the failed one included

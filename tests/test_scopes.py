@@ -216,6 +216,48 @@ def test_a_profile_prices_prefill_by_the_scopes_requests(case, tmp_path):
     assert guess.op_time_ns(cpu_qkv) != exact.op_time_ns(cpu_qkv)  # prompts 5, 3: 8 tokens / mean 4.75
 
 
+def test_per_request_overheads_are_priced_on_the_ops_own_device(case, tmp_path):
+    """A profile's `overhead_<kind>` rows count per request on the device that measured them: a GPU op takes the
+    cuda rows, a CPU op the cpu rows, and a device without rows adds nothing."""
+    import json
+
+    import pandas as pd
+
+    from sim.cost.profile import PROFILE_VERSION, ProfileCostModel, model_signature
+
+    plan, _, workload = case
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    (prof / "profile.json").write_text(json.dumps({"version": PROFILE_VERSION, "model": SPEC.name,
+                                                   "model_signature": model_signature(SPEC)}))
+    rows = [{"device": "cpu", "kind": "overhead_qkv", "tokens": 1, "kv": 0, "median_s": 1e-3},
+            {"device": "cuda", "kind": "overhead_qkv", "tokens": 1, "kv": 0, "median_s": 5e-3}]
+    pd.DataFrame(rows).to_csv(prof / "timings.csv", index=False)
+    qkv = next(op for op in plan.ops if op.kind is OpKind.QKV and op.phase is Phase.PREFILL and op.micro_batch == 0)
+    on = {s: dataclasses.replace(qkv, stream=s) for s in (Stream.GPU, Stream.CPU)}
+    cost = ProfileCostModel(plan.system, prof, SPEC, float(workload.prompt_lens.mean()))
+    cost.prepare(plan)
+    requests = plan.micro_batches["prefill"][0].size
+    roof = RooflineCostModel(plan.system)
+    for stream, per_request in ((Stream.GPU, 5e-3), (Stream.CPU, 1e-3)):
+        assert cost.op_time_ns(on[stream]) == roof.op_time_ns(on[stream]) + int(np.ceil(requests * per_request * 1e9))
+    pd.DataFrame(rows[:1]).to_csv(prof / "timings.csv", index=False)
+    cpu_only = ProfileCostModel(plan.system, prof, SPEC, float(workload.prompt_lens.mean()))
+    cpu_only.prepare(plan)
+    assert cpu_only.op_time_ns(on[Stream.GPU]) == roof.op_time_ns(on[Stream.GPU])
+
+
+def test_the_gpu_overhead_probe_runs_a_gpu_only_plan():
+    """The GPU's per-request overhead rows come from a gpu-only plan (run here on the CPU, labelled cuda): one
+    non-negative row per op kind it runs."""
+    from executor.profile import _overhead_rows
+
+    rows = _overhead_rows("cpu", gpu_plan=True)
+    kinds = {r["kind"] for r in rows}
+    assert {"overhead_qkv", "overhead_o_proj", "overhead_lm_head"} <= kinds
+    assert all(r["device"] == "cuda" and r["median_s"] >= 0 for r in rows)
+
+
 def test_shard_bounds_are_np_array_splits_parts():
     """One definition of a shard's tokens serves the policies (sizes), the verifier and the executor (bounds)."""
     for n in range(0, 23):

@@ -158,8 +158,9 @@ class ProfileCostModel:
             raise SimInputError(f"{self.dir}: no {self.expert_kind} rows for the model's {model.expert_precision} "
                                 "experts (profile again with this version; a GPU's quantised experts use the "
                                 "roofline)")
-        self.overhead = {str(k).removeprefix("overhead_"): float(v) for k, v in
-                         frame[frame["kind"].str.startswith("overhead_")].groupby("kind")["median_s"].first().items()}
+        self.overhead = {(str(d), str(k).removeprefix("overhead_")): float(v) for (d, k), v in  # per device
+                         frame[frame["kind"].str.startswith("overhead_")].groupby(["device", "kind"])["median_s"]
+                         .first().items()}
         self._cache: dict[tuple, int] = {}
         self._prefill_cache: dict[tuple, int] = {}
         self._scope_stats: dict[tuple, tuple[float, float]] = {}
@@ -281,9 +282,11 @@ class ProfileCostModel:
             else:
                 self.hits += 1
                 hit = seconds_to_ns(seconds)
-            if self._device(op) == "cpu" and op.kind not in (OpKind.EXPERT, OpKind.ATTENTION):
-                # the executor's cost per request in the scope (attention's profile already loops per request)
-                hit += seconds_to_ns(self.overhead.get(str(op.kind), 0.0) * self._requests(op))
+            device = self._device(op)
+            if device is not None and op.kind not in (OpKind.EXPERT, OpKind.ATTENTION):
+                # the executor's cost per request in the scope, on the op's device (attention's profile already
+                # loops per request); a profile without a device's overhead rows adds nothing there
+                hit += seconds_to_ns(self.overhead.get((device, str(op.kind)), 0.0) * self._requests(op))
             cache[key] = hit
         return hit
 
