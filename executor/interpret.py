@@ -151,11 +151,14 @@ class PlanInterpreter:
                     new = {k: v.to(dev) for k, v in claimed.items()}
                     st.attn_out = K.attention(spec, lw, new, self.cache, r, op.layer, st.positions.to(dev))
         elif kind is OpKind.O_PROJ:
-            out = K.o_proj(lw, torch.cat([st.attn_out.to(dev) for st in sts])).split(sizes)
-            for st, o in zip(sts, out, strict=True):
-                st.h_attn = st.h.to(dev) + o
-                st.x = K.rms_norm(st.h_attn, lw.ffn_norm)
-                st.y = torch.zeros(st.x.shape, dtype=torch.float32, device=dev)
+            # The residual add, the norm and the experts' accumulator over the scope at once, then views per request
+            # (per request they were three small kernels each: on a GPU, launches that dwarf the GEMM at batch 256).
+            h_attn = torch.cat([st.h.to(dev) for st in sts]) + K.o_proj(lw, torch.cat([st.attn_out.to(dev)
+                                                                                       for st in sts]))
+            x = K.rms_norm(h_attn, lw.ffn_norm)
+            y = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+            for st, ha, xs, ys in zip(sts, h_attn.split(sizes), x.split(sizes), y.split(sizes), strict=True):
+                st.h_attn, st.x, st.y = ha, xs, ys
         elif kind is OpKind.ROUTER:
             li = spec.moe_index(op.layer)
             rows = np.concatenate([st.rows for st in sts])
