@@ -116,9 +116,12 @@ class PlanInterpreter:
             return
         if kind is OpKind.LM_HEAD:
             sts = [self.state[r] for r in requests]
-            for r, st in zip(requests, sts, strict=True):
+            for st in sts:
                 self._finalize(st)
-                self.outputs[(r, str(op.phase), op.step)] = st.h.cpu()
+            if sts:  # the scope's hidden states leave the device in one copy (one per request was a sync each)
+                hidden = torch.cat([st.h.to(dev) for st in sts]).cpu().split([st.h.shape[0] for st in sts])
+                for r, h in zip(requests, hidden, strict=True):
+                    self.outputs[(r, str(op.phase), op.step)] = h
             if sts:  # one GEMM over the scope's last tokens
                 K.lm_head(mw, torch.cat([st.h[-1:].to(dev) for st in sts]))
             return
