@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from experiments.tables import markdown_table
 from experiments.validation.gpu_ops import _gemm_rows
 from sim.errors import SimInputError
 
@@ -98,13 +99,9 @@ def own_points(folder: Path, system: str = "h200-8452y") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _md(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
-    if df.empty:
-        return "(none)\n"
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in row)
-                   + " |\n" for row in df.itertuples(index=False))
-    return head + body
+def _md(df: pd.DataFrame, float_format: str = "{:.3g}") -> str:
+    """`markdown_table`, or a line saying there is nothing, each followed by a blank line."""
+    return "(none)\n" if df.empty else markdown_table(df, float_format) + "\n"
 
 
 def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> str:
@@ -144,7 +141,7 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> s
             vals.append(row)
         else:
             vals.append({"plan": path.stem[9:], "total_s error": "failed (see its log)"})
-    out += ["## Validations against the profile (predicted / measured - 1)\n", _md(pd.DataFrame(vals), "+.1%")]
+    out += ["## Validations against the profile (predicted / measured - 1)\n", _md(pd.DataFrame(vals), "{:+.1%}")]
     out += [f"## Measured end-to-end points against the simulator (`{system}`, roofline)\n",
             _md(own_points(folder, system))]
     return "\n".join(out)
