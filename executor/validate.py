@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from executor.profile import machine_differences, profile, recorded_fingerprint, recorded_speed
+from executor.profile import TOKEN_GRID, covering, machine_differences, profile, recorded_fingerprint, recorded_speed
 from executor.run import ExecutionResult, execute_plan
 from executor.speed_probe import drift, mean_reading, speed_probe
 from executor.weights import ModelWeights
@@ -86,6 +86,17 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
             result["machine_speed"] = _machine_speed(speed, speed)
         results.append(result)
     return results
+
+
+def grid_bounds(plans: Sequence[Plan]) -> dict[str, int]:
+    """The profile grid `plans` need (`profile`'s max_tokens, max_requests, max_kv): no op holds more tokens than
+    its workload's prompts together (up to the first grid value that covers them, so look-ups stay bracketed), no
+    scope more requests than the batch, no cache more entries than the longest prompt plus the longest output. A
+    larger grid only costs time (minutes on a small CPU)."""
+    workloads = [plan.workload for plan in plans]
+    tokens = max(int(w.prompt_lens.sum()) for w in workloads)
+    return {"max_tokens": covering(TOKEN_GRID, tokens)[-1], "max_requests": max(w.batch for w in workloads),
+            "max_kv": max(int(w.prompt_lens.max() + w.gen_lens.max()) for w in workloads)}
 
 
 def require_unprofiled(profile_dir: str | Path, hint: str) -> None:

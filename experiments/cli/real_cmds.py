@@ -159,7 +159,7 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     from executor.speed_probe import describe, drifted
-    from executor.validate import plot_validation, require_unprofiled, validate_paired, validate_plan
+    from executor.validate import grid_bounds, plot_validation, require_unprofiled, validate_paired, validate_plan
 
     if args.paired:
         require_unprofiled(args.profile, "--paired profiles into --profile (name a new folder, or drop --paired "
@@ -168,13 +168,9 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
             raise SimInputError("--paired validates on the CPU only (drop --cuda on)")
     # Paired, there is no profile yet: a searched policy picks its plan with the roofline.
     spec, _, workload, trace, _, plan = _real_run(args, profile=None if args.paired else args.profile)
-    if args.paired:  # the plan's op sizes bound the grid (each up to the first grid value covering them)
-        from executor.profile import TOKEN_GRID, covering
-
-        tokens = covering(TOKEN_GRID, int(workload.prompt_lens.sum()))[-1]  # no op holds more than every prompt
-        longest = int(workload.prompt_lens.max() + workload.gen_lens.max())
+    if args.paired:  # the plan's op sizes bound the grid
         result, = validate_paired([(plan, trace)], _weights(spec, args), spec, args.profile, rounds=args.repeats,
-                                  max_tokens=tokens, max_requests=workload.batch, max_kv=longest)
+                                  **grid_bounds([plan]))
     else:
         result = validate_plan(plan, _weights(spec, args), trace, args.profile, _cuda_choice(args.cuda),
                                args.warmup, args.repeats)

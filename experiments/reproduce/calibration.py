@@ -32,14 +32,6 @@ PAIRED_ROUNDS = 5  # profile rounds, each followed by one run of every plan (the
 CLASS_ORDER = ("cpu_experts", "gpu_experts", "attention", "copies", "other")
 
 
-def _grid(options: ReproduceOptions) -> dict:
-    """The profile's grid and rounds: quick plans (batch <= 32, prompt 4) run ops of at most 128 tokens and attend
-    over at most PROMPT + GEN entries; a larger grid only costs time (minutes, on a CPU without AVX-512)."""
-    if options.quick:
-        return dict(rounds=1, max_tokens=128, max_requests=max(QUICK_BATCHES), max_kv=PROMPT + GEN)
-    return dict(rounds=PAIRED_ROUNDS, max_tokens=1024, max_requests=max(BATCHES), max_kv=PROMPT + GEN)
-
-
 def _into_fresh(folder: Path, measure: Callable[[Path], T]) -> T:
     """`measure(new)` with `new` an empty sibling of `folder` to profile into; once it returns, `new` replaces
     `folder` (a failed or interrupted run leaves the kept profile as it was)."""
@@ -55,7 +47,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     import torch
 
     from executor.profile import fingerprint, machine_differences, recorded_fingerprint
-    from executor.validate import validate_paired, validate_plan
+    from executor.validate import grid_bounds, validate_paired, validate_plan
     from executor.weights import random_weights, truncated
     from sim.api import resolve_model, resolve_routing, resolve_system
     from sim.cost.roofline import RooflineCostModel
@@ -94,8 +86,10 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             wl, trace, _ = resolve_routing(spec, batch, PROMPT, GEN, None, "uniform", options.seed)
             cases.append((policy, batch, make_policy(policy, {}).build(PlanContext(spec, system, wl, trace)), trace))
     if paired:
-        results = _into_fresh(prof, lambda new: validate_paired([(plan, trace) for _, _, plan, trace in cases],
-                                                                weights, full, new, **_grid(options)))
+        plans = [plan for _, _, plan, _ in cases]  # their op sizes bound the grid
+        results = _into_fresh(prof, lambda new: validate_paired(
+            [(plan, trace) for _, _, plan, trace in cases], weights, full, new,
+            rounds=1 if options.quick else PAIRED_ROUNDS, **grid_bounds(plans)))
     else:
         results = [validate_plan(plan, weights, trace, prof, repeats=1 if options.quick else 3)
                    for _, _, plan, trace in tqdm(cases, desc="calibration", disable=None)]
