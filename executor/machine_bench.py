@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import threading
 import time
@@ -27,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from executor.profile import device_timer, fingerprint
 
 # [M, N, K]: LLMCompass ae/figure5/ab (the A100 set in gpu_ops.yaml), then Mixtral-8x7B's op shapes.
 LLMCOMPASS_SHAPES = ([(m, 12288, 12288) for m in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)]
@@ -41,28 +42,11 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _events_timer() -> Callable[[Callable[[], object]], float]:
-    def timed(fn: Callable[[], object]) -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3
-    return timed
-
-
-def _wall_timer(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def gemm_sweep(shapes: list[tuple[int, int, int]], device: str, repeats: int = 5,
                rotate_bytes: int = ROTATE_BYTES) -> list[dict]:
     """Seconds per `x @ w.T` call ([M x K] x [K x N], bf16) for each shape: median over `repeats` passes over the
     rotated operand copies, each call timed alone after one untimed pass."""
-    timed = _events_timer() if device == "cuda" else _wall_timer
+    timed = device_timer(device)
     rows = []
     for m, n, k in shapes:
         one = 2 * (m * k + n * k + m * n)
@@ -94,13 +78,13 @@ def d2d_copy(nbytes: int = 2**30, repeats: int = 10) -> dict:
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     dst.copy_(src)
-    seconds = _median([_events_timer()(lambda: dst.copy_(src)) for _ in range(repeats)])
+    seconds = _median([device_timer("cuda")(lambda: dst.copy_(src)) for _ in range(repeats)])
     return {"bytes": nbytes, "seconds": seconds, "gb_per_s": 2 * nbytes / seconds / 1e9}
 
 
 def host_copies(sizes: tuple[int, ...] = COPY_SIZES, repeats: int = 5) -> list[dict]:
     """Host-device copies by size, pinned and pageable, each direction (CUDA events around each copy)."""
-    timed = _events_timer()
+    timed = device_timer("cuda")
     rows = []
     for nbytes in sizes:
         dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -137,7 +121,7 @@ def duplex(nbytes: int = 2**30, repeats: int = 5) -> dict:
         torch.cuda.synchronize()
         return marks[0].elapsed_time(marks[1]) / 1e3, marks[2].elapsed_time(marks[3]) / 1e3
 
-    timed = _events_timer()
+    timed = device_timer("cuda")
     alone_h2d = _median([timed(lambda: d_dst.copy_(h_src, non_blocking=True)) for _ in range(repeats)])
     alone_d2h = _median([timed(lambda: h_dst.copy_(d_src, non_blocking=True)) for _ in range(repeats)])
     both()
@@ -202,15 +186,9 @@ def dram_sharing(nbytes: int = 512 * 2**20, seconds: float = 2.0, cuda: bool = T
 
 
 def machine() -> dict:
-    """What was measured: CPU model, cores, GPU, torch/CUDA versions."""
-    cpu = platform.processor()
-    try:
-        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
-        cpu = line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu_model": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    """What was measured: the profile's fingerprint (CPU model and flags, threads, torch, oneDNN, GPU name, time)
+    plus the CUDA version and the GPU's memory and multiprocessors."""
+    info = {**fingerprint(), "cuda_version": torch.version.cuda}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, sms=p.multi_processor_count)

@@ -120,7 +120,8 @@ def machine_differences(recorded: dict, here: dict | None = None) -> list[str]:
             if recorded.get(k, "not recorded") != here.get(k)]
 
 
-def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+def device_timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call of a function takes on `device`: CUDA events around it on a GPU, the host clock on the CPU."""
     if device == "cuda":
         def timed(fn: Callable[[], object]) -> float:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -193,7 +194,7 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     weights = random_weights(one, seed=seed, device=device)
     moe = weights.layers[-1]
     dtype = weights.dtype
-    timed = _timer(device)
+    timed = device_timer(device)
     tokens = [t for t in TOKEN_GRID if t <= max_tokens]
     cold = _cold_copies(moe, 512 * 2**20)
     quantized = {} if device != "cpu" else {  # each cold copy with its own quantised runner, packed at warm-up
@@ -322,7 +323,7 @@ def bandwidth_row(device: str) -> dict:
     n = 256 * 2**20
     src = torch.ones(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    timed = _timer(device)
+    timed = device_timer(device)
     dst.copy_(src)
     times = [timed(lambda: dst.copy_(src)) for _ in range(5)]
     med = float(np.median(times))
@@ -384,7 +385,7 @@ COPY_SIZES = (2**20, 16 * 2**20, 256 * 2**20, 2**30)
 
 def _copy_rows(rounds: int) -> list[dict]:
     """Host-device copies by size: pinned and pageable host memory, both directions (CUDA events)."""
-    timed = _timer("cuda")
+    timed = device_timer("cuda")
     rows = []
     for nbytes in COPY_SIZES:
         dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

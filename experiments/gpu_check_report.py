@@ -50,7 +50,7 @@ def gemm_set(bench: dict, gpu: str = GPU_PRESET) -> dict:
     return {"id": f"own-{gpu}-matmul", "gpu": gpu, "bytes_per_element": 2,
             "source": (f"measured here: executor.machine_bench on the lent {mach.get('gpu', '?')} "
                        f"({mach.get('measured_at', '?')}, torch {mach.get('torch', '?')}, "
-                       f"CUDA {mach.get('cuda', '?')}):"
+                       f"CUDA {mach.get('cuda_version', '?')}):"
                        " bf16 x @ w.T, each call alone between CUDA events, median over rotated operand copies"),
             "gemms": [[r["m"], r["n"], r["k"], float(f"{r['seconds']:.4e}")] for r in bench["gemm"]]}
 
@@ -113,7 +113,7 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> s
     if isinstance(bench, dict):
         m = bench["machine"]
         out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
-                   f"threads, torch {m.get('torch')}, CUDA {m.get('cuda')}, measured {m.get('measured_at')}.\n")
+                   f"threads, torch {m.get('torch')}, CUDA {m.get('cuda_version')}, measured {m.get('measured_at')}.\n")
         for part, error in bench.get("errors", {}).items():
             out.append(f"machine_bench part `{part}` failed: {error}\n")
         if bench.get("gemm_device") == "cuda" and bench.get("gemm"):

@@ -42,7 +42,8 @@ def test_an_own_point_is_resimulated_with_its_forced_knobs(tmp_path):
 
 
 def test_measured_gemms_are_priced_as_gpu_ops_prices_its_sets(tmp_path):
-    bench = {"machine": {"gpu": "NVIDIA H200", "measured_at": "2026-12-04T00:00:00Z", "torch": "x", "cuda": "y"},
+    bench = {"machine": {"gpu": "NVIDIA H200", "measured_at": "2026-12-04T00:00:00Z", "torch": "x",
+                         "cuda_version": "y"},
              "gemm_device": "cuda", "gemm": [{"m": 64, "n": 4096, "k": 4096, "seconds": 2.0e-5},
                                              {"m": 4096, "n": 14336, "k": 4096, "seconds": 7.0e-4}]}
     table = report.gemm_table(bench)
