@@ -275,8 +275,9 @@ def test_fiddler_runs_light_experts_on_the_cpu_and_fetches_heavy_ones(mixtral, p
     small = dataclasses.replace(paper_system, gpu=dataclasses.replace(paper_system.gpu, hbm_bytes=20 * 2**30))
     ctx = ctx_for(mixtral, small, batch=64, prompt=128, gen=3, routing="zipf:1.5")
     plan = make_policy("fiddler", {"attention": "gpu"}).build(ctx)
-    resident = plan.knobs["resident_experts"]
-    assert 0 <= resident < mixtral.num_experts
+    per_layer = plan.knobs["resident_experts_per_layer"]
+    assert len(per_layer) == mixtral.num_moe_layers and sum(per_layer) == plan.knobs["resident_experts_total"]
+    assert 0 < sum(per_layer) < mixtral.num_moe_layers * mixtral.num_experts
     # Decode: few tokens per expert, so the CPU beats a 350 MB copy; prefill: thousands, so fetching wins.
     assert ops_of(plan, kind=OpKind.EXPERT, stream=Stream.CPU_EXPERTS, phase=Phase.DECODE)
     fetched = [op for op in plan.ops if op.payload is Payload.EXPERT_WEIGHTS]
@@ -286,6 +287,67 @@ def test_fiddler_runs_light_experts_on_the_cpu_and_fetches_heavy_ones(mixtral, p
     after_fetch = [op for op in plan.ops if op.kind is OpKind.EXPERT and set(op.deps) & fetched_ids]
     assert max(m.tokens for op in cpu for m in member_ops(op)) <= min(m.tokens for op in after_fetch
                                                                       for m in member_ops(op))
+
+
+def test_fiddler_fills_vram_with_the_most_popular_experts_of_the_whole_model(mixtral, paper_system):
+    """Fiddler ranks (layer, expert) pairs of the whole model by popularity and fills the free VRAM from the top
+    (`placement=global`): every resident expert carries at least the load of every expert left in DRAM, and the
+    VRAM that whole per-layer rounds leave over is used; `per_layer` keeps one count in every layer."""
+    from sim.policies.analytic import expected_counts
+
+    small = dataclasses.replace(paper_system, gpu=dataclasses.replace(paper_system.gpu, hbm_bytes=26 * 2**30))
+    ctx = ctx_for(mixtral, small, batch=4, prompt=16, gen=6, routing="table:mixtral-8x7b")
+    glob = make_policy("fiddler", {"attention": "gpu"}).build(ctx)
+    flat = make_policy("fiddler", {"attention": "gpu", "placement": "per_layer"}).build(ctx)
+    per_layer = glob.knobs["resident_experts_per_layer"]
+    assert glob.knobs["placement"] == "global" and len(set(per_layer)) > 1  # skewed layers keep more
+    uniform = flat.knobs["resident_experts"]
+    assert flat.knobs["resident_experts_per_layer"] == [uniform] * mixtral.num_moe_layers
+    assert uniform * mixtral.num_moe_layers < sum(per_layer) < (uniform + 1) * mixtral.num_moe_layers
+    for plan in (glob, flat):  # what is resident fits, with the same free VRAM left either way
+        assert plan.static_memory["gpu"]["resident_experts"] == plan.knobs["resident_experts_total"] \
+            * mixtral.expert_bytes
+        assert sum(plan.static_memory["gpu"].values()) <= small.gpu_usable_bytes
+    # the resident pairs are the most loaded: count every token the run routes to each (layer, expert)
+    prefill, decode = expected_counts(ctx)
+    load = prefill + decode * (ctx.workload.max_gen_len - 1)
+    order = np.argsort(-load.ravel(), kind="stable")
+    kept = set(order[:sum(per_layer)].tolist())
+    assert min(load.ravel()[sorted(kept)]) >= max(np.delete(load.ravel(), sorted(kept)))
+    fetches = {op.id for op in glob.ops if op.payload is Payload.EXPERT_WEIGHTS}
+    ran = {(op.stream == Stream.GPU and not set(op.deps) & fetches, m.layer * mixtral.num_experts + m.expert)
+           for op in glob.ops if op.kind is OpKind.EXPERT for m in member_ops(op)}
+    assert {k for resident, k in ran if resident} <= kept and not {k for resident, k in ran if not resident} & kept
+    # and a layer holds exactly its chosen pairs
+    for li, count in enumerate(per_layer):
+        assert count == sum(1 for k in kept if k // mixtral.num_experts == li)
+    assert simulate(mixtral, small, "fiddler", batch=4, prompt_len=16, gen_len=6, routing="table:mixtral-8x7b",
+                    policy_options={"attention": "gpu"}).throughput_tok_s >= simulate(
+        mixtral, small, "fiddler", batch=4, prompt_len=16, gen_len=6, routing="table:mixtral-8x7b",
+        policy_options={"attention": "gpu", "placement": "per_layer"}).throughput_tok_s
+
+
+def test_fiddler_first_release_threshold_and_pageable_fetches(mixtral, paper_system):
+    """Fiddler's first release: a non-resident expert with at most 9 tokens runs on the CPU, one with more is
+    fetched (`cpu_max_tokens`); its fetches come from pageable memory (`pin_weight=off`) and take longer."""
+    small = dataclasses.replace(paper_system, gpu=dataclasses.replace(paper_system.gpu, hbm_bytes=20 * 2**30))
+    ctx = ctx_for(mixtral, small, batch=1, prompt=96, gen=4, routing="table:mixtral-8x7b")
+    knobs = {"attention": "gpu", "cpu_max_tokens": "9"}
+    plan = make_policy("fiddler", knobs).build(ctx)
+    fetches = {op.id: op for op in plan.ops if op.kind is OpKind.COPY and op.stream == Stream.H2D}
+    cpu_tokens = [m.tokens for op in ops_of(plan, kind=OpKind.EXPERT, stream=Stream.CPU_EXPERTS)
+                  for m in member_ops(op)]
+    fetched_tokens = [m.tokens for op in plan.ops if op.kind is OpKind.EXPERT and set(op.deps) & set(fetches)
+                      for m in member_ops(op)]
+    assert cpu_tokens and fetched_tokens and max(cpu_tokens) <= 9 < min(fetched_tokens)
+    assert {op.payload for op in fetches.values()} == {Payload.EXPERT_WEIGHTS}
+    pageable = make_policy("fiddler", {**knobs, "pin_weight": "off"}).build(ctx)
+    copies = [op for op in pageable.ops if op.kind is OpKind.COPY and op.stream == Stream.H2D]
+    assert len(copies) == len(fetches) and {op.payload for op in copies} == {Payload.PAGEABLE_WEIGHTS}
+    pinned_s = simulate_plan(plan)[0].makespan_ns
+    assert simulate_plan(pageable)[0].makespan_ns > pinned_s
+    with pytest.raises(SimInputError, match="pin_weight"):
+        make_policy("fiddler", {"pin_weight": "maybe"})
 
 
 # ---- gpu-only bound --------------------------------------------------------------------------------------------

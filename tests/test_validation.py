@@ -36,9 +36,9 @@ def test_points_load_with_unique_ids_and_sources():
     assert len(complete) >= 12
     assert all(p.source and p.value > 0 for p in points)
     assert all(p.missing for p in points if p.status != "complete")
-    # Every point with published knobs states batch = micro-batch x number of micro-batches, as published.
+    # Every point with published batch knobs states batch = micro-batch x number of micro-batches, as published.
     for p in points:
-        if p.knobs:
+        if p.knobs and p.policy in ("flexgen", "moe-lightning"):
             mu = p.knobs.get("gpu_batch_size", p.knobs.get("micro_batch"))
             n = p.knobs.get("num_gpu_batches", p.knobs.get("num_micro_batches"))
             assert mu * n == p.workload.batch, p.id
@@ -52,6 +52,30 @@ def test_points_load_with_unique_ids_and_sources():
     assert {p.id for p in flexllmgen if p.train} == {f"flexllmgen-dw-opt-{m}-{t}" for m in ("6.7b", "30b")
                                                      for t in ("di-restaurant", "di-buy", "ed-hospital")}
     assert all("-em-" in p.id or "-bench-" in p.id for p in flexllmgen if not p.train)
+
+
+def test_fiddler_first_release_points_run_as_its_code_does():
+    """Fiddler's README points: 4 prompt x 6 output lengths at batch 1 on its L4 machine, incomplete (host
+    assumed), with the release's global placement, 9-token CPU threshold and pageable fetches; a 16-token prompt
+    keeps every non-resident expert on the CPU, a 128-token prompt fetches them from pageable memory."""
+    from experiments.validation.run import simulate_point
+
+    points = {p.id: p for p in load_points() if p.group == "fiddler-v1"}
+    assert len(points) == 24 and all(p.status == "incomplete" and p.workload.batch == 1 for p in points.values())
+    assert {(p.workload.prompt_len, p.workload.gen_len) for p in points.values()} == {
+        (i, o) for i in (16, 32, 64, 128) for o in (16, 32, 64, 128, 256, 512)}
+    assert all(p.knobs == {"placement": "global", "cpu_max_tokens": 9, "pin_weight": "off", "attention": "gpu",
+                           "prefill_tokens": 0} for p in points.values())
+    plans: dict[str, Plan] = {}
+    short = simulate_point(points["fiddler-v1-l4-in16-out16"], "published", plans=plans)
+    long = simulate_point(points["fiddler-v1-l4-in128-out16"], "published", plans=plans)
+    assert not short["error"] and not long["error"]
+    fetches = {k: [op for op in plan.ops if op.kind is OpKind.COPY and op.stream == Stream.H2D]
+               for k, plan in plans.items()}
+    assert not fetches["fiddler-v1-l4-in16-out16"]
+    assert fetches["fiddler-v1-l4-in128-out16"] and {op.payload for op in fetches["fiddler-v1-l4-in128-out16"]} \
+        == {Payload.PAGEABLE_WEIGHTS}
+    assert long["busy_h2d_s"] > 0.5 * long["prefill_s"]  # the fetches are most of that prefill
 
 
 def test_framework_defaults_to_the_policy():

@@ -1,7 +1,10 @@
 """`fiddler`: Fiddler / kTransformers-style expert placement (Kamahori et al., ICLR'25).
 
 Non-expert weights and as many of the most popular experts as fit (offline popularity profiling: here the
-trace's measured load) live in VRAM; the rest stay in DRAM. At every step and layer, after the router, each
+trace's measured load) live in VRAM; the rest stay in DRAM. As Fiddler places them, popularity is ranked over
+every (layer, expert) pair of the model at once (`placement=global`), so a layer whose routing is skewed keeps
+more of its experts resident than a flat one, and the VRAM left after whole per-layer rounds is used too;
+`placement=per_layer` keeps the same number in every layer. At every step and layer, after the router, each
 non-resident expert that received tokens either runs on the CPU (its tokens' hidden states go down and the
 outputs come back) or has its weights copied to the GPU and runs there, whichever a latency model of that
 expert's token count says is faster. Attention runs on the GPU with the KV cache in VRAM when it fits,
@@ -35,17 +38,29 @@ FETCH_SLOTS = 2  # on-demand expert copies land in a small GPU pool: one compute
 
 @dataclass(frozen=True)
 class FiddlerOptions(OptionsBase):
-    """resident_experts: popular experts per layer in VRAM (-1 = as many as fit); attention: auto | gpu | cpu
-    (auto = the GPU when the KV cache fits); prefill_tokens: prompt tokens per prefill micro-batch (0 = the whole
-    batch at once, as Fiddler runs a prompt)."""
+    """resident_experts: popular experts per layer in VRAM (-1 = as many as fit, placed as `placement` says);
+    placement: global (the most popular (layer, expert) pairs of the whole model, as Fiddler's
+    `set_expert_loc` fills VRAM from one popularity list) | per_layer (the same count in every layer); attention:
+    auto | gpu | cpu (auto = the GPU when the KV cache fits); prefill_tokens: prompt tokens per prefill
+    micro-batch (0 = the whole batch at once, as Fiddler runs a prompt); cpu_max_tokens: -1 = a non-resident
+    expert runs where the latency model says, N = on the CPU with at most N tokens and fetched with more
+    (Fiddler's first release hard-codes 7 per token on the CPU against 70 per fetch, so N = 9); pin_weight: on |
+    off (off: experts are fetched from pageable memory, as Fiddler's `load_state_dict` from a model loaded by
+    `from_pretrained` copies them)."""
 
     policy_name = "fiddler"
     resident_experts: int = -1
+    placement: str = "global"
     attention: str = "auto"
     prefill_tokens: int = 0
+    cpu_max_tokens: int = -1
+    pin_weight: str = "on"
 
     def __post_init__(self) -> None:
         self.at_least("resident_experts", -1)
+        self.at_least("cpu_max_tokens", -1)
+        self.choice("pin_weight", ("on", "off"))
+        self.choice("placement", ("global", "per_layer"))
         self.choice("attention", ("auto", "gpu", "cpu"))
         self.at_least("prefill_tokens", 0)
 
@@ -78,35 +93,60 @@ class FiddlerPolicy(Policy):
         if attention == "gpu":
             base["kv_cache"] = kv
             free -= kv
-        per_resident = m.num_moe_layers * m.expert_bytes
-        resident = o.resident_experts if o.resident_experts >= 0 else max(0, min(m.num_experts, free // per_resident))
-        gpu = {**base, "resident_experts": resident * per_resident}
+        prefill, decode = expected_counts(ctx)
+        residents = _resident_sets(o, m.num_moe_layers, m.num_experts, free // m.expert_bytes,
+                                   prefill, decode, wl.max_gen_len - 1)
+        total = sum(len(r) for r in residents)
+        gpu = {**base, "resident_experts": total * m.expert_bytes}
         cpu = {"expert_weights": m.routed_expert_bytes,
                "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
         if attention == "cpu":
             cpu["kv_cache"] = kv
         require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
-        prefill, decode = expected_counts(ctx)
-        popular = np.argsort(-(prefill + decode), axis=1, kind="stable")[:, :resident]
-        emit = _Fiddler(ctx, ctx.builder(), [set(map(int, row)) for row in popular], attention == "gpu")
+        emit = _Fiddler(ctx, ctx.builder(), residents, attention == "gpu", o.cpu_max_tokens,
+                        Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS)
         emit.phase(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
             if slices:
                 emit.phase(slices, Phase.DECODE, step)
-        knobs = {**asdict(o), "resident_experts": int(resident), "attention": attention,
+        per_layer = {len(r) for r in residents}
+        knobs = {**asdict(o), "resident_experts": per_layer.pop() if len(per_layer) == 1 else -1,
+                 "resident_experts_total": total, "resident_experts_per_layer": [len(r) for r in residents],
+                 "attention": attention,
                  "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}
         return Plan(self.name, knobs, m, sysm, wl, emit.b.ops, {"gpu": gpu, "cpu": cpu},
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
 
 
+def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, prefill: np.ndarray,
+                   decode: np.ndarray, decode_steps: int) -> list[set[int]]:
+    """Per MoE layer, the experts held in VRAM: `resident_experts` of each layer when given; else, with `slots`
+    experts' worth of free VRAM, the most popular (layer, expert) pairs (`global`: ranked by all the tokens the
+    run routes to each, layer-major on ties) or the same count in every layer (`per_layer`: ranked within the
+    layer by prompt tokens plus one average decode step's)."""
+    slots = max(0, int(slots))
+    if o.resident_experts >= 0 or o.placement == "per_layer":
+        count = o.resident_experts if o.resident_experts >= 0 else min(experts, slots // max(layers, 1))
+        popular = np.argsort(-(prefill + decode), axis=1, kind="stable")[:, :count]
+        return [set(map(int, row)) for row in popular]
+    load = (prefill + decode * decode_steps).ravel()
+    chosen = np.argsort(-load, kind="stable")[:min(slots, load.size)]
+    out: list[set[int]] = [set() for _ in range(layers)]
+    for flat in chosen.tolist():
+        out[flat // experts].add(flat % experts)
+    return out
+
+
 class _Fiddler(LayerEmitter):
-    def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: list[set[int]], kv_on_gpu: bool):
+    def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: list[set[int]], kv_on_gpu: bool,
+                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS):
         super().__init__(ctx, builder)
         self.resident, self.kv_on_gpu = resident, kv_on_gpu
+        self.cpu_max_tokens, self.fetch_payload = cpu_max_tokens, fetch_payload
         self.a = Analytic(ctx)
-        self.fetch_t = self.a.copy(H2D, self.m.expert_bytes)
+        self.fetch_t = self.a.copy(H2D, self.m.expert_bytes, fetch_payload)
         self.slot_free: list[int] = [-1] * FETCH_SLOTS   # op after which each fetch slot may be overwritten
         self.fetches = 0
         self.cpu_runs = self.fetch_runs = 0
@@ -115,6 +155,8 @@ class _Fiddler(LayerEmitter):
     def _cpu_faster(self, tokens: int) -> bool:
         """Fiddler's per-expert choice: run on the CPU when that (with its activations' round trip) beats
         fetching the weights and running on the GPU."""
+        if self.cpu_max_tokens >= 0:  # the runtime's own threshold
+            return tokens <= self.cpu_max_tokens
         hit = self._cpu_faster_memo.get(tokens)
         if hit is None:
             a, w = self.a, self.w
@@ -150,7 +192,7 @@ class _Fiddler(LayerEmitter):
                 last = max(last, ran)
                 for e in fetched:  # on demand, after the router: the copy is on the critical path
                     slot = self.fetches % FETCH_SLOTS
-                    copy = self.xfer(H2D, at, m.expert_bytes, Payload.EXPERT_WEIGHTS, (router, self.slot_free[slot]))
+                    copy = self.xfer(H2D, at, m.expert_bytes, self.fetch_payload, (router, self.slot_free[slot]))
                     last = self.experts(GPU, at, counts, [e], (router, copy))
                     self.slot_free[slot] = last
                     self.fetches += 1
