@@ -2,9 +2,9 @@
 
 The 8452Y preset prices CPU GEMMs at KTransformers' tuned AMX kernel (21.3 TFLOPS on one socket, 0.289 of peak);
 the same source measured stock PyTorch/oneDNN at 5.4 (0.073), and CoX-MoE's runtime extends IPEX, whose kernels
-are oneDNN's. This runs the Fig. 7 grid (experiments/specs/fig7.yaml) and the same grid on system files whose
-only change is that rate (experiments/specs/fig7_stock_amx.yaml), then writes, per grid point, every policy's
-throughput under both rates and CoX-MoE's speedups.
+are oneDNN's. This runs the Fig. 7 grid (experiments/specs/fig7.yaml) and the same grid with only that rate set
+(experiments/specs/fig7_stock_amx.yaml: `system_settings: {cpu.amx_efficiency: 0.073}`, what `--set` does on the
+command line), then writes, per grid point, every policy's throughput under both rates and CoX-MoE's speedups.
 
     python experiments/amx_sensitivity.py --out docs/results [--work out/amx_sensitivity] [--workers 2]
 
@@ -15,7 +15,6 @@ The sweeps are resumable (--work keeps their results); a rerun with the same cod
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -31,16 +30,14 @@ BASELINES = ("moe-lightning", "flexgen")
 
 
 def run_grid(spec: Path, work: Path, workers: int) -> pd.DataFrame:
-    """One grid's results (resumable), one row per point, the system named by its preset."""
+    """One grid's results (resumable), one row per point."""
     store = ResultStore(work)
     try:
         run_sweep(load_spec(spec), store, "local", workers)
     finally:
         store.close()
     df = load_results(work)
-    df = df[df["status"] == "ok"].copy()
-    df["system"] = df["system"].map(lambda s: re.sub(r"^.*/|-stock-amx\.yaml$", "", str(s)))
-    return df
+    return df[df["status"] == "ok"].copy()
 
 
 def compare(tuned: pd.DataFrame, stock: pd.DataFrame) -> pd.DataFrame:

@@ -130,6 +130,13 @@ def resolve_system(system: str | SystemSpec) -> SystemSpec:
     return system if isinstance(system, SystemSpec) else load_system(system)
 
 
+def config_system(config: SimConfig) -> SystemSpec:
+    """The config's system with its `system_settings` applied (none: the preset or file as it is)."""
+    from sim.specs.overrides import apply_system_settings
+
+    return apply_system_settings(resolve_system(config.system), config.system_settings)
+
+
 def check_trace_matches(trace: RoutingTrace, model: ModelSpec) -> None:
     h = trace.header
     want = (model.num_moe_layers, model.num_experts, model.top_k)
@@ -336,7 +343,7 @@ def simulate_config(config: SimConfig, cost: CostModel | None = None, keep_plan:
 def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool) -> SimulationResult:
     t0 = time.perf_counter()
     c = config
-    m, s = config_model(c), resolve_system(c.system)
+    m, s = config_model(c), config_system(c)
     pol = make_policy(c.policy, dict(c.policy_options))
     wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
                                            c.reuse_prob, prompt_counts=True)

@@ -33,7 +33,9 @@ def default_workers() -> int:
 
 
 LENGTH_FORMS = ("fixed", "uniform", "lognormal", "preset")
-OMITTED_DEFAULTS = {"expert_precision": "native"}  # what `point()` leaves out, for readers of stored points
+# what `point()` leaves out while at these values: settings added later hash as before at their default
+OMITTED_DEFAULTS: dict[str, Any] = {"expert_precision": "native", "system_settings": {}}
+MAPPING_SETTINGS = ("policy_options", "system_settings")  # KEY=VALUE settings (repeatable flags, mappings in files)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -124,19 +126,25 @@ class SimConfig:
         "native", group="target", metavar="{native,int8,int4}",
         help="routed experts' weights: the model's dtype, INT8 (W8A8: AMX-INT8 / INT8 tensor cores) or INT4 "
              "(weight-only, group 128); bytes and compute rates follow, accuracy is out of scope")
+    system_settings: Mapping[str, str] = _setting(
+        help="set a number of the system spec by its path, as `coxmoe presets --show` prints it (e.g. "
+             "cpu.amx_efficiency=0.073, gpu.gemm_efficiency=0.6, link.h2d_efficiency=0.5, dram_bytes=...); "
+             "repeatable; the system's name records it", group="target", flag="--set", metavar="FIELD=VALUE",
+        factory=dict)
 
     def __post_init__(self) -> None:
         if self.model is None or self.system is None or self.model == "" or self.system == "":
             raise SimInputError("a simulation needs a model and a system")
-        opts = self.policy_options or {}
-        if not isinstance(opts, Mapping):
-            raise SimInputError(f"policy options must be a mapping of KEY to VALUE, got {opts!r}")
-        for key, value in opts.items():
-            if value is None or isinstance(value, Mapping | list | tuple):
-                raise SimInputError(f"policy option {key}: needs a value (a string, number or boolean), got "
-                                    f"{value!r}")
-        self._set("policy_options", {str(k): str(v).lower() if isinstance(v, bool) else str(v)
-                                     for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
+        for name, what in (("policy_options", "policy option"), ("system_settings", "system setting")):
+            opts = getattr(self, name) or {}
+            if not isinstance(opts, Mapping):
+                raise SimInputError(f"{what}s must be a mapping of KEY to VALUE, got {opts!r}")
+            for key, value in opts.items():
+                if value is None or isinstance(value, Mapping | list | tuple):
+                    raise SimInputError(f"{what} {key}: needs a value (a string, number or boolean), got "
+                                        f"{value!r}")
+            self._set(name, {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+                             for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
         for name in ("batch", "seed", "decode_sample"):
             low = 1 if name == "batch" else 0
             value = getattr(self, name)
@@ -204,7 +212,7 @@ class SimConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in OMITTED_DEFAULTS and value == f.default:
+            if f.name in OMITTED_DEFAULTS and value == OMITTED_DEFAULTS[f.name]:
                 continue  # settings added later hash as before while at their default
             if isinstance(value, Path):
                 value = str(value)

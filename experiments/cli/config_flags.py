@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sim.config import SimConfig, settings
+from sim.config import MAPPING_SETTINGS, SimConfig, settings
 from sim.policies import parse_kv_pairs
 
 
@@ -44,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser, groups: Iterable[str], *, 
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
-        if f.name == "policy_options":
+        if f.name in MAPPING_SETTINGS:
             parser.add_argument(flag_of(f), action="append", **kwargs)
             continue
         if meta["parse"] is not None:
@@ -72,8 +72,9 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> SimConfig:
     for f in dataclasses.fields(SimConfig):
         if f.metadata["file_flag"] and getattr(args, f.name + "_file", None):
             values[f.name] = getattr(args, f.name + "_file")
-        elif f.name == "policy_options" and hasattr(args, f.name):
-            values[f.name] = parse_kv_pairs(getattr(args, f.name))
+        elif f.name in MAPPING_SETTINGS and hasattr(args, f.name):
+            values[f.name] = parse_kv_pairs(getattr(args, f.name), "policy option" if f.name == "policy_options"
+                                            else "--set")
         elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     return SimConfig(**{**values, **overrides})

@@ -27,7 +27,7 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
     """Apply --threads, then build the plan. With `profile`, the policy's search scores its candidates with the
     profile's op times (the cost model the run is compared against), not the roofline."""
     from executor.weights import truncated
-    from sim.api import config_model, resolve_routing, resolve_system
+    from sim.api import config_model, config_system, resolve_routing
     from sim.policies import PlanContext, make_policy
 
     if args.threads:
@@ -37,7 +37,7 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
     config = config_from_args(args)
     full = config_model(config)
     spec = truncated(full, args.layers or full.num_layers)
-    system = resolve_system(config.system)
+    system = config_system(config)
     workload, trace, routing = resolve_routing(spec, config.batch, config.prompt_len, config.gen_len, config.trace,
                                                config.routing, config.seed, config.reuse_prob)
     trace.require_prompt_rows("the executor")  # before the plan search: it routes every prompt token as traced

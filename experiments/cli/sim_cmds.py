@@ -149,11 +149,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sim.compare import COMPARED, compare, compare_table
 
     policies = tuple(args.policies.split(",")) if args.policies else COMPARED
-    from sim.api import config_model
+    from sim.api import config_model, config_system
 
     config = config_from_args(args)
-    result = compare(config_model(config), config.system, policies=policies, progress=True, workers=args.workers,
-                     **workload_kwargs(config))
+    result = compare(config_model(config), config_system(config), policies=policies, progress=True,
+                     workers=args.workers, **workload_kwargs(config))
     if args.json:
         emit_json(result)
         return 0
@@ -167,11 +167,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_ablation(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from sim.api import config_model
+    from sim.api import config_model, config_system
     from sim.compare import ablation
 
     config = config_from_args(args)
-    result = ablation(config_model(config), config.system, progress=True, workers=args.workers,
+    result = ablation(config_model(config), config_system(config), progress=True, workers=args.workers,
                       **workload_kwargs(config))
     if args.json:
         emit_json(result)

@@ -83,6 +83,9 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
         return 0
     shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
              "wall_s", "error"]
+    for name in ("policy_options", "system_settings"):  # shown where a sweep varies them
+        if name in df.columns and df[name].nunique() > 1:
+            shown.insert(shown.index("batch"), name)
     stale = int(df["stale"].sum())
     note = f" ({stale} recorded by other code or library versions: a rerun of the sweep simulates them again)" \
         if stale else ""

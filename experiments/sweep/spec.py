@@ -6,9 +6,11 @@
       policy: [coxmoe, moe-lightning, flexgen]
       workload: [{prompt_len: 97, gen_len: 32}, {prompt_len: 800, gen_len: 256}]
       policy_options: [{}, {coalesce: "off"}]
+      system_settings: [{}, {cpu.amx_efficiency: 0.073}]   # a spec number set, as `--set` does
 
-An axis value that is a mapping is merged into the point (several keys varied together); any other value sets
-the key named by the axis. Every point is completed with the simulator's defaults, so its hash names exactly
+An axis value that is a mapping is merged into the point (several keys varied together), except on the mapping
+settings (`policy_options`, `system_settings`), whose values are mappings; any other value sets the key named
+by the axis. Every point is completed with the simulator's defaults, so its hash names exactly
 what ran: two specs that spell the same point differently share its result.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from sim.config import DEFAULTS, SimConfig
+from sim.config import DEFAULTS, MAPPING_SETTINGS, SimConfig
 from sim.errors import SimInputError
 
 # What a point may set: every `SimConfig` field, completed with its defaults; sweeps default to CoX-MoE.
@@ -61,8 +63,9 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
     missing = [k for k in REQUIRED if not config[k]]
     if missing:
         raise SimInputError(f"sweep point: {', '.join(missing)} not set (put it in fixed: or axes:)")
-    if not isinstance(config["policy_options"] or {}, dict):
-        raise SimInputError(f"sweep point: policy_options must be a mapping, got {config['policy_options']!r}")
+    for name in MAPPING_SETTINGS:
+        if not isinstance(config[name] or {}, dict):
+            raise SimInputError(f"sweep point: {name} must be a mapping, got {config[name]!r}")
     try:
         config = SimConfig.from_point(config).point()
     except SimInputError as exc:
@@ -108,7 +111,7 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
     for combo in itertools.product(*axes.values()):
         raw = dict(fixed)
         for name, value in zip(axes, combo, strict=True):
-            if isinstance(value, dict) and name != "policy_options":
+            if isinstance(value, dict) and name not in MAPPING_SETTINGS:
                 raw.update(value)
             else:
                 raw[name] = value

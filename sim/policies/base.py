@@ -202,12 +202,12 @@ def parse_options(options_cls: type, raw: dict[str, str], policy: str) -> Any:
     return options_cls(**values)
 
 
-def parse_kv_pairs(pairs: list[str] | None) -> dict[str, str]:
-    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}; a pair without '=' is an error."""
+def parse_kv_pairs(pairs: list[str] | None, what: str = "policy option") -> dict[str, str]:
+    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}; a pair without '=' is an error naming `what` it was."""
     out: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SimInputError(f"policy option {pair!r} must look like KEY=VALUE")
+            raise SimInputError(f"{what} {pair!r} must look like KEY=VALUE")
         out[key.strip()] = value.strip()
     return out

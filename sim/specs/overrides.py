@@ -1,0 +1,66 @@
+"""Numbers of a system spec set from the command line or a sweep (`--set cpu.amx_efficiency=0.073`): how a user
+asks how much a result rests on one constant without writing a spec file.
+
+A setting names a numeric field by its path in the spec as `coxmoe presets --show` prints it (`dram_bytes`,
+`gpu.gemm_efficiency`, `cpu.amx_efficiency`, `link.h2d_efficiency`, `ndp.rank_bytes_per_s`, ...). The system is
+rebuilt through the same schema as a spec file, so a value out of range is refused as one would be there. The
+result's name records every setting and each changed field's `sources` entry says it was set by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from sim.errors import SimInputError
+from sim.specs.catalog import build_system
+from sim.specs.hardware import SystemSpec
+
+SECTIONS = ("gpu", "cpu", "link", "ndp")  # nested specs a setting may reach into (one level)
+
+
+def _number(path: str, text: str, current: Any) -> int | float:
+    """The value of setting `path`: an integer for an integer field, else a finite float."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise SimInputError(f"--set {path!r}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SimInputError(f"--set {path!r}: needs a finite number, got {text!r}")
+    if isinstance(current, int):
+        if value != int(value):
+            raise SimInputError(f"--set {path!r}: a whole number, got {text!r}")
+        return int(value)
+    return value
+
+
+def _numeric_fields(data: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> SystemSpec:
+    """`system` with the numeric fields that `settings` names (path -> value text) set; unchanged when empty."""
+    if not settings:
+        return system
+    data = dataclasses.asdict(system)
+    applied: list[str] = []
+    for path, text in sorted(settings.items()):
+        section, _, field = path.rpartition(".")
+        if section and section not in SECTIONS:
+            raise SimInputError(f"--set {path!r}: the section must be one of {', '.join(SECTIONS)} (or none for the "
+                                f"system's own fields)")
+        owner = data if not section else data.get(section)
+        if not isinstance(owner, dict):
+            raise SimInputError(f"--set {path!r}: system {system.name} has no {section}")
+        if field not in _numeric_fields(owner):
+            raise SimInputError(f"--set {path!r}: not a numeric field of {section or 'the system'}; choose from "
+                                f"{', '.join(_numeric_fields(owner))}")
+        owner[field] = _number(path, text, owner[field])
+        sources = owner.setdefault("sources", {})
+        sources[field] = f"set by hand (--set {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
+        applied.append(f"{path}={owner[field]}")
+    name = f"{system.name}[{','.join(applied)}]"
+    data["name"] = name
+    return build_system(name, data, f"system {system.name} with --set")

@@ -1,0 +1,100 @@
+"""`--set FIELD=VALUE` (`SimConfig.system_settings`): one number of the system spec set by its path, checked like
+a spec file, named in the result, carried through sweeps; bad settings are one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from experiments.cli import main
+from experiments.sweep.spec import expand
+from sim.api import simulate
+from sim.config import SimConfig
+from sim.errors import SimInputError
+from sim.specs import load_system
+from sim.specs.overrides import apply_system_settings
+
+SIM = ["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "coxmoe", "--batch", "64",
+       "--prompt-len", "32", "--gen-len", "4", "--decode-sample", "2", "--json"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_setting_changes_that_number_only_and_names_the_system():
+    base = load_system("a100-80g-8452y")
+    s = apply_system_settings(base, {"cpu.amx_efficiency": "0.073", "dram_bytes": "274877906944",
+                                     "link.h2d_efficiency": "0.5"})
+    assert (s.cpu.amx_efficiency, s.dram_bytes, s.link.h2d_efficiency) == (0.073, 274877906944, 0.5)
+    assert isinstance(s.dram_bytes, int)
+    assert s.name == "a100-80g-8452y[cpu.amx_efficiency=0.073,dram_bytes=274877906944,link.h2d_efficiency=0.5]"
+    assert s.cpu.sources["amx_efficiency"].startswith("set by hand (--set cpu.amx_efficiency=0.073); was ")
+    assert (s.gpu, s.cpu.cores, s.link.d2h_efficiency) == (base.gpu, base.cpu.cores, base.link.d2h_efficiency)
+    assert apply_system_settings(base, {}) is base
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"cpu.amx_efficiency": "1.5"}, "amx_efficiency must be in (0, 1]"),
+    ({"cpu.amx_efficency": "0.1"}, "not a numeric field of cpu; choose from"),
+    ({"gpu.name": "x"}, "not a numeric field of gpu"),
+    ({"disk.bw": "1"}, "the section must be one of gpu, cpu, link, ndp"),
+    ({"ndp.rank_bytes_per_s": "1e9"}, "has no ndp"),
+    ({"cpu.cores": "2.5"}, "a whole number, got"),
+    ({"gpu.gemm_efficiency": "nan"}, "needs a finite number"),
+    ({"gpu.gemm_efficiency": "fast"}, "not a number"),
+    ({"dram_bytes": "-1"}, "dram_bytes"),
+])
+def test_bad_settings_are_refused_naming_the_problem(setting, message):
+    with pytest.raises(SimInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        apply_system_settings(load_system("a100-80g-8452y"), setting)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.one_of(st.sampled_from(["cpu.amx_efficiency", "gpu.hbm_bytes", "link.latency_s", "dram_bytes",
+                                       "cpu.cores", "gpu.kernel_launch_s", "cpu.has_amx", "name", "gpu."]),
+                      st.text(max_size=20)),
+       value=st.one_of(st.text(max_size=12), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                       st.integers(min_value=-(2**70), max_value=2**70).map(str)))
+def test_fuzzed_settings_give_a_valid_system_or_one_typed_error(path, value):
+    base = load_system("a100-80g-8452y")
+    try:
+        s = apply_system_settings(base, {path: value})
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert s.name.startswith("a100-80g-8452y[")
+
+
+def test_cli_set_runs_the_changed_machine_and_refuses_bad_ones(capsys):
+    code, out, err = run(capsys, *SIM)
+    assert code == 0, err
+    base = json.loads(out)
+    code, out, err = run(capsys, *SIM, "--set", "cpu.amx_efficiency=0.073")
+    assert code == 0, err
+    slow = json.loads(out)
+    assert slow["system"] == "a100-80g-8452y[cpu.amx_efficiency=0.073]"
+    assert slow["throughput_tok_s"] < base["throughput_tok_s"]  # this plan runs experts on the CPU
+    same = simulate(SimConfig("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=64, prompt_len=32, gen_len=4,
+                              decode_sample=2, system_settings={"cpu.amx_efficiency": 0.073}))
+    assert same.throughput_tok_s == slow["throughput_tok_s"]
+    for bad, message in ((["--set", "cpu.amx_efficiency"], "must look like KEY=VALUE"),
+                         (["--set", "cpu.amx_efficiency=2"], "amx_efficiency must be in (0, 1]")):
+        code, out, err = run(capsys, *SIM, *bad)
+        assert code == 2 and message in err and err.count("\n") == 1 and out == ""
+
+
+def test_sweep_axis_of_settings_keys_points_apart_and_keeps_old_keys():
+    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8},
+                     "axes": {"system_settings": [{}, {"cpu.amx_efficiency": 0.073}]}})
+    assert len(points) == 2 and len({p.key for p in points}) == 2
+    plain, set_ = points
+    assert "system_settings" not in plain.config  # at its default a point hashes as before the setting existed
+    assert set_.config["system_settings"] == {"cpu.amx_efficiency": "0.073"}
+    with pytest.raises(SimInputError, match="system_settings must be a mapping"):
+        expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "system_settings": "x"}})
