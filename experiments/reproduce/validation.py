@@ -15,6 +15,7 @@ from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
 from experiments.validation import gpu_ops
 from experiments.validation.fit import FitCase, fit_factors, predicted_total_s
+from experiments.validation.phases import phase_finding, phase_fits
 from experiments.validation.run import DECODE_SAMPLE, measured_total_s, run_validation
 from experiments.validation.schema import ValidationPoint, load_points
 from sim.cost.framework import FrameworkFactors
@@ -232,8 +233,10 @@ def reproduce(options: ReproduceOptions) -> Reproduction:
     table, fits = run(options)
     stats = summary(table)
     ops = gpu_ops.check()
+    phases = phase_fits(table)
     files = [save_csv(table, options.out, "validation"), save_csv(fits, options.out, "validation_factors"),
-             save_csv(ops, options.out, "validation_gpu_ops"), *plot(table, options.out)]
+             save_csv(ops, options.out, "validation_gpu_ops"), save_csv(phases, options.out, "validation_phases"),
+             *plot(table, options.out)]
     claim = ("No paper figure: published measurements of offloading systems (shared/reference/validation.md), "
              "each simulated with its authors' knobs; the goal is every complete point within 1.5x and a median "
              "absolute error <= 20-25% on points not used for fitting.")
@@ -241,4 +244,5 @@ def reproduce(options: ReproduceOptions) -> Reproduction:
             "train only; the held-out and leave-one-system-out columns are the honest errors.")
     shown = table[[c for c in DISPLAY if c in table]].copy()
     return Reproduction("validation", "Simulator against published measurements", claim,
-                        finding(stats) + " " + gpu_ops_finding(gpu_ops.summary(ops)), shown, files, note=note)
+                        " ".join(filter(None, (finding(stats), gpu_ops_finding(gpu_ops.summary(ops)),
+                                               phase_finding(phases)))), shown, files, note=note)

@@ -1,0 +1,87 @@
+"""Prefill and per-step decode time of published runs, split the same way for measurement and simulation.
+
+A published end-to-end rate gives one total time per run. Where a source measured one configuration (group,
+system, model, policy, batch, prompt length) at several output lengths, the totals follow
+`total = prefill + (gen_len - 1) x step` (the first token comes with the prefill), so a least-squares line
+through them splits the measurement into its prefill and its decode step. The simulated totals of the same runs
+get the same fit, so the two splits compare like for like: this is the time breakdown a disagreement is
+explained from (fidelity rules), read from the data rather than by hand.
+
+The step (the slope) is well determined by two lengths far apart; the prefill (the intercept) is an
+extrapolation, so it is reported only where three or more lengths were run and it is at least
+PREFILL_MIN_SHARE of the shortest run (a small intercept is within the noise of the steps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+GROUP_KEYS = ["group", "system", "model", "policy", "batch", "prompt_len"]
+TOKENS_OF_METRIC = {"e2e_gen_tok_s": "gen", "e2e_total_tok_s": "all"}  # rates whose run time the point implies
+PREFILL_MIN_SHARE = 0.1
+
+
+def run_time_s(rows: pd.DataFrame) -> pd.Series:
+    """Each run's wall time as its end-to-end rate implies it (NaN for a prefill-only or decode-only rate)."""
+    generated = rows["batch"] * rows["gen_len"]
+    tokens = np.where(rows["metric"] == "e2e_gen_tok_s", generated,
+                      np.where(rows["metric"] == "e2e_total_tok_s", generated + rows["batch"] * rows["prompt_len"],
+                               np.nan))
+    return pd.Series(tokens / rows["measured"], index=rows.index)
+
+
+def _line(steps: np.ndarray, totals: np.ndarray) -> tuple[float, float, float]:
+    """(intercept, slope, largest relative residual) of totals against decode steps."""
+    slope, intercept = np.polyfit(steps, totals, 1)
+    fitted = intercept + slope * steps
+    return float(intercept), float(slope), float(np.max(np.abs(fitted - totals) / totals))
+
+
+def phase_fits(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration run at two or more output lengths (published knobs, simulated): measured and
+    simulated prefill seconds and decode seconds per step, their ratios (simulated / measured: below 1 means
+    the simulator is faster), and how well each line fits (largest relative residual)."""
+    pub = table[(table["mode"] == "published") & table["predicted"].notna()
+                & table["metric"].isin(list(TOKENS_OF_METRIC))].copy()
+    columns = [*GROUP_KEYS, "runs", "gen_lens", "measured_prefill_s", "simulated_prefill_s", "prefill_ratio",
+               "measured_step_s", "simulated_step_s", "step_ratio", "measured_fit_residual", "simulated_fit_residual"]
+    if pub.empty:
+        return pd.DataFrame(columns=columns)
+    pub["measured_total_s"] = run_time_s(pub)
+    pub["simulated_total_s"] = pub["prefill_s"] + pub["decode_s"]
+    rows = []
+    for key, runs in pub.groupby(GROUP_KEYS, sort=False):
+        gens = np.sort(runs["gen_len"].unique())
+        if gens.size < 2:
+            continue
+        steps = (runs["gen_len"] - 1).to_numpy(dtype=float)
+        measured = runs["measured_total_s"].to_numpy(dtype=float)
+        m_pre, m_step, m_res = _line(steps, measured)
+        s_pre, s_step, s_res = _line(steps, runs["simulated_total_s"].to_numpy(dtype=float))
+        if gens.size < 3 or m_pre < PREFILL_MIN_SHARE * measured.min():  # not resolved by these runs
+            m_pre = np.nan
+        rows.append({**dict(zip(GROUP_KEYS, key, strict=True)), "runs": len(runs),
+                     "gen_lens": "/".join(str(int(g)) for g in gens),
+                     "measured_prefill_s": m_pre, "simulated_prefill_s": s_pre,
+                     "prefill_ratio": s_pre / m_pre if m_pre > 0 else np.nan,  # NaN: not resolved
+                     "measured_step_s": m_step, "simulated_step_s": s_step,
+                     "step_ratio": s_step / m_step if m_step > 0 else np.nan,
+                     "measured_fit_residual": m_res, "simulated_fit_residual": s_res})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def phase_finding(phases: pd.DataFrame) -> str:
+    """One sentence per group: the ranges of simulated / measured prefill and step times."""
+    if phases.empty:
+        return ""
+    parts = []
+    for group, g in phases.groupby("group", sort=False):
+        pre = g["prefill_ratio"].dropna()
+        step = g["step_ratio"].dropna()
+        text = f"{group} ({len(g)} configurations): simulated / measured decode step {step.min():.2f}-{step.max():.2f}x"
+        if not pre.empty:
+            text += f", prefill {pre.min():.2f}-{pre.max():.2f}x"
+        parts.append(text)
+    return "Time split by phase where a configuration ran at several output lengths (validation_phases.csv): " + \
+        "; ".join(parts) + "."
