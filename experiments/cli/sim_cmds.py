@@ -1,13 +1,15 @@
-"""Simulation commands: presets, policies, simulate, run-plan, compare, ablation."""
+"""Simulation commands: presets, policies, simulate, run-plan, sensitivity, compare, ablation."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from experiments.cli.common import IMAGE_SUFFIXES, emit_json, output_file, positive_int
 from experiments.cli.config_flags import add_config_flags, config_from_args, workload_kwargs
+from sim.errors import SimInputError
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -186,8 +188,40 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from experiments.sensitivity import parse_vary, run_sensitivity, tornado_plot
+
+    config = config_from_args(args)
+    vary = parse_vary(args.vary)
+    if args.against is not None:
+        from sim.policies import POLICIES
+
+        if args.against not in POLICIES:
+            raise SimInputError(f"--against {args.against!r}: not a policy; choose from {', '.join(POLICIES)}")
+    table = run_sensitivity(config, vary, args.against, progress=True)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    if args.plot:
+        tornado_plot(table, Path(args.plot), f"{config.model} on {config.system} under {config.policy}: "
+                                             "one number of the system at a time")
+    if args.json:
+        emit_json(table.to_dict("records"))
+        return 0
+    base = table.iloc[0]
+    print(f"{config.model} on {config.system} under {config.policy}: base {base['throughput_tok_s']:.1f} tok/s"
+          + (f", {base['speedup']:.2f}x {args.against}" if args.against else ""))
+    shown = table.iloc[1:].copy()
+    shown["change"] = shown["change"].map(lambda v: f"{100 * v:+.1f}%")
+    cols = ["field", "was", "value", "throughput_tok_s", "change"]
+    if args.against:
+        shown["speedup_change"] = shown["speedup_change"].map(lambda v: f"{100 * v:+.1f}%")
+        cols += ["speedup", "speedup_change"]
+    print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """presets, policies, simulate, run-plan, compare, ablation."""
+    """presets, policies, simulate, run-plan, sensitivity, compare, ablation."""
     p = sub.add_parser("presets", help="list model and hardware presets, or show one as YAML")
     p.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
     p.add_argument("--json", action="store_true", help="print the lists as JSON")
@@ -217,6 +251,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeline", metavar="FILE", type=output_file(".json"),
                    help="write a Chrome-trace JSON timeline (Perfetto)")
     p.set_defaults(func=cmd_run_plan)
+
+    p = sub.add_parser("sensitivity", help="how a point's throughput moves with each number of the system, one at "
+                       "a time (default: every number whose source is [assumed] or [borrowed], at half and twice)")
+    add_config_flags(p, ("target", "policy", "workload", "cost"))
+    p.add_argument("--vary", action="append", metavar="FIELD=V1,V2",
+                   help="a system number and the values to try (`presets --show` path, as --set); repeatable")
+    p.add_argument("--against", metavar="POLICY", help="also run this policy under every variant: the speedup")
+    p.add_argument("--csv", metavar="FILE", type=output_file(".csv"), help="write every row as CSV")
+    p.add_argument("--plot", metavar="FILE", type=output_file(*IMAGE_SUFFIXES), help="write a tornado chart")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_sensitivity)
 
     for name, func, help_text in (("compare", cmd_compare, "every policy at its own best configuration, same trace"),
                                   ("ablation", cmd_ablation, "CoX-MoE's ablation: the paper's steps, features off")):

@@ -1,0 +1,145 @@
+"""One-at-a-time sensitivity of a simulated result to the numbers of its system spec (`coxmoe sensitivity`).
+
+Each varied number (`--vary FIELD=V1,V2`, or by default every number whose source is marked [assumed] or
+[borrowed], at half and twice its value within the field's range) is set alone (`--set`), the point is simulated
+again (its policy's search included), and the throughput change is reported, largest first: a tornado table that
+says which unmeasured constants a conclusion rests on. With `--against POLICY` the baseline runs under every
+variant too and CoX-MoE's (or the chosen policy's) speedup is reported with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from sim.api import config_system, simulate
+from sim.config import SimConfig
+from sim.errors import SimInputError
+from sim.specs.hardware import SystemSpec
+from sim.specs.overrides import SECTIONS, apply_system_settings
+
+UNMEASURED_MARKS = ("[assumed]", "[borrowed]")
+DEFAULT_FACTORS = (0.5, 2.0)
+BOUNDED_SUFFIXES = ("efficiency", "ratio")  # fractions: never above 1
+
+
+def unmeasured_fields(system: SystemSpec) -> dict[str, float]:
+    """Path -> value of every numeric field of `system` whose source is marked [assumed] or [borrowed]."""
+    out: dict[str, float] = {}
+    for section in ("", *SECTIONS):
+        spec = system if not section else getattr(system, section, None)
+        if spec is None:
+            continue
+        for name, source in sorted(getattr(spec, "sources", {}).items()):
+            value = getattr(spec, name, None)
+            if (isinstance(value, int | float) and not isinstance(value, bool)
+                    and any(mark in source.lower() for mark in UNMEASURED_MARKS)):
+                out[f"{section}.{name}" if section else name] = value
+    return out
+
+
+def default_values(path: str, value: float) -> list[float]:
+    """Half and twice `value` (fractions capped at 1; whole numbers stay whole), without the value itself."""
+    out = []
+    for factor in DEFAULT_FACTORS:
+        v = value * factor
+        if path.endswith(BOUNDED_SUFFIXES):
+            v = min(v, 1.0)
+        if isinstance(value, int):
+            v = int(round(v))
+        if v != value and v not in out:
+            out.append(v)
+    return out
+
+
+def parse_vary(items: Iterable[str] | None) -> dict[str, list[str]]:
+    """['cpu.amx_efficiency=0.073,0.15'] -> {'cpu.amx_efficiency': ['0.073', '0.15']}; one-line errors."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        path, sep, values = item.partition("=")
+        texts = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not path.strip() or not texts:
+            raise SimInputError(f"--vary {item!r} must look like FIELD=V1[,V2,...]")
+        out.setdefault(path.strip(), []).extend(texts)
+    return out
+
+
+def variants(config: SimConfig, vary: Mapping[str, list[str]] | None) -> list[tuple[str, str]]:
+    """(field path, value text) of every variant to simulate, each checked against the spec now (a bad one is
+    refused before anything runs)."""
+    system = config_system(config)
+    if vary:
+        pairs = [(path, text) for path, texts in vary.items() for text in texts]
+    else:
+        pairs = [(path, repr(v)) for path, value in unmeasured_fields(system).items()
+                 for v in default_values(path, value)]
+        if not pairs:
+            raise SimInputError(f"system {system.name}: no number is marked [assumed] or [borrowed]; name the ones "
+                                "to vary with --vary FIELD=V1,V2")
+    for path, text in pairs:
+        apply_system_settings(system, {path: text})
+    return pairs
+
+
+def _point(config: SimConfig, settings: Mapping[str, str], policy: str | None = None) -> dict[str, Any]:
+    changed = {"system_settings": {**config.system_settings, **settings}}
+    if policy is not None:
+        changed.update(policy=policy, policy_options={})
+    r = simulate(dataclasses.replace(config, **changed))
+    return {"throughput_tok_s": r.throughput_tok_s, "total_s": r.total_s, "prefill_s": r.prefill_s,
+            "decode_s": r.decode_s}
+
+
+def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = None, against: str | None = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """One row for the base point, then one per variant (largest throughput change first): the value, the
+    field's source, throughput and its change, and with `against` the baseline's throughput and the speedup."""
+    pairs = variants(config, vary)
+    system = config_system(config)
+    rows = []
+    jobs = [("", "")] + pairs
+    for path, text in tqdm(jobs, desc="sensitivity", unit="point", disable=not progress):
+        settings = {path: text} if path else {}
+        row: dict[str, Any] = {"field": path or "(base)", "value": text, **_point(config, settings)}
+        if path:
+            section, _, name = path.rpartition(".")
+            spec = getattr(system, section) if section else system
+            row["was"] = getattr(spec, name)
+            row["source"] = spec.sources.get(name, "")
+        if against:
+            row["against_tok_s"] = _point(config, settings, against)["throughput_tok_s"]
+            row["speedup"] = row["throughput_tok_s"] / row["against_tok_s"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    base = df.iloc[0]
+    df["change"] = df["throughput_tok_s"] / base["throughput_tok_s"] - 1
+    if against:
+        df["speedup_change"] = df["speedup"] / base["speedup"] - 1
+    rest = df.iloc[1:].assign(_order=lambda d: -d["change"].abs()).sort_values("_order", kind="stable")
+    return pd.concat([df.iloc[:1], rest.drop(columns="_order")], ignore_index=True)
+
+
+def tornado_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Horizontal bars of the throughput change per variant, largest at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.iloc[1:].iloc[::-1]
+    labels = [f"{f} = {v}" for f, v in zip(rows["field"], rows["value"], strict=True)]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax.barh(labels, 100 * rows["change"], color=["#c0392b" if c < 0 else "#2471a3" for c in rows["change"]])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("throughput change against the base point (%)")
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,70 @@
+"""`coxmoe sensitivity`: one system number at a time, the point simulated again, the throughput change ranked;
+by default every number whose source is marked [assumed] or [borrowed]."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.cli import main
+from experiments.sensitivity import default_values, parse_vary, run_sensitivity, unmeasured_fields, variants
+from sim.config import SimConfig
+from sim.errors import SimInputError
+from sim.specs import load_system
+
+POINT = dict(model="mixtral-8x7b", system="a100-80g-8452y", policy="coxmoe", batch=16, prompt_len=16, gen_len=3,
+             routing="table:mixtral-8x7b", decode_sample=1)
+ARGV = ["sensitivity", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "coxmoe", "--batch",
+        "16", "--prompt-len", "16", "--gen-len", "3", "--routing", "table:mixtral-8x7b", "--decode-sample", "1"]
+
+
+def test_unmeasured_fields_are_the_marked_numbers_and_defaults_stay_in_range():
+    fields = unmeasured_fields(load_system("a100-80g-8452y"))
+    assert {"cpu.amx_efficiency", "gpu.hbm_efficiency", "cpu.op_overhead_s", "gpu_reserved_bytes"} <= set(fields)
+    assert "cpu.dram_efficiency" not in fields  # measured (Intel MLC on the 8452Y)
+    assert default_values("gpu.hbm_efficiency", 0.85) == [0.425, 1.0]  # a fraction stops at 1
+    assert default_values("gpu.gemm_efficiency", 1.0) == [0.5]  # already at the top: only down
+    assert default_values("gpu_reserved_bytes", 3) == [2, 6]  # whole numbers stay whole (1.5 rounds to 2)
+
+
+def test_vary_parses_and_refuses_in_one_line():
+    assert parse_vary(["cpu.amx_efficiency=0.073, 0.15", "cpu.amx_efficiency=0.5"]) == {
+        "cpu.amx_efficiency": ["0.073", "0.15", "0.5"]}
+    for bad in ("cpu.amx_efficiency", "=0.1", "cpu.amx_efficiency=,"):
+        with pytest.raises(SimInputError, match="must look like FIELD=V1"):
+            parse_vary([bad])
+    with pytest.raises(SimInputError, match="amx_efficiency must be in"):  # checked before anything runs
+        variants(SimConfig(**POINT), {"cpu.amx_efficiency": ["0.1", "3"]})
+
+
+def test_ranked_rows_with_the_base_first_and_the_speedup_against_a_baseline():
+    table = run_sensitivity(SimConfig(**POINT), {"cpu.amx_efficiency": ["0.073", "0.289"],
+                                                 "gpu.gemm_efficiency": ["0.4"]}, against="moe-lightning",
+                            progress=False)
+    assert list(table["field"])[0] == "(base)" and len(table) == 4
+    assert table.loc[0, "change"] == 0 and table.loc[0, "speedup_change"] == 0
+    changes = table["change"].iloc[1:].abs().tolist()
+    assert changes == sorted(changes, reverse=True)
+    same = table[(table["field"] == "cpu.amx_efficiency") & (table["value"] == "0.289")].iloc[0]
+    assert same["change"] == 0 and same["was"] == pytest.approx(0.289)  # the preset's own value: no change
+    slow = table[(table["field"] == "cpu.amx_efficiency") & (table["value"] == "0.073")].iloc[0]
+    assert slow["throughput_tok_s"] <= table.loc[0, "throughput_tok_s"]
+    assert slow["speedup"] == pytest.approx(slow["throughput_tok_s"] / slow["against_tok_s"])
+    assert "[borrowed]" in slow["source"]
+
+
+def test_cli_prints_json_and_refuses_bad_input(capsys, tmp_path):
+    code = main([*ARGV, "--vary", "gpu.hbm_efficiency=0.5", "--json", "--csv", str(tmp_path / "s.csv"),
+                 "--plot", str(tmp_path / "s.png")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["field"] for r in rows] == ["(base)", "gpu.hbm_efficiency"]
+    assert (tmp_path / "s.csv").is_file() and (tmp_path / "s.png").stat().st_size > 0
+    for extra, message in ((["--vary", "gpu.hbm_effic=0.5"], "not a numeric field of gpu"),
+                           (["--vary", "gpu.hbm_efficiency"], "must look like FIELD=V1"),
+                           (["--against", "no-such-policy"], "not a policy")):
+        code = main([*ARGV, *extra])
+        out, err = capsys.readouterr()
+        assert code == 2 and message in err and err.count("\n") == 1 and out == ""
