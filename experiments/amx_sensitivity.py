@@ -19,25 +19,29 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.cli.common import positive_int
 from experiments.sweep.run import run_sweep
 from experiments.sweep.spec import load_spec
 from experiments.sweep.store import ResultStore, load_results
 from experiments.tables import markdown_table
+from sim.errors import SimInputError
 
-SPECS = {"tuned": Path("experiments/specs/fig7.yaml"), "stock": Path("experiments/specs/fig7_stock_amx.yaml")}
+SPEC_DIR = Path(__file__).resolve().parent / "specs"
+SPECS = {"tuned": SPEC_DIR / "fig7.yaml", "stock": SPEC_DIR / "fig7_stock_amx.yaml"}
 KEYS = ["model", "system", "prompt_len", "gen_len"]
 BASELINES = ("moe-lightning", "flexgen")
 
 
 def run_grid(spec: Path, work: Path, workers: int) -> pd.DataFrame:
-    """One grid's results (resumable), one row per point."""
+    """One grid's results (resumable), one row per point of the spec (a reused folder's other points left out)."""
+    points = load_spec(spec)
     store = ResultStore(work)
     try:
-        run_sweep(load_spec(spec), store, "local", workers)
+        run_sweep(points, store, "local", workers)
     finally:
         store.close()
     df = load_results(work)
-    return df[df["status"] == "ok"].copy()
+    return df[(df["status"] == "ok") & df["key"].isin({p.key for p in points})].copy()
 
 
 def compare(tuned: pd.DataFrame, stock: pd.DataFrame) -> pd.DataFrame:
@@ -75,10 +79,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results", help="folder for amx_sensitivity.csv and .md")
     parser.add_argument("--work", default="out/amx_sensitivity", help="sweep results (resumable)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=positive_int, default=2)
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
-    grids = {name: run_grid(spec, work / name, args.workers) for name, spec in SPECS.items()}
+    try:
+        grids = {name: run_grid(spec, work / name, args.workers) for name, spec in SPECS.items()}
+    except SimInputError as exc:
+        parser.exit(2, f"amx_sensitivity: error: {exc}\n")
     table = compare(grids["tuned"], grids["stock"])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "amx_sensitivity.csv", index=False)

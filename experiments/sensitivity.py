@@ -76,14 +76,20 @@ def variants(config: SimConfig, vary: Mapping[str, list[str]] | None) -> list[tu
     system = config_system(config)
     if vary:
         pairs = [(path, text) for path, texts in vary.items() for text in texts]
-    else:
-        pairs = [(path, repr(v)) for path, value in unmeasured_fields(system).items()
-                 for v in default_values(path, value)]
-        if not pairs:
-            raise SimInputError(f"system {system.name}: no number is marked [assumed] or [borrowed]; name the ones "
-                                "to vary with --vary FIELD=V1,V2")
-    for path, text in pairs:
-        apply_system_settings(system, {path: text})
+        for path, text in pairs:
+            apply_system_settings(system, {path: text})
+        return pairs
+    pairs = []
+    for path, value in unmeasured_fields(system).items():
+        for v in default_values(path, value):
+            try:  # a number --set cannot reach alone (a second GPU's copy) is left to --vary on a system file
+                apply_system_settings(system, {path: repr(v)})
+            except SimInputError:
+                continue
+            pairs.append((path, repr(v)))
+    if not pairs:
+        raise SimInputError(f"system {system.name}: no number that --set can change is marked [assumed] or "
+                            "[borrowed]; name the ones to vary with --vary FIELD=V1,V2")
     return pairs
 
 

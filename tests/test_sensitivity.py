@@ -68,3 +68,9 @@ def test_cli_prints_json_and_refuses_bad_input(capsys, tmp_path):
         code = main([*ARGV, *extra])
         out, err = capsys.readouterr()
         assert code == 2 and message in err and err.count("\n") == 1 and out == ""
+
+
+def test_default_variants_skip_numbers_set_cannot_reach_alone():
+    config = SimConfig(**{**POINT, "system": "2x-h100-sxm-nvlink-8480"})
+    pairs = variants(config, None)
+    assert pairs and not any(path.startswith(("gpu.", "link.")) for path, _ in pairs)

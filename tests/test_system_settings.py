@@ -44,7 +44,7 @@ def test_a_setting_changes_that_number_only_and_names_the_system():
     ({"cpu.amx_efficency": "0.1"}, "not a numeric field of cpu; choose from"),
     ({"gpu.name": "x"}, "not a numeric field of gpu"),
     ({"disk.bw": "1"}, "the section must be one of gpu, cpu, link, ndp"),
-    ({"ndp.rank_bytes_per_s": "1e9"}, "has no ndp"),
+    ({"ndp.compute_efficiency": "0.5"}, "has no ndp"),
     ({"cpu.cores": "2.5"}, "a whole number, got"),
     ({"gpu.gemm_efficiency": "nan"}, "needs a finite number"),
     ({"gpu.gemm_efficiency": "fast"}, "not a number"),
@@ -56,19 +56,21 @@ def test_bad_settings_are_refused_naming_the_problem(setting, message):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(path=st.one_of(st.sampled_from(["cpu.amx_efficiency", "gpu.hbm_bytes", "link.latency_s", "dram_bytes",
-                                       "cpu.cores", "gpu.kernel_launch_s", "cpu.has_amx", "name", "gpu."]),
+@given(system=st.sampled_from(["a100-80g-8452y", "2x-h100-sxm-nvlink-8480", "a100-80g-8452y-ndp8", "gcp-l4-g2"]),
+       path=st.one_of(st.sampled_from(["cpu.amx_efficiency", "gpu.hbm_bytes", "link.latency_s", "dram_bytes",
+                                       "cpu.cores", "gpu.kernel_launch_s", "cpu.has_amx", "name", "gpu.",
+                                       "ndp.compute_efficiency", "ndp.dimms"]),
                       st.text(max_size=20)),
        value=st.one_of(st.text(max_size=12), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                        st.integers(min_value=-(2**70), max_value=2**70).map(str)))
-def test_fuzzed_settings_give_a_valid_system_or_one_typed_error(path, value):
-    base = load_system("a100-80g-8452y")
+def test_fuzzed_settings_give_a_valid_system_or_one_typed_error(system, path, value):
+    base = load_system(system)
     try:
         s = apply_system_settings(base, {path: value})
     except SimInputError as exc:
         assert "\n" not in str(exc)
     else:
-        assert s.name.startswith("a100-80g-8452y[")
+        assert s.name.startswith(f"{system}[")
 
 
 def test_cli_set_runs_the_changed_machine_and_refuses_bad_ones(capsys):
@@ -98,3 +100,37 @@ def test_sweep_axis_of_settings_keys_points_apart_and_keeps_old_keys():
     assert set_.config["system_settings"] == {"cpu.amx_efficiency": "0.073"}
     with pytest.raises(SimInputError, match="system_settings must be a mapping"):
         expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "system_settings": "x"}})
+
+
+def test_settings_that_would_reach_part_of_the_machine_or_nothing_are_refused():
+    two = load_system("2x-h100-sxm-nvlink-8480")
+    for path in ("gpu.gemm_efficiency", "link.h2d_efficiency"):
+        with pytest.raises(SimInputError, match="has 2 GPUs and --set reaches only the first"):
+            apply_system_settings(two, {path: "0.5"})
+    assert apply_system_settings(two, {"cpu.dram_efficiency": "0.5"}).cpu.dram_efficiency == 0.5
+    with pytest.raises(SimInputError, match="has no AMX, so the setting would do nothing"):
+        apply_system_settings(load_system("gcp-l4-g2"), {"cpu.amx_efficiency": "0.5"})
+    ndp = apply_system_settings(load_system("a100-80g-8452y-ndp8"), {"ndp.compute_efficiency": "0.5"})
+    assert ndp.ndp.compute_efficiency == 0.5
+
+
+def test_sweeps_check_settings_up_front_and_key_them_by_their_numbers():
+    from sim.specs.overrides import normalised_settings
+
+    assert normalised_settings(load_system("a100-80g-8452y"), {"cpu.amx_efficiency": "0.0730",
+                                                              "dram_bytes": "2.5e11"}) == {
+        "cpu.amx_efficiency": "0.073", "dram_bytes": "250000000000"}
+    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y"},
+                     "axes": {"system_settings": [{"cpu.amx_efficiency": "0.0730"}, {"cpu.amx_efficiency": 0.073}]}})
+    assert len(points) == 1  # one machine, one point
+    with pytest.raises(SimInputError, match="sweep point: --set 'cpu.amx_effciency': not a numeric field"):
+        expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y",
+                          "system_settings": {"cpu.amx_effciency": 0.073}}})
+
+
+def test_compare_runs_every_policy_on_the_set_machine(capsys):
+    argv = ["compare", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "16", "--prompt-len", "16",
+            "--gen-len", "2", "--policies", "coxmoe,fiddler", "--json"]
+    code, out, err = run(capsys, *argv, "--set", "cpu.amx_efficiency=0.073")
+    assert code == 0, err
+    assert json.loads(out)["system"] == "a100-80g-8452y[cpu.amx_efficiency=0.073]"

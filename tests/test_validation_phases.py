@@ -1,5 +1,5 @@
 """The phase split of published runs: a configuration measured at several output lengths is split into prefill
-and decode step by a line through its run times, the simulation by the same line."""
+and decode step by a line through its run times; the simulation by its own prefill and decode times."""
 
 from __future__ import annotations
 
@@ -53,3 +53,15 @@ def test_only_published_end_to_end_rates_enter():
     decode_only = [{**r, "metric": "decode_tok_s", "group": "d"} for r in rows]
     fits = phase_fits(pd.DataFrame(rows + search + decode_only))
     assert list(fits["group"]) == ["g"] and phase_fits(pd.DataFrame(search)).empty
+
+
+def test_the_simulated_split_is_the_simulators_own_with_its_spread():
+    rows = _runs(3.0, 0.25, [16, 64, 512], sim_prefill=1.0, sim_step=0.2)
+    for row, prefill in zip(rows, (0.8, 1.0, 1.2), strict=True):  # each output length planned apart
+        row["prefill_s"] = prefill
+    rows[2]["decode_s"] = 511 * 0.3  # and a step that is not the same in every run
+    (fit,) = phase_fits(pd.DataFrame(rows)).to_dict("records")
+    assert fit["simulated_prefill_s"] == pytest.approx(1.0)  # the mean, not a line's intercept
+    assert fit["simulated_prefill_spread"] == pytest.approx(0.4)
+    assert fit["simulated_step_s"] == pytest.approx((15 * 0.2 + 63 * 0.2 + 511 * 0.3) / (15 + 63 + 511))
+    assert fit["measured_prefill_s"] == pytest.approx(3.0) and fit["prefill_ratio"] == pytest.approx(1.0 / 3.0)

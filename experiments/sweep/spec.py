@@ -67,7 +67,14 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
         if not isinstance(config[name] or {}, dict):
             raise SimInputError(f"sweep point: {name} must be a mapping, got {config[name]!r}")
     try:
-        config = SimConfig.from_point(config).point()
+        sim_config = SimConfig.from_point(config)
+        if sim_config.system_settings:  # checked now, not when the point runs; keyed by the numbers they mean
+            from sim.api import resolve_system
+            from sim.specs.overrides import normalised_settings
+
+            sim_config = sim_config.replace(system_settings=normalised_settings(
+                resolve_system(sim_config.system), sim_config.system_settings))
+        config = sim_config.point()
     except SimInputError as exc:
         raise SimInputError(f"sweep point: {exc}") from None
     return SweepPoint(config, point_key(config))

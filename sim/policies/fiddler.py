@@ -38,7 +38,8 @@ FETCH_SLOTS = 2  # on-demand expert copies land in a small GPU pool: one compute
 
 @dataclass(frozen=True)
 class FiddlerOptions(OptionsBase):
-    """resident_experts: popular experts per layer in VRAM (-1 = as many as fit, placed as `placement` says);
+    """resident_experts: popular experts per layer in VRAM (N: N in every layer; -1 = as many as fit, placed as
+    `placement` says; the knobs report the per-layer count, or -1 where layers differ, and the placement used);
     placement: global (the most popular (layer, expert) pairs of the whole model, as Fiddler's
     `set_expert_loc` fills VRAM from one popularity list) | per_layer (the same count in every layer); attention:
     auto | gpu | cpu (auto = the GPU when the KV cache fits); prefill_tokens: prompt tokens per prefill
@@ -112,7 +113,8 @@ class FiddlerPolicy(Policy):
             if slices:
                 emit.phase(slices, Phase.DECODE, step)
         per_layer = {len(r) for r in residents}
-        knobs = {**asdict(o), "resident_experts": per_layer.pop() if len(per_layer) == 1 else -1,
+        knobs = {**asdict(o), "placement": o.placement if o.resident_experts < 0 else "per_layer",  # as placed
+                 "resident_experts": per_layer.pop() if len(per_layer) == 1 else -1,
                  "resident_experts_total": total, "resident_experts_per_layer": [len(r) for r in residents],
                  "attention": attention,
                  "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}

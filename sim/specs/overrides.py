@@ -2,9 +2,12 @@
 asks how much a result rests on one constant without writing a spec file.
 
 A setting names a numeric field by its path in the spec as `coxmoe presets --show` prints it (`dram_bytes`,
-`gpu.gemm_efficiency`, `cpu.amx_efficiency`, `link.h2d_efficiency`, `ndp.rank_bytes_per_s`, ...). The system is
+`gpu.gemm_efficiency`, `cpu.amx_efficiency`, `link.h2d_efficiency`, `ndp.compute_efficiency`, ...). The system is
 rebuilt through the same schema as a spec file, so a value out of range is refused as one would be there. The
-result's name records every setting and each changed field's `sources` entry says it was set by hand.
+result's name records every setting and each changed field's `sources` entry says it was set by hand. On a
+machine with several GPUs, `gpu.` and `link.` settings are refused (they would reach the first GPU only), and an
+AMX setting on a CPU without AMX is refused (it would do nothing). Under `--profile`, measured op times replace
+the rates a setting changes for the ops the profile covers.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
         if field not in _numeric_fields(owner):
             raise SimInputError(f"--set {path!r}: not a numeric field of {section or 'the system'}; choose from "
                                 f"{', '.join(_numeric_fields(owner))}")
+        if section in ("gpu", "link") and system.extra_gpus:
+            raise SimInputError(f"--set {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
+                                f"--set reaches only the first one's {section}; describe the machine in a system "
+                                "file (`coxmoe presets --show NAME`) instead")
+        if section == "cpu" and field.startswith("amx_") and not system.cpu.has_amx:
+            raise SimInputError(f"--set {path!r}: cpu {system.cpu.name} has no AMX, so the setting would do nothing")
         owner[field] = _number(path, text, owner[field])
         sources = owner.setdefault("sources", {})
         sources[field] = f"set by hand (--set {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
@@ -64,3 +73,14 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
     name = f"{system.name}[{','.join(applied)}]"
     data["name"] = name
     return build_system(name, data, f"system {system.name} with --set")
+
+
+def normalised_settings(system: SystemSpec, settings: Mapping[str, str]) -> dict[str, str]:
+    """The settings as the numbers they parse to (`0.0730` and `0.073` alike), after checking them against
+    `system`: what a sweep keys its points by."""
+    built = apply_system_settings(system, settings)
+    out = {}
+    for path in settings:
+        section, _, field = path.rpartition(".")
+        out[path] = str(getattr(getattr(built, section) if section else built, field))
+    return out
