@@ -8,6 +8,7 @@ from pathlib import Path
 
 from experiments.cli.common import nonneg_int, positive_int
 from sim.errors import SimInputError
+from sim.policies import parse_kv_pairs
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -39,7 +40,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
                                ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
                                record=Path(args.record) if args.record else None, seed=args.seed,
-                               keep=tuple(args.keep or ()))
+                               keep=tuple(args.keep or ()),
+                               system_settings=tuple(sorted(parse_kv_pairs(args.set, "--set").items())))
     if args.name == "all":
         results, report = reproduce_all(options)
     else:
@@ -129,6 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")
     p.add_argument("--record", metavar="FILE", help="timeline: a measured timeline from `coxmoe execute --timeline`")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a number of the system spec on every simulated paper figure's machine (as simulate --set; "
+                        "validation and calibration keep their own machines); repeatable")
     p.add_argument("--keep", action="append", metavar="NAME", help="all: do not rerun figure NAME; carry its "
                    "summary row and section from the report already in --out (repeatable)")
     p.set_defaults(func=cmd_reproduce)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sim.errors import SimInputError
+from sim.specs import SystemSpec, load_system
+from sim.specs.overrides import apply_system_settings
 
 if TYPE_CHECKING:  # the CLI reads FIGURES when building its parser; keep that import light
     import pandas as pd
@@ -31,6 +33,12 @@ FIGURES: dict[str, str] = {
 }
 
 
+# figures that run on their own machines, so `--set` leaves them alone (published measurements; this machine)
+UNSET_FIGURES = ("calibration", "validation")
+# every machine the other figures simulate, so a `--set` is checked against each before anything runs
+SETTINGS_SYSTEMS = ("rtx6000ada-8452y", "a100-80g-8452y", "h100-80g-8452y", "a100-80g-8452y-ndp8")
+
+
 @dataclass(frozen=True)
 class ReproduceOptions:
     out: Path
@@ -42,6 +50,9 @@ class ReproduceOptions:
     record: Path | None = None  # timeline: a measured timeline from `coxmoe execute --timeline`
     seed: int = 0
     keep: tuple[str, ...] = ()  # all: figures not rerun, carried from the report already in `out`
+    # (path, value) numbers of the system spec set on every simulated paper figure's machine (`--set`); validation
+    # and calibration keep their own machines (published and measured ones)
+    system_settings: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         """Check the input files up front, so `reproduce all` fails before its long figures, not after."""
@@ -53,6 +64,20 @@ class ReproduceOptions:
         unknown = [k for k in self.keep if k not in FIGURES]
         if unknown:
             raise SimInputError(f"--keep {unknown[0]}: unknown figure; known: {', '.join(FIGURES)}")
+        if self.system_settings:
+            if self.keep:
+                raise SimInputError("--set with --keep: the kept figures were made without these settings; rerun "
+                                    "them all")
+            for name in SETTINGS_SYSTEMS:  # refused now, not after the long figures
+                self.system(name)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return dict(self.system_settings)
+
+    def system(self, name: str) -> SystemSpec:
+        """A paper figure's machine with the `--set` numbers applied."""
+        return apply_system_settings(load_system(name), self.settings)
 
     def command(self, name: str) -> str:
         """The command line that makes figure `name` (or `all`) with these options; flags a figure ignores are
@@ -74,6 +99,8 @@ class ReproduceOptions:
             parts += ["--seed", str(self.seed)]
         if name == "all":
             parts += [f"--keep {k}" for k in self.keep]
+        if name not in UNSET_FIGURES:
+            parts += [f"--set {k}={v}" for k, v in self.system_settings]
         return " ".join(parts)
 
 

@@ -41,10 +41,11 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
     for model, design, precision in tqdm(jobs, desc="beyond", unit="run", disable=None):
         policy, opts = DESIGNS[design]
         row = {"model": model, "design": design, "policy": policy, "precision": precision, "batch": batch,
-               "prompt_len": prompt, "gen_len": gen, "system": SYSTEM}
+               "prompt_len": prompt, "gen_len": gen, "system": options.system(SYSTEM).name}
         try:
             r = simulate(model, SYSTEM, policy, batch=batch, prompt_len=prompt, gen_len=gen, routing=MODELS[model],
-                         seed=options.seed, decode_sample=sample, policy_options=opts, expert_precision=precision)
+                         seed=options.seed, decode_sample=sample, policy_options=opts, expert_precision=precision,
+                         system_settings=options.settings)
         except (CapacityError, NoFeasibleConfig) as exc:
             rows.append({**row, "throughput_tok_s": np.nan, "note": str(exc).split(";")[0]})
             continue

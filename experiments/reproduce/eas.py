@@ -58,7 +58,8 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
             for method, ranked in maps.items():
                 path = save_map(dataclasses.replace(ranked[0], resident=PAPER_LIMIT[model]),
                                 Path(tmp) / f"{method}.npz")
-                r = simulate(m, SYSTEM, "coxmoe", trace=trace, decode_sample=decode_sample, seed=options.seed,
+                r = simulate(m, SYSTEM, "coxmoe", system_settings=options.settings, trace=trace,
+                             decode_sample=decode_sample, seed=options.seed,
                              policy_options={"hot_map": str(path),
                                              "resident_experts": str(PAPER_LIMIT[model])})
                 runs.append({"model": model, "method": method, "throughput_tok_s": r.throughput_tok_s,

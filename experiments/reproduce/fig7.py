@@ -41,7 +41,10 @@ def spec(quick: bool) -> dict:
 
 def run_grid(options: ReproduceOptions) -> tuple[pd.DataFrame, str]:
     """The grid's rows from the sweep store (running the points not finished yet) and a note on how they ran."""
-    points = expand(spec(options.quick))
+    raw = spec(options.quick)
+    if options.system_settings:  # the `--set` numbers on every point (their own sweep keys)
+        raw["fixed"] = {**raw["fixed"], "system_settings": options.settings}
+    points = expand(raw)
     sweep_dir = options.out / "fig7_sweep"
     store = ResultStore(sweep_dir)
     try:

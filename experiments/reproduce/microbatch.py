@@ -61,14 +61,15 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
     from tqdm import tqdm
 
     for mu, coalesce in tqdm([(m, c) for m in micro for c in ("off", "on")], desc="microbatch", disable=None):
-        r = simulate(MODEL, SYSTEM, "coxmoe", batch=batch, prompt_len=PROMPT, gen_len=4, routing=ROUTING,
+        r = simulate(MODEL, SYSTEM, "coxmoe", system_settings=options.settings, batch=batch, prompt_len=PROMPT,
+                     gen_len=4, routing=ROUTING,
                      seed=options.seed, decode_sample=2, keep_plan=True,
                      policy_options={"decode_micro_batch": str(mu), "coalesce": coalesce,
                                      "decode_placement": "gcg"})
         rows.append({"micro_batch": mu, "op3": "micro-batched" if coalesce == "off" else "coalesced",
                      **step_latencies(r), "decode_placement": r.knobs["decode_placement"],
                      "resident_experts": r.knobs["resident_experts"], "batch": batch, "prompt_len": PROMPT,
-                     "model": MODEL, "system": SYSTEM, "routing": ROUTING})
+                     "model": MODEL, "system": options.system(SYSTEM).name, "routing": ROUTING})
     table = pd.DataFrame(rows).sort_values(["op3", "micro_batch"], ascending=[False, False]).reset_index(drop=True)
     table["expert_vs_next_larger_mu"] = table.groupby("op3")["expert_s"].transform(lambda s: s / s.shift(1))
     return table

@@ -82,6 +82,10 @@ def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> 
     if kept:
         head[3:3] = ["", f"Carried unchanged from the earlier report in this folder (not rerun): {', '.join(kept)}; "
                      "their numbers come from the run that made that report."]
+    if options.system_settings:
+        settings = ", ".join(f"{k} = {v}" for k, v in options.system_settings)
+        head[3:3] = ["", f"**Machines changed by `--set`:** {settings} on every simulated figure's system (the "
+                     "presets' values otherwise); validation and calibration keep their own machines."]
     head += rows
     path = save_text("\n".join(head) + "\n\n" + "\n".join(sections), options.out / REPORT)
     return results, path

@@ -21,7 +21,7 @@ PAPER_STEP_SPEEDUP = {"+ coalesced experts with AMX co-execution": 1.51, "+ hot-
 
 def run(options: ReproduceOptions) -> pd.DataFrame:
     batch, prompt, gen, sample = (128, 512, 8, 2) if options.quick else (1024, 512, 32, 16)
-    result = ablation(MODEL, SYSTEM, batch=batch, prompt_len=prompt, gen_len=gen, routing=ROUTING,
+    result = ablation(MODEL, options.system(SYSTEM), batch=batch, prompt_len=prompt, gen_len=gen, routing=ROUTING,
                       seed=options.seed, decode_sample=sample, progress=True)
     rows = []
     previous = None
@@ -33,8 +33,9 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
                      "throughput_tok_s": tput, "speedup_over_moe_lightning": step["speedup_over_moe_lightning"],
                      "step_speedup": tput / previous if cumulative and previous and np.isfinite(tput) else np.nan,
                      "paper_step_speedup": PAPER_STEP_SPEEDUP.get(step["step"], np.nan),
-                     "batch": batch, "prompt_len": prompt, "gen_len": gen, "model": MODEL, "system": SYSTEM,
-                     "routing": ROUTING, "note": "" if step.get("feasible") else "does not fit in memory"})
+                     "batch": batch, "prompt_len": prompt, "gen_len": gen, "model": MODEL,
+                     "system": options.system(SYSTEM).name, "routing": ROUTING,
+                     "note": "" if step.get("feasible") else "does not fit in memory"})
         if cumulative and np.isfinite(tput):
             previous = tput  # an infeasible step is skipped: the next one is compared with the last that ran
     return pd.DataFrame(rows)

@@ -20,13 +20,15 @@ MODEL, SYSTEM, ROUTING, PROMPT = "mixtral-8x7b", "rtx6000ada-8452y", "table:mixt
 def simulated_timeline(options: ReproduceOptions) -> tuple[Path, str, Events]:
     """Simulate the decode steps and write their Chrome-trace JSON; returns the file, a label and the events."""
     batch, gen = (128, 4) if options.quick else (1024, 32)
-    r = simulate(MODEL, SYSTEM, "coxmoe", batch=batch, prompt_len=PROMPT, gen_len=gen, routing=ROUTING,
+    r = simulate(MODEL, SYSTEM, "coxmoe", system_settings=options.settings, batch=batch, prompt_len=PROMPT,
+                 gen_len=gen, routing=ROUTING,
                  seed=options.seed, decode_sample=4, keep_plan=True)
     assert r.plan is not None and r.record is not None
     events = chrome_trace_events(r.plan.ops, r.record.start_ns, r.record.end_ns)
     path = write_chrome_trace(options.out / "timeline_sim.json", events,
-                              {"model": MODEL, "system": SYSTEM, "policy": "coxmoe", "knobs": r.knobs,
-                               "batch": batch, "prompt_len": PROMPT, "gen_len": gen, "routing": ROUTING})
+                              {"model": MODEL, "system": options.system(SYSTEM).name, "policy": "coxmoe",
+                               "knobs": r.knobs, "batch": batch, "prompt_len": PROMPT, "gen_len": gen,
+                               "routing": ROUTING})
     return path, f"simulated: CoX-MoE, Mixtral-8x7B, RTX 6000 Ada, B={batch}", events
 
 

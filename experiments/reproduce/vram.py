@@ -12,7 +12,7 @@ import pandas as pd
 
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
-from sim.api import resolve_system, simulate
+from sim.api import simulate
 from sim.errors import CapacityError
 
 MODEL, SYSTEM, ROUTING, PROMPT = "qwen3-30b-a3b", "rtx6000ada-8452y", "preset:qwen3-30b-a3b", 512
@@ -26,13 +26,14 @@ GROUP_COLORS = {"expert weights": "#c0392b", "non-expert weights": "#7f8c8d", "i
 
 def run(options: ReproduceOptions) -> pd.DataFrame:
     batch, gen, sample = (128, 4, 2) if options.quick else (512, 32, 8)
-    usable = resolve_system(SYSTEM).gpu_usable_bytes
+    usable = options.system(SYSTEM).gpu_usable_bytes
     rows = []
     for attention in ("gpu", "cpu"):
         row = {"attention": attention, "batch": batch, "prompt_len": PROMPT, "gen_len": gen,
                "gpu_usable_gib": usable / 2**30}
         try:
-            r = simulate(MODEL, SYSTEM, "coxmoe", batch=batch, prompt_len=PROMPT, gen_len=gen, routing=ROUTING,
+            r = simulate(MODEL, SYSTEM, "coxmoe", system_settings=options.settings, batch=batch, prompt_len=PROMPT,
+                         gen_len=gen, routing=ROUTING,
                          seed=options.seed, decode_sample=sample,
                          policy_options={"decode_placement": f"g{attention[0]}g"})
         except CapacityError as exc:
