@@ -10,7 +10,9 @@ device); `executor.run` times the same ops on their streams. Plans must hold eve
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +59,49 @@ class _ScopeBatch:
             offset += n
 
 
+class BuiltOnce:
+    """Values built once per key by the first thread that asks for it, outside the table's lock, so one stream
+    gathering a large scope (its tokens copied to a device) does not hold up another stream asking for a
+    different key; threads asking for the same key wait for that build. A failed build is raised in every thread
+    that waited for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[Hashable, _Build] = {}
+
+    def get(self, key: Hashable, build: Callable[[], Any], drop: Callable[[Hashable], bool] | None = None) -> Any:
+        """The value for `key`, built by `build()` if no thread has started it; `drop(k)` says which other keys
+        are done with when a new key is added (their values are let go)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            mine = entry is None
+            if mine:
+                if drop is not None:
+                    for k in [k for k in self._entries if drop(k)]:
+                        del self._entries[k]
+                entry = self._entries[key] = _Build()
+        if mine:
+            try:
+                entry.value = build()
+            except BaseException as exc:
+                entry.error = exc
+                raise
+            finally:
+                entry.ready.set()
+            return entry.value
+        entry.ready.wait()
+        if entry.error is not None:
+            raise RuntimeError(f"building {key!r} failed in another thread") from entry.error
+        return entry.value
+
+
+@dataclass
+class _Build:
+    ready: threading.Event = field(default_factory=threading.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+
 class PlanInterpreter:
     """Executes ops one by one; `outputs` holds each request's last-layer hidden states per step."""
 
@@ -74,8 +119,7 @@ class PlanInterpreter:
         self.cache = K.KVCache(weights.spec, int((wl.prompt_lens + wl.gen_lens).max()), weights.dtype)
         self.state: dict[int, _Request] = {}
         self.outputs: Outputs = {}
-        self._scopes: dict[tuple, _ScopeBatch] = {}
-        self._scopes_lock = threading.Lock()
+        self._scopes = BuiltOnce()  # expert scopes' gathered tokens, per (step, layer, scope, device, stream)
 
     def scope(self, op: Op) -> list[int]:
         """Requests an op works on (`Plan.scope_of`: its explicit scope, else its micro-batch or all), those
@@ -104,15 +148,7 @@ class PlanInterpreter:
         mw = self.weights_on[dev]
         requests = self.scope(op)
         if kind is OpKind.EMBED:
-            wl = self.plan.workload
-            for r in requests:
-                if op.phase is Phase.PREFILL:
-                    positions = torch.arange(int(wl.prompt_lens[r]))
-                    rows = self.trace.prefill_rows(np.array([r]))
-                else:
-                    positions = torch.tensor([int(wl.prompt_lens[r]) + op.step - 1])
-                    rows = self.trace.decode_rows(op.step, np.array([r]))
-                self.state[r] = _Request(positions, rows, K.embed(mw, r, positions.to(dev)))
+            self._embed(op, requests, mw, dev)
             return
         if kind is OpKind.LM_HEAD:
             sts = [self.state[r] for r in requests]
@@ -178,19 +214,38 @@ class PlanInterpreter:
                 with st.lock:
                     st.y += o.to(st.y.device)
 
+    def _embed(self, op: Op, requests: list[int], mw: ModelWeights, dev: str) -> None:
+        """The scope's tokens embedded in one look-up (one per request was a kernel launch each on a GPU), then
+        split into each request's state: its positions, its trace rows and its hidden states (views)."""
+        if not requests:
+            return
+        wl = self.plan.workload
+        reqs = np.asarray(requests, dtype=np.int64)
+        if op.phase is Phase.PREFILL:
+            lens = wl.prompt_lens[reqs].astype(np.int64)
+            starts = np.repeat(np.cumsum(lens) - lens, lens)
+            positions = np.arange(int(lens.sum()), dtype=np.int64) - starts
+            rows = self.trace.prefill_rows(reqs)
+        else:  # the scope holds the requests still generating: one token each
+            lens = np.ones(reqs.size, dtype=np.int64)
+            positions = wl.prompt_lens[reqs].astype(np.int64) + op.step - 1
+            rows = self.trace.decode_rows(op.step, reqs)
+        pos = torch.from_numpy(positions)
+        ids = K.token_ids(torch.from_numpy(np.repeat(reqs, lens)), pos, mw.spec.vocab_size)
+        hidden = mw.embed[ids.to(dev)]
+        sizes = lens.tolist()
+        for r, p, rw, h in zip(requests, pos.split(sizes), np.split(rows, np.cumsum(lens)[:-1]), hidden.split(sizes),
+                               strict=True):
+            self.state[r] = _Request(p, rw, h)
+
     def _expert(self, op: Op, lw, requests: list[int], dev: str) -> None:
         """For each expert the op runs (`op.expert`, or a grouped op's members in order): gather the scope's tokens
         routed to it (the op's shard of them), one GEMM chain, weighted scatter-add back."""
         # CPU workers share a scope's batch (under its lock); each GPU stream has its own, so modelled GPUs that
         # share one real device never read a batch another CUDA stream is still filling.
         key = (op.phase, op.step, op.layer, op.micro_batch, op.scope, dev, "cpu" if dev == "cpu" else op.stream)
-        with self._scopes_lock:
-            batch = self._scopes.get(key)
-            if batch is None:
-                stale = [k for k in self._scopes if k[:2] != key[:2] or k[2] < op.layer]
-                for k in stale:  # experts of earlier layers and steps are done
-                    del self._scopes[k]
-                batch = self._scopes[key] = _ScopeBatch([self.state[r] for r in requests], dev)
+        batch = self._scopes.get(key, lambda: _ScopeBatch([self.state[r] for r in requests], dev),
+                                 drop=lambda k: k[:2] != key[:2] or k[2] < op.layer)  # earlier layers are done
         with batch.lock:
             if batch.routed is None:
                 batch.routed = K.RoutedTokens(batch.x, batch.ids, self.mw.spec.num_experts)

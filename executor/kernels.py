@@ -21,8 +21,9 @@ from sim.specs import ModelSpec
 ROPE_THETA = 10000.0
 
 
-def token_ids(request: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Deterministic stand-in token ids (routing comes from the trace, so the text does not matter)."""
+def token_ids(request: int | torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Deterministic stand-in token ids (routing comes from the trace, so the text does not matter); `request`
+    is one request's id or each position's."""
     return (request * 7919 + positions * 104729 + 12345) % vocab
 
 
