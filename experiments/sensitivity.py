@@ -15,12 +15,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from sim.api import config_system, simulate
 from sim.config import SimConfig
-from sim.errors import SimInputError
+from sim.errors import CapacityError, NoFeasibleConfig, SimInputError
 from sim.specs.hardware import SystemSpec
 from sim.specs.overrides import SECTIONS, apply_system_settings
 
@@ -52,7 +53,7 @@ def default_values(path: str, value: float) -> list[float]:
         if path.endswith(BOUNDED_SUFFIXES):
             v = min(v, 1.0)
         if isinstance(value, int):
-            v = int(round(v))
+            v = int(v + 0.5)  # halves up (round() would take them to the even neighbour)
         if v != value and v not in out:
             out.append(v)
     return out
@@ -70,9 +71,11 @@ def parse_vary(items: Iterable[str] | None) -> dict[str, list[str]]:
     return out
 
 
-def variants(config: SimConfig, vary: Mapping[str, list[str]] | None) -> list[tuple[str, str]]:
+def variants(config: SimConfig, vary: Mapping[str, list[str]] | None,
+             skipped: list[str] | None = None) -> list[tuple[str, str]]:
     """(field path, value text) of every variant to simulate, each checked against the spec now (a bad one is
-    refused before anything runs)."""
+    refused before anything runs). A default variant --set cannot apply is left out and, with `skipped`, named
+    there with the reason."""
     system = config_system(config)
     if vary:
         pairs = [(path, text) for path, texts in vary.items() for text in texts]
@@ -82,9 +85,11 @@ def variants(config: SimConfig, vary: Mapping[str, list[str]] | None) -> list[tu
     pairs = []
     for path, value in unmeasured_fields(system).items():
         for v in default_values(path, value):
-            try:  # a number --set cannot reach alone (a second GPU's copy) is left to --vary on a system file
+            try:  # e.g. a GPU number of a machine with several GPUs, which --set cannot reach alone
                 apply_system_settings(system, {path: repr(v)})
-            except SimInputError:
+            except SimInputError as exc:
+                if skipped is not None:
+                    skipped.append(f"{path}={v!r}: {exc}")
                 continue
             pairs.append((path, repr(v)))
     if not pairs:
@@ -94,19 +99,31 @@ def variants(config: SimConfig, vary: Mapping[str, list[str]] | None) -> list[tu
 
 
 def _point(config: SimConfig, settings: Mapping[str, str], policy: str | None = None) -> dict[str, Any]:
+    """One variant's result; a machine that cannot hold the point (the search finds nothing that fits) is a row
+    of NaN with the reason, not the end of the run."""
     changed = {"system_settings": {**config.system_settings, **settings}}
     if policy is not None:
         changed.update(policy=policy, policy_options={})
-    r = simulate(dataclasses.replace(config, **changed))
+    try:
+        r = simulate(dataclasses.replace(config, **changed))
+    except (CapacityError, NoFeasibleConfig) as exc:
+        return {"throughput_tok_s": np.nan, "total_s": np.nan, "prefill_s": np.nan, "decode_s": np.nan,
+                "note": " ".join(str(exc).split())}
     return {"throughput_tok_s": r.throughput_tok_s, "total_s": r.total_s, "prefill_s": r.prefill_s,
-            "decode_s": r.decode_s}
+            "decode_s": r.decode_s, "note": ""}
 
 
 def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = None, against: str | None = None,
-                    progress: bool = True) -> pd.DataFrame:
-    """One row for the base point, then one per variant (largest throughput change first): the value, the
-    field's source, throughput and its change, and with `against` the baseline's throughput and the speedup."""
-    pairs = variants(config, vary)
+                    progress: bool = True, rank_by: str = "throughput") -> pd.DataFrame:
+    """One row for the base point, then one per variant, largest change first (of throughput, or with
+    `rank_by="speedup"` of the speedup over `against`; variants that do not fit last): the value, the field's
+    source, throughput and its change, and with `against` the baseline's throughput and the speedup. Default
+    variants left out are listed in `table.attrs["skipped"]`."""
+    if rank_by not in ("throughput", "speedup") or (rank_by == "speedup" and not against):
+        raise SimInputError("--rank-by speedup needs --against POLICY" if rank_by == "speedup"
+                            else f"--rank-by must be throughput or speedup, got {rank_by!r}")
+    skipped: list[str] = []
+    pairs = variants(config, vary, skipped)
     system = config_system(config)
     rows = []
     jobs = [("", "")] + pairs
@@ -119,16 +136,24 @@ def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = No
             row["was"] = getattr(spec, name)
             row["source"] = spec.sources.get(name, "")
         if against:
-            row["against_tok_s"] = _point(config, settings, against)["throughput_tok_s"]
+            other = _point(config, settings, against)
+            row["against_tok_s"] = other["throughput_tok_s"]
             row["speedup"] = row["throughput_tok_s"] / row["against_tok_s"]
+            row["note"] = "; ".join(filter(None, (row["note"], other["note"] and f"{against}: {other['note']}")))
         rows.append(row)
     df = pd.DataFrame(rows)
     base = df.iloc[0]
+    if not np.isfinite(base["throughput_tok_s"]):
+        raise SimInputError(f"the base point does not run: {base['note']}")
     df["change"] = df["throughput_tok_s"] / base["throughput_tok_s"] - 1
     if against:
         df["speedup_change"] = df["speedup"] / base["speedup"] - 1
-    rest = df.iloc[1:].assign(_order=lambda d: -d["change"].abs()).sort_values("_order", kind="stable")
-    return pd.concat([df.iloc[:1], rest.drop(columns="_order")], ignore_index=True)
+    key = "speedup_change" if rank_by == "speedup" else "change"
+    rest = df.iloc[1:].assign(_order=lambda d: -d[key].abs()).sort_values("_order", kind="stable",
+                                                                          na_position="last")
+    table = pd.concat([df.iloc[:1], rest.drop(columns="_order")], ignore_index=True)
+    table.attrs["skipped"] = skipped
+    return table
 
 
 def tornado_plot(table: pd.DataFrame, path: Path, title: str) -> Path:

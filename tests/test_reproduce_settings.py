@@ -20,10 +20,10 @@ def test_options_check_settings_up_front_and_name_them_in_commands(tmp_path):
     assert "--set" not in options.command("validation") and "--set" not in options.command("calibration")
     with pytest.raises(SimInputError, match="--set with --keep"):
         ReproduceOptions(tmp_path, keep=("fig7",), system_settings=SET)
-    with pytest.raises(SimInputError, match="not a numeric field of cpu"):
-        ReproduceOptions(tmp_path, system_settings=(("cpu.amx_effciency", "0.1"),))
-    with pytest.raises(SimInputError, match="amx_efficiency must be in"):
-        ReproduceOptions(tmp_path, system_settings=(("cpu.amx_efficiency", "2"),))
+    with pytest.raises(SimInputError, match="table3: --set 'cpu.amx_effciency': not a numeric field of cpu"):
+        ReproduceOptions(tmp_path, system_settings=(("cpu.amx_effciency", "0.1"),)).check_settings(["table3"])
+    with pytest.raises(SimInputError, match="amx_efficiency must be in"):  # before the figure runs
+        reproduce("table3", ReproduceOptions(tmp_path, system_settings=(("cpu.amx_efficiency", "2"),)))
 
 
 def test_a_figure_runs_on_the_set_machine(tmp_path):
@@ -36,3 +36,25 @@ def test_a_figure_runs_on_the_set_machine(tmp_path):
     baseline = slow["step"] == "MoE-Lightning (baseline)"
     assert (slow.loc[baseline, "throughput_tok_s"].to_numpy()
             == base.loc[baseline, "throughput_tok_s"].to_numpy()).all()
+
+
+def test_each_figure_is_checked_against_its_own_machines(tmp_path):
+    import importlib
+
+    from experiments.reproduce import FIGURE_SYSTEMS, FIGURES, UNSET_FIGURES
+
+    for name in FIGURES:  # the table of machines follows the modules' own constants
+        module = importlib.import_module(f"experiments.reproduce.{name}")
+        if name == "fig7":
+            import yaml
+
+            spec = yaml.safe_load(module.SPEC.read_text())
+            assert FIGURE_SYSTEMS[name] == tuple(spec["axes"]["system"])
+        elif name not in UNSET_FIGURES:
+            assert FIGURE_SYSTEMS[name] == (module.SYSTEM,), name
+    ndp = ReproduceOptions(tmp_path, system_settings=(("ndp.compute_efficiency", "0.5"),))
+    ndp.check_settings(["beyond"])  # the one figure on the near-memory machine
+    with pytest.raises(SimInputError, match="fig7: .*has no ndp"):
+        ndp.check_settings(["fig7", "beyond"])
+    with pytest.raises(SimInputError, match="validation keeps its own machines"):
+        reproduce("validation", ReproduceOptions(tmp_path, system_settings=SET))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments.cli import main
@@ -74,3 +75,26 @@ def test_default_variants_skip_numbers_set_cannot_reach_alone():
     config = SimConfig(**{**POINT, "system": "2x-h100-sxm-nvlink-8480"})
     pairs = variants(config, None)
     assert pairs and not any(path.startswith(("gpu.", "link.")) for path, _ in pairs)
+
+
+def test_a_variant_that_does_not_fit_is_a_row_of_nan_ranked_last(capsys):
+    table = run_sensitivity(SimConfig(**POINT), {"dram_bytes": ["50000000000"], "gpu.gemm_efficiency": ["0.5"]},
+                            progress=False)
+    assert list(table["field"]) == ["(base)", "gpu.gemm_efficiency", "dram_bytes"]
+    last = table.iloc[-1]
+    assert np.isnan(last["throughput_tok_s"]) and np.isnan(last["change"]) and "DRAM" in last["note"]
+    code = main([*ARGV, "--vary", "dram_bytes=50000000000"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "n/a" in out and "DRAM" in out
+
+
+def test_rank_by_speedup_and_skipped_defaults_are_named(capsys):
+    table = run_sensitivity(SimConfig(**POINT), {"gpu.gemm_efficiency": ["0.5"], "cpu.amx_efficiency": ["0.1"]},
+                            against="moe-lightning", progress=False, rank_by="speedup")
+    changes = table["speedup_change"].iloc[1:].abs().tolist()
+    assert changes == sorted(changes, reverse=True)
+    with pytest.raises(SimInputError, match="needs --against"):
+        run_sensitivity(SimConfig(**POINT), {"gpu.gemm_efficiency": ["0.5"]}, progress=False, rank_by="speedup")
+    skipped: list[str] = []
+    variants(SimConfig(**{**POINT, "system": "2x-h100-sxm-nvlink-8480"}), None, skipped)
+    assert skipped and all("has 2 GPUs" in line for line in skipped)

@@ -198,7 +198,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
         if args.against not in POLICIES:
             raise SimInputError(f"--against {args.against!r}: not a policy; choose from {', '.join(POLICIES)}")
-    table = run_sensitivity(config, vary, args.against, progress=True)
+    table = run_sensitivity(config, vary, args.against, progress=True, rank_by=args.rank_by)
+    for line in table.attrs.get("skipped", []):
+        print(f"not varied: {line}", file=sys.stderr)
     if args.csv:
         table.to_csv(args.csv, index=False)
     if args.plot:
@@ -211,11 +213,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     print(f"{config.model} on {config.system} under {config.policy}: base {base['throughput_tok_s']:.1f} tok/s"
           + (f", {base['speedup']:.2f}x {args.against}" if args.against else ""))
     shown = table.iloc[1:].copy()
-    shown["change"] = shown["change"].map(lambda v: f"{100 * v:+.1f}%")
+    shown["change"] = shown["change"].map(lambda v: f"{100 * v:+.1f}%" if v == v else "n/a")
     cols = ["field", "was", "value", "throughput_tok_s", "change"]
     if args.against:
-        shown["speedup_change"] = shown["speedup_change"].map(lambda v: f"{100 * v:+.1f}%")
+        shown["speedup_change"] = shown["speedup_change"].map(lambda v: f"{100 * v:+.1f}%" if v == v else "n/a")
         cols += ["speedup", "speedup_change"]
+    if shown["note"].astype(bool).any():
+        cols.append("note")
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
@@ -258,6 +262,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vary", action="append", metavar="FIELD=V1,V2",
                    help="a system number and the values to try (`presets --show` path, as --set); repeatable")
     p.add_argument("--against", metavar="POLICY", help="also run this policy under every variant: the speedup")
+    p.add_argument("--rank-by", choices=("throughput", "speedup"), default="throughput",
+                   help="order the variants by their throughput change or (with --against) their speedup change")
     p.add_argument("--csv", metavar="FILE", type=output_file(".csv"), help="write every row as CSV")
     p.add_argument("--plot", metavar="FILE", type=output_file(*IMAGE_SUFFIXES), help="write a tornado chart")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

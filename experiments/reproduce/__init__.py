@@ -35,8 +35,12 @@ FIGURES: dict[str, str] = {
 
 # figures that run on their own machines, so `--set` leaves them alone (published measurements; this machine)
 UNSET_FIGURES = ("calibration", "validation")
-# every machine the other figures simulate, so a `--set` is checked against each before anything runs
-SETTINGS_SYSTEMS = ("rtx6000ada-8452y", "a100-80g-8452y", "h100-80g-8452y", "a100-80g-8452y-ndp8")
+# the machines each other figure simulates (each module's own constants; a test keeps the two in step), so a
+# `--set` is checked against the figures about to run before any of them does
+FIGURE_SYSTEMS: dict[str, tuple[str, ...]] = {
+    "fig7": ("rtx6000ada-8452y", "a100-80g-8452y", "h100-80g-8452y"), "table3": ("rtx6000ada-8452y",),
+    "microbatch": ("rtx6000ada-8452y",), "vram": ("rtx6000ada-8452y",), "eas": ("rtx6000ada-8452y",),
+    "timeline": ("rtx6000ada-8452y",), "beyond": ("a100-80g-8452y-ndp8",)}
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,23 @@ class ReproduceOptions:
         unknown = [k for k in self.keep if k not in FIGURES]
         if unknown:
             raise SimInputError(f"--keep {unknown[0]}: unknown figure; known: {', '.join(FIGURES)}")
-        if self.system_settings:
-            if self.keep:
-                raise SimInputError("--set with --keep: the kept figures were made without these settings; rerun "
-                                    "them all")
-            for name in SETTINGS_SYSTEMS:  # refused now, not after the long figures
-                self.system(name)
+        if self.system_settings and self.keep:
+            raise SimInputError("--set with --keep: the kept figures were made without these settings; rerun them "
+                                "all")
+
+    def check_settings(self, names: list[str]) -> None:
+        """Refuse `--set` for figures about to run that it cannot apply to, before any of them runs: a figure on
+        its own machines when asked for alone, and any figure's machine the setting does not fit."""
+        if not self.system_settings:
+            return
+        if len(names) == 1 and names[0] in UNSET_FIGURES:
+            raise SimInputError(f"--set: {names[0]} keeps its own machines (published or this one); drop --set")
+        for name in names:
+            for system in FIGURE_SYSTEMS.get(name, ()):
+                try:
+                    self.system(system)
+                except SimInputError as exc:
+                    raise SimInputError(f"{name}: {exc}") from None
 
     @property
     def settings(self) -> dict[str, str]:
@@ -118,9 +133,12 @@ class Reproduction:
     note: str = ""  # how the numbers were made, when the command's wall time alone would mislead
 
 
-def reproduce(name: str, options: ReproduceOptions) -> Reproduction:
+def reproduce(name: str, options: ReproduceOptions, settings_checked: bool = False) -> Reproduction:
+    """One figure; `settings_checked` when `reproduce_all` already checked `--set` for every figure it runs."""
     if name not in FIGURES:
         raise SimInputError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}, all")
+    if not settings_checked:
+        options.check_settings([name])
     module = importlib.import_module(f"experiments.reproduce.{name}")
     result: Reproduction = module.reproduce(options)
     result.command = options.command(name)

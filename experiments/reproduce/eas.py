@@ -62,7 +62,8 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
                              decode_sample=decode_sample, seed=options.seed,
                              policy_options={"hot_map": str(path),
                                              "resident_experts": str(PAPER_LIMIT[model])})
-                runs.append({"model": model, "method": method, "throughput_tok_s": r.throughput_tok_s,
+                runs.append({"model": model, "system": r.system, "method": method,
+                             "throughput_tok_s": r.throughput_tok_s,
                              "resident_per_layer": r.knobs.get("resident_experts"), "batch": batch,
                              "hit_ratio_at_resident": hit_ratio(trace, dataclasses.replace(
                                  ranked[0], resident=int(r.knobs.get("resident_experts", 0))))})

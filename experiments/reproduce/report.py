@@ -54,6 +54,7 @@ def kept_parts(report: Path, names: tuple[str, ...]) -> dict[str, tuple[str, str
 def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> tuple[list[Reproduction], Path]:
     names = names or list(FIGURES)
     kept = kept_parts(options.out / REPORT, options.keep) if options.keep else {}
+    options.check_settings([n for n in names if n not in kept])  # before the first (long) figure runs
     sections, results, rows = [], [], []
     t_all = time.perf_counter()
     for name in names:
@@ -62,7 +63,7 @@ def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> 
             sections.append(kept[name][1])
             continue
         t0 = time.perf_counter()
-        r = reproduce(name, options)
+        r = reproduce(name, options, settings_checked=True)
         results.append(r)
         rows.append(f"| [{r.name}](#{anchor(r.title)}) | {r.claim} | {r.finding} |")
         sections.append(_section(r, options.out, time.perf_counter() - t0))

@@ -29,7 +29,8 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
     usable = options.system(SYSTEM).gpu_usable_bytes
     rows = []
     for attention in ("gpu", "cpu"):
-        row = {"attention": attention, "batch": batch, "prompt_len": PROMPT, "gen_len": gen,
+        row = {"attention": attention, "system": options.system(SYSTEM).name, "batch": batch, "prompt_len": PROMPT,
+               "gen_len": gen,
                "gpu_usable_gib": usable / 2**30}
         try:
             r = simulate(MODEL, SYSTEM, "coxmoe", system_settings=options.settings, batch=batch, prompt_len=PROMPT,
