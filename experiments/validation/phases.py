@@ -20,18 +20,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from experiments.validation.run import E2E_METRICS, run_tokens
+
 GROUP_KEYS = ["group", "system", "model", "policy", "batch", "prompt_len"]
-TOKENS_OF_METRIC = {"e2e_gen_tok_s": "gen", "e2e_total_tok_s": "all"}  # rates whose run time the point implies
 PREFILL_MIN_SHARE = 0.1
 
 
 def run_time_s(rows: pd.DataFrame) -> pd.Series:
     """Each run's wall time as its end-to-end rate implies it (NaN for a prefill-only or decode-only rate)."""
-    generated = rows["batch"] * rows["gen_len"]
-    tokens = np.where(rows["metric"] == "e2e_gen_tok_s", generated,
-                      np.where(rows["metric"] == "e2e_total_tok_s", generated + rows["batch"] * rows["prompt_len"],
-                               np.nan))
-    return pd.Series(tokens / rows["measured"], index=rows.index)
+    tokens = [run_tokens(*key) for key in zip(rows["metric"], rows["batch"], rows["prompt_len"], rows["gen_len"],
+                                               strict=True)]
+    return pd.Series([np.nan if t is None else t for t in tokens], index=rows.index, dtype=float) / rows["measured"]
 
 
 def _line(steps: np.ndarray, totals: np.ndarray) -> tuple[float, float, float]:
@@ -46,7 +45,7 @@ def phase_fits(table: pd.DataFrame) -> pd.DataFrame:
     simulated prefill seconds and decode seconds per step, their ratios (simulated / measured: below 1 means
     the simulator is faster), and how well each line fits (largest relative residual)."""
     pub = table[(table["mode"] == "published") & table["predicted"].notna()
-                & table["metric"].isin(list(TOKENS_OF_METRIC))].copy()
+                & table["metric"].isin(E2E_METRICS)].copy()
     columns = [*GROUP_KEYS, "runs", "gen_lens", "measured_prefill_s", "simulated_prefill_s", "prefill_ratio",
                "measured_step_s", "simulated_step_s", "step_ratio", "measured_fit_residual",
                "simulated_prefill_spread"]

@@ -84,11 +84,19 @@ def run_validation(points: Iterable[ValidationPoint], modes: Iterable[str] = MOD
     return pd.DataFrame(rows)
 
 
+E2E_METRICS = ("e2e_gen_tok_s", "e2e_total_tok_s")  # rates whose run time the workload implies
+
+
+def run_tokens(metric: str, batch: int, prompt_len: int, gen_len: int) -> int | None:
+    """The tokens an end-to-end rate counts over a run (None for a prefill-only or decode-only rate)."""
+    generated = batch * gen_len
+    return {"e2e_gen_tok_s": generated, "e2e_total_tok_s": generated + batch * prompt_len}.get(metric)
+
+
 def measured_total_s(point: ValidationPoint) -> float:
     """The run's wall time implied by its metric and workload (the quantity the factors are fitted to)."""
     wl = point.workload
-    prompt, generated = wl.batch * wl.prompt_len, wl.batch * wl.gen_len
-    tokens = {"e2e_gen_tok_s": generated, "e2e_total_tok_s": prompt + generated}.get(point.metric)
+    tokens = run_tokens(point.metric, wl.batch, wl.prompt_len, wl.gen_len)
     if tokens is None:
         raise SimInputError(f"point {point.id}: metric {point.metric} is not an end-to-end rate")
     return tokens / point.value
