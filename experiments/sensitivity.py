@@ -133,7 +133,7 @@ def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = No
         if path:
             section, _, name = path.rpartition(".")
             spec = getattr(system, section) if section else system
-            row["was"] = getattr(spec, name)
+            row["was"] = repr(getattr(spec, name))  # as text: whole numbers stay whole beside fractions
             row["source"] = spec.sources.get(name, "")
         if against:
             other = _point(config, settings, against)
