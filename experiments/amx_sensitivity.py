@@ -3,8 +3,9 @@
 The 8452Y preset prices CPU GEMMs at KTransformers' tuned AMX kernel (21.3 TFLOPS on one socket, 0.289 of peak);
 the same source measured stock PyTorch/oneDNN at 5.4 (0.073), and CoX-MoE's runtime extends IPEX, whose kernels
 are oneDNN's. This runs the Fig. 7 grid (experiments/specs/fig7.yaml) and the same grid with only that rate set
-(experiments/specs/fig7_stock_amx.yaml: `system_settings: {cpu.amx_efficiency: 0.073}`, what `--set` does on the
-command line), then writes, per grid point, every policy's throughput under both rates and CoX-MoE's speedups.
+(`system_settings: {cpu.amx_efficiency: 0.073}` on every point, what `--set` does on the command line and
+`coxmoe reproduce fig7 --set` runs), then writes, per grid point, every policy's throughput under both rates and
+CoX-MoE's speedups.
 
     python experiments/amx_sensitivity.py --out docs/results [--work out/amx_sensitivity] [--workers 2]
 
@@ -20,21 +21,23 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.cli.common import positive_int
+from experiments.reproduce.fig7 import spec as fig7_spec
 from experiments.sweep.run import run_sweep
-from experiments.sweep.spec import load_spec
+from experiments.sweep.spec import expand
 from experiments.sweep.store import ResultStore, load_results
 from experiments.tables import markdown_table
 from sim.errors import SimInputError
 
-SPEC_DIR = Path(__file__).resolve().parent / "specs"
-SPECS = {"tuned": SPEC_DIR / "fig7.yaml", "stock": SPEC_DIR / "fig7_stock_amx.yaml"}
+STOCK_AMX = {"cpu.amx_efficiency": "0.073"}  # KTransformers' Fig. 3: stock PyTorch/oneDNN on one 8452Y socket
+GRIDS = {"tuned": None, "stock": STOCK_AMX}
 KEYS = ["model", "system", "prompt_len", "gen_len"]
 BASELINES = ("moe-lightning", "flexgen")
 
 
-def run_grid(spec: Path, work: Path, workers: int) -> pd.DataFrame:
-    """One grid's results (resumable), one row per point of the spec (a reused folder's other points left out)."""
-    points = load_spec(spec)
+def run_grid(settings: dict[str, str] | None, work: Path, workers: int) -> pd.DataFrame:
+    """The Fig. 7 grid's results with `settings` on every point (resumable), one row per point (a reused folder's
+    other points left out)."""
+    points = expand(fig7_spec(False, settings))
     store = ResultStore(work)
     try:
         run_sweep(points, store, "local", workers)
@@ -83,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     try:
-        grids = {name: run_grid(spec, work / name, args.workers) for name, spec in SPECS.items()}
+        grids = {name: run_grid(settings, work / name, args.workers) for name, settings in GRIDS.items()}
     except SimInputError as exc:
         parser.exit(2, f"amx_sensitivity: error: {exc}\n")
     table = compare(grids["tuned"], grids["stock"])

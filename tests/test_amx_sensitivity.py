@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.amx_sensitivity import compare, summary
-from experiments.sweep.spec import load_spec
+from experiments.amx_sensitivity import STOCK_AMX, compare, summary
+from experiments.reproduce.fig7 import spec as fig7_spec
+from experiments.sweep.spec import expand, load_spec
 from sim.api import config_system
 from sim.config import SimConfig
 from sim.specs import load_system
@@ -18,7 +19,7 @@ from sim.specs import load_system
 
 def test_the_stock_grid_is_the_fig7_grid_with_one_system_setting():
     root = Path(__file__).resolve().parents[1] / "experiments" / "specs"
-    tuned, stock = load_spec(root / "fig7.yaml"), load_spec(root / "fig7_stock_amx.yaml")
+    tuned, stock = load_spec(root / "fig7.yaml"), expand(fig7_spec(False, STOCK_AMX))
     assert len(tuned) == len(stock) == 108
     assert all(p.config["system_settings"] == {"cpu.amx_efficiency": "0.073"} for p in stock)
     assert {json.dumps(p.config, sort_keys=True) for p in tuned} == {

@@ -29,22 +29,22 @@ POLICIES = ("flexgen", "moe-lightning", "coxmoe")
 CLAIMS = {"moe-lightning": (1.7, 2.4), "flexgen": (3.4, 7.1)}
 
 
-def spec(quick: bool) -> dict:
-    """The shipped spec; quick keeps every model and policy but one system, two workloads and B = 128."""
+def spec(quick: bool, settings: dict[str, str] | None = None) -> dict:
+    """The shipped spec; quick keeps every model and policy but one system, two workloads and B = 128; `settings`
+    (`--set` numbers) go on every point, which gives them their own sweep keys."""
     raw = yaml.safe_load(SPEC.read_text())
     if quick:
         raw["fixed"] = {**raw["fixed"], "batch": 128, "decode_sample": 4}
         raw["axes"]["system"] = raw["axes"]["system"][:1]
         raw["axes"]["workload"] = [w for w in raw["axes"]["workload"] if w["gen_len"] == 32]
+    if settings:
+        raw["fixed"] = {**raw["fixed"], "system_settings": dict(settings)}
     return raw
 
 
 def run_grid(options: ReproduceOptions) -> tuple[pd.DataFrame, str]:
     """The grid's rows from the sweep store (running the points not finished yet) and a note on how they ran."""
-    raw = spec(options.quick)
-    if options.system_settings:  # the `--set` numbers on every point (their own sweep keys)
-        raw["fixed"] = {**raw["fixed"], "system_settings": options.settings}
-    points = expand(raw)
+    points = expand(spec(options.quick, options.settings))
     sweep_dir = options.out / "fig7_sweep"
     store = ResultStore(sweep_dir)
     try:
