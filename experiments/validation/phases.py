@@ -43,7 +43,8 @@ def _line(steps: np.ndarray, totals: np.ndarray) -> tuple[float, float, float]:
 def phase_fits(table: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration run at two or more output lengths (published knobs, simulated): measured and
     simulated prefill seconds and decode seconds per step, their ratios (simulated / measured: below 1 means
-    the simulator is faster), and how well each line fits (largest relative residual)."""
+    the simulator is faster), how well the measured line fits (largest relative residual) and how much the
+    simulated prefill spreads over the runs."""
     pub = table[(table["mode"] == "published") & table["predicted"].notna()
                 & table["metric"].isin(E2E_METRICS)].copy()
     columns = [*GROUP_KEYS, "runs", "gen_lens", "measured_prefill_s", "simulated_prefill_s", "prefill_ratio",
