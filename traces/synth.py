@@ -224,39 +224,41 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
     memory, checking repeats against the chunk's chosen columns unless popularity is so skewed that most rows redraw
     many times, then against a per-row 'taken' table (an O(1) check; `_compare_columns`). Rows
     still repeating after REDRAW_ROUNDS redraws take the exact float64 draw without their chosen ids (bounded
-    time, same law)."""
-    out = np.empty((n, k), dtype=dtype)
+    time, same law). Returned as [n, k], a view of a column-major block (each position's ids contiguous: the
+    draws fill whole columns, and counting and gathering read them as they lie)."""
+    cols = np.empty((k, n), dtype=dtype)
     if k <= 4:
         for j in range(k):
             draw = draw_ids.draw(rng, n)
             if j:
-                bad = np.flatnonzero(_collides(out[:, :j], draw))
+                bad = np.flatnonzero(_collides(cols[:j].T, draw))
                 for _ in range(REDRAW_ROUNDS):
                     if not bad.size:
                         break
                     redraw = draw_ids.draw(rng, bad.size)
                     draw[bad] = redraw
-                    bad = bad[_collides(out[bad, :j], redraw)]
+                    bad = bad[_collides(cols[:j, bad].T, redraw)]
                 if bad.size:
-                    draw[bad] = _exclusive_draw(rng, draw_ids.probs, out[bad, :j])
-            out[:, j] = draw
-        return out
+                    draw[bad] = _exclusive_draw(rng, draw_ids.probs, cols[:j, bad].T)
+            cols[j] = draw
+        return cols.T
     compare = _compare_columns(draw_ids.probs, k)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
-        out[s:s + m] = _topk_chunk(rng, draw_ids, m, k, num_experts, dtype, by_columns=compare)
-    return out
+        _topk_chunk(rng, draw_ids, m, k, num_experts, dtype, by_columns=compare, out=cols[:, s:s + m])
+    return cols.T
 
 
 def _topk_chunk(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int, num_experts: int,
-                dtype: np.dtype, by_columns: bool) -> np.ndarray:
+                dtype: np.dtype, by_columns: bool, out: np.ndarray | None = None) -> np.ndarray:
     """One chunk of `_sample_topk`: ids drawn a column at a time; a repeat is redrawn four candidates at a time
     (the first one not taken wins) and, after REDRAW_ROUNDS, drawn exactly without the row's ids. The chosen ids
-    are kept as columns [k, m] and returned as [m, k] for one transposed write. A repeat is found by comparing
+    are kept as columns [k, m] (written into `out` when given, e.g. a slice of the layer's columns) and returned
+    as an [m, k] view. A repeat is found by comparing
     with the row's filled columns (`by_columns`: up to a moderately skewed popularity; ids in the trace's dtype) or in
     a per-row table of taken experts (`_taken_mask`: very skewed popularity, many redraws; int32 indices, as a chunk's
     rows x experts stay below 2^31). Both find the same repeats, so they draw the same ids."""
-    chosen = np.empty((k, m), dtype=dtype)
+    chosen = np.empty((k, m), dtype=dtype) if out is None else out
     if by_columns:
         id_dtype = dtype
 
@@ -286,8 +288,12 @@ def _topk_chunk(rng: np.random.Generator, draw_ids: _InverseCdf, m: int, k: int,
                 cand = draw_ids.draw(rng, bad.size * 4).astype(id_dtype, copy=False)
                 cand = cand.reshape(-1, 4)
                 free = ~taken(j, bad, cand)
-                found = free.any(axis=1)
-                draw[bad[found]] = cand[found, free[found].argmax(axis=1)]
+                # the first free candidate of each row (candidates in draw order), by columns: cheaper than
+                # any/argmax along a 4-wide axis
+                f0, f1, f2, f3 = free.T
+                found = f0 | f1 | f2 | f3
+                first = np.where(f0, cand[:, 0], np.where(f1, cand[:, 1], np.where(f2, cand[:, 2], cand[:, 3])))
+                draw[bad[found]] = first[found]
                 bad = bad[~found]
             if bad.size:
                 draw[bad] = _exclusive_draw(rng, draw_ids.probs, chosen[:j, bad].T)
@@ -356,7 +362,9 @@ def layer_block_bytes(trace_bytes: int) -> int:
 class _LayerBlocks:
     """Writes a trace's layers in blocks: a layer's ids fill one k-wide slice of every token's row, so writing
     them one layer at a time streams the whole trace through memory once per layer; a block of layers (at
-    most `layer_block_bytes`) goes in with one transposed copy."""
+    most `layer_block_bytes`) goes in with one transposed copy, each token's k ids moved as one element (an
+    unsigned integer of their width, else raw bytes): a 2-D transpose instead of a 3-D one with a k-long inner
+    loop (about 5x faster for 8 one-byte ids)."""
 
     def __init__(self, experts: np.ndarray):
         self.experts = experts
@@ -366,23 +374,31 @@ class _LayerBlocks:
         self.first = 0  # the first layer held in the buffer
         self.held = 0
 
-    def put(self, layer: int, ids: np.ndarray) -> np.ndarray:
-        """Store layer `layer`'s ids [n, k] (layers in order); returns them as stored."""
+    def put(self, layer: int, ids: np.ndarray) -> None:
+        """Store layer `layer`'s ids [n, k] (layers in order)."""
         if self.buffer is None:
             self.experts[:, layer, :] = ids
-            return self.experts[:, layer, :]
+            return
         if self.held == len(self.buffer):
             self.flush()
         if not self.held:
             self.first = layer
         self.buffer[self.held] = ids
         self.held += 1
-        return self.buffer[self.held - 1]
 
     def flush(self) -> None:
-        if self.buffer is not None and self.held:
+        if self.buffer is None or not self.held:
+            return
+        n, layers, k = self.experts.shape
+        width = k * self.experts.itemsize
+        token = np.dtype(f"u{width}") if width in (1, 2, 4, 8) else np.dtype((np.void, width))
+        if n and self.experts.flags.c_contiguous:
+            rows = self.experts.reshape(n, layers * k).view(token)  # [n, layers]: a token's k ids per element
+            block = self.buffer[:self.held].reshape(self.held, n * k).view(token)  # [held, n]
+            rows[:, self.first:self.first + self.held] = block.T
+        else:
             self.experts[:, self.first:self.first + self.held, :] = self.buffer[:self.held].transpose(1, 0, 2)
-            self.held = 0
+        self.held = 0
 
 
 @dataclass(frozen=True)
@@ -588,6 +604,6 @@ class _PromptCounts:
         """Count layer `layer`'s ids [rows, k] of every routed token into the requests' prompt counts."""
         E = self.experts
         for lo, hi, a, b, base in self.groups:
-            keys = np.add(ids[a:b], base, dtype=np.int32)
-            counts = np.bincount(keys.ravel(), minlength=(hi - lo + 1) * E)
+            keys = np.add(ids[a:b], base, dtype=np.int32)  # laid out as `ids` is (column-major from synthesis)
+            counts = np.bincount(keys.ravel(order="K"), minlength=(hi - lo + 1) * E)
             self.table[lo:hi, layer, :] = counts[:(hi - lo) * E].reshape(hi - lo, E)
