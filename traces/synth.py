@@ -19,6 +19,7 @@ from tqdm import tqdm
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, request_groups
 from traces.limits import MAX_LENGTH, check_memory
+from traces.pages import plain_pages
 from traces.rng_words import random_f32, words32
 
 DATA_DIR = Path(__file__).with_name("data")
@@ -218,15 +219,16 @@ def _exclusive_draw(rng: np.random.Generator, probs: np.ndarray, chosen: np.ndar
 
 
 def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int, num_experts: int,
-                 dtype: np.dtype, chunk: int = 1 << 16) -> np.ndarray:
+                 dtype: np.dtype, chunk: int = 1 << 16, out: np.ndarray | None = None) -> np.ndarray:
     """k distinct ids per row, drawn one position at a time, redrawing repeats (exact sequential sampling
     without replacement). Small k compares against earlier columns; larger k processes rows in chunks to bound
     memory, checking repeats against the chunk's chosen columns unless popularity is so skewed that most rows redraw
     many times, then against a per-row 'taken' table (an O(1) check; `_compare_columns`). Rows
     still repeating after REDRAW_ROUNDS redraws take the exact float64 draw without their chosen ids (bounded
     time, same law). Returned as [n, k], a view of a column-major block (each position's ids contiguous: the
-    draws fill whole columns, and counting and gathering read them as they lie)."""
-    cols = np.empty((k, n), dtype=dtype)
+    draws fill whole columns, and counting and gathering read them as they lie): `out` [k, n] when given (a
+    buffer reused from layer to layer), else a new one."""
+    cols = np.empty((k, n), dtype=dtype) if out is None else out
     if k <= 4:
         for j in range(k):
             draw = draw_ids.draw(rng, n)
@@ -455,11 +457,12 @@ def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np
 
 def _draw_layer(cfg: SynthConfig, rng: np.random.Generator, groups: list, probs: np.ndarray, layer: int, n: int,
                 dtype: np.dtype, successor: list | None, previous: np.ndarray | None, reuse: np.ndarray,
-                first_token: np.ndarray, index: np.ndarray) -> np.ndarray:
+                first_token: np.ndarray, index: np.ndarray, block: np.ndarray | None = None) -> np.ndarray:
     """One layer's expert ids [n, k] for every routed token: fresh top-k draws (per topic), then cross-layer
-    affinity and within-request reuse, in the order that keeps a seed's bytes."""
+    affinity and within-request reuse, in the order that keeps a seed's bytes. `block` [k, n]: where one
+    popularity's draws go (reused across layers)."""
     if len(groups) == 1:
-        fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype)
+        fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype, out=block)
     else:
         fresh = np.empty((n, cfg.top_k), dtype=dtype)
         for probs_t, rows in groups:
@@ -477,6 +480,7 @@ def _draw_layer(cfg: SynthConfig, rng: np.random.Generator, groups: list, probs:
     return fresh
 
 
+@plain_pages()  # hundreds of MB first touched: huge-page compaction would cost a third of the time (traces/pages.py)
 def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
                    progress: bool = False, prompt_counts: bool = False) -> RoutingTrace:
     """Draw a trace for requests with the given lengths (a progress bar per layer when `progress` and a TTY).
@@ -509,7 +513,7 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     trace_bytes = rows * cfg.num_layers * cfg.top_k * itemsize
     table_bytes = prompt_lens.size * cfg.num_layers * cfg.num_experts * \
         count_dtype(int(prompt_lens.max()) * cfg.top_k).itemsize if prompt_counts else 0
-    check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 8 + 16)
+    check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 10 + 16)
                  + (table_bytes + n * 16 if prompt_counts else 0),
                  f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
     counts = _PromptCounts(prompt_lens, gen_lens, cfg.num_layers, cfg.num_experts, cfg.top_k) if prompt_counts \
@@ -547,10 +551,15 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
 
     worker = ThreadPoolExecutor(max_workers=1) if (os.cpu_count() or 1) > 1 else None
     stored = None
+    # Two [k, n] blocks the layers' draws alternate in: the worker stores one layer while the next is drawn, and the
+    # layer before is the cross-layer affinity's source. A fresh block per layer would be a new mapping of tens of
+    # MB each time (past malloc's mmap threshold), every page faulted and zeroed again: about a third of the
+    # synthesis as system time at Qwen3 B=4096.
+    blocks = [np.empty((cfg.top_k, n), dtype=dtype) for _ in range(2)] if len(groups) == 1 else [None, None]
     try:
         for layer in layers:
             fresh = _draw_layer(cfg, rng, groups, probs, layer, n, dtype, successor, previous, reuse, first_token,
-                                index)
+                                index, blocks[layer % 2])
             if stored is not None:
                 stored.result()
             if worker is None:
