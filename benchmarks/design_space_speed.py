@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -128,15 +127,28 @@ def run_case(name: str, breakdown: bool = False) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
+FIG7_WRAPPER = """
+import json, resource, subprocess, sys
+proc = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "experiments/specs/fig7.yaml", "--out",
+                       sys.argv[1], "--workers", "2"], capture_output=True, text=True, check=False)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+print(json.dumps({"peak_rss_gb": peak, "ok": proc.returncode == 0, "tail": proc.stdout.strip()[-200:]}))
+"""
+
+
 def fig7_sweep() -> dict:
-    """The fig7 grid from scratch on 2 local workers (a fresh results directory)."""
+    """The fig7 grid from scratch on 2 local workers (a fresh results directory). Run under a wrapper process whose
+    children are the sweep's alone, so the peak is that of its largest process, not of an earlier case's."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "experiments/specs/fig7.yaml",
-                               "--out", out, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, "-c", FIG7_WRAPPER, out], cwd=ROOT, capture_output=True, text=True,
+                              check=False)
         wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"wall_s": wall, "peak_rss_gb": peak, "ok": proc.returncode == 0, "tail": proc.stdout.strip()[-200:]}
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        result = {"peak_rss_gb": float("nan"), "ok": False, "tail": (proc.stdout + proc.stderr).strip()[-200:]}
+    return {"wall_s": wall, **result}
 
 
 def verdict(value: float, target: float | None) -> str:
