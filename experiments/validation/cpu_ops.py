@@ -1,0 +1,74 @@
+"""CPU expert costs against a published MoE-kernel throughput curve, token count by token count.
+
+Each point of `cpu_ops.yaml` (a routed expert's FFN over M tokens on one Xeon 8452Y socket, in TFLOPS) becomes the
+simulator's own expert `Op` on the CPU experts' stream and is priced by `RooflineCostModel`: the preset's peak x
+efficiency, its DRAM roof (Intel MLC) and its per-op overhead. Only points below each curve's plateau are held out
+(the plateaus set the efficiencies); what they check is the roofline's shape between the DRAM-bound and the
+compute-bound ends, where an expert on the CPU runs at 16-256 tokens in CoX-MoE's E_C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from sim.cost.roofline import RooflineCostModel
+from sim.cost.work import OpWork
+from sim.plan import Op, OpKind, Phase
+from sim.specs import load_model
+from sim.specs.catalog import component_preset, system_preset
+
+CPU_OPS_FILE = Path(__file__).with_name("cpu_ops.yaml")
+_HOST = "a100-80g-8452y"  # any preset machine: only its CPU is swapped and priced
+PLATEAU = 0.95  # a point within this fraction of its curve's top lies on the plateau that set the efficiency
+
+
+def _cost_model(cpu_name: str, isa: str, amx_efficiency: float | None) -> RooflineCostModel:
+    cpu = component_preset("cpus", cpu_name)
+    if isa == "avx512":
+        cpu = dataclasses.replace(cpu, has_amx=False)
+    elif amx_efficiency is not None:
+        cpu = dataclasses.replace(cpu, amx_efficiency=float(amx_efficiency))
+    base = system_preset(_HOST)
+    return RooflineCostModel(dataclasses.replace(base, name=f"{cpu_name}-{isa}-ops", cpu=cpu))
+
+
+def check(path: Path = CPU_OPS_FILE) -> pd.DataFrame:
+    """One row per published point: measured and predicted seconds of one expert call, their ratio, the binding
+    roof, and its role (held out, or on the plateau that set the efficiency)."""
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    model = load_model(data["model"])
+    work = OpWork(model)
+    rows = []
+    for curve in data["curves"]:
+        cm = _cost_model(data["cpu"], curve["isa"], curve.get("amx_efficiency"))
+        top = max(curve["tflops"].values())
+        for tokens, tflops in sorted(curve["tflops"].items()):
+            w = work.expert(int(tokens))
+            op = Op(id=0, kind=OpKind.EXPERT, stream="cpu_experts", phase=Phase.DECODE, step=1, layer=0,
+                    micro_batch=0, tokens=int(tokens), flops=w.flops, bytes=w.bytes)
+            rows.append({"set": curve["id"], "kernel": curve["kernel"], "cpu": data["cpu"],
+                         "tokens_per_expert": int(tokens), "measured_tflops": float(tflops),
+                         "measured_s": w.flops / (float(tflops) * 1e12), "predicted_s": cm.op_time_ns(op) / 1e9,
+                         "bound": cm.bound(op),
+                         "role": "plateau (set the efficiency)" if tflops >= PLATEAU * top else "held-out",
+                         "status": data["status"], "source": data["source"]})
+    table = pd.DataFrame(rows)
+    table["predicted_tflops"] = table["measured_tflops"] * table["measured_s"] / table["predicted_s"]
+    table["ratio"] = table["predicted_tflops"] / table["measured_tflops"]  # > 1: the simulator is too fast
+    return table
+
+
+def summary(table: pd.DataFrame) -> dict[str, dict]:
+    """Median and worst |predicted / measured - 1| of the held-out points, per curve."""
+    out = {}
+    for name, rows in table[table["role"] == "held-out"].groupby("set", sort=True):
+        err = (rows["ratio"] - 1).abs()
+        worst = rows.loc[err.idxmax()]
+        out[name] = {"points": len(rows), "median_abs_error": float(err.median()),
+                     "worst": f"{worst['tokens_per_expert']} tokens/expert ({worst['ratio']:.2f}x)"}
+    return out
