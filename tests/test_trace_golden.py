@@ -77,6 +77,26 @@ def test_plain_pages_switches_numpy_off_huge_pages_and_back(monkeypatch):
     assert state["flag"] is True
 
 
+def test_plain_pages_restores_numpys_choice_when_the_last_of_overlapping_blocks_closes(monkeypatch):
+    """Blocks that overlap (nested, or in two threads whose blocks close in either order) restore numpy's choice
+    once, when the last one closes: never a later block's off switch taken for the choice to restore."""
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    state = {"flag": True}
+
+    def setter(flag):
+        previous, state["flag"] = state["flag"], flag
+        return previous
+
+    monkeypatch.setattr(pages, "_setter", lambda: setter)
+    first, second = pages.plain_pages(), pages.plain_pages()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first to open closes first, as one thread may while another runs on
+    assert state["flag"] is False
+    second.__exit__(None, None, None)
+    assert state["flag"] is True
+
+
 def test_plain_pages_leaves_numpys_own_switch_alone(monkeypatch):
     monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
     monkeypatch.setattr(pages, "_setter", lambda: pytest.fail("numpy's setting must not be touched"))

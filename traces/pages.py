@@ -12,6 +12,7 @@ numpy's own switch, `NUMPY_MADVISE_HUGEPAGE`, wins when it is set.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,16 +29,29 @@ def _setter():
     return None
 
 
+_LOCK = threading.Lock()
+_DEPTH = 0  # blocks open now, in any thread
+_RESTORE: bool | None = None  # numpy's choice when the first of them opened
+
+
 @contextmanager
 def plain_pages() -> Iterator[None]:
-    """Within the block, numpy's new arrays do not ask for huge pages; the previous choice is restored after.
-    Process-wide while it lasts (another thread's arrays too: only how their pages are backed changes)."""
+    """Within the block, numpy's new arrays do not ask for huge pages; numpy's previous choice comes back when the
+    last open block (in any thread) closes. Process-wide while it lasts (another thread's arrays too: only how
+    their pages are backed changes)."""
+    global _DEPTH, _RESTORE
     setter = None if "NUMPY_MADVISE_HUGEPAGE" in os.environ else _setter()
     if setter is None:
         yield
         return
-    previous = setter(False)
+    with _LOCK:
+        if _DEPTH == 0:
+            _RESTORE = setter(False)
+        _DEPTH += 1
     try:
         yield
     finally:
-        setter(previous)
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                setter(bool(_RESTORE))
