@@ -231,7 +231,8 @@ def gpu_ops_finding(stats: dict[str, dict]) -> str:
 
 def cpu_ops_finding(stats: dict[str, dict]) -> str:
     parts = [f"{name}: median absolute error {s['median_abs_error']:.0%} over {s['points']} held-out points, "
-             f"worst {s['worst']}" for name, s in stats.items()]
+             f"worst {s['worst']} (with cpu.gemm_overlap 0, compute and streaming added: "
+             f"{s['no_overlap_median_abs_error']:.0%}, {s['no_overlap_range']})" for name, s in stats.items()]
     return ("CPU expert kernels (one 8452Y socket, DeepSeek-V3's expert, 1-1024 tokens per expert) priced against "
             "KTransformers' published throughput curves (validation_cpu_ops.csv; incomplete: the chart's CPU is "
             "not named, its plateaus match the 8452Y's; > 1: simulated too fast): " + "; ".join(parts) + ".")

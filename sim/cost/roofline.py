@@ -1,4 +1,5 @@
-"""Roofline cost model: time = max(FLOPs / achievable peak, bytes / achievable bandwidth) + fixed overhead.
+"""Roofline cost model: time = max(FLOPs / achievable peak, bytes / achievable bandwidth) + fixed overhead (on a CPU
+with `gemm_overlap` below 1, a GEMM also pays that share of its shorter roof: 0 adds the two times).
 
 This is the default `CostModel`. Besides an op's standalone time it reports how much of two shared resources the
 op uses while running alone: (compute, memory) for the GPU (SMs, HBM) and the CPU (cores, host DRAM), (link,
@@ -46,12 +47,13 @@ class _Rates:
     """Achievable rates of the unit one stream runs on, computed once per stream."""
 
     __slots__ = ("kind", "flops", "int8_flops", "vector_flops", "bw", "attention_bw", "overhead", "pageable_bw",
-                 "memory_bw")
+                 "memory_bw", "gemm_overlap")
 
     def __init__(self, unit: Unit, host_bw: float):
         self.kind = unit.kind
         self.pageable_bw = 0.0
         self.memory_bw = host_bw  # the host DRAM a host-link DMA draws from
+        self.gemm_overlap = 1.0  # the share of a GEMM's shorter roof hidden under its longer one
         spec = unit.spec
         if unit.kind is UnitKind.GPU:
             self.flops = self.vector_flops = spec.bf16_flops_per_s * spec.gemm_efficiency
@@ -67,6 +69,7 @@ class _Rates:
             self.int8_flops = spec.int8_gemm_ops_per_s
             self.bw, self.attention_bw = spec.dram_bytes_per_s * spec.dram_efficiency, spec.attention_bytes_per_s
             self.overhead = spec.op_overhead_s
+            self.gemm_overlap = spec.gemm_overlap
         else:
             self.flops = self.vector_flops = self.int8_flops = 0.0
             self.bw = self.attention_bw = spec.achievable_bytes_per_s
@@ -149,7 +152,19 @@ class RooflineCostModel:
             if r.pageable_bw:
                 return nbytes / r.pageable_bw + r.overhead
         compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
-        return max(compute, memory) + fixed
+        return self.busy(kind, stream, compute, memory) + fixed
+
+    def overlap(self, kind: OpKind, stream: str) -> float:
+        """The share of the shorter roof that hides under the longer one: the CPU's `gemm_overlap` for a GEMM on a
+        CPU (1 for attention, whose rate is a measured kernel's, and on every other unit)."""
+        r = self.rates(stream)
+        return r.gemm_overlap if r.kind is UnitKind.CPU and kind not in _CPU_VECTOR_KINDS else 1.0
+
+    def busy(self, kind: OpKind, stream: str, compute: float, memory: float) -> float:
+        """Seconds of the two roofs together: the longer, plus what the overlap leaves of the shorter."""
+        longer, shorter = (compute, memory) if compute >= memory else (memory, compute)
+        overlap = self.overlap(kind, stream)
+        return longer if overlap >= 1.0 else longer + (1.0 - overlap) * shorter
 
     def op_time_ns(self, op: Op) -> int:
         if op.members:
@@ -178,7 +193,7 @@ class RooflineCostModel:
                 hit = (link_bw / r.bw, memory) if op.bytes else (0.0, 0.0)
             else:
                 compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
-                top = max(compute, memory)
+                top = self.busy(op.kind, op.stream, compute, memory)
                 if r.kind is UnitKind.CPU:  # the share of the DRAM's capacity, whatever rate the kernel reaches
                     memory = op.bytes / r.bw
                 hit = (compute / top, memory / top) if top > 0 else (0.0, 0.0)

@@ -46,7 +46,8 @@ class Analytic:
         nbytes = model.expert_bytes + t * 2 * model.hidden_size * bpp
         compute, memory, fixed = self.cm.roofs(OpKind.EXPERT, stream, 1, 1)
         # roofs() is linear in flops and bytes apart from the fixed overhead
-        out = np.maximum(flops * compute, nbytes * memory) + fixed
+        c, m = flops * compute, nbytes * memory
+        out = np.maximum(c, m) + (1.0 - self.cm.overlap(OpKind.EXPERT, stream)) * np.minimum(c, m) + fixed
         return np.where(t >= 1, out, 0.0)
 
 

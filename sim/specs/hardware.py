@@ -102,10 +102,16 @@ class CPUSpec:
     # Decode attention's KV streaming rate as a fraction of the DRAM peak, where a measured kernel reaches less
     # than the DRAM itself can deliver (0: dram_efficiency). The DRAM's capacity stays dram_efficiency.
     attention_stream_efficiency: float = 0.0
+    # How much of a CPU GEMM's shorter roof (weight streaming or compute) hides under the longer one: 1 is the
+    # roofline's max() (full overlap, the default), 0 their sum (the kernel streams, then computes). Published and
+    # measured CPU expert kernels sit between (docs/cost-model.md, "CPU expert kernels by shape").
+    gemm_overlap: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive(f"cpu {self.name}", self, ["cores", "avx512_bf16_flops_per_s", "dram_bytes_per_s"])
         _check_fraction(f"cpu {self.name}", self, ["avx512_efficiency", "dram_efficiency"])
+        if not 0 <= self.gemm_overlap <= 1:
+            raise SimInputError(f"cpu {self.name}: gemm_overlap must be in [0, 1], got {self.gemm_overlap}")
         if self.attention_stream_efficiency:
             _check_fraction(f"cpu {self.name}", self, ["attention_stream_efficiency"])
             if self.attention_stream_efficiency > self.dram_efficiency:
