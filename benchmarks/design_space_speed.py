@@ -178,7 +178,7 @@ def main() -> None:
               f"{r['peak_rss_gb']:.2f} GB {verdict(r['peak_rss_gb'], rss_target):12} {extra}")
     if args.fig7:
         r = fig7_sweep()
-        print(f"{'fig7':10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], 60.0):12} peak RSS (one worker) "
+        print(f"{'fig7':10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], 60.0):12} peak RSS (largest process) "
               f"{r['peak_rss_gb']:.2f} GB  {'ok' if r['ok'] else 'FAILED'}: {r['tail']}")
 
 

@@ -508,7 +508,7 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     n = int(routed.sum())
     itemsize = expert_dtype(cfg.num_experts).itemsize
     rows = int(gen_lens.astype(np.int64).sum()) - gen_lens.size if prompt_counts else n  # rows the trace keeps
-    # the trace itself, its layer blocks, one layer's fresh draws, per-token bookkeeping (index, flags, draws);
+    # the trace itself, its layer blocks, two [k, n] draw blocks, per-token bookkeeping (index, flags, draws);
     # prompts as counts: their table and each row's key base and position
     trace_bytes = rows * cfg.num_layers * cfg.top_k * itemsize
     table_bytes = prompt_lens.size * cfg.num_layers * cfg.num_experts * \
@@ -540,8 +540,9 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     layers_out = _LayerBlocks(experts)
     previous = None  # the last layer's ids, [n, k]
     # Storing a layer (and counting its prompt rows) runs in a worker thread while the next layer is drawn (numpy's
-    # copies and bincount run mostly outside the GIL): each layer's draws are a new array that nothing changes
-    # afterwards, and one worker keeps the layers in order.
+    # copies and bincount run mostly outside the GIL). One worker keeps the layers in order, and a layer's block is
+    # drawn into again two layers later, only after the store of the layer between has been waited for
+    # (`stored.result()` before each submit): so the worker never reads a block being overwritten.
     def store(layer: int, fresh: np.ndarray) -> None:
         if counts is None:
             layers_out.put(layer, fresh)
