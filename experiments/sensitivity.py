@@ -27,7 +27,7 @@ from sim.specs.overrides import SECTIONS, apply_system_settings
 
 UNMEASURED_MARKS = ("[assumed]", "[borrowed]")
 DEFAULT_FACTORS = (0.5, 2.0)
-BOUNDED_SUFFIXES = ("efficiency", "ratio")  # fractions: never above 1
+BOUNDED_SUFFIXES = ("efficiency", "ratio", "overlap")  # fractions: never above 1
 
 
 def unmeasured_fields(system: SystemSpec) -> dict[str, float]:
