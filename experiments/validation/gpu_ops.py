@@ -10,6 +10,7 @@ N = K from 64 to 32768) and MoE-Lightning's Mixtral MoE FFN kernel on the L4 ove
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -79,12 +80,18 @@ def check(gemm_path: Path = GPU_OPS_FILE, microbench_path: Path = MICROBENCH_FIL
     return table
 
 
-def summary(table: pd.DataFrame) -> dict[str, dict]:
-    """Median and worst |predicted / measured - 1| of the held-out kernels, per set."""
+def held_out_summary(table: pd.DataFrame, count: str, describe: Callable[[pd.Series], str]) -> dict[str, dict]:
+    """Per set, over its held-out rows: how many (under the key `count`), the median |ratio - 1| and the worst row
+    (`describe(row)` and its ratio). Shared by the GPU and the CPU kernel checks."""
     out = {}
     for name, rows in table[table["role"] == "held-out"].groupby("set", sort=True):
         err = (rows["ratio"] - 1).abs()
         worst = rows.loc[err.idxmax()]
-        out[name] = {"kernels": len(rows), "median_abs_error": float(err.median()),
-                     "worst": f"{worst['shape']} ({worst['ratio']:.2f}x)"}
+        out[name] = {count: len(rows), "median_abs_error": float(err.median()),
+                     "worst": f"{describe(worst)} ({worst['ratio']:.2f}x)"}
     return out
+
+
+def summary(table: pd.DataFrame) -> dict[str, dict]:
+    """Median and worst |predicted / measured - 1| of the held-out kernels, per set."""
+    return held_out_summary(table, "kernels", lambda row: row["shape"])
