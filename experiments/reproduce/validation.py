@@ -225,7 +225,8 @@ def finding(stats: dict[str, dict]) -> str:
 def gpu_ops_finding(stats: dict[str, dict]) -> str:
     parts = [f"{name}: median absolute error {s['median_abs_error']:.0%} over {s['kernels']} held-out kernels, "
              f"worst {s['worst']}" for name, s in stats.items()]
-    return "Single GPU kernels priced by the cost model against published timings (validation_gpu_ops.csv): " + \
+    return ("Single GPU kernels priced by the cost model against published timings (validation_gpu_ops.csv; "
+            "predicted / measured seconds, < 1: simulated too fast): ") + \
         "; ".join(parts) + "."
 
 
@@ -235,7 +236,8 @@ def cpu_ops_finding(stats: dict[str, dict]) -> str:
              f"{s['no_overlap_median_abs_error']:.0%}, {s['no_overlap_range']})" for name, s in stats.items()]
     return ("CPU expert kernels (one 8452Y socket, DeepSeek-V3's expert, 1-1024 tokens per expert) priced against "
             "KTransformers' published throughput curves (validation_cpu_ops.csv; incomplete: the chart's CPU is "
-            "not named, its plateaus match the 8452Y's; > 1: simulated too fast): " + "; ".join(parts) + ".")
+            "not named, its plateaus match the 8452Y's; simulated / measured TFLOPS, > 1: simulated too fast): "
+            + "; ".join(parts) + ".")
 
 
 def reproduce(options: ReproduceOptions) -> Reproduction:
