@@ -593,6 +593,7 @@ def test_reproduce_validation_quick_subset(tmp_path, capsys):
     assert set(declared["parts"]) == {"l4+xeon-8273cl-24c", "any"}
     assert (tmp_path / "validation_gpu_ops.csv").exists()
     assert len(pd.read_csv(tmp_path / "validation_cpu_ops.csv")) == 33
+    assert (tmp_path / "validation_kernels.png").read_bytes()[:4] == b"\x89PNG"  # both kernel checks, one chart
     assert "CPU expert kernels" in out
     assert (tmp_path / "validation.png").read_bytes()[:4] == b"\x89PNG"
     assert Path(tmp_path / "validation.pdf").read_bytes()[:4] == b"%PDF"

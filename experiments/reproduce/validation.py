@@ -216,6 +216,51 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         return save_figure(fig, out, "validation")
 
 
+def plot_kernels(gpu: pd.DataFrame, cpu: pd.DataFrame, out: Path) -> list[Path]:
+    """The single-kernel checks on one convention, simulated / measured rate (> 1: simulated too fast): GPU
+    kernels against their measured time, CPU expert kernels against tokens per expert, as preset (solid) and with
+    `cpu.gemm_overlap` 0 (dashed); points that set a constant are hollow."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    colors = ("#2e86c1", "#c0392b", "#27ae60", "#8e44ad", "#d35400")
+    with paper_style():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.0))
+        for ax in (left, right):
+            ax.axhspan(1 - BAND, 1 + BAND, color="0.9", lw=0)
+            ax.axhline(1.0, color="k", lw=0.6)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(FixedLocator([0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0]))
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        for c, (name, rows) in zip(colors, gpu.groupby("set", sort=True), strict=False):
+            rows = rows.sort_values("measured_s")
+            held = rows["role"] == "held-out"
+            speed = rows["measured_s"] / rows["predicted_s"]
+            left.scatter(rows.loc[held, "measured_s"] * 1e3, speed[held], color=c, s=14, label=name)
+            left.scatter(rows.loc[~held, "measured_s"] * 1e3, speed[~held], facecolors="none", edgecolors=c, s=14)
+        left.set_xlabel("measured kernel time (ms)")
+        left.set_ylabel("simulated / measured rate")
+        left.set_title("GPU kernels")
+        left.legend(loc="lower right", fontsize=6)
+        for c, (name, rows) in zip(colors, cpu.groupby("set", sort=True), strict=False):
+            rows = rows.sort_values("tokens_per_expert")
+            right.plot(rows["tokens_per_expert"], rows["ratio"], color=c, lw=0.9, label=name)
+            right.plot(rows["tokens_per_expert"], rows["ratio_no_overlap"], color=c, lw=0.9, ls="--")
+            plateau = rows["role"] != "held-out"
+            right.scatter(rows.loc[~plateau, "tokens_per_expert"], rows.loc[~plateau, "ratio"], color=c, s=10)
+            right.scatter(rows.loc[plateau, "tokens_per_expert"], rows.loc[plateau, "ratio"], facecolors="none",
+                          edgecolors=c, s=10)
+        right.plot([], [], color="0.4", lw=0.9, ls="--", label="cpu.gemm_overlap 0")
+        right.set_xlabel("tokens per expert")
+        right.set_title("CPU expert kernels (8452Y socket)")
+        right.legend(loc="upper right", fontsize=6)
+        fig.tight_layout()
+        return save_figure(fig, out, "validation_kernels")
+
+
 def finding(stats: dict[str, dict]) -> str:
     parts = [f"{label}: median absolute error {s['median_abs_error']:.0%} over {s['points']} points, "
              f"{s['within_1.5x']} within 1.5x, worst {s['worst']}" for label, s in stats.items()]
@@ -249,7 +294,7 @@ def reproduce(options: ReproduceOptions) -> Reproduction:
     files = [save_csv(table, options.out, "validation"), save_csv(fits, options.out, "validation_factors"),
              save_csv(ops, options.out, "validation_gpu_ops"), save_csv(cpu, options.out, "validation_cpu_ops"),
              save_csv(phases, options.out, "validation_phases"),
-             *plot(table, options.out)]
+             *plot(table, options.out), *plot_kernels(ops, cpu, options.out)]
     claim = ("No paper figure: published measurements of offloading systems (shared/reference/validation.md), "
              "each simulated with its authors' knobs; the goal is every complete point within 1.5x and a median "
              "absolute error <= 20-25% on points not used for fitting.")
