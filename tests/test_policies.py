@@ -231,7 +231,7 @@ def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):
     assert qkv[0].tokens == 4 * 9 and router[0].tokens == int(prompts.sum())
 
 
-def test_flexgen_mixed_kv_attends_on_both_devices_over_the_fp16_halves(tiny_model, paper_system):
+def test_flexgen_mixed_kv_attends_on_both_devices_without_repeating_heads(tiny_model, paper_system):
     ctx = ctx_for(tiny_model, paper_system, batch=8, prompt=32, gen=3)
     knobs = {"gpu_batch_size": "8", "weights_gpu_percent": "100", "act_gpu_percent": "100", "kv_gpu_percent": "50"}
     plan = make_policy("flexgen", knobs).build(ctx)
@@ -242,9 +242,11 @@ def test_flexgen_mixed_kv_attends_on_both_devices_over_the_fp16_halves(tiny_mode
     no_cast = make_policy("flexgen", {**knobs, "fp32_cpu_attention": "off"}).build(ctx)
     cpu_plain = [op for op in ops_of(no_cast, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
                  if op.stream is Stream.CPU][0]
-    assert cpu[0].bytes == cpu_plain.bytes  # the mixed-device path casts only q: no repeated or fp32 K/V
     assert kv_bytes > 0
-    # the whole cache in DRAM: the port repeats each KV head g times and casts those copies to fp32
+    # the mixed-device path repeats no heads: the fp32 workspace copy (read 2, write 4) and the bmm's read (4) per
+    # 2 B cached, against read 2, write 2, read 2 with an fp16 workspace
+    assert cpu[0].bytes - cpu_plain.bytes == ((1 + 4) - (1 + 2)) * kv_bytes
+    # the whole cache in DRAM: the port repeats each KV head g times from the fp32 workspace
     all_cpu = {**knobs, "kv_gpu_percent": "0", "cpu_attention": "on"}
     fp32 = [op for op in ops_of(make_policy("flexgen", all_cpu).build(ctx), kind=OpKind.ATTENTION,
                                 phase=Phase.DECODE, step=1, layer=0) if op.stream is Stream.CPU]
@@ -253,21 +255,26 @@ def test_flexgen_mixed_kv_attends_on_both_devices_over_the_fp16_halves(tiny_mode
     g = tiny_model.num_attention_heads // tiny_model.num_kv_heads
     whole = fp32[0].kv_tokens * tiny_model.kv_bytes_per_token_layer
     assert len(fp32) == len(fp16) == 1  # one GPU batch: one CPU attention op per layer
-    assert fp32[0].bytes - fp16[0].bytes == ((1 + 6 * g) - (1 + 2 * g)) * whole
+    assert fp32[0].bytes - fp16[0].bytes == ((1 + 4 + 4 * g) - (1 + 2 + 2 * g)) * whole
     assert plan.static_memory["gpu"]["kv_cache"] == pytest.approx(plan.static_memory["cpu"]["kv_cache"], abs=1)
 
 
 def test_flexgen_cpu_attention_traffic_follows_the_code_that_ran():
-    """FlexLLMGen's OPT attention (one KV head per query head) moves 5 B per cached byte in fp32; the Mixtral
-    port repeats each of Mixtral's 8 KV heads 4 times before the cast: 25; MLA keeps the MHA factor."""
+    """Per 2 B cached, FlexGen copies K/V into an fp32 workspace (read 2, write 4), and FlexLLMGen's OPT bmm reads
+    it (4): a factor 5. The Mixtral port repeats each of Mixtral's 8 KV heads 4 times from the workspace (read 4,
+    write 16) and reads the copies (16): 21. MLA keeps the MHA factor; a split cache repeats nothing: 5. An fp16
+    workspace (the what-if `fp32_cpu_attention=off`): 3, 11, 3."""
     from sim.policies.flexgen import cpu_attention_kv_factor
     from sim.specs import load_model
 
-    assert cpu_attention_kv_factor(load_model("opt-30b"), fp32=True) == 5
-    assert cpu_attention_kv_factor(load_model("opt-30b"), fp32=False) == 1
-    assert cpu_attention_kv_factor(load_model("mixtral-8x7b"), fp32=True) == 25
-    assert cpu_attention_kv_factor(load_model("mixtral-8x7b"), fp32=False) == 9
-    assert cpu_attention_kv_factor(load_model("deepseek-v2-lite"), fp32=True) == 5
+    opt, mixtral, mla = load_model("opt-30b"), load_model("mixtral-8x7b"), load_model("deepseek-v2-lite")
+    assert cpu_attention_kv_factor(opt, fp32=True) == (2 + 4 + 4) // 2 == 5
+    assert cpu_attention_kv_factor(opt, fp32=False) == (2 + 2 + 2) // 2 == 3
+    assert cpu_attention_kv_factor(mixtral, fp32=True) == (2 + 4 + 4 + 16 + 16) // 2 == 21
+    assert cpu_attention_kv_factor(mixtral, fp32=False) == (2 + 2 + 2 + 8 + 8) // 2 == 11
+    assert cpu_attention_kv_factor(mla, fp32=True) == 5
+    assert cpu_attention_kv_factor(mixtral, fp32=True, mixed=True) == 5
+    assert cpu_attention_kv_factor(mixtral, fp32=False, mixed=True) == 3
 
 
 # ---- Fiddler ----------------------------------------------------------------------------------------------------

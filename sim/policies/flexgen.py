@@ -50,24 +50,35 @@ MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxa
 # due to high memory overhead", in FlexLLMGen and its Mixtral port alike), so every cache copy between GPU and
 # DRAM is staged through a pinned buffer.
 KV_HOME = Payload.PAGEABLE_KV
-FP32_CPU_ATTENTION_BYTES = 5  # FlexGen's CPU attention casts the fp16 K/V to fp32: read 2 B, write 4 B, read 4 B
+# Before a GPU batch's CPU attention, FlexGen copies that batch's cached K and V from their fp16 home into a CPU
+# workspace allocated in fp32 (`init_attention_compute_workspace`: "Only CPU requires this fp32 workspace";
+# `load_cache` path 1 for an all-DRAM cache, path 2 for a split one: `general_copy(k_buf, indices, k_home,
+# indices)`), in FlexLLMGen's `flex_opt.py` / `pytorch_backend.py` and the Mixtral port's `flex_moe.py` /
+# `moe_pytorch_backend.py` alike. That copy is the cast: `mha_gen`'s later `k.float()` finds fp32 and copies nothing.
+WORKSPACE_BYTES_FP32 = 4  # bytes per cached element in FlexGen's CPU attention workspace
+WORKSPACE_BYTES_FP16 = 2  # `fp32_cpu_attention=off`: a what-if fp16 workspace
 
 
-def cpu_attention_kv_factor(model, fp32: bool) -> int:
-    """DRAM bytes FlexGen's CPU decode attention moves per byte of fp16 KV cache it attends over.
+def cpu_attention_kv_factor(model, fp32: bool, mixed: bool = False) -> int:
+    """DRAM bytes FlexGen's CPU decode attention moves per byte of fp16 KV cache it attends over, counted from
+    the code that ran, per cached element of 2 B, with w the workspace's bytes per element (4; 2 with
+    `fp32_cpu_attention=off`):
 
-    FlexLLMGen's `mha_gen` (OPT, one KV head per query head) casts K and V to fp32 (`k.float()`: read 2 B, write
-    4 B per element) and its bmm reads the fp32 copies (4 B): 10 B per 2 B cached, a factor 5. The Mixtral port's
-    `mha_gen` (FLG-MoE `flexgen/moe_pytorch_backend.py`) first repeats each of the g = heads / KV heads groups
-    (`unsqueeze(2).expand(...).reshape(src_s, b * n_head, head_dim)`: read 2 B, write 2g B), then casts the
-    expanded copies (read 2g, write 4g) and its bmm reads them (4g): 2 + 12g B per 2 B cached, a factor 1 + 6g
-    (25 for Mixtral's g = 4). Without the fp32 cast (`fp32_cpu_attention=off`) the bmm reads the fp16 copies:
-    1 (no expansion) or 1 + 2g. MLA caches a latent that is not expanded this way: the MHA factor. (A cache split
-    between GPU and DRAM runs `_mixed_device_attention` instead, which neither repeats nor casts K/V: factor 1.)"""
+    - the workspace copy (`load_cache`): read 2 B from the cache's home, write w;
+    - FlexLLMGen's OPT `mha_gen` (one KV head per query head): its bmm reads the workspace (w), since
+      `permute(...).reshape(...)` to the same shape is a view and `.float()` on fp32 is a no-op: 2 + 2w B, a
+      factor 1 + w (5 in fp32);
+    - the Mixtral port's `mha_gen` (FLG-MoE `flexgen/moe_pytorch_backend.py`) first repeats each of the g = heads /
+      KV heads groups (`unsqueeze(2).expand(...).reshape(src_s, b * n_head, head_dim)`: read w, write g w), and
+      its bmm reads the copies (g w): 2 + 2w + 2gw B, a factor 1 + w + gw (21 for Mixtral's g = 4 in fp32);
+    - a cache split between GPU and DRAM (`mixed`) runs `_mixed_device_attention` on the CPU segment of the
+      workspace, which repeats nothing: 1 + w.
+    MLA caches a latent that is not expanded this way: the MHA factor."""
+    w = WORKSPACE_BYTES_FP32 if fp32 else WORKSPACE_BYTES_FP16
     g = model.num_attention_heads // model.num_kv_heads if model.attention == "gqa" else 1
-    if g <= 1:
-        return FP32_CPU_ATTENTION_BYTES if fp32 else 1
-    return 1 + 6 * g if fp32 else 1 + 2 * g
+    if mixed or g <= 1:
+        return 1 + w
+    return 1 + w + g * w
 # FlexGen's prefill attention is eager (flex_opt `mha`, and the Mixtral port's `MixtralAttention_Prefill`): it
 # computes every one of the s x s scores per head (the causal mask is applied after the product) and moves the
 # score tensor through GPU memory: written by the first bmm, read and written by the mask (`torch.where`), read
@@ -79,18 +90,18 @@ EAGER_SCORE_BYTES = 12
 class FlexGenOptions(OptionsBase):
     """gpu_batch_size: requests per GPU batch (-1 = search); num_gpu_batches: GPU batches per block, FlexGen's
     --num-gpu-batches (0 = ceil(B / gpu_batch_size); given, it must equal that, so the block is the batch);
-    weights_gpu_percent, kv_gpu_percent, act_gpu_percent: shares of each layer's weights, of the KV cache and
-    of the hidden states kept in VRAM, the rest in DRAM (-1 = search); cpu_attention: on | off (FlexGen's
-    --cpu-cache-compute: decode attention over the DRAM part of the cache runs on the CPU); fp32_cpu_attention:
-    on | off (its CPU path casts K/V to fp32 first); pin_weight: on | off (FlexGen's --pin-weight: off keeps the
-    DRAM weights pageable, so each weight load is staged through a bounce buffer); sep_layer: on | off
-    (FlexGen's --sep-layer: attention and FFN are separate layers of its schedule, so each half's weights are
-    loaded while the other half computes and the double buffer holds one layer, not two; flex_opt's default is
-    on, the MoE port's printed policies say off); eager_attention: on | off (on: prefill attention as FlexGen
-    computes it, every s x s score with the causal mask applied afterwards and the score tensor moved through
-    GPU memory six times; off: a fused causal kernel); memory_fraction: share of
-    each memory the search may fill (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A
-    configuration with every knob given needs only to fit in memory."""
+    weights_gpu_percent, kv_gpu_percent, act_gpu_percent: shares of each layer's weights, of the KV cache and of the
+    hidden states kept in VRAM, the rest in DRAM (-1 = search); cpu_attention: on | off (FlexGen's
+    --cpu-cache-compute: decode attention over the DRAM part of the cache runs on the CPU); fp32_cpu_attention: on |
+    off (its CPU path copies K/V into an fp32 workspace first; off: a what-if fp16 one); pin_weight: on | off
+    (FlexGen's --pin-weight: off keeps the DRAM weights pageable, so each weight load is staged through a bounce
+    buffer); sep_layer: on | off (FlexGen's --sep-layer: attention and FFN are separate layers of its schedule, so
+    each half's weights are loaded while the other half computes and the double buffer holds one layer, not two;
+    flex_opt's default is on, and the MoE port's HELM driver builds its policy with it on); eager_attention: on |
+    off (on: prefill attention as FlexGen computes it, every s x s score with the causal mask applied afterwards and
+    the score tensor moved through GPU memory six times; off: a fused causal kernel); memory_fraction: share of each
+    memory the search may fill (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A configuration
+    with every knob given needs only to fit in memory."""
 
     policy_name = "flexgen"
     gpu_batch_size: int = -1
@@ -153,10 +164,10 @@ class _Layout:
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
         self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
-        # A cache split between GPU and DRAM takes FlexGen's mixed-device path, which attends over the fp16 halves
-        # as they are (it casts only q): the repeated-head fp32 traffic belongs to an all-DRAM cache.
+        # A cache split between GPU and DRAM takes FlexGen's mixed-device path, which attends over the workspace's
+        # CPU segment without repeating heads: the repeated-head traffic belongs to an all-DRAM cache.
         mixed = 0.0 < self.cg < 1.0
-        self.kv_factor = 1 if mixed else cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on")
+        self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on", mixed)
         self.eager_attention = o.eager_attention == "on"
         other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
@@ -227,7 +238,8 @@ def prefill_attention_work(ctx: PlanContext, lay: _Layout, requests: int) -> Wor
 
 
 def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int) -> Work:
-    """Work of FlexGen's CPU attention over `kv` cached entries (its fp32 cast multiplies the KV bytes)."""
+    """Work of FlexGen's CPU attention over `kv` cached entries (its fp32 workspace copy and repeated heads
+    multiply the KV bytes: `cpu_attention_kv_factor`)."""
     base = ctx.work.attention(tokens, kv, kv)
     kv_bytes = kv * ctx.model.kv_bytes_per_token_layer
     return Work(base.flops, base.bytes + (lay.kv_factor - 1) * kv_bytes)
@@ -462,7 +474,7 @@ class _ZigZag(LayerEmitter):
         if kv_gpu:
             part = BatchSlice(s.phase, s.step, s.mb, s.requests, s.tokens, kv_gpu, kv_gpu, s.counts, s.routed)
             parts.append(self.attention(GPU, at, part, (q,)))
-        if kv_cpu:  # q, k, v down; the CPU attends over its share (fp32 cast included); the output comes up
+        if kv_cpu:  # q, k, v down; the CPU attends over its share (fp32 workspace copy included); the output comes up
             down = self.xfer(D2H, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
             cpu_work = _cpu_attention_work(self.ctx, lay, s.tokens, kv_cpu)
             a = self._op(OpKind.ATTENTION, CPU, at.phase, at.step, at.layer, at.mb, s.tokens, cpu_work, (down,),
