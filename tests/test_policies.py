@@ -205,7 +205,7 @@ def test_coxmoe_bad_options():
 def test_flexgen_zig_zag_loads_each_layer_once_per_block(tiny_model, paper_system):
     ctx = ctx_for(tiny_model, paper_system, batch=12, gen=3)
     plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "25", "cpu_attention": "on",
-                                   "act_gpu_percent": "100", "kv_gpu_percent": "0"}).build(ctx)
+                                   "act_gpu_percent": "100", "kv_gpu_percent": "0", "sep_layer": "off"}).build(ctx)
     loads = [op for op in plan.ops if op.stream is Stream.H2D and op.payload is Payload.EXPERT_WEIGHTS]
     visits = {(op.phase, op.step, op.layer) for op in plan.ops if op.layer >= 0 and op.layer < tiny_model.num_layers}
     assert len(loads) == len(visits)  # once per layer per block, not per GPU batch

@@ -112,7 +112,7 @@ class FlexGenOptions(OptionsBase):
     cpu_attention: str = "on"
     fp32_cpu_attention: str = "on"
     pin_weight: str = "on"
-    sep_layer: str = "off"
+    sep_layer: str = "on"
     eager_attention: str = "on"
     memory_fraction: float = MEMORY_FRACTION
     rescore: int = 3
