@@ -11,6 +11,7 @@ from sim.api import resolve_routing, simulate, simulate_plan
 from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Stream, member_ops, ungroup
 from sim.policies import PlanContext, make_policy
+from sim.policies.flexgen_weights import place_weights
 from sim.policies.moe_lightning import MoELightningOptions
 
 
@@ -209,12 +210,55 @@ def test_flexgen_zig_zag_loads_each_layer_once_per_block(tiny_model, paper_syste
     loads = [op for op in plan.ops if op.stream is Stream.H2D and op.payload is Payload.EXPERT_WEIGHTS]
     visits = {(op.phase, op.step, op.layer) for op in plan.ops if op.layer >= 0 and op.layer < tiny_model.num_layers}
     assert len(loads) == len(visits)  # once per layer per block, not per GPU batch
+    pl = place_weights(tiny_model, 25)  # FlexGen places whole tensors: what a layer loads is its DRAM tensors'
+    last = tiny_model.num_layers - 1
     for op in loads:
-        assert op.bytes == int(round(tiny_model.layer_params(op.layer) * 2 * 0.75))
+        extra = (pl.input_embedding_load if op.layer == 0 else 0) + (pl.output_embedding_load if op.layer == last
+                                                                      else 0)
+        assert op.bytes == pl.attention_load[op.layer] + pl.ffn_load[op.layer] + extra
+        assert 0 < pl.attention_load[op.layer] + pl.ffn_load[op.layer] < tiny_model.layer_bytes(op.layer)
     assert {op.stream for op in plan.ops if op.kind is OpKind.ATTENTION and op.phase is Phase.DECODE} == {Stream.CPU}
     assert {op.stream for op in plan.ops if op.kind is OpKind.ATTENTION and op.phase is Phase.PREFILL} == {Stream.GPU}
     # every GPU batch runs its own expert launches
     assert {op.micro_batch for op in ops_of(plan, kind=OpKind.EXPERT, phase=Phase.DECODE)} == {0, 1, 2}
+
+
+def test_flexgen_places_whole_tensors_by_their_midpoints():
+    """FlexGen's `get_choice`: a tensor goes where its midpoint falls in the [cpu | gpu] percent ranges of its
+    layer object, so at the Mixtral port's 7-14% no matrix is on the GPU, at 20% the experts' down projections
+    are (midpoint 83%), and at 20% of an OPT layer only the attention output projection (midpoint 87.5%)."""
+    from sim.policies.flexgen_weights import (
+        attention_tensors,
+        ffn_tensors,
+        input_embedding_tensors,
+        on_gpu,
+        output_embedding_tensors,
+    )
+    from sim.specs import load_model
+
+    assert on_gpu([1, 1, 1, 1], 25) == [False, False, False, True]  # midpoints 12.5/37.5/62.5/87.5 vs >= 75
+    assert on_gpu([1, 1, 1, 1], 0) == [False] * 4 and on_gpu([1, 1, 1, 1], 100) == [True] * 4
+    assert on_gpu([3, 1], 50) == [False, True]  # midpoints 37.5 and 87.5
+    for name in ("mixtral-8x7b", "opt-30b", "deepseek-v2-lite", "qwen3-30b-a3b"):
+        m = load_model(name)
+        for layer in (0, m.num_layers - 1):
+            assert sum(attention_tensors(m)) + sum(ffn_tensors(m, layer)) == m.layer_bytes(layer)
+        for wg in (0, 5, 20, 55, 100):
+            pl = place_weights(m, wg)
+            assert pl.gpu_bytes + pl.cpu_bytes == sum(m.layer_bytes(i) for i in range(m.num_layers)) + sum(
+                input_embedding_tensors(m)) + sum(output_embedding_tensors(m))
+    mixtral = load_model("mixtral-8x7b")
+    for wg in (7, 12, 14):
+        pl = place_weights(mixtral, wg)
+        assert pl.gpu_bytes < 0.001 * (pl.gpu_bytes + pl.cpu_bytes)  # norms only
+        token_table = mixtral.vocab_size * mixtral.hidden_size * 2
+        assert pl.input_embedding_load == token_table and pl.output_embedding_load == token_table + 4096 * 2
+    down = place_weights(mixtral, 20)
+    assert down.ffn_load[0] == pytest.approx(mixtral.num_experts * mixtral.expert_bytes * 2 / 3, rel=1e-3)
+    opt = load_model("opt-30b")
+    pl = place_weights(opt, 20)
+    assert pl.attention_load[0] == pytest.approx(opt.qkv_params * opt.bytes_per_param, rel=1e-3)
+    assert pl.gpu_bytes / (pl.gpu_bytes + pl.cpu_bytes) == pytest.approx(0.082, abs=0.002)
 
 
 def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):

@@ -32,6 +32,7 @@ from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.analytic import Analytic, Candidate, SearchSpace
 from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
+from sim.policies.flexgen_weights import place_weights
 from sim.policies.layers import (
     At,
     BatchSlice,
@@ -90,18 +91,18 @@ EAGER_SCORE_BYTES = 12
 class FlexGenOptions(OptionsBase):
     """gpu_batch_size: requests per GPU batch (-1 = search); num_gpu_batches: GPU batches per block, FlexGen's
     --num-gpu-batches (0 = ceil(B / gpu_batch_size); given, it must equal that, so the block is the batch);
-    weights_gpu_percent, kv_gpu_percent, act_gpu_percent: shares of each layer's weights, of the KV cache and of the
-    hidden states kept in VRAM, the rest in DRAM (-1 = search); cpu_attention: on | off (FlexGen's
-    --cpu-cache-compute: decode attention over the DRAM part of the cache runs on the CPU); fp32_cpu_attention: on |
-    off (its CPU path copies K/V into an fp32 workspace first; off: a what-if fp16 one); pin_weight: on | off
-    (FlexGen's --pin-weight: off keeps the DRAM weights pageable, so each weight load is staged through a bounce
-    buffer); sep_layer: on | off (FlexGen's --sep-layer: attention and FFN are separate layers of its schedule, so
-    each half's weights are loaded while the other half computes and the double buffer holds one layer, not two;
-    flex_opt's default is on, and the MoE port's HELM driver builds its policy with it on); eager_attention: on |
-    off (on: prefill attention as FlexGen computes it, every s x s score with the causal mask applied afterwards and
-    the score tensor moved through GPU memory six times; off: a fused causal kernel); memory_fraction: share of each
-    memory the search may fill (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A configuration
-    with every knob given needs only to fit in memory."""
+    weights_gpu_percent, kv_gpu_percent, act_gpu_percent: FlexGen's --percent for weights (whole tensors placed by
+    their midpoints, flexgen_weights.py), the KV cache and the hidden states kept in VRAM, the rest in DRAM (-1 =
+    search); cpu_attention: on | off (FlexGen's --cpu-cache-compute: decode attention over the DRAM part of the
+    cache runs on the CPU); fp32_cpu_attention: on | off (its CPU path copies K/V into an fp32 workspace first; off:
+    a what-if fp16 one); pin_weight: on | off (FlexGen's --pin-weight: off keeps the DRAM weights pageable, so each
+    weight load is staged through a bounce buffer); sep_layer: on | off (FlexGen's --sep-layer: attention and FFN
+    are separate layers of its schedule, so each half's weights are loaded while the other half computes and the
+    double buffer holds one layer, not two; flex_opt's default is on, and the MoE port's HELM driver builds its
+    policy with it on); eager_attention: on | off (on: prefill attention as FlexGen computes it, every s x s score
+    with the causal mask applied afterwards and the score tensor moved through GPU memory six times; off: a fused
+    causal kernel); memory_fraction: share of each memory the search may fill (FlexGen's relaxation ratio, 0.8);
+    rescore: candidates simulated. A configuration with every knob given needs only to fit in memory."""
 
     policy_name = "flexgen"
     gpu_batch_size: int = -1
@@ -146,20 +147,26 @@ class _Layout:
         bpp = m.bytes_per_param
         self.gbs = min(max(o.gpu_batch_size, 1), wl.batch)
         self.ngb = -(-wl.batch // self.gbs)
-        self.wg, self.cg, self.hg = (o.weights_gpu_percent / 100.0, o.kv_gpu_percent / 100.0,
-                                     o.act_gpu_percent / 100.0)
+        self.cg, self.hg = o.kv_gpu_percent / 100.0, o.act_gpu_percent / 100.0
         self.layer_bytes = [m.layer_bytes(layer) for layer in range(m.num_layers)]
-        self.loaded = [int(round(b * (1 - self.wg))) for b in self.layer_bytes]
-        # The weight loads of one layer visit: [attention half, FFN half] with sep_layer, else [whole layer];
-        # each half keeps the wg share of its own tensors on the GPU.
+        # FlexGen places whole tensors by their midpoints (flexgen_weights.py): what each half of a layer loads
+        # from DRAM per visit. Embeddings left in DRAM load once per step; the plan loads them with the first
+        # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,
+        # one GPU batch's compute earlier or later).
+        self.placement = pl = place_weights(m, o.weights_gpu_percent)
+        halves = [[a, f] for a, f in zip(pl.attention_load, pl.ffn_load, strict=True)]
+        # The weight loads in schedule order: FlexGen's layer objects, the embeddings being layers of their own.
         self.sep_layer = o.sep_layer == "on"
-        attn = (m.attention_params + m.norm_params_per_layer // 2) * bpp
-        self.parts = [[int(round(attn * (1 - self.wg))), loaded - int(round(attn * (1 - self.wg)))]
-                      if self.sep_layer else [loaded] for loaded in self.loaded]
-        flat = [b for layer in self.parts for b in layer]
-        # The part computing and the next one loading share the buffer.
-        double_buffer = (max((a + b for a, b in zip(flat, flat[1:], strict=False)), default=0) if self.sep_layer
-                         else 2 * max(self.loaded, default=0))
+        units = [b for a, f in halves for b in ([a, f] if self.sep_layer else [a + f])]
+        sequence = [pl.input_embedding_load, *units, pl.output_embedding_load]
+        # The object computing and the next one loading share the buffer (the output embedding's successor is the
+        # next step's input embedding).
+        double_buffer = max(a + b for a, b in zip(sequence, sequence[1:] + sequence[:1], strict=True))
+        if halves:
+            halves[0][0] += pl.input_embedding_load
+            halves[-1][1] += pl.output_embedding_load
+        self.loaded = [a + f for a, f in halves]
+        self.parts = [[a, f] if self.sep_layer else [a + f] for a, f in halves]
         self.prompt = int(wl.prompt_lens.max())  # padded
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
@@ -169,17 +176,16 @@ class _Layout:
         mixed = 0.0 < self.cg < 1.0
         self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on", mixed)
         self.eager_attention = o.eager_attention == "on"
-        other = (m.embedding_params + m.lm_head_params + m.hidden_size) * bpp
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
         # Not counted apart: the buffer GPU decode attention reads a DRAM share of the cache into (two GPU batches'
         # of one layer with the prefetch): with it, two of FlexLLMGen's published OPT-30B runs would not fit by
         # 0.1 GiB, so the other terms' estimates (workspace, CUDA context) already cover it.
-        self.gpu = {"resident_weights": int(sum(self.layer_bytes) * self.wg) + other,
+        self.gpu = {"resident_weights": pl.gpu_bytes,
                     "weight_double_buffer": double_buffer,
                     "kv_cache": kv_gpu, "hidden_states": int(hidden * self.hg),
                     "workspace": activation_workspace_bytes(ctx, self.gbs * self.prompt, self.gbs)}
-        self.cpu = {"weights": sum(self.layer_bytes) - int(sum(self.layer_bytes) * self.wg),
+        self.cpu = {"weights": pl.cpu_bytes,
                     "kv_cache": self.kv_bytes - kv_gpu, "hidden_states": hidden - int(hidden * self.hg)}
 
 

@@ -1,0 +1,119 @@
+"""Where FlexGen puts each weight tensor for a `--percent` weight split, and what a layer loads from DRAM.
+
+FlexGen does not split tensors: `init_weight_list` (FlexLLMGen `flex_opt.py`, and `init_weight_list_moe` in the
+Mixtral port's `flex_moe.py`) walks one layer object's tensors in order and puts each whole tensor on the device
+whose cumulative percent range holds the tensor's midpoint (`get_choice` over [disk, cpu, gpu]). With no disk
+share, a tensor is on the GPU when its midpoint lies at or above 100 - w_gpu percent of its layer object's bytes.
+Every layer object (attention half, FFN half, input embedding, output embedding) is placed on its own, in both the
+sep_layer and the whole-layer schedule (a whole layer's `init_weight` calls its halves'). So at the port's
+7-14% no matrix of a Mixtral layer is on the GPU, and at 20% only OPT's attention output projection is.
+
+Tensor lists follow the code that ran: the port's `SelfAttention` (norm, q, k, v, o) and `MoEMLP` (gate, the
+experts' stacked w1/w3, their w2), FlexLLMGen's OPT halves (q, k, v, out; fc1, fc2); a model FlexGen never ran
+(MLA, shared experts) gets its projections at the same granularity. Norms and biases only shift midpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sim.specs import ModelSpec
+
+
+def on_gpu(sizes: list[int], gpu_percent: float) -> list[bool]:
+    """FlexGen's placement of one layer object's tensors (`sizes` in allocation order, no disk share): a tensor
+    goes to the GPU when its midpoint's percent of the object's bytes is at least 100 - `gpu_percent`."""
+    total = sum(sizes)
+    if total <= 0:
+        return [False] * len(sizes)
+    cpu_share = 100.0 - gpu_percent
+    out, before = [], 0
+    for size in sizes:
+        mid = (before + size / 2) / total * 100.0
+        out.append(mid >= cpu_share)
+        before += size
+    return out
+
+
+def attention_tensors(m: ModelSpec) -> list[int]:
+    """Bytes of the attention half's tensors in allocation order: its norm share, the input projections, the
+    output projection (the norms of both halves sum to the layer's)."""
+    bpp = m.bytes_per_param
+    norm = m.norm_params_per_layer // 2
+    if m.attention == "gqa":
+        h = m.hidden_size
+        q, kv = h * m.num_attention_heads * m.head_dim, h * m.num_kv_heads * m.head_dim
+        extra = m.qkv_params - q - 2 * kv  # biases and q/k norms ride with q
+        projections = [q + extra, kv, kv]
+    else:  # MLA: its low-rank query and key-value paths as one tensor each
+        projections = [m.qkv_params]
+    return [norm * bpp] + [p * bpp for p in projections] + [m.o_proj_params * bpp]
+
+
+def ffn_tensors(m: ModelSpec, layer: int) -> list[int]:
+    """Bytes of the FFN half's tensors in allocation order (a MoE layer: router, every expert's up/gate
+    projections stacked, every expert's down projection, shared experts; a dense layer: up/gate, down), then the
+    half's norm share. They sum with `attention_tensors` to `ModelSpec.layer_bytes`."""
+    bpp = m.bytes_per_param
+    norm = (m.norm_params_per_layer - m.norm_params_per_layer // 2) * bpp
+    if m.is_moe_layer(layer):
+        experts = m.num_experts * m.expert_bytes
+        down = experts // m.ffn_matrices
+        tensors = [m.router_params * bpp, experts - down, down]
+        if m.shared_expert_params:
+            tensors.append(m.shared_expert_params * bpp)
+    else:
+        dense = m.dense_ffn_params * bpp
+        down = dense // m.ffn_matrices
+        tensors = [dense - down, down]
+    tensors.append(norm)
+    attn = sum(attention_tensors(m))
+    tensors[-1] += m.layer_bytes(layer) - attn - sum(tensors)  # rounding of the expert precision's bytes
+    return tensors
+
+
+def input_embedding_tensors(m: ModelSpec) -> list[int]:
+    """FlexGen's `InputEmbed`: token embedding, then learned positions where the model has them."""
+    bpp = m.bytes_per_param
+    tensors = [m.vocab_size * m.hidden_size * bpp]
+    if m.learned_position_embeddings:
+        tensors.append(m.learned_position_embeddings * m.hidden_size * bpp)
+    return tensors
+
+
+def output_embedding_tensors(m: ModelSpec) -> list[int]:
+    """FlexGen's `OutputEmbed`: the final norm, then its own copy of the output projection (allocated apart
+    from the input embedding even where the model ties them)."""
+    bpp = m.bytes_per_param
+    return [(2 if m.linear_bias else 1) * m.hidden_size * bpp, m.vocab_size * m.hidden_size * bpp]
+
+
+@dataclass(frozen=True)
+class WeightPlacement:
+    """Bytes FlexGen keeps on the GPU and loads from DRAM, per layer half and for the embeddings."""
+
+    attention_load: list[int]  # per decoder layer: the attention half's DRAM tensors
+    ffn_load: list[int]  # per decoder layer: the FFN half's
+    gpu_bytes: int  # every tensor placed on the GPU (decoder layers and embeddings)
+    cpu_bytes: int  # every tensor placed in DRAM
+    input_embedding_load: int  # the input embedding's DRAM tensors, loaded once per step
+    output_embedding_load: int  # the output embedding's, loaded once per step
+
+
+def place_weights(m: ModelSpec, gpu_percent: float) -> WeightPlacement:
+    """FlexGen's placement of the whole model for a weight split of `gpu_percent` on the GPU, the rest in DRAM."""
+    gpu = cpu = 0
+
+    def split(sizes: list[int]) -> int:
+        nonlocal gpu, cpu
+        where = on_gpu(sizes, gpu_percent)
+        resident = sum(s for s, g in zip(sizes, where, strict=True) if g)
+        gpu += resident
+        cpu += sum(sizes) - resident
+        return sum(sizes) - resident
+
+    attn = [split(attention_tensors(m)) for _ in range(m.num_layers)]
+    ffn = [split(ffn_tensors(m, layer)) for layer in range(m.num_layers)]
+    inp = split(input_embedding_tensors(m))
+    out = split(output_embedding_tensors(m))
+    return WeightPlacement(attn, ffn, gpu, cpu, inp, out)
