@@ -275,39 +275,47 @@ def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):
     assert qkv[0].tokens == 4 * 9 and router[0].tokens == int(prompts.sum())
 
 
-def test_flexgen_mixed_kv_attends_on_both_devices_without_repeating_heads(tiny_model, paper_system):
+def test_flexgen_mixed_kv_attends_on_both_devices_and_the_search_keeps_gqa_caches_whole(tiny_model, paper_system):
+    """A cache split between GPU and DRAM attends on both devices. FlexGen's mixed-device path cannot run grouped-
+    query attention (it raises), so its search never splits a GQA cache under CPU attention; given as a what-if,
+    the CPU share is priced like the all-DRAM path (heads repeated), and an MHA model's split is searched."""
     ctx = ctx_for(tiny_model, paper_system, batch=8, prompt=32, gen=3)
     knobs = {"gpu_batch_size": "8", "weights_gpu_percent": "100", "act_gpu_percent": "100", "kv_gpu_percent": "50"}
     plan = make_policy("flexgen", knobs).build(ctx)
     attn = ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
     gpu, cpu = [op for op in attn if op.stream is Stream.GPU], [op for op in attn if op.stream is Stream.CPU]
     assert len(gpu) == len(cpu) == 1 and gpu[0].kv_tokens + cpu[0].kv_tokens == 8 * (32 + 1)
+    assert plan.static_memory["gpu"]["kv_cache"] == pytest.approx(plan.static_memory["cpu"]["kv_cache"], abs=1)
     kv_bytes = cpu[0].kv_tokens * tiny_model.kv_bytes_per_token_layer
-    no_cast = make_policy("flexgen", {**knobs, "fp32_cpu_attention": "off"}).build(ctx)
-    cpu_plain = [op for op in ops_of(no_cast, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
-                 if op.stream is Stream.CPU][0]
-    assert kv_bytes > 0
-    # the mixed-device path repeats no heads: the fp32 workspace copy (read 2, write 4) and the bmm's read (4) per
-    # 2 B cached, against read 2, write 2, read 2 with an fp16 workspace
-    assert cpu[0].bytes - cpu_plain.bytes == ((1 + 4) - (1 + 2)) * kv_bytes
-    # the whole cache in DRAM: the port repeats each KV head g times from the fp32 workspace
+    fp16 = make_policy("flexgen", {**knobs, "fp32_cpu_attention": "off"}).build(ctx)
+    cpu_fp16 = [op for op in ops_of(fp16, kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0)
+                if op.stream is Stream.CPU][0]
+    g = tiny_model.num_attention_heads // tiny_model.num_kv_heads
+    assert kv_bytes > 0 and g > 1
+    # per 2 B cached: the workspace copy (read 2, write w), the head repeat (read w, write g w), the bmm (g w)
+    assert cpu[0].bytes - cpu_fp16.bytes == ((1 + 4 + 4 * g) - (1 + 2 + 2 * g)) * kv_bytes
+    # the whole cache in DRAM: the same factor over every cached entry
     all_cpu = {**knobs, "kv_gpu_percent": "0", "cpu_attention": "on"}
     fp32 = [op for op in ops_of(make_policy("flexgen", all_cpu).build(ctx), kind=OpKind.ATTENTION,
                                 phase=Phase.DECODE, step=1, layer=0) if op.stream is Stream.CPU]
-    fp16 = [op for op in ops_of(make_policy("flexgen", {**all_cpu, "fp32_cpu_attention": "off"}).build(ctx),
-                                kind=OpKind.ATTENTION, phase=Phase.DECODE, step=1, layer=0) if op.stream is Stream.CPU]
-    g = tiny_model.num_attention_heads // tiny_model.num_kv_heads
-    whole = fp32[0].kv_tokens * tiny_model.kv_bytes_per_token_layer
-    assert len(fp32) == len(fp16) == 1  # one GPU batch: one CPU attention op per layer
-    assert fp32[0].bytes - fp16[0].bytes == ((1 + 4 + 4 * g) - (1 + 2 + 2 * g)) * whole
-    assert plan.static_memory["gpu"]["kv_cache"] == pytest.approx(plan.static_memory["cpu"]["kv_cache"], abs=1)
+    assert len(fp32) == 1 and fp32[0].kv_tokens == 8 * (32 + 1)
+    # the search: a GQA model's cache under CPU attention is all on the GPU or all in DRAM; an MHA model's may split
+    from sim.search import plan_policy
+
+    searched = make_policy("flexgen", {"cpu_attention": "on"}).search_space(ctx)
+    assert searched.candidates and {c.options.kv_gpu_percent for c in searched.candidates} <= {0.0, 100.0}
+    mha = dataclasses.replace(tiny_model, num_kv_heads=tiny_model.num_attention_heads)
+    mha_space = make_policy("flexgen", {"cpu_attention": "on"}).search_space(ctx_for(mha, paper_system, batch=8,
+                                                                                         prompt=32, gen=3))
+    assert {c.options.kv_gpu_percent for c in mha_space.candidates} - {0.0, 100.0}
+    assert plan_policy(make_policy("flexgen", {"cpu_attention": "on"}), ctx).plan.knobs["kv_gpu_percent"] in (0, 100)
 
 
 def test_flexgen_cpu_attention_traffic_follows_the_code_that_ran():
     """Per 2 B cached, FlexGen copies K/V into an fp32 workspace (read 2, write 4), and FlexLLMGen's OPT bmm reads
     it (4): a factor 5. The Mixtral port repeats each of Mixtral's 8 KV heads 4 times from the workspace (read 4,
-    write 16) and reads the copies (16): 21. MLA keeps the MHA factor; a split cache repeats nothing: 5. An fp16
-    workspace (the what-if `fp32_cpu_attention=off`): 3, 11, 3."""
+    write 16) and reads the copies (16): 21; Qwen3's 4 KV heads 8 times: 37. MLA keeps the MHA factor. An fp16
+    workspace (the what-if `fp32_cpu_attention=off`): 3, 11."""
     from sim.policies.flexgen import cpu_attention_kv_factor
     from sim.specs import load_model
 
@@ -317,8 +325,7 @@ def test_flexgen_cpu_attention_traffic_follows_the_code_that_ran():
     assert cpu_attention_kv_factor(mixtral, fp32=True) == (2 + 4 + 4 + 16 + 16) // 2 == 21
     assert cpu_attention_kv_factor(mixtral, fp32=False) == (2 + 2 + 2 + 8 + 8) // 2 == 11
     assert cpu_attention_kv_factor(mla, fp32=True) == 5
-    assert cpu_attention_kv_factor(mixtral, fp32=True, mixed=True) == 5
-    assert cpu_attention_kv_factor(mixtral, fp32=False, mixed=True) == 3
+    assert cpu_attention_kv_factor(load_model("qwen3-30b-a3b"), fp32=True) == (2 + 4 + 4 + 32 + 32) // 2 == 37
 
 
 # ---- Fiddler ----------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ WORKSPACE_BYTES_FP32 = 4  # bytes per cached element in FlexGen's CPU attention 
 WORKSPACE_BYTES_FP16 = 2  # `fp32_cpu_attention=off`: a what-if fp16 workspace
 
 
-def cpu_attention_kv_factor(model, fp32: bool, mixed: bool = False) -> int:
+def cpu_attention_kv_factor(model, fp32: bool) -> int:
     """DRAM bytes FlexGen's CPU decode attention moves per byte of fp16 KV cache it attends over, counted from
     the code that ran, per cached element of 2 B, with w the workspace's bytes per element (4; 2 with
     `fp32_cpu_attention=off`):
@@ -72,14 +72,22 @@ def cpu_attention_kv_factor(model, fp32: bool, mixed: bool = False) -> int:
     - the Mixtral port's `mha_gen` (FLG-MoE `flexgen/moe_pytorch_backend.py`) first repeats each of the g = heads /
       KV heads groups (`unsqueeze(2).expand(...).reshape(src_s, b * n_head, head_dim)`: read w, write g w), and
       its bmm reads the copies (g w): 2 + 2w + 2gw B, a factor 1 + w + gw (21 for Mixtral's g = 4 in fp32);
-    - a cache split between GPU and DRAM (`mixed`) runs `_mixed_device_attention` on the CPU segment of the
-      workspace, which repeats nothing: 1 + w.
+    - a cache split between GPU and DRAM runs `_mixed_device_attention` on the CPU segment of the
+      workspace, which repeats nothing: 1 + w. That path only runs without grouped-query attention (it pairs
+      b x n_head queries with b x n_kv_head cached heads and raises otherwise), so FlexGen's search never splits a
+      GQA model's cache under CPU attention; given as a what-if, a split GQA cache is priced as if its heads were
+      repeated like the all-DRAM path's: 1 + w + g w.
     MLA caches a latent that is not expanded this way: the MHA factor."""
     w = WORKSPACE_BYTES_FP32 if fp32 else WORKSPACE_BYTES_FP16
-    g = model.num_attention_heads // model.num_kv_heads if model.attention == "gqa" else 1
-    if mixed or g <= 1:
+    g = kv_heads_repeated(model)
+    if g <= 1:
         return 1 + w
     return 1 + w + g * w
+
+
+def kv_heads_repeated(model) -> int:
+    """Query heads per cached KV head that FlexGen's CPU attention repeats (1 for MHA and MLA)."""
+    return model.num_attention_heads // model.num_kv_heads if model.attention == "gqa" else 1
 # FlexGen's prefill attention is eager (flex_opt `mha`, and the Mixtral port's `MixtralAttention_Prefill`): it
 # computes every one of the s x s scores per head (the causal mask is applied after the product) and moves the
 # score tensor through GPU memory: written by the first bmm, read and written by the mask (`torch.where`), read
@@ -171,10 +179,9 @@ class _Layout:
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
         self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
-        # A cache split between GPU and DRAM takes FlexGen's mixed-device path, which attends over the workspace's
-        # CPU segment without repeating heads: the repeated-head traffic belongs to an all-DRAM cache.
-        mixed = 0.0 < self.cg < 1.0
-        self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on", mixed)
+        # A cache split between GPU and DRAM takes FlexGen's mixed-device path over the workspace's CPU segment,
+        # which repeats no heads: the same factor for MHA, a what-if for GQA (cpu_attention_kv_factor).
+        self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on")
         self.eager_attention = o.eager_attention == "on"
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
@@ -302,8 +309,13 @@ class FlexGenPolicy(Policy):
         if o.searched:  # FlexGen's search relaxes each memory; a forced configuration needs only to fit
             gpu_cap = min(gpu_cap, o.memory_fraction * ctx.system.gpu.hbm_bytes)
             cpu_cap = min(cpu_cap, o.memory_fraction * ctx.system.dram_bytes)
+        kv_grid = grid(o.kv_gpu_percent, 25.0)
+        if o.kv_gpu_percent < 0 and o.cpu_attention == "on" and kv_heads_repeated(ctx.model) > 1:
+            # FlexGen's mixed-device attention pairs b x n_head queries with b x n_kv_head cached heads and raises
+            # for grouped-query attention: the search keeps the cache whole on one side.
+            kv_grid = [cg for cg in kv_grid if cg in (0.0, 100.0)]
         out = []
-        for gbs, hg, cg in itertools.product(sizes, grid(o.act_gpu_percent, 100.0), grid(o.kv_gpu_percent, 25.0)):
+        for gbs, hg, cg in itertools.product(sizes, grid(o.act_gpu_percent, 100.0), kv_grid):
             for wg in sorted(grid(o.weights_gpu_percent, 5.0), reverse=True):
                 opts = replace(o, gpu_batch_size=gbs, weights_gpu_percent=wg, kv_gpu_percent=cg, act_gpu_percent=hg)
                 lay = _Layout(ctx, opts)
