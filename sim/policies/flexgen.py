@@ -156,7 +156,6 @@ class _Layout:
         self.gbs = min(max(o.gpu_batch_size, 1), wl.batch)
         self.ngb = -(-wl.batch // self.gbs)
         self.cg, self.hg = o.kv_gpu_percent / 100.0, o.act_gpu_percent / 100.0
-        self.layer_bytes = [m.layer_bytes(layer) for layer in range(m.num_layers)]
         # FlexGen places whole tensors by their midpoints (flexgen_weights.py): what each half of a layer loads
         # from DRAM per visit. Embeddings left in DRAM load once per step; the plan loads them with the first
         # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,

@@ -102,18 +102,23 @@ class WeightPlacement:
 
 def place_weights(m: ModelSpec, gpu_percent: float) -> WeightPlacement:
     """FlexGen's placement of the whole model for a weight split of `gpu_percent` on the GPU, the rest in DRAM."""
-    gpu = cpu = 0
 
-    def split(sizes: list[int]) -> int:
-        nonlocal gpu, cpu
-        where = on_gpu(sizes, gpu_percent)
-        resident = sum(s for s, g in zip(sizes, where, strict=True) if g)
-        gpu += resident
-        cpu += sum(sizes) - resident
-        return sum(sizes) - resident
+    def dram(sizes: list[int]) -> int:
+        return sum(s for s, g in zip(sizes, on_gpu(sizes, gpu_percent), strict=True) if not g)
 
-    attn = [split(attention_tensors(m)) for _ in range(m.num_layers)]
-    ffn = [split(ffn_tensors(m, layer)) for layer in range(m.num_layers)]
-    inp = split(input_embedding_tensors(m))
-    out = split(output_embedding_tensors(m))
-    return WeightPlacement(attn, ffn, gpu, cpu, inp, out)
+    # Layers differ only in being dense or MoE: place one of each kind and repeat it (a search places thousands).
+    first_of_kind: dict[bool, int] = {}
+    for layer in range(m.num_layers):
+        first_of_kind.setdefault(m.is_moe_layer(layer), layer)
+    ffn_of = {kind: ffn_tensors(m, layer) for kind, layer in first_of_kind.items()}
+    ffn_dram = {kind: dram(sizes) for kind, sizes in ffn_of.items()}
+    attention = attention_tensors(m)
+    attn_dram = dram(attention)
+    attn = [attn_dram] * m.num_layers
+    ffn = [ffn_dram[m.is_moe_layer(layer)] for layer in range(m.num_layers)]
+    inp_sizes, out_sizes = input_embedding_tensors(m), output_embedding_tensors(m)
+    inp, out = dram(inp_sizes), dram(out_sizes)
+    total = (sum(attention) * m.num_layers + sum(sum(ffn_of[m.is_moe_layer(layer)]) for layer in range(m.num_layers))
+             + sum(inp_sizes) + sum(out_sizes))
+    cpu = sum(attn) + sum(ffn) + inp + out
+    return WeightPlacement(attn, ffn, total - cpu, cpu, inp, out)
