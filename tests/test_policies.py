@@ -255,6 +255,13 @@ def test_flexgen_places_whole_tensors_by_their_midpoints():
         assert pl.input_embedding_load == token_table and pl.output_embedding_load == token_table + 4096 * 2
     down = place_weights(mixtral, 20)
     assert down.ffn_load[0] == pytest.approx(mixtral.num_experts * mixtral.expert_bytes * 2 / 3, rel=1e-3)
+    # the port's SelfAttention holds both norms ([pre-norm, q, k, v, o, post-norm]): o's midpoint sits just under
+    # 80%, so at exactly 20% it stays in DRAM (the post-norm goes up); at 45% o goes up, v (midpoint 55%) not
+    assert on_gpu(attention_tensors(mixtral), 20) == [False] * 5 + [True]
+    assert on_gpu(attention_tensors(mixtral), 45) == [False] * 4 + [True, True]
+    assert on_gpu(attention_tensors(mixtral), 46) == [False] * 3 + [True] * 3
+    # FlexLLMGen's OPT halves: weights and biases apart, each half's LayerNorm at its tail
+    assert on_gpu(attention_tensors(load_model("opt-30b")), 20) == [False] * 6 + [True] * 4
     opt = load_model("opt-30b")
     pl = place_weights(opt, 20)
     assert pl.attention_load[0] == pytest.approx(opt.qkv_params * opt.bytes_per_param, rel=1e-3)

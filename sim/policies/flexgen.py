@@ -1,22 +1,24 @@
 """`flexgen`: FlexGen (Sheng et al., ICML'23) with its MoE port's rules: zig-zag block schedule, LP search.
 
-The batch of B requests is a block of `num_gpu_batches` GPU batches of `gpu_batch_size` (bls = gbs x ngb).
-Column by column (zig-zag): for each layer, its weights are loaded once per block (the next layer's during the
-current layer's first GPU batch: a double buffer), then every GPU batch runs the whole layer before the next
-starts, with a synchronisation after every (layer, GPU batch) as FlexGen's overlap loop has.
-Weights are placed by percentage (wg on the GPU, the rest in DRAM and copied for every layer visit), and a
-layer's experts are all loaded whatever the routing. The KV cache lives in DRAM when attention runs on the
-CPU (`cpu_attention=on`, FlexGen's --cpu-cache-compute: q/k/v go down, the output comes back), else on the GPU
-when it fits, else in DRAM with each GPU batch's cache loaded and its new entries stored; FlexGen allocates that
-DRAM cache unpinned, so its loads and stores are staged copies at the link's pageable rate. Activations between
-layers live on the GPU or in DRAM (act_on_cpu). Prompts are padded to the longest (the padded positions add
-QKV, attention and O-projection work; routing exists only for real tokens). Prefill always runs on the GPU.
+The batch of B requests is a block of `num_gpu_batches` GPU batches of `gpu_batch_size` (bls = gbs x ngb). Column by
+column (zig-zag): for each layer, its weights are loaded once per block (the next layer's during the current layer's
+first GPU batch: a double buffer), then every GPU batch runs the whole layer before the next starts, with a
+synchronisation after every (layer, GPU batch) as FlexGen's overlap loop has. Weights are placed by FlexGen's
+--percent rule, whole tensors by their midpoints (flexgen_weights.py; the DRAM ones copied for every layer visit),
+and a layer's experts are all loaded whatever the routing. The KV cache lives in DRAM when attention runs on the CPU
+(`cpu_attention=on`, FlexGen's --cpu-cache-compute: q/k/v go down, the output comes back), else on the GPU when it
+fits, else in DRAM with each GPU batch's cache loaded and its new entries stored; FlexGen allocates that DRAM cache
+unpinned, so its loads and stores are staged copies at the link's pageable rate. Activations between layers live on
+the GPU or in DRAM (act_on_cpu). Prompts are padded to the longest (the padded positions add QKV, attention and
+O-projection work; routing exists only for real tokens). Prefill always runs on the GPU.
 
-Search: FlexGen's cost model, T = l x T_pre + (n - 1) x l x T_gen with
+Search: FlexGen's cost model, T = l x T_pre + (n - 1) x l x T_gen + n x T_emb (T_emb: the embeddings' load where
+they stay in DRAM) with
 T_pre = max(T_ctog + T_dtoc, T_gtoc + T_ctod, T_comp) and T_gen = T_ctog + max(T_gtoc, T_comp)
 (load, store and compute of one layer for the whole block, with roofline compute per GPU batch), over
-gpu_batch_size (powers of two), weight placement wg (5% steps) and activation placement, under its memory
-constraints (home + working set <= 0.8 of each memory). The best few are then simulated.
+gpu_batch_size (powers of two), weight placement wg (5% steps), KV placement (25% steps; under CPU attention a
+GQA model's cache stays whole, since FlexGen's split-cache path cannot run GQA) and activation placement, under
+its memory constraints (home + working set <= 0.8 of each memory). The best few are then simulated.
 """
 
 from __future__ import annotations
@@ -169,10 +171,11 @@ class _Layout:
         # The object computing and the next one loading share the buffer (the output embedding's successor is the
         # next step's input embedding).
         double_buffer = max(a + b for a, b in zip(sequence, sequence[1:] + sequence[:1], strict=True))
+        self.layer_loads = [a + f for a, f in halves]  # a decoder layer's own loads (the cost estimate's)
+        self.embedding_load = pl.input_embedding_load + pl.output_embedding_load  # once per step
         if halves:
             halves[0][0] += pl.input_embedding_load
             halves[-1][1] += pl.output_embedding_load
-        self.loaded = [a + f for a, f in halves]
         self.parts = [[a, f] if self.sep_layer else [a + f] for a, f in halves]
         self.prompt = int(wl.prompt_lens.max())  # padded
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
@@ -202,7 +205,8 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     gbs, ngb, s = lay.gbs, lay.ngb, lay.prompt
     n = wl.max_gen_len
     cg, hg = lay.cg, lay.hg
-    loaded = max(lay.loaded, default=0)
+    loaded = max(lay.layer_loads, default=0)
+    embeddings = a.copy(H2D, lay.embedding_load, lay.weight_payload) if lay.embedding_load else 0.0  # per step
     hidden_p = wl.batch * s * m.hidden_size * m.bytes_per_param
     hidden_g = wl.batch * m.hidden_size * m.bytes_per_param
     kv_new_p = wl.batch * s * m.kv_bytes_per_token_layer
@@ -233,7 +237,7 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     ctog_g = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_g * (1 - hg)))
     gtoc_g = a.copy(D2H, int(hidden_g * (1 - hg)))
     t_gen = ctog_g + max(gtoc_g, comp_g)
-    total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen
+    total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen + n * embeddings
     return {"t_pre": t_pre, "t_gen": t_gen, "total": total}
 
 
@@ -368,7 +372,8 @@ def _padded_decode(ctx: PlanContext, step: int, groups: list[np.ndarray], prompt
 
 class _Unit(NamedTuple):
     """One layer of FlexGen's loop: the input embedding, a decoder layer's attention and/or FFN (halves with
-    sep_layer), or the output layer; `load` is the bytes of its weights copied from DRAM per visit."""
+    sep_layer), or the output layer; `load` is the bytes of its weights copied from DRAM per visit (the
+    embedding units carry 0: their DRAM tensors load with the first decoder unit and the last, see `_Layout`)."""
 
     layer: int
     attention: bool = False

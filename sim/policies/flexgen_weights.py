@@ -8,9 +8,12 @@ Every layer object (attention half, FFN half, input embedding, output embedding)
 sep_layer and the whole-layer schedule (a whole layer's `init_weight` calls its halves'). So at the port's
 7-14% no matrix of a Mixtral layer is on the GPU, and at 20% only OPT's attention output projection is.
 
-Tensor lists follow the code that ran: the port's `SelfAttention` (norm, q, k, v, o) and `MoEMLP` (gate, the
-experts' stacked w1/w3, their w2), FlexLLMGen's OPT halves (q, k, v, out; fc1, fc2); a model FlexGen never ran
-(MLA, shared experts) gets its projections at the same granularity. Norms and biases only shift midpoints.
+Tensor lists follow the code that ran: the port's `SelfAttention` (pre-norm, q, k, v, o, post-norm) and
+`MoEMLP` (gate, the experts' stacked w1/w3, their w2), FlexLLMGen's OPT halves (weights and biases apart, each
+half's LayerNorm at its tail); a model FlexGen never ran (MLA, shared experts) gets its projections at the same
+granularity. Norms and biases shift midpoints a little, enough to move a matrix at a split that lands on one
+(o_proj of Mixtral at exactly 20%). Placement goes by bytes where FlexGen counts elements: the same but for
+int8/int4 experts, which FlexGen never ran.
 """
 
 from __future__ import annotations
@@ -36,27 +39,38 @@ def on_gpu(sizes: list[int], gpu_percent: float) -> list[bool]:
 
 
 def attention_tensors(m: ModelSpec) -> list[int]:
-    """Bytes of the attention half's tensors in allocation order: its norm share, the input projections, the
-    output projection (the norms of both halves sum to the layer's)."""
-    bpp = m.bytes_per_param
-    norm = m.norm_params_per_layer // 2
+    """Bytes of the attention half's tensors in allocation order. The Mixtral port's `SelfAttention` holds both
+    of a layer's norms: [pre-norm, q, k, v, o, post-norm]; FlexLLMGen's OPT one (biased linears) its weights and
+    biases apart, then its LayerNorm: [wq, bq, wk, bk, wv, bv, wo, bo, ln w, ln b]. MLA: its low-rank query and
+    key-value paths as one tensor."""
+    bpp, h = m.bytes_per_param, m.hidden_size
+    if m.linear_bias:  # OPT: this half's LayerNorm (weight, bias) at its tail; the other one is the FFN half's
+        q, kv = m.num_attention_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        o = m.num_attention_heads * m.head_dim
+        params = [h * q, q, h * kv, kv, h * kv, kv, o * h, h, h, h]
+        params[0] += m.qkv_params - (h * q + q + 2 * (h * kv + kv))  # any q/k norm rides with q
+        params[6] += m.o_proj_params - (o * h + h)
+        return [p * bpp for p in params]
     if m.attention == "gqa":
-        h = m.hidden_size
         q, kv = h * m.num_attention_heads * m.head_dim, h * m.num_kv_heads * m.head_dim
-        extra = m.qkv_params - q - 2 * kv  # biases and q/k norms ride with q
-        projections = [q + extra, kv, kv]
-    else:  # MLA: its low-rank query and key-value paths as one tensor each
+        projections = [q + m.qkv_params - q - 2 * kv, kv, kv]  # biases and q/k norms ride with q
+    else:
         projections = [m.qkv_params]
-    return [norm * bpp] + [p * bpp for p in projections] + [m.o_proj_params * bpp]
+    norm = m.norm_params_per_layer // 2
+    return [norm * bpp] + [p * bpp for p in projections] + [m.o_proj_params * bpp,
+                                                           (m.norm_params_per_layer - norm) * bpp]
 
 
 def ffn_tensors(m: ModelSpec, layer: int) -> list[int]:
-    """Bytes of the FFN half's tensors in allocation order (a MoE layer: router, every expert's up/gate
-    projections stacked, every expert's down projection, shared experts; a dense layer: up/gate, down), then the
-    half's norm share. They sum with `attention_tensors` to `ModelSpec.layer_bytes`."""
-    bpp = m.bytes_per_param
-    norm = (m.norm_params_per_layer - m.norm_params_per_layer // 2) * bpp
-    if m.is_moe_layer(layer):
+    """Bytes of the FFN half's tensors in allocation order: the Mixtral port's `MoEMLP` [router, every expert's
+    w1/w3 stacked, every expert's w2] (shared experts after them), a dense layer's [up/gate, down], FlexLLMGen's
+    OPT `MLP` [fc1 w, fc1 b, fc2 w, fc2 b, ln w, ln b]. They sum with `attention_tensors` to
+    `ModelSpec.layer_bytes`."""
+    bpp, h = m.bytes_per_param, m.hidden_size
+    if m.linear_bias:  # OPT's one FFN, weights and biases apart, then its final LayerNorm
+        f = m.expert_intermediate_size if m.is_moe_layer(layer) else m.dense_intermediate_size
+        tensors = [p * bpp for p in (f * h, f, h * f, h, h, h)]
+    elif m.is_moe_layer(layer):
         experts = m.num_experts * m.expert_bytes
         down = experts // m.ffn_matrices
         tensors = [m.router_params * bpp, experts - down, down]
@@ -66,9 +80,7 @@ def ffn_tensors(m: ModelSpec, layer: int) -> list[int]:
         dense = m.dense_ffn_params * bpp
         down = dense // m.ffn_matrices
         tensors = [dense - down, down]
-    tensors.append(norm)
-    attn = sum(attention_tensors(m))
-    tensors[-1] += m.layer_bytes(layer) - attn - sum(tensors)  # rounding of the expert precision's bytes
+    tensors[-1] += m.layer_bytes(layer) - sum(attention_tensors(m)) - sum(tensors)  # precision rounding, if any
     return tensors
 
 
