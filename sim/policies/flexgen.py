@@ -108,11 +108,12 @@ class FlexGenOptions(OptionsBase):
     a what-if fp16 one); pin_weight: on | off (FlexGen's --pin-weight: off keeps the DRAM weights pageable, so each
     weight load is staged through a bounce buffer); sep_layer: on | off (FlexGen's --sep-layer: attention and FFN
     are separate layers of its schedule, so each half's weights are loaded while the other half computes and the
-    double buffer holds one layer, not two; flex_opt's default is on, and the MoE port's HELM driver builds its
-    policy with it on); eager_attention: on | off (on: prefill attention as FlexGen computes it, every s x s score
-    with the causal mask applied afterwards and the score tensor moved through GPU memory six times; off: a fused
-    causal kernel); memory_fraction: share of each memory the search may fill (FlexGen's relaxation ratio, 0.8);
-    rescore: candidates simulated. A configuration with every knob given needs only to fit in memory."""
+    double buffer holds a layer object and its neighbour, not two layers; flex_opt's default is on, and the MoE
+    port's HELM driver builds its policy with it on); eager_attention: on | off (on: prefill attention as FlexGen
+    computes it, every s x s score with the causal mask applied afterwards and the score tensor moved through GPU
+    memory six times; off: a fused causal kernel); memory_fraction: share of each memory the search may fill
+    (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A configuration with every knob given needs
+    only to fit in memory."""
 
     policy_name = "flexgen"
     gpu_batch_size: int = -1
