@@ -92,6 +92,10 @@ class Payload(StrEnum):
     # staged through a pinned buffer like pageable weights, in either direction.
     PAGEABLE_KV = "pageable_kv"
     ACTIVATIONS = "activations"
+    # The host half of a load from pageable memory issued as FlexGen's `general_copy` does it: `src.pin_memory()`
+    # (a fresh pinned buffer filled on the issuing thread), then an asynchronous pinned DMA. On a CPU stream, so the
+    # thread's later work waits for it; priced at what the link's pageable rate leaves after its pinned DMA.
+    PAGEABLE_STAGING = "pageable_staging"
 
 
 PAGEABLE_PAYLOADS = frozenset({Payload.PAGEABLE_WEIGHTS, Payload.PAGEABLE_KV})

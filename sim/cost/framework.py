@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sim.cost.roofline import CostModel
 from sim.errors import SimInputError
-from sim.plan import Op, Plan
+from sim.plan import Op, OpKind, Plan
 from sim.topology import UnitKind
 
 
@@ -34,7 +34,8 @@ class FrameworkFactors:
 
 
 class FrameworkCostModel:
-    """Another cost model's times, stretched per device by a runtime's factors; copies are left as they are."""
+    """Another cost model's times, stretched per device by a runtime's factors; copies are left as they are,
+    a host-side staging copy on a CPU stream too (its time comes from the link's rates)."""
 
     def __init__(self, base: CostModel, factors: FrameworkFactors):
         self.base = base
@@ -49,11 +50,11 @@ class FrameworkCostModel:
             prepare(plan)
 
     def op_time_ns(self, op: Op) -> int:
-        f = self.factor[op.stream]
+        f = 1.0 if op.kind is OpKind.COPY else self.factor[op.stream]  # a host-side staging copy included
         t = self.base.op_time_ns(op)
         return t if f == 1.0 else int(round(t * f))
 
     def usage(self, op: Op) -> tuple[float, float]:
-        f = self.factor[op.stream]
+        f = 1.0 if op.kind is OpKind.COPY else self.factor[op.stream]
         first, memory = self.base.usage(op)
         return (first, memory) if f == 1.0 else (min(1.0, first / f), min(1.0, memory / f))

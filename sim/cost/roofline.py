@@ -151,8 +151,26 @@ class RooflineCostModel:
             r = self.rates(stream)
             if r.pageable_bw:
                 return nbytes / r.pageable_bw + r.overhead
+        if payload is Payload.PAGEABLE_STAGING and kind is OpKind.COPY:
+            return self.staging_seconds(nbytes)
         compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
         return self.busy(kind, stream, compute, memory) + fixed
+
+    def staging_seconds(self, nbytes: int) -> float:
+        """A host-side staging memcpy of `nbytes` (read and write: half of them move) into a fresh pinned buffer:
+        what the host link's pageable copy takes beyond its pinned DMA, the two running one after the other in
+        `general_copy` (pin, then copy). Without a host link with a pageable rate, a plain memcpy."""
+        link = self._staging_link()
+        if link is None:
+            return nbytes / self.cpu_bw
+        moved = nbytes / 2
+        return moved / link.pageable_bw - moved / link.bw
+
+    def _staging_link(self) -> _Rates | None:
+        h2d = self._rates.get("h2d")
+        if h2d is not None and h2d.pageable_bw:
+            return h2d
+        return next((r for r in self._rates.values() if r.kind is UnitKind.LINK and r.pageable_bw), None)
 
     def overlap(self, kind: OpKind, stream: str) -> float:
         """The share of the shorter roof that hides under the longer one: the CPU's `gemm_overlap` for a GEMM on a
@@ -191,6 +209,9 @@ class RooflineCostModel:
                     dram_bytes_per_s = 3 * link_bw
                 memory = min(1.0, dram_bytes_per_s / r.memory_bw) if r.memory_bw else 0.0
                 hit = (link_bw / r.bw, memory) if op.bytes else (0.0, 0.0)
+            elif op.payload is Payload.PAGEABLE_STAGING and op.kind is OpKind.COPY:  # one thread, DRAM at its pace
+                seconds = self.staging_seconds(op.bytes)
+                hit = (0.0, min(1.0, op.bytes / seconds / r.bw)) if op.bytes and seconds > 0 else (0.0, 0.0)
             else:
                 compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
                 top = self.busy(op.kind, op.stream, compute, memory)

@@ -31,7 +31,7 @@ import numpy as np
 
 from sim.cost import Work
 from sim.errors import SimInputError
-from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.plan import PAGEABLE_PAYLOADS, OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.analytic import Analytic, Candidate, SearchSpace
 from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
 from sim.policies.flexgen_weights import place_weights
@@ -414,13 +414,20 @@ class _ZigZag(LayerEmitter):
             unit, s, bar = units[u], slices[k], self.barrier
             nxt = positions[idx + 1] if idx + 1 < len(positions) else None
             first = len(self.ops)
+            # The loop's thread issues the next layer's weight load, then the next position's cache load; a load
+            # from pageable memory first stages it on that thread (`general_copy`: `pin_memory()`), so everything
+            # the thread issues after it waits for the staging (the DMAs themselves run on their own streams).
+            staged: list[int] = []
             if k == 0 and u + 1 < len(units) and units[u + 1].load:
-                self.xfer(H2D, At(phase, step, units[u + 1].layer), units[u + 1].load, self.lay.weight_payload, bar)
+                staged.append(self._load(H2D, At(phase, step, units[u + 1].layer), units[u + 1].load,
+                                         self.lay.weight_payload, bar))
+            if nxt is not None:
+                staged.append(self._kv_prefetch(phase, step, units[nxt[0]], slices[nxt[1]], bar + tuple(staged)))
+            staged = [op for op in staged if op >= 0]
             # Hidden-state copies run on the default CUDA stream in program order with the compute: the previous
             # position's store, then the next position's load, then this batch's compute. The cache copies run on
-            # their own CUDA streams beside them; emitted after the (small) hidden copies that share their link's
-            # queue here, they do not hold the compute up.
-            chain = bar + as_deps(out[k])
+            # their own CUDA streams beside them; they do not hold the compute up.
+            chain = bar + as_deps(out[k]) + tuple(staged)
             if single:
                 chain += (self._hidden(H2D_ACT, phase, step, unit, s, chain),)
             else:
@@ -428,8 +435,6 @@ class _ZigZag(LayerEmitter):
                     chain += (self._hidden(D2H, phase, step, *held, chain),)
                 if nxt is not None:
                     chain += (self._hidden(H2D_ACT, phase, step, units[nxt[0]], slices[nxt[1]], chain),)
-            if nxt is not None:
-                self._kv_prefetch(phase, step, units[nxt[0]], slices[nxt[1]], bar)
             for at, nbytes, tokens in kv_stores:
                 self.xfer(D2H, at, nbytes, KV_HOME, bar, tokens)
             kv_stores = []
@@ -454,14 +459,28 @@ class _ZigZag(LayerEmitter):
         return self.xfer(stream, At(phase, step, unit.layer, s.mb), int(self.w.hidden_bytes(s.tokens) * (1 - lay.hg)),
                          Payload.ACTIVATIONS, deps, s.tokens)
 
-    def _kv_prefetch(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, bar: tuple[int, ...]) -> None:
-        """For GPU decode attention, the DRAM share of the next position's cache (on its own copy stream)."""
+    def _kv_prefetch(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, bar: tuple[int, ...]) -> int:
+        """For GPU decode attention, the DRAM share of the next position's cache (on its own copy stream); returns
+        its staging op on the loop's thread (-1: none)."""
         lay = self.lay
         if unit.attention and phase is Phase.DECODE and not lay.cpu_attention:
             kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg))
             if kv_cpu:
-                self.xfer(H2D_ACT, At(phase, step, unit.layer, s.mb), kv_cpu * self.m.kv_bytes_per_token_layer,
-                          KV_HOME, bar, s.tokens)
+                return self._load(H2D_ACT, At(phase, step, unit.layer, s.mb), kv_cpu * self.m.kv_bytes_per_token_layer,
+                                  KV_HOME, bar, s.tokens)
+        return -1
+
+    def _load(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...], tokens: int = 0) -> int:
+        """A host-to-device load. From pinned memory, one DMA (returns -1); from pageable memory, FlexGen's relay:
+        a staging op on the loop's thread (the CPU stream: `pin_memory()`), then the pinned DMA after it (returns
+        the staging op, which the thread's later work waits for)."""
+        if payload not in PAGEABLE_PAYLOADS:
+            self.xfer(stream, at, nbytes, payload, deps, tokens)
+            return -1
+        stage = self.xfer(CPU, at, nbytes, Payload.PAGEABLE_STAGING, deps, tokens)
+        pinned = Payload.KV if payload is Payload.PAGEABLE_KV else Payload.EXPERT_WEIGHTS
+        self.xfer(stream, at, nbytes, pinned, (stage,), tokens)
+        return stage
 
     def _compute(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, deps: tuple[int, ...],
                  kv_stores: list[tuple[At, int, int]]) -> int:
