@@ -158,7 +158,8 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
                 else:
                     start[i] = time.perf_counter_ns() - t0
                     if op.kind is OpKind.COPY and topo.streams[op.stream].kind is UnitKind.CPU:
-                        host_dst[:op.bytes].copy_(host_src[:op.bytes])
+                        moved = op.bytes // 2  # a host copy's bytes count its read and its write
+                        host_dst[:moved].copy_(host_src[:moved])
                     else:
                         interp.step(op)
                     end[i] = time.perf_counter_ns() - t0
@@ -245,7 +246,7 @@ def _host_staging(ops: list[Op], topo: Topology, pinned: torch.Tensor) -> tuple[
     """Source and destination of the plan's copies on CPU streams (host-side staging), as large as the largest:
     a written pageable source, and the pinned staging buffer as destination where it is large enough (the copy
     fills what the link then moves), else a pageable one. Empty without such copies."""
-    sizes = [op.bytes for op in ops if op.kind is OpKind.COPY and topo.streams[op.stream].kind is UnitKind.CPU]
+    sizes = [op.bytes // 2 for op in ops if op.kind is OpKind.COPY and topo.streams[op.stream].kind is UnitKind.CPU]
     if not sizes:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)
     largest = max(max(sizes), 1)

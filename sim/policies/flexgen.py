@@ -8,9 +8,10 @@ synchronisation after every (layer, GPU batch) as FlexGen's overlap loop has. We
 and a layer's experts are all loaded whatever the routing. The KV cache lives in DRAM when attention runs on the CPU
 (`cpu_attention=on`, FlexGen's --cpu-cache-compute: q/k/v go down, the output comes back), else on the GPU when it
 fits, else in DRAM with each GPU batch's cache loaded and its new entries stored; FlexGen allocates that DRAM cache
-unpinned, so its loads and stores are staged copies at the link's pageable rate. Activations between layers live on
-the GPU or in DRAM (act_on_cpu). Prompts are padded to the longest (the padded positions add QKV, attention and
-O-projection work; routing exists only for real tokens). Prefill always runs on the GPU.
+unpinned, so its stores are staged copies at the link's pageable rate and its loads FlexGen's relay (a staging on
+the loop's thread, then a pinned DMA). Activations between layers live on the GPU or in DRAM (act_on_cpu). Prompts
+are padded to the longest (the padded positions add QKV, attention and O-projection work; routing exists only for
+real tokens). Prefill always runs on the GPU.
 
 Search: FlexGen's cost model, T = l x T_pre + (n - 1) x l x T_gen + n x T_emb (T_emb: the embeddings' load where
 they stay in DRAM) with
@@ -24,6 +25,7 @@ its memory constraints (home + working set <= 0.8 of each memory). The best few 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
@@ -416,17 +418,20 @@ class _ZigZag(LayerEmitter):
             first = len(self.ops)
             # The loop's thread issues the next layer's weight load, then the next position's cache load; a load
             # from pageable memory first stages it on that thread (`general_copy`: `pin_memory()`), so everything
-            # the thread issues after it waits for the staging (the DMAs themselves run on their own streams).
+            # the thread issues after it waits for the staging, the DMAs themselves running on their own streams.
             staged: list[int] = []
+            later: list[Callable[[], int]] = []  # cache DMAs: queued behind the hidden copies on their link here
             if k == 0 and u + 1 < len(units) and units[u + 1].load:
                 staged.append(self._load(H2D, At(phase, step, units[u + 1].layer), units[u + 1].load,
-                                         self.lay.weight_payload, bar))
+                                         self.lay.weight_payload, bar, later))
             if nxt is not None:
-                staged.append(self._kv_prefetch(phase, step, units[nxt[0]], slices[nxt[1]], bar + tuple(staged)))
+                staged.append(self._kv_prefetch(phase, step, units[nxt[0]], slices[nxt[1]],
+                                                bar + tuple(op for op in staged if op >= 0), later))
             staged = [op for op in staged if op >= 0]
             # Hidden-state copies run on the default CUDA stream in program order with the compute: the previous
             # position's store, then the next position's load, then this batch's compute. The cache copies run on
-            # their own CUDA streams beside them; they do not hold the compute up.
+            # their own CUDA streams beside them; emitted after the (small) hidden copies that share their link's
+            # queue here, they do not hold the compute up.
             chain = bar + as_deps(out[k]) + tuple(staged)
             if single:
                 chain += (self._hidden(H2D_ACT, phase, step, unit, s, chain),)
@@ -435,8 +440,10 @@ class _ZigZag(LayerEmitter):
                     chain += (self._hidden(D2H, phase, step, *held, chain),)
                 if nxt is not None:
                     chain += (self._hidden(H2D_ACT, phase, step, units[nxt[0]], slices[nxt[1]], chain),)
-            for at, nbytes, tokens in kv_stores:
-                self.xfer(D2H, at, nbytes, KV_HOME, bar, tokens)
+            for dma in later:
+                dma()
+            for at, nbytes, tokens in kv_stores:  # issued by the loop's thread, after its staging
+                self.xfer(D2H, at, nbytes, KV_HOME, bar + tuple(staged), tokens)
             kv_stores = []
             out[k] = self._compute(phase, step, unit, s, chain, kv_stores)
             held = (unit, s)
@@ -459,27 +466,37 @@ class _ZigZag(LayerEmitter):
         return self.xfer(stream, At(phase, step, unit.layer, s.mb), int(self.w.hidden_bytes(s.tokens) * (1 - lay.hg)),
                          Payload.ACTIVATIONS, deps, s.tokens)
 
-    def _kv_prefetch(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, bar: tuple[int, ...]) -> int:
-        """For GPU decode attention, the DRAM share of the next position's cache (on its own copy stream); returns
-        its staging op on the loop's thread (-1: none)."""
+    def _kv_prefetch(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, bar: tuple[int, ...],
+                     later: list[Callable[[], int]]) -> int:
+        """For GPU decode attention, the DRAM share of the next position's cache (on its own copy stream, its DMA
+        queued in `later`); returns its staging op on the loop's thread (-1: none)."""
         lay = self.lay
         if unit.attention and phase is Phase.DECODE and not lay.cpu_attention:
             kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg))
             if kv_cpu:
                 return self._load(H2D_ACT, At(phase, step, unit.layer, s.mb), kv_cpu * self.m.kv_bytes_per_token_layer,
-                                  KV_HOME, bar, s.tokens)
+                                  KV_HOME, bar, later, s.tokens)
         return -1
 
-    def _load(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...], tokens: int = 0) -> int:
-        """A host-to-device load. From pinned memory, one DMA (returns -1); from pageable memory, FlexGen's relay:
-        a staging op on the loop's thread (the CPU stream: `pin_memory()`), then the pinned DMA after it (returns
-        the staging op, which the thread's later work waits for)."""
-        if payload not in PAGEABLE_PAYLOADS:
-            self.xfer(stream, at, nbytes, payload, deps, tokens)
-            return -1
-        stage = self.xfer(CPU, at, nbytes, Payload.PAGEABLE_STAGING, deps, tokens)
-        pinned = Payload.KV if payload is Payload.PAGEABLE_KV else Payload.EXPERT_WEIGHTS
-        self.xfer(stream, at, nbytes, pinned, (stage,), tokens)
+    def _load(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
+              later: list[Callable[[], int]], tokens: int = 0) -> int:
+        """A host-to-device load. From pinned memory, one DMA; from pageable memory, FlexGen's relay: a staging op
+        on the loop's thread (the CPU stream: `pin_memory()`), then the pinned DMA after it. A DMA on the link
+        the hidden states share (`h2d_act`) goes to `later`, to be emitted behind them; returns the staging op
+        (-1 for a pinned load), which the thread's later work waits for."""
+        stage = -1
+        if payload in PAGEABLE_PAYLOADS:
+            stage = self.xfer(CPU, at, nbytes, Payload.PAGEABLE_STAGING, deps, tokens)
+            deps = (stage,)
+            payload = Payload.KV if payload is Payload.PAGEABLE_KV else Payload.EXPERT_WEIGHTS
+
+        def dma() -> int:
+            return self.xfer(stream, at, nbytes, payload, deps, tokens)
+
+        if stream == H2D_ACT:
+            later.append(dma)
+        else:
+            dma()
         return stage
 
     def _compute(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, deps: tuple[int, ...],
