@@ -165,7 +165,7 @@ class _Layout:
         # from DRAM per visit. Embeddings left in DRAM load once per step; the plan loads them with the first
         # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,
         # one GPU batch's compute earlier or later).
-        self.placement = pl = place_weights(m, o.weights_gpu_percent)
+        pl = place_weights(m, o.weights_gpu_percent)
         halves = [[a, f] for a, f in zip(pl.attention_load, pl.ffn_load, strict=True)]
         # The weight loads in schedule order: FlexGen's layer objects, the embeddings being layers of their own.
         self.sep_layer = o.sep_layer == "on"
