@@ -20,6 +20,11 @@ depends on that order: a memory pool is judged once per instant, after all of it
 an op that frees and one that allocates at the same time never count as holding both), and a group's fair rates
 are computed over its running ops in op order.
 
+A grouped expert op (members run in turn, each at its own fair rate) that enters its resource group alone runs
+all its members under one timeout, each at full speed as it would while nothing else arrives; a job that arrives
+meanwhile first splits it into the member running at that instant, with the work that member has left, so every
+member's rate and end are what one job per member would give (`chain=False` runs one job per member).
+
 A stream that waits for another stream's op resumes inside that op's end, without an event of its own (it
 starts at that instant either way; the order of one instant's starts is unobservable, as above). Memory pools
 are counters, judged against their capacity at the end of every instant that allocated. The clock is integer
@@ -192,15 +197,44 @@ def max_min_rates(usages: list[tuple[float, ...]]) -> list[float]:
 class _Job:
     """A running op in a shared group: its usage, work left (ns at full speed), speed, and finish time. `wake` is
     when its process next wakes: a finish that moves later needs no interrupt (the process sleeps again). `op`
-    orders a group's jobs, so their fair rates are computed in one order whatever order they arrived in."""
+    orders a group's jobs, so their fair rates are computed in one order whatever order they arrived in.
 
-    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake", "op", "left")
+    A grouped op's job is its current member; `tail` holds the members still to run, last first, each (ns,
+    usage vector). A job that entered its group alone may be `lumped`: its finish is then the end of its last
+    member, every member running in turn at full speed, as they would while nothing else arrives; an arrival
+    unlumps it at once (see `_GroupShare.admit`)."""
 
-    def __init__(self, interrupt: Callable[[], None], usage: tuple[float, ...], duration: int, now: int, op: int):
+    __slots__ = ("interrupt", "usage", "remaining", "rate", "t_last", "finish", "wake", "op", "left", "tail",
+                 "lumped")
+
+    def __init__(self, interrupt: Callable[[], None], usage: tuple[float, ...], duration: int, now: int, op: int,
+                 tail: list[tuple[int, tuple[float, ...]]] | None = None):
         self.interrupt, self.usage, self.op = interrupt, usage, op
         self.remaining, self.rate, self.t_last, self.finish = float(duration), 1.0, now, now + duration
         self.wake = self.finish
         self.left = False  # released early: it ended at the instant another job arrived (see _GroupShare.admit)
+        self.tail = tail
+        self.lumped = False
+
+    def lump(self) -> None:
+        """Alone in its group at its start: finish when its last member would, none of them observed."""
+        self.lumped = True
+        self.finish += sum([d for d, _ in self.tail])
+
+    def unlump(self, now: int) -> None:
+        """Another job arrives at `now`: become the member running then (one that ends at `now` hands over to
+        the next, which starts at `now`), with the work it has left, as if each member had been its own job."""
+        self.lumped = False
+        tail = self.tail
+        end = self.t_last + int(self.remaining)  # the first member's end: it started at t_last at full speed
+        while tail and end <= now:
+            d, self.usage = tail.pop()
+            end += d
+        self.remaining, self.t_last = float(end - now), now
+        if end != self.finish:
+            self.finish = end
+            self.wake = now  # its process sleeps until the lumped finish: woken now, it sleeps until `finish`
+            self.interrupt()
 
 
 def _job_op(job: _Job) -> int:
@@ -213,9 +247,10 @@ class _GroupShare:
     While no resource is oversubscribed every job runs at full speed, so an arrival that keeps it that way, and
     any departure, changes nothing: those skip the bookkeeping (a job at full speed needs no progress update)."""
 
-    __slots__ = ("jobs", "saturated", "demand", "_rates")
+    __slots__ = ("jobs", "saturated", "demand", "_rates", "lump")
 
-    def __init__(self) -> None:
+    def __init__(self, lump: bool = True) -> None:
+        self.lump = lump  # a grouped op entering alone runs its members under one timeout (False: the reference)
         self.jobs: list[_Job] = []
         self.saturated = False  # some running job is slowed down
         self.demand: list[float] = []  # per resource, the running jobs' usages summed (reset when idle)
@@ -245,11 +280,16 @@ class _GroupShare:
 
     def admit(self, job: _Job, now: int) -> None:
         jobs = self.jobs
+        if jobs and jobs[0].lumped:  # a lumped job is alone: it becomes the member running now
+            jobs[0].unlump(now)
+            self.demand = list(jobs[0].usage)
         jobs.append(job)
         if len(jobs) > 1 and jobs[-2].op > job.op:  # in op order (a few jobs at most)
             jobs.sort(key=_job_op)
         if len(jobs) == 1:
             self.demand = list(job.usage)
+            if job.tail and self.lump:
+                job.lump()
             return
         demand = self.demand
         for r, u in enumerate(job.usage):
@@ -318,7 +358,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     topo = topology_of(plan.system)
     pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
     env = simpy.Environment()
-    shares = {group: _GroupShare() for group in topo.group_sizes}
+    shares = {group: _GroupShare(lump=chain) for group in topo.group_sizes}
     by_stream = ops_by_stream(ops, topo)
     schedule, Event, Timeout = env.schedule, simpy.Event, simpy.Timeout
 
@@ -343,13 +383,12 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         count = len(ids)
         k = 0  # position in `ids` of the op waiting or running
         job: _Job | None = None
-        later: list[tuple[int, tuple[float, float]]] = []  # a running group's members still to run, last first
         target: simpy.Event | None = None  # the event whose callbacks hold this stream's continuation
 
         def proceed(_event: simpy.Event | None = None) -> None:
             """From op k on: wait for a dependency (resumed when it ends), or start the op; an op of zero
             duration ends at once and the next follows."""
-            nonlocal k, job, target, later
+            nonlocal k, job, target
             while k < count:
                 i = ids[k]
                 op = ops[i]
@@ -391,12 +430,13 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                     return
                 if d:
                     if op.members:  # a group on a shared stream: its members run in turn, each at its own rate
-                        later = [p for p in group_price.parts(op) if p[0]]  # a member of no time ends at once
-                        later.reverse()
-                        d, usage = later.pop()
+                        vector = unit.usage_vector
+                        # a member of no time ends at once; the rest, last first
+                        tail = [(t, vector(u, size)) for t, u in reversed(group_price.parts(op)) if t]
+                        d, vec = tail.pop()
+                        job = _Job(interrupt, vec, d, now, i, tail)
                     else:
-                        usage = usage_of(op)
-                    job = _Job(interrupt, unit.usage_vector(usage, size), d, now, i)
+                        job = _Job(interrupt, unit.usage_vector(usage_of(op), size), d, now, i)
                     share.admit(job, now)
                     sleep()
                     return
@@ -414,10 +454,13 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                 target = Timeout(env, job.finish - now)
                 target.callbacks.append(sleep)
                 return
+            tail = job.tail
+            if job.lumped:  # every member ran, alone
+                tail = None
             share.release(job, now)
-            if later:  # the next member of a grouped op starts as its own op would: at once, with its own usage
-                d, usage = later.pop()
-                job = _Job(interrupt, unit.usage_vector(usage, size), d, now, job.op)
+            if tail:  # the next member of a grouped op starts as its own op would: at once, with its own usage
+                d, vec = tail.pop()
+                job = _Job(interrupt, vec, d, now, job.op, tail)
                 share.admit(job, now)
                 sleep()
                 return

@@ -7,6 +7,8 @@ with the stub costs below) must not change anything."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -285,3 +287,65 @@ def test_two_uncontended_gpus_chain_alike(plan):
     """Two GPUs whose streams both chain and whose equal durations tie at every step."""
     plan = Plan("t", {}, MODEL, TWO_GPUS, plan.workload, plan.ops, {"gpu": {}, "cpu": {}})
     assert_same(*both(plan, TieCost(TWO_GPUS)), events_slack=tie_slack(plan))
+
+
+def grouped(op, tokens: list[int], flops: list[int], nbytes: list[int]):
+    """`op` as a grouped expert op of one member per entry (experts 0, 1, ...)."""
+    members = tuple((e, t, f, b) for e, (t, f, b) in enumerate(zip(tokens, flops, nbytes, strict=True)))
+    return dataclasses.replace(op, kind=OpKind.EXPERT, expert=-1, members=members, tokens=sum(tokens),
+                               flops=sum(flops), bytes=sum(nbytes))
+
+
+@st.composite
+def grouped_tie_plans(draw) -> Plan:
+    """Tie plans whose host-group expert ops are groups of 2-4 members of 0-3 us each, every member its own
+    usage: a group may enter its resource group alone (one timeout for all its members) and be caught by an
+    arrival at any member, at a member's boundary included."""
+    plan = draw(tie_plans(streams=(Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.CPU_EXPERTS, Stream.H2D,
+                                   Stream.D2H)))
+    ops = list(plan.ops)
+    for k, op in enumerate(ops):
+        if op.stream in (Stream.CPU, Stream.CPU_EXPERTS) and draw(st.booleans()):
+            n = draw(st.integers(2, 4))
+            ops[k] = grouped(op, [1] * n, draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)),
+                             draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)))
+    return Plan("t", {}, MODEL, SYSTEM, plan.workload, ops, {"gpu": {}, "cpu": {}})
+
+
+def group_slack(plan: Plan) -> int:
+    """Events a group that entered alone may cost beyond one timeout per member when an arrival splits it: the
+    interrupt that wakes it at its member's end and its lumped timeout, which then fires for nothing."""
+    return 2 * sum(1 for op in plan.ops if op.members)
+
+
+@settings(max_examples=400, deadline=None)
+@given(grouped_tie_plans())
+def test_groups_alone_in_a_shared_group_run_as_their_members_would(plan):
+    """chain=False runs every member as its own job (the reference); the chained run lumps a group that enters its
+    resource group alone and splits it where another job arrives."""
+    assert_same(*both(plan, TIE_COST), events_slack=tie_slack(plan) + group_slack(plan))
+
+
+def test_a_lumped_group_is_split_where_a_copy_arrives():
+    """CPU experts: members of 3, 2 and 4 us, alone from t = 0 (one timeout for all three, 9 us); a copy that
+    draws the same DRAM arrives at 4 us, inside the second member, and both share from there. Every start and
+    end equals the reference's, where each member is its own job."""
+    b = PlanBuilder()
+    b.add(OpKind.EXPERT, Stream.CPU_EXPERTS, Phase.DECODE, 1, 0, tokens=3, flops=9, nbytes=6)
+    gate = b.add(OpKind.EXPERT, Stream.GPU, Phase.DECODE, 1, 0, tokens=64, flops=4)
+    b.add(OpKind.COPY, Stream.D2H, Phase.DECODE, 1, 0, flops=2, nbytes=1, deps=(gate,))
+    plan = plan_of(b)
+    ops = list(plan.ops)
+    ops[0] = grouped(ops[0], [1, 1, 1], [3, 2, 4], [1, 1, 3])  # usages (0.5, 0.5), (0.5, 0.5), (1.0, 1.0)
+    plan = Plan("t", {}, MODEL, SYSTEM, plan.workload, ops, {"gpu": {}, "cpu": {}})
+    chained, reference = both(plan, TIE_COST)
+    assert_same(chained, reference, events_slack=2)
+    assert chained.start_ns[2] == 4000
+    assert chained.end_ns[0] > 9000  # the copy slowed the group
+    # the copy after the group's end (its GPU gate lasts 10 us): one timeout covers the three members
+    late = list(ops)
+    late[1] = dataclasses.replace(ops[1], flops=10)
+    late = Plan("t", {}, MODEL, SYSTEM, plan.workload, late, {"gpu": {}, "cpu": {}})
+    chained, reference = both(late, TIE_COST)
+    assert_same(chained, reference)
+    assert chained.end_ns[0] == 9000 and chained.events == reference.events - 2
