@@ -112,6 +112,16 @@ def _at_plan_precision(plan: Plan, weights: ModelWeights) -> ModelWeights:
     return K.use_cpu_experts(copy, precision)
 
 
+def _refuse_disk_ops(plan: Plan, topo: Topology) -> None:
+    """The executor has no disk tier (a plan that offloads weights or cache to the system's disk is simulated
+    only): one line naming the first such op."""
+    for op in plan.ops:
+        unit = topo.streams.get(op.stream)
+        if unit is not None and unit.kind is UnitKind.LINK and "disk" in (unit.spec.src, unit.spec.dst):
+            raise SimInputError(f"the executor does not run a disk tier: plan op {op.id} moves {op.bytes} bytes on "
+                                f"stream {op.stream} (simulate this plan, or place nothing on disk)")
+
+
 def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cuda: bool | None = None,
                  timeout_s: float = 3600.0) -> ExecutionResult:
     """Execute `plan` with real tensors; returns measured start/end per op and the final hidden states."""
@@ -119,6 +129,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("CUDA was asked for but torch sees no CUDA device")
     topo = topology_of(plan.system)
+    _refuse_disk_ops(plan, topo)
     streams = topo.stream_order()
     device_of = {s: _torch_device(topo, s, cuda) for s in streams}
     used = sorted({d for d in device_of.values() if d != "cpu"})

@@ -13,12 +13,13 @@ import numpy as np
 from sim.plan import Op, streams_of
 
 TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "cpu_experts": "CPU (AMX) experts",
-               "h2d": "PCIe H2D weights", "h2d_act": "PCIe H2D activations", "d2h": "PCIe D2H"}
+               "h2d": "PCIe H2D weights", "h2d_act": "PCIe H2D activations", "d2h": "PCIe D2H",
+               "disk_read": "Disk read (to DRAM)", "disk_write": "Disk write (from DRAM)"}
 
 
 def track_name(stream: str) -> str:
     """A stream's track label: the one-GPU machine's own names, then the topology's other streams by pattern
-    (gpu1, h2d_gpu1, d2h_gpu1, p2p_gpu_gpu1, ndp)."""
+    (gpu1, h2d_gpu1, d2h_gpu1, p2p_gpu_gpu1, ndp); a disk's two directions have their own names."""
     name = str(stream)
     if name in TRACK_NAMES:
         return TRACK_NAMES[name]

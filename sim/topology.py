@@ -10,7 +10,8 @@ links between GPUs) becomes a `Topology`:
 - a *group* is the set of resources its units' ops share at fair rates: each GPU with its HBM; the host, whose
   DRAM the CPU cores and every host-link DMA draw from; each peer link; a near-memory DIMM tier (`ndp`), whose
   cores read their own ranks (the traffic on the host's memory channels is not charged to it);
-- a *pool* is a memory capacity ops allocate from (`gpu`, `gpu1`, ..., `cpu`).
+- a *pool* is a memory capacity ops allocate from (`gpu`, `gpu1`, ..., `cpu`, and `disk` where the system has
+  one: its `disk_read` and `disk_write` streams move bytes between it and host DRAM, in the host group).
 
 The one-GPU machine has the streams, units and groups the plan format always had, in the same order, so plans
 and results are unchanged. Unit kinds (`gpu`, `cpu`, `link`) pick the cost model's formula; the unit's own spec
@@ -155,6 +156,15 @@ def topology_of(system: SystemSpec) -> Topology:
             stream = f"p2p_{direction.src}_{direction.dst}"
             units[stream] = Unit(stream, UnitKind.LINK, group, index, -1, direction.dst, direction)
             streams[stream] = units[stream]
+    if system.disk is not None:  # a storage tier: reads land in host DRAM, writes leave it (both draw on it)
+        disk = system.disk
+        pools["disk"] = disk.capacity_bytes
+        read = LinkDirection(f"{disk.name}_read", "disk", "cpu", disk.read_bytes_per_s, disk.read_efficiency,
+                             disk.latency_s)
+        write = LinkDirection(f"{disk.name}_write", "cpu", "disk", disk.write_bytes_per_s, disk.write_efficiency,
+                              disk.latency_s)
+        units["disk_read"] = streams["disk_read"] = add_host_direction(read, "disk_read")
+        units["disk_write"] = streams["disk_write"] = add_host_direction(write, "disk_write")
     if system.ndp is not None:  # weights it computes on live in host DRAM (the `cpu` pool)
         groups["ndp"] = 2  # (cores, rank bandwidth): inside the DIMMs, apart from the host's channels
         units["ndp"] = streams["ndp"] = Unit("ndp", UnitKind.NDP, "ndp", 0, 1, "cpu", system.ndp)

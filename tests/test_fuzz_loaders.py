@@ -132,6 +132,28 @@ def test_ndp_system_specs(data):
     assert math.isfinite(system.ndp.flops_per_s) and system.ndp.internal_bytes_per_s > 0
 
 
+DISK_SYSTEM = _preset_dict("gcp-t4-n1-208g")
+
+
+@FAST
+@given(st.data())
+def test_disk_system_specs(data):
+    """The disk's mapping mutated: one-line errors, or a disk whose rates and capacity are finite and positive and
+    whose topology builds with a `disk` pool."""
+    from sim.topology import topology_of
+
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in DISK_SYSTEM.items()}
+    doc["disk"] = data.draw(mutated(doc["disk"]))
+    try:
+        system = build_system("fuzz", doc, "fuzz")
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    disk = system.disk
+    assert math.isfinite(disk.read_bytes_per_s) and disk.read_bytes_per_s > 0 and disk.capacity_bytes > 0
+    assert topology_of(system).pools["disk"] == disk.capacity_bytes
+
+
 @FAST
 @given(st.sampled_from([GPUSpec, CPUSpec, LinkSpec]), st.data())
 def test_component_specs(cls, data):

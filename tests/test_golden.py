@@ -1,7 +1,8 @@
 """Golden results: simulate() on scenarios covering every policy and three models (Mixtral-8x7B, Qwen3-30B-A3B
 with top-8 of 128 experts, DeepSeek-V2-Lite) gives exactly the numbers recorded before a behaviour-preserving
 change (tests/data/golden_simulate.json, first written by the code at 3a7e881; the zero-inference,
-expert-parallel, ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe records added at 3e17794's results). A change
+expert-parallel, ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe records added at 3e17794's results;
+FlexGen with half of OPT-6.7B's weights and its whole cache on the T4 box's disk added with the disk tier). A change
 meant to move results re-records them with `write_golden()` in the same commit and says why:
 `PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
 

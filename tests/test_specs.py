@@ -65,7 +65,7 @@ def test_paper_systems_compose_the_right_parts():
         assert abs(s.cpu.dram_bytes_per_s - 307.2e9) < 1
 
 
-@pytest.mark.parametrize("kind", ["gpus", "cpus", "links", "ndps", "systems", "models"])
+@pytest.mark.parametrize("kind", ["gpus", "cpus", "links", "ndps", "disks", "systems", "models"])
 def test_every_number_has_a_source(kind):
     import dataclasses
 

@@ -26,7 +26,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.show:
         sys.stdout.write(show_preset(args.show))
         return 0
-    kinds = ("models", "systems", "gpus", "cpus", "links", "ndps")
+    kinds = ("models", "systems", "gpus", "cpus", "links", "ndps", "disks")
     if args.json:
         emit_json({**{kind: preset_names(kind) for kind in kinds}, "lengths": sorted(PRESETS)})
         return 0

@@ -48,6 +48,7 @@ from sim.policies.layers import (
 )
 
 GPU, CPU, H2D, H2D_ACT, D2H = Stream.GPU, Stream.CPU, Stream.H2D, Stream.H2D_ACT, Stream.D2H
+DISK_READ, DISK_WRITE = "disk_read", "disk_write"  # the system's disk tier (sim/topology.py)
 MEMORY_FRACTION = 0.8  # FlexGen cost_model.py: alpha_g = alpha_c = 0.8 ("relaxation ratio")
 
 
@@ -105,11 +106,13 @@ class FlexGenOptions(OptionsBase):
     --num-gpu-batches (0 = ceil(B / gpu_batch_size); given, it must equal that, so the block is the batch);
     weights_gpu_percent, kv_gpu_percent, act_gpu_percent: FlexGen's --percent for weights (whole tensors placed by
     their midpoints, flexgen_weights.py), the KV cache and the hidden states kept in VRAM, the rest in DRAM (-1 =
-    search); cpu_attention: on | off (FlexGen's --cpu-cache-compute: decode attention over the DRAM part of the
-    cache runs on the CPU); fp32_cpu_attention: on | off (its CPU path copies K/V into an fp32 workspace first; off:
-    a what-if fp16 one); pin_weight: on | off (FlexGen's --pin-weight: off keeps the DRAM weights pageable, so each
-    weight load is staged through a bounce buffer); sep_layer: on | off (FlexGen's --sep-layer: attention and FFN
-    are separate layers of its schedule, so each half's weights are loaded while the other half computes and the
+    search); weights_cpu_percent, kv_cpu_percent: FlexGen's --percent shares in DRAM, the rest of weights and cache
+    going to the system's disk (-1: what the GPU leaves, spilled to disk by the search only where DRAM cannot hold
+    it); cpu_attention: on | off (FlexGen's --cpu-cache-compute: decode attention over the DRAM and disk parts of
+    the cache runs on the CPU); fp32_cpu_attention: on | off (its CPU path copies K/V into an fp32 workspace first;
+    off: a what-if fp16 one); pin_weight: on | off (FlexGen's --pin-weight: off keeps the DRAM weights pageable, so
+    each weight load is staged through a bounce buffer); sep_layer: on | off (FlexGen's --sep-layer: attention and
+    FFN are separate layers of its schedule, so each half's weights are loaded while the other half computes and the
     double buffer holds a layer object and its neighbour, not two layers; flex_opt's default is on, and the MoE
     port's HELM driver builds its policy with it on); eager_attention: on | off (on: prefill attention as FlexGen
     computes it, every s x s score with the causal mask applied afterwards and the score tensor moved through GPU
@@ -123,6 +126,8 @@ class FlexGenOptions(OptionsBase):
     weights_gpu_percent: float = -1.0
     kv_gpu_percent: float = -1.0
     act_gpu_percent: float = -1.0
+    weights_cpu_percent: float = -1.0
+    kv_cpu_percent: float = -1.0
     cpu_attention: str = "on"
     fp32_cpu_attention: str = "on"
     pin_weight: str = "on"
@@ -134,10 +139,16 @@ class FlexGenOptions(OptionsBase):
     def __post_init__(self) -> None:
         self.at_least("gpu_batch_size", -1)
         self.at_least("num_gpu_batches", 0)
-        for name in ("weights_gpu_percent", "kv_gpu_percent", "act_gpu_percent"):
+        for name in ("weights_gpu_percent", "kv_gpu_percent", "act_gpu_percent", "weights_cpu_percent",
+                     "kv_cpu_percent"):
             value = getattr(self, name)
             if value != -1.0 and not 0.0 <= value <= 100.0:
                 raise SimInputError(f"policy flexgen: {name} must be in [0, 100] (or -1 to search), got {value}")
+        for what in ("weights", "kv"):
+            gpu, cpu = getattr(self, f"{what}_gpu_percent"), getattr(self, f"{what}_cpu_percent")
+            if cpu >= 0 and gpu >= 0 and gpu + cpu > 100.0 + 1e-9:
+                raise SimInputError(f"policy flexgen: {what}_gpu_percent {gpu} + {what}_cpu_percent {cpu} exceed "
+                                    "100 (the rest goes to disk)")
         self.choice("cpu_attention", ("on", "off"))
         self.choice("fp32_cpu_attention", ("on", "off"))
         self.choice("pin_weight", ("on", "off"))
@@ -161,25 +172,36 @@ class _Layout:
         self.gbs = min(max(o.gpu_batch_size, 1), wl.batch)
         self.ngb = -(-wl.batch // self.gbs)
         self.cg, self.hg = o.kv_gpu_percent / 100.0, o.act_gpu_percent / 100.0
+        # the cache's DRAM share (what the GPU leaves unless kv_cpu_percent says); the rest lives on disk
+        self.cc = 1.0 - self.cg if o.kv_cpu_percent < 0 else o.kv_cpu_percent / 100.0
+        self.cd = max(0.0, 1.0 - self.cg - self.cc)
         # FlexGen places whole tensors by their midpoints (flexgen_weights.py): what each half of a layer loads
         # from DRAM per visit. Embeddings left in DRAM load once per step; the plan loads them with the first
         # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,
         # one GPU batch's compute earlier or later).
-        pl = place_weights(m, o.weights_gpu_percent)
+        pl = place_weights(m, o.weights_gpu_percent, None if o.weights_cpu_percent < 0 else o.weights_cpu_percent)
         halves = [[a, f] for a, f in zip(pl.attention_load, pl.ffn_load, strict=True)]
+        on_disk = [[a, f] for a, f in zip(pl.attention_disk, pl.ffn_disk, strict=True)]
         # The weight loads in schedule order: FlexGen's layer objects, the embeddings being layers of their own.
         self.sep_layer = o.sep_layer == "on"
-        units = [b for a, f in halves for b in ([a, f] if self.sep_layer else [a + f])]
-        sequence = [pl.input_embedding_load, *units, pl.output_embedding_load]
+        units = [b for (a, f), (x, y) in zip(halves, on_disk, strict=True)
+                 for b in ([a + x, f + y] if self.sep_layer else [a + f + x + y])]
+        sequence = [pl.input_embedding_load + pl.input_embedding_disk, *units,
+                    pl.output_embedding_load + pl.output_embedding_disk]
         # The object computing and the next one loading share the buffer (the output embedding's successor is the
         # next step's input embedding).
         double_buffer = max(a + b for a, b in zip(sequence, sequence[1:] + sequence[:1], strict=True))
         self.layer_loads = [a + f for a, f in halves]  # a decoder layer's own loads (the cost estimate's)
+        self.layer_disk = [a + f for a, f in on_disk]  # and its reads from disk (copied up after them)
         self.embedding_load = pl.input_embedding_load + pl.output_embedding_load  # once per step
+        self.embedding_disk = pl.input_embedding_disk + pl.output_embedding_disk
         if halves:
             halves[0][0] += pl.input_embedding_load
             halves[-1][1] += pl.output_embedding_load
+            on_disk[0][0] += pl.input_embedding_disk
+            on_disk[-1][1] += pl.output_embedding_disk
         self.parts = [[a, f] if self.sep_layer else [a + f] for a, f in halves]
+        self.parts_disk = [[a, f] if self.sep_layer else [a + f] for a, f in on_disk]
         self.prompt = int(wl.prompt_lens.max())  # padded
         self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
         self.cpu_attention = o.cpu_attention == "on"
@@ -190,6 +212,7 @@ class _Layout:
         self.eager_attention = o.eager_attention == "on"
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
+        kv_disk = int(self.kv_bytes * self.cd)
         # Not counted apart: the buffer GPU decode attention reads a DRAM share of the cache into (two GPU batches'
         # of one layer with the prefetch): with it, two of FlexLLMGen's published OPT-30B runs would not fit by
         # 0.1 GiB, so the other terms' estimates (workspace, CUDA context) already cover it.
@@ -198,7 +221,8 @@ class _Layout:
                     "kv_cache": kv_gpu, "hidden_states": int(hidden * self.hg),
                     "workspace": activation_workspace_bytes(ctx, self.gbs * self.prompt, self.gbs)}
         self.cpu = {"weights": pl.cpu_bytes,
-                    "kv_cache": self.kv_bytes - kv_gpu, "hidden_states": hidden - int(hidden * self.hg)}
+                    "kv_cache": self.kv_bytes - kv_gpu - kv_disk, "hidden_states": hidden - int(hidden * self.hg)}
+        self.disk = {"weights": pl.disk_bytes, "kv_cache": kv_disk} if pl.disk_bytes or kv_disk else {}
 
 
 def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
@@ -209,6 +233,8 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     n = wl.max_gen_len
     cg, hg = lay.cg, lay.hg
     loaded = max(lay.layer_loads, default=0)
+    from_disk = max(lay.layer_disk, default=0)  # read by copy threads, then copied up with the DRAM share
+    loaded += from_disk
     embeddings = a.copy(H2D, lay.embedding_load, lay.weight_payload) if lay.embedding_load else 0.0  # per step
     hidden_p = wl.batch * s * m.hidden_size * m.bytes_per_param
     hidden_g = wl.batch * m.hidden_size * m.bytes_per_param
@@ -219,11 +245,17 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
                     + a.t(OpKind.ATTENTION, GPU, prefill_attention_work(ctx, lay, gbs))
                     + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok))
     ctog_p = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_p * (1 - hg)))
-    gtoc_p = a.copy(D2H, int(kv_new_p * (1 - cg)), KV_HOME) + a.copy(D2H, int(hidden_p * (1 - hg)))
-    t_pre = max(ctog_p, gtoc_p, comp_p)
+    gtoc_p = (a.copy(D2H, int(kv_new_p * lay.cc), KV_HOME) + a.copy(D2H, int(kv_new_p * lay.cd), Payload.KV)
+              + a.copy(D2H, int(hidden_p * (1 - hg))))
+    # FlexGen's terms with a disk: T_pre = max(ctog + dtoc, gtoc + ctod, comp), T_gen = ctog + max(gtoc, dtoc,
+    # ctod, comp) (its cost_model.py)
+    dtoc_p = a.copy(DISK_READ, from_disk)  # (the embeddings' disk share: once a step, in `embeddings` below)
+    ctod_p = a.copy(DISK_WRITE, int(kv_new_p * lay.cd))
+    t_pre = max(ctog_p + dtoc_p, gtoc_p + ctod_p, comp_p)
     # Decode, at the mean context length, per GPU batch
     kv = int(gbs * (s + n / 2))
     kv_gpu, kv_cpu = int(kv * cg), kv - int(kv * cg)
+    kv_disk = int(kv * lay.cd)  # the share of the non-GPU part read from disk first
     attn_gpu = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv_gpu, kv_gpu)) if kv_gpu else 0.0
     kv_io = 0.0
     if lay.cpu_attention:
@@ -233,13 +265,18 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
         attn_s = max(attn_gpu, attn_cpu)
     else:
         attn_s = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv, kv))
-        kv_io = (a.copy(H2D_ACT, kv_cpu * m.kv_bytes_per_token_layer, KV_HOME)
-                 + a.copy(D2H, int(w.kv_bytes(gbs) * (1 - cg)), KV_HOME))
+        kv_io = (a.copy(H2D_ACT, (kv_cpu - kv_disk) * m.kv_bytes_per_token_layer, KV_HOME)
+                 + a.copy(H2D_ACT, kv_disk * m.kv_bytes_per_token_layer, Payload.KV)
+                 + a.copy(D2H, int(w.kv_bytes(gbs) * lay.cc), KV_HOME) + a.copy(D2H, int(w.kv_bytes(gbs) * lay.cd)))
     comp_g = ngb * (a.t(OpKind.QKV, GPU, w.qkv(gbs)) + attn_s + a.t(OpKind.O_PROJ, GPU, w.o_proj(gbs))
                     + a.t(OpKind.ROUTER, GPU, w.router(gbs)) + _experts_s(ctx, a, gbs) + kv_io)
     ctog_g = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_g * (1 - hg)))
     gtoc_g = a.copy(D2H, int(hidden_g * (1 - hg)))
-    t_gen = ctog_g + max(gtoc_g, comp_g)
+    dtoc_g = a.copy(DISK_READ, from_disk) + ngb * a.copy(DISK_READ, kv_disk * m.kv_bytes_per_token_layer)
+    ctod_g = ngb * a.copy(DISK_WRITE, int(w.kv_bytes(gbs) * lay.cd))
+    t_gen = ctog_g + max(gtoc_g, dtoc_g, ctod_g, comp_g)
+    if lay.embedding_disk:
+        embeddings += a.copy(DISK_READ, lay.embedding_disk) + a.copy(H2D, lay.embedding_disk)
     total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen + n * embeddings
     return {"t_pre": t_pre, "t_gen": t_gen, "total": total}
 
@@ -274,6 +311,31 @@ def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:
     return t
 
 
+def _disk_holds(ctx: PlanContext, lay: _Layout) -> bool:
+    """Whether the system has a disk and it holds the layout's disk share."""
+    return ctx.system.disk is not None and sum(lay.disk.values()) <= ctx.system.disk.capacity_bytes
+
+
+def _spill_to_disk(ctx: PlanContext, o: FlexGenOptions, cpu_cap: float) -> tuple[FlexGenOptions, _Layout] | None:
+    """Where DRAM cannot hold what the GPU leaves, the search moves weights to the system's disk (5% steps), then
+    the cache (25% steps), keeping as much as fits in DRAM; None without a disk, or when even that does not fit.
+    Only for shares the options leave to the search (FlexGen's LP places all three tiers at once)."""
+    disk = ctx.system.disk
+    if disk is None:
+        return None
+    weight_steps = ([o.weights_cpu_percent] if o.weights_cpu_percent >= 0
+                    else [5.0 * k for k in range(int((100.0 - o.weights_gpu_percent) / 5.0), -1, -1)])
+    kv_steps = ([o.kv_cpu_percent] if o.kv_cpu_percent >= 0
+                else [25.0 * k for k in range(int((100.0 - o.kv_gpu_percent) / 25.0), -1, -1)])
+    for kc in kv_steps:
+        for wc in weight_steps:
+            opts = replace(o, weights_cpu_percent=wc, kv_cpu_percent=kc)
+            lay = _Layout(ctx, opts)
+            if sum(lay.cpu.values()) <= cpu_cap:
+                return (opts, lay) if _disk_holds(ctx, lay) else None
+    return None
+
+
 class FlexGenPolicy(Policy):
     name = "flexgen"
     label = "FlexGen"
@@ -294,6 +356,13 @@ class FlexGenPolicy(Policy):
     def _require_fits(self, ctx: PlanContext, lay: _Layout) -> None:
         require_fits("GPU", ctx.system.gpu.name, self.name, lay.gpu, ctx.system.gpu_usable_bytes)
         require_fits("DRAM", ctx.system.name, self.name, lay.cpu, ctx.system.dram_usable_bytes)
+        if lay.disk:
+            disk = ctx.system.disk
+            if disk is None:
+                raise SimInputError(f"policy {self.name}: {sum(lay.disk.values()) / 2**30:.1f} GiB of weights or KV "
+                                    f"cache go to disk (weights or kv cpu + gpu percent < 100), but system "
+                                    f"{ctx.system.name} has no disk")
+            require_fits("disk", disk.name, self.name, lay.disk, disk.capacity_bytes)
 
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: FlexGenOptions = self.options
@@ -326,8 +395,11 @@ class FlexGenPolicy(Policy):
                 opts = replace(o, gpu_batch_size=gbs, weights_gpu_percent=wg, kv_gpu_percent=cg, act_gpu_percent=hg)
                 lay = _Layout(ctx, opts)
                 if sum(lay.cpu.values()) > cpu_cap:
-                    break  # less on the GPU only moves more to the CPU
-                if sum(lay.gpu.values()) > gpu_cap:
+                    spilled = _spill_to_disk(ctx, opts, cpu_cap)
+                    if spilled is None:
+                        break  # less on the GPU only moves more to the CPU
+                    opts, lay = spilled
+                if sum(lay.gpu.values()) > gpu_cap or (lay.disk and not _disk_holds(ctx, lay)):
                     continue
                 cost = flexgen_cost(ctx, lay)
                 out.append(Candidate(opts, cost["total"], cost))
@@ -346,7 +418,8 @@ class FlexGenPolicy(Policy):
             if slices:
                 emit.phase(slices, Phase.DECODE, step)
         knobs = {**asdict(o), "num_gpu_batches": lay.ngb}
-        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, {"gpu": lay.gpu, "cpu": lay.cpu},
+        static = {"gpu": lay.gpu, "cpu": lay.cpu, **({"disk": lay.disk} if lay.disk else {})}
+        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
                     {"prefill": groups, "decode": groups}, decode_scale=ctx.decode_scale)
 
 
@@ -375,13 +448,15 @@ def _padded_decode(ctx: PlanContext, step: int, groups: list[np.ndarray], prompt
 
 class _Unit(NamedTuple):
     """One layer of FlexGen's loop: the input embedding, a decoder layer's attention and/or FFN (halves with
-    sep_layer), or the output layer; `load` is the bytes of its weights copied from DRAM per visit (the
-    embedding units carry 0: their DRAM tensors load with the first decoder unit and the last, see `_Layout`)."""
+    sep_layer), or the output layer; `load` is the bytes of its weights copied from DRAM per visit and `disk` those
+    read from disk (the embedding units carry 0: their tensors load with the first decoder unit and the last, see
+    `_Layout`)."""
 
     layer: int
     attention: bool = False
     ffn: bool = False
     load: int = 0
+    disk: int = 0
 
 
 class _ZigZag(LayerEmitter):
@@ -397,11 +472,12 @@ class _ZigZag(LayerEmitter):
         self.lay = lay
         m = ctx.model
         units = [_Unit(-1)]
-        for layer, parts in enumerate(lay.parts):
+        for layer, (parts, disk) in enumerate(zip(lay.parts, lay.parts_disk, strict=True)):
             if lay.sep_layer:
-                units += [_Unit(layer, attention=True, load=parts[0]), _Unit(layer, ffn=True, load=parts[1])]
+                units += [_Unit(layer, attention=True, load=parts[0], disk=disk[0]),
+                          _Unit(layer, ffn=True, load=parts[1], disk=disk[1])]
             else:
-                units.append(_Unit(layer, attention=True, ffn=True, load=parts[0]))
+                units.append(_Unit(layer, attention=True, ffn=True, load=parts[0], disk=disk[0]))
         self.units = units + [_Unit(m.num_layers)]
         self.barrier: tuple[int, ...] = ()  # the last op per stream of the iteration before
 
@@ -409,7 +485,7 @@ class _ZigZag(LayerEmitter):
         units, n = self.units, len(slices)
         positions = [(u, k) for u in range(len(units)) for k in range(n)]
         out: list[Deps] = [-1] * n  # each GPU batch's last compute op
-        kv_stores: list[tuple[At, int, int]] = []  # the previous position's, issued one iteration on
+        kv_stores: list[tuple[At, int, int, bool, int]] = []  # the previous position's, one iteration on
         held: tuple[_Unit, BatchSlice] | None = None  # the position whose hidden states go down next
         single = n == 1  # FlexGen's single-batch loop: this layer's hidden in, compute, out
         for idx, (u, k) in enumerate(positions):
@@ -424,6 +500,9 @@ class _ZigZag(LayerEmitter):
             if k == 0 and u + 1 < len(units) and units[u + 1].load:
                 staged.append(self._load(H2D, At(phase, step, units[u + 1].layer), units[u + 1].load,
                                          self.lay.weight_payload, bar, later))
+            if k == 0 and u + 1 < len(units) and units[u + 1].disk:  # a copy thread's read, then its relay up
+                self._from_disk(H2D, At(phase, step, units[u + 1].layer), units[u + 1].disk, Payload.EXPERT_WEIGHTS,
+                                bar, later)
             if nxt is not None:
                 staged.append(self._kv_prefetch(phase, step, units[nxt[0]], slices[nxt[1]],
                                                 bar + tuple(op for op in staged if op >= 0), later))
@@ -442,8 +521,12 @@ class _ZigZag(LayerEmitter):
                     chain += (self._hidden(H2D_ACT, phase, step, units[nxt[0]], slices[nxt[1]], chain),)
             for dma in later:
                 dma()
-            for at, nbytes, tokens in kv_stores:  # issued by the loop's thread, after its staging
-                self.xfer(D2H, at, nbytes, KV_HOME, bar + tuple(staged), tokens)
+            for at, nbytes, disk, from_gpu, tokens in kv_stores:  # issued by the loop's thread, after its staging
+                if nbytes:
+                    self.xfer(D2H, at, nbytes, KV_HOME, bar + tuple(staged), tokens)
+                if disk:  # a copy thread: down through its pinned relay (from the GPU), then into the disk's file
+                    down = self.xfer(D2H, at, disk, Payload.KV, bar + tuple(staged), tokens) if from_gpu else -1
+                    self.xfer(DISK_WRITE, at, disk, Payload.KV, bar + tuple(staged) + (down,), tokens)
             kv_stores = []
             out[k] = self._compute(phase, step, unit, s, chain, kv_stores)
             held = (unit, s)
@@ -468,15 +551,40 @@ class _ZigZag(LayerEmitter):
 
     def _kv_prefetch(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, bar: tuple[int, ...],
                      later: list[Callable[[], int]]) -> int:
-        """For GPU decode attention, the DRAM share of the next position's cache (on its own copy stream, its DMA
-        queued in `later`); returns its staging op on the loop's thread (-1: none)."""
+        """The next position's decode cache: for GPU attention, its DRAM share (on its own copy stream, its DMA
+        queued in `later`) and its disk share (a copy thread's read and relay up); for CPU attention, its disk share
+        read into the CPU workspace. Returns the DRAM share's staging op on the loop's thread (-1: none)."""
         lay = self.lay
-        if unit.attention and phase is Phase.DECODE and not lay.cpu_attention:
-            kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg))
-            if kv_cpu:
-                return self._load(H2D_ACT, At(phase, step, unit.layer, s.mb), kv_cpu * self.m.kv_bytes_per_token_layer,
-                                  KV_HOME, bar, later, s.tokens)
+        if not (unit.attention and phase is Phase.DECODE):
+            return -1
+        at = At(phase, step, unit.layer, s.mb)
+        kv_disk = int(round(s.kv_read * lay.cd))
+        per_token = self.m.kv_bytes_per_token_layer
+        if lay.cpu_attention:
+            if kv_disk:
+                self.xfer(DISK_READ, at, kv_disk * per_token, Payload.KV, bar, s.tokens)
+            return -1
+        kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg)) - kv_disk
+        if kv_disk:
+            self._from_disk(H2D_ACT, at, kv_disk * per_token, Payload.KV, bar, later, s.tokens)
+        if kv_cpu:
+            return self._load(H2D_ACT, at, kv_cpu * per_token, KV_HOME, bar, later, s.tokens)
         return -1
+
+    def _from_disk(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
+                   later: list[Callable[[], int]], tokens: int = 0) -> None:
+        """A load from disk as FlexGen's copy threads run it: read into the thread's pinned relay buffer
+        (`disk_read`), then a pinned DMA up; the loop's thread does not wait (its iteration's `sync` does). A DMA on
+        the link the hidden states share goes to `later`, as `_load`'s."""
+        read = self.xfer(DISK_READ, at, nbytes, payload, deps, tokens)
+
+        def dma() -> int:
+            return self.xfer(stream, at, nbytes, payload, (read,), tokens)
+
+        if stream == H2D_ACT:
+            later.append(dma)
+        else:
+            dma()
 
     def _load(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
               later: list[Callable[[], int]], tokens: int = 0) -> int:
@@ -500,7 +608,7 @@ class _ZigZag(LayerEmitter):
         return stage
 
     def _compute(self, phase: Phase, step: int, unit: _Unit, s: BatchSlice, deps: tuple[int, ...],
-                 kv_stores: list[tuple[At, int, int]]) -> int:
+                 kv_stores: list[tuple[At, int, int, bool, int]]) -> int:
         """One GPU batch through one unit after `deps`; appends the cache store the next iteration issues."""
         lay, w, m = self.lay, self.w, self.m
         at = At(phase, step, unit.layer, s.mb)
@@ -512,8 +620,10 @@ class _ZigZag(LayerEmitter):
             q = self.op(OpKind.QKV, GPU, at, s.tokens, deps)
             a = self._attention(phase, at, s, q)
             deps = (self.op(OpKind.O_PROJ, GPU, at, s.tokens, as_deps(a)),)
-            if lay.cg < 1 and (phase is Phase.PREFILL or not lay.cpu_attention):  # new entries' DRAM share
-                kv_stores.append((at, int(w.kv_bytes(s.tokens) * (1 - lay.cg)), s.tokens))
+            new = w.kv_bytes(s.tokens)
+            on_gpu = phase is Phase.PREFILL or not lay.cpu_attention  # where the new entries are
+            if lay.cg < 1:  # new entries' DRAM share (from the CPU: written in place) and disk share
+                kv_stores.append((at, int(new * lay.cc) if on_gpu else 0, int(new * lay.cd), on_gpu, s.tokens))
         if not unit.ffn:
             return deps[0]
         return self.ffn(at, s.tokens, s.layer_counts(self.ctx, unit.layer), deps, routed=s.routed)

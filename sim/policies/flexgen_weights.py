@@ -2,8 +2,8 @@
 
 FlexGen does not split tensors: `init_weight_list` (FlexLLMGen `flex_opt.py`, and `init_weight_list_moe` in the
 Mixtral port's `flex_moe.py`) walks one layer object's tensors in order and puts each whole tensor on the device
-whose cumulative percent range holds the tensor's midpoint (`get_choice` over [disk, cpu, gpu]). With no disk
-share, a tensor is on the GPU when its midpoint lies at or above 100 - w_gpu percent of its layer object's bytes.
+whose cumulative percent range holds the tensor's midpoint (`get_choice` over [disk, cpu, gpu]): below the disk
+share (100 - w_gpu - w_cpu) on disk, below 100 - w_gpu in DRAM, else on the GPU.
 Every layer object (attention half, FFN half, input embedding, output embedding) is placed on its own, in both the
 sep_layer and the whole-layer schedule (a whole layer's `init_weight` calls its halves'). So at the port's
 7-14% no matrix of a Mixtral layer is on the GPU, and at 20% only OPT's attention output projection is.
@@ -18,24 +18,34 @@ int8/int4 experts, which FlexGen never ran.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sim.specs import ModelSpec
+
+
+def tiers(sizes: list[int], gpu_percent: float, cpu_percent: float | None = None) -> list[str]:
+    """FlexGen's placement of one layer object's tensors (`sizes` in allocation order): each goes where its
+    midpoint's percent of the object's bytes falls in the cumulative [disk, cpu, gpu] ranges (`get_choice`: below
+    the disk share, disk; below disk + cpu, cpu; else gpu). `cpu_percent` None: what the GPU leaves (no disk)."""
+    total = sum(sizes)
+    if total <= 0:
+        return ["cpu"] * len(sizes)
+    if cpu_percent is None:
+        cpu_percent = 100.0 - gpu_percent
+    disk_share = 100.0 - gpu_percent - cpu_percent
+    cpu_share = 100.0 - gpu_percent
+    out, before = [], 0
+    for size in sizes:
+        mid = (before + size / 2) / total * 100.0
+        out.append("disk" if mid < disk_share else ("cpu" if mid < cpu_share else "gpu"))
+        before += size
+    return out
 
 
 def on_gpu(sizes: list[int], gpu_percent: float) -> list[bool]:
     """FlexGen's placement of one layer object's tensors (`sizes` in allocation order, no disk share): a tensor
     goes to the GPU when its midpoint's percent of the object's bytes is at least 100 - `gpu_percent`."""
-    total = sum(sizes)
-    if total <= 0:
-        return [False] * len(sizes)
-    cpu_share = 100.0 - gpu_percent
-    out, before = [], 0
-    for size in sizes:
-        mid = (before + size / 2) / total * 100.0
-        out.append(mid >= cpu_share)
-        before += size
-    return out
+    return [t == "gpu" for t in tiers(sizes, gpu_percent)]
 
 
 def attention_tensors(m: ModelSpec) -> list[int]:
@@ -102,7 +112,8 @@ def output_embedding_tensors(m: ModelSpec) -> list[int]:
 
 @dataclass(frozen=True)
 class WeightPlacement:
-    """Bytes FlexGen keeps on the GPU and loads from DRAM, per layer half and for the embeddings."""
+    """Bytes FlexGen keeps on the GPU, loads from DRAM and reads from disk, per layer half and for the
+    embeddings. A load from disk goes through a copy thread's pinned relay to the GPU: read, then copied up."""
 
     attention_load: list[int]  # per decoder layer: the attention half's DRAM tensors
     ffn_load: list[int]  # per decoder layer: the FFN half's
@@ -110,27 +121,36 @@ class WeightPlacement:
     cpu_bytes: int  # every tensor placed in DRAM
     input_embedding_load: int  # the input embedding's DRAM tensors, loaded once per step
     output_embedding_load: int  # the output embedding's, loaded once per step
+    attention_disk: list[int] = field(default_factory=list)  # per decoder layer: the attention half's disk tensors
+    ffn_disk: list[int] = field(default_factory=list)  # per decoder layer: the FFN half's
+    disk_bytes: int = 0  # every tensor placed on disk
+    input_embedding_disk: int = 0
+    output_embedding_disk: int = 0
 
 
-def place_weights(m: ModelSpec, gpu_percent: float) -> WeightPlacement:
-    """FlexGen's placement of the whole model for a weight split of `gpu_percent` on the GPU, the rest in DRAM."""
+def place_weights(m: ModelSpec, gpu_percent: float, cpu_percent: float | None = None) -> WeightPlacement:
+    """FlexGen's placement of the whole model for a weight split of `gpu_percent` on the GPU and `cpu_percent` in
+    DRAM (None: the rest), the rest on disk."""
 
-    def dram(sizes: list[int]) -> int:
-        return sum(s for s, g in zip(sizes, on_gpu(sizes, gpu_percent), strict=True) if not g)
+    def share(sizes: list[int], tier: str) -> int:
+        return sum(s for s, t in zip(sizes, tiers(sizes, gpu_percent, cpu_percent), strict=True) if t == tier)
 
     # Layers differ only in being dense or MoE: place one of each kind and repeat it (a search places thousands).
     first_of_kind: dict[bool, int] = {}
     for layer in range(m.num_layers):
         first_of_kind.setdefault(m.is_moe_layer(layer), layer)
     ffn_of = {kind: ffn_tensors(m, layer) for kind, layer in first_of_kind.items()}
-    ffn_dram = {kind: dram(sizes) for kind, sizes in ffn_of.items()}
     attention = attention_tensors(m)
-    attn_dram = dram(attention)
-    attn = [attn_dram] * m.num_layers
-    ffn = [ffn_dram[m.is_moe_layer(layer)] for layer in range(m.num_layers)]
     inp_sizes, out_sizes = input_embedding_tensors(m), output_embedding_tensors(m)
-    inp, out = dram(inp_sizes), dram(out_sizes)
-    total = (sum(attention) * m.num_layers + sum(sum(ffn_of[m.is_moe_layer(layer)]) for layer in range(m.num_layers))
-             + sum(inp_sizes) + sum(out_sizes))
+    kinds = [m.is_moe_layer(layer) for layer in range(m.num_layers)]
+    placed = {}
+    for tier in ("cpu", "disk"):
+        ffn_tier = {kind: share(sizes, tier) for kind, sizes in ffn_of.items()}
+        placed[tier] = ([share(attention, tier)] * m.num_layers, [ffn_tier[k] for k in kinds],
+                        share(inp_sizes, tier), share(out_sizes, tier))
+    total = (sum(attention) * m.num_layers + sum(sum(ffn_of[k]) for k in kinds) + sum(inp_sizes) + sum(out_sizes))
+    attn, ffn, inp, out = placed["cpu"]
+    attn_d, ffn_d, inp_d, out_d = placed["disk"]
     cpu = sum(attn) + sum(ffn) + inp + out
-    return WeightPlacement(attn, ffn, total - cpu, cpu, inp, out)
+    disk = sum(attn_d) + sum(ffn_d) + inp_d + out_d
+    return WeightPlacement(attn, ffn, total - cpu - disk, cpu, inp, out, attn_d, ffn_d, disk, inp_d, out_d)

@@ -15,13 +15,22 @@ from typing import Any
 import yaml
 
 from sim.errors import SimInputError
-from sim.specs.hardware import CPUSpec, ExtraGPUSpec, GPUSpec, LinkSpec, NDPSpec, PeerLinkSpec, SystemSpec
+from sim.specs.hardware import (
+    CPUSpec,
+    DiskSpec,
+    ExtraGPUSpec,
+    GPUSpec,
+    LinkSpec,
+    NDPSpec,
+    PeerLinkSpec,
+    SystemSpec,
+)
 from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 
 PRESET_DIR = Path(__file__).with_name("presets")
 CATALOGS = {"models": ModelSpec, "gpus": GPUSpec, "cpus": CPUSpec, "links": LinkSpec, "ndps": NDPSpec,
-            "systems": SystemSpec}
+            "disks": DiskSpec, "systems": SystemSpec}
 
 
 @cache
@@ -67,6 +76,8 @@ def build_system(name: str, entry: dict[str, Any], where: str) -> SystemSpec:
         fields[key] = _component(kind, fields[key], f"{where}: {key}")
     if fields.get("ndp") is not None:
         fields["ndp"] = _component("ndps", fields["ndp"], f"{where}: ndp")
+    if fields.get("disk") is not None:
+        fields["disk"] = _component("disks", fields["disk"], f"{where}: disk")
     fields["extra_gpus"] = tuple(_extra_gpu(e, f"{where}: extra_gpus[{i}]")
                                  for i, e in enumerate(_entries(fields, "extra_gpus", where)))
     fields["peer_links"] = tuple(_peer_link(e, f"{where}: peer_links[{i}]")
@@ -164,8 +175,9 @@ def spec_to_yaml(spec: Any) -> str:
 
 
 def show_preset(name: str) -> str:
-    """YAML for a preset of any catalog; the name is looked up in models, systems, gpus, cpus, links, ndps."""
-    for kind in ("models", "systems", "gpus", "cpus", "links", "ndps"):
+    """YAML for a preset of any catalog; the name is looked up in models, systems, gpus, cpus, links, ndps,
+    disks."""
+    for kind in ("models", "systems", "gpus", "cpus", "links", "ndps", "disks"):
         if name in _raw_catalog(kind):
             if kind == "models":
                 return spec_to_yaml(model_preset(name))

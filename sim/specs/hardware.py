@@ -211,6 +211,30 @@ class NDPSpec:
 
 
 @dataclass(frozen=True)
+class DiskSpec:
+    """A storage tier behind the host (an NVMe SSD): its capacity and its sequential read and write rates as an
+    offloading runtime reaches them through host memory (the bytes land in or leave host DRAM, which the
+    transfers draw from)."""
+
+    __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
+
+    name: str
+    capacity_bytes: int
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+    read_efficiency: float
+    write_efficiency: float
+    latency_s: float
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_positive(f"disk {self.name}", self, ["capacity_bytes", "read_bytes_per_s", "write_bytes_per_s"])
+        _check_fraction(f"disk {self.name}", self, ["read_efficiency", "write_efficiency"])
+        if not 0 <= self.latency_s <= 1:
+            raise SimInputError(f"disk {self.name}: latency_s must be in [0, 1] s")
+
+
+@dataclass(frozen=True)
 class ExtraGPUSpec:
     """A GPU beyond the first: its name (its stream and memory pool), its spec, its own host link (each GPU of
     a multi-GPU server has its own x16 slot) and the memory its runtime reserves."""
@@ -245,7 +269,8 @@ GPU_NAME = r"gpu[1-9][0-9]?"  # the first GPU is "gpu"; more are gpu1, gpu2, ...
 @dataclass(frozen=True)
 class SystemSpec:
     """A machine: one GPU and one CPU socket joined by a host link, plus DRAM capacity and reservations;
-    optionally more GPUs (each with its own host link) and peer links between GPUs (`sim/topology.py`)."""
+    optionally more GPUs (each with its own host link), peer links between GPUs, a near-memory DIMM tier and a
+    disk (`sim/topology.py`)."""
 
     __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 
@@ -260,6 +285,7 @@ class SystemSpec:
     extra_gpus: tuple[ExtraGPUSpec, ...] = ()
     peer_links: tuple[PeerLinkSpec, ...] = ()
     ndp: NDPSpec | None = None  # a near-memory DIMM tier in the host's slots
+    disk: DiskSpec | None = None  # a storage tier behind the host (weights or KV cache offloaded past DRAM)
 
     def __post_init__(self) -> None:
         _check_positive(f"system {self.name}", self, ["dram_bytes"])

@@ -21,7 +21,7 @@ from sim.errors import SimInputError
 from sim.specs.catalog import build_system
 from sim.specs.hardware import SystemSpec
 
-SECTIONS = ("gpu", "cpu", "link", "ndp")  # nested specs a setting may reach into (one level)
+SECTIONS = ("gpu", "cpu", "link", "ndp", "disk")  # nested specs a setting may reach into (one level)
 
 
 def _number(path: str, text: str, current: Any) -> int | float:
