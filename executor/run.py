@@ -112,12 +112,17 @@ def _at_plan_precision(plan: Plan, weights: ModelWeights) -> ModelWeights:
     return K.use_cpu_experts(copy, precision)
 
 
+def _disk_link(topo: Topology, stream: str) -> bool:
+    """Whether `stream` moves bytes to or from the system's disk (the executor has no disk tier)."""
+    unit = topo.streams.get(stream)
+    return unit is not None and unit.kind is UnitKind.LINK and "disk" in (unit.spec.src, unit.spec.dst)
+
+
 def _refuse_disk_ops(plan: Plan, topo: Topology) -> None:
     """The executor has no disk tier (a plan that offloads weights or cache to the system's disk is simulated
-    only): one line naming the first such op."""
+    only): one line naming the first such op. Other plans on a system with a disk run as on one without."""
     for op in plan.ops:
-        unit = topo.streams.get(op.stream)
-        if unit is not None and unit.kind is UnitKind.LINK and "disk" in (unit.spec.src, unit.spec.dst):
+        if _disk_link(topo, op.stream):
             raise SimInputError(f"the executor does not run a disk tier: plan op {op.id} moves {op.bytes} bytes on "
                                 f"stream {op.stream} (simulate this plan, or place nothing on disk)")
 
@@ -142,7 +147,8 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     end = np.zeros(n, dtype=np.int64)
     errors: list[BaseException] = []
     stream_device = {s: _link_device(topo, s, device_of) for s in streams
-                     if device_of[s] != "cpu" or topo.streams[s].kind is UnitKind.LINK} if cuda else {}
+                     if (device_of[s] != "cpu" or topo.streams[s].kind is UnitKind.LINK) and not _disk_link(topo, s)
+                     } if cuda else {}
     cuda_streams = {s: _cuda_stream(s, d) for s, d in stream_device.items()}
     gpu_done_event: dict[int, Any] = {}
     prepack_cpu_experts(plan, weights, device_of)

@@ -89,9 +89,38 @@ def test_flexgen_reads_its_disk_share_every_step_and_writes_new_entries():
         assert sum(op.bytes for op in writes) == 4 * m.kv_bytes_per_token_layer * m.num_layers  # one new token
     # prefill's new entries go down through the relay, then into the disk's file
     prefill_writes = [op for op in plan.ops if op.stream == "disk_write" and op.phase is Phase.PREFILL]
-    assert prefill_writes and all(plan.ops[d].stream == Stream.D2H for op in prefill_writes for d in op.deps
-                                  if plan.ops[d].stream != Stream.CPU and plan.ops[d].stream in (Stream.D2H,))
+    assert prefill_writes
+    for op in prefill_writes:
+        relays = [plan.ops[d] for d in op.deps if plan.ops[d].stream == Stream.D2H and plan.ops[d].layer == op.layer
+                  and plan.ops[d].micro_batch == op.micro_batch and plan.ops[d].payload is Payload.KV]
+        assert len(relays) == 1 and relays[0].bytes == op.bytes
+    # CPU attention over the disk share: the copy threads made the workspace copy (read 2 B, write 4 B per 2 B
+    # cached) while reading it, so the attention op moves 3 x the cache's bytes less than over a DRAM cache
+    dram = simulate(OPT, T4_DISK, "flexgen", batch=4, prompt_len=32, gen_len=3, routing="uniform",
+                    policy_options={**DISK_OPTS, "kv_cpu_percent": "100"}, keep_plan=True, decode_sample=0).plan
+
+    def attention(p):
+        return next(op for op in p.ops if op.kind is OpKind.ATTENTION and op.stream == Stream.CPU and op.step == 2)
+
+    on_disk, in_dram = attention(plan), attention(dram)
+    assert on_disk.kv_tokens == in_dram.kv_tokens
+    assert in_dram.bytes - on_disk.bytes == 3 * on_disk.kv_tokens * m.kv_bytes_per_token_layer
     assert r.record.busy_ns["disk_read"] > 0 and r.record.busy_ns["disk_write"] > 0
+
+
+def test_gpu_attention_loads_the_dram_share_before_the_disk_share():
+    """cpu_attention off, a cache half in DRAM and half on disk: each position's DRAM share goes up on the cache's
+    stream first, then the copy threads' relay of the disk share (read, then its DMA)."""
+    opts = {**DISK_OPTS, "cpu_attention": "off", "kv_cpu_percent": "50", "pin_weight": "on"}
+    plan = simulate(OPT, T4_DISK, "flexgen", batch=4, prompt_len=32, gen_len=3, routing="uniform",
+                    policy_options=opts, keep_plan=True, decode_sample=0).plan
+    ups = [op for op in plan.ops if op.stream == Stream.H2D_ACT and op.payload is Payload.KV and op.step == 2]
+    from_disk = [op for op in ups if any(plan.ops[d].stream == "disk_read" for d in op.deps)]
+    from_dram = [op for op in ups if op not in from_disk]
+    assert from_disk and len(from_disk) == len(from_dram)
+    for dram, disk in zip(from_dram, from_disk, strict=True):
+        assert dram.id < disk.id and (dram.layer, dram.micro_batch) == (disk.layer, disk.micro_batch)
+        assert disk.bytes == dram.bytes  # half and half (whole rows, even here)
 
 
 def test_disk_shares_need_a_disk_and_must_fit_it():
@@ -111,16 +140,31 @@ def test_the_search_spills_to_disk_only_where_dram_cannot_hold_the_rest():
     assert roomy.knobs["weights_cpu_percent"] == -1 and roomy.knobs["kv_cpu_percent"] == -1
     # 8.5 GiB of DRAM, 8 of them reserved: what of OPT-6.7B's 13 GB the GPU leaves cannot all stay in DRAM
     tight = apply_system_settings(load_system(T4_DISK), {"dram_bytes": str(17 * 2**29)})
-    r = simulate(OPT, tight, "flexgen", batch=8, prompt_len=32, gen_len=2, policy_options=opts)
+    r = simulate(OPT, tight, "flexgen", batch=8, prompt_len=32, gen_len=2, policy_options=opts, keep_plan=True)
     assert 0 <= r.knobs["weights_cpu_percent"] < 100 - r.knobs["weights_gpu_percent"]
+    static = r.plan.static_memory
+    assert sum(static["cpu"].values()) <= tight.dram_usable_bytes and static["disk"]["weights"] > 0
     no_disk = apply_system_settings(load_system("gcp-t4-n1"), {"dram_bytes": str(17 * 2**29)})
-    with pytest.raises(SimInputError):
+    with pytest.raises(SimInputError, match="no configuration fits"):
         simulate(OPT, no_disk, "flexgen", batch=8, prompt_len=32, gen_len=2, policy_options=opts)
+    # a configuration with every share given never spills: it fits, or the error names the memory
+    forced = {"gpu_batch_size": "4", "weights_gpu_percent": "50", "kv_gpu_percent": "100", "act_gpu_percent": "100",
+              "cpu_attention": "on"}
+    with pytest.raises(SimInputError, match="DRAM"):
+        simulate(OPT, tight, "flexgen", batch=8, prompt_len=32, gen_len=2, policy_options=forced)
+    # a DRAM share given while the GPU's is searched: the search keeps gpu + cpu <= 100, the rest on disk
+    half = simulate(OPT, T4_DISK, "flexgen", batch=8, prompt_len=32, gen_len=2,
+                    policy_options={**opts, "weights_cpu_percent": "50", "kv_cpu_percent": "0"})
+    assert half.knobs["weights_gpu_percent"] <= 50 and half.knobs["kv_gpu_percent"] <= 100
 
 
 def test_the_executor_refuses_a_disk_tier_in_one_line():
     pytest.importorskip("torch")
-    from executor.run import execute_plan
+    from executor.run import _disk_link, execute_plan
+
+    # only the disk's own streams are set aside; a plan without disk ops runs as on a system without a disk
+    topo = topology_of(load_system(T4_DISK))
+    assert [s for s in topo.streams if _disk_link(topo, s)] == ["disk_read", "disk_write"]
 
     r = simulate(OPT, T4_DISK, "flexgen", batch=4, prompt_len=32, gen_len=2, policy_options=DISK_OPTS,
                  keep_plan=True)

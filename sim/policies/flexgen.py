@@ -90,6 +90,15 @@ def cpu_attention_kv_factor(model, fp32: bool) -> int:
     return 1 + w + g * w
 
 
+def workspace_cast_factor(fp32: bool) -> int:
+    """The share of `cpu_attention_kv_factor` that is the copy into the workspace (read 2 B, write w, per 2 B
+    cached): for a cache share on disk FlexGen's copy threads make that copy while reading it (`load_cache`
+    hands the disk segment to `general_copy`, so it runs beside the previous iteration's compute), leaving the
+    attention op the reads after it."""
+    w = WORKSPACE_BYTES_FP32 if fp32 else WORKSPACE_BYTES_FP16
+    return 1 + w // 2
+
+
 def kv_heads_repeated(model) -> int:
     """Query heads per cached KV head that FlexGen's CPU attention repeats (1 for MHA and MLA)."""
     return model.num_attention_heads // model.num_kv_heads if model.attention == "gqa" else 1
@@ -174,7 +183,9 @@ class _Layout:
         self.cg, self.hg = o.kv_gpu_percent / 100.0, o.act_gpu_percent / 100.0
         # the cache's DRAM share (what the GPU leaves unless kv_cpu_percent says); the rest lives on disk
         self.cc = 1.0 - self.cg if o.kv_cpu_percent < 0 else o.kv_cpu_percent / 100.0
-        self.cd = max(0.0, 1.0 - self.cg - self.cc)
+        self.cd = 1.0 - self.cg - self.cc
+        if self.cd < 1e-9:  # shares given to sum to 100: nothing on disk (not a rounding's worth)
+            self.cd = 0.0
         # FlexGen places whole tensors by their midpoints (flexgen_weights.py): what each half of a layer loads
         # from DRAM per visit. Embeddings left in DRAM load once per step; the plan loads them with the first
         # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,
@@ -209,6 +220,7 @@ class _Layout:
         # A cache split between GPU and DRAM takes FlexGen's mixed-device path over the workspace's CPU segment,
         # which repeats no heads: the same factor for MHA, a what-if for GQA (cpu_attention_kv_factor).
         self.kv_factor = cpu_attention_kv_factor(m, o.fp32_cpu_attention == "on")
+        self.kv_factor_disk = self.kv_factor - workspace_cast_factor(o.fp32_cpu_attention == "on")
         self.eager_attention = o.eager_attention == "on"
         hidden = wl.batch * self.prompt * m.hidden_size * bpp
         kv_gpu = int(self.kv_bytes * self.cg)
@@ -259,7 +271,7 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     attn_gpu = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv_gpu, kv_gpu)) if kv_gpu else 0.0
     kv_io = 0.0
     if lay.cpu_attention:
-        cpu_work = _cpu_attention_work(ctx, lay, gbs, kv_cpu)
+        cpu_work = _cpu_attention_work(ctx, lay, gbs, kv_cpu, kv_disk)
         attn_cpu = (a.t(OpKind.ATTENTION, CPU, cpu_work) + a.copy(D2H, w.qkv_out_bytes(gbs))
                     + a.copy(H2D_ACT, w.attn_out_bytes(gbs))) if kv_cpu else 0.0
         attn_s = max(attn_gpu, attn_cpu)
@@ -293,12 +305,14 @@ def prefill_attention_work(ctx: PlanContext, lay: _Layout, requests: int) -> Wor
     return Work(base.flops, base.bytes + EAGER_SCORE_BYTES * scores)
 
 
-def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int) -> Work:
+def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int, kv_disk: int = 0) -> Work:
     """Work of FlexGen's CPU attention over `kv` cached entries (its fp32 workspace copy and repeated heads
-    multiply the KV bytes: `cpu_attention_kv_factor`)."""
+    multiply the KV bytes: `cpu_attention_kv_factor`); of them, `kv_disk` came from disk, copied into the workspace
+    by the copy threads already (`workspace_cast_factor` less)."""
     base = ctx.work.attention(tokens, kv, kv)
-    kv_bytes = kv * ctx.model.kv_bytes_per_token_layer
-    return Work(base.flops, base.bytes + (lay.kv_factor - 1) * kv_bytes)
+    per = ctx.model.kv_bytes_per_token_layer
+    extra = (lay.kv_factor - 1) * (kv - kv_disk) * per + (lay.kv_factor_disk - 1) * kv_disk * per
+    return Work(base.flops, base.bytes + int(extra))
 
 
 def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:
@@ -311,9 +325,10 @@ def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:
     return t
 
 
-def _disk_holds(ctx: PlanContext, lay: _Layout) -> bool:
-    """Whether the system has a disk and it holds the layout's disk share."""
-    return ctx.system.disk is not None and sum(lay.disk.values()) <= ctx.system.disk.capacity_bytes
+def _disk_holds(ctx: PlanContext, lay: _Layout, share: float = 1.0) -> bool:
+    """Whether the system has a disk and `share` of it holds the layout's disk share (the search's relaxation, as
+    FlexGen's LP relaxes its NVMe too)."""
+    return ctx.system.disk is not None and sum(lay.disk.values()) <= share * ctx.system.disk.capacity_bytes
 
 
 def _spill_to_disk(ctx: PlanContext, o: FlexGenOptions, cpu_cap: float) -> tuple[FlexGenOptions, _Layout] | None:
@@ -332,7 +347,7 @@ def _spill_to_disk(ctx: PlanContext, o: FlexGenOptions, cpu_cap: float) -> tuple
             opts = replace(o, weights_cpu_percent=wc, kv_cpu_percent=kc)
             lay = _Layout(ctx, opts)
             if sum(lay.cpu.values()) <= cpu_cap:
-                return (opts, lay) if _disk_holds(ctx, lay) else None
+                return (opts, lay) if _disk_holds(ctx, lay, o.memory_fraction) else None
     return None
 
 
@@ -381,25 +396,32 @@ class FlexGenPolicy(Policy):
             return [value] if value >= 0 else [step * k for k in range(int(100 / step) + 1)]
 
         gpu_cap, cpu_cap = ctx.system.gpu_usable_bytes, ctx.system.dram_usable_bytes
+        disk_share = 1.0
         if o.searched:  # FlexGen's search relaxes each memory; a forced configuration needs only to fit
             gpu_cap = min(gpu_cap, o.memory_fraction * ctx.system.gpu.hbm_bytes)
             cpu_cap = min(cpu_cap, o.memory_fraction * ctx.system.dram_bytes)
+            disk_share = o.memory_fraction
         kv_grid = grid(o.kv_gpu_percent, 25.0)
+        if o.kv_cpu_percent >= 0:  # a DRAM share given: the GPU may take at most what it leaves
+            kv_grid = [cg for cg in kv_grid if cg <= 100.0 - o.kv_cpu_percent]
+        weight_grid = grid(o.weights_gpu_percent, 5.0)
+        if o.weights_cpu_percent >= 0:
+            weight_grid = [wg for wg in weight_grid if wg <= 100.0 - o.weights_cpu_percent]
         if o.kv_gpu_percent < 0 and o.cpu_attention == "on" and kv_heads_repeated(ctx.model) > 1:
             # FlexGen's mixed-device attention pairs b x n_head queries with b x n_kv_head cached heads and raises
             # for grouped-query attention: the search keeps the cache whole on one side.
             kv_grid = [cg for cg in kv_grid if cg in (0.0, 100.0)]
         out = []
         for gbs, hg, cg in itertools.product(sizes, grid(o.act_gpu_percent, 100.0), kv_grid):
-            for wg in sorted(grid(o.weights_gpu_percent, 5.0), reverse=True):
+            for wg in sorted(weight_grid, reverse=True):
                 opts = replace(o, gpu_batch_size=gbs, weights_gpu_percent=wg, kv_gpu_percent=cg, act_gpu_percent=hg)
                 lay = _Layout(ctx, opts)
                 if sum(lay.cpu.values()) > cpu_cap:
-                    spilled = _spill_to_disk(ctx, opts, cpu_cap)
+                    spilled = _spill_to_disk(ctx, opts, cpu_cap) if o.searched else None
                     if spilled is None:
                         break  # less on the GPU only moves more to the CPU
                     opts, lay = spilled
-                if sum(lay.gpu.values()) > gpu_cap or (lay.disk and not _disk_holds(ctx, lay)):
+                if sum(lay.gpu.values()) > gpu_cap or (lay.disk and not _disk_holds(ctx, lay, disk_share)):
                     continue
                 cost = flexgen_cost(ctx, lay)
                 out.append(Candidate(opts, cost["total"], cost))
@@ -565,11 +587,12 @@ class _ZigZag(LayerEmitter):
                 self.xfer(DISK_READ, at, kv_disk * per_token, Payload.KV, bar, s.tokens)
             return -1
         kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg)) - kv_disk
+        stage = -1
+        if kv_cpu:  # on the cache's own CUDA stream, ahead of the copy threads' relay of the disk share
+            stage = self._load(H2D_ACT, at, kv_cpu * per_token, KV_HOME, bar, later, s.tokens)
         if kv_disk:
             self._from_disk(H2D_ACT, at, kv_disk * per_token, Payload.KV, bar, later, s.tokens)
-        if kv_cpu:
-            return self._load(H2D_ACT, at, kv_cpu * per_token, KV_HOME, bar, later, s.tokens)
-        return -1
+        return stage
 
     def _from_disk(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
                    later: list[Callable[[], int]], tokens: int = 0) -> None:
@@ -645,7 +668,7 @@ class _ZigZag(LayerEmitter):
             parts.append(self.attention(GPU, at, part, (q,)))
         if kv_cpu:  # q, k, v down; the CPU attends over its share (fp32 workspace copy included); the output comes up
             down = self.xfer(D2H, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
-            cpu_work = _cpu_attention_work(self.ctx, lay, s.tokens, kv_cpu)
+            cpu_work = _cpu_attention_work(self.ctx, lay, s.tokens, kv_cpu, int(round(s.kv_read * lay.cd)))
             a = self._op(OpKind.ATTENTION, CPU, at.phase, at.step, at.layer, at.mb, s.tokens, cpu_work, (down,),
                          kv_tokens=kv_cpu)
             parts.append(self.xfer(H2D_ACT, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens))
