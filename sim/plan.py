@@ -96,6 +96,9 @@ class Payload(StrEnum):
     # (a fresh pinned buffer filled on the issuing thread), then an asynchronous pinned DMA. On a CPU stream, so the
     # thread's later work waits for it; priced at what the link's pageable rate leaves after its pinned DMA.
     PAGEABLE_STAGING = "pageable_staging"
+    # FlexGen's 4-bit group-wise decompression on the GPU before a compressed tensor is used (unpack, scale,
+    # shift: memory traffic only), as a COPY-kind op on the compute stream.
+    DECOMPRESS = "decompress"
 
 
 PAGEABLE_PAYLOADS = frozenset({Payload.PAGEABLE_WEIGHTS, Payload.PAGEABLE_KV})

@@ -36,7 +36,15 @@ from sim.errors import SimInputError
 from sim.plan import PAGEABLE_PAYLOADS, OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.analytic import Analytic, Candidate, SearchSpace
 from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
-from sim.policies.flexgen_weights import place_weights
+from sim.policies.flexgen_weights import (
+    COMPRESSED_BYTES_PER_ELEMENT,
+    attention_tensors,
+    ffn_tensors,
+    input_embedding_tensors,
+    matrices,
+    output_embedding_tensors,
+    place_weights,
+)
 from sim.policies.layers import (
     At,
     BatchSlice,
@@ -107,6 +115,15 @@ def kv_heads_repeated(model) -> int:
 # score tensor through GPU memory: written by the first bmm, read and written by the mask (`torch.where`), read
 # and written by the softmax, read by the second bmm; 6 passes of 2 bytes in FlexLLMGen's fp16 code.
 EAGER_SCORE_BYTES = 12
+# FlexGen's `TorchCompressedDevice.decompress` on the GPU, per fp16 element of the tensor: unpack the high nibbles
+# (`bitwise_right_shift`: read 0.5 B, write 0.5 B; the strided assignment into the fp16 buffer: read 0.5 B, write
+# 1 B per element), the low nibbles alike (`bitwise_and`), then `div_(scale)` and `add_(mn)` over the fp16 buffer
+# (read 2 B and write 2 B each): 13 bytes moved per element, before the consumer reads the fp16 copy.
+DECOMPRESS_BYTES_PER_ELEMENT = 13
+# ... and `compress` of new cache entries on the GPU (after each attention): min and max over each group (read 2 B
+# each), `data - mn` (read 2, write 2), `mul_`, `clamp_`, `round_` (read 2, write 2 each), `.to(uint8)` (read 2,
+# write 1), the packing shift and `bitwise_or` (read 1.5, write 1 in all): 51 half-bytes per element.
+COMPRESS_HALF_BYTES_PER_ELEMENT = 51
 
 
 @dataclass(frozen=True)
@@ -126,8 +143,10 @@ class FlexGenOptions(OptionsBase):
     port's HELM driver builds its policy with it on); eager_attention: on | off (on: prefill attention as FlexGen
     computes it, every s x s score with the causal mask applied afterwards and the score tensor moved through GPU
     memory six times; off: a fused causal kernel); memory_fraction: share of each memory the search may fill
-    (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated. A configuration with every knob given needs
-    only to fit in memory."""
+    (FlexGen's relaxation ratio, 0.8); rescore: candidates simulated; compress_weight, compress_cache: on | off
+    (FlexGen's --compress-weight / --compress-cache: 4-bit group-wise matrices and cache, 0.5625 bytes an element
+    where they are kept and moved, decompressed on the GPU every time they are used). A configuration with every
+    knob given needs only to fit in memory."""
 
     policy_name = "flexgen"
     gpu_batch_size: int = -1
@@ -144,6 +163,8 @@ class FlexGenOptions(OptionsBase):
     eager_attention: str = "on"
     memory_fraction: float = MEMORY_FRACTION
     rescore: int = 3
+    compress_weight: str = "off"
+    compress_cache: str = "off"
 
     def __post_init__(self) -> None:
         self.at_least("gpu_batch_size", -1)
@@ -163,6 +184,11 @@ class FlexGenOptions(OptionsBase):
         self.choice("pin_weight", ("on", "off"))
         self.choice("sep_layer", ("on", "off"))
         self.choice("eager_attention", ("on", "off"))
+        self.choice("compress_weight", ("on", "off"))
+        self.choice("compress_cache", ("on", "off"))
+        if self.compress_cache == "on" and self.cpu_attention == "on":
+            raise SimInputError("policy flexgen: compress_cache on with cpu_attention on (CPU attention over a 4-bit "
+                                "cache, decompressed into the CPU workspace) is not modelled; give cpu_attention off")
         self.fraction("memory_fraction")
         self.at_least("rescore", 1)
 
@@ -190,7 +216,22 @@ class _Layout:
         # from DRAM per visit. Embeddings left in DRAM load once per step; the plan loads them with the first
         # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,
         # one GPU batch's compute earlier or later).
-        pl = place_weights(m, o.weights_gpu_percent, None if o.weights_cpu_percent < 0 else o.weights_cpu_percent)
+        self.compress_weight, self.compress_cache = o.compress_weight == "on", o.compress_cache == "on"
+        pl = place_weights(m, o.weights_gpu_percent, None if o.weights_cpu_percent < 0 else o.weights_cpu_percent,
+                           compress=self.compress_weight)
+        # bytes the cache takes per fp16 byte (where it is kept and moved), and the GPU traffic of decompressing
+        # each layer object's matrices before every GPU batch uses them (`decompress` in FlexGen's mha/mlp/embeds)
+        self.kv_scale = COMPRESSED_BYTES_PER_ELEMENT / m.bytes_per_param if self.compress_cache else 1.0
+
+        def unpack(sizes: list[int]) -> int:
+            if not self.compress_weight:
+                return 0
+            elements = sum(size for size, is_matrix in zip(sizes, matrices(sizes, m), strict=True) if is_matrix)
+            return DECOMPRESS_BYTES_PER_ELEMENT * (elements // m.bytes_per_param)
+
+        self.decompress = {"attention": unpack(attention_tensors(m)), "input": unpack(input_embedding_tensors(m)),
+                           "output": unpack(output_embedding_tensors(m)),
+                           "ffn": {layer: unpack(ffn_tensors(m, layer)) for layer in range(m.num_layers)}}
         halves = [[a, f] for a, f in zip(pl.attention_load, pl.ffn_load, strict=True)]
         on_disk = [[a, f] for a, f in zip(pl.attention_disk, pl.ffn_disk, strict=True)]
         # The weight loads in schedule order: FlexGen's layer objects, the embeddings being layers of their own.
@@ -214,7 +255,7 @@ class _Layout:
         self.parts = [[a, f] if self.sep_layer else [a + f] for a, f in halves]
         self.parts_disk = [[a, f] if self.sep_layer else [a + f] for a, f in on_disk]
         self.prompt = int(wl.prompt_lens.max())  # padded
-        self.kv_bytes = wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token
+        self.kv_bytes = _kv_held(self, wl.batch * (self.prompt + wl.max_gen_len) * m.kv_bytes_per_token)
         self.cpu_attention = o.cpu_attention == "on"
         self.weight_payload = Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS
         # A cache split between GPU and DRAM takes FlexGen's mixed-device path over the workspace's CPU segment,
@@ -237,6 +278,12 @@ class _Layout:
         self.disk = {"weights": pl.disk_bytes, "kv_cache": kv_disk} if pl.disk_bytes or kv_disk else {}
 
 
+def _kv_held(lay: _Layout, fp16_bytes: float) -> int:
+    """Bytes the cache takes where it is kept and moved, for `fp16_bytes` of fp16 entries (4-bit: 0.5625 an
+    element)."""
+    return int(fp16_bytes * lay.kv_scale) if lay.compress_cache else int(fp16_bytes)
+
+
 def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     """FlexGen's cost model for one option set: per-layer prefill and decode terms and the total (seconds)."""
     m, wl, w = ctx.model, ctx.workload, ctx.work
@@ -250,12 +297,19 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     embeddings = a.copy(H2D, lay.embedding_load, lay.weight_payload) if lay.embedding_load else 0.0  # per step
     hidden_p = wl.batch * s * m.hidden_size * m.bytes_per_param
     hidden_g = wl.batch * m.hidden_size * m.bytes_per_param
-    kv_new_p = wl.batch * s * m.kv_bytes_per_token_layer
+    kv_new_p = _kv_held(lay, wl.batch * s * m.kv_bytes_per_token_layer)
     # Prefill (always on the GPU)
     tok = gbs * s
+    # each GPU batch decompresses a layer's 4-bit matrices before using them
+    unpack = lay.decompress["attention"] + max(lay.decompress["ffn"].values(), default=0)
+    unpack_s = a.copy(GPU, unpack, Payload.DECOMPRESS)
+
+    def pack_s(tokens: int) -> float:  # compressing a GPU batch's new cache entries
+        half = COMPRESS_HALF_BYTES_PER_ELEMENT * (w.kv_bytes(tokens) // m.bytes_per_param)
+        return a.copy(GPU, half // 2, Payload.DECOMPRESS) if lay.compress_cache else 0.0
     comp_p = ngb * (a.t(OpKind.QKV, GPU, w.qkv(tok)) + a.t(OpKind.O_PROJ, GPU, w.o_proj(tok))
                     + a.t(OpKind.ATTENTION, GPU, prefill_attention_work(ctx, lay, gbs))
-                    + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok))
+                    + a.t(OpKind.ROUTER, GPU, w.router(tok)) + _experts_s(ctx, a, tok) + unpack_s + pack_s(tok))
     ctog_p = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_p * (1 - hg)))
     gtoc_p = (a.copy(D2H, int(kv_new_p * lay.cc), KV_HOME) + a.copy(D2H, int(kv_new_p * lay.cd), Payload.KV)
               + a.copy(D2H, int(hidden_p * (1 - hg))))
@@ -277,15 +331,19 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
         attn_s = max(attn_gpu, attn_cpu)
     else:
         attn_s = a.t(OpKind.ATTENTION, GPU, w.attention(gbs, kv, kv))
-        kv_io = (a.copy(H2D_ACT, (kv_cpu - kv_disk) * m.kv_bytes_per_token_layer, KV_HOME)
-                 + a.copy(H2D_ACT, kv_disk * m.kv_bytes_per_token_layer, Payload.KV)
-                 + a.copy(D2H, int(w.kv_bytes(gbs) * lay.cc), KV_HOME) + a.copy(D2H, int(w.kv_bytes(gbs) * lay.cd)))
+        kv_io = (a.copy(H2D_ACT, _kv_held(lay, (kv_cpu - kv_disk) * m.kv_bytes_per_token_layer), KV_HOME)
+                 + a.copy(H2D_ACT, _kv_held(lay, kv_disk * m.kv_bytes_per_token_layer), Payload.KV)
+                 + a.copy(D2H, _kv_held(lay, int(w.kv_bytes(gbs) * lay.cc)), KV_HOME)
+                 + a.copy(D2H, _kv_held(lay, int(w.kv_bytes(gbs) * lay.cd))))
+        if lay.compress_cache:  # the whole cache decompressed before each GPU batch's attention
+            kv_io += a.copy(GPU, DECOMPRESS_BYTES_PER_ELEMENT * kv * m.kv_bytes_per_token_layer // m.bytes_per_param,
+                            Payload.DECOMPRESS)
     comp_g = ngb * (a.t(OpKind.QKV, GPU, w.qkv(gbs)) + attn_s + a.t(OpKind.O_PROJ, GPU, w.o_proj(gbs))
-                    + a.t(OpKind.ROUTER, GPU, w.router(gbs)) + _experts_s(ctx, a, gbs) + kv_io)
+                    + a.t(OpKind.ROUTER, GPU, w.router(gbs)) + _experts_s(ctx, a, gbs) + kv_io + unpack_s + pack_s(gbs))
     ctog_g = a.copy(H2D, loaded, lay.weight_payload) + a.copy(H2D_ACT, int(hidden_g * (1 - hg)))
     gtoc_g = a.copy(D2H, int(hidden_g * (1 - hg)))
-    dtoc_g = a.copy(DISK_READ, from_disk) + ngb * a.copy(DISK_READ, kv_disk * m.kv_bytes_per_token_layer)
-    ctod_g = ngb * a.copy(DISK_WRITE, int(w.kv_bytes(gbs) * lay.cd))
+    dtoc_g = a.copy(DISK_READ, from_disk) + ngb * a.copy(DISK_READ, _kv_held(lay, kv_disk * m.kv_bytes_per_token_layer))
+    ctod_g = ngb * a.copy(DISK_WRITE, _kv_held(lay, int(w.kv_bytes(gbs) * lay.cd)))
     t_gen = ctog_g + max(gtoc_g, dtoc_g, ctod_g, comp_g)
     if lay.embedding_disk:
         embeddings += a.copy(DISK_READ, lay.embedding_disk) + a.copy(H2D, lay.embedding_disk)
@@ -584,14 +642,14 @@ class _ZigZag(LayerEmitter):
         per_token = self.m.kv_bytes_per_token_layer
         if lay.cpu_attention:
             if kv_disk:
-                self.xfer(DISK_READ, at, kv_disk * per_token, Payload.KV, bar, s.tokens)
+                self.xfer(DISK_READ, at, _kv_held(lay, kv_disk * per_token), Payload.KV, bar, s.tokens)
             return -1
         kv_cpu = s.kv_read - int(round(s.kv_read * lay.cg)) - kv_disk
         stage = -1
         if kv_cpu:  # on the cache's own CUDA stream, ahead of the copy threads' relay of the disk share
-            stage = self._load(H2D_ACT, at, kv_cpu * per_token, KV_HOME, bar, later, s.tokens)
+            stage = self._load(H2D_ACT, at, _kv_held(lay, kv_cpu * per_token), KV_HOME, bar, later, s.tokens)
         if kv_disk:
-            self._from_disk(H2D_ACT, at, kv_disk * per_token, Payload.KV, bar, later, s.tokens)
+            self._from_disk(H2D_ACT, at, _kv_held(lay, kv_disk * per_token), Payload.KV, bar, later, s.tokens)
         return stage
 
     def _from_disk(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
@@ -636,20 +694,33 @@ class _ZigZag(LayerEmitter):
         lay, w, m = self.lay, self.w, self.m
         at = At(phase, step, unit.layer, s.mb)
         if unit.layer < 0:
-            return self.embed(phase, step, s.mb, s.tokens, deps)
+            return self.embed(phase, step, s.mb, s.tokens, self._unpack(at, lay.decompress["input"], deps, s))
         if unit.layer >= m.num_layers:
-            return self.lm_head(phase, step, s.mb, int(s.requests.size), deps)
+            return self.lm_head(phase, step, s.mb, int(s.requests.size),
+                                self._unpack(at, lay.decompress["output"], deps, s))
         if unit.attention:
-            q = self.op(OpKind.QKV, GPU, at, s.tokens, deps)
+            q = self.op(OpKind.QKV, GPU, at, s.tokens, self._unpack(at, lay.decompress["attention"], deps, s))
             a = self._attention(phase, at, s, q)
             deps = (self.op(OpKind.O_PROJ, GPU, at, s.tokens, as_deps(a)),)
             new = w.kv_bytes(s.tokens)
+            if lay.compress_cache:  # the new entries, compressed on the GPU before they are stored
+                deps = self._unpack(at, COMPRESS_HALF_BYTES_PER_ELEMENT * (new // m.bytes_per_param) // 2, deps, s)
             on_gpu = phase is Phase.PREFILL or not lay.cpu_attention  # where the new entries are
             if lay.cg < 1:  # new entries' DRAM share (from the CPU: written in place) and disk share
-                kv_stores.append((at, int(new * lay.cc) if on_gpu else 0, int(new * lay.cd), on_gpu, s.tokens))
+                kv_stores.append((at, _kv_held(lay, int(new * lay.cc)) if on_gpu else 0,
+                                  _kv_held(lay, int(new * lay.cd)), on_gpu, s.tokens))
+        if unit.ffn:
+            deps = self._unpack(at, lay.decompress["ffn"][unit.layer], deps, s)
         if not unit.ffn:
             return deps[0]
         return self.ffn(at, s.tokens, s.layer_counts(self.ctx, unit.layer), deps, routed=s.routed)
+
+    def _unpack(self, at: At, nbytes: int, deps: tuple[int, ...], s: BatchSlice) -> tuple[int, ...]:
+        """FlexGen's decompression of 4-bit tensors on the GPU before they are used (memory traffic on the compute
+        stream); `deps` unchanged when nothing is compressed."""
+        if not nbytes:
+            return deps
+        return (self.xfer(GPU, at, nbytes, Payload.DECOMPRESS, deps, s.tokens),)
 
     def _attention(self, phase: Phase, at: At, s: BatchSlice, q: int) -> Deps:
         """Attention of one GPU batch over its cache, split between VRAM (cg) and DRAM (1 - cg); prefill and GPU
@@ -659,7 +730,11 @@ class _ZigZag(LayerEmitter):
             return self._op(OpKind.ATTENTION, GPU, at.phase, at.step, at.layer, at.mb, s.tokens,
                             prefill_attention_work(self.ctx, lay, int(s.requests.size)), (q,), kv_tokens=s.kv_read)
         if not lay.cpu_attention:
-            return self.attention(GPU, at, s, (q,))
+            # a 4-bit cache is decompressed whole (every position read this step) before the attention reads it
+            m = self.m
+            cache = (DECOMPRESS_BYTES_PER_ELEMENT * s.kv_read * m.kv_bytes_per_token_layer // m.bytes_per_param
+                     if lay.compress_cache else 0)
+            return self.attention(GPU, at, s, self._unpack(at, cache, (q,), s))
         kv_gpu = int(round(s.kv_read * lay.cg))
         kv_cpu = s.kv_read - kv_gpu
         parts: list[int] = []

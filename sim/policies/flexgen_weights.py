@@ -110,6 +110,28 @@ def output_embedding_tensors(m: ModelSpec) -> list[int]:
     return [(2 if m.linear_bias else 1) * m.hidden_size * bpp, m.vocab_size * m.hidden_size * bpp]
 
 
+# FlexGen's 4-bit group-wise compression (`--compress-weight`, `--compress-cache`; compression.py,
+# CompressionConfig(num_bits=4, group_size=64)): per fp16 element half a byte of packed data plus, per group of 64,
+# two fp16 numbers (scale, min): 0.5 + 4/64 = 0.5625 bytes. Only tensors of two or more dimensions are compressed
+# (`init_weight_list`: `len(shape) < 2` stays fp16, pinned).
+COMPRESSED_BYTES_PER_ELEMENT = 0.5625
+
+
+def matrices(sizes: list[int], m: ModelSpec) -> list[bool]:
+    """Which of a layer object's tensors (bytes, allocation order) are matrices: a vector (bias, norm) has at most
+    one row of the model's widest dimension, a matrix at least the hidden size times a few of them."""
+    widest = max(m.hidden_size, m.expert_intermediate_size, m.dense_intermediate_size or 0,
+                 m.num_attention_heads * m.head_dim) * m.bytes_per_param
+    return [size > 2 * widest for size in sizes]
+
+
+def compressed(sizes: list[int], m: ModelSpec) -> list[int]:
+    """The bytes each tensor takes under FlexGen's weight compression (vectors stay as they are)."""
+    scale = COMPRESSED_BYTES_PER_ELEMENT / m.bytes_per_param
+    return [int(size * scale) if is_matrix else size for size, is_matrix in zip(sizes, matrices(sizes, m),
+                                                                               strict=True)]
+
+
 @dataclass(frozen=True)
 class WeightPlacement:
     """Bytes FlexGen keeps on the GPU, loads from DRAM and reads from disk, per layer half and for the
@@ -128,12 +150,15 @@ class WeightPlacement:
     output_embedding_disk: int = 0
 
 
-def place_weights(m: ModelSpec, gpu_percent: float, cpu_percent: float | None = None) -> WeightPlacement:
+def place_weights(m: ModelSpec, gpu_percent: float, cpu_percent: float | None = None,
+                  compress: bool = False) -> WeightPlacement:
     """FlexGen's placement of the whole model for a weight split of `gpu_percent` on the GPU and `cpu_percent` in
-    DRAM (None: the rest), the rest on disk."""
+    DRAM (None: the rest), the rest on disk; with `compress`, the bytes FlexGen's 4-bit matrices take (placed by
+    their element counts, as FlexGen places them)."""
 
     def share(sizes: list[int], tier: str) -> int:
-        return sum(s for s, t in zip(sizes, tiers(sizes, gpu_percent, cpu_percent), strict=True) if t == tier)
+        held = compressed(sizes, m) if compress else sizes
+        return sum(h for h, t in zip(held, tiers(sizes, gpu_percent, cpu_percent), strict=True) if t == tier)
 
     # Layers differ only in being dense or MoE: place one of each kind and repeat it (a search places thousands).
     first_of_kind: dict[bool, int] = {}
@@ -148,7 +173,8 @@ def place_weights(m: ModelSpec, gpu_percent: float, cpu_percent: float | None = 
         ffn_tier = {kind: share(sizes, tier) for kind, sizes in ffn_of.items()}
         placed[tier] = ([share(attention, tier)] * m.num_layers, [ffn_tier[k] for k in kinds],
                         share(inp_sizes, tier), share(out_sizes, tier))
-    total = (sum(attention) * m.num_layers + sum(sum(ffn_of[k]) for k in kinds) + sum(inp_sizes) + sum(out_sizes))
+    size = (lambda sizes: sum(compressed(sizes, m))) if compress else sum
+    total = size(attention) * m.num_layers + sum(size(ffn_of[k]) for k in kinds) + size(inp_sizes) + size(out_sizes)
     attn, ffn, inp, out = placed["cpu"]
     attn_d, ffn_d, inp_d, out_d = placed["disk"]
     cpu = sum(attn) + sum(ffn) + inp + out
