@@ -29,7 +29,7 @@ from executor.reference import Outputs
 from executor.weights import ModelWeights
 from sim.engine import EngineRecord, busy_by_stream, ops_by_stream
 from sim.errors import SimInputError
-from sim.plan import Op, OpKind, Plan, member_ops
+from sim.plan import Op, OpKind, Payload, Plan, member_ops
 from sim.topology import Topology, UnitKind, topology_of
 from traces import RoutingTrace
 
@@ -119,9 +119,13 @@ def _disk_link(topo: Topology, stream: str) -> bool:
 
 
 def _refuse_disk_ops(plan: Plan, topo: Topology) -> None:
-    """The executor has no disk tier (a plan that offloads weights or cache to the system's disk is simulated
+    """The executor has no disk tier and no 4-bit group-wise (de)compression (plans using them are simulated
     only): one line naming the first such op. Other plans on a system with a disk run as on one without."""
     for op in plan.ops:
+        if op.payload is Payload.DECOMPRESS:
+            raise SimInputError(f"the executor does not run FlexGen's 4-bit compression: plan op {op.id} "
+                                "(de)compresses a tensor (simulate this plan, or turn compress_weight and "
+                                "compress_cache off)")
         if _disk_link(topo, op.stream):
             raise SimInputError(f"the executor does not run a disk tier: plan op {op.id} moves {op.bytes} bytes on "
                                 f"stream {op.stream} (simulate this plan, or place nothing on disk)")

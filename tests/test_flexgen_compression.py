@@ -103,3 +103,11 @@ def test_the_compressed_benchmark_points_are_complete():
                 "flexllmgen-bench-opt-175b-int4"):
         assert points[pid].status == "complete" and points[pid].knobs["compress_cache"] == "on"
     assert not [p for p in points.values() if p.status == "unsupported"]
+
+
+def test_the_executor_refuses_compression_in_one_line():
+    pytest.importorskip("torch")
+    from executor.run import execute_plan
+
+    with pytest.raises(SimInputError, match="does not run FlexGen's 4-bit compression: plan op \\d+"):
+        execute_plan(_plan({**BASE, "compress_weight": "on"}), None, None, use_cuda=False)
