@@ -16,7 +16,7 @@ from sim.policies.flexgen_weights import (
     attention_tensors,
     compressed,
     ffn_tensors,
-    matrices,
+    matrix_flags,
     place_weights,
 )
 from sim.specs import load_model
@@ -29,10 +29,10 @@ BASE = {"gpu_batch_size": "4", "num_gpu_batches": "2", "weights_gpu_percent": "0
 
 def test_matrices_take_the_compressed_bytes_and_vectors_stay():
     m = load_model(OPT)
-    sizes = attention_tensors(m)
-    assert matrices(sizes, m) == [True, False, True, False, True, False, True, False, False, False]
-    packed = compressed(sizes, m)
-    for size, held, is_matrix in zip(sizes, packed, matrices(sizes, m), strict=True):
+    sizes, flags = attention_tensors(m), matrix_flags(m, "attention")
+    assert flags == [True, False, True, False, True, False, True, False, False, False]
+    packed = compressed(sizes, flags, m)
+    for size, held, is_matrix in zip(sizes, packed, flags, strict=True):
         assert held == (int(size * COMPRESSED_BYTES_PER_ELEMENT / 2) if is_matrix else size)
     plain, small = place_weights(m, 100), place_weights(m, 100, compress=True)
     assert small.gpu_bytes / plain.gpu_bytes == pytest.approx(0.5625 / 2, rel=0.02)
@@ -53,9 +53,9 @@ def test_compressed_weights_move_less_and_are_decompressed_before_every_use():
     assert loads[1] / loads[0] == pytest.approx(0.5625 / 2, rel=0.02)
     unpack = [op for op in packed.ops if op.payload is Payload.DECOMPRESS and op.step == 2]
     assert all(op.stream == Stream.GPU and op.kind is OpKind.COPY for op in unpack)
-    attention_elements = sum(s for s, mat in zip(attention_tensors(m), matrices(attention_tensors(m), m),
+    attention_elements = sum(s for s, mat in zip(attention_tensors(m), matrix_flags(m, "attention"),
                                                  strict=True) if mat) // m.bytes_per_param
-    ffn_elements = sum(s for s, mat in zip(ffn_tensors(m, 0), matrices(ffn_tensors(m, 0), m), strict=True)
+    ffn_elements = sum(s for s, mat in zip(ffn_tensors(m, 0), matrix_flags(m, "ffn", 0), strict=True)
                        if mat) // m.bytes_per_param
     layer0 = sorted(op.bytes for op in unpack if op.layer == 0)
     # two GPU batches, each decompressing the attention half's and the FFN half's matrices
@@ -111,3 +111,22 @@ def test_the_executor_refuses_compression_in_one_line():
 
     with pytest.raises(SimInputError, match="does not run FlexGen's 4-bit compression: plan op \\d+"):
         execute_plan(_plan({**BASE, "compress_weight": "on"}), None, None, use_cuda=False)
+
+
+def test_matrices_are_known_by_their_role_not_their_size():
+    """A router is a matrix however few experts a model has (a size rule called it a vector below 7 experts)."""
+    import dataclasses
+
+    m = load_model("mixtral-8x7b")
+    few = dataclasses.replace(m, name="few-experts", num_experts=2, top_k=1)
+    for model in (m, few):
+        flags = matrix_flags(model, "ffn", 0)
+        assert flags == [True] * len(ffn_tensors(model, 0))
+    assert matrix_flags(m, "attention") == [False, True, True, True, True, False]
+    assert matrix_flags(m, "output") == [False, True]
+
+
+def test_compressing_quantised_experts_is_refused_in_one_line():
+    with pytest.raises(SimInputError, match="compress_weight on with int8 experts"):
+        simulate("mixtral-8x7b", SYSTEM, "flexgen", batch=8, prompt_len=32, gen_len=3,
+                 policy_options={**BASE, "compress_weight": "on"}, expert_precision="int8")

@@ -41,7 +41,7 @@ from sim.policies.flexgen_weights import (
     attention_tensors,
     ffn_tensors,
     input_embedding_tensors,
-    matrices,
+    matrix_flags,
     output_embedding_tensors,
     place_weights,
 )
@@ -223,15 +223,21 @@ class _Layout:
         # each layer object's matrices before every GPU batch uses them (`decompress` in FlexGen's mha/mlp/embeds)
         self.kv_scale = COMPRESSED_BYTES_PER_ELEMENT / m.bytes_per_param if self.compress_cache else 1.0
 
-        def unpack(sizes: list[int]) -> int:
+        if self.compress_weight and m.expert_precision != "native":
+            raise SimInputError(f"policy flexgen: compress_weight on with {m.expert_precision} experts (FlexGen "
+                                "compresses fp16 weights; give expert precision native, or compress_weight off)")
+
+        def unpack(sizes: list[int], flags: list[bool]) -> int:
             if not self.compress_weight:
                 return 0
-            elements = sum(size for size, is_matrix in zip(sizes, matrices(sizes, m), strict=True) if is_matrix)
+            elements = sum(size for size, is_matrix in zip(sizes, flags, strict=True) if is_matrix)
             return DECOMPRESS_BYTES_PER_ELEMENT * (elements // m.bytes_per_param)
 
-        self.decompress = {"attention": unpack(attention_tensors(m)), "input": unpack(input_embedding_tensors(m)),
-                           "output": unpack(output_embedding_tensors(m)),
-                           "ffn": {layer: unpack(ffn_tensors(m, layer)) for layer in range(m.num_layers)}}
+        self.decompress = {"attention": unpack(attention_tensors(m), matrix_flags(m, "attention")),
+                           "input": unpack(input_embedding_tensors(m), matrix_flags(m, "input")),
+                           "output": unpack(output_embedding_tensors(m), matrix_flags(m, "output")),
+                           "ffn": {layer: unpack(ffn_tensors(m, layer), matrix_flags(m, "ffn", layer))
+                                   for layer in range(m.num_layers)}}
         halves = [[a, f] for a, f in zip(pl.attention_load, pl.ffn_load, strict=True)]
         on_disk = [[a, f] for a, f in zip(pl.attention_disk, pl.ffn_disk, strict=True)]
         # The weight loads in schedule order: FlexGen's layer objects, the embeddings being layers of their own.
@@ -347,6 +353,8 @@ def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     t_gen = ctog_g + max(gtoc_g, dtoc_g, ctod_g, comp_g)
     if lay.embedding_disk:
         embeddings += a.copy(DISK_READ, lay.embedding_disk) + a.copy(H2D, lay.embedding_disk)
+    # every GPU batch decompresses both embeddings each step
+    embeddings += ngb * a.copy(GPU, lay.decompress["input"] + lay.decompress["output"], Payload.DECOMPRESS)
     total = m.num_layers * t_pre + (n - 1) * m.num_layers * t_gen + n * embeddings
     return {"t_pre": t_pre, "t_gen": t_gen, "total": total}
 

@@ -117,19 +117,29 @@ def output_embedding_tensors(m: ModelSpec) -> list[int]:
 COMPRESSED_BYTES_PER_ELEMENT = 0.5625
 
 
-def matrices(sizes: list[int], m: ModelSpec) -> list[bool]:
-    """Which of a layer object's tensors (bytes, allocation order) are matrices: a vector (bias, norm) has at most
-    one row of the model's widest dimension, a matrix at least the hidden size times a few of them."""
-    widest = max(m.hidden_size, m.expert_intermediate_size, m.dense_intermediate_size or 0,
-                 m.num_attention_heads * m.head_dim) * m.bytes_per_param
-    return [size > 2 * widest for size in sizes]
+def matrix_flags(m: ModelSpec, part: str, layer: int = 0) -> list[bool]:
+    """Which tensors of a layer object (`part`: attention, ffn, input, output; in the order of the size lists
+    above) are matrices, which FlexGen compresses (vectors, biases and norms, it does not)."""
+    if part == "attention":
+        if m.linear_bias:  # OPT: [wq, bq, wk, bk, wv, bv, wo, bo, ln w, ln b]
+            return [True, False, True, False, True, False, True, False, False, False]
+        inner = [True, True, True] if m.attention == "gqa" else [True]
+        return [False, *inner, True, False]
+    if part == "ffn":
+        if m.linear_bias:  # OPT: [fc1 w, fc1 b, fc2 w, fc2 b, ln w, ln b]
+            return [True, False, True, False, False, False]
+        return [True] * len(ffn_tensors(m, layer))  # router, experts' matrices, shared expert; a dense FFN's two
+    if part == "input":
+        return [True] * len(input_embedding_tensors(m))  # token (and position) tables
+    if part == "output":
+        return [False, True]  # the final norm, the output projection
+    raise ValueError(f"unknown layer object part {part!r}")
 
 
-def compressed(sizes: list[int], m: ModelSpec) -> list[int]:
+def compressed(sizes: list[int], flags: list[bool], m: ModelSpec) -> list[int]:
     """The bytes each tensor takes under FlexGen's weight compression (vectors stay as they are)."""
     scale = COMPRESSED_BYTES_PER_ELEMENT / m.bytes_per_param
-    return [int(size * scale) if is_matrix else size for size, is_matrix in zip(sizes, matrices(sizes, m),
-                                                                               strict=True)]
+    return [int(size * scale) if is_matrix else size for size, is_matrix in zip(sizes, flags, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -156,8 +166,8 @@ def place_weights(m: ModelSpec, gpu_percent: float, cpu_percent: float | None = 
     DRAM (None: the rest), the rest on disk; with `compress`, the bytes FlexGen's 4-bit matrices take (placed by
     their element counts, as FlexGen places them)."""
 
-    def share(sizes: list[int], tier: str) -> int:
-        held = compressed(sizes, m) if compress else sizes
+    def share(sizes: list[int], flags: list[bool], tier: str) -> int:
+        held = compressed(sizes, flags, m) if compress else sizes
         return sum(h for h, t in zip(held, tiers(sizes, gpu_percent, cpu_percent), strict=True) if t == tier)
 
     # Layers differ only in being dense or MoE: place one of each kind and repeat it (a search places thousands).
@@ -165,16 +175,22 @@ def place_weights(m: ModelSpec, gpu_percent: float, cpu_percent: float | None = 
     for layer in range(m.num_layers):
         first_of_kind.setdefault(m.is_moe_layer(layer), layer)
     ffn_of = {kind: ffn_tensors(m, layer) for kind, layer in first_of_kind.items()}
-    attention = attention_tensors(m)
+    ffn_flags = {kind: matrix_flags(m, "ffn", layer) for kind, layer in first_of_kind.items()}
+    attention, attention_flags = attention_tensors(m), matrix_flags(m, "attention")
     inp_sizes, out_sizes = input_embedding_tensors(m), output_embedding_tensors(m)
+    inp_flags, out_flags = matrix_flags(m, "input"), matrix_flags(m, "output")
     kinds = [m.is_moe_layer(layer) for layer in range(m.num_layers)]
     placed = {}
     for tier in ("cpu", "disk"):
-        ffn_tier = {kind: share(sizes, tier) for kind, sizes in ffn_of.items()}
-        placed[tier] = ([share(attention, tier)] * m.num_layers, [ffn_tier[k] for k in kinds],
-                        share(inp_sizes, tier), share(out_sizes, tier))
-    size = (lambda sizes: sum(compressed(sizes, m))) if compress else sum
-    total = size(attention) * m.num_layers + sum(size(ffn_of[k]) for k in kinds) + size(inp_sizes) + size(out_sizes)
+        ffn_tier = {kind: share(sizes, ffn_flags[kind], tier) for kind, sizes in ffn_of.items()}
+        placed[tier] = ([share(attention, attention_flags, tier)] * m.num_layers, [ffn_tier[k] for k in kinds],
+                        share(inp_sizes, inp_flags, tier), share(out_sizes, out_flags, tier))
+
+    def size(sizes: list[int], flags: list[bool]) -> int:
+        return sum(compressed(sizes, flags, m)) if compress else sum(sizes)
+
+    total = (size(attention, attention_flags) * m.num_layers + sum(size(ffn_of[k], ffn_flags[k]) for k in kinds)
+             + size(inp_sizes, inp_flags) + size(out_sizes, out_flags))
     attn, ffn, inp, out = placed["cpu"]
     attn_d, ffn_d, inp_d, out_d = placed["disk"]
     cpu = sum(attn) + sum(ffn) + inp + out
