@@ -118,40 +118,35 @@ def test_multi_gpu_system_specs(part, data):
     assert all(capacity > 0 for capacity in topo.pools.values()) and set(system.gpu_names) <= set(topo.pools)
 
 
-@FAST
-@given(st.data())
-def test_ndp_system_specs(data):
-    """The NDP tier's mapping mutated: one-line errors, or a tier whose rates are finite and positive."""
-    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in NDP_SYSTEM.items()}
-    doc["ndp"] = data.draw(mutated(doc["ndp"]))
-    try:
-        system = build_system("fuzz", doc, "fuzz")
-    except SimInputError as exc:
-        assert "\n" not in str(exc)
-        return
-    assert math.isfinite(system.ndp.flops_per_s) and system.ndp.internal_bytes_per_s > 0
-
-
 DISK_SYSTEM = _preset_dict("gcp-t4-n1-208g")
 
 
-@FAST
-@given(st.data())
-def test_disk_system_specs(data):
-    """The disk's mapping mutated: one-line errors, or a disk whose rates and capacity are finite and positive and
-    whose topology builds with a `disk` pool."""
+def _ndp_ok(system) -> bool:
+    return math.isfinite(system.ndp.flops_per_s) and system.ndp.internal_bytes_per_s > 0
+
+
+def _disk_ok(system) -> bool:
     from sim.topology import topology_of
 
-    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in DISK_SYSTEM.items()}
-    doc["disk"] = data.draw(mutated(doc["disk"]))
+    disk = system.disk
+    return (math.isfinite(disk.read_bytes_per_s) and disk.read_bytes_per_s > 0 and disk.capacity_bytes > 0
+            and topology_of(system).pools["disk"] == disk.capacity_bytes)
+
+
+@FAST
+@given(st.sampled_from([("ndp", NDP_SYSTEM, _ndp_ok), ("disk", DISK_SYSTEM, _disk_ok)]), st.data())
+def test_tier_system_specs(case, data):
+    """An NDP tier's or a disk's mapping mutated: one-line errors, or a tier whose rates (and capacity) are finite
+    and positive (a disk's topology then has its pool)."""
+    section, preset, ok = case
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in preset.items()}
+    doc[section] = data.draw(mutated(doc[section]))
     try:
         system = build_system("fuzz", doc, "fuzz")
     except SimInputError as exc:
         assert "\n" not in str(exc)
         return
-    disk = system.disk
-    assert math.isfinite(disk.read_bytes_per_s) and disk.read_bytes_per_s > 0 and disk.capacity_bytes > 0
-    assert topology_of(system).pools["disk"] == disk.capacity_bytes
+    assert ok(system)
 
 
 @FAST

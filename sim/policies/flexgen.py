@@ -227,17 +227,22 @@ class _Layout:
             raise SimInputError(f"policy flexgen: compress_weight on with {m.expert_precision} experts (FlexGen "
                                 "compresses fp16 weights; give expert precision native, or compress_weight off)")
 
-        def unpack(sizes: list[int], flags: list[bool]) -> int:
+        def unpack(sizes: list[int], flags: list[bool]) -> int:  # (cheap: a handful of tensors per object)
             if not self.compress_weight:
                 return 0
             elements = sum(size for size, is_matrix in zip(sizes, flags, strict=True) if is_matrix)
             return DECOMPRESS_BYTES_PER_ELEMENT * (elements // m.bytes_per_param)
 
+        ffn_kind: dict[bool, int] = {}  # dense and MoE layers differ; every layer of a kind decompresses alike
+        if self.compress_weight:
+            for layer in range(m.num_layers):
+                kind = m.is_moe_layer(layer)
+                if kind not in ffn_kind:
+                    ffn_kind[kind] = unpack(ffn_tensors(m, layer), matrix_flags(m, "ffn", layer))
         self.decompress = {"attention": unpack(attention_tensors(m), matrix_flags(m, "attention")),
                            "input": unpack(input_embedding_tensors(m), matrix_flags(m, "input")),
                            "output": unpack(output_embedding_tensors(m), matrix_flags(m, "output")),
-                           "ffn": {layer: unpack(ffn_tensors(m, layer), matrix_flags(m, "ffn", layer))
-                                   for layer in range(m.num_layers)}}
+                           "ffn": {layer: ffn_kind.get(m.is_moe_layer(layer), 0) for layer in range(m.num_layers)}}
         halves = [[a, f] for a, f in zip(pl.attention_load, pl.ffn_load, strict=True)]
         on_disk = [[a, f] for a, f in zip(pl.attention_disk, pl.ffn_disk, strict=True)]
         # The weight loads in schedule order: FlexGen's layer objects, the embeddings being layers of their own.
