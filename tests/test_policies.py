@@ -231,14 +231,17 @@ def test_flexgen_places_whole_tensors_by_their_midpoints():
         attention_tensors,
         ffn_tensors,
         input_embedding_tensors,
-        on_gpu,
         output_embedding_tensors,
+        tiers,
     )
     from sim.specs import load_model
 
-    assert on_gpu([1, 1, 1, 1], 25) == [False, False, False, True]  # midpoints 12.5/37.5/62.5/87.5 vs >= 75
-    assert on_gpu([1, 1, 1, 1], 0) == [False] * 4 and on_gpu([1, 1, 1, 1], 100) == [True] * 4
-    assert on_gpu([3, 1], 50) == [False, True]  # midpoints 37.5 and 87.5
+    def gpu_tensors(sizes: list[int], gpu_percent: float) -> list[bool]:
+        return [t == "gpu" for t in tiers(sizes, gpu_percent)]
+
+    assert gpu_tensors([1, 1, 1, 1], 25) == [False, False, False, True]  # midpoints 12.5/37.5/62.5/87.5 vs >= 75
+    assert gpu_tensors([1, 1, 1, 1], 0) == [False] * 4 and gpu_tensors([1, 1, 1, 1], 100) == [True] * 4
+    assert gpu_tensors([3, 1], 50) == [False, True]  # midpoints 37.5 and 87.5
     for name in ("mixtral-8x7b", "opt-30b", "deepseek-v2-lite", "qwen3-30b-a3b"):
         m = load_model(name)
         for layer in (0, m.num_layers - 1):
@@ -257,11 +260,11 @@ def test_flexgen_places_whole_tensors_by_their_midpoints():
     assert down.ffn_load[0] == pytest.approx(mixtral.num_experts * mixtral.expert_bytes * 2 / 3, rel=1e-3)
     # the port's SelfAttention holds both norms ([pre-norm, q, k, v, o, post-norm]): o's midpoint sits just under
     # 80%, so at exactly 20% it stays in DRAM (the post-norm goes up); at 45% o goes up, v (midpoint 55%) not
-    assert on_gpu(attention_tensors(mixtral), 20) == [False] * 5 + [True]
-    assert on_gpu(attention_tensors(mixtral), 45) == [False] * 4 + [True, True]
-    assert on_gpu(attention_tensors(mixtral), 46) == [False] * 3 + [True] * 3
+    assert gpu_tensors(attention_tensors(mixtral), 20) == [False] * 5 + [True]
+    assert gpu_tensors(attention_tensors(mixtral), 45) == [False] * 4 + [True, True]
+    assert gpu_tensors(attention_tensors(mixtral), 46) == [False] * 3 + [True] * 3
     # FlexLLMGen's OPT halves: weights and biases apart, each half's LayerNorm at its tail
-    assert on_gpu(attention_tensors(load_model("opt-30b")), 20) == [False] * 6 + [True] * 4
+    assert gpu_tensors(attention_tensors(load_model("opt-30b")), 20) == [False] * 6 + [True] * 4
     opt = load_model("opt-30b")
     pl = place_weights(opt, 20)
     assert pl.attention_load[0] == pytest.approx(opt.qkv_params * opt.bytes_per_param, rel=1e-3)

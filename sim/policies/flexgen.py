@@ -406,8 +406,7 @@ def _spill_to_disk(ctx: PlanContext, o: FlexGenOptions, cpu_cap: float) -> tuple
     """Where DRAM cannot hold what the GPU leaves, the search moves weights to the system's disk (5% steps), then
     the cache (25% steps), keeping as much as fits in DRAM; None without a disk, or when even that does not fit.
     Only for shares the options leave to the search (FlexGen's LP places all three tiers at once)."""
-    disk = ctx.system.disk
-    if disk is None:
+    if ctx.system.disk is None:
         return None
     weight_steps = ([o.weights_cpu_percent] if o.weights_cpu_percent >= 0
                     else [5.0 * k for k in range(int((100.0 - o.weights_gpu_percent) / 5.0), -1, -1)])

@@ -42,12 +42,6 @@ def tiers(sizes: list[int], gpu_percent: float, cpu_percent: float | None = None
     return out
 
 
-def on_gpu(sizes: list[int], gpu_percent: float) -> list[bool]:
-    """FlexGen's placement of one layer object's tensors (`sizes` in allocation order, no disk share): a tensor
-    goes to the GPU when its midpoint's percent of the object's bytes is at least 100 - `gpu_percent`."""
-    return [t == "gpu" for t in tiers(sizes, gpu_percent)]
-
-
 def attention_tensors(m: ModelSpec) -> list[int]:
     """Bytes of the attention half's tensors in allocation order. The Mixtral port's `SelfAttention` holds both
     of a layer's norms: [pre-norm, q, k, v, o, post-norm]; FlexLLMGen's OPT one (biased linears) its weights and
