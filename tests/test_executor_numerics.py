@@ -27,6 +27,8 @@ CASES = [
     ("fiddler", {"attention": "cpu", "resident_experts": "2"}),
     ("moe-gen", {"resident_experts": "1", "prefill_micro_batch": "2", "decode_micro_batch": "2"}),
     ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "attention_split": "0.5"}),
+    ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "kv_cache": "cpu"}),
+    ("moe-gen", {"attn_mode": "1", "decode_micro_batch": "2"}),
     ("cpu-only", {"coalesce": "off", "decode_micro_batch": "2", "prefill_tokens": "9"}),
 ]
 

@@ -102,7 +102,7 @@ def test_the_compressed_benchmark_points_are_complete():
     for pid in ("flexllmgen-bench-opt-6.7b-int4", "flexllmgen-bench-opt-30b-cache-int4",
                 "flexllmgen-bench-opt-175b-int4"):
         assert points[pid].status == "complete" and points[pid].knobs["compress_cache"] == "on"
-    assert not [p for p in points.values() if p.status == "unsupported"]
+    assert not [p for p in points.values() if p.status == "unsupported" and p.group == "flexllmgen-opt"]
 
 
 def test_the_executor_refuses_compression_in_one_line():

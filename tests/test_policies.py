@@ -546,6 +546,112 @@ def test_attention_split_shares_decode_attention_and_its_kv_cache_between_gpu_an
     assert {op.stream for op in stores} == {Stream.D2H if prefill[1] == "g" else Stream.H2D_ACT}
 
 
+def test_kv_cache_cpu_streams_each_decode_micro_batch_through_rotating_gpu_buffers(mixtral, paper_system):
+    """kv_cache=cpu: GPU decode attention reads a host-memory KV cache. Each micro-batch's past entries are copied
+    (h2d_act) into one of KV_STREAM_BUFFERS buffers once the attention that held it is done, attention waits for
+    that copy, and the step's new entries go back (d2h); prefill stores every prompt's K/V to host memory; VRAM
+    holds the buffers (the largest micro-batch at its longest context, one layer) instead of the cache; streaming
+    costs time against the same plan with the cache in VRAM."""
+    from sim.policies.compose import KV_STREAM_BUFFERS
+
+    prompts, gens = np.array([5, 9, 3, 7, 4, 8, 6, 2, 5, 7]), np.array([3, 1, 4, 2, 3, 3, 1, 4, 2, 3])
+    wl, tr, _ = resolve_routing(mixtral, 10, None, None, _trace(mixtral, prompts, gens), "uniform", 0)
+    ctx = PlanContext(mixtral, paper_system, wl, tr)
+    knobs = {"decode_placement": "ggg", "prefill_placement": "ggg", "decode_micro_batch": "3",
+             "prefill_micro_batch": "0", "resident_experts": "2"}
+    plan = make_policy("coxmoe", {**knobs, "kv_cache": "cpu"}).build(ctx)
+    per_layer = mixtral.kv_bytes_per_token_layer
+    ops = plan.ops
+    attention = ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE)
+    assert attention and all(op.stream == Stream.GPU for op in attention)
+    loads = ops_of(plan, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.H2D_ACT)
+    stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.D2H)
+    assert len(loads) == len(stores) == len(attention)
+    for k, (a, load, store) in enumerate(zip(attention, loads, stores, strict=True)):
+        assert load.id in a.deps and store.deps == (a.id,)
+        assert load.bytes == (a.kv_tokens - a.tokens) * per_layer and store.bytes == a.tokens * per_layer
+        assert load.deps == ((attention[k - KV_STREAM_BUFFERS].id,) if k >= KV_STREAM_BUFFERS else ())
+    assert {(a.step, a.micro_batch) for a in attention} == {(op.step, op.micro_batch) for op in loads}
+    prefill_stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.PREFILL, payload=Payload.KV)
+    assert {op.stream for op in prefill_stores} == {Stream.D2H}
+    assert sum(op.bytes for op in prefill_stores) == int(prompts.sum()) * mixtral.kv_bytes_per_token
+    gpu, cpu = plan.static_memory["gpu"], plan.static_memory["cpu"]
+    assert "kv_cache" not in gpu
+    assert gpu["kv_stream_buffers"] == KV_STREAM_BUFFERS * 3 * int((prompts + gens).max()) * per_layer
+    assert cpu["kv_cache"] == wl.kv_tokens_total * mixtral.kv_bytes_per_token
+    assert all(ops[d].stream != Stream.H2D_ACT or ops[d].payload != Payload.KV for op in ops
+               if op.phase == Phase.PREFILL for d in op.deps)
+    in_vram = make_policy("coxmoe", {**knobs, "kv_cache": "gpu"}).build(ctx)
+    assert not ops_of(in_vram, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV)
+    assert simulate_plan(plan)[1]["decode_s"] >= simulate_plan(in_vram)[1]["decode_s"]
+    long_prompts = prompts * 200  # caches of 400-1,800 tokens a request: their copies no longer fit in the slack
+    wl, tr, _ = resolve_routing(mixtral, 10, None, None, _trace(mixtral, long_prompts, gens), "uniform", 0)
+    ctx = PlanContext(mixtral, paper_system, wl, tr)
+    streamed, resident = (simulate_plan(make_policy("coxmoe", {**knobs, "kv_cache": kv}).build(ctx))[1]["decode_s"]
+                          for kv in ("cpu", "gpu"))
+    assert streamed > resident
+
+
+def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
+    """MoE-Gen's attn_mode 1 is its GPU attention over the streamed cache (decode ggg, kv_cache cpu), 2 its hybrid
+    (a share split_ratio_w of the micro-batches on the CPU), 0 the CPU attention the policy ran before; bad values
+    and combinations are one-line errors."""
+    ctx = ctx_for(mixtral, paper_system, batch=12, prompt=8, gen=3, routing="table:mixtral-8x7b")
+    gpu_mode = make_policy("moe-gen", {"attn_mode": "1"}).build(ctx)
+    assert (gpu_mode.knobs["decode_placement"], gpu_mode.knobs["kv_cache"]) == ("ggg", "cpu")
+    assert ops_of(gpu_mode, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.H2D_ACT)
+    cpu_mode = make_policy("moe-gen").build(ctx)
+    assert (cpu_mode.knobs["decode_placement"], cpu_mode.knobs["attn_mode"]) == ("gcg", 0)
+    assert ops_of(cpu_mode, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.CPU)
+    with pytest.raises(SimInputError, match="attn_mode must be 0"):
+        make_policy("moe-gen", {"attn_mode": "3"})
+    with pytest.raises(SimInputError, match="kv_cache is fixed"):
+        make_policy("moe-gen", {"kv_cache": "cpu"})
+    with pytest.raises(SimInputError, match="kv_cache must be one of"):
+        make_policy("coxmoe", {"kv_cache": "disk"})
+    with pytest.raises(SimInputError, match="split_ratio_w"):
+        make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "1"})
+    with pytest.raises(SimInputError, match="coalesce must be on or decode"):
+        make_policy("moe-gen", {"coalesce": "off"})
+    hybrid = make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "0.5", "decode_micro_batch": "3"}).build(ctx)
+    assert hybrid.knobs["attention_split"] == 0.5 and hybrid.knobs["attention_cpu_micro_batches"] == 2
+
+
+def test_a_split_attention_over_a_streamed_cache_keeps_every_request_in_host_memory(mixtral, paper_system):
+    """attention_split with kv_cache=cpu (MoE-Gen's hybrid mode): the CPU micro-batches attend over host memory
+    with no copy, the GPU ones stream their entries; prefill stores every prompt's K/V to host memory; VRAM holds
+    only the stream buffers."""
+    prompts, gens = np.array([5, 9, 3, 7, 4, 8, 6, 2, 5, 7]), np.array([3, 1, 4, 2, 3, 3, 1, 4, 2, 3])
+    wl, tr, _ = resolve_routing(mixtral, 10, None, None, _trace(mixtral, prompts, gens), "uniform", 0)
+    plan = make_policy("coxmoe", {"decode_placement": "ggg", "prefill_placement": "ggg", "decode_micro_batch": "3",
+                                  "attention_split": "0.5", "kv_cache": "cpu"}).build(PlanContext(mixtral, paper_system,
+                                                                                                  wl, tr))
+    attention = ops_of(plan, kind=OpKind.ATTENTION, phase=Phase.DECODE)
+    loads = ops_of(plan, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.H2D_ACT)
+    assert {op.stream for op in attention} == {Stream.CPU, Stream.GPU}
+    assert sorted((op.step, op.micro_batch) for op in loads) == sorted(
+        (op.step, op.micro_batch) for op in attention if op.stream == Stream.GPU)
+    assert all(op.micro_batch >= 2 for op in loads)  # micro-batches 0 and 1 attend on the CPU
+    prefill_stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.PREFILL, payload=Payload.KV)
+    assert sum(op.bytes for op in prefill_stores) == int(prompts.sum()) * mixtral.kv_bytes_per_token
+    assert plan.static_memory["cpu"]["kv_cache"] == wl.kv_tokens_total * mixtral.kv_bytes_per_token
+    assert "kv_cache" not in plan.static_memory["gpu"] and "kv_stream_buffers" in plan.static_memory["gpu"]
+
+
+def test_coalesce_decode_runs_prefill_experts_per_micro_batch_and_decode_experts_once(mixtral, paper_system):
+    """coalesce=decode: OP3 once per prefill micro-batch, once over the whole batch at each decode step; VRAM holds
+    hidden states for the larger of a prefill micro-batch and the decode batch, not the whole prompt."""
+    ctx = ctx_for(mixtral, paper_system, batch=12, prompt=8, gen=3, routing="table:mixtral-8x7b")
+    knobs = {"prefill_micro_batch": "4", "decode_micro_batch": "4", "resident_experts": "4"}
+    plan = make_policy("coxmoe", {**knobs, "coalesce": "decode"}).build(ctx)
+    experts = ops_of(plan, kind=OpKind.EXPERT)
+    assert {op.micro_batch for op in experts if op.phase is Phase.PREFILL} == {0, 1, 2}
+    assert {op.micro_batch for op in experts if op.phase is Phase.DECODE} == {-1}
+    hidden = {c: make_policy("coxmoe", {**knobs, "coalesce": c}).build(ctx).static_memory["gpu"]["hidden_states"]
+              for c in ("on", "decode", "off")}
+    assert hidden["decode"] == hidden["off"] < hidden["on"]
+
+
 def _trace(model, prompts, gens):
     from traces import SynthConfig, generate_trace
 

@@ -80,6 +80,36 @@ def test_fiddler_first_release_points_run_as_its_code_does():
     assert long["busy_h2d_s"] > 0.5 * long["prefill_s"]  # the fetches are most of that prefill
 
 
+def test_moe_gen_points_run_its_release_configuration():
+    """MoE-Gen's README points (and its paper's 1,024-token decode): incomplete, batch = the most requests whose
+    KV cache and prompt hidden states fit the host memory left after the experts (the release's rule), run as the
+    release does: hybrid attention (a share on the CPU, the rest on the GPU over the streamed host cache), OP3
+    per micro-batch in prefill and over the whole batch in decode."""
+    from experiments.validation.run import simulate_point
+    from sim.specs import load_model, load_system
+
+    points = {p.id: p for p in load_points() if p.group == "moe-gen-readme"}
+    assert len(points) == 6 and all(p.status == "incomplete" and p.policy == "moe-gen" for p in points.values())
+    system = load_system("a5000-epyc7453-512g")
+    for p in points.values():
+        m, wl = load_model(p.model), p.workload
+        per_request = (wl.prompt_len + wl.gen_len) * m.kv_bytes_per_token + 2 * wl.prompt_len * m.hidden_size * 2
+        assert wl.batch == (system.dram_usable_bytes - m.routed_expert_bytes) // per_request, p.id
+        assert p.knobs["attn_mode"] == 2 and p.knobs["coalesce"] == "decode"
+    plans: dict[str, Plan] = {}
+    row = simulate_point(points["moegen-mixtral-8x22b-decode"], "published", plans=plans)
+    assert not row["error"] and 0.5 < row["ratio"] < 1.5
+    plan = plans["moegen-mixtral-8x22b-decode"]
+    decode = [op for op in plan.ops if op.phase is Phase.DECODE]
+    attention = [op for op in decode if op.kind is OpKind.ATTENTION]
+    assert {op.stream for op in attention} == {Stream.CPU, Stream.GPU}
+    loads = [op for op in decode if op.payload is Payload.KV and op.stream == Stream.H2D_ACT]
+    assert len(loads) == sum(op.stream == Stream.GPU for op in attention)
+    experts = [op for op in plan.ops if op.kind is OpKind.EXPERT]
+    assert {op.micro_batch for op in experts if op.phase is Phase.DECODE} == {-1}  # the whole batch
+    assert len({op.micro_batch for op in experts if op.phase is Phase.PREFILL}) > 1  # one run per micro-batch
+
+
 def test_framework_defaults_to_the_policy():
     assert ValidationPoint.model_validate(_point()).runtime == "moe-lightning"
     assert ValidationPoint.model_validate(_point(framework="flexllmgen")).runtime == "flexllmgen"

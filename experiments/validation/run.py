@@ -18,6 +18,7 @@ from experiments.validation.schema import ValidationPoint
 from sim.api import SimulationResult, simulate
 from sim.errors import SimInputError
 from sim.plan import Plan
+from traces.errors import TraceError
 
 MODES = ("published", "search")
 DECODE_SAMPLE = 8  # decode steps simulated per point (evenly spaced, scaled to the whole generation)
@@ -61,7 +62,7 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
         r = simulate(point.model, point.system, point.policy, batch=wl.batch, prompt_len=wl.prompt_len,
                      gen_len=wl.gen_len, policy_options=_options(point, mode), routing=point.routing,
                      decode_sample=decode_sample, keep_plan=plans is not None and mode == "published")
-    except SimInputError as exc:
+    except (SimInputError, TraceError) as exc:  # a routing the model cannot take is the point's error too
         return {**row, "predicted": np.nan, "error": str(exc)}
     if r.plan is not None:
         plans[point.id] = r.plan

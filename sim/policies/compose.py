@@ -39,6 +39,11 @@ from sim.policies.layers import (
 from sim.specs import ModelSpec
 
 DEVICE_STREAM = {"g": GPU, "c": CPU}
+# GPU buffers a streamed KV cache rotates through (`Layout.kv_streamed`): a micro-batch's cache is copied into one
+# while earlier micro-batches attend from the others. MoE-Gen's Mixtral initializer (EfficientMoE/MoE-Gen
+# moe_gen/models/mixtral/Mixtral_Initializer.py @2561b09: num_k_buffer = num_v_buffer = 3, each sized for one
+# attention micro-batch at the full context).
+KV_STREAM_BUFFERS = 3
 ON_CPU = frozenset({CPU, CPU_EXPERTS, NDP})  # host side: the DIMMs compute on host memory
 
 
@@ -80,6 +85,9 @@ class Layout:
     # decode micro-batches (indices) whose attention runs on the CPU over a host-memory KV cache while the others
     # attend where the placement says (the GPU): one attention batch shared by both devices
     attention_cpu_mbs: frozenset[int] = frozenset()
+    # decode attention on the GPU reads a KV cache kept in host memory: each micro-batch's cache is copied into a
+    # GPU buffer (one of KV_STREAM_BUFFERS) before its attention, and the step's new entries are written back
+    kv_streamed: bool = False
 
     @property
     def streams(self) -> tuple[Stream, Stream, Stream]:
@@ -106,13 +114,15 @@ class Schedule:
     prefill: list[np.ndarray]
     decode: list[np.ndarray]
     expert_batch: int = 0
+    prefill_expert_batch: int | None = None  # prefill's, where it differs from `expert_batch`
 
     @classmethod
-    def split(cls, ctx: PlanContext, prefill_tokens: int, decode_micro_batch: int, expert_batch: int = 0) -> Schedule:
+    def split(cls, ctx: PlanContext, prefill_tokens: int, decode_micro_batch: int, expert_batch: int = 0,
+              prefill_expert_batch: int | None = None) -> Schedule:
         """Prefill in groups of whole requests of at most `prefill_tokens` prompt tokens; decode in groups of
         `decode_micro_batch` requests (0: the whole batch): `group_requests`' micro-batches."""
         prefill, decode, _ = group_requests(ctx, prefill_tokens, decode_micro_batch)
-        return cls(prefill, decode, expert_batch)
+        return cls(prefill, decode, expert_batch, prefill_expert_batch)
 
     def groups(self) -> dict[str, list[np.ndarray]]:
         return {"prefill": self.prefill, "decode": self.decode}
@@ -121,12 +131,14 @@ class Schedule:
 # ---- static memory from placement ----------------------------------------------------------------------------
 
 def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_tokens: int, resident: int,
-               widest: int, kv_cpu_tokens: int = 0) -> dict[str, int]:
+               widest: int, kv_cpu_tokens: int = 0, kv_stream_tokens: int = 0) -> dict[str, int]:
     """VRAM a placement holds: non-expert weights of the ops placed on the GPU in either phase (embedding, LM head,
     norms, routers, shared experts and dense FFNs always), `resident` experts per MoE layer, a double buffer of
     `widest` fetched experts, hidden states of `expert_tokens` (what one expert run gathers), the workspace of the
     largest micro-batch (`mb_tokens`), and the KV cache when decode attention runs on the GPU (less the
-    `kv_cpu_tokens` entries of requests whose attention runs on the CPU instead)."""
+    `kv_cpu_tokens` entries of requests whose attention runs on the CPU instead), or, where that cache is streamed
+    from host memory, KV_STREAM_BUFFERS buffers of one layer's `kv_stream_tokens` entries (the largest decode
+    micro-batch at its longest context)."""
     m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
     weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
                + m.num_moe_layers * (m.router_params + m.shared_expert_params)
@@ -142,16 +154,19 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
         "hidden_states": 2 * expert_tokens * m.hidden_size * bpp,
         "workspace": activation_workspace_bytes(ctx, max(mb_tokens, 1)),
     }
-    if dec[1] == "g":
+    if dec[1] == "g" and kv_stream_tokens:
+        static["kv_stream_buffers"] = KV_STREAM_BUFFERS * kv_stream_tokens * m.kv_bytes_per_token_layer
+    elif dec[1] == "g":
         static["kv_cache"] = (wl.kv_tokens_total - kv_cpu_tokens) * m.kv_bytes_per_token
     return static
 
 
-def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0) -> dict[str, int]:
+def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0, kv_streamed: bool = False
+               ) -> dict[str, int]:
     """DRAM a placement holds: every routed expert's weights (the copy E_M is fetched from and E_C runs on),
     hidden states of the whole prompt, QKV / O-projection and router weights where those ops run on the CPU,
-    and the KV cache when decode attention runs on the CPU (or the `kv_cpu_tokens` entries of the requests that
-    attend there while the others attend on the GPU)."""
+    and the KV cache when decode attention runs on the CPU or streams it from here (or the `kv_cpu_tokens`
+    entries of the requests that attend there while the others attend on the GPU)."""
     m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
     static = {"expert_weights": m.routed_expert_bytes,
               "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
@@ -162,7 +177,7 @@ def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0) -> 
         cpu_weights += m.num_layers * (m.o_proj_params + m.router_params)
     if cpu_weights:
         static["non_expert_weights"] = cpu_weights * bpp
-    if dec[1] == "c":
+    if dec[1] == "c" or kv_streamed:
         static["kv_cache"] = wl.kv_tokens_total * m.kv_bytes_per_token
     elif kv_cpu_tokens:
         static["kv_cache"] = kv_cpu_tokens * m.kv_bytes_per_token
@@ -205,15 +220,17 @@ class LayoutEmitter(LayerEmitter):
     the layer two visits back is done with its half)."""
 
     def __init__(self, ctx: PlanContext, builder: PlanBuilder, kv_on_gpu: bool, expert_batch: int = 0,
-                 kv_on_cpu: np.ndarray | None = None):
+                 kv_on_cpu: np.ndarray | None = None, prefill_expert_batch: int | None = None):
         super().__init__(ctx, builder)
         self.kv_on_gpu, self.expert_batch = kv_on_gpu, expert_batch
+        self.prefill_expert_batch = expert_batch if prefill_expert_batch is None else prefill_expert_batch
         # per request, whether its KV cache is in host memory when that differs by request (a split attention)
         self.kv_on_cpu = kv_on_cpu
         self.layer_done: dict[int, int] = {}
         self.seq = 0  # (step, layer) visits so far: the fetch double buffer alternates on it
         self.scopes: list[Scope] = []
         self._scope_index: dict[tuple, int] = {}
+        self._kv_readers: list[int] = []  # attentions over a streamed KV cache, in order: who holds each buffer
 
     # ---- copies ------------------------------------------------------------------------------------------
     def move(self, src: Stream, dst: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
@@ -230,6 +247,7 @@ class LayoutEmitter(LayerEmitter):
         m, w = self.m, self.w
         x0, x1, x2 = layout.streams
         home = layout.home
+        expert_batch = self.prefill_expert_batch if phase is Phase.PREFILL else self.expert_batch
         ready: list[tuple[int, ...]] = [(self.op(OpKind.EMBED, home, At(phase, step, -1, s.mb), s.tokens, ()),)
                                         for s in slices]
         for layer in range(m.num_layers):
@@ -277,9 +295,9 @@ class LayoutEmitter(LayerEmitter):
                                   Payload.EXPERT_WEIGHTS, (fetch,) if fetch >= 0 else ())
             weights = _WeightsReady(set(fetched) | set(entering[li] if entering else ()), fetch)
             last_gpu = -1
-            for group in self._expert_groups(len(slices)):
+            for group in self._expert_groups(len(slices), expert_batch):
                 members = [slices[i] for i in group]
-                if len(group) == 1 and len(slices) > 1 or self.expert_batch == 1:
+                if len(group) == 1 and len(slices) > 1 or expert_batch == 1:
                     at, scope = At(phase, step, layer, members[0].mb), -1
                 elif len(group) == len(slices):
                     at, scope = At(phase, step, layer), -1
@@ -298,9 +316,10 @@ class LayoutEmitter(LayerEmitter):
         for i, s in enumerate(slices):
             self.op(OpKind.LM_HEAD, home, At(phase, step, m.num_layers, s.mb), int(s.requests.size), ready[i])
 
-    def _expert_groups(self, n: int) -> list[list[int]]:
-        """Indices of the micro-batches each expert run gathers."""
-        k = n if self.expert_batch <= 0 else self.expert_batch
+    @staticmethod
+    def _expert_groups(n: int, expert_batch: int) -> list[list[int]]:
+        """Indices of the micro-batches each expert run gathers (`expert_batch` of them; 0: all)."""
+        k = n if expert_batch <= 0 else expert_batch
         return [list(range(i, min(i + k, n))) for i in range(0, n, k)]
 
     def _scope(self, phase: Phase, step: int, requests: np.ndarray, shard: int = 0, shards: int = 1) -> int:
@@ -324,12 +343,28 @@ class LayoutEmitter(LayerEmitter):
         if phase is Phase.DECODE and s.mb in layout.attention_cpu_mbs:
             x1 = CPU
         (q,) = self.move(x0, x1, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
-        a = self.attention(x1, at, s, (q,))
+        if phase is Phase.DECODE and layout.kv_streamed and x1 is GPU:
+            a = self._streamed_attention(at, s, q)
+        else:
+            a = self.attention(x1, at, s, (q,))
         if phase is Phase.PREFILL:  # store K/V where decode attention reads it
             stored = self._kv_elsewhere(s, x1 is GPU)
             if stored:
                 self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(stored), Payload.KV, (a,), stored)
         (a,) = self.move(x1, x2, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
+        return a
+
+    def _streamed_attention(self, at: At, s: BatchSlice, q: int) -> int:
+        """GPU attention over a KV cache in host memory: the micro-batch's past entries are copied into a GPU
+        buffer once the attention that used it KV_STREAM_BUFFERS micro-batches ago is done, attention reads them
+        there, and this step's new entries are written back to host memory."""
+        w, readers = self.w, self._kv_readers
+        past = s.kv_read - s.tokens  # entries before this step's (which OP0 just made on the GPU)
+        held = readers[-KV_STREAM_BUFFERS] if len(readers) >= KV_STREAM_BUFFERS else -1
+        load = self.xfer(H2D_ACT, at, w.kv_bytes(past), Payload.KV, (held,), s.tokens)
+        a = self.attention(GPU, at, s, (q, load))
+        readers.append(a)
+        self.xfer(D2H, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
         return a
 
     def _kv_elsewhere(self, s: BatchSlice, on_gpu: bool) -> int:
@@ -410,7 +445,8 @@ class LayoutEmitter(LayerEmitter):
 def compose_plan(ctx: PlanContext, policy: str, knobs: dict, schedule: Schedule, prefill: Layout, decode: Layout,
                  static: dict[str, dict[str, int]], kv_on_gpu: bool) -> Plan:
     """The plan of a schedule and one layout per phase: prefill, then every decode step the context plans."""
-    emit = LayoutEmitter(ctx, ctx.builder(), kv_on_gpu=kv_on_gpu, expert_batch=schedule.expert_batch)
+    emit = LayoutEmitter(ctx, ctx.builder(), kv_on_gpu=kv_on_gpu, expert_batch=schedule.expert_batch,
+                         prefill_expert_batch=schedule.prefill_expert_batch)
     emit.step(prefill_slices(ctx, schedule.prefill), Phase.PREFILL, 0, prefill)
     for step in ctx.steps():
         slices = decode_slices(ctx, step, schedule.decode)

@@ -55,19 +55,23 @@ SPLIT_SHARDS = 8  # a split expert's tokens are shared between GPU and CPU in ei
 
 @dataclass(frozen=True)
 class CoxMoeOptions(OptionsBase):
-    """prefill_placement / decode_placement: auto, or x0x1x2 as three of g/c (e.g. gcg: QKV on the GPU,
-    attention on the CPU, O-proj on the GPU); attention: auto | gpu | cpu forces x1 in both phases;
-    prefill_micro_batch / decode_micro_batch: requests per micro-batch of OP0-OP2 (-1 = search, 0 = whole
-    batch); resident_experts: E_R per layer (-1 = as many as fit); split: auto | cpu | gpu (where non-resident
-    experts run); coalesce: on | off (off: OP3 per micro-batch); stratify: on | off (off: resident experts by
-    index, not by measured load); hot_map: a hot-expert map file (`coxmoe eas`) whose ranking picks E_R instead
-    of the trace's own load; restratify: off, or ema:ALPHA:EVERY (beyond the paper: every EVERY decode steps,
-    make the E_R set the top experts of an exponential moving average, weight ALPHA, of the routing seen so far,
-    and pay the PCIe copy of each expert that enters); split_tokens: on | off (beyond the paper: per layer, one
-    expert's tokens shared between GPU and CPU in eighths, the share the search's model balances best);
-    attention_split: beyond the paper, the share of decode micro-batches whose attention runs on the CPU over a
-    host-memory KV cache while the rest attend on the GPU (0: off; decode placements with attention on the GPU
-    only); rescore: candidates the simulation re-scores."""
+    """prefill_placement / decode_placement: auto, or x0x1x2 as three of g/c (e.g. gcg: QKV on the GPU, attention on the
+    CPU, O-proj on the GPU); attention: auto | gpu | cpu forces x1 in both phases; prefill_micro_batch /
+    decode_micro_batch: requests per micro-batch of OP0-OP2 (-1 = search, 0 = whole batch); resident_experts: E_R
+    per layer (-1 = as many as fit); split: auto | cpu | gpu (where non-resident experts run); coalesce: on | off |
+    decode (off: OP3 per micro-batch; decode: coalesced in decode, per micro-batch in prefill, as MoE-Gen's release
+    runs its prefill over MoE micro-batches); stratify: on | off (off: resident experts by index, not by measured
+    load); hot_map: a hot-expert map file (`coxmoe eas`) whose ranking picks E_R instead of the trace's own load;
+    restratify: off, or ema:ALPHA:EVERY (beyond the paper: every EVERY decode steps, make the E_R set the top
+    experts of an exponential moving average, weight ALPHA, of the routing seen so far, and pay the PCIe copy of
+    each expert that enters); split_tokens: on | off (beyond the paper: per layer, one expert's tokens shared
+    between GPU and CPU in eighths, the share the search's model balances best); attention_split: beyond the paper,
+    the share of decode micro-batches whose attention runs on the CPU over a host-memory KV cache while the rest
+    attend on the GPU (0: off; decode placements with attention on the GPU only); kv_cache: gpu | cpu, where decode
+    attention on the GPU finds the KV cache (cpu: in host memory, each micro-batch's entries copied into one of
+    `compose.KV_STREAM_BUFFERS` GPU buffers before its attention and the new entries written back, as MoE-Gen's GPU
+    attention mode runs; CPU attention always reads host memory; with attention_split, every request's cache in host
+    memory, read there or streamed: MoE-Gen's hybrid mode); rescore: candidates the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -83,6 +87,7 @@ class CoxMoeOptions(OptionsBase):
     restratify: str = "off"
     split_tokens: str = "off"
     attention_split: float = 0.0
+    kv_cache: str = "gpu"
     rescore: int = 3
 
     def __post_init__(self) -> None:
@@ -90,9 +95,10 @@ class CoxMoeOptions(OptionsBase):
             self.choice(name, ("auto", *PLACEMENTS))
         self.choice("attention", ("auto", "gpu", "cpu"))
         self.choice("split", ("auto", "cpu", "gpu"))
-        self.choice("coalesce", ("on", "off"))
+        self.choice("coalesce", ("on", "off", "decode"))
         self.choice("stratify", ("on", "off"))
         self.choice("split_tokens", ("on", "off"))
+        self.choice("kv_cache", ("gpu", "cpu"))
         if self.split_tokens == "on" and self.restratify != "off":
             raise SimInputError(f"policy {self.policy_name}: split_tokens=on does not combine with restratify (a split "
                                 "names one layer's expert for the whole run)")
@@ -190,6 +196,7 @@ class _Model:
         else:
             self.order = np.tile(np.arange(m.num_experts), (m.num_moe_layers, 1))
         self.decode_steps = max(wl.max_gen_len - 1, 0)
+        self.streamed = opts.kv_cache == "cpu"  # GPU decode attention over a KV cache in host memory
         self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
 
@@ -220,13 +227,16 @@ class _Model:
         K/V stores by the CPU requests' share of prompt tokens (each request's K/V goes where its decode attention
         reads it). Summed, as the paper's model sums micro-batches: it does not credit their overlap."""
         cpu = self.cpu_requests(mu_d)
+        gpu_kv = not self.streamed  # the GPU requests' cache in VRAM, or streamed from host memory like the rest
         if not cpu.any():
-            return self.ops012_s(phase, placement, mu, True)
+            return self.ops012_s(phase, placement, mu, gpu_kv)
         if phase is Phase.DECODE:
             share = float(cpu.mean())
             cpu_placement = placement[0] + "c" + placement[2]
             return (share * self.ops012_s(phase, cpu_placement, mu, False)
-                    + (1 - share) * self.ops012_s(phase, placement, mu, True))
+                    + (1 - share) * self.ops012_s(phase, placement, mu, gpu_kv))
+        if self.streamed:  # every request's K/V goes to host memory
+            return self.ops012_s(phase, placement, mu, False)
         lens = self.wl.prompt_lens
         share = float(lens[cpu].sum() / max(lens.sum(), 1))
         return share * self.ops012_s(phase, placement, mu, False) + (1 - share) * self.ops012_s(phase, placement, mu,
@@ -258,6 +268,8 @@ class _Model:
             t += a.copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens))
         if phase is Phase.PREFILL and (x1 is GPU) != kv_on_gpu:
             t += a.copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens))  # KV store to where decode reads it
+        if phase is Phase.DECODE and x1 is GPU and not kv_on_gpu:  # a streamed cache: load, then write back
+            t += a.copy(H2D_ACT, w.kv_bytes(kv_read - tokens)) + a.copy(D2H, w.kv_bytes(tokens))
         if x2 is CPU:
             t += a.copy(H2D_ACT, w.hidden_bytes(tokens))  # the GPU experts need the hidden states too
         return n_mb * t
@@ -270,7 +282,8 @@ class _Model:
         m, w, a = self.m, self.w, self.a
         counts = self.prefill_counts if phase is Phase.PREFILL else self.decode_counts
         batch = self.wl.batch
-        n_mb = 1 if self.opts.coalesce == "on" or mu <= 0 else -(-batch // min(mu, batch))
+        coalesced = self.opts.coalesce == "on" or self.opts.coalesce == "decode" and phase is Phase.DECODE
+        n_mb = 1 if coalesced or mu <= 0 else -(-batch // min(mu, batch))
         tokens_total = float(counts.sum(axis=1).max()) / m.top_k if counts.size else 0.0
         shared = a.t(OpKind.SHARED_EXPERT, GPU, w.shared_expert(int(tokens_total))) if (
             m.shared_expert_intermediate_size) else 0.0
@@ -349,19 +362,22 @@ class _Model:
     # ---- memory ----------------------------------------------------------------------------------------
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
         """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with
-        OP3's hidden states for the whole prompt when coalesced and for one micro-batch otherwise."""
+        OP3's hidden states for the whole prompt when coalesced and for one micro-batch otherwise (and for the
+        whole decode batch when coalesced in decode only)."""
         wl = self.wl
         batch = wl.batch
         mb_p = batch if mu_p <= 0 else min(mu_p, batch)
         mb_d = batch if mu_d <= 0 else min(mu_d, batch)
         mb_tokens = max(int(wl.prompt_lens[:mb_p].sum()), mb_d)
-        expert_tokens = wl.prompt_tokens if self.opts.coalesce == "on" else mb_tokens
+        expert_tokens = {"on": wl.prompt_tokens, "off": mb_tokens, "decode": max(mb_tokens, batch)}[self.opts.coalesce]
         kv_cpu = self.attention_split(mu_d)[2] if self.opts.attention_split and dec[1] == "g" else 0
-        return compose.gpu_static(self.ctx, pre, dec, mb_tokens, expert_tokens, resident, widest, kv_cpu)
+        # a streamed cache's buffers hold the largest decode micro-batch at its longest context, one layer
+        kv_stream = mb_d * int((wl.prompt_lens + wl.gen_lens).max()) if self.streamed else 0
+        return compose.gpu_static(self.ctx, pre, dec, mb_tokens, expert_tokens, resident, widest, kv_cpu, kv_stream)
 
     def cpu_static(self, pre: str, dec: str, mu_d: int = 0) -> dict[str, int]:
         kv_cpu = self.attention_split(mu_d)[2] if self.opts.attention_split and dec[1] == "g" else 0
-        return compose.cpu_static(self.ctx, pre, dec, kv_cpu)
+        return compose.cpu_static(self.ctx, pre, dec, kv_cpu, kv_streamed=self.streamed)
 
 
 def _cpu_micro_batches(share: float, n: int) -> int:
@@ -464,7 +480,7 @@ class CoxMoePolicy(Policy):
                                     f"micro-batch on the CPU at decode_micro_batch={o.decode_micro_batch} (batch "
                                     f"{ctx.workload.batch}); use smaller micro-batches or a larger share")
         for (pre, mu_p), (dec, mu_d) in itertools.product(pre_options, dec_options):
-            kv_on_gpu = dec[1] == "g"  # the KV cache lives where decode attention runs
+            kv_on_gpu = dec[1] == "g" and not model.streamed  # where decode attention runs, unless streamed
             if o.attention_split:
                 t_pre = model.ops012_split_s(Phase.PREFILL, pre, mu_d, mu_p)
                 t_dec = model.ops012_split_s(Phase.DECODE, dec, mu_d, mu_d)
@@ -510,7 +526,8 @@ class CoxMoePolicy(Policy):
             choice = model.op3(phase, resident, mu)
             n_cpu = model.attention_split(mu)[1] if phase is Phase.DECODE and o.attention_split else 0
             layouts[phase] = Layout(placement, residents, choice.fetched, choice.on_cpu, splits=choice.splits,
-                                    on_ndp=choice.on_ndp, attention_cpu_mbs=frozenset(range(n_cpu)))
+                                    on_ndp=choice.on_ndp, attention_cpu_mbs=frozenset(range(n_cpu)),
+                                    kv_streamed=model.streamed and phase is Phase.DECODE)
         widest = max(lay.widest_fetch for lay in layouts.values())  # E_M and E_C experts split onto the GPU
         gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
                                o.decode_micro_batch, resident, widest)
@@ -518,12 +535,14 @@ class CoxMoePolicy(Policy):
         mean_prompt = max(float(wl.prompt_lens.mean()), 1.0)
         mu_p = o.prefill_micro_batch
         schedule = Schedule.split(ctx, int(mean_prompt * (mu_p or wl.batch)), o.decode_micro_batch,
-                                  expert_batch=0 if o.coalesce == "on" else 1)
+                                  expert_batch=0 if o.coalesce in ("on", "decode") else 1,
+                                  prefill_expert_batch=1 if o.coalesce == "decode" else None)
         builder = ctx.builder()
         split_kv = layouts[Phase.DECODE].attention_cpu_mbs
-        emit = LayoutEmitter(ctx, builder, kv_on_gpu=o.decode_placement[1] == "g",
-                             expert_batch=schedule.expert_batch,
-                             kv_on_cpu=model.cpu_requests(o.decode_micro_batch) if split_kv else None)
+        emit = LayoutEmitter(ctx, builder, kv_on_gpu=o.decode_placement[1] == "g" and not model.streamed,
+                             expert_batch=schedule.expert_batch, prefill_expert_batch=schedule.prefill_expert_batch,
+                             kv_on_cpu=model.cpu_requests(o.decode_micro_batch) if split_kv and not model.streamed
+                             else None)
         first = prefill_slices(ctx, schedule.prefill)
         emit.step(first, Phase.PREFILL, 0, layouts[Phase.PREFILL])
         restrat = _Restratifier(layouts[Phase.DECODE], first, o.ema) if o.ema and resident else None

@@ -9,9 +9,13 @@ plan family with its placement and expert split pinned: prefill `ggg`, decode `g
 host-memory KV cache), OP3 coalesced over the whole batch, no CPU experts (split `gpu`: non-resident experts are
 fetched, E_M), spare VRAM holding the hottest experts (E_R). The search picks the micro-batches and E_R by the
 same analytic model and re-scoring, which is MoE-Gen's own criterion (the sizes at which compute hides the
-copies). Not modelled: MoE-Gen's partial CPU offload of attention (a fraction of the requests on the CPU, the
-rest on the GPU over a streamed KV cache; its appendix puts the break-even near 60% on the CPU) and its DAG
-engine's exact scheduling.
+copies). `attn_mode` is MoE-Gen's ATTN_MODE: 0 as above (the paper's CPU attention); 1, its release's default,
+decode attention on the GPU over the host-memory KV cache, each attention micro-batch's entries copied into one
+of three GPU buffers first and the new entries written back (CoX-MoE's `kv_cache=cpu`; decode `ggg`); 2, hybrid:
+a share `split_ratio_w` of the decode micro-batches attends on the CPU over the same host cache (CoX-MoE's
+`attention_split` with `kv_cache=cpu`). `coalesce=decode` is the release's prefill, its model run over MoE
+micro-batches (OP3 per prefill micro-batch). Not modelled: its DAG engine's exact scheduling, its streaming of
+attention weights, and its re-fetch of the experts for every prefill micro-batch.
 """
 
 from __future__ import annotations
@@ -22,26 +26,53 @@ from sim.errors import SimInputError
 from sim.policies.coxmoe import CoxMoeOptions, CoxMoePolicy
 
 PINNED = {"prefill_placement": "ggg", "decode_placement": "gcg", "attention": "auto", "split": "gpu",
-          "coalesce": "on", "split_tokens": "off", "restratify": "off", "hot_map": ""}
+          "split_tokens": "off", "restratify": "off", "hot_map": "", "kv_cache": "gpu",
+          "attention_split": 0.0}
+# What ATTN_MODE 1 (GPU attention over a streamed host KV cache) and 2 (hybrid: a share of the requests attends on
+# the CPU, the rest on the GPU over the streamed cache) change in the pinned design.
+GPU_ATTENTION = {"decode_placement": "ggg", "kv_cache": "cpu"}
 
 
 @dataclass(frozen=True)
 class MoEGenOptions(CoxMoeOptions):
-    """CoX-MoE's knobs with MoE-Gen's design pinned (prefill ggg, decode gcg, every expert on the GPU, coalesced):
-    prefill_micro_batch / decode_micro_batch (attention's batch; -1 = search), resident_experts (-1 = as many as
-    spare VRAM holds), rescore."""
+    """CoX-MoE's knobs with MoE-Gen's design pinned (prefill ggg, every expert on the GPU, coalesced):
+    attn_mode (MoE-Gen's ATTN_MODE: 0 = decode attention on the CPU, decode gcg; 1 = on the GPU over the KV cache
+    streamed from host memory, decode ggg; 2 = hybrid, the first `split_ratio_w` of the decode micro-batches on the
+    CPU and the rest as in 1), split_ratio_w (MoE-Gen's SPLIT_RATIO_W, its default 0.5), coalesce (on: every
+    expert once per step over the whole batch in both phases, as the paper describes; decode: so in decode, while
+    prefill runs OP3 per micro-batch, as the release runs its prefill model over MoE micro-batches),
+    prefill_micro_batch / decode_micro_batch (attention's batch; -1 =
+    search), resident_experts (-1 = as many as spare VRAM holds), rescore."""
 
     policy_name = "moe-gen"
     prefill_placement: str = "ggg"
     decode_placement: str = "gcg"
     split: str = "gpu"
+    attn_mode: int = 0
+    split_ratio_w: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.attn_mode not in (0, 1, 2):
+            raise SimInputError(f"policy moe-gen: attn_mode must be 0 (CPU attention), 1 (GPU attention over a "
+                                f"streamed KV cache) or 2 (hybrid), got {self.attn_mode}")
+        if not 0.0 < float(self.split_ratio_w) < 1.0:
+            raise SimInputError(f"policy moe-gen: split_ratio_w (the CPU's share of decode attention at attn_mode 2) "
+                                f"must be in (0, 1), got {self.split_ratio_w}")
+        pinned = dict(PINNED)
+        if self.attn_mode:
+            mode = {**GPU_ATTENTION, "attention_split": float(self.split_ratio_w) if self.attn_mode == 2 else 0.0}
+            pinned.update(mode)
+            if all(getattr(self, name) == PINNED[name] for name in mode):
+                for name, value in mode.items():  # the mode's design, unless a knob already says it
+                    object.__setattr__(self, name, value)
         super().__post_init__()
-        for name, value in PINNED.items():
+        if self.coalesce not in ("on", "decode"):
+            raise SimInputError(f"policy moe-gen: coalesce must be on or decode (MoE-Gen runs each expert over the "
+                                f"whole decode batch), got {self.coalesce!r}")
+        for name, value in pinned.items():
             if getattr(self, name) != value:
                 raise SimInputError(f"policy moe-gen: {name} is fixed to {value!r} by MoE-Gen's design, got "
-                                    f"{getattr(self, name)!r} (use coxmoe to vary it)")
+                                    f"{getattr(self, name)!r} at attn_mode={self.attn_mode} (use coxmoe to vary it)")
 
 
 class MoEGenPolicy(CoxMoePolicy):
