@@ -135,6 +135,10 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
                  timeout_s: float = 3600.0) -> ExecutionResult:
     """Execute `plan` with real tensors; returns measured start/end per op and the final hidden states."""
     cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if cuda and "kv_stream_buffers" in plan.static_memory.get("gpu", {}):
+        raise SimInputError("the executor keeps the KV cache where attention runs: a plan that streams it from host "
+                            "memory to GPU attention (kv_cache=cpu) runs on the CPU only (use_cuda=False), or is "
+                            "simulated")
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("CUDA was asked for but torch sees no CUDA device")
     topo = topology_of(plan.system)

@@ -27,8 +27,6 @@ CASES = [
     ("fiddler", {"attention": "cpu", "resident_experts": "2"}),
     ("moe-gen", {"resident_experts": "1", "prefill_micro_batch": "2", "decode_micro_batch": "2"}),
     ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "attention_split": "0.5"}),
-    ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "kv_cache": "cpu"}),
-    ("moe-gen", {"attn_mode": "1", "decode_micro_batch": "2"}),
     ("cpu-only", {"coalesce": "off", "decode_micro_batch": "2", "prefill_tokens": "9"}),
 ]
 
@@ -94,7 +92,13 @@ def test_truncated_real_model_shapes():
 @pytest.mark.parametrize("policy, opts", [("cpu-only", {"decode_micro_batch": "2"}), ("coxmoe", {}),
                                           ("moe-lightning", {"micro_batch": "2", "wg": "0.5"}),
                                           ("flexgen", {"gpu_batch_size": "2", "weights_gpu_percent": "50",
-                                                       "kv_gpu_percent": "50", "act_gpu_percent": "0"})])
+                                                       "kv_gpu_percent": "50", "act_gpu_percent": "0"}),
+                                          # a KV cache streamed to GPU attention, split with the CPU (MoE-Gen's
+                                          # hybrid): the copies run as timed byte copies in their dependency order
+                                          ("moe-gen", {"attn_mode": "2", "decode_micro_batch": "1",
+                                                       "coalesce": "decode", "prefill_micro_batch": "2"}),
+                                          ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "1",
+                                                      "kv_cache": "cpu"})])
 def test_timed_execution_matches_the_reference_and_records_every_op(tiny_specs, paper_system, policy, opts):
     from executor.run import execute_plan
 
@@ -170,3 +174,19 @@ def test_a_host_side_staging_copy_is_timed_as_a_real_copy(tiny_specs, paper_syst
         plan.ops[i].bytes = 64 * 2**20
     rec = execute_plan(plan, random_weights(spec, seed=5), trace, use_cuda=False).record
     assert min(rec.end_ns[i] - rec.start_ns[i] for i in staging) >= 64 * 2**20 / 400e9 * 1e9
+
+
+def test_cuda_execution_refuses_a_streamed_kv_cache(tiny_specs, paper_system):
+    """The executor keeps the KV cache where attention runs, so a plan that streams it from host memory to GPU
+    attention would hold the whole cache in VRAM on CUDA: one line, before any device is touched."""
+    from executor.run import execute_plan
+    from sim.errors import SimInputError
+
+    spec = tiny_specs["gqa"]
+    prompts, gens = np.array([5, 3]), np.array([3, 2])
+    trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, spec.num_experts, spec.top_k, "uniform",
+                                       0.0, 0), prompts, gens)
+    plan = make_policy("coxmoe", {"decode_placement": "ggg", "kv_cache": "cpu"}).build(
+        PlanContext(spec, paper_system, Workload(prompts, gens), trace))
+    with pytest.raises(SimInputError, match="runs on the CPU only"):
+        execute_plan(plan, random_weights(spec, seed=5), trace, use_cuda=True)

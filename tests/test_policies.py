@@ -567,10 +567,16 @@ def test_kv_cache_cpu_streams_each_decode_micro_batch_through_rotating_gpu_buffe
     loads = ops_of(plan, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.H2D_ACT)
     stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.D2H)
     assert len(loads) == len(stores) == len(attention)
+    stored = {}  # (layer, micro-batch) -> the last write-back of its new entries
     for k, (a, load, store) in enumerate(zip(attention, loads, stores, strict=True)):
         assert load.id in a.deps and store.deps == (a.id,)
         assert load.bytes == (a.kv_tokens - a.tokens) * per_layer and store.bytes == a.tokens * per_layer
-        assert load.deps == ((attention[k - KV_STREAM_BUFFERS].id,) if k >= KV_STREAM_BUFFERS else ())
+        # the buffer's last user (the write-back three streamed attentions back), and the previous step's entries
+        expected = {stores[k - KV_STREAM_BUFFERS].id} if k >= KV_STREAM_BUFFERS else set()
+        if (a.layer, a.micro_batch) in stored:
+            expected.add(stored[a.layer, a.micro_batch])
+        assert set(load.deps) == expected
+        stored[a.layer, a.micro_batch] = store.id
     assert {(a.step, a.micro_batch) for a in attention} == {(op.step, op.micro_batch) for op in loads}
     prefill_stores = ops_of(plan, kind=OpKind.COPY, phase=Phase.PREFILL, payload=Payload.KV)
     assert {op.stream for op in prefill_stores} == {Stream.D2H}
@@ -605,7 +611,7 @@ def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
     assert ops_of(cpu_mode, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.CPU)
     with pytest.raises(SimInputError, match="attn_mode must be 0"):
         make_policy("moe-gen", {"attn_mode": "3"})
-    with pytest.raises(SimInputError, match="kv_cache is fixed"):
+    with pytest.raises(SimInputError, match="reads host memory anyway"):  # attn_mode 0 attends on the CPU
         make_policy("moe-gen", {"kv_cache": "cpu"})
     with pytest.raises(SimInputError, match="kv_cache must be one of"):
         make_policy("coxmoe", {"kv_cache": "disk"})
@@ -613,8 +619,22 @@ def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
         make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "1"})
     with pytest.raises(SimInputError, match="coalesce must be on or decode"):
         make_policy("moe-gen", {"coalesce": "off"})
-    hybrid = make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "0.5", "decode_micro_batch": "3"}).build(ctx)
-    assert hybrid.knobs["attention_split"] == 0.5 and hybrid.knobs["attention_cpu_micro_batches"] == 2
+    hybrid = make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "0.4", "decode_micro_batch": "3"}).build(ctx)
+    assert hybrid.knobs["attention_split"] == 0.4 and hybrid.knobs["attention_cpu_micro_batches"] == 1
+    first_step = [op for op in ops_of(hybrid, kind=OpKind.ATTENTION, phase=Phase.DECODE) if op.step == 1
+                  and op.layer == 0]  # MoE-Gen's split: ceil(0.4 x 12) = 5 requests on the CPU at once, 7 on the GPU
+    assert [(op.stream, op.tokens) for op in first_step] == [(Stream.CPU, 5), (Stream.GPU, 3), (Stream.GPU, 3),
+                                                             (Stream.GPU, 1)]
+    explicit = make_policy("moe-gen", {"attn_mode": "1", "decode_placement": "ggg"}).build(ctx)  # the mode's own value
+    assert explicit.knobs["kv_cache"] == "cpu"
+    with pytest.raises(SimInputError, match="set split_ratio_w only"):
+        make_policy("moe-gen", {"attn_mode": "2", "attention_split": "0.3"})
+    with pytest.raises(SimInputError, match="reads host memory anyway"):
+        make_policy("coxmoe", {"kv_cache": "cpu", "decode_placement": "gcg"})
+    cpu_front = make_policy("coxmoe", {"kv_cache": "cpu", "decode_placement": "cgg", "prefill_placement": "ggg",
+                                       "decode_micro_batch": "4"}).build(ctx)
+    assert ops_of(cpu_front, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.H2D_ACT)
+    assert not ops_of(cpu_front, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.D2H)
 
 
 def test_a_split_attention_over_a_streamed_cache_keeps_every_request_in_host_memory(mixtral, paper_system):

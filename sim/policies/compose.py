@@ -230,7 +230,8 @@ class LayoutEmitter(LayerEmitter):
         self.seq = 0  # (step, layer) visits so far: the fetch double buffer alternates on it
         self.scopes: list[Scope] = []
         self._scope_index: dict[tuple, int] = {}
-        self._kv_readers: list[int] = []  # attentions over a streamed KV cache, in order: who holds each buffer
+        self._kv_holders: list[int] = []  # per streamed attention, in order, the last op using its GPU buffer
+        self._kv_stored: dict[tuple[int, int], int] = {}  # (layer, micro-batch) -> its last write-back to host memory
 
     # ---- copies ------------------------------------------------------------------------------------------
     def move(self, src: Stream, dst: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
@@ -344,7 +345,7 @@ class LayoutEmitter(LayerEmitter):
             x1 = CPU
         (q,) = self.move(x0, x1, at, w.qkv_out_bytes(s.tokens), Payload.ACTIVATIONS, (q,), s.tokens)
         if phase is Phase.DECODE and layout.kv_streamed and x1 is GPU:
-            a = self._streamed_attention(at, s, q)
+            a = self._streamed_attention(at, s, q, written_on_gpu=x0 is GPU)
         else:
             a = self.attention(x1, at, s, (q,))
         if phase is Phase.PREFILL:  # store K/V where decode attention reads it
@@ -354,17 +355,22 @@ class LayoutEmitter(LayerEmitter):
         (a,) = self.move(x1, x2, at, w.attn_out_bytes(s.tokens), Payload.ACTIVATIONS, (a,), s.tokens)
         return a
 
-    def _streamed_attention(self, at: At, s: BatchSlice, q: int) -> int:
+    def _streamed_attention(self, at: At, s: BatchSlice, q: int, written_on_gpu: bool) -> int:
         """GPU attention over a KV cache in host memory: the micro-batch's past entries are copied into a GPU
-        buffer once the attention that used it KV_STREAM_BUFFERS micro-batches ago is done, attention reads them
-        there, and this step's new entries are written back to host memory."""
-        w, readers = self.w, self._kv_readers
-        past = s.kv_read - s.tokens  # entries before this step's (which OP0 just made on the GPU)
-        held = readers[-KV_STREAM_BUFFERS] if len(readers) >= KV_STREAM_BUFFERS else -1
-        load = self.xfer(H2D_ACT, at, w.kv_bytes(past), Payload.KV, (held,), s.tokens)
+        buffer once its user KV_STREAM_BUFFERS streamed attentions ago is done (and once the previous step's new
+        entries of this layer and micro-batch reached host memory), attention reads them there, and this step's
+        new entries, made on the GPU by OP0, are written back (made on the CPU, they are in host memory already)."""
+        w, holders = self.w, self._kv_holders
+        past = s.kv_read - s.tokens  # entries before this step's
+        key = (at.layer, s.mb)
+        held = holders[-KV_STREAM_BUFFERS] if len(holders) >= KV_STREAM_BUFFERS else -1
+        load = self.xfer(H2D_ACT, at, w.kv_bytes(past), Payload.KV, (held, self._kv_stored.get(key, -1)), s.tokens)
         a = self.attention(GPU, at, s, (q, load))
-        readers.append(a)
-        self.xfer(D2H, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+        if written_on_gpu:
+            a_or_store = self._kv_stored[key] = self.xfer(D2H, at, w.kv_bytes(s.tokens), Payload.KV, (a,), s.tokens)
+        else:
+            a_or_store = a
+        holders.append(a_or_store)
         return a
 
     def _kv_elsewhere(self, s: BatchSlice, on_gpu: bool) -> int:

@@ -23,6 +23,7 @@ experts by index instead of by measured load), split=cpu|gpu (all non-resident e
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, replace
 from functools import cache
 from typing import ClassVar, NamedTuple
@@ -67,11 +68,13 @@ class CoxMoeOptions(OptionsBase):
     each expert that enters); split_tokens: on | off (beyond the paper: per layer, one expert's tokens shared
     between GPU and CPU in eighths, the share the search's model balances best); attention_split: beyond the paper,
     the share of decode micro-batches whose attention runs on the CPU over a host-memory KV cache while the rest
-    attend on the GPU (0: off; decode placements with attention on the GPU only); kv_cache: gpu | cpu, where decode
-    attention on the GPU finds the KV cache (cpu: in host memory, each micro-batch's entries copied into one of
-    `compose.KV_STREAM_BUFFERS` GPU buffers before its attention and the new entries written back, as MoE-Gen's GPU
-    attention mode runs; CPU attention always reads host memory; with attention_split, every request's cache in host
-    memory, read there or streamed: MoE-Gen's hybrid mode); rescore: candidates the simulation re-scores."""
+    attend on the GPU (0: off; decode placements with attention on the GPU only); attention_split_unit: micro_batch
+    (the first floor(S n + 1/2) of n micro-batches) | requests (the first ceil(S B) requests as one CPU batch, the
+    rest in micro-batches: MoE-Gen's hybrid split); kv_cache: gpu | cpu, where decode attention on the GPU finds the
+    KV cache (cpu: in host memory, each micro-batch's entries copied into one of `compose.KV_STREAM_BUFFERS` GPU
+    buffers before its attention and the new entries written back, as MoE-Gen's GPU attention mode runs; CPU
+    attention always reads host memory; with attention_split, every request's cache in host memory, read there or
+    streamed: MoE-Gen's hybrid mode); rescore: candidates the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -87,6 +90,7 @@ class CoxMoeOptions(OptionsBase):
     restratify: str = "off"
     split_tokens: str = "off"
     attention_split: float = 0.0
+    attention_split_unit: str = "micro_batch"
     kv_cache: str = "gpu"
     rescore: int = 3
 
@@ -99,6 +103,11 @@ class CoxMoeOptions(OptionsBase):
         self.choice("stratify", ("on", "off"))
         self.choice("split_tokens", ("on", "off"))
         self.choice("kv_cache", ("gpu", "cpu"))
+        self.choice("attention_split_unit", ("micro_batch", "requests"))
+        if self.kv_cache == "cpu" and (self.attention == "cpu" or self.decode_placement not in ("auto",)
+                                       and self.decode_placement[1] == "c"):
+            raise SimInputError(f"policy {self.policy_name}: kv_cache=cpu streams the cache to decode attention on "
+                                "the GPU; with decode attention on the CPU it reads host memory anyway")
         if self.split_tokens == "on" and self.restratify != "off":
             raise SimInputError(f"policy {self.policy_name}: split_tokens=on does not combine with restratify (a split "
                                 "names one layer's expert for the whole run)")
@@ -202,11 +211,28 @@ class _Model:
 
     # ---- a split decode attention ---------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
+    def decode_groups(self, mu: int) -> list[np.ndarray]:
+        """The decode micro-batches: `mu` requests each (<= 0: one); with attention_split_unit=requests, the first
+        ceil(S B) requests (at least one left for the GPU) attend on the CPU as one batch and the rest form the
+        micro-batches, as MoE-Gen's hybrid mode splits its batch."""
+        requests = np.arange(self.wl.batch)
+        share = float(self.opts.attention_split)
+        if share and self.opts.attention_split_unit == "requests":
+            n_cpu = min(math.ceil(share * requests.size), requests.size - 1)
+            if n_cpu > 0:
+                return [requests[:n_cpu], *split_by_count(requests[n_cpu:], mu)]
+        return split_by_count(requests, mu)
+
+    @cache  # noqa: B019 - one model per search; the cache dies with it
     def _split_requests(self, mu: int) -> tuple[int, int, np.ndarray]:
         """(decode micro-batches, how many attend on the CPU, per request whether it is one of theirs): the first
-        floor(S n + 1/2) of the n micro-batches for `attention_split` S, at least one left on the GPU."""
-        groups = split_by_count(np.arange(self.wl.batch), mu)
-        n_cpu = _cpu_micro_batches(float(self.opts.attention_split), len(groups))
+        floor(S n + 1/2) of the n micro-batches for `attention_split` S, at least one left on the GPU; or, by
+        requests, the first of `decode_groups`."""
+        groups = self.decode_groups(mu)
+        if self.opts.attention_split_unit == "requests":
+            n_cpu = 1 if self.opts.attention_split and len(groups) > 1 else 0
+        else:
+            n_cpu = _cpu_micro_batches(float(self.opts.attention_split), len(groups))
         mask = np.zeros(self.wl.batch, dtype=bool)
         for g in groups[:n_cpu]:
             mask[g] = True
@@ -233,7 +259,8 @@ class _Model:
         if phase is Phase.DECODE:
             share = float(cpu.mean())
             cpu_placement = placement[0] + "c" + placement[2]
-            return (share * self.ops012_s(phase, cpu_placement, mu, False)
+            cpu_mu = int(cpu.sum()) if self.opts.attention_split_unit == "requests" else mu  # one CPU batch
+            return (share * self.ops012_s(phase, cpu_placement, cpu_mu, False)
                     + (1 - share) * self.ops012_s(phase, placement, mu, gpu_kv))
         if self.streamed:  # every request's K/V goes to host memory
             return self.ops012_s(phase, placement, mu, False)
@@ -369,6 +396,8 @@ class _Model:
         mb_p = batch if mu_p <= 0 else min(mu_p, batch)
         mb_d = batch if mu_d <= 0 else min(mu_d, batch)
         mb_tokens = max(int(wl.prompt_lens[:mb_p].sum()), mb_d)
+        if self.opts.attention_split and self.opts.attention_split_unit == "requests":  # the CPU share's one batch
+            mb_tokens = max(mb_tokens, int(self.decode_groups(mu_d)[0].size))
         expert_tokens = {"on": wl.prompt_tokens, "off": mb_tokens, "decode": max(mb_tokens, batch)}[self.opts.coalesce]
         kv_cpu = self.attention_split(mu_d)[2] if self.opts.attention_split and dec[1] == "g" else 0
         # a streamed cache's buffers hold the largest decode micro-batch at its longest context, one layer
@@ -537,6 +566,8 @@ class CoxMoePolicy(Policy):
         schedule = Schedule.split(ctx, int(mean_prompt * (mu_p or wl.batch)), o.decode_micro_batch,
                                   expert_batch=0 if o.coalesce in ("on", "decode") else 1,
                                   prefill_expert_batch=1 if o.coalesce == "decode" else None)
+        if o.attention_split and o.attention_split_unit == "requests":
+            schedule = replace(schedule, decode=model.decode_groups(o.decode_micro_batch))
         builder = ctx.builder()
         split_kv = layouts[Phase.DECODE].attention_cpu_mbs
         emit = LayoutEmitter(ctx, builder, kv_on_gpu=o.decode_placement[1] == "g" and not model.streamed,
