@@ -606,10 +606,10 @@ def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
     gpu_mode = make_policy("moe-gen", {"attn_mode": "1"}).build(ctx)
     assert (gpu_mode.knobs["decode_placement"], gpu_mode.knobs["kv_cache"]) == ("ggg", "cpu")
     assert ops_of(gpu_mode, kind=OpKind.COPY, phase=Phase.DECODE, payload=Payload.KV, stream=Stream.H2D_ACT)
-    cpu_mode = make_policy("moe-gen").build(ctx)
+    cpu_mode = make_policy("moe-gen", {"attn_mode": "0"}).build(ctx)
     assert (cpu_mode.knobs["decode_placement"], cpu_mode.knobs["attn_mode"]) == ("gcg", 0)
     assert ops_of(cpu_mode, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.CPU)
-    with pytest.raises(SimInputError, match="attn_mode must be 0"):
+    with pytest.raises(SimInputError, match="attn_mode must be -1"):
         make_policy("moe-gen", {"attn_mode": "3"})
     with pytest.raises(SimInputError, match="reads host memory anyway"):  # attn_mode 0 attends on the CPU
         make_policy("moe-gen", {"kv_cache": "cpu"})
@@ -617,6 +617,15 @@ def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
         make_policy("coxmoe", {"kv_cache": "disk"})
     with pytest.raises(SimInputError, match="split_ratio_w"):
         make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "1"})
+    # left to it, the search tries every mode (and three CPU shares at attn_mode 2), simulating the best of each
+    from sim.search import plan_policy
+
+    policy = make_policy("moe-gen")
+    modes = {(v.attn_mode, v.split_ratio_w) for v in policy.options.modes()}
+    assert modes == {(0, -1.0), (1, -1.0), (2, 0.25), (2, 0.5), (2, 0.75)}
+    planned = plan_policy(policy, ctx)
+    assert planned.search.simulated >= len(modes)
+    assert (planned.plan.knobs["attn_mode"], planned.plan.knobs["split_ratio_w"]) in modes
     with pytest.raises(SimInputError, match="coalesce must be on or decode"):
         make_policy("moe-gen", {"coalesce": "off"})
     hybrid = make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "0.4", "decode_micro_batch": "3"}).build(ctx)

@@ -20,9 +20,11 @@ its re-fetch of the experts for every prefill micro-batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from sim.errors import SimInputError
+from sim.policies.analytic import Candidate, SearchSpace
+from sim.policies.base import PlanContext
 from sim.policies.coxmoe import CoxMoeOptions, CoxMoePolicy
 
 PINNED = {"prefill_placement": "ggg", "decode_placement": "gcg", "attention": "auto", "split": "gpu",
@@ -33,41 +35,44 @@ PINNED = {"prefill_placement": "ggg", "decode_placement": "gcg", "attention": "a
 GPU_ATTENTION = {"decode_placement": "ggg", "kv_cache": "cpu"}
 
 
+# The CPU shares the search tries at attn_mode 2 when split_ratio_w is left to it.
+SPLIT_SHARES = (0.25, 0.5, 0.75)
+
+
 @dataclass(frozen=True)
 class MoEGenOptions(CoxMoeOptions):
-    """CoX-MoE's knobs with MoE-Gen's design pinned (prefill ggg, every expert on the GPU, coalesced):
-    attn_mode (MoE-Gen's ATTN_MODE: 0 = decode attention on the CPU, decode gcg; 1 = on the GPU over the KV cache
-    streamed from host memory, decode ggg; 2 = hybrid, the first ceil(split_ratio_w x batch) requests on the CPU as
-    one batch and the rest as in 1), split_ratio_w (MoE-Gen's SPLIT_RATIO_W; 0.5 here, the value the release's
-    fallback names), coalesce (on: every
-    expert once per step over the whole batch in both phases, as the paper describes; decode: so in decode, while
-    prefill runs OP3 per micro-batch, as the release runs its prefill model over MoE micro-batches),
-    prefill_micro_batch / decode_micro_batch (attention's batch; -1 =
-    search), resident_experts (-1 = as many as spare VRAM holds), rescore."""
+    """CoX-MoE's knobs with MoE-Gen's design pinned (prefill ggg, every expert on the GPU, coalesced): attn_mode
+    (MoE-Gen's ATTN_MODE: -1 = the search picks; 0 = decode attention on the CPU, decode gcg; 1 = on the GPU over the
+    KV cache streamed from host memory, decode ggg; 2 = hybrid, the first ceil(split_ratio_w x batch) requests on
+    the CPU as one batch and the rest as in 1), split_ratio_w (MoE-Gen's SPLIT_RATIO_W, the CPU's share at
+    attn_mode 2; -1 = the search tries 0.25, 0.5 and 0.75), coalesce (on: every expert once per step over the whole
+    batch in both phases, as the paper describes; decode: so in decode, while prefill runs OP3 per micro-batch, as
+    the release runs its prefill model over MoE micro-batches), prefill_micro_batch / decode_micro_batch
+    (attention's batch; -1 = search), resident_experts (-1 = as many as spare VRAM holds), rescore."""
 
     policy_name = "moe-gen"
     prefill_placement: str = "ggg"
     decode_placement: str = "gcg"
     split: str = "gpu"
-    attn_mode: int = 0
-    split_ratio_w: float = 0.5
+    attn_mode: int = -1
+    split_ratio_w: float = -1.0
 
     def __post_init__(self) -> None:
-        if self.attn_mode not in (0, 1, 2):
-            raise SimInputError(f"policy moe-gen: attn_mode must be 0 (CPU attention), 1 (GPU attention over a "
-                                f"streamed KV cache) or 2 (hybrid), got {self.attn_mode}")
-        if not 0.0 < float(self.split_ratio_w) < 1.0:
+        if self.attn_mode not in (-1, 0, 1, 2):
+            raise SimInputError(f"policy moe-gen: attn_mode must be -1 (search), 0 (CPU attention), 1 (GPU attention "
+                                f"over a streamed KV cache) or 2 (hybrid), got {self.attn_mode}")
+        w = float(self.split_ratio_w)
+        if w != -1.0 and not 0.0 < w < 1.0:
             raise SimInputError(f"policy moe-gen: split_ratio_w (the CPU's share of decode attention at attn_mode 2) "
-                                f"must be in (0, 1), got {self.split_ratio_w}")
+                                f"must be in (0, 1), or -1 to search it, got {self.split_ratio_w}")
+        if self.attention_split not in (PINNED["attention_split"], w):
+            raise SimInputError(f"policy moe-gen: the CPU's share of decode attention is split_ratio_w (at attn_mode "
+                                f"2), got attention_split={self.attention_split} (set split_ratio_w only)")
         pinned = dict(PINNED)
-        if self.attn_mode:
+        if self.attn_mode in (1, 2) and not (self.attn_mode == 2 and w == -1.0):
             mode = dict(GPU_ATTENTION)
             if self.attn_mode == 2:  # the first ceil(w B) requests attend on the CPU as one batch
-                if self.attention_split not in (PINNED["attention_split"], float(self.split_ratio_w)):
-                    raise SimInputError(f"policy moe-gen: at attn_mode 2 the CPU's share of decode attention is "
-                                        f"split_ratio_w ({self.split_ratio_w}); got attention_split="
-                                        f"{self.attention_split} as well (set split_ratio_w only)")
-                mode.update(attention_split=float(self.split_ratio_w), attention_split_unit="requests")
+                mode.update(attention_split=w, attention_split_unit="requests")
             pinned.update(mode)
             for name, value in mode.items():  # the mode's design where the knob was left at its default
                 if getattr(self, name) == PINNED[name]:
@@ -81,12 +86,57 @@ class MoEGenOptions(CoxMoeOptions):
                 raise SimInputError(f"policy moe-gen: {name} is fixed to {value!r} by MoE-Gen's design, got "
                                     f"{getattr(self, name)!r} at attn_mode={self.attn_mode} (use coxmoe to vary it)")
 
+    @property
+    def searched(self) -> bool:
+        return self.attn_mode == -1 or self.attn_mode == 2 and self.split_ratio_w == -1.0 or super().searched
+
+    def modes(self) -> list[MoEGenOptions]:
+        """The attention modes (and CPU shares) these knobs leave open, each as a full option set."""
+        w = float(self.split_ratio_w)
+        hybrid = [(2, x) for x in (SPLIT_SHARES if w == -1.0 else (w,))]
+        pairs = [(0, -1.0), (1, -1.0), *hybrid] if self.attn_mode == -1 else (
+            hybrid if self.attn_mode == 2 else [(self.attn_mode, w)])
+        return [replace(self, attn_mode=m, split_ratio_w=x) for m, x in pairs]
+
+
+def _mode(opts: MoEGenOptions) -> tuple[int, float]:
+    return opts.attn_mode, float(opts.split_ratio_w)
+
+
+@dataclass
+class _ModeSearch(SearchSpace):
+    """Several modes' searches as one: the re-scoring takes each mode's own order in turn, rank by rank (every
+    mode's first, then every mode's second, ...), so each mode is re-scored as deeply as its own search would be
+    and the pick is never worse than the best single mode's."""
+
+    orders: list[list[Candidate]] = field(default_factory=list)
+
+    def rescore_order(self) -> list[Candidate]:
+        depth = max((len(order) for order in self.orders), default=0)
+        return [order[rank] for rank in range(depth) for order in self.orders if rank < len(order)]
+
 
 class MoEGenPolicy(CoxMoePolicy):
     name = "moe-gen"
     label = "MoE-Gen"
     color = "#6c3483"
-    summary = ("MoE-Gen: module-based batching; attention in micro-batches on the CPU's KV cache, every expert on "
-               "the GPU once per whole batch, weights streamed")
+    summary = ("MoE-Gen: module-based batching; attention on the CPU, on the GPU over a streamed host KV cache, or "
+               "split (its ATTN_MODE, searched), every expert on the GPU once per whole batch, weights streamed")
     Options = MoEGenOptions
-    example_options = ({}, {"decode_micro_batch": "4", "prefill_micro_batch": "3", "resident_experts": "1"})
+    example_options = ({}, {"decode_micro_batch": "4", "prefill_micro_batch": "3", "resident_experts": "1"},
+                       {"attn_mode": "2", "split_ratio_w": "0.5", "coalesce": "decode", "decode_micro_batch": "2"})
+
+    def search_space(self, ctx: PlanContext) -> SearchSpace:
+        """CoX-MoE's search within each attention mode the knobs leave open, merged: the re-scoring simulates the
+        `rescore` best of every mode (each mode's own order, distinct decode configurations first), rank by rank;
+        the analytic model sums a hybrid step's CPU and GPU attention, so it cannot rank the modes alone."""
+        o: MoEGenOptions = self.options
+        variants = o.modes()
+        if len(variants) == 1 and variants[0] == o:
+            return super().search_space(ctx)
+        spaces = {_mode(v): CoxMoePolicy.search_space(type(self)(v), ctx) for v in variants}
+        candidates = [c for space in spaces.values() for c in space.candidates]
+        first = spaces[_mode(variants[0])]
+        return _ModeSearch(candidates, lambda c, opts: spaces[_mode(opts)].build(c, opts), searched=True,
+                           rescore=o.rescore * len(variants), explain_empty=first.explain_empty,
+                           orders=[space.rescore_order() for space in spaces.values()])
