@@ -612,7 +612,7 @@ def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
     with pytest.raises(SimInputError, match="attn_mode must be -1"):
         make_policy("moe-gen", {"attn_mode": "3"})
     with pytest.raises(SimInputError, match="reads host memory anyway"):  # attn_mode 0 attends on the CPU
-        make_policy("moe-gen", {"kv_cache": "cpu"})
+        make_policy("moe-gen", {"attn_mode": "0", "kv_cache": "cpu"})
     with pytest.raises(SimInputError, match="kv_cache must be one of"):
         make_policy("coxmoe", {"kv_cache": "disk"})
     with pytest.raises(SimInputError, match="split_ratio_w"):
@@ -626,6 +626,29 @@ def test_kv_cache_and_moe_gen_attn_mode_options(mixtral, paper_system):
     planned = plan_policy(policy, ctx)
     assert planned.search.simulated >= len(modes)
     assert (planned.plan.knobs["attn_mode"], planned.plan.knobs["split_ratio_w"]) in modes
+
+
+def test_moe_gen_mode_search_edges(mixtral, paper_system):
+    """A batch of one leaves the hybrid out of the search (and is a one-line error when the hybrid is asked for);
+    knobs that say GPU attention narrow the search to modes 1 and 2 or fill a mode's decode side; the knobs a
+    search reports rebuild the same plan."""
+    from dataclasses import fields
+
+    from sim.search import plan_policy
+
+    one = ctx_for(mixtral, paper_system, batch=1, prompt=8, gen=3, routing="table:mixtral-8x7b")
+    assert plan_policy(make_policy("moe-gen"), one).plan.knobs["attn_mode"] in (0, 1)
+    with pytest.raises(SimInputError, match="batch 1 has no request to split"):
+        plan_policy(make_policy("moe-gen", {"attn_mode": "2"}), one)
+    narrowed = make_policy("moe-gen", {"kv_cache": "cpu"}).options
+    assert {v.attn_mode for v in narrowed.modes()} == {1, 2}
+    hybrid = make_policy("moe-gen", {"attn_mode": "2", "decode_placement": "ggg"}).options  # w left to the search
+    assert {v.split_ratio_w for v in hybrid.modes()} == {0.25, 0.5, 0.75}
+    ctx = ctx_for(mixtral, paper_system, batch=12, prompt=8, gen=3, routing="table:mixtral-8x7b")
+    planned = plan_policy(make_policy("moe-gen"), ctx)
+    names = {f.name for f in fields(make_policy("moe-gen").options)}
+    again = plan_policy(make_policy("moe-gen", {k: str(v) for k, v in planned.plan.knobs.items() if k in names}), ctx)
+    assert simulate_plan(again.plan)[1]["total_s"] == simulate_plan(planned.plan)[1]["total_s"]
     with pytest.raises(SimInputError, match="coalesce must be on or decode"):
         make_policy("moe-gen", {"coalesce": "off"})
     hybrid = make_policy("moe-gen", {"attn_mode": "2", "split_ratio_w": "0.4", "decode_micro_batch": "3"}).build(ctx)
@@ -731,7 +754,7 @@ def test_moe_gen_batches_modules_with_every_expert_on_the_gpu(mixtral, paper_sys
     with pytest.raises(SimInputError, match="split is fixed to 'gpu' by MoE-Gen's design"):
         make_policy("moe-gen", {"split": "cpu"})
     with pytest.raises(SimInputError, match="decode_placement is fixed"):
-        make_policy("moe-gen", {"decode_placement": "ggg"})
+        make_policy("moe-gen", {"attn_mode": "0", "decode_placement": "ggg"})
 
 
 @pytest.mark.parametrize("model", ["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"])

@@ -27,11 +27,12 @@ from sim.policies.analytic import Candidate, SearchSpace
 from sim.policies.base import PlanContext
 from sim.policies.coxmoe import CoxMoeOptions, CoxMoePolicy
 
-PINNED = {"prefill_placement": "ggg", "decode_placement": "gcg", "attention": "auto", "split": "gpu",
-          "split_tokens": "off", "restratify": "off", "hot_map": "", "kv_cache": "gpu",
-          "attention_split": 0.0, "attention_split_unit": "micro_batch"}
-# What ATTN_MODE 1 (GPU attention over a streamed host KV cache) and 2 (hybrid: a share of the requests attends on
-# the CPU, the rest on the GPU over the streamed cache) change in the pinned design.
+# MoE-Gen's design whatever the attention mode.
+PINNED = {"prefill_placement": "ggg", "attention": "auto", "split": "gpu", "split_tokens": "off", "restratify": "off",
+          "hot_map": ""}
+# The decode side of ATTN_MODE 0 (CPU attention over the host KV cache) and of 1 and 2 (GPU attention over that
+# cache streamed to the GPU; 2 also puts a share of the requests on the CPU, `attention_split`, by requests).
+CPU_ATTENTION = {"decode_placement": "gcg", "kv_cache": "gpu"}
 GPU_ATTENTION = {"decode_placement": "ggg", "kv_cache": "cpu"}
 
 
@@ -65,26 +66,33 @@ class MoEGenOptions(CoxMoeOptions):
         if w != -1.0 and not 0.0 < w < 1.0:
             raise SimInputError(f"policy moe-gen: split_ratio_w (the CPU's share of decode attention at attn_mode 2) "
                                 f"must be in (0, 1), or -1 to search it, got {self.split_ratio_w}")
-        if self.attention_split not in (PINNED["attention_split"], w):
+        if self.attention_split not in (0.0, w):
             raise SimInputError(f"policy moe-gen: the CPU's share of decode attention is split_ratio_w (at attn_mode "
                                 f"2), got attention_split={self.attention_split} (set split_ratio_w only)")
-        pinned = dict(PINNED)
-        if self.attn_mode in (1, 2) and not (self.attn_mode == 2 and w == -1.0):
-            mode = dict(GPU_ATTENTION)
-            if self.attn_mode == 2:  # the first ceil(w B) requests attend on the CPU as one batch
-                mode.update(attention_split=w, attention_split_unit="requests")
-            pinned.update(mode)
-            for name, value in mode.items():  # the mode's design where the knob was left at its default
-                if getattr(self, name) == PINNED[name]:
-                    object.__setattr__(self, name, value)
+        side = GPU_ATTENTION if self.gpu_side else CPU_ATTENTION
+        for name, value in side.items():  # the mode's decode side where the knob was left at its default
+            if getattr(self, name) == CPU_ATTENTION[name]:
+                object.__setattr__(self, name, value)
+        if self.attn_mode == 2 and w != -1.0:  # the first ceil(w B) requests attend on the CPU as one batch
+            object.__setattr__(self, "attention_split", w)
+            object.__setattr__(self, "attention_split_unit", "requests")
         super().__post_init__()
         if self.coalesce not in ("on", "decode"):
             raise SimInputError(f"policy moe-gen: coalesce must be on or decode (MoE-Gen runs each expert over the "
                                 f"whole decode batch), got {self.coalesce!r}")
-        for name, value in pinned.items():
+        for name, value in {**PINNED, **side}.items():
             if getattr(self, name) != value:
                 raise SimInputError(f"policy moe-gen: {name} is fixed to {value!r} by MoE-Gen's design, got "
                                     f"{getattr(self, name)!r} at attn_mode={self.attn_mode} (use coxmoe to vary it)")
+
+    @property
+    def gpu_side(self) -> bool:
+        """Whether decode attention runs on the GPU over the streamed cache: modes 1 and 2, or a search whose knobs
+        already say so (decode ggg, kv_cache cpu or a split by requests narrow it to those modes)."""
+        if self.attn_mode >= 0:
+            return self.attn_mode > 0
+        return (self.decode_placement == "ggg" or self.kv_cache == "cpu"
+                or self.attention_split_unit == "requests" or self.attention_split > 0.0)
 
     @property
     def searched(self) -> bool:
@@ -94,9 +102,11 @@ class MoEGenOptions(CoxMoeOptions):
         """The attention modes (and CPU shares) these knobs leave open, each as a full option set."""
         w = float(self.split_ratio_w)
         hybrid = [(2, x) for x in (SPLIT_SHARES if w == -1.0 else (w,))]
-        pairs = [(0, -1.0), (1, -1.0), *hybrid] if self.attn_mode == -1 else (
-            hybrid if self.attn_mode == 2 else [(self.attn_mode, w)])
-        return [replace(self, attn_mode=m, split_ratio_w=x) for m, x in pairs]
+        if self.attn_mode == -1:
+            pairs = [*([] if self.gpu_side else [(0, -1.0)]), (1, -1.0), *hybrid]
+        else:
+            pairs = hybrid if self.attn_mode == 2 else [(self.attn_mode, w)]
+        return [replace(self, attn_mode=m, split_ratio_w=x, attention_split=0.0) for m, x in pairs]
 
 
 def _mode(opts: MoEGenOptions) -> tuple[int, float]:
@@ -131,12 +141,22 @@ class MoEGenPolicy(CoxMoePolicy):
         `rescore` best of every mode (each mode's own order, distinct decode configurations first), rank by rank;
         the analytic model sums a hybrid step's CPU and GPU attention, so it cannot rank the modes alone."""
         o: MoEGenOptions = self.options
+        if o.attn_mode == 2 and ctx.workload.batch < 2:
+            raise SimInputError(f"policy moe-gen: attn_mode 2 (hybrid) puts ceil(split_ratio_w x batch) requests on "
+                                f"the CPU and the rest on the GPU: batch {ctx.workload.batch} has no request to split")
         variants = o.modes()
         if len(variants) == 1 and variants[0] == o:
             return super().search_space(ctx)
-        spaces = {_mode(v): CoxMoePolicy.search_space(type(self)(v), ctx) for v in variants}
+        spaces, refused = {}, []
+        for v in variants:  # a mode the workload cannot take (a split of a single request) leaves the others
+            try:
+                spaces[_mode(v)] = CoxMoePolicy.search_space(type(self)(v), ctx)
+            except SimInputError as exc:
+                refused.append(exc)
+        if not spaces:
+            raise refused[0]
         candidates = [c for space in spaces.values() for c in space.candidates]
-        first = spaces[_mode(variants[0])]
+        first = next(iter(spaces.values()))
         return _ModeSearch(candidates, lambda c, opts: spaces[_mode(opts)].build(c, opts), searched=True,
                            rescore=o.rescore * len(variants), explain_empty=first.explain_empty,
                            orders=[space.rescore_order() for space in spaces.values()])
