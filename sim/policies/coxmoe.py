@@ -566,8 +566,7 @@ class CoxMoePolicy(Policy):
         schedule = Schedule.split(ctx, int(mean_prompt * (mu_p or wl.batch)), o.decode_micro_batch,
                                   expert_batch=0 if o.coalesce in ("on", "decode") else 1,
                                   prefill_expert_batch=1 if o.coalesce == "decode" else None)
-        if o.attention_split and o.attention_split_unit == "requests":
-            schedule = replace(schedule, decode=model.decode_groups(o.decode_micro_batch))
+        schedule = replace(schedule, decode=model.decode_groups(o.decode_micro_batch))  # the search's own groups
         builder = ctx.builder()
         split_kv = layouts[Phase.DECODE].attention_cpu_mbs
         emit = LayoutEmitter(ctx, builder, kv_on_gpu=o.decode_placement[1] == "g" and not model.streamed,
