@@ -127,6 +127,23 @@ def test_coxmoe_expert_split_is_a_partition_and_runs_in_parallel(tiny_model, pap
     assert min(rec.start_ns[c]) < max(rec.end_ns[g]) and min(rec.start_ns[g]) < max(rec.end_ns[c])
 
 
+def test_coxmoe_workspace_holds_its_largest_prefill_micro_batch(paper_system):
+    """With prompts of different lengths, the GPU workspace is sized for the largest prefill micro-batch the plan
+    builds (whole requests up to the mean prompt times the knob), not for the first knob's worth of requests."""
+    from sim.policies.layers import activation_workspace_bytes
+
+    options = {"prefill_micro_batch": "4", "decode_micro_batch": "0", "prefill_placement": "ggg",
+               "decode_placement": "ggg", "resident_experts": "4", "split": "gpu"}
+    r = simulate("mixtral-8x7b", paper_system.name, "coxmoe", batch=32, prompt_len="uniform:16:1500", gen_len=3,
+                 seed=1, policy_options=options, keep_plan=True)
+    plan = r.plan
+    lens = plan.workload.prompt_lens
+    largest = max(int(lens[g].sum()) for g in plan.micro_batches["prefill"])
+    assert largest > int(lens[:4].sum())  # the case the old sizing missed
+    ctx = PlanContext(plan.model, plan.system, plan.workload, None)
+    assert plan.static_memory["gpu"]["workspace"] == activation_workspace_bytes(ctx, largest)
+
+
 def test_coxmoe_device_changes_cost_copies(tiny_model, paper_system):
     plan, _ = _cox(tiny_model, paper_system, decode_placement="gcg")
     d = ops_of(plan, phase=Phase.DECODE, step=1, layer=0, micro_batch=0)

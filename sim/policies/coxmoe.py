@@ -47,7 +47,7 @@ from sim.policies.compose import (
     LayoutEmitter,
     Schedule,
 )
-from sim.policies.layers import BatchSlice, decode_slices, prefill_slices, split_by_count
+from sim.policies.layers import BatchSlice, decode_slices, prefill_slices, split_by_count, split_by_tokens
 from traces.eas import load_map
 
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
@@ -210,6 +210,21 @@ class _Model:
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
 
     # ---- a split decode attention ---------------------------------------------------------------------
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def prefill_tokens(self, mu: int) -> int:
+        """The prefill micro-batches' token budget for `mu` requests each (<= 0: the whole batch): the mean prompt
+        times `mu`, so a micro-batch holds whole requests of about `mu` prompts' tokens (as the plan builds them)."""
+        wl = self.wl
+        return int(max(float(wl.prompt_lens.mean()), 1.0) * (mu if mu > 0 else wl.batch))
+
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def prefill_tokens_max(self, mu: int) -> int:
+        """The most prompt tokens any prefill micro-batch of `prefill_tokens(mu)` holds (one request longer than
+        the budget forms its own micro-batch): what the GPU's activation workspace is sized for."""
+        wl = self.wl
+        groups = split_by_tokens(np.arange(wl.batch), wl.prompt_lens, self.prefill_tokens(mu))
+        return max(int(wl.prompt_lens[g].sum()) for g in groups)
+
     @cache  # noqa: B019 - one model per search; the cache dies with it
     def decode_groups(self, mu: int) -> list[np.ndarray]:
         """The decode micro-batches: `mu` requests each (<= 0: one); with attention_split_unit=requests, the first
@@ -393,9 +408,8 @@ class _Model:
         whole decode batch when coalesced in decode only)."""
         wl = self.wl
         batch = wl.batch
-        mb_p = batch if mu_p <= 0 else min(mu_p, batch)
         mb_d = batch if mu_d <= 0 else min(mu_d, batch)
-        mb_tokens = max(int(wl.prompt_lens[:mb_p].sum()), mb_d)
+        mb_tokens = max(self.prefill_tokens_max(mu_p), mb_d)
         if self.opts.attention_split and self.opts.attention_split_unit == "requests":  # the CPU share's one batch
             mb_tokens = max(mb_tokens, int(self.decode_groups(mu_d)[0].size))
         expert_tokens = {"on": wl.prompt_tokens, "off": mb_tokens, "decode": max(mb_tokens, batch)}[self.opts.coalesce]
@@ -561,9 +575,7 @@ class CoxMoePolicy(Policy):
         gpu = model.gpu_static(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
                                o.decode_micro_batch, resident, widest)
         cpu = model.cpu_static(o.prefill_placement, o.decode_placement, o.decode_micro_batch)
-        mean_prompt = max(float(wl.prompt_lens.mean()), 1.0)
-        mu_p = o.prefill_micro_batch
-        schedule = Schedule.split(ctx, int(mean_prompt * (mu_p or wl.batch)), o.decode_micro_batch,
+        schedule = Schedule.split(ctx, model.prefill_tokens(o.prefill_micro_batch), o.decode_micro_batch,
                                   expert_batch=0 if o.coalesce in ("on", "decode") else 1,
                                   prefill_expert_batch=1 if o.coalesce == "decode" else None)
         schedule = replace(schedule, decode=model.decode_groups(o.decode_micro_batch))  # the search's own groups
