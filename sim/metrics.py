@@ -1,7 +1,7 @@
 """Metrics of a run, defined once: the simulator and (later) the executor's measured records use these.
 
 Throughput is generated tokens over prefill plus decode time. When a plan holds only a sample of the decode
-steps (`Plan.decode_scale` > 1), decode time and decode busy time are scaled up to the whole generation.
+steps (`Plan.decode_scale` > 1), decode time and the busy time after prefill are scaled up to the whole generation.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
     stream = np.fromiter((index[op.stream] for op in plan.ops), dtype=np.int64, count=n)
     prefill_ns = int(record.end_ns[is_prefill].max()) if is_prefill.any() else 0
     decode_ns = (record.makespan_ns - prefill_ns) * plan.decode_scale
-    duration = (record.end_ns - record.start_ns).astype(np.float64)
-    weight = np.where(is_prefill, 1.0, plan.decode_scale)
-    busy = np.bincount(stream, weights=duration * weight, minlength=len(order)) if n else np.zeros(len(order))
+    # Busy time inside the prefill window counts once, inside the sampled decode window `decode_scale` times (as
+    # the windows' wall times do), so a decode op that starts while prefill still runs never makes a stream busier
+    # than the run is long.
+    start, end = record.start_ns.astype(np.float64), record.end_ns.astype(np.float64)
+    in_prefill = np.clip(np.minimum(end, prefill_ns) - start, 0.0, None)
+    weighted = in_prefill + (end - start - in_prefill) * plan.decode_scale
+    busy = np.bincount(stream, weights=weighted, minlength=len(order)) if n else np.zeros(len(order))
     total_s = (prefill_ns + decode_ns) / 1e9
     busy_s = {str(s): float(busy[k]) / 1e9 for k, s in enumerate(order)}
     return {

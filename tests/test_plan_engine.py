@@ -187,6 +187,23 @@ def test_metrics_are_consistent(tiny_model, paper_system):
     assert r.peak_gpu_bytes == r.plan.static_bytes("gpu")
 
 
+def test_sampled_decode_never_makes_a_stream_busier_than_the_run(mixtral):
+    """With --decode-sample, decode ops that start while prefill still runs count once (inside prefill's wall
+    time); only busy time after prefill is scaled with the decode window. Unsampled, nothing changes."""
+    kw = dict(batch=24, prompt_len=32, gen_len=20, policy_options={"attention": "cpu", "decode_micro_batch": "4",
+                                                                  "prefill_tokens": "16"})
+    system = load_system("rtx6000ada-8452y")
+    sampled = simulate(mixtral, system, "stream-experts", decode_sample=4, keep_plan=True, **kw)
+    prefill_ns = round(sampled.prefill_s * 1e9)
+    overlapping = [i for i, op in enumerate(sampled.plan.ops)
+                   if op.phase is Phase.DECODE and sampled.record.start_ns[i] < prefill_ns]
+    assert overlapping  # the case: decode work inside the prefill window
+    assert max(sampled.busy_fraction.values()) <= 1.0
+    full = simulate(mixtral, system, "stream-experts", **kw)
+    assert max(full.busy_fraction.values()) <= 1.0
+    assert sampled.busy_fraction["h2d"] == pytest.approx(full.busy_fraction["h2d"], rel=0.02)
+
+
 def test_whole_batch_is_faster_per_token_than_tiny_micro_batches(mixtral, paper_system):
     whole = simulate(mixtral, paper_system, "stream-experts", batch=64, prompt_len=32, gen_len=8,
                      policy_options={"attention": "gpu"})
