@@ -6,7 +6,8 @@ import pytest
 
 from sim.cost import RooflineCostModel
 from sim.engine import max_min_rates, run_plan
-from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
+from sim.specs.overrides import apply_system_settings
 from sim.workload import Workload
 
 
@@ -125,6 +126,25 @@ def test_dma_and_cpu_attention_share_host_dram(tiny_model, paper_system):
     usages = [cost.usage(op) for op in plan.ops]
     dram_work = sum(u[1] * a for u, a in zip(usages, alone, strict=True))
     assert dram_work <= rec.makespan_ns * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("payload", [Payload.NONE, Payload.PAGEABLE_WEIGHTS])
+def test_a_copy_never_outruns_host_dram(tiny_model, paper_system, payload):
+    """A host link set faster than host DRAM (a what-if, e.g. a C2C-class link) moves data at the DRAM's rate:
+    pinned copies draw one DRAM pass per byte, pageable ones three (the bounce buffer)."""
+    fast = apply_system_settings(paper_system, {"link.h2d_bytes_per_s": "1000e9", "link.h2d_efficiency": "1.0",
+                                     "link.pageable_ratio": "1.0"})
+    plan, rec, cost = run(tiny_model, fast, lambda b: b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0,
+                                                            nbytes=10**10, payload=payload))
+    passes = 3 if payload is Payload.PAGEABLE_WEIGHTS else 1
+    seconds = rec.end_ns[0] * 1e-9
+    assert 10**10 * passes / seconds <= cost.cpu_bw * (1 + 1e-6)
+    assert 10**10 * passes / seconds >= cost.cpu_bw * 0.99  # DRAM, not the link, sets the pace
+    assert cost.usage(plan.ops[0])[1] == pytest.approx(1.0)
+    # at the preset's own link, slower than DRAM, nothing changes: the link sets the pace
+    plan, rec, cost = run(tiny_model, paper_system, lambda b: b.add(OpKind.COPY, Stream.H2D, Phase.DECODE, 1, 0,
+                                                                    nbytes=10**10))
+    assert cost.usage(plan.ops[0])[0] == 1.0 and cost.usage(plan.ops[0])[1] < 1.0
 
 
 def test_dma_alone_with_a_compute_bound_cpu_op_is_not_slowed(tiny_model, paper_system):

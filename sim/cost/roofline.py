@@ -80,6 +80,16 @@ class _Rates:
                 self.memory_bw = 0.0
 
 
+def _link_speed(r: _Rates, pageable: bool) -> tuple[float, float]:
+    """(bytes/s, host DRAM bytes drawn per byte moved) of a copy on link `r` running alone: the link's pinned
+    rate (one DRAM pass), or its pageable rate (a bounce buffer: three passes); a host link never moves data
+    faster than host DRAM can supply those passes (a peer link draws none)."""
+    rate, draw = (r.pageable_bw, 3.0) if pageable else (r.bw, 1.0)
+    if r.memory_bw:
+        rate = min(rate, r.memory_bw / draw)
+    return rate, draw
+
+
 class RooflineCostModel:
     """Prices ops from the system's topology (each stream's unit and its spec); look-ups are memoised on
     (kind, stream, flops, bytes, payload)."""
@@ -122,7 +132,7 @@ class RooflineCostModel:
 
     @property
     def h2d_bw(self) -> float:
-        return self._rates["h2d"].bw
+        return _link_speed(self._rates["h2d"], False)[0]
 
     def rates(self, stream: str) -> _Rates:
         r = self._rates.get(stream)
@@ -141,7 +151,7 @@ class RooflineCostModel:
             rate = r.vector_flops if kind in _CPU_VECTOR_KINDS else r.flops
             bw = r.attention_bw if kind is OpKind.ATTENTION else r.bw
             return flops / rate, nbytes / bw, r.overhead
-        return nbytes / r.bw, 0.0, r.overhead
+        return nbytes / _link_speed(r, False)[0], 0.0, r.overhead
 
     def seconds(self, kind: OpKind, stream: str, flops: int, nbytes: int,
                 payload: Payload = Payload.NONE) -> float:
@@ -150,7 +160,7 @@ class RooflineCostModel:
         if payload in PAGEABLE_PAYLOADS and kind is OpKind.COPY:
             r = self.rates(stream)
             if r.pageable_bw:
-                return nbytes / r.pageable_bw + r.overhead
+                return nbytes / _link_speed(r, True)[0] + r.overhead
         if payload is Payload.PAGEABLE_STAGING and kind is OpKind.COPY:
             return self.staging_seconds(nbytes)
         compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
@@ -202,13 +212,10 @@ class RooflineCostModel:
         hit = self._usage.get(key)
         if hit is None:
             r = self.rates(op.stream)
-            if r.kind is UnitKind.LINK:  # the link at full rate; a host DMA draws that rate from host DRAM
-                link_bw = dram_bytes_per_s = r.bw
-                if op.payload in PAGEABLE_PAYLOADS and r.pageable_bw:  # bounce buffer: 3 passes over DRAM
-                    link_bw = r.pageable_bw
-                    dram_bytes_per_s = 3 * link_bw
-                memory = min(1.0, dram_bytes_per_s / r.memory_bw) if r.memory_bw else 0.0
-                hit = (link_bw / r.bw, memory) if op.bytes else (0.0, 0.0)
+            if r.kind is UnitKind.LINK:  # the link at its rate; a host DMA draws host DRAM at that pace
+                speed, draw = _link_speed(r, op.payload in PAGEABLE_PAYLOADS and bool(r.pageable_bw))
+                memory = speed * draw / r.memory_bw if r.memory_bw else 0.0
+                hit = (speed / r.bw, memory) if op.bytes else (0.0, 0.0)
             elif op.payload is Payload.PAGEABLE_STAGING and op.kind is OpKind.COPY:  # one thread, DRAM at its pace
                 seconds = self.staging_seconds(op.bytes)
                 hit = (0.0, min(1.0, op.bytes / seconds / r.bw)) if op.bytes and seconds > 0 else (0.0, 0.0)
