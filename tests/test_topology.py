@@ -250,19 +250,28 @@ def _execute_tiny(system: str, policy: str, use_cuda: bool):
     return result
 
 
-def test_ndp_prefill_streams_through_two_buffers_shared_by_every_micro_batch(tiny_model):
-    """Each layer fetch reuses the buffer of the fetch before last, across micro-batches too: at most two layers'
-    experts are on the GPU at once, as `expert_buffers` reserves."""
+def test_ndp_prefill_fetches_each_layer_once_for_every_micro_batch(tiny_model):
+    """Prefill on the GPU runs layer by layer over its micro-batches: each MoE layer's experts cross PCIe once,
+    every micro-batch's experts of that layer read them, and each fetch reuses the buffer of the fetch before
+    last once every expert op that reads it has run (at most two layers' experts on the GPU, as
+    `expert_buffers` reserves). Splitting the prompt into micro-batches moves no more bytes."""
     from sim.plan import Payload
 
-    r = simulate(tiny_model, load_system(NDP_SYSTEM), "ndp-experts", batch=8, prompt_len=16, gen_len=2,
-                 policy_options={"prefill_tokens": "32"}, keep_plan=True)
+    system = load_system(NDP_SYSTEM)
+    kw = dict(batch=8, prompt_len=16, gen_len=2, keep_plan=True)
+    r = simulate(tiny_model, system, "ndp-experts", policy_options={"prefill_tokens": "32"}, **kw)
     ops = r.plan.ops
+    assert len(r.plan.micro_batches["prefill"]) == 4
     fetches = [op for op in ops if op.payload is Payload.EXPERT_WEIGHTS]
-    assert len({op.micro_batch for op in fetches}) > 1
-    consumer = {f.id: next(op.id for op in ops if op.kind is OpKind.EXPERT and f.id in op.deps) for f in fetches}
-    for k in range(2, len(fetches)):  # waits for the experts that read the buffer it overwrites
-        assert max(fetches[k].deps) >= consumer[fetches[k - 2].id]
+    assert [op.layer for op in fetches] == list(range(tiny_model.num_layers))
+    readers = {f.id: [op.id for op in ops if op.kind is OpKind.EXPERT and f.id in op.deps] for f in fetches}
+    for f in fetches:
+        assert {ops[i].micro_batch for i in readers[f.id]} == {0, 1, 2, 3}
+    for k in range(2, len(fetches)):  # waits for every expert op that read the buffer it overwrites
+        assert set(readers[fetches[k - 2].id]) <= set(fetches[k].deps)
+    whole = simulate(tiny_model, system, "ndp-experts", **kw)
+    assert r.busy_s["h2d"] == pytest.approx(whole.busy_s["h2d"], rel=1e-6)
+    assert r.plan.static_memory["gpu"]["hidden_states"] > 0 == whole.plan.static_memory["gpu"]["hidden_states"]
 
 
 def test_every_stream_of_a_topology_gets_a_readable_track():

@@ -241,23 +241,37 @@ class LayerEmitter:
         """Every slice through every layer, micro-batch by micro-batch, with embedding, attention, O-projection,
         router, shared expert and dense FFNs on the GPU; `routed(s, at, counts, router, shared)` emits an MoE
         layer's routed experts wherever the policy places them and returns what the next layer waits for."""
-        m, ctx = self.m, self.ctx
         for s in slices:
             last: Deps = self.embed(s.phase, s.step, s.mb, s.tokens)
-            for layer in range(m.num_layers):
-                front = self.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read,
-                                             GPU, False, last)
-                counts = s.layer_counts(ctx, layer)
-                if counts is None:
-                    last = self.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
-                    continue
-                at = At(s.phase, s.step, layer, s.mb)
-                o_proj = self.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
-                router = shared = self.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
-                if m.shared_expert_intermediate_size:
-                    shared = self.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
-                last = routed(s, at, counts, router, shared)
+            for layer in range(self.m.num_layers):
+                last = self._layer(s, layer, last, routed)
             self.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
+
+    def layer_by_layer(self, slices: list[BatchSlice], routed: RoutedExperts,
+                       layer_start: Callable[[int], None]) -> None:
+        """`through_layers`, layer-major: every slice through layer 0, then every slice through layer 1, ...
+        (FlexGen's zig-zag), with `layer_start(layer)` called before a layer's first op (a policy emits there what
+        the layer's micro-batches share, such as its experts' fetch)."""
+        lasts: list[Deps] = [self.embed(s.phase, s.step, s.mb, s.tokens) for s in slices]
+        for layer in range(self.m.num_layers):
+            layer_start(layer)
+            lasts = [self._layer(s, layer, last, routed) for s, last in zip(slices, lasts, strict=True)]
+        for s, last in zip(slices, lasts, strict=True):
+            self.lm_head(s.phase, s.step, s.mb, int(s.requests.size), last)
+
+    def _layer(self, s: BatchSlice, layer: int, last: Deps, routed: RoutedExperts) -> Deps:
+        """Slice `s` through one layer after `last`; returns what the next layer waits for."""
+        front = self.attention_front(s.phase, s.step, layer, s.mb, s.tokens, s.kv_attended, s.kv_read, GPU, False,
+                                     last)
+        counts = s.layer_counts(self.ctx, layer)
+        if counts is None:
+            return self.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
+        at = At(s.phase, s.step, layer, s.mb)
+        o_proj = self.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
+        router = shared = self.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
+        if self.m.shared_expert_intermediate_size:
+            shared = self.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
+        return routed(s, at, counts, router, shared)
 
 
 class BatchSlice:

@@ -4,11 +4,11 @@ Needs a system with an `ndp` tier (e.g. `a100-80g-8452y-ndp8`). Non-expert weigh
 VRAM and attention, the router and any shared expert run on the GPU (as Hermes-base does for the layers whose
 weights are on the GPU). Every routed expert's weights live on the NDP DIMMs (part of host DRAM). Prefill's
 compute-heavy experts run on the GPU by default, each layer's experts streamed over PCIe into a double buffer
-(Hermes runs prompting on the GPU); in decode the weights never cross PCIe: per layer and micro-batch, after the
-router, the hidden states of the routed tokens go down
-(GPU -> host memory, where the DIMMs read them), the tier runs each expert with tokens (bandwidth-bound at the
-DIMMs' rank-parallel rate, not the host channels'), and the results come back up before the next layer. Copy
-sizes count routed assignments. This is the cold tier of TriMoE's hot/warm/cold split with no hot or warm
+once and run by every prefill micro-batch, layer by layer (Hermes runs prompting on the GPU); in decode the
+weights never cross PCIe: per layer and micro-batch, after the router, the hidden states of the routed tokens
+go down (GPU -> host memory, where the DIMMs read them), the tier runs each expert with tokens (bandwidth-bound
+at the DIMMs' rank-parallel rate, not the host channels'), and the results come back up before the next layer.
+Copy sizes count routed assignments. This is the cold tier of TriMoE's hot/warm/cold split with no hot or warm
 experts; it exists to exercise the NDP unit of the topology (`sim/topology.py`).
 """
 
@@ -30,6 +30,7 @@ from sim.policies.layers import (
     activation_workspace_bytes,
     all_slices,
     group_requests,
+    prefill_slices,
 )
 
 
@@ -77,30 +78,45 @@ class NdpExpertsPolicy(Policy):
             "gpu": {"weights": m.non_expert_bytes,
                     "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                     "workspace": activation_workspace_bytes(ctx, max_tokens), "returned_states": states,
-                    "expert_buffers": 2 * layer_experts if o.prefill == "gpu" else 0},
+                    "expert_buffers": 2 * layer_experts if o.prefill == "gpu" else 0,
+                    # layer-major prefill holds every prompt token's residual stream between layers
+                    "hidden_states": wl.prompt_tokens * m.hidden_size * m.bytes_per_param
+                    if o.prefill == "gpu" and len(prefill_groups) > 1 else 0},
             "cpu": {"expert_weights": expert_weights, "ndp_buffers": 2 * states},
         }
         require_fits("GPU", system.gpu.name, self.name, static["gpu"], system.gpu_usable_bytes)
         require_fits("DRAM", system.name, self.name, static["cpu"], system.dram_usable_bytes)
         b = ctx.builder()
         em = LayerEmitter(ctx, b)
-        slices = all_slices(ctx, prefill_groups, decode_groups)
         token_bytes = m.hidden_size * m.bytes_per_param
-        buffer_done: list[int] = []  # per layer fetch, in order: the expert op after which its buffer is free
+        fetches: list[int] = []  # per MoE layer, in order: its experts' fetch into one of the two buffers
+        users: list[list[int]] = []  # per fetch, the expert ops that read its buffer
+
+        def fetch_layer(layer: int) -> None:
+            """Prefill on the GPU: the layer's experts cross PCIe once, into the buffer the layer before last used,
+            and every prefill micro-batch runs on them."""
+            if not m.is_moe_layer(layer):
+                return
+            free = tuple(users[-2]) if len(users) >= 2 else ()
+            fetches.append(em.xfer(H2D, At(Phase.PREFILL, 0, layer, -1), layer_experts, Payload.EXPERT_WEIGHTS,
+                                   free))
+            users.append([fetches[-1]])
 
         def routed(s, at: At, counts, router: int, shared: int) -> Deps:
             experts = [int(e) for e in counts.nonzero()[0]]
-            if o.prefill == "gpu" and s.phase is Phase.PREFILL:  # two buffers shared by every micro-batch's fetches:
-                free = buffer_done[-2] if len(buffer_done) >= 2 else -1  # the fetch before last is done with its
-                fetch = em.xfer(H2D, at, layer_experts, Payload.EXPERT_WEIGHTS, (free,))
-                ran = em.experts(GPU, at, counts, experts, (router, fetch))
-                buffer_done.append(max(ran, fetch))
+            if o.prefill == "gpu" and s.phase is Phase.PREFILL:
+                ran = em.experts(GPU, at, counts, experts, (router, fetches[-1]))
+                users[-1].append(ran)
                 return ran, shared
             tokens = int(counts.sum())
             down = em.xfer(D2H, at, tokens * token_bytes, Payload.ACTIVATIONS, (router,), tokens)
             ran = em.experts(NDP, at, counts, experts, (down,))
             return em.xfer(H2D, at, tokens * token_bytes, Payload.ACTIVATIONS, (ran,), tokens), shared
 
-        em.through_layers(slices, routed)
+        if o.prefill == "gpu":
+            em.layer_by_layer(prefill_slices(ctx, prefill_groups), routed, fetch_layer)
+            em.through_layers(all_slices(ctx, [], decode_groups), routed)
+        else:
+            em.through_layers(all_slices(ctx, prefill_groups, decode_groups), routed)
         return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
