@@ -220,6 +220,10 @@ class Plan:
     # Decode steps in the workload per decode step in `ops` (> 1 when only a sample of steps was planned).
     decode_scale: float = 1.0
     scopes: list[Scope] = field(default_factory=list)  # explicit scopes ops point at (Op.scope)
+    # How the runtime launches the GPU's routed experts (EXPERT_KERNELS): `per_expert`, a kernel call per expert
+    # (a Python loop over experts, as Hugging Face's MoE block runs), or `fused`, one fused MoE call per layer and
+    # micro-batch whose kernels run back to back behind the router's (vLLM's fused_moe and its ports).
+    expert_kernels: str = "per_expert"
 
     def scope_of(self, op: Op) -> tuple[np.ndarray, int, int]:
         """(requests, shard, shards) of an op, the one definition both engines use: its explicit scope, else its
@@ -268,6 +272,9 @@ class Plan:
             raise SimInputError(str(exc)) from None
         if not (math.isfinite(self.decode_scale) and self.decode_scale >= 1.0):
             raise SimInputError(f"plan decode_scale must be a finite number >= 1, got {self.decode_scale!r}")
+        if self.expert_kernels not in EXPERT_KERNELS:
+            raise SimInputError(f"plan expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got "
+                                f"{self.expert_kernels!r}")
         max_step = int(self.workload.gen_lens.max()) - 1
         topo = topology_of(self.system)
         pools, streams = set(topo.pools), topo.streams
@@ -413,6 +420,7 @@ class _ScopeBounds:
                    (batch * prompt * (prompt + 1) // 2, batch * context), (groups[0], groups[1]))
 
 
+EXPERT_KERNELS = ("per_expert", "fused")  # Plan.expert_kernels
 ESTIMATE_MARGIN = 1.25  # a plan is refused early only when its estimate exceeds the op limit by this factor
 MAX_SHARDS = 4096  # parts one scope's expert tokens may be split into
 MAX_OP_WORK = 1 << 50  # flops or bytes of one op (a petabyte at most: nanosecond clocks stay in int64)

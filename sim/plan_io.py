@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.errors import SimInputError
-from sim.plan import Op, OpKind, Payload, Phase, Plan, Scope, Stream
+from sim.plan import EXPERT_KERNELS, Op, OpKind, Payload, Phase, Plan, Scope, Stream
 from sim.specs import SystemSpec
 from sim.specs.catalog import build_system
 from sim.specs.model import ModelSpec
@@ -61,6 +61,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
         "model": dataclasses.asdict(plan.model), "system": dataclasses.asdict(plan.system),
         "prompt_lens": plan.workload.prompt_lens.tolist(), "gen_lens": plan.workload.gen_lens.tolist(),
         "static_memory": plan.static_memory, "decode_scale": plan.decode_scale,
+        "expert_kernels": plan.expert_kernels,
         "micro_batches": {k: [g.tolist() for g in v] for k, v in plan.micro_batches.items()},
         "scopes": [{"phase": str(sc.phase), "step": int(sc.step), "requests": np.asarray(sc.requests).tolist(),
                     "shard": int(sc.shard), "shards": int(sc.shards)} for sc in plan.scopes],
@@ -188,8 +189,11 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
     scale = meta.get("decode_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise SimInputError(f"metadata decode_scale must be a number, got {scale!r}")
+    kernels = meta.get("expert_kernels", "per_expert")  # files before the field: a kernel call per expert
+    if kernels not in EXPERT_KERNELS:
+        raise SimInputError(f"metadata expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {kernels!r}")
     return Plan(meta["policy"], meta["knobs"], model, system, workload, ops, meta["static_memory"], micro,
-                decode_scale=float(scale), scopes=_scopes(meta.get("scopes", [])))
+                decode_scale=float(scale), scopes=_scopes(meta.get("scopes", [])), expert_kernels=kernels)
 
 
 def _members(d: dict[str, list[Any]], rows: int) -> list[tuple[tuple[int, int, int, int], ...]]:

@@ -56,6 +56,17 @@ def test_deepseek_v2_lite_structure():
     assert abs(m.expert_bytes / 1e6 - 17.3) < 0.1  # models.md: 17.3 MB per expert
 
 
+def test_mla_attention_flops_follow_the_phase():
+    """DeepSeek's MLA: prefill as multi-head attention over decompressed K and V (2 (nope + rope) + 2 v per head and
+    key), decode absorbed over the latent (2 (latent + rope) + 2 latent); other attention is the same in both."""
+    m = load_model("deepseek-v2-lite")
+    heads = m.num_attention_heads
+    assert m.attention_flops(1, 1, prefill=True) == heads * (2 * (128 + 64) + 2 * 128)
+    assert m.attention_flops(1, 1) == heads * (2 * (512 + 64) + 2 * 512)
+    mixtral = load_model("mixtral-8x7b")
+    assert mixtral.attention_flops(3, 10, prefill=True) == mixtral.attention_flops(3, 10)
+
+
 def test_paper_systems_compose_the_right_parts():
     for name, gpu, link in (("rtx6000ada-8452y", "rtx6000ada", "pcie4x16"), ("a100-80g-8452y", "a100-80g-pcie",
                             "pcie4x16"), ("h100-80g-8452y", "h100-pcie", "pcie5x16")):

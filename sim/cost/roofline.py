@@ -102,6 +102,8 @@ class RooflineCostModel:
         self._time: dict[tuple, int] = {}
         self._usage: dict[tuple, tuple[float, float]] = {}
         self.int8_experts = False
+        self.fused_experts = False  # routed experts on a GPU pay no kernel call of their own (Plan.expert_kernels)
+        self._kernels, self._many_experts = "per_expert", True
 
     def use_model(self, model: ModelSpec) -> None:
         """Price routed experts at the model's expert precision: INT8 experts (W8A8) compute at each unit's INT8
@@ -112,10 +114,25 @@ class RooflineCostModel:
             self.int8_experts = int8
             self._time.clear()
             self._usage.clear()
+        self._many_experts = model.num_experts > 1
+        self.use_expert_kernels(self._kernels)
+
+    def use_expert_kernels(self, style: str) -> None:
+        """Price the GPU's routed experts as the runtime launches them: `per_expert` (each expert op pays the GPU's
+        per-kernel cost, a kernel call per expert) or `fused` (none: one fused MoE call per layer and micro-batch,
+        whose few kernels queue back to back behind the router's call, which pays its own). A dense model's FFN (a
+        one-expert MoE here) is its own kernels whatever the style."""
+        self._kernels = style
+        fused = style == "fused" and self._many_experts
+        if fused != self.fused_experts:
+            self.fused_experts = fused
+            self._time.clear()
+            self._usage.clear()
 
     def prepare(self, plan: Plan) -> None:
         """Called by the engine before it prices `plan`'s ops."""
         self.use_model(plan.model)
+        self.use_expert_kernels(plan.expert_kernels)
 
     # The first GPU's, the CPU's and the first host link's rates, for analytic models of one-GPU machines.
     @property
@@ -143,10 +160,13 @@ class RooflineCostModel:
     def roofs(self, kind: OpKind, stream: str, flops: int, nbytes: int) -> tuple[float, float, float]:
         """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone."""
         r = self.rates(stream)
+        fixed = r.overhead
+        if kind is OpKind.EXPERT and self.fused_experts and r.kind is UnitKind.GPU:
+            fixed = 0.0  # inside the layer's fused MoE call
         if kind is OpKind.EXPERT and self.int8_experts and r.int8_flops:  # a routed expert, INT8 weights
-            return flops / r.int8_flops, nbytes / r.bw, r.overhead
+            return flops / r.int8_flops, nbytes / r.bw, fixed
         if r.kind is UnitKind.GPU or r.kind is UnitKind.NDP:
-            return flops / r.flops, nbytes / r.bw, r.overhead
+            return flops / r.flops, nbytes / r.bw, fixed
         if r.kind is UnitKind.CPU:
             rate = r.vector_flops if kind in _CPU_VECTOR_KINDS else r.flops
             bw = r.attention_bw if kind is OpKind.ATTENTION else r.bw

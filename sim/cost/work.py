@@ -36,10 +36,12 @@ class OpWork:
     def qkv(self, tokens: int) -> Work:
         return self._gemm(self.m.qkv_params, tokens, self.m.hidden_size, self.m.qkv_out_width)
 
-    def attention(self, q_tokens: int, kv_attended: int, kv_read: int) -> Work:
-        """`kv_attended`: keys summed over queries (FLOPs); `kv_read`: cache entries streamed from memory."""
+    def attention(self, q_tokens: int, kv_attended: int, kv_read: int, prefill: bool = False) -> Work:
+        """`kv_attended`: keys summed over queries (FLOPs); `kv_read`: cache entries streamed from memory;
+        `prefill`: a prompt's attention (MLA's form differs by phase: `ModelSpec.attention_flops`)."""
         act = q_tokens * (self.m.qkv_out_width + self.m.attn_out_width) * self.bpp
-        return Work(self.m.attention_flops(q_tokens, kv_attended), kv_read * self.m.kv_bytes_per_token_layer + act)
+        return Work(self.m.attention_flops(q_tokens, kv_attended, prefill),
+                    kv_read * self.m.kv_bytes_per_token_layer + act)
 
     def o_proj(self, tokens: int) -> Work:
         return self._gemm(self.m.o_proj_params, tokens, self.m.attn_out_width, self.m.hidden_size)

@@ -28,9 +28,10 @@ class Candidate:
 class Analytic:
     """Seconds of ops and copies on this system, from the same roofline as the simulator's default costs."""
 
-    def __init__(self, ctx: PlanContext):
+    def __init__(self, ctx: PlanContext, expert_kernels: str = "per_expert"):
         self.cm = RooflineCostModel(ctx.system)
         self.cm.use_model(ctx.model)
+        self.cm.use_expert_kernels(expert_kernels)  # the policy's runtime (Policy.expert_kernels)
 
     def t(self, kind: OpKind, stream: Stream, work: Work) -> float:
         return self.cm.seconds(kind, stream, work.flops, work.bytes)

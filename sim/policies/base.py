@@ -147,6 +147,9 @@ class Policy:
     # each on a tiny model; `example_system`: a preset of the machine shape it needs (None: any one-GPU system).
     example_options: ClassVar[tuple[dict[str, str], ...]] = ({},)
     example_system: ClassVar[str | None] = None
+    # How its runtime launches the GPU's routed experts, recorded on every plan (`Plan.expert_kernels`): a
+    # kernel call per expert (a Python loop over experts) or one fused MoE call per layer and micro-batch.
+    expert_kernels: ClassVar[str] = "per_expert"
 
     def __init__(self, options: Any):
         self.options = options

@@ -449,7 +449,7 @@ class LayoutEmitter(LayerEmitter):
 
 
 def compose_plan(ctx: PlanContext, policy: str, knobs: dict, schedule: Schedule, prefill: Layout, decode: Layout,
-                 static: dict[str, dict[str, int]], kv_on_gpu: bool) -> Plan:
+                 static: dict[str, dict[str, int]], kv_on_gpu: bool, expert_kernels: str = "per_expert") -> Plan:
     """The plan of a schedule and one layout per phase: prefill, then every decode step the context plans."""
     emit = LayoutEmitter(ctx, ctx.builder(), kv_on_gpu=kv_on_gpu, expert_batch=schedule.expert_batch,
                          prefill_expert_batch=schedule.prefill_expert_batch)
@@ -459,4 +459,4 @@ def compose_plan(ctx: PlanContext, policy: str, knobs: dict, schedule: Schedule,
         if slices:
             emit.step(slices, Phase.DECODE, step, decode)
     return Plan(policy, knobs, ctx.model, ctx.system, ctx.workload, emit.b.ops, static, schedule.groups(),
-                decode_scale=ctx.decode_scale, scopes=emit.scopes)
+                decode_scale=ctx.decode_scale, scopes=emit.scopes, expert_kernels=expert_kernels)

@@ -31,7 +31,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from sim.errors import NoFeasibleConfig, SimInputError
-from sim.plan import OpKind, Phase, Plan
+from sim.plan import EXPERT_KERNELS, OpKind, Phase, Plan
 from sim.policies import compose
 from sim.policies.analytic import Analytic, Candidate, SearchSpace, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy
@@ -74,7 +74,10 @@ class CoxMoeOptions(OptionsBase):
     KV cache (cpu: in host memory, each micro-batch's entries copied into one of `compose.KV_STREAM_BUFFERS` GPU
     buffers before its attention and the new entries written back, as MoE-Gen's GPU attention mode runs; CPU
     attention always reads host memory; with attention_split, every request's cache in host memory, read there or
-    streamed: MoE-Gen's hybrid mode); rescore: candidates the simulation re-scores."""
+    streamed: MoE-Gen's hybrid mode); expert_kernels: fused | per_expert, how the runtime launches the GPU's routed
+    experts (`Plan.expert_kernels`: one fused MoE call per layer and micro-batch, or a kernel call per expert; the
+    paper does not say: fused, as its baselines MoE-Lightning and the FlexGen port run them); rescore: candidates
+    the simulation re-scores."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -92,6 +95,7 @@ class CoxMoeOptions(OptionsBase):
     attention_split: float = 0.0
     attention_split_unit: str = "micro_batch"
     kv_cache: str = "gpu"
+    expert_kernels: str = "fused"
     rescore: int = 3
 
     def __post_init__(self) -> None:
@@ -104,6 +108,7 @@ class CoxMoeOptions(OptionsBase):
         self.choice("split_tokens", ("on", "off"))
         self.choice("kv_cache", ("gpu", "cpu"))
         self.choice("attention_split_unit", ("micro_batch", "requests"))
+        self.choice("expert_kernels", EXPERT_KERNELS)
         if self.kv_cache == "cpu" and (self.attention == "cpu" or self.decode_placement not in ("auto",)
                                        and self.decode_placement[1] == "c"):
             raise SimInputError(f"policy {self.policy_name}: kv_cache=cpu streams the cache to decode attention on "
@@ -195,7 +200,7 @@ class _Model:
     def __init__(self, ctx: PlanContext, opts: CoxMoeOptions):
         self.ctx, self.opts = ctx, opts
         m, wl = ctx.model, ctx.workload
-        self.m, self.wl, self.w, self.a = m, wl, ctx.work, Analytic(ctx)
+        self.m, self.wl, self.w, self.a = m, wl, ctx.work, Analytic(ctx, opts.expert_kernels)
         self.prefill_counts, self.decode_counts = expected_counts(ctx)
         load = self.prefill_counts + self.decode_counts * max(wl.max_gen_len - 1, 1)
         if opts.hot_map:
@@ -300,7 +305,8 @@ class _Model:
             tokens = mu
             kv_att = kv_read = int(mu * self.kv_mean)
         x0, x1, x2 = (DEVICE_STREAM[c] for c in placement)
-        t = a.t(OpKind.QKV, x0, w.qkv(tokens)) + a.t(OpKind.ATTENTION, x1, w.attention(tokens, kv_att, kv_read))
+        t = a.t(OpKind.QKV, x0, w.qkv(tokens)) + a.t(OpKind.ATTENTION, x1,
+                                                       w.attention(tokens, kv_att, kv_read, phase is Phase.PREFILL))
         t += a.t(OpKind.O_PROJ, x2, w.o_proj(tokens)) + a.t(OpKind.ROUTER, x2, w.router(tokens))
         if x0 is CPU:
             t += a.copy(D2H, w.hidden_bytes(tokens))
@@ -466,6 +472,10 @@ class CoxMoePolicy(Policy):
     color = "#c0392b"
     summary = "CoX-MoE: OP0-OP2 placed per phase in micro-batches, coalesced experts split E_R/E_M/E_C (AMX)"
     Options = CoxMoeOptions
+
+    @property
+    def expert_kernels(self) -> str:  # type: ignore[override]  # an option of this family (CoxMoeOptions)
+        return self.options.expert_kernels
     Model: ClassVar[type] = _Model  # the analytic model the search ranks with (a variant swaps its OP3 rule)
     example_options = ({}, {"coalesce": "off", "decode_micro_batch": "4", "prefill_micro_batch": "3"},
                        {"prefill_placement": "ccg", "decode_placement": "gcc", "resident_experts": "2",
@@ -608,7 +618,7 @@ class CoxMoePolicy(Policy):
                  **({"ndp_experts_per_layer": {str(p): [len(x) for x in lay.on_ndp] for p, lay in layouts.items()}}
                     if any(lay.on_ndp for lay in layouts.values()) else {})}
         return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu}, schedule.groups(),
-                    decode_scale=ctx.decode_scale, scopes=emit.scopes)
+                    decode_scale=ctx.decode_scale, scopes=emit.scopes, expert_kernels=self.expert_kernels)
 
 
 class _Restratifier:

@@ -53,6 +53,8 @@ class ExpertParallelPolicy(Policy):
     color = "#16a085"
     summary = "multi-GPU: everything in VRAM, experts split across the GPUs, tokens sent over peer links"
     Options = ExpertParallelOptions
+    # expert-parallel serving runs fused MoE calls per GPU (vLLM fused_moe)
+    expert_kernels = "fused"
     example_options = ({}, {"decode_micro_batch": "3", "prefill_tokens": "20"})
     example_system = "2x-h100-sxm-nvlink-8480"
     compared = False  # needs a system with two or more GPUs
@@ -111,7 +113,8 @@ class ExpertParallelPolicy(Policy):
 
         em.through_layers(slices, routed)
         return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
+                    expert_kernels=self.expert_kernels)
 
     @staticmethod
     def _send(em: LayerEmitter, topo, at: At, src: str, dst: str, tokens: int, nbytes: int, dep: int) -> int:

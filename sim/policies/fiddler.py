@@ -72,6 +72,8 @@ class FiddlerPolicy(Policy):
     color = "#27ae60"
     summary = "Fiddler/kTransformers: popular experts in VRAM, the rest per expert and step on the CPU or fetched"
     Options = FiddlerOptions
+    # a Python loop over the experts (efeslab/fiddler src/fiddler/mixtral.py)
+    expert_kernels = "per_expert"
     example_options = ({}, {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"})
 
     def build(self, ctx: PlanContext) -> Plan:
@@ -119,7 +121,8 @@ class FiddlerPolicy(Policy):
                  "attention": attention,
                  "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}
         return Plan(self.name, knobs, m, sysm, wl, emit.b.ops, {"gpu": gpu, "cpu": cpu},
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
+                    expert_kernels=self.expert_kernels)
 
 
 def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, prefill: np.ndarray,

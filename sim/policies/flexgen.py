@@ -298,7 +298,7 @@ def _kv_held(lay: _Layout, fp16_bytes: float) -> int:
 def flexgen_cost(ctx: PlanContext, lay: _Layout) -> dict[str, float]:
     """FlexGen's cost model for one option set: per-layer prefill and decode terms and the total (seconds)."""
     m, wl, w = ctx.model, ctx.workload, ctx.work
-    a = Analytic(ctx)
+    a = Analytic(ctx, FlexGenPolicy.expert_kernels)
     gbs, ngb, s = lay.gbs, lay.ngb, lay.prompt
     n = wl.max_gen_len
     cg, hg = lay.cg, lay.hg
@@ -370,8 +370,8 @@ def prefill_attention_work(ctx: PlanContext, lay: _Layout, requests: int) -> Wor
     s = lay.prompt
     tokens = requests * s
     if not lay.eager_attention:
-        return ctx.work.attention(tokens, requests * s * (s + 1) // 2, tokens)
-    base = ctx.work.attention(tokens, requests * s * s, tokens)
+        return ctx.work.attention(tokens, requests * s * (s + 1) // 2, tokens, prefill=True)
+    base = ctx.work.attention(tokens, requests * s * s, tokens, prefill=True)
     scores = requests * ctx.model.num_attention_heads * s * s
     return Work(base.flops, base.bytes + EAGER_SCORE_BYTES * scores)
 
@@ -427,6 +427,9 @@ class FlexGenPolicy(Policy):
     color = "#7f8c8d"
     summary = "FlexGen: zig-zag block schedule, percentage placement, all experts loaded per layer, LP search"
     Options = FlexGenOptions
+    # the Mixtral port's block_sparse_moe calls a copy of vLLM's fused_moe (lynnliu030/FlexGen
+    # flexgen/moe_pytorch_backend.py)
+    expert_kernels = "fused"
     example_options = ({}, {"gpu_batch_size": "4", "weights_gpu_percent": "30", "cpu_attention": "off",
                             "act_gpu_percent": "0", "kv_gpu_percent": "50"},
                        {"gpu_batch_size": "3", "weights_gpu_percent": "0", "cpu_attention": "on",
@@ -512,7 +515,8 @@ class FlexGenPolicy(Policy):
         knobs = {**asdict(o), "num_gpu_batches": lay.ngb}
         static = {"gpu": lay.gpu, "cpu": lay.cpu, **({"disk": lay.disk} if lay.disk else {})}
         return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
-                    {"prefill": groups, "decode": groups}, decode_scale=ctx.decode_scale)
+                    {"prefill": groups, "decode": groups}, decode_scale=ctx.decode_scale,
+                    expert_kernels=self.expert_kernels)
 
 
 def _padded_prefill(ctx: PlanContext, groups: list[np.ndarray], prompt: int) -> list[BatchSlice]:

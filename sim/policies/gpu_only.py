@@ -24,6 +24,9 @@ class GpuOnlyPolicy(Policy):
     color = "#8e44ad"
     summary = "all weights and KV in VRAM, every op on the GPU (fails when the model does not fit)"
     Options = GpuOnlyOptions
+    # GPU-resident serving runs a fused MoE call per layer (vLLM fused_moe.py: align, two fused GEMMs, activation,
+    # sum)
+    expert_kernels = "fused"
     example_options = ({}, {"decode_micro_batch": "3", "prefill_tokens": "20"})
 
     def build(self, ctx: PlanContext) -> Plan:
@@ -39,4 +42,5 @@ class GpuOnlyPolicy(Policy):
         }
         require_fits("GPU", ctx.system.gpu.name, self.name, static["gpu"], ctx.system.gpu_usable_bytes)
         layout = Layout("ggg", all_experts(m), no_experts(m), no_experts(m))  # all resident: nothing crosses PCIe
-        return compose_plan(ctx, self.name, self.knobs(), schedule, layout, layout, static, kv_on_gpu=True)
+        return compose_plan(ctx, self.name, self.knobs(), schedule, layout, layout, static, kv_on_gpu=True,
+                            expert_kernels=self.expert_kernels)

@@ -129,7 +129,8 @@ class LayerEmitter:
 
     def attention(self, stream: Stream, at: At, s: BatchSlice, deps: tuple[int, ...]) -> int:
         return self._op(OpKind.ATTENTION, stream, at.phase, at.step, at.layer, at.mb, s.tokens,
-                        self.w.attention(s.tokens, s.kv_attended, s.kv_read), deps, kv_tokens=s.kv_read)
+                        self.w.attention(s.tokens, s.kv_attended, s.kv_read, at.phase is Phase.PREFILL), deps,
+                        kv_tokens=s.kv_read)
 
     def xfer(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
              tokens: int = 0) -> int:
@@ -198,7 +199,7 @@ class LayerEmitter:
                         kv_read: int, attention_on: Stream, kv_on_cpu: bool, dep: Deps) -> int:
         """OP0 on the GPU, then OP1; returns the op after which the attention output is on the GPU."""
         qkv = self._op(OpKind.QKV, GPU, phase, step, layer, mb, tokens, self.w.qkv(tokens), as_deps(dep))
-        attn_work = self.w.attention(tokens, kv_attended, kv_read)
+        attn_work = self.w.attention(tokens, kv_attended, kv_read, phase is Phase.PREFILL)
         if attention_on is CPU:
             down = self.copy(D2H, phase, step, layer, mb, self.w.qkv_out_bytes(tokens), Payload.ACTIVATIONS,
                              (qkv,), tokens)

@@ -49,7 +49,8 @@ class MoEGenOptions(CoxMoeOptions):
     attn_mode 2; -1 = the search tries 0.25, 0.5 and 0.75), coalesce (on: every expert once per step over the whole
     batch in both phases, as the paper describes; decode: so in decode, while prefill runs OP3 per micro-batch, as
     the release runs its prefill model over MoE micro-batches), prefill_micro_batch / decode_micro_batch
-    (attention's batch; -1 = search), resident_experts (-1 = as many as spare VRAM holds), rescore."""
+    (attention's batch; -1 = search), resident_experts (-1 = as many as spare VRAM holds), expert_kernels (default
+    per_expert: the release runs Hugging Face's loop over experts), rescore."""
 
     policy_name = "moe-gen"
     prefill_placement: str = "ggg"
@@ -57,6 +58,9 @@ class MoEGenOptions(CoxMoeOptions):
     split: str = "gpu"
     attn_mode: int = -1
     split_ratio_w: float = -1.0
+    # Hugging Face's loop over experts, each wrapped with a stream sync (EfficientMoE/MoE-Gen
+    # moe_gen/models/Wrapper.py @2561b09)
+    expert_kernels: str = "per_expert"
 
     def __post_init__(self) -> None:
         if self.attn_mode not in (-1, 0, 1, 2):

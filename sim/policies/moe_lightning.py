@@ -115,6 +115,9 @@ class MoELightningPolicy(Policy):
     color = "#2e86c1"
     summary = "MoE-Lightning: CGOPipe (GPU pre/post-attention, CPU attention, paged expert weights), HRM search"
     Options = MoELightningOptions
+    # stacked_fused_moe, one Triton call per projection over its expert pool (caoshiyi/artifacts
+    # fastmoe/layers/stacked_fused_moe.py)
+    expert_kernels = "fused"
     example_options = ({}, {"micro_batch": "3", "wg": "0.25", "prefill_tokens": "16"}, {"micro_batch": "0", "wg": "0"})
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
@@ -127,7 +130,7 @@ class MoELightningPolicy(Policy):
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: MoELightningOptions = self.options
         m, wl = ctx.model, ctx.workload
-        a = Analytic(ctx)
+        a = Analytic(ctx, self.expert_kernels)
         batch = wl.batch
         if o.num_micro_batches:
             o = replace(o, micro_batch=published_split(self.name, "micro_batch", "num_micro_batches",
@@ -207,7 +210,8 @@ class MoELightningPolicy(Policy):
         emit.decode([(t, s) for t, s in steps if s])
         knobs = {**asdict(o), "n_ub": len(decode_groups), "resident_experts": o.resident(m.num_experts)}
         return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
+                    expert_kernels=self.expert_kernels)
 
 
 class _CGOPipe(LayerEmitter):

@@ -55,6 +55,8 @@ class NdpExpertsPolicy(Policy):
     color = "#1abc9c"
     summary = "near-memory DIMMs: routed experts computed on the DIMMs that hold them, the rest on the GPU"
     Options = NdpExpertsOptions
+    # GPU prefill experts in a fused MoE call (assumed, as stream-experts)
+    expert_kernels = "fused"
     example_options = ({}, {"decode_micro_batch": "4", "prefill_tokens": "16"}, {"prefill": "ndp"})
     example_system = "a100-80g-8452y-ndp8"
     compared = False  # needs a system with an NDP tier
@@ -119,4 +121,5 @@ class NdpExpertsPolicy(Policy):
         else:
             em.through_layers(all_slices(ctx, prefill_groups, decode_groups), routed)
         return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
-                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale)
+                    {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
+                    expert_kernels=self.expert_kernels)

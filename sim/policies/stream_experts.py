@@ -39,6 +39,8 @@ class StreamExpertsPolicy(Policy):
     color = "#d68910"
     summary = "non-expert weights in VRAM, each layer's experts streamed over PCIe into a double buffer"
     Options = StreamExpertsOptions
+    # the plain offloading baseline runs fused MoE calls, as the FlexGen port it follows
+    expert_kernels = "fused"
     example_options = ({}, {"attention": "cpu", "decode_micro_batch": "4", "prefill_tokens": "16"},
                        {"attention": "gpu", "fetch": "routed"})
 
@@ -66,4 +68,5 @@ class StreamExpertsPolicy(Policy):
         none, every, routed = no_experts(m), all_experts(m), o.fetch == "routed"
         decode = Layout("gcg" if attention == "cpu" else "ggg", none, every, none, fetch_routed=routed)
         return compose_plan(ctx, self.name, knobs, schedule, Layout("ggg", none, every, none, fetch_routed=routed),
-                            decode, {"gpu": gpu, "cpu": cpu}, kv_on_gpu=attention == "gpu")
+                            decode, {"gpu": gpu, "cpu": cpu}, kv_on_gpu=attention == "gpu",
+                            expert_kernels=self.expert_kernels)

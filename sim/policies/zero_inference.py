@@ -41,6 +41,8 @@ class ZeroInferencePolicy(Policy):
     compared = False  # a published baseline for validation; the paper grid does not run it
     summary = "DeepSpeed ZeRO-3 parameter offload: every weight gathered over PCIe as its module runs"
     Options = ZeroInferenceOptions
+    # Hugging Face's MixtralSparseMoeBlock loop over experts
+    expert_kernels = "per_expert"
 
     def build(self, ctx: PlanContext) -> Plan:
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
@@ -56,7 +58,8 @@ class ZeroInferencePolicy(Policy):
         for s in all_slices(ctx, [requests], [requests]):
             emit.step(s)
         return Plan(self.name, self.knobs(), m, sysm, wl, emit.b.ops, {"gpu": gpu, "cpu": cpu},
-                    {"prefill": [requests], "decode": [requests]}, decode_scale=ctx.decode_scale)
+                    {"prefill": [requests], "decode": [requests]}, decode_scale=ctx.decode_scale,
+                    expert_kernels=self.expert_kernels)
 
 
 class _Gather(LayerEmitter):

@@ -295,12 +295,17 @@ class ModelSpec:
         return self.num_attention_heads * v
 
     # ---- attention FLOPs -----------------------------------------------------------------------------
-    def attention_flops(self, q_tokens: int, kv_tokens_attended: int) -> int:
-        """FLOPs of score and value products: `kv_tokens_attended` sums, over query tokens, the keys each sees."""
+    def attention_flops(self, q_tokens: int, kv_tokens_attended: int, prefill: bool = False) -> int:
+        """FLOPs of score and value products: `kv_tokens_attended` sums, over query tokens, the keys each sees.
+        MLA runs as serving runtimes run it: in decode absorbed (scores over the latent + rope, values over the
+        latent: little data, more FLOPs), in prefill as plain multi-head attention over K and V decompressed by
+        the QKV op's up-projection (scores over nope + rope, values over v_head_dim: the compute-friendly form;
+        vLLM's MLA backend, `vllm.model_executor.layers.attention.mla_attention`)."""
         del q_tokens
         n = self.num_attention_heads
-        if self.attention == "mla":
-            # Absorbed MLA: scores over (latent + rope), values over the latent.
+        if self.attention == "mla" and prefill:
+            per = 2 * (self.qk_nope_head_dim + self.qk_rope_head_dim) + 2 * self.v_head_dim
+        elif self.attention == "mla":
             per = 2 * (self.kv_lora_rank + self.qk_rope_head_dim) + 2 * self.kv_lora_rank
         else:
             per = 4 * self.head_dim

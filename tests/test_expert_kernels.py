@@ -1,0 +1,93 @@
+"""How a runtime launches the GPU's routed experts (`Plan.expert_kernels`): a kernel call per expert pays the
+GPU's per-kernel cost per expert; one fused MoE call per layer pays none per expert (its kernels queue behind the
+router's call). Recorded on the plan by each policy, kept by plan files, priced by the roofline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from sim.api import simulate
+from sim.cost import RooflineCostModel
+from sim.errors import SimInputError
+from sim.plan import OpKind, Stream, member_ops
+from sim.plan_io import PLAN_FORMAT, load_plan, save_plan
+from sim.policies import make_policy
+
+
+def _gpu_expert_seconds(plan) -> list[tuple[float, float]]:
+    """(priced seconds, roofline seconds without the fixed cost) of every GPU expert member of `plan`."""
+    cost = RooflineCostModel(plan.system)
+    cost.prepare(plan)
+    out = []
+    for op in plan.ops:
+        if op.kind is OpKind.EXPERT and op.stream == Stream.GPU:
+            for m in member_ops(op):
+                compute, memory, _ = cost.roofs(m.kind, m.stream, m.flops, m.bytes)
+                out.append((cost.op_time_ns(m) * 1e-9, max(compute, memory)))
+    return out
+
+
+def test_fused_experts_pay_no_kernel_call_each_and_per_expert_ones_do(tiny_model, paper_system):
+    launch = paper_system.gpu.kernel_launch_s
+    kw = dict(batch=8, prompt_len=6, gen_len=3, keep_plan=True,
+              policy_options={"prefill_placement": "ggg", "decode_placement": "ggg", "resident_experts": "8",
+                              "decode_micro_batch": "0", "prefill_micro_batch": "0"})
+    fused = simulate(tiny_model, paper_system, "coxmoe", **kw)
+    kw["policy_options"] = {**kw["policy_options"], "expert_kernels": "per_expert"}
+    looped = simulate(tiny_model, paper_system, "coxmoe", **kw)
+    assert fused.plan.expert_kernels == "fused" and looped.plan.expert_kernels == "per_expert"
+    f, p = _gpu_expert_seconds(fused.plan), _gpu_expert_seconds(looped.plan)
+    assert f and len(f) == len(p)
+    assert all(t == pytest.approx(roof, abs=1e-9) for t, roof in f)
+    assert all(t == pytest.approx(roof + launch, abs=1e-9) for t, roof in p)
+    assert fused.decode_s < looped.decode_s
+
+
+def test_a_dense_ffn_pays_its_own_kernels_under_either_style(paper_system):
+    """A dense model's FFN is a one-expert MoE here: its GEMMs are kernels of their own, fused style or not."""
+    from sim.specs import load_model
+
+    opt = load_model("opt-6.7b")
+    fused = simulate(opt, paper_system, "gpu-only", batch=4, prompt_len=8, gen_len=3, keep_plan=True)
+    assert fused.plan.expert_kernels == "fused"
+    launch = paper_system.gpu.kernel_launch_s
+    assert all(t == pytest.approx(roof + launch, abs=1e-9) for t, roof in _gpu_expert_seconds(fused.plan))
+
+
+@pytest.mark.parametrize("policy, style", [("gpu-only", "fused"), ("moe-lightning", "fused"), ("flexgen", "fused"),
+                                           ("stream-experts", "fused"), ("coxmoe", "fused"),
+                                           ("fiddler", "per_expert"), ("zero-inference", "per_expert"),
+                                           ("moe-gen", "per_expert")])
+def test_each_policy_records_how_its_runtime_launches_experts(tiny_model, paper_system, policy, style):
+    r = simulate(tiny_model, paper_system, policy, batch=4, prompt_len=4, gen_len=2, keep_plan=True)
+    assert r.plan.expert_kernels == style
+    assert make_policy(policy, {}).expert_kernels == style
+
+
+def test_plan_files_keep_the_style_and_refuse_a_bad_one(tiny_model, paper_system, tmp_path):
+    r = simulate(tiny_model, paper_system, "moe-lightning", batch=4, prompt_len=4, gen_len=2, keep_plan=True)
+    path = save_plan(r.plan, tmp_path / "plan.parquet")
+    assert load_plan(path).expert_kernels == "fused"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[PLAN_FORMAT.encode()])
+    for value, ok in ((None, "per_expert"), ("grouped", None)):  # a file before the field; an unknown style
+        changed = dict(meta)
+        if value is None:
+            changed.pop("expert_kernels")
+        else:
+            changed["expert_kernels"] = value
+        out = tmp_path / f"plan_{value}.parquet"
+        pq.write_table(table.replace_schema_metadata({PLAN_FORMAT.encode(): json.dumps(changed).encode()}), out)
+        if ok:
+            assert load_plan(out).expert_kernels == ok
+        else:
+            with pytest.raises(SimInputError, match="expert_kernels must be one of"):
+                load_plan(out)
+    with pytest.raises(SimInputError, match="expert_kernels must be one of"):
+        dataclasses.replace(r.plan, expert_kernels="grouped").check()
+    with pytest.raises(SimInputError, match="expert_kernels"):
+        make_policy("coxmoe", {"expert_kernels": "grouped"})
