@@ -95,7 +95,9 @@ class SimConfig:
                           file_flag=("--model-file", "model spec YAML/JSON, or a Hugging Face config.json"))
     system: Any = _setting(help="system preset (see `coxmoe presets`)", group="target",
                            file_flag=("--system-file", "system spec YAML/JSON (e.g. edited `presets --show` output)"))
-    policy: str = _setting("stream-experts", help="policy name (see `coxmoe policies`)", group="policy")
+    policy: str = _setting("stream-experts", help="policy name (see `coxmoe policies`; default stream-experts, the "
+                                                  "plain offloading baseline: CoX-MoE is `--policy coxmoe`)",
+                           group="policy")
     batch: int | None = _setting(None, help="requests in the batch (default: all of --trace)", group="workload",
                                  parse=positive_int)
     prompt_len: int | str | None = _setting(

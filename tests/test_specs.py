@@ -186,6 +186,14 @@ def test_hf_config_gives_the_preset_parameter_count(tmp_path, preset):
     assert m.total_params == load_model(preset).total_params
 
 
+def test_a_bare_config_json_is_named_by_the_current_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "my-checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(HF_CONFIGS["mixtral-8x7b"]))
+    monkeypatch.chdir(folder)
+    assert load_model("config.json").name == "my-checkpoint"
+
+
 def test_hf_config_unsupported_and_incomplete():
     with pytest.raises(SimInputError, match="not supported"):
         model_from_hf_config({"model_type": "llama"})

@@ -176,7 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", help="probe the prototypes' prefill routing on this local HF MoE checkpoint")
     p.add_argument("--embedder", help="local sentence-transformers directory (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--max-prompt-tokens", type=positive_int, help="--model-dir: truncate prompts")
-    p.add_argument("--vram-experts", type=nonneg_int, required=True, help="resident experts per layer (E_R)")
+    p.add_argument("--vram-experts", type=nonneg_int, required=True,
+                   help="resident experts per layer (E_R) the map ranks; CoX-MoE's hot_map takes the ranking (pin the "
+                        "count with resident_experts)")
     p.add_argument("--clusters", type=positive_int, default=8, help="k-means clusters of the request features")
     p.add_argument("--sample", type=positive_int, default=64, help="prototypes to probe, split by cluster size")
     p.add_argument("--seed", type=nonneg_int, default=0)

@@ -156,7 +156,9 @@ def load_model(name_or_path: str) -> ModelSpec:
         if "architectures" in data or "model_type" in data:
             from sim.specs.hf_config import model_from_hf_config
 
-            return model_from_hf_config(data, name=path.stem if path.stem != "config" else path.parent.name)
+            # a checkpoint's config.json is named by its folder (the current folder for a bare `config.json`)
+            name = path.stem if path.stem != "config" else (path.resolve().parent.name or path.stem)
+            return model_from_hf_config(data, name=name)
         return _build(ModelSpec, data.get("name", path.stem), data, f"model file {path}")
     return model_preset(name_or_path)
 
