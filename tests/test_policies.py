@@ -145,6 +145,27 @@ def test_coxmoe_workspace_holds_its_largest_prefill_micro_batch(paper_system):
     assert plan.static_memory["gpu"]["workspace"] == activation_workspace_bytes(ctx, largest)
 
 
+def test_coxmoe_auto_split_caps_fetched_experts_at_the_buffers_vram_holds():
+    """With E_R pinned and split=auto, a faster link that makes more experts worth fetching keeps E_M at what the
+    fetch buffers left in VRAM hold (the rest on the CPU) instead of failing to fit; split=gpu is not capped."""
+    options = {"prefill_placement": "ggg", "decode_placement": "gcg", "prefill_micro_batch": "32",
+               "decode_micro_batch": "0", "resident_experts": "4", "split": "auto"}
+    kw = dict(batch=64, prompt_len=64, gen_len=8, policy_options=options)
+    fast = {"link.h2d_bytes_per_s": "63e9"}
+    base = simulate("mixtral-8x7b", "rtx6000ada-8452y", "coxmoe", **kw)
+    quick = simulate("mixtral-8x7b", "rtx6000ada-8452y", "coxmoe", system_settings=fast, keep_plan=True, **kw)
+    plan = quick.plan
+    assert quick.peak_gpu_bytes <= plan.system.gpu_usable_bytes
+    buffers = plan.static_memory["gpu"]["expert_fetch_buffers"] // (2 * plan.model.expert_bytes)
+    assert max(max(v) for v in quick.knobs["fetched_experts_per_layer"].values()) <= buffers
+    assert quick.total_s <= base.total_s
+    from sim.errors import CapacityError
+
+    with pytest.raises(CapacityError):
+        simulate("mixtral-8x7b", "rtx6000ada-8452y", "coxmoe", system_settings=fast,
+                 **{**kw, "policy_options": {**options, "split": "gpu"}})
+
+
 def test_coxmoe_device_changes_cost_copies(tiny_model, paper_system):
     plan, _ = _cox(tiny_model, paper_system, decode_placement="gcg")
     d = ops_of(plan, phase=Phase.DECODE, step=1, layer=0, micro_batch=0)

@@ -343,8 +343,9 @@ class _Model:
                         a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb, dense)
 
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def op3(self, phase: Phase, resident: int, mu: int) -> Op3:
-        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer."""
+    def op3(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
+        """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer.
+        `max_fetch` >= 0 caps E_M per layer (split=auto; the rest run on the CPU): the fetch buffers VRAM holds."""
         m = self.m
         counts, n_mb, fetch, shared, hidden_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
         total, widest, fetched, on_cpu, splits = 0.0, 0, [], [], []
@@ -365,7 +366,8 @@ class _Model:
                 gpu_side = base_g + np.concatenate([[0.0], np.cumsum(g_cost)])
                 cpu_side = np.concatenate([np.cumsum(c_cost[::-1])[::-1], [0.0]])
                 cpu_side = np.where(cpu_side > 0, cpu_side + hidden_copy, 0.0)
-                k = int(np.argmin(np.maximum(gpu_side, cpu_side)))
+                makespan = np.maximum(gpu_side, cpu_side)
+                k = int(np.argmin(makespan if max_fetch < 0 else makespan[:max_fetch + 1]))
             em, ec = rest[:k], rest[k:]
             t_gpu = base_g + gpu[em].sum() + fetch * em.size
             t_cpu = cpu[ec].sum() + (hidden_copy if cpu[ec].sum() > 0 else 0.0)
@@ -408,6 +410,27 @@ class _Model:
         return best, pick
 
     # ---- memory ----------------------------------------------------------------------------------------
+    def op3_fitting(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int,
+                    cap_gpu: int) -> tuple[Op3, Op3] | None:
+        """OP3 of both phases with `resident` experts per layer whose fetch buffers fit in `cap_gpu` with the rest of
+        the configuration's VRAM: the best split when it fits; else, with split=auto, E_M capped at the buffers
+        that fit (the other experts on the CPU), as the paper's search picks E_R, E_M and E_C under the VRAM
+        budget; None when nothing fits."""
+        base = sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, 0).values())
+        if base > cap_gpu:
+            return None
+        pair = self.op3(Phase.PREFILL, resident, mu_p), self.op3(Phase.DECODE, resident, mu_d)
+        if sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, max(p[1] for p in pair)).values()) <= cap_gpu:
+            return pair
+        per_buffer = sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, 1).values()) - base
+        if self.opts.split != "auto" or per_buffer <= 0:
+            return None
+        cap = int((cap_gpu - base) // per_buffer)
+        pair = self.op3(Phase.PREFILL, resident, mu_p, cap), self.op3(Phase.DECODE, resident, mu_d, cap)
+        if sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, max(p[1] for p in pair)).values()) <= cap_gpu:
+            return pair
+        return None
+
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
         """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with
         OP3's hidden states for the whole prompt when coalesced and for one micro-batch otherwise (and for the
@@ -549,15 +572,11 @@ class CoxMoePolicy(Policy):
                 most = min(m.num_experts, int(free // (m.num_moe_layers * m.expert_bytes))) if free >= 0 else -1
                 tries = range(most, -1, -1)
             for resident in tries:
-                base = model.gpu_static(pre, dec, mu_p, mu_d, resident, 0)
-                if sum(base.values()) > cap_gpu:
+                pair = model.op3_fitting(pre, dec, mu_p, mu_d, resident, cap_gpu)
+                if pair is None:
                     continue
-                op3_p = model.op3(Phase.PREFILL, resident, mu_p)
-                op3_d = model.op3(Phase.DECODE, resident, mu_d)
+                op3_p, op3_d = pair
                 widest = max(op3_p[1], op3_d[1])
-                static = model.gpu_static(pre, dec, mu_p, mu_d, resident, widest)
-                if sum(static.values()) > cap_gpu:
-                    continue
                 total = (m.num_layers * t_pre + op3_p[0]) + model.decode_steps * (m.num_layers * t_dec + op3_d[0])
                 opts = replace(o, prefill_placement=pre, decode_placement=dec, prefill_micro_batch=mu_p,
                                decode_micro_batch=mu_d, resident_experts=resident)
@@ -574,9 +593,13 @@ class CoxMoePolicy(Policy):
         resident = o.resident_experts
         residents = tuple(tuple(int(e) for e in model.order[li][:resident]) for li in range(m.num_moe_layers))
         layouts = {}
-        for phase, placement, mu in ((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
-                                     (Phase.DECODE, o.decode_placement, o.decode_micro_batch)):
-            choice = model.op3(phase, resident, mu)
+        fitting = model.op3_fitting(o.prefill_placement, o.decode_placement, o.prefill_micro_batch,
+                                    o.decode_micro_batch, resident, ctx.system.gpu_usable_bytes)
+        for k, (phase, placement, mu) in enumerate(((Phase.PREFILL, o.prefill_placement, o.prefill_micro_batch),
+                                                    (Phase.DECODE, o.decode_placement, o.decode_micro_batch))):
+            # the split the search priced (E_M capped to the buffers VRAM holds); uncapped when nothing fits, so
+            # the engine names the overflow
+            choice = fitting[k] if fitting is not None else model.op3(phase, resident, mu)
             n_cpu = model.attention_split(mu)[1] if phase is Phase.DECODE and o.attention_split else 0
             layouts[phase] = Layout(placement, residents, choice.fetched, choice.on_cpu, splits=choice.splits,
                                     on_ndp=choice.on_ndp, attention_cpu_mbs=frozenset(range(n_cpu)),

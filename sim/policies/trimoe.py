@@ -54,10 +54,10 @@ class _TriModel(_Model):
     """CoX-MoE's analytic model with OP3 split across GPU (E_R + E_M), CPU (E_C) and DIMMs (E_N)."""
 
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def op3(self, phase: Phase, resident: int, mu: int) -> Op3:
-        return self._three_tiers(phase, resident, mu)
+    def op3(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
+        return self._three_tiers(phase, resident, mu, max_fetch)
 
-    def _three_tiers(self, phase: Phase, resident: int, mu: int) -> Op3:
+    def _three_tiers(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
         m = self.m
         counts, n_mb, fetch, shared, host_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
         ndp_all = self.a.expert_times(NDP, m, counts / n_mb) * n_mb
@@ -73,6 +73,8 @@ class _TriModel(_Model):
                     continue
                 cost = (gpu_all[layer][e] + fetch, cpu_all[layer][e], ndp_all[layer][e])
                 finish = [_makespan(t + np.eye(3)[tier] * cost[tier], host_copy) for tier in range(3)]
+                if 0 <= max_fetch <= len(tiers[0]):  # the fetch buffers VRAM holds are taken
+                    finish[0] = np.inf
                 tier = int(np.argmin(finish))
                 t[tier] += cost[tier]
                 tiers[tier].append(int(e))
