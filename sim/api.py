@@ -32,7 +32,7 @@ from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
 from traces.disk_cache import cache_key, disk_cache_from_env
-from traces.limits import env_size_bytes
+from traces.limits import check_memory, env_size_bytes
 from traces.synth import request_lengths
 from traces.synth_presets import synth_preset
 
@@ -182,6 +182,8 @@ def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_le
                      seed: int, reuse_prob: float = 0.0) -> tuple[Workload, SynthConfig]:
     """The workload (lengths drawn from `seed` when given as distributions) and the synthesis settings of a
     point without a trace: everything that determines its synthetic trace's bytes."""
+    # the lengths arrays alone cost 16 bytes a request: refuse a batch past the memory limit before allocating them
+    check_memory(16.0 * batch, f"a workload of {batch:,} requests")
     if isinstance(prompt_len, str) or isinstance(gen_len, str):
         rng = np.random.default_rng([seed, LENGTH_STREAM])
         if batch < 1:

@@ -305,6 +305,39 @@ class Plan:
         if dynamic:
             self._check_alloc_balance()
 
+    def check_tokens_generated(self) -> None:
+        """The ops generate the workload's tokens: the LM head runs once per request after prefill and once per
+        request still generating at every decode step the plan holds; a plan of every step holds each of
+        1..max_step, a sampled one scales its steps up to them (`decode_scale`). Throughput is computed from the
+        workload, so a workload that is not the ops' would give a wrong number. Plan files are checked so when
+        read (`plan_io.load_plan`); the engine's own check leaves it out, for hand-built plans of a few ops."""
+        wl = self.workload
+        max_step = int(wl.gen_lens.max()) - 1
+        if not self.ops:
+            raise SimInputError("plan has no ops")
+        heads: dict[tuple[bool, int], int] = {}
+        head = OpKind.LM_HEAD
+        decode = Phase.DECODE
+        for op in self.ops:
+            if op.kind is head:
+                key = (op.phase is decode, op.step)
+                heads[key] = heads.get(key, 0) + op.tokens
+        if heads.get((False, 0), 0) != wl.batch:
+            raise SimInputError(f"plan's prefill ends {heads.get((False, 0), 0)} requests with an LM head; its "
+                                f"workload has {wl.batch}: the workload is not the one its ops were built for")
+        steps = sorted(step for is_decode, step in heads if is_decode)
+        gen = np.sort(wl.gen_lens)
+        for step in steps:
+            active = int(gen.size - np.searchsorted(gen, step, side="right"))
+            if heads[(True, step)] != active:
+                raise SimInputError(f"plan's decode step {step} generates {heads[(True, step)]} tokens; its workload "
+                                    f"has {active} requests still generating then")
+        expected = max_step / len(steps) if steps else 1.0
+        if (steps and steps[-1] > max_step) or (self.decode_scale == 1.0 and len(steps) != max_step) or (
+                steps and not math.isclose(self.decode_scale, expected, rel_tol=1e-9)):
+            raise SimInputError(f"plan holds {len(steps)} decode steps with decode_scale {self.decode_scale:g}; its "
+                                f"workload generates for {max_step} steps after prefill")
+
     def _check_scopes(self, max_step: int) -> None:
         batch = self.workload.batch
         for k, sc in enumerate(self.scopes):

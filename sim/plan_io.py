@@ -30,6 +30,7 @@ from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 from sim.topology import topology_of
 from sim.workload import Workload
+from traces.limits import max_ops, too_many_ops
 
 PLAN_FORMAT = "cox-moe-plan"
 PLAN_VERSION = 1
@@ -84,6 +85,9 @@ def load_plan(path: str | Path) -> Plan:
     if not path.is_file():
         raise SimInputError(f"plan file not found: {path}")
     try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows > max_ops():  # before any column is read: a small compressed file may hold millions of rows
+            raise too_many_ops(rows)
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SimInputError(f"{path}: not a readable Parquet plan ({type(exc).__name__})") from None
@@ -105,6 +109,7 @@ def load_plan(path: str | Path) -> Plan:
     try:
         plan = _decode(meta, table.to_pydict(), table.num_rows, str(path))
         plan.check()
+        plan.check_tokens_generated()
     except KeyError as exc:
         raise SimInputError(f"{path}: plan metadata lacks {exc.args[0]!r}") from None
     except SimInputError as exc:
@@ -148,6 +153,8 @@ def _streams(system: SystemSpec, values: list[Any]) -> list[str]:
 def _ints(name: str, values: list[Any]) -> list[int]:
     if any(v is None for v in values):
         raise SimInputError(f"column {name} has empty cells")
+    if not all(type(v) is int for v in values):  # a float column (ids of 1.0) would index nothing right
+        raise SimInputError(f"column {name} must hold integers")
     return values
 
 

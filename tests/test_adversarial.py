@@ -225,6 +225,14 @@ MIXTRAL_HF = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers":
       "num_attention_heads": 16, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
       "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": -2, "num_experts_per_tok": 6,
       "moe_intermediate_size": 1408, "intermediate_size": 10944}, "n_shared_experts must be an integer >= 0"),
+    ({**MIXTRAL_HF, "hidden_size": 4097}, "hidden_size 4097 is not a multiple of the 32 attention heads"),
+    ({**MIXTRAL_HF, "num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({**MIXTRAL_HF, "num_key_value_heads": False}, "num_key_value_heads must be a positive integer"),
+    ({**MIXTRAL_HF, "head_dim": 0}, "head_dim must be a positive integer"),
+    ({"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "vocab_size": 151936,
+      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+      "num_experts_per_tok": 8, "moe_intermediate_size": 0, "intermediate_size": 6144},
+     "moe_intermediate_size must be a positive integer"),
 ])
 def test_bad_hf_configs(capsys, tmp_path, config, message):
     path = tmp_path / "m" / "config.json"
@@ -441,3 +449,93 @@ def test_plan_frees_must_match_allocations(capsys, tmp_path, saved_plan):
                   "plan op 2: frees 1024 bytes of 'gpu' that were not allocated (or were freed already)")
     fails_cleanly(capsys, ["run-plan", str(_rewrite(saved_plan, tmp_path / "f.parquet", free_without_alloc))],
                   "that were not allocated")
+
+
+# ---- found by an input audit (2026-12-05) -----------------------------------------------------------------
+def _rewrite_plan_meta(src: Path, dst: Path, **changes) -> Path:
+    table = pq.read_table(src)
+    meta = json.loads(table.schema.metadata[b"cox-moe-plan"])
+    pq.write_table(table.replace_schema_metadata({b"cox-moe-plan": json.dumps({**meta, **changes}).encode()}), dst)
+    return dst
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"gen_lens": [3, 1000]}, "workload generates for 999 steps"),
+    ({"gen_lens": [2**62, 2**62]}, "workload generates for 4611686018427387903 steps"),
+    ({"prompt_lens": [8, 8, 8], "gen_lens": [3, 3, 3]}, "its workload has 3"),
+    ({"gen_lens": [3, 2]}, "decode step 2 generates 2 tokens; its workload has 1"),
+])
+def test_a_plan_file_whose_workload_is_not_its_ops_is_refused(capsys, tmp_path, changes, message):
+    """Throughput is the workload's tokens over the ops' time: a workload edited apart from the ops is refused."""
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "2", "--prompt-len", "8", "--gen-len", "3",
+                 "--policy", "coxmoe", "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["run-plan", str(plan)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["run-plan", str(_rewrite_plan_meta(plan, tmp_path / "bad.parquet", **changes))], message)
+
+
+def test_a_plan_file_of_too_many_rows_is_refused_before_its_columns_are_read(capsys, tmp_path):
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["--max-gib", "0.000001", "run-plan", str(plan)], "would need more than")
+
+
+def test_a_near_zero_efficiency_is_a_one_line_error(capsys):
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--set", "link.h2d_efficiency=1e-12"],
+                  "a rate or efficiency in the system spec or profile is near zero")
+
+
+def test_deeply_nested_and_huge_integer_inputs_are_one_line_errors(capsys, tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 100000 + "]" * 100000 + "\n")
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", "--system-file", str(deep), *WL], "nested too deeply")
+    big = tmp_path / "big.json"
+    big.write_text('{"name": "x", "cores": ' + "9" * 5000 + "}")
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", "--system-file", str(big), *WL], "digits")
+
+
+def test_a_huge_top_k_is_refused_before_drawing(capsys, tmp_path):
+    fails_cleanly(capsys, ["trace", "gen", "--requests", "2", "--prompt-len", "4", "--gen-len", "2", "--layers", "1",
+                           "--experts", "65536", "--top-k", "20000", "-o", str(tmp_path / "k.npz")],
+                  "top_k 20000; at most 256")
+    fails_cleanly(capsys, ["simulate", "--model-file", _model_file(tmp_path, num_experts=4096, top_k=2000), *SYS,
+                           *WL], "top_k 2000; at most 256")
+
+
+def test_source_notes_must_be_text_or_numbers(capsys, tmp_path):
+    """A nested note (an alias bomb expands when turned to text) is refused, not expanded."""
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["x1: &l1 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"x{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(2, 9)]
+    from sim.specs import show_preset
+
+    spec = yaml.safe_load(show_preset("a100-80g-8452y"))
+    text = yaml.safe_dump({k: v for k, v in spec.items() if k != "sources"})
+    bomb.write_text(text + "sources:\n" + "\n".join("  " + line for line in levels) + "\n")
+    err = fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", "--system-file", str(bomb), *WL], "sources")
+    assert len(err) < 400
+
+
+def test_a_billion_requests_are_refused_before_their_lengths_are_allocated(capsys):
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "1000000000", "--prompt-len", "4",
+                           "--gen-len", "2"], "a workload of 1,000,000,000 requests")
+
+
+def test_fiddler_refuses_more_residents_than_experts(capsys):
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--policy", "fiddler", "--policy-opt",
+                           "resident_experts=65"], "resident_experts=65 exceeds the 8 experts")
+
+
+def test_a_plan_file_with_float_ids_is_refused(capsys, tmp_path):
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    table = pq.read_table(plan)
+    table = table.set_column(table.schema.get_field_index("id"), "id", pa.array(
+        [float(v) for v in table.column("id").to_pylist()], pa.float64()))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table, bad)
+    fails_cleanly(capsys, ["run-plan", str(bad)], "column id must hold integers")

@@ -91,3 +91,38 @@ def test_plan_files_keep_the_style_and_refuse_a_bad_one(tiny_model, paper_system
         dataclasses.replace(r.plan, expert_kernels="grouped").check()
     with pytest.raises(SimInputError, match="expert_kernels"):
         make_policy("coxmoe", {"expert_kernels": "grouped"})
+
+
+def test_a_profile_cost_model_reused_across_styles_prices_each_plan_in_its_own(tmp_path, tiny_model, paper_system):
+    """A ProfileCostModel shared by a fused and a per-expert plan drops the roofline prices it cached for the
+    other style (its GPU experts fall back to the roofline: the profile has CPU rows only)."""
+    from test_calibration import write_profile  # pytest puts tests/ on the path
+
+    from sim.cost.profile import ProfileCostModel
+    from sim.engine import run_plan
+
+    rows = [{"device": "cpu", "kind": "expert", "tokens": t, "kv": 0, "median_s": s}
+            for t, s in ((1, 1e-3), (16, 4e-3))]
+    prof = write_profile(tmp_path / "p", tiny_model, rows)
+    opts = {"prefill_placement": "ggg", "decode_placement": "ggg", "resident_experts": "8",
+            "decode_micro_batch": "0", "prefill_micro_batch": "0"}
+    plans = {k: simulate(tiny_model, paper_system, "coxmoe", batch=8, prompt_len=6, gen_len=3, keep_plan=True,
+                         policy_options={**opts, "expert_kernels": k}).plan for k in ("fused", "per_expert")}
+    shared = ProfileCostModel(paper_system, prof, tiny_model)
+    for first, second in (("fused", "per_expert"), ("per_expert", "fused")):
+        run_plan(plans[first], shared)
+        again = run_plan(plans[second], shared).end_ns
+        fresh = run_plan(plans[second], ProfileCostModel(paper_system, prof, tiny_model)).end_ns
+        assert (again == fresh).all()
+    with pytest.raises(SimInputError, match="expert_kernels must be one of"):
+        RooflineCostModel(paper_system).use_expert_kernels("grouped")
+
+
+def test_the_staging_half_of_a_pageable_copy_never_outruns_host_dram(paper_system):
+    from sim.specs.overrides import apply_system_settings
+
+    fast = apply_system_settings(paper_system, {"link.h2d_bytes_per_s": "1000e9", "link.h2d_efficiency": "1.0",
+                                                "link.pageable_ratio": "1.0"})
+    cost = RooflineCostModel(fast)
+    nbytes = 10**10  # read and written: half of it moves
+    assert cost.staging_seconds(nbytes) >= nbytes / cost.cpu_bw * (1 - 1e-12)

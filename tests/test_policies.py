@@ -808,3 +808,13 @@ def test_trimoe_and_split_tokens_run_end_to_end_on_the_paper_models(model):
         assert r.throughput_tok_s > 0
         wl, tr, _ = resolve_routing(r.plan.model, 48, 24, 3, None, "zipf:1.0", 0)
         verify_assignments(r.plan, tr)
+
+
+def test_coxmoe_whole_batch_prefill_is_one_micro_batch_whatever_the_mean_rounds_to():
+    """prefill_micro_batch=0 is the whole batch: its exact token sum, not mean x batch (which can round one token
+    short and split off the last request)."""
+    r = simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=7, prompt_len="uniform:16:300", gen_len=2, seed=8,
+                 keep_plan=True, policy_options={"prefill_micro_batch": "0", "decode_micro_batch": "0",
+                                                 "prefill_placement": "ggg", "decode_placement": "ggg",
+                                                 "resident_experts": "4", "split": "gpu"})
+    assert len(r.plan.micro_batches["prefill"]) == 1

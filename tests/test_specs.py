@@ -211,3 +211,14 @@ def test_a_name_that_would_break_the_one_line_error_is_refused():
             build_system("x", {"gpu": {"name": bad, "bf16_flops_per_s": 0}, "cpu": "xeon-8452y", "link": "pcie4x16",
                                "dram_bytes": 2**39, "gpu_reserved_bytes": 0, "dram_reserved_bytes": 0}, "f")
         assert "\n" not in str(exc.value)
+
+
+def test_a_hugging_face_cache_snapshot_names_the_model_by_its_snapshot_folder(tmp_path):
+    """The cache links a snapshot's config.json into blobs/: the name comes from the link's folder."""
+    blobs = tmp_path / "models--x" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "abc").write_text(json.dumps(HF_CONFIGS["mixtral-8x7b"]))
+    snap = tmp_path / "models--x" / "snapshots" / "rev1"
+    snap.mkdir(parents=True)
+    (snap / "config.json").symlink_to("../../blobs/abc")
+    assert load_model(str(snap / "config.json")).name == "rev1"

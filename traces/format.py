@@ -313,13 +313,15 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
             raise TraceError(f"trace: {name} must be a 1-D integer array")
         if arr.size and int(arr.min()) < 1:
             raise TraceError(f"trace: {name} must be >= 1 for every request (found {int(arr.min())})")
+        if arr.size and int(arr.max()) > MAX_LENGTH:  # bounds every sum of lengths below int64's range
+            raise TraceError(f"trace: {name} must be at most {MAX_LENGTH:,} tokens (found {int(arr.max()):,})")
     if trace.prompt_lens.shape != trace.gen_lens.shape:
         raise TraceError("trace: prompt_lens and gen_lens have different lengths")
     if trace.prompt_lens.size == 0:
         raise TraceError("trace: no requests")
     ex = trace.experts
-    if not isinstance(ex, np.ndarray) or ex.dtype.kind != "u":
-        raise TraceError("trace: experts must be an unsigned integer array")
+    if not isinstance(ex, np.ndarray) or ex.dtype.kind != "u" or ex.dtype.itemsize > 2:
+        raise TraceError("trace: experts must be an unsigned 8- or 16-bit integer array")
     counted = trace.prompt_counts is not None
     rows = int(trace.routed_lens.sum()) - (int(trace.prompt_lens.astype(np.int64).sum()) if counted else 0)
     expected = (rows, h.num_layers, h.top_k)
@@ -438,8 +440,8 @@ def _check_declared_sizes(path: Path, what: str) -> None:
     total = 0
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
+            if not info.filename.endswith(".npy"):  # numpy would hand it back as raw bytes, unchecked
+                raise TraceError(f"{path}: archive member {info.filename[:60]!r} is not an .npy array")
             with archive.open(info) as stream:
                 version = np.lib.format.read_magic(stream)
                 if version == (1, 0):

@@ -88,8 +88,13 @@ def too_many_ops(count: int, estimated: bool = False) -> ResourceLimitError:
                               f"batch, or raise the limit with --max-gib or {LIMIT_ENV}")
 
 
-def check_experts(num_experts: int, where: str) -> None:
-    """Expert ids must fit the trace's id type."""
+MAX_TOP_K = 256  # experts a token picks: published MoEs pick 1-16; a draw's cost grows with top_k x experts
+
+
+def check_experts(num_experts: int, where: str, top_k: int | None = None) -> None:
+    """Expert ids must fit the trace's id type; a token picks at most MAX_TOP_K of them."""
     if num_experts > MAX_EXPERTS:
         raise TraceError(f"{where}: {num_experts} experts; at most {MAX_EXPERTS} are supported (expert ids are "
                          "stored as 16-bit integers)")
+    if top_k is not None and top_k > MAX_TOP_K:
+        raise TraceError(f"{where}: top_k {top_k}; at most {MAX_TOP_K} experts per token are supported")

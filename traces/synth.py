@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, request_groups
-from traces.limits import MAX_LENGTH, check_memory
+from traces.limits import MAX_LENGTH, check_experts, check_memory
 from traces.pages import plain_pages
 from traces.rng_words import random_f32, words32
 
@@ -485,6 +485,7 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     `prompt_counts` keeps the prompts as per-request expert counts and only the generated tokens' rows (the
     simulator's form, `RoutingTrace.prompt_counts`): the same draws, so its decode rows and counts equal the full
     trace's, in about a quarter of the memory at 800 prompt and 256 generated tokens."""
+    check_experts(cfg.num_experts, "routing", cfg.top_k)
     if not 0.0 <= cfg.reuse_prob <= 1.0:
         raise TraceError(f"reuse probability must be in [0, 1], got {cfg.reuse_prob}")
     reuse = np.asarray(cfg.reuse_by_layer or [cfg.reuse_prob] * cfg.num_layers, dtype=np.float64)

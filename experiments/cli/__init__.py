@@ -49,6 +49,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SimInputError, TraceError) as exc:
         print(f"coxmoe: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except RecursionError:  # a JSON / YAML input nested deeper than the readers recurse (or an alias cycle)
+        print("coxmoe: error: an input file is nested too deeply to read (JSON or YAML nesting, or an alias cycle)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:  # numpy's ArrayMemoryError included: the allocation was refused, nothing ran away
+        print("coxmoe: error: the input needs more memory than this machine can allocate (a trace, plan or batch "
+              "that large; see --max-gib)", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        if "Exceeds the limit" in str(exc) and "digits" in str(exc):  # CPython's guard on huge integer literals
+            print(f"coxmoe: error: an input holds an integer of more than {sys.get_int_max_str_digits()} digits",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        raise
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

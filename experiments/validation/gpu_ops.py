@@ -54,11 +54,14 @@ def _gemm_rows(path: Path) -> list[dict]:
 
 def _moe_ffn_rows(path: Path) -> list[dict]:
     """The fused MoE FFN of one Mixtral layer: every expert's tokens of one micro-batch, routed evenly, priced as
-    the expert ops a plan runs one after another on the GPU."""
+    the expert ops a plan runs one after another on the GPU, in one fused call as MoE-Lightning runs them (no
+    per-kernel cost per expert: `Plan.expert_kernels`)."""
     data = load_microbench(path)
     model = load_model(data["model"])
     work = OpWork(model)
     cm = _cost_model(system_preset(data["system"]).gpu.name)
+    cm.use_model(model)
+    cm.use_expert_kernels("fused")
     smallest = min(data["moe_ffn_s"], key=int)
     rows = []
     for micro_batch, seconds in sorted(data["moe_ffn_s"].items(), key=lambda kv: int(kv[0])):

@@ -233,7 +233,10 @@ class ProfileCostModel:
         if plan.model.expert_precision != self.model.expert_precision:
             raise SimInputError(f"this profile cost model prices {self.model.expert_precision} experts; the plan's "
                                 f"are {plan.model.expert_precision} (build it for the plan's model)")
+        fused = self.fallback.fused_experts
         self.fallback.prepare(plan)
+        if self.fallback.fused_experts != fused:  # roofline prices cached from the last plan's style are stale
+            self._cache.clear()
         if plan is not self._plan:
             self._plan = plan
             self._prefill_cache.clear()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Payload, Plan
+from sim.errors import SimInputError
+from sim.plan import EXPERT_KERNELS, PAGEABLE_PAYLOADS, Op, OpKind, Payload, Plan
 from sim.specs import ModelSpec, SystemSpec
 from sim.topology import Topology, Unit, UnitKind, topology_of
 
@@ -39,7 +40,13 @@ def grouped_op_error(op: Op) -> ValueError:
     return ValueError(f"op {op.id} is a grouped expert op: price it with sim.cost.op_time_ns (its members' sum)")
 
 
+MAX_OP_SECONDS = 1e9  # one op longer than ~31 years is a spec or profile error (a near-zero efficiency), not a time
+
+
 def seconds_to_ns(seconds: float) -> int:
+    if not seconds <= MAX_OP_SECONDS:  # NaN included
+        raise SimInputError(f"an op would take {seconds:.3g} s (over {MAX_OP_SECONDS:.0e} s): a rate or efficiency in "
+                            "the system spec or profile is near zero")
     return int(math.ceil(seconds * 1e9))
 
 
@@ -123,6 +130,8 @@ class RooflineCostModel:
         whose few kernels queue back to back behind the router's call, which pays its own). A dense model's FFN (a
         one-expert MoE here) is its own kernels whatever the style."""
         self._kernels = style
+        if style not in EXPERT_KERNELS:
+            raise SimInputError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {style!r}")
         fused = style == "fused" and self._many_experts
         if fused != self.fused_experts:
             self.fused_experts = fused
@@ -193,8 +202,8 @@ class RooflineCostModel:
         link = self._staging_link()
         if link is None:
             return nbytes / self.cpu_bw
-        moved = nbytes / 2
-        return moved / link.pageable_bw - moved / link.bw
+        moved = nbytes / 2  # each capped at what host DRAM supplies (`_link_speed`), never faster than a memcpy
+        return max(moved / _link_speed(link, True)[0] - moved / _link_speed(link, False)[0], nbytes / self.cpu_bw)
 
     def _staging_link(self) -> _Rates | None:
         h2d = self._rates.get("h2d")

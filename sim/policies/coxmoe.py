@@ -220,7 +220,9 @@ class _Model:
         """The prefill micro-batches' token budget for `mu` requests each (<= 0: the whole batch): the mean prompt
         times `mu`, so a micro-batch holds whole requests of about `mu` prompts' tokens (as the plan builds them)."""
         wl = self.wl
-        return int(max(float(wl.prompt_lens.mean()), 1.0) * (mu if mu > 0 else wl.batch))
+        if mu <= 0 or mu >= wl.batch:  # the whole batch: its exact sum (mean x batch may round one token short)
+            return int(wl.prompt_lens.sum())
+        return int(max(float(wl.prompt_lens.mean()), 1.0) * mu)
 
     @cache  # noqa: B019 - one model per search; the cache dies with it
     def prefill_tokens_max(self, mu: int) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.analytic import Analytic, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy, require_fits
@@ -79,6 +80,9 @@ class FiddlerPolicy(Policy):
     def build(self, ctx: PlanContext) -> Plan:
         o: FiddlerOptions = self.options
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
+        if o.resident_experts > m.num_experts:
+            raise SimInputError(f"policy {self.name}: resident_experts={o.resident_experts} exceeds the "
+                                f"{m.num_experts} experts per layer of {m.name}")
         bpp = m.bytes_per_param
         requests = np.arange(wl.batch)
         prefill_groups = split_by_tokens(requests, wl.prompt_lens, o.prefill_tokens or wl.prompt_tokens)

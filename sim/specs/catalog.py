@@ -157,7 +157,8 @@ def load_model(name_or_path: str) -> ModelSpec:
             from sim.specs.hf_config import model_from_hf_config
 
             # a checkpoint's config.json is named by its folder (the current folder for a bare `config.json`)
-            name = path.stem if path.stem != "config" else (path.resolve().parent.name or path.stem)
+            # (not following links: a Hugging Face cache's snapshot folder links its files into blobs/)
+            name = path.stem if path.stem != "config" else (path.absolute().parent.name or path.stem)
             return model_from_hf_config(data, name=name)
         return _build(ModelSpec, data.get("name", path.stem), data, f"model file {path}")
     return model_preset(name_or_path)

@@ -44,6 +44,24 @@ def _count(cfg: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _optional_count(cfg: dict[str, Any], key: str, default: Any, where: str) -> Any:
+    """An optional positive integer field: `default` when absent or null, never a silent stand-in for 0."""
+    if cfg.get(key) is None:
+        return default
+    return _count(cfg, key, where)
+
+
+def _head_dim(cfg: dict[str, Any], hidden: int, heads: int, where: str) -> int:
+    """`head_dim` as given, else hidden_size / num_attention_heads, which must then divide evenly."""
+    given = _optional_count(cfg, "head_dim", None, where)
+    if given is not None:
+        return given
+    if hidden % heads:
+        raise SimInputError(f"{where}: hidden_size {hidden} is not a multiple of the {heads} attention heads (and no "
+                            "head_dim is given)")
+    return hidden // heads
+
+
 def _section(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = _get(cfg, key, where)
     if not isinstance(value, dict):
@@ -67,7 +85,8 @@ def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict
         heads, hidden = _count(cfg, "n_heads", where), _count(cfg, "d_model", where)
         return dict(name=name, num_layers=_get(cfg, "n_layers", where), hidden_size=hidden,
                     vocab_size=_get(cfg, "vocab_size", where), num_attention_heads=heads,
-                    num_kv_heads=attn.get("kv_n_heads", heads), head_dim=hidden // heads,
+                    num_kv_heads=_optional_count(attn, "kv_n_heads", heads, f"{where} attn_config"),
+                    head_dim=_head_dim({}, hidden, heads, where),
                     num_experts=_get(ffn, "moe_num_experts", f"{where} ffn_config"),
                     top_k=_get(ffn, "moe_top_k", f"{where} ffn_config"),
                     expert_intermediate_size=_get(ffn, "ffn_hidden_size", f"{where} ffn_config"),
@@ -79,7 +98,7 @@ def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict
     hidden, heads = _count(cfg, "hidden_size", where), _count(cfg, "num_attention_heads", where)
     common: dict[str, Any] = dict(
         name=name, num_layers=g("num_hidden_layers"), hidden_size=hidden, vocab_size=g("vocab_size"),
-        num_attention_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_attention_heads=heads, num_kv_heads=_optional_count(cfg, "num_key_value_heads", heads, where),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False), sources=source,
     )
     if model_type == "opt":
@@ -88,19 +107,21 @@ def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict
             raise SimInputError(f"{where}: word_embed_proj_dim differs from hidden_size (OPT-350m's projected "
                                 "embeddings are not modelled)")
         positions = _count(cfg, "max_position_embeddings", where)
-        return {**common, "tie_word_embeddings": cfg.get("tie_word_embeddings", True), "head_dim": hidden // heads,
+        return {**common, "tie_word_embeddings": cfg.get("tie_word_embeddings", True),
+                "head_dim": _head_dim({}, hidden, heads, where),
                 "num_experts": 1, "top_k": 1, "expert_intermediate_size": g("ffn_dim"), "ffn_gated": False,
                 "linear_bias": cfg.get("enable_bias", True),
                 "learned_position_embeddings": positions + OPT_POSITION_OFFSET}
     if model_type == "mixtral":
-        return {**common, "head_dim": cfg.get("head_dim") or hidden // heads, "num_experts": g("num_local_experts"),
+        return {**common, "head_dim": _head_dim(cfg, hidden, heads, where), "num_experts": g("num_local_experts"),
                 "top_k": g("num_experts_per_tok"), "expert_intermediate_size": g("intermediate_size")}
     if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
         shared = cfg.get("shared_expert_intermediate_size", 0) or 0
         qk_norm = {"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none")
-        return {**common, "head_dim": cfg.get("head_dim") or hidden // heads, "num_experts": g("num_experts"),
+        return {**common, "head_dim": _head_dim(cfg, hidden, heads, where), "num_experts": g("num_experts"),
                 "top_k": g("num_experts_per_tok"),
-                "expert_intermediate_size": cfg.get("moe_intermediate_size") or g("intermediate_size"),
+                "expert_intermediate_size": _optional_count(cfg, "moe_intermediate_size", None, where)
+                or g("intermediate_size"),
                 "shared_expert_intermediate_size": shared, "shared_expert_gate": bool(shared),
                 "qkv_bias": model_type == "qwen2_moe", "qk_norm": qk_norm}
     # deepseek_v2 / deepseek_v3: MLA, shared experts, leading dense layers.

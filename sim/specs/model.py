@@ -89,7 +89,7 @@ class ModelSpec:
         if self.num_kv_heads > self.num_attention_heads or self.num_attention_heads % self.num_kv_heads:
             raise SimInputError(f"model {self.name}: num_attention_heads {self.num_attention_heads} must be a "
                                 f"multiple of num_kv_heads {self.num_kv_heads}")
-        check_experts(self.num_experts, f"model {self.name}")
+        check_experts(self.num_experts, f"model {self.name}", self.top_k)
         for name, high in MODEL_MAXIMA.items():
             if int(getattr(self, name)) > high:
                 raise SimInputError(f"model {self.name}: {name} must be at most {high:,}, got {getattr(self, name):,}")

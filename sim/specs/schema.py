@@ -46,6 +46,10 @@ def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
         if name in out and not isinstance(out[name], bool):
             raise SimInputError(f"{where}: {name}: expected true or false, got {out[name]!r}")
     if isinstance(out.get("sources"), dict):
+        for key, note in out["sources"].items():  # text or a number: a nested structure (an alias bomb) is refused
+            if isinstance(note, bool) or not isinstance(note, str | int | float):
+                raise SimInputError(f"{where}: sources: the note for {str(key)[:40]!r} must be text or a number, got "
+                                    f"a {type(note).__name__}")
         out["sources"] = {str(k): v if isinstance(v, str) else str(v) for k, v in out["sources"].items()}
     for name, kind in _numeric_fields(cls).items():
         value = out.get(name)
