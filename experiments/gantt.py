@@ -5,6 +5,7 @@ path draws both and they can sit one above the other."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,20 @@ def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
         raise SimInputError(f"timeline {path}: no traceEvents list (write one with simulate/execute --timeline)")
     ops = [e for e in events if e.get("ph") == "X"]
     bad = next((e for e in ops if not isinstance(e.get("args"), dict) or "phase" not in e["args"]
-                or not isinstance(e.get("ts"), int | float) or not isinstance(e.get("dur"), int | float)), None)
+                or not _time(e.get("ts")) or not _time(e.get("dur"))
+                or (e["args"].get("phase") == "decode" and not _step(e["args"].get("step")))), None)
     if bad is not None or not ops:
-        raise SimInputError(f"timeline {path}: op events need ts, dur and args.phase/step (not a cox-moe timeline?)")
+        raise SimInputError(f"timeline {path}: op events need finite ts and dur >= 0 and args.phase (decode ones an "
+                            "integer args.step): not a cox-moe timeline?")
     return events, doc.get("otherData") or {}
+
+
+def _time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def process_name(events: Events, default: str) -> str:

@@ -539,3 +539,25 @@ def test_a_plan_file_with_float_ids_is_refused(capsys, tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(table, bad)
     fails_cleanly(capsys, ["run-plan", str(bad)], "column id must hold integers")
+
+
+@pytest.mark.parametrize("edit", [{"ts": float("nan")}, {"dur": -5}, {"ts": True}])
+def test_a_timeline_with_impossible_times_is_refused(capsys, tmp_path, edit):
+    tl = tmp_path / "t.json"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--timeline", str(tl)]) == 0
+    capsys.readouterr()
+    doc = json.loads(tl.read_text())
+    first = next(e for e in doc["traceEvents"] if e.get("ph") == "X")
+    first.update(edit)
+    tl.write_text(json.dumps(doc))
+    fails_cleanly(capsys, ["timeline", str(tl), "--out", str(tmp_path / "g.png")], "finite ts and dur >= 0")
+
+
+def test_a_timeline_with_a_text_step_is_refused(capsys, tmp_path):
+    tl = tmp_path / "t.json"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--timeline", str(tl)]) == 0
+    capsys.readouterr()
+    doc = json.loads(tl.read_text())
+    next(e for e in doc["traceEvents"] if e.get("ph") == "X" and e["args"]["phase"] == "decode")["args"]["step"] = "x"
+    tl.write_text(json.dumps(doc))
+    fails_cleanly(capsys, ["timeline", str(tl), "--out", str(tmp_path / "g.png")], "integer args.step")

@@ -443,3 +443,17 @@ def test_calibrate_validate_paired_profiles_and_validates_together(capsys, tmp_p
     assert main([*args[:5], str(tmp_path / "other"), *args[6:], "--cuda", "on"]) == 2
     assert "CPU only" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"device": "tpu"}, "device must be one of cpu, cuda, got 'tpu'"),
+    ({"tokens": 1.5}, "tokens must be a whole number"),
+    ({"tokens": 1e18}, r"tokens must be a whole number up to 2\^50, got 1e\+18"),
+])
+def test_profile_rows_no_op_could_read_are_refused(tmp_path, tiny_model, paper_system, row, message):
+    """A row of an unknown device, or a fractional or astronomical grid point, would be ignored or read silently
+    (the run priced by the roofline or by a nonsense point): refused, naming the row."""
+    rows = [{"device": "cpu", "kind": "expert", "tokens": t, "kv": 0, "median_s": 1e-3 * t} for t in (1, 4)]
+    rows[1].update(row)
+    with pytest.raises(SimInputError, match=message):
+        ProfileCostModel(paper_system, write_profile(tmp_path / "p", tiny_model, rows), tiny_model)

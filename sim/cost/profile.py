@@ -53,11 +53,21 @@ def model_signature(spec: ModelSpec) -> str:
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+PROFILE_DEVICES = ("cpu", "cuda")  # what `_device` maps a stream's unit to (copies are the cuda rows)
+MAX_GRID_POINT = float(1 << 50)
+
+
 def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
     """Timings as numbers: grid points >= 0 and times finite and positive (a measured op never takes 0 s;
     per-request overheads may be 0). One SimInputError names the first bad row."""
     if frame.empty:
         raise SimInputError(f"{where}: no timings")
+    devices = frame["device"].astype(str)
+    unknown = ~devices.isin(PROFILE_DEVICES)
+    if unknown.any():  # a row no op would ever read: the run would silently price by the roofline instead
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise SimInputError(f"{where}: row {row + 2}: device must be one of {', '.join(PROFILE_DEVICES)}, got "
+                            f"{frame['device'].iloc[row]!r}")
     out = frame.copy()
     for col in ("tokens", "kv", "median_s"):
         values = pd.to_numeric(out[col], errors="coerce")
@@ -66,6 +76,13 @@ def _checked_timings(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise SimInputError(f"{where}: row {row + 2}: {col} must be a finite number, got {frame[col].iloc[row]!r}")
         out[col] = values
+    for col in ("tokens", "kv"):  # grid points count tokens, KV entries or bytes: whole numbers below 2^50
+        values = out[col].to_numpy(float)
+        bad = (values % 1 != 0) | (values > MAX_GRID_POINT)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SimInputError(f"{where}: row {row + 2}: {col} must be a whole number up to 2^50, got "
+                                f"{frame[col].iloc[row]}")
     if "threads" in out.columns:  # CPU rows name their torch thread count; other rows leave it empty
         values = pd.to_numeric(out["threads"], errors="coerce")
         given, number = out["threads"].notna().to_numpy(), values.to_numpy(float)
