@@ -561,3 +561,35 @@ def test_a_timeline_with_a_text_step_is_refused(capsys, tmp_path):
     next(e for e in doc["traceEvents"] if e.get("ph") == "X" and e["args"]["phase"] == "decode")["args"]["step"] = "x"
     tl.write_text(json.dumps(doc))
     fails_cleanly(capsys, ["timeline", str(tl), "--out", str(tmp_path / "g.png")], "integer args.step")
+
+
+def test_sweep_specs_of_too_many_points_or_values_are_refused(capsys, tmp_path):
+    many = tmp_path / "many.yaml"
+    axis = list(range(1, 101))
+    many.write_text(yaml.safe_dump({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y"},
+                                    "axes": {"batch": axis, "seed": axis, "prompt_len": axis, "gen_len": axis}}))
+    fails_cleanly(capsys, ["sweep", str(many), "--out", str(tmp_path / "o")], "100,000,000 points")
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["  x1: &l1 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"  x{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(2, 10)]
+    bomb.write_text("fixed:\n  model: mixtral-8x7b\n  system: a100-80g-8452y\n  policy_options:\n"
+                    + "\n".join("  " + line for line in levels) + "\n")
+    fails_cleanly(capsys, ["sweep", str(bomb), "--out", str(tmp_path / "o2")], "values once its aliases are expanded")
+
+
+def test_hot_map_headers_of_the_wrong_types_are_refused(capsys, tmp_path):
+    trace = tmp_path / "t.npz"
+    assert main(["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "4", "--gen-len", "2",
+                 "-o", str(trace)]) == 0
+    hot = tmp_path / "m.npz"
+    assert main(["eas", "--trace", str(trace), "--vram-experts", "4", "--sample", "4", "-o", str(hot)]) == 0
+    capsys.readouterr()
+    with np.load(hot) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays["header"].astype(np.uint8).tobytes())
+    for changes, message in (({"resident": "x"}, "resident must be an integer"), ({"extra": [1, 2]}, "extra must")):
+        arrays["header"] = np.frombuffer(json.dumps({**meta, **changes}).encode(), dtype=np.uint8)
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, **arrays)
+        fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "coxmoe",
+                               "--policy-opt", f"hot_map={bad}"], message)

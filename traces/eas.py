@@ -89,10 +89,17 @@ def load_map(path: str | Path) -> HotExpertMap:
         raise TraceError(f"{path}: not a v{MAP_VERSION} cox-moe hot-expert map")
     if not np.issubdtype(ranking.dtype, np.integer):
         raise TraceError(f"{path}: ranking must be integer, got {ranking.dtype}")
+    if load.dtype.kind not in "iuf":
+        raise TraceError(f"{path}: load must be numeric, got {load.dtype}")
+    resident, extra = meta.get("resident", 0), meta.get("extra") or {}
+    if isinstance(resident, bool) or not isinstance(resident, int) or resident < 0:
+        raise TraceError(f"{path}: header resident must be an integer >= 0, got {str(resident)[:40]!r}")
+    if not isinstance(extra, dict):
+        raise TraceError(f"{path}: header extra must be a JSON object, got {type(extra).__name__}")
     try:
         return HotExpertMap(model=str(meta.get("model", "unknown")), ranking=ranking.astype(np.int32),
-                            load=load.astype(np.float64), resident=int(meta.get("resident", 0)),
-                            method=str(meta.get("method", "unknown")), extra=dict(meta.get("extra") or {}))
+                            load=load.astype(np.float64), resident=resident,
+                            method=str(meta.get("method", "unknown")), extra=dict(extra))
     except TraceError as exc:
         raise TraceError(f"{path}: {str(exc).removeprefix('hot-expert map: ')}") from None
 

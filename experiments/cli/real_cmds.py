@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
     if args.threads:
         import torch
 
+        _check_threads((args.threads,))
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     full = config_model(config)
@@ -129,6 +131,8 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
         raise SimInputError(f"--threads {args.threads!r}: expected comma-separated integers") from None
     if threads and min(threads) < 1:
         raise SimInputError("--threads: counts must be >= 1")
+    if threads:
+        _check_threads(threads)
     profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads)
     print(f"wrote {out}/profile.json and {out}/timings.csv ({', '.join(devices)}; {spec.name}; {args.rounds} rounds)")
     return 0
@@ -258,3 +262,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_validate)
 
+
+MAX_THREADS_PER_CPU = 8  # oversubscription beyond this only measures the scheduler
+
+
+def _check_threads(counts: tuple[int, ...]) -> None:
+    """Torch thread counts up to MAX_THREADS_PER_CPU per CPU this process may use (100,000 failed to start)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if max(counts) > MAX_THREADS_PER_CPU * cpus:
+        raise SimInputError(f"--threads {max(counts)}: at most {MAX_THREADS_PER_CPU * cpus} on this machine's {cpus} "
+                            "CPUs")

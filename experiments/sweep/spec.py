@@ -83,17 +83,25 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
 JSON_SCALARS = (str, int, float, bool, type(None))
 
 
-def _plain(value: Any, where: str) -> None:
+MAX_SPEC_VALUES = 100_000  # values a spec may hold once YAML aliases are expanded (an alias bomb holds 10^9)
+MAX_POINTS = 1_000_000  # points a spec may expand to
+
+
+def _plain(value: Any, where: str, budget: list[int] | None = None) -> None:
     """Spec values are JSON data (they are hashed as JSON): YAML's dates, binary blobs or non-finite numbers are
-    refused here, naming where they sit."""
+    refused here, naming where they sit; so is a spec of more than MAX_SPEC_VALUES values (aliases expanded)."""
+    budget = [MAX_SPEC_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SimInputError(f"sweep spec: more than {MAX_SPEC_VALUES:,} values once its aliases are expanded")
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise SimInputError(f"sweep spec: {where}: keys must be strings, got {k!r}")
-            _plain(v, f"{where}[{k!r}]")
+            _plain(v, f"{where}[{k!r}]", budget)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _plain(v, f"{where}[{i}]")
+            _plain(v, f"{where}[{i}]", budget)
     elif not isinstance(value, JSON_SCALARS):
         raise SimInputError(f"sweep spec: {where}: {type(value).__name__} values are not allowed (quote it as a "
                             f"string?), got {value!r}"[:300])
@@ -114,6 +122,9 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
     for name, values in axes.items():
         if not isinstance(values, list) or not values:
             raise SimInputError(f"sweep spec: axis {name!r} must be a non-empty list")
+    count = math.prod(len(values) for values in axes.values())
+    if count > MAX_POINTS:
+        raise SimInputError(f"sweep spec: its axes make {count:,} points; at most {MAX_POINTS:,} (split the sweep)")
     points: dict[str, SweepPoint] = {}
     for combo in itertools.product(*axes.values()):
         raw = dict(fixed)
