@@ -593,3 +593,32 @@ def test_hot_map_headers_of_the_wrong_types_are_refused(capsys, tmp_path):
         np.savez(bad, **arrays)
         fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "coxmoe",
                                "--policy-opt", f"hot_map={bad}"], message)
+
+
+def test_damaged_sweep_results_are_one_line_errors(capsys, tmp_path):
+    import sqlite3
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"fixed": {"model": "olmoe-1b-7b", "system": "a100-80g-8452y", "batch": 2,
+                                              "prompt_len": 4, "gen_len": 2}}))
+    out = tmp_path / "o"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    capsys.readouterr()
+    with sqlite3.connect(out / "results.sqlite") as conn:
+        conn.execute("UPDATE points SET config = '[1, 2]'")
+    fails_cleanly(capsys, ["sweep-results", str(out)], "not a JSON object")
+    garbage = tmp_path / "g"
+    garbage.mkdir()
+    (garbage / "results.sqlite").write_bytes(b"\x13" * 4096)
+    fails_cleanly(capsys, ["sweep-results", str(garbage)], "not a readable sweep results database")
+    fails_cleanly(capsys, ["sweep", str(spec), "--out", str(garbage)], "not a readable sweep results database")
+
+
+def test_a_counts_table_past_the_limits_is_refused_before_it_is_dealt(capsys, tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("100000000,100000000\n")
+    fails_cleanly(capsys, ["trace", "import", "--format", "counts", str(table), "--top-k", "2", "-o",
+                           str(tmp_path / "o.npz")], "a request holds at most 16,777,216")
+    table.write_text("4000000,4000000\n")
+    fails_cleanly(capsys, ["--max-gib", "0.01", "trace", "import", "--format", "counts", str(table), "--top-k", "2",
+                           "-o", str(tmp_path / "o.npz")], "a trace from counts would need")

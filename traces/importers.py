@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, expert_dtype
-from traces.limits import MAX_EXPERTS, check_memory
+from traces.limits import MAX_EXPERTS, MAX_LENGTH, check_memory
 
 MAX_LAYERS = 4096  # MoE layers of an imported trace (the largest models have about a hundred)
 
@@ -234,6 +234,10 @@ def trace_from_counts(table: np.ndarray, top_k: int, model: str = "counts", seed
     tokens = int(sums[0] // top_k)
     if tokens == 0:
         raise TraceError("the table holds no selections")
+    if tokens > MAX_LENGTH:
+        raise TraceError(f"the table holds {tokens:,} tokens; a request holds at most {MAX_LENGTH:,}")
+    # the trace's ids plus one layer's repeated expert ids (int64) while they are dealt out
+    check_memory(tokens * top_k * (layers * expert_dtype(num_experts).itemsize + 8), "a trace from counts")
     if (table > tokens).any():
         raise TraceError(f"an expert is chosen more often ({int(table.max())}) than there are tokens ({tokens})")
     rng = np.random.default_rng([seed, 0xC0])

@@ -76,10 +76,14 @@ class ResultStore:
         self.path = Path(out_dir) / DB_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute(SCHEMA)
-        self.conn.commit()
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute(SCHEMA)
+            self.conn.commit()
+        except sqlite3.DatabaseError as exc:  # a file there that is not a results database
+            self.conn.close()
+            raise _bad_store(self.path, exc) from None
         self._versions = json.dumps(versions(), sort_keys=True)
 
     def _ok_points(self, current: bool) -> set[str]:
@@ -118,15 +122,20 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         from sim.errors import SimInputError
 
         raise SimInputError(f"no sweep results in {out_dir} (expected {DB_NAME})")
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        raw = pd.read_sql_query("SELECT * FROM points ORDER BY finished_at, key", conn)
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            raw = pd.read_sql_query("SELECT * FROM points ORDER BY finished_at, key", conn)
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
+        raise _bad_store(path, exc) from None
     rows = []
     from sim.config import OMITTED_DEFAULTS
 
     current = json.dumps(versions(), sort_keys=True)
     for rec in raw.to_dict("records"):
-        config = {**OMITTED_DEFAULTS, **json.loads(rec["config"])}  # settings a point leaves out at their default
-        metrics = json.loads(rec["metrics"]) if isinstance(rec["metrics"], str) else {}  # NULL reads as NaN
+        config, metrics = _json_object(rec["config"], path, rec["key"]), {}  # NULL metrics read as NaN
+        if isinstance(rec["metrics"], str):
+            metrics = _json_object(rec["metrics"], path, rec["key"])
+        config = {**OMITTED_DEFAULTS, **config}  # settings a point leaves out at their default
         error = rec["error"] if isinstance(rec["error"], str) else None
         row = {"key": rec["key"], "status": rec["status"], "error": error, "wall_s": rec["wall_s"],
                **{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in config.items()},
@@ -134,3 +143,22 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
                "versions": rec["versions"], "stale": rec["versions"] != current, "finished_at": rec["finished_at"]}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _bad_store(path: Path, exc: Exception) -> Exception:
+    from sim.errors import SimInputError
+
+    return SimInputError(f"{path}: not a readable sweep results database ({str(exc).splitlines()[0][:80]})")
+
+
+def _json_object(text: Any, path: Path, key: Any) -> dict[str, Any]:
+    """A row's JSON object column; anything else is a one-line error naming the row."""
+    from sim.errors import SimInputError
+
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (json.JSONDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise SimInputError(f"{path}: point {str(key)[:20]!r} holds a config or metrics that is not a JSON object")
+    return value
