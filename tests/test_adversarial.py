@@ -622,3 +622,36 @@ def test_a_counts_table_past_the_limits_is_refused_before_it_is_dealt(capsys, tm
     table.write_text("4000000,4000000\n")
     fails_cleanly(capsys, ["--max-gib", "0.01", "trace", "import", "--format", "counts", str(table), "--top-k", "2",
                            "-o", str(tmp_path / "o.npz")], "a trace from counts would need")
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("tensor([a, b]) tensor([1]) tensor([0.1, 0.5]) tensor([1])", "not a number"),
+    ("tensor([0.1, 0.2]) tensor([7]) tensor([0.1, 0.5]) tensor([1])", "a whole expert id in 0..1"),
+    ("tensor([0.1, 0.2]) tensor([-1]) tensor([0.1, 0.5]) tensor([1])", "a whole expert id in 0..1"),
+    ("tensor([0.1, 0.2]) tensor([nan]) tensor([0.1, 0.5]) tensor([1])", "a whole expert id in 0..1"),
+    ("tensor([0.1, 0.2]) tensor([1.7]) tensor([0.1, 0.5]) tensor([1])", "a whole expert id in 0..1"),
+    ("tensor([]) tensor([1]) tensor([0.1, 0.5]) tensor([1])", "lists no logits"),
+])
+def test_malformed_switch_csv_cells_are_refused(capsys, tmp_path, cell, message):
+    path = tmp_path / "s.csv"
+    path.write_text(f'a1,0,"{cell}",tok\n')
+    fails_cleanly(capsys, ["trace", "import", "--format", "switch-csv", str(path), "-o", str(tmp_path / "o.npz")],
+                  message)
+
+
+def test_counts_arrays_of_other_kinds_or_sizes_are_refused(capsys, tmp_path):
+    import io
+
+    for name, array, message in (("c.npy", np.array([[1 + 1j, 1]]), "complex128"),
+                                 ("s.npy", np.array([["a", "b"]]), "real integer or float array")):
+        np.save(tmp_path / name, array)
+        fails_cleanly(capsys, ["trace", "import", "--format", "counts", str(tmp_path / name), "--top-k", "2", "-o",
+                               str(tmp_path / "o.npz")], message)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (2, 10**11)})
+    (tmp_path / "h.npy").write_bytes(header.getvalue())
+    fails_cleanly(capsys, ["trace", "import", "--format", "counts", str(tmp_path / "h.npy"), "--top-k", "2", "-o",
+                           str(tmp_path / "o.npz")], "above the")
+    (tmp_path / "big.csv").write_text("1e300,1e300\n")
+    fails_cleanly(capsys, ["trace", "import", "--format", "counts", str(tmp_path / "big.csv"), "--top-k", "2", "-o",
+                           str(tmp_path / "o.npz")], "counts must be non-negative integers of at most")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -156,7 +157,11 @@ def import_switch_csv(path: str | Path, model: str = "switch-base-32") -> Routin
     text = _open_text(path)
     experts_rows, gate_rows, gen_lens = [], [], []
     layers = num_experts = None
-    for n, row in enumerate(csv.reader(text.splitlines()), start=1):
+    try:
+        parsed = list(csv.reader(text.splitlines()))
+    except csv.Error as exc:  # e.g. a field longer than the csv module's limit
+        raise TraceError(f"{path}: not a readable CSV ({exc})") from None
+    for n, row in enumerate(parsed, start=1):
         if not row:
             continue
         if (len(row) - 1) % 3 or len(row) < 4:
@@ -164,16 +169,26 @@ def import_switch_csv(path: str | Path, model: str = "switch-base-32") -> Routin
         steps = (len(row) - 1) // 3
         for i in range(steps):
             cell = row[2 + 3 * i]
-            tensors = [np.array([float(v) for v in m.replace("\n", " ").split(",") if v.strip()])
-                       for m in _TENSOR.findall(cell)]
+            try:
+                tensors = [np.array([float(v) for v in m.replace("\n", " ").split(",") if v.strip()])
+                           for m in _TENSOR.findall(cell)]
+            except ValueError:
+                raise TraceError(f"{path}:{n}: step {i}: a tensor holds something that is not a number") from None
             if len(tensors) < 2 or len(tensors) % 2:
                 raise TraceError(f"{path}:{n}: step {i}: expected (logits, choice) tensor pairs")
             logits, chosen = tensors[0::2], tensors[1::2]
             if layers is None:
                 layers, num_experts = len(logits), len(logits[0])
+                if not num_experts:
+                    raise TraceError(f"{path}:{n}: step {i}: a layer lists no logits")
             if len(logits) != layers or any(len(x) != num_experts for x in logits) or any(len(c) != 1 for c in chosen):
                 raise TraceError(f"{path}:{n}: step {i}: every step needs {layers} layers of {num_experts} logits "
                                  "and one choice")
+            choices = [float(c[0]) for c in chosen]
+            if not all(np.isfinite(x).all() for x in logits) or not all(
+                    math.isfinite(c) and c == int(c) and 0 <= c < num_experts for c in choices):
+                raise TraceError(f"{path}:{n}: step {i}: logits must be finite and each choice a whole expert id in "
+                                 f"0..{num_experts - 1}")
             ids = [int(c[0]) for c in chosen]
             probs = []
             for x, e in zip(logits, ids, strict=True):
@@ -196,7 +211,16 @@ def read_count_table(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.suffix == ".npy":
         try:
+            with open(path, "rb") as fh:  # the header first: a 64-byte file may declare terabytes
+                version = np.lib.format.read_magic(fh)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(fh))
+            if dtype.kind not in "iuf":
+                raise TraceError(f"{path}: counts must be a real integer or float array, got {dtype}")
+            check_memory(float(np.prod(shape, dtype=np.float64)) * 16, f"a counts table {path}")
             table = np.load(path, allow_pickle=False)
+        except TraceError:  # a ValueError too: keep its own message
+            raise
         except (OSError, ValueError) as exc:
             raise TraceError(f"{path}: cannot read ({type(exc).__name__})") from None
     else:
@@ -211,8 +235,9 @@ def read_count_table(path: str | Path) -> np.ndarray:
         table = values
     if table.ndim != 2 or table.size == 0:
         raise TraceError(f"{path}: expected a 2-D [layers, experts] table")
-    if not np.isfinite(table).all() or (table < 0).any() or (table != np.round(table)).any():
-        raise TraceError(f"{path}: counts must be non-negative integers")
+    if not np.isfinite(table).all() or (table < 0).any() or (table != np.round(table)).any() or (
+            table.max() > MAX_LENGTH * MAX_EXPERTS):  # counts beyond any request's tokens x experts overflow casts
+        raise TraceError(f"{path}: counts must be non-negative integers of at most {MAX_LENGTH * MAX_EXPERTS:,}")
     return table.astype(np.int64)
 
 
