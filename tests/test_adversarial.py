@@ -655,3 +655,14 @@ def test_counts_arrays_of_other_kinds_or_sizes_are_refused(capsys, tmp_path):
     (tmp_path / "big.csv").write_text("1e300,1e300\n")
     fails_cleanly(capsys, ["trace", "import", "--format", "counts", str(tmp_path / "big.csv"), "--top-k", "2", "-o",
                            str(tmp_path / "o.npz")], "counts must be non-negative integers of at most")
+
+
+@pytest.mark.parametrize("spec", ["lognormal:1e308:1", "lognormal:1e9:0", "lognormal:100:1e9"])
+def test_length_distributions_that_would_be_clipped_are_refused(capsys, spec):
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "4", "--prompt-len", "8",
+                           "--gen-len", spec], "MEDIAN must be in (0, 16,777,216] and SIGMA in [0, 10]")
+
+
+def test_a_huge_zipf_alpha_is_one_line(capsys):
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--routing", "zipf:1e308"],
+                  "fewer than top_k=8 experts")

@@ -56,7 +56,8 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int) -
         if not np.isfinite(alpha) or alpha < 0:
             raise TraceError(f"routing {spec!r}: zipf alpha must be >= 0")
         rng = np.random.default_rng([seed, 0x5A1F])
-        weights = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** alpha
+        with np.errstate(over="ignore"):  # a huge alpha: rank**alpha is inf, its weight 0 (the check below names it)
+            weights = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** alpha
         rows = [weights[rng.permutation(num_experts)] for _ in range(num_layers)]
         probs = np.stack(rows)
         return probs / probs.sum(axis=1, keepdims=True)
@@ -98,10 +99,12 @@ def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what:
             lens = rng.integers(lo, hi + 1, size=count)
         elif parts[0] == "lognormal" and len(parts) in (3, 4):
             median, sigma = float(parts[1]), float(parts[2])
-            if not (np.isfinite(median) and median > 0 and np.isfinite(sigma) and sigma >= 0):
-                raise TraceError(f"{what} {text!r}: MEDIAN must be positive and SIGMA >= 0, both finite")
+            if not (np.isfinite(median) and 0 < median <= MAX_LENGTH and np.isfinite(sigma) and 0 <= sigma <= 10):
+                # a median past any request's length, or a spread past e^10 per sigma, would be clipped silently
+                raise TraceError(f"{what} {text!r}: MEDIAN must be in (0, {MAX_LENGTH:,}] and SIGMA in [0, 10]")
             cap = length(parts[3], "MAX") if len(parts) == 4 else MAX_LENGTH
-            draws = np.rint(median * np.exp(sigma * rng.standard_normal(count)))
+            with np.errstate(over="ignore"):  # exp of a far tail is inf and clips to MAX: not worth a warning line
+                draws = np.rint(median * np.exp(sigma * rng.standard_normal(count)))
             lens = np.clip(draws, 1, cap).astype(np.int64)
         else:
             raise TraceError(f"{what} {text!r}: use N, fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or "
