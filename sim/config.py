@@ -38,8 +38,8 @@ OMITTED_DEFAULTS: dict[str, Any] = {"expert_precision": "native", "system_settin
 MAPPING_SETTINGS = ("policy_options", "system_settings")  # KEY=VALUE settings (repeatable flags, mappings in files)
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """A parser for an integer >= low (a ValueError names the bound)."""
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A parser for an integer >= low (and <= high when given; a ValueError names the bound)."""
 
     def parse(text: str) -> int:
         try:
@@ -48,6 +48,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise ValueError(f"expected an integer >= {low}, got {text!r}") from None
         if value < low:
             raise ValueError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise ValueError(f"must be at most {high}, got {value}")
         return value
 
     parse.__name__ = f"int_at_least_{low}"

@@ -175,6 +175,11 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
         if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 1:
             raise SimInputError(f"metadata {k} must be a non-empty list of integers >= 1")
     workload = Workload(lengths["prompt_lens"].astype(np.int64), lengths["gen_lens"].astype(np.int64))
+    for name, groups in meta["micro_batches"].items():
+        if name not in ("prefill", "decode") or not groups or any(
+                not g or min(g) < 0 or max(g) >= workload.batch for g in groups):
+            raise SimInputError(f"metadata micro_batches {name!r}: needs prefill and decode groups of request ids "
+                                f"in 0..{workload.batch - 1}")
     enums = {c: _enum(c, d[c]) for c in _ENUM_COLUMNS if c != "stream"}
     enums["stream"] = _streams(system, d["stream"])
     ints = {c: _ints(c, d[c]) for c in _INT_COLUMNS}

@@ -666,3 +666,21 @@ def test_length_distributions_that_would_be_clipped_are_refused(capsys, spec):
 def test_a_huge_zipf_alpha_is_one_line(capsys):
     fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--routing", "zipf:1e308"],
                   "fewer than top_k=8 experts")
+
+
+def test_real_runs_are_bounded_in_count_and_threads(capsys):
+    fails_cleanly(capsys, ["execute", "--model", "olmoe-1b-7b", "--batch", "2", "--prompt-len", "4", "--gen-len", "2",
+                           "--warmup", "1000000000"], "--warmup: must be at most 1000")
+    fails_cleanly(capsys, ["execute", "--model", "olmoe-1b-7b", "--batch", "2", "--prompt-len", "4", "--gen-len", "2",
+                           "--threads", "100000"], "--threads 100000: at most")
+
+
+def test_plan_micro_batches_naming_missing_requests_are_refused(capsys, tmp_path):
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "2", "--prompt-len", "8", "--gen-len", "3",
+                 "--policy", "coxmoe", "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    meta = json.loads(pq.read_table(plan).schema.metadata[b"cox-moe-plan"])
+    groups = {**meta["micro_batches"], "decode": [[0, 5]]}
+    fails_cleanly(capsys, ["run-plan", str(_rewrite_plan_meta(plan, tmp_path / "bad.parquet", micro_batches=groups))],
+                  "request ids in 0..1")

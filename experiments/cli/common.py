@@ -30,6 +30,8 @@ class Parser(argparse.ArgumentParser):
 
 positive_int = arg_type(int_at_least(1))
 nonneg_int = arg_type(int_at_least(0))
+run_count = arg_type(int_at_least(0, 1000))  # warm-ups, rounds, repeats of real runs: each can take minutes
+positive_run_count = arg_type(int_at_least(1, 1000))
 length_arg = arg_type(length)
 probability_arg = arg_type(probability)
 

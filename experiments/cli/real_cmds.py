@@ -7,7 +7,15 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from experiments.cli.common import IMAGE_SUFFIXES, Parser, emit_json, nonneg_int, output_file, positive_int
+from experiments.cli.common import (
+    IMAGE_SUFFIXES,
+    Parser,
+    emit_json,
+    output_file,
+    positive_int,
+    positive_run_count,
+    run_count,
+)
 from experiments.cli.config_flags import add_config_flags, config_from_args
 from sim.errors import SimInputError
 
@@ -217,7 +225,7 @@ def _add_real_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=positive_int, help="run the first N layers (real size); default all")
     p.add_argument("--cuda", choices=("auto", "on", "off"), default="auto",
                    help="run GPU-stream ops on CUDA (auto: when available; off: on the CPU, labelled)")
-    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed runs first (default %(default)s)")
+    p.add_argument("--warmup", type=run_count, default=1, help="untimed runs first, at most 1000 (default %(default)s)")
     p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local Hugging Face safetensors checkpoint")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
 
@@ -239,7 +247,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model-file", help="model spec YAML/JSON or Hugging Face config.json")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved repeats per grid point")
+    p.add_argument("--rounds", type=positive_run_count, default=3,
+                   help="interleaved repeats per grid point (at most 1000)")
     p.add_argument("--max-tokens", type=positive_int, default=1024,
                    help="largest tokens per op in the grid (up to 4096)")
     p.add_argument("--threads", help="comma-separated torch thread counts to profile the CPU with (default: "
@@ -252,7 +261,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_real_run(p)
     p.add_argument("--profile", required=True, metavar="DIR", help="profile of this machine (the policy's search "
                    "scores its candidates with it too); with --paired, the new folder to profile into")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; per-op medians are compared")
+    p.add_argument("--repeats", type=positive_run_count, default=3,
+                   help="timed runs; per-op medians are compared (at most 1000)")
     p.add_argument("--paired", action="store_true",
                    help="profile this machine into --profile (a new folder) in the same rounds as the timed runs "
                    "(one run after each of --repeats profile rounds), so a drifting machine hits both alike; CPU "
