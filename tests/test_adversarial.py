@@ -266,7 +266,7 @@ def test_a_npy_renamed_npz(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("length, message", [
-    ("lognormal:nan:0.5", "MEDIAN must be positive and SIGMA >= 0"),
+    ("lognormal:nan:0.5", "MEDIAN must be in (0, 16,777,216] and SIGMA in [0, 10]"),
     ("4294967297", "must be in [1, 16,777,216], got 4,294,967,297"),
     ("uniform:0:4", "LO must be in [1"),
     ("preset:nope", "unknown length preset 'nope'; known: mtbench-prompt"),
