@@ -296,3 +296,16 @@ def test_memoised_op_work_equals_the_computation(tiny_model):
         assert first == getattr(OpWork, name)(w, *args)  # the class's method: computed afresh
         assert getattr(w, name)(*args) is first  # kept
         assert getattr(w, name)(*other) == getattr(OpWork, name)(w, *other)
+
+
+@pytest.mark.parametrize("policy, opts", POLICY_CASES)
+def test_every_policy_s_sampled_plan_generates_its_workload_s_tokens(tmp_path, tiny_model, paper_system, policy,
+                                                                      opts):
+    """What plan files are checked for when read (`Plan.check_tokens_generated`) holds for every policy's own
+    plans: requests finishing at different steps, and a sample of decode steps scaled to them."""
+    from sim.plan_io import load_plan, save_plan
+
+    r = simulate(tiny_model, system_for(policy, paper_system), policy, batch=6, prompt_len="uniform:3:9",
+                 gen_len="uniform:2:9", decode_sample=3, policy_options=opts, keep_plan=True)
+    r.plan.check_tokens_generated()
+    assert load_plan(save_plan(r.plan, tmp_path / "p.parquet")).decode_scale == r.plan.decode_scale

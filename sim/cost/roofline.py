@@ -129,9 +129,9 @@ class RooflineCostModel:
         per-kernel cost, a kernel call per expert) or `fused` (none: one fused MoE call per layer and micro-batch,
         whose few kernels queue back to back behind the router's call, which pays its own). A dense model's FFN (a
         one-expert MoE here) is its own kernels whatever the style."""
-        self._kernels = style
         if style not in EXPERT_KERNELS:
             raise SimInputError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {style!r}")
+        self._kernels = style
         fused = style == "fused" and self._many_experts
         if fused != self.fused_experts:
             self.fused_experts = fused
