@@ -413,24 +413,24 @@ class _Model:
 
     # ---- memory ----------------------------------------------------------------------------------------
     def op3_fitting(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, cap_gpu: int,
-                    cap: bool = True) -> tuple[Op3, Op3, bool] | None:
+                    cap: bool = True) -> tuple[Op3, Op3] | None:
         """OP3 of both phases with `resident` experts per layer whose fetch buffers fit in `cap_gpu` with the rest of
-        the configuration's VRAM: the best split when it fits; else, with split=auto, E_M capped at the buffers
-        that fit (the other experts on the CPU), as the paper's search picks E_R, E_M and E_C under the VRAM
-        budget (`cap`); None when nothing fits. The flag says whether E_M was capped."""
+        the configuration's VRAM: the best split when it fits; else, with `cap` and split=auto, E_M capped at the
+        buffers that fit (the other experts on the CPU), E_R, E_M and E_C under the VRAM budget as the paper's
+        search picks them; None when nothing fits."""
         base = sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, 0).values())
         if base > cap_gpu:
             return None
         pair = self.op3(Phase.PREFILL, resident, mu_p), self.op3(Phase.DECODE, resident, mu_d)
         if sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, max(p[1] for p in pair)).values()) <= cap_gpu:
-            return pair[0], pair[1], False
+            return pair
         per_buffer = sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, 1).values()) - base
         if not cap or self.opts.split != "auto" or per_buffer <= 0:
             return None
-        cap = int((cap_gpu - base) // per_buffer)
-        pair = self.op3(Phase.PREFILL, resident, mu_p, cap), self.op3(Phase.DECODE, resident, mu_d, cap)
+        buffers = int((cap_gpu - base) // per_buffer)
+        pair = self.op3(Phase.PREFILL, resident, mu_p, buffers), self.op3(Phase.DECODE, resident, mu_d, buffers)
         if sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, max(p[1] for p in pair)).values()) <= cap_gpu:
-            return pair[0], pair[1], True
+            return pair
         return None
 
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
@@ -580,7 +580,7 @@ class CoxMoePolicy(Policy):
                 pair = model.op3_fitting(pre, dec, mu_p, mu_d, resident, cap_gpu, cap=o.resident_experts >= 0)
                 if pair is None:
                     continue
-                op3_p, op3_d, capped = pair
+                op3_p, op3_d = pair
                 widest = max(op3_p[1], op3_d[1])
                 total = (m.num_layers * t_pre + op3_p[0]) + model.decode_steps * (m.num_layers * t_dec + op3_d[0])
                 opts = replace(o, prefill_placement=pre, decode_placement=dec, prefill_micro_batch=mu_p,
@@ -589,9 +589,7 @@ class CoxMoePolicy(Policy):
                           "decode_s": model.decode_steps * (m.num_layers * t_dec + op3_d[0]),
                           "expert_fetched_per_layer": widest}
                 out.append(Candidate(opts, total, detail))
-                if not capped:
-                    break  # the most residents that fit: fewer never makes OP3 faster
-                # with E_M cut to the buffers that fit, fewer residents (more buffers) may be faster: keep looking
+                break  # the most residents that fit: fewer never makes OP3 faster
         return out
 
     # ---- plan ------------------------------------------------------------------------------------------
@@ -606,7 +604,7 @@ class CoxMoePolicy(Policy):
                                                     (Phase.DECODE, o.decode_placement, o.decode_micro_batch))):
             # the split the search priced (E_M capped to the buffers VRAM holds); uncapped when nothing fits, so
             # the engine names the overflow
-            choice = fitting[k] if fitting is not None else model.op3(phase, resident, mu)  # type: ignore[index]
+            choice = fitting[k] if fitting is not None else model.op3(phase, resident, mu)
             n_cpu = model.attention_split(mu)[1] if phase is Phase.DECODE and o.attention_split else 0
             layouts[phase] = Layout(placement, residents, choice.fetched, choice.on_cpu, splits=choice.splits,
                                     on_ndp=choice.on_ndp, attention_cpu_mbs=frozenset(range(n_cpu)),
