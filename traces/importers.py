@@ -118,8 +118,11 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
         if top_id >= num_experts:
             raise TraceError(f"{path}: expert id {top_id} is out of range for --experts {num_experts}")
     rows, gates, prompt_lens, gen_lens = [], [], [], []
+    tokens_of: dict[int, list[int]] = {}  # one pass over the records (scanning them per request was quadratic)
+    for rr, t in records:
+        tokens_of.setdefault(rr, []).append(t)
     for r in requests:
-        tokens = sorted(t for rr, t in records if rr == r)
+        tokens = sorted(tokens_of[r])
         if tokens != list(range(len(tokens))):
             raise TraceError(f"{path}: request {r} tokens must be 0..{len(tokens) - 1} with none missing")
         kinds = [phases[(r, t)] for t in tokens]
