@@ -684,3 +684,17 @@ def test_plan_micro_batches_naming_missing_requests_are_refused(capsys, tmp_path
     groups = {**meta["micro_batches"], "decode": [[0, 5]]}
     fails_cleanly(capsys, ["run-plan", str(_rewrite_plan_meta(plan, tmp_path / "bad.parquet", micro_batches=groups))],
                   "request ids in 0..1")
+
+
+@pytest.mark.parametrize("text, message", [("1:30", "base-60"), ("!!binary aGVsbG8=", "binary values")])
+def test_yaml_1_1_surprises_are_refused_not_read(capsys, tmp_path, text, message):
+    """`cores: 1:30` would be 90 and a `!!binary` blob bytes: user YAML refuses both (spec files, sweeps, points)."""
+    from sim.specs import show_preset
+
+    spec = tmp_path / "s.yaml"
+    body = show_preset("a100-80g-8452y")
+    field = "name" if "binary" in text else "  cores"
+    lines = [(f"{field}: {text}" if line.startswith(field + ":") else line) for line in body.splitlines()]
+    assert any(text in line for line in lines)
+    spec.write_text("\n".join(lines) + "\n")
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", "--system-file", str(spec), *WL], message)

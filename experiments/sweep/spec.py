@@ -28,6 +28,7 @@ import yaml
 
 from sim.config import DEFAULTS, MAPPING_SETTINGS, SimConfig
 from sim.errors import SimInputError
+from sim.specs.catalog import load_yaml
 
 # What a point may set: every `SimConfig` field, completed with its defaults; sweeps default to CoX-MoE.
 SWEEP_DEFAULTS: dict[str, Any] = {"policy": "coxmoe"}
@@ -144,7 +145,7 @@ def load_spec(path: str | Path) -> list[SweepPoint]:
     if not path.is_file():
         raise SimInputError(f"sweep spec not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise SimInputError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:

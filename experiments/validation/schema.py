@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sim.errors import SimInputError
+from sim.specs.catalog import load_yaml
 
 POINTS_DIR = Path(__file__).with_name("points")
 MAX_BATCH = 1 << 20
@@ -94,7 +95,7 @@ def _format_error(exc: ValidationError) -> str:
 def load_points_file(path: Path) -> list[ValidationPoint]:
     """The points of one YAML file, each with the file's defaults merged under it."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SimInputError(f"validation points {path}: cannot read: {first}") from None

@@ -123,6 +123,37 @@ def component_preset(kind: str, name: str) -> Any:
     return _component(kind, name, f"{kind} preset {name}")
 
 
+class SpecLoader(yaml.SafeLoader):
+    """YAML for user files: safe_load's types without YAML 1.1's surprises, each refused rather than read as
+    something else: sexagesimal numbers (`1:30` would be 90) and binary blobs (`!!binary`)."""
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as a base-60 number in YAML "
+                                                    "1.1: quote it, or write the number", node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.Node) -> float:
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as a base-60 number in YAML "
+                                                    "1.1: quote it, or write the number", node.start_mark)
+        return super().construct_yaml_float(node)
+
+    def construct_yaml_binary(self, node: yaml.Node) -> bytes:
+        raise yaml.constructor.ConstructorError(None, None, "binary values (!!binary) are not spec data",
+                                                node.start_mark)
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:int", SpecLoader.construct_yaml_int)
+SpecLoader.add_constructor("tag:yaml.org,2002:float", SpecLoader.construct_yaml_float)
+SpecLoader.add_constructor("tag:yaml.org,2002:binary", SpecLoader.construct_yaml_binary)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with SpecLoader: what every user-written YAML file (specs, sweeps, points) is read with."""
+    return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_spec_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping; errors name the file and the problem in one line."""
     path = Path(path)
@@ -132,7 +163,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         raise SimInputError(f"spec file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SimInputError(f"cannot parse spec file {path}: {first}") from None
