@@ -175,6 +175,8 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
         if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 1:
             raise SimInputError(f"metadata {k} must be a non-empty list of integers >= 1")
     workload = Workload(lengths["prompt_lens"].astype(np.int64), lengths["gen_lens"].astype(np.int64))
+    if set(meta["micro_batches"]) != {"prefill", "decode"}:
+        raise SimInputError("metadata micro_batches: needs prefill and decode groups (and nothing else)")
     for name, groups in meta["micro_batches"].items():
         if name not in ("prefill", "decode") or not groups or any(
                 not g or min(g) < 0 or max(g) >= workload.batch for g in groups):
@@ -189,6 +191,9 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
             if len(d[f"{which}_pool"][i] or ()) != len(d[f"{which}_bytes"][i] or ()):
                 raise SimInputError(f"op {i}: {which}_pool and {which}_bytes differ in length")
     members = _members(d, rows)
+    for col in ("deps", "alloc_bytes", "free_bytes"):  # ids and byte counts: whole numbers only (not 1.5 bytes)
+        if not all(type(v) is int for cell in d[col] for v in (cell or ())):
+            raise SimInputError(f"column {col} must hold lists of integers")
     ops = [
         Op(ints["id"][i], enums["kind"][i], enums["stream"][i], enums["phase"][i], ints["step"][i], ints["layer"][i],
            ints["micro_batch"][i], ints["tokens"][i], ints["flops"][i], ints["bytes"][i], tuple(d["deps"][i] or ()),

@@ -698,3 +698,33 @@ def test_yaml_1_1_surprises_are_refused_not_read(capsys, tmp_path, text, message
     assert any(text in line for line in lines)
     spec.write_text("\n".join(lines) + "\n")
     fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", "--system-file", str(spec), *WL], message)
+
+
+def test_second_review_of_the_input_fixes(capsys, tmp_path, monkeypatch):
+    """A review's cases: many small sweep axes, float dependency lists, a plan without decode micro-batches, a
+    foreign results table; boolean count tables still import."""
+    import sqlite3
+
+    axes = tmp_path / "axes.yaml"
+    axes.write_text(yaml.safe_dump({"fixed": {"model": "olmoe-1b-7b", "system": "a100-80g-8452y"},
+                                    "axes": {f"a{i}": [0, 1] for i in range(15000)}}))
+    fails_cleanly(capsys, ["sweep", str(axes), "--out", str(tmp_path / "o")], "more than 1,000,000 points")
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "fiddler", "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    table = pq.read_table(plan)
+    deps = pa.array([[float(d) for d in cell] for cell in table.column("deps").to_pylist()], pa.list_(pa.float64()))
+    pq.write_table(table.set_column(table.schema.get_field_index("deps"), "deps", deps), tmp_path / "d.parquet")
+    fails_cleanly(capsys, ["run-plan", str(tmp_path / "d.parquet")], "column deps must hold lists of integers")
+    meta = json.loads(table.schema.metadata[b"cox-moe-plan"])
+    only_prefill = {"prefill": meta["micro_batches"]["prefill"]}
+    fails_cleanly(capsys, ["run-plan", str(_rewrite_plan_meta(plan, tmp_path / "m.parquet",
+                                                              micro_batches=only_prefill))], "needs prefill and decode")
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    with sqlite3.connect(foreign / "results.sqlite") as conn:
+        conn.execute("CREATE TABLE points (key TEXT, other TEXT)")
+    fails_cleanly(capsys, ["sweep-results", str(foreign)], "its points table has columns key, other")
+    np.save(tmp_path / "b.npy", np.array([[True, True, False, False]] * 2))
+    assert main(["trace", "import", "--format", "counts", str(tmp_path / "b.npy"), "--top-k", "2", "-o",
+                 str(tmp_path / "b.npz")]) == 0

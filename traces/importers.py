@@ -218,7 +218,7 @@ def read_count_table(path: str | Path) -> np.ndarray:
                 version = np.lib.format.read_magic(fh)
                 shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0(fh))
-            if dtype.kind not in "iuf":
+            if dtype.kind not in "biuf":
                 raise TraceError(f"{path}: counts must be a real integer or float array, got {dtype}")
             check_memory(float(np.prod(shape, dtype=np.float64)) * 16, f"a counts table {path}")
             table = np.load(path, allow_pickle=False)

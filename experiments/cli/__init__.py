@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "COXMOE_TRACEBACK"  # set: the generic input catches (nesting, memory) re-raise, for debugging
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     saved_limit = os.environ.get(LIMIT_ENV)
@@ -50,15 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"coxmoe: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except RecursionError:  # a JSON / YAML input nested deeper than the readers recurse (or an alias cycle)
+        if os.environ.get(TRACEBACK_ENV):
+            raise
         print("coxmoe: error: an input file is nested too deeply to read (JSON or YAML nesting, or an alias cycle)",
               file=sys.stderr)
         return EXIT_USAGE
     except MemoryError:  # numpy's ArrayMemoryError included: the allocation was refused, nothing ran away
+        if os.environ.get(TRACEBACK_ENV):
+            raise
         print("coxmoe: error: the input needs more memory than this machine can allocate (a trace, plan or batch "
               "that large; see --max-gib)", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:
-        if "Exceeds the limit" in str(exc) and "digits" in str(exc):  # CPython's guard on huge integer literals
+        if "Exceeds the limit" in str(exc) and "value has" in str(exc):  # CPython's guard reading a huge integer
             print(f"coxmoe: error: an input holds an integer of more than {sys.get_int_max_str_digits()} digits",
                   file=sys.stderr)
             return EXIT_USAGE

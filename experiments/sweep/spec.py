@@ -123,9 +123,11 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
     for name, values in axes.items():
         if not isinstance(values, list) or not values:
             raise SimInputError(f"sweep spec: axis {name!r} must be a non-empty list")
-    count = math.prod(len(values) for values in axes.values())
-    if count > MAX_POINTS:
-        raise SimInputError(f"sweep spec: its axes make {count:,} points; at most {MAX_POINTS:,} (split the sweep)")
+    count = 1
+    for values in axes.values():  # stop at the cap: 15,000 two-value axes make a number too long to print
+        count *= len(values)
+        if count > MAX_POINTS:
+            raise SimInputError(f"sweep spec: its axes make more than {MAX_POINTS:,} points (split the sweep)")
     points: dict[str, SweepPoint] = {}
     for combo in itertools.product(*axes.values()):
         raw = dict(fixed)

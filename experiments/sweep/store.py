@@ -81,6 +81,7 @@ class ResultStore:
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute(SCHEMA)
             self.conn.commit()
+            _check_columns(self.conn, self.path)
         except sqlite3.DatabaseError as exc:  # a file there that is not a results database
             self.conn.close()
             raise _bad_store(self.path, exc) from None
@@ -124,6 +125,7 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         raise SimInputError(f"no sweep results in {out_dir} (expected {DB_NAME})")
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            _check_columns(conn, path)
             raw = pd.read_sql_query("SELECT * FROM points ORDER BY finished_at, key", conn)
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
         raise _bad_store(path, exc) from None
@@ -162,3 +164,13 @@ def _json_object(text: Any, path: Path, key: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SimInputError(f"{path}: point {str(key)[:20]!r} holds a config or metrics that is not a JSON object")
     return value
+
+
+COLUMNS = ("key", "status", "config", "metrics", "error", "wall_s", "versions", "finished_at")
+
+
+def _check_columns(conn: sqlite3.Connection, path: Path) -> None:
+    """A `points` table of another schema (a foreign SQLite file) is refused in one line."""
+    have = tuple(row[1] for row in conn.execute("PRAGMA table_info(points)"))
+    if have != COLUMNS:
+        raise sqlite3.DatabaseError(f"its points table has columns {', '.join(have) or 'none'}")
