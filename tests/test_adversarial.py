@@ -364,7 +364,7 @@ def test_cuda_on_without_cuda_is_refused_before_any_work(capsys):
 
 @pytest.mark.parametrize("body, message", [
     ("fixed: {model: mixtral-8x7b, when: 2024-01-02}\n", "date values are not allowed"),
-    ("fixed: {model: !!binary aGVsbG8=}\n", "bytes values are not allowed"),
+    ("fixed: {model: !!binary aGVsbG8=}\n", "binary values (!!binary) are not spec data"),
     ("fixed: {batch: .nan}\n", "must be a finite number"),
 ])
 def test_bad_sweep_specs(capsys, tmp_path, body, message):
@@ -568,7 +568,7 @@ def test_sweep_specs_of_too_many_points_or_values_are_refused(capsys, tmp_path):
     axis = list(range(1, 101))
     many.write_text(yaml.safe_dump({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y"},
                                     "axes": {"batch": axis, "seed": axis, "prompt_len": axis, "gen_len": axis}}))
-    fails_cleanly(capsys, ["sweep", str(many), "--out", str(tmp_path / "o")], "100,000,000 points")
+    fails_cleanly(capsys, ["sweep", str(many), "--out", str(tmp_path / "o")], "more than 1,000,000 points")
     bomb = tmp_path / "bomb.yaml"
     levels = ["  x1: &l1 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     levels += [f"  x{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(2, 10)]
