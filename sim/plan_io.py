@@ -178,7 +178,7 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
     if set(meta["micro_batches"]) != {"prefill", "decode"}:
         raise SimInputError("metadata micro_batches: needs prefill and decode groups (and nothing else)")
     for name, groups in meta["micro_batches"].items():
-        if name not in ("prefill", "decode") or not groups or any(
+        if not groups or any(
                 not g or min(g) < 0 or max(g) >= workload.batch for g in groups):
             raise SimInputError(f"metadata micro_batches {name!r}: needs prefill and decode groups of request ids "
                                 f"in 0..{workload.batch - 1}")
