@@ -432,6 +432,14 @@ def read_npz(path: Path, required: set[str], optional: tuple[str, ...], what: st
         raise TraceError(f"{path}: cannot read {noun} (truncated or not an .npz file: {type(exc).__name__})") from None
 
 
+def read_npy_header(stream: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) an .npy stream declares, read from its header alone (a few bytes, nothing expanded)."""
+    version = np.lib.format.read_magic(stream)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(stream)
+    return shape, dtype
+
+
 def _check_declared_sizes(path: Path, what: str) -> None:
     """Read each member's .npy header (a few bytes of its stream) and refuse, before anything is expanded, an
     archive whose arrays would exceed the memory limit, or whose declared and stored sizes disagree."""
@@ -443,11 +451,7 @@ def _check_declared_sizes(path: Path, what: str) -> None:
             if not info.filename.endswith(".npy"):  # numpy would hand it back as raw bytes, unchecked
                 raise TraceError(f"{path}: archive member {info.filename[:60]!r} is not an .npy array")
             with archive.open(info) as stream:
-                version = np.lib.format.read_magic(stream)
-                if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-                else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+                shape, dtype = read_npy_header(stream)
             if dtype.hasobject:
                 raise TraceError(f"{path}: array {info.filename} holds Python objects (refused: never unpickled)")
             nbytes = math.prod(shape) * dtype.itemsize

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from traces.errors import TraceError
-from traces.format import RoutingTrace, TraceHeader, expert_dtype
+from traces.format import RoutingTrace, TraceHeader, expert_dtype, read_npy_header
 from traces.limits import MAX_EXPERTS, MAX_LENGTH, check_memory
 
 MAX_LAYERS = 4096  # MoE layers of an imported trace (the largest models have about a hundred)
@@ -215,9 +215,7 @@ def read_count_table(path: str | Path) -> np.ndarray:
     if path.suffix == ".npy":
         try:
             with open(path, "rb") as fh:  # the header first: a 64-byte file may declare terabytes
-                version = np.lib.format.read_magic(fh)
-                shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0(fh))
+                shape, dtype = read_npy_header(fh)
             if dtype.kind not in "biuf":
                 raise TraceError(f"{path}: counts must be a real integer or float array, got {dtype}")
             check_memory(float(np.prod(shape, dtype=np.float64)) * 16, f"a counts table {path}")

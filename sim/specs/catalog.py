@@ -127,16 +127,18 @@ class SpecLoader(yaml.SafeLoader):
     """YAML for user files: safe_load's types without YAML 1.1's surprises, each refused rather than read as
     something else: sexagesimal numbers (`1:30` would be 90) and binary blobs (`!!binary`)."""
 
-    def construct_yaml_int(self, node: yaml.Node) -> int:
+    @staticmethod
+    def _not_base60(node: yaml.Node) -> None:
         if ":" in str(node.value):
             raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as a base-60 number in YAML "
                                                     "1.1: quote it, or write the number", node.start_mark)
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        self._not_base60(node)
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node: yaml.Node) -> float:
-        if ":" in str(node.value):
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as a base-60 number in YAML "
-                                                    "1.1: quote it, or write the number", node.start_mark)
+        self._not_base60(node)
         return super().construct_yaml_float(node)
 
     def construct_yaml_binary(self, node: yaml.Node) -> bytes:
