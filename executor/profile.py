@@ -44,6 +44,7 @@ from executor.cpu_experts import backend as cpu_experts_backend
 from executor.cpu_experts import describe as describe_cpu_experts
 from executor.speed_probe import mean_reading, speed_probe
 from executor.weights import LayerWeights, random_weights, truncated
+from sim.atomic_files import write_atomic
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
 
@@ -402,6 +403,4 @@ def _copy_rows(rounds: int) -> list[dict]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

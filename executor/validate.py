@@ -15,6 +15,7 @@ from executor.profile import TOKEN_GRID, covering, machine_differences, profile,
 from executor.run import ExecutionResult, execute_plan
 from executor.speed_probe import drift, mean_reading, speed_probe
 from executor.weights import ModelWeights
+from sim.atomic_files import save_figure_file
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
 from sim.errors import SimInputError
@@ -153,7 +154,7 @@ def plot_validation(result: dict[str, Any], path: str | Path, title: str) -> Non
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    try:
+        save_figure_file(fig, path, dpi=150)
+    finally:
+        plt.close(fig)

@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from experiments.tables import markdown_table
+from sim.atomic_files import save_figure_file
 
 MODELS = {"mixtral-8x7b": "table:mixtral-8x7b", "deepseek-v2-lite": "zipf:1.0", "qwen3-30b-a3b": "zipf:1.0"}
 SAMPLES = (4, 8, 16, 32, 64, 128)
@@ -98,8 +99,10 @@ def plot(hits: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("expert hit ratio (top quarter resident)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure_file(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def main() -> None:

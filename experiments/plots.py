@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.api import SimulationResult  # noqa: E402
+from sim.atomic_files import save_figure_file  # noqa: E402
 from sim.plan import STREAMS, OpKind, Phase, Plan, streams_of  # noqa: E402
 from sim.timeline import track_name  # noqa: E402
 from sim.topology import topology_of  # noqa: E402
@@ -26,12 +27,8 @@ KIND_COLORS = {
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
     """Save through a temporary file so an error never leaves a half-written image."""
-    from experiments.reproduce.style import write_atomic
-
-    path = Path(path)
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150,
-                                                  bbox_inches="tight"))
+        save_figure_file(fig, path, dpi=150, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from sim.api import config_system, simulate
+from sim.atomic_files import save_figure_file
 from sim.config import SimConfig
 from sim.errors import CapacityError, NoFeasibleConfig, SimInputError
 from sim.specs.hardware import SystemSpec
@@ -171,6 +172,8 @@ def tornado_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_xlabel("throughput change against the base point (%)")
     ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure_file(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -33,10 +33,8 @@ from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
 from traces.disk_cache import cache_key, disk_cache_from_env
 from traces.limits import check_memory, env_size_bytes
-from traces.synth import request_lengths
+from traces.synth import workload_lengths
 from traces.synth_presets import synth_preset
-
-LENGTH_STREAM = 0x1E46  # seeds the per-request length draws apart from the routing's stream
 
 
 @dataclass
@@ -185,11 +183,10 @@ def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_le
     # the lengths arrays alone cost 16 bytes a request: refuse a batch past the memory limit before allocating them
     check_memory(16.0 * batch, f"a workload of {batch:,} requests")
     if isinstance(prompt_len, str) or isinstance(gen_len, str):
-        rng = np.random.default_rng([seed, LENGTH_STREAM])
         if batch < 1:
             raise SimInputError("workload: batch must be at least 1")
-        wl = Workload(request_lengths(prompt_len, batch, rng, "--prompt-len").astype(np.int64),
-                      request_lengths(gen_len, batch, rng, "--gen-len").astype(np.int64))
+        prompt, gen = workload_lengths(prompt_len, gen_len, batch, seed)
+        wl = Workload(prompt.astype(np.int64), gen.astype(np.int64))
     else:
         wl = Workload.uniform(batch, prompt_len, gen_len)
     return wl, synth_config(model, routing, reuse_prob, seed)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
 from sim.plan import EXPERT_KERNELS, Op, OpKind, Payload, Phase, Plan, Scope, Stream
 from sim.specs import SystemSpec
@@ -68,15 +67,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
                     "shard": int(sc.shard), "shards": int(sc.shards)} for sc in plan.scopes],
     }
     table = _table(plan.ops).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sim.atomic_files import write_atomic
 from sim.plan import Op, streams_of
 
 TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "cpu_experts": "CPU (AMX) experts",
@@ -66,15 +65,9 @@ def chrome_trace_events(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray,
 
 def write_chrome_trace(path: str | Path, events: list[dict[str, Any]], metadata: dict[str, Any]) -> Path:
     """Write atomically so an interrupted run never leaves a truncated JSON file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump({"traceEvents": events, "displayTimeUnit": "ns", "otherData": metadata}, fh,
                       separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomic(path, write)

@@ -291,3 +291,55 @@ def test_a_sweep_draws_each_missing_synthetic_trace_once_largest_first(tmp_path,
     assert [b["prompt_len"] for b in trace_builds(points)] == [8]  # the one on disk is not drawn again
     monkeypatch.setenv("COXMOE_TRACE_DIR", "off")
     assert trace_builds(points) == []  # no disk cache: nothing to share between workers
+
+
+def test_results_come_back_in_one_order_whatever_order_the_points_finished_in(tmp_path, monkeypatch):
+    """Rows are ordered by key, not by finishing time, so two runs of one sweep (other worker counts, a resume)
+    give the same table."""
+    from experiments.sweep.store import ResultStore
+
+    points = [(f"{k:016x}", {"batch": 8 * (k + 1)}, {"throughput_tok_s": float(k)}) for k in (3, 1, 2, 0)]
+    frames = []
+    for name, order in (("a", points), ("b", points[::-1])):
+        store = ResultStore(tmp_path / name)
+        for second, (key, config, metrics) in enumerate(order):
+            monkeypatch.setattr("time.gmtime", lambda *_, s=second: time.struct_time((2026, 1, 1, 0, 0, s, 0, 1, 0)))
+            store.record(key, config, metrics, None, wall_s=float(second))
+        store.close()
+        frames.append(load_results(tmp_path / name).drop(columns=["wall_s", "finished_at"]))
+    assert list(frames[0]["key"]) == sorted(k for k, _, _ in points)
+    pd.testing.assert_frame_equal(frames[0], frames[1])
+
+
+def test_a_point_whose_input_file_changed_is_a_new_point(tmp_path, monkeypatch):
+    """The key covers the bytes of the files a point reads (trace, spec files, profile, hot map), so a resumed
+    sweep never reuses a result simulated from an older file; preset-only points keep their config's key."""
+    from experiments.sweep.spec import point_key
+
+    monkeypatch.chdir(tmp_path)
+    spec = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "trace": "tr.npz"},
+            "axes": {"policy": ["coxmoe", "moe-lightning"]}}
+    Path("tr.npz").write_bytes(b"first")
+    first = [p.key for p in expand(spec)]
+    assert [p.key for p in expand(spec)] == first  # same bytes, same keys
+    Path("tr.npz").write_bytes(b"second")
+    second = [p.key for p in expand(spec)]
+    assert not set(first) & set(second)
+    (tmp_path / "prof").mkdir()
+    (tmp_path / "prof" / "timings.csv").write_text("a")
+    keys = {p.key for p in expand({"fixed": {**spec["fixed"], "profile": "prof"}, "axes": spec["axes"]})}
+    (tmp_path / "prof" / "timings.csv").write_text("b")
+    assert not keys & {p.key for p in expand({"fixed": {**spec["fixed"], "profile": "prof"}, "axes": spec["axes"]})}
+    plain = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y"}})[0]
+    assert plain.key == point_key(plain.config)
+
+
+def test_a_missing_input_file_is_refused_when_the_spec_is_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "trace": "elsewhere/tr.npz"}}
+    with pytest.raises(SimInputError, match=r"trace file not found: elsewhere/tr.npz \(relative paths are read "
+                                            r"from the current directory"):
+        expand(spec)
+    spec = {"fixed": {"model": "models/mine.yaml", "system": "a100-80g-8452y"}}
+    with pytest.raises(SimInputError, match="model file not found: models/mine.yaml"):
+        expand(spec)

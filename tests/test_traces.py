@@ -465,3 +465,24 @@ def test_a_large_trace_is_written_in_a_few_layer_blocks():
 
     assert layer_block_bytes(10 << 20) == LAYER_BLOCK_BYTES == 64 << 20
     assert layer_block_bytes(1_660_000_000) == 1_660_000_000 // 8
+
+
+def test_trace_gen_then_simulate_equals_simulate_drawing_the_same_lengths(tmp_path, capsys):
+    """`trace gen` draws per-request lengths from the stream `simulate` uses, so a saved trace of distribution
+    lengths simulates exactly as the point drawn in process (same seed)."""
+    from experiments.cli import main
+    from sim.api import simulate
+
+    lengths = {"prompt_len": "lognormal:64:0.6:200", "gen_len": "lognormal:8:0.8:16"}
+    path = tmp_path / "t.npz"
+    assert main(["trace", "gen", "--model", "deepseek-v2-lite", "--requests", "48", "--prompt-len",
+                 lengths["prompt_len"], "--gen-len", lengths["gen_len"], "--routing", "zipf:1.0", "--seed", "3",
+                 "-o", str(path)]) == 0
+    common = {"decode_sample": 2, "keep_plan": True}
+    saved = simulate("deepseek-v2-lite", "rtx6000ada-8452y", "coxmoe", trace=str(path), **common)
+    drawn = simulate("deepseek-v2-lite", "rtx6000ada-8452y", "coxmoe", batch=48, routing="zipf:1.0", seed=3,
+                     **lengths, **common)
+    np.testing.assert_array_equal(saved.plan.workload.prompt_lens, drawn.plan.workload.prompt_lens)
+    np.testing.assert_array_equal(saved.plan.workload.gen_lens, drawn.plan.workload.gen_lens)
+    assert len(set(drawn.plan.workload.prompt_lens.tolist())) > 1  # the lengths did vary
+    assert saved.throughput_tok_s == drawn.throughput_tok_s

@@ -70,6 +70,18 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int) -
     raise TraceError(f"unknown routing {spec!r}; use uniform, zipf:ALPHA or table:NAME")
 
 
+LENGTH_STREAM = 0x1E46  # seeds the per-request length draws apart from the routing's stream
+
+
+def workload_lengths(prompt_len: str | int, gen_len: str | int, count: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and generation lengths of `count` requests drawn from `seed`'s length stream: what `simulate`
+    draws for a point without a trace and `trace gen` stores, so a saved trace gives the same workload."""
+    rng = np.random.default_rng([seed, LENGTH_STREAM])
+    return (request_lengths(prompt_len, count, rng, "--prompt-len"),
+            request_lengths(gen_len, count, rng, "--gen-len"))
+
+
 def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what: str) -> np.ndarray:
     """Lengths for `count` requests: N, 'fixed:N', 'uniform:LO:HI', 'lognormal:MEDIAN:SIGMA[:MAX]' or
     'preset:NAME' (a published workload's lognormal, `traces.length_presets`)."""

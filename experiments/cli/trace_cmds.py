@@ -12,9 +12,8 @@ from sim.errors import SimInputError
 
 # ---- trace ----------------------------------------------------------------------------------------------------
 def cmd_trace_gen(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from traces import SynthConfig, generate_trace, request_lengths, save_trace
+    from traces import SynthConfig, generate_trace, save_trace
+    from traces.synth import workload_lengths
 
     if args.preset:
         from traces.synth_presets import synth_preset
@@ -32,9 +31,7 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
         if not (args.layers and args.experts and args.top_k):
             raise SimInputError("give --model, or all of --layers, --experts and --top-k")
         name, layers, experts, top_k = "custom", args.layers, args.experts, args.top_k
-    rng = np.random.default_rng([args.seed, 0x1E25])
-    prompt = request_lengths(args.prompt_len, args.requests, rng, "--prompt-len")
-    gen = request_lengths(args.gen_len, args.requests, rng, "--gen-len")
+    prompt, gen = workload_lengths(args.prompt_len, args.gen_len, args.requests, args.seed)  # as `simulate` draws
     if args.preset:
         from traces.synth_presets import synth_preset
 

@@ -1,11 +1,9 @@
 """One paper style for every reproduced figure: fonts, sizes, policy colours, and PNG + PDF + CSV written
-atomically (an interrupted run never leaves a half-written file)."""
+atomically (an interrupted run never leaves a half-written file) with reproducible bytes (`sim.atomic_files`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sim.atomic_files import save_figure_file, write_atomic  # noqa: E402
 from sim.policies import POLICIES  # noqa: E402
 
 POLICY_COLORS = {name: cls.color for name, cls in POLICIES.items()}  # each policy class names its own
@@ -38,25 +37,10 @@ def paper_style() -> Iterator[None]:
         yield
 
 
-def write_atomic(path: Path, write: Callable[[str], object]) -> Path:
-    """Call `write` on a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def save_figure(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
     """`stem`.png and `stem`.pdf in `out`; closes the figure."""
     try:
-        return [write_atomic(out / f"{stem}.{ext}",
-                             lambda tmp, ext=ext: fig.savefig(tmp, format=ext, bbox_inches="tight"))
-                for ext in ("png", "pdf")]
+        return [save_figure_file(fig, out / f"{stem}.{ext}", bbox_inches="tight") for ext in ("png", "pdf")]
     finally:
         plt.close(fig)
 

@@ -47,13 +47,76 @@ class SweepPoint:
         return SimConfig.from_point(self.config)
 
 
-def point_key(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of a resolved config (sorted keys, no whitespace), first 16 hex digits."""
+def point_key(config: dict[str, Any], inputs: dict[str, str] | None = None) -> str:
+    """sha256 of the canonical JSON of a resolved config (sorted keys, no whitespace), first 16 hex digits; with
+    the digests of the files it reads (`inputs`) after it, so a point whose trace or spec file changed is a new
+    point (one that names presets only keeps the key of its config alone)."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    if inputs:
+        canonical += json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def resolve_point(raw: dict[str, Any]) -> SweepPoint:
+FILE_OPTIONS = ("hot_map",)  # policy options that name a file (CoX-MoE's hot-expert map)
+MAX_DIR_FILES = 1000  # files of one input directory (a profile) that are hashed
+
+
+def _digest(path: Path, cache: dict[tuple, str]) -> str:
+    """sha256 of a file's bytes, or of a directory's file names and bytes (a profile); cached per (path, size,
+    modification time) within one expansion, so a trace shared by many points is read once."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        if len(files) > MAX_DIR_FILES:
+            raise SimInputError(f"{path}: more than {MAX_DIR_FILES} files to read as one input")
+        for p in files:
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+            with p.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(block)
+    else:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    cache[key] = h.hexdigest()[:16]
+    return cache[key]
+
+
+def input_files(config: dict[str, Any]) -> dict[str, str]:
+    """The files a resolved point reads, by setting: model and system spec files (not presets), the trace, the
+    profile directory, and policy options that name a file."""
+    from sim.specs.catalog import is_spec_path
+
+    files = {name: config[name] for name in ("model", "system")
+             if isinstance(config.get(name), str) and is_spec_path(config[name])}
+    files.update({name: config[name] for name in ("trace", "profile") if config.get(name)})
+    options = config.get("policy_options") or {}
+    files.update({f"policy_options.{k}": options[k] for k in FILE_OPTIONS if options.get(k)})
+    return {name: str(path) for name, path in files.items()}
+
+
+def input_digests(config: dict[str, Any], cache: dict[tuple, str] | None = None) -> dict[str, str]:
+    """Digests of the files a point reads (`input_files`); a file that is not there is refused now, not when the
+    point runs (relative paths are read from the current directory, as on the command line)."""
+    cache = {} if cache is None else cache
+    out = {}
+    for name, text in input_files(config).items():
+        path = Path(text)
+        if not path.exists():
+            raise SimInputError(f"sweep point: {name} file not found: {text} (relative paths are read from the "
+                                f"current directory, {Path.cwd()})")
+        try:
+            out[name] = _digest(path, cache)
+        except OSError as exc:
+            raise SimInputError(f"sweep point: {name} file {text}: cannot read it ({exc.strerror or exc})") from None
+    return out
+
+
+def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) -> SweepPoint:
     """Check a point's keys and values (as `SimConfig` does), fill the defaults and normalise option values to
     strings (as the CLI passes them)."""
     unknown = set(raw) - set(POINT_DEFAULTS)
@@ -78,7 +141,7 @@ def resolve_point(raw: dict[str, Any]) -> SweepPoint:
         config = sim_config.point()
     except SimInputError as exc:
         raise SimInputError(f"sweep point: {exc}") from None
-    return SweepPoint(config, point_key(config))
+    return SweepPoint(config, point_key(config, input_digests(config, digests)))
 
 
 JSON_SCALARS = (str, int, float, bool, type(None))
@@ -129,6 +192,7 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
         if count > MAX_POINTS:
             raise SimInputError(f"sweep spec: its axes make more than {MAX_POINTS:,} points (split the sweep)")
     points: dict[str, SweepPoint] = {}
+    digests: dict[tuple, str] = {}  # input files read once for every point that names them
     for combo in itertools.product(*axes.values()):
         raw = dict(fixed)
         for name, value in zip(axes, combo, strict=True):
@@ -136,7 +200,7 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
                 raw.update(value)
             else:
                 raw[name] = value
-        point = resolve_point(raw)
+        point = resolve_point(raw, digests)
         points.setdefault(point.key, point)
     return list(points.values())
 

@@ -116,8 +116,9 @@ class ResultStore:
 
 
 def load_results(out_dir: str | Path) -> pd.DataFrame:
-    """Every recorded point as a row: key, status, error, wall_s, the config keys, the headline metrics, the
-    full `metrics`, `versions` JSON, and `stale` (recorded by other code or library versions than these)."""
+    """Every recorded point as a row, in key order (the same whatever order and on how many workers the points
+    ran): key, status, error, wall_s, the config keys, the headline metrics, the full `metrics`, `versions` JSON,
+    and `stale` (recorded by other code or library versions than these)."""
     path = Path(out_dir) / DB_NAME
     if not path.is_file():
         from sim.errors import SimInputError
@@ -126,7 +127,7 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
             _check_columns(conn, path)
-            raw = pd.read_sql_query("SELECT * FROM points ORDER BY finished_at, key", conn)
+            raw = pd.read_sql_query("SELECT * FROM points ORDER BY key", conn)  # not by time: runs differ
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
         raise _bad_store(path, exc) from None
     rows = []

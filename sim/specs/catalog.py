@@ -174,7 +174,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_path(name_or_path: str) -> bool:
+def is_spec_path(name_or_path: str) -> bool:
     """A spec file rather than a preset name: a file, a spec suffix, or a path with a separator (preset names
     have none), so `--system-file ./dir` is named as a directory (a bare `dir` is looked up as a preset)."""
     path = Path(name_or_path)
@@ -184,7 +184,7 @@ def _is_path(name_or_path: str) -> bool:
 def load_model(name_or_path: str) -> ModelSpec:
     """A model preset by name, or a model spec / Hugging Face config.json file by path."""
     path = Path(name_or_path)
-    if _is_path(name_or_path):
+    if is_spec_path(name_or_path):
         data = read_spec_file(path)
         if "architectures" in data or "model_type" in data:
             from sim.specs.hf_config import model_from_hf_config
@@ -199,7 +199,7 @@ def load_model(name_or_path: str) -> ModelSpec:
 
 def load_system(name_or_path: str) -> SystemSpec:
     path = Path(name_or_path)
-    if _is_path(name_or_path):
+    if is_spec_path(name_or_path):
         data = read_spec_file(path)
         return build_system(data.get("name", path.stem), data, f"system file {path}")
     return system_preset(name_or_path)
