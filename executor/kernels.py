@@ -50,7 +50,9 @@ class KVCache:
         self.store: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.length: dict[tuple[int, int], int] = {}
 
-    def _slot(self, request: int, layer: int) -> list[torch.Tensor]:
+    def _slot(self, request: int, layer: int, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The request's cache buffers at `layer`, allocated on `device` (where its first entries are made, so a
+        GPU attention's first call does not move a host allocation inside it) on first use."""
         key = (request, layer)
         if key not in self.store:
             s = self.spec
@@ -58,14 +60,14 @@ class KVCache:
                 shapes = [(self.max_len, s.kv_lora_rank), (self.max_len, s.qk_rope_head_dim)]
             else:
                 shapes = [(self.max_len, s.num_kv_heads, s.head_dim)] * 2
-            self.store[key] = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+            self.store[key] = [torch.zeros(shape, dtype=self.dtype, device=device or self.device) for shape in shapes]
             self.length[key] = 0
         return self.store[key]
 
     def append(self, request: int, layer: int, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append T new entries; return the whole cache so far (views). The cache follows the device of the
         new entries (a plan that moves attention between phases moves its cache too)."""
-        slot = self._slot(request, layer)
+        slot = self._slot(request, layer, parts[0].device)
         if slot[0].device != parts[0].device:
             slot[:] = [buf.to(parts[0].device) for buf in slot]
         start = self.length[(request, layer)]

@@ -38,6 +38,21 @@ COPY_SIZES = (2**16, 2**20, 16 * 2**20, 256 * 2**20, 2**30)
 ROTATE_BYTES = 512 * 2**20  # operands rotated per shape: several times any GPU's L2 (H200: 60 MB)
 
 
+MAX_COPIES = 64  # operand copies per shape: small shapes need many to leave L2 (16 of 8192 x 256 x 256 fit in 50 MB)
+WARM_UP_S = 1.0
+
+
+def _warm_up_gpu(seconds: float = WARM_UP_S) -> None:
+    """Large GEMMs for about `seconds`, so the first shapes are timed at working clocks, not idle ones."""
+    x = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(8):
+            x @ x
+        torch.cuda.synchronize()
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -48,9 +63,11 @@ def gemm_sweep(shapes: list[tuple[int, int, int]], device: str, repeats: int = 5
     rotated operand copies, each call timed alone after one untimed pass."""
     timed = device_timer(device)
     rows = []
+    if device == "cuda":
+        _warm_up_gpu()
     for m, n, k in shapes:
         one = 2 * (m * k + n * k + m * n)
-        copies = max(1, min(16, math.ceil(rotate_bytes / one)))
+        copies = max(1, min(MAX_COPIES, math.ceil(rotate_bytes / one)))
         xs = [torch.randn(m, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
         outs = [torch.empty(m, n, dtype=torch.bfloat16, device=device) for _ in range(copies)]

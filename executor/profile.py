@@ -208,16 +208,19 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
         ids[:, 0] = 0  # every token routed to expert 0 first, the others elsewhere
         gates = torch.full((t, spec.top_k), 1.0 / spec.top_k, device=device)
         y = torch.zeros(t, spec.hidden_size, dtype=torch.float32, device=device)
-        points.append(("expert", (t, 0), lambda x=x, ids=ids, g=gates, y=y: [K.expert_scatter(
-            lw, 0, x, ids, g, y) for lw in cold], len(cold)))
+        # tokens grouped by expert once, outside the timed call, as the executor groups a scope's tokens once for
+        # all its expert ops (without it each call would find its tokens again: a host sync on a GPU)
+        routed = K.RoutedTokens(x, ids, spec.num_experts)
+        points.append(("expert", (t, 0), lambda x=x, ids=ids, g=gates, y=y, r=routed: [K.expert_scatter(
+            lw, 0, x, ids, g, y, routed=r) for lw in cold], len(cold)))
         points.append(("qkv", (t, 0), lambda x=x: K.qkv(spec, moe, x, torch.arange(x.shape[0], device=device)), 1))
-        points.append(("o_proj", (t, 0), lambda t=t: K.o_proj(moe, torch.randn(
-            t, moe.attn["wo"].shape[1], dtype=dtype, device=device)), 1))
+        attn_out = torch.randn(t, moe.attn["wo"].shape[1], dtype=dtype, device=device)  # made before the clock
+        points.append(("o_proj", (t, 0), lambda a=attn_out: K.o_proj(moe, a), 1))
         points.append(("router", (t, 0), lambda x=x: x @ moe.router.T, 1))
         points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x), 1))
         for precision, copies in quantized.items():  # the same expert op with INT8 / INT4 weights
-            points.append((QUANTIZED_EXPERT_KINDS[precision], (t, 0), lambda x=x, ids=ids, g=gates, y=y, c=copies: [
-                K.expert_scatter(lw, 0, x, ids, g, y) for lw in c], len(copies)))
+            points.append((QUANTIZED_EXPERT_KINDS[precision], (t, 0), lambda x=x, ids=ids, g=gates, y=y, c=copies,
+                           r=routed: [K.expert_scatter(lw, 0, x, ids, g, y, routed=r) for lw in c], len(copies)))
     for b in covering(ATTENTION_BATCH, max_requests):
         for kv in covering(ATTENTION_KV, max_kv):
             points.append(("attention", (b, kv), _attention_point(spec, moe, b, kv, dtype, device), 1))
@@ -381,19 +384,21 @@ def _overhead_rows(device: str = "cpu", gpu_plan: bool | None = None) -> list[di
     return rows
 
 
-COPY_SIZES = (2**20, 16 * 2**20, 256 * 2**20, 2**30)
+COPY_SIZES = (64 * 2**10, 256 * 2**10, 2**20, 16 * 2**20, 256 * 2**20, 2**30)
 
 
 def _copy_rows(rounds: int) -> list[dict]:
-    """Host-device copies by size: pinned and pageable host memory, both directions (CUDA events)."""
+    """Host-device copies by size: pinned and pageable host memory, both directions (CUDA events). Pinned copies
+    are issued as the executor issues them (`non_blocking`), so the end event follows the DMA, not a host sync."""
     timed = device_timer("cuda")
     rows = []
     for nbytes in COPY_SIZES:
         dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         for pinned in (True, False):
             host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)  # written: untouched pages read as zeros
-            for kind, fn in ((f"copy_h2d_{'pinned' if pinned else 'pageable'}", lambda d=dev, h=host: d.copy_(h)),
-                             (f"copy_d2h_{'pinned' if pinned else 'pageable'}", lambda d=dev, h=host: h.copy_(d))):
+            name = "pinned" if pinned else "pageable"
+            for kind, fn in ((f"copy_h2d_{name}", lambda d=dev, h=host, nb=pinned: d.copy_(h, non_blocking=nb)),
+                             (f"copy_d2h_{name}", lambda d=dev, h=host, nb=pinned: h.copy_(d, non_blocking=nb))):
                 fn()
                 times = [timed(fn) for _ in range(max(rounds, 3))]
                 rows.append({"device": "cuda", "kind": kind, "tokens": nbytes, "kv": 0,

@@ -196,9 +196,14 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
 
     def _run_cuda_op(op: Op, i: int, stream: str) -> None:
         cs = cuda_streams[stream]
+        after_host_op = False
         for d in op.deps:
             if d in gpu_done_event:
                 cs.wait_event(gpu_done_event[d])
+            else:
+                after_host_op = True
+        if after_host_op:  # a host thread's op may have queued GPU work (on the default stream) this op reads
+            cs.wait_stream(torch.cuda.default_stream(cs.device))
         # `b` blocks: a CPU thread waiting for it sleeps rather than spinning on a core its CPU ops need
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True)
         with torch.cuda.stream(cs):

@@ -34,6 +34,11 @@ if ! "$PY" -c "import simpy, pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 COXMOE=("$PY" -m experiments.cli)
+if ! "$PY" -c "import simpy, pydantic, torch" 2> "$W/imports.err"; then  # every step below would fail on import
+  { echo "python packages missing (did the call carry .whl/?):"; tail -n 2 "$W/imports.err"; } | tee "$W/steps.txt"
+  tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" gpu_check
+  exit 3
+fi
 
 pack() {
   tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" gpu_check
@@ -65,7 +70,7 @@ step env 30 bash -c "nvidia-smi; nvidia-smi -q -d CLOCK,POWER,PERFORMANCE; lscpu
 step isa 60 "${COXMOE[@]}" calibrate isa --json
 # 2. the CUDA path against the reference
 TIMEOUT=(); "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
-step pytest_cuda 150 "$PY" -m pytest -q -p no:cacheprovider "${TIMEOUT[@]}" -k "cuda or two_gpu" \
+step pytest_cuda 150 "$PY" -m pytest -rfE -p no:cacheprovider "${TIMEOUT[@]}" -k "cuda or two_gpu" \
   tests/test_executor_numerics.py tests/test_topology.py tests/test_machine_bench.py
 
 # 3. the machine's own numbers
@@ -93,7 +98,8 @@ own flexgen_b128 128 flexgen gpu_batch_size=32 num_gpu_batches=4 weights_gpu_per
   act_gpu_percent=100
 
 # 5. profile (CPU and CUDA rows), then validate two CPU+GPU plans against it
-step profile 200 "${COXMOE[@]}" calibrate profile --model "$MODEL" --out "$W/profile" --device "$PROFILE_DEVICE" \
+# (INT8's epilogue eager: a cold torch.compile costs ~15 s here, and no INT8 plan is validated)
+step profile 200 env COXMOE_CPU_FUSE=eager "${COXMOE[@]}" calibrate profile --model "$MODEL" --out "$W/profile" --device "$PROFILE_DEVICE" \
   --rounds 1 --max-tokens 1024
 VAL=(--model "$MODEL" --layers 1 --system h200-8452y --batch 128 --prompt-len 8 --gen-len 8
      --routing table:mixtral-8x7b --cuda "$CUDA_FLAG" --profile "$W/profile" --json)

@@ -26,9 +26,13 @@ import yaml
 
 from experiments.tables import markdown_table
 from experiments.validation.gpu_ops import _gemm_rows
+from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
 
-GPU_PRESET = "h200"  # the lent machine's GPU in sim/specs/presets/gpus.yaml
+GPU_PRESET = "h200"  # the GPU of the system preset the script builds its plans for (h200-8452y)
+# The lent GPU's preset by the name its driver reports (machine_bench.json), checked in this order.
+# (The device tool lends H200s and H100s; name any other with --gpu.)
+GPU_PRESETS_BY_NAME = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"))
 
 
 def _json(path: Path) -> Any | None:
@@ -37,6 +41,28 @@ def _json(path: Path) -> Any | None:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
+
+
+def gpu_preset_of(name: str | None) -> str | None:
+    """The GPU preset of a driver's device name ("NVIDIA H100 80GB HBM3" -> h100-sxm), or None if unknown."""
+    for needle, preset in GPU_PRESETS_BY_NAME:
+        if name and needle.lower() in name.lower():
+            return preset
+    return None
+
+
+def lent_system(system: str, gpu: str) -> Any:
+    """`system` (the preset the plans were built for) with the lent GPU's preset in place of its own: the
+    simulated side of the own points runs on the GPU that measured them (the host stays the preset's)."""
+    import dataclasses
+
+    from sim.specs import load_system
+    from sim.specs.catalog import component_preset
+
+    spec = load_system(system)
+    if spec.gpu.name == gpu:
+        return spec
+    return dataclasses.replace(spec, name=f"{spec.name} with {gpu}", gpu=component_preset("gpus", gpu))
 
 
 def steps(folder: Path) -> list[str]:
@@ -66,19 +92,33 @@ def gemm_table(bench: dict, gpu: str = GPU_PRESET) -> pd.DataFrame:
     return table[["shape", "measured_s", "predicted_s", "ratio", "bound", "measured_tflops"]]
 
 
-def own_points(folder: Path, system: str = "h200-8452y") -> pd.DataFrame:
+def step_status(folder: Path) -> dict[str, str]:
+    """Each step's exit status as steps.txt records it ("own_flexgen_b128" -> "0")."""
+    out = {}
+    for line in steps(folder):
+        m = re.match(r"(\S+)\s+rc=(\S+)", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def own_points(folder: Path, system: Any = "h200-8452y") -> pd.DataFrame:
     """Each measured end-to-end point against the simulation of the same plan (same model truncation, policy,
-    knobs, lengths, routing and seed) on `system` with the roofline."""
+    knobs, lengths, routing and seed) on `system` (a preset name or spec) with the roofline. Every own step the
+    script ran has a row: one that measured nothing says so, one whose step did not end cleanly is noted."""
     from executor.weights import truncated
     from sim.api import simulate
     from sim.policies import POLICIES
     from sim.specs import load_model
 
     rows = []
-    for path in sorted(folder.glob("own_*.json")):
-        run = _json(path)
+    status = step_status(folder)
+    names = sorted({p.stem for p in folder.glob("own_*.log")} | {p.stem for p in folder.glob("own_*.json")})
+    for stem in names:
+        rc = status.get(stem, "?")
+        run = _json(folder / f"{stem}.json") or _json(folder / f"{stem}.log")
         if not isinstance(run, dict) or "total_s" not in run:
-            rows.append({"point": path.stem[4:], "note": "no measurement (the step failed; see its log)"})
+            rows.append({"point": stem[4:], "note": f"no measurement (step exit status {rc}; see its log)"})
             continue
         name, layers = re.fullmatch(r"(.+?)(?:\[:(\d+)\])?", run["model"]).groups()
         spec = load_model(name)
@@ -90,12 +130,13 @@ def own_points(folder: Path, system: str = "h200-8452y") -> pd.DataFrame:
         sim = simulate(spec, system, run["policy"], batch=wl["batch"], prompt_len=wl["prompt_len_max"],
                        gen_len=wl["gen_len_max"], routing=run["routing"], policy_options=knobs)
         tokens = wl["generated_tokens"]
-        rows.append({"point": path.stem[4:], "policy": run["policy"], "batch": wl["batch"],
+        rows.append({"point": stem[4:], "policy": run["policy"], "batch": wl["batch"],
                      "measured_tok_s": tokens / run["total_s"], "simulated_tok_s": sim.throughput_tok_s,
                      "ratio": sim.throughput_tok_s * run["total_s"] / tokens,
                      "measured_prefill_s": run["prefill_s"], "simulated_prefill_s": sim.prefill_s,
                      "measured_decode_s": run["decode_s"], "simulated_decode_s": sim.decode_s,
-                     "devices": ", ".join(sorted(set(run.get("devices", {}).values())))})
+                     "devices": ", ".join(sorted(set(run.get("devices", {}).values()))),
+                     "note": "" if rc == "0" else f"step exit status {rc}: measured, but check its log"})
     return pd.DataFrame(rows)
 
 
@@ -104,12 +145,17 @@ def _md(df: pd.DataFrame, float_format: str = "{:.3g}") -> str:
     return "(none)\n" if df.empty else markdown_table(df, float_format) + "\n"
 
 
-def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> str:
-    """The whole report as markdown."""
+def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> str:
+    """The whole report as markdown; `gpu`: the lent GPU's preset (default: by the name machine_bench.json
+    records, else the system's own)."""
     out = [f"# GPU check: `{folder.name}`\n", "Steps (experiments/gpu_check.sh; exit status, seconds):\n", "```"]
     out += steps(folder) or ["(no steps.txt)"]
     out.append("```\n")
     bench = _json(folder / "machine_bench.json")
+    measured_name = bench["machine"].get("gpu") if isinstance(bench, dict) else None
+    gpu = gpu or gpu_preset_of(measured_name) or GPU_PRESET
+    out.append(f"Priced with the `{gpu}` GPU preset" + (f" (the lent GPU: {measured_name})" if measured_name else "")
+               + f"; the simulated own points run on `{system}` with that GPU (its host preset kept).\n")
     if isinstance(bench, dict):
         m = bench["machine"]
         out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
@@ -142,8 +188,8 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str = GPU_PRESET) -> s
         else:
             vals.append({"plan": path.stem[9:], "total_s error": "failed (see its log)"})
     out += ["## Validations against the profile (predicted / measured - 1)\n", _md(pd.DataFrame(vals), "{:+.1%}")]
-    out += [f"## Measured end-to-end points against the simulator (`{system}`, roofline)\n",
-            _md(own_points(folder, system))]
+    out += [f"## Measured end-to-end points against the simulator (`{system}` with `{gpu}`, roofline)\n",
+            _md(own_points(folder, lent_system(system, gpu)))]
     return "\n".join(out)
 
 
@@ -153,24 +199,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="markdown file to write (default: print)")
     p.add_argument("--gemm-yaml", help="also write the measured GEMMs as a gpu_ops.yaml gemm set")
     p.add_argument("--system", default="h200-8452y", help="system preset the script's plans were built for")
+    p.add_argument("--gpu", help="GPU preset of the lent machine (default: by the GPU name machine_bench.json "
+                                 "records: H200 -> h200, H100 PCIe -> h100-pcie, other H100 -> h100-sxm)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     try:
         if not folder.is_dir():
             raise SimInputError(f"{folder}: not a folder")
-        text = render(folder, args.system)
         bench = _json(folder / "machine_bench.json")
+        measured_name = bench["machine"].get("gpu") if isinstance(bench, dict) else None
+        gpu = args.gpu or gpu_preset_of(measured_name) or GPU_PRESET
+        from sim.specs.catalog import component_preset
+
+        component_preset("gpus", gpu)  # an unknown preset is refused here, naming the presets
+        text = render(folder, args.system, gpu)
         if args.gemm_yaml:
             if not isinstance(bench, dict) or bench.get("gemm_device") != "cuda" or not bench.get("gemm"):
                 raise SimInputError(f"{folder}: no GPU GEMMs measured (machine_bench.json missing or CPU-only)")
-            Path(args.gemm_yaml).write_text(yaml.safe_dump({"gemm_sets": [gemm_set(bench)]}, sort_keys=False))
+            write_atomic(args.gemm_yaml, lambda tmp: Path(tmp).write_text(
+                yaml.safe_dump({"gemm_sets": [gemm_set(bench, gpu)]}, sort_keys=False)))
+        if args.out:
+            write_atomic(args.out, lambda tmp: Path(tmp).write_text(text))
+        else:
+            print(text)
     except SimInputError as exc:
         print(f"gpu_check_report: {exc}")
         return 2
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
+    except OSError as exc:
+        print(f"gpu_check_report: {exc.strerror or exc}: {exc.filename or ''}")
+        return 2
     return 0
 
 

@@ -17,17 +17,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from traces.format import UMASK
+
 SVG_HASH_SALT = "cox-moe"  # seeds matplotlib's SVG element ids (random per run otherwise)
 
 
+def publish(tmp: str | Path) -> None:
+    """Give a temporary file the permissions a plain `open` would (mkstemp makes it private, 0600)."""
+    os.chmod(tmp, 0o666 & ~UMASK)
+
+
 def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
-    """Call `write` on a temporary file beside `path`, then rename it into place (the parent is created)."""
+    """Call `write` on a temporary file beside `path`, then rename it into place (the parent is created; the
+    file gets the umask's permissions, as a plain `open` would give it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        publish(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

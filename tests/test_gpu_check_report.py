@@ -38,7 +38,7 @@ def test_an_own_point_is_resimulated_with_its_forced_knobs(tmp_path):
     row = table.set_index("point").loc["cx"]
     assert row["ratio"] == pytest.approx(2.0, rel=1e-6)  # the same plan: derived knob fields were dropped
     assert row["simulated_tok_s"] == pytest.approx(sim.throughput_tok_s)
-    assert "step failed" in table.set_index("point").loc["broken", "note"]
+    assert "no measurement" in table.set_index("point").loc["broken", "note"]
 
 
 def test_measured_gemms_are_priced_as_gpu_ops_prices_its_sets(tmp_path):
@@ -67,3 +67,38 @@ def test_the_report_renders_a_partial_run_and_refuses_a_missing_folder(tmp_path,
     assert report.main([str(tmp_path / "nope")]) == 2
     assert report.main([str(tmp_path), "--gemm-yaml", str(tmp_path / "g.yaml")]) == 2
     assert "no GPU GEMMs" in capsys.readouterr().out
+
+
+def test_every_own_step_has_a_row_and_an_unclean_exit_is_noted(tmp_path):
+    """A step that wrote only its log (no JSON) still shows; a JSON measured by a step that ran out of time
+    (rc 124 after printing) is kept with a note."""
+    _own_point(tmp_path, "late", 1.0)
+    (tmp_path / "own_crashed.log").write_text("Traceback ...\nRuntimeError: CUDA error")
+    (tmp_path / "steps.txt").write_text("own_late                           rc=124  75s  (at 200s)\n"
+                                        "own_crashed                        rc=1     3s  (at 203s)\n")
+    table = report.own_points(tmp_path).set_index("point")
+    assert "exit status 1" in table.loc["crashed", "note"] and "no measurement" in table.loc["crashed", "note"]
+    assert table.loc["late", "ratio"] == pytest.approx(1.0, rel=1e-6)
+    assert "exit status 124" in table.loc["late", "note"]
+
+
+def test_an_h100_run_is_priced_as_an_h100(tmp_path):
+    """The lent GPU is read from the driver's name: an H100 is not priced as the H200 the plans were built for."""
+    assert report.gpu_preset_of("NVIDIA H100 80GB HBM3") == "h100-sxm"
+    assert report.gpu_preset_of("NVIDIA H100 PCIe") == "h100-pcie"
+    assert report.gpu_preset_of("NVIDIA H200") == "h200"
+    assert report.gpu_preset_of("NVIDIA B200") is None
+    bench = {"machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "gemm_device": "cuda",
+             "gemm": [{"m": 4096, "n": 14336, "k": 4096, "seconds": 7.0e-4}]}
+    (tmp_path / "machine_bench.json").write_text(json.dumps(bench))
+    _own_point(tmp_path, "cx", 1.0)  # timed at the H200 simulation's own times
+    gemm_yaml = tmp_path / "new" / "g.yaml"
+    out = tmp_path / "r.md"
+    assert report.main([str(tmp_path), "--out", str(out), "--gemm-yaml", str(gemm_yaml)]) == 0
+    text = out.read_text()
+    assert "`h100-sxm` GPU preset" in text and "h200-8452y` with `h100-sxm`" in text
+    assert yaml.safe_load(gemm_yaml.read_text())["gemm_sets"][0]["gpu"] == "h100-sxm"
+    h100 = report.own_points(tmp_path, report.lent_system("h200-8452y", "h100-sxm")).set_index("point")
+    h200 = report.own_points(tmp_path).set_index("point")
+    assert h200.loc["cx", "ratio"] == pytest.approx(1.0, rel=1e-6)
+    assert h100.loc["cx", "ratio"] < h200.loc["cx", "ratio"]  # the slower GPU predicts fewer tokens a second

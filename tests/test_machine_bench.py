@@ -33,7 +33,7 @@ def test_cuda_without_a_device_is_refused_in_one_line(tmp_path, capsys):
 def test_rotated_copies_cover_the_asked_bytes_and_stay_bounded():
     rows = machine_bench.gemm_sweep([(4, 64, 64), (64, 512, 512)], "cpu", repeats=1, rotate_bytes=2**20)
     one = [2 * (m * k + n * k + m * n) for m, n, k in ((4, 64, 64), (64, 512, 512))]
-    assert [r["copies"] for r in rows] == [min(16, -(-2**20 // b)) for b in one]
+    assert [r["copies"] for r in rows] == [min(machine_bench.MAX_COPIES, -(-2**20 // b)) for b in one]
     assert all(r["calls"] == r["copies"] for r in rows)
 
 

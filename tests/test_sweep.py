@@ -343,3 +343,91 @@ def test_a_missing_input_file_is_refused_when_the_spec_is_read(tmp_path, monkeyp
     spec = {"fixed": {"model": "models/mine.yaml", "system": "a100-80g-8452y"}}
     with pytest.raises(SimInputError, match="model file not found: models/mine.yaml"):
         expand(spec)
+
+
+def _worker_killer(config):
+    """A point function that kills its worker process on one point (an out-of-memory kill, say)."""
+    from experiments.sweep import run
+
+    if config["batch"] == 16:
+        os._exit(9)
+    return run._original_run_point(config)
+
+
+def test_a_killed_worker_fails_its_unfinished_points_instead_of_the_sweep(tmp_path, monkeypatch, capsys):
+    """A worker that dies takes the points not yet finished with it: they are recorded as failed (a rerun retries
+    them), the sweep ends normally, nothing raises. (Fork start: the workers see the patched point function.)"""
+    import multiprocessing
+
+    from experiments.sweep import run
+    from experiments.sweep.store import ResultStore
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("needs forked workers to see the patched point function")
+    monkeypatch.setattr(run, "_original_run_point", run.run_point, raising=False)
+    monkeypatch.setattr(run, "run_point", _worker_killer)
+    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "prompt_len": 8, "gen_len": 2,
+                               "decode_sample": 1, "policy": "gpu-only"}, "axes": {"batch": [8, 16, 24, 32]}})
+    store = ResultStore(tmp_path / "sw")
+    summary = run.run_local(points, store, workers=2, progress=False)
+    store.close()
+    df = load_results(tmp_path / "sw").set_index("batch")
+    assert summary.ok + summary.failed == 4 and summary.failed >= 1
+    assert df.loc[16, "status"] == "failed" and "worker process died" in df.loc[16, "error"]
+    assert "worker process died" in capsys.readouterr().err
+
+
+def test_an_interrupted_pool_stops_its_workers_at_once():
+    """Ctrl-C during a sweep: pending points are cancelled and the workers terminated, not waited for."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from experiments.sweep.run import _stop_pool
+
+    pool = ProcessPoolExecutor(max_workers=2)
+    futures = [pool.submit(time.sleep, 60) for _ in range(4)]
+    time.sleep(1.0)  # the workers are running their first sleeps
+    procs = list(pool._processes.values())
+    t0 = time.perf_counter()
+    _stop_pool(pool, wait=False)
+    assert time.perf_counter() - t0 < 10
+    assert all(not p.is_alive() for p in procs)
+    assert any(f.cancelled() for f in futures)
+
+
+def test_an_unwritable_results_database_is_one_os_error(tmp_path, monkeypatch):
+    """A full disk or a read-only file system reach the CLI as one OSError line (exit 2), not a sqlite
+    traceback; a results file on a read-only mount is still read."""
+    from experiments.sweep import store as store_mod
+
+    db = store_mod.ResultStore(tmp_path / "sw")
+    db.record("a" * 16, {"batch": 1}, {"throughput_tok_s": 1.0}, None, 0.1)
+
+    class FullDisk:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def execute(self, *args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    real = db.conn
+    db.conn = FullDisk()
+    with pytest.raises(OSError, match="cannot write the sweep results \\(database or disk is full\\)"):
+        db.record("b" * 16, {"batch": 2}, {"throughput_tok_s": 2.0}, None, 0.1)
+    db.conn = real
+    db.close()
+
+    calls = []
+    real_read = store_mod._read_points
+
+    def read_only_mount(path, mode):  # SQLite cannot make the WAL's -shm file on a read-only mount
+        calls.append(mode)
+        if "immutable" not in mode:
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_read(path, mode)
+
+    monkeypatch.setattr(store_mod, "_read_points", read_only_mount)
+    df = load_results(tmp_path / "sw")
+    assert list(df["key"]) == ["a" * 16] and calls == ["mode=ro", "mode=ro&immutable=1"]

@@ -71,10 +71,10 @@ def test_the_budget_comes_from_the_environment(monkeypatch):
 
 
 # ---- on disk ---------------------------------------------------------------------------------------------------
-def _synth(seed: int = 0, requests: int = 6):
+def _synth(seed: int = 0, requests: int = 6, model: str = "tiny"):
     from traces import SynthConfig
 
-    cfg = SynthConfig("tiny", 3, 16, 4, "zipf:1.0", 0.2, seed)
+    cfg = SynthConfig(model, 3, 16, 4, "zipf:1.0", 0.2, seed)
     return cfg, np.full(requests, 7), np.full(requests, 3)
 
 
@@ -117,6 +117,31 @@ def test_a_damaged_cache_file_is_rebuilt_and_the_directory_is_capped(tmp_path):
     small = DiskTraceCache(tmp_path, path.stat().st_size)  # room for one file: the newest stays
     small.get(*_synth(seed=5), lambda: generate_trace(*_synth(seed=5)))
     assert len(list(tmp_path.glob("*.npz"))) == 1 and not path.exists()
+
+
+def test_another_trace_under_a_cache_name_is_rebuilt_not_used(tmp_path):
+    """A file copied over another key (another seed, batch or model) loads fine but is not what the name stands
+    for: the cache rebuilds it instead of simulating the wrong routing."""
+    import shutil
+
+    from traces import generate_trace
+    from traces.disk_cache import DiskTraceCache, cache_key
+
+    cache = DiskTraceCache(tmp_path, 1 << 30)
+    cfg, p, g = _synth()
+    want = generate_trace(cfg, p, g)
+    for other in (_synth(seed=1), _synth(requests=7), _synth(model="other")):
+        cache.get(*other, lambda o=other: generate_trace(*o))
+        src = tmp_path / f"{cache_key(*other)}.npz"
+        shutil.copy(src, tmp_path / f"{cache_key(cfg, p, g)}.npz")  # planted under the asked-for name
+        got = cache.get(cfg, p, g, lambda: generate_trace(cfg, p, g))
+        np.testing.assert_array_equal(got.experts, want.experts)
+        assert got.header == want.header
+        (tmp_path / f"{cache_key(cfg, p, g)}.npz").unlink()
+    stale = tmp_path / ".x.npz.tmp"  # a writer killed mid-write: counted against the cap, evicted
+    stale.write_bytes(b"\0" * 10_000_000)
+    DiskTraceCache(tmp_path, 5_000_000).get(*_synth(seed=9), lambda: generate_trace(*_synth(seed=9)))
+    assert not stale.exists()
 
 
 def test_disk_cache_setting_comes_from_the_environment_and_sweeps_default_to_their_directory(tmp_path, monkeypatch):

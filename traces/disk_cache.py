@@ -72,6 +72,19 @@ def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
     return h.hexdigest()[:32]
 
 
+def matches(trace: RoutingTrace, cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
+            prompt_counts: bool) -> bool:
+    """Whether a cached file holds what synthesis of `cfg` for these lengths writes: its header's shape, routing,
+    seed and reuse, the lengths, and the form (prompts as counts or not). A file copied over another key, or one
+    of another model or batch, fails and is rebuilt instead of silently standing in."""
+    h = trace.header
+    return ((h.model, h.num_layers, h.num_experts, h.top_k, h.source) ==
+            (cfg.model, cfg.num_layers, cfg.num_experts, cfg.top_k, f"synthetic:{cfg.routing}")
+            and h.extra.get("seed") == cfg.seed and h.extra.get("reuse_prob") == cfg.reuse_prob
+            and (trace.prompt_counts is not None) == prompt_counts
+            and np.array_equal(trace.prompt_lens, prompt_lens) and np.array_equal(trace.gen_lens, gen_lens))
+
+
 class DiskTraceCache:
     """Synthesised traces under `directory`, at most `max_bytes` of files (least recently used out first)."""
 
@@ -89,11 +102,12 @@ class DiskTraceCache:
         if key is None:
             return build()
         path = self.directory / f"{key}.npz"
-        trace = self._load(path)
+        want = (cfg, prompt_lens, gen_lens, prompt_counts)
+        trace = self._load(path, want)
         if trace is not None:
             return trace
         with self._build_lock(key):
-            trace = self._load(path)  # built by the process that held the lock
+            trace = self._load(path, want)  # built by the process that held the lock
             if trace is not None:
                 return trace
             self.misses += 1
@@ -106,12 +120,16 @@ class DiskTraceCache:
                 pass
         return trace
 
-    def _load(self, path: Path) -> RoutingTrace | None:
+    def _load(self, path: Path, want: tuple[SynthConfig, np.ndarray, np.ndarray, bool]) -> RoutingTrace | None:
+        """The trace at `path` if it loads and is the one asked for (`matches`), else None after removing the
+        file (half-deleted by another process's eviction, damaged, or another trace under this name): rebuilt."""
         if not path.exists():
             return None
         try:
             trace = load_trace(path, thorough=False)
-        except (TraceError, OSError):  # half-deleted by another process's eviction, or damaged: rebuild
+            if not matches(trace, *want):
+                raise TraceError(f"{path}: not the trace its name stands for")
+        except (TraceError, OSError):
             with suppress(OSError):
                 path.unlink(missing_ok=True)
             return None
@@ -142,7 +160,7 @@ class DiskTraceCache:
 
     def _evict(self, keep: Path) -> None:
         files = []
-        for f in self.directory.glob("*.npz"):
+        for f in self.directory.glob("*.npz*"):  # traces, and temporary files a killed writer left (.npz.tmp)
             try:
                 st = f.stat()
             except OSError:

@@ -395,6 +395,15 @@ def save_trace(trace: RoutingTrace, path: str | Path, compress: bool = False) ->
     return write_npz_atomic(path, arrays, compress)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once at import (setting it to read it is not thread-safe later)
+
+
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> Path:
     """Write an .npz through a temporary file and a rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -402,6 +411,7 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
     try:
         with os.fdopen(fd, "wb") as fh:
             (np.savez_compressed if compress else np.savez)(fh, **arrays)
+        os.chmod(tmp, 0o666 & ~UMASK)  # as a plain open() would make it (mkstemp's file is private)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -60,6 +60,9 @@ def output_file(*suffixes: str) -> Callable[[str], str]:
                                              f"use {shown}")
         if path.parent.exists() and not path.parent.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: {path.parent} is not a directory")
+        if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{text}: cannot write into {path.parent} (permissions, or a "
+                                             "read-only file system)")
         return text
 
     return parse

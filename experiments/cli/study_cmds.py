@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from experiments.cli.common import nonneg_int, positive_int
+from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
 from sim.policies import parse_kv_pairs
 
@@ -79,7 +80,7 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
 
     df = load_results(args.dir)
     if args.csv:
-        df.to_csv(args.csv, index=False)
+        write_atomic(args.csv, lambda tmp: df.to_csv(tmp, index=False))
     if df.empty:  # a sweep stopped before its first point finished
         print("0 points: the sweep has not finished any point yet")
         return 0

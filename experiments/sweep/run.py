@@ -11,6 +11,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -103,8 +104,9 @@ def _drive(points: Iterable[SweepPoint], store: ResultStore,
     bar = tqdm(total=len(pending), desc=desc, unit="pt", disable=None if progress else True)
     # Without a terminal (nohup, CI, a batch job) tqdm stays silent: log a line per tenth of the sweep instead.
     log_every = max(1, len(pending) // 10) if progress and bar.disable else 0
+    outcomes = execute(pending)
     try:
-        for point, (metrics, error, wall) in execute(pending):
+        for point, (metrics, error, wall) in outcomes:
             store.record(point.key, point.config, metrics, error, wall)
             ok, failed = ok + (error is None), failed + (error is not None)
             bar.set_postfix(ok=ok, failed=failed, skipped=len(points) - len(pending))
@@ -118,10 +120,32 @@ def _drive(points: Iterable[SweepPoint], store: ResultStore,
                       file=sys.stderr, flush=True)
     finally:
         bar.close()
+        close = getattr(outcomes, "close", None)
+        if close is not None:  # an interrupted sweep stops its workers here, not when the generator is collected
+            close()
     return SweepSummary(len(points), len(points) - len(pending), ok, failed, time.perf_counter() - t0, stale)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WORKER_DIED = ("a sweep worker process died before this point finished (killed, or out of memory?); rerun to retry "
+               "it, or run it alone with --workers 1 to see why")
+
+
+def _stop_pool(pool: ProcessPoolExecutor, wait: bool) -> None:
+    """Shut the pool down; unless `wait` (the sweep ended normally), cancel what has not started and terminate
+    the workers, so an interrupted sweep exits at once (a second Ctrl-C during a waiting shutdown would leave
+    idle workers that the interpreter's exit then waits for without end)."""
+    if wait:
+        pool.shutdown(wait=True)
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # CPython's pool keeps them here
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        with suppress(Exception):
+            proc.terminate()
+    for proc in processes:
+        with suppress(Exception):
+            proc.join(timeout=5)
 
 
 def _die_with_parent() -> None:
@@ -145,7 +169,9 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
             for point in pending:
                 yield point, run_point(point.config)
             return
-        with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
+        finished = False
+        try:
             builds = trace_builds(pending)  # each synthetic trace once, largest first, before the points
             if builds and progress:
                 print(f"sweep: drawing {len(builds)} synthetic trace(s) first, one per workload", file=sys.stderr,
@@ -153,8 +179,20 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
             for config in builds:
                 pool.submit(build_trace, config)
             futures = {pool.submit(run_point, p.config): p for p in pending}
+            told = False
             for fut in as_completed(futures):
-                yield futures[fut], fut.result()
+                try:
+                    outcome = fut.result()
+                except BrokenProcessPool:  # a worker was killed (out of memory?): every unfinished point fails
+                    if not told:
+                        told = True
+                        print(f"sweep: {WORKER_DIED}; the unfinished points are recorded as failed", file=sys.stderr,
+                              flush=True)
+                    outcome = None, WORKER_DIED, 0.0
+                yield futures[fut], outcome
+            finished = True
+        finally:  # interrupted (Ctrl-C) or abandoned: stop the workers now, not after the points they run
+            _stop_pool(pool, wait=finished)
 
     return _drive(points, store, execute, progress, "sweep")
 

@@ -11,15 +11,18 @@ write replace rather than duplicate. Only the sweep's main process writes; worke
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import platform
 import sqlite3
 import time
+from contextlib import closing
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -75,13 +78,19 @@ class ResultStore:
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / DB_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path)
+        try:
+            self.conn = sqlite3.connect(self.path)
+        except sqlite3.Error as exc:  # a read-only directory, a name taken by a folder
+            raise _unwritable(self.path, exc) from None
         try:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute(SCHEMA)
             self.conn.commit()
             _check_columns(self.conn, self.path)
+        except sqlite3.OperationalError as exc:  # read-only, locked, or a full disk
+            self.conn.close()
+            raise _unwritable(self.path, exc) from None
         except sqlite3.DatabaseError as exc:  # a file there that is not a results database
             self.conn.close()
             raise _bad_store(self.path, exc) from None
@@ -103,13 +112,16 @@ class ResultStore:
 
     def record(self, key: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str | None,
                wall_s: float) -> None:
-        """Write one point and commit at once."""
-        with self.conn:
-            self.conn.execute(
-                "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, "ok" if error is None else "failed", json.dumps(config, sort_keys=True),
-                 None if metrics is None else json.dumps(metrics, sort_keys=True), error, wall_s, self._versions,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        """Write one point and commit at once (a full disk is one OSError: every point written so far stays)."""
+        try:
+            with self.conn:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, "ok" if error is None else "failed", json.dumps(config, sort_keys=True),
+                     None if metrics is None else json.dumps(metrics, sort_keys=True), error, wall_s,
+                     self._versions, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        except sqlite3.OperationalError as exc:
+            raise _unwritable(self.path, exc) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -125,10 +137,15 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
 
         raise SimInputError(f"no sweep results in {out_dir} (expected {DB_NAME})")
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            _check_columns(conn, path)
-            raw = pd.read_sql_query("SELECT * FROM points ORDER BY key", conn)  # not by time: runs differ
-    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
+        raw = _read_points(path, "mode=ro")
+    except (sqlite3.OperationalError, pd.errors.DatabaseError) as exc:
+        if "unable to open" not in str(exc):
+            raise _bad_store(path, exc) from None
+        try:  # a WAL database on a read-only mount: nothing can write it, so read it as it is
+            raw = _read_points(path, "mode=ro&immutable=1")
+        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as again:
+            raise _bad_store(path, again) from None
+    except sqlite3.DatabaseError as exc:
         raise _bad_store(path, exc) from None
     rows = []
     from sim.config import OMITTED_DEFAULTS
@@ -146,6 +163,19 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
                "versions": rec["versions"], "stale": rec["versions"] != current, "finished_at": rec["finished_at"]}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _read_points(path: Path, mode: str) -> pd.DataFrame:
+    """Every row of a results database, in key order (not by time: runs differ in it)."""
+    uri = f"file:{quote(str(path.absolute()))}?{mode}"
+    with closing(sqlite3.connect(uri, uri=True)) as conn:
+        _check_columns(conn, path)
+        return pd.read_sql_query("SELECT * FROM points ORDER BY key", conn)
+
+
+def _unwritable(path: Path, exc: Exception) -> OSError:
+    """A results database that cannot be opened or written (read-only, full disk, locked): one OSError line."""
+    return OSError(errno.EIO, f"cannot write the sweep results ({str(exc).splitlines()[0][:80]})", str(path))
 
 
 def _bad_store(path: Path, exc: Exception) -> Exception:
