@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from executor.profile import device_timer, fingerprint
+from sim.atomic_files import write_atomic_text
 
 # [M, N, K]: LLMCompass ae/figure5/ab (the A100 set in gpu_ops.yaml), then Mixtral-8x7B's op shapes.
 LLMCOMPASS_SHAPES = ([(m, 12288, 12288) for m in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)]
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("machine_bench: --gemm-device cuda: torch sees no CUDA device")
         return 2
     out = Path(args.out)
-    result = run(device, quick=args.quick, save=lambda r: out.write_text(json.dumps(r, indent=1)))
+    result = run(device, quick=args.quick, save=lambda r: write_atomic_text(out, json.dumps(r, indent=1)))
     for name, error in result["errors"].items():
         print(f"machine_bench: {name} failed: {error}")
     for r in result.get("gemm", []):

@@ -29,6 +29,7 @@ from experiments.sweep.run import run_sweep
 from experiments.sweep.spec import expand
 from experiments.sweep.store import ResultStore, load_results
 from experiments.tables import markdown_table
+from sim.atomic_files import write_atomic, write_atomic_text
 from sim.errors import SimInputError
 
 STOCK_AMX = {"cpu.amx_efficiency": "0.073"}  # KTransformers' Fig. 3: stock PyTorch/oneDNN on one 8452Y socket
@@ -112,7 +113,7 @@ def main() -> None:
         parser.exit(2, f"amx_sensitivity: error: {exc}\n")
     table = compare(grids["tuned"], *[(name, df) for name, df in grids.items() if name != "tuned"])
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "amx_sensitivity.csv", index=False)
+    write_atomic(out / "amx_sensitivity.csv", lambda tmp: table.to_csv(tmp, index=False))
     lines = summary(table)
     names = variants(table)
     cols = [*KEYS, "coxmoe_tuned", *[f"coxmoe_{n}_over_tuned" for n in names],
@@ -123,7 +124,7 @@ def main() -> None:
         shown[c] = shown[c].map(fmt.format)
     settings = "; ".join(f"{name}: " + ", ".join(f"`{k}={v}`" for k, v in (GRIDS[name] or {}).items())
                          for name in names)
-    (out / "amx_sensitivity.md").write_text(
+    write_atomic_text(out / "amx_sensitivity.md",
         "# CoX-MoE's speedups against the CPU GEMM pricing\n\n"
         "`python experiments/amx_sensitivity.py`: the Fig. 7 grid as preset (the 8452Y's AMX at KTransformers' "
         "tuned kernel, 0.289 of peak, under the roofline's max() of compute and weight streaming) and with "

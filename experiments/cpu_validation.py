@@ -29,6 +29,7 @@ from executor.profile import fingerprint, machine_differences, recorded_fingerpr
 from executor.validate import plot_validation, require_unprofiled, validate_paired, validate_plan
 from executor.weights import random_weights, truncated
 from sim.api import resolve_model, resolve_routing, resolve_system
+from sim.atomic_files import write_atomic_text
 from sim.errors import SimInputError
 from sim.policies import PlanContext, make_policy
 
@@ -136,7 +137,7 @@ def main() -> None:
               f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table. {mode}"
               f"{elsewhere}\n\n")
     text = header + "\n".join(lines) + "\n"
-    (out / "cpu_validation.md").write_text(text)
+    write_atomic_text(out / "cpu_validation.md", text)
     print(text)
 
 

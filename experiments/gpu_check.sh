@@ -37,6 +37,7 @@ COXMOE=("$PY" -m experiments.cli)
 if ! "$PY" -c "import simpy, pydantic, torch" 2> "$W/imports.err"; then  # every step below would fail on import
   { echo "python packages missing (did the call carry .whl/?):"; tail -n 2 "$W/imports.err"; } | tee "$W/steps.txt"
   tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" gpu_check
+  cp "$W/steps.txt" "$OUT/steps.txt"
   exit 3
 fi
 

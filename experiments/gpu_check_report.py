@@ -45,8 +45,8 @@ def _json(path: Path) -> Any | None:
 
 def gpu_preset_of(name: str | None) -> str | None:
     """The GPU preset of a driver's device name ("NVIDIA H100 80GB HBM3" -> h100-sxm), or None if unknown."""
-    for needle, preset in GPU_PRESETS_BY_NAME:
-        if name and needle.lower() in name.lower():
+    for needle, preset in GPU_PRESETS_BY_NAME:  # whole words: a GH200 is not an H200
+        if name and re.search(rf"(?<![\w-]){re.escape(needle)}(?![\w-])", name, re.IGNORECASE):
             return preset
     return None
 

@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from experiments.tables import markdown_table
-from sim.atomic_files import save_figure_file
+from sim.atomic_files import save_figure_file, write_atomic, write_atomic_text
 
 MODELS = {"mixtral-8x7b": "table:mixtral-8x7b", "deepseek-v2-lite": "zipf:1.0", "qwen3-30b-a3b": "zipf:1.0"}
 SAMPLES = (4, 8, 16, 32, 64, 128)
@@ -121,8 +121,8 @@ def main() -> None:
         runs += r
     args.out.mkdir(parents=True, exist_ok=True)
     hit_df, run_df = pd.DataFrame(hits), pd.DataFrame(runs)
-    hit_df.to_csv(args.out / "hit_ratio.csv", index=False)
-    run_df.to_csv(args.out / "hit_ratio_throughput.csv", index=False)
+    write_atomic(args.out / "hit_ratio.csv", lambda tmp: hit_df.to_csv(tmp, index=False))
+    write_atomic(args.out / "hit_ratio_throughput.csv", lambda tmp: run_df.to_csv(tmp, index=False))
     plot(hit_df, args.out / "hit_ratio.png")
     table = (hit_df[hit_df["method"].isin(["eas", "uniform"])].groupby(["model", "method", "sample"])["hit_ratio"]
              .agg(["mean", "std"]).round(3).reset_index())
@@ -135,7 +135,7 @@ def main() -> None:
           "## Hit ratio by probe size (mean, std over seeds)", "", markdown_table(table), "",
           "## Oracle and random", "", markdown_table(fixed), "",
           f"## Simulated coxmoe throughput on {SYSTEM} with each map", "", markdown_table(run_df)]
-    (args.out / "hit_ratio.md").write_text("\n".join(md) + "\n")
+    write_atomic_text(args.out / "hit_ratio.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

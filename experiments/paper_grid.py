@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from sim.atomic_files import write_atomic, write_atomic_text
+
 MODELS = {"mixtral-8x7b": "table:mixtral-8x7b", "deepseek-v2-lite": "zipf:1.0", "qwen3-30b-a3b": "zipf:1.0"}
 SYSTEMS = ("rtx6000ada-8452y", "a100-80g-8452y", "h100-80g-8452y")
 WORKLOADS = ((97, 32), (97, 256), (800, 32), (800, 256))
@@ -124,10 +126,10 @@ def main() -> None:
         for f in tqdm(as_completed(futures), total=len(futures), desc="grid points"):
             rows.extend(f.result())
     df = pd.DataFrame(rows).sort_values(["model", "system", "prompt", "gen", "policy"])
-    df.to_csv(out / "paper_grid.csv", index=False)
+    write_atomic(out / "paper_grid.csv", lambda tmp: df.to_csv(tmp, index=False))
     summary = summarize(df)
     text = markdown(summary)
-    (out / "paper_grid.md").write_text(
+    write_atomic_text(out / "paper_grid.md",
         f"Made by `python experiments/paper_grid.py --out {args.out} --workers {args.workers} "
         f"--decode-sample {args.decode_sample} --seed {args.seed}` in {time.perf_counter() - t0:.0f} s. "
         "Throughput in generated tokens/s.\n\n" + text)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.tables import markdown_table
+from sim.atomic_files import write_atomic, write_atomic_text
 
 
 def measure(name: str, requests: int, seed: int = 0) -> list[dict]:
@@ -50,11 +51,11 @@ def main() -> None:
 
     df = pd.DataFrame([row for name in PRESETS for row in measure(name, args.requests)])
     args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "synth_presets.csv", index=False)
+    write_atomic(args.out / "synth_presets.csv", lambda tmp: df.to_csv(tmp, index=False))
     text = (f"# Synthesis presets against published statistics\n\nCommand: `python experiments/synth_presets_table.py"
             f" --requests {args.requests}` (seed 0; blank target: not published for that model)\n\n"
             + markdown_table(df) + "\n")
-    (args.out / "synth_presets.md").write_text(text)
+    write_atomic_text(args.out / "synth_presets.md", text)
     print(text)
 
 

@@ -32,7 +32,8 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     file gets the umask's permissions, as a plain `open` would give it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the target's suffix last, so writers that infer a format from the name (pandas: .gz) still do
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)
@@ -41,6 +42,11 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def write_atomic_text(path: str | Path, text: str) -> Path:
+    """`write_atomic` of a UTF-8 text."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 @contextmanager

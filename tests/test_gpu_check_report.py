@@ -87,7 +87,7 @@ def test_an_h100_run_is_priced_as_an_h100(tmp_path):
     assert report.gpu_preset_of("NVIDIA H100 80GB HBM3") == "h100-sxm"
     assert report.gpu_preset_of("NVIDIA H100 PCIe") == "h100-pcie"
     assert report.gpu_preset_of("NVIDIA H200") == "h200"
-    assert report.gpu_preset_of("NVIDIA B200") is None
+    assert report.gpu_preset_of("NVIDIA B200") is None and report.gpu_preset_of("NVIDIA GH200 480GB") is None
     bench = {"machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "gemm_device": "cuda",
              "gemm": [{"m": 4096, "n": 14336, "k": 4096, "seconds": 7.0e-4}]}
     (tmp_path / "machine_bench.json").write_text(json.dumps(bench))

@@ -370,11 +370,12 @@ def test_flexgen_prefill_attention_is_eager_unless_told_otherwise():
 
 def test_a_profile_prices_pageable_copies_with_the_roofline(tmp_path):
     """A profile measures pinned copies only; a staged (pageable) copy keeps the roofline's pageable rate."""
-    from sim.cost.profile import ProfileCostModel
+    from sim.cost.profile import PROFILE_VERSION, ProfileCostModel
 
     system = load_system("gcp-t4-n1")
     model = load_model("mixtral-8x7b")
-    (tmp_path / "profile.json").write_text(json.dumps({"version": 1, "model_signature": model_signature(model)}))
+    (tmp_path / "profile.json").write_text(json.dumps({"version": PROFILE_VERSION,
+                                                       "model_signature": model_signature(model)}))
     (tmp_path / "timings.csv").write_text("device,kind,tokens,kv,median_s\n"
                                           "cuda,copy_h2d_pinned,1000,0,1e-7\ncuda,copy_h2d_pinned,2000000000,0,0.2\n")
     cost = ProfileCostModel(system, tmp_path, model)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.cli.common import nonneg_int, positive_int
+from experiments.cli.common import nonneg_int, output_file, positive_int
 from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
 from sim.policies import parse_kv_pairs
@@ -146,6 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sweep-results", help="summarise (or export) a sweep's results")
     p.add_argument("dir", help="a sweep's --out directory")
-    p.add_argument("--csv", help="also write every row to this CSV file")
+    p.add_argument("--csv", metavar="FILE", type=output_file(".csv", ".gz", ".bz2", ".xz", ".zip"),
+                   help="also write every row to this CSV file (compressed by its suffix: .csv.gz, ...)")
     p.set_defaults(func=cmd_sweep_results)
 

@@ -88,12 +88,16 @@ def _digest(path: Path, cache: dict[tuple, str]) -> str:
 
 def input_files(config: dict[str, Any]) -> dict[str, str]:
     """The files a resolved point reads, by setting: model and system spec files (not presets), the trace, the
-    profile directory, and policy options that name a file."""
+    profile directory, a count table the routing names (`table:PATH`), and policy options that name a file."""
     from sim.specs.catalog import is_spec_path
+    from traces.synth import POPULARITY_TABLES
 
     files = {name: config[name] for name in ("model", "system")
              if isinstance(config.get(name), str) and is_spec_path(config[name])}
     files.update({name: config[name] for name in ("trace", "profile") if config.get(name)})
+    kind, _, table = str(config.get("routing") or "").partition(":")
+    if kind == "table" and table not in POPULARITY_TABLES:
+        files["routing"] = table
     options = config.get("policy_options") or {}
     files.update({f"policy_options.{k}": options[k] for k in FILE_OPTIONS if options.get(k)})
     return {name: str(path) for name, path in files.items()}

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS points (
     finished_at TEXT NOT NULL
 )
 """
+CONFIG_INDEX = "CREATE INDEX IF NOT EXISTS points_config ON points (config)"  # a config's row, found at once
 # Metrics copied into the DataFrame's columns (the rest stay in the `metrics` JSON column).
 METRIC_COLUMNS = ("throughput_tok_s", "total_s", "prefill_s", "decode_s", "peak_gpu_bytes", "peak_cpu_bytes")
 
@@ -88,6 +89,8 @@ class ResultStore:
             self.conn.execute(SCHEMA)
             self.conn.commit()
             _check_columns(self.conn, self.path)
+            self.conn.execute(CONFIG_INDEX)  # (after the check: a foreign table has no config column to index)
+            self.conn.commit()
         except sqlite3.OperationalError as exc:  # read-only, locked, or a full disk
             self.conn.close()
             raise _unwritable(self.path, exc) from None
@@ -112,12 +115,17 @@ class ResultStore:
 
     def record(self, key: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str | None,
                wall_s: float) -> None:
-        """Write one point and commit at once (a full disk is one OSError: every point written so far stays)."""
+        """Write one point and commit at once, replacing a row of the same config under another key (its input
+        files changed); a full disk is one OSError: every point written so far stays."""
+        config_json = json.dumps(config, sort_keys=True)
         try:
             with self.conn:
+                # the same settings under another key: read from input files that have changed since (a point's
+                # key covers their bytes); the new result replaces it, so one config has one row
+                self.conn.execute("DELETE FROM points WHERE config = ? AND key != ?", (config_json, key))
                 self.conn.execute(
                     "INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, "ok" if error is None else "failed", json.dumps(config, sort_keys=True),
+                    (key, "ok" if error is None else "failed", config_json,
                      None if metrics is None else json.dumps(metrics, sort_keys=True), error, wall_s,
                      self._versions, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         except sqlite3.OperationalError as exc:
@@ -139,9 +147,10 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     try:
         raw = _read_points(path, "mode=ro")
     except (sqlite3.OperationalError, pd.errors.DatabaseError) as exc:
-        if "unable to open" not in str(exc):
-            raise _bad_store(path, exc) from None
-        try:  # a WAL database on a read-only mount: nothing can write it, so read it as it is
+        wal = path.with_name(path.name + "-wal")
+        if "unable to open" not in str(exc) or (wal.exists() and wal.stat().st_size > 0):
+            raise _bad_store(path, exc) from None  # (an unmerged write-ahead log would be ignored: refuse)
+        try:  # a WAL database on a read-only mount, its log merged: nothing can write it, so read it as it is
             raw = _read_points(path, "mode=ro&immutable=1")
         except (sqlite3.DatabaseError, pd.errors.DatabaseError) as again:
             raise _bad_store(path, again) from None

@@ -28,7 +28,9 @@ from sim.plan import PAGEABLE_PAYLOADS, Op, OpKind, Phase, Plan
 from sim.specs import ModelSpec, SystemSpec
 from sim.topology import UnitKind
 
-PROFILE_VERSION = 1
+# 2 (2026-12-05): o_proj rows no longer time their input's creation (about a third of a CPU row), expert rows take
+# their tokens grouped once as the executor does; a version-1 profile's o_proj times are too long: re-measure.
+PROFILE_VERSION = 2
 GEMM_KINDS = (OpKind.EXPERT, OpKind.QKV, OpKind.O_PROJ, OpKind.ROUTER, OpKind.LM_HEAD)
 QUANTIZED_EXPERT_KINDS = {"int8": "expert_int8", "int4": "expert_int4"}  # CPU rows of quantised expert ops
 _TOKEN_TABLES = {*(str(k) for k in GEMM_KINDS), *QUANTIZED_EXPERT_KINDS.values(), "copy_h2d_pinned",
@@ -140,8 +142,11 @@ class ProfileCostModel:
         if not isinstance(self.meta, dict):
             raise SimInputError(f"{self.dir}/profile.json: must be a JSON object")
         if self.meta.get("version") != PROFILE_VERSION:
+            old = self.meta.get("version") == 1
             raise SimInputError(f"{self.dir}: profile version {self.meta.get('version')!r}, this reader reads "
-                                f"{PROFILE_VERSION}")
+                                f"{PROFILE_VERSION}" + ("; version 1 timed each O-projection's input creation too "
+                                                       "(rows about a third too long): re-measure it with `coxmoe "
+                                                       "calibrate profile`" if old else ""))
         if self.meta.get("model_signature") != model_signature(model):
             raise SimInputError(f"{self.dir}: profile measured for {self.meta.get('model')!r}, whose shapes differ "
                                 f"from {model.name}'s")
