@@ -44,9 +44,9 @@ from executor.cpu_experts import backend as cpu_experts_backend
 from executor.cpu_experts import describe as describe_cpu_experts
 from executor.speed_probe import mean_reading, speed_probe
 from executor.weights import LayerWeights, random_weights, truncated
-from sim.atomic_files import write_atomic
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
+from traces.files import write_atomic_text
 
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 ATTENTION_BATCH = (1, 4, 16, 64, 256)
@@ -172,11 +172,11 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
                                                                       seed, max_requests, max_kv, between_rounds))
     finally:
         torch.set_num_threads(current)
-    _write_atomic(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_atomic_text(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
     meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
             "dtype": "bfloat16", "devices": list(devices), "threads": list(threads), "rounds": rounds,
             "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()}}
-    _write_atomic(out / "profile.json", json.dumps(meta, indent=2))
+    write_atomic_text(out / "profile.json", json.dumps(meta, indent=2))
     return out
 
 
@@ -415,5 +415,4 @@ def _copy_rows(rounds: int) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+

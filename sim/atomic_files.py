@@ -1,9 +1,10 @@
-"""Output files written whole or not at all, and figures whose bytes depend only on what they draw.
+"""Figures whose bytes depend only on what they draw, written whole or not at all.
 
-`write_atomic` writes through a temporary file beside the target and renames it into place, so an interrupted
-run never leaves a truncated file under the real name. `save_figure_file` saves a matplotlib figure the same
-way, without the creation dates, random SVG ids and temporary file names that would otherwise make two runs of
-the same command differ (the project's rule: same inputs, same bytes out).
+`write_atomic` (from `traces.files`, the one writer) writes through a temporary file beside the target and
+renames it into place, so an interrupted run never leaves a truncated file under the real name.
+`save_figure_file` saves a matplotlib figure the same way, without the creation dates, random SVG ids and
+temporary file names that would otherwise make two runs of the same command differ (the project's rule: same
+inputs, same bytes out).
 """
 
 from __future__ import annotations
@@ -11,42 +12,16 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from traces.format import UMASK
+from traces.files import write_atomic, write_atomic_text
+
+__all__ = ["save_figure_file", "write_atomic", "write_atomic_text"]
 
 SVG_HASH_SALT = "cox-moe"  # seeds matplotlib's SVG element ids (random per run otherwise)
-
-
-def publish(tmp: str | Path) -> None:
-    """Give a temporary file the permissions a plain `open` would (mkstemp makes it private, 0600)."""
-    os.chmod(tmp, 0o666 & ~UMASK)
-
-
-def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
-    """Call `write` on a temporary file beside `path`, then rename it into place (the parent is created; the
-    file gets the umask's permissions, as a plain `open` would give it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the target's suffix last, so writers that infer a format from the name (pandas: .gz) still do
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        publish(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def write_atomic_text(path: str | Path, text: str) -> Path:
-    """`write_atomic` of a UTF-8 text."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 @contextmanager

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -395,28 +393,15 @@ def save_trace(trace: RoutingTrace, path: str | Path, compress: bool = False) ->
     return write_npz_atomic(path, arrays, compress)
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _read_umask()  # read once at import (setting it to read it is not thread-safe later)
-
-
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> Path:
     """Write an .npz through a temporary file and a rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    from traces.files import write_atomic
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             (np.savez_compressed if compress else np.savez)(fh, **arrays)
-        os.chmod(tmp, 0o666 & ~UMASK)  # as a plain open() would make it (mkstemp's file is private)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomic(path, write)
 
 
 @plain_pages()  # a trace's arrays are hundreds of MB: huge-page compaction made a 415 MB load 2.1-4.7 s, not 1.7 s

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sim.atomic_files import save_figure_file, write_atomic  # noqa: E402
+from sim.atomic_files import save_figure_file, write_atomic, write_atomic_text  # noqa: E402
 from sim.policies import POLICIES  # noqa: E402
 
 POLICY_COLORS = {name: cls.color for name, cls in POLICIES.items()}  # each policy class names its own
@@ -50,4 +50,4 @@ def save_csv(df: pd.DataFrame, out: Path, stem: str) -> Path:
 
 
 def save_text(text: str, path: Path) -> Path:
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_atomic_text(path, text)

@@ -69,19 +69,14 @@ def _digest(path: Path, cache: dict[tuple, str]) -> str:
     if key in cache:
         return cache[key]
     h = hashlib.sha256()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        if len(files) > MAX_DIR_FILES:
-            raise SimInputError(f"{path}: more than {MAX_DIR_FILES} files to read as one input")
-        for p in files:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if len(files) > MAX_DIR_FILES:
+        raise SimInputError(f"{path}: more than {MAX_DIR_FILES} files to read as one input")
+    for p in files:
+        if p != path:  # a directory's file: its name counts too
             h.update(p.relative_to(path).as_posix().encode() + b"\0")
-            with p.open("rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(block)
-    else:
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        with p.open("rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
     cache[key] = h.hexdigest()[:16]
     return cache[key]
 
