@@ -192,10 +192,8 @@ class PlanInterpreter:
         elif kind is OpKind.O_PROJ:
             # The residual add, the norm and the experts' accumulator over the scope at once, then views per request
             # (per request they were three small kernels each: on a GPU, launches that dwarf the GEMM at batch 256).
-            h_attn = torch.cat([st.h.to(dev) for st in sts]) + K.o_proj(lw, torch.cat([st.attn_out.to(dev)
-                                                                                       for st in sts]))
-            x = K.rms_norm(h_attn, lw.ffn_norm)
-            y = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+            h_attn, x, y = K.o_proj_op(lw, torch.cat([st.h.to(dev) for st in sts]),
+                                       torch.cat([st.attn_out.to(dev) for st in sts]))
             for st, ha, xs, ys in zip(sts, h_attn.split(sizes), x.split(sizes), y.split(sizes), strict=True):
                 st.h_attn, st.x, st.y = ha, xs, ys
         elif kind is OpKind.ROUTER:

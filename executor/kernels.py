@@ -127,6 +127,15 @@ def o_proj(lw: LayerWeights, attn_out: torch.Tensor) -> torch.Tensor:
     return attn_out @ lw.attn["wo"].T
 
 
+def o_proj_op(lw: LayerWeights, h: torch.Tensor, attn_out: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The O-projection op over a scope's tokens: the projection plus the residual `h`, the FFN norm of that,
+    and the experts' fp32 accumulator: (h_attn, x, y). What the interpreter runs and the profile times."""
+    h_attn = h + o_proj(lw, attn_out)
+    x = rms_norm(h_attn, lw.ffn_norm)
+    return h_attn, x, torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+
 def router_weights(lw: LayerWeights, x_norm: torch.Tensor, ids: torch.Tensor,
                    gates: torch.Tensor | None = None) -> torch.Tensor:
     """Gate weights of the forced top-k `ids` [T, k]: the trace's, or the softmax of their router logits."""

@@ -180,14 +180,6 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     return out
 
 
-def _o_proj_op(lw: LayerWeights, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """What the executor's O-projection op computes over its scope: the projection, the residual add, the FFN
-    norm and the experts' fp32 accumulator (its per-request work is the `overhead_o_proj` rows)."""
-    h_attn = h + K.o_proj(lw, attn_out)
-    x = K.rms_norm(h_attn, lw.ffn_norm)
-    return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-
-
 def covering(grid: tuple[int, ...], limit: int | None) -> tuple[int, ...]:
     """The grid values up to the first one >= `limit` (all of them without a limit): lookups stay bracketed."""
     if limit is None:
@@ -223,7 +215,8 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
             lw, 0, x, ids, g, y, routed=r) for lw in cold], len(cold)))
         points.append(("qkv", (t, 0), lambda x=x: K.qkv(spec, moe, x, torch.arange(x.shape[0], device=device)), 1))
         attn_out = torch.randn(t, moe.attn["wo"].shape[1], dtype=dtype, device=device)  # made before the clock
-        points.append(("o_proj", (t, 0), lambda a=attn_out, h=x: _o_proj_op(moe, h, a), 1))
+        # the interpreter's own O-projection op (its per-request work is the overhead_o_proj rows)
+        points.append(("o_proj", (t, 0), lambda a=attn_out, h=x: K.o_proj_op(moe, h, a), 1))
         points.append(("router", (t, 0), lambda x=x: x @ moe.router.T, 1))
         points.append(("lm_head", (t, 0), lambda x=x: K.lm_head(weights, x), 1))
         for precision, copies in quantized.items():  # the same expert op with INT8 / INT4 weights

@@ -51,6 +51,17 @@ def gpu_preset_of(name: str | None) -> str | None:
     return None
 
 
+def measured_gpu(bench: Any) -> str | None:
+    """The GPU name machine_bench.json records, or None (no file, or a CPU-only run)."""
+    return bench["machine"].get("gpu") if isinstance(bench, dict) else None
+
+
+def lent_gpu(bench: Any, override: str | None = None) -> str:
+    """The GPU preset to price the run with: `override`, else the one the driver's name maps to, else the
+    system preset's own (GPU_PRESET)."""
+    return override or gpu_preset_of(measured_gpu(bench)) or GPU_PRESET
+
+
 def lent_system(system: str, gpu: str) -> Any:
     """`system` (the preset the plans were built for) with the lent GPU's preset in place of its own: the
     simulated side of the own points runs on the GPU that measured them (the host stays the preset's)."""
@@ -152,8 +163,8 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
     out += steps(folder) or ["(no steps.txt)"]
     out.append("```\n")
     bench = _json(folder / "machine_bench.json")
-    measured_name = bench["machine"].get("gpu") if isinstance(bench, dict) else None
-    gpu = gpu or gpu_preset_of(measured_name) or GPU_PRESET
+    measured_name = measured_gpu(bench)
+    gpu = lent_gpu(bench, gpu)
     out.append(f"Priced with the `{gpu}` GPU preset" + (f" (the lent GPU: {measured_name})" if measured_name else "")
                + f"; the simulated own points run on `{system}` with that GPU (its host preset kept).\n")
     if isinstance(bench, dict):
@@ -207,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if not folder.is_dir():
             raise SimInputError(f"{folder}: not a folder")
         bench = _json(folder / "machine_bench.json")
-        measured_name = bench["machine"].get("gpu") if isinstance(bench, dict) else None
-        gpu = args.gpu or gpu_preset_of(measured_name) or GPU_PRESET
+        gpu = lent_gpu(bench, args.gpu)
         from sim.specs.catalog import component_preset
 
         component_preset("gpus", gpu)  # an unknown preset is refused here, naming the presets
