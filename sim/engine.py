@@ -190,7 +190,9 @@ def max_min_rates(usages: list[tuple[float, ...]]) -> list[float]:
             cap[r] -= delta * grow[r]
             if cap[r] <= _EPS:
                 full.append(r)
-        active = [i for i in active if rates[i] < 1.0 - _EPS and not any(usages[i][r] > _EPS for r in full)]
+        # A job that uses a saturated resource at all stops there (however little it uses: a job left growing on
+        # it would hold the next step at zero forever), so every step freezes at least one job.
+        active = [i for i in active if rates[i] < 1.0 - _EPS and not any(usages[i][r] > 0.0 for r in full)]
     return rates
 
 

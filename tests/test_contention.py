@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.cost import RooflineCostModel
 from sim.engine import max_min_rates, run_plan
@@ -33,6 +35,25 @@ def test_max_min_rates():
     assert max_min_rates([(1.0, 0), (1.0, 0), (1.0, 0)]) == pytest.approx([1 / 3] * 3)
     assert max_min_rates([(0.2, 0), (1.0, 0), (1.0, 0)]) == pytest.approx([1.0, 0.4, 0.4])
     assert max_min_rates([(0.0, 0.0), (1.0, 1.0)]) == [1.0, 1.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(*[st.one_of(st.just(0.0), st.floats(1e-12, 1e-8), st.floats(0.0, 1.5))] * 3),
+                min_size=1, max_size=6))
+def test_max_min_rates_ends_and_never_overdraws(usages):
+    """Whatever the usages, tiny ones on a saturated resource included (which once held the filling at a zero
+    step forever), the rates come back in (0, 1] and no resource does more than its capacity."""
+    rates = max_min_rates(usages)
+    assert all(0.0 < r <= 1.0 + 1e-9 for r in rates)
+    for column in zip(*usages, strict=True):
+        assert sum(r * u for r, u in zip(rates, column, strict=True)) <= 1.0 + 1e-6
+
+
+def test_a_job_barely_using_a_saturated_resource_stops_growing_there():
+    # Four jobs fill resource 1; the fifth uses it by 9e-10 only: it freezes with them (dominant resource
+    # fairness) instead of holding the filling at a zero step.
+    rates = max_min_rates([(0.0, 1.0)] * 4 + [(0.5, 9e-10)])
+    assert rates == pytest.approx([0.25] * 4 + [0.5])
 
 
 def test_two_cpu_workers_share_the_cores(tiny_model, paper_system):
