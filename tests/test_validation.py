@@ -452,6 +452,9 @@ def test_framework_factors_stretch_gpu_ops_and_thin_their_usage():
     assert run_plan(plan, slow).end_ns[0] == 2 * base.op_time_ns(gpu)  # the copy runs beside it, untouched
     with pytest.raises(SimInputError, match="gpu_time_factor"):
         FrameworkFactors(gpu_time_factor=0.0)
+    # Below 1 a memory-bound op would move more bytes per second than the unit's bandwidth: refused.
+    with pytest.raises(SimInputError, match="capacity"):
+        FrameworkFactors(cpu_time_factor=0.575)
 
 
 # ---- published knobs ----------------------------------------------------------------------------------------

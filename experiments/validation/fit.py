@@ -22,7 +22,9 @@ from sim.cost import RooflineCostModel
 from sim.cost.framework import FrameworkCostModel, FrameworkFactors
 from sim.plan import Plan
 
-LOG_RANGE = (math.log(0.5), math.log(10.0))  # factors searched between 0.5 and 10
+# Factors searched between 1 and 10: below 1 an op would run faster than its unit's achievable rates and draw more
+# than a resource's capacity (`FrameworkFactors`); a runtime the model already prices too slowly keeps 1.
+LOG_RANGE = (0.0, math.log(10.0))
 TOLERANCE = 0.005  # on the mean log ratio: about 0.5% in time
 MAX_RUNS = 12
 

@@ -4,7 +4,9 @@ The roofline (and a profile) price ops as well-tuned kernels would run them. A r
 MoE loop, MoE-Lightning's kernels) adds Python dispatch, synchronisation and slower kernels. Where that cannot
 be measured, it is one learned factor per device class and runtime: every GPU op of the runtime takes
 `gpu_time_factor` times its modelled time, every CPU op `cpu_time_factor` times. The stretched op moves the same
-bytes over the longer time, so it uses proportionally less of each shared resource. Factors are learned only on
+bytes over the longer time, so it uses proportionally less of each shared resource. A factor is at least 1: the
+modelled rates are what the hardware achieves, and a shorter time would move more bytes (or FLOPs) per second
+than a resource's capacity. Factors are learned only on
 a declared training subset (`experiments/validation/fit.py`); the validation report gives the error on the
 systems left out.
 """
@@ -29,8 +31,10 @@ class FrameworkFactors:
     def __post_init__(self) -> None:
         for name in ("gpu_time_factor", "cpu_time_factor"):
             value = getattr(self, name)
-            if not 0.1 <= value <= 100:
-                raise SimInputError(f"framework factors: {name} must be in [0.1, 100], got {value}")
+            if not 1.0 <= value <= 100:
+                raise SimInputError(f"framework factors: {name} must be in [1, 100], got {value} (a runtime never "
+                                    "beats the cost model's achievable rates: below 1 its ops would draw more than "
+                                    "a resource's capacity; raise the spec's efficiency instead)")
 
 
 class FrameworkCostModel:
