@@ -38,12 +38,19 @@ def test_interpolation_fallback_and_cache(tmp_path, tiny_model, paper_system):
     cost = ProfileCostModel(paper_system, write_profile(tmp_path / "p", tiny_model, rows), tiny_model)
     assert cost.op_time_ns(op(OpKind.EXPERT, tokens=4)) == pytest.approx(2_000_000, abs=1)
     assert cost.op_time_ns(op(OpKind.EXPERT, tokens=2)) == pytest.approx(np.sqrt(1e-3 * 2e-3) * 1e9, rel=1e-6)
-    # outside the grid, on another device or another kind: the roofline
+    # past the grid's top: the last point plus the last segment's cost per token (8 ms + 48 x 0.5 ms at 64)
+    assert cost.op_time_ns(op(OpKind.EXPERT, tokens=64)) == pytest.approx(32_000_000, abs=1)
+    assert cost.op_time_ns(op(OpKind.EXPERT, tokens=17)) > cost.op_time_ns(op(OpKind.EXPERT, tokens=16))
+    # on another device or another kind: the roofline
     roof = RooflineCostModel(paper_system)
-    for o in (op(OpKind.EXPERT, tokens=64), op(OpKind.EXPERT, Stream.GPU, tokens=4), op(OpKind.QKV, tokens=4)):
+    for o in (op(OpKind.EXPERT, Stream.GPU, tokens=4), op(OpKind.QKV, tokens=4)):
         assert cost.op_time_ns(o) == roof.op_time_ns(o)
     # decode attention: (requests, kv per request), bilinear in log space (exact on this power law)
     assert cost.op_time_ns(op(OpKind.ATTENTION, tokens=2, kv=2 * 32)) == pytest.approx(1e-4 * 2 * 32 * 1e9, rel=1e-6)
+    # beyond the grid in proportion to requests x KV (exact on this law too); below it the edge's time
+    assert cost.op_time_ns(op(OpKind.ATTENTION, tokens=8, kv=8 * 256)) == pytest.approx(1e-4 * 8 * 256 * 1e9,
+                                                                                       rel=1e-6)
+    assert cost.op_time_ns(op(OpKind.ATTENTION, tokens=1, kv=4)) == pytest.approx(1e-4 * 16 * 1e9, rel=1e-6)
     assert cost.op_time_ns(op(OpKind.ATTENTION, tokens=4, kv=4 * 16, phase=Phase.PREFILL)) == roof.op_time_ns(
         op(OpKind.ATTENTION, tokens=4, kv=4 * 16, phase=Phase.PREFILL))
     assert cost.hits >= 3 and cost.misses >= 3
@@ -63,9 +70,9 @@ def test_shared_expert_and_dense_ffn_scale_the_measured_expert_time(tmp_path, pa
     assert shared == pytest.approx(expert * spec.shared_expert_params / spec.expert_params, rel=1e-6)
     assert dense == pytest.approx(expert * spec.dense_ffn_params / spec.expert_params, rel=1e-6)
     assert spec.shared_expert_params > spec.expert_params and cost.misses == 0
-    # outside the expert grid they fall back to the roofline like any op
-    far = op(OpKind.SHARED_EXPERT, tokens=64)
-    assert cost.op_time_ns(far) == RooflineCostModel(paper_system).op_time_ns(far)
+    # past the expert grid they extend it like a routed expert (4 ms + 48 x 0.2 ms at 64 tokens), scaled the same
+    far = cost.op_time_ns(op(OpKind.SHARED_EXPERT, tokens=64))
+    assert far == pytest.approx(13.6e6 * spec.shared_expert_params / spec.expert_params, rel=1e-6)
 
 
 def test_profiles_that_do_not_fit(tmp_path, tiny_model, paper_system):

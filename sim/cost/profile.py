@@ -1,14 +1,15 @@
-"""Cost model from measured profiles: times looked up by interpolation, the roofline outside the grid.
+"""Cost model from measured profiles: times looked up by interpolation, extended past the grid's edges.
 
 A profile directory (written by `coxmoe calibrate profile`, issue 4) holds `profile.json` (version, model
 signature, machine fingerprint) and `timings.csv` (device, kind, tokens, kv, median_s, ...). GEMM-shaped ops
-interpolate their time over tokens in log-log space; decode attention interpolates over (batch, KV length
-per request). Anything the profile does not cover (other kinds, prefill attention, copies without a CUDA
-profile, token counts beyond the grid) falls back to the roofline. Shared experts and dense FFNs, which the
-profile does not time, take the routed expert's time at their token count scaled by their parameter count.
-Prefill attention is looked up by (requests, mean prompt length) of the op's scope (`Plan.scope_of`, read when
-the engine calls `prepare(plan)`; the workload's mean prompt length without a plan). CPU ops add the
-executor's measured cost per request in their scope (`overhead_<kind>` rows). This module reads
+interpolate their time over tokens in log-log space; decode attention interpolates over (batch, KV length per
+request). Past the grid's edges a time is extended from the measurements (`_extended`; attention in proportion
+to requests x KV): more tokens never take less time. Anything the profile does not cover (other kinds, prefill
+attention without its rows, copies without a CUDA profile) falls back to the roofline. Shared experts and dense
+FFNs, which the profile does not time, take the routed expert's time at their token count scaled by their
+parameter count. Prefill attention is looked up by (requests, mean prompt length) of the op's scope
+(`Plan.scope_of`, read when the engine calls `prepare(plan)`; the workload's mean prompt length without a plan).
+CPU ops add the executor's measured cost per request in their scope (`overhead_<kind>` rows). This module reads
 data only: the simulator never imports the executor.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,25 @@ def _mean_grid(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return batches, kvs, sums / counts
 
 
+def _extended(table: tuple[np.ndarray, np.ndarray], value: float) -> float:
+    """Seconds at `value` (tokens or bytes) from a log-log table: interpolated inside the grid; below it the first
+    point's time (a smaller op never takes longer); above it the last point's time plus the last segment's cost
+    per unit beyond it (a GEMM's or copy's marginal cost; its average cost where noise made the segment fall).
+    Extended from the measurements rather than handed to the roofline, which prices another machine's rates: an
+    op one token past the grid must not take a fraction of the one at its edge."""
+    lx, ly = table
+    x = math.log(value)
+    if x <= lx[-1]:
+        return float(np.exp(np.interp(x, lx, ly)))
+    x1, t1 = math.exp(lx[-1]), math.exp(ly[-1])
+    slope = t1 / x1
+    if len(lx) > 1:
+        x0, t0 = math.exp(lx[-2]), math.exp(ly[-2])
+        if t1 > t0:
+            slope = (t1 - t0) / (x1 - x0)
+    return t1 + slope * (value - x1)
+
+
 class ProfileCostModel:
     """Measured times where the profile has them; the roofline (and its usages) everywhere else."""
 
@@ -202,9 +223,7 @@ class ProfileCostModel:
             table = self.gemm.get(("cuda", kind))
             if table is None or op.bytes <= 0:
                 return None
-            lx, ly = table
-            x = np.log(op.bytes)
-            return float(np.exp(np.interp(x, lx, ly))) if lx[0] <= x <= lx[-1] else None
+            return _extended(table, op.bytes)
         device = self._device(op)
         if device is None or op.tokens <= 0:
             return None
@@ -221,8 +240,10 @@ class ProfileCostModel:
             if grid is None:
                 return None
             lb, lk, lt = grid
-            if not (lb[0] <= b <= lb[-1] and lk[0] <= kv <= lk[-1]):
-                return None
+            # Outside the grid: the nearest edge's time, scaled in proportion beyond the top (attention's work is
+            # requests x KV entries), so more requests or a longer KV never take less time.
+            scale = math.exp(max(b - lb[-1], 0.0) + max(kv - lk[-1], 0.0))
+            b, kv = min(max(b, lb[0]), lb[-1]), min(max(kv, lk[0]), lk[-1])
             i = min(np.searchsorted(lb, b, side="right") - 1, len(lb) - 2) if len(lb) > 1 else 0
             j = min(np.searchsorted(lk, kv, side="right") - 1, len(lk) - 2) if len(lk) > 1 else 0
             fb = (b - lb[i]) / (lb[i + 1] - lb[i]) if len(lb) > 1 else 0.0
@@ -230,7 +251,7 @@ class ProfileCostModel:
             ib, jk = min(i + 1, len(lb) - 1), min(j + 1, len(lk) - 1)
             v = ((1 - fb) * (1 - fk) * lt[i, j] + fb * (1 - fk) * lt[ib, j] + (1 - fb) * fk * lt[i, jk]
                  + fb * fk * lt[ib, jk])
-            return float(np.exp(v))
+            return scale * float(np.exp(v))
         kind, scale = str(op.kind), 1.0
         if op.kind is OpKind.EXPERT:  # routed experts at the model's precision; shared ones stay native
             kind = self.expert_kind
@@ -243,11 +264,7 @@ class ProfileCostModel:
         table = self.gemm.get((device, kind))
         if table is None or scale <= 0:
             return None
-        lx, ly = table
-        x = np.log(op.tokens)
-        if not lx[0] <= x <= lx[-1]:
-            return None
-        return scale * float(np.exp(np.interp(x, lx, ly)))
+        return scale * _extended(table, op.tokens)
 
     def prepare(self, plan: Plan) -> None:
         """Called by the engine before it prices `plan`'s ops: prefill ops then read their requests and prompt
