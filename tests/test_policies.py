@@ -72,6 +72,58 @@ def test_moe_lightning_overlaps_cpu_attention_with_gpu_work(tiny_model, paper_sy
     assert overlap > 0
 
 
+def test_moe_lightning_relay_is_a_double_buffer(tiny_model, paper_system):
+    """A layer's memcpy into the pinned relay waits until the pages of the layer two visits back have left the
+    relay over PCIe (the relay holds two layers' pages): it never runs more than two layers ahead."""
+    ctx = ctx_for(tiny_model, paper_system, batch=12, prompt=6, gen=4)
+    plan = make_policy("moe-lightning", {"micro_batch": "4", "wg": "0"}).build(ctx)
+    rec, _ = simulate_plan(plan)
+    visits: dict[tuple, int] = {}  # (phase, step, layer) -> visit, in plan order of the relay memcpys
+    relay = [op for op in plan.ops if op.stream is Stream.CPU_EXPERTS and op.kind is OpKind.COPY]
+    h2d = [op for op in plan.ops if op.stream is Stream.H2D and op.payload is Payload.EXPERT_WEIGHTS]
+    for op in relay:
+        visits.setdefault((op.phase, op.step, op.layer), len(visits))
+    left = {}  # visit -> when its last page left the relay over PCIe
+    for op in h2d:
+        v = visits[(op.phase, op.step, op.layer)]
+        left[v] = max(left.get(v, 0), int(rec.end_ns[op.id]))
+    assert len(visits) > 4
+    for op in relay:
+        v = visits[(op.phase, op.step, op.layer)]
+        if v >= 2:
+            assert rec.start_ns[op.id] >= left[v - 2]
+
+
+@pytest.mark.parametrize(("system", "batch", "prompt", "gen", "published"),
+                         [("gcp-t4-n1", 936, 256, 50, 36), ("gcp-l4-g2", 1500, 256, 50, 100),
+                          ("gcp-t4-n1", 76, 1984, 64, 4)])
+def test_moe_lightning_search_picks_the_published_micro_batch(system, batch, prompt, gen, published):
+    """The fastmoe LP's memory model (prefill home, a fused-MoE workspace for ubs x s prompt tokens) makes the
+    search pick the micro-batches the MoE-Lightning(p) HELM runs used (paper Table 4; the fourth run's 8 is not
+    on the LP's grid)."""
+    r = simulate("mixtral-8x7b", system, "moe-lightning", batch=batch, prompt_len=prompt, gen_len=gen,
+                 routing="table:mixtral-8x7b", decode_sample=2)
+    assert r.knobs["micro_batch"] == published
+
+
+def test_flexgen_rescores_the_best_candidate_of_each_attention_place():
+    """FlexGen's cost model prices CPU attention serially with the weight load: the re-scoring tries the best
+    of each place attention can run first, and here CPU attention wins the simulation."""
+    from sim.api import resolve_model, resolve_system
+    from sim.policies.flexgen import attention_family
+
+    m, s = resolve_model("mixtral-8x7b"), resolve_system("rtx6000ada-8452y")
+    wl, tr, _ = resolve_routing(m, 256, 512, 32, None, "table:mixtral-8x7b", 0)
+    space = make_policy("flexgen").search_space(PlanContext(m, s, wl, tr, decode_sample=4))
+    families = {attention_family(c.options) for c in space.candidates}
+    assert families == {"gpu", "cpu"}  # cpu_attention on by default: a DRAM cache is attended in place
+    leaders = [attention_family(c.options) for c in space.rescore_order()[:len(families)]]
+    assert sorted(leaders) == sorted(families) and space.rescore >= len(families)
+    r = simulate("mixtral-8x7b", "rtx6000ada-8452y", "flexgen", batch=256, prompt_len=512, gen_len=32,
+                 routing="table:mixtral-8x7b", decode_sample=4)
+    assert r.knobs["cpu_attention"] == "on" and r.knobs["kv_gpu_percent"] == 0.0
+
+
 # ---- CoX-MoE --------------------------------------------------------------------------------------------------
 def _cox(model, system, **opts):
     base = {"prefill_placement": "ggg", "decode_placement": "gcg", "prefill_micro_batch": "4",

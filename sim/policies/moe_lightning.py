@@ -82,7 +82,7 @@ def hrm_layer_s(ctx: PlanContext, a: Analytic, ubs: int, resident: int) -> dict[
     n_ub = -(-batch // ubs)
     wi = m.num_experts * m.expert_bytes
     ctog = wi * (m.num_experts - resident) / m.num_experts / (a.cm.h2d_bw)
-    kv = int(ubs * (wl.prompt_lens.mean() + wl.gen_lens.mean() / 2))
+    kv = int(ubs * (wl.prompt_lens.mean() + wl.gen_lens.mean()))  # the LP's cpu_T: attention over s + n
     attn = w.attention(ubs, kv, kv)
     cpu = n_ub * max(attn.flops / a.cm.cpu_vector_flops, attn.bytes / a.cm.cpu_bw)
     mlp_flops = ubs * m.top_k * 2 * m.expert_params
@@ -93,19 +93,28 @@ def hrm_layer_s(ctx: PlanContext, a: Analytic, ubs: int, resident: int) -> dict[
 
 
 def hrm_memory(ctx: PlanContext, ubs: int, resident: int) -> tuple[int, int]:
-    """(GPU bytes, CPU bytes) the LP's memory constraints count."""
+    """(GPU bytes, CPU bytes) the `fastmoe` LP's memory constraints count (`solve_lp`, one GPU, attention on the
+    CPU). The GPU holds the larger of its decode home (hidden states of the batch) and its prefill home (two
+    hidden-state buffers of a micro-batch's prompts, the whole batch's prompt residuals, a double-buffered KV
+    staging buffer), the paged experts' double buffer, and the fused-MoE workspace sized for a prefill micro-batch
+    (ubs requests x s prompt tokens, x 1.2). The CPU holds the paged experts, the KV cache, the batch's prompt
+    hidden states and the pinned relay."""
     m, wl = ctx.model, ctx.workload
     bpp = m.bytes_per_param
+    h = m.hidden_size
     wi = m.num_experts * m.expert_bytes
     wg = resident / m.num_experts
     layers = m.num_moe_layers
     bls = wl.batch
     s = float(wl.prompt_lens.mean())
-    w_other = m.non_expert_params * bpp
-    inter = 2 * (ubs * m.top_k * m.hidden_size + ubs * m.top_k * 3 * m.expert_intermediate_size) * 1.2
-    gpu = w_other + wi * layers * wg + 2 * 2 * m.hidden_size * bls + 2 * wi * (1 - wg) + inter
+    kv_per_token_layer = m.kv_bytes_per_token / m.num_layers  # the LP's 4 h_kv: K and V in 16 bits
+    home = m.non_expert_params * bpp + wi * layers * wg
+    home_decode = home + 2 * bpp * h * bls
+    home_prefill = home + bpp * h * s * (2 * ubs + bls) + 2 * kv_per_token_layer * s * ubs
+    inter = bpp * s * (ubs * m.top_k * h + ubs * m.top_k * 3 * m.expert_intermediate_size) * 1.2
+    gpu = max(home_decode, home_prefill) + 2 * wi * (1 - wg) + inter
     kv = wl.kv_tokens_total * m.kv_bytes_per_token
-    cpu = wi * layers * (1 - wg) + kv + 2 * m.hidden_size * bls * s + 2 * wi * (1 - wg)
+    cpu = wi * layers * (1 - wg) + kv + bpp * h * bls * s + 2 * wi * (1 - wg)
     return int(gpu), int(cpu)
 
 
@@ -227,10 +236,12 @@ class _CGOPipe(LayerEmitter):
         self.seq = 0
 
     def _fetch(self, at: At, nbytes: int, visit: int, deps: tuple[int, ...]) -> int:
-        """CPU memcpy into the pinned relay, then the copy over PCIe (into the slot of visit - 2)."""
+        """CPU memcpy into the pinned relay, then the copy over PCIe (into the GPU slot of visit - 2). The relay
+        is a double buffer of one layer's pages too (`pinned_relay`): the memcpy waits until the pages of visit
+        - 2 have left it over PCIe."""
         if nbytes == 0:
             return -1
-        pinned = self.xfer(RELAY, at, nbytes, Payload.EXPERT_WEIGHTS, deps)
+        pinned = self.xfer(RELAY, at, nbytes, Payload.EXPERT_WEIGHTS, (*deps, self.pages_done.get(visit - 2, -1)))
         return self.xfer(H2D, at, nbytes, Payload.EXPERT_WEIGHTS, (pinned, self.layer_done.get(visit - 2, -1)))
 
     def _ffn(self, at: At, s: BatchSlice, front: int, visit: int) -> int:
