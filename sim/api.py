@@ -117,9 +117,10 @@ def resolve_model(model: str | ModelSpec) -> ModelSpec:
 
 
 def config_model(config: SimConfig) -> ModelSpec:
-    """The config's model with its `expert_precision` applied (the default, native, keeps a model file's own)."""
+    """The config's model with its `expert_precision` applied (the default, model, keeps a model file's own;
+    native forces the model's dtype over a file that says int8)."""
     m = resolve_model(config.model)
-    if config.expert_precision != "native":
+    if config.expert_precision != "model":
         m = dataclasses.replace(m, expert_precision=config.expert_precision)
     return m
 
@@ -155,6 +156,9 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     if trace is not None:
         if reuse_prob:
             raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
+        if seed:
+            raise SimInputError(f"--seed {seed} draws synthetic routing and lengths; a trace brings its own (omit "
+                                "--seed)")
         tr = trace if isinstance(trace, RoutingTrace) else load_trace(trace)
         check_trace_matches(tr, model)
         n = tr.num_requests if batch is None else batch
@@ -190,6 +194,22 @@ def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_le
     else:
         wl = Workload.uniform(batch, prompt_len, gen_len)
     return wl, synth_config(model, routing, reuse_prob, seed)
+
+
+KV_BYTES_FLOOR = 0.25  # of the model's KV bytes: a cache kept at 4 bits (FlexGen's compression: 0.28) or more
+
+
+def check_kv_fits_machine(model: ModelSpec, system: SystemSpec, wl: Workload) -> None:
+    """Refuse, before a trace is drawn, a workload whose KV cache alone, even at 4 bits, exceeds every memory of
+    the machine together (GPUs, DRAM, disk): no policy can place it, and drawing its trace would take minutes."""
+    from sim.topology import topology_of
+
+    need = wl.kv_tokens_total * model.kv_bytes_per_token * KV_BYTES_FLOOR
+    have = sum(topology_of(system).pools.values())
+    if need > have:
+        raise SimInputError(f"the KV cache of {wl.batch:,} requests ({wl.kv_tokens_total:,} tokens) needs "
+                            f"{need / KV_BYTES_FLOOR / 2**30:,.1f} GiB ({need / 2**30:,.1f} GiB even at 4 bits); "
+                            f"system {system.name} has {have / 2**30:,.1f} GiB in all")
 
 
 @dataclass(frozen=True)
@@ -344,6 +364,9 @@ def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool)
     c = config
     m, s = config_model(c), config_system(c)
     pol = make_policy(c.policy, dict(c.policy_options))
+    if c.trace is None and c.batch is not None and c.prompt_len is not None and c.gen_len is not None:
+        check_kv_fits_machine(m, s, synthetic_inputs(m, c.batch, c.prompt_len, c.gen_len, c.routing, c.seed,
+                                                     c.reuse_prob)[0])
     wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
                                            c.reuse_prob, prompt_counts=True)
     if c.profile is not None and cost is None:

@@ -34,7 +34,9 @@ def default_workers() -> int:
 
 LENGTH_FORMS = ("fixed", "uniform", "lognormal", "preset")
 # what `point()` leaves out while at these values: settings added later hash as before at their default
-OMITTED_DEFAULTS: dict[str, Any] = {"expert_precision": "native", "system_settings": {}}
+OMITTED_DEFAULTS: dict[str, Any] = {"expert_precision": "model", "system_settings": {}}
+# `expert_precision`: the model's own (a model file may say int8), or one of EXPERT_PRECISIONS forced
+CONFIG_EXPERT_PRECISIONS = ("model", *EXPERT_PRECISIONS)
 MAPPING_SETTINGS = ("policy_options", "system_settings")  # KEY=VALUE settings (repeatable flags, mappings in files)
 
 
@@ -97,8 +99,7 @@ class SimConfig:
                           file_flag=("--model-file", "model spec YAML/JSON, or a Hugging Face config.json"))
     system: Any = _setting(help="system preset (see `coxmoe presets`)", group="target",
                            file_flag=("--system-file", "system spec YAML/JSON (e.g. edited `presets --show` output)"))
-    policy: str = _setting("stream-experts", help="policy name (see `coxmoe policies`; default stream-experts, the "
-                                                  "plain offloading baseline: CoX-MoE is `--policy coxmoe`)",
+    policy: str = _setting("stream-experts", help="policy name (see `coxmoe policies`; CoX-MoE is `--policy coxmoe`)",
                            group="policy")
     batch: int | None = _setting(None, help="requests in the batch (default: all of --trace)", group="workload",
                                  parse=positive_int)
@@ -127,9 +128,10 @@ class SimConfig:
     profile: Any = _setting(None, group="cost", metavar="DIR",
                             help="op times from a measured profile (coxmoe calibrate profile); the roofline outside it")
     expert_precision: str = _setting(
-        "native", group="target", metavar="{native,int8,int4}",
-        help="routed experts' weights: the model's dtype, INT8 (W8A8: AMX-INT8 / INT8 tensor cores) or INT4 "
-             "(weight-only, group 128); bytes and compute rates follow, accuracy is out of scope")
+        "model", group="target", metavar="{model,native,int8,int4}",
+        help="routed experts' weights: as the model spec says (model, the default), its dtype (native), INT8 (W8A8: "
+             "AMX-INT8 / INT8 tensor cores) or INT4 (weight-only, group 128); bytes and compute rates follow, "
+             "accuracy is out of scope")
     system_settings: Mapping[str, str] = _setting(
         help="set a number of the system spec by its path, as `coxmoe presets --show` prints it (e.g. "
              "cpu.amx_efficiency=0.073, gpu.gemm_efficiency=0.6, link.h2d_efficiency=0.5, dram_bytes=...); "
@@ -174,8 +176,8 @@ class SimConfig:
             raise SimInputError(f"policy must be a policy name, got {self.policy!r}")
         if not isinstance(self.routing, str):
             raise SimInputError(f"routing must be a string, got {self.routing!r}")
-        if self.expert_precision not in EXPERT_PRECISIONS:
-            raise SimInputError(f"expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, got "
+        if self.expert_precision not in CONFIG_EXPERT_PRECISIONS:
+            raise SimInputError(f"expert_precision must be one of {', '.join(CONFIG_EXPERT_PRECISIONS)}, got "
                                 f"{self.expert_precision!r}")
 
     def _set(self, name: str, value: Any) -> None:

@@ -58,10 +58,14 @@ def test_expert_counts_beyond_the_id_type_are_refused(capsys, tmp_path):
                   "at most 65536 are supported")
 
 
-def test_a_huge_batch_is_refused_before_allocating(capsys, monkeypatch):
+def test_a_huge_batch_is_refused_before_allocating(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv(LIMIT_ENV, "0.5")
+    # a trace alone: the memory limit; a simulation: first its KV cache, 11 TB on a 575 GiB machine
+    fails_cleanly(capsys, ["trace", "gen", "--model", "mixtral-8x7b", "--requests", "10000000", "--prompt-len", "8",
+                           "--gen-len", "2", "-o", str(tmp_path / "t.npz")],
+                  "above the 0.5 GiB limit (raise it with --max-gib")
     fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, "--batch", "10000000", "--prompt-len", "8",
-                           "--gen-len", "2"], "above the 0.5 GiB limit (raise it with --max-gib")
+                           "--gen-len", "2"], "even at 4 bits")
 
 
 def test_a_plan_past_the_limit_is_refused_while_built(capsys):
@@ -661,6 +665,37 @@ def test_counts_arrays_of_other_kinds_or_sizes_are_refused(capsys, tmp_path):
 def test_length_distributions_that_would_be_clipped_are_refused(capsys, spec):
     fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "4", "--prompt-len", "8",
                            "--gen-len", spec], "MEDIAN must be in (0, 16,777,216] and SIGMA in [0, 10]")
+
+
+def test_a_lognormal_cap_below_its_median_is_refused(capsys):
+    # MAX 100 under a median of 400 would clip nearly every request to 100 without a word
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "4", "--gen-len", "2",
+                           "--prompt-len", "lognormal:400:0.6:100"], "MAX must be >= MEDIAN")
+
+
+def test_a_seed_beside_a_trace_is_refused(capsys, tmp_path):
+    trace = tmp_path / "t.npz"
+    assert main(["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "4", "--prompt-len", "4", "--gen-len", "2",
+                 "-o", str(trace)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, "--trace", str(trace), "--seed", "7"],
+                  "a trace brings its own")
+
+
+def test_trace_gen_options_it_would_ignore_are_refused(capsys, tmp_path):
+    out = str(tmp_path / "t.npz")
+    common = ["--requests", "4", "--prompt-len", "10", "--gen-len", "2", "-o", out]
+    fails_cleanly(capsys, ["trace", "gen", "--model", "mixtral-8x7b", "--experts", "64", "--top-k", "4", *common],
+                  "--experts, --top-k: the model sets the shape")
+    fails_cleanly(capsys, ["trace", "gen", "--model", "mixtral-8x7b", "--topic-shift", "0.9", *common],
+                  "give --topics N too")
+
+
+def test_a_kv_cache_past_every_memory_is_refused_before_its_trace_is_drawn(capsys):
+    # 6 TiB of KV on a 575 GiB machine: refused at once (it had drawn a 67 M-token trace for three minutes first)
+    args = ["--model", "qwen3-30b-a3b", *SYS, "--batch", "4096", "--prompt-len", "16384", "--gen-len", "4"]
+    fails_cleanly(capsys, ["simulate", "--policy", "coxmoe", *args], "even at 4 bits")
+    fails_cleanly(capsys, ["compare", *args], "even at 4 bits")
 
 
 def test_a_huge_zipf_alpha_is_one_line(capsys):

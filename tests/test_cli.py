@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,24 @@ def test_plan_out_then_run_plan(capsys, tmp_path):
     assert code == 2 and "not a readable Parquet plan" in err
 
 
+def test_run_plan_prices_with_the_profile_it_is_given(capsys, tmp_path):
+    """A plan file does not record its cost model: run-plan says what it priced with, and `--profile` prices it as
+    `simulate --profile` did (the roofline had re-priced such a plan 17x faster without a word)."""
+    profile = str(Path(__file__).resolve().parents[1] / "docs" / "reproduce" / "calibration_profile")
+    plan = tmp_path / "p.parquet"
+    code, out, err = run(capsys, "simulate", "--model", "deepseek-v2-lite", "--system", "a100-80g-8452y", "--policy",
+                         "cpu-only", "--batch", "4", "--prompt-len", "8", "--gen-len", "2", "--profile", profile,
+                         "--plan-out", str(plan), "--json")
+    assert code == 0, err
+    sim = json.loads(out)
+    code, out, err = run(capsys, "run-plan", str(plan), "--profile", profile, "--json")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["total_s"] == sim["total_s"] and again["priced_by"] == f"profile {profile}"
+    code, out, err = run(capsys, "run-plan", str(plan))
+    assert code == 0 and "priced by the roofline" in out
+
+
 def test_run_plan_verifies_a_plan_against_its_trace(capsys, tmp_path):
     traces = {}
     for seed in (0, 1):
@@ -348,3 +367,11 @@ def test_length_distributions_and_requests_that_finish_at_different_steps(capsys
         fixed["decode_s"] / fixed["workload"]["generated_tokens"]
     code, _, err = run(capsys, *base, "--gen-len", "lognormal:12:-1")
     assert code == 2 and "SIGMA in [0, 10]" in err
+
+
+def test_presets_show_json_and_keep_outside_all(capsys, tmp_path):
+    code, out, err = run(capsys, "presets", "--show", "mixtral-8x7b", "--json")
+    assert code == 0, err
+    assert json.loads(out)["num_experts"] == 8  # JSON, as --json says (it printed YAML)
+    code, _, err = run(capsys, "reproduce", "table3", "--out", str(tmp_path), "--keep", "fig7")
+    assert code == 2 and "--keep carries figures of `reproduce all`" in err

@@ -101,6 +101,24 @@ def test_native_precision_keeps_sweep_points_and_profiles_matching():
     assert SimConfig.from_point(json.loads(json.dumps(int8.point()))).expert_precision == "int8"
     with pytest.raises(SimInputError, match="expert_precision must be one of"):
         native.replace(expert_precision="int2")
+    assert "expert_precision" in native.replace(expert_precision="native").point()  # forced: part of the point
+
+
+def test_native_precision_overrides_a_model_file_that_says_int8(tmp_path):
+    """The default keeps a model file's own precision; `native` forces the model's dtype over it (it had been
+    read as the default and left the file's int8 in place)."""
+    import yaml
+
+    from sim.api import config_model
+    from sim.specs.catalog import show_preset
+
+    spec = yaml.safe_load(show_preset("mixtral-8x7b"))
+    spec["expert_precision"] = "int8"
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    base = SimConfig(str(path), "a100-80g-8452y", "coxmoe", batch=8, prompt_len=4, gen_len=2)
+    assert config_model(base).expert_precision == "int8"
+    assert config_model(base.replace(expert_precision="native")).expert_precision == "native"
     from sim.cost.profile import model_signature
 
     mixtral = load_model("mixtral-8x7b")
@@ -155,7 +173,7 @@ def test_the_cli_takes_a_precision_and_refuses_a_bad_one(capsys):
     assert main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "4",
                  "--prompt-len", "8", "--gen-len", "2", "--expert-precision", "fp4"]) == 2
     err = capsys.readouterr().err
-    assert "expert_precision must be one of native, int8, int4" in err and len(err.strip().splitlines()) == 1
+    assert "expert_precision must be one of model, native, int8, int4" in err and len(err.strip().splitlines()) == 1
 
 
 def _tiny_plan(precision, policy="cpu-only"):

@@ -186,6 +186,27 @@ def test_hf_config_gives_the_preset_parameter_count(tmp_path, preset):
     assert m.total_params == load_model(preset).total_params
 
 
+def test_hf_config_layouts_that_transformers_5_saves_and_dense_layer_keys(tmp_path):
+    """transformers 5 saves Qwen's expert count as num_local_experts: read as num_experts. Keys that make layers
+    dense are modelled where they make leading layers dense, refused otherwise (they had been ignored)."""
+    def load(name, **changes):
+        cfg = {**HF_CONFIGS["qwen3-30b-a3b"], **changes}
+        path = tmp_path / name / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+        return load_model(str(path))
+
+    assert load("q5", num_experts=None, num_local_experts=128).total_params == load_model("qwen3-30b-a3b").total_params
+    lead = load("lead", mlp_only_layers=[0, 1])
+    assert lead.first_dense_layers == 2 and lead.num_moe_layers == 46 and lead.dense_intermediate_size == 6144
+    with pytest.raises(SimInputError, match="only leading dense layers"):
+        load("step", decoder_sparse_step=2)
+    with pytest.raises(SimInputError, match="only leading dense layers"):
+        load("odd", mlp_only_layers=[3])
+    with pytest.raises(SimInputError, match="moe_layer_freq"):
+        model_from_hf_config({**HF_CONFIGS["deepseek-v2-lite"], "moe_layer_freq": 2})
+
+
 def test_a_bare_config_json_is_named_by_the_current_folder(tmp_path, monkeypatch):
     folder = tmp_path / "my-checkpoint"
     folder.mkdir()

@@ -46,7 +46,7 @@ def test_a_setting_changes_that_number_only_and_names_the_system():
     ({"ssd.bw": "1"}, "the section must be one of gpu, cpu, link, ndp, disk"),
     ({"disk.read_bytes_per_s": "1e9"}, "system a100-80g-8452y has no disk"),
     ({"ndp.compute_efficiency": "0.5"}, "has no ndp"),
-    ({"cpu.cores": "2.5"}, "a whole number, got"),
+    ({"gpu.hbm_bytes": "2.5"}, "a whole number, got"),
     ({"gpu.gemm_efficiency": "nan"}, "needs a finite number"),
     ({"gpu.gemm_efficiency": "fast"}, "not a number"),
     ({"dram_bytes": "-1"}, "dram_bytes"),
@@ -111,6 +111,8 @@ def test_settings_that_would_reach_part_of_the_machine_or_nothing_are_refused():
     assert apply_system_settings(two, {"cpu.dram_efficiency": "0.5"}).cpu.dram_efficiency == 0.5
     with pytest.raises(SimInputError, match="has no AMX, so the setting would do nothing"):
         apply_system_settings(load_system("gcp-l4-g2"), {"cpu.amx_efficiency": "0.5"})
+    with pytest.raises(SimInputError, match="rates already count its cores"):  # read by no cost: it was ignored
+        apply_system_settings(load_system("a100-80g-8452y"), {"cpu.cores": "1"})
     ndp = apply_system_settings(load_system("a100-80g-8452y-ndp8"), {"ndp.compute_efficiency": "0.5"})
     assert ndp.ndp.compute_efficiency == 0.5
 

@@ -115,6 +115,8 @@ def request_lengths(spec: str | int, count: int, rng: np.random.Generator, what:
                 # a median past any request's length, or a spread past e^10 per sigma, would be clipped silently
                 raise TraceError(f"{what} {text!r}: MEDIAN must be in (0, {MAX_LENGTH:,}] and SIGMA in [0, 10]")
             cap = length(parts[3], "MAX") if len(parts) == 4 else MAX_LENGTH
+            if cap < median:  # at least half the requests would be clipped to MAX, silently
+                raise TraceError(f"{what} {text!r}: MAX must be >= MEDIAN")
             with np.errstate(over="ignore"):  # exp of a far tail is inf and clips to MAX: not worth a warning line
                 draws = np.rint(median * np.exp(sigma * rng.standard_normal(count)))
             lens = np.clip(draws, 1, cap).astype(np.int64)

@@ -41,6 +41,8 @@ def add_config_flags(parser: argparse.ArgumentParser, groups: Iterable[str], *, 
         help_text = meta["help"]
         if f.name in defaults:
             help_text += f" (default {defaults[f.name]})"
+        elif f.name == "policy":
+            help_text += f" (default {f.default}, the plain offloading baseline)"
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]

@@ -25,7 +25,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
             print(f"{p.name}: {p.spec}\n    from {p.statistics}\n    source: {p.source}")
         return 0
     if args.show:
-        sys.stdout.write(show_preset(args.show))
+        if args.json:
+            import yaml
+
+            emit_json(yaml.safe_load(show_preset(args.show)))
+        else:
+            sys.stdout.write(show_preset(args.show))
         return 0
     kinds = ("models", "systems", "gpus", "cpus", "links", "ndps", "disks")
     if args.json:
@@ -128,9 +133,15 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
         from traces import load_trace
 
         verify_assignments(plan, load_trace(args.verify))
+    cost = None
+    if args.profile:
+        from sim.cost.profile import ProfileCostModel
+
+        cost = ProfileCostModel(plan.system, args.profile, plan.model, float(plan.workload.prompt_lens.mean()))
     with gc_paused():
-        record, metrics = simulate_plan(plan)
+        record, metrics = simulate_plan(plan, cost)
     d = {"policy": plan.policy, "knobs": plan.knobs, "model": plan.model.name, "system": plan.system.name,
+         "priced_by": f"profile {args.profile}" if args.profile else "roofline",
          "throughput_tok_s": throughput_tok_s(plan, metrics),
          **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
          "num_ops": len(plan.ops), "events": record.events}
@@ -140,7 +151,8 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(d)
     else:
-        print(f"{args.file}: {d['policy']} plan of {d['model']} on {d['system']}, {d['num_ops']} ops"
+        print(f"{args.file}: {d['policy']} plan of {d['model']} on {d['system']}, {d['num_ops']} ops, priced by "
+              f"the {d['priced_by']}"
               + (f"; every assignment of {args.verify} computed once" if args.verify else ""))
         print(f"  throughput {d['throughput_tok_s']:.1f} tok/s; prefill {d['prefill_s']:.3f} s, "
               f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
@@ -252,6 +264,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     p.add_argument("--verify", metavar="TRACE", help="first prove the plan computes every expert assignment of this "
                    "routing trace exactly once (split and merged scopes included)")
+    p.add_argument("--profile", metavar="DIR", help="op times from a measured profile (coxmoe calibrate profile); "
+                   "default the roofline: a plan file does not record the cost model it was built under")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="FILE", type=output_file(".json"),
                    help="write a Chrome-trace JSON timeline (Perfetto)")

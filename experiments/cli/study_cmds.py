@@ -38,6 +38,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from experiments.reproduce.report import reproduce_all
     from experiments.tables import markdown_table
 
+    if args.keep and args.name != "all":
+        raise SimInputError(f"--keep carries figures of `reproduce all`; `reproduce {args.name}` reruns only "
+                            f"{args.name} (omit --keep)")
     options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
                                ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
                                record=Path(args.record) if args.record else None, seed=args.seed,

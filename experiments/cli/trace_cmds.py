@@ -25,21 +25,28 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     if args.model:
         from sim.api import resolve_model
 
+        given = [flag for flag, value in (("--layers", args.layers), ("--experts", args.experts),
+                                          ("--top-k", args.top_k)) if value]
+        if given:
+            raise SimInputError(f"{', '.join(given)}: the model sets the shape; give them without --model")
         m = resolve_model(args.model)
         name, layers, experts, top_k = m.name, m.num_moe_layers, m.num_experts, m.top_k
     else:
         if not (args.layers and args.experts and args.top_k):
             raise SimInputError("give --model, or all of --layers, --experts and --top-k")
         name, layers, experts, top_k = "custom", args.layers, args.experts, args.top_k
+    if args.topic_shift is not None and not args.topics:
+        raise SimInputError("--topic-shift splits the popularity of --topics; give --topics N too")
+    shift = 0.5 if args.topic_shift is None else args.topic_shift
     prompt, gen = workload_lengths(args.prompt_len, args.gen_len, args.requests, args.seed)  # as `simulate` draws
     if args.preset:
         from traces.synth_presets import synth_preset
 
         cfg = synth_preset(args.preset).config(layers, experts, top_k, seed=args.seed, topics=args.topics,
-                                               topic_shift=args.topic_shift, affinity=args.affinity)
+                                               topic_shift=shift, affinity=args.affinity)
     else:
         cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed,
-                          topics=args.topics, topic_shift=args.topic_shift, affinity=args.affinity)
+                          topics=args.topics, topic_shift=shift, affinity=args.affinity)
     trace = generate_trace(cfg, prompt, gen, progress=True)
     save_trace(trace, args.output, compress=args.compress)
     print(f"wrote {args.output}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, "
@@ -203,8 +210,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="probability a token's experts follow (rank-matched) from its previous layer's")
     p.add_argument("--topics", type=nonneg_int, default=0,
                    help="latent topics, each with its own popularity; requests carry a topic feature vector")
-    p.add_argument("--topic-shift", type=probability_arg, default=0.5,
-                   help="share of a topic's popularity that is its own (0: topics route alike)")
+    p.add_argument("--topic-shift", type=probability_arg, default=None,
+                   help="share of a topic's popularity that is its own (0: topics route alike; default 0.5)")
     p.add_argument("--compress", action="store_true", help="deflate the arrays (smaller, slower to write)")
     p.add_argument("-o", "--output", required=True, type=output_file(".npz"), help="output .npz file")
     p.set_defaults(func=cmd_trace_gen)

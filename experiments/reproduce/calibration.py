@@ -145,7 +145,7 @@ def plot(per_op: pd.DataFrame, table: pd.DataFrame, machine: dict, out: Path) ->
             ax.set_ylabel("predicted per op (ms)")
             e2e = table[table["class"] == "end to end"]
             err = (e2e[col] / e2e["measured_s"] - 1).abs().median()
-            ax.set_title(f"predicted by the {title}\nmedian end-to-end error {err:.1%}")
+            ax.set_title(f"predicted by {title}\nmedian end-to-end error {err:.1%}")
             ax.grid(axis="x", linewidth=0.4, alpha=0.5)
         axes[0].legend(loc="upper left")
         fig.suptitle(f"{table['model'].iloc[0]}, measured on {machine['cpu']} ({machine['threads']} threads, "

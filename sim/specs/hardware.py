@@ -84,7 +84,8 @@ CPU_INT8_OVER_BF16 = 2.0
 
 @dataclass(frozen=True)
 class CPUSpec:
-    """One CPU socket: cores, AMX and AVX-512 BF16 peaks, DRAM bandwidth, achievable fractions."""
+    """One CPU socket: cores, AMX and AVX-512 BF16 peaks, DRAM bandwidth, achievable fractions. `cores` describes
+    the part; no cost reads it (the peaks already count the cores), so `--set cpu.cores` is refused."""
 
     __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 

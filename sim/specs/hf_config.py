@@ -78,6 +78,26 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSp
     return validate_spec(ModelSpec, _fields(cfg, model_type, name, where), where, ALIASES[model_type])
 
 
+
+def _qwen_dense_layers(cfg: dict[str, Any], layers: Any, where: str) -> int:
+    """How many leading layers Qwen's `decoder_sparse_step` and `mlp_only_layers` make dense (a layer is sparse
+    when it is not listed and (index + 1) is a multiple of the step); any other pattern is refused, since only
+    leading dense layers are modelled (`first_dense_layers`)."""
+    step = cfg.get("decoder_sparse_step", 1)
+    listed = cfg.get("mlp_only_layers") or []
+    if step in (None, 1) and not listed:
+        return 0
+    if not isinstance(layers, int) or isinstance(layers, bool) or not isinstance(step, int) or step < 1 \
+            or not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        raise SimInputError(f"{where}: decoder_sparse_step must be an integer >= 1 and mlp_only_layers a list of "
+                            "layer indices")
+    dense = [i for i in range(layers) if i in listed or (i + 1) % step]
+    if dense != list(range(len(dense))):
+        raise SimInputError(f"{where}: decoder_sparse_step {step} / mlp_only_layers {listed} make layers "
+                            f"{dense[:8]}{'...' if len(dense) > 8 else ''} dense; only leading dense layers are "
+                            "modelled")
+    return len(dense)
+
 def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict[str, Any]:
     source = {"config": f"Hugging Face config.json (model_type {model_type})"}
     if model_type == "dbrx":
@@ -118,13 +138,21 @@ def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict
     if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
         shared = cfg.get("shared_expert_intermediate_size", 0) or 0
         qk_norm = {"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none")
-        return {**common, "head_dim": _head_dim(cfg, hidden, heads, where), "num_experts": g("num_experts"),
+        # transformers 5 saves Qwen's expert count as num_local_experts
+        experts = g("num_experts") if "num_experts" in cfg or "num_local_experts" not in cfg else g("num_local_experts")
+        dense = _qwen_dense_layers(cfg, g("num_hidden_layers"), where)
+        return {**common, "head_dim": _head_dim(cfg, hidden, heads, where), "num_experts": experts,
+                **({"first_dense_layers": dense, "dense_intermediate_size": g("intermediate_size")} if dense else {}),
                 "top_k": g("num_experts_per_tok"),
                 "expert_intermediate_size": _optional_count(cfg, "moe_intermediate_size", None, where)
                 or g("intermediate_size"),
                 "shared_expert_intermediate_size": shared, "shared_expert_gate": bool(shared),
                 "qkv_bias": model_type == "qwen2_moe", "qk_norm": qk_norm}
     # deepseek_v2 / deepseek_v3: MLA, shared experts, leading dense layers.
+    freq = cfg.get("moe_layer_freq", 1)
+    if freq != 1:
+        raise SimInputError(f"{where}: moe_layer_freq {freq!r} makes every {freq!r}th layer an MoE layer; only "
+                            "leading dense layers (first_k_dense_replace) are modelled")
     n_shared = cfg.get("n_shared_experts") or 0
     moe_inter = g("moe_intermediate_size")
     if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:

@@ -64,6 +64,10 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
             raise SimInputError(f"--set {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
                                 f"--set reaches only the first one's {section}; describe the machine in a system "
                                 "file (`coxmoe presets --show NAME`) instead")
+        if section == "cpu" and field == "cores":
+            raise SimInputError(f"--set {path!r}: a descriptive field (the CPU's rates already count its cores), so "
+                                "the setting would do nothing; set amx_bf16_flops_per_s, avx512_bf16_flops_per_s or "
+                                "dram_bytes_per_s instead")
         if section == "cpu" and field.startswith("amx_") and not system.cpu.has_amx:
             raise SimInputError(f"--set {path!r}: cpu {system.cpu.name} has no AMX, so the setting would do nothing")
         owner[field] = _number(path, text, owner[field])
