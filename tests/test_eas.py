@@ -148,6 +148,25 @@ def test_coxmoe_hot_map_sets_the_resident_experts(tiny_model, paper_system, tmp_
     assert gpu_tokens[0] < gpu_tokens[1]
 
 
+def test_with_a_hot_map_the_search_prices_experts_from_the_map_not_the_run(tiny_model, paper_system, tmp_path):
+    """The search knows the map, not the run's routing: its expected counts per expert follow the map's probe load
+    (a random map's, all zero, as uniform), each layer's routed tokens unchanged; without a map, the run's own."""
+    from sim.policies.coxmoe import CoxMoeOptions, _Model, _spread
+
+    assert _spread(np.array([[3.0, 1.0], [0.0, 0.0]]), np.array([8.0, 6.0])).tolist() == [[6.0, 2.0], [3.0, 3.0]]
+    L, E, k = tiny_model.num_moe_layers, tiny_model.num_experts, tiny_model.top_k
+    trace = generate_trace(SynthConfig(tiny_model.name, L, E, k, "zipf:2.0", seed=0), np.full(32, 16), np.full(32, 4))
+    ctx = _ctx(tiny_model, paper_system, trace)
+    oracle = _Model(ctx, CoxMoeOptions())
+    path = save_map(HotExpertMap(tiny_model.name, np.tile(np.arange(E, dtype=np.int32), (L, 1)), np.zeros((L, E)),
+                                 resident=1, method="random"), tmp_path / "random.npz")
+    mapped = _Model(ctx, CoxMoeOptions(hot_map=str(path)))
+    for ours, theirs in ((mapped.decode_counts, oracle.decode_counts), (mapped.prefill_counts, oracle.prefill_counts)):
+        assert np.allclose(ours.sum(axis=1), theirs.sum(axis=1))  # the same tokens per layer
+        assert np.allclose(ours, ours[:, :1])  # spread evenly: the random map knows no load
+        assert not np.allclose(theirs, theirs[:, :1])  # the run's own routing is skewed (Zipf 2)
+
+
 def test_coxmoe_hot_map_shape_must_match_the_model(tiny_model, paper_system, tmp_path):
     wrong = HotExpertMap("x", np.tile(np.arange(3, dtype=np.int32), (1, 1)), np.zeros((1, 3)), resident=1)
     path = save_map(wrong, tmp_path / "wrong.npz")

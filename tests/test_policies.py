@@ -605,6 +605,30 @@ def test_trimoe_puts_light_experts_on_the_dimms_and_needs_an_ndp_tier(mixtral):
         make_policy("trimoe", {"split_tokens": "on"})
 
 
+def test_trimoe_tiers_the_host_experts_warm_on_the_cpu_and_cold_on_the_dimms():
+    """Of the experts the greedy leaves to the host, every CPU expert carries at least the expected load of every
+    DIMM expert, layer by layer (the greedy alone had interleaved them); the split balances the two tiers."""
+    from sim.api import resolve_model
+    from sim.policies.trimoe import TriMoeOptions, _TriModel, _warm_and_cold
+    from sim.specs import load_system
+
+    cpu_t, ndp_t, warm, cold = _warm_and_cold([0, 1, 2, 3, 4], np.array([5.0, 0.0, 9.0, 1.0, 3.0]),
+                                              np.array([5.0, 0.0, 9.0, 1.0, 3.0]), np.array([10.0, 0, 18, 2, 6]))
+    assert (warm, cold, cpu_t, ndp_t) == ([2, 0, 1], [4, 3], 14.0, 8.0)
+    qwen = resolve_model("qwen3-30b-a3b")
+    ctx = ctx_for(qwen, load_system("a100-80g-8452y-ndp8"), batch=64, prompt=32, gen=2, routing="zipf:1.0")
+    model = _TriModel(ctx, TriMoeOptions())
+    op3 = model.op3(Phase.DECODE, 16, 0)
+    load = model.decode_counts
+    tiered = 0
+    for layer, (on_cpu, on_ndp) in enumerate(zip(op3.on_cpu, op3.on_ndp, strict=True)):
+        busy_cpu = [load[layer][e] for e in on_cpu if load[layer][e] > 0]
+        if busy_cpu and on_ndp:
+            assert min(busy_cpu) >= max(load[layer][e] for e in on_ndp)
+            tiered += 1
+    assert tiered > 0
+
+
 @pytest.mark.parametrize("prefill", ["ggg", "gcg"])
 def test_attention_split_shares_decode_attention_and_its_kv_cache_between_gpu_and_cpu(mixtral, paper_system,
                                                                                      prefill):

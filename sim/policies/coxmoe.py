@@ -48,7 +48,7 @@ from sim.policies.compose import (
     Schedule,
 )
 from sim.policies.layers import BatchSlice, decode_slices, prefill_slices, split_by_count, split_by_tokens
-from traces.eas import load_map
+from traces.eas import HotExpertMap, load_map
 
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
 SPLIT_SHARDS = 8  # a split expert's tokens are shared between GPU and CPU in eighths
@@ -160,13 +160,22 @@ class CoxMoeOptions(OptionsBase):
             self.prefill_micro_batch, self.decode_micro_batch, self.resident_experts)
 
 
-def _map_order(path: str, layers: int, experts: int) -> np.ndarray:
-    """Expert order (hottest first per layer) from a hot-expert map file, checked against the model's shape."""
+def _checked_map(path: str, layers: int, experts: int) -> HotExpertMap:
+    """A hot-expert map file, checked against the model's shape."""
     hot = load_map(path)
     if (hot.num_layers, hot.num_experts) != (layers, experts):
         raise SimInputError(f"hot-expert map {path} is for {hot.num_layers} layers x {hot.num_experts} experts, "
                             f"the model has {layers} x {experts}")
-    return hot.ranking.astype(np.int64)
+    return hot
+
+
+def _spread(load: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Each layer's routed tokens (`totals`) shared among its experts in proportion to `load` (evenly where a
+    layer's load is all zero): expected counts from a map's estimate instead of the run's own routing."""
+    load = np.asarray(load, dtype=np.float64)
+    sums = load.sum(axis=1, keepdims=True)
+    share = np.where(sums > 0, load / np.where(sums > 0, sums, 1.0), 1.0 / load.shape[1])
+    return share * np.asarray(totals, dtype=np.float64)[:, None]
 
 
 class Op3(NamedTuple):
@@ -204,7 +213,12 @@ class _Model:
         self.prefill_counts, self.decode_counts = expected_counts(ctx)
         load = self.prefill_counts + self.decode_counts * max(wl.max_gen_len - 1, 1)
         if opts.hot_map:
-            self.order = _map_order(opts.hot_map, m.num_moe_layers, m.num_experts)
+            hot = _checked_map(opts.hot_map, m.num_moe_layers, m.num_experts)
+            self.order = hot.ranking.astype(np.int64)
+            # The search knows the map, not the run's routing: E_M and E_C are priced from the map's probe load
+            # (a random map's, none, as uniform), spread over the tokens each layer routes.
+            self.prefill_counts = _spread(hot.load, self.prefill_counts.sum(axis=1))
+            self.decode_counts = _spread(hot.load, self.decode_counts.sum(axis=1))
         elif opts.stratify == "on":
             self.order = np.argsort(-load, axis=1, kind="stable")  # hottest first, per layer
         else:

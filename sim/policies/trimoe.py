@@ -9,8 +9,10 @@ own text is not at hand; its summary: "hot experts to the GPU, warm to the AMX C
 "bottleneck-aware greedy makespan schedule"): in order of expected load, heaviest first, each expert goes to
 the tier whose finish time it raises least, where the GPU pays the expert's PCIe copy and its compute (E_M), the
 CPU its AMX time (E_C), the DIMMs their time at the tier's rank-parallel bandwidth and compute (E_N); the host
-tiers share one copy of the hidden states down and of the outputs up. Heavy experts land on the GPU or the CPU
-(the DIMMs' compute saturates), light ones on the DIMMs (their weights never cross a channel). Not modelled:
+tiers share one copy of the hidden states down and of the outputs up. The experts the greedy leaves to the host
+are then tiered by load, the warm (heaviest) on the CPU and the cold (lightest) on the DIMMs, split where the
+slower of the two finishes first (`_warm_and_cold`): the greedy alone interleaved them (in every Qwen3 layer
+some DIMM expert was heavier than some CPU expert). Not modelled:
 TriMoE's run-time re-layout from an EMA of observed load (CoX-MoE's `restratify` is the closest mechanism
 here) and its predictor.
 """
@@ -50,6 +52,19 @@ def _makespan(t: np.ndarray, host_copy: float) -> float:
     return float(max(t[0], host + host_copy if host > 0 else 0.0))
 
 
+def _warm_and_cold(host: list[int], load: np.ndarray, cpu: np.ndarray, ndp: np.ndarray
+                   ) -> tuple[float, float, list[int], list[int]]:
+    """The host tiers' experts as TriMoE tiers them: by expected load, the warm (heaviest) on the AMX CPU and the
+    cold (lightest) on the DIMMs, split where the slower of the two finishes first. Returns (CPU time, DIMM time,
+    CPU experts, DIMM experts); experts with no tokens stay with the CPU's, costing nothing."""
+    idle = [e for e in host if load[e] <= 0]
+    busy = sorted((e for e in host if load[e] > 0), key=lambda e: (-load[e], e))
+    cpu_prefix = np.concatenate([[0.0], np.cumsum([cpu[e] for e in busy])])
+    ndp_suffix = np.concatenate([np.cumsum([ndp[e] for e in busy][::-1])[::-1], [0.0]])
+    j = int(np.argmin(np.maximum(cpu_prefix, ndp_suffix)))
+    return float(cpu_prefix[j]), float(ndp_suffix[j]), busy[:j] + idle, busy[j:]
+
+
 class _TriModel(_Model):
     """CoX-MoE's analytic model with OP3 split across GPU (E_R + E_M), CPU (E_C) and DIMMs (E_N)."""
 
@@ -78,6 +93,8 @@ class _TriModel(_Model):
                 tier = int(np.argmin(finish))
                 t[tier] += cost[tier]
                 tiers[tier].append(int(e))
+            t[1], t[2], tiers[1][:], tiers[2][:] = _warm_and_cold(tiers[1] + tiers[2], counts[layer],
+                                                                   cpu_all[layer], ndp_all[layer])
             total += _makespan(t, host_copy)
             widest = max(widest, len(tiers[0]))
             fetched.append(tuple(sorted(tiers[0])))

@@ -4,7 +4,7 @@ Every parameter lives in pinned host memory and is gathered onto the GPU when it
 MoE-Lightning's script (`benchmark/hf_ds/hf_moe.py` in its FlexGen fork: ZeRO stage 3, `offload_param` to the
 CPU with `pin_memory`, `stage3_param_persistence_threshold` 0, `stage3_prefetch_bucket_size` hidden_size^2
 elements) keeps nothing resident, and its prefetch bucket (32 MiB for Mixtral) is a small part of a layer
-(1.6 GiB), so a layer's weights cross PCIe after the previous layer's work and before its own: copies and
+(2.7 GiB), so a layer's weights cross PCIe after the previous layer's work and before its own: copies and
 compute do not overlap. Hugging Face `generate` runs the whole batch at once (no micro-batches), attention on
 the GPU over a KV cache in VRAM, prompts padded as the workload gives them. Every expert's weights are gathered
 at every layer visit, whatever the routing: Fiddler's logs of the same setup (ZeRO-3 offload of Mixtral-8x7B,
@@ -70,9 +70,11 @@ class _Gather(LayerEmitter):
         size = params * self.m.bytes_per_param if nbytes is None else nbytes
         return self.xfer(H2D, at, size, Payload.EXPERT_WEIGHTS, (after,))
 
+    previous = -1  # the last step's LM head: the next step's first gather waits for it, as every gather waits
+
     def step(self, s: BatchSlice) -> None:
         m, phase, step = self.m, s.phase, s.step
-        last = self.gather(At(phase, step, -1, s.mb), m.embedding_params, -1)
+        last = self.gather(At(phase, step, -1, s.mb), m.embedding_params, self.previous)
         last = self.embed(phase, step, s.mb, s.tokens, last)
         for layer in range(m.num_layers):
             at = At(phase, step, layer, s.mb)
@@ -94,5 +96,5 @@ class _Gather(LayerEmitter):
             ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router, experts))
             last = ran if ran >= 0 else done
         head = self.gather(At(phase, step, m.num_layers, s.mb), m.lm_head_params, last)
-        self.lm_head(phase, step, s.mb, int(s.requests.size), (last, head))
+        self.previous = self.lm_head(phase, step, s.mb, int(s.requests.size), (last, head))
 
