@@ -156,9 +156,6 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     if trace is not None:
         if reuse_prob:
             raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
-        if seed:
-            raise SimInputError(f"--seed {seed} draws synthetic routing and lengths; a trace brings its own (omit "
-                                "--seed)")
         tr = trace if isinstance(trace, RoutingTrace) else load_trace(trace)
         check_trace_matches(tr, model)
         n = tr.num_requests if batch is None else batch
@@ -196,20 +193,24 @@ def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_le
     return wl, synth_config(model, routing, reuse_prob, seed)
 
 
-KV_BYTES_FLOOR = 0.25  # of the model's KV bytes: a cache kept at 4 bits (FlexGen's compression: 0.28) or more
+KV_BYTES_PER_VALUE_FLOOR = 0.5625  # a cache kept at 4 bits, with group scales (FlexGen's compression): the fewest
 
 
 def check_kv_fits_machine(model: ModelSpec, system: SystemSpec, wl: Workload) -> None:
-    """Refuse, before a trace is drawn, a workload whose KV cache alone, even at 4 bits, exceeds every memory of
-    the machine together (GPUs, DRAM, disk): no policy can place it, and drawing its trace would take minutes."""
+    """Refuse, before a trace is drawn, a workload whose KV cache alone, even at 4 bits a value, exceeds every
+    memory of the machine together (GPUs, DRAM, disk): no policy can place it, and drawing its trace would take
+    minutes. A CapacityError, as a plan that does not fit: sweeps of machines record it as their row."""
+    from sim.errors import CapacityError
     from sim.topology import topology_of
 
-    need = wl.kv_tokens_total * model.kv_bytes_per_token * KV_BYTES_FLOOR
-    have = sum(topology_of(system).pools.values())
+    full = wl.kv_tokens_total * model.kv_bytes_per_token
+    need = full * KV_BYTES_PER_VALUE_FLOOR / model.bytes_per_param
+    pools = topology_of(system).pools
+    have = sum(pools.values())
     if need > have:
-        raise SimInputError(f"the KV cache of {wl.batch:,} requests ({wl.kv_tokens_total:,} tokens) needs "
-                            f"{need / KV_BYTES_FLOOR / 2**30:,.1f} GiB ({need / 2**30:,.1f} GiB even at 4 bits); "
-                            f"system {system.name} has {have / 2**30:,.1f} GiB in all")
+        raise CapacityError(" + ".join(p.upper() for p in pools), need, have,
+                            f"the KV cache of {wl.batch:,} requests, {wl.kv_tokens_total:,} tokens, even at 4 bits a "
+                            f"value; {full / 2**30:,.1f} GiB at the model's precision")
 
 
 @dataclass(frozen=True)

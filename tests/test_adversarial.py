@@ -680,6 +680,18 @@ def test_a_seed_beside_a_trace_is_refused(capsys, tmp_path):
     capsys.readouterr()
     fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, "--trace", str(trace), "--seed", "7"],
                   "a trace brings its own")
+    fails_cleanly(capsys, ["compare", "--model", "olmoe-1b-7b", *SYS, "--trace", str(trace), "--seed", "7"],
+                  "a trace brings its own")
+    # a seed alone still draws the routing: compare passes the trace it drew to each policy with it (a review
+    # found that refused when the check sat below the command line)
+    assert main(["compare", "--model", "olmoe-1b-7b", *SYS, *WL, "--seed", "1", "--policies", "coxmoe,fiddler",
+                 "--workers", "1"]) == 0
+    capsys.readouterr()
+    from experiments.sweep.spec import expand
+    from sim.errors import SimInputError
+
+    with pytest.raises(SimInputError, match="brings its own"):
+        expand({"fixed": {"model": "olmoe-1b-7b", "system": "a100-80g-8452y", "trace": str(trace), "seed": 3}})
 
 
 def test_trace_gen_options_it_would_ignore_are_refused(capsys, tmp_path):

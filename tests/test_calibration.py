@@ -57,6 +57,30 @@ def test_interpolation_fallback_and_cache(tmp_path, tiny_model, paper_system):
     assert cost.usage(op(OpKind.EXPERT, tokens=4)) == roof.usage(op(OpKind.EXPERT, tokens=4))
 
 
+def test_the_extension_past_the_grid_follows_each_op_s_work(tmp_path, tiny_model, paper_system):
+    """Prefill attention grows with the square of the prompt past the grid (decode attention linearly); a
+    repeated grid point is averaged, not divided by zero; disk reads are not priced from the PCIe copy table."""
+    from sim.plan import Payload
+    from sim.specs import load_system
+
+    rows = [{"device": "cpu", "kind": "attention_prefill", "tokens": b, "kv": s, "median_s": 1e-6 * b * s * s}
+            for b in (1, 2) for s in (8, 16)]
+    rows += [{"device": "cpu", "kind": "expert", "tokens": t, "kv": 0, "median_s": s}
+             for t, s in ((1, 1e-3), (16, 4e-3), (16, 6e-3))]  # 16 twice: two profiles concatenated
+    rows += [{"device": "cuda", "kind": k, "tokens": n, "kv": 0, "median_s": n / 25e9}
+             for k in ("copy_h2d_pinned", "copy_d2h_pinned") for n in (2**16, 2**24)]
+    cost = ProfileCostModel(paper_system, write_profile(tmp_path / "p", tiny_model, rows), tiny_model,
+                            mean_prompt_len=64)
+    prefill = op(OpKind.ATTENTION, tokens=2 * 64, kv=2 * 64 * 65 // 2, phase=Phase.PREFILL)  # 2 prompts of 64
+    assert cost.op_time_ns(prefill) == pytest.approx(1e-6 * 2 * 64 * 64 * 1e9, rel=1e-6)
+    assert cost.op_time_ns(op(OpKind.EXPERT, tokens=16)) == pytest.approx(5e6, abs=1)  # the mean of the two
+    assert cost.op_time_ns(op(OpKind.EXPERT, tokens=32)) > cost.op_time_ns(op(OpKind.EXPERT, tokens=16))
+    disk_system = load_system("gcp-t4-n1-208g")
+    disk_cost = ProfileCostModel(disk_system, tmp_path / "p", tiny_model, mean_prompt_len=64)
+    read = Op(0, OpKind.COPY, "disk_read", Phase.DECODE, 1, 0, -1, 0, 0, 2**30, payload=Payload.KV)
+    assert disk_cost._lookup(read) is None  # the disk's own rates (the roofline), not a PCIe measurement
+
+
 def test_shared_expert_and_dense_ffn_scale_the_measured_expert_time(tmp_path, paper_system):
     from sim.specs import load_model
 

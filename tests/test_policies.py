@@ -94,6 +94,14 @@ def test_moe_lightning_relay_is_a_double_buffer(tiny_model, paper_system):
             assert rec.start_ns[op.id] >= left[v - 2]
 
 
+def test_moe_lightning_search_that_fits_nothing_names_the_memory():
+    """HELM summarization on the L4 box: the LP's 0.8 of DRAM cannot hold the 288 requests' cache and the paged
+    experts whatever the micro-batch; the error names DRAM and the two numbers (it said GPU memory)."""
+    with pytest.raises(SimInputError, match=r"DRAM \(gcp-l4-g2\) for moe-lightning memory exceeded: needs 165.57"):
+        simulate("mixtral-8x7b", "gcp-l4-g2", "moe-lightning", batch=288, prompt_len=1984, gen_len=64,
+                 decode_sample=2)
+
+
 @pytest.mark.parametrize(("system", "batch", "prompt", "gen", "published"),
                          [("gcp-t4-n1", 936, 256, 50, 36), ("gcp-l4-g2", 1500, 256, 50, 100),
                           ("gcp-t4-n1", 76, 1984, 64, 4)])

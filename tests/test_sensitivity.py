@@ -103,3 +103,14 @@ def test_rank_by_speedup_and_skipped_defaults_are_named(capsys):
 def test_whole_numbers_print_whole():
     table = run_sensitivity(SimConfig(**POINT), {"gpu_reserved_bytes": ["536870912"]}, progress=False)
     assert table.iloc[1]["was"] == "1073741824"
+
+
+def test_a_variant_whose_machine_cannot_hold_the_kv_cache_is_a_row_not_a_stop():
+    """The KV cache past every memory (refused before a trace is drawn) is a capacity error like a plan that does
+    not fit: the variant's row says so and the other variants run."""
+    config = SimConfig(model="olmoe-1b-7b", system="gcp-t4-n1", policy="coxmoe", batch=2048, prompt_len=512,
+                       gen_len=2, decode_sample=1)
+    table = run_sensitivity(config, {"dram_bytes": ["20e9"]})
+    small = table[table["field"] == "dram_bytes"].iloc[0]
+    assert np.isnan(small["throughput_tok_s"]) and "memory exceeded" in small["note"]
+    assert np.isfinite(table.iloc[0]["throughput_tok_s"])

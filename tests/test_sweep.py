@@ -29,8 +29,8 @@ def _spec(tmp_path, spec: dict, name="spec.yaml") -> Path:
 
 
 def test_expansion_merges_mapping_axes_and_dedupes_by_hash():
-    points = expand({"fixed": {"system": "s", "batch": 8},
-                     "axes": {"model": ["a", "b"], "workload": [{"prompt_len": 4, "gen_len": 2},
+    points = expand({"fixed": {"system": "a100-80g-8452y", "batch": 8},
+                     "axes": {"model": ["mixtral-8x7b", "olmoe-1b-7b"], "workload": [{"prompt_len": 4, "gen_len": 2},
                                                                 {"prompt_len": 8, "gen_len": 2}],
                               "policy_options": [{}, {"coalesce": "off"}], "seed": [0, 0]}})
     assert len(points) == 2 * 2 * 2  # the repeated seed value collapses
@@ -41,14 +41,20 @@ def test_expansion_merges_mapping_axes_and_dedupes_by_hash():
 
 
 def test_hash_names_the_resolved_point():
-    implicit = expand({"fixed": {"model": "m", "system": "s"}})[0]
-    explicit = expand({"fixed": {"model": "m", "system": "s", "policy": "coxmoe", "seed": 0, "routing": "uniform",
+    m, s = "mixtral-8x7b", "a100-80g-8452y"
+    implicit = expand({"fixed": {"model": m, "system": s}})[0]
+    explicit = expand({"fixed": {"model": m, "system": s, "policy": "coxmoe", "seed": 0, "routing": "uniform",
                                  "policy_options": {}}})[0]
     assert implicit.key == explicit.key and len(implicit.key) == 16
-    other = expand({"fixed": {"model": "m", "system": "s", "seed": 1}})[0]
+    other = expand({"fixed": {"model": m, "system": s, "seed": 1}})[0]
     assert other.key != implicit.key
-    bools = expand({"fixed": {"model": "m", "system": "s", "policy_options": {"x": True}}})[0]
-    assert bools.config["policy_options"] == {"x": "true"}
+    # a YAML boolean (`coalesce: off` reads as false) is kept as the CLI would pass it, and an on/off option
+    # takes it as off
+    bools = expand({"fixed": {"model": m, "system": s, "policy_options": {"coalesce": False}}})[0]
+    assert bools.config["policy_options"] == {"coalesce": "false"}
+    from sim.policies import make_policy
+
+    assert make_policy("coxmoe", bools.config["policy_options"]).options.coalesce == "off"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -73,7 +79,7 @@ def test_cli_bad_spec_file_exits_2(tmp_path, capsys):
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "batch": 4,
                                       "prompt_len": 8, "gen_len": 2},
-                            "axes": {"policy": ["fiddler", "no-such-policy", "stream-experts"]}})
+                            "axes": {"policy": ["fiddler", "gpu-only", "stream-experts"]}})
     out = tmp_path / "out"
     from sim.api import TRACE_CACHE
 
@@ -87,7 +93,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     df = load_results(out)
     assert sorted(df["status"]) == ["failed", "ok", "ok"]
     failed = df[df["status"] == "failed"].iloc[0]
-    assert "no-such-policy" in failed["error"] and pd.isna(failed["throughput_tok_s"])
+    assert "memory exceeded" in failed["error"] and pd.isna(failed["throughput_tok_s"])  # gpu-only: 87 GiB, 47 free
     assert (df[df["status"] == "ok"]["throughput_tok_s"] > 0).all()
     assert '"simpy"' in df["versions"].iloc[0]
     assert len(list((out / "traces").glob("*.npz"))) == 1  # the points' one workload, synthesised once, kept
@@ -172,7 +178,7 @@ def test_ray_engine_on_a_local_instance_matches_the_local_engine(tmp_path, capsy
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "batch": 4,
                                       "prompt_len": 8, "gen_len": 2},
-                            "axes": {"policy": ["fiddler", "no-such-policy", "stream-experts", "coxmoe"]}})
+                            "axes": {"policy": ["fiddler", "gpu-only", "stream-experts", "coxmoe"]}})
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
     assert main(["sweep", str(spec), "--out", str(ray_out), "--engine", "ray", "--workers", "2"]) == 1
     assert "(ray): 4 points, 0 already done, 3 ran, 1 failed" in capsys.readouterr().out
@@ -181,7 +187,7 @@ def test_ray_engine_on_a_local_instance_matches_the_local_engine(tmp_path, capsy
     assert list(by_ray.index) == list(by_local.index)
     assert list(by_ray["status"]) == list(by_local["status"])
     pd.testing.assert_series_equal(by_ray["throughput_tok_s"], by_local["throughput_tok_s"])
-    assert "no-such-policy" in by_ray.loc[by_ray["status"] == "failed", "error"].iloc[0]
+    assert "memory exceeded" in by_ray.loc[by_ray["status"] == "failed", "error"].iloc[0]
     # Resuming through Ray skips the finished points and retries only the failed one.
     assert main(["sweep", str(spec), "--out", str(ray_out), "--engine", "ray", "--workers", "1"]) == 1
     assert "3 already done, 0 ran, 1 failed" in capsys.readouterr().out
@@ -265,7 +271,7 @@ def test_a_sweep_point_can_set_every_simulation_setting():
     assert {k for k in FIELD_NAMES if POINT_DEFAULTS[k] != DEFAULTS[k]} == {"policy"}
     point = resolve_point({"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8, "prompt_len": 16,
                            "gen_len": 4, "policy_options": {"coalesce": False}})
-    assert point.sim_config().policy_options == {"coalesce": "false"}  # as the CLI passes it
+    assert point.sim_config().policy_options == {"coalesce": "false"}  # as the CLI passes it (read as off)
     with pytest.raises(SimInputError, match="reuse_prob must be a number in"):
         resolve_point({"model": "m", "system": "s", "reuse_prob": 3})
 
@@ -283,8 +289,8 @@ def test_a_sweep_draws_each_missing_synthetic_trace_once_largest_first(tmp_path,
     assert len(points) == 4
     builds = trace_builds(points)
     assert [b["prompt_len"] for b in builds] == [64, 8]  # two workloads, the longer prompts first
-    bad = expand({"fixed": {**base, "prompt_len": 8, "model": "no-such-model"}, "axes": {"policy": ["coxmoe"]}})
-    assert trace_builds(bad) == []
+    with pytest.raises(SimInputError, match="unknown model preset 'no-such-model'"):  # refused with the spec
+        expand({"fixed": {**base, "prompt_len": 8, "model": "no-such-model"}, "axes": {"policy": ["coxmoe"]}})
     TRACE_CACHE.clear()
     build_trace(SimConfig.from_point(builds[0]))
     assert len(list((tmp_path / "traces").glob("*.npz"))) == 1
@@ -461,3 +467,15 @@ def test_an_unwritable_results_database_is_one_os_error(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "_read_points", read_only_mount)
     df = load_results(tmp_path / "sw")
     assert list(df["key"]) == ["a" * 16] and calls == ["mode=ro", "mode=ro&immutable=1"]
+
+
+def test_unknown_presets_and_policy_options_are_refused_with_the_spec(tmp_path, capsys):
+    """They had become failed points after the workers started (exit 1); now the spec is refused (exit 2)."""
+    base = {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4, "prompt_len": 8, "gen_len": 2}
+    for axes, message in (({"model": ["mixtral-8x7b", "mixtrl-8x7b"]}, "unknown model preset 'mixtrl-8x7b'"),
+                          ({"system": ["a100-80g-8452y", "a101"]}, "a101"),
+                          ({"policy_options": [{"rescore": "2"}, {"resscore": "2"}]}, "unknown option(s) resscore")):
+        spec = _spec(tmp_path, {"fixed": base, "axes": axes})
+        assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out" / "results.sqlite").exists()

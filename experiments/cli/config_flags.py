@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from sim.config import MAPPING_SETTINGS, SimConfig, settings
+from sim.errors import SimInputError
 from sim.policies import parse_kv_pairs
 
 
@@ -66,6 +67,17 @@ def add_config_flags(parser: argparse.ArgumentParser, groups: Iterable[str], *, 
             group.add_argument(flag_of(f), default=default, **kwargs)
             continue
         parser.add_argument(flag_of(f), default=default, **kwargs)
+
+
+def simulation_config(args: argparse.Namespace) -> SimConfig:
+    """`config_from_args` for the commands that only simulate (simulate, compare, ablation, sensitivity): there
+    `--seed` only draws synthetic routing and lengths, so beside `--trace`, which brings its own, it is refused
+    (the executor's `--seed` also seeds its weights, and stays allowed)."""
+    config = config_from_args(args)
+    if config.trace is not None and config.seed:
+        raise SimInputError(f"--seed {config.seed} draws synthetic routing and lengths; a trace brings its own "
+                            "(omit --seed)")
+    return config
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> SimConfig:

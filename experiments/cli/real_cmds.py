@@ -48,10 +48,8 @@ def _real_run(args: argparse.Namespace, profile: str | None = None) -> RealRun:
     full = config_model(config)
     spec = truncated(full, args.layers or full.num_layers)
     system = config_system(config)
-    # with a trace, --seed seeds the weights only (the trace brings its routing and lengths)
     workload, trace, routing = resolve_routing(spec, config.batch, config.prompt_len, config.gen_len, config.trace,
-                                               config.routing, config.seed if config.trace is None else 0,
-                                               config.reuse_prob)
+                                               config.routing, config.seed, config.reuse_prob)
     trace.require_prompt_rows("the executor")  # before the plan search: it routes every prompt token as traced
     cost = None
     if profile is not None:

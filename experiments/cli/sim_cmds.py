@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.cli.common import IMAGE_SUFFIXES, emit_json, output_file, positive_int
-from experiments.cli.config_flags import add_config_flags, config_from_args, workload_kwargs
+from experiments.cli.config_flags import add_config_flags, simulation_config, workload_kwargs
 from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
 
@@ -94,7 +94,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.timeline import chrome_trace_events, write_chrome_trace
 
     keep = bool(args.timeline or args.plot or args.plan_out)
-    result = simulate(config_from_args(args), keep_plan=keep)
+    result = simulate(simulation_config(args), keep_plan=keep)
     d = result.to_dict()
     if args.plan_out:
         from sim.plan_io import save_plan
@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     policies = tuple(args.policies.split(",")) if args.policies else COMPARED
     from sim.api import config_model, config_system
 
-    config = config_from_args(args)
+    config = simulation_config(args)
     result = compare(config_model(config), config_system(config), policies=policies, progress=True,
                      workers=args.workers, **workload_kwargs(config))
     if args.json:
@@ -185,7 +185,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     from sim.api import config_model, config_system
     from sim.compare import ablation
 
-    config = config_from_args(args)
+    config = simulation_config(args)
     result = ablation(config_model(config), config_system(config), progress=True, workers=args.workers,
                       **workload_kwargs(config))
     if args.json:
@@ -204,7 +204,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from experiments.sensitivity import parse_vary, run_sensitivity, tornado_plot
 
-    config = config_from_args(args)
+    config = simulation_config(args)
     vary = parse_vary(args.vary)
     if args.against is not None:
         from sim.policies import POLICIES

@@ -16,6 +16,7 @@ what ran: two specs that spell the same point differently share its result.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -138,9 +139,34 @@ def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) 
             sim_config = sim_config.replace(system_settings=normalised_settings(
                 resolve_system(sim_config.system), sim_config.system_settings))
         config = sim_config.point()
+        if config.get("trace") and config.get("seed"):
+            raise SimInputError(f"seed {config['seed']} draws synthetic routing and lengths; trace "
+                                f"{config['trace']} brings its own (drop the seed)")
     except SimInputError as exc:
         raise SimInputError(f"sweep point: {exc}") from None
-    return SweepPoint(config, point_key(config, input_digests(config, digests)))
+    inputs = input_digests(config, digests)  # a missing file is named before its contents are read
+    try:
+        _check_names(config)
+    except SimInputError as exc:
+        raise SimInputError(f"sweep point: {exc}") from None
+    return SweepPoint(config, point_key(config, inputs))
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_target(model: str, system: str, policy: str, options: tuple[tuple[str, str], ...]) -> None:
+    """The model, system, policy and policy options a point names exist and parse (each combination once): an
+    unknown preset or option is refused with the spec, not as a failed point after the workers start."""
+    from sim.api import resolve_model, resolve_system
+    from sim.policies import make_policy
+
+    resolve_model(model)
+    resolve_system(system)
+    make_policy(policy, dict(options))
+
+
+def _check_names(config: dict[str, Any]) -> None:
+    _check_target(str(config["model"]), str(config["system"]), str(config["policy"]),
+                  tuple(sorted((str(k), str(v)) for k, v in (config.get("policy_options") or {}).items())))
 
 
 JSON_SCALARS = (str, int, float, bool, type(None))

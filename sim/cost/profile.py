@@ -137,7 +137,7 @@ def _extended(table: tuple[np.ndarray, np.ndarray], value: float) -> float:
     slope = t1 / x1
     if len(lx) > 1:
         x0, t0 = math.exp(lx[-2]), math.exp(ly[-2])
-        if t1 > t0:
+        if t1 > t0 and x1 > x0:
             slope = (t1 - t0) / (x1 - x0)
     return t1 + slope * (value - x1)
 
@@ -193,9 +193,9 @@ class ProfileCostModel:
                 batches, kvs, grid = _mean_grid(rows)
                 self.attention[(str(device), str(kind))] = (np.log(batches), np.log(kvs), np.log(grid))
             elif kind in _TOKEN_TABLES:  # 1-D over tokens (bytes for copies: the executor copies pinned memory)
-                rows = rows.sort_values("tokens")
-                self.gemm[(str(device), str(kind))] = (np.log(rows["tokens"].to_numpy(float)),
-                                                       np.log(rows["median_s"].to_numpy(float)))
+                mean = rows.groupby("tokens")["median_s"].mean().sort_index()  # a repeated grid point: its mean
+                self.gemm[(str(device), str(kind))] = (np.log(mean.index.to_numpy(float)),
+                                                       np.log(mean.to_numpy(float)))
         self.expert_kind = QUANTIZED_EXPERT_KINDS.get(model.expert_precision, str(OpKind.EXPERT))
         if model.expert_precision != "native" and ("cpu", self.expert_kind) not in self.gemm:
             raise SimInputError(f"{self.dir}: no {self.expert_kind} rows for the model's {model.expert_precision} "
@@ -217,7 +217,9 @@ class ProfileCostModel:
     def _lookup(self, op: Op) -> float | None:
         unit = self.topology.unit_of(op.stream)
         if op.kind is OpKind.COPY and unit.kind is UnitKind.LINK:
-            if op.payload in PAGEABLE_PAYLOADS or unit.memory < 0:  # measured: pinned host copies only
+            ends = (unit.spec.src, unit.spec.dst)
+            if op.payload in PAGEABLE_PAYLOADS or unit.memory < 0 or "cpu" not in ends or not any(
+                    end.startswith("gpu") for end in ends):  # measured: pinned copies between host and a GPU only
                 return None
             kind = "copy_h2d_pinned" if unit.spec.src == "cpu" else "copy_d2h_pinned"
             table = self.gemm.get(("cuda", kind))
@@ -240,9 +242,11 @@ class ProfileCostModel:
             if grid is None:
                 return None
             lb, lk, lt = grid
-            # Outside the grid: the nearest edge's time, scaled in proportion beyond the top (attention's work is
-            # requests x KV entries), so more requests or a longer KV never take less time.
-            scale = math.exp(max(b - lb[-1], 0.0) + max(kv - lk[-1], 0.0))
+            # Outside the grid: the nearest edge's time, scaled in proportion to attention's work beyond the top
+            # (requests x KV entries in decode; requests x prompt length squared in prefill, every token attending
+            # to those before it), so more requests or a longer KV never take less time.
+            power = 1.0 if op.phase is Phase.DECODE else 2.0
+            scale = math.exp(max(b - lb[-1], 0.0) + power * max(kv - lk[-1], 0.0))
             b, kv = min(max(b, lb[0]), lb[-1]), min(max(kv, lk[0]), lk[-1])
             i = min(np.searchsorted(lb, b, side="right") - 1, len(lb) - 2) if len(lb) > 1 else 0
             j = min(np.searchsorted(lk, kv, side="right") - 1, len(lk) - 2) if len(lk) > 1 else 0

@@ -131,10 +131,13 @@ class MoELightningPolicy(Policy):
 
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: MoELightningOptions = self.options
+        # nothing fits: name the memory the most frugal candidate (the smallest micro-batch, no resident expert)
+        # overflows, and by how much
+        smallest = o.micro_batch if o.micro_batch > 0 else (ctx.workload.batch if o.micro_batch == 0 else 1)
+        frugal = replace(o, micro_batch=smallest, wg=max(o.wg, 0.0))
         return SearchSpace(self._candidates(ctx), lambda c, opts: self._plan(c, opts),
                            searched=o.micro_batch < 0 or o.wg < 0, rescore=o.rescore,
-                           explain_empty=lambda: self._require_fits(ctx, o) if o.micro_batch >= 0 and o.wg >= 0
-                           else None)
+                           explain_empty=lambda: self._require_fits(ctx, frugal))
 
     def _candidates(self, ctx: PlanContext) -> list[Candidate]:
         o: MoELightningOptions = self.options
