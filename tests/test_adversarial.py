@@ -775,3 +775,11 @@ def test_second_review_of_the_input_fixes(capsys, tmp_path, monkeypatch):
     np.save(tmp_path / "b.npy", np.array([[True, True, False, False]] * 2))
     assert main(["trace", "import", "--format", "counts", str(tmp_path / "b.npy"), "--top-k", "2", "-o",
                  str(tmp_path / "b.npz")]) == 0
+
+
+def test_a_system_spec_given_as_a_model_file_says_so(capsys, tmp_path):
+    assert main(["presets", "--show", "a100-80g-8452y"]) == 0
+    path = tmp_path / "sys.yaml"
+    path.write_text(capsys.readouterr().out)
+    fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL],
+                  "this looks like a system spec: give it to --system-file")

@@ -120,6 +120,12 @@ def test_eas_cli_writes_a_map_and_rejects_bad_input(topic_trace, tmp_path, capsy
     assert main(["eas", "--trace", str(trace), "--vram-experts", "65", "-o", str(tmp_path / "x.npz")]) == 2
     assert "exceeds" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
     assert main(["eas", "--trace", str(tmp_path / "nope.npz"), "--vram-experts", "2", "-o", str(out)]) == 2
+    capsys.readouterr()
+    # options a --trace probe would ignore are refused
+    assert main(["eas", "--trace", str(trace), "--vram-experts", "8", "--embedder", "x", "-o", str(out)]) == 2
+    assert "--embedder embeds --prompts" in capsys.readouterr().err
+    assert main(["eas", "--trace", str(trace), "--vram-experts", "8", "--max-prompt-tokens", "8", "-o", str(out)]) == 2
+    assert "--max-prompt-tokens truncates" in capsys.readouterr().err
 
 
 def _ctx(tiny_model, paper_system, trace):

@@ -902,3 +902,14 @@ def test_coxmoe_whole_batch_prefill_is_one_micro_batch_whatever_the_mean_rounds_
                                                  "prefill_placement": "ggg", "decode_placement": "ggg",
                                                  "resident_experts": "4", "split": "gpu"})
     assert len(r.plan.micro_batches["prefill"]) == 1
+
+
+def test_a_dense_ffn_size_no_layer_uses_buffers_nothing(tiny_model, paper_system):
+    """`dense_intermediate_size` in a model without leading dense layers sized the GPU workspace all the same
+    (+117 MB on a Qwen3 file that carried it): only layers that exist are buffered."""
+    from sim.policies.layers import activation_workspace_bytes
+
+    assert tiny_model.first_dense_layers == 0
+    wide = dataclasses.replace(tiny_model, dense_intermediate_size=1 << 20)
+    sizes = [activation_workspace_bytes(ctx_for(m, paper_system), 64) for m in (tiny_model, wide)]
+    assert sizes[0] == sizes[1]

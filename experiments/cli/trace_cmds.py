@@ -124,6 +124,12 @@ def cmd_eas(args: argparse.Namespace) -> int:
         raise SimInputError("give --trace (probe recorded routing) or --model-dir (probe the model itself)")
     if args.model_dir and not args.prompts:
         raise SimInputError("--model-dir probes prompts: give --prompts")
+    if args.embedder and not args.prompts:
+        raise SimInputError("--embedder embeds --prompts; without them the trace's request features are used "
+                            "(give --prompts, or omit --embedder)")
+    if args.max_prompt_tokens and not args.model_dir:
+        raise SimInputError("--max-prompt-tokens truncates the prompts --model-dir probes; a --trace probe reads "
+                            "its recorded routing (omit it)")
     trace = load_trace(args.trace) if args.trace else None
     features, prompts = None, None
     if args.prompts:

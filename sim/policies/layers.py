@@ -68,8 +68,8 @@ def activation_workspace_bytes(ctx: PlanContext, tokens: int, requests: int | No
     m = ctx.model
     requests = min(tokens, ctx.workload.batch) if requests is None else requests
     per_token = 4 * m.hidden_size + m.qkv_out_width + m.attn_out_width
-    ffn = 2 * m.top_k * m.expert_intermediate_size + 2 * max(m.shared_expert_intermediate_size,
-                                                             m.dense_intermediate_size)
+    dense = m.dense_intermediate_size if m.first_dense_layers else 0  # a size no layer uses buffers nothing
+    ffn = 2 * m.top_k * m.expert_intermediate_size + 2 * max(m.shared_expert_intermediate_size, dense)
     chunk = min(tokens, EXPERT_CHUNK_TOKENS)
     return (tokens * per_token + chunk * ffn) * m.bytes_per_param + requests * m.vocab_size * 4
 

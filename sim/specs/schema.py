@@ -89,6 +89,10 @@ def validate_spec(cls: type[T], fields: dict[str, Any], where: str, aliases: dic
         if key not in known:
             near = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
+            if cls.__name__ == "ModelSpec" and {"gpu", "cpu"} <= set(fields):
+                hint = " (this looks like a system spec: give it to --system-file)"
+            elif cls.__name__ == "SystemSpec" and {"num_layers", "hidden_size"} <= set(fields):
+                hint = " (this looks like a model spec: give it to --model-file)"
             raise SimInputError(f"{where}: unknown field {key!r} for {cls.__name__}{hint}")
     try:
         return _adapter(cls).validate_python(_normalise(cls, fields, where))
