@@ -149,7 +149,9 @@ class SimConfig:
                 if value is None or isinstance(value, Mapping | list | tuple):
                     raise SimInputError(f"{what} {key}: needs a value (a string, number or boolean), got "
                                         f"{value!r}")
-            self._set(name, {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+            # a YAML boolean (a sweep's `coalesce: off` reads as false) as the CLI spells it: on / off, which both
+            # the on/off options and the boolean ones take, so either spelling makes one point
+            self._set(name, {str(k): ("on" if v else "off") if isinstance(v, bool) else str(v)
                              for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
         for name in ("batch", "seed", "decode_sample"):
             low = 1 if name == "batch" else 0

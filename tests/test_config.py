@@ -45,7 +45,7 @@ def test_bad_settings_are_refused_with_their_name(change, message):
 def test_config_normalises_and_round_trips_as_json():
     c = SimConfig(**BASE, policy="coxmoe", batch=4, prompt_len="uniform:2:9", gen_len=3,
                   policy_options={"coalesce": False, "rescore": 2})
-    assert c.policy_options == {"coalesce": "false", "rescore": "2"}  # strings, as --policy-opt gives them
+    assert c.policy_options == {"coalesce": "off", "rescore": "2"}  # strings, as --policy-opt gives them
     point = c.point()
     # every setting, except those added later while at their default (old sweep points keep their hash)
     assert list(point) == [f for f in FIELD_NAMES if f not in ("expert_precision", "system_settings")] \

@@ -173,6 +173,14 @@ def test_with_a_hot_map_the_search_prices_experts_from_the_map_not_the_run(tiny_
         assert not np.allclose(theirs, theirs[:, :1])  # the run's own routing is skewed (Zipf 2)
 
 
+@pytest.mark.parametrize("bad", [-5.0, float("nan"), float("inf")])
+def test_a_hot_map_load_must_be_finite_and_non_negative(bad):
+    load = np.ones((2, 4))
+    load[0, 0] = bad
+    with pytest.raises(TraceError, match="load must be finite and non-negative"):
+        HotExpertMap("m", np.tile(np.arange(4, dtype=np.int32), (2, 1)), load, resident=1)
+
+
 def test_coxmoe_hot_map_shape_must_match_the_model(tiny_model, paper_system, tmp_path):
     wrong = HotExpertMap("x", np.tile(np.arange(3, dtype=np.int32), (1, 1)), np.zeros((1, 3)), resident=1)
     path = save_map(wrong, tmp_path / "wrong.npz")

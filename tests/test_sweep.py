@@ -48,13 +48,12 @@ def test_hash_names_the_resolved_point():
     assert implicit.key == explicit.key and len(implicit.key) == 16
     other = expand({"fixed": {"model": m, "system": s, "seed": 1}})[0]
     assert other.key != implicit.key
-    # a YAML boolean (`coalesce: off` reads as false) is kept as the CLI would pass it, and an on/off option
-    # takes it as off
-    bools = expand({"fixed": {"model": m, "system": s, "policy_options": {"coalesce": False}}})[0]
-    assert bools.config["policy_options"] == {"coalesce": "false"}
-    from sim.policies import make_policy
-
-    assert make_policy("coxmoe", bools.config["policy_options"]).options.coalesce == "off"
+    # a YAML boolean (`coalesce: off` reads as false) is spelled as the CLI would pass it, on / off: one point
+    # whichever way the spec writes it, and the on/off options (restratify included) and boolean ones take it
+    bools = expand({"fixed": {"model": m, "system": s, "policy_options": {"coalesce": False, "restratify": False}}})
+    assert bools[0].config["policy_options"] == {"coalesce": "off", "restratify": "off"}
+    words = expand({"fixed": {"model": m, "system": s, "policy_options": {"coalesce": "off", "restratify": "off"}}})
+    assert words[0].key == bools[0].key
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -271,7 +270,7 @@ def test_a_sweep_point_can_set_every_simulation_setting():
     assert {k for k in FIELD_NAMES if POINT_DEFAULTS[k] != DEFAULTS[k]} == {"policy"}
     point = resolve_point({"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8, "prompt_len": 16,
                            "gen_len": 4, "policy_options": {"coalesce": False}})
-    assert point.sim_config().policy_options == {"coalesce": "false"}  # as the CLI passes it (read as off)
+    assert point.sim_config().policy_options == {"coalesce": "off"}  # as the CLI passes it
     with pytest.raises(SimInputError, match="reuse_prob must be a number in"):
         resolve_point({"model": "m", "system": "s", "reuse_prob": 3})
 

@@ -44,6 +44,8 @@ class HotExpertMap:
         E = r.shape[1]
         if not np.array_equal(np.sort(r, axis=1), np.broadcast_to(np.arange(E), r.shape)):
             raise TraceError("hot-expert map: each ranking row must be a permutation of the expert ids")
+        if not np.isfinite(ld).all() or (ld < 0).any():  # it prices the search's E_M / E_C split (coxmoe)
+            raise TraceError("hot-expert map: load must be finite and non-negative")
         if not 0 <= self.resident <= E:
             raise TraceError(f"hot-expert map: resident {self.resident} outside [0, {E}]")
 

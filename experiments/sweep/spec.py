@@ -146,16 +146,18 @@ def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) 
         raise SimInputError(f"sweep point: {exc}") from None
     inputs = input_digests(config, digests)  # a missing file is named before its contents are read
     try:
-        _check_names(config)
+        _check_names(config, inputs)
     except SimInputError as exc:
         raise SimInputError(f"sweep point: {exc}") from None
     return SweepPoint(config, point_key(config, inputs))
 
 
 @functools.lru_cache(maxsize=4096)
-def _check_target(model: str, system: str, policy: str, options: tuple[tuple[str, str], ...]) -> None:
-    """The model, system, policy and policy options a point names exist and parse (each combination once): an
-    unknown preset or option is refused with the spec, not as a failed point after the workers start."""
+def _check_target(model: str, system: str, policy: str, options: tuple[tuple[str, str], ...],
+                  files: tuple[tuple[str, str], ...]) -> None:
+    """The model, system, policy and policy options a point names exist and parse (each combination once, and
+    again when a spec file they name changes: `files` holds its digest): an unknown preset or option is refused
+    with the spec, not as a failed point after the workers start."""
     from sim.api import resolve_model, resolve_system
     from sim.policies import make_policy
 
@@ -164,9 +166,10 @@ def _check_target(model: str, system: str, policy: str, options: tuple[tuple[str
     make_policy(policy, dict(options))
 
 
-def _check_names(config: dict[str, Any]) -> None:
+def _check_names(config: dict[str, Any], inputs: dict[str, str]) -> None:
     _check_target(str(config["model"]), str(config["system"]), str(config["policy"]),
-                  tuple(sorted((str(k), str(v)) for k, v in (config.get("policy_options") or {}).items())))
+                  tuple(sorted((str(k), str(v)) for k, v in (config.get("policy_options") or {}).items())),
+                  tuple(sorted(inputs.items())))
 
 
 JSON_SCALARS = (str, int, float, bool, type(None))

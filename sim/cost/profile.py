@@ -218,9 +218,10 @@ class ProfileCostModel:
         unit = self.topology.unit_of(op.stream)
         if op.kind is OpKind.COPY and unit.kind is UnitKind.LINK:
             ends = (unit.spec.src, unit.spec.dst)
+            units = self.topology.units
             if op.payload in PAGEABLE_PAYLOADS or unit.memory < 0 or "cpu" not in ends or not any(
-                    end.startswith("gpu") for end in ends):  # measured: pinned copies between host and a GPU only
-                return None
+                    end in units and units[end].kind is UnitKind.GPU for end in ends):
+                return None  # measured: pinned copies between the host and a GPU only (not a disk's)
             kind = "copy_h2d_pinned" if unit.spec.src == "cpu" else "copy_d2h_pinned"
             table = self.gemm.get(("cuda", kind))
             if table is None or op.bytes <= 0:

@@ -76,9 +76,6 @@ class PlanContext:
         return replace(self, decode_sample=decode_sample)
 
 
-_ON_OFF = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
-
-
 @dataclass(frozen=True)
 class OptionsBase:
     """Validation helpers shared by every policy's options dataclass."""
@@ -87,12 +84,6 @@ class OptionsBase:
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(self, name)
-        if value not in allowed and "on" in allowed and "off" in allowed:
-            # a YAML boolean: a sweep spec's `coalesce: off` reads as false and reaches here as "false"
-            mapped = _ON_OFF.get(str(value).lower())
-            if mapped is not None:
-                object.__setattr__(self, name, mapped)
-                value = mapped
         if value not in allowed:
             raise SimInputError(f"policy {self.policy_name}: {name} must be one of {', '.join(allowed)}, "
                                 f"got {value!r}")

@@ -133,8 +133,12 @@ class MoELightningPolicy(Policy):
         o: MoELightningOptions = self.options
         # nothing fits: name the memory the most frugal candidate (the smallest micro-batch, no resident expert)
         # overflows, and by how much
-        smallest = o.micro_batch if o.micro_batch > 0 else (ctx.workload.batch if o.micro_batch == 0 else 1)
-        frugal = replace(o, micro_batch=smallest, wg=max(o.wg, 0.0))
+        given = o.micro_batch
+        if o.num_micro_batches:  # the published split fixes the micro-batch
+            given = published_split(self.name, "micro_batch", "num_micro_batches", o.micro_batch,
+                                    o.num_micro_batches, ctx.workload.batch)
+        smallest = given if given > 0 else (ctx.workload.batch if given == 0 else 1)
+        frugal = replace(o, micro_batch=smallest, num_micro_batches=0, wg=max(o.wg, 0.0))
         return SearchSpace(self._candidates(ctx), lambda c, opts: self._plan(c, opts),
                            searched=o.micro_batch < 0 or o.wg < 0, rescore=o.rescore,
                            explain_empty=lambda: self._require_fits(ctx, frugal))
