@@ -64,14 +64,15 @@ def _run(model: ModelSpec, system: SystemSpec, policy: str, options: dict[str, s
 
 def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None, prompt_len: int | None,
              gen_len: int | None, trace: str | Path | RoutingTrace | None, routing: str, reuse_prob: float,
-             seed: int) -> tuple[ModelSpec, SystemSpec, RoutingTrace]:
+             seed: int) -> tuple[ModelSpec, SystemSpec, RoutingTrace, str]:
     m, s = resolve_model(model), resolve_system(system)
     if trace is None and batch is not None and prompt_len is not None and gen_len is not None:
         check_kv_fits_machine(m, s, synthetic_inputs(m, batch, prompt_len, gen_len, routing, seed, reuse_prob)[0])
-    wl, tr, _ = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob, prompt_counts=True)
+    wl, tr, name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob,
+                                   prompt_counts=True)
     if tr.num_requests != wl.batch:  # keep exactly the batch's requests so every policy sees the same work
         tr = tr.head(wl.batch)
-    return m, s, tr
+    return m, s, tr, name
 
 
 def _run_all(m: ModelSpec, s: SystemSpec, jobs: list[tuple[str, dict[str, str]]], tr: RoutingTrace, seed: int,
@@ -120,7 +121,7 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
             options: dict[str, dict[str, str]] | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run each policy with its own search on the same trace (`options` pins knobs per policy), on `workers`
     processes (default: one per CPU, as memory allows); speedups are CoX-MoE's throughput over each."""
-    m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
+    m, s, tr, routing_name = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
     options = options or {}
     runs = _run_all(m, s, [(p, options.get(p, {})) for p in policies], tr, seed, decode_sample, workers, progress,
                     "policies")
@@ -130,7 +131,7 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
                 and r["throughput_tok_s"] > 0 else None for p, r in results.items() if p != "coxmoe"}
     return {"model": m.name, "system": s.name, "batch": tr.num_requests,
             "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
-            "routing": tr.header.source, "seed": seed, "decode_sample": decode_sample,
+            "routing": routing_name, "seed": seed, "decode_sample": decode_sample,
             "policies": results, "coxmoe_speedup": speedups}
 
 
@@ -141,7 +142,7 @@ def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | N
              workers: int | None = None) -> dict[str, Any]:
     """The paper's ablation (Table 3) plus each feature switched off alone, on `workers` processes; speedups over
     MoE-Lightning."""
-    m, s, tr = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
+    m, s, tr, routing_name = _context(model, system, batch, prompt_len, gen_len, trace, routing, reuse_prob, seed)
     runs = _run_all(m, s, [(policy, options) for _, policy, options in ABLATION_STEPS], tr, seed, decode_sample,
                     workers, progress, "ablation")
     rows = [{"step": label, "options": options, **run}
@@ -150,7 +151,7 @@ def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | N
     for row in rows:
         ok = row.get("feasible") and base.get("feasible") and base["throughput_tok_s"] > 0
         row["speedup_over_moe_lightning"] = row["throughput_tok_s"] / base["throughput_tok_s"] if ok else None
-    return {"model": m.name, "system": s.name, "batch": tr.num_requests, "routing": tr.header.source,
+    return {"model": m.name, "system": s.name, "batch": tr.num_requests, "routing": routing_name,
             "decode_sample": decode_sample, "steps": rows}
 
 
