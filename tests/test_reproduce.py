@@ -78,6 +78,9 @@ def test_eas_and_calibration_numbers(quick_all):
     partial = eas[eas["resident_per_layer"] < eas["experts"]]
     wide = partial.pivot_table(index=["model", "resident_per_layer"], columns="method", values="hit_ratio")
     assert (wide["eas"] > wide["random"]).all() and (wide["oracle"] >= wide["eas"] - 0.01).all()
+    runs = pd.read_csv(out / "eas_throughput.csv")  # each map under CoX-MoE's split and with cold experts on the CPU
+    assert set(runs["placement"]) == {"coxmoe split", "cold on the CPU"} and len(runs) == 2 * 2 * 3
+    assert (runs["throughput_tok_s"] > 0).all()
     cal = pd.read_csv(out / "calibration.csv")
     e2e = cal[cal["class"] == "end to end"]
     assert len(e2e) == 2 and (e2e["measured_s"] > 0).all() and (e2e["predicted_profile_s"] > 0).all()
