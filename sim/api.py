@@ -147,12 +147,14 @@ def check_trace_matches(trace: RoutingTrace, model: ModelSpec) -> None:
 
 def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
                     trace: str | Path | RoutingTrace | None, routing: str, seed: int,
-                    reuse_prob: float = 0.0, prompt_counts: bool = False) -> tuple[Workload, RoutingTrace, str]:
+                    reuse_prob: float = 0.0, prompt_counts: bool = False,
+                    system: SystemSpec | None = None) -> tuple[Workload, RoutingTrace, str]:
     """The workload and its routing: from a trace (lengths from the trace), or synthesised for the lengths. A
     length may be a distribution spec (`traces.synth.request_lengths`: uniform:LO:HI, lognormal:...), drawn per
     request from `seed`: prompts of different lengths, requests that finish at different steps. `prompt_counts`
     synthesises the simulator's form, prompts kept as per-request counts (`RoutingTrace.prompt_counts`: the same
-    counts in a quarter of the memory at 800/256); the executor needs every row (the default)."""
+    counts in a quarter of the memory at 800/256); the executor needs every row (the default). With `system`, a
+    workload whose KV cache cannot fit the machine is refused before its trace is drawn (`check_kv_fits_machine`)."""
     if trace is not None:
         if reuse_prob:
             raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
@@ -173,6 +175,8 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")
     wl, cfg = synthetic_inputs(model, batch, prompt_len, gen_len, routing, seed, reuse_prob)
+    if system is not None:
+        check_kv_fits_machine(model, system, wl)
     return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len, prompt_counts),
                                lambda: synthesise(cfg, wl, prompt_counts)), routing
 
@@ -365,11 +369,8 @@ def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool)
     c = config
     m, s = config_model(c), config_system(c)
     pol = make_policy(c.policy, dict(c.policy_options))
-    if c.trace is None and c.batch is not None and c.prompt_len is not None and c.gen_len is not None:
-        check_kv_fits_machine(m, s, synthetic_inputs(m, c.batch, c.prompt_len, c.gen_len, c.routing, c.seed,
-                                                     c.reuse_prob)[0])
     wl, tr, routing_name = resolve_routing(m, c.batch, c.prompt_len, c.gen_len, c.trace, c.routing, c.seed,
-                                           c.reuse_prob, prompt_counts=True)
+                                           c.reuse_prob, prompt_counts=True, system=s)
     if c.profile is not None and cost is None:
         from sim.cost.profile import ProfileCostModel
 

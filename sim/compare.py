@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from sim.api import check_kv_fits_machine, resolve_model, resolve_routing, resolve_system, simulate, synthetic_inputs
+from sim.api import resolve_model, resolve_routing, resolve_system, simulate
 from sim.config import default_workers
 from sim.errors import CapacityError
 from sim.policies import POLICIES
@@ -66,10 +66,8 @@ def _context(model: str | ModelSpec, system: str | SystemSpec, batch: int | None
              gen_len: int | None, trace: str | Path | RoutingTrace | None, routing: str, reuse_prob: float,
              seed: int) -> tuple[ModelSpec, SystemSpec, RoutingTrace, str]:
     m, s = resolve_model(model), resolve_system(system)
-    if trace is None and batch is not None and prompt_len is not None and gen_len is not None:
-        check_kv_fits_machine(m, s, synthetic_inputs(m, batch, prompt_len, gen_len, routing, seed, reuse_prob)[0])
     wl, tr, name = resolve_routing(m, batch, prompt_len, gen_len, trace, routing, seed, reuse_prob,
-                                   prompt_counts=True)
+                                   prompt_counts=True, system=s)
     if tr.num_requests != wl.batch:  # keep exactly the batch's requests so every policy sees the same work
         tr = tr.head(wl.batch)
     return m, s, tr, name

@@ -27,6 +27,14 @@ from sim.errors import SimInputError
 from sim.specs.model import EXPERT_PRECISIONS
 
 
+def refuse_seed_with_trace(config: SimConfig) -> None:
+    """Where `--seed` only draws synthetic routing and lengths (every simulate-only command, sweep points), a seed
+    beside a trace, which brings its own, is refused (the executor's seed also seeds its weights: it may)."""
+    if config.trace is not None and config.seed:
+        raise SimInputError(f"--seed {config.seed} draws synthetic routing and lengths; a trace brings its own "
+                            "(omit --seed)")
+
+
 def default_workers() -> int:
     """The CPUs this process may use: how many processes `compare`, `ablation` and local sweeps run by default."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

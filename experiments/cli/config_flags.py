@@ -8,8 +8,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sim.config import MAPPING_SETTINGS, SimConfig, settings
-from sim.errors import SimInputError
+from sim.config import MAPPING_SETTINGS, SimConfig, refuse_seed_with_trace, settings
 from sim.policies import parse_kv_pairs
 
 
@@ -74,9 +73,7 @@ def simulation_config(args: argparse.Namespace) -> SimConfig:
     `--seed` only draws synthetic routing and lengths, so beside `--trace`, which brings its own, it is refused
     (the executor's `--seed` also seeds its weights, and stays allowed)."""
     config = config_from_args(args)
-    if config.trace is not None and config.seed:
-        raise SimInputError(f"--seed {config.seed} draws synthetic routing and lengths; a trace brings its own "
-                            "(omit --seed)")
+    refuse_seed_with_trace(config)
     return config
 
 

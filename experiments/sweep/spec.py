@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from sim.config import DEFAULTS, MAPPING_SETTINGS, SimConfig
+from sim.config import DEFAULTS, MAPPING_SETTINGS, SimConfig, refuse_seed_with_trace
 from sim.errors import SimInputError
 from sim.specs.catalog import load_yaml
 
@@ -138,10 +138,8 @@ def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) 
 
             sim_config = sim_config.replace(system_settings=normalised_settings(
                 resolve_system(sim_config.system), sim_config.system_settings))
+        refuse_seed_with_trace(sim_config)
         config = sim_config.point()
-        if config.get("trace") and config.get("seed"):
-            raise SimInputError(f"seed {config['seed']} draws synthetic routing and lengths; trace "
-                                f"{config['trace']} brings its own (drop the seed)")
     except SimInputError as exc:
         raise SimInputError(f"sweep point: {exc}") from None
     inputs = input_digests(config, digests)  # a missing file is named before its contents are read
