@@ -4,7 +4,8 @@ A profile directory (written by `coxmoe calibrate profile`, issue 4) holds `prof
 signature, machine fingerprint) and `timings.csv` (device, kind, tokens, kv, median_s, ...). GEMM-shaped ops
 interpolate their time over tokens in log-log space; decode attention interpolates over (batch, KV length per
 request). Past the grid's edges a time is extended from the measurements (`_extended`; attention in proportion
-to requests x KV): more tokens never take less time. Anything the profile does not cover (other kinds, prefill
+to its work: requests x KV in decode, requests x prompt length squared in prefill): more tokens never take less
+time. Anything the profile does not cover (other kinds, prefill
 attention without its rows, copies without a CUDA profile) falls back to the roofline. Shared experts and dense
 FFNs, which the profile does not time, take the routed expert's time at their token count scaled by their
 parameter count. Prefill attention is looked up by (requests, mean prompt length) of the op's scope

@@ -133,10 +133,7 @@ class MoELightningPolicy(Policy):
         o: MoELightningOptions = self.options
         # nothing fits: name the memory the most frugal candidate (the smallest micro-batch, no resident expert)
         # overflows, and by how much
-        given = o.micro_batch
-        if o.num_micro_batches:  # the published split fixes the micro-batch
-            given = published_split(self.name, "micro_batch", "num_micro_batches", o.micro_batch,
-                                    o.num_micro_batches, ctx.workload.batch)
+        given = self._published(ctx, o).micro_batch
         smallest = given if given > 0 else (ctx.workload.batch if given == 0 else 1)
         frugal = replace(o, micro_batch=smallest, num_micro_batches=0, wg=max(o.wg, 0.0))
         return SearchSpace(self._candidates(ctx), lambda c, opts: self._plan(c, opts),
@@ -148,9 +145,7 @@ class MoELightningPolicy(Policy):
         m, wl = ctx.model, ctx.workload
         a = Analytic(ctx, self.expert_kernels)
         batch = wl.batch
-        if o.num_micro_batches:
-            o = replace(o, micro_batch=published_split(self.name, "micro_batch", "num_micro_batches",
-                                                       o.micro_batch, o.num_micro_batches, batch))
+        o = self._published(ctx, o)
         if o.micro_batch > 0:
             sizes = [min(o.micro_batch, batch)]
         elif o.micro_batch == 0:
@@ -175,6 +170,13 @@ class MoELightningPolicy(Policy):
                 out.append(Candidate(replace(o, micro_batch=ubs, wg=wg),
                                      per_layer * m.num_layers * steps, {**terms, "n_ub": -(-batch // ubs)}))
         return out
+
+    def _published(self, ctx: PlanContext, o: MoELightningOptions) -> MoELightningOptions:
+        """The options with a published split (num_micro_batches) turned into its micro-batch size."""
+        if not o.num_micro_batches:
+            return o
+        return replace(o, micro_batch=published_split(self.name, "micro_batch", "num_micro_batches", o.micro_batch,
+                                                      o.num_micro_batches, ctx.workload.batch))
 
     def _caps(self, ctx: PlanContext) -> tuple[float, float]:
         """Memory the candidates may use: the LP's relaxed shares when searching, all of it when forced."""
