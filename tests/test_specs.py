@@ -203,6 +203,8 @@ def test_hf_config_layouts_that_transformers_5_saves_and_dense_layer_keys(tmp_pa
         load("step", decoder_sparse_step=2)
     with pytest.raises(SimInputError, match="only leading dense layers"):
         load("odd", mlp_only_layers=[3])
+    with pytest.raises(SimInputError, match=r"num_hidden_layers must be in \[1, 4096\]"):  # before the layer walk
+        load("huge", num_hidden_layers=10**8, decoder_sparse_step=2)
     with pytest.raises(SimInputError, match="moe_layer_freq"):
         model_from_hf_config({**HF_CONFIGS["deepseek-v2-lite"], "moe_layer_freq": 2})
 

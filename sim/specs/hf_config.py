@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sim.errors import SimInputError
-from sim.specs.model import ModelSpec
+from sim.specs.model import MODEL_MAXIMA, ModelSpec
 from sim.specs.schema import validate_spec
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx", "opt")
@@ -91,7 +91,10 @@ def _qwen_dense_layers(cfg: dict[str, Any], layers: Any, where: str) -> int:
             or not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
         raise SimInputError(f"{where}: decoder_sparse_step must be an integer >= 1 and mlp_only_layers a list of "
                             "layer indices")
-    dense = [i for i in range(layers) if i in listed or (i + 1) % step]
+    if not 1 <= layers <= MODEL_MAXIMA["num_layers"]:  # checked before the walk over layers below
+        raise SimInputError(f"{where}: num_hidden_layers must be in [1, {MODEL_MAXIMA['num_layers']}], got {layers}")
+    only_mlp = set(listed)
+    dense = [i for i in range(layers) if i in only_mlp or (i + 1) % step]
     if dense != list(range(len(dense))):
         raise SimInputError(f"{where}: decoder_sparse_step {step} / mlp_only_layers {listed} make layers "
                             f"{dense[:8]}{'...' if len(dense) > 8 else ''} dense; only leading dense layers are "
