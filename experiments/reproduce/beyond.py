@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from experiments.reproduce import ReproduceOptions, Reproduction
-from experiments.reproduce.style import POLICY_COLORS, paper_style, save_csv, save_figure
+from experiments.reproduce.style import MODEL_LABELS, POLICY_COLORS, paper_style, save_csv, save_figure
 from sim.api import simulate
 from sim.errors import CapacityError, NoFeasibleConfig
 
@@ -75,17 +75,25 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
             for i, design in enumerate(designs):
                 for j, precision in enumerate(PRECISIONS):
                     v = sub[(sub["design"] == design) & (sub["precision"] == precision)]["vs_coxmoe_native"]
-                    value = float(v.iloc[0]) if len(v) and np.isfinite(v.iloc[0]) else 0.0
-                    ax.bar(i + (j - 1) * width, value, width, color=POLICY_COLORS[DESIGNS[design][0]],
-                           hatch=hatches[precision], edgecolor="white", linewidth=0.4,
-                           alpha=0.65 if design == "coxmoe split" else 1.0)
+                    if not len(v):
+                        continue
+                    color = POLICY_COLORS[DESIGNS[design][0]]
+                    if not np.isfinite(v.iloc[0]):  # did not fit (or nothing to compare with): marked, not a bar
+                        ax.scatter(i + (j - 1) * width, 0, marker="x", s=12, color=color, clip_on=False, zorder=3)
+                        continue
+                    ax.bar(i + (j - 1) * width, float(v.iloc[0]), width, color=color, hatch=hatches[precision],
+                           edgecolor="white", linewidth=0.4, alpha=0.65 if design == "coxmoe split" else 1.0)
+            if not np.isfinite(sub["vs_coxmoe_native"]).any():
+                ax.text(0.5, 0.5, "CoX-MoE at native precision\ndid not fit: no ratio", ha="center", va="center",
+                        fontsize=6.5, transform=ax.transAxes)
             ax.axhline(1.0, color="k", lw=0.5)
             ax.set_xticks(range(len(designs)), designs, rotation=35, ha="right")
-            ax.set_title(model)
+            ax.set_title(MODEL_LABELS.get(model, model))
         axes[0][0].set_ylabel("throughput / CoX-MoE at native precision")
         handles = [Patch(facecolor="0.55", edgecolor="white", hatch=hatch, label=f"{precision} experts")
                    for precision, hatch in hatches.items()]
         fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, bbox_to_anchor=(0.5, 1.02))
+        fig.text(0.5, -0.02, "x at the base: did not fit", ha="center", fontsize=6.5)
         fig.tight_layout(rect=(0, 0, 1, 0.92))
         return save_figure(fig, out, "beyond")
 
@@ -105,8 +113,10 @@ def finding(table: pd.DataFrame) -> str:
         best = ok.loc[ok["throughput_tok_s"].idxmax()]
         native = ok[ok["precision"] == "native"]
         best_native = native.loc[native["throughput_tok_s"].idxmax()] if len(native) else best
+        versus = (f"{best['vs_coxmoe_native']:.2f}x CoX-MoE native" if np.isfinite(best["vs_coxmoe_native"])
+                  else "CoX-MoE native did not fit")
         parts.append(f"{model}: fastest {best['design']} at {best['precision']} ({best['throughput_tok_s']:.0f} "
-                     f"tok/s, {best['vs_coxmoe_native']:.2f}x CoX-MoE native; {_bottleneck(best)}); at native "
+                     f"tok/s, {versus}; {_bottleneck(best)}); at native "
                      f"precision {best_native['design']} ({best_native['throughput_tok_s']:.0f} tok/s; "
                      f"{_bottleneck(best_native)})")
     failed = table[~np.isfinite(table["throughput_tok_s"])]

@@ -14,6 +14,7 @@ from experiments.tables import markdown_table
 from sim.errors import SimInputError
 
 REPORT = "report.md"
+MAX_ROWS = 300  # rows of a figure's table in the report (the validation table has ~230)
 
 
 def anchor(title: str) -> str:
@@ -28,10 +29,22 @@ def _section(r: Reproduction, out: Path, wall_s: float) -> str:
              f"- **Command:** `{r.command}` ({wall_s:.0f} s{'; ' + r.note if r.note else ''})",
              "- **Files:** " + ", ".join(f"[{f.name}]({f.relative_to(out)})" for f in others), ""]
     lines += [f"![{r.name}]({f.relative_to(out)})" for f in images]
-    shown = r.table.head(40)
-    lines += ["", "<details><summary>numbers drawn</summary>", "", markdown_table(shown, "{:.4g}"), "",
+    shown = r.table.head(MAX_ROWS)
+    cut = (f"The first {MAX_ROWS} of {len(r.table)} rows; every row is in "
+           f"{next((f.name for f in others if f.suffix == '.csv'), 'the CSV')}.\n\n" if len(r.table) > MAX_ROWS
+           else "")
+    lines += ["", "<details><summary>numbers drawn</summary>", "", cut + markdown_table(shown, number), "",
               "</details>", ""]
     return "\n".join(lines)
+
+
+def number(value: float) -> str:
+    """Four significant digits, never in exponent notation where a plain number reads as well (10110, not
+    1.011e+04)."""
+    text = f"{value:.4g}"
+    if "e" in text and 1e-3 <= abs(value) < 1e15:
+        return f"{value:.0f}" if abs(value) >= 1 else f"{value:.4f}"
+    return text
 
 
 def kept_parts(report: Path, names: tuple[str, ...]) -> dict[str, tuple[str, str]]:

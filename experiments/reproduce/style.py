@@ -3,7 +3,7 @@ atomically (an interrupted run never leaves a half-written file) with reproducib
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +29,32 @@ PAPER_RC = {
     "grid.linewidth": 0.4, "grid.alpha": 0.5, "axes.linewidth": 0.6, "lines.linewidth": 1.2,
     "savefig.dpi": 200, "pdf.fonttype": 42, "ps.fonttype": 42,
 }
+
+
+# Distinct colours for categories with no colour of their own (systems, kernel sets): a fixed start, then
+# matplotlib's tab20, then round again, so a sixth (or twenty-first) category is drawn, never dropped.
+_PALETTE = ("#2e86c1", "#c0392b", "#27ae60", "#8e44ad", "#d35400")
+# Markers that take a face colour (a hollow point is drawn by its edge, which "x" or "+" do not have).
+FILLED_MARKERS = ("o", "s", "D", "^", "v", "<", ">", "p", "h", "*", "P", "X", "8", "d", "H")
+
+
+def palette(keys: Iterable[str]) -> dict[str, str]:
+    """A colour for each key, in order, for any number of keys."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    extra = [to_hex(c) for c in colormaps["tab20"].colors]
+    colors = [*_PALETTE, *(c for c in extra if c not in _PALETTE)]
+    return {key: colors[i % len(colors)] for i, key in enumerate(dict.fromkeys(keys))}
+
+
+def markers_for(keys: Iterable[str], known: dict[str, str]) -> dict[str, str]:
+    """A filled-capable marker for each key: `known` where it names one, the next unused marker otherwise."""
+    out = {k: known[k] for k in dict.fromkeys(keys) if k in known}
+    spare = [m for m in FILLED_MARKERS if m not in known.values()] or list(FILLED_MARKERS)
+    for i, key in enumerate(k for k in dict.fromkeys(keys) if k not in known):
+        out[key] = spare[i % len(spare)]
+    return out
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from experiments.reproduce import ReproduceOptions, Reproduction
-from experiments.reproduce.style import paper_style, save_csv, save_figure
+from experiments.reproduce.style import markers_for, palette, paper_style, save_csv, save_figure
 from experiments.validation import cpu_ops, gpu_ops
 from experiments.validation.fit import FitCase, fit_factors, predicted_total_s
 from experiments.validation.phases import phase_finding, phase_fits
@@ -26,6 +26,8 @@ from sim.plan import Plan
 QUICK_POINTS = ("mlh-moe-lightning-p-synth-s2", "mlh-moe-lightning-p-summ-s1")
 MEASURED_CPU_KERNELS = frozenset({"moe-lightning"})  # its CPU attention constants come from its own microbenchmark
 BAND = 0.2
+# The published runtimes' markers; another policy gets the next unused filled marker (`markers_for`).
+POLICY_MARKERS = {"flexgen": "s", "moe-lightning": "o", "zero-inference": "v", "fiddler": "^", "coxmoe": "D"}
 # Printed and in the report; the CSV has every column.
 DISPLAY = ("id", "mode", "system", "policy", "framework", "status", "role", "measured", "predicted", "ratio",
            "learned_ratio", "loso_ratio", "prefill_s", "decode_s", "error")
@@ -175,27 +177,40 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     pub = table[(table["mode"] == "published") & table["predicted"].notna()]
-    systems = sorted(pub["system"].unique())
-    colors = dict(zip(systems, ("#2e86c1", "#c0392b", "#27ae60", "#8e44ad", "#d35400"), strict=False))
-    markers = {"flexgen": "s", "moe-lightning": "o", "zero-inference": "v", "fiddler": "^", "coxmoe": "D"}
+    colors = palette(sorted(pub["system"].unique()))
+    markers = markers_for(sorted(pub["policy"].unique()), POLICY_MARKERS)
     panels = (("mechanisms only (incomplete points open)", "ratio"),
               ("learned factors: train filled, held-out open", "learned_ratio"))
     with paper_style():
         fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.3))
-        values = pub["measured"].to_numpy(float)
-        lo, hi = values.min() / 2, max(values.max(), (pub["predicted"]).max()) * 2
+        drawn = pub[(pub["measured"] > 0) & (pub["predicted"] > 0)]
+        if drawn.empty:
+            for ax in axes:
+                ax.text(0.5, 0.5, "no point with a positive simulated\nand measured value", ha="center",
+                        va="center", transform=ax.transAxes)
+            fig.tight_layout()
+            return save_figure(fig, out, "validation")
+        lo = drawn["measured"].min() / 2
+        hi = max(drawn["measured"].max(), drawn["predicted"].max()) * 2
         for ax, (title, col) in zip(axes, panels, strict=True):
             grid = np.geomspace(lo, hi, 50)
             ax.fill_between(grid, grid * (1 - BAND), grid * (1 + BAND), color="0.9", lw=0, label="+-20%")
             ax.plot(grid, grid, color="k", lw=0.6)
+            unseen = 0  # a simulated value of 0 (or a measured one) has no place on log axes: counted, said
             for _, r in pub.iterrows():
                 if not np.isfinite(r[col]):
                     continue
                 pred = r["measured"] * r[col]
+                if not (pred > 0 and r["measured"] > 0):
+                    unseen += 1
+                    continue
                 hollow = col == "learned_ratio" and r["role"] == "held-out" or r["status"] != "complete"
                 c = colors[r["system"]]
-                ax.scatter(r["measured"], pred, marker=markers.get(r["policy"], "x"), s=22,
+                ax.scatter(r["measured"], pred, marker=markers[r["policy"]], s=22,
                            facecolors="none" if hollow else c, edgecolors=c, linewidths=0.8)
+            if unseen:
+                ax.text(0.98, 0.02, f"{unseen} point(s) at 0 not drawn", ha="right", va="bottom", fontsize=6,
+                        transform=ax.transAxes)
             ax.set_xscale("log")
             ax.set_yscale("log")
             for axis in (ax.xaxis, ax.yaxis):
@@ -206,12 +221,11 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
             ax.set_xlabel("measured (published) tokens/s")
             ax.set_title(title)
         axes[0].set_ylabel("simulated tokens/s")
-        for system, c in colors.items():
-            axes[1].scatter([], [], color=c, marker="o", s=18, label=system)
-        for policy, m in markers.items():
-            if policy in set(pub["policy"]):
-                axes[1].scatter([], [], color="0.4", marker=m, s=18, label=policy)
-        axes[1].legend(loc="upper left", fontsize=6)
+        handles = [axes[1].scatter([], [], color=c, marker="o", s=18, label=system)
+                   for system, c in colors.items()]
+        handles += [axes[1].scatter([], [], color="0.4", marker=m, s=18, label=policy)
+                    for policy, m in markers.items()]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6)
         fig.tight_layout()
         return save_figure(fig, out, "validation")
 
@@ -223,7 +237,6 @@ def plot_kernels(gpu: pd.DataFrame, cpu: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    colors = ("#2e86c1", "#c0392b", "#27ae60", "#8e44ad", "#d35400")
     with paper_style():
         fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.0))
         for ax in (left, right):
@@ -235,7 +248,9 @@ def plot_kernels(gpu: pd.DataFrame, cpu: pd.DataFrame, out: Path) -> list[Path]:
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 axis.set_minor_formatter(NullFormatter())
-        for c, (name, rows) in zip(colors, gpu.groupby("set", sort=True), strict=False):
+        gpu_colors = palette(sorted(gpu["set"].unique()))
+        for name, rows in gpu.groupby("set", sort=True):
+            c = gpu_colors[name]
             rows = rows.sort_values("measured_s")
             held = rows["role"] == "held-out"
             speed = rows["measured_s"] / rows["predicted_s"]
@@ -245,7 +260,9 @@ def plot_kernels(gpu: pd.DataFrame, cpu: pd.DataFrame, out: Path) -> list[Path]:
         left.set_ylabel("simulated / measured rate")
         left.set_title("GPU kernels")
         left.legend(loc="lower right", fontsize=6)
-        for c, (name, rows) in zip(colors, cpu.groupby("set", sort=True), strict=False):
+        cpu_colors = palette(sorted(cpu["set"].unique()))
+        for name, rows in cpu.groupby("set", sort=True):
+            c = cpu_colors[name]
             rows = rows.sort_values("tokens_per_expert")
             right.plot(rows["tokens_per_expert"], rows["ratio"], color=c, lw=0.9, label=name)
             right.plot(rows["tokens_per_expert"], rows["ratio_no_overlap"], color=c, lw=0.9, ls="--")
@@ -300,7 +317,7 @@ def reproduce(options: ReproduceOptions) -> Reproduction:
              "absolute error <= 20-25% on points not used for fitting.")
     note = ("Learned factors per runtime and machine parts (validation_factors.csv) are fitted on the points marked "
             "train only; the held-out and leave-one-system-out columns are the honest errors.")
-    shown = table[[c for c in DISPLAY if c in table]].copy()
+    shown = table[[c for c in DISPLAY if c in table]].sort_values("status", kind="stable")  # complete points first
     return Reproduction("validation", "Simulator against published measurements", claim,
                         " ".join(filter(None, (finding(stats), gpu_ops_finding(gpu_ops.summary(ops)),
                                                cpu_ops_finding(cpu_ops.summary(cpu)), phase_finding(phases)))),

@@ -55,14 +55,19 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
 def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    ok = table[table["note"] == ""]
+    fits = (table["note"] == "").to_numpy()
+    ok = table.copy()
+    for group in GROUPS:  # a placement that does not fit keeps its row, drawn empty and labelled
+        ok[f"{group}_share"] = np.where(fits, ok.get(f"{group}_share", np.nan), 0.0)
     with paper_style():
         fig, ax = plt.subplots(figsize=(4.2, 2.4))
-        labels = [f"attention on {a.upper()}\n{t:.1f} s end to end\n{d:.1f} s decode"
-                  for a, t, d in zip(ok["attention"], ok["total_s"], ok["decode_s"], strict=True)]
+        labels = [f"attention on {r['attention'].upper()}\n" + (f"{r['total_s']:.1f} s end to end\n"
+                                                                 f"{r['decode_s']:.1f} s decode" if fit else
+                                                                 "does not fit")
+                  for fit, (_, r) in zip(fits, ok.iterrows(), strict=True)]
         left = np.zeros(len(ok))
         for group in [*GROUPS, "free"]:
-            share = (1 - left) if group == "free" else ok[f"{group}_share"].to_numpy()
+            share = np.where(fits, 1 - left, 0.0) if group == "free" else ok[f"{group}_share"].to_numpy()
             ax.barh(labels, share * 100, left=left * 100, color=GROUP_COLORS[group], label=group,
                     edgecolor="white", linewidth=0.5)
             for y, (lo, w) in enumerate(zip(left, share, strict=True)):
@@ -71,7 +76,7 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
                             color="black" if group == "free" else "white")
             left = left + share
         ax.set_xlim(0, 100)
-        ax.set_xlabel(f"share of usable VRAM ({ok['gpu_usable_gib'].iloc[0]:.0f} GiB), static allocations")
+        ax.set_xlabel(f"share of usable VRAM ({table['gpu_usable_gib'].iloc[0]:.0f} GiB), static allocations")
         ax.invert_yaxis()
         ax.grid(axis="y", visible=False)
         ax.grid(axis="x", linewidth=0.4, alpha=0.5)

@@ -1,0 +1,134 @@
+"""Reproduced figures on edge inputs: any number of systems or kernel sets drawn, points that did not fit marked
+(never a zero bar or 'nanx'), no crash when a figure has nothing feasible to show."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.reproduce import beyond, fig7, validation, vram
+from experiments.reproduce.report import number
+from experiments.reproduce.style import FILLED_MARKERS, markers_for, palette
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Capture each figure instead of saving it: module -> list of figures."""
+    import matplotlib.pyplot as plt
+
+    seen: list = []
+
+    def keep(fig, out, stem):
+        seen.append(fig)
+        return []
+
+    for module in (fig7, validation, vram, beyond):
+        monkeypatch.setattr(module, "save_figure", keep)
+    yield seen
+    for fig in seen:
+        plt.close(fig)
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+
+
+def _legend_labels(fig) -> list[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+def test_palette_and_markers_cover_any_number_of_categories():
+    keys = [f"system-{i}" for i in range(25)]
+    colors = palette(keys)
+    assert list(colors) == keys and len(set(list(colors.values())[:20])) == 20
+    markers = markers_for(["moe-gen", "flexgen", "new-one"], {"flexgen": "s"})
+    assert markers["flexgen"] == "s"
+    assert all(m in FILLED_MARKERS for m in markers.values()) and len(set(markers.values())) == 3
+
+
+def _validation_rows(systems: int) -> pd.DataFrame:
+    rows = []
+    for i in range(systems):
+        for policy, status in (("flexgen", "complete"), ("moe-gen", "incomplete")):
+            rows.append({"id": f"p{i}-{policy}", "mode": "published", "system": f"machine-{i}", "policy": policy,
+                         "status": status, "role": "held-out", "measured": 10.0 + i, "predicted": 12.0 + i,
+                         "ratio": (12.0 + i) / (10.0 + i), "learned_ratio": 1.1})
+    return pd.DataFrame(rows)
+
+
+def test_validation_scatter_draws_every_system_and_policy(figures, tmp_path):
+    validation.plot(_validation_rows(7), tmp_path)
+    (fig,) = figures
+    labels = _legend_labels(fig)
+    assert {f"machine-{i}" for i in range(7)} <= set(labels) and {"flexgen", "moe-gen"} <= set(labels)
+    # Every point drawn is visible: hollow points keep their edge colour (an "x" marker has none).
+    for ax in fig.axes:
+        for coll in ax.collections:
+            if len(coll.get_offsets()):
+                assert coll.get_edgecolor().size, coll
+
+
+def test_validation_scatter_without_drawable_points_says_so(figures, tmp_path):
+    table = _validation_rows(1)
+    table["predicted"] = 0.0
+    table["ratio"] = table["learned_ratio"] = 0.0
+    validation.plot(table, tmp_path)
+    assert any("no point" in t for t in _texts(figures[0]))
+    table = _validation_rows(2)
+    table.loc[0, ["predicted", "ratio", "learned_ratio"]] = 0.0
+    validation.plot(table, tmp_path)
+    assert sum("at 0 not drawn" in t for t in _texts(figures[1])) == 2
+
+
+def test_kernel_plot_draws_a_sixth_set(figures, tmp_path):
+    gpu = pd.DataFrame([{"set": f"gpu-set-{i}", "role": "held-out", "measured_s": 1e-3 * (i + 1),
+                         "predicted_s": 1e-3} for i in range(6)])
+    cpu = pd.DataFrame([{"set": f"cpu-set-{i}", "role": "held-out", "tokens_per_expert": t, "ratio": 1.0,
+                         "ratio_no_overlap": 0.9} for i in range(6) for t in (1, 8)])
+    validation.plot_kernels(gpu, cpu, tmp_path)
+    labels = _legend_labels(figures[0])
+    assert all(f"gpu-set-{i}" in labels and f"cpu-set-{i}" in labels for i in range(6))
+
+
+def _fig7_table(**nan) -> pd.DataFrame:
+    rows = [{"model": "mixtral-8x7b", "system": "a100-80g-8452y", "prompt_len": 97, "gen_len": 32,
+             "policy": p, "status": "ok", "throughput_tok_s": t}
+            for p, t in (("coxmoe", 30.0), ("moe-lightning", 10.0), ("flexgen", 5.0))]
+    for r in rows:
+        if r["policy"] in nan:
+            r["status"], r["throughput_tok_s"] = "failed", np.nan
+    return fig7.summarize(pd.DataFrame(rows))
+
+
+@pytest.mark.parametrize("missing, expected", [("flexgen", "3.0x\n-"), ("moe-lightning", "-\n6.0x")])
+def test_fig7_marks_a_run_that_did_not_fit(figures, tmp_path, missing, expected):
+    fig7.plot(_fig7_table(**{missing: True}), tmp_path)
+    (fig,) = figures
+    assert expected in _texts(fig) and not any("nan" in t for t in _texts(fig))
+    marks = [c for ax in fig.axes for c in ax.collections if len(c.get_offsets())]
+    assert len(marks) == 1 and marks[0].get_offsets()[0][1] == 0  # an x at the base of the missing bar
+
+
+def test_vram_with_no_placement_that_fits(figures, tmp_path):
+    table = pd.DataFrame([{"attention": a, "system": "s", "batch": 8, "prompt_len": 4, "gen_len": 2,
+                           "gpu_usable_gib": 40.0, "note": "needs 90 GiB"} for a in ("gpu", "cpu")])
+    vram.plot(table, tmp_path)
+    labels = [t.get_text() for t in figures[0].axes[0].get_yticklabels()]
+    assert all("does not fit" in label for label in labels) and len(labels) == 2
+
+
+def test_beyond_without_a_native_coxmoe_names_it(figures, tmp_path):
+    rows = [{"model": "qwen3-30b-a3b", "design": d, "policy": p, "precision": prec, "batch": 8, "prompt_len": 4,
+             "gen_len": 2, "throughput_tok_s": t, "total_s": 1.0, "vs_coxmoe_native": np.nan}
+            for d, p, prec, t in (("coxmoe", "coxmoe", "native", np.nan), ("trimoe", "trimoe", "int8", 50.0))]
+    table = pd.DataFrame(rows)
+    text = beyond.finding(table)
+    assert "nan" not in text and "CoX-MoE native did not fit" in text
+    beyond.plot(table, tmp_path)
+    assert any("did not fit" in t for t in _texts(figures[0]))
+
+
+def test_report_numbers_are_plain():
+    assert [number(v) for v in (10110.0, 2.3684, 0.5, 1234567.0)] == ["10110", "2.368", "0.5", "1234567"]
