@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from traces import RoutingTrace, TraceError, TraceHeader
 from traces.format import expert_dtype
+from traces.importers import JSONL_PARSED_PER_BYTE, read_utf8
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
@@ -27,7 +28,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     if not path.is_file():
         raise TraceError(f"prompts file not found: {path}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path, JSONL_PARSED_PER_BYTE).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -68,6 +68,27 @@ def test_a_huge_batch_is_refused_before_allocating(capsys, monkeypatch, tmp_path
                            "--gen-len", "2"], "even at 4 bits")
 
 
+def test_many_requests_are_refused_before_their_lengths_are_drawn(capsys, monkeypatch, tmp_path):
+    """300 M one-token requests peaked at 7 GB drawing lengths before the synthesis's own check refused them."""
+    import resource
+
+    monkeypatch.setenv(LIMIT_ENV, "0.5")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fails_cleanly(capsys, ["trace", "gen", "--layers", "1", "--experts", "2", "--top-k", "1", "--requests",
+                           "300000000", "--prompt-len", "1", "--gen-len", "1", "-o", str(tmp_path / "h.npz")],
+                  "300,000,000 requests would need about")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # under 1 GiB more (KiB units)
+
+
+def test_lru_replay_is_bounded_by_the_memory_limit(capsys, monkeypatch, tmp_path):
+    """2,000 one-token requests over 65,536 experts: a 21 KB file whose LRU replay needs gigabytes."""
+    path = tmp_path / "wide.npz"
+    assert main(["trace", "gen", "--layers", "1", "--experts", "65536", "--top-k", "1", "--requests", "2000",
+                 "--prompt-len", "1", "--gen-len", "1", "-o", str(path)]) == 0
+    monkeypatch.setenv(LIMIT_ENV, "0.5")
+    fails_cleanly(capsys, ["trace", "stats", str(path)], "the LRU replay of 2,000 requests")
+
+
 def test_a_plan_past_the_limit_is_refused_while_built(capsys):
     fails_cleanly(capsys, ["--max-gib", "0.0001", "simulate", "--model", "mixtral-8x7b", *SYS, *WL],
                   "a plan of more than")

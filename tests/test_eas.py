@@ -110,6 +110,14 @@ def test_map_round_trip_and_malformed_maps(topic_trace, tmp_path):
         load_map(bad)
     with pytest.raises(TraceError, match="not found"):
         load_map(tmp_path / "missing.npz")
+    # ids beyond int32 wrapped silently into a valid permutation (2^32 + 3 -> 3)
+    with np.load(save_map(hot, tmp_path / "ok.npz"), allow_pickle=False) as z:
+        arrays = dict(z)
+    wrapped = arrays["ranking"].astype(np.int64)
+    wrapped[0, wrapped[0].argmax()] += 2**32
+    np.savez(tmp_path / "wrapped.npz", **{**arrays, "ranking": wrapped})
+    with pytest.raises(TraceError, match="ranking ids must be expert ids"):
+        load_map(tmp_path / "wrapped.npz")
 
 
 def test_eas_cli_writes_a_map_and_rejects_bad_input(topic_trace, tmp_path, capsys):

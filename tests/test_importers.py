@@ -87,6 +87,9 @@ def test_jsonl_round_trip(tmp_path):
     (lambda ls: [{**x, "phase": "train"} for x in ls], "phase: Input should be 'prefill' or 'decode'"),
     (lambda ls: [{**x, "probs": [1.0]} for x in ls], "probs"),
     (lambda ls: [], "no records"),
+    # probs on some records only: the others would have been stored as gate weight 0
+    (lambda ls: [{k: v for k, v in x.items() if k != "probs"} if i == 0 else x for i, x in enumerate(ls)],
+     "probs on some records but not others"),
 ])
 def test_malformed_jsonl(tmp_path, mutate, message):
     src = generate_trace(SynthConfig("m", 3, 8, 2, "uniform", 0.0, 0), np.array([2, 2]), np.array([2, 1]))
@@ -108,12 +111,36 @@ def test_count_tables_reproduce_every_count(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [("layer,a\n0,-1\n", "non-negative"), ("layer,a\n0,x\n", "numbers"),
-                                          ("layer,a\n0,1.5\n", "integers")])
+                                          ("layer,a\n0,1.5\n", "integers"),
+                                          ("layer,a,b\n0,1,1\n0,2,0\n", "layer column"),
+                                          ("layer,a,b\n1,1,1\n2,2,0\n", "layer column")])
 def test_bad_count_tables(tmp_path, text, message):
     path = tmp_path / "t.csv"
     path.write_text(text)
     with pytest.raises(TraceError, match=message):
         read_count_table(path)
+
+
+def test_count_table_rows_follow_their_layer_column(tmp_path):
+    path = tmp_path / "shuffled.csv"
+    path.write_text("layer,e0,e1,e2\n1,10,0,10\n0,0,10,10\n")
+    np.testing.assert_array_equal(read_count_table(path), [[0, 10, 10], [10, 0, 10]])
+
+
+def test_text_inputs_are_bounded_and_utf8(tmp_path, monkeypatch, capsys):
+    from traces.limits import LIMIT_ENV
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_bytes(b'{"text": "hi \xff"}\n')
+    from executor.record import read_prompts
+
+    with pytest.raises(TraceError, match="not UTF-8"):
+        read_prompts(bad)
+    big = _write(tmp_path / "big.jsonl", _jsonl_lines(generate_trace(SynthConfig("m", 3, 8, 2, "uniform", 0.0, 0),
+                                                                      np.array([40] * 20), np.array([2] * 20))))
+    monkeypatch.setenv(LIMIT_ENV, repr(big.stat().st_size * 5 / 2**30))  # the file fits, its parsed records not
+    with pytest.raises(TraceError, match="parsing"):
+        import_jsonl(big)
 
 
 def test_count_tables_that_no_trace_can_match():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 
@@ -486,3 +487,10 @@ def test_trace_gen_then_simulate_equals_simulate_drawing_the_same_lengths(tmp_pa
     np.testing.assert_array_equal(saved.plan.workload.gen_lens, drawn.plan.workload.gen_lens)
     assert len(set(drawn.plan.workload.prompt_lens.tolist())) > 1  # the lengths did vary
     assert saved.throughput_tok_s == drawn.throughput_tok_s
+
+
+def test_request_features_need_at_least_one_column():
+    """A [R, 0] feature array passed validation, then stopped `eas` with scikit-learn's traceback."""
+    trace = generate_trace(SynthConfig("m", 2, 8, 2, "uniform", 0.0, 0), np.array([3, 3]), np.array([2, 2]))
+    with pytest.raises(TraceError, match="D >= 1"):
+        validate(dataclasses.replace(trace, request_features=np.zeros((2, 0), dtype=np.float32)))

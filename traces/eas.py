@@ -91,6 +91,9 @@ def load_map(path: str | Path) -> HotExpertMap:
         raise TraceError(f"{path}: not a v{MAP_VERSION} cox-moe hot-expert map")
     if not np.issubdtype(ranking.dtype, np.integer):
         raise TraceError(f"{path}: ranking must be integer, got {ranking.dtype}")
+    if ranking.size and (int(ranking.min()) < 0 or int(ranking.max()) > np.iinfo(np.int32).max):
+        raise TraceError(f"{path}: ranking ids must be expert ids (0 to 2^31 - 1), got "
+                         f"{int(ranking.min())}..{int(ranking.max())}")
     if load.dtype.kind not in "iuf":
         raise TraceError(f"{path}: load must be numeric, got {load.dtype}")
     resident, extra = meta.get("resident", 0), meta.get("extra") or {}

@@ -343,8 +343,9 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
     feats = trace.request_features
     if feats is not None:
         if not isinstance(feats, np.ndarray) or feats.dtype.kind != "f" or feats.ndim != 2 \
-                or feats.shape[0] != trace.prompt_lens.size:
-            raise TraceError(f"trace: request_features must be a float array of shape [{trace.prompt_lens.size}, D]")
+                or feats.shape[0] != trace.prompt_lens.size or feats.shape[1] < 1:
+            raise TraceError(f"trace: request_features must be a float array of shape [{trace.prompt_lens.size}, D] "
+                             "with D >= 1")
         if not np.isfinite(feats).all():
             raise TraceError("trace: request_features must be finite")
 

@@ -33,9 +33,18 @@ MAX_LAYERS = 4096  # MoE layers of an imported trace (the largest models have ab
 _TENSOR = re.compile(r"tensor\(\[([^\]]*)\]\)")
 
 
-def _open_text(path: Path) -> str:
+# Memory a text file takes once parsed into Python objects, per byte of the file (measured: a JSONL routing file
+# peaked at 7.5x its size while parsed; CSV rows of numbers parse into less).
+JSONL_PARSED_PER_BYTE = 10.0
+CSV_PARSED_PER_BYTE = 6.0
+
+
+def read_utf8(path: Path, parsed_per_byte: float = 2.0) -> str:
+    """A text file's contents, refused in one line when it is missing, not UTF-8, or would need more memory than
+    the limit once parsed (`parsed_per_byte` times its size), before it is read."""
     if not path.is_file():
         raise TraceError(f"file not found: {path}")
+    check_memory(path.stat().st_size * parsed_per_byte, f"parsing {path}")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -79,7 +88,7 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
     path = Path(path)
     records: dict[tuple[int, int], dict[int, tuple[list[int], list[float] | None]]] = {}
     phases: dict[tuple[int, int], str] = {}
-    for n, line in enumerate(_open_text(path).splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path, JSONL_PARSED_PER_BYTE).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -111,7 +120,11 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
     requests = sorted({r for r, _ in records})
     if requests != list(range(len(requests))):
         raise TraceError(f"{path}: request ids must be 0..{len(requests) - 1}")
-    has_probs = any(p is not None for v in records.values() for _, p in v.values())
+    with_probs = sum(p is not None for v in records.values() for _, p in v.values())
+    has_probs = with_probs > 0
+    if has_probs and with_probs != sum(len(v) for v in records.values()):
+        raise TraceError(f"{path}: probs on some records but not others ({with_probs:,} of "
+                         f"{sum(len(v) for v in records.values()):,}); give them on every record or on none")
     check_memory(len(records) * layers * top_k * 16.0, f"{path}: {len(records):,} tokens x {layers} layers")
     if num_experts is not None:
         top_id = max(e for v in records.values() for ex, _ in v.values() for e in ex)
@@ -157,7 +170,7 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
 def import_switch_csv(path: str | Path, model: str = "switch-base-32") -> RoutingTrace:
     """The Switch-base decoder routing CSV -> trace v1 (top-1, gate = softmax probability of the choice)."""
     path = Path(path)
-    text = _open_text(path)
+    text = read_utf8(path, CSV_PARSED_PER_BYTE)
     experts_rows, gate_rows, gen_lens = [], [], []
     layers = num_experts = None
     try:
@@ -225,14 +238,18 @@ def read_count_table(path: str | Path) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise TraceError(f"{path}: cannot read ({type(exc).__name__})") from None
     else:
-        lines = [r for r in csv.reader(_open_text(path).splitlines()) if r]
+        lines = [r for r in csv.reader(read_utf8(path, CSV_PARSED_PER_BYTE).splitlines()) if r]
         try:
             body = lines[1:] if lines and not _numeric(lines[0]) else lines
             values = np.asarray([[float(v) for v in r] for r in body])
         except ValueError:
             raise TraceError(f"{path}: counts must be numbers") from None
         if values.ndim == 2 and lines and not _numeric(lines[0]) and lines[0][0].strip().lower() == "layer":
-            values = values[:, 1:]
+            layer = values[:, 0]
+            if sorted(layer.tolist()) != list(range(len(layer))):
+                raise TraceError(f"{path}: the layer column must number the rows 0..{len(layer) - 1}, each once; "
+                                 f"got {layer[:8].astype(int).tolist()}{' ...' if len(layer) > 8 else ''}")
+            values = values[np.argsort(layer, kind="stable"), 1:]
         table = values
     if table.ndim != 2 or table.size == 0:
         raise TraceError(f"{path}: expected a 2-D [layers, experts] table")

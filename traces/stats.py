@@ -8,6 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from traces.format import RoutingTrace
+from traces.limits import check_memory
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ def lru_hit_rates(trace: RoutingTrace, max_tokens: int = 50_000) -> tuple[np.nda
     take = max(1, min(take, trace.num_requests))
     lens = lens[:take]
     offsets = trace.token_offsets[:take]
+    # the last-use table and its per-position copy (int64 each), and the [a, L, k, E] comparison
+    check_memory(take * L * E * (16.0 + trace.header.top_k), f"the LRU replay of {take:,} requests x {L} layers x "
+                 f"{E} experts")
     hist = np.zeros((L, E + 1), dtype=np.int64)  # distance E means "never seen": a miss at every size
     last = np.full((take, L, E), -1, dtype=np.int64)
     rows_l = np.arange(L)[None, :, None]

@@ -13,6 +13,7 @@ from sim.errors import SimInputError
 # ---- trace ----------------------------------------------------------------------------------------------------
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     from traces import SynthConfig, generate_trace, save_trace
+    from traces.limits import check_memory
     from traces.synth import workload_lengths
 
     if args.preset:
@@ -38,6 +39,10 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
     if args.topic_shift is not None and not args.topics:
         raise SimInputError("--topic-shift splits the popularity of --topics; give --topics N too")
     shift = 0.5 if args.topic_shift is None else args.topic_shift
+    # Every request routes at least one token: a lower bound on the synthesis's own check, made before the
+    # per-request lengths are drawn (300 M requests took 7 GB there before that check could refuse them).
+    check_memory(args.requests * (48 + top_k * 10 + 16 + layers * top_k), f"a routing trace of {args.requests:,} "
+                 "requests")
     prompt, gen = workload_lengths(args.prompt_len, args.gen_len, args.requests, args.seed)  # as `simulate` draws
     if args.preset:
         from traces.synth_presets import synth_preset
