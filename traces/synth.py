@@ -43,8 +43,10 @@ def popularity_table(name: str) -> np.ndarray:
     return table / table.sum(axis=1, keepdims=True)
 
 
-def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int) -> np.ndarray:
-    """Per-layer selection probabilities [L, E] from 'uniform', 'zipf:ALPHA' or 'table:NAME'."""
+def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int, top_k: int = 1) -> np.ndarray:
+    """Per-layer draw weights [L, E] from 'uniform', 'zipf:ALPHA' (the Zipf weights themselves) or 'table:NAME' (a
+    measured table counts selections: weights whose top_k draws without replacement select each expert with its
+    measured share, `traces.selection.draw_weights`)."""
     kind, _, arg = spec.partition(":")
     if kind == "uniform" and not arg:
         return np.full((num_layers, num_experts), 1.0 / num_experts)
@@ -66,7 +68,9 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int) -
         if table.shape[1] != num_experts or table.shape[0] < num_layers:
             raise TraceError(f"popularity table {arg} is {table.shape[0]} layers x {table.shape[1]} experts; "
                              f"the model has {num_layers} MoE layers x {num_experts} experts")
-        return table[:num_layers]  # a model cut to its first layers takes the table's first rows
+        from traces.selection import draw_weights
+
+        return draw_weights(table[:num_layers], top_k)  # a model cut to its first layers takes the first rows
     raise TraceError(f"unknown routing {spec!r}; use uniform, zipf:ALPHA or table:NAME")
 
 
@@ -448,10 +452,28 @@ def _rank_successors(probs: np.ndarray) -> np.ndarray:
     return succ
 
 
+def _balanced_lean(start: np.ndarray, base: np.ndarray, tol: float = 1e-12, steps: int = 10_000) -> np.ndarray:
+    """Z [T, L, E] >= 0 from `start` by Sinkhorn scaling: sum over topics of Z[:, l, e] = 1 for every expert, and
+    sum over experts of base[l, e] Z[t, l, e] = 1/T for every topic (each topic leans on an equal share of the
+    mass). `start` is floored at a small positive value so the scaling exists."""
+    topics = start.shape[0]
+    z = np.maximum(start, 1e-6 * start.max(axis=(0, 2), keepdims=True) + 1e-300)
+    for _ in range(steps):
+        z /= z.sum(axis=0, keepdims=True)
+        mass = (z * base[None]).sum(axis=2, keepdims=True)
+        if np.abs(mass - 1.0 / topics).max() <= tol:
+            break
+        z *= (1.0 / topics) / mass
+    return z
+
+
 def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(per-topic popularity [T, L, E], request topics [R], request features [R, D]) for a topic mixture.
-    Topic t's popularity is (1 - shift) * base + shift * base with experts permuted per (topic, layer), so the
-    aggregate keeps the base's skew while each topic prefers different experts; features = centroid + noise."""
+    Topic t's popularity is base * (1 - shift + shift * T * Z_t): each topic leans towards its own experts (Z starts
+    from the base permuted per (topic, layer)), and Z is scaled (Sinkhorn) so that every expert's lean sums to 1
+    over the topics and every topic leans on 1/T of the base's mass. So each topic's popularity sums to 1 and their
+    average is the base exactly: the aggregate keeps the base's (measured or preset) skew. Features = centroid +
+    noise."""
     if cfg.topics < 1:
         raise TraceError(f"topics must be >= 1 for a topic mixture, got {cfg.topics}")
     if not 0.0 <= cfg.topic_shift <= 1.0:
@@ -462,8 +484,9 @@ def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np
     L, E = base.shape
     perms = np.stack([np.stack([rng.permutation(E) for _ in range(L)]) for _ in range(cfg.topics)])  # [T, L, E]
     own = np.take_along_axis(np.broadcast_to(base, perms.shape), perms, axis=2)
-    probs = (1.0 - cfg.topic_shift) * base[None] + cfg.topic_shift * own
-    probs /= probs.sum(axis=2, keepdims=True)
+    lean = _balanced_lean(own, base)
+    probs = base[None] * (1.0 - cfg.topic_shift + cfg.topic_shift * cfg.topics * lean)
+    probs /= probs.sum(axis=2, keepdims=True)  # rounding only: each row sums to 1 by construction
     topic_of = rng.integers(cfg.topics, size=requests)
     centroids = rng.standard_normal((cfg.topics, cfg.feature_dim))
     features = centroids[topic_of] + cfg.feature_noise * rng.standard_normal((requests, cfg.feature_dim))
@@ -508,7 +531,7 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     reuse = np.asarray(cfg.reuse_by_layer or [cfg.reuse_prob] * cfg.num_layers, dtype=np.float64)
     if reuse.shape != (cfg.num_layers,) or not ((reuse >= 0) & (reuse <= 1)).all():
         raise TraceError(f"reuse_by_layer needs {cfg.num_layers} probabilities in [0, 1], got {reuse.size}")
-    probs = popularity_matrix(cfg.routing, cfg.num_layers, cfg.num_experts, cfg.seed)
+    probs = popularity_matrix(cfg.routing, cfg.num_layers, cfg.num_experts, cfg.seed, cfg.top_k)
     if ((probs > 0).sum(axis=1) < cfg.top_k).any():
         raise TraceError(f"routing {cfg.routing!r}: some layer has fewer than top_k={cfg.top_k} experts with "
                          "non-zero probability")

@@ -77,7 +77,7 @@ class SynthPreset:
         """A SynthConfig with the per-layer reuse solved for this preset's repeat-rate targets."""
         if len(self.same_top1) != num_layers:
             raise TraceError(f"preset {self.model}: {len(self.same_top1)} layer targets, model has {num_layers}")
-        probs = popularity_matrix(self.routing, num_layers, num_experts, seed)
+        probs = popularity_matrix(self.routing, num_layers, num_experts, seed, top_k)
         reuse = reuse_for_same_top1(probs, np.asarray(self.same_top1))
         return SynthConfig(self.model, num_layers, num_experts, top_k, self.routing, seed=seed,
                            reuse_by_layer=tuple(float(r) for r in reuse), **extra)

@@ -1,0 +1,48 @@
+"""Draw weights for measured selection tables: top-k draws without replacement select each expert with its
+measured share (traces/selection.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from traces import TraceError
+from traces.selection import _integrated, draw_weights, inclusion_probabilities
+from traces.synth import popularity_table
+from traces.synth_presets import selection_share
+
+
+def test_the_closed_form_for_two_draws_is_the_integrated_race():
+    w = np.random.default_rng(1).dirichlet(np.full(8, 0.5))
+    np.testing.assert_allclose(inclusion_probabilities(w, 2), _integrated(w, 2), atol=1e-6)
+    assert inclusion_probabilities(w, 2).sum() == pytest.approx(2)
+
+
+@pytest.mark.parametrize("experts, k", [(16, 3), (32, 4), (64, 8)])
+def test_inclusion_probabilities_match_the_generators_own_draws(experts, k):
+    w = np.random.default_rng(experts).dirichlet(np.full(experts, 0.7))
+    pi = inclusion_probabilities(w, k)
+    assert pi.sum() == pytest.approx(k, abs=1e-5) and (pi <= 1 + 1e-9).all()
+    drawn = selection_share(w, k, tokens=200_000, seed=3) * k  # per-expert standard error under 0.0012
+    assert np.abs(pi - drawn).max() < 0.006
+
+
+def test_solved_weights_give_the_measured_shares():
+    table = popularity_table("mixtral-8x7b")
+    w = draw_weights(table, 2)
+    assert np.allclose(w.sum(axis=1), 1)
+    for layer in (0, 17, 31):
+        np.testing.assert_allclose(inclusion_probabilities(w[layer], 2), 2 * table[layer], atol=1e-9)
+    # hotter than the shares themselves: the second draw can no longer land on the first
+    assert (w.max(axis=1) > table.max(axis=1)).all()
+    shares = selection_share(np.random.default_rng(5).dirichlet(np.ones(40)), 6, tokens=50_000)
+    back = inclusion_probabilities(draw_weights(shares[None], 6)[0], 6)
+    np.testing.assert_allclose(back, 6 * shares, atol=2e-6)
+
+
+def test_a_share_no_routing_can_give_is_refused():
+    with pytest.raises(TraceError, match="above 1/top_k"):
+        draw_weights(np.array([[0.6, 0.2, 0.2]]), 2)
+    zero = draw_weights(np.array([[0.4, 0.3, 0.3, 0.0]]), 2)[0]
+    assert zero[3] == 0
+    np.testing.assert_allclose(inclusion_probabilities(zero, 2), [0.8, 0.6, 0.6, 0.0], atol=1e-9)
