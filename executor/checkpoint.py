@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from executor.weights import LayerWeights, ModelWeights, require_executable, truncated
+from executor.weights import LayerWeights, ModelWeights, check_weight_memory, require_executable, truncated
 from sim.errors import SimInputError
 from sim.specs import ModelSpec
 
@@ -28,6 +28,9 @@ class _Tensors:
 
     def __init__(self, directory: Path):
         files = sorted(directory.glob("*.safetensors"))
+        special = [f for f in files if not f.is_file()]  # a FIFO would block the reader forever
+        if special:
+            raise CheckpointError(f"{special[0]}: not a regular file")
         if not files:
             raise CheckpointError(f"{directory}: no *.safetensors files")
         self.where: dict[str, Path] = {}
@@ -48,10 +51,16 @@ class _Tensors:
             raise CheckpointError(f"checkpoint lacks tensor {name}")
         try:
             with safe_open(str(self.where[name]), framework="pt") as fh:
-                t = fh.get_tensor(name).to(dtype)
+                raw = fh.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{self.where[name]}: cannot read tensor {name} "
                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not raw.is_floating_point() or raw.element_size() < 2:
+            # integer, boolean or FP8 weights would be cast as if they were values (FP8 checkpoints also need their
+            # scale tensors, which this loader does not apply)
+            raise CheckpointError(f"tensor {name} is {str(raw.dtype).removeprefix('torch.')}: the executor loads "
+                                  "16- and 32-bit floating-point weights only (dequantise the checkpoint first)")
+        t = raw.to(dtype)
         if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         return t
@@ -64,7 +73,11 @@ def load_checkpoint(spec: ModelSpec, directory: str | Path, num_layers: int | No
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
+    if spec.qkv_bias:  # the kernels have no q/k/v biases: a checkpoint's would be dropped, its outputs wrong
+        raise CheckpointError(f"{spec.name}: its q/k/v projections have biases, which the executor does not apply "
+                              "(random weights time it without them)")
     spec = truncated(spec, num_layers or spec.num_layers)
+    check_weight_memory(spec, dtype)
     ts = _Tensors(directory)
     h, n = spec.hidden_size, spec.num_attention_heads
     layers = []

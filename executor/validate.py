@@ -25,13 +25,20 @@ from sim.specs import ModelSpec
 from traces import RoutingTrace
 
 
-def median_record(records: list[EngineRecord]) -> EngineRecord:
-    """Per-op median duration over repeated runs, laid out back to back in each op's median start order:
-    robust to a noisy machine (one slow run does not move the medians)."""
-    start = np.median(np.stack([r.start_ns for r in records]), axis=0).astype(np.int64)
+def median_record(records: list[EngineRecord], plan: Plan) -> EngineRecord:
+    """Per-op median duration over repeated runs, each op started at its median start or, if later, when its
+    stream's previous op and its dependencies end (medians taken apart can break both orders: an op starting
+    before its dependency ended): robust to a noisy machine, and a schedule the plan allows."""
+    median_start = np.median(np.stack([r.start_ns for r in records]), axis=0).astype(np.int64)
     dur = np.median(np.stack([r.end_ns - r.start_ns for r in records]), axis=0).astype(np.int64)
+    start, end = np.empty_like(median_start), np.empty_like(median_start)
+    stream_end: dict[str, int] = {}
+    for i, op in enumerate(plan.ops):  # deps name earlier ops; a stream runs its ops in plan order
+        begin = max(int(median_start[i]), stream_end.get(op.stream, 0), *(int(end[d]) for d in op.deps))
+        start[i], end[i] = begin, begin + int(dur[i])
+        stream_end[op.stream] = int(end[i])
     busy = {k: int(np.median([r.busy_ns[k] for r in records])) for k in records[0].busy_ns}
-    return EngineRecord(start, start + dur, busy, records[0].peak_bytes, 0)
+    return EngineRecord(start, end, busy, records[0].peak_bytes, 0)
 
 
 def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profile_dir: str | Path,
@@ -111,7 +118,7 @@ def require_unprofiled(profile_dir: str | Path, hint: str) -> None:
 def compare_runs(plan: Plan, runs: list[ExecutionResult], profile_dir: str | Path) -> dict[str, Any]:
     """The median of measured `runs` of `plan` against the simulator's prediction with the profile."""
     measured = runs[0]
-    measured.record = median_record([r.record for r in runs])
+    measured.record = median_record([r.record for r in runs], plan)
     cost = ProfileCostModel(plan.system, profile_dir, plan.model, float(plan.workload.prompt_lens.mean()),
                             threads=torch.get_num_threads())
     # the executor launches every expert op as its own kernels, whatever runtime the plan's policy stands for

@@ -15,6 +15,7 @@ import torch
 
 from sim.errors import SimInputError
 from sim.specs import ModelSpec
+from traces.limits import check_memory
 
 INIT_STD = 0.02
 
@@ -87,10 +88,18 @@ def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
                                name=f"{spec.name}[:{num_layers}]" if num_layers < spec.num_layers else spec.name)
 
 
+def check_weight_memory(spec: ModelSpec, dtype: torch.dtype) -> None:
+    """Refuse, before allocating, weights beyond the memory limit (`--max-gib`): DeepSeek-V3 at 4 layers is 22 GB."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    check_memory(spec.total_params * itemsize, f"the weights of {spec.name} ({spec.num_layers} layers, "
+                 f"{spec.total_params / 1e9:.1f} B parameters)")
+
+
 def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                    device: str = "cpu") -> ModelWeights:
     """Seeded N(0, 0.02) weights (norms at 1) for every tensor the spec implies."""
     require_executable(spec)
+    check_weight_memory(spec, dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:

@@ -119,3 +119,34 @@ def test_execute_with_a_checkpoint_and_bad_layer_counts(capsys, tmp_path):
     assert main([*argv[:-1], str(damaged)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable safetensors file" in err
+
+
+def test_checkpoints_that_would_load_wrong_or_hang(tmp_path, monkeypatch):
+    """A FIFO named like a shard blocked the reader forever; integer or FP8 tensors were cast as values; a model
+    with q/k/v biases lost them silently; weights past the memory limit were allocated anyway."""
+    import dataclasses
+    import os
+
+    from traces.limits import LIMIT_ENV, ResourceLimitError
+
+    spec = SPECS["mixtral"]
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(spec, fifo)
+    for dtype in (torch.int64, torch.float8_e4m3fn):
+        folder = tmp_path / str(dtype).removeprefix("torch.")
+        folder.mkdir()
+        tensors = to_hf(random_weights(spec), True)
+        tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].to(dtype)
+        save_file(tensors, str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointError, match="16- and 32-bit floating-point weights only"):
+            load_checkpoint(spec, folder)
+    with pytest.raises(CheckpointError, match="q/k/v projections have biases"):
+        load_checkpoint(dataclasses.replace(spec, qkv_bias=True), tmp_path / "int64")
+    monkeypatch.setenv(LIMIT_ENV, "0.0000001")
+    with pytest.raises(ResourceLimitError, match="the weights of tiny"):
+        random_weights(spec)
+    with pytest.raises(ResourceLimitError, match="the weights of tiny"):
+        load_checkpoint(spec, tmp_path / "int64")

@@ -190,3 +190,30 @@ def test_cuda_execution_refuses_a_streamed_kv_cache(tiny_specs, paper_system):
         PlanContext(spec, paper_system, Workload(prompts, gens), trace))
     with pytest.raises(SimInputError, match="runs on the CPU only"):
         execute_plan(plan, random_weights(spec, seed=5), trace, use_cuda=True)
+
+
+def test_a_failed_op_stops_every_stream(tiny_specs, paper_system, monkeypatch):
+    """After one stream's op raises, the other streams ran their remaining ops (12-13 of them here) before the
+    error surfaced; now each stops at its next op, and the first error is what the caller sees."""
+    from executor.run import execute_plan
+
+    spec = tiny_specs["mla"]
+    prompts, gens = np.array([5, 3, 7, 4, 6]), np.array([3, 1, 3, 2, 3])
+    trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, spec.num_experts, spec.top_k, "uniform",
+                                       0.0, 2), prompts, gens)
+    plan = make_policy("moe-lightning", {}).build(PlanContext(spec, paper_system, Workload(prompts, gens), trace))
+    failing = next(op.id for op in plan.ops if op.stream == "cpu" and op.kind.value == "attention")
+    original, after = PlanInterpreter.step, []
+
+    def step(self, op):
+        if op.id == failing:
+            after.append("failed")
+            raise RuntimeError("injected")
+        if after:
+            after.append(op.id)
+        return original(self, op)
+
+    monkeypatch.setattr(PlanInterpreter, "step", step)
+    with pytest.raises(RuntimeError, match="injected"):
+        execute_plan(plan, random_weights(spec, seed=3), trace, use_cuda=False)
+    assert len(after) <= 1 + len({op.stream for op in plan.ops})  # at most an op already running per stream

@@ -64,6 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("coxmoe: error: the input needs more memory than this machine can allocate (a trace, plan or batch "
               "that large; see --max-gib)", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:  # torch's allocator refusing: a RuntimeError, not a MemoryError
+        if os.environ.get(TRACEBACK_ENV) or not any(s in str(exc) for s in ("can't allocate memory",
+                                                                            "CUDA out of memory")):
+            raise
+        print("coxmoe: error: the model or batch needs more memory than this machine can allocate (fewer --layers, "
+              "a smaller batch, or see --max-gib)", file=sys.stderr)
+        return EXIT_USAGE
     except ValueError as exc:
         if "Exceeds the limit" in str(exc) and "value has" in str(exc):  # CPython's guard reading a huge integer
             print(f"coxmoe: error: an input holds an integer of more than {sys.get_int_max_str_digits()} digits",

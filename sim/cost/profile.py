@@ -192,6 +192,10 @@ class ProfileCostModel:
         for (device, kind), rows in frame.groupby(["device", "kind"]):
             if kind in ("attention", "attention_prefill"):
                 batches, kvs, grid = _mean_grid(rows)
+                if np.isnan(grid).any():  # interpolation needs the whole (requests x kv) grid
+                    b, k = (int(i[0]) for i in np.nonzero(np.isnan(grid)))
+                    raise SimInputError(f"{self.dir}: the {device} {kind} grid lacks requests {int(batches[b])} x "
+                                        f"kv {int(kvs[k])} (every requests x kv pair of the grid must be measured)")
                 self.attention[(str(device), str(kind))] = (np.log(batches), np.log(kvs), np.log(grid))
             elif kind in _TOKEN_TABLES:  # 1-D over tokens (bytes for copies: the executor copies pinned memory)
                 mean = rows.groupby("tokens")["median_s"].mean().sort_index()  # a repeated grid point: its mean
