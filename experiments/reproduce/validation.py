@@ -135,22 +135,33 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _errors(ratios: pd.Series) -> pd.Series:
+    """|simulated / measured - 1|: the median |error| the issue and the docs report."""
     return (ratios.astype(float) - 1).abs()
 
 
+def _off_by(ratios: pd.Series) -> pd.Series:
+    """How many times off, either way (|log ratio|): 0.6x is further off than 1.5x. Ranks the worst point, which
+    |ratio - 1| would rank too low when the simulator is slow."""
+    return np.log(ratios.astype(float)).abs()
+
+
 def summary(table: pd.DataFrame) -> dict[str, dict]:
-    """Median and worst |error| per column, over complete published-knob points (incomplete ones apart)."""
+    """Median |error| and the point furthest off, either way, per column, over complete published-knob points
+    (incomplete ones apart)."""
     pub = table[(table["mode"] == "published") & table["predicted"].notna()]
     complete = pub[pub["status"] == "complete"]
-    unfitted = complete[complete["role"] != "train"].copy()  # the issue's yardstick: every point no fit has seen
+    # Outside the declared training subsets (the leave-one-system-out folds do fit on these points when they predict
+    # the other machine, so "no fit saw them" would not be true).
+    unfitted = complete[complete["role"] != "train"].copy()
     unfitted["best_ratio"] = unfitted["learned_ratio"].fillna(unfitted["ratio"]) if "learned_ratio" in unfitted \
         else unfitted["ratio"]
     views = [("mechanisms only, all complete points", "ratio", complete),
-             ("complete points not used for fitting (learned factors where the runtime has them, else mechanisms "
-              "only)", "best_ratio", unfitted),
+             ("leave-one-system-out, points of fitted frameworks (each machine predicted from factors fitted on the "
+              "others)", "loso_ratio", complete),
+             ("complete points outside the declared training subsets (learned factors where the runtime has them, "
+              "else mechanisms only)", "best_ratio", unfitted),
              ("learned factors, held-out points of fitted frameworks", "learned_ratio", pub[pub["role"] == "held-out"]),
              ("learned factors, training points", "learned_ratio", pub[pub["role"] == "train"]),
-             ("leave-one-system-out, points of fitted frameworks", "loso_ratio", complete),
              ("mechanisms only, incomplete points", "ratio", pub[pub["status"] == "incomplete"])]
     groups = sorted(complete["group"].unique())
     if len(groups) > 1:  # each source apart: one model family and machine set each
@@ -165,7 +176,7 @@ def summary(table: pd.DataFrame) -> dict[str, dict]:
         if rows.empty:
             continue
         err = _errors(rows[col])
-        worst = rows.loc[err.idxmax()]
+        worst = rows.loc[_off_by(rows[col]).idxmax()]
         out[label] = {"points": len(rows), "median_abs_error": float(err.median()),
                       "within_1.5x": int(((rows[col] <= 1.5) & (rows[col] >= 1 / 1.5)).sum()),
                       "worst": f"{worst['id']} ({float(worst[col]):.2f}x)"}
@@ -314,7 +325,7 @@ def reproduce(options: ReproduceOptions) -> Reproduction:
              *plot(table, options.out), *plot_kernels(ops, cpu, options.out)]
     claim = ("No paper figure: published measurements of offloading systems (shared/reference/validation.md), "
              "each simulated with its authors' knobs; the goal is every complete point within 1.5x and a median "
-             "absolute error <= 20-25% on points not used for fitting.")
+             "absolute error <= 20-25% on points not used for fitting (leave-one-system-out is the strictest reading).")
     note = ("Learned factors per runtime and machine parts (validation_factors.csv) are fitted on the points marked "
             "train only; the held-out and leave-one-system-out columns are the honest errors.")
     shown = table[[c for c in DISPLAY if c in table]].sort_values("status", kind="stable")  # complete points first

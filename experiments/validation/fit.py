@@ -88,7 +88,8 @@ def _mean_log_ratio(cases: list[FitCase], factors: FrameworkFactors) -> float:
 
 def fit_factors(cases: list[FitCase]) -> FrameworkFactors:
     """A runtime's factors from its training cases (one framework): the GPU factor on the cases without unmeasured
-    CPU attention, then the CPU factor on those with it (kept at 1 when either set is empty)."""
+    CPU attention, then the CPU factor on those with it. With only one kind of case there is one factor to fit: the
+    GPU factor, on all of them, and the CPU factor stays 1."""
     plain = [c for c in cases if not c.cpu_attention]
     with_cpu = [c for c in cases if c.cpu_attention]
     gpu = math.exp(_root(lambda x: _mean_log_ratio(plain or cases, FrameworkFactors(math.exp(x))), *LOG_RANGE))
