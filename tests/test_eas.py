@@ -18,6 +18,7 @@ from traces.eas import (
     hit_ratio,
     load_map,
     oracle_map,
+    pick_prototypes,
     random_map,
     save_map,
     stratified_sample,
@@ -124,7 +125,16 @@ def test_eas_cli_writes_a_map_and_rejects_bad_input(topic_trace, tmp_path, capsy
     trace = save_trace(topic_trace, tmp_path / "t.npz")
     out = tmp_path / "hot.npz"
     assert main(["eas", "--trace", str(trace), "--vram-experts", "8", "--sample", "32", "-o", str(out)]) == 0
-    assert "hit ratio" in capsys.readouterr().out and load_map(out).resident == 8
+    printed = capsys.readouterr().out
+    assert load_map(out).resident == 8
+    # scored on the requests the probe did not see: the rows of every other request, checked by hand
+    probed = set(pick_prototypes(topic_trace.request_features, topic_trace.num_requests, clusters=8, sample=32,
+                                 seed=0).tolist())
+    rows = np.concatenate([np.arange(o, o + n) for r, (o, n) in enumerate(zip(
+        topic_trace.token_offsets[:-1], topic_trace.routed_lens, strict=True)) if r not in probed])
+    unseen = topic_trace.num_requests - len(probed)
+    assert f"expert hit ratio on the {unseen} requests not probed {hit_ratio(topic_trace, load_map(out), rows):.3f}" \
+        in printed
     assert main(["eas", "--trace", str(trace), "--vram-experts", "65", "-o", str(tmp_path / "x.npz")]) == 2
     assert "exceeds" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
     assert main(["eas", "--trace", str(tmp_path / "nope.npz"), "--vram-experts", "2", "-o", str(out)]) == 2
