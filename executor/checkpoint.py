@@ -59,7 +59,7 @@ class _Tensors:
             # integer, boolean or FP8 weights would be cast as if they were values (FP8 checkpoints also need their
             # scale tensors, which this loader does not apply)
             raise CheckpointError(f"tensor {name} is {str(raw.dtype).removeprefix('torch.')}: the executor loads "
-                                  "16- and 32-bit floating-point weights only (dequantise the checkpoint first)")
+                                  "floating-point weights of 16 bits or more only (dequantise the checkpoint first)")
         t = raw.to(dtype)
         if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")

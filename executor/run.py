@@ -176,10 +176,12 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
                 for d in op.deps:
                     if not done[d].wait(timeout_s):
                         raise TimeoutError(f"op {i} waited more than {timeout_s} s for op {d}")
-                if errors:  # another stream failed (its failure woke every waiter): run nothing more
-                    return
+                    if errors:  # another stream failed (its failure woke every waiter): run nothing more
+                        return
                     if d in gpu_done_event and stream not in cuda_streams:
                         gpu_done_event[d].synchronize()  # a CPU op needs the GPU result itself
+                if errors:
+                    return
                 if stream in cuda_streams:
                     _run_cuda_op(op, i, stream)
                 else:

@@ -276,3 +276,22 @@ def _ctx_exact(model, system, trace):
 def test_restratify_rejects_bad_specs(bad):
     with pytest.raises(SimInputError, match="restratify"):
         make_policy("coxmoe", {"restratify": bad})
+
+
+def test_request_counts_agree_across_the_two_trace_forms():
+    """eas scores the requests it did not probe; a trace with prompts as counts gives the same counts (it fell back
+    to the whole trace, probed prompts included)."""
+    from traces import SynthConfig, generate_trace
+    from traces.eas import request_counts
+
+    cfg = SynthConfig("m", 3, 16, 2, "zipf:1.0", 0.2, 4, topics=3)
+    prompts, gens = np.array([5, 3, 7, 2, 6]), np.array([3, 1, 4, 2, 2])
+    full = generate_trace(cfg, prompts, gens)
+    counted = generate_trace(cfg, prompts, gens, prompt_counts=True)
+    some = np.array([0, 2, 4])
+    np.testing.assert_array_equal(request_counts(full, some), request_counts(counted, some))
+    rows = np.concatenate([np.arange(o, o + n) for o, n in zip(full.token_offsets[some], full.routed_lens[some],
+                                                                strict=True)])
+    np.testing.assert_array_equal(request_counts(full, some), full.expert_counts(rows))
+    hot = oracle_map(full, 4)
+    assert hit_ratio(counted, hot, requests=some) == hit_ratio(full, hot, rows=rows)

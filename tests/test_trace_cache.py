@@ -277,3 +277,27 @@ def test_two_processes_asking_for_one_trace_build_it_once(tmp_path):
     got = cache.get(cfg, p, g, lambda: pytest.fail("the trace is on disk"))
     np.testing.assert_array_equal(got.experts, generate_trace(cfg, p, g).experts)
     assert cache.hits == 1 and cache.misses == 0
+
+
+def test_the_disk_cache_key_covers_every_module_that_draws_a_trace():
+    """A trace module the synthesis imports (at any depth, inside functions too) either is in the cache key's code
+    digest or cannot change a trace's bytes: traces/selection.py once decided every table trace and was missing."""
+    import ast
+    from pathlib import Path
+
+    from traces import disk_cache
+
+    here = Path(disk_cache.__file__).parent
+    no_bytes = {"errors.py", "limits.py", "pages.py", "length_presets.py", "disk_cache.py", "files.py"}
+    seen, todo = set(), ["synth.py"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((here / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("traces."):
+                todo.append(node.module.split(".")[1] + ".py")
+            elif isinstance(node, ast.ImportFrom) and node.module == "traces":
+                todo += [f"{a.name}.py" for a in node.names if (here / f"{a.name}.py").is_file()]
+    assert seen - no_bytes <= set(disk_cache._CODE), sorted(seen - no_bytes - set(disk_cache._CODE))

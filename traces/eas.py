@@ -186,13 +186,27 @@ def oracle_map(trace: RoutingTrace, resident: int) -> HotExpertMap:
     return HotExpertMap(trace.header.model, ranking_from_load(load), load, resident, "oracle", {})
 
 
-def hit_ratio(trace: RoutingTrace, hot: HotExpertMap, rows: np.ndarray | None = None) -> float:
-    """Share of token-expert assignments (over `rows` of `trace.experts`, default every routed token, prompts
-    included) whose expert is resident."""
+def request_counts(trace: RoutingTrace, requests: np.ndarray) -> np.ndarray:
+    """[layers, experts] selections of every routed token of `requests` (prompts and generated tokens), from either
+    form of the trace (prompt rows or prompts as counts)."""
+    requests = np.asarray(requests, dtype=np.int64)
+    lens = trace.gen_lens[requests].astype(np.int64) - 1  # generated tokens fed back, each with its row
+    starts = trace.decode_offsets[requests]
+    rows = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+    return trace.prefill_counts(requests) + trace.expert_counts(rows)
+
+
+def hit_ratio(trace: RoutingTrace, hot: HotExpertMap, rows: np.ndarray | None = None,
+              requests: np.ndarray | None = None) -> float:
+    """Share of token-expert assignments (over `rows` of `trace.experts`, or every routed token of `requests`, by
+    default of the whole trace, prompts included) whose expert is resident."""
     if (hot.num_layers, hot.num_experts) != (trace.header.num_layers, trace.header.num_experts):
         raise TraceError(f"map is for {hot.num_layers} layers x {hot.num_experts} experts, trace is "
                          f"{trace.header.num_layers} x {trace.header.num_experts}")
-    counts = sum(trace.phase_counts) if rows is None else trace.expert_counts(np.asarray(rows))
+    if requests is not None:
+        counts = request_counts(trace, requests)
+    else:
+        counts = sum(trace.phase_counts) if rows is None else trace.expert_counts(np.asarray(rows))
     resident = np.zeros(counts.shape, dtype=bool)
     np.put_along_axis(resident, hot.resident_sets().astype(np.int64), True, axis=1)
     total = counts.sum()

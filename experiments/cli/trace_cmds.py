@@ -176,14 +176,10 @@ def cmd_eas(args: argparse.Namespace) -> int:
     if trace is not None:
         # scored on the requests the probe did not see (the probed prompts' own routing made the map)
         unseen = np.setdiff1d(np.arange(trace.num_requests), picked)
-        if unseen.size and trace.prompt_counts is None:
-            starts, lens = trace.token_offsets[unseen], trace.routed_lens[unseen]
-            rows = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
-            where = f"on the {unseen.size} requests not probed"
-        else:
-            rows, where = None, "on the trace" + (" (every request was probed)" if not unseen.size else "")
-        line += (f"; expert hit ratio {where} {hit_ratio(trace, hot, rows):.3f} (global-frequency oracle "
-                 f"{hit_ratio(trace, oracle_map(trace, args.vram_experts), rows):.3f})")
+        scored = unseen if unseen.size else None
+        where = f"on the {unseen.size} requests not probed" if unseen.size else "on the trace (every request probed)"
+        line += (f"; expert hit ratio {where} {hit_ratio(trace, hot, requests=scored):.3f} (global-frequency oracle "
+                 f"{hit_ratio(trace, oracle_map(trace, args.vram_experts), requests=scored):.3f})")
     print(line)
     return 0
 
