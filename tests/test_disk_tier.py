@@ -175,9 +175,12 @@ def test_the_executor_refuses_a_disk_tier_in_one_line():
 def test_opt_175b_runs_are_validation_points_with_their_published_layout():
     points = {p.id: p for p in load_points()}
     x5 = points["flexllmgen-bench-opt-175b"]
-    assert x5.status == "complete" and x5.knobs["weights_cpu_percent"] == 50 and x5.knobs["kv_cpu_percent"] == 0
+    assert x5.knobs["weights_cpu_percent"] == 50 and x5.knobs["kv_cpu_percent"] == 0
     dw = [p for p in points.values() if p.id.startswith("flexllmgen-dw-opt-175b")]
-    assert len(dw) == 10 and all(p.status == "complete" and not p.train for p in dw)
+    assert len(dw) == 10 and not any(p.train for p in dw)
+    # expressible and simulated, but incomplete: their attention runs on the T4 box's unpublished CPU (and the
+    # bench-suite line's hardware is not named at all)
+    assert all(p.status == "incomplete" and "CPU" in p.missing for p in dw) and x5.status == "incomplete"
 
 
 def test_the_timeline_names_the_disk_tracks():

@@ -97,11 +97,14 @@ def test_cpu_attention_over_a_compressed_cache_is_refused_in_one_line():
         _plan({**BASE, "cpu_attention": "on", "compress_cache": "on"})
 
 
-def test_the_compressed_benchmark_points_are_complete():
+def test_the_compressed_benchmark_points_are_expressible():
+    """Simulated with their published knobs; incomplete only because the bench-suite lines do not name their
+    hardware (none is 'unsupported' any more)."""
     points = {p.id: p for p in load_points()}
     for pid in ("flexllmgen-bench-opt-6.7b-int4", "flexllmgen-bench-opt-30b-cache-int4",
                 "flexllmgen-bench-opt-175b-int4"):
-        assert points[pid].status == "complete" and points[pid].knobs["compress_cache"] == "on"
+        assert points[pid].knobs["compress_cache"] == "on"
+        assert points[pid].status == "incomplete" and "hardware" in points[pid].missing
     assert not [p for p in points.values() if p.status == "unsupported" and p.group == "flexllmgen-opt"]
 
 

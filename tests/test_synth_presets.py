@@ -31,7 +31,8 @@ def test_mixtral_preset_matches_repeat_rates_popularity_and_lru():
     same = np.asarray(st.same_top1_rate)
     assert same[0] == pytest.approx(0.14, abs=0.03)
     assert same[8:24].mean() == pytest.approx(0.29, abs=0.02)
-    assert np.abs(np.asarray(st.popularity) - popularity_table("mixtral-8x7b")).max() < 0.03
+    # the measured shares themselves (draw weights solved for top-2; 0.03 held when the shares were the weights)
+    assert np.abs(np.asarray(st.popularity) - popularity_table("mixtral-8x7b")).max() < 0.015
     lru = np.asarray(st.lru_hit_rate).mean(axis=0)
     assert lru[2] == pytest.approx(0.45, abs=0.05) and lru[3] == pytest.approx(0.60, abs=0.05)
 
