@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.reproduce import ReproduceOptions, Reproduction
-from experiments.reproduce.style import paper_style, save_csv, save_figure
+from experiments.reproduce.style import MODEL_LABELS, SYSTEM_LABELS, paper_style, save_csv, save_figure
 from sim.compare import ablation
 
 MODEL, SYSTEM, ROUTING = "qwen3-30b-a3b", "rtx6000ada-8452y", "preset:qwen3-30b-a3b"
@@ -52,8 +52,9 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         speed = table["speedup_over_moe_lightning"].astype(float).fillna(0)
         ax.barh(y, speed, color=colors)
         for yi, v, note in zip(y, speed, table["note"], strict=True):
-            ax.annotate(f"{v:.2f}x" if v else f"infeasible: {note}", (v, yi), xytext=(2, 0), textcoords="offset points",
-                        va="center", fontsize=6.5)
+            # an infeasible step's note starts right of the x = 1 line rather than across it
+            ax.annotate(f"{v:.2f}x" if v else f"infeasible: {note}", (v or 1.0, yi), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=6.5)
         ax.set_yticks(y, table["step"])
         ax.invert_yaxis()
         ax.axvline(1.0, color="k", lw=0.6)
@@ -67,7 +68,8 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
                            Patch(color="#bdc3c7", label="full CoX-MoE, one feature off")], loc="upper center",
                   bbox_to_anchor=(0.5, -0.22), ncol=2)
         r = table.iloc[0]
-        ax.set_title(f"Ablation: Qwen3-30B-A3B, RTX 6000 Ada, B={r['batch']}, {r['prompt_len']}/{r['gen_len']}")
+        ax.set_title(f"Ablation: {MODEL_LABELS.get(r['model'], r['model'])}, "
+                     f"{SYSTEM_LABELS.get(r['system'], r['system'])}, B={r['batch']}, {r['prompt_len']}/{r['gen_len']}")
         fig.tight_layout()
         return save_figure(fig, out, "table3")
 
