@@ -206,10 +206,36 @@ def _model_file(tmp_path: Path, **changes) -> str:
     (lambda d: d["link"].update(latency_s="soon"), "latency_s: expected a number"),
     (lambda d: d["cpu"].update(cores=True), "cores: expected a number, got True"),
     (lambda d: d["gpu"].update(gemm_eficiency=0.5), "did you mean gemm_efficiency?"),
+    # falsy non-lists were read as 'none' (a peer link dropped silently)
+    (lambda d: d.update(peer_links=0), "peer_links must be a list of mappings"),
+    (lambda d: d.update(extra_gpus=False), "extra_gpus must be a list of mappings"),
 ])
 def test_bad_system_files(capsys, tmp_path, edit, message):
     fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", _system_file(tmp_path, edit), *WL],
                   message)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_key_given_twice_in_a_spec_file_is_refused(capsys, tmp_path, suffix):
+    """YAML and JSON keep the last of a repeated key: a second `extra_gpus:` block silently replaced the machine."""
+    from sim.specs import show_preset
+
+    text = show_preset("a100-80g-8452y")
+    if suffix == ".json":
+        data = yaml.safe_load(text)
+        body = json.dumps(data)[:-1] + ', "dram_reserved_bytes": 1}'
+    else:
+        body = text + "\ndram_reserved_bytes: 1\n"
+    path = tmp_path / f"sys{suffix}"
+    path.write_text(body)
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", str(path), *WL],
+                  "'dram_reserved_bytes' is given twice")
+
+
+def test_yaml_merge_keys_still_override():
+    from sim.specs.catalog import load_yaml
+
+    assert load_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")["other"] == {"x": 1, "y": 3}
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -121,7 +121,7 @@ def test_expert_parallel_uses_the_peer_link_or_stages_through_the_host(tiny_mode
     staged = simulate(tiny_model, without, "expert-parallel", **kw)
     streams = {op.stream for op in linked.plan.ops}
     assert {"gpu1", "p2p_gpu_gpu1", "p2p_gpu1_gpu"} <= streams and "d2h" not in streams
-    assert {"gpu1", "d2h", "h2d_gpu1", "d2h_gpu1", "h2d"} <= {op.stream for op in staged.plan.ops}
+    assert {"gpu1", "d2h", "h2d_gpu1", "d2h_gpu1", "h2d_act"} <= {op.stream for op in staged.plan.ops}
     assert linked.total_s < staged.total_s  # NVLink beats two PCIe hops
     assert set(linked.static_memory) == {"gpu", "cpu", "gpu1"} and linked.busy_s["gpu1"] > 0
     path = tmp_path / "ep.parquet"

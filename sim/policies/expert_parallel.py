@@ -123,6 +123,6 @@ class ExpertParallelPolicy(Policy):
         if direct in topo.streams:
             return em.xfer(direct, at, nbytes, Payload.ACTIVATIONS, (dep,), tokens)
         down = "d2h" if src == "gpu" else f"d2h_{src}"
-        up = "h2d" if dst == "gpu" else f"h2d_{dst}"
+        up = "h2d_act" if dst == "gpu" else f"h2d_{dst}"  # the main GPU's activation queue, as every policy's
         staged = em.xfer(down, at, nbytes, Payload.ACTIVATIONS, (dep,), tokens)
         return em.xfer(up, at, nbytes, Payload.ACTIVATIONS, (staged,), tokens)

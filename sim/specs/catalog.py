@@ -86,7 +86,9 @@ def build_system(name: str, entry: dict[str, Any], where: str) -> SystemSpec:
 
 
 def _entries(fields: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
-    value = fields.get(key) or []
+    value = fields.get(key)
+    if value is None:  # absent or null: none (0, false or '' are not lists: refused below, not read as none)
+        return []
     if not isinstance(value, list | tuple) or not all(isinstance(e, dict) for e in value):
         raise SimInputError(f"{where}: {key} must be a list of mappings")
     return list(value)
@@ -125,7 +127,25 @@ def component_preset(kind: str, name: str) -> Any:
 
 class SpecLoader(yaml.SafeLoader):
     """YAML for user files: safe_load's types without YAML 1.1's surprises, each refused rather than read as
-    something else: sexagesimal numbers (`1:30` would be 90) and binary blobs (`!!binary`)."""
+    something else: sexagesimal numbers (`1:30` would be 90), binary blobs (`!!binary`) and a key given twice in
+    one mapping (the last silently won: a second `extra_gpus:` block replaced the first machine)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then an explicit key overrides it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
     @staticmethod
     def _not_base60(node: yaml.Node) -> None:
@@ -156,6 +176,20 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct (json.loads keeps the last of a repeated key silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
 def read_spec_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping; errors name the file and the problem in one line."""
     path = Path(path)
@@ -165,7 +199,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         raise SimInputError(f"spec file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else load_yaml(text)
+    except _RepeatedKey as exc:
+        raise SimInputError(f"cannot parse spec file {path}: {exc}") from None
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SimInputError(f"cannot parse spec file {path}: {first}") from None

@@ -254,8 +254,9 @@ class ExtraGPUSpec:
 
 @dataclass(frozen=True)
 class PeerLinkSpec:
-    """A GPU-to-GPU link (NVLink, or PCIe peer-to-peer through a switch): `link.h2d_*` is the src -> dst
-    direction and `link.d2h_*` the dst -> src one."""
+    """A GPU-to-GPU link with bandwidth of its own (NVLink, NVSwitch): `link.h2d_*` is the src -> dst direction
+    and `link.d2h_*` the dst -> src one. Its copies contend with nothing but each other; PCIe peer-to-peer through
+    a switch, which shares the GPUs' own x16 links with their host copies, is not modelled by it."""
 
     __pydantic_config__ = SPEC_CONFIG  # checked by sim.specs.schema at the boundary
 
