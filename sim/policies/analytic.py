@@ -80,20 +80,27 @@ class SearchSpace:
     rescore: int
     explain_empty: Callable[[], None] | None = None
     family: Callable[[Any], Hashable] | None = None
+    anchor: Candidate | None = None  # re-scored whatever its rank (a policy's safe choice the others must beat)
 
     def rescore_order(self) -> list[Candidate]:
         """Candidates in the order the re-scoring tries them: by analytic estimate, the best of each family
-        first (when families are given), then the others."""
+        first (when families are given), then the others; the anchor, if not among the first `rescore`, takes the
+        last of those places."""
         ranked = sorted(self.candidates, key=lambda c: c.analytic_s)
-        if self.family is None:
-            return ranked
-        seen: set[Hashable] = set()
-        leaders, rest = [], []
-        for cand in ranked:
-            key = self.family(cand.options)
-            (rest if key in seen else leaders).append(cand)
-            seen.add(key)
-        return leaders + rest
+        if self.family is not None:
+            seen: set[Hashable] = set()
+            leaders, rest = [], []
+            for cand in ranked:
+                key = self.family(cand.options)
+                (rest if key in seen else leaders).append(cand)
+                seen.add(key)
+            ranked = leaders + rest
+        if self.anchor is not None and self.anchor in ranked:
+            slot = max(self.rescore, 1) - 1
+            if ranked.index(self.anchor) > slot:
+                ranked.remove(self.anchor)
+                ranked.insert(slot, self.anchor)
+        return ranked
 
 
 def options_dict(options: Any) -> dict[str, Any]:

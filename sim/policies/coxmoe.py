@@ -22,6 +22,7 @@ experts by index instead of by measured load), split=cpu|gpu (all non-resident e
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +53,7 @@ from traces.eas import HotExpertMap, load_map
 
 PLACEMENTS = tuple("".join(p) for p in itertools.product("gc", repeat=3))
 SPLIT_SHARDS = 8  # a split expert's tokens are shared between GPU and CPU in eighths
+RESIDENT_GRID_STEPS = 16  # resident counts the search ranks per configuration: most, then about most/16 apart
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class CoxMoeOptions(OptionsBase):
     streamed: MoE-Gen's hybrid mode); expert_kernels: fused | per_expert, how the runtime launches the GPU's routed
     experts (`Plan.expert_kernels`: one fused MoE call per layer and micro-batch, or a kernel call per expert; the
     paper does not say: fused, as its baselines MoE-Lightning and the FlexGen port run them); rescore: candidates
-    the simulation re-scores."""
+    the simulation re-scores (5: the analytic model sums micro-batched OP0-OP2 serially, so a pipelined decode
+    configuration can rank fifth and win; with 3 the search missed 4-12% at two batch-1024 points)."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -96,7 +99,7 @@ class CoxMoeOptions(OptionsBase):
     attention_split_unit: str = "micro_batch"
     kv_cache: str = "gpu"
     expert_kernels: str = "fused"
-    rescore: int = 3
+    rescore: int = 5
 
     def __post_init__(self) -> None:
         for name in ("prefill_placement", "decode_placement"):
@@ -225,6 +228,7 @@ class _Model:
             self.order = np.tile(np.arange(m.num_experts), (m.num_moe_layers, 1))
         self.decode_steps = max(wl.max_gen_len - 1, 0)
         self.streamed = opts.kv_cache == "cpu"  # GPU decode attention over a KV cache in host memory
+        self._op3_memo: dict[tuple[Phase, int, int, int], Op3] = {}
         self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
 
@@ -361,7 +365,14 @@ class _Model:
     @cache  # noqa: B019 - one model per search; the cache dies with it
     def op3(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
         """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer.
-        `max_fetch` >= 0 caps E_M per layer (split=auto; the rest run on the CPU): the fetch buffers VRAM holds."""
+        `max_fetch` >= 0 caps E_M per layer (split=auto; the rest run on the CPU): the fetch buffers VRAM holds.
+        Memoised: the search asks for each (phase, residents, micro-batch) under many placements."""
+        key = (phase, resident, mu, max_fetch)
+        if key not in self._op3_memo:
+            self._op3_memo[key] = self._op3(phase, resident, mu, max_fetch)
+        return self._op3_memo[key]
+
+    def _op3(self, phase: Phase, resident: int, mu: int, max_fetch: int) -> Op3:
         m = self.m
         counts, n_mb, fetch, shared, hidden_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
         total, widest, fetched, on_cpu, splits = 0.0, 0, [], [], []
@@ -497,12 +508,13 @@ def _micro_batches(ctx: PlanContext, phase: Phase, fixed: int) -> list[int]:
     return sorted(sizes)
 
 
-def decode_family(o: CoxMoeOptions) -> tuple[str, int, int]:
-    """Candidates sharing the decode configuration. The analytic model ranks prefill micro-batches as the
-    simulation does, but sums micro-batched OP0-OP2 serially where the engine overlaps GPU and CPU work across
-    decode micro-batches (it over-rates the whole batch by 2-5% on the paper's grid), so the re-scoring
-    simulates distinct decode configurations."""
-    return o.decode_placement, o.decode_micro_batch, o.resident_experts
+def decode_family(o: CoxMoeOptions) -> tuple[str, int]:
+    """Candidates sharing the decode placement and micro-batch. The analytic model ranks prefill micro-batches and
+    resident counts as the simulation does, but sums micro-batched OP0-OP2 serially where the engine overlaps GPU
+    and CPU work across decode micro-batches (it over-rates the whole batch: by 2-5% on the paper's grid, 24-27% at
+    some batch-1024 points), so the re-scoring simulates distinct decode configurations (with the resident count
+    in the key, Qwen3's three slots went to one decode configuration at 95, 94 and 93 residents)."""
+    return o.decode_placement, o.decode_micro_batch
 
 
 class CoxMoePolicy(Policy):
@@ -527,9 +539,12 @@ class CoxMoePolicy(Policy):
     def search_space(self, ctx: PlanContext) -> SearchSpace:
         o: CoxMoeOptions = self.options
         model = self.Model(ctx, o)
-        return SearchSpace(self._candidates(ctx, model), lambda c, opts: self._plan(c, model, opts),
+        candidates = self._candidates(ctx, model)
+        most = [c for c in candidates if c.detail["resident_rule"] == "most"]  # the rule before 2026-12-05
+        return SearchSpace(candidates, lambda c, opts: self._plan(c, model, opts),
                            searched=o.searched, rescore=o.rescore,
-                           explain_empty=lambda: self._raise_capacity(ctx, model), family=decode_family)
+                           explain_empty=lambda: self._raise_capacity(ctx, model), family=decode_family,
+                           anchor=min(most, key=lambda c: c.analytic_s) if most else None)
 
     def _raise_capacity(self, ctx: PlanContext, model: _Model) -> None:
         """Say which pool overflows, with its parts, for the configuration the given knobs pin down (the
@@ -581,30 +596,51 @@ class CoxMoePolicy(Policy):
                 t_dec = model.ops012_s(Phase.DECODE, dec, mu_d, kv_on_gpu)
             if sum(model.cpu_static(pre, dec, mu_d).values()) > cap_cpu:
                 continue
-            if o.resident_experts >= 0:
-                tries = [o.resident_experts] if o.resident_experts <= m.num_experts else []
-            else:
-                free = cap_gpu - sum(model.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
-                most = min(m.num_experts, int(free // (m.num_moe_layers * m.expert_bytes))) if free >= 0 else -1
-                tries = range(most, -1, -1)
-            for resident in tries:
-                # E_M is capped only where E_R is given: a search finds fewer residents with the buffers they free
-                # (capping there too gave Mixtral on the A100 15-21% more and Qwen3 on the RTX 6000 Ada 8% less at
-                # fig7 points: the analytic ranking misjudges capped splits; left for a better ranking)
-                pair = model.op3_fitting(pre, dec, mu_p, mu_d, resident, cap_gpu, cap=o.resident_experts >= 0)
-                if pair is None:
-                    continue
-                op3_p, op3_d = pair
-                widest = max(op3_p[1], op3_d[1])
-                total = (m.num_layers * t_pre + op3_p[0]) + model.decode_steps * (m.num_layers * t_dec + op3_d[0])
-                opts = replace(o, prefill_placement=pre, decode_placement=dec, prefill_micro_batch=mu_p,
-                               decode_micro_batch=mu_d, resident_experts=resident)
-                detail = {"prefill_s": m.num_layers * t_pre + op3_p[0],
-                          "decode_s": model.decode_steps * (m.num_layers * t_dec + op3_d[0]),
-                          "expert_fetched_per_layer": widest}
-                out.append(Candidate(opts, total, detail))
-                break  # the most residents that fit: fewer never makes OP3 faster
+            candidate = functools.partial(self._candidate, model, (pre, mu_p, t_pre), (dec, mu_d, t_dec))
+            if o.resident_experts >= 0:  # given: that count, E_M capped at the buffers that fit
+                if o.resident_experts <= m.num_experts:
+                    pair = model.op3_fitting(pre, dec, mu_p, mu_d, o.resident_experts, cap_gpu)
+                    if pair is not None:
+                        out.append(candidate(o.resident_experts, pair, "given"))
+                continue
+            free = cap_gpu - sum(model.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
+            if free < 0:
+                continue
+            most = min(m.num_experts, int(free // (m.num_moe_layers * m.expert_bytes)))
+            # The most residents whose uncapped split fits (the rule before 2026-12-05, kept as a candidate and as
+            # the search's anchor: always re-scored), and the analytic best over a grid of resident counts with
+            # E_M capped at the buffers that fit. Fewer residents than fit can win: cold experts then run on the
+            # CPU beside the GPU instead of leaving it idle (DeepSeek-V2-Lite all-resident: 9-14% slower), and a
+            # capped split can hold more residents than an uncapped one (Mixtral on the A100: 16%).
+            for resident in range(most, -1, -1):
+                pair = model.op3_fitting(pre, dec, mu_p, mu_d, resident, cap_gpu, cap=False)
+                if pair is not None:
+                    out.append(candidate(resident, pair, "most"))
+                    break
+            step = max(1, round(most / RESIDENT_GRID_STEPS))
+            best: Candidate | None = None
+            for resident in sorted({*range(most, -1, -step), 0}, reverse=True):
+                pair = model.op3_fitting(pre, dec, mu_p, mu_d, resident, cap_gpu)
+                if pair is not None:
+                    cand = candidate(resident, pair, "grid")
+                    if best is None or cand.analytic_s < best.analytic_s:
+                        best = cand
+            if best is not None and all(c.options != best.options for c in out[-1:]):
+                out.append(best)
         return out
+
+    def _candidate(self, model: _Model, prefill: tuple[str, int, float], decode: tuple[str, int, float],
+                   resident: int, pair: tuple[Op3, Op3], rule: str) -> Candidate:
+        """A configuration with its analytic estimate: OP0-OP2 per layer (`t` of each phase's placement and
+        micro-batch) plus OP3 of each phase; `rule` says how its resident count was chosen."""
+        (pre, mu_p, t_pre), (dec, mu_d, t_dec), m = prefill, decode, model.m
+        op3_p, op3_d = pair
+        opts = replace(self.options, prefill_placement=pre, decode_placement=dec, prefill_micro_batch=mu_p,
+                       decode_micro_batch=mu_d, resident_experts=resident)
+        detail = {"prefill_s": m.num_layers * t_pre + op3_p[0],
+                  "decode_s": model.decode_steps * (m.num_layers * t_dec + op3_d[0]),
+                  "expert_fetched_per_layer": max(op3_p[1], op3_d[1]), "resident_rule": rule}
+        return Candidate(opts, detail["prefill_s"] + detail["decode_s"], detail)
 
     # ---- plan ------------------------------------------------------------------------------------------
     def _plan(self, ctx: PlanContext, model: _Model, o: CoxMoeOptions) -> Plan:

@@ -53,6 +53,7 @@ class MoEGenOptions(CoxMoeOptions):
     per_expert: the release runs Hugging Face's loop over experts), rescore."""
 
     policy_name = "moe-gen"
+    rescore: int = 3  # per attention mode (five of them: 15 simulations)
     prefill_placement: str = "ggg"
     decode_placement: str = "gcg"
     split: str = "gpu"
