@@ -94,11 +94,10 @@ def _search_then_simulate(ctx: PlanContext, space: SearchSpace, simulate: Simula
     ranked = space.rescore_order()
     sample = RESCORE_DECODE_SAMPLE if ctx.decode_sample <= 0 else min(ctx.decode_sample, RESCORE_DECODE_SAMPLE)
     probe_ctx = ctx.with_sample(sample)
-    best: tuple[float, Candidate] | None = None
-    simulated = 0
+    scored: list[tuple[float, int, Candidate]] = []  # (total, ops, candidate) of each simulated candidate
     last_error: Exception | None = None
     for cand in ranked:
-        if simulated >= max(space.rescore, 1):
+        if len(scored) >= max(space.rescore, 1):
             break
         try:
             probe = space.build(probe_ctx, cand.options)
@@ -106,15 +105,16 @@ def _search_then_simulate(ctx: PlanContext, space: SearchSpace, simulate: Simula
         except CapacityError as exc:  # the analytic memory model let through something the plan cannot hold
             last_error = exc
             continue
-        simulated += 1
-        if best is None or total < best[0]:
-            best = (total, cand)
-    if best is None:
+        scored.append((total, len(probe.ops), cand))
+    if not scored:
         if last_error is None:
             raise CapacityError(f"GPU ({ctx.system.gpu.name}) for {policy}: no configuration fits", 0,
                                 ctx.system.gpu_usable_bytes, "every candidate of the search")
         raise last_error
-    probe_total, cand = best
+    fastest = min(t for t, _, _ in scored)
+    probe_total, _, cand = min((s for s in scored if s[0] <= fastest * (1 + space.tie_share)),
+                               key=lambda s: (s[1], s[0]))  # the fewest ops among the tied, then the faster
+    simulated = len(scored)
     plan = space.build(ctx, cand.options)
     record = None
     total = probe_total

@@ -942,3 +942,33 @@ def test_coxmoe_ranks_fewer_residents_than_fit():
                             | {"resident_experts": "64"})
     assert searched.knobs["resident_experts"] < 64
     assert searched.throughput_tok_s > 1.05 * all_resident.throughput_tok_s
+
+
+def test_rescored_candidates_within_the_tie_share_go_to_the_smallest_plan(monkeypatch):
+    """Among re-scored candidates within the space's tie share of the fastest (CoX-MoE's 1%), the one with the
+    fewest ops wins (a 0.2% faster finer micro-batching doubled a point's plan); outside it, the fastest; with no
+    tie share (the other policies: MoE-Lightning's search picks its published micro-batches), the fastest."""
+    from types import SimpleNamespace
+
+    from sim import search
+    from sim.policies.analytic import Candidate, SearchSpace
+
+    # candidate name -> (simulated total, ops)
+    runs = {"fast_big": (100.0, 900), "tied_small": (100.5, 300), "slow_smaller": (105.0, 100)}
+    cands = [Candidate(name, float(i)) for i, name in enumerate(runs)]
+
+    def build(ctx, name):
+        return SimpleNamespace(ops=[None] * runs[name][1], name=name)
+
+    monkeypatch.setattr(search, "_total_s", lambda plan, record: runs[plan.name][0])
+    ctx = SimpleNamespace(decode_sample=0, with_sample=lambda n: SimpleNamespace(steps=lambda: 1), steps=lambda: 1,
+                          system=None)
+    space = SearchSpace(cands, build, searched=True, rescore=3, tie_share=0.01)
+    planned = search._search_then_simulate(ctx, space, lambda plan, check: None, "p")
+    assert planned.plan.name == "tied_small" and planned.search.simulated == 3
+    space.tie_share = 0.0
+    assert search._search_then_simulate(ctx, space, lambda plan, check: None, "p").plan.name == "fast_big"
+    space.tie_share = 0.01
+    runs["tied_small"] = (101.5, 300)  # 1.5% slower: no longer tied
+    planned = search._search_then_simulate(ctx, space, lambda plan, check: None, "p")
+    assert planned.plan.name == "fast_big"

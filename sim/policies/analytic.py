@@ -81,6 +81,9 @@ class SearchSpace:
     explain_empty: Callable[[], None] | None = None
     family: Callable[[Any], Hashable] | None = None
     anchor: Candidate | None = None  # re-scored whatever its rank (a policy's safe choice the others must beat)
+    # re-scored candidates within this share of the fastest count as tied, and the smallest plan (fewest ops) of
+    # them wins; 0: the fastest, always
+    tie_share: float = 0.0
 
     def rescore_order(self) -> list[Candidate]:
         """Candidates in the order the re-scoring tries them: by analytic estimate, the best of each family
