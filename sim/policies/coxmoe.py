@@ -232,7 +232,6 @@ class _Model:
             self.order = np.tile(np.arange(m.num_experts), (m.num_moe_layers, 1))
         self.decode_steps = max(wl.max_gen_len - 1, 0)
         self.streamed = opts.kv_cache == "cpu"  # GPU decode attention over a KV cache in host memory
-        self._op3_memo: dict[tuple[Phase, int, int, int], Op3] = {}
         self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
 
@@ -369,14 +368,7 @@ class _Model:
     @cache  # noqa: B019 - one model per search; the cache dies with it
     def op3(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
         """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer.
-        `max_fetch` >= 0 caps E_M per layer (split=auto; the rest run on the CPU): the fetch buffers VRAM holds.
-        Memoised: the search asks for each (phase, residents, micro-batch) under many placements."""
-        key = (phase, resident, mu, max_fetch)
-        if key not in self._op3_memo:
-            self._op3_memo[key] = self._op3(phase, resident, mu, max_fetch)
-        return self._op3_memo[key]
-
-    def _op3(self, phase: Phase, resident: int, mu: int, max_fetch: int) -> Op3:
+        `max_fetch` >= 0 caps E_M per layer (split=auto; the rest run on the CPU): the fetch buffers VRAM holds."""
         m = self.m
         counts, n_mb, fetch, shared, hidden_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
         total, widest, fetched, on_cpu, splits = 0.0, 0, [], [], []
