@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from traces.errors import TraceError
-from traces.format import RoutingTrace, read_npz, write_npz_atomic
+from traces.format import RoutingTrace, concatenated_ranges, read_npz, write_npz_atomic
 
 MAP_FORMAT = "cox-moe-hot-expert-map"
 MAP_VERSION = 1
@@ -190,9 +190,8 @@ def request_counts(trace: RoutingTrace, requests: np.ndarray) -> np.ndarray:
     """[layers, experts] selections of every routed token of `requests` (prompts and generated tokens), from either
     form of the trace (prompt rows or prompts as counts)."""
     requests = np.asarray(requests, dtype=np.int64)
-    lens = trace.gen_lens[requests].astype(np.int64) - 1  # generated tokens fed back, each with its row
-    starts = trace.decode_offsets[requests]
-    rows = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+    # each generated token fed back has its row
+    rows = concatenated_ranges(trace.decode_offsets[requests], trace.gen_lens[requests].astype(np.int64) - 1)
     return trace.prefill_counts(requests) + trace.expert_counts(rows)
 
 

@@ -125,12 +125,7 @@ class RoutingTrace:
         """Token rows of the prompts of `requests` (request order, then position)."""
         self.require_prompt_rows("prompt rows")
         requests = np.asarray(requests, dtype=np.int64)
-        starts = self.token_offsets[requests]
-        lens = self.prompt_lens[requests].astype(np.int64)
-        if lens.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        first = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-        return first + np.arange(int(lens.sum()), dtype=np.int64)
+        return concatenated_ranges(self.token_offsets[requests], self.prompt_lens[requests])
 
     def decode_rows(self, step: int, requests: np.ndarray) -> np.ndarray:
         """Token rows fed at decode step `step` (1-based) by those of `requests` still generating."""
@@ -367,6 +362,15 @@ def _validate_prompt_counts(trace: RoutingTrace, thorough: bool) -> None:
                          f"its {lens[r]} prompt tokens x top-{h.top_k}")
     if thorough and pc.size and (pc > lens[:, None, None]).any():
         raise TraceError("trace: a prompt_counts entry exceeds its prompt's length (a token lists an expert twice)")
+
+
+def concatenated_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The rows starts[i] .. starts[i] + lens[i] - 1 of every i, in order, as one int64 array."""
+    lens = np.asarray(lens, dtype=np.int64)
+    if lens.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(np.asarray(starts, dtype=np.int64) - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return first + np.arange(int(lens.sum()), dtype=np.int64)
 
 
 def expert_dtype(num_experts: int) -> np.dtype:
