@@ -179,8 +179,10 @@ def test_coxmoe_split_tokens_shares_an_expert_between_gpu_and_cpu(paper_system):
     from sim.policies import make_policy
 
     ctx = context(paper_system, prompts=(5, 3, 7, 4, 6), gens=(3, 2, 3, 3, 3))
-    # a kernel call per GPU expert: the tiny model's GPU experts then cost enough for a split to pay
-    plan = make_policy("coxmoe", {"split_tokens": "on", "expert_kernels": "per_expert"}).build(ctx)
+    # a kernel call per GPU expert: the tiny model's GPU experts then cost enough for a split to pay; all four
+    # experts resident (the search, since it also ranks fewer residents, keeps two and leaves nothing to split)
+    plan = make_policy("coxmoe", {"split_tokens": "on", "expert_kernels": "per_expert",
+                                  "resident_experts": "4"}).build(ctx)
     assert sum(sum(v) for v in plan.knobs["split_experts_per_layer"].values()) > 0
     plan.check()
     verify_assignments(plan, ctx.trace)

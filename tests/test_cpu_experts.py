@@ -82,7 +82,8 @@ def test_int8_experts_stay_within_their_stated_tolerance_of_bf16(backend):
 
 
 def test_row_quantisation_round_trips_within_half_a_step():
-    t = torch.randn(50, 40, dtype=torch.bfloat16) * 3
+    # seeded: unseeded draws put the share of ties past 1% about once in 40 runs (0-1.0%, mean 0.25%, 40 seeds)
+    t = torch.randn(50, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
     t[3] = 0  # an all-zero row keeps scale 1
     q, scale = C.quantize_rows(t)
     assert float(scale[3]) == 1.0 and int(q[3].abs().max()) == 0
