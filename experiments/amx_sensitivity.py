@@ -109,7 +109,7 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     try:
         grids = {name: run_grid(settings, work / name, args.workers) for name, settings in GRIDS.items()}
-    except SimInputError as exc:
+    except (SimInputError, OSError) as exc:  # OSError: a results folder that cannot be written (read-only, full)
         parser.exit(2, f"amx_sensitivity: error: {exc}\n")
     table = compare(grids["tuned"], *[(name, df) for name, df in grids.items() if name != "tuned"])
     out.mkdir(parents=True, exist_ok=True)

@@ -61,3 +61,19 @@ def test_compare_pairs_points_and_summary_reports_each_model():
     assert lines[0].startswith("m, stock: CoX-MoE at 0.50-0.50x") and "4.00-4.00x" in lines[0]
     assert lines[1].startswith("m, no-overlap: CoX-MoE at 0.75-0.75x") and "-> 3.00-3.00x" in lines[1]
     assert lines[-1].startswith("baselines' throughput moved by at most 0.00% (moe-lightning), 0.00% (flexgen)")
+
+
+def test_a_results_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk or an unwritable --work was a traceback from the sweep store's OSError."""
+    import sys
+
+    from experiments import amx_sensitivity
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(sys, "argv", ["amx_sensitivity", "--work", str(blocker / "work"), "--out",
+                                      str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        amx_sensitivity.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("amx_sensitivity: error:") and err.count("\n") == 1
