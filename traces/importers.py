@@ -39,7 +39,7 @@ JSONL_PARSED_PER_BYTE = 10.0
 CSV_PARSED_PER_BYTE = 6.0
 
 
-def read_utf8(path: Path, parsed_per_byte: float = 2.0) -> str:
+def read_utf8(path: Path, parsed_per_byte: float) -> str:
     """A text file's contents, refused in one line when it is missing, not UTF-8, or would need more memory than
     the limit once parsed (`parsed_per_byte` times its size), before it is read."""
     if not path.is_file():
@@ -121,10 +121,11 @@ def import_jsonl(path: str | Path, model: str = "imported", num_experts: int | N
     if requests != list(range(len(requests))):
         raise TraceError(f"{path}: request ids must be 0..{len(requests) - 1}")
     with_probs = sum(p is not None for v in records.values() for _, p in v.values())
+    all_records = sum(len(v) for v in records.values())
     has_probs = with_probs > 0
-    if has_probs and with_probs != sum(len(v) for v in records.values()):
-        raise TraceError(f"{path}: probs on some records but not others ({with_probs:,} of "
-                         f"{sum(len(v) for v in records.values()):,}); give them on every record or on none")
+    if has_probs and with_probs != all_records:
+        raise TraceError(f"{path}: probs on some records but not others ({with_probs:,} of {all_records:,}); give "
+                         "them on every record or on none")
     check_memory(len(records) * layers * top_k * 16.0, f"{path}: {len(records):,} tokens x {layers} layers")
     if num_experts is not None:
         top_id = max(e for v in records.values() for ex, _ in v.values() for e in ex)

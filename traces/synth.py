@@ -478,8 +478,9 @@ def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np
     Topic t's weights are w * (1 - shift + shift * T * Z_t): each topic leans towards its own experts (Z starts from
     w permuted per (topic, layer)), and Z is scaled (Sinkhorn) so that every expert's lean sums to 1 over the topics
     and every topic leans on 1/T of the mass; so the topics' weights average to w. Selection shares are not linear in
-    the weights (top-k draws without replacement): for top-1 and top-2 (exact shares in closed form) w starts at the
-    base and is corrected until the topics' average selection shares are the base's (within TOPIC_SHARE_TOLERANCE),
+    the weights (top-k draws without replacement; top-1's shares are its weights, so it needs nothing more): for
+    top-2 (exact shares in closed form) w starts at the base and is corrected until the topics' average selection
+    shares are the base's (within TOPIC_SHARE_TOLERANCE),
     so the aggregate keeps the base's (measured or preset) popularity; beyond top-2 the shares need an integral per
     (topic, layer) and step (40 s for Qwen3's 8 topics x 48 layers), so w is the base and the aggregate comes out
     somewhat flatter (8 topics, shift 0.7: Qwen3's preset, top-8, total variation 0.035 from the base's shares, 90%
