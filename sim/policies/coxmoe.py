@@ -9,12 +9,15 @@ Per layer and phase (prefill and decode decide separately):
   (AMX) while the GPU runs its share. Activations cross PCIe whenever consecutive work changes device.
 
 Search (the paper's "coalescing-aware orchestration"): a roofline model of every op, summed over a layer as
-T = sum T(OP0..OP2 over micro-batches) + max(T_GPU(E_R + E_M, with the E_M fetch), T_CPU(E_C)), evaluated
+T = T(OP0..OP2 over micro-batches) + max(T_GPU(E_R + E_M, with the E_M fetch), T_CPU(E_C)), evaluated
 over every placement, micro-batch size and residency that fits the VRAM budget (weights of E_R and of the
 non-expert ops placed on the GPU, the E_M buffers, the KV cache if on the GPU, hidden states, activation and
 expert workspace). Per layer, E_M vs E_C comes from ordering the non-resident experts by how much more they
 cost on the CPU than fetched to the GPU, and taking the prefix that minimises the layer's max(T_GPU, T_CPU).
-The best few by this model are then simulated; the fastest simulated plan wins.
+T(OP0..OP2 over micro-batches) is the paper's sum over micro-batches with `estimate=serial`; by default it is
+pipelined (the busiest stream's share of every micro-batch plus one pass through the other streams), as the
+runtime overlaps one micro-batch's GPU work with another's CPU attention and copies. The best few by this model
+are then simulated; the fastest simulated plan wins.
 
 Ablation switches: coalesce=off (OP3 per micro-batch), attention=gpu|cpu (forces x1), stratify=off (resident
 experts by index instead of by measured load), split=cpu|gpu (all non-resident experts on one side).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from functools import cache
 from typing import ClassVar, NamedTuple
@@ -32,7 +36,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from sim.errors import NoFeasibleConfig, SimInputError
-from sim.plan import EXPERT_KERNELS, OpKind, Phase, Plan
+from sim.plan import EXPERT_KERNELS, OpKind, Phase, Plan, Stream
 from sim.policies import compose
 from sim.policies.analytic import Analytic, Candidate, SearchSpace, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy
@@ -83,8 +87,10 @@ class CoxMoeOptions(OptionsBase):
     streamed: MoE-Gen's hybrid mode); expert_kernels: fused | per_expert, how the runtime launches the GPU's routed
     experts (`Plan.expert_kernels`: one fused MoE call per layer and micro-batch, or a kernel call per expert; the
     paper does not say: fused, as its baselines MoE-Lightning and the FlexGen port run them); rescore: candidates
-    the simulation re-scores (5: the analytic model sums micro-batched OP0-OP2 serially, so a pipelined decode
-    configuration can rank fifth and win; with 3 the search missed 4-12% at two batch-1024 points)."""
+    the simulation re-scores (5: with 3 the search missed 4-12% at two batch-1024 points under the serial
+    estimate, and 3% at one batch-256 point under the pipelined one); estimate: pipelined | serial, how the
+    search's analytic model adds up micro-batched OP0-OP2 (serial: the paper's sum over micro-batches;
+    pipelined: overlapped across streams as the runtime runs them, see `pipelined_s`)."""
 
     policy_name = "coxmoe"
     prefill_placement: str = "auto"
@@ -104,6 +110,7 @@ class CoxMoeOptions(OptionsBase):
     kv_cache: str = "gpu"
     expert_kernels: str = "fused"
     rescore: int = 5
+    estimate: str = "pipelined"
 
     def __post_init__(self) -> None:
         for name in ("prefill_placement", "decode_placement"):
@@ -116,6 +123,7 @@ class CoxMoeOptions(OptionsBase):
         self.choice("kv_cache", ("gpu", "cpu"))
         self.choice("attention_split_unit", ("micro_batch", "requests"))
         self.choice("expert_kernels", EXPERT_KERNELS)
+        self.choice("estimate", ("pipelined", "serial"))
         if self.kv_cache == "cpu" and (self.attention == "cpu" or self.decode_placement not in ("auto",)
                                        and self.decode_placement[1] == "c"):
             raise SimInputError(f"policy {self.policy_name}: kv_cache=cpu streams the cache to decode attention on "
@@ -294,7 +302,7 @@ class _Model:
     def ops012_split_s(self, phase: Phase, placement: str, mu_d: int, mu: int) -> float:
         """`ops012_s` with `attention_split`: decode mixes the two fronts by the CPU requests' share, prefill its
         K/V stores by the CPU requests' share of prompt tokens (each request's K/V goes where its decode attention
-        reads it). Summed, as the paper's model sums micro-batches: it does not credit their overlap."""
+        reads it)."""
         cpu = self.cpu_requests(mu_d)
         gpu_kv = not self.streamed  # the GPU requests' cache in VRAM, or streamed from host memory like the rest
         if not cpu.any():
@@ -315,7 +323,8 @@ class _Model:
     # ---- OP0..OP2 --------------------------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
     def ops012_s(self, phase: Phase, placement: str, mu: int, kv_on_gpu: bool) -> float:
-        """Per-layer time of OP0-OP2, the router and the activation copies, summed over micro-batches."""
+        """Per-layer time of OP0-OP2, the router and the activation copies over all micro-batches: summed (the
+        paper's model, `estimate=serial`) or pipelined (`pipelined_s`)."""
         w, a, wl = self.w, self.a, self.wl
         batch = wl.batch
         mu = batch if mu <= 0 else min(mu, batch)
@@ -328,22 +337,30 @@ class _Model:
             tokens = mu
             kv_att = kv_read = int(mu * self.kv_mean)
         x0, x1, x2 = (DEVICE_STREAM[c] for c in placement)
-        t = a.t(OpKind.QKV, x0, w.qkv(tokens)) + a.t(OpKind.ATTENTION, x1,
-                                                       w.attention(tokens, kv_att, kv_read, phase is Phase.PREFILL))
-        t += a.t(OpKind.O_PROJ, x2, w.o_proj(tokens)) + a.t(OpKind.ROUTER, x2, w.router(tokens))
+        busy: dict[Stream, float] = {}  # one micro-batch's seconds per stream
+
+        def add(stream: Stream, seconds: float) -> None:
+            busy[stream] = busy.get(stream, 0.0) + seconds
+
+        add(x0, a.t(OpKind.QKV, x0, w.qkv(tokens)))
+        add(x1, a.t(OpKind.ATTENTION, x1, w.attention(tokens, kv_att, kv_read, phase is Phase.PREFILL)))
+        add(x2, a.t(OpKind.O_PROJ, x2, w.o_proj(tokens)) + a.t(OpKind.ROUTER, x2, w.router(tokens)))
         if x0 is CPU:
-            t += a.copy(D2H, w.hidden_bytes(tokens))
+            add(D2H, a.copy(D2H, w.hidden_bytes(tokens)))
         if x0 != x1:
-            t += a.copy(D2H if x1 is CPU else H2D_ACT, w.qkv_out_bytes(tokens))
+            add(D2H if x1 is CPU else H2D_ACT, a.copy(D2H if x1 is CPU else H2D_ACT, w.qkv_out_bytes(tokens)))
         if x1 != x2:
-            t += a.copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens))
-        if phase is Phase.PREFILL and (x1 is GPU) != kv_on_gpu:
-            t += a.copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens))  # KV store to where decode reads it
+            add(D2H if x2 is CPU else H2D_ACT, a.copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens)))
+        if phase is Phase.PREFILL and (x1 is GPU) != kv_on_gpu:  # KV store to where decode reads it
+            add(D2H if x1 is GPU else H2D_ACT, a.copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens)))
         if phase is Phase.DECODE and x1 is GPU and not kv_on_gpu:  # a streamed cache: load, then write back
-            t += a.copy(H2D_ACT, w.kv_bytes(kv_read - tokens)) + a.copy(D2H, w.kv_bytes(tokens))
+            add(H2D_ACT, a.copy(H2D_ACT, w.kv_bytes(kv_read - tokens)))
+            add(D2H, a.copy(D2H, w.kv_bytes(tokens)))
         if x2 is CPU:
-            t += a.copy(H2D_ACT, w.hidden_bytes(tokens))  # the GPU experts need the hidden states too
-        return n_mb * t
+            add(H2D_ACT, a.copy(H2D_ACT, w.hidden_bytes(tokens)))  # the GPU experts need the hidden states too
+        if self.opts.estimate == "serial":
+            return n_mb * sum(busy.values())
+        return pipelined_s(busy.values(), n_mb)
 
     # ---- OP3 -------------------------------------------------------------------------------------------
     def op3_terms(self, phase: Phase, mu: int) -> Op3Terms:
@@ -481,6 +498,17 @@ def _cpu_micro_batches(share: float, n: int) -> int:
     return max(0, min(n - 1, int(np.floor(share * n + 0.5)))) if share > 0 else 0
 
 
+def pipelined_s(per_stream_s: Iterable[float], n: int) -> float:
+    """`n` micro-batches through stages on streams that overlap across micro-batches (a flow shop): the busiest
+    stream's n shares plus one pass through the others (fill and drain). One micro-batch, or one stream, gives
+    the plain sum."""
+    times = [t for t in per_stream_s if t > 0]
+    if not times:
+        return 0.0
+    busiest = max(times)
+    return n * busiest + sum(times) - busiest
+
+
 def _placements(opts: CoxMoeOptions, fixed: str, decode: bool = False) -> list[str]:
     if fixed != "auto":
         return [fixed]
@@ -506,10 +534,10 @@ def _micro_batches(ctx: PlanContext, phase: Phase, fixed: int) -> list[int]:
 
 def decode_family(o: CoxMoeOptions) -> tuple[str, int]:
     """Candidates sharing the decode placement and micro-batch. The analytic model ranks prefill micro-batches and
-    resident counts as the simulation does, but sums micro-batched OP0-OP2 serially where the engine overlaps GPU
-    and CPU work across decode micro-batches (it over-rates the whole batch: by 2-5% on the paper's grid, 24-27% at
-    some batch-1024 points), so the re-scoring simulates distinct decode configurations (with the resident count
-    in the key, Qwen3's three slots went to one decode configuration at 95, 94 and 93 residents)."""
+    resident counts close to the simulation but decode configurations less well (the serial estimate over-rates
+    the whole batch by 2-5% on the paper's grid, 24-27% at some batch-1024 points; the pipelined one still misses
+    the engine's contention for host DRAM), so the re-scoring simulates distinct decode configurations (with the
+    resident count in the key, Qwen3's three slots went to one decode configuration at 95, 94 and 93 residents)."""
     return o.decode_placement, o.decode_micro_batch
 
 
