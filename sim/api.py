@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -30,10 +31,11 @@ from sim.policies import PlanContext, make_policy
 from sim.search import plan_policy, simulate_with
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
-from traces import RoutingTrace, SynthConfig, generate_trace, load_trace
+from traces import RoutingTrace, SynthConfig, TraceHeader, generate_trace, load_trace
 from traces.disk_cache import cache_key, disk_cache_from_env
+from traces.format import trace_summary
 from traces.limits import check_memory, env_size_bytes
-from traces.synth import workload_lengths
+from traces.synth import POPULARITY_TABLES, check_routing, workload_lengths
 from traces.synth_presets import synth_preset
 
 
@@ -136,8 +138,8 @@ def config_system(config: SimConfig) -> SystemSpec:
     return apply_system_settings(resolve_system(config.system), config.system_settings)
 
 
-def check_trace_matches(trace: RoutingTrace, model: ModelSpec) -> None:
-    h = trace.header
+def check_trace_matches(trace: RoutingTrace | TraceHeader, model: ModelSpec) -> None:
+    h = trace.header if isinstance(trace, RoutingTrace) else trace
     want = (model.num_moe_layers, model.num_experts, model.top_k)
     if (h.num_layers, h.num_experts, h.top_k) != want:
         raise SimInputError(
@@ -156,35 +158,83 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     counts in a quarter of the memory at 800/256); the executor needs every row (the default). With `system`, a
     workload whose KV cache cannot fit the machine is refused before its trace is drawn (`check_kv_fits_machine`)."""
     if trace is not None:
-        if reuse_prob:
-            raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
         tr = trace if isinstance(trace, RoutingTrace) else load_trace(trace)
-        check_trace_matches(tr, model)
-        n = tr.num_requests if batch is None else batch
-        if not 1 <= n <= tr.num_requests:
-            raise SimInputError(f"batch {n} needs that many requests; the trace has {tr.num_requests}")
-        wl = Workload(tr.prompt_lens[:n].astype(np.int64), tr.gen_lens[:n].astype(np.int64))
-        for flag, name, given, have in (("--prompt-len", "prompt length", prompt_len, wl.prompt_lens),
-                                        ("--gen-len", "generation length", gen_len, wl.gen_lens)):
-            if isinstance(given, str):
-                raise SimInputError(f"{flag} {given}: a trace brings its own {name}s (omit {flag})")
-            if given is not None and not (have == given).all():
-                raise SimInputError(f"{flag} {given} conflicts with the trace's {name}s (omit it to use the "
-                                    "trace's)")
+        wl = trace_workload(tr.header, tr.prompt_lens, tr.gen_lens, model, batch, prompt_len, gen_len, reuse_prob)
         return wl, tr, f"trace:{tr.header.source}"
-    if batch is None or prompt_len is None or gen_len is None:
-        raise SimInputError("give batch, prompt length and generation length (or a trace)")
     wl, cfg = synthetic_inputs(model, batch, prompt_len, gen_len, routing, seed, reuse_prob)
     if system is not None:
         check_kv_fits_machine(model, system, wl)
-    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len, prompt_counts),
+    table = table_file_digest(cfg.routing)
+    if table is None:  # a count table that cannot be read: synthesis reports it (nothing cached under its name)
+        return wl, synthesise(cfg, wl, prompt_counts), routing
+    return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len, prompt_counts, table),
                                lambda: synthesise(cfg, wl, prompt_counts)), routing
 
 
-def synthetic_inputs(model: ModelSpec, batch: int, prompt_len: int | str, gen_len: int | str, routing: str,
-                     seed: int, reuse_prob: float = 0.0) -> tuple[Workload, SynthConfig]:
+def table_file_digest(routing: str) -> str | None:
+    """What a routing's count table holds, for the in-memory trace cache's key: "" for routings that name no file
+    (and the shipped tables), else the sha256 of the file's bytes, so an edited `table:PATH` is drawn anew in the
+    same process; None when the file is not a readable regular file."""
+    kind, _, name = routing.partition(":")
+    if kind != "table" or name in POPULARITY_TABLES:
+        return ""
+    path = Path(name)
+    try:
+        if not path.is_file():
+            return None
+        with path.open("rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def trace_workload(header: TraceHeader, prompt_lens: np.ndarray, gen_lens: np.ndarray, model: ModelSpec,
+                   batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
+                   reuse_prob: float = 0.0) -> Workload:
+    """The workload of a trace's first `batch` requests (all without one), refused where the trace's shape does
+    not match the model or the given lengths contradict the trace's."""
+    if reuse_prob:
+        raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
+    check_trace_matches(header, model)
+    n = len(prompt_lens) if batch is None else batch
+    if not 1 <= n <= len(prompt_lens):
+        raise SimInputError(f"batch {n} needs that many requests; the trace has {len(prompt_lens)}")
+    wl = Workload(prompt_lens[:n].astype(np.int64), gen_lens[:n].astype(np.int64))
+    for flag, name, given, have in (("--prompt-len", "prompt length", prompt_len, wl.prompt_lens),
+                                    ("--gen-len", "generation length", gen_len, wl.gen_lens)):
+        if isinstance(given, str):
+            raise SimInputError(f"{flag} {given}: a trace brings its own {name}s (omit {flag})")
+        if given is not None and not (have == given).all():
+            raise SimInputError(f"{flag} {given} conflicts with the trace's {name}s (omit it to use the trace's)")
+    return wl
+
+
+def check_point(config: SimConfig) -> None:
+    """Refuse what `simulate_config` would refuse about a point's inputs before drawing a trace or building a
+    plan: its model, system and policy options, a hot-expert map, the routing and lengths, or its trace's shape and
+    lengths (the routing arrays are read only when the point runs). A sweep checks every point with it when it
+    reads its spec, so bad input is one error, not a column of failed points."""
+    c = config
+    m, _ = config_model(c), config_system(c)
+    policy = make_policy(c.policy, dict(c.policy_options))
+    hot_map = getattr(policy.options, "hot_map", "")
+    if hot_map:
+        from sim.policies.coxmoe import checked_hot_map
+
+        checked_hot_map(hot_map, m.num_moe_layers, m.num_experts)
+    if c.trace is not None:
+        trace_workload(*trace_summary(c.trace), m, c.batch, c.prompt_len, c.gen_len, c.reuse_prob)
+        return
+    _, cfg = synthetic_inputs(m, c.batch, c.prompt_len, c.gen_len, c.routing, c.seed, c.reuse_prob)
+    check_routing(cfg.routing, m.num_moe_layers, m.num_experts)
+
+
+def synthetic_inputs(model: ModelSpec, batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
+                     routing: str, seed: int, reuse_prob: float = 0.0) -> tuple[Workload, SynthConfig]:
     """The workload (lengths drawn from `seed` when given as distributions) and the synthesis settings of a
     point without a trace: everything that determines its synthetic trace's bytes."""
+    if batch is None or prompt_len is None or gen_len is None:
+        raise SimInputError("give batch, prompt length and generation length (or a trace)")
     # the lengths arrays alone cost 16 bytes a request: refuse a batch past the memory limit before allocating them
     check_memory(16.0 * batch, f"a workload of {batch:,} requests")
     if isinstance(prompt_len, str) or isinstance(gen_len, str):

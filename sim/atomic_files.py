@@ -9,9 +9,12 @@ inputs, same bytes out).
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 from traces.files import write_atomic, write_atomic_text
 
-__all__ = ["save_figure_file", "write_atomic", "write_atomic_text"]
+__all__ = ["save_figure_file", "write_atomic", "write_atomic_text", "write_csv_file"]
 
 SVG_HASH_SALT = "cox-moe"  # seeds matplotlib's SVG element ids (random per run otherwise)
 
@@ -65,3 +68,32 @@ def save_figure_file(fig: Any, path: str | Path, fmt: str | None = None, **savef
                 fig.savefig(tmp, format=fmt, **savefig)
 
     return write_atomic(path, write)
+
+
+CSV_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip")
+
+
+def write_csv_file(table: Any, path: str | Path) -> Path:
+    """Write a DataFrame as CSV to `path` atomically, compressed by its suffix (.gz, .bz2, .xz, .zip; else plain)
+    with reproducible bytes: no time stamp, and a zip's member named after the target (pandas, given the
+    temporary file, would put its name and the current time in the archive)."""
+    from sim.errors import SimInputError
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".zst", ".tar", ".tgz") or path.name.lower().endswith((".tar.gz", ".tar.bz2", ".tar.xz")):
+        raise SimInputError(f"{path}: write .csv, or .csv compressed as {', '.join(CSV_COMPRESSIONS)}")
+    data = table.to_csv(index=False).encode("utf-8")
+    if suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    elif suffix == ".bz2":
+        data = bz2.compress(data)
+    elif suffix == ".xz":
+        data = lzma.compress(data)
+    elif suffix == ".zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(zipfile.ZipInfo(path.stem, date_time=(1980, 1, 1, 0, 0, 0)), data,
+                             compress_type=zipfile.ZIP_DEFLATED)
+        data = buf.getvalue()
+    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))

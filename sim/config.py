@@ -181,7 +181,7 @@ class SimConfig:
             rp = float(rp)
         if isinstance(rp, bool) or not isinstance(rp, int | float) or not math.isfinite(rp) or not 0 <= rp <= 1:
             raise SimInputError(f"reuse_prob must be a number in [0, 1], got {self.reuse_prob!r}")
-        self._set("reuse_prob", rp)
+        self._set("reuse_prob", float(rp))  # 0 and 0.0 are one point (one sweep key)
         if not isinstance(self.policy, str) or not self.policy:
             raise SimInputError(f"policy must be a policy name, got {self.policy!r}")
         if not isinstance(self.routing, str):

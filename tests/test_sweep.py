@@ -41,19 +41,22 @@ def test_expansion_merges_mapping_axes_and_dedupes_by_hash():
 
 
 def test_hash_names_the_resolved_point():
-    m, s = "mixtral-8x7b", "a100-80g-8452y"
-    implicit = expand({"fixed": {"model": m, "system": s}})[0]
-    explicit = expand({"fixed": {"model": m, "system": s, "policy": "coxmoe", "seed": 0, "routing": "uniform",
-                                 "policy_options": {}}})[0]
-    assert implicit.key == explicit.key and len(implicit.key) == 16
-    other = expand({"fixed": {"model": m, "system": s, "seed": 1}})[0]
+    m, s, w = "mixtral-8x7b", "a100-80g-8452y", {"batch": 4, "prompt_len": 8, "gen_len": 2}
+    implicit = expand({"fixed": {"model": m, "system": s, **w}})[0]
+    explicit = expand({"fixed": {"model": m, "system": s, **w, "policy": "coxmoe", "seed": 0, "routing": "uniform",
+                                 "policy_options": {}, "reuse_prob": 0}})[0]
+    assert implicit.key == explicit.key and len(implicit.key) == 16  # reuse_prob 0 is the default 0.0
+    other = expand({"fixed": {"model": m, "system": s, **w, "seed": 1}})[0]
     assert other.key != implicit.key
     # a YAML boolean (`coalesce: off` reads as false) is spelled as the CLI would pass it, on / off: one point
     # whichever way the spec writes it, and the on/off options (restratify included) and boolean ones take it
-    bools = expand({"fixed": {"model": m, "system": s, "policy_options": {"coalesce": False, "restratify": False}}})
+    bools = expand({"fixed": {"model": m, "system": s, **w,
+                              "policy_options": {"coalesce": False, "restratify": False}}})
     assert bools[0].config["policy_options"] == {"coalesce": "off", "restratify": "off"}
-    words = expand({"fixed": {"model": m, "system": s, "policy_options": {"coalesce": "off", "restratify": "off"}}})
+    words = expand({"fixed": {"model": m, "system": s, **w,
+                              "policy_options": {"coalesce": "off", "restratify": "off"}}})
     assert words[0].key == bools[0].key
+    assert len(expand({"fixed": {"model": m, "system": s, **w}, "axes": {"reuse_prob": [0, 0.0, 1, 1.0]}})) == 2
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -319,15 +322,21 @@ def test_results_come_back_in_one_order_whatever_order_the_points_finished_in(tm
 def test_a_point_whose_input_file_changed_is_a_new_point(tmp_path, monkeypatch):
     """The key covers the bytes of the files a point reads (trace, spec files, profile, hot map), so a resumed
     sweep never reuses a result simulated from an older file; preset-only points keep their config's key."""
+    import numpy as np
+
     from experiments.sweep.spec import point_key
+    from traces import SynthConfig, generate_trace, save_trace
 
     monkeypatch.chdir(tmp_path)
     spec = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "trace": "tr.npz"},
             "axes": {"policy": ["coxmoe", "moe-lightning"]}}
-    Path("tr.npz").write_bytes(b"first")
+    for seed in (0, 1):
+        save_trace(generate_trace(SynthConfig("mixtral-8x7b", 32, 8, 2, seed=seed), np.full(4, 8), np.full(4, 2)),
+                   f"tr{seed}.npz")
+    Path("tr.npz").write_bytes(Path("tr0.npz").read_bytes())
     first = [p.key for p in expand(spec)]
     assert [p.key for p in expand(spec)] == first  # same bytes, same keys
-    Path("tr.npz").write_bytes(b"second")
+    Path("tr.npz").write_bytes(Path("tr1.npz").read_bytes())
     second = [p.key for p in expand(spec)]
     assert not set(first) & set(second)
     (tmp_path / "prof").mkdir()
@@ -335,7 +344,8 @@ def test_a_point_whose_input_file_changed_is_a_new_point(tmp_path, monkeypatch):
     keys = {p.key for p in expand({"fixed": {**spec["fixed"], "profile": "prof"}, "axes": spec["axes"]})}
     (tmp_path / "prof" / "timings.csv").write_text("b")
     assert not keys & {p.key for p in expand({"fixed": {**spec["fixed"], "profile": "prof"}, "axes": spec["axes"]})}
-    plain = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y"}})[0]
+    plain = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4, "prompt_len": 8,
+                              "gen_len": 2}})[0]
     assert plain.key == point_key(plain.config)
 
 
@@ -354,13 +364,19 @@ def test_a_result_from_a_changed_input_file_replaces_the_old_row(tmp_path, monke
 
 
 def test_a_count_table_named_by_the_routing_is_an_input_file(tmp_path, monkeypatch):
+    import numpy as np
+
     monkeypatch.chdir(tmp_path)
-    spec = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "routing": "table:counts.npy"}}
-    Path("counts.npy").write_bytes(b"one")
+    w = {"batch": 4, "prompt_len": 8, "gen_len": 2}
+    spec = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "routing": "table:counts.npy", **w}}
+    np.save("counts.npy", np.ones((32, 8)))
     first = expand(spec)[0].key
-    Path("counts.npy").write_bytes(b"two")
+    np.save("counts.npy", np.arange(1, 257, dtype=np.float64).reshape(32, 8))
     assert expand(spec)[0].key != first
-    shipped = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "routing": "table:mixtral-8x7b"}}
+    np.save("counts.npy", np.ones((32, 7)))  # another model's shape: refused when the spec is read
+    with pytest.raises(SimInputError, match="32 layers x 7 experts"):
+        expand(spec)
+    shipped = {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "routing": "table:mixtral-8x7b", **w}}
     from experiments.sweep.spec import point_key
 
     assert expand(shipped)[0].key == point_key(expand(shipped)[0].config)  # a shipped table is no input file
@@ -474,7 +490,119 @@ def test_unknown_presets_and_policy_options_are_refused_with_the_spec(tmp_path, 
     for axes, message in (({"model": ["mixtral-8x7b", "mixtrl-8x7b"]}, "unknown model preset 'mixtrl-8x7b'"),
                           ({"system": ["a100-80g-8452y", "a101"]}, "a101"),
                           ({"policy_options": [{"rescore": "2"}, {"resscore": "2"}]}, "unknown option(s) resscore")):
-        spec = _spec(tmp_path, {"fixed": base, "axes": axes})
+        spec = _spec(tmp_path, {"fixed": {k: v for k, v in base.items() if k not in axes}, "axes": axes})
         assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out" / "results.sqlite").exists()
+
+
+def test_a_key_given_in_two_places_is_refused_and_mapping_settings_merge():
+    """A spec key set both in fixed: and by an axis (or by two axes) had the later value win silently (a fixed
+    system setting dropped for every point of a settings axis; a seed axis overridden by a workload axis):
+    refused, naming the key. Mapping settings merge key by key: an axis's system settings keep fixed:'s."""
+    base = {"model": "olmoe-1b-7b", "system": "a100-80g-8452y", "batch": 4, "prompt_len": 8, "gen_len": 2}
+    points = expand({"fixed": {**base, "system_settings": {"cpu.amx_efficiency": 0.073}},
+                     "axes": {"system_settings": [{}, {"gpu.gemm_efficiency": 0.6}]}})
+    assert len(points) == 2
+    assert all("cpu.amx_efficiency" in p.config["system_settings"] for p in points)
+    assert "gpu.gemm_efficiency" in points[1].config["system_settings"]
+    for spec, key in (({"fixed": {**base, "policy": "flexgen"}, "axes": {"policy": ["coxmoe"]}}, "'policy'"),
+                      ({"fixed": {k: v for k, v in base.items() if k != "prompt_len"},
+                        "axes": {"seed": [0, 1], "workload": [{"prompt_len": 16, "seed": 5}]}}, "'seed'"),
+                      ({"fixed": {**base, "policy_options": {"rescore": 2}},
+                        "axes": {"policy_options": [{"rescore": 3}]}}, "'policy_options.rescore'")):
+        with pytest.raises(SimInputError, match=f"{key} is set both by"):
+            expand(spec)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"routing": "zipff:1.0"}, "unknown routing"),
+    ({"routing": "zipf:-1"}, "alpha must be >= 0"),
+    ({"routing": "preset:nope"}, "nope"),
+    ({"prompt_len": "uniform:10:5"}, "uniform"),
+    ({"batch": None}, "give batch, prompt length and generation length"),
+    ({"routing": "preset:mixtral-8x7b", "reuse_prob": 0.5}, "reuse"),
+])
+def test_bad_routing_and_lengths_are_refused_with_the_spec(change, message):
+    """They had become failed points (exit 1) once the workers ran them."""
+    fixed = {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4, "prompt_len": 8, "gen_len": 2, **change}
+    with pytest.raises(SimInputError, match=message):
+        expand({"fixed": {k: v for k, v in fixed.items() if v is not None}})
+
+
+def test_a_trace_of_another_shape_or_too_few_requests_is_refused_with_the_spec(tmp_path, monkeypatch):
+    import numpy as np
+
+    from traces import SynthConfig, generate_trace, save_trace
+
+    monkeypatch.chdir(tmp_path)
+    save_trace(generate_trace(SynthConfig("mixtral-8x7b", 32, 8, 2), np.full(4, 8), np.full(4, 2)), "tr.npz")
+    ok = {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "trace": "tr.npz"}
+    assert len(expand({"fixed": ok})) == 1
+    for change, message in (({"batch": 5}, "the trace has 4"), ({"model": "olmoe-1b-7b"}, "trace is for 32 MoE"),
+                            ({"prompt_len": 9}, "conflicts with the trace"), ({"reuse_prob": 0.5}, "reuse")):
+        with pytest.raises(SimInputError, match=message):
+            expand({"fixed": {**ok, **change}})
+
+
+def test_a_fifo_or_device_named_as_an_input_is_refused_not_read(tmp_path, monkeypatch):
+    """A FIFO blocked the spec's hashing for ever, /dev/zero hashed without end."""
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("fifo.npz")
+    base = {"model": "mixtral-8x7b", "system": "a100-80g-8452y"}
+    for trace in ("fifo.npz", "/dev/zero"):
+        with pytest.raises(SimInputError, match="not a regular file"):
+            expand({"fixed": {**base, "trace": trace}})
+
+
+def test_bad_environment_settings_stop_the_sweep_before_its_store(tmp_path, capsys, monkeypatch):
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4,
+                                      "prompt_len": 8, "gen_len": 2}})
+    for name in ("COXMOE_MAX_GIB", "COXMOE_TRACE_CACHE_MIB", "COXMOE_TRACE_DIR_GIB"):
+        with monkeypatch.context() as m:
+            m.setenv(name, "abc")
+            assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 2
+            assert name in capsys.readouterr().err
+            assert not (tmp_path / "out" / "results.sqlite").exists()
+    assert main(["sweep", str(spec), "--out", ""]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_local_ray_workers_are_capped_and_an_address_needs_the_ray_engine(tmp_path, monkeypatch):
+    from experiments.sweep.run import run_sweep
+    from experiments.sweep.store import ResultStore
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store = ResultStore(tmp_path / "s")
+    try:
+        with pytest.raises(SimInputError, match="local workers"):
+            run_sweep([], store, "ray", 100_000)
+        with pytest.raises(SimInputError, match="needs --engine ray"):
+            run_sweep([], store, "local", 1, "10.255.255.1:6379")
+    finally:
+        store.close()
+
+
+def test_sweep_results_of_one_spec_and_reproducible_compressed_csv(tmp_path, capsys):
+    import gzip
+    import zipfile
+
+    base = {"model": "mixtral-8x7b", "system": "rtx6000ada-8452y", "batch": 4, "prompt_len": 8, "gen_len": 2,
+            "decode_sample": 2, "policy": "stream-experts"}
+    out = tmp_path / "out"
+    first = _spec(tmp_path, {"fixed": base, "axes": {"seed": [0, 1]}}, "a.yaml")
+    second = _spec(tmp_path, {"fixed": base, "axes": {"routing": ["uniform", "zipf:1.0"]}}, "b.yaml")
+    for spec in (first, second):
+        assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["sweep-results", str(out), "--spec", str(second)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("2 points") and "routing" in text and "zipf:1.0" in text
+    for name in ("r.csv.gz", "r.csv.zip"):
+        blobs = []
+        for _ in range(2):
+            assert main(["sweep-results", str(out), "--csv", str(tmp_path / name)]) == 0
+            blobs.append((tmp_path / name).read_bytes())
+        assert blobs[0] == blobs[1]
+    assert gzip.decompress((tmp_path / "r.csv.gz").read_bytes()).startswith(b"key,")
+    assert zipfile.ZipFile(tmp_path / "r.csv.zip").namelist() == ["r.csv"]

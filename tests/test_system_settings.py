@@ -93,7 +93,8 @@ def test_cli_set_runs_the_changed_machine_and_refuses_bad_ones(capsys):
 
 
 def test_sweep_axis_of_settings_keys_points_apart_and_keeps_old_keys():
-    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8},
+    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8, "prompt_len": 8,
+                               "gen_len": 2},
                      "axes": {"system_settings": [{}, {"cpu.amx_efficiency": 0.073}]}})
     assert len(points) == 2 and len({p.key for p in points}) == 2
     plain, set_ = points
@@ -123,7 +124,8 @@ def test_sweeps_check_settings_up_front_and_key_them_by_their_numbers():
     assert normalised_settings(load_system("a100-80g-8452y"), {"cpu.amx_efficiency": "0.0730",
                                                               "dram_bytes": "2.5e11"}) == {
         "cpu.amx_efficiency": "0.073", "dram_bytes": "250000000000"}
-    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y"},
+    points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8, "prompt_len": 8,
+                               "gen_len": 2},
                      "axes": {"system_settings": [{"cpu.amx_efficiency": "0.0730"}, {"cpu.amx_efficiency": 0.073}]}})
     assert len(points) == 1  # one machine, one point
     with pytest.raises(SimInputError, match="sweep point: --set 'cpu.amx_effciency': not a numeric field"):

@@ -198,6 +198,27 @@ def test_a_count_table_file_is_keyed_by_its_bytes_not_its_name(tmp_path):
     assert cache_key(cfg, p, g) is None
 
 
+def test_the_in_memory_cache_draws_an_edited_count_table_anew(tmp_path):
+    """The in-process cache was keyed by the table's name: after the file changed, the same process (a notebook)
+    kept simulating the old table's trace, and an invalid table still ran."""
+    from sim.api import resolve_model, resolve_routing
+    from traces.errors import TraceError
+
+    model = resolve_model("mixtral-8x7b")
+    table = tmp_path / "counts.npy"
+    hot = np.ones((32, 8))
+    for first_hot in (7, 0):
+        hot[:] = 1.0
+        hot[:, first_hot] = 5.0  # a selection share of 5/12 (top-2 reaches at most 1/2)
+        np.save(table, hot, allow_pickle=False)
+        _, trace, _ = resolve_routing(model, 16, 8, 2, None, f"table:{table}", 0, prompt_counts=True)
+        rows = trace.decode_rows(1, np.arange(16))
+        assert int(trace.expert_counts(rows).sum(axis=0).argmax()) == first_hot
+    np.save(table, np.ones((32, 7)), allow_pickle=False)
+    with pytest.raises(TraceError, match="7 experts"):
+        resolve_routing(model, 16, 8, 2, None, f"table:{table}", 0, prompt_counts=True)
+
+
 def test_a_read_only_cache_still_serves_and_never_fails_a_run(tmp_path, monkeypatch):
     import os
 

@@ -63,7 +63,10 @@ def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
     kind, _, name = cfg.routing.partition(":")
     if kind == "table" and name not in POPULARITY_TABLES:  # a user's count table: its bytes, not its name
         try:
-            h.update(Path(name).read_bytes())
+            if not Path(name).is_file():  # a FIFO or a device would block or never end
+                return None
+            with Path(name).open("rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
         except OSError:
             return None
     for lens in (prompt_lens, gen_lens):

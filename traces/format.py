@@ -483,6 +483,14 @@ def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
         raise TraceError(f"{path}: header lacks {exc.args[0]}") from None
 
 
+def trace_summary(path: str | Path) -> tuple[TraceHeader, np.ndarray, np.ndarray]:
+    """A trace file's header and length arrays, without reading its routing (a sweep checks its points so; the
+    full load still validates the rest when the point runs)."""
+    path = Path(path)
+    arrays = read_npz(path, {"header", "prompt_lens", "gen_lens"}, (), "trace file")
+    return _parse_header(arrays["header"], path), arrays["prompt_lens"], arrays["gen_lens"]
+
+
 def load_trace(path: str | Path, thorough: bool = True) -> RoutingTrace:
     """Load and validate a v1 trace; any problem is one TraceError naming the file. `thorough=False` skips the
     per-token repeated-expert scan (for a file this tool synthesised and wrote, as the trace cache does)."""

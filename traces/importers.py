@@ -227,6 +227,8 @@ def read_count_table(path: str | Path) -> np.ndarray:
     """A [layers, experts] table of selection counts from .npy or CSV (first column may name the layer)."""
     path = Path(path)
     if path.suffix == ".npy":
+        if not path.is_file():  # a FIFO would block the open below
+            raise TraceError(f"file not found: {path}")
         try:
             with open(path, "rb") as fh:  # the header first: a 64-byte file may declare terabytes
                 shape, dtype = read_npy_header(fh)

@@ -51,12 +51,7 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int, t
     if kind == "uniform" and not arg:
         return np.full((num_layers, num_experts), 1.0 / num_experts)
     if kind == "zipf":
-        try:
-            alpha = float(arg)
-        except ValueError:
-            raise TraceError(f"routing {spec!r}: zipf needs a number, e.g. zipf:1.2") from None
-        if not np.isfinite(alpha) or alpha < 0:
-            raise TraceError(f"routing {spec!r}: zipf alpha must be >= 0")
+        alpha = _zipf_alpha(spec, arg)
         rng = np.random.default_rng([seed, 0x5A1F])
         with np.errstate(over="ignore"):  # a huge alpha: rank**alpha is inf, its weight 0 (the check below names it)
             weights = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** alpha
@@ -64,14 +59,44 @@ def popularity_matrix(spec: str, num_layers: int, num_experts: int, seed: int, t
         probs = np.stack(rows)
         return probs / probs.sum(axis=1, keepdims=True)
     if kind == "table":
-        table = popularity_table(arg)
-        if table.shape[1] != num_experts or table.shape[0] < num_layers:
-            raise TraceError(f"popularity table {arg} is {table.shape[0]} layers x {table.shape[1]} experts; "
-                             f"the model has {num_layers} MoE layers x {num_experts} experts")
         from traces.selection import draw_weights
 
-        return draw_weights(table[:num_layers], top_k)  # a model cut to its first layers takes the first rows
+        return draw_weights(_table_for(arg, num_layers, num_experts), top_k)
     raise TraceError(f"unknown routing {spec!r}; use uniform, zipf:ALPHA or table:NAME")
+
+
+def check_routing(spec: str, num_layers: int, num_experts: int) -> None:
+    """Refuse a routing `popularity_matrix` would refuse (an unknown kind, a bad Zipf exponent, a count table that
+    cannot be read or has another shape), without solving its draw weights: a sweep checks every point so."""
+    kind, _, arg = spec.partition(":")
+    if kind == "uniform" and not arg:
+        return
+    if kind == "zipf":
+        _zipf_alpha(spec, arg)
+    elif kind == "table":
+        _table_for(arg, num_layers, num_experts)
+    else:
+        raise TraceError(f"unknown routing {spec!r}; use uniform, zipf:ALPHA or table:NAME")
+
+
+def _zipf_alpha(spec: str, arg: str) -> float:
+    try:
+        alpha = float(arg)
+    except ValueError:
+        raise TraceError(f"routing {spec!r}: zipf needs a number, e.g. zipf:1.2") from None
+    if not np.isfinite(alpha) or alpha < 0:
+        raise TraceError(f"routing {spec!r}: zipf alpha must be >= 0")
+    return alpha
+
+
+def _table_for(name: str, num_layers: int, num_experts: int) -> np.ndarray:
+    """A popularity table's first `num_layers` rows (a model cut to its first layers takes them), checked against
+    the model's shape."""
+    table = popularity_table(name)
+    if table.shape[1] != num_experts or table.shape[0] < num_layers:
+        raise TraceError(f"popularity table {name} is {table.shape[0]} layers x {table.shape[1]} experts; "
+                         f"the model has {num_layers} MoE layers x {num_experts} experts")
+    return table[:num_layers]
 
 
 LENGTH_STREAM = 0x1E46  # seeds the per-request length draws apart from the routing's stream

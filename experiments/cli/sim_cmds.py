@@ -9,7 +9,7 @@ from typing import Any
 
 from experiments.cli.common import IMAGE_SUFFIXES, emit_json, output_file, positive_int
 from experiments.cli.config_flags import add_config_flags, simulation_config, workload_kwargs
-from sim.atomic_files import write_atomic
+from sim.atomic_files import write_csv_file
 from sim.errors import SimInputError
 
 
@@ -215,7 +215,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for line in table.attrs.get("skipped", []):
         print(f"not varied: {line}", file=sys.stderr)
     if args.csv:
-        write_atomic(args.csv, lambda tmp: table.to_csv(tmp, index=False))
+        write_csv_file(table, args.csv)
     if args.plot:
         tornado_plot(table, Path(args.plot), f"{config.model} on {config.system} under {config.policy}: "
                                              "one number of the system at a time")

@@ -7,17 +7,18 @@ import sys
 from pathlib import Path
 
 from experiments.cli.common import nonneg_int, output_file, positive_int
-from sim.atomic_files import write_atomic
+from sim.atomic_files import write_csv_file
 from sim.errors import SimInputError
 from sim.policies import parse_kv_pairs
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep.run import run_sweep
+    from experiments.sweep.run import check_environment, run_sweep
     from experiments.sweep.spec import load_spec
     from experiments.sweep.store import ResultStore
 
     points = load_spec(args.spec)
+    check_environment()  # before the store is made: a bad setting leaves no empty results file behind
     store = ResultStore(args.out)
     try:
         summary = run_sweep(points, store, args.engine, args.workers, args.ray_address)
@@ -78,20 +79,32 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# Settings `sweep-results` shows beside the usual columns when its rows differ in them.
+VARYING_COLUMNS = ("policy_options", "system_settings", "routing", "seed", "reuse_prob", "expert_precision",
+                   "decode_sample", "trace", "profile")
+
+
 def cmd_sweep_results(args: argparse.Namespace) -> int:
     from experiments.sweep.store import load_results
 
     df = load_results(args.dir)
+    if args.spec:  # only the points this spec names (a folder may hold the results of earlier specs too)
+        from experiments.sweep.spec import load_spec
+
+        keys = {p.key for p in load_spec(args.spec)}
+        df = df[df["key"].isin(keys)].reset_index(drop=True)
+        if len(df) < len(keys):
+            print(f"{len(keys) - len(df)} of the spec's {len(keys)} points have no result yet", file=sys.stderr)
     if args.csv:
-        write_atomic(args.csv, lambda tmp: df.to_csv(tmp, index=False))
+        write_csv_file(df, args.csv)
     if df.empty:  # a sweep stopped before its first point finished
         print("0 points: the sweep has not finished any point yet")
         return 0
     shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
              "wall_s", "error"]
-    for name in ("policy_options", "system_settings"):  # shown where a sweep varies them
-        if name in df.columns and df[name].nunique() > 1:
-            shown.insert(shown.index("batch"), name)
+    for name in VARYING_COLUMNS:  # shown where the rows differ in them, so no two rows look alike
+        if name in df.columns and df[name].astype(str).nunique() > 1:
+            shown.insert(shown.index("throughput_tok_s"), name)
     stale = int(df["stale"].sum())
     note = f" ({stale} recorded by other code or library versions: a rerun of the sweep simulates them again)" \
         if stale else ""
@@ -151,5 +164,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="a sweep's --out directory")
     p.add_argument("--csv", metavar="FILE", type=output_file(".csv", ".gz", ".bz2", ".xz", ".zip"),
                    help="also write every row to this CSV file (compressed by its suffix: .csv.gz, ...)")
+    p.add_argument("--spec", help="only the points of this sweep spec (the folder may hold earlier specs' results)")
     p.set_defaults(func=cmd_sweep_results)
 

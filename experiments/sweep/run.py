@@ -203,8 +203,12 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
     CPUs this process may use), or Ray at `address_flag`, else $RAY_ADDRESS, else a local Ray instance."""
     if engine not in ENGINES:
         raise SimInputError(f"unknown sweep engine {engine!r}; choose from {', '.join(ENGINES)}")
+    check_environment()
     cpus = default_workers()
-    if engine == "local" and workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
+    if engine == "local" and address_flag:
+        raise SimInputError("--ray-address joins a Ray cluster: it needs --engine ray")
+    local = engine == "local" or ray_address(address_flag) is None  # a local pool or a local Ray instance
+    if local and workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
         raise SimInputError(f"--workers {workers}: this machine has {cpus} CPUs for sweeps; at most "
                             f"{MAX_WORKERS_PER_CPU * cpus} local workers (each simulation takes up to a few GB)")
     # Workers share synthesised traces through the sweep directory (and a rerun finds them there).
@@ -213,6 +217,18 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
         if engine == "ray":
             return run_ray(points, store, workers, ray_address(address_flag), progress)
         return run_local(points, store, workers or cpus, progress)
+
+
+def check_environment() -> None:
+    """The size settings every worker reads from the environment ($COXMOE_MAX_GIB, $COXMOE_TRACE_CACHE_MIB,
+    $COXMOE_TRACE_DIR_GIB), checked once before the results store is made: a bad one is one error, not a failure
+    in every point."""
+    from sim.api import TRACE_CACHE
+    from traces.limits import env_size_bytes, memory_limit_bytes
+
+    memory_limit_bytes()
+    _ = TRACE_CACHE.max_bytes
+    env_size_bytes(TRACE_DIR_GIB_ENV, 1, 2**30, "GiB")
 
 
 def ray_address(flag: str | None) -> str | None:

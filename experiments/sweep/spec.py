@@ -9,8 +9,9 @@
       system_settings: [{}, {cpu.amx_efficiency: 0.073}]   # a spec number set, as `--set` does
 
 An axis value that is a mapping is merged into the point (several keys varied together), except on the mapping
-settings (`policy_options`, `system_settings`), whose values are mappings; any other value sets the key named
-by the axis. Every point is completed with the simulator's defaults, so its hash names exactly
+settings (`policy_options`, `system_settings`), whose values are mappings merged key by key into those of
+`fixed:`; any other value sets the key named by the axis. A key (or a mapping setting's key) given in two places
+is refused. Every point is completed with the simulator's defaults, so its hash names exactly
 what ran: two specs that spell the same point differently share its result.
 """
 
@@ -30,6 +31,7 @@ import yaml
 from sim.config import DEFAULTS, MAPPING_SETTINGS, SimConfig, refuse_seed_with_trace
 from sim.errors import SimInputError
 from sim.specs.catalog import load_yaml
+from traces.errors import TraceError
 
 # What a point may set: every `SimConfig` field, completed with its defaults; sweeps default to CoX-MoE.
 SWEEP_DEFAULTS: dict[str, Any] = {"policy": "coxmoe"}
@@ -60,6 +62,7 @@ def point_key(config: dict[str, Any], inputs: dict[str, str] | None = None) -> s
 
 FILE_OPTIONS = ("hot_map",)  # policy options that name a file (CoX-MoE's hot-expert map)
 MAX_DIR_FILES = 1000  # files of one input directory (a profile) that are hashed
+MAX_DIR_ENTRIES = 10 * MAX_DIR_FILES  # entries (files and folders) listed before a directory is refused
 
 
 def _digest(path: Path, cache: dict[tuple, str]) -> str:
@@ -70,9 +73,14 @@ def _digest(path: Path, cache: dict[tuple, str]) -> str:
     if key in cache:
         return cache[key]
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if len(files) > MAX_DIR_FILES:
-        raise SimInputError(f"{path}: more than {MAX_DIR_FILES} files to read as one input")
+    files = [path]
+    if path.is_dir():  # stop listing at the cap: a large tree given by mistake is refused at once
+        found = list(itertools.islice(path.rglob("*"), MAX_DIR_ENTRIES + 1))
+        if len(found) > MAX_DIR_ENTRIES:
+            raise SimInputError(f"{path}: more than {MAX_DIR_ENTRIES} entries to read as one input")
+        files = sorted(p for p in found if p.is_file())
+        if len(files) > MAX_DIR_FILES:
+            raise SimInputError(f"{path}: more than {MAX_DIR_FILES} files to read as one input")
     for p in files:
         if p != path:  # a directory's file: its name counts too
             h.update(p.relative_to(path).as_posix().encode() + b"\0")
@@ -109,6 +117,8 @@ def input_digests(config: dict[str, Any], cache: dict[tuple, str] | None = None)
         if not path.exists():
             raise SimInputError(f"sweep point: {name} file not found: {text} (relative paths are read from the "
                                 f"current directory, {Path.cwd()})")
+        if not (path.is_file() or path.is_dir()):  # a FIFO would block the read, a device never end it
+            raise SimInputError(f"sweep point: {name} {text} is not a regular file")
         try:
             out[name] = _digest(path, cache)
         except OSError as exc:
@@ -145,9 +155,26 @@ def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) 
     inputs = input_digests(config, digests)  # a missing file is named before its contents are read
     try:
         _check_names(config, inputs)
-    except SimInputError as exc:
+        _check_inputs(json.dumps({k: v for k, v in config.items() if k in CHECKED_INPUTS}, sort_keys=True),
+                      tuple(sorted(inputs.items())))
+    except (SimInputError, TraceError) as exc:
         raise SimInputError(f"sweep point: {exc}") from None
     return SweepPoint(config, point_key(config, inputs))
+
+
+# What `sim.api.check_point` reads of a point (decode_sample, profile and the cost model play no part in it).
+CHECKED_INPUTS = ("model", "system", "system_settings", "policy", "policy_options", "expert_precision", "trace",
+                  "batch", "prompt_len", "gen_len", "routing", "seed", "reuse_prob")
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_inputs(fields: str, files: tuple[tuple[str, str], ...]) -> None:
+    """A point's routing, lengths, trace and hot-expert map are usable (`sim.api.check_point`), once per distinct
+    combination (and again when a file they name changes: `files` holds the digests): a typo in a routing or a
+    trace of another model is refused with the spec, not as a column of failed points."""
+    from sim.api import check_point
+
+    check_point(SimConfig.from_point(json.loads(fields)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -217,18 +244,62 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
         count *= len(values)
         if count > MAX_POINTS:
             raise SimInputError(f"sweep spec: its axes make more than {MAX_POINTS:,} points (split the sweep)")
+    _refuse_keys_set_twice(fixed, axes)
     points: dict[str, SweepPoint] = {}
     digests: dict[tuple, str] = {}  # input files read once for every point that names them
     for combo in itertools.product(*axes.values()):
-        raw = dict(fixed)
+        raw: dict[str, Any] = {}
+        for name, value in fixed.items():
+            _put(raw, name, value)
         for name, value in zip(axes, combo, strict=True):
             if isinstance(value, dict) and name not in MAPPING_SETTINGS:
-                raw.update(value)
+                for key, item in value.items():
+                    _put(raw, key, item)
             else:
-                raw[name] = value
+                _put(raw, name, value)
         point = resolve_point(raw, digests)
         points.setdefault(point.key, point)
     return list(points.values())
+
+
+def _put(raw: dict[str, Any], name: str, value: Any) -> None:
+    """Set a point's key; a mapping setting (`policy_options`, `system_settings`) merges into what is there."""
+    if name in MAPPING_SETTINGS and isinstance(value, dict) and isinstance(raw.get(name), dict):
+        raw[name] = {**raw[name], **value}
+    else:
+        raw[name] = dict(value) if isinstance(value, dict) else value
+
+
+def _keys_set(name: str, value: Any) -> set[str]:
+    """The keys a spec entry sets: its name; a mapping setting's own keys (`policy_options.coalesce`); or, for a
+    mapping on another axis (several keys varied together), the keys it holds."""
+    if name in MAPPING_SETTINGS:
+        return {f"{name}.{k}" for k in value} if isinstance(value, dict) else {name}
+    if isinstance(value, dict):
+        return set().union(*(_keys_set(k, v) for k, v in value.items()))
+    return {name}
+
+
+def _refuse_keys_set_twice(fixed: dict[str, Any], axes: dict[str, list]) -> None:
+    """A key given in `fixed:` and by an axis, or by two axes, would leave one value silently unused (the later
+    one won): refused, naming the key and both places. Every value of one axis meets every value of the others,
+    so any overlap between two places clashes at some point."""
+    owners: dict[str, str] = {}
+    places = [("fixed:", _keys_set_all(fixed.items()))]
+    places += [(f"axis {name!r}", _keys_set_all((name, v) for v in values)) for name, values in axes.items()]
+    for place, keys in places:
+        for key in sorted(keys):
+            if key in owners:
+                raise SimInputError(f"sweep spec: {key!r} is set both by {owners[key]} and by {place}; give it in "
+                                    "one place")
+            owners[key] = place
+
+
+def _keys_set_all(entries: Any) -> set[str]:
+    out: set[str] = set()
+    for name, value in entries:
+        out |= _keys_set(name, value)
+    return out
 
 
 def load_spec(path: str | Path) -> list[SweepPoint]:

@@ -26,6 +26,8 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from sim.errors import SimInputError
+
 DB_NAME = "results.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -77,6 +79,9 @@ class ResultStore:
     """The results database of one sweep directory."""
 
     def __init__(self, out_dir: str | Path):
+        if not str(out_dir).strip():
+            raise SimInputError("--out: give the sweep's results folder (an empty name would write into the "
+                                "current one)")
         self.path = Path(out_dir) / DB_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -141,8 +146,6 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     and `stale` (recorded by other code or library versions than these)."""
     path = Path(out_dir) / DB_NAME
     if not path.is_file():
-        from sim.errors import SimInputError
-
         raise SimInputError(f"no sweep results in {out_dir} (expected {DB_NAME})")
     try:
         raw = _read_points(path, "mode=ro")
@@ -188,15 +191,11 @@ def _unwritable(path: Path, exc: Exception) -> OSError:
 
 
 def _bad_store(path: Path, exc: Exception) -> Exception:
-    from sim.errors import SimInputError
-
     return SimInputError(f"{path}: not a readable sweep results database ({str(exc).splitlines()[0][:80]})")
 
 
 def _json_object(text: Any, path: Path, key: Any) -> dict[str, Any]:
     """A row's JSON object column; anything else is a one-line error naming the row."""
-    from sim.errors import SimInputError
-
     try:
         value = json.loads(text) if isinstance(text, str) else None
     except (json.JSONDecodeError, RecursionError):

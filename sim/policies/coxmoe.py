@@ -175,7 +175,7 @@ class CoxMoeOptions(OptionsBase):
             self.prefill_micro_batch, self.decode_micro_batch, self.resident_experts)
 
 
-def _checked_map(path: str, layers: int, experts: int) -> HotExpertMap:
+def checked_hot_map(path: str, layers: int, experts: int) -> HotExpertMap:
     """A hot-expert map file, checked against the model's shape."""
     hot = load_map(path)
     if (hot.num_layers, hot.num_experts) != (layers, experts):
@@ -228,7 +228,7 @@ class _Model:
         self.prefill_counts, self.decode_counts = expected_counts(ctx)
         load = self.prefill_counts + self.decode_counts * max(wl.max_gen_len - 1, 1)
         if opts.hot_map:
-            hot = _checked_map(opts.hot_map, m.num_moe_layers, m.num_experts)
+            hot = checked_hot_map(opts.hot_map, m.num_moe_layers, m.num_experts)
             self.order = hot.ranking.astype(np.int64)
             # The search knows the map, not the run's routing: E_M and E_C are priced from the map's probe load
             # (a random map's, none, as uniform), spread over the tokens each layer routes.
