@@ -36,7 +36,7 @@ from traces.disk_cache import cache_key, disk_cache_from_env
 from traces.format import trace_summary
 from traces.limits import check_memory, env_size_bytes
 from traces.synth import POPULARITY_TABLES, check_routing, workload_lengths
-from traces.synth_presets import synth_preset
+from traces.synth_presets import SynthPreset, synth_preset
 
 
 @dataclass
@@ -158,6 +158,7 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     counts in a quarter of the memory at 800/256); the executor needs every row (the default). With `system`, a
     workload whose KV cache cannot fit the machine is refused before its trace is drawn (`check_kv_fits_machine`)."""
     if trace is not None:
+        _refuse_reuse_with_trace(reuse_prob)  # before the file is read
         tr = trace if isinstance(trace, RoutingTrace) else load_trace(trace)
         wl = trace_workload(tr.header, tr.prompt_lens, tr.gen_lens, model, batch, prompt_len, gen_len, reuse_prob)
         return wl, tr, f"trace:{tr.header.source}"
@@ -193,8 +194,7 @@ def trace_workload(header: TraceHeader, prompt_lens: np.ndarray, gen_lens: np.nd
                    reuse_prob: float = 0.0) -> Workload:
     """The workload of a trace's first `batch` requests (all without one), refused where the trace's shape does
     not match the model or the given lengths contradict the trace's."""
-    if reuse_prob:
-        raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
+    _refuse_reuse_with_trace(reuse_prob)
     check_trace_matches(header, model)
     n = len(prompt_lens) if batch is None else batch
     if not 1 <= n <= len(prompt_lens):
@@ -207,6 +207,11 @@ def trace_workload(header: TraceHeader, prompt_lens: np.ndarray, gen_lens: np.nd
         if given is not None and not (have == given).all():
             raise SimInputError(f"{flag} {given} conflicts with the trace's {name}s (omit it to use the trace's)")
     return wl
+
+
+def _refuse_reuse_with_trace(reuse_prob: float) -> None:
+    if reuse_prob:
+        raise SimInputError("--reuse-prob shapes synthetic routing; a trace keeps its own (omit one of them)")
 
 
 def check_point(config: SimConfig) -> None:
@@ -225,14 +230,25 @@ def check_point(config: SimConfig) -> None:
     if c.trace is not None:
         trace_workload(*trace_summary(c.trace), m, c.batch, c.prompt_len, c.gen_len, c.reuse_prob)
         return
-    _, cfg = synthetic_inputs(m, c.batch, c.prompt_len, c.gen_len, c.routing, c.seed, c.reuse_prob)
-    check_routing(cfg.routing, m.num_moe_layers, m.num_experts)
+    synthetic_workload(c.batch, c.prompt_len, c.gen_len, c.seed)
+    kind, _, name = c.routing.partition(":")
+    if kind == "preset":  # its name and reuse only: building its config solves its draw weights (seconds)
+        checked_preset(name, c.reuse_prob)
+    else:
+        check_routing(c.routing, m.num_moe_layers, m.num_experts)
 
 
 def synthetic_inputs(model: ModelSpec, batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
                      routing: str, seed: int, reuse_prob: float = 0.0) -> tuple[Workload, SynthConfig]:
     """The workload (lengths drawn from `seed` when given as distributions) and the synthesis settings of a
     point without a trace: everything that determines its synthetic trace's bytes."""
+    wl = synthetic_workload(batch, prompt_len, gen_len, seed)
+    return wl, synth_config(model, routing, reuse_prob, seed)
+
+
+def synthetic_workload(batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
+                       seed: int) -> Workload:
+    """The workload of a point without a trace: lengths as given, or drawn from `seed` for distributions."""
     if batch is None or prompt_len is None or gen_len is None:
         raise SimInputError("give batch, prompt length and generation length (or a trace)")
     # the lengths arrays alone cost 16 bytes a request: refuse a batch past the memory limit before allocating them
@@ -241,10 +257,8 @@ def synthetic_inputs(model: ModelSpec, batch: int | None, prompt_len: int | str 
         if batch < 1:
             raise SimInputError("workload: batch must be at least 1")
         prompt, gen = workload_lengths(prompt_len, gen_len, batch, seed)
-        wl = Workload(prompt.astype(np.int64), gen.astype(np.int64))
-    else:
-        wl = Workload.uniform(batch, prompt_len, gen_len)
-    return wl, synth_config(model, routing, reuse_prob, seed)
+        return Workload(prompt.astype(np.int64), gen.astype(np.int64))
+    return Workload.uniform(batch, prompt_len, gen_len)
 
 
 KV_BYTES_PER_VALUE_FLOOR = 0.5625  # a cache kept at 4 bits, with group scales (FlexGen's compression): the fewest
@@ -373,6 +387,14 @@ class TraceCache:
 TRACE_CACHE = TraceCache()
 
 
+def checked_preset(name: str, reuse_prob: float) -> SynthPreset:
+    """The synthesis preset `preset:NAME` names, refused beside a reuse probability (it sets its own)."""
+    if reuse_prob:
+        raise SimInputError(f"routing preset:{name}: the preset sets its own per-layer reuse; drop the reuse "
+                            "probability")
+    return synth_preset(name)
+
+
 def synth_config(model: ModelSpec, routing: str, reuse_prob: float, seed: int) -> SynthConfig:
     """Synthesis settings for `routing`: uniform, zipf:ALPHA, table:NAME, or preset:NAME (a synthesis preset's
     popularity and per-layer reuse, tuned to published routing statistics; see traces/synth_presets.py)."""
@@ -380,9 +402,7 @@ def synth_config(model: ModelSpec, routing: str, reuse_prob: float, seed: int) -
     if kind != "preset":
         return SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k, routing, reuse_prob,
                            seed)
-    if reuse_prob:
-        raise SimInputError(f"routing {routing}: the preset sets its own per-layer reuse; drop the reuse probability")
-    preset = synth_preset(name)
+    preset = checked_preset(name, reuse_prob)
     if model.num_moe_layers < len(preset.same_top1):  # a model cut to its first layers keeps their targets
         preset = dataclasses.replace(preset, same_top1=preset.same_top1[:model.num_moe_layers])
     return preset.config(model.num_moe_layers, model.num_experts, model.top_k, seed=seed)

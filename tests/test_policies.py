@@ -331,6 +331,25 @@ def test_coxmoe_pipelined_estimate_ranks_decode_micro_batches_as_the_engine_does
         make_policy("coxmoe", {"estimate": "parallel"})
 
 
+def test_a_cpu_attention_batch_of_requests_is_priced_as_one_batch(mixtral, paper_system):
+    """With attention_split_unit=requests the CPU's requests attend as one batch: no overlap within it, so its
+    front costs the plain sum under either estimate (the pipelined one had credited it fill and drain as one of
+    n micro-batches, 42% less on Mixtral, B=256)."""
+    from sim.policies.coxmoe import CoxMoeOptions, _Model
+
+    ctx = ctx_for(mixtral, paper_system, batch=256, prompt=97, gen=4)
+    fronts = {}
+    for estimate in ("serial", "pipelined"):
+        opts = CoxMoeOptions(attention_split=0.25, attention_split_unit="requests", estimate=estimate)
+        model = _Model(ctx, opts)
+        share = float(model.cpu_requests(64).mean())
+        total = model.ops012_split_s(Phase.DECODE, "ggg", 64, 64)
+        fronts[estimate] = total - (1 - share) * model.ops012_s(Phase.DECODE, "ggg", 64, True)
+        one = model.ops012_s(Phase.DECODE, "gcg", int(model.cpu_requests(64).sum()), False, batches=1)
+        assert fronts[estimate] == pytest.approx(one, rel=1e-12)
+    assert fronts["serial"] == pytest.approx(fronts["pipelined"], rel=1e-12)
+
+
 def test_coxmoe_bad_options():
     with pytest.raises(SimInputError, match="prefill_placement"):
         make_policy("coxmoe", {"prefill_placement": "gxg"})

@@ -598,7 +598,7 @@ def test_sweep_results_of_one_spec_and_reproducible_compressed_csv(tmp_path, cap
     assert main(["sweep-results", str(out), "--spec", str(second)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("2 points") and "routing" in text and "zipf:1.0" in text
-    for name in ("r.csv.gz", "r.csv.zip"):
+    for name in ("r.csv.gz", "r.csv.zip", "r.csv.bz2", "r.csv.xz"):
         blobs = []
         for _ in range(2):
             assert main(["sweep-results", str(out), "--csv", str(tmp_path / name)]) == 0
@@ -606,3 +606,48 @@ def test_sweep_results_of_one_spec_and_reproducible_compressed_csv(tmp_path, cap
         assert blobs[0] == blobs[1]
     assert gzip.decompress((tmp_path / "r.csv.gz").read_bytes()).startswith(b"key,")
     assert zipfile.ZipFile(tmp_path / "r.csv.zip").namelist() == ["r.csv"]
+    for name in ("r.csv.gz", "r.csv.zip", "r.csv.bz2", "r.csv.xz"):  # pandas reads each back as it was written
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / name), pd.read_csv(tmp_path / "r.csv.gz"))
+
+
+def test_a_null_settings_value_merges_as_no_settings():
+    """`system_settings: [~, {...}]` had reset fixed:'s settings for the null point (only {} merged)."""
+    base = {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8, "prompt_len": 16, "gen_len": 4}
+    points = expand({"fixed": {**base, "system_settings": {"cpu.amx_efficiency": 0.073},
+                               "policy_options": {"rescore": 2}},
+                     "axes": {"system_settings": [None, {"gpu.gemm_efficiency": 0.6}],
+                              "policy": [{"policy": "coxmoe", "policy_options": None}]}})
+    assert len(points) == 2
+    assert all(p.config["system_settings"].get("cpu.amx_efficiency") == "0.073" for p in points)
+    assert all(p.config["policy_options"] == {"rescore": "2"} for p in points)
+
+
+def test_a_hot_map_of_another_shape_and_a_huge_profile_folder_are_refused_with_the_spec(tmp_path, monkeypatch):
+    import numpy as np
+
+    import experiments.sweep.spec as spec_module
+    from traces.eas import HotExpertMap, save_map
+
+    monkeypatch.chdir(tmp_path)
+    ranking = np.tile(np.arange(6), (4, 1))
+    save_map(HotExpertMap("other", ranking, np.ones((4, 6)), 2), "hot.npz")
+    base = {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4, "prompt_len": 8, "gen_len": 2}
+    with pytest.raises(SimInputError, match="4 layers x 6 experts"):
+        expand({"fixed": {**base, "policy_options": {"hot_map": "hot.npz"}}})
+    (tmp_path / "prof").mkdir()
+    for i in range(8):
+        (tmp_path / "prof" / f"t{i}.csv").write_text("a")
+    monkeypatch.setattr(spec_module, "MAX_DIR_ENTRIES", 5)
+    with pytest.raises(SimInputError, match="more than 5 entries"):
+        expand({"fixed": {**base, "profile": "prof"}})
+
+
+def test_refusals_of_the_run_come_before_the_results_store(tmp_path, capsys, monkeypatch):
+    """--ray-address without the Ray engine had left an empty results.sqlite behind (refused after the store)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4,
+                                      "prompt_len": 8, "gen_len": 2}})
+    for extra in (["--ray-address", "10.255.255.1:6379"], ["--engine", "ray", "--workers", "100000"]):
+        assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), *extra]) == 2
+        capsys.readouterr()
+        assert not (tmp_path / "o" / "results.sqlite").exists()

@@ -322,3 +322,30 @@ def test_the_disk_cache_key_covers_every_module_that_draws_a_trace():
             elif isinstance(node, ast.ImportFrom) and node.module == "traces":
                 todo += [f"{a.name}.py" for a in node.names if (here / f"{a.name}.py").is_file()]
     assert seen - no_bytes <= set(disk_cache._CODE), sorted(seen - no_bytes - set(disk_cache._CODE))
+
+
+def test_count_tables_that_are_fifos_or_missing_are_refused_not_waited_on(tmp_path):
+    """A FIFO named as a count table blocked the reader (and the caches' hashing) for ever."""
+    from sim.api import resolve_model, resolve_routing, table_file_digest
+    from traces import SynthConfig
+    from traces.disk_cache import cache_key
+    from traces.errors import TraceError
+    from traces.importers import read_count_table
+
+    fifo = tmp_path / "counts.npy"
+    os.mkfifo(fifo)
+    with pytest.raises(TraceError, match="file not found"):
+        read_count_table(fifo)
+    cfg = SynthConfig("tiny", 2, 4, 1, f"table:{fifo}", 0.0, 0)
+    assert cache_key(cfg, np.full(2, 4), np.full(2, 2)) is None
+    assert table_file_digest(f"table:{fifo}") is None and table_file_digest("table:mixtral-8x7b") == ""
+    with pytest.raises(TraceError, match="file not found"):  # uncached: the synthesis names the problem
+        resolve_routing(resolve_model("mixtral-8x7b"), 4, 8, 2, None, f"table:{fifo}", 0)
+
+
+def test_a_reuse_probability_beside_a_trace_is_refused_before_the_trace_is_read(tmp_path):
+    from sim.api import resolve_model, resolve_routing
+    from sim.errors import SimInputError
+
+    with pytest.raises(SimInputError, match="--reuse-prob shapes synthetic routing"):
+        resolve_routing(resolve_model("mixtral-8x7b"), None, None, None, tmp_path / "missing.npz", "uniform", 0, 0.5)

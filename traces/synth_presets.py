@@ -8,6 +8,7 @@ is closed-form or a bisection on the routing statistic itself, never on an end-t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,13 @@ PRESETS = {"mixtral-8x7b": _mixtral, "qwen3-30b-a3b": _qwen3, "deepseek-v2-lite"
 
 
 def synth_preset(name: str) -> SynthPreset:
+    """The preset of that name (built once per process: solving a Zipf exponent draws thousands of samples, 0.1 s,
+    and a sweep asks once per point)."""
     if name not in PRESETS:
         raise TraceError(f"unknown synthesis preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return _built(name)
+
+
+@functools.cache
+def _built(name: str) -> SynthPreset:
     return PRESETS[name]()

@@ -13,12 +13,12 @@ from sim.policies import parse_kv_pairs
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep.run import check_environment, run_sweep
+    from experiments.sweep.run import check_request, run_sweep
     from experiments.sweep.spec import load_spec
     from experiments.sweep.store import ResultStore
 
     points = load_spec(args.spec)
-    check_environment()  # before the store is made: a bad setting leaves no empty results file behind
+    check_request(args.engine, args.workers, args.ray_address)  # before the store: a refusal leaves no empty file
     store = ResultStore(args.out)
     try:
         summary = run_sweep(points, store, args.engine, args.workers, args.ray_address)

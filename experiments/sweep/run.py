@@ -201,16 +201,8 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
               address_flag: str | None = None, progress: bool = True) -> SweepSummary:
     """Run the pending points on `engine` (one of ENGINES): a local pool of `workers` processes (default: the
     CPUs this process may use), or Ray at `address_flag`, else $RAY_ADDRESS, else a local Ray instance."""
-    if engine not in ENGINES:
-        raise SimInputError(f"unknown sweep engine {engine!r}; choose from {', '.join(ENGINES)}")
-    check_environment()
+    check_request(engine, workers, address_flag)
     cpus = default_workers()
-    if engine == "local" and address_flag:
-        raise SimInputError("--ray-address joins a Ray cluster: it needs --engine ray")
-    local = engine == "local" or ray_address(address_flag) is None  # a local pool or a local Ray instance
-    if local and workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
-        raise SimInputError(f"--workers {workers}: this machine has {cpus} CPUs for sweeps; at most "
-                            f"{MAX_WORKERS_PER_CPU * cpus} local workers (each simulation takes up to a few GB)")
     # Workers share synthesised traces through the sweep directory (and a rerun finds them there).
     with default_trace_dir(store.path.parent / "traces"):
         disk_cache_from_env()  # a bad setting is one error here, not a failure in every worker
@@ -219,13 +211,24 @@ def run_sweep(points: Iterable[SweepPoint], store: ResultStore, engine: str = "l
         return run_local(points, store, workers or cpus, progress)
 
 
-def check_environment() -> None:
-    """The size settings every worker reads from the environment ($COXMOE_MAX_GIB, $COXMOE_TRACE_CACHE_MIB,
-    $COXMOE_TRACE_DIR_GIB), checked once before the results store is made: a bad one is one error, not a failure
-    in every point."""
+def check_request(engine: str, workers: int | None, address_flag: str | None) -> None:
+    """What a sweep run is refused for before anything is written (`cmd_sweep` calls it before it makes the
+    results store): an unknown engine; --ray-address without the Ray engine; more workers than the local cap (a
+    local pool, or a local Ray instance: 64 had started 60 Ray processes on 2 CPUs); and a bad size setting every
+    worker would read from the environment ($COXMOE_MAX_GIB, $COXMOE_TRACE_CACHE_MIB, $COXMOE_TRACE_DIR_GIB),
+    which had failed every point."""
     from sim.api import TRACE_CACHE
     from traces.limits import env_size_bytes, memory_limit_bytes
 
+    if engine not in ENGINES:
+        raise SimInputError(f"unknown sweep engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "local" and address_flag:
+        raise SimInputError("--ray-address joins a Ray cluster: it needs --engine ray")
+    cpus = default_workers()
+    local = engine == "local" or ray_address(address_flag) is None  # a local pool or a local Ray instance
+    if local and workers is not None and workers > MAX_WORKERS_PER_CPU * cpus:
+        raise SimInputError(f"--workers {workers}: this machine has {cpus} CPUs for sweeps; at most "
+                            f"{MAX_WORKERS_PER_CPU * cpus} local workers (each simulation takes up to a few GB)")
     memory_limit_bytes()
     _ = TRACE_CACHE.max_bytes
     env_size_bytes(TRACE_DIR_GIB_ENV, 1, 2**30, "GiB")

@@ -264,6 +264,8 @@ def expand(spec: dict[str, Any]) -> list[SweepPoint]:
 
 def _put(raw: dict[str, Any], name: str, value: Any) -> None:
     """Set a point's key; a mapping setting (`policy_options`, `system_settings`) merges into what is there."""
+    if name in MAPPING_SETTINGS and value is None:  # null: no settings, as {} (not a reset of fixed:'s)
+        value = {}
     if name in MAPPING_SETTINGS and isinstance(value, dict) and isinstance(raw.get(name), dict):
         raw[name] = {**raw[name], **value}
     else:
@@ -274,6 +276,8 @@ def _keys_set(name: str, value: Any) -> set[str]:
     """The keys a spec entry sets: its name; a mapping setting's own keys (`policy_options.coalesce`); or, for a
     mapping on another axis (several keys varied together), the keys it holds."""
     if name in MAPPING_SETTINGS:
+        if value is None:
+            return set()
         return {f"{name}.{k}" for k in value} if isinstance(value, dict) else {name}
     if isinstance(value, dict):
         return set().union(*(_keys_set(k, v) for k, v in value.items()))

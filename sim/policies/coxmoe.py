@@ -310,9 +310,10 @@ class _Model:
         if phase is Phase.DECODE:
             share = float(cpu.mean())
             cpu_placement = placement[0] + "c" + placement[2]
-            cpu_mu = int(cpu.sum()) if self.opts.attention_split_unit == "requests" else mu  # one CPU batch
-            return (share * self.ops012_s(phase, cpu_placement, cpu_mu, False)
-                    + (1 - share) * self.ops012_s(phase, placement, mu, gpu_kv))
+            gpu_front = (1 - share) * self.ops012_s(phase, placement, mu, gpu_kv)
+            if self.opts.attention_split_unit == "requests":  # the CPU's requests attend as one batch
+                return self.ops012_s(phase, cpu_placement, int(cpu.sum()), False, batches=1) + gpu_front
+            return share * self.ops012_s(phase, cpu_placement, mu, False) + gpu_front
         if self.streamed:  # every request's K/V goes to host memory
             return self.ops012_s(phase, placement, mu, False)
         lens = self.wl.prompt_lens
@@ -322,13 +323,13 @@ class _Model:
 
     # ---- OP0..OP2 --------------------------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def ops012_s(self, phase: Phase, placement: str, mu: int, kv_on_gpu: bool) -> float:
-        """Per-layer time of OP0-OP2, the router and the activation copies over all micro-batches: summed (the
-        paper's model, `estimate=serial`) or pipelined (`pipelined_s`)."""
+    def ops012_s(self, phase: Phase, placement: str, mu: int, kv_on_gpu: bool, batches: int = 0) -> float:
+        """Per-layer time of OP0-OP2, the router and the activation copies over all micro-batches of `mu` requests
+        (or over `batches` of them): summed (the paper's model, `estimate=serial`) or pipelined (`pipelined_s`)."""
         w, a, wl = self.w, self.a, self.wl
         batch = wl.batch
         mu = batch if mu <= 0 else min(mu, batch)
-        n_mb = -(-batch // mu)
+        n_mb = batches or -(-batch // mu)
         if phase is Phase.PREFILL:
             s = float(wl.prompt_lens.mean())
             tokens = int(round(mu * s))
