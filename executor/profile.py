@@ -163,20 +163,40 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     current = torch.get_num_threads()
     threads = threads or (current,)
     rows: list[dict] = []
+    done: list[str] = []
     speed_before = speed_probe()  # the machine's speed around the measurements (drift between them shows)
+
+    def write(failed: dict[str, str] | None = None) -> None:
+        """The profile of the devices measured so far: written after each device, so a later device that fails
+        or runs out of time (a lent GPU's window) leaves the earlier ones usable (ops of a device without rows
+        are priced by the roofline)."""
+        write_atomic_text(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
+        meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
+                "dtype": "bfloat16", "devices": list(done), "threads": list(threads), "rounds": rounds,
+                "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()}}
+        if len(done) < len(devices):
+            meta["not_measured"] = [d for d in devices if d not in done]
+        if failed:
+            meta["failed"] = failed
+        write_atomic_text(out / "profile.json", json.dumps(meta, indent=2))
+
     try:
         for device in devices:
-            for n in threads if device == "cpu" else (current,):
-                torch.set_num_threads(n)
-                rows.extend({**row, "threads": n} for row in _measure(spec, device, rounds, max_tokens, progress,
-                                                                      seed, max_requests, max_kv, between_rounds))
+            start = len(rows)
+            try:
+                for n in threads if device == "cpu" else (current,):
+                    torch.set_num_threads(n)
+                    rows.extend({**row, "threads": n} for row in _measure(
+                        spec, device, rounds, max_tokens, progress, seed, max_requests, max_kv, between_rounds))
+            except Exception as exc:  # noqa: BLE001 - keep what the other devices measured, then report it
+                del rows[start:]  # a device's rows are whole or absent
+                if done:
+                    write({device: f"{type(exc).__name__}: {exc}"[:300]})
+                raise
+            done.append(device)
+            write()
     finally:
         torch.set_num_threads(current)
-    write_atomic_text(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
-    meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
-            "dtype": "bfloat16", "devices": list(devices), "threads": list(threads), "rounds": rounds,
-            "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()}}
-    write_atomic_text(out / "profile.json", json.dumps(meta, indent=2))
     return out
 
 

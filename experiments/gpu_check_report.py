@@ -51,15 +51,23 @@ def gpu_preset_of(name: str | None) -> str | None:
     return None
 
 
-def measured_gpu(bench: Any) -> str | None:
-    """The GPU name machine_bench.json records, or None (no file, or a CPU-only run)."""
-    return bench["machine"].get("gpu") if isinstance(bench, dict) else None
+def measured_gpu(bench: Any, folder: Path | None = None) -> str | None:
+    """The GPU name machine_bench.json records; without it (the step failed or was skipped), the first line of
+    the env step's log (nvidia-smi, torch's device name) naming a GPU the presets know; else None."""
+    name = bench["machine"].get("gpu") if isinstance(bench, dict) else None
+    if name or folder is None:
+        return name
+    try:
+        lines = (folder / "env.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip()[:120] for line in lines if gpu_preset_of(line)), None)
 
 
-def lent_gpu(bench: Any, override: str | None = None) -> str:
-    """The GPU preset to price the run with: `override`, else the one the driver's name maps to, else the
-    system preset's own (GPU_PRESET)."""
-    return override or gpu_preset_of(measured_gpu(bench)) or GPU_PRESET
+def lent_gpu(bench: Any, override: str | None = None, folder: Path | None = None) -> str:
+    """The GPU preset to price the run with: `override`, else the one the driver's name maps to (machine_bench.json,
+    else the env step's log in `folder`), else the system preset's own (GPU_PRESET)."""
+    return override or gpu_preset_of(measured_gpu(bench, folder)) or GPU_PRESET
 
 
 def lent_system(system: str, gpu: str) -> Any:
@@ -163,10 +171,12 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
     out += steps(folder) or ["(no steps.txt)"]
     out.append("```\n")
     bench = _json(folder / "machine_bench.json")
-    measured_name = measured_gpu(bench)
-    gpu = lent_gpu(bench, gpu)
-    out.append(f"Priced with the `{gpu}` GPU preset" + (f" (the lent GPU: {measured_name})" if measured_name else "")
-               + f"; the simulated own points run on `{system}` with that GPU (its host preset kept).\n")
+    measured_name = measured_gpu(bench, folder)
+    gpu = lent_gpu(bench, gpu, folder)
+    named = (f" (the lent GPU: {measured_name})" if measured_name else
+             " (no GPU named by machine_bench.json or env.log: the system preset's own, by default)")
+    out.append(f"Priced with the `{gpu}` GPU preset{named}; the simulated own points run on `{system}` with that GPU "
+               "(its host preset kept).\n")
     if isinstance(bench, dict):
         m = bench["machine"]
         out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
@@ -175,6 +185,8 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
             out.append(f"machine_bench part `{part}` failed: {error}\n")
         if bench.get("gemm_device") == "cuda" and bench.get("gemm"):
             out += [f"## GEMMs by shape against the `{gpu}` preset's roofline\n", _md(gemm_table(bench, gpu))]
+        elif bench.get("errors", {}).get("gemm"):
+            out.append("The GEMM part failed (above): no GEMM is priced.\n")
         else:
             out.append("GEMMs ran on the CPU (no CUDA): not priced against a GPU preset.\n")
         if all(k in bench for k in ("host_copies", "d2d_copy", "duplex")):
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if not folder.is_dir():
             raise SimInputError(f"{folder}: not a folder")
         bench = _json(folder / "machine_bench.json")
-        gpu = lent_gpu(bench, args.gpu)
+        gpu = lent_gpu(bench, args.gpu, folder)
         from sim.specs.catalog import component_preset
 
         component_preset("gpus", gpu)  # an unknown preset is refused here, naming the presets

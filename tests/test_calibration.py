@@ -514,3 +514,25 @@ def test_profile_rows_no_op_could_read_are_refused(tmp_path, tiny_model, paper_s
     rows[1].update(row)
     with pytest.raises(SimInputError, match=message):
         ProfileCostModel(paper_system, write_profile(tmp_path / "p", tiny_model, rows), tiny_model)
+
+
+def test_a_device_that_fails_leaves_the_profile_of_the_devices_before_it(tmp_path, monkeypatch):
+    """The profile was written only once every device finished, so a GPU half that raised (or ran out of a lent
+    GPU's window) lost the finished CPU rows too, and every validation after it had no profile."""
+    import executor.profile as P
+
+    def measure(spec, device, *args, **kwargs):
+        if device == "cuda":
+            raise RuntimeError("CUDA error: no kernel image is available")
+        return [{"device": "cpu", "kind": "qkv", "tokens": 1, "kv": 0, "median_s": 1e-3}]
+
+    monkeypatch.setattr(P, "_measure", measure)
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        P.profile(_tiny_spec(), tmp_path / "prof", devices=("cpu", "cuda"), progress=False)
+    meta = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert meta["devices"] == ["cpu"] and meta["not_measured"] == ["cuda"]
+    assert "no kernel image" in meta["failed"]["cuda"]
+    rows = pd.read_csv(tmp_path / "prof" / "timings.csv")
+    assert set(rows["device"]) == {"cpu"} and len(rows) == 1
+    P.profile(_tiny_spec(), tmp_path / "cpu_only", devices=("cpu",), progress=False)
+    assert "not_measured" not in json.loads((tmp_path / "cpu_only" / "profile.json").read_text())

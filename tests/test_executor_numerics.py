@@ -12,6 +12,7 @@ from executor.weights import random_weights, truncated
 from sim.plan import ungroup
 from sim.policies import PlanContext, make_policy
 from sim.specs import load_model
+from sim.topology import UnitKind, topology_of
 from sim.workload import Workload
 from traces import SynthConfig, generate_trace
 
@@ -142,9 +143,18 @@ def test_cuda_execution_matches_the_reference(tiny_specs, paper_system, policy, 
     assert worst < 3e-2, f"{policy} {opts}: relative error {worst:.2e}"
     assert not result.gpu_role_on_cpu and any(d.startswith("cuda") for d in result.devices.values())
     rec = result.record
+    streams = topology_of(plan.system).streams
+    host_timed = {s for s, unit in streams.items() if unit.kind is UnitKind.CPU}  # the rest: CUDA events
     for op in plan.ops:
         for d in op.deps:
-            assert rec.start_ns[op.id] >= rec.end_ns[d], f"{policy}: op {op.id} started before its dep {d} ended"
+            # CUDA event times reach the host clock through one reading per run, so a dependency across the
+            # host/GPU boundary gets a tolerance for the two clocks' drift over the run (same side: exact)
+            across = (str(op.stream) in host_timed) != (str(plan.ops[d].stream) in host_timed)
+            assert rec.start_ns[op.id] >= rec.end_ns[d] - (CLOCK_TOLERANCE_NS if across else 0), \
+                f"{policy}: op {op.id} started before its dep {d} ended"
+
+
+CLOCK_TOLERANCE_NS = 200_000  # 200 us: host/GPU clock drift over a run of a few seconds, well under an op
 
 
 def test_weights_move_without_sharing_or_copying_through_the_host(tiny_specs):

@@ -102,3 +102,19 @@ def test_an_h100_run_is_priced_as_an_h100(tmp_path):
     h200 = report.own_points(tmp_path).set_index("point")
     assert h200.loc["cx", "ratio"] == pytest.approx(1.0, rel=1e-6)
     assert h100.loc["cx", "ratio"] < h200.loc["cx", "ratio"]  # the slower GPU predicts fewer tokens a second
+
+
+def test_without_machine_bench_the_gpu_comes_from_the_env_log_and_a_failed_gemm_part_says_so(tmp_path):
+    """A run whose machine_bench step failed was priced as an H200 whatever GPU ran it, and a GEMM part that failed
+    on CUDA was reported as "GEMMs ran on the CPU"."""
+    (tmp_path / "env.log").write_text("+-----+\n| 0  NVIDIA H100 80GB HBM3   On | 00000000:18:00.0 Off |\n"
+                                      "2.11.0 12.8 NVIDIA H100 80GB HBM3\n")
+    _own_point(tmp_path, "cx", 1.0)
+    text = report.render(tmp_path)
+    assert "`h100-sxm` GPU preset" in text and "NVIDIA H100 80GB HBM3" in text
+    (tmp_path / "env.log").write_text("no GPU here\n")
+    assert "no GPU named" in report.render(tmp_path) and "`h200` GPU preset" in report.render(tmp_path)
+    bench = {"machine": {"gpu": "NVIDIA H200"}, "gemm_device": "cuda", "errors": {"gemm": "RuntimeError: CUDA"}}
+    (tmp_path / "machine_bench.json").write_text(json.dumps(bench))
+    text = report.render(tmp_path)
+    assert "The GEMM part failed" in text and "ran on the CPU" not in text
