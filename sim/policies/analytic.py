@@ -84,26 +84,39 @@ class SearchSpace:
     # re-scored candidates within this share of the fastest count as tied, and the smallest plan (fewest ops) of
     # them wins; 0: the fastest, always
     tie_share: float = 0.0
+    # a candidate's plan size (e.g. its micro-batches); with it, a family's leader is the smallest of the family's
+    # candidates whose estimate is within `tie_share` of the family's best (the analytic model's own ties)
+    size: Callable[[Any], float] | None = None
 
     def rescore_order(self) -> list[Candidate]:
         """Candidates in the order the re-scoring tries them: by analytic estimate, the best of each family
-        first (when families are given), then the others; the anchor, if not among the first `rescore`, takes the
-        last of those places."""
+        first (when families are given; with `size`, the smallest within `tie_share` of the family's best), then
+        the others; the anchor, if not among the first `rescore`, takes the last of those places."""
         ranked = sorted(self.candidates, key=lambda c: c.analytic_s)
         if self.family is not None:
-            seen: set[Hashable] = set()
-            leaders, rest = [], []
+            families: dict[Hashable, list[Candidate]] = {}
             for cand in ranked:
-                key = self.family(cand.options)
-                (rest if key in seen else leaders).append(cand)
-                seen.add(key)
-            ranked = leaders + rest
+                families.setdefault(self.family(cand.options), []).append(cand)
+            leaders = [self._leader(members) for members in families.values()]
+            leaders.sort(key=lambda c: families[self.family(c.options)][0].analytic_s)  # by the family's best
+            chosen = {id(c) for c in leaders}
+            ranked = leaders + [c for c in ranked if id(c) not in chosen]
         if self.anchor is not None and self.anchor in ranked:
             slot = max(self.rescore, 1) - 1
             if ranked.index(self.anchor) > slot:
                 ranked.remove(self.anchor)
                 ranked.insert(slot, self.anchor)
         return ranked
+
+
+    def _leader(self, members: list[Candidate]) -> Candidate:
+        """A family's re-scored candidate: its best estimate, or with `size` the smallest plan among those the
+        estimate cannot tell from the best (within `tie_share`)."""
+        if self.size is None or self.tie_share <= 0:
+            return members[0]
+        best = members[0].analytic_s
+        tied = [c for c in members if c.analytic_s <= best * (1 + self.tie_share)]
+        return min(tied, key=lambda c: (self.size(c.options), c.analytic_s))
 
 
 def options_dict(options: Any) -> dict[str, Any]:
