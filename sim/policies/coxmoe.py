@@ -261,6 +261,7 @@ class _Model:
         wl = self.wl
         return split_by_tokens(np.arange(wl.batch), wl.prompt_lens, self.prefill_tokens(mu))
 
+    @cache  # noqa: B019 - one model per search; the cache dies with it
     def prefill_tokens_max(self, mu: int) -> int:
         """The most prompt tokens any prefill micro-batch of `prefill_tokens(mu)` holds (one request longer than
         the budget forms its own micro-batch): what the GPU's activation workspace is sized for."""
