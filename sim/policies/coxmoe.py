@@ -355,22 +355,25 @@ class _Model:
         def add(stream: Stream, seconds: float) -> None:
             busy[stream] = busy.get(stream, 0.0) + seconds
 
+        def copy(stream: Stream, nbytes: int) -> None:
+            add(stream, a.copy(stream, nbytes))
+
         add(x0, a.t(OpKind.QKV, x0, w.qkv(tokens)))
         add(x1, a.t(OpKind.ATTENTION, x1, w.attention(tokens, kv_att, kv_read, phase is Phase.PREFILL)))
         add(x2, a.t(OpKind.O_PROJ, x2, w.o_proj(tokens)) + a.t(OpKind.ROUTER, x2, w.router(tokens)))
         if x0 is CPU:
-            add(D2H, a.copy(D2H, w.hidden_bytes(tokens)))
+            copy(D2H, w.hidden_bytes(tokens))
         if x0 != x1:
-            add(D2H if x1 is CPU else H2D_ACT, a.copy(D2H if x1 is CPU else H2D_ACT, w.qkv_out_bytes(tokens)))
+            copy(D2H if x1 is CPU else H2D_ACT, w.qkv_out_bytes(tokens))
         if x1 != x2:
-            add(D2H if x2 is CPU else H2D_ACT, a.copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens)))
+            copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens))
         if phase is Phase.PREFILL and (x1 is GPU) != kv_on_gpu:  # KV store to where decode reads it
-            add(D2H if x1 is GPU else H2D_ACT, a.copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens)))
+            copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens))
         if phase is Phase.DECODE and x1 is GPU and not kv_on_gpu:  # a streamed cache: load, then write back
-            add(H2D_ACT, a.copy(H2D_ACT, w.kv_bytes(kv_read - tokens)))
-            add(D2H, a.copy(D2H, w.kv_bytes(tokens)))
+            copy(H2D_ACT, w.kv_bytes(kv_read - tokens))
+            copy(D2H, w.kv_bytes(tokens))
         if x2 is CPU:
-            add(H2D_ACT, a.copy(H2D_ACT, w.hidden_bytes(tokens)))  # the GPU experts need the hidden states too
+            copy(H2D_ACT, w.hidden_bytes(tokens))  # the GPU experts need the hidden states too
         if self.opts.estimate == "serial":
             return n_mb * sum(busy.values())
         return pipelined_s(busy.values(), n_mb)
