@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -32,10 +31,10 @@ from sim.search import plan_policy, simulate_with
 from sim.specs import ModelSpec, SystemSpec, load_model, load_system
 from sim.workload import Workload
 from traces import RoutingTrace, SynthConfig, TraceHeader, generate_trace, load_trace
-from traces.disk_cache import cache_key, disk_cache_from_env
+from traces.disk_cache import cache_key, disk_cache_from_env, table_digest
 from traces.format import trace_summary
 from traces.limits import check_memory, env_size_bytes
-from traces.synth import POPULARITY_TABLES, check_routing, workload_lengths
+from traces.synth import check_routing, workload_lengths
 from traces.synth_presets import SynthPreset, synth_preset
 
 
@@ -165,28 +164,11 @@ def resolve_routing(model: ModelSpec, batch: int | None, prompt_len: int | str |
     wl, cfg = synthetic_inputs(model, batch, prompt_len, gen_len, routing, seed, reuse_prob)
     if system is not None:
         check_kv_fits_machine(model, system, wl)
-    table = table_file_digest(cfg.routing)
+    table = table_digest(cfg.routing)
     if table is None:  # a count table that cannot be read: synthesis reports it (nothing cached under its name)
         return wl, synthesise(cfg, wl, prompt_counts), routing
     return wl, TRACE_CACHE.get((cfg, batch, prompt_len, gen_len, prompt_counts, table),
                                lambda: synthesise(cfg, wl, prompt_counts)), routing
-
-
-def table_file_digest(routing: str) -> str | None:
-    """What a routing's count table holds, for the in-memory trace cache's key: "" for routings that name no file
-    (and the shipped tables), else the sha256 of the file's bytes, so an edited `table:PATH` is drawn anew in the
-    same process; None when the file is not a readable regular file."""
-    kind, _, name = routing.partition(":")
-    if kind != "table" or name in POPULARITY_TABLES:
-        return ""
-    path = Path(name)
-    try:
-        if not path.is_file():
-            return None
-        with path.open("rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
 
 
 def trace_workload(header: TraceHeader, prompt_lens: np.ndarray, gen_lens: np.ndarray, model: ModelSpec,

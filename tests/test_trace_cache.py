@@ -326,9 +326,9 @@ def test_the_disk_cache_key_covers_every_module_that_draws_a_trace():
 
 def test_count_tables_that_are_fifos_or_missing_are_refused_not_waited_on(tmp_path):
     """A FIFO named as a count table blocked the reader (and the caches' hashing) for ever."""
-    from sim.api import resolve_model, resolve_routing, table_file_digest
+    from sim.api import resolve_model, resolve_routing
     from traces import SynthConfig
-    from traces.disk_cache import cache_key
+    from traces.disk_cache import cache_key, table_digest
     from traces.errors import TraceError
     from traces.importers import read_count_table
 
@@ -338,7 +338,7 @@ def test_count_tables_that_are_fifos_or_missing_are_refused_not_waited_on(tmp_pa
         read_count_table(fifo)
     cfg = SynthConfig("tiny", 2, 4, 1, f"table:{fifo}", 0.0, 0)
     assert cache_key(cfg, np.full(2, 4), np.full(2, 2)) is None
-    assert table_file_digest(f"table:{fifo}") is None and table_file_digest("table:mixtral-8x7b") == ""
+    assert table_digest(f"table:{fifo}") is None and table_digest("table:mixtral-8x7b") == ""
     with pytest.raises(TraceError, match="file not found"):  # uncached: the synthesis names the problem
         resolve_routing(resolve_model("mixtral-8x7b"), 4, 8, 2, None, f"table:{fifo}", 0)
 

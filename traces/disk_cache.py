@@ -52,6 +52,22 @@ def synthesis_digest() -> str:
     return h.hexdigest()
 
 
+def table_digest(routing: str) -> str | None:
+    """What a routing's count table holds, for the trace caches' keys: "" for routings that name no file (and the
+    shipped tables), else the sha256 of the `table:PATH` file's bytes (so an edited table is drawn anew); None when
+    the file is not a readable regular file (a FIFO or a device would block the read or never end it)."""
+    kind, _, name = routing.partition(":")
+    if kind != "table" or name in POPULARITY_TABLES:
+        return ""
+    try:
+        if not Path(name).is_file():
+            return None
+        with Path(name).open("rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
 def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
               prompt_counts: bool = False) -> str | None:
     """The file name of a trace (in full, or with its prompts as counts), or None when it cannot be keyed (a
@@ -60,15 +76,10 @@ def cache_key(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarray,
     if prompt_counts:
         h.update(b"prompt_counts|")
     h.update(json.dumps(asdict(cfg), sort_keys=True, default=list).encode())
-    kind, _, name = cfg.routing.partition(":")
-    if kind == "table" and name not in POPULARITY_TABLES:  # a user's count table: its bytes, not its name
-        try:
-            if not Path(name).is_file():  # a FIFO or a device would block or never end
-                return None
-            with Path(name).open("rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
-        except OSError:
-            return None
+    table = table_digest(cfg.routing)  # a user's count table: its bytes, not its name
+    if table is None:
+        return None
+    h.update(table.encode())
     for lens in (prompt_lens, gen_lens):
         h.update(np.ascontiguousarray(lens, dtype=np.int64).tobytes())
         h.update(b"|")
