@@ -43,7 +43,7 @@ from simpy.core import EmptySchedule
 from simpy.events import NORMAL, URGENT
 
 from sim.cost import CostModel, GroupPrices
-from sim.errors import CapacityError
+from sim.errors import CapacityError, SimInputError
 from sim.plan import Op, Plan
 from sim.topology import Topology, topology_of
 
@@ -105,17 +105,29 @@ class _Pools:
 
     def __init__(self, capacity: dict[str, int], static: dict[str, int]):
         self.capacity = capacity
-        self.error: CapacityError | None = None
+        self.error: SimInputError | None = None
+        self.static = static
         self.used = dict(static)
         self.peak = dict(static)
         self.now = -1  # the instant whose allocations are not yet judged
         self.allocated: dict[str, tuple[int, str]] = {}  # pool -> (lowest op id, its name) allocating at `now`
+        self.freed: dict[str, int] = {}  # pool -> the lowest op id freeing it at `now`
         for pool, used in static.items():
             if used > capacity[pool]:
                 raise CapacityError(pool.upper(), used, capacity[pool], "static allocations")
 
     def settle(self) -> None:
-        """Judge the pools allocated at the last instant: fail if over capacity, else raise their peaks."""
+        """Judge the pools allocated or freed at the last instant: fail if over capacity or below the static
+        level (a free that ran before its allocation: plan order balances, time order does not), else raise the
+        peaks."""
+        if self.freed:
+            for pool, op in self.freed.items():
+                if self.used[pool] < self.static[pool]:
+                    self.error = SimInputError(
+                        f"plan op {op}: frees {pool!r} memory before it is allocated (at {self.now} ns the pool "
+                        f"holds {self.static[pool] - self.used[pool]} bytes less than its static allocations)")
+                    raise _Abort(str(self.error))
+            self.freed.clear()
         for pool, (_, what) in self.allocated.items():
             used = self.used[pool]
             if used > self.capacity[pool]:
@@ -134,11 +146,14 @@ class _Pools:
         if first is None or op < first[0]:
             self.allocated[pool] = (op, what)
 
-    def free(self, pool: str, nbytes: int, now: int) -> None:
+    def free(self, pool: str, nbytes: int, now: int, op: int) -> None:
         if now != self.now:
             self.settle()
             self.now = now
         self.used[pool] -= nbytes
+        first = self.freed.get(pool)
+        if first is None or op < first:
+            self.freed[pool] = op
 
 
 
@@ -194,6 +209,9 @@ def max_min_rates(usages: list[tuple[float, ...]]) -> list[float]:
         # it would hold the next step at zero forever), so every step freezes at least one job.
         active = [i for i in active if rates[i] < 1.0 - _EPS and not any(usages[i][r] > 0.0 for r in full)]
     return rates
+
+
+MAX_RUN_NS = 2**62  # a run's records are int64 nanoseconds; a longer run is a near-zero rate, not a result
 
 
 class _Job:
@@ -339,7 +357,8 @@ def _chainable(ops: list[Op]) -> list[bool]:
 
 
 def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True) -> EngineRecord:
-    """Simulate `plan` under `cost`; raise CapacityError if memory runs out, PlanDeadlock if ops starve.
+    """Simulate `plan` under `cost`; raise CapacityError if memory runs out, PlanDeadlock if ops starve,
+    SimInputError if memory is freed before it is allocated or the run outlasts int64 nanoseconds.
     `check=False` skips `Plan.check()` for a plan built moments ago in this process (a search's candidates;
     the plan finally chosen is checked when it runs). `chain=False` gives every op on an uncontended stream its
     own timeout (the reference the chained run must equal: same start and end of every op, same peaks)."""
@@ -494,7 +513,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         op = ops[i]
         if op.free:
             for pool, nbytes in op.free:
-                pools.free(pool, nbytes, now)
+                pools.free(pool, nbytes, now, i)
         if waiters:
             woken = waiters.pop(i, None)
             if woken is not None:
@@ -522,6 +541,10 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         # ops from them, so the ops die with the plan instead of waiting for a collection (0.2-0.3 s of objects
         # after a full-decode point).
         ops = None
+    last = max(end, default=0)
+    if last > MAX_RUN_NS:  # each op stays under the per-op bound, but their sum would not fit int64 nanoseconds
+        raise SimInputError(f"the run would last {last / 1e9:.3g} s (over {MAX_RUN_NS / 1e9:.0e} s): a rate or "
+                            "efficiency in the system spec or profile is near zero")
     end_arr = np.asarray(end, dtype=np.int64)
     if n and (end_arr < 0).any():
         first = int(np.flatnonzero(end_arr < 0)[0])

@@ -292,7 +292,7 @@ class Plan:
         for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
             d = op.phase is decode
             if not (0 <= op.flops <= limit and 0 <= op.bytes <= limit and 0 <= op.tokens <= tokens_max[d]
-                    and 0 <= op.kv_tokens <= kv_max[d] and (not d or 1 <= op.step <= max_step)
+                    and 0 <= op.kv_tokens <= kv_max[d] and (1 <= op.step <= max_step if d else op.step == 0)
                     and -1 <= op.layer <= layers and -1 <= op.expert < experts
                     and -1 <= op.micro_batch < groups[d] and op.stream in streams and op.scope == -1) \
                     or op.alloc or op.free or op.members:
@@ -386,6 +386,8 @@ class Plan:
             raise SimInputError(f"plan op {op.id}: tokens and kv_tokens must be >= 0")
         if op.phase is Phase.DECODE and not 1 <= op.step <= max_step:
             raise SimInputError(f"plan op {op.id}: decode step {op.step} outside the workload's 1..{max_step}")
+        if op.phase is Phase.PREFILL and op.step != 0:
+            raise SimInputError(f"plan op {op.id}: a prefill op has step 0, not {op.step}")
         d = op.phase is Phase.DECODE
         for name, value, top, owner in (("layer", op.layer, bounds.layers + 1, "the model's layers and head"),
                                          ("expert", op.expert, bounds.experts, "the model's experts"),

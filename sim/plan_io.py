@@ -29,7 +29,7 @@ from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 from sim.topology import topology_of
 from sim.workload import Workload
-from traces.limits import max_ops, too_many_ops
+from traces.limits import MAX_LENGTH, check_memory, max_ops, too_many_ops
 
 PLAN_FORMAT = "cox-moe-plan"
 PLAN_VERSION = 1
@@ -76,9 +76,11 @@ def load_plan(path: str | Path) -> Plan:
     if not path.is_file():
         raise SimInputError(f"plan file not found: {path}")
     try:
-        rows = pq.ParquetFile(path).metadata.num_rows
+        footer = pq.ParquetFile(path).metadata
+        rows = footer.num_rows
         if rows > max_ops():  # before any column is read: a small compressed file may hold millions of rows
             raise too_many_ops(rows)
+        check_memory(load_bytes(footer), f"reading plan {path}")  # rows and list entries (deps, members) both
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SimInputError(f"{path}: not a readable Parquet plan ({type(exc).__name__})") from None
@@ -91,7 +93,7 @@ def load_plan(path: str | Path) -> Plan:
         raise SimInputError(f"{path}: plan metadata is not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(meta, dict):
         raise SimInputError(f"{path}: plan metadata must be a JSON object")
-    if meta.get("version") != PLAN_VERSION:
+    if meta.get("version") != PLAN_VERSION or isinstance(meta.get("version"), bool):  # true == 1 in Python
         raise SimInputError(f"{path}: unsupported plan version {meta.get('version')!r} (this reader: {PLAN_VERSION})")
     missing = [c for c in (*_INT_COLUMNS, *_ENUM_COLUMNS, "deps", "alloc_pool", "alloc_bytes", "free_pool",
                            "free_bytes") if c not in table.column_names]
@@ -149,6 +151,26 @@ def _ints(name: str, values: list[Any]) -> list[int]:
     return values
 
 
+# Resident bytes while a plan file is read (columns as Python lists and the plan's ops alive together), measured
+# with ru_maxrss on the 2-vCPU AMD EPYC dev VM (2026-12-05): the standard scenario's plan, 259,308 rows and 2.6 M
+# list entries, 451 MB; a 3,751-row file with 20 M dependency ids, 622 MB (31 bytes an entry).
+LOAD_BYTES_PER_ROW = 1536
+LOAD_BYTES_PER_LIST_ENTRY = 32
+
+
+def load_bytes(footer: pq.FileMetaData) -> int:
+    """About how much memory reading a plan file takes, from its Parquet footer alone: rows, and the entries of
+    its list columns (a small file may hold millions of dependency ids in one row)."""
+    entries = 0
+    for g in range(footer.num_row_groups):
+        group = footer.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            if ".list." in column.path_in_schema:
+                entries += column.num_values
+    return footer.num_rows * LOAD_BYTES_PER_ROW + entries * LOAD_BYTES_PER_LIST_ENTRY
+
+
 def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str) -> Plan:
     """The plan a file's metadata and columns describe (each part checked as it is read)."""
     for key, kind in (("policy", str), ("knobs", dict), ("model", dict), ("system", dict), ("static_memory", dict),
@@ -165,6 +187,9 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
     for k, arr in lengths.items():
         if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 1:
             raise SimInputError(f"metadata {k} must be a non-empty list of integers >= 1")
+        if int(arr.max()) > MAX_LENGTH:  # as in a trace: bounds every sum of lengths below int64's range
+            raise SimInputError(f"metadata {k}: a request holds at most {MAX_LENGTH:,} tokens (found "
+                                f"{int(arr.max()):,})")
     workload = Workload(lengths["prompt_lens"].astype(np.int64), lengths["gen_lens"].astype(np.int64))
     if set(meta["micro_batches"]) != {"prefill", "decode"}:
         raise SimInputError("metadata micro_batches: needs prefill and decode groups (and nothing else)")

@@ -512,7 +512,7 @@ def _rewrite_plan_meta(src: Path, dst: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("changes, message", [
     ({"gen_lens": [3, 1000]}, "workload generates for 999 steps"),
-    ({"gen_lens": [2**62, 2**62]}, "workload generates for 4611686018427387903 steps"),
+    ({"gen_lens": [2**62, 2**62]}, "a request holds at most 16,777,216 tokens"),
     ({"prompt_lens": [8, 8, 8], "gen_lens": [3, 3, 3]}, "its workload has 3"),
     ({"gen_lens": [3, 2]}, "decode step 2 generates 2 tokens; its workload has 1"),
 ])
@@ -830,3 +830,100 @@ def test_a_system_spec_given_as_a_model_file_says_so(capsys, tmp_path):
     path.write_text(capsys.readouterr().out)
     fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL],
                   "this looks like a system spec: give it to --system-file")
+
+
+# ---- found by an engine and plan-file audit (2026-12-05, evening) ------------------------------------------
+def test_a_run_too_long_for_int64_nanoseconds_is_a_one_line_error(capsys):
+    """Each copy stays under the per-op bound, but the run's sum of them would pass int64 nanoseconds."""
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, "--policy", "stream-experts", "--batch", "8",
+                           "--prompt-len", "16", "--gen-len", "4", "--set", "link.h2d_bytes_per_s=1000",
+                           "--set", "link.h2d_efficiency=0.003"], "the run would last")
+
+
+def _rewrite_plan_column(src: Path, dst: Path, name: str, values: list, kind: pa.DataType) -> Path:
+    table = pq.read_table(src)
+    column = table.column_names.index(name)
+    pq.write_table(table.set_column(column, name, pa.array(values, kind)), dst)
+    return dst
+
+
+def test_a_plan_file_with_millions_of_list_entries_is_refused_before_it_is_read(capsys, tmp_path):
+    """A few rows may hold millions of dependency ids: the footer's entry count is charged before any column is
+    read (it was 3.9 GB for an 80 KB file)."""
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    rows = pq.ParquetFile(plan).metadata.num_rows
+    deps = [[] for _ in range(rows)]
+    deps[-1] = [0] * 400_000
+    bad = _rewrite_plan_column(plan, tmp_path / "bad.parquet", "deps", deps, pa.list_(pa.int64()))
+    fails_cleanly(capsys, ["--max-gib", "0.01", "run-plan", str(bad)], "reading plan")
+    assert main(["run-plan", str(plan)]) == 0  # the plan as written reads under the default limit
+
+
+def test_a_plan_file_that_frees_memory_before_allocating_it_is_refused(capsys, tmp_path):
+    """Plan order balances (the allocation comes first in the file) but time order does not: the freeing op, on
+    another stream with no dependency on the allocating one, ends before it starts."""
+    from sim.cost import RooflineCostModel
+    from sim.engine import run_plan
+    from sim.plan_io import load_plan
+
+    plan_file = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "mixtral-8x7b", *SYS, "--policy", "moe-lightning", "--batch", "8",
+                 "--prompt-len", "16", "--gen-len", "4", "--plan-out", str(plan_file)]) == 0
+    capsys.readouterr()
+    plan = load_plan(plan_file)
+    record = run_plan(plan, RooflineCostModel(plan.system))
+    ops, start, end = plan.ops, record.start_ns, record.end_ns
+    a, b = next((a, b) for a in range(len(ops) - 1, -1, -1) if ops[a].stream == "gpu"
+                for b in range(a + 1, len(ops)) if ops[b].stream != "gpu" and end[b] < start[a])
+    table = pq.read_table(plan_file)
+    size = 1 << 30
+    for name, kind, at, value in (("alloc_pool", pa.string(), a, "gpu"), ("alloc_bytes", pa.int64(), a, size),
+                                  ("free_pool", pa.string(), b, "gpu"), ("free_bytes", pa.int64(), b, size)):
+        cells = table.column(name).to_pylist()
+        cells[at] = [*(cells[at] or []), value]
+        table = table.set_column(table.column_names.index(name), name, pa.array(cells, pa.list_(kind)))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table, bad)
+    fails_cleanly(capsys, ["run-plan", str(bad)], f"plan op {b}: frees 'gpu' memory before it is allocated")
+
+
+def test_a_prefill_op_of_a_decode_step_and_a_boolean_version_are_refused(capsys, tmp_path):
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    steps = pq.read_table(plan).column("step").to_pylist()
+    steps[0] = 3  # op 0 is a prefill op
+    bad = _rewrite_plan_column(plan, tmp_path / "step.parquet", "step", steps, pa.int64())
+    fails_cleanly(capsys, ["run-plan", str(bad)], "plan op 0: a prefill op has step 0, not 3")
+    fails_cleanly(capsys, ["run-plan", str(_rewrite_plan_meta(plan, tmp_path / "v.parquet", version=True))],
+                  "unsupported plan version True")
+
+
+def test_run_plan_reports_every_pool_peak(capsys, tmp_path):
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["run-plan", str(plan), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_bytes"]["gpu"] == out["peak_gpu_bytes"] > 0 and out["peak_bytes"]["cpu"] == out["peak_cpu_bytes"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda doc: [e.pop("tid") for e in doc["traceEvents"] if e.get("ph") == "X"], "an integer tid"),
+    (lambda doc: [e.update(args="x") for e in doc["traceEvents"] if e.get("name") == "process_name"],
+     "process_name and thread_name events need args.name"),
+    (lambda doc: [e.pop("args") for e in doc["traceEvents"] if e.get("name") == "thread_name"],
+     "process_name and thread_name events need args.name"),
+    (lambda doc: doc.update(otherData=[1]), "otherData must be a JSON object"),
+])
+def test_a_malformed_timeline_is_a_one_line_error(capsys, tmp_path, edit, message):
+    good = tmp_path / "t.json"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--timeline", str(good)]) == 0
+    capsys.readouterr()
+    doc = json.loads(good.read_text())
+    edit(doc)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    fails_cleanly(capsys, ["timeline", str(bad), "--out", str(tmp_path / "g.png")], message)

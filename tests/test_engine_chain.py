@@ -143,7 +143,7 @@ STREAMS = (Stream.GPU, Stream.GPU, Stream.GPU, Stream.GPU, Stream.CPU, Stream.CP
 @st.composite
 def random_plans(draw) -> Plan:
     """Plans of up to 40 ops, most on the GPU (the uncontended stream), with random dependencies on earlier ops,
-    zero-cost ops, and allocations freed by a later op."""
+    zero-cost ops, and allocations freed by a later op that depends on the allocating one."""
     b = PlanBuilder()
     held: list[tuple[int, int]] = []  # (bytes, op that allocated)
     for i in range(draw(st.integers(1, 40))):
@@ -155,8 +155,10 @@ def random_plans(draw) -> Plan:
             alloc = (("gpu", size),)
             held.append((size, i))
         elif held and draw(st.booleans()):
-            size, _ = held.pop(draw(st.integers(0, len(held) - 1)))
+            size, owner = held.pop(draw(st.integers(0, len(held) - 1)))
             free = (("gpu", size),)
+            if owner not in deps:  # memory is freed after it is allocated (the engine refuses the reverse)
+                deps = (*deps, owner)
         if stream in (Stream.H2D, Stream.D2H):
             b.add(OpKind.COPY, stream, Phase.DECODE, 1, 0, nbytes=draw(st.integers(0, 10**9)), deps=deps,
                   alloc=alloc, free=free)
@@ -237,9 +239,9 @@ def test_memory_held_for_no_time_is_not_a_peak():
 @st.composite
 def tie_plans(draw, streams=STREAMS, pools=("gpu", "cpu")) -> Plan:
     """Up to 30 ops of 0-3 us on random streams with random dependencies, allocations freed later by ops on any
-    stream, in both pools; under TieCost most ends coincide with some other event."""
+    stream that depend on the allocating op, in both pools; under TieCost most ends coincide with some other event."""
     b = PlanBuilder()
-    held: list[tuple[str, int]] = []
+    held: list[tuple[str, int, int]] = []  # (pool, bytes, op that allocated)
     for i in range(draw(st.integers(1, 30))):
         stream = draw(st.sampled_from(streams))
         deps = tuple(draw(st.lists(st.integers(0, i - 1), max_size=2))) if i else ()
@@ -248,9 +250,12 @@ def tie_plans(draw, streams=STREAMS, pools=("gpu", "cpu")) -> Plan:
             pool = draw(st.sampled_from(pools))
             size = draw(st.integers(1, 1 << 30))
             alloc = ((pool, size),)
-            held.append((pool, size))
+            held.append((pool, size, i))
         elif held and draw(st.booleans()):
-            free = (held.pop(draw(st.integers(0, len(held) - 1))),)
+            pool, size, owner = held.pop(draw(st.integers(0, len(held) - 1)))
+            free = ((pool, size),)
+            if owner not in deps:  # freed after it is allocated (the engine refuses the reverse)
+                deps = (*deps, owner)
         kind = OpKind.COPY if stream in (Stream.H2D, Stream.D2H) else OpKind.EXPERT
         b.add(kind, stream, Phase.DECODE, 1, 0, tokens=64, flops=draw(st.integers(0, 3)),
               nbytes=draw(st.integers(0, 3)), deps=deps, alloc=alloc, free=free)
