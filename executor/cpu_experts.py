@@ -247,8 +247,11 @@ def int8_epilogue() -> _Epilogue:
 
 
 def warm_int8_epilogue() -> None:
-    """Compile INT8's middle step now (on a tiny input; the compiled loop serves every token count)."""
-    int8_epilogue()(torch.zeros(2, 4, dtype=torch.bfloat16), torch.ones(2, 1), 2)
+    """Compile INT8's middle step now, outside any timed run: on one token and on two (a dynamic-shape compile
+    still specialises a size of 1, the token count of many decode experts, so one size would leave a recompile
+    inside the first timed decode step)."""
+    for tokens in (1, 2):
+        int8_epilogue()(torch.zeros(tokens, 4, dtype=torch.bfloat16), torch.ones(tokens, 1), 2)
 
 
 class _Int8Packed:

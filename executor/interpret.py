@@ -116,6 +116,7 @@ class PlanInterpreter:
         self.weights_on = {"cpu": weights, **(weights_on or {})}
         self.device_of = device_of or {}
         wl = plan.workload
+        K.check_run_memory(weights.spec, wl, weights.dtype, "executing this plan")
         self.cache = K.KVCache(weights.spec, int((wl.prompt_lens + wl.gen_lens).max()), weights.dtype)
         self.state: dict[int, _Request] = {}
         self.outputs: Outputs = {}

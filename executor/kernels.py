@@ -17,8 +17,14 @@ from executor.cpu_experts import CpuExperts, gated_ffn
 from executor.weights import LayerWeights, ModelWeights
 from sim.plan import shard_bounds
 from sim.specs import ModelSpec
+from sim.workload import Workload
+from traces.limits import check_memory
 
 ROPE_THETA = 10000.0
+# Attention's scores for one call: heads x queries x keys fp32 values, with the mask and softmax about three such
+# arrays (a 12,000-token prompt of a 4-head model took 5.8 GB in one call); query rows are taken in chunks that
+# keep one array under this size (a Mixtral prefill of 800 tokens, 82 MB, stays one call).
+ATTENTION_SCORES_BYTES = 256 * 2**20
 
 
 def token_ids(request: int | torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -44,6 +50,13 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 class KVCache:
     """Per request and layer: the cached keys and values (GQA) or latent and rope key (MLA), preallocated."""
+
+    @staticmethod
+    def bytes_per_entry(spec: ModelSpec, dtype: torch.dtype) -> int:
+        """Bytes one cached token takes in one layer."""
+        width = (spec.kv_lora_rank + spec.qk_rope_head_dim if spec.attention == "mla"
+                 else 2 * spec.num_kv_heads * spec.head_dim)
+        return width * torch.empty(0, dtype=dtype).element_size()
 
     def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
         self.spec, self.max_len, self.dtype, self.device = spec, max_len, dtype, device
@@ -116,10 +129,27 @@ def attention(spec: ModelSpec, lw: LayerWeights, new: dict[str, torch.Tensor], c
         rep = n // spec.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     keys = torch.arange(k.shape[0], device=q.device)
-    mask = keys[None, :] <= positions[:, None]  # causal: a query sees keys up to its own position
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask[None])
-    return out.transpose(0, 1).reshape(q.shape[0], -1)
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    rows = q.shape[0]
+    chunk = max(1, ATTENTION_SCORES_BYTES // (4 * n * k.shape[1]))  # query rows per call (each row is independent)
+    outs = []
+    for lo in range(0, rows, chunk):
+        mask = keys[None, :] <= positions[lo:lo + chunk, None]  # causal: a query sees keys up to its own position
+        outs.append(F.scaled_dot_product_attention(q[lo:lo + chunk].transpose(0, 1), k, v, attn_mask=mask[None]))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.transpose(0, 1).reshape(rows, -1)
+
+
+def check_run_memory(spec: ModelSpec, workload: Workload, dtype: torch.dtype, what: str) -> None:
+    """Refuse, before running, a run whose weights, full KV cache and largest attention call exceed the memory
+    limit (`--max-gib`): weights alone were checked, and a long prompt's cache and scores were not."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    longest = int((workload.prompt_lens + workload.gen_lens).max())
+    cache = workload.batch * spec.num_layers * longest * KVCache.bytes_per_entry(spec, dtype)
+    scores = 3 * min(ATTENTION_SCORES_BYTES, 4 * spec.num_attention_heads * longest * longest)
+    check_memory(spec.total_params * itemsize + cache + scores,
+                 f"{what} ({spec.total_params:,} parameters, a KV cache of {workload.batch} x {longest} "
+                 f"tokens x {spec.num_layers} layers)")
 
 
 def o_proj(lw: LayerWeights, attn_out: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ def layer_forward(mw: ModelWeights, lw: LayerWeights, layer: int, h: torch.Tenso
 def reference_forward(mw: ModelWeights, trace: RoutingTrace, workload: Workload) -> Outputs:
     """Last-layer hidden states of every request's tokens: prefill (step 0) and every decode step."""
     spec = mw.spec
+    K.check_run_memory(spec, workload, mw.dtype, "the reference forward pass")
     cache = K.KVCache(spec, int((workload.prompt_lens + workload.gen_lens).max()), mw.dtype)
     out: Outputs = {}
     batch = workload.batch

@@ -214,8 +214,8 @@ def check_point(config: SimConfig) -> None:
         return
     synthetic_workload(c.batch, c.prompt_len, c.gen_len, c.seed)
     kind, _, name = c.routing.partition(":")
-    if kind == "preset":  # its name and reuse only: building its config solves its draw weights (seconds)
-        checked_preset(name, c.reuse_prob)
+    if kind == "preset":  # its name, reuse and shape only: building its config solves its draw weights (seconds)
+        preset_for_model(checked_preset(name, c.reuse_prob), m)
     else:
         check_routing(c.routing, m.num_moe_layers, m.num_experts)
 
@@ -384,10 +384,22 @@ def synth_config(model: ModelSpec, routing: str, reuse_prob: float, seed: int) -
     if kind != "preset":
         return SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k, routing, reuse_prob,
                            seed)
-    preset = checked_preset(name, reuse_prob)
+    preset = preset_for_model(checked_preset(name, reuse_prob), model)
+    return preset.config(model.num_moe_layers, model.num_experts, model.top_k, seed=seed)
+
+
+def preset_for_model(preset: SynthPreset, model: ModelSpec) -> SynthPreset:
+    """A routing preset on `model`: its own model's experts and top-k, its layers or a model cut to its first
+    layers (which keep their targets); another model's shape is refused (its targets would describe nothing)."""
+    own = resolve_model(preset.model)
+    if (model.num_experts, model.top_k) != (own.num_experts, own.top_k) or \
+            model.num_moe_layers > len(preset.same_top1):
+        raise SimInputError(f"routing preset:{preset.model} describes {own.name} ({len(preset.same_top1)} MoE layers, "
+                            f"{own.num_experts} experts, top-{own.top_k}); {model.name} has {model.num_moe_layers} MoE "
+                            f"layers, {model.num_experts} experts, top-{model.top_k}")
     if model.num_moe_layers < len(preset.same_top1):  # a model cut to its first layers keeps their targets
         preset = dataclasses.replace(preset, same_top1=preset.same_top1[:model.num_moe_layers])
-    return preset.config(model.num_moe_layers, model.num_experts, model.top_k, seed=seed)
+    return preset
 
 
 def simulate_plan(plan: Plan, cost: CostModel | None = None) -> tuple[EngineRecord, dict[str, Any]]:

@@ -68,6 +68,7 @@ def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+seed_int = int_at_least(0, 2**64 - 1)  # numpy and torch both take seeds below 2^64 (torch raised past it)
 
 
 def length(text: str) -> int | str:
@@ -129,7 +130,7 @@ class SimConfig:
              "mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite)")
     reuse_prob: float = _setting(0.0, group="workload", parse=probability,
                                  help="synthetic routing: probability a token reuses the previous token's experts")
-    seed: int = _setting(0, help="seed of the synthetic routing", group="workload", parse=nonneg_int)
+    seed: int = _setting(0, help="seed of the synthetic routing", group="workload", parse=seed_int)
     decode_sample: int = _setting(
         0, group="workload", parse=nonneg_int, metavar="N",
         help="simulate N evenly spaced decode steps and scale decode time to all (0: every step)")

@@ -136,7 +136,7 @@ def test_max_gib_stands_anywhere_and_is_checked(capsys):
     assert main(["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--max-gib", "1"]) == 0
     capsys.readouterr()
     fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--max-gib", "nan"],
-                  "positive, finite number of GiB")
+                  "must be a positive number of GiB up to")
 
 
 def test_deflated_archive_declaring_a_huge_array_is_refused_before_expansion(capsys, tmp_path, monkeypatch):
@@ -927,3 +927,93 @@ def test_a_malformed_timeline_is_a_one_line_error(capsys, tmp_path, edit, messag
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
     fails_cleanly(capsys, ["timeline", str(bad), "--out", str(tmp_path / "g.png")], message)
+
+
+# ---- found by a CLI, traces and executor audit (2026-12-05, evening) ---------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--seed", str(2**64)], "must be at most 18446744073709551615"),
+    (["--max-gib", "1e300", "simulate", "--model", "olmoe-1b-7b", *SYS, *WL], "must be a positive number of GiB up to"),
+    (["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--set", "cpu.amx_efficiency=0.1",
+      "--set", "cpu.amx_efficiency=0.9"], "--set 'cpu.amx_efficiency' is given twice"),
+    (["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "coxmoe", "--policy-opt", "resident_experts=1",
+      "--policy-opt", "resident_experts=3"], "policy option 'resident_experts' is given twice"),
+    (["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--routing", "preset:qwen3-30b-a3b"],
+     "routing preset:qwen3-30b-a3b describes qwen3-30b-a3b (48 MoE layers, 128 experts, top-8); mixtral-8x7b has"),
+    (["trace", "gen", "--preset", "qwen3-30b-a3b", "--routing", "uniform", "--requests", "2", "--prompt-len", "4",
+      "--gen-len", "2", "-o", "t.npz"], "--preset sets the routing and reuse"),
+    (["trace", "gen", "--model", "olmoe-1b-7b", "--topics", "1000000000", "--requests", "2", "--prompt-len", "4",
+      "--gen-len", "2", "-o", "t.npz"], "the popularity tables of 16 layers x 64 experts x 1,000,000,000 topics"),
+    (["trace", "gen", "--layers", "100000000", "--experts", "8", "--top-k", "2", "--requests", "2",
+      "--prompt-len", "4", "--gen-len", "2", "-o", "t.npz"], "the popularity tables of 100,000,000 layers"),
+    (["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "2", "--prompt-len", "4", "--gen-len", "2",
+      "-o", "T.NPZ"], "unsupported file type '.NPZ'"),
+    (["compare", "--model", "olmoe-1b-7b", *SYS, *WL, "--policies", ""], "--policies: name at least one policy"),
+    (["calibrate", "profile", "--model", "olmoe-1b-7b", "--out", ""], "give a folder name"),
+    (["calibrate", "profile", "--model", "olmoe-1b-7b", "--out", "x", "--max-tokens", "5000"],
+     "must be at most 4096"),
+    (["reproduce", "fig7", "--out", " "], "give a folder name"),
+])
+def test_audited_arguments_are_refused_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    fails_cleanly(capsys, argv, message)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_output_folders_and_stems_that_are_the_wrong_kind_are_refused(capsys, tmp_path):
+    existing = tmp_path / "f.txt"
+    existing.write_text("x")
+    fails_cleanly(capsys, ["calibrate", "profile", "--model", "olmoe-1b-7b", "--out", str(existing)],
+                  "is a file; give a folder")
+    timeline = tmp_path / "t.json"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--timeline", str(timeline)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["timeline", str(timeline), "--out", str(tmp_path)], "is a directory; give a file name")
+    assert main(["timeline", str(timeline), "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file() and (tmp_path / "g.pdf").is_file()
+
+
+def test_trace_stats_of_many_experts_stay_small(capsys, tmp_path):
+    """Cross-layer affinity counted an E x E table per layer pair (32 GiB at 65,536 experts)."""
+    path = tmp_path / "t.npz"
+    save_trace(generate_trace(SynthConfig("x", 2, 65536, 1, "uniform", 0.0, 0), np.array([3, 2]), np.array([2, 2])),
+               path)
+    assert main(["--max-gib", "1", "trace", "stats", str(path), "--json"]) == 0, capsys.readouterr().err
+    stats = json.loads(capsys.readouterr().out)
+    assert len(stats["cross_layer_affinity"]) == 1 and 0 < stats["cross_layer_affinity"][0] <= 1
+
+
+def test_reuse_statistics_take_fewer_tokens_a_chunk_at_a_large_top_k(monkeypatch):
+    """The n x L x k x k comparison was 8.6 GiB a chunk at top-2048: chunks shrink with L k^2, same results."""
+    from traces import stats
+
+    trace = generate_trace(SynthConfig("x", 3, 64, 6, "zipf:1.0", 0.4, 1), np.array([40, 9, 23]),
+                           np.array([5, 3, 8]))
+    whole = stats._reuse(trace)
+    monkeypatch.setattr(stats, "REUSE_CHUNK_BYTES", 3 * 6 * 6 * 7)  # 7 tokens a chunk
+    chunked = stats._reuse(trace)
+    assert all(np.allclose(a, b, rtol=1e-12) for a, b in zip(whole, chunked, strict=True))
+
+
+def test_a_trace_header_version_of_true_is_refused(capsys, tmp_path):
+    path = tmp_path / "t.npz"
+    save_trace(generate_trace(SynthConfig("x", 2, 8, 2, "uniform", 0.0, 0), np.array([3, 2]), np.array([2, 2])),
+               path)
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays["header"].astype(np.uint8).tobytes())
+    arrays["header"] = np.frombuffer(json.dumps({**meta, "version": True}).encode(), dtype=np.uint8)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    fails_cleanly(capsys, ["trace", "validate", str(bad)], "unsupported trace version True")
+
+
+def test_a_float16_count_table_imports_without_a_warning(tmp_path):
+    import warnings
+
+    from traces.importers import read_count_table
+
+    path = tmp_path / "t.npy"
+    np.save(path, np.array([[3, 1], [0, 2]], dtype=np.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_count_table(path).tolist() == [[3, 1], [0, 2]]

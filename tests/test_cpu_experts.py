@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -219,6 +220,22 @@ def test_the_int8_epilogue_computes_the_same_compiled_or_eager():
     got_u8, got_scale = C.int8_epilogue()(a, scale, F_)
     assert got_u8.dtype == torch.uint8 and int((got_u8.int() - want_u8.int()).abs().max()) <= 1
     assert torch.allclose(got_scale, want_scale, rtol=1e-5) and float(got_scale[4]) == 1.0
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler")
+def test_warming_the_int8_epilogue_leaves_no_compile_for_a_timed_run(monkeypatch):
+    """A decode expert often gets one token: a dynamic-shape compile still specialises that size, so the warm-up
+    compiles it too, and no later token count compiles again (it had cost 0.13 s inside the first timed step)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv(C.ENV_FUSE, "compile")
+    fresh = C._Epilogue()
+    monkeypatch.setattr(C, "int8_epilogue", lambda: fresh)
+    C.warm_int8_epilogue()
+    graphs = counters["stats"]["unique_graphs"]
+    for tokens in (1, 2, 5, 64):
+        fresh(torch.zeros(tokens, 2 * F_, dtype=torch.bfloat16), torch.ones(tokens, 1), F_)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_the_fuse_mode_is_checked(monkeypatch):

@@ -227,3 +227,34 @@ def test_a_failed_op_stops_every_stream(tiny_specs, paper_system, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         execute_plan(plan, random_weights(spec, seed=3), trace, use_cuda=False)
     assert len(after) <= 1 + len({op.stream for op in plan.ops})  # at most an op already running per stream
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_attention_in_chunks_of_query_rows_equals_one_call(tiny_specs, kind, monkeypatch):
+    """A long prompt's attention runs in chunks of query rows (its scores were one heads x L x L array): each
+    row's softmax is its own, so the result is the one-call result."""
+    import executor.kernels as K
+
+    spec = tiny_specs[kind]
+    lw = random_weights(spec, seed=5).layers[-1]
+    x = torch.randn(37, spec.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    positions = torch.arange(37)
+
+    def run() -> torch.Tensor:
+        cache = K.KVCache(spec, 40, torch.bfloat16)
+        return K.attention(spec, lw, K.qkv(spec, lw, x, positions), cache, 0, 0, positions)
+
+    whole = run()
+    monkeypatch.setattr(K, "ATTENTION_SCORES_BYTES", 4 * spec.num_attention_heads * 37 * 5)  # 5 rows a call
+    assert torch.allclose(run().float(), whole.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_a_run_whose_kv_cache_and_scores_exceed_the_limit_is_refused(tiny_specs, monkeypatch):
+    from executor.kernels import check_run_memory
+    from traces.limits import LIMIT_ENV, ResourceLimitError
+
+    monkeypatch.setenv(LIMIT_ENV, "0.5")
+    spec = tiny_specs["gqa"]
+    check_run_memory(spec, Workload(np.array([2000]), np.array([2])), torch.bfloat16, "a run")
+    with pytest.raises(ResourceLimitError, match="a KV cache of 1 x 12002 tokens x 3 layers"):
+        check_run_memory(spec, Workload(np.array([12000]), np.array([2])), torch.bfloat16, "a run")

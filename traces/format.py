@@ -470,7 +470,7 @@ def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise TraceError(f"{path}: not a cox-moe routing trace (header format {meta.get('format')!r})"
                          if isinstance(meta, dict) else f"{path}: header is not a JSON object")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):  # true == 1 in Python
         raise TraceError(f"{path}: unsupported trace version {meta.get('version')!r} (this reader: {FORMAT_VERSION})")
     extra = meta.get("extra") or {}
     if not isinstance(extra, dict):

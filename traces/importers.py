@@ -256,6 +256,8 @@ def read_count_table(path: str | Path) -> np.ndarray:
         table = values
     if table.ndim != 2 or table.size == 0:
         raise TraceError(f"{path}: expected a 2-D [layers, experts] table")
+    if table.dtype.kind == "f" and table.dtype.itemsize < 8:  # the bound below overflows a float16 (a warning)
+        table = table.astype(np.float64)
     if not np.isfinite(table).all() or (table < 0).any() or (table != np.round(table)).any() or (
             table.max() > MAX_LENGTH * MAX_EXPERTS):  # counts beyond any request's tokens x experts overflow casts
         raise TraceError(f"{path}: counts must be non-negative integers of at most {MAX_LENGTH * MAX_EXPERTS:,}")

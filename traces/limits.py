@@ -14,6 +14,7 @@ from traces.errors import TraceError
 
 LIMIT_ENV = "COXMOE_MAX_GIB"
 DEFAULT_LIMIT_GIB = 8.0
+MAX_LIMIT_GIB = float(2**30)  # an exbibyte: a larger limit is no limit, and its byte count would overflow
 MAX_EXPERTS = 65536  # expert ids are stored as uint8 or uint16
 MAX_LENGTH = 1 << 24  # tokens of one request's prompt or generation (lengths are stored as int32)
 BYTES_PER_OP = 400  # a planned op held in memory (its record, dependencies and engine state), measured roughly
@@ -33,8 +34,8 @@ def parse_gib(text: str) -> float:
         gib = float(text)
     except ValueError:
         raise ValueError(f"expected a number of GiB, got {text!r}") from None
-    if not math.isfinite(gib) or gib <= 0:
-        raise ValueError(f"must be a positive, finite number of GiB, got {text!r}")
+    if not math.isfinite(gib) or not 0 < gib <= MAX_LIMIT_GIB:
+        raise ValueError(f"must be a positive number of GiB up to {MAX_LIMIT_GIB:.0f}, got {text!r}")
     return gib
 
 

@@ -41,11 +41,16 @@ class TraceStats:
         return data
 
 
+REUSE_CHUNK_BYTES = 64 * 2**20  # the [n, L, k, k] comparison of one chunk of tokens
+
+
 def _reuse(trace: RoutingTrace, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
     """Per layer: mean share of a token's top-k chosen by the previous token (same request), and the rate
-    at which the first choice repeats. Tokens go in chunks to bound the [n, L, k, k] comparison."""
+    at which the first choice repeats. Tokens go in chunks to bound the [n, L, k, k] comparison (fewer tokens a
+    chunk where L k^2 is large: top-2048 made it 8.6 GiB)."""
     trace.require_prompt_rows("reuse statistics")
     L, k = trace.header.num_layers, trace.header.top_k
+    chunk = max(1, min(chunk, REUSE_CHUNK_BYTES // (L * k * k)))
     follows = np.ones(trace.num_tokens, dtype=bool)
     follows[trace.token_offsets[:-1]] = False  # the first token of each request has no predecessor
     idx = np.flatnonzero(follows)
@@ -110,8 +115,12 @@ def cross_layer_affinity(trace: RoutingTrace) -> np.ndarray:
     out = np.zeros(max(L - 1, 0))
     n = max(trace.num_tokens, 1)
     for layer in range(L - 1):
-        pairs = np.bincount(top1[:, layer] * E + top1[:, layer + 1], minlength=E * E).reshape(E, E)
-        out[layer] = pairs.max(axis=1).sum() / n
+        # the pairs that occur, with their counts (an E x E table was 32 GiB at 65,536 experts): sorted by key, so
+        # by first choice; the most frequent successor of each first choice is its run's largest count
+        keys, counts = np.unique(top1[:, layer] * E + top1[:, layer + 1], return_counts=True)
+        if keys.size:
+            starts = np.flatnonzero(np.r_[True, np.diff(keys // E) != 0])
+            out[layer] = np.maximum.reduceat(counts, starts).sum() / n
     return out
 
 

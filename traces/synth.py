@@ -583,6 +583,11 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     reuse = np.asarray(cfg.reuse_by_layer or [cfg.reuse_prob] * cfg.num_layers, dtype=np.float64)
     if reuse.shape != (cfg.num_layers,) or not ((reuse >= 0) & (reuse <= 1)).all():
         raise TraceError(f"reuse_by_layer needs {cfg.num_layers} probabilities in [0, 1], got {reuse.size}")
+    # the popularity tables first ([L, E] float64 and its temporaries; per topic, its permutations, weights and
+    # their mixing temporaries): 10^8 layers or 10^9 topics ran out of memory before the trace's own check
+    check_memory(cfg.num_layers * cfg.num_experts * 8.0 * (4 + 5 * cfg.topics),
+                 f"the popularity tables of {cfg.num_layers:,} layers x {cfg.num_experts:,} experts"
+                 + (f" x {cfg.topics:,} topics" if cfg.topics else ""))
     probs = popularity_matrix(cfg.routing, cfg.num_layers, cfg.num_experts, cfg.seed, cfg.top_k)
     if ((probs > 0).sum(axis=1) < cfg.top_k).any():
         raise TraceError(f"routing {cfg.routing!r}: some layer has fewer than top_k={cfg.top_k} experts with "

@@ -30,6 +30,7 @@ class Parser(argparse.ArgumentParser):
 
 positive_int = arg_type(int_at_least(1))
 nonneg_int = arg_type(int_at_least(0))
+seed_int = arg_type(int_at_least(0, 2**64 - 1))  # numpy and torch take seeds below 2^64
 run_count = arg_type(int_at_least(0, 1000))  # warm-ups, rounds, repeats of real runs: each can take minutes
 positive_run_count = arg_type(int_at_least(1, 1000))
 length_arg = arg_type(length)
@@ -54,7 +55,7 @@ def output_file(*suffixes: str) -> Callable[[str], str]:
         path = Path(text)
         if path.is_dir() or text.endswith(("/", os.sep)):
             raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
-        if path.suffix.lower() not in suffixes:
+        if path.suffix not in suffixes:  # exactly: the writers check the suffix as written (.NPZ failed after the work)
             shown = ", ".join(s or "(none)" for s in suffixes)
             raise argparse.ArgumentTypeError(f"{text}: unsupported file type {path.suffix or '(none)'!r}; "
                                              f"use {shown}")
@@ -66,6 +67,30 @@ def output_file(*suffixes: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def output_dir(text: str) -> str:
+    """An argparse type for a folder to write into: a name (an empty one would write into the current folder), not
+    an existing file, under a writable parent (checked before any work)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder name (an empty one would write into the current folder)")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not path.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise argparse.ArgumentTypeError(f"{text}: cannot create it under {parent}")
+    return text
+
+
+def output_stem(text: str) -> str:
+    """An argparse type for a figure's stem (STEM.png and STEM.pdf are written): not a folder, a stem or a .png /
+    .pdf name, in a writable folder."""
+    path = Path(text)
+    if path.suffix in (".png", ".pdf"):
+        path = path.with_suffix("")
+    output_file("")(str(path))  # the same checks as a file's (a folder, a parent that is a file, permissions)
+    return text
 
 
 def one_line(text: str) -> str:

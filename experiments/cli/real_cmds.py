@@ -10,13 +10,16 @@ from typing import Any, NamedTuple
 from experiments.cli.common import (
     IMAGE_SUFFIXES,
     Parser,
+    arg_type,
     emit_json,
+    output_dir,
     output_file,
     positive_int,
     positive_run_count,
     run_count,
 )
 from experiments.cli.config_flags import add_config_flags, config_from_args
+from sim.config import int_at_least
 from sim.errors import SimInputError
 
 
@@ -247,11 +250,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model preset whose shapes to measure")
     g.add_argument("--model-file", help="model spec YAML/JSON or Hugging Face config.json")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--rounds", type=positive_run_count, default=3,
                    help="interleaved repeats per grid point (at most 1000)")
-    p.add_argument("--max-tokens", type=positive_int, default=1024,
+    p.add_argument("--max-tokens", type=arg_type(int_at_least(1, 4096)), default=1024,
                    help="largest tokens per op in the grid (up to 4096)")
     p.add_argument("--threads", help="comma-separated torch thread counts to profile the CPU with (default: "
                    "the current count)")

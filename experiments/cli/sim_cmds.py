@@ -163,6 +163,8 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sim.compare import COMPARED, compare, compare_table
 
+    if args.policies is not None and not [p for p in args.policies.split(",") if p.strip()]:
+        raise SimInputError("--policies: name at least one policy (leave the flag out for all)")
     policies = tuple(args.policies.split(",")) if args.policies else COMPARED
     from sim.api import config_model, config_system
 

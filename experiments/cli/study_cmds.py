@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.cli.common import nonneg_int, output_file, positive_int
+from experiments.cli.common import nonneg_int, output_dir, output_file, output_stem, positive_int, seed_int
 from sim.atomic_files import write_csv_file
 from sim.errors import SimInputError
 from sim.policies import parse_kv_pairs
@@ -138,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "plus a Markdown report", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="figures:\n" + "\n".join(f"  {k:<12} {v}" for k, v in FIGURES.items()))
     p.add_argument("name", help=f"one of {', '.join(FIGURES)}, or all")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory")
     p.add_argument("--quick", action="store_true", help="small grids that exercise every step in seconds (smoke "
                    "tests); the numbers are not the paper's setting")
     p.add_argument("--workers", type=positive_int, help="fig7: local processes or local Ray CPUs (default 1)")
@@ -147,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", metavar="DIR", help="calibration: an existing `coxmoe calibrate profile` directory "
                    "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")
     p.add_argument("--record", metavar="FILE", help="timeline: a measured timeline from `coxmoe execute --timeline`")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a number of the system spec on every simulated paper figure's machine (as simulate --set; "
                         "validation and calibration keep their own machines); repeatable")
@@ -156,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("timeline", help="Gantt chart (PNG + PDF) of one decode step from Chrome-trace timelines")
     p.add_argument("files", nargs="+", help="timelines from simulate/execute --timeline; one panel each")
-    p.add_argument("--out", required=True, help="output stem (writes STEM.png and STEM.pdf)")
+    p.add_argument("--out", required=True, type=output_stem, help="output stem (writes STEM.png and STEM.pdf)")
     p.add_argument("--step", type=nonneg_int, help="decode step to draw (default: each timeline's middle one)")
     p.set_defaults(func=cmd_timeline)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.cli.common import Parser, emit_json, nonneg_int, output_file, positive_int, probability_arg
+from experiments.cli.common import Parser, emit_json, nonneg_int, output_file, positive_int, probability_arg, seed_int
 from sim.errors import SimInputError
 
 
@@ -21,7 +21,7 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
 
         synth_preset(args.preset)  # an unknown preset fails here, naming the presets
         args.model = args.model or args.preset
-    if args.preset and (args.routing != "uniform" or args.reuse_prob):
+    if args.preset and (args.routing is not None or args.reuse_prob is not None):  # even when given as the default
         raise SimInputError("--preset sets the routing and reuse; drop --routing / --reuse-prob")
     if args.model:
         from sim.api import resolve_model
@@ -50,7 +50,7 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
         cfg = synth_preset(args.preset).config(layers, experts, top_k, seed=args.seed, topics=args.topics,
                                                topic_shift=shift, affinity=args.affinity)
     else:
-        cfg = SynthConfig(name, layers, experts, top_k, args.routing, args.reuse_prob, args.seed,
+        cfg = SynthConfig(name, layers, experts, top_k, args.routing or "uniform", args.reuse_prob or 0.0, args.seed,
                           topics=args.topics, topic_shift=shift, affinity=args.affinity)
     trace = generate_trace(cfg, prompt, gen, progress=True)
     save_trace(trace, args.output, compress=args.compress)
@@ -200,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "count with resident_experts)")
     p.add_argument("--clusters", type=positive_int, default=8, help="k-means clusters of the request features")
     p.add_argument("--sample", type=positive_int, default=64, help="prototypes to probe, split by cluster size")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("-o", "--output", required=True, type=output_file(".npz"),
                    help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
     p.set_defaults(func=cmd_eas)
@@ -216,9 +216,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", required=True,
                    help="N, fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or preset:NAME")
     p.add_argument("--gen-len", required=True, help="same forms as --prompt-len")
-    p.add_argument("--routing", default="uniform", help="uniform, zipf:ALPHA or table:NAME")
-    p.add_argument("--reuse-prob", type=probability_arg, default=0.0, help="probability of reusing the last experts")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--routing", help="uniform (the default), zipf:ALPHA or table:NAME")
+    p.add_argument("--reuse-prob", type=probability_arg, help="probability of reusing the last experts (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--preset", help="synthesis preset tuned to published routing statistics (mixtral-8x7b, "
                    "qwen3-30b-a3b, deepseek-v2-lite): popularity and per-layer reuse")
     p.add_argument("--affinity", type=probability_arg, default=0.0,
@@ -238,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name for the trace header")
     p.add_argument("--experts", type=positive_int, help="jsonl: experts per layer (default: largest id + 1)")
     p.add_argument("--top-k", type=positive_int, help="counts: experts per token")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="counts: seed of the token order")
+    p.add_argument("--seed", type=seed_int, default=0, help="counts: seed of the token order")
     p.add_argument("-o", "--output", required=True, type=output_file(".npz"), help="output .npz file")
     p.set_defaults(func=cmd_trace_import)
     p = tsub.add_parser("record", help="record routing from a local Hugging Face MoE checkpoint")

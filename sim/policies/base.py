@@ -212,5 +212,8 @@ def parse_kv_pairs(pairs: list[str] | None, what: str = "policy option") -> dict
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SimInputError(f"{what} {pair!r} must look like KEY=VALUE")
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if key in out:  # the later value won silently (a sweep spec refuses the same)
+            raise SimInputError(f"{what} {key!r} is given twice ({out[key]!r} and {value.strip()!r})")
+        out[key] = value.strip()
     return out
