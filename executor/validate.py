@@ -66,10 +66,11 @@ def _machine_speed(at_profile: dict[str, float] | None, now: dict[str, float]) -
 
 def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWeights, spec: ModelSpec,
                     profile_dir: str | Path, rounds: int = 5, max_tokens: int = 1024, progress: bool = True,
-                    max_requests: int | None = None, max_kv: int | None = None) -> list[dict[str, Any]]:
+                    max_requests: int | None = None, max_kv: int | None = None, warmup: int = 1
+                    ) -> list[dict[str, Any]]:
     """Profile this machine's CPU (at torch's current thread count) into `profile_dir` and validate every
-    (plan, trace) case against it, interleaved: after each profile round every plan runs once (after one
-    untimed run each before the profile starts), so a shared machine's drift over minutes hits the profile's
+    (plan, trace) case against it, interleaved: after each profile round every plan runs once (after `warmup`
+    untimed runs each before the profile starts), so a shared machine's drift over minutes hits the profile's
     timings and the plans' measurements alike, and what is left of an error is the cost model's. One result
     per case, as `validate_plan` gives, with `paired: True`; the machine-speed readings are the profile's own
     (before and after its rounds, the same window as the runs)."""
@@ -77,7 +78,8 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
         raise SimInputError(f"a paired validation needs at least one round, got {rounds}")
     require_unprofiled(profile_dir, "a paired validation profiles into a new folder")
     for plan, trace in cases:
-        execute_plan(plan, weights, trace, use_cuda=False)
+        for _ in range(warmup):
+            execute_plan(plan, weights, trace, use_cuda=False)
     runs: list[list[ExecutionResult]] = [[] for _ in cases]
 
     def run_cases(_round: int) -> None:

@@ -1017,3 +1017,10 @@ def test_a_float16_count_table_imports_without_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_count_table(path).tolist() == [[3, 1], [0, 2]]
+
+
+def test_a_refused_profile_leaves_no_empty_folder(capsys, tmp_path):
+    out = tmp_path / "prof"
+    fails_cleanly(capsys, ["calibrate", "profile", "--model", "opt-6.7b", "--out", str(out), "--max-tokens", "1",
+                           "--rounds", "1"], "which the executor does not implement")
+    assert not out.exists()

@@ -430,6 +430,10 @@ def test_paired_validation_runs_every_plan_between_the_profile_rounds(tmp_path, 
         # the runs spanned the profile's own window: its readings (mean of before and after) stand for both
         assert r["machine_speed"]["validation"] == r["machine_speed"]["profile"] == pytest.approx(
             {k: (speed["before"][k] + speed["after"][k]) / 2 for k in speed["before"]})
+    events.clear()  # `warmup` untimed runs of each plan before the profile (the CLI's --warmup)
+    V.validate_paired(cases[:1], random_weights(spec, seed=0), spec, tmp_path / "prof2", rounds=1, max_tokens=4,
+                      progress=False, max_requests=4, max_kv=8, warmup=2)
+    assert events == ["run 2", "run 2", "round 0", "run 2"]
     with pytest.raises(SimInputError, match="at least one round, got 0"):
         V.validate_paired(cases, random_weights(spec, seed=0), spec, tmp_path / "none", rounds=0)
     with pytest.raises(SimInputError, match="already holds a profile"):  # it would overwrite the profile

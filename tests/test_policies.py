@@ -1044,3 +1044,35 @@ def test_rescored_candidates_within_the_tie_share_go_to_the_smallest_plan(monkey
     runs["tied_small"] = (101.5, 300)  # 1.5% slower: no longer tied
     planned = search._search_then_simulate(ctx, space, lambda plan, check: None, "p")
     assert planned.plan.name == "fast_big"
+
+
+def test_moe_lightning_pages_every_layer_of_every_sampled_decode_step():
+    """A sampled plan's steps are not consecutive: each step's layer-0 pages follow the previous planned step's
+    last layer (they were issued for step t + 1, which a sample lacks, and dropped: decode 2.5% fast)."""
+    def paged(decode_sample: int) -> dict[int, tuple[int, set[int]]]:
+        r = simulate("mixtral-8x7b", "a100-80g-8452y", "moe-lightning", batch=64, prompt_len=64, gen_len=8,
+                     decode_sample=decode_sample, policy_options={"micro_batch": "16", "wg": "0.25"}, keep_plan=True)
+        out: dict[int, tuple[int, set[int]]] = {}
+        for op in r.plan.ops:
+            if op.kind is OpKind.COPY and op.stream == Stream.H2D and op.phase is Phase.DECODE:
+                nbytes, layers = out.get(op.step, (0, set()))
+                out[op.step] = (nbytes + op.bytes, layers | {op.layer})
+        return out
+
+    full, sampled = paged(0), paged(3)
+    assert sorted(sampled) == [1, 4, 7]
+    for step, (nbytes, layers) in sampled.items():
+        assert layers == set(range(32)) and nbytes == full[step][0] == full[1][0]
+
+
+@pytest.mark.parametrize("prefill, decode, kv_copy", [("cgg", "gcg", 0), ("gcg", "ggg", 0),
+                                                      ("ggg", "gcg", 32 * (64 * 64) * 4096)])
+def test_coxmoe_stores_prefill_kv_only_where_it_is_not_already(prefill, decode, kv_copy):
+    """OP0 makes K and V on x0 and its output takes them to x1: with the two on different devices they are
+    where decode attention reads them already; with both on the other device they are stored (one layer's K/V
+    per prompt token: 32 layers x 4,096 prompt tokens x 4,096 bytes for Mixtral)."""
+    r = simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=64, prompt_len=64, gen_len=2, keep_plan=True,
+                 policy_options={"prefill_placement": prefill, "decode_placement": decode, "resident_experts": "2",
+                                 "prefill_micro_batch": "0", "decode_micro_batch": "0"})
+    stored = sum(op.bytes for op in r.plan.ops if op.phase is Phase.PREFILL and op.payload is Payload.KV)
+    assert stored == kv_copy

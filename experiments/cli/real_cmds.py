@@ -145,7 +145,13 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
         raise SimInputError("--threads: counts must be >= 1")
     if threads:
         _check_threads(threads)
-    profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads)
+    created = not out.exists()
+    try:
+        profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a refusal leaves no empty folder behind
+            out.rmdir()
+        raise
     print(f"wrote {out}/profile.json and {out}/timings.csv ({', '.join(devices)}; {spec.name}; {args.rounds} rounds)")
     return 0
 
@@ -186,7 +192,7 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     spec, _, workload, trace, _, plan = _real_run(args, profile=None if args.paired else args.profile)
     if args.paired:  # the plan's op sizes bound the grid
         result, = validate_paired([(plan, trace)], _weights(spec, args), spec, args.profile, rounds=args.repeats,
-                                  **grid_bounds([plan]))
+                                  warmup=args.warmup, **grid_bounds([plan]))
     else:
         result = validate_plan(plan, _weights(spec, args), trace, args.profile, _cuda_choice(args.cuda),
                                args.warmup, args.repeats)

@@ -348,7 +348,9 @@ class LayoutEmitter(LayerEmitter):
             a = self._streamed_attention(at, s, q, written_on_gpu=x0 is GPU)
         else:
             a = self.attention(x1, at, s, (q,))
-        if phase is Phase.PREFILL:  # store K/V where decode attention reads it
+        # store K/V where decode attention reads it: OP0 made them on x0 and they moved to x1 in its output, so
+        # with OP0 and OP1 on two devices they are on both already
+        if phase is Phase.PREFILL and (x0 is GPU) == (x1 is GPU):
             stored = self._kv_elsewhere(s, x1 is GPU)
             if stored:
                 self.xfer(D2H if x1 is GPU else H2D_ACT, at, w.kv_bytes(stored), Payload.KV, (a,), stored)

@@ -367,8 +367,8 @@ class _Model:
             copy(D2H if x1 is CPU else H2D_ACT, w.qkv_out_bytes(tokens))
         if x1 != x2:
             copy(D2H if x2 is CPU else H2D_ACT, w.attn_out_bytes(tokens))
-        if phase is Phase.PREFILL and (x1 is GPU) != kv_on_gpu:  # KV store to where decode reads it
-            copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens))
+        if phase is Phase.PREFILL and (x0 is GPU) == (x1 is GPU) != kv_on_gpu:  # KV store to where decode reads it
+            copy(D2H if x1 is GPU else H2D_ACT, w.kv_bytes(tokens))  # (on both devices already when x0 != x1)
         if phase is Phase.DECODE and x1 is GPU and not kv_on_gpu:  # a streamed cache: load, then write back
             copy(H2D_ACT, w.kv_bytes(kv_read - tokens))
             copy(D2H, w.kv_bytes(tokens))

@@ -328,6 +328,9 @@ class _CGOPipe(LayerEmitter):
             nbytes = self.paged_bytes // n_pages + (self.paged_bytes % n_pages if k == n_pages - 1 else 0)
             self.pages_done[visit] = self._fetch(At(phase, t, layer, k), nbytes, visit, ())
 
+        # the step planned after each (t + 1, or the next sampled step: its layer-0 pages follow this step's last
+        # layer as they would in the full plan; a sampled plan had left them out)
+        next_step = {a: b for (a, _), (b, _) in zip(steps, steps[1:], strict=False)}
         first_t = steps[0][0] if steps else 0
         if steps:  # the first decoded layer's pages: one page after prefill
             page(first_t, 0, 0, 1)
@@ -345,7 +348,7 @@ class _CGOPipe(LayerEmitter):
             hidden[(t, s.mb)] = last
             if i == len(slices_of[t]) - 1:
                 self.layer_done[visit] = last
-            nxt = (t, layer + 1) if layer + 1 < m.num_layers else (t + 1, 0)
+            nxt = (t, layer + 1) if layer + 1 < m.num_layers else (next_step.get(t, -1), 0)
             if nxt in visit_of:
                 page(nxt[0], nxt[1], i, len(slices_of[t]))
             if layer == m.num_layers - 1:
