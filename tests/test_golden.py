@@ -2,8 +2,10 @@
 with top-8 of 128 experts, DeepSeek-V2-Lite) gives exactly the numbers recorded before a behaviour-preserving
 change (tests/data/golden_simulate.json, first written by the code at 3a7e881; the zero-inference,
 expert-parallel, ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe records added at 3e17794's results;
-FlexGen with half of OPT-6.7B's weights and its whole cache on the T4 box's disk added with the disk tier). A change
-meant to move results re-records them with `write_golden()` in the same commit and says why:
+FlexGen with half of OPT-6.7B's weights and its whole cache on the T4 box's disk added with the disk tier;
+re-recorded after the cost-model audit of 2026-12-05: FlexGen's GiB link rates, the GCP hosts' per-op CPU cost,
+pageable ratios, profile usages). A change meant to move results re-records them with `write_golden()` in the
+same commit and says why:
 `PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
 
 from __future__ import annotations

@@ -343,4 +343,12 @@ class ProfileCostModel:
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:
-        return self.fallback.usage(op)
+        """The roofline's usage, scaled down where the profile's time is longer (as the framework model scales
+        it): an op that takes longer for the same bytes draws them at a lower rate. A measured DeepSeek-V2-Lite
+        CPU expert at 64 tokens took 2.17 ms and had claimed the whole DRAM, while it draws 8 GB/s of it."""
+        first, memory = self.fallback.usage(op)
+        measured, roof = self.op_time_ns(op), self.fallback.op_time_ns(op)
+        if measured > roof > 0:
+            share = roof / measured
+            return first * share, memory * share
+        return first, memory

@@ -54,13 +54,14 @@ class _Rates:
     """Achievable rates of the unit one stream runs on, computed once per stream."""
 
     __slots__ = ("kind", "flops", "int8_flops", "vector_flops", "bw", "attention_bw", "overhead", "pageable_bw",
-                 "memory_bw", "gemm_overlap")
+                 "memory_bw", "gemm_overlap", "attention_overhead")
 
     def __init__(self, unit: Unit, host_bw: float):
         self.kind = unit.kind
         self.pageable_bw = 0.0
         self.memory_bw = host_bw  # the host DRAM a host-link DMA draws from
         self.gemm_overlap = 1.0  # the share of a GEMM's shorter roof hidden under its longer one
+        self.attention_overhead = 0.0  # a CPU attention call's fixed cost (CPUs only)
         spec = unit.spec
         if unit.kind is UnitKind.GPU:
             self.flops = self.vector_flops = spec.bf16_flops_per_s * spec.gemm_efficiency
@@ -76,6 +77,7 @@ class _Rates:
             self.int8_flops = spec.int8_gemm_ops_per_s
             self.bw, self.attention_bw = spec.dram_bytes_per_s * spec.dram_efficiency, spec.attention_bytes_per_s
             self.overhead = spec.op_overhead_s
+            self.attention_overhead = spec.attention_call_s
             self.gemm_overlap = spec.gemm_overlap
         else:
             self.flops = self.vector_flops = self.int8_flops = 0.0
@@ -178,8 +180,9 @@ class RooflineCostModel:
             return flops / r.flops, nbytes / r.bw, fixed
         if r.kind is UnitKind.CPU:
             rate = r.vector_flops if kind in _CPU_VECTOR_KINDS else r.flops
-            bw = r.attention_bw if kind is OpKind.ATTENTION else r.bw
-            return flops / rate, nbytes / bw, r.overhead
+            if kind is OpKind.ATTENTION:
+                return flops / rate, nbytes / r.attention_bw, r.attention_overhead
+            return flops / rate, nbytes / r.bw, r.overhead
         return nbytes / _link_speed(r, False)[0], 0.0, r.overhead
 
     def seconds(self, kind: OpKind, stream: str, flops: int, nbytes: int,

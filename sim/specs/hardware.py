@@ -107,6 +107,9 @@ class CPUSpec:
     # roofline's max() (full overlap, the default), 0 their sum (the kernel streams, then computes). Published and
     # measured CPU expert kernels sit between (docs/cost-model.md, "CPU expert kernels by shape").
     gemm_overlap: float = 1.0
+    # A CPU attention call's fixed cost where a measured kernel has its own (MoE-Lightning's thread-pool dispatch:
+    # 364 us); None: op_overhead_s, as every other CPU op.
+    attention_overhead_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_positive(f"cpu {self.name}", self, ["cores", "avx512_bf16_flops_per_s", "dram_bytes_per_s"])
@@ -122,6 +125,13 @@ class CPUSpec:
             _check_fraction(f"cpu {self.name}", self, ["amx_efficiency"])
         if not 0 <= self.op_overhead_s <= 1:
             raise SimInputError(f"cpu {self.name}: op_overhead_s must be in [0, 1] s")
+        if self.attention_overhead_s is not None and not 0 <= self.attention_overhead_s <= 1:
+            raise SimInputError(f"cpu {self.name}: attention_overhead_s must be in [0, 1] s")
+
+    @property
+    def attention_call_s(self) -> float:
+        """The fixed cost of one CPU attention call."""
+        return self.op_overhead_s if self.attention_overhead_s is None else self.attention_overhead_s
 
     @property
     def gemm_flops_per_s(self) -> float:
