@@ -34,8 +34,8 @@ def metric_value(result: SimulationResult, metric: str) -> float:
         return (prompt + generated) / result.total_s
     if metric == "prefill_tok_s":
         return prompt / result.prefill_s
-    if metric == "decode_tok_s":
-        return generated / result.decode_s
+    if metric == "decode_tok_s":  # the decode steps' tokens: each request's first comes with the prefill
+        return (generated - float(result.workload["batch"])) / result.decode_s
     raise SimInputError(f"unknown metric {metric!r}")
 
 

@@ -27,7 +27,8 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "e2e_gen_tok_s": "generated tokens / (prefill + decode time)",
     "e2e_total_tok_s": "(prompt + generated tokens) / (prefill + decode time)",
     "prefill_tok_s": "prompt tokens / prefill time",
-    "decode_tok_s": "generated tokens / decode time (all requests together)",
+    "decode_tok_s": "tokens the decode steps generate (every generated token but each request's first, which the "
+                    "prefill makes) / decode time (all requests together)",
 }
 Knob = str | int | float | bool
 
