@@ -1076,3 +1076,18 @@ def test_coxmoe_stores_prefill_kv_only_where_it_is_not_already(prefill, decode, 
                                  "prefill_micro_batch": "0", "decode_micro_batch": "0"})
     stored = sum(op.bytes for op in r.plan.ops if op.phase is Phase.PREFILL and op.payload is Payload.KV)
     assert stored == kv_copy
+
+
+def test_moe_lightning_search_breaks_estimate_ties_toward_more_resident_experts():
+    """Once CPU attention binds, the LP's estimate is flat in wg: of the tied candidates, the re-scoring tries the
+    one that pages least first (it had tried the fewest residents first, which shared host DRAM punishes)."""
+    from sim.specs import load_model, load_system
+
+    m, s = load_model("qwen3-30b-a3b"), load_system("h100-80g-8452y")
+    wl, tr, _ = resolve_routing(m, 256, 800, 32, None, "uniform", 0)
+    space = make_policy("moe-lightning").search_space(PlanContext(m, s, wl, tr, decode_sample=4))
+    ranked = space.rescore_order()
+    best = ranked[0].analytic_s
+    tied = [c for c in space.candidates if c.analytic_s == best]
+    assert len(tied) > 1  # a flat estimate: the tie is real
+    assert ranked[0].options.wg == max(c.options.wg for c in tied)
