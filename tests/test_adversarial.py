@@ -1024,3 +1024,18 @@ def test_a_refused_profile_leaves_no_empty_folder(capsys, tmp_path):
     fails_cleanly(capsys, ["calibrate", "profile", "--model", "opt-6.7b", "--out", str(out), "--max-tokens", "1",
                            "--rounds", "1"], "which the executor does not implement")
     assert not out.exists()
+
+
+def test_review_fixes_stems_with_dots_capital_image_suffixes_preset_shapes_and_nested_folders(capsys, tmp_path):
+    """A figure stem may hold dots; image suffixes take any case (the writers lowercase them); `trace gen --preset`
+    takes the one shape check `simulate` does; a refused profile removes every folder it created."""
+    from experiments.cli.common import IMAGE_SUFFIXES, output_file, output_stem
+
+    assert output_stem(str(tmp_path / "run_1.5x.pdf")) == str(tmp_path / "run_1.5x.pdf")
+    assert output_file(*IMAGE_SUFFIXES)(str(tmp_path / "y.PNG"))
+    fails_cleanly(capsys, ["trace", "gen", "--preset", "qwen3-30b-a3b", "--model", "opt-30b", "--requests", "2",
+                           "--prompt-len", "8", "--gen-len", "2", "-o", str(tmp_path / "t.npz")],
+                  "routing preset:qwen3-30b-a3b describes qwen3-30b-a3b")
+    fails_cleanly(capsys, ["calibrate", "profile", "--model", "opt-6.7b", "--out", str(tmp_path / "nest" / "a" / "b"),
+                           "--max-tokens", "1", "--rounds", "1"], "which the executor does not implement")
+    assert not (tmp_path / "nest").exists()

@@ -47,26 +47,34 @@ def positive_gib(text: str) -> float:
 IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 
 
-def output_file(*suffixes: str) -> Callable[[str], str]:
+def output_file(*suffixes: str, exact: bool = False) -> Callable[[str], str]:
     """An argparse type for a file to write: not a directory, with one of `suffixes` (checked before any work,
-    so a long run never ends in an unwritable path)."""
+    so a long run never ends in an unwritable path). `exact`: the suffix as written, for writers that check it
+    so (a trace's `.npz`: `-o A.NPZ` passed here and failed after the work); else in any case (images)."""
 
     def parse(text: str) -> str:
         path = Path(text)
-        if path.is_dir() or text.endswith(("/", os.sep)):
-            raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
-        if path.suffix not in suffixes:  # exactly: the writers check the suffix as written (.NPZ failed after the work)
+        suffix = path.suffix if exact else path.suffix.lower()
+        if suffix not in suffixes:
             shown = ", ".join(s or "(none)" for s in suffixes)
             raise argparse.ArgumentTypeError(f"{text}: unsupported file type {path.suffix or '(none)'!r}; "
                                              f"use {shown}")
-        if path.parent.exists() and not path.parent.is_dir():
-            raise argparse.ArgumentTypeError(f"{text}: {path.parent} is not a directory")
-        if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"{text}: cannot write into {path.parent} (permissions, or a "
-                                             "read-only file system)")
+        check_writable_file(text)
         return text
 
     return parse
+
+
+def check_writable_file(text: str) -> None:
+    """A file name to write, whatever its type: not a folder, in a folder that exists as one and is writable."""
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {path.parent} is not a directory")
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write into {path.parent} (permissions, or a "
+                                         "read-only file system)")
 
 
 def output_dir(text: str) -> str:
@@ -89,7 +97,7 @@ def output_stem(text: str) -> str:
     path = Path(text)
     if path.suffix in (".png", ".pdf"):
         path = path.with_suffix("")
-    output_file("")(str(path))  # the same checks as a file's (a folder, a parent that is a file, permissions)
+    check_writable_file(str(path))  # a stem may hold dots (run_1.5x.pdf); `timeline` judges the suffix
     return text
 
 

@@ -145,12 +145,13 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
         raise SimInputError("--threads: counts must be >= 1")
     if threads:
         _check_threads(threads)
-    created = not out.exists()
+    new = [p for p in (out, *out.parents) if not p.exists()]  # the folders a profile would create, deepest first
     try:
         profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):  # a refusal leaves no empty folder behind
-            out.rmdir()
+        for folder in new:  # a refusal leaves no empty folder behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     print(f"wrote {out}/profile.json and {out}/timings.csv ({', '.join(devices)}; {spec.name}; {args.rounds} rounds)")
     return 0

@@ -45,10 +45,13 @@ def cmd_trace_gen(args: argparse.Namespace) -> int:
                  "requests")
     prompt, gen = workload_lengths(args.prompt_len, args.gen_len, args.requests, args.seed)  # as `simulate` draws
     if args.preset:
+        from sim.api import preset_for_model
         from traces.synth_presets import synth_preset
 
-        cfg = synth_preset(args.preset).config(layers, experts, top_k, seed=args.seed, topics=args.topics,
-                                               topic_shift=shift, affinity=args.affinity)
+        # the model a preset describes (or its first layers), as `simulate --routing preset:NAME` requires
+        preset = preset_for_model(synth_preset(args.preset), m)
+        cfg = preset.config(layers, experts, top_k, seed=args.seed, topics=args.topics, topic_shift=shift,
+                            affinity=args.affinity)
     else:
         cfg = SynthConfig(name, layers, experts, top_k, args.routing or "uniform", args.reuse_prob or 0.0, args.seed,
                           topics=args.topics, topic_shift=shift, affinity=args.affinity)
@@ -201,7 +204,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clusters", type=positive_int, default=8, help="k-means clusters of the request features")
     p.add_argument("--sample", type=positive_int, default=64, help="prototypes to probe, split by cluster size")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("-o", "--output", required=True, type=output_file(".npz"),
+    p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True),
                    help="hot-expert map (.npz) for --policy-opt hot_map=PATH")
     p.set_defaults(func=cmd_eas)
 
@@ -228,7 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topic-shift", type=probability_arg, default=None,
                    help="share of a topic's popularity that is its own (0: topics route alike; default 0.5)")
     p.add_argument("--compress", action="store_true", help="deflate the arrays (smaller, slower to write)")
-    p.add_argument("-o", "--output", required=True, type=output_file(".npz"), help="output .npz file")
+    p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True), help="output .npz file")
     p.set_defaults(func=cmd_trace_gen)
     p = tsub.add_parser("import", help="convert published routing data into a trace (format v1)")
     p.add_argument("file")
@@ -239,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=positive_int, help="jsonl: experts per layer (default: largest id + 1)")
     p.add_argument("--top-k", type=positive_int, help="counts: experts per token")
     p.add_argument("--seed", type=seed_int, default=0, help="counts: seed of the token order")
-    p.add_argument("-o", "--output", required=True, type=output_file(".npz"), help="output .npz file")
+    p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True), help="output .npz file")
     p.set_defaults(func=cmd_trace_import)
     p = tsub.add_parser("record", help="record routing from a local Hugging Face MoE checkpoint")
     p.add_argument("--model-dir", required=True, help="local checkpoint directory (config, tokenizer, weights)")
@@ -247,7 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=positive_int, default=16, help="tokens to generate greedily per prompt")
     p.add_argument("--max-prompt-tokens", type=positive_int, help="truncate prompts to this many tokens")
     p.add_argument("--limit", type=positive_int, help="use only the first N prompts")
-    p.add_argument("-o", "--output", required=True, type=output_file(".npz"), help="output .npz file")
+    p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True), help="output .npz file")
     p.set_defaults(func=cmd_trace_record)
     p = tsub.add_parser("stats", help="popularity, entropy, reuse and LRU hit rates of a trace")
     p.add_argument("file")
