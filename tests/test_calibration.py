@@ -545,3 +545,19 @@ def test_a_device_that_fails_leaves_the_profile_of_the_devices_before_it(tmp_pat
     assert set(rows["device"]) == {"cpu"} and len(rows) == 1
     P.profile(_tiny_spec(), tmp_path / "cpu_only", devices=("cpu",), progress=False)
     assert "not_measured" not in json.loads((tmp_path / "cpu_only" / "profile.json").read_text())
+
+
+def test_prefill_attention_is_looked_up_at_the_scopes_root_mean_square_prompt(tmp_path, tiny_model, paper_system):
+    """Prefill attention's work is the scope's sum of squared prompt lengths: on a grid that is exactly
+    requests x length^2, prompts of 2 and 14 tokens price as 2 x 10^2 (the root mean square), not 2 x 8^2 (the
+    mean, which under-priced varied lengths)."""
+    from types import SimpleNamespace
+
+    rows = [{"device": "cpu", "kind": "attention_prefill", "tokens": b, "kv": s, "median_s": 1e-6 * b * s * s}
+            for b in (1, 2, 4) for s in (2, 4, 8, 16)]
+    cost = ProfileCostModel(paper_system, write_profile(tmp_path / "p", tiny_model, rows), tiny_model)
+    requests = np.array([0, 1])
+    cost._plan = SimpleNamespace(scope_of=lambda _op: (requests,),
+                                 workload=SimpleNamespace(prompt_lens=np.array([2, 14])))
+    prefill = op(OpKind.ATTENTION, tokens=16, kv=0, phase=Phase.PREFILL)
+    assert cost._lookup(prefill) == pytest.approx(1e-6 * (2 * 2 + 14 * 14), rel=1e-6)

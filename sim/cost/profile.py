@@ -8,7 +8,7 @@ to its work: requests x KV in decode, requests x prompt length squared in prefil
 time. Anything the profile does not cover (other kinds, prefill
 attention without its rows, copies without a CUDA profile) falls back to the roofline. Shared experts and dense
 FFNs, which the profile does not time, take the routed expert's time at their token count scaled by their
-parameter count. Prefill attention is looked up by (requests, mean prompt length) of the op's scope
+parameter count. Prefill attention is looked up by (requests, root-mean-square prompt length) of the op's scope
 (`Plan.scope_of`, read when the engine calls `prepare(plan)`; the workload's mean prompt length without a plan).
 CPU ops add the executor's measured cost per request in their scope (`overhead_<kind>` rows). This module reads
 data only: the simulator never imports the executor.
@@ -292,8 +292,10 @@ class ProfileCostModel:
             self._scope_stats.clear()
 
     def _prefill_scope(self, op: Op) -> tuple[float, float] | None:
-        """(requests, mean prompt length) of a prefill op's scope; without a plan, the tokens over the
-        workload's mean prompt length."""
+        """(requests, effective prompt length) of a prefill op's scope: the root mean square of its prompt lengths,
+        so that requests x length^2 is the scope's sum of squares, attention's quadratic work (the mean had
+        under-priced ShareGPT- or MT-Bench-like lengths 1.7-1.9x); without a plan, the tokens over the workload's
+        mean prompt length."""
         if self._plan is None:
             if not self.mean_prompt_len:
                 return None
@@ -302,8 +304,8 @@ class ProfileCostModel:
         hit = self._scope_stats.get(key)
         if hit is None:
             requests = self._plan.scope_of(op)[0]
-            lens = self._plan.workload.prompt_lens[requests]
-            mean = float(lens.mean()) if lens.size else 1.0
+            lens = self._plan.workload.prompt_lens[requests].astype(np.float64)
+            mean = float(np.sqrt((lens * lens).mean())) if lens.size else 1.0
             # a policy that pads prompts to the longest (FlexGen) carries the padded tokens: that is the length
             # its attention computes over
             padded = op.tokens / requests.size if requests.size else mean
