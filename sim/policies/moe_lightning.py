@@ -155,7 +155,8 @@ class MoELightningPolicy(Policy):
         # most residents first: once CPU attention or the GPU binds, the LP's estimate is flat in wg, and a stable
         # ranking then re-scores the tied candidates that page least (it had taken the fewest residents that
         # balance the link against the CPU, which the simulation's shared host DRAM punishes: Qwen3-30B-A3B on the
-        # H100, 800/256, wg 0.57 at 1234 tok/s where 0.9 fits and reaches 1873)
+        # H100, 800/256, wg 0.57 at 1234 tok/s; the most the LP's memory model admits, 0.80, reaches 1651). Ties
+        # across micro-batch sizes still go to the smaller size (the outer loop).
         residents = [o.resident(m.num_experts)] if o.wg >= 0 else list(range(m.num_experts, -1, -1))
         steps = max(wl.max_gen_len - 1, 1)
         out = []
