@@ -51,13 +51,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Per request and layer: the cached keys and values (GQA) or latent and rope key (MLA), preallocated."""
 
-    @staticmethod
-    def bytes_per_entry(spec: ModelSpec, dtype: torch.dtype) -> int:
-        """Bytes one cached token takes in one layer."""
-        width = (spec.kv_lora_rank + spec.qk_rope_head_dim if spec.attention == "mla"
-                 else 2 * spec.num_kv_heads * spec.head_dim)
-        return width * torch.empty(0, dtype=dtype).element_size()
-
     def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
         self.spec, self.max_len, self.dtype, self.device = spec, max_len, dtype, device
         self.store: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -145,7 +138,7 @@ def check_run_memory(spec: ModelSpec, workload: Workload, dtype: torch.dtype, wh
     limit (`--max-gib`): weights alone were checked, and a long prompt's cache and scores were not."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     longest = int((workload.prompt_lens + workload.gen_lens).max())
-    cache = workload.batch * spec.num_layers * longest * KVCache.bytes_per_entry(spec, dtype)
+    cache = workload.batch * spec.num_layers * longest * spec.kv_values_per_token_layer * itemsize
     scores = 3 * min(ATTENTION_SCORES_BYTES, 4 * spec.num_attention_heads * longest * longest)
     check_memory(spec.total_params * itemsize + cache + scores,
                  f"{what} ({spec.total_params:,} parameters, a KV cache of {workload.batch} x {longest} "

@@ -305,11 +305,11 @@ class ProfileCostModel:
         if hit is None:
             requests = self._plan.scope_of(op)[0]
             lens = self._plan.workload.prompt_lens[requests].astype(np.float64)
-            mean = float(np.sqrt((lens * lens).mean())) if lens.size else 1.0
+            rms = float(np.sqrt((lens * lens).mean())) if lens.size else 1.0
             # a policy that pads prompts to the longest (FlexGen) carries the padded tokens: that is the length
             # its attention computes over
-            padded = op.tokens / requests.size if requests.size else mean
-            hit = self._scope_stats[key] = (float(requests.size), max(mean, padded))
+            padded = op.tokens / requests.size if requests.size else rms
+            hit = self._scope_stats[key] = (float(requests.size), max(rms, padded))
         return hit
 
     def _requests(self, op: Op) -> float:

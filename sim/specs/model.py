@@ -271,11 +271,16 @@ class ModelSpec:
         return other * self.bytes_per_param + self.num_experts * self.expert_bytes
 
     @property
-    def kv_bytes_per_token_layer(self) -> int:
-        """KV-cache bytes one token adds at one layer (MLA caches the compressed latent and the rope key)."""
+    def kv_values_per_token_layer(self) -> int:
+        """KV-cache values one token adds at one layer (MLA caches the compressed latent and the rope key)."""
         if self.attention == "mla":
-            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.bytes_per_param
-        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_param
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """KV-cache bytes one token adds at one layer, at the model's precision."""
+        return self.kv_values_per_token_layer * self.bytes_per_param
 
     @property
     def kv_bytes_per_token(self) -> int:
