@@ -1039,3 +1039,51 @@ def test_review_fixes_stems_with_dots_capital_image_suffixes_preset_shapes_and_n
     fails_cleanly(capsys, ["calibrate", "profile", "--model", "opt-6.7b", "--out", str(tmp_path / "nest" / "a" / "b"),
                            "--max-tokens", "1", "--rounds", "1"], "which the executor does not implement")
     assert not (tmp_path / "nest").exists()
+
+
+def test_eas_audit_hot_map_conflicts_overflowing_loads_and_header_shapes(capsys, tmp_path):
+    """A hot map with stratify=off is refused (the map won silently); a load whose per-layer sum overflows and a
+    header whose layer / expert counts disagree with its arrays are refused when the map is read."""
+    trace = tmp_path / "t.npz"
+    assert main(["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "4", "--gen-len", "2",
+                 "-o", str(trace)]) == 0
+    hot = tmp_path / "m.npz"
+    assert main(["eas", "--trace", str(trace), "--vram-experts", "4", "--sample", "4", "-o", str(hot)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "coxmoe",
+                           "--policy-opt", f"hot_map={hot}", "--policy-opt", "stratify=off"],
+                  "hot_map chooses the resident experts, stratify=off keeps them by index")
+    with np.load(hot) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays["header"].astype(np.uint8).tobytes())
+    for changes, message in (({"load": np.full(arrays["load"].shape, 1e308)}, "finite sums per layer"),
+                             ({"header": {**meta, "num_layers": 3}}, "header declares 3 layers")):
+        bad_arrays = dict(arrays)
+        for key, value in changes.items():
+            bad_arrays[key] = (np.frombuffer(json.dumps(value).encode(), dtype=np.uint8) if key == "header"
+                               else value)
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, **bad_arrays)
+        fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "coxmoe",
+                               "--policy-opt", f"hot_map={bad}"], message)
+
+
+def test_a_model_probe_of_another_shape_than_the_trace_writes_no_map(capsys, tmp_path, monkeypatch):
+    """`eas --trace T --model-dir D`: a probe of another model's shape is refused before the map is written."""
+    import executor.embed as embed
+    import executor.record as record
+
+    trace = tmp_path / "t.npz"
+    assert main(["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "4", "--gen-len", "2",
+                 "-o", str(trace)]) == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"text": f"prompt {i}"}) + "\n" for i in range(8)))
+    other = generate_trace(SynthConfig("other", 3, 8, 2, "uniform", 0.0, 0), np.array([4] * 4), np.array([1] * 4))
+    monkeypatch.setattr(record, "record_trace", lambda *a, **k: other)
+    features = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    monkeypatch.setattr(embed, "embed_prompts", lambda texts, _embedder: features[:len(texts)])
+    out = tmp_path / "m.npz"
+    fails_cleanly(capsys, ["eas", "--trace", str(trace), "--model-dir", str(tmp_path), "--prompts", str(prompts),
+                           "--vram-experts", "2", "--sample", "4", "--clusters", "2", "-o", str(out)],
+                  "a map for another model")
+    assert not out.exists()

@@ -44,8 +44,11 @@ class HotExpertMap:
         E = r.shape[1]
         if not np.array_equal(np.sort(r, axis=1), np.broadcast_to(np.arange(E), r.shape)):
             raise TraceError("hot-expert map: each ranking row must be a permutation of the expert ids")
-        if not np.isfinite(ld).all() or (ld < 0).any():  # it prices the search's E_M / E_C split (coxmoe)
-            raise TraceError("hot-expert map: load must be finite and non-negative")
+        # it prices the search's E_M / E_C split (coxmoe), which divides by each layer's sum
+        with np.errstate(over="ignore"):  # an overflowing sum is the error named below, not a warning
+            sums_finite = bool(np.isfinite(ld.sum(axis=1)).all())
+        if not np.isfinite(ld).all() or (ld < 0).any() or not sums_finite:
+            raise TraceError("hot-expert map: load must be finite and non-negative, with finite sums per layer")
         if not 0 <= self.resident <= E:
             raise TraceError(f"hot-expert map: resident {self.resident} outside [0, {E}]")
 
@@ -101,6 +104,12 @@ def load_map(path: str | Path) -> HotExpertMap:
         raise TraceError(f"{path}: header resident must be an integer >= 0, got {str(resident)[:40]!r}")
     if not isinstance(extra, dict):
         raise TraceError(f"{path}: header extra must be a JSON object, got {type(extra).__name__}")
+    if isinstance(meta.get("version"), bool):  # true == 1 in Python
+        raise TraceError(f"{path}: not a v{MAP_VERSION} cox-moe hot-expert map")
+    declared = (meta.get("num_layers"), meta.get("num_experts"))
+    if declared != (None, None) and declared != tuple(ranking.shape[:2]) and ranking.ndim == 2:
+        raise TraceError(f"{path}: header declares {declared[0]} layers x {declared[1]} experts, its arrays hold "
+                         f"{ranking.shape[0]} x {ranking.shape[1]}")
     try:
         return HotExpertMap(model=str(meta.get("model", "unknown")), ranking=ranking.astype(np.int32),
                             load=load.astype(np.float64), resident=resident,

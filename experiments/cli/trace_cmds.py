@@ -169,6 +169,10 @@ def cmd_eas(args: argparse.Namespace) -> int:
         model, top_k = trace.header.model, trace.header.top_k
     if args.vram_experts > load.shape[1]:
         raise SimInputError(f"--vram-experts {args.vram_experts} exceeds the {load.shape[1]} experts per layer")
+    if trace is not None and load.shape != (trace.header.num_layers, trace.header.num_experts):
+        # before the map is written: it is scored on the trace and meant for its model
+        raise SimInputError(f"the probe counts {load.shape[0]} layers x {load.shape[1]} experts, the trace "
+                            f"{trace.header.num_layers} x {trace.header.num_experts}: a map for another model")
     hot = map_from_probe(model, load, top_k, args.vram_experts, {
         "clusters": clusters, "sample": int(picked.size), "seed": args.seed,
         "probe": "model" if args.model_dir else "trace",

@@ -130,6 +130,9 @@ class CoxMoeOptions(OptionsBase):
                                        and self.decode_placement[1] == "c"):
             raise SimInputError(f"policy {self.policy_name}: kv_cache=cpu streams the cache to decode attention on "
                                 "the GPU; with decode attention on the CPU it reads host memory anyway")
+        if self.hot_map and self.stratify == "off":
+            raise SimInputError(f"policy {self.policy_name}: hot_map chooses the resident experts, stratify=off keeps "
+                                "them by index; give one")
         if self.split_tokens == "on" and self.restratify != "off":
             raise SimInputError(f"policy {self.policy_name}: split_tokens=on does not combine with restratify (a split "
                                 "names one layer's expert for the whole run)")
