@@ -628,13 +628,19 @@ def test_sweep_specs_of_too_many_points_or_values_are_refused(capsys, tmp_path):
     fails_cleanly(capsys, ["sweep", str(bomb), "--out", str(tmp_path / "o2")], "values once its aliases are expanded")
 
 
-def test_hot_map_headers_of_the_wrong_types_are_refused(capsys, tmp_path):
+def _olmoe_hot_map(capsys, tmp_path: Path) -> Path:
+    """A small OLMoE trace's EAS map (4 resident experts per layer), written under `tmp_path`."""
     trace = tmp_path / "t.npz"
     assert main(["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "4", "--gen-len", "2",
                  "-o", str(trace)]) == 0
     hot = tmp_path / "m.npz"
     assert main(["eas", "--trace", str(trace), "--vram-experts", "4", "--sample", "4", "-o", str(hot)]) == 0
     capsys.readouterr()
+    return hot
+
+
+def test_hot_map_headers_of_the_wrong_types_are_refused(capsys, tmp_path):
+    hot = _olmoe_hot_map(capsys, tmp_path)
     with np.load(hot) as npz:
         arrays = {k: npz[k] for k in npz.files}
     meta = json.loads(arrays["header"].astype(np.uint8).tobytes())
@@ -1044,12 +1050,7 @@ def test_review_fixes_stems_with_dots_capital_image_suffixes_preset_shapes_and_n
 def test_eas_audit_hot_map_conflicts_overflowing_loads_and_header_shapes(capsys, tmp_path):
     """A hot map with stratify=off is refused (the map won silently); a load whose per-layer sum overflows and a
     header whose layer / expert counts disagree with its arrays are refused when the map is read."""
-    trace = tmp_path / "t.npz"
-    assert main(["trace", "gen", "--model", "olmoe-1b-7b", "--requests", "8", "--prompt-len", "4", "--gen-len", "2",
-                 "-o", str(trace)]) == 0
-    hot = tmp_path / "m.npz"
-    assert main(["eas", "--trace", str(trace), "--vram-experts", "4", "--sample", "4", "-o", str(hot)]) == 0
-    capsys.readouterr()
+    hot = _olmoe_hot_map(capsys, tmp_path)
     fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--policy", "coxmoe",
                            "--policy-opt", f"hot_map={hot}", "--policy-opt", "stratify=off"],
                   "hot_map chooses the resident experts, stratify=off keeps them by index")
