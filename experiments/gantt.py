@@ -32,15 +32,15 @@ def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
         raise SimInputError(f"timeline {path}: no traceEvents list (write one with simulate/execute --timeline)")
     ops = [e for e in events if e.get("ph") == "X"]
     bad = next((e for e in ops if not isinstance(e.get("args"), dict) or "phase" not in e["args"]
-                or not _time(e.get("ts")) or not _time(e.get("dur")) or not _track(e.get("tid"))
+                or not _time(e.get("ts")) or not _time(e.get("dur")) or not _integer(e.get("tid"))
                 or not isinstance(e.get("cat"), str)
-                or (e["args"].get("phase") == "decode" and not _step(e["args"].get("step")))), None)
+                or (e["args"].get("phase") == "decode" and not _integer(e["args"].get("step")))), None)
     if bad is not None or not ops:
         raise SimInputError(f"timeline {path}: op events need finite ts and dur >= 0, an integer tid, a cat and "
                             "args.phase (decode ones an integer args.step): not a cox-moe timeline?")
     names = [e for e in events if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")]
     if any(not isinstance(e.get("args"), dict) or not isinstance(e["args"].get("name"), str)
-           or (e["name"] == "thread_name" and not _track(e.get("tid"))) for e in names):
+           or (e["name"] == "thread_name" and not _integer(e.get("tid"))) for e in names):
         raise SimInputError(f"timeline {path}: process_name and thread_name events need args.name (a string; "
                             "thread names an integer tid): not a cox-moe timeline?")
     other = doc.get("otherData")
@@ -53,11 +53,8 @@ def _time(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def _track(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _step(value: Any) -> bool:
+def _integer(value: Any) -> bool:
+    """An integer field (a track id, a decode step), not a boolean."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

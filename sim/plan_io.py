@@ -29,6 +29,7 @@ from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 from sim.topology import topology_of
 from sim.workload import Workload
+from traces.format import is_version
 from traces.limits import MAX_LENGTH, check_memory, max_ops, too_many_ops
 
 PLAN_FORMAT = "cox-moe-plan"
@@ -93,7 +94,7 @@ def load_plan(path: str | Path) -> Plan:
         raise SimInputError(f"{path}: plan metadata is not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(meta, dict):
         raise SimInputError(f"{path}: plan metadata must be a JSON object")
-    if meta.get("version") != PLAN_VERSION or isinstance(meta.get("version"), bool):  # true == 1 in Python
+    if not is_version(meta.get("version"), PLAN_VERSION):
         raise SimInputError(f"{path}: unsupported plan version {meta.get('version')!r} (this reader: {PLAN_VERSION})")
     missing = [c for c in (*_INT_COLUMNS, *_ENUM_COLUMNS, "deps", "alloc_pool", "alloc_bytes", "free_pool",
                            "free_bytes") if c not in table.column_names]

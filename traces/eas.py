@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from traces.errors import TraceError
-from traces.format import RoutingTrace, concatenated_ranges, read_npz, write_npz_atomic
+from traces.format import RoutingTrace, concatenated_ranges, is_version, read_npz, write_npz_atomic
 
 MAP_FORMAT = "cox-moe-hot-expert-map"
 MAP_VERSION = 1
@@ -90,7 +90,8 @@ def load_map(path: str | Path) -> HotExpertMap:
         meta = json.loads(arrays["header"].astype(np.uint8).tobytes().decode("utf-8"))
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
         raise TraceError(f"{path}: cannot read hot-expert map ({type(exc).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MAP_FORMAT or meta.get("version") != MAP_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != MAP_FORMAT or \
+            not is_version(meta.get("version"), MAP_VERSION):
         raise TraceError(f"{path}: not a v{MAP_VERSION} cox-moe hot-expert map")
     if not np.issubdtype(ranking.dtype, np.integer):
         raise TraceError(f"{path}: ranking must be integer, got {ranking.dtype}")
@@ -104,8 +105,6 @@ def load_map(path: str | Path) -> HotExpertMap:
         raise TraceError(f"{path}: header resident must be an integer >= 0, got {str(resident)[:40]!r}")
     if not isinstance(extra, dict):
         raise TraceError(f"{path}: header extra must be a JSON object, got {type(extra).__name__}")
-    if isinstance(meta.get("version"), bool):  # true == 1 in Python
-        raise TraceError(f"{path}: not a v{MAP_VERSION} cox-moe hot-expert map")
     declared = (meta.get("num_layers"), meta.get("num_experts"))
     if declared != (None, None) and declared != tuple(ranking.shape[:2]) and ranking.ndim == 2:
         raise TraceError(f"{path}: header declares {declared[0]} layers x {declared[1]} experts, its arrays hold "

@@ -410,6 +410,12 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
 
 
 @plain_pages()  # a trace's arrays are hundreds of MB: huge-page compaction made a 415 MB load 2.1-4.7 s, not 1.7 s
+
+def is_version(value: Any, expected: int) -> bool:
+    """A file header's version is exactly `expected` (JSON `true` equals 1 in Python and is not a version)."""
+    return value == expected and not isinstance(value, bool)
+
+
 def read_npz(path: Path, required: set[str], optional: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
     """The `required` arrays and whichever `optional` ones exist, read from an .npz without unpickling; a
     missing file, a missing array or a damaged archive is one TraceError naming the file and `what` it is."""
@@ -470,7 +476,7 @@ def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise TraceError(f"{path}: not a cox-moe routing trace (header format {meta.get('format')!r})"
                          if isinstance(meta, dict) else f"{path}: header is not a JSON object")
-    if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):  # true == 1 in Python
+    if not is_version(meta.get("version"), FORMAT_VERSION):
         raise TraceError(f"{path}: unsupported trace version {meta.get('version')!r} (this reader: {FORMAT_VERSION})")
     extra = meta.get("extra") or {}
     if not isinstance(extra, dict):
