@@ -15,7 +15,9 @@ hidden states with the same forced top-2 routing (Mixtral's measured per-layer p
   present);
 - `HF`: transformers' `MixtralExperts` (bf16); `ipex`: the IPEX backend, only when it is importable;
 - `ceiling`: this machine's best time for the block's work, max(FLOPs / the measured bf16 GEMM ceiling, bytes the
-  block must read / the measured DRAM copy bandwidth), both measured at the start of the run.
+  block must read / the measured DRAM copy bandwidth), both measured at the start of the run; beside it a pure
+  read's bandwidth and the rate stock torch's bf16 GEMM streams expert weights at with 4 tokens an expert (what
+  bounds the small-batch sizes with these kernels).
 Outputs are checked against the plain path (bf16 paths within 5% of the output's largest value, int8's relative
 error printed); times are medians of interleaved repeats.
 """
@@ -74,6 +76,25 @@ def int8_gemm_ceiling(h: int, f: int, repeats: int = 3) -> float:
     return 2 * CEILING_M * h * 2 * f / seconds
 
 
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second a pure read of 1 GiB moves (an fp32 dot product of a buffer with itself): the DRAM roof
+    for weights that are only read, beside the copy's read + write rate the ceiling uses."""
+    buf = torch.ones(2**28, dtype=torch.float32)
+    return buf.numel() * 4 / _median_time(lambda: torch.dot(buf, buf), repeats)
+
+
+def kernel_streaming(w13: torch.Tensor, w2: torch.Tensor, rows: int = 4, repeats: int = 5) -> float:
+    """Bytes per second stock torch's bf16 GEMM reads expert weights at when there is almost nothing to compute
+    (`rows` tokens an expert, two experts' up/gate and down projections, plain row-major weights): what a block
+    of that many tokens an expert can stream at best with these kernels."""
+    x = torch.randn(rows, w13.shape[2], dtype=torch.bfloat16)
+    g = torch.randn(rows, w2.shape[2], dtype=torch.bfloat16)
+    experts = range(min(2, w13.shape[0]))
+    nbytes = sum(w13[e].numel() + w2[e].numel() for e in experts) * 2
+    return nbytes / _median_time(lambda: [(torch.nn.functional.linear(x, w13[e]),
+                                           torch.nn.functional.linear(g, w2[e])) for e in experts], repeats)
+
+
 def _hf_block(h: int, f: int, e: int, w13: torch.Tensor, w2: torch.Tensor):
     try:
         from transformers import MixtralConfig
@@ -125,6 +146,8 @@ def main() -> None:
           f"{'yes' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'no'}")
     print(f"ceiling inputs, measured now: DRAM copy {bw / 1e9:.1f} GB/s (read + write), bf16 GEMM "
           f"{peak / 1e12:.3f} TFLOP/s ([{CEILING_M} x {h}] x [{h} x {2 * f}], hot prepacked weights)")
+    print(f"pure read {read_bandwidth() / 1e9:.1f} GB/s; stock bf16 GEMM at 4 tokens an expert streams weights "
+          f"at {kernel_streaming(w13, w2) / 1e9:.1f} GB/s (the most these kernels give few tokens per expert)")
     if "int8" in paths:
         peak8 = int8_gemm_ceiling(h, f)
         print(f"INT8 GEMM, same shape, hot: {peak8 / 1e12:.3f} TOPS: int8/bf16 can gain at most {peak8 / peak:.2f}x "

@@ -33,3 +33,16 @@ def test_design_space_breakdown_splits_a_point_into_stages_that_add_up():
     stages = [split[k] for k in ("trace", "ranking", "plan_builds", "engine", "other")]
     assert all(v >= 0 for v in stages[:4]) and split["trace"] > 0 and split["engine"] > 0
     assert abs(sum(stages) - out["wall_s"]) < 1e-6 * max(1.0, out["wall_s"])
+
+
+def test_hf_block_streaming_reading_counts_the_bytes_of_the_experts_it_multiplies(monkeypatch):
+    """The expert block benchmark's streaming bound: bytes of two experts' up/gate and down weights over the
+    median call time, whatever the number of experts given."""
+    import torch
+
+    bench = _load("hf_moe_block")
+    monkeypatch.setattr(bench, "_median_time", lambda fn, repeats: (fn(), 0.5)[1])  # the calls run; 0.5 s each
+    w13 = torch.zeros(3, 2 * 8, 4, dtype=torch.bfloat16)
+    w2 = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
+    assert bench.kernel_streaming(w13, w2) == 2 * (2 * 8 * 4 + 4 * 8) * 2 / 0.5
+    assert bench.kernel_streaming(w13[:1], w2[:1]) == (2 * 8 * 4 + 4 * 8) * 2 / 0.5
