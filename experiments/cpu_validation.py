@@ -13,7 +13,8 @@ speed when profiled (a bf16 GEMM and a copy, `executor.speed_probe`), so a drift
 
     python experiments/cpu_validation.py --out docs/results [--profile out/profile-paired] [--layers 2]
 
-Writes cpu_validation.md and cpu_validation.png into --out, and prints the tables.
+Writes cpu_validation.md, cpu_validation.png and cpu_validation_ops.csv (every op, measured beside predicted)
+into --out, and prints the tables.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from executor.profile import fingerprint, machine_differences, recorded_fingerprint
@@ -138,7 +140,24 @@ def main() -> None:
               f"{elsewhere}\n\n")
     text = header + "\n".join(lines) + "\n"
     write_atomic_text(out / "cpu_validation.md", text)
+    write_atomic_text(out / "cpu_validation_ops.csv", per_op_table(cases, results).to_csv(index=False))
     print(text)
+
+
+def per_op_table(cases: list[tuple], results: list[dict]) -> pd.DataFrame:
+    """Every op of every validated plan, measured beside predicted: where a class's error sits (which layer,
+    step, token count), for the cases in the order they ran (the three batches, then coalesced and
+    micro-batched)."""
+    names = [f"batch {b}" for b in BATCHES] + ["batch 256 coalesced", "batch 256 micro-batched"]
+    frames = []
+    for name, (plan, _), r in zip(names, cases, results, strict=True):
+        per = r["_per_op"]
+        frames.append(pd.DataFrame({
+            "case": name, "op": range(len(plan.ops)), "kind": [str(op.kind) for op in plan.ops],
+            "class": per["class"], "phase": [str(op.phase) for op in plan.ops], "step": [op.step for op in plan.ops],
+            "layer": [op.layer for op in plan.ops], "tokens": [op.tokens for op in plan.ops],
+            "measured_s": per["measured_s"], "predicted_s": per["predicted_s"]}))
+    return pd.concat(frames, ignore_index=True)
 
 
 if __name__ == "__main__":
