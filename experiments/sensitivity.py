@@ -131,6 +131,8 @@ def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = No
     for path, text in tqdm(jobs, desc="sensitivity", unit="point", disable=not progress):
         settings = {path: text} if path else {}
         row: dict[str, Any] = {"field": path or "(base)", "value": text, **_point(config, settings)}
+        if not path and not np.isfinite(row["throughput_tok_s"]):  # before any variant runs (minutes at scale)
+            raise SimInputError(f"the base point does not run: {row['note']}")
         if path:
             section, _, name = path.rpartition(".")
             spec = getattr(system, section) if section else system
@@ -144,8 +146,6 @@ def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = No
         rows.append(row)
     df = pd.DataFrame(rows)
     base = df.iloc[0]
-    if not np.isfinite(base["throughput_tok_s"]):
-        raise SimInputError(f"the base point does not run: {base['note']}")
     df["change"] = df["throughput_tok_s"] / base["throughput_tok_s"] - 1
     if against:
         df["speedup_change"] = df["speedup"] / base["speedup"] - 1
@@ -154,22 +154,36 @@ def run_sensitivity(config: SimConfig, vary: Mapping[str, list[str]] | None = No
                                                                           na_position="last")
     table = pd.concat([df.iloc[:1], rest.drop(columns="_order")], ignore_index=True)
     table.attrs["skipped"] = skipped
+    table.attrs["rank_by"] = key
     return table
 
 
-def tornado_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Horizontal bars of the throughput change per variant, largest at the top."""
+AXIS_LABELS = {"change": "throughput change against the base point (%)",
+               "speedup_change": "change of the speed-up over {against} against the base point (%)"}
+
+
+def tornado_plot(table: pd.DataFrame, path: Path, title: str, against: str | None = None) -> Path:
+    """Horizontal bars of the change the table is ranked by (throughput, or the speed-up over `against`) per
+    variant, largest at the top; a variant that does not run is a labelled row with no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = table.attrs.get("rank_by", "change")
     rows = table.iloc[1:].iloc[::-1]
     labels = [f"{f} = {v}" for f, v in zip(rows["field"], rows["value"], strict=True)]
+    values = 100 * rows[key].to_numpy(dtype=float)
+    ran = np.isfinite(values)
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-    ax.barh(labels, 100 * rows["change"], color=["#c0392b" if c < 0 else "#2471a3" for c in rows["change"]])
+    ypos = np.arange(len(rows))
+    ax.barh(ypos, np.where(ran, values, 0.0), color=["#c0392b" if c < 0 else "#2471a3" for c in values])
+    ax.set_yticks(ypos, labels)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    for y in ypos[~ran]:
+        ax.text(0, y, "  does not run", va="center", ha="left", fontsize=8, color="#555555")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("throughput change against the base point (%)")
+    ax.set_xlabel(AXIS_LABELS[key].format(against=against or "the other policy"))
     ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     fig.tight_layout()
     try:

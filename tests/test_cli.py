@@ -375,3 +375,43 @@ def test_presets_show_json_and_keep_outside_all(capsys, tmp_path):
     assert json.loads(out)["num_experts"] == 8  # JSON, as --json says (it printed YAML)
     code, _, err = run(capsys, "reproduce", "table3", "--out", str(tmp_path), "--keep", "fig7")
     assert code == 2 and "--keep carries figures of `reproduce all`" in err
+
+
+def test_compare_policies_are_stripped_and_a_repeat_refused(capsys, tmp_path):
+    base = ["compare", "--model-file", _tiny_model_file(tmp_path), "--system", "a100-80g-8452y", "--batch", "8",
+            "--prompt-len", "6", "--gen-len", "3", "--workers", "1", "--json"]
+    code, out, err = run(capsys, *base, "--policies", "coxmoe, fiddler,")
+    assert code == 0, err
+    assert list(json.loads(out)["policies"]) == ["coxmoe", "fiddler"]
+    code, out, err = run(capsys, *base, "--policies", "coxmoe,fiddler,coxmoe")
+    assert code == 2 and err.count("\n") == 1 and "names coxmoe twice" in err, err
+
+
+def test_a_run_that_does_not_fit_is_noted_with_its_reason():
+    from sim.compare import compare_table, failure_note
+
+    search = "policy flexgen: no configuration fits its memory model on t4 (0.5 GiB of GPU memory)"
+    assert failure_note(search) == "no configuration fits its memory model on t4 (0.5 GiB of GPU memory)"
+    assert failure_note("GPU (t4) for gpu-only memory exceeded: need 9.1 GiB, have 0.5") == (
+        "GPU (t4) for gpu-only memory exceeded")
+    table = compare_table({"policies": {"flexgen": {"feasible": False, "error": search}}, "coxmoe_speedup": {}})
+    assert table.iloc[0]["note"].startswith("no configuration fits")
+
+
+def test_ablation_runs_a_repeated_step_once(tmp_path, monkeypatch):
+    from sim import compare as compare_module
+
+    real, asked = compare_module._run_all, []
+
+    def spy(m, s, jobs, *args):
+        asked.append(list(jobs))
+        return real(m, s, jobs, *args)
+
+    monkeypatch.setattr(compare_module, "_run_all", spy)
+    r = compare_module.ablation(_tiny_model_file(tmp_path), "rtx6000ada-8452y", batch=8, prompt_len=6, gen_len=3,
+                                workers=1)
+    steps = {row["step"]: row for row in r["steps"]}
+    assert len(asked[0]) == len(compare_module.ABLATION_STEPS) - 1  # "+ attention offload" = "without preload"
+    same = steps["+ attention offload"], steps["CoX-MoE without hot-expert preload"]
+    assert same[0]["throughput_tok_s"] == same[1]["throughput_tok_s"] and same[0]["options"] == {"stratify": "off"}
+    assert len(r["steps"]) == len(compare_module.ABLATION_STEPS)

@@ -132,3 +132,32 @@ def test_beyond_without_a_native_coxmoe_names_it(figures, tmp_path):
 
 def test_report_numbers_are_plain():
     assert [number(v) for v in (10110.0, 2.3684, 0.5, 1234567.0)] == ["10110", "2.368", "0.5", "1234567"]
+
+
+def test_table3_when_moe_lightning_does_not_fit(monkeypatch, tmp_path):
+    """The steps that ran are drawn as having run and the finding says why there is no speed-up (it formatted
+    None, a traceback, and labelled every step infeasible)."""
+    import matplotlib.pyplot as plt
+
+    from experiments.reproduce import ReproduceOptions, table3
+    from sim.compare import ABLATION_STEPS
+
+    def fake(*args, **kwargs):
+        steps = [{"step": label, "options": opts, "feasible": i > 0, "throughput_tok_s": 100.0 + i if i else None,
+                  "error": "" if i else "GPU (rtx6000ada) for moe-lightning memory exceeded: need 50 GiB",
+                  "speedup_over_moe_lightning": None} for i, (label, _, opts) in enumerate(ABLATION_STEPS)]
+        return {"steps": steps}
+
+    monkeypatch.setattr(table3, "ablation", fake)
+    table = table3.run(ReproduceOptions(out=tmp_path, quick=True))
+    text = table3.finding(table)
+    assert "nan" not in text.lower() and "None" not in text
+    assert "MoE-Lightning does not fit (GPU (rtx6000ada) for moe-lightning memory exceeded)" in text
+    assert "101.0 tok/s (no earlier step ran)" in text and "x1.01" in text  # 102 over 101
+    seen = []
+    monkeypatch.setattr(table3, "save_figure", lambda fig, out, stem: seen.append(fig) or [])
+    table3.plot(table, tmp_path)
+    labels = _texts(seen[0])
+    plt.close(seen[0])
+    assert labels[0].startswith("infeasible: does not fit") and labels[1] == "101.0 tok/s (MoE-Lightning does not fit)"
+    assert sum(label.startswith("infeasible") for label in labels) == 1

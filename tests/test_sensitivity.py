@@ -114,3 +114,78 @@ def test_a_variant_whose_machine_cannot_hold_the_kv_cache_is_a_row_not_a_stop():
     small = table[table["field"] == "dram_bytes"].iloc[0]
     assert np.isnan(small["throughput_tok_s"]) and "memory exceeded" in small["note"]
     assert np.isfinite(table.iloc[0]["throughput_tok_s"])
+
+
+def _drawn(monkeypatch, table, against=None):
+    """The tornado chart's axes as drawn (tick labels, bar widths, x label), captured before saving."""
+    import experiments.sensitivity as sens
+
+    seen = {}
+
+    def capture(fig, path, dpi=None):
+        ax = fig.axes[0]
+        seen.update(labels=[t.get_text() for t in ax.get_yticklabels()], widths=[p.get_width() for p in ax.patches],
+                    xlabel=ax.get_xlabel(), texts=[t.get_text() for t in ax.texts], ylim=ax.get_ylim())
+
+    monkeypatch.setattr(sens, "save_figure_file", capture)
+    sens.tornado_plot(table, "unused.png", "title", against)
+    return seen
+
+
+def test_tornado_labels_every_variant_and_marks_one_that_does_not_run(monkeypatch):
+    table = run_sensitivity(SimConfig(**POINT), {"dram_bytes": ["50000000000"], "gpu.gemm_efficiency": ["0.5"]},
+                            progress=False)
+    drawn = _drawn(monkeypatch, table)
+    assert drawn["labels"] == ["dram_bytes = 50000000000", "gpu.gemm_efficiency = 0.5"]  # bottom to top
+    assert drawn["widths"][0] == 0.0 and drawn["widths"][1] == pytest.approx(100 * table.iloc[1]["change"])
+    assert any("does not run" in t for t in drawn["texts"])
+    assert drawn["ylim"][0] < 0 < 1 < drawn["ylim"][1]  # both rows inside the axes
+    assert drawn["xlabel"].startswith("throughput change")
+
+
+def test_tornado_draws_the_speedup_change_when_ranked_by_it(monkeypatch):
+    table = run_sensitivity(SimConfig(**POINT), {"gpu.gemm_efficiency": ["0.5"], "cpu.amx_efficiency": ["0.1"]},
+                            against="moe-lightning", progress=False, rank_by="speedup")
+    drawn = _drawn(monkeypatch, table, "moe-lightning")
+    assert drawn["widths"] == pytest.approx(list(100 * table["speedup_change"].iloc[1:][::-1]))
+    assert "speed-up over moe-lightning" in drawn["xlabel"]
+
+
+def test_a_base_point_that_does_not_run_is_refused_before_any_variant(monkeypatch):
+    import experiments.sensitivity as sens
+
+    calls = []
+
+    def point(config, settings, policy=None):
+        calls.append(settings)
+        return {"throughput_tok_s": np.nan, "total_s": np.nan, "prefill_s": np.nan, "decode_s": np.nan,
+                "note": "GPU memory exceeded"}
+
+    monkeypatch.setattr(sens, "_point", point)
+    with pytest.raises(SimInputError, match="base point does not run: GPU memory exceeded"):
+        run_sensitivity(SimConfig(**POINT), {"gpu.gemm_efficiency": ["0.5", "0.25"]}, against="gpu-only",
+                        progress=False)
+    assert calls == [{}]  # the base alone, not its baseline run nor any variant
+
+
+def test_header_says_when_the_other_policy_does_not_run_and_csv_may_be_compressed(capsys, tmp_path, monkeypatch):
+    import gzip
+
+    import experiments.sensitivity as sens
+
+    real = sens._point
+
+    def point(config, settings, policy=None):  # the baseline never fits
+        if policy is not None:
+            return {"throughput_tok_s": np.nan, "total_s": np.nan, "prefill_s": np.nan, "decode_s": np.nan,
+                    "note": "GPU (a100) for gpu-only memory exceeded"}
+        return real(config, settings, policy)
+
+    monkeypatch.setattr(sens, "_point", point)
+    csv = tmp_path / "s.csv.gz"
+    code = main([*ARGV, "--vary", "gpu.gemm_efficiency=0.5", "--against", "gpu-only", "--csv", str(csv)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    head = out.splitlines()[0]
+    assert "nan" not in head and "gpu-only does not run (GPU (a100) for gpu-only memory exceeded)" in head
+    assert gzip.decompress(csv.read_bytes()).decode().startswith("field,")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,14 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sim.compare import COMPARED, compare, compare_table
 
-    if args.policies is not None and not [p for p in args.policies.split(",") if p.strip()]:
-        raise SimInputError("--policies: name at least one policy (leave the flag out for all)")
-    policies = tuple(args.policies.split(",")) if args.policies else COMPARED
+    policies = COMPARED
+    if args.policies is not None:
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        if not policies:
+            raise SimInputError("--policies: name at least one policy (leave the flag out for all)")
+        twice = sorted({p for p in policies if policies.count(p) > 1})
+        if twice:
+            raise SimInputError(f"--policies names {', '.join(twice)} twice (each policy runs once)")
     from sim.api import config_model, config_system
 
     config = simulation_config(args)
@@ -185,7 +191,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from sim.api import config_model, config_system
-    from sim.compare import ablation
+    from sim.compare import ablation, failure_note
 
     config = simulation_config(args)
     result = ablation(config_model(config), config_system(config), progress=True, workers=args.workers,
@@ -196,7 +202,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     print(f"{result['model']} on {result['system']}: batch {result['batch']}, routing {result['routing']}")
     rows = [{"step": r["step"], "throughput_tok_s": r.get("throughput_tok_s"),
              "speedup_over_moe_lightning": r.get("speedup_over_moe_lightning"),
-             "note": "" if r.get("feasible") else r["error"].split(":")[0]} for r in result["steps"]]
+             "note": "" if r.get("feasible") else failure_note(r["error"])} for r in result["steps"]]
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
 
@@ -220,13 +226,17 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         write_csv_file(table, args.csv)
     if args.plot:
         tornado_plot(table, Path(args.plot), f"{config.model} on {config.system} under {config.policy}: "
-                                             "one number of the system at a time")
+                                             "one number of the system at a time", args.against)
     if args.json:
         emit_json(table.to_dict("records"))
         return 0
     base = table.iloc[0]
+    against = ""
+    if args.against:
+        against = (f", {base['speedup']:.2f}x {args.against}" if math.isfinite(base["speedup"])
+                   else f"; {args.against} does not run ({base['note'].removeprefix(args.against + ': ')})")
     print(f"{config.model} on {config.system} under {config.policy}: base {base['throughput_tok_s']:.1f} tok/s"
-          + (f", {base['speedup']:.2f}x {args.against}" if args.against else ""))
+          + against)
     shown = table.iloc[1:].copy()
     shown["change"] = shown["change"].map(lambda v: f"{100 * v:+.1f}%" if v == v else "n/a")
     cols = ["field", "was", "value", "throughput_tok_s", "change"]
@@ -281,7 +291,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--against", metavar="POLICY", help="also run this policy under every variant: the speedup")
     p.add_argument("--rank-by", choices=("throughput", "speedup"), default="throughput",
                    help="order the variants by their throughput change or (with --against) their speedup change")
-    p.add_argument("--csv", metavar="FILE", type=output_file(".csv"), help="write every row as CSV")
+    p.add_argument("--csv", metavar="FILE", type=output_file(".csv", ".gz", ".bz2", ".xz", ".zip"),
+                   help="write every row as CSV (.csv.gz and the like compress)")
     p.add_argument("--plot", metavar="FILE", type=output_file(*IMAGE_SUFFIXES), help="write a tornado chart")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sensitivity)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import MODEL_LABELS, SYSTEM_LABELS, paper_style, save_csv, save_figure
-from sim.compare import ablation
+from sim.compare import ablation, failure_note
 
 MODEL, SYSTEM, ROUTING = "qwen3-30b-a3b", "rtx6000ada-8452y", "preset:qwen3-30b-a3b"
 PAPER_STEP_SPEEDUP = {"+ coalesced experts with AMX co-execution": 1.51, "+ hot-expert preload (CoX-MoE)": 1.05}
@@ -35,7 +35,7 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
                      "paper_step_speedup": PAPER_STEP_SPEEDUP.get(step["step"], np.nan),
                      "batch": batch, "prompt_len": prompt, "gen_len": gen, "model": MODEL,
                      "system": options.system(SYSTEM).name, "routing": ROUTING,
-                     "note": "" if step.get("feasible") else "does not fit in memory"})
+                     "note": "" if step.get("feasible") else f"does not fit ({failure_note(step['error'])})"})
         if cumulative and np.isfinite(tput):
             previous = tput  # an infeasible step is skipped: the next one is compared with the last that ran
     return pd.DataFrame(rows)
@@ -51,10 +51,11 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
                   for i, k in enumerate(table["kind"])]
         speed = table["speedup_over_moe_lightning"].astype(float).fillna(0)
         ax.barh(y, speed, color=colors)
-        for yi, v, note in zip(y, speed, table["note"], strict=True):
-            # an infeasible step's note starts right of the x = 1 line rather than across it
-            ax.annotate(f"{v:.2f}x" if v else f"infeasible: {note}", (v or 1.0, yi), xytext=(3, 0),
-                        textcoords="offset points", va="center", fontsize=6.5)
+        for yi, v, tput, note in zip(y, speed, table["throughput_tok_s"].astype(float), table["note"], strict=True):
+            # a step that did not run, or ran with no MoE-Lightning to compare with, is labelled right of x = 1
+            label = (f"{v:.2f}x" if v else f"{tput:.1f} tok/s (MoE-Lightning does not fit)" if np.isfinite(tput)
+                     else f"infeasible: {note}")
+            ax.annotate(label, (v or 1.0, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6.5)
         ax.set_yticks(y, table["step"])
         ax.invert_yaxis()
         ax.axvline(1.0, color="k", lw=0.6)
@@ -74,12 +75,26 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         return save_figure(fig, out, "table3")
 
 
+def _step_text(s: pd.Series) -> str:
+    if not np.isfinite(s["throughput_tok_s"]):
+        return f"infeasible ({s['note']})"
+    if np.isfinite(s["step_speedup"]):
+        return f"x{s['step_speedup']:.2f}"
+    return f"{s['throughput_tok_s']:.1f} tok/s (no earlier step ran)"
+
+
 def finding(table: pd.DataFrame) -> str:
     steps = table[table["kind"] == "paper step"]
-    parts = [f"{s['step'].lstrip('+ ')} " + (f"x{s['step_speedup']:.2f}" if np.isfinite(s["throughput_tok_s"])
-                                              else f"infeasible ({s['note']})") for _, s in steps.iloc[1:].iterrows()]
-    return (f"Simulated steps over the previous one: {'; '.join(parts)}; full CoX-MoE "
-            f"{steps['speedup_over_moe_lightning'].iloc[-1]:.2f}x over MoE-Lightning.")
+    parts = [f"{s['step'].lstrip('+ ')} {_step_text(s)}" for _, s in steps.iloc[1:].iterrows()]
+    base, full = steps.iloc[0], steps.iloc[-1]
+    overall = float(full["speedup_over_moe_lightning"]) if full["speedup_over_moe_lightning"] is not None else np.nan
+    if np.isfinite(overall):
+        end = f"full CoX-MoE {overall:.2f}x over MoE-Lightning"
+    elif not np.isfinite(base["throughput_tok_s"]):
+        end = f"MoE-Lightning {base['note']}, so no speed-up over it"
+    else:
+        end = f"full CoX-MoE {full['note']}"
+    return f"Simulated steps over the previous one: {'; '.join(parts)}; {end}."
 
 
 def reproduce(options: ReproduceOptions) -> Reproduction:
