@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sim.api import config_system, simulate
 from sim.atomic_files import save_figure_file
 from sim.config import SimConfig
-from sim.errors import CapacityError, NoFeasibleConfig, SimInputError
+from sim.errors import CapacityError, NoFeasibleConfig, RunTooLong, SimInputError
 from sim.specs.hardware import SystemSpec
 from sim.specs.overrides import SECTIONS, apply_system_settings
 
@@ -100,14 +100,15 @@ def variants(config: SimConfig, vary: Mapping[str, list[str]] | None,
 
 
 def _point(config: SimConfig, settings: Mapping[str, str], policy: str | None = None) -> dict[str, Any]:
-    """One variant's result; a machine that cannot hold the point (the search finds nothing that fits) is a row
-    of NaN with the reason, not the end of the run."""
+    """One variant's result; a machine that cannot hold the point (the search finds nothing that fits), or whose
+    run would outlast the engine's clock (a rate near zero), is a row of NaN with the reason, not the end of the
+    run."""
     changed = {"system_settings": {**config.system_settings, **settings}}
     if policy is not None:
         changed.update(policy=policy, policy_options={})
     try:
         r = simulate(dataclasses.replace(config, **changed))
-    except (CapacityError, NoFeasibleConfig) as exc:
+    except (CapacityError, NoFeasibleConfig, RunTooLong) as exc:
         return {"throughput_tok_s": np.nan, "total_s": np.nan, "prefill_s": np.nan, "decode_s": np.nan,
                 "note": " ".join(str(exc).split())}
     return {"throughput_tok_s": r.throughput_tok_s, "total_s": r.total_s, "prefill_s": r.prefill_s,

@@ -154,8 +154,9 @@ def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | N
     for row in rows:
         ok = row.get("feasible") and base.get("feasible") and base["throughput_tok_s"] > 0
         row["speedup_over_moe_lightning"] = row["throughput_tok_s"] / base["throughput_tok_s"] if ok else None
-    return {"model": m.name, "system": s.name, "batch": tr.num_requests, "routing": routing_name,
-            "decode_sample": decode_sample, "steps": rows}
+    return {"model": m.name, "system": s.name, "batch": tr.num_requests,
+            "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
+            "routing": routing_name, "seed": seed, "decode_sample": decode_sample, "steps": rows}
 
 
 def failure_note(error: str) -> str:

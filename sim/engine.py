@@ -43,7 +43,7 @@ from simpy.core import EmptySchedule
 from simpy.events import NORMAL, URGENT
 
 from sim.cost import CostModel, GroupPrices
-from sim.errors import CapacityError, SimInputError
+from sim.errors import CapacityError, RunTooLong, SimInputError
 from sim.plan import Op, Plan
 from sim.topology import Topology, topology_of
 
@@ -543,7 +543,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         ops = None
     last = max(end, default=0)
     if last > MAX_RUN_NS:  # each op stays under the per-op bound, but their sum would not fit int64 nanoseconds
-        raise SimInputError(f"the run would last {last / 1e9:.3g} s (over {MAX_RUN_NS / 1e9:.0e} s): a rate or "
+        raise RunTooLong(f"the run would last {last / 1e9:.3g} s (over {MAX_RUN_NS / 1e9:.0e} s): a rate or "
                             "efficiency in the system spec or profile is near zero")
     end_arr = np.asarray(end, dtype=np.int64)
     if n and (end_arr < 0).any():

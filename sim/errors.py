@@ -5,6 +5,10 @@ class SimInputError(ValueError):
     """A spec, preset, workload or policy option that cannot be used as given."""
 
 
+class RunTooLong(SimInputError):
+    """A run whose length does not fit the engine's int64 nanosecond clock: some rate or efficiency is near zero."""
+
+
 class CapacityError(SimInputError):
     """A plan needs more memory than a device has."""
 

@@ -415,3 +415,4 @@ def test_ablation_runs_a_repeated_step_once(tmp_path, monkeypatch):
     same = steps["+ attention offload"], steps["CoX-MoE without hot-expert preload"]
     assert same[0]["throughput_tok_s"] == same[1]["throughput_tok_s"] and same[0]["options"] == {"stratify": "off"}
     assert len(r["steps"]) == len(compare_module.ABLATION_STEPS)
+    assert (r["prompt_len_mean"], r["gen_len_mean"], r["seed"]) == (6.0, 3.0, 0)  # as compare reports them

@@ -189,3 +189,13 @@ def test_header_says_when_the_other_policy_does_not_run_and_csv_may_be_compresse
     head = out.splitlines()[0]
     assert "nan" not in head and "gpu-only does not run (GPU (a100) for gpu-only memory exceeded)" in head
     assert gzip.decompress(csv.read_bytes()).decode().startswith("field,")
+
+
+def test_a_variant_whose_run_outlasts_the_clock_is_a_row_not_a_stop():
+    """A rate near zero makes one variant's run longer than int64 nanoseconds: that row says so, the rest run."""
+    config = SimConfig(model="mixtral-8x7b", system="a100-80g-8452y", policy="stream-experts", batch=8, prompt_len=16,
+                       gen_len=4, system_settings={"link.h2d_bytes_per_s": "1000"})
+    table = run_sensitivity(config, {"link.h2d_efficiency": ["0.003", "0.5"]}, progress=False)
+    rows = {row["value"]: row for _, row in table.iloc[1:].iterrows()}
+    assert np.isnan(rows["0.003"]["throughput_tok_s"]) and "the run would last" in rows["0.003"]["note"]
+    assert np.isfinite(rows["0.5"]["throughput_tok_s"]) and np.isfinite(table.iloc[0]["throughput_tok_s"])

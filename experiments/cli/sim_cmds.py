@@ -199,7 +199,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
         return 0
-    print(f"{result['model']} on {result['system']}: batch {result['batch']}, routing {result['routing']}")
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, prompt {result['prompt_len_mean']:.0f}, "
+          f"generate {result['gen_len_mean']:.0f}, routing {result['routing']}")
     rows = [{"step": r["step"], "throughput_tok_s": r.get("throughput_tok_s"),
              "speedup_over_moe_lightning": r.get("speedup_over_moe_lightning"),
              "note": "" if r.get("feasible") else failure_note(r["error"])} for r in result["steps"]]
