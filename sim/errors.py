@@ -1,5 +1,17 @@
 """Errors the simulator raises for bad user input; the CLI turns them into one line and exit status 2."""
 
+import reprlib
+
+_BRIEF = reprlib.Repr()  # Python 3.11's Repr takes its limits as attributes
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxset = 2, 4, 4, 4, 4
+_BRIEF.maxstring, _BRIEF.maxlong, _BRIEF.maxother = 60, 40, 60
+
+
+def brief(value: object) -> str:
+    """A bad value as an error message shows it: its repr cut short (a 1 KB YAML alias bomb's repr is 250 MB; a
+    400-digit integer or a 20 MB string would fill the line)."""
+    return _BRIEF.repr(value)
+
 
 class SimInputError(ValueError):
     """A spec, preset, workload or policy option that cannot be used as given."""

@@ -1088,3 +1088,98 @@ def test_a_model_probe_of_another_shape_than_the_trace_writes_no_map(capsys, tmp
                            "--vram-experts", "2", "--sample", "4", "--clusters", "2", "-o", str(out)],
                   "a map for another model")
     assert not out.exists()
+
+
+# ---- found by a spec-loader audit (2026-12-06) ----------------------------------------------------------------
+def _preset_yaml(capsys, name: str) -> str:
+    assert main(["presets", "--show", name]) == 0
+    return capsys.readouterr().out
+
+
+def test_an_alias_bomb_in_a_bad_value_gives_a_short_line(capsys, tmp_path):
+    """A 1 KB file whose bad value is a YAML alias bomb: the message showed its repr (254 MB at depth 8)."""
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]"
+                                                    for i in range(1, 8)]
+    text = _preset_yaml(capsys, "mixtral-8x7b").replace("tie_word_embeddings: false", "tie_word_embeddings: "
+                                                         + "[" + ", ".join(levels) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    err = fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], "expected true or false")
+    assert len(err) < 400, len(err)
+
+
+def test_an_integer_too_large_for_a_float_is_a_range_error(capsys, tmp_path):
+    text = _preset_yaml(capsys, "a100-80g-8452y")
+    path = tmp_path / "s.yaml"
+    path.write_text(text.replace("dram_bytes: ", "dram_bytes: " + "9" * 400 + " #", 1))
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", str(path), *WL],
+                  "dram_bytes must be in [1, 1.15292e+18], got an integer of 400 digits")
+
+
+def test_octal_looking_integers_and_a_second_merge_key_are_refused(capsys, tmp_path):
+    text = _preset_yaml(capsys, "mixtral-8x7b")
+    path = tmp_path / "m.yaml"
+    path.write_text(text.replace("num_layers: 32", "num_layers: 032"))
+    fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], "reads as an octal number")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, policy: coxmoe, prompt_len: 8, gen_len: 2}\n"
+                    "axes: {batch: [010, 8]}\n")
+    fails_cleanly(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o")], "reads as an octal number")
+    system = tmp_path / "s.yaml"
+    system.write_text(_preset_yaml(capsys, "a100-80g-8452y").replace(
+        "gpu:\n", "gpu:\n  <<: {gemm_efficiency: 0.811}\n  <<: {gemm_efficiency: 0.05}\n", 1))
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", str(system), *WL],
+                  "the merge key '<<' is given twice")
+
+
+def test_int8_peak_has_the_flops_range(capsys):
+    fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", *SYS, *WL, "--set", "gpu.int8_ops_per_s=1e300"],
+                  "int8_ops_per_s must be 0 or in [1e+06, 1e+18]")
+
+
+def test_a_yaml_syntax_error_names_the_problem_and_its_line(capsys, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\ngpu: [a100\n")
+    err = fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", str(path), *WL],
+                        "cannot parse spec file")
+    assert "expected ',' or ']'" in err and "(line 3)" in err, err
+
+
+def test_a_spec_file_over_a_megabyte_is_refused_before_it_is_read(capsys, tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(_preset_yaml(capsys, "mixtral-8x7b") + "# padding\n" * 200_000)
+    fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], "over the 1,048,576 a spec may have")
+
+
+def test_file_flags_read_files_and_name_flags_presets(capsys, tmp_path, monkeypatch):
+    """A file named like a preset in the working folder replaced the preset silently; `--system-file NAME` looked
+    NAME up as a preset."""
+    monkeypatch.chdir(tmp_path)
+    Path("a100-80g-8452y").write_text(_preset_yaml(capsys, "a100-80g-8452y").replace(
+        "gemm_efficiency: 0.811", "gemm_efficiency: 0.1"))
+    argv = ["simulate", "--model", "olmoe-1b-7b", *WL, "--policy", "gpu-only", "--json"]
+    assert main([*argv, "--system", "a100-80g-8452y"]) == 0
+    preset = json.loads(capsys.readouterr().out)["throughput_tok_s"]
+    assert main([*argv, "--system-file", "a100-80g-8452y"]) == 0
+    edited = json.loads(capsys.readouterr().out)["throughput_tok_s"]
+    assert edited < preset  # the flag says which: the preset by name, the edited file by --system-file
+    fails_cleanly(capsys, ["simulate", "--model-file", "mixtral-8x7b", *SYS, *WL], "spec file not found")
+
+
+def test_hugging_face_config_errors_use_its_own_keys_and_path(capsys, tmp_path):
+    from sim.specs.hf_config import model_from_hf_config
+
+    cfg = {"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 100,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+           "intermediate_size": 128}
+    path = tmp_path / "ckpt" / "config.json"
+    path.parent.mkdir()
+    for change, message in (({"num_hidden_layers": True}, "num_hidden_layers: expected a number"),
+                            ({"num_experts_per_tok": 9}, "num_experts_per_tok 9 exceeds num_local_experts 8")):
+        path.write_text(json.dumps({**cfg, **change}))
+        err = fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], message)
+        assert str(path) in err and "top_k" not in err, err
+    qwen = {**cfg, "model_type": "qwen3_moe", "num_experts": 8, "intermediate_size": 6144}
+    with pytest.raises(Exception, match="missing field moe_intermediate_size"):  # not the dense width
+        model_from_hf_config(qwen)
+    assert model_from_hf_config({**qwen, "moe_intermediate_size": 96}).expert_intermediate_size == 96

@@ -10,6 +10,7 @@ from typing import Any
 
 from sim.config import MAPPING_SETTINGS, SimConfig, refuse_seed_with_trace, settings
 from sim.policies import parse_kv_pairs
+from sim.specs.catalog import as_spec_path
 
 
 def arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -82,7 +83,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> SimConfig:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(SimConfig):
         if f.metadata["file_flag"] and getattr(args, f.name + "_file", None):
-            values[f.name] = getattr(args, f.name + "_file")
+            values[f.name] = as_spec_path(getattr(args, f.name + "_file"))  # a file, never a preset name
         elif f.name in MAPPING_SETTINGS and hasattr(args, f.name):
             values[f.name] = parse_kv_pairs(getattr(args, f.name), "policy option" if f.name == "policy_options"
                                             else "--set")

@@ -30,7 +30,7 @@ import yaml
 
 from sim.config import DEFAULTS, MAPPING_SETTINGS, SimConfig, refuse_seed_with_trace
 from sim.errors import SimInputError
-from sim.specs.catalog import load_yaml
+from sim.specs.catalog import load_yaml, read_text_bounded, yaml_problem
 from traces.errors import TraceError
 
 # What a point may set: every `SimConfig` field, completed with its defaults; sweeps default to CoX-MoE.
@@ -312,11 +312,11 @@ def load_spec(path: str | Path) -> list[SweepPoint]:
     if not path.is_file():
         raise SimInputError(f"sweep spec not found: {path}")
     try:
-        spec = load_yaml(path.read_text(encoding="utf-8"))
+        spec = load_yaml(read_text_bounded(path, "sweep spec"))
     except UnicodeDecodeError:
         raise SimInputError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise SimInputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise SimInputError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     try:
         return expand(spec)
     except SimInputError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,28 @@ def component_preset(kind: str, name: str) -> Any:
     return _component(kind, name, f"{kind} preset {name}")
 
 
+_OCTAL = re.compile(r"^[-+]?0[0-9_]+$")  # YAML 1.1's `032` is 26 (0x and 0b prefixes say what they are)
+MAX_SPEC_FILE_BYTES = 2**20  # spec and sweep files are kilobytes; PyYAML parses about 6 s a MB of mappings
+
+
+def read_text_bounded(path: Path, what: str) -> str:
+    """A user's YAML/JSON file as text, refused past MAX_SPEC_FILE_BYTES before it is read."""
+    size = path.stat().st_size
+    if size > MAX_SPEC_FILE_BYTES:
+        raise SimInputError(f"{what} {path}: {size:,} bytes, over the {MAX_SPEC_FILE_BYTES:,} a spec may have")
+    return path.read_text(encoding="utf-8")
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML or JSON parse error in a few words, with its line: PyYAML's first line only said what it was doing
+    ('while parsing a flow sequence')."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem:
+        return f"{problem} (line {mark.line + 1})" if mark is not None else str(problem)
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class SpecLoader(yaml.SafeLoader):
     """YAML for user files: safe_load's types without YAML 1.1's surprises, each refused rather than read as
     something else: sexagesimal numbers (`1:30` would be 90), binary blobs (`!!binary`) and a key given twice in
@@ -133,8 +156,14 @@ class SpecLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             seen: set = set()
+            merged = False
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then an explicit key overrides it
+                    if merged:  # a second `<<:` replaced the first's values silently
+                        raise yaml.constructor.ConstructorError(
+                            None, None, "the merge key '<<' is given twice (merge several with <<: [*a, *b])",
+                            key_node.start_mark)
+                    merged = True
                     continue
                 key = self.construct_object(key_node, deep=True)
                 try:
@@ -155,6 +184,9 @@ class SpecLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.Node) -> int:
         self._not_base60(node)
+        if _OCTAL.match(str(node.value)):
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as an octal number in YAML "
+                                                    "1.1: write it without the leading zero", node.start_mark)
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node: yaml.Node) -> float:
@@ -198,23 +230,27 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SimInputError(f"spec file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path, "spec file")
         data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else load_yaml(text)
     except _RepeatedKey as exc:
         raise SimInputError(f"cannot parse spec file {path}: {exc}") from None
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SimInputError(f"cannot parse spec file {path}: {first}") from None
+        raise SimInputError(f"cannot parse spec file {path}: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise SimInputError(f"spec file {path}: top level must be a mapping")
     return data
 
 
 def is_spec_path(name_or_path: str) -> bool:
-    """A spec file rather than a preset name: a file, a spec suffix, or a path with a separator (preset names
-    have none), so `--system-file ./dir` is named as a directory (a bare `dir` is looked up as a preset)."""
-    path = Path(name_or_path)
-    return path.suffix in (".yaml", ".yml", ".json") or "/" in name_or_path or path.is_file()
+    """A spec file rather than a preset name: a spec suffix or a path with a separator (preset names have
+    neither). A bare name is always a preset, whatever files the working folder holds (a file named like a preset
+    there replaced it silently); `as_spec_path` makes a `--X-file` value a path."""
+    return Path(name_or_path).suffix in (".yaml", ".yml", ".json") or "/" in name_or_path
+
+
+def as_spec_path(value: str) -> str:
+    """A `--model-file` / `--system-file` value as a path, never a preset name (`mysys` is `./mysys`)."""
+    return value if is_spec_path(value) else f"./{value}"
 
 
 def load_model(name_or_path: str) -> ModelSpec:
@@ -228,7 +264,7 @@ def load_model(name_or_path: str) -> ModelSpec:
             # a checkpoint's config.json is named by its folder (the current folder for a bare `config.json`)
             # (not following links: a Hugging Face cache's snapshot folder links its files into blobs/)
             name = path.stem if path.stem != "config" else (path.absolute().parent.name or path.stem)
-            return model_from_hf_config(data, name=name)
+            return model_from_hf_config(data, name=name, source=str(path))
         return _build(ModelSpec, data.get("name", path.stem), data, f"model file {path}")
     return model_preset(name_or_path)
 

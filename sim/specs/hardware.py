@@ -33,7 +33,15 @@ def _check_positive(owner: str, obj: object, names: list[str]) -> None:
             raise SimInputError(f"{owner}: {name} must be positive, got {value}")
         low, high = _range_of(name)
         if not low <= value <= high:
-            raise SimInputError(f"{owner}: {name} must be in [{low:g}, {high:g}], got {value:g}")
+            raise SimInputError(f"{owner}: {name} must be in [{low:g}, {high:g}], got {_shown(value)}")
+
+
+def _shown(value: float) -> str:
+    """A number for a message: %g, or how long an integer too large for a float is."""
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        return f"an integer of {len(str(value))} digits"
 
 
 def _check_fraction(owner: str, obj: object, names: list[str]) -> None:
@@ -70,6 +78,10 @@ class GPUSpec:
         _check_positive(f"gpu {self.name}", self, ["bf16_flops_per_s", "hbm_bytes", "hbm_bytes_per_s"])
         if self.int8_ops_per_s < 0:
             raise SimInputError(f"gpu {self.name}: int8_ops_per_s must be >= 0")
+        low, high = RANGES["flops_per_s"]
+        if self.int8_ops_per_s and not low <= self.int8_ops_per_s <= high:  # 0: no INT8 path
+            raise SimInputError(f"gpu {self.name}: int8_ops_per_s must be 0 or in [{low:g}, {high:g}], got "
+                                f"{_shown(self.int8_ops_per_s)}")
         _check_fraction(f"gpu {self.name}", self, ["gemm_efficiency", "hbm_efficiency"])
         if not 0 <= self.kernel_launch_s <= 1:
             raise SimInputError(f"gpu {self.name}: kernel_launch_s must be in [0, 1] s")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sim.errors import SimInputError
+from sim.errors import SimInputError, brief
 from sim.specs.model import MODEL_MAXIMA, ModelSpec
 from sim.specs.schema import validate_spec
 
@@ -26,7 +26,8 @@ ALIASES: dict[str, dict[str, str]] = {
              "hidden_size": "d_model", "num_attention_heads": "n_heads"},
     "opt": {**_COMMON, "expert_intermediate_size": "ffn_dim", "linear_bias": "enable_bias"},
 }
-ALIASES["qwen3_moe"] = ALIASES["olmoe"] = ALIASES["qwen2_moe"]
+ALIASES["qwen3_moe"] = ALIASES["qwen2_moe"]
+ALIASES["olmoe"] = {**_COMMON, "expert_intermediate_size": "intermediate_size"}
 ALIASES["deepseek_v3"] = ALIASES["deepseek_v2"]
 
 
@@ -40,7 +41,7 @@ def _count(cfg: dict[str, Any], key: str, where: str) -> int:
     """A positive integer field (used before it can reach the spec: heads divide the hidden size)."""
     value = _get(cfg, key, where)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SimInputError(f"{where}: {key} must be a positive integer, got {value!r}")
+        raise SimInputError(f"{where}: {key} must be a positive integer, got {brief(value)}")
     return value
 
 
@@ -69,12 +70,13 @@ def _section(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     return value
 
 
-def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
+def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: str = "config.json") -> ModelSpec:
     """Map the fields of the supported MoE families (and dense OPT) onto `ModelSpec`."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
-        raise SimInputError(f"config.json: model_type {model_type!r} not supported; supported: {', '.join(SUPPORTED)}")
-    where = f"config.json ({model_type})"
+        raise SimInputError(f"{source}: model_type {brief(model_type)} not supported; supported: "
+                            f"{', '.join(SUPPORTED)}")
+    where = f"{source} ({model_type})"
     return validate_spec(ModelSpec, _fields(cfg, model_type, name, where), where, ALIASES[model_type])
 
 
@@ -147,21 +149,23 @@ def _fields(cfg: dict[str, Any], model_type: str, name: str, where: str) -> dict
         return {**common, "head_dim": _head_dim(cfg, hidden, heads, where), "num_experts": experts,
                 **({"first_dense_layers": dense, "dense_intermediate_size": g("intermediate_size")} if dense else {}),
                 "top_k": g("num_experts_per_tok"),
-                "expert_intermediate_size": _optional_count(cfg, "moe_intermediate_size", None, where)
-                or g("intermediate_size"),
+                # Qwen's dense intermediate_size is not its experts' (transformers defaults the expert width
+                # otherwise, 768 / 1408): required there; OLMoE has only the one width
+                "expert_intermediate_size": g("intermediate_size") if model_type == "olmoe"
+                else _count(cfg, "moe_intermediate_size", where),
                 "shared_expert_intermediate_size": shared, "shared_expert_gate": bool(shared),
                 "qkv_bias": model_type == "qwen2_moe", "qk_norm": qk_norm}
     # deepseek_v2 / deepseek_v3: MLA, shared experts, leading dense layers.
     freq = cfg.get("moe_layer_freq", 1)
     if freq != 1:
-        raise SimInputError(f"{where}: moe_layer_freq {freq!r} makes every {freq!r}th layer an MoE layer; only "
-                            "leading dense layers (first_k_dense_replace) are modelled")
+        raise SimInputError(f"{where}: moe_layer_freq {brief(freq)} makes every {brief(freq)}th layer an MoE layer; "
+                            "only leading dense layers (first_k_dense_replace) are modelled")
     n_shared = cfg.get("n_shared_experts") or 0
     moe_inter = g("moe_intermediate_size")
     if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:
-        raise SimInputError(f"{where}: n_shared_experts must be an integer >= 0, got {n_shared!r}")
+        raise SimInputError(f"{where}: n_shared_experts must be an integer >= 0, got {brief(n_shared)}")
     if not isinstance(moe_inter, int) or isinstance(moe_inter, bool):
-        raise SimInputError(f"{where}: moe_intermediate_size must be an integer, got {moe_inter!r}")
+        raise SimInputError(f"{where}: moe_intermediate_size must be an integer, got {brief(moe_inter)}")
     nope, rope = g("qk_nope_head_dim"), g("qk_rope_head_dim")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (nope, rope)):
         raise SimInputError(f"{where}: qk_nope_head_dim and qk_rope_head_dim must be integers")

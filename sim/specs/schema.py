@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from functools import cache
 from typing import Any, TypeVar, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
-from sim.errors import SimInputError
+from sim.errors import SimInputError, brief
 
 T = TypeVar("T")
 
@@ -34,17 +35,17 @@ def _numeric_fields(cls: type) -> dict[str, type]:
     return _typed_fields(cls, (int, float))
 
 
-def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
+def _normalise(cls: type, fields: dict[str, Any], where: str, aliases: dict[str, str]) -> dict[str, Any]:
     """YAML 1.1 reads `65e12` as a string: numeric strings become numbers (then validated like any number);
     a boolean is never a number and a flag is only true or false (not "yes" or 1); `sources` notes may be
     numbers (a year) and are kept as text."""
     out = dict(fields)
     label = out.get("name")
     if isinstance(label, str) and not label.isprintable():  # it is quoted in every later message
-        raise SimInputError(f"{where}: name must be printable text on one line, got {label!r}")
+        raise SimInputError(f"{where}: name must be printable text on one line, got {brief(label)}")
     for name in _typed_fields(cls, (bool,)):
         if name in out and not isinstance(out[name], bool):
-            raise SimInputError(f"{where}: {name}: expected true or false, got {out[name]!r}")
+            raise SimInputError(f"{where}: {aliases.get(name, name)}: expected true or false, got {brief(out[name])}")
     if isinstance(out.get("sources"), dict):
         for key, note in out["sources"].items():  # text or a number: a nested structure (an alias bomb) is refused
             if isinstance(note, bool) or not isinstance(note, str | int | float):
@@ -53,17 +54,27 @@ def _normalise(cls: type, fields: dict[str, Any], where: str) -> dict[str, Any]:
         out["sources"] = {str(k): v if isinstance(v, str) else str(v) for k, v in out["sources"].items()}
     for name, kind in _numeric_fields(cls).items():
         value = out.get(name)
+        shown_name = aliases.get(name, name)
         if isinstance(value, bool):
-            raise SimInputError(f"{where}: {name}: expected a number, got {value!r}")
+            raise SimInputError(f"{where}: {shown_name}: expected a number, got {brief(value)}")
         if isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
-                raise SimInputError(f"{where}: {name}: expected a number, got {value!r}") from None
+                raise SimInputError(f"{where}: {shown_name}: expected a number, got {brief(value)}") from None
             if not math.isfinite(number):
-                raise SimInputError(f"{where}: {name}: must be a finite number, got {value!r}")
+                raise SimInputError(f"{where}: {shown_name}: must be a finite number, got {brief(value)}")
             out[name] = int(number) if kind is int and number == int(number) else number
     return out
+
+
+def _renamed(text: str, aliases: dict[str, str]) -> str:
+    """A message with each field name the input called otherwise (a Hugging Face config's keys) in its input's
+    words: `top_k 9 exceeds num_experts 8` reads `num_experts_per_tok 9 exceeds num_local_experts 8`."""
+    if not aliases:
+        return text
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(aliases, key=len, reverse=True))) + r")\b")
+    return pattern.sub(lambda m: aliases[m.group(1)], text)
 
 
 def _message(exc: ValidationError, where: str, aliases: dict[str, str]) -> str:
@@ -72,10 +83,10 @@ def _message(exc: ValidationError, where: str, aliases: dict[str, str]) -> str:
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] in ("missing", "missing_argument"):
         return f"{where}: missing field {loc}"
-    if err["type"] == "value_error":  # the dataclass's own physical check, already worded
-        return f"{where}: {msg}"
+    if err["type"] == "value_error":  # the dataclass's own physical check, worded with its field names
+        return f"{where}: {_renamed(msg, aliases)}"
     got = err.get("input")
-    shown = "" if isinstance(got, dict | list) else f", got {got!r}"
+    shown = "" if isinstance(got, dict | list) else f", got {brief(got)}"
     return f"{where}: {loc}: {msg}{shown}"
 
 
@@ -95,6 +106,6 @@ def validate_spec(cls: type[T], fields: dict[str, Any], where: str, aliases: dic
                 hint = " (this looks like a model spec: give it to --model-file)"
             raise SimInputError(f"{where}: unknown field {key!r} for {cls.__name__}{hint}")
     try:
-        return _adapter(cls).validate_python(_normalise(cls, fields, where))
+        return _adapter(cls).validate_python(_normalise(cls, fields, where, aliases or {}))
     except ValidationError as exc:
         raise SimInputError(_message(exc, where, aliases or {})) from None
