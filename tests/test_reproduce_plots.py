@@ -128,6 +128,9 @@ def test_beyond_without_a_native_coxmoe_names_it(figures, tmp_path):
     assert "nan" not in text and "CoX-MoE native did not fit" in text
     beyond.plot(table, tmp_path)
     assert any("did not fit" in t for t in _texts(figures[0]))
+    ax = figures[0].axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [50.0] and ax.get_ylabel() == "throughput (tok/s)"  # the run that fit is drawn, in tok/s
 
 
 def test_report_numbers_are_plain():
@@ -161,3 +164,48 @@ def test_table3_when_moe_lightning_does_not_fit(monkeypatch, tmp_path):
     plt.close(seen[0])
     assert labels[0].startswith("infeasible: does not fit") and labels[1] == "101.0 tok/s (MoE-Lightning does not fit)"
     assert sum(label.startswith("infeasible") for label in labels) == 1
+
+
+def test_microbatch_keeps_points_that_do_not_fit_as_rows(monkeypatch, tmp_path):
+    """A point the GPU cannot hold ended the whole figure (and `reproduce all`); now it is a row with the reason,
+    drawn as an x, and the finding is computed over the points that ran."""
+    import matplotlib.pyplot as plt
+
+    from experiments.reproduce import ReproduceOptions, microbatch
+    from sim.errors import CapacityError
+
+    def too_big(*args, **kwargs):
+        raise CapacityError("GPU (rtx6000ada) for coxmoe", 5 * 2**30, 4 * 2**30)
+
+    monkeypatch.setattr(microbatch, "simulate", too_big)
+    table = microbatch.run(ReproduceOptions(out=tmp_path, quick=True))
+    assert len(table) == 6 and table["expert_s"].isna().all()
+    assert (table["note"] == "GPU (rtx6000ada) for coxmoe memory exceeded").all()
+    assert microbatch.finding(table).startswith("Too few points fit")
+    rows = [{"micro_batch": m, "op3": op3, "expert_s": e, "non_expert_s": 0.01, "step_s": 0.1, "batch": 128,
+             "prompt_len": 512, "note": "" if e == e else "GPU memory exceeded"}
+            for op3, values in (("micro-batched", (0.02, np.nan, 0.05)), ("coalesced", (0.01, 0.01, 0.01)))
+            for m, e in zip((128, 64, 32), values, strict=True)]
+    mixed = pd.DataFrame(rows)
+    text = microbatch.finding(mixed)
+    assert "128->32: x2.50" in text and "nan" not in text and "Did not fit: micro-batched at micro-batch 64" in text
+    seen = []
+    monkeypatch.setattr(microbatch, "save_figure", lambda fig, out, stem: seen.append(fig) or [])
+    microbatch.plot(mixed, tmp_path)
+    labels = _legend_labels(seen[0])
+    plt.close(seen[0])
+    assert "does not fit (micro-batched OP3)" in labels and "does not fit (coalesced OP3)" not in labels
+
+
+def test_fig7_labels_a_speedup_below_parity_with_two_decimals():
+    assert [fig7._speedup_label(v) for v in (0.96, 1.04, 1.06, 2.14, np.nan)] == ["0.96x", "1.04x", "1.1x", "2.1x",
+                                                                                  "-"]
+
+
+def test_validation_scatter_keeps_a_far_underpredicted_point_inside(figures, tmp_path):
+    rows = [{"id": i, "mode": "published", "system": "s", "policy": "flexgen", "status": "complete",
+             "measured": m, "predicted": p, "ratio": p / m, "learned_ratio": np.nan, "train": False}
+            for i, (m, p) in enumerate(((10.0, 3.0), (100.0, 110.0)))]
+    validation.plot(pd.DataFrame(rows), tmp_path)
+    ax = figures[0].axes[0]
+    assert ax.get_ylim()[0] < 3.0 < 110.0 < ax.get_ylim()[1] and ax.get_xlim()[0] < 10.0

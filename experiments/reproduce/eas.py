@@ -128,8 +128,12 @@ def reproduce(options: ReproduceOptions) -> Reproduction:
              *plot(hits, runs, options.out)]
     claim = ("When VRAM holds <= 30 experts (DeepSeek) or <= 50 (Qwen3), EAS gives about 40% higher expert hit ratio "
              "than random selection; a higher hit ratio gives up to 1.47-1.50x throughput.")
+    # the numbers the figure draws: hit ratios with their spread (the error bars) by resident count, and the
+    # throughputs its titles give, per placement and method
     table = hits.pivot_table(index=["model", "resident_per_layer"], columns="method", values="hit_ratio").reset_index()
-    own = runs[runs["placement"] == next(iter(PLACEMENTS))]
-    table = table.merge(own.pivot_table(index="model", columns="method", values="throughput_tok_s")
-                        .add_prefix("tok_s_").reset_index(), on="model")
+    spread = hits.pivot_table(index=["model", "resident_per_layer"], columns="method", values="hit_ratio_std")
+    table = table.merge(spread.add_prefix("std_").reset_index(), on=["model", "resident_per_layer"])
+    tput = runs.pivot_table(index="model", columns=["placement", "method"], values="throughput_tok_s")
+    tput.columns = [f"tok_s_{placement}_{method}".replace(" ", "_") for placement, method in tput.columns]
+    table = table.merge(tput.reset_index(), on="model")
     return Reproduction("eas", "Expert-aware stratification hit ratio", claim, finding(hits, runs), table, files)

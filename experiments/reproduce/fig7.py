@@ -118,7 +118,10 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _speedup_label(value: float) -> str:
-    return f"{value:.1f}x" if np.isfinite(value) else "-"
+    """One decimal, two near parity (0.96x printed as 1.0x read as a tie where CoX-MoE is slower)."""
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.2f}x" if value < 1.05 else f"{value:.1f}x"
 
 
 def finding(table: pd.DataFrame) -> str:

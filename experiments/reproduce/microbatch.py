@@ -15,6 +15,8 @@ from experiments.plots import middle_decode_step
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
 from sim.api import SimulationResult, simulate
+from sim.compare import failure_note
+from sim.errors import CapacityError
 from sim.plan import OpKind, Payload, Phase
 from sim.topology import topology_of
 
@@ -61,17 +63,25 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
     from tqdm import tqdm
 
     for mu, coalesce in tqdm([(m, c) for m in micro for c in ("off", "on")], desc="microbatch", disable=None):
-        r = simulate(MODEL, SYSTEM, "coxmoe", system_settings=options.settings, batch=batch, prompt_len=PROMPT,
-                     gen_len=4, routing=ROUTING,
-                     seed=options.seed, decode_sample=2, keep_plan=True,
-                     policy_options={"decode_micro_batch": str(mu), "coalesce": coalesce,
-                                     "decode_placement": "gcg"})
-        rows.append({"micro_batch": mu, "op3": "micro-batched" if coalesce == "off" else "coalesced",
-                     **step_latencies(r), "decode_placement": r.knobs["decode_placement"],
-                     "resident_experts": r.knobs["resident_experts"], "batch": batch, "prompt_len": PROMPT,
-                     "model": MODEL, "system": options.system(SYSTEM).name, "routing": ROUTING})
+        head = {"micro_batch": mu, "op3": "micro-batched" if coalesce == "off" else "coalesced"}
+        tail = {"batch": batch, "prompt_len": PROMPT, "model": MODEL, "system": options.system(SYSTEM).name,
+                "routing": ROUTING}
+        try:
+            r = simulate(MODEL, SYSTEM, "coxmoe", system_settings=options.settings, batch=batch, prompt_len=PROMPT,
+                         gen_len=4, routing=ROUTING,
+                         seed=options.seed, decode_sample=2, keep_plan=True,
+                         policy_options={"decode_micro_batch": str(mu), "coalesce": coalesce,
+                                         "decode_placement": "gcg"})
+        except CapacityError as exc:  # a row that says so; the points that fit are still drawn
+            rows.append({**head, "expert_s": np.nan, "non_expert_s": np.nan, "step_s": np.nan, **tail,
+                         "note": failure_note(str(exc))})
+            continue
+        rows.append({**head, **step_latencies(r), "decode_placement": r.knobs["decode_placement"],
+                     "resident_experts": r.knobs["resident_experts"], **tail})
     table = pd.DataFrame(rows).sort_values(["op3", "micro_batch"], ascending=[False, False]).reset_index(drop=True)
     table["expert_vs_next_larger_mu"] = table.groupby("op3")["expert_s"].transform(lambda s: s / s.shift(1))
+    if "note" in table:  # only when a point did not fit (the committed CSV of a full run has no such column)
+        table["note"] = table["note"].fillna("")
     return table
 
 
@@ -83,10 +93,15 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         styles = {"micro-batched": ("#2e86c1", "o"), "coalesced": ("#c0392b", "s")}
         for op3, rows in table.groupby("op3", sort=False):
             color, marker = styles[op3]
-            ax.plot(rows["micro_batch"], rows["expert_s"] * 1e3, color=color, marker=marker,
+            ran = rows[np.isfinite(rows["expert_s"].astype(float))]
+            ax.plot(ran["micro_batch"], ran["expert_s"] * 1e3, color=color, marker=marker,
                     label=f"expert ({op3} OP3)")
-            ax.plot(rows["micro_batch"], rows["non_expert_s"] * 1e3, color=color, marker=marker, ls="--",
+            ax.plot(ran["micro_batch"], ran["non_expert_s"] * 1e3, color=color, marker=marker, ls="--",
                     mfc="white", label=f"non-expert ({op3} OP3)")
+            failed = rows[~np.isfinite(rows["expert_s"].astype(float))]
+            if len(failed):  # at the axis' base: the point does not fit
+                ax.plot(failed["micro_batch"], np.zeros(len(failed)), ls="none", marker="x", color=color,
+                        clip_on=False, label=f"does not fit ({op3} OP3)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(table["micro_batch"].unique()), [str(m) for m in sorted(table["micro_batch"].unique())])
         ax.set_xlabel("decode micro-batch size (requests)")
@@ -99,17 +114,24 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def finding(table: pd.DataFrame) -> str:
-    mb = table[table["op3"] == "micro-batched"]
+    failed = table[~np.isfinite(table["expert_s"].astype(float))]
+    table = table[np.isfinite(table["expert_s"].astype(float))]
+    missing = "" if failed.empty else (
+        f" Did not fit: {', '.join(f'{r.op3} at micro-batch {r.micro_batch}' for r in failed.itertuples())} "
+        f"({failed['note'].iloc[0]}).")
+    mb, co = table[table["op3"] == "micro-batched"], table[table["op3"] == "coalesced"]["expert_s"]
+    if mb.empty or co.empty:
+        return f"Too few points fit to compare micro-batched and coalesced OP3.{missing}"
+    # over the points that ran, each against the next larger one that ran
+    step = mb["expert_s"] / mb["expert_s"].shift(1)
     ratios = ", ".join(f"{a}->{b}: x{r:.2f}" for a, b, r in zip(mb["micro_batch"].shift(1).dropna().astype(int),
-                                                              mb["micro_batch"].iloc[1:],
-                                                              mb["expert_vs_next_larger_mu"].iloc[1:], strict=True))
-    co = table[table["op3"] == "coalesced"]["expert_s"]
+                                                              mb["micro_batch"].iloc[1:], step.iloc[1:], strict=True))
     ne = mb["non_expert_s"]
     smallest = mb.loc[mb["micro_batch"].idxmin()]
     return (f"Simulated expert time per decode step when the micro-batch halves (micro-batched OP3): {ratios}; "
             f"non-expert time spans {ne.min() * 1e3:.0f}-{ne.max() * 1e3:.0f} ms; coalesced OP3 stays at "
             f"{co.min() * 1e3:.0f}-{co.max() * 1e3:.0f} ms. At micro-batch {int(smallest['micro_batch'])}, expert "
-            f"work is {smallest['expert_s'] / smallest['step_s']:.0%} of the decode step's wall time.")
+            f"work is {smallest['expert_s'] / smallest['step_s']:.0%} of the decode step's wall time.{missing}")
 
 
 def reproduce(options: ReproduceOptions) -> Reproduction:
