@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from sim.errors import SimInputError
+from sim.errors import SimInputError, brief
 from sim.specs.hardware import (
     CPUSpec,
     DiskSpec,
@@ -54,7 +54,7 @@ def _preset(kind: str, name: str) -> dict[str, Any]:
     catalog = _raw_catalog(kind)
     if name not in catalog:
         singular = kind.rstrip("s")
-        raise SimInputError(f"unknown {singular} preset {name!r}; choose from {', '.join(sorted(catalog))}")
+        raise SimInputError(f"unknown {singular} preset {brief(name)}; choose from {', '.join(sorted(catalog))}")
     return catalog[name]
 
 
@@ -172,20 +172,20 @@ class SpecLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base class names it
                     continue
                 if repeated:
-                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {brief(key)} is given twice",
                                                             key_node.start_mark)
         return super().construct_mapping(node, deep)
 
     @staticmethod
     def _not_base60(node: yaml.Node) -> None:
         if ":" in str(node.value):
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as a base-60 number in YAML "
-                                                    "1.1: quote it, or write the number", node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"{brief(node.value)} reads as a base-60 number in "
+                                                    "YAML 1.1: quote it, or write the number", node.start_mark)
 
     def construct_yaml_int(self, node: yaml.Node) -> int:
         self._not_base60(node)
         if _OCTAL.match(str(node.value)):
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} reads as an octal number in YAML "
+            raise yaml.constructor.ConstructorError(None, None, f"{brief(node.value)} reads as an octal number in YAML "
                                                     "1.1: write it without the leading zero", node.start_mark)
         return super().construct_yaml_int(node)
 
@@ -217,7 +217,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _RepeatedKey(f"the key {key!r} is given twice")
+            raise _RepeatedKey(f"the key {brief(key)} is given twice")
         out[key] = value
     return out
 
@@ -293,4 +293,4 @@ def show_preset(name: str) -> str:
                 return spec_to_yaml(system_preset(name))
             return spec_to_yaml(component_preset(kind, name))
     every = sorted(n for kind in CATALOGS for n in _raw_catalog(kind))
-    raise SimInputError(f"unknown preset {name!r}; choose from {', '.join(every)}")
+    raise SimInputError(f"unknown preset {brief(name)}; choose from {', '.join(every)}")
