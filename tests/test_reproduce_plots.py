@@ -209,3 +209,17 @@ def test_validation_scatter_keeps_a_far_underpredicted_point_inside(figures, tmp
     validation.plot(pd.DataFrame(rows), tmp_path)
     ax = figures[0].axes[0]
     assert ax.get_ylim()[0] < 3.0 < 110.0 < ax.get_ylim()[1] and ax.get_xlim()[0] < 10.0
+
+
+def test_vram_notes_a_search_that_finds_nothing_with_its_reason(monkeypatch, tmp_path):
+    """A search's error starts "policy coxmoe: ..."; the note kept only "policy coxmoe"."""
+    from experiments.reproduce import ReproduceOptions
+    from sim.errors import NoFeasibleConfig
+
+    def nothing_fits(*args, **kwargs):
+        raise NoFeasibleConfig("policy coxmoe: no configuration fits its memory model on rtx6000ada (3.0 GiB of "
+                               "GPU memory)")
+
+    monkeypatch.setattr(vram, "simulate", nothing_fits)
+    table = vram.run(ReproduceOptions(out=tmp_path, quick=True))
+    assert (table["note"] == "no configuration fits its memory model on rtx6000ada (3.0 GiB of GPU memory)").all()

@@ -13,6 +13,7 @@ import pandas as pd
 from experiments.reproduce import ReproduceOptions, Reproduction
 from experiments.reproduce.style import paper_style, save_csv, save_figure
 from sim.api import simulate
+from sim.compare import failure_note
 from sim.errors import CapacityError
 
 MODEL, SYSTEM, ROUTING, PROMPT = "qwen3-30b-a3b", "rtx6000ada-8452y", "preset:qwen3-30b-a3b", 512
@@ -38,7 +39,7 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
                          seed=options.seed, decode_sample=sample,
                          policy_options={"decode_placement": f"g{attention[0]}g"})
         except CapacityError as exc:
-            rows.append({**row, "note": str(exc).split(":")[0]})
+            rows.append({**row, "note": failure_note(str(exc))})  # a search's error names its policy first
             continue
         pools = r.static_memory.get("gpu", {})
         for group, names in GROUPS.items():
