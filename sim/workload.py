@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.errors import SimInputError
+from traces.limits import MAX_LENGTH
 
 
 @dataclass(frozen=True, eq=False)
@@ -23,12 +24,16 @@ class Workload:
             raise SimInputError("workload: batch must be at least 1")
         if int(self.prompt_lens.min()) < 1 or int(self.gen_lens.min()) < 1:
             raise SimInputError("workload: prompt and generation lengths must be >= 1")
+        if max(int(self.prompt_lens.max()), int(self.gen_lens.max())) > MAX_LENGTH:
+            raise SimInputError(f"workload: a request holds at most {MAX_LENGTH:,} prompt or generated tokens")
 
     @classmethod
     def uniform(cls, batch: int, prompt_len: int, gen_len: int) -> Workload:
         for name, value in (("batch", batch), ("prompt length", prompt_len), ("generation length", gen_len)):
             if int(value) < 1:
                 raise SimInputError(f"{name} must be >= 1, got {value}")
+            if name != "batch" and int(value) > MAX_LENGTH:  # before an int64 array is filled with it
+                raise SimInputError(f"{name} must be at most {MAX_LENGTH:,}, got {value:,}")
         return cls(np.full(batch, prompt_len, dtype=np.int64), np.full(batch, gen_len, dtype=np.int64))
 
     @property

@@ -1183,3 +1183,24 @@ def test_hugging_face_config_errors_use_its_own_keys_and_path(capsys, tmp_path):
     with pytest.raises(Exception, match="missing field moe_intermediate_size"):  # not the dense width
         model_from_hf_config(qwen)
     assert model_from_hf_config({**qwen, "moe_intermediate_size": 96}).expert_intermediate_size == 96
+
+
+def test_mla_models_refuse_gqa_only_fields_and_weights_are_8_16_or_32_bit(capsys, tmp_path):
+    text = _preset_yaml(capsys, "deepseek-v2-lite")
+    for change, message in (("linear_bias: true", "an MLA model takes none of them"),
+                            ("qk_norm: per_head", "an MLA model takes none of them")):
+        key = change.split(":")[0]
+        path = tmp_path / "m.yaml"
+        path.write_text("\n".join(change if line.startswith(key + ":") else line for line in text.splitlines()))
+        fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], message)
+    path = tmp_path / "b.yaml"
+    path.write_text(_preset_yaml(capsys, "mixtral-8x7b").replace("bytes_per_param: 2", "bytes_per_param: 3"))
+    fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], "bytes_per_param must be 1, 2 or 4")
+
+
+def test_a_length_past_a_request_s_maximum_is_refused_before_an_array_holds_it(capsys, tmp_path):
+    """Found by the sweep-spec fuzz: gen_len 2**63 overflowed numpy's int64 fill (a traceback)."""
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, policy: coxmoe, batch: 4, prompt_len: 8,\n"
+                    "        gen_len: 9223372036854775808}\n")
+    fails_cleanly(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o")], "generation length must be at most")

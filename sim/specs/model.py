@@ -105,6 +105,14 @@ class ModelSpec:
             raise SimInputError(f"model {self.name}: head_dim must be positive for GQA")
         if self.attention == "mla" and min(self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim) <= 0:
             raise SimInputError(f"model {self.name}: MLA needs kv_lora_rank, qk_rope_head_dim and v_head_dim")
+        if self.attention == "mla" and (self.qkv_bias or self.linear_bias or self.qk_norm != "none"):
+            # MLA's parameter counts and layouts have no place for them (they were accepted and ignored, until a
+            # policy laid the weights out as GQA's and failed on an unrelated pool)
+            raise SimInputError(f"model {self.name}: qkv_bias, linear_bias and qk_norm describe GQA attention; an "
+                                "MLA model takes none of them")
+        if self.bytes_per_param not in (1, 2, 4):
+            raise SimInputError(f"model {self.name}: bytes_per_param must be 1, 2 or 4 (8-, 16- or 32-bit weights), "
+                                f"got {self.bytes_per_param}")
         if not 0 <= self.first_dense_layers < self.num_layers:
             raise SimInputError(f"model {self.name}: first_dense_layers must be in [0, num_layers)")
         if self.learned_position_embeddings < 0:
