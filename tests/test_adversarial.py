@@ -1204,3 +1204,14 @@ def test_a_length_past_a_request_s_maximum_is_refused_before_an_array_holds_it(c
     spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, policy: coxmoe, batch: 4, prompt_len: 8,\n"
                     "        gen_len: 9223372036854775808}\n")
     fails_cleanly(capsys, ["sweep", str(spec), "--out", str(tmp_path / "o")], "generation length must be at most")
+
+
+@pytest.mark.parametrize("model_type, key", [("qwen3_moe", "decoder_sparse_step"), ("deepseek_v2", "moe_layer_freq"),
+                                             ("deepseek_v2", "n_shared_experts"), ("deepseek_v2", "q_lora_rank")])
+def test_hugging_face_optional_integers_refuse_booleans(model_type, key):
+    """`true` read as 1 and `false` as 0 through `cfg.get(key) or 0` and `step == 1`."""
+    from sim.errors import SimInputError
+    from sim.specs.hf_config import model_from_hf_config
+
+    with pytest.raises(SimInputError, match=f"{key} must be an integer, got (True|False)"):
+        model_from_hf_config({"model_type": model_type, key: key != "q_lora_rank"})

@@ -31,6 +31,11 @@ ALIASES["olmoe"] = {**_COMMON, "expert_intermediate_size": "intermediate_size"}
 ALIASES["deepseek_v3"] = ALIASES["deepseek_v2"]
 
 
+# Optional integer keys read with a default: a boolean there is a malformed config, not 0 or 1
+_OPTIONAL_INTEGERS = ("decoder_sparse_step", "moe_layer_freq", "n_shared_experts", "q_lora_rank",
+                      "first_k_dense_replace", "shared_expert_intermediate_size")
+
+
 def _get(cfg: dict[str, Any], key: str, where: str) -> Any:
     if key not in cfg:
         raise SimInputError(f"{where}: missing field {key}")
@@ -77,6 +82,9 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
         raise SimInputError(f"{source}: model_type {brief(model_type)} not supported; supported: "
                             f"{', '.join(SUPPORTED)}")
     where = f"{source} ({model_type})"
+    for key in _OPTIONAL_INTEGERS:  # `cfg.get(key) or 0` and `== 1` read false as 0 and true as 1
+        if isinstance(cfg.get(key), bool):
+            raise SimInputError(f"{where}: {key} must be an integer, got {cfg[key]}")
     return validate_spec(ModelSpec, _fields(cfg, model_type, name, where), where, ALIASES[model_type])
 
 
