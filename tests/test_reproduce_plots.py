@@ -223,3 +223,13 @@ def test_vram_notes_a_search_that_finds_nothing_with_its_reason(monkeypatch, tmp
     monkeypatch.setattr(vram, "simulate", nothing_fits)
     table = vram.run(ReproduceOptions(out=tmp_path, quick=True))
     assert (table["note"] == "no configuration fits its memory model on rtx6000ada (3.0 GiB of GPU memory)").all()
+
+
+def test_validation_legend_names_the_band_and_the_finding_counts_one_point(figures, tmp_path):
+    rows = [{"id": 0, "mode": "published", "system": "s", "policy": "flexgen", "status": "complete",
+             "measured": 10.0, "predicted": 11.0, "ratio": 1.1, "learned_ratio": np.nan, "train": False}]
+    validation.plot(pd.DataFrame(rows), tmp_path)
+    assert "within +-20% of y = x" in _legend_labels(figures[0])
+    text = validation.finding({"mechanisms": {"median_abs_error": 0.1, "points": 1, "within_1.5x": 1,
+                                              "worst": "a (1.10x)"}})
+    assert "over 1 point," in text

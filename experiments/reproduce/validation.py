@@ -185,6 +185,7 @@ def summary(table: pd.DataFrame) -> dict[str, dict]:
 
 def plot(table: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     pub = table[(table["mode"] == "published") & table["predicted"].notna()]
@@ -239,6 +240,7 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
                    for system, c in colors.items()]
         handles += [axes[1].scatter([], [], color="0.4", marker=m, s=18, label=policy)
                     for policy, m in markers.items()]
+        handles.append(Patch(color="0.9", label=f"within +-{BAND:.0%} of y = x"))
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6)
         fig.tight_layout()
         return save_figure(fig, out, "validation")
@@ -295,7 +297,8 @@ def plot_kernels(gpu: pd.DataFrame, cpu: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def finding(stats: dict[str, dict]) -> str:
-    parts = [f"{label}: median absolute error {s['median_abs_error']:.0%} over {s['points']} points, "
+    parts = [f"{label}: median absolute error {s['median_abs_error']:.0%} over {s['points']} "
+             f"point{'s' if s['points'] != 1 else ''}, "
              f"{s['within_1.5x']} within 1.5x, worst {s['worst']}" for label, s in stats.items()]
     return "; ".join(parts) + "."
 
