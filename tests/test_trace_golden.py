@@ -110,3 +110,19 @@ def test_numpy_has_the_switch():
     assert setter is not None
     previous = setter(False)
     assert setter(previous) is False
+
+
+def test_reading_a_trace_file_runs_with_plain_pages_and_a_version_check_does_not(monkeypatch, tmp_path):
+    """The huge-page switch wraps `read_npz` (a re-read found it had slid onto `is_version`, inserted under its
+    decorator: trace loads lost it, and every version check took its lock)."""
+    from traces import format as fmt
+
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    calls = []
+    monkeypatch.setattr(pages, "_setter", lambda: (lambda flag: calls.append(flag) or True))
+    assert fmt.is_version(1, 1) and not fmt.is_version(True, 1)
+    assert calls == []
+    path = tmp_path / "a.npz"
+    np.savez(path, x=np.arange(3))
+    assert fmt.read_npz(path, {"x"}, (), "test file")["x"].tolist() == [0, 1, 2]
+    assert calls == [False, True]

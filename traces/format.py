@@ -409,13 +409,12 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compress: bool =
     return write_atomic(path, write)
 
 
-@plain_pages()  # a trace's arrays are hundreds of MB: huge-page compaction made a 415 MB load 2.1-4.7 s, not 1.7 s
-
 def is_version(value: Any, expected: int) -> bool:
     """A file header's version is exactly `expected` (JSON `true` equals 1 in Python and is not a version)."""
     return value == expected and not isinstance(value, bool)
 
 
+@plain_pages()  # a trace's arrays are hundreds of MB: huge-page compaction made a 415 MB load 2.1-4.7 s, not 1.7 s
 def read_npz(path: Path, required: set[str], optional: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
     """The `required` arrays and whichever `optional` ones exist, read from an .npz without unpickling; a
     missing file, a missing array or a damaged archive is one TraceError naming the file and `what` it is."""
