@@ -14,7 +14,7 @@ import math
 from typing import Protocol
 
 from sim.errors import SimInputError
-from sim.plan import EXPERT_KERNELS, PAGEABLE_PAYLOADS, Op, OpKind, Payload, Plan
+from sim.plan import EXPERT_KERNELS, PAGEABLE_PAYLOADS, Op, OpKind, Payload, Phase, Plan
 from sim.specs import ModelSpec, SystemSpec
 from sim.topology import Topology, Unit, UnitKind, topology_of
 
@@ -113,6 +113,7 @@ class RooflineCostModel:
         self.int8_experts = False
         self.fused_experts = False  # routed experts on a GPU pay no kernel call of their own (Plan.expert_kernels)
         self._kernels, self._many_experts = "per_expert", True
+        self._up_params = 0  # MLA's up-projection in each attention op (`sim.cost.work.absorb_flops`)
 
     def use_model(self, model: ModelSpec) -> None:
         """Price routed experts at the model's expert precision: INT8 experts (W8A8) compute at each unit's INT8
@@ -124,6 +125,10 @@ class RooflineCostModel:
             self._time.clear()
             self._usage.clear()
         self._many_experts = model.num_experts > 1
+        if model.attention_up_params != self._up_params:  # attention ops' GEMM share: priced differently on a CPU
+            self._up_params = model.attention_up_params
+            self._time.clear()
+            self._usage.clear()
         self.use_expert_kernels(self._kernels)
 
     def use_expert_kernels(self, style: str) -> None:
@@ -168,8 +173,20 @@ class RooflineCostModel:
             self.topology.unit_of(stream)  # raises, naming the system's streams
         return r
 
-    def roofs(self, kind: OpKind, stream: str, flops: int, nbytes: int) -> tuple[float, float, float]:
-        """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone."""
+    def gemm_flops(self, op: Op) -> int:
+        """The GEMM FLOPs inside an attention op of the model last given to `use_model`: MLA's up-projection
+        (`sim.cost.work.absorb_flops`, from the op's query tokens in decode and keys read in prefill), never more
+        than the op's FLOPs; 0 for every other op and for GQA models."""
+        if not self._up_params or op.kind is not OpKind.ATTENTION:
+            return 0
+        per = op.kv_tokens if op.phase is Phase.PREFILL else op.tokens
+        return min(2 * self._up_params * per, op.flops)
+
+    def roofs(self, kind: OpKind, stream: str, flops: int, nbytes: int,
+              gemm_flops: int = 0) -> tuple[float, float, float]:
+        """(compute seconds, memory-or-link seconds, fixed overhead seconds) of an op running alone; of `flops`,
+        `gemm_flops` run at the unit's GEMM rate where the rest runs at a vector rate (MLA's up-projection inside
+        CPU attention)."""
         r = self.rates(stream)
         fixed = r.overhead
         if kind is OpKind.EXPERT and self.fused_experts and r.kind is UnitKind.GPU:
@@ -181,12 +198,13 @@ class RooflineCostModel:
         if r.kind is UnitKind.CPU:
             rate = r.vector_flops if kind in _CPU_VECTOR_KINDS else r.flops
             if kind is OpKind.ATTENTION:
-                return flops / rate, nbytes / r.attention_bw, r.attention_overhead
+                compute = (flops - gemm_flops) / rate + gemm_flops / r.flops if gemm_flops else flops / rate
+                return compute, nbytes / r.attention_bw, r.attention_overhead
             return flops / rate, nbytes / r.bw, r.overhead
         return nbytes / _link_speed(r, False)[0], 0.0, r.overhead
 
     def seconds(self, kind: OpKind, stream: str, flops: int, nbytes: int,
-                payload: Payload = Payload.NONE) -> float:
+                payload: Payload = Payload.NONE, gemm_flops: int = 0) -> float:
         if kind is OpKind.ROUTER and not flops and not nbytes:
             return 0.0  # a dense (one-expert) model's router is a placeholder: no kernel runs, no launch cost
         if payload in PAGEABLE_PAYLOADS and kind is OpKind.COPY:
@@ -195,7 +213,7 @@ class RooflineCostModel:
                 return nbytes / _link_speed(r, True)[0] + r.overhead
         if payload is Payload.PAGEABLE_STAGING and kind is OpKind.COPY:
             return self.staging_seconds(nbytes)
-        compute, memory, fixed = self.roofs(kind, stream, flops, nbytes)
+        compute, memory, fixed = self.roofs(kind, stream, flops, nbytes, gemm_flops)
         return self.busy(kind, stream, compute, memory) + fixed
 
     def staging_seconds(self, nbytes: int) -> float:
@@ -230,9 +248,12 @@ class RooflineCostModel:
         if op.members:
             raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
+        if self._up_params and op.kind is OpKind.ATTENTION:
+            key = (*key, self.gemm_flops(op))
         hit = self._time.get(key)
         if hit is None:
-            hit = self._time[key] = seconds_to_ns(self.seconds(op.kind, op.stream, op.flops, op.bytes, op.payload))
+            hit = self._time[key] = seconds_to_ns(self.seconds(op.kind, op.stream, op.flops, op.bytes, op.payload,
+                                                               self.gemm_flops(op)))
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:
@@ -241,6 +262,8 @@ class RooflineCostModel:
         if op.members:  # a group's usage is its members' in turn (`GroupPrices.parts`)
             raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
+        if self._up_params and op.kind is OpKind.ATTENTION:
+            key = (*key, self.gemm_flops(op))
         hit = self._usage.get(key)
         if hit is None:
             r = self.rates(op.stream)
@@ -252,7 +275,7 @@ class RooflineCostModel:
                 seconds = self.staging_seconds(op.bytes)
                 hit = (0.0, min(1.0, op.bytes / seconds / r.bw)) if op.bytes and seconds > 0 else (0.0, 0.0)
             else:
-                compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
+                compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes, self.gemm_flops(op))
                 top = self.busy(op.kind, op.stream, compute, memory)
                 if r.kind is UnitKind.CPU:  # the share of the DRAM's capacity, whatever rate the kernel reaches
                     memory = op.bytes / r.bw
@@ -266,5 +289,5 @@ class RooflineCostModel:
             raise grouped_op_error(op)
         if self.rates(op.stream).kind is UnitKind.LINK:
             return "transfer"
-        compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes)
+        compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes, self.gemm_flops(op))
         return "compute" if compute >= memory else "memory"

@@ -9,10 +9,21 @@ from sim.specs import ModelSpec
 
 
 class Work(NamedTuple):
-    """FLOPs an op performs and bytes it moves through memory (or across a link, for copies)."""
+    """FLOPs an op performs and bytes it moves through memory (or across a link, for copies); `gemm_flops`, the
+    part of `flops` that runs as dense GEMMs inside an op that is not one (MLA's absorption or decompression
+    inside attention: priced at the unit's GEMM rate, the rest of attention at its vector rate)."""
 
     flops: int
     bytes: int
+    gemm_flops: int = 0
+
+
+def absorb_flops(model: ModelSpec, q_tokens: int, kv_read: int, prefill: bool) -> int:
+    """FLOPs of MLA's up-projection inside an attention op (0 for GQA): per query token in decode (absorbed),
+    per key read in prefill (decompressed). The cost model derives it from an op the same way (its tokens and
+    kv_tokens), so one definition serves plans and analytic estimates."""
+    up = model.attention_up_params
+    return 2 * up * (kv_read if prefill else q_tokens) if up else 0
 
 
 class OpWork:
@@ -34,14 +45,22 @@ class OpWork:
         return Work(0, 2 * tokens * self.m.hidden_size * self.bpp)
 
     def qkv(self, tokens: int) -> Work:
-        return self._gemm(self.m.qkv_params, tokens, self.m.hidden_size, self.m.qkv_out_width)
+        """OP0's projections; MLA's up-projection of the latent is attention's (`ModelSpec.attention_up_params`)."""
+        m = self.m
+        return self._gemm(m.qkv_params - m.attention_up_params, tokens, m.hidden_size, m.qkv_out_width)
 
     def attention(self, q_tokens: int, kv_attended: int, kv_read: int, prefill: bool = False) -> Work:
         """`kv_attended`: keys summed over queries (FLOPs); `kv_read`: cache entries streamed from memory;
-        `prefill`: a prompt's attention (MLA's form differs by phase: `ModelSpec.attention_flops`)."""
-        act = q_tokens * (self.m.qkv_out_width + self.m.attn_out_width) * self.bpp
-        return Work(self.m.attention_flops(q_tokens, kv_attended, prefill),
-                    kv_read * self.m.kv_bytes_per_token_layer + act)
+        `prefill`: a prompt's attention (MLA's form differs by phase: `ModelSpec.attention_flops`). MLA's
+        up-projection runs here as GEMMs over its weights: absorbed into each query in decode, decompressing each
+        of the `kv_read` keys in prefill (`absorb_flops`)."""
+        m = self.m
+        act = q_tokens * (m.qkv_out_width + m.attn_out_width) * self.bpp
+        nbytes = kv_read * m.kv_bytes_per_token_layer + act
+        gemm = absorb_flops(m, q_tokens, kv_read, prefill)
+        if gemm:
+            nbytes += m.attention_up_params * self.bpp
+        return Work(m.attention_flops(q_tokens, kv_attended, prefill) + gemm, nbytes, gemm)
 
     def o_proj(self, tokens: int) -> Work:
         return self._gemm(self.m.o_proj_params, tokens, self.m.attn_out_width, self.m.hidden_size)

@@ -34,7 +34,7 @@ class Analytic:
         self.cm.use_expert_kernels(expert_kernels)  # the policy's runtime (Policy.expert_kernels)
 
     def t(self, kind: OpKind, stream: Stream, work: Work) -> float:
-        return self.cm.seconds(kind, stream, work.flops, work.bytes)
+        return self.cm.seconds(kind, stream, work.flops, work.bytes, gemm_flops=work.gemm_flops)
 
     def copy(self, stream: Stream, nbytes: int, payload: Payload = Payload.NONE) -> float:
         return self.cm.seconds(OpKind.COPY, stream, 0, nbytes, payload) if nbytes else 0.0

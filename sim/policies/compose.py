@@ -143,8 +143,11 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
     weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
                + m.num_moe_layers * (m.router_params + m.shared_expert_params)
                + (m.num_layers - m.num_moe_layers) * m.dense_ffn_params)
+    up = m.attention_up_params  # MLA's up-projection: the attention's weights (OpWork.attention), not OP0's
     if "g" in (pre[0], dec[0]):
-        weights += m.num_layers * m.qkv_params
+        weights += m.num_layers * (m.qkv_params - up)
+    if up and "g" in (pre[1], dec[1]):
+        weights += m.num_layers * up
     if "g" in (pre[2], dec[2]):
         weights += m.num_layers * m.o_proj_params
     static = {
@@ -171,8 +174,11 @@ def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0, kv_
     static = {"expert_weights": m.routed_expert_bytes,
               "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp}
     cpu_weights = 0
+    up = m.attention_up_params
     if "c" in (pre[0], dec[0]):
-        cpu_weights += m.num_layers * m.qkv_params
+        cpu_weights += m.num_layers * (m.qkv_params - up)
+    if up and ("c" in (pre[1], dec[1]) or kv_cpu_tokens):  # some requests attending on the CPU need it there too
+        cpu_weights += m.num_layers * up
     if "c" in (pre[2], dec[2]):
         cpu_weights += m.num_layers * (m.o_proj_params + m.router_params)
     if cpu_weights:

@@ -373,7 +373,7 @@ def prefill_attention_work(ctx: PlanContext, lay: _Layout, requests: int) -> Wor
         return ctx.work.attention(tokens, requests * s * (s + 1) // 2, tokens, prefill=True)
     base = ctx.work.attention(tokens, requests * s * s, tokens, prefill=True)
     scores = requests * ctx.model.num_attention_heads * s * s
-    return Work(base.flops, base.bytes + EAGER_SCORE_BYTES * scores)
+    return base._replace(bytes=base.bytes + EAGER_SCORE_BYTES * scores)
 
 
 def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int, kv_disk: int = 0) -> Work:
@@ -383,7 +383,7 @@ def _cpu_attention_work(ctx: PlanContext, lay: _Layout, tokens: int, kv: int, kv
     base = ctx.work.attention(tokens, kv, kv)
     per = ctx.model.kv_bytes_per_token_layer
     extra = (lay.kv_factor - 1) * (kv - kv_disk) * per + (lay.kv_factor_disk - 1) * kv_disk * per
-    return Work(base.flops, base.bytes + int(extra))
+    return base._replace(bytes=base.bytes + int(extra))
 
 
 def _experts_s(ctx: PlanContext, a: Analytic, tokens: int) -> float:

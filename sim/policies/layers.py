@@ -178,12 +178,12 @@ class LayerEmitter:
         for op_id, (lo, hi, op_deps) in enumerate(spans, first):
             if hi - lo == 1:
                 t = ts[lo]
-                flops, nbytes = work(t)
+                flops, nbytes, _ = work(t)
                 append(Op(op_id, expert_kind, stream, phase, step, layer, mb, t, flops, nbytes, op_deps, run[lo], none,
                           0, (), (), scope))
                 continue
             tokens = ts[lo:hi]
-            flops, nbytes = zip(*map(work, tokens), strict=True)
+            flops, nbytes, _ = zip(*map(work, tokens), strict=True)
             append(Op(op_id, expert_kind, stream, phase, step, layer, mb, sum(tokens), sum(flops), sum(nbytes),
                       op_deps, -1, none, 0, (), (), scope, tuple(zip(run[lo:hi], tokens, flops, nbytes, strict=True))))
         return last

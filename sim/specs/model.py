@@ -162,6 +162,17 @@ class ModelSpec:
         return q + kv_a + kv_b
 
     @property
+    def attention_up_params(self) -> int:
+        """MLA's up-projection of the cached latent to per-head keys and values (`kv_b`; 0 for GQA). Stored with the
+        QKV weights but applied by attention, where the cache is: decode absorbs it (queries into the latent,
+        the latent output back to values: 2 x these FLOPs a query token), prefill decompresses every key with it
+        (2 x these FLOPs a key), as vLLM's MLA backend does; so its work is the attention op's, on the attention's
+        device (OpWork.attention)."""
+        if self.attention != "mla":
+            return 0
+        return self.kv_lora_rank * self.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim)
+
+    @property
     def o_proj_params(self) -> int:
         """OP2: attention output projection."""
         v = self.v_head_dim if self.attention == "mla" else self.head_dim
