@@ -292,6 +292,19 @@ def test_bad_hf_configs(capsys, tmp_path, config, message):
     fails_cleanly(capsys, ["simulate", "--model-file", str(path), *SYS, *WL], message)
 
 
+def test_integral_floats_in_an_hf_config_read_as_integers_everywhere(tmp_path):
+    """hidden_size 4096.0 reads as 4096, as num_hidden_layers 32.0 does through the spec's schema (it was refused
+    while the other was accepted); 4096.5 stays refused."""
+    from sim.errors import SimInputError
+    from sim.specs.hf_config import model_from_hf_config
+    plain = model_from_hf_config(MIXTRAL_HF)
+    floats = model_from_hf_config({**MIXTRAL_HF, "hidden_size": 4096.0, "num_attention_heads": 32.0,
+                                   "num_hidden_layers": 32.0})
+    assert floats == plain and isinstance(floats.hidden_size, int) and isinstance(floats.num_layers, int)
+    with pytest.raises(SimInputError, match="hidden_size must be a positive integer, got 4096.5"):
+        model_from_hf_config({**MIXTRAL_HF, "hidden_size": 4096.5})
+
+
 def test_a_directory_given_as_a_spec_file_is_named_as_one(capsys, tmp_path):
     fails_cleanly(capsys, ["simulate", "--model", "mixtral-8x7b", "--system-file", str(tmp_path), *WL],
                   "is a directory")

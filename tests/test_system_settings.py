@@ -139,3 +139,17 @@ def test_compare_runs_every_policy_on_the_set_machine(capsys):
     code, out, err = run(capsys, *argv, "--set", "cpu.amx_efficiency=0.073")
     assert code == 0, err
     assert json.loads(out)["system"] == "a100-80g-8452y[cpu.amx_efficiency=0.073]"
+
+
+def test_an_unset_optional_number_can_be_set():
+    """`cpu.attention_overhead_s` is null until set (CPU attention then pays `op_overhead_s`): --set reaches it as a
+    number (it was called not numeric), range-checked like any other, and the run slows by the extra call cost."""
+    base = load_system("a100-80g-8452y")
+    assert base.cpu.attention_overhead_s is None
+    changed = apply_system_settings(base, {"cpu.attention_overhead_s": "0.001"})
+    assert changed.cpu.attention_overhead_s == 0.001 and isinstance(changed.cpu.attention_overhead_s, float)
+    assert "set by hand" in changed.cpu.sources["attention_overhead_s"]
+    with pytest.raises(SimInputError, match="attention_overhead_s must be in"):
+        apply_system_settings(base, {"cpu.attention_overhead_s": "2"})
+    run = dict(model="mixtral-8x7b", policy="moe-lightning", batch=64, prompt_len=64, gen_len=4)
+    assert simulate(system=changed, **run).total_s > simulate(system=base, **run).total_s

@@ -43,8 +43,11 @@ def _get(cfg: dict[str, Any], key: str, where: str) -> Any:
 
 
 def _count(cfg: dict[str, Any], key: str, where: str) -> int:
-    """A positive integer field (used before it can reach the spec: heads divide the hidden size)."""
+    """A positive integer field (used before it can reach the spec: heads divide the hidden size). A float with no
+    fractional part (4096.0) is that integer, as the spec's schema reads every other integer field."""
     value = _get(cfg, key, where)
+    if isinstance(value, float) and value.is_integer() and 0 < value <= 2**53:
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise SimInputError(f"{where}: {key} must be a positive integer, got {brief(value)}")
     return value

@@ -39,8 +39,16 @@ def _number(path: str, text: str, current: Any) -> int | float:
     return value
 
 
-def _numeric_fields(data: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool))
+def _numeric_fields(data: Mapping[str, Any], spec: Any) -> list[str]:
+    """Fields holding a number, and optional numeric fields left unset (None: `cpu.attention_overhead_s` falls back
+    to another field until it is set)."""
+    optional = {f.name for f in dataclasses.fields(spec) if str(f.type) in ("float | None", "int | None")}
+    return sorted(k for k, v in data.items()
+                  if (isinstance(v, int | float) and not isinstance(v, bool)) or (v is None and k in optional))
+
+
+def _optional_int(spec: Any, field: str) -> bool:
+    return any(f.name == field and str(f.type) == "int | None" for f in dataclasses.fields(spec))
 
 
 def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> SystemSpec:
@@ -57,9 +65,10 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
         owner = data if not section else data.get(section)
         if not isinstance(owner, dict):
             raise SimInputError(f"--set {path!r}: system {system.name} has no {section}")
-        if field not in _numeric_fields(owner):
+        spec = getattr(system, section) if section else system
+        if field not in _numeric_fields(owner, spec):
             raise SimInputError(f"--set {path!r}: not a numeric field of {section or 'the system'}; choose from "
-                                f"{', '.join(_numeric_fields(owner))}")
+                                f"{', '.join(_numeric_fields(owner, spec))}")
         if section in ("gpu", "link") and system.extra_gpus:
             raise SimInputError(f"--set {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
                                 f"--set reaches only the first one's {section}; describe the machine in a system "
@@ -70,7 +79,10 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
                                 "dram_bytes_per_s instead")
         if section == "cpu" and field.startswith("amx_") and not system.cpu.has_amx:
             raise SimInputError(f"--set {path!r}: cpu {system.cpu.name} has no AMX, so the setting would do nothing")
-        owner[field] = _number(path, text, owner[field])
+        current = owner[field]
+        if current is None:  # an unset optional field: its declared type decides
+            current = 0 if _optional_int(spec, field) else 0.0
+        owner[field] = _number(path, text, current)
         sources = owner.setdefault("sources", {})
         sources[field] = f"set by hand (--set {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
         applied.append(f"{path}={owner[field]}")
