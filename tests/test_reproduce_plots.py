@@ -155,15 +155,17 @@ def test_table3_when_moe_lightning_does_not_fit(monkeypatch, tmp_path):
     table = table3.run(ReproduceOptions(out=tmp_path, quick=True))
     text = table3.finding(table)
     assert "nan" not in text.lower() and "None" not in text
-    assert "MoE-Lightning does not fit (GPU (rtx6000ada) for moe-lightning memory exceeded)" in text
+    assert "MoE-Lightning does not fit: GPU (rtx6000ada) for moe-lightning memory exceeded, so" in text
+    assert "((" not in text and "))" not in text
     assert "101.0 tok/s (no earlier step ran)" in text and "x1.01" in text  # 102 over 101
     seen = []
     monkeypatch.setattr(table3, "save_figure", lambda fig, out, stem: seen.append(fig) or [])
     table3.plot(table, tmp_path)
     labels = _texts(seen[0])
     plt.close(seen[0])
-    assert labels[0].startswith("infeasible: does not fit") and labels[1] == "101.0 tok/s (MoE-Lightning does not fit)"
-    assert sum(label.startswith("infeasible") for label in labels) == 1
+    assert labels[0] == "does not fit: GPU (rtx6000ada) for moe-lightning memory exceeded"
+    assert labels[1] == "101.0 tok/s (MoE-Lightning does not fit)"
+    assert sum(label.startswith("does not fit") for label in labels) == 1
 
 
 def test_microbatch_keeps_points_that_do_not_fit_as_rows(monkeypatch, tmp_path):

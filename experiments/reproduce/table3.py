@@ -35,7 +35,7 @@ def run(options: ReproduceOptions) -> pd.DataFrame:
                      "paper_step_speedup": PAPER_STEP_SPEEDUP.get(step["step"], np.nan),
                      "batch": batch, "prompt_len": prompt, "gen_len": gen, "model": MODEL,
                      "system": options.system(SYSTEM).name, "routing": ROUTING,
-                     "note": "" if step.get("feasible") else f"does not fit ({failure_note(step['error'])})"})
+                     "note": "" if step.get("feasible") else f"does not fit: {failure_note(step['error'])}"})
         if cumulative and np.isfinite(tput):
             previous = tput  # an infeasible step is skipped: the next one is compared with the last that ran
     return pd.DataFrame(rows)
@@ -54,7 +54,7 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
         for yi, v, tput, note in zip(y, speed, table["throughput_tok_s"].astype(float), table["note"], strict=True):
             # a step that did not run, or ran with no MoE-Lightning to compare with, is labelled right of x = 1
             label = (f"{v:.2f}x" if v else f"{tput:.1f} tok/s (MoE-Lightning does not fit)" if np.isfinite(tput)
-                     else f"infeasible: {note}")
+                     else note or "infeasible")
             ax.annotate(label, (v or 1.0, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6.5)
         ax.set_yticks(y, table["step"])
         ax.invert_yaxis()
@@ -77,7 +77,7 @@ def plot(table: pd.DataFrame, out: Path) -> list[Path]:
 
 def _step_text(s: pd.Series) -> str:
     if not np.isfinite(s["throughput_tok_s"]):
-        return f"infeasible ({s['note']})"
+        return f"infeasible, {s['note']}"
     if np.isfinite(s["step_speedup"]):
         return f"x{s['step_speedup']:.2f}"
     return f"{s['throughput_tok_s']:.1f} tok/s (no earlier step ran)"
