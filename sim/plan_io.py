@@ -12,6 +12,7 @@ lengths, static memory and micro-batch membership.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
+from sim.parquet_footer import FooterError, footer_counts
 from sim.plan import EXPERT_KERNELS, Op, OpKind, Payload, Phase, Plan, Scope, Stream
 from sim.specs import SystemSpec
 from sim.specs.catalog import build_system
@@ -35,6 +37,9 @@ from traces.limits import MAX_LENGTH, check_memory, max_ops, too_many_ops
 PLAN_FORMAT = "cox-moe-plan"
 PLAN_VERSION = 1
 _META_KEY = PLAN_FORMAT.encode()
+# The metadata's SHA-256: Parquet checksums cover column pages only, and a flipped digit in the JSON (a static
+# memory size, a request's length) would otherwise read as another number.
+_DIGEST_KEY = f"{PLAN_FORMAT}-sha256".encode()
 _INT_COLUMNS = ("id", "step", "layer", "micro_batch", "tokens", "expert", "flops", "bytes", "kv_tokens")
 _MEMBER_COLUMNS = ("member_expert", "member_tokens", "member_flops", "member_bytes")
 _ENUM_COLUMNS = {"kind": OpKind, "stream": Stream, "phase": Phase, "payload": Payload}
@@ -67,27 +72,36 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
         "scopes": [{"phase": str(sc.phase), "step": int(sc.step), "requests": np.asarray(sc.requests).tolist(),
                     "shard": int(sc.shard), "shards": int(sc.shards)} for sc in plan.scopes],
     }
-    table = _table(plan.ops).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    text = json.dumps(meta).encode()
+    table = _table(plan.ops).replace_schema_metadata({_META_KEY: text, _DIGEST_KEY: _digest(text)})
+    # Page checksums: a flipped byte in a column's data is refused when read, not turned into other numbers.
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp, write_page_checksum=True))
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read a plan written by `save_plan`; a missing, foreign or newer file is a one-line SimInputError."""
+def load_plan(path: str | Path, isolate_footer: bool = True) -> Plan:
+    """Read a plan written by `save_plan`; a missing, foreign, corrupt or newer file is a one-line SimInputError.
+    The footer is read in a child process first (`sim.parquet_footer`: a corrupt one can abort pyarrow);
+    `isolate_footer=False` reads it here (files this process has just written through pyarrow)."""
     path = Path(path)
     if not path.is_file():
         raise SimInputError(f"plan file not found: {path}")
     try:
-        footer = pq.ParquetFile(path).metadata
-        rows = footer.num_rows
-        if rows > max_ops():  # before any column is read: a small compressed file may hold millions of rows
-            raise too_many_ops(rows)
-        check_memory(load_bytes(footer), f"reading plan {path}")  # rows and list entries (deps, members) both
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        rows, entries = footer_counts(path, isolate=isolate_footer)
+    except FooterError as exc:
+        raise SimInputError(f"{path}: not a readable Parquet plan ({exc})") from None
+    if rows > max_ops():  # before any column is read: a small compressed file may hold millions of rows
+        raise too_many_ops(rows)
+    check_memory(load_bytes(rows, entries), f"reading plan {path}")  # rows and list entries (deps, members) both
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: also a metadata string that is not UTF-8
         raise SimInputError(f"{path}: not a readable Parquet plan ({type(exc).__name__})") from None
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise SimInputError(f"{path}: not a cox-moe plan (no {PLAN_FORMAT} metadata)")
+    digest = (table.schema.metadata or {}).get(_DIGEST_KEY)
+    if digest is not None and digest != _digest(raw):  # files written before digests, or by hand, have none
+        raise SimInputError(f"{path}: plan metadata is corrupt (its SHA-256 does not match the one stored with it)")
     try:
         meta = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
@@ -112,6 +126,10 @@ def load_plan(path: str | Path) -> Plan:
         raise SimInputError(f"{path}: malformed plan ({(str(exc).splitlines() or [type(exc).__name__])[0]})") \
             from None
     return plan
+
+
+def _digest(text: bytes) -> bytes:
+    return hashlib.sha256(text).hexdigest().encode()
 
 
 def _no_constant(name: str) -> None:
@@ -159,17 +177,10 @@ LOAD_BYTES_PER_ROW = 1536
 LOAD_BYTES_PER_LIST_ENTRY = 32
 
 
-def load_bytes(footer: pq.FileMetaData) -> int:
-    """About how much memory reading a plan file takes, from its Parquet footer alone: rows, and the entries of
-    its list columns (a small file may hold millions of dependency ids in one row)."""
-    entries = 0
-    for g in range(footer.num_row_groups):
-        group = footer.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            if ".list." in column.path_in_schema:
-                entries += column.num_values
-    return footer.num_rows * LOAD_BYTES_PER_ROW + entries * LOAD_BYTES_PER_LIST_ENTRY
+def load_bytes(rows: int, entries: int) -> int:
+    """About how much memory reading a plan file takes, from its Parquet footer's counts alone: rows, and the
+    entries of its list columns (`sim.parquet_footer.list_entries`)."""
+    return rows * LOAD_BYTES_PER_ROW + entries * LOAD_BYTES_PER_LIST_ENTRY
 
 
 def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str) -> Plan:

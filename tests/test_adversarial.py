@@ -311,6 +311,22 @@ def test_a_directory_given_as_a_spec_file_is_named_as_one(capsys, tmp_path):
 
 
 # ---- traces ----------------------------------------------------------------------------------------------
+
+def test_a_tiny_trace_declaring_a_huge_layer_by_expert_table_is_refused_before_counting(capsys, tmp_path):
+    """A 1 KB file of one token declaring 4,096 layers x 65,536 experts: `trace stats` peaked at 8.4 GB and `eas`
+    at 13.8 GB (writing a 3.2 GB map) under a 0.5 GiB limit; the count tables are charged when the trace loads."""
+    header = {"format": "cox-moe-routing-trace", "version": 1, "model": "m", "num_layers": 4096,
+              "num_experts": 65536, "top_k": 1, "source": "crafted"}
+    path = tmp_path / "wide.npz"
+    np.savez_compressed(path, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+                        prompt_lens=np.ones(1, np.int32), gen_lens=np.ones(1, np.int32),
+                        experts=np.zeros((1, 4096, 1), np.uint16))
+    assert path.stat().st_size < 2048
+    for argv in (["trace", "stats", str(path)], ["eas", "--trace", str(path), "--vram-experts", "1", "-o",
+                                                 str(tmp_path / "m.npz")]):
+        fails_cleanly(capsys, ["--max-gib", "0.5", *argv], "counting a trace of 4,096 layers x 65,536 experts")
+    assert not (tmp_path / "m.npz").exists()
+
 def test_trace_header_extra_must_be_an_object(capsys, tmp_path):
     trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(2, 4), np.full(2, 2))
     path = save_trace(trace, tmp_path / "t.npz")
@@ -400,6 +416,64 @@ def _set(table: pa.Table, name: str, values) -> pa.Table:
 def test_bad_plans(capsys, tmp_path, saved_plan, column, meta, message):
     bad = _rewrite(saved_plan, tmp_path / "bad.parquet", column, meta)
     fails_cleanly(capsys, ["run-plan", str(bad)], message)
+
+
+def test_a_corrupted_plan_file_is_refused_or_reads_the_same(tmp_path, saved_plan):
+    """Bytes flipped across a plan file: each copy is refused in one line or reads back as the plan written (a flip
+    in unused statistics). Column pages carry Parquet checksums and the JSON metadata its SHA-256, so a flipped
+    digit is never another number (a static-memory size read 3211264000 -> 3211264009 before)."""
+    from sim.errors import SimInputError
+    from sim.plan_io import load_plan
+
+    data = saved_plan.read_bytes()
+    original = load_plan(saved_plan)
+    digit = data.index(b'"non_expert_weights": ') + len(b'"non_expert_weights": ')
+    offsets = sorted({digit, len(data) // 10, *range(4, len(data) - 8, len(data) // 9)})
+    refused = []
+    for off in offsets:
+        corrupt = bytearray(data)
+        corrupt[off] ^= 0x5A
+        path = tmp_path / f"flip{off}.parquet"
+        path.write_bytes(bytes(corrupt))
+        try:
+            plan = load_plan(path)
+        except SimInputError as exc:
+            assert "\n" not in str(exc)
+            refused.append(off)
+            continue
+        assert plan.ops == original.ops and plan.static_memory == original.static_memory
+        assert plan.knobs == original.knobs and plan.model == original.model
+        assert np.array_equal(plan.workload.prompt_lens, original.workload.prompt_lens)
+    assert len(data) // 10 in refused  # a column page's byte (the JSON digit above is the footer's plain copy,
+    # which pyarrow does not read back: the metadata comes from the Arrow schema stored beside it)
+
+
+def test_a_plan_whose_metadata_disagrees_with_its_digest_is_refused(capsys, tmp_path, saved_plan):
+    table = pq.read_table(saved_plan)
+    meta = dict(table.schema.metadata)
+    assert b"cox-moe-plan-sha256" in meta
+    meta[b"cox-moe-plan"] = meta[b"cox-moe-plan"].replace(b'"decode_scale": 1.0', b'"decode_scale": 2.0')
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "d.parquet")
+    fails_cleanly(capsys, ["run-plan", str(tmp_path / "d.parquet")], "plan metadata is corrupt")
+
+
+def test_a_footer_that_crashes_the_parquet_reader_is_one_line(monkeypatch, tmp_path, saved_plan):
+    """pyarrow aborts the process (exit 134, no Python handler) on some corrupt footers; the footer is read in a
+    child process, so that abort becomes an error here. The child is made to abort as pyarrow does."""
+    import subprocess
+
+    from sim import parquet_footer
+    from sim.errors import SimInputError
+    from sim.plan_io import load_plan
+
+    def aborted(argv, **kwargs):
+        assert argv[1:3] == ["-m", "sim.parquet_footer"] and Path(argv[3]).is_absolute()
+        return subprocess.CompletedProcess(argv, -6, "", "terminate called after throwing an instance of ...")
+
+    monkeypatch.setattr(parquet_footer.subprocess, "run", aborted)
+    with pytest.raises(SimInputError, match="not a readable Parquet plan \\(its footer crashed the Parquet reader\\)"):
+        load_plan(saved_plan)
+    assert parquet_footer.footer_counts(saved_plan, isolate=False)[0] > 0  # the same file, read in-process
 
 
 def test_a_nan_decode_scale_is_refused(capsys, tmp_path, saved_plan):

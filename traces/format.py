@@ -287,6 +287,9 @@ def _has_repeats(ex: np.ndarray, num_experts: int) -> bool:
     return bool((srt[..., 1:] == srt[..., :-1]).any())
 
 
+COUNT_TABLES = 4  # [layers, experts] int64 tables alive at once while a trace is counted (stats, EAS)
+
+
 def validate(trace: RoutingTrace, thorough: bool = True) -> None:
     """Raise TraceError naming the first inconsistency. `thorough` also checks every token's top-k for a repeated
     expert (traces from files and importers; synthesised traces are distinct by construction)."""
@@ -300,6 +303,10 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
         raise TraceError(f"trace header: extra must be a JSON object, got {type(h.extra).__name__}")
     if h.top_k > h.num_experts:
         raise TraceError(f"trace header: top_k {h.top_k} exceeds num_experts {h.num_experts}")
+    # Counting a trace builds [layers, experts] int64 tables (counts, bincount's result, statistics, EAS's ranking):
+    # a header of a few bytes may declare billions of cells, so they are charged before any is made.
+    check_memory(COUNT_TABLES * 8 * int(h.num_layers) * int(h.num_experts),
+                 f"counting a trace of {int(h.num_layers):,} layers x {int(h.num_experts):,} experts")
     for name in ("prompt_lens", "gen_lens"):
         arr = getattr(trace, name)
         if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in "iu":
