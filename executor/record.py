@@ -20,6 +20,11 @@ from tqdm import tqdm
 from traces import RoutingTrace, TraceError, TraceHeader
 from traces.format import expert_dtype
 from traces.importers import JSONL_PARSED_PER_BYTE, read_utf8
+from traces.limits import MAX_LENGTH, check_memory
+
+# A recorded expert choice in memory until the trace is built: its int64 id and float32 gate as the router returns
+# them, their reordered copies, and the int id and float gate of the final arrays.
+RECORD_BYTES_PER_CHOICE = 32
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
@@ -49,22 +54,40 @@ def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for _, m in model.named_modules() if type(m).__name__.lower().endswith("topkrouter")]
 
 
+def _check_recording_memory(cfg, prompts: int, gen_len: int, max_prompt_tokens: int | None) -> None:  # noqa: ANN001
+    """What the loop keeps, charged before the weights load: every generated token's ids and gates at every layer
+    (the prompts' share is unknown until tokenized), and one prompt's float32 KV cache over its tokens."""
+    layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(cfg, "head_dim", 0) or int(getattr(cfg, "hidden_size", heads)) // heads)
+    top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 8)
+    check_memory(prompts * gen_len * layers * top_k * RECORD_BYTES_PER_CHOICE
+                 + ((max_prompt_tokens or 0) + gen_len) * 2 * layers * kv_heads * head_dim * 4,
+                 f"recording {prompts:,} prompts x {gen_len:,} generated tokens")
+
+
 def record_trace(model_dir: str | Path, prompts: list[str], gen_len: int, max_prompt_tokens: int | None = None,
                  progress: bool = True) -> RoutingTrace:
     """Route every prompt through the model (prefill) and `gen_len - 1` greedy decode steps; record top-k
     expert ids and gate weights of every token at every MoE layer."""
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise TraceError("recording needs transformers (pip install -e '.[dev]')") from None
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise TraceError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    if gen_len < 1:
-        raise TraceError(f"gen_len must be >= 1, got {gen_len}")
+    if not 1 <= gen_len <= MAX_LENGTH:
+        raise TraceError(f"gen_len must be in [1, {MAX_LENGTH:,}], got {gen_len}")
     if not any(model_dir.glob("*.safetensors")):
         raise TraceError(f"{model_dir}: no *.safetensors weights (pickled checkpoints such as pytorch_model.bin are "
                          "never loaded; convert them to safetensors first)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"{model_dir}: cannot load ({str(exc).splitlines()[0]})") from None
+    _check_recording_memory(config, len(prompts), gen_len, max_prompt_tokens)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,

@@ -31,7 +31,7 @@ from sim.specs.model import ModelSpec
 from sim.specs.schema import validate_spec
 from sim.topology import topology_of
 from sim.workload import Workload
-from traces.format import is_version
+from traces.format import RepeatedKey, is_version, unique_keys
 from traces.limits import MAX_LENGTH, check_memory, max_ops, too_many_ops
 
 PLAN_FORMAT = "cox-moe-plan"
@@ -103,7 +103,9 @@ def load_plan(path: str | Path, isolate_footer: bool = True) -> Plan:
     if digest is not None and digest != _digest(raw):  # files written before digests, or by hand, have none
         raise SimInputError(f"{path}: plan metadata is corrupt (its SHA-256 does not match the one stored with it)")
     try:
-        meta = json.loads(raw, parse_constant=_no_constant)
+        meta = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=unique_keys)
+    except RepeatedKey as exc:
+        raise SimInputError(f"{path}: plan metadata repeats key {exc.args[0]!r}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise SimInputError(f"{path}: plan metadata is not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(meta, dict):

@@ -169,3 +169,59 @@ def test_trace_import_command(capsys, tmp_path):
     assert main(["trace", "import", str(bad), "--format", "jsonl", "-o", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.jsonl:1: not JSON" in err and not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("text", [
+    "\ufefflayer,e0,e1,e2,e3\n0,3,1,0,2\n1,2,2,1,1\n",  # a byte-order mark (Excel): the layer column shifted ids by one
+    ",0,1,2,3\n0,3,1,0,2\n1,2,2,1,1\n",  # pandas' to_csv: the index column's header is empty
+    "layer,e0,e1,e2,e3\n0,3,1,0,2\n1,2,2,1,1\n",
+])
+def test_count_tables_as_spreadsheets_and_pandas_write_them(tmp_path, text):
+    from traces.importers import read_count_table
+
+    path = tmp_path / "c.csv"
+    path.write_text(text, encoding="utf-8")
+    assert read_count_table(path).tolist() == [[3, 1, 0, 2], [2, 2, 1, 1]]
+
+
+def test_a_huge_top_k_is_an_argument_error(capsys, tmp_path):
+    np.save(tmp_path / "c.npy", np.array([[3, 1, 0, 2]]))
+    assert main(["trace", "import", str(tmp_path / "c.npy"), "--format", "counts", "--top-k", str(2**63), "-o",
+                 str(tmp_path / "o.npz")]) == 2
+    assert "must be at most 256" in capsys.readouterr().err
+
+
+def test_repeated_archive_members_and_header_keys_are_refused(tmp_path):
+    """numpy keeps the last of two members named alike (other readers the first), json the last of two keys."""
+    import zipfile
+
+    from traces import TraceError, generate_trace
+    from traces.format import save_trace
+    from traces.synth import SynthConfig
+
+    good = save_trace(generate_trace(SynthConfig("m", 2, 4, 2, "uniform", 0.0, 0), np.full(2, 3), np.full(2, 2)),
+                      tmp_path / "t.npz")
+    dup = tmp_path / "dup.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(dup, "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            out.writestr("experts.npy", src.read("experts.npy"))
+    with pytest.raises(TraceError, match="'experts.npy' appears more than once"):
+        load_trace(dup)
+    arrays = dict(np.load(good, allow_pickle=False))
+    header = arrays["header"].tobytes().decode()
+    arrays["header"] = np.frombuffer(header.replace('"num_layers": 2', '"num_layers": 2, "num_layers": 9').encode(),
+                                     np.uint8)
+    np.savez(tmp_path / "keys.npz", **arrays)
+    with pytest.raises(TraceError, match="header repeats key 'num_layers'"):
+        load_trace(tmp_path / "keys.npz")
+
+
+def test_float64_request_features_beyond_float32_are_refused():
+    from traces import RoutingTrace, TraceError, TraceHeader
+
+    header = TraceHeader("m", 1, 4, 1)
+    ones = np.ones(1, np.int32)
+    with pytest.raises(TraceError, match="must fit float32"):
+        RoutingTrace(header, ones, ones, np.zeros((1, 1, 1), np.uint8), request_features=np.full((1, 2), 1e39))

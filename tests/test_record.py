@@ -97,3 +97,21 @@ def test_record_command_and_bad_inputs(capsys, tmp_path):
     bad.write_text('{"txt": 1}\n')
     with pytest.raises(TraceError, match="text field"):
         read_prompts(bad)
+
+
+def test_a_recording_too_long_or_too_large_is_refused_before_it_runs(capsys, tmp_path):
+    """--gen-len past 2^24 ran on (a growing cache, for minutes) and could only fail validation after all the work;
+    a recording whose ids, gates and cache exceed --max-gib is refused before the first forward."""
+    from experiments.cli import main
+
+    tiny_checkpoint(tmp_path / "m", "mixtral")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    base = ["trace", "record", "--model-dir", str(tmp_path / "m"), "--prompts", str(prompts), "-o",
+            str(tmp_path / "t.npz")]
+    assert main([*base, "--gen-len", "100000000000"]) == 2
+    assert "must be at most 16777216" in capsys.readouterr().err
+    assert main(["--max-gib", "0.001", *base, "--gen-len", "16000000"]) == 2
+    err = capsys.readouterr().err
+    assert "error: recording 1 prompts x 16,000,000 generated tokens" in err and err.count("\n") == 1
+    assert not (tmp_path / "t.npz").exists()

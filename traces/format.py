@@ -350,6 +350,9 @@ def validate(trace: RoutingTrace, thorough: bool = True) -> None:
                              "with D >= 1")
         if not np.isfinite(feats).all():
             raise TraceError("trace: request_features must be finite")
+        if feats.dtype.itemsize > 4 and feats.size and float(np.abs(feats).max()) > float(np.finfo(np.float32).max):
+            raise TraceError("trace: request_features must fit float32 (the file format's type; a larger value "
+                             "would be saved as inf)")
 
 
 def _validate_prompt_counts(trace: RoutingTrace, thorough: bool) -> None:
@@ -452,6 +455,20 @@ def read_npy_header(stream: Any) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+class RepeatedKey(ValueError):
+    """A JSON object names one key twice (json keeps the last silently)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` object hook: refuse an object that repeats a key (the last would win without a word)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def _check_declared_sizes(path: Path, what: str) -> None:
     """Read each member's .npy header (a few bytes of its stream) and refuse, before anything is expanded, an
     archive whose arrays would exceed the memory limit, or whose declared and stored sizes disagree."""
@@ -459,6 +476,10 @@ def _check_declared_sizes(path: Path, what: str) -> None:
         raise TraceError(f"{path}: cannot read {what.removesuffix(' file')} (not an .npz archive)")
     total = 0
     with zipfile.ZipFile(path) as archive:
+        names = [info.filename for info in archive.infolist()]
+        if len(set(names)) != len(names):  # numpy keeps the last of a repeated name, other zip readers the first
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            raise TraceError(f"{path}: archive member {repeated[0][:60]!r} appears more than once")
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):  # numpy would hand it back as raw bytes, unchecked
                 raise TraceError(f"{path}: archive member {info.filename[:60]!r} is not an .npy array")
@@ -476,7 +497,9 @@ def _check_declared_sizes(path: Path, what: str) -> None:
 
 def _parse_header(raw: np.ndarray, path: Path) -> TraceHeader:
     try:
-        meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
+        meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"), object_pairs_hook=unique_keys)
+    except RepeatedKey as exc:
+        raise TraceError(f"{path}: header repeats key {exc.args[0]!r}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise TraceError(f"{path}: header is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:

@@ -46,7 +46,7 @@ def read_utf8(path: Path, parsed_per_byte: float) -> str:
         raise TraceError(f"file not found: {path}")
     check_memory(path.stat().st_size * parsed_per_byte, f"parsing {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the text
     except UnicodeDecodeError:
         raise TraceError(f"{path}: not UTF-8 text") from None
 
@@ -247,7 +247,8 @@ def read_count_table(path: str | Path) -> np.ndarray:
             values = np.asarray([[float(v) for v in r] for r in body])
         except ValueError:
             raise TraceError(f"{path}: counts must be numbers") from None
-        if values.ndim == 2 and lines and not _numeric(lines[0]) and lines[0][0].strip().lower() == "layer":
+        # the first column numbers the layers when its header says so, or is empty (pandas' `to_csv` index)
+        if values.ndim == 2 and lines and not _numeric(lines[0]) and lines[0][0].strip().lower() in ("layer", ""):
             layer = values[:, 0]
             if sorted(layer.tolist()) != list(range(len(layer))):
                 raise TraceError(f"{path}: the layer column must number the rows 0..{len(layer) - 1}, each once; "

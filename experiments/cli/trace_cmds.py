@@ -6,11 +6,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.cli.common import Parser, emit_json, nonneg_int, output_file, positive_int, probability_arg, seed_int
+from experiments.cli.common import (
+    Parser,
+    arg_type,
+    emit_json,
+    nonneg_int,
+    output_file,
+    positive_int,
+    probability_arg,
+    seed_int,
+)
+from sim.config import int_at_least
 from sim.errors import SimInputError
-
+from traces.limits import MAX_LENGTH, MAX_TOP_K
 
 # ---- trace ----------------------------------------------------------------------------------------------------
+top_k_arg = arg_type(int_at_least(1, MAX_TOP_K))
+
+
 def cmd_trace_gen(args: argparse.Namespace) -> int:
     from traces import SynthConfig, generate_trace, save_trace
     from traces.limits import check_memory
@@ -218,7 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model preset or file (sets layers, experts and top-k)")
     p.add_argument("--layers", type=positive_int, help="MoE layers (without --model)")
     p.add_argument("--experts", type=positive_int, help="experts per layer (without --model)")
-    p.add_argument("--top-k", type=positive_int, help="experts per token (without --model)")
+    p.add_argument("--top-k", type=top_k_arg, help="experts per token (without --model)")
     p.add_argument("--requests", type=positive_int, required=True, help="number of requests")
     p.add_argument("--prompt-len", required=True,
                    help="N, fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or preset:NAME")
@@ -244,14 +257,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "counts: a [layers, experts] selection-count table (.csv or .npy)")
     p.add_argument("--model", help="model name for the trace header")
     p.add_argument("--experts", type=positive_int, help="jsonl: experts per layer (default: largest id + 1)")
-    p.add_argument("--top-k", type=positive_int, help="counts: experts per token")
+    p.add_argument("--top-k", type=top_k_arg, help="counts: experts per token")
     p.add_argument("--seed", type=seed_int, default=0, help="counts: seed of the token order")
     p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True), help="output .npz file")
     p.set_defaults(func=cmd_trace_import)
     p = tsub.add_parser("record", help="record routing from a local Hugging Face MoE checkpoint")
     p.add_argument("--model-dir", required=True, help="local checkpoint directory (config, tokenizer, weights)")
     p.add_argument("--prompts", required=True, help="JSONL file with a text field per line")
-    p.add_argument("--gen-len", type=positive_int, default=16, help="tokens to generate greedily per prompt")
+    p.add_argument("--gen-len", type=arg_type(int_at_least(1, MAX_LENGTH)), default=16,
+                   help="tokens to generate greedily per prompt")
     p.add_argument("--max-prompt-tokens", type=positive_int, help="truncate prompts to this many tokens")
     p.add_argument("--limit", type=positive_int, help="use only the first N prompts")
     p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True), help="output .npz file")
