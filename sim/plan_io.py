@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,11 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
                 not g or min(g) < 0 or max(g) >= workload.batch for g in groups):
             raise SimInputError(f"metadata micro_batches {name!r}: needs prefill and decode groups of request ids "
                                 f"in 0..{workload.batch - 1}")
+        ids = [r for g in groups for r in g]
+        if len(set(ids)) != len(ids):  # an op's requests would be counted twice (every policy partitions the batch)
+            twice = next(r for r, n in Counter(ids).items() if n > 1)
+            raise SimInputError(f"metadata micro_batches {name!r}: request {twice} is in more than one group, or twice "
+                                "in one")
     enums = {c: _enum(c, d[c]) for c in _ENUM_COLUMNS if c != "stream"}
     enums["stream"] = _streams(system, d["stream"])
     ints = {c: _ints(c, d[c]) for c in _INT_COLUMNS}

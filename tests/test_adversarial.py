@@ -862,6 +862,21 @@ def test_real_runs_are_bounded_in_count_and_threads(capsys):
                            "--threads", "100000"], "--threads 100000: at most")
 
 
+def test_plan_micro_batches_that_repeat_a_request_are_refused(capsys, tmp_path):
+    """A group of eight copies of request 0 passed `run-plan` and `--verify`: every use of an op's requests would
+    count request 0 eight times and skip the others."""
+    plan = tmp_path / "p.parquet"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "2", "--prompt-len", "8", "--gen-len", "3",
+                 "--policy", "coxmoe", "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    meta = json.loads(pq.read_table(plan).schema.metadata[b"cox-moe-plan"])
+    for groups in ([[0, 0]], [[0, 1], [1]]):
+        bad = _rewrite_plan_meta(plan, tmp_path / "bad.parquet", micro_batches={**meta["micro_batches"],
+                                                                               "prefill": groups})
+        fails_cleanly(capsys, ["run-plan", str(bad)], "request 0 is in more than one group" if groups == [[0, 0]]
+                      else "request 1 is in more than one group")
+
+
 def test_plan_micro_batches_naming_missing_requests_are_refused(capsys, tmp_path):
     plan = tmp_path / "p.parquet"
     assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, "--batch", "2", "--prompt-len", "8", "--gen-len", "3",
