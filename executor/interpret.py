@@ -135,7 +135,11 @@ class PlanInterpreter:
     def _finalize(self, st: _Request) -> None:
         if st.y is not None:
             for batch, offset, n in st.pending:
-                st.y += batch.y[offset:offset + n].to(st.y.device)
+                y = batch.y
+                if y.is_cuda:  # made on another stream (a second modelled GPU sharing this device): keep its memory
+                    # from reuse until this stream's read of it has run (the batch may be dropped before then)
+                    y.record_stream(torch.cuda.current_stream(y.device))
+                st.y += y[offset:offset + n].to(st.y.device)
             st.pending = []
             st.h = st.h_attn + st.y.to(device=st.h_attn.device, dtype=st.h_attn.dtype)
             st.y = None

@@ -44,10 +44,13 @@ class ExecutionResult:
     wall_s: float
     outputs: Outputs
     ndp_emulated: bool = False  # near-memory DIMM ops ran on the CPU: not NDP timings
+    # more modelled GPUs than real ones: some share a device, and copies between them ran within it (at its
+    # memory bandwidth), not over a GPU-to-GPU link
+    gpus_shared: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"devices": self.devices, "gpu_role_on_cpu": self.gpu_role_on_cpu, "ndp_emulated": self.ndp_emulated,
-                "wall_s": self.wall_s}
+                "gpus_shared": self.gpus_shared, "wall_s": self.wall_s}
 
 
 class _CudaTimer:
@@ -73,8 +76,10 @@ class _CudaTimer:
             torch.cuda.synchronize(dev)
         for i, (dev, a, b) in self.pairs.items():
             base_event, base_ns = self.base[dev]
+            # cudaEventElapsedTime is single-precision milliseconds: from the run's base it steps 4 us at 60 s and
+            # 31 us at 10 min, coarser than a decode op; so the op's own duration is read from its two events
             start[i] = int(base_event.elapsed_time(a) * 1e6) + base_ns - t0
-            end[i] = int(base_event.elapsed_time(b) * 1e6) + base_ns - t0
+            end[i] = start[i] + max(0, round(a.elapsed_time(b) * 1e6))
 
 
 def prepack_cpu_experts(plan: Plan, weights: ModelWeights, device_of: dict[str, str]) -> None:
@@ -260,7 +265,8 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     devices = {str(s): device_of[s] for s, ids in by_stream.items() if ids}
     gpu_role_on_cpu = not cuda and any(topo.streams[s].kind is UnitKind.GPU for s, ids in by_stream.items() if ids)
     ndp = any(topo.streams[s].kind is UnitKind.NDP for s, ids in by_stream.items() if ids)
-    return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs, ndp_emulated=ndp)
+    return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs, ndp_emulated=ndp,
+                           gpus_shared=cuda and gpus_modelled(topo, by_stream) > torch.cuda.device_count())
 
 
 _STREAMS: dict[tuple[str, str], Any] = {}
@@ -298,6 +304,20 @@ def _pinned_staging(ops: list[Op], topo: Topology, cuda: bool) -> torch.Tensor:
     if not cuda or not host_copies:
         return torch.empty(0, dtype=torch.uint8)
     return torch.empty(max(max(host_copies), 1), dtype=torch.uint8, pin_memory=True)
+
+
+def gpus_modelled(topo: Topology, by_stream: dict[str, list[int]]) -> int:
+    """GPU memory pools the plan's streams with ops run on or copy to and from: the GPUs it needs."""
+    pools: set[str] = set()
+    for stream, ids in by_stream.items():
+        unit = topo.streams[stream]
+        if not ids:
+            continue
+        if unit.kind is UnitKind.GPU:
+            pools.add(unit.pool)
+        elif unit.kind is UnitKind.LINK:
+            pools.update(p for p in (unit.spec.src, unit.spec.dst) if p.startswith("gpu"))
+    return len(pools)
 
 
 def _pool_device(topo: Topology, pool: str, cuda: bool) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def gpu_preset_of(name: str | None) -> str | None:
 def measured_gpu(bench: Any, folder: Path | None = None) -> str | None:
     """The GPU name machine_bench.json records; without it (the step failed or was skipped), the first line of
     the env step's log (nvidia-smi, torch's device name) naming a GPU the presets know; else None."""
-    name = bench["machine"].get("gpu") if isinstance(bench, dict) else None
+    name = _machine(bench).get("gpu")
     if name or folder is None:
         return name
     try:
@@ -89,15 +90,32 @@ def steps(folder: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def _machine(bench: Any) -> dict:
+    """machine_bench.json's machine record ({} when the file or the record is missing or malformed)."""
+    mach = bench.get("machine") if isinstance(bench, dict) else None
+    return mach if isinstance(mach, dict) else {}
+
+
+def gemm_rows(bench: dict) -> list[dict]:
+    """The measured GEMM rows that are complete: positive integer m, n, k and positive seconds (a step cut short
+    may leave others)."""
+    rows = bench.get("gemm") if isinstance(bench.get("gemm"), list) else []
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return [r for r in rows if isinstance(r, dict) and all(whole(r.get(k)) for k in "mnk")
+            and isinstance(r.get("seconds"), int | float) and not isinstance(r.get("seconds"), bool)
+            and r["seconds"] > 0]
+
+
 def gemm_set(bench: dict, gpu: str = GPU_PRESET) -> dict:
     """The measured GEMMs as one `gemm_sets` entry of `gpu_ops.yaml` (seconds per call)."""
-    mach = bench["machine"]
+    mach = _machine(bench)
     return {"id": f"own-{gpu}-matmul", "gpu": gpu, "bytes_per_element": 2,
             "source": (f"measured here: executor.machine_bench on the lent {mach.get('gpu', '?')} "
                        f"({mach.get('measured_at', '?')}, torch {mach.get('torch', '?')}, "
                        f"CUDA {mach.get('cuda_version', '?')}):"
                        " bf16 x @ w.T, each call alone between CUDA events, median over rotated operand copies"),
-            "gemms": [[r["m"], r["n"], r["k"], float(f"{r['seconds']:.4e}")] for r in bench["gemm"]]}
+            "gemms": [[r["m"], r["n"], r["k"], float(f"{r['seconds']:.4e}")] for r in gemm_rows(bench)]}
 
 
 def gemm_table(bench: dict, gpu: str = GPU_PRESET) -> pd.DataFrame:
@@ -107,7 +125,7 @@ def gemm_table(bench: dict, gpu: str = GPU_PRESET) -> pd.DataFrame:
         path.write_text(yaml.safe_dump({"gemm_sets": [gemm_set(bench, gpu)]}))
         table = pd.DataFrame(_gemm_rows(path))
     table["ratio"] = table["predicted_s"] / table["measured_s"]
-    table["measured_tflops"] = [2 * r["m"] * r["n"] * r["k"] / r["seconds"] / 1e12 for r in bench["gemm"]]
+    table["measured_tflops"] = [2 * r["m"] * r["n"] * r["k"] / r["seconds"] / 1e12 for r in gemm_rows(bench)]
     return table[["shape", "measured_s", "predicted_s", "ratio", "bound", "measured_tflops"]]
 
 
@@ -125,11 +143,6 @@ def own_points(folder: Path, system: Any = "h200-8452y") -> pd.DataFrame:
     """Each measured end-to-end point against the simulation of the same plan (same model truncation, policy,
     knobs, lengths, routing and seed) on `system` (a preset name or spec) with the roofline. Every own step the
     script ran has a row: one that measured nothing says so, one whose step did not end cleanly is noted."""
-    from executor.weights import truncated
-    from sim.api import simulate
-    from sim.policies import POLICIES
-    from sim.specs import load_model
-
     rows = []
     status = step_status(folder)
     names = sorted({p.stem for p in folder.glob("own_*.log")} | {p.stem for p in folder.glob("own_*.json")})
@@ -139,24 +152,39 @@ def own_points(folder: Path, system: Any = "h200-8452y") -> pd.DataFrame:
         if not isinstance(run, dict) or "total_s" not in run:
             rows.append({"point": stem[4:], "note": f"no measurement (step exit status {rc}; see its log)"})
             continue
-        name, layers = re.fullmatch(r"(.+?)(?:\[:(\d+)\])?", run["model"]).groups()
-        spec = load_model(name)
-        if layers:
-            spec = truncated(spec, int(layers))
-        options = POLICIES[run["policy"]].Options.__dataclass_fields__  # forced knobs only: not derived fields
-        knobs = {k: str(v) for k, v in run["knobs"].items() if k in options}
-        wl = run["workload"]
-        sim = simulate(spec, system, run["policy"], batch=wl["batch"], prompt_len=wl["prompt_len_max"],
-                       gen_len=wl["gen_len_max"], routing=run["routing"], policy_options=knobs)
-        tokens = wl["generated_tokens"]
-        rows.append({"point": stem[4:], "policy": run["policy"], "batch": wl["batch"],
-                     "measured_tok_s": tokens / run["total_s"], "simulated_tok_s": sim.throughput_tok_s,
-                     "ratio": sim.throughput_tok_s * run["total_s"] / tokens,
-                     "measured_prefill_s": run["prefill_s"], "simulated_prefill_s": sim.prefill_s,
-                     "measured_decode_s": run["decode_s"], "simulated_decode_s": sim.decode_s,
-                     "devices": ", ".join(sorted(set(run.get("devices", {}).values()))),
-                     "note": "" if rc == "0" else f"step exit status {rc}: measured, but check its log"})
+        try:
+            rows.append(_own_point(stem, run, rc, system))
+        except (KeyError, TypeError, ValueError, AttributeError, SimInputError) as exc:  # a JSON written partly
+            what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+            rows.append({"point": stem[4:], "note": f"incomplete measurement ({what}; step exit status {rc})"})
     return pd.DataFrame(rows)
+
+
+def _own_point(stem: str, run: dict, rc: str, system: Any) -> dict:
+    """One measured point's row beside its simulation (KeyError, TypeError or ValueError when the JSON lacks what
+    it needs)."""
+    from executor.weights import truncated
+    from sim.api import simulate
+    from sim.policies import POLICIES
+    from sim.specs import load_model
+
+    name, layers = re.fullmatch(r"(.+?)(?:\[:(\d+)\])?", run["model"]).groups()
+    spec = load_model(name)
+    if layers:
+        spec = truncated(spec, int(layers))
+    options = POLICIES[run["policy"]].Options.__dataclass_fields__  # forced knobs only: not derived fields
+    knobs = {k: str(v) for k, v in run["knobs"].items() if k in options}
+    wl = run["workload"]
+    sim = simulate(spec, system, run["policy"], batch=wl["batch"], prompt_len=wl["prompt_len_max"],
+                   gen_len=wl["gen_len_max"], routing=run["routing"], policy_options=knobs)
+    tokens = wl["generated_tokens"]
+    return {"point": stem[4:], "policy": run["policy"], "batch": wl["batch"],
+            "measured_tok_s": tokens / run["total_s"], "simulated_tok_s": sim.throughput_tok_s,
+            "ratio": sim.throughput_tok_s * run["total_s"] / tokens,
+            "measured_prefill_s": run["prefill_s"], "simulated_prefill_s": sim.prefill_s,
+            "measured_decode_s": run["decode_s"], "simulated_decode_s": sim.decode_s,
+            "devices": ", ".join(sorted(set(run.get("devices", {}).values()))),
+            "note": "" if rc == "0" else f"step exit status {rc}: measured, but check its log"}
 
 
 def _md(df: pd.DataFrame, float_format: str = "{:.3g}") -> str:
@@ -178,12 +206,12 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
     out.append(f"Priced with the `{gpu}` GPU preset{named}; the simulated own points run on `{system}` with that GPU "
                "(its host preset kept).\n")
     if isinstance(bench, dict):
-        m = bench["machine"]
+        m = _machine(bench)
         out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
                    f"threads, torch {m.get('torch')}, CUDA {m.get('cuda_version')}, measured {m.get('measured_at')}.\n")
         for part, error in bench.get("errors", {}).items():
             out.append(f"machine_bench part `{part}` failed: {error}\n")
-        if bench.get("gemm_device") == "cuda" and bench.get("gemm"):
+        if bench.get("gemm_device") == "cuda" and gemm_rows(bench):
             out += [f"## GEMMs by shape against the `{gpu}` preset's roofline\n", _md(gemm_table(bench, gpu))]
         elif bench.get("errors", {}).get("gemm"):
             out.append("The GEMM part failed (above): no GEMM is priced.\n")
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         component_preset("gpus", gpu)  # an unknown preset is refused here, naming the presets
         text = render(folder, args.system, gpu)
         if args.gemm_yaml:
-            if not isinstance(bench, dict) or bench.get("gemm_device") != "cuda" or not bench.get("gemm"):
+            if not isinstance(bench, dict) or bench.get("gemm_device") != "cuda" or not gemm_rows(bench):
                 raise SimInputError(f"{folder}: no GPU GEMMs measured (machine_bench.json missing or CPU-only)")
             write_atomic(args.gemm_yaml, lambda tmp: Path(tmp).write_text(
                 yaml.safe_dump({"gemm_sets": [gemm_set(bench, gpu)]}, sort_keys=False)))
@@ -245,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(text)
     except SimInputError as exc:
-        print(f"gpu_check_report: {exc}")
+        print(f"gpu_check_report: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"gpu_check_report: {exc.strerror or exc}: {exc.filename or ''}")
+        print(f"gpu_check_report: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 2
     return 0
 

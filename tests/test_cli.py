@@ -416,3 +416,29 @@ def test_ablation_runs_a_repeated_step_once(tmp_path, monkeypatch):
     assert same[0]["throughput_tok_s"] == same[1]["throughput_tok_s"] and same[0]["options"] == {"stratify": "off"}
     assert len(r["steps"]) == len(compare_module.ABLATION_STEPS)
     assert (r["prompt_len_mean"], r["gen_len_mean"], r["seed"]) == (6.0, 3.0, 0)  # as compare reports them
+
+
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: out of memory",
+                                     "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate",
+                                     "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"])
+def test_an_allocator_refusal_is_one_line(capsys, monkeypatch, message):
+    """torch refuses memory with RuntimeErrors worded by where it failed (the caching allocator, a pinned host
+    buffer, cuBLAS's workspace, the CPU allocator): each is one line and exit 2, not a traceback."""
+    from experiments.cli import sim_cmds
+
+    def refuse(args):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(sim_cmds, "cmd_simulate", refuse)
+    code, _, err = run(capsys, "simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy",
+                       "gpu-only", "--batch", "1", "--prompt-len", "1", "--gen-len", "1")
+    assert code == 2 and err.count("\n") == 1 and "needs more memory than this machine can allocate" in err
+
+
+def test_other_runtime_errors_still_surface(monkeypatch):
+    from experiments.cli import main, sim_cmds
+
+    monkeypatch.setattr(sim_cmds, "cmd_simulate", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "gpu-only",
+              "--batch", "1", "--prompt-len", "1", "--gen-len", "1"])

@@ -258,3 +258,31 @@ def test_a_run_whose_kv_cache_and_scores_exceed_the_limit_is_refused(tiny_specs,
     check_run_memory(spec, Workload(np.array([2000]), np.array([2])), torch.bfloat16, "a run")
     with pytest.raises(ResourceLimitError, match="a KV cache of 1 x 12002 tokens x 3 layers"):
         check_run_memory(spec, Workload(np.array([12000]), np.array([2])), torch.bfloat16, "a run")
+
+
+def test_cuda_op_times_keep_microseconds_late_in_a_long_run(monkeypatch):
+    """CUDA reports event intervals as single-precision milliseconds: an op 600 s after the run's base event read
+    its start and end from that base in 31 us steps, so a 20 us decode op measured 0 or 31 us. Its duration now
+    comes from its own two events. (Fake events with float32 arithmetic: this runs without a GPU.)"""
+    import numpy as np
+    import torch
+
+    from executor.run import _CudaTimer
+
+    class FakeEvent:
+        def __init__(self, t_s: float) -> None:
+            self.t_s = t_s
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            return float(np.float32((other.t_s - self.t_s) * 1e3))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    timer = object.__new__(_CudaTimer)
+    timer.base = {"cuda:0": (FakeEvent(0.0), 1_000)}
+    timer.pairs = {0: ("cuda:0", FakeEvent(600.0000013), FakeEvent(600.0000213)),
+                   1: ("cuda:0", FakeEvent(0.001), FakeEvent(0.0010075))}
+    start, end = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    timer.resolve(start, end, t0=1_000)
+    assert end[0] - start[0] == 20_000  # 20 us, to the nanosecond
+    assert abs(start[0] - 600_000_001_300) <= 40_000  # the start keeps the base's coarser step
+    assert end[1] - start[1] == 7_500 and abs(start[1] - 1_000_000) <= 1

@@ -66,7 +66,7 @@ def test_the_report_renders_a_partial_run_and_refuses_a_missing_folder(tmp_path,
     assert "| cx | coxmoe |" in text
     assert report.main([str(tmp_path / "nope")]) == 2
     assert report.main([str(tmp_path), "--gemm-yaml", str(tmp_path / "g.yaml")]) == 2
-    assert "no GPU GEMMs" in capsys.readouterr().out
+    assert "no GPU GEMMs" in capsys.readouterr().err  # errors go to stderr, the report to stdout or --out
 
 
 def test_every_own_step_has_a_row_and_an_unclean_exit_is_noted(tmp_path):
@@ -118,3 +118,21 @@ def test_without_machine_bench_the_gpu_comes_from_the_env_log_and_a_failed_gemm_
     (tmp_path / "machine_bench.json").write_text(json.dumps(bench))
     text = report.render(tmp_path)
     assert "The GEMM part failed" in text and "ran on the CPU" not in text
+
+
+def test_incomplete_measurements_are_rows_that_say_so(tmp_path, capsys):
+    """machine_bench.json without its machine record, a GEMM row without n, an own point without its policy: each
+    was a KeyError traceback; the report now renders and names what is missing."""
+    (tmp_path / "machine_bench.json").write_text(json.dumps({
+        "gemm_device": "cuda", "gemm": [{"m": 64, "k": 4096, "seconds": 2e-5},
+                                        {"m": 64, "n": 4096, "k": 4096, "seconds": 2e-5}]}))
+    _own_point(tmp_path, "cx", 1.0)
+    run = json.loads((tmp_path / "own_cx.json").read_text())
+    del run["policy"]
+    (tmp_path / "own_nopolicy.json").write_text(json.dumps(run))
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--gemm-yaml", str(tmp_path / "g.yaml")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "| cx | coxmoe |" in text and "incomplete measurement (missing 'policy'" in text
+    gemms = yaml.safe_load((tmp_path / "g.yaml").read_text())["gemm_sets"][0]["gemms"]
+    assert gemms == [[64, 4096, 4096, 2e-5]]  # the complete row only
+    assert report.measured_gpu({}) is None and report.measured_gpu({"machine": "x"}) is None

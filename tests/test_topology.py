@@ -171,6 +171,8 @@ def test_the_executor_runs_a_two_gpu_plan(use_cuda):
     numbers equal the sequential reference forward pass."""
     result = _execute_tiny(TWO_GPU, "expert-parallel", use_cuda)
     assert result.gpu_role_on_cpu is not use_cuda and {"gpu", "gpu1"} <= set(result.devices)
+    real = __import__("torch").cuda.device_count() if use_cuda else 0
+    assert result.gpus_shared is (use_cuda and real < 2)  # one real GPU: the peer copies never crossed a link
 
 
 NDP_SYSTEM = "a100-80g-8452y-ndp8"
@@ -282,3 +284,19 @@ def test_every_stream_of_a_topology_gets_a_readable_track():
     assert names["gpu"] == "GPU compute" and names["gpu1"] == "GPU1 compute"
     assert names["h2d_gpu1"] == "PCIe H2D gpu1" and names["p2p_gpu1_gpu"] == "peer gpu1 -> gpu"
     assert names["ndp"] == "NDP DIMMs compute" and len(set(names.values())) == len(names)
+
+
+def test_the_executor_counts_the_gpus_a_plan_needs():
+    """Two modelled GPUs on a machine with one real GPU share it, and their peer copies run within that device:
+    the result says so (`gpus_shared`), counted from the plan's streams."""
+    from executor.run import ExecutionResult, gpus_modelled
+    from sim.api import simulate
+    from sim.engine import ops_by_stream
+
+    two = simulate("mixtral-8x7b", "2x-h100-sxm-nvlink-8480", "expert-parallel", batch=4, prompt_len=16, gen_len=2,
+                   keep_plan=True).plan
+    one = simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=4, prompt_len=16, gen_len=2, keep_plan=True).plan
+    for plan, gpus in ((two, 2), (one, 1)):
+        topo = topology_of(plan.system)
+        assert gpus_modelled(topo, ops_by_stream(plan.ops, topo)) == gpus
+    assert "gpus_shared" in ExecutionResult.__dataclass_fields__

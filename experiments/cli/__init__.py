@@ -65,8 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "that large; see --max-gib)", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:  # torch's allocator refusing: a RuntimeError, not a MemoryError
-        if os.environ.get(TRACEBACK_ENV) or not any(s in str(exc) for s in ("can't allocate memory",
-                                                                            "CUDA out of memory")):
+        # ("CUDA error: out of memory" from a pinned host buffer, "CUBLAS_STATUS_ALLOC_FAILED" from cuBLAS'
+        # workspace: the same refusal in other words)
+        if os.environ.get(TRACEBACK_ENV) or not any(s in str(exc) for s in (
+                "can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")):
             raise
         print("coxmoe: error: the model or batch needs more memory than this machine can allocate (fewer --layers, "
               "a smaller batch, or see --max-gib)", file=sys.stderr)

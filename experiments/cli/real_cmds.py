@@ -115,6 +115,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
         return 0
     label = " (GPU-role ops ran on the CPU: not GPU timings)" if result.gpu_role_on_cpu else ""
     label += " (near-memory ops emulated on the CPU: not NDP timings)" if result.ndp_emulated else ""
+    label += (" (modelled GPUs share a real one: GPU-to-GPU copies ran within a device, not over a link)"
+              if result.gpus_shared else "")
     print(f"measured: {spec.name} ({spec.num_layers} layers) under {plan.policy} on this machine{label}")
     print(f"  devices: {', '.join(f'{k}={v}' for k, v in result.devices.items())}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -205,6 +207,7 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
         return 0
     label = " (GPU-role ops on the CPU)" if result["gpu_role_on_cpu"] else ""
     label += " (near-memory ops emulated on the CPU)" if result.get("ndp_emulated") else ""
+    label += " (modelled GPUs share a real one: GPU-to-GPU copies not over a link)" if result.get("gpus_shared") else ""
     print(f"validation: {spec.name} under {plan.policy}, batch {workload.batch}{label}; profile {args.profile} "
           f"({result['profile_hits']} op times from it, {result['roofline_fallbacks']} from the roofline)")
     if result["profile_machine_differences"]:
