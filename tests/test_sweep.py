@@ -393,13 +393,13 @@ def test_a_missing_input_file_is_refused_when_the_spec_is_read(tmp_path, monkeyp
         expand(spec)
 
 
-def _worker_killer(config):
+def _worker_killer(config, inputs=None, base=None):
     """A point function that kills its worker process on one point (an out-of-memory kill, say)."""
     from experiments.sweep import run
 
     if config["batch"] == 16:
         os._exit(9)
-    return run._original_run_point(config)
+    return run._original_run_point(config, inputs, base)
 
 
 def test_a_killed_worker_fails_its_unfinished_points_instead_of_the_sweep(tmp_path, monkeypatch, capsys):
@@ -651,3 +651,86 @@ def test_refusals_of_the_run_come_before_the_results_store(tmp_path, capsys, mon
         assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), *extra]) == 2
         capsys.readouterr()
         assert not (tmp_path / "o" / "results.sqlite").exists()
+
+
+def _trace_point_spec(tmp_path: Path, trace: str) -> dict:
+    from traces import SynthConfig, generate_trace
+    from traces.format import save_trace
+
+    save_trace(generate_trace(SynthConfig("mixtral-8x7b", 32, 8, 2, "uniform", 0.0, 0), [8] * 4, [2] * 4),
+               tmp_path / "t.npz")
+    return {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "trace": trace, "decode_sample": 1},
+            "axes": {"policy": ["gpu-only", "coxmoe"]}}
+
+
+def test_an_input_file_edited_during_a_sweep_fails_its_points(tmp_path, monkeypatch):
+    """A point is keyed by its files' digests when the spec is expanded; a file changed before a worker reads it
+    was simulated and stored under the old key. The run now checks the digests first."""
+    from experiments.sweep import run
+    from experiments.sweep.store import ResultStore
+    from traces import SynthConfig, generate_trace
+    from traces.format import save_trace
+
+    monkeypatch.chdir(tmp_path)
+    points = expand(_trace_point_spec(tmp_path, "t.npz"))
+    assert all(p.inputs == {"trace": points[0].inputs["trace"]} for p in points)
+    save_trace(generate_trace(SynthConfig("mixtral-8x7b", 32, 8, 2, "uniform", 0.0, 1), [8] * 4, [2] * 4),
+               tmp_path / "t.npz")  # another draw, same shape
+    store = ResultStore(tmp_path / "sw")
+    summary = run.run_local(points, store, workers=1, progress=False)
+    store.close()
+    assert summary.failed == 2
+    errors = load_results(tmp_path / "sw")["error"]
+    assert all("InputChanged: trace file t.npz is not the one the sweep was keyed by" in e for e in errors)
+
+
+def test_a_cluster_worker_reads_relative_paths_against_the_driver_folder(tmp_path, monkeypatch):
+    """Ray's cluster workers start in another folder: a point naming t.npz failed there ('trace file not found');
+    the driver's folder travels with the point and the key stays the relative one's."""
+    from experiments.sweep.run import run_point
+    from experiments.sweep.spec import rebased
+
+    monkeypatch.chdir(tmp_path)
+    point = next(p for p in expand(_trace_point_spec(tmp_path, "t.npz")) if p.config["policy"] == "coxmoe")
+    config = {**point.config, "routing": "table:c.csv", "policy_options": {"hot_map": "maps/h.npz"}}
+    moved = rebased(config, "/driver")
+    assert moved["trace"] == "/driver/t.npz" and moved["routing"] == "table:/driver/c.csv"
+    assert moved["policy_options"] == {"hot_map": "/driver/maps/h.npz"} and config["trace"] == "t.npz"
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    metrics, error, _ = run_point(point.config, point.inputs)
+    assert metrics is None and "trace file not found here: t.npz" in error
+    metrics, error, _ = run_point(point.config, point.inputs, base=str(tmp_path))
+    assert error is None and metrics["throughput_tok_s"] > 0
+
+
+@pytest.mark.parametrize("address, message", [("not a host", "not HOST:PORT"), ("127.0.0.1:1", "nothing accepts"),
+                                              ("ray://h:99999", "not HOST:PORT")])
+def test_a_bad_ray_address_is_refused_before_the_store_is_made(tmp_path, capsys, address, message):
+    """An unreachable cluster had Ray retry for minutes (a multi-line warning each time); a malformed address was a
+    traceback; both left an empty results store."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8,
+                                              "prompt_len": 8, "gen_len": 2, "policy": "gpu-only"}}))
+    t0 = time.perf_counter()
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--engine", "ray", "--ray-address", address]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+    assert time.perf_counter() - t0 < 30
+
+
+def test_sweep_results_of_a_store_with_no_rows(tmp_path, capsys):
+    """A sweep stopped before its first point: --spec filtered a frame without columns (KeyError), --csv wrote a
+    lone newline pandas cannot read back."""
+    from experiments.sweep.store import ResultStore
+
+    ResultStore(tmp_path / "empty").close()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 8,
+                                              "prompt_len": 8, "gen_len": 2, "policy": "gpu-only"}}))
+    assert main(["sweep-results", str(tmp_path / "empty"), "--spec", str(spec), "--csv", str(tmp_path / "e.csv")]) == 0
+    out = capsys.readouterr()
+    assert "0 points" in out.out and "1 of the spec's 1 points have no result yet" in out.err
+    back = pd.read_csv(tmp_path / "e.csv")
+    assert back.empty and {"key", "status", "throughput_tok_s", "batch"} <= set(back.columns)

@@ -14,12 +14,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from experiments.sweep import ENGINES
-from experiments.sweep.spec import SweepPoint
+from experiments.sweep.spec import SweepPoint, changed_inputs, rebased
 from experiments.sweep.store import ResultStore
 from sim.config import SimConfig, default_workers
 from sim.errors import SimInputError
@@ -39,14 +40,24 @@ class SweepSummary:
     stale: int = 0  # points finished earlier by other code or library versions, simulated again
 
 
-def run_point(config: dict[str, Any]) -> Outcome:
+_DIGESTS: dict[tuple, str] = {}  # input file digests in this worker process, per (path, size, mtime)
+
+
+def run_point(config: dict[str, Any], inputs: dict[str, str] | None = None, base: str | None = None) -> Outcome:
     """Simulate one resolved point: (metrics, None, wall) or (None, one-line error, wall). Never raises, so one
-    bad point cannot stop a sweep."""
+    bad point cannot stop a sweep. `inputs`: the digests the point was keyed by, checked against the files before
+    they are read; `base`: the driver's folder, against which relative paths are read (a cluster's worker)."""
     t0 = time.perf_counter()
     try:
         from sim.api import simulate
         from sim.config import SimConfig
 
+        if base is not None:
+            config = rebased(config, base)
+        if inputs:
+            reason = changed_inputs(config, inputs, _DIGESTS)
+            if reason is not None:
+                return None, f"InputChanged: {reason}", time.perf_counter() - t0
         result = simulate(SimConfig.from_point(config))
         return result.to_dict(), None, time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - recorded as the point's failure
@@ -167,7 +178,7 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
     def execute(pending: list[SweepPoint]) -> Iterator[tuple[SweepPoint, Outcome]]:
         if workers <= 1:
             for point in pending:
-                yield point, run_point(point.config)
+                yield point, run_point(point.config, point.inputs)
             return
         pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
         finished = False
@@ -178,7 +189,7 @@ def run_local(points: Iterable[SweepPoint], store: ResultStore, workers: int, pr
                       flush=True)
             for config in builds:
                 pool.submit(build_trace, config)
-            futures = {pool.submit(run_point, p.config): p for p in pending}
+            futures = {pool.submit(run_point, p.config, p.inputs): p for p in pending}
             told = False
             for fut in as_completed(futures):
                 try:
@@ -232,6 +243,32 @@ def check_request(engine: str, workers: int | None, address_flag: str | None) ->
     memory_limit_bytes()
     _ = TRACE_CACHE.max_bytes
     env_size_bytes(TRACE_DIR_GIB_ENV, 1, 2**30, "GiB")
+    if engine == "ray" and ray_address(address_flag) is not None:
+        check_ray_address(ray_address(address_flag))
+
+
+RAY_CONNECT_TIMEOUT_S = 3.0
+RAY_WAIT_BATCH = 256  # results taken per ray.wait call (it returns sooner when its 1 s timeout passes)
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse, before the store is made, a cluster address that is not HOST:PORT (or ray://HOST:PORT, `auto`,
+    `local`) or where nothing accepts a connection: Ray itself retried an unreachable one for minutes, and a
+    malformed one was a traceback."""
+    import re
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    m = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[^:/\s\[\]]+):(\d{1,5})", address)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise SimInputError(f"--ray-address {address!r}: not HOST:PORT (or ray://HOST:PORT, auto, local)")
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SimInputError(f"--ray-address {address}: nothing accepts a connection there within "
+                            f"{RAY_CONNECT_TIMEOUT_S:.0f} s ({exc.strerror or type(exc).__name__})") from None
 
 
 def ray_address(flag: str | None) -> str | None:
@@ -259,8 +296,11 @@ def run_ray(points: Iterable[SweepPoint], store: ResultStore, workers: int | Non
     if started_here:
         if address:
             # Ship this checkout's packages so the cluster's workers run the same code as the driver.
-            ray.init(address=address, log_to_driver=False,
-                     runtime_env={"py_modules": [sim, traces, experiments], "env_vars": env_vars})
+            try:
+                ray.init(address=address, log_to_driver=False,
+                         runtime_env={"py_modules": [sim, traces, experiments], "env_vars": env_vars})
+            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+                raise SimInputError(f"--ray-address {address}: cannot join the cluster ({_one_line(exc)})") from None
         else:
             ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": env_vars})
@@ -273,10 +313,12 @@ def run_ray(points: Iterable[SweepPoint], store: ResultStore, workers: int | Non
         if remote_build is not None:
             for config in trace_builds(pending):
                 remote_build.remote(config)
-        refs = {remote_point.remote(p.config): p for p in pending}
+        base = str(Path.cwd()) if address else None  # a cluster's workers start elsewhere
+        refs = {remote_point.remote(p.config, p.inputs, base): p for p in pending}
         waiting = list(refs)
         while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1)
+            # many results per call: one at a time scanned every pending ref each time (quadratic in the sweep)
+            ready, waiting = ray.wait(waiting, num_returns=min(len(waiting), RAY_WAIT_BATCH), timeout=1.0)
             for ref in ready:
                 try:
                     outcome = ray.get(ref)

@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class SweepPoint:
 
     config: dict[str, Any]
     key: str
+    # digests of the files the point reads (`input_files`), as keyed: the run checks them before it reads, so a file
+    # edited during a sweep, or missing or different on a cluster's worker, is a failed point, not another number
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def sim_config(self) -> SimConfig:
         return SimConfig.from_point(self.config)
@@ -107,6 +110,43 @@ def input_files(config: dict[str, Any]) -> dict[str, str]:
     return {name: str(path) for name, path in files.items()}
 
 
+def rebased(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """`config` with the relative paths of the files it reads (`input_files`) made absolute against `base`: how a
+    worker that does not start in the driver's folder (a Ray cluster's) finds them. The key is the original's."""
+    out = dict(config)
+    for name, text in input_files(config).items():
+        path = Path(text)
+        if path.is_absolute():
+            continue
+        absolute = str(Path(base) / path)
+        if name == "routing":
+            out["routing"] = f"table:{absolute}"
+        elif name.startswith("policy_options."):
+            out["policy_options"] = {**out["policy_options"], name.removeprefix("policy_options."): absolute}
+        else:
+            out[name] = absolute
+    return out
+
+
+def changed_inputs(config: dict[str, Any], inputs: dict[str, str], cache: dict[tuple, str]) -> str | None:
+    """Why the files a point reads are not the ones it was keyed by (a one-line reason), or None when they are."""
+    for name, text in input_files(config).items():
+        path = Path(text)
+        want = inputs.get(name)
+        if want is None:
+            continue
+        if not (path.is_file() or path.is_dir()):
+            return f"{name} file not found here: {text} (on a cluster, every worker needs the file at this path)"
+        try:
+            got = _digest(path, cache)
+        except (OSError, SimInputError) as exc:
+            return f"{name} file {text}: cannot read it ({exc})"
+        if got != want:
+            return (f"{name} file {text} is not the one the sweep was keyed by (sha256 {got} here, {want} when "
+                    "expanded): edited during the sweep, or another file at this path on this worker")
+    return None
+
+
 def input_digests(config: dict[str, Any], cache: dict[tuple, str] | None = None) -> dict[str, str]:
     """Digests of the files a point reads (`input_files`); a file that is not there is refused now, not when the
     point runs (relative paths are read from the current directory, as on the command line)."""
@@ -159,7 +199,7 @@ def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) 
                       tuple(sorted(inputs.items())))
     except (SimInputError, TraceError) as exc:
         raise SimInputError(f"sweep point: {exc}") from None
-    return SweepPoint(config, point_key(config, inputs))
+    return SweepPoint(config, point_key(config, inputs), inputs)
 
 
 # What `sim.api.check_point` reads of a point (decode_sample, profile and the cost model play no part in it).

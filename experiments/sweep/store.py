@@ -174,6 +174,12 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
                **{m: metrics.get(m) for m in METRIC_COLUMNS}, "metrics": rec["metrics"],
                "versions": rec["versions"], "stale": rec["versions"] != current, "finished_at": rec["finished_at"]}
         rows.append(row)
+    if not rows:  # a sweep stopped before its first point: the same columns, so filters and CSV headers still work
+        from experiments.sweep.spec import POINT_DEFAULTS
+
+        config_keys = list(dict.fromkeys([*POINT_DEFAULTS, *OMITTED_DEFAULTS]))
+        return pd.DataFrame(columns=["key", "status", "error", "wall_s", *config_keys, *METRIC_COLUMNS, "metrics",
+                                     "versions", "stale", "finished_at"])
     return pd.DataFrame(rows)
 
 
