@@ -36,7 +36,7 @@ def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
                 or not isinstance(e.get("cat"), str)
                 or (e["args"].get("phase") == "decode" and not _integer(e["args"].get("step")))), None)
     if bad is not None or not ops:
-        raise SimInputError(f"timeline {path}: op events need finite ts and dur >= 0, an integer tid, a cat and "
+        raise SimInputError(f"timeline {path}: op events need ts and dur in [0, 1e15] us, an integer tid, a cat and "
                             "args.phase (decode ones an integer args.step): not a cox-moe timeline?")
     names = [e for e in events if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")]
     if any(not isinstance(e.get("args"), dict) or not isinstance(e["args"].get("name"), str)
@@ -49,8 +49,15 @@ def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
     return events, other or {}
 
 
+MAX_TIME_US = 1e15  # about 31 years in microseconds: a longer time is not a run's (a 400-digit one overflowed)
+
+
 def _time(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return 0 <= value <= MAX_TIME_US
+    return math.isfinite(value) and 0 <= value <= MAX_TIME_US
 
 
 def _integer(value: Any) -> bool:
@@ -60,7 +67,12 @@ def _integer(value: Any) -> bool:
 
 def process_name(events: Events, default: str) -> str:
     """The timeline's process name ("cox-moe simulation", "cox-moe execution (measured...)"), else `default`."""
-    return next((e["args"]["name"] for e in events if e.get("name") == "process_name"), default)
+    return next((e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"), default)
+
+
+def plain(text: str) -> str:
+    """`text` as matplotlib draws it literally: a `$` would start maths (a name like `run$1_$.json` did not parse)."""
+    return str(text).replace("$", r"\$")
 
 
 def track_names(events: Events) -> dict[int, str]:
@@ -71,15 +83,17 @@ def decode_steps(events: Events) -> list[int]:
     return sorted({e["args"]["step"] for e in events if e.get("ph") == "X" and e["args"].get("phase") == "decode"})
 
 
-def step_events(events: Events, step: int | None = None) -> tuple[int, Events]:
-    """The op events of one decode step (the middle one by default), times shifted to start at 0 (in us)."""
+def step_events(events: Events, step: int | None = None, what: str = "timeline") -> tuple[int, Events]:
+    """The op events of one decode step (the middle one by default), times shifted to start at 0 (in us); `what`
+    names the timeline in errors."""
     steps = decode_steps(events)
     if not steps:
-        raise SimInputError("timeline has no decode steps")
+        raise SimInputError(f"{what} has no decode steps (simulated or run with --gen-len 1?)")
     if step is None:
         step = steps[len(steps) // 2]
     elif step not in steps:
-        raise SimInputError(f"decode step {step} is not in the timeline (it has {steps[0]}..{steps[-1]})")
+        shown = ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
+        raise SimInputError(f"decode step {step} is not in {what} (its decode steps: {shown})")
     chosen = [e for e in events if e.get("ph") == "X" and e["args"].get("phase") == "decode"
               and e["args"].get("step") == step]
     t0 = min(e["ts"] for e in chosen)
@@ -93,14 +107,17 @@ def draw_gantt(ax: plt.Axes, events: Events, tracks: dict[int, str], title: str)
     kinds: set[str] = set()
     for e in events:
         kinds.add(e["cat"])
-        ax.barh(rows[e["tid"]], max(e["dur"], 1e-3) / 1e3, left=e["ts"] / 1e3, height=0.7,
-                color=KIND_COLORS.get(e["cat"], "#cccccc"), edgecolor="none")
-    ax.set_yticks(range(len(used)), [tracks.get(t, str(t)) for t in used])
+        color = KIND_COLORS.get(e["cat"], "#cccccc")
+        # an outline in the bar's colour and no pixel snapping: a bar narrower than a pixel (a 20 us copy in a
+        # 100 ms step) was snapped to zero width and vanished
+        ax.barh(rows[e["tid"]], max(e["dur"], 1e-3) / 1e3, left=e["ts"] / 1e3, height=0.7, color=color,
+                edgecolor=color, linewidth=0.3, snap=False)
+    ax.set_yticks(range(len(used)), [plain(tracks.get(t, str(t))) for t in used])
     ax.invert_yaxis()
     ax.grid(axis="x", linewidth=0.4, alpha=0.5)
     ax.grid(axis="y", visible=False)
     ax.set_xlabel("time within the decode step (ms)")
-    ax.set_title(title)
+    ax.set_title(plain(title))
     return kinds
 
 
@@ -110,11 +127,11 @@ def gantt_figure(timelines: list[tuple[str, Events]], step: int | None = None) -
     kinds: set[str] = set()
     steps = []
     for ax, (title, events) in zip(axes[:, 0], timelines, strict=True):
-        chosen, ops = step_events(events, step)
+        chosen, ops = step_events(events, step, title)
         steps.append(chosen)
         span = max(e["ts"] + e["dur"] for e in ops) / 1e3
         kinds |= draw_gantt(ax, ops, track_names(events), f"{title}: decode step {chosen}, {span:.1f} ms")
-    handles = [Patch(color=KIND_COLORS.get(k, "#cccccc"), label=k) for k in sorted(kinds)]
+    handles = [Patch(color=KIND_COLORS.get(k, "#cccccc"), label=plain(k)) for k in sorted(kinds)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig, steps

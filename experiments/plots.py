@@ -74,7 +74,8 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
         y = index[op.stream]
         s = (rec.start_ns[op.id] - t0) / 1e6
         w = max((rec.end_ns[op.id] - rec.start_ns[op.id]) / 1e6, 1e-6)
-        ax_gantt.barh(y, w, left=s, color=KIND_COLORS[op.kind], edgecolor="none", height=0.7)
+        color = KIND_COLORS[op.kind]  # outlined, unsnapped: a sub-pixel op would vanish (experiments/gantt.py)
+        ax_gantt.barh(y, w, left=s, color=color, edgecolor=color, linewidth=0.3, snap=False, height=0.7)
     ax_gantt.set_yticks(range(len(order)), labels)
     ax_gantt.invert_yaxis()
     ax_gantt.set_xlabel("time within the step (ms)")

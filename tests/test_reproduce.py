@@ -103,7 +103,7 @@ def test_timeline_with_a_measured_record(tmp_path, capsys):
     assert main(["timeline", str(out / "timeline_sim.json"), str(record), "--out", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "g.pdf").is_file()
     assert main(["timeline", str(record), "--out", str(tmp_path / "h"), "--step", "99"]) == 2
-    assert "decode step 99 is not in the timeline" in capsys.readouterr().err
+    assert "decode step 99 is not in cox-moe execution (measured" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
