@@ -15,14 +15,15 @@ from hf_moe_block import _median_time  # the sibling benchmark's timer (run as a
 
 from executor import cpu_experts as C
 from executor.profile import bandwidth_row
+from experiments.cli.common import positive_int, run_script
 
 H, F, EXPERTS = 4096, 14336, 8
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     if not C.onednn_bf16():
         raise SystemExit("needs oneDNN bf16 (AVX512-BF16 or AMX): the prepacked path is what this measures")
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "expert_hot_cold")

@@ -36,6 +36,7 @@ from executor import cpu_experts as C
 from executor import kernels as K
 from executor.profile import bandwidth_row
 from executor.weights import LayerWeights
+from experiments.cli.common import positive_int, run_script
 from sim.specs import load_model
 from traces import SynthConfig, generate_trace
 
@@ -111,8 +112,8 @@ def _hf_block(h: int, f: int, e: int, w13: torch.Tensor, w2: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256, 1024])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
     spec = load_model("mixtral-8x7b")
     h, f, e = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts
@@ -214,4 +215,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "hf_moe_block")

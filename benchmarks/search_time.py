@@ -3,9 +3,12 @@
     python benchmarks/search_time.py [--model qwen3-30b-a3b] [--system rtx6000ada-8452y] [--prompt-len 800]
                                      [--gen-len 256] [--batch 1024]
 
-The trace is synthesised once and shared. "search" is the policy's whole search (candidates ranked with its
-analytic model, the best few simulated on 8 sampled decode steps, the winner rebuilt); "final simulation" is
-the simulation of the chosen plan on --decode-sample steps (0: all).
+The trace is synthesised once and shared. Columns: the search space's candidates and how many were simulated;
+"search s", the search's own clock (`SearchReport.search_s`): the re-scoring simulations of the best-ranked
+candidates (on `sim.search.RESCORE_DECODE_SAMPLE` = 4 sampled decode steps, fewer under a smaller --decode-sample),
+then the winner rebuilt and simulated on --decode-sample steps (0: all); "total wall s" adds the analytic ranking
+(building the search space) and the point's set-up. For ranking, plan builds and engine apart, use
+`design_space_speed.py --breakdown`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from experiments.cli.common import nonneg_int, positive_int, run_script
 from sim.api import resolve_model, resolve_routing, simulate
 from sim.compare import COMPARED
 
@@ -21,11 +25,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-30b-a3b")
     parser.add_argument("--system", default="rtx6000ada-8452y")
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--prompt-len", type=int, default=800)
-    parser.add_argument("--gen-len", type=int, default=256)
+    parser.add_argument("--batch", type=positive_int, default=1024)
+    parser.add_argument("--prompt-len", type=positive_int, default=800)
+    parser.add_argument("--gen-len", type=positive_int, default=256)
     parser.add_argument("--routing", default="zipf:1.0")
-    parser.add_argument("--decode-sample", type=int, default=16)
+    parser.add_argument("--decode-sample", type=nonneg_int, default=16)
     args = parser.parse_args()
     model = resolve_model(args.model)
     t0 = time.perf_counter()
@@ -47,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "search_time")

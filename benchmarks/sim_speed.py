@@ -15,6 +15,7 @@ import time
 
 import simpy
 
+from experiments.cli.common import positive_int, run_script
 from sim.api import gc_paused, resolve_model, resolve_routing, resolve_system, simulate_plan
 from sim.policies import PlanContext, make_policy
 
@@ -53,7 +54,7 @@ def one_run() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     runs, bare = [], []
     for _ in range(args.repeats):
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "sim_speed")

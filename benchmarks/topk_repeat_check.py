@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from experiments.cli.common import positive_int, run_script
 from traces.synth import _compare_columns, _InverseCdf, _topk_chunk
 
 SHAPES = ((64, 6), (128, 8), (160, 6), (256, 8))
@@ -32,7 +33,7 @@ def timed(draw_ids: _InverseCdf, experts: int, k: int, chunks: int, by_columns: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--chunks", type=positive_int, default=4)
     args = parser.parse_args()
     print(f"{'experts':>7} {'k':>2} {'alpha':>5} {'top-k mass':>10} {'picked':>8} {'table s':>8} {'columns s':>9}")
     for experts, k in SHAPES:
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "topk_repeat_check")

@@ -46,3 +46,29 @@ def test_hf_block_streaming_reading_counts_the_bytes_of_the_experts_it_multiplie
     w2 = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
     assert bench.kernel_streaming(w13, w2) == 2 * (2 * 8 * 4 + 4 * 8) * 2 / 0.5
     assert bench.kernel_streaming(w13[:1], w2[:1]) == (2 * 8 * 4 + 4 * 8) * 2 / 0.5
+
+
+def test_sweep_speed_runs_each_worker_count_from_scratch(monkeypatch, capsys):
+    """Runs in one process shared the in-memory trace cache (forked workers inherit it) and the first run's trace
+    files: a 2-worker run after a 1-worker one measured 7.5x on 2 CPUs. Each count now gets its own interpreter and
+    an empty trace directory; the speedup is over the smallest count given; counts below 1 are refused."""
+    import pytest
+
+    bench = _load("sweep_speed")
+    calls = []
+
+    def fake_run(argv, cwd, env, capture_output, text):
+        calls.append((argv, env["COXMOE_TRACE_DIR"]))
+        assert argv[0] == sys.executable and argv[1] == "-c" and not Path(env["COXMOE_TRACE_DIR"]).exists()
+        wall = {"1": 4.0, "2": 2.5}[argv[-1]]
+        return subprocess.CompletedProcess(argv, 0, f'RESULT {{"points": 4, "wall_s": {wall}, "ok": 4, "failed": 0}}',
+                                           "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["sweep_speed.py", "--spec", "s.yaml", "--workers", "2", "1", "2"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert [c[0][-1] for c in calls] == ["1", "2"] and calls[0][1] != calls[1][1]
+    assert "speedup with 2 worker(s) over 1: 1.60x" in out
+    with pytest.raises(Exception, match="at least 1"):
+        bench.positive("0")

@@ -131,3 +131,16 @@ def add_limit_option(parser: argparse.ArgumentParser, top: bool = True) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 add_limit_option(child, top=False)
+
+
+def run_script(main: Callable[[], object], name: str) -> None:
+    """Run a script's `main` (the benchmarks'): a bad input (an unknown preset, a routing that does not fit the
+    model) ends as one line and exit 2, as in the CLI, not as a traceback."""
+    from sim.errors import SimInputError
+    from traces.errors import TraceError
+
+    try:
+        main()
+    except (SimInputError, TraceError) as exc:
+        print(f"{name}: error: {one_line(str(exc))}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
