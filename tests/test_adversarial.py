@@ -638,7 +638,7 @@ def test_deeply_nested_and_huge_integer_inputs_are_one_line_errors(capsys, tmp_p
 def test_a_huge_top_k_is_refused_before_drawing(capsys, tmp_path):
     fails_cleanly(capsys, ["trace", "gen", "--requests", "2", "--prompt-len", "4", "--gen-len", "2", "--layers", "1",
                            "--experts", "65536", "--top-k", "20000", "-o", str(tmp_path / "k.npz")],
-                  "top_k 20000; at most 256")
+                  "--top-k: must be at most 256, got 20000")
     fails_cleanly(capsys, ["simulate", "--model-file", _model_file(tmp_path, num_experts=4096, top_k=2000), *SYS,
                            *WL], "top_k 2000; at most 256")
 
