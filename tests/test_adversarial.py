@@ -1060,6 +1060,14 @@ def test_timeline_names_are_drawn_literally_and_errors_name_the_file(capsys, tmp
                   "decode step 99 is not in cox-moe simulation: run$1_$.json (its decode steps: 1")
 
 
+def test_a_timeline_larger_than_the_memory_limit_is_refused_before_it_is_read(capsys, tmp_path):
+    good = tmp_path / "t.json"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--timeline", str(good)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, ["--max-gib", "0.00001", "timeline", str(good), "--out", str(tmp_path / "g")],
+                  "reading timeline")
+
+
 def test_gantt_bars_narrower_than_a_pixel_stay_visible():
     """32 peer copies of 20 us in a 17 ms step drew as 2-4 (bars under a pixel were snapped to zero width)."""
     import matplotlib.pyplot as plt
