@@ -154,10 +154,16 @@ def own_points(folder: Path, system: Any = "h200-8452y") -> pd.DataFrame:
             continue
         try:
             rows.append(_own_point(stem, run, rc, system))
-        except (KeyError, TypeError, ValueError, AttributeError, SimInputError) as exc:  # a JSON written partly
-            what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
-            rows.append({"point": stem[4:], "note": f"incomplete measurement ({what}; step exit status {rc})"})
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, SimInputError) as exc:  # partial
+            rows.append({"point": stem[4:], "note": f"incomplete measurement ({_what(exc)}; step exit status {rc})"})
     return pd.DataFrame(rows)
+
+
+def _what(exc: Exception) -> str:
+    """What an incomplete measurement lacks, in a few words: the missing key, else the error's first line."""
+    if isinstance(exc, KeyError):
+        return f"missing {exc.args[0]!r}"
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120] or type(exc).__name__
 
 
 def _own_point(stem: str, run: dict, rc: str, system: Any) -> dict:
@@ -218,13 +224,19 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
         else:
             out.append("GEMMs ran on the CPU (no CUDA): not priced against a GPU preset.\n")
         if all(k in bench for k in ("host_copies", "d2d_copy", "duplex")):
-            copies = pd.DataFrame(bench["host_copies"])
-            out += ["## Host-device copies\n", _md(copies[["direction", "pinned", "bytes", "gb_per_s"]]),
-                    f"Device-to-device copy: {bench['d2d_copy']['gb_per_s']:.0f} GB/s (read + write). "
-                    f"Duplex: {json.dumps({k: round(v, 1) for k, v in bench['duplex'].items()})}.\n"]
+            try:
+                copies = pd.DataFrame(bench["host_copies"])
+                out += ["## Host-device copies\n", _md(copies[["direction", "pinned", "bytes", "gb_per_s"]]),
+                        f"Device-to-device copy: {bench['d2d_copy']['gb_per_s']:.0f} GB/s (read + write). "
+                        f"Duplex: {json.dumps({k: round(v, 1) for k, v in bench['duplex'].items()})}.\n"]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a part written partly
+                out.append(f"Host-device copies: incomplete measurement ({_what(exc)}).\n")
         if "dram_sharing" in bench:
-            shared = {k: round(v, 2) for k, v in bench["dram_sharing"].items()}
-            out.append(f"Host DRAM sharing: {json.dumps(shared)}\n")
+            try:
+                shared = {k: round(v, 2) for k, v in bench["dram_sharing"].items()}
+                out.append(f"Host DRAM sharing: {json.dumps(shared)}\n")
+            except (TypeError, AttributeError, ValueError) as exc:
+                out.append(f"Host DRAM sharing: incomplete measurement ({_what(exc)}).\n")
     tests = (folder / "pytest_cuda.log")
     if tests.exists():
         last = [ln for ln in tests.read_text().splitlines() if ln.strip()][-1:] or ["(empty)"]
@@ -233,8 +245,11 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
     for path in sorted(folder.glob("validate_*.log")):
         v = _json(path)
         if isinstance(v, dict) and "end_to_end" in v:
-            row = {"plan": path.stem[9:], **{f"{k} error": v["end_to_end"][k]["error"] for k in v["end_to_end"]},
-                   **{f"{c} error": d["error"] for c, d in v["classes"].items()}}
+            try:
+                row = {"plan": path.stem[9:], **{f"{k} error": v["end_to_end"][k]["error"] for k in v["end_to_end"]},
+                       **{f"{c} error": d["error"] for c, d in v["classes"].items()}}
+            except (KeyError, TypeError, AttributeError) as exc:
+                row = {"plan": path.stem[9:], "total_s error": f"incomplete ({_what(exc)})"}
             vals.append(row)
         else:
             vals.append({"plan": path.stem[9:], "total_s error": "failed (see its log)"})

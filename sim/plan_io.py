@@ -69,6 +69,8 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
         "prompt_lens": plan.workload.prompt_lens.tolist(), "gen_lens": plan.workload.gen_lens.tolist(),
         "static_memory": plan.static_memory, "decode_scale": plan.decode_scale,
         "expert_kernels": plan.expert_kernels,
+        # MLA's up-projection is in the attention ops (since 2026-12-06); older files carry it in OP0
+        "attention_up_in_attention": True,
         "micro_batches": {k: [g.tolist() for g in v] for k, v in plan.micro_batches.items()},
         "scopes": [{"phase": str(sc.phase), "step": int(sc.step), "requests": np.asarray(sc.requests).tolist(),
                     "shard": int(sc.shard), "shards": int(sc.shards)} for sc in plan.scopes],
@@ -197,6 +199,10 @@ def _decode(meta: dict[str, Any], d: dict[str, list[Any]], rows: int, where: str
                 isinstance(g, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in g) for g in groups):
             raise SimInputError(f"metadata micro_batches {name!r} must be lists of request ids")
     model = validate_spec(ModelSpec, meta["model"], f"plan {where}: model")
+    if model.attention_up_params and meta.get("attention_up_in_attention") is not True:
+        raise SimInputError("an MLA plan written before 2026-12-06, whose QKV ops carry the latent up-projection that "
+                            "attention ops now carry (its attention would be priced wrong): rebuild it with "
+                            "`simulate --plan-out`")
     system = build_system(meta["system"]["name"], meta["system"], f"plan {where}: system")
     lengths = {k: np.asarray(meta[k]) for k in ("prompt_lens", "gen_lens")}
     for k, arr in lengths.items():

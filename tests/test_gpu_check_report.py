@@ -136,3 +136,17 @@ def test_incomplete_measurements_are_rows_that_say_so(tmp_path, capsys):
     gemms = yaml.safe_load((tmp_path / "g.yaml").read_text())["gemm_sets"][0]["gemms"]
     assert gemms == [[64, 4096, 4096, 2e-5]]  # the complete row only
     assert report.measured_gpu({}) is None and report.measured_gpu({"machine": "x"}) is None
+
+
+def test_incomplete_validations_copies_and_zero_times_are_noted(tmp_path):
+    (tmp_path / "validate_a.log").write_text(json.dumps({"end_to_end": {"total_s": {"error": 0.1}}}))
+    (tmp_path / "machine_bench.json").write_text(json.dumps({
+        "machine": {"gpu": "NVIDIA H200"}, "host_copies": [{"direction": "h2d"}], "d2d_copy": {"gb_per_s": 1.0},
+        "duplex": {}, "dram_sharing": [1, 2]}))
+    _own_point(tmp_path, "cx", 1.0)
+    run = json.loads((tmp_path / "own_cx.json").read_text())
+    (tmp_path / "own_zero.json").write_text(json.dumps({**run, "total_s": 0}))
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "incomplete (missing 'classes')" in text and "Host-device copies: incomplete measurement" in text
+    assert "Host DRAM sharing: incomplete measurement" in text and "| zero |" in text and "division by zero" in text

@@ -121,3 +121,40 @@ def test_a_coxmoe_plan_with_cpu_attention_carries_the_up_projection_on_the_cpu()
         assert cm.gemm_flops(op) == absorb_flops(DEEPSEEK, op.tokens, op.kv_tokens, prefill) > 0
     record, _ = simulate_plan(plan)
     assert math.isfinite(record.makespan_ns) and record.makespan_ns > 0
+
+
+def test_an_mla_plan_file_from_before_the_move_is_refused(tmp_path):
+    """A DeepSeek plan written before 2026-12-06 carries kv_b in its QKV ops; priced now, its attention would count
+    none of it and put all its FLOPs at the GEMM rate (+13% on a CPU-attention plan). Its file lacks the flag."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from sim.api import simulate
+    from sim.errors import SimInputError
+    from sim.plan_io import load_plan, save_plan
+
+    plan = simulate(DEEPSEEK, SYSTEM, "coxmoe", batch=4, prompt_len=8, gen_len=2, keep_plan=True).plan
+    path = save_plan(plan, tmp_path / "p.parquet")
+    assert load_plan(path).ops == plan.ops
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"cox-moe-plan"])
+    del meta["attention_up_in_attention"]
+    old = tmp_path / "old.parquet"
+    pq.write_table(table.replace_schema_metadata({b"cox-moe-plan": json.dumps(meta).encode()}), old)
+    with pytest.raises(SimInputError, match="an MLA plan written before 2026-12-06"):
+        load_plan(old)
+
+
+def test_moe_lightnings_analytic_cpu_attention_prices_the_up_projection_as_the_engine_does():
+    from sim.policies.moe_lightning import hrm_layer_s
+
+    wl, trace, _ = resolve_routing(DEEPSEEK, 1024, 97, 32, None, "uniform", 0)
+    ctx = PlanContext(DEEPSEEK, SYSTEM, wl, trace)
+    a = Analytic(ctx)
+    ubs = 128
+    kv = int(ubs * (wl.prompt_lens.mean() + wl.gen_lens.mean()))
+    work = OpWork(DEEPSEEK).attention(ubs, kv, kv)
+    per_ub = a.t(OpKind.ATTENTION, Stream.CPU, work) - a.cm.rates(Stream.CPU).attention_overhead
+    n_ub = -(-1024 // ubs)
+    assert hrm_layer_s(ctx, a, ubs, 0)["cpu"] == pytest.approx(n_ub * per_ub, rel=1e-9)

@@ -84,7 +84,9 @@ def hrm_layer_s(ctx: PlanContext, a: Analytic, ubs: int, resident: int) -> dict[
     ctog = wi * (m.num_experts - resident) / m.num_experts / (a.cm.h2d_bw)
     kv = int(ubs * (wl.prompt_lens.mean() + wl.gen_lens.mean()))  # the LP's cpu_T: attention over s + n
     attn = w.attention(ubs, kv, kv)
-    cpu = n_ub * max(attn.flops / a.cm.cpu_vector_flops, attn.bytes / a.cm.cpu_bw)
+    # MLA's up-projection inside attention runs at the CPU's GEMM rate, the rest at its vector rate (as priced)
+    compute = (attn.flops - attn.gemm_flops) / a.cm.cpu_vector_flops + attn.gemm_flops / a.cm.rates(CPU).flops
+    cpu = n_ub * max(compute, attn.bytes / a.cm.cpu_bw)
     mlp_flops = ubs * m.top_k * 2 * m.expert_params
     mlp_bytes = 2 * ubs * (m.hidden_size + m.expert_intermediate_size) + wi
     compute, memory, _ = a.cm.roofs(OpKind.EXPERT, GPU, mlp_flops, mlp_bytes)  # at the experts' precision

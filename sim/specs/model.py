@@ -323,8 +323,9 @@ class ModelSpec:
         """FLOPs of score and value products: `kv_tokens_attended` sums, over query tokens, the keys each sees.
         MLA runs as serving runtimes run it: in decode absorbed (scores over the latent + rope, values over the
         latent: little data, more FLOPs), in prefill as plain multi-head attention over K and V decompressed by
-        the QKV op's up-projection (scores over nope + rope, values over v_head_dim: the compute-friendly form;
-        vLLM's MLA backend, `vllm.model_executor.layers.attention.mla_attention`)."""
+        the latent's up-projection (scores over nope + rope, values over v_head_dim: the compute-friendly form;
+        vLLM's MLA backend, `vllm.model_executor.layers.attention.mla_attention`). The up-projection's own FLOPs
+        are not these: `sim.cost.work.absorb_flops` adds them to the attention op."""
         del q_tokens
         n = self.num_attention_heads
         if self.attention == "mla" and prefill:
