@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.cli.common import positive_int
+from experiments.cli.common import output_dir, positive_int
 from experiments.reproduce.fig7 import spec as fig7_spec
 from experiments.sweep.run import run_sweep
 from experiments.sweep.spec import expand
@@ -102,12 +102,14 @@ def summary(table: pd.DataFrame) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/results", help="folder for amx_sensitivity.csv and .md")
-    parser.add_argument("--work", default="out/amx_sensitivity", help="sweep results (resumable)")
+    parser.add_argument("--out", type=output_dir, default="docs/results",
+                        help="folder for amx_sensitivity.csv and .md")
+    parser.add_argument("--work", type=output_dir, default="out/amx_sensitivity", help="sweep results (resumable)")
     parser.add_argument("--workers", type=positive_int, default=2)
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     try:
+        out.mkdir(parents=True, exist_ok=True)  # before four grids of work, not after them
         grids = {name: run_grid(settings, work / name, args.workers) for name, settings in GRIDS.items()}
     except (SimInputError, OSError) as exc:  # OSError: a results folder that cannot be written (read-only, full)
         parser.exit(2, f"amx_sensitivity: error: {exc}\n")

@@ -30,6 +30,7 @@ import torch
 from executor.profile import fingerprint, machine_differences, recorded_fingerprint
 from executor.validate import plot_validation, require_unprofiled, validate_paired, validate_plan
 from executor.weights import random_weights, truncated
+from experiments.cli.common import output_dir, run_script
 from sim.api import resolve_model, resolve_routing, resolve_system
 from sim.atomic_files import write_atomic_text
 from sim.errors import SimInputError
@@ -56,12 +57,12 @@ def _positive(text: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--out", type=output_dir, default="docs/results")
     parser.add_argument("--profile", default="out/profile-paired")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=4)
-    parser.add_argument("--gen-len", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--layers", type=_positive, default=2)
+    parser.add_argument("--prompt-len", type=_positive, default=4)
+    parser.add_argument("--gen-len", type=_positive, default=4)
+    parser.add_argument("--max-tokens", type=_positive, default=1024)
     parser.add_argument("--rounds", type=_positive, default=5,
                         help="profile rounds, and runs of each plan between them (paired)")
     parser.add_argument("--reuse-profile", action="store_true",
@@ -78,6 +79,7 @@ def main() -> None:
             parser.exit(2, f"cpu_validation.py: {exc}\n")
     if not paired and not (prof / "profile.json").exists():
         parser.exit(2, f"cpu_validation.py: --reuse-profile, but {prof} holds no profile.json\n")
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before minutes of profiling, not after them
     model = resolve_model("mixtral-8x7b")
     spec = truncated(model, args.layers)
     system = resolve_system("a100-80g-8452y")  # only its DRAM size matters to a cpu-only plan
@@ -161,4 +163,4 @@ def per_op_table(cases: list[tuple], results: list[dict]) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "cpu_validation.py")

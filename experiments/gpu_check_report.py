@@ -159,6 +159,11 @@ def own_points(folder: Path, system: Any = "h200-8452y") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _number(value: Any) -> Any:
+    """A measured error as a float, or "n/a" (null where nothing was measured: a class with no ops)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+
+
 def _what(exc: Exception) -> str:
     """What an incomplete measurement lacks, in a few words: the missing key, else the error's first line."""
     if isinstance(exc, KeyError):
@@ -213,13 +218,17 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
                "(its host preset kept).\n")
     if isinstance(bench, dict):
         m = _machine(bench)
-        out.append(f"Machine: {m.get('gpu', 'no GPU')}, host CPU {m.get('cpu_model')}, {m.get('threads')} torch "
-                   f"threads, torch {m.get('torch')}, CUDA {m.get('cuda_version')}, measured {m.get('measured_at')}.\n")
-        for part, error in bench.get("errors", {}).items():
+        def field(key: str, missing: str = "?") -> Any:
+            return m.get(key) if m.get(key) is not None else missing
+
+        out.append(f"Machine: {field('gpu', 'no GPU')}, host CPU {field('cpu_model')}, {field('threads')} torch "
+                   f"threads, torch {field('torch')}, CUDA {field('cuda_version')}, measured {field('measured_at')}.\n")
+        errors = bench.get("errors") if isinstance(bench.get("errors"), dict) else {}
+        for part, error in errors.items():
             out.append(f"machine_bench part `{part}` failed: {error}\n")
         if bench.get("gemm_device") == "cuda" and gemm_rows(bench):
             out += [f"## GEMMs by shape against the `{gpu}` preset's roofline\n", _md(gemm_table(bench, gpu))]
-        elif bench.get("errors", {}).get("gemm"):
+        elif errors.get("gemm"):
             out.append("The GEMM part failed (above): no GEMM is priced.\n")
         else:
             out.append("GEMMs ran on the CPU (no CUDA): not priced against a GPU preset.\n")
@@ -246,8 +255,9 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
         v = _json(path)
         if isinstance(v, dict) and "end_to_end" in v:
             try:
-                row = {"plan": path.stem[9:], **{f"{k} error": v["end_to_end"][k]["error"] for k in v["end_to_end"]},
-                       **{f"{c} error": d["error"] for c, d in v["classes"].items()}}
+                row = {"plan": path.stem[9:],
+                       **{f"{k} error": _number(v["end_to_end"][k]["error"]) for k in v["end_to_end"]},
+                       **{f"{c} error": _number(d["error"]) for c, d in v["classes"].items()}}
             except (KeyError, TypeError, AttributeError) as exc:
                 row = {"plan": path.stem[9:], "total_s error": f"incomplete ({_what(exc)})"}
             vals.append(row)

@@ -16,6 +16,8 @@ with the EAS map plus online re-stratification (`restratify=ema:0.3:4`), which p
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from experiments.cli.common import nonneg_int, output_dir, positive_int, run_script
 from experiments.tables import markdown_table
 from sim.atomic_files import save_figure_file, write_atomic, write_atomic_text
 
@@ -107,19 +110,26 @@ def plot(hits: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--throughput-sample", type=int, default=32, help="probe size of the maps simulated")
-    ap.add_argument("--decode-sample", type=int, default=8)
+    ap.add_argument("--out", type=output_dir, default="docs/results")
+    ap.add_argument("--batch", type=positive_int, default=1024)
+    ap.add_argument("--seeds", type=positive_int, default=5)
+    ap.add_argument("--throughput-sample", type=positive_int, default=32,
+                    help=f"probe size of the maps simulated, one of {', '.join(map(str, SAMPLES))}")
+    ap.add_argument("--decode-sample", type=nonneg_int, default=8)
     args = ap.parse_args()
+    args.out = Path(args.out)
+    if args.throughput_sample not in SAMPLES:
+        ap.error(f"--throughput-sample {args.throughput_sample}: one of the probe sizes {', '.join(map(str, SAMPLES))}")
+    if args.batch < max(CLUSTERS, args.throughput_sample):
+        ap.error(f"--batch {args.batch}: at least {max(CLUSTERS, args.throughput_sample)} requests (the "
+                 f"{CLUSTERS} clusters and the {args.throughput_sample}-prompt probe come from the batch)")
+    args.out.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails now
     t0 = time.perf_counter()
     hits, runs = [], []
     for model, routing in tqdm(MODELS.items(), desc="models", unit="model"):
         h, r = study_model(model, routing, args.batch, args.seeds, args.throughput_sample, args.decode_sample)
         hits += h
         runs += r
-    args.out.mkdir(parents=True, exist_ok=True)
     hit_df, run_df = pd.DataFrame(hits), pd.DataFrame(runs)
     write_atomic(args.out / "hit_ratio.csv", lambda tmp: hit_df.to_csv(tmp, index=False))
     write_atomic(args.out / "hit_ratio_throughput.csv", lambda tmp: run_df.to_csv(tmp, index=False))
@@ -131,7 +141,8 @@ def main() -> None:
     md = ["# Expert hit ratio: EAS vs uniform sampling, random and the oracle", "",
           f"Command: `python experiments/hit_ratio_study.py --batch {args.batch} --seeds {args.seeds} "
           f"--throughput-sample {args.throughput_sample} --decode-sample {args.decode_sample}`; "
-          f"{time.perf_counter() - t0:.0f} s on this repo's 2-vCPU dev VM.", "",
+          f"{time.perf_counter() - t0:.0f} s on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}).",
+          "",
           "## Hit ratio by probe size (mean, std over seeds)", "", markdown_table(table), "",
           "## Oracle and random", "", markdown_table(fixed), "",
           f"## Simulated coxmoe throughput on {SYSTEM} with each map", "", markdown_table(run_df)]
@@ -140,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "hit_ratio_study")

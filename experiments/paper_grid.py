@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from experiments.cli.common import nonneg_int, output_dir, positive_int, run_script, seed_int
 from sim.atomic_files import write_atomic, write_atomic_text
 
 MODELS = {"mixtral-8x7b": "table:mixtral-8x7b", "deepseek-v2-lite": "zipf:1.0", "qwen3-30b-a3b": "zipf:1.0"}
@@ -107,11 +108,12 @@ def markdown(summary: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/results", help="folder for paper_grid.csv and paper_grid.md")
-    parser.add_argument("--traces", default="out/traces", help="cache folder for the routing traces")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--decode-sample", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=output_dir, default="docs/results",
+                        help="folder for paper_grid.csv and paper_grid.md")
+    parser.add_argument("--traces", type=output_dir, default="out/traces", help="cache folder for the routing traces")
+    parser.add_argument("--workers", type=positive_int, default=2)
+    parser.add_argument("--decode-sample", type=nonneg_int, default=16, help="decode steps simulated (0: all)")
+    parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args()
     out, cache = Path(args.out), Path(args.traces)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "paper_grid")

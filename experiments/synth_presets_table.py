@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.cli.common import output_dir, positive_int, run_script
 from experiments.tables import markdown_table
 from sim.atomic_files import write_atomic, write_atomic_text
 
@@ -44,9 +45,10 @@ def measure(name: str, requests: int, seed: int = 0) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--out", type=output_dir, default="docs/results")
+    ap.add_argument("--requests", type=positive_int, default=128)
     args = ap.parse_args()
+    args.out = Path(args.out)
     from traces.synth_presets import PRESETS
 
     df = pd.DataFrame([row for name in PRESETS for row in measure(name, args.requests)])
@@ -60,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "synth_presets_table")

@@ -442,3 +442,41 @@ def test_other_runtime_errors_still_surface(monkeypatch):
     with pytest.raises(RuntimeError, match="a bug"):
         main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "gpu-only",
               "--batch", "1", "--prompt-len", "1", "--gen-len", "1"])
+
+
+def test_presets_show_needs_a_name_and_excludes_lengths(capsys):
+    """`--show ''` printed every list (exit 0); `--show X --lengths` ignored --show."""
+    code, _, err = run(capsys, "presets", "--show", "")
+    assert code == 2 and "unknown preset ''" in err
+    code, _, err = run(capsys, "presets", "--show", "mixtral-8x7b", "--lengths")
+    assert code == 2 and "not allowed with argument --show" in err
+
+
+def test_calibrate_profile_refuses_a_repeated_thread_count(capsys, tmp_path):
+    code, _, err = run(capsys, "calibrate", "profile", "--model", "olmoe-1b-7b", "--out", str(tmp_path / "p"),
+                       "--threads", "1,1")
+    assert code == 2 and "a count is repeated" in err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("hit_ratio_study.py", ["--batch", "16", "--seeds", "1", "--throughput-sample", "5"], "one of the probe sizes"),
+    ("hit_ratio_study.py", ["--batch", "2", "--throughput-sample", "4"], "at least 8 requests"),
+    ("hit_ratio_study.py", ["--out", "FILE"], "is a file; give a folder"),
+    ("paper_grid.py", ["--workers", "0"], "--workers: must be >= 1"),
+    ("paper_grid.py", ["--out", "FILE"], "is a file; give a folder"),
+    ("amx_sensitivity.py", ["--out", "FILE"], "is a file; give a folder"),
+    ("cpu_validation.py", ["--layers", "0"], "--layers: must be at least 1"),
+    ("synth_presets_table.py", ["--requests", "0"], "--requests: must be >= 1"),
+])
+def test_experiment_scripts_refuse_bad_arguments_before_working(tmp_path, script, argv, message):
+    """Each of these ran minutes of work (or wrote 1.4 GB of traces) before a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "experiments" / script), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -150,3 +150,12 @@ def test_incomplete_validations_copies_and_zero_times_are_noted(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "incomplete (missing 'classes')" in text and "Host-device copies: incomplete measurement" in text
     assert "Host DRAM sharing: incomplete measurement" in text and "| zero |" in text and "division by zero" in text
+
+
+def test_malformed_errors_and_null_validation_errors(tmp_path):
+    (tmp_path / "machine_bench.json").write_text(json.dumps({"machine": {"gpu": "NVIDIA H200"}, "errors": []}))
+    (tmp_path / "validate_b.log").write_text(json.dumps({"end_to_end": {"total_s": {"error": None}},
+                                                         "classes": {"attention": {"error": 0.05}}}))
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "| b | n/a | +5.0% |" in text and "None" not in text

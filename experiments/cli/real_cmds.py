@@ -145,6 +145,8 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
         raise SimInputError(f"--threads {args.threads!r}: expected comma-separated integers") from None
     if threads and min(threads) < 1:
         raise SimInputError("--threads: counts must be >= 1")
+    if threads and len(set(threads)) != len(threads):  # each count would be measured twice, its rows duplicated
+        raise SimInputError(f"--threads {args.threads}: a count is repeated")
     if threads:
         _check_threads(threads)
     new = [p for p in (out, *out.parents) if not p.exists()]  # the folders a profile would create, deepest first

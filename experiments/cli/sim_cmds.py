@@ -25,7 +25,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         for p in PRESETS.values():
             print(f"{p.name}: {p.spec}\n    from {p.statistics}\n    source: {p.source}")
         return 0
-    if args.show:
+    if args.show is not None:  # `--show ''` names no preset: an error below, not the lists
         if args.json:
             import yaml
 
@@ -253,10 +253,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """presets, policies, simulate, run-plan, sensitivity, compare, ablation."""
     p = sub.add_parser("presets", help="list model and hardware presets, or show one as YAML")
-    p.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
     p.add_argument("--json", action="store_true", help="print the lists as JSON")
-    p.add_argument("--lengths", action="store_true",
-                   help="list the request-length presets (--prompt-len/--gen-len preset:NAME) with their sources")
+    which.add_argument("--lengths", action="store_true",
+                       help="list the request-length presets (--prompt-len/--gen-len preset:NAME) with their sources")
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("policies", help="list policies and their options")
