@@ -9,10 +9,9 @@ same configuration is compared.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from experiments.cli.common import positive_int, run_script
+from experiments.cli.common import ScriptParser, positive_int, run_script
 from sim.api import resolve_model, resolve_routing, simulate
 
 POINTS = (("mixtral-8x7b", "a100-80g-8452y", 97, 256, "table:mixtral-8x7b"),
@@ -22,7 +21,7 @@ POLICIES = ("coxmoe", "moe-lightning", "flexgen")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=positive_int, default=16)
     args = parser.parse_args()
     print(f"{'model':>17} {'system':>17} {'p/g':>8} {'policy':>14} {'all steps':>10} {'sampled':>10} {'error':>7} "

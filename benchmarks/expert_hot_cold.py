@@ -8,20 +8,18 @@ in the same run: the DRAM copy bandwidth (the profile's own 512 MiB copy) and th
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from hf_moe_block import _median_time  # the sibling benchmark's timer (run as a script, benchmarks/ is on sys.path)
 
 from executor import cpu_experts as C
 from executor.profile import bandwidth_row
-from experiments.cli.common import positive_int, run_script
+from experiments.cli.common import ScriptParser, positive_int, run_script
 
 H, F, EXPERTS = 4096, 14336, 8
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=positive_int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()

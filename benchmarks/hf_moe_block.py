@@ -24,7 +24,6 @@ error printed); times are medians of interleaved repeats.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from executor import cpu_experts as C
 from executor import kernels as K
 from executor.profile import bandwidth_row
 from executor.weights import LayerWeights
-from experiments.cli.common import positive_int, run_script
+from experiments.cli.common import ScriptParser, positive_int, run_script
 from sim.specs import load_model
 from traces import SynthConfig, generate_trace
 
@@ -111,7 +110,7 @@ def _hf_block(h: int, f: int, e: int, w13: torch.Tensor, w2: torch.Tensor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()

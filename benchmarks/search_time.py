@@ -13,16 +13,15 @@ then the winner rebuilt and simulated on --decode-sample steps (0: all); "total 
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from experiments.cli.common import nonneg_int, positive_int, run_script
+from experiments.cli.common import ScriptParser, nonneg_int, positive_int, run_script
 from sim.api import resolve_model, resolve_routing, simulate
 from sim.compare import COMPARED
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-30b-a3b")
     parser.add_argument("--system", default="rtx6000ada-8452y")
     parser.add_argument("--batch", type=positive_int, default=1024)

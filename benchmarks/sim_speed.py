@@ -9,13 +9,12 @@ engine's events/s to a bare SimPy loop's (one process yielding a timeout per eve
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import simpy
 
-from experiments.cli.common import positive_int, run_script
+from experiments.cli.common import ScriptParser, positive_int, run_script
 from sim.api import gc_paused, resolve_model, resolve_routing, resolve_system, simulate_plan
 from sim.policies import PlanContext, make_policy
 
@@ -53,7 +52,7 @@ def one_run() -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     runs, bare = [], []

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from experiments.cli.common import ScriptParser
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNNER = """
@@ -57,7 +59,7 @@ def run_once(spec: str, workers: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="experiments/specs/fig7.yaml")
     ap.add_argument("--workers", type=positive, nargs="+", default=[1, 2], help="worker counts, each run once")
     args = ap.parse_args()

@@ -8,12 +8,11 @@ the best of two runs of each check over `--chunks` chunks of 65,536 rows (both d
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from experiments.cli.common import positive_int, run_script
+from experiments.cli.common import ScriptParser, positive_int, run_script
 from traces.synth import _compare_columns, _InverseCdf, _topk_chunk
 
 SHAPES = ((64, 6), (128, 8), (160, 6), (256, 8))
@@ -32,7 +31,7 @@ def timed(draw_ids: _InverseCdf, experts: int, k: int, chunks: int, by_columns: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=positive_int, default=4)
     args = parser.parse_args()
     print(f"{'experts':>7} {'k':>2} {'alpha':>5} {'top-k mass':>10} {'picked':>8} {'table s':>8} {'columns s':>9}")

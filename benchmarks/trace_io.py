@@ -5,20 +5,19 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from experiments.cli.common import positive_int, run_script
+from experiments.cli.common import ScriptParser, positive_int, run_script
 from sim.specs import load_model
 from traces import SynthConfig, generate_trace, load_trace, save_trace, trace_stats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--requests", type=positive_int, default=1024)
     parser.add_argument("--prompt-len", type=positive_int, default=800)

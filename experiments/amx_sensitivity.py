@@ -18,12 +18,11 @@ The sweeps are resumable (--work keeps their results); a rerun with the same cod
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from experiments.cli.common import output_dir, positive_int
+from experiments.cli.common import ScriptParser, output_dir, positive_int
 from experiments.reproduce.fig7 import spec as fig7_spec
 from experiments.sweep.run import run_sweep
 from experiments.sweep.spec import expand
@@ -101,7 +100,7 @@ def summary(table: pd.DataFrame) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=output_dir, default="docs/results",
                         help="folder for amx_sensitivity.csv and .md")
     parser.add_argument("--work", type=output_dir, default="out/amx_sensitivity", help="sweep results (resumable)")

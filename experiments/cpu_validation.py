@@ -30,7 +30,7 @@ import torch
 from executor.profile import fingerprint, machine_differences, recorded_fingerprint
 from executor.validate import plot_validation, require_unprofiled, validate_paired, validate_plan
 from executor.weights import random_weights, truncated
-from experiments.cli.common import output_dir, run_script
+from experiments.cli.common import ScriptParser, output_dir, run_script
 from sim.api import resolve_model, resolve_routing, resolve_system
 from sim.atomic_files import write_atomic_text
 from sim.errors import SimInputError
@@ -56,7 +56,7 @@ def _positive(text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=output_dir, default="docs/results")
     parser.add_argument("--profile", default="out/profile-paired")
     parser.add_argument("--layers", type=_positive, default=2)

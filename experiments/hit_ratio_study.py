@@ -15,7 +15,6 @@ with the EAS map plus online re-stratification (`restratify=ema:0.3:4`), which p
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from experiments.cli.common import nonneg_int, output_dir, positive_int, run_script
+from experiments.cli.common import ScriptParser, nonneg_int, output_dir, positive_int, run_script
 from experiments.tables import markdown_table
 from sim.atomic_files import save_figure_file, write_atomic, write_atomic_text
 
@@ -109,7 +108,7 @@ def plot(hits: pd.DataFrame, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=output_dir, default="docs/results")
     ap.add_argument("--batch", type=positive_int, default=1024)
     ap.add_argument("--seeds", type=positive_int, default=5)

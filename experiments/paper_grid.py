@@ -15,7 +15,6 @@ Writes paper_grid.csv (every number) and paper_grid.md (the table), and prints t
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from experiments.cli.common import nonneg_int, output_dir, positive_int, run_script, seed_int
+from experiments.cli.common import ScriptParser, nonneg_int, output_dir, positive_int, run_script, seed_int
 from sim.atomic_files import write_atomic, write_atomic_text
 
 MODELS = {"mixtral-8x7b": "table:mixtral-8x7b", "deepseek-v2-lite": "zipf:1.0", "qwen3-30b-a3b": "zipf:1.0"}
@@ -107,7 +106,7 @@ def markdown(summary: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=output_dir, default="docs/results",
                         help="folder for paper_grid.csv and paper_grid.md")
     parser.add_argument("--traces", type=output_dir, default="out/traces", help="cache folder for the routing traces")

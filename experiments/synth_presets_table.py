@@ -10,13 +10,12 @@ of 2/3/4 experts per layer for top-2 models, 2k/4k for top-k (mean over layers).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from experiments.cli.common import output_dir, positive_int, run_script
+from experiments.cli.common import ScriptParser, output_dir, positive_int, run_script
 from experiments.tables import markdown_table
 from sim.atomic_files import write_atomic, write_atomic_text
 
@@ -44,7 +43,7 @@ def measure(name: str, requests: int, seed: int = 0) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=output_dir, default="docs/results")
     ap.add_argument("--requests", type=positive_int, default=128)
     args = ap.parse_args()

@@ -28,6 +28,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """The argument parser of a script (experiments/*.py, benchmarks/): a bad argument is one line and exit 2, as
+    in the CLI (argparse's default prints the usage line first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+
 positive_int = arg_type(int_at_least(1))
 nonneg_int = arg_type(int_at_least(0))
 seed_int = arg_type(int_at_least(0, 2**64 - 1))  # numpy and torch take seeds below 2^64
