@@ -10,7 +10,6 @@ cache (forked workers inherit it), and the first run's trace files would serve t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.cli.common import ScriptParser
+from experiments.cli.common import ScriptParser, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +38,6 @@ print("RESULT " + json.dumps({"points": len(points), "wall_s": wall, "ok": summa
 """
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def run_once(spec: str, workers: int) -> dict:
     """One sweep from scratch in its own interpreter: its results, traces and caches are its own."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +53,7 @@ def run_once(spec: str, workers: int) -> dict:
 def main() -> None:
     ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="experiments/specs/fig7.yaml")
-    ap.add_argument("--workers", type=positive, nargs="+", default=[1, 2], help="worker counts, each run once")
+    ap.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2], help="worker counts, each run once")
     args = ap.parse_args()
     counts = sorted(set(args.workers))
     times = {}

@@ -70,5 +70,7 @@ def test_sweep_speed_runs_each_worker_count_from_scratch(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert [c[0][-1] for c in calls] == ["1", "2"] and calls[0][1] != calls[1][1]
     assert "speedup with 2 worker(s) over 1: 1.60x" in out
-    with pytest.raises(Exception, match="at least 1"):
-        bench.positive("0")
+    monkeypatch.setattr(sys, "argv", ["sweep_speed.py", "--workers", "0"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err

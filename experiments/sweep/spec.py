@@ -130,20 +130,15 @@ def rebased(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
 
 def changed_inputs(config: dict[str, Any], inputs: dict[str, str], cache: dict[tuple, str]) -> str | None:
     """Why the files a point reads are not the ones it was keyed by (a one-line reason), or None when they are."""
-    for name, text in input_files(config).items():
-        path = Path(text)
-        want = inputs.get(name)
-        if want is None:
-            continue
-        if not (path.is_file() or path.is_dir()):
-            return f"{name} file not found here: {text} (on a cluster, every worker needs the file at this path)"
-        try:
-            got = _digest(path, cache)
-        except (OSError, SimInputError) as exc:
-            return f"{name} file {text}: cannot read it ({exc})"
-        if got != want:
-            return (f"{name} file {text} is not the one the sweep was keyed by (sha256 {got} here, {want} when "
-                    "expanded): edited during the sweep, or another file at this path on this worker")
+    try:
+        got = input_digests(config, cache)
+    except SimInputError as exc:
+        return f"{exc} (on a cluster, every worker needs the file at this path)"
+    files = input_files(config)
+    for name, want in inputs.items():
+        if got.get(name) != want:
+            return (f"{name} file {files.get(name)} is not the one the sweep was keyed by (sha256 {got.get(name)} "
+                    f"here, {want} when expanded): edited during the sweep, or another file at this path here")
     return None
 
 
