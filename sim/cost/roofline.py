@@ -248,12 +248,13 @@ class RooflineCostModel:
         if op.members:
             raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
-        if self._up_params and op.kind is OpKind.ATTENTION:
-            key = (*key, self.gemm_flops(op))
+        gemm = self.gemm_flops(op) if self._up_params else 0
+        if gemm:
+            key = (*key, gemm)
         hit = self._time.get(key)
         if hit is None:
             hit = self._time[key] = seconds_to_ns(self.seconds(op.kind, op.stream, op.flops, op.bytes, op.payload,
-                                                               self.gemm_flops(op)))
+                                                               gemm))
         return hit
 
     def usage(self, op: Op) -> tuple[float, float]:
@@ -262,8 +263,9 @@ class RooflineCostModel:
         if op.members:  # a group's usage is its members' in turn (`GroupPrices.parts`)
             raise grouped_op_error(op)
         key = (op.kind, op.stream, op.flops, op.bytes, op.payload)
-        if self._up_params and op.kind is OpKind.ATTENTION:
-            key = (*key, self.gemm_flops(op))
+        gemm = self.gemm_flops(op) if self._up_params else 0
+        if gemm:
+            key = (*key, gemm)
         hit = self._usage.get(key)
         if hit is None:
             r = self.rates(op.stream)
@@ -275,7 +277,7 @@ class RooflineCostModel:
                 seconds = self.staging_seconds(op.bytes)
                 hit = (0.0, min(1.0, op.bytes / seconds / r.bw)) if op.bytes and seconds > 0 else (0.0, 0.0)
             else:
-                compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes, self.gemm_flops(op))
+                compute, memory, _ = self.roofs(op.kind, op.stream, op.flops, op.bytes, gemm)
                 top = self.busy(op.kind, op.stream, compute, memory)
                 if r.kind is UnitKind.CPU:  # the share of the DRAM's capacity, whatever rate the kernel reaches
                     memory = op.bytes / r.bw

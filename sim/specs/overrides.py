@@ -39,16 +39,17 @@ def _number(path: str, text: str, current: Any) -> int | float:
     return value
 
 
-def _numeric_fields(data: Mapping[str, Any], spec: Any) -> list[str]:
-    """Fields holding a number, and optional numeric fields left unset (None: `cpu.attention_overhead_s` falls back
-    to another field until it is set)."""
-    optional = {f.name for f in dataclasses.fields(spec) if str(f.type) in ("float | None", "int | None")}
+def _optional_numbers(spec: Any) -> dict[str, type]:
+    """A spec's optional numeric fields and their type (None until set: `cpu.attention_overhead_s` falls back to
+    another field until then)."""
+    types = {"float | None": float, "int | None": int}
+    return {f.name: types[str(f.type)] for f in dataclasses.fields(spec) if str(f.type) in types}
+
+
+def _numeric_fields(data: Mapping[str, Any], optional: Mapping[str, type]) -> list[str]:
+    """Fields holding a number, and optional numeric fields left unset."""
     return sorted(k for k, v in data.items()
                   if (isinstance(v, int | float) and not isinstance(v, bool)) or (v is None and k in optional))
-
-
-def _optional_int(spec: Any, field: str) -> bool:
-    return any(f.name == field and str(f.type) == "int | None" for f in dataclasses.fields(spec))
 
 
 def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> SystemSpec:
@@ -65,10 +66,10 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
         owner = data if not section else data.get(section)
         if not isinstance(owner, dict):
             raise SimInputError(f"--set {path!r}: system {system.name} has no {section}")
-        spec = getattr(system, section) if section else system
-        if field not in _numeric_fields(owner, spec):
+        optional = _optional_numbers(getattr(system, section) if section else system)
+        if field not in _numeric_fields(owner, optional):
             raise SimInputError(f"--set {path!r}: not a numeric field of {section or 'the system'}; choose from "
-                                f"{', '.join(_numeric_fields(owner, spec))}")
+                                f"{', '.join(_numeric_fields(owner, optional))}")
         if section in ("gpu", "link") and system.extra_gpus:
             raise SimInputError(f"--set {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
                                 f"--set reaches only the first one's {section}; describe the machine in a system "
@@ -81,7 +82,7 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
             raise SimInputError(f"--set {path!r}: cpu {system.cpu.name} has no AMX, so the setting would do nothing")
         current = owner[field]
         if current is None:  # an unset optional field: its declared type decides
-            current = 0 if _optional_int(spec, field) else 0.0
+            current = optional[field]()
         owner[field] = _number(path, text, current)
         sources = owner.setdefault("sources", {})
         sources[field] = f"set by hand (--set {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
