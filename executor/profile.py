@@ -43,7 +43,7 @@ from executor.cpu_experts import CpuExperts, cpu_flags, onednn_int8
 from executor.cpu_experts import backend as cpu_experts_backend
 from executor.cpu_experts import describe as describe_cpu_experts
 from executor.speed_probe import mean_reading, speed_probe
-from executor.weights import LayerWeights, random_weights, truncated
+from executor.weights import LayerWeights, ModelWeights, first_layers, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
 from traces.files import write_atomic_text
@@ -150,14 +150,16 @@ def _cold_copies(layer: LayerWeights, budget_bytes: int) -> list[LayerWeights]:
 def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",), rounds: int = 3,
             max_tokens: int = 1024, progress: bool = True, seed: int = 0,
             threads: tuple[int, ...] | None = None, max_requests: int | None = None,
-            max_kv: int | None = None, between_rounds: Callable[[int], object] | None = None) -> Path:
+            max_kv: int | None = None, between_rounds: Callable[[int], object] | None = None,
+            weights: ModelWeights | None = None) -> Path:
     """Measure the grid on each device (CPU rows once per torch thread count in `threads`, default the
     current one) and write one `profile.json` and `timings.csv` into `out` (atomically per file): a plan
     with CPU and GPU ops reads both devices' rows from one profile. `max_requests` / `max_kv` cap the
     attention grids at the first grid value that covers them (the plans to be priced need no more; the
     largest decode-attention points cost minutes on a small CPU). `between_rounds(r)` is called after each
     timed round r of each device and thread count (on the measuring thread): a paired validation runs its plans
-    there, so drift hits both alike."""
+    there, so drift hits both alike. `weights`: the caller's weights of the model's first layers at least (a paired
+    validation's), used on the CPU instead of drawing the profiled layers' again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = torch.get_num_threads()
@@ -187,7 +189,8 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
                 for n in threads if device == "cpu" else (current,):
                     torch.set_num_threads(n)
                     rows.extend({**row, "threads": n} for row in _measure(
-                        spec, device, rounds, max_tokens, progress, seed, max_requests, max_kv, between_rounds))
+                        spec, device, rounds, max_tokens, progress, seed, max_requests, max_kv, between_rounds,
+                        weights if device == "cpu" else None))
             except Exception as exc:  # noqa: BLE001 - keep what the other devices measured, then report it
                 del rows[start:]  # a device's rows are whole or absent
                 if done:
@@ -210,9 +213,12 @@ def covering(grid: tuple[int, ...], limit: int | None) -> tuple[int, ...]:
 
 def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progress: bool, seed: int,
              max_requests: int | None = None, max_kv: int | None = None,
-             between_rounds: Callable[[int], object] | None = None) -> list[dict]:
+             between_rounds: Callable[[int], object] | None = None,
+             given: ModelWeights | None = None) -> list[dict]:
     one = truncated(spec, min(spec.num_layers, spec.first_dense_layers + 1))
-    weights = random_weights(one, seed=seed, device=device)
+    weights = first_layers(given, spec, one.num_layers) if given is not None else None
+    if weights is None:
+        weights = random_weights(one, seed=seed, device=device)
     moe = weights.layers[-1]
     dtype = weights.dtype
     timed = device_timer(device)

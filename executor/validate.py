@@ -87,7 +87,7 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
             runs[k].append(execute_plan(plan, weights, trace, use_cuda=False))
 
     profile(spec, profile_dir, devices=("cpu",), rounds=rounds, max_tokens=max_tokens, progress=progress,
-            max_requests=max_requests, max_kv=max_kv, between_rounds=run_cases)
+            max_requests=max_requests, max_kv=max_kv, between_rounds=run_cases, weights=weights)
     speed = recorded_speed(profile_dir)
     results = []
     for (plan, _), measured in zip(cases, runs, strict=True):

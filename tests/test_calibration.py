@@ -491,6 +491,34 @@ def test_profile_times_each_kind_after_a_call_of_its_own_kind(tmp_path, monkeypa
     assert (frame.loc[frame["kind"].isin(["qkv", "o_proj", "lm_head", "expert"]), "repeats"] == 2).all()
 
 
+def test_paired_validation_profiles_on_the_callers_weights(tmp_path, monkeypatch):
+    """The paired validation's profile measures the weights its plans run on (the model's first layers): it draws
+    none of its own (a quick calibration drew 2 x 1 G values for DeepSeek-V2-Lite's two layers, 8 s here)."""
+    import executor.profile as P
+    import executor.validate as V
+    from executor.weights import random_weights
+    from sim.policies import PlanContext, make_policy
+    from sim.specs import load_system
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    spec = _tiny_spec()
+    prompts, gens = np.full(2, 2), np.full(2, 2)
+    trace = generate_trace(SynthConfig(spec.name, 2, 4, 2, "uniform", 0.0, 0), prompts, gens)
+    plan = make_policy("cpu-only", {}).build(PlanContext(spec, load_system("a100-80g-8452y"), Workload(prompts, gens),
+                                                         trace))
+    weights = random_weights(spec, seed=0)
+    drawn = []
+    monkeypatch.setattr(P, "random_weights", lambda *a, **k: drawn.append(a[0]) or random_weights(*a, **k))
+    V.validate_paired([(plan, trace)], weights, spec, tmp_path / "prof", rounds=1, max_tokens=4, progress=False,
+                      max_requests=4, max_kv=8)
+    # only the fixed-overhead probe's own 32-wide model is drawn
+    assert [s.name for s in drawn] == ["overhead-probe"] and (tmp_path / "prof" / "profile.json").exists()
+    drawn.clear()
+    P.profile(spec, tmp_path / "own", rounds=1, max_tokens=4, progress=False, max_requests=4, max_kv=8)
+    assert [s.name for s in drawn] == ["tiny[:1]", "overhead-probe"]  # given no weights, it draws its first layer
+
+
 def test_calibrate_validate_paired_profiles_and_validates_together(capsys, tmp_path):
     """`calibrate validate --paired` profiles into a new folder in the same rounds as its timed runs and says
     so; a folder that already holds a profile, or --cuda on, is refused in one line before any work."""
