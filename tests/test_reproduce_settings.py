@@ -27,15 +27,16 @@ def test_options_check_settings_up_front_and_name_them_in_commands(tmp_path):
 
 
 def test_a_figure_runs_on_the_set_machine(tmp_path):
-    base = reproduce("table3", ReproduceOptions(tmp_path / "base", quick=True)).table
-    slow = reproduce("table3", ReproduceOptions(tmp_path / "slow", quick=True, system_settings=SET)).table
-    assert set(slow["system"]) == {"rtx6000ada-8452y[cpu.amx_efficiency=0.073]"}
-    assert set(base["system"]) == {"rtx6000ada-8452y"}
-    cox = slow["step"].str.contains("coalesced experts with AMX")
-    assert (slow.loc[cox, "throughput_tok_s"].to_numpy() < base.loc[cox, "throughput_tok_s"].to_numpy()).all()
-    baseline = slow["step"] == "MoE-Lightning (baseline)"
-    assert (slow.loc[baseline, "throughput_tok_s"].to_numpy()
-            == base.loc[baseline, "throughput_tok_s"].to_numpy()).all()
+    """The `beyond` figure (its quick grid runs in seconds; table3's took 13 s a run here) on a Xeon with AMX at
+    7.3% of its peak: the one design that runs experts on the CPU slows down, the rest run as on the preset."""
+    base = reproduce("beyond", ReproduceOptions(tmp_path / "base", quick=True)).table
+    slow = reproduce("beyond", ReproduceOptions(tmp_path / "slow", quick=True, system_settings=SET)).table
+    assert set(slow["system"]) == {"a100-80g-8452y-ndp8[cpu.amx_efficiency=0.073]"}
+    assert set(base["system"]) == {"a100-80g-8452y-ndp8"}
+    amx = (base["busy_cpu_experts_s"] > 0).to_numpy()
+    assert amx.any() and not amx.all()
+    assert (slow.loc[amx, "throughput_tok_s"].to_numpy() < base.loc[amx, "throughput_tok_s"].to_numpy()).all()
+    assert (slow.loc[~amx, "throughput_tok_s"].to_numpy() == base.loc[~amx, "throughput_tok_s"].to_numpy()).all()
 
 
 def test_each_figure_is_checked_against_its_own_machines(tmp_path):
