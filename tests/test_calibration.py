@@ -191,7 +191,13 @@ def test_profile_validate_and_simulate_with_it(capsys, tmp_path):
     code = main(["simulate", "--model-file", model, "--system", "a100-80g-8452y", "--policy", "cpu-only",
                  "--batch", "4", "--prompt-len", "4", "--gen-len", "3", "--profile", str(prof), "--json"])
     out, err = capsys.readouterr()
-    assert code == 0, err and json.loads(out)["total_s"] > 0
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["total_s"] > 0 and result["generated_tokens"] == 4 * 3
+    argv = ["simulate", "--model-file", model, "--system", "a100-80g-8452y", "--policy", "cpu-only", "--batch", "4",
+            "--prompt-len", "4", "--gen-len", "3", "--json"]
+    assert main(argv) == 0  # the same point on the preset's roofline: the profile's measured times moved it
+    assert json.loads(capsys.readouterr().out)["total_s"] != result["total_s"]
     code = main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "2",
                  "--prompt-len", "2", "--gen-len", "2", "--profile", str(prof)])
     _, err = capsys.readouterr()

@@ -189,12 +189,18 @@ def test_coxmoe_split_tokens_shares_an_expert_between_gpu_and_cpu(paper_system):
     shards = [op for op in plan.ops if op.kind is OpKind.EXPERT and op.scope >= 0 and plan.scopes[op.scope].shards > 1]
     assert {op.stream for op in shards} == {Stream.GPU, Stream.CPU_EXPERTS}
     by_visit: dict[tuple, dict] = {}
+    parts: dict[tuple, dict] = {}  # shard indices per side
     for op in shards:
         assert not op.members  # a shard is one expert's
-        sides = by_visit.setdefault((op.phase, op.step, op.layer, op.expert), {})
+        assert plan.scopes[op.scope].shards == 8  # eighths
+        visit = (op.phase, op.step, op.layer, op.expert)
+        sides = by_visit.setdefault(visit, {})
         sides[op.stream] = sides.get(op.stream, 0) + op.tokens
+        parts.setdefault(visit, {}).setdefault(op.stream, []).append(plan.scopes[op.scope].shard)
     for (phase, step, layer, expert), sides in by_visit.items():
-        assert Stream.GPU in sides  # the first shards (the larger ones) run on the GPU
+        assert Stream.GPU in sides  # the first shards (the larger ones) run on the GPU, the rest on the CPU lane
+        on = parts[(phase, step, layer, expert)]
+        assert max(on[Stream.GPU]) < min(on.get(Stream.CPU_EXPERTS, [8]))
         whole = [op for op in plan.ops if op.kind is OpKind.EXPERT and op.scope < 0 for m in member_ops(op)
                  if (op.phase, op.step, op.layer, m.expert) == (phase, step, layer, expert)]
         assert not whole  # a split expert runs as shards only

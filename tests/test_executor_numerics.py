@@ -114,10 +114,16 @@ def test_timed_execution_matches_the_reference_and_records_every_op(tiny_specs, 
     want = reference_forward(weights, trace, workload)
     assert max(rel_err(result.outputs[k], want[k]) for k in want) < 2e-2
     rec = result.record
-    assert (rec.end_ns >= rec.start_ns).all() and (rec.start_ns >= 0).all()
+    assert (rec.start_ns >= 0).all()
+    worked = np.array([op.flops > 0 or op.bytes > 0 for op in plan.ops])
+    assert worked.any() and (rec.end_ns[worked] > rec.start_ns[worked]).all()  # every op with work was timed
+    assert (rec.end_ns >= rec.start_ns).all()
+    last_end: dict[str, int] = {}
     for op in plan.ops:  # measured times respect the plan's dependencies and stream order
         for d in op.deps:
             assert rec.start_ns[op.id] >= rec.end_ns[d]
+        assert rec.start_ns[op.id] >= last_end.get(op.stream, 0), f"op {op.id} overlaps the one before on {op.stream}"
+        last_end[op.stream] = int(rec.end_ns[op.id])
     assert result.gpu_role_on_cpu == (policy != "cpu-only")
     assert set(result.devices.values()) == {"cpu"}
 

@@ -5,10 +5,12 @@ so most examples reach deep into each loader instead of failing at the first byt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sim.engine import run_plan
 from sim.errors import SimInputError
 from sim.specs import CPUSpec, GPUSpec, LinkSpec, ModelSpec, show_preset
 from sim.specs.catalog import build_system
@@ -155,7 +158,8 @@ def test_component_specs(cls, data):
     doc = data.draw(mutated(COMPONENTS[cls]))
     try:
         spec = validate_spec(cls, doc, "fuzz")
-    except SimInputError:
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
         return
     assert all(not isinstance(v, float) or math.isfinite(v) for v in dataclasses.asdict(spec).values())
 
@@ -204,10 +208,13 @@ COUNTED_TRACE_BYTES = _trace_bytes(prompt_counts=True)  # prompts as per-request
 
 
 def _damage(data: bytes):
-    """Up to six byte overwrites and a truncation point (0: none) of `data`."""
+    """Up to six byte overwrites and, in one example in eight, a truncation point (0: none) of `data`: mostly
+    the archive's own checks (a cut loses the zip directory, a flip fails a member's CRC), which the member
+    fuzzing below (`test_trace_members`) goes past."""
     return (st.lists(st.tuples(st.integers(min_value=0, max_value=len(data) - 1),
                                st.integers(min_value=0, max_value=255)), max_size=6),
-            st.integers(min_value=0, max_value=len(data)))
+            st.one_of(st.just(0), st.just(0), st.just(0), st.just(0), st.just(0), st.just(0), st.just(0),
+                      st.integers(min_value=1, max_value=len(data))))
 
 
 @FAST
@@ -220,6 +227,92 @@ def test_trace_files(tmp_path_factory, flips, cut):
 @given(*_damage(COUNTED_TRACE_BYTES))
 def test_trace_files_with_prompt_counts(tmp_path_factory, flips, cut):
     _fuzz_trace(tmp_path_factory, COUNTED_TRACE_BYTES, flips, cut)
+
+
+def _trace_members(prompt_counts: bool) -> dict:
+    trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(3, 4), np.full(3, 3), prompt_counts=prompt_counts)
+    out = {"header": trace.header.to_json(), "prompt_lens": trace.prompt_lens, "gen_lens": trace.gen_lens,
+           "experts": trace.experts}
+    if prompt_counts:
+        out["prompt_counts"] = trace.prompt_counts
+    return out
+
+
+ODD_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
+              "float64", "bool", "complex64", "U2", "object")
+
+
+@st.composite
+def damaged_member(draw, array: np.ndarray) -> np.ndarray:
+    """One member of a valid trace, damaged past the archive's checks: another dtype, another shape, fewer or
+    more elements, or one value set to something odd (negative, huge, past the experts, a NaN)."""
+    action = draw(st.sampled_from(["dtype", "reshape", "resize", "value", "value", "empty"]))
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # casts that overflow are the point
+        warnings.simplefilter("ignore")
+        return _damage_member(draw, array, action)
+
+
+def _damage_member(draw, array: np.ndarray, action: str) -> np.ndarray:
+    if action == "dtype":
+        dtype = draw(st.sampled_from(ODD_DTYPES))
+        return array.astype(dtype) if dtype != "object" else np.array(array.tolist() or [None], dtype=object)
+    if action == "reshape":
+        return array.reshape(-1) if array.ndim > 1 else array.reshape(1, -1, 1)
+    if action == "resize":
+        n = draw(st.integers(min_value=0, max_value=array.size + 3))
+        return np.resize(array, (n, *array.shape[1:]) if array.ndim > 1 else n)
+    if action == "empty":
+        return array[:0]
+    flat = array.astype(np.float64 if draw(st.booleans()) else array.dtype).reshape(-1).copy()
+    if flat.size:
+        value = draw(st.one_of(st.integers(min_value=-(2**40), max_value=2**40),
+                               st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, 1, 7, 8, 9, 255])))
+        index = draw(st.integers(min_value=0, max_value=flat.size - 1))
+        with contextlib.suppress(OverflowError, ValueError):  # a value the dtype cannot hold leaves it as it was
+            flat[index] = value
+    return flat.reshape(array.shape)
+
+
+@st.composite
+def damaged_trace(draw, prompt_counts: bool) -> dict:
+    """A valid trace's members with one to three of them damaged, dropped, or joined by a stray one; the header
+    through `mutated` (its fields set to odd values, deleted or added)."""
+    members = _trace_members(prompt_counts)
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        name = draw(st.sampled_from(sorted(members) + ["stray", "gate_weights", "request_features"]))
+        if name == "header":
+            members["header"] = draw(mutated(members["header"]))
+        elif name not in members:  # an optional member the trace lacks, or an unknown one
+            members[name] = draw(damaged_member(np.zeros((6, 2, 2), np.float32)))
+        elif draw(st.integers(min_value=0, max_value=5)) == 0:
+            members.pop(name)
+        else:
+            members[name] = draw(damaged_member(members[name]))
+    return members
+
+
+@FAST
+@given(damaged_trace(prompt_counts=False))
+def test_trace_members(tmp_path_factory, members):
+    _fuzz_members(tmp_path_factory, members)
+
+
+@HALF
+@given(damaged_trace(prompt_counts=True))
+def test_trace_members_with_prompt_counts(tmp_path_factory, members):
+    _fuzz_members(tmp_path_factory, members)
+
+
+def _fuzz_members(tmp_path_factory, members: dict) -> None:
+    """Members re-saved as a well-formed archive (valid zip, valid .npy headers), so the trace loader itself
+    judges them: it loads a trace consistent with its header or raises one one-line TraceError."""
+    arrays = dict(members)
+    header = arrays.pop("header", None)
+    if header is not None:
+        arrays["header"] = np.frombuffer(json.dumps(header, default=str).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # object arrays are pickled into the file: the loader must refuse, not unpickle
+    _fuzz_trace(tmp_path_factory, buf.getvalue(), [], 0)
 
 
 def _fuzz_trace(tmp_path_factory, original: bytes, flips, cut) -> None:
@@ -235,8 +328,14 @@ def _fuzz_trace(tmp_path_factory, original: bytes, flips, cut) -> None:
     except TraceError as exc:
         assert "\n" not in str(exc)
         return
+    # what loaded is consistent: one row of top-k experts per layer for every prompt token (unless prompts are
+    # counted) and every generated token after the first, each an expert the model has
+    h, prompts, gens = trace.header, trace.prompt_lens.astype(np.int64), trace.gen_lens.astype(np.int64)
+    assert prompts.shape == gens.shape and prompts.size > 0 and (prompts >= 1).all() and (gens >= 1).all()
+    rows = int((gens - 1).sum()) + (0 if trace.prompt_counts is not None else int(prompts.sum()))
+    assert trace.experts.shape == (rows, h.num_layers, h.top_k)
     assert trace.experts.size == 0 or int(trace.experts.max()) < trace.header.num_experts
-    if trace.prompt_counts is not None:  # what loaded is consistent: each request's prompt, top-k per layer
+    if trace.prompt_counts is not None:  # each request's prompt, top-k per layer
         assert (trace.prompt_counts.sum(axis=2) == trace.prompt_lens[:, None] * trace.header.top_k).all()
 
 
@@ -429,6 +528,28 @@ def test_profiles(tiny_profile, profile_case, edits, mutate_meta, data):
         meta = data.draw(mutated(meta))
     (profile_case / "profile.json").write_text(json.dumps(meta, default=str))
     try:
-        ProfileCostModel(load_system("a100-80g-8452y"), profile_case, spec)
+        cost = ProfileCostModel(load_system("a100-80g-8452y"), profile_case, spec)
     except SimInputError as exc:
         assert "\n" not in str(exc)
+        return
+    try:  # a profile that loads prices a plan of its model: a run of finite, ordered op times, or one typed error
+        record = run_plan(_tiny_plan(spec), cost)
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert 0 < record.makespan_ns < 2**62 and (record.end_ns >= record.start_ns).all()
+
+
+def _tiny_plan(spec: ModelSpec):
+    """A CPU-only plan of `spec` (CPU ops: the rows a CPU profile prices), built once."""
+    if "plan" not in PROFILE_TABLE:
+        from sim.policies import PlanContext, make_policy
+        from sim.specs import load_system
+        from sim.workload import Workload
+
+        prompts, gens = np.full(3, 4), np.full(3, 3)
+        trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, spec.num_experts, spec.top_k), prompts,
+                               gens)
+        PROFILE_TABLE["plan"] = make_policy("cpu-only", {}).build(PlanContext(
+            spec, load_system("a100-80g-8452y"), Workload(prompts, gens), trace))
+    return PROFILE_TABLE["plan"]

@@ -642,9 +642,16 @@ def test_zero_inference_gathers_each_module_before_it_runs(tiny_mla_model, paper
         copied = sum(op.bytes for op in ops if op.stream is Stream.H2D)
         want = sum(m.layer_params(i) for i in range(m.num_layers)) + m.embedding_params + m.lm_head_params
         assert copied == want * m.bytes_per_param
-    for op in plan.ops:  # compute never waits on a copy issued later, and every copy but the first waits on work
+    last_work, copies = -1, 0
+    for op in plan.ops:  # each copy but the first waits for the work before it; QKV and experts for their copy
+        if op.stream is Stream.H2D:
+            assert (last_work in op.deps) if copies else not op.deps, op.id
+            copies += 1
+        else:
+            last_work = op.id
         if op.kind is OpKind.QKV or op.kind is OpKind.EXPERT:
             assert any(by_id[d].stream is Stream.H2D for d in op.deps)
+    assert copies > 0
     assert "kv_cache" in plan.static_memory["gpu"] and plan.static_memory["cpu"]["weights"] == (
         m.total_params * m.bytes_per_param)
 

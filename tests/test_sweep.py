@@ -404,14 +404,24 @@ def _worker_killer(config, inputs=None, base=None):
 
 def test_a_killed_worker_fails_its_unfinished_points_instead_of_the_sweep(tmp_path, monkeypatch, capsys):
     """A worker that dies takes the points not yet finished with it: they are recorded as failed (a rerun retries
-    them), the sweep ends normally, nothing raises. (Fork start: the workers see the patched point function.)"""
+    them), the sweep ends normally, nothing raises. (Forked workers, whatever the platform's default start method
+    (Python 3.14 starts them by forkserver on Linux), so that they see the patched point function.)"""
     import multiprocessing
 
     from experiments.sweep import run
     from experiments.sweep.store import ResultStore
 
-    if multiprocessing.get_start_method() != "fork":
-        pytest.skip("needs forked workers to see the patched point function")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this platform cannot fork (the patched point function would not reach the workers)")
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("fork", force=True)
+    try:
+        _kill_a_worker(tmp_path, monkeypatch, capsys, run, ResultStore)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
+def _kill_a_worker(tmp_path, monkeypatch, capsys, run, ResultStore) -> None:
     monkeypatch.setattr(run, "_original_run_point", run.run_point, raising=False)
     monkeypatch.setattr(run, "run_point", _worker_killer)
     points = expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "prompt_len": 8, "gen_len": 2,

@@ -3,7 +3,9 @@ a spec file, named in the result, carried through sweeps; bad settings are one-l
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -70,8 +72,18 @@ def test_fuzzed_settings_give_a_valid_system_or_one_typed_error(system, path, va
         s = apply_system_settings(base, {path: value})
     except SimInputError as exc:
         assert "\n" not in str(exc)
-    else:
+    else:  # the named field holds the number given, finite; every other field is the preset's
         assert s.name.startswith(f"{system}[")
+        section, _, name = path.rpartition(".")
+        got = getattr(getattr(s, section) if section else s, name)
+        assert math.isfinite(got) and got == float(value)
+        unchanged = dataclasses.replace(s, name=base.name)
+        if section:
+            unchanged = dataclasses.replace(unchanged, **{section: dataclasses.replace(
+                getattr(s, section), **{name: getattr(getattr(base, section), name)})})
+        else:
+            unchanged = dataclasses.replace(unchanged, **{name: getattr(base, name)})
+        assert unchanged == base
 
 
 def test_cli_set_runs_the_changed_machine_and_refuses_bad_ones(capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zipfile
+import os
 
 import numpy as np
 import pytest
@@ -219,12 +219,29 @@ def test_not_an_npz(tmp_path):
         load_trace(path)
 
 
-def test_pickled_arrays_are_refused(tmp_path):
-    path = tmp_path / "t.npz"
-    with zipfile.ZipFile(path, "w") as zf, zf.open("header.npy", "w") as fh:
-        np.lib.format.write_array(fh, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(TraceError):
+class _Unpickled:
+    """An object whose unpickling makes a folder: a loader that unpickles it leaves the trace."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("member", ["header", "experts", "prompt_lens", "prompt_counts", "gate_weights"])
+def test_pickled_arrays_are_refused(tmp_path, member):
+    """A complete trace but for one member stored as a pickled object array: refused as such, never unpickled
+    (an archive of the header alone would be refused as incomplete whatever the loader did with pickles)."""
+    marker = tmp_path / "unpickled"
+    path = _write(tmp_path / "t.npz")
+    with np.load(path) as archive:
+        members = dict(archive)
+    members[member] = np.array([_Unpickled(marker)] * 2, dtype=object)
+    np.savez(path, **members)
+    with pytest.raises(TraceError, match=f"array {member}.npy holds Python objects"):
         load_trace(path)
+    assert not marker.exists()
 
 
 def test_shape_and_length_mismatches(tmp_path):
