@@ -31,7 +31,10 @@ def test_design_space_breakdown_splits_a_point_into_stages_that_add_up():
     assert out["throughput_tok_s"] > 0
     assert split["engine_runs"] >= 2  # the search's re-scoring runs and the chosen plan's full run
     stages = [split[k] for k in ("trace", "ranking", "plan_builds", "engine", "other")]
-    assert all(v >= 0 for v in stages[:4]) and split["trace"] > 0 and split["engine"] > 0
+    assert split["trace"] > 0 and split["engine"] > 0
+    # `other` is the wall time less the timed stages: no stage is counted twice (nor a nested call of one) exactly
+    # when it is not negative; every stage lies within the wall time
+    assert all(0 <= v <= out["wall_s"] for v in stages)
     assert abs(sum(stages) - out["wall_s"]) < 1e-6 * max(1.0, out["wall_s"])
 
 

@@ -124,17 +124,21 @@ def test_a_malformed_packed_band_is_named(monkeypatch, text):
         C.packed_tokens_band()
 
 
-def test_unknown_or_unavailable_backends_are_named():
+def test_unknown_or_unavailable_backends_are_named(monkeypatch):
     with pytest.raises(SimInputError, match="unknown CPU expert backend"):
         C.backend("fast")
     with pytest.raises(SimInputError, match="precision"):
         C.CpuExperts(*(torch.zeros(1, 2, 2),) * 3, precision="int2")
-    if not C.onednn_bf16():
-        with pytest.raises(SimInputError, match="use 'plain'"):
-            C.backend("onednn")
-    if C._ipex() is None:
-        with pytest.raises(SimInputError, match="not installed"):
-            C.backend("ipex")
+    # on whatever CPU runs the test: a CPU without oneDNN bf16, and an install without IPEX
+    monkeypatch.setattr(C, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(C, "_ipex", lambda: None)
+    with pytest.raises(SimInputError, match="use 'plain'"):
+        C.backend("onednn")
+    with pytest.raises(SimInputError, match="not installed"):
+        C.backend("ipex")
+    assert C.backend("auto") == "plain"
+    monkeypatch.setattr(C, "onednn_bf16", lambda: True)
+    assert C.backend("auto") == C.backend("onednn") == "onednn"
 
 
 def test_backend_follows_the_environment(monkeypatch):
@@ -231,11 +235,14 @@ def test_warming_the_int8_epilogue_leaves_no_compile_for_a_timed_run(monkeypatch
     monkeypatch.setenv(C.ENV_FUSE, "compile")
     fresh = C._Epilogue()
     monkeypatch.setattr(C, "int8_epilogue", lambda: fresh)
+    before = counters["stats"]["unique_graphs"]
     C.warm_int8_epilogue()
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # the warm-up compiled (a silent fall-back to eager ops would compile nothing)
     for tokens in (1, 2, 5, 64):
         fresh(torch.zeros(tokens, 2 * F_, dtype=torch.bfloat16), torch.ones(tokens, 1), F_)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert fresh.fn is not C.scale_silu_mul_quantize  # still the compiled function after the timed calls
 
 
 def test_the_fuse_mode_is_checked(monkeypatch):

@@ -50,7 +50,7 @@ def test_ranked_rows_with_the_base_first_and_the_speedup_against_a_baseline():
     same = table[(table["field"] == "cpu.amx_efficiency") & (table["value"] == "0.289")].iloc[0]
     assert same["change"] == 0 and same["was"] == "0.289"  # the preset's own value: no change
     slow = table[(table["field"] == "cpu.amx_efficiency") & (table["value"] == "0.073")].iloc[0]
-    assert slow["throughput_tok_s"] <= table.loc[0, "throughput_tok_s"]
+    assert slow["throughput_tok_s"] < table.loc[0, "throughput_tok_s"]  # its CPU experts run slower
     assert slow["speedup"] == pytest.approx(slow["throughput_tok_s"] / slow["against_tok_s"])
     assert "[borrowed]" in slow["source"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -108,6 +109,17 @@ def test_show_is_yaml_the_loaders_accept_unchanged(tmp_path, name):
         assert load_system(str(path)) == load_system(name)
     elif name in preset_names("models"):
         assert load_model(str(path)) == load_model(name)
+    else:  # a component: inline in a system file in its preset's place, it loads as the preset
+        from sim.specs.catalog import component_preset
+
+        kind, section = next((k, sec) for k, sec in (("gpus", "gpu"), ("cpus", "cpu"), ("links", "link"))
+                             if name in preset_names(k))
+        system = yaml.safe_load(show_preset("a100-80g-8452y"))
+        system[section] = data
+        path.write_text(yaml.safe_dump(system))
+        loaded = getattr(load_system(str(path)), section)
+        assert loaded == component_preset(kind, name) and dataclasses.asdict(loaded) == dataclasses.asdict(
+            component_preset(kind, name))
 
 
 def test_custom_system_file_with_nested_overrides(tmp_path):

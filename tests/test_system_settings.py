@@ -86,6 +86,51 @@ def test_fuzzed_settings_give_a_valid_system_or_one_typed_error(system, path, va
         assert unchanged == base
 
 
+def _settable(system: str) -> list[str]:
+    """The numeric fields --set accepts on a preset (not the CPU's descriptive core count, AMX fields only with AMX,
+    GPU and link fields only on a one-GPU machine)."""
+    from sim.specs.overrides import SECTIONS, _numeric_fields, _optional_numbers
+
+    base = load_system(system)
+    data = dataclasses.asdict(base)
+    paths = list(_numeric_fields(data, _optional_numbers(base)))
+    for section in SECTIONS:
+        if isinstance(data.get(section), dict) and not (section in ("gpu", "link") and base.extra_gpus):
+            spec = getattr(base, section)
+            paths += [f"{section}.{f}" for f in _numeric_fields(data[section], _optional_numbers(spec))
+                      if (section, f) != ("cpu", "cores") and (base.cpu.has_amx or not f.startswith("amx_"))]
+    return paths
+
+
+SETTABLE = {name: _settable(name) for name in ("a100-80g-8452y", "a100-80g-8452y-ndp8", "gcp-l4-g2", "gcp-t4-n1")}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), system=st.sampled_from(sorted(SETTABLE)), factor=st.floats(0.5, 1.0))
+def test_in_range_settings_apply_exactly_that_number(data, system, factor):
+    """Every settable field, set to a number in range (its preset value scaled by 0.5-1, or 1 when unset): the
+    system is accepted, the field reads back as that number, and nothing else changes."""
+    path = data.draw(st.sampled_from(SETTABLE[system]))
+    base = load_system(system)
+    section, _, name = path.rpartition(".")
+    current = getattr(getattr(base, section) if section else base, name)
+    if current is None:
+        value = 1.0
+    elif isinstance(current, int):
+        value = max(1, int(current * factor)) if current > 0 else current
+    else:
+        value = current * factor
+    s = apply_system_settings(base, {path: repr(value)})
+    got = getattr(getattr(s, section) if section else s, name)
+    assert got == value and type(got) is type(value)
+    rest = dataclasses.replace(s, name=base.name)
+    if section:
+        rest = dataclasses.replace(rest, **{section: dataclasses.replace(getattr(s, section), **{name: current})})
+    else:
+        rest = dataclasses.replace(rest, **{name: current})
+    assert rest == base
+
+
 def test_cli_set_runs_the_changed_machine_and_refuses_bad_ones(capsys):
     code, out, err = run(capsys, *SIM)
     assert code == 0, err

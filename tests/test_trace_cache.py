@@ -22,10 +22,11 @@ def test_points_with_the_same_workload_share_one_trace_and_results_do_not_change
     assert TRACE_CACHE.hits == hits + 2
     assert (again.total_s, again.knobs) == (first.total_s, first.knobs) and other.total_s > 0
     TRACE_CACHE.clear()
+    misses = TRACE_CACHE.misses
     fresh = simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", **kw)
     assert fresh.total_s == first.total_s  # a rebuilt trace gives the same bytes
     simulate("mixtral-8x7b", "a100-80g-8452y", "coxmoe", **{**kw, "seed": 4})
-    assert TRACE_CACHE.misses >= 2
+    assert TRACE_CACHE.misses == misses + 2  # the emptied cache, then another seed
 
 
 def test_cached_traces_are_read_only_and_the_cache_is_bounded():
@@ -169,7 +170,14 @@ def test_disk_cache_setting_comes_from_the_environment_and_sweeps_default_to_the
     cached = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
     assert len(list((tmp_path / "d").glob("*.npz"))) == 1
     TRACE_CACHE.clear()
-    from_disk = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
+    import sim.api
+
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("the trace was drawn again, not read from the disk cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sim.api, "generate_trace", no_synthesis)  # what the disk cache calls on a miss
+        from_disk = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
     monkeypatch.delenv(TRACE_DIR_ENV)
     TRACE_CACHE.clear()
     fresh = simulate("mixtral-8x7b", "a100-80g-8452y", "stream-experts", **kw)
