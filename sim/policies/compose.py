@@ -249,8 +249,10 @@ class LayoutEmitter(LayerEmitter):
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self, slices: list[BatchSlice], phase: Phase, step: int, layout: Layout,
-             entering: Experts | None = None) -> None:
-        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first."""
+             entering: Experts | None = None, entering_share: float = 1.0) -> None:
+        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first;
+        `entering_share` scales their copies' bytes (a sampled decode step stands for several, see
+        `coxmoe._Restratifier.before`)."""
         m, w = self.m, self.w
         x0, x1, x2 = layout.streams
         home = layout.home
@@ -298,7 +300,9 @@ class LayoutEmitter(LayerEmitter):
                 self.seq += 1
                 continue
             if entering and entering[li]:  # swap-in copies share the H2D stream with E_M's fetch
-                fetch = self.xfer(H2D, At(phase, step, layer), len(entering[li]) * m.expert_bytes,
+                nbytes = len(entering[li]) * m.expert_bytes
+                fetch = self.xfer(H2D, At(phase, step, layer), nbytes if entering_share == 1.0 else
+                                  max(1, round(nbytes * entering_share)),
                                   Payload.EXPERT_WEIGHTS, (fetch,) if fetch >= 0 else ())
             weights = _WeightsReady(set(fetched) | set(entering[li] if entering else ()), fetch)
             last_gpu = -1
