@@ -67,6 +67,18 @@ def _check_recording_memory(cfg, prompts: int, gen_len: int, max_prompt_tokens: 
                  f"recording {prompts:,} prompts x {gen_len:,} generated tokens")
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """A local Hugging Face checkpoint folder that recording can load (a config and safetensors weights), checked
+    before any other work (`coxmoe eas --model-dir` embeds its prompts first)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise TraceError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    if not any(model_dir.glob("*.safetensors")):
+        raise TraceError(f"{model_dir}: no *.safetensors weights (pickled checkpoints such as pytorch_model.bin are "
+                         "never loaded; convert them to safetensors first)")
+    return model_dir
+
+
 def record_trace(model_dir: str | Path, prompts: list[str], gen_len: int, max_prompt_tokens: int | None = None,
                  progress: bool = True) -> RoutingTrace:
     """Route every prompt through the model (prefill) and `gen_len - 1` greedy decode steps; record top-k
@@ -75,14 +87,9 @@ def record_trace(model_dir: str | Path, prompts: list[str], gen_len: int, max_pr
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise TraceError("recording needs transformers (pip install -e '.[dev]')") from None
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise TraceError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    model_dir = check_model_dir(model_dir)
     if not 1 <= gen_len <= MAX_LENGTH:
         raise TraceError(f"gen_len must be in [1, {MAX_LENGTH:,}], got {gen_len}")
-    if not any(model_dir.glob("*.safetensors")):
-        raise TraceError(f"{model_dir}: no *.safetensors weights (pickled checkpoints such as pytorch_model.bin are "
-                         "never loaded; convert them to safetensors first)")
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -53,7 +53,7 @@ def plot_simulation(result: SimulationResult, path: str | Path) -> None:
     busy = np.bincount(kind_idx * len(order) + stream_idx, weights=dur,
                        minlength=len(all_kinds) * len(order)).reshape(len(all_kinds), len(order))
     fig, (ax_busy, ax_gantt) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 2]})
-    labels = [track_name(s) for s in order]
+    labels = [track_name(s, plan.system.cpu.has_amx) for s in order]
     left = np.zeros(len(order))
     for ki, kind in enumerate(all_kinds):
         widths = busy[ki]

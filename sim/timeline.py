@@ -16,12 +16,13 @@ TRACK_NAMES = {"gpu": "GPU compute", "cpu": "CPU (AMX) compute", "cpu_experts": 
                "disk_read": "Disk read (to DRAM)", "disk_write": "Disk write (from DRAM)"}
 
 
-def track_name(stream: str) -> str:
-    """A stream's track label: the one-GPU machine's own names, then the topology's other streams by pattern
-    (gpu1, h2d_gpu1, d2h_gpu1, p2p_gpu_gpu1, ndp); a disk's two directions have their own names."""
+def track_name(stream: str, cpu_has_amx: bool = True) -> str:
+    """A stream's track label: the one-GPU machine's own names (the CPU's without "(AMX)" on a CPU that has none),
+    then the topology's other streams by pattern (gpu1, h2d_gpu1, d2h_gpu1, p2p_gpu_gpu1, ndp); a disk's two
+    directions have their own names."""
     name = str(stream)
     if name in TRACK_NAMES:
-        return TRACK_NAMES[name]
+        return TRACK_NAMES[name] if cpu_has_amx else TRACK_NAMES[name].replace(" (AMX)", "")
     if name == "ndp":
         return "NDP DIMMs compute"
     kind, _, rest = name.partition("_")
@@ -44,13 +45,14 @@ def _label(op: Op) -> str:
 
 
 def chrome_trace_events(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray,
-                        process_name: str = "cox-moe simulation") -> list[dict[str, Any]]:
-    """Complete ('X') events in microseconds, plus metadata naming the process and each stream's track."""
+                        process_name: str = "cox-moe simulation", cpu_has_amx: bool = True) -> list[dict[str, Any]]:
+    """Complete ('X') events in microseconds, plus metadata naming the process and each stream's track (the CPU's
+    as AMX only where the machine's CPU has it)."""
     events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": process_name}}]
     order = streams_of(ops)
     for tid, stream in enumerate(order):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
-                       "args": {"name": track_name(stream)}})
+                       "args": {"name": track_name(stream, cpu_has_amx)}})
     tids = {s: i for i, s in enumerate(order)}
     for op in ops:
         s, e = int(start_ns[op.id]), int(end_ns[op.id])

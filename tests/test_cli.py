@@ -48,6 +48,23 @@ def test_simulate_is_deterministic_through_the_cli(capsys):
     assert outs[0] == outs[1]
 
 
+def test_a_cpu_without_amx_is_not_labelled_amx(capsys, tmp_path, monkeypatch):
+    """The EPYC machine's CPU tracks (timeline and plot) say CPU, not CPU (AMX)."""
+    import experiments.plots as plots
+
+    labels: list[str] = []
+    real = plots.track_name
+    monkeypatch.setattr(plots, "track_name", lambda *a: labels.append(real(*a)) or labels[-1])
+    tl, png = tmp_path / "t.json", tmp_path / "p.png"
+    code, _, err = run(capsys, "simulate", "--model", "mixtral-8x7b", "--system", "a5000-epyc7453-512g", "--policy",
+                       "coxmoe", "--batch", "32", "--prompt-len", "32", "--gen-len", "4", "--timeline", str(tl),
+                       "--plot", str(png))
+    assert code == 0, err
+    names = {e["args"]["name"] for e in json.loads(tl.read_text())["traceEvents"] if e.get("name") == "thread_name"}
+    assert {"CPU compute", "CPU experts"} <= names and not any("AMX" in n for n in names)
+    assert "CPU experts" in labels and not any("AMX" in n for n in labels)
+
+
 def test_timeline_and_plot_files(capsys, tmp_path):
     tl, png = tmp_path / "t.json", tmp_path / "p.png"
     code, out, err = run(capsys, *SIM, "--timeline", str(tl), "--plot", str(png))

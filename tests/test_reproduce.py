@@ -112,6 +112,12 @@ def test_timeline_with_a_measured_record(tmp_path, capsys):
     (["reproduce", "calibration", "--out", "x", "--profile", "/nonexistent"], "no profile.json"),
     (["reproduce", "timeline", "--out", "x", "--record", "/nonexistent.json"], "no such file"),
     (["timeline", "/nonexistent.json", "--out", "x"], "no such file"),
+    # a figure's flags given to another figure were ignored in silence
+    (["reproduce", "vram", "--out", "x", "--engine", "ray", "--workers", "4", "--record", "r.json"],
+     "reproduce vram does not use --workers, --engine, --record (for fig7, timeline)"),
+    (["reproduce", "calibration", "--out", "x", "--workers", "2"], "does not use --workers (for fig7)"),
+    (["reproduce", "fig7", "--out", "x", "--ray-address", "1.2.3.4:6379"], "needs --engine ray"),
+    (["reproduce", "all", "--out", "x", "--ray-address", "1.2.3.4:6379"], "needs --engine ray"),
 ])
 def test_bad_reproduce_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     argv = [a if a != "x" else str(tmp_path / "o") for a in argv]

@@ -108,7 +108,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
          "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.timeline:
         name = "cox-moe execution (measured" + (", GPU role on the CPU)" if result.gpu_role_on_cpu else ")")
-        events = chrome_trace_events(plan.ops, result.record.start_ns, result.record.end_ns, process_name=name)
+        events = chrome_trace_events(plan.ops, result.record.start_ns, result.record.end_ns, process_name=name,
+                                     cpu_has_amx=plan.system.cpu.has_amx)
         write_chrome_trace(args.timeline, events, {"measured": True, **result.to_dict()})
     if args.json:
         emit_json(d)

@@ -104,7 +104,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.timeline:
         meta = {k: d[k] for k in ("model", "system", "policy", "knobs", "routing", "seed")}
         write_chrome_trace(args.timeline, chrome_trace_events(result.plan.ops, result.record.start_ns,
-                                                              result.record.end_ns), meta)
+                                                              result.record.end_ns,
+                                                              cpu_has_amx=result.plan.system.cpu.has_amx), meta)
     if args.plot:
         from experiments.plots import plot_simulation
 
@@ -147,7 +148,8 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
          **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
          "peak_bytes": dict(record.peak_bytes), "num_ops": len(plan.ops), "events": record.events}
     if args.timeline:
-        write_chrome_trace(args.timeline, chrome_trace_events(plan.ops, record.start_ns, record.end_ns),
+        write_chrome_trace(args.timeline, chrome_trace_events(plan.ops, record.start_ns, record.end_ns,
+                                                              cpu_has_amx=plan.system.cpu.has_amx),
                            {"plan": str(args.file)})
     if args.json:
         emit_json(d)
@@ -299,12 +301,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sensitivity)
 
-    for name, func, help_text in (("compare", cmd_compare, "every policy at its own best configuration, same trace"),
+    compare_help = "the paper's system and its baselines (or --policies), each at its own best configuration"
+    for name, func, help_text in (("compare", cmd_compare, compare_help),
                                   ("ablation", cmd_ablation, "CoX-MoE's ablation: the paper's steps, features off")):
         p = sub.add_parser(name, help=help_text)
         add_config_flags(p, ("target", "workload"))
         if name == "compare":
-            p.add_argument("--policies", help="comma-separated subset (default: all)")
+            from sim.compare import COMPARED
+            from sim.policies import POLICIES
+
+            others = ", ".join(n for n in POLICIES if n not in COMPARED)
+            p.add_argument("--policies", help=f"comma-separated policies (default: {', '.join(COMPARED)}; any other "
+                                              f"by name: {others})")
         p.add_argument("--workers", type=positive_int,
                        help="processes running the policies side by side (default: one per CPU, as many as "
                             "memory holds at --max-gib each; results do not depend on it)")

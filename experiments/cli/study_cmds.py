@@ -34,6 +34,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# the figure each of `reproduce`'s own flags is for (a figure given a flag it does not use is refused)
+FIGURE_FLAGS = {"--workers": "fig7", "--engine": "fig7", "--ray-address": "fig7", "--profile": "calibration",
+                "--record": "timeline"}
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from experiments.reproduce import ReproduceOptions, reproduce
     from experiments.reproduce.report import reproduce_all
@@ -42,6 +47,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.keep and args.name != "all":
         raise SimInputError(f"--keep carries figures of `reproduce all`; `reproduce {args.name}` reruns only "
                             f"{args.name} (omit --keep)")
+    given = {"--workers": args.workers is not None, "--engine": args.engine != "local",
+             "--ray-address": args.ray_address is not None, "--profile": args.profile is not None,
+             "--record": args.record is not None}
+    unused = [flag for flag, set_ in given.items() if set_ and args.name not in ("all", FIGURE_FLAGS[flag])]
+    if unused:
+        raise SimInputError(f"reproduce {args.name} does not use {', '.join(unused)} (for "
+                            f"{', '.join(sorted({FIGURE_FLAGS[f] for f in unused}))}); omit it")
+    if args.name in ("fig7", "all"):  # the sweep's own checks, before any figure runs
+        from experiments.sweep.run import check_request
+
+        check_request(args.engine, args.workers, args.ray_address)
     options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
                                ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
                                record=Path(args.record) if args.record else None, seed=args.seed,

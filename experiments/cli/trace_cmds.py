@@ -151,6 +151,10 @@ def cmd_eas(args: argparse.Namespace) -> int:
     if args.max_prompt_tokens and not args.model_dir:
         raise SimInputError("--max-prompt-tokens truncates the prompts --model-dir probes; a --trace probe reads "
                             "its recorded routing (omit it)")
+    if args.model_dir:  # before the prompts are read and embedded (minutes for many prompts)
+        from executor.record import check_model_dir
+
+        check_model_dir(args.model_dir)
     trace = load_trace(args.trace) if args.trace else None
     features, prompts = None, None
     if args.prompts:

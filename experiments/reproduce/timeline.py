@@ -24,7 +24,8 @@ def simulated_timeline(options: ReproduceOptions) -> tuple[Path, str, Events]:
                  gen_len=gen, routing=ROUTING,
                  seed=options.seed, decode_sample=4, keep_plan=True)
     assert r.plan is not None and r.record is not None
-    events = chrome_trace_events(r.plan.ops, r.record.start_ns, r.record.end_ns)
+    events = chrome_trace_events(r.plan.ops, r.record.start_ns, r.record.end_ns,
+                                 cpu_has_amx=r.plan.system.cpu.has_amx)
     path = write_chrome_trace(options.out / "timeline_sim.json", events,
                               {"model": MODEL, "system": options.system(SYSTEM).name, "policy": "coxmoe",
                                "knobs": r.knobs, "batch": batch, "prompt_len": PROMPT, "gen_len": gen,
