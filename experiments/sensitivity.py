@@ -81,7 +81,7 @@ def variants(config: SimConfig, vary: Mapping[str, list[str]] | None,
     if vary:
         pairs = [(path, text) for path, texts in vary.items() for text in texts]
         for path, text in pairs:
-            apply_system_settings(system, {path: text})
+            apply_system_settings(system, {path: text}, "--vary")
         return pairs
     pairs = []
     for path, value in unmeasured_fields(system).items():

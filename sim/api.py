@@ -216,8 +216,8 @@ def check_point(config: SimConfig) -> None:
     kind, _, name = c.routing.partition(":")
     if kind == "preset":  # its name, reuse and shape only: building its config solves its draw weights (seconds)
         preset_for_model(checked_preset(name, c.reuse_prob), m)
-    else:
-        check_routing(c.routing, m.num_moe_layers, m.num_experts)
+        return
+    check_routing(known_routing(c.routing), m.num_moe_layers, m.num_experts)
 
 
 def synthetic_inputs(model: ModelSpec, batch: int | None, prompt_len: int | str | None, gen_len: int | str | None,
@@ -377,10 +377,19 @@ def checked_preset(name: str, reuse_prob: float) -> SynthPreset:
     return synth_preset(name)
 
 
+def known_routing(routing: str) -> str:
+    """`routing` when it has one of a simulation's forms (the trace layer's message leaves presets out, which only
+    a simulation takes)."""
+    kind, sep, arg = routing.partition(":")
+    if not ((kind == "uniform" and not sep) or (kind in ("zipf", "table", "preset") and sep)):
+        raise SimInputError(f"unknown routing {routing!r}; use uniform, zipf:ALPHA, table:NAME or preset:NAME")
+    return routing
+
+
 def synth_config(model: ModelSpec, routing: str, reuse_prob: float, seed: int) -> SynthConfig:
     """Synthesis settings for `routing`: uniform, zipf:ALPHA, table:NAME, or preset:NAME (a synthesis preset's
     popularity and per-layer reuse, tuned to published routing statistics; see traces/synth_presets.py)."""
-    kind, _, name = routing.partition(":")
+    kind, _, name = known_routing(routing).partition(":")
     if kind != "preset":
         return SynthConfig(model.name, model.num_moe_layers, model.num_experts, model.top_k, routing, reuse_prob,
                            seed)

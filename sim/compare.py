@@ -130,6 +130,7 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
                 and r["throughput_tok_s"] > 0 else None for p, r in results.items() if p != "coxmoe"}
     return {"model": m.name, "system": s.name, "batch": tr.num_requests,
             "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
+            "prompt_len_max": int(tr.prompt_lens.max()), "gen_len_max": int(tr.gen_lens.max()),
             "routing": routing_name, "seed": seed, "decode_sample": decode_sample,
             "policies": results, "coxmoe_speedup": speedups}
 
@@ -156,6 +157,7 @@ def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | N
         row["speedup_over_moe_lightning"] = row["throughput_tok_s"] / base["throughput_tok_s"] if ok else None
     return {"model": m.name, "system": s.name, "batch": tr.num_requests,
             "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
+            "prompt_len_max": int(tr.prompt_lens.max()), "gen_len_max": int(tr.gen_lens.max()),
             "routing": routing_name, "seed": seed, "decode_sample": decode_sample, "steps": rows}
 
 
@@ -167,16 +169,21 @@ def failure_note(error: str) -> str:
 
 
 def compare_table(result: dict[str, Any]) -> pd.DataFrame:
-    """One row per policy: throughput, CoX-MoE's speedup over it, busy seconds per resource, peak VRAM."""
+    """One row per policy: throughput, CoX-MoE's speedup over it (1 on its own row; no column when CoX-MoE did not
+    run; NaN where either side did not fit), busy seconds per resource, peak VRAM."""
     rows = []
+    ran = result["policies"].get("coxmoe", {}).get("feasible", False)
     for policy, r in result["policies"].items():
+        speedup = 1.0 if policy == "coxmoe" and ran else result["coxmoe_speedup"].get(policy)
         if not r.get("feasible"):
             rows.append({"policy": policy, "throughput_tok_s": None, "coxmoe_speedup": None,
                          "note": failure_note(r["error"])})
             continue
         busy = {f"{k}_s": v for k, v in r["busy_s"].items()}
         rows.append({"policy": policy, "throughput_tok_s": r["throughput_tok_s"],
-                     "coxmoe_speedup": result["coxmoe_speedup"].get(policy), "total_s": r["total_s"],
+                     "coxmoe_speedup": speedup, "total_s": r["total_s"],
                      "prefill_s": r["prefill_s"], "decode_s": r["decode_s"], **busy,
                      "peak_vram_gib": r["peak_gpu_bytes"] / 2**30, "note": ""})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["coxmoe_speedup"] = pd.to_numeric(table["coxmoe_speedup"], errors="coerce")
+    return table if "coxmoe" in result["policies"] else table.drop(columns="coxmoe_speedup")

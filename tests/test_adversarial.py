@@ -58,6 +58,12 @@ def test_expert_counts_beyond_the_id_type_are_refused(capsys, tmp_path):
                   "at most 65536 are supported")
 
 
+def test_a_small_estimate_over_a_small_limit_prints_its_size(capsys):
+    """--max-gib 0.0001: the refusal names an estimate above the limit (it had printed 0.00 GiB above 0.0001)."""
+    fails_cleanly(capsys, ["--max-gib", "0.0001", "simulate", "--model", "mixtral-8x7b", *SYS, "--batch", "64",
+                           "--prompt-len", "64", "--gen-len", "8"], "would need about 0.000289 GiB, above the 0.0001")
+
+
 def test_a_huge_batch_is_refused_before_allocating(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv(LIMIT_ENV, "0.5")
     # a trace alone: the memory limit; a simulation: first its KV cache, 11 TB on a 575 GiB machine
@@ -264,6 +270,10 @@ MIXTRAL_HF = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers":
 
 @pytest.mark.parametrize("config, message", [
     ({**MIXTRAL_HF, "hidden_size": "4096"}, "hidden_size must be a positive integer, got '4096'"),
+    # numeric strings in the fields the spec's schema reads had been taken as numbers
+    ({**MIXTRAL_HF, "num_hidden_layers": "32"}, "num_hidden_layers must be a number, got '32'"),
+    ({**MIXTRAL_HF, "num_local_experts": "8"}, "num_local_experts must be a number, got '8'"),
+    ({**MIXTRAL_HF, "num_experts_per_tok": "2"}, "num_experts_per_tok must be a number, got '2'"),
     ({**MIXTRAL_HF, "num_hidden_layers": None}, "num_hidden_layers: Input should be a valid integer"),
     ({**MIXTRAL_HF, "num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
     ({**MIXTRAL_HF, "num_experts_per_tok": 1.5}, "num_experts_per_tok: Input should be a valid integer"),

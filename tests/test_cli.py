@@ -94,6 +94,10 @@ def test_presets_list_and_show_round_trip(capsys, tmp_path):
                          "--batch", "4", "--prompt-len", "8", "--gen-len", "3", "--json")
     assert code == 0, err
     assert json.loads(out)["system"] == "h100-80g-8452y"
+    for name in lists["lengths"]:  # the listed length presets show too: their distribution, the one --prompt-len draws
+        code, out, err = run(capsys, "presets", "--show", name)
+        shown = yaml.safe_load(out)
+        assert code == 0 and shown["name"] == name and shown["spec"].startswith("lognormal:") and shown["source"], err
 
 
 def test_policies_listing(capsys):
@@ -165,6 +169,7 @@ BAD_INPUTS = [
     (lambda p: [*SIM, "--policy-opt", "attention=tpu"], "attention must be"),
     (lambda p: [*SIM, "--policy-opt", "noequals"], "KEY=VALUE"),
     (lambda p: [*SIM, "--routing", "zipf:abc"], "zipf needs a number"),
+    (lambda p: [*SIM, "--routing", "uniform:3"], "use uniform, zipf:ALPHA, table:NAME or preset:NAME"),
     (lambda p: [*SIM, "--reuse-prob", "2"], "must be in [0, 1]"),
     (lambda p: ["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--policy", "gpu-only",
                 "--batch", "1", "--prompt-len", "1", "--gen-len", "2"], "memory exceeded"),
@@ -382,6 +387,10 @@ def test_length_distributions_and_requests_that_finish_at_different_steps(capsys
     # decode runs until the longest request ends, with fewer requests per step than at the start
     assert spread["decode_s"] / spread["workload"]["generated_tokens"] > \
         fixed["decode_s"] / fixed["workload"]["generated_tokens"]
+    code, out, err = run(capsys, *base[:-1], "--gen-len", "lognormal:12:0.9:64")  # the text says they vary
+    w = spread["workload"]
+    assert code == 0 and (f"prompt mean {w['prompt_len_mean']:.1f} (max {w['prompt_len_max']}), generate mean "
+                          f"{w['gen_len_mean']:.1f} (max {w['gen_len_max']}) tokens") in out
     code, _, err = run(capsys, *base, "--gen-len", "lognormal:12:-1")
     assert code == 2 and "SIGMA in [0, 10]" in err
 
@@ -413,6 +422,18 @@ def test_a_run_that_does_not_fit_is_noted_with_its_reason():
         "GPU (t4) for gpu-only memory exceeded")
     table = compare_table({"policies": {"flexgen": {"feasible": False, "error": search}}, "coxmoe_speedup": {}})
     assert table.iloc[0]["note"].startswith("no configuration fits")
+    assert "coxmoe_speedup" not in table  # no CoX-MoE in the run: no column of Nones
+
+
+def test_compare_speedups_are_one_on_coxmoe_and_blank_where_a_side_did_not_fit(capsys):
+    base = ["compare", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "8", "--prompt-len", "8",
+            "--gen-len", "2"]
+    code, out, err = run(capsys, *base, "--policies", "coxmoe,fiddler,gpu-only", "--workers", "1")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert rows["coxmoe"][2] == "1.00" and float(rows["fiddler"][2]) > 0 and rows["gpu-only"][1:3] == ["-", "-"]
+    code, out, err = run(capsys, *base, "--policies", "fiddler,stream-experts", "--workers", "1")
+    assert code == 0 and "coxmoe_speedup" not in out and "None" not in out
 
 
 def test_ablation_runs_a_repeated_step_once(tmp_path, monkeypatch):

@@ -932,6 +932,8 @@ def test_attention_split_is_searched_around_and_refused_where_it_cannot_apply(mi
         make_policy("coxmoe", {"attention_split": "1"})
     with pytest.raises(SimInputError, match="needs decode attention on the GPU"):
         make_policy("coxmoe", {"attention_split": "0.5", "decode_placement": "gcg"})
+    with pytest.raises(SimInputError, match="give attention_split too"):  # had been ignored in silence
+        make_policy("coxmoe", {"attention_split_unit": "requests"})
     default = make_policy("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2",
                                      "prefill_placement": "ggg"}).build(ctx)
     assert not ops_of(default, kind=OpKind.ATTENTION, phase=Phase.DECODE, stream=Stream.CPU)  # off by default

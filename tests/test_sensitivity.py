@@ -63,7 +63,8 @@ def test_cli_prints_json_and_refuses_bad_input(capsys, tmp_path):
     rows = json.loads(out)
     assert [r["field"] for r in rows] == ["(base)", "gpu.hbm_efficiency"]
     assert (tmp_path / "s.csv").is_file() and (tmp_path / "s.png").stat().st_size > 0
-    for extra, message in ((["--vary", "gpu.hbm_effic=0.5"], "not a numeric field of gpu"),
+    for extra, message in ((["--vary", "gpu.hbm_effic=0.5"], "--vary 'gpu.hbm_effic': not a numeric field of gpu"),
+                           (["--vary", "cpu.amx_efficiency=0.1,abc"], "--vary 'cpu.amx_efficiency': 'abc' is not a"),
                            (["--vary", "gpu.hbm_efficiency"], "must look like FIELD=V1"),
                            (["--against", "no-such-policy"], "not a policy")):
         code = main([*ARGV, *extra])

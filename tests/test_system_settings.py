@@ -185,7 +185,7 @@ def test_sweeps_check_settings_up_front_and_key_them_by_their_numbers():
                                "gen_len": 2},
                      "axes": {"system_settings": [{"cpu.amx_efficiency": "0.0730"}, {"cpu.amx_efficiency": 0.073}]}})
     assert len(points) == 1  # one machine, one point
-    with pytest.raises(SimInputError, match="sweep point: --set 'cpu.amx_effciency': not a numeric field"):
+    with pytest.raises(SimInputError, match="sweep point: system_settings 'cpu.amx_effciency': not a numeric field"):
         expand({"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y",
                           "system_settings": {"cpu.amx_effciency": 0.073}}})
 

@@ -68,8 +68,14 @@ def check_memory(estimate_bytes: float, what: str) -> None:
     """Refuse a build whose estimated memory exceeds the limit, before anything is allocated."""
     limit = memory_limit_bytes()
     if not estimate_bytes <= limit:  # also refuses NaN
-        raise ResourceLimitError(f"{what} would need about {estimate_bytes / 2**30:.2f} GiB, above the "
-                                 f"{limit / 2**30:.3g} GiB limit (raise it with --max-gib or {LIMIT_ENV})")
+        raise ResourceLimitError(f"{what} would need about {gib_text(estimate_bytes)} GiB, above the "
+                                 f"{gib_text(limit)} GiB limit (raise it with --max-gib or {LIMIT_ENV})")
+
+
+def gib_text(nbytes: float) -> str:
+    """Bytes in GiB with three significant digits (0.000183, 2.5, 1.05e+03): a small estimate must not print as
+    0.00 beside a small limit."""
+    return f"{nbytes / 2**30:.3g}"
 
 
 def max_ops() -> int:
@@ -82,8 +88,8 @@ def too_many_ops(count: int, estimated: bool = False) -> ResourceLimitError:
     extrapolates past it (`estimated`); `count` charges a grouped op's experts at MEMBER_OP_SHARE of an op."""
     limit = memory_limit_bytes()
     size = (f"of about {count:,} ops (its first decode step times the steps planned) would need about "
-            f"{count * BYTES_PER_OP / 2**30:.2f} GiB, above the {limit / 2**30:.3g} GiB limit" if estimated else
-            f"of more than {count:,} ops would need more than {limit / 2**30:.3g} GiB")
+            f"{gib_text(count * BYTES_PER_OP)} GiB, above the {gib_text(limit)} GiB limit" if estimated else
+            f"of more than {count:,} ops would need more than {gib_text(limit)} GiB")
     return ResourceLimitError(f"a plan {size} (about {BYTES_PER_OP} bytes an op, {BYTES_PER_MEMBER} a grouped op's "
                               f"expert); use --decode-sample, a smaller "
                               f"batch, or raise the limit with --max-gib or {LIMIT_ENV}")

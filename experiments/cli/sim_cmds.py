@@ -25,6 +25,16 @@ def cmd_presets(args: argparse.Namespace) -> int:
         for p in PRESETS.values():
             print(f"{p.name}: {p.spec}\n    from {p.statistics}\n    source: {p.source}")
         return 0
+    if args.show in PRESETS:  # a length preset: its distribution and sources, as `--lengths` gives them
+        p = PRESETS[args.show]
+        entry = {"name": p.name, "spec": p.spec, "statistics": p.statistics, "source": p.source}
+        if args.json:
+            emit_json(entry)
+        else:
+            import yaml
+
+            sys.stdout.write(yaml.safe_dump(entry, sort_keys=False, width=110))
+        return 0
     if args.show is not None:  # `--show ''` names no preset: an error below, not the lists
         if args.json:
             import yaml
@@ -40,7 +50,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for kind in kinds:
         print(f"{kind}: {', '.join(preset_names(kind))}")
     print(f"lengths: {', '.join(sorted(PRESETS))} (--prompt-len/--gen-len preset:NAME; `--lengths` for sources)")
-    print("\n`coxmoe presets --show NAME` prints one as YAML that --model-file / --system-file read back.")
+    print("\n`coxmoe presets --show NAME` prints one as YAML (a model or system as --model-file / --system-file read "
+          "back; a length preset as its distribution and sources).")
     return 0
 
 
@@ -77,7 +88,7 @@ def _print_summary(d: dict[str, Any]) -> None:
         print(f"  search: {s['candidates']} candidates, {s['simulated']} simulated, {s['search_s']:.2f} s; "
               f"analytic estimate {d['analytic_total_s']:.3f} s against simulated {d['total_s']:.3f} s")
     w = d["workload"]
-    print(f"  batch {w['batch']}, prompt {w['prompt_len_mean']:.0f}, generate {w['gen_len_mean']:.0f} tokens")
+    print(f"  batch {w['batch']}, {lengths_text(w)}")
     print(f"  throughput {d['throughput_tok_s']:.1f} generated tok/s; prefill {d['prefill_s']:.3f} s, "
           f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s")
     busy = ", ".join(f"{k} {v:.0%}" for k, v in d["busy_fraction"].items())
@@ -182,11 +193,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
         return 0
-    print(f"{result['model']} on {result['system']}: batch {result['batch']}, prompt {result['prompt_len_mean']:.0f}, "
-          f"generate {result['gen_len_mean']:.0f}, routing {result['routing']}")
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, {lengths_text(result)}, "
+          f"routing {result['routing']}")
     table = compare_table(result)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
     return 0
+
+
+def lengths_text(w: dict) -> str:
+    """Prompt and output lengths as printed: the length when every request has it, else the mean and the longest
+    (a distribution's mean alone had read as a fixed length)."""
+    def one(name: str) -> str:
+        mean, top = w[f"{name}_len_mean"], w[f"{name}_len_max"]
+        return f"{top}" if mean == top else f"mean {mean:.1f} (max {top})"
+
+    return f"prompt {one('prompt')}, generate {one('gen')} tokens"
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -201,8 +222,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
         return 0
-    print(f"{result['model']} on {result['system']}: batch {result['batch']}, prompt {result['prompt_len_mean']:.0f}, "
-          f"generate {result['gen_len_mean']:.0f}, routing {result['routing']}")
+    print(f"{result['model']} on {result['system']}: batch {result['batch']}, {lengths_text(result)}, "
+          f"routing {result['routing']}")
     rows = [{"step": r["step"], "throughput_tok_s": r.get("throughput_tok_s"),
              "speedup_over_moe_lightning": r.get("speedup_over_moe_lightning"),
              "note": "" if r.get("feasible") else failure_note(r["error"])} for r in result["steps"]]

@@ -155,8 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="figures:\n" + "\n".join(f"  {k:<12} {v}" for k, v in FIGURES.items()))
     p.add_argument("name", help=f"one of {', '.join(FIGURES)}, or all")
     p.add_argument("--out", required=True, type=output_dir, help="output directory")
-    p.add_argument("--quick", action="store_true", help="small grids that exercise every step in seconds (smoke "
-                   "tests); the numbers are not the paper's setting")
+    p.add_argument("--quick", action="store_true", help="small grids that exercise each figure's code path in "
+                   "seconds (smoke tests: fewer models, designs and points than the full figure); the numbers are "
+                   "not the paper's setting")
     p.add_argument("--workers", type=positive_int, help="fig7: local processes or local Ray CPUs (default 1)")
     p.add_argument("--engine", choices=ENGINES, default="local", help="fig7: sweep engine")
     p.add_argument("--ray-address", help="fig7 with --engine ray: cluster to join (default: $RAY_ADDRESS)")

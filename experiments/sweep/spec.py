@@ -182,7 +182,7 @@ def resolve_point(raw: dict[str, Any], digests: dict[tuple, str] | None = None) 
             from sim.specs.overrides import normalised_settings
 
             sim_config = sim_config.replace(system_settings=normalised_settings(
-                resolve_system(sim_config.system), sim_config.system_settings))
+                resolve_system(sim_config.system), sim_config.system_settings, "system_settings"))
         refuse_seed_with_trace(sim_config)
         config = sim_config.point()
     except SimInputError as exc:

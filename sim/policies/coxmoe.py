@@ -143,6 +143,9 @@ class CoxMoeOptions(OptionsBase):
                                      and self.decode_placement[1] != "g"):
             raise SimInputError(f"policy {self.policy_name}: attention_split shares decode attention of a GPU "
                                 "placement with the CPU; it needs decode attention on the GPU")
+        if not self.attention_split and self.attention_split_unit != "micro_batch":
+            raise SimInputError(f"policy {self.policy_name}: attention_split_unit={self.attention_split_unit} says how "
+                                "attention_split shares decode attention; give attention_split too (it is 0)")
         for name in ("prefill_micro_batch", "decode_micro_batch", "resident_experts"):
             self.at_least(name, -1)
         self.at_least("rescore", 1)

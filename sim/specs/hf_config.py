@@ -6,6 +6,7 @@ line naming the config field."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from sim.errors import SimInputError, brief
@@ -31,6 +32,7 @@ ALIASES["olmoe"] = {**_COMMON, "expert_intermediate_size": "intermediate_size"}
 ALIASES["deepseek_v3"] = ALIASES["deepseek_v2"]
 
 
+_NUMERIC_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelSpec) if f.type in ("int", "float"))
 # Optional integer keys read with a default: a boolean there is a malformed config, not 0 or 1
 _OPTIONAL_INTEGERS = ("decoder_sparse_step", "moe_layer_freq", "n_shared_experts", "q_lora_rank",
                       "first_k_dense_replace", "shared_expert_intermediate_size")
@@ -88,7 +90,12 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
     for key in _OPTIONAL_INTEGERS:  # `cfg.get(key) or 0` and `== 1` read false as 0 and true as 1
         if isinstance(cfg.get(key), bool):
             raise SimInputError(f"{where}: {key} must be an integer, got {cfg[key]}")
-    return validate_spec(ModelSpec, _fields(cfg, model_type, name, where), where, ALIASES[model_type])
+    fields = _fields(cfg, model_type, name, where)
+    aliases = ALIASES[model_type]
+    for field, value in fields.items():  # the schema would read "32" as 32; a config's numbers are JSON numbers
+        if field in _NUMERIC_FIELDS and isinstance(value, str):
+            raise SimInputError(f"{where}: {aliases.get(field, field)} must be a number, got {brief(value)}")
+    return validate_spec(ModelSpec, fields, where, aliases)
 
 
 

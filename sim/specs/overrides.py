@@ -24,17 +24,17 @@ from sim.specs.hardware import SystemSpec
 SECTIONS = ("gpu", "cpu", "link", "ndp", "disk")  # nested specs a setting may reach into (one level)
 
 
-def _number(path: str, text: str, current: Any) -> int | float:
+def _number(path: str, text: str, current: Any, flag: str = "--set") -> int | float:
     """The value of setting `path`: an integer for an integer field, else a finite float."""
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise SimInputError(f"--set {path!r}: {text!r} is not a number") from None
+        raise SimInputError(f"{flag} {path!r}: {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise SimInputError(f"--set {path!r}: needs a finite number, got {text!r}")
+        raise SimInputError(f"{flag} {path!r}: needs a finite number, got {text!r}")
     if isinstance(current, int):
         if value != int(value):
-            raise SimInputError(f"--set {path!r}: a whole number, got {text!r}")
+            raise SimInputError(f"{flag} {path!r}: a whole number, got {text!r}")
         return int(value)
     return value
 
@@ -52,8 +52,10 @@ def _numeric_fields(data: Mapping[str, Any], optional: Mapping[str, type]) -> li
                   if (isinstance(v, int | float) and not isinstance(v, bool)) or (v is None and k in optional))
 
 
-def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> SystemSpec:
-    """`system` with the numeric fields that `settings` names (path -> value text) set; unchanged when empty."""
+def apply_system_settings(system: SystemSpec, settings: Mapping[str, str], flag: str = "--set") -> SystemSpec:
+    """`system` with the numeric fields that `settings` names (path -> value text) set; unchanged when empty.
+    `flag` is how errors name where the settings came from (`--vary` for a sensitivity run, a sweep's
+    `system_settings`)."""
     if not settings:
         return system
     data = dataclasses.asdict(system)
@@ -61,41 +63,41 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str]) -> Sy
     for path, text in sorted(settings.items()):
         section, _, field = path.rpartition(".")
         if section and section not in SECTIONS:
-            raise SimInputError(f"--set {path!r}: the section must be one of {', '.join(SECTIONS)} (or none for the "
+            raise SimInputError(f"{flag} {path!r}: the section must be one of {', '.join(SECTIONS)} (or none for the "
                                 f"system's own fields)")
         owner = data if not section else data.get(section)
         if not isinstance(owner, dict):
-            raise SimInputError(f"--set {path!r}: system {system.name} has no {section}")
+            raise SimInputError(f"{flag} {path!r}: system {system.name} has no {section}")
         optional = _optional_numbers(getattr(system, section) if section else system)
         if field not in _numeric_fields(owner, optional):
-            raise SimInputError(f"--set {path!r}: not a numeric field of {section or 'the system'}; choose from "
+            raise SimInputError(f"{flag} {path!r}: not a numeric field of {section or 'the system'}; choose from "
                                 f"{', '.join(_numeric_fields(owner, optional))}")
         if section in ("gpu", "link") and system.extra_gpus:
-            raise SimInputError(f"--set {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
-                                f"--set reaches only the first one's {section}; describe the machine in a system "
+            raise SimInputError(f"{flag} {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
+                                f"{flag} reaches only the first one's {section}; describe the machine in a system "
                                 "file (`coxmoe presets --show NAME`) instead")
         if section == "cpu" and field == "cores":
-            raise SimInputError(f"--set {path!r}: a descriptive field (the CPU's rates already count its cores), so "
+            raise SimInputError(f"{flag} {path!r}: a descriptive field (the CPU's rates already count its cores), so "
                                 "the setting would do nothing; set amx_bf16_flops_per_s, avx512_bf16_flops_per_s or "
                                 "dram_bytes_per_s instead")
         if section == "cpu" and field.startswith("amx_") and not system.cpu.has_amx:
-            raise SimInputError(f"--set {path!r}: cpu {system.cpu.name} has no AMX, so the setting would do nothing")
+            raise SimInputError(f"{flag} {path!r}: cpu {system.cpu.name} has no AMX, so the setting would do nothing")
         current = owner[field]
         if current is None:  # an unset optional field: its declared type decides
             current = optional[field]()
-        owner[field] = _number(path, text, current)
+        owner[field] = _number(path, text, current, flag)
         sources = owner.setdefault("sources", {})
-        sources[field] = f"set by hand (--set {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
+        sources[field] = f"set by hand ({flag} {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
         applied.append(f"{path}={owner[field]}")
     name = f"{system.name}[{','.join(applied)}]"
     data["name"] = name
     return build_system(name, data, f"system {system.name} with --set")
 
 
-def normalised_settings(system: SystemSpec, settings: Mapping[str, str]) -> dict[str, str]:
+def normalised_settings(system: SystemSpec, settings: Mapping[str, str], flag: str = "--set") -> dict[str, str]:
     """The settings as the numbers they parse to (`0.0730` and `0.073` alike), after checking them against
     `system`: what a sweep keys its points by."""
-    built = apply_system_settings(system, settings)
+    built = apply_system_settings(system, settings, flag)
     out = {}
     for path in settings:
         section, _, field = path.rpartition(".")
