@@ -1238,6 +1238,7 @@ def test_a_model_probe_of_another_shape_than_the_trace_writes_no_map(capsys, tmp
     prompts.write_text("".join(json.dumps({"text": f"prompt {i}"}) + "\n" for i in range(8)))
     other = generate_trace(SynthConfig("other", 3, 8, 2, "uniform", 0.0, 0), np.array([4] * 4), np.array([1] * 4))
     monkeypatch.setattr(record, "record_trace", lambda *a, **k: other)
+    monkeypatch.setattr(record, "check_model_dir", lambda folder: folder)  # no checkpoint: the probe is stubbed
     features = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     monkeypatch.setattr(embed, "embed_prompts", lambda texts, _embedder: features[:len(texts)])
     out = tmp_path / "m.npz"

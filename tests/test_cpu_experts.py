@@ -233,6 +233,7 @@ def test_warming_the_int8_epilogue_leaves_no_compile_for_a_timed_run(monkeypatch
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv(C.ENV_FUSE, "compile")
+    torch._dynamo.reset()  # an earlier test may have compiled it already: this one must see its own compiles
     fresh = C._Epilogue()
     monkeypatch.setattr(C, "int8_epilogue", lambda: fresh)
     before = counters["stats"]["unique_graphs"]
