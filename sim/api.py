@@ -380,8 +380,8 @@ def checked_preset(name: str, reuse_prob: float) -> SynthPreset:
 def known_routing(routing: str) -> str:
     """`routing` when it has one of a simulation's forms (the trace layer's message leaves presets out, which only
     a simulation takes)."""
-    kind, sep, arg = routing.partition(":")
-    if not ((kind == "uniform" and not sep) or (kind in ("zipf", "table", "preset") and sep)):
+    kind, sep, arg = routing.partition(":")  # `uniform:` too, as the trace layer reads it
+    if not ((kind == "uniform" and not arg) or (kind in ("zipf", "table", "preset") and sep)):
         raise SimInputError(f"unknown routing {routing!r}; use uniform, zipf:ALPHA, table:NAME or preset:NAME")
     return routing
 

@@ -280,8 +280,20 @@ def test_restratify_on_a_sample_of_decode_steps_charges_each_re_pick_once():
             for n in (0, 8)}
     full, sampled = runs[0], runs[8]
     assert full.knobs["restratify_swaps"] > 0
-    assert sampled.throughput_tok_s == pytest.approx(full.throughput_tok_s, rel=0.02)
-    assert sampled.busy_s["h2d"] == pytest.approx(full.busy_s["h2d"], rel=0.3)
+    # the bookkeeping runs over every step, so a sample re-picks as the full run does: the same swaps
+    assert sampled.knobs["restratify_swaps"] == full.knobs["restratify_swaps"]
+    assert sampled.throughput_tok_s == pytest.approx(full.throughput_tok_s, rel=0.01)
+    assert sampled.busy_s["h2d"] == pytest.approx(full.busy_s["h2d"], rel=0.1)
+    # a swap copy fills slots the layer's previous visit used: it starts once that visit's experts are done (it
+    # had no dependency without an E_M fetch, and ran steps early)
+    plan, rec = full.plan, full.record
+    last_expert = {}
+    for op in plan.ops:
+        if op.kind is OpKind.EXPERT and op.stream is Stream.GPU:
+            last_expert[(op.step, op.layer)] = max(last_expert.get((op.step, op.layer), 0), int(rec.end_ns[op.id]))
+    swaps_full = [op for op in plan.ops if op.phase is Phase.DECODE and op.payload is Payload.EXPERT_WEIGHTS]
+    assert swaps_full and all(rec.start_ns[op.id] >= last_expert[(op.step - 1, op.layer)] for op in swaps_full
+                              if (op.step - 1, op.layer) in last_expert)
     plan, m = sampled.plan, sampled.plan.model
     scale = plan.decode_scale
     assert scale > 4  # sampled steps further apart than a re-pick block: each crosses one or more boundaries

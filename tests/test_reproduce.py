@@ -87,6 +87,21 @@ def test_eas_and_calibration_numbers(quick_all):
     assert len(e2e) == 2 and (e2e["measured_s"] > 0).all() and (e2e["predicted_profile_s"] > 0).all()
 
 
+@pytest.mark.parametrize("flags, cpu", [({"amx_bf16"}, "CPU (AMX) experts"), (set(), "CPU experts")])
+def test_a_measured_timeline_names_the_cpu_that_ran_it(tmp_path, capsys, monkeypatch, flags, cpu):
+    """`execute --timeline` labels the CPU tracks after this host's CPU, whatever system the plan was made for."""
+    import executor.cpu_experts as cpu_experts
+    from tests.test_calibration import _tiny_file
+
+    monkeypatch.setattr(cpu_experts, "cpu_flags", lambda: flags)
+    record = tmp_path / "measured.json"
+    assert main(["execute", "--model-file", _tiny_file(tmp_path), "--system", "a5000-epyc7453-512g", "--policy",
+                 "cpu-only", "--batch", "2", "--prompt-len", "2", "--gen-len", "2", "--cuda", "off", "--warmup", "0",
+                 "--timeline", str(record)]) == 0
+    names = {e["args"]["name"] for e in json.loads(record.read_text())["traceEvents"] if e.get("name") == "thread_name"}
+    assert cpu in names
+
+
 def test_timeline_with_a_measured_record(tmp_path, capsys):
     from tests.test_calibration import _tiny_file
 

@@ -65,6 +65,7 @@ def test_cli_prints_json_and_refuses_bad_input(capsys, tmp_path):
     assert (tmp_path / "s.csv").is_file() and (tmp_path / "s.png").stat().st_size > 0
     for extra, message in ((["--vary", "gpu.hbm_effic=0.5"], "--vary 'gpu.hbm_effic': not a numeric field of gpu"),
                            (["--vary", "cpu.amx_efficiency=0.1,abc"], "--vary 'cpu.amx_efficiency': 'abc' is not a"),
+                           (["--vary", "cpu.dram_bytes_per_s=-1"], "with --vary: cpu: cpu xeon-8452y: dram_bytes"),
                            (["--vary", "gpu.hbm_efficiency"], "must look like FIELD=V1"),
                            (["--against", "no-such-policy"], "not a policy")):
         code = main([*ARGV, *extra])

@@ -108,8 +108,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
          "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.timeline:
         name = "cox-moe execution (measured" + (", GPU role on the CPU)" if result.gpu_role_on_cpu else ")")
+        from executor.cpu_experts import cpu_flags
+
+        # measured: the tracks name the CPU that ran the ops (this host's), not the planned system's
         events = chrome_trace_events(plan.ops, result.record.start_ns, result.record.end_ns, process_name=name,
-                                     cpu_has_amx=plan.system.cpu.has_amx)
+                                     cpu_has_amx="amx_bf16" in cpu_flags())
         write_chrome_trace(args.timeline, events, {"measured": True, **result.to_dict()})
     if args.json:
         emit_json(d)

@@ -249,10 +249,10 @@ class LayoutEmitter(LayerEmitter):
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self, slices: list[BatchSlice], phase: Phase, step: int, layout: Layout,
-             entering: Experts | None = None, entering_share: float = 1.0) -> None:
-        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first;
-        `entering_share` scales their copies' bytes (a sampled decode step stands for several, see
-        `coxmoe._Restratifier.before`)."""
+             entering: Experts | None = None, swap_bytes: tuple[int, ...] | None = None) -> None:
+        """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first, and
+        `swap_bytes` the bytes each layer's swap copy carries (default: the entering experts' weights; a sampled
+        decode step carries its share of every step's swaps, see `coxmoe._Restratifier`)."""
         m, w = self.m, self.w
         x0, x1, x2 = layout.streams
         home = layout.home
@@ -299,11 +299,12 @@ class LayoutEmitter(LayerEmitter):
                 self.layer_done[self.seq] = ready[-1][0]
                 self.seq += 1
                 continue
-            if entering and entering[li]:  # swap-in copies share the H2D stream with E_M's fetch
-                nbytes = len(entering[li]) * m.expert_bytes
-                fetch = self.xfer(H2D, At(phase, step, layer), nbytes if entering_share == 1.0 else
-                                  max(1, round(nbytes * entering_share)),
-                                  Payload.EXPERT_WEIGHTS, (fetch,) if fetch >= 0 else ())
+            nbytes = (swap_bytes[li] if swap_bytes is not None else
+                      len(entering[li]) * m.expert_bytes if entering else 0)
+            if nbytes:  # swap-in copies share the H2D stream with E_M's fetch, into slots the layer's previous
+                # visit must be done with (without it a swap could start steps early, while they were in use)
+                fetch = self.xfer(H2D, At(phase, step, layer), nbytes, Payload.EXPERT_WEIGHTS,
+                                  (fetch, self.layer_done.get(self.seq - m.num_layers, -1)))
             weights = _WeightsReady(set(fetched) | set(entering[li] if entering else ()), fetch)
             last_gpu = -1
             for group in self._expert_groups(len(slices), expert_batch):

@@ -722,8 +722,7 @@ class CoxMoePolicy(Policy):
                              else None)
         first = prefill_slices(ctx, schedule.prefill)
         emit.step(first, Phase.PREFILL, 0, layouts[Phase.PREFILL])
-        restrat = (_Restratifier(layouts[Phase.DECODE], first, o.ema, ctx.decode_scale) if o.ema and resident
-                   else None)
+        restrat = _Restratifier(layouts[Phase.DECODE], first, o.ema, ctx) if o.ema and resident else None
         for step in ctx.steps():
             slices = decode_slices(ctx, step, schedule.decode)
             if not slices:
@@ -731,9 +730,7 @@ class CoxMoePolicy(Policy):
             if restrat is None:
                 emit.step(slices, Phase.DECODE, step, layouts[Phase.DECODE])
                 continue
-            layout_now, entering, share = restrat.before(step)
-            emit.step(slices, Phase.DECODE, step, layout_now, entering, share)
-            restrat.observe(slices, step)
+            emit.step(slices, Phase.DECODE, step, *restrat.at(step, ctx.decode_scale != 1.0, m.expert_bytes))
         knobs = {**asdict(o), **({"restratify_swaps": restrat.swaps} if restrat else {}),
                  **({"attention_cpu_micro_batches": len(layouts[Phase.DECODE].attention_cpu_mbs)}
                     if o.attention_split else {}),
@@ -753,52 +750,62 @@ class _Restratifier:
     with); entering experts leave E_M / E_C and are copied over PCIe into the evicted experts' slots before their
     layer runs.
 
-    On a sample of decode steps (each standing for `decode_scale` steps, its time scaled by that), the steps between
-    two sampled ones are not observed: the EMA decays over them as if they had routed like the next observed one,
-    and a re-pick charges the swaps of every re-pick boundary crossed since the last sampled step, at
-    1 / decode_scale of their bytes, so that scaled to all steps each boundary's copies count once (they had
-    counted `decode_scale` times: a swap at every sampled step of an 8-step sample of 64, 2.6x the H2D time)."""
+    The bookkeeping (EMA, re-picks, swaps) runs over every decode step of the workload from the trace's per-step
+    counts, whichever steps the plan emits: a sampled step has the E_R the full run has there, and carries its
+    share of every step's swaps (each layer's swapped bytes over all steps / the steps), so that scaled to all
+    steps the swaps' bytes count once. (Before 2026-12-06 the EMA saw only the sampled steps and each sampled step
+    re-picked and copied a whole block's swaps: an 8-step sample of 64 charged 2.7x the H2D time.)"""
 
-    def __init__(self, static: Layout, prefill: list[BatchSlice], ema: tuple[float, int], decode_scale: float = 1.0):
+    def __init__(self, static: Layout, prefill: list[BatchSlice], ema: tuple[float, int], ctx: PlanContext):
         self.residents, self.static = list(static.resident), static
         self.alpha, self.every = ema
-        self.decode_scale = decode_scale
-        self.load = self._share(prefill)
-        self.swaps, self.epoch = 0, 0  # swaps: every step's, estimated from the sampled ones on a sample
-        self.observed = 0  # the last decode step observed (0: prefill)
+        self.load = self._share(sum(s.counts.astype(np.float64) for s in prefill))
+        self.swaps, self.epoch = 0, 0
         self.layout = self._split()
+        layers = len(self.residents)
+        self.swapped = [0] * layers  # experts copied in per layer over the whole decode
+        self.steps: dict[int, tuple[Layout, tuple[tuple[int, ...], ...]]] = {}
+        wl, trace = ctx.workload, ctx.trace
+        requests = np.arange(wl.batch)
+        table = trace.decode_step_counts([requests])  # [S, 1, L, E], or None when too large to hold
+        self.total_steps = ctx.decode_steps_total
+        for step in range(1, self.total_steps + 1):
+            self.steps[step] = self._before(step)
+            if table is not None:
+                counts = table[step - 1, 0].astype(np.float64)
+            else:
+                counts = trace.expert_counts(trace.decode_rows(step, requests[wl.gen_lens > step])).astype(np.float64)
+            self.load = (1.0 - self.alpha) * self.load + self.alpha * self._share(counts)
 
     @staticmethod
-    def _share(slices: list[BatchSlice]) -> np.ndarray:
-        counts = sum(s.counts.astype(np.float64) for s in slices)
+    def _share(counts: np.ndarray) -> np.ndarray:
         return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
 
-    def observe(self, slices: list[BatchSlice], step: int) -> None:
-        gap, self.observed = step - self.observed, step
-        if gap == 1:
-            self.load = (1.0 - self.alpha) * self.load + self.alpha * self._share(slices)
-        else:  # the unobserved steps since the last observed one weigh in as this one
-            keep = (1.0 - self.alpha) ** gap
-            self.load = keep * self.load + (1.0 - keep) * self._share(slices)
-
-    def before(self, step: int) -> tuple[Layout, tuple[tuple[int, ...], ...], float]:
-        """Decode step `step`'s E_M / E_C, per MoE layer the experts entering E_R now (E_R is re-picked when a new
-        block of `every` decode steps begins, counted in workload steps so decode sampling keeps it), and the share
-        of their copies' bytes this step carries (1 when every step is planned)."""
+    def _before(self, step: int) -> tuple[Layout, tuple[tuple[int, ...], ...]]:
+        """Step `step`'s layout and, per MoE layer, the experts entering E_R now (E_R is re-picked when a new block
+        of `every` decode steps begins)."""
         entering: list[tuple[int, ...]] = [() for _ in self.residents]
         epoch = (step - 1) // self.every
-        crossed = epoch - self.epoch
-        if crossed > 0:
+        if epoch > self.epoch:
             self.epoch = epoch
             count = len(self.residents[0])
             for li, old in enumerate(self.residents):
                 new = tuple(int(e) for e in np.argsort(-self.load[li], kind="stable")[:count])
                 entering[li] = tuple(sorted(set(new) - set(old)))
                 self.residents[li] = new
-                self.swaps += len(entering[li]) * crossed
+                self.swaps += len(entering[li])
+                self.swapped[li] += len(entering[li])
             self.layout = self._split()  # the split only changes when E_R does
-        share = 1.0 if self.decode_scale == 1.0 else max(crossed, 0) / self.decode_scale
-        return self.layout, tuple(entering), share
+        return self.layout, tuple(entering)
+
+    def at(self, step: int, sampled: bool, expert_bytes: int
+           ) -> tuple[Layout, tuple[tuple[int, ...], ...], tuple[int, ...] | None]:
+        """What decode step `step` emits: its layout, the experts entering E_R at it, and (on a sample of steps)
+        the bytes of each layer's swap copy, its share of every step's swaps; None: the entering experts' own."""
+        layout, entering = self.steps[step]
+        if not sampled:
+            return layout, entering, None
+        return layout, entering, tuple(round(n * expert_bytes / self.total_steps) for n in self.swapped)
 
     def _split(self) -> Layout:
         """E_M / E_C for the current E_R: the static plan's E_M minus residents; everything else on the CPU."""

@@ -91,7 +91,7 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str], flag:
         applied.append(f"{path}={owner[field]}")
     name = f"{system.name}[{','.join(applied)}]"
     data["name"] = name
-    return build_system(name, data, f"system {system.name} with --set")
+    return build_system(name, data, f"system {system.name} with {flag}")
 
 
 def normalised_settings(system: SystemSpec, settings: Mapping[str, str], flag: str = "--set") -> dict[str, str]:
