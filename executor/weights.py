@@ -96,11 +96,11 @@ def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
 
 
 def first_layers(weights: ModelWeights, spec: ModelSpec, num_layers: int) -> ModelWeights | None:
-    """The weights of `spec`'s first `num_layers` layers, shared with `weights` when those are bf16 weights of
+    """The weights of `spec`'s first `num_layers` layers, shared with `weights` when those are bf16 CPU weights of
     `spec` truncated at or past them (None otherwise: the caller draws its own)."""
     held = weights.spec.num_layers
-    if weights.dtype != torch.bfloat16 or not num_layers <= held <= spec.num_layers or \
-            weights.spec != truncated(spec, held):
+    if weights.dtype != torch.bfloat16 or weights.embed.device.type != "cpu" or \
+            not num_layers <= held <= spec.num_layers or weights.spec != truncated(spec, held):
         return None
     return dataclasses.replace(weights, spec=truncated(spec, num_layers), layers=weights.layers[:num_layers])
 

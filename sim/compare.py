@@ -184,6 +184,6 @@ def compare_table(result: dict[str, Any]) -> pd.DataFrame:
                      "coxmoe_speedup": speedup, "total_s": r["total_s"],
                      "prefill_s": r["prefill_s"], "decode_s": r["decode_s"], **busy,
                      "peak_vram_gib": r["peak_gpu_bytes"] / 2**30, "note": ""})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=None if rows else ["policy", "throughput_tok_s", "coxmoe_speedup", "note"])
     table["coxmoe_speedup"] = pd.to_numeric(table["coxmoe_speedup"], errors="coerce")
     return table if "coxmoe" in result["policies"] else table.drop(columns="coxmoe_speedup")

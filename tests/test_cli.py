@@ -423,6 +423,7 @@ def test_a_run_that_does_not_fit_is_noted_with_its_reason():
     table = compare_table({"policies": {"flexgen": {"feasible": False, "error": search}}, "coxmoe_speedup": {}})
     assert table.iloc[0]["note"].startswith("no configuration fits")
     assert "coxmoe_speedup" not in table  # no CoX-MoE in the run: no column of Nones
+    assert compare_table({"policies": {}, "coxmoe_speedup": {}}).empty  # nothing ran: an empty table, no KeyError
 
 
 def test_compare_speedups_are_one_on_coxmoe_and_blank_where_a_side_did_not_fit(capsys):
