@@ -21,7 +21,7 @@ POLICIES = ("coxmoe", "moe-lightning", "flexgen")
 
 
 def main() -> None:
-    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", type=positive_int, default=16)
     args = parser.parse_args()
     print(f"{'model':>17} {'system':>17} {'p/g':>8} {'policy':>14} {'all steps':>10} {'sampled':>10} {'error':>7} "

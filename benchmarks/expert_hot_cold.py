@@ -19,7 +19,7 @@ H, F, EXPERTS = 4096, 14336, 8
 
 
 def main() -> None:
-    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=positive_int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()

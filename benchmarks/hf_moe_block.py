@@ -110,7 +110,7 @@ def _hf_block(h: int, f: int, e: int, w13: torch.Tensor, w2: torch.Tensor):
 
 
 def main() -> None:
-    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()

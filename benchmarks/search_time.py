@@ -1,4 +1,4 @@
-"""Search time per policy for one grid point: the analytic ranking and the simulation re-scoring, separately.
+"""Search time per policy for one grid point: the search (analytic ranking and simulated re-scoring) and the wall.
 
     python benchmarks/search_time.py [--model qwen3-30b-a3b] [--system rtx6000ada-8452y] [--prompt-len 800]
                                      [--gen-len 256] [--batch 1024]

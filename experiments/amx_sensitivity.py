@@ -100,7 +100,7 @@ def summary(table: pd.DataFrame) -> list[str]:
 
 
 def main() -> None:
-    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=output_dir, default="docs/results",
                         help="folder for amx_sensitivity.csv and .md")
     parser.add_argument("--work", type=output_dir, default="out/amx_sensitivity", help="sweep results (resumable)")

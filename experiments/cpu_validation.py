@@ -56,7 +56,7 @@ def _positive(text: str) -> int:
 
 
 def main() -> None:
-    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=output_dir, default="docs/results")
     parser.add_argument("--profile", default="out/profile-paired")
     parser.add_argument("--layers", type=_positive, default=2)
@@ -135,7 +135,8 @@ def main() -> None:
             "The profile was measured before this run; each plan ran 3 times after a warm-up (per-op medians).")
     how = f"--rounds {args.rounds}" if paired else "--reuse-profile"
     header = (f"Made by `python experiments/cpu_validation.py --out {args.out} --profile {args.profile} --layers "
-              f"{args.layers} {how}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} "
+              f"{args.layers} --prompt-len {args.prompt_len} --gen-len {args.gen_len} --max-tokens {args.max_tokens} "
+              f"{how}` in {time.perf_counter() - t0:.0f} s on {fp['cpu_model']} "
               f"({fp['cpus']} CPUs, "
               f"{torch.get_num_threads()} threads, torch {fp['torch']}, AMX {'yes' if fp['amx_tile'] else 'no'}). "
               f"Prompt {args.prompt_len}, output {args.gen_len}, Mixtral-8x7B measured routing table. {mode}"

@@ -270,7 +270,7 @@ def render(folder: Path, system: str = "h200-8452y", gpu: str | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="the gpu_check folder (unpacked from gpu_check.tar.gz)")
     p.add_argument("--out", help="markdown file to write (default: print)")
     p.add_argument("--gemm-yaml", help="also write the measured GEMMs as a gpu_ops.yaml gemm set")

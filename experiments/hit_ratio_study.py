@@ -108,7 +108,7 @@ def plot(hits: pd.DataFrame, path: Path) -> None:
 
 
 def main() -> None:
-    ap = ScriptParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=output_dir, default="docs/results")
     ap.add_argument("--batch", type=positive_int, default=1024)
     ap.add_argument("--seeds", type=positive_int, default=5)

@@ -106,7 +106,7 @@ def markdown(summary: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=output_dir, default="docs/results",
                         help="folder for paper_grid.csv and paper_grid.md")
     parser.add_argument("--traces", type=output_dir, default="out/traces", help="cache folder for the routing traces")

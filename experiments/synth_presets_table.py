@@ -43,7 +43,7 @@ def measure(name: str, requests: int, seed: int = 0) -> list[dict]:
 
 
 def main() -> None:
-    ap = ScriptParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=output_dir, default="docs/results")
     ap.add_argument("--requests", type=positive_int, default=128)
     args = ap.parse_args()

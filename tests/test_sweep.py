@@ -744,3 +744,21 @@ def test_sweep_results_of_a_store_with_no_rows(tmp_path, capsys):
     assert "0 points" in out.out and "1 of the spec's 1 points have no result yet" in out.err
     back = pd.read_csv(tmp_path / "e.csv")
     assert back.empty and {"key", "status", "throughput_tok_s", "batch"} <= set(back.columns)
+
+
+def test_sweep_results_show_an_axis_whose_values_include_none(tmp_path, capsys, monkeypatch):
+    """Rows that differ only in a setting one of them leaves unset (a `profile` or `trace` axis with null) show
+    that column: under pandas 3 `astype(str)` kept the NaN, so the column counted one value and was hidden."""
+    import numpy as np
+    import pandas as pd
+
+    import experiments.sweep.store as store
+
+    rows = pd.DataFrame({"key": ["a", "b"], "status": ["ok", "ok"], "model": ["m", "m"], "system": ["s", "s"],
+                         "policy": ["coxmoe"] * 2, "batch": [8, 8], "prompt_len": [8, 8], "gen_len": [2, 2],
+                         "throughput_tok_s": [48529.0, 1105.0], "wall_s": [1.0, 1.0], "error": ["", ""],
+                         "profile": [np.nan, "prof-tiny"], "stale": [False, False]})
+    monkeypatch.setattr(store, "load_results", lambda folder: rows)
+    assert main(["sweep-results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "profile" in out and "prof-tiny" in out

@@ -119,7 +119,7 @@ def cmd_sweep_results(args: argparse.Namespace) -> int:
     shown = ["key", "status", "model", "system", "policy", "batch", "prompt_len", "gen_len", "throughput_tok_s",
              "wall_s", "error"]
     for name in VARYING_COLUMNS:  # shown where the rows differ in them, so no two rows look alike
-        if name in df.columns and df[name].astype(str).nunique() > 1:
+        if name in df.columns and df[name].map(str).nunique() > 1:  # map: astype(str) keeps NaN apart
             shown.insert(shown.index("throughput_tok_s"), name)
     stale = int(df["stale"].sum())
     note = f" ({stale} recorded by other code or library versions: a rerun of the sweep simulates them again)" \
