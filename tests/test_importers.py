@@ -169,6 +169,13 @@ def test_trace_import_command(capsys, tmp_path):
     assert main(["trace", "import", str(bad), "--format", "jsonl", "-o", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.jsonl:1: not JSON" in err and not (tmp_path / "x.npz").exists()
+    # a flag of another format is refused, not ignored in silence
+    for fmt, extra, message in (("jsonl", ["--top-k", "3"], "--format jsonl does not use --top-k (it takes --experts)"),
+                                ("counts", ["--top-k", "2", "--experts", "8"], "counts does not use --experts"),
+                                ("switch-csv", ["--seed", "9"], "--format switch-csv does not use --seed")):
+        assert main(["trace", "import", str(bad), "--format", fmt, *extra, "-o", str(tmp_path / "y.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and not (tmp_path / "y.npz").exists()
 
 
 @pytest.mark.parametrize("text", [

@@ -99,7 +99,7 @@ def test_a_measured_timeline_names_the_cpu_that_ran_it(tmp_path, capsys, monkeyp
                  "cpu-only", "--batch", "2", "--prompt-len", "2", "--gen-len", "2", "--cuda", "off", "--warmup", "0",
                  "--timeline", str(record)]) == 0
     names = {e["args"]["name"] for e in json.loads(record.read_text())["traceEvents"] if e.get("name") == "thread_name"}
-    assert cpu in names
+    assert cpu in names and f"timeline: {record}" in capsys.readouterr().out  # says where it wrote
 
 
 def test_timeline_with_a_measured_record(tmp_path, capsys):

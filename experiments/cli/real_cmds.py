@@ -127,6 +127,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     print(f"  throughput {d['throughput_tok_s']:.1f} generated tok/s; prefill {d['prefill_s']:.3f} s, "
           f"decode {d['decode_s']:.3f} s, total {d['total_s']:.3f} s ({len(plan.ops)} ops)")
     print(f"  busy: {', '.join(f'{k} {v:.0%}' for k, v in d['busy_fraction'].items() if v)}")
+    if args.timeline:
+        print(f"  timeline: {args.timeline} (open in https://ui.perfetto.dev)")
     return 0
 
 

@@ -90,6 +90,12 @@ def _save_and_report(trace, output: str, origin: str) -> int:
 def cmd_trace_import(args: argparse.Namespace) -> int:
     from traces import import_jsonl, import_switch_csv, read_count_table, trace_from_counts
 
+    uses = {"jsonl": ("--experts",), "switch-csv": (), "counts": ("--top-k", "--seed")}[args.format]
+    given = [flag for flag, value in (("--experts", args.experts), ("--top-k", args.top_k), ("--seed", args.seed))
+             if value is not None and flag not in uses]
+    if given:  # a flag of another format had been ignored in silence
+        raise SimInputError(f"--format {args.format} does not use {', '.join(given)}"
+                            + (f" (it takes {', '.join(uses)})" if uses else " (the file sets its own shape)"))
     if args.format == "jsonl":
         trace = import_jsonl(args.file, model=args.model or "imported", num_experts=args.experts)
     elif args.format == "switch-csv":
@@ -98,7 +104,7 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
         if not args.top_k:
             raise SimInputError("--format counts needs --top-k (the table counts top-k selections)")
         trace = trace_from_counts(read_count_table(args.file), args.top_k, model=args.model or "counts",
-                                  seed=args.seed, source=f"counts:{Path(args.file).name}")
+                                  seed=args.seed or 0, source=f"counts:{Path(args.file).name}")
     return _save_and_report(trace, args.output, f"source {trace.header.source}")
 
 
@@ -262,7 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name for the trace header")
     p.add_argument("--experts", type=positive_int, help="jsonl: experts per layer (default: largest id + 1)")
     p.add_argument("--top-k", type=top_k_arg, help="counts: experts per token")
-    p.add_argument("--seed", type=seed_int, default=0, help="counts: seed of the token order")
+    p.add_argument("--seed", type=seed_int, help="counts: seed of the token order (default 0)")
     p.add_argument("-o", "--output", required=True, type=output_file(".npz", exact=True), help="output .npz file")
     p.set_defaults(func=cmd_trace_import)
     p = tsub.add_parser("record", help="record routing from a local Hugging Face MoE checkpoint")
