@@ -760,10 +760,9 @@ class _Restratifier:
         self.residents, self.static = list(static.resident), static
         self.alpha, self.every = ema
         self.load = self._share(sum(s.counts.astype(np.float64) for s in prefill))
-        self.swaps, self.epoch = 0, 0
+        self.epoch = 0
         self.layout = self._split()
-        layers = len(self.residents)
-        self.swapped = [0] * layers  # experts copied in per layer over the whole decode
+        self.swapped = [0] * len(self.residents)  # experts copied in per layer over the whole decode
         self.steps: dict[int, tuple[Layout, tuple[tuple[int, ...], ...]]] = {}
         wl, trace = ctx.workload, ctx.trace
         requests = np.arange(wl.batch)
@@ -776,6 +775,11 @@ class _Restratifier:
             else:
                 counts = trace.expert_counts(trace.decode_rows(step, requests[wl.gen_lens > step])).astype(np.float64)
             self.load = (1.0 - self.alpha) * self.load + self.alpha * self._share(counts)
+
+    @property
+    def swaps(self) -> int:
+        """Experts copied into E_R over the whole decode (every step's, whichever the plan emits)."""
+        return sum(self.swapped)
 
     @staticmethod
     def _share(counts: np.ndarray) -> np.ndarray:
@@ -793,7 +797,6 @@ class _Restratifier:
                 new = tuple(int(e) for e in np.argsort(-self.load[li], kind="stable")[:count])
                 entering[li] = tuple(sorted(set(new) - set(old)))
                 self.residents[li] = new
-                self.swaps += len(entering[li])
                 self.swapped[li] += len(entering[li])
             self.layout = self._split()  # the split only changes when E_R does
         return self.layout, tuple(entering)
