@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,8 @@ from executor.weights import LayerWeights, ModelWeights, first_layers, random_we
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
 from sim.specs import ModelSpec
 from traces.files import write_atomic_text
+
+T = TypeVar("T")
 
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 ATTENTION_BATCH = (1, 4, 16, 64, 256)
@@ -285,12 +288,7 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
 
     # The executor runs every op in a worker thread (one per stream); measure in one too, since torch's
     # intra-op thread pool behaves differently there than on the main thread.
-    errors: list[BaseException] = []
-    worker = threading.Thread(target=lambda: _guard(measure, errors), name="profile")
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
+    _in_worker(measure)
     rows = [{"device": device, "kind": kind, "tokens": point[0], "kv": point[1],
              "median_s": float(np.median(v)), "p10_s": float(np.percentile(v, 10)),
              "p90_s": float(np.percentile(v, 90)), "repeats": len(v)} for (kind, point), v in samples.items()]
@@ -302,11 +300,11 @@ def _measure(spec: ModelSpec, device: str, rounds: int, max_tokens: int, progres
     return rows
 
 
-def _in_worker(fn: Callable[[], list[dict]]) -> list[dict]:
+def _in_worker(fn: Callable[[], T]) -> T:
     """`fn()` run on a worker thread, as the executor runs its ops (errors re-raised here)."""
-    out: list[list[dict]] = []
+    out: list[T] = []
     errors: list[BaseException] = []
-    worker = threading.Thread(target=lambda: _guard(lambda: out.append(fn()), errors), name="profile-overheads")
+    worker = threading.Thread(target=lambda: _guard(lambda: out.append(fn()), errors), name="profile")
     worker.start()
     worker.join()
     if errors:

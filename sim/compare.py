@@ -113,6 +113,12 @@ def _run_forked(m: ModelSpec, s: SystemSpec, policy: str, options: dict[str, str
     return _run(m, s, policy, options, _FORKED_TRACE[0], seed, decode_sample)
 
 
+def _lengths(tr: RoutingTrace) -> dict[str, float | int]:
+    """The run's prompt and output lengths as compare and ablation report them: means and maxima."""
+    return {"prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
+            "prompt_len_max": int(tr.prompt_lens.max()), "gen_len_max": int(tr.gen_lens.max())}
+
+
 def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | None = None,
             prompt_len: int | None = None, gen_len: int | None = None, trace: str | Path | RoutingTrace | None = None,
             routing: str = "uniform", reuse_prob: float = 0.0, seed: int = 0, decode_sample: int = 0,
@@ -129,8 +135,7 @@ def compare(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | No
     speedups = {p: (cox["throughput_tok_s"] / r["throughput_tok_s"]) if cox.get("feasible") and r.get("feasible")
                 and r["throughput_tok_s"] > 0 else None for p, r in results.items() if p != "coxmoe"}
     return {"model": m.name, "system": s.name, "batch": tr.num_requests,
-            "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
-            "prompt_len_max": int(tr.prompt_lens.max()), "gen_len_max": int(tr.gen_lens.max()),
+            **_lengths(tr),
             "routing": routing_name, "seed": seed, "decode_sample": decode_sample,
             "policies": results, "coxmoe_speedup": speedups}
 
@@ -156,8 +161,7 @@ def ablation(model: str | ModelSpec, system: str | SystemSpec, *, batch: int | N
         ok = row.get("feasible") and base.get("feasible") and base["throughput_tok_s"] > 0
         row["speedup_over_moe_lightning"] = row["throughput_tok_s"] / base["throughput_tok_s"] if ok else None
     return {"model": m.name, "system": s.name, "batch": tr.num_requests,
-            "prompt_len_mean": float(tr.prompt_lens.mean()), "gen_len_mean": float(tr.gen_lens.mean()),
-            "prompt_len_max": int(tr.prompt_lens.max()), "gen_len_max": int(tr.gen_lens.max()),
+            **_lengths(tr),
             "routing": routing_name, "seed": seed, "decode_sample": decode_sample, "steps": rows}
 
 

@@ -34,26 +34,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-# the figure each of `reproduce`'s own flags is for (a figure given a flag it does not use is refused)
-FIGURE_FLAGS = {"--workers": "fig7", "--engine": "fig7", "--ray-address": "fig7", "--profile": "calibration",
-                "--record": "timeline"}
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from experiments.reproduce import ReproduceOptions, reproduce
+    from experiments.reproduce import FIGURE_OPTIONS, ReproduceOptions, reproduce
     from experiments.reproduce.report import reproduce_all
     from experiments.tables import markdown_table
 
     if args.keep and args.name != "all":
         raise SimInputError(f"--keep carries figures of `reproduce all`; `reproduce {args.name}` reruns only "
                             f"{args.name} (omit --keep)")
-    given = {"--workers": args.workers is not None, "--engine": args.engine != "local",
-             "--ray-address": args.ray_address is not None, "--profile": args.profile is not None,
-             "--record": args.record is not None}
-    unused = [flag for flag, set_ in given.items() if set_ and args.name not in ("all", FIGURE_FLAGS[flag])]
+    given = {"workers": args.workers is not None, "engine": args.engine != "local",
+             "ray_address": args.ray_address is not None, "profile": args.profile is not None,
+             "record": args.record is not None}
+    unused = [o for o, set_ in given.items() if set_ and args.name not in ("all", FIGURE_OPTIONS[o])]
     if unused:
-        raise SimInputError(f"reproduce {args.name} does not use {', '.join(unused)} (for "
-                            f"{', '.join(sorted({FIGURE_FLAGS[f] for f in unused}))}); omit it")
+        flags = ", ".join("--" + o.replace("_", "-") for o in unused)
+        raise SimInputError(f"reproduce {args.name} does not use {flags} (for "
+                            f"{', '.join(sorted({FIGURE_OPTIONS[o] for o in unused}))}); omit it")
     if args.name in ("fig7", "all"):  # the sweep's own checks, before any figure runs
         from experiments.sweep.run import check_request
 

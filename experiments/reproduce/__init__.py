@@ -43,6 +43,12 @@ FIGURE_SYSTEMS: dict[str, tuple[str, ...]] = {
     "timeline": ("rtx6000ada-8452y",), "beyond": ("a100-80g-8452y-ndp8",)}
 
 
+# The figure each of reproduce's own options is for (the CLI refuses one given to another figure; a command line
+# names those its figure uses).
+FIGURE_OPTIONS = {"workers": "fig7", "engine": "fig7", "ray_address": "fig7", "profile": "calibration",
+                  "record": "timeline"}
+
+
 @dataclass(frozen=True)
 class ReproduceOptions:
     out: Path
@@ -97,8 +103,7 @@ class ReproduceOptions:
     def command(self, name: str) -> str:
         """The command line that makes figure `name` (or `all`) with these options; flags a figure ignores are
         left out."""
-        uses = {"fig7": ("workers", "engine"), "calibration": ("profile",), "timeline": ("record",)}
-        wanted = {f for fs in uses.values() for f in fs} if name == "all" else set(uses.get(name, ()))
+        wanted = {f for f, figure in FIGURE_OPTIONS.items() if name in ("all", figure)}
         parts = ["coxmoe reproduce", name, "--out", str(self.out)]
         if self.quick:
             parts.append("--quick")
