@@ -108,11 +108,18 @@ def recorded_fingerprint(profile_dir: str | Path) -> dict:
     return _recorded(profile_dir, "fingerprint") or {}
 
 
+def recorded_readings(profile_dir: str | Path) -> list[dict | None] | None:
+    """The machine-speed readings a profile directory recorded before and after its measurements (None when it
+    recorded none, or cannot be read)."""
+    speed = _recorded(profile_dir, "speed")
+    return None if speed is None else [speed.get("before"), speed.get("after")]
+
+
 def recorded_speed(profile_dir: str | Path) -> dict[str, float] | None:
     """The mean of the machine-speed readings a profile directory recorded before and after its measurements
     (None when it recorded none, or cannot be read)."""
-    speed = _recorded(profile_dir, "speed")
-    return None if speed is None else mean_reading([speed.get("before"), speed.get("after")])
+    readings = recorded_readings(profile_dir)
+    return None if readings is None else mean_reading(readings)
 
 
 def machine_differences(recorded: dict, here: dict | None = None) -> list[str]:

@@ -4,6 +4,10 @@ A profile records one reading before and one after its measurements; a validatio
 after the plan runs. On a shared VM whose speed drifts between profiling and validating (20-30% within an hour
 on the development VMs), the ratio of the two says how much of a validation error is the machine's drift
 rather than the cost model's. Nothing is corrected with it: it is reported beside the errors.
+
+Readings themselves are noisy on such VMs (the AMX development VM read 1.51 and 0.74 TFLOP/s one second apart), so
+a ratio counts as drift only when it moved by more than both DRIFT_NOTE and the spread between one window's
+before and after readings (`spread`): a change inside the machine's own noise is reported as noise.
 """
 
 from __future__ import annotations
@@ -67,7 +71,31 @@ def describe(ratios: dict[str, float] | None) -> str:
             "the profile was measured")
 
 
-def drifted(ratios: dict[str, float] | None) -> bool:
-    """Whether either reading moved by more than DRIFT_NOTE since profiling."""
-    return ratios is not None and any(abs(r - 1.0) > DRIFT_NOTE for r in ratios.values())
+def spread(windows: list[list[dict[str, Any] | None]]) -> dict[str, float] | None:
+    """The largest relative spread (fastest over slowest reading, minus one) within any one window of readings
+    (a profile's before and after, a validation's): how far this machine's speed moves by itself. None when a
+    window lacks a usable reading."""
+    spreads: dict[str, float] = {}
+    for window in windows:
+        if mean_reading(window) is None:
+            return None
+        for key in ("gemm_tflops", "copy_gb_s"):
+            values = [r[key] for r in window]
+            spreads[f"{key}_ratio"] = max(spreads.get(f"{key}_ratio", 0.0), max(values) / min(values) - 1.0)
+    return spreads or None
+
+
+def drifted(ratios: dict[str, float] | None, noise: dict[str, float] | None = None) -> bool:
+    """Whether either reading moved since profiling by more than DRIFT_NOTE and more than the readings' own
+    spread within a window (`noise`, from `spread`; none known: DRIFT_NOTE alone). Faster or slower alike: the
+    move is the larger reading over the smaller, minus one, as a spread is."""
+    if ratios is None:
+        return False
+    return any(max(r, 1.0 / r) - 1.0 > max(DRIFT_NOTE, (noise or {}).get(key, 0.0)) for key, r in ratios.items())
+
+
+def noisy(noise: dict[str, float] | None) -> bool:
+    """Whether the readings within one window already differ by more than DRIFT_NOTE: this machine's speed moves
+    too much by itself for a drift since profiling to be told apart."""
+    return noise is not None and any(v > DRIFT_NOTE for v in noise.values())
 

@@ -11,17 +11,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from executor.profile import TOKEN_GRID, covering, machine_differences, profile, recorded_fingerprint, recorded_speed
+from executor.profile import TOKEN_GRID, covering, machine_differences, profile, recorded_fingerprint, recorded_readings
 from executor.run import ExecutionResult, execute_plan
-from executor.speed_probe import drift, mean_reading, speed_probe
+from executor.speed_probe import drift, mean_reading, speed_probe, spread
 from executor.weights import ModelWeights
 from sim.atomic_files import save_figure_file
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
 from sim.errors import SimInputError
-from sim.metrics import compare_records, op_class
+from sim.metrics import STAND_IN, compare_records, op_class
 from sim.plan import Plan
 from sim.specs import ModelSpec
+from sim.topology import UnitKind, topology_of
 from traces import RoutingTrace
 
 
@@ -52,16 +53,21 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
         execute_plan(plan, weights, trace, use_cuda=use_cuda)
     before = speed_probe() if probe else None
     runs = [execute_plan(plan, weights, trace, use_cuda=use_cuda) for _ in range(max(repeats, 1))]
-    now = mean_reading([before, speed_probe()]) if probe else None
+    readings = [before, speed_probe()] if probe else None
     result = compare_runs(plan, runs, profile_dir)
-    if now is not None:
-        result["machine_speed"] = _machine_speed(recorded_speed(profile_dir), now)
+    if readings is not None:
+        result["machine_speed"] = _machine_speed(recorded_readings(profile_dir), readings)
     return result
 
 
-def _machine_speed(at_profile: dict[str, float] | None, now: dict[str, float]) -> dict[str, Any]:
-    """The readings when profiled and when validated, and their ratios (None without a profile reading)."""
-    return {"profile": at_profile, "validation": now, "ratios": drift(at_profile, now)}
+def _machine_speed(at_profile: list[dict | None] | None, now: list[dict]) -> dict[str, Any]:
+    """The mean readings when profiled and when validated (each window's before and after), their ratios (None
+    without a profile reading), and `spread`: how far the readings of one window moved by themselves (None
+    without a profile reading), which a ratio must exceed to count as drift."""
+    profile_mean = None if at_profile is None else mean_reading(at_profile)
+    now_mean = mean_reading(now)
+    return {"profile": profile_mean, "validation": now_mean, "ratios": drift(profile_mean, now_mean),
+            "spread": None if profile_mean is None else spread([at_profile, now])}
 
 
 def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWeights, spec: ModelSpec,
@@ -88,7 +94,7 @@ def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWe
 
     profile(spec, profile_dir, devices=("cpu",), rounds=rounds, max_tokens=max_tokens, progress=progress,
             max_requests=max_requests, max_kv=max_kv, between_rounds=run_cases, weights=weights)
-    speed = recorded_speed(profile_dir)
+    speed = recorded_readings(profile_dir)
     results = []
     for (plan, _), measured in zip(cases, runs, strict=True):
         result = compare_runs(plan, measured, profile_dir)
@@ -113,6 +119,8 @@ def grid_bounds(plans: Sequence[Plan]) -> dict[str, int]:
 def require_unprofiled(profile_dir: str | Path, hint: str) -> None:
     """Refuse a folder that already holds a profile where a paired validation would profile into it (and so
     overwrite it); `hint` says what to do instead."""
+    if Path(profile_dir).exists() and not Path(profile_dir).is_dir():
+        raise SimInputError(f"{profile_dir} is a file, not a folder: {hint}")
     if (Path(profile_dir) / "profile.json").exists():
         raise SimInputError(f"{profile_dir} already holds a profile: {hint}")
 
@@ -125,13 +133,15 @@ def compare_runs(plan: Plan, runs: list[ExecutionResult], profile_dir: str | Pat
                             threads=torch.get_num_threads())
     # the executor launches every expert op as its own kernels, whatever runtime the plan's policy stands for
     predicted = run_plan(dataclasses.replace(plan, expert_kernels="per_expert"), cost)
-    result = compare_records(plan, measured.record, predicted)
+    stand_in = frozenset(s for s, unit in topology_of(plan.system).streams.items()
+                         if measured.gpu_role_on_cpu and unit.kind is UnitKind.GPU)
+    result = compare_records(plan, measured.record, predicted, stand_in)
     result.update(measured.to_dict())
     result["runs"] = len(runs)
     result["profile_hits"], result["roofline_fallbacks"] = cost.hits, cost.misses
     result["profile_machine_differences"] = machine_differences(recorded_fingerprint(profile_dir))
     result["_per_op"] = {
-        "class": [op_class(op) for op in plan.ops],
+        "class": [op_class(op) + (STAND_IN if op.stream in stand_in else "") for op in plan.ops],
         "measured_s": ((measured.record.end_ns - measured.record.start_ns) / 1e9).tolist(),
         "predicted_s": ((predicted.end_ns - predicted.start_ns) / 1e9).tolist(),
     }

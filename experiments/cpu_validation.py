@@ -42,10 +42,12 @@ BATCHES = (16, 64, 256)
 def _speed(result: dict) -> str:
     """The machine's speed during a validation over its speed when profiled: on a drifting VM, the part of an
     error that is the machine's."""
-    ratios = (result.get("machine_speed") or {}).get("ratios")
+    speed = result.get("machine_speed") or {}
+    ratios, noise = speed.get("ratios"), speed.get("spread")
     if ratios is None:
         return "n/a (no reading in the profile)"
-    return f"{ratios['gemm_tflops_ratio']:.2f}x, {ratios['copy_gb_s_ratio']:.2f}x"
+    text = f"{ratios['gemm_tflops_ratio']:.2f}x, {ratios['copy_gb_s_ratio']:.2f}x"
+    return text + (f" (readings spread up to {max(noise.values()):.0%})" if noise else "")
 
 
 def _positive(text: str) -> int:

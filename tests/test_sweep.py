@@ -663,6 +663,27 @@ def test_refusals_of_the_run_come_before_the_results_store(tmp_path, capsys, mon
         assert not (tmp_path / "o" / "results.sqlite").exists()
 
 
+def test_a_run_refused_after_the_store_opened_leaves_no_empty_store(tmp_path, capsys, monkeypatch):
+    """A cluster that accepts the connection but not the job (ray.init fails) was refused after the results store
+    was made, leaving an empty results.sqlite; a store that already held points stays as it was."""
+    from experiments.sweep import run
+
+    def refuse(*_args, **_kwargs):
+        raise SimInputError("--ray-address 10.0.0.1:6379: cannot join the cluster (not a Ray head)")
+
+    monkeypatch.setattr(run, "run_ray", refuse)
+    monkeypatch.setattr(run, "check_ray_address", lambda address: None)  # reachable, as far as the probe knows
+    spec = _spec(tmp_path, {"fixed": {"model": "mixtral-8x7b", "system": "a100-80g-8452y", "batch": 4,
+                                      "prompt_len": 8, "gen_len": 2, "policy": "coxmoe"}})
+    argv = ["sweep", str(spec), "--out", str(tmp_path / "o"), "--engine", "ray", "--ray-address", "10.0.0.1:6379"]
+    assert main(argv) == 2
+    assert "cannot join the cluster" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "o")]) == 0  # one point recorded locally
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert len(load_results(tmp_path / "o")) == 1  # the earlier results stay
+
+
 def _trace_point_spec(tmp_path: Path, trace: str) -> dict:
     from traces import SynthConfig, generate_trace
     from traces.format import save_trace

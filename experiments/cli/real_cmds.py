@@ -191,8 +191,9 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
-    from executor.speed_probe import describe, drifted
+    from executor.speed_probe import describe, drifted, noisy
     from executor.validate import grid_bounds, plot_validation, require_unprofiled, validate_paired, validate_plan
+    from sim.metrics import STAND_IN
 
     if args.paired:
         require_unprofiled(args.profile, "--paired profiles into --profile (name a new folder, or drop --paired "
@@ -209,6 +210,7 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
                                args.warmup, args.repeats)
     if args.plot:
         plot_validation(result, args.plot, f"{spec.name} under {plan.policy}, batch {workload.batch}")
+        result["plot"] = str(args.plot)
     result.pop("_per_op")
     if args.json:
         emit_json({"model": spec.name, "policy": plan.policy, "knobs": plan.knobs, **result})
@@ -225,16 +227,28 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     if result.get("paired"):
         print(f"  paired: {args.profile} was profiled in the same {args.repeats} rounds as the runs (drift hits both)")
     elif speed is not None:
-        ratios = speed["ratios"]
-        note = "  note: this machine's speed moved since profiling, so part of each error is its drift; " \
-            if drifted(ratios) else "  "
+        ratios, noise = speed["ratios"], speed.get("spread")
+        if drifted(ratios, noise):
+            note = "  note: this machine's speed moved since profiling, so part of each error is its drift; "
+        elif noisy(noise):
+            note = (f"  note: this machine's speed moves by itself (its readings before and after one window "
+                    f"differ by up to {max(noise.values()):.0%}), so changes of that size are its noise; ")
+        else:
+            note = "  "
         print(f"{note}machine speed now: {describe(ratios)}")
+    width = max(12, *(len(c) for c in result["classes"]))
+    stand_ins = any(c.endswith(STAND_IN) for c in result["classes"])
     for c, v in result["classes"].items():
         err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
-        print(f"  {c:12} {v['ops']:6} ops  measured {v['measured_s']:.4f} s  predicted {v['predicted_s']:.4f} s  {err}")
+        err += " (CPU time against a GPU prediction)" if c.endswith(STAND_IN) else ""
+        print(f"  {c:{width}} {v['ops']:6} ops  measured {v['measured_s']:.4f} s  predicted {v['predicted_s']:.4f} s  "
+              f"{err}")
     for k, v in result["end_to_end"].items():
         err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
-        print(f"  {k:12} measured {v['measured']:.4f} s  predicted {v['predicted']:.4f} s  {err}")
+        err += " (includes GPU-role ops run on the CPU)" if stand_ins else ""
+        print(f"  {k:{width}} measured {v['measured']:.4f} s  predicted {v['predicted']:.4f} s  {err}")
+    if args.plot:
+        print(f"plot: {args.plot}")
     return 0
 
 

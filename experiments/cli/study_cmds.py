@@ -22,8 +22,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = ResultStore(args.out)
     try:
         summary = run_sweep(points, store, args.engine, args.workers, args.ray_address)
+    except SimInputError:  # refused once running (a cluster that would not take the job): no empty store left
+        store.discard_if_unused()
+        raise
     finally:
-        store.close()
+        store.close()  # (again, after a discard: a no-op)
     rerun = f" (of them {summary.stale} finished before by other code or library versions)" if summary.stale else ""
     print(f"sweep {args.spec} ({args.engine}): {summary.total} points, {summary.skipped} already done, "
           f"{summary.ok} ran{rerun}, {summary.failed} failed, {summary.wall_s:.1f} s; results in {store.path}")

@@ -18,7 +18,7 @@ import json
 import platform
 import sqlite3
 import time
-from contextlib import closing
+from contextlib import closing, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,8 @@ class ResultStore:
             raise SimInputError("--out: give the sweep's results folder (an empty name would write into the "
                                 "current one)")
         self.path = Path(out_dir) / DB_NAME
+        self._made_dir = not self.path.parent.exists()
+        self._new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(self.path)
@@ -138,6 +140,19 @@ class ResultStore:
 
     def close(self) -> None:
         self.conn.close()
+
+    def discard_if_unused(self) -> None:
+        """Close, and remove the store (and its folder) where this object made them and no point was recorded: a
+        run refused after the store was opened (a Ray cluster that would not take the job) leaves nothing behind."""
+        empty = self.conn.execute("SELECT COUNT(*) FROM points").fetchone()[0] == 0
+        self.conn.close()
+        if not (self._new and empty):
+            return
+        for suffix in ("", "-wal", "-shm"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        if self._made_dir:
+            with suppress(OSError):  # something else was written there meanwhile
+                self.path.parent.rmdir()
 
 
 def load_results(out_dir: str | Path) -> pd.DataFrame:
