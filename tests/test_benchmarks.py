@@ -77,3 +77,27 @@ def test_sweep_speed_runs_each_worker_count_from_scratch(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert exc.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_engine_exactness_fingerprints_repeat_and_a_changed_point_fails_the_compare(monkeypatch, tmp_path, capsys):
+    """The refactoring check of issue 13: the same code gives the same fingerprints; a point whose record or plan
+    differs (here, edited in the saved file) is named and exits 1; a point that does not fit is kept as refused."""
+    bench = _load("engine_exactness")
+    small = [("mixtral-8x7b", "a100-80g-8452y", "coxmoe", 8, 16, 2, 0),
+             ("mixtral-8x7b", "a100-80g-8452y", "gpu-only", 8, 16, 2, 0)]
+    monkeypatch.setattr(bench, "cases", lambda quick: small)
+    saved = tmp_path / "before.json"
+    monkeypatch.setattr(sys, "argv", ["engine_exactness.py", "--out", str(saved)])
+    assert bench.main() == 0
+    prints = json.loads(saved.read_text())
+    ok, refused = prints["mixtral-8x7b/a100-80g-8452y/coxmoe/8/16/2/0"], prints[
+        "mixtral-8x7b/a100-80g-8452y/gpu-only/8/16/2/0"]
+    assert ok["throughput_tok_s"] > 0 and len(ok["record"]) == len(ok["plan"]) == 16
+    assert refused == {"refused": "CapacityError"}
+    monkeypatch.setattr(sys, "argv", ["engine_exactness.py", "--compare", str(saved)])
+    assert bench.main() == 0 and "0 of 2 points changed" in capsys.readouterr().out
+    ok["record"] = "0" * 16
+    saved.write_text(json.dumps(prints))
+    assert bench.main() == 1
+    out = capsys.readouterr().out
+    assert "changed: mixtral-8x7b/a100-80g-8452y/coxmoe/8/16/2/0" in out and "1 of 2 points changed" in out
