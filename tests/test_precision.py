@@ -91,9 +91,10 @@ def test_int8_experts_fit_more_residents_and_run_faster_end_to_end():
 
 
 def test_native_precision_keeps_sweep_points_and_profiles_matching():
-    """A point at the default precision hashes as it did before the setting existed; another precision is part
-    of the point; a profile matches a model whatever its experts' precision (its rows cover each precision), and
-    one without rows for the model's quantised experts refuses it in one line."""
+    """A point at the default precision hashes as it did before the setting existed; another precision, or
+    `native` forced, is part of the point and round-trips; an unknown one is refused. (That a profile matches a
+    model whatever its experts' precision, and one without their rows refuses it, is checked by the two tests
+    below.)"""
     native = SimConfig("mixtral-8x7b", "a100-80g-8452y", "coxmoe", batch=8, prompt_len=4, gen_len=2)
     assert "expert_precision" not in native.point()
     int8 = native.replace(expert_precision="int8")

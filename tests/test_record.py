@@ -23,7 +23,7 @@ def tiny_checkpoint(path, family: str):
 
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128)
+                  max_position_embeddings=128, initializer_range=0.5)  # (0.02: every token routed alike)
     if family == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common)
         model = transformers.MixtralForCausalLM(cfg)
@@ -57,7 +57,7 @@ def test_recording_matches_the_models_own_router(tmp_path, family):
     # The model's own routing of the full sequence (prompt + the tokens fed back) equals the recorded one.
     loaded = type(model).from_pretrained(tmp_path / "m", local_files_only=True, dtype=torch.float32).eval()
     seen = []
-    hooks = [r.register_forward_hook(lambda _m, _i, out: seen.append(out[2])) for r in _routers(loaded)]
+    hooks = [r.register_forward_hook(lambda _m, _i, out: seen.append((out[0], out[2]))) for r in _routers(loaded)]
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m", local_files_only=True)
     for r, text in enumerate(prompts):
         ids = tok(text, return_tensors="pt")["input_ids"]
@@ -68,10 +68,16 @@ def test_recording_matches_the_models_own_router(tmp_path, family):
         seen.clear()
         with torch.no_grad():
             loaded(ids)
-        full = torch.stack([s.reshape(ids.shape[1], -1) for s in seen], dim=1).numpy()  # [T, L, k]
+        full = torch.stack([i.reshape(ids.shape[1], -1) for _, i in seen], dim=1).numpy()  # [T, L, k]
+        logits = torch.stack([lg.reshape(ids.shape[1], -1) for lg, _ in seen], dim=1).numpy()  # [T, L, E]
         start = int(trace.token_offsets[r])
         got = trace.experts[start:start + ids.shape[1]]
-        assert (np.sort(got, axis=-1) == np.sort(full, axis=-1)).mean() > 0.95  # fp noise may swap near-ties
+        same = (np.sort(got, axis=-1) == np.sort(full, axis=-1)).all(axis=-1)  # [T, L]
+        # Only a near-tie may differ: the recorder ran the prompt and each new token through the KV cache, this
+        # check the whole sequence at once, so float noise (about 1e-6 here) may swap a k-th and (k+1)-th expert.
+        ranked = -np.sort(-logits, axis=-1)
+        margin = ranked[..., trace.header.top_k - 1] - ranked[..., trace.header.top_k]
+        assert same[margin > 1e-4].all() and same.mean() > 0.9
     for h in hooks:
         h.remove()
     assert trace.gate_weights is not None and (trace.gate_weights >= 0).all()
