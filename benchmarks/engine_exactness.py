@@ -70,14 +70,14 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, help="compare with fingerprints written before; exit 1 on a change")
     parser.add_argument("--quick", action="store_true", help="one model on two systems")
     args = parser.parse_args()
+    before = json.loads(args.compare.read_text()) if args.compare else None  # (read first: --out may be the file)
     t0 = time.perf_counter()
     prints = {"/".join(map(str, c)): fingerprint(c) for c in cases(args.quick)}
     refused = sum("refused" in v for v in prints.values())
     print(f"{len(prints)} points ({refused} refused) in {time.perf_counter() - t0:.1f} s")
     if args.out:
         args.out.write_text(json.dumps(prints, indent=1, sort_keys=True) + "\n")
-    if args.compare:
-        before = json.loads(args.compare.read_text())
+    if before is not None:
         changed = sorted(k for k in prints.keys() | before.keys() if prints.get(k) != before.get(k))
         for key in changed:
             print(f"changed: {key}: {before.get(key)} -> {prints.get(key)}")

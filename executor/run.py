@@ -47,6 +47,7 @@ class ExecutionResult:
     # more modelled GPUs than real ones: some share a device, and copies between them ran within it (at its
     # memory bandwidth), not over a GPU-to-GPU link
     gpus_shared: bool = False
+    cuda: bool = False  # GPU streams ran on CUDA and link copies moved their bytes (without it they take no time)
 
     def to_dict(self) -> dict[str, Any]:
         return {"devices": self.devices, "gpu_role_on_cpu": self.gpu_role_on_cpu, "ndp_emulated": self.ndp_emulated,
@@ -266,7 +267,7 @@ def execute_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, use_cud
     gpu_role_on_cpu = not cuda and any(topo.streams[s].kind is UnitKind.GPU for s, ids in by_stream.items() if ids)
     ndp = any(topo.streams[s].kind is UnitKind.NDP for s, ids in by_stream.items() if ids)
     return ExecutionResult(record, devices, gpu_role_on_cpu, wall, interp.outputs, ndp_emulated=ndp,
-                           gpus_shared=cuda and gpus_modelled(topo, by_stream) > torch.cuda.device_count())
+                           gpus_shared=cuda and gpus_modelled(topo, by_stream) > torch.cuda.device_count(), cuda=cuda)
 
 
 _STREAMS: dict[tuple[str, str], Any] = {}

@@ -6,8 +6,9 @@ on the development VMs), the ratio of the two says how much of a validation erro
 rather than the cost model's. Nothing is corrected with it: it is reported beside the errors.
 
 Readings themselves are noisy on such VMs (the AMX development VM read 1.51 and 0.74 TFLOP/s one second apart), so
-a ratio counts as drift only when it moved by more than both DRIFT_NOTE and the spread between one window's
-before and after readings (`spread`): a change inside the machine's own noise is reported as noise.
+a ratio counts as drift only when it moved by more than both DRIFT_NOTE and the spread between the validation's
+own two readings, taken seconds apart around its runs (`spread`): a change inside the machine's short-term noise
+is reported as noise. (The profile's two readings are minutes apart: their spread would be drift too.)
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def describe(ratios: dict[str, float] | None) -> str:
 
 def spread(windows: list[list[dict[str, Any] | None]]) -> dict[str, float] | None:
     """The largest relative spread (fastest over slowest reading, minus one) within any one window of readings
-    (a profile's before and after, a validation's): how far this machine's speed moves by itself. None when a
-    window lacks a usable reading."""
+    taken close together (a validation's before and after its runs): how far this machine's speed moves by
+    itself. None when a window lacks a usable reading."""
     spreads: dict[str, float] = {}
     for window in windows:
         if mean_reading(window) is None:

@@ -19,7 +19,7 @@ from sim.atomic_files import save_figure_file
 from sim.cost.profile import ProfileCostModel
 from sim.engine import EngineRecord, run_plan
 from sim.errors import SimInputError
-from sim.metrics import STAND_IN, compare_records, op_class
+from sim.metrics import GPU_ON_CPU, UNTIMED_COPY, class_of, compare_records
 from sim.plan import Plan
 from sim.specs import ModelSpec
 from sim.topology import UnitKind, topology_of
@@ -62,12 +62,13 @@ def validate_plan(plan: Plan, weights: ModelWeights, trace: RoutingTrace, profil
 
 def _machine_speed(at_profile: list[dict | None] | None, now: list[dict]) -> dict[str, Any]:
     """The mean readings when profiled and when validated (each window's before and after), their ratios (None
-    without a profile reading), and `spread`: how far the readings of one window moved by themselves (None
-    without a profile reading), which a ratio must exceed to count as drift."""
+    without a profile reading), and `spread`: how far the validation's two readings, seconds apart, differ by
+    themselves (None without a profile reading), which a ratio must exceed to count as drift. The profile's two
+    readings are minutes apart, so theirs would count a slowdown during profiling as noise."""
     profile_mean = None if at_profile is None else mean_reading(at_profile)
     now_mean = mean_reading(now)
     return {"profile": profile_mean, "validation": now_mean, "ratios": drift(profile_mean, now_mean),
-            "spread": None if profile_mean is None else spread([at_profile, now])}
+            "spread": None if profile_mean is None else spread([now])}
 
 
 def validate_paired(cases: Sequence[tuple[Plan, RoutingTrace]], weights: ModelWeights, spec: ModelSpec,
@@ -133,19 +134,28 @@ def compare_runs(plan: Plan, runs: list[ExecutionResult], profile_dir: str | Pat
                             threads=torch.get_num_threads())
     # the executor launches every expert op as its own kernels, whatever runtime the plan's policy stands for
     predicted = run_plan(dataclasses.replace(plan, expert_kernels="per_expert"), cost)
-    stand_in = frozenset(s for s, unit in topology_of(plan.system).streams.items()
-                         if measured.gpu_role_on_cpu and unit.kind is UnitKind.GPU)
-    result = compare_records(plan, measured.record, predicted, stand_in)
+    apart = apart_streams(plan, measured)
+    result = compare_records(plan, measured.record, predicted, apart)
     result.update(measured.to_dict())
     result["runs"] = len(runs)
     result["profile_hits"], result["roofline_fallbacks"] = cost.hits, cost.misses
     result["profile_machine_differences"] = machine_differences(recorded_fingerprint(profile_dir))
     result["_per_op"] = {
-        "class": [op_class(op) + (STAND_IN if op.stream in stand_in else "") for op in plan.ops],
+        "class": [class_of(op, apart) for op in plan.ops],
         "measured_s": ((measured.record.end_ns - measured.record.start_ns) / 1e9).tolist(),
         "predicted_s": ((predicted.end_ns - predicted.start_ns) / 1e9).tolist(),
     }
     return result
+
+
+def apart_streams(plan: Plan, measured: ExecutionResult) -> dict[str, str]:
+    """Streams whose measured times are not their unit's, each with its class suffix: without CUDA, GPU streams
+    ran on the CPU and link copies did not run (none with CUDA)."""
+    if measured.cuda:
+        return {}
+    suffix = {UnitKind.GPU: GPU_ON_CPU, UnitKind.LINK: UNTIMED_COPY}
+    return {stream: suffix[unit.kind] for stream, unit in topology_of(plan.system).streams.items()
+            if unit.kind in suffix}
 
 
 def plot_validation(result: dict[str, Any], path: str | Path, title: str) -> None:

@@ -59,15 +59,26 @@ def op_class(op) -> str:
     return "other"
 
 
-STAND_IN = " (GPU role, run on the CPU)"  # a class's suffix for ops whose measured times stood in for a GPU's
+# Class suffixes for ops whose measured times are not the modelled unit's (a run without CUDA): their classes stand
+# apart, without an error, each with what the CLI says of it.
+GPU_ON_CPU = " (GPU role, run on the CPU)"
+UNTIMED_COPY = " (no CUDA: not copied)"
+APART = {GPU_ON_CPU: "CPU time against a GPU prediction", UNTIMED_COPY: "the copies did not run"}
+
+
+def class_of(op, apart: dict[str, str]) -> str:
+    """`op_class`, with the suffix `apart` gives the op's stream (none for most streams)."""
+    return op_class(op) + apart.get(op.stream, "")
 
 
 def compare_records(plan: Plan, measured: EngineRecord, predicted: EngineRecord,
-                    stand_in_streams: frozenset[str] = frozenset()) -> dict[str, Any]:
+                    apart: dict[str, str] | None = None) -> dict[str, Any]:
     """Predicted against measured: summed op time per class and end-to-end, each with its relative error. Ops of
-    `stand_in_streams` (a GPU's streams run on the CPU for lack of CUDA) form classes of their own, suffixed
-    STAND_IN, without an error: a CPU's time against a GPU's prediction is no error of the cost model's."""
-    classes = [op_class(op) + (STAND_IN if op.stream in stand_in_streams else "") for op in plan.ops]
+    the streams `apart` names (stream -> a suffix of APART: a GPU's streams run on the CPU, copies not run, for
+    lack of CUDA) form classes of their own without an error: such a time against a GPU's or a link's prediction
+    is no error of the cost model's."""
+    apart = apart or {}
+    classes = [class_of(op, apart) for op in plan.ops]
     m_dur = (measured.end_ns - measured.start_ns).astype(np.float64)
     p_dur = (predicted.end_ns - predicted.start_ns).astype(np.float64)
     out: dict[str, Any] = {"classes": {}}
@@ -75,7 +86,7 @@ def compare_records(plan: Plan, measured: EngineRecord, predicted: EngineRecord,
         mask = np.fromiter((k == c for k in classes), dtype=bool, count=len(classes))
         m, p = float(m_dur[mask].sum()) / 1e9, float(p_dur[mask].sum()) / 1e9
         out["classes"][c] = {"ops": int(mask.sum()), "measured_s": m, "predicted_s": p,
-                             "error": (p / m - 1.0) if m > 0 and not c.endswith(STAND_IN) else None}
+                             "error": (p / m - 1.0) if m > 0 and not c.endswith(tuple(APART)) else None}
     mm, pm = plan_metrics(plan, measured), plan_metrics(plan, predicted)
     out["end_to_end"] = {k: {"measured": mm[k], "predicted": pm[k], "error": (pm[k] / mm[k] - 1.0) if mm[k] else None}
                          for k in ("prefill_s", "decode_s", "total_s")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -101,3 +102,36 @@ def test_engine_exactness_fingerprints_repeat_and_a_changed_point_fails_the_comp
     assert bench.main() == 1
     out = capsys.readouterr().out
     assert "changed: mixtral-8x7b/a100-80g-8452y/coxmoe/8/16/2/0" in out and "1 of 2 points changed" in out
+    # --out and --compare naming one file compare against the file as it was, then replace it
+    monkeypatch.setattr(sys, "argv", ["engine_exactness.py", "--compare", str(saved), "--out", str(saved)])
+    assert bench.main() == 1 and json.loads(saved.read_text())["mixtral-8x7b/a100-80g-8452y/coxmoe/8/16/2/0"][
+        "record"] != "0" * 16
+    capsys.readouterr()
+
+
+def test_engine_exactness_hashes_every_ops_times_and_the_plan(monkeypatch):
+    """One nanosecond on one op's end, or one op's bytes, changes the point's fingerprint."""
+    import sim.api
+
+    bench = _load("engine_exactness")
+    case = ("mixtral-8x7b", "a100-80g-8452y", "coxmoe", 8, 16, 2, 0)
+    base = bench.fingerprint(case)
+    real = sim.api.simulate
+
+    def later(*args, **kwargs):
+        r = real(*args, **kwargs)
+        r.record.end_ns[-1] += 1
+        return r
+
+    monkeypatch.setattr(sim.api, "simulate", later)
+    moved = bench.fingerprint(case)
+    assert moved["record"] != base["record"] and moved["plan"] == base["plan"]
+
+    def heavier(*args, **kwargs):
+        r = real(*args, **kwargs)
+        r.plan.ops[-1] = dataclasses.replace(r.plan.ops[-1], bytes=r.plan.ops[-1].bytes + 1)
+        return r
+
+    monkeypatch.setattr(sim.api, "simulate", heavier)
+    changed = bench.fingerprint(case)
+    assert changed["plan"] != base["plan"] and changed["record"] == base["record"]

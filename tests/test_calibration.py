@@ -291,7 +291,7 @@ def _small_profile(tmp_path):
     return prof, json.loads((prof / "profile.json").read_text()), args
 
 
-def test_validate_without_cuda_keeps_gpu_role_ops_out_of_the_errors(capsys, tmp_path):
+def test_validate_without_cuda_keeps_gpu_role_ops_out_of_the_errors(capsys, tmp_path, monkeypatch):
     """Without CUDA a GPU policy's GPU-stream ops run on the CPU and were scored against the GPU's prediction
     (-90..-98% per class, explained only in the header): they now form classes of their own, without an error,
     and the CPU's own classes keep theirs."""
@@ -299,15 +299,25 @@ def test_validate_without_cuda_keeps_gpu_role_ops_out_of_the_errors(capsys, tmp_
     capsys.readouterr()
     argv = [*args, "--policy", "fiddler", "--policy-opt", "resident_experts=0", "--policy-opt", "cpu_max_tokens=64",
             "--cuda", "off"]
+    import executor.validate as validate_module
+
+    plotted = {}
+    monkeypatch.setattr(validate_module, "plot_validation",
+                        lambda result, path, title: plotted.update(classes=result["_per_op"]["class"], path=path))
     assert main([*argv, "--json"]) == 0
     classes = json.loads(capsys.readouterr().out)["classes"]
-    stand_ins = {c: v for c, v in classes.items() if c.endswith(" (GPU role, run on the CPU)")}
-    assert stand_ins and all(v["error"] is None and v["measured_s"] > 0 for v in stand_ins.values())
+    gpu = {c: v for c, v in classes.items() if c.endswith(" (GPU role, run on the CPU)")}
+    assert gpu and all(v["error"] is None and v["measured_s"] > 0 for v in gpu.values())
+    # the activation copies to and from the GPU did not run (no CUDA): no error against the link's prediction
+    assert classes["copies (no CUDA: not copied)"]["error"] is None and "copies" not in classes
     assert classes["cpu_experts"]["error"] is not None  # fiddler's CPU experts: measured and predicted on the CPU
-    assert main(argv) == 0
+    assert main([*argv, "--plot", str(tmp_path / "v.png")]) == 0
     out = capsys.readouterr().out
-    assert out.count("n/a (CPU time against a GPU prediction)") == len(stand_ins)
-    assert "(includes GPU-role ops run on the CPU)" in out
+    assert out.count("n/a (CPU time against a GPU prediction)") == len(gpu)
+    assert out.count("n/a (the copies did not run)") == 1
+    assert "(includes ops apart: CPU time against a GPU prediction; the copies did not run)" in out
+    assert f"plot: {tmp_path / 'v.png'}" in out  # where it wrote (the plot itself is stubbed here)
+    assert set(plotted["classes"]) == set(classes)  # the plot's per-op classes carry the same suffixes
 
 
 def test_validate_says_when_the_profile_is_from_another_machine(capsys, tmp_path):
@@ -325,7 +335,7 @@ def test_validate_says_when_the_profile_is_from_another_machine(capsys, tmp_path
     assert difference.startswith("cpu_model: 'AMD EPYC 7B13 elsewhere' -> ")
 
 
-def test_validate_reports_the_machines_speed_against_profiling_time(capsys, tmp_path):
+def test_validate_reports_the_machines_speed_against_profiling_time(capsys, tmp_path, monkeypatch):
     """`calibrate validate` reads the machine's speed around its runs and prints it against the profile's
     readings, with a note when either moved by more than 10% (a drifting VM, not the cost model); a profile
     without readings (older ones) says so and still validates."""
@@ -338,14 +348,27 @@ def test_validate_reports_the_machines_speed_against_profiling_time(capsys, tmp_
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "note: this machine's speed moved since profiling" in out and "of their speed when the profile" in out
-    # Readings that jumped 100x within the profile's own window (10x and 0.1x of now's): their mean, about 5x
-    # of now's, is inside that noise.
-    meta["speed"] = {"before": {k: 10 * v for k, v in readings["before"].items()},
-                     "after": {k: v / 10 for k, v in readings["before"].items()}}
+    # The validation's own two readings, seconds apart, 100x apart (10x and 0.1x of the profile's): their mean,
+    # about 5x the profile's, is inside that noise.
+    import executor.validate as validate_module
+
+    meta["speed"] = readings
     (prof / "profile.json").write_text(json.dumps(meta))
+    jumpy = iter([{k: 10 * v for k, v in readings["before"].items()},
+                  {k: v / 10 for k, v in readings["before"].items()}])
+    monkeypatch.setattr(validate_module, "speed_probe", lambda: next(jumpy))
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "moves by itself" in out and "moved since profiling" not in out
+    # A slowdown during profiling (readings 1.0x then 0.7x, minutes apart) is drift, not noise, when the
+    # validation's steady readings sit 38% below the profile's first (the profile's spread is not noise).
+    meta["speed"] = {"before": readings["before"], "after": {k: 0.7 * v for k, v in readings["before"].items()}}
+    (prof / "profile.json").write_text(json.dumps(meta))
+    steady = {k: 0.62 * v for k, v in readings["before"].items()}
+    monkeypatch.setattr(validate_module, "speed_probe", lambda: steady)
+    assert main(args) == 0
+    assert "moved since profiling" in capsys.readouterr().out
+    monkeypatch.undo()
     del meta["speed"]
     (prof / "profile.json").write_text(json.dumps(meta))
     assert main([*args, "--json"]) == 0

@@ -16,7 +16,7 @@ import yaml
 
 from experiments.cli import main
 from experiments.sweep.spec import expand, load_spec
-from experiments.sweep.store import DB_NAME, load_results
+from experiments.sweep.store import DB_NAME, ResultStore, load_results
 from sim.errors import SimInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -682,6 +682,20 @@ def test_a_run_refused_after_the_store_opened_leaves_no_empty_store(tmp_path, ca
     capsys.readouterr()
     assert main(argv) == 2
     assert len(load_results(tmp_path / "o")) == 1  # the earlier results stay
+    ResultStore(tmp_path / "empty").close()  # a store made earlier, still empty, stays too
+    assert main([*argv[:3], str(tmp_path / "empty"), *argv[4:]]) == 2
+    assert (tmp_path / "empty" / DB_NAME).exists()
+    assert main([*argv[:3], str(tmp_path / "a" / "b" / "c"), *argv[4:]]) == 2
+    assert not (tmp_path / "a").exists()  # every folder it made, not only the last
+
+
+def test_a_discarded_store_that_another_sweep_has_open_is_kept(tmp_path):
+    """Two sweeps into one folder: the first, refused, must not delete the database the second still writes."""
+    first, second = ResultStore(tmp_path / "o"), ResultStore(tmp_path / "o")
+    first.discard_if_unused()
+    second.record("k", {"policy": "coxmoe"}, {"throughput_tok_s": 1.0}, None, 0.1)
+    second.close()
+    assert load_results(tmp_path / "o")["key"].tolist() == ["k"]
 
 
 def _trace_point_spec(tmp_path: Path, trace: str) -> dict:

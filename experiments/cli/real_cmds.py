@@ -193,7 +193,7 @@ def cmd_calibrate_isa(args: argparse.Namespace) -> int:
 def cmd_calibrate_validate(args: argparse.Namespace) -> int:
     from executor.speed_probe import describe, drifted, noisy
     from executor.validate import grid_bounds, plot_validation, require_unprofiled, validate_paired, validate_plan
-    from sim.metrics import STAND_IN
+    from sim.metrics import APART
 
     if args.paired:
         require_unprofiled(args.profile, "--paired profiles into --profile (name a new folder, or drop --paired "
@@ -231,21 +231,21 @@ def cmd_calibrate_validate(args: argparse.Namespace) -> int:
         if drifted(ratios, noise):
             note = "  note: this machine's speed moved since profiling, so part of each error is its drift; "
         elif noisy(noise):
-            note = (f"  note: this machine's speed moves by itself (its readings before and after one window "
-                    f"differ by up to {max(noise.values()):.0%}), so changes of that size are its noise; ")
+            note = (f"  note: this machine's speed moves by itself (its two readings around these runs differ "
+                    f"by up to {max(noise.values()):.0%}), so changes of that size are its noise; ")
         else:
             note = "  "
         print(f"{note}machine speed now: {describe(ratios)}")
     width = max(12, *(len(c) for c in result["classes"]))
-    stand_ins = any(c.endswith(STAND_IN) for c in result["classes"])
+    apart = [why for c in result["classes"] for suffix, why in APART.items() if c.endswith(suffix)]
     for c, v in result["classes"].items():
         err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
-        err += " (CPU time against a GPU prediction)" if c.endswith(STAND_IN) else ""
+        err += "".join(f" ({why})" for suffix, why in APART.items() if c.endswith(suffix))
         print(f"  {c:{width}} {v['ops']:6} ops  measured {v['measured_s']:.4f} s  predicted {v['predicted_s']:.4f} s  "
               f"{err}")
     for k, v in result["end_to_end"].items():
         err = "n/a" if v["error"] is None else f"{v['error']:+.1%}"
-        err += " (includes GPU-role ops run on the CPU)" if stand_ins else ""
+        err += f" (includes ops apart: {'; '.join(sorted(set(apart)))})" if apart else ""
         print(f"  {k:{width}} measured {v['measured']:.4f} s  predicted {v['predicted']:.4f} s  {err}")
     if args.plot:
         print(f"plot: {args.plot}")

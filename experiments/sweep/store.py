@@ -75,6 +75,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 class ResultStore:
     """The results database of one sweep directory."""
 
@@ -83,7 +92,7 @@ class ResultStore:
             raise SimInputError("--out: give the sweep's results folder (an empty name would write into the "
                                 "current one)")
         self.path = Path(out_dir) / DB_NAME
-        self._made_dir = not self.path.parent.exists()
+        self._made_dirs = _missing_folders(self.path.parent)  # what a discard may remove again, deepest first
         self._new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -142,17 +151,22 @@ class ResultStore:
         self.conn.close()
 
     def discard_if_unused(self) -> None:
-        """Close, and remove the store (and its folder) where this object made them and no point was recorded: a
-        run refused after the store was opened (a Ray cluster that would not take the job) leaves nothing behind."""
-        empty = self.conn.execute("SELECT COUNT(*) FROM points").fetchone()[0] == 0
+        """Close, and remove the store (and the folders it made) where this object created it and no point was
+        recorded: a run refused after the store was opened (a Ray cluster that would not take the job) leaves
+        nothing behind. A store another process still has open (its write-ahead log outlives this connection's
+        close, which removes the log only as the last one) is kept, as is one that cannot be read."""
+        try:
+            empty = self.conn.execute("SELECT COUNT(*) FROM points").fetchone()[0] == 0
+        except sqlite3.Error:
+            empty = False
         self.conn.close()
-        if not (self._new and empty):
+        wal, shm = (self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm"))
+        if not (self._new and empty) or wal.exists() or shm.exists():
             return
-        for suffix in ("", "-wal", "-shm"):
-            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
-        if self._made_dir:
+        self.path.unlink(missing_ok=True)
+        for folder in self._made_dirs:
             with suppress(OSError):  # something else was written there meanwhile
-                self.path.parent.rmdir()
+                folder.rmdir()
 
 
 def load_results(out_dir: str | Path) -> pd.DataFrame:
