@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,14 @@ JSON_PARSED_PER_BYTE = 6
 def load_chrome_trace(path: str | Path) -> tuple[Events, dict[str, Any]]:
     """The events and metadata of a timeline written by cox-moe; a one-line error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise SimInputError(f"timeline {path}: a directory, not a timeline file")
+    if not path.is_file():  # missing, or a FIFO or device (a read would block, or never end)
+        raise SimInputError(f"timeline {path}: no such file" if not path.exists() else
+                            f"timeline {path}: not a regular file")
     try:
-        if path.is_file():  # parsed JSON takes about this many times its text: charged before it is read
-            check_memory(path.stat().st_size * JSON_PARSED_PER_BYTE, f"reading timeline {path}")
+        # parsed JSON takes about this many times its text: charged before it is read
+        check_memory(path.stat().st_size * JSON_PARSED_PER_BYTE, f"reading timeline {path}")
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SimInputError(f"timeline {path}: no such file") from None
@@ -76,9 +82,16 @@ def process_name(events: Events, default: str) -> str:
     return next((e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"), default)
 
 
-def plain(text: str) -> str:
-    """`text` as matplotlib draws it literally: a `$` would start maths (a name like `run$1_$.json` did not parse)."""
-    return str(text).replace("$", r"\$")
+LABEL_CHARS = 80  # longer names are cut: matplotlib's layout of a 200,000-character track name ran for minutes
+
+
+def plain(text: str, limit: int = LABEL_CHARS) -> str:
+    """`text` as matplotlib draws it literally (a `$` would start maths: a name like `run$1_$.json` did not parse),
+    cut to `limit` characters."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text.replace("$", r"\$")
 
 
 def track_names(events: Events) -> dict[int, str]:
@@ -139,5 +152,7 @@ def gantt_figure(timelines: list[tuple[str, Events]], step: int | None = None) -
         kinds |= draw_gantt(ax, ops, track_names(events), f"{title}: decode step {chosen}, {span:.1f} ms")
     handles = [Patch(color=KIND_COLORS.get(k, "#cccccc"), label=plain(k)) for k in sorted(kinds)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    with warnings.catch_warnings():  # a layout that cannot fit every label is drawn as it is, without a warning
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig, steps

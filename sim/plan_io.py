@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from sim.atomic_files import write_atomic
 from sim.errors import SimInputError
-from sim.parquet_footer import FooterError, footer_counts
+from sim.parquet_footer import DecodeTooLarge, FooterError, footer_counts
 from sim.plan import EXPERT_KERNELS, Op, OpKind, Payload, Phase, Plan, Scope, Stream
 from sim.specs import SystemSpec
 from sim.specs.catalog import build_system
@@ -33,7 +33,7 @@ from sim.specs.schema import validate_spec
 from sim.topology import topology_of
 from sim.workload import Workload
 from traces.format import RepeatedKey, is_version, unique_keys
-from traces.limits import MAX_LENGTH, check_memory, max_ops, too_many_ops
+from traces.limits import MAX_LENGTH, check_memory, max_ops, memory_limit_bytes, too_many_ops
 
 PLAN_FORMAT = "cox-moe-plan"
 PLAN_VERSION = 1
@@ -89,9 +89,14 @@ def load_plan(path: str | Path, isolate_footer: bool = True) -> Plan:
     if not path.is_file():
         raise SimInputError(f"plan file not found: {path}")
     try:
-        rows, entries = footer_counts(path, isolate=isolate_footer)
+        rows, entries = footer_counts(path, isolate=isolate_footer, decode_within=(
+            memory_limit_bytes(), LOAD_BYTES_PER_ROW, LOAD_BYTES_PER_LIST_ENTRY))
     except FooterError as exc:
         raise SimInputError(f"{path}: not a readable Parquet plan ({exc})") from None
+    except DecodeTooLarge:
+        raise SimInputError(f"{path}: its columns hold more than its footer says, more than the "
+                            f"{memory_limit_bytes() / 2**30:.3g} GiB memory limit allows (a damaged or forged plan; "
+                            "--max-gib or COXMOE_MAX_GIB raise the limit)") from None
     if rows > max_ops():  # before any column is read: a small compressed file may hold millions of rows
         raise too_many_ops(rows)
     check_memory(load_bytes(rows, entries), f"reading plan {path}")  # rows and list entries (deps, members) both

@@ -486,6 +486,74 @@ def test_a_footer_that_crashes_the_parquet_reader_is_one_line(monkeypatch, tmp_p
     assert parquet_footer.footer_counts(saved_plan, isolate=False)[0] > 0  # the same file, read in-process
 
 
+def _forged_deps_plan(src: Path, dst: Path, extra: int, claimed: int) -> None:
+    """`src` with `extra` more entries in its last op's deps, its footer rewritten to claim `claimed` deps values
+    (the count is a zigzag varint in the footer's Thrift: rewritten as an over-long varint of the same length)."""
+    import struct
+
+    import pyarrow as pa
+
+    table = pq.read_table(src)
+    deps = table.column("deps").combine_chunks()
+    offsets = np.asarray(deps.offsets).astype(np.int32).copy()
+    offsets[-1] += extra
+    values = np.concatenate([np.asarray(deps.values), np.zeros(extra, np.int64)])
+    grown = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+    table = table.set_column(table.column_names.index("deps"), "deps", grown)
+    pq.write_table(table, dst, data_page_size=1 << 30)
+    real = next(c.num_values for g in range(pq.ParquetFile(dst).metadata.num_row_groups)
+                for c in [pq.ParquetFile(dst).metadata.row_group(g).column(k)
+                          for k in range(pq.ParquetFile(dst).metadata.num_columns)] if "deps" in c.path_in_schema)
+
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, value = value & 0x7F, value >> 7
+            out.append(byte | (0x80 if value else 0))
+            if not value:
+                return bytes(out)
+
+    honest, lie = varint(real << 1), varint(claimed << 1)
+    padded = bytes(b | 0x80 for b in lie) + b"\x80" * (len(honest) - len(lie) - 1) + b"\x00"
+    data = bytearray(dst.read_bytes())
+    footer_start = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    at = data.index(honest, footer_start)
+    data[at:at + len(honest)] = padded
+    dst.write_bytes(bytes(data))
+    column = pq.ParquetFile(dst).metadata.row_group(0)
+    assert any(column.column(k).num_values == claimed for k in range(column.num_columns))
+
+
+def test_a_footer_that_understates_its_columns_is_refused_by_what_they_hold(capsys, tmp_path, saved_plan,
+                                                                              monkeypatch):
+    """A plan's footer bounds the memory its read takes; a forged one (a deps column claiming about 1,000 values
+    whose pages hold millions) had the reader build GBs of Python objects past --max-gib. The footer's child now
+    decodes the columns (its address space capped) and reports what the pages hold."""
+    from sim import parquet_footer
+    from sim.errors import SimInputError
+    from sim.plan_io import load_plan
+
+    forged = tmp_path / "forged.parquet"
+    _forged_deps_plan(saved_plan, forged, extra=3_000_000, claimed=1000)
+    fails_cleanly(capsys, ["run-plan", str(forged), "--max-gib", "0.05"], "would need about")
+    # a decode past the child's address space is refused in one line too (the child exits DECODE_TOO_LARGE)
+    probe = ("import sys, sim.parquet_footer as f; f.CHILD_SLACK_BYTES = 0; "
+             f"sys.argv = ['x', {str(forged)!r}, '1000000', '1', '1']; sys.exit(f.main())")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == parquet_footer.DECODE_TOO_LARGE, done.stderr
+
+    def too_large(*_args, **_kwargs):
+        raise parquet_footer.DecodeTooLarge()
+
+    monkeypatch.setattr("sim.plan_io.footer_counts", too_large)
+    with pytest.raises(SimInputError, match="its columns hold more than its footer says"):
+        load_plan(forged)
+
+
 def test_a_nan_decode_scale_is_refused(capsys, tmp_path, saved_plan):
     bad = tmp_path / "nan.parquet"
     table = pq.read_table(saved_plan)
@@ -1373,3 +1441,31 @@ def test_hugging_face_optional_integers_refuse_booleans(model_type, key):
 
     with pytest.raises(SimInputError, match=f"{key} must be an integer, got (True|False)"):
         model_from_hf_config({"model_type": model_type, key: key != "q_lora_rank"})
+
+
+def test_timeline_refuses_special_files_and_cuts_long_names(capsys, tmp_path):
+    """`timeline /dev/zero` read until the machine ran out of memory (23 GB, killed) and a FIFO blocked forever: the
+    size check covered regular files only. A 200,000-character track name took matplotlib minutes to lay out."""
+    import os
+
+    fails_cleanly(capsys, ["timeline", "/dev/zero", "--out", str(tmp_path / "z.png")], "not a regular file")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    fails_cleanly(capsys, ["timeline", str(fifo), "--out", str(tmp_path / "f.png")], "not a regular file")
+    fails_cleanly(capsys, ["timeline", str(tmp_path / "none.json"), "--out", str(tmp_path / "n.png")],
+                  "no such file")
+    timeline = tmp_path / "t.json"
+    assert main(["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--timeline", str(timeline)]) == 0
+    doc = json.loads(timeline.read_text())
+    track = next(e for e in doc["traceEvents"] if e.get("name") == "thread_name")
+    track["args"]["name"] = "gpu" * 70_000
+    timeline.write_text(json.dumps(doc))
+    capsys.readouterr()
+    from experiments.gantt import LABEL_CHARS, gantt_figure, load_chrome_trace
+
+    events, _ = load_chrome_trace(timeline)
+    fig, _ = gantt_figure([("run", events)])
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert labels and max(map(len, labels)) <= LABEL_CHARS and any(t.endswith("...") for t in labels)
+    assert main(["timeline", str(timeline), "--out", str(tmp_path / "g.png")]) == 0
+    assert capsys.readouterr().err == ""  # no matplotlib layout warning either
