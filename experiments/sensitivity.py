@@ -68,7 +68,11 @@ def parse_vary(items: Iterable[str] | None) -> dict[str, list[str]]:
         texts = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not path.strip() or not texts:
             raise SimInputError(f"--vary {item!r} must look like FIELD=V1[,V2,...]")
-        out.setdefault(path.strip(), []).extend(texts)
+        listed = out.setdefault(path.strip(), [])
+        repeated = next((t for t in texts if t in listed or texts.count(t) > 1), None)
+        if repeated is not None:  # (compare refuses a repeated policy the same way)
+            raise SimInputError(f"--vary {path.strip()}={repeated} is listed twice")
+        listed.extend(texts)
     return out
 
 

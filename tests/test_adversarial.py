@@ -1469,3 +1469,39 @@ def test_timeline_refuses_special_files_and_cuts_long_names(capsys, tmp_path):
     assert labels and max(map(len, labels)) <= LABEL_CHARS and any(t.endswith("...") for t in labels)
     assert main(["timeline", str(timeline), "--out", str(tmp_path / "g.png")]) == 0
     assert capsys.readouterr().err == ""  # no matplotlib layout warning either
+
+
+def test_an_output_that_is_also_an_input_is_refused_before_the_run(capsys, tmp_path):
+    """`--timeline sys.json` with `--system-file sys.json` replaced the system spec with the timeline after the
+    run (exit 0); an output naming any input file, also inside `table:FILE`, is now refused first."""
+    from sim.specs.catalog import show_preset
+
+    spec = tmp_path / "sys.json"
+    spec.write_text(json.dumps(yaml.safe_load(show_preset("a100-80g-8452y"))))
+    before = spec.read_bytes()
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", "--system-file", str(spec), *WL[:2], "--prompt-len",
+                           "8", "--gen-len", "2", "--timeline", str(spec)],
+                  "is both an output and an input (--system-file) of this command")
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--routing", f"table:{spec}",
+                           "--timeline", str(tmp_path / "." / "sys.json")],
+                  "is both an output and an input (--routing)")
+    assert spec.read_bytes() == before
+    assert main(["simulate", "--model", "olmoe-1b-7b", "--system-file", str(spec), *WL,
+                 "--timeline", str(tmp_path / "t.json")]) == 0  # a different output is fine
+
+
+def test_outputs_on_special_file_systems_and_repeated_variants_are_refused(capsys, tmp_path):
+    """`--plan-out /proc/x.parquet` passed the permission check (root) and failed after the run naming a temporary
+    file; a write that fails names its target; `sensitivity --vary F=0.5,0.5` ran the variant twice."""
+    from traces.files import write_atomic_text
+
+    fails_cleanly(capsys, ["simulate", "--model", "olmoe-1b-7b", *SYS, *WL, "--plan-out", "/proc/x.parquet"],
+                  "cannot write into /proc")
+    with pytest.raises(OSError) as err:
+        write_atomic_text("/proc/y.txt", "x")
+    assert err.value.filename == "/proc/y.txt" and ".tmp" not in str(err.value)
+    fails_cleanly(capsys, ["sensitivity", "--model", "olmoe-1b-7b", *SYS, *WL, "--vary", "cpu.amx_efficiency=0.5,0.5"],
+                  "--vary cpu.amx_efficiency=0.5 is listed twice")
+    fails_cleanly(capsys, ["sensitivity", "--model", "olmoe-1b-7b", *SYS, *WL, "--vary", "cpu.amx_efficiency=0.5",
+                           "--vary", "cpu.amx_efficiency=0.2,0.5"], "listed twice")
+    assert not list(tmp_path.iterdir())

@@ -25,15 +25,23 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     temporary name ends in the target's suffix, so writers that infer a format from the name (pandas: .gz;
     numpy: .npz) still do."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = ""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as exc:  # named by the target, not the temporary file the user never asked for
+        ours = exc.filename is None or str(exc.filename) == str(path.parent) or str(exc.filename).startswith(
+            str(path.parent / f".{path.name}."))
+        if exc.errno is None or not ours:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

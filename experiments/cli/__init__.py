@@ -17,7 +17,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from experiments.cli import real_cmds, sim_cmds, study_cmds, trace_cmds
-from experiments.cli.common import EXIT_USAGE, Parser, UsageError, add_limit_option, one_line
+from experiments.cli.common import (
+    EXIT_USAGE,
+    WRITES,
+    Parser,
+    UsageError,
+    add_limit_option,
+    one_line,
+    output_dests,
+    refuse_outputs_that_are_inputs,
+)
 from sim.errors import SimInputError
 from traces.errors import TraceError
 from traces.limits import LIMIT_ENV
@@ -41,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     saved_limit = os.environ.get(LIMIT_ENV)
     try:
+        WRITES.clear()
         args = parser.parse_args(argv)
+        refuse_outputs_that_are_inputs(args, output_dests(parser))
         if args.max_gib is not None:  # read by the guards, here and in sweep workers, for this command only
             os.environ[LIMIT_ENV] = repr(args.max_gib)
         func: Callable[[argparse.Namespace], int] = args.func

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,6 +53,42 @@ def positive_gib(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# The files the last parse named to write (`output_file`, `output_stem`): `refuse_outputs_that_are_inputs` checks
+# them against the command's other arguments.
+WRITES: list[str] = []
+
+
+def output_dests(parser: argparse.ArgumentParser) -> set[str]:
+    """The destinations of every argument, in `parser` and its sub-commands, whose type writes a file."""
+    dests = set()
+    for action in parser._actions:
+        if getattr(action.type, "writes", False):
+            dests.add(action.dest)
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            dests |= output_dests(sub)
+    return dests
+
+
+def refuse_outputs_that_are_inputs(args: argparse.Namespace, outputs_at: set[str]) -> None:
+    """A file a command writes that is also one it reads (`--timeline sys.json` with `--system-file sys.json`)
+    was overwritten after the run: refused before any work. Inputs are the arguments other than `outputs_at`
+    (`output_dests`) naming existing files, also inside `table:FILE` and `key=FILE` values."""
+    outputs = {Path(w).resolve(): w for w in WRITES}
+    if not outputs:
+        return
+    for dest, value in vars(args).items():
+        if dest in outputs_at:
+            continue
+        for text in value if isinstance(value, list | tuple) else [value]:
+            if not isinstance(text, str):
+                continue
+            for name in {text, text.partition(":")[2], text.partition("=")[2]} - {""}:
+                path = Path(name)
+                if path.is_file() and path.resolve() in outputs:
+                    raise UsageError(f"coxmoe: error: {outputs[path.resolve()]} is both an output and an input "
+                                     f"(--{dest.replace('_', '-')}) of this command: write it elsewhere")
+
+
 IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 
 
@@ -68,8 +105,10 @@ def output_file(*suffixes: str, exact: bool = False) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(f"{text}: unsupported file type {path.suffix or '(none)'!r}; "
                                              f"use {shown}")
         check_writable_file(text)
+        WRITES.append(text)
         return text
 
+    parse.writes = True  # type: ignore[attr-defined]
     return parse
 
 
@@ -80,9 +119,19 @@ def check_writable_file(text: str) -> None:
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
     if path.parent.exists() and not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {path.parent} is not a directory")
-    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+    if path.parent.is_dir() and (not os.access(path.parent, os.W_OK | os.X_OK) or not _can_create_in(path.parent)):
         raise argparse.ArgumentTypeError(f"{text}: cannot write into {path.parent} (permissions, or a "
-                                         "read-only file system)")
+                                         "read-only or special file system)")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, tried (a file made and removed at once): permission bits do not
+    tell for root, nor for /proc, /sys or a read-only mount."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coxmoe-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def output_dir(text: str) -> str:
@@ -106,7 +155,11 @@ def output_stem(text: str) -> str:
     if path.suffix in (".png", ".pdf"):
         path = path.with_suffix("")
     check_writable_file(str(path))  # a stem may hold dots (run_1.5x.pdf); `timeline` judges the suffix
+    WRITES.extend([text, f"{path}.png", f"{path}.pdf"])
     return text
+
+
+output_stem.writes = True  # type: ignore[attr-defined]
 
 
 def one_line(text: str) -> str:
