@@ -425,13 +425,19 @@ class _Model:
             else:
                 rank = np.argsort(-(c_cost - g_cost), kind="stable")
                 rest, g_cost, c_cost = rest[rank], g_cost[rank], c_cost[rank]
-                gpu_side = base_g + np.concatenate([[0.0], np.cumsum(g_cost)])
+                fetched_k = np.arange(rest.size + 1)
+                gpu_side = np.maximum(base_g + np.concatenate([[0.0], np.cumsum(gpu[rest])]), fetch * fetched_k)
                 cpu_side = np.concatenate([np.cumsum(c_cost[::-1])[::-1], [0.0]])
                 cpu_side = np.where(cpu_side > 0, cpu_side + hidden_copy, 0.0)
                 makespan = np.maximum(gpu_side, cpu_side)
                 k = int(np.argmin(makespan if max_fetch < 0 else makespan[:max_fetch + 1]))
             em, ec = rest[:k], rest[k:]
-            t_gpu = base_g + gpu[em].sum() + fetch * em.size
+            # E_M's weights cross PCIe while the GPU computes: the layer's fetch is issued once the layer two visits
+            # back is done with its buffer (double buffering), so it overlaps the previous layer and this one's
+            # resident experts; the GPU side is the longer of its compute and its copy (the paper's T_GPU
+            # "including the PCIe fetch of E_M", with transfers overlapped). A sum had overrated the CPU: a faster
+            # AMX moved experts to it past the point where the CPU became the bottleneck.
+            t_gpu = max(base_g + gpu[em].sum(), fetch * em.size)
             t_cpu = cpu[ec].sum() + (hidden_copy if cpu[ec].sum() > 0 else 0.0)
             split: tuple[tuple[int, int, int], ...] = ()
             layer_t = max(t_gpu, t_cpu)
