@@ -95,7 +95,8 @@ def summary(table: pd.DataFrame) -> list[str]:
              for b in BASELINES}
     lines.append("baselines' throughput moved by at most " +
                  ", ".join(f"{100 * m:.2f}% ({b})" for b, m in moved.items()) +
-                 " (neither runs GEMMs on the CPU; a search may still pick another configuration)")
+                 " (their CPU work is attention: a GEMM only in DeepSeek's MLA up-projection, which "
+                 "MoE-Lightning's CPU attention applies; a search may also pick another configuration)")
     return lines
 
 
