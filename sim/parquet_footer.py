@@ -4,11 +4,13 @@ process.
 Why a child: pyarrow 26 aborts the whole process (C++ `terminate`, exit 134) on some corrupt footers when a
 column chunk's metadata is opened (a repetition-level histogram of the wrong size), and no Python handler runs.
 The footer is read before anything else of a plan file (its counts bound the memory the read takes), so that
-read runs here, in `python -m sim.parquet_footer PATH [LIMIT_BYTES]`, and a crash there is a one-line error in
-the parent. The footer's counts are the file's word, and a forged footer (a list column claiming 1,000 values
-whose pages hold 120 M) had the parent decode 4 GB past a 1 GiB limit; so with LIMIT_BYTES the child also decodes
-the columns, its address space capped at that much above its own start (pyarrow's columns are several times
-smaller than the Python objects the parent then builds), and reports the counts the pages really hold. The
+read runs here, in `python -m sim.parquet_footer PATH [LIMIT_BYTES ROW_BYTES ENTRY_BYTES]`, and a crash there is
+a one-line error in the parent. The footer's counts are the file's word, and a forged footer (a list column
+claiming 1,000 values whose pages hold 120 M) had the parent decode 4 GB past a 1 GiB limit; so, given the limit
+and the parent's prices per row and list entry, the child also decodes the columns of a footer that fits, its
+address space capped at LIMIT_BYTES (plus CHILD_SLACK_BYTES) above what the reader itself takes (pyarrow's columns
+are several times smaller than the Python objects the parent then builds), and reports the counts the pages
+really hold. The
 module imports nothing of the simulator: the child starts in about 0.25 s.
 """
 
@@ -95,11 +97,9 @@ def _counts(path: str, decode_within: tuple[int, int, int] | None = None) -> tup
                           for chunk in column.chunks)
             rows, entries = max(rows, table.num_rows), max(entries, decoded)
         return rows, entries
-    except MemoryError:
+    except MemoryError:  # pyarrow's ArrowMemoryError included: the cap was reached
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        if isinstance(exc, pa.ArrowMemoryError):
-            raise MemoryError from None
         raise FooterError(type(exc).__name__) from None
 
 
