@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -198,8 +198,15 @@ def _mutated_point(draw) -> dict:
     return point
 
 
+_GOOD = {"id": "x1", "group": "g", "system": "gcp-l4-g2", "model": "mixtral-8x7b", "precision": "fp16",
+         "workload": {"batch": 4, "prompt_len": 16, "gen_len": 4}, "policy": "moe-lightning",
+         "metric": "e2e_gen_tok_s", "value": 1.0, "source": "test", "status": "complete"}
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_mutated_point(), min_size=1, max_size=2))
+@example([{**_GOOD, "\n": None}])  # an extra key named by a newline made the message two lines (CI, 2026-12-06)
+@example([{**_GOOD, "id": "a\nb", "value": -1.0}])
 def test_mutated_points_load_or_fail_in_one_line_naming_the_field(tmp_path, points):
     """Valid points with odd fields get past the file's shape to each point's own checks: every point that loads
     is valid, every refusal is one line naming the file."""

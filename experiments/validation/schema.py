@@ -89,7 +89,8 @@ class ValidationPoint(_Strict):
 
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "point"
+    # a key such as "\n" is quoted, so the message stays one line (hypothesis found one)
+    where = ".".join(p if isinstance(p, str) and p.isprintable() else repr(p) for p in err["loc"]) or "point"
     return f"{where}: {err['msg']}"
 
 
@@ -116,6 +117,7 @@ def load_points_file(path: Path) -> list[ValidationPoint]:
             out.append(ValidationPoint.model_validate(merged))
         except ValidationError as exc:
             name = raw.get("id", f"#{i}")
+            name = name if isinstance(name, str) and name.isprintable() else repr(name)
             raise SimInputError(f"validation points {path}: point {name}: {_format_error(exc)}") from None
     return out
 
