@@ -13,6 +13,12 @@ def brief(value: object) -> str:
     return _BRIEF.repr(value)
 
 
+def named(value: object) -> str:
+    """A name (a field, key or id from an input) as a message shows it: as it is when printable text, else
+    `brief` of it (a key such as "\\n" would break the message's one line)."""
+    return value if isinstance(value, str) and value.isprintable() else brief(value)
+
+
 class SimInputError(ValueError):
     """A spec, preset, workload or policy option that cannot be used as given."""
 

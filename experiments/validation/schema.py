@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sim.errors import SimInputError
+from sim.errors import SimInputError, named
 from sim.specs.catalog import load_yaml
 
 POINTS_DIR = Path(__file__).with_name("points")
@@ -89,8 +89,7 @@ class ValidationPoint(_Strict):
 
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    # a key such as "\n" is quoted, so the message stays one line (hypothesis found one)
-    where = ".".join(p if isinstance(p, str) and p.isprintable() else repr(p) for p in err["loc"]) or "point"
+    where = ".".join(named(p) for p in err["loc"]) or "point"  # (a key such as "\n" quoted: one line)
     return f"{where}: {err['msg']}"
 
 
@@ -116,8 +115,7 @@ def load_points_file(path: Path) -> list[ValidationPoint]:
         try:
             out.append(ValidationPoint.model_validate(merged))
         except ValidationError as exc:
-            name = raw.get("id", f"#{i}")
-            name = name if isinstance(name, str) and name.isprintable() else repr(name)
+            name = named(raw.get("id", f"#{i}"))
             raise SimInputError(f"validation points {path}: point {name}: {_format_error(exc)}") from None
     return out
 

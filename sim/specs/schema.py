@@ -15,7 +15,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
-from sim.errors import SimInputError, brief
+from sim.errors import SimInputError, brief, named
 
 T = TypeVar("T")
 
@@ -79,7 +79,7 @@ def _renamed(text: str, aliases: dict[str, str]) -> str:
 
 def _message(exc: ValidationError, where: str, aliases: dict[str, str]) -> str:
     err = exc.errors()[0]
-    loc = ".".join(aliases.get(str(p), str(p) if str(p).isprintable() else repr(p)) for p in err["loc"])
+    loc = ".".join(aliases.get(str(p), named(p)) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] in ("missing", "missing_argument"):
         return f"{where}: missing field {loc}"
