@@ -163,7 +163,7 @@ def test_profile_validate_and_simulate_with_it(capsys, tmp_path):
     model = _tiny_file(tmp_path)
     prof = tmp_path / "prof"
     assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
-                 "--max-tokens", "8", "--device", "cpu"]) == 0
+                 "--max-tokens", "8", "--device", "cpu", "--max-requests", "4", "--max-kv", "7"]) == 0
     capsys.readouterr()
     frame = pd.read_csv(prof / "timings.csv")
     assert {"expert", "qkv", "o_proj", "router", "lm_head", "attention", "attention_prefill", "memcpy"} <= set(
@@ -237,9 +237,13 @@ def test_profiles_per_thread_count(capsys, tmp_path, paper_system):
     model = _tiny_file(tmp_path)
     prof = tmp_path / "prof"
     assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
-                 "--max-tokens", "2", "--device", "cpu", "--threads", "1,2"]) == 0
+                 "--max-tokens", "2", "--device", "cpu", "--threads", "1,2", "--max-requests", "3",
+                 "--max-kv", "4"]) == 0
     frame = pd.read_csv(prof / "timings.csv")
     assert set(frame["threads"]) == {1, 2}
+    # the attention grids stop at the first values covering the caps
+    decode = frame[frame["kind"] == "attention"]
+    assert set(decode["tokens"]) == {1, 4} and set(decode["kv"]) == {1, 4}
     spec = load_model(model)
     assert ProfileCostModel(paper_system, prof, spec, threads=1).threads == 1
     assert ProfileCostModel(paper_system, prof, spec).threads == 2
@@ -285,7 +289,7 @@ def _small_profile(tmp_path):
     model = _tiny_file(tmp_path)
     prof = tmp_path / "prof"
     assert main(["calibrate", "profile", "--model-file", model, "--out", str(prof), "--rounds", "1",
-                 "--max-tokens", "4", "--device", "cpu"]) == 0
+                 "--max-tokens", "4", "--device", "cpu", "--max-requests", "2", "--max-kv", "4"]) == 0
     args = ["calibrate", "validate", "--model-file", model, "--profile", str(prof), "--batch", "2", "--prompt-len",
             "2", "--gen-len", "2", "--warmup", "0", "--repeats", "1"]
     return prof, json.loads((prof / "profile.json").read_text()), args

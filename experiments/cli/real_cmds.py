@@ -157,7 +157,8 @@ def cmd_calibrate_profile(args: argparse.Namespace) -> int:
         _check_threads(threads)
     new = [p for p in (out, *out.parents) if not p.exists()]  # the folders a profile would create, deepest first
     try:
-        profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads)
+        profile(spec, out, devices=devices, rounds=args.rounds, max_tokens=args.max_tokens, threads=threads,
+                max_requests=args.max_requests, max_kv=args.max_kv)
     except BaseException:
         for folder in new:  # a refusal leaves no empty folder behind
             if folder.is_dir() and not any(folder.iterdir()):
@@ -288,6 +289,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="interleaved repeats per grid point (at most 1000)")
     p.add_argument("--max-tokens", type=arg_type(int_at_least(1, 4096)), default=1024,
                    help="largest tokens per op in the grid (up to 4096)")
+    # the attention grids' largest points cost minutes on a small CPU; plans to be priced need no more than their
+    # batch and their longest prompt plus output (a look-up beyond the grid scales its edge by the work)
+    p.add_argument("--max-requests", type=arg_type(int_at_least(1, 2**24)), default=None,
+                   help="attention grids up to the first batch size covering N requests (default: the whole grid)")
+    p.add_argument("--max-kv", type=arg_type(int_at_least(1, 2**24)), default=None,
+                   help="attention grids up to the first KV length covering N tokens (default: the whole grid)")
     p.add_argument("--threads", help="comma-separated torch thread counts to profile the CPU with (default: "
                    "the current count)")
     p.set_defaults(func=cmd_calibrate_profile)
