@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import cache
 from typing import ClassVar, NamedTuple
@@ -729,14 +729,16 @@ class CoxMoePolicy(Policy):
         first = prefill_slices(ctx, schedule.prefill)
         emit.step(first, Phase.PREFILL, 0, layouts[Phase.PREFILL])
         restrat = _Restratifier(layouts[Phase.DECODE], first, o.ema, ctx) if o.ema and resident else None
-        for step in ctx.steps():
+        steps = ctx.steps()
+        sampled = steps if ctx.decode_scale != 1.0 else None
+        for step in steps:
             slices = decode_slices(ctx, step, schedule.decode)
             if not slices:
                 continue
             if restrat is None:
                 emit.step(slices, Phase.DECODE, step, layouts[Phase.DECODE])
                 continue
-            emit.step(slices, Phase.DECODE, step, *restrat.at(step, ctx.decode_scale != 1.0, m.expert_bytes))
+            emit.step(slices, Phase.DECODE, step, *restrat.at(step, sampled, m.expert_bytes))
         knobs = {**asdict(o), **({"restratify_swaps": restrat.swaps} if restrat else {}),
                  **({"attention_cpu_micro_batches": len(layouts[Phase.DECODE].attention_cpu_mbs)}
                     if o.attention_split else {}),
@@ -757,10 +759,14 @@ class _Restratifier:
     layer runs.
 
     The bookkeeping (EMA, re-picks, swaps) runs over every decode step of the workload from the trace's per-step
-    counts, whichever steps the plan emits: a sampled step has the E_R the full run has there, and carries its
-    share of every step's swaps (each layer's swapped bytes over all steps / the steps), so that scaled to all
-    steps the swaps' bytes count once. (Before 2026-12-06 the EMA saw only the sampled steps and each sampled step
-    re-picked and copied a whole block's swaps: an 8-step sample of 64 charged 2.7x the H2D time.)"""
+    counts, whichever steps the plan emits: a sampled step has the E_R the full run has there, and carries the
+    swaps of the steps it stands for (those since the previous sampled step) at the sample's scale, so that
+    scaled to all steps the swaps' bytes count once and early steps, which swap more, weigh as they do. (Before
+    2026-12-06 the EMA saw only the sampled steps and each sampled step re-picked and copied a whole block's swaps:
+    an 8-step sample of 64 charged 2.7x the H2D time. Later that day every sampled step carried an equal share,
+    step 1 too, which the full run never swaps at: its copy waits only for the prefill's pass over its layer, so
+    it ran inside the prefill, which is not scaled; a 2-step sample of 7 decode steps reported 47% less decode
+    time than the full run.)"""
 
     def __init__(self, static: Layout, prefill: list[BatchSlice], ema: tuple[float, int], ctx: PlanContext):
         self.residents, self.static = list(static.resident), static
@@ -774,8 +780,11 @@ class _Restratifier:
         requests = np.arange(wl.batch)
         table = trace.decode_step_counts([requests])  # [S, 1, L, E], or None when too large to hold
         self.total_steps = ctx.decode_steps_total
+        # swaps_until[t]: experts swapped in per layer at steps 1..t
+        self.swaps_until = np.zeros((self.total_steps + 1, len(self.residents)), dtype=np.int64)
         for step in range(1, self.total_steps + 1):
             self.steps[step] = self._before(step)
+            self.swaps_until[step] = self.swaps_until[step - 1] + [len(e) for e in self.steps[step][1]]
             if table is not None:
                 counts = table[step - 1, 0].astype(np.float64)
             else:
@@ -807,14 +816,21 @@ class _Restratifier:
             self.layout = self._split()  # the split only changes when E_R does
         return self.layout, tuple(entering)
 
-    def at(self, step: int, sampled: bool, expert_bytes: int
+    def at(self, step: int, sampled: Sequence[int] | None, expert_bytes: int
            ) -> tuple[Layout, tuple[tuple[int, ...], ...], tuple[int, ...] | None]:
-        """What decode step `step` emits: its layout, the experts entering E_R at it, and (on a sample of steps)
-        the bytes of each layer's swap copy, its share of every step's swaps; None: the entering experts' own."""
+        """What decode step `step` emits: its layout, the experts entering E_R at it, and (when the plan emits
+        only the `sampled` steps, in order) the bytes of each layer's swap copy: the swaps of the steps it stands
+        for (after the previous sampled step, up to it; the last one to the end) at the sample's scale."""
         layout, entering = self.steps[step]
-        if not sampled:
+        if sampled is None:
             return layout, entering, None
-        return layout, entering, tuple(round(n * expert_bytes / self.total_steps) for n in self.swapped)
+        i = sampled.index(step)
+        first = sampled[i - 1] if i else 0  # the steps (first, last] are this one's
+        last = self.total_steps if i == len(sampled) - 1 else step
+        swaps = self.swaps_until[last] - self.swaps_until[first]
+        # scaled by total / len(sampled) afterwards, the sampled steps' swaps add up to every step's
+        scale = len(sampled) / self.total_steps
+        return layout, entering, tuple(round(int(n) * expert_bytes * scale) for n in swaps)
 
     def _split(self) -> Layout:
         """E_M / E_C for the current E_R: the static plan's E_M minus residents; everything else on the CPU."""
