@@ -446,14 +446,19 @@ def test_flexgen_pads_prompts_to_the_longest(tiny_model, paper_system):
     from sim.workload import Workload
     from traces import SynthConfig, generate_trace
 
+    """Every GEMM over the hidden states runs over the padded positions, the gate and a shared expert too (they
+    had counted the real tokens only, found by a conservation audit); routed experts see the real tokens, which the
+    trace routes."""
     prompts, gens = np.array([2, 9, 4, 3]), np.array([3, 3, 3, 3])
     tr = generate_trace(SynthConfig("tiny", 4, 8, 2, "uniform", 0.0, 0), prompts, gens)
-    ctx = PlanContext(tiny_model, paper_system, Workload(prompts, gens), tr)
+    model = dataclasses.replace(tiny_model, shared_expert_intermediate_size=64)
+    ctx = PlanContext(model, paper_system, Workload(prompts, gens), tr)
     plan = make_policy("flexgen", {"gpu_batch_size": "4", "weights_gpu_percent": "100", "act_gpu_percent": "100",
                                    "kv_gpu_percent": "0"}).build(ctx)
-    qkv = ops_of(plan, kind=OpKind.QKV, phase=Phase.PREFILL, layer=0)
-    router = ops_of(plan, kind=OpKind.ROUTER, phase=Phase.PREFILL, layer=0)
-    assert qkv[0].tokens == 4 * 9 and router[0].tokens == int(prompts.sum())
+    for kind in (OpKind.QKV, OpKind.O_PROJ, OpKind.ROUTER, OpKind.SHARED_EXPERT):
+        assert [op.tokens for op in ops_of(plan, kind=kind, phase=Phase.PREFILL, layer=0)] == [4 * 9]
+    experts = [m for op in ops_of(plan, kind=OpKind.EXPERT, phase=Phase.PREFILL, layer=0) for m in member_ops(op)]
+    assert sum(m.tokens for m in experts) == int(prompts.sum()) * model.top_k
 
 
 def test_flexgen_mixed_kv_attends_on_both_devices_and_the_search_keeps_gqa_caches_whole(tiny_model, paper_system):

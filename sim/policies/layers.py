@@ -216,23 +216,23 @@ class LayerEmitter:
 
     def attention_back_and_ffn(self, phase: Phase, step: int, layer: int, mb: int, tokens: int,
                                counts: np.ndarray | None, front: Deps,
-                               expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
-        """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert; `routed` the tokens that
-        reach the router when `tokens` counts padding. Returns the last op."""
+                               expert_deps: Callable[[int], int] | None = None) -> int:
+        """OP2 and the FFN on the GPU; `counts` are the layer's tokens per expert. Returns the last op."""
         at = At(phase, step, layer, mb)
         o = self.op(OpKind.O_PROJ, GPU, at, tokens, as_deps(front))
-        return self.ffn(at, tokens, counts, (o,), expert_deps, routed)
+        return self.ffn(at, tokens, counts, (o,), expert_deps)
 
     def ffn(self, at: At, tokens: int, counts: np.ndarray | None, deps: tuple[int, ...],
-            expert_deps: Callable[[int], int] | None = None, routed: int | None = None) -> int:
+            expert_deps: Callable[[int], int] | None = None) -> int:
         """The FFN on the GPU after `deps`: the router, shared expert and the experts that received tokens
-        (`counts`; grouped, see `experts`), or a dense FFN. Returns the last op."""
-        routed = tokens if routed is None else routed
+        (`counts`; grouped, see `experts`), or a dense FFN. Returns the last op. `tokens` may count padded
+        positions (FlexGen): the dense FFN, the router's gate and the shared expert are GEMMs over every position;
+        only the routed experts see just the real tokens, whose routing the trace holds."""
         if not self.m.is_moe_layer(at.layer):
             return self.op(OpKind.DENSE_FFN, GPU, at, tokens, deps)
-        router = last = self.op(OpKind.ROUTER, GPU, at, routed, deps)
+        router = last = self.op(OpKind.ROUTER, GPU, at, tokens, deps)
         if self.m.shared_expert_intermediate_size:
-            last = self.op(OpKind.SHARED_EXPERT, GPU, at, routed, (router,))
+            last = self.op(OpKind.SHARED_EXPERT, GPU, at, tokens, (router,))
         assert counts is not None
         ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,), expert_deps)
         return ran if ran >= 0 else last
@@ -269,22 +269,22 @@ class LayerEmitter:
             return self.attention_back_and_ffn(s.phase, s.step, layer, s.mb, s.tokens, None, front)
         at = At(s.phase, s.step, layer, s.mb)
         o_proj = self.op(OpKind.O_PROJ, GPU, at, s.tokens, (front,))
-        router = shared = self.op(OpKind.ROUTER, GPU, at, s.routed, (o_proj,))
+        router = shared = self.op(OpKind.ROUTER, GPU, at, s.tokens, (o_proj,))
         if self.m.shared_expert_intermediate_size:
-            shared = self.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
+            shared = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (router,))
         return routed(s, at, counts, router, shared)
 
 
 class BatchSlice:
     """The requests one micro-batch runs at one step, with its attention sizes and expert loads."""
 
-    __slots__ = ("phase", "step", "mb", "requests", "tokens", "kv_attended", "kv_read", "counts", "routed")
+    __slots__ = ("phase", "step", "mb", "requests", "tokens", "kv_attended", "kv_read", "counts")
 
     def __init__(self, phase: Phase, step: int, mb: int, requests: np.ndarray, tokens: int, kv_attended: int,
-                 kv_read: int, counts: np.ndarray, routed: int | None = None):
+                 kv_read: int, counts: np.ndarray):
+        """`tokens` may count padded positions (FlexGen); `counts` route the real tokens only."""
         self.phase, self.step, self.mb, self.requests = phase, step, mb, requests
         self.tokens, self.kv_attended, self.kv_read, self.counts = tokens, kv_attended, kv_read, counts
-        self.routed = tokens if routed is None else routed  # real (unpadded) tokens: what the router sees
 
     def layer_counts(self, ctx: PlanContext, layer: int) -> np.ndarray | None:
         return self.counts[ctx.model.moe_index(layer)] if ctx.model.is_moe_layer(layer) else None

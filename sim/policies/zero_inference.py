@@ -88,9 +88,9 @@ class _Gather(LayerEmitter):
             if not moe:
                 last = self.op(OpKind.DENSE_FFN, GPU, at, s.tokens, (o,))
                 continue
-            router = done = self.op(OpKind.ROUTER, GPU, at, s.routed, (o,))
+            router = done = self.op(OpKind.ROUTER, GPU, at, s.tokens, (o,))
             if m.shared_expert_intermediate_size:
-                done = self.op(OpKind.SHARED_EXPERT, GPU, at, s.routed, (router,))
+                done = self.op(OpKind.SHARED_EXPERT, GPU, at, s.tokens, (router,))
             counts = s.layer_counts(self.ctx, layer)
             experts = self.gather(at, 0, done, m.num_experts * m.expert_bytes)
             ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router, experts))
