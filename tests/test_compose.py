@@ -116,6 +116,8 @@ def test_static_memory_follows_the_placement(paper_system, tiny_mla_model):
     gpu_none = gpu_static(ctx, "ccc", "ccc", 16, 16, resident=2, widest=3)
     moved = gpu_all["non_expert_weights"] - gpu_none["non_expert_weights"]
     assert moved == m.num_layers * (m.qkv_params + m.o_proj_params) * bpp
+    # all on the GPU: every weight but the routed experts', the final norm included (it had been left out)
+    assert gpu_all["non_expert_weights"] == m.non_expert_params * bpp
     assert "kv_cache" in gpu_all and "kv_cache" not in gpu_none
     assert gpu_all["resident_experts"] == 2 * m.num_moe_layers * m.expert_bytes
     assert gpu_all["expert_fetch_buffers"] == 2 * 3 * m.expert_bytes

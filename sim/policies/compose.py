@@ -133,14 +133,14 @@ class Schedule:
 def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_tokens: int, resident: int,
                widest: int, kv_cpu_tokens: int = 0, kv_stream_tokens: int = 0) -> dict[str, int]:
     """VRAM a placement holds: non-expert weights of the ops placed on the GPU in either phase (embedding, LM head,
-    norms, routers, shared experts and dense FFNs always), `resident` experts per MoE layer, a double buffer of
-    `widest` fetched experts, hidden states of `expert_tokens` (what one expert run gathers), the workspace of the
-    largest micro-batch (`mb_tokens`), and the KV cache when decode attention runs on the GPU (less the
-    `kv_cpu_tokens` entries of requests whose attention runs on the CPU instead), or, where that cache is streamed
-    from host memory, KV_STREAM_BUFFERS buffers of one layer's `kv_stream_tokens` entries (the largest decode
-    micro-batch at its longest context)."""
+    norms (the final one included), routers, shared experts and dense FFNs always), `resident` experts per MoE
+    layer, a double buffer of `widest` fetched experts, hidden states of `expert_tokens` (what one expert run
+    gathers), the workspace of the largest micro-batch (`mb_tokens`), and the KV cache when decode attention runs on
+    the GPU (less the `kv_cpu_tokens` entries of requests whose attention runs on the CPU instead), or, where that
+    cache is streamed from host memory, KV_STREAM_BUFFERS buffers of one layer's `kv_stream_tokens` entries (the
+    largest decode micro-batch at its longest context)."""
     m, wl, bpp = ctx.model, ctx.workload, ctx.model.bytes_per_param
-    weights = (m.embedding_params + m.lm_head_params + m.num_layers * m.norm_params_per_layer
+    weights = (m.embedding_params + m.lm_head_params + m.final_norm_params + m.num_layers * m.norm_params_per_layer
                + m.num_moe_layers * (m.router_params + m.shared_expert_params)
                + (m.num_layers - m.num_moe_layers) * m.dense_ffn_params)
     up = m.attention_up_params  # MLA's up-projection: the attention's weights (OpWork.attention), not OP0's

@@ -238,8 +238,12 @@ class ModelSpec:
     def total_params(self) -> int:
         """Every parameter (kept once computed: searches ask it per candidate, and it sums every layer)."""
         layers = sum(self.layer_params(i) for i in range(self.num_layers))
-        final_norm = (2 if self.linear_bias else 1) * self.hidden_size
-        return layers + self.embedding_params + self.lm_head_params + final_norm
+        return layers + self.embedding_params + self.lm_head_params + self.final_norm_params
+
+    @property
+    def final_norm_params(self) -> int:
+        """The norm after the last layer (with a bias where the model's linear layers have one)."""
+        return (2 if self.linear_bias else 1) * self.hidden_size
 
     @property
     def routed_expert_params(self) -> int:
