@@ -10,10 +10,9 @@ and a layer's experts are all loaded whatever the routing. The KV cache lives in
 fits, else in DRAM with each GPU batch's cache loaded and its new entries stored; FlexGen allocates that DRAM cache
 unpinned, so its stores are staged copies at the link's pageable rate and its loads FlexGen's relay (a staging on
 the loop's thread, then a pinned DMA). Activations between layers live on the GPU or in DRAM (act_on_cpu). Prompts
-are padded to the longest: the padded positions add QKV, attention, O-projection, gate and shared-expert work (GEMMs
-over every position), and a dense layer's FFN; routed experts see the real tokens only, which the trace routes and
-the executor computes, so a dense model's FFN in one-expert form (OPT) pays no padding (a known gap: OPT-6.7b's
-prefill with prompts of 8-63 tokens runs 29% shorter than with all at 63). Prefill always runs on the GPU.
+are padded to the longest: the padded positions add QKV, attention, O-projection, gate and shared-expert work, and
+a dense FFN's, one-expert form (OPT) included (GEMMs over every position); routed experts see the real tokens
+only, which the trace routes. Prefill always runs on the GPU.
 
 Search: FlexGen's cost model, T = l x T_pre + (n - 1) x l x T_gen + n x T_emb (T_emb: the embeddings' load where
 they stay in DRAM) with

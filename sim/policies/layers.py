@@ -226,14 +226,16 @@ class LayerEmitter:
             expert_deps: Callable[[int], int] | None = None) -> int:
         """The FFN on the GPU after `deps`: the router, shared expert and the experts that received tokens
         (`counts`; grouped, see `experts`), or a dense FFN. Returns the last op. `tokens` may count padded
-        positions (FlexGen): the dense FFN, the router's gate and the shared expert are GEMMs over every position;
-        only the routed experts see just the real tokens, whose routing the trace holds."""
+        positions (FlexGen): the dense FFN, the router's gate, the shared expert and a dense model's FFN in one-expert
+        form are GEMMs over every position; routed experts see just the real tokens, whose routing the trace holds."""
         if not self.m.is_moe_layer(at.layer):
             return self.op(OpKind.DENSE_FFN, GPU, at, tokens, deps)
         router = last = self.op(OpKind.ROUTER, GPU, at, tokens, deps)
         if self.m.shared_expert_intermediate_size:
             last = self.op(OpKind.SHARED_EXPERT, GPU, at, tokens, (router,))
         assert counts is not None
+        if not self.m.has_router:  # a dense FFN in one-expert form (OPT) runs over every position, padded ones too
+            counts = np.full(1, tokens, dtype=np.int64)
         ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router,), expert_deps)
         return ran if ran >= 0 else last
 
