@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,11 +21,27 @@ def _load(name: str):
     return module
 
 
-def test_design_space_breakdown_splits_a_point_into_stages_that_add_up():
+BREAKDOWN_POINTS = {
+    "simulate": ("from sim.api import simulate\n"
+                 "r = simulate('mixtral-8x7b', 'a100-80g-8452y', 'coxmoe', batch=8, prompt_len=16, gen_len=4)\n"
+                 "out = {'throughput_tok_s': r.throughput_tok_s}"),
+    # the engine case's path: Policy.build (whose search the breakdown had missed: plan builds came out
+    # negative), then the engine alone
+    "build": ("from sim.api import resolve_model, resolve_routing, resolve_system, simulate_plan\n"
+              "from sim.policies import PlanContext, make_policy\n"
+              "m, s = resolve_model('mixtral-8x7b'), resolve_system('a100-80g-8452y')\n"
+              "wl, tr, _ = resolve_routing(m, 8, 16, 4, None, 'uniform', 0)\n"
+              "plan = make_policy('coxmoe').build(PlanContext(m, s, wl, tr))\n"
+              "rec, metrics = simulate_plan(plan)\n"
+              "from sim.metrics import throughput_tok_s\n"
+              "out = {'throughput_tok_s': throughput_tok_s(plan, metrics)}"),
+}
+
+
+@pytest.mark.parametrize("point", sorted(BREAKDOWN_POINTS))
+def test_design_space_breakdown_splits_a_point_into_stages_that_add_up(point):
     bench = _load("design_space_speed")
-    code = ("from sim.api import simulate\n"
-            "r = simulate('mixtral-8x7b', 'a100-80g-8452y', 'coxmoe', batch=8, prompt_len=16, gen_len=4)\n"
-            "out = {'throughput_tok_s': r.throughput_tok_s}")
+    code = BREAKDOWN_POINTS[point]
     runner = bench.RUNNER.format(code=code, prologue=bench.BREAKDOWN_PROLOGUE, epilogue=bench.BREAKDOWN_EPILOGUE)
     proc = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, capture_output=True, text=True, check=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": ""})
