@@ -12,7 +12,7 @@ from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.errors import CapacityError, SimInputError
 from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream, member_ops
-from sim.plan_verify import verify_assignments
+from sim.plan_verify import scope_rows, verify_assignments
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.specs import load_system
 from sim.topology import topology_of
@@ -68,8 +68,10 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
                 got[model.moe_index(op.layer), member.expert] += member.tokens
             key = (op.phase, op.step, op.layer, op.micro_batch)
             per_visit[key] = per_visit.get(key, 0) + op.tokens
-        elif op.kind is OpKind.ROUTER:
-            tokens_in[(op.phase, op.step, op.layer, op.micro_batch)] = op.tokens
+        elif op.kind is OpKind.ROUTER:  # the real tokens it routes (its op may count padded positions: FlexGen)
+            requests = plan.scope_of(op)[0]
+            tokens_in[(op.phase, op.step, op.layer, op.micro_batch)] = scope_rows(plan, tr, op.phase, op.step,
+                                                                                   requests).size
     np.testing.assert_array_equal(got, tr.expert_counts(np.arange(tr.num_tokens)))
     visits = {k[:3] for k in tokens_in}
     assert {k[:3] for k in per_visit} == visits
