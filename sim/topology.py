@@ -20,6 +20,7 @@ gives the numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
@@ -48,10 +49,11 @@ class LinkDirection:
     efficiency: float
     latency_s: float
     pageable_ratio: float = 1.0
+    memory_cap_bytes_per_s: float = math.inf  # a peer link: what the slower end's memory can read or write
 
     @property
     def achievable_bytes_per_s(self) -> float:
-        return self.bytes_per_s * self.efficiency
+        return min(self.bytes_per_s * self.efficiency, self.memory_cap_bytes_per_s)
 
 
 @dataclass(frozen=True)
@@ -144,14 +146,18 @@ def topology_of(system: SystemSpec) -> Topology:
         streams[name] = units[name]
         streams[f"h2d_{name}"] = units[f"pcie_h2d_{name}"]
         streams[f"d2h_{name}"] = units[f"pcie_d2h_{name}"]
+    gpu_specs = {"gpu": system.gpu, **{extra.name: extra.gpu for extra in system.extra_gpus}}
     for peer in system.peer_links:
         group = f"peer_{peer.src}_{peer.dst}"
-        groups[group] = 2  # one resource per direction; the HBM either end reads or writes is not modelled
+        # one resource per direction; the HBM either end reads or writes is not shared with the GPUs' own ops, but
+        # no copy moves faster than the slower end's memory (a link spec faster than HBM is capped, not trusted)
+        groups[group] = 2
+        cap = min(gpu_specs[g].hbm_bytes_per_s * gpu_specs[g].hbm_efficiency for g in (peer.src, peer.dst))
         link = peer.link
         fwd = LinkDirection(f"{link.name}_{peer.src}_{peer.dst}", peer.src, peer.dst, link.h2d_bytes_per_s,
-                            link.h2d_efficiency, link.latency_s)
+                            link.h2d_efficiency, link.latency_s, memory_cap_bytes_per_s=cap)
         bwd = LinkDirection(f"{link.name}_{peer.dst}_{peer.src}", peer.dst, peer.src, link.d2h_bytes_per_s,
-                            link.d2h_efficiency, link.latency_s)
+                            link.d2h_efficiency, link.latency_s, memory_cap_bytes_per_s=cap)
         for index, direction in enumerate((fwd, bwd)):
             stream = f"p2p_{direction.src}_{direction.dst}"
             units[stream] = Unit(stream, UnitKind.LINK, group, index, -1, direction.dst, direction)

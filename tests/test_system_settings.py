@@ -163,9 +163,13 @@ def test_sweep_axis_of_settings_keys_points_apart_and_keeps_old_keys():
 
 def test_settings_that_would_reach_part_of_the_machine_or_nothing_are_refused():
     two = load_system("2x-h100-sxm-nvlink-8480")
-    for path in ("gpu.gemm_efficiency", "link.h2d_efficiency"):
+    # the first GPU's reservation too (each extra GPU has its own; a topology audit found 20 GiB set on one of two)
+    for path, value in (("gpu.gemm_efficiency", "0.5"), ("link.h2d_efficiency", "0.5"),
+                        ("gpu_reserved_bytes", str(2**30))):
         with pytest.raises(SimInputError, match="has 2 GPUs and --set reaches only the first"):
-            apply_system_settings(two, {path: "0.5"})
+            apply_system_settings(two, {path: value})
+    assert apply_system_settings(load_system("h100-80g-8452y"), {"gpu_reserved_bytes": str(2**31)}).gpu_reserved_bytes \
+        == 2**31
     assert apply_system_settings(two, {"cpu.dram_efficiency": "0.5"}).cpu.dram_efficiency == 0.5
     with pytest.raises(SimInputError, match="has no AMX, so the setting would do nothing"):
         apply_system_settings(load_system("gcp-l4-g2"), {"cpu.amx_efficiency": "0.5"})

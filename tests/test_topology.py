@@ -101,6 +101,14 @@ def test_two_gpus_run_side_by_side_and_their_host_links_share_dram(tiny_model):
     assert cost.usage(peer_op) == (1.0, 0.0)
     peer = topology_of(system).unit_of("p2p_gpu_gpu1").spec
     assert cost.op_time_ns(peer_op) == int(np.ceil((nbytes / peer.achievable_bytes_per_s + peer.latency_s) * 1e9))
+    # a peer link described faster than the GPUs' memory moves data no faster than the slower end's HBM (a topology
+    # audit: a 1e16 B/s link copied 1 GiB in 2.1 us, 504 TB/s)
+    link = system.peer_links[0]
+    fast = dataclasses.replace(system, name="fast-peer", peer_links=(dataclasses.replace(link, link=dataclasses.replace(
+        link.link, h2d_bytes_per_s=1e16, d2h_bytes_per_s=1e16)),))
+    hbm = min(g.hbm_bytes_per_s * g.hbm_efficiency for g in (system.gpu, system.extra_gpus[0].gpu))
+    fast_op = _hand_plan(tiny_model, fast, [("p2p_gpu_gpu1", OpKind.COPY, nbytes, 0)]).ops[0]
+    assert RooflineCostModel(fast).op_time_ns(fast_op) == int(np.ceil((nbytes / hbm + link.link.latency_s) * 1e9))
 
 
 def test_a_plan_on_a_stream_the_system_lacks_is_refused(tiny_model, paper_system):

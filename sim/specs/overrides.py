@@ -72,10 +72,11 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str], flag:
         if field not in _numeric_fields(owner, optional):
             raise SimInputError(f"{flag} {path!r}: not a numeric field of {section or 'the system'}; choose from "
                                 f"{', '.join(_numeric_fields(owner, optional))}")
-        if section in ("gpu", "link") and system.extra_gpus:
+        first_gpus = section in ("gpu", "link") or (not section and field == "gpu_reserved_bytes")
+        if first_gpus and system.extra_gpus:  # each extra GPU has its own spec, link and reservation
             raise SimInputError(f"{flag} {path!r}: system {system.name} has {1 + len(system.extra_gpus)} GPUs and "
-                                f"{flag} reaches only the first one's {section}; describe the machine in a system "
-                                "file (`coxmoe presets --show NAME`) instead")
+                                f"{flag} reaches only the first one's {section or 'reservation'}; describe the machine "
+                                "in a system file (`coxmoe presets --show NAME`) instead")
         if section == "cpu" and field == "cores":
             raise SimInputError(f"{flag} {path!r}: a descriptive field (the CPU's rates already count its cores), so "
                                 "the setting would do nothing; set amx_bf16_flops_per_s, avx512_bf16_flops_per_s or "
