@@ -366,6 +366,24 @@ def test_a_cpu_attention_batch_of_requests_is_priced_as_one_batch(mixtral, paper
     assert fronts["serial"] == pytest.approx(fronts["pipelined"], rel=1e-12)
 
 
+def test_coxmoe_estimate_prices_prefill_attention_over_each_prompts_own_square(mixtral, paper_system):
+    """Causal prefill attention grows with each prompt's square: the estimate sums them (a cost audit found it
+    priced the mean prompt's square, 1.5x low for MT-Bench-like lengths); uniform prompts price as before."""
+    from sim.policies.coxmoe import CoxMoeOptions, _Model
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    m, opts, gens = mixtral, CoxMoeOptions(), np.full(4, 2)
+    attention = {}
+    for name, prompts in (("uniform", np.array([50, 50, 50, 50])), ("spread", np.array([5, 95, 20, 80]))):
+        tr = generate_trace(SynthConfig(m.name, m.num_moe_layers, m.num_experts, m.top_k, "uniform", 0.0, 0),
+                            prompts, gens)
+        model = _Model(PlanContext(m, paper_system, Workload(prompts, gens), tr), opts)
+        assert model.prompt_pairs_mean == float((prompts * (prompts + 1) / 2).mean())
+        attention[name] = model.ops012_s(Phase.PREFILL, "gcg", 4, True)
+    assert attention["spread"] > attention["uniform"]  # the same tokens, more scores on the CPU
+
+
 def test_coxmoe_bad_options():
     with pytest.raises(SimInputError, match="prefill_placement"):
         make_policy("coxmoe", {"prefill_placement": "gxg"})

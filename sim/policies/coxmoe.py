@@ -250,6 +250,8 @@ class _Model:
         self.streamed = opts.kv_cache == "cpu"  # GPU decode attention over a KV cache in host memory
         self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
+        lens = wl.prompt_lens.astype(np.float64)
+        self.prompt_pairs_mean = float((lens * (lens + 1) / 2).mean())  # causal scores of a prompt, on average
 
     # ---- a split decode attention ---------------------------------------------------------------------
     @cache  # noqa: B019 - one model per search; the cache dies with it
@@ -348,10 +350,9 @@ class _Model:
         batch = wl.batch
         mu = batch if mu <= 0 else min(mu, batch)
         n_mb = batches or -(-batch // mu)
-        if phase is Phase.PREFILL:
-            s = float(wl.prompt_lens.mean())
-            tokens = int(round(mu * s))
-            kv_att, kv_read = int(mu * s * (s + 1) / 2), tokens
+        if phase is Phase.PREFILL:  # mu average prompts: their tokens, and their causal scores (not the mean's)
+            tokens = int(round(mu * float(wl.prompt_lens.mean())))
+            kv_att, kv_read = int(mu * self.prompt_pairs_mean), tokens
         else:
             tokens = mu
             kv_att = kv_read = int(mu * self.kv_mean)
