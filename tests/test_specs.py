@@ -40,6 +40,12 @@ def test_dense_opt_is_a_one_expert_model_without_router():
     # tied head: the embedding (tokens + 2050 learned positions) is counted once, the head GEMM is vocab x h
     assert m.lm_head_params == 0 and m.embedding_params == (50272 + 2050) * h
     assert m.total_params == 6_658_473_984  # transformers' OPTForCausalLM("facebook/opt-6.7b").num_parameters()
+    # its embedding reads a token row and a learned position row per token, and writes the hidden state (the
+    # position row had been left out, found by a cost audit); a model with rotary positions reads one row
+    from sim.cost.work import OpWork
+
+    assert OpWork(m).embed(7).bytes == 3 * 7 * h * 2
+    assert OpWork(load_model("mixtral-8x7b")).embed(7).bytes == 2 * 7 * 4096 * 2
 
 
 def test_mixtral_derived_sizes_match_reference(mixtral):

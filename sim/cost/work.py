@@ -42,7 +42,10 @@ class OpWork:
         return Work(2 * tokens * params, (params + tokens * (width_in + width_out)) * self.bpp)
 
     def embed(self, tokens: int) -> Work:
-        return Work(0, 2 * tokens * self.m.hidden_size * self.bpp)
+        """A row of the token table read and the hidden state written per token, plus a row of the learned position
+        table read where the model has one (OPT)."""
+        rows = 3 if self.m.learned_position_embeddings else 2
+        return Work(0, rows * tokens * self.m.hidden_size * self.bpp)
 
     def qkv(self, tokens: int) -> Work:
         """OP0's projections; MLA's up-projection of the latent is attention's (`ModelSpec.attention_up_params`)."""
