@@ -45,6 +45,10 @@ def test_dense_opt_is_a_one_expert_model_without_router():
     from sim.cost.work import OpWork
 
     assert OpWork(m).embed(7).bytes == 3 * 7 * h * 2
+    # a shared expert is an FFN of the model's kind (it had been counted as gated and bias-free whatever the model)
+    assert m.shared_expert_params == 0
+    shared = dataclasses.replace(m, shared_expert_intermediate_size=f)
+    assert shared.shared_expert_params == m.expert_params == 2 * h * f + f + h
     assert OpWork(load_model("mixtral-8x7b")).embed(7).bytes == 2 * 7 * 4096 * 2
 
 

@@ -213,8 +213,12 @@ class ModelSpec:
 
     @property
     def shared_expert_params(self) -> int:
+        """The shared expert: an FFN of the model's kind (gated or not, biases where its linear layers have them),
+        plus its sigmoid gate's row where it has one; none without a shared expert."""
+        if not self.shared_expert_intermediate_size:
+            return 0
         gate = self.hidden_size if self.shared_expert_gate else 0
-        return 3 * self.hidden_size * self.shared_expert_intermediate_size + gate
+        return self._ffn_params(self.shared_expert_intermediate_size) + gate
 
     @property
     def dense_ffn_params(self) -> int:
