@@ -185,7 +185,9 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
         write_atomic_text(out / "timings.csv", pd.DataFrame(rows).to_csv(index=False))
         meta = {"version": PROFILE_VERSION, "model_signature": model_signature(spec), "model": spec.name,
                 "dtype": "bfloat16", "devices": list(done), "threads": list(threads), "rounds": rounds,
-                "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()}}
+                "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()},
+                # where the grids stop (look-ups past them scale the edge by the work): null is the whole grid
+                "grid": {"max_tokens": max_tokens, "max_requests": max_requests, "max_kv": max_kv}}
         if len(done) < len(devices):
             meta["not_measured"] = [d for d in devices if d not in done]
         if failed:

@@ -38,10 +38,14 @@ def shard_assignments(plan: Plan, trace: RoutingTrace, op) -> tuple[np.ndarray, 
     return rows[t], j
 
 
-def padded_positions(plan: Plan, tokens: int, routed: int) -> bool:
-    """Whether an expert op of `tokens` whose scope routes `routed` there counts padded positions besides: only a
-    dense model's FFN in one-expert form does (FlexGen pads prompts; every position goes through that FFN)."""
-    return not plan.model.has_router and tokens > routed
+def padded_positions(plan: Plan, op, routed: int) -> bool:
+    """Whether expert op `op`, whose scope routes `routed` tokens to it, counts FlexGen's padded positions besides:
+    only a dense model's FFN in one-expert form, in prefill, over exactly its scope's requests at the longest
+    prompt (FlexGen pads prompts; every position goes through that FFN)."""
+    if plan.model.has_router or op.phase is not Phase.PREFILL or op.tokens <= routed:
+        return False
+    requests = plan.scope_of(op)[0]
+    return op.tokens == requests.size * int(plan.workload.prompt_lens.max())
 
 
 def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
@@ -68,7 +72,7 @@ def verify_assignments(plan: Plan, trace: RoutingTrace) -> None:
             continue
         for member in member_ops(op):  # a grouped op computes each of its experts' assignments
             rows, slots = shard_assignments(plan, trace, member)
-            if rows.size != member.tokens and not padded_positions(plan, member.tokens, rows.size):
+            if rows.size != member.tokens and not padded_positions(plan, member, rows.size):
                 raise SimInputError(f"plan op {op.id}: expert {member.expert} layer {op.layer} says {member.tokens} "
                                     f"tokens; its scope routes {rows.size} there")
             np.add.at(hits, (rows, m.moe_index(op.layer), slots), 1)

@@ -244,6 +244,7 @@ def test_profiles_per_thread_count(capsys, tmp_path, paper_system):
     # the attention grids stop at the first values covering the caps
     decode = frame[frame["kind"] == "attention"]
     assert set(decode["tokens"]) == {1, 4} and set(decode["kv"]) == {1, 4}
+    assert json.loads((prof / "profile.json").read_text())["grid"] == {"max_tokens": 2, "max_requests": 3, "max_kv": 4}
     spec = load_model(model)
     assert ProfileCostModel(paper_system, prof, spec, threads=1).threads == 1
     assert ProfileCostModel(paper_system, prof, spec).threads == 2

@@ -5,7 +5,8 @@ expert-parallel, ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe record
 FlexGen with half of OPT-6.7B's weights and its whole cache on the T4 box's disk added with the disk tier;
 re-recorded after the cost-model audit of 2026-12-05: FlexGen's GiB link rates, the GCP hosts' per-op CPU cost,
 pageable ratios, profile usages; OPT-6.7B's FlexGen record on 2026-12-06, when its embedding began to read its
-learned position rows: prefill +8.7 us). A change meant to move results re-records them with `write_golden()` in the
+learned position rows: prefill +8.7 us; ZeRO-Inference's Mixtral record the same day, when its head's gather took
+the final norm too). A change meant to move results re-records them with `write_golden()` in the
 same commit and says why:
 `PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
 

@@ -68,10 +68,12 @@ def test_every_assignment_is_computed_exactly_once(request, paper_system, policy
                 got[model.moe_index(op.layer), member.expert] += member.tokens
             key = (op.phase, op.step, op.layer, op.micro_batch)
             per_visit[key] = per_visit.get(key, 0) + op.tokens
-        elif op.kind is OpKind.ROUTER:  # the real tokens it routes (its op may count padded positions: FlexGen)
+        elif op.kind is OpKind.ROUTER:  # the real tokens it routes; its op counts FlexGen's padded positions too
             requests = plan.scope_of(op)[0]
-            tokens_in[(op.phase, op.step, op.layer, op.micro_batch)] = scope_rows(plan, tr, op.phase, op.step,
-                                                                                   requests).size
+            routed = scope_rows(plan, tr, op.phase, op.step, requests).size
+            padded = policy == "flexgen" and op.phase is Phase.PREFILL
+            assert op.tokens == (requests.size * int(lens[0].max()) if padded else routed)
+            tokens_in[(op.phase, op.step, op.layer, op.micro_batch)] = routed
     np.testing.assert_array_equal(got, tr.expert_counts(np.arange(tr.num_tokens)))
     visits = {k[:3] for k in tokens_in}
     assert {k[:3] for k in per_visit} == visits

@@ -498,6 +498,14 @@ def test_flexgen_pads_a_dense_models_ffn_and_the_plan_still_verifies():
     assert [op.tokens for op in ffn] == [op.tokens for op in ops_of(plan, kind=OpKind.QKV, phase=Phase.PREFILL,
                                                                      layer=0)] == [4 * 9]
     verify_assignments(plan, tr)
+    # only exactly that padding passes: a decode FFN op, or a prefill one, claiming other extra tokens is refused
+    # (any overcount on a one-expert model had passed, a review found)
+    for phase, extra in ((Phase.DECODE, 2), (Phase.PREFILL, 1)):
+        op = ops_of(plan, kind=OpKind.EXPERT, phase=phase, layer=1)[0]
+        forged = dataclasses.replace(plan, ops=[dataclasses.replace(o, tokens=o.tokens + extra) if o is op else o
+                                                for o in plan.ops])
+        with pytest.raises(SimInputError, match="tokens; its scope routes"):
+            verify_assignments(forged, tr)
 
 
 def test_flexgen_mixed_kv_attends_on_both_devices_and_the_search_keeps_gqa_caches_whole(tiny_model, paper_system):
@@ -676,7 +684,8 @@ def test_explicit_knobs_that_do_not_fit_name_the_memory(mixtral, paper_system, p
 # ---- ZeRO-Inference --------------------------------------------------------------------------------------------
 def test_zero_inference_gathers_each_module_before_it_runs(tiny_mla_model, paper_system):
     """Every step gathers the embedding, each layer's attention/router/dense weights, all its experts (whatever
-    the routing) and the LM head: the whole model, each copy waiting for the work before it."""
+    the routing), the final norm and the LM head (a tied one is the embedding's table, gathered again): the whole
+    model, each copy waiting for the work before it."""
     m = tiny_mla_model
     ctx = ctx_for(m, paper_system, batch=6, prompt=5, gen=3)
     plan = make_policy("zero-inference").build(ctx)
@@ -684,7 +693,8 @@ def test_zero_inference_gathers_each_module_before_it_runs(tiny_mla_model, paper
     for phase, step in {(op.phase, op.step) for op in plan.ops}:
         ops = [op for op in plan.ops if op.phase is phase and op.step == step]
         copied = sum(op.bytes for op in ops if op.stream is Stream.H2D)
-        want = sum(m.layer_params(i) for i in range(m.num_layers)) + m.embedding_params + m.lm_head_params
+        head = m.lm_head_params or m.vocab_size * m.hidden_size
+        want = sum(m.layer_params(i) for i in range(m.num_layers)) + m.embedding_params + head + m.final_norm_params
         assert copied == want * m.bytes_per_param
     last_work, copies = -1, 0
     for op in plan.ops:  # each copy but the first waits for the work before it; QKV and experts for their copy

@@ -109,6 +109,13 @@ def test_two_gpus_run_side_by_side_and_their_host_links_share_dram(tiny_model):
     hbm = min(g.hbm_bytes_per_s * g.hbm_efficiency for g in (system.gpu, system.extra_gpus[0].gpu))
     fast_op = _hand_plan(tiny_model, fast, [("p2p_gpu_gpu1", OpKind.COPY, nbytes, 0)]).ops[0]
     assert RooflineCostModel(fast).op_time_ns(fast_op) == int(np.ceil((nbytes / hbm + link.link.latency_s) * 1e9))
+    # ends of different speeds: the slower one's memory (a T4's 320 GB/s under the H100 link's 450 GB/s)
+    t4 = load_system("gcp-t4-n1").gpu
+    mixed = dataclasses.replace(system, name="h100-t4", extra_gpus=(dataclasses.replace(system.extra_gpus[0], gpu=t4),))
+    slow = t4.hbm_bytes_per_s * t4.hbm_efficiency
+    assert slow < link.link.h2d_bytes_per_s * link.link.h2d_efficiency
+    mixed_op = _hand_plan(tiny_model, mixed, [("p2p_gpu_gpu1", OpKind.COPY, nbytes, 0)]).ops[0]
+    assert RooflineCostModel(mixed).op_time_ns(mixed_op) == int(np.ceil((nbytes / slow + link.link.latency_s) * 1e9))
 
 
 def test_a_plan_on_a_stream_the_system_lacks_is_refused(tiny_model, paper_system):

@@ -234,6 +234,7 @@ class LayoutEmitter(LayerEmitter):
         self.kv_on_cpu = kv_on_cpu
         self.layer_done: dict[int, int] = {}
         self.seq = 0  # (step, layer) visits so far: the fetch double buffer alternates on it
+        self.prefill_end: tuple[int, ...] = ()
         self.scopes: list[Scope] = []
         self._scope_index: dict[tuple, int] = {}
         self._kv_holders: list[int] = []  # per streamed attention, in order, the last op using its GPU buffer
@@ -304,7 +305,7 @@ class LayoutEmitter(LayerEmitter):
             if nbytes:  # swap-in copies share the H2D stream with E_M's fetch, into slots the layer's previous
                 # visit must be done with (without it a swap could start steps early, while they were in use)
                 fetch = self.xfer(H2D, At(phase, step, layer), nbytes, Payload.EXPERT_WEIGHTS,
-                                  (fetch, self.layer_done.get(self.seq - m.num_layers, -1)))
+                                  (fetch, self.layer_done.get(self.seq - m.num_layers, -1), *self.prefill_end))
             weights = _WeightsReady(set(fetched) | set(entering[li] if entering else ()), fetch)
             last_gpu = -1
             for group in self._expert_groups(len(slices), expert_batch):
@@ -325,8 +326,10 @@ class LayoutEmitter(LayerEmitter):
                     ready[i] = done
             self.layer_done[self.seq] = last_gpu
             self.seq += 1
-        for i, s in enumerate(slices):
-            self.op(OpKind.LM_HEAD, home, At(phase, step, m.num_layers, s.mb), int(s.requests.size), ready[i])
+        heads = [self.op(OpKind.LM_HEAD, home, At(phase, step, m.num_layers, s.mb), int(s.requests.size), ready[i])
+                 for i, s in enumerate(slices)]
+        if phase is Phase.PREFILL:  # a decode swap copy never runs inside the (unscaled) prefill
+            self.prefill_end = tuple(heads)
 
     @staticmethod
     def _expert_groups(n: int, expert_batch: int) -> list[list[int]]:

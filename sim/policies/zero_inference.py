@@ -95,6 +95,8 @@ class _Gather(LayerEmitter):
             experts = self.gather(at, 0, done, m.num_experts * m.expert_bytes)
             ran = self.experts(GPU, at, counts, np.flatnonzero(counts).tolist(), (router, experts))
             last = ran if ran >= 0 else done
-        head = self.gather(At(phase, step, m.num_layers, s.mb), m.lm_head_params, last)
+        # the final norm and the output projection (a tied head is the embedding's table, gathered again for it)
+        head = self.gather(At(phase, step, m.num_layers, s.mb),
+                           (m.lm_head_params or m.vocab_size * m.hidden_size) + m.final_norm_params, last)
         self.previous = self.lm_head(phase, step, s.mb, int(s.requests.size), (last, head))
 

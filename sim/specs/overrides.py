@@ -5,9 +5,9 @@ A setting names a numeric field by its path in the spec as `coxmoe presets --sho
 `gpu.gemm_efficiency`, `cpu.amx_efficiency`, `link.h2d_efficiency`, `ndp.compute_efficiency`, ...). The system is
 rebuilt through the same schema as a spec file, so a value out of range is refused as one would be there. The
 result's name records every setting and each changed field's `sources` entry says it was set by hand. On a
-machine with several GPUs, `gpu.` and `link.` settings are refused (they would reach the first GPU only), and an
-AMX setting on a CPU without AMX is refused (it would do nothing). Under `--profile`, measured op times replace
-the rates a setting changes for the ops the profile covers.
+machine with several GPUs, `gpu.`, `link.` and `gpu_reserved_bytes` settings are refused (they would reach the
+first GPU only), and an AMX setting on a CPU without AMX is refused (it would do nothing). Under `--profile`,
+measured op times replace the rates a setting changes for the ops the profile covers.
 """
 
 from __future__ import annotations
