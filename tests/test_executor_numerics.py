@@ -9,7 +9,7 @@ import torch
 from executor.interpret import PlanInterpreter
 from executor.reference import reference_forward
 from executor.weights import random_weights, truncated
-from sim.plan import ungroup
+from sim.plan import OpKind, ungroup
 from sim.policies import PlanContext, make_policy
 from sim.specs import load_model
 from sim.topology import UnitKind, topology_of
@@ -292,3 +292,27 @@ def test_cuda_op_times_keep_microseconds_late_in_a_long_run(monkeypatch):
     assert end[0] - start[0] == 20_000  # 20 us, to the nanosecond
     assert abs(start[0] - 600_000_001_300) <= 40_000  # the start keeps the base's coarser step
     assert end[1] - start[1] == 7_500 and abs(start[1] - 1_000_000) <= 1
+
+
+def test_a_padded_dense_ffn_plan_runs_and_matches_the_reference():
+    """FlexGen's one-expert FFN counts padded prompt positions (the simulator prices them); the executor computes
+    the real tokens and accepts the padding (it had refused the plan: 'runs expert 0 on 14 tokens; the trace routes
+    8', found by a review)."""
+    from sim.plan_verify import verify_assignments
+    from sim.specs import ModelSpec, load_system
+
+    spec = ModelSpec(name="tiny-dense", num_layers=2, hidden_size=64, vocab_size=97, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, num_experts=1, top_k=1, expert_intermediate_size=96)
+    prompts, gens = np.array([5, 3, 7, 4]), np.array([3, 1, 3, 2])
+    trace = generate_trace(SynthConfig(spec.name, spec.num_moe_layers, 1, 1, "uniform", 0.0, 1), prompts, gens)
+    wl = Workload(prompts, gens)
+    plan = make_policy("flexgen", {"gpu_batch_size": "2", "weights_gpu_percent": "50", "kv_gpu_percent": "50",
+                                   "act_gpu_percent": "0"}).build(
+        PlanContext(spec, load_system("rtx6000ada-8452y"), wl, trace))
+    assert any(op.tokens > 8 for op in plan.ops if op.kind is OpKind.EXPERT)  # padded: 2 requests x 7 positions
+    verify_assignments(plan, trace)
+    weights = random_weights(spec, seed=3)
+    got = PlanInterpreter(plan, weights, trace).run()
+    want = reference_forward(weights, trace, wl)
+    for key in want:
+        assert torch.equal(got[key], want[key])
