@@ -57,11 +57,31 @@ ATTENTION_KV = (1, 4, 16, 64, 256, 1024)
 PREFILL_BATCH = (1, 4, 16, 64, 256)
 PREFILL_LEN = (1, 4, 16, 64, 256)
 OVERHEAD_REQUESTS = (1, 16, 64)
-# Kinds whose grid points reuse one set of weights on every call: each timed call follows a cache flush of
-# FLUSH_BYTES (beyond any last-level cache of the VMs in use), since in a plan gigabytes of expert weights
+# Kinds whose grid points reuse one set of weights on every call: each timed call follows a cache flush (at least
+# FLUSH_BYTES, and on the CPU twice its largest cache: `flush_bytes`), since in a plan gigabytes of expert weights
 # stream between two of them. Expert points rotate cold copies instead (`_cold_copies`).
 COLD_CACHE_KINDS = frozenset({"qkv", "o_proj", "router", "lm_head"})
 FLUSH_BYTES = 256 * 2**20
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def largest_cpu_cache_bytes(root: Path = CPU_CACHES) -> int:
+    """The largest cache the kernel reports for CPU 0 (its last level; a VM reports its host's), 0 if unknown."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    largest = 0
+    for size in root.glob("index*/size"):
+        try:
+            text = size.read_text().strip()
+            largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (OSError, ValueError):
+            continue
+    return largest
+
+
+def flush_bytes(device: str) -> int:
+    """What a cache flush reads: FLUSH_BYTES, or on the CPU twice its largest cache where that is more (a 2-vCPU
+    Xeon VM reports a 300 MiB L3, which a 256 MiB read would not empty)."""
+    return FLUSH_BYTES if device != "cpu" else max(FLUSH_BYTES, 2 * largest_cpu_cache_bytes())
 
 
 def fingerprint() -> dict:
@@ -187,7 +207,8 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
                 "dtype": "bfloat16", "devices": list(done), "threads": list(threads), "rounds": rounds,
                 "fingerprint": fingerprint(), "speed": {"before": speed_before, "after": speed_probe()},
                 # where the grids stop (look-ups past them scale the edge by the work): null is the whole grid
-                "grid": {"max_tokens": max_tokens, "max_requests": max_requests, "max_kv": max_kv}}
+                "grid": {"max_tokens": max_tokens, "max_requests": max_requests, "max_kv": max_kv},
+                "flush_bytes": {d: flush_bytes(d) for d in devices}}
         if len(done) < len(devices):
             meta["not_measured"] = [d for d in devices if d not in done]
         if failed:
@@ -322,12 +343,12 @@ def _in_worker(fn: Callable[[], T]) -> T:
 
 
 def _cache_flush(device: str) -> Callable[[], object]:
-    """An untimed read of FLUSH_BYTES of the device's memory: afterwards no cache holds the next call's weights,
+    """An untimed read of `flush_bytes(device)` of its memory: afterwards no cache holds the next call's weights,
     as in a plan where the experts' weights stream through between two calls of a kind that reuses its own. A
     read, not a write: the experts leave clean lines, and dirty ones would add write-backs to the timed call. A max,
     not a sum: torch sums int32 into int64 without vectorising (256 MiB: 168 ms on the 2-vCPU Xeon VM, against
     12.5 ms for the max, which reads the same bytes), and a grid flushes before every call of four kinds."""
-    buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    buf = torch.ones(flush_bytes(device) // 4, dtype=torch.int32, device=device)
     return lambda: buf.max()
 
 

@@ -684,3 +684,22 @@ def test_prefill_attention_is_looked_up_at_the_scopes_root_mean_square_prompt(tm
                                  workload=SimpleNamespace(prompt_lens=np.array([2, 14])))
     prefill = op(OpKind.ATTENTION, tokens=16, kv=0, phase=Phase.PREFILL)
     assert cost._lookup(prefill) == pytest.approx(1e-6 * (2 * 2 + 14 * 14), rel=1e-6)
+
+
+def test_a_cache_flush_reads_twice_the_largest_cpu_cache(tmp_path, monkeypatch):
+    """A 256 MiB flush does not empty a VM that reports a 300 MiB L3 (the 2-vCPU Xeon dev VM): on the CPU the
+    flush reads twice the largest cache the kernel reports, never less than FLUSH_BYTES; sizes it cannot read
+    count as unknown."""
+    import executor.profile as P
+
+    for index, size in ((0, "48K"), (2, "2048K"), (3, "307200K")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    (tmp_path / "index1").mkdir()
+    (tmp_path / "index1" / "size").write_text("garbled\n")
+    assert P.largest_cpu_cache_bytes(tmp_path) == 300 * 2**20
+    assert P.largest_cpu_cache_bytes(tmp_path / "absent") == 0
+    monkeypatch.setattr(P, "largest_cpu_cache_bytes", lambda root=tmp_path: 300 * 2**20)
+    assert P.flush_bytes("cpu") == 600 * 2**20 and P.flush_bytes("cuda") == P.FLUSH_BYTES
+    monkeypatch.setattr(P, "largest_cpu_cache_bytes", lambda root=tmp_path: 32 * 2**20)
+    assert P.flush_bytes("cpu") == P.FLUSH_BYTES
