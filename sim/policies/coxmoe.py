@@ -775,13 +775,12 @@ class _Restratifier:
         self.load = self._share(sum(s.counts.astype(np.float64) for s in prefill))
         self.epoch = 0
         self.layout = self._split()
-        self.swapped = [0] * len(self.residents)  # experts copied in per layer over the whole decode
         self.steps: dict[int, tuple[Layout, tuple[tuple[int, ...], ...]]] = {}
         wl, trace = ctx.workload, ctx.trace
         requests = np.arange(wl.batch)
         table = trace.decode_step_counts([requests])  # [S, 1, L, E], or None when too large to hold
         self.total_steps = ctx.decode_steps_total
-        # swaps_until[t]: experts swapped in per layer at steps 1..t
+        # swaps_until[t]: experts copied in per layer at steps 1..t (the last row: over the whole decode)
         self.swaps_until = np.zeros((self.total_steps + 1, len(self.residents)), dtype=np.int64)
         for step in range(1, self.total_steps + 1):
             self.steps[step] = self._before(step)
@@ -795,7 +794,7 @@ class _Restratifier:
     @property
     def swaps(self) -> int:
         """Experts copied into E_R over the whole decode (every step's, whichever the plan emits)."""
-        return sum(self.swapped)
+        return int(self.swaps_until[-1].sum())
 
     @staticmethod
     def _share(counts: np.ndarray) -> np.ndarray:
@@ -813,7 +812,6 @@ class _Restratifier:
                 new = tuple(int(e) for e in np.argsort(-self.load[li], kind="stable")[:count])
                 entering[li] = tuple(sorted(set(new) - set(old)))
                 self.residents[li] = new
-                self.swapped[li] += len(entering[li])
             self.layout = self._split()  # the split only changes when E_R does
         return self.layout, tuple(entering)
 
