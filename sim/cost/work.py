@@ -84,8 +84,7 @@ class OpWork:
         return self._gemm(self.m.dense_ffn_params, tokens, self.m.hidden_size, self.m.hidden_size)
 
     def lm_head(self, tokens: int) -> Work:
-        params = self.m.vocab_size * self.m.hidden_size  # tied or not, the head is vocab x hidden
-        return self._gemm(params, tokens, self.m.hidden_size, self.m.vocab_size)
+        return self._gemm(self.m.output_projection_params, tokens, self.m.hidden_size, self.m.vocab_size)
 
     # ---- transfer sizes -------------------------------------------------------------------------------------
     def hidden_bytes(self, tokens: int) -> int:

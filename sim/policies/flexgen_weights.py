@@ -101,7 +101,7 @@ def output_embedding_tensors(m: ModelSpec) -> list[int]:
     """FlexGen's `OutputEmbed`: the final norm, then its own copy of the output projection (allocated apart
     from the input embedding even where the model ties them)."""
     bpp = m.bytes_per_param
-    return [m.final_norm_params * bpp, m.vocab_size * m.hidden_size * bpp]
+    return [m.final_norm_params * bpp, m.output_projection_params * bpp]
 
 
 # FlexGen's 4-bit group-wise compression (`--compress-weight`, `--compress-cache`; compression.py,

@@ -97,6 +97,6 @@ class _Gather(LayerEmitter):
             last = ran if ran >= 0 else done
         # the final norm and the output projection (a tied head is the embedding's table, gathered again for it)
         head = self.gather(At(phase, step, m.num_layers, s.mb),
-                           (m.lm_head_params or m.vocab_size * m.hidden_size) + m.final_norm_params, last)
+                           m.output_projection_params + m.final_norm_params, last)
         self.previous = self.lm_head(phase, step, s.mb, int(s.requests.size), (last, head))
 

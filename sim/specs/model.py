@@ -229,8 +229,14 @@ class ModelSpec:
         return (self.vocab_size + self.learned_position_embeddings) * self.hidden_size
 
     @property
+    def output_projection_params(self) -> int:
+        """The LM head's matrix, vocab x hidden, whether it is its own or the tied embedding table."""
+        return self.vocab_size * self.hidden_size
+
+    @property
     def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        """The LM head's own parameters: none where it reuses the embedding table."""
+        return 0 if self.tie_word_embeddings else self.output_projection_params
 
     def layer_params(self, layer: int) -> int:
         base = self.attention_params + self.norm_params_per_layer
