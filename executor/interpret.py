@@ -194,7 +194,7 @@ class PlanInterpreter:
                     claimed, st.new = st.new, {}
                 if claimed:
                     new = {k: v.to(dev) for k, v in claimed.items()}
-                    st.attn_out = K.attention(spec, lw, new, self.cache, r, op.layer, st.positions.to(dev))
+                    st.attn_out = K.attention(spec, lw, new, self.cache, r, op.layer)
         elif kind is OpKind.O_PROJ:
             # The residual add, the norm and the experts' accumulator over the scope at once, then views per request
             # (per request they were three small kernels each: on a GPU, launches that dwarf the GEMM at batch 256).

@@ -107,8 +107,15 @@ def qkv(spec: ModelSpec, lw: LayerWeights, h: torch.Tensor, positions: torch.Ten
 
 
 def attention(spec: ModelSpec, lw: LayerWeights, new: dict[str, torch.Tensor], cache: KVCache, request: int,
-              layer: int, positions: torch.Tensor) -> torch.Tensor:
-    """OP1: append this request's new K/V and attend causally over its cache. Returns [T, heads x v_dim]."""
+              layer: int) -> torch.Tensor:
+    """OP1: append this request's new K/V and attend causally over its cache. Returns [T, heads x v_dim].
+
+    The T new tokens are the cache's last T entries, so query row i sees keys up to L - T + i. Inputs go to
+    `scaled_dot_product_attention` as 4-D [1, heads, rows, dim] tensors with grouped K/V heads left grouped
+    (`enable_gqa`), MLA's shorter value heads zero-padded to the key width, and no mask where the causal shape
+    says it (a whole prompt: `is_causal`; one query over its whole cache: none): torch 2.13 runs its fused
+    (flash) kernels only so; 3-D inputs or unequal head widths fall back to the unfused math kernel, 4-15x slower
+    in prefill and 7-18x in decode on a Xeon AMX VM (docs/executor.md, "Attention: torch's fused kernel")."""
     n = spec.num_attention_heads
     q = new["q"]
     if spec.attention == "mla":
@@ -119,16 +126,28 @@ def attention(spec: ModelSpec, lw: LayerWeights, new: dict[str, torch.Tensor], c
         v = kv[..., nope:]
     else:
         k, v = cache.append(request, layer, new["k"], new["v"])
-        rep = n // spec.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    keys = torch.arange(k.shape[0], device=q.device)
-    k, v = k.transpose(0, 1), v.transpose(0, 1)
-    rows = q.shape[0]
-    chunk = max(1, ATTENTION_SCORES_BYTES // (4 * n * k.shape[1]))  # query rows per call (each row is independent)
+        vd = v.shape[-1]
+    if vd < k.shape[-1]:  # the fused kernels need equal head widths; zero columns add zeros to the output
+        v = F.pad(v, (0, k.shape[-1] - vd))
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    rows, keys = q.shape[0], k.shape[0]
+    offset = keys - rows  # the first query's position
+    grouped = k.shape[1] != n
+    chunk = max(1, ATTENTION_SCORES_BYTES // (4 * n * keys))  # query rows per call (each row is independent)
     outs = []
     for lo in range(0, rows, chunk):
-        mask = keys[None, :] <= positions[lo:lo + chunk, None]  # causal: a query sees keys up to its own position
-        outs.append(F.scaled_dot_product_attention(q[lo:lo + chunk].transpose(0, 1), k, v, attn_mask=mask[None]))
+        hi = min(rows, lo + chunk)
+        seen = offset + hi  # keys the chunk's last query sees; later keys are nobody's in this chunk
+        kc, vc, qc = k4[:, :, :seen], v4[:, :, :seen], q4[:, :, lo:hi]
+        if hi - lo == 1:  # one query over every key before it
+            out = F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=grouped)
+        elif seen == hi - lo:  # the chunk's queries are its keys: the plain causal triangle
+            out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=grouped)
+        else:
+            pos = torch.arange(offset + lo, offset + hi, device=q.device)
+            mask = torch.arange(seen, device=q.device)[None, :] <= pos[:, None]
+            out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=grouped)
+        outs.append(out[0, :, :, :vd])
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.transpose(0, 1).reshape(rows, -1)
 

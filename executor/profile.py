@@ -374,7 +374,7 @@ def _attention_point(spec: ModelSpec, lw: LayerWeights, batch: int, kv: int, dty
     def run() -> None:
         for _ in range(batch):
             cache.length.update(length)  # every call attends over the same kv entries
-            K.attention(spec, lw, new, cache, 0, 0, torch.tensor([kv], device=device))
+            K.attention(spec, lw, new, cache, 0, 0)
 
     return run
 
@@ -388,7 +388,7 @@ def _prefill_point(spec: ModelSpec, lw: LayerWeights, batch: int, length: int, d
     def run() -> None:
         cache = K.KVCache(spec, length, dtype, device)
         for r in range(batch):
-            K.attention(spec, lw, new, cache, r, 0, positions)
+            K.attention(spec, lw, new, cache, r, 0)
 
     return run
 

@@ -22,7 +22,7 @@ def layer_forward(mw: ModelWeights, lw: LayerWeights, layer: int, h: torch.Tenso
                   positions: torch.Tensor, rows: np.ndarray, trace: RoutingTrace, cache: K.KVCache) -> torch.Tensor:
     spec = mw.spec
     new = K.qkv(spec, lw, h, positions)
-    h_attn = h + K.o_proj(lw, K.attention(spec, lw, new, cache, request, layer, positions))
+    h_attn = h + K.o_proj(lw, K.attention(spec, lw, new, cache, request, layer))
     x = K.rms_norm(h_attn, lw.ffn_norm)
     if not spec.is_moe_layer(layer):
         return h_attn + K.ffn(lw.dense, x)

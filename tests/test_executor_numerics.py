@@ -248,11 +248,78 @@ def test_attention_in_chunks_of_query_rows_equals_one_call(tiny_specs, kind, mon
 
     def run() -> torch.Tensor:
         cache = K.KVCache(spec, 40, torch.bfloat16)
-        return K.attention(spec, lw, K.qkv(spec, lw, x, positions), cache, 0, 0, positions)
+        return K.attention(spec, lw, K.qkv(spec, lw, x, positions), cache, 0, 0)
 
     whole = run()
     monkeypatch.setattr(K, "ATTENTION_SCORES_BYTES", 4 * spec.num_attention_heads * 37 * 5)  # 5 rows a call
     assert torch.allclose(run().float(), whole.float(), rtol=1e-2, atol=1e-3)
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention written out in fp32, each query [T, heads, d] the cache's last T positions."""
+    rows, keys, n = q.shape[0], k.shape[0], q.shape[1]
+    k = k.float().repeat_interleave(n // k.shape[1], dim=1)
+    v = v.float().repeat_interleave(n // v.shape[1], dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) / q.shape[-1] ** 0.5
+    visible = torch.arange(keys)[None, :] <= (keys - rows + torch.arange(rows))[:, None]
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", weights, v).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+@pytest.mark.parametrize("chunk_rows", [None, 5, 1])
+def test_attention_equals_softmax_attention_written_out(tiny_specs, kind, chunk_rows, monkeypatch):
+    """OP1 (whole prompts, a prompt continued over a cache, one decode query; in one call or chunks of query
+    rows) equals causal softmax attention written out in fp32, grouped K/V heads repeated, MLA's keys
+    decompressed from the latent: the fused kernel's 4-D call, its padded MLA values and its masks change
+    nothing but speed."""
+    import executor.kernels as K
+
+    spec = tiny_specs[kind]
+    if chunk_rows:
+        monkeypatch.setattr(K, "ATTENTION_SCORES_BYTES", 4 * spec.num_attention_heads * 40 * chunk_rows)
+    lw = random_weights(spec, seed=5).layers[-1]
+    gen = torch.Generator().manual_seed(2)
+    cache = K.KVCache(spec, 40, torch.bfloat16)
+    done = 0
+    for rows in (17, 9, 1):  # a prompt, its continuation, a decode step
+        positions = torch.arange(done, done + rows)
+        new = K.qkv(spec, lw, torch.randn(rows, spec.hidden_size, generator=gen).to(torch.bfloat16), positions)
+        got = K.attention(spec, lw, new, cache, 0, 0)
+        done += rows
+        if spec.attention == "mla":
+            latent, k_rope = (buf[:done] for buf in cache.store[(0, 0)])
+            nope = spec.qk_nope_head_dim
+            kv = (latent @ lw.attn["wkv_b"].T).view(done, spec.num_attention_heads, -1)
+            k = torch.cat([kv[..., :nope], k_rope[:, None, :].expand(-1, spec.num_attention_heads, -1)], dim=-1)
+            v = kv[..., nope:]
+        else:
+            k, v = (buf[:done] for buf in cache.store[(0, 0)])
+        want = _explicit_attention(new["q"], k, v)
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-2, (rows, rel_err(got, want))
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_cpu_attention_runs_the_fused_kernel(tiny_specs, kind):
+    """torch runs its fused (flash) CPU attention only on 4-D inputs of equal key and value widths; the executor's
+    3-D call ran the unfused math kernel, 4-15x slower on an AMX Xeon VM at 256-1024 prompt tokens
+    (docs/cost-model.md). A prompt and a decode step each reach the fused kernel, never the math one."""
+    from torch.profiler import profile
+
+    import executor.kernels as K
+
+    spec = tiny_specs[kind]
+    lw = random_weights(spec, seed=5).layers[-1]
+    cache = K.KVCache(spec, 40, torch.bfloat16)
+    with profile() as prof:
+        for start, rows in ((0, 12), (12, 1)):
+            positions = torch.arange(start, start + rows)
+            x = torch.randn(rows, spec.hidden_size, generator=torch.Generator().manual_seed(start))
+            K.attention(spec, lw, K.qkv(spec, lw, x.to(torch.bfloat16), positions), cache, 0, 0)
+    calls = [e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")]
+    assert calls.count("aten::_scaled_dot_product_flash_attention_for_cpu") == 2, calls
+    assert "aten::_scaled_dot_product_attention_math" not in calls
 
 
 def test_a_run_whose_kv_cache_and_scores_exceed_the_limit_is_refused(tiny_specs, monkeypatch):
