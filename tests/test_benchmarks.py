@@ -153,3 +153,28 @@ def test_engine_exactness_hashes_every_ops_times_and_the_plan(monkeypatch):
     monkeypatch.setattr(sim.api, "simulate", heavier)
     changed = bench.fingerprint(case)
     assert changed["plan"] != base["plan"] and changed["record"] == base["record"]
+
+
+def test_cpu_attention_rate_prices_the_executors_attention_in_the_simulators_units():
+    """The script's prefill rate is the simulator's causal attention FLOPs over the measured time, its decode rate
+    the KV bytes of the keys read; an MLA model (whose OP1 needs weights) is refused in one line."""
+    from sim.specs import load_model
+
+    bench = _load("cpu_attention_rate")
+    out = bench.measure("mixtral-8x7b", [8, 16], 1, gemm_size=16)
+    spec = load_model("mixtral-8x7b")
+    assert [row["tokens"] for row in out["prefill"]] == [8, 16]
+    for row in out["prefill"]:
+        s = row["tokens"]
+        flops = spec.attention_flops(s, s * (s + 1) // 2, prefill=True)
+        assert row["flops_per_s"] * row["seconds"] == pytest.approx(flops)
+    for row in out["decode"]:
+        kv_bytes = (row["kv_tokens"] + 1) * spec.kv_values_per_token_layer * 2
+        assert row["kv_bytes_per_s"] * row["seconds"] == pytest.approx(kv_bytes)
+    assert out["gemm_flops_per_s"] > 0 and out["copy_bytes_per_s"] > 0
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_attention_rate.py"), "--model",
+                              "deepseek-v2-lite"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == ["cpu_attention_rate: error: model deepseek-v2-lite has mla "
+                                                   "attention; only GQA models are measured (their OP1 needs no "
+                                                   "weights)"]
