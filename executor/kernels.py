@@ -110,23 +110,54 @@ def attention(spec: ModelSpec, lw: LayerWeights, new: dict[str, torch.Tensor], c
               layer: int) -> torch.Tensor:
     """OP1: append this request's new K/V and attend causally over its cache. Returns [T, heads x v_dim].
 
-    The T new tokens are the cache's last T entries, so query row i sees keys up to L - T + i. Inputs go to
-    `scaled_dot_product_attention` as 4-D [1, heads, rows, dim] tensors with grouped K/V heads left grouped
-    (`enable_gqa`), MLA's shorter value heads zero-padded to the key width, and no mask where the causal shape
-    says it (a whole prompt: `is_causal`; one query over its whole cache: none): torch 2.13 runs its fused
-    (flash) kernels only so; 3-D inputs or unequal head widths fall back to the unfused math kernel, 4-15x slower
-    in prefill and 7-18x in decode on a Xeon AMX VM (docs/executor.md, "Attention: torch's fused kernel")."""
-    n = spec.num_attention_heads
+    MLA runs as the simulator prices it (`ModelSpec.attention_flops`), as serving runtimes run it: a decode query
+    (one row) absorbed, its nope part taken into the latent by the up-projection's key half and the latent output
+    back out by its value half, over the cached latent and rope key (one shared head); a prompt over keys and values
+    decompressed from the latent."""
     q = new["q"]
-    if spec.attention == "mla":
-        latent, k_rope = cache.append(request, layer, new["c"], new["k_rope"])
-        nope, vd = spec.qk_nope_head_dim, spec.v_head_dim
-        kv = (latent @ lw.attn["wkv_b"].T).view(-1, n, nope + vd)
-        k = torch.cat([kv[..., :nope], k_rope[:, None, :].expand(-1, n, -1)], dim=-1)
-        v = kv[..., nope:]
-    else:
+    if spec.attention != "mla":
         k, v = cache.append(request, layer, new["k"], new["v"])
-        vd = v.shape[-1]
+        return _attend(q, k, v).reshape(q.shape[0], -1)
+    latent, k_rope = cache.append(request, layer, new["c"], new["k_rope"])
+    n, nope, vd = spec.num_attention_heads, spec.qk_nope_head_dim, spec.v_head_dim
+    scale = (nope + spec.qk_rope_head_dim) ** -0.5  # the decompressed head's, whatever form runs
+    if q.shape[0] == 1:
+        key_up, value_up = absorbed_up(spec, lw)
+        q_latent = torch.bmm(q[0, :, None, :nope], key_up)[:, 0]  # [heads, rank]: a GEMV per head
+        keys = torch.cat([latent, k_rope], dim=-1)[:, None]
+        out = _attend(torch.cat([q_latent, q[0, :, nope:]], dim=-1)[None], keys, latent[:, None], scale)
+        return torch.bmm(out[0, :, None], value_up).reshape(1, -1)
+    kv = (latent @ lw.attn["wkv_b"].T).view(-1, n, nope + vd)
+    k = torch.cat([kv[..., :nope], k_rope[:, None, :].expand(-1, n, -1)], dim=-1)
+    return _attend(q, k, kv[..., nope:], scale).reshape(q.shape[0], -1)
+
+
+_ABSORB_LOCK = threading.Lock()
+
+
+def absorbed_up(spec: ModelSpec, lw: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's up-projection (`wkv_b`, per head: nope key rows, then value rows, over the latent) as absorbed decode
+    multiplies by it: the key half [heads, nope, rank] and the value half transposed [heads, rank, v], contiguous
+    (strided halves made every call copy 4 MB on DeepSeek-V2-Lite), made once per layer weights."""
+    if lw.absorbed_up is None:
+        with _ABSORB_LOCK:
+            if lw.absorbed_up is None:
+                n, nope = spec.num_attention_heads, spec.qk_nope_head_dim
+                up = lw.attn["wkv_b"].view(n, nope + spec.v_head_dim, spec.kv_lora_rank)
+                lw.absorbed_up = (up[:, :nope].contiguous(), up[:, nope:].transpose(1, 2).contiguous())
+    return lw.absorbed_up
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of q [T, heads, d] over k [L, kv_heads, d] and v [L, kv_heads, dv], the queries being the
+    last T of the L positions (query row i sees keys up to L - T + i); returns [T, heads, dv].
+
+    Inputs go to `scaled_dot_product_attention` as 4-D [1, heads, rows, dim] tensors with grouped K/V heads left
+    grouped (`enable_gqa`), narrower values zero-padded to the key width, and no mask where the causal shape says it
+    (a whole prompt: `is_causal`; one query over its whole cache: none): torch 2.13 runs its fused (flash) kernels
+    only so; 3-D inputs or unequal head widths fall back to the unfused math kernel, 4-15x slower in prefill and
+    7-18x in decode on a Xeon AMX VM (docs/executor.md, "Attention: torch's fused kernel")."""
+    n, vd = q.shape[1], v.shape[-1]
     if vd < k.shape[-1]:  # the fused kernels need equal head widths; zero columns add zeros to the output
         v = F.pad(v, (0, k.shape[-1] - vd))
     q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
@@ -140,16 +171,16 @@ def attention(spec: ModelSpec, lw: LayerWeights, new: dict[str, torch.Tensor], c
         seen = offset + hi  # keys the chunk's last query sees; later keys are nobody's in this chunk
         kc, vc, qc = k4[:, :, :seen], v4[:, :, :seen], q4[:, :, lo:hi]
         if hi - lo == 1:  # one query over every key before it
-            out = F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=grouped)
+            out = F.scaled_dot_product_attention(qc, kc, vc, scale=scale, enable_gqa=grouped)
         elif seen == hi - lo:  # the chunk's queries are its keys: the plain causal triangle
-            out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=grouped)
+            out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=grouped)
         else:
             pos = torch.arange(offset + lo, offset + hi, device=q.device)
             mask = torch.arange(seen, device=q.device)[None, :] <= pos[:, None]
-            out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=grouped)
+            out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=grouped)
         outs.append(out[0, :, :, :vd])
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.transpose(0, 1).reshape(rows, -1)
+    return out.transpose(0, 1)
 
 
 def check_run_memory(spec: ModelSpec, workload: Workload, dtype: torch.dtype, what: str) -> None:

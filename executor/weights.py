@@ -41,6 +41,12 @@ class LayerWeights:
     # The routed experts as the CPU runs them (executor.cpu_experts.CpuExperts), packed on first use; a copy of
     # the weights on another device starts without one (packed bf16 doubles the memory of every CPU-run expert).
     cpu_experts: object | None = field(default=None, repr=False, compare=False)
+    # MLA's up-projection split for absorbed decode (executor.kernels.absorbed_up): its key half [heads, nope,
+    # rank] and value half transposed [heads, rank, v], each contiguous, made on first use on wkv_b's device.
+    absorbed_up: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+
+DERIVED = frozenset({"cpu_experts", "absorbed_up"})  # made from the weights on first use; not copied by `to`
 
 
 @dataclass
@@ -67,7 +73,7 @@ class ModelWeights:
         layers = []
         for layer in self.layers:
             moved = LayerWeights(**{f.name: move(getattr(layer, f.name)) for f in dataclasses.fields(LayerWeights)
-                                    if f.name != "cpu_experts"})
+                                    if f.name not in DERIVED})
             if moved.w1 is not None and moved.w1 is layer.w1:  # same tensors (already there): same packed experts
                 moved.cpu_experts = layer.cpu_experts
             layers.append(moved)

@@ -383,3 +383,21 @@ def test_a_padded_dense_ffn_plan_runs_and_matches_the_reference():
     want = reference_forward(weights, trace, wl)
     for key in want:
         assert torch.equal(got[key], want[key])
+
+
+def test_absorbed_decode_splits_the_up_projection_once_per_layer_weights(tiny_specs):
+    """MLA decode multiplies by the up-projection's two halves, made contiguous once per layer weights (strided
+    halves copied 4 MB a call on DeepSeek-V2-Lite); a copy of the weights on a device starts without them."""
+    import executor.kernels as K
+
+    spec = tiny_specs["mla"]
+    mw = random_weights(spec, seed=5)
+    lw = mw.layers[-1]
+    key_up, value_up = K.absorbed_up(spec, lw)
+    n, nope, vd, rank = (spec.num_attention_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank)
+    assert key_up.shape == (n, nope, rank) and value_up.shape == (n, rank, vd)
+    assert key_up.is_contiguous() and value_up.is_contiguous()
+    up = lw.attn["wkv_b"].view(n, nope + vd, rank)
+    assert torch.equal(key_up, up[:, :nope]) and torch.equal(value_up, up[:, nope:].transpose(1, 2))
+    assert K.absorbed_up(spec, lw)[0] is key_up  # made once
+    assert mw.to("cpu").layers[-1].absorbed_up is None
