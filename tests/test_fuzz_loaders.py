@@ -257,7 +257,8 @@ def _damage_member(draw, array: np.ndarray, action: str) -> np.ndarray:
         dtype = draw(st.sampled_from(ODD_DTYPES))
         if dtype == "object":
             return np.array(array.tolist() or [None], dtype=object)
-        with contextlib.suppress(ValueError):  # a member damaged twice: text such as "0." has no integer form
+        # a member damaged twice: text such as "0." has no integer form, an object array's Python int 128 no int8
+        with contextlib.suppress(ValueError, OverflowError):
             return array.astype(dtype)
         return array
     if action == "reshape":
