@@ -438,7 +438,11 @@ def test_a_corrupted_plan_file_is_refused_or_reads_the_same(tmp_path, saved_plan
     data = saved_plan.read_bytes()
     original = load_plan(saved_plan)
     digit = data.index(b'"non_expert_weights": ') + len(b'"non_expert_weights": ')
-    offsets = sorted({digit, len(data) // 10, *range(4, len(data) - 8, len(data) // 9)})
+    group = pq.ParquetFile(saved_plan).metadata.row_group(0)
+    chunks = [group.column(i) for i in range(group.num_columns)]
+    largest = max(chunks, key=lambda c: c.total_compressed_size)
+    in_page = largest.data_page_offset + largest.total_compressed_size // 2  # inside the largest column's pages
+    offsets = sorted({digit, in_page, *range(4, len(data) - 8, len(data) // 9)})
     refused = []
     for off in offsets:
         corrupt = bytearray(data)
@@ -454,8 +458,8 @@ def test_a_corrupted_plan_file_is_refused_or_reads_the_same(tmp_path, saved_plan
         assert plan.ops == original.ops and plan.static_memory == original.static_memory
         assert plan.knobs == original.knobs and plan.model == original.model
         assert np.array_equal(plan.workload.prompt_lens, original.workload.prompt_lens)
-    assert len(data) // 10 in refused  # a column page's byte (the JSON digit above is the footer's plain copy,
-    # which pyarrow does not read back: the metadata comes from the Arrow schema stored beside it)
+    assert in_page in refused  # a column page's byte (the JSON digit above is the footer's plain copy, which
+    # pyarrow does not read back: the metadata comes from the Arrow schema stored beside it)
 
 
 def test_a_plan_whose_metadata_disagrees_with_its_digest_is_refused(capsys, tmp_path, saved_plan):

@@ -1,13 +1,15 @@
-"""Golden results: simulate() on scenarios covering every policy and three models (Mixtral-8x7B, Qwen3-30B-A3B
-with top-8 of 128 experts, DeepSeek-V2-Lite) gives exactly the numbers recorded before a behaviour-preserving
-change (tests/data/golden_simulate.json, first written by the code at 3a7e881; the zero-inference,
-expert-parallel, ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe records added at 3e17794's results;
-FlexGen with half of OPT-6.7B's weights and its whole cache on the T4 box's disk added with the disk tier;
-re-recorded after the cost-model audit of 2026-12-05: FlexGen's GiB link rates, the GCP hosts' per-op CPU cost,
-pageable ratios, profile usages; OPT-6.7B's FlexGen record on 2026-12-06, when its embedding began to read its
-learned position rows: prefill +8.7 us; ZeRO-Inference's Mixtral record the same day, when its head's gather took
-the final norm too). A change meant to move results re-records them with `write_golden()` in the
-same commit and says why:
+"""Golden results: simulate() on scenarios covering every policy and three models (Mixtral-8x7B, Qwen3-30B-A3B with
+top-8 of 128 experts, DeepSeek-V2-Lite) gives exactly the numbers recorded before a behaviour-preserving change
+(tests/data/golden_simulate.json, first written by the code at 3a7e881; the zero-inference, expert-parallel,
+ndp-experts, trimoe, moe-gen and Qwen3 / DeepSeek coxmoe records added at 3e17794's results; FlexGen with half of
+OPT-6.7B's weights and its whole cache on the T4 box's disk added with the disk tier; re-recorded after the
+cost-model audit of 2026-12-05: FlexGen's GiB link rates, the GCP hosts' per-op CPU cost, pageable ratios, profile
+usages; OPT-6.7B's FlexGen record on 2026-12-06, when its embedding began to read its learned position rows: prefill
++8.7 us; ZeRO-Inference's Mixtral record the same day, when its head's gather took the final norm too; the CPU-only
+DeepSeek and MoE-Gen Qwen3 records when the Sapphire Rapids family's CPU attention began to stream its KV at the
+borrowed 0.343 of DRAM peak, not 0.716: CPU-only +0.3%, MoE-Gen -0.05% (its CPU attention draws less of the host
+DRAM its PCIe-bound expert fetches share)). A change meant to move results re-records them with `write_golden()` in
+the same commit and says why:
 `PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
 
 from __future__ import annotations

@@ -238,6 +238,19 @@ def test_presets_hold_the_microbenchmark_constants():
         assert "Fig. 9" in spec.sources[field], field  # each names the microbenchmark it comes from
 
 
+def test_every_cpu_preset_streams_decode_attention_at_a_measured_kernels_rate():
+    """No CPU preset prices decode attention at the DRAM's MLC rate: each streams its KV at MoE-Lightning's
+    measured kernel fraction (Fig. 9), its own or borrowed with that source named; the 8452Y's faster MLC rate
+    stays the DRAM's capacity, which copies and other CPU ops share."""
+    from sim.specs.catalog import component_preset, preset_names
+
+    for name in preset_names("cpus"):
+        cpu = component_preset("cpus", name)
+        assert cpu.attention_stream_efficiency == pytest.approx(0.343), name
+        assert cpu.attention_bytes_per_s < cpu.dram_bytes_per_s * cpu.dram_efficiency, name
+        assert "Fig. 9" in cpu.sources["attention_stream_efficiency"], name
+
+
 def test_gpu_kernels_priced_by_the_cost_model_match_published_timings():
     """Published kernels (LLMCompass's A100 GEMMs, MoE-Lightning's L4 MoE FFN) priced as the simulator's ops: the
     roofline holds across shapes where the kernel does real work; launch-bound tiny GEMMs are its known gap."""
