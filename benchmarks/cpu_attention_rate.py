@@ -17,10 +17,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+from timing import call_times  # benchmarks/timing.py (run as a script, benchmarks/ is on sys.path)
 
 import executor.kernels as K
 from executor.profile import bandwidth_row, fingerprint
@@ -33,13 +33,7 @@ DECODE_REQUESTS = 16
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(call_times(fn, repeats))
 
 
 def _new_tokens(spec: ModelSpec, rows: int) -> dict[str, torch.Tensor]:

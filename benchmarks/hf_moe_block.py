@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from timing import call_times  # benchmarks/timing.py (run as a script, benchmarks/ is on sys.path)
 
 from executor import cpu_experts as C
 from executor import kernels as K
@@ -43,13 +44,7 @@ CEILING_M = 1024  # tokens of the GEMM that measures the bf16 ceiling (the large
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, repeats))
 
 
 def gemm_ceiling(h: int, f: int, repeats: int = 3) -> float:
