@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,10 @@ def tiny_specs():
                     q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                     shared_expert_intermediate_size=48, shared_expert_gate=True, first_dense_layers=1,
                     dense_intermediate_size=80)
-    return {"gqa": gqa, "mla": mla}
+    # a latent wider than the nope head (as DeepSeek's 512 against 128), so absorbed decode's scale is not the
+    # default one of its wider query
+    wide = dataclasses.replace(mla, name="tiny-mla-wide", kv_lora_rank=40)
+    return {"gqa": gqa, "mla": mla, "mla-wide": wide}
 
 
 @pytest.mark.parametrize("policy, opts", CASES)
@@ -266,7 +271,20 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return torch.einsum("hqk,khd->qhd", weights, v).reshape(rows, -1)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def _unit_tokens(spec, rows: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """What OP0 hands OP1 for `rows` tokens, drawn at unit scale (OP0's norm and small random weights give scores
+    so near zero that softmax is almost flat and a wrong scale or mask barely shows)."""
+    n = spec.num_attention_heads
+    if spec.attention == "mla":
+        shapes = {"q": (rows, n, spec.qk_nope_head_dim + spec.qk_rope_head_dim), "c": (rows, spec.kv_lora_rank),
+                  "k_rope": (rows, spec.qk_rope_head_dim)}
+    else:
+        shapes = {"q": (rows, n, spec.head_dim), "k": (rows, spec.num_kv_heads, spec.head_dim),
+                  "v": (rows, spec.num_kv_heads, spec.head_dim)}
+    return {name: torch.randn(shape, generator=gen).to(torch.bfloat16) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla", "mla-wide"])
 @pytest.mark.parametrize("chunk_rows", [None, 5, 1])
 def test_attention_equals_softmax_attention_written_out(tiny_specs, kind, chunk_rows, monkeypatch):
     """OP1 (whole prompts, a prompt continued over a cache, one decode query; in one call or chunks of query
@@ -283,8 +301,7 @@ def test_attention_equals_softmax_attention_written_out(tiny_specs, kind, chunk_
     cache = K.KVCache(spec, 40, torch.bfloat16)
     done = 0
     for rows in (17, 9, 1):  # a prompt, its continuation, a decode step
-        positions = torch.arange(done, done + rows)
-        new = K.qkv(spec, lw, torch.randn(rows, spec.hidden_size, generator=gen).to(torch.bfloat16), positions)
+        new = _unit_tokens(spec, rows, gen)
         got = K.attention(spec, lw, new, cache, 0, 0)
         done += rows
         if spec.attention == "mla":
@@ -300,7 +317,7 @@ def test_attention_equals_softmax_attention_written_out(tiny_specs, kind, chunk_
         assert rel_err(got, want) < 1e-2, (rows, rel_err(got, want))
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mla"])
+@pytest.mark.parametrize("kind", ["gqa", "mla", "mla-wide"])
 def test_cpu_attention_runs_the_fused_kernel(tiny_specs, kind):
     """torch runs its fused (flash) CPU attention only on 4-D inputs of equal key and value widths; the executor's
     3-D call ran the unfused math kernel, 4-15x slower on an AMX Xeon VM at 256-1024 prompt tokens
