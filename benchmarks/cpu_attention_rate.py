@@ -52,7 +52,8 @@ def measure(model: str, lengths: list[int], repeats: int, gemm_size: int = 1024)
     w = torch.randn(4096, 4096, dtype=torch.bfloat16)
     gemm = 2 * gemm_size * 4096 * 4096 / _best(lambda: x @ w.T, repeats)
     copy = bandwidth_row("cpu")
-    out = {"model": model, "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"), "gemm_flops_per_s": gemm,
+    out = {"model": model, "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"), "gemm_rows": gemm_size,
+           "gemm_flops_per_s": gemm,
            "copy_bytes_per_s": copy["tokens"] / copy["median_s"], "prefill": [], "decode": []}
     kv_bytes_per_token = spec.kv_values_per_token_layer * 2
     for s in lengths:
@@ -81,7 +82,8 @@ def measure(model: str, lengths: list[int], repeats: int, gemm_size: int = 1024)
 
 def _print(result: dict) -> None:
     gemm = result["gemm_flops_per_s"]
-    print(f"oneDNN ISA cap: {result['isa_cap']}; bf16 GEMM 1024x4096x4096 {gemm / 1e12:.3f} TFLOP/s; "
+    print(f"oneDNN ISA cap: {result['isa_cap']}; bf16 GEMM {result['gemm_rows']}x4096x4096 "
+          f"{gemm / 1e12:.3f} TFLOP/s; "
           f"DRAM copy {result['copy_bytes_per_s'] / 1e9:.1f} GB/s")
     for row in result["prefill"]:
         print(f"  prefill {row['tokens']:5d} tokens: {row['flops_per_s'] / 1e12:.3f} TFLOP/s "

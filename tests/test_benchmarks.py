@@ -173,7 +173,7 @@ def test_cpu_attention_rate_prices_the_executors_attention_in_the_simulators_uni
     for row in out["decode"]:
         kv_bytes = (row["kv_tokens"] + 1) * spec.kv_values_per_token_layer * 2
         assert row["kv_bytes_per_s"] * row["seconds"] == pytest.approx(kv_bytes)
-    assert out["gemm_flops_per_s"] > 0 and out["copy_bytes_per_s"] > 0
+    assert out["gemm_flops_per_s"] > 0 and out["copy_bytes_per_s"] > 0 and out["gemm_rows"] == 16
     refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_attention_rate.py"), "--model",
                               "deepseek-v2-lite"], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2
