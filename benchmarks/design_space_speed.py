@@ -5,11 +5,12 @@ Runs, in one process each (a fresh interpreter per case, so no case profits from
              included                                                     target < 1 s (goal 0.5 s)
   qwen-4096  Qwen3-30B-A3B, B=4096, 800/256, coxmoe, full decode       target < 15 s and < 1 GB peak RSS
   compare    `compare` Qwen3-30B-A3B, B=1024, 800/256, full decode      target < 20 s
-  engine     the standard scenario's plan through the engine alone: events/s against a bare SimPy loop's
-                                                                        target >= 0.5 of the bare loop
-             (and `ops_per_bare_event`: ops simulated per second over the bare loop's events per second, 1 for
-             an engine that spent one bare timeout per op; a run of unobserved ops on an uncontended stream shares
-             one event, so events alone undercount the engine's work there)
+  engine     the standard scenario's plan (uniform routing) through `run_plan` alone, best of 3: ops simulated
+             per second over a bare SimPy loop's events per second (`ops_per_bare_event`, 1 for an engine
+             that spent one bare timeout per op)                        target >= 0.5 of the bare loop
+             `run_plan` list-schedules a plan in which no op slows another (sim/uncontended.py); the case also
+             times the SimPy machine alone on the same plan (`fast=False`): `simpy_ratio` is its events/s over
+             the bare loop's, `simpy_ops_per_bare_event` its ops/s over them
 and, with --fig7, the fig7 sweep from scratch on 2 local workers       target < 60 s.
 
     python benchmarks/design_space_speed.py [--cases standard,engine] [--fig7] [--breakdown]
@@ -44,21 +45,33 @@ CASES = {
                 "r = compare('qwen3-30b-a3b', 'a100-80g-8452y', batch=1024, prompt_len=800, gen_len=256)\n"
                 "out = {p: v.get('throughput_tok_s') for p, v in r['policies'].items()}", 20.0, None),
     "engine": ("import time, simpy\n"
-               "from sim.api import gc_paused, resolve_model, resolve_routing, resolve_system, simulate_plan\n"
+               "from sim.api import gc_paused, resolve_model, resolve_routing, resolve_system\n"
+               "from sim.cost import RooflineCostModel\n"
+               "from sim.engine import run_plan\n"
                "from sim.policies import PlanContext, make_policy\n"
                "m, s = resolve_model('mixtral-8x7b'), resolve_system('a100-80g-8452y')\n"
                "wl, tr, _ = resolve_routing(m, 1024, 800, 256, None, 'uniform', 0)\n"
+               "def best(fast):\n"
+               "    times = []\n"
+               "    for _ in range(3):\n"
+               "        t = time.perf_counter(); rec = run_plan(plan, RooflineCostModel(s), fast=fast)\n"
+               "        times.append(time.perf_counter() - t)\n"
+               "    return rec, min(times)\n"
                "with gc_paused():\n"
                "    plan = make_policy('coxmoe').build(PlanContext(m, s, wl, tr))\n"
-               "    t = time.perf_counter(); rec, _ = simulate_plan(plan); engine_s = time.perf_counter() - t\n"
+               "    rec, engine_s = best(True)\n"
+               "    ref, simpy_s = best(False)\n"
                "env = simpy.Environment()\n"
                "def loop():\n"
-               "    for _ in range(rec.events):\n"
+               "    for _ in range(ref.events):\n"
                "        yield env.timeout(1)\n"
                "env.process(loop()); t = time.perf_counter(); env.run(); bare_s = time.perf_counter() - t\n"
-               "out = {'events': rec.events, 'ops': len(plan.ops), 'engine_events_per_s': rec.events / engine_s,\n"
-               "       'bare_events_per_s': rec.events / bare_s, 'ratio': bare_s / engine_s,\n"
-               "       'ops_per_bare_event': len(plan.ops) / engine_s / (rec.events / bare_s)}", None, None),
+               "bare = ref.events / bare_s\n"
+               "out = {'ops': len(plan.ops), 'engine': rec.engine, 'engine_s': engine_s, 'simpy_s': simpy_s,\n"
+               "       'simpy_events': ref.events, 'bare_events_per_s': bare,\n"
+               "       'ops_per_bare_event': len(plan.ops) / engine_s / bare,\n"
+               "       'simpy_ratio': ref.events / simpy_s / bare,\n"
+               "       'simpy_ops_per_bare_event': len(plan.ops) / simpy_s / bare}", None, None),
 }
 
 # The simulator's modules are imported before the clock starts, with or without --breakdown (whose prologue
@@ -184,9 +197,13 @@ def main() -> None:
             extra["split_s"] = {k: round(v, 2) for k, v in r["split_s"].items()}
         print(f"{name:10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], wall_target):12} peak RSS "
               f"{r['peak_rss_gb']:.2f} GB {verdict(r['peak_rss_gb'], rss_target):12} {extra}")
-        if "ratio" in r:  # the engine case: its events/s against a bare SimPy loop's, target >= 0.5
-            print(f"{'':10} engine events/s over the bare loop's {r['ratio']:.3f}: "
-                  f"{'meets' if r['ratio'] >= ENGINE_RATIO_TARGET else 'misses'} >= {ENGINE_RATIO_TARGET:g}")
+        if "simpy_ratio" in r:  # the engine case, against a bare SimPy loop's events/s (target >= 0.5)
+            ratio = r["ops_per_bare_event"]
+            how = ("list-scheduled: no op slowed another" if r["engine"] == "list" else "on the SimPy machine")
+            print(f"{'':10} the engine ({how}) simulates {ratio:.3f} ops per bare-loop event time: "
+                  f"{'meets' if ratio >= ENGINE_RATIO_TARGET else 'misses'} >= {ENGINE_RATIO_TARGET:g}; the SimPy "
+                  f"machine alone {r['simpy_ratio']:.3f} of the bare loop's events/s "
+                  f"({r['simpy_ops_per_bare_event']:.3f} ops per bare event)")
     if args.fig7:
         r = fig7_sweep()
         print(f"{'fig7':10} {r['wall_s']:8.2f} s {verdict(r['wall_s'], 60.0):12} peak RSS (largest process) "

@@ -68,6 +68,7 @@ class SimulationResult:
     record: EngineRecord | None = field(default=None, repr=False)
     peak_bytes: dict[str, int] = field(default_factory=dict)  # every memory pool's peak (extra GPUs too)
     expert_precision: str = "native"
+    engine: str = "simpy"  # how the plan ran: "simpy", or "list" (no op slowed another; see sim.uncontended)
 
     @property
     def throughput_tok_s(self) -> float:
@@ -83,7 +84,7 @@ class SimulationResult:
             "peak_gpu_bytes": self.peak_gpu_bytes, "peak_cpu_bytes": self.peak_cpu_bytes,
             "peak_bytes": self.peak_bytes,
             "busy_fraction": self.busy_fraction, "busy_s": self.busy_s, "static_memory": self.static_memory,
-            "num_ops": self.num_ops, "events": self.events, "wall_s": self.wall_s,
+            "num_ops": self.num_ops, "events": self.events, "engine": self.engine, "wall_s": self.wall_s,
             "analytic_total_s": (self.search or {}).get("analytic_total_s"), "search": self.search,
             "decode_steps_simulated": self.decode_steps_simulated, "decode_steps_total": self.decode_steps_total,
         }
@@ -462,7 +463,8 @@ def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool)
         routing=routing_name, seed=c.seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
         peak_bytes=dict(record.peak_bytes),
-        static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, search=search,
+        static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, engine=record.engine,
+        search=search,
         decode_steps_simulated=len(ctx.steps()), decode_steps_total=ctx.decode_steps_total,
         wall_s=time.perf_counter() - t0, plan=plan if keep_plan else None, record=record if keep_plan else None,
         **metrics,

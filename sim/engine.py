@@ -46,6 +46,7 @@ from sim.cost import CostModel, GroupPrices
 from sim.errors import CapacityError, RunTooLong, SimInputError
 from sim.plan import Op, Plan
 from sim.topology import Topology, topology_of
+from sim.uncontended import list_schedule
 
 _EPS = 1e-9
 
@@ -62,7 +63,8 @@ class EngineRecord:
     end_ns: np.ndarray
     busy_ns: dict[str, int]
     peak_bytes: dict[str, int]
-    events: int
+    events: int  # SimPy events processed (0 when the plan was list-scheduled: see sim.uncontended)
+    engine: str = "simpy"  # "simpy", or "list" where no op slowed another and one pass gave the same schedule
 
     @property
     def makespan_ns(self) -> int:
@@ -356,12 +358,14 @@ def _chainable(ops: list[Op]) -> list[bool]:
     return ok
 
 
-def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True) -> EngineRecord:
+def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True, fast: bool = True) -> EngineRecord:
     """Simulate `plan` under `cost`; raise CapacityError if memory runs out, PlanDeadlock if ops starve,
     SimInputError if memory is freed before it is allocated or the run outlasts int64 nanoseconds.
     `check=False` skips `Plan.check()` for a plan built moments ago in this process (a search's candidates;
     the plan finally chosen is checked when it runs). `chain=False` gives every op on an uncontended stream its
-    own timeout (the reference the chained run must equal: same start and end of every op, same peaks)."""
+    own timeout (the reference the chained run must equal: same start and end of every op, same peaks).
+    `fast=True` first list-schedules the plan in one pass (`sim.uncontended`) and keeps that schedule when no op
+    would slow another and the pools fit (it is then the SimPy run's, op for op); `fast=False` always runs SimPy."""
     if check:
         plan.check()
     ops = plan.ops
@@ -371,7 +375,6 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         prepare(plan)
     price, group_price = cost.op_time_ns, GroupPrices(cost)  # a grouped expert op: the sum of its members' prices
     durations = [group_price(op) if op.members else price(op) for op in ops]
-    chainable = _chainable(ops) if chain else [False] * n
     usage_of = cost.usage
     start = [-1] * n
     end = [-1] * n
@@ -385,6 +388,14 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
 
     streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
                   for group in shares}
+    if fast:
+        shared_groups = {group for group, count in streams_in.items() if count > 1}
+
+        listed = list_schedule(ops, durations, topo, by_stream, shared_groups, usage_of, group_price.parts,
+                               pools.capacity, pools.static)
+        if listed is not None:
+            return _record(ops, topo, *listed, events=0, engine="list")
+    chainable = _chainable(ops) if chain else [False] * n
 
     def fired(callback: Callable[[simpy.Event], None] | None, priority: int = NORMAL) -> None:
         """Schedule an event that calls `callback` now: a stream's start, its interruption, its end."""
@@ -541,17 +552,22 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         # ops from them, so the ops die with the plan instead of waiting for a collection (0.2-0.3 s of objects
         # after a full-decode point).
         ops = None
+    return _record(plan_ops, topo, start, end, pools.peak, events=events, engine="simpy")
+
+
+def _record(ops: list[Op], topo: Topology, start: list[int], end: list[int], peak: dict[str, int], events: int,
+            engine: str) -> EngineRecord:
+    """The engine record of a finished run, after the checks both schedules need: the run fits int64
+    nanoseconds, and every op ran."""
     last = max(end, default=0)
     if last > MAX_RUN_NS:  # each op stays under the per-op bound, but their sum would not fit int64 nanoseconds
         raise RunTooLong(f"the run would last {last / 1e9:.3g} s (over {MAX_RUN_NS / 1e9:.0e} s): a rate or "
-                            "efficiency in the system spec or profile is near zero")
+                         "efficiency in the system spec or profile is near zero")
     end_arr = np.asarray(end, dtype=np.int64)
-    if n and (end_arr < 0).any():
+    if ops and (end_arr < 0).any():
         first = int(np.flatnonzero(end_arr < 0)[0])
-        raise PlanDeadlock(f"plan deadlocked: op {first} ({plan_ops[first].kind} on {plan_ops[first].stream}) "
-                           "never ran")
+        raise PlanDeadlock(f"plan deadlocked: op {first} ({ops[first].kind} on {ops[first].stream}) never ran")
     start_arr = np.asarray(start, dtype=np.int64)
-    return EngineRecord(
-        start_ns=start_arr, end_ns=end_arr, busy_ns=busy_by_stream(plan_ops, start_arr, end_arr, topo.stream_order()),
-        peak_bytes=dict(pools.peak), events=events,
-    )
+    return EngineRecord(start_ns=start_arr, end_ns=end_arr,
+                        busy_ns=busy_by_stream(ops, start_arr, end_arr, topo.stream_order()),
+                        peak_bytes=dict(peak), events=events, engine=engine)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from schedules import run_both
 
 from sim.cost import RooflineCostModel
-from sim.engine import max_min_rates, run_plan
+from sim.engine import max_min_rates
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.specs.overrides import apply_system_settings
 from sim.workload import Workload
@@ -18,7 +19,7 @@ def run(model, system, build):
     build(b)
     plan = Plan("t", {}, model, system, Workload.uniform(64, 1, 2), b.ops, {"gpu": {}, "cpu": {}})  # 64-token ops fit
     cost = RooflineCostModel(system)
-    return plan, run_plan(plan, cost), cost
+    return plan, run_both(plan, cost), cost
 
 
 def cpu_gemm(b, stream, flops, nbytes, deps=()):

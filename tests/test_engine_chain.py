@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from schedules import assert_same_schedule
 
 from sim.cost import RooflineCostModel
 from sim.engine import run_plan
@@ -37,7 +38,11 @@ def gpu_expert(b: PlanBuilder, flops: int, deps=(), **kw) -> int:
 
 
 def both(plan: Plan, cost=COST):
-    return run_plan(plan, cost, chain=True), run_plan(plan, cost, chain=False)
+    """The SimPy machine's chained run and its reference; the list schedule (`sim.uncontended`), wherever it
+    applies, must equal them too."""
+    chained, reference = run_plan(plan, cost, chain=True, fast=False), run_plan(plan, cost, chain=False, fast=False)
+    assert_same_schedule(run_plan(plan, cost), reference)
+    return chained, reference
 
 
 def assert_same(chained, reference, events_slack: int = 0) -> None:

@@ -98,7 +98,14 @@ def _print_summary(d: dict[str, Any]) -> None:
     print(f"  peak memory: GPU {d['peak_gpu_bytes'] / gib:.2f} GiB, CPU {d['peak_cpu_bytes'] / gib:.2f} GiB{extra}")
     sampled = "" if d["decode_steps_simulated"] == d["decode_steps_total"] else (
         f", decode from {d['decode_steps_simulated']} of {d['decode_steps_total']} steps")
-    print(f"  {d['num_ops']} ops, {d['events']} events, {d['wall_s']:.2f} s wall{sampled}")
+    print(f"  {d['num_ops']} ops, {engine_line(d)}, {d['wall_s']:.2f} s wall{sampled}")
+
+
+def engine_line(d: dict) -> str:
+    """How the plan ran: its SimPy events, or the one-pass list schedule where no op slowed another."""
+    if d.get("engine") == "list":
+        return "list-scheduled (no op slowed another: no SimPy events needed)"
+    return f"{d['events']} SimPy events"
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -157,7 +164,8 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
          "priced_by": f"profile {args.profile}" if args.profile else "roofline",
          "throughput_tok_s": throughput_tok_s(plan, metrics),
          **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
-         "peak_bytes": dict(record.peak_bytes), "num_ops": len(plan.ops), "events": record.events}
+         "peak_bytes": dict(record.peak_bytes), "num_ops": len(plan.ops), "events": record.events,
+         "engine": record.engine}
     if args.timeline:
         write_chrome_trace(args.timeline, chrome_trace_events(plan.ops, record.start_ns, record.end_ns,
                                                               cpu_has_amx=plan.system.cpu.has_amx),

@@ -1,0 +1,243 @@
+"""The one-pass list schedule (`sim.uncontended`): where no op slows another it is the SimPy machine's schedule,
+op for op; wherever a resource is oversubscribed, or a pool overflows, the SimPy machine runs instead and gives
+the result or error the plan has."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from schedules import assert_same_schedule
+
+import sim.uncontended as uncontended
+from sim.api import simulate
+from sim.cost import RooflineCostModel
+from sim.engine import PlanDeadlock, run_plan
+from sim.errors import CapacityError, SimInputError
+from sim.plan import OpKind, Phase, Plan, PlanBuilder, Stream
+from sim.policies import POLICIES
+from sim.specs import ModelSpec, load_system
+from sim.topology import topology_of
+from sim.workload import Workload
+
+MODEL = ModelSpec(name="tiny", num_layers=4, hidden_size=256, vocab_size=1000, num_attention_heads=8,
+                  num_kv_heads=2, head_dim=32, num_experts=8, top_k=2, expert_intermediate_size=512)
+SYSTEM = load_system("a100-80g-8452y")
+HOST_STREAMS = (Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT, Stream.D2H)
+
+
+class StubCost:
+    """Durations of whole microseconds (`flops`) and usages picked by `bytes` from a short list: equal-time
+    events, resources filled exactly to capacity, and oversubscribed ones."""
+
+    USAGES = ((0.25, 0.25), (0.5, 0.0), (0.0, 0.5), (0.25, 0.5), (0.5, 0.5), (1.0, 1.0), (0.75, 0.125))
+
+    def __init__(self, system=SYSTEM):
+        self.topology = topology_of(system)
+
+    def op_time_ns(self, op) -> int:
+        return 1000 * op.flops
+
+    def usage(self, op) -> tuple[float, float]:
+        return self.USAGES[op.bytes % len(self.USAGES)]
+
+
+COST = StubCost()
+
+
+def plan_of(b: PlanBuilder) -> Plan:
+    return Plan("t", {}, MODEL, SYSTEM, Workload.uniform(64, 1, 2), b.ops, {"gpu": {}, "cpu": {}})
+
+
+def host_op(b: PlanBuilder, stream: Stream, us: int, usage: int, deps=(), **kw) -> int:
+    kind = OpKind.COPY if stream in (Stream.H2D, Stream.H2D_ACT, Stream.D2H) else OpKind.EXPERT
+    return b.add(kind, stream, Phase.DECODE, 1, 0, tokens=64, flops=us, nbytes=usage, deps=deps, **kw)
+
+
+def both(plan: Plan, cost=COST):
+    """(default run, SimPy run), required equal."""
+    listed, reference = run_plan(plan, cost), run_plan(plan, cost, fast=False)
+    assert_same_schedule(listed, reference)
+    assert reference.engine == "simpy"
+    return listed, reference
+
+
+def test_jobs_that_fill_a_resource_exactly_are_list_scheduled():
+    """Two CPU ops at half the cores and half the DRAM each run side by side at full speed: no SimPy events."""
+    b = PlanBuilder()
+    host_op(b, Stream.CPU, 3, 4)
+    host_op(b, Stream.CPU_EXPERTS, 5, 4)
+    listed, reference = both(plan_of(b))
+    assert listed.engine == "list" and listed.events == 0 < reference.events
+    assert listed.end_ns.tolist() == [3000, 5000]
+
+
+def test_jobs_that_oversubscribe_a_resource_run_on_simpy():
+    """Two DRAM-bound CPU ops at once need twice the DRAM: the SimPy machine shares it and both take longer."""
+    b = PlanBuilder()
+    host_op(b, Stream.CPU, 3, 5)
+    host_op(b, Stream.CPU_EXPERTS, 3, 5)
+    listed, _ = both(plan_of(b))
+    assert listed.engine == "simpy"
+    assert listed.end_ns.tolist() == [6000, 6000]
+
+
+def test_a_job_ending_as_another_starts_does_not_count_with_it():
+    """Intervals are half-open: a DRAM-bound op starting the nanosecond another ends shares nothing with it."""
+    b = PlanBuilder()
+    first = host_op(b, Stream.CPU, 2, 5)
+    b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=2)
+    host_op(b, Stream.CPU_EXPERTS, 3, 5, deps=(1,))
+    listed, _ = both(plan_of(b))
+    assert listed.engine == "list"
+    assert listed.start_ns[2] == listed.end_ns[first] == 2000
+
+
+def test_a_grouped_op_is_checked_member_by_member():
+    """A grouped CPU expert op whose second member is DRAM-bound oversubscribes DRAM only while that member runs
+    beside a DRAM-bound copy; with the copy placed beside its first member, nothing is slowed."""
+    def plan(copy_delay_us: int) -> Plan:
+        b = PlanBuilder()
+        group = host_op(b, Stream.CPU_EXPERTS, 0, 0)
+        b.ops[group].members = ((0, 32, 2, 1), (1, 32, 2, 5))  # 2 us at (0.5, 0), then 2 us at (1, 1)
+        b.ops[group].tokens, b.ops[group].flops, b.ops[group].bytes = 64, 4, 6
+        if copy_delay_us:
+            gate = b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=copy_delay_us)
+            host_op(b, Stream.D2H, 1, 2, deps=(gate,))
+        else:
+            host_op(b, Stream.D2H, 1, 2)
+        return plan_of(b)
+
+    early, _ = both(plan(0))
+    assert early.engine == "list"
+    late, _ = both(plan(2))
+    assert late.engine == "simpy"
+    assert late.end_ns[0] > 4000  # the second member shared DRAM with the copy
+
+
+def test_contention_after_the_first_chunk_is_found(monkeypatch):
+    """A long uncontended prefix, then two ops that oversubscribe DRAM: the check reaches them."""
+    monkeypatch.setattr(uncontended, "FIRST_CHUNK", 16)
+    b = PlanBuilder()
+    last = -1
+    for _ in range(300):
+        last = b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=1, deps=(last,))
+    host_op(b, Stream.CPU, 3, 5, deps=(last,))
+    host_op(b, Stream.CPU_EXPERTS, 3, 5, deps=(last,))
+    listed, _ = both(plan_of(b))
+    assert listed.engine == "simpy"
+
+
+def test_a_contended_plan_is_handed_over_after_its_first_chunk(monkeypatch):
+    """Contention among the first ops: the check stops after the first chunk, not after the whole plan."""
+    monkeypatch.setattr(uncontended, "FIRST_CHUNK", 16)
+    collected: list[int] = []
+    original = uncontended._GroupJobs.collect
+
+    def collect(self, upto: int) -> None:
+        collected.append(upto)
+        original(self, upto)
+
+    monkeypatch.setattr(uncontended._GroupJobs, "collect", collect)
+    b = PlanBuilder()
+    host_op(b, Stream.CPU, 3, 5)
+    host_op(b, Stream.CPU_EXPERTS, 3, 5)
+    for _ in range(1000):
+        host_op(b, Stream.D2H, 1, 2)
+    listed, _ = both(plan_of(b))
+    assert listed.engine == "simpy" and collected == [16]
+
+
+def test_a_pool_overflow_raises_the_engines_error():
+    b = PlanBuilder()
+    capacity = topology_of(SYSTEM).pools["gpu"]
+    b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=1, alloc=(("gpu", capacity),))
+    b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=1, alloc=(("gpu", 1),))
+    plan = plan_of(b)
+    with pytest.raises(CapacityError) as listed:
+        run_plan(plan, COST)
+    with pytest.raises(CapacityError) as reference:
+        run_plan(plan, COST, fast=False)
+    assert str(listed.value) == str(reference.value)
+
+
+def test_memory_freed_before_it_is_allocated_raises_the_engines_error():
+    b = PlanBuilder()
+    gate = b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=5)
+    b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=1, deps=(gate,), alloc=(("cpu", 8),))
+    host_op(b, Stream.CPU, 1, 0, free=(("cpu", 8),))
+    plan = plan_of(b)
+    errors = []
+    for fast in (True, False):
+        with pytest.raises(SimInputError) as caught:
+            run_plan(plan, COST, check=False, fast=fast)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "before it is allocated" in errors[0]
+
+
+def test_a_dependency_on_a_later_op_is_left_to_the_engine():
+    """An unchecked plan whose op waits for a later one: the list schedule declines, the engine reports it."""
+    b = PlanBuilder()
+    b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=1)
+    b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=1)
+    b.ops[0].deps = (1,)
+    with pytest.raises(PlanDeadlock):
+        run_plan(plan_of(b), COST, check=False)
+
+
+def random_plan(rng: np.random.Generator) -> Plan:
+    """Up to 60 ops of 0-4 us on every stream, with random dependencies, grouped CPU expert ops, and
+    allocations freed by later ops that depend on them: most ends tie with another event."""
+    b = PlanBuilder()
+    held: list[tuple[str, int, int]] = []
+    streams = (Stream.GPU, *HOST_STREAMS)
+    for i in range(int(rng.integers(1, 61))):
+        stream = streams[int(rng.integers(len(streams)))]
+        deps = tuple(int(d) for d in rng.integers(0, i, size=int(rng.integers(0, 3)))) if i else ()
+        alloc = free = ()
+        if rng.random() < 0.2:
+            pool = ("gpu", "cpu")[int(rng.integers(2))]
+            size = int(rng.integers(1, 1 << 30))
+            alloc = ((pool, size),)
+            held.append((pool, size, i))
+        elif held and rng.random() < 0.5:
+            pool, size, owner = held.pop(int(rng.integers(len(held))))
+            free = ((pool, size),)
+            deps = (*deps, owner)
+        op = host_op(b, stream, int(rng.integers(0, 5)), int(rng.integers(0, 7)), deps=deps, alloc=alloc,
+                     free=free)
+        if stream is Stream.CPU_EXPERTS and rng.random() < 0.3:
+            n = int(rng.integers(2, 5))
+            flops = [int(x) for x in rng.integers(0, 4, size=n)]
+            usage = [int(x) for x in rng.integers(0, 7, size=n)]
+            entry = b.ops[op]
+            entry.members = tuple((e, 1, f, u) for e, (f, u) in enumerate(zip(flops, usage, strict=True)))
+            entry.tokens, entry.flops, entry.bytes = n, sum(flops), sum(usage)
+    return plan_of(b)
+
+
+def test_random_plans_schedule_alike_on_both_paths():
+    """600 random plans: the same record from the list schedule and the SimPy machine, and both paths taken
+    often (the property is not vacuous)."""
+    rng = np.random.default_rng(7)
+    paths = {"list": 0, "simpy": 0}
+    for _ in range(600):
+        listed, _ = both(random_plan(rng))
+        paths[listed.engine] += 1
+    assert min(paths.values()) >= 60, paths
+
+
+POINTS = {"gpu-only": ("deepseek-v2-lite", "a100-80g-8452y"),  # a point where each policy fits; else Mixtral
+          "expert-parallel": ("mixtral-8x7b", "2x-h100-sxm-nvlink-8480"),
+          "ndp-experts": ("mixtral-8x7b", "a100-80g-8452y-ndp8"), "trimoe": ("mixtral-8x7b", "a100-80g-8452y-ndp8")}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_schedules_alike_on_both_paths(policy):
+    """A real plan of every policy (B=128, 96/8, Mixtral-8x7B on the A100 + 8452Y unless it needs another
+    machine or a smaller model): the same record either way."""
+    model, system = POINTS.get(policy, ("mixtral-8x7b", "a100-80g-8452y"))
+    r = simulate(model, system, policy, batch=128, prompt_len=96, gen_len=8, keep_plan=True)
+    assert r.record is not None and r.plan is not None
+    reference = run_plan(r.plan, RooflineCostModel(r.plan.system), fast=False)
+    assert_same_schedule(r.record, reference)
+    assert r.engine == r.record.engine in ("list", "simpy")
