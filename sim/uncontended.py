@@ -8,10 +8,13 @@ That takes one Python pass over the ops instead of a few SimPy events and a doze
 `list_schedule` computes that schedule and then verifies its premise: at every instant a job starts in a shared
 group (a group more than one stream of the plan uses), the jobs running then (start <= t < end, one per stream at
 most; a grouped op's members each in their own interval) need no resource beyond its capacity, with a margin
-that float summation order cannot cross. It also replays the memory pools as the engine judges them (once per
-instant). It returns None when the premise fails anywhere, or a pool overflows or underflows; the caller then
-runs the SimPy machine, which gives the result, or the error, that the plan has. When it returns a schedule, that
-schedule is the SimPy machine's, op for op, bit for bit (tests/test_uncontended.py, benchmarks/engine_exactness.py).
+that float summation order cannot cross (usages are non-negative; a negative one declines). It also replays the
+memory pools as the engine judges them (once per instant, in Python ints). It returns None when the premise fails
+anywhere, a pool overflows, underflows or is not the system's, an op's id is not its position or a dependency
+does not point backwards, or the schedule reaches 2^53 ns (104 days, past which the engine's float bookkeeping is
+no longer exact and near whose end it raises RunTooLong); the caller then runs the SimPy machine, which gives the
+result, or the error, that the plan has. When it returns a schedule, that schedule is the SimPy machine's, op for
+op, bit for bit (tests/test_uncontended.py, benchmarks/engine_exactness.py).
 """
 
 from __future__ import annotations
@@ -42,14 +45,18 @@ class _Forward:
         self.done = 0
 
     def advance(self, upto: int) -> bool:
-        """Schedule ops up to id `upto` (exclusive); False if a dependency does not point backwards (the engine
-        names that)."""
+        """Schedule ops up to id `upto` (exclusive); False if an op's id is not its position, a dependency does not
+        point backwards, or the schedule reaches EXACT_NS (the engine names the first two, and is the reference for
+        the third)."""
         ops, durations, stream_index = self.ops, self.durations, self.stream_index
         start, end, free_at = self.start, self.end, self.free_at
         for i in range(self.done, upto):
             s = stream_index[i]
             t = free_at[s]
-            deps = ops[i].deps
+            op = ops[i]
+            if op.id != i:  # not a checked plan: let the engine judge it
+                return False
+            deps = op.deps
             if deps:
                 for d in deps:
                     if d >= i or d < 0:
@@ -60,7 +67,7 @@ class _Forward:
             start[i] = t
             free_at[s] = end[i] = t + durations[i]
         self.done = upto
-        return True
+        return max(free_at, default=0) < EXACT_NS
 
 
 def _group_fits(starts: np.ndarray, ends: np.ndarray, usages: np.ndarray, stream_of_job: np.ndarray,
@@ -69,6 +76,8 @@ def _group_fits(starts: np.ndarray, ends: np.ndarray, usages: np.ndarray, stream
     overlap) stay within every resource's capacity at each job's start, where the running set is largest."""
     if starts.size == 0:
         return True
+    if usages.min() < 0.0:  # a cost model's usage below zero: the order of additions could matter
+        return False
     checks = starts  # every job's start (repeats cost a little, sorting them more)
     total = np.zeros((checks.size, usages.shape[1]))
     for s in range(streams):
@@ -87,8 +96,9 @@ def _group_fits(starts: np.ndarray, ends: np.ndarray, usages: np.ndarray, stream
 def _pools_fit(ops: Sequence[Op], start: list[int], end: list[int], capacity: dict[str, int],
                static: dict[str, int]) -> dict[str, int] | None:
     """Peak bytes per pool as the engine judges them (a pool's level counts after every allocation and free of an
-    instant), or None if a pool would exceed its capacity at an instant that allocates or drop below its static
-    level at one that frees (the engine raises; let it name the op)."""
+    instant), or None if a pool would exceed its capacity at an instant that allocates, drop below its static
+    level at one that frees, or is not the system's (the engine raises; let it name the op). Python ints
+    throughout: nothing bounds a plan's allocation sizes."""
     changes: dict[str, list[tuple[int, int, bool]]] = {}
     for i, op in enumerate(ops):
         if op.alloc:
@@ -97,27 +107,37 @@ def _pools_fit(ops: Sequence[Op], start: list[int], end: list[int], capacity: di
         if op.free:
             for pool, nbytes in op.free:
                 changes.setdefault(pool, []).append((end[i], -nbytes, False))
+    if any(used > capacity[pool] for pool, used in static.items()) or not changes.keys() <= capacity.keys():
+        return None
     peak = dict(static)
-    for pool, used in static.items():
-        if used > capacity[pool]:
-            return None
     for pool, rows in changes.items():
-        times = np.fromiter((t for t, _, _ in rows), dtype=np.int64, count=len(rows))
-        deltas = np.fromiter((b for _, b, _ in rows), dtype=np.int64, count=len(rows))
-        allocs = np.fromiter((a for _, _, a in rows), dtype=bool, count=len(rows))
-        instants, where = np.unique(times, return_inverse=True)
-        net = np.bincount(where, weights=deltas, minlength=instants.size)
-        if np.abs(deltas).sum() >= 2**52:  # float weights would round: leave the judging to the engine
-            return None
-        level = static.get(pool, 0) + np.cumsum(net.astype(np.int64))
-        allocating = np.bincount(where, weights=allocs, minlength=instants.size) > 0
-        freeing = np.bincount(where, weights=~allocs, minlength=instants.size) > 0
-        if (level[allocating] > capacity[pool]).any() or (level[freeing] < static.get(pool, 0)).any():
-            return None
-        if allocating.any():
-            peak[pool] = max(peak.get(pool, 0), int(level[allocating].max()))
+        rows.sort(key=_instant)
+        base, top = static.get(pool, 0), capacity[pool]
+        level, high = base, peak.get(pool, 0)
+        k, n = 0, len(rows)
+        while k < n:  # one instant at a time
+            now, allocating, freeing = rows[k][0], False, False
+            while k < n and rows[k][0] == now:
+                _, delta, is_alloc = rows[k]
+                level += delta
+                allocating |= is_alloc
+                freeing |= not is_alloc
+                k += 1
+            if (freeing and level < base) or (allocating and level > top):
+                return None
+            if allocating and level > high:
+                high = level
+        peak[pool] = high
     return peak
 
+
+def _instant(row: tuple[int, int, bool]) -> int:
+    return row[0]
+
+
+# Above this many nanoseconds (104 days) the engine's float bookkeeping of work left is no longer exact, and runs
+# near int64's range end in RunTooLong: a schedule reaching it is left to the engine.
+EXACT_NS = 1 << 53
 
 FIRST_CHUNK = 4096  # ops scheduled and checked before the first look for an oversubscribed resource
 CHUNK_GROWTH = 8  # each later chunk this many times the ops checked so far: a contended plan fails early, an
