@@ -29,6 +29,10 @@ A stream that waits for another stream's op resumes inside that op's end, withou
 starts at that instant either way; the order of one instant's starts is unobservable, as above). Memory pools
 are counters, judged against their capacity at the end of every instant that allocated. The clock is integer
 nanoseconds; nothing is random.
+
+A plan in which no op ever slows another does not need any of this: `run_plan` list-schedules it in one pass
+(`sim.uncontended`), which gives the same record, and runs SimPy only where that premise fails (`fast=False`:
+always).
 """
 
 from __future__ import annotations
@@ -390,7 +394,6 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                   for group in shares}
     if fast:
         shared_groups = {group for group, count in streams_in.items() if count > 1}
-
         listed = list_schedule(ops, durations, topo, by_stream, shared_groups, usage_of, group_price.parts,
                                pools.capacity, pools.static)
         if listed is not None:

@@ -141,7 +141,7 @@ EXACT_NS = 1 << 53
 
 FIRST_CHUNK = 4096  # ops scheduled and checked before the first look for an oversubscribed resource
 CHUNK_GROWTH = 8  # each later chunk this many times the ops checked so far: a contended plan fails early, an
-                  # uncontended one is checked at most 8/7 times over
+                  # uncontended one is checked at most 9/8 times over
 
 
 def list_schedule(ops: Sequence[Op], durations: Sequence[int], topo: Topology, by_stream: dict[str, list[int]],
