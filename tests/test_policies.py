@@ -1181,3 +1181,27 @@ def test_coxmoe_split_prices_the_fetch_overlapped_so_a_faster_cpu_is_never_slowe
     assert runs[0.2].total_s <= runs[0.15].total_s
     for r in runs.values():  # the rule's estimate now within a few percent of the simulation
         assert abs(r.search["analytic_total_s"] / r.total_s - 1) < 0.05
+
+
+@pytest.mark.parametrize("model_name", ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v2-lite"])
+def test_coxmoe_op3_all_layers_at_once_equals_its_layer_loop(model_name, monkeypatch):
+    """CoX-MoE's OP3 rule for split=auto, every layer in one pass of numpy calls (the ranking's hot spot), gives
+    exactly the per-layer loop's Op3 (times, widest fetch, E_M and E_C) at every residency and fetch cap."""
+    from sim.api import resolve_model
+    from sim.policies.coxmoe import CoxMoeOptions, _Model
+    from sim.specs import load_system
+
+    model = resolve_model(model_name)
+    ctx = ctx_for(model, load_system("rtx6000ada-8452y"), batch=64, prompt=32, gen=4, routing="zipf:1.0")
+    fast = _Model(ctx, CoxMoeOptions())
+    loop = _Model(ctx, CoxMoeOptions(split_tokens="on"))  # the layer loop...
+    monkeypatch.setattr(loop, "_split", lambda *a: (max(a[4], a[5]), ()))  # ...with token splits never taken
+    checked = 0
+    for phase in (Phase.PREFILL, Phase.DECODE):
+        for resident in sorted({0, 1, model.num_experts // 4, model.num_experts - 1, model.num_experts}):
+            for max_fetch in (-1, 0, 1, 3):
+                got = fast.op3(phase, resident, 0, max_fetch)
+                want = loop.op3(phase, resident, 0, max_fetch)
+                assert got == want, (phase, resident, max_fetch)
+                checked += bool(any(got.fetched)) + bool(any(got.on_cpu))
+    assert checked > 0  # E_M and E_C both populated somewhere: the comparison is not of empty layers
