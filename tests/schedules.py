@@ -13,10 +13,15 @@ def assert_same_schedule(a: EngineRecord, b: EngineRecord) -> None:
     assert a.busy_ns == b.busy_ns and a.peak_bytes == b.peak_bytes
 
 
+def both_schedules(plan, cost, **kw) -> tuple[EngineRecord, EngineRecord]:
+    """(`run_plan`'s default record, the SimPy machine's), required equal."""
+    default, simpy_record = run_plan(plan, cost, **kw), run_plan(plan, cost, fast=False, **kw)
+    assert_same_schedule(default, simpy_record)
+    assert simpy_record.engine == "simpy"
+    return default, simpy_record
+
+
 def run_both(plan, cost, **kw) -> EngineRecord:
     """The SimPy machine's record of `plan`, after checking that `run_plan`'s default (list schedule where it
     applies) gives the same one."""
-    simpy_record = run_plan(plan, cost, fast=False, **kw)
-    default = run_plan(plan, cost, **kw)
-    assert_same_schedule(default, simpy_record)
-    return simpy_record
+    return both_schedules(plan, cost, **kw)[1]

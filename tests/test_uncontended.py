@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from schedules import assert_same_schedule
+from schedules import assert_same_schedule, both_schedules
 
 import sim.uncontended as uncontended
 from sim.api import simulate
@@ -55,10 +55,7 @@ def host_op(b: PlanBuilder, stream: Stream, us: int, usage: int, deps=(), **kw) 
 
 def both(plan: Plan, cost=COST):
     """(default run, SimPy run), required equal."""
-    listed, reference = run_plan(plan, cost), run_plan(plan, cost, fast=False)
-    assert_same_schedule(listed, reference)
-    assert reference.engine == "simpy"
-    return listed, reference
+    return both_schedules(plan, cost)
 
 
 def test_jobs_that_fill_a_resource_exactly_are_list_scheduled():
