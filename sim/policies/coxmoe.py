@@ -524,20 +524,28 @@ class _Model:
         the configuration's VRAM: the best split when it fits; else, with `cap` and split=auto, E_M capped at the
         buffers that fit (the other experts on the CPU), E_R, E_M and E_C under the VRAM budget as the paper's
         search picks them; None when nothing fits."""
-        base = sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, 0).values())
+        # `compose.gpu_static` is linear in the resident experts and the fetch buffers (the other parts do not
+        # depend on them): the rest is summed once per placement and micro-batches, the two terms added in ints
+        m = self.m
+        base = self._gpu_static_total(pre, dec, mu_p, mu_d) + resident * m.num_moe_layers * m.expert_bytes
         if base > cap_gpu:
             return None
+        per_buffer = 2 * m.expert_bytes
         pair = self.op3(Phase.PREFILL, resident, mu_p), self.op3(Phase.DECODE, resident, mu_d)
-        if sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, max(p[1] for p in pair)).values()) <= cap_gpu:
+        if base + per_buffer * max(p[1] for p in pair) <= cap_gpu:
             return pair
-        per_buffer = sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, 1).values()) - base
         if not cap or self.opts.split != "auto" or per_buffer <= 0:
             return None
         buffers = int((cap_gpu - base) // per_buffer)
         pair = self.op3(Phase.PREFILL, resident, mu_p, buffers), self.op3(Phase.DECODE, resident, mu_d, buffers)
-        if sum(self.gpu_static(pre, dec, mu_p, mu_d, resident, max(p[1] for p in pair)).values()) <= cap_gpu:
+        if base + per_buffer * max(p[1] for p in pair) <= cap_gpu:
             return pair
         return None
+
+    @cache  # noqa: B019 - one model per search; the cache dies with it
+    def _gpu_static_total(self, pre: str, dec: str, mu_p: int, mu_d: int) -> int:
+        """VRAM of a configuration without resident experts or fetch buffers (`op3_fitting` adds those)."""
+        return sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
 
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
         """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with
