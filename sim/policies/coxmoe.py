@@ -527,7 +527,7 @@ class _Model:
         # `compose.gpu_static` is linear in the resident experts and the fetch buffers (the other parts do not
         # depend on them): the rest is summed once per placement and micro-batches, the two terms added in ints
         m = self.m
-        base = self._gpu_static_total(pre, dec, mu_p, mu_d) + resident * m.num_moe_layers * m.expert_bytes
+        base = self.gpu_static_total(pre, dec, mu_p, mu_d) + resident * m.num_moe_layers * m.expert_bytes
         if base > cap_gpu:
             return None
         per_buffer = 2 * m.expert_bytes
@@ -543,19 +543,14 @@ class _Model:
         return None
 
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def _gpu_static_total(self, pre: str, dec: str, mu_p: int, mu_d: int) -> int:
+    def gpu_static_total(self, pre: str, dec: str, mu_p: int, mu_d: int) -> int:
         """VRAM of a configuration without resident experts or fetch buffers (`op3_fitting` adds those)."""
         return sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
 
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
         """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with
         OP3's hidden states for the whole prompt when coalesced and for one micro-batch otherwise (and for the
-        whole decode batch when coalesced in decode only). A fresh dict per call; computed once per arguments
-        (the ranking asks for the same ones tens of thousands of times)."""
-        return dict(self._gpu_static(pre, dec, mu_p, mu_d, resident, widest))
-
-    @cache  # noqa: B019 - one model per search; the cache dies with it
-    def _gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
+        whole decode batch when coalesced in decode only)."""
         wl = self.wl
         batch = wl.batch
         mb_d = batch if mu_d <= 0 else min(mu_d, batch)
@@ -709,7 +704,7 @@ class CoxMoePolicy(Policy):
                     if pair is not None:
                         out.append(candidate(o.resident_experts, pair, "given"))
                 continue
-            free = cap_gpu - sum(model.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
+            free = cap_gpu - model.gpu_static_total(pre, dec, mu_p, mu_d)
             if free < 0:
                 continue
             most = min(m.num_experts, int(free // (m.num_moe_layers * m.expert_bytes)))
