@@ -380,24 +380,24 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     price, group_price = cost.op_time_ns, GroupPrices(cost)  # a grouped expert op: the sum of its members' prices
     durations = [group_price(op) if op.members else price(op) for op in ops]
     usage_of = cost.usage
-    start = [-1] * n
-    end = [-1] * n
-    waiters: dict[int, list[Callable[[], None]]] = {}  # op id -> the continuations of streams waiting for it
     topo = topology_of(plan.system)
     pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
-    env = simpy.Environment()
-    shares = {group: _GroupShare(lump=chain) for group in topo.group_sizes}
     by_stream = ops_by_stream(ops, topo)
-    schedule, Event, Timeout = env.schedule, simpy.Event, simpy.Timeout
-
     streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
-                  for group in shares}
+                  for group in topo.group_sizes}
     if fast:
         shared_groups = {group for group, count in streams_in.items() if count > 1}
         listed = list_schedule(ops, durations, topo, by_stream, shared_groups, usage_of, group_price.parts,
                                pools.capacity, pools.static)
         if listed is not None:
             return _record(ops, topo, *listed, events=0, engine="list")
+    # the SimPy machine
+    start = [-1] * n
+    end = [-1] * n
+    waiters: dict[int, list[Callable[[], None]]] = {}  # op id -> the continuations of streams waiting for it
+    env = simpy.Environment()
+    shares = {group: _GroupShare(lump=chain) for group in topo.group_sizes}
+    schedule, Event, Timeout = env.schedule, simpy.Event, simpy.Timeout
     chainable = _chainable(ops) if chain else [False] * n
 
     def fired(callback: Callable[[simpy.Event], None] | None, priority: int = NORMAL) -> None:

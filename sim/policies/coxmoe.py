@@ -525,12 +525,11 @@ class _Model:
         buffers that fit (the other experts on the CPU), E_R, E_M and E_C under the VRAM budget as the paper's
         search picks them; None when nothing fits."""
         # `compose.gpu_static` is linear in the resident experts and the fetch buffers (the other parts do not
-        # depend on them): the rest is summed once per placement and micro-batches, the two terms added in ints
-        m = self.m
-        base = self.gpu_static_total(pre, dec, mu_p, mu_d) + resident * m.num_moe_layers * m.expert_bytes
+        # depend on them): its rest and its two slopes come from it once per placement and micro-batches
+        rest, per_resident, per_buffer = self.gpu_static_linear(pre, dec, mu_p, mu_d)
+        base = rest + resident * per_resident
         if base > cap_gpu:
             return None
-        per_buffer = 2 * m.expert_bytes
         pair = self.op3(Phase.PREFILL, resident, mu_p), self.op3(Phase.DECODE, resident, mu_d)
         if base + per_buffer * max(p[1] for p in pair) <= cap_gpu:
             return pair
@@ -543,9 +542,12 @@ class _Model:
         return None
 
     @cache  # noqa: B019 - one model per search; the cache dies with it
-    def gpu_static_total(self, pre: str, dec: str, mu_p: int, mu_d: int) -> int:
-        """VRAM of a configuration without resident experts or fetch buffers (`op3_fitting` adds those)."""
-        return sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
+    def gpu_static_linear(self, pre: str, dec: str, mu_p: int, mu_d: int) -> tuple[int, int, int]:
+        """VRAM of a configuration without resident experts or fetch buffers, and what one more resident expert
+        per layer and one more fetch buffer add (`op3_fitting` and the resident-count grid add those)."""
+        rest = sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
+        return (rest, sum(self.gpu_static(pre, dec, mu_p, mu_d, 1, 0).values()) - rest,
+                sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 1).values()) - rest)
 
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
         """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with
@@ -704,7 +706,7 @@ class CoxMoePolicy(Policy):
                     if pair is not None:
                         out.append(candidate(o.resident_experts, pair, "given"))
                 continue
-            free = cap_gpu - model.gpu_static_total(pre, dec, mu_p, mu_d)
+            free = cap_gpu - model.gpu_static_linear(pre, dec, mu_p, mu_d)[0]
             if free < 0:
                 continue
             most = min(m.num_experts, int(free // (m.num_moe_layers * m.expert_bytes)))
