@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from traces import jit
 from traces.errors import TraceError
 from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, request_groups
 from traces.limits import MAX_LENGTH, check_experts, check_memory
@@ -265,7 +266,8 @@ def _exclusive_draw(rng: np.random.Generator, probs: np.ndarray, chosen: np.ndar
 
 
 def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int, num_experts: int,
-                 dtype: np.dtype, chunk: int = 1 << 16, out: np.ndarray | None = None) -> np.ndarray:
+                 dtype: np.dtype, chunk: int = 1 << 16, out: np.ndarray | None = None, compiled: bool = False
+                 ) -> np.ndarray:
     """k distinct ids per row, drawn one position at a time, redrawing repeats (exact sequential sampling
     without replacement). Small k compares against earlier columns; larger k processes rows in chunks to bound
     memory, checking repeats against the chunk's chosen columns unless popularity is so skewed that most rows redraw
@@ -273,8 +275,14 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
     still repeating after REDRAW_ROUNDS redraws take the exact float64 draw without their chosen ids (bounded
     time, same law). Returned as [n, k], a view of a column-major block (each position's ids contiguous: the
     draws fill whole columns, and counting and gathering read them as they lie): `out` [k, n] when given (a
-    buffer reused from layer to layer), else a new one."""
+    buffer reused from layer to layer), else a new one. `compiled`: by numba's kernels (`traces/topk_kernels.py`),
+    the same ids from the same generator words."""
     cols = np.empty((k, n), dtype=dtype) if out is None else out
+    if compiled and cols.flags.c_contiguous:
+        from traces import topk_kernels  # imports numba: only for a trace worth it (`jit.worth_it`)
+
+        topk_kernels.sample_topk(rng, draw_ids, n, k, chunk, cols, REDRAW_ROUNDS, _exclusive_draw)
+        return cols.T
     if k <= 4:
         for j in range(k):
             draw = draw_ids.draw(rng, n)
@@ -547,17 +555,19 @@ def topic_mixture(cfg: SynthConfig, base: np.ndarray, requests: int) -> tuple[np
 
 def _draw_layer(cfg: SynthConfig, rng: np.random.Generator, groups: list, probs: np.ndarray, layer: int, n: int,
                 dtype: np.dtype, successor: list | None, previous: np.ndarray | None, reuse: np.ndarray,
-                first_token: np.ndarray, index: np.ndarray, block: np.ndarray | None = None) -> np.ndarray:
-    """One layer's expert ids [n, k] for every routed token: fresh top-k draws (per topic), then cross-layer
-    affinity and within-request reuse, in the order that keeps a seed's bytes. `block` [k, n]: where one
-    popularity's draws go (reused across layers)."""
+                first_token: np.ndarray, index: np.ndarray, block: np.ndarray | None = None,
+                compiled: bool = False) -> np.ndarray:
+    """One layer's expert ids [n, k] for every routed token: fresh top-k draws (per topic; `compiled`: by numba's
+    kernels), then cross-layer affinity and within-request reuse, in the order that keeps a seed's bytes. `block`
+    [k, n]: where one popularity's draws go (reused across layers)."""
     if len(groups) == 1:
-        fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype, out=block)
+        fresh = _sample_topk(rng, _InverseCdf(probs[layer]), n, cfg.top_k, cfg.num_experts, dtype, out=block,
+                             compiled=compiled)
     else:
         fresh = np.empty((n, cfg.top_k), dtype=dtype)
         for probs_t, rows in groups:
             fresh[rows] = _sample_topk(rng, _InverseCdf(probs_t[layer]), rows.size, cfg.top_k, cfg.num_experts,
-                                       dtype)
+                                       dtype, compiled=compiled)
     if successor is not None and layer > 0:
         # Cross-layer affinity: some tokens take the rank-matched successors of their previous-layer experts.
         follow = np.flatnonzero(rng.random(n, dtype=np.float32) < np.float32(cfg.affinity))
@@ -653,10 +663,11 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     # MB each time (past malloc's mmap threshold), every page faulted and zeroed again: Qwen3 B=4096 synthesis
     # 7.0 -> 6.3 s with the blocks reused (plain pages in both).
     blocks = [np.empty((cfg.top_k, n), dtype=dtype) for _ in range(2)] if len(groups) == 1 else [None, None]
+    compiled = jit.worth_it(n * cfg.num_layers * cfg.top_k)  # numba's kernels repay their loading (traces/jit.py)
     try:
         for layer in layers:
             fresh = _draw_layer(cfg, rng, groups, probs, layer, n, dtype, successor, previous, reuse, first_token,
-                                index, blocks[layer % 2])
+                                index, blocks[layer % 2], compiled)
             if stored is not None:
                 stored.result()
             if worker is None:

@@ -1,0 +1,115 @@
+"""Compiled trace synthesis (`traces/topk_kernels.py`): the same bytes as the numpy forms, for every kind of
+popularity table and draw path, and the switch that decides which runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from traces import jit, synth
+from traces.synth import SynthConfig, _exclusive_draw, _InverseCdf, _sample_topk, generate_trace
+
+pytest.importorskip("numba")  # a declared dependency: present wherever the project is installed
+
+
+def _traces(monkeypatch, cfg: SynthConfig, prompt_lens, gen_lens, prompt_counts: bool):
+    out = []
+    for mode in ("off", "on"):
+        monkeypatch.setenv(jit.JIT_ENV, mode)
+        out.append(generate_trace(cfg, np.asarray(prompt_lens), np.asarray(gen_lens), prompt_counts=prompt_counts))
+    return out
+
+
+def _assert_same_trace(a, b) -> None:
+    np.testing.assert_array_equal(a.experts, b.experts)
+    assert (a.prompt_counts is None) == (b.prompt_counts is None)
+    if a.prompt_counts is not None:
+        np.testing.assert_array_equal(a.prompt_counts, b.prompt_counts)
+    if a.request_features is not None:
+        np.testing.assert_array_equal(a.request_features, b.request_features)
+
+
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (64, 6), (128, 8), (160, 6), (300, 8), (2, 1), (1, 1)])
+@pytest.mark.parametrize("routing", ["uniform", "zipf:0.8", "zipf:1.0", "zipf:2.5"])
+def test_compiled_synthesis_gives_the_numpy_bytes(monkeypatch, experts, top_k, routing):
+    """Every popularity form the kernels take (uniform over a power of two: word bits; one-step tables; steps
+    too close for one: numpy's ids) for k <= 4 (one block, one redraw a round) and k > 4 (blocks of 2^16 rows, four
+    candidates a round), ids of one and two bytes; 70,000 rows a layer, so both the generator's words (16,384 draws
+    or more) and its plain numbers (the smaller redraw rounds) are read."""
+    cfg = SynthConfig("m", 3, experts, top_k, routing=routing, seed=5)
+    lens = np.full(200, 330)
+    numpy_trace, compiled = _traces(monkeypatch, cfg, lens, np.full(200, 21), prompt_counts=False)
+    _assert_same_trace(numpy_trace, compiled)
+    assert compiled.experts.shape == (200 * 350, 3, top_k)
+
+
+@pytest.mark.parametrize("extra", [{"reuse_prob": 0.3}, {"affinity": 0.5}, {"topics": 3}])
+def test_compiled_synthesis_keeps_reuse_affinity_topics_and_prompt_counts(monkeypatch, extra):
+    """The draws the kernels make sit between numpy's own (reuse, affinity, per-topic groups); prompts kept as
+    counts see the same draws."""
+    cfg = SynthConfig("m", 4, 128, 8, routing="zipf:1.0", seed=2, **extra)
+    rng = np.random.default_rng(0)
+    prompt, gen = rng.integers(1, 400, size=150), rng.integers(1, 40, size=150)
+    for prompt_counts in (False, True):
+        _assert_same_trace(*_traces(monkeypatch, cfg, prompt, gen, prompt_counts))
+
+
+@pytest.mark.parametrize("k,chunk", [(3, 1 << 16), (8, 1000), (8, 1)])
+def test_compiled_top_k_reaches_the_exact_fallback_as_numpy_does(monkeypatch, k, chunk):
+    """With one redraw round, many rows of a skewed table still repeat: both forms hand them to the exact float64
+    draw in the same order, from the same generator state; blocks smaller than the rows (even one row) too."""
+    monkeypatch.setattr(synth, "REDRAW_ROUNDS", 1)
+    probs = 1.0 / np.arange(1, 17) ** 2.0
+    n = 20_000
+    numpy_ids = _sample_topk(np.random.default_rng(9), _InverseCdf(probs), n, k, 16, np.dtype(np.uint8), chunk=chunk)
+    rng = np.random.default_rng(9)
+    compiled = _sample_topk(rng, _InverseCdf(probs), n, k, 16, np.dtype(np.uint8), chunk=chunk, compiled=True)
+    np.testing.assert_array_equal(numpy_ids, compiled)
+    want = np.random.default_rng(9)
+    _sample_topk(want, _InverseCdf(probs), n, k, 16, np.dtype(np.uint8), chunk=chunk)
+    assert rng.random() == want.random()  # the generator left where numpy leaves it
+    assert (np.sort(compiled, axis=1)[:, 1:] != np.sort(compiled, axis=1)[:, :-1]).all()
+
+
+def test_fallback_draw_is_reached(monkeypatch):
+    """The test above means something only if rows do reach the exact draw with one round."""
+    calls = []
+    monkeypatch.setattr(synth, "REDRAW_ROUNDS", 1)
+
+    def counting(rng, probs, chosen):
+        calls.append(chosen.shape[0])
+        return _exclusive_draw(rng, probs, chosen)
+
+    monkeypatch.setattr(synth, "_exclusive_draw", counting)
+    _sample_topk(np.random.default_rng(9), _InverseCdf(1.0 / np.arange(1, 17) ** 2.0), 20_000, 8, 16,
+                 np.dtype(np.uint8), compiled=True)
+    assert sum(calls) > 100
+
+
+def test_jit_switch(monkeypatch):
+    """Off by setting; on by setting whatever the size; by default only for traces that repay loading numba."""
+    monkeypatch.setenv(jit.JIT_ENV, "off")
+    assert not jit.worth_it(10**12)
+    monkeypatch.setenv(jit.JIT_ENV, "on")
+    assert jit.worth_it(1)
+    monkeypatch.delenv(jit.JIT_ENV)
+    assert jit.worth_it(jit.JIT_MIN_DRAWS) and not jit.worth_it(jit.JIT_MIN_DRAWS - 1)
+    monkeypatch.setattr(jit, "available", lambda: False)
+    assert not jit.worth_it(10**12)
+
+
+def test_generate_trace_decides_once_by_its_size(monkeypatch):
+    """generate_trace draws compiled exactly when `worth_it` says so for its draws (routed tokens x layers x k)."""
+    seen = []
+    real = synth._sample_topk
+
+    def spy(*args, compiled=False, **kwargs):
+        seen.append(compiled)
+        return real(*args, compiled=compiled, **kwargs)
+
+    monkeypatch.setattr(synth, "_sample_topk", spy)
+    asked = []
+    monkeypatch.setattr(jit, "worth_it", lambda draws: asked.append(draws) or draws > 5_000)
+    generate_trace(SynthConfig("m", 2, 8, 2), np.full(10, 100), np.full(10, 11))  # 1,100 tokens: 4,400 draws
+    generate_trace(SynthConfig("m", 2, 8, 2), np.full(20, 100), np.full(20, 11))  # 8,800 draws
+    assert asked == [4_400, 8_800] and seen == [False, False, True, True]
