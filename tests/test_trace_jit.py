@@ -113,3 +113,26 @@ def test_generate_trace_decides_once_by_its_size(monkeypatch):
     generate_trace(SynthConfig("m", 2, 8, 2), np.full(10, 100), np.full(10, 11))  # 1,100 tokens: 4,400 draws
     generate_trace(SynthConfig("m", 2, 8, 2), np.full(20, 100), np.full(20, 11))  # 8,800 draws
     assert asked == [4_400, 8_800] and seen == [False, False, True, True]
+
+
+@pytest.mark.parametrize("experts,top_k,prompt_counts", [(128, 8, True), (300, 6, False), (8, 2, True)])
+def test_compiled_decode_step_counts_equal_numpys(monkeypatch, experts, top_k, prompt_counts):
+    """The compiled count table (`traces/count_kernels.py`) holds numpy's integers in numpy's dtype, for one group,
+    several, groups out of request order, a request in two groups, and requests with no decode step."""
+    rng = np.random.default_rng(3)
+    gen = rng.integers(1, 30, size=90)
+    gen[:5] = 1  # no decode row
+    trace = generate_trace(SynthConfig("m", 3, experts, top_k, routing="zipf:1.0", seed=1),
+                           rng.integers(1, 50, size=90), gen, prompt_counts=prompt_counts)
+    every = np.arange(90)
+    for groups in ([every], np.array_split(every, 4), np.array_split(rng.permutation(90), 7),
+                   [every[:50], every[30:]]):
+        tables = []
+        for mode in ("off", "on"):
+            monkeypatch.setenv(jit.JIT_ENV, mode)
+            trace.__dict__.pop("_decode_step_tables", None)
+            tables.append(trace.decode_step_counts(groups))
+        assert tables[0].dtype == tables[1].dtype and tables[0].shape == tables[1].shape
+        np.testing.assert_array_equal(tables[0], tables[1])
+        assert not tables[1].flags.writeable
+        assert int(tables[1].sum()) == sum(int(np.maximum(gen[g] - 1, 0).sum()) for g in groups) * 3 * top_k

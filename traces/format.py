@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from traces import jit
 from traces.errors import TraceError
 from traces.limits import MAX_LENGTH, check_experts, check_memory
 from traces.pages import plain_pages
@@ -205,6 +206,13 @@ class RoutingTrace:
         if S * G * L * E * dtype.itemsize > REQUEST_TABLE_BYTES:
             return None
         n = int(steps.sum())
+        if jit.worth_it(n * L * self.header.top_k):  # one compiled pass (traces/count_kernels.py)
+            from traces import count_kernels
+
+            out = np.zeros((S * G, L, E), dtype=dtype)
+            count_kernels.decode_step_table(self.experts, self.decode_offsets[requests], steps,
+                                            np.repeat(np.arange(G, dtype=np.int64), sizes), G, out)
+            return self._keep_decode_table(cache, key, out.reshape(S, G, L, E))
         first = np.concatenate([[0], np.cumsum(steps)[:-1]]) if steps.size else steps
         local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
         rows = np.repeat(self.decode_offsets[requests], steps) + local
@@ -222,9 +230,13 @@ class RoutingTrace:
                 band = out[lo:hi, layer, :]
                 np.add(band, counts, out=band, casting="unsafe")
             start = stop
-        table = out.reshape(S, G, L, E)
-        table.flags.writeable = False  # shared by every plan of a search
-        if len(cache) >= 4:  # the last few groupings only
+        return self._keep_decode_table(cache, key, out.reshape(S, G, L, E))
+
+    @staticmethod
+    def _keep_decode_table(cache: dict, key: tuple, table: np.ndarray) -> np.ndarray:
+        """A decode step table kept read-only (shared by every plan of a search), for the last few groupings."""
+        table.flags.writeable = False
+        if len(cache) >= 4:
             cache.pop(next(iter(cache)))
         cache[key] = table
         return table

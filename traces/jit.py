@@ -1,6 +1,6 @@
-"""Numba, where it is installed and not switched off: large traces are drawn by compiled kernels
-(`traces/topk_kernels.py`); without numba, or for small traces, the numpy forms run and give the same bytes (tests
-compare the two).
+"""Numba, where it is installed and not switched off: large traces are drawn (`traces/topk_kernels.py`) and their
+decode steps counted (`traces/count_kernels.py`) by compiled kernels; without numba, or for small traces, the numpy
+forms run and give the same bytes (tests/test_trace_jit.py compares the two).
 
 The kernels' modules import numba only when first used: importing it and loading the cached kernels costs a
 process about 0.3-0.5 s, more than a small trace takes to draw in numpy, so callers ask `worth_it` first.

@@ -1,0 +1,35 @@
+"""Compiled count tables: `RoutingTrace.decode_step_counts` in one pass over the decode rows (request by request,
+each row's layers and top-k ids added into its (step, group) entry), where numpy gathers, sorts and bincounts them
+in bands. Same integers, so the same table; used for traces large enough to repay loading numba (`traces.jit`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from traces.jit import kernel
+
+
+@kernel
+def _add_decode_rows(experts: np.ndarray, first_rows: np.ndarray, steps: np.ndarray, groups: np.ndarray,
+                     num_groups: int, out: np.ndarray) -> None:
+    """out[(t - 1) * G + g, layer, e] += 1 for each decode step t of each listed request (its rows first_rows[i],
+    first_rows[i] + 1, ... for steps[i] steps) in group groups[i], for each layer and each of its top-k ids e."""
+    layers, k = experts.shape[1], experts.shape[2]
+    for i in range(first_rows.size):
+        g = groups[i]
+        row = first_rows[i]
+        for t in range(steps[i]):
+            table = out[t * num_groups + g]
+            ids = experts[row + t]
+            for layer in range(layers):
+                for c in range(k):
+                    table[layer, ids[layer, c]] += 1
+
+
+def decode_step_table(experts: np.ndarray, first_rows: np.ndarray, steps: np.ndarray, groups: np.ndarray,
+                      num_groups: int, out: np.ndarray) -> None:
+    """Add every listed request's decode rows into `out` [S * G, L, E] (see `_add_decode_rows`); `experts` is the
+    trace's [rows, L, k] ids, read as they lie."""
+    _add_decode_rows(np.ascontiguousarray(experts), first_rows.astype(np.int64), steps.astype(np.int64),
+                     groups.astype(np.int64), num_groups, out)
