@@ -1,5 +1,5 @@
 """Trace synthesis, numpy against numba's kernels (`traces/topk_kernels.py`): ns per drawn id, the bytes compared,
-and what loading numba costs a fresh process (what `traces.jit.JIT_MIN_DRAWS` must repay).
+and what loading numba costs a fresh process (`traces.jit.LOAD_S`, which the savings per id must repay).
 
 Each case synthesises one trace (prompts kept as counts, as a simulation asks) in a fresh interpreter per form, so
 neither profits from the other's caches; `--repeats` takes the best of several.

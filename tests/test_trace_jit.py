@@ -3,6 +3,8 @@ popularity table and draw path, and the switch that decides which runs."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -87,15 +89,21 @@ def test_fallback_draw_is_reached(monkeypatch):
 
 
 def test_jit_switch(monkeypatch):
-    """Off by setting; on by setting whatever the size; by default only for traces that repay loading numba."""
+    """Off by setting; on by setting whatever the size; by default only where the time the kernels save repays
+    loading them: numba's import in a process without it, a kernel's load in one with it."""
     monkeypatch.setenv(jit.JIT_ENV, "off")
-    assert not jit.worth_it(10**12)
+    assert not jit.worth_it(10**12, 10.0)
     monkeypatch.setenv(jit.JIT_ENV, "on")
-    assert jit.worth_it(1)
+    assert jit.worth_it(1, 0.0)
     monkeypatch.delenv(jit.JIT_ENV)
-    assert jit.worth_it(jit.JIT_MIN_DRAWS) and not jit.worth_it(jit.JIT_MIN_DRAWS - 1)
+    monkeypatch.delitem(sys.modules, "numba", raising=False)
+    ids = int(jit.LOAD_S / 1e-9 / 2.0)  # saving 2 ns an id repays the import from this many ids on
+    assert jit.worth_it(ids + 1, 2.0) and not jit.worth_it(ids - 1, 2.0)
+    monkeypatch.setitem(sys.modules, "numba", object())
+    assert jit.worth_it(int(jit.LOADED_S / 1e-9 / 2.0) + 1, 2.0) and not jit.worth_it(ids // 20, 1.0)
     monkeypatch.setattr(jit, "available", lambda: False)
-    assert not jit.worth_it(10**12)
+    assert not jit.worth_it(10**12, 10.0)
+    assert jit.draw_saving_ns(True, 8) < jit.draw_saving_ns(False, 2) < jit.draw_saving_ns(False, 8)
 
 
 def test_generate_trace_decides_once_by_its_size(monkeypatch):
@@ -109,10 +117,11 @@ def test_generate_trace_decides_once_by_its_size(monkeypatch):
 
     monkeypatch.setattr(synth, "_sample_topk", spy)
     asked = []
-    monkeypatch.setattr(jit, "worth_it", lambda draws: asked.append(draws) or draws > 5_000)
+    monkeypatch.setattr(jit, "worth_it", lambda draws, saving: asked.append((draws, saving)) or draws > 5_000)
     generate_trace(SynthConfig("m", 2, 8, 2), np.full(10, 100), np.full(10, 11))  # 1,100 tokens: 4,400 draws
-    generate_trace(SynthConfig("m", 2, 8, 2), np.full(20, 100), np.full(20, 11))  # 8,800 draws
-    assert asked == [4_400, 8_800] and seen == [False, False, True, True]
+    generate_trace(SynthConfig("m", 2, 8, 2, routing="zipf:1.0"), np.full(20, 100), np.full(20, 11))  # 8,800
+    assert asked == [(4_400, jit.SAVED_NS_UNIFORM), (8_800, jit.SAVED_NS_SKEWED_SMALL_K)]
+    assert seen == [False, False, True, True]
 
 
 @pytest.mark.parametrize("experts,top_k,prompt_counts", [(128, 8, True), (300, 6, False), (8, 2, True)])

@@ -206,7 +206,7 @@ class RoutingTrace:
         if S * G * L * E * dtype.itemsize > REQUEST_TABLE_BYTES:
             return None
         n = int(steps.sum())
-        if jit.worth_it(n * L * self.header.top_k):  # one compiled pass (traces/count_kernels.py)
+        if jit.worth_it(n * L * self.header.top_k, jit.SAVED_NS_COUNT):  # one compiled pass (traces/count_kernels.py)
             from traces import count_kernels
 
             out = np.zeros((S * G, L, E), dtype=dtype)

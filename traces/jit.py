@@ -3,9 +3,10 @@ decode steps counted (`traces/count_kernels.py`) by compiled kernels; without nu
 forms run and give the same bytes (tests/test_trace_jit.py compares the two).
 
 The kernels' modules import numba only when first used: importing it and loading the cached kernels costs a
-process about 0.3-0.5 s, more than a small trace takes to draw in numpy, so callers ask `worth_it` first.
-`COXMOE_JIT=off` (or 0, no, false) keeps the numpy forms; `COXMOE_JIT=on` compiles whatever the size (tests).
-Kernels compile on first use (about a second) and are cached on disk next to their module (numba's `cache=True`).
+process about 0.4 s, more than a small trace takes to draw in numpy, so callers ask `worth_it` first with what the
+kernels save them per id. `COXMOE_JIT=off` (or 0, no, false) keeps the numpy forms; `COXMOE_JIT=on` compiles
+whatever the size (tests). Kernels compile on first use (about a second) and are cached on disk next to their
+module (numba's `cache=True`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 JIT_ENV = "COXMOE_JIT"
 _OFF = frozenset({"off", "0", "no", "false"})
 _ON = frozenset({"on", "1", "yes", "true"})
-# Draws (routed tokens x layers x top-k) from which a trace is drawn compiled: numba's import and kernel loading
-# (0.3-0.5 s a process) are then repaid. Measured by benchmarks/trace_synthesis_speed.py (AMX Xeon dev VM,
-# 2026-12-06): compiled draws save 2-3 ns an id on a uniform top-2 trace and 10-14 ns on Zipf 1.0 top-8.
-JIT_MIN_DRAWS = 1 << 27
+# What using the kernels costs a process: numba's import and the first kernels loaded from its disk cache; once numba
+# is loaded, a further kernel's load. Measured by benchmarks/trace_synthesis_speed.py (AMX Xeon dev VM, 2026-12-06).
+LOAD_S = 0.4
+LOADED_S = 0.05
+# What the kernels save per id, measured the same way (numpy -> numba, load excluded): drawing a uniform table over
+# a power-of-two number of experts 5.2 -> 3.5 ns (Qwen3-30B-A3B top-8), a skewed one with k <= 4 10.0 -> 4.2 ns
+# (Mixtral-8x7B's table, top-2) and with k > 4 19 -> 6 ns (Zipf 1.0, Qwen3 top-8 and DeepSeek-V2-Lite top-6);
+# counting decode steps 1.4 ns.
+SAVED_NS_UNIFORM, SAVED_NS_SKEWED_SMALL_K, SAVED_NS_SKEWED, SAVED_NS_COUNT = 1.7, 5.8, 13.0, 1.4
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,11 +46,22 @@ def setting() -> str:
     return "off" if value in _OFF else "on" if value in _ON else "auto"
 
 
-def worth_it(draws: int) -> bool:
-    """Whether a trace of `draws` ids is drawn compiled: numba is there, not switched off, and the trace is
-    large enough to repay loading it (or $COXMOE_JIT=on)."""
+def worth_it(ids: int, saved_ns_per_id: float) -> bool:
+    """Whether work over `ids` ids runs compiled: numba is there, not switched off, and the time the kernels save
+    (`saved_ns_per_id` each) repays loading them: numba's import unless this process has it already."""
     mode = setting()
-    return available() and mode != "off" and (mode == "on" or draws >= JIT_MIN_DRAWS)
+    if not available() or mode == "off":
+        return False
+    if mode == "on":
+        return True
+    cost = LOADED_S if "numba" in sys.modules else LOAD_S
+    return ids * saved_ns_per_id * 1e-9 >= cost
+
+
+def draw_saving_ns(uniform: bool, top_k: int) -> float:
+    """What the compiled top-k draws save per id (`traces/topk_kernels.py`): a uniform power-of-two table, or a
+    skewed one at small or larger k (larger k redraws more, which numpy does in many passes)."""
+    return SAVED_NS_UNIFORM if uniform else SAVED_NS_SKEWED_SMALL_K if top_k <= 4 else SAVED_NS_SKEWED
 
 
 def kernel(fn: F) -> F:

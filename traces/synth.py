@@ -663,7 +663,8 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     # MB each time (past malloc's mmap threshold), every page faulted and zeroed again: Qwen3 B=4096 synthesis
     # 7.0 -> 6.3 s with the blocks reused (plain pages in both).
     blocks = [np.empty((cfg.top_k, n), dtype=dtype) for _ in range(2)] if len(groups) == 1 else [None, None]
-    compiled = jit.worth_it(n * cfg.num_layers * cfg.top_k)  # numba's kernels repay their loading (traces/jit.py)
+    uniform = len(groups) == 1 and _InverseCdf(probs[0]).linear and bool((probs == probs[0]).all())
+    compiled = jit.worth_it(n * cfg.num_layers * cfg.top_k, jit.draw_saving_ns(uniform, cfg.top_k))  # traces/jit.py
     try:
         for layer in layers:
             fresh = _draw_layer(cfg, rng, groups, probs, layer, n, dtype, successor, previous, reuse, first_token,
