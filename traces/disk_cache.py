@@ -35,7 +35,8 @@ except ImportError:  # Windows has no fcntl: two processes may then build one tr
 TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
 TRACE_DIR_GIB_ENV = "COXMOE_TRACE_DIR_GIB"
 DEFAULT_GIB = 8.0
-_CODE = ("synth.py", "rng_words.py", "format.py", "synth_presets.py", "importers.py", "selection.py")
+_CODE = ("synth.py", "rng_words.py", "format.py", "synth_presets.py", "importers.py", "selection.py",
+         "topk_kernels.py", "jit.py")
 
 
 @cache

@@ -66,7 +66,11 @@ def draw_saving_ns(uniform: bool, top_k: int) -> float:
 
 def kernel(fn: F) -> F:
     """`fn` compiled in nopython mode with its machine code cached on disk (imports numba: only kernel modules,
-    themselves imported when first used, call this)."""
+    themselves imported when first used, call this); where numba finds no writable cache directory (a read-only
+    install and home), compiled in each process instead."""
     import numba
 
-    return numba.njit(cache=True, nogil=True)(fn)
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
