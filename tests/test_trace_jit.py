@@ -145,3 +145,81 @@ def test_compiled_decode_step_counts_equal_numpys(monkeypatch, experts, top_k, p
         np.testing.assert_array_equal(tables[0], tables[1])
         assert not tables[1].flags.writeable
         assert int(tables[1].sum()) == sum(int(np.maximum(gen[g] - 1, 0).sum()) for g in groups) * 3 * top_k
+
+
+def test_a_numba_that_does_not_import_leaves_numpy(monkeypatch):
+    """Installed but refusing to import (a release that rejects this numpy): large traces are drawn and counted in
+    numpy, the same bytes; asked for with COXMOE_JIT=on, it is one error naming why."""
+    from traces.errors import TraceError
+
+    monkeypatch.setattr(jit, "_import_error", lambda: "ImportError: Numba needs NumPy 2.3 or less")
+    assert not jit.worth_it(10**12, 20.0)
+    monkeypatch.setenv(jit.JIT_ENV, "on")
+    with pytest.raises(TraceError, match="does not import.*NumPy 2.3"):
+        jit.worth_it(1, 1.0)
+    monkeypatch.setattr(jit, "available", lambda: False)
+    with pytest.raises(TraceError, match="not installed"):
+        jit.worth_it(1, 1.0)
+    monkeypatch.delenv(jit.JIT_ENV)
+    assert not jit.worth_it(10**12, 20.0)
+
+
+def test_a_misspelt_jit_setting_is_refused_by_name(monkeypatch):
+    from traces.errors import TraceError
+
+    for good, mode in (("OFF", "off"), (" on ", "on"), ("auto", "auto"), ("", "auto"), ("0", "off")):
+        monkeypatch.setenv(jit.JIT_ENV, good)
+        assert jit.setting() == mode
+    monkeypatch.setenv(jit.JIT_ENV, "of")
+    with pytest.raises(TraceError, match="COXMOE_JIT='of': use on, off or auto"):
+        generate_trace(SynthConfig("m", 2, 8, 2), np.full(4, 10), np.full(4, 3))
+
+
+def test_kernels_without_a_writable_cache_compile_per_process(monkeypatch):
+    """numba refuses `cache=True` where it finds no writable directory: the kernel is then compiled uncached."""
+    import numba
+
+    real = numba.njit
+    asked = []
+
+    def njit(*args, **kwargs):
+        asked.append(kwargs.get("cache", False))
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+
+    def double(x):
+        return 2 * x
+
+    assert jit.kernel(double)(21) == 42 and asked == [True, False]
+
+
+def test_big_endian_trace_ids_count_as_native_ones(monkeypatch, tmp_path):
+    """A trace file may hold big-endian ids (validation takes any unsigned 1- or 2-byte type); numba takes only
+    native ones, so the compiled count table reads a native copy: numpy's table."""
+    from traces.format import load_trace, save_trace
+
+    rng = np.random.default_rng(4)
+    trace = generate_trace(SynthConfig("m", 2, 300, 4, routing="zipf:1.0"), rng.integers(1, 30, size=40),
+                           rng.integers(2, 20, size=40))
+    swapped = type(trace)(trace.header, trace.prompt_lens, trace.gen_lens, trace.experts.astype(">u2"))
+    back = load_trace(save_trace(swapped, tmp_path / "be.npz"))
+    assert back.experts.dtype == np.dtype(">u2")
+    groups = np.array_split(np.arange(40), 3)
+    monkeypatch.setenv(jit.JIT_ENV, "on")
+    compiled = back.decode_step_counts(groups)
+    monkeypatch.setenv(jit.JIT_ENV, "off")
+    trace.__dict__.pop("_decode_step_tables", None)
+    np.testing.assert_array_equal(compiled, trace.decode_step_counts(groups))
+
+
+def test_an_out_buffer_of_the_wrong_shape_is_numpys_error():
+    """The compiled path takes only a [k, n] C-ordered buffer; any other goes to numpy, which refuses a wrong
+    shape (the compiled path had returned the whole buffer, its extra rows never drawn)."""
+    probs = np.ones(8)
+    for compiled in (False, True):
+        with pytest.raises(ValueError):
+            _sample_topk(np.random.default_rng(0), _InverseCdf(probs), 1000, 2, 8, np.dtype(np.uint8),
+                         out=np.empty((2, 1005), dtype=np.uint8), compiled=compiled)

@@ -30,6 +30,8 @@ def _add_decode_rows(experts: np.ndarray, first_rows: np.ndarray, steps: np.ndar
 def decode_step_table(experts: np.ndarray, first_rows: np.ndarray, steps: np.ndarray, groups: np.ndarray,
                       num_groups: int, out: np.ndarray) -> None:
     """Add every listed request's decode rows into `out` [S * G, L, E] (see `_add_decode_rows`); `experts` is the
-    trace's [rows, L, k] ids, read as they lie."""
-    _add_decode_rows(np.ascontiguousarray(experts), first_rows.astype(np.int64), steps.astype(np.int64),
-                     groups.astype(np.int64), num_groups, out)
+    trace's [rows, L, k] ids, read as they lie where they are C-ordered in native byte order (a trace file may
+    hold big-endian ids, which numba does not take: copied first)."""
+    native = np.ascontiguousarray(experts, dtype=experts.dtype.newbyteorder("="))
+    _add_decode_rows(native, first_rows.astype(np.int64), steps.astype(np.int64), groups.astype(np.int64),
+                     num_groups, out)

@@ -36,7 +36,7 @@ TRACE_DIR_ENV = "COXMOE_TRACE_DIR"
 TRACE_DIR_GIB_ENV = "COXMOE_TRACE_DIR_GIB"
 DEFAULT_GIB = 8.0
 _CODE = ("synth.py", "rng_words.py", "format.py", "synth_presets.py", "importers.py", "selection.py",
-         "topk_kernels.py", "jit.py")
+         "topk_kernels.py")
 
 
 @cache

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from traces.errors import TraceError
+
 JIT_ENV = "COXMOE_JIT"
 _OFF = frozenset({"off", "0", "no", "false"})
 _ON = frozenset({"on", "1", "yes", "true"})
@@ -36,26 +38,51 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @functools.cache
 def available() -> bool:
-    """Whether numba can be imported (found, not imported: the import itself is the cost callers avoid)."""
+    """Whether numba is installed (found, not imported: the import itself is the cost callers avoid)."""
     return importlib.util.find_spec("numba") is not None
 
 
+@functools.cache
+def _import_error() -> str | None:
+    """Why numba, though installed, does not import (e.g. a release that refuses this numpy), or None: asked only
+    once the kernels are wanted, when the import is paid anyway."""
+    try:
+        import numba  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure to import means the numpy forms
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
 def setting() -> str:
-    """$COXMOE_JIT read at each call: 'off', 'on' or 'auto' (anything else)."""
+    """$COXMOE_JIT read at each call: 'off', 'on' or 'auto' (unset, empty or `auto`); anything else is refused by
+    name (a typo would otherwise mean auto without a word)."""
     value = os.environ.get(JIT_ENV, "").strip().lower()
-    return "off" if value in _OFF else "on" if value in _ON else "auto"
+    if value in _OFF:
+        return "off"
+    if value in _ON:
+        return "on"
+    if value in ("", "auto"):
+        return "auto"
+    raise TraceError(f"{JIT_ENV}={os.environ[JIT_ENV]!r}: use on, off or auto")
 
 
 def worth_it(ids: int, saved_ns_per_id: float) -> bool:
-    """Whether work over `ids` ids runs compiled: numba is there, not switched off, and the time the kernels save
-    (`saved_ns_per_id` each) repays loading them: numba's import unless this process has it already."""
+    """Whether work over `ids` ids runs compiled: numba is there and imports, it is not switched off, and the time
+    the kernels save (`saved_ns_per_id` each) repays loading them: numba's import unless this process has it
+    already. With $COXMOE_JIT=on, a numba that is missing or does not import is an error, not numpy in silence."""
     mode = setting()
-    if not available() or mode == "off":
+    if mode == "off":
         return False
     if mode == "on":
+        if not available():
+            raise TraceError(f"{JIT_ENV}=on needs numba, which is not installed")
+        if _import_error() is not None:
+            raise TraceError(f"{JIT_ENV}=on needs numba, which does not import ({_import_error()})")
         return True
+    if not available():
+        return False
     cost = LOADED_S if "numba" in sys.modules else LOAD_S
-    return ids * saved_ns_per_id * 1e-9 >= cost
+    return ids * saved_ns_per_id * 1e-9 >= cost and _import_error() is None
 
 
 def draw_saving_ns(uniform: bool, top_k: int) -> float:

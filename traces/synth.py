@@ -278,7 +278,7 @@ def _sample_topk(rng: np.random.Generator, draw_ids: _InverseCdf, n: int, k: int
     buffer reused from layer to layer), else a new one. `compiled`: by numba's kernels (`traces/topk_kernels.py`),
     the same ids from the same generator words."""
     cols = np.empty((k, n), dtype=dtype) if out is None else out
-    if compiled and cols.flags.c_contiguous:
+    if compiled and cols.flags.c_contiguous and cols.shape == (k, n):  # else numpy's own errors and strides
         from traces import topk_kernels  # imports numba: only for a trace worth it (`jit.worth_it`)
 
         topk_kernels.sample_topk(rng, draw_ids, n, k, chunk, cols, REDRAW_ROUNDS, _exclusive_draw)
