@@ -721,29 +721,39 @@ class CoxMoePolicy(Policy):
                     out.append(candidate(resident, pair, "most"))
                     break
             step = max(1, round(most / RESIDENT_GRID_STEPS))
-            best: Candidate | None = None
+            best: tuple[float, int, tuple[Op3, Op3]] | None = None  # (estimate, resident, pair): the grid's best
             for resident in sorted({*range(most, -1, -step), 0}, reverse=True):
                 pair = model.op3_fitting(pre, dec, mu_p, mu_d, resident, cap_gpu)
                 if pair is not None:
-                    cand = candidate(resident, pair, "grid")
-                    if best is None or cand.analytic_s < best.analytic_s:
-                        best = cand
-            if best is not None and all(c.options != best.options for c in out[-1:]):
-                out.append(best)
+                    total = self._estimate(model, t_pre, t_dec, pair)[0]
+                    if best is None or total < best[0]:
+                        best = (total, resident, pair)
+            if best is not None:  # options made for the grid's best only (a Qwen3 search ranked 32 k of them)
+                chosen = candidate(best[1], best[2], "grid")
+                if all(c.options != chosen.options for c in out[-1:]):
+                    out.append(chosen)
         return out
+
+    @staticmethod
+    def _estimate(model: _Model, t_pre: float, t_dec: float, pair: tuple[Op3, Op3]) -> tuple[float, float, float]:
+        """(total, prefill, decode) seconds of a configuration: OP0-OP2 per layer (`t` of each phase's placement
+        and micro-batch) plus OP3 of each phase."""
+        op3_p, op3_d = pair
+        prefill = model.m.num_layers * t_pre + op3_p[0]
+        decode = model.decode_steps * (model.m.num_layers * t_dec + op3_d[0])
+        return prefill + decode, prefill, decode
 
     def _candidate(self, model: _Model, prefill: tuple[str, int, float], decode: tuple[str, int, float],
                    resident: int, pair: tuple[Op3, Op3], rule: str) -> Candidate:
-        """A configuration with its analytic estimate: OP0-OP2 per layer (`t` of each phase's placement and
-        micro-batch) plus OP3 of each phase; `rule` says how its resident count was chosen."""
-        (pre, mu_p, t_pre), (dec, mu_d, t_dec), m = prefill, decode, model.m
-        op3_p, op3_d = pair
+        """A configuration with its analytic estimate (`_estimate`); `rule` says how its resident count was
+        chosen."""
+        (pre, mu_p, t_pre), (dec, mu_d, t_dec) = prefill, decode
         opts = replace(self.options, prefill_placement=pre, decode_placement=dec, prefill_micro_batch=mu_p,
                        decode_micro_batch=mu_d, resident_experts=resident)
-        detail = {"prefill_s": m.num_layers * t_pre + op3_p[0],
-                  "decode_s": model.decode_steps * (m.num_layers * t_dec + op3_d[0]),
-                  "expert_fetched_per_layer": max(op3_p[1], op3_d[1]), "resident_rule": rule}
-        return Candidate(opts, detail["prefill_s"] + detail["decode_s"], detail)
+        total, prefill_s, decode_s = self._estimate(model, t_pre, t_dec, pair)
+        detail = {"prefill_s": prefill_s, "decode_s": decode_s,
+                  "expert_fetched_per_layer": max(pair[0][1], pair[1][1]), "resident_rule": rule}
+        return Candidate(opts, total, detail)
 
     # ---- plan ------------------------------------------------------------------------------------------
     def _plan(self, ctx: PlanContext, model: _Model, o: CoxMoeOptions) -> Plan:
