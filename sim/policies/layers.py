@@ -9,7 +9,8 @@ dependencies), the shared expert, or a dense FFN.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import compress
+from itertools import compress, repeat
+from operator import add, itemgetter, mul
 from typing import NamedTuple
 
 import numpy as np
@@ -93,6 +94,9 @@ class At(NamedTuple):
     mb: int = -1
 
 
+_FLOPS, _BYTES = itemgetter(2), itemgetter(3)  # of a member (expert, tokens, flops, bytes)
+
+
 def _extras(ready: Callable[[int], int], experts: list[int]) -> list[int] | None:
     """Per expert, the op its weights wait for (-1: none), or None when none waits for any."""
     many = getattr(ready, "many", None)
@@ -114,8 +118,9 @@ class LayerEmitter:
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
                       OpKind.LM_HEAD: w.lm_head}
         # Grouped ops' members, each stored once: a plan repeats few of them (Qwen3-30B-A3B at B=4096, full decode:
-        # 1.57 M members, 20 k distinct), and each copy held a tuple and two large ints (about 136 bytes)
-        self._members: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {}
+        # 1.57 M members, 20 k distinct), and each copy held a tuple and two large ints (about 136 bytes); found by
+        # the int key tokens * experts + expert (`_group_members`)
+        self._members: dict[int, tuple[int, int, int, int]] = {}
 
     def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
             work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0, scope: int = -1) -> int:
@@ -177,7 +182,6 @@ class LayerEmitter:
         last = first + len(spans) - 1
         b.reserve(last, sum([hi - lo for lo, hi, _ in spans if hi - lo > 1]) if len(spans) < n else 0)
         append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
-        intern = self._members.setdefault  # one tuple per distinct (expert, tokens, flops, bytes) member
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
         for op_id, (lo, hi, op_deps) in enumerate(spans, first):
             if hi - lo == 1:
@@ -187,11 +191,27 @@ class LayerEmitter:
                           0, (), (), scope))
                 continue
             tokens = ts[lo:hi]
-            flops, nbytes, _ = zip(*map(work, tokens), strict=True)
-            parts = list(zip(run[lo:hi], tokens, flops, nbytes, strict=True))
-            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, sum(tokens), sum(flops), sum(nbytes),
-                      op_deps, -1, none, 0, (), (), scope, tuple(map(intern, parts, parts))))
+            members = self._group_members(run[lo:hi], tokens)
+            append(Op(op_id, expert_kind, stream, phase, step, layer, mb, sum(tokens), sum(map(_FLOPS, members)),
+                      sum(map(_BYTES, members)), op_deps, -1, none, 0, (), (), scope, members))
         return last
+
+    def _group_members(self, experts: list[int], tokens: list[int]) -> tuple[tuple[int, int, int, int], ...]:
+        """The members (expert, tokens, FLOPs, bytes) of a grouped op, each the plan's one stored copy: looked up by
+        the int key tokens * E + expert (ids are in 0..E-1, as the counts they index) in C-level passes, made only
+        for a member the plan has not seen. A plan of 128-expert groups spent about 0.2 us a member making and
+        interning a tuple; keys of expert * 2^40 + tokens, multi-digit ints, were slower still."""
+        known, width = self._members, self.m.num_experts
+        keys = list(map(add, map(mul, tokens, repeat(width, len(tokens))), experts))
+        found = list(map(known.get, keys))
+        if None in found:
+            work = self.w.expert
+            for i, member in enumerate(found):
+                if member is None:
+                    t = tokens[i]
+                    flops, nbytes, _ = work(t)
+                    found[i] = known[keys[i]] = (experts[i], t, flops, nbytes)
+        return tuple(found)
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
         return self._op(OpKind.EMBED, GPU, phase, step, -1, mb, tokens, self.w.embed(tokens), as_deps(dep))
