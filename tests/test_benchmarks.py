@@ -180,3 +180,15 @@ def test_cpu_attention_rate_prices_the_executors_attention_in_the_simulators_uni
     assert refused.stderr.strip().splitlines() == ["cpu_attention_rate: error: model deepseek-v2-lite has mla "
                                                    "attention; only GQA models are measured (their OP1 needs no "
                                                    "weights)"]
+
+
+def test_design_space_warms_numbas_kernels_for_the_signatures_its_cases_use(monkeypatch):
+    """The warm-up compiles (or loads) the trace kernels in a fresh process with COXMOE_JIT=on and reports its
+    seconds; a warm-up that failed would stop the benchmark rather than leave a compile inside a timed case."""
+    pytest.importorskip("numba")
+    bench = _load("design_space_speed")
+    seconds = bench.warm_jit()
+    assert 0 < seconds < 120
+    monkeypatch.setattr(bench, "WARM_JIT", "raise SystemExit(3)")
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.warm_jit()
