@@ -10,6 +10,7 @@ import yaml
 
 from sim.errors import SimInputError
 from sim.specs import load_model, load_system, preset_names, show_preset
+from sim.specs.catalog import _PRESET_LOADER, CATALOGS, PRESET_DIR, _raw_catalog
 from sim.specs.hf_config import model_from_hf_config
 
 
@@ -85,6 +86,17 @@ def test_paper_systems_compose_the_right_parts():
         assert (s.gpu.name, s.cpu.name, s.link.name) == (gpu, "xeon-8452y", link)
         assert s.cpu.cores == 36 and s.dram_bytes == 512 * 2**30
         assert abs(s.cpu.dram_bytes_per_s - 307.2e9) < 1
+
+
+@pytest.mark.parametrize("kind", sorted(CATALOGS))
+def test_presets_read_by_libyaml_equal_the_pure_python_safe_loader(kind):
+    """The catalog parses shipped presets with libyaml where PyYAML has it; what it reads must be what the
+    pure-Python safe loader reads, so a machine without libyaml simulates the same numbers."""
+    text = (PRESET_DIR / f"{kind}.yaml").read_text(encoding="utf-8")
+    pure = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - a safe loader
+    fast = yaml.load(text, Loader=_PRESET_LOADER)  # noqa: S506 - a safe loader
+    assert repr(fast) == repr(pure)
+    assert _raw_catalog(kind) == {name: entry for name, entry in pure.items() if not name.startswith("_")}
 
 
 @pytest.mark.parametrize("kind", ["gpus", "cpus", "links", "ndps", "disks", "systems", "models"])

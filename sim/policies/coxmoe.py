@@ -201,16 +201,64 @@ def _spread(load: np.ndarray, totals: np.ndarray) -> np.ndarray:
     return share * np.asarray(totals, dtype=np.float64)[:, None]
 
 
-class Op3(NamedTuple):
-    """OP3 of one phase under a residency: summed layer time, the widest fetch, and per MoE layer E_M, E_C, token
-    splits and (three tiers) the experts on a near-memory tier."""
+def _split_sorted(rest: np.ndarray, ks: np.ndarray, experts: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per layer (row of `rest`, experts in rank order), the first k[layer] experts and the others, each as a sorted
+    tuple of ids: one mask and two `nonzero` passes for every layer (sorting each layer's lists took 0.2 s of a
+    Qwen3 search)."""
+    layers, width = rest.shape
+    side = np.full((layers, experts), -1, dtype=np.int8)  # -1: not in `rest` (resident), 1: first k, 0: the rest
+    np.put_along_axis(side, rest, (np.arange(width)[None, :] < ks[:, None]).astype(np.int8), axis=1)
+    out = []
+    for flag, sizes in ((1, ks), (0, width - ks)):
+        ids = np.nonzero(side == flag)[1].tolist()  # row by row, ascending within a row
+        ends = np.cumsum(sizes).tolist()
+        out.append(tuple(tuple(ids[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)))
+    return out[0], out[1]
 
-    total_s: float
-    widest: int
-    fetched: tuple
-    on_cpu: tuple
-    splits: tuple
-    on_ndp: tuple = ()
+
+class Op3:
+    """OP3 of one phase under a residency: summed layer time, the widest fetch, and per MoE layer E_M, E_C, token
+    splits and (three tiers) the experts on a near-memory tier. The split=auto rule gives E_M and E_C as experts in
+    rank order with each layer's count of fetched ones (`ranked`), made into sorted tuples on first use: the ranking
+    prices about a thousand residencies of a 128-expert model and builds a plan from one."""
+
+    __slots__ = ("_fetched", "_on_cpu", "_ranked", "on_ndp", "splits", "total_s", "widest")
+
+    def __init__(self, total_s: float, widest: int, fetched: tuple | None = None, on_cpu: tuple | None = None,
+                 splits: tuple = (), on_ndp: tuple = (), *, ranked: tuple[np.ndarray, np.ndarray, int] | None = None):
+        if (fetched is None or on_cpu is None) and ranked is None:
+            raise ValueError("Op3 needs E_M and E_C, or the ranked experts they come from")
+        self.total_s, self.widest, self.splits, self.on_ndp = total_s, widest, splits, on_ndp
+        self._fetched, self._on_cpu, self._ranked = fetched, on_cpu, ranked
+
+    def _split(self) -> None:
+        self._fetched, self._on_cpu = _split_sorted(*self._ranked)
+        self._ranked = None
+
+    @property
+    def fetched(self) -> tuple[tuple[int, ...], ...]:
+        """E_M per MoE layer: sorted expert ids."""
+        if self._fetched is None:
+            self._split()
+        return self._fetched
+
+    @property
+    def on_cpu(self) -> tuple[tuple[int, ...], ...]:
+        """E_C per MoE layer: sorted expert ids."""
+        if self._on_cpu is None:
+            self._split()
+        return self._on_cpu
+
+    def _key(self) -> tuple:
+        return self.total_s, self.widest, self.fetched, self.on_cpu, self.splits, self.on_ndp
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Op3) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Op3(total_s={self.total_s!r}, widest={self.widest!r}, fetched={self.fetched!r}, ...)"
 
 
 class Op3Terms(NamedTuple):
@@ -386,6 +434,7 @@ class _Model:
         return pipelined_s(busy.values(), n_mb)
 
     # ---- OP3 -------------------------------------------------------------------------------------------
+    @cache  # noqa: B019 - one model per search; the cache dies with it (its arrays are read, never written)
     def op3_terms(self, phase: Phase, mu: int) -> Op3Terms:
         """What every OP3 rule prices a layer with: expected tokens per expert, micro-batches per OP3, one
         expert's PCIe copy, the shared expert, the hidden states' copy down and back, and every expert's time on
@@ -412,7 +461,7 @@ class _Model:
         m = self.m
         counts, n_mb, fetch, shared, hidden_copy, gpu_all, cpu_all, dense = self.op3_terms(phase, mu)
         if self.opts.split == "auto" and self.opts.split_tokens != "on" and m.num_moe_layers:
-            return self._op3_auto(resident, max_fetch, fetch, shared, hidden_copy, gpu_all, cpu_all, dense)
+            return self._op3_auto(phase, resident, mu, max_fetch, hidden_copy, fetch, dense)
         total, widest, fetched, on_cpu, splits = 0.0, 0, [], [], []
         for layer in range(m.num_moe_layers):
             gpu, cpu = gpu_all[layer], cpu_all[layer]
@@ -454,42 +503,57 @@ class _Model:
             splits.append(split)
         return Op3(total + dense, widest, tuple(fetched), tuple(on_cpu), tuple(splits))
 
-    def _op3_auto(self, resident: int, max_fetch: int, fetch: float, shared: float, hidden_copy: float,
-                  gpu_all: np.ndarray, cpu_all: np.ndarray, dense: float) -> Op3:
-        """`op3` for split=auto without token splits, every layer at once: the same arithmetic as its per-layer loop
-        (row-wise stable sorts and running sums give the same numbers; each sum the loop takes with `.sum()` is
-        taken so here too), in a few dozen numpy calls instead of a few dozen per layer (the ranking calls `op3`
-        about a thousand times on a 128-expert model)."""
+    @cache  # noqa: B019 - one model per search; the cache dies with it (its arrays are read, never written)
+    def _by_rank(self, phase: Phase, mu: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every expert's GPU and CPU time (`op3_terms`) with each layer's experts in `order` (hottest first)."""
+        _, _, _, _, _, gpu_all, cpu_all, _ = self.op3_terms(phase, mu)
+        return np.take_along_axis(gpu_all, self.order, axis=1), np.take_along_axis(cpu_all, self.order, axis=1)
+
+    @cache  # noqa: B019 - one model per search; the cache dies with it (its arrays are read, never written)
+    def _auto_ranking(self, phase: Phase, resident: int, mu: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """split=auto's experts per layer outside E_R in the order E_M takes them (the CPU's gain over the GPU's
+        cost, fetch included, highest first), with E_R's GPU time, their GPU and CPU times in that order, and the
+        layer's makespan for each count of them fetched (`_op3_auto`)."""
         layers = self.m.num_moe_layers
-        order = self.order
-        res, rest = order[:, :resident], order[:, resident:]
-        gpu_res = np.take_along_axis(gpu_all, res, axis=1)
-        base_g = np.array([shared + row.sum() for row in gpu_res])
-        gpu_rest = np.take_along_axis(gpu_all, rest, axis=1)
-        c_cost = np.take_along_axis(cpu_all, rest, axis=1)
+        _, _, fetch, shared, hidden_copy, _, _, _ = self.op3_terms(phase, mu)
+        gpu_ranked, cpu_ranked = self._by_rank(phase, mu)
+        rest = self.order[:, resident:]
+        base_g = shared + gpu_ranked[:, :resident].sum(axis=1)  # each row summed as `row.sum()` sums it (pairwise)
+        gpu_rest, c_cost = gpu_ranked[:, resident:], cpu_ranked[:, resident:]
         rank = np.argsort(-(c_cost - (gpu_rest + fetch)), axis=1, kind="stable")
-        rest = np.take_along_axis(rest, rank, axis=1)
-        gpu_sorted = np.take_along_axis(gpu_rest, rank, axis=1)
-        c_cost = np.take_along_axis(c_cost, rank, axis=1)
+        rows = np.arange(layers)[:, None]
+        rest, gpu_sorted, c_cost = rest[rows, rank], gpu_rest[rows, rank], c_cost[rows, rank]
         zeros = np.zeros((layers, 1))
         fetched_k = np.arange(rest.shape[1] + 1)
         gpu_side = np.maximum(base_g[:, None] + np.concatenate([zeros, np.cumsum(gpu_sorted, axis=1)], axis=1),
                               fetch * fetched_k)
         cpu_side = np.concatenate([np.cumsum(c_cost[:, ::-1], axis=1)[:, ::-1], zeros], axis=1)
         cpu_side = np.where(cpu_side > 0, cpu_side + hidden_copy, 0.0)
-        makespan = np.maximum(gpu_side, cpu_side)
-        ks = np.argmin(makespan if max_fetch < 0 else makespan[:, :max_fetch + 1], axis=1).tolist()
-        total, widest, fetched, on_cpu = 0.0, 0, [], []
-        for layer, k in enumerate(ks):
-            em, ec = rest[layer, :k], rest[layer, k:]
-            t_gpu = max(base_g[layer] + gpu_sorted[layer, :k].sum(), fetch * k)
-            cpu_ec = c_cost[layer, k:].sum()
-            t_cpu = cpu_ec + (hidden_copy if cpu_ec > 0 else 0.0)
-            total += max(t_gpu, t_cpu)
-            widest = max(widest, k)
-            fetched.append(tuple(sorted(em.tolist())))
-            on_cpu.append(tuple(sorted(ec.tolist())))
-        return Op3(total + dense, widest, tuple(fetched), tuple(on_cpu), ((),) * layers)
+        return rest, base_g, gpu_sorted, c_cost, np.maximum(gpu_side, cpu_side)
+
+    def _op3_auto(self, phase: Phase, resident: int, mu: int, max_fetch: int, hidden_copy: float, fetch: float,
+                  dense: float) -> Op3:
+        """`op3` for split=auto without token splits, every layer at once: the same arithmetic as its per-layer loop
+        (row-wise stable sorts and running sums give the same numbers; each sum the loop takes with `.sum()` is
+        taken so here too), in a few dozen numpy calls instead of a few dozen per layer (the ranking calls `op3`
+        about a thousand times on a 128-expert model). The ranking of experts and the makespan of each split point
+        do not depend on the fetch cap, so they are computed once per residency and micro-batch."""
+        layers = self.m.num_moe_layers
+        rest, base_g, gpu_sorted, c_cost, makespan = self._auto_ranking(phase, resident, mu)
+        ks = np.argmin(makespan if max_fetch < 0 else makespan[:, :max_fetch + 1], axis=1)
+        # Each layer's E_M sum on the GPU and E_C sum on the CPU, taken as the loop takes them (a row's contiguous
+        # prefix or suffix, summed by numpy's pairwise rule over its own length), for every layer of one k at once
+        gpu_em, cpu_ec = np.empty(layers), np.empty(layers)
+        for k in np.unique(ks).tolist():
+            rows = np.flatnonzero(ks == k)
+            gpu_em[rows] = gpu_sorted[rows, :k].sum(axis=1)
+            cpu_ec[rows] = c_cost[rows, k:].sum(axis=1)
+        total = 0.0
+        for g_res, g_em, c_ec, k in zip(base_g.tolist(), gpu_em.tolist(), cpu_ec.tolist(), ks.tolist(), strict=True):
+            t_gpu = max(g_res + g_em, fetch * k)
+            total += max(t_gpu, c_ec + (hidden_copy if c_ec > 0 else 0.0))
+        return Op3(total + dense, int(ks.max(initial=0)), splits=((),) * layers, ranked=(rest, ks, self.m.num_experts))
 
     def _split(self, tokens: np.ndarray, n_mb: int, on_gpu: np.ndarray, ec: np.ndarray, t_gpu: float, t_cpu: float,
                fetch: float, hidden_copy: float, gpu: np.ndarray, cpu: np.ndarray
@@ -531,13 +595,13 @@ class _Model:
         if base > cap_gpu:
             return None
         pair = self.op3(Phase.PREFILL, resident, mu_p), self.op3(Phase.DECODE, resident, mu_d)
-        if base + per_buffer * max(p[1] for p in pair) <= cap_gpu:
+        if base + per_buffer * max(p.widest for p in pair) <= cap_gpu:
             return pair
         if not cap or self.opts.split != "auto" or per_buffer <= 0:
             return None
         buffers = int((cap_gpu - base) // per_buffer)
         pair = self.op3(Phase.PREFILL, resident, mu_p, buffers), self.op3(Phase.DECODE, resident, mu_d, buffers)
-        if base + per_buffer * max(p[1] for p in pair) <= cap_gpu:
+        if base + per_buffer * max(p.widest for p in pair) <= cap_gpu:
             return pair
         return None
 
@@ -667,7 +731,7 @@ class CoxMoePolicy(Policy):
         require_fits("DRAM", ctx.system.name, self.name, model.cpu_static(pre, dec, mu_d),
                      ctx.system.dram_usable_bytes)
         resident = max(o.resident_experts, 0)
-        widest = max(model.op3(Phase.PREFILL, resident, mu_p)[1], model.op3(Phase.DECODE, resident, mu_d)[1])
+        widest = max(model.op3(Phase.PREFILL, resident, mu_p).widest, model.op3(Phase.DECODE, resident, mu_d).widest)
         require_fits("GPU", ctx.system.gpu.name, self.name, model.gpu_static(pre, dec, mu_p, mu_d, resident, widest),
                      ctx.system.gpu_usable_bytes)
         raise NoFeasibleConfig(f"policy {self.name}: no configuration of these knobs fits on {ctx.system.name} (each "
@@ -739,8 +803,8 @@ class CoxMoePolicy(Policy):
         """(total, prefill, decode) seconds of a configuration: OP0-OP2 per layer (`t` of each phase's placement
         and micro-batch) plus OP3 of each phase."""
         op3_p, op3_d = pair
-        prefill = model.m.num_layers * t_pre + op3_p[0]
-        decode = model.decode_steps * (model.m.num_layers * t_dec + op3_d[0])
+        prefill = model.m.num_layers * t_pre + op3_p.total_s
+        decode = model.decode_steps * (model.m.num_layers * t_dec + op3_d.total_s)
         return prefill + decode, prefill, decode
 
     def _candidate(self, model: _Model, prefill: tuple[str, int, float], decode: tuple[str, int, float],
@@ -752,7 +816,7 @@ class CoxMoePolicy(Policy):
                        decode_micro_batch=mu_d, resident_experts=resident)
         total, prefill_s, decode_s = self._estimate(model, t_pre, t_dec, pair)
         detail = {"prefill_s": prefill_s, "decode_s": decode_s,
-                  "expert_fetched_per_layer": max(pair[0][1], pair[1][1]), "resident_rule": rule}
+                  "expert_fetched_per_layer": max(pair[0].widest, pair[1].widest), "resident_rule": rule}
         return Candidate(opts, total, detail)
 
     # ---- plan ------------------------------------------------------------------------------------------

@@ -34,10 +34,15 @@ CATALOGS = {"models": ModelSpec, "gpus": GPUSpec, "cpus": CPUSpec, "links": Link
             "disks": DiskSpec, "systems": SystemSpec}
 
 
+# The shipped presets are parsed with libyaml where PyYAML has it (the same safe constructor, 5-10x faster: the
+# pure-Python parser took 0.15 s of a 2 s simulation); user files go through SpecLoader below.
+_PRESET_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @cache
 def _raw_catalog(kind: str) -> dict[str, dict[str, Any]]:
     with open(PRESET_DIR / f"{kind}.yaml", encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+        data = yaml.load(fh, Loader=_PRESET_LOADER)  # noqa: S506 - a safe loader
     return {name: entry for name, entry in data.items() if not name.startswith("_")}
 
 
