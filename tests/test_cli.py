@@ -319,6 +319,29 @@ def test_compare_runs_one_process_per_cpu_by_default(tmp_path, monkeypatch):
     assert compare_module.default_compare_workers(7) == 1  # no fork: a caller's unguarded script stays safe
 
 
+def test_compare_starts_the_longest_policies_first_and_reports_in_order(tmp_path, monkeypatch):
+    """On several workers the jobs start longest typical simulation first (unlisted policies before all, ties in
+    the given order); the results come back in the order the policies were asked for."""
+    from sim import compare as compare_module
+
+    order = compare_module.submission_order(["gpu-only", "coxmoe", "mine", "moe-lightning", "fiddler", "flexgen"])
+    assert order == [2, 3, 5, 1, 4, 0]
+    assert compare_module.submission_order(["coxmoe", "moe-lightning", "coxmoe"]) == [1, 0, 2]  # the ablation's
+    submitted = []
+
+    class Spy(compare_module.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(args[2])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "ProcessPoolExecutor", Spy)
+    r = compare_module.compare(_tiny_model_file(tmp_path), "a100-80g-8452y", batch=8, prompt_len=6, gen_len=3,
+                               policies=("fiddler", "coxmoe", "moe-lightning"), workers=2)
+    assert submitted == ["moe-lightning", "coxmoe", "fiddler"]
+    assert list(r["policies"]) == ["fiddler", "coxmoe", "moe-lightning"]
+    assert [v["policy"] for v in r["policies"].values()] == ["fiddler", "coxmoe", "moe-lightning"]
+
+
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
 def test_compare_workers_inherit_the_trace_instead_of_unpickling_it(tmp_path, monkeypatch):
     """Forked workers read the parent's trace (copy-on-write): a trace that cannot be pickled still runs, and

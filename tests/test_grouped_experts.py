@@ -177,6 +177,25 @@ def test_the_check_refuses_malformed_groups(paper_system):
         _with(plan, group, kind=OpKind.SHARED_EXPERT).check()
 
 
+def test_members_seen_in_earlier_groups_still_face_each_groups_own_checks(paper_system):
+    """The check bounds each stored member once; a later group made of members already seen is still refused for
+    a repeated expert or sums that are not its own, and a new member out of bounds is refused wherever it sits."""
+    plan, _, _ = tiny_case(paper_system)
+    groups = [op for op in plan.ops if op.members]
+    assert len(groups) >= 2
+    first, last = groups[0], groups[-1]
+    m = first.members  # objects the check has bounded by the time it reaches the last group
+    with pytest.raises(SimInputError, match="appears twice"):  # checked before the sums
+        _with(plan, last, members=(m[0], m[0])).check()
+    wrong = {"flops": last.flops + 1} if tuple(map(sum, list(zip(*m, strict=True))[1:])) == (
+        last.tokens, last.flops, last.bytes) else {}
+    with pytest.raises(SimInputError, match="members sum to"):
+        _with(plan, last, members=m, **wrong).check()
+    with pytest.raises(SimInputError, match="needs an expert in"):
+        _with(plan, last, members=(*last.members[:-1], (99, *last.members[-1][1:]))).check()
+    plan.check()  # unchanged, the plan passes
+
+
 def test_verify_names_a_member_whose_tokens_are_wrong(paper_system):
     plan, trace, _ = tiny_case(paper_system)
     group = next(op for op in plan.ops if op.members)
