@@ -99,6 +99,8 @@ def test_jit_switch(monkeypatch):
     monkeypatch.delitem(sys.modules, "numba", raising=False)
     ids = int(jit.LOAD_S / 1e-9 / 2.0)  # saving 2 ns an id repays the import from this many ids on
     assert jit.worth_it(ids + 1, 2.0) and not jit.worth_it(ids - 1, 2.0)
+    loaded = int(jit.LOADED_S / 1e-9 / 2.0) + 1  # a caller whose other kernels load numba pays a kernel's load only
+    assert jit.worth_it(loaded, 2.0, paid=True) and not jit.worth_it(loaded, 2.0)
     monkeypatch.setitem(sys.modules, "numba", object())
     assert jit.worth_it(int(jit.LOADED_S / 1e-9 / 2.0) + 1, 2.0) and not jit.worth_it(ids // 20, 1.0)
     monkeypatch.setattr(jit, "available", lambda: False)
@@ -145,6 +147,40 @@ def test_compiled_decode_step_counts_equal_numpys(monkeypatch, experts, top_k, p
         np.testing.assert_array_equal(tables[0], tables[1])
         assert not tables[1].flags.writeable
         assert int(tables[1].sum()) == sum(int(np.maximum(gen[g] - 1, 0).sum()) for g in groups) * 3 * top_k
+
+
+@pytest.mark.parametrize("routing,reuse,topics", [("uniform", 0.0, 0), ("zipf:1.0", 0.3, 0), ("zipf:1.2", 0.0, 3)])
+@pytest.mark.parametrize("experts,top_k", [(128, 8), (300, 6), (8, 2)])
+def test_compiled_prompt_counts_equal_numpys(monkeypatch, experts, top_k, routing, reuse, topics):
+    """Synthesis's prompt counts by numba's kernel (`count_kernels.add_prompt_counts`) are numpy's integers in
+    numpy's dtype, with the same kept rows: for ids read in place (a drawn block), gathered by reuse (another
+    layout, copied) and per topic; requests with one prompt token and with no generated row included."""
+    rng = np.random.default_rng(7)
+    prompts, gens = rng.integers(1, 60, size=70), rng.integers(1, 9, size=70)
+    prompts[:3], gens[3:6] = 1, 1
+    cfg = SynthConfig("m", 3, experts, top_k, routing=routing, reuse_prob=reuse, seed=2, topics=topics)
+    traces, kinds = [], []
+    for mode in ("off", "on"):
+        monkeypatch.setenv(jit.JIT_ENV, mode)
+        made = []
+        monkeypatch.setattr(synth, "_PromptCounts", _spy(synth._PromptCounts, made))
+        traces.append(generate_trace(cfg, prompts, gens, prompt_counts=True))
+        kinds.append(made[0].compiled is not None)
+    assert kinds == [False, True]
+    off, on = traces
+    assert off.prompt_counts.dtype == on.prompt_counts.dtype
+    np.testing.assert_array_equal(off.prompt_counts, on.prompt_counts)
+    np.testing.assert_array_equal(off.experts, on.experts)
+    assert int(on.prompt_counts.sum()) == int(prompts.sum()) * 3 * top_k
+
+
+def _spy(cls, made):
+    """`cls` whose instances are recorded in `made` as they are created."""
+    class Spy(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    return Spy
 
 
 def test_a_numba_that_does_not_import_leaves_numpy(monkeypatch):

@@ -1,6 +1,8 @@
 """Compiled count tables: `RoutingTrace.decode_step_counts` in one pass over the decode rows (request by request,
 each row's layers and top-k ids added into its (step, group) entry), where numpy gathers, sorts and bincounts them
-in bands. Same integers, so the same table; used for traces large enough to repay loading numba (`traces.jit`).
+in bands; and synthesis's per-request prompt counts (`synth._PromptCounts`) a layer at a time, where numpy builds a
+key per id and bincounts them. Same integers, so the same tables; used for traces large enough to repay loading
+numba (`traces.jit`).
 """
 
 from __future__ import annotations
@@ -35,3 +37,24 @@ def decode_step_table(experts: np.ndarray, first_rows: np.ndarray, steps: np.nda
     native = np.ascontiguousarray(experts, dtype=experts.dtype.newbyteorder("="))
     _add_decode_rows(native, first_rows.astype(np.int64), steps.astype(np.int64), groups.astype(np.int64),
                      num_groups, out)
+
+
+@kernel
+def _add_prompt_rows(ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, layer: int, table: np.ndarray) -> None:
+    """table[r, layer, e] += 1 for each of request r's prompt rows (rows starts[r] .. starts[r] + lens[r] - 1 of
+    `ids` [k, rows]) and each of its top-k ids e."""
+    k = ids.shape[0]
+    for r in range(starts.size):
+        first, last = starts[r], starts[r] + lens[r]
+        counts = table[r, layer]
+        for c in range(k):
+            column = ids[c]
+            for i in range(first, last):
+                counts[column[i]] += 1
+
+
+def add_prompt_counts(ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, layer: int, table: np.ndarray) -> None:
+    """Count one layer's prompt rows into `table` [R, L, E] (see `_add_prompt_rows`); `ids` [rows, k] as synthesis
+    draws them (a transposed [k, rows] block: read in place), any other layout copied to that form first."""
+    by_column = ids.T if ids.T.flags.c_contiguous else np.ascontiguousarray(ids.T)
+    _add_prompt_rows(by_column, starts, lens, layer, table)

@@ -1,6 +1,7 @@
 """Numba, where it is installed and not switched off: large traces are drawn (`traces/topk_kernels.py`) and their
 decode steps counted (`traces/count_kernels.py`) by compiled kernels; without numba, or for small traces, the numpy
-forms run and give the same bytes (tests/test_trace_jit.py compares the two).
+forms run and give the same bytes (tests/test_trace_jit.py compares the two); synthesis counts prompts with one
+too (`count_kernels.add_prompt_counts`).
 
 The kernels' modules import numba only when first used: importing it and loading the cached kernels costs a
 process about 0.4 s, more than a small trace takes to draw in numpy, so callers ask `worth_it` first with what the
@@ -30,8 +31,10 @@ LOADED_S = 0.05
 # What the kernels save per id, measured the same way (numpy -> numba, load excluded): drawing a uniform table over
 # a power-of-two number of experts 5.2 -> 3.5 ns (Qwen3-30B-A3B top-8), a skewed one with k <= 4 10.0 -> 4.2 ns
 # (Mixtral-8x7B's table, top-2) and with k > 4 19 -> 6 ns (Zipf 1.0, Qwen3 top-8 and DeepSeek-V2-Lite top-6);
-# counting decode steps 1.4 ns.
+# counting decode steps 1.4 ns. Counting prompts during synthesis (per prompt id, on the store thread beside the
+# draws, whose wall time it stretched): 0.53 (Qwen3 Zipf 1.0) to 1.64 ns (Qwen3 uniform B=4096), the lowest kept.
 SAVED_NS_UNIFORM, SAVED_NS_SKEWED_SMALL_K, SAVED_NS_SKEWED, SAVED_NS_COUNT = 1.7, 5.8, 13.0, 1.4
+SAVED_NS_PROMPT_COUNT = 0.5
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,10 +69,11 @@ def setting() -> str:
     raise TraceError(f"{JIT_ENV}={os.environ[JIT_ENV]!r}: use on, off or auto")
 
 
-def worth_it(ids: int, saved_ns_per_id: float) -> bool:
+def worth_it(ids: int, saved_ns_per_id: float, paid: bool = False) -> bool:
     """Whether work over `ids` ids runs compiled: numba is there and imports, it is not switched off, and the time
     the kernels save (`saved_ns_per_id` each) repays loading them: numba's import unless this process has it
-    already. With $COXMOE_JIT=on, a numba that is missing or does not import is an error, not numpy in silence."""
+    already or `paid` (the caller runs other kernels anyway). With $COXMOE_JIT=on, a numba that is missing or does
+    not import is an error, not numpy in silence."""
     mode = setting()
     if mode == "off":
         return False
@@ -81,7 +85,7 @@ def worth_it(ids: int, saved_ns_per_id: float) -> bool:
         return True
     if not available():
         return False
-    cost = LOADED_S if "numba" in sys.modules else LOAD_S
+    cost = LOADED_S if paid or "numba" in sys.modules else LOAD_S
     return ids * saved_ns_per_id * 1e-9 >= cost and _import_error() is None
 
 

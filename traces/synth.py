@@ -622,8 +622,6 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 10 + 16)
                  + (table_bytes + n * 16 if prompt_counts else 0),
                  f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
-    counts = _PromptCounts(prompt_lens, gen_lens, cfg.num_layers, cfg.num_experts, cfg.top_k) if prompt_counts \
-        else None
     starts = np.concatenate([[0], np.cumsum(routed)[:-1]])
     first_token = np.zeros(n, dtype=bool)
     first_token[starts] = True
@@ -665,6 +663,9 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     blocks = [np.empty((cfg.top_k, n), dtype=dtype) for _ in range(2)] if len(groups) == 1 else [None, None]
     uniform = len(groups) == 1 and _InverseCdf(probs[0]).linear and bool((probs == probs[0]).all())
     compiled = jit.worth_it(n * cfg.num_layers * cfg.top_k, jit.draw_saving_ns(uniform, cfg.top_k))  # traces/jit.py
+    counts = _PromptCounts(prompt_lens, gen_lens, cfg.num_layers, cfg.num_experts, cfg.top_k,
+                           jit.worth_it(int(prompt_lens.astype(np.int64).sum()) * cfg.num_layers * cfg.top_k,
+                                        jit.SAVED_NS_PROMPT_COUNT, paid=compiled)) if prompt_counts else None
     try:
         for layer in layers:
             fresh = _draw_layer(cfg, rng, groups, probs, layer, n, dtype, successor, previous, reuse, first_token,
@@ -695,15 +696,19 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
 
 class _PromptCounts:
     """Per-request prompt counts [R, L, E] gathered layer by layer during synthesis, and the rows (in trace
-    order) of the generated tokens the trace keeps. Requests are counted in groups of about 2^16 prompt tokens,
-    each over its requests' contiguous rows: a prompt row's key is its request's bin base plus the expert id, a
-    generated row's a spare bin block past the group's (dropped), so no rows are gathered and each bincount's bins
-    (the group's requests x experts) stay small; int32 keys halve the temporary."""
+    order) of the generated tokens the trace keeps. `compiled`: counted by numba's kernel (`traces/count_kernels.py`)
+    request by request over its prompt rows, in place. Else requests are counted in groups of about 2^16 prompt
+    tokens, each over its requests' contiguous rows: a prompt row's key is its request's bin base plus the expert id,
+    a generated row's a spare bin block past the group's (dropped), so no rows are gathered and each bincount's bins
+    (the group's requests x experts) stay small; int32 keys halve the temporary. Numpy's key and bincount passes on the
+    store thread slowed the drawing beside it: with the kernel, Qwen3-30B-A3B's B=4096 800/256 trace took 7.85 -> 5.79
+    s (benchmarks/trace_synthesis_speed.py, AMX Xeon dev VM, 2026-12-06)."""
 
     GROUP_TOKENS = 1 << 16
     GROUP_BINS = 1 << 22  # and at most this many (request, expert) bins a group: int32 keys, a 32 MiB bincount
 
-    def __init__(self, prompt_lens: np.ndarray, gen_lens: np.ndarray, layers: int, experts: int, top_k: int):
+    def __init__(self, prompt_lens: np.ndarray, gen_lens: np.ndarray, layers: int, experts: int, top_k: int,
+                 compiled: bool = False):
         plens, routed = prompt_lens.astype(np.int64), prompt_lens.astype(np.int64) + gen_lens - 1
         first = np.concatenate([[0], np.cumsum(routed)])  # each request's first row; the last entry: every row
         position = np.arange(int(first[-1]), dtype=np.int64) - np.repeat(first[:-1], routed)  # row within request
@@ -711,8 +716,10 @@ class _PromptCounts:
         self.decode_idx = np.flatnonzero(~is_prompt)
         self.experts = experts
         self.table = np.zeros((plens.size, layers, experts), dtype=count_dtype(int(plens.max(initial=0)) * top_k))
+        self.compiled = (first[:-1], plens) if compiled else None  # each request's first row and prompt rows
         self.groups = []  # (first request, last request + 1, first row, last row + 1, each row's key base)
-        for lo, hi in request_groups(plens, self.GROUP_TOKENS, max_requests=self.GROUP_BINS // experts):
+        for lo, hi in request_groups(plens, self.GROUP_TOKENS, max_requests=self.GROUP_BINS // experts) \
+                if not compiled else ():
             a, b = int(first[lo]), int(first[hi])
             base = np.repeat(np.arange(hi - lo, dtype=np.int32) * np.int32(experts), routed[lo:hi])
             base[~is_prompt[a:b]] = (hi - lo) * experts  # generated rows: the spare block
@@ -720,6 +727,11 @@ class _PromptCounts:
 
     def add(self, layer: int, ids: np.ndarray) -> None:
         """Count layer `layer`'s ids [rows, k] of every routed token into the requests' prompt counts."""
+        if self.compiled is not None:
+            from traces import count_kernels
+
+            count_kernels.add_prompt_counts(ids, *self.compiled, layer, self.table)
+            return
         E = self.experts
         for lo, hi, a, b, base in self.groups:
             keys = np.add(ids[a:b], base, dtype=np.int32)  # laid out as `ids` is (column-major from synthesis)
