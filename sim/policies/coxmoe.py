@@ -509,7 +509,6 @@ class _Model:
         _, _, _, _, _, gpu_all, cpu_all, _ = self.op3_terms(phase, mu)
         return np.take_along_axis(gpu_all, self.order, axis=1), np.take_along_axis(cpu_all, self.order, axis=1)
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it (its arrays are read, never written)
     def _auto_ranking(self, phase: Phase, resident: int, mu: int
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """split=auto's experts per layer outside E_R in the order E_M takes them (the CPU's gain over the GPU's
@@ -538,7 +537,8 @@ class _Model:
         (row-wise stable sorts and running sums give the same numbers; each sum the loop takes with `.sum()` is
         taken so here too), in a few dozen numpy calls instead of a few dozen per layer (the ranking calls `op3`
         about a thousand times on a 128-expert model). The ranking of experts and the makespan of each split point
-        do not depend on the fetch cap, so they are computed once per residency and micro-batch."""
+        do not depend on the fetch cap (`_auto_ranking`; not cached: 921 of a Qwen3 search's 989 calls were distinct,
+        and 0.2 MB each)."""
         layers = self.m.num_moe_layers
         rest, base_g, gpu_sorted, c_cost, makespan = self._auto_ranking(phase, resident, mu)
         ks = np.argmin(makespan if max_fetch < 0 else makespan[:, :max_fetch + 1], axis=1)
@@ -553,7 +553,9 @@ class _Model:
         for g_res, g_em, c_ec, k in zip(base_g.tolist(), gpu_em.tolist(), cpu_ec.tolist(), ks.tolist(), strict=True):
             t_gpu = max(g_res + g_em, fetch * k)
             total += max(t_gpu, c_ec + (hidden_copy if c_ec > 0 else 0.0))
-        return Op3(total + dense, int(ks.max(initial=0)), splits=((),) * layers, ranked=(rest, ks, self.m.num_experts))
+        ranked = rest.astype(np.uint16) if self.m.num_experts <= 1 << 16 else rest  # 12 kB kept per Op3, not 49
+        return Op3(total + dense, int(ks.max(initial=0)), splits=((),) * layers,
+                   ranked=(ranked, ks, self.m.num_experts))
 
     def _split(self, tokens: np.ndarray, n_mb: int, on_gpu: np.ndarray, ec: np.ndarray, t_gpu: float, t_cpu: float,
                fetch: float, hidden_copy: float, gpu: np.ndarray, cpu: np.ndarray
