@@ -9,8 +9,8 @@ dependencies), the shared expert, or a dense FFN.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import compress, repeat
-from operator import add, itemgetter, mul
+from itertools import compress, groupby
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -118,9 +118,9 @@ class LayerEmitter:
                       OpKind.EXPERT: w.expert, OpKind.SHARED_EXPERT: w.shared_expert, OpKind.DENSE_FFN: w.dense_ffn,
                       OpKind.LM_HEAD: w.lm_head}
         # Grouped ops' members, each stored once: a plan repeats few of them (Qwen3-30B-A3B at B=4096, full decode:
-        # 1.57 M members, 20 k distinct), and each copy held a tuple and two large ints (about 136 bytes); found by
-        # the int key tokens * experts + expert (`_group_members`)
-        self._members: dict[int, tuple[int, int, int, int]] = {}
+        # 1.57 M members, 20 k distinct), and each copy held a tuple and two large ints (about 136 bytes); per expert,
+        # its tokens -> the member (`_group_members`)
+        self._members: list[dict[int, tuple[int, int, int, int]]] = [{} for _ in range(max(self.m.num_experts, 1))]
 
     def _op(self, kind: OpKind, stream: Stream, phase: Phase, step: int, layer: int, mb: int, tokens: int,
             work: Work, deps: tuple[int, ...], expert: int = -1, kv_tokens: int = 0, scope: int = -1) -> int:
@@ -173,10 +173,12 @@ class LayerEmitter:
         extras = None if ready is None else _extras(ready, run)
         if extras is None:  # one run, one set of dependencies
             spans = [(0, n, base)]
-        else:  # a new run wherever the extra dependency changes
-            cuts = [0, *[i for i in range(1, n) if extras[i] != extras[i - 1]], n]
-            spans = [(lo, hi, base if extras[lo] < 0 else base + (extras[lo],))
-                     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+        else:  # a new run wherever the extra dependency changes (runs found in C: `groupby`)
+            spans, lo = [], 0
+            for extra, same in groupby(extras):
+                hi = lo + len(list(same))
+                spans.append((lo, hi, base if extra < 0 else base + (extra,)))
+                lo = hi
         b = self.b
         first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
         last = first + len(spans) - 1
@@ -197,21 +199,21 @@ class LayerEmitter:
         return last
 
     def _group_members(self, experts: list[int], tokens: list[int]) -> tuple[tuple[int, int, int, int], ...]:
-        """The members (expert, tokens, FLOPs, bytes) of a grouped op, each the plan's one stored copy: looked up by
-        the int key tokens * E + expert (ids are in 0..E-1, as the counts they index) in C-level passes, made only
-        for a member the plan has not seen. A plan of 128-expert groups spent about 0.2 us a member making and
-        interning a tuple; keys of expert * 2^40 + tokens, multi-digit ints, were slower still."""
-        known, width = self._members, self.m.num_experts
-        keys = list(map(add, map(mul, tokens, repeat(width, len(tokens))), experts))
-        found = list(map(known.get, keys))
-        if None in found:
-            work = self.w.expert
-            for i, member in enumerate(found):
-                if member is None:
-                    t = tokens[i]
-                    flops, nbytes, _ = work(t)
-                    found[i] = known[keys[i]] = (experts[i], t, flops, nbytes)
-        return tuple(found)
+        """The members (expert, tokens, FLOPs, bytes) of a grouped op, each the plan's one stored copy: looked up in
+        its expert's table by its tokens in one C-level pass (ids are in 0..E-1, as the counts they index), made only
+        for a member the plan has not seen. 130 ns a member where an int key tokens * E + expert in one table took
+        260 (each key a new int, and a None test per member; members are tuples, so `all` finds a miss)."""
+        tables = self._members
+        found = tuple(map(dict.get, map(tables.__getitem__, experts), tokens))
+        if all(found):
+            return found
+        work, made = self.w.expert, list(found)
+        for i, member in enumerate(made):
+            if member is None:
+                e, t = experts[i], tokens[i]
+                flops, nbytes, _ = work(t)
+                made[i] = tables[e][t] = (e, t, flops, nbytes)
+        return tuple(made)
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
         return self._op(OpKind.EMBED, GPU, phase, step, -1, mb, tokens, self.w.embed(tokens), as_deps(dep))
