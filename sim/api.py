@@ -455,7 +455,7 @@ def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool)
     if record is None:
         record, metrics = simulate_plan(plan, cost)
     else:
-        metrics = plan_metrics(plan, record)
+        metrics = planned.metrics if planned.metrics is not None else plan_metrics(plan, record)
     search = _jsonable(planned.search.to_dict()) if planned.search is not None else None
     return SimulationResult(
         model=m.name, expert_precision=m.expert_precision, system=s.name, policy=pol.name, knobs=plan.knobs,

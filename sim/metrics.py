@@ -6,6 +6,8 @@ steps (`Plan.decode_scale` > 1), decode time and the busy time after prefill are
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -14,14 +16,17 @@ from sim.engine import EngineRecord
 from sim.plan import Phase, Plan
 from sim.topology import topology_of
 
+_PHASE, _STREAM = attrgetter("phase"), attrgetter("stream")
+
 
 def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
     """Phase times, busy time and busy fraction per stream of a simulated (or measured) plan."""
-    n = len(plan.ops)
-    is_prefill = np.fromiter((op.phase is Phase.PREFILL for op in plan.ops), dtype=bool, count=n)
+    ops, n = plan.ops, len(plan.ops)
+    # C-level passes (no Python frame per op): a Qwen3 B=4096 plan holds 0.8 M ops
+    is_prefill = np.fromiter(map(is_, map(_PHASE, ops), repeat(Phase.PREFILL)), dtype=bool, count=n)
     order = topology_of(plan.system).stream_order()
     index = {st: k for k, st in enumerate(order)}
-    stream = np.fromiter((index[op.stream] for op in plan.ops), dtype=np.int64, count=n)
+    stream = np.fromiter(map(index.__getitem__, map(_STREAM, ops)), dtype=np.int64, count=n)
     prefill_ns = int(record.end_ns[is_prefill].max()) if is_prefill.any() else 0
     decode_ns = (record.makespan_ns - prefill_ns) * plan.decode_scale
     # Busy time inside the prefill window counts once, inside the sampled decode window `decode_scale` times (as

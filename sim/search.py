@@ -55,6 +55,7 @@ class Planned:
     plan: Plan
     record: EngineRecord | None = None
     search: SearchReport | None = None
+    metrics: dict[str, Any] | None = None  # `plan_metrics(plan, record)` where the search computed it
 
 
 def simulate_with(ctx: PlanContext) -> Simulate:
@@ -116,11 +117,12 @@ def _search_then_simulate(ctx: PlanContext, space: SearchSpace, simulate: Simula
                                key=lambda s: (s[1], s[0]))  # the fewest ops among the tied, then the faster
     simulated = len(scored)
     plan = space.build(ctx, cand.options)
-    record = None
+    record = metrics = None
     total = probe_total
     if probe_ctx.steps() != ctx.steps():
         record = simulate(plan, True)
-        total = _total_s(plan, record)
+        metrics = plan_metrics(plan, record)
+        total = metrics["total_s"]
     report = SearchReport(len(space.candidates), simulated, sample, time.perf_counter() - t0, cand.analytic_s, total,
                           cand.detail)
-    return Planned(plan, record, report)
+    return Planned(plan, record, report, metrics)
