@@ -289,7 +289,6 @@ class Plan:
         tokens_max, kv_max = bounds.tokens, bounds.kv
         self._check_scopes(max_step)
         dynamic = False
-        checked: set[int] = set()  # ids of the grouped-op members validated so far (plans store each one once)
         for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
             d = op.phase is decode
             if (0 <= op.tokens <= tokens_max[d] and 0 <= op.kv_tokens <= kv_max[d]
@@ -297,14 +296,14 @@ class Plan:
                     and -1 <= op.expert < experts and -1 <= op.micro_batch < groups[d] and op.stream in streams
                     and op.scope == -1 and not (op.alloc or op.free)):
                 if op.members:  # bounded member by member; the op's work is their sum, with no bound of its own
-                    _check_members(op, experts, checked)
+                    _check_members(op, experts)
                     continue
                 if 0 <= op.flops <= limit and 0 <= op.bytes <= limit:
                     continue
             self._check_op(op, max_step, pools, bounds)
             topo.unit_of(op.stream)  # a stream the system lacks is named
             if op.members:
-                _check_members(op, experts, checked)
+                _check_members(op, experts)
             self._check_op_scope(op)
             dynamic = dynamic or bool(op.alloc or op.free)
         if dynamic:
@@ -410,11 +409,9 @@ class Plan:
                                     "and a size >= 0")
 
 
-def _check_members(op: Op, experts: int, checked: set[int] | None = None) -> None:
+def _check_members(op: Op, experts: int) -> None:
     """A grouped expert op: two or more distinct experts, each with tokens, summing to the op's tokens, FLOPs and
-    bytes. `checked` holds the ids of member objects already found in bounds during this check (a plan stores each
-    distinct member once and its groups share them: Qwen3-30B-A3B at B=4096 holds 1.57 M members, 20 k distinct);
-    those are not bounded again."""
+    bytes."""
     where = f"plan op {op.id}: grouped expert op"
     if op.kind is not OpKind.EXPERT or op.expert != -1:
         raise SimInputError(f"{where}: needs kind expert and expert -1 (its members name the experts)")
@@ -422,15 +419,12 @@ def _check_members(op: Op, experts: int, checked: set[int] | None = None) -> Non
     if len(members) < 2 or set(map(len, members)) != {4}:
         raise SimInputError(f"{where}: needs two or more members of (expert, tokens, flops, bytes)")
     ids, tokens, flops, nbytes = zip(*members, strict=True)
-    if checked is None or not all(map(checked.__contains__, map(id, members))):
-        if not (min(ids) >= 0 and max(ids) < experts and min(tokens) >= 1 and min(flops) >= 0 and min(nbytes) >= 0
-                and max(flops) <= MAX_OP_WORK and max(nbytes) <= MAX_OP_WORK):
-            e, t, f, b = next(m for m in members if not (0 <= m[0] < experts and m[1] >= 1 and 0 <= m[2] <= MAX_OP_WORK
-                                                         and 0 <= m[3] <= MAX_OP_WORK))
-            raise SimInputError(f"{where}: member (expert {e}, tokens {t}, flops {f}, bytes {b}) needs an expert in "
-                                f"0..{experts - 1}, tokens >= 1 and work in [0, 2^50]")
-        if checked is not None:
-            checked.update(map(id, members))
+    if not (min(ids) >= 0 and max(ids) < experts and min(tokens) >= 1 and min(flops) >= 0 and min(nbytes) >= 0
+            and max(flops) <= MAX_OP_WORK and max(nbytes) <= MAX_OP_WORK):
+        e, t, f, b = next(m for m in members if not (0 <= m[0] < experts and m[1] >= 1 and 0 <= m[2] <= MAX_OP_WORK
+                                                     and 0 <= m[3] <= MAX_OP_WORK))
+        raise SimInputError(f"{where}: member (expert {e}, tokens {t}, flops {f}, bytes {b}) needs an expert in "
+                            f"0..{experts - 1}, tokens >= 1 and work in [0, 2^50]")
     if len(set(ids)) != len(ids):
         raise SimInputError(f"{where}: an expert appears twice among its members")
     sums = (sum(tokens), sum(flops), sum(nbytes))

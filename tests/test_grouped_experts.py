@@ -178,8 +178,8 @@ def test_the_check_refuses_malformed_groups(paper_system):
 
 
 def test_members_seen_in_earlier_groups_still_face_each_groups_own_checks(paper_system):
-    """The check bounds each stored member once; a later group made of members already seen is still refused for
-    a repeated expert or sums that are not its own, and a new member out of bounds is refused wherever it sits."""
+    """Groups share their stored members: a later group made of members an earlier group holds is still refused
+    for a repeated expert or sums that are not its own, and a member out of bounds is refused wherever it sits."""
     plan, _, _ = tiny_case(paper_system)
     groups = [op for op in plan.ops if op.members]
     assert len(groups) >= 2

@@ -1205,3 +1205,39 @@ def test_coxmoe_op3_all_layers_at_once_equals_its_layer_loop(model_name, monkeyp
                 assert got == want, (phase, resident, max_fetch)
                 checked += bool(any(got.fetched)) + bool(any(got.on_cpu))
     assert checked > 0  # E_M and E_C both populated somewhere: the comparison is not of empty layers
+
+
+def test_a_search_model_and_its_trace_are_freed_with_the_search():
+    """The analytic models memoise per instance (`memo_method`): once a search space is dropped its model, and the
+    context and trace it refers to, can be freed (a class-wide `functools.cache` kept every one for the process)."""
+    import gc
+    import weakref
+
+    from sim.policies import coxmoe, trimoe
+    from sim.policies.base import memo_method
+    from sim.specs import load_model, load_system
+
+    for policy, cls in (("coxmoe", coxmoe._Model), ("trimoe", trimoe._TriModel)):
+        ctx = ctx_for(load_model("mixtral-8x7b"), load_system("a100-80g-8452y-ndp8" if policy == "trimoe"
+                                                               else "rtx6000ada-8452y"), batch=16, prompt=8, gen=3)
+        space = make_policy(policy).search_space(ctx)
+        assert space.candidates
+        models = [o for o in gc.get_objects() if type(o) is cls]
+        assert models
+        refs = [weakref.ref(m) for m in models]
+        del models, space, ctx
+        gc.collect()
+        assert all(r() is None for r in refs), policy
+
+    class Counted:
+        calls = 0
+
+        @memo_method
+        def twice(self, x, scale=2):
+            Counted.calls += 1
+            return x * scale
+
+    a, b = Counted(), Counted()
+    assert a.twice(3) == a.twice(3) == 6 and Counted.calls == 1
+    assert b.twice(3) == 6 and Counted.calls == 2  # memo per instance
+    assert a.twice(3, scale=5) == 15 and a.twice(3, scale=5) == 15 and Counted.calls == 3

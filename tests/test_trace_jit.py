@@ -174,6 +174,23 @@ def test_compiled_prompt_counts_equal_numpys(monkeypatch, experts, top_k, routin
     assert int(on.prompt_counts.sum()) == int(prompts.sum()) * 3 * top_k
 
 
+def test_prompt_count_kernel_reads_any_layout_and_byte_order():
+    """`count_kernels.add_prompt_counts` counts each request's prompt rows whatever the ids' layout (a transposed
+    block, C order, a strided view) or byte order (big-endian copied to native first)."""
+    from traces import count_kernels
+
+    rng = np.random.default_rng(5)
+    block = rng.integers(0, 300, size=(6, 50)).astype(np.uint16)
+    starts, lens = np.array([0, 10, 30]), np.array([5, 20, 1])
+    want = np.zeros((3, 2, 300), dtype=np.uint32)
+    for r, (a, n) in enumerate(zip(starts, lens, strict=True)):
+        np.add.at(want[r, 1], block.T[a:a + n].astype(np.int64).ravel(), 1)
+    for ids in (block.T, np.ascontiguousarray(block.T), block.T.astype(">u2"), np.repeat(block.T, 2, axis=0)[::2]):
+        got = np.zeros_like(want)
+        count_kernels.add_prompt_counts(ids, starts, lens, 1, got)
+        np.testing.assert_array_equal(got, want)
+
+
 def _spy(cls, made):
     """`cls` whose instances are recorded in `made` as they are created."""
     class Spy(cls):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,6 +20,28 @@ from traces import RoutingTrace
 
 if TYPE_CHECKING:
     from sim.policies.analytic import SearchSpace
+
+
+def memo_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`functools.cache` for a method whose memo lives on the instance, so it is freed with it: `cache` on a method
+    keys on `self` in one class-wide table and so keeps every instance, and what it refers to (a search's context and
+    routing trace), alive for the rest of the process (ruff B019). Arguments are keys as `cache` takes them (a
+    keyword argument is a key apart from the same value passed by position)."""
+    attr = f"_memo_{method.__qualname__}"
+
+    @functools.wraps(method)
+    def cached(self: Any, *args: Any, **kwargs: Any) -> Any:
+        memo = self.__dict__.get(attr)
+        if memo is None:
+            memo = self.__dict__[attr] = {}
+        key = (args, tuple(kwargs.items())) if kwargs else args
+        try:
+            return memo[key]
+        except KeyError:
+            value = memo[key] = method(self, *args, **kwargs)
+            return value
+
+    return cached
 
 
 @dataclass(frozen=True)

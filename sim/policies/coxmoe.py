@@ -30,7 +30,6 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from functools import cache
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -39,7 +38,7 @@ from sim.errors import NoFeasibleConfig, SimInputError
 from sim.plan import EXPERT_KERNELS, OpKind, Phase, Plan, Stream
 from sim.policies import compose
 from sim.policies.analytic import Analytic, Candidate, SearchSpace, expected_counts
-from sim.policies.base import OptionsBase, PlanContext, Policy
+from sim.policies.base import OptionsBase, PlanContext, Policy, memo_method
 from sim.policies.compose import (
     CPU,
     CPU_EXPERTS,
@@ -302,7 +301,7 @@ class _Model:
         self.prompt_pairs_mean = float((lens * (lens + 1) / 2).mean())  # causal scores of a prompt, on average
 
     # ---- a split decode attention ---------------------------------------------------------------------
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def prefill_tokens(self, mu: int) -> int:
         """The prefill micro-batches' token budget for `mu` requests each (<= 0: the whole batch): the mean prompt
         times `mu`, so a micro-batch holds whole requests of about `mu` prompts' tokens (as the plan builds them)."""
@@ -311,13 +310,13 @@ class _Model:
             return int(wl.prompt_lens.sum())
         return int(max(float(wl.prompt_lens.mean()), 1.0) * mu)
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def prefill_groups(self, mu: int) -> list[np.ndarray]:
         """The prefill micro-batches of `prefill_tokens(mu)` tokens each (whole requests)."""
         wl = self.wl
         return split_by_tokens(np.arange(wl.batch), wl.prompt_lens, self.prefill_tokens(mu))
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def prefill_tokens_max(self, mu: int) -> int:
         """The most prompt tokens any prefill micro-batch of `prefill_tokens(mu)` holds (one request longer than
         the budget forms its own micro-batch): what the GPU's activation workspace is sized for."""
@@ -329,7 +328,7 @@ class _Model:
         return len(self.prefill_groups(o.prefill_micro_batch)) + self.decode_steps * len(
             self.decode_groups(o.decode_micro_batch))
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def decode_groups(self, mu: int) -> list[np.ndarray]:
         """The decode micro-batches: `mu` requests each (<= 0: one); with attention_split_unit=requests, the first
         ceil(S B) requests (at least one left for the GPU) attend on the CPU as one batch and the rest form the
@@ -342,7 +341,7 @@ class _Model:
                 return [requests[:n_cpu], *split_by_count(requests[n_cpu:], mu)]
         return split_by_count(requests, mu)
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def _split_requests(self, mu: int) -> tuple[int, int, np.ndarray]:
         """(decode micro-batches, how many attend on the CPU, per request whether it is one of theirs): the first
         floor(S n + 1/2) of the n micro-batches for `attention_split` S, at least one left on the GPU; or, by
@@ -390,7 +389,7 @@ class _Model:
                                                                                                True)
 
     # ---- OP0..OP2 --------------------------------------------------------------------------------------
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def ops012_s(self, phase: Phase, placement: str, mu: int, kv_on_gpu: bool, batches: int = 0) -> float:
         """Per-layer time of OP0-OP2, the router and the activation copies over all micro-batches of `mu` requests
         (or over `batches` of them): summed (the paper's model, `estimate=serial`) or pipelined (`pipelined_s`)."""
@@ -434,7 +433,7 @@ class _Model:
         return pipelined_s(busy.values(), n_mb)
 
     # ---- OP3 -------------------------------------------------------------------------------------------
-    @cache  # noqa: B019 - one model per search; the cache dies with it (its arrays are read, never written)
+    @memo_method  # its arrays are read, never written
     def op3_terms(self, phase: Phase, mu: int) -> Op3Terms:
         """What every OP3 rule prices a layer with: expected tokens per expert, micro-batches per OP3, one
         expert's PCIe copy, the shared expert, the hidden states' copy down and back, and every expert's time on
@@ -454,7 +453,7 @@ class _Model:
                         a.expert_times(GPU, m, counts / n_mb) * n_mb,
                         a.expert_times(CPU_EXPERTS, m, counts / n_mb) * n_mb, dense)
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def op3(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
         """Sum over MoE layers of max(T_GPU, T_CPU); the largest E_M; E_M, E_C and the token splits per layer.
         `max_fetch` >= 0 caps E_M per layer (split=auto; the rest run on the CPU): the fetch buffers VRAM holds."""
@@ -503,7 +502,7 @@ class _Model:
             splits.append(split)
         return Op3(total + dense, widest, tuple(fetched), tuple(on_cpu), tuple(splits))
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it (its arrays are read, never written)
+    @memo_method  # its arrays are read, never written
     def _by_rank(self, phase: Phase, mu: int) -> tuple[np.ndarray, np.ndarray]:
         """Every expert's GPU and CPU time (`op3_terms`) with each layer's experts in `order` (hottest first)."""
         _, _, _, _, _, gpu_all, cpu_all, _ = self.op3_terms(phase, mu)
@@ -607,7 +606,7 @@ class _Model:
             return pair
         return None
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def gpu_static_linear(self, pre: str, dec: str, mu_p: int, mu_d: int) -> tuple[int, int, int]:
         """VRAM of a configuration without resident experts or fetch buffers, and what one more resident expert
         per layer and one more fetch buffer add (`op3_fitting` and the resident-count grid add those)."""

@@ -20,13 +20,12 @@ here) and its predictor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
 from sim.errors import SimInputError
 from sim.plan import Phase
-from sim.policies.base import PlanContext, require_fits
+from sim.policies.base import PlanContext, memo_method, require_fits
 from sim.policies.compose import NDP
 from sim.policies.coxmoe import CoxMoeOptions, CoxMoePolicy, Op3, _Model
 
@@ -68,7 +67,7 @@ def _warm_and_cold(host: list[int], load: np.ndarray, cpu: np.ndarray, ndp: np.n
 class _TriModel(_Model):
     """CoX-MoE's analytic model with OP3 split across GPU (E_R + E_M), CPU (E_C) and DIMMs (E_N)."""
 
-    @cache  # noqa: B019 - one model per search; the cache dies with it
+    @memo_method
     def op3(self, phase: Phase, resident: int, mu: int, max_fetch: int = -1) -> Op3:
         return self._three_tiers(phase, resident, mu, max_fetch)
 
