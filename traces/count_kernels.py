@@ -57,7 +57,5 @@ def add_prompt_counts(ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, lay
     """Count one layer's prompt rows into `table` [R, L, E] (see `_add_prompt_rows`); `ids` [rows, k] as synthesis
     draws them (a transposed [k, rows] block: read in place), any other layout or byte order copied to that form
     first. The ids must lie in 0..E-1, as a synthesis's draws do: the kernel does not bound them."""
-    by_column = ids.T
-    if not by_column.flags.c_contiguous or not by_column.dtype.isnative:
-        by_column = np.ascontiguousarray(by_column, dtype=by_column.dtype.newbyteorder("="))
+    by_column = np.ascontiguousarray(ids.T, dtype=ids.dtype.newbyteorder("="))  # no copy when already so
     _add_prompt_rows(by_column, starts, lens, layer, table)
