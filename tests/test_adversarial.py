@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from experiments.cli import main
+from sim import api
 from traces import SynthConfig, generate_trace, load_trace, save_trace
 from traces.limits import LIMIT_ENV, MEMBER_OP_SHARE
 
@@ -58,8 +59,10 @@ def test_expert_counts_beyond_the_id_type_are_refused(capsys, tmp_path):
                   "at most 65536 are supported")
 
 
-def test_a_small_estimate_over_a_small_limit_prints_its_size(capsys):
-    """--max-gib 0.0001: the refusal names an estimate above the limit (it had printed 0.00 GiB above 0.0001)."""
+def test_a_small_estimate_over_a_small_limit_prints_its_size(capsys, monkeypatch):
+    """--max-gib 0.0001: the refusal names an estimate above the limit (it had printed 0.00 GiB above 0.0001). The
+    trace's own guard speaks first: not one cached in this process by an earlier test (then the plan's guard did)."""
+    monkeypatch.setattr(api, "TRACE_CACHE", api.TraceCache())
     fails_cleanly(capsys, ["--max-gib", "0.0001", "simulate", "--model", "mixtral-8x7b", *SYS, "--batch", "64",
                            "--prompt-len", "64", "--gen-len", "8"], "would need about 0.000289 GiB, above the 0.0001")
 

@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream, shard_bounds
+from sim.policies import step_replay
 from sim.policies.base import PlanContext
 from sim.policies.layers import (
     CPU,
@@ -45,6 +47,9 @@ DEVICE_STREAM = {"g": GPU, "c": CPU}
 # attention micro-batch at the full context).
 KV_STREAM_BUFFERS = 3
 ON_CPU = frozenset({CPU, CPU_EXPERTS, NDP})  # host side: the DIMMs compute on host memory
+# decode steps replayed from an earlier step of the same shape (`step_replay`); COXMOE_STEP_REPLAY=off emits every
+# step op by op (the same plan, slower: for checking the replay)
+REPLAY = os.environ.get("COXMOE_STEP_REPLAY", "on") != "off"
 
 
 def on_cpu(stream: Stream) -> bool:
@@ -239,6 +244,13 @@ class LayoutEmitter(LayerEmitter):
         self._scope_index: dict[tuple, int] = {}
         self._kv_holders: list[int] = []  # per streamed attention, in order, the last op using its GPU buffer
         self._kv_stored: dict[tuple[int, int], int] = {}  # (layer, micro-batch) -> its last write-back to host memory
+        # decode-step replay (`step_replay`): templates by step shape (None: a shape that cannot be replayed); the
+        # layouts they were keyed on are held so their ids stay theirs
+        self.replay = REPLAY
+        self._templates: dict[tuple, step_replay.StepTemplate | None] = {}
+        self._layouts: list[Layout] = []
+        self._moe_index = [self.m.moe_index(layer) if self.m.is_moe_layer(layer) else -1
+                           for layer in range(self.m.num_layers + 1)]
 
     # ---- copies ------------------------------------------------------------------------------------------
     def move(self, src: Stream, dst: Stream, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
@@ -253,7 +265,54 @@ class LayoutEmitter(LayerEmitter):
              entering: Experts | None = None, swap_bytes: tuple[int, ...] | None = None) -> None:
         """Emit one step; `entering` (re-stratification) lists, per MoE layer, experts copied into E_R first, and
         `swap_bytes` the bytes each layer's swap copy carries (default: the entering experts' weights; a sampled
-        decode step carries its share of every step's swaps, see `coxmoe._Restratifier`)."""
+        decode step carries its share of every step's swaps, see `coxmoe._Restratifier`). A decode step shaped
+        like an earlier one is replayed from it (`step_replay`): the same ops as emitting it."""
+        key = self._replay_key(slices, phase, layout, entering, swap_bytes)
+        if key is None:
+            self._emit_step(slices, phase, step, layout, entering, swap_bytes)
+            return
+        templates = self._templates
+        if key in templates:
+            template = templates[key]
+            if template is not None and step_replay.replay(template, slices, step, self.b, self.w, self.layer_done,
+                                                           self.seq, self._group_members):
+                self.seq += self.m.num_layers
+                return
+            if template is None:
+                self._emit_step(slices, phase, step, layout, entering, swap_bytes)
+                return
+        if all(held is not layout for held in self._layouts):
+            self._layouts.append(layout)
+        self.recording = rec = step_replay.Recording(
+            len(self.ops), self.seq, step_replay.layer_done_pair(self.layer_done, self.seq), len(self.scopes),
+            self._kv_state())
+        try:
+            self._emit_step(slices, phase, step, layout, entering, swap_bytes)
+        finally:
+            self.recording = None
+        if len(templates) >= step_replay.MAX_TEMPLATES:
+            templates.pop(next(iter(templates)))
+        templates[key] = rec.finish(self.ops, self.layer_done, self.seq, len(self.scopes), self._kv_state(),
+                                    self._moe_index)
+
+    def _replay_key(self, slices: list[BatchSlice], phase: Phase, layout: Layout, entering: Experts | None,
+                    swap_bytes: tuple[int, ...] | None) -> tuple | None:
+        """What decides a decode step's ops besides its numbers (`step_replay`), or None when the step is emitted
+        the ordinary way: prefill, a step with swap copies, a layout whose split experts' shards depend on token
+        counts or whose KV cache streams, and every step with replay off."""
+        if (phase is not Phase.DECODE or not self.replay or entering is not None or swap_bytes is not None
+                or any(layout.splits) or layout.kv_streamed or not slices):
+            return None
+        ld2, ld1 = step_replay.layer_done_pair(self.layer_done, self.seq)
+        return (id(layout), tuple([(s.mb, s.tokens, s.requests.size) for s in slices]), ld2 >= 0, ld1 >= 0,
+                step_replay.pattern_of(slices, self._expert_groups(len(slices), self.expert_batch)))
+
+    def _kv_state(self) -> tuple[int, int]:
+        return len(self._kv_holders), len(self._kv_stored)
+
+    def _emit_step(self, slices: list[BatchSlice], phase: Phase, step: int, layout: Layout,
+                   entering: Experts | None, swap_bytes: tuple[int, ...] | None) -> None:
+        """`step`, op by op."""
         m, w = self.m, self.w
         x0, x1, x2 = layout.streams
         home = layout.home
@@ -440,6 +499,8 @@ class LayoutEmitter(LayerEmitter):
             if ran >= 0:  # the GPU experts' outputs join the residual on the CPU
                 routed = min(gpu_tokens + moved, tokens)
                 down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran,), routed)
+                if self.recording is not None:
+                    self.recording.routed.append(step_replay.RoutedCopy(down, li, at.mb, gpu_list, tokens))
             ran_cpu = self.experts(layout.cpu_lane, at, counts, cpu_list, ins.cpu, scope=scope)
             ran_cpu, _ = run_split(layout.cpu_lane, False, ins.cpu, ran_cpu)
             ran_ndp = self.experts(NDP, at, counts, ndp_experts, ins.cpu, scope=scope)
@@ -457,6 +518,8 @@ class LayoutEmitter(LayerEmitter):
         if ran_cpu >= 0 or ran_ndp >= 0:  # E_C's (and E_N's) outputs back to the residual on the GPU
             routed = min(cpu_tokens + moved, tokens)
             back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (ran_cpu, ran_ndp), routed)
+            if self.recording is not None:
+                self.recording.routed.append(step_replay.RoutedCopy(back, li, at.mb, host, tokens))
         return last_gpu, (last_gpu, back)
 
     def _shared(self, home: Stream, at: At, tokens: int, deps: tuple[int, ...], scope: int) -> int:

@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import compress, groupby
 from operator import itemgetter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from sim.cost import OpWork, Work
 from sim.plan import Op, OpKind, Payload, Phase, PlanBuilder, Stream
 from sim.policies.base import PlanContext
+
+if TYPE_CHECKING:
+    from sim.policies.step_replay import Recording
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
@@ -107,6 +110,8 @@ def _extras(ready: Callable[[int], int], experts: list[int]) -> list[int] | None
 class LayerEmitter:
     """Emits ops into a PlanBuilder for one model and routing trace."""
 
+    recording: Recording | None = None  # set while a decode step is emitted as a replay template (step_replay)
+
     def __init__(self, ctx: PlanContext, builder: PlanBuilder):
         self.ctx = ctx
         self.m = ctx.model
@@ -182,7 +187,10 @@ class LayerEmitter:
         b = self.b
         first = b.next_id(at.step)  # the builder's guards, once: every op here is at the same step
         last = first + len(spans) - 1
-        b.reserve(last, sum([hi - lo for lo, hi, _ in spans if hi - lo > 1]) if len(spans) < n else 0)
+        grouped = sum([hi - lo for lo, hi, _ in spans if hi - lo > 1]) if len(spans) < n else 0
+        b.reserve(last, grouped)
+        if self.recording is not None and grouped:
+            self.recording.member_calls.append(grouped)
         append, work, expert_kind = self.ops.append, self.w.expert, OpKind.EXPERT
         phase, step, layer, mb, none = at.phase, at.step, at.layer, at.mb, Payload.NONE
         for op_id, (lo, hi, op_deps) in enumerate(spans, first):

@@ -1,0 +1,175 @@
+"""Decode-step replay: a decode step whose op graph repeats an earlier step's is copied from it, not re-emitted.
+
+Two decode steps of one layout have the same ops in the same order, with the same streams, dependencies (shifted
+by the ids between them), copies and memory, when their micro-batches hold the same requests and the same experts
+receive tokens (issue 13). What differs between them is numbers: the step, the KV entries each attention reads,
+each expert op's tokens (and a grouped op's members), and the copies that carry the routed experts' outputs. A
+`StepTemplate` records which op is which while its step is emitted the ordinary way; replaying it for a later step
+copies every op and recomputes just those numbers from that step's slices, with the formulas the emitter uses.
+`LayoutEmitter.step` decides when a step may be replayed (`replay_key`); a plan built with replay is the plan
+built without it, op for op (tests/test_step_replay.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from operator import itemgetter
+
+import numpy as np
+
+from sim.plan import Op, OpKind, PlanBuilder
+from sim.policies.layers import CPU_STREAMS, BatchSlice
+from traces.limits import MEMBER_OP_SHARE
+
+_FLOPS, _BYTES = itemgetter(2), itemgetter(3)  # of a member (expert, tokens, flops, bytes)
+MAX_TEMPLATES = 16  # step shapes kept per emitter (routing that leaves experts idle at some steps makes several)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedCopy:
+    """A copy of the outputs of `experts` (summed over the counts of micro-batch `mb` at MoE layer `li`; -1: all
+    of the step's) that carries min(their tokens, `cap`) tokens: how `LayoutEmitter._experts` sizes it."""
+
+    position: int  # in the step
+    li: int
+    mb: int
+    experts: tuple[int, ...]
+    cap: int
+
+
+@dataclass
+class StepTemplate:
+    """A decode step's ops as emitted, with what a replay recomputes. Made by `Recording.finish`."""
+
+    ops: list[Op]
+    first: int  # id of its first op
+    externals: tuple[int, int]  # the two earlier layers' last GPU ops its fetches waited for (-1: none)
+    external_deps: list[tuple[int, tuple[int, ...]]]  # (position, deps) of ops that name an op before the step
+    layer_done: list[int]  # per (step, layer) visit of the step, its last GPU op's position (-1: none)
+    attention: list[tuple[int, int]]  # (position, micro-batch) of each attention op
+    experts: list[tuple[int, int, int]]  # (position, MoE layer, micro-batch or -1) of each expert op
+    routed: list[RoutedCopy]
+    member_calls: list[int]  # grouped members charged to the builder, call by call, as emission charged them
+
+
+@dataclass
+class Recording:
+    """Collects, while a step is emitted the ordinary way, what its template needs beyond the ops themselves."""
+
+    first: int
+    seq: int
+    externals: tuple[int, int]
+    scopes: int
+    kv_state: tuple[int, int]
+    routed: list[RoutedCopy] = field(default_factory=list)
+    member_calls: list[int] = field(default_factory=list)
+
+    def finish(self, ops: list[Op], layer_done: dict[int, int], seq_end: int, scopes: int, kv_state: tuple[int, int],
+               moe_index: list[int]) -> StepTemplate | None:
+        """The step's template, or None when it holds what a replay could not reproduce (a scope of its own, a
+        streamed KV cache, or a dependency on an earlier op other than the fetches' double-buffer waits)."""
+        if scopes != self.scopes or kv_state != self.kv_state or (
+                self.externals[0] >= 0 and self.externals[0] == self.externals[1]):
+            return None
+        first = self.first
+        step_ops = ops[first:]
+        known = {d for d in self.externals if d >= 0}
+        external_deps, attention, experts = [], [], []
+        for k, op in enumerate(step_ops):
+            if op.deps and min(op.deps) < first:
+                if not all(d >= first or d in known for d in op.deps):
+                    return None
+                external_deps.append((k, op.deps))
+            if op.kind is OpKind.ATTENTION:
+                attention.append((k, op.micro_batch))
+            elif op.kind is OpKind.EXPERT:
+                li = moe_index[op.layer]
+                if li < 0 or op.scope != -1:
+                    return None
+                experts.append((k, li, op.micro_batch))
+        done = []
+        for seq in range(self.seq, seq_end):
+            last = layer_done.get(seq, -1)
+            if 0 <= last < first:
+                return None
+            done.append(last - first if last >= 0 else -1)
+        routed = [RoutedCopy(c.position - first, c.li, c.mb, c.experts, c.cap) for c in self.routed]
+        return StepTemplate(step_ops, first, self.externals, external_deps, done, attention, experts, routed,
+                            self.member_calls)
+
+
+def layer_done_pair(layer_done: dict[int, int], seq: int) -> tuple[int, int]:
+    """The last GPU ops of the two visits before `seq`: the only earlier ops a step's fetches wait for."""
+    return layer_done.get(seq - 2, -1), layer_done.get(seq - 1, -1)
+
+
+def pattern_of(slices: list[BatchSlice], groups: list[list[int]]) -> bytes:
+    """Which experts of which layer receive tokens in each expert run (`groups` of micro-batches, as
+    `LayoutEmitter` gathers them): what decides which expert ops exist."""
+    if len(groups) == 1 and len(slices) > 1:  # coalesced: one run over the step's tokens
+        busy = np.logical_or.reduce([s.counts > 0 for s in slices])
+    else:
+        busy = np.stack([np.logical_or.reduce([slices[i].counts > 0 for i in group]) for group in groups])
+    return np.packbits(busy).tobytes()
+
+
+def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBuilder, work, layer_done: dict[int, int],
+           seq: int, members_of) -> bool:
+    """Append template `t`'s ops for decode step `step` of `slices` (same shape as the template's step), with ids
+    from the builder's next, and record its layers' last GPU ops in `layer_done` from visit `seq` on. False (and
+    nothing appended) when the step would cross the builder's op limit: the caller emits it the ordinary way,
+    which raises where emission would."""
+    ops = builder.ops
+    first = len(ops)
+    n = len(t.ops)
+    members = sum(t.member_calls)
+    if first + n - 1 + builder.member_load + members * MEMBER_OP_SHARE >= builder.max_ops:
+        return False
+    builder.next_id(step)  # the step's guards, as its first op would call them (the load is the same)
+    for m in t.member_calls:  # charged call by call: the same float sums as emission's
+        builder.member_load += m * MEMBER_OP_SHARE
+    delta = first - t.first
+    append = ops.append
+    for op_id, op in enumerate(t.ops, first):
+        append(Op(op_id, op.kind, op.stream, op.phase, step, op.layer, op.micro_batch, op.tokens, op.flops,
+                  op.bytes, tuple([d + delta for d in op.deps]), op.expert, op.payload, op.kv_tokens, op.alloc,
+                  op.free, op.scope, op.members))
+    now = layer_done_pair(layer_done, seq)
+    mapping = {old: new for old, new in zip(t.externals, now, strict=True) if old >= 0}
+    for k, deps in t.external_deps:
+        ops[first + k].deps = tuple([d + delta if d >= t.first else mapping[d] for d in deps])
+    by_mb = {s.mb: s for s in slices}
+    for k, mb in t.attention:
+        s, op = by_mb[mb], ops[first + k]
+        cost = work.attention(s.tokens, s.kv_attended, s.kv_read, False)
+        op.flops, op.bytes = cost[0], cost[1]
+        op.kv_tokens = s.kv_read
+    loads: dict[tuple[int, int], list[int]] = {}
+
+    def loads_of(li: int, mb: int) -> list[int]:
+        got = loads.get((li, mb))
+        if got is None:
+            counts = by_mb[mb].counts[li] if mb >= 0 else sum(s.counts[li] for s in slices)
+            got = loads[(li, mb)] = counts.tolist()
+        return got
+
+    expert_work = work.expert
+    for k, li, mb in t.experts:
+        op, tokens = ops[first + k], loads_of(li, mb)
+        if op.members:
+            ids = [m[0] for m in op.members]
+            ts = list(map(tokens.__getitem__, ids))
+            grouped = op.members = members_of(ids, ts)
+            op.tokens, op.flops, op.bytes = sum(ts), sum(map(_FLOPS, grouped)), sum(map(_BYTES, grouped))
+        else:
+            op.tokens = t_ = tokens[op.expert]
+            cost = expert_work(t_)
+            op.flops, op.bytes = cost[0], cost[1]
+    for c in t.routed:
+        op, tokens = ops[first + c.position], loads_of(c.li, c.mb)
+        routed = min(sum(map(tokens.__getitem__, c.experts)), c.cap)
+        nbytes = work.hidden_bytes(routed)
+        op.tokens, op.bytes = routed, 2 * nbytes if op.stream in CPU_STREAMS else nbytes
+    for k, done in enumerate(t.layer_done):
+        layer_done[seq + k] = done + first if done >= 0 else -1
+    return True
