@@ -5,7 +5,7 @@ with the same words."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import pytest
 import sim.plan as plan_module
 import sim.policies.compose as compose
 from sim.errors import SimInputError
-from sim.plan import Phase, Plan
+from sim.plan import Op, Phase, Plan
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.policies import step_replay as step_replay_module
 from sim.policies.layers import decode_slices, prefill_slices
@@ -120,6 +120,12 @@ def test_steps_of_one_shape_are_replayed_and_streamed_kv_steps_are_not(monkeypat
     seen = counting_replays(monkeypatch)  # a streamed KV cache: its buffers chain steps, so none is replayed
     build("moe-gen", {"attn_mode": "1", "decode_micro_batch": "16", "rescore": "1"}, ctx, True, monkeypatch)
     assert seen == {"replayed": 0, "templates": 0, "refused": 0}
+
+
+def test_replay_copies_ops_by_the_field_order_op_has():
+    assert tuple(f.name for f in fields(Op)) == step_replay_module._FIELDS
+    assert [f for f in step_replay_module._FIELDS if f not in ("id", "phase", "step", "deps")] == list(
+        step_replay_module._COPIED)
 
 
 def test_steps_a_replay_cannot_reproduce_are_emitted_op_by_op():

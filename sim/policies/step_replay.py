@@ -13,11 +13,12 @@ built without it, op for op (tests/test_step_replay.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import repeat
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
-from sim.plan import Op, OpKind, PlanBuilder
+from sim.plan import Op, OpKind, Phase, PlanBuilder
 from sim.policies.layers import CPU_STREAMS, BatchSlice
 from traces.limits import MEMBER_OP_SHARE
 
@@ -39,17 +40,32 @@ class RoutedCopy:
 
 @dataclass
 class StepTemplate:
-    """A decode step's ops as emitted, with what a replay recomputes. Made by `Recording.finish`."""
+    """A decode step's ops as emitted, field by field (what a replay copies), with what a replay recomputes. Made by
+    `Recording.finish`."""
 
-    ops: list[Op]
+    columns: list[list]  # per Op field after id, phase and step (`_COPIED`), its values over the step's ops
+    deps: list[tuple[int, ...]]
     first: int  # id of its first op
     externals: tuple[int, int]  # the two earlier layers' last GPU ops its fetches waited for (-1: none)
     external_deps: list[tuple[int, tuple[int, ...]]]  # (position, deps) of ops that name an op before the step
     layer_done: list[int]  # per (step, layer) visit of the step, its last GPU op's position (-1: none)
     attention: list[tuple[int, int]]  # (position, micro-batch) of each attention op
-    experts: list[tuple[int, int, int]]  # (position, MoE layer, micro-batch or -1) of each expert op
+    experts: list[tuple[int, int, int, tuple[int, ...] | None]]  # (position, MoE layer, micro-batch or -1, a
+    # grouped op's expert ids) of each expert op
     routed: list[RoutedCopy]
     member_calls: list[int]  # grouped members charged to the builder, call by call, as emission charged them
+
+    @property
+    def size(self) -> int:
+        return len(self.deps)
+
+
+# Op's fields in order (a test holds Op to it); a replay gives each op its own id, the step's phase and step, and
+# shifted deps, and copies the rest
+_FIELDS = ("id", "kind", "stream", "phase", "step", "layer", "micro_batch", "tokens", "flops", "bytes", "deps",
+           "expert", "payload", "kv_tokens", "alloc", "free", "scope", "members")
+_COPIED = ("kind", "stream", "layer", "micro_batch", "tokens", "flops", "bytes", "expert", "payload", "kv_tokens",
+           "alloc", "free", "scope", "members")
 
 
 @dataclass
@@ -86,7 +102,7 @@ class Recording:
                 li = moe_index[op.layer]
                 if li < 0 or op.scope != -1:
                     return None
-                experts.append((k, li, op.micro_batch))
+                experts.append((k, li, op.micro_batch, tuple([m[0] for m in op.members]) if op.members else None))
         done = []
         for seq in range(self.seq, seq_end):
             last = layer_done.get(seq, -1)
@@ -94,8 +110,9 @@ class Recording:
                 return None
             done.append(last - first if last >= 0 else -1)
         routed = [RoutedCopy(c.position - first, c.li, c.mb, c.experts, c.cap) for c in self.routed]
-        return StepTemplate(step_ops, first, self.externals, external_deps, done, attention, experts, routed,
-                            self.member_calls)
+        columns = [list(map(attrgetter(name), step_ops)) for name in _COPIED]
+        return StepTemplate(columns, [op.deps for op in step_ops], first, self.externals, external_deps, done,
+                            attention, experts, routed, self.member_calls)
 
 
 def layer_done_pair(layer_done: dict[int, int], seq: int) -> tuple[int, int]:
@@ -121,7 +138,7 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     which raises where emission would."""
     ops = builder.ops
     first = len(ops)
-    n = len(t.ops)
+    n = t.size
     members = sum(t.member_calls)
     if first + n - 1 + builder.member_load + members * MEMBER_OP_SHARE >= builder.max_ops:
         return False
@@ -129,11 +146,10 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     for m in t.member_calls:  # charged call by call: the same float sums as emission's
         builder.member_load += m * MEMBER_OP_SHARE
     delta = first - t.first
-    append = ops.append
-    for op_id, op in enumerate(t.ops, first):
-        append(Op(op_id, op.kind, op.stream, op.phase, step, op.layer, op.micro_batch, op.tokens, op.flops,
-                  op.bytes, tuple([d + delta for d in op.deps]), op.expert, op.payload, op.kv_tokens, op.alloc,
-                  op.free, op.scope, op.members))
+    deps = map(tuple, map(map, repeat(delta.__add__), t.deps))  # C-level passes: the hot loop of a long decode
+    kind, stream, layer, mb, tokens, flops, nbytes, expert, payload, kv, alloc, free, scope, grouped = t.columns
+    ops.extend(map(Op, range(first, first + n), kind, stream, repeat(Phase.DECODE), repeat(step), layer, mb, tokens,
+                   flops, nbytes, deps, expert, payload, kv, alloc, free, scope, grouped))
     now = layer_done_pair(layer_done, seq)
     mapping = {old: new for old, new in zip(t.externals, now, strict=True) if old >= 0}
     for k, deps in t.external_deps:
@@ -154,13 +170,12 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
         return got
 
     expert_work = work.expert
-    for k, li, mb in t.experts:
+    for k, li, mb, ids in t.experts:
         op, tokens = ops[first + k], loads_of(li, mb)
-        if op.members:
-            ids = [m[0] for m in op.members]
+        if ids is not None:
             ts = list(map(tokens.__getitem__, ids))
-            grouped = op.members = members_of(ids, ts)
-            op.tokens, op.flops, op.bytes = sum(ts), sum(map(_FLOPS, grouped)), sum(map(_BYTES, grouped))
+            group = op.members = members_of(ids, ts)
+            op.tokens, op.flops, op.bytes = sum(ts), sum(map(_FLOPS, group)), sum(map(_BYTES, group))
         else:
             op.tokens = t_ = tokens[op.expert]
             cost = expert_work(t_)
