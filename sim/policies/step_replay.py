@@ -44,7 +44,7 @@ class StepTemplate:
     `Recording.finish`."""
 
     columns: list[list]  # per Op field after id, phase and step (`_COPIED`), its values over the step's ops
-    deps: list[tuple[int, ...]]
+    deps: list[tuple[int, ...]]  # per op, its dependencies' positions in the step (() where `external_deps` has it)
     first: int  # id of its first op
     externals: tuple[int, int]  # the two earlier layers' last GPU ops its fetches waited for (-1: none)
     external_deps: list[tuple[int, tuple[int, ...]]]  # (position, deps) of ops that name an op before the step
@@ -111,7 +111,9 @@ class Recording:
             done.append(last - first if last >= 0 else -1)
         routed = [RoutedCopy(c.position - first, c.li, c.mb, c.experts, c.cap) for c in self.routed]
         columns = [list(map(attrgetter(name), step_ops)) for name in _COPIED]
-        return StepTemplate(columns, [op.deps for op in step_ops], first, self.externals, external_deps, done,
+        outside = {k for k, _ in external_deps}
+        deps = [() if k in outside else tuple([d - first for d in op.deps]) for k, op in enumerate(step_ops)]
+        return StepTemplate(columns, deps, first, self.externals, external_deps, done,
                             attention, experts, routed, self.member_calls)
 
 
@@ -145,15 +147,17 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     builder.next_id(step)  # the step's guards, as its first op would call them (the load is the same)
     for m in t.member_calls:  # charged call by call: the same float sums as emission's
         builder.member_load += m * MEMBER_OP_SHARE
-    delta = first - t.first
-    deps = map(tuple, map(map, repeat(delta.__add__), t.deps))  # C-level passes: the hot loop of a long decode
+    # deps name the new ops' own id objects (as emission's do): no int object per dependency. C-level passes: the
+    # hot loop of a long decode.
+    ids = list(range(first, first + n))
+    deps = map(tuple, map(map, repeat(ids.__getitem__), t.deps))
     kind, stream, layer, mb, tokens, flops, nbytes, expert, payload, kv, alloc, free, scope, grouped = t.columns
-    ops.extend(map(Op, range(first, first + n), kind, stream, repeat(Phase.DECODE), repeat(step), layer, mb, tokens,
-                   flops, nbytes, deps, expert, payload, kv, alloc, free, scope, grouped))
+    ops.extend(map(Op, ids, kind, stream, repeat(Phase.DECODE), repeat(step), layer, mb, tokens, flops, nbytes, deps,
+                   expert, payload, kv, alloc, free, scope, grouped))
     now = layer_done_pair(layer_done, seq)
     mapping = {old: new for old, new in zip(t.externals, now, strict=True) if old >= 0}
     for k, deps in t.external_deps:
-        ops[first + k].deps = tuple([d + delta if d >= t.first else mapping[d] for d in deps])
+        ops[first + k].deps = tuple([ids[d - t.first] if d >= t.first else mapping[d] for d in deps])
     by_mb = {s.mb: s for s in slices}
     for k, mb in t.attention:
         s, op = by_mb[mb], ops[first + k]
@@ -170,11 +174,11 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
         return got
 
     expert_work = work.expert
-    for k, li, mb, ids in t.experts:
+    for k, li, mb, experts in t.experts:
         op, tokens = ops[first + k], loads_of(li, mb)
-        if ids is not None:
-            ts = list(map(tokens.__getitem__, ids))
-            group = op.members = members_of(ids, ts)
+        if experts is not None:
+            ts = list(map(tokens.__getitem__, experts))
+            group = op.members = members_of(experts, ts)
             op.tokens, op.flops, op.bytes = sum(ts), sum(map(_FLOPS, group)), sum(map(_BYTES, group))
         else:
             op.tokens = t_ = tokens[op.expert]
@@ -186,5 +190,5 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
         nbytes = work.hidden_bytes(routed)
         op.tokens, op.bytes = routed, 2 * nbytes if op.stream in CPU_STREAMS else nbytes
     for k, done in enumerate(t.layer_done):
-        layer_done[seq + k] = done + first if done >= 0 else -1
+        layer_done[seq + k] = ids[done] if done >= 0 else -1
     return True
