@@ -45,7 +45,7 @@ def context(model: str, system: str, routing: str, batch: int = 24, seed: int = 
 
 
 def build(policy: str, options: dict, ctx: PlanContext, replay: bool, monkeypatch) -> Plan:
-    monkeypatch.setattr(compose, "REPLAY", replay)
+    monkeypatch.setenv(compose.REPLAY_ENV, "on" if replay else "off")
     return make_policy(policy, options).build(ctx)
 
 
@@ -120,6 +120,19 @@ def test_steps_of_one_shape_are_replayed_and_streamed_kv_steps_are_not(monkeypat
     seen = counting_replays(monkeypatch)  # a streamed KV cache: its buffers chain steps, so none is replayed
     build("moe-gen", {"attn_mode": "1", "decode_micro_batch": "16", "rescore": "1"}, ctx, True, monkeypatch)
     assert seen == {"replayed": 0, "templates": 0, "refused": 0}
+
+
+def test_the_replay_setting_is_on_or_off_and_nothing_else(monkeypatch, capsys):
+    from experiments.cli import main
+
+    for value, on in (("", True), ("on", True), (" OFF ", False), ("off", False)):
+        monkeypatch.setenv(compose.REPLAY_ENV, value)
+        assert compose.replay_enabled() is on
+    monkeypatch.setenv(compose.REPLAY_ENV, "of")
+    code = main(["simulate", "--model", "mixtral-8x7b", "--system", "a100-80g-8452y", "--batch", "4", "--prompt-len",
+                 "8", "--gen-len", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "COXMOE_STEP_REPLAY='of': use on or off" in err, err
 
 
 def test_replay_copies_ops_by_the_field_order_op_has():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim.errors import SimInputError
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream, shard_bounds
 from sim.policies import step_replay
 from sim.policies.base import PlanContext
@@ -47,9 +48,19 @@ DEVICE_STREAM = {"g": GPU, "c": CPU}
 # attention micro-batch at the full context).
 KV_STREAM_BUFFERS = 3
 ON_CPU = frozenset({CPU, CPU_EXPERTS, NDP})  # host side: the DIMMs compute on host memory
-# decode steps replayed from an earlier step of the same shape (`step_replay`); COXMOE_STEP_REPLAY=off emits every
-# step op by op (the same plan, slower: for checking the replay)
-REPLAY = os.environ.get("COXMOE_STEP_REPLAY", "on") != "off"
+REPLAY_ENV = "COXMOE_STEP_REPLAY"
+
+
+def replay_enabled() -> bool:
+    """Whether decode steps are replayed from an earlier step of the same shape (`step_replay`): $COXMOE_STEP_REPLAY
+    on (or unset), or off to emit every step op by op (the same plan, slower: for checking the replay); anything
+    else is refused by name."""
+    value = os.environ.get(REPLAY_ENV, "").strip().lower()
+    if value in ("", "on"):
+        return True
+    if value == "off":
+        return False
+    raise SimInputError(f"{REPLAY_ENV}={os.environ[REPLAY_ENV]!r}: use on or off")
 
 
 def on_cpu(stream: Stream) -> bool:
@@ -246,7 +257,7 @@ class LayoutEmitter(LayerEmitter):
         self._kv_stored: dict[tuple[int, int], int] = {}  # (layer, micro-batch) -> its last write-back to host memory
         # decode-step replay (`step_replay`): templates by step shape (None: a shape that cannot be replayed); the
         # layouts they were keyed on are held so their ids stay theirs
-        self.replay = REPLAY
+        self.replay = replay_enabled()
         self._templates: dict[tuple, step_replay.StepTemplate | None] = {}
         self._layouts: list[Layout] = []
         self._moe_index = [self.m.moe_index(layer) if self.m.is_moe_layer(layer) else -1
