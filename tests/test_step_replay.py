@@ -20,7 +20,7 @@ from sim.policies.layers import decode_slices, prefill_slices
 from sim.specs import load_model, load_system
 from sim.workload import Workload
 from traces import SynthConfig, generate_trace
-from traces.limits import ResourceLimitError
+from traces.limits import MEMBER_OP_SHARE, ResourceLimitError
 
 LAYOUT_POLICIES = ("coxmoe", "trimoe", "moe-gen", "stream-experts", "gpu-only", "cpu-only")
 EXTRA_COXMOE = ({"restratify": "ema:0.5:3", "resident_experts": "3", "decode_micro_batch": "8"},
@@ -30,15 +30,19 @@ EXTRA_COXMOE = ({"restratify": "ema:0.5:3", "resident_experts": "3", "decode_mic
                 {"split": "gpu", "resident_experts": "0"})
 
 
-def context(model: str, system: str, routing: str, batch: int = 24, seed: int = 3, gen: int = 0) -> PlanContext:
-    """A small workload whose requests finish at different steps (slices shrink, so step shapes change; half
-    run to the end, so later steps repeat their shape), or all generate `gen` tokens."""
+def context(model: str, system: str, routing: str, batch: int = 64, seed: int = 3, gen: int = 0,
+            experts: int = 0) -> PlanContext:
+    """A small workload whose step shapes change a few times and repeat in between: three quarters of the requests
+    generate 13 tokens, the rest 5 or 9 (or every request `gen`); `experts` > 0 narrows the model to that many
+    experts (top-2), so that every expert receives tokens at every step and steps repeat their shape."""
     rng = np.random.default_rng(seed)
-    prompts, gens = rng.integers(4, 40, batch), rng.integers(2, 14, batch)
-    gens[:batch // 2] = 13
+    prompts, gens = rng.integers(4, 40, batch), np.full(batch, 13)
+    gens[rng.permutation(batch)[:batch // 4]] = rng.choice([5, 9], batch // 4)
     if gen:
         gens[:] = gen
     m = load_model(model)
+    if experts:
+        m = replace(m, num_experts=experts, top_k=2)
     trace = generate_trace(SynthConfig(m.name, m.num_moe_layers, m.num_experts, m.top_k, routing, 0.0, seed),
                            prompts, gens)
     return PlanContext(m, load_system(system), Workload(prompts, gens), trace)
@@ -66,17 +70,34 @@ CASES += [("coxmoe", options) for options in EXTRA_COXMOE]
 CASES = [(p, {"rescore": "1", **o} if p in ("coxmoe", "trimoe", "moe-gen") else o) for p, o in CASES]  # short searches
 
 
-# every case on Mixtral; on models with shared experts, dense layers and 64 or 128 experts, one case per policy
-MATRIX = [("mixtral-8x7b", "uniform", p, o) for p, o in CASES]
-OTHER_MODELS = (("deepseek-v2-lite", "zipf:1.2"), ("qwen3-30b-a3b", "zipf:0.8"))
-MATRIX += [(model, routing, p, o) for model, routing in OTHER_MODELS for p, o in dict(CASES).items()]
+# every case on Mixtral; on DeepSeek-V2-Lite (shared experts, a dense first layer) and Qwen3-30B-A3B narrowed to 8
+# experts, and on full Qwen3 (128 experts, some idle at a step: shapes rarely repeat), one case per policy
+MATRIX = [("mixtral-8x7b", "uniform", 0, p, o) for p, o in CASES]
+MATRIX += [(model, routing, experts, p, o)
+           for model, routing, experts in (("deepseek-v2-lite", "zipf:1.2", 8), ("qwen3-30b-a3b", "zipf:0.8", 8),
+                                           ("qwen3-30b-a3b", "zipf:0.8", 0))
+           for p, o in dict(CASES).items()]
 
 
-@pytest.mark.parametrize(("model", "routing", "policy", "options"), MATRIX,
-                         ids=[f"{m}-{p}-{i}" for i, (m, _, p, _) in enumerate(MATRIX)])
-def test_replayed_plan_is_the_plan_built_op_by_op(model, routing, policy, options, monkeypatch):
+def why_never_replayed(model: str, experts: int, policy: str, options: dict) -> str | None:
+    """Why a matrix case's decode steps are never replayed (None: some are): the replay key refuses a streamed KV
+    cache; steps that never repeat a shape leave nothing to replay (each expert run of a few tokens, or Qwen3's 128
+    experts, leaves different experts idle at each step)."""
+    if options.get("kv_cache") == "cpu" or (policy == "moe-gen" and options.get("attn_mode") in ("1", "2")):
+        return "streamed KV cache"
+    if model == "qwen3-30b-a3b" and not experts:
+        return "128 experts"
+    per_micro_batch = policy in ("gpu-only", "stream-experts") or options.get("coalesce") == "off"
+    if per_micro_batch and 0 < int(options.get("decode_micro_batch", "0")) <= 4:
+        return "expert runs of a few tokens"
+    return None
+
+
+@pytest.mark.parametrize(("model", "routing", "experts", "policy", "options"), MATRIX,
+                         ids=[f"{m}{e or ''}-{p}-{i}" for i, (m, _, e, p, _) in enumerate(MATRIX)])
+def test_replayed_plan_is_the_plan_built_op_by_op(model, routing, experts, policy, options, monkeypatch):
     system = getattr(POLICIES[policy], "example_system", None) or "a100-80g-8452y"
-    ctx = context(model, system, routing)
+    ctx = context(model, system, routing, experts=experts)
     try:
         reference = build(policy, options, ctx, False, monkeypatch)
     except SimInputError as exc:  # a knob set this model or machine cannot hold: refused alike with replay
@@ -84,42 +105,55 @@ def test_replayed_plan_is_the_plan_built_op_by_op(model, routing, policy, option
             build(policy, options, ctx, True, monkeypatch)
         assert str(again.value) == str(exc)
         return
+    seen = counting_replays(monkeypatch)
     assert_same_plan(build(policy, options, ctx, True, monkeypatch), reference)
+    reason = why_never_replayed(model, experts, policy, options)
+    assert (seen["replayed"] > 0) == (reason is None), (reason, seen)
+    if reason == "streamed KV cache":
+        assert seen["recorded"] == 0
 
 
 def counting_replays(monkeypatch) -> dict[str, int]:
-    seen = {"replayed": 0, "templates": 0, "refused": 0}
-    replay, finish = step_replay_module.replay, step_replay_module.Recording.finish
+    """Counts, from now on: decode steps replayed, steps recorded (the first of their shape), and steps of a seen
+    shape emitted op by op because its first step cannot be replayed."""
+    seen = {"replayed": 0, "recorded": 0, "unreplayable": 0}
+    replay, close, template = (step_replay_module.replay, step_replay_module.Recording.close,
+                               step_replay_module.Recording.template)
 
     def counted_replay(*args, **kwargs):
         done = replay(*args, **kwargs)
         seen["replayed"] += done
         return done
 
-    def counted_finish(self, *args, **kwargs):
-        template = finish(self, *args, **kwargs)
-        seen["templates" if template is not None else "refused"] += 1
-        return template
+    def counted_close(self, *args, **kwargs):
+        seen["recorded"] += 1
+        return close(self, *args, **kwargs)
+
+    def counted_template(self, *args, **kwargs):
+        made = template(self, *args, **kwargs)
+        seen["unreplayable"] += made is None
+        return made
 
     monkeypatch.setattr(step_replay_module, "replay", counted_replay)
-    monkeypatch.setattr(step_replay_module.Recording, "finish", counted_finish)
+    monkeypatch.setattr(step_replay_module.Recording, "close", counted_close)
+    monkeypatch.setattr(step_replay_module.Recording, "template", counted_template)
     return seen
 
 
 def test_steps_of_one_shape_are_replayed_and_streamed_kv_steps_are_not(monkeypatch):
-    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", batch=64, gen=13)
+    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", gen=13)
     seen = counting_replays(monkeypatch)
     build("coxmoe", FIXED, ctx, True, monkeypatch)
-    # 12 decode steps of every request: a template per shape (an expert idle in some layer at a step is another
-    # shape), the rest replayed
-    assert seen["replayed"] >= 9 and seen["replayed"] + seen["templates"] == 12 and seen["refused"] == 0
+    # 12 decode steps of every request: the first of each shape recorded (an expert idle in some layer at a step is
+    # another shape), the rest replayed
+    assert seen["replayed"] >= 9 and seen["replayed"] + seen["recorded"] == 12 and seen["unreplayable"] == 0
     seen = counting_replays(monkeypatch)  # coalesced experts over micro-batches of 4: the step's busy experts count
     build("moe-gen", {"coalesce": "on", "decode_micro_batch": "4", "attn_mode": "0", "rescore": "1"}, ctx, True,
           monkeypatch)
-    assert seen["replayed"] >= 9 and seen["refused"] == 0
+    assert seen["replayed"] >= 9 and seen["unreplayable"] == 0
     seen = counting_replays(monkeypatch)  # a streamed KV cache: its buffers chain steps, so none is replayed
     build("moe-gen", {"attn_mode": "1", "decode_micro_batch": "16", "rescore": "1"}, ctx, True, monkeypatch)
-    assert seen == {"replayed": 0, "templates": 0, "refused": 0}
+    assert seen == {"replayed": 0, "recorded": 0, "unreplayable": 0}
 
 
 def test_the_replay_setting_is_on_or_off_and_nothing_else(monkeypatch, capsys):
@@ -150,7 +184,10 @@ def test_steps_a_replay_cannot_reproduce_are_emitted_op_by_op():
     decode = decode_slices(ctx, 1, [np.arange(8)])
     assert emit._replay_key(decode, Phase.DECODE, plain, None, None) is not None
     assert emit._replay_key(prefill_slices(ctx, [np.arange(8)]), Phase.PREFILL, plain, None, None) is None
-    assert emit._replay_key(decode, Phase.DECODE, plain, compose.no_experts(m), None) is None
+    entering = ((1,),) + ((),) * (m.num_moe_layers - 1)  # a swap copy at layer 0
+    assert emit._replay_key(decode, Phase.DECODE, plain, entering, None) is None
+    # no expert entering in any layer emits what no list does
+    assert emit._replay_key(decode, Phase.DECODE, plain, compose.no_experts(m), None) is not None
     assert emit._replay_key(decode, Phase.DECODE, plain, None, (0,) * m.num_moe_layers) is None
     split = replace(plain, splits=(((0, 1, 2),),) + ((),) * (m.num_moe_layers - 1))
     assert emit._replay_key(decode, Phase.DECODE, split, None, None) is None
@@ -159,17 +196,41 @@ def test_steps_a_replay_cannot_reproduce_are_emitted_op_by_op():
     assert emit._replay_key(decode, Phase.DECODE, plain, None, None) is None
 
 
-@pytest.mark.parametrize("spare", [0, 1, 7, 40])
+@pytest.mark.parametrize("spare", [0, 1, 7, 40, "half"])
 def test_a_plan_crossing_the_op_limit_in_a_replayed_step_is_refused_alike(spare, monkeypatch):
-    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", batch=16)
-    options = {**FIXED, "decode_micro_batch": "8"}
-    full = build("coxmoe", options, ctx, False, monkeypatch)
+    """The limit falls inside the last decode step, after ten replayed ones: the replay declines the step (its
+    largest guard would fail) and emission raises, with the words emission alone raises."""
+    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", gen=13)
+    full = build("coxmoe", FIXED, ctx, False, monkeypatch)
+    load = len(full.ops) + MEMBER_OP_SHARE * sum(len(op.members) for op in full.ops)
     per_step = sum(op.step == 5 for op in full.ops)
-    limit = len(full.ops) - 3 * per_step + spare  # inside a late step, which replays
+    limit = int(load) - per_step + (per_step // 2 if spare == "half" else spare)
     monkeypatch.setattr(plan_module, "max_ops", lambda: limit)
     errors = []
     for replay in (False, True):
+        seen = counting_replays(monkeypatch)
         with pytest.raises(ResourceLimitError) as exc:
-            build("coxmoe", options, ctx, replay, monkeypatch)
+            build("coxmoe", FIXED, ctx, replay, monkeypatch)
         errors.append(str(exc.value))
+    assert seen["replayed"] >= 9
     assert errors[0] == errors[1]
+
+
+def test_a_replayed_plan_charges_the_builder_the_same_load(monkeypatch):
+    """The builder's member load (what its memory guard and size estimate read) is the same float either way."""
+    ctx = context("deepseek-v2-lite", "a100-80g-8452y", "zipf:1.2", gen=13, experts=8)
+    builders = []
+    make = PlanContext.builder
+
+    def keep(self):
+        builders.append(make(self))
+        return builders[-1]
+
+    monkeypatch.setattr(PlanContext, "builder", keep)
+    loads = []
+    for replay in (False, True):
+        builders.clear()
+        seen = counting_replays(monkeypatch)
+        build("coxmoe", FIXED, ctx, replay, monkeypatch)
+        loads.append([(len(b.ops), b.member_load, b.step) for b in builders])
+    assert seen["replayed"] >= 5 and loads[0] == loads[1] and loads[0][-1][1] > 0

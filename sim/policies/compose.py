@@ -255,10 +255,10 @@ class LayoutEmitter(LayerEmitter):
         self._scope_index: dict[tuple, int] = {}
         self._kv_holders: list[int] = []  # per streamed attention, in order, the last op using its GPU buffer
         self._kv_stored: dict[tuple[int, int], int] = {}  # (layer, micro-batch) -> its last write-back to host memory
-        # decode-step replay (`step_replay`): templates by step shape (None: a shape that cannot be replayed); the
-        # layouts they were keyed on are held so their ids stay theirs
+        # decode-step replay (`step_replay`): the first step of each shape seen, by shape; the layouts shapes name
+        # are held so their ids stay theirs
         self.replay = replay_enabled()
-        self._templates: dict[tuple, step_replay.StepTemplate | None] = {}
+        self._recordings: dict[step_replay.StepShape, step_replay.Recording] = {}
         self._layouts: list[Layout] = []
         self._moe_index = [self.m.moe_index(layer) if self.m.is_moe_layer(layer) else -1
                            for layer in range(self.m.num_layers + 1)]
@@ -278,52 +278,56 @@ class LayoutEmitter(LayerEmitter):
         `swap_bytes` the bytes each layer's swap copy carries (default: the entering experts' weights; a sampled
         decode step carries its share of every step's swaps, see `coxmoe._Restratifier`). A decode step shaped
         like an earlier one is replayed from it (`step_replay`): the same ops as emitting it."""
-        key = self._replay_key(slices, phase, layout, entering, swap_bytes)
-        if key is None:
+        shape = self._replay_key(slices, phase, layout, entering, swap_bytes)
+        if shape is None:
             self._emit_step(slices, phase, step, layout, entering, swap_bytes)
             return
-        templates = self._templates
-        if key in templates:
-            template = templates[key]
+        seen = self._recordings.get(shape)
+        if seen is not None:  # a later step of a shape: replayed from its first, when that one can be
+            template = seen.template(self._moe_index)
             if template is not None and step_replay.replay(template, slices, step, self.b, self.w, self.layer_done,
                                                            self.seq, self._group_members):
                 self.seq += self.m.num_layers
-                return
-            if template is None:
+            else:  # a shape a replay cannot reproduce, or a step past the op limit (raised where emission raises)
                 self._emit_step(slices, phase, step, layout, entering, swap_bytes)
-                return
+            return
         if all(held is not layout for held in self._layouts):
             self._layouts.append(layout)
         self.recording = rec = step_replay.Recording(
-            len(self.ops), self.seq, step_replay.layer_done_pair(self.layer_done, self.seq), len(self.scopes),
-            self._kv_state())
+            self.ops, len(self.ops), self.seq, step_replay.layer_done_pair(self.layer_done, self.seq),
+            len(self.scopes), self._kv_state())
         try:
             self._emit_step(slices, phase, step, layout, entering, swap_bytes)
         finally:
             self.recording = None
-        if len(templates) >= step_replay.MAX_TEMPLATES:
-            templates.pop(next(iter(templates)))
-        templates[key] = rec.finish(self.ops, self.layer_done, self.seq, len(self.scopes), self._kv_state(),
-                                    self._moe_index)
+        rec.close(self.layer_done, self.seq, len(self.scopes), self._kv_state())
+        if len(self._recordings) >= step_replay.MAX_TEMPLATES:
+            self._recordings.pop(next(iter(self._recordings)))
+        self._recordings[shape] = rec
 
     def _replay_key(self, slices: list[BatchSlice], phase: Phase, layout: Layout, entering: Experts | None,
-                    swap_bytes: tuple[int, ...] | None) -> tuple | None:
-        """What decides a decode step's ops besides its numbers (`step_replay`), or None when the step is emitted
-        the ordinary way: prefill, a step with swap copies, a layout whose split experts' shards depend on token
-        counts or whose KV cache streams, and every step with replay off."""
-        if (phase is not Phase.DECODE or not self.replay or entering is not None or swap_bytes is not None
-                or any(layout.splits) or layout.kv_streamed or not slices):
+                    swap_bytes: tuple[int, ...] | None) -> step_replay.StepShape | None:
+        """A decode step's shape (`step_replay.StepShape`), or None when the step is emitted the ordinary way:
+        prefill, a step with swap copies (experts entering E_R; an entering list with none in any layer emits what
+        no list does), a layout whose split experts' shards depend on token counts or whose KV cache streams, and
+        every step with replay off."""
+        if (phase is not Phase.DECODE or not self.replay or swap_bytes is not None
+                or (entering is not None and any(entering)) or any(layout.splits) or layout.kv_streamed
+                or not slices):
             return None
         ld2, ld1 = step_replay.layer_done_pair(self.layer_done, self.seq)
-        return (id(layout), tuple([(s.mb, s.tokens, s.requests.size) for s in slices]), ld2 >= 0, ld1 >= 0,
-                step_replay.pattern_of(slices, self._expert_groups(len(slices), self.expert_batch)))
+        return step_replay.StepShape(
+            id(layout), tuple([(s.mb, s.tokens, s.requests.size) for s in slices]), (ld2 >= 0, ld1 >= 0),
+            step_replay.pattern_of(slices, self._expert_groups(len(slices), self.expert_batch)))
 
     def _kv_state(self) -> tuple[int, int]:
         return len(self._kv_holders), len(self._kv_stored)
 
     def _emit_step(self, slices: list[BatchSlice], phase: Phase, step: int, layout: Layout,
                    entering: Experts | None, swap_bytes: tuple[int, ...] | None) -> None:
-        """`step`, op by op."""
+        """`step`, op by op. A number here that varies between decode steps of one shape (`_replay_key`) must be
+        recomputed by `step_replay.replay` too, as attention's KV entries, expert tokens and the routed copies
+        (`RoutedCopy`) are; tests/test_step_replay.py compares the two ways on every composed policy."""
         m, w = self.m, self.w
         x0, x1, x2 = layout.streams
         home = layout.home

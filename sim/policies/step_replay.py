@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import attrgetter, itemgetter
+from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 
 from sim.plan import Op, OpKind, Phase, PlanBuilder
-from sim.policies.layers import CPU_STREAMS, BatchSlice
+from sim.policies.layers import _BYTES, _FLOPS, CPU_STREAMS, BatchSlice
 from traces.limits import MEMBER_OP_SHARE
 
-_FLOPS, _BYTES = itemgetter(2), itemgetter(3)  # of a member (expert, tokens, flops, bytes)
 MAX_TEMPLATES = 16  # step shapes kept per emitter (routing that leaves experts idle at some steps makes several)
 
 
@@ -41,7 +41,7 @@ class RoutedCopy:
 @dataclass
 class StepTemplate:
     """A decode step's ops as emitted, field by field (what a replay copies), with what a replay recomputes. Made by
-    `Recording.finish`."""
+    `Recording.template`."""
 
     columns: list[list]  # per Op field after id, phase and step (`_COPIED`), its values over the step's ops
     deps: list[tuple[int, ...]]  # per op, its dependencies' positions in the step (() where `external_deps` has it)
@@ -68,10 +68,23 @@ _COPIED = ("kind", "stream", "layer", "micro_batch", "tokens", "flops", "bytes",
            "alloc", "free", "scope", "members")
 
 
+class StepShape(NamedTuple):
+    """What decides a decode step's ops besides its numbers (`LayoutEmitter._replay_key`): steps of one shape
+    differ only in what a replay recomputes."""
+
+    layout: int  # id of the layout (the emitter holds the layout, so the id stays its)
+    slices: tuple[tuple[int, int, int], ...]  # per micro-batch: index, tokens, requests
+    waits: tuple[bool, bool]  # whether the last GPU ops of the two visits before the step exist
+    busy: bytes  # which experts of which layer receive tokens in each expert run (`pattern_of`)
+
+
 @dataclass
 class Recording:
-    """Collects, while a step is emitted the ordinary way, what its template needs beyond the ops themselves."""
+    """What a step emitted the ordinary way leaves for its template beyond its ops: filled while it is emitted
+    (`routed`, `member_calls`), closed when it ends (`close`). The template itself is made only when a later step
+    has the same shape (`template`): a shape seen once costs no copy of its ops."""
 
+    ops: list[Op]  # the builder's ops: the step's stay at [first, end), never changed once appended
     first: int
     seq: int
     externals: tuple[int, int]
@@ -79,16 +92,31 @@ class Recording:
     kv_state: tuple[int, int]
     routed: list[RoutedCopy] = field(default_factory=list)
     member_calls: list[int] = field(default_factory=list)
+    end: int = -1
+    layer_done: list[int] = field(default_factory=list)
+    replayable: bool = False
+    _template: StepTemplate | None = None
 
-    def finish(self, ops: list[Op], layer_done: dict[int, int], seq_end: int, scopes: int, kv_state: tuple[int, int],
-               moe_index: list[int]) -> StepTemplate | None:
-        """The step's template, or None when it holds what a replay could not reproduce (a scope of its own, a
-        streamed KV cache, or a dependency on an earlier op other than the fetches' double-buffer waits)."""
-        if scopes != self.scopes or kv_state != self.kv_state or (
-                self.externals[0] >= 0 and self.externals[0] == self.externals[1]):
-            return None
+    def close(self, layer_done: dict[int, int], seq_end: int, scopes: int, kv_state: tuple[int, int]) -> None:
+        """The step has been emitted: note its end and its layers' last GPU ops, and whether it made state a replay
+        would not (a scope of its own, a streamed KV cache's buffers)."""
+        self.end = len(self.ops)
+        self.layer_done = [layer_done.get(seq, -1) for seq in range(self.seq, seq_end)]
+        self.replayable = scopes == self.scopes and kv_state == self.kv_state and not (
+            self.externals[0] >= 0 and self.externals[0] == self.externals[1])
+
+    def template(self, moe_index: list[int]) -> StepTemplate | None:
+        """The step's template (made once), or None when it holds what a replay could not reproduce: state of its
+        own (`close`), a dependency on an earlier op other than the fetches' double-buffer waits, or a layer whose
+        last GPU op is an earlier step's."""
+        if self._template is None and self.replayable:
+            self._template = self._make(moe_index)
+            self.replayable = self._template is not None
+        return self._template
+
+    def _make(self, moe_index: list[int]) -> StepTemplate | None:
         first = self.first
-        step_ops = ops[first:]
+        step_ops = self.ops[first:self.end]
         known = {d for d in self.externals if d >= 0}
         external_deps, attention, experts = [], [], []
         for k, op in enumerate(step_ops):
@@ -103,12 +131,9 @@ class Recording:
                 if li < 0 or op.scope != -1:
                     return None
                 experts.append((k, li, op.micro_batch, tuple([m[0] for m in op.members]) if op.members else None))
-        done = []
-        for seq in range(self.seq, seq_end):
-            last = layer_done.get(seq, -1)
-            if 0 <= last < first:
-                return None
-            done.append(last - first if last >= 0 else -1)
+        if any(0 <= last < first for last in self.layer_done):
+            return None
+        done = [last - first if last >= 0 else -1 for last in self.layer_done]
         routed = [RoutedCopy(c.position - first, c.li, c.mb, c.experts, c.cap) for c in self.routed]
         columns = [list(map(attrgetter(name), step_ops)) for name in _COPIED]
         outside = {k for k, _ in external_deps}
@@ -141,12 +166,13 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     ops = builder.ops
     first = len(ops)
     n = t.size
-    members = sum(t.member_calls)
-    if first + n - 1 + builder.member_load + members * MEMBER_OP_SHARE >= builder.max_ops:
+    load = builder.member_load
+    for m in t.member_calls:  # charged call by call: the same float sums as emission's
+        load += m * MEMBER_OP_SHARE
+    if first + n - 1 + load >= builder.max_ops:  # the largest of the guards emission would apply in the step
         return False
     builder.next_id(step)  # the step's guards, as its first op would call them (the load is the same)
-    for m in t.member_calls:  # charged call by call: the same float sums as emission's
-        builder.member_load += m * MEMBER_OP_SHARE
+    builder.member_load = load
     # deps name the new ops' own id objects (as emission's do): no int object per dependency. C-level passes: the
     # hot loop of a long decode.
     ids = list(range(first, first + n))
