@@ -8,7 +8,7 @@ dependencies), the shared expert, or a dense FFN.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import compress, groupby
 from operator import itemgetter
 from typing import TYPE_CHECKING, NamedTuple
@@ -206,7 +206,7 @@ class LayerEmitter:
                       sum(map(_BYTES, members)), op_deps, -1, none, 0, (), (), scope, members))
         return last
 
-    def _group_members(self, experts: list[int], tokens: list[int]) -> tuple[tuple[int, int, int, int], ...]:
+    def _group_members(self, experts: Sequence[int], tokens: list[int]) -> tuple[tuple[int, int, int, int], ...]:
         """The members (expert, tokens, FLOPs, bytes) of a grouped op, each the plan's one stored copy: looked up in
         its expert's table by its tokens in one C-level pass (ids are in 0..E-1, as the counts they index), made only
         for a member the plan has not seen. 130 ns a member where an int key tokens * E + expert in one table took

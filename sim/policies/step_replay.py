@@ -3,15 +3,16 @@
 Two decode steps of one layout have the same ops in the same order, with the same streams, dependencies (shifted
 by the ids between them), copies and memory, when their micro-batches hold the same requests and the same experts
 receive tokens (issue 13). What differs between them is numbers: the step, the KV entries each attention reads,
-each expert op's tokens (and a grouped op's members), and the copies that carry the routed experts' outputs. A
-`StepTemplate` records which op is which while its step is emitted the ordinary way; replaying it for a later step
-copies every op and recomputes just those numbers from that step's slices, with the formulas the emitter uses.
-`LayoutEmitter.step` decides when a step may be replayed (`replay_key`); a plan built with replay is the plan
-built without it, op for op (tests/test_step_replay.py).
+each expert op's tokens (and a grouped op's members), and the copies that carry the routed experts' outputs. The
+first step of a shape is emitted the ordinary way while a `Recording` notes what a replay needs; when a later step
+has its shape, the recording becomes a `StepTemplate`, and `replay` copies its ops and recomputes just those
+numbers from the later step's slices, with the formulas the emitter uses. `LayoutEmitter._replay_key` says which
+steps may be replayed; a plan built with replay is the plan built without it, op for op (tests/test_step_replay.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sim.cost import OpWork
 from sim.plan import Op, OpKind, Phase, PlanBuilder
 from sim.policies.layers import _BYTES, _FLOPS, CPU_STREAMS, BatchSlice
 from traces.limits import MEMBER_OP_SHARE
@@ -157,8 +159,12 @@ def pattern_of(slices: list[BatchSlice], groups: list[list[int]]) -> bytes:
     return np.packbits(busy).tobytes()
 
 
-def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBuilder, work, layer_done: dict[int, int],
-           seq: int, members_of) -> bool:
+Member = tuple[int, int, int, int]  # a grouped op's member: (expert, tokens, flops, bytes)
+
+
+def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBuilder, work: OpWork,
+           layer_done: dict[int, int], seq: int,
+           members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]]) -> bool:
     """Append template `t`'s ops for decode step `step` of `slices` (same shape as the template's step), with ids
     from the builder's next, and record its layers' last GPU ops in `layer_done` from visit `seq` on. False (and
     nothing appended) when the step would cross the builder's op limit: the caller emits it the ordinary way,
