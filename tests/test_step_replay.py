@@ -234,3 +234,53 @@ def test_a_replayed_plan_charges_the_builder_the_same_load(monkeypatch):
         build("coxmoe", FIXED, ctx, replay, monkeypatch)
         loads.append([(len(b.ops), b.member_load, b.step) for b in builders])
     assert seen["replayed"] >= 5 and loads[0] == loads[1] and loads[0][-1][1] > 0
+
+
+def test_a_search_emits_each_prefill_once_and_its_plans_are_unchanged(monkeypatch):
+    """CoX-MoE's candidates share prefill configurations: a prefill emitted for one is copied for the next (and for
+    the chosen plan), and the plan is the one built with every prefill emitted (replay off)."""
+    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", gen=13)
+    restored = []
+    restore = compose._PrefillState.restore
+
+    def counted(self, emit):
+        restored.append(restore(self, emit))
+        return restored[-1]
+
+    monkeypatch.setattr(compose._PrefillState, "restore", counted)
+    reference = build("coxmoe", {}, ctx, False, monkeypatch)
+    assert restored == []
+    assert_same_plan(build("coxmoe", {}, ctx, True, monkeypatch), reference)
+    assert restored.count(True) >= 2
+
+
+def test_a_kept_prefill_starts_a_plan_where_its_own_left_off():
+    """Restoring a prefill gives a new emitter the ops and state emitting it leaves; later emission into one plan
+    does not reach the kept state; a prefill that would cross the op limit is declined (emitting it raises)."""
+    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", gen=13)
+    m = ctx.model
+    layout = compose.Layout("gcg", compose.no_experts(m), compose.all_experts(m), compose.no_experts(m))
+    groups = [np.arange(0, 32), np.arange(32, 64)]
+
+    def emitter():
+        return compose.LayoutEmitter(ctx, ctx.builder(), kv_on_gpu=True)
+
+    def state(emit):
+        b = emit.b
+        return (list(emit.ops), b.member_load, b.step, dict(emit.layer_done), emit.seq, emit.prefill_end,
+                list(emit.scopes), [dict(t) for t in emit._members])
+
+    cache: dict = {}
+    first = emitter()
+    first.prefill(prefill_slices(ctx, groups), layout, cache)
+    (kept,) = cache.values()
+    emitted = state(first)
+    first.step(decode_slices(ctx, 1, groups), Phase.DECODE, 1, layout)  # emission goes on in the first plan only
+    for _ in range(2):  # a restored plan's own emission does not reach the kept state either
+        second = emitter()
+        second.prefill(prefill_slices(ctx, groups), layout, cache)
+        assert state(second) == emitted and len(cache) == 1
+        second.step(decode_slices(ctx, 1, groups), Phase.DECODE, 1, layout)
+    small = emitter()
+    small.b.max_ops = len(emitted[0]) - 1
+    assert not kept.restore(small) and small.ops == []

@@ -305,6 +305,23 @@ class LayoutEmitter(LayerEmitter):
             self._recordings.pop(next(iter(self._recordings)))
         self._recordings[shape] = rec
 
+    def prefill(self, slices: list[BatchSlice], layout: Layout, cache: dict | None = None) -> None:
+        """`step` for the prefill. With `cache` (a search's: its candidates share a model, trace and workload), a
+        prefill already emitted for the same layout, micro-batches and emitter settings is copied from it, its ops
+        and the state it left, instead of emitted again (with replay off, or past the op limit, it is emitted)."""
+        if cache is None or not self.replay or self.ops:
+            self.step(slices, Phase.PREFILL, 0, layout)
+            return
+        key = (layout, id(self.ctx.trace), id(self.ctx.workload), tuple([s.requests.tobytes() for s in slices]),
+               self.kv_on_gpu, self.prefill_expert_batch, None if self.kv_on_cpu is None else self.kv_on_cpu.tobytes())
+        state = cache.get(key)
+        if state is not None and state.restore(self):
+            return
+        self.step(slices, Phase.PREFILL, 0, layout)
+        if len(cache) >= PREFILLS_KEPT:
+            cache.pop(next(iter(cache)))
+        cache[key] = _PrefillState(self)
+
     def _replay_key(self, slices: list[BatchSlice], phase: Phase, layout: Layout, entering: Experts | None,
                     swap_bytes: tuple[int, ...] | None) -> step_replay.StepShape | None:
         """A decode step's shape (`step_replay.StepShape`), or None when the step is emitted the ordinary way:
@@ -540,6 +557,37 @@ class LayoutEmitter(LayerEmitter):
     def _shared(self, home: Stream, at: At, tokens: int, deps: tuple[int, ...], scope: int) -> int:
         return self._op(OpKind.SHARED_EXPERT, home, at.phase, at.step, at.layer, at.mb, tokens,
                         self.w.shared_expert(tokens), deps, scope=scope)
+
+
+class _PrefillState:
+    """A prefill's ops and what it left in its emitter and builder, to start another plan of the same search from
+    (`LayoutEmitter.prefill`). The ops are shared, not copied: a plan's ops are not changed once built."""
+
+    def __init__(self, emit: LayoutEmitter):
+        b = emit.b
+        self.ops = list(emit.ops)
+        self.member_load, self.builder_step = b.member_load, b.step
+        self.layer_done, self.seq, self.prefill_end = dict(emit.layer_done), emit.seq, emit.prefill_end
+        self.scopes, self.scope_index = list(emit.scopes), dict(emit._scope_index)
+        self.kv_holders, self.kv_stored = list(emit._kv_holders), dict(emit._kv_stored)
+        self.members = [dict(table) for table in emit._members]
+
+    def restore(self, emit: LayoutEmitter) -> bool:
+        """Start `emit` (with no ops yet) where this prefill left its own; False when the prefill would cross the
+        builder's op limit (its largest guard), which emitting it raises."""
+        b = emit.b
+        if emit.ops or len(self.ops) - 1 + self.member_load >= b.max_ops:
+            return False
+        emit.ops.extend(self.ops)
+        b.member_load, b.step = self.member_load, self.builder_step
+        emit.layer_done, emit.seq, emit.prefill_end = dict(self.layer_done), self.seq, self.prefill_end
+        emit.scopes, emit._scope_index = list(self.scopes), dict(self.scope_index)
+        emit._kv_holders, emit._kv_stored = list(self.kv_holders), dict(self.kv_stored)
+        emit._members = [dict(table) for table in self.members]
+        return True
+
+
+PREFILLS_KEPT = 4  # prefills a search keeps (its candidates share a few prefill configurations)
 
 
 def compose_plan(ctx: PlanContext, policy: str, knobs: dict, schedule: Schedule, prefill: Layout, decode: Layout,

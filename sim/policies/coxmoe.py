@@ -294,6 +294,7 @@ class _Model:
         else:
             self.order = np.tile(np.arange(m.num_experts), (m.num_moe_layers, 1))
         self.decode_steps = max(wl.max_gen_len - 1, 0)
+        self.prefills: dict = {}  # the prefills this search's plans emitted (`LayoutEmitter.prefill`)
         self.streamed = opts.kv_cache == "cpu"  # GPU decode attention over a KV cache in host memory
         self.kv_bytes = wl.kv_tokens_total * m.kv_bytes_per_token
         self.kv_mean = float(wl.prompt_lens.mean() + wl.gen_lens.mean() / 2)
@@ -852,7 +853,7 @@ class CoxMoePolicy(Policy):
                              kv_on_cpu=model.cpu_requests(o.decode_micro_batch) if split_kv and not model.streamed
                              else None)
         first = prefill_slices(ctx, schedule.prefill)
-        emit.step(first, Phase.PREFILL, 0, layouts[Phase.PREFILL])
+        emit.prefill(first, layouts[Phase.PREFILL], model.prefills)
         restrat = _Restratifier(layouts[Phase.DECODE], first, o.ema, ctx) if o.ema and resident else None
         steps = ctx.steps()
         sampled = steps if ctx.decode_scale != 1.0 else None
