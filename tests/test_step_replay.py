@@ -9,6 +9,8 @@ from dataclasses import fields, replace
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sim.plan as plan_module
 import sim.policies.compose as compose
@@ -284,3 +286,30 @@ def test_a_kept_prefill_starts_a_plan_where_its_own_left_off():
     small = emitter()
     small.b.max_ops = len(emitted[0]) - 1
     assert not kept.restore(small) and small.ops == []
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=st.sampled_from(CASES), model=st.sampled_from(["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"]),
+       experts=st.sampled_from([4, 8, 16]), batch=st.integers(4, 48), routing=st.sampled_from(["uniform", "zipf:1.5"]),
+       lengths=st.lists(st.integers(2, 9), min_size=1, max_size=3), sample=st.sampled_from([0, 3]),
+       seed=st.integers(0, 2**16))
+def test_random_small_plans_are_the_same_replayed(case, model, experts, batch, routing, lengths, sample, seed):
+    """Property: any composed policy's plan, on a random small workload (generation lengths drawn from a few values,
+    so shapes repeat and change), with or without a decode sample, is the same built either way."""
+    policy, options = case
+    rng = np.random.default_rng(seed)
+    prompts, gens = rng.integers(2, 24, batch), rng.choice(lengths, batch)
+    m = replace(load_model(model), num_experts=experts, top_k=2)
+    trace = generate_trace(SynthConfig(m.name, m.num_moe_layers, experts, 2, routing, 0.0, seed), prompts, gens)
+    system = getattr(POLICIES[policy], "example_system", None) or "a100-80g-8452y"
+    ctx = PlanContext(m, load_system(system), Workload(prompts, gens), trace, decode_sample=sample)
+    plans, errors = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        for replay in (False, True):
+            try:
+                plans.append(build(policy, options, ctx, replay, patch))
+            except SimInputError as exc:
+                errors.append(str(exc))
+    assert len(errors) in (0, 2) and (not errors or errors[0] == errors[1])
+    if plans:
+        assert_same_plan(*plans)
