@@ -91,7 +91,8 @@ print('RESULT ' + json.dumps(out))
 # --breakdown: wall seconds per stage, by wrapping the functions each stage runs through (no profiler, so the
 # split is not skewed toward Python-heavy stages): trace synthesis; the policy's analytic ranking (its search
 # space, including the trace counts it needs); plan building (the search's time less ranking and engine runs);
-# the engine; the rest (metrics, checks outside the search, start-up of the point).
+# the engine; the rest (metrics, checks outside the search, start-up of the point); and how many decode steps the
+# plan builds copied from an earlier step of their shape (`sim/policies/step_replay.py`) instead of emitting.
 BREAKDOWN_PROLOGUE = """
 import sim.api as _api, sim.search as _search
 from sim.policies import POLICIES as _POLICIES
@@ -115,6 +116,14 @@ def _timed(owner, name, key, engine=False, search=False):
             if search:
                 _in_search[0] = False
     setattr(owner, name, g)
+import sim.policies.step_replay as _replay
+_replay_of = _replay.replay
+def _counted_replay(*a, **k):
+    done = _replay_of(*a, **k)
+    _split['replayed_steps'] += done
+    return done
+_replay.replay = _counted_replay
+_split['replayed_steps'] = 0
 _timed(_api, 'synthesise', 'trace_s')
 _timed(_search, 'run_plan', 'engine_s', engine=True)
 _timed(_api, 'run_plan', 'engine_s', engine=True)
@@ -128,6 +137,7 @@ BREAKDOWN_EPILOGUE = """
 _builds = _split['search_s'] - _split['ranking_s'] - _split['engine_in_search_s']
 out['split_s'] = {'trace': _split['trace_s'], 'ranking': _split['ranking_s'], 'plan_builds': _builds,
                   'engine': _split['engine_s'], 'engine_runs': _split['engine_runs'],
+                  'replayed_steps': _split['replayed_steps'],
                   'other': out['wall_s'] - _split['trace_s'] - _split['search_s'] - _split['engine_s']
                            + _split['engine_in_search_s']}
 """
