@@ -301,7 +301,7 @@ class LayoutEmitter(LayerEmitter):
         finally:
             self.recording = None
         rec.close(self.layer_done, self.seq, len(self.scopes), self._kv_state())
-        if len(self._recordings) >= step_replay.MAX_TEMPLATES:
+        if len(self._recordings) >= step_replay.SHAPES_KEPT:
             self._recordings.pop(next(iter(self._recordings)))
         self._recordings[shape] = rec
 

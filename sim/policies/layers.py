@@ -28,6 +28,12 @@ NDP = "ndp"  # the near-memory tier's stream (sim/topology.py), when the system 
 CPU_STREAMS = frozenset({Stream.CPU, Stream.CPU_EXPERTS})  # a copy there is a host memcpy (read + write)
 
 
+def copy_traffic(stream: str, nbytes: int) -> int:
+    """Memory traffic of a copy of `nbytes` on `stream`: the bytes moved, twice on a CPU stream (a host memcpy reads
+    and writes them)."""
+    return 2 * nbytes if stream in CPU_STREAMS else nbytes
+
+
 def split_by_tokens(requests: np.ndarray, lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
     """Consecutive groups of whole requests with at most `token_budget` tokens (at least one request each)."""
     groups: list[np.ndarray] = []
@@ -148,10 +154,9 @@ class LayerEmitter:
     def xfer(self, stream: str, at: At, nbytes: int, payload: Payload, deps: tuple[int, ...],
              tokens: int = 0) -> int:
         """A copy over PCIe (`h2d`, `h2d_act`, `d2h`), or a host memcpy on a CPU stream (pinned staging)."""
-        flops_bytes = (0, 2 * nbytes) if stream in CPU_STREAMS else (0, nbytes)
         op_id = self.b.next_id(at.step)
-        self.ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, flops_bytes[0],
-                           flops_bytes[1], tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
+        self.ops.append(Op(op_id, OpKind.COPY, stream, at.phase, at.step, at.layer, at.mb, tokens, 0,
+                           copy_traffic(stream, nbytes), tuple([d for d in deps if d >= 0]), -1, payload, 0, (), ()))
         return op_id
 
     def copy(self, stream: Stream, phase: Phase, step: int, layer: int, mb: int, nbytes: int, payload: Payload,

@@ -22,10 +22,11 @@ import numpy as np
 
 from sim.cost import OpWork
 from sim.plan import Op, OpKind, Phase, PlanBuilder
-from sim.policies.layers import _BYTES, _FLOPS, CPU_STREAMS, BatchSlice
+from sim.policies.layers import _BYTES, _FLOPS, BatchSlice, copy_traffic
 from traces.limits import MEMBER_OP_SHARE
 
-MAX_TEMPLATES = 16  # step shapes kept per emitter (routing that leaves experts idle at some steps makes several)
+# step shapes an emitter keeps the first step of (routing that leaves experts idle at some steps makes several)
+SHAPES_KEPT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +220,7 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     for c in t.routed:
         op, tokens = ops[first + c.position], loads_of(c.li, c.mb)
         routed = min(sum(map(tokens.__getitem__, c.experts)), c.cap)
-        nbytes = work.hidden_bytes(routed)
-        op.tokens, op.bytes = routed, 2 * nbytes if op.stream in CPU_STREAMS else nbytes
+        op.tokens, op.bytes = routed, copy_traffic(op.stream, work.hidden_bytes(routed))
     for k, done in enumerate(t.layer_done):
         layer_done[seq + k] = ids[done] if done >= 0 else -1
     return True
