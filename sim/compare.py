@@ -12,9 +12,8 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from tqdm import tqdm
 
 from sim.api import resolve_model, resolve_routing, resolve_system, simulate
@@ -24,6 +23,9 @@ from sim.policies import POLICIES
 from sim.specs import ModelSpec, SystemSpec
 from traces import RoutingTrace
 from traces.limits import memory_limit_bytes
+
+if TYPE_CHECKING:  # imported where the table is made (see sim.plan)
+    import pandas as pd
 
 COMPARED = tuple(name for name, cls in POLICIES.items() if cls.compared)  # registry order, coxmoe first
 
@@ -192,6 +194,8 @@ def failure_note(error: str) -> str:
 def compare_table(result: dict[str, Any]) -> pd.DataFrame:
     """One row per policy: throughput, CoX-MoE's speedup over it (1 on its own row; no column when CoX-MoE did not
     run; NaN where either side did not fit), busy seconds per resource, peak VRAM."""
+    import pandas as pd
+
     rows = []
     ran = result["policies"].get("coxmoe", {}).get("feasible", False)
     for policy, r in result["policies"].items():

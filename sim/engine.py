@@ -38,7 +38,8 @@ always).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -391,9 +392,9 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                                pools.capacity, pools.static)
         if listed is not None:
             return _record(ops, topo, *listed, events=0, engine="list")
-    # the SimPy machine
-    start = [-1] * n
-    end = [-1] * n
+    # the SimPy machine; start and end as int64 arrays, not lists of int objects (a 776k-op plan: 12 MB, not 62)
+    start = array("q", [-1]) * n
+    end = array("q", [-1]) * n
     waiters: dict[int, list[Callable[[], None]]] = {}  # op id -> the continuations of streams waiting for it
     env = simpy.Environment()
     shares = {group: _GroupShare(lump=chain) for group in topo.group_sizes}
@@ -550,6 +551,8 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     except _Abort:
         assert pools.error is not None
         raise pools.error from None
+    except OverflowError:  # a start or end past int64 (the arrays refuse it): past MAX_RUN_NS too
+        raise _too_long(f"over {2**63 / 1e9:.3g}") from None
     finally:
         # The stream closures refer to each other (a reference cycle the collector frees later): unhook the plan's
         # ops from them, so the ops die with the plan instead of waiting for a collection (0.2-0.3 s of objects
@@ -558,14 +561,18 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     return _record(plan_ops, topo, start, end, pools.peak, events=events, engine="simpy")
 
 
-def _record(ops: list[Op], topo: Topology, start: list[int], end: list[int], peak: dict[str, int], events: int,
-            engine: str) -> EngineRecord:
+def _too_long(seconds: str) -> RunTooLong:
+    return RunTooLong(f"the run would last {seconds} s (over {MAX_RUN_NS / 1e9:.3g} s): a rate or efficiency in the "
+                      "system spec or profile is near zero")
+
+
+def _record(ops: list[Op], topo: Topology, start: Sequence[int], end: Sequence[int], peak: dict[str, int],
+            events: int, engine: str) -> EngineRecord:
     """The engine record of a finished run, after the checks both schedules need: the run fits int64
     nanoseconds, and every op ran."""
     last = max(end, default=0)
     if last > MAX_RUN_NS:  # each op stays under the per-op bound, but their sum would not fit int64 nanoseconds
-        raise RunTooLong(f"the run would last {last / 1e9:.3g} s (over {MAX_RUN_NS / 1e9:.0e} s): a rate or "
-                         "efficiency in the system spec or profile is near zero")
+        raise _too_long(f"{last / 1e9:.3g}")
     end_arr = np.asarray(end, dtype=np.int64)
     if ops and (end_arr < 0).any():
         first = int(np.flatnonzero(end_arr < 0)[0])

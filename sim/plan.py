@@ -20,16 +20,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from sim.errors import SimInputError
 from sim.specs import ModelSpec, SystemSpec
 from sim.topology import topology_of
 from sim.workload import Workload
 from traces.limits import MEMBER_OP_SHARE, max_ops, too_many_ops
+
+if TYPE_CHECKING:  # pandas (with pyarrow, ~110 MB resident and 0.25 s) is imported where a frame is made
+    import pandas as pd
 
 
 class Stream(StrEnum):
@@ -245,6 +247,8 @@ class Plan:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per op (deps and a grouped op's members as tuples), for inspection and plotting."""
+        import pandas as pd
+
         cols = ["id", "kind", "stream", "phase", "step", "layer", "micro_batch", "tokens", "expert",
                 "flops", "bytes", "kv_tokens", "payload", "deps", "members"]
         data = {c: [getattr(op, c) for op in self.ops] for c in cols}

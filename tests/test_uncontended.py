@@ -259,6 +259,20 @@ def test_a_run_past_the_clock_raises_run_too_long_either_way():
     assert outcome(plan, HugeCost(), True)[:2] == outcome(plan, HugeCost(), False)[:2] == ("error", "RunTooLong")
 
 
+@pytest.mark.parametrize(("ops", "beyond_int64"), [(5, False), (10, True)])
+def test_the_simpy_machine_names_a_run_past_its_clock(ops, beyond_int64):
+    """The SimPy machine keeps starts and ends in int64 arrays: a run past MAX_RUN_NS (5 x 10^18 ns) and one whose
+    ends would not fit int64 at all (10 x 10^18, which the arrays refuse mid-run) both end in RunTooLong's one
+    line, never an OverflowError."""
+    b = PlanBuilder()
+    for _ in range(ops):
+        host_op(b, Stream.H2D, 1, 0)
+    kind, name, message = outcome(plan_of(b), HugeCost(), False)
+    assert (kind, name) == ("error", "RunTooLong")
+    assert message.startswith("the run would last ") and "(over 4.61e+09 s)" in message
+    assert ("last over 9.22e+09 s" in message) == beyond_int64
+
+
 def test_a_schedule_past_2_53_ns_is_left_to_the_engine():
     """Past 2^53 ns the engine's float bookkeeping rounds: the list schedule declines, whatever the result."""
     b = PlanBuilder()
