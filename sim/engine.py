@@ -93,7 +93,8 @@ def busy_by_stream(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray, stre
     index = {s: k for k, s in enumerate(streams)}
     if not ops:
         return {s: 0 for s in streams}
-    which = np.fromiter((index[op.stream] for op in ops), dtype=np.int64, count=len(ops))
+    narrow = np.int16 if len(streams) <= np.iinfo(np.int16).max else np.int64  # 2 bytes an op, not 8
+    which = np.fromiter((index[op.stream] for op in ops), dtype=narrow, count=len(ops))
     busy = np.bincount(which, weights=end_ns - start_ns, minlength=len(streams))
     return {s: int(busy[k]) for k, s in enumerate(streams)}
 
@@ -350,11 +351,11 @@ class _GroupShare:
             self._retime(now, skip=None)
 
 
-def _chainable(ops: list[Op]) -> list[bool]:
+def _chainable(ops: list[Op]) -> bytearray:
     """Per op: whether its end is unobservable, so that the op after it on an uncontended stream may start
     without an event of its own: it frees no memory and no op of another stream depends on it (a later op of its
     own stream that names it waits for it anyway, by stream order: the O-projection before its router)."""
-    ok = [not op.free for op in ops]
+    ok = bytearray(not op.free for op in ops)  # a byte an op (a list: eight)
     for op in ops:
         stream = op.stream
         for d in op.deps:
@@ -399,7 +400,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     env = simpy.Environment()
     shares = {group: _GroupShare(lump=chain) for group in topo.group_sizes}
     schedule, Event, Timeout = env.schedule, simpy.Event, simpy.Timeout
-    chainable = _chainable(ops) if chain else [False] * n
+    chainable = _chainable(ops) if chain else bytearray(n)
 
     def fired(callback: Callable[[simpy.Event], None] | None, priority: int = NORMAL) -> None:
         """Schedule an event that calls `callback` now: a stream's start, its interruption, its end."""
@@ -424,7 +425,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         def proceed(_event: simpy.Event | None = None) -> None:
             """From op k on: wait for a dependency (resumed when it ends), or start the op; an op of zero
             duration ends at once and the next follows."""
-            nonlocal k, job, target
+            nonlocal k, job, target, ids, share
             while k < count:
                 i = ids[k]
                 op = ops[i]
@@ -478,6 +479,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                     return
                 complete(i, now)
                 k += 1
+            ids, share = (), None  # unread from now on: gone now, not with the closures' cycle (see run_plan)
             fired(None)  # the stream's end, one event as a SimPy process's end is
 
         def sleep(_event: simpy.Event | None = None) -> None:
@@ -554,11 +556,14 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     except OverflowError:  # a start or end past int64 (the arrays refuse it): past MAX_RUN_NS too
         raise _too_long(f"over {2**63 / 1e9:.3g}") from None
     finally:
-        # The stream closures refer to each other (a reference cycle the collector frees later): unhook the plan's
-        # ops from them, so the ops die with the plan instead of waiting for a collection (0.2-0.3 s of objects
-        # after a full-decode point).
-        ops = None
-    return _record(plan_ops, topo, start, end, pools.peak, events=events, engine="simpy")
+        # The stream closures refer to each other (a reference cycle the collector frees later, and not at all
+        # while a search pauses it): unhook the plan's ops and the run's per-op tables and price memos from them,
+        # so they die with the run instead of waiting for a collection (0.2-0.3 s of objects after a full-decode
+        # point; a Qwen3-30B-A3B B=4096 search's five probe runs held ~15 MB until its final run ended).
+        ops = durations = chainable = group_price = usage_of = shares = waiters = env = by_stream = None
+        run_start, run_end = start, end
+        start = end = None
+    return _record(plan_ops, topo, run_start, run_end, pools.peak, events=events, engine="simpy")
 
 
 def _too_long(seconds: str) -> RunTooLong:
