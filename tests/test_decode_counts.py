@@ -54,3 +54,32 @@ def test_plans_are_the_same_with_and_without_the_table(trace, paper_system, monk
     assert [(op.kind, op.stream, op.tokens, op.expert, op.members) for op in with_table.ops] == [
         (op.kind, op.stream, op.tokens, op.expert, op.members) for op in without.ops]
     assert simulate_plan(with_table)[1]["total_s"] == simulate_plan(without)[1]["total_s"]
+
+
+def test_count_tables_are_kept_in_the_narrowest_type_their_entries_fit():
+    """`narrowed`: the same values in the narrowest unsigned type that holds the largest; other tables untouched."""
+    for dtype, top, expected in ((np.uint16, 255, np.uint8), (np.uint16, 256, np.uint16), (np.uint32, 1000, np.uint16),
+                                 (np.uint32, 70_000, np.uint32)):
+        table = np.arange(top + 1, dtype=dtype).reshape(-1, 1)[::-1]
+        out = fmt.narrowed(table)
+        assert out.dtype == expected
+        np.testing.assert_array_equal(out, table)
+    for keep in (np.zeros(5, np.uint8), np.zeros(0, np.uint16), np.arange(3, dtype=np.int64)):
+        assert fmt.narrowed(keep) is keep
+
+
+def test_synthesis_and_decode_tables_keep_narrow_counts():
+    """Top-8 of 128 experts over prompts of up to 300 tokens: a prompt count is bounded by 2,400 (uint16) but stays
+    far below 256, as does a group's decode count (bounded by 320 for 40 requests): both tables are uint8, with
+    the values of the full form."""
+    rng = np.random.default_rng(3)
+    prompts, gens = rng.integers(200, 300, 40), rng.integers(2, 6, 40)
+    cfg = SynthConfig("m", 2, 128, 8, "uniform", 0.0, 0)
+    counted, full = generate_trace(cfg, prompts, gens, prompt_counts=True), generate_trace(cfg, prompts, gens)
+    assert fmt.count_dtype(int(prompts.max()) * 8) == np.uint16 and counted.prompt_counts.dtype == np.uint8
+    every = np.arange(40)
+    np.testing.assert_array_equal(counted.prefill_counts(every), full.prefill_counts(every))
+    groups = [np.arange(0, 40), np.arange(3, 9)]
+    table = counted.decode_step_counts(groups)
+    assert fmt.count_dtype(40 * 8) == np.uint16 and table.dtype == np.uint8
+    np.testing.assert_array_equal(table, full.decode_step_counts(groups))

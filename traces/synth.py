@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from traces import jit
 from traces.errors import TraceError
-from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, request_groups
+from traces.format import RoutingTrace, TraceHeader, count_dtype, expert_dtype, narrowed, request_groups
 from traces.limits import MAX_LENGTH, check_experts, check_memory
 from traces.pages import plain_pages
 from traces.rng_words import random_f32, words32
@@ -691,7 +691,7 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
                                 **({"affinity": cfg.affinity} if cfg.affinity else {}),
                                 **({"topics": cfg.topics, "topic_shift": cfg.topic_shift} if cfg.topics else {})})
     return RoutingTrace(header, prompt_lens, gen_lens, experts, request_features=features,
-                        prompt_counts=None if counts is None else counts.table)
+                        prompt_counts=None if counts is None else narrowed(counts.table))
 
 
 class _PromptCounts:
