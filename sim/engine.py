@@ -578,11 +578,11 @@ def _record(ops: list[Op], topo: Topology, start: Sequence[int], end: Sequence[i
     last = max(end, default=0)
     if last > MAX_RUN_NS:  # each op stays under the per-op bound, but their sum would not fit int64 nanoseconds
         raise _too_long(f"{last / 1e9:.3g}")
-    end_arr = np.asarray(end, dtype=np.int64)
+    end_arr = np.asarray(end, dtype=np.int64).view(np.int64)  # an array('q') is viewed as numpy's longlong
     if ops and (end_arr < 0).any():
         first = int(np.flatnonzero(end_arr < 0)[0])
         raise PlanDeadlock(f"plan deadlocked: op {first} ({ops[first].kind} on {ops[first].stream}) never ran")
-    start_arr = np.asarray(start, dtype=np.int64)
+    start_arr = np.asarray(start, dtype=np.int64).view(np.int64)
     return EngineRecord(start_ns=start_arr, end_ns=end_arr,
                         busy_ns=busy_by_stream(ops, start_arr, end_arr, topo.stream_order()),
                         peak_bytes=dict(peak), events=events, engine=engine)

@@ -261,9 +261,9 @@ def test_a_run_past_the_clock_raises_run_too_long_either_way():
 
 @pytest.mark.parametrize(("ops", "beyond_int64"), [(5, False), (10, True)])
 def test_the_simpy_machine_names_a_run_past_its_clock(ops, beyond_int64):
-    """The SimPy machine keeps starts and ends in int64 arrays: a run past MAX_RUN_NS (5 x 10^18 ns) and one whose
-    ends would not fit int64 at all (10 x 10^18, which the arrays refuse mid-run) both end in RunTooLong's one
-    line, never an OverflowError."""
+    """The SimPy machine keeps starts and ends in int64 arrays: a run past MAX_RUN_NS (2^62 ns; five ops of 10^18
+    ns) and one whose ends would not fit int64 at all (ten, which the arrays refuse mid-run) both end in
+    RunTooLong's one line, never an OverflowError; a run that fits records int64 arrays either way."""
     b = PlanBuilder()
     for _ in range(ops):
         host_op(b, Stream.H2D, 1, 0)
@@ -271,6 +271,8 @@ def test_the_simpy_machine_names_a_run_past_its_clock(ops, beyond_int64):
     assert (kind, name) == ("error", "RunTooLong")
     assert message.startswith("the run would last ") and "(over 4.61e+09 s)" in message
     assert ("last over 9.22e+09 s" in message) == beyond_int64
+    fits = outcome(plan_of(b), COST, False)[1]
+    assert fits.start_ns.dtype.type is fits.end_ns.dtype.type is np.int64
 
 
 def test_a_schedule_past_2_53_ns_is_left_to_the_engine():

@@ -615,12 +615,12 @@ def generate_trace(cfg: SynthConfig, prompt_lens: np.ndarray, gen_lens: np.ndarr
     itemsize = expert_dtype(cfg.num_experts).itemsize
     rows = int(gen_lens.astype(np.int64).sum()) - gen_lens.size if prompt_counts else n  # rows the trace keeps
     # the trace itself, its layer blocks, two [k, n] draw blocks, per-token bookkeeping (index, flags, draws);
-    # prompts as counts: their table and each row's key base and position
+    # prompts as counts: their table (and its narrowed copy, at most half of it) and each row's key base and position
     trace_bytes = rows * cfg.num_layers * cfg.top_k * itemsize
     table_bytes = prompt_lens.size * cfg.num_layers * cfg.num_experts * \
         count_dtype(int(prompt_lens.max()) * cfg.top_k).itemsize if prompt_counts else 0
     check_memory(trace_bytes + min(layer_block_bytes(trace_bytes), trace_bytes) + n * (cfg.top_k * 10 + 16)
-                 + (table_bytes + n * 16 if prompt_counts else 0),
+                 + (table_bytes + table_bytes // 2 + n * 16 if prompt_counts else 0),
                  f"a routing trace of {n:,} routed tokens x {cfg.num_layers} layers x top-{cfg.top_k}")
     starts = np.concatenate([[0], np.cumsum(routed)[:-1]])
     first_token = np.zeros(n, dtype=bool)
