@@ -52,6 +52,7 @@ from sim.errors import CapacityError, RunTooLong, SimInputError
 from sim.plan import Op, Plan
 from sim.topology import Topology, topology_of
 from sim.uncontended import list_schedule
+from traces.format import count_dtype
 
 _EPS = 1e-9
 
@@ -93,8 +94,8 @@ def busy_by_stream(ops: list[Op], start_ns: np.ndarray, end_ns: np.ndarray, stre
     index = {s: k for k, s in enumerate(streams)}
     if not ops:
         return {s: 0 for s in streams}
-    narrow = np.int16 if len(streams) <= np.iinfo(np.int16).max else np.int64  # 2 bytes an op, not 8
-    which = np.fromiter((index[op.stream] for op in ops), dtype=narrow, count=len(ops))
+    # stream indices in the narrowest type that holds them: a byte an op, not eight
+    which = np.fromiter((index[op.stream] for op in ops), dtype=count_dtype(len(streams)), count=len(ops))
     busy = np.bincount(which, weights=end_ns - start_ns, minlength=len(streams))
     return {s: int(busy[k]) for k, s in enumerate(streams)}
 

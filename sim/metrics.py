@@ -15,6 +15,7 @@ import numpy as np
 from sim.engine import EngineRecord
 from sim.plan import Phase, Plan
 from sim.topology import topology_of
+from traces.format import count_dtype
 
 _PHASE, _STREAM = attrgetter("phase"), attrgetter("stream")
 
@@ -26,8 +27,7 @@ def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
     is_prefill = np.fromiter(map(is_, map(_PHASE, ops), repeat(Phase.PREFILL)), dtype=bool, count=n)
     order = topology_of(plan.system).stream_order()
     index = {st: k for k, st in enumerate(order)}
-    narrow = np.int16 if len(order) <= np.iinfo(np.int16).max else np.int64  # 2 bytes an op, not 8
-    stream = np.fromiter(map(index.__getitem__, map(_STREAM, ops)), dtype=narrow, count=n)
+    stream = np.fromiter(map(index.__getitem__, map(_STREAM, ops)), dtype=count_dtype(len(order)), count=n)
     prefill_ns = int(record.end_ns[is_prefill].max()) if is_prefill.any() else 0
     decode_ns = (record.makespan_ns - prefill_ns) * plan.decode_scale
     # Busy time inside the prefill window counts once, inside the sampled decode window `decode_scale` times (as
