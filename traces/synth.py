@@ -718,8 +718,9 @@ class _PromptCounts:
         self.table = np.zeros((plens.size, layers, experts), dtype=count_dtype(int(plens.max(initial=0)) * top_k))
         self.compiled = (first[:-1], plens) if compiled else None  # each request's first row and prompt rows
         self.groups = []  # (first request, last request + 1, first row, last row + 1, each row's key base)
-        for lo, hi in request_groups(plens, self.GROUP_TOKENS, max_requests=self.GROUP_BINS // experts) \
-                if not compiled else ():
+        if compiled:  # the kernel counts request by request: no groups
+            return
+        for lo, hi in request_groups(plens, self.GROUP_TOKENS, max_requests=self.GROUP_BINS // experts):
             a, b = int(first[lo]), int(first[hi])
             base = np.repeat(np.arange(hi - lo, dtype=np.int32) * np.int32(experts), routed[lo:hi])
             base[~is_prompt[a:b]] = (hi - lo) * experts  # generated rows: the spare block
