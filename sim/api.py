@@ -463,7 +463,7 @@ def _simulate_config(config: SimConfig, cost: CostModel | None, keep_plan: bool)
         routing=routing_name, seed=c.seed, generated_tokens=wl.generated_tokens,
         peak_gpu_bytes=record.peak_bytes["gpu"], peak_cpu_bytes=record.peak_bytes["cpu"],
         peak_bytes=dict(record.peak_bytes),
-        static_memory=plan.static_memory, num_ops=len(plan.ops), events=record.events, engine=record.engine,
+        static_memory=plan.static_memory, num_ops=plan.num_ops, events=record.events, engine=record.engine,
         search=search,
         decode_steps_simulated=len(ctx.steps()), decode_steps_total=ctx.decode_steps_total,
         wall_s=time.perf_counter() - t0, plan=plan if keep_plan else None, record=record if keep_plan else None,

@@ -48,8 +48,11 @@ from simpy.core import EmptySchedule
 from simpy.events import NORMAL, URGENT
 
 from sim.cost import CostModel, GroupPrices
+from sim.cost.columns import price_table
 from sim.errors import CapacityError, RunTooLong, SimInputError
+from sim.op_table import OpTable
 from sim.plan import Op, Plan
+from sim.table_check import deps_point_back
 from sim.topology import Topology, topology_of
 from sim.uncontended import list_schedule
 from traces.format import count_dtype
@@ -373,27 +376,26 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     own timeout (the reference the chained run must equal: same start and end of every op, same peaks).
     `fast=True` first list-schedules the plan in one pass (`sim.uncontended`) and keeps that schedule when no op
     would slow another and the pools fit (it is then the SimPy run's, op for op); `fast=False` always runs SimPy."""
+    table = plan.table() if check or fast else None  # the ops as columns (None: ops no plan file could hold)
     if check:
-        plan.check()
-    ops = plan.ops
-    n = len(ops)
+        plan.check(table)
     prepare = getattr(cost, "prepare", None)  # a cost model that reads scopes from the plan (profiles)
     if prepare is not None:
         prepare(plan)
+    topo = topology_of(plan.system)
+    pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
+    if fast and table is not None:
+        listed = _list_scheduled(table, cost, topo, pools)
+        if listed is not None:
+            return listed
+    ops = plan.ops
+    n = len(ops)
     price, group_price = cost.op_time_ns, GroupPrices(cost)  # a grouped expert op: the sum of its members' prices
     durations = [group_price(op) if op.members else price(op) for op in ops]
     usage_of = cost.usage
-    topo = topology_of(plan.system)
-    pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
     by_stream = ops_by_stream(ops, topo)
     streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
                   for group in topo.group_sizes}
-    if fast:
-        shared_groups = {group for group, count in streams_in.items() if count > 1}
-        listed = list_schedule(ops, durations, topo, by_stream, shared_groups, usage_of, group_price.parts,
-                               pools.capacity, pools.static)
-        if listed is not None:
-            return _record(ops, topo, *listed, events=0, engine="list")
     # the SimPy machine; start and end as int64 arrays, not lists of int objects (a 776k-op plan: 12 MB, not 62)
     start = array("q", [-1]) * n
     end = array("q", [-1]) * n
@@ -570,6 +572,42 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
 def _too_long(seconds: str) -> RunTooLong:
     return RunTooLong(f"the run would last {seconds} s (over {MAX_RUN_NS / 1e9:.3g} s): a rate or efficiency in the "
                       "system spec or profile is near zero")
+
+
+def _list_scheduled(table: OpTable, cost: CostModel, topo: Topology, pools: _Pools) -> EngineRecord | None:
+    """The run as a list schedule (`sim.uncontended`) over the plan's columns, priced once per distinct op
+    (`sim.cost.columns`), or None when the SimPy machine must run it: an op would slow another, a pool would not
+    fit, or something is for the per-op path to name (a price that raises, a stream the system lacks, a
+    dependency that does not point back in an unchecked plan)."""
+    if not set(table.streams) <= topo.streams.keys() or not deps_point_back(table):
+        return None
+    try:
+        prices = price_table(cost, table)
+    except (SimInputError, ValueError, ArithmeticError, LookupError, TypeError):
+        return None  # the per-op pricing raises it, naming what it names
+    if prices is None:
+        return None
+    used = np.unique(table.stream).tolist()
+    in_group: dict[str, int] = {}
+    for code in used:
+        group = topo.streams[table.streams[code]].group
+        in_group[group] = in_group.get(group, 0) + 1
+    shared = {group for group, count in in_group.items() if count > 1}
+    listed = list_schedule(table, prices, topo, shared, cost.usage, pools.capacity, pools.static)
+    if listed is None:
+        return None
+    start, end, peak = listed
+    last = max(end, default=0)
+    if last > MAX_RUN_NS:
+        raise _too_long(f"{last / 1e9:.3g}")
+    start_arr, end_arr = np.array(start, np.int64), np.array(end, np.int64)
+    order = topo.stream_order()
+    index = {s: k for k, s in enumerate(order)}
+    remap = np.array([index[name] for name in table.streams], np.int64)
+    busy = np.bincount(remap[table.stream], weights=end_arr - start_arr, minlength=len(order)) if len(table) \
+        else np.zeros(len(order))
+    return EngineRecord(start_ns=start_arr, end_ns=end_arr, busy_ns={s: int(busy[k]) for k, s in enumerate(order)},
+                        peak_bytes=dict(peak), events=0, engine="list")
 
 
 def _record(ops: list[Op], topo: Topology, start: Sequence[int], end: Sequence[int], peak: dict[str, int],

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from sim.engine import EngineRecord
+from sim.op_table import PHASES
 from sim.plan import Phase, Plan
 from sim.topology import topology_of
 from traces.format import count_dtype
@@ -22,12 +23,17 @@ _PHASE, _STREAM = attrgetter("phase"), attrgetter("stream")
 
 def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
     """Phase times, busy time and busy fraction per stream of a simulated (or measured) plan."""
-    ops, n = plan.ops, len(plan.ops)
-    # C-level passes (no Python frame per op): a Qwen3 B=4096 plan holds 0.8 M ops
-    is_prefill = np.fromiter(map(is_, map(_PHASE, ops), repeat(Phase.PREFILL)), dtype=bool, count=n)
     order = topology_of(plan.system).stream_order()
     index = {st: k for k, st in enumerate(order)}
-    stream = np.fromiter(map(index.__getitem__, map(_STREAM, ops)), dtype=count_dtype(len(order)), count=n)
+    table = plan.columns
+    if table is not None:  # a policy's plan: its columns
+        n = len(table)
+        is_prefill = table.phase == PHASES.index(Phase.PREFILL)
+        stream = np.array([index[name] for name in table.streams], count_dtype(len(order)))[table.stream]
+    else:  # C-level passes (no Python frame per op)
+        ops, n = plan.ops, len(plan.ops)
+        is_prefill = np.fromiter(map(is_, map(_PHASE, ops), repeat(Phase.PREFILL)), dtype=bool, count=n)
+        stream = np.fromiter(map(index.__getitem__, map(_STREAM, ops)), dtype=count_dtype(len(order)), count=n)
     prefill_ns = int(record.end_ns[is_prefill].max()) if is_prefill.any() else 0
     decode_ns = (record.makespan_ns - prefill_ns) * plan.decode_scale
     # Busy time inside the prefill window counts once, inside the sampled decode window `decode_scale` times (as

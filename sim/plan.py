@@ -33,6 +33,8 @@ from traces.limits import MEMBER_OP_SHARE, max_ops, too_many_ops
 if TYPE_CHECKING:  # pandas (with pyarrow, ~110 MB resident and 0.25 s) is imported where a frame is made
     import pandas as pd
 
+    from sim.op_table import OpTable
+
 
 class Stream(StrEnum):
     """In-order queues. Streams of one device share it: `cpu` and `cpu_experts` share the cores and DRAM
@@ -209,7 +211,12 @@ class Scope:
 
 @dataclass
 class Plan:
-    """A policy's decisions, made concrete: ops in program order plus static memory and micro-batches."""
+    """A policy's decisions, made concrete: ops in program order plus static memory and micro-batches.
+
+    The ops are held one of two ways: as `Op` objects, or as columns (`sim.op_table.OpTable`, what a policy's
+    builder makes and the engine reads). `ops` gives `Op` objects whichever way, made from the columns on first use;
+    from then on they are the plan's ops (a caller may change them) and the columns are dropped. `table()` gives
+    the columns."""
 
     policy: str
     knobs: dict[str, Any]
@@ -226,6 +233,25 @@ class Plan:
     # (a Python loop over experts, as Hugging Face's MoE block runs), or `fused`, one fused MoE call per layer and
     # micro-batch whose kernels run back to back behind the router's (vLLM's fused_moe and its ports).
     expert_kernels: str = "per_expert"
+
+    def table(self) -> OpTable | None:
+        """The ops as columns: the plan's own, or read out of its `Op` objects (each call: those may have changed
+        since); None when an op holds what a plan file could not (`OpTable.from_ops`)."""
+        if self._table is not None:
+            return self._table
+        from sim.op_table import OpTable
+
+        return OpTable.from_ops(self._ops)
+
+    @property
+    def columns(self) -> OpTable | None:
+        """The plan's own columns, or None while it holds `Op` objects (nothing is converted)."""
+        return self._table
+
+    @property
+    def num_ops(self) -> int:
+        """How many ops the plan holds (without making `Op` objects)."""
+        return len(self._table) if self._table is not None else len(self._ops)
 
     def scope_of(self, op: Op) -> tuple[np.ndarray, int, int]:
         """(requests, shard, shards) of an op, the one definition both engines use: its explicit scope, else its
@@ -265,15 +291,22 @@ class Plan:
                 if not 0 <= d < i:
                     raise ValueError(f"plan op {i} depends on op {d!r}, which is not an earlier op")
 
-    def check(self) -> None:
+    def check(self, table: OpTable | None = None) -> None:
         """Everything an engine relies on, as one SimInputError naming the first problem: ids and deps as
         `validate`; non-negative work within MAX_OP_WORK; memory pools that exist, with non-negative sizes, and
         no allocation freed twice; decode steps, layers, experts and micro-batches the workload, model and plan
-        have; tokens and KV entries no more than the workload holds; a finite decode scale."""
-        try:
-            self.validate()
-        except ValueError as exc:
-            raise SimInputError(str(exc)) from None
+        have; tokens and KV entries no more than the workload holds; a finite decode scale. `table`: the plan's
+        ops as columns, when the caller has them (`table()`); the per-op conditions are then tested column-wide
+        and only the ops that could fail them are looked at one by one (`sim.table_check`)."""
+        from sim.table_check import deps_point_back, suspect_rows
+
+        if table is None:
+            table = self.table()
+        if table is None or not deps_point_back(table):
+            try:
+                self.validate()  # names the first op out of place (a table is made only of ops in place)
+            except ValueError as exc:
+                raise SimInputError(str(exc)) from None
         if not (math.isfinite(self.decode_scale) and self.decode_scale >= 1.0):
             raise SimInputError(f"plan decode_scale must be a finite number >= 1, got {self.decode_scale!r}")
         if self.expert_kernels not in EXPERT_KERNELS:
@@ -287,31 +320,41 @@ class Plan:
                     isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0 for v in parts.values()):
                 raise SimInputError(f"plan static memory {pool!r}: needs a pool in {sorted(pools)} and integer sizes "
                                     ">= 0")
-        decode, limit = Phase.DECODE, MAX_OP_WORK
         bounds = _ScopeBounds.of(self)
-        layers, experts, groups = bounds.layers, bounds.experts, bounds.groups
-        tokens_max, kv_max = bounds.tokens, bounds.kv
         self._check_scopes(max_step)
-        dynamic = False
-        for op in self.ops:  # one cheap test per op (this runs before every simulation); details on failure
-            d = op.phase is decode
-            if (0 <= op.tokens <= tokens_max[d] and 0 <= op.kv_tokens <= kv_max[d]
-                    and (1 <= op.step <= max_step if d else op.step == 0) and -1 <= op.layer <= layers
-                    and -1 <= op.expert < experts and -1 <= op.micro_batch < groups[d] and op.stream in streams
-                    and op.scope == -1 and not (op.alloc or op.free)):
-                if op.members:  # bounded member by member; the op's work is their sum, with no bound of its own
-                    _check_members(op, experts)
-                    continue
-                if 0 <= op.flops <= limit and 0 <= op.bytes <= limit:
-                    continue
-            self._check_op(op, max_step, pools, bounds)
-            topo.unit_of(op.stream)  # a stream the system lacks is named
-            if op.members:
-                _check_members(op, experts)
-            self._check_op_scope(op)
-            dynamic = dynamic or bool(op.alloc or op.free)
-        if dynamic:
-            self._check_alloc_balance()
+        if table is None:
+            dynamic = False
+            for op in self.ops:
+                dynamic = self._check_one(op, max_step, pools, bounds, topo) or dynamic
+            if dynamic:
+                self._check_alloc_balance(self.ops)
+            return
+        suspects = suspect_rows(table, max_step=max_step, layers=bounds.layers, experts=bounds.experts,
+                                tokens=bounds.tokens, kv=bounds.kv, groups=bounds.groups, streams=streams)
+        for i in suspects.tolist():
+            self._check_one(table.op(i), max_step, pools, bounds, topo)
+        if table.alloc or table.free:
+            rows = sorted(table.alloc.keys() | table.free.keys())
+            self._check_alloc_balance([table.op(i) for i in rows])
+
+    def _check_one(self, op: Op, max_step: int, pools: set[str], bounds: _ScopeBounds, topo: Any) -> bool:
+        """Check one op (raise on the first problem); True when it allocates or frees memory."""
+        d = op.phase is Phase.DECODE
+        if (0 <= op.tokens <= bounds.tokens[d] and 0 <= op.kv_tokens <= bounds.kv[d]
+                and (1 <= op.step <= max_step if d else op.step == 0) and -1 <= op.layer <= bounds.layers
+                and -1 <= op.expert < bounds.experts and -1 <= op.micro_batch < bounds.groups[d]
+                and op.stream in topo.streams and op.scope == -1 and not (op.alloc or op.free)):
+            if op.members:  # bounded member by member; the op's work is their sum, with no bound of its own
+                _check_members(op, bounds.experts)
+                return False
+            if 0 <= op.flops <= MAX_OP_WORK and 0 <= op.bytes <= MAX_OP_WORK:
+                return False
+        self._check_op(op, max_step, pools, bounds)
+        topo.unit_of(op.stream)  # a stream the system lacks is named
+        if op.members:
+            _check_members(op, bounds.experts)
+        self._check_op_scope(op)
+        return bool(op.alloc or op.free)
 
     def check_tokens_generated(self) -> None:
         """The ops generate the workload's tokens: the LM head runs once per request after prefill and once per
@@ -371,11 +414,13 @@ class Plan:
         if sc.shards > 1 and op.kind not in (OpKind.EXPERT, OpKind.COPY):
             raise SimInputError(f"plan op {op.id}: only expert ops (and copies of their tokens) work on a shard")
 
-    def _check_alloc_balance(self) -> None:
+    @staticmethod
+    def _check_alloc_balance(ops: Sequence[Op]) -> None:
         """No dynamic allocation is freed twice: no pool frees more than it holds at any point (an allocation
-        may be held to the end of the run, as a growing KV cache is)."""
+        may be held to the end of the run, as a growing KV cache is); `ops` in id order, those without memory
+        may be left out."""
         held: dict[str, int] = {}
-        for op in self.ops:
+        for op in ops:
             for pool, size in op.alloc:
                 held[pool] = held.get(pool, 0) + size
             for pool, size in op.free:
@@ -463,6 +508,25 @@ class _ScopeBounds:
                    (batch * prompt * (prompt + 1) // 2, batch * context), (groups[0], groups[1]))
 
 
+def _plan_ops(plan: Plan) -> list[Op]:
+    if plan._ops is None:
+        plan._ops = plan._table.to_ops()
+        plan._table = None
+    return plan._ops
+
+
+def _set_plan_ops(plan: Plan, ops: list[Op] | OpTable) -> None:
+    from sim.op_table import OpTable
+
+    if isinstance(ops, OpTable):
+        plan._ops, plan._table = None, ops
+    else:
+        plan._ops, plan._table = ops, None
+
+
+Plan.ops = property(_plan_ops, _set_plan_ops, doc="The ops in program order, as `Op` objects (see `Plan`).")  # type: ignore[assignment]
+
+
 EXPERT_KERNELS = ("per_expert", "fused")  # Plan.expert_kernels
 ESTIMATE_MARGIN = 1.25  # a plan is refused early only when its estimate exceeds the op limit by this factor
 MAX_SHARDS = 4096  # parts one scope's expert tokens may be split into
@@ -476,7 +540,11 @@ class PlanBuilder:
         """`decode_step_sizes`: active requests of each decode step the policy will emit, in order; with them,
         a plan whose first decode step extrapolates past the memory limit is refused at once, not after
         building most of it (steps shrink as requests finish, so the estimate scales by requests)."""
-        self.ops: list[Op] = []
+        # The ops in id order; a decode step replayed as columns (`sim.policies.step_replay`) holds None for each of
+        # its ops here and its columns in `chunks`, with the id of its first op.
+        self.ops: list[Op | None] = []
+        self.chunks: list[tuple[int, OpTable]] = []
+        self.prefix: OpTable | None = None  # the first ops' columns, when known already (a prefill a search copies)
         self.max_ops = max_ops()  # plans past the memory limit are refused while they are built
         self.member_load = 0.0  # grouped ops' members, in ops' worth of memory (MEMBER_OP_SHARE each)
         self._sizes = [int(n) for n in decode_step_sizes]
@@ -499,6 +567,27 @@ class PlanBuilder:
         self.member_load += members * MEMBER_OP_SHARE
         if last + self.member_load >= self.max_ops:
             raise too_many_ops(int(last + self.member_load))
+
+    def result(self) -> list[Op] | OpTable:
+        """The ops built, for `Plan`: the list of `Op`s, or columns when some steps were replayed as columns (the
+        ops emitted one by one read into columns around them)."""
+        if not self.chunks:
+            return self.ops
+        from sim.op_table import OpTable
+
+        parts, at = [], 0
+        if self.prefix is not None and len(self.prefix) <= self.chunks[0][0]:
+            parts, at = [self.prefix], len(self.prefix)
+        for first, chunk in [*self.chunks, (len(self.ops), None)]:
+            if first > at:
+                part = OpTable.from_ops(self.ops[at:first], first=at)
+                if part is None:
+                    raise ValueError(f"plan ops {at}..{first - 1} hold a field no plan can (a policy's bug)")
+                parts.append(part)
+            if chunk is not None:
+                parts.append(chunk)
+                at = first + len(chunk)
+        return OpTable.concat(parts)
 
     def load(self) -> float:
         """The plan's memory so far in ops' worth: its ops, and its grouped ops' members at MEMBER_OP_SHARE."""

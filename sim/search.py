@@ -106,7 +106,7 @@ def _search_then_simulate(ctx: PlanContext, space: SearchSpace, simulate: Simula
         except CapacityError as exc:  # the analytic memory model let through something the plan cannot hold
             last_error = exc
             continue
-        scored.append((total, len(probe.ops), cand))
+        scored.append((total, probe.num_ops, cand))
     if not scored:
         if last_error is None:
             raise CapacityError(f"GPU ({ctx.system.gpu.name}) for {policy}: no configuration fits", 0,

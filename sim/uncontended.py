@@ -19,11 +19,12 @@ op, bit for bit (tests/test_uncontended.py, benchmarks/engine_exactness.py).
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
+from sim.cost.columns import ColumnPrices
+from sim.op_table import OpTable
 from sim.plan import Op
 from sim.topology import Topology
 
@@ -35,35 +36,39 @@ SATURATION_LIMIT = 1.0 + 1e-9 - 1e-12
 
 class _Forward:
     """Every op's start and end when nothing slows anything, computed chunk by chunk in id order (an op's
-    dependencies and stream predecessor come earlier, so a prefix of ops is final once computed)."""
+    dependencies and stream predecessor come earlier, so a prefix of ops is final once computed), from the plan's
+    columns: dependencies in CSR form, stream codes, durations."""
 
-    def __init__(self, ops: Sequence[Op], durations: Sequence[int], stream_index: Sequence[int], streams: int):
-        self.ops, self.durations, self.stream_index = ops, durations, stream_index
-        self.start = [0] * len(ops)
-        self.end = [0] * len(ops)
-        self.free_at = [0] * streams
+    def __init__(self, table: OpTable, durations: list[int]):
+        self.durations = durations
+        self.stream = table.stream.tolist()
+        self.dep_start, self.dep_ids = table.dep_start.tolist(), table.dep_ids.tolist()
+        n = len(durations)
+        self.start = [0] * n
+        self.end = [0] * n
+        self.free_at = [0] * max(len(table.streams), 1)
         self.done = 0
 
     def advance(self, upto: int) -> bool:
-        """Schedule ops up to id `upto` (exclusive); False if an op's id is not its position, a dependency does not
-        point backwards, or the schedule reaches EXACT_NS (the engine names the first two, and is the reference for
-        the third)."""
-        ops, durations, stream_index = self.ops, self.durations, self.stream_index
+        """Schedule ops up to id `upto` (exclusive); False if the schedule reaches EXACT_NS (the engine is the
+        reference there)."""
+        durations, stream, dep_start, dep_ids = self.durations, self.stream, self.dep_start, self.dep_ids
         start, end, free_at = self.start, self.end, self.free_at
+        a = dep_start[self.done]
         for i in range(self.done, upto):
-            s = stream_index[i]
+            s = stream[i]
             t = free_at[s]
-            op = ops[i]
-            if op.id != i:  # not a checked plan: let the engine judge it
-                return False
-            deps = op.deps
-            if deps:
-                for d in deps:
-                    if d >= i or d < 0:
-                        return False
+            b = dep_start[i + 1]
+            if b - a == 1:
+                e = end[dep_ids[a]]
+                if e > t:
+                    t = e
+            elif b > a:
+                for d in dep_ids[a:b]:
                     e = end[d]
                     if e > t:
                         t = e
+            a = b
             start[i] = t
             free_at[s] = end[i] = t + durations[i]
         self.done = upto
@@ -93,20 +98,19 @@ def _group_fits(starts: np.ndarray, ends: np.ndarray, usages: np.ndarray, stream
     return bool(total.max() <= SATURATION_LIMIT)
 
 
-def _pools_fit(ops: Sequence[Op], start: list[int], end: list[int], capacity: dict[str, int],
+def _pools_fit(table: OpTable, start: list[int], end: list[int], capacity: dict[str, int],
                static: dict[str, int]) -> dict[str, int] | None:
     """Peak bytes per pool as the engine judges them (a pool's level counts after every allocation and free of an
     instant), or None if a pool would exceed its capacity at an instant that allocates, drop below its static
     level at one that frees, or is not the system's (the engine raises; let it name the op). Python ints
     throughout: nothing bounds a plan's allocation sizes."""
     changes: dict[str, list[tuple[int, int, bool]]] = {}
-    for i, op in enumerate(ops):
-        if op.alloc:
-            for pool, nbytes in op.alloc:
-                changes.setdefault(pool, []).append((start[i], nbytes, True))
-        if op.free:
-            for pool, nbytes in op.free:
-                changes.setdefault(pool, []).append((end[i], -nbytes, False))
+    alloc, free = table.alloc, table.free
+    for i in sorted(alloc.keys() | free.keys()):
+        for pool, nbytes in alloc.get(i, ()):
+            changes.setdefault(pool, []).append((start[i], nbytes, True))
+        for pool, nbytes in free.get(i, ()):
+            changes.setdefault(pool, []).append((end[i], -nbytes, False))
     if any(used > capacity[pool] for pool, used in static.items()) or not changes.keys() <= capacity.keys():
         return None
     peak = dict(static)
@@ -144,114 +148,92 @@ CHUNK_GROWTH = 8  # each later chunk this many times the ops checked so far: a c
                   # uncontended one is checked at most 9/8 times over
 
 
-def list_schedule(ops: Sequence[Op], durations: Sequence[int], topo: Topology, by_stream: dict[str, list[int]],
-                  shared_groups: set[str], usage: Callable[[Op], tuple[float, float]],
-                  member_parts: Callable[[Op], list[tuple[int, tuple[float, float]]]],
-                  pool_capacity: dict[str, int], static: dict[str, int]
+def list_schedule(table: OpTable, prices: ColumnPrices, topo: Topology, shared_groups: set[str],
+                  usage: Callable[[Op], tuple[float, float]], pool_capacity: dict[str, int], static: dict[str, int]
                   ) -> tuple[list[int], list[int], dict[str, int]] | None:
     """(start ns, end ns, peak bytes) of every op when no op ever slows another, or None when some op would (or a
-    pool overflows): see the module docstring. `by_stream` lists each stream's op ids in order; `usage(op)` is an
-    op's (own resource, memory) shares, `member_parts(op)` a grouped op's (ns, usage) per member, in order.
+    pool overflows): see the module docstring. `prices` are the ops' times (`sim.cost.columns`); `usage(op)` an op's
+    (own resource, memory) shares, asked once per distinct op.
 
     Ops are scheduled and checked in growing chunks of ids: the jobs of a prefix of ops are a subset of those
     running at any instant, so a resource they already oversubscribe is oversubscribed, and a contended plan
     is handed to the engine after a few thousand ops rather than after all of them."""
-    names = list(topo.streams)
-    stream_index = [0] * len(ops)
-    for k, name in enumerate(names):
-        for i in by_stream[name]:
-            stream_index[i] = k
-    forward = _Forward(ops, durations, stream_index, len(names))
-    groups = [_GroupJobs(group, ops, durations, topo, by_stream, forward, usage, member_parts)
-              for group in sorted(shared_groups)]
-    n = len(ops)
+    forward = _Forward(table, prices.durations.tolist())
+    code = {name: k for k, name in enumerate(table.streams)}
+    groups = [_GroupJobs(group, table, prices, topo, code, usage) for group in sorted(shared_groups)]
+    n = len(table)
     upto = min(n, FIRST_CHUNK)
     while True:
         if not forward.advance(upto):
             return None
-        for jobs in groups:
-            jobs.collect(upto)
-            if not jobs.fit():
-                return None
+        if groups:
+            start = np.array(forward.start[:upto], np.int64)
+            for jobs in groups:
+                if not jobs.fit(start, upto):
+                    return None
         if upto == n:
             break
         upto = min(n, upto * (CHUNK_GROWTH + 1))
-    peak = _pools_fit(ops, forward.start, forward.end, pool_capacity, static)
+    peak = _pools_fit(table, forward.start, forward.end, pool_capacity, static)
     if peak is None:
         return None
     return forward.start, forward.end, peak
 
 
 class _GroupJobs:
-    """The jobs of one shared group (its ops with time; a grouped op's members each), collected op by op in id
-    order from the list schedule, as rows of (start, end, usage row, stream)."""
+    """The jobs of one shared group (its ops with time; a grouped op's members each) as arrays: each job's stream (its
+    position among the group's streams with ops, in the machine's order), time, usage vector and, for a member, its
+    offset from its op's start."""
 
-    def __init__(self, group: str, ops: Sequence[Op], durations: Sequence[int], topo: Topology,
-                 by_stream: dict[str, list[int]], forward: _Forward, usage: Callable[[Op], tuple[float, float]],
-                 member_parts: Callable[[Op], list[tuple[int, tuple[float, float]]]]):
-        self.size = topo.group_sizes[group]
-        self.ops, self.durations, self.forward = ops, durations, forward
-        self.usage, self.member_parts = usage, member_parts
-        self.streams = [(name, topo.streams[name], by_stream[name]) for name, unit in topo.streams.items()
-                        if unit.group == group and by_stream[name]]
-        self.taken = [0] * len(self.streams)  # per stream: how many of its ops are collected
-        self.rows: dict[tuple[str, tuple[float, float]], int] = {}  # (stream, usage) -> row of `vectors`
-        self.vectors: list[tuple[float, ...]] = []
-        self.start: list[int] = []
-        self.end: list[int] = []
-        self.row: list[int] = []
-        self.stream: list[int] = []
-        self.consistent = True
+    def __init__(self, group: str, t: OpTable, prices: ColumnPrices, topo: Topology, code: dict[str, int],
+                 usage: Callable[[Op], tuple[float, float]]):
+        size = topo.group_sizes[group]
+        used = set(t.stream.tolist()) if len(t) else set()
+        names = [name for name, unit in topo.streams.items() if unit.group == group and code.get(name) in used]
+        self.streams = len(names)
+        position = np.full(max(len(t.streams), 1), -1, np.int64)  # stream code -> position in the group, or -1
+        for k, name in enumerate(names):
+            position[code[name]] = k
+        units = [topo.streams[name] for name in t.streams]
+        durations = prices.durations
+        in_group = position[t.stream] >= 0
+        # plain ops with time
+        rows = np.flatnonzero(in_group & (prices.plain_key >= 0) & (durations > 0))
+        keys = prices.plain_key[rows]
+        wanted = np.unique(keys)
+        vectors = np.zeros((len(prices.plain_ops), size))
+        for k in wanted.tolist():
+            op = prices.plain_ops[k]
+            vectors[k] = units[t.stream[op.id]].usage_vector(usage(op), size)
+        self.rows, self.row_stream = rows, position[t.stream[rows]]
+        self.row_usage, self.row_ns = vectors[keys], durations[rows]
+        # grouped ops' members with time, each offset from its op's start by the members before it
+        counts = np.diff(t.member_start)
+        owner = np.repeat(t.member_rows, counts)
+        times = prices.member_times
+        before = np.cumsum(times) - times
+        if times.size:
+            before -= np.repeat(before[t.member_start[:-1]], counts)
+        take = np.flatnonzero(in_group[owner] & (times > 0)) if times.size else np.zeros(0, np.int64)
+        mkeys = prices.member_key[take]
+        mvectors = np.zeros((len(prices.member_ops), size))
+        for k in np.unique(mkeys).tolist():
+            op = prices.member_ops[k]
+            mvectors[k] = units[t.stream[op.id]].usage_vector(usage(op), size)
+        self.members, self.member_stream = owner[take], position[t.stream[owner[take]]]
+        self.member_usage, self.member_ns, self.member_offset = mvectors[mkeys], times[take], before[take]
 
-    def collect(self, upto: int) -> None:
-        """Add the jobs of ops with ids below `upto`."""
-        ops, durations, usage = self.ops, self.durations, self.usage
-        start, end = self.forward.start, self.forward.end
-        rows, vectors, size = self.rows, self.vectors, self.size
-        j_start, j_end, j_row, j_stream = self.start, self.end, self.row, self.stream
-        for k, (name, unit, ids) in enumerate(self.streams):
-            stop = bisect_left(ids, upto, lo=self.taken[k])
-            for i in ids[self.taken[k]:stop]:
-                ns = durations[i]
-                if not ns:
-                    continue
-                op = ops[i]
-                t = start[i]
-                if not op.members:  # the common case, inline
-                    key = (name, usage(op))
-                    row = rows.get(key)
-                    if row is None:
-                        row = rows[key] = len(vectors)
-                        vectors.append(unit.usage_vector(key[1], size))
-                    j_start.append(t)
-                    j_end.append(t + ns)
-                    j_row.append(row)
-                    j_stream.append(k)
-                    continue
-                for ns, u in self.member_parts(op):
-                    if not ns:
-                        continue
-                    key = (name, u)
-                    row = rows.get(key)
-                    if row is None:
-                        row = rows[key] = len(vectors)
-                        vectors.append(unit.usage_vector(u, size))
-                    j_start.append(t)
-                    t += ns
-                    j_end.append(t)
-                    j_row.append(row)
-                    j_stream.append(k)
-                if t != end[i]:  # members' times sum to the op's (GroupPrices); if not, leave it to the engine
-                    self.consistent = False
-            self.taken[k] = stop
-
-    def fit(self) -> bool:
-        """Whether the jobs collected so far leave every resource within its capacity."""
-        if not self.consistent:
-            return False
-        if not self.start:
+    def fit(self, start: np.ndarray, upto: int) -> bool:
+        """Whether the jobs of ops below `upto` (starting at `start`, the schedule so far) leave every resource within
+        its capacity."""
+        k = np.searchsorted(self.rows, upto)
+        j = np.searchsorted(self.members, upto)
+        if k == 0 and j == 0:
             return True
-        table = np.asarray(self.vectors, dtype=np.float64).reshape(len(self.vectors), self.size)
-        return _group_fits(np.asarray(self.start, dtype=np.int64), np.asarray(self.end, dtype=np.int64),
-                           table[np.asarray(self.row, dtype=np.int64)], np.asarray(self.stream, dtype=np.int64),
-                           len(self.streams))
+        rows, members = self.rows[:k], self.members[:j]
+        starts = np.concatenate([start[rows], start[members] + self.member_offset[:j]])
+        ends = starts + np.concatenate([self.row_ns[:k], self.member_ns[:j]])
+        stream = np.concatenate([self.row_stream[:k], self.member_stream[:j]])
+        usages = np.concatenate([self.row_usage[:k], self.member_usage[:j]])
+        order = np.lexsort((starts, stream))
+        return _group_fits(starts[order], ends[order], usages[order], stream[order], self.streams)

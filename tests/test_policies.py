@@ -1106,7 +1106,7 @@ def test_rescored_candidates_within_the_tie_share_go_to_the_smallest_plan(monkey
     cands = [Candidate(name, float(i)) for i, name in enumerate(runs)]
 
     def build(ctx, name):
-        return SimpleNamespace(ops=[None] * runs[name][1], name=name)
+        return SimpleNamespace(num_ops=runs[name][1], name=name)
 
     monkeypatch.setattr(search, "_total_s", lambda plan, record: runs[plan.name][0])
     ctx = SimpleNamespace(decode_sample=0, with_sample=lambda n: SimpleNamespace(steps=lambda: 1), steps=lambda: 1,

@@ -5,7 +5,7 @@ with the same words."""
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import sim.plan as plan_module
 import sim.policies.compose as compose
 from sim.errors import SimInputError
-from sim.plan import Op, Phase, Plan
+from sim.plan import Phase, Plan
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.policies import step_replay as step_replay_module
 from sim.policies.layers import decode_slices, prefill_slices
@@ -169,12 +169,6 @@ def test_the_replay_setting_is_on_or_off_and_nothing_else(monkeypatch, capsys):
                  "8", "--gen-len", "3"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "COXMOE_STEP_REPLAY='of': use on or off" in err, err
-
-
-def test_replay_copies_ops_by_the_field_order_op_has():
-    assert tuple(f.name for f in fields(Op)) == step_replay_module._FIELDS
-    assert [f for f in step_replay_module._FIELDS if f not in ("id", "phase", "step", "deps")] == list(
-        step_replay_module._COPIED)
 
 
 def test_steps_a_replay_cannot_reproduce_are_emitted_op_by_op():

@@ -128,13 +128,13 @@ def test_a_contended_plan_is_handed_over_after_its_first_chunk(monkeypatch):
     """Contention among the first ops: the check stops after the first chunk, not after the whole plan."""
     monkeypatch.setattr(uncontended, "FIRST_CHUNK", 16)
     collected: list[int] = []
-    original = uncontended._GroupJobs.collect
+    original = uncontended._GroupJobs.fit
 
-    def collect(self, upto: int) -> None:
+    def fit(self, start, upto: int) -> bool:
         collected.append(upto)
-        original(self, upto)
+        return original(self, start, upto)
 
-    monkeypatch.setattr(uncontended._GroupJobs, "collect", collect)
+    monkeypatch.setattr(uncontended._GroupJobs, "fit", fit)
     b = PlanBuilder()
     host_op(b, Stream.CPU, 3, 5)
     host_op(b, Stream.CPU_EXPERTS, 3, 5)

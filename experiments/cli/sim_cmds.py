@@ -164,7 +164,7 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
          "priced_by": f"profile {args.profile}" if args.profile else "roofline",
          "throughput_tok_s": throughput_tok_s(plan, metrics),
          **metrics, "peak_gpu_bytes": record.peak_bytes["gpu"], "peak_cpu_bytes": record.peak_bytes["cpu"],
-         "peak_bytes": dict(record.peak_bytes), "num_ops": len(plan.ops), "events": record.events,
+         "peak_bytes": dict(record.peak_bytes), "num_ops": plan.num_ops, "events": record.events,
          "engine": record.engine}
     if args.timeline:
         write_chrome_trace(args.timeline, chrome_trace_events(plan.ops, record.start_ns, record.end_ns,

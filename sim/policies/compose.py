@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.errors import SimInputError
+from sim.op_table import OpTable
 from sim.plan import OpKind, Payload, Phase, Plan, PlanBuilder, Scope, Stream, shard_bounds
 from sim.policies import step_replay
 from sim.policies.base import PlanContext
@@ -571,6 +572,7 @@ class _PrefillState:
         self.scopes, self.scope_index = list(emit.scopes), dict(emit._scope_index)
         self.kv_holders, self.kv_stored = list(emit._kv_holders), dict(emit._kv_stored)
         self.members = [dict(table) for table in emit._members]
+        self.table: OpTable | None = None  # the ops' columns, read out once for every plan that starts here
 
     def restore(self, emit: LayoutEmitter) -> bool:
         """Start `emit` (with no ops yet) where this prefill left its own; False when the prefill would cross the
@@ -579,6 +581,9 @@ class _PrefillState:
         if emit.ops or len(self.ops) - 1 + self.member_load >= b.max_ops:
             return False
         emit.ops.extend(self.ops)
+        if self.table is None:
+            self.table = OpTable.from_ops(self.ops)
+        b.prefix = self.table
         b.member_load, b.step = self.member_load, self.builder_step
         emit.layer_done, emit.seq, emit.prefill_end = dict(self.layer_done), self.seq, self.prefill_end
         emit.scopes, emit._scope_index = list(self.scopes), dict(self.scope_index)
@@ -600,5 +605,5 @@ def compose_plan(ctx: PlanContext, policy: str, knobs: dict, schedule: Schedule,
         slices = decode_slices(ctx, step, schedule.decode)
         if slices:
             emit.step(slices, Phase.DECODE, step, decode)
-    return Plan(policy, knobs, ctx.model, ctx.system, ctx.workload, emit.b.ops, static, schedule.groups(),
+    return Plan(policy, knobs, ctx.model, ctx.system, ctx.workload, emit.b.result(), static, schedule.groups(),
                 decode_scale=ctx.decode_scale, scopes=emit.scopes, expert_kernels=expert_kernels)

@@ -874,7 +874,7 @@ class CoxMoePolicy(Policy):
                     if o.split_tokens == "on" else {}),
                  **({"ndp_experts_per_layer": {str(p): [len(x) for x in lay.on_ndp] for p, lay in layouts.items()}}
                     if any(lay.on_ndp for lay in layouts.values()) else {})}
-        return Plan(self.name, knobs, m, ctx.system, wl, builder.ops, {"gpu": gpu, "cpu": cpu}, schedule.groups(),
+        return Plan(self.name, knobs, m, ctx.system, wl, builder.result(), {"gpu": gpu, "cpu": cpu}, schedule.groups(),
                     decode_scale=ctx.decode_scale, scopes=emit.scopes, expert_kernels=self.expert_kernels)
 
 

@@ -112,7 +112,7 @@ class ExpertParallelPolicy(Policy):
             return tuple(done) if len(done) > 1 else done[0]
 
         em.through_layers(slices, routed)
-        return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
+        return Plan(self.name, self.knobs(), m, system, wl, b.result(), static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
                     expert_kernels=self.expert_kernels)
 

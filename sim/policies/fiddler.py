@@ -124,7 +124,7 @@ class FiddlerPolicy(Policy):
                  "resident_experts_total": total, "resident_experts_per_layer": [len(r) for r in residents],
                  "attention": attention,
                  "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}
-        return Plan(self.name, knobs, m, sysm, wl, emit.b.ops, {"gpu": gpu, "cpu": cpu},
+        return Plan(self.name, knobs, m, sysm, wl, emit.b.result(), {"gpu": gpu, "cpu": cpu},
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
                     expert_kernels=self.expert_kernels)
 

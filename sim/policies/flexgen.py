@@ -526,7 +526,7 @@ class FlexGenPolicy(Policy):
                 emit.phase(slices, Phase.DECODE, step)
         knobs = {**asdict(o), "num_gpu_batches": lay.ngb}
         static = {"gpu": lay.gpu, "cpu": lay.cpu, **({"disk": lay.disk} if lay.disk else {})}
-        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
+        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.result(), static,
                     {"prefill": groups, "decode": groups}, decode_scale=ctx.decode_scale,
                     expert_kernels=self.expert_kernels)
 

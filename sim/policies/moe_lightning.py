@@ -234,7 +234,7 @@ class MoELightningPolicy(Policy):
         steps = [(t, decode_slices(ctx, t, decode_groups)) for t in ctx.steps()]
         emit.decode([(t, s) for t, s in steps if s])
         knobs = {**asdict(o), "n_ub": len(decode_groups), "resident_experts": o.resident(m.num_experts)}
-        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.ops, static,
+        return Plan(self.name, knobs, m, ctx.system, wl, emit.b.result(), static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
                     expert_kernels=self.expert_kernels)
 

@@ -121,6 +121,6 @@ class NdpExpertsPolicy(Policy):
             em.through_layers(all_slices(ctx, [], decode_groups), routed)
         else:
             em.through_layers(all_slices(ctx, prefill_groups, decode_groups), routed)
-        return Plan(self.name, self.knobs(), m, system, wl, b.ops, static,
+        return Plan(self.name, self.knobs(), m, system, wl, b.result(), static,
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
                     expert_kernels=self.expert_kernels)

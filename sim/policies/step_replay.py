@@ -12,16 +12,17 @@ steps may be replayed; a plan built with replay is the plan built without it, op
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
 
 from sim.cost import OpWork
-from sim.plan import Op, OpKind, Phase, PlanBuilder
+from sim.op_table import OpTable
+from sim.plan import Op, OpKind, PlanBuilder
 from sim.policies.layers import _BYTES, _FLOPS, BatchSlice, copy_traffic
 from traces.limits import MEMBER_OP_SHARE
 
@@ -43,32 +44,24 @@ class RoutedCopy:
 
 @dataclass
 class StepTemplate:
-    """A decode step's ops as emitted, field by field (what a replay copies), with what a replay recomputes. Made by
+    """A decode step's ops as emitted, as columns (what a replay copies), with what a replay recomputes. Made by
     `Recording.template`."""
 
-    columns: list[list]  # per Op field after id, phase and step (`_COPIED`), its values over the step's ops
-    deps: list[tuple[int, ...]]  # per op, its dependencies' positions in the step (() where `external_deps` has it)
+    table: OpTable  # the step's ops; dependencies as positions in the step, or -1 - k for `externals[k]`
     first: int  # id of its first op
     externals: tuple[int, int]  # the two earlier layers' last GPU ops its fetches waited for (-1: none)
-    external_deps: list[tuple[int, tuple[int, ...]]]  # (position, deps) of ops that name an op before the step
+    external: bool  # whether any op depends on one of them
     layer_done: list[int]  # per (step, layer) visit of the step, its last GPU op's position (-1: none)
     attention: list[tuple[int, int]]  # (position, micro-batch) of each attention op
-    experts: list[tuple[int, int, int, tuple[int, ...] | None]]  # (position, MoE layer, micro-batch or -1, a
-    # grouped op's expert ids) of each expert op
+    experts: list[tuple[int, int, int, tuple[int, ...] | None, int]]  # (position, MoE layer, micro-batch or -1, a
+    # grouped op's expert ids, the expert of an op that is not grouped) of each expert op, in order
     routed: list[RoutedCopy]
+    routed_streams: list[str]  # the stream of each routed copy
     member_calls: list[int]  # grouped members charged to the builder, call by call, as emission charged them
 
     @property
     def size(self) -> int:
-        return len(self.deps)
-
-
-# Op's fields in order (a test holds Op to it); a replay gives each op its own id, the step's phase and step, and
-# shifted deps, and copies the rest
-_FIELDS = ("id", "kind", "stream", "phase", "step", "layer", "micro_batch", "tokens", "flops", "bytes", "deps",
-           "expert", "payload", "kv_tokens", "alloc", "free", "scope", "members")
-_COPIED = ("kind", "stream", "layer", "micro_batch", "tokens", "flops", "bytes", "expert", "payload", "kv_tokens",
-           "alloc", "free", "scope", "members")
+        return len(self.table)
 
 
 class StepShape(NamedTuple):
@@ -120,29 +113,38 @@ class Recording:
     def _make(self, moe_index: list[int]) -> StepTemplate | None:
         first = self.first
         step_ops = self.ops[first:self.end]
-        known = {d for d in self.externals if d >= 0}
-        external_deps, attention, experts = [], [], []
+        table = OpTable.from_ops(step_ops, first=first)
+        if table is None:
+            return None
+        dep = table.dep_ids
+        outside = dep < first
+        external = bool(outside.any())
+        if external:  # only the fetches' double-buffer waits may name an op before the step
+            slot = np.full(dep.shape, -3, np.int64)
+            for k, old in enumerate(self.externals):
+                if old >= 0:
+                    slot[dep == old] = -1 - k
+            if (slot[outside] == -3).any():
+                return None
+            table.dep_ids = np.where(outside, slot, dep - first)
+        else:
+            table.dep_ids = dep - first
+        attention, experts = [], []
         for k, op in enumerate(step_ops):
-            if op.deps and min(op.deps) < first:
-                if not all(d >= first or d in known for d in op.deps):
-                    return None
-                external_deps.append((k, op.deps))
             if op.kind is OpKind.ATTENTION:
                 attention.append((k, op.micro_batch))
             elif op.kind is OpKind.EXPERT:
                 li = moe_index[op.layer]
                 if li < 0 or op.scope != -1:
                     return None
-                experts.append((k, li, op.micro_batch, tuple([m[0] for m in op.members]) if op.members else None))
+                experts.append((k, li, op.micro_batch, tuple([m[0] for m in op.members]) if op.members else None,
+                                op.expert))
         if any(0 <= last < first for last in self.layer_done):
             return None
         done = [last - first if last >= 0 else -1 for last in self.layer_done]
         routed = [RoutedCopy(c.position - first, c.li, c.mb, c.experts, c.cap) for c in self.routed]
-        columns = [list(map(attrgetter(name), step_ops)) for name in _COPIED]
-        outside = {k for k, _ in external_deps}
-        deps = [() if k in outside else tuple([d - first for d in op.deps]) for k, op in enumerate(step_ops)]
-        return StepTemplate(columns, deps, first, self.externals, external_deps, done,
-                            attention, experts, routed, self.member_calls)
+        return StepTemplate(table, first, self.externals, external, done, attention, experts, routed,
+                            [step_ops[c.position].stream for c in routed], self.member_calls)
 
 
 def layer_done_pair(layer_done: dict[int, int], seq: int) -> tuple[int, int]:
@@ -166,37 +168,64 @@ Member = tuple[int, int, int, int]  # a grouped op's member: (expert, tokens, fl
 def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBuilder, work: OpWork,
            layer_done: dict[int, int], seq: int,
            members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]]) -> bool:
-    """Append template `t`'s ops for decode step `step` of `slices` (same shape as the template's step), with ids
-    from the builder's next, and record its layers' last GPU ops in `layer_done` from visit `seq` on. False (and
-    nothing appended) when the step would cross the builder's op limit: the caller emits it the ordinary way,
-    which raises where emission would."""
-    ops = builder.ops
-    first = len(ops)
+    """Append template `t`'s ops for decode step `step` of `slices` (same shape as the template's step), as columns
+    with ids from the builder's next, and record its layers' last GPU ops in `layer_done` from visit `seq` on.
+    False (and nothing appended) when the step would cross the builder's op limit, or a recomputed number would not
+    fit int64: the caller emits it the ordinary way, which raises where emission would (or `Plan.check` does)."""
+    first = len(builder.ops)
     n = t.size
     load = builder.member_load
     for m in t.member_calls:  # charged call by call: the same float sums as emission's
         load += m * MEMBER_OP_SHARE
     if first + n - 1 + load >= builder.max_ops:  # the largest of the guards emission would apply in the step
         return False
+    try:
+        chunk = _recomputed(t, slices, work, members_of)
+    except OverflowError:
+        return False
     builder.next_id(step)  # the step's guards, as its first op would call them (the load is the same)
     builder.member_load = load
-    # deps name the new ops' own id objects (as emission's do): no int object per dependency. C-level passes: the
-    # hot loop of a long decode.
-    ids = list(range(first, first + n))
-    deps = map(tuple, map(map, repeat(ids.__getitem__), t.deps))
-    kind, stream, layer, mb, tokens, flops, nbytes, expert, payload, kv, alloc, free, scope, grouped = t.columns
-    ops.extend(map(Op, ids, kind, stream, repeat(Phase.DECODE), repeat(step), layer, mb, tokens, flops, nbytes, deps,
-                   expert, payload, kv, alloc, free, scope, grouped))
-    now = layer_done_pair(layer_done, seq)
-    mapping = {old: new for old, new in zip(t.externals, now, strict=True) if old >= 0}
-    for k, deps in t.external_deps:
-        ops[first + k].deps = tuple([ids[d - t.first] if d >= t.first else mapping[d] for d in deps])
+    rel = t.table.dep_ids
+    if t.external:
+        now = np.array(layer_done_pair(layer_done, seq), np.int64)
+        chunk.dep_ids = np.where(rel >= 0, rel + first, now[np.clip(-1 - rel, 0, 1)])
+    else:
+        chunk.dep_ids = rel + first
+    chunk.step = np.full(n, step, np.int64)
+    builder.ops.extend(repeat(None, n))
+    builder.chunks.append((first, chunk))
+    for k, done in enumerate(t.layer_done):
+        layer_done[seq + k] = first + done if done >= 0 else -1
+    return True
+
+
+def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork,
+                members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]]) -> OpTable:
+    """The template's columns with the numbers of `slices` (attention's work and KV entries, expert ops' tokens,
+    work and members, routed copies' tokens and bytes); the columns no replay changes are shared with the
+    template. OverflowError when a number does not fit int64."""
+    tab = t.table
     by_mb = {s.mb: s for s in slices}
-    for k, mb in t.attention:
-        s, op = by_mb[mb], ops[first + k]
+    pos: list[int] = []  # ops whose tokens, FLOPs and bytes change, with them
+    tok: list[int] = []
+    fl: list[int] = []
+    by: list[int] = []
+    kv: list[int] = []
+    for _, mb in t.attention:
+        s = by_mb[mb]
         cost = work.attention(s.tokens, s.kv_attended, s.kv_read, False)
-        op.flops, op.bytes = cost[0], cost[1]
-        op.kv_tokens = s.kv_read
+        fl.append(cost[0])
+        by.append(cost[1])
+        kv.append(s.kv_read)
+    kv_pos = [k for k, _ in t.attention]
+    flops_col, bytes_col, kv_col = tab.flops.copy(), tab.bytes.copy(), tab.kv_tokens
+    if kv_pos:
+        at = np.array(kv_pos, np.int64)
+        flops_col[at] = np.array(fl, np.int64)
+        bytes_col[at] = np.array(by, np.int64)
+        kv_col = kv_col.copy()
+        kv_col[at] = np.array(kv, np.int64)
+        fl, by = [], []
     loads: dict[tuple[int, int], list[int]] = {}
 
     def loads_of(li: int, mb: int) -> list[int]:
@@ -207,20 +236,34 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
         return got
 
     expert_work = work.expert
-    for k, li, mb, experts in t.experts:
-        op, tokens = ops[first + k], loads_of(li, mb)
+    members: list[Member] = []
+    for k, li, mb, experts, expert in t.experts:
+        tokens = loads_of(li, mb)
+        pos.append(k)
         if experts is not None:
             ts = list(map(tokens.__getitem__, experts))
-            group = op.members = members_of(experts, ts)
-            op.tokens, op.flops, op.bytes = sum(ts), sum(map(_FLOPS, group)), sum(map(_BYTES, group))
+            group = members_of(experts, ts)
+            members.extend(group)
+            tok.append(sum(ts))
+            fl.append(sum(map(_FLOPS, group)))
+            by.append(sum(map(_BYTES, group)))
         else:
-            op.tokens = t_ = tokens[op.expert]
+            t_ = tokens[expert]
+            tok.append(t_)
             cost = expert_work(t_)
-            op.flops, op.bytes = cost[0], cost[1]
-    for c in t.routed:
-        op, tokens = ops[first + c.position], loads_of(c.li, c.mb)
+            fl.append(cost[0])
+            by.append(cost[1])
+    tokens_col = tab.tokens.copy()
+    if pos:
+        at = np.array(pos, np.int64)
+        tokens_col[at] = np.array(tok, np.int64)
+        flops_col[at] = np.array(fl, np.int64)
+        bytes_col[at] = np.array(by, np.int64)
+    for c, stream in zip(t.routed, t.routed_streams, strict=True):
+        tokens = loads_of(c.li, c.mb)
         routed = min(sum(map(tokens.__getitem__, c.experts)), c.cap)
-        op.tokens, op.bytes = routed, copy_traffic(op.stream, work.hidden_bytes(routed))
-    for k, done in enumerate(t.layer_done):
-        layer_done[seq + k] = ids[done] if done >= 0 else -1
-    return True
+        tokens_col[c.position] = routed
+        bytes_col[c.position] = copy_traffic(stream, work.hidden_bytes(routed))
+    member_cols = np.array(members, np.int64).reshape(-1, 4) if members else tab.members
+    return dataclasses.replace(tab, tokens=tokens_col, flops=flops_col, bytes=bytes_col, kv_tokens=kv_col,
+                               members=member_cols)

@@ -57,7 +57,7 @@ class ZeroInferencePolicy(Policy):
         emit = _Gather(ctx, ctx.builder())
         for s in all_slices(ctx, [requests], [requests]):
             emit.step(s)
-        return Plan(self.name, self.knobs(), m, sysm, wl, emit.b.ops, {"gpu": gpu, "cpu": cpu},
+        return Plan(self.name, self.knobs(), m, sysm, wl, emit.b.result(), {"gpu": gpu, "cpu": cpu},
                     {"prefill": [requests], "decode": [requests]}, decode_scale=ctx.decode_scale,
                     expert_kernels=self.expert_kernels)
 

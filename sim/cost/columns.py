@@ -1,0 +1,99 @@
+"""Prices of a plan held as columns (`sim.op_table.OpTable`), each distinct op priced once (issue 13).
+
+A cost model prices an op by its kind, stream, phase, micro-batch, scope, payload, tokens, KV entries, FLOPs and
+bytes (the `CostModel` protocol), so ops equal in those fields cost the same: here each distinct row of those columns
+is priced once, through an `Op` made for it, and a grouped op's members likewise (a member stands for an op with the
+group's fields and the member's tokens, FLOPs and bytes, as `sim.cost.GroupPrices` prices it). A CoX-MoE plan of
+144k ops has about 1,200 distinct rows. The prices are the per-op path's, integer for integer: the same calls on the
+same fields, and a group's time the integer sum of its members'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.cost.roofline import CostModel
+from sim.op_table import KINDS, PAYLOADS, PHASES, OpTable
+from sim.plan import Op
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it mixes a column into the hash, wrapping mod 2^64
+
+
+def distinct_rows(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each distinct row, each row's index into those) over equal-length integer columns: rows hashed
+    to 64 bits, the hash's distinct values taken, and every row compared with its representative, so that a
+    collision falls back to an exact (slower) comparison of whole rows."""
+    n = columns[0].size
+    h = np.zeros(n, np.uint64)
+    for col in columns:
+        h *= _MIX
+        h += col.astype(np.int64, copy=False).view(np.uint64)
+        h ^= h >> np.uint64(29)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    if all(np.array_equal(col[first][inverse], col) for col in columns):
+        return first, inverse
+    _, first, inverse = np.unique(np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+@dataclass
+class ColumnPrices:
+    """Every op's time (`durations`, int64 ns), and what the list schedule needs to ask for usages: each plain op's
+    distinct row (`plain_key`, -1 for grouped ops), each member's time and distinct row."""
+
+    durations: np.ndarray
+    plain_key: np.ndarray
+    plain_ops: list[Op]  # an op standing for each distinct plain row
+    member_times: np.ndarray
+    member_key: np.ndarray
+    member_ops: list[Op]  # an op standing for each distinct member row
+
+
+def _row_op(t: OpTable, row: int, tokens: int, flops: int, nbytes: int, expert: int) -> Op:
+    """An op with row `row`'s priced fields and the given work (no dependencies or memory: prices do not read
+    them)."""
+    return Op(row, KINDS[t.kind[row]], t.streams[t.stream[row]], PHASES[t.phase[row]], int(t.step[row]),
+              int(t.layer[row]), int(t.micro_batch[row]), tokens, flops, nbytes, (), expert, PAYLOADS[t.payload[row]],
+              int(t.kv_tokens[row]), (), (), int(t.scope[row]))
+
+
+_SHAPE = ("kind", "stream", "phase", "micro_batch", "scope", "payload", "kv_tokens")
+
+
+def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
+    """Each op's time under `cost`, or None when a group's time could pass int64 (the per-op path judges it)."""
+    n = len(t)
+    grouped = np.zeros(n, dtype=bool)
+    grouped[t.member_rows] = True
+    plain = np.flatnonzero(~grouped)
+    durations = np.zeros(n, np.int64)
+    plain_key = np.full(n, -1, np.int64)
+    plain_ops: list[Op] = []
+    if plain.size:
+        cols = [getattr(t, name)[plain] for name in (*_SHAPE, "tokens", "flops", "bytes")]
+        first, inverse = distinct_rows(cols)
+        rows = plain[first].tolist()
+        plain_ops = [_row_op(t, r, int(t.tokens[r]), int(t.flops[r]), int(t.bytes[r]), int(t.expert[r]))
+                     for r in rows]
+        price = cost.op_time_ns
+        times = np.array([price(op) for op in plain_ops], np.int64)
+        durations[plain] = times[inverse]
+        plain_key[plain] = inverse
+    m = t.members
+    member_times, member_key, member_ops = np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    if m.shape[0]:
+        counts = np.diff(t.member_start)
+        owner = np.repeat(t.member_rows, counts)
+        cols = [getattr(t, name)[owner] for name in _SHAPE] + [m[:, 1], m[:, 2], m[:, 3]]
+        first, member_key = distinct_rows(cols)
+        member_ops = [_row_op(t, int(owner[j]), int(m[j, 1]), int(m[j, 2]), int(m[j, 3]), int(m[j, 0]))
+                      for j in first.tolist()]
+        price = cost.op_time_ns
+        distinct_times = [price(op) for op in member_ops]
+        if max(distinct_times) * int(counts.max()) >= 1 << 63:
+            return None
+        member_times = np.array(distinct_times, np.int64)[member_key]
+        durations[t.member_rows] = np.add.reduceat(member_times, t.member_start[:-1])
+    return ColumnPrices(durations, plain_key, plain_ops, member_times, member_key, member_ops)

@@ -1,0 +1,205 @@
+"""A plan's ops as typed columns, one row per op (the row is the op's id): what the check and the list schedule read
+column-wide instead of one `Op` object at a time (docs/columnar-plan.md, issue 13).
+
+`OpTable.from_ops` reads a list of ops into columns when every field holds what the plan format says (exact integers
+within int64, the enums' own members, ids equal to positions) and answers None otherwise, so that a hand-built or
+forged plan goes through the per-op code that names its problem. `to_ops` gives the ops back, field for field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain, compress
+from operator import attrgetter
+
+import numpy as np
+
+from sim.plan import Op, OpKind, Payload, Phase
+from traces.format import count_dtype
+
+KINDS: tuple[OpKind, ...] = tuple(OpKind)
+PHASES: tuple[Phase, ...] = tuple(Phase)
+PAYLOADS: tuple[Payload, ...] = tuple(Payload)
+INT_FIELDS = ("step", "layer", "micro_batch", "tokens", "flops", "bytes", "expert", "kv_tokens", "scope")
+# the enums' members by identity: a plain string equal to a member's value is not the member (the engines compare
+# with `is`), so it sends the plan down the per-op path
+_KIND_CODE = {id(m): k for k, m in enumerate(KINDS)}
+_PHASE_CODE = {id(m): k for k, m in enumerate(PHASES)}
+_PAYLOAD_CODE = {id(m): k for k, m in enumerate(PAYLOADS)}
+_DECODE = PHASES.index(Phase.DECODE)
+
+
+@dataclass(eq=False)
+class OpTable:
+    """Columns of equal length n: `kind`, `phase`, `payload` (uint8 codes into KINDS, PHASES, PAYLOADS), `stream`
+    (codes into `streams`, the names in order of first use), the INT_FIELDS as int64; dependencies in CSR form
+    (op i's are `dep_ids[dep_start[i]:dep_start[i + 1]]`); memory per op as sparse maps (row -> the op's `alloc`
+    or `free`: few ops have any, and sizes are unbounded Python ints); grouped expert ops' members as rows
+    `members[member_start[k]:member_start[k + 1]]` (expert, tokens, FLOPs, bytes) of op `member_rows[k]`."""
+
+    streams: tuple[str, ...]
+    kind: np.ndarray
+    stream: np.ndarray
+    phase: np.ndarray
+    payload: np.ndarray
+    step: np.ndarray
+    layer: np.ndarray
+    micro_batch: np.ndarray
+    tokens: np.ndarray
+    flops: np.ndarray
+    bytes: np.ndarray
+    expert: np.ndarray
+    kv_tokens: np.ndarray
+    scope: np.ndarray
+    dep_start: np.ndarray
+    dep_ids: np.ndarray
+    alloc: dict[int, tuple[tuple[str, int], ...]]
+    free: dict[int, tuple[tuple[str, int], ...]]
+    member_rows: np.ndarray
+    member_start: np.ndarray
+    members: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.kind.size)
+
+    @classmethod
+    def from_ops(cls, ops: Sequence[Op], first: int = 0) -> OpTable | None:
+        """The columns of `ops`, or None when a field is not what a plan holds (an integer beyond int64 or not an
+        integer, a kind, phase or payload that is not its enum's member, an op whose id is not its position plus
+        `first`, a grouped op's member that is not four integers). Dependencies stay ids."""
+        n = len(ops)
+        try:
+            ids = _ints(list(map(attrgetter("id"), ops)), n)
+            if ids is None or not np.array_equal(ids, np.arange(first, first + n)):
+                return None
+            ints = {}
+            for name in INT_FIELDS:
+                ints[name] = col = _ints(list(map(attrgetter(name), ops)), n)
+                if col is None:
+                    return None
+            kind = np.fromiter(map(_KIND_CODE.__getitem__, map(id, map(attrgetter("kind"), ops))), np.uint8, n)
+            phase = np.fromiter(map(_PHASE_CODE.__getitem__, map(id, map(attrgetter("phase"), ops))), np.uint8, n)
+            payload = np.fromiter(map(_PAYLOAD_CODE.__getitem__, map(id, map(attrgetter("payload"), ops))), np.uint8,
+                                  n)
+        except KeyError:
+            return None
+        names = list(map(attrgetter("stream"), ops))
+        try:
+            code = {s: k for k, s in enumerate(dict.fromkeys(names))}
+        except TypeError:  # an unhashable stream
+            return None
+        if not all(isinstance(s, str) for s in code):
+            return None
+        stream = np.fromiter(map(code.__getitem__, names), count_dtype(len(code)), n)
+        deps = list(map(attrgetter("deps"), ops))
+        lens = np.fromiter(map(len, deps), np.int64, n)
+        dep_start = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=dep_start[1:])
+        dep_ids = _ints(list(chain.from_iterable(deps)), int(dep_start[-1]))
+        if dep_ids is None:
+            return None
+        allocs, frees = list(map(attrgetter("alloc"), ops)), list(map(attrgetter("free"), ops))
+        alloc = {i: allocs[i] for i in compress(range(n), allocs)}
+        free = {i: frees[i] for i in compress(range(n), frees)}
+        groups = list(map(attrgetter("members"), ops))
+        member_rows = np.fromiter(compress(range(n), groups), np.int64)
+        grouped = [groups[i] for i in member_rows.tolist()]
+        member_start = np.zeros(len(grouped) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, grouped), np.int64, len(grouped)), out=member_start[1:])
+        flat = list(chain.from_iterable(grouped))
+        if flat:
+            try:
+                members = np.array(flat)
+            except ValueError:  # members of different lengths
+                return None
+            if members.ndim != 2 or members.shape[1] != 4 or members.dtype.kind != "i":
+                return None
+            members = members.astype(np.int64, copy=False)
+        else:
+            members = np.zeros((0, 4), np.int64)
+        return cls(tuple(code), kind, stream, phase, payload, **ints, dep_start=dep_start, dep_ids=dep_ids,
+                   alloc=alloc, free=free, member_rows=member_rows, member_start=member_start, members=members)
+
+    def to_ops(self) -> list[Op]:
+        """The ops the columns hold, field for field as `from_ops` read them."""
+        n = len(self)
+        starts, ids = self.dep_start.tolist(), self.dep_ids.tolist()
+        deps = [tuple(ids[a:b]) for a, b in zip(starts, starts[1:], strict=False)] if n else []
+        members: list[tuple[tuple[int, int, int, int], ...]] = [()] * n
+        flat, bounds = list(map(tuple, self.members.tolist())), self.member_start.tolist()
+        for k, row in enumerate(self.member_rows.tolist()):
+            members[row] = tuple(flat[bounds[k]:bounds[k + 1]])
+        alloc, free = self.alloc, self.free
+        return list(map(Op, range(n), map(KINDS.__getitem__, self.kind.tolist()),
+                        map(self.streams.__getitem__, self.stream.tolist()),
+                        map(PHASES.__getitem__, self.phase.tolist()), self.step.tolist(), self.layer.tolist(),
+                        self.micro_batch.tolist(), self.tokens.tolist(), self.flops.tolist(), self.bytes.tolist(), deps,
+                        self.expert.tolist(), map(PAYLOADS.__getitem__, self.payload.tolist()),
+                        self.kv_tokens.tolist(), (alloc.get(i, ()) for i in range(n)),
+                        (free.get(i, ()) for i in range(n)), self.scope.tolist(), members))
+
+    def decode(self) -> np.ndarray:
+        """Whether each op is a decode op."""
+        return self.phase == _DECODE
+
+    def op(self, i: int) -> Op:
+        """Row i as an `Op` (what a cost model prices, or a per-op check names)."""
+        a, b = int(self.dep_start[i]), int(self.dep_start[i + 1])
+        k = int(np.searchsorted(self.member_rows, i))
+        grouped = k < self.member_rows.size and int(self.member_rows[k]) == i
+        members = tuple(map(tuple, self.members[self.member_start[k]:self.member_start[k + 1]].tolist())) \
+            if grouped else ()
+        return Op(i, KINDS[self.kind[i]], self.streams[self.stream[i]], PHASES[self.phase[i]], int(self.step[i]),
+                  int(self.layer[i]), int(self.micro_batch[i]), int(self.tokens[i]), int(self.flops[i]),
+                  int(self.bytes[i]), tuple(self.dep_ids[a:b].tolist()), int(self.expert[i]),
+                  PAYLOADS[self.payload[i]], int(self.kv_tokens[i]), self.alloc.get(i, ()), self.free.get(i, ()),
+                  int(self.scope[i]), members)
+
+    @classmethod
+    def concat(cls, parts: list[OpTable]) -> OpTable:
+        """The parts one after another, as tables of consecutive ops (each part's first row is the op after the
+        previous part's last; dependencies are ids already)."""
+        if len(parts) == 1:
+            return parts[0]
+        code: dict[str, int] = {}
+        for part in parts:
+            for name in part.streams:
+                code.setdefault(name, len(code))
+        dtype = count_dtype(len(code))
+        streams, alloc, free = [], {}, {}
+        base = member_base = 0
+        dep_starts, member_starts = [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
+        member_rows = []
+        for part in parts:
+            remap = np.array([code[name] for name in part.streams], dtype=dtype)
+            streams.append(remap[part.stream] if part.streams else part.stream.astype(dtype))
+            dep_starts.append(part.dep_start[1:] + dep_starts[-1][-1])
+            member_starts.append(part.member_start[1:] + member_base)
+            member_base += int(part.member_start[-1])
+            member_rows.append(part.member_rows + base)
+            alloc.update((row + base, v) for row, v in part.alloc.items())
+            free.update((row + base, v) for row, v in part.free.items())
+            base += len(part)
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(part, name) for part in parts])
+
+        return cls(tuple(code), cat("kind"), np.concatenate(streams), cat("phase"), cat("payload"),
+                   **{name: cat(name) for name in INT_FIELDS}, dep_start=np.concatenate(dep_starts),
+                   dep_ids=cat("dep_ids"), alloc=alloc, free=free, member_rows=np.concatenate(member_rows),
+                   member_start=np.concatenate(member_starts), members=np.concatenate([p.members for p in parts]))
+
+
+def _ints(values: list, n: int) -> np.ndarray | None:
+    """`values` as int64, or None unless every one is an integer within int64's range (bools count as integers,
+    as Python counts them)."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    arr = np.array(values)
+    if arr.ndim != 1 or arr.dtype.kind not in "biu" or (arr.dtype.kind == "u" and arr.max() > _INT64_MAX):
+        return None
+    return arr.astype(np.int64, copy=False)
+
+
+_INT64_MAX = np.iinfo(np.int64).max
