@@ -48,9 +48,9 @@ from simpy.core import EmptySchedule
 from simpy.events import NORMAL, URGENT
 
 from sim.cost import CostModel, GroupPrices
-from sim.cost.columns import price_table
+from sim.cost.columns import ColumnPrices, price_table
 from sim.errors import CapacityError, RunTooLong, SimInputError
-from sim.op_table import OpTable
+from sim.op_table import KINDS, OpTable, unrepresentable
 from sim.plan import Op, Plan
 from sim.table_check import deps_point_back
 from sim.topology import Topology, topology_of
@@ -355,17 +355,73 @@ class _GroupShare:
             self._retime(now, skip=None)
 
 
-def _chainable(ops: list[Op]) -> bytearray:
+def _chainable(t: OpTable) -> bytearray:
     """Per op: whether its end is unobservable, so that the op after it on an uncontended stream may start
     without an event of its own: it frees no memory and no op of another stream depends on it (a later op of its
     own stream that names it waits for it anyway, by stream order: the O-projection before its router)."""
-    ok = bytearray(not op.free for op in ops)  # a byte an op (a list: eight)
-    for op in ops:
-        stream = op.stream
-        for d in op.deps:
-            if ops[d].stream != stream:
-                ok[d] = False
-    return ok
+    ok = np.ones(len(t), dtype=np.uint8)  # a byte an op
+    if t.free:
+        ok[np.fromiter(t.free, np.int64, len(t.free))] = 0
+    owner = np.repeat(np.arange(len(t), dtype=np.int64), np.diff(t.dep_start))
+    ok[t.dep_ids[t.stream[t.dep_ids] != t.stream[owner]]] = 0
+    return bytearray(ok.tobytes())
+
+
+def _ids_by_stream(t: OpTable, topo: Topology) -> dict[str, list[int]]:
+    """`ops_by_stream` over columns: op ids per stream in plan order, every stream of the machine listed."""
+    by_stream: dict[str, list[int]] = {s: [] for s in topo.streams}
+    order = np.argsort(t.stream, kind="stable")
+    bounds = np.searchsorted(t.stream[order], np.arange(len(t.streams) + 1))
+    for code, name in enumerate(t.streams):
+        by_stream[name] = order[bounds[code]:bounds[code + 1]].tolist()
+    return by_stream
+
+
+def _prices(table: OpTable, cost: CostModel) -> ColumnPrices | None:
+    """Every op's price (`sim.cost.columns`); where pricing fails, the op the per-op pricing fails on names the
+    problem (the same error, raised by the same op as before columns)."""
+    try:
+        return price_table(cost, table)
+    except (SimInputError, ValueError, ArithmeticError, LookupError, TypeError):
+        price, group_price = cost.op_time_ns, GroupPrices(cost)
+        for op in table.to_ops():
+            group_price(op) if op.members else price(op)
+        raise
+
+
+class _UsageOf:
+    """What the SimPy machine asks of a job's resources: a plain op's (own, memory) usage, or a grouped op's
+    (time, usage) per member; each distinct op asked of the cost model once."""
+
+    def __init__(self, t: OpTable, prices: ColumnPrices, cost: CostModel):
+        self.usage, self.prices = cost.usage, prices
+        self.plain_key = prices.plain_key
+        self.plain_memo: dict[int, tuple[float, float]] = {}
+        self.member_memo: dict[int, tuple[float, float]] = {}
+        self.member_at = dict(zip(t.member_rows.tolist(), range(t.member_rows.size), strict=True))
+        self.member_start = t.member_start
+
+    def plain(self, i: int) -> tuple[float, float]:
+        key = int(self.plain_key[i])
+        hit = self.plain_memo.get(key)
+        if hit is None:
+            hit = self.plain_memo[key] = self.usage(self.prices.plain_ops[key])
+        return hit
+
+    def parts(self, i: int) -> list[tuple[int, tuple[float, float]]] | None:
+        """(time, usage) of each member of op i in order, or None when op i is not grouped."""
+        k = self.member_at.get(i)
+        if k is None:
+            return None
+        out = []
+        times, keys, memo = self.prices.member_times, self.prices.member_key, self.member_memo
+        for j in range(int(self.member_start[k]), int(self.member_start[k + 1])):
+            key = int(keys[j])
+            hit = memo.get(key)
+            if hit is None:
+                hit = memo[key] = self.usage(self.prices.member_ops[key])
+            out.append((int(times[j]), hit))
+        return out
 
 
 def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True, fast: bool = True) -> EngineRecord:
@@ -376,7 +432,9 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     own timeout (the reference the chained run must equal: same start and end of every op, same peaks).
     `fast=True` first list-schedules the plan in one pass (`sim.uncontended`) and keeps that schedule when no op
     would slow another and the pools fit (it is then the SimPy run's, op for op); `fast=False` always runs SimPy."""
-    table = plan.table() if check or fast else None  # the ops as columns (None: ops no plan file could hold)
+    table = plan.table()  # the ops as columns, what both schedules read
+    if table is None:
+        raise SimInputError(unrepresentable(plan.ops))
     if check:
         plan.check(table)
     prepare = getattr(cost, "prepare", None)  # a cost model that reads scopes from the plan (profiles)
@@ -384,16 +442,22 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         prepare(plan)
     topo = topology_of(plan.system)
     pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
-    if fast and table is not None:
-        listed = _list_scheduled(table, cost, topo, pools)
+    if not set(table.streams) <= topo.streams.keys():
+        topo.unit_of(next(s for s in table.streams if s not in topo.streams))  # raises, naming the system's streams
+    prices = _prices(table, cost)
+    if prices is None:  # a grouped op's members sum past int64 nanoseconds
+        raise _too_long(f"over {2**63 / 1e9:.3g}")
+    if fast:
+        listed = _list_scheduled(table, prices, cost, topo, pools)
         if listed is not None:
             return listed
-    ops = plan.ops
-    n = len(ops)
-    price, group_price = cost.op_time_ns, GroupPrices(cost)  # a grouped expert op: the sum of its members' prices
-    durations = [group_price(op) if op.members else price(op) for op in ops]
-    usage_of = cost.usage
-    by_stream = ops_by_stream(ops, topo)
+    n = len(table)
+    durations = array("q", prices.durations.tobytes())
+    dep_start, dep_ids = array("q", table.dep_start.tobytes()), array("q", table.dep_ids.tobytes())
+    allocs, frees = table.alloc, table.free
+    usages = _UsageOf(table, prices, cost)
+    parts, usage_of = usages.parts, usages.plain
+    by_stream = _ids_by_stream(table, topo)
     streams_in = {group: sum(1 for s, ids in by_stream.items() if ids and topo.streams[s].group == group)
                   for group in topo.group_sizes}
     # the SimPy machine; start and end as int64 arrays, not lists of int objects (a 776k-op plan: 12 MB, not 62)
@@ -403,7 +467,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     env = simpy.Environment()
     shares = {group: _GroupShare(lump=chain) for group in topo.group_sizes}
     schedule, Event, Timeout = env.schedule, simpy.Event, simpy.Timeout
-    chainable = _chainable(ops) if chain else bytearray(n)
+    chainable = _chainable(table) if chain else bytearray(n)
 
     def fired(callback: Callable[[simpy.Event], None] | None, priority: int = NORMAL) -> None:
         """Schedule an event that calls `callback` now: a stream's start, its interruption, its end."""
@@ -431,8 +495,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
             nonlocal k, job, target, ids, share
             while k < count:
                 i = ids[k]
-                op = ops[i]
-                for d in op.deps:
+                for d in dep_ids[dep_start[i]:dep_start[i + 1]]:
                     if end[d] < 0:
                         woken = waiters.get(d)
                         if woken is None:
@@ -441,9 +504,9 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                         target = None
                         return
                 now = start[i] = env.now
-                if op.alloc:
-                    for pool, nbytes in op.alloc:
-                        pools.alloc(pool, nbytes, now, i, f"op {i} {op.kind} layer {op.layer}")
+                if allocs and i in allocs:
+                    for pool, nbytes in allocs[i]:
+                        pools.alloc(pool, nbytes, now, i, f"op {i} {KINDS[table.kind[i]]} layer {table.layer[i]}")
                 d = durations[i]
                 if d and not shared:
                     # Alone on its device, op i ends at now + d; so do the ops after it, one after another,
@@ -452,10 +515,9 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                     t = now + d
                     while chainable[i] and k + 1 < count:
                         nxt = ids[k + 1]
-                        op = ops[nxt]
-                        if op.alloc:
+                        if allocs and nxt in allocs:
                             break
-                        for x in op.deps:
+                        for x in dep_ids[dep_start[nxt]:dep_start[nxt + 1]]:
                             if end[x] < 0 and x != i:  # op i, ending as op nxt starts, is the one not yet marked
                                 break
                         else:
@@ -469,14 +531,14 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                     target.callbacks.append(finished)
                     return
                 if d:
-                    if op.members:  # a group on a shared stream: its members run in turn, each at its own rate
-                        vector = unit.usage_vector
-                        # a member of no time ends at once; the rest, last first
-                        tail = [(t, vector(u, size)) for t, u in reversed(group_price.parts(op)) if t]
+                    grouped = parts(i)
+                    if grouped is not None:  # a group on a shared stream: its members run in turn, each at its own
+                        vector = unit.usage_vector  # rate; a member of no time ends at once; the rest, last first
+                        tail = [(t, vector(u, size)) for t, u in reversed(grouped) if t]
                         d, vec = tail.pop()
                         job = _Job(interrupt, vec, d, now, i, tail)
                     else:
-                        job = _Job(interrupt, unit.usage_vector(usage_of(op), size), d, now, i)
+                        job = _Job(interrupt, unit.usage_vector(usage_of(i), size), d, now, i)
                     share.admit(job, now)
                     sleep()
                     return
@@ -530,9 +592,8 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         to wait (no event: they start at this instant either way, and nothing observable depends on the order of
         one instant's starts; see the module docstring)."""
         end[i] = now
-        op = ops[i]
-        if op.free:
-            for pool, nbytes in op.free:
+        if frees and i in frees:
+            for pool, nbytes in frees[i]:
                 pools.free(pool, nbytes, now, i)
         if waiters:
             woken = waiters.pop(i, None)
@@ -545,7 +606,6 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
             launch(stream, ids)
     events = 0
     step = env.step
-    plan_ops = ops
     try:
         try:
             while True:
@@ -563,10 +623,10 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
         # while a search pauses it): unhook the plan's ops and the run's per-op tables and price memos from them,
         # so they die with the run instead of waiting for a collection (0.2-0.3 s of objects after a full-decode
         # point; a Qwen3-30B-A3B B=4096 search's five probe runs held ~15 MB until its final run ended).
-        ops = durations = chainable = group_price = usage_of = shares = waiters = env = by_stream = None
-        run_start, run_end = start, end
-        start = end = None
-    return _record(plan_ops, topo, run_start, run_end, pools.peak, events=events, engine="simpy")
+        run_table, run_start, run_end = table, start, end
+        durations = dep_start = dep_ids = chainable = parts = usage_of = shares = waiters = env = by_stream = None
+        table = allocs = frees = prices = usages = start = end = None
+    return _record(run_table, topo, run_start, run_end, pools.peak, events=events, engine="simpy")
 
 
 def _too_long(seconds: str) -> RunTooLong:
@@ -574,22 +634,15 @@ def _too_long(seconds: str) -> RunTooLong:
                       "system spec or profile is near zero")
 
 
-def _list_scheduled(table: OpTable, cost: CostModel, topo: Topology, pools: _Pools) -> EngineRecord | None:
-    """The run as a list schedule (`sim.uncontended`) over the plan's columns, priced once per distinct op
-    (`sim.cost.columns`), or None when the SimPy machine must run it: an op would slow another, a pool would not
-    fit, or something is for the per-op path to name (a price that raises, a stream the system lacks, a
-    dependency that does not point back in an unchecked plan)."""
-    if not set(table.streams) <= topo.streams.keys() or not deps_point_back(table):
+def _list_scheduled(table: OpTable, prices: ColumnPrices, cost: CostModel, topo: Topology,
+                    pools: _Pools) -> EngineRecord | None:
+    """The run as a list schedule (`sim.uncontended`) over the plan's columns, or None when the SimPy machine must
+    run it: an op would slow another, a pool would not fit, or a dependency does not point back in an unchecked
+    plan (the machine names it)."""
+    if not deps_point_back(table):
         return None
-    try:
-        prices = price_table(cost, table)
-    except (SimInputError, ValueError, ArithmeticError, LookupError, TypeError):
-        return None  # the per-op pricing raises it, naming what it names
-    if prices is None:
-        return None
-    used = np.unique(table.stream).tolist()
     in_group: dict[str, int] = {}
-    for code in used:
+    for code in np.unique(table.stream).tolist():
         group = topo.streams[table.streams[code]].group
         in_group[group] = in_group.get(group, 0) + 1
     shared = {group for group, count in in_group.items() if count > 1}
@@ -597,20 +650,10 @@ def _list_scheduled(table: OpTable, cost: CostModel, topo: Topology, pools: _Poo
     if listed is None:
         return None
     start, end, peak = listed
-    last = max(end, default=0)
-    if last > MAX_RUN_NS:
-        raise _too_long(f"{last / 1e9:.3g}")
-    start_arr, end_arr = np.array(start, np.int64), np.array(end, np.int64)
-    order = topo.stream_order()
-    index = {s: k for k, s in enumerate(order)}
-    remap = np.array([index[name] for name in table.streams], np.int64)
-    busy = np.bincount(remap[table.stream], weights=end_arr - start_arr, minlength=len(order)) if len(table) \
-        else np.zeros(len(order))
-    return EngineRecord(start_ns=start_arr, end_ns=end_arr, busy_ns={s: int(busy[k]) for k, s in enumerate(order)},
-                        peak_bytes=dict(peak), events=0, engine="list")
+    return _record(table, topo, start, end, peak, events=0, engine="list")
 
 
-def _record(ops: list[Op], topo: Topology, start: Sequence[int], end: Sequence[int], peak: dict[str, int],
+def _record(table: OpTable, topo: Topology, start: Sequence[int], end: Sequence[int], peak: dict[str, int],
             events: int, engine: str) -> EngineRecord:
     """The engine record of a finished run, after the checks both schedules need: the run fits int64
     nanoseconds, and every op ran."""
@@ -618,10 +661,16 @@ def _record(ops: list[Op], topo: Topology, start: Sequence[int], end: Sequence[i
     if last > MAX_RUN_NS:  # each op stays under the per-op bound, but their sum would not fit int64 nanoseconds
         raise _too_long(f"{last / 1e9:.3g}")
     end_arr = np.asarray(end, dtype=np.int64).view(np.int64)  # an array('q') is viewed as numpy's longlong
-    if ops and (end_arr < 0).any():
+    if len(table) and (end_arr < 0).any():
         first = int(np.flatnonzero(end_arr < 0)[0])
-        raise PlanDeadlock(f"plan deadlocked: op {first} ({ops[first].kind} on {ops[first].stream}) never ran")
+        raise PlanDeadlock(f"plan deadlocked: op {first} ({KINDS[table.kind[first]]} on "
+                           f"{table.streams[table.stream[first]]}) never ran")
     start_arr = np.asarray(start, dtype=np.int64).view(np.int64)
-    return EngineRecord(start_ns=start_arr, end_ns=end_arr,
-                        busy_ns=busy_by_stream(ops, start_arr, end_arr, topo.stream_order()),
+    order = topo.stream_order()
+    index = {s: k for k, s in enumerate(order)}
+    which = np.array([index[name] for name in table.streams], count_dtype(len(order)))[table.stream]
+    busy = np.bincount(which, weights=end_arr - start_arr, minlength=len(order))
+    return EngineRecord(start_ns=start_arr, end_ns=end_arr, busy_ns={s: int(busy[k]) for k, s in enumerate(order)},
                         peak_bytes=dict(peak), events=events, engine=engine)
+
+

@@ -203,3 +203,30 @@ def _ints(values: list, n: int) -> np.ndarray | None:
 
 
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+def unrepresentable(ops: Sequence[Op]) -> str:
+    """Why `OpTable.from_ops(ops)` gives no columns, naming the first op and field: a plan the engine cannot run."""
+    enums = {"kind": OpKind, "phase": Phase, "payload": Payload}
+    for i, op in enumerate(ops):
+        if not _exact(op.id) or op.id != i:
+            return f"plan op at position {i} has id {op.id!r}"
+        for name in INT_FIELDS:
+            value = getattr(op, name)
+            if not _exact(value):
+                return f"plan op {i}: {name} must be an integer within int64, got {value!r}"
+        for name, enum in enums.items():
+            value = getattr(op, name)
+            if not any(value is member for member in enum):
+                return f"plan op {i}: {name} must be a {enum.__name__} member, got {value!r}"
+        if not isinstance(op.stream, str):
+            return f"plan op {i}: stream must be a name, got {op.stream!r}"
+        if not all(_exact(d) for d in op.deps):
+            return f"plan op {i}: deps must be op ids, got {op.deps!r}"
+        if not all(len(m) == 4 and all(_exact(v) for v in m) for m in op.members):
+            return f"plan op {i}: members must be (expert, tokens, flops, bytes) integers, got {op.members!r}"
+    return "plan ops hold values no plan can hold"
+
+
+def _exact(value: object) -> bool:
+    return isinstance(value, int | np.integer) and -(1 << 63) <= int(value) < (1 << 63)

@@ -314,15 +314,16 @@ def test_a_negative_usage_is_left_to_the_engine():
     assert listed.engine == "simpy"
 
 
-def test_an_unchecked_plan_whose_ids_are_not_positions_is_left_to_the_engine():
+def test_an_unchecked_plan_whose_ids_are_not_positions_is_refused_by_both_paths():
+    """The engine reads a plan as columns (row = id), so ids out of place are named even without the check."""
     b = PlanBuilder()
     b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=5)
     b.add(OpKind.QKV, Stream.GPU, Phase.DECODE, 1, 0, flops=3)
     b.ops[0].id, b.ops[1].id = 1, 0
     plan = plan_of(b)
-    listed, reference = run_plan(plan, COST, check=False), run_plan(plan, COST, check=False, fast=False)
-    assert listed.engine == "simpy"
-    assert_same_schedule(listed, reference)
+    for fast in (True, False):
+        with pytest.raises(SimInputError, match="^plan op at position 0 has id 1$"):
+            run_plan(plan, COST, check=False, fast=fast)
 
 
 POINTS = {"gpu-only": ("deepseek-v2-lite", "a100-80g-8452y"),  # a point where each policy fits; else Mixtral

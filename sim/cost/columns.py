@@ -63,7 +63,8 @@ _SHAPE = ("kind", "stream", "phase", "micro_batch", "scope", "payload", "kv_toke
 
 
 def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
-    """Each op's time under `cost`, or None when a group's time could pass int64 (the per-op path judges it)."""
+    """Each op's time under `cost`, or None when a grouped op's members sum past int64 nanoseconds (a run longer
+    than the engine's clock holds)."""
     n = len(t)
     grouped = np.zeros(n, dtype=bool)
     grouped[t.member_rows] = True
@@ -92,8 +93,12 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
                       for j in first.tolist()]
         price = cost.op_time_ns
         distinct_times = [price(op) for op in member_ops]
-        if max(distinct_times) * int(counts.max()) >= 1 << 63:
-            return None
         member_times = np.array(distinct_times, np.int64)[member_key]
-        durations[t.member_rows] = np.add.reduceat(member_times, t.member_start[:-1])
+        if max(distinct_times) * int(counts.max()) < 1 << 63:
+            durations[t.member_rows] = np.add.reduceat(member_times, t.member_start[:-1])
+        else:  # sums that could pass int64: in Python ints
+            sums = np.add.reduceat(member_times.astype(object), t.member_start[:-1])
+            if max(sums) >= 1 << 63:
+                return None
+            durations[t.member_rows] = np.array(sums.tolist(), np.int64)
     return ColumnPrices(durations, plain_key, plain_ops, member_times, member_key, member_ops)
