@@ -28,6 +28,7 @@ _KIND_CODE = {id(m): k for k, m in enumerate(KINDS)}
 _PHASE_CODE = {id(m): k for k, m in enumerate(PHASES)}
 _PAYLOAD_CODE = {id(m): k for k, m in enumerate(PAYLOADS)}
 _DECODE = PHASES.index(Phase.DECODE)
+MEMBER_ID = np.int32  # ids of distinct members (a plan holds far fewer than 2^31)
 
 
 @dataclass(eq=False)
@@ -35,8 +36,10 @@ class OpTable:
     """Columns of equal length n: `kind`, `phase`, `payload` (uint8 codes into KINDS, PHASES, PAYLOADS), `stream`
     (codes into `streams`, the names in order of first use), the INT_FIELDS as int64; dependencies in CSR form
     (op i's are `dep_ids[dep_start[i]:dep_start[i + 1]]`); memory per op as sparse maps (row -> the op's `alloc`
-    or `free`: few ops have any, and sizes are unbounded Python ints); grouped expert ops' members as rows
-    `members[member_start[k]:member_start[k + 1]]` (expert, tokens, FLOPs, bytes) of op `member_rows[k]`."""
+    or `free`: few ops have any, and sizes are unbounded Python ints); the members (expert, tokens, FLOPs, bytes) of
+    grouped op `member_rows[k]` as rows `member_table[member_ids[member_start[k]:member_start[k + 1]]]`: a plan
+    repeats few distinct members (Qwen3-30B-A3B at B=4096: 1.58 M members, 20 k distinct), so each is stored once
+    and named by a 4-byte id."""
 
     streams: tuple[str, ...]
     kind: np.ndarray
@@ -58,7 +61,13 @@ class OpTable:
     free: dict[int, tuple[tuple[str, int], ...]]
     member_rows: np.ndarray
     member_start: np.ndarray
-    members: np.ndarray
+    member_ids: np.ndarray
+    member_table: np.ndarray
+
+    @property
+    def members(self) -> np.ndarray:
+        """Every member as a row (expert, tokens, FLOPs, bytes), [M, 4] (a copy: 32 bytes a member)."""
+        return self.member_table[self.member_ids]
 
     def __len__(self) -> int:
         return int(self.kind.size)
@@ -108,18 +117,17 @@ class OpTable:
         member_start = np.zeros(len(grouped) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, grouped), np.int64, len(grouped)), out=member_start[1:])
         flat = list(chain.from_iterable(grouped))
-        if flat:
-            try:
-                members = np.array(flat)
-            except ValueError:  # members of different lengths
-                return None
-            if members.ndim != 2 or members.shape[1] != 4 or members.dtype.kind != "i":
-                return None
-            members = members.astype(np.int64, copy=False)
-        else:
-            members = np.zeros((0, 4), np.int64)
+        try:
+            index = {m: k for k, m in enumerate(dict.fromkeys(flat))}
+        except TypeError:  # a member that is not a tuple
+            return None
+        member_ids = np.fromiter(map(index.__getitem__, flat), MEMBER_ID, len(flat))
+        table = member_table_of(list(index))
+        if table is None:
+            return None
         return cls(tuple(code), kind, stream, phase, payload, **ints, dep_start=dep_start, dep_ids=dep_ids,
-                   alloc=alloc, free=free, member_rows=member_rows, member_start=member_start, members=members)
+                   alloc=alloc, free=free, member_rows=member_rows, member_start=member_start, member_ids=member_ids,
+                   member_table=table)
 
     def to_ops(self) -> list[Op]:
         """The ops the columns hold, field for field as `from_ops` read them."""
@@ -127,7 +135,8 @@ class OpTable:
         starts, ids = self.dep_start.tolist(), self.dep_ids.tolist()
         deps = [tuple(ids[a:b]) for a, b in zip(starts, starts[1:], strict=False)] if n else []
         members: list[tuple[tuple[int, int, int, int], ...]] = [()] * n
-        flat, bounds = list(map(tuple, self.members.tolist())), self.member_start.tolist()
+        each = list(map(tuple, self.member_table.tolist()))  # one tuple per distinct member, shared by the ops
+        flat, bounds = list(map(each.__getitem__, self.member_ids.tolist())), self.member_start.tolist()
         for k, row in enumerate(self.member_rows.tolist()):
             members[row] = tuple(flat[bounds[k]:bounds[k + 1]])
         alloc, free = self.alloc, self.free
@@ -148,8 +157,8 @@ class OpTable:
         a, b = int(self.dep_start[i]), int(self.dep_start[i + 1])
         k = int(np.searchsorted(self.member_rows, i))
         grouped = k < self.member_rows.size and int(self.member_rows[k]) == i
-        members = tuple(map(tuple, self.members[self.member_start[k]:self.member_start[k + 1]].tolist())) \
-            if grouped else ()
+        ids = self.member_ids[self.member_start[k]:self.member_start[k + 1]] if grouped else ()
+        members = tuple(map(tuple, self.member_table[ids].tolist())) if grouped else ()
         return Op(i, KINDS[self.kind[i]], self.streams[self.stream[i]], PHASES[self.phase[i]], int(self.step[i]),
                   int(self.layer[i]), int(self.micro_batch[i]), int(self.tokens[i]), int(self.flops[i]),
                   int(self.bytes[i]), tuple(self.dep_ids[a:b].tolist()), int(self.expert[i]),
@@ -170,8 +179,13 @@ class OpTable:
         streams, alloc, free = [], {}, {}
         base = member_base = 0
         dep_starts, member_starts = [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
-        member_rows = []
+        member_rows, member_ids, tables, table_at = [], [], [], {}  # parts sharing a member table share it here
         for part in parts:
+            at = table_at.get(id(part.member_table))
+            if at is None:
+                at = table_at[id(part.member_table)] = sum(len(table) for table in tables)
+                tables.append(part.member_table)
+            member_ids.append(part.member_ids.astype(np.int64) + at)
             remap = np.array([code[name] for name in part.streams], dtype=dtype)
             streams.append(remap[part.stream] if part.streams else part.stream.astype(dtype))
             dep_starts.append(part.dep_start[1:] + dep_starts[-1][-1])
@@ -188,7 +202,22 @@ class OpTable:
         return cls(tuple(code), cat("kind"), np.concatenate(streams), cat("phase"), cat("payload"),
                    **{name: cat(name) for name in INT_FIELDS}, dep_start=np.concatenate(dep_starts),
                    dep_ids=cat("dep_ids"), alloc=alloc, free=free, member_rows=np.concatenate(member_rows),
-                   member_start=np.concatenate(member_starts), members=np.concatenate([p.members for p in parts]))
+                   member_start=np.concatenate(member_starts), member_ids=np.concatenate(member_ids).astype(MEMBER_ID),
+                   member_table=np.concatenate(tables))
+
+
+def member_table_of(members: list) -> np.ndarray | None:
+    """Distinct members as an [D, 4] int64 table, or None unless each is four integers within int64."""
+    if not members:
+        return np.zeros((0, 4), np.int64)
+    try:
+        table = np.array(members)
+    except ValueError:  # members of different lengths
+        return None
+    if table.ndim != 2 or table.shape[1] != 4 or table.dtype.kind not in "iub" or (
+            table.dtype.kind == "u" and table.max() > _INT64_MAX):
+        return None
+    return table.astype(np.int64, copy=False)
 
 
 def _ints(values: list, n: int) -> np.ndarray | None:

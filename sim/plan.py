@@ -545,6 +545,9 @@ class PlanBuilder:
         self.ops: list[Op | None] = []
         self.chunks: list[tuple[int, OpTable]] = []
         self.prefix: OpTable | None = None  # the first ops' columns, when known already (a prefill a search copies)
+        # the members replayed steps name, each stored once (by object: emitters keep one tuple per distinct member)
+        self._member_id: dict[int, int] = {}
+        self._members: list[tuple[int, int, int, int]] = []
         self.max_ops = max_ops()  # plans past the memory limit are refused while they are built
         self.member_load = 0.0  # grouped ops' members, in ops' worth of memory (MEMBER_OP_SHARE each)
         self._sizes = [int(n) for n in decode_step_sizes]
@@ -568,13 +571,33 @@ class PlanBuilder:
         if last + self.member_load >= self.max_ops:
             raise too_many_ops(int(last + self.member_load))
 
+    def member_ids(self, members: list[tuple[int, int, int, int]]) -> np.ndarray:
+        """Ids of `members` in the builder's member store (a replayed step's grouped ops name them by id)."""
+        from sim.op_table import MEMBER_ID
+
+        known = self._member_id
+        found = list(map(known.get, map(id, members)))
+        if None in found:
+            for k, member in enumerate(members):
+                if found[k] is None:
+                    found[k] = known.get(id(member))
+                    if found[k] is None:
+                        found[k] = known[id(member)] = len(self._members)
+                        self._members.append(member)
+        return np.array(found, MEMBER_ID)
+
     def result(self) -> list[Op] | OpTable:
         """The ops built, for `Plan`: the list of `Op`s, or columns when some steps were replayed as columns (the
         ops emitted one by one read into columns around them)."""
         if not self.chunks:
             return self.ops
-        from sim.op_table import OpTable
+        from sim.op_table import OpTable, member_table_of
 
+        table = member_table_of(self._members)
+        if table is None:
+            raise ValueError("a replayed step's members hold values no plan can (a policy's bug)")
+        for _, chunk in self.chunks:
+            chunk.member_table = table
         parts, at = [], 0
         if self.prefix is not None and len(self.prefix) <= self.chunks[0][0]:
             parts, at = [self.prefix], len(self.prefix)

@@ -65,17 +65,17 @@ def _members_ok(t: OpTable, experts: int) -> np.ndarray:
     """Per grouped op: kind expert with expert -1, two or more members each of an expert in range, tokens in
     [1, 2^50] and work in [0, 2^50], no expert twice, summing to the op's tokens, FLOPs and bytes (what
     `sim.plan._check_members` requires; tokens bounded here only so that the sums stay exact)."""
-    rows, starts, m = t.member_rows, t.member_start, t.members
+    rows, starts, ids, table = t.member_rows, t.member_start, t.member_ids, t.member_table
     counts = np.diff(starts)
     first = starts[:-1]
-    e, tok, fl, by = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
+    e, tok, fl, by = table[:, 0], table[:, 1], table[:, 2], table[:, 3]
     each = (e >= 0) & (e < experts) & (tok >= 1) & (tok <= MAX_OP_WORK) & (fl >= 0) & (fl <= MAX_OP_WORK)
-    each &= (by >= 0) & (by <= MAX_OP_WORK)
-    ok = np.logical_and.reduceat(each, first) & (counts >= 2) & (counts <= MAX_SUMMED_MEMBERS)
+    each &= (by >= 0) & (by <= MAX_OP_WORK)  # per distinct member, then per member through its id
+    ok = np.logical_and.reduceat(each[ids], first) & (counts >= 2) & (counts <= MAX_SUMMED_MEMBERS)
     ok &= (t.kind[rows] == _EXPERT) & (t.expert[rows] == -1)
-    ok &= (np.add.reduceat(tok, first) == t.tokens[rows]) & (np.add.reduceat(fl, first) == t.flops[rows])
-    ok &= np.add.reduceat(by, first) == t.bytes[rows]
-    ok &= _distinct(e, owner_first=first, counts=counts, experts=experts)
+    for column, total in ((tok, t.tokens), (fl, t.flops), (by, t.bytes)):  # a member-long column at a time
+        ok &= np.add.reduceat(column[ids], first) == total[rows]
+    ok &= _distinct(e[ids], owner_first=first, counts=counts, experts=experts)
     return ok
 
 

@@ -37,40 +37,43 @@ SATURATION_LIMIT = 1.0 + 1e-9 - 1e-12
 class _Forward:
     """Every op's start and end when nothing slows anything, computed chunk by chunk in id order (an op's
     dependencies and stream predecessor come earlier, so a prefix of ops is final once computed), from the plan's
-    columns: dependencies in CSR form, stream codes, durations."""
+    columns (dependencies in CSR form, stream codes, durations), each chunk's read into Python lists as it is
+    scheduled: a contended plan, refused after a few chunks, never holds its whole plan as lists."""
 
-    def __init__(self, table: OpTable, durations: list[int]):
-        self.durations = durations
-        self.stream = table.stream.tolist()
-        self.dep_start, self.dep_ids = table.dep_start.tolist(), table.dep_ids.tolist()
-        n = len(durations)
-        self.start = [0] * n
-        self.end = [0] * n
+    def __init__(self, table: OpTable, durations: np.ndarray):
+        self.table, self.durations = table, durations
+        self.start: list[int] = []
+        self.end: list[int] = []
         self.free_at = [0] * max(len(table.streams), 1)
         self.done = 0
 
     def advance(self, upto: int) -> bool:
         """Schedule ops up to id `upto` (exclusive); False if the schedule reaches EXACT_NS (the engine is the
         reference there)."""
-        durations, stream, dep_start, dep_ids = self.durations, self.stream, self.dep_start, self.dep_ids
+        lo, t = self.done, self.table
+        durations, stream = self.durations[lo:upto].tolist(), t.stream[lo:upto].tolist()
+        bounds = t.dep_start[lo:upto + 1]
+        first = int(bounds[0])
+        dep_start, dep_ids = (bounds - first).tolist(), t.dep_ids[first:int(bounds[-1])].tolist()
         start, end, free_at = self.start, self.end, self.free_at
-        a = dep_start[self.done]
-        for i in range(self.done, upto):
-            s = stream[i]
-            t = free_at[s]
-            b = dep_start[i + 1]
+        a = 0
+        for j in range(upto - lo):
+            s = stream[j]
+            now = free_at[s]
+            b = dep_start[j + 1]
             if b - a == 1:
                 e = end[dep_ids[a]]
-                if e > t:
-                    t = e
+                if e > now:
+                    now = e
             elif b > a:
                 for d in dep_ids[a:b]:
                     e = end[d]
-                    if e > t:
-                        t = e
+                    if e > now:
+                        now = e
             a = b
-            start[i] = t
-            free_at[s] = end[i] = t + durations[i]
+            start.append(now)
+            free_at[s] = e = now + durations[j]
+            end.append(e)
         self.done = upto
         return max(free_at, default=0) < EXACT_NS
 
@@ -158,7 +161,7 @@ def list_schedule(table: OpTable, prices: ColumnPrices, topo: Topology, shared_g
     Ops are scheduled and checked in growing chunks of ids: the jobs of a prefix of ops are a subset of those
     running at any instant, so a resource they already oversubscribe is oversubscribed, and a contended plan
     is handed to the engine after a few thousand ops rather than after all of them."""
-    forward = _Forward(table, prices.durations.tolist())
+    forward = _Forward(table, prices.durations)
     code = {name: k for k, name in enumerate(table.streams)}
     groups = [_GroupJobs(group, table, prices, topo, code, usage) for group in sorted(shared_groups)]
     n = len(table)
@@ -167,7 +170,7 @@ def list_schedule(table: OpTable, prices: ColumnPrices, topo: Topology, shared_g
         if not forward.advance(upto):
             return None
         if groups:
-            start = np.array(forward.start[:upto], np.int64)
+            start = np.array(forward.start, np.int64)
             for jobs in groups:
                 if not jobs.fit(start, upto):
                     return None

@@ -38,6 +38,18 @@ def distinct_rows(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse.reshape(-1)
 
 
+def _dense_codes(code: np.ndarray, space: int) -> tuple[np.ndarray, int]:
+    """(each entry's index among the distinct values of `code`, in increasing order of value; how many there are),
+    for non-negative codes below `space`: by a presence table where that is small, else by sorting."""
+    if space <= 1 << 24:
+        present = np.zeros(space, dtype=bool)
+        present[code] = True
+        index = np.cumsum(present, dtype=np.int64) - 1
+        return index[code], int(index[-1] + 1) if space else 0
+    values, inverse = np.unique(code, return_inverse=True)
+    return inverse.reshape(-1), values.size
+
+
 @dataclass
 class ColumnPrices:
     """Every op's time (`durations`, int64 ns), and what the list schedule needs to ask for usages: each plain op's
@@ -82,23 +94,29 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
         times = np.array([price(op) for op in plain_ops], np.int64)
         durations[plain] = times[inverse]
         plain_key[plain] = inverse
-    m = t.members
     member_times, member_key, member_ops = np.zeros(0, np.int64), np.zeros(0, np.int64), []
-    if m.shape[0]:
+    if t.member_ids.size:
         counts = np.diff(t.member_start)
-        owner = np.repeat(t.member_rows, counts)
-        cols = [getattr(t, name)[owner] for name in _SHAPE] + [m[:, 1], m[:, 2], m[:, 3]]
-        first, member_key = distinct_rows(cols)
-        member_ops = [_row_op(t, int(owner[j]), int(m[j, 1]), int(m[j, 2]), int(m[j, 3]), int(m[j, 0]))
-                      for j in first.tolist()]
+        rows, table, ids = t.member_rows, t.member_table, t.member_ids
+        _, shape_of_group = distinct_rows([getattr(t, name)[rows] for name in _SHAPE])  # per grouped op
+        work_first, work_of_member = distinct_rows([table[:, 1], table[:, 2], table[:, 3]])  # per distinct member
+        works = work_first.size
+        code = np.repeat(shape_of_group.astype(np.int64) * works, counts)  # (group shape, member work) as one int
+        code += work_of_member[ids]
+        member_key, keys = _dense_codes(code, int(shape_of_group.max(initial=0) + 1) * works)
+        any_member = np.empty(keys, np.int64)
+        any_member[member_key] = np.arange(member_key.size)  # a member of each key (any one: they price alike)
+        group_of = np.searchsorted(t.member_start, any_member, side="right") - 1
+        member_ops = [_row_op(t, int(rows[g]), int(table[m, 1]), int(table[m, 2]), int(table[m, 3]), int(table[m, 0]))
+                      for g, m in zip(group_of.tolist(), ids[any_member].tolist(), strict=True)]
         price = cost.op_time_ns
         distinct_times = [price(op) for op in member_ops]
         member_times = np.array(distinct_times, np.int64)[member_key]
         if max(distinct_times) * int(counts.max()) < 1 << 63:
-            durations[t.member_rows] = np.add.reduceat(member_times, t.member_start[:-1])
+            durations[rows] = np.add.reduceat(member_times, t.member_start[:-1])
         else:  # sums that could pass int64: in Python ints
             sums = np.add.reduceat(member_times.astype(object), t.member_start[:-1])
             if max(sums) >= 1 << 63:
                 return None
-            durations[t.member_rows] = np.array(sums.tolist(), np.int64)
+            durations[rows] = np.array(sums.tolist(), np.int64)
     return ColumnPrices(durations, plain_key, plain_ops, member_times, member_key, member_ops)

@@ -180,7 +180,7 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     if first + n - 1 + load >= builder.max_ops:  # the largest of the guards emission would apply in the step
         return False
     try:
-        chunk = _recomputed(t, slices, work, members_of)
+        chunk = _recomputed(t, slices, work, members_of, builder)
     except OverflowError:
         return False
     builder.next_id(step)  # the step's guards, as its first op would call them (the load is the same)
@@ -200,10 +200,11 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
 
 
 def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork,
-                members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]]) -> OpTable:
+                members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]], builder: PlanBuilder) -> OpTable:
     """The template's columns with the numbers of `slices` (attention's work and KV entries, expert ops' tokens,
-    work and members, routed copies' tokens and bytes); the columns no replay changes are shared with the
-    template. OverflowError when a number does not fit int64."""
+    work and members (ids in the builder's store, whose table `PlanBuilder.result` gives the columns), routed
+    copies' tokens and bytes); the columns no replay changes are shared with the template. OverflowError when a
+    number does not fit int64."""
     tab = t.table
     by_mb = {s.mb: s for s in slices}
     pos: list[int] = []  # ops whose tokens, FLOPs and bytes change, with them
@@ -264,6 +265,7 @@ def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork,
         routed = min(sum(map(tokens.__getitem__, c.experts)), c.cap)
         tokens_col[c.position] = routed
         bytes_col[c.position] = copy_traffic(stream, work.hidden_bytes(routed))
-    member_cols = np.array(members, np.int64).reshape(-1, 4) if members else tab.members
+    if members:
+        np.array(members, np.int64)  # OverflowError past int64, as a column would raise
     return dataclasses.replace(tab, tokens=tokens_col, flops=flops_col, bytes=bytes_col, kv_tokens=kv_col,
-                               members=member_cols)
+                               member_ids=builder.member_ids(members), member_table=None)
