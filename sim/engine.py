@@ -431,22 +431,24 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     the plan finally chosen is checked when it runs). `chain=False` gives every op on an uncontended stream its
     own timeout (the reference the chained run must equal: same start and end of every op, same peaks).
     `fast=True` first list-schedules the plan in one pass (`sim.uncontended`) and keeps that schedule when no op
-    would slow another and the pools fit (it is then the SimPy run's, op for op); `fast=False` always runs SimPy."""
+    would slow another and the pools fit (it is then the SimPy run's, op for op); `fast=False` always runs SimPy.
+    Both read the plan's ops as columns (`sim.op_table`): a plan whose ops no columns can hold (a float where an
+    integer belongs, a string where an enum member does) is refused by name (SimInputError)."""
     table = plan.table()  # the ops as columns, what both schedules read
+    if check:
+        plan.check(table)  # without columns, the per-op check names a plan's first problem, as before columns
     if table is None:
         raise SimInputError(unrepresentable(plan.ops))
-    if check:
-        plan.check(table)
     prepare = getattr(cost, "prepare", None)  # a cost model that reads scopes from the plan (profiles)
     if prepare is not None:
         prepare(plan)
     topo = topology_of(plan.system)
-    pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
+    prices = _prices(table, cost)  # priced before memory is judged, as op-by-op pricing was
+    if prices is None:  # an op, or a grouped op's members, past int64 nanoseconds
+        raise _too_long(f"over {2**63 / 1e9:.3g}")
     if not set(table.streams) <= topo.streams.keys():
         topo.unit_of(next(s for s in table.streams if s not in topo.streams))  # raises, naming the system's streams
-    prices = _prices(table, cost)
-    if prices is None:  # a grouped op's members sum past int64 nanoseconds
-        raise _too_long(f"over {2**63 / 1e9:.3g}")
+    pools = _Pools(dict(topo.pools), {pool: plan.static_bytes(pool) for pool in topo.pools})
     if fast:
         listed = _list_scheduled(table, prices, cost, topo, pools)
         if listed is not None:

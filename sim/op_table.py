@@ -102,7 +102,10 @@ class OpTable:
             return None
         stream = np.fromiter(map(code.__getitem__, names), count_dtype(len(code)), n)
         deps = list(map(attrgetter("deps"), ops))
-        lens = np.fromiter(map(len, deps), np.int64, n)
+        try:
+            lens = np.fromiter(map(len, deps), np.int64, n)
+        except TypeError:  # deps that are not a sequence
+            return None
         dep_start = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=dep_start[1:])
         dep_ids = _ints(list(chain.from_iterable(deps)), int(dep_start[-1]))
@@ -117,20 +120,19 @@ class OpTable:
         member_start = np.zeros(len(grouped) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, grouped), np.int64, len(grouped)), out=member_start[1:])
         flat = list(chain.from_iterable(grouped))
-        try:
-            index = {m: k for k, m in enumerate(dict.fromkeys(flat))}
-        except TypeError:  # a member that is not a tuple
-            return None
-        member_ids = np.fromiter(map(index.__getitem__, flat), MEMBER_ID, len(flat))
-        table = member_table_of(list(index))
+        # distinct member objects (emitters store each distinct member once), every one's values judged
+        index = {key: k for k, key in enumerate(dict.fromkeys(map(id, flat)))}
+        member_ids = np.fromiter(map(index.__getitem__, map(id, flat)), MEMBER_ID, len(flat))
+        objects = dict(zip(map(id, flat), flat, strict=True))
+        table = member_table_of([objects[key] for key in index])
         if table is None:
             return None
         return cls(tuple(code), kind, stream, phase, payload, **ints, dep_start=dep_start, dep_ids=dep_ids,
                    alloc=alloc, free=free, member_rows=member_rows, member_start=member_start, member_ids=member_ids,
                    member_table=table)
 
-    def to_ops(self) -> list[Op]:
-        """The ops the columns hold, field for field as `from_ops` read them."""
+    def to_ops(self, first: int = 0) -> list[Op]:
+        """The ops the columns hold, field for field as `from_ops` read them (ids from `first`)."""
         n = len(self)
         starts, ids = self.dep_start.tolist(), self.dep_ids.tolist()
         deps = [tuple(ids[a:b]) for a, b in zip(starts, starts[1:], strict=False)] if n else []
@@ -140,7 +142,7 @@ class OpTable:
         for k, row in enumerate(self.member_rows.tolist()):
             members[row] = tuple(flat[bounds[k]:bounds[k + 1]])
         alloc, free = self.alloc, self.free
-        return list(map(Op, range(n), map(KINDS.__getitem__, self.kind.tolist()),
+        return list(map(Op, range(first, first + n), map(KINDS.__getitem__, self.kind.tolist()),
                         map(self.streams.__getitem__, self.stream.tolist()),
                         map(PHASES.__getitem__, self.phase.tolist()), self.step.tolist(), self.layer.tolist(),
                         self.micro_batch.tolist(), self.tokens.tolist(), self.flops.tolist(), self.bytes.tolist(), deps,
@@ -166,11 +168,14 @@ class OpTable:
                   int(self.scope[i]), members)
 
     @classmethod
-    def concat(cls, parts: list[OpTable]) -> OpTable:
+    def concat(cls, parts: list[OpTable], consume: Sequence[OpTable] = ()) -> OpTable:
         """The parts one after another, as tables of consecutive ops (each part's first row is the op after the
-        previous part's last; dependencies are ids already)."""
+        previous part's last; dependencies are ids already). The parts in `consume` are the caller's to let go:
+        each of their columns is dropped once concatenated (the peak is the result and a column, not twice the
+        result)."""
         if len(parts) == 1:
             return parts[0]
+        consumed = {id(part) for part in consume}
         code: dict[str, int] = {}
         for part in parts:
             for name in part.streams:
@@ -197,7 +202,11 @@ class OpTable:
             base += len(part)
 
         def cat(name: str) -> np.ndarray:
-            return np.concatenate([getattr(part, name) for part in parts])
+            out = np.concatenate([getattr(part, name) for part in parts])
+            for part in parts:
+                if id(part) in consumed:
+                    setattr(part, name, None)
+            return out
 
         return cls(tuple(code), cat("kind"), np.concatenate(streams), cat("phase"), cat("payload"),
                    **{name: cat(name) for name in INT_FIELDS}, dep_start=np.concatenate(dep_starts),
@@ -210,14 +219,12 @@ def member_table_of(members: list) -> np.ndarray | None:
     """Distinct members as an [D, 4] int64 table, or None unless each is four integers within int64."""
     if not members:
         return np.zeros((0, 4), np.int64)
-    try:
-        table = np.array(members)
-    except ValueError:  # members of different lengths
+    if not all(isinstance(m, tuple | list) and len(m) == 4 for m in members):
         return None
-    if table.ndim != 2 or table.shape[1] != 4 or table.dtype.kind not in "iub" or (
-            table.dtype.kind == "u" and table.max() > _INT64_MAX):
+    columns = [_ints([m[k] for m in members], len(members)) for k in range(4)]
+    if any(c is None for c in columns):
         return None
-    return table.astype(np.int64, copy=False)
+    return np.stack(columns, axis=1)
 
 
 def _ints(values: list, n: int) -> np.ndarray | None:
@@ -225,10 +232,15 @@ def _ints(values: list, n: int) -> np.ndarray | None:
     as Python counts them)."""
     if n == 0:
         return np.zeros(0, np.int64)
-    arr = np.array(values)
-    if arr.ndim != 1 or arr.dtype.kind not in "biu" or (arr.dtype.kind == "u" and arr.max() > _INT64_MAX):
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError):  # sequences of different shapes among the values
         return None
-    return arr.astype(np.int64, copy=False)
+    if arr.ndim == 1 and (arr.dtype.kind in "bi" or (arr.dtype.kind == "u" and arr.max() <= _INT64_MAX)):
+        return arr.astype(np.int64, copy=False)
+    if arr.ndim == 1 and arr.dtype.kind in "fO" and all(map(_exact, values)):  # numpy's uint64 beside ints: floats
+        return np.fromiter(map(int, values), np.int64, n)
+    return None
 
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -250,9 +262,10 @@ def unrepresentable(ops: Sequence[Op]) -> str:
                 return f"plan op {i}: {name} must be a {enum.__name__} member, got {value!r}"
         if not isinstance(op.stream, str):
             return f"plan op {i}: stream must be a name, got {op.stream!r}"
-        if not all(_exact(d) for d in op.deps):
+        if not isinstance(op.deps, tuple | list) or not all(_exact(d) for d in op.deps):
             return f"plan op {i}: deps must be op ids, got {op.deps!r}"
-        if not all(len(m) == 4 and all(_exact(v) for v in m) for m in op.members):
+        if not isinstance(op.members, tuple | list) or not all(
+                isinstance(m, tuple | list) and len(m) == 4 and all(_exact(v) for v in m) for m in op.members):
             return f"plan op {i}: members must be (expert, tokens, flops, bytes) integers, got {op.members!r}"
     return "plan ops hold values no plan can hold"
 

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -528,6 +529,7 @@ Plan.ops = property(_plan_ops, _set_plan_ops, doc="The ops in program order, as 
 
 
 EXPERT_KERNELS = ("per_expert", "fused")  # Plan.expert_kernels
+RESULT_SLICE = 1 << 16  # emitted ops read into columns at a time by `PlanBuilder.result`
 ESTIMATE_MARGIN = 1.25  # a plan is refused early only when its estimate exceeds the op limit by this factor
 MAX_SHARDS = 4096  # parts one scope's expert tokens may be split into
 MAX_OP_WORK = 1 << 50  # flops or bytes of one op (a petabyte at most: nanosecond clocks stay in int64)
@@ -545,6 +547,8 @@ class PlanBuilder:
         self.ops: list[Op | None] = []
         self.chunks: list[tuple[int, OpTable]] = []
         self.prefix: OpTable | None = None  # the first ops' columns, when known already (a prefill a search copies)
+        self.settled: list[tuple[int, OpTable]] = []  # the first ops read into columns by `settle` (first id, part)
+        self._settled_to = 0
         # the members replayed steps name, each stored once (by object: emitters keep one tuple per distinct member)
         self._member_id: dict[int, int] = {}
         self._members: list[tuple[int, int, int, int]] = []
@@ -571,6 +575,23 @@ class PlanBuilder:
         if last + self.member_load >= self.max_ops:
             raise too_many_ops(int(last + self.member_load))
 
+    def settle(self) -> None:
+        """Emitters call this where no op built so far will be read back (the walks of policies that do not replay:
+        MoE-Lightning, FlexGen, Fiddler, ZeRO-Inference, between steps or tasks): once RESULT_SLICE ops wait, they
+        are read into columns and their `Op`s let go, so a plan of millions of ops never holds them all as objects
+        (whose memory, once held, the process keeps)."""
+        if len(self.ops) - self._settled_to < RESULT_SLICE or self.chunks or self.prefix is not None:
+            return
+        from sim.op_table import OpTable
+
+        at, stop = self._settled_to, len(self.ops)
+        part = OpTable.from_ops(self.ops[at:stop], first=at)
+        if part is None:  # left for `result`, which hands the plan over as ops for the check to name
+            return
+        self.settled.append((at, part))
+        self.ops[at:stop] = repeat(None, stop - at)
+        self._settled_to = stop
+
     def member_ids(self, members: list[tuple[int, int, int, int]]) -> np.ndarray:
         """Ids of `members` in the builder's member store (a replayed step's grouped ops name them by id)."""
         from sim.op_table import MEMBER_ID
@@ -587,30 +608,51 @@ class PlanBuilder:
         return np.array(found, MEMBER_ID)
 
     def result(self) -> list[Op] | OpTable:
-        """The ops built, for `Plan`: the list of `Op`s, or columns when some steps were replayed as columns (the
-        ops emitted one by one read into columns around them)."""
-        if not self.chunks:
-            return self.ops
+        """The ops built, as columns for `Plan`: replayed steps' chunks, and the ops emitted one by one read into
+        columns a slice at a time, each slice's `Op`s let go once read and its columns once concatenated (a plan of
+        millions of emitted ops never holds them and their columns at once: MoE-Lightning's 2.4 M, 0.8 GB). The
+        list of `Op`s when an emitted op holds what no column can (a number past int64 that a replay declined):
+        `Plan.check` then names it."""
         from sim.op_table import OpTable, member_table_of
 
-        table = member_table_of(self._members)
-        if table is None:
+        members = member_table_of(self._members)
+        if members is None:
             raise ValueError("a replayed step's members hold values no plan can (a policy's bug)")
         for _, chunk in self.chunks:
-            chunk.member_table = table
-        parts, at = [], 0
-        if self.prefix is not None and len(self.prefix) <= self.chunks[0][0]:
-            parts, at = [self.prefix], len(self.prefix)
-        for first, chunk in [*self.chunks, (len(self.ops), None)]:
-            if first > at:
-                part = OpTable.from_ops(self.ops[at:first], first=at)
+            chunk.member_table = members
+        ops = self.ops
+        parts: list[tuple[int, OpTable]] = list(self.settled)  # (first id, columns)
+        read: list[OpTable] = [part for _, part in parts]  # those read here and the replayed chunks: to let go
+        at = self._settled_to
+        prefix = self.prefix
+        if not parts and prefix is not None and len(prefix) <= (self.chunks[0][0] if self.chunks else len(ops)):
+            parts, at = [(0, prefix)], len(prefix)
+        for first, chunk in [*self.chunks, (len(ops), None)]:
+            while at < first:
+                stop = min(first, at + RESULT_SLICE)
+                part = OpTable.from_ops(ops[at:stop], first=at)
                 if part is None:
-                    raise ValueError(f"plan ops {at}..{first - 1} hold a field no plan can (a policy's bug)")
-                parts.append(part)
+                    return self._as_ops(parts)
+                parts.append((at, part))
+                read.append(part)
+                ops[at:stop] = repeat(None, stop - at)
+                at = stop
             if chunk is not None:
-                parts.append(chunk)
+                parts.append((first, chunk))
+                read.append(chunk)  # its own columns are the replay's; those it shares stay its template's
                 at = first + len(chunk)
-        return OpTable.concat(parts)
+        self.chunks, self.settled = [], []
+        if not parts:
+            return OpTable.from_ops([])
+        return OpTable.concat([part for _, part in parts], consume=read)
+
+    def _as_ops(self, parts: list[tuple[int, OpTable]]) -> list[Op]:
+        """Every op as an `Op`: those read into columns so far (`parts`) and the replayed chunks made back."""
+        ops = self.ops
+        for first, part in [*parts, *self.chunks]:
+            ops[first:first + len(part)] = part.to_ops(first)
+        self.chunks, self.settled = [], []
+        return ops
 
     def load(self) -> float:
         """The plan's memory so far in ops' worth: its ops, and its grouped ops' members at MEMBER_OP_SHARE."""

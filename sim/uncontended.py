@@ -10,11 +10,12 @@ group (a group more than one stream of the plan uses), the jobs running then (st
 most; a grouped op's members each in their own interval) need no resource beyond its capacity, with a margin
 that float summation order cannot cross (usages are non-negative; a negative one declines). It also replays the
 memory pools as the engine judges them (once per instant, in Python ints). It returns None when the premise fails
-anywhere, a pool overflows, underflows or is not the system's, an op's id is not its position or a dependency
-does not point backwards, or the schedule reaches 2^53 ns (104 days, past which the engine's float bookkeeping is
-no longer exact and near whose end it raises RunTooLong); the caller then runs the SimPy machine, which gives the
-result, or the error, that the plan has. When it returns a schedule, that schedule is the SimPy machine's, op for
-op, bit for bit (tests/test_uncontended.py, benchmarks/engine_exactness.py).
+anywhere, a pool overflows, underflows or is not the system's, or the schedule reaches 2^53 ns (104 days, past
+which the engine's float bookkeeping is no longer exact and near whose end it raises RunTooLong); the caller then
+runs the SimPy machine, which gives the result, or the error, that the plan has (the engine hands over only a plan
+whose dependencies all point back: a table's ids are its rows). It reads the plan as columns (`sim.op_table`) with
+each op's price (`sim.cost.columns`). When it returns a schedule, that schedule is the SimPy machine's, op for op,
+bit for bit (tests/test_uncontended.py, benchmarks/engine_exactness.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from sim.cost import GroupPrices, RooflineCostModel
 from sim.cost.columns import distinct_rows, price_table
 from sim.errors import SimInputError
 from sim.op_table import OpTable
-from sim.plan import Op, Plan
+from sim.plan import Op, OpKind, Phase, Plan
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.table_check import _distinct
 
@@ -182,15 +182,139 @@ def test_distinct_experts_per_group(groups, experts):
     assert _distinct(e, first, counts, experts).tolist() == [len(set(g)) == len(g) for g in groups]
 
 
-def test_replayed_steps_too_large_for_int64_are_emitted_for_the_check_to_name(monkeypatch):
-    """A recomputed number past int64 sends the step down the ordinary path, whose op the check refuses."""
+def test_a_step_a_replay_declines_is_emitted_as_ops_between_replayed_ones(monkeypatch):
+    """A replay that declines (a recomputed number past int64) leaves its step to the ordinary path: the plan is
+    the same, its steps before and after still replayed."""
     import sim.policies.step_replay as step_replay
 
-    def huge(*args, **kwargs):
-        raise OverflowError("Python int too large to convert to C long")
-
     replayed = make_policy("coxmoe").build(context("mixtral-8x7b"))
-    monkeypatch.setattr(step_replay, "_recomputed", huge)
+    original, calls = step_replay._recomputed, []
+
+    def declines_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OverflowError("Python int too large to convert to C long")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(step_replay, "_recomputed", declines_once)
     plan = make_policy("coxmoe").build(context("mixtral-8x7b"))
-    assert replayed.columns is not None and plan.columns is None  # nothing replayed: every step emitted as ops
+    assert len(calls) >= 3 and plan.columns is not None
     assert plan.ops == replayed.ops
+
+
+def test_a_number_past_int64_after_replayed_steps_is_named_by_the_check(monkeypatch):
+    """Attention FLOPs past int64 from a late step on: that step's replay declines, its ops are emitted, and the plan
+    (then held as ops, its replayed steps made back into ops) is refused by the check naming an op, not by a failure
+    inside the build."""
+    import sim.cost.work as work
+    import sim.policies.step_replay as step_replay
+
+    original, replay, done = work.OpWork.attention, step_replay.replay, []
+
+    def attention(self, q, attended, read, prefill=False):
+        cost = original(self, q, attended, read, prefill)
+        return cost._replace(flops=cost.flops + (1 << 63)) if not prefill and read > 32 * 11 else cost
+
+    def counted(*args, **kwargs):
+        done.append(replay(*args, **kwargs))
+        return done[-1]
+
+    monkeypatch.setattr(work.OpWork, "attention", attention)
+    monkeypatch.setattr(step_replay, "replay", counted)
+    fixed = {"decode_micro_batch": "32", "prefill_micro_batch": "8", "resident_experts": "2",
+             "prefill_placement": "ggg", "decode_placement": "gcg", "split": "auto"}  # no search
+    plan = make_policy("coxmoe", fixed).build(context("mixtral-8x7b"))
+    assert True in done and False in done and plan.columns is None
+    with pytest.raises(SimInputError, match=r"^plan op \d+: flops and bytes must be in \[0, 2\^50\]"):
+        plan.check()
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"tokens": 1.5}, "plan op 1: tokens must be an integer within int64, got 1.5"),
+    ({"flops": 1 << 70}, "plan op 1: flops must be an integer within int64"),
+    ({"phase": "decode"}, "plan op 1: phase must be a Phase member, got 'decode'"),
+    ({"stream": 3}, "plan op 1: stream must be a name, got 3"),
+    ({"deps": (0.5,)}, "plan op 1: deps must be op ids, got (0.5,)"),
+    ({"members": ((0, 1, 2),)}, "plan op 1: members must be (expert, tokens, flops, bytes) integers")])
+def test_the_engine_names_an_op_no_table_can_hold(built, change, words):
+    from sim.engine import run_plan
+
+    plan = built[0]
+    ops = list(plan.ops)
+    ops[1] = dataclasses.replace(ops[1], **change)
+    with pytest.raises(SimInputError) as err:
+        run_plan(dataclasses.replace(plan, ops=ops), RooflineCostModel(plan.system), check=False)
+    assert str(err.value).startswith(words) and "\n" not in str(err.value)
+
+
+def test_a_group_whose_members_sum_past_int64_nanoseconds_is_too_long_a_run():
+    """Members each within the per-op bound whose sum passes int64 ns: the run is refused as too long."""
+    from sim.engine import run_plan
+    from sim.errors import RunTooLong
+
+    class Slow(RooflineCostModel):
+        def op_time_ns(self, op: Op) -> int:
+            return (1 << 62) if op.kind is OpKind.EXPERT else super().op_time_ns(op)
+
+    plan = make_policy("coxmoe").build(context("mixtral-8x7b"))
+    grouped = [op for op in plan.ops if op.members]
+    assert grouped
+    with pytest.raises(RunTooLong, match="over 9.22e\\+09 s"):
+        run_plan(plan, Slow(plan.system))
+
+
+def test_numpy_unsigned_fields_run_as_their_values(built):
+    """A field holding numpy's uint64 (beside plain ints numpy would read both as floats) is the same integer."""
+    from sim.engine import run_plan
+
+    plan = built[0]
+    ops = list(plan.ops)
+    ops[5] = dataclasses.replace(ops[5], tokens=np.uint64(ops[5].tokens), flops=np.uint64(ops[5].flops))
+    cost = RooflineCostModel(plan.system)
+    a, b = run_plan(dataclasses.replace(plan, ops=ops), cost), run_plan(dataclasses.replace(plan, ops=plan.ops), cost)
+    assert np.array_equal(a.start_ns, b.start_ns) and np.array_equal(a.end_ns, b.end_ns)
+
+
+def test_the_check_names_a_plans_first_problem_before_a_field_no_table_holds(built):
+    """Two problems: an earlier op out of bounds and a later float: the check names the earlier, as before columns."""
+    from sim.engine import run_plan
+
+    plan = built[0]
+    ops = list(plan.ops)
+    assert ops[3].phase is Phase.PREFILL
+    ops[3] = dataclasses.replace(ops[3], step=5)
+    ops[5] = dataclasses.replace(ops[5], flops=1.5)
+    with pytest.raises(SimInputError, match="^plan op 3: a prefill op has step 0, not 5$"):
+        run_plan(dataclasses.replace(plan, ops=ops), RooflineCostModel(plan.system))
+
+
+def test_an_op_priced_past_int64_nanoseconds_is_too_long_a_run(built):
+    from sim.engine import run_plan
+    from sim.errors import RunTooLong
+
+    class Endless(RooflineCostModel):
+        def op_time_ns(self, op: Op) -> int:
+            return (1 << 63) if op.kind is OpKind.LM_HEAD else super().op_time_ns(op)
+
+    plan = built[0]
+    for fast in (True, False):
+        with pytest.raises(RunTooLong, match="over 9.22e\\+09 s"):
+            run_plan(plan, Endless(plan.system), fast=fast)
+
+
+def test_prices_are_judged_before_memory(built):
+    """A plan wrong twice (static memory past the GPU, an op no price exists for): the price's error, as op-by-op
+    pricing raised it before the pools were judged."""
+    from sim.engine import run_plan
+
+    class Priceless(RooflineCostModel):
+        def op_time_ns(self, op: Op) -> int:
+            if op.kind is OpKind.LM_HEAD:
+                raise SimInputError(f"no price for op {op.id} (lm_head)")
+            return super().op_time_ns(op)
+
+    plan = built[0]
+    heavy = dataclasses.replace(plan, ops=plan.ops, static_memory={**plan.static_memory, "gpu": {"x": 10 ** 15}})
+    first_head = next(op.id for op in plan.ops if op.kind is OpKind.LM_HEAD)
+    with pytest.raises(SimInputError, match=f"^no price for op {first_head} \\(lm_head\\)$"):
+        run_plan(heavy, Priceless(plan.system), check=False)

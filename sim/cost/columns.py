@@ -75,8 +75,8 @@ _SHAPE = ("kind", "stream", "phase", "micro_batch", "scope", "payload", "kv_toke
 
 
 def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
-    """Each op's time under `cost`, or None when a grouped op's members sum past int64 nanoseconds (a run longer
-    than the engine's clock holds)."""
+    """Each op's time under `cost`, or None when an op's time (a grouped op's: its members' sum) passes int64
+    nanoseconds (a run longer than the engine's clock holds)."""
     n = len(t)
     grouped = np.zeros(n, dtype=bool)
     grouped[t.member_rows] = True
@@ -91,7 +91,10 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
         plain_ops = [_row_op(t, r, int(t.tokens[r]), int(t.flops[r]), int(t.bytes[r]), int(t.expert[r]))
                      for r in rows]
         price = cost.op_time_ns
-        times = np.array([price(op) for op in plain_ops], np.int64)
+        listed = [price(op) for op in plain_ops]
+        if max(listed) >= 1 << 63:
+            return None
+        times = np.array(listed, np.int64)
         durations[plain] = times[inverse]
         plain_key[plain] = inverse
     member_times, member_key, member_ops = np.zeros(0, np.int64), np.zeros(0, np.int64), []
@@ -111,6 +114,8 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
                       for g, m in zip(group_of.tolist(), ids[any_member].tolist(), strict=True)]
         price = cost.op_time_ns
         distinct_times = [price(op) for op in member_ops]
+        if max(distinct_times) >= 1 << 63:
+            return None
         member_times = np.array(distinct_times, np.int64)[member_key]
         if max(distinct_times) * int(counts.max()) < 1 << 63:
             durations[rows] = np.add.reduceat(member_times, t.member_start[:-1])

@@ -117,6 +117,7 @@ class FiddlerPolicy(Policy):
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
             if slices:
+                emit.b.settle()  # earlier steps' ops are not read back
                 emit.phase(slices, Phase.DECODE, step)
         per_layer = {len(r) for r in residents}
         knobs = {**asdict(o), "placement": o.placement if o.resident_experts < 0 else "per_layer",  # as placed

@@ -523,6 +523,7 @@ class FlexGenPolicy(Policy):
         for step in ctx.steps():
             slices = _padded_decode(ctx, step, groups, lay.prompt)
             if slices:
+                emit.b.settle()  # earlier steps' ops are not read back
                 emit.phase(slices, Phase.DECODE, step)
         knobs = {**asdict(o), "num_gpu_batches": lay.ngb}
         static = {"gpu": lay.gpu, "cpu": lay.cpu, **({"disk": lay.disk} if lay.disk else {})}

@@ -345,6 +345,7 @@ class _CGOPipe(LayerEmitter):
             pre(task)
         order = {task: j for j, task in enumerate(tasks)}
         for task in tasks:
+            self.b.settle()  # nothing here reads an earlier op back (ids only)
             t, layer, i = task
             s = slices_of[t][i]
             at = At(phase, t, layer, s.mb)

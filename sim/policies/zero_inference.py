@@ -56,6 +56,7 @@ class ZeroInferencePolicy(Policy):
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         emit = _Gather(ctx, ctx.builder())
         for s in all_slices(ctx, [requests], [requests]):
+            emit.b.settle()  # earlier steps' ops are not read back
             emit.step(s)
         return Plan(self.name, self.knobs(), m, sysm, wl, emit.b.result(), {"gpu": gpu, "cpu": cpu},
                     {"prefill": [requests], "decode": [requests]}, decode_scale=ctx.decode_scale,
