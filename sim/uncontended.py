@@ -21,6 +21,7 @@ bit for bit (tests/test_uncontended.py, benchmarks/engine_exactness.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 
 import numpy as np
 
@@ -57,6 +58,8 @@ class _Forward:
         first = int(bounds[0])
         dep_start, dep_ids = (bounds - first).tolist(), t.dep_ids[first:int(bounds[-1])].tolist()
         start, end, free_at = self.start, self.end, self.free_at
+        start += repeat(0, upto - lo)
+        end += repeat(0, upto - lo)
         a = 0
         for j in range(upto - lo):
             s = stream[j]
@@ -72,9 +75,9 @@ class _Forward:
                     if e > now:
                         now = e
             a = b
-            start.append(now)
-            free_at[s] = e = now + durations[j]
-            end.append(e)
+            i = lo + j
+            start[i] = now
+            free_at[s] = end[i] = now + durations[j]
         self.done = upto
         return max(free_at, default=0) < EXACT_NS
 
