@@ -549,6 +549,7 @@ class PlanBuilder:
         self.prefix: OpTable | None = None  # the first ops' columns, when known already (a prefill a search copies)
         self.settled: list[tuple[int, OpTable]] = []  # the first ops read into columns by `settle` (first id, part)
         self._settled_to = 0
+        self._unsettled = False  # an op no column holds was met: nothing more is settled
         # the members replayed steps name, each stored once (by object: emitters keep one tuple per distinct member)
         self._member_id: dict[int, int] = {}
         self._members: list[tuple[int, int, int, int]] = []
@@ -580,13 +581,15 @@ class PlanBuilder:
         MoE-Lightning, FlexGen, Fiddler, ZeRO-Inference, between steps or tasks): once RESULT_SLICE ops wait, they
         are read into columns and their `Op`s let go, so a plan of millions of ops never holds them all as objects
         (whose memory, once held, the process keeps)."""
-        if len(self.ops) - self._settled_to < RESULT_SLICE or self.chunks or self.prefix is not None:
+        if (len(self.ops) - self._settled_to < RESULT_SLICE or self.chunks or self.prefix is not None
+                or self._unsettled):
             return
         from sim.op_table import OpTable
 
         at, stop = self._settled_to, len(self.ops)
         part = OpTable.from_ops(self.ops[at:stop], first=at)
-        if part is None:  # left for `result`, which hands the plan over as ops for the check to name
+        if part is None:  # left for `result`, which hands the plan over as ops for the check to name; not tried again
+            self._unsettled = True
             return
         self.settled.append((at, part))
         self.ops[at:stop] = repeat(None, stop - at)
