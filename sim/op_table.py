@@ -219,12 +219,18 @@ def member_table_of(members: list) -> np.ndarray | None:
     """Distinct members as an [D, 4] int64 table, or None unless each is four integers within int64."""
     if not members:
         return np.zeros((0, 4), np.int64)
-    if not all(isinstance(m, tuple | list) and len(m) == 4 for m in members):
+    try:
+        table = np.array(members)
+    except (ValueError, TypeError):  # members of different lengths
         return None
-    columns = [_ints([m[k] for m in members], len(members)) for k in range(4)]
-    if any(c is None for c in columns):
+    if table.ndim != 2 or table.shape[1] != 4:
         return None
-    return np.stack(columns, axis=1)
+    if table.dtype.kind in "bi" or (table.dtype.kind == "u" and table.max() <= _INT64_MAX):
+        return table.astype(np.int64, copy=False)
+    if table.dtype.kind not in "fO":
+        return None
+    columns = [_ints([m[k] for m in members], len(members)) for k in range(4)]  # each value judged (uint64 beside
+    return None if any(c is None for c in columns) else np.stack(columns, axis=1)  # ints reads as floats)
 
 
 def _ints(values: list, n: int) -> np.ndarray | None:

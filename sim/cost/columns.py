@@ -11,6 +11,7 @@ same fields, and a group's time the integer sum of its members'.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -63,12 +64,17 @@ class ColumnPrices:
     member_ops: list[Op]  # an op standing for each distinct member row
 
 
-def _row_op(t: OpTable, row: int, tokens: int, flops: int, nbytes: int, expert: int) -> Op:
-    """An op with row `row`'s priced fields and the given work (no dependencies or memory: prices do not read
-    them)."""
-    return Op(row, KINDS[t.kind[row]], t.streams[t.stream[row]], PHASES[t.phase[row]], int(t.step[row]),
-              int(t.layer[row]), int(t.micro_batch[row]), tokens, flops, nbytes, (), expert, PAYLOADS[t.payload[row]],
-              int(t.kv_tokens[row]), (), (), int(t.scope[row]))
+def _row_ops(t: OpTable, rows: np.ndarray, tokens: np.ndarray, flops: np.ndarray, nbytes: np.ndarray,
+             experts: np.ndarray) -> list[Op]:
+    """Ops with the priced fields of `rows` and the given work, one per row (no dependencies or memory: prices do
+    not read them), gathered column by column."""
+    def of(column: np.ndarray) -> list:
+        return column[rows].tolist()
+
+    return list(map(Op, rows.tolist(), map(KINDS.__getitem__, of(t.kind)), map(t.streams.__getitem__, of(t.stream)),
+                    map(PHASES.__getitem__, of(t.phase)), of(t.step), of(t.layer), of(t.micro_batch), tokens.tolist(),
+                    flops.tolist(), nbytes.tolist(), repeat(()), experts.tolist(),
+                    map(PAYLOADS.__getitem__, of(t.payload)), of(t.kv_tokens), repeat(()), repeat(()), of(t.scope)))
 
 
 _SHAPE = ("kind", "stream", "phase", "micro_batch", "scope", "payload", "kv_tokens")
@@ -87,9 +93,8 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
     if plain.size:
         cols = [getattr(t, name)[plain] for name in (*_SHAPE, "tokens", "flops", "bytes")]
         first, inverse = distinct_rows(cols)
-        rows = plain[first].tolist()
-        plain_ops = [_row_op(t, r, int(t.tokens[r]), int(t.flops[r]), int(t.bytes[r]), int(t.expert[r]))
-                     for r in rows]
+        rows = plain[first]
+        plain_ops = _row_ops(t, rows, t.tokens[rows], t.flops[rows], t.bytes[rows], t.expert[rows])
         price = cost.op_time_ns
         listed = [price(op) for op in plain_ops]
         if max(listed) >= 1 << 63:
@@ -111,8 +116,8 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
         any_member = np.empty(keys, np.int64)
         any_member[member_key] = np.arange(member_key.size)  # a member of each key (any one: they price alike)
         group_of = np.searchsorted(t.member_start, any_member, side="right") - 1
-        member_ops = [_row_op(t, int(rows[g]), int(table[m, 1]), int(table[m, 2]), int(table[m, 3]), int(table[m, 0]))
-                      for g, m in zip(group_of.tolist(), ids[any_member].tolist(), strict=True)]
+        chosen = table[ids[any_member]]
+        member_ops = _row_ops(t, rows[group_of], chosen[:, 1], chosen[:, 2], chosen[:, 3], chosen[:, 0])
         price = cost.op_time_ns
         distinct_times = [price(op) for op in member_ops]
         if max(distinct_times) >= 1 << 63:
