@@ -118,8 +118,11 @@ class OpTable:
         member_rows = np.fromiter(compress(range(n), groups), np.int64)
         grouped = [groups[i] for i in member_rows.tolist()]
         member_start = np.zeros(len(grouped) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, grouped), np.int64, len(grouped)), out=member_start[1:])
-        flat = list(chain.from_iterable(grouped))
+        try:
+            np.cumsum(np.fromiter(map(len, grouped), np.int64, len(grouped)), out=member_start[1:])
+            flat = list(chain.from_iterable(grouped))
+        except TypeError:  # members that are not a sequence
+            return None
         # distinct member objects (emitters store each distinct member once), every one's values judged
         index = {key: k for k, key in enumerate(dict.fromkeys(map(id, flat)))}
         member_ids = np.fromiter(map(index.__getitem__, map(id, flat)), MEMBER_ID, len(flat))

@@ -80,7 +80,8 @@ def test_concatenated_parts_are_the_whole(built):
 
 @pytest.mark.parametrize("change", [
     {"tokens": 1.5}, {"flops": 1 << 70}, {"kind": "expert"}, {"phase": "decode"}, {"payload": ""}, {"id": 7},
-    {"stream": ["gpu"]}, {"stream": 3}, {"deps": (0.0,)}, {"members": ((0, 1, 2),)}, {"tokens": None}])
+    {"stream": ["gpu"]}, {"stream": 3}, {"deps": (0.0,)}, {"members": ((0, 1, 2),)}, {"tokens": None},
+    {"deps": 3}, {"members": 5}, {"members": (5, 6)}, {"members": ((0, 1, 2, 3.0),)}, {"tokens": (1, 2)}])
 def test_ops_a_plan_file_could_not_hold_give_no_columns(built, change):
     ops = list(built[0].ops)
     ops[1] = dataclasses.replace(ops[1], **change)
