@@ -257,8 +257,9 @@ def _damage_member(draw, array: np.ndarray, action: str) -> np.ndarray:
         dtype = draw(st.sampled_from(ODD_DTYPES))
         if dtype == "object":
             return np.array(array.tolist() or [None], dtype=object)
-        # a member damaged twice: text such as "0." has no integer form, an object array's Python int 128 no int8
-        with contextlib.suppress(ValueError, OverflowError):
+        # a member damaged twice: text such as "0." has no integer form, an object array's Python int 128 no int8,
+        # its None none at all
+        with contextlib.suppress(ValueError, OverflowError, TypeError):
             return array.astype(dtype)
         return array
     if action == "reshape":
