@@ -362,8 +362,7 @@ def _chainable(t: OpTable) -> bytearray:
     ok = np.ones(len(t), dtype=np.uint8)  # a byte an op
     if t.free:
         ok[np.fromiter(t.free, np.int64, len(t.free))] = 0
-    owner = np.repeat(np.arange(len(t), dtype=np.int64), np.diff(t.dep_start))
-    ok[t.dep_ids[t.stream[t.dep_ids] != t.stream[owner]]] = 0
+    ok[t.dep_ids[t.stream[t.dep_ids] != t.stream[t.dep_owner()]]] = 0
     return bytearray(ok.tobytes())
 
 
@@ -670,9 +669,7 @@ def _record(table: OpTable, topo: Topology, start: Sequence[int], end: Sequence[
                            f"{table.streams[table.stream[first]]}) never ran")
     start_arr = np.asarray(start, dtype=np.int64).view(np.int64)
     order = topo.stream_order()
-    index = {s: k for k, s in enumerate(order)}
-    which = np.array([index[name] for name in table.streams], count_dtype(len(order)))[table.stream]
-    busy = np.bincount(which, weights=end_arr - start_arr, minlength=len(order))
+    busy = np.bincount(table.stream_positions(order), weights=end_arr - start_arr, minlength=len(order))
     return EngineRecord(start_ns=start_arr, end_ns=end_arr, busy_ns={s: int(busy[k]) for k, s in enumerate(order)},
                         peak_bytes=dict(peak), events=events, engine=engine)
 

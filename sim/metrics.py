@@ -24,13 +24,13 @@ _PHASE, _STREAM = attrgetter("phase"), attrgetter("stream")
 def plan_metrics(plan: Plan, record: EngineRecord) -> dict[str, Any]:
     """Phase times, busy time and busy fraction per stream of a simulated (or measured) plan."""
     order = topology_of(plan.system).stream_order()
-    index = {st: k for k, st in enumerate(order)}
     table = plan.columns
     if table is not None:  # a policy's plan: its columns
         n = len(table)
         is_prefill = table.phase == PHASES.index(Phase.PREFILL)
-        stream = np.array([index[name] for name in table.streams], count_dtype(len(order)))[table.stream]
+        stream = table.stream_positions(order)
     else:  # C-level passes (no Python frame per op)
+        index = {st: k for k, st in enumerate(order)}
         ops, n = plan.ops, len(plan.ops)
         is_prefill = np.fromiter(map(is_, map(_PHASE, ops), repeat(Phase.PREFILL)), dtype=bool, count=n)
         stream = np.fromiter(map(index.__getitem__, map(_STREAM, ops)), dtype=count_dtype(len(order)), count=n)

@@ -157,6 +157,15 @@ class OpTable:
         """Whether each op is a decode op."""
         return self.phase == _DECODE
 
+    def dep_owner(self) -> np.ndarray:
+        """For each entry of `dep_ids`, the row (op) that depends on it."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.dep_start))
+
+    def stream_positions(self, order: Sequence[str]) -> np.ndarray:
+        """Each op's stream as its position in `order` (every stream of the plan listed), in the narrowest type."""
+        index = {name: k for k, name in enumerate(order)}
+        return np.array([index[name] for name in self.streams], count_dtype(len(order)))[self.stream]
+
     def op(self, i: int) -> Op:
         """Row i as an `Op` (what a cost model prices, or a per-op check names)."""
         a, b = int(self.dep_start[i]), int(self.dep_start[i + 1])
@@ -228,7 +237,7 @@ def member_table_of(members: list) -> np.ndarray | None:
         return None
     if table.ndim != 2 or table.shape[1] != 4:
         return None
-    if table.dtype.kind in "bi" or (table.dtype.kind == "u" and table.max() <= _INT64_MAX):
+    if table.dtype.kind in "bi" or (table.dtype.kind == "u" and table.max() <= INT64_MAX):
         return table.astype(np.int64, copy=False)
     if table.dtype.kind not in "fO":
         return None
@@ -245,14 +254,14 @@ def _ints(values: list, n: int) -> np.ndarray | None:
         arr = np.array(values)
     except (ValueError, TypeError):  # sequences of different shapes among the values
         return None
-    if arr.ndim == 1 and (arr.dtype.kind in "bi" or (arr.dtype.kind == "u" and arr.max() <= _INT64_MAX)):
+    if arr.ndim == 1 and (arr.dtype.kind in "bi" or (arr.dtype.kind == "u" and arr.max() <= INT64_MAX)):
         return arr.astype(np.int64, copy=False)
     if arr.ndim == 1 and arr.dtype.kind in "fO" and all(map(_exact, values)):  # numpy's uint64 beside ints: floats
         return np.fromiter(map(int, values), np.int64, n)
     return None
 
 
-_INT64_MAX = np.iinfo(np.int64).max
+INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def unrepresentable(ops: Sequence[Op]) -> str:

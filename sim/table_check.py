@@ -11,26 +11,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.op_table import KINDS, OpTable
+from sim.op_table import INT64_MAX, KINDS, OpTable
 from sim.plan import MAX_OP_WORK, OpKind
 
 _EXPERT = KINDS.index(OpKind.EXPERT)
-_INT64_MAX = int(np.iinfo(np.int64).max)
 # A grouped op with more members than this could sum past int64 (each member's work is at most MAX_OP_WORK = 2^50):
 # the per-op code (Python ints) judges it.
 MAX_SUMMED_MEMBERS = 1 << 12
 
 
 def _cap(value: int) -> int:
-    return min(value, _INT64_MAX)
+    return min(value, INT64_MAX)
 
 
 def deps_point_back(table: OpTable) -> bool:
     """Whether every dependency names an earlier op (ids are positions in a table by construction)."""
     if table.dep_ids.size == 0:
         return True
-    owner = np.repeat(np.arange(len(table), dtype=np.int64), np.diff(table.dep_start))
-    return bool(((table.dep_ids >= 0) & (table.dep_ids < owner)).all())
+    return bool(((table.dep_ids >= 0) & (table.dep_ids < table.dep_owner())).all())
 
 
 def suspect_rows(table: OpTable, *, max_step: int, layers: int, experts: int, tokens: tuple[int, int],
