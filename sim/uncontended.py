@@ -187,6 +187,17 @@ def list_schedule(table: OpTable, prices: ColumnPrices, topo: Topology, shared_g
     return forward.start, forward.end, peak
 
 
+def _usage_vectors(ops: list[Op], keys: np.ndarray, t: OpTable, units: list, usage: Callable[[Op], tuple[float, float]],
+                   size: int) -> np.ndarray:
+    """Per distinct op (row k of the result for `ops[k]`), its usage placed in its group's resource vector; asked of
+    the cost model only for the keys jobs name."""
+    vectors = np.zeros((len(ops), size))
+    for k in np.unique(keys).tolist():
+        op = ops[k]
+        vectors[k] = units[t.stream[op.id]].usage_vector(usage(op), size)
+    return vectors
+
+
 class _GroupJobs:
     """The jobs of one shared group (its ops with time; a grouped op's members each) as arrays: each job's stream (its
     position among the group's streams with ops, in the machine's order), time, usage vector and, for a member, its
@@ -207,11 +218,7 @@ class _GroupJobs:
         # plain ops with time
         rows = np.flatnonzero(in_group & (prices.plain_key >= 0) & (durations > 0))
         keys = prices.plain_key[rows]
-        wanted = np.unique(keys)
-        vectors = np.zeros((len(prices.plain_ops), size))
-        for k in wanted.tolist():
-            op = prices.plain_ops[k]
-            vectors[k] = units[t.stream[op.id]].usage_vector(usage(op), size)
+        vectors = _usage_vectors(prices.plain_ops, keys, t, units, usage, size)
         self.rows, self.row_stream = rows, position[t.stream[rows]]
         self.row_usage, self.row_ns = vectors[keys], durations[rows]
         # grouped ops' members with time, each offset from its op's start by the members before it
@@ -223,10 +230,7 @@ class _GroupJobs:
             before -= np.repeat(before[t.member_start[:-1]], counts)
         take = np.flatnonzero(in_group[owner] & (times > 0)) if times.size else np.zeros(0, np.int64)
         mkeys = prices.member_key[take]
-        mvectors = np.zeros((len(prices.member_ops), size))
-        for k in np.unique(mkeys).tolist():
-            op = prices.member_ops[k]
-            mvectors[k] = units[t.stream[op.id]].usage_vector(usage(op), size)
+        mvectors = _usage_vectors(prices.member_ops, mkeys, t, units, usage, size)
         self.members, self.member_stream = owner[take], position[t.stream[owner[take]]]
         self.member_usage, self.member_ns, self.member_offset = mvectors[mkeys], times[take], before[take]
 

@@ -80,6 +80,12 @@ def _row_ops(t: OpTable, rows: np.ndarray, tokens: np.ndarray, flops: np.ndarray
 _SHAPE = ("kind", "stream", "phase", "micro_batch", "scope", "payload", "kv_tokens")
 
 
+def _priced(cost: CostModel, ops: list[Op]) -> np.ndarray | None:
+    """`cost.op_time_ns` of each op as int64, or None when one passes int64 nanoseconds."""
+    times = list(map(cost.op_time_ns, ops))
+    return None if max(times) >= 1 << 63 else np.array(times, np.int64)
+
+
 def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
     """Each op's time under `cost`, or None when an op's time (a grouped op's: its members' sum) passes int64
     nanoseconds (a run longer than the engine's clock holds)."""
@@ -95,11 +101,9 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
         first, inverse = distinct_rows(cols)
         rows = plain[first]
         plain_ops = _row_ops(t, rows, t.tokens[rows], t.flops[rows], t.bytes[rows], t.expert[rows])
-        price = cost.op_time_ns
-        listed = [price(op) for op in plain_ops]
-        if max(listed) >= 1 << 63:
+        times = _priced(cost, plain_ops)
+        if times is None:
             return None
-        times = np.array(listed, np.int64)
         durations[plain] = times[inverse]
         plain_key[plain] = inverse
     member_times, member_key, member_ops = np.zeros(0, np.int64), np.zeros(0, np.int64), []
@@ -118,12 +122,11 @@ def price_table(cost: CostModel, t: OpTable) -> ColumnPrices | None:
         group_of = np.searchsorted(t.member_start, any_member, side="right") - 1
         chosen = table[ids[any_member]]
         member_ops = _row_ops(t, rows[group_of], chosen[:, 1], chosen[:, 2], chosen[:, 3], chosen[:, 0])
-        price = cost.op_time_ns
-        distinct_times = [price(op) for op in member_ops]
-        if max(distinct_times) >= 1 << 63:
+        distinct_times = _priced(cost, member_ops)
+        if distinct_times is None:
             return None
-        member_times = np.array(distinct_times, np.int64)[member_key]
-        if max(distinct_times) * int(counts.max()) < 1 << 63:
+        member_times = distinct_times[member_key]
+        if int(distinct_times.max()) * int(counts.max()) < 1 << 63:
             durations[rows] = np.add.reduceat(member_times, t.member_start[:-1])
         else:  # sums that could pass int64: in Python ints
             sums = np.add.reduceat(member_times.astype(object), t.member_start[:-1])
