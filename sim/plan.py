@@ -595,20 +595,15 @@ class PlanBuilder:
         self.ops[at:stop] = repeat(None, stop - at)
         self._settled_to = stop
 
-    def member_ids(self, members: list[tuple[int, int, int, int]]) -> np.ndarray:
-        """Ids of `members` in the builder's member store (a replayed step's grouped ops name them by id)."""
-        from sim.op_table import MEMBER_ID
-
+    def add_member(self, member: tuple[int, int, int, int]) -> int:
+        """The id of `member` in the builder's member store (a replayed step's grouped ops name members by id),
+        stored on first use; by object: an emitter keeps one tuple per distinct member."""
         known = self._member_id
-        found = list(map(known.get, map(id, members)))
-        if None in found:
-            for k, member in enumerate(members):
-                if found[k] is None:
-                    found[k] = known.get(id(member))
-                    if found[k] is None:
-                        found[k] = known[id(member)] = len(self._members)
-                        self._members.append(member)
-        return np.array(found, MEMBER_ID)
+        found = known.get(id(member))
+        if found is None:
+            found = known[id(member)] = len(self._members)
+            self._members.append(member)
+        return found
 
     def result(self) -> list[Op] | OpTable:
         """The ops built, as columns for `Plan`: replayed steps' chunks, and the ops emitted one by one read into

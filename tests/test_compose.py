@@ -16,7 +16,7 @@ from sim.cost import RooflineCostModel
 from sim.engine import run_plan
 from sim.plan import OpKind, Payload, Phase, Stream, member_ops
 from sim.plan_verify import verify_assignments
-from sim.policies import PlanContext
+from sim.policies import PlanContext, compose
 from sim.policies.compose import Layout, Schedule, all_experts, compose_plan, cpu_static, gpu_static, no_experts
 from sim.specs import ModelSpec
 from sim.workload import Workload
@@ -126,6 +126,19 @@ def test_static_memory_follows_the_placement(paper_system, tiny_mla_model):
     assert cpu_all["non_expert_weights"] == m.num_layers * (m.qkv_params + m.o_proj_params + m.router_params) * bpp
     assert "non_expert_weights" not in cpu_static(ctx, "ggg", "ggg")
     assert cpu_static(ctx, "ggg", "gcg")["kv_cache"] == gpu_all["kv_cache"]
+
+
+@pytest.mark.parametrize("pre,dec", [("ggg", "ggg"), ("gcg", "ccc"), ("cgc", "gcg")])
+def test_gpu_static_is_linear_in_residents_and_fetch_buffers(paper_system, tiny_mla_model, pre, dec):
+    """The search sizes a configuration from its memory with no residents or buffers and `gpu_static_slopes`
+    (`CoxMoe.gpu_static_linear`): the total must be exactly that line at every resident and buffer count."""
+    ctx = context(paper_system, spec=tiny_mla_model)
+    per_resident, per_buffer = compose.gpu_static_slopes(tiny_mla_model)
+    assert per_resident > 0 and per_buffer > 0
+    base = sum(gpu_static(ctx, pre, dec, 16, 32, 0, 0).values())
+    for resident, widest in itertools.product((0, 1, 3, tiny_mla_model.num_experts), (0, 1, 5)):
+        total = sum(gpu_static(ctx, pre, dec, 16, 32, resident, widest).values())
+        assert total == base + resident * per_resident + widest * per_buffer
 
 
 def test_fetch_routed_copies_only_the_experts_a_step_chose(paper_system):

@@ -307,3 +307,54 @@ def test_random_small_plans_are_the_same_replayed(case, model, experts, batch, r
     assert len(errors) in (0, 2) and (not errors or errors[0] == errors[1])
     if plans:
         assert_same_plan(*plans)
+
+
+def test_a_member_table_past_its_bound_leaves_steps_to_emission(monkeypatch):
+    """A replay whose (expert, tokens) member table would pass `MemberIndex.MAX_ENTRIES` declines: those steps are
+    emitted op by op, and the plan is the same."""
+    ctx = context("mixtral-8x7b", "a100-80g-8452y", "uniform", gen=13)
+    reference = build("coxmoe", FIXED, ctx, False, monkeypatch)
+    monkeypatch.setattr(step_replay_module.MemberIndex, "MAX_ENTRIES", 8)
+    seen = counting_replays(monkeypatch)
+    assert_same_plan(build("coxmoe", FIXED, ctx, True, monkeypatch), reference)
+    assert seen["replayed"] == 0 and seen["recorded"] > 0
+
+
+def test_expert_work_past_int64_makes_a_replay_decline():
+    """A member's work past int64, or a grouped op's sum of members that could pass it, raises OverflowError in
+    `_recomputed`, which `replay` answers by declining (the step is then emitted and the check names its op:
+    tests/test_op_table.py)."""
+    class Builder:
+        def __init__(self):
+            self.members = []
+
+        def add_member(self, member):
+            self.members.append(member)
+            return len(self.members) - 1
+
+    huge = step_replay_module.MemberIndex(lambda t: (1 << 63, 1, 0), lambda e, t: ((e[0], t[0], 0, 0),), Builder(),
+                                          4)
+    with pytest.raises(OverflowError):
+        huge.work(np.array([3, 5], np.int64))
+    step_replay_module._fits(np.array([1 << 61], np.int64), 3)
+    with pytest.raises(OverflowError):
+        step_replay_module._fits(np.array([1 << 62], np.int64), 2)
+    builder = Builder()
+    index = step_replay_module.MemberIndex(lambda t: (2 * t, t + 1, 0), lambda e, t: ((e[0], t[0], 2 * t[0], 1),),
+                                           builder, 4)
+    flops, nbytes = index.work(np.array([0, 7, 3], np.int64))
+    assert flops.tolist() == [0, 14, 6] and nbytes.tolist() == [1, 8, 4]
+    ids = index.member_ids(np.array([2, 1, 2, 0], np.int64), np.array([5, 5, 5, 9], np.int64))
+    assert ids.tolist() == [0, 1, 0, 2] and [m[:2] for m in builder.members] == [(2, 5), (1, 5), (0, 9)]
+    assert index.member_ids(np.array([1, 3], np.int64), np.array([5, 1], np.int64)).tolist() == [1, 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 1 << 40), max_size=4), min_size=1, max_size=8))
+def test_segment_sums_match_python_sums(segments):
+    """`_segment_sums` (grouped ops' tokens and work from their members' entries): empty segments sum to 0,
+    wherever they fall."""
+    values = np.array([v for seg in segments for v in seg], np.int64)
+    starts = np.cumsum([0] + [len(seg) for seg in segments[:-1]]).astype(np.int64)
+    got = step_replay_module._segment_sums(values, starts)
+    assert got.tolist() == [sum(seg) for seg in segments]

@@ -169,8 +169,8 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
         weights += m.num_layers * m.o_proj_params
     static = {
         "non_expert_weights": weights * bpp,
-        "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
-        "expert_fetch_buffers": 2 * widest * m.expert_bytes,
+        "resident_experts": resident * gpu_static_slopes(m)[0],
+        "expert_fetch_buffers": widest * gpu_static_slopes(m)[1],
         "hidden_states": 2 * expert_tokens * m.hidden_size * bpp,
         "workspace": activation_workspace_bytes(ctx, max(mb_tokens, 1)),
     }
@@ -179,6 +179,12 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
     elif dec[1] == "g":
         static["kv_cache"] = (wl.kv_tokens_total - kv_cpu_tokens) * m.kv_bytes_per_token
     return static
+
+
+def gpu_static_slopes(model: ModelSpec) -> tuple[int, int]:
+    """What one more resident expert per MoE layer and one more fetched expert (`widest`) add to `gpu_static`'s
+    total, which is linear in both: a search sizes thousands of configurations from one call each and these."""
+    return model.num_moe_layers * model.expert_bytes, 2 * model.expert_bytes
 
 
 def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0, kv_streamed: bool = False
@@ -260,6 +266,7 @@ class LayoutEmitter(LayerEmitter):
         # are held so their ids stay theirs
         self.replay = replay_enabled()
         self._recordings: dict[step_replay.StepShape, step_replay.Recording] = {}
+        self._members_by_tokens: step_replay.MemberIndex | None = None
         self._layouts: list[Layout] = []
         self._moe_index = [self.m.moe_index(layer) if self.m.is_moe_layer(layer) else -1
                            for layer in range(self.m.num_layers + 1)]
@@ -287,7 +294,7 @@ class LayoutEmitter(LayerEmitter):
         if seen is not None:  # a later step of a shape: replayed from its first, when that one can be
             template = seen.template(self._moe_index)
             if template is not None and step_replay.replay(template, slices, step, self.b, self.w, self.layer_done,
-                                                           self.seq, self._group_members):
+                                                           self.seq, self._member_index()):
                 self.seq += self.m.num_layers
             else:  # a shape a replay cannot reproduce, or a step past the op limit (raised where emission raises)
                 self._emit_step(slices, phase, step, layout, entering, swap_bytes)
@@ -305,6 +312,13 @@ class LayoutEmitter(LayerEmitter):
         if len(self._recordings) >= step_replay.SHAPES_KEPT:
             self._recordings.pop(next(iter(self._recordings)))
         self._recordings[shape] = rec
+
+    def _member_index(self) -> step_replay.MemberIndex:
+        """The members replays gather by (expert, tokens), made on the first replay."""
+        if self._members_by_tokens is None:
+            self._members_by_tokens = step_replay.MemberIndex(self.w.expert, self._group_members, self.b,
+                                                              self.m.num_experts)
+        return self._members_by_tokens
 
     def prefill(self, slices: list[BatchSlice], layout: Layout, cache: dict | None = None) -> None:
         """`step` for the prefill. With `cache` (a search's: its candidates share a model, trace and workload), a

@@ -591,7 +591,8 @@ class _Model:
         buffers that fit (the other experts on the CPU), E_R, E_M and E_C under the VRAM budget as the paper's
         search picks them; None when nothing fits."""
         # `compose.gpu_static` is linear in the resident experts and the fetch buffers (the other parts do not
-        # depend on them): its rest and its two slopes come from it once per placement and micro-batches
+        # depend on them): its rest comes from it once per placement and micro-batches, its two slopes from
+        # `compose.gpu_static_slopes`
         rest, per_resident, per_buffer = self.gpu_static_linear(pre, dec, mu_p, mu_d)
         base = rest + resident * per_resident
         if base > cap_gpu:
@@ -611,9 +612,7 @@ class _Model:
     def gpu_static_linear(self, pre: str, dec: str, mu_p: int, mu_d: int) -> tuple[int, int, int]:
         """VRAM of a configuration without resident experts or fetch buffers, and what one more resident expert
         per layer and one more fetch buffer add (`op3_fitting` and the resident-count grid add those)."""
-        rest = sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values())
-        return (rest, sum(self.gpu_static(pre, dec, mu_p, mu_d, 1, 0).values()) - rest,
-                sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 1).values()) - rest)
+        return (sum(self.gpu_static(pre, dec, mu_p, mu_d, 0, 0).values()), *compose.gpu_static_slopes(self.m))
 
     def gpu_static(self, pre: str, dec: str, mu_p: int, mu_d: int, resident: int, widest: int) -> dict[str, int]:
         """VRAM of a configuration: the placement's memory (`compose.gpu_static`) for these micro-batches, with

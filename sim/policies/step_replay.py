@@ -21,9 +21,9 @@ from typing import NamedTuple
 import numpy as np
 
 from sim.cost import OpWork
-from sim.op_table import OpTable
+from sim.op_table import MEMBER_ID, OpTable
 from sim.plan import Op, OpKind, PlanBuilder
-from sim.policies.layers import _BYTES, _FLOPS, BatchSlice, copy_traffic
+from sim.policies.layers import BatchSlice, copy_traffic
 from traces.limits import MEMBER_OP_SHARE
 
 # step shapes an emitter keeps the first step of (routing that leaves experts idle at some steps makes several)
@@ -58,6 +58,7 @@ class StepTemplate:
     routed: list[RoutedCopy]
     routed_streams: list[str]  # the stream of each routed copy
     member_calls: list[int]  # grouped members charged to the builder, call by call, as emission charged them
+    vectors: _Vectors | None = None  # its index arrays, made on its first replay (`_recomputed`)
 
     @property
     def size(self) -> int:
@@ -166,8 +167,7 @@ Member = tuple[int, int, int, int]  # a grouped op's member: (expert, tokens, fl
 
 
 def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBuilder, work: OpWork,
-           layer_done: dict[int, int], seq: int,
-           members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]]) -> bool:
+           layer_done: dict[int, int], seq: int, members: MemberIndex) -> bool:
     """Append template `t`'s ops for decode step `step` of `slices` (same shape as the template's step), as columns
     with ids from the builder's next, and record its layers' last GPU ops in `layer_done` from visit `seq` on.
     False (and nothing appended) when the step would cross the builder's op limit, or a recomputed number would not
@@ -180,8 +180,10 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     if first + n - 1 + load >= builder.max_ops:  # the largest of the guards emission would apply in the step
         return False
     try:
-        chunk = _recomputed(t, slices, work, members_of, builder)
+        chunk = _recomputed(t, slices, work, members)
     except OverflowError:
+        return False
+    if chunk is None:
         return False
     builder.next_id(step)  # the step's guards, as its first op would call them (the load is the same)
     builder.member_load = load
@@ -199,73 +201,165 @@ def replay(t: StepTemplate, slices: list[BatchSlice], step: int, builder: PlanBu
     return True
 
 
-def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork,
-                members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]], builder: PlanBuilder) -> OpTable:
+class MemberIndex:
+    """An emitter's grouped-op members by (expert, tokens) as ids in its builder's member store, and an expert op's
+    work by tokens, as arrays a replay gathers from (`_recomputed`): a step's hundreds of members looked up in a few
+    numpy calls where a dict lookup each cost more than the rest of the replay. A member is made by the emitter
+    (`members_of`: its one stored tuple) the first time any step meets it, and stored in the order replays meet
+    them, as looking each up in turn stored them."""
+
+    MAX_ENTRIES = 1 << 24  # (expert, tokens) ids held (64 MB); a step past it is emitted, not replayed
+
+    def __init__(self, expert_work: Callable[[int], Sequence[int]],
+                 members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]], builder: PlanBuilder,
+                 num_experts: int) -> None:
+        self.expert_work, self.members_of, self.builder = expert_work, members_of, builder
+        self.flops = np.zeros(0, np.int64)  # by tokens: an expert op's FLOPs and bytes (`OpWork.expert`)
+        self.bytes = np.zeros(0, np.int64)
+        self.known = np.zeros(0, bool)
+        self.ids = np.full((max(num_experts, 1), 0), -1, np.int32)  # (expert, tokens) -> member id, -1: none yet
+
+    def work(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FLOPs and bytes of an expert op of each of `tokens` (OverflowError when one does not fit int64)."""
+        top = int(tokens.max(initial=-1)) + 1
+        if top > self.known.size:
+            size = max(top, 2 * self.known.size)
+            self.flops, self.bytes, self.known = (np.concatenate([a, np.zeros(size - a.size, a.dtype)])
+                                                  for a in (self.flops, self.bytes, self.known))
+        missing = tokens[~self.known[tokens]]
+        for t in np.unique(missing).tolist():
+            flops, nbytes = self.expert_work(t)[:2]
+            self.flops[t], self.bytes[t] = flops, nbytes  # OverflowError past int64, as a column would raise
+            self.known[t] = True
+        return self.flops[tokens], self.bytes[tokens]
+
+    def member_ids(self, experts: np.ndarray, tokens: np.ndarray) -> np.ndarray | None:
+        """Member ids of (experts[i], tokens[i]), new members stored in the order they first appear; None when the
+        table would pass MAX_ENTRIES."""
+        top = int(tokens.max(initial=-1)) + 1
+        if top > self.ids.shape[1]:
+            size = max(top, 2 * self.ids.shape[1])
+            if size * self.ids.shape[0] > self.MAX_ENTRIES:
+                return None
+            grown = np.full((self.ids.shape[0], size), -1, np.int32)
+            grown[:, :self.ids.shape[1]] = self.ids
+            self.ids = grown
+        ids = self.ids[experts, tokens]
+        new = np.flatnonzero(ids < 0)
+        if new.size:
+            key = experts[new].astype(np.int64) * self.ids.shape[1] + tokens[new]
+            _, first = np.unique(key, return_index=True)
+            store = self.builder.add_member
+            for i in np.sort(new[first]).tolist():
+                e, t = int(experts[i]), int(tokens[i])
+                self.ids[e, t] = store(self.members_of((e,), [t])[0])
+            ids = self.ids[experts, tokens]
+        return ids
+
+
+def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of `values` over the segments [starts[i], starts[i + 1]) (the last to the end); an empty one sums to 0."""
+    out = np.add.reduceat(np.append(values, values.dtype.type(0)), starts)
+    out[np.append(starts[1:], values.size) == starts] = 0
+    return out
+
+
+@dataclass
+class _Vectors:
+    """A template's expert ops and routed copies as index arrays into a step's loads (`_loads`), made on its first
+    replay for the micro-batches `mbs` of its slices, in order."""
+
+    mbs: tuple[int, ...]
+    att_pos: np.ndarray  # attention ops' positions, and each one's micro-batch as a row of the step's slices
+    att_row: np.ndarray
+    exp_pos: np.ndarray  # expert ops' positions, each one's first entry; entries: (row, MoE layer, expert)
+    exp_start: np.ndarray
+    widest: int  # entries of the largest expert op (bounds its sums: `_fits`)
+    ent: tuple[np.ndarray, np.ndarray, np.ndarray]
+    grouped: np.ndarray  # the entries that are grouped ops' members
+    routed_pos: np.ndarray  # routed copies' positions, caps, first entries and entries
+    routed_cap: np.ndarray
+    routed_start: np.ndarray
+    routed_ent: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @classmethod
+    def of(cls, t: StepTemplate, mbs: tuple[int, ...]) -> _Vectors:
+        row = {mb: i for i, mb in enumerate(mbs)}
+        row[-1] = len(mbs)  # the step's loads summed over its micro-batches
+        starts, rows, lis, es, grouped = [], [], [], [], []
+        for _, li, mb, experts, expert in t.experts:
+            starts.append(len(es))
+            group = experts if experts is not None else (expert,)
+            rows.extend([row[mb]] * len(group))
+            lis.extend([li] * len(group))
+            es.extend(group)
+            grouped.extend([experts is not None] * len(group))
+        r_starts, r_rows, r_lis, r_es = [], [], [], []
+        for c in t.routed:
+            r_starts.append(len(r_es))
+            r_rows.extend([row[c.mb]] * len(c.experts))
+            r_lis.extend([c.li] * len(c.experts))
+            r_es.extend(c.experts)
+
+        def ints(values: list[int]) -> np.ndarray:
+            return np.array(values, np.int64)
+
+        sizes = np.diff(starts + [len(es)])
+        return cls(mbs, ints([k for k, _ in t.attention]), ints([row[mb] for _, mb in t.attention]),
+                   ints([e[0] for e in t.experts]), ints(starts), int(sizes.max(initial=0)),
+                   (ints(rows), ints(lis), ints(es)), np.array(grouped, bool), ints([c.position for c in t.routed]),
+                   ints([c.cap for c in t.routed]), ints(r_starts), (ints(r_rows), ints(r_lis), ints(r_es)))
+
+
+def _fits(values: np.ndarray, widest: int) -> None:
+    """OverflowError when a sum of up to `widest` of `values` could pass int64 (a column would not hold it)."""
+    if values.size and int(values.max()) * max(widest, 1) >= 1 << 63:
+        raise OverflowError("a replayed op's work does not fit int64")
+
+
+def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork, index: MemberIndex) -> OpTable | None:
     """The template's columns with the numbers of `slices` (attention's work and KV entries, expert ops' tokens,
     work and members (ids in the builder's store, whose table `PlanBuilder.result` gives the columns), routed
-    copies' tokens and bytes); the columns no replay changes are shared with the template. OverflowError when a
-    number does not fit int64."""
+    copies' tokens and bytes), gathered from the step's loads with the template's index arrays (`_Vectors`); the
+    columns no replay changes are shared with the template. OverflowError when a number does not fit int64; None
+    when the member table would grow past its bound (the step is then emitted)."""
     tab = t.table
-    by_mb = {s.mb: s for s in slices}
-    pos: list[int] = []  # ops whose tokens, FLOPs and bytes change, with them
-    tok: list[int] = []
-    fl: list[int] = []
-    by: list[int] = []
-    kv: list[int] = []
-    for _, mb in t.attention:
-        s = by_mb[mb]
-        cost = work.attention(s.tokens, s.kv_attended, s.kv_read, False)
-        fl.append(cost[0])
-        by.append(cost[1])
-        kv.append(s.kv_read)
-    kv_pos = [k for k, _ in t.attention]
+    mbs = tuple([s.mb for s in slices])
+    vec = t.vectors
+    if vec is None or vec.mbs != mbs:
+        vec = t.vectors = _Vectors.of(t, mbs)
     flops_col, bytes_col, kv_col = tab.flops.copy(), tab.bytes.copy(), tab.kv_tokens
-    if kv_pos:
-        at = np.array(kv_pos, np.int64)
-        flops_col[at] = np.array(fl, np.int64)
-        bytes_col[at] = np.array(by, np.int64)
+    if vec.att_pos.size:  # one cost per micro-batch: its attention ops differ only in their layer
+        costs = [work.attention(s.tokens, s.kv_attended, s.kv_read, False) for s in slices]
+        per_mb = np.array([[c[0], c[1], s.kv_read] for c, s in zip(costs, slices, strict=True)], np.int64)
+        got = per_mb[vec.att_row]
+        flops_col[vec.att_pos] = got[:, 0]
+        bytes_col[vec.att_pos] = got[:, 1]
         kv_col = kv_col.copy()
-        kv_col[at] = np.array(kv, np.int64)
-        fl, by = [], []
-    loads: dict[tuple[int, int], list[int]] = {}
-
-    def loads_of(li: int, mb: int) -> list[int]:
-        got = loads.get((li, mb))
-        if got is None:
-            counts = by_mb[mb].counts[li] if mb >= 0 else sum(s.counts[li] for s in slices)
-            got = loads[(li, mb)] = counts.tolist()
-        return got
-
-    expert_work = work.expert
-    members: list[Member] = []
-    for k, li, mb, experts, expert in t.experts:
-        tokens = loads_of(li, mb)
-        pos.append(k)
-        if experts is not None:
-            ts = list(map(tokens.__getitem__, experts))
-            group = members_of(experts, ts)
-            members.extend(group)
-            tok.append(sum(ts))
-            fl.append(sum(map(_FLOPS, group)))
-            by.append(sum(map(_BYTES, group)))
-        else:
-            t_ = tokens[expert]
-            tok.append(t_)
-            cost = expert_work(t_)
-            fl.append(cost[0])
-            by.append(cost[1])
+        kv_col[vec.att_pos] = got[:, 2]
+    counts = [s.counts for s in slices]
+    loads = np.empty((len(slices) + 1, *counts[0].shape), np.int64)
+    loads[:-1] = counts
+    loads[-1] = loads[:-1].sum(axis=0)
     tokens_col = tab.tokens.copy()
-    if pos:
-        at = np.array(pos, np.int64)
-        tokens_col[at] = np.array(tok, np.int64)
-        flops_col[at] = np.array(fl, np.int64)
-        bytes_col[at] = np.array(by, np.int64)
-    for c, stream in zip(t.routed, t.routed_streams, strict=True):
-        tokens = loads_of(c.li, c.mb)
-        routed = min(sum(map(tokens.__getitem__, c.experts)), c.cap)
-        tokens_col[c.position] = routed
-        bytes_col[c.position] = copy_traffic(stream, work.hidden_bytes(routed))
-    if members:
-        np.array(members, np.int64)  # OverflowError past int64, as a column would raise
+    member_ids = np.zeros(0, np.int64)
+    if vec.exp_pos.size:
+        tokens = loads[vec.ent]
+        flops, nbytes = index.work(tokens)
+        _fits(flops, vec.widest)
+        _fits(nbytes, vec.widest)
+        tokens_col[vec.exp_pos] = _segment_sums(tokens, vec.exp_start)
+        flops_col[vec.exp_pos] = _segment_sums(flops, vec.exp_start)
+        bytes_col[vec.exp_pos] = _segment_sums(nbytes, vec.exp_start)
+        grouped = vec.grouped
+        found = index.member_ids(vec.ent[2][grouped], tokens[grouped])
+        if found is None:
+            return None
+        member_ids = found
+    if vec.routed_pos.size:
+        routed = np.minimum(_segment_sums(loads[vec.routed_ent], vec.routed_start), vec.routed_cap)
+        tokens_col[vec.routed_pos] = routed
+        bytes_col[vec.routed_pos] = [copy_traffic(stream, work.hidden_bytes(n))
+                                     for stream, n in zip(t.routed_streams, routed.tolist(), strict=True)]
     return dataclasses.replace(tab, tokens=tokens_col, flops=flops_col, bytes=bytes_col, kv_tokens=kv_col,
-                               member_ids=builder.member_ids(members), member_table=None)
+                               member_ids=member_ids.astype(MEMBER_ID), member_table=None)
