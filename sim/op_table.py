@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, compress
-from operator import attrgetter
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_
 
 import numpy as np
 
@@ -73,10 +73,12 @@ class OpTable:
         return int(self.kind.size)
 
     @classmethod
-    def from_ops(cls, ops: Sequence[Op], first: int = 0) -> OpTable | None:
+    def from_ops(cls, ops: Sequence[Op], first: int = 0, store: MemberStore | None = None) -> OpTable | None:
         """The columns of `ops`, or None when a field is not what a plan holds (an integer beyond int64 or not an
         integer, a kind, phase or payload that is not its enum's member, an op whose id is not its position plus
-        `first`, a grouped op's member that is not four integers). Dependencies stay ids."""
+        `first`, a grouped op's member that is not four integers). Dependencies stay ids. With `store` (a plan
+        builder's, where emitters store each member as they make it), members are named by their ids there in one
+        pass and `member_table` is left None for the builder to set (`PlanBuilder.result`)."""
         n = len(ops)
         try:
             ids = _ints(list(map(attrgetter("id"), ops)), n)
@@ -123,13 +125,17 @@ class OpTable:
             flat = list(chain.from_iterable(grouped))
         except TypeError:  # members that are not a sequence
             return None
-        # distinct member objects (emitters store each distinct member once), every one's values judged
-        index = {key: k for k, key in enumerate(dict.fromkeys(map(id, flat)))}
-        member_ids = np.fromiter(map(index.__getitem__, map(id, flat)), MEMBER_ID, len(flat))
-        objects = dict(zip(map(id, flat), flat, strict=True))
-        table = member_table_of([objects[key] for key in index])
-        if table is None:
-            return None
+        if store is not None:
+            member_ids, table = store.ids_of(flat), None
+            if member_ids is None:
+                return None
+        else:  # distinct member objects (emitters store each distinct member once), every one's values judged
+            objects = dict(zip(map(id, flat), flat, strict=True))
+            index = {key: k for k, key in enumerate(objects)}
+            member_ids = np.fromiter(map(index.__getitem__, map(id, flat)), MEMBER_ID, len(flat))
+            table = member_table_of(list(objects.values()))
+            if table is None:
+                return None
         return cls(tuple(code), kind, stream, phase, payload, **ints, dep_start=dep_start, dep_ids=dep_ids,
                    alloc=alloc, free=free, member_rows=member_rows, member_start=member_start, member_ids=member_ids,
                    member_table=table)
@@ -225,6 +231,43 @@ class OpTable:
                    dep_ids=cat("dep_ids"), alloc=alloc, free=free, member_rows=np.concatenate(member_rows),
                    member_start=np.concatenate(member_starts), member_ids=np.concatenate(member_ids).astype(MEMBER_ID),
                    member_table=np.concatenate(tables))
+
+
+class MemberStore:
+    """The distinct grouped-op members of a plan being built, each stored once by object with its id: emitters
+    store a member when they make it (they keep one tuple per distinct member), and the builder's column slices
+    and replayed steps name members by these ids."""
+
+    def __init__(self) -> None:
+        self._id: dict[int, int] = {}
+        self.members: list[tuple[int, int, int, int]] = []
+
+    def add(self, member: tuple[int, int, int, int]) -> int:
+        """The id of `member`, stored on first use (its values are judged with the table: `table`)."""
+        found = self._id.get(id(member))
+        if found is None:
+            found = self._id[id(member)] = len(self.members)
+            self.members.append(member)
+        return found
+
+    def ids_of(self, flat: list) -> np.ndarray | None:
+        """The ids of the members in `flat`, in one pass where all are stored; any not stored yet (a member no
+        emitter stored) stored in order, or None (and nothing stored) when one of those is not four integers
+        within int64."""
+        known = self._id
+        found = list(map(known.get, map(id, flat)))
+        if None in found:
+            new = {id(m): m for m in compress(flat, map(is_, found, repeat(None)))}
+            if member_table_of(list(new.values())) is None:
+                return None
+            for member in new.values():
+                self.add(member)
+            found = list(map(known.__getitem__, map(id, flat)))
+        return np.array(found, MEMBER_ID)
+
+    def table(self) -> np.ndarray | None:
+        """The stored members as an [D, 4] int64 table (None unless each is four integers within int64)."""
+        return member_table_of(self.members)
 
 
 def member_table_of(members: list) -> np.ndarray | None:

@@ -550,9 +550,11 @@ class PlanBuilder:
         self.settled: list[tuple[int, OpTable]] = []  # the first ops read into columns by `settle` (first id, part)
         self._settled_to = 0
         self._unsettled = False  # an op no column holds was met: nothing more is settled
-        # the members replayed steps name, each stored once (by object: emitters keep one tuple per distinct member)
-        self._member_id: dict[int, int] = {}
-        self._members: list[tuple[int, int, int, int]] = []
+        # the plan's grouped-op members, each stored once (by object: emitters keep one tuple per distinct member and
+        # store it when they make it), named by id in replayed steps and column slices
+        from sim.op_table import MemberStore
+
+        self.members = MemberStore()
         self.max_ops = max_ops()  # plans past the memory limit are refused while they are built
         self.member_load = 0.0  # grouped ops' members, in ops' worth of memory (MEMBER_OP_SHARE each)
         self._sizes = [int(n) for n in decode_step_sizes]
@@ -587,7 +589,7 @@ class PlanBuilder:
         from sim.op_table import OpTable
 
         at, stop = self._settled_to, len(self.ops)
-        part = OpTable.from_ops(self.ops[at:stop], first=at)
+        part = OpTable.from_ops(self.ops[at:stop], first=at, store=self.members)
         if part is None:  # left for `result`, which hands the plan over as ops for the check to name; not tried again
             self._unsettled = True
             return
@@ -595,29 +597,14 @@ class PlanBuilder:
         self.ops[at:stop] = repeat(None, stop - at)
         self._settled_to = stop
 
-    def add_member(self, member: tuple[int, int, int, int]) -> int:
-        """The id of `member` in the builder's member store (a replayed step's grouped ops name members by id),
-        stored on first use; by object: an emitter keeps one tuple per distinct member."""
-        known = self._member_id
-        found = known.get(id(member))
-        if found is None:
-            found = known[id(member)] = len(self._members)
-            self._members.append(member)
-        return found
-
     def result(self) -> list[Op] | OpTable:
         """The ops built, as columns for `Plan`: replayed steps' chunks, and the ops emitted one by one read into
         columns a slice at a time, each slice's `Op`s let go once read and its columns once concatenated (a plan of
         millions of emitted ops never holds them and their columns at once: MoE-Lightning's 2.4 M, 0.8 GB). The
         list of `Op`s when an emitted op holds what no column can (a number past int64 that a replay declined):
         `Plan.check` then names it."""
-        from sim.op_table import OpTable, member_table_of
+        from sim.op_table import OpTable
 
-        members = member_table_of(self._members)
-        if members is None:
-            raise ValueError("a replayed step's members hold values no plan can (a policy's bug)")
-        for _, chunk in self.chunks:
-            chunk.member_table = members
         ops = self.ops
         parts: list[tuple[int, OpTable]] = list(self.settled)  # (first id, columns)
         read: list[OpTable] = [part for _, part in parts]  # those read here and the replayed chunks: to let go
@@ -628,7 +615,7 @@ class PlanBuilder:
         for first, chunk in [*self.chunks, (len(ops), None)]:
             while at < first:
                 stop = min(first, at + RESULT_SLICE)
-                part = OpTable.from_ops(ops[at:stop], first=at)
+                part = OpTable.from_ops(ops[at:stop], first=at, store=self.members)
                 if part is None:
                     return self._as_ops(parts)
                 parts.append((at, part))
@@ -639,14 +626,26 @@ class PlanBuilder:
                 parts.append((first, chunk))
                 read.append(chunk)  # its own columns are the replay's; those it shares stay its template's
                 at = first + len(chunk)
+        self._name_members([part for _, part in parts])
         self.chunks, self.settled = [], []
         if not parts:
             return OpTable.from_ops([])
         return OpTable.concat([part for _, part in parts], consume=read)
 
+    def _name_members(self, parts: list[OpTable]) -> None:
+        """Give the parts that name members by their ids in the builder's store (all but a copied prefix, which
+        has its own table) the store's table, once every part is made."""
+        members = self.members.table()
+        if members is None:
+            raise ValueError("a plan's stored members hold values no plan can (a policy's bug)")
+        for part in parts:
+            if part is not self.prefix:
+                part.member_table = members
+
     def _as_ops(self, parts: list[tuple[int, OpTable]]) -> list[Op]:
         """Every op as an `Op`: those read into columns so far (`parts`) and the replayed chunks made back."""
         ops = self.ops
+        self._name_members([part for _, part in [*parts, *self.chunks]])
         for first, part in [*parts, *self.chunks]:
             ops[first:first + len(part)] = part.to_ops(first)
         self.chunks, self.settled = [], []

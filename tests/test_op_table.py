@@ -18,7 +18,7 @@ from sim.api import resolve_model, resolve_routing, resolve_system
 from sim.cost import GroupPrices, RooflineCostModel
 from sim.cost.columns import distinct_rows, price_table
 from sim.errors import SimInputError
-from sim.op_table import OpTable
+from sim.op_table import MemberStore, OpTable
 from sim.plan import Op, OpKind, Phase, Plan
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.table_check import _distinct
@@ -76,6 +76,35 @@ def test_concatenated_parts_are_the_whole(built):
     parts = [OpTable.from_ops(ops[a:b], first=a) for a, b in zip(cuts, cuts[1:], strict=False)]
     assert all(p is not None for p in parts)
     assert OpTable.concat(parts).to_ops() == ops
+
+
+def test_parts_naming_members_in_a_store_are_the_whole(built):
+    """Slices read with a builder's member store (members named by their ids there, some stored ahead as emitters
+    store them, the rest stored as met) and given the store's table at the end are the plan's ops."""
+    plan = max(built, key=lambda p: sum(1 for op in p.ops if op.members))
+    ops = plan.ops
+    store = MemberStore()
+    for op in ops[: len(ops) // 2]:  # the first half's members stored ahead, the others met in the slices
+        for member in op.members or ():
+            store.add(member)
+    cuts = [0, len(ops) // 4, len(ops) // 2 + 1, len(ops)]
+    parts = [OpTable.from_ops(ops[a:b], first=a, store=store) for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert all(p is not None and p.member_table is None for p in parts)
+    for part in parts:
+        part.member_table = store.table()
+    assert len(store.members) == len({id(m) for op in ops for m in op.members or ()})
+    assert OpTable.concat(parts).to_ops() == ops
+
+
+def test_a_store_refuses_a_member_no_table_holds_and_keeps_what_it_had():
+    store = MemberStore()
+    good, other = (0, 3, 6, 9), (1, 3, 6, 9)
+    assert store.add(good) == 0 and store.add(good) == 0
+    assert store.ids_of([good, other, good]).tolist() == [0, 1, 0]
+    for bad in [(2, 3, 6.5, 9), (2, 3, 1 << 64, 9), (2, 3, 6)]:
+        assert store.ids_of([other, bad]) is None
+        assert store.members == [good, other]
+    assert store.table().tolist() == [list(good), list(other)]
 
 
 @pytest.mark.parametrize("change", [

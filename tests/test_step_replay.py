@@ -6,6 +6,7 @@ with the same words."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 import sim.plan as plan_module
 import sim.policies.compose as compose
 from sim.errors import SimInputError
+from sim.op_table import MemberStore
 from sim.plan import Phase, Plan
 from sim.policies import POLICIES, PlanContext, make_policy
 from sim.policies import step_replay as step_replay_module
@@ -324,13 +326,8 @@ def test_expert_work_past_int64_makes_a_replay_decline():
     """A member's work past int64, or a grouped op's sum of members that could pass it, raises OverflowError in
     `_recomputed`, which `replay` answers by declining (the step is then emitted and the check names its op:
     tests/test_op_table.py)."""
-    class Builder:
-        def __init__(self):
-            self.members = []
-
-        def add_member(self, member):
-            self.members.append(member)
-            return len(self.members) - 1
+    def Builder():  # noqa: N802 - stands in for PlanBuilder: its member store is all a MemberIndex uses
+        return SimpleNamespace(members=MemberStore())
 
     huge = step_replay_module.MemberIndex(lambda t: (1 << 63, 1, 0), lambda e, t: ((e[0], t[0], 0, 0),), Builder(),
                                           4)
@@ -345,7 +342,7 @@ def test_expert_work_past_int64_makes_a_replay_decline():
     flops, nbytes = index.work(np.array([0, 7, 3], np.int64))
     assert flops.tolist() == [0, 14, 6] and nbytes.tolist() == [1, 8, 4]
     ids = index.member_ids(np.array([2, 1, 2, 0], np.int64), np.array([5, 5, 5, 9], np.int64))
-    assert ids.tolist() == [0, 1, 0, 2] and [m[:2] for m in builder.members] == [(2, 5), (1, 5), (0, 9)]
+    assert ids.tolist() == [0, 1, 0, 2] and [m[:2] for m in builder.members.members] == [(2, 5), (1, 5), (0, 9)]
     assert index.member_ids(np.array([1, 3], np.int64), np.array([5, 1], np.int64)).tolist() == [1, 3]
 
 

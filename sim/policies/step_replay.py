@@ -249,7 +249,7 @@ class MemberIndex:
         if new.size:
             key = experts[new].astype(np.int64) * self.ids.shape[1] + tokens[new]
             _, first = np.unique(key, return_index=True)
-            store = self.builder.add_member
+            store = self.builder.members.add
             for i in np.sort(new[first]).tolist():
                 e, t = int(experts[i]), int(tokens[i])
                 self.ids[e, t] = store(self.members_of((e,), [t])[0])
