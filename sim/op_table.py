@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, compress, repeat
+from itertools import chain, compress, count, repeat
 from operator import attrgetter, is_
 
 import numpy as np
@@ -249,6 +249,11 @@ class MemberStore:
             found = self._id[id(member)] = len(self.members)
             self.members.append(member)
         return found
+
+    def extend(self, members: list[tuple[int, int, int, int]]) -> None:
+        """Store members an emitter has just made (new objects, so none is stored yet), in order."""
+        self._id.update(zip(map(id, members), count(len(self.members))))
+        self.members.extend(members)
 
     def ids_of(self, flat: list) -> np.ndarray | None:
         """The ids of the members in `flat`, in one pass where all are stored; any not stored yet (a member no

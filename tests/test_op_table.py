@@ -105,6 +105,9 @@ def test_a_store_refuses_a_member_no_table_holds_and_keeps_what_it_had():
         assert store.ids_of([other, bad]) is None
         assert store.members == [good, other]
     assert store.table().tolist() == [list(good), list(other)]
+    made = [(2, 1, 2, 3), (3, 1, 2, 3)]  # as an emitter stores the members it has just made
+    store.extend(made)
+    assert store.ids_of([made[1], good, made[0]]).tolist() == [3, 0, 2] and store.members[2:] == made
 
 
 @pytest.mark.parametrize("change", [

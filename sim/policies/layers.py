@@ -220,13 +220,14 @@ class LayerEmitter:
         found = tuple(map(dict.get, map(tables.__getitem__, experts), tokens))
         if all(found):
             return found
-        work, made, store = self.w.expert, list(found), self.b.members.add
+        work, made, new = self.w.expert, list(found), []
         for i, member in enumerate(made):
             if member is None:
                 e, t = experts[i], tokens[i]
                 flops, nbytes, _ = work(t)
                 made[i] = tables[e][t] = (e, t, flops, nbytes)
-                store(made[i])  # so that reading the plan into columns finds it (`OpTable.from_ops`)
+                new.append(made[i])
+        self.b.members.extend(new)  # so that reading the plan into columns finds them (`OpTable.from_ops`)
         return tuple(made)
 
     def embed(self, phase: Phase, step: int, mb: int, tokens: int, dep: Deps = -1) -> int:
