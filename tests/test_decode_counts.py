@@ -31,6 +31,32 @@ def test_one_pass_equals_step_by_step(trace, monkeypatch, band_bytes):
     np.testing.assert_array_equal(prompt + generated, trace.expert_counts(np.arange(trace.num_tokens)))
 
 
+@pytest.mark.parametrize("groups", [
+    [np.arange(0, 25), np.arange(25, 26), np.arange(40, 60), np.arange(26, 40)],  # a partition: the largest derived
+    [np.arange(30, 60), np.arange(0, 30)[::-1]],  # halves, one reversed: the first (a tie: the first) derived
+    [np.arange(0, 40), np.arange(3, 9), np.arange(40, 60)],  # overlapping: counted, not derived
+    [np.arange(0, 59)],  # one group short of the batch: counted
+])
+def test_groups_splitting_the_batch_derive_the_largest_from_the_whole(trace, groups, monkeypatch):
+    """Once the whole batch's table is kept (`phase_counts`), groups holding every request once count all but
+    the largest and take its counts as the batch's less the others': the same table as counting each group."""
+    calls = []
+    count = fmt.RoutingTrace._count_steps
+
+    def counted(self, gs, S, dtype):
+        calls.append(sum(g.size for g in gs))
+        return count(self, gs, S, dtype)
+
+    assert trace.phase_counts[1].sum() > 0  # keeps the whole batch's table
+    monkeypatch.setattr(fmt.RoutingTrace, "_count_steps", counted)
+    table = trace.decode_step_counts(groups)
+    for step in range(1, table.shape[0] + 1):
+        for g, requests in enumerate(groups):
+            np.testing.assert_array_equal(table[step - 1, g], trace.expert_counts(trace.decode_rows(step, requests)))
+    partition = sorted(np.concatenate(groups).tolist()) == list(range(60)) and len(groups) > 1
+    assert calls == [60 - max(g.size for g in groups) if partition else sum(g.size for g in groups)]
+
+
 def test_a_table_past_the_budget_is_not_built(trace, monkeypatch):
     monkeypatch.setattr(fmt, "REQUEST_TABLE_BYTES", 64)
     assert trace.decode_step_counts([np.arange(60)]) is None

@@ -192,7 +192,9 @@ class RoutingTrace:
         entry [t - 1, g] is
         `expert_counts(decode_rows(t, groups[g]))`. One pass over the groups' decode rows, where asking step by
         step gathers and counts each step's rows apart. Kept on the trace for the last few groupings (a search
-        plans several); None when the table would exceed REQUEST_TABLE_BYTES."""
+        plans several); None when the table would exceed REQUEST_TABLE_BYTES. Groups that split every request
+        between them, once the whole batch's table is kept (`phase_counts` keeps it), count all but the largest:
+        its counts are the batch's less the others' (`_derived_group`)."""
         L, E = self.header.num_layers, self.header.num_experts
         groups = [np.asarray(g, dtype=np.int64) for g in groups]
         sizes = np.array([g.size for g in groups], dtype=np.int64)
@@ -206,21 +208,52 @@ class RoutingTrace:
         dtype = count_dtype(int(sizes.max(initial=0)) * self.header.top_k)  # a group's tokens at one step, top-k
         if S * G * L * E * dtype.itemsize > REQUEST_TABLE_BYTES:
             return None
+        derived, whole = self._derived_group(cache, groups, requests)
+        if derived < 0:
+            return self._keep_decode_table(cache, key, self._count_steps(groups, S, dtype).reshape(S, G, L, E))
+        others = [g for i, g in enumerate(groups) if i != derived]
+        counted = self._count_steps(others, S, dtype).reshape(S, G - 1, L, E)
+        out = np.empty((S, G, L, E), dtype=dtype)
+        out[:, [i for i in range(G) if i != derived]] = counted
+        out[:, derived] = whole[:, 0].astype(np.int64) - counted.sum(axis=1, dtype=np.int64)
+        return self._keep_decode_table(cache, key, out)
+
+    def _derived_group(self, cache: dict, groups: list[np.ndarray], requests: np.ndarray
+                       ) -> tuple[int, np.ndarray | None]:
+        """(index of the largest group, the whole batch's kept table) when the groups, two or more, hold every
+        request once and that table is kept: the largest group's counts are then the batch's less the others'.
+        (-1, None) otherwise."""
+        R = self.num_requests
+        if len(groups) < 2 or requests.size != R:
+            return -1, None
+        every = np.arange(R, dtype=np.int64)
+        whole = cache.get(((R,), every.tobytes()))
+        if whole is None or not np.array_equal(np.sort(requests), every):
+            return -1, None
+        return int(np.argmax([g.size for g in groups])), whole
+
+    def _count_steps(self, groups: list[np.ndarray], S: int, dtype: np.dtype) -> np.ndarray:
+        """The counts of `decode_step_counts` for `groups` over S steps, as [S * G, L, E] in `dtype` (a group whose
+        requests stop earlier leaves its later steps zero)."""
+        L, E = self.header.num_layers, self.header.num_experts
+        G = len(groups)
+        sizes = np.array([g.size for g in groups], dtype=np.int64)
+        requests = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+        steps = self.gen_lens[requests].astype(np.int64) - 1
         n = int(steps.sum())
+        out = np.zeros((S * G, L, E), dtype=dtype)
         if jit.worth_it(n * L * self.header.top_k, jit.SAVED_NS_COUNT):  # one compiled pass (traces/count_kernels.py)
             from traces import count_kernels
 
-            out = np.zeros((S * G, L, E), dtype=dtype)
             count_kernels.decode_step_table(self.experts, self.decode_offsets[requests], steps,
                                             np.repeat(np.arange(G, dtype=np.int64), sizes), G, out)
-            return self._keep_decode_table(cache, key, out.reshape(S, G, L, E))
+            return out
         first = np.concatenate([[0], np.cumsum(steps)[:-1]]) if steps.size else steps
         local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
         rows = np.repeat(self.decode_offsets[requests], steps) + local
         slot = local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)  # its (step, group)
         order = np.argsort(slot, kind="stable")  # step-major: a chunk of rows covers a narrow band of slots
         rows, slot = rows[order], slot[order]
-        out = np.zeros((S * G, L, E), dtype=dtype)
         chunk, band_slots = 1 << 15, max(1, BAND_BYTES // (8 * E))
         start = 0
         while start < n:  # chunks bound the int64 temporaries: rows, and the band of slots they count into
@@ -231,7 +264,7 @@ class RoutingTrace:
                 band = out[lo:hi, layer, :]
                 np.add(band, counts, out=band, casting="unsafe")
             start = stop
-        return self._keep_decode_table(cache, key, out.reshape(S, G, L, E))
+        return out
 
     @staticmethod
     def _keep_decode_table(cache: dict, key: tuple, table: np.ndarray) -> np.ndarray:
