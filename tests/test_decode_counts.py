@@ -37,15 +37,19 @@ def test_one_pass_equals_step_by_step(trace, monkeypatch, band_bytes):
     [np.arange(0, 40), np.arange(3, 9), np.arange(40, 60)],  # overlapping: counted, not derived
     [np.arange(0, 59)],  # one group short of the batch: counted
 ])
-def test_groups_splitting_the_batch_derive_the_largest_from_the_whole(trace, groups, monkeypatch):
+@pytest.mark.parametrize("jit", ["off", "on"])  # numpy's count, numba's kernel (traces/count_kernels.py)
+def test_groups_splitting_the_batch_derive_the_largest_from_the_whole(trace, groups, jit, monkeypatch):
     """Once the whole batch's table is kept (`phase_counts`), groups holding every request once count all but
     the largest and take its counts as the batch's less the others': the same table as counting each group."""
+    if jit == "on":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("COXMOE_JIT", jit)
     calls = []
     count = fmt.RoutingTrace._count_steps
 
-    def counted(self, gs, S, dtype):
+    def counted(self, gs, slots, G, out):
         calls.append(sum(g.size for g in gs))
-        return count(self, gs, S, dtype)
+        return count(self, gs, slots, G, out)
 
     assert trace.phase_counts[1].sum() > 0  # keeps the whole batch's table
     monkeypatch.setattr(fmt.RoutingTrace, "_count_steps", counted)

@@ -208,15 +208,18 @@ class RoutingTrace:
         dtype = count_dtype(int(sizes.max(initial=0)) * self.header.top_k)  # a group's tokens at one step, top-k
         if S * G * L * E * dtype.itemsize > REQUEST_TABLE_BYTES:
             return None
+        out = np.zeros((S * G, L, E), dtype=dtype)
         derived, whole = self._derived_group(cache, groups, requests)
-        if derived < 0:
-            return self._keep_decode_table(cache, key, self._count_steps(groups, S, dtype).reshape(S, G, L, E))
-        others = [g for i, g in enumerate(groups) if i != derived]
-        counted = self._count_steps(others, S, dtype).reshape(S, G - 1, L, E)
-        out = np.empty((S, G, L, E), dtype=dtype)
-        out[:, [i for i in range(G) if i != derived]] = counted
-        out[:, derived] = whole[:, 0].astype(np.int64) - counted.sum(axis=1, dtype=np.int64)
-        return self._keep_decode_table(cache, key, out)
+        counted = [i for i in range(G) if i != derived]
+        self._count_steps([groups[i] for i in counted], counted, G, out)
+        table = out.reshape(S, G, L, E)
+        block = max(1, BAND_BYTES // 16 // (L * E * 8))  # steps at a time: a 1 MiB int64 temporary
+        for lo in range(0, S if derived >= 0 else 0, block):  # in place, beside the table
+            rest = whole[lo:lo + block, 0].astype(np.int64)
+            for i in counted:
+                rest -= table[lo:lo + block, i]
+            table[lo:lo + block, derived] = rest
+        return self._keep_decode_table(cache, key, table)
 
     def _derived_group(self, cache: dict, groups: list[np.ndarray], requests: np.ndarray
                        ) -> tuple[int, np.ndarray | None]:
@@ -232,26 +235,24 @@ class RoutingTrace:
             return -1, None
         return int(np.argmax([g.size for g in groups])), whole
 
-    def _count_steps(self, groups: list[np.ndarray], S: int, dtype: np.dtype) -> np.ndarray:
-        """The counts of `decode_step_counts` for `groups` over S steps, as [S * G, L, E] in `dtype` (a group whose
-        requests stop earlier leaves its later steps zero)."""
+    def _count_steps(self, groups: list[np.ndarray], slots: list[int], G: int, out: np.ndarray) -> None:
+        """Add the decode rows of each of `groups` into `out` [S * G, L, E] as group `slots[k]` of the G: row
+        (t - 1) * G + slots[k] holds group k's counts at step t (`decode_step_counts`)."""
         L, E = self.header.num_layers, self.header.num_experts
-        G = len(groups)
         sizes = np.array([g.size for g in groups], dtype=np.int64)
         requests = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
         steps = self.gen_lens[requests].astype(np.int64) - 1
+        slot_of = np.repeat(np.asarray(slots, dtype=np.int64), sizes)  # each request's group slot
         n = int(steps.sum())
-        out = np.zeros((S * G, L, E), dtype=dtype)
         if jit.worth_it(n * L * self.header.top_k, jit.SAVED_NS_COUNT):  # one compiled pass (traces/count_kernels.py)
             from traces import count_kernels
 
-            count_kernels.decode_step_table(self.experts, self.decode_offsets[requests], steps,
-                                            np.repeat(np.arange(G, dtype=np.int64), sizes), G, out)
-            return out
+            count_kernels.decode_step_table(self.experts, self.decode_offsets[requests], steps, slot_of, G, out)
+            return
         first = np.concatenate([[0], np.cumsum(steps)[:-1]]) if steps.size else steps
         local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
         rows = np.repeat(self.decode_offsets[requests], steps) + local
-        slot = local * G + np.repeat(np.repeat(np.arange(G, dtype=np.int64), sizes), steps)  # its (step, group)
+        slot = local * G + np.repeat(slot_of, steps)  # its (step, group)
         order = np.argsort(slot, kind="stable")  # step-major: a chunk of rows covers a narrow band of slots
         rows, slot = rows[order], slot[order]
         chunk, band_slots = 1 << 15, max(1, BAND_BYTES // (8 * E))
@@ -264,7 +265,6 @@ class RoutingTrace:
                 band = out[lo:hi, layer, :]
                 np.add(band, counts, out=band, casting="unsafe")
             start = stop
-        return out
 
     @staticmethod
     def _keep_decode_table(cache: dict, key: tuple, table: np.ndarray) -> np.ndarray:
