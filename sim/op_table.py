@@ -274,6 +274,14 @@ class MemberStore:
         """The stored members as an [D, 4] int64 table (None unless each is four integers within int64)."""
         return member_table_of(self.members)
 
+    def objects(self) -> np.ndarray:
+        """The stored members themselves, [D] of objects: the table of a plan handed over as ops because one of
+        them holds what no int64 table can (`OpTable.to_ops` gives each back as it was)."""
+        out = np.empty(len(self.members), object)
+        for k, member in enumerate(self.members):
+            out[k] = member
+        return out
+
 
 def member_table_of(members: list) -> np.ndarray | None:
     """Distinct members as an [D, 4] int64 table, or None unless each is four integers within int64."""

@@ -626,26 +626,29 @@ class PlanBuilder:
                 parts.append((first, chunk))
                 read.append(chunk)  # its own columns are the replay's; those it shares stay its template's
                 at = first + len(chunk)
-        self._name_members([part for _, part in parts])
+        members = self.members.table()
+        if members is None:  # a member an emitter made holds what no column can: Plan.check names its op
+            return self._as_ops(parts)
+        self._name_members([part for _, part in parts], members)
         self.chunks, self.settled = [], []
         if not parts:
             return OpTable.from_ops([])
         return OpTable.concat([part for _, part in parts], consume=read)
 
-    def _name_members(self, parts: list[OpTable]) -> None:
+    def _name_members(self, parts: list[OpTable], members: np.ndarray) -> None:
         """Give the parts that name members by their ids in the builder's store (all but a copied prefix, which
         has its own table) the store's table, once every part is made."""
-        members = self.members.table()
-        if members is None:
-            raise ValueError("a plan's stored members hold values no plan can (a policy's bug)")
         for part in parts:
             if part is not self.prefix:
                 part.member_table = members
 
     def _as_ops(self, parts: list[tuple[int, OpTable]]) -> list[Op]:
-        """Every op as an `Op`: those read into columns so far (`parts`) and the replayed chunks made back."""
+        """Every op as an `Op`: those read into columns so far (`parts`) and the replayed chunks made back (their
+        members the stored objects themselves where one holds what no int64 table can)."""
         ops = self.ops
-        self._name_members([part for _, part in [*parts, *self.chunks]])
+        members = self.members.table()
+        self._name_members([part for _, part in [*parts, *self.chunks]],
+                           self.members.objects() if members is None else members)
         for first, part in [*parts, *self.chunks]:
             ops[first:first + len(part)] = part.to_ops(first)
         self.chunks, self.settled = [], []

@@ -235,6 +235,29 @@ def test_a_step_a_replay_declines_is_emitted_as_ops_between_replayed_ones(monkey
     assert plan.ops == replayed.ops
 
 
+@pytest.mark.parametrize("policy", ["coxmoe", "moe-lightning", "fiddler"])
+def test_a_member_past_int64_is_named_by_the_check(policy, monkeypatch):
+    """Expert FLOPs past int64 from 41 tokens on: the members an emitter stored hold what no table can, so the plan
+    is handed over as ops (its replayed steps made back, their members the stored objects) and the check names an
+    op (or a search's run of the plan does, by the same words), whether the policy replays (CoX-MoE) or settles its
+    ops as it goes (MoE-Lightning, Fiddler): not a failure inside the build."""
+    import sim.cost.work as work
+
+    original = work.OpWork.expert
+
+    def expert(self, tokens):
+        cost = original(self, tokens)
+        return cost._replace(flops=cost.flops + (1 << 63)) if tokens > 40 else cost
+
+    monkeypatch.setattr(work.OpWork, "expert", expert)
+    fixed = {"decode_micro_batch": "32", "prefill_micro_batch": "8", "resident_experts": "2",
+             "prefill_placement": "ggg", "decode_placement": "gcg", "split": "auto"} if policy == "coxmoe" else {}
+    with pytest.raises(SimInputError, match=r"^plan op \d+: (flops must be an integer within int64|grouped expert)"):
+        plan = make_policy(policy, fixed).build(context("mixtral-8x7b"))  # a search's engine runs refuse it too
+        assert plan.columns is None
+        plan.check()
+
+
 def test_a_number_past_int64_after_replayed_steps_is_named_by_the_check(monkeypatch):
     """Attention FLOPs past int64 from a late step on: that step's replay declines, its ops are emitted, and the plan
     (then held as ops, its replayed steps made back into ops) is refused by the check naming an op, not by a failure

@@ -346,6 +346,22 @@ def test_expert_work_past_int64_makes_a_replay_decline():
     assert index.member_ids(np.array([1, 3], np.int64), np.array([5, 1], np.int64)).tolist() == [1, 3]
 
 
+def test_member_tables_grow_to_their_bound_and_no_further(monkeypatch):
+    """`MemberIndex` tables double as token counts grow, up to MAX_ENTRIES // experts tokens: a count within the
+    bound is held even where doubling would pass it; one past it answers None (the replay declines)."""
+    monkeypatch.setattr(step_replay_module.MemberIndex, "MAX_ENTRIES", 100)
+    builder = SimpleNamespace(members=MemberStore())
+    index = step_replay_module.MemberIndex(lambda t: (t, t, 0), lambda e, t: ((e[0], t[0], t[0], t[0]),), builder, 4)
+    assert index.max_tokens == 25
+    for top in (16, 20, 25):
+        tokens = np.array([top - 1], np.int64)
+        assert index.work(tokens)[0].tolist() == [top - 1]
+        assert index.member_ids(np.array([3], np.int64), tokens) is not None
+    assert index.known.size == 25 and index.ids.shape == (4, 25)
+    assert index.work(np.array([25], np.int64)) is None
+    assert index.member_ids(np.array([0], np.int64), np.array([25], np.int64)) is None
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 1 << 40), max_size=4), min_size=1, max_size=8))
 def test_segment_sums_match_python_sums(segments):

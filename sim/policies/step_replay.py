@@ -208,7 +208,8 @@ class MemberIndex:
     (`members_of`: its one stored tuple) the first time any step meets it, and stored in the order replays meet
     them, as looking each up in turn stored them."""
 
-    MAX_ENTRIES = 1 << 24  # (expert, tokens) ids held (64 MB); a step past it is emitted, not replayed
+    MAX_ENTRIES = 1 << 24  # (expert, tokens) ids held (64 MB), and at most this many tokens over the experts in the
+    # work tables: a step with an expert's tokens past MAX_ENTRIES // experts is emitted, not replayed
 
     def __init__(self, expert_work: Callable[[int], Sequence[int]],
                  members_of: Callable[[Sequence[int], list[int]], tuple[Member, ...]], builder: PlanBuilder,
@@ -218,12 +219,23 @@ class MemberIndex:
         self.bytes = np.zeros(0, np.int64)
         self.known = np.zeros(0, bool)
         self.ids = np.full((max(num_experts, 1), 0), -1, np.int32)  # (expert, tokens) -> member id, -1: none yet
+        self.max_tokens = self.MAX_ENTRIES // max(num_experts, 1)  # the tables' bound, in tokens
 
-    def work(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """FLOPs and bytes of an expert op of each of `tokens` (OverflowError when one does not fit int64)."""
+    def _grown(self, top: int, size: int) -> int:
+        """The size a table indexed by tokens grows to, to hold index `top - 1`: doubled, within the bound (0: the
+        bound refuses it)."""
+        if top > self.max_tokens:
+            return 0
+        return min(max(top, 2 * size), self.max_tokens)
+
+    def work(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """FLOPs and bytes of an expert op of each of `tokens` (OverflowError when one does not fit int64); None
+        past the tables' bound."""
         top = int(tokens.max(initial=-1)) + 1
         if top > self.known.size:
-            size = max(top, 2 * self.known.size)
+            size = self._grown(top, self.known.size)
+            if not size:
+                return None
             self.flops, self.bytes, self.known = (np.concatenate([a, np.zeros(size - a.size, a.dtype)])
                                                   for a in (self.flops, self.bytes, self.known))
         missing = tokens[~self.known[tokens]]
@@ -238,8 +250,8 @@ class MemberIndex:
         table would pass MAX_ENTRIES."""
         top = int(tokens.max(initial=-1)) + 1
         if top > self.ids.shape[1]:
-            size = max(top, 2 * self.ids.shape[1])
-            if size * self.ids.shape[0] > self.MAX_ENTRIES:
+            size = self._grown(top, self.ids.shape[1])
+            if not size:
                 return None
             grown = np.full((self.ids.shape[0], size), -1, np.int32)
             grown[:, :self.ids.shape[1]] = self.ids
@@ -312,7 +324,8 @@ class _Vectors:
 
 
 def _fits(values: np.ndarray, widest: int) -> None:
-    """OverflowError when a sum of up to `widest` of `values` could pass int64 (a column would not hold it)."""
+    """OverflowError when a sum of up to `widest` of `values` could pass int64 (a column would not hold it): a bound,
+    so a step whose sums would all fit may decline too; emission then makes the same ops."""
     if values.size and int(values.max()) * max(widest, 1) >= 1 << 63:
         raise OverflowError("a replayed op's work does not fit int64")
 
@@ -322,7 +335,7 @@ def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork, index: 
     work and members (ids in the builder's store, whose table `PlanBuilder.result` gives the columns), routed
     copies' tokens and bytes), gathered from the step's loads with the template's index arrays (`_Vectors`); the
     columns no replay changes are shared with the template. OverflowError when a number does not fit int64; None
-    when the member table would grow past its bound (the step is then emitted)."""
+    when a member table would grow past its bound (the step is then emitted)."""
     tab = t.table
     mbs = tuple([s.mb for s in slices])
     vec = t.vectors
@@ -345,7 +358,10 @@ def _recomputed(t: StepTemplate, slices: list[BatchSlice], work: OpWork, index: 
     member_ids = np.zeros(0, np.int64)
     if vec.exp_pos.size:
         tokens = loads[vec.ent]
-        flops, nbytes = index.work(tokens)
+        work_of = index.work(tokens)
+        if work_of is None:
+            return None
+        flops, nbytes = work_of
         _fits(flops, vec.widest)
         _fits(nbytes, vec.widest)
         tokens_col[vec.exp_pos] = _segment_sums(tokens, vec.exp_start)
