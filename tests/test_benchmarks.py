@@ -194,3 +194,18 @@ def test_design_space_warms_numbas_kernels_for_the_signatures_its_cases_use(monk
     monkeypatch.setattr(bench, "WARM_JIT", "raise SystemExit(3)")
     with pytest.raises(subprocess.CalledProcessError):
         bench.warm_jit()
+
+
+def test_design_space_repeats_judge_the_fastest_run_and_list_every_one(monkeypatch, capsys):
+    """--repeats N: each case runs N times (fresh processes); the fastest is judged against its target, each
+    wall time is printed, and the peak memory reported is the largest of the runs."""
+    bench = _load("design_space_speed")
+    walls, peaks = iter([1.4, 0.9, 1.2]), iter([0.2, 0.1, 0.3])
+    monkeypatch.setattr(bench, "warm_jit", lambda: 0.1)
+    monkeypatch.setattr(bench, "run_case", lambda name, breakdown: {"wall_s": next(walls), "peak_rss_gb": next(peaks),
+                                                                    "throughput_tok_s": 1.0})
+    monkeypatch.setattr(sys, "argv", ["design_space_speed.py", "--cases", "standard", "--repeats", "3"])
+    bench.main()
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("standard") and "0.90 s meets < 1" in line and "peak RSS 0.30 GB" in line
+    assert line.endswith("runs: 1.40, 0.90, 1.20 s")
