@@ -209,3 +209,25 @@ def test_design_space_repeats_judge_the_fastest_run_and_list_every_one(monkeypat
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("standard") and "0.90 s meets < 1" in line and "peak RSS 0.30 GB" in line
     assert line.endswith("runs: 1.40, 0.90, 1.20 s")
+
+
+def test_decode_sample_grid_compares_every_point_with_its_full_decode(tmp_path, capsys, monkeypatch):
+    """`decode_sample_error.py --grid`: a sampling sweep spec runs as given and with every decode step, and each
+    point's throughput error is printed with the worst and the verdict against issue 13's 0.5%; a spec that
+    samples no decode steps is refused."""
+    bench = _load("decode_sample_error")
+    spec = tmp_path / "grid.yaml"
+    spec.write_text("fixed: {model: mixtral-8x7b, system: a100-80g-8452y, batch: 8, prompt_len: 16, gen_len: 4, "
+                    "decode_sample: 2}\naxes:\n  policy: [coxmoe, flexgen]\n")
+    monkeypatch.setattr(sys, "argv", ["decode_sample_error.py", "--grid", str(spec), "--workers", "1", "--keep",
+                                      str(tmp_path / "runs")])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "2 points compared (decode sample 2" in out
+    assert "largest |error|" in out and ("meets issue 13's bound" in out or "misses issue 13's bound" in out)
+    full = bench.throughputs(tmp_path / "runs" / "full")
+    sampled = bench.throughputs(tmp_path / "runs" / "sampled")
+    assert full.keys() == sampled.keys() and len(full) == 2
+    with pytest.raises(SystemExit, match="every decode step already"):
+        spec.write_text("fixed: {model: mixtral-8x7b, batch: 8}\naxes:\n  policy: [coxmoe]\n")
+        bench.grid(spec, 1, None)
