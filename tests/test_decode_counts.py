@@ -16,9 +16,11 @@ def trace():
     return generate_trace(SynthConfig("m", 3, 8, 2, "zipf:1.0", 0.2, 0), prompts, gens)
 
 
-@pytest.mark.parametrize("band_bytes", [16 << 20, 1])  # one band; a band of one (step, group) slot per call
-def test_one_pass_equals_step_by_step(trace, monkeypatch, band_bytes):
+# in place (the table's bins in cache); one band; a band of one (step, group) slot per call
+@pytest.mark.parametrize(("band_bytes", "small_bins"), [(16 << 20, 1 << 17), (16 << 20, 0), (1, 0)])
+def test_one_pass_equals_step_by_step(trace, monkeypatch, band_bytes, small_bins):
     monkeypatch.setattr(fmt, "BAND_BYTES", band_bytes)
+    monkeypatch.setattr(fmt, "SMALL_TABLE_BINS", small_bins)
     groups = [np.arange(0, 25), np.arange(25, 26), np.arange(40, 60), np.arange(26, 40)]  # any order, any size
     table = trace.decode_step_counts(groups)
     assert table.shape == (int(trace.gen_lens.max()) - 1, 4, 3, 8)
@@ -37,13 +39,14 @@ def test_one_pass_equals_step_by_step(trace, monkeypatch, band_bytes):
     [np.arange(0, 40), np.arange(3, 9), np.arange(40, 60)],  # overlapping: counted, not derived
     [np.arange(0, 59)],  # one group short of the batch: counted
 ])
-@pytest.mark.parametrize("jit", ["off", "on"])  # numpy's count, numba's kernel (traces/count_kernels.py)
+@pytest.mark.parametrize("jit", ["off", "in-place", "on"])  # numpy's bands, numpy in place, numba's kernel
 def test_groups_splitting_the_batch_derive_the_largest_from_the_whole(trace, groups, jit, monkeypatch):
     """Once the whole batch's table is kept (`phase_counts`), groups holding every request once count all but
     the largest and take its counts as the batch's less the others': the same table as counting each group."""
     if jit == "on":
         pytest.importorskip("numba")
-    monkeypatch.setenv("COXMOE_JIT", jit)
+    monkeypatch.setenv("COXMOE_JIT", "off" if jit == "in-place" else jit)
+    monkeypatch.setattr(fmt, "SMALL_TABLE_BINS", 1 << 17 if jit == "in-place" else 0)
     calls = []
     count = fmt.RoutingTrace._count_steps
 

@@ -59,6 +59,7 @@ class TraceHeader:
 
 REQUEST_TABLE_BYTES = 64 << 20  # per-request prefill counts (RoutingTrace.prefill_counts) are kept up to this
 BAND_BYTES = 16 << 20  # a decode table's layer is counted in bands of (step, group) slots of this many int64 bytes
+SMALL_TABLE_BINS = 1 << 17  # a decode table of at most this many entries (1 MiB of int64 bins) is counted in place
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +238,8 @@ class RoutingTrace:
 
     def _count_steps(self, groups: list[np.ndarray], slots: list[int], G: int, out: np.ndarray) -> None:
         """Add the decode rows of each of `groups` into `out` [S * G, L, E] as group `slots[k]` of the G: row
-        (t - 1) * G + slots[k] holds group k's counts at step t (`decode_step_counts`)."""
+        (t - 1) * G + slots[k] holds group k's counts at step t (`decode_step_counts`). Numba's kernel where it
+        pays; else numpy, in place for a small table (`_count_in_place`), in bands of slots for a larger one."""
         L, E = self.header.num_layers, self.header.num_experts
         sizes = np.array([g.size for g in groups], dtype=np.int64)
         requests = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
@@ -253,6 +255,9 @@ class RoutingTrace:
         local = np.arange(n, dtype=np.int64) - np.repeat(first, steps)  # 0-based step of each decode row
         rows = np.repeat(self.decode_offsets[requests], steps) + local
         slot = local * G + np.repeat(slot_of, steps)  # its (step, group)
+        if out.size <= SMALL_TABLE_BINS:  # the whole table's bins stay in cache: count the rows as they lie
+            self._count_in_place(rows, slot, out)
+            return
         order = np.argsort(slot, kind="stable")  # step-major: a chunk of rows covers a narrow band of slots
         rows, slot = rows[order], slot[order]
         chunk, band_slots = 1 << 15, max(1, BAND_BYTES // (8 * E))
@@ -265,6 +270,25 @@ class RoutingTrace:
                 band = out[lo:hi, layer, :]
                 np.add(band, counts, out=band, casting="unsafe")
             start = stop
+
+    def _count_in_place(self, rows: np.ndarray, slot: np.ndarray, out: np.ndarray) -> None:
+        """Add decode rows into `out` [slots, L, E] (a table small enough that its int64 bins stay in cache) in
+        their own order, a chunk at a time: one key per id (slot, layer, expert) and one bincount over the whole
+        table, with no sort and, where the rows run consecutively, no gather (Mixtral-8x7B's batch of 1,024 over
+        255 steps: 0.106 -> 0.079 s against the bands of `_count_steps`)."""
+        L, E = self.header.num_layers, self.header.num_experts
+        layer_base = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        total = np.zeros(out.size, dtype=np.int64)
+        chunk = 1 << 14
+        buffer = np.empty((min(chunk, rows.size), L, self.header.top_k), dtype=np.int64)  # one key buffer, reused
+        for start in range(0, rows.size, chunk):
+            r = rows[start:start + chunk]
+            keys = buffer[:r.size]
+            ids = self.experts[int(r[0]):int(r[-1]) + 1] if bool((np.diff(r) == 1).all()) else self.experts[r]
+            np.add(ids, layer_base, out=keys)
+            keys += (slot[start:start + chunk] * (L * E))[:, None, None]
+            total += np.bincount(keys.ravel(), minlength=out.size)
+        np.add(out, total.reshape(out.shape), out=out, casting="unsafe")
 
     @staticmethod
     def _keep_decode_table(cache: dict, key: tuple, table: np.ndarray) -> np.ndarray:
