@@ -601,8 +601,8 @@ class PlanBuilder:
         """The ops built, as columns for `Plan`: replayed steps' chunks, and the ops emitted one by one read into
         columns a slice at a time, each slice's `Op`s let go once read and its columns once concatenated (a plan of
         millions of emitted ops never holds them and their columns at once: MoE-Lightning's 2.4 M, 0.8 GB). The
-        list of `Op`s when an emitted op holds what no column can (a number past int64 that a replay declined):
-        `Plan.check` then names it."""
+        list of `Op`s when an emitted op, or a member an emitter made, holds what no column can (a number past int64
+        that a replay declined): `Plan.check` then names it."""
         from sim.op_table import OpTable
 
         ops = self.ops

@@ -167,10 +167,11 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
         weights += m.num_layers * up
     if "g" in (pre[2], dec[2]):
         weights += m.num_layers * m.o_proj_params
+    per_resident, per_buffer = gpu_static_slopes(m)
     static = {
         "non_expert_weights": weights * bpp,
-        "resident_experts": resident * gpu_static_slopes(m)[0],
-        "expert_fetch_buffers": widest * gpu_static_slopes(m)[1],
+        "resident_experts": resident * per_resident,
+        "expert_fetch_buffers": widest * per_buffer,
         "hidden_states": 2 * expert_tokens * m.hidden_size * bpp,
         "workspace": activation_workspace_bytes(ctx, max(mb_tokens, 1)),
     }

@@ -278,8 +278,9 @@ def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Vectors:
-    """A template's expert ops and routed copies as index arrays into a step's loads (`_loads`), made on its first
-    replay for the micro-batches `mbs` of its slices, in order."""
+    """A template's attention ops, expert ops and routed copies as index arrays into a step's loads ([slices + 1,
+    MoE layers, experts]: each slice's counts, then their sum), made on its first replay for the micro-batches `mbs`
+    of its slices, in order."""
 
     mbs: tuple[int, ...]
     att_pos: np.ndarray  # attention ops' positions, and each one's micro-batch as a row of the step's slices
