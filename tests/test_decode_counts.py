@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import traces.format as fmt
 from traces import SynthConfig, generate_trace
@@ -116,3 +118,32 @@ def test_synthesis_and_decode_tables_keep_narrow_counts():
     table = counted.decode_step_counts(groups)
     assert fmt.count_dtype(40 * 8) == np.uint16 and table.dtype == np.uint8
     np.testing.assert_array_equal(table, full.decode_step_counts(groups))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.integers(0, 2**32 - 1), st.integers(1, 5), st.booleans(),
+       st.sampled_from([(16 << 20, 1 << 17), (16 << 20, 0), (1, 0), (5000, 0)]))
+def test_any_split_of_any_batch_counts_as_step_by_step(requests, seed, parts, empty, paths):
+    """Random batches (lengths that finish at different steps), split at random into groups in any order (an empty
+    group too), after the whole batch's table is kept (so a split derives its largest group): every path (in
+    place, one band, bands of one or a few slots) gives each group's counts at each step."""
+    band_bytes, small_bins = paths
+    saved = fmt.BAND_BYTES, fmt.SMALL_TABLE_BINS
+    fmt.BAND_BYTES, fmt.SMALL_TABLE_BINS = band_bytes, small_bins
+    try:
+        rng = np.random.default_rng(seed)
+        trace = generate_trace(SynthConfig("m", 2, 6, 2, "zipf:1.0", 0.2, 0), rng.integers(1, 20, requests),
+                               rng.integers(1, 12, requests))
+        assert trace.phase_counts[1].sum() >= 0  # keeps the whole batch's table
+        groups = np.split(rng.permutation(requests), np.sort(rng.integers(0, requests + 1, parts - 1)))
+        if empty:
+            groups.append(np.zeros(0, np.int64))
+        rng.shuffle(groups)
+        table = trace.decode_step_counts(groups)
+        assert table.shape[:2] == (int(trace.gen_lens.max()) - 1, len(groups))
+        for step in range(1, table.shape[0] + 1):
+            for g, members in enumerate(groups):
+                np.testing.assert_array_equal(table[step - 1, g],
+                                              trace.expert_counts(trace.decode_rows(step, members)))
+    finally:
+        fmt.BAND_BYTES, fmt.SMALL_TABLE_BINS = saved
