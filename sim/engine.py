@@ -9,7 +9,9 @@ the DMA of both PCIe directions all draw from (a copy reads or writes host memor
 running op uses some share of its resources when alone, as the cost model reports; while several ops run in one
 group (GPU, or host) they progress at rates that share the resources fairly (dominant resource fairness), so
 two ops that both need a whole resource each take longer, and no resource ever does more work than its
-capacity. A rate change re-times the affected ops (an urgent event wakes each, as an interrupt would). An op in a
+capacity. A rate change re-times the affected ops: one that now ends earlier than it would wake sleeps anew, on a
+timeout made when the change is settled (one per op, however often the change re-timed it); one that ends later
+wakes when it would have ended and sleeps again. An op in a
 group that only one stream uses takes the fast path: one timeout, no bookkeeping; and consecutive such ops whose
 ends in between nobody observes (no op of another stream depends on them, none frees memory, none after the
 first allocates, each one's dependencies have ended when the run starts) share one timeout: every op starts
@@ -263,10 +265,7 @@ class _Job:
             d, self.usage = tail.pop()
             end += d
         self.remaining, self.t_last = float(end - now), now
-        if end != self.finish:
-            self.finish = end
-            self.wake = now  # its process sleeps until the lumped finish: woken now, it sleeps until `finish`
-            self.interrupt()
+        self.finish = end  # its process sleeps until the lumped finish: re-timed where that is later (`admit`)
 
 
 def _job_op(job: _Job) -> int:
@@ -279,11 +278,14 @@ class _GroupShare:
     While no resource is oversubscribed every job runs at full speed, so an arrival that keeps it that way, and
     any departure, changes nothing: those skip the bookkeeping (a job at full speed needs no progress update)."""
 
-    __slots__ = ("jobs", "saturated", "demand", "_rates", "lump")
+    __slots__ = ("jobs", "saturated", "demand", "_rates", "lump", "moved")
 
     def __init__(self, lump: bool = True) -> None:
         self.lump = lump  # a grouped op entering alone runs its members under one timeout (False: the reference)
         self.jobs: list[_Job] = []
+        # jobs whose finish moved earlier than their wake-up during this admit or release: re-timed at its end,
+        # once each, at their final finish (no event of their own, as an interrupt's would be)
+        self.moved: list[_Job] = []
         self.saturated = False  # some running job is slowed down
         self.demand: list[float] = []  # per resource, the running jobs' usages summed (reset when idle)
         # fair rates per mix of usages, and whether any is slowed: plans repeat their mixes
@@ -302,8 +304,8 @@ class _GroupShare:
             finish = now + max(0, ceil(job.remaining / rate - _EPS))
             if finish != job.finish:
                 job.finish = finish
-                if finish < job.wake and job is not skip:  # earlier than its process wakes: wake it now
-                    job.interrupt()
+                if finish < job.wake and job is not skip:  # earlier than its process wakes: re-timed at the end
+                    self.moved.append(job)
 
     def _advance(self, now: int) -> None:
         for job in self.jobs:
@@ -311,10 +313,32 @@ class _GroupShare:
             job.t_last = now
 
     def admit(self, job: _Job, now: int) -> None:
+        """`job` starts at `now`; the jobs it slows or speeds up are re-timed."""
+        self._admit(job, now)
+        if self.moved:
+            self._wake_moved()
+
+    def release(self, job: _Job, now: int) -> None:
+        """`job` ends at `now`; the jobs that speed up are re-timed."""
+        self._release(job, now)
+        if self.moved:
+            self._wake_moved()
+
+    def _wake_moved(self) -> None:
+        """Each job whose finish ended up earlier than its process's wake-up sleeps until that finish instead."""
+        for job in self.moved:
+            if job.finish < job.wake:
+                job.interrupt()
+        self.moved.clear()
+
+    def _admit(self, job: _Job, now: int) -> None:
         jobs = self.jobs
         if jobs and jobs[0].lumped:  # a lumped job is alone: it becomes the member running now
-            jobs[0].unlump(now)
-            self.demand = list(jobs[0].usage)
+            first = jobs[0]
+            first.unlump(now)
+            if first.finish < first.wake:
+                self.moved.append(first)
+            self.demand = list(first.usage)
         jobs.append(job)
         if len(jobs) > 1 and jobs[-2].op > job.op:  # in op order (a few jobs at most)
             jobs.sort(key=_job_op)
@@ -332,14 +356,14 @@ class _GroupShare:
         # they have no work left, so counting them would slow the arrival for no time and re-time it when they
         # leave a moment later, the same instant (same starts and ends either way, two events fewer).
         for old in [j for j in jobs if j.finish <= now and j is not job]:
-            self.release(old, now)
+            self._release(old, now)
             old.left = True
         if len(jobs) == 1:
             return
         self._advance(now)
         self._retime(now, skip=job)
 
-    def release(self, job: _Job, now: int) -> None:
+    def _release(self, job: _Job, now: int) -> None:
         if job.left:  # already released when it ended, at the instant another job arrived
             return
         jobs = self.jobs
@@ -472,7 +496,7 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
     chainable = _chainable(table) if chain else bytearray(n)
 
     def fired(callback: Callable[[simpy.Event], None] | None, priority: int = NORMAL) -> None:
-        """Schedule an event that calls `callback` now: a stream's start, its interruption, its end."""
+        """Schedule an event that calls `callback` now: a stream's start or its end."""
         ev = Event(env)
         ev._ok, ev._value = True, None
         if callback is not None:
@@ -571,15 +595,18 @@ def run_plan(plan: Plan, cost: CostModel, check: bool = True, chain: bool = True
                 return
             finished()
 
-        def interrupted(_event: simpy.Event) -> None:
-            callbacks = None if target is None else target.callbacks
-            if callbacks is not None and sleep in callbacks:  # still sleeping on this job (not a stale wake-up)
-                callbacks.remove(sleep)
-                sleep()
-
         def interrupt() -> None:
-            """The job's finish moved earlier: wake it through an urgent event, as a SimPy interrupt would."""
-            fired(interrupted, URGENT)
+            """The job's finish moved earlier than its wake-up (`_GroupShare._wake_moved`): it sleeps until the new
+            finish instead (the timeout it slept on fires with no one to wake), without an event to wake it as a
+            SimPy interrupt would (one at this instant's end is a timeout of no delay)."""
+            nonlocal target
+            callbacks = None if target is None else target.callbacks
+            if callbacks is None or sleep not in callbacks:  # not sleeping on this job: it reads its finish anyway
+                return
+            callbacks.remove(sleep)
+            job.wake = job.finish
+            target = Timeout(env, max(0, job.finish - env.now))
+            target.callbacks.append(sleep)
 
         def finished(_event: simpy.Event | None = None) -> None:
             nonlocal k
