@@ -202,6 +202,27 @@ def test_distinct_rows_survive_a_hash_collision(monkeypatch):
     first, inverse = distinct_rows([a, b])
     rows = list(zip(a.tolist(), b.tolist(), strict=True))
     assert [rows[f] for f in first[inverse]] == rows and len(first) == len(set(rows))
+    made: list[str] = []
+
+    def maker(name: str, column: np.ndarray):  # a column made when read (price_table's gathered columns)
+        def make() -> np.ndarray:
+            made.append(name)
+            return column.copy()
+        return make
+
+    lazy_first, lazy_inverse = distinct_rows([maker("a", a), maker("b", b)])
+    assert lazy_first.tolist() == first.tolist() and lazy_inverse.tolist() == inverse.tolist()
+    assert made.count("a") >= 2 and made.count("b") >= 2  # hashed, compared and (a collision) stacked from new copies
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 2**40), st.integers(0, 255)), min_size=1, max_size=40))
+def test_distinct_rows_of_made_columns_equal_those_of_arrays(rows):
+    columns = [np.array(c, np.int64) for c in zip(*rows, strict=True)]
+    first, inverse = distinct_rows(columns)
+    lazy_first, lazy_inverse = distinct_rows([lambda c=c: c.copy() for c in columns])
+    assert lazy_first.tolist() == first.tolist() and lazy_inverse.tolist() == inverse.tolist()
+    assert [rows[f] for f in first[inverse]] == rows and len(first) == len(set(rows))
 
 
 @settings(max_examples=200, deadline=None)

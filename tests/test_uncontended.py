@@ -125,16 +125,24 @@ def test_contention_after_the_first_chunk_is_found(monkeypatch):
 
 
 def test_a_contended_plan_is_handed_over_after_its_first_chunk(monkeypatch):
-    """Contention among the first ops: the check stops after the first chunk, not after the whole plan."""
+    """Contention among the first ops: the check stops after the first chunk, not after the whole plan, and the
+    group's jobs were made for that chunk's ops only (a large contended plan never holds them all)."""
     monkeypatch.setattr(uncontended, "FIRST_CHUNK", 16)
     collected: list[int] = []
-    original = uncontended._GroupJobs.fit
+    jobs_of: list[int] = []
+    original, original_jobs = uncontended._GroupJobs.fit, uncontended._GroupJobs._jobs
 
     def fit(self, start, upto: int) -> bool:
         collected.append(upto)
         return original(self, start, upto)
 
+    def jobs(self, upto: int):
+        made = original_jobs(self, upto)
+        jobs_of.extend(made[0].tolist())
+        return made
+
     monkeypatch.setattr(uncontended._GroupJobs, "fit", fit)
+    monkeypatch.setattr(uncontended._GroupJobs, "_jobs", jobs)
     b = PlanBuilder()
     host_op(b, Stream.CPU, 3, 5)
     host_op(b, Stream.CPU_EXPERTS, 3, 5)
@@ -142,6 +150,7 @@ def test_a_contended_plan_is_handed_over_after_its_first_chunk(monkeypatch):
         host_op(b, Stream.D2H, 1, 2)
     listed, _ = both(plan_of(b))
     assert listed.engine == "simpy" and collected == [16]
+    assert sorted(jobs_of) == list(range(16))
 
 
 def test_a_pool_overflow_raises_the_engines_error():
