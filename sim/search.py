@@ -107,6 +107,7 @@ def _search_then_simulate(ctx: PlanContext, space: SearchSpace, simulate: Simula
             last_error = exc
             continue
         scored.append((total, probe.num_ops, cand))
+    probe = None  # the last candidate's plan goes before the chosen one is built (Qwen3 B=4096: 9 MB less held)
     if not scored:
         if last_error is None:
             raise CapacityError(f"GPU ({ctx.system.gpu.name}) for {policy}: no configuration fits", 0,

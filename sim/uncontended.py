@@ -160,7 +160,7 @@ def list_schedule(table: OpTable, prices: ColumnPrices, topo: Topology, shared_g
                   ) -> tuple[list[int], list[int], dict[str, int]] | None:
     """(start ns, end ns, peak bytes) of every op when no op ever slows another, or None when some op would (or a
     pool overflows): see the module docstring. `prices` are the ops' times (`sim.cost.columns`); `usage(op)` an op's
-    (own resource, memory) shares, asked once per distinct op.
+    (own resource, memory) shares, asked once per distinct op at each check (a few checks a plan).
 
     Ops are scheduled and checked in growing chunks of ids: the jobs of a prefix of ops are a subset of those
     running at any instant, so a resource they already oversubscribe is oversubscribed, and a contended plan
@@ -217,7 +217,7 @@ class _GroupJobs:
             self.position[code[name]] = k
         self.units = [topo.streams[name] for name in t.streams]
 
-    def _jobs(self, upto: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _jobs(self, upto: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(op of each job, offset from its op's start, time, stream, usage vector) of the ops below `upto`: plain
         ops first, then members."""
         t, prices, position = self.t, self.prices, self.position
