@@ -256,6 +256,8 @@ def test_yaml_merge_keys_still_override():
     ({"hiden_size": 4096}, "did you mean hidden_size?"),
     ({"qkv_bias": "yes"}, "qkv_bias: expected true or false, got 'yes'"),
     ({"num_layers": 2**70}, "num_layers must be at most 4,096"),
+    ({"weight_bits_per_param": 0.5}, "weight_bits_per_param must be 0 (unset) or in [1, 32] bits"),
+    ({"expert_bits_per_param": float("nan")}, "expert_bits_per_param: Input should be a finite number"),
 ])
 def test_bad_model_files(capsys, tmp_path, changes, message):
     fails_cleanly(capsys, ["simulate", "--model-file", _model_file(tmp_path, **changes), *SYS, *WL], message)

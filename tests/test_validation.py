@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -43,11 +44,13 @@ def test_points_load_with_unique_ids_and_sources():
             mu = p.knobs.get("gpu_batch_size", p.knobs.get("micro_batch"))
             n = p.knobs.get("num_gpu_batches", p.knobs.get("num_micro_batches"))
             assert mu * n == p.workload.batch, p.id
-    assert {p.system for p in complete} == {"gcp-t4-n1", "gcp-l4-g2", "gcp-t4-n1-208g"}
-    assert {p.model for p in complete} >= {"mixtral-8x7b", "opt-6.7b"}
+    assert {p.system for p in complete} == {"gcp-t4-n1", "gcp-l4-g2", "gcp-t4-n1-208g",
+                                            "systems/ktransformers-v02-1s-4090d.yaml"}
+    assert {p.model for p in complete} >= {"mixtral-8x7b", "opt-6.7b", "models/deepseek-v3-q4km.yaml"}
     assert any(p.train for p in complete) and any(not p.train for p in complete)
     # Learned factors are per implementation: FlexGen's Mixtral port and FlexLLMGen are different frameworks.
-    assert {p.runtime for p in complete} == {"flexgen-moe-port", "moe-lightning", "flexllmgen", "zero-inference"}
+    assert {p.runtime for p in complete} == {"flexgen-moe-port", "moe-lightning", "flexllmgen", "zero-inference",
+                                             "ktransformers"}
     # FlexLLMGen's declared training subset: the data-wrangling tasks other than entity matching, both models.
     flexllmgen = [p for p in complete if p.runtime == "flexllmgen"]
     assert {p.id for p in flexllmgen if p.train} == {f"flexllmgen-dw-opt-6.7b-{t}"
@@ -114,6 +117,21 @@ def test_moe_gen_points_run_its_release_configuration():
     experts = [op for op in plan.ops if op.kind is OpKind.EXPERT]
     assert {op.micro_batch for op in experts if op.phase is Phase.DECODE} == {-1}  # the whole batch
     assert len({op.micro_batch for op in experts if op.phase is Phase.PREFILL}) > 1  # one run per micro-batch
+
+
+def test_ktransformers_points_run_from_their_own_spec_files_anywhere(tmp_path, monkeypatch):
+    """KTransformers' DeepSeek-V3 runs name spec files beside the points folder; they resolve from any working
+    directory, and only the single-socket V0.2 runs (one socket, its DRAM, one GPU, batch 1, lengths known) are
+    complete. Every runnable point simulates without error."""
+    points = {p.id: p for p in load_points() if p.group == "ktransformers-dsv3"}
+    complete = {i for i, p in points.items() if p.status == "complete"}
+    assert complete == {f"kt-v02-1s-{e}e-{m}" for e in (6, 8) for m in ("prefill", "decode")}
+    assert all(p.runtime == "ktransformers" for i, p in points.items() if not i.startswith("kt-v02-llamacpp"))
+    monkeypatch.chdir(tmp_path)
+    for pid in ("kt-v02-1s-8e-decode", "kt-v021-6e-in7678-prefill", "kt-v03-6e-in2048-prefill"):
+        row = simulate_point(points[pid], "published")
+        assert row["error"] == "" and row["predicted"] > 0, (pid, row["error"])
+    assert "llama.cpp" in simulate_point(points["kt-v02-llamacpp-2s-8e-decode"], "published")["error"]
 
 
 def test_framework_defaults_to_the_policy():
@@ -795,6 +813,22 @@ def test_reproduce_validation_quick_subset(tmp_path, capsys):
     assert "CPU expert kernels" in out
     assert (tmp_path / "validation.png").read_bytes()[:4] == b"\x89PNG"
     assert Path(tmp_path / "validation.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_a_phase_rate_point_keeps_its_mechanisms_ratio_in_every_view(monkeypatch):
+    """Factors are fitted to whole runs' times: a complete point that measures one phase's rate (KTransformers'
+    decode rate) gets no fit case, no role and no learned ratio, and counts with its mechanisms-only ratio."""
+    from experiments.reproduce import ReproduceOptions
+    from experiments.reproduce import validation as V
+
+    monkeypatch.setattr(V, "QUICK_POINTS", ("mlh-moe-lightning-p-synth-s2", "kt-v02-1s-8e-decode"))
+    table, _ = V.run(ReproduceOptions(out=Path("unused"), quick=True))
+    kt = table[table["id"] == "kt-v02-1s-8e-decode"].iloc[0]
+    assert kt["role"] == "" and np.isnan(kt["learned_ratio"]) and kt["ratio"] > 0
+    views = V.summary(table)
+    assert views["mechanisms only, all complete points"]["points"] == 2
+    assert views["complete points outside the declared training subsets (learned factors where the runtime has "
+                 "them, else mechanisms only)"]["points"] == 1
 
 
 def test_a_search_rescores_with_the_cost_model_it_reports_in():

@@ -16,7 +16,7 @@ from experiments.reproduce.style import markers_for, palette, paper_style, save_
 from experiments.validation import cpu_ops, gpu_ops
 from experiments.validation.fit import FitCase, fit_factors, predicted_total_s
 from experiments.validation.phases import phase_finding, phase_fits
-from experiments.validation.run import DECODE_SAMPLE, measured_total_s, run_validation
+from experiments.validation.run import DECODE_SAMPLE, E2E_METRICS, measured_total_s, run_validation, spec_label
 from experiments.validation.schema import ValidationPoint, load_points
 from sim.cost.framework import FrameworkFactors
 from sim.plan import Plan
@@ -36,7 +36,7 @@ DISPLAY = ("id", "mode", "system", "policy", "framework", "status", "role", "mea
 def _case(point: ValidationPoint, plan: Plan) -> FitCase:
     cpu_attention = (point.runtime not in MEASURED_CPU_KERNELS
                      and str(point.knobs.get("cpu_attention", "")).lower() == "on")
-    return FitCase(point.id, point.system, point.runtime, plan, measured_total_s(point), cpu_attention)
+    return FitCase(point.id, spec_label(point.system), point.runtime, plan, measured_total_s(point), cpu_attention)
 
 
 class _Memo:
@@ -107,7 +107,10 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = run_validation(points, modes=("published",) if options.quick else ("published", "search"),
                            decode_sample=2 if options.quick else DECODE_SAMPLE, plans=plans)
     by_id = {p.id: p for p in points}
-    cases = [_case(by_id[i], plan) for i, plan in plans.items() if by_id[i].status == "complete"]
+    # Factors are fitted to whole runs' times: a point measuring one phase's rate (KTransformers' prefill and decode
+    # rates) has none, and keeps its mechanisms-only ratio in every view.
+    cases = [_case(by_id[i], plan) for i, plan in plans.items()
+             if by_id[i].status == "complete" and by_id[i].metric in E2E_METRICS]
     fits: list[dict] = []
     memo = _Memo()
     train = [c for c in cases if by_id[c.id].train]

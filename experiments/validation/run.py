@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from experiments.validation.schema import ValidationPoint
+from experiments.validation.schema import POINTS_DIR, ValidationPoint
 from sim.api import SimulationResult, simulate
 from sim.errors import SimInputError
 from sim.plan import Plan
+from sim.specs.catalog import is_spec_path
 from traces.errors import TraceError
 
 MODES = ("published", "search")
@@ -39,6 +41,19 @@ def metric_value(result: SimulationResult, metric: str) -> float:
     raise SimInputError(f"unknown metric {metric!r}")
 
 
+def spec_path(name: str) -> str:
+    """A preset name as it is; a relative spec file (`systems/...`, `models/...`) from the validation folder, so
+    points name their own machines and model variants whatever the working directory."""
+    if is_spec_path(name) and not Path(name).is_absolute():
+        return str(POINTS_DIR.parent / name)
+    return name
+
+
+def spec_label(name: str) -> str:
+    """How tables and plots name a preset (itself) or a spec file (its stem, as the simulator names the spec)."""
+    return Path(name).stem if is_spec_path(name) else name
+
+
 def _options(point: ValidationPoint, mode: str) -> dict[str, str]:
     knobs = point.knobs if mode == "published" else point.search_knobs
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in knobs.items()}
@@ -49,7 +64,8 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
     """One row: the point simulated in `mode`; a point that cannot run keeps its one-line reason. With `plans`,
     the published-knob plan is kept there under the point's id (for fitting framework factors)."""
     wl = point.workload
-    row = {"id": point.id, "group": point.group, "mode": mode, "system": point.system, "model": point.model,
+    row = {"id": point.id, "group": point.group, "mode": mode, "system": spec_label(point.system),
+           "model": spec_label(point.model),
            "policy": point.policy, "framework": point.runtime, "status": point.status, "train": point.train,
            "metric": point.metric,
            "measured": point.value, "batch": wl.batch, "prompt_len": wl.prompt_len, "gen_len": wl.gen_len,
@@ -59,8 +75,9 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
         return {**row, "predicted": np.nan, "error": point.missing}
     t0 = time.perf_counter()
     try:
-        r = simulate(point.model, point.system, point.policy, batch=wl.batch, prompt_len=wl.prompt_len,
-                     gen_len=wl.gen_len, policy_options=_options(point, mode), routing=point.routing,
+        r = simulate(spec_path(point.model), spec_path(point.system), point.policy, batch=wl.batch,
+                     prompt_len=wl.prompt_len, gen_len=wl.gen_len, policy_options=_options(point, mode),
+                     routing=point.routing,
                      decode_sample=decode_sample, keep_plan=plans is not None and mode == "published")
     except (SimInputError, TraceError) as exc:  # a routing the model cannot take is the point's error too
         return {**row, "predicted": np.nan, "error": str(exc)}

@@ -39,13 +39,16 @@ class OpWork:
             setattr(self, name, functools.cache(getattr(self, name)))
 
     def _gemm(self, params: int, tokens: int, width_in: int, width_out: int) -> Work:
-        return Work(2 * tokens * params, (params + tokens * (width_in + width_out)) * self.bpp)
+        """Weights as stored (`ModelSpec.weight_param_bytes`), activations in the model's dtype."""
+        acts = tokens * (width_in + width_out) * self.bpp
+        return Work(2 * tokens * params, self.m.weight_param_bytes(params) + acts)
 
     def embed(self, tokens: int) -> Work:
         """A row of the token table read and the hidden state written per token, plus a row of the learned position
         table read where the model has one (OPT)."""
-        rows = 3 if self.m.learned_position_embeddings else 2
-        return Work(0, rows * tokens * self.m.hidden_size * self.bpp)
+        tables = 2 if self.m.learned_position_embeddings else 1
+        return Work(0, self.m.weight_param_bytes(tables * tokens * self.m.hidden_size)
+                    + tokens * self.m.hidden_size * self.bpp)
 
     def qkv(self, tokens: int) -> Work:
         """OP0's projections; MLA's up-projection of the latent is attention's (`ModelSpec.attention_up_params`)."""
@@ -62,7 +65,7 @@ class OpWork:
         nbytes = kv_read * m.kv_bytes_per_token_layer + act
         gemm = absorb_flops(m, q_tokens, kv_read, prefill)
         if gemm:
-            nbytes += m.attention_up_params * self.bpp
+            nbytes += m.weight_param_bytes(m.attention_up_params)
         return Work(m.attention_flops(q_tokens, kv_attended, prefill) + gemm, nbytes, gemm)
 
     def o_proj(self, tokens: int) -> Work:

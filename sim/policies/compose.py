@@ -169,7 +169,7 @@ def gpu_static(ctx: PlanContext, pre: str, dec: str, mb_tokens: int, expert_toke
         weights += m.num_layers * m.o_proj_params
     per_resident, per_buffer = gpu_static_slopes(m)
     static = {
-        "non_expert_weights": weights * bpp,
+        "non_expert_weights": m.weight_param_bytes(weights),
         "resident_experts": resident * per_resident,
         "expert_fetch_buffers": widest * per_buffer,
         "hidden_states": 2 * expert_tokens * m.hidden_size * bpp,
@@ -206,7 +206,7 @@ def cpu_static(ctx: PlanContext, pre: str, dec: str, kv_cpu_tokens: int = 0, kv_
     if "c" in (pre[2], dec[2]):
         cpu_weights += m.num_layers * (m.o_proj_params + m.router_params)
     if cpu_weights:
-        static["non_expert_weights"] = cpu_weights * bpp
+        static["non_expert_weights"] = m.weight_param_bytes(cpu_weights)
     if dec[1] == "c" or kv_streamed:
         static["kv_cache"] = wl.kv_tokens_total * m.kv_bytes_per_token
     elif kv_cpu_tokens:

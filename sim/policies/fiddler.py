@@ -89,7 +89,7 @@ class FiddlerPolicy(Policy):
         decode_groups = split_by_count(requests, 0)
         max_tokens = max(max(int(wl.prompt_lens[g].sum()) for g in prefill_groups), wl.batch)
         kv = wl.kv_tokens_total * m.kv_bytes_per_token
-        base = {"non_expert_weights": m.non_expert_params * bpp,
+        base = {"non_expert_weights": m.non_expert_bytes,
                 "expert_fetch_pool": FETCH_SLOTS * m.expert_bytes,
                 "hidden_states": 2 * wl.prompt_tokens * m.hidden_size * bpp,
                 "workspace": activation_workspace_bytes(ctx, max_tokens)}

@@ -110,7 +110,7 @@ def hrm_memory(ctx: PlanContext, ubs: int, resident: int) -> tuple[int, int]:
     bls = wl.batch
     s = float(wl.prompt_lens.mean())
     kv_per_token_layer = m.kv_bytes_per_token / m.num_layers  # the LP's 4 h_kv: K and V in 16 bits
-    home = m.non_expert_params * bpp + wi * layers * wg
+    home = m.non_expert_bytes + wi * layers * wg
     home_decode = home + 2 * bpp * h * bls
     home_prefill = home + bpp * h * s * (2 * ubs + bls) + 2 * kv_per_token_layer * s * ubs
     inter = bpp * s * (ubs * m.top_k * h + ubs * m.top_k * 3 * m.expert_intermediate_size) * 1.2
@@ -207,7 +207,7 @@ class MoELightningPolicy(Policy):
         bpp = m.bytes_per_param
         resident = o.resident(m.num_experts)
         paged = m.num_experts - resident
-        gpu = {"non_expert_weights": m.non_expert_params * bpp,
+        gpu = {"non_expert_weights": m.non_expert_bytes,
                "resident_experts": resident * m.num_moe_layers * m.expert_bytes,
                "expert_page_buffers": 2 * paged * m.expert_bytes,
                "hidden_states": 2 * wl.batch * m.hidden_size * bpp,

@@ -51,7 +51,7 @@ class StreamExpertsPolicy(Policy):
         schedule = Schedule(prefill_groups, decode_groups, expert_batch=1)
         layer_expert_bytes = m.num_experts * m.expert_bytes
         gpu = {
-            "non_expert_weights": m.non_expert_params * m.bytes_per_param,
+            "non_expert_weights": m.non_expert_bytes,
             "expert_double_buffer": 2 * layer_expert_bytes,
             "hidden_states": wl.prompt_tokens * m.hidden_size * m.bytes_per_param,
             "workspace": activation_workspace_bytes(ctx, max_tokens),

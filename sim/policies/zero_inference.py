@@ -48,7 +48,7 @@ class ZeroInferencePolicy(Policy):
         m, wl, sysm = ctx.model, ctx.workload, ctx.system
         requests = np.arange(wl.batch)
         widest_layer = max((m.layer_bytes(layer) for layer in range(m.num_layers)), default=0)
-        gpu = {"layer_weights": widest_layer + max(m.embedding_params, m.lm_head_params) * m.bytes_per_param,
+        gpu = {"layer_weights": widest_layer + m.weight_param_bytes(max(m.embedding_params, m.lm_head_params)),
                "kv_cache": wl.kv_tokens_total * m.kv_bytes_per_token,
                "workspace": activation_workspace_bytes(ctx, max(wl.prompt_tokens, 1))}
         cpu = {"weights": m.weight_bytes}
@@ -67,8 +67,9 @@ class _Gather(LayerEmitter):
     """One step of the whole batch: every module's weights copied in right before it runs."""
 
     def gather(self, at: At, params: int, after: int, nbytes: int | None = None) -> int:
-        """Copy a module's weights in: `params` in the model's dtype, or `nbytes` given (experts' precision)."""
-        size = params * self.m.bytes_per_param if nbytes is None else nbytes
+        """Copy a module's weights in: `params` as stored (`ModelSpec.weight_param_bytes`), or `nbytes` given
+        (experts' precision)."""
+        size = self.m.weight_param_bytes(params) if nbytes is None else nbytes
         return self.xfer(H2D, at, size, Payload.EXPERT_WEIGHTS, (after,))
 
     previous = -1  # the last step's LM head: the next step's first gather waits for it, as every gather waits

@@ -8,6 +8,7 @@ model and the executor agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -23,6 +24,7 @@ ExpertPrecision = Literal["native", "int8", "int4"]
 EXPERT_PRECISIONS = ("native", "int8", "int4")
 INT4_GROUP_SIZE = 128
 SCALE_BYTES = 2
+MIN_STORAGE_BITS, MAX_STORAGE_BITS = 1.0, 32.0  # `*_bits_per_param`: from ternary-ish formats to fp32
 # Largest values a model may declare (about 100x today's largest models): beyond them a number is a typo, and
 # loops over layers or arrays sized by these counts would run away.
 MODEL_MAXIMA = {"num_layers": 4096, "hidden_size": 1 << 20, "vocab_size": 1 << 24, "num_attention_heads": 1 << 14,
@@ -75,6 +77,13 @@ class ModelSpec:
     learned_position_embeddings: int = 0
     bytes_per_param: int = 2
     expert_precision: ExpertPrecision = "native"
+    # Storage bits per weight, scales included (GGUF's bits-per-weight figure: Q4_K 4.5, Q6_K 6.5625, Q8_0 8.5),
+    # for files whose weights are quantised in a format the precisions above do not name. Non-expert weights
+    # (attention, shared experts, dense FFNs, routers, norms, embeddings, LM head): 0 keeps the model's dtype;
+    # routed experts: 0 keeps `expert_precision`'s layout (which still picks their CPU GEMM rate). Only bytes
+    # change: activations and the KV cache stay in the model's dtype, and compute is priced as before.
+    weight_bits_per_param: float = 0.0
+    expert_bits_per_param: float = 0.0
     published_total_params: int = 0
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -122,6 +131,11 @@ class ModelSpec:
         if self.expert_precision not in EXPERT_PRECISIONS:
             raise SimInputError(f"model {self.name}: expert_precision must be one of {', '.join(EXPERT_PRECISIONS)}, "
                                 f"got {self.expert_precision!r}")
+        for name in ("weight_bits_per_param", "expert_bits_per_param"):
+            bits = float(getattr(self, name))
+            if not (bits == 0 or MIN_STORAGE_BITS <= bits <= MAX_STORAGE_BITS):
+                raise SimInputError(f"model {self.name}: {name} must be 0 (unset) or in [{MIN_STORAGE_BITS:g}, "
+                                    f"{MAX_STORAGE_BITS:g}] bits, got {bits:g}")
 
     # ---- layer structure -------------------------------------------------------------------------------
     @property
@@ -265,8 +279,16 @@ class ModelSpec:
         return self.total_params - self.routed_expert_params
 
     # ---- bytes ---------------------------------------------------------------------------------------
+    def weight_param_bytes(self, params: int) -> int:
+        """Bytes of `params` non-expert weights as stored: `weight_bits_per_param` where set, else the dtype."""
+        if self.weight_bits_per_param:
+            return math.ceil(params * self.weight_bits_per_param / 8)
+        return params * self.bytes_per_param
+
     def _matrix_bytes(self, rows: int, cols: int) -> int:
         """One expert weight matrix (`rows` outputs x `cols` inputs) at the experts' precision, scales included."""
+        if self.expert_bits_per_param:
+            return math.ceil(rows * cols * self.expert_bits_per_param / 8)
         if self.expert_precision == "int8":
             return rows * cols + SCALE_BYTES * rows
         if self.expert_precision == "int4":
@@ -275,8 +297,9 @@ class ModelSpec:
 
     @property
     def expert_bytes(self) -> int:
-        """One routed expert's weights at `expert_precision` (biases stay in the model's dtype)."""
-        if self.expert_precision == "native":
+        """One routed expert's weights at `expert_precision` or `expert_bits_per_param` (biases stay in the model's
+        dtype)."""
+        if self.expert_precision == "native" and not self.expert_bits_per_param:
             return self.expert_params * self.bytes_per_param
         h, i = self.hidden_size, self.expert_intermediate_size
         matrices = (self.ffn_matrices - 1) * self._matrix_bytes(i, h) + self._matrix_bytes(h, i)
@@ -289,19 +312,19 @@ class ModelSpec:
 
     @property
     def non_expert_bytes(self) -> int:
-        return self.non_expert_params * self.bytes_per_param
+        return self.weight_param_bytes(self.non_expert_params)
 
     @property
     def weight_bytes(self) -> int:
-        """Every weight of the model: routed experts at their precision, the rest in the model's dtype."""
+        """Every weight of the model: routed experts at their precision, the rest as stored."""
         return self.non_expert_bytes + self.routed_expert_bytes
 
     def layer_bytes(self, layer: int) -> int:
         """One decoder layer's weights (a MoE layer's routed experts at their precision)."""
         if not self.is_moe_layer(layer):
-            return self.layer_params(layer) * self.bytes_per_param
+            return self.weight_param_bytes(self.layer_params(layer))
         other = self.layer_params(layer) - self.num_experts * self.expert_params
-        return other * self.bytes_per_param + self.num_experts * self.expert_bytes
+        return self.weight_param_bytes(other) + self.num_experts * self.expert_bytes
 
     @property
     def kv_values_per_token_layer(self) -> int:
