@@ -46,6 +46,7 @@ from executor.cpu_experts import describe as describe_cpu_experts
 from executor.speed_probe import mean_reading, speed_probe
 from executor.weights import LayerWeights, ModelWeights, first_layers, random_weights, truncated
 from sim.cost.profile import PROFILE_VERSION, QUANTIZED_EXPERT_KINDS, model_signature
+from sim.errors import SimInputError
 from sim.specs import ModelSpec
 from traces.files import write_atomic_text
 
@@ -190,6 +191,9 @@ def profile(spec: ModelSpec, out: str | Path, devices: tuple[str, ...] = ("cpu",
     timed round r of each device and thread count (on the measuring thread): a paired validation runs its plans
     there, so drift hits both alike. `weights`: the caller's weights of the model's first layers at least (a paired
     validation's), used on the CPU instead of drawing the profiled layers' again."""
+    if spec.stored_at_bits:  # refused before any folder is made
+        raise SimInputError(f"model {spec.name}: the executor has no kernels for weights stored at "
+                            "weight_bits_per_param / expert_bits_per_param, so it cannot profile them")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = torch.get_num_threads()

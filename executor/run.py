@@ -104,7 +104,7 @@ def _at_plan_precision(plan: Plan, weights: ModelWeights) -> ModelWeights:
     (`executor.cpu_experts`); quantised experts on a GPU stream have no kernels here and are refused before
     anything runs."""
     precision = plan.model.expert_precision
-    if plan.model.weight_bits_per_param or plan.model.expert_bits_per_param:
+    if plan.model.stored_at_bits:
         raise SimInputError("the executor has no kernels for weights stored at weight_bits_per_param / "
                             "expert_bits_per_param (a GGUF-style size); simulate the plan, or give the model a "
                             "precision the executor runs (expert_precision native, int8 or int4)")

@@ -123,6 +123,10 @@ def config_model(config: SimConfig) -> ModelSpec:
     native forces the model's dtype over a file that says int8)."""
     m = resolve_model(config.model)
     if config.expert_precision != "model":
+        if m.expert_bits_per_param:  # the file's stored size would win over the precision's layout: say so
+            raise SimInputError(f"model {m.name} sizes its experts with expert_bits_per_param "
+                                f"{m.expert_bits_per_param:g}; --expert-precision {config.expert_precision} would not "
+                                "change their bytes (leave it at model, or remove the field from the model file)")
         m = dataclasses.replace(m, expert_precision=config.expert_precision)
     return m
 

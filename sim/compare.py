@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sim.api import resolve_model, resolve_routing, resolve_system, simulate
 from sim.config import default_workers
-from sim.errors import CapacityError
+from sim.errors import CapacityError, UnsupportedModel
 from sim.policies import POLICIES
 from sim.specs import ModelSpec, SystemSpec
 from traces import RoutingTrace
@@ -74,7 +74,7 @@ def _run(model: ModelSpec, system: SystemSpec, policy: str, options: dict[str, s
     try:
         r = simulate(model, system, policy, policy_options=options, trace=trace, seed=seed,
                      decode_sample=decode_sample)
-    except CapacityError as exc:
+    except (CapacityError, UnsupportedModel) as exc:
         return {"policy": policy, "feasible": False, "error": str(exc)}
     return {**r.to_dict(), "feasible": True}
 

@@ -27,6 +27,11 @@ class RunTooLong(SimInputError):
     """A run whose length does not fit the engine's int64 nanosecond clock: some rate or efficiency is near zero."""
 
 
+class UnsupportedModel(SimInputError):
+    """A policy that has no form for the model as given (e.g. FlexGen and weights stored at a file's bits): a
+    comparison reports that policy as infeasible and runs the others."""
+
+
 class CapacityError(SimInputError):
     """A plan needs more memory than a device has."""
 

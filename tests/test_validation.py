@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from experiments.cli import main
 from experiments.validation.microbench import derive
-from experiments.validation.run import measured_total_s, metric_value, simulate_point
+from experiments.validation.run import measured_total_s, metric_value, simulate_point, spec_path
 from experiments.validation.schema import ValidationPoint, load_points, load_points_file
 from sim.api import simulate
 from sim.cost import RooflineCostModel
@@ -121,8 +121,9 @@ def test_moe_gen_points_run_its_release_configuration():
 
 def test_ktransformers_points_run_from_their_own_spec_files_anywhere(tmp_path, monkeypatch):
     """KTransformers' DeepSeek-V3 runs name spec files beside the points folder; they resolve from any working
-    directory, and only the single-socket V0.2 runs (one socket, its DRAM, one GPU, batch 1, lengths known) are
-    complete. Every runnable point simulates without error."""
+    directory, and only the single-socket V0.2 runs (one socket, its DRAM, one GPU, batch 1, the prompt known and
+    the unpublished output length immaterial to the rates) are complete. Every runnable point simulates without
+    error."""
     points = {p.id: p for p in load_points() if p.group == "ktransformers-dsv3"}
     complete = {i for i, p in points.items() if p.status == "complete"}
     assert complete == {f"kt-v02-1s-{e}e-{m}" for e in (6, 8) for m in ("prefill", "decode")}
@@ -132,6 +133,13 @@ def test_ktransformers_points_run_from_their_own_spec_files_anywhere(tmp_path, m
         row = simulate_point(points[pid], "published")
         assert row["error"] == "" and row["predicted"] > 0, (pid, row["error"])
     assert "llama.cpp" in simulate_point(points["kt-v02-llamacpp-2s-8e-decode"], "published")["error"]
+    # the unpublished output length does not move a complete decode point's rate (the basis of its status)
+    p = points["kt-v02-1s-8e-decode"]
+    rates = [metric_value(simulate(spec_path(p.model), spec_path(p.system), p.policy, batch=1, prompt_len=500,
+                                   gen_len=g, routing=p.routing, decode_sample=0,
+                                   policy_options={k: str(v) for k, v in p.knobs.items()}), p.metric)
+             for g in (10, 1000)]
+    assert abs(rates[1] / rates[0] - 1) < 0.005
 
 
 def test_framework_defaults_to_the_policy():

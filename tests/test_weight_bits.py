@@ -123,3 +123,106 @@ def test_flexgen_and_the_executor_refuse_weights_at_bits(tiny_model):
     plan = make_policy("cpu-only", {}).build(ctx)
     with pytest.raises(SimInputError, match="no kernels for weights stored at weight_bits_per_param"):
         execute_plan(plan, random_weights(tiny_model, seed=3), trace, use_cuda=False)
+
+
+def test_a_profile_refuses_a_plan_whose_weights_it_never_timed_at_that_size(tiny_model):
+    """A profile times the model's own kernels: handed a plan whose weights are stored at other bits, it refuses
+    rather than price those bytes with the dtype's measured times."""
+    from sim.cost.profile import ProfileCostModel
+    from sim.policies import PlanContext, make_policy
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    q = dataclasses.replace(tiny_model, expert_bits_per_param=4.5)
+    prompts, gens = np.array([4]), np.array([2])
+    trace = generate_trace(SynthConfig(q.name, q.num_moe_layers, q.num_experts, q.top_k, "uniform", 0.0, 1),
+                           prompts, gens)
+    plan = make_policy("cpu-only", {}).build(PlanContext(q, load_system("a100-80g-8452y"), Workload(prompts, gens),
+                                                         trace))
+    profile = ProfileCostModel.__new__(ProfileCostModel)  # only the model checks run before any table is read
+    profile.model, profile._plan = tiny_model, None
+    with pytest.raises(SimInputError, match="prices weights at expert_bits_per_param 0; the plan's model has 4.5"):
+        profile.prepare(plan)
+
+
+WEIGHT_KINDS = {"embed", "qkv", "o_proj", "router", "expert", "shared_expert", "dense_ffn", "lm_head"}
+WEIGHT_PAYLOADS = {"expert_weights", "pageable_weights"}
+
+
+@pytest.mark.parametrize("policy", ["coxmoe", "moe-lightning", "fiddler", "moe-gen", "trimoe", "ndp-experts",
+                                    "stream-experts", "zero-inference", "gpu-only", "cpu-only", "expert-parallel"])
+def test_every_policy_holds_and_moves_weights_at_their_bits_and_nothing_else(tiny_model, policy):
+    """8-bit storage of a bf16 model's weights (experts too) halves exactly each static-memory entry that holds
+    weights and each weight copy, and lowers only the weight-reading ops' bytes; hidden states, workspaces, the KV
+    cache, activation and KV copies and every op's FLOPs stay as they were."""
+    from sim.policies import PlanContext, make_policy
+    from sim.workload import Workload
+    from traces import SynthConfig, generate_trace
+
+    q = dataclasses.replace(tiny_model, weight_bits_per_param=8.0, expert_bits_per_param=8.0)
+    prompts, gens = np.array([5, 3, 7]), np.array([3, 2, 2])
+    trace = generate_trace(SynthConfig(tiny_model.name, tiny_model.num_moe_layers, tiny_model.num_experts,
+                                       tiny_model.top_k, "uniform", 0.0, 1), prompts, gens)
+    system = load_system({"trimoe": "a100-80g-8452y-ndp8", "ndp-experts": "a100-80g-8452y-ndp8",
+                          "expert-parallel": "2x-h100-sxm-nvlink-8480"}.get(policy, "a100-80g-8452y"))
+    plain, quant = (make_policy(policy, {}).build(PlanContext(m, system, Workload(prompts, gens), trace))
+                    for m in (tiny_model, q))
+    halved = 0
+    for pool, entries in plain.static_memory.items():
+        assert set(entries) == set(quant.static_memory[pool])
+        for key, value in entries.items():
+            if "weight" in key or "expert" in key:
+                assert quant.static_memory[pool][key] * 2 == value, (pool, key)
+                halved += value > 0
+            else:
+                assert quant.static_memory[pool][key] == value, (pool, key)
+    assert halved  # every policy holds some weights somewhere
+    if [(o.kind, o.stream, o.tokens) for o in plain.ops] != [(o.kind, o.stream, o.tokens) for o in quant.ops]:
+        return  # a search chose another plan for the smaller weights: the memory check above is the guard
+    for a, b in zip(plain.ops, quant.ops, strict=True):
+        assert a.flops == b.flops
+        if str(a.kind) == "copy":
+            assert (b.bytes * 2 == a.bytes) if str(a.payload) in WEIGHT_PAYLOADS else (b.bytes == a.bytes), a
+        elif str(a.kind) in WEIGHT_KINDS and a.tokens:
+            assert b.bytes < a.bytes, a
+        else:
+            assert b.bytes == a.bytes, a
+
+
+def test_a_precision_that_would_not_move_the_bytes_is_refused_and_model_keeps_the_file(tmp_path):
+    """With `expert_bits_per_param` in the model, an explicit expert precision would only relabel the run: refused
+    in one line; the default (`model`) runs the file's own sizes."""
+    path = tmp_path / "q.yaml"
+    path.write_text("name: q\nnum_layers: 2\nhidden_size: 64\nvocab_size: 97\nnum_attention_heads: 4\n"
+                    "num_kv_heads: 2\nhead_dim: 16\nnum_experts: 6\ntop_k: 2\nexpert_intermediate_size: 96\n"
+                    "expert_bits_per_param: 4.5\n")
+    kwargs = dict(batch=2, prompt_len=4, gen_len=2, routing="uniform")
+    for precision in ("native", "int8", "int4"):
+        with pytest.raises(SimInputError, match=f"--expert-precision {precision} would not change their bytes"):
+            simulate(str(path), "a100-80g-8452y", "cpu-only", expert_precision=precision, **kwargs)
+    r = simulate(str(path), "a100-80g-8452y", "cpu-only", expert_precision="model", keep_plan=True, **kwargs)
+    assert r.plan.model.expert_bytes == 3 * math.ceil(64 * 96 * 4.5 / 8)
+
+
+def test_compare_reports_flexgen_infeasible_and_runs_the_others(tiny_model):
+    from sim.compare import compare
+
+    q = dataclasses.replace(tiny_model, weight_bits_per_param=4.5)
+    rows = compare(q, "a100-80g-8452y", batch=4, prompt_len=8, gen_len=3, policies=("coxmoe", "flexgen"),
+                   workers=1)["policies"]
+    assert not rows["flexgen"]["feasible"] and "weight_bits_per_param" in rows["flexgen"]["error"]
+    assert rows["coxmoe"]["feasible"]
+
+
+def test_a_profile_cannot_be_made_or_used_for_weights_at_bits(tiny_model, tmp_path):
+    from sim.cost.profile import ProfileCostModel
+
+    q = dataclasses.replace(tiny_model, expert_bits_per_param=4.5)
+    with pytest.raises(SimInputError, match="simulate this model without --profile"):
+        ProfileCostModel(load_system("a100-80g-8452y"), tmp_path, q)
+    pytest.importorskip("torch")
+    from executor.profile import profile
+
+    with pytest.raises(SimInputError, match="cannot profile them"):
+        profile(q, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()

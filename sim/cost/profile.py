@@ -148,6 +148,10 @@ class ProfileCostModel:
 
     def __init__(self, system: SystemSpec, profile_dir: str | Path, model: ModelSpec,
                  mean_prompt_len: float | None = None, threads: int | None = None):
+        if model.stored_at_bits:
+            raise SimInputError(f"model {model.name}: a profile times the executor's kernels, which have no form for "
+                                "weights stored at weight_bits_per_param / expert_bits_per_param; simulate this model "
+                                "without --profile")
         self.fallback = RooflineCostModel(system)
         self.fallback.use_model(model)
         self.topology = self.fallback.topology
@@ -282,6 +286,12 @@ class ProfileCostModel:
         if plan.model.expert_precision != self.model.expert_precision:
             raise SimInputError(f"this profile cost model prices {self.model.expert_precision} experts; the plan's "
                                 f"are {plan.model.expert_precision} (build it for the plan's model)")
+        for name in ("weight_bits_per_param", "expert_bits_per_param"):  # a stored size the profile never timed
+            if getattr(plan.model, name) != getattr(self.model, name):
+                raise SimInputError(f"this profile cost model prices weights at {name} "
+                                    f"{getattr(self.model, name):g}; the plan's model has "
+                                    f"{getattr(plan.model, name):g} (profile that model, or simulate without "
+                                    "--profile)")
         fused = self.fallback.fused_experts
         self.fallback.prepare(plan)
         if self.fallback.fused_experts != fused:  # roofline prices cached from the last plan's style are stale

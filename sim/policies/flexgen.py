@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sim.cost import Work
-from sim.errors import SimInputError
+from sim.errors import SimInputError, UnsupportedModel
 from sim.plan import PAGEABLE_PAYLOADS, OpKind, Payload, Phase, Plan, PlanBuilder, Stream
 from sim.policies.analytic import Analytic, Candidate, SearchSpace
 from sim.policies.base import OptionsBase, PlanContext, Policy, published_split, require_fits
@@ -219,7 +219,7 @@ class _Layout:
         # one GPU batch's compute earlier or later).
         self.compress_weight, self.compress_cache = o.compress_weight == "on", o.compress_cache == "on"
         if m.weight_bits_per_param or m.expert_bits_per_param:
-            raise SimInputError("policy flexgen: it places and moves weights tensor by tensor in the model's dtype "
+            raise UnsupportedModel("policy flexgen: it places and moves weights tensor by tensor in the model's dtype "
                                 "(its own 4-bit format is compress_weight); a model with weight_bits_per_param or "
                                 "expert_bits_per_param is not supported")
         pl = place_weights(m, o.weights_gpu_percent, None if o.weights_cpu_percent < 0 else o.weights_cpu_percent,

@@ -135,7 +135,7 @@ class ModelSpec:
             bits = float(getattr(self, name))
             if not (bits == 0 or MIN_STORAGE_BITS <= bits <= MAX_STORAGE_BITS):
                 raise SimInputError(f"model {self.name}: {name} must be 0 (unset) or in [{MIN_STORAGE_BITS:g}, "
-                                    f"{MAX_STORAGE_BITS:g}] bits, got {bits:g}")
+                                    f"{MAX_STORAGE_BITS:g}] bits, got {bits!r}")
 
     # ---- layer structure -------------------------------------------------------------------------------
     @property
@@ -279,6 +279,12 @@ class ModelSpec:
         return self.total_params - self.routed_expert_params
 
     # ---- bytes ---------------------------------------------------------------------------------------
+    @property
+    def stored_at_bits(self) -> bool:
+        """Whether weights are sized by `weight_bits_per_param` / `expert_bits_per_param` (a format no kernel of
+        the executor, hence no profile, runs)."""
+        return bool(self.weight_bits_per_param or self.expert_bits_per_param)
+
     def weight_param_bytes(self, params: int) -> int:
         """Bytes of `params` non-expert weights as stored: `weight_bits_per_param` where set, else the dtype."""
         if self.weight_bits_per_param:
