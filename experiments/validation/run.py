@@ -77,8 +77,8 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
     try:
         r = simulate(spec_path(point.model), spec_path(point.system), point.policy, batch=wl.batch,
                      prompt_len=wl.prompt_len, gen_len=wl.gen_len, policy_options=_options(point, mode),
-                     routing=point.routing,
-                     decode_sample=decode_sample, keep_plan=plans is not None and mode == "published")
+                     routing=point.routing, decode_sample=decode_sample,
+                     keep_plan=plans is not None and mode == "published")
     except (SimInputError, TraceError) as exc:  # a routing the model cannot take is the point's error too
         return {**row, "predicted": np.nan, "error": str(exc)}
     if r.plan is not None:

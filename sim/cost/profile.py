@@ -286,12 +286,10 @@ class ProfileCostModel:
         if plan.model.expert_precision != self.model.expert_precision:
             raise SimInputError(f"this profile cost model prices {self.model.expert_precision} experts; the plan's "
                                 f"are {plan.model.expert_precision} (build it for the plan's model)")
-        for name in ("weight_bits_per_param", "expert_bits_per_param"):  # a stored size the profile never timed
-            if getattr(plan.model, name) != getattr(self.model, name):
-                raise SimInputError(f"this profile cost model prices weights at {name} "
-                                    f"{getattr(self.model, name):g}; the plan's model has "
-                                    f"{getattr(plan.model, name):g} (profile that model, or simulate without "
-                                    "--profile)")
+        if plan.model.stored_at_bits:  # its own model cannot be (the constructor refuses it)
+            raise SimInputError("this profile cost model prices the executor's kernels; the plan's model stores "
+                                "weights at weight_bits_per_param / expert_bits_per_param (simulate it without "
+                                "--profile)")
         fused = self.fallback.fused_experts
         self.fallback.prepare(plan)
         if self.fallback.fused_experts != fused:  # roofline prices cached from the last plan's style are stale

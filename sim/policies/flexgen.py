@@ -218,10 +218,10 @@ class _Layout:
         # layer's first part and the last layer's last part (FlexGen loads each in the iteration before its own,
         # one GPU batch's compute earlier or later).
         self.compress_weight, self.compress_cache = o.compress_weight == "on", o.compress_cache == "on"
-        if m.weight_bits_per_param or m.expert_bits_per_param:
+        if m.stored_at_bits:
             raise UnsupportedModel("policy flexgen: it places and moves weights tensor by tensor in the model's dtype "
-                                "(its own 4-bit format is compress_weight); a model with weight_bits_per_param or "
-                                "expert_bits_per_param is not supported")
+                                   "(its own 4-bit format is compress_weight); a model with weight_bits_per_param or "
+                                   "expert_bits_per_param is not supported")
         pl = place_weights(m, o.weights_gpu_percent, None if o.weights_cpu_percent < 0 else o.weights_cpu_percent,
                            compress=self.compress_weight)
         # bytes the cache takes per fp16 byte (where it is kept and moved), and the GPU traffic of decompressing
