@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import yaml
@@ -241,6 +242,56 @@ def test_hf_config_layouts_that_transformers_5_saves_and_dense_layer_keys(tmp_pa
         load("huge", num_hidden_layers=10**8, decoder_sparse_step=2)
     with pytest.raises(SimInputError, match="moe_layer_freq"):
         model_from_hf_config({**HF_CONFIGS["deepseek-v2-lite"], "moe_layer_freq": 2})
+
+
+DEEPSEEK_V3_FP8 = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "vocab_size": 129280,
+                   "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                   "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
+                   "n_shared_experts": 1, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                   "intermediate_size": 18432, "first_k_dense_replace": 3, "topk_method": "noaux_tc",
+                   "tie_word_embeddings": False,
+                   # deepseek-ai/DeepSeek-V3 config.json: the checkpoint is FP8 with a float32 scale per 128 x 128
+                   "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                           "weight_block_size": [128, 128]}}
+
+
+def test_a_quantised_checkpoint_is_sized_as_stored():
+    """A config's quantization_config sizes the weights as the checkpoint stores them (it had been read as 16 bits
+    a weight): DeepSeek-V3's FP8 blocks, GPTQ/AWQ groups; the embedding, LM head, routers and norms stay in the
+    model's dtype; compute and the KV cache do not change."""
+    m = model_from_hf_config(DEEPSEEK_V3_FP8, name="dsv3")
+    plain = model_from_hf_config({k: v for k, v in DEEPSEEK_V3_FP8.items() if k != "quantization_config"})
+    assert m.total_params == plain.total_params == load_model("deepseek-v3").total_params
+    assert m.expert_bits_per_param == 8 + 32 / (128 * 128) and plain.expert_bits_per_param == 0
+    assert m.expert_bytes == 3 * math.ceil(7168 * 2048 * m.expert_bits_per_param / 8)
+    kept = m.embedding_params + m.lm_head_params + m.final_norm_params + 61 * m.norm_params_per_layer \
+        + m.num_moe_layers * m.router_params
+    assert m.non_expert_bytes == pytest.approx(2 * kept + (m.non_expert_params - kept) * m.expert_bits_per_param / 8,
+                                               abs=1)
+    assert 670e9 < m.weight_bytes < 680e9 < plain.weight_bytes / 1.9  # one byte a weight, not two
+    assert m.kv_bytes_per_token == plain.kv_bytes_per_token and "float32 scales" in m.sources["expert_bits_per_param"]
+    gptq = model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["gate", "lm_head"]}})
+    assert gptq.expert_bits_per_param == 4 + 20 / 128
+    assert model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": -1}}).expert_bits_per_param == 4
+
+
+@pytest.mark.parametrize("qc, message", [
+    ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' is not modelled"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive integers"),
+    ({"quant_method": "gptq", "bits": 5}, "bits must be 2, 3, 4 or 8"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 0}, "group_size must be a positive integer or -1"),
+    ({"quant_method": "gptq", "bits": 4, "modules_to_not_convert": ["model.layers.0.self_attn"]},
+     "keeps 'model.layers.0.self_attn' unquantised"),
+    ("fp8", "quantization_config must be a mapping"),
+])
+def test_a_quantisation_the_importer_cannot_size_is_refused_in_one_line(tmp_path, qc, message):
+    path = tmp_path / "q" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": qc}))
+    with pytest.raises(SimInputError, match=message):
+        load_model(str(path))
 
 
 def test_a_bare_config_json_is_named_by_the_current_folder(tmp_path, monkeypatch):

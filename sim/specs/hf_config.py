@@ -95,7 +95,70 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
     for field, value in fields.items():  # the schema would read "32" as 32; a config's numbers are JSON numbers
         if field in _NUMERIC_FIELDS and isinstance(value, str):
             raise SimInputError(f"{where}: {aliases.get(field, field)} must be a number, got {brief(value)}")
-    return validate_spec(ModelSpec, fields, where, aliases)
+    spec = validate_spec(ModelSpec, fields, where, aliases)
+    if cfg.get("quantization_config") is None:
+        return spec
+    return quantized(spec, _section(cfg, "quantization_config", where), where)
+
+
+# Modules a checkpoint's quantisation leaves in the model's dtype, by the last part of their name: the embedding, the
+# LM head and MoE routers (norms and biases are never quantised). A `modules_to_not_convert` entry outside these
+# would keep weights this model sizes as quantised in 16 bits, so it is refused rather than mispriced.
+UNQUANTISED_MODULES = ("embed_tokens", "lm_head", "gate", "shared_expert_gate")
+GROUP_QUANT_METHODS = ("gptq", "awq")
+
+
+def _quant_bits(qc: dict[str, Any], where: str) -> tuple[float, str]:
+    """Stored bits per quantised weight, scales included, and how they were counted."""
+    method = qc.get("quant_method")
+    if method == "fp8":  # e4m3 weights; a float32 inverse scale per block (DeepSeek-V3, Qwen3 FP8 checkpoints)
+        block = qc.get("weight_block_size")
+        if block is None:
+            return 8.0, "fp8, one scale per tensor"
+        if not (isinstance(block, list) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+            raise SimInputError(f"{where}: quantization_config weight_block_size must be two positive integers, "
+                                f"got {brief(block)}")
+        return 8.0 + 32.0 / (block[0] * block[1]), f"fp8 in {block[0]} x {block[1]} blocks with float32 scales"
+    if method in GROUP_QUANT_METHODS:  # packed integers; an fp16 scale and a packed zero point per group
+        bits, group = qc.get("bits"), qc.get("group_size", 128)
+        if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
+            raise SimInputError(f"{where}: quantization_config bits must be 2, 3, 4 or 8, got {brief(bits)}")
+        if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 0 < group <= 1 << 20):
+            raise SimInputError(f"{where}: quantization_config group_size must be a positive integer or -1, got "
+                                f"{brief(group)}")
+        if group == -1:  # one group per output row: the scale's share is negligible
+            return float(bits), f"{method} {bits}-bit, one scale per row"
+        return bits + (16 + bits) / group, f"{method} {bits}-bit in groups of {group} (fp16 scale, packed zero)"
+    raise SimInputError(f"{where}: quantization_config quant_method {brief(method)} is not modelled (fp8, gptq and "
+                        "awq are); write the weights' stored size into a model file (weight_bits_per_param, "
+                        "expert_bits_per_param)")
+
+
+def quantized(spec: ModelSpec, qc: dict[str, Any], where: str) -> ModelSpec:
+    """`spec` with its weights at a quantised checkpoint's stored size: every linear layer of the decoder (attention,
+    shared and routed experts, dense FFNs) at the method's bits, the embedding, LM head, routers and norms in the
+    model's dtype; non-expert weights as their average. Without it the importer had sized a quantised checkpoint
+    (DeepSeek-V3's own config is FP8) at 16 bits a weight."""
+    bits, how = _quant_bits(qc, where)
+    keep = qc.get("modules_to_not_convert") or []
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        raise SimInputError(f"{where}: quantization_config modules_to_not_convert must be a list of names")
+    other = [k for k in keep if k.rsplit(".", 1)[-1] not in UNQUANTISED_MODULES]
+    if other:
+        raise SimInputError(f"{where}: quantization_config keeps {brief(other[0])} unquantised; only "
+                            f"{', '.join(UNQUANTISED_MODULES)} are modelled as kept (write the stored size into a "
+                            "model file instead)")
+    m = spec
+    dtype_bits = 8 * m.bytes_per_param
+    kept = (m.embedding_params + m.lm_head_params + m.final_norm_params + m.num_layers * m.norm_params_per_layer
+            + m.num_moe_layers * m.router_params)
+    average = (kept * dtype_bits + (m.non_expert_params - kept) * bits) / m.non_expert_params
+    sources = {**m.sources,
+               "expert_bits_per_param": f"config.json quantization_config: {how}, {bits:.4g} bits a weight",
+               "weight_bits_per_param": f"the same for attention, shared experts and dense FFNs; the embedding, LM "
+                                        f"head, routers and norms in the model's dtype: {average:.4g} bits on average"}
+    return dataclasses.replace(m, weight_bits_per_param=average, expert_bits_per_param=bits, sources=sources)
 
 
 
