@@ -126,7 +126,8 @@ def config_model(config: SimConfig) -> ModelSpec:
         if m.expert_bits_per_param:  # the file's stored size would win over the precision's layout: say so
             raise SimInputError(f"model {m.name} sizes its experts with expert_bits_per_param "
                                 f"{m.expert_bits_per_param:g}; --expert-precision {config.expert_precision} would not "
-                                "change their bytes (leave it at model, or remove the field from the model file)")
+                                "change their bytes (leave it at model: the model file, or the checkpoint's "
+                                "quantization_config, sets their stored size)")
         m = dataclasses.replace(m, expert_precision=config.expert_precision)
     return m
 

@@ -270,11 +270,40 @@ def test_a_quantised_checkpoint_is_sized_as_stored():
                                                abs=1)
     assert 670e9 < m.weight_bytes < 680e9 < plain.weight_bytes / 1.9  # one byte a weight, not two
     assert m.kv_bytes_per_token == plain.kv_bytes_per_token and "float32 scales" in m.sources["expert_bits_per_param"]
+    # GPTQ: packed 4-bit weights, an fp16 scale and a packed 4-bit zero per group of 128 inputs and output row, an
+    # int32 group index per input row; Mixtral's experts are w1, w3 (14336 x 4096) and w2 (4096 x 14336)
+    h, i = 4096, 14336
+    want = (2 * (4 + 20 * (h // 128) / h + 32 / i) + (4 + 20 * (i // 128) / i + 32 / h)) / 3
     gptq = model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": {
         "quant_method": "gptq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["gate", "lm_head"]}})
-    assert gptq.expert_bits_per_param == 4 + 20 / 128
-    assert model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": {
-        "quant_method": "awq", "bits": 4, "group_size": -1}}).expert_bits_per_param == 4
+    assert gptq.expert_bits_per_param == pytest.approx(want, rel=1e-12)
+    per_row = model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": -1}})  # AWQ: no group index; one scale and zero a row
+    assert per_row.expert_bits_per_param == pytest.approx(4 + 20 * (2 / h + 1 / i) / 3, rel=1e-12)
+
+
+# Qwen3-30B-A3B-Thinking-2507-FP8 as a public weight report lists it (config keys and every tensor's shape and
+# dtype): FP8 e4m3 projections with a bf16 inverse scale per 128 x 128 block; embedding, LM head, routers and norms
+# in bf16; its config lists each layer's norms and router in modules_to_not_convert.
+QWEN3_FP8_KEEP = ["lm_head"] + [f"model.layers.{n}.{k}" for n in range(48)
+                                for k in ("input_layernorm", "mlp.gate", "post_attention_layernorm")]
+
+
+def test_qwens_fp8_checkpoint_comes_to_its_tensors_bytes():
+    cfg = {**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+        "modules_to_not_convert": QWEN3_FP8_KEEP}}
+    layers, experts = 48, 128
+
+    def fp8(rows, cols):  # e4m3 bytes and a bf16 scale per block, as the report's weight_scale_inv shapes say
+        return rows * cols + 2 * -(-rows // 128) * -(-cols // 128)
+    tensors = (2 * 151936 * 2048 * 2 + 2048 * 2  # embedding, LM head, final norm
+               + layers * (2 * 2048 * 2 + 2 * 128 * 2 + 128 * 2048 * 2  # layer norms, q/k norms, router
+                           + fp8(4096, 2048) + 2 * fp8(512, 2048) + fp8(2048, 4096)
+                           + experts * (2 * fp8(768, 2048) + fp8(2048, 768))))
+    assert tensors == 31_170_895_872
+    m = model_from_hf_config(cfg)
+    assert m.weight_bytes == pytest.approx(tensors, rel=2e-4)  # the scales counted as float32 (DeepSeek's)
 
 
 @pytest.mark.parametrize("qc, message", [
@@ -284,6 +313,12 @@ def test_a_quantised_checkpoint_is_sized_as_stored():
     ({"quant_method": "awq", "bits": 4, "group_size": 0}, "group_size must be a positive integer or -1"),
     ({"quant_method": "gptq", "bits": 4, "modules_to_not_convert": ["model.layers.0.self_attn"]},
      "keeps 'model.layers.0.self_attn' unquantised"),
+    ({"quant_method": "fp8", "ignored_layers": ["model.layers.0.self_attn.q_proj"]},
+     "ignored_layers keeps 'model.layers.0.self_attn.q_proj' unquantised"),
+    ({"quant_method": "gptq", "bits": 4, "dynamic": {"-:.*attn.*": {}}}, "dynamic .* is not modelled"),
+    ({"quant_method": "gptq", "bits": 4, "lm_head": True}, "lm_head changes which modules are quantised"),
+    ({"quant_method": "gptq", "bits": 4, "modules_in_block_to_quantize": [["self_attn.q_proj"]]},
+     "modules_in_block_to_quantize changes which modules"),
     ("fp8", "quantization_config must be a mapping"),
 ])
 def test_a_quantisation_the_importer_cannot_size_is_refused_in_one_line(tmp_path, qc, message):
@@ -292,6 +327,16 @@ def test_a_quantisation_the_importer_cannot_size_is_refused_in_one_line(tmp_path
     path.write_text(json.dumps({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": qc}))
     with pytest.raises(SimInputError, match=message):
         load_model(str(path))
+
+
+def test_a_bare_gate_is_a_router_for_mixtral_but_every_gate_proj_for_qwen():
+    """AutoAWQ and transformers match a bare name by substring: `gate` keeps Mixtral's router only, but also every
+    `gate_proj` of a Qwen or DeepSeek checkpoint, which the importer refuses rather than size as quantised."""
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["gate"]}
+    assert model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": qc}).expert_bits_per_param
+    for name in ("qwen3-30b-a3b", "deepseek-v2-lite"):
+        with pytest.raises(SimInputError, match="as a substring it also matches gate_proj"):
+            model_from_hf_config({**HF_CONFIGS[name], "quantization_config": qc})
 
 
 def test_a_bare_config_json_is_named_by_the_current_folder(tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ line naming the config field."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
 from sim.errors import SimInputError, brief
@@ -98,68 +100,123 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
     spec = validate_spec(ModelSpec, fields, where, aliases)
     if cfg.get("quantization_config") is None:
         return spec
-    return quantized(spec, _section(cfg, "quantization_config", where), where)
+    return quantized(spec, _section(cfg, "quantization_config", where), model_type, where)
 
 
-# Modules a checkpoint's quantisation leaves in the model's dtype, by the last part of their name: the embedding, the
-# LM head and MoE routers (norms and biases are never quantised). A `modules_to_not_convert` entry outside these
-# would keep weights this model sizes as quantised in 16 bits, so it is refused rather than mispriced.
-UNQUANTISED_MODULES = ("embed_tokens", "lm_head", "gate", "shared_expert_gate")
+# Modules a checkpoint's quantisation leaves in the model's dtype (the embedding, the LM head, MoE routers, norms and
+# DeepSeek's router bias), by the last part of their name; Qwen's FP8 configs list every layer's norms and router.
+# Any other entry would keep weights this model sizes as quantised in 16 bits, so it is refused rather than mispriced.
+UNQUANTISED_MODULES = frozenset({"embed_tokens", "lm_head", "gate", "shared_expert_gate", "norm", "input_layernorm",
+                                 "post_attention_layernorm", "q_norm", "k_norm", "q_a_layernorm", "kv_a_layernorm",
+                                 "e_score_correction_bias"})
+# The quantised linear layers of each family: a bare entry (no dot) is matched by substring, as AutoAWQ and
+# transformers match it, so `gate` also keeps Qwen's and DeepSeek's `gate_proj` (every expert) unquantised.
+QUANTISED_LINEARS = {
+    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
+    "dbrx": ("Wqkv", "out_proj", "w1", "v1", "w2"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "deepseek": ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                 "down_proj"),
+}
 GROUP_QUANT_METHODS = ("gptq", "awq")
+FP8_SCALE_BITS = 32  # DeepSeek-V3's `weight_scale_inv` is float32 (Qwen's FP8 scales are bf16: 0.001 bits less)
 
 
-def _quant_bits(qc: dict[str, Any], where: str) -> tuple[float, str]:
-    """Stored bits per quantised weight, scales included, and how they were counted."""
+def _linears(model_type: str) -> tuple[str, ...]:
+    if model_type in QUANTISED_LINEARS:
+        return QUANTISED_LINEARS[model_type]
+    return QUANTISED_LINEARS["deepseek"] if model_type.startswith("deepseek") else (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen2/3-MoE, OLMoE
+
+
+def _integral(value: Any) -> Any:
+    """4096.0 read as 4096, as the spec's schema reads integer fields."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53 else value
+
+
+def _format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float], str]:
+    """A function giving the stored bits per weight of one quantised matrix (`rows` outputs x `cols` inputs),
+    scales included, and how they are counted."""
     method = qc.get("quant_method")
-    if method == "fp8":  # e4m3 weights; a float32 inverse scale per block (DeepSeek-V3, Qwen3 FP8 checkpoints)
+    if method == "fp8":  # e4m3 weights and an inverse scale per block (per tensor without a block size)
         block = qc.get("weight_block_size")
         if block is None:
-            return 8.0, "fp8, one scale per tensor"
+            return (lambda rows, cols: 8.0 + FP8_SCALE_BITS / (rows * cols)), "fp8, one scale per tensor"
+        block = [_integral(b) for b in block] if isinstance(block, list) else block
         if not (isinstance(block, list) and len(block) == 2
                 and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
             raise SimInputError(f"{where}: quantization_config weight_block_size must be two positive integers, "
-                                f"got {brief(block)}")
-        return 8.0 + 32.0 / (block[0] * block[1]), f"fp8 in {block[0]} x {block[1]} blocks with float32 scales"
-    if method in GROUP_QUANT_METHODS:  # packed integers; an fp16 scale and a packed zero point per group
-        bits, group = qc.get("bits"), qc.get("group_size", 128)
+                                f"got {brief(qc.get('weight_block_size'))}")
+        b0, b1 = block
+
+        def fp8(rows: int, cols: int) -> float:
+            return 8.0 + FP8_SCALE_BITS * math.ceil(rows / b0) * math.ceil(cols / b1) / (rows * cols)
+        return fp8, f"fp8 in {b0} x {b1} blocks with float32 scales"
+    if method in GROUP_QUANT_METHODS:  # packed integers; an fp16 scale and a packed zero point per group and row
+        bits, group = _integral(qc.get("bits")), _integral(qc.get("group_size", 128))
         if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
             raise SimInputError(f"{where}: quantization_config bits must be 2, 3, 4 or 8, got {brief(bits)}")
         if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 0 < group <= 1 << 20):
             raise SimInputError(f"{where}: quantization_config group_size must be a positive integer or -1, got "
                                 f"{brief(group)}")
-        if group == -1:  # one group per output row: the scale's share is negligible
-            return float(bits), f"{method} {bits}-bit, one scale per row"
-        return bits + (16 + bits) / group, f"{method} {bits}-bit in groups of {group} (fp16 scale, packed zero)"
+        g_idx = 32 if method == "gptq" else 0  # GPTQ's int32 group index per input row
+
+        def grouped(rows: int, cols: int) -> float:
+            groups = 1 if group == -1 else math.ceil(cols / group)
+            return bits + (16 + bits) * groups / cols + g_idx / rows
+        per = "one scale per row" if group == -1 else f"groups of {group}"
+        return grouped, f"{method} {bits}-bit, {per} (fp16 scale, packed zero{', int32 g_idx' if g_idx else ''})"
     raise SimInputError(f"{where}: quantization_config quant_method {brief(method)} is not modelled (fp8, gptq and "
                         "awq are); write the weights' stored size into a model file (weight_bits_per_param, "
                         "expert_bits_per_param)")
 
 
-def quantized(spec: ModelSpec, qc: dict[str, Any], where: str) -> ModelSpec:
+def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
+    """Refuse what would keep more of the model unquantised than the embedding, LM head, routers and norms (or
+    quantise the LM head), which the sizes below assume."""
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        names = qc.get(key) or []
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+            raise SimInputError(f"{where}: quantization_config {key} must be a list of names")
+        for name in names:
+            last = name.rsplit(".", 1)[-1]
+            clash = "." not in name and [lin for lin in _linears(model_type) if name in lin]
+            if last not in UNQUANTISED_MODULES or clash:
+                also = f" (as a substring it also matches {clash[0]})" if clash else ""
+                raise SimInputError(f"{where}: quantization_config {key} keeps {brief(name)} unquantised{also}; only "
+                                    "embeddings, the LM head, routers and norms are modelled as kept (write the "
+                                    "stored size into a model file instead)")
+    if qc.get("dynamic"):
+        raise SimInputError(f"{where}: quantization_config dynamic (per-module rules, e.g. attention left in 16 bits) "
+                            "is not modelled; write the stored size into a model file instead")
+    if qc.get("lm_head") is True or qc.get("modules_in_block_to_quantize") is not None:
+        key = "lm_head" if qc.get("lm_head") is True else "modules_in_block_to_quantize"
+        raise SimInputError(f"{where}: quantization_config {key} changes which modules are quantised and is not "
+                            "modelled; write the stored size into a model file instead")
+
+
+def quantized(spec: ModelSpec, qc: dict[str, Any], model_type: str, where: str) -> ModelSpec:
     """`spec` with its weights at a quantised checkpoint's stored size: every linear layer of the decoder (attention,
     shared and routed experts, dense FFNs) at the method's bits, the embedding, LM head, routers and norms in the
     model's dtype; non-expert weights as their average. Without it the importer had sized a quantised checkpoint
     (DeepSeek-V3's own config is FP8) at 16 bits a weight."""
-    bits, how = _quant_bits(qc, where)
-    keep = qc.get("modules_to_not_convert") or []
-    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
-        raise SimInputError(f"{where}: quantization_config modules_to_not_convert must be a list of names")
-    other = [k for k in keep if k.rsplit(".", 1)[-1] not in UNQUANTISED_MODULES]
-    if other:
-        raise SimInputError(f"{where}: quantization_config keeps {brief(other[0])} unquantised; only "
-                            f"{', '.join(UNQUANTISED_MODULES)} are modelled as kept (write the stored size into a "
-                            "model file instead)")
+    stored, how = _format(qc, where)
+    _kept_modules(qc, model_type, where)
     m = spec
-    dtype_bits = 8 * m.bytes_per_param
+    h, i = m.hidden_size, m.expert_intermediate_size
+    # an expert's matrices: gate and up (i x h) where gated, and down (h x i)
+    shapes = [(i, h)] * (m.ffn_matrices - 1) + [(h, i)]
+    expert = sum(r * c * stored(r, c) for r, c in shapes) / sum(r * c for r, c in shapes)
+    linear = stored(h, h)  # attention, shared experts, dense FFNs: a square matrix's scale share stands for them
     kept = (m.embedding_params + m.lm_head_params + m.final_norm_params + m.num_layers * m.norm_params_per_layer
             + m.num_moe_layers * m.router_params)
-    average = (kept * dtype_bits + (m.non_expert_params - kept) * bits) / m.non_expert_params
+    average = (kept * 8 * m.bytes_per_param + (m.non_expert_params - kept) * linear) / m.non_expert_params
     sources = {**m.sources,
-               "expert_bits_per_param": f"config.json quantization_config: {how}, {bits:.4g} bits a weight",
-               "weight_bits_per_param": f"the same for attention, shared experts and dense FFNs; the embedding, LM "
-                                        f"head, routers and norms in the model's dtype: {average:.4g} bits on average"}
-    return dataclasses.replace(m, weight_bits_per_param=average, expert_bits_per_param=bits, sources=sources)
-
+               "expert_bits_per_param": f"config.json quantization_config: {how}, {expert:.4g} bits a weight",
+               "weight_bits_per_param": f"the same ({linear:.4g} bits) for attention, shared experts and dense FFNs; "
+                                        "the embedding, LM head, routers and norms in the model's dtype: "
+                                        f"{average:.4g} bits on average"}
+    return dataclasses.replace(m, weight_bits_per_param=average, expert_bits_per_param=expert, sources=sources)
 
 
 def _qwen_dense_layers(cfg: dict[str, Any], layers: Any, where: str) -> int:
