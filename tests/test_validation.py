@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from experiments.cli import main
+from experiments.reproduce import ReproduceOptions
 from experiments.validation.microbench import derive
 from experiments.validation.run import measured_total_s, metric_value, simulate_point, spec_path
 from experiments.validation.schema import ValidationPoint, load_points, load_points_file
@@ -826,7 +827,6 @@ def test_reproduce_validation_quick_subset(tmp_path, capsys):
 def test_a_phase_rate_point_keeps_its_mechanisms_ratio_in_every_view(monkeypatch):
     """Factors are fitted to whole runs' times: a complete point that measures one phase's rate (KTransformers'
     decode rate) gets no fit case, no role and no learned ratio, and counts with its mechanisms-only ratio."""
-    from experiments.reproduce import ReproduceOptions
     from experiments.reproduce import validation as V
 
     monkeypatch.setattr(V, "QUICK_POINTS", ("mlh-moe-lightning-p-synth-s2", "kt-v02-1s-8e-decode"))
@@ -837,6 +837,22 @@ def test_a_phase_rate_point_keeps_its_mechanisms_ratio_in_every_view(monkeypatch
     assert views["mechanisms only, all complete points"]["points"] == 2
     assert views["complete points outside the declared training subsets (learned factors where the runtime has "
                  "them, else mechanisms only)"]["points"] == 1
+
+
+def test_reproduce_validation_runs_only_the_points_asked_for(tmp_path, capsys):
+    """`--points` (id or group, shell-style) runs a user's own points while they add them; a pattern matching
+    nothing, or the flag on another figure, is one line and exit 2."""
+    assert main(["reproduce", "validation", "--out", str(tmp_path), "--points", "kt-v02-1s-8e-*",
+                 "--points", "moe-gen-readme"]) == 0
+    table = pd.read_csv(tmp_path / "validation.csv")
+    assert set(table["id"]) == {"kt-v02-1s-8e-prefill", "kt-v02-1s-8e-decode"} | {
+        p.id for p in load_points() if p.group == "moe-gen-readme"}
+    assert "--points 'kt-v02-1s-8e-*'" in ReproduceOptions(tmp_path, points=("kt-v02-1s-8e-*",)).command("validation")
+    capsys.readouterr()
+    assert main(["reproduce", "validation", "--out", str(tmp_path), "--points", "no-such-*"]) == 2
+    assert "--points no-such-*: no validation point's id or group matches" in capsys.readouterr().err
+    assert main(["reproduce", "fig7", "--out", str(tmp_path), "--points", "x"]) == 2
+    assert "does not use --points" in capsys.readouterr().err
 
 
 def test_a_search_rescores_with_the_cost_model_it_reports_in():

@@ -47,7 +47,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                             f"{args.name} (omit --keep)")
     given = {"workers": args.workers is not None, "engine": args.engine != "local",
              "ray_address": args.ray_address is not None, "profile": args.profile is not None,
-             "record": args.record is not None}
+             "record": args.record is not None, "points": bool(args.points)}
     unused = [o for o, set_ in given.items() if set_ and args.name not in ("all", FIGURE_OPTIONS[o])]
     if unused:
         flags = ", ".join("--" + o.replace("_", "-") for o in unused)
@@ -60,7 +60,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     options = ReproduceOptions(Path(args.out), quick=args.quick, workers=args.workers or 1, engine=args.engine,
                                ray_address=args.ray_address, profile=Path(args.profile) if args.profile else None,
                                record=Path(args.record) if args.record else None, seed=args.seed,
-                               keep=tuple(args.keep or ()),
+                               keep=tuple(args.keep or ()), points=tuple(args.points or ()),
                                system_settings=tuple(sorted(parse_kv_pairs(args.set, "--set").items())))
     if args.name == "all":
         results, report = reproduce_all(options)
@@ -163,6 +163,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", metavar="DIR", help="calibration: an existing `coxmoe calibrate profile` directory "
                    "(default: profile DeepSeek-V2-Lite's shapes on this machine first)")
     p.add_argument("--record", metavar="FILE", help="timeline: a measured timeline from `coxmoe execute --timeline`")
+    p.add_argument("--points", action="append", metavar="PATTERN", help="validation: only the points whose id or "
+                   "group matches PATTERN (shell-style, e.g. 'kt-v02-*' or ktransformers-dsv3); repeatable")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a number of the system spec on every simulated paper figure's machine (as simulate --set; "

@@ -46,7 +46,7 @@ FIGURE_SYSTEMS: dict[str, tuple[str, ...]] = {
 # The figure each of reproduce's own options is for (the CLI refuses one given to another figure; a command line
 # names those its figure uses).
 FIGURE_OPTIONS = {"workers": "fig7", "engine": "fig7", "ray_address": "fig7", "profile": "calibration",
-                  "record": "timeline"}
+                  "record": "timeline", "points": "validation"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class ReproduceOptions:
     # (path, value) numbers of the system spec set on every simulated paper figure's machine (`--set`); validation
     # and calibration keep their own machines (published and measured ones)
     system_settings: tuple[tuple[str, str], ...] = ()
+    # validation: only the points whose id or group matches one of these shell-style patterns (all when empty)
+    points: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check the input files up front, so `reproduce all` fails before its long figures, not after."""
@@ -115,6 +117,8 @@ class ReproduceOptions:
             parts += ["--profile", str(self.profile)]
         if "record" in wanted and self.record:
             parts += ["--record", str(self.record)]
+        if "points" in wanted:
+            parts += [f"--points '{pattern}'" for pattern in self.points]
         if self.seed:
             parts += ["--seed", str(self.seed)]
         if name == "all":

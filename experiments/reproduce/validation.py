@@ -5,6 +5,7 @@ training subset per runtime and machine parts (reported on the held-out points, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from experiments.validation.phases import phase_finding, phase_fits
 from experiments.validation.run import DECODE_SAMPLE, E2E_METRICS, measured_total_s, run_validation, spec_label
 from experiments.validation.schema import ValidationPoint, load_points
 from sim.cost.framework import FrameworkFactors
+from sim.errors import SimInputError
 from sim.plan import Plan
 
 # Two complete points on two systems (one policy): the CI subset fits on the training one (L4) and reports the
@@ -101,7 +103,11 @@ def _rows(label: str, fits: dict[tuple[str, str], Fit]) -> list[dict]:
 def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The per-run table (published and search modes, with learned-factor columns) and the factors fitted."""
     points = load_points()
-    if options.quick:
+    if options.points:  # a user's own points while adding them; --quick then only shortens the runs
+        points = [p for p in points if any(fnmatch(p.id, pat) or fnmatch(p.group, pat) for pat in options.points)]
+        if not points:
+            raise SimInputError(f"--points {' '.join(options.points)}: no validation point's id or group matches")
+    elif options.quick:
         points = [p for p in points if p.id in QUICK_POINTS]
     plans: dict[str, Plan] = {}
     table = run_validation(points, modes=("published",) if options.quick else ("published", "search"),
