@@ -306,6 +306,21 @@ def test_qwens_fp8_checkpoint_comes_to_its_tensors_bytes():
     assert m.weight_bytes == pytest.approx(tensors, rel=2e-4)  # the scales counted as float32 (DeepSeek's)
 
 
+def test_show_prints_a_config_json_as_the_simulator_reads_it_and_it_reads_back(tmp_path):
+    """`presets --show config.json`: the mapped spec with the stored size its quantization_config gives (and their
+    sources), as YAML that --model-file reads back to the same spec."""
+    from sim.specs import show_preset
+
+    path = tmp_path / "dsv3" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(DEEPSEEK_V3_FP8))
+    text = show_preset(str(path))
+    assert "expert_bits_per_param: 8.001953125" in text and "float32 scales" in text
+    out = tmp_path / "dsv3.yaml"
+    out.write_text(text)
+    assert load_model(str(out)) == load_model(str(path))
+
+
 @pytest.mark.parametrize("qc, message", [
     ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' is not modelled"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive integers"),

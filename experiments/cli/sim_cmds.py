@@ -51,7 +51,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{kind}: {', '.join(preset_names(kind))}")
     print(f"lengths: {', '.join(sorted(PRESETS))} (--prompt-len/--gen-len preset:NAME; `--lengths` for sources)")
     print("\n`coxmoe presets --show NAME` prints one as YAML (a model or system as --model-file / --system-file read "
-          "back; a length preset as its distribution and sources).")
+          "back; a length preset as its distribution and sources); `--show FILE` a spec file or config.json as read.")
     return 0
 
 
@@ -285,7 +285,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """presets, policies, simulate, run-plan, sensitivity, compare, ablation."""
     p = sub.add_parser("presets", help="list model and hardware presets, or show one as YAML")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--show", metavar="NAME", help="print preset NAME as YAML")
+    which.add_argument("--show", metavar="NAME", help="print preset NAME as YAML, or a model / system spec file "
+                       "(a Hugging Face config.json too) as the simulator reads it")
     p.add_argument("--json", action="store_true", help="print the lists as JSON")
     which.add_argument("--lengths", action="store_true",
                        help="list the request-length presets (--prompt-len/--gen-len preset:NAME) with their sources")

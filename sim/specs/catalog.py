@@ -288,8 +288,13 @@ def spec_to_yaml(spec: Any) -> str:
 
 
 def show_preset(name: str) -> str:
-    """YAML for a preset of any catalog; the name is looked up in models, systems, gpus, cpus, links, ndps,
-    disks."""
+    """YAML for a preset of any catalog (looked up in models, systems, gpus, cpus, links, ndps, disks), or for a
+    model or system spec file as the simulator reads it (a Hugging Face config.json too: its mapping, and the
+    stored size its quantization_config gives, with their sources)."""
+    if is_spec_path(name):
+        data = read_spec_file(Path(name))
+        system = isinstance(data, dict) and {"gpu", "cpu", "link"} <= set(data)
+        return spec_to_yaml(load_system(name) if system else load_model(name))
     for kind in ("models", "systems", "gpus", "cpus", "links", "ndps", "disks"):
         if name in _raw_catalog(kind):
             if kind == "models":
