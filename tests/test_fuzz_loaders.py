@@ -193,6 +193,26 @@ def test_hf_configs(family, data):
     assert spec.total_params > 0
 
 
+QUANT_CONFIGS = [{"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]},
+                 {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False},
+                 {"quant_method": "awq", "bits": 4, "group_size": -1, "modules_to_not_convert": ["gate"]}]
+
+
+@FAST
+@given(st.sampled_from(sorted(HF)), st.sampled_from(range(len(QUANT_CONFIGS))), st.data())
+def test_hf_quantization_configs(family, which, data):
+    """A damaged quantization_config is one line or a spec whose stored sizes are finite and in range."""
+    doc = {**HF[family], "quantization_config": data.draw(mutated(QUANT_CONFIGS[which]))}
+    try:
+        spec = model_from_hf_config(doc)
+    except SimInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    for bits in (spec.weight_bits_per_param, spec.expert_bits_per_param):
+        assert 1 <= bits <= 32
+    assert spec.weight_bytes < spec.total_params * 4
+
+
 # ---- traces and imports -------------------------------------------------------------------------------------
 def _trace_bytes(prompt_counts: bool = False) -> bytes:
     trace = generate_trace(SynthConfig("m", 2, 8, 2), np.full(3, 4), np.full(3, 3), prompt_counts=prompt_counts)
