@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -319,6 +320,30 @@ def test_show_prints_a_config_json_as_the_simulator_reads_it_and_it_reads_back(t
     out = tmp_path / "dsv3.yaml"
     out.write_text(text)
     assert load_model(str(out)) == load_model(str(path))
+
+
+def test_show_tells_a_system_missing_a_part_and_a_component_file_apart(tmp_path):
+    from sim.specs import show_preset
+
+    (tmp_path / "s.yaml").write_text("gpu: rtx4090d\ncpu: xeon-8452y\n")
+    with pytest.raises(SimInputError, match="system file .*s.yaml: missing field link"):
+        show_preset(str(tmp_path / "s.yaml"))
+    (tmp_path / "g.yaml").write_text(show_preset("rtx4090"))
+    with pytest.raises(SimInputError, match="looks like a gpu spec: --show reads a file only as a model or a system"):
+        show_preset(str(tmp_path / "g.yaml"))
+
+
+def test_the_package_ships_every_spec_and_points_file_the_experiments_read():
+    """The wheel's package data covers every YAML under experiments/ (the validation's systems and models had
+    been left out, so an installed copy could not run KTransformers' points)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["experiments"]
+    files = [p.relative_to(root / "experiments").as_posix() for p in (root / "experiments").rglob("*.yaml")]
+    assert files and all(any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs) for f in files), \
+        [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
 
 
 @pytest.mark.parametrize("qc, message", [

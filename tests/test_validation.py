@@ -855,6 +855,34 @@ def test_reproduce_validation_runs_only_the_points_asked_for(tmp_path, capsys):
     assert "does not use --points" in capsys.readouterr().err
 
 
+def test_a_selection_of_unsupported_points_writes_a_whole_report(tmp_path, capsys):
+    """Points that cannot run still make a table with a ratio column, a factors file with its header and a finding
+    that says nothing was simulated (it had been a KeyError traceback and a header-less CSV)."""
+    assert main(["reproduce", "validation", "--out", str(tmp_path), "--points", "kt-v02-llamacpp-*"]) == 0
+    assert "no point simulated" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "validation.csv")["ratio"].isna().all()
+    assert list(pd.read_csv(tmp_path / "validation_factors.csv").columns) == [
+        "fit", "trained_on", "framework", "parts", "gpu_time_factor", "cpu_time_factor"]
+
+
+def test_points_are_refused_with_all_before_any_figure_runs(tmp_path, capsys):
+    out = tmp_path / "all"
+    assert main(["reproduce", "all", "--quick", "--out", str(out), "--points", "kt-*"]) == 2
+    assert "run `reproduce validation --points` instead" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_recorded_command_line_quotes_what_the_shell_would_split():
+    import shlex
+
+    from experiments.reproduce.report import code_span
+
+    options = ReproduceOptions(Path("my out"), points=("kt-v02-1s-8e-prefil[l']",))
+    assert shlex.split(options.command("validation")) == ["coxmoe", "reproduce", "validation", "--out", "my out",
+                                                          "--points", "kt-v02-1s-8e-prefil[l']"]
+    assert code_span("a `b` c") == "`` a `b` c ``" and code_span("plain") == "`plain`"
+
+
 def test_a_search_rescores_with_the_cost_model_it_reports_in():
     """`simulate(cost=...)` (a profile, learned factors): the search's re-scoring simulations use that cost model,
     so the plan it picks is the best under the costs reported, and its simulated total is the reported one."""

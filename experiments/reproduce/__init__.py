@@ -8,6 +8,7 @@ Markdown report.
 from __future__ import annotations
 
 import importlib
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,7 +107,7 @@ class ReproduceOptions:
         """The command line that makes figure `name` (or `all`) with these options; flags a figure ignores are
         left out."""
         wanted = {f for f, figure in FIGURE_OPTIONS.items() if name in ("all", figure)}
-        parts = ["coxmoe reproduce", name, "--out", str(self.out)]
+        parts = ["coxmoe reproduce", name, "--out", shlex.quote(str(self.out))]
         if self.quick:
             parts.append("--quick")
         if "workers" in wanted and self.workers != 1:
@@ -114,17 +115,17 @@ class ReproduceOptions:
         if "engine" in wanted and self.engine != "local":
             parts += ["--engine", self.engine]
         if "profile" in wanted and self.profile:
-            parts += ["--profile", str(self.profile)]
+            parts += ["--profile", shlex.quote(str(self.profile))]
         if "record" in wanted and self.record:
-            parts += ["--record", str(self.record)]
+            parts += ["--record", shlex.quote(str(self.record))]
         if "points" in wanted:
-            parts += [f"--points '{pattern}'" for pattern in self.points]
+            parts += [f"--points {shlex.quote(pattern)}" for pattern in self.points]
         if self.seed:
             parts += ["--seed", str(self.seed)]
         if name == "all":
             parts += [f"--keep {k}" for k in self.keep]
         if name not in UNSET_FIGURES:
-            parts += [f"--set {k}={v}" for k, v in self.system_settings]
+            parts += [f"--set {shlex.quote(f'{k}={v}')}" for k, v in self.system_settings]
         return " ".join(parts)
 
 

@@ -17,6 +17,14 @@ REPORT = "report.md"
 MAX_ROWS = 300  # rows of a figure's table in the report (the validation table has ~230)
 
 
+def code_span(text: str) -> str:
+    """`text` as one Markdown code span: fenced with one backtick more than its longest run of them (CommonMark), so
+    a command line holding a backtick does not break the line it sits in."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    pad = " " if longest else ""
+    return f"{'`' * (longest + 1)}{pad}{text}{pad}{'`' * (longest + 1)}"
+
+
 def anchor(title: str) -> str:
     """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
     return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
@@ -26,7 +34,7 @@ def _section(r: Reproduction, out: Path, wall_s: float) -> str:
     images = [f for f in r.files if f.suffix == ".png"]
     others = [f for f in r.files if f.suffix != ".png"]
     lines = [f"## {r.title}", "", f"- **Paper:** {r.claim}", f"- **Here:** {r.finding}",
-             f"- **Command:** `{r.command}` ({wall_s:.0f} s{'; ' + r.note if r.note else ''})",
+             f"- **Command:** {code_span(r.command)} ({wall_s:.0f} s{'; ' + r.note if r.note else ''})",
              "- **Files:** " + ", ".join(f"[{f.name}]({f.relative_to(out)})" for f in others), ""]
     lines += [f"![{r.name}]({f.relative_to(out)})" for f in images]
     shown = r.table.head(MAX_ROWS)
@@ -82,7 +90,7 @@ def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> 
         sections.append(_section(r, options.out, time.perf_counter() - t0))
     v = versions()
     head = ["# CoX-MoE reproduction report", "",
-            f"Made by `{options.command('all')}` in {time.perf_counter() - t_all:.0f} s "
+            f"Made by {code_span(options.command('all'))} in {time.perf_counter() - t_all:.0f} s "
             f"({', '.join(f'{k} {val}' for k, val in sorted(v.items()))}). Every number below comes from this "
             "run: the simulator with the sourced presets (no constant is fitted to the paper's end-to-end "
             "results), and the executor on this machine for the calibration.", "",

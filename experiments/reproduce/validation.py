@@ -4,6 +4,7 @@ training subset per runtime and machine parts (reported on the held-out points, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -140,7 +141,8 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
         table[f"{name}_from"] = np.where(published, table["id"].map({k: v[1] for k, v in values.items()}), None)
     table["role"] = np.where(table["id"].isin([c.id for c in held]), "held-out",
                              np.where(table["id"].isin([c.id for c in train]), "train", ""))
-    return table, pd.DataFrame(fits)
+    columns = ["fit", "trained_on", "framework", "parts", *(f.name for f in dataclasses.fields(FrameworkFactors))]
+    return table, pd.DataFrame(fits, columns=columns)  # a header even when nothing was fitted
 
 
 def _errors(ratios: pd.Series) -> pd.Series:
@@ -306,6 +308,8 @@ def plot_kernels(gpu: pd.DataFrame, cpu: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def finding(stats: dict[str, dict]) -> str:
+    if not stats:
+        return "no point simulated (the points chosen are unsupported or failed: see the table's error column)."
     parts = [f"{label}: median absolute error {s['median_abs_error']:.0%} over {s['points']} "
              f"point{'s' if s['points'] != 1 else ''}, "
              f"{s['within_1.5x']} within 1.5x, worst {s['worst']}" for label, s in stats.items()]

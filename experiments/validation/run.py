@@ -71,8 +71,8 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
            "measured": point.value, "batch": wl.batch, "prompt_len": wl.prompt_len, "gen_len": wl.gen_len,
            "options": ",".join(f"{k}={v}" for k, v in _options(point, mode).items()),
            "published_knobs": point.published_knobs, "source": point.source}
-    if point.status == "unsupported":
-        return {**row, "predicted": np.nan, "error": point.missing}
+    if point.status == "unsupported":  # every row has a ratio column, so a table of such rows still summarises
+        return {**row, "predicted": np.nan, "ratio": np.nan, "error": point.missing}
     t0 = time.perf_counter()
     try:
         r = simulate(spec_path(point.model), spec_path(point.system), point.policy, batch=wl.batch,
@@ -80,7 +80,7 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
                      routing=point.routing, decode_sample=decode_sample,
                      keep_plan=plans is not None and mode == "published")
     except (SimInputError, TraceError) as exc:  # a routing the model cannot take is the point's error too
-        return {**row, "predicted": np.nan, "error": str(exc)}
+        return {**row, "predicted": np.nan, "ratio": np.nan, "error": str(exc)}
     if r.plan is not None:
         plans[point.id] = r.plan
     predicted = metric_value(r, point.metric)

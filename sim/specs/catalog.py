@@ -293,8 +293,15 @@ def show_preset(name: str) -> str:
     stored size its quantization_config gives, with their sources)."""
     if is_spec_path(name):
         data = read_spec_file(Path(name))
-        system = isinstance(data, dict) and {"gpu", "cpu", "link"} <= set(data)
-        return spec_to_yaml(load_system(name) if system else load_model(name))
+        keys = set(data) if isinstance(data, dict) else set()
+        if keys & {"gpu", "cpu", "link"} and not keys & {"model_type", "architectures"}:
+            return spec_to_yaml(load_system(name))  # a system missing a part is told so by the system loader
+        component = next((kind for kind in ("gpus", "cpus", "links", "ndps", "disks")
+                          if keys and keys <= {f.name for f in dataclasses.fields(CATALOGS[kind])}), None)
+        if component and not keys & {"num_layers", "hidden_size"}:
+            raise SimInputError(f"{brief(name)} looks like a {component[:-1]} spec: --show reads a file only as a "
+                                f"model or a system (give it inside a system file, or name a {component[:-1]} preset)")
+        return spec_to_yaml(load_model(name))
     for kind in ("models", "systems", "gpus", "cpus", "links", "ndps", "disks"):
         if name in _raw_catalog(kind):
             if kind == "models":
