@@ -195,7 +195,10 @@ def test_hf_configs(family, data):
 
 QUANT_CONFIGS = [{"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]},
                  {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False},
-                 {"quant_method": "awq", "bits": 4, "group_size": -1, "modules_to_not_convert": ["gate"]}]
+                 {"quant_method": "awq", "bits": 4, "group_size": -1, "modules_to_not_convert": ["gate"]},
+                 {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                      "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}}]
 
 
 @FAST

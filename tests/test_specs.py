@@ -322,6 +322,64 @@ def test_show_prints_a_config_json_as_the_simulator_reads_it_and_it_reads_back(t
     assert load_model(str(out)) == load_model(str(path))
 
 
+def _ct(fmt, weights, ignore=("lm_head",)):
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": list(ignore),
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+
+
+def test_compressed_tensors_checkpoints_are_sized_by_their_scheme():
+    """llm-compressor's checkpoints (one scheme for every Linear): packed INT4 groups, FP8 per channel, NVFP4
+    groups of 16 with fp8 scales; `ignore` keeps the LM head and the routers (a regex is checked against the
+    family's module names), and the Linear target quantises whatever it does not name."""
+    q3 = HF_CONFIGS["qwen3-30b-a3b"]
+    h, i = 2048, 768
+    w4 = model_from_hf_config({**q3, "quantization_config": _ct(
+        "pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True})})
+    # 4-bit words, a 16-bit scale per 128 inputs and row; gate/up are 768 x 2048, down 2048 x 768
+    assert w4.expert_bits_per_param == pytest.approx(4 + 16 / 128, rel=1e-12)
+    asym = model_from_hf_config({**q3, "quantization_config": _ct(
+        "pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": False,
+                           "actorder": "group"})})
+    want = (2 * (4 + 20 / 128 + 32 / i) + (4 + 20 / 128 + 32 / h)) / 3  # zero points and int32 group indices
+    assert asym.expert_bits_per_param == pytest.approx(want, rel=1e-12)
+    fp8 = model_from_hf_config({**q3, "quantization_config": _ct(
+        "float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}, ("lm_head", "re:.*mlp.gate$"))})
+    assert fp8.expert_bits_per_param == pytest.approx((2 * (8 + 32 / h) + (8 + 32 / i)) / 3, rel=1e-12)
+    nvfp4 = model_from_hf_config({**q3, "quantization_config": _ct(
+        "nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16})})
+    assert nvfp4.expert_bits_per_param == pytest.approx(4.5 + 32 / (h * i), rel=1e-9)
+    # the router kept by a regex in fp8's ignore, quantised by the Linear target in w4's: w4's non-expert weights
+    # hold it at 4.125 bits; the LM head, in both ignore lists, stays 16-bit
+    assert "routers" in fp8.sources["weight_bits_per_param"].split(";")[1]
+    kept = w4.embedding_params + w4.lm_head_params + w4.final_norm_params + 48 * w4.norm_params_per_layer
+    linear = 4 + 16 / 128
+    assert w4.non_expert_bytes == pytest.approx((2 * kept + (w4.non_expert_params - kept) * linear / 8), abs=2)
+    tied = model_from_hf_config({**q3, "quantization_config": _ct(
+        "pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, ())})
+    assert tied.non_expert_bytes < w4.non_expert_bytes  # without ignore the LM head is quantised too
+
+
+@pytest.mark.parametrize("qc, message", [
+    (_ct("marlin-24", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}),
+     "format 'marlin-24' is not modelled"),
+    ({**_ct("float-quantized", {"num_bits": 8, "type": "float", "strategy": "tensor"}),
+      "kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme is not modelled"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+         ("re:.*self_attn.*",)), "keeps model.layers.0.self_attn.q_proj unquantised"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, ("re:((",)),
+     r"ignore 're:\(\(': missing \)"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group"}), "group_size must be a positive"),
+    (_ct("int-quantized", {"num_bits": 3, "type": "int", "strategy": "channel"}), "num_bits 3"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "a": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "channel"}},
+        "b": {"targets": ["re:.*experts.*"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}},
+     "config_groups must hold one scheme"),
+])
+def test_a_compressed_tensors_scheme_the_importer_cannot_size_is_refused(qc, message):
+    with pytest.raises(SimInputError, match=message):
+        model_from_hf_config({**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": qc})
+
+
 def test_show_tells_a_system_missing_a_part_and_a_component_file_apart(tmp_path):
     from sim.specs import show_preset
 

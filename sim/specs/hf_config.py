@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -166,9 +167,9 @@ def _format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float]
             return bits + (16 + bits) * groups / cols + g_idx / rows
         per = "one scale per row" if group == -1 else f"groups of {group}"
         return grouped, f"{method} {bits}-bit, {per} (fp16 scale, packed zero{', int32 g_idx' if g_idx else ''})"
-    raise SimInputError(f"{where}: quantization_config quant_method {brief(method)} is not modelled (fp8, gptq and "
-                        "awq are); write the weights' stored size into a model file (weight_bits_per_param, "
-                        "expert_bits_per_param)")
+    raise SimInputError(f"{where}: quantization_config quant_method {brief(method)} is not modelled (fp8, gptq, "
+                        "awq and compressed-tensors are); write the weights' stored size into a model file "
+                        "(weight_bits_per_param, expert_bits_per_param)")
 
 
 def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
@@ -195,26 +196,156 @@ def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
                             "modelled; write the stored size into a model file instead")
 
 
+# Module names a checkpoint of each family has (one layer stands for all): the quantised linears, and the router
+# where it is an nn.Linear (DeepSeek's is not, so no "Linear" target quantises it). A compressed-tensors `ignore`
+# regex is checked against them.
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MODULE_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mixtral": (tuple(f"model.layers.0.self_attn.{n}" for n in _ATTENTION)
+                + tuple(f"model.layers.0.block_sparse_moe.experts.0.{n}" for n in ("w1", "w2", "w3")),
+                ("model.layers.0.block_sparse_moe.gate",)),
+    "qwen_moe": (tuple(f"model.layers.0.self_attn.{n}" for n in _ATTENTION)
+                 + tuple(f"model.layers.0.mlp.{part}.{n}" for part in ("experts.0", "shared_expert")
+                         for n in ("gate_proj", "up_proj", "down_proj")),
+                 ("model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate")),
+    "deepseek": (tuple(f"model.layers.0.self_attn.{n}" for n in QUANTISED_LINEARS["deepseek"][:6])
+                 + tuple(f"model.layers.{i}.mlp.{part}{n}" for i, part in ((0, ""), (3, "experts.0."),
+                                                                             (3, "shared_experts."))
+                         for n in ("gate_proj", "up_proj", "down_proj")), ()),
+    "dbrx": (("transformer.blocks.0.norm_attn_norm.attn.Wqkv", "transformer.blocks.0.norm_attn_norm.attn.out_proj",
+              "transformer.blocks.0.ffn.experts.mlp.w1", "transformer.blocks.0.ffn.experts.mlp.v1",
+              "transformer.blocks.0.ffn.experts.mlp.w2"), ("transformer.blocks.0.ffn.router.layer",)),
+    "opt": (tuple(f"model.decoder.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+            + ("model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"), ()),
+}
+CT_FORMATS = {"pack-quantized": None, "int-quantized": 8, "float-quantized": 8, "nvfp4-pack-quantized": 4,
+              "mxfp4-pack-quantized": 4}  # stored bits a weight (None: num_bits, packed into int32 words)
+CT_STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block")
+
+
+def _module_names(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if model_type.startswith("deepseek"):
+        return MODULE_NAMES["deepseek"]
+    return MODULE_NAMES.get(model_type, MODULE_NAMES["qwen_moe"])  # Qwen2/3-MoE and OLMoE name alike
+
+
+def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float], str]:
+    """compressed-tensors (llm-compressor's checkpoints): one scheme for every Linear, its stored bits per weight
+    with scales, zero points and group indices counted per matrix shape."""
+    def bad(what: str) -> SimInputError:
+        return SimInputError(f"{where}: quantization_config (compressed-tensors) {what}; write the weights' stored "
+                             "size into a model file instead")
+    for key in ("kv_cache_scheme", "sparsity_config"):
+        if qc.get(key) is not None:
+            raise bad(f"{key} is not modelled (the KV cache and dense weights keep the model's dtype here)")
+    fmt = qc.get("format")
+    if not isinstance(fmt, str) or fmt not in CT_FORMATS:
+        raise bad(f"format {brief(fmt)} is not modelled ({', '.join(CT_FORMATS)} are)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise bad("config_groups must hold one scheme (schemes per module are not modelled)")
+    group = next(iter(groups.values()))
+    if not isinstance(group, dict) or group.get("targets") != ["Linear"] or not isinstance(group.get("weights"), dict):
+        raise bad("its scheme must target [\"Linear\"] with a weights mapping")
+    w = group["weights"]
+    bits, kind, strategy = _integral(w.get("num_bits")), w.get("type"), w.get("strategy")
+    if isinstance(bits, bool) or bits not in (4, 8) or kind not in ("int", "float") or strategy not in CT_STRATEGIES:
+        raise bad(f"weights num_bits {brief(bits)}, type {brief(kind)}, strategy {brief(strategy)} are not modelled "
+                  f"(4 or 8 bits, int or float, one of {', '.join(CT_STRATEGIES)})")
+    stored_bits = CT_FORMATS[fmt] or bits
+    if stored_bits < bits:
+        raise bad(f"format {fmt} cannot hold {bits}-bit weights")
+    size = _integral(w.get("group_size"))
+    if strategy in ("group", "tensor_group") and (isinstance(size, bool) or not isinstance(size, int)
+                                                  or not 0 < size <= 1 << 20):
+        raise bad(f"weights group_size must be a positive integer for strategy {strategy}, got {brief(size)}")
+    block = w.get("block_structure")
+    block = [_integral(b) for b in block] if isinstance(block, list) else block
+    if strategy == "block" and not (isinstance(block, list) and len(block) == 2 and all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+        raise bad(f"weights block_structure must be two positive integers, got {brief(w.get('block_structure'))}")
+    # scales: fp8 for NVFP4 (plus a float32 global scale a tensor), e8m0 for MXFP4, float32 beside fp8 weights,
+    # the model's 16 bits beside integers; a packed zero point per scale where the scheme is asymmetric
+    scale = 8 if fmt.endswith("fp4-pack-quantized") else 32 if kind == "float" else 16
+    zero = 0 if w.get("symmetric", True) else stored_bits
+    g_idx = 32 if w.get("actorder") == "group" else 0
+
+    def ct(rows: int, cols: int) -> float:
+        if strategy == "tensor":
+            scales = 1 / rows
+        elif strategy == "channel":
+            scales = 1.0
+        elif strategy == "block":
+            scales = math.ceil(rows / block[0]) * math.ceil(cols / block[1]) / rows
+        else:
+            scales = math.ceil(cols / size)
+        extra = 32 / (rows * cols) if fmt == "nvfp4-pack-quantized" else 0.0
+        return stored_bits + (scale + zero) * scales / cols + g_idx / rows + extra
+    per = {"tensor": "one scale a tensor", "channel": "one scale a row", "block": f"{block} blocks"}.get(
+        strategy, f"groups of {size}")
+    return ct, f"compressed-tensors {fmt}, {kind}{bits} in {per}"
+
+
+def _ct_kept(qc: dict[str, Any], model_type: str, where: str) -> tuple[bool, bool]:
+    """Whether compressed-tensors' `ignore` keeps the LM head and the routers in the model's dtype (its "Linear"
+    target quantises both otherwise); an entry that would keep a projection or an expert is refused."""
+    names = qc.get("ignore") or []
+    if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+        raise SimInputError(f"{where}: quantization_config ignore must be a list of names")
+    quantised, routers = _module_names(model_type)
+    lm_head = router = False
+    for entry in names:
+        if entry.startswith("re:"):
+            try:
+                pattern = re.compile(entry[3:])
+            except re.error as exc:
+                raise SimInputError(f"{where}: quantization_config ignore {brief(entry)}: {exc}") from None
+            hit = next((n for n in quantised if pattern.match(n)), None)
+            if hit:
+                raise SimInputError(f"{where}: quantization_config ignore {brief(entry)} keeps {hit} unquantised; "
+                                    "only embeddings, the LM head, routers and norms are modelled as kept (write the "
+                                    "stored size into a model file instead)")
+            lm_head |= bool(pattern.match("lm_head"))
+            router |= any(pattern.match(n) for n in routers)
+            continue
+        last = entry.rsplit(".", 1)[-1]
+        if last not in UNQUANTISED_MODULES:
+            raise SimInputError(f"{where}: quantization_config ignore keeps {brief(entry)} unquantised; only "
+                                "embeddings, the LM head, routers and norms are modelled as kept (write the stored "
+                                "size into a model file instead)")
+        lm_head |= last == "lm_head"
+        router |= any(n.rsplit(".", 1)[-1] == last for n in routers)
+    return lm_head, router or not routers
+
+
 def quantized(spec: ModelSpec, qc: dict[str, Any], model_type: str, where: str) -> ModelSpec:
     """`spec` with its weights at a quantised checkpoint's stored size: every linear layer of the decoder (attention,
     shared and routed experts, dense FFNs) at the method's bits, the embedding, LM head, routers and norms in the
     model's dtype; non-expert weights as their average. Without it the importer had sized a quantised checkpoint
     (DeepSeek-V3's own config is FP8) at 16 bits a weight."""
-    stored, how = _format(qc, where)
-    _kept_modules(qc, model_type, where)
+    if qc.get("quant_method") == "compressed-tensors":
+        stored, how = _ct_format(qc, where)
+        lm_head_kept, routers_kept = _ct_kept(qc, model_type, where)
+    else:  # these quantisers leave the LM head and routers alone unless told otherwise (refused above)
+        stored, how = _format(qc, where)
+        _kept_modules(qc, model_type, where)
+        lm_head_kept = routers_kept = True
     m = spec
     h, i = m.hidden_size, m.expert_intermediate_size
     # an expert's matrices: gate and up (i x h) where gated, and down (h x i)
     shapes = [(i, h)] * (m.ffn_matrices - 1) + [(h, i)]
     expert = sum(r * c * stored(r, c) for r, c in shapes) / sum(r * c for r, c in shapes)
     linear = stored(h, h)  # attention, shared experts, dense FFNs: a square matrix's scale share stands for them
-    kept = (m.embedding_params + m.lm_head_params + m.final_norm_params + m.num_layers * m.norm_params_per_layer
-            + m.num_moe_layers * m.router_params)
+    kept = (m.embedding_params + m.final_norm_params + m.num_layers * m.norm_params_per_layer
+            + (m.lm_head_params if lm_head_kept else 0) + (m.num_moe_layers * m.router_params if routers_kept else 0))
     average = (kept * 8 * m.bytes_per_param + (m.non_expert_params - kept) * linear) / m.non_expert_params
+    dtype_parts = ", ".join(["the embedding", *(["LM head"] if lm_head_kept else []),
+                             *(["routers"] if routers_kept else []), "norms"])
     sources = {**m.sources,
                "expert_bits_per_param": f"config.json quantization_config: {how}, {expert:.4g} bits a weight",
-               "weight_bits_per_param": f"the same ({linear:.4g} bits) for attention, shared experts and dense FFNs; "
-                                        "the embedding, LM head, routers and norms in the model's dtype: "
+               "weight_bits_per_param": f"the same ({linear:.4g} bits) for attention, shared experts and dense FFNs"
+                                        f"{'' if lm_head_kept else ', the LM head'}"
+                                        f"{'' if routers_kept else ', routers'}; {dtype_parts} in the model's dtype: "
                                         f"{average:.4g} bits on average"}
     return dataclasses.replace(m, weight_bits_per_param=average, expert_bits_per_param=expert, sources=sources)
 
