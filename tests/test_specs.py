@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -342,9 +343,14 @@ def test_compressed_tensors_checkpoints_are_sized_by_their_scheme():
                            "actorder": "group"})})
     want = (2 * (4 + 20 / 128 + 32 / i) + (4 + 20 / 128 + 32 / h)) / 3  # zero points and int32 group indices
     assert asym.expert_bits_per_param == pytest.approx(want, rel=1e-12)
+    # FP8 per channel, scales in the model's bf16 (compressed-tensors keeps the observed dtype)
     fp8 = model_from_hf_config({**q3, "quantization_config": _ct(
         "float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}, ("lm_head", "re:.*mlp.gate$"))})
-    assert fp8.expert_bits_per_param == pytest.approx((2 * (8 + 32 / h) + (8 + 32 / i)) / 3, rel=1e-12)
+    assert fp8.expert_bits_per_param == pytest.approx((2 * (8 + 16 / h) + (8 + 16 / i)) / 3, rel=1e-12)
+    for alias in ("dynamic", True):  # the group ordering's alias and its old spelling store the index too
+        assert model_from_hf_config({**q3, "quantization_config": _ct("pack-quantized", {
+            "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128,
+            "actorder": alias})}).expert_bits_per_param == pytest.approx((2 * (4.125 + 32 / i) + 4.125 + 32 / h) / 3)
     nvfp4 = model_from_hf_config({**q3, "quantization_config": _ct(
         "nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16})})
     assert nvfp4.expert_bits_per_param == pytest.approx(4.5 + 32 / (h * i), rel=1e-9)
@@ -359,6 +365,22 @@ def test_compressed_tensors_checkpoints_are_sized_by_their_scheme():
     assert tied.non_expert_bytes < w4.non_expert_bytes  # without ignore the LM head is quantised too
 
 
+def test_a_compressed_tensors_config_as_llm_compressor_writes_it():
+    """The keys a saved config carries besides the scheme (an empty sparsity_config, transform_config, version) are
+    read as nothing; the ignore list names each layer's router by its full name, so the routers stay 16-bit only
+    when every MoE layer's is listed (a bare `gate` names no module and keeps none)."""
+    q3 = HF_CONFIGS["qwen3-30b-a3b"]
+    scheme = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+    saved = {**_ct("float-quantized", scheme, ["lm_head"] + [f"model.layers.{n}.mlp.gate" for n in range(48)]),
+             "sparsity_config": {}, "transform_config": {}, "version": "0.12.2", "quantization_status": "compressed"}
+    every = model_from_hf_config({**q3, "quantization_config": saved})
+    bare = model_from_hf_config({**q3, "quantization_config": {**saved, "ignore": ["lm_head", "gate"]}})
+    some = model_from_hf_config({**q3, "quantization_config": {**saved, "ignore": saved["ignore"][:-1]}})
+    assert every.non_expert_bytes > bare.non_expert_bytes == some.non_expert_bytes  # routers at 16 bits, or at 8
+    assert every.non_expert_bytes - bare.non_expert_bytes == pytest.approx(48 * 128 * 2048 * (16 - 8.0078125) / 8,
+                                                                           rel=1e-3)
+
+
 @pytest.mark.parametrize("qc, message", [
     (_ct("marlin-24", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}),
      "format 'marlin-24' is not modelled"),
@@ -367,7 +389,22 @@ def test_compressed_tensors_checkpoints_are_sized_by_their_scheme():
     (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
          ("re:.*self_attn.*",)), "keeps model.layers.0.self_attn.q_proj unquantised"),
     (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, ("re:((",)),
-     r"ignore 're:\(\(': missing \)"),
+     r"ignore 're:\(\(' is not a regex the importer evaluates"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+         ("re:a{4294967296}",)), "is not a regex the importer evaluates"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+         ("re:(.*)*x$",)), "a repeat inside a repeat"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+         ("model.layers.5.self_attn.q_proj",)), "keeps 'model.layers.5.self_attn.q_proj' unquantised"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+         ("re:.*layers.[1-9].*",)), "keeps model.layers.1.self_attn.q_proj unquantised"),
+    (_ct("float-quantized", {"num_bits": 4, "type": "float", "strategy": "channel"}), "does not hold float4"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 16}),
+     "does not hold float4"),
+    (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128,
+                            "symmetric": "false"}), "symmetric must be true or false"),
+    ({**_ct("float-quantized", {"num_bits": 8, "type": "float", "strategy": "tensor"}),
+      "sparsity_config": {"format": "sparse-bitmask"}}, "sparsity_config is not modelled"),
     (_ct("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group"}), "group_size must be a positive"),
     (_ct("int-quantized", {"num_bits": 3, "type": "int", "strategy": "channel"}), "num_bits 3"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
@@ -375,9 +412,29 @@ def test_compressed_tensors_checkpoints_are_sized_by_their_scheme():
         "b": {"targets": ["re:.*experts.*"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}},
      "config_groups must hold one scheme"),
 ])
-def test_a_compressed_tensors_scheme_the_importer_cannot_size_is_refused(qc, message):
-    with pytest.raises(SimInputError, match=message):
-        model_from_hf_config({**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": qc})
+def test_a_compressed_tensors_scheme_the_importer_cannot_size_is_refused(tmp_path, capsys, qc, message):
+    """One line and exit status 2 through the command line (a regex that would overflow or backtrack for ever had
+    been a traceback or a hang)."""
+    from experiments.cli import main
+
+    path = tmp_path / "q" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": qc}))
+    assert main(["simulate", "--model-file", str(path), "--system", "a100-80g-8452y", "--batch", "2",
+                 "--prompt-len", "4", "--gen-len", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and re.search(message, err), err
+
+
+def test_naive_quantized_and_dbrx():
+    """naive-quantized (one byte a value, as older neuralmagic FP8 configs say) is sized; DBRX's experts are fused
+    parameters no Linear target reaches, so a quantised DBRX config is refused rather than sized."""
+    naive = model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": _ct(
+        "naive-quantized", {"num_bits": 8, "type": "float", "strategy": "tensor"})})
+    assert 8 < naive.expert_bits_per_param < 8.001
+    with pytest.raises(SimInputError, match="a quantization_config on DBRX is not modelled"):
+        model_from_hf_config({**HF_CONFIGS["dbrx"], "quantization_config": _ct(
+            "float-quantized", {"num_bits": 8, "type": "float", "strategy": "tensor"})})
 
 
 def test_show_tells_a_system_missing_a_part_and_a_component_file_apart(tmp_path):

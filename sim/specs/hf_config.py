@@ -196,48 +196,80 @@ def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
                             "modelled; write the stored size into a model file instead")
 
 
-# Module names a checkpoint of each family has (one layer stands for all): the quantised linears, and the router
-# where it is an nn.Linear (DeepSeek's is not, so no "Linear" target quantises it). A compressed-tensors `ignore`
-# regex is checked against them.
+# Module name templates of each family ({l}: layer, {e}: expert): the linears a "Linear" target quantises, and the
+# router where it is an nn.Linear (DeepSeek's is not). A compressed-tensors `ignore` regex is checked against them at
+# a spread of layer and expert indices, and its exact names against the routers of every MoE layer.
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MODULE_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "mixtral": (tuple(f"model.layers.0.self_attn.{n}" for n in _ATTENTION)
-                + tuple(f"model.layers.0.block_sparse_moe.experts.0.{n}" for n in ("w1", "w2", "w3")),
-                ("model.layers.0.block_sparse_moe.gate",)),
-    "qwen_moe": (tuple(f"model.layers.0.self_attn.{n}" for n in _ATTENTION)
-                 + tuple(f"model.layers.0.mlp.{part}.{n}" for part in ("experts.0", "shared_expert")
-                         for n in ("gate_proj", "up_proj", "down_proj")),
-                 ("model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate")),
-    "deepseek": (tuple(f"model.layers.0.self_attn.{n}" for n in QUANTISED_LINEARS["deepseek"][:6])
-                 + tuple(f"model.layers.{i}.mlp.{part}{n}" for i, part in ((0, ""), (3, "experts.0."),
-                                                                             (3, "shared_experts."))
-                         for n in ("gate_proj", "up_proj", "down_proj")), ()),
-    "dbrx": (("transformer.blocks.0.norm_attn_norm.attn.Wqkv", "transformer.blocks.0.norm_attn_norm.attn.out_proj",
-              "transformer.blocks.0.ffn.experts.mlp.w1", "transformer.blocks.0.ffn.experts.mlp.v1",
-              "transformer.blocks.0.ffn.experts.mlp.w2"), ("transformer.blocks.0.ffn.router.layer",)),
-    "opt": (tuple(f"model.decoder.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
-            + ("model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"), ()),
+_FFN = ("gate_proj", "up_proj", "down_proj")
+MODULE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mixtral": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in _ATTENTION)
+                + tuple(f"model.layers.{{l}}.block_sparse_moe.experts.{{e}}.{n}" for n in ("w1", "w2", "w3")),
+                ("model.layers.{l}.block_sparse_moe.gate",)),
+    "qwen_moe": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in _ATTENTION)
+                 + tuple(f"model.layers.{{l}}.mlp.{part}{n}" for part in ("experts.{e}.", "shared_expert.", "")
+                         for n in _FFN),
+                 ("model.layers.{l}.mlp.gate",)),  # (Qwen2's one-row shared_expert_gate: in the shared expert)
+    "deepseek": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in QUANTISED_LINEARS["deepseek"][:6])
+                 + tuple(f"model.layers.{{l}}.mlp.{part}{n}" for part in ("", "experts.{e}.", "shared_experts.")
+                         for n in _FFN), ()),
+    "opt": (tuple(f"model.decoder.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+            + ("model.decoder.layers.{l}.fc1", "model.decoder.layers.{l}.fc2"), ()),
 }
-CT_FORMATS = {"pack-quantized": None, "int-quantized": 8, "float-quantized": 8, "nvfp4-pack-quantized": 4,
-              "mxfp4-pack-quantized": 4}  # stored bits a weight (None: num_bits, packed into int32 words)
+CT_FORMATS = {  # stored bits a weight (None: num_bits packed into int32 words), the weights' type, and a fixed shape
+    "pack-quantized": (None, "int"), "int-quantized": (8, "int"), "float-quantized": (8, "float"),
+    "naive-quantized": (8, None), "nvfp4-pack-quantized": (4, "float"), "mxfp4-pack-quantized": (4, "float")}
 CT_STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block")
+SCALE_BITS = {"bfloat16": 16, "float16": 16, "float32": 32, "float8_e4m3fn": 8, "uint8": 8}
+MAX_IGNORE_PATTERN = 256  # characters of one `re:` entry
 
 
-def _module_names(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _module_templates(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if model_type.startswith("deepseek"):
-        return MODULE_NAMES["deepseek"]
-    return MODULE_NAMES.get(model_type, MODULE_NAMES["qwen_moe"])  # Qwen2/3-MoE and OLMoE name alike
+        return MODULE_TEMPLATES["deepseek"]
+    return MODULE_TEMPLATES.get(model_type, MODULE_TEMPLATES["qwen_moe"])  # Qwen2/3-MoE and OLMoE name alike
+
+
+def _spread(n: int) -> list[int]:
+    """Indices 0..n-1 that a pattern naming some of them is likely to hit: the first ten, every tenth, the last."""
+    return sorted({*range(min(n, 10)), *range(0, n, 10), n - 1} - {-1})
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether a regex repeats something that itself repeats ((a*)*, (.*)+x): such a pattern can take exponential
+    time on a plain module name, so it is refused rather than run."""
+    import re._parser as sre_parse  # noqa: PLC0415 - the stdlib's own regex parser, to walk the pattern's tree
+
+    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)}
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                found = inside or walk(arg[2], True)
+            elif op is sre_parse.SUBPATTERN:
+                found = walk(arg[-1], inside)
+            elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+                found = walk(arg[1], inside)
+            elif op is sre_parse.BRANCH:
+                found = any(walk(branch, inside) for branch in arg[1])
+            else:
+                found = False
+            if found:
+                return True
+        return False
+    return walk(sre_parse.parse(pattern), False)
 
 
 def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float], str]:
     """compressed-tensors (llm-compressor's checkpoints): one scheme for every Linear, its stored bits per weight
-    with scales, zero points and group indices counted per matrix shape."""
+    with scales, zero points and group indices counted per matrix shape (compressed-tensors' own layout)."""
     def bad(what: str) -> SimInputError:
         return SimInputError(f"{where}: quantization_config (compressed-tensors) {what}; write the weights' stored "
                              "size into a model file instead")
-    for key in ("kv_cache_scheme", "sparsity_config"):
-        if qc.get(key) is not None:
-            raise bad(f"{key} is not modelled (the KV cache and dense weights keep the model's dtype here)")
+    if qc.get("kv_cache_scheme"):
+        raise bad("kv_cache_scheme is not modelled (the KV cache keeps the model's dtype here)")
+    sparsity = qc.get("sparsity_config")  # written as {} when there is none
+    if sparsity and not (isinstance(sparsity, dict) and sparsity.get("format") == "dense"):
+        raise bad("sparsity_config is not modelled (weights are sized dense)")
     fmt = qc.get("format")
     if not isinstance(fmt, str) or fmt not in CT_FORMATS:
         raise bad(f"format {brief(fmt)} is not modelled ({', '.join(CT_FORMATS)} are)")
@@ -249,12 +281,16 @@ def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], flo
         raise bad("its scheme must target [\"Linear\"] with a weights mapping")
     w = group["weights"]
     bits, kind, strategy = _integral(w.get("num_bits")), w.get("type"), w.get("strategy")
+    stored_bits, fmt_kind = CT_FORMATS[fmt]
     if isinstance(bits, bool) or bits not in (4, 8) or kind not in ("int", "float") or strategy not in CT_STRATEGIES:
         raise bad(f"weights num_bits {brief(bits)}, type {brief(kind)}, strategy {brief(strategy)} are not modelled "
                   f"(4 or 8 bits, int or float, one of {', '.join(CT_STRATEGIES)})")
-    stored_bits = CT_FORMATS[fmt] or bits
-    if stored_bits < bits:
-        raise bad(f"format {fmt} cannot hold {bits}-bit weights")
+    if (fmt_kind and kind != fmt_kind) or (kind == "float" and bits == 4) != fmt.endswith("fp4-pack-quantized"):
+        raise bad(f"format {fmt} does not hold {kind}{bits} weights")
+    stored_bits = stored_bits or bits
+    symmetric = w.get("symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise bad(f"weights symmetric must be true or false, got {brief(symmetric)}")
     size = _integral(w.get("group_size"))
     if strategy in ("group", "tensor_group") and (isinstance(size, bool) or not isinstance(size, int)
                                                   or not 0 < size <= 1 << 20):
@@ -264,11 +300,18 @@ def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], flo
     if strategy == "block" and not (isinstance(block, list) and len(block) == 2 and all(
             isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
         raise bad(f"weights block_structure must be two positive integers, got {brief(w.get('block_structure'))}")
-    # scales: fp8 for NVFP4 (plus a float32 global scale a tensor), e8m0 for MXFP4, float32 beside fp8 weights,
-    # the model's 16 bits beside integers; a packed zero point per scale where the scheme is asymmetric
-    scale = 8 if fmt.endswith("fp4-pack-quantized") else 32 if kind == "float" else 16
-    zero = 0 if w.get("symmetric", True) else stored_bits
-    g_idx = 32 if w.get("actorder") == "group" else 0
+    # Scales in the model's dtype (compressed-tensors keeps the observed dtype: bf16) unless the scheme names one,
+    # fp8 for NVFP4 (plus a float32 global scale a tensor), e8m0 for MXFP4; a packed zero point per scale where the
+    # scheme is asymmetric; an int32 group index per input row with group activation ordering ("dynamic" is its
+    # alias, true its old spelling)
+    scale = 8 if fmt.endswith("fp4-pack-quantized") else 16
+    if w.get("scale_dtype") is not None:
+        named = str(w["scale_dtype"]).removeprefix("torch.")
+        if named not in SCALE_BITS:
+            raise bad(f"weights scale_dtype {brief(w['scale_dtype'])} is not modelled ({', '.join(SCALE_BITS)} are)")
+        scale = SCALE_BITS[named]
+    zero = 0 if symmetric else stored_bits
+    g_idx = 32 if w.get("actorder") in ("group", "dynamic", True) else 0
 
     def ct(rows: int, cols: int) -> float:
         if strategy == "tensor":
@@ -286,36 +329,46 @@ def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], flo
     return ct, f"compressed-tensors {fmt}, {kind}{bits} in {per}"
 
 
-def _ct_kept(qc: dict[str, Any], model_type: str, where: str) -> tuple[bool, bool]:
+def _ct_kept(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: str) -> tuple[bool, bool]:
     """Whether compressed-tensors' `ignore` keeps the LM head and the routers in the model's dtype (its "Linear"
-    target quantises both otherwise); an entry that would keep a projection or an expert is refused."""
+    target quantises both otherwise). As compressed-tensors matches them, a plain entry is one module's full name
+    and a `re:` entry a regex matched from the name's start; an entry that would keep a projection or an expert is
+    refused, and the routers count as kept only when every MoE layer's is."""
     names = qc.get("ignore") or []
     if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
         raise SimInputError(f"{where}: quantization_config ignore must be a list of names")
-    quantised, routers = _module_names(model_type)
-    lm_head = router = False
+    linears, routers = _module_templates(model_type)
+    layers, experts = _spread(spec.num_layers), _spread(spec.num_experts)
+    quantised = [t.format(l=layer, e=e) for t in linears for layer in layers for e in (experts if "{e}" in t else [0])]
+    moe_layers = range(spec.first_dense_layers, spec.num_layers)
+    router_names = {t.format(l=layer) for t in routers for layer in moe_layers}
+    leaves = {t.rsplit(".", 1)[-1] for t in linears}
+    lm_head, kept_routers = False, set()
     for entry in names:
         if entry.startswith("re:"):
+            text = entry[3:]
             try:
-                pattern = re.compile(entry[3:])
-            except re.error as exc:
-                raise SimInputError(f"{where}: quantization_config ignore {brief(entry)}: {exc}") from None
+                if len(text) > MAX_IGNORE_PATTERN or _nested_repeat(text):
+                    raise re.error(f"longer than {MAX_IGNORE_PATTERN} characters or a repeat inside a repeat")
+                pattern = re.compile(text)
+            except (re.error, OverflowError, RecursionError) as exc:
+                raise SimInputError(f"{where}: quantization_config ignore {brief(entry)} is not a regex the importer "
+                                    f"evaluates: {brief(str(exc))}") from None
             hit = next((n for n in quantised if pattern.match(n)), None)
             if hit:
                 raise SimInputError(f"{where}: quantization_config ignore {brief(entry)} keeps {hit} unquantised; "
                                     "only embeddings, the LM head, routers and norms are modelled as kept (write the "
                                     "stored size into a model file instead)")
             lm_head |= bool(pattern.match("lm_head"))
-            router |= any(pattern.match(n) for n in routers)
-            continue
-        last = entry.rsplit(".", 1)[-1]
-        if last not in UNQUANTISED_MODULES:
+            kept_routers |= {n for n in router_names if pattern.match(n)}
+        elif entry.rsplit(".", 1)[-1] in leaves:  # one projection or expert matrix kept in 16 bits
             raise SimInputError(f"{where}: quantization_config ignore keeps {brief(entry)} unquantised; only "
                                 "embeddings, the LM head, routers and norms are modelled as kept (write the stored "
                                 "size into a model file instead)")
-        lm_head |= last == "lm_head"
-        router |= any(n.rsplit(".", 1)[-1] == last for n in routers)
-    return lm_head, router or not routers
+        else:  # a full name: the LM head or a router is kept; any other name matches nothing quantised here
+            lm_head |= entry == "lm_head"
+            kept_routers |= {entry} & router_names
+    return lm_head, not router_names or kept_routers == router_names
 
 
 def quantized(spec: ModelSpec, qc: dict[str, Any], model_type: str, where: str) -> ModelSpec:
@@ -323,9 +376,13 @@ def quantized(spec: ModelSpec, qc: dict[str, Any], model_type: str, where: str) 
     shared and routed experts, dense FFNs) at the method's bits, the embedding, LM head, routers and norms in the
     model's dtype; non-expert weights as their average. Without it the importer had sized a quantised checkpoint
     (DeepSeek-V3's own config is FP8) at 16 bits a weight."""
+    if model_type == "dbrx":  # its experts are fused parameters, not Linear modules: each quantiser has its own way
+        raise SimInputError(f"{where}: a quantization_config on DBRX is not modelled (its experts are fused "
+                            "parameters, which quantisers store each their own way); write the stored size into a "
+                            "model file instead")
     if qc.get("quant_method") == "compressed-tensors":
         stored, how = _ct_format(qc, where)
-        lm_head_kept, routers_kept = _ct_kept(qc, model_type, where)
+        lm_head_kept, routers_kept = _ct_kept(qc, spec, model_type, where)
     else:  # these quantisers leave the LM head and routers alone unless told otherwise (refused above)
         stored, how = _format(qc, where)
         _kept_modules(qc, model_type, where)
