@@ -110,24 +110,15 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
 UNQUANTISED_MODULES = frozenset({"embed_tokens", "lm_head", "gate", "shared_expert_gate", "norm", "input_layernorm",
                                  "post_attention_layernorm", "q_norm", "k_norm", "q_a_layernorm", "kv_a_layernorm",
                                  "e_score_correction_bias"})
-# The quantised linear layers of each family: a bare entry (no dot) is matched by substring, as AutoAWQ and
-# transformers match it, so `gate` also keeps Qwen's and DeepSeek's `gate_proj` (every expert) unquantised.
-QUANTISED_LINEARS = {
-    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
-    "dbrx": ("Wqkv", "out_proj", "w1", "v1", "w2"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    "deepseek": ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
-                 "down_proj"),
-}
 GROUP_QUANT_METHODS = ("gptq", "awq")
 FP8_SCALE_BITS = 32  # DeepSeek-V3's `weight_scale_inv` is float32 (Qwen's FP8 scales are bf16: 0.001 bits less)
 
 
-def _linears(model_type: str) -> tuple[str, ...]:
-    if model_type in QUANTISED_LINEARS:
-        return QUANTISED_LINEARS[model_type]
-    return QUANTISED_LINEARS["deepseek"] if model_type.startswith("deepseek") else (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen2/3-MoE, OLMoE
+def _linears(model_type: str) -> set[str]:
+    """The last part of every quantised linear's name in this family (q_proj, w1, gate_proj, ...): a bare entry
+    (no dot) of GPTQ's or AWQ's keep list is matched by substring, as AutoAWQ and transformers match it, so `gate`
+    also keeps Qwen's and DeepSeek's `gate_proj` (every expert) unquantised."""
+    return {t.rsplit(".", 1)[-1] for t in _module_templates(model_type)[0]}
 
 
 def _integral(value: Any) -> Any:
@@ -181,7 +172,7 @@ def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
             raise SimInputError(f"{where}: quantization_config {key} must be a list of names")
         for name in names:
             last = name.rsplit(".", 1)[-1]
-            clash = "." not in name and [lin for lin in _linears(model_type) if name in lin]
+            clash = "." not in name and sorted(lin for lin in _linears(model_type) if name in lin)
             if last not in UNQUANTISED_MODULES or clash:
                 also = f" (as a substring it also matches {clash[0]})" if clash else ""
                 raise SimInputError(f"{where}: quantization_config {key} keeps {brief(name)} unquantised{also}; only "
@@ -209,7 +200,8 @@ MODULE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                  + tuple(f"model.layers.{{l}}.mlp.{part}{n}" for part in ("experts.{e}.", "shared_expert.", "")
                          for n in _FFN),
                  ("model.layers.{l}.mlp.gate",)),  # (Qwen2's one-row shared_expert_gate: in the shared expert)
-    "deepseek": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in QUANTISED_LINEARS["deepseek"][:6])
+    "deepseek": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "q_a_proj", "q_b_proj",
+                                                                      "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
                  + tuple(f"model.layers.{{l}}.mlp.{part}{n}" for part in ("", "experts.{e}.", "shared_experts.")
                          for n in _FFN), ()),
     "opt": (tuple(f"model.decoder.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
@@ -342,7 +334,7 @@ def _ct_kept(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: str) -
     quantised = [t.format(l=layer, e=e) for t in linears for layer in layers for e in (experts if "{e}" in t else [0])]
     moe_layers = range(spec.first_dense_layers, spec.num_layers)
     router_names = {t.format(l=layer) for t in routers for layer in moe_layers}
-    leaves = {t.rsplit(".", 1)[-1] for t in linears}
+    leaves = _linears(model_type)
     lm_head, kept_routers = False, set()
     for entry in names:
         if entry.startswith("re:"):
