@@ -42,9 +42,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from experiments.reproduce.report import reproduce_all
     from experiments.tables import markdown_table
 
-    if args.points and args.name == "all":
-        raise SimInputError("--points runs part of the validation set, and the report of `reproduce all` stands for "
-                            "all of it: run `reproduce validation --points` instead")
     if args.keep and args.name != "all":
         raise SimInputError(f"--keep carries figures of `reproduce all`; `reproduce {args.name}` reruns only "
                             f"{args.name} (omit --keep)")

@@ -73,6 +73,9 @@ def kept_parts(report: Path, names: tuple[str, ...]) -> dict[str, tuple[str, str
 
 
 def reproduce_all(options: ReproduceOptions, names: list[str] | None = None) -> tuple[list[Reproduction], Path]:
+    if options.points:  # before any figure runs or any file is written
+        raise SimInputError("--points runs part of the validation set, and the report of `reproduce all` stands for "
+                            "all of it: run `reproduce validation --points` instead")
     names = names or list(FIGURES)
     kept = kept_parts(options.out / REPORT, options.keep) if options.keep else {}
     options.check_settings([n for n in names if n not in kept])  # before the first (long) figure runs

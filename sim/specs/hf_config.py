@@ -126,24 +126,41 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53 else value
 
 
+def _block(value: Any, what: str, where: str) -> tuple[int, int]:
+    """A scale block's (rows, columns): two positive integers (FP8's weight_block_size, compressed-tensors'
+    block_structure)."""
+    block = [_integral(b) for b in value] if isinstance(value, list) else value
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+        raise SimInputError(f"{where}: quantization_config {what} must be two positive integers, got {brief(value)}")
+    return block[0], block[1]
+
+
+def _blocks(rows: int, cols: int, block: tuple[int, int]) -> int:
+    """How many scale blocks cover a rows x cols matrix."""
+    return math.ceil(rows / block[0]) * math.ceil(cols / block[1])
+
+
+def _names(qc: dict[str, Any], key: str, where: str) -> list[str]:
+    """A quantization_config list of module names (keep or ignore lists); absent: none."""
+    names = qc.get(key) or []
+    if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+        raise SimInputError(f"{where}: quantization_config {key} must be a list of names")
+    return names
+
+
 def _format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float], str]:
     """A function giving the stored bits per weight of one quantised matrix (`rows` outputs x `cols` inputs),
     scales included, and how they are counted."""
     method = qc.get("quant_method")
     if method == "fp8":  # e4m3 weights and an inverse scale per block (per tensor without a block size)
-        block = qc.get("weight_block_size")
-        if block is None:
+        if qc.get("weight_block_size") is None:
             return (lambda rows, cols: 8.0 + FP8_SCALE_BITS / (rows * cols)), "fp8, one scale per tensor"
-        block = [_integral(b) for b in block] if isinstance(block, list) else block
-        if not (isinstance(block, list) and len(block) == 2
-                and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
-            raise SimInputError(f"{where}: quantization_config weight_block_size must be two positive integers, "
-                                f"got {brief(qc.get('weight_block_size'))}")
-        b0, b1 = block
+        block = _block(qc["weight_block_size"], "weight_block_size", where)
 
         def fp8(rows: int, cols: int) -> float:
-            return 8.0 + FP8_SCALE_BITS * math.ceil(rows / b0) * math.ceil(cols / b1) / (rows * cols)
-        return fp8, f"fp8 in {b0} x {b1} blocks with float32 scales"
+            return 8.0 + FP8_SCALE_BITS * _blocks(rows, cols, block) / (rows * cols)
+        return fp8, f"fp8 in {block[0]} x {block[1]} blocks with float32 scales"
     if method in GROUP_QUANT_METHODS:  # packed integers; an fp16 scale and a packed zero point per group and row
         bits, group = _integral(qc.get("bits")), _integral(qc.get("group_size", 128))
         if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
@@ -167,10 +184,7 @@ def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
     """Refuse what would keep more of the model unquantised than the embedding, LM head, routers and norms (or
     quantise the LM head), which the sizes below assume."""
     for key in ("modules_to_not_convert", "ignored_layers"):
-        names = qc.get(key) or []
-        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
-            raise SimInputError(f"{where}: quantization_config {key} must be a list of names")
-        for name in names:
+        for name in _names(qc, key, where):
             last = name.rsplit(".", 1)[-1]
             clash = "." not in name and sorted(lin for lin in _linears(model_type) if name in lin)
             if last not in UNQUANTISED_MODULES or clash:
@@ -207,7 +221,7 @@ MODULE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "opt": (tuple(f"model.decoder.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
             + ("model.decoder.layers.{l}.fc1", "model.decoder.layers.{l}.fc2"), ()),
 }
-CT_FORMATS = {  # stored bits a weight (None: num_bits packed into int32 words), the weights' type, and a fixed shape
+CT_FORMATS = {  # stored bits a weight (None: num_bits packed into int32 words), and the weights' type it holds
     "pack-quantized": (None, "int"), "int-quantized": (8, "int"), "float-quantized": (8, "float"),
     "naive-quantized": (8, None), "nvfp4-pack-quantized": (4, "float"), "mxfp4-pack-quantized": (4, "float")}
 CT_STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block")
@@ -287,11 +301,7 @@ def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], flo
     if strategy in ("group", "tensor_group") and (isinstance(size, bool) or not isinstance(size, int)
                                                   or not 0 < size <= 1 << 20):
         raise bad(f"weights group_size must be a positive integer for strategy {strategy}, got {brief(size)}")
-    block = w.get("block_structure")
-    block = [_integral(b) for b in block] if isinstance(block, list) else block
-    if strategy == "block" and not (isinstance(block, list) and len(block) == 2 and all(
-            isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
-        raise bad(f"weights block_structure must be two positive integers, got {brief(w.get('block_structure'))}")
+    block = _block(w.get("block_structure"), "weights block_structure", where) if strategy == "block" else (1, 1)
     # Scales in the model's dtype (compressed-tensors keeps the observed dtype: bf16) unless the scheme names one,
     # fp8 for NVFP4 (plus a float32 global scale a tensor), e8m0 for MXFP4; a packed zero point per scale where the
     # scheme is asymmetric; an int32 group index per input row with group activation ordering ("dynamic" is its
@@ -311,13 +321,13 @@ def _ct_format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], flo
         elif strategy == "channel":
             scales = 1.0
         elif strategy == "block":
-            scales = math.ceil(rows / block[0]) * math.ceil(cols / block[1]) / rows
+            scales = _blocks(rows, cols, block) / rows
         else:
             scales = math.ceil(cols / size)
         extra = 32 / (rows * cols) if fmt == "nvfp4-pack-quantized" else 0.0
         return stored_bits + (scale + zero) * scales / cols + g_idx / rows + extra
-    per = {"tensor": "one scale a tensor", "channel": "one scale a row", "block": f"{block} blocks"}.get(
-        strategy, f"groups of {size}")
+    per = {"tensor": "one scale a tensor", "channel": "one scale a row",
+           "block": f"{block[0]} x {block[1]} blocks"}.get(strategy, f"groups of {size}")
     return ct, f"compressed-tensors {fmt}, {kind}{bits} in {per}"
 
 
@@ -326,9 +336,7 @@ def _ct_kept(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: str) -
     target quantises both otherwise). As compressed-tensors matches them, a plain entry is one module's full name
     and a `re:` entry a regex matched from the name's start; an entry that would keep a projection or an expert is
     refused, and the routers count as kept only when every MoE layer's is."""
-    names = qc.get("ignore") or []
-    if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
-        raise SimInputError(f"{where}: quantization_config ignore must be a list of names")
+    names = _names(qc, "ignore", where)
     linears, routers = _module_templates(model_type)
     layers, experts = _spread(spec.num_layers), _spread(spec.num_experts)
     quantised = [t.format(l=layer, e=e) for t in linears for layer in layers for e in (experts if "{e}" in t else [0])]
