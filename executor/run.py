@@ -106,8 +106,9 @@ def _at_plan_precision(plan: Plan, weights: ModelWeights) -> ModelWeights:
     precision = plan.model.expert_precision
     if plan.model.stored_at_bits:
         raise SimInputError("the executor has no kernels for weights stored at weight_bits_per_param / "
-                            "expert_bits_per_param (a GGUF-style size); simulate the plan, or give the model a "
-                            "precision the executor runs (expert_precision native, int8 or int4)")
+                            "expert_bits_per_param (a quantization_config or a model file's stored size); simulate "
+                            "the plan, or execute the model without them (a config.json without quantization_config, "
+                            "or a model file with both at 0 and, if wanted, expert_precision int8 or int4)")
     if precision == "native":
         return weights
     topo = topology_of(plan.system)  # a GPU stream's experts run the plain kernels, on whatever device: refuse

@@ -174,3 +174,13 @@ def test_keep_carries_a_figure_from_the_earlier_report(tmp_path):
     with pytest.raises(SimInputError, match="unknown figure"):
         ReproduceOptions(tmp_path, keep=("nope",))
     assert "--keep calibration" in ReproduceOptions(tmp_path, keep=("calibration",)).command("all")
+
+
+def test_fig7_takes_the_seed_it_is_given():
+    """`--seed` reaches every fig7 point (the routing traces' draws) and so its sweep keys; 0 keeps the spec's."""
+    from experiments.reproduce.fig7 import spec
+    from experiments.sweep.spec import expand
+
+    default, seeded = expand(spec(True)), expand(spec(True, seed=5))
+    assert {p.config["seed"] for p in default} == {0} and {p.config["seed"] for p in seeded} == {5}
+    assert not {p.key for p in default} & {p.key for p in seeded}

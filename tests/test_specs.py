@@ -490,8 +490,53 @@ def test_a_bare_gate_is_a_router_for_mixtral_but_every_gate_proj_for_qwen():
     qc = {"quant_method": "awq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["gate"]}
     assert model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": qc}).expert_bits_per_param
     for name in ("qwen3-30b-a3b", "deepseek-v2-lite"):
-        with pytest.raises(SimInputError, match="as a substring it also matches gate_proj"):
+        with pytest.raises(SimInputError,
+                           match=r"as a substring it also matches model\.layers\.0\.mlp\.(experts\.0\.)?gate_proj"):
             model_from_hf_config({**HF_CONFIGS[name], "quantization_config": qc})
+
+
+def test_a_dotted_keep_entry_is_matched_by_substring_too():
+    """transformers matches every `modules_to_not_convert` entry by substring of the module's full name, dotted or
+    not: `mlp.experts.0.gate` keeps each layer's `experts.0.gate_proj` in 16 bits, which is refused, not sized."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["mlp.experts.0.gate"]}
+    with pytest.raises(SimInputError, match=r"also matches model\.layers\.0\.mlp\.experts\.0\.gate_proj"):
+        model_from_hf_config({**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": qc})
+    qc["modules_to_not_convert"] = ["model.layers.3.input_layernorm", "block_sparse_moe.gate"]
+    assert model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": qc}).expert_bits_per_param
+
+
+CT_INT4 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+           "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int",
+                                                                      "strategy": "group", "group_size": 128,
+                                                                      "symmetric": True}}}}
+
+
+@pytest.mark.parametrize("pattern", [r"re:.*experts\.(1[1-9]|[2-9][1-9])\..*", r"re:.*layers\.(1[1-9]|2[1-9])\..*",
+                                     r"re:.*layers\.47\.mlp\.experts\.127\.down_proj"])
+def test_an_ignore_regex_is_checked_against_every_layer_and_expert(pattern):
+    """A compressed-tensors `ignore` regex that keeps some layers' or experts' matrices in 16 bits is refused
+    whichever indices it names (the importer had tried only a sample of them and sized such a model as quantised)."""
+    qc = {**CT_INT4, "ignore": ["lm_head", pattern]}
+    with pytest.raises(SimInputError, match="unquantised"):
+        model_from_hf_config({**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": qc})
+
+
+def test_ignore_entries_naming_modules_the_model_lacks_are_accepted():
+    """Qwen3-30B-A3B has neither a shared expert nor a dense layer: a regex that matches only its routers, or only
+    shared-expert names, keeps nothing it quantises."""
+    for extra in (r"re:.*mlp.gate", r"re:.*shared_expert.*"):
+        qc = {**CT_INT4, "ignore": ["lm_head", extra]}
+        assert model_from_hf_config({**HF_CONFIGS["qwen3-30b-a3b"], "quantization_config": qc}).expert_bits_per_param
+    with pytest.raises(SimInputError, match="shared_expert"):  # Qwen2-MoE's shared expert is quantised
+        model_from_hf_config({**HF_CONFIGS["qwen3-30b-a3b"], "model_type": "qwen2_moe",
+                              "shared_expert_intermediate_size": 2560,
+                              "quantization_config": {**CT_INT4, "ignore": [r"re:.*shared_expert\..*"]}})
+
+
+def test_too_fine_scale_blocks_name_the_quantization_config():
+    qc = {"quant_method": "fp8", "weight_block_size": [1, 1]}
+    with pytest.raises(SimInputError, match=r"quantization_config .*more than 32"):
+        model_from_hf_config({**HF_CONFIGS["mixtral-8x7b"], "quantization_config": qc})
 
 
 def test_a_bare_config_json_is_named_by_the_current_folder(tmp_path, monkeypatch):
@@ -530,3 +575,14 @@ def test_a_hugging_face_cache_snapshot_names_the_model_by_its_snapshot_folder(tm
     snap.mkdir(parents=True)
     (snap / "config.json").symlink_to("../../blobs/abc")
     assert load_model(str(snap / "config.json")).name == "rev1"
+
+
+def test_a_spec_path_that_is_no_regular_file_says_so(tmp_path):
+    import os
+
+    fifo = tmp_path / "f.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SimInputError, match="is not a regular file"):
+        load_system(str(fifo))
+    with pytest.raises(SimInputError, match="not found"):
+        load_system(str(tmp_path / "missing.yaml"))

@@ -164,6 +164,12 @@ def _point(**changes) -> dict:
     ({"metric": "speed"}, "metric"),
     ({"status": "incomplete"}, "missing"),
     ({"id": "bad id!"}, "id"),
+    ({"group": "a|b\nINJECTED"}, "group"),  # one line in every table and finding it names
+    ({"value": True}, "value"),  # a boolean is no rate (strict numbers)
+    ({"value": "8.73"}, "value"),
+    ({"workload": {"batch": True, "prompt_len": 16, "gen_len": 4}}, "workload.batch"),
+    ({"value": 1e-320}, "value"),  # its implied run time would be infinite
+    ({"metric": "decode_tok_s", "workload": {"batch": 1, "prompt_len": 16, "gen_len": 1}}, "gen_len >= 2"),
 ])
 def test_a_bad_point_is_one_line_naming_file_point_and_field(tmp_path, change, message):
     path = tmp_path / "p.yaml"
@@ -172,6 +178,31 @@ def test_a_bad_point_is_one_line_naming_file_point_and_field(tmp_path, change, m
         load_points_file(path)
     text = str(err.value)
     assert "\n" not in text and str(path) in text and message in text
+
+
+def test_a_points_file_holds_defaults_and_points_only(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"points": [_point()], "defualts": {"group": "g"}}))
+    with pytest.raises(SimInputError, match="unknown top-level key defualts"):
+        load_points_file(path)
+
+
+def test_on_off_knobs_written_bare_reach_the_policy_as_on_off(tmp_path):
+    """YAML reads an unquoted `off` as false: the knob still reaches the policy as the `off` it meant."""
+    path = tmp_path / "p.yaml"
+    path.write_text("points:\n  - {id: k1, group: g, system: gcp-l4-g2, model: mixtral-8x7b, precision: bf16,\n"
+                    "     workload: {batch: 1, prompt_len: 16, gen_len: 4}, policy: fiddler, routing: uniform,\n"
+                    "     knobs: {pin_weight: off, resident_experts: 0}, metric: e2e_gen_tok_s, value: 1.0,\n"
+                    "     source: t, status: complete}\n")
+    (point,) = load_points_file(path)
+    row = simulate_point(point, "published", decode_sample=1)
+    assert row["error"] == "" and "pin_weight=off" in row["options"]
+
+
+def test_the_seed_draws_the_routing_of_validation_points():
+    point = ValidationPoint.model_validate(_point(policy="fiddler", knobs={"resident_experts": 1}))
+    rows = [simulate_point(point, "published", decode_sample=1, seed=s)["predicted"] for s in (0, 0, 7)]
+    assert rows[0] > 0 and rows[0] == rows[1] != rows[2]
 
 
 def test_duplicate_ids_and_empty_directories_are_refused(tmp_path):
@@ -929,3 +960,25 @@ def test_the_worst_point_is_the_one_furthest_off_either_way():
     view = stats["mechanisms only, all complete points"]
     assert view["worst"] == "slow (0.60x)"
     assert view["median_abs_error"] == pytest.approx(0.4) and view["within_1.5x"] == 2
+
+
+VALIDATION_SYSTEMS = sorted((Path(__file__).parents[1] / "experiments" / "validation" / "systems").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", VALIDATION_SYSTEMS, ids=lambda p: p.stem)
+def test_validation_system_files_source_every_number_they_state(path):
+    """A validation machine's file, like a preset, names a source for every number it writes out: each inline
+    component's numeric fields (those it states and those left at a default) and the system's own sizes."""
+    import dataclasses
+
+    system = load_system(str(path))
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for part in ("gpu", "cpu", "link"):
+        if not isinstance(raw.get(part), dict):
+            continue  # a preset name: its own sources are checked with the catalog
+        spec = getattr(system, part)
+        numeric = [f.name for f in dataclasses.fields(spec) if f.type in ("int", "float")]
+        missing = [n for n in numeric if n not in spec.sources]
+        assert not missing, f"{path.name} {part} lacks sources for {missing}"
+    missing = [n for n in ("dram_bytes", "gpu_reserved_bytes", "dram_reserved_bytes") if n not in system.sources]
+    assert not missing, f"{path.name} lacks sources for {missing}"

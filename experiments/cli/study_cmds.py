@@ -67,7 +67,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     else:
         results, report = [reproduce(args.name, options)], None
     for r in results:
-        print(f"== {r.title}\n{markdown_table(r.table.head(40), '{:.4g}')}\npaper: {r.claim}\nhere:  {r.finding}")
+        more = f"\n({len(r.table) - 40} more rows in the CSV)" if len(r.table) > 40 else ""
+        print(f"== {r.title}\n{markdown_table(r.table.head(40), '{:.4g}')}{more}\npaper: {r.claim}\nhere:  "
+              f"{r.finding}")
         if r.note:
             print(f"note:  {r.note}")
         print("wrote " + ", ".join(str(f) for f in r.files) + "\n")

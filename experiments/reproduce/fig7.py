@@ -29,10 +29,13 @@ POLICIES = ("flexgen", "moe-lightning", "coxmoe")
 CLAIMS = {"moe-lightning": (1.7, 2.4), "flexgen": (3.4, 7.1)}
 
 
-def spec(quick: bool, settings: dict[str, str] | None = None) -> dict:
+def spec(quick: bool, settings: dict[str, str] | None = None, seed: int = 0) -> dict:
     """The shipped spec; quick keeps every model and policy but one system, two workloads and B = 128; `settings`
-    (`--set` numbers) go on every point, which gives them their own sweep keys."""
+    (`--set` numbers) go on every point, which gives them their own sweep keys, and so does a `seed` other than
+    the spec's (`--seed`: the routing traces' draws)."""
     raw = yaml.safe_load(SPEC.read_text())
+    if seed:
+        raw["fixed"] = {**raw["fixed"], "seed": seed}
     if quick:
         raw["fixed"] = {**raw["fixed"], "batch": 128, "decode_sample": 4}
         raw["axes"]["system"] = raw["axes"]["system"][:1]
@@ -44,7 +47,7 @@ def spec(quick: bool, settings: dict[str, str] | None = None) -> dict:
 
 def run_grid(options: ReproduceOptions) -> tuple[pd.DataFrame, str]:
     """The grid's rows from the sweep store (running the points not finished yet) and a note on how they ran."""
-    points = expand(spec(options.quick, options.settings))
+    points = expand(spec(options.quick, options.settings, options.seed))
     sweep_dir = options.out / "fig7_sweep"
     store = ResultStore(sweep_dir)
     try:

@@ -112,7 +112,7 @@ def run(options: ReproduceOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
         points = [p for p in points if p.id in QUICK_POINTS]
     plans: dict[str, Plan] = {}
     table = run_validation(points, modes=("published",) if options.quick else ("published", "search"),
-                           decode_sample=2 if options.quick else DECODE_SAMPLE, plans=plans)
+                           decode_sample=2 if options.quick else DECODE_SAMPLE, plans=plans, seed=options.seed)
     by_id = {p.id: p for p in points}
     # Factors are fitted to whole runs' times: a point measuring one phase's rate (KTransformers' prefill and decode
     # rates) has none, and keeps its mechanisms-only ratio in every view.

@@ -37,6 +37,8 @@ def metric_value(result: SimulationResult, metric: str) -> float:
     if metric == "prefill_tok_s":
         return prompt / result.prefill_s
     if metric == "decode_tok_s":  # the decode steps' tokens: each request's first comes with the prefill
+        if result.decode_s <= 0:
+            raise SimInputError("metric decode_tok_s needs a decode phase (gen_len >= 2)")
         return (generated - float(result.workload["batch"])) / result.decode_s
     raise SimInputError(f"unknown metric {metric!r}")
 
@@ -56,13 +58,15 @@ def spec_label(name: str) -> str:
 
 def _options(point: ValidationPoint, mode: str) -> dict[str, str]:
     knobs = point.knobs if mode == "published" else point.search_knobs
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in knobs.items()}
+    # YAML reads an unquoted on/off as a boolean: the on/off a policy's switch takes, as sweep specs read it
+    return {k: ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in knobs.items()}
 
 
 def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECODE_SAMPLE,
-                   plans: dict[str, Plan] | None = None) -> dict:
+                   plans: dict[str, Plan] | None = None, seed: int = 0) -> dict:
     """One row: the point simulated in `mode`; a point that cannot run keeps its one-line reason. With `plans`,
-    the published-knob plan is kept there under the point's id (for fitting framework factors)."""
+    the published-knob plan is kept there under the point's id (for fitting framework factors). `seed` draws the
+    routing trace (a popularity table's samples)."""
     wl = point.workload
     row = {"id": point.id, "group": point.group, "mode": mode, "system": spec_label(point.system),
            "model": spec_label(point.model),
@@ -77,7 +81,7 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
     try:
         r = simulate(spec_path(point.model), spec_path(point.system), point.policy, batch=wl.batch,
                      prompt_len=wl.prompt_len, gen_len=wl.gen_len, policy_options=_options(point, mode),
-                     routing=point.routing, decode_sample=decode_sample,
+                     routing=point.routing, decode_sample=decode_sample, seed=seed,
                      keep_plan=plans is not None and mode == "published")
     except (SimInputError, TraceError) as exc:  # a routing the model cannot take is the point's error too
         return {**row, "predicted": np.nan, "ratio": np.nan, "error": str(exc)}
@@ -94,10 +98,10 @@ def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECOD
 
 def run_validation(points: Iterable[ValidationPoint], modes: Iterable[str] = MODES,
                    decode_sample: int = DECODE_SAMPLE, progress: bool = True,
-                   plans: dict[str, Plan] | None = None) -> pd.DataFrame:
+                   plans: dict[str, Plan] | None = None, seed: int = 0) -> pd.DataFrame:
     """Every point in every mode, as one DataFrame (row order: points in file order, modes as given)."""
     jobs = [(p, m) for p in points for m in modes]
-    rows = [simulate_point(p, m, decode_sample, plans)
+    rows = [simulate_point(p, m, decode_sample, plans, seed)
             for p, m in tqdm(jobs, desc="validation points", unit="run", disable=not progress)]
     return pd.DataFrame(rows)
 

@@ -34,7 +34,8 @@ Knob = str | int | float | bool
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a boolean or a quoted number is refused where a number belongs (YAML's `true` is not a batch of 1)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class PointWorkload(_Strict):
@@ -54,7 +55,7 @@ class ValidationPoint(_Strict):
     """One published measurement and everything needed to simulate it."""
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-    group: Annotated[str, Field(min_length=1, max_length=64)]
+    group: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     system: Annotated[str, Field(min_length=1, max_length=200)]
     model: Annotated[str, Field(min_length=1, max_length=200)]
     precision: Literal["fp16", "bf16"]
@@ -68,7 +69,7 @@ class ValidationPoint(_Strict):
     published_knobs: str = ""
     routing: str = "table:mixtral-8x7b"
     metric: Metric
-    value: Annotated[float, Field(gt=0, lt=1e12)]
+    value: Annotated[float, Field(ge=1e-9, lt=1e12)]  # a rate: its implied run time stays finite
     source: Annotated[str, Field(min_length=1)]
     status: Literal["complete", "incomplete", "unsupported"]
     missing: str = ""
@@ -84,6 +85,9 @@ class ValidationPoint(_Strict):
     def _incomplete_says_why(self) -> ValidationPoint:
         if self.status != "complete" and not self.missing:
             raise ValueError(f"status {self.status} needs `missing`: what is unknown or not modelled")
+        if self.metric == "decode_tok_s" and self.workload.gen_len < 2:
+            raise ValueError("metric decode_tok_s needs workload gen_len >= 2 (with one generated token there is "
+                             "no decode step)")
         return self
 
 
@@ -102,6 +106,10 @@ def load_points_file(path: Path) -> list[ValidationPoint]:
         raise SimInputError(f"validation points {path}: cannot read: {first}") from None
     if not isinstance(data, dict) or not isinstance(data.get("points"), list):
         raise SimInputError(f"validation points {path}: expected a mapping with a `points` list")
+    unknown = sorted(named(k) for k in data if k not in ("defaults", "points"))
+    if unknown:
+        raise SimInputError(f"validation points {path}: unknown top-level key {unknown[0]} (a points file holds "
+                            "`defaults` and `points`)")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise SimInputError(f"validation points {path}: `defaults` must be a mapping")

@@ -232,8 +232,10 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise SimInputError(f"spec file {path} is a directory")
-    if not path.is_file():
+    if not path.exists():
         raise SimInputError(f"spec file not found: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise SimInputError(f"spec file {path} is not a regular file")
     try:
         text = read_text_bounded(path, "spec file")
         data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else load_yaml(text)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sim.errors import SimInputError, brief
-from sim.specs.model import MODEL_MAXIMA, ModelSpec
+from sim.specs.model import MAX_STORAGE_BITS, MODEL_MAXIMA, ModelSpec
 from sim.specs.schema import validate_spec
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx", "opt")
@@ -115,10 +115,9 @@ FP8_SCALE_BITS = 32  # DeepSeek-V3's `weight_scale_inv` is float32 (Qwen's FP8 s
 
 
 def _linears(model_type: str) -> set[str]:
-    """The last part of every quantised linear's name in this family (q_proj, w1, gate_proj, ...): a bare entry
-    (no dot) of GPTQ's or AWQ's keep list is matched by substring, as AutoAWQ and transformers match it, so `gate`
-    also keeps Qwen's and DeepSeek's `gate_proj` (every expert) unquantised."""
-    return {t.rsplit(".", 1)[-1] for t in _module_templates(model_type)[0]}
+    """The last part of every quantised linear's name in this family (q_proj, w1, gate_proj, ...)."""
+    family = _family(model_type)
+    return {t.rsplit(".", 1)[-1] for part in LINEAR_PARTS for t in family[part]}
 
 
 def _integral(value: Any) -> Any:
@@ -180,13 +179,27 @@ def _format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float]
                         "(weight_bits_per_param, expert_bits_per_param)")
 
 
-def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
+def _containing(joined: str, part: str) -> list[str]:
+    """The first of the newline-joined names that holds `part` as a substring ([] when none does)."""
+    at = joined.find(part) if part and "\n" not in part else -1
+    if at < 0:
+        return []
+    end = joined.find("\n", at)
+    return [joined[joined.rfind("\n", 0, at) + 1:end if end >= 0 else len(joined)]]
+
+
+def _kept_modules(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: str) -> None:
     """Refuse what would keep more of the model unquantised than the embedding, LM head, routers and norms (or
-    quantise the LM head), which the sizes below assume."""
+    quantise the LM head), which the sizes below assume. An entry is matched by substring against each module's full
+    name, as AutoAWQ and transformers match it, so a bare `gate` also keeps Qwen's and DeepSeek's `gate_proj` (every
+    expert) and a dotted `mlp.experts.0.gate` each layer's `experts.0.gate_proj` unquantised."""
+    joined: str | None = None
     for key in ("modules_to_not_convert", "ignored_layers"):
         for name in _names(qc, key, where):
             last = name.rsplit(".", 1)[-1]
-            clash = "." not in name and sorted(lin for lin in _linears(model_type) if name in lin)
+            if joined is None:
+                joined = "\n".join(_quantised_names(spec, model_type, where))
+            clash = _containing(joined, name)
             if last not in UNQUANTISED_MODULES or clash:
                 also = f" (as a substring it also matches {clash[0]})" if clash else ""
                 raise SimInputError(f"{where}: quantization_config {key} keeps {brief(name)} unquantised{also}; only "
@@ -201,26 +214,35 @@ def _kept_modules(qc: dict[str, Any], model_type: str, where: str) -> None:
                             "modelled; write the stored size into a model file instead")
 
 
-# Module name templates of each family ({l}: layer, {e}: expert): the linears a "Linear" target quantises, and the
-# router where it is an nn.Linear (DeepSeek's is not). A compressed-tensors `ignore` regex is checked against them at
-# a spread of layer and expert indices, and its exact names against the routers of every MoE layer.
+# Module name templates of each family ({l}: layer, {e}: expert), by part: the linears a "Linear" target quantises
+# (attention in every layer, the dense FFN in dense layers, each expert's matrices and the shared expert's in MoE
+# layers) and the router where it is an nn.Linear (DeepSeek's is not). Keep and ignore lists are checked against
+# every name the model has (`_quantised_names`).
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FFN = ("gate_proj", "up_proj", "down_proj")
-MODULE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "mixtral": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in _ATTENTION)
-                + tuple(f"model.layers.{{l}}.block_sparse_moe.experts.{{e}}.{n}" for n in ("w1", "w2", "w3")),
-                ("model.layers.{l}.block_sparse_moe.gate",)),
-    "qwen_moe": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in _ATTENTION)
-                 + tuple(f"model.layers.{{l}}.mlp.{part}{n}" for part in ("experts.{e}.", "shared_expert.", "")
-                         for n in _FFN),
-                 ("model.layers.{l}.mlp.gate",)),  # (Qwen2's one-row shared_expert_gate: in the shared expert)
-    "deepseek": (tuple(f"model.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "q_a_proj", "q_b_proj",
-                                                                      "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
-                 + tuple(f"model.layers.{{l}}.mlp.{part}{n}" for part in ("", "experts.{e}.", "shared_experts.")
-                         for n in _FFN), ()),
-    "opt": (tuple(f"model.decoder.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
-            + ("model.decoder.layers.{l}.fc1", "model.decoder.layers.{l}.fc2"), ()),
+LINEAR_PARTS = ("attention", "dense", "experts", "shared")
+_QWEN = {"attention": tuple(f"model.layers.{{l}}.self_attn.{n}" for n in _ATTENTION),
+         "dense": tuple(f"model.layers.{{l}}.mlp.{n}" for n in _FFN),
+         "experts": tuple(f"model.layers.{{l}}.mlp.experts.{{e}}.{n}" for n in _FFN),
+         "shared": tuple(f"model.layers.{{l}}.mlp.shared_expert.{n}" for n in _FFN),  # (its one-row gate: with it)
+         "routers": ("model.layers.{l}.mlp.gate",)}
+MODULE_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"attention": _QWEN["attention"], "dense": (), "shared": (),
+                "experts": tuple(f"model.layers.{{l}}.block_sparse_moe.experts.{{e}}.{n}" for n in ("w1", "w2", "w3")),
+                "routers": ("model.layers.{l}.block_sparse_moe.gate",)},
+    "qwen_moe": _QWEN,
+    "deepseek": {"attention": tuple(f"model.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "q_a_proj", "q_b_proj",
+                                                                                 "kv_a_proj_with_mqa", "kv_b_proj",
+                                                                                 "o_proj")),
+                 "dense": _QWEN["dense"], "experts": _QWEN["experts"],
+                 "shared": tuple(f"model.layers.{{l}}.mlp.shared_experts.{n}" for n in _FFN), "routers": ()},
+    "opt": {"attention": tuple(f"model.decoder.layers.{{l}}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj",
+                                                                                    "out_proj")),
+            "dense": ("model.decoder.layers.{l}.fc1", "model.decoder.layers.{l}.fc2"), "experts": (), "shared": (),
+            "routers": ()},
 }
+MAX_CHECKED_NAMES = 1 << 20  # module names a keep or ignore list is checked against (DeepSeek-V3: 47,641)
+MAX_IGNORE_REGEXES = 64  # `re:` entries of one ignore list
 CT_FORMATS = {  # stored bits a weight (None: num_bits packed into int32 words), and the weights' type it holds
     "pack-quantized": (None, "int"), "int-quantized": (8, "int"), "float-quantized": (8, "float"),
     "naive-quantized": (8, None), "nvfp4-pack-quantized": (4, "float"), "mxfp4-pack-quantized": (4, "float")}
@@ -229,15 +251,37 @@ SCALE_BITS = {"bfloat16": 16, "float16": 16, "float32": 32, "float8_e4m3fn": 8, 
 MAX_IGNORE_PATTERN = 256  # characters of one `re:` entry
 
 
-def _module_templates(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _family(model_type: str) -> dict[str, tuple[str, ...]]:
     if model_type.startswith("deepseek"):
         return MODULE_TEMPLATES["deepseek"]
     return MODULE_TEMPLATES.get(model_type, MODULE_TEMPLATES["qwen_moe"])  # Qwen2/3-MoE and OLMoE name alike
 
 
-def _spread(n: int) -> list[int]:
-    """Indices 0..n-1 that a pattern naming some of them is likely to hit: the first ten, every tenth, the last."""
-    return sorted({*range(min(n, 10)), *range(0, n, 10), n - 1} - {-1})
+def _moe_layer(spec: ModelSpec, layer: int) -> bool:
+    return spec.num_experts > 1 and spec.is_moe_layer(layer)  # a dense model (OPT) is one expert without router
+
+
+def _quantised_names(spec: ModelSpec, model_type: str, where: str) -> list[str]:
+    """The full name of every linear a "Linear" target quantises in this model, layer by layer: attention, then the
+    dense FFN (dense layers) or each expert's matrices and the shared expert's where it has one (MoE layers)."""
+    family = _family(model_type)
+    per_moe = len(family["experts"]) * spec.num_experts + (len(family["shared"]) if spec.shared_expert_intermediate_size
+                                                           else 0)
+    total = spec.num_layers * (len(family["attention"]) + max(per_moe, len(family["dense"])))
+    if total > MAX_CHECKED_NAMES:
+        raise SimInputError(f"{where}: quantization_config keep or ignore lists on a model with {total:,} linear "
+                            f"modules are not checked (at most {MAX_CHECKED_NAMES:,}); write the stored size into a "
+                            "model file instead")
+    out: list[str] = []
+    for layer in range(spec.num_layers):
+        out += [t.format(l=layer) for t in family["attention"]]
+        if not _moe_layer(spec, layer):
+            out += [t.format(l=layer) for t in family["dense"]]
+            continue
+        out += [t.format(l=layer, e=e) for e in range(spec.num_experts) for t in family["experts"]]
+        if spec.shared_expert_intermediate_size:
+            out += [t.format(l=layer) for t in family["shared"]]
+    return out
 
 
 def _nested_repeat(pattern: str) -> bool:
@@ -337,11 +381,14 @@ def _ct_kept(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: str) -
     and a `re:` entry a regex matched from the name's start; an entry that would keep a projection or an expert is
     refused, and the routers count as kept only when every MoE layer's is."""
     names = _names(qc, "ignore", where)
-    linears, routers = _module_templates(model_type)
-    layers, experts = _spread(spec.num_layers), _spread(spec.num_experts)
-    quantised = [t.format(l=layer, e=e) for t in linears for layer in layers for e in (experts if "{e}" in t else [0])]
-    moe_layers = range(spec.first_dense_layers, spec.num_layers)
-    router_names = {t.format(l=layer) for t in routers for layer in moe_layers}
+    regexes = sum(entry.startswith("re:") for entry in names)
+    if regexes > MAX_IGNORE_REGEXES:
+        raise SimInputError(f"{where}: quantization_config ignore has {regexes} `re:` entries, more than the "
+                            f"{MAX_IGNORE_REGEXES} the importer checks; write the stored size into a model file "
+                            "instead")
+    quantised = _quantised_names(spec, model_type, where) if regexes else []
+    router_names = {t.format(l=layer) for t in _family(model_type)["routers"] for layer in range(spec.num_layers)
+                    if _moe_layer(spec, layer)}
     leaves = _linears(model_type)
     lm_head, kept_routers = False, set()
     for entry in names:
@@ -385,7 +432,7 @@ def quantized(spec: ModelSpec, qc: dict[str, Any], model_type: str, where: str) 
         lm_head_kept, routers_kept = _ct_kept(qc, spec, model_type, where)
     else:  # these quantisers leave the LM head and routers alone unless told otherwise (refused above)
         stored, how = _format(qc, where)
-        _kept_modules(qc, model_type, where)
+        _kept_modules(qc, spec, model_type, where)
         lm_head_kept = routers_kept = True
     m = spec
     h, i = m.hidden_size, m.expert_intermediate_size
@@ -396,6 +443,11 @@ def quantized(spec: ModelSpec, qc: dict[str, Any], model_type: str, where: str) 
     kept = (m.embedding_params + m.final_norm_params + m.num_layers * m.norm_params_per_layer
             + (m.lm_head_params if lm_head_kept else 0) + (m.num_moe_layers * m.router_params if routers_kept else 0))
     average = (kept * 8 * m.bytes_per_param + (m.non_expert_params - kept) * linear) / m.non_expert_params
+    worst = max(expert, average)
+    if worst > MAX_STORAGE_BITS:  # a scale per weight or two: no checkpoint stores that; name the config's keys
+        raise SimInputError(f"{where}: quantization_config ({how}) stores {worst:.4g} bits a weight with its scales, "
+                            f"more than {MAX_STORAGE_BITS:g}: its blocks or groups are too small for a checkpoint "
+                            "format")
     dtype_parts = ", ".join(["the embedding", *(["LM head"] if lm_head_kept else []),
                              *(["routers"] if routers_kept else []), "norms"])
     sources = {**m.sources,

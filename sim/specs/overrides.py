@@ -89,7 +89,9 @@ def apply_system_settings(system: SystemSpec, settings: Mapping[str, str], flag:
         owner[field] = _number(path, text, current, flag)
         sources = owner.setdefault("sources", {})
         sources[field] = f"set by hand ({flag} {path}={owner[field]}); was {sources.get(field, 'unsourced')}"
-        applied.append(f"{path}={owner[field]}")
+        value = owner[field]
+        huge = isinstance(value, int | float) and abs(value) >= 1e18  # out of every range: shown short in the error
+        applied.append(f"{path}={value:g}" if huge else f"{path}={value}")
     name = f"{system.name}[{','.join(applied)}]"
     data["name"] = name
     return build_system(name, data, f"system {system.name} with {flag}")
