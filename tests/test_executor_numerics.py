@@ -28,6 +28,7 @@ CASES = [
     ("moe-lightning", {"micro_batch": "2", "wg": "0.25"}),
     ("flexgen", {"gpu_batch_size": "2", "weights_gpu_percent": "50", "kv_gpu_percent": "50", "act_gpu_percent": "0"}),
     ("fiddler", {"attention": "cpu", "resident_experts": "2"}),
+    ("fiddler", {"resident_experts": "0", "cpu_max_tokens": "100000", "cpu_moe": "fused"}),  # KTransformers' call
     ("moe-gen", {"resident_experts": "1", "prefill_micro_batch": "2", "decode_micro_batch": "2"}),
     ("coxmoe", {"decode_placement": "ggg", "decode_micro_batch": "2", "attention_split": "0.5"}),
     ("cpu-only", {"coalesce": "off", "decode_micro_batch": "2", "prefill_tokens": "9"}),

@@ -126,3 +126,46 @@ def test_the_staging_half_of_a_pageable_copy_never_outruns_host_dram(paper_syste
     cost = RooflineCostModel(fast)
     nbytes = 10**10  # read and written: half of it moves
     assert cost.staging_seconds(nbytes) >= nbytes / cost.cpu_bw * (1 - 1e-12)
+
+
+def _cpu_expert_members(plan):
+    return [m for op in plan.ops if op.kind is OpKind.EXPERT and op.stream == Stream.CPU_EXPERTS
+            for m in member_ops(op)]
+
+
+def test_a_fused_cpu_moe_call_ships_each_token_once_and_pays_no_dispatch_per_expert(tiny_model, paper_system):
+    """Fiddler's loop (`cpu_moe=per_expert`) ships each routed (token, expert) pair's hidden state and pays the
+    CPU's dispatch per expert; KTransformers' CPU MoE operator (`cpu_moe=fused`, plan style `fused_all`) ships
+    each token's hidden state once each way and pays none per expert, the experts' own work unchanged."""
+    kw = dict(batch=4, prompt_len=6, gen_len=3, keep_plan=True)
+    opts = {"resident_experts": "0", "cpu_max_tokens": "100000", "attention": "gpu"}
+    loop = simulate(tiny_model, paper_system, "fiddler", policy_options=opts, **kw)
+    call = simulate(tiny_model, paper_system, "fiddler", policy_options={**opts, "cpu_moe": "fused"}, **kw)
+    assert loop.plan.expert_kernels == "per_expert" and call.plan.expert_kernels == "fused_all"
+    lm, cm = _cpu_expert_members(loop.plan), _cpu_expert_members(call.plan)
+    assert lm and [(m.tokens, m.flops, m.bytes) for m in lm] == [(m.tokens, m.flops, m.bytes) for m in cm]
+    dispatch = paper_system.cpu.op_overhead_s
+    for plan, extra in ((loop.plan, dispatch), (call.plan, 0.0)):
+        cost = RooflineCostModel(plan.system)
+        cost.prepare(plan)
+        for m in _cpu_expert_members(plan):
+            compute, memory, _ = cost.roofs(m.kind, m.stream, m.flops, m.bytes)
+            assert cost.op_time_ns(m) * 1e-9 == pytest.approx(cost.busy(m.kind, m.stream, compute, memory) + extra,
+                                                               abs=1e-9)
+    hidden = tiny_model.hidden_size * tiny_model.bytes_per_param
+
+    def shipped(plan, stream):
+        return sum(op.bytes for op in plan.ops if op.kind is OpKind.COPY and op.stream == stream)
+
+    prompt_tokens = 4 * 6
+    routed_pairs = prompt_tokens * tiny_model.top_k * tiny_model.num_moe_layers  # prefill, every expert on the CPU
+    assert tiny_model.top_k > 1
+    for stream in (Stream.D2H, Stream.H2D_ACT):
+        prefill = [op for op in call.plan.ops if op.kind is OpKind.COPY and op.stream == stream and op.step == 0]
+        assert sum(op.bytes for op in prefill) == prompt_tokens * tiny_model.num_moe_layers * hidden
+        assert shipped(loop.plan, stream) > shipped(call.plan, stream)
+        assert sum(op.bytes for op in loop.plan.ops if op.kind is OpKind.COPY and op.stream == stream
+                   and op.step == 0) == routed_pairs * hidden
+    assert call.decode_s < loop.decode_s and call.prefill_s < loop.prefill_s
+    with pytest.raises(SimInputError, match="cpu_moe"):
+        make_policy("fiddler", {"cpu_moe": "grouped"})

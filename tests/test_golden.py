@@ -8,8 +8,9 @@ usages; OPT-6.7B's FlexGen record on 2026-12-06, when its embedding began to rea
 +8.7 us; ZeRO-Inference's Mixtral record the same day, when its head's gather took the final norm too; the CPU-only
 DeepSeek and MoE-Gen Qwen3 records when the Sapphire Rapids family's CPU attention began to stream its KV at the
 borrowed 0.343 of DRAM peak, not 0.716: CPU-only +0.3%, MoE-Gen -0.05% (its CPU attention draws less of the host
-DRAM its PCIe-bound expert fetches share)). A change meant to move results re-records them with `write_golden()` in
-the same commit and says why:
+DRAM its PCIe-bound expert fetches share); on 2026-12-07 the PCIe 4.0 link's efficiency 0.794 -> 0.798 (its cited
+measurement, 25.13 of 31.5 GB/s: PCIe-bound records -0.4 to -0.5%)). A change meant to move results re-records
+them with `write_golden()` in the same commit and says why:
 `PYTHONPATH=tests python -c "import test_golden; test_golden.write_golden()"`."""
 
 from __future__ import annotations

@@ -290,9 +290,9 @@ class ProfileCostModel:
             raise SimInputError("this profile cost model prices the executor's kernels; the plan's model stores "
                                 "weights at weight_bits_per_param / expert_bits_per_param (simulate it without "
                                 "--profile)")
-        fused = self.fallback.fused_experts
+        fused = self.fallback.fused_experts, self.fallback.fused_cpu_experts
         self.fallback.prepare(plan)
-        if self.fallback.fused_experts != fused:  # roofline prices cached from the last plan's style are stale
+        if (self.fallback.fused_experts, self.fallback.fused_cpu_experts) != fused:  # cached prices are stale
             self._cache.clear()
         if plan is not self._plan:
             self._plan = plan

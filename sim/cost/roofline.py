@@ -112,6 +112,7 @@ class RooflineCostModel:
         self._usage: dict[tuple, tuple[float, float]] = {}
         self.int8_experts = False
         self.fused_experts = False  # routed experts on a GPU pay no kernel call of their own (Plan.expert_kernels)
+        self.fused_cpu_experts = False  # nor, with `fused_all`, routed experts on a CPU a dispatch of their own
         self._kernels, self._many_experts = "per_expert", True
         self._up_params = 0  # MLA's up-projection in each attention op (`sim.cost.work.absorb_flops`)
 
@@ -134,14 +135,17 @@ class RooflineCostModel:
     def use_expert_kernels(self, style: str) -> None:
         """Price the GPU's routed experts as the runtime launches them: `per_expert` (each expert op pays the GPU's
         per-kernel cost, a kernel call per expert) or `fused` (none: one fused MoE call per layer and micro-batch,
-        whose few kernels queue back to back behind the router's call, which pays its own). A dense model's FFN (a
-        one-expert MoE here) is its own kernels whatever the style."""
+        whose few kernels queue back to back behind the router's call, which pays its own) or `fused_all` (as
+        `fused`, and a CPU's routed experts pay no per-op dispatch either: one MoE call per layer, as KTransformers'
+        CPU operator runs them; its one dispatch is not charged, as the fused GPU call's is not). A dense model's FFN
+        (a one-expert MoE here) is its own kernels whatever the style."""
         if style not in EXPERT_KERNELS:
             raise SimInputError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {style!r}")
         self._kernels = style
-        fused = style == "fused" and self._many_experts
-        if fused != self.fused_experts:
-            self.fused_experts = fused
+        fused = style in ("fused", "fused_all") and self._many_experts
+        fused_cpu = style == "fused_all" and self._many_experts
+        if fused != self.fused_experts or fused_cpu != self.fused_cpu_experts:
+            self.fused_experts, self.fused_cpu_experts = fused, fused_cpu
             self._time.clear()
             self._usage.clear()
 
@@ -189,7 +193,8 @@ class RooflineCostModel:
         CPU attention)."""
         r = self.rates(stream)
         fixed = r.overhead
-        if kind is OpKind.EXPERT and self.fused_experts and r.kind is UnitKind.GPU:
+        if kind is OpKind.EXPERT and (self.fused_experts and r.kind is UnitKind.GPU
+                                      or self.fused_cpu_experts and r.kind is UnitKind.CPU):
             fixed = 0.0  # inside the layer's fused MoE call
         if kind is OpKind.EXPERT and self.int8_experts and r.int8_flops:  # a routed expert, INT8 weights
             return flops / r.int8_flops, nbytes / r.bw, fixed
@@ -200,7 +205,7 @@ class RooflineCostModel:
             if kind is OpKind.ATTENTION:
                 compute = (flops - gemm_flops) / rate + gemm_flops / r.flops if gemm_flops else flops / rate
                 return compute, nbytes / r.attention_bw, r.attention_overhead
-            return flops / rate, nbytes / r.bw, r.overhead
+            return flops / rate, nbytes / r.bw, fixed
         return nbytes / _link_speed(r, False)[0], 0.0, r.overhead
 
     def seconds(self, kind: OpKind, stream: str, flops: int, nbytes: int,

@@ -34,7 +34,10 @@ from sim.policies.layers import (
 
 GPU, CPU, CPU_EXPERTS, H2D, H2D_ACT, D2H = (Stream.GPU, Stream.CPU, Stream.CPU_EXPERTS, Stream.H2D, Stream.H2D_ACT,
                                             Stream.D2H)
-FETCH_SLOTS = 2  # on-demand expert copies land in a small GPU pool: one computes while the next arrives
+# On-demand expert copies land in one GPU placeholder (efeslab/fiddler src/fiddler/mixtral.py @7e537a68:
+# `self.expert_placeholder`, refilled by `load_state_dict` for each fetched expert), so a fetch waits for the
+# previous fetched expert's compute. (2 until 2026-12-07: one computed while the next arrived, a pool the code lacks.)
+FETCH_SLOTS = 1
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,10 @@ class FiddlerOptions(OptionsBase):
     expert runs where the latency model says, N = on the CPU with at most N tokens and fetched with more
     (Fiddler's first release hard-codes 7 per token on the CPU against 70 per fetch, so N = 9); pin_weight: on |
     off (off: experts are fetched from pageable memory, as Fiddler's `load_state_dict` from a model loaded by
-    `from_pretrained` copies them)."""
+    `from_pretrained` copies them); cpu_moe: per_expert | fused, how the runtime calls its CPU experts (per_expert:
+    Fiddler's loop, each expert's tokens' hidden states down and its outputs up, a dispatch per expert; fused:
+    KTransformers' CPU MoE operator, one call per layer taking each token's hidden state once and returning its
+    combined output once, no dispatch per expert, and the plan's `expert_kernels` is `fused_all`)."""
 
     policy_name = "fiddler"
     resident_experts: int = -1
@@ -57,11 +63,13 @@ class FiddlerOptions(OptionsBase):
     prefill_tokens: int = 0
     cpu_max_tokens: int = -1
     pin_weight: str = "on"
+    cpu_moe: str = "per_expert"
 
     def __post_init__(self) -> None:
         self.at_least("resident_experts", -1)
         self.at_least("cpu_max_tokens", -1)
         self.choice("pin_weight", ("on", "off"))
+        self.choice("cpu_moe", ("per_expert", "fused"))
         self.choice("placement", ("global", "per_layer"))
         self.choice("attention", ("auto", "gpu", "cpu"))
         self.at_least("prefill_tokens", 0)
@@ -73,9 +81,10 @@ class FiddlerPolicy(Policy):
     color = "#27ae60"
     summary = "Fiddler/kTransformers: popular experts in VRAM, the rest per expert and step on the CPU or fetched"
     Options = FiddlerOptions
-    # a Python loop over the experts (efeslab/fiddler src/fiddler/mixtral.py)
+    # a Python loop over the experts (efeslab/fiddler src/fiddler/mixtral.py); `cpu_moe=fused`: `fused_all`
     expert_kernels = "per_expert"
-    example_options = ({}, {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"})
+    example_options = ({}, {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"},
+                       {"resident_experts": "0", "cpu_max_tokens": "100000", "cpu_moe": "fused"})
 
     def build(self, ctx: PlanContext) -> Plan:
         o: FiddlerOptions = self.options
@@ -112,7 +121,8 @@ class FiddlerPolicy(Policy):
         require_fits("GPU", sysm.gpu.name, self.name, gpu, sysm.gpu_usable_bytes)
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         emit = _Fiddler(ctx, ctx.builder(), residents, attention == "gpu", o.cpu_max_tokens,
-                        Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS)
+                        Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS,
+                        o.cpu_moe == "fused")
         emit.phase(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
@@ -127,7 +137,7 @@ class FiddlerPolicy(Policy):
                  "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}
         return Plan(self.name, knobs, m, sysm, wl, emit.b.result(), {"gpu": gpu, "cpu": cpu},
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
-                    expert_kernels=self.expert_kernels)
+                    expert_kernels="fused_all" if o.cpu_moe == "fused" else self.expert_kernels)
 
 
 def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, prefill: np.ndarray,
@@ -151,9 +161,9 @@ def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, pre
 
 class _Fiddler(LayerEmitter):
     def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: list[set[int]], kv_on_gpu: bool,
-                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS):
+                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS, cpu_moe_call: bool = False):
         super().__init__(ctx, builder)
-        self.resident, self.kv_on_gpu = resident, kv_on_gpu
+        self.resident, self.kv_on_gpu, self.cpu_moe_call = resident, kv_on_gpu, cpu_moe_call
         self.cpu_max_tokens, self.fetch_payload = cpu_max_tokens, fetch_payload
         self.a = Analytic(ctx)
         self.fetch_t = self.a.copy(H2D, self.m.expert_bytes, fetch_payload)
@@ -210,6 +220,8 @@ class _Fiddler(LayerEmitter):
                 back = -1
                 if to_cpu:
                     routed = int(sum(int(counts[e]) for e in to_cpu))
+                    if self.cpu_moe_call:  # one MoE call: each token's hidden state once each way
+                        routed = min(routed, s.tokens)
                     down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (router,), routed)
                     cpu_last = self.experts(CPU_EXPERTS, at, counts, to_cpu, (down,))
                     back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (cpu_last,), routed)

@@ -69,12 +69,17 @@ def group_requests(ctx: PlanContext, prefill_tokens: int,
     return prefill, decode, max_tokens
 
 
-EXPERT_CHUNK_TOKENS = 8192  # expert GEMMs over many tokens are tiled: intermediates for this many at a time
+# Expert GEMMs over many tokens are tiled: intermediates for this many tokens at a time. [assumed] a workspace
+# estimate (memory only, no time): runtimes tile at their own sizes (vLLM's fused_moe at VLLM_FUSED_MOE_CHUNK_SIZE,
+# tens of thousands of tokens), and no policy's feasibility in the paper grid turns on it.
+EXPERT_CHUNK_TOKENS = 8192
 
 
 def activation_workspace_bytes(ctx: PlanContext, tokens: int, requests: int | None = None) -> int:
     """GPU buffers for one micro-batch in flight: hidden states and QKV/attention outputs of its `tokens`,
-    expert intermediates tiled at EXPERT_CHUNK_TOKENS, and fp32 logits of its last tokens (`requests`)."""
+    expert intermediates tiled at EXPERT_CHUNK_TOKENS, and fp32 logits of its last tokens (`requests`).
+    [assumed] estimates, memory only: four hidden-width buffers a token (the residual stream, its normed copy, a
+    layer's output and one spare) and logits in fp32, as samplers upcast them."""
     m = ctx.model
     requests = min(tokens, ctx.workload.batch) if requests is None else requests
     per_token = 4 * m.hidden_size + m.qkv_out_width + m.attn_out_width

@@ -113,6 +113,7 @@ def hrm_memory(ctx: PlanContext, ubs: int, resident: int) -> tuple[int, int]:
     home = m.non_expert_bytes + wi * layers * wg
     home_decode = home + 2 * bpp * h * bls
     home_prefill = home + bpp * h * s * (2 * ubs + bls) + 2 * kv_per_token_layer * s * ubs
+    # the LP's intermediate term with its own 1.2 margin (shared/reference/baselines.md, MoE-Lightning's fastmoe LP)
     inter = bpp * s * (ubs * m.top_k * h + ubs * m.top_k * 3 * m.expert_intermediate_size) * 1.2
     gpu = max(home_decode, home_prefill) + 2 * wi * (1 - wg) + inter
     kv = wl.kv_tokens_total * m.kv_bytes_per_token
