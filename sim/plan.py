@@ -232,9 +232,9 @@ class Plan:
     scopes: list[Scope] = field(default_factory=list)  # explicit scopes ops point at (Op.scope)
     # How the runtime launches the GPU's routed experts (EXPERT_KERNELS): `per_expert`, a kernel call per expert
     # (a Python loop over experts, as Hugging Face's MoE block runs), or `fused`, one fused MoE call per layer and
-    # micro-batch whose kernels run back to back behind the router's (vLLM's fused_moe and its ports); `fused_all`
-    # as `fused`, and the CPU's routed experts too run as one MoE call per layer and micro-batch, none paying a
-    # dispatch of its own (KTransformers' CPU MoE operator); otherwise each CPU expert op pays its dispatch.
+    # micro-batch whose kernels run back to back behind the router's (vLLM's fused_moe and its ports); each CPU
+    # expert op pays its dispatch under both. `fused_cpu`: the GPU's routed experts a kernel call each, the CPU's one
+    # MoE call per layer and micro-batch, none paying a dispatch of its own (KTransformers' CPU MoE operator).
     expert_kernels: str = "per_expert"
 
     def table(self) -> OpTable | None:
@@ -530,7 +530,8 @@ def _set_plan_ops(plan: Plan, ops: list[Op] | OpTable) -> None:
 Plan.ops = property(_plan_ops, _set_plan_ops, doc="The ops in program order, as `Op` objects (see `Plan`).")  # type: ignore[assignment]
 
 
-EXPERT_KERNELS = ("per_expert", "fused", "fused_all")  # Plan.expert_kernels
+EXPERT_KERNELS = ("per_expert", "fused", "fused_cpu")  # Plan.expert_kernels
+GPU_EXPERT_KERNELS = ("fused", "per_expert")  # what a policy option `expert_kernels` may choose
 RESULT_SLICE = 1 << 16  # emitted ops read into columns at a time by `PlanBuilder.result`
 ESTIMATE_MARGIN = 1.25  # a plan is refused early only when its estimate exceeds the op limit by this factor
 MAX_SHARDS = 4096  # parts one scope's expert tokens may be split into

@@ -108,8 +108,12 @@ def test_a_profile_cost_model_reused_across_styles_prices_each_plan_in_its_own(t
             "decode_micro_batch": "0", "prefill_micro_batch": "0"}
     plans = {k: simulate(tiny_model, paper_system, "coxmoe", batch=8, prompt_len=6, gen_len=3, keep_plan=True,
                          policy_options={**opts, "expert_kernels": k}).plan for k in ("fused", "per_expert")}
+    plans["fused_cpu"] = simulate(tiny_model, paper_system, "fiddler", batch=8, prompt_len=6, gen_len=3,
+                                  keep_plan=True, policy_options={"resident_experts": "2", "cpu_moe": "fused",
+                                                                  "cpu_max_tokens": "100000"}).plan
     shared = ProfileCostModel(paper_system, prof, tiny_model)
-    for first, second in (("fused", "per_expert"), ("per_expert", "fused")):
+    for first, second in (("fused", "per_expert"), ("per_expert", "fused"), ("fused", "fused_cpu"),
+                          ("fused_cpu", "fused")):
         run_plan(plans[first], shared)
         again = run_plan(plans[second], shared).end_ns
         fresh = run_plan(plans[second], ProfileCostModel(paper_system, prof, tiny_model)).end_ns
@@ -135,13 +139,13 @@ def _cpu_expert_members(plan):
 
 def test_a_fused_cpu_moe_call_ships_each_token_once_and_pays_no_dispatch_per_expert(tiny_model, paper_system):
     """Fiddler's loop (`cpu_moe=per_expert`) ships each routed (token, expert) pair's hidden state and pays the
-    CPU's dispatch per expert; KTransformers' CPU MoE operator (`cpu_moe=fused`, plan style `fused_all`) ships
+    CPU's dispatch per expert; KTransformers' CPU MoE operator (`cpu_moe=fused`, plan style `fused_cpu`) ships
     each token's hidden state once each way and pays none per expert, the experts' own work unchanged."""
     kw = dict(batch=4, prompt_len=6, gen_len=3, keep_plan=True)
     opts = {"resident_experts": "0", "cpu_max_tokens": "100000", "attention": "gpu"}
     loop = simulate(tiny_model, paper_system, "fiddler", policy_options=opts, **kw)
     call = simulate(tiny_model, paper_system, "fiddler", policy_options={**opts, "cpu_moe": "fused"}, **kw)
-    assert loop.plan.expert_kernels == "per_expert" and call.plan.expert_kernels == "fused_all"
+    assert loop.plan.expert_kernels == "per_expert" and call.plan.expert_kernels == "fused_cpu"
     lm, cm = _cpu_expert_members(loop.plan), _cpu_expert_members(call.plan)
     assert lm and [(m.tokens, m.flops, m.bytes) for m in lm] == [(m.tokens, m.flops, m.bytes) for m in cm]
     dispatch = paper_system.cpu.op_overhead_s
@@ -169,3 +173,64 @@ def test_a_fused_cpu_moe_call_ships_each_token_once_and_pays_no_dispatch_per_exp
     assert call.decode_s < loop.decode_s and call.prefill_s < loop.prefill_s
     with pytest.raises(SimInputError, match="cpu_moe"):
         make_policy("fiddler", {"cpu_moe": "grouped"})
+    assert make_policy("fiddler", {"cpu_moe": "fused"}).expert_kernels == "fused_cpu"
+
+
+def test_a_fused_cpu_call_leaves_the_gpu_experts_a_kernel_call_each(tiny_model, paper_system):
+    """Under `fused_cpu` only the CPU's experts lose their per-op cost: Fiddler's and KTransformers' resident GPU
+    experts still run one kernel call each."""
+    opts = {"resident_experts": "2", "cpu_max_tokens": "100000", "attention": "gpu", "cpu_moe": "fused"}
+    r = simulate(tiny_model, paper_system, "fiddler", batch=4, prompt_len=6, gen_len=3, keep_plan=True,
+                 policy_options=opts)
+    assert r.plan.expert_kernels == "fused_cpu"
+    gpu = _gpu_expert_seconds(r.plan)
+    launch = paper_system.gpu.kernel_launch_s
+    assert gpu and all(t == pytest.approx(roof + launch, abs=1e-9) for t, roof in gpu)
+
+
+def test_the_cpu_style_is_no_option_of_the_gpu_kernel_policies():
+    """`expert_kernels` of the CoX-MoE family chooses how the GPU's experts launch (fused | per_expert); the CPU's
+    one-call style belongs to a runtime that has one (fiddler's `cpu_moe`)."""
+    for policy in ("coxmoe", "moe-gen"):
+        with pytest.raises(SimInputError, match="expert_kernels"):
+            make_policy(policy, {"expert_kernels": "fused_cpu"})
+
+
+def test_fiddler_fetches_into_its_one_placeholder(tiny_model, paper_system):
+    """Fiddler's release copies a fetched expert into its one GPU placeholder (`expert_placeholder`), so each fetch
+    waits for the previous fetched expert's compute, and its GPU memory holds one expert's worth of fetch pool."""
+    opts = {"resident_experts": "0", "cpu_max_tokens": "0", "attention": "gpu"}  # every active expert fetched
+    r = simulate(tiny_model, paper_system, "fiddler", batch=4, prompt_len=6, gen_len=2, keep_plan=True,
+                 policy_options=opts)
+    plan = r.plan
+    assert plan.static_memory["gpu"]["expert_fetch_pool"] == tiny_model.expert_bytes
+    fetches = [op for op in plan.ops if op.kind is OpKind.COPY and op.stream == Stream.H2D
+               and op.bytes == tiny_model.expert_bytes]
+    computed = {op.id: op for op in plan.ops if op.kind is OpKind.EXPERT and op.stream == Stream.GPU}
+    assert len(fetches) > 2
+    for before, after in zip(fetches[:-1], fetches[1:], strict=True):
+        ran = [i for i, op in computed.items() if before.id in op.deps]  # the expert computed from `before`
+        assert ran and max(ran) in after.deps
+
+
+def test_a_profile_without_cpu_expert_rows_reprices_cpu_experts_when_the_cpu_style_changes(tmp_path, tiny_model,
+                                                                                           paper_system):
+    """A ProfileCostModel whose profile has no CPU expert rows prices them with its roofline: shared by a
+    per-expert and a fused-CPU plan, it drops the prices it cached for the other (the GPU style is the same)."""
+    from test_calibration import write_profile  # pytest puts tests/ on the path
+
+    from sim.cost.profile import ProfileCostModel
+    from sim.engine import run_plan
+
+    rows = [{"device": "cpu", "kind": "attention", "tokens": b, "kv": kv, "median_s": 1e-4 * b * kv}
+            for b in (1, 4) for kv in (16, 64)]
+    prof = write_profile(tmp_path / "p", tiny_model, rows)
+    opts = {"resident_experts": "0", "cpu_max_tokens": "100000", "attention": "gpu"}
+    plans = {k: simulate(tiny_model, paper_system, "fiddler", batch=8, prompt_len=6, gen_len=3, keep_plan=True,
+                         policy_options={**opts, "cpu_moe": k}).plan for k in ("per_expert", "fused")}
+    shared = ProfileCostModel(paper_system, prof, tiny_model)
+    for first, second in (("per_expert", "fused"), ("fused", "per_expert")):
+        run_plan(plans[first], shared)
+        again = run_plan(plans[second], shared).end_ns
+        fresh = run_plan(plans[second], ProfileCostModel(paper_system, prof, tiny_model)).end_ns
+        assert (again == fresh).all()

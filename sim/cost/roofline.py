@@ -112,7 +112,7 @@ class RooflineCostModel:
         self._usage: dict[tuple, tuple[float, float]] = {}
         self.int8_experts = False
         self.fused_experts = False  # routed experts on a GPU pay no kernel call of their own (Plan.expert_kernels)
-        self.fused_cpu_experts = False  # nor, with `fused_all`, routed experts on a CPU a dispatch of their own
+        self.fused_cpu_experts = False  # routed experts on a CPU pay no dispatch of their own (`fused_cpu`)
         self._kernels, self._many_experts = "per_expert", True
         self._up_params = 0  # MLA's up-projection in each attention op (`sim.cost.work.absorb_flops`)
 
@@ -135,15 +135,15 @@ class RooflineCostModel:
     def use_expert_kernels(self, style: str) -> None:
         """Price the GPU's routed experts as the runtime launches them: `per_expert` (each expert op pays the GPU's
         per-kernel cost, a kernel call per expert) or `fused` (none: one fused MoE call per layer and micro-batch,
-        whose few kernels queue back to back behind the router's call, which pays its own) or `fused_all` (as
-        `fused`, and a CPU's routed experts pay no per-op dispatch either: one MoE call per layer, as KTransformers'
-        CPU operator runs them; its one dispatch is not charged, as the fused GPU call's is not). A dense model's FFN
-        (a one-expert MoE here) is its own kernels whatever the style."""
+        whose few kernels queue back to back behind the router's call, which pays its own); a CPU's routed experts
+        pay its per-op dispatch under both, and none under `fused_cpu` (one MoE call per layer, as KTransformers'
+        CPU operator runs them; its one dispatch is not charged, as the fused GPU call's is not), where the GPU's pay
+        a kernel call each. A dense model's FFN (a one-expert MoE here) is its own kernels whatever the style."""
         if style not in EXPERT_KERNELS:
             raise SimInputError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {style!r}")
         self._kernels = style
-        fused = style in ("fused", "fused_all") and self._many_experts
-        fused_cpu = style == "fused_all" and self._many_experts
+        fused = style == "fused" and self._many_experts
+        fused_cpu = style == "fused_cpu" and self._many_experts
         if fused != self.fused_experts or fused_cpu != self.fused_cpu_experts:
             self.fused_experts, self.fused_cpu_experts = fused, fused_cpu
             self._time.clear()

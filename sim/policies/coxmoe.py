@@ -35,7 +35,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from sim.errors import NoFeasibleConfig, SimInputError
-from sim.plan import EXPERT_KERNELS, OpKind, Phase, Plan, Stream
+from sim.plan import GPU_EXPERT_KERNELS, OpKind, Phase, Plan, Stream
 from sim.policies import compose
 from sim.policies.analytic import Analytic, Candidate, SearchSpace, expected_counts
 from sim.policies.base import OptionsBase, PlanContext, Policy, memo_method
@@ -123,7 +123,7 @@ class CoxMoeOptions(OptionsBase):
         self.choice("split_tokens", ("on", "off"))
         self.choice("kv_cache", ("gpu", "cpu"))
         self.choice("attention_split_unit", ("micro_batch", "requests"))
-        self.choice("expert_kernels", EXPERT_KERNELS)
+        self.choice("expert_kernels", GPU_EXPERT_KERNELS)
         self.choice("estimate", ("pipelined", "serial"))
         if self.kv_cache == "cpu" and (self.attention == "cpu" or self.decode_placement not in ("auto",)
                                        and self.decode_placement[1] == "c"):

@@ -54,7 +54,8 @@ class FiddlerOptions(OptionsBase):
     `from_pretrained` copies them); cpu_moe: per_expert | fused, how the runtime calls its CPU experts (per_expert:
     Fiddler's loop, each expert's tokens' hidden states down and its outputs up, a dispatch per expert; fused:
     KTransformers' CPU MoE operator, one call per layer taking each token's hidden state once and returning its
-    combined output once, no dispatch per expert, and the plan's `expert_kernels` is `fused_all`)."""
+    combined output once, no dispatch per expert: the plan's `expert_kernels` is `fused_cpu`, its GPU experts still
+    a kernel call each, as both runtimes' GPU loops run them)."""
 
     policy_name = "fiddler"
     resident_experts: int = -1
@@ -81,10 +82,13 @@ class FiddlerPolicy(Policy):
     color = "#27ae60"
     summary = "Fiddler/kTransformers: popular experts in VRAM, the rest per expert and step on the CPU or fetched"
     Options = FiddlerOptions
-    # a Python loop over the experts (efeslab/fiddler src/fiddler/mixtral.py); `cpu_moe=fused`: `fused_all`
-    expert_kernels = "per_expert"
+    # a Python loop over the experts (efeslab/fiddler src/fiddler/mixtral.py); `cpu_moe=fused`: `fused_cpu`
     example_options = ({}, {"resident_experts": "1", "attention": "cpu", "prefill_tokens": "12"},
                        {"resident_experts": "0", "cpu_max_tokens": "100000", "cpu_moe": "fused"})
+
+    @property
+    def expert_kernels(self) -> str:  # type: ignore[override]  # the runtime's CPU call (FiddlerOptions.cpu_moe)
+        return "fused_cpu" if self.options.cpu_moe == "fused" else "per_expert"
 
     def build(self, ctx: PlanContext) -> Plan:
         o: FiddlerOptions = self.options
@@ -122,7 +126,7 @@ class FiddlerPolicy(Policy):
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         emit = _Fiddler(ctx, ctx.builder(), residents, attention == "gpu", o.cpu_max_tokens,
                         Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS,
-                        o.cpu_moe == "fused")
+                        o.cpu_moe == "fused", self.expert_kernels)
         emit.phase(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
@@ -137,7 +141,7 @@ class FiddlerPolicy(Policy):
                  "cpu_expert_runs": emit.cpu_runs, "fetched_expert_runs": emit.fetch_runs}
         return Plan(self.name, knobs, m, sysm, wl, emit.b.result(), {"gpu": gpu, "cpu": cpu},
                     {"prefill": prefill_groups, "decode": decode_groups}, decode_scale=ctx.decode_scale,
-                    expert_kernels="fused_all" if o.cpu_moe == "fused" else self.expert_kernels)
+                    expert_kernels=self.expert_kernels)
 
 
 def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, prefill: np.ndarray,
@@ -161,11 +165,12 @@ def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, pre
 
 class _Fiddler(LayerEmitter):
     def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: list[set[int]], kv_on_gpu: bool,
-                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS, cpu_moe_call: bool = False):
+                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS, cpu_moe_call: bool = False,
+                 expert_kernels: str = "per_expert"):
         super().__init__(ctx, builder)
         self.resident, self.kv_on_gpu, self.cpu_moe_call = resident, kv_on_gpu, cpu_moe_call
         self.cpu_max_tokens, self.fetch_payload = cpu_max_tokens, fetch_payload
-        self.a = Analytic(ctx)
+        self.a = Analytic(ctx, expert_kernels)  # the latency model prices experts as the plan's runtime runs them
         self.fetch_t = self.a.copy(H2D, self.m.expert_bytes, fetch_payload)
         self.slot_free: list[int] = [-1] * FETCH_SLOTS   # op after which each fetch slot may be overwritten
         self.fetches = 0
@@ -220,8 +225,8 @@ class _Fiddler(LayerEmitter):
                 back = -1
                 if to_cpu:
                     routed = int(sum(int(counts[e]) for e in to_cpu))
-                    if self.cpu_moe_call:  # one MoE call: each token's hidden state once each way
-                        routed = min(routed, s.tokens)
+                    if self.cpu_moe_call:  # one MoE call: each token's hidden state once each way (the slice's
+                        routed = min(routed, s.tokens)  # tokens bound those with a CPU expert; exact, none resident)
                     down = self.xfer(D2H, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (router,), routed)
                     cpu_last = self.experts(CPU_EXPERTS, at, counts, to_cpu, (down,))
                     back = self.xfer(H2D_ACT, at, w.hidden_bytes(routed), Payload.ACTIVATIONS, (cpu_last,), routed)
