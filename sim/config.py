@@ -35,6 +35,12 @@ def refuse_seed_with_trace(config: SimConfig) -> None:
                             "(omit --seed)")
 
 
+def option_text(value: Any) -> str:
+    """A policy option's value as the CLI spells it: a YAML boolean (`coalesce: off` reads as false) as on / off,
+    which both the on/off options and the boolean ones take, so either spelling makes one point."""
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def default_workers() -> int:
     """The CPUs this process may use: how many processes `compare`, `ablation` and local sweeps run by default."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -158,10 +164,7 @@ class SimConfig:
                 if value is None or isinstance(value, Mapping | list | tuple):
                     raise SimInputError(f"{what} {key}: needs a value (a string, number or boolean), got "
                                         f"{value!r}")
-            # a YAML boolean (a sweep's `coalesce: off` reads as false) as the CLI spells it: on / off, which both
-            # the on/off options and the boolean ones take, so either spelling makes one point
-            self._set(name, {str(k): ("on" if v else "off") if isinstance(v, bool) else str(v)
-                             for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
+            self._set(name, {str(k): option_text(v) for k, v in sorted(opts.items(), key=lambda kv: str(kv[0]))})
         for name in ("batch", "seed", "decode_sample"):
             low = 1 if name == "batch" else 0
             value = getattr(self, name)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from experiments.validation.schema import POINTS_DIR, ValidationPoint
 from sim.api import SimulationResult, simulate
+from sim.config import option_text
 from sim.errors import SimInputError
 from sim.plan import Plan
 from sim.specs.catalog import is_spec_path
@@ -58,8 +59,7 @@ def spec_label(name: str) -> str:
 
 def _options(point: ValidationPoint, mode: str) -> dict[str, str]:
     knobs = point.knobs if mode == "published" else point.search_knobs
-    # YAML reads an unquoted on/off as a boolean: the on/off a policy's switch takes, as sweep specs read it
-    return {k: ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in knobs.items()}
+    return {k: option_text(v) for k, v in knobs.items()}  # an unquoted YAML off reaches the policy as off
 
 
 def simulate_point(point: ValidationPoint, mode: str, decode_sample: int = DECODE_SAMPLE,

@@ -126,7 +126,7 @@ class FiddlerPolicy(Policy):
         require_fits("DRAM", sysm.name, self.name, cpu, sysm.dram_usable_bytes)
         emit = _Fiddler(ctx, ctx.builder(), residents, attention == "gpu", o.cpu_max_tokens,
                         Payload.EXPERT_WEIGHTS if o.pin_weight == "on" else Payload.PAGEABLE_WEIGHTS,
-                        o.cpu_moe == "fused", self.expert_kernels)
+                        self.expert_kernels)
         emit.phase(prefill_slices(ctx, prefill_groups), Phase.PREFILL, 0)
         for step in ctx.steps():
             slices = decode_slices(ctx, step, decode_groups)
@@ -165,10 +165,11 @@ def _resident_sets(o: FiddlerOptions, layers: int, experts: int, slots: int, pre
 
 class _Fiddler(LayerEmitter):
     def __init__(self, ctx: PlanContext, builder: PlanBuilder, resident: list[set[int]], kv_on_gpu: bool,
-                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS, cpu_moe_call: bool = False,
+                 cpu_max_tokens: int = -1, fetch_payload: Payload = Payload.EXPERT_WEIGHTS,
                  expert_kernels: str = "per_expert"):
         super().__init__(ctx, builder)
-        self.resident, self.kv_on_gpu, self.cpu_moe_call = resident, kv_on_gpu, cpu_moe_call
+        self.resident, self.kv_on_gpu = resident, kv_on_gpu
+        self.cpu_moe_call = expert_kernels == "fused_cpu"  # KTransformers' one CPU MoE call a layer
         self.cpu_max_tokens, self.fetch_payload = cpu_max_tokens, fetch_payload
         self.a = Analytic(ctx, expert_kernels)  # the latency model prices experts as the plan's runtime runs them
         self.fetch_t = self.a.copy(H2D, self.m.expert_bytes, fetch_payload)

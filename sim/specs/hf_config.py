@@ -179,13 +179,13 @@ def _format(qc: dict[str, Any], where: str) -> tuple[Callable[[int, int], float]
                         "(weight_bits_per_param, expert_bits_per_param)")
 
 
-def _containing(joined: str, part: str) -> list[str]:
-    """The first of the newline-joined names that holds `part` as a substring ([] when none does)."""
+def _containing(joined: str, part: str) -> str:
+    """The first of the newline-joined names that holds `part` as a substring ("" when none does)."""
     at = joined.find(part) if part and "\n" not in part else -1
     if at < 0:
-        return []
+        return ""
     end = joined.find("\n", at)
-    return [joined[joined.rfind("\n", 0, at) + 1:end if end >= 0 else len(joined)]]
+    return joined[joined.rfind("\n", 0, at) + 1:end if end >= 0 else len(joined)]
 
 
 def _kept_modules(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: str) -> None:
@@ -201,7 +201,7 @@ def _kept_modules(qc: dict[str, Any], spec: ModelSpec, model_type: str, where: s
                 joined = "\n".join(_quantised_names(spec, model_type, where))
             clash = _containing(joined, name)
             if last not in UNQUANTISED_MODULES or clash:
-                also = f" (as a substring it also matches {clash[0]})" if clash else ""
+                also = f" (as a substring it also matches {clash})" if clash else ""
                 raise SimInputError(f"{where}: quantization_config {key} keeps {brief(name)} unquantised{also}; only "
                                     "embeddings, the LM head, routers and norms are modelled as kept (write the "
                                     "stored size into a model file instead)")
