@@ -874,10 +874,10 @@ def test_reproduce_validation_runs_only_the_points_asked_for(tmp_path, capsys):
     """`--points` (id or group, shell-style) runs a user's own points while they add them; a pattern matching
     nothing, or the flag on another figure, is one line and exit 2."""
     assert main(["reproduce", "validation", "--out", str(tmp_path), "--points", "kt-v02-1s-8e-*",
-                 "--points", "moe-gen-readme"]) == 0
+                 "--points", "fiddler-zero3-prefill"]) == 0  # (a group of batch-1 prefills: seconds, not a minute)
     table = pd.read_csv(tmp_path / "validation.csv")
     assert set(table["id"]) == {"kt-v02-1s-8e-prefill", "kt-v02-1s-8e-decode"} | {
-        p.id for p in load_points() if p.group == "moe-gen-readme"}
+        p.id for p in load_points() if p.group == "fiddler-zero3-prefill"}
     assert "--points 'kt-v02-1s-8e-*'" in ReproduceOptions(tmp_path, points=("kt-v02-1s-8e-*",)).command("validation")
     capsys.readouterr()
     assert main(["reproduce", "validation", "--out", str(tmp_path), "--points", "no-such-*"]) == 2
